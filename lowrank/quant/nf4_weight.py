@@ -1,0 +1,160 @@
+"""NF4Weight: one quantized weight, and its bitsandbytes / transformers state-dict form.
+
+A frozen dataclass of plain tensors, not a tensor subclass: a 4-bit linear layer keeps
+its fields as buffers, kernels take them as arguments, and nothing has to teach PyTorch's
+op dispatch what a packed weight is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import torch
+
+BNB_QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"  # transformers / bitsandbytes key suffix
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Weight:
+    packed: torch.Tensor  # uint8 (ceil(n/2),): two codes a byte, first element in the high nibble
+    absmax: torch.Tensor  # (B,) float32 scales, or uint8 codes into the dynamic map when double-quantized
+    shape: torch.Size  # the original weight's shape; n = prod(shape)
+    dtype: torch.dtype  # the original weight's dtype, what dequantize returns by default
+    blocksize: int  # elements per scale, along the row-major flattening
+    nested_absmax: torch.Tensor | None = None  # (ceil(B/256),) float32, only when double-quantized
+    offset: torch.Tensor | None = None  # float32 0-d: mean of the scales, only when double-quantized
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", torch.Size(self.shape))
+        n, blocks = self.numel, math.ceil(self.numel / self.blocksize)
+        expect = {"packed": ((n + 1) // 2, torch.uint8), "absmax": (blocks, torch.float32)}
+        if self.double_quant:
+            expect["absmax"] = (blocks, torch.uint8)
+            expect["nested_absmax"] = (math.ceil(blocks / 256), torch.float32)
+            expect["offset"] = (1, torch.float32)
+        elif self.offset is not None:
+            raise ValueError("offset is given but nested_absmax is not: both or neither (double quantization)")
+        for field, (numel, dtype) in expect.items():
+            t = getattr(self, field)
+            if not isinstance(t, torch.Tensor) or t.numel() != numel or t.dtype != dtype:
+                seen = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"NF4Weight.{field} must hold {numel} {dtype} values for a weight of shape "
+                    f"{tuple(self.shape)} with blocksize {self.blocksize}; got {seen}"
+                )
+
+    def __repr__(self) -> str:
+        return (
+            f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, bits_per_param={self.bits_per_param:.3f}, device={self.device})"
+        )
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: packed codes, scales, and (double quantization) nested scales and offset."""
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.offset]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @property
+    def bits_per_param(self) -> float:
+        """Stored bits per weight element: 4.127 for a large weight at blocksize 64 with
+        double quantization (docs/nf4.md), 4.5 without."""
+        return 8 * self.nbytes / self.numel if self.numel else math.nan
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        """A copy on `device` (self is left as it is)."""
+        move = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **move)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from .nf4 import dequantize
+
+        return dequantize(self, dtype)
+
+    # -- the bitsandbytes / transformers state-dict entries of one weight --------------
+
+    def to_state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """The entries bitsandbytes' Params4bit / transformers write for this weight:
+        `prefix` (packed, shape (n_bytes, 1)), `prefix.absmax`, `prefix.quant_map`, and with
+        double quantization `prefix.nested_absmax`, `prefix.nested_quant_map`; then
+        `prefix.quant_state.bitsandbytes__nf4`, a uint8 tensor of UTF-8 JSON with the rest."""
+        from .nf4 import DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE
+
+        dev = self.device
+        sd = {
+            prefix: self.packed.view(-1, 1),
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": NF4_CODE.to(dev),
+        }
+        meta = {
+            "quant_type": "nf4",
+            "blocksize": self.blocksize,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            sd[f"{prefix}.nested_absmax"] = self.nested_absmax
+            sd[f"{prefix}.nested_quant_map"] = DYNAMIC_CODE.to(dev)
+            meta |= {
+                "nested_blocksize": NESTED_BLOCKSIZE,
+                "nested_dtype": "float32",
+                "nested_offset": self.offset.item(),
+            }
+        sd[f"{prefix}.{BNB_QUANT_STATE_KEY}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "weight") -> NF4Weight:
+        """Read the entries written by to_state_dict, bitsandbytes or transformers."""
+        from .nf4 import BLOCKSIZES, DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE
+
+        def entry(suffix: str) -> torch.Tensor:
+            key = f"{prefix}.{suffix}" if suffix else prefix
+            if key not in sd:
+                near = sorted(k for k in sd if k.startswith(prefix))[:8]
+                raise KeyError(f"4-bit state dict has no entry {key!r}; entries under {prefix!r}: {near}")
+            return sd[key]
+
+        meta = json.loads(bytes(entry(BNB_QUANT_STATE_KEY).cpu().tolist()).decode())
+        if meta.get("quant_type") != "nf4":
+            raise ValueError(f"only NF4 weights are supported, got quant_type={meta.get('quant_type')!r}")
+        if meta["blocksize"] not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {meta['blocksize']!r}")
+        if not torch.equal(entry("quant_map").float().cpu(), NF4_CODE):
+            raise ValueError(f"{prefix}.quant_map is not the NF4 codebook; this checkpoint uses another 4-bit type")
+        fields = {
+            "packed": entry("").reshape(-1).view(torch.uint8),
+            "absmax": entry("absmax").reshape(-1),
+            "shape": torch.Size(meta["shape"]),
+            "dtype": getattr(torch, meta["dtype"]),
+            "blocksize": meta["blocksize"],
+        }
+        if "nested_offset" in meta:
+            if meta.get("nested_blocksize") != NESTED_BLOCKSIZE or meta.get("nested_dtype") != "float32":
+                raise ValueError(
+                    f"nested scales must be float32 in blocks of {NESTED_BLOCKSIZE}; got blocksize "
+                    f"{meta.get('nested_blocksize')!r}, dtype {meta.get('nested_dtype')!r}"
+                )
+            if not torch.equal(entry("nested_quant_map").float().cpu(), DYNAMIC_CODE):
+                raise ValueError(f"{prefix}.nested_quant_map is not the signed 8-bit dynamic map")
+            fields["nested_absmax"] = entry("nested_absmax").reshape(-1)
+            fields["offset"] = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=fields["packed"].device)
+        return cls(**fields)
