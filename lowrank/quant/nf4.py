@@ -38,6 +38,7 @@ __all__ = [
     "normalize",
     "pack",
     "quantize",
+    "quantize_8bit",
     "quantize_scales",
     "unpack",
 ]
@@ -169,40 +170,46 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 # Note: how a scale finds its 8-bit code. bitsandbytes 0.50 on the CPU does not search the
-# 256-value dynamic map; it quantizes s = a / absmax_256 onto a grid of 65536 points over
-# [-1, 1] (index = trunc((s + 1) / 2 * 65535 + 0.5), in float32; whether bitsandbytes'
-# compiler fuses the last multiply-add changes no index: tests/peers checks every grid
-# boundary +- 6 ulps) and reads the code from a table
-# built for the grid point (code i for the point v when midpoint[i-1] < v <= midpoint[i]).
-# Near zero, where the dynamic map is denser than the grid, this picks a code that is
-# not the nearest one, but its error stays under half a grid step (1 / 65535) of the
-# nested absmax. We reproduce it exactly so that the 8-bit scales are bit-identical;
-# dequantization is the same lookup times scale whichever code was picked.
+# 256-value dynamic map. It puts s = a / absmax_256 on a grid of 65536 points over [-1, 1],
+# index = trunc((s + 1) / 2 * 65535 + 0.5) in float32, and reads the code from a table
+# built per grid point v (code i when midpoint[i-1] < v <= midpoint[i]). Near zero, where
+# the dynamic map is denser than the grid, that code is not always the nearest one, but
+# its error stays under a grid step (2 / 65535) plus half a code gap, times the nested
+# absmax (docs/nf4.md). We reproduce it exactly so that the 8-bit scales are identical;
+# dequantization is the same lookup times scale whichever code was picked. Whether
+# bitsandbytes' compiler fuses the last multiply-add changes no index: tests/peers checks
+# every grid boundary +- 6 ulps.
 _LUT_SIZE = 65536
 _DYNAMIC_MIDPOINTS = 0.5 * (DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:])  # (255,) float32
 _LUT_POINTS = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
 _DYNAMIC_LUT = torch.searchsorted(_DYNAMIC_MIDPOINTS, _LUT_POINTS).to(torch.uint8)  # (65536,)
 
 
+def quantize_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of a flat float32 x with the dynamic map: each block
+    scaled by its absmax, each value coded as in Note: how a scale finds its 8-bit code.
+    Returns (codes uint8 (n,), absmax float32 (ceil(n / blocksize),))."""
+    absmax = block_absmax(x, blocksize)  # (B2,)
+    zero_block = absmax == 0
+    inv = absmax.reciprocal().masked_fill_(zero_block, 0.0)  # an all-zero block stores code 0
+    inv = inv.repeat_interleave(blocksize)[: x.numel()]  # (n,)
+    s = (x * inv).clamp_(-1.0, 1.0)
+    grid = ((s + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)  # (n,) in 0..65535
+    codes = _DYNAMIC_LUT.to(x.device)[grid]
+    codes[zero_block.repeat_interleave(blocksize)[: x.numel()]] = 0
+    return codes, absmax
+
+
 def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Double quantization (QLoRA, section 3): offset = mean(absmax); absmax - offset in
-    blocks of 256, each scaled by its own float32 absmax and coded with the dynamic map.
+    """Double quantization (QLoRA, section 3): offset = mean(absmax), and absmax - offset
+    quantized to 8 bits in blocks of 256.
 
     Returns (qabsmax uint8 (B,), nested_absmax float32 (ceil(B/256),), offset float32 0-d).
     """
     if absmax.numel() == 0:
         return absmax.to(torch.uint8), absmax.new_zeros(0), absmax.new_zeros(())
     offset = absmax.mean()
-    centered = absmax - offset
-    nested_absmax = block_absmax(centered, NESTED_BLOCKSIZE)  # (B2,)
-    zero_block = nested_absmax == 0  # (B2,)
-    inv = nested_absmax.reciprocal().masked_fill_(zero_block, 0.0)  # a zero block stores code 0
-    inv = inv.repeat_interleave(NESTED_BLOCKSIZE)[: centered.numel()]  # (B,)
-    s = (centered * inv).clamp_(-1.0, 1.0)
-    # See Note: how a scale finds its 8-bit code.
-    grid = ((s + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)  # (B,) in 0..65535
-    qabsmax = _DYNAMIC_LUT.to(absmax.device)[grid]
-    qabsmax[zero_block.repeat_interleave(NESTED_BLOCKSIZE)[: centered.numel()]] = 0
+    qabsmax, nested_absmax = quantize_8bit(absmax - offset)
     return qabsmax, nested_absmax, offset
 
 
