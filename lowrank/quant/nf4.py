@@ -174,7 +174,7 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
 # index = trunc((s + 1) / 2 * 65535 + 0.5) in float32, and reads the code from a table
 # built per grid point v (code i when midpoint[i-1] < v <= midpoint[i]). Near zero, where
 # the dynamic map is denser than the grid, that code is not always the nearest one, but
-# its error stays under a grid step (2 / 65535) plus half a code gap, times the nested
+# its error stays under half a grid step (1 / 65535) plus half a code gap, times the nested
 # absmax (docs/nf4.md). We reproduce it exactly so that the 8-bit scales are identical;
 # dequantization is the same lookup times scale whichever code was picked. Whether
 # bitsandbytes' compiler fuses the last multiply-add changes no index: tests/peers checks
@@ -191,7 +191,9 @@ def quantize_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[t
     Returns (codes uint8 (n,), absmax float32 (ceil(n / blocksize),))."""
     absmax = block_absmax(x, blocksize)  # (B2,)
     zero_block = absmax == 0
-    inv = absmax.reciprocal().masked_fill_(zero_block, 0.0)  # an all-zero block stores code 0
+    # An all-zero block stores code 0; a subnormal absmax (where bitsandbytes divides by
+    # it and gets Inf) is clamped like the NF4 scales, see Note: smallest scale.
+    inv = absmax.clamp(min=_TINY).reciprocal().masked_fill_(zero_block, 0.0)
     inv = inv.repeat_interleave(blocksize)[: x.numel()]  # (n,)
     s = (x * inv).clamp_(-1.0, 1.0)
     grid = ((s + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)  # (n,) in 0..65535
@@ -229,7 +231,7 @@ def dequantize_scales(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset
 def _check_weight(w: torch.Tensor, blocksize: int) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
-    if blocksize not in BLOCKSIZES:
+    if type(blocksize) is not int or blocksize not in BLOCKSIZES:  # 64.0 and True are refused too
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     if w.dtype not in DTYPES:
         raise TypeError(
