@@ -1,3 +1,16 @@
-"""Kernels as torch.library ops (lowrank::*), with one table choosing a backend per device."""
+"""Kernels as torch.library ops (lowrank::*), with one table choosing a backend per device.
 
-from . import backends
+Importing this package defines the ops (library.py), registers the reference kernels
+(reference.py) and, when Triton imports, the Triton kernels (triton_*.py)."""
+
+from . import backends, library, reference
+from .library import nf4_dequantize, nf4_linear
+
+try:  # Triton is optional: without it the reference (and csrc, if built) still run
+    import triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    from . import triton_dequantize, triton_gemv, triton_matmul  # noqa: F401  (register the "triton" backend)
+
+__all__ = ["backends", "nf4_dequantize", "nf4_linear"]

@@ -1,0 +1,232 @@
+"""Every `lowrank::` op: schema, fake (meta) kernel, dispatch through the backend table, autograd.
+
+This is the one file to read to learn what the kernels compute. The packed NF4 weight
+travels as its plain fields (see lowrank/quant/nf4_weight.py), so the ops need no tensor
+subclass and other libraries can call them with tensors from a bitsandbytes checkpoint:
+
+    packed         uint8 (ceil(n/2),)   two 4-bit codes a byte, the first element in the HIGH nibble
+    absmax         (B,)                 uint8 codes when double-quantized, else float32 scales
+    nested_absmax  float32 (ceil(B/256),) or None
+    offset         float32 0-d or None
+    shape          [N, K] for a linear weight; n = N*K, B = ceil(n / blocksize)
+
+    nf4_dequantize(...)          -> W in `dtype`                       (shape)
+    nf4_linear(x, ..., bias)     -> y = x @ W^T + bias, W in x.dtype   (..., N)
+    nf4_linear_grad_input(gy, ...) -> gx = gy @ W                      (..., K)
+
+Each op's kernel asks backends.choose(op, device) which implementation runs; the
+reference (lowrank/ops/reference.py) is registered for every device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..quant.nf4_weight import NF4Weight
+from . import backends
+
+__all__ = ["FLOAT_DTYPES", "OPS", "nf4_dequantize", "nf4_linear"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what W may be dequantized to
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # as lowrank.quant.nf4.BLOCKSIZES
+
+_lib = torch.library.Library("lowrank", "FRAGMENT")  # noqa: TOR901 (a fragment: csrc may add to the namespace)
+
+_WEIGHT = "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, SymInt[] shape, int blocksize"
+OPS = {
+    "nf4_dequantize": f"nf4_dequantize({_WEIGHT}, ScalarType dtype) -> Tensor",
+    "nf4_linear": f"nf4_linear(Tensor x, {_WEIGHT}, Tensor? bias) -> Tensor",
+    "nf4_linear_grad_input": f"nf4_linear_grad_input(Tensor grad_y, {_WEIGHT}) -> Tensor",
+}
+for _schema in OPS.values():
+    _lib.define(_schema)
+
+
+# ---------------------------------------------------------------------------------------
+# Checks shared by the fake kernels and the real ones (they run on shapes only, so they
+# also run while torch.compile traces with symbolic sizes)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_weight(packed, absmax, nested_absmax, offset, shape: Sequence, blocksize: int) -> None:
+    torch._check(blocksize in BLOCKSIZES, lambda: f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    n = math.prod(shape)
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
+    torch._check(
+        packed.numel() == (n + 1) // 2,
+        lambda: f"packed must hold ceil(n/2) = {(n + 1) // 2} bytes for a weight of shape {list(shape)}, got {packed.numel()}",
+    )
+    blocks = (n + blocksize - 1) // blocksize
+    torch._check(
+        absmax.numel() == blocks,
+        lambda: f"absmax must hold ceil(n/blocksize) = {blocks} scales for shape {list(shape)} and blocksize {blocksize}, got {absmax.numel()}",
+    )
+    double_quant = nested_absmax is not None
+    torch._check(
+        double_quant == (offset is not None),
+        lambda: "nested_absmax and offset come together (double quantization) or not at all; "
+        f"got nested_absmax={'a tensor' if double_quant else None}, offset={'a tensor' if offset is not None else None}",
+    )
+    want = torch.uint8 if double_quant else torch.float32
+    torch._check(
+        absmax.dtype == want,
+        lambda: f"absmax must be {want} {'(codes, with nested_absmax)' if double_quant else '(scales, no nested_absmax)'}, got {absmax.dtype}",
+    )
+    if double_quant:
+        nested = (blocks + 255) // 256
+        torch._check(
+            nested_absmax.dtype == torch.float32 and nested_absmax.numel() == nested,
+            lambda: f"nested_absmax must be {nested} float32 values, got {nested_absmax.numel()} {nested_absmax.dtype}",
+        )
+        torch._check(
+            offset.dtype == torch.float32 and offset.numel() == 1,
+            lambda: f"offset must be one float32 value, got {offset.numel()} {offset.dtype}",
+        )
+    for name, t in (("absmax", absmax), ("nested_absmax", nested_absmax), ("offset", offset)):
+        torch._check(
+            t is None or t.device == packed.device,
+            lambda: f"{name} is on {t.device} but packed is on {packed.device}; move the whole NF4Weight with .to(device)",
+        )
+
+
+def _check_linear(x: torch.Tensor, shape: Sequence, what: str = "x") -> tuple:
+    torch._check(len(shape) == 2, lambda: f"a linear weight has shape [N, K], got {list(shape)}")
+    torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{what} must be one of {FLOAT_DTYPES}, got {x.dtype}")
+    torch._check(x.dim() >= 1, lambda: f"{what} must have at least one dimension, got a 0-d tensor")
+    return shape[0], shape[1]
+
+
+# ---------------------------------------------------------------------------------------
+# nf4_dequantize
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("lowrank::nf4_dequantize")
+def _(packed, absmax, nested_absmax, offset, shape, blocksize, dtype):
+    _check_weight(packed, absmax, nested_absmax, offset, shape, blocksize)
+    torch._check(dtype in FLOAT_DTYPES, lambda: f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.impl("lowrank::nf4_dequantize", "CompositeExplicitAutograd", lib=_lib)
+def _(packed, absmax, nested_absmax, offset, shape, blocksize, dtype):
+    _check_weight(packed, absmax, nested_absmax, offset, shape, blocksize)
+    torch._check(dtype in FLOAT_DTYPES, lambda: f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    _, impl = backends.choose("nf4_dequantize", packed.device)
+    return impl(packed, absmax, nested_absmax, offset, list(shape), blocksize, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# nf4_linear and its input gradient
+# ---------------------------------------------------------------------------------------
+
+
+def _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias, what="x"):
+    _check_weight(packed, absmax, nested_absmax, offset, shape, blocksize)
+    n_out, k_in = _check_linear(x, shape, what)
+    torch._check(
+        x.shape[-1] == k_in, lambda: f"{what} has {x.shape[-1]} features in its last dimension; the weight {list(shape)} takes {k_in}"
+    )
+    torch._check(x.device == packed.device, lambda: f"{what} is on {x.device} but the weight is on {packed.device}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == n_out, lambda: f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
+        torch._check(bias.dtype == x.dtype, lambda: f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    return n_out, k_in
+
+
+@torch.library.register_fake("lowrank::nf4_linear")
+def _(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
+    n_out, _ = _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
+    return x.new_empty((*x.shape[:-1], n_out))
+
+
+@torch.library.impl("lowrank::nf4_linear", "CompositeExplicitAutograd", lib=_lib)
+def _(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
+    _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
+    _, impl = backends.choose("nf4_linear", x.device)
+    return impl(x, packed, absmax, nested_absmax, offset, list(shape), blocksize, bias)
+
+
+def _grad_input_args(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
+    _check_weight(packed, absmax, nested_absmax, offset, shape, blocksize)
+    n_out, k_in = _check_linear(grad_y, shape, "grad_y")
+    torch._check(
+        grad_y.shape[-1] == n_out,
+        lambda: f"grad_y has {grad_y.shape[-1]} features in its last dimension; the weight {list(shape)} gives {n_out}",
+    )
+    return n_out, k_in
+
+
+@torch.library.register_fake("lowrank::nf4_linear_grad_input")
+def _(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
+    _, k_in = _grad_input_args(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize)
+    return grad_y.new_empty((*grad_y.shape[:-1], k_in))
+
+
+@torch.library.impl("lowrank::nf4_linear_grad_input", "CompositeExplicitAutograd", lib=_lib)
+def _(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
+    _grad_input_args(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize)
+    _, impl = backends.choose("nf4_linear_grad_input", grad_y.device)
+    return impl(grad_y, packed, absmax, nested_absmax, offset, list(shape), blocksize)
+
+
+# Note: autograd of nf4_linear. y = x @ W^T + b with W frozen, so
+#     grad_x = grad_y @ W        (..., K) = (..., N) @ (N, K)    -- recomputed from the packed W
+#     grad_b = sum of grad_y over every leading dimension   (N,)
+# and nothing for packed/absmax/nested_absmax/offset (integer or frozen buffers). Only x
+# (and nothing of W) is saved: the dense W never outlives the kernel that decodes it.
+# grad_input is itself linear in grad_y, with grad_x' = gg @ W^T = nf4_linear(gg), so double
+# backward (e.g. gradient penalties) works too.
+_WEIGHT_NONE = (None,) * 6  # no gradient for packed, absmax, nested_absmax, offset, shape, blocksize
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.weight = inputs[1:7]  # (packed, absmax, nested_absmax, offset, shape, blocksize)
+    ctx.has_bias = inputs[7] is not None
+
+
+def _linear_backward(ctx, grad_y):
+    grad_x = torch.ops.lowrank.nf4_linear_grad_input(grad_y, *ctx.weight) if ctx.needs_input_grad[0] else None
+    grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[7] else None  # (N,)
+    return (grad_x, *_WEIGHT_NONE, grad_b)
+
+
+def _grad_input_setup_context(ctx, inputs, output):
+    ctx.weight = inputs[1:7]
+
+
+def _grad_input_backward(ctx, grad_grad_x):
+    grad_grad_y = torch.ops.lowrank.nf4_linear(grad_grad_x, *ctx.weight, None)  # (..., K) @ W^T -> (..., N)
+    return (grad_grad_y, *_WEIGHT_NONE)
+
+
+torch.library.register_autograd("lowrank::nf4_linear", _linear_backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "lowrank::nf4_linear_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------
+# The Python API: the same ops, taking an NF4Weight
+# ---------------------------------------------------------------------------------------
+
+
+def _fields(q: NF4Weight) -> tuple:
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"q must be an NF4Weight (lowrank.nf4.quantize(w)), got {type(q).__name__}")
+    return (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
+
+
+def nf4_dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight of `q` in `dtype` (default: the dtype it was quantized from);
+    bit-exact with lowrank.nf4.dequantize on every backend."""
+    return torch.ops.lowrank.nf4_dequantize(*_fields(q), q.dtype if dtype is None else dtype)
+
+
+def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W = dequantize(q) in x.dtype, never stored.
+    x (..., K), q of shape [N, K], bias (N,) or None -> y (..., N). Differentiable in x and bias."""
+    return torch.ops.lowrank.nf4_linear(x, *_fields(q), bias)

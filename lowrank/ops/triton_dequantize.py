@@ -1,0 +1,69 @@
+# out[n] = NF4[code[n]] * scale[n // blocksize]   (n over the row-major flattening of W)
+# scale[b] = DYNAMIC[qabsmax[b]] * nested_absmax[b // 256] + offset, decoded in this kernel
+"""Triton kernel: dequantize an NF4 weight (double-quantized scales decoded in the same
+kernel) to float32 / float16 / bfloat16, bit-exact with lowrank.quant.nf4.dequantize.
+
+Each program writes BLOCKS_PER_PROGRAM whole quantization blocks: a (blocks, blocksize)
+tile. It reads blocksize/2 contiguous bytes per block and one scale per block, so the
+scale decode (three small gathers) is paid once per block, not per element.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import backends
+from .triton_nf4_tile import LAUNCH_OPTIONS, decode_scale, interpreting, to_dtype, weight_args
+
+# Note: autotune lists. On a GPU a short list tuned for H100/H200 (memory-bound: enough
+# bytes in flight per SM, 4-8 warps); in Triton's CPU interpreter ONE config, because the
+# interpreter runs every program in Python and autotuning there only costs test time.
+_ELEMS = [256] if interpreting() else [4096, 8192, 16384]
+_CONFIGS = [
+    triton.Config({"ELEMS_PER_PROGRAM": e}, num_warps=w)
+    for e in _ELEMS
+    for w in ([4] if interpreting() else [4, 8])
+]
+
+
+@triton.autotune(configs=_CONFIGS[:1] if interpreting() else _CONFIGS, key=["n", "BLOCKSIZE"])
+@triton.jit
+def _kernel(
+    # pointers
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, out_ptr,
+    # sizes
+    n,  # elements of W
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ELEMS_PER_PROGRAM: tl.constexpr,
+):
+    NB: tl.constexpr = max(ELEMS_PER_PROGRAM // BLOCKSIZE, 1)  # quantization blocks per program
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = pid * NB + tl.arange(0, NB)  # (NB,) block indices
+    n_blocks = tl.cdiv(n, BLOCKSIZE)
+    byte_idx = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # (NB, BS/2)
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n + 1) // 2, other=0)
+    code = tl.interleave(byte >> 4, byte & 0xF)  # (NB, BS): the first element is in the high nibble
+    value = tl.load(nf4_ptr + code.to(tl.int32))  # (NB, BS) float32
+    scale = decode_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blocks, blocks < n_blocks, DOUBLE_QUANT)  # (NB,)
+    w = value * scale[:, None]  # (NB, BS) float32, exactly the reference's product
+    idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (NB, BS) flat index
+    tl.store(out_ptr + idx, to_dtype(w, out_ptr.dtype.element_ty), mask=idx < n)  # rounded once, to nearest even
+
+
+def dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, dtype) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    n = out.numel()
+    if n == 0:
+        return out
+    args, double_quant = weight_args(packed, absmax, nested_absmax, offset)
+
+    def grid(meta):
+        return (triton.cdiv(n, max(meta["ELEMS_PER_PROGRAM"], blocksize)),)
+
+    _kernel[grid](*args, out, n, BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, **LAUNCH_OPTIONS)
+    return out
+
+
+backends.register("nf4_dequantize", "triton")(dequantize)

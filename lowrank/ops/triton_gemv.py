@@ -1,0 +1,131 @@
+# out[M, N] = x[M, K] @ W[N, K]^T + bias[N]   for M <= MAX_M (token generation: GEMV and skinny GEMM)
+"""Triton kernels: split-K GEMV / skinny GEMM against an NF4 weight, for few rows.
+
+With M <= 64 the product is bound by reading the packed weight (4.127 bits a parameter),
+and a grid over N alone has too few programs to keep every SM streaming: a 4096x4096
+weight in 128-row tiles is 32 programs for an H100's 132 SMs. So the grid is also split
+along K: program (n, s) reduces columns [s*K_SPLIT, (s+1)*K_SPLIT) of BLOCK_N rows into
+partial[s, :, n-tile] (fp32), and a second small kernel sums the SPLITS partials in a
+fixed order, adds the bias and rounds once. Deterministic (no atomics), and only the
+(SPLITS, M, N) fp32 partials travel twice, a few percent of the weight's bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_nf4_tile import LAUNCH_OPTIONS, dot, interpreting, load_w_tile, row_aligned, to_dtype, weight_args
+
+MAX_M = 64  # See Note: skinny or tiled (triton_matmul.py). A first guess from the roofline; retune with GPU numbers.
+
+# See Note: autotune lists (triton_dequantize.py). Hopper: 64-256 rows of W a program, the
+# K loop pipelined 4 deep so that several tiles of packed bytes are in flight per SM.
+_HOPPER = [
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3),
+]
+_INTERPRETER = [triton.Config({"BLOCK_N": 16}, num_warps=4)]
+_NOMINAL_BLOCK_N = 128  # the tile width the split-K heuristic plans with
+_WAVES = 4  # programs per SM the split aims for
+
+
+@triton.autotune(configs=_INTERPRETER if interpreting() else _HOPPER, key=["N", "K", "M_BUCKET", "BLOCKSIZE"])
+@triton.jit
+def _splitk_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, partial_ptr,
+    # sizes
+    M, N, K, M_BUCKET, K_SPLIT,  # K_SPLIT: columns a program reduces, a multiple of BLOCK_K
+    # strides (partial is contiguous (SPLITS, M, N))
+    stride_xm, stride_xk,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    k_start = pid_s * K_SPLIT
+    k_stop = tl.minimum(k_start + K_SPLIT, K)
+    if BLOCK_M == 1:  # GEMV: products and a row sum in fp32 on the CUDA cores
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_start, k_stop, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+            x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)  # (BK,)
+            w = load_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
+                            BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)  # (BN, BK)
+            w = to_dtype(w, x_ptr.dtype.element_ty).to(tl.float32)  # the reference's W, held in fp32
+            acc += tl.sum(w * x[None, :], axis=1)  # (BN, BK) * (1, BK) -> (BN,)
+        tl.store(partial_ptr + pid_s * N + offs_n, acc, mask=offs_n < N)
+    else:  # skinny GEMM: M <= BLOCK_M rows in one tile, tl.dot on the tensor cores
+        offs_m = tl.arange(0, BLOCK_M)  # (BM,)
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (BM, 1)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, k_stop, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            w = load_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
+                            BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)  # (BN, BK)
+            w = to_dtype(w, x_ptr.dtype.element_ty)
+            acc = dot(x, tl.trans(w), acc, DOT_PRECISION)  # (BM, BK) @ (BK, BN) -> (BM, BN)
+        out = partial_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _reduce_kernel(
+    # pointers
+    partial_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, SPLITS,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) flat index into out (M, N)
+    mask = idx < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):  # a fixed order: the result does not depend on scheduling
+        acc += tl.load(partial_ptr + s * M * N + idx, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + idx % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + idx, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+def _split(n_out: int, k_in: int, block_k: int, device: torch.device) -> int:
+    """K_SPLIT: enough splits for _WAVES programs per SM, each split at least two K steps."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    n_tiles = triton.cdiv(n_out, _NOMINAL_BLOCK_N)
+    splits = max(1, min(_WAVES * sms // n_tiles, triton.cdiv(k_in, 2 * block_k)))
+    return triton.cdiv(triton.cdiv(k_in, splits), block_k) * block_k
+
+
+def linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias) -> torch.Tensor:
+    """x (..., K) with at most MAX_M rows -> (..., N)."""
+    from .triton_matmul import _block_k  # one rule for the reduction step of every kernel
+
+    n_out, k_in = shape
+    x2 = x.reshape(-1, k_in)  # (M, K)
+    m = x2.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"the split-K kernel takes at most MAX_M = {MAX_M} rows, got {m}; use triton_matmul.linear")
+    block_k = _block_k(k_in, blocksize)
+    k_split = _split(n_out, k_in, block_k, x.device)
+    splits = triton.cdiv(k_in, k_split)
+    partial = torch.empty((splits, m, n_out), dtype=torch.float32, device=x.device)  # (SPLITS, M, N)
+    args, double_quant = weight_args(packed, absmax, nested_absmax, offset)
+    _splitk_kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), splits)](
+        x2, *args, partial, m, n_out, k_in, triton.next_power_of_2(m), k_split,
+        x2.stride(0), x2.stride(1),
+        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, ROW_ALIGNED=row_aligned(k_in, blocksize),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_K=block_k,
+        BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), **LAUNCH_OPTIONS,
+    )
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)  # (M, N)
+    block = 256 if interpreting() else 1024
+    _reduce_kernel[(triton.cdiv(m * n_out, block),)](
+        partial, bias if bias is not None else out, out, m, n_out, splits,
+        HAS_BIAS=bias is not None, BLOCK=block, **LAUNCH_OPTIONS,
+    )
+    return out.view(*x.shape[:-1], n_out)  # (..., N)
