@@ -20,7 +20,7 @@ from .triton_nf4_tile import LAUNCH_OPTIONS, decode_scale, interpreting, to_dtyp
 # Note: autotune lists. On a GPU a short list tuned for H100/H200 (memory-bound: enough
 # bytes in flight per SM, 4-8 warps); in Triton's CPU interpreter ONE config, because the
 # interpreter runs every program in Python and autotuning there only costs test time.
-_ELEMS = [256] if interpreting() else [4096, 8192, 16384]
+_ELEMS = [1024] if interpreting() else [4096, 8192, 16384]
 _CONFIGS = [
     triton.Config({"ELEMS_PER_PROGRAM": e}, num_warps=w)
     for e in _ELEMS
