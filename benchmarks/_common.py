@@ -1,0 +1,87 @@
+"""Shared benchmark helpers: timing with quantiles, the environment row, and output
+(JSON rows, a markdown table, a PNG plot) under one results folder."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger("benchmarks")
+RESULTS = pathlib.Path(__file__).parent / "results"
+QUANTILES = (0.5, 0.2, 0.8)  # median, then the 20% and 80% quantiles
+
+
+def bench(fn: Callable[[], object], device: torch.device, quick: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of fn(). On CUDA: triton.testing.do_bench (CUDA
+    events, the L2 cache flushed before every call, so a weight is read from HBM as in a
+    real forward). On CPU: wall-clock time over a few calls."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, warmup=25, rep=60, quantiles=list(QUANTILES)))
+    fn()  # warm-up (and compilation)
+    times = []
+    for _ in range(3 if quick else 10):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    q = statistics.quantiles(times, n=10, method="inclusive")  # deciles: q[1] = 20%, q[7] = 80%
+    return statistics.median(times), q[1], q[7]
+
+
+def environment(device: torch.device) -> dict:
+    """What produced the numbers: device, versions, date."""
+
+    def version(module: str) -> str | None:
+        try:
+            return __import__(module).__version__
+        except ImportError:
+            return None
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "bitsandbytes": version("bitsandbytes"),
+        "torchao": version("torchao"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(path: pathlib.Path, rows: list[dict], env: dict, table: str) -> None:
+    """path (JSON: env + rows) and the same name with .md (the table under a header)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    header = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None)
+    path.with_suffix(".md").write_text(f"# {path.stem}\n\n{header}\n\n{table}\n")
+
+
+def matplotlib_pyplot():
+    """pyplot with a file backend, or None (the plot is skipped) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no PNG plot")
+        return None
+    return plt
