@@ -12,6 +12,8 @@ fixed order, adds the bias and rounds once. Deterministic (no atomics), and only
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -93,9 +95,16 @@ def _reduce_kernel(
     tl.store(out_ptr + idx, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (asked once: this runs on every decoding step); 2 elsewhere, so
+    that the interpreter tests exercise more than one split."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _split(n_out: int, k_in: int, block_k: int, device: torch.device) -> int:
     """K_SPLIT: enough splits for _WAVES programs per SM, each split at least two K steps."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    sms = _sm_count(device)
     n_tiles = triton.cdiv(n_out, _NOMINAL_BLOCK_N)
     splits = max(1, min(_WAVES * sms // n_tiles, triton.cdiv(k_in, 2 * block_k)))
     return triton.cdiv(triton.cdiv(k_in, splits), block_k) * block_k
