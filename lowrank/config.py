@@ -1,0 +1,140 @@
+"""Frozen configs for the tuners. Each checks itself in __post_init__; none is ever mutated
+after construction (PEFT rewrites `fan_in_fan_out` on the user's config; we detect layouts
+per module instead). Per-target values are resolved by `lowrank.targets`, not stored here.
+
+`targets` / `exclude` syntax (see docs/inject.md and lowrank/targets.py): an exact module
+name, a dotted suffix ("q_proj" matches "model.layers.0.self_attn.q_proj"), a glob with
+* ? [ ], a regular expression as "re:<pattern>" or a compiled re.Pattern (full match), a
+module type, a callable (name, module) -> bool, "all-linear", or a sequence of these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+from torch import nn
+
+Target = Union[str, re.Pattern, type, Callable[[str, nn.Module], bool]]
+Targets = Union[Target, Sequence[Target]]
+
+LORA_INITS = ("kaiming", "gaussian")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+PLACEMENTS = ("houlsby", "pfeiffer")
+
+
+def _check_targets(field: str, value: Any, allow_none: bool) -> tuple:
+    """Targets as a tuple (a lone string/type/callable becomes a 1-tuple)."""
+    if value is None and allow_none:
+        return ()
+    items = (value,) if isinstance(value, (str, re.Pattern, type)) or callable(value) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(
+            f"{field} must be a name, glob, 're:<regex>', re.Pattern, module type, callable or a "
+            f"sequence of these; got {value!r}"
+        ) from None
+    for t in items:
+        if not isinstance(t, (str, re.Pattern, type)) and not callable(t):
+            raise TypeError(f"{field} entries must be str, re.Pattern, type or callable; got {t!r} ({type(t).__name__})")
+        if isinstance(t, str) and not t:
+            raise ValueError(f"{field} has an empty string; give a module name, suffix, glob or 're:<regex>'")
+        if isinstance(t, str) and t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except re.error as e:
+                raise ValueError(f"{field} entry {t!r} is not a valid regular expression: {e}") from None
+    if not items and not allow_none:
+        raise ValueError(f"{field} is empty; name at least one target (or use 'all-linear')")
+    return items
+
+
+def _frozen_mapping(field: str, value: Mapping, kind: type, positive: bool) -> Mapping:
+    """A read-only copy (the user's dict stays theirs), with every value checked."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{field} must be a mapping from target pattern to {kind.__name__}; got {value!r}")
+    for k, v in value.items():
+        _check_targets(f"{field} key", k, allow_none=False)
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+            raise TypeError(f"{field}[{k!r}] must be a {kind.__name__}; got {v!r}")
+        if positive and not v > 0:
+            raise ValueError(f"{field}[{k!r}] must be > 0; got {v}")
+    return types.MappingProxyType(dict(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA (Hu et al. 2021): h = W0 x + (alpha / r) B A dropout(x), with rsLoRA and DoRA options."""
+
+    r: int = 8  # rank of B A; 8 is the LoRA paper's and PEFT's common default
+    alpha: float = 8.0  # scale numerator; alpha == r gives scale 1, so changing r keeps the update size
+    dropout: float = 0.0  # on the adapter's input only; 0 keeps training deterministic (PEFT's default)
+    targets: Targets = "all-linear"  # any model works out of the box; QLoRA: adapting every linear layer matters most
+    exclude: Targets | None = None  # same syntax as targets; None excludes nothing
+    rslora: bool = False  # scale alpha / sqrt(r) (Kalajdzievski 2023): stable updates as r grows
+    dora: bool = False  # DoRA (Liu et al. 2024): magnitude vector and normalised direction
+    init: str = "kaiming"  # A ~ kaiming-uniform as nn.Linear (loralib, PEFT); "gaussian": A ~ N(0, 1/r^2); B = 0 always
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)  # target pattern -> r; first match wins
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)  # target pattern -> alpha
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r (the LoRA rank) must be an integer >= 1; got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a number > 0; got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        if self.init not in LORA_INITS:
+            raise ValueError(f"init must be one of {LORA_INITS}; got {self.init!r}")
+        object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
+        object.__setattr__(self, "exclude", _check_targets("exclude", self.exclude, allow_none=True))
+        object.__setattr__(self, "rank_pattern", _frozen_mapping("rank_pattern", self.rank_pattern, int, True))
+        object.__setattr__(self, "alpha_pattern", _frozen_mapping("alpha_pattern", self.alpha_pattern, float, True))
+
+    def scale(self, r: int, alpha: float) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Bottleneck adapter (Houlsby et al. 2019): h + s * up(act(down(h))); parallel (He et al.
+    2022): f(x) + s * up(act(down(x))). Default targets per placement: lowrank.tuners.adapter."""
+
+    placement: str = "pfeiffer"  # FFN only: Pfeiffer et al. 2021 match Houlsby's two adapters at half the parameters
+    parallel: bool = False  # True: beside the module, fed its input (He et al. 2022), not after its output
+    reduction_factor: float = 16.0  # bottleneck = hidden // 16: Pfeiffer et al.'s default
+    bottleneck_size: int | None = None  # an explicit bottleneck width; overrides reduction_factor when set
+    activation: str = "relu"  # Houlsby / Pfeiffer / AdapterHub default non-linearity
+    scaling: float = 1.0  # s; He et al. use 4.0 for the parallel adapter
+    targets: Targets | None = None  # None: the placement's defaults for Llama, GPT-2, BERT, nn.TransformerEncoderLayer
+    exclude: Targets | None = None  # same syntax as targets
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}; got {self.placement!r}")
+        if not isinstance(self.parallel, bool):
+            raise TypeError(f"parallel must be a bool; got {self.parallel!r}")
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
+                or not self.reduction_factor >= 1:
+            raise ValueError(f"reduction_factor must be a number >= 1; got {self.reduction_factor!r}")
+        if self.bottleneck_size is not None and (
+            isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1
+        ):
+            raise ValueError(f"bottleneck_size must be None or an integer >= 1; got {self.bottleneck_size!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+            raise ValueError(f"scaling must be a finite number; got {self.scaling!r}")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
+        object.__setattr__(self, "exclude", _check_targets("exclude", self.exclude, allow_none=True))
+
+    def width(self, hidden: int) -> int:
+        """The bottleneck width m for a module of output size `hidden`."""
+        return self.bottleneck_size or max(1, int(hidden // self.reduction_factor))

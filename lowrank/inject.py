@@ -1,0 +1,210 @@
+"""inject / eject and the verbs on an injected model. `inject` is three parts: a target
+filter (lowrank.targets), a handler chosen by the config's type (`check` then `wrap`, from
+lowrank.tuners), and one recursive walk over named children (gpt-fast / torchao style).
+
+The walk treats adapter layers as transparent: the children of a wrapped module keep the
+names they had before, so targets, returned names and error messages always use the
+model's own module names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from .config import AdapterConfig, LoraConfig
+from .targets import compile_filter
+from .tuners import adapter, lora
+from .tuners.base import BASE, TunerLayer
+from .tuners.lora_base import LoraLayer
+
+
+@dataclasses.dataclass(frozen=True)
+class Handler:
+    check: callable  # (module, config, name, where) -> None; raises before anything changes
+    wrap: callable  # (module, config, name, where) -> the module that stands in its place
+    can_wrap: callable  # module -> bool; for "nothing matched" suggestions
+    kind: str
+
+
+HANDLERS = {
+    LoraConfig: Handler(lora.check, lora.wrap, lambda m: lora.layer_class(m) is not None, "LoRA"),
+    AdapterConfig: Handler(adapter.check, adapter.wrap, lambda m: adapter.module_dims(m) is not None, "a bottleneck adapter"),
+}
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while isinstance(module, TunerLayer):
+        module = module.base
+    return module
+
+
+def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
+    """(parent, attribute, qualified name, child) for every module below `module`."""
+    for attr, child in list(module.named_children()):
+        name = f"{prefix}.{attr}" if prefix else attr
+        yield module, attr, name, child
+        yield from _walk(_unwrap(child), name)
+
+
+def _layers(model: nn.Module) -> list[TunerLayer]:
+    return [m for m in model.modules() if isinstance(m, TunerLayer)]
+
+
+def inject(model: nn.Module, config: LoraConfig | AdapterConfig, name: str = "default") -> list[str]:
+    """Add adapter `name` to every module of `model` that `config.targets` matches, in place.
+    Makes `name` the active adapter and only its parameters trainable. Returns the qualified
+    names of the modules it wrapped; raises, changing nothing, when nothing matched, when a
+    target already has an adapter `name`, or when a target cannot take this adapter."""
+    handler = HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"config must be one of {[c.__name__ for c in HANDLERS]}; got {type(config).__name__}")
+    if not isinstance(name, str) or not name or "." in name or name == BASE:
+        raise ValueError(f"adapter name must be a non-empty string without '.', and not {BASE!r}; got {name!r}")
+    targets = config.targets if config.targets is not None else adapter.default_targets(config)
+    wanted = compile_filter(targets, config.exclude, model)
+    matches = [(p, a, n, c) for p, a, n, c in _walk(model) if wanted(n, _unwrap(c))]
+    if not matches:
+        candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
+        raise ValueError(
+            f"no module of {type(model).__name__} matched targets={targets!r} (exclude={config.exclude!r}); "
+            f"{handler.kind} can wrap e.g. {candidates[:6]} ({len(candidates)} candidates in all)"
+        )
+    for parent, _, where, child in matches:
+        if isinstance(parent, nn.MultiheadAttention) and isinstance(config, LoraConfig):
+            raise ValueError(f"cannot put LoRA on {where!r}: nn.MultiheadAttention reads its projection weights "
+                             "directly, never calling the submodule; exclude it (or put an adapter on the attention)")
+        handler.check(child, config, name, where)
+    for parent, attr, where, _ in matches:
+        setattr(parent, attr, handler.wrap(getattr(parent, attr), config, name, where))
+    set_active(model, name)
+    mark_trainable(model)
+    return [where for _, _, where, _ in matches]
+
+
+def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = False) -> list[str]:
+    """Remove adapter `name` (None: all). A module left with no adapter is replaced by the very
+    object that was there before `inject`, so `model.state_dict()` is as before, key for key.
+    Merged adapters are unmerged first, unless `keep_merged` (then the weights keep them: a
+    plain fine-tuned model). Returns the names of the modules it touched."""
+    if name is not None and name not in adapter_names(model):
+        raise ValueError(f"the model has no adapter named {name!r}; it has {adapter_names(model)}")
+    touched = []
+    for parent, attr, where, child in list(_walk(model)):
+        if isinstance(child, TunerLayer):
+            setattr(parent, attr, _strip(child, name, keep_merged))
+            touched.append(where)
+    return touched
+
+
+def _strip(module: nn.Module, name: str | None, keep_merged: bool) -> nn.Module:
+    if not isinstance(module, TunerLayer):
+        return module
+    module.base = _strip(module.base, name, keep_merged)
+    for n in [n for n in module.names if name is None or n == name]:
+        if keep_merged and n in module.merged:
+            module.forget_merged(n)
+        module.delete(n)
+    return module if module.names else module.base
+
+
+def merge(model: nn.Module) -> list[str]:
+    """Fold every LoRA layer's active adapters into its base weight (explicit; idempotent;
+    checked finite before each write). Bottleneck adapters are non-linear and stay in the
+    forward. Returns the names of the layers that changed."""
+    return [where for _, _, where, m in _walk(model) if isinstance(m, LoraLayer) and m.merge()]
+
+
+def unmerge(model: nn.Module) -> list[str]:
+    """Take merged adapters back out of the base weights; idempotent."""
+    return [where for _, _, where, m in _walk(model) if isinstance(m, LoraLayer) and m.unmerge()]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name in the model, in the order first seen."""
+    return list(dict.fromkeys(n for layer in _layers(model) for n in layer.names))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(n for layer in _layers(model) for n in layer.active))
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make exactly `names` active (their additions are summed); others stay but do nothing."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in adapter_names(model)]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)}")
+    for layer in _layers(model):
+        layer.set_active(names)
+
+
+def mark_trainable(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    """Only the parameters of adapters `names` (None: the active ones) require grad."""
+    model.requires_grad_(False)
+    for layer in _layers(model):
+        for n in layer.active if names is None else [n for n in names if n in layer.names]:
+            for p in layer.adapter_parameters(n):
+                p.requires_grad_(True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    trainable: int
+    total: int
+    per_adapter: dict[str, int]  # parameters that each adapter added
+
+    def __str__(self) -> str:
+        per = ", ".join(f"{n}: {c:,}" for n, c in self.per_adapter.items())
+        return f"trainable {self.trainable:,} / {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%); {per}"
+
+
+def summary(model: nn.Module) -> Summary:
+    """Trainable and total parameters (each counted once), and the parameters of each adapter."""
+    params = list(model.parameters())
+    per: dict[str, int] = {}
+    for layer in _layers(model):
+        for n in layer.names:
+            per[n] = per.get(n, 0) + sum(p.numel() for p in layer.adapter_parameters(n))
+    return Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params), per)
+
+
+def _unmerged_layers(model: nn.Module, what: str) -> list[TunerLayer]:
+    layers = _layers(model)
+    if any(layer.merged for layer in layers):
+        raise RuntimeError(f"{what} needs unmerged adapters; call lowrank.unmerge(model) first")
+    return layers
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """`with disabled(model):` the model computes as its base (adapters kept, not applied)."""
+    layers = _unmerged_layers(model, "disabled(model)")
+    before = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.enabled = was
+
+
+@contextlib.contextmanager
+def per_sample(model: nn.Module, names: Sequence[str]):
+    """`with per_sample(model, ["a", "b", "__base__"]):` sample i of the batch (dim 0) uses
+    adapter names[i] ("__base__": none) — PEFT's `adapter_names`, for inference on mixed batches."""
+    unknown = sorted({n for n in names if n != BASE and n not in adapter_names(model)})
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)} (or use {BASE!r})")
+    layers = _unmerged_layers(model, "per_sample(model, names)")
+    for layer in layers:
+        layer.route = tuple(names)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.route = None

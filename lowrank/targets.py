@@ -1,0 +1,93 @@
+"""Target specs -> one filter `(name, module) -> bool`.
+
+A spec is one of (see docs/inject.md):
+    "q_proj"                  exact name, or a dotted suffix: matches "model.layers.0.self_attn.q_proj"
+    "*.mlp.*_proj"            a glob (fnmatch, case-sensitive) over the full dotted name
+    "re:.*\\.(q|v)_proj"       a regular expression, full match over the full name
+    re.compile(...)           the same
+    nn.Linear                 a module type (isinstance)
+    fn(name, module) -> bool  a callable
+    "all-linear"              every linear-like layer except the model's output head
+A sequence of specs matches when any does. Names are the module's qualified names as in
+`model.named_modules()` before any adapter was injected (wrappers are transparent).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+Filter = Callable[[str, nn.Module], bool]
+ALL_LINEAR = "all-linear"
+_GLOB_CHARS = set("*?[")
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 `Conv1D`: a linear layer whose weight is stored (in, out).
+    Detected by class name and its `nf`/`nx` fields so transformers is never imported."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, GPT-2 Conv1D, or any module with in_features/out_features and a weight
+    or a `dequantize()` (a frozen 4-bit linear). See Note: the base protocol, in tuners/lora.py."""
+    if isinstance(module, nn.Linear) or is_gpt2_conv1d(module):
+        return True
+    has_dims = isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+    return has_dims and (callable(getattr(module, "dequantize", None)) or isinstance(getattr(module, "weight", None), nn.Parameter))
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head that "all-linear" leaves alone: the module that
+    `model.get_output_embeddings()` returns (transformers models), and any `lm_head`."""
+    head = None
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except (AttributeError, NotImplementedError):
+            head = None
+    return {n for n, m in model.named_modules() if (head is not None and m is head) or n.split(".")[-1] == "lm_head"}
+
+
+def _one(spec, heads: set[str]) -> Filter:
+    if isinstance(spec, re.Pattern):
+        return lambda name, module: spec.fullmatch(name) is not None
+    if isinstance(spec, type):
+        return lambda name, module: isinstance(module, spec)
+    if isinstance(spec, str):
+        if spec == ALL_LINEAR:
+            # MultiheadAttention's out_proj is never called as a module (see inject), so not adapted
+            return lambda name, module: (is_linear_like(module) and name not in heads
+                                         and type(module).__name__ != "NonDynamicallyQuantizableLinear")
+        if spec.startswith("re:"):
+            pattern = re.compile(spec[3:])
+            return lambda name, module: pattern.fullmatch(name) is not None
+        if _GLOB_CHARS & set(spec):
+            return lambda name, module: fnmatch.fnmatchcase(name, spec)
+        return lambda name, module: name == spec or name.endswith("." + spec)
+    if callable(spec):
+        return lambda name, module: bool(spec(name, module))
+    raise TypeError(f"a target must be str, re.Pattern, type or callable; got {spec!r}")
+
+
+def compile_filter(targets: Iterable, exclude: Iterable, model: nn.Module) -> Filter:
+    """One filter: matches any of `targets` and none of `exclude`."""
+    targets, exclude = tuple(targets), tuple(exclude)
+    needs_heads = any(isinstance(s, str) and s == ALL_LINEAR for s in targets + exclude)
+    heads = output_head_names(model) if needs_heads else set()
+    wanted = [_one(s, heads) for s in targets]
+    unwanted = [_one(s, heads) for s in exclude]
+    return lambda name, module: any(f(name, module) for f in wanted) and not any(f(name, module) for f in unwanted)
+
+
+def first_match(patterns, name: str, module: nn.Module, default):
+    """The value of the first pattern (same syntax as targets) that matches; else `default`.
+    Used for LoraConfig.rank_pattern / alpha_pattern."""
+    for spec, value in patterns.items():
+        if _one(spec, set())(name, module):
+            return value
+    return default

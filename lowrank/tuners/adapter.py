@@ -1,0 +1,136 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; parallel: He et al. 2022),
+around any nn.Module: the adapter reads the module's output (sequential) or its input
+(parallel) and adds to the output. Non-linear, so never merged into weights.
+
+Default targets per placement (used when AdapterConfig.targets is None):
+
+    architecture                  attention output          feed-forward
+    transformers Llama            self_attn.o_proj          mlp
+    transformers GPT-2            attn.c_proj               mlp
+    transformers BERT / MiniLM    attention.output.dense    layer.N.output.dense
+    nn.TransformerEncoderLayer    self_attn (the MHA)       linear2
+
+Houlsby adapts both columns, Pfeiffer the feed-forward only. Each adapter sits before the
+block's residual sum and layer norm, as in the papers. For any other model, name targets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..targets import is_gpt2_conv1d, is_linear_like
+from .base import TunerLayer
+from .lora_base import float_dtype_and_device
+
+ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", nn.MultiheadAttention)
+FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def default_targets(config: AdapterConfig) -> tuple:
+    return FFN_TARGETS + (ATTENTION_TARGETS if config.placement == "houlsby" else ())
+
+
+def _linear_dims(m: nn.Module) -> tuple[int, int]:
+    return (m.nx, m.nf) if is_gpt2_conv1d(m) else (m.in_features, m.out_features)
+
+
+def module_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(input size, output size) along the last dim: a linear-like module's own; a
+    MultiheadAttention's embed_dim; otherwise its first and last linear-like submodules'
+    (LlamaMLP: gate_proj in, down_proj out). None when it cannot tell."""
+    if is_linear_like(module):
+        return _linear_dims(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim, module.embed_dim
+    linears = [m for m in module.modules() if m is not module and is_linear_like(m)]
+    return (_linear_dims(linears[0])[0], _linear_dims(linears[-1])[1]) if linears else None
+
+
+class Bottleneck(nn.Module):
+    """up(act(down(x))): d_in -> m -> d_out, up zero-initialised so it starts at 0."""
+
+    def __init__(self, d_in: int, m: int, d_out: int, activation: str, dtype, device) -> None:
+        super().__init__()
+        self.down = nn.Linear(d_in, m, dtype=dtype, device=device)  # nn.Linear's init (kaiming-uniform)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(m, d_out, dtype=dtype, device=device)
+        nn.init.zeros_(self.up.weight)  # up = 0: a fresh adapter adds nothing (Houlsby's near-identity init)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x)))  # (..., d_in) -> (..., m) -> (..., d_out)
+
+
+class AdapterLayer(TunerLayer):
+    """Named bottleneck adapters around `base` (any module; a tuple output adapts its first item)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.adapters = nn.ModuleDict()
+        self.configs: dict[str, AdapterConfig] = {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.adapters)
+
+    def add(self, name: str, config: AdapterConfig, dims: tuple[int, int]) -> None:
+        d_in, d_out = dims
+        dtype, device = float_dtype_and_device(self.base)
+        source = d_in if config.parallel else d_out
+        self.adapters[name] = Bottleneck(source, config.width(d_out), d_out, config.activation, dtype, device)
+        self.configs[name] = config
+
+    def delete(self, name: str) -> None:
+        del self.adapters[name]
+        del self.configs[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.adapters[name].parameters())
+
+    # sequential (Houlsby, Pfeiffer):  h = f(x) + s * up(act(down(f(x))))
+    # parallel   (He et al. 2022):     h = f(x) + s * up(act(down(x)))
+    # several active adapters: their additions are summed, each fed f(x) or x.
+    def forward(self, *args, **kwargs):
+        out = self.base(*args, **kwargs)
+        if not self.enabled or not self.active:
+            return out
+        y = out[0] if isinstance(out, tuple) else out  # (..., d_out)
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))  # (..., d_in)
+        if self.route is not None:
+            y = self.routed(y, x, self._delta)
+        else:
+            base_y = y
+            for name in self.active:
+                y = y + self._delta(name, x, base_y)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    def _delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        config = self.configs[name]
+        return config.scaling * self.adapters[name](x if config.parallel else y)
+
+
+def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> None:
+    """Raise, before anything changes, if adapter `name` cannot go on `module` (at `where`)."""
+    if isinstance(module, AdapterLayer) and name in module.names:
+        raise ValueError(f"{where!r} already has a bottleneck adapter named {name!r}; inject under another name "
+                         f"or remove it first with lowrank.eject(model, {name!r})")
+    if module_dims(_inner(module)) is None:
+        raise TypeError(f"cannot size a bottleneck adapter for {where!r}, a {type(_inner(module)).__name__} with no "
+                        "linear layers inside; target a linear layer or a block that contains them")
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    while isinstance(module, TunerLayer):
+        module = module.base
+    return module
+
+
+def wrap(module: nn.Module, config: AdapterConfig, name: str, where: str) -> nn.Module:
+    """Add bottleneck adapter `name` around `module`; returns what should stand in its place."""
+    layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+    layer.add(name, config, module_dims(_inner(module)))
+    return layer

@@ -1,0 +1,81 @@
+"""What every adapter layer shares: it holds `base` (any nn.Module), several named adapters,
+which of them are active, an on/off switch, and per-sample routing for mixed batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+BASE = "__base__"  # in a per-sample route: this sample uses no adapter (PEFT's spelling)
+
+
+def _keep_fused_paths_off(module: nn.Module, args: tuple) -> None:
+    """See Note: fused fast paths."""
+
+
+class TunerLayer(nn.Module):
+    """Wraps `base`; subclasses add named adapters to its output.
+
+    # Note: fused fast paths. torch.nn.TransformerEncoderLayer (and MultiheadAttention) run a
+    # fused kernel in eval mode that reads `linear1.weight` etc. directly and never calls the
+    # submodules, so an adapter would be silently skipped. torch takes the slow, module-by-module
+    # path whenever any submodule carries a forward pre-hook, so every adapter layer registers
+    # an empty one. Attribute reads that miss on the wrapper fall through to `base` (so model
+    # code reading e.g. `self.c_attn.nf` or `embed.weight` keeps working, as in PEFT).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.active: tuple[str, ...] = ()  # adapters applied in forward, in this order
+        self.enabled = True  # False inside `lowrank.disabled(model)`
+        self.route: tuple[str, ...] | None = None  # per-sample adapter names, see `lowrank.per_sample`
+        self.register_forward_pre_hook(_keep_fused_paths_off)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
+
+    # -- what a subclass provides ---------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every adapter this layer holds, in the order they were added."""
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    @property
+    def merged(self) -> tuple[str, ...]:
+        """Adapters currently folded into the base weight (none for bottleneck adapters)."""
+        return ()
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------
+    def set_active(self, names: Sequence[str]) -> None:
+        if self.merged:
+            raise RuntimeError(
+                f"cannot change the active adapters while {list(self.merged)} are merged; call lowrank.unmerge(model) first"
+            )
+        self.active = tuple(n for n in names if n in self.names)
+
+    def routed(self, result: torch.Tensor, x: torch.Tensor, delta: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]):
+        """Mixed batch: sample i gets adapter route[i] ('__base__': none). `delta(name, x_i, result_i)`
+        is that adapter's addition for a sub-batch. Batch is dim 0 of both x and result."""
+        if len(self.route) != x.shape[0]:
+            raise ValueError(f"per-sample adapter names: got {len(self.route)} names for a batch of {x.shape[0]} samples")
+        out = result.clone()
+        for name in dict.fromkeys(self.route):  # unique, in order of first appearance
+            if name == BASE or name not in self.names:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(self.route) if n == name], device=x.device)
+            out[rows] = result[rows] + delta(name, x[rows], result[rows])  # (b_name, ..., out)
+        return out

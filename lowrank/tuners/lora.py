@@ -1,0 +1,184 @@
+"""LoRA layers, one per kind of base: linear-like (nn.Linear, GPT-2 Conv1D, a frozen 4-bit
+linear), nn.Embedding, nn.Conv1d/2d/3d; and `wrap` / `check`, the handler `inject` uses.
+The shared machinery (forward equation, merge, unmerge) is lora_base.LoraLayer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import LoraConfig
+from ..targets import first_match, is_gpt2_conv1d, is_linear_like
+from .base import TunerLayer
+from .lora_base import LoraLayer
+
+SUPPORTED = ("nn.Linear, transformers' GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d, or a linear-like "
+             "module (in_features, out_features, and a `weight` or a `dequantize()`)")
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around a linear-like base: y = base(x) + s B A dropout(x); A (r, in), B (out, r).
+
+    # Note: the base protocol. A base is wrapped as linear-like when it has
+    #   in_features: int, out_features: int, forward(x (..., in)) -> (..., out), and either
+    #   weight: a dense Parameter (out, in)  -- nn.Linear
+    #   weight: a dense Parameter (in, out)  -- transformers' GPT-2 Conv1D, recognised by its
+    #           class name and nf/nx fields (no config is read or changed), or
+    #   dequantize() -> dense (out, in) Tensor -- a frozen 4-bit linear (QLoRA).
+    # The LoRA path never reads the base weight; DoRA reads it through dequantize() or weight;
+    # merge needs a dense floating `weight` to write into and says so when there is none.
+    # Adapter parameters take the base's first floating parameter's dtype and device.
+    """
+
+    supports_dora = True
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        if is_gpt2_conv1d(base):
+            self.in_features, self.out_features, self.transposed = base.nx, base.nf, True
+        else:
+            self.in_features, self.out_features, self.transposed = base.in_features, base.out_features, False
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name, r, dtype, device):
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)  # A (r, in)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)  # B (out, r)
+
+    def _factor_stores(self):
+        return (self.lora_A, self.lora_B)
+
+    def _factors(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _lora(self, name, x):
+        return self.lora_B[name](self.lora_A[name](x))  # (..., in) -> (..., r) -> (..., out)
+
+    def _lora_matrix(self, name):
+        return self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in) -> (out, in)
+
+    def _delta_weight(self, name):
+        d = self._lora_matrix(name) * self.scaling[name]  # (out, in)
+        return d.T if self.transposed else d  # the layout of base.weight
+
+    def dense_weight(self) -> torch.Tensor:
+        """W0 as (out, in), whatever the base's storage."""
+        if callable(getattr(self.base, "dequantize", None)):
+            return self.base.dequantize()
+        return self.base.weight.T if self.transposed else self.base.weight  # Conv1D stores (in, out)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around nn.Embedding: y = E[ids] + s (A^T[ids]) B^T; A (r, num), B (dim, r).
+    As loralib and PEFT: A = 0 and B ~ N(0, 1) at init (so still the identity), and no
+    dropout (the input is token ids)."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__(base)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create(self, name, r, dtype, device):
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.base.num_embeddings, dtype=dtype, device=device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.base.embedding_dim, r, dtype=dtype, device=device))
+
+    def _reset(self, name, init):
+        with torch.no_grad():
+            nn.init.zeros_(self.lora_embedding_A[name])
+            nn.init.normal_(self.lora_embedding_B[name])
+
+    def _factor_stores(self):
+        return (self.lora_embedding_A, self.lora_embedding_B)
+
+    def _factors(self, name):
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _delta(self, name, x, base_out):
+        return self._lora(name, x) * self.scaling[name]  # no dropout on token ids
+
+    def _lora(self, name, x):
+        b = self.base
+        after_A = F.embedding(x, self.lora_embedding_A[name].T, b.padding_idx, b.max_norm, b.norm_type,
+                              b.scale_grad_by_freq, b.sparse)  # ids (...) -> (..., r)
+        return after_A @ self.lora_embedding_B[name].T  # (..., r) @ (r, dim) -> (..., dim)
+
+    def _delta_weight(self, name):
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (num, dim)
+
+
+class LoraConv(LoraLayer):
+    """LoRA around nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride, padding and
+    dilation (in -> r channels), B a 1x1 conv (r -> out), as PEFT; merged, B A is one kernel."""
+
+    def __init__(self, base: nn.modules.conv._ConvNd) -> None:
+        super().__init__(base)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name, r, dtype, device):
+        b, conv = self.base, type(self.base)
+        self.lora_A[name] = conv(b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation, bias=False,
+                                 padding_mode=b.padding_mode, dtype=dtype, device=device)  # (r, in, *k)
+        self.lora_B[name] = conv(r, b.out_channels, 1, bias=False, dtype=dtype, device=device)  # (out, r, 1...)
+
+    def _factor_stores(self):
+        return (self.lora_A, self.lora_B)
+
+    def _factors(self, name):
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _lora(self, name, x):
+        return self.lora_B[name](self.lora_A[name](x))  # (N, in, *L) -> (N, r, *L') -> (N, out, *L')
+
+    def _delta_weight(self, name):
+        A, B, r = self.lora_A[name].weight, self.lora_B[name].weight, self.r[name]
+        d = B.reshape(-1, r) @ A.reshape(r, -1)  # (out, r) @ (r, in * prod(k)) -> (out, in * prod(k))
+        return d.reshape(self.base.weight.shape) * self.scaling[name]  # (out, in, *k)
+
+
+def layer_class(module: nn.Module) -> type[LoraLayer] | None:
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoraConv
+    if is_linear_like(module):
+        return LoraLinear
+    return None
+
+
+def _lora_slot(module: nn.Module) -> nn.Module:
+    """The module LoRA attaches to: inside any outer (bottleneck) wrappers."""
+    while isinstance(module, TunerLayer) and not isinstance(module, LoraLayer):
+        module = module.base
+    return module
+
+
+def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
+    """Raise, before anything changes, if LoRA `name` cannot go on `module` (at `where`)."""
+    slot = _lora_slot(module)
+    if isinstance(slot, LoraLayer):
+        if name in slot.names:
+            raise ValueError(f"{where!r} already has a LoRA adapter named {name!r}; inject under another name "
+                             f"or remove it first with lowrank.eject(model, {name!r})")
+        slot = slot.base
+    cls = layer_class(slot)
+    if cls is None:
+        raise TypeError(f"cannot put LoRA on {where!r}, a {type(slot).__name__}; LoRA wraps {SUPPORTED}")
+    if config.dora and not cls.supports_dora:
+        raise ValueError(f"DoRA is implemented for linear-like layers only; {where!r} is a {type(slot).__name__}. "
+                         "Exclude it, or use plain LoRA (dora=False)")
+    if cls is LoraConv and slot.groups != 1:
+        raise ValueError(f"LoRA on a grouped convolution is not supported: {where!r} has groups={slot.groups}")
+
+
+def wrap(module: nn.Module, config: LoraConfig, name: str, where: str) -> nn.Module:
+    """Add LoRA adapter `name` to `module`; returns what should stand in its place."""
+    if isinstance(module, TunerLayer) and not isinstance(module, LoraLayer):
+        module.base = wrap(module.base, config, name, where)  # LoRA sits innermost, on the weights
+        return module
+    layer = module if isinstance(module, LoraLayer) else layer_class(module)(module)
+    r = first_match(config.rank_pattern, where, layer.base, config.r)
+    alpha = first_match(config.alpha_pattern, where, layer.base, config.alpha)
+    layer.add(name, config, r, alpha)
+    return layer

