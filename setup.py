@@ -2,11 +2,57 @@
 
 Runtime needs only torch, numpy, safetensors, huggingface_hub and (on Linux) triton. The
 peers used as test oracles and benchmark baselines live in the `test` and `bench` extras.
-The C++/CUDA extension lowrank._C arrives with csrc/ (see docs/architecture.md); until
-then this is a pure-Python package.
+
+The extension lowrank._C (csrc/, docs/csrc.md) holds the C++ CPU kernels, always built, and
+the CUDA kernels, built too when torch is a CUDA build and nvcc is found. It is optional:
+LOWRANK_NO_EXT=1 skips it, and without it every op runs through the reference / Triton
+backends (lowrank/ops/csrc.py logs which). An editable install (pip install -e .) builds it
+in place, as lowrank/_C*.so.
 """
 
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+CSRC = "csrc"
+CPU_SOURCES = ["bindings.cpp", "nf4_cpu.cpp", "nf4_cpu_avx2.cpp", "nf4_cpu_avx512.cpp"]
+CUDA_SOURCES = ["bindings_cuda.cpp", "nf4_cuda_dequantize.cu", "nf4_cuda_gemv.cu"]
+# -ffp-contract=off: the scale of a block is a product then a sum, two float32 roundings, and
+# must stay so to be bit-exact (csrc/nf4_common.h). The vector ISAs are chosen per file by
+# pragmas and at run time by CPU detection (csrc/nf4_cpu.cpp), never by -march.
+# -fopenmp: at::parallel_for (csrc/bindings.cpp) is OpenMP code in torch's headers, serial without
+# it; the library it links, libgomp.so.1, is the one torch has already loaded.
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
+# sm_80 (A100) and sm_90a (H100/H200); TORCH_CUDA_ARCH_LIST is not consulted, these are the two we test.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+
+
+def extensions():
+    """(ext_modules, cmdclass) for lowrank._C, or nothing when LOWRANK_NO_EXT=1."""
+    if os.environ.get("LOWRANK_NO_EXT", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc") is not None)
+    sources = [os.path.join(CSRC, f) for f in CPU_SOURCES]
+    if with_cuda:
+        sources += [os.path.join(CSRC, f) for f in CUDA_SOURCES]
+        ext = CUDAExtension(
+            "lowrank._C",
+            sources,
+            define_macros=[("LOWRANK_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_link_args=LINK_FLAGS,
+        )
+    else:
+        ext = CppExtension("lowrank._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
 
 setup(
     name="lowrank",
@@ -17,6 +63,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["lowrank", "lowrank.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -5,6 +5,7 @@ Importing this package defines the ops (library.py), registers the reference ker
 
 from . import backends, library, reference
 from .library import nf4_dequantize, nf4_linear
+from . import csrc  # noqa: F401  (registers the "csrc" backend when lowrank._C is built; never raises)
 
 try:  # Triton is optional: without it the reference (and csrc, if built) still run
     import triton  # noqa: F401

@@ -45,6 +45,14 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return wrap
 
 
+def implementation(op: str, backend: str) -> Callable:
+    """`backend`'s implementation of `op`: for a kernel that hands the cases it does not cover
+    to another backend (csrc -> reference)."""
+    if (op, backend) not in _IMPLS:
+        raise RuntimeError(f"{op} has no {backend} implementation in this process (available: {available(op)})")
+    return _IMPLS[(op, backend)]
+
+
 def available(op: str) -> list[str]:
     """Backends that have registered an implementation of `op` in this process."""
     return [b for b in BACKENDS if (op, b) in _IMPLS]

@@ -1,0 +1,143 @@
+// The torch side of lowrank._C: tensors in, checks, threads, raw pointers out to the kernels.
+//
+//   nf4_dequantize_cpu(packed, absmax, nested_absmax?, offset?, shape, blocksize, dtype) -> W[shape]
+//   nf4_linear_cpu(x[..., K], packed, absmax, nested_absmax?, offset?, shape=[N, K], blocksize, bias?)
+//       -> x @ W^T + bias, [..., N] in x.dtype                            (1 <= M = x.numel() / K <= 16)
+//
+// Same arguments, in the same order, as the lowrank:: ops (lowrank/ops/library.py); lowrank/ops/csrc.py
+// registers these functions as the "csrc" backend of those ops and sends anything they do not
+// cover to the reference. The CUDA functions live in bindings_cuda.cpp.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "nf4_cpu.h"
+
+namespace lowrank {
+
+// Shared with bindings_cuda.cpp: the view of one quantized weight, after checking its tensors.
+NF4View nf4_view(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                 const std::optional<at::Tensor>& offset, at::IntArrayRef shape, int64_t blocksize) {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  const int64_t blocks = (numel + blocksize - 1) / blocksize;
+  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be even and >= 2, got ", blocksize);
+  TORCH_CHECK(packed.dtype() == at::kByte && packed.is_contiguous() && packed.numel() == (numel + 1) / 2,
+              "packed must be a contiguous uint8 tensor of ", (numel + 1) / 2, " bytes for shape ", shape, "; got ",
+              packed.sizes(), " ", packed.dtype());
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK(nested == offset.has_value(), "nested_absmax and offset go together (double quantization): got ",
+              nested ? "nested_absmax without offset" : "offset without nested_absmax");
+  const auto absmax_dtype = nested ? at::kByte : at::kFloat;
+  TORCH_CHECK(absmax.device() == packed.device(), "absmax must be on ", packed.device(), " (packed's device), got ",
+              absmax.device());
+  TORCH_CHECK(absmax.dtype() == absmax_dtype && absmax.is_contiguous() && absmax.numel() == blocks, "absmax must be ",
+              blocks, " contiguous ", absmax_dtype, " values for shape ", shape, " and blocksize ", blocksize, "; got ",
+              absmax.sizes(), " ", absmax.dtype());
+  NF4View w{packed.data_ptr<uint8_t>(), absmax.data_ptr(), nullptr, nullptr, numel, blocksize};
+  if (nested) {
+    const at::Tensor& na = *nested_absmax;
+    const int64_t nested_blocks = (blocks + kNestedBlocksize - 1) / kNestedBlocksize;
+    TORCH_CHECK(na.dtype() == at::kFloat && na.is_contiguous() && na.numel() == nested_blocks,
+                "nested_absmax must be ", nested_blocks, " contiguous float32 values; got ", na.sizes(), " ", na.dtype());
+    TORCH_CHECK(offset->numel() == 1 && offset->dtype() == at::kFloat, "offset must be one float32 value; got ",
+                offset->sizes(), " ", offset->dtype());
+    for (const at::Tensor* t : {&na, &*offset})
+      TORCH_CHECK(t->device() == packed.device(), "every tensor of the weight must be on ", packed.device(),
+                  " (packed's device), got one on ", t->device());
+    w.nested = na.data_ptr<float>();
+    w.offset = offset->data_ptr<float>();
+  }
+  return w;
+}
+
+namespace {
+
+OutType out_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return OutType::kFloat32;
+    case at::kHalf: return OutType::kFloat16;
+    case at::kBFloat16: return OutType::kBFloat16;
+    default: TORCH_CHECK(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU for lowrank._C's CPU kernels, got ", t.device());
+}
+
+at::Tensor dequantize_op(const at::Tensor& packed, const at::Tensor& absmax,
+                         const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                              at::IntArrayRef shape, int64_t blocksize, at::ScalarType dtype) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
+  const OutType type = out_type(dtype);
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const int64_t blocks = (w.numel + blocksize - 1) / blocksize;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / blocksize);  // about 64k elements a task
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { nf4_dequantize_cpu(w, type, out.data_ptr(), b0, b1); });
+  return out;
+}
+
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                          at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  for (const at::Tensor* t : {&x, &packed, &absmax}) check_cpu(*t, "every tensor");
+  TORCH_CHECK(shape.size() == 2, "the weight must be 2-d [N, K], got shape ", shape);
+  const int64_t N = shape[0], K = shape[1];
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must be [..., K] with K = ", K, ", got ", x.sizes());
+  TORCH_CHECK(K % kGemvGroup == 0 && K % blocksize == 0, "K must be a multiple of 32 and of blocksize ", blocksize,
+              ", got K = ", K);
+  const int64_t M = x.numel() / K;
+  TORCH_CHECK(M >= 1 && M <= kGemvMaxRows, "x must have 1 to ", kGemvMaxRows, " rows (x.numel() / K), got ", M);
+  const OutType wtype = out_type(x.scalar_type());  // W is dequantized in x's dtype, as the reference does
+  const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
+
+  const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();  // [M, K] float32, exact
+  at::Tensor xd = at::empty({M, K}, xf.options());
+  nf4_gemv_pack_x(xf.data_ptr<float>(), M, K, xd.data_ptr<float>());
+  at::Tensor bf;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "bias must hold N = ", N, " values, got ", bias->sizes());
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, xf.options());  // [M, N] float32
+  const float* bias_ptr = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    nf4_gemv_cpu(w, wtype, N, K, xd.data_ptr<float>(), M, bias_ptr, y.data_ptr<float>(), n0, n1);
+  });
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(N);
+  return y.to(x.scalar_type()).reshape(out_shape);  // one rounding to x.dtype (nearest even)
+}
+
+bool set_cpu_isa(const std::string& name) {
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512})
+    if (name == isa_name(isa)) return set_isa(isa);
+  TORCH_CHECK(false, "cpu isa must be one of scalar, avx2, avx512; got '", name, "'");
+}
+
+}  // namespace
+
+#ifdef LOWRANK_WITH_CUDA
+void register_cuda(pybind11::module& m);  // bindings_cuda.cpp
+#endif
+
+}  // namespace lowrank
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "lowrank's C++/CUDA NF4 kernels; lowrank/ops/csrc.py registers them as the 'csrc' backend";
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("nf4_dequantize_cpu", &lowrank::dequantize_op, no_gil);
+  m.def("nf4_linear_cpu", &lowrank::linear_op, no_gil);
+  m.def("cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::current_isa())); });
+  m.def("best_cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::best_isa())); });
+  m.def("set_cpu_isa", &lowrank::set_cpu_isa, "use this instruction set (at most the best one); false if the CPU lacks it");
+#ifdef LOWRANK_WITH_CUDA
+  lowrank::register_cuda(m);
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

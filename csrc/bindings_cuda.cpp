@@ -1,0 +1,87 @@
+// The torch side of the CUDA kernels (compiled only when torch is a CUDA build, setup.py):
+//
+//   nf4_dequantize_cuda(packed, absmax, nested_absmax?, offset?, shape, blocksize, dtype) -> W[shape]
+//   nf4_linear_cuda(x[..., K], packed, absmax, nested_absmax?, offset?, shape=[N, K], blocksize, bias?)
+//       -> x @ W^T + bias, [..., N] in x.dtype                        (1 <= M = x.numel() / K <= 16)
+//
+// Same arguments as the lowrank:: ops; lowrank/ops/csrc.py sends CUDA tensors here.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "nf4_cuda.h"
+
+namespace lowrank {
+
+NF4View nf4_view(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                 const std::optional<at::Tensor>& offset, at::IntArrayRef shape, int64_t blocksize);  // bindings.cpp
+
+namespace {
+
+CudaType cuda_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return CudaType::kFloat32;
+    case at::kHalf: return CudaType::kFloat16;
+    case at::kBFloat16: return CudaType::kBFloat16;
+    default: TORCH_CHECK(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor dequantize_cuda_op(const at::Tensor& packed, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                              at::IntArrayRef shape, int64_t blocksize, at::ScalarType dtype) {
+  TORCH_CHECK(packed.is_cuda(), "packed must be a CUDA tensor, got one on ", packed.device());
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  check(nf4_dequantize_cuda(w, cuda_type(dtype), out.data_ptr(), at::cuda::getCurrentCUDAStream()),
+        "nf4_dequantize_cuda");
+  return out;
+}
+
+at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                          at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.is_cuda() && x.device() == packed.device(), "x and packed must be on the same CUDA device, got ",
+              x.device(), " and ", packed.device());
+  TORCH_CHECK(shape.size() == 2, "the weight must be 2-d [N, K], got shape ", shape);
+  const int64_t N = shape[0], K = shape[1];
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must be [..., K] with K = ", K, ", got ", x.sizes());
+  TORCH_CHECK(K % 32 == 0 && K % blocksize == 0 && blocksize % 32 == 0,
+              "K and blocksize must be multiples of 32, and K of blocksize; got K = ", K, ", blocksize ", blocksize);
+  const int64_t M = x.numel() / K;
+  TORCH_CHECK(M >= 1 && M <= kCudaGemvMaxRows, "x must have 1 to ", kCudaGemvMaxRows, " rows, got ", M);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
+  at::Tensor xc = x.reshape({M, K}).contiguous();
+  if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 != 0) xc = xc.clone();  // fresh storage is aligned
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
+              "packed must start on a 16-byte boundary for the CUDA kernel (a view at an offset?); pass packed.clone()");
+  at::Tensor bc;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "bias must hold N = ", N, " values, got ", bias->sizes());
+    bc = bias->to(x.scalar_type()).contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  check(nf4_gemv_cuda(w, N, K, xc.data_ptr(), M, bc.defined() ? bc.data_ptr() : nullptr, cuda_type(x.scalar_type()),
+                      y.data_ptr(), at::cuda::getCurrentCUDAStream()),
+        "nf4_gemv_cuda");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(N);
+  return y.reshape(out_shape);
+}
+
+}  // namespace
+
+void register_cuda(pybind11::module& m) {
+  namespace py = pybind11;
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("nf4_dequantize_cuda", &dequantize_cuda_op, no_gil);
+  m.def("nf4_linear_cuda", &linear_cuda_op, no_gil);
+}
+
+}  // namespace lowrank

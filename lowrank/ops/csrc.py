@@ -1,0 +1,95 @@
+"""The "csrc" backend: the C++ CPU kernels and CUDA kernels of lowrank._C (csrc/, docs/csrc.md).
+
+Importing this module registers them in the backend table when lowrank._C was built. Without
+it (built with LOWRANK_NO_EXT=1, a failed build, or LOWRANK_NO_EXT=1 now) it logs one line and
+registers nothing, and every op runs on the Triton / reference backends.
+
+    op                      kernel                                   otherwise
+    nf4_dequantize          CPU, CUDA: every shape and dtype         reference (other devices)
+    nf4_linear              GEMV, 1 <= M <= 16, K % 32 == 0 and      csrc dequantize in x.dtype, then
+                            K % blocksize == 0 (M = x.numel() / K)   F.linear (the reference's own math)
+    nf4_linear_grad_input   csrc dequantize in grad_y.dtype, then grad_y @ W
+
+LOWRANK_CPU_ISA=scalar|avx2|avx512 caps the instruction set of the CPU kernels (tests,
+benchmarks); by default they use the widest one this CPU has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+
+log = logging.getLogger("lowrank")
+
+_C = None
+if os.environ.get("LOWRANK_NO_EXT", "0") == "1":
+    log.info("lowrank: LOWRANK_NO_EXT=1, lowrank._C not loaded; the csrc backend is off")
+else:
+    try:
+        from .. import _C
+    except (ImportError, OSError) as e:  # not built, or built for another torch: the other backends cover every op
+        log.info("lowrank: lowrank._C is not built (%s); the csrc backend is off", e)
+
+GEMV_MAX_ROWS = 16  # csrc/nf4_cpu.h kGemvMaxRows, csrc/nf4_cuda.h kCudaGemvMaxRows
+
+
+def _kernel(name: str, device: torch.device):
+    """lowrank._C's function `name`_cpu / `name`_cuda for `device`, or None."""
+    if device.type == "cuda" and not _C.with_cuda:
+        return None
+    return getattr(_C, f"{name}_{device.type}", None)
+
+
+def _weight(packed, absmax, nested_absmax, offset):
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return packed.contiguous(), absmax.contiguous(), contiguous(nested_absmax), contiguous(offset)
+
+
+def nf4_dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, dtype):
+    kernel = _kernel("nf4_dequantize", packed.device)
+    if kernel is None:
+        reference = backends.implementation("nf4_dequantize", "reference")
+        return reference(packed, absmax, nested_absmax, offset, shape, blocksize, dtype)
+    return kernel(*_weight(packed, absmax, nested_absmax, offset), list(shape), blocksize, dtype)
+
+
+def _gemv_covers(x: torch.Tensor, shape, blocksize: int) -> bool:
+    k = shape[-1]
+    return len(shape) == 2 and k > 0 and k % 32 == 0 and k % blocksize == 0 and 1 <= x.numel() // k <= GEMV_MAX_ROWS
+
+
+def nf4_linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
+    kernel = _kernel("nf4_linear", x.device)
+    if kernel is not None and _gemv_covers(x, shape, blocksize):
+        return kernel(x, *_weight(packed, absmax, nested_absmax, offset), list(shape), blocksize, bias)
+    w = nf4_dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, x.dtype)  # (N, K), bit-exact
+    return F.linear(x, w, bias)  # (..., K) @ (K, N) -> (..., N), as the reference
+
+
+def nf4_linear_grad_input(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
+    w = nf4_dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, grad_y.dtype)  # (N, K)
+    return grad_y @ w  # (..., N) @ (N, K) -> (..., K), as the reference
+
+
+if _C is not None:
+    isa = os.environ.get("LOWRANK_CPU_ISA", "").strip().lower()
+    if isa:
+        try:
+            if not _C.set_cpu_isa(isa):
+                log.warning("lowrank: LOWRANK_CPU_ISA=%s but this CPU has at most %s; using that", isa, _C.best_cpu_isa())
+        except RuntimeError as e:
+            log.warning("lowrank: ignoring LOWRANK_CPU_ISA: %s", e)
+    for _op, _fn in (
+        ("nf4_dequantize", nf4_dequantize),
+        ("nf4_linear", nf4_linear),
+        ("nf4_linear_grad_input", nf4_linear_grad_input),
+    ):
+        backends.register(_op, "csrc")(_fn)
+    log.info(
+        "lowrank: lowrank._C loaded (CPU kernels: %s%s)", _C.cpu_isa(), ", CUDA kernels" if _C.with_cuda else ", no CUDA"
+    )
