@@ -1,0 +1,210 @@
+"""inject: target syntax, errors that speak to the user, several named adapters, disabled(),
+per-sample selection, torch.nn.TransformerEncoder in eval mode, torch.compile, and learning."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank.config import AdapterConfig, LoraConfig
+from lowrank.inject import (active_adapters, adapter_names, disabled, eject, inject, mark_trainable, merge,
+                            per_sample, set_active, summary, unmerge)
+
+from . import models
+
+LLAMA_Q = [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+
+
+@pytest.mark.parametrize("targets, expected", [
+    ("q_proj", LLAMA_Q),  # dotted suffix
+    ("model.layers.0.self_attn.q_proj", LLAMA_Q[:1]),  # exact name
+    ("*.1.self_attn.[qk]_proj", ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]),  # glob
+    ("re:.*layers\\.0\\..*(gate|up)_proj", ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]),
+    (re.compile(r".*\.q_proj"), LLAMA_Q),  # compiled regex, full match
+    (lambda name, m: name.endswith("q_proj") and "1" in name, LLAMA_Q[1:]),  # callable
+    (nn.Embedding, ["model.embed_tokens"]),  # module type
+])
+def test_target_syntax(targets, expected):
+    assert sorted(inject(models.llama(), LoraConfig(targets=targets))) == sorted(expected)
+
+
+def test_all_linear_skips_the_output_head_and_exclude_removes():
+    model = models.llama()
+    wrapped = inject(model, LoraConfig(targets="all-linear", exclude=["re:.*mlp.*"]))
+    assert len(wrapped) == 2 * 4 and "lm_head" not in wrapped and not any("mlp" in n for n in wrapped)
+
+
+def test_rank_and_alpha_patterns_per_target():
+    model = models.llama()
+    cfg = LoraConfig(r=4, alpha=4, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"*.1.*": 16})
+    inject(model, cfg)
+    q0, v1 = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.v_proj
+    assert (q0.r["default"], q0.scaling["default"]) == (4, 1.0) and (v1.r["default"], v1.scaling["default"]) == (2, 8.0)
+    assert LoraConfig(r=16, alpha=8, rslora=True).scale(16, 8) == 2.0  # alpha / sqrt(r)
+
+
+def test_nothing_matched_lists_candidates_of_the_right_type():
+    with pytest.raises(ValueError, match=r"no module .* matched targets=\('qproj',\).*'model.layers.0.self_attn.q_proj'"):
+        inject(models.llama(), LoraConfig(targets="qproj"))
+
+
+def test_same_name_twice_raises_and_changes_nothing():
+    model = models.llama()
+    inject(model, LoraConfig(targets="q_proj"))
+    before = dict(model.named_modules())
+    with pytest.raises(ValueError, match="already has a LoRA adapter named 'default'"):
+        inject(model, LoraConfig(targets=["v_proj", "q_proj"]))  # v_proj is checked first and left alone
+    assert dict(model.named_modules()).keys() == before.keys()
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(r=0), "r .* >= 1; got 0"), (dict(alpha=-1), "alpha"), (dict(dropout=1.0), "dropout"),
+    (dict(init="xavier"), "init must be one of"), (dict(targets=[]), "targets is empty"),
+    (dict(targets="re:("), "not a valid regular expression"), (dict(rank_pattern={"q": 0}), "rank_pattern"),
+    (dict(targets=3), "targets"),
+])
+def test_bad_lora_configs_say_what_and_what_is_allowed(config, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        LoraConfig(**config)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(placement="middle"), "placement"), (dict(reduction_factor=0.5), "reduction_factor"),
+    (dict(bottleneck_size=0), "bottleneck_size"), (dict(activation="swish"), "activation"),
+])
+def test_bad_adapter_configs_say_what_and_what_is_allowed(config, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        AdapterConfig(**config)
+
+
+def test_configs_are_frozen_and_the_users_dict_is_copied():
+    pattern = {"v_proj": 2}
+    cfg = LoraConfig(rank_pattern=pattern)
+    pattern["q_proj"] = 3
+    assert dict(cfg.rank_pattern) == {"v_proj": 2}
+    with pytest.raises(Exception):
+        cfg.r = 4
+
+
+def test_unsupported_targets_raise_clearly():
+    with pytest.raises(ValueError, match="DoRA is implemented for linear-like layers only"):
+        inject(models.llama(), LoraConfig(targets="embed_tokens", dora=True))
+    with pytest.raises(TypeError, match="cannot put LoRA on 'model.norm'"):
+        inject(models.llama(), LoraConfig(targets="model.norm"))
+    with pytest.raises(ValueError, match="MultiheadAttention reads its projection weights"):
+        inject(models.encoder(), LoraConfig(targets="out_proj"))
+    with pytest.raises(ValueError, match="adapter name"):
+        inject(models.mlp(), LoraConfig(), name="a.b")
+
+
+def test_several_named_adapters_add_activate_delete():
+    model, x = models.mlp(), torch.randn(3, 16)
+    inject(model, LoraConfig(r=2), name="a")
+    inject(model, LoraConfig(r=4, targets="0"), name="b")
+    models.randomize_adapters(model)  # b is active and trainable now: only its weights move
+    assert adapter_names(model) == ["a", "b"] and active_adapters(model) == ["b"]
+    s = summary(model)
+    assert s.per_adapter == {"a": 2 * (16 + 32) + 2 * (32 + 32) + 2 * (32 + 4), "b": 4 * (16 + 32)}
+    assert s.trainable == s.per_adapter["b"]
+    y_b = model(x)
+    set_active(model, ["a", "b"])
+    mark_trainable(model)
+    models.randomize_adapters(model, seed=4)  # now a moves too
+    y_ab = model(x)
+    set_active(model, "b")
+    assert not torch.equal(model(x), y_ab)
+    eject(model, "b")
+    assert adapter_names(model) == ["a"] and model[0].names == ("a",)
+    with pytest.raises(ValueError, match="no adapter named"):
+        set_active(model, "b")
+    assert not torch.equal(model(x), y_b)  # a alone now
+
+
+def test_disabled_gives_the_base_model_and_refuses_while_merged():
+    model, x = models.mlp(), torch.randn(3, 16)
+    base = model(x)
+    inject(model, LoraConfig(r=2))
+    models.randomize_adapters(model)
+    adapted = model(x)
+    with disabled(model):
+        assert torch.equal(model(x), base)
+    assert torch.equal(model(x), adapted)
+    merge(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with disabled(model):
+            pass
+    unmerge(model)
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2), LoraConfig(r=2, dora=True), AdapterConfig(targets=["0", "2"])])
+def test_per_sample_selection_equals_running_each_adapter_alone(config):
+    model = models.mlp()
+    inject(model, config, name="a")
+    inject(model, config, name="b")
+    set_active(model, ["a", "b"])
+    mark_trainable(model)
+    models.randomize_adapters(model)
+    x = torch.randn(4, 16)
+    route = ["a", "__base__", "b", "a"]
+    with torch.no_grad():
+        alone = {}
+        for name in ("a", "b"):
+            set_active(model, name)
+            alone[name] = model(x)
+        with disabled(model):
+            alone["__base__"] = model(x)
+        with per_sample(model, route):
+            mixed = model(x)
+    for i, name in enumerate(route):
+        # sample i goes through the same ops on a sub-batch; row-wise ops of a different batch
+        # size may round differently, so compare to the float32 rounding of the values
+        torch.testing.assert_close(mixed[i], alone[name][i])
+
+
+def test_transformer_encoder_eval_mode_keeps_the_adapters():
+    model, x = models.encoder(), torch.randn(2, 5, 32)
+    inject(model, LoraConfig(r=4, targets=["linear1", "linear2"]))
+    inject(model, AdapterConfig(placement="houlsby"), name="bn")
+    set_active(model, ["default", "bn"])
+    models.randomize_adapters(model)
+    train_out = model(x)
+    model.eval()
+    with torch.no_grad():  # the fused fast path would skip the submodules: see Note: fused fast paths
+        eval_out = model(x)
+        with disabled(model):
+            base_out = model(x)
+    torch.testing.assert_close(eval_out, train_out)
+    assert not torch.allclose(eval_out, base_out)
+
+
+def test_torch_compile_matches_eager():
+    model = models.llama()
+    inject(model, LoraConfig(r=4, targets=["q_proj", "v_proj"], dora=True))
+    inject(model, AdapterConfig(), name="bn")
+    set_active(model, ["default", "bn"])
+    models.randomize_adapters(model)
+    ids = models.ids()
+    eager = model(input_ids=ids).logits
+    compiled = torch.compile(model)(input_ids=ids).logits
+    # inductor fuses and reorders float32 reductions: equal up to float32 rounding of the values
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=4, alpha=8, targets="all-linear"),
+                                    AdapterConfig(targets=["0", "2"], bottleneck_size=8)])
+def test_a_small_task_is_learned(config):
+    # y = a fixed random MLP of x; the base is a different random MLP: only the adapters train
+    torch.manual_seed(0)
+    teacher, model = models.mlp(), nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
+    x = torch.randn(256, 16)
+    y = teacher(x).detach()
+    inject(model, config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    start = nn.functional.mse_loss(model(x), y).item()
+    for _ in range(300):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * start

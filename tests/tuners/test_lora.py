@@ -1,0 +1,209 @@
+"""LoRA invariants: a fresh adapter is the identity; merged equals unmerged within a derived
+bound; merge then unmerge restores the weight within a derived bound; merge is idempotent
+and safe; frozen weights don't move after an optimizer step; eject restores the state dict
+exactly; the same code wraps a frozen 4-bit (NF4) base."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lowrank.config import LoraConfig
+from lowrank.inject import eject, inject, merge, unmerge
+from lowrank.quant import nf4
+from lowrank.tuners.lora import LoraLinear
+
+from . import models
+from .bounds import gamma, lora_linear_bound
+
+
+class Conv1D(nn.Module):
+    """transformers' GPT-2 Conv1D, re-declared so the layout test needs no transformers: (in, out) weight."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+class NF4Linear(nn.Module):
+    """A frozen 4-bit linear that satisfies the base protocol (see Note: the base protocol)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = nf4.quantize(weight, 64, True)
+        self.bias = nn.Parameter(torch.zeros(self.out_features))
+
+    def dequantize(self):
+        return nf4.dequantize(self.packed).to(torch.float32)  # (out, in)
+
+    def forward(self, x):
+        return F.linear(x, self.dequantize(), self.bias)
+
+
+def single(base: nn.Module, **cfg) -> nn.Module:
+    holder = nn.Sequential(base)
+    inject(holder, LoraConfig(r=4, alpha=8, targets="0", **cfg))
+    models.randomize_adapters(holder)
+    return holder
+
+
+@pytest.mark.parametrize("make", [lambda: models.llama(), lambda: models.gpt2(), lambda: models.bert(),
+                                  lambda: models.encoder(), lambda: models.mlp()],
+                         ids=["llama", "gpt2", "bert", "encoder", "mlp"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_fresh_adapter_is_the_identity(make, dora):
+    # B = 0 makes s B A x exactly 0.0, and DoRA's m / n exactly 1.0 (m and n are the same norm
+    # of the same W): the sum adds exact zeros, so the output is bit-for-bit the base output.
+    model = make()  # train mode with dropout 0: no fused eval-only kernels to change the rounding
+    x = torch.randn(2, 5, 16 if isinstance(model, nn.Sequential) else 32) if not hasattr(model, "config") else models.ids()
+    model.requires_grad_(False)  # as inject leaves it: torch picks attention kernels by requires_grad
+    before = models.run(model, x)
+    inject(model, LoraConfig(r=4, targets="all-linear", dora=dora))
+    assert torch.equal(models.run(model, x), before)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_gpt2"])
+def test_merged_equals_unmerged_within_rounding_bound(kind):
+    torch.manual_seed(0)
+    base = nn.Linear(48, 24) if kind == "linear" else Conv1D(24, 48)
+    holder = single(base)
+    layer = holder[0]
+    x = torch.randn(16, 48)
+    unmerged = holder(x)
+    W = base.weight.detach().clone()
+    W = W.T if kind == "conv1d_gpt2" else W  # (out, in)
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    assert merge(holder) == ["0"]
+    merged = holder(x)
+    bound = lora_linear_bound(x, W, A.detach(), B.detach(), s, base.bias.detach())
+    assert ((merged - unmerged).abs() <= 2 * bound).all()  # each path within `bound` of the exact value
+
+
+def test_dora_merged_equals_unmerged_within_rounding_bound():
+    torch.manual_seed(0)
+    base = nn.Linear(48, 24)
+    holder = single(base, dora=True)
+    layer = holder[0]
+    x = torch.randn(16, 48)
+    W = base.weight.detach().clone()
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    s, m = layer.scaling["default"], layer.lora_magnitude_vector["default"].detach()
+    unmerged = holder(x)
+    merge(holder)
+    merged = holder(x)
+    f = (m / torch.linalg.norm(W + s * B @ A, dim=1)).abs()  # (out,)
+    # The paths differ by the roundings of lora_linear_bound plus those of the factor f: the
+    # row norm (K squares summed, a sqrt: K + 2) and the divide (1), on both sides: (K + 3)
+    # more rounded steps, and the unmerged path's extra (f - 1) W x term (|W| |x|, one more).
+    K = W.shape[1]
+    bound = lora_linear_bound(x, W, A, B, s, base.bias.detach(), extra_ops=K + 4) * (f + 1)
+    assert ((merged - unmerged).abs() <= 2 * bound).all()
+
+
+@pytest.mark.parametrize("kind, dora", [("linear", False), ("conv1d_gpt2", False), ("embedding", False),
+                                        ("conv2d", False), ("linear", True), ("conv1d_gpt2", True)])
+def test_merge_then_unmerge_restores_the_weight(kind, dora):
+    torch.manual_seed(0)
+    base = {"linear": lambda: nn.Linear(48, 24), "conv1d_gpt2": lambda: Conv1D(24, 48),
+            "embedding": lambda: nn.Embedding(40, 16), "conv2d": lambda: nn.Conv2d(3, 8, 3)}[kind]()
+    holder = single(base, dora=dora)
+    W0 = base.weight.detach().clone()
+    d = holder[0]._delta_weight("default").detach()  # the same float32 update merge adds and unmerge subtracts
+    merge(holder)
+    merged = base.weight.detach().clone()
+    merge(holder)  # idempotent: a second merge changes nothing
+    assert torch.equal(base.weight, merged)
+    unmerge(holder)
+    unmerge(holder)  # idempotent
+    # LoRA: t = fl(fl(W + d) - d) = W + e with |e| <= gamma(2) (|W| + |W + d|).
+    # DoRA: t = fl(fl(fl(f (W + d)) / f) - d): two more roundings on |W + d|: gamma(4).
+    assert ((base.weight - W0).abs() <= gamma(4 if dora else 2) * (W0.abs() + (W0 + d).abs())).all()
+
+
+def test_safe_merge_refuses_non_finite_weights_and_changes_nothing():
+    holder = single(nn.Linear(8, 8))
+    with torch.no_grad():
+        holder[0].lora_B["default"].weight[0, 0] = float("inf")
+    W0 = holder[0].base.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        merge(holder)
+    assert torch.equal(holder[0].base.weight, W0) and holder[0].merged == ()
+
+
+def test_merge_is_not_a_side_effect_of_eval():
+    holder = single(nn.Linear(8, 8))
+    W0 = holder[0].base.weight.detach().clone()
+    holder.eval()
+    holder.train()
+    assert torch.equal(holder[0].base.weight, W0) and holder[0].merged == ()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_frozen_weights_do_not_move_after_an_optimizer_step(dora):
+    model = models.llama()
+    inject(model, LoraConfig(r=4, targets=["q_proj", "v_proj", "embed_tokens"] if not dora else ["q_proj", "v_proj"],
+                             dora=dora))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(2):  # two steps: the first moves only B (A gets no gradient while B = 0)
+        model(input_ids=models.ids(), labels=models.ids()).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert all(not torch.equal(params[n], v) for n, v in trainable.items())
+
+
+def test_eject_restores_the_state_dict_exactly_same_objects():
+    model = models.gpt2()
+    before = model.state_dict(keep_vars=True)
+    modules_before = dict(model.named_modules())
+    inject(model, LoraConfig(r=4, targets=["c_attn", "wte"]))
+    models.randomize_adapters(model)
+    model(input_ids=models.ids()).logits.sum().backward()
+    eject(model)
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(before)
+    assert all(after[k] is before[k] for k in before)  # the very same Parameter objects, values untouched
+    assert all(m is modules_before[n] for n, m in model.named_modules())
+
+
+def test_eject_keep_merged_leaves_a_plain_fine_tuned_model():
+    torch.manual_seed(0)
+    mlp = models.mlp()
+    inject(mlp, LoraConfig(r=4, targets="all-linear"))
+    models.randomize_adapters(mlp)
+    x = torch.randn(5, 16)
+    y = mlp(x)
+    merge(mlp)
+    eject(mlp, keep_merged=True)
+    assert all(type(m) in (nn.Sequential, nn.Linear, nn.GELU) for m in mlp.modules())
+    torch.testing.assert_close(mlp(x), y)  # rounding only: exact bounds are per layer, above
+
+
+def test_a_frozen_4bit_base_takes_the_same_lora_and_dora_code():
+    torch.manual_seed(0)
+    base = NF4Linear(torch.randn(24, 64))
+    for dora in (False, True):
+        holder = single(copy.deepcopy(base), dora=dora)
+        layer = holder[0]
+        assert isinstance(layer, LoraLinear)
+        x = torch.randn(3, 64)
+        A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+        expected = F.linear(x, base.dequantize(), base.bias) + (x @ A.T @ B.T) * s if not dora else None
+        out = holder(x)
+        if expected is not None:
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the very ops of the layer: exact
+        out.sum().backward()
+        assert A.grad is not None and B.grad is not None
+        with pytest.raises(TypeError, match="4-bit"):
+            merge(holder)
