@@ -1,0 +1,145 @@
+"""LoRA training-step and merged-inference speed on this machine: lowrank against PEFT on
+the same model with the same weights, in one run.
+
+    python benchmarks/bench_tuners.py            # a small Llama (hidden 256, 4 layers), batch 4 x 128
+    python benchmarks/bench_tuners.py --quick    # tiny shapes, a smoke run
+
+Rows (median and 20/80 quantiles in ms):
+    train_step        forward + backward + AdamW step of LoRA (r=16, every linear but the head);
+                      providers lowrank, peft; ratio = lowrank / peft (goal <= 1)
+    merged_inference  forward under no_grad after lowrank.merge, against the plain base model;
+                      ratio = merged / base (goal <= 1.02)
+Measurements of the two providers alternate call by call, so a shared machine's drift hits both.
+Prints a markdown table; writes JSON rows with the machine, versions and date to
+benchmarks/results/tuners.json (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lowrank.config import LoraConfig  # noqa: E402
+from lowrank.inject import inject, merge  # noqa: E402
+
+FULL = dict(hidden=256, layers=4, batch=4, seq=128, reps=15)
+QUICK = dict(hidden=64, layers=2, batch=2, seq=16, reps=3)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama(hidden: int, layers: int) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                                   num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 2),
+                                   num_key_value_heads=max(hidden // 64, 2), max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def quantiles(times_s: list[float]) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile in ms."""
+    ms = sorted(t * 1e3 for t in times_s)
+    q = statistics.quantiles(ms, n=5, method="inclusive") if len(ms) > 1 else [ms[0]] * 4
+    return statistics.median(ms), q[0], q[3]
+
+
+def alternate(fns: dict, reps: int) -> dict[str, tuple[float, float, float]]:
+    """Time each fn `reps` times, taking turns; one warm-up call each first."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: quantiles(t) for name, t in times.items()}
+
+
+def train_step(model, ids):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def environment() -> dict:
+    import peft
+    import transformers
+
+    return {"device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "peft": peft.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tuners.json")
+    args = parser.parse_args(argv)
+    import peft
+
+    shape = QUICK if args.quick else FULL
+    base = llama(shape["hidden"], shape["layers"]).train()
+    ids = torch.randint(0, 1024, (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0))
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    inject(ours, LoraConfig(r=16, alpha=32, targets=TARGETS))
+    peft.inject_adapter_in_model(peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS), theirs)
+    for name, p in theirs.named_parameters():  # PEFT leaves the rest trainable when injected directly
+        p.requires_grad_("lora_" in name)
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():  # the same adapter weights in both
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                theirs_params[name.replace(".base.", ".base_layer.")].copy_(p)
+
+    rows = []
+    shape_name = f"llama h{shape['hidden']} L{shape['layers']} b{shape['batch']}x{shape['seq']}"
+    step = alternate({"lowrank": train_step(ours, ids), "peft": train_step(theirs, ids)}, shape["reps"])
+    for provider, (ms, p20, p80) in step.items():
+        rows.append({"case": "train_step", "shape": shape_name, "provider": provider, "ms": ms, "p20_ms": p20,
+                     "p80_ms": p80, "ratio": ms / step["peft"][0], "ratio_vs": "peft"})
+
+    merge(ours)
+    ours.eval(), base.eval()
+
+    def infer(model):
+        def run():
+            with torch.no_grad():
+                model(input_ids=ids)
+        return run
+
+    inf = alternate({"lowrank-merged": infer(ours), "base": infer(base)}, 2 * shape["reps"])
+    for provider, (ms, p20, p80) in inf.items():
+        rows.append({"case": "merged_inference", "shape": shape_name, "provider": provider, "ms": ms, "p20_ms": p20,
+                     "p80_ms": p80, "ratio": ms / inf["base"][0], "ratio_vs": "base"})
+
+    cols = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "ratio_vs"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps([{**r, **environment()} for r in rows], indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
