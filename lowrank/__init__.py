@@ -4,9 +4,45 @@ Public API only; each name lives in the module that defines it.
 """
 
 from . import ops  # defines the lowrank:: ops and registers the backends that can run here
+from .config import AdapterConfig, LoraConfig
+from .inject import (
+    Summary,
+    active_adapters,
+    adapter_names,
+    disabled,
+    eject,
+    inject,
+    mark_trainable,
+    merge,
+    per_sample,
+    set_active,
+    summary,
+    unmerge,
+)
 from .ops import nf4_dequantize, nf4_linear
 from .quant import NF4Weight, nf4
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["NF4Weight", "nf4", "nf4_dequantize", "nf4_linear", "ops", "__version__"]
+__all__ = [
+    "AdapterConfig",
+    "LoraConfig",
+    "NF4Weight",
+    "Summary",
+    "__version__",
+    "active_adapters",
+    "adapter_names",
+    "disabled",
+    "eject",
+    "inject",
+    "mark_trainable",
+    "merge",
+    "nf4",
+    "nf4_dequantize",
+    "nf4_linear",
+    "ops",
+    "per_sample",
+    "set_active",
+    "summary",
+    "unmerge",
+]
