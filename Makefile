@@ -13,9 +13,16 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+# nvcc for the compile check of csrc/*.cu (no GPU needed): from PATH, else CUDA's default place.
+NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
+CU_SOURCES := $(wildcard csrc/*.cu)
+CU_ARCHS := sm_80 sm_90a
+CU_OBJECTS := $(foreach a,$(CU_ARCHS),$(patsubst csrc/%.cu,build/cuda-objects/%.$(a).o,$(CU_SOURCES)))
 
-$(STAMP): setup.py Makefile
+.PHONY: demo test bench clean cuda-objects
+
+# The package, with lowrank._C built in place (an editable install); csrc/ changes rebuild it.
+$(STAMP): setup.py Makefile $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH)
@@ -25,8 +32,25 @@ $(STAMP): setup.py Makefile
 demo: $(STAMP)
 	$(PY) benchmarks/bench_nf4_codec.py
 
-test: $(STAMP)
+test: $(STAMP) cuda-objects
 	$(PY) -m pytest
+
+# Every csrc/*.cu must compile to an object file for sm_80 and sm_90a (the kernels and their
+# launchers include no torch header, so no CUDA torch is needed). Without nvcc: a loud skip.
+ifeq ($(NVCC),)
+cuda-objects:
+	@echo "!!! cuda-objects: nvcc not found (PATH, /usr/local/cuda/bin): csrc/*.cu NOT compile-checked !!!"
+else
+cuda-objects: $(CU_OBJECTS)
+
+build/cuda-objects/%.sm_80.o: csrc/%.cu $(wildcard csrc/*.h)
+	@mkdir -p $(@D)
+	$(NVCC) -std=c++17 -O3 -gencode=arch=compute_80,code=sm_80 -c $< -o $@
+
+build/cuda-objects/%.sm_90a.o: csrc/%.cu $(wildcard csrc/*.h)
+	@mkdir -p $(@D)
+	$(NVCC) -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -c $< -o $@
+endif
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

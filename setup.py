@@ -23,7 +23,7 @@ CUDA_SOURCES = ["bindings_cuda.cpp", "nf4_cuda_dequantize.cu", "nf4_cuda_gemv.cu
 # pragmas and at run time by CPU detection (csrc/nf4_cpu.cpp), never by -march.
 # -fopenmp: at::parallel_for (csrc/bindings.cpp) is OpenMP code in torch's headers, serial without
 # it; the library it links, libgomp.so.1, is the one torch has already loaded.
-CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 # sm_80 (A100) and sm_90a (H100/H200); TORCH_CUDA_ARCH_LIST is not consulted, these are the two we test.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]

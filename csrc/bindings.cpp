@@ -57,8 +57,10 @@ OutType out_type(at::ScalarType dtype) {
     case at::kFloat: return OutType::kFloat32;
     case at::kHalf: return OutType::kFloat16;
     case at::kBFloat16: return OutType::kBFloat16;
-    default: TORCH_CHECK(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
+    default: break;
   }
+  TORCH_CHECK_VALUE(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
+  return OutType::kFloat32;  // not reached
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -114,7 +116,8 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
 bool set_cpu_isa(const std::string& name) {
   for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512})
     if (name == isa_name(isa)) return set_isa(isa);
-  TORCH_CHECK(false, "cpu isa must be one of scalar, avx2, avx512; got '", name, "'");
+  TORCH_CHECK_VALUE(false, "cpu isa must be one of scalar, avx2, avx512; got '", name, "'");
+  return false;  // not reached
 }
 
 }  // namespace
@@ -126,11 +129,9 @@ void register_cuda(pybind11::module& m);  // bindings_cuda.cpp
 }  // namespace lowrank
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
   m.doc() = "lowrank's C++/CUDA NF4 kernels; lowrank/ops/csrc.py registers them as the 'csrc' backend";
-  const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("nf4_dequantize_cpu", &lowrank::dequantize_op, no_gil);
-  m.def("nf4_linear_cpu", &lowrank::linear_op, no_gil);
+  m.def("nf4_dequantize_cpu", &lowrank::dequantize_op);
+  m.def("nf4_linear_cpu", &lowrank::linear_op);
   m.def("cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::current_isa())); });
   m.def("best_cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::best_isa())); });
   m.def("set_cpu_isa", &lowrank::set_cpu_isa, "use this instruction set (at most the best one); false if the CPU lacks it");

@@ -23,8 +23,10 @@ CudaType cuda_type(at::ScalarType dtype) {
     case at::kFloat: return CudaType::kFloat32;
     case at::kHalf: return CudaType::kFloat16;
     case at::kBFloat16: return CudaType::kBFloat16;
-    default: TORCH_CHECK(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
+    default: break;
   }
+  TORCH_CHECK_VALUE(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
+  return CudaType::kFloat32;  // not reached
 }
 
 void check(cudaError_t err, const char* what) {
@@ -78,10 +80,8 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
 }  // namespace
 
 void register_cuda(pybind11::module& m) {
-  namespace py = pybind11;
-  const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("nf4_dequantize_cuda", &dequantize_cuda_op, no_gil);
-  m.def("nf4_linear_cuda", &linear_cuda_op, no_gil);
+  m.def("nf4_dequantize_cuda", &dequantize_cuda_op);
+  m.def("nf4_linear_cuda", &linear_cuda_op);
 }
 
 }  // namespace lowrank

@@ -82,7 +82,7 @@ if _C is not None:
         try:
             if not _C.set_cpu_isa(isa):
                 log.warning("lowrank: LOWRANK_CPU_ISA=%s but this CPU has at most %s; using that", isa, _C.best_cpu_isa())
-        except RuntimeError as e:
+        except ValueError as e:
             log.warning("lowrank: ignoring LOWRANK_CPU_ISA: %s", e)
     for _op, _fn in (
         ("nf4_dequantize", nf4_dequantize),

@@ -129,5 +129,5 @@ def test_errors_say_what_was_seen():
         _C.nf4_linear_cpu(torch.randn(17, 64), *fields(q), None)
     with pytest.raises(RuntimeError, match="absmax must be 48 contiguous"):
         _C.nf4_dequantize_cpu(q.packed, q.absmax[:-1], q.nested_absmax, q.offset, [24, 64], 32, torch.float32)
-    with pytest.raises(RuntimeError, match="cpu isa must be one of"):
+    with pytest.raises(ValueError, match="cpu isa must be one of"):
         _C.set_cpu_isa("sse9")
