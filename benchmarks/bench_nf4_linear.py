@@ -168,6 +168,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes; the only mode that runs without CUDA")
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "nf4_linear.json", help="JSON rows; .md and .png beside it")
+    parser.add_argument("--shapes", help="N x K list instead of the Llama shapes, e.g. 4096x4096,1024x4096")
+    parser.add_argument("--ms", help="M list instead of 1,16,64,256,4096, e.g. 1,16,4096")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cuda = torch.cuda.is_available()
@@ -177,7 +179,12 @@ def main(argv=None) -> int:
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before lowrank imports triton: the Triton kernels run in the interpreter
     device = torch.device("cuda" if cuda else "cpu")
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.shapes:
+        cfg["shapes"] = [tuple(int(v) for v in nk.split("x")) for nk in args.shapes.split(",")]
+    if args.ms:
+        cfg["ms"] = [int(m) for m in args.ms.split(",")]
+        cfg["grad_m"] = max(cfg["ms"])
     env = _common.environment(device)
     if not cuda:
         env["device"] += " (CPU; Triton kernels in the interpreter: timings only smoke-test the path)"
