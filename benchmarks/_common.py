@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import pathlib
 import platform
 import statistics
@@ -33,8 +34,25 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False) -
         start = time.perf_counter()
         fn()
         times.append(1e3 * (time.perf_counter() - start))
-    q = statistics.quantiles(times, n=10, method="inclusive")  # deciles: q[1] = 20%, q[7] = 80%
-    return statistics.median(times), q[1], q[7]
+    return summarize(times)
+
+
+def summarize(times_ms: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of a list of times."""
+    if len(times_ms) == 1:
+        return times_ms[0], times_ms[0], times_ms[0]
+    q = statistics.quantiles(times_ms, n=10, method="inclusive")  # deciles: q[1] = 20%, q[7] = 80%
+    return statistics.median(times_ms), q[1], q[7]
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def environment(device: torch.device) -> dict:
@@ -46,15 +64,10 @@ def environment(device: torch.device) -> dict:
         except ImportError:
             return None
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "bitsandbytes": version("bitsandbytes"),
-        "torchao": version("torchao"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    env = {"device": name, "python": platform.python_version(), "torch": torch.__version__}
+    env |= {m: version(m) for m in ("triton", "bitsandbytes", "torchao", "peft", "transformers")}
+    return env | {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -69,9 +82,12 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
 def write(path: pathlib.Path, rows: list[dict], env: dict, table: str) -> None:
     """path (JSON: env + rows) and the same name with .md (the table under a header)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     header = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None)
-    path.with_suffix(".md").write_text(f"# {path.stem}\n\n{header}\n\n{table}\n")
+    for target, text in ((path, json.dumps({"env": env, "rows": rows}, indent=1)),
+                         (path.with_suffix(".md"), f"# {path.stem}\n\n{header}\n\n{table}\n")):  # fmt: skip
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(target)  # atomic: a reader never sees half a file
 
 
 def matplotlib_pyplot():

@@ -11,18 +11,13 @@ Rows (median and 20/80 quantiles in ms):
                       ratio = merged / base (goal <= 1.02)
 Measurements of the two providers alternate call by call, so a shared machine's drift hits both.
 Prints a markdown table; writes JSON rows with the machine, versions and date to
-benchmarks/results/tuners.json (git-ignored).
+benchmarks/results/tuners.json (+ .md, git-ignored).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
 
 from lowrank.config import LoraConfig  # noqa: E402
 from lowrank.inject import inject, merge  # noqa: E402
@@ -49,13 +46,6 @@ def llama(hidden: int, layers: int) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg)
 
 
-def quantiles(times_s: list[float]) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile in ms."""
-    ms = sorted(t * 1e3 for t in times_s)
-    q = statistics.quantiles(ms, n=5, method="inclusive") if len(ms) > 1 else [ms[0]] * 4
-    return statistics.median(ms), q[0], q[3]
-
-
 def alternate(fns: dict, reps: int) -> dict[str, tuple[float, float, float]]:
     """Time each fn `reps` times, taking turns; one warm-up call each first."""
     times = {name: [] for name in fns}
@@ -66,7 +56,7 @@ def alternate(fns: dict, reps: int) -> dict[str, tuple[float, float, float]]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: quantiles(t) for name, t in times.items()}
+    return {name: _common.summarize([1e3 * t for t in ts]) for name, ts in times.items()}
 
 
 def train_step(model, ids):
@@ -78,16 +68,6 @@ def train_step(model, ids):
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def environment() -> dict:
-    import peft
-    import transformers
-
-    return {"device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "peft": peft.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -133,11 +113,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "p80_ms": p80, "ratio": ms / inf["base"][0], "ratio_vs": "base"})
 
     cols = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "ratio_vs"]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps([{**r, **environment()} for r in rows], indent=1))
+    table = _common.markdown(rows, cols)
+    env = _common.environment(torch.device("cpu"))
+    _common.write(args.out, rows, env, table)
+    print(f"{env}\n\n{table}\n\nwrote {args.out} (+ .md)")
     return rows
 
 

@@ -13,8 +13,9 @@ def test_quick_run_writes_rows(tmp_path, capsys):
     out = tmp_path / "codec.json"
     rows = bench_nf4_codec.main(["--quick", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert len(saved) == len(rows) and {r["op"] for r in saved} == {"quantize", "dequantize"}
-    assert {"lowrank", "bitsandbytes"} <= {r["provider"] for r in saved}
-    assert all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in saved)
-    assert all(r["speedup_vs_bitsandbytes"] for r in saved)
-    assert "| quantize |" in capsys.readouterr().out
+    assert saved["rows"] == rows and saved["env"]["torch"]
+    assert {r["op"] for r in rows} == {"quantize", "dequantize"}
+    assert {"lowrank", "bitsandbytes"} <= {r["provider"] for r in rows}
+    assert all(r["ms"] > 0 and r["p20"] <= r["ms"] <= r["p80"] for r in rows)
+    assert all(r["speedup"] for r in rows)
+    assert "| quantize |" in capsys.readouterr().out and out.with_suffix(".md").exists()
