@@ -23,8 +23,12 @@ log = logging.getLogger("lowrank")
 BACKENDS = ("triton", "csrc", "reference")
 
 # device type -> backends in order of preference; the first one that implements the op wins.
+# Note: csrc before triton on CUDA. On the H200 (docs/benchmarks.md, 2026-11-27) the CUDA
+# kernels beat the Triton ones on every op measured: dequantize 0.028 vs 0.055 ms, M = 1
+# 0.016 vs 0.124 ms, M = 16 0.11 vs 0.19 ms, and for large M csrc's dequantize + cuBLAS
+# against a fused Triton matmul 20x slower than bf16. Triton runs where csrc is not built.
 PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "csrc", "reference"),
+    "cuda": ("csrc", "triton", "reference"),
     "cpu": ("csrc", "reference"),
 }
 _DEFAULT_PREFERENCE = ("reference",)  # any other device (mps, xpu, meta, ...)

@@ -123,8 +123,8 @@ def test_backend_table_and_override(monkeypatch):
     monkeypatch.delenv("LOWRANK_BACKEND", raising=False)
     assert backends.choose("nf4_linear", torch.device("cpu"))[0] in ("csrc", "reference")
     assert backends.choose("nf4_linear", torch.device("meta"))[0] == "reference"
-    if "triton" in backends.available("nf4_linear"):
-        assert backends.choose("nf4_linear", torch.device("cuda"))[0] == "triton"  # the table prefers triton on CUDA
+    on_cuda = backends.choose("nf4_linear", torch.device("cuda"))[0]
+    assert on_cuda == next(b for b in backends.PREFERENCE["cuda"] if b in backends.available("nf4_linear"))
     monkeypatch.setenv("LOWRANK_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="LOWRANK_BACKEND must be one of"):
         backends.choose("nf4_linear", torch.device("cpu"))

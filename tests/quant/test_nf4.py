@@ -173,3 +173,14 @@ def test_not_a_tensor():
 def test_dequantize_to_unsupported_dtype():
     with pytest.raises(TypeError, match="dtype must be one of"):
         nf4.dequantize(nf4.quantize(torch.randn(64)), torch.int8)
+
+
+@pytest.mark.parametrize("chunk", [4096, 2**30])  # See Note: chunks: many chunks, or one (as on a GPU)
+def test_chunking_does_not_change_results(monkeypatch, chunk):
+    w = torch.randn(3, 2**18 // 3 + 1001, dtype=torch.bfloat16)  # more than one CPU chunk, odd numel
+    q = nf4.quantize(w, 64)
+    dense = nf4.dequantize(q)
+    monkeypatch.setattr(nf4, "_CPU_CHUNK", chunk)
+    q2 = nf4.quantize(w, 64)
+    assert torch.equal(q2.packed, q.packed) and torch.equal(q2.absmax, q.absmax)
+    assert torch.equal(nf4.dequantize(q2), dense)
