@@ -17,4 +17,6 @@ BLOCKS = [
 
 @pytest.mark.parametrize("code", BLOCKS)
 def test_example_runs(code, capsys):
-    exec(compile(code, "<doc example>", "exec"), {})
+    namespace: dict = {}
+    exec(compile(code, "<doc example>", "exec"), namespace)  # an example that raises fails here
+    assert set(namespace) - {"__builtins__"}, "an example should at least import what it shows"
