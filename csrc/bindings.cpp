@@ -7,8 +7,15 @@
 // Same arguments, in the same order, as the lowrank:: ops (lowrank/ops/library.py); lowrank/ops/csrc.py
 // registers these functions as the "csrc" backend of those ops and sends anything they do not
 // cover to the reference. The CUDA functions live in bindings_cuda.cpp.
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include <cstdlib>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "nf4_cpu.h"
 
@@ -67,6 +74,45 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU for lowrank._C's CPU kernels, got ", t.device());
 }
 
+// Note: huge pages for the output. A fresh 32 MiB tensor is untouched memory (glibc maps it
+// anew for each allocation); writing it first costs one page fault per 4 KiB page: ~8 ms for
+// 4096 x 4096 bf16 on the 2-core EPYC of docs/csrc.md, against ~0.7 ms for the kernel itself.
+// Outputs of 4 MiB and more therefore come from this allocator: 2 MiB-aligned memory marked
+// MADV_HUGEPAGE (effective where /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or
+// "always"), one fault per 2 MiB. The tensor is an ordinary one (storage offset 0, resizable,
+// freed with free()); where the kernel refuses the advice nothing changes but the alignment.
+struct HugePageAllocator final : c10::Allocator {
+  static constexpr size_t kHuge = size_t{1} << 21;
+  static void release(void* p) { std::free(p); }
+  c10::DataPtr allocate(size_t n) override {
+    void* p = nullptr;
+    if (n > 0 && posix_memalign(&p, kHuge, n) != 0) TORCH_CHECK(false, "out of memory allocating ", n, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (n >= kHuge) (void)madvise(p, n & ~(kHuge - 1), MADV_HUGEPAGE);
+#endif
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
+};
+
+at::Tensor empty_output(at::IntArrayRef shape, at::ScalarType dtype) {
+  static HugePageAllocator allocator;
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  if (numel * static_cast<int64_t>(c10::elementSize(dtype)) < (int64_t{4} << 20)) return at::empty(shape, at::dtype(dtype));
+  return at::detail::empty_generic(shape, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
+}
+
+// Each thread takes one contiguous range of blocks (at::parallel_for splits [0, blocks) into
+// one chunk a thread), so each writes, and first touches, its own pages.
+void dequantize_into(const NF4View& w, OutType type, const at::Tensor& out) {
+  const int64_t blocks = (w.numel + w.blocksize - 1) / w.blocksize;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / w.blocksize);  // about 64k elements a task
+  void* ptr = out.data_ptr();
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { nf4_dequantize_cpu(w, type, ptr, b0, b1); });
+}
+
 at::Tensor dequantize_op(const at::Tensor& packed, const at::Tensor& absmax,
                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                               at::IntArrayRef shape, int64_t blocksize, at::ScalarType dtype) {
@@ -74,11 +120,21 @@ at::Tensor dequantize_op(const at::Tensor& packed, const at::Tensor& absmax,
   check_cpu(absmax, "absmax");
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
   const OutType type = out_type(dtype);
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  const int64_t blocks = (w.numel + blocksize - 1) / blocksize;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / blocksize);  // about 64k elements a task
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { nf4_dequantize_cpu(w, type, out.data_ptr(), b0, b1); });
+  at::Tensor out = empty_output(shape, dtype);  // See Note: huge pages for the output
+  dequantize_into(w, type, out);
   return out;
+}
+
+// The kernel alone, into a tensor the caller made (benchmarks: the time without page faults).
+void dequantize_into_op(const at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+                        const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                        at::IntArrayRef shape, int64_t blocksize) {
+  check_cpu(packed, "packed");
+  check_cpu(absmax, "absmax");
+  check_cpu(out, "out");
+  const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
+  TORCH_CHECK(out.is_contiguous() && out.numel() == w.numel, "out must be contiguous with ", w.numel, " elements");
+  dequantize_into(w, out_type(out.scalar_type()), out);
 }
 
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -132,6 +188,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowrank's C++/CUDA NF4 kernels; lowrank/ops/csrc.py registers them as the 'csrc' backend";
   m.def("nf4_dequantize_cpu", &lowrank::dequantize_op);
   m.def("nf4_linear_cpu", &lowrank::linear_op);
+  m.def("nf4_dequantize_cpu_into", &lowrank::dequantize_into_op, "the dequantize kernel into out (benchmarks)");
   m.def("cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::current_isa())); });
   m.def("best_cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::best_isa())); });
   m.def("set_cpu_isa", &lowrank::set_cpu_isa, "use this instruction set (at most the best one); false if the CPU lacks it");

@@ -57,6 +57,21 @@ def test_dequantize_is_bit_exact(isa, shape, blocksize, double_quant):
         assert torch.equal(bits(ours), bits(nf4.dequantize(q, dtype))), f"{isa} {shape} {blocksize} {dtype}"
 
 
+def test_dequantize_large_outputs_are_ordinary_tensors():
+    """Outputs of 4 MiB and more come from the huge-page allocator (csrc/bindings.cpp, Note: huge
+    pages for the output): still bit-exact, and a tensor like any other (offset 0, resizable)."""
+    q = weight((1024, 2048), 64, True)
+    for dtype in DTYPES:  # 8 MiB float32, 4 MiB float16 / bfloat16
+        ours = _C.nf4_dequantize_cpu(*fields(q), dtype)
+        assert ours.storage_offset() == 0 and ours.data_ptr() % (1 << 21) == 0
+        assert torch.equal(bits(ours), bits(nf4.dequantize(q, dtype)))
+        into = torch.empty_like(ours)
+        _C.nf4_dequantize_cpu_into(into, *fields(q))
+        assert torch.equal(bits(into), bits(ours))
+        ours.resize_(3000, 2048)  # the storage grows through the same allocator
+        assert torch.equal(bits(ours[:1024]), bits(nf4.dequantize(q, dtype)))
+
+
 def test_dequantize_every_scale_code_and_byte(isa):
     """All 256 codes of the dynamic map (csrc/nf4_common.h holds them as hex literals) and all
     256 packed bytes, with nested scales and an offset that make the two roundings matter."""
