@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cstdlib>
 
 #ifdef __linux__
@@ -151,28 +152,46 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const OutType wtype = out_type(x.scalar_type());  // W is dequantized in x's dtype, as the reference does
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
 
-  const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();  // [M, K] float32, exact
-  at::Tensor xd = at::empty({M, K}, xf.options());
-  nf4_gemv_pack_x(xf.data_ptr<float>(), M, K, xd.data_ptr<float>());
   at::Tensor bf;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N, "bias must hold N = ", N, " values, got ", bias->sizes());
     bf = bias->to(at::kFloat).contiguous();
   }
-  at::Tensor y = at::empty({M, N}, xf.options());  // [M, N] float32
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));  // [M, N] float32
   const float* bias_ptr = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    nf4_gemv_cpu(w, wtype, N, K, xd.data_ptr<float>(), M, bias_ptr, y.data_ptr<float>(), n0, n1);
-  });
+  float* y_ptr = y.data_ptr<float>();
+  bool done = false;
+  if (wtype == OutType::kBFloat16 && nf4_gemv_bf16_covers(w)) {  // vdpbf16ps (csrc/nf4_cpu_avx512.cpp)
+    const at::Tensor xc = x.reshape({M, K}).contiguous();
+    at::Tensor xb = at::empty({M, K}, xc.options());
+    const auto* x_bits = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    auto* xb_bits = reinterpret_cast<uint16_t*>(xb.data_ptr<at::BFloat16>());
+    const float scale_min = nf4_gemv_pack_x_bf16(x_bits, M, K, xb_bits);
+    if (scale_min >= 0.0f) {
+      std::atomic<bool> ok{true};
+      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        if (!nf4_gemv_bf16_cpu(w, N, K, xb_bits, M, bias_ptr, y_ptr, n0, n1, scale_min)) ok = false;
+      });
+      done = ok;
+    }
+  }
+  if (!done) {
+    const at::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();  // [M, K] float32, exact
+    at::Tensor xd = at::empty({M, K}, xf.options());
+    nf4_gemv_pack_x(xf.data_ptr<float>(), M, K, xd.data_ptr<float>());
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      nf4_gemv_cpu(w, wtype, N, K, xd.data_ptr<float>(), M, bias_ptr, y_ptr, n0, n1);
+    });
+  }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(N);
   return y.to(x.scalar_type()).reshape(out_shape);  // one rounding to x.dtype (nearest even)
 }
 
 bool set_cpu_isa(const std::string& name) {
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512})
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16})
     if (name == isa_name(isa)) return set_isa(isa);
-  TORCH_CHECK_VALUE(false, "cpu isa must be one of scalar, avx2, avx512; got '", name, "'");
+  TORCH_CHECK_VALUE(false, "cpu isa must be one of scalar, avx2, avx512, avx512bf16; got '", name, "'");
   return false;  // not reached
 }
 

@@ -110,7 +110,7 @@ Isa detect() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   if (avx2) return Isa::kAvx2;
 #endif
   return Isa::kScalar;
@@ -132,6 +132,7 @@ bool set_isa(Isa isa) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
@@ -144,7 +145,7 @@ void nf4_dequantize_cpu(const NF4View& w, OutType type, void* out, int64_t b0, i
   int64_t vec_end = b0;
   if (isa != Isa::kScalar && w.blocksize % 32 == 0) vec_end = std::max(b0, std::min(b1, w.numel / w.blocksize));
 #if defined(__x86_64__) || defined(_M_X64)
-  if (vec_end > b0 && isa == Isa::kAvx512) avx512::dequantize(w, type, out, b0, vec_end);
+  if (vec_end > b0 && isa >= Isa::kAvx512) avx512::dequantize(w, type, out, b0, vec_end);
   if (vec_end > b0 && isa == Isa::kAvx2) avx2::dequantize(w, type, out, b0, vec_end);
 #endif
   for (int64_t b = vec_end; b < b1; ++b) dequantize_block(w, type, out, b);
@@ -160,12 +161,40 @@ void nf4_gemv_cpu(const NF4View& w, OutType wtype, int64_t N, int64_t K, const f
   const Isa isa = current_isa();
   const bool vectorizable = w.blocksize % 32 == 0;  // K % blocksize == 0 is the caller's contract
 #if defined(__x86_64__) || defined(_M_X64)
-  if (vectorizable && isa == Isa::kAvx512) return avx512::gemv(w, wtype, N, K, xd, M, bias, y, n0, n1);
+  if (vectorizable && isa >= Isa::kAvx512) return avx512::gemv(w, wtype, N, K, xd, M, bias, y, n0, n1);
   if (vectorizable && isa == Isa::kAvx2) return avx2::gemv(w, wtype, N, K, xd, M, bias, y, n0, n1);
 #endif
   (void)vectorizable;
   (void)isa;
   gemv_scalar(w, wtype, N, K, xd, M, bias, y, n0, n1);
+}
+
+bool nf4_gemv_bf16_covers(const NF4View& w) { return current_isa() == Isa::kAvx512Bf16 && w.blocksize % 64 == 0; }
+
+float nf4_gemv_pack_x_bf16(const uint16_t* x, int64_t M, int64_t K, uint16_t* xb) {
+  uint16_t smallest = 0x7F80;  // |x| bits: the least nonzero one (inf when x is all zeros)
+  bool subnormal = false;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const uint16_t v = x[m * K + k], a = v & 0x7FFF;
+      const int64_t r = k % 64;  // 32 even elements of the group, then its 32 odd ones
+      xb[m * K + k - r + (r % 2 == 0 ? r / 2 : 32 + r / 2)] = v;
+      if (a != 0 && a < smallest) smallest = a;
+      subnormal |= a != 0 && a < 0x0080;
+    }
+  if (subnormal) return -1.0f;
+  // See Note: subnormals (nf4_cpu_avx512bf16.cpp): scale_min = 2^-126 / (0.09 * min(1, xmin)).
+  const float xmin = std::min(1.0f, float_of(static_cast<uint32_t>(smallest) << 16));
+  return 0x1p-126f / (0.09f * xmin);
+}
+
+bool nf4_gemv_bf16_cpu(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias, float* y,
+                       int64_t n0, int64_t n1, float scale_min) {
+#if defined(__x86_64__) || defined(_M_X64)
+  return avx512bf16::gemv(w, N, K, xb, M, bias, y, n0, n1, scale_min);
+#else
+  return false;
+#endif
 }
 
 }  // namespace lowrank

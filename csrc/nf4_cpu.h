@@ -19,7 +19,9 @@
 namespace lowrank {
 
 enum class OutType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Bf16: AVX-512 plus AVX512_BF16, used by the GEMV of bf16 x (nf4_cpu_avx512bf16.cpp);
+// everything else runs the kAvx512 kernels there.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 // x is laid out for the gemv in groups of 32 elements along K: the 16 even-indexed elements of
 // the group, then the 16 odd-indexed ones (the high and the low nibbles of 16 packed bytes), so
@@ -43,6 +45,17 @@ void nf4_gemv_pack_x(const float* x, int64_t M, int64_t K, float* xd);
 void nf4_gemv_cpu(const NF4View& w, OutType wtype, int64_t N, int64_t K, const float* xd, int64_t M, const float* bias,
                   float* y, int64_t n0, int64_t n1);
 
+// The GEMV of bf16 x on AVX512_BF16 (vdpbf16ps, nf4_cpu_avx512bf16.cpp), when
+// nf4_gemv_bf16_covers(w): x regrouped per 64 elements (32 even, then 32 odd ones) as bf16 bits
+// by nf4_gemv_pack_x_bf16, which returns the smallest nonzero |scale| the kernel may take
+// exactly, or a negative number when x holds a subnormal (then use nf4_gemv_cpu). The kernel
+// returns false when a scale is below that bound (See Note: subnormals in that file); its y is
+// then not complete and the caller runs nf4_gemv_cpu.
+bool nf4_gemv_bf16_covers(const NF4View& w);
+float nf4_gemv_pack_x_bf16(const uint16_t* x, int64_t M, int64_t K, uint16_t* xb);
+bool nf4_gemv_bf16_cpu(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias, float* y,
+                       int64_t n0, int64_t n1, float scale_min);
+
 // The per-instruction-set kernels (nf4_cpu_avx2.cpp, nf4_cpu_avx512.cpp). They see only full
 // blocks of a blocksize that is a multiple of 32; nf4_cpu.cpp hands everything else to C++.
 namespace avx2 {
@@ -55,5 +68,9 @@ void dequantize(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b
 void gemv(const NF4View& w, OutType wtype, int64_t N, int64_t K, const float* xd, int64_t M, const float* bias, float* y,
           int64_t n0, int64_t n1);
 }  // namespace avx512
+namespace avx512bf16 {
+bool gemv(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias, float* y, int64_t n0,
+          int64_t n1, float scale_min);
+}  // namespace avx512bf16
 
 }  // namespace lowrank

@@ -23,18 +23,35 @@
 namespace lowrank::avx512 {
 namespace {
 
+// kDynamic[q] for 16 codes q (0..255) without a gather (a zmm gather took ~5 ns on the EPYC of
+// docs/csrc.md, 40% of the GEMV): vpermt2ps looks up 32 entries at a time, bits 5..7 of q pick
+// which lookup each lane keeps. Pure lookups: the values are the table's bit for bit.
+inline __m512 dynamic16(__m512i q) {
+  const __m512i high = _mm512_srli_epi32(q, 5);
+  __m512 r = _mm512_permutex2var_ps(_mm512_load_ps(kDynamic), q, _mm512_load_ps(kDynamic + 16));
+  for (int h = 1; h < 8; ++h) {
+    const __m512 v = _mm512_permutex2var_ps(_mm512_load_ps(kDynamic + 32 * h), q, _mm512_load_ps(kDynamic + 32 * h + 16));
+    r = _mm512_mask_mov_ps(r, _mm512_cmpeq_epi32_mask(high, _mm512_set1_epi32(h)), v);
+  }
+  return r;
+}
+
 // The scales of the `count` (1..16) blocks from block b, as block_scale computes them: the two
 // float32 roundings of the contract are the separate multiply and add below (-ffp-contract=off).
+// The 16 blocks span at most two nested blocks of 256: two broadcasts and a blend, no gather.
 inline __m512 scales16(const NF4View& w, int64_t b, int64_t count) {
   const __mmask16 mask = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
   if (w.nested == nullptr) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(w.absmax) + b);
-  const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, static_cast<const uint8_t*>(w.absmax) + b));
-  const __m512 code = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, q, kDynamic, 4);
-  const __m512i block = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(b)),
-                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __m512i outer = _mm512_srli_epi32(block, 8);  // b / kNestedBlocksize
-  const __m512 nested = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, outer, w.nested, 4);
-  return _mm512_add_ps(_mm512_mul_ps(code, nested), _mm512_set1_ps(*w.offset));
+  const __m512 code = dynamic16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, static_cast<const uint8_t*>(w.absmax) + b)));
+  const int64_t first = b / kNestedBlocksize, last = (b + (count >= 16 ? 16 : count) - 1) / kNestedBlocksize;
+  __m512 nested = _mm512_set1_ps(w.nested[first]);
+  if (last != first) {  // lanes from block (first + 1) * 256 on
+    const __m512i block = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(b - first * kNestedBlocksize)),
+                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __mmask16 second = _mm512_cmpge_epi32_mask(block, _mm512_set1_epi32(kNestedBlocksize));
+    nested = _mm512_mask_mov_ps(nested, second, _mm512_set1_ps(w.nested[last]));
+  }
+  return _mm512_maskz_mov_ps(mask, _mm512_add_ps(_mm512_mul_ps(code, nested), _mm512_set1_ps(*w.offset)));
 }
 
 // 32 weights of one block, in element order, from 16 packed bytes.
@@ -180,4 +197,136 @@ void gemv(const NF4View& w, OutType wtype, int64_t N, int64_t K, const float* xd
 }
 
 }  // namespace lowrank::avx512
+
+// ---------------------------------------------------------------------------------------------
+// The GEMV of bf16 x with AVX512_BF16 (vdpbf16ps): y[M, N] = x[M, K] @ W[N, K]^T + bias[N] for
+// blocksize % 64 == 0. Compiled for AVX-512 + BF16 (the pragma below), run only when the CPU
+// has AVX512_BF16 too (Isa::kAvx512Bf16, nf4_cpu.cpp). It lives in this file because setup.py
+// lists the sources.
+//
+// Note: decoding to bfloat16. The reference dequantizes W in x's dtype, so with bf16 x the
+// operands are bf16(NF4[c] * scale): per block the 16 products NF4 * scale (float32, as
+// nf4_common.h) are rounded to bf16 once (vcvtneps2bf16, round to nearest even) into the low
+// 16 words of a zmm register, and vpermw turns 32 codes (one per 16-bit word) into 32 finished
+// bf16 weights. 32 packed bytes -> 64 weights: 1 zero-extending load (vpmovzxbw), a shift and a
+// mask (high and low nibbles), 2 vpermw, and per row of x 2 vdpbf16ps (32 products each, summed
+// in pairs into 16 float32 sums). x is regrouped per 64 elements as 32 even then 32 odd
+// elements (nf4_gemv_pack_x_bf16), so the high and low nibbles meet their x without shuffles.
+//
+// Note: subnormals. vdpbf16ps and vcvtneps2bf16 treat subnormal inputs as zero and flush
+// subnormal results (Intel SDM; unlike the FMA path, which follows MXCSR: no flushing). The
+// products are exact and never subnormal when every nonzero |x| >= xmin (a normal number) and
+// every nonzero |scale| >= scale_min = 2^-126 / (0.09 * min(1, xmin)): the smallest nonzero
+// |NF4| is 0.0911 (0.0909 after the bf16 rounding), so the weights and the products are normal.
+// The caller checks x (nf4_gemv_pack_x_bf16); this kernel checks every scale and returns false,
+// having written nothing it would keep, when one is below scale_min, and the caller then runs
+// the FMA path. What remains: a sum of products that cancels to below 2^-126 (1.2e-38) is
+// flushed to zero, an absolute error under 2^-126 in that output.
+//
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
+namespace lowrank::avx512bf16 {
+namespace {
+
+using avx512::scales16;
+
+// Lanes whose scale is nonzero and below scale_min in magnitude (See Note: subnormals).
+inline __mmask16 too_small(__m512 s, float scale_min) {
+  const __m512 a = _mm512_abs_ps(s);
+  return _mm512_cmp_ps_mask(a, _mm512_set1_ps(scale_min), _CMP_LT_OQ) &
+         _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+}
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
+// Note: tiles. NR rows of W at a time times MT rows of x, two sums each (high and low
+// nibbles): with M = 1 four rows of W give 8 independent sums (vdpbf16ps has a latency of
+// several cycles), and the NR codebooks, 2 * NR * MT sums and the decoded weights fit the 32
+// zmm registers for every (MT, NR) below. Sums are indexed by constants only.
+template <int MT, int NR>
+bool gemv_rows(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, const float* bias, float* y, int64_t n0,
+               int64_t n1, float scale_min) {
+  const __m512 nf4 = _mm512_load_ps(kNF4);
+  const __m512i nibble = _mm512_set1_epi16(0x0F);
+  const int64_t nblocks = K / w.blocksize, groups = w.blocksize / 64;  // groups of 64 elements a block
+  for (int64_t n = n0; n + NR <= n1; n += NR) {
+    __m512 acc[NR][MT][2];
+    _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
+      _Pragma("GCC unroll 16") for (int m = 0; m < MT; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
+    // One loop over the 64-element groups of the row (a nested loop over the groups of a block
+    // made GCC keep the sums in memory); a block's codebooks are made at its first group.
+    alignas(64) float scale[NR][16];
+    __m512i table[NR];
+    for (int64_t g = 0, i = -1, next = 0; g < K / 64; ++g) {
+      if (g == next) {  // the first group of block i (a counter: no division in the loop)
+        ++i;
+        next += groups;
+        if (i % 16 == 0) {
+          _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {
+            const __m512 s = scales16(w, (n + r) * nblocks + i, nblocks - i);
+            if (too_small(s, scale_min)) return false;  // See Note: subnormals
+            _mm512_store_ps(scale[r], s);
+          }
+        }
+        _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)  // See Note: decoding to bfloat16 (words 16..31 are never indexed)
+          table[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(
+              _mm512_cvtneps_pbh(_mm512_mul_ps(nf4, _mm512_set1_ps(scale[r][i % 16])))));
+      }
+      const uint16_t* x = xb + 64 * g;
+      _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {  // 32 bytes: 64 elements, one group of x
+        const uint8_t* p = w.packed + (n + r) * (K / 2) + 32 * g;
+        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        const __m512i w_hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table[r]);     // even elements
+        const __m512i w_lo = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, nibble), table[r]);  // odd elements
+        _Pragma("GCC unroll 16") for (int m = 0; m < MT; ++m) {
+          acc[r][m][0] = _mm512_dpbf16_ps(acc[r][m][0], as_bh(w_hi), as_bh(_mm512_loadu_si512(x + m * K)));
+          acc[r][m][1] = _mm512_dpbf16_ps(acc[r][m][1], as_bh(w_lo), as_bh(_mm512_loadu_si512(x + m * K + 32)));
+        }
+      }
+    }
+    _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
+      _Pragma("GCC unroll 16") for (int m = 0; m < MT; ++m) {
+        const float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
+        y[m * N + n + r] = bias ? total + bias[n + r] : total;
+      }
+  }
+  return true;
+}
+
+template <int MT>
+bool gemv_tile(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias, float* y,
+               int64_t n0, int64_t n1, float scale_min) {
+  if constexpr (MT > 1) {
+    if (M < MT) return gemv_tile<MT - 1>(w, N, K, xb, M, bias, y, n0, n1, scale_min);
+  }
+  constexpr int NR = MT == 1 ? 4 : MT == 2 ? 2 : 1;
+  const int64_t whole = n0 + (n1 - n0) / NR * NR;
+  if (!gemv_rows<MT, NR>(w, N, K, xb, bias, y, n0, whole, scale_min)) return false;
+  if constexpr (NR > 1) return gemv_rows<MT, 1>(w, N, K, xb, bias, y, whole, n1, scale_min);
+  return true;
+}
+
+bool gemv_all(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias, float* y,
+              int64_t n0, int64_t n1, float scale_min) {
+  // Rows of x in tiles of 8; a tile after the first decodes the same 16 rows of W again, from L1.
+  for (int64_t r0 = n0; r0 < n1; r0 += 16) {
+    const int64_t r1 = r0 + 16 < n1 ? r0 + 16 : n1;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t mt = M - m0 < 8 ? M - m0 : 8;
+      if (!gemv_tile<8>(w, N, K, xb + m0 * K, mt, bias, y + m0 * N, r0, r1, scale_min)) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+}  // namespace lowrank::avx512bf16
+#pragma GCC pop_options
+
+// Outside the pragma: a function declared in nf4_cpu.h must keep the file's target, or GCC
+// would take the two for versions of one function.
+bool lowrank::avx512bf16::gemv(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias,
+                               float* y, int64_t n0, int64_t n1, float scale_min) {
+  return gemv_all(w, N, K, xb, M, bias, y, n0, n1, scale_min);
+}
 #endif  // x86-64

@@ -1,5 +1,5 @@
 """lowrank._C's CPU kernels against the reference (lowrank/quant/nf4.py), on every instruction
-set this CPU has (scalar, avx2, avx512): dequantize bit for bit, the GEMV exactly where the
+set this CPU has (scalar, avx2, avx512, avx512bf16): dequantize bit for bit, the GEMV exactly where the
 math is exact and within the derived bound of tests/ops/bounds.py elsewhere."""
 
 import functools
@@ -17,7 +17,8 @@ if os.environ.get("LOWRANK_NO_EXT") == "1":
 from lowrank import _C  # noqa: E402  (not built is a failure here, not a skip)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ISAS = [isa for isa in ("scalar", "avx2", "avx512") if ("scalar", "avx2", "avx512").index(isa) <= ("scalar", "avx2", "avx512").index(_C.best_cpu_isa())]
+ALL_ISAS = ("scalar", "avx2", "avx512", "avx512bf16")  # avx512bf16: the vdpbf16ps GEMV of bf16 x
+ISAS = list(ALL_ISAS[: ALL_ISAS.index(_C.best_cpu_isa()) + 1])
 
 
 @pytest.fixture(params=ISAS)
