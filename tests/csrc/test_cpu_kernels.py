@@ -131,6 +131,38 @@ def test_gemv_within_the_derived_bound(isa, m, dtype):
             assert_matmul_close(ours, ref, x, w.T, bias)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 11, 16])
+def test_gemv_of_bf16_x_on_every_tile_and_row_tail(isa, m):
+    """bf16 x with blocksize 64 and 128 is the vdpbf16ps kernel on avx512bf16 (tiles of 1..4 rows
+    of x times 4 rows of W); N = 37 leaves rows of W past the last tile of 4 and of 16."""
+    g = torch.Generator().manual_seed(100 + m)
+    for blocksize in (64, 128):
+        q = weight((37, 512), blocksize, True)
+        w = nf4.dequantize(q, torch.bfloat16)
+        x = torch.randn(m, 512, generator=g).to(torch.bfloat16)
+        assert_matmul_close(_C.nf4_linear_cpu(x, *fields(q), None), torch.nn.functional.linear(x, w), x, w.T)
+
+
+def test_gemv_of_bf16_x_with_subnormal_operands_falls_back_exactly(isa):
+    """vdpbf16ps flushes subnormal inputs and products to zero (Note: subnormals in
+    csrc/nf4_cpu_avx512.cpp): a subnormal in x, or a scale small enough to make a weight or a
+    product subnormal, sends the call to the FMA path. x = scaled rows of the identity: one
+    product a sum, so y must be that float32 product rounded to bf16 (a subnormal, not zero)."""
+    q = weight((24, 256), 64, False)
+    cases = (
+        (q, 3e-39),  # x holds bf16 subnormals, the weights are normal
+        (nf4.NF4Weight(q.packed, torch.full_like(q.absmax, 1e-20), q.shape, q.dtype, 64), 1e-20),  # subnormal products
+        (nf4.NF4Weight(q.packed, torch.full_like(q.absmax, 1e-39), q.shape, q.dtype, 64), 1.0),  # subnormal weights
+    )
+    for qc, scale in cases:
+        w = nf4.dequantize(qc, torch.bfloat16)  # (N, K)
+        ks = torch.tensor([0, 5, 64, 255])
+        x = (torch.eye(256)[ks] * scale).to(torch.bfloat16)  # (4, K)
+        expected = (x[torch.arange(4), ks].float()[:, None] * w[:, ks].T.float()).to(torch.bfloat16)
+        assert (expected != 0).any()
+        assert torch.equal(bits(_C.nf4_linear_cpu(x, *fields(qc), None)), bits(expected)), f"{isa} x scale {scale}"
+
+
 def test_gemv_keeps_leading_dimensions(isa):
     q = weight((24, 64), 32, False)
     x = torch.randn(2, 3, 64)
