@@ -4,10 +4,13 @@
     python benchmarks/bench_nf4_cpu.py --quick    # 512 x 512, few repeats (smoke test)
 
 Rows, all measured in this one run: dequantize (lowrank csrc, bitsandbytes.functional.
-dequantize_4bit) and linear (lowrank csrc nf4_linear; bitsandbytes gemv_4bit at M = 1; bf16
-F.linear on the dense weight, the baseline). Each: median and 20/80% quantiles, GB/s of the
-bytes the op must move, the fraction of this machine's memory bandwidth (measured here with a
-256 MiB tensor copy), and the time ratio to each baseline. Writes --out (default
+dequantize_4bit; and lowrank's kernel alone, into a tensor already written once, which shows
+what the page faults of a fresh output cost) and linear (lowrank csrc nf4_linear with the best
+instruction set, and with AVX-512 FMA where the best one is avx512bf16; bitsandbytes gemv_4bit
+at M = 1; bf16 F.linear on the dense weight, the baseline). Each: median and 20/80% quantiles
+of 15 samples (a sample: the mean of as many calls as take about 2 ms), GB/s of the bytes the
+op must move, the fraction of this machine's memory bandwidth (measured here with a 256 MiB
+tensor copy), and the time ratio to each baseline. Writes --out (default
 benchmarks/results/nf4_cpu.json) and a .md table beside it.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,8 +58,20 @@ def main(argv):
     except ImportError:
         bnbf = None
 
-    def timed(fn, reps=None):
-        return _common.bench(fn, cpu, quick=args.quick)
+    def timed(fn):
+        """(median, p20, p80) ms. Calls of 0.15 ms are timed in batches, so that the clock and
+        one stray interruption (the machine is shared) weigh less."""
+        fn()  # warm-up
+        start = time.perf_counter()
+        fn()
+        inner = max(1, min(200, int(2e-3 / max(time.perf_counter() - start, 1e-7))))
+        samples = []
+        for _ in range(3 if args.quick else 15):
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append(1e3 * (time.perf_counter() - start) / inner)
+        return _common.summarize(samples)
 
     # Note: memory bandwidth. A copy of 256 MiB (far beyond the caches) reads and writes every
     # byte once: 2 * 256 MiB / time. The ops' GB/s below count the bytes they must move the same way.
@@ -64,6 +80,21 @@ def main(argv):
     copy = timed(lambda: dst.copy_(big))
     bandwidth = 2 * big.numel() * 4 / copy[0] / 1e6  # GB/s
     print(f"memory bandwidth (copy of {big.numel() * 4 >> 20} MiB): {bandwidth:.1f} GB/s", flush=True)
+
+    flush = torch.ones(2**24 if not args.quick else 2**20, dtype=torch.float32)  # 64 MiB, twice the L3 here
+
+    def timed_cold(fn):
+        """(median, p20, p80) ms of single calls after reading 64 MiB elsewhere: the weight
+        (8.9 MB at 4096 x 4096) comes from memory, not from the 32 MiB L3 that keeps it between
+        repeated calls. (Reading, not writing: dirty lines would add their write-back.)"""
+        fn()
+        samples = []
+        for _ in range(3 if args.quick else 21):
+            flush.sum()
+            start = time.perf_counter()
+            fn()
+            samples.append(1e3 * (time.perf_counter() - start))
+        return _common.summarize(samples)
 
     rows = []
 
@@ -77,6 +108,10 @@ def main(argv):
     if bnb:
         row("dequantize", None, "bitsandbytes", bnb, moved, bnb)
     row("dequantize", None, "lowrank csrc", timed(lambda: _C.nf4_dequantize_cpu(*fields, torch.bfloat16)), moved, bnb)
+    out = torch.zeros(n, k, dtype=torch.bfloat16)  # written once: no page faults
+    row("dequantize", None, "lowrank csrc kernel, written tensor", timed(lambda: _C.nf4_dequantize_cpu_into(out, *fields)),
+        moved, bnb)
+    best = _C.cpu_isa()
     for m in (1, 4, 16):
         x = torch.randn(m, k, dtype=torch.bfloat16)
         bf16 = timed(lambda: F.linear(x, w))
@@ -86,7 +121,21 @@ def main(argv):
         if bnbf and m == 1:
             bnb = timed(lambda: bnbf.gemv_4bit(x, bq.t(), state=state))
             row("linear", m, "bitsandbytes gemv_4bit", bnb, moved, bnb, bf16)
-        row("linear", m, "lowrank csrc", timed(lambda: _C.nf4_linear_cpu(x, *fields, None)), moved, bnb, bf16)
+        row("linear", m, f"lowrank csrc ({best})", timed(lambda: _C.nf4_linear_cpu(x, *fields, None)), moved, bnb, bf16)
+        if m == 1:  # weights from memory (See timed_cold)
+            bnb_cold = None
+            if bnbf:
+                bnb_cold = timed_cold(lambda: bnbf.gemv_4bit(x, bq.t(), state=state))
+                row("linear, cold", m, "bitsandbytes gemv_4bit", bnb_cold, moved, bnb_cold)
+            row("linear, cold", m, f"lowrank csrc ({best})", timed_cold(lambda: _C.nf4_linear_cpu(x, *fields, None)), moved,
+                bnb_cold, timed_cold(lambda: F.linear(x, w)))
+        if best == "avx512bf16":  # the AVX-512 FMA kernel, what CPUs without AVX512_BF16 run
+            _C.set_cpu_isa("avx512")
+            try:
+                fma = timed(lambda: _C.nf4_linear_cpu(x, *fields, None))
+            finally:
+                _C.set_cpu_isa(best)
+            row("linear", m, "lowrank csrc (avx512)", fma, moved, bnb, bf16)
     env = {**_common.environment(cpu), "device": cpu_model(), "threads": torch.get_num_threads(),
            "cpu_isa": _C.cpu_isa(), "bandwidth_gbps": bandwidth, "shape": [n, k]}
     table = _common.markdown(rows, COLUMNS)
