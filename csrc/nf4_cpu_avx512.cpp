@@ -94,8 +94,42 @@ inline void store16(void* out, int64_t i, __m512 v) {
   }
 }
 
+// Note: 16-bit outputs by word lookup. For bf16 and fp16 the block's 16 weights are rounded
+// once (16 roundings a block instead of one per element) into the low 16 words of a zmm
+// register, and vpermw turns 32 codes into 32 finished outputs: 16 packed bytes are
+// zero-extended to 16 dwords, and one vpternlogd puts the high nibble of byte j in word 2j and
+// its low nibble in word 2j + 1 (element order). Same values as rounding each element: the
+// rounding of a value does not depend on where it is stored.
+template <OutType T>
+void dequantize_blocks_16bit(const NF4View& w, void* out, int64_t b0, int64_t b1) {
+  const __m512 nf4 = _mm512_load_ps(kNF4);
+  const __m512i low_nibble_up = _mm512_set1_epi32(0x000F0000);
+  const int64_t bs = w.blocksize;
+  uint16_t* o = static_cast<uint16_t*>(out);
+  alignas(64) float scale[16];
+  for (int64_t b = b0; b < b1; ++b) {
+    if ((b - b0) % 16 == 0) _mm512_store_ps(scale, scales16(w, b, b1 - b));
+    const __m512 codebook = _mm512_mul_ps(nf4, _mm512_set1_ps(scale[(b - b0) % 16]));  // See Note: one register
+    __m256i rounded;
+    if constexpr (T == OutType::kBFloat16) {
+      rounded = to_bf16(codebook);
+    } else {
+      rounded = _mm512_cvtps_ph(codebook, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    const __m512i table = _mm512_castsi256_si512(rounded);  // words 16..31 are never indexed
+    const uint8_t* p = w.packed + b * bs / 2;
+    for (int64_t j = 0; j < bs / 2; j += 16) {  // 16 bytes -> 32 elements
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)));
+      // word 2j: byte >> 4 (the dword's high bits are zero); word 2j + 1: byte & 0xF. A | (B & C).
+      const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi32(bytes, 4), _mm512_slli_epi32(bytes, 16), low_nibble_up, 0xF8);
+      _mm512_storeu_si512(o + b * bs + 2 * j, _mm512_permutexvar_epi16(idx, table));
+    }
+  }
+}
+
 template <OutType T>
 void dequantize_blocks(const NF4View& w, void* out, int64_t b0, int64_t b1) {
+  if constexpr (T != OutType::kFloat32) return dequantize_blocks_16bit<T>(w, out, b0, b1);
   const __m512 nf4 = _mm512_load_ps(kNF4);
   const int64_t bs = w.blocksize;
   alignas(64) float scale[16];
