@@ -10,7 +10,7 @@ registers nothing, and every op runs on the Triton / reference backends.
                             K % blocksize == 0 (M = x.numel() / K)   F.linear (the reference's own math)
     nf4_linear_grad_input   csrc dequantize in grad_y.dtype, then grad_y @ W
 
-LOWRANK_CPU_ISA=scalar|avx2|avx512 caps the instruction set of the CPU kernels (tests,
+LOWRANK_CPU_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set of the CPU kernels (tests,
 benchmarks); by default they use the widest one this CPU has.
 """
 
