@@ -169,7 +169,7 @@ void nf4_gemv_cpu(const NF4View& w, OutType wtype, int64_t N, int64_t K, const f
   gemv_scalar(w, wtype, N, K, xd, M, bias, y, n0, n1);
 }
 
-bool nf4_gemv_bf16_covers(const NF4View& w) { return current_isa() == Isa::kAvx512Bf16 && w.blocksize % 64 == 0; }
+bool nf4_gemv_bf16_covers(const NF4View& w) { return current_isa() >= Isa::kAvx512 && w.blocksize % 64 == 0; }
 
 float nf4_gemv_pack_x_bf16(const uint16_t* x, int64_t M, int64_t K, uint16_t* xb) {
   uint16_t smallest = 0x7F80;  // |x| bits: the least nonzero one (inf when x is all zeros)
@@ -191,6 +191,10 @@ float nf4_gemv_pack_x_bf16(const uint16_t* x, int64_t M, int64_t K, uint16_t* xb
 bool nf4_gemv_bf16_cpu(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias, float* y,
                        int64_t n0, int64_t n1, float scale_min) {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (current_isa() == Isa::kAvx512) {  // no vdpbf16ps: widened to float32, FMA, nothing flushed
+    avx512::gemv_bf16(w, N, K, xb, M, bias, y, n0, n1);
+    return true;
+  }
   return avx512bf16::gemv(w, N, K, xb, M, bias, y, n0, n1, scale_min);
 #else
   return false;

@@ -67,6 +67,8 @@ namespace avx512 {
 void dequantize(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1);
 void gemv(const NF4View& w, OutType wtype, int64_t N, int64_t K, const float* xd, int64_t M, const float* bias, float* y,
           int64_t n0, int64_t n1);
+void gemv_bf16(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias, float* y, int64_t n0,
+               int64_t n1);
 }  // namespace avx512
 namespace avx512bf16 {
 bool gemv(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias, float* y, int64_t n0,
