@@ -1,6 +1,6 @@
 """NF4 codec speed on this machine: quantize and dequantize Llama-7B-sized weights with
-double quantization, lowrank's plain-PyTorch codec side by side with bitsandbytes (CPU)
-and torchao's NF4, in one run.
+double quantization, lowrank's plain-PyTorch codec (and, when lowrank._C is built, its C++
+dequantize kernel) side by side with bitsandbytes (CPU) and torchao's NF4, in one run.
 
     python benchmarks/bench_nf4_codec.py            # the embedded default (make demo)
     python benchmarks/bench_nf4_codec.py --quick    # small shapes, a smoke run
@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without installing lowrank
 import torch  # noqa: E402
 
 import _common  # noqa: E402
+import lowrank  # noqa: E402
 from lowrank import nf4  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096)]  # Llama-7B: attention projections, MLP up/gate
@@ -33,8 +34,11 @@ CPU = torch.device("cpu")
 
 
 def providers():
-    """name -> (quantize(w) -> state, dequantize(state) -> w). Peers only when importable."""
+    """name -> (quantize(w) -> state or None, dequantize(state) -> w). Peers only when
+    importable. A provider whose quantize is None times dequantize alone, of lowrank's state."""
     out = {"lowrank": (lambda w: nf4.quantize(w, BLOCKSIZE, True), nf4.dequantize)}
+    if "csrc" in lowrank.ops.backends.available("nf4_dequantize"):  # the C++ kernel behind the op
+        out["lowrank-csrc"] = (None, lowrank.nf4_dequantize)
     try:
         import bitsandbytes.functional as bnb_f
 
@@ -59,9 +63,12 @@ def run(shapes, quick: bool) -> list[dict]:
         w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DTYPE)
         # bytes moved: the bf16 weight one way, 4.127 bits per weight the other way
         moved = w.numel() * w.element_size() + nf4.quantize(w, BLOCKSIZE, True).nbytes
+        q = nf4.quantize(w, BLOCKSIZE, True)
         for name, (quantize, dequantize) in providers().items():
-            state = quantize(w)
-            for op, fn in (("quantize", lambda: quantize(w)), ("dequantize", lambda: dequantize(state))):
+            state = quantize(w) if quantize else q
+            timed = {"quantize": lambda: quantize(w)} if quantize else {}
+            timed["dequantize"] = lambda: dequantize(state)
+            for op, fn in timed.items():
                 ms, p20, p80 = _common.bench(fn, CPU, quick)
                 rows.append(dict(op=op, shape=f"{shape[0]}x{shape[1]}", provider=name, ms=ms, p20=p20, p80=p80,
                                  gbps=moved / (ms * 1e-3) / 1e9))  # fmt: skip
