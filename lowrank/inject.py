@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Iterator, Sequence
 
 from torch import nn
@@ -50,6 +51,13 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[nn.Module, str,
         yield from _walk(_unwrap(child), name)
 
 
+# Note: requires_grad on eject. inject freezes every parameter that is not an adapter's
+# (mark_trainable). The first inject into a model records each parameter's requires_grad,
+# and the eject that removes its last adapter puts them back: inject then eject leaves the
+# model as it was, its training flags included.
+_FLAGS: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Parameter, bool]]] = weakref.WeakKeyDictionary()
+
+
 def _layers(model: nn.Module) -> list[TunerLayer]:
     return [m for m in model.modules() if isinstance(m, TunerLayer)]
 
@@ -78,6 +86,8 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig, name: str = "de
             raise ValueError(f"cannot put LoRA on {where!r}: nn.MultiheadAttention reads its projection weights "
                              "directly, never calling the submodule; exclude it (or put an adapter on the attention)")
         handler.check(child, config, name, where)
+    if not _layers(model):  # See Note: requires_grad on eject.
+        _FLAGS[model] = [(p, p.requires_grad) for p in model.parameters()]
     for parent, attr, where, _ in matches:
         setattr(parent, attr, handler.wrap(getattr(parent, attr), config, name, where))
     set_active(model, name)
@@ -87,7 +97,8 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig, name: str = "de
 
 def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = False) -> list[str]:
     """Remove adapter `name` (None: all). A module left with no adapter is replaced by the very
-    object that was there before `inject`, so `model.state_dict()` is as before, key for key.
+    object that was there before `inject`, so `model.state_dict()` is as before, key for key;
+    removing the last adapter also restores every parameter's requires_grad.
     Merged adapters are unmerged first, unless `keep_merged` (then the weights keep them: a
     plain fine-tuned model). Returns the names of the modules it touched."""
     if name is not None and name not in adapter_names(model):
@@ -97,6 +108,9 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
         if isinstance(child, TunerLayer):
             setattr(parent, attr, _strip(child, name, keep_merged))
             touched.append(where)
+    if not _layers(model):  # See Note: requires_grad on eject.
+        for p, flag in _FLAGS.pop(model, []):
+            p.requires_grad_(flag)
     return touched
 
 

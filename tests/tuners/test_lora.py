@@ -177,6 +177,19 @@ def test_eject_restores_the_state_dict_exactly_same_objects():
     assert all(m is modules_before[n] for n, m in model.named_modules())
 
 
+def test_eject_of_the_last_adapter_restores_requires_grad():
+    model = models.gpt2()
+    model.transformer.wte.requires_grad_(False)  # the user's own choice of what trains
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    inject(model, LoraConfig(r=4, targets=["c_attn"]), name="a")
+    inject(model, LoraConfig(r=4, targets=["c_proj"]), name="b")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    eject(model, "a")  # one adapter left: the base stays frozen
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    eject(model, "b")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
 def test_eject_keep_merged_leaves_a_plain_fine_tuned_model():
     torch.manual_seed(0)
     mlp = models.mlp()
