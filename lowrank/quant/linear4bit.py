@@ -1,0 +1,122 @@
+"""Linear4bit: a frozen NF4 linear layer, the base that LoRA wraps for QLoRA.
+
+    y = x @ dequant(W_nf4)^T + b          (Dettmers et al. 2023, eq. 5, without the adapter)
+
+The packed weight lives in buffers (packed, absmax, nested_absmax, offset), so `.to(device)`,
+`state_dict` and sharding wrappers see ordinary tensors; `self.weight` gathers them into an
+NF4Weight for the `lowrank::nf4_linear` op. The state dict uses bitsandbytes' / transformers'
+4-bit keys (`weight`, `weight.absmax`, ..., `weight.quant_state.bitsandbytes__nf4`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops  # lowrank.ops imports lowrank.quant: its names are read at call time
+from ..targets import is_gpt2_conv1d
+from . import nf4
+from .nf4_weight import NF4Weight
+
+_BUFFERS = ("packed", "absmax", "nested_absmax", "offset")  # the tensor fields of NF4Weight
+
+
+class Linear4bit(nn.Module):
+    """A frozen 4-bit linear: in_features, out_features, forward, dequantize() (see Note: the
+    base protocol, in lowrank/tuners/lora.py), so LoRA and DoRA wrap it unchanged."""
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(weight, NF4Weight) or len(weight.shape) != 2:
+            seen = tuple(weight.shape) if isinstance(weight, NF4Weight) else type(weight).__name__
+            raise ValueError(f"weight must be an NF4Weight of shape (out_features, in_features); got {seen}")
+        if compute_dtype is not None and compute_dtype not in nf4.DTYPES:
+            raise ValueError(f"compute_dtype must be None or one of {nf4.DTYPES}; got {compute_dtype!r}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
+        self._set_weight(weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
+
+    def _set_weight(self, q: NF4Weight) -> None:
+        for field in _BUFFERS:
+            if field in self._buffers:
+                setattr(self, field, getattr(q, field))  # a registered buffer: plain assignment
+            else:
+                self.register_buffer(field, getattr(q, field))
+        self.shape, self.dtype, self.blocksize = q.shape, q.dtype, q.blocksize
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> Linear4bit:
+        """Quantize an nn.Linear (or a GPT-2 Conv1D, whose (in, out) weight is transposed
+        first). `linear` is read, never changed: lowrank.quantize drops it once replaced."""
+        if isinstance(linear, nn.Linear):
+            w = linear.weight  # (out, in)
+        elif is_gpt2_conv1d(linear):
+            w = linear.weight.T.contiguous()  # (in, out) -> (out, in)
+        else:
+            raise TypeError(f"Linear4bit.from_linear takes an nn.Linear or a GPT-2 Conv1D; got {type(linear).__name__}")
+        return cls(nf4.quantize(w.detach(), blocksize, double_quant), linear.bias, compute_dtype)
+
+    @property
+    def weight(self) -> NF4Weight:
+        return NF4Weight(self.packed, self.absmax, self.shape, self.dtype, self.blocksize, self.nested_absmax, self.offset)
+
+    # y = x @ dequant(W_nf4)^T + b, in compute_dtype. Under autocast the layer computes in the
+    # autocast dtype and returns it, as nn.Linear does; otherwise it returns x's dtype, as
+    # bitsandbytes' Linear4bit does.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        y = ops.nf4_linear(x.to(dtype), self.weight, bias)  # (..., in) -> (..., out)
+        return y if autocast else y.to(x.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight (out, in) in `dtype` (default: the dtype it was quantized from)."""
+        return ops.nf4_dequantize(self.weight, dtype)
+
+    def extra_repr(self) -> str:
+        q = self.weight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"nf4 blocksize={q.blocksize}, double_quant={q.double_quant}, bits={q.bits_per_param:.3f}, "
+                f"compute_dtype={self.compute_dtype}")
+
+    # -- the bitsandbytes / transformers 4-bit state dict ----------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, t in self.weight.to_state_dict(prefix + "weight").items():
+            destination[key] = t if keep_vars else t.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        w_key, b_key = prefix + "weight", prefix + "bias"
+        ours = {k: v for k, v in state_dict.items() if k == w_key or k.startswith(w_key + ".")}
+        if w_key not in state_dict:
+            missing_keys.append(w_key)
+        else:
+            try:
+                q = NF4Weight.from_state_dict(ours, w_key)
+            except (KeyError, ValueError) as e:
+                error_msgs.append(f"while loading the 4-bit weight {w_key!r}: {e}")
+                q = None
+            if q is not None and tuple(q.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {w_key}: the checkpoint's 4-bit weight has shape {tuple(q.shape)}, "
+                                  f"this layer {(self.out_features, self.in_features)}")
+            elif q is not None:
+                self._set_weight(q.to(self.packed.device))
+        if self.bias is not None and b_key not in state_dict:
+            missing_keys.append(b_key)
+        elif self.bias is not None:
+            b = state_dict[b_key]
+            if b.shape != self.bias.shape:
+                error_msgs.append(f"size mismatch for {b_key}: checkpoint {tuple(b.shape)}, this layer {tuple(self.bias.shape)}")
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(b)
+        if strict:
+            known = set(ours) | {b_key} if self.bias is not None else set(ours)
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)

@@ -1,0 +1,85 @@
+"""`quantize(model, NF4Config())`: replace linear layers with frozen 4-bit ones, in place.
+
+Three parts, as `inject`: a target filter (lowrank.targets), one module constructor
+(Linear4bit.from_linear), and a walk over named children. Layers are replaced one at a
+time, so each full-precision weight is freed as soon as its 4-bit copy exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..config import Targets, _check_targets
+from ..targets import compile_filter, is_gpt2_conv1d
+from . import nf4
+from .linear4bit import Linear4bit
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Config:
+    """How `quantize` stores a model's linear layers (QLoRA, Dettmers et al. 2023, section 3)."""
+
+    blocksize: int = 64  # elements per scale; QLoRA's and bitsandbytes' default for NF4
+    double_quant: bool = True  # 8-bit scales: 4.127 instead of 4.5 bits per parameter (QLoRA, section 3)
+    compute_dtype: torch.dtype | None = None  # None: each layer computes in its weight's original dtype
+    targets: Targets = "all-linear"  # every linear layer but the output head, whose error reaches the logits directly
+    skip: Targets | None = None  # same syntax as targets; None skips nothing
+
+    def __post_init__(self) -> None:
+        if type(self.blocksize) is not int or self.blocksize not in nf4.BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {nf4.BLOCKSIZES}; got {self.blocksize!r}")
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"double_quant must be a bool; got {self.double_quant!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in nf4.DTYPES:
+            raise ValueError(f"compute_dtype must be None or one of {nf4.DTYPES}; got {self.compute_dtype!r}")
+        object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
+        object.__setattr__(self, "skip", _check_targets("skip", self.skip, allow_none=True))
+
+
+def _can_quantize(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
+
+
+def _walk(module: nn.Module, prefix: str = ""):
+    """(parent, attribute, qualified name, child) for every module below `module`."""
+    for attr, child in list(module.named_children()):
+        name = f"{prefix}.{attr}" if prefix else attr
+        yield module, attr, name, child
+        yield from _walk(child, name)
+
+
+def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
+    """Replace every linear layer of `model` that `config.targets` matches (and `config.skip`
+    does not) with a frozen Linear4bit on the same device, in place. Returns the qualified
+    names replaced; raises, changing nothing, when nothing matched or a match cannot be
+    quantized. Layers already in 4 bits are left as they are."""
+    config = NF4Config() if config is None else config
+    if not isinstance(config, NF4Config):
+        raise TypeError(f"config must be an NF4Config; got {type(config).__name__}")
+    wanted = compile_filter(config.targets, config.skip, model)
+    # Note: no references to the layers. `matches` keeps parents and attribute names only, so
+    # once a layer is replaced nothing here holds its full-precision weight, and peak memory
+    # stays about one layer above the quantized model (tests/quant/test_quantize.py checks it).
+    matches = [(p, a, n) for p, a, n, c in _walk(model) if wanted(n, c) and not isinstance(c, Linear4bit)]
+    if not matches:
+        candidates = [n for _, _, n, c in _walk(model) if _can_quantize(c)]
+        raise ValueError(
+            f"no module of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r}); "
+            f"quantize can replace e.g. {candidates[:6]} ({len(candidates)} nn.Linear / Conv1D layers not yet in 4 bits)"
+        )
+    for parent, attr, name in matches:
+        child = getattr(parent, attr)
+        if not _can_quantize(child):
+            raise TypeError(f"{name!r} is a {type(child).__name__}; quantize replaces nn.Linear and GPT-2 Conv1D "
+                            "layers only: narrow targets or add it to skip")
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly, "
+                             "never calling the submodule; add it to skip")
+        del child
+    for parent, attr, _ in matches:  # See Note: no references to the layers.
+        q = Linear4bit.from_linear(getattr(parent, attr), config.blocksize, config.double_quant, config.compute_dtype)
+        setattr(parent, attr, q)  # the full-precision layer's last reference goes here
+    return [name for _, _, name in matches]
