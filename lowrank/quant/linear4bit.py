@@ -16,9 +16,10 @@ from torch import nn
 from .. import ops  # lowrank.ops imports lowrank.quant: its names are read at call time
 from ..targets import is_gpt2_conv1d
 from . import nf4
-from .nf4_weight import NF4Weight
+from .nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 
 _BUFFERS = ("packed", "absmax", "nested_absmax", "offset")  # the tensor fields of NF4Weight
+_WEIGHT_KEYS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + BNB_QUANT_STATE_KEY)
 
 
 class Linear4bit(nn.Module):
@@ -60,6 +61,21 @@ class Linear4bit(nn.Module):
             raise TypeError(f"Linear4bit.from_linear takes an nn.Linear or a GPT-2 Conv1D; got {type(linear).__name__}")
         return cls(nf4.quantize(w.detach(), blocksize, double_quant), linear.bias, compute_dtype)
 
+    # Note: the scales stay float32. model.half() or model.to(torch.bfloat16) casts every
+    # floating buffer, but the codec's float32 scales (absmax without double quantization,
+    # nested_absmax, offset) belong to the NF4 format, not to the compute dtype. _apply moves
+    # them as int32 bit patterns, which casts leave alone: devices change, values do not.
+    def _apply(self, fn, recurse=True):
+        scales = [k for k in _BUFFERS[1:] if self._buffers[k] is not None and self._buffers[k].dtype == torch.float32]
+        for k in scales:
+            self._buffers[k] = self._buffers[k].view(torch.int32)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for k in scales:
+                self._buffers[k] = self._buffers[k].view(torch.float32)
+        return self
+
     @property
     def weight(self) -> NF4Weight:
         return NF4Weight(self.packed, self.absmax, self.shape, self.dtype, self.blocksize, self.nested_absmax, self.offset)
@@ -94,7 +110,7 @@ class Linear4bit(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         w_key, b_key = prefix + "weight", prefix + "bias"
-        ours = {k: v for k, v in state_dict.items() if k == w_key or k.startswith(w_key + ".")}
+        ours = {w_key + s: state_dict[w_key + s] for s in _WEIGHT_KEYS if w_key + s in state_dict}
         if w_key not in state_dict:
             missing_keys.append(w_key)
         else:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from lowrank.config import LoraConfig
 from lowrank.inject import eject, inject, merge, unmerge
-from lowrank.quant import nf4
+from lowrank.quant import Linear4bit
 from lowrank.tuners.lora import LoraLinear
 
 from . import models
@@ -30,22 +30,6 @@ class Conv1D(nn.Module):
 
     def forward(self, x):
         return torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight).reshape(*x.shape[:-1], self.nf)
-
-
-class NF4Linear(nn.Module):
-    """A frozen 4-bit linear that satisfies the base protocol (see Note: the base protocol)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.packed = nf4.quantize(weight, 64, True)
-        self.bias = nn.Parameter(torch.zeros(self.out_features))
-
-    def dequantize(self):
-        return nf4.dequantize(self.packed).to(torch.float32)  # (out, in)
-
-    def forward(self, x):
-        return F.linear(x, self.dequantize(), self.bias)
 
 
 def single(base: nn.Module, **cfg) -> nn.Module:
@@ -203,9 +187,10 @@ def test_eject_keep_merged_leaves_a_plain_fine_tuned_model():
     torch.testing.assert_close(mlp(x), y)  # rounding only: exact bounds are per layer, above
 
 
-def test_a_frozen_4bit_base_takes_the_same_lora_and_dora_code():
+def test_a_frozen_4bit_base_takes_the_same_lora_and_dora_code(monkeypatch):
+    monkeypatch.setenv("LOWRANK_BACKEND", "reference")  # nf4_linear is then F.linear on the dequantized W
     torch.manual_seed(0)
-    base = NF4Linear(torch.randn(24, 64))
+    base = Linear4bit.from_linear(nn.Linear(64, 24))
     for dora in (False, True):
         holder = single(copy.deepcopy(base), dora=dora)
         layer = holder[0]
