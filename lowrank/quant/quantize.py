@@ -78,7 +78,6 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         if isinstance(parent, nn.MultiheadAttention):
             raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly, "
                              "never calling the submodule; add it to skip")
-        del child
     for parent, attr, _ in matches:  # See Note: no references to the layers.
         q = Linear4bit.from_linear(getattr(parent, attr), config.blocksize, config.double_quant, config.compute_dtype)
         setattr(parent, attr, q)  # the full-precision layer's last reference goes here
