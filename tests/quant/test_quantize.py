@@ -92,12 +92,14 @@ def test_nothing_matched_or_not_quantizable_changes_nothing():
         quantize(model)  # everything is 4-bit already
 
 
-def test_full_precision_weights_are_freed_as_it_goes(monkeypatch):
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)]), models.llama],
+                         ids=["sequential", "llama"])
+def test_full_precision_weights_are_freed_as_it_goes(monkeypatch, make):
     # See Note: no references to the layers (lowrank/quant/quantize.py). When layer k is
     # quantized, layers 0..k-1 must already have lost their last reference; holding the
     # originals (e.g. in the match list) until the end keeps them all alive and fails here.
-    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
-    refs = [weakref.ref(m.weight) for m in model]
+    model = make()
+    refs = [weakref.ref(m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
     seen = []
     real = nf4.quantize
 
@@ -107,7 +109,7 @@ def test_full_precision_weights_are_freed_as_it_goes(monkeypatch):
 
     monkeypatch.setattr(nf4, "quantize", spy)
     quantize(model)
-    assert seen == [[k <= i for i in range(4)] for k in range(4)]
+    assert seen == [[k <= i for i in range(len(refs))] for k in range(len(refs))]
     assert all(r() is None for r in refs)
 
 
