@@ -61,6 +61,16 @@ def test_gradient_reaches_x_and_no_weight(reference):
     assert all(not b.requires_grad and b.grad is None for b in q.buffers())
 
 
+def test_gradient_with_the_default_backend_is_within_the_matmul_bound():
+    # grad_x = grad_y @ W: one matmul, the same derived bound as the forward
+    _, q = layer()
+    x = torch.randn(4, 91, requires_grad=True)
+    gy = torch.randn(4, 37)
+    q(x).backward(gy)
+    w = q.dequantize()  # (37, 91)
+    assert_matmul_close(x.grad, gy @ w, gy, w)
+
+
 def test_compute_dtype_casts_in_and_back(reference):
     # x float32 through a bf16 compute: F.linear in bf16, returned in x's dtype (as bitsandbytes)
     linear, q = layer(compute_dtype=torch.bfloat16)
