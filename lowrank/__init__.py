@@ -20,13 +20,15 @@ from .inject import (
     unmerge,
 )
 from .ops import nf4_dequantize, nf4_linear
-from .quant import NF4Weight, nf4
+from .quant import Linear4bit, NF4Config, NF4Weight, nf4, quantize
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AdapterConfig",
+    "Linear4bit",
     "LoraConfig",
+    "NF4Config",
     "NF4Weight",
     "Summary",
     "__version__",
@@ -42,6 +44,7 @@ __all__ = [
     "nf4_linear",
     "ops",
     "per_sample",
+    "quantize",
     "set_active",
     "summary",
     "unmerge",

@@ -20,9 +20,14 @@ from .base import TunerLayer
 
 
 def float_dtype_and_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """The base's compute dtype and device: its first floating parameter or buffer (a 4-bit
-    base keeps a floating bias or scale); the default dtype on CPU when it has none."""
-    for t in list(base.parameters()) + list(base.buffers()):
+    """The base's compute dtype and device. A base that states a `compute_dtype` (the 4-bit
+    linear, whose float32 scales say nothing of it) is taken at its word; otherwise its first
+    floating parameter or buffer decides; the default dtype on CPU when it has none."""
+    tensors = list(base.parameters()) + list(base.buffers())
+    compute_dtype = getattr(base, "compute_dtype", None)
+    if compute_dtype is not None:
+        return compute_dtype, tensors[0].device if tensors else torch.device("cpu")
+    for t in tensors:
         if t.is_floating_point():
             return t.dtype, t.device
     return torch.get_default_dtype(), torch.device("cpu")

@@ -275,3 +275,18 @@ def test_torch_compile_matches_eager():
     exact, bound = mlp_error_bound(model, x)
     assert ((eager.double() - exact).abs() <= bound).all()  # the derivation holds for eager
     assert ((compiled.double() - eager.double()).abs() <= 2 * bound).all()
+
+
+def test_qlora_on_a_bf16_model_without_autocast():
+    """The adapters take the 4-bit layer's compute dtype (bf16), not its float32 scales'."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 128, bias=False), nn.GELU(), nn.Linear(128, 64, bias=False)).bfloat16()
+    quantize(mlp, NF4Config(targets="all-linear"))
+    inject(mlp, LoraConfig(r=4, targets="all-linear"))
+    lora_params = [p for n, p in mlp.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.dtype == torch.bfloat16 for p in lora_params)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = mlp(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in lora_params)
