@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .config import AdapterConfig, LoraConfig
+from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
 from .tuners import adapter, lora
 from .tuners.base import BASE, TunerLayer
@@ -177,13 +178,15 @@ class Summary:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Trainable and total parameters (each counted once), and the parameters of each adapter."""
+    """Trainable and total parameters (each counted once), and the parameters of each adapter.
+    A 4-bit layer's weight counts as its number of elements, though it is stored as buffers."""
     params = list(model.parameters())
     per: dict[str, int] = {}
     for layer in _layers(model):
         for n in layer.names:
             per[n] = per.get(n, 0) + sum(p.numel() for p in layer.adapter_parameters(n))
-    return Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params), per)
+    quantized = sum(m.weight.numel for m in model.modules() if isinstance(m, Linear4bit))
+    return Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized, per)
 
 
 def _unmerged_layers(model: nn.Module, what: str) -> list[TunerLayer]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lowrank.config import LoraConfig
-from lowrank.inject import inject
+from lowrank.inject import inject, summary
 from lowrank.quant import Linear4bit, NF4Config, nf4, quantize
 
 from ..tuners import models
@@ -290,3 +290,13 @@ def test_qlora_on_a_bf16_model_without_autocast():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in lora_params)
+
+
+def test_summary_counts_the_4bit_weights():
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    dense_total = sum(p.numel() for p in mlp.parameters())
+    quantize(mlp, NF4Config(targets="all-linear"))
+    inject(mlp, LoraConfig(r=4, targets="all-linear"))
+    s = summary(mlp)
+    lora = 4 * (64 + 128) * 2
+    assert s.trainable == lora and s.total == dense_total + lora and s.per_adapter == {"default": lora}
