@@ -25,13 +25,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..quant import nf4
 from ..quant.nf4_weight import NF4Weight
 from . import backends
 
 __all__ = ["FLOAT_DTYPES", "OPS", "nf4_dequantize", "nf4_linear"]
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what W may be dequantized to
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # as lowrank.quant.nf4.BLOCKSIZES
+FLOAT_DTYPES = nf4.DTYPES  # what W may be dequantized to
+BLOCKSIZES = nf4.BLOCKSIZES
 
 _lib = torch.library.Library("lowrank", "FRAGMENT")  # noqa: TOR901 (a fragment: csrc may add to the namespace)
 
