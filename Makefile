@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Each creates or updates the
+# The two commands of the README: `make demo` (the QLoRA demo) and `make test`. Each creates or updates the
 # virtual environment .venv first, so a fresh machine needs nothing else.
 #
 # TORCH is what pip installs for PyTorch before the package. The default, torch==2.13.0,
@@ -30,7 +30,7 @@ $(STAMP): setup.py Makefile $(wildcard csrc/*)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) benchmarks/bench_nf4_codec.py
+	$(PY) -m lowrank.demo
 
 test: $(STAMP) cuda-objects
 	$(PY) -m pytest

@@ -63,6 +63,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["lowrank", "lowrank.*"]),
+    package_data={"lowrank.demo": ["data/*.jsonl", "data/README.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
