@@ -1,0 +1,297 @@
+"""Save and load LoRA adapters in PEFT's on-disk format (see docs/io.md).
+
+A directory holds `adapter_config.json` (PEFT's LoraConfig fields, peft_type "LORA") and
+`adapter_model.safetensors` whose keys are PEFT's: `base_model.model.<module>.lora_A.weight`,
+`...lora_B.weight`, DoRA's `...lora_magnitude_vector`, an embedding's `...lora_embedding_A`
+/ `...lora_embedding_B`; no adapter name. Module names are the model's own (our wrapper's
+`base` is invisible in them, as PEFT's `base_layer` is). PEFT 0.21's
+`PeftModel.from_pretrained(base, path)` loads what `save_adapter` writes, and `load_adapter`
+loads what PEFT's `save_pretrained` writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
+from .targets import first_match
+from .tuners.lora import LoraEmbedding, _lora_slot
+from .tuners.lora_base import LoraLayer
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# PEFT LoraConfig fields we cannot honour: loading refuses a config that sets any of them.
+_UNSUPPORTED = {"modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "bias": "none",
+                "lora_bias": False, "use_qalora": False, "trainable_token_indices": None, "target_parameters": None,
+                "layer_replication": None, "alora_invocation_tokens": None, "use_bdlora": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadResult:
+    """What load_adapter matched: full saved key names (with PEFT's prefix)."""
+
+    modules: list[str]  # the modules that got the adapter
+    missing: list[str]  # keys the injected modules need but the file lacks
+    unexpected: list[str]  # keys in the file that no injected module takes
+    mismatched: list[tuple[str, tuple, tuple]]  # (key, shape in file, shape in model)
+
+
+def _lora_layers(model: nn.Module, name: str) -> list[tuple[str, LoraLayer]]:
+    """(qualified module name, LoRA layer) for every layer holding LoRA adapter `name`."""
+    out = []
+    for _, _, where, child in _walk(model):
+        slot = _lora_slot(child)
+        if isinstance(slot, LoraLayer) and name in slot.names:
+            out.append((where, slot))
+    return out
+
+
+def _tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
+    """PEFT's key suffix -> our parameter, for adapter `name` of one layer."""
+    if isinstance(layer, LoraEmbedding):
+        t = {"lora_embedding_A": layer.lora_embedding_A[name], "lora_embedding_B": layer.lora_embedding_B[name]}
+    else:
+        t = {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}
+    if name in layer.lora_magnitude_vector:
+        t["lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
+    return t
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _targets(model: nn.Module, wrapped: list[str]) -> list[str]:
+    """PEFT target_modules naming exactly `wrapped`: the last name parts when they pick out
+    no other module, else the full names."""
+    suffixes = sorted({w.rsplit(".", 1)[-1] for w in wrapped})
+    picked = {n for _, _, n, _ in _walk(model) if n.rsplit(".", 1)[-1] in suffixes}
+    return suffixes if picked == set(wrapped) else sorted(wrapped)
+
+
+def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(PEFT-keyed tensors, PEFT adapter_config dict) for LoRA adapter `name` of `model`."""
+    if name is None:
+        names = [n for n in adapter_names(model) if _lora_layers(model, n)]
+        if len(names) != 1:
+            raise ValueError(f"the model has LoRA adapters {names}; pass name= to say which to save")
+        name = names[0]
+    layers = _lora_layers(model, name)
+    if not layers:
+        raise ValueError(f"the model has no LoRA adapter named {name!r}; it has {adapter_names(model)}")
+    configs = {id(layer.configs[name]): layer.configs[name] for _, layer in layers}.values()
+    for field in ("rslora", "dora", "dropout"):
+        if len({getattr(c, field) for c in configs}) > 1:
+            raise ValueError(f"adapter {name!r} was injected with differing {field} values; PEFT's format holds one")
+    config = next(iter(configs))
+    tensors, ranks, alphas = {}, {}, {}
+    for where, layer in layers:
+        for suffix, t in _tensors(layer, name).items():
+            tensors[f"{PREFIX}{where}.{suffix}"] = t.detach().cpu().contiguous()
+        c = layer.configs[name]
+        ranks[where] = layer.r[name]
+        alphas[where] = first_match(c.alpha_pattern, where, layer.base, c.alpha)
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    cfg = getattr(model, "config", None)
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "r": r, "lora_alpha": _number(alpha), "target_modules": _targets(model, [w for w, _ in layers]),
+        "exclude_modules": None, "lora_dropout": float(config.dropout), "use_rslora": config.rslora,
+        "use_dora": config.dora, "fan_in_fan_out": any(layer.transposed for _, layer in layers),
+        "rank_pattern": {w: v for w, v in ranks.items() if v != r},
+        "alpha_pattern": {w: _number(v) for w, v in alphas.items() if v != alpha},
+        "bias": "none", "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    }
+    return tensors, peft_config
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(directory: pathlib.Path, final: str, write) -> pathlib.Path:
+    """Write through `write(path)` into a temporary file in `directory`, fsync it; its path."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{final}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return pathlib.Path(tmp)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> pathlib.Path:
+    """Write LoRA adapter `name` (None: the model's only LoRA adapter) of `model` to directory
+    `path` in PEFT's format: adapter weights only. Atomic per file: both files are written in
+    full and fsynced under temporary names beside their final ones, then os.replace'd, so a
+    failure while writing leaves a previous adapter at `path` as it was. A new directory
+    appears whole (built under a temporary name in the same parent, then renamed)."""
+    from safetensors.torch import save_file
+
+    tensors, config = adapter_state(model, name)
+    path = pathlib.Path(path)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    fresh = not path.exists()
+    if fresh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        directory = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    elif not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    else:
+        directory = path
+    written = []
+    try:
+        written.append((_write_temp(directory, WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                        WEIGHTS_NAME))
+        written.append((_write_temp(directory, CONFIG_NAME, lambda p: pathlib.Path(p).write_text(text)), CONFIG_NAME))
+        for tmp, final in written:
+            os.replace(tmp, directory / final)
+        _fsync_dir(directory)
+        if fresh:
+            os.replace(directory, path)
+            _fsync_dir(path.parent)
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        if fresh:
+            for f in directory.iterdir():
+                f.unlink()
+            directory.rmdir()
+        raise
+    return path
+
+
+# -- loading ------------------------------------------------------------------------------
+def _peft_spec(item: str, as_regex: bool):
+    """A PEFT target / exclude entry as our target spec."""
+    if as_regex:
+        return "all-linear" if item == "all-linear" else "re:" + item
+    return lambda n, m: n == item or n.endswith("." + item)  # PEFT: exact, or a '.'-suffix; no globs
+
+
+def _to_specs(value):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [_peft_spec(value, True)]
+    return [_peft_spec(v, False) for v in value]
+
+
+def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> LoraConfig:
+    """Our LoraConfig for a PEFT LoRA adapter_config dict; refuses what we cannot reproduce."""
+    kind = peft_config.get("peft_type")
+    if kind != "LORA":
+        raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA adapters (peft_type 'LORA') only")
+    for field, default in _UNSUPPORTED.items():
+        value = peft_config.get(field, default)
+        if value not in (default, None, False, [], {}) and value != default:
+            raise NotImplementedError(f"{source}: {field}={value!r} is not supported by lowrank.load_adapter")
+    if not peft_config.get("target_modules"):
+        raise ValueError(f"{source}: target_modules is empty; nothing to inject")
+
+    def pattern(p: dict) -> dict:  # PEFT: re.match(rf"(.*\.)?({key})$", name), first key wins
+        return {rf"re:(.*\.)?({k})": v for k, v in (p or {}).items()}
+
+    return LoraConfig(r=int(peft_config.get("r", 8)), alpha=peft_config.get("lora_alpha", 8),
+                      dropout=float(peft_config.get("lora_dropout", 0.0)), targets=_to_specs(peft_config["target_modules"]),
+                      exclude=_to_specs(peft_config.get("exclude_modules")), rslora=bool(peft_config.get("use_rslora")),
+                      dora=bool(peft_config.get("use_dora")), rank_pattern=pattern(peft_config.get("rank_pattern")),
+                      alpha_pattern={k: float(v) for k, v in pattern(peft_config.get("alpha_pattern")).items()})
+
+
+def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory: adapter_model.safetensors; adapter_model.bin only
+    with allow_pickle=True (a pickle can run code; even then torch.load(weights_only=True))."""
+    path = pathlib.Path(path)
+    st, pkl = path / WEIGHTS_NAME, path / PICKLE_NAME
+    if st.exists():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st)
+        except Exception as e:  # safetensors' own error types vary by version
+            raise ValueError(f"{st}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+    if pkl.exists():
+        if not allow_pickle:
+            raise ValueError(f"{pkl} is a pickle file, which can execute code when loaded; lowrank reads "
+                             f"safetensors only unless you pass allow_pickle=True (if you trust its source)")
+        try:
+            return torch.load(pkl, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{pkl}: could not be read as a weights-only torch file: {e}") from e
+    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (nor {PICKLE_NAME})")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, strict: bool = True,
+                 allow_pickle: bool = False) -> LoadResult:
+    """Inject LoRA adapter `name` into `model` as the PEFT (or lowrank) directory `path` says
+    (targets, r, alpha, rsLoRA, DoRA, patterns) and load its weights. Shape mismatches always
+    raise; missing / unexpected keys raise when `strict` (else they are returned). On any error
+    the adapter is ejected again and the model is as before."""
+    path = pathlib.Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an adapter directory")
+    try:
+        peft_config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON: {e}") from e
+    config = config_from_peft(peft_config, str(cfg_file))
+    weights = read_weights(path, allow_pickle)
+    weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}
+    for k in [k for k in weights if k.endswith(".lora_magnitude_vector.weight")]:  # older PEFT spelling
+        weights[k.removesuffix(".weight")] = weights.pop(k)
+    before = active_adapters(model)
+    modules = inject(model, config, name)
+    try:
+        seen, missing, mismatched, pairs = set(), [], [], []
+        for where, layer in _lora_layers(model, name):
+            for suffix, param in _tensors(layer, name).items():
+                key = f"{where}.{suffix}"
+                if key not in weights:
+                    missing.append(PREFIX + key)
+                    continue
+                seen.add(key)
+                if tuple(weights[key].shape) != tuple(param.shape):
+                    mismatched.append((PREFIX + key, tuple(weights[key].shape), tuple(param.shape)))
+                pairs.append((param, weights[key]))
+        unexpected = sorted(PREFIX + k for k in weights if k not in seen)
+        result = LoadResult(modules, sorted(missing), unexpected, mismatched)
+        problems = [f"shape mismatches (key, file, model): {mismatched}"] if mismatched else []
+        if strict and missing:
+            problems.append(f"missing keys: {result.missing}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys: {unexpected}")
+        if problems:
+            raise ValueError(f"{path}: the adapter does not fit {type(model).__name__}: " + "; ".join(problems))
+        with torch.no_grad():
+            for param, value in pairs:
+                param.copy_(value)
+    except BaseException:
+        eject(model, name)
+        if before:
+            set_active(model, before)
+        raise
+    return result

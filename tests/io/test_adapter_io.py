@@ -1,0 +1,181 @@
+"""save_adapter / load_adapter against PEFT 0.21 (the oracle), both ways, on tiny Llama and
+GPT-2 (Conv1D) models built from config. Outputs must be EQUAL: see Note: why equality is
+exact, in tests/peers/test_peft_lora.py (the same float32 ops in the same order)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from lowrank import io as lio  # noqa: E402
+from lowrank.config import LoraConfig  # noqa: E402
+from lowrank.inject import adapter_names, inject  # noqa: E402
+from tests.tuners import models  # noqa: E402
+
+MODELS = {"llama": (models.llama, ["q_proj", "v_proj", "down_proj"]), "gpt2": (models.gpt2, ["c_attn", "c_proj"])}
+VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
+PEFT_VARIANT = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
+
+
+def logits(model):
+    with torch.no_grad():
+        return models.run(model.eval(), models.ids())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", MODELS)
+def test_ours_to_peft(kind, variant, tmp_path):
+    make, targets = MODELS[kind]
+    base = make().eval()
+    ours = copy.deepcopy(base)
+    inject(ours, LoraConfig(r=4, alpha=8, targets=targets, **VARIANTS[variant]))
+    models.randomize_adapters(ours)
+    lio.save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    assert torch.equal(logits(theirs), logits(ours))
+    assert not torch.equal(logits(base), logits(ours))  # the adapter does something
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", MODELS)
+def test_peft_to_ours(kind, variant, tmp_path):
+    make, targets = MODELS[kind]
+    base = make().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                       **PEFT_VARIANT[variant]))
+    models.randomize_adapters(theirs)
+    theirs.save_pretrained(str(tmp_path / "p"))
+    ours = copy.deepcopy(base)
+    result = lio.load_adapter(ours, tmp_path / "p")
+    assert result.missing == result.unexpected == result.mismatched == []
+    assert adapter_names(ours) == ["default"]
+    assert torch.equal(logits(ours), logits(theirs))
+
+
+def test_patterns_round_trip_through_peft(tmp_path):
+    """Per-module r and alpha (rank_pattern / alpha_pattern) survive ours -> PEFT -> ours."""
+    base = models.llama().eval()
+    ours = copy.deepcopy(base)
+    inject(ours, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], rank_pattern={"layers.0.self_attn.q_proj": 2},
+                            alpha_pattern={"v_proj": 3.0}))
+    models.randomize_adapters(ours)
+    lio.save_adapter(ours, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 2}
+    assert cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    assert torch.equal(logits(theirs), logits(ours))
+    again = copy.deepcopy(base)
+    lio.load_adapter(again, tmp_path / "a")
+    assert torch.equal(logits(again), logits(ours))
+
+
+def test_saved_keys_and_config(tmp_path):
+    model = models.gpt2()
+    inject(model, LoraConfig(r=4, alpha=8, targets=["c_attn"], dora=True))
+    lio.save_adapter(model, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    keys = set(safetensors_torch.load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    assert keys == {f"base_model.model.transformer.h.{i}.attn.c_attn.{s}" for i in range(2)
+                    for s in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] is None and cfg["use_dora"] is True
+    assert cfg["use_rslora"] is False and cfg["lora_alpha"] == 8 and cfg["r"] == 4 and cfg["fan_in_fan_out"] is True
+    assert peft.LoraConfig.from_pretrained(str(tmp_path / "a")).use_dora  # PEFT's own reader accepts it
+
+
+def _saved(tmp_path):
+    model = models.llama()
+    inject(model, LoraConfig(r=2, targets=["q_proj"]))
+    models.randomize_adapters(model)
+    lio.save_adapter(model, tmp_path / "a")
+    return tmp_path / "a"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_file_is_named(tmp_path, damage):
+    path = _saved(tmp_path)
+    f = path / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64)
+    model = models.llama()
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        lio.load_adapter(model, path)
+    assert adapter_names(model) == []  # nothing left behind
+
+
+def test_wrong_peft_type(tmp_path):
+    path = _saved(tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(ValueError, match="peft_type is 'PREFIX_TUNING'"):
+        lio.load_adapter(models.llama(), path)
+
+
+def test_pickle_needs_opt_in(tmp_path):
+    path = _saved(tmp_path)
+    sd = safetensors_torch.load_file(path / "adapter_model.safetensors")
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(sd, path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="adapter_model.bin.*allow_pickle=True"):
+        lio.load_adapter(models.llama(), path)
+    lio.load_adapter(models.llama(), path, allow_pickle=True)
+
+
+def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path):
+    path = _saved(tmp_path)
+    f = path / "adapter_model.safetensors"
+    sd = safetensors_torch.load_file(f)
+    gone = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    sd.pop(gone)
+    sd["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] = torch.zeros(2, 32)
+    safetensors_torch.save_file(sd, f)
+    model = models.llama()
+    with pytest.raises(ValueError, match="missing keys.*layers.1.self_attn.q_proj.lora_A.*unexpected.*k_proj"):
+        lio.load_adapter(model, path)
+    assert adapter_names(model) == []
+    result = lio.load_adapter(model, path, strict=False)
+    assert result.missing == [gone] and result.unexpected == ["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"]
+    sd = safetensors_torch.load_file(_saved(tmp_path / "b") / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    sd[key] = torch.zeros(32, 3)
+    safetensors_torch.save_file(sd, tmp_path / "b" / "a" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"shape mismatches.*q_proj\.lora_B\.weight.*\(32, 3\).*\(32, 2\)"):
+        lio.load_adapter(models.llama(), tmp_path / "b" / "a", strict=False)
+
+
+def test_failed_save_leaves_previous_adapter_intact(tmp_path, monkeypatch):
+    path = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    model = models.llama()
+    inject(model, LoraConfig(r=3, targets=["v_proj"]))
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors_torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        lio.save_adapter(model, path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # no temporary files left either
+    with pytest.raises(OSError):
+        lio.save_adapter(model, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_save_needs_a_name_when_ambiguous(tmp_path):
+    model = models.llama()
+    inject(model, LoraConfig(r=2, targets=["q_proj"]), name="x")
+    inject(model, LoraConfig(r=2, targets=["v_proj"]), name="y")
+    with pytest.raises(ValueError, match="pass name="):
+        lio.save_adapter(model, tmp_path / "a")
+    lio.save_adapter(model, tmp_path / "a", name="y")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == ["v_proj"]
