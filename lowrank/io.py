@@ -37,6 +37,8 @@ _UNSUPPORTED = {"modules_to_save": None, "layers_to_transform": None, "layers_pa
                 "lora_bias": False, "use_qalora": False, "trainable_token_indices": None, "target_parameters": None,
                 "layer_replication": None, "alora_invocation_tokens": None, "use_bdlora": None}
 
+_SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
+
 
 @dataclasses.dataclass(frozen=True)
 class LoadResult:
@@ -46,6 +48,15 @@ class LoadResult:
     missing: list[str]  # keys the injected modules need but the file lacks
     unexpected: list[str]  # keys in the file that no injected module takes
     mismatched: list[tuple[str, tuple, tuple]]  # (key, shape in file, shape in model)
+    base: list[str] = dataclasses.field(default_factory=list)  # base-model weights the file carried, loaded
+
+
+# Note: base weights in an adapter file. PEFT saves a targeted embedding's (or output head's)
+# own weight beside its adapter (`save_embedding_layers="auto"`: the vocabulary may have been
+# resized), as `<module>.base_layer.weight`, and loads it into the base model. load_adapter
+# does the same for any key that names a parameter of the model (`base_layer` read as our
+# `base`), lists it in LoadResult.base, and does not undo it on eject. save_adapter writes
+# adapter weights only.
 
 
 def _lora_layers(model: nn.Module, name: str) -> list[tuple[str, LoraLayer]]:
@@ -208,6 +219,10 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
         value = peft_config.get(field, default)
         if value not in (default, None, False, [], {}) and value != default:
             raise NotImplementedError(f"{source}: {field}={value!r} is not supported by lowrank.load_adapter")
+    init = peft_config.get("init_lora_weights", True)
+    if init not in _SAFE_INITS:  # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA rewrite the base weights too
+        raise NotImplementedError(f"{source}: init_lora_weights={init!r} changes the base model's weights, which "
+                                  "lowrank.load_adapter does not reproduce; convert the adapter to plain LoRA first")
     if not peft_config.get("target_modules"):
         raise ValueError(f"{source}: target_modules is empty; nothing to inject")
 
@@ -247,7 +262,8 @@ def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, strict: bool = True,
                  allow_pickle: bool = False) -> LoadResult:
     """Inject LoRA adapter `name` into `model` as the PEFT (or lowrank) directory `path` says
-    (targets, r, alpha, rsLoRA, DoRA, patterns) and load its weights. Shape mismatches always
+    (targets, r, alpha, rsLoRA, DoRA, patterns) and load its weights (and any base-model
+    weights the file carries, as PEFT does: see Note: base weights in an adapter file). Shape mismatches always
     raise; missing / unexpected keys raise when `strict` (else they are returned). On any error
     the adapter is ejected again and the model is as before."""
     path = pathlib.Path(path)
@@ -277,8 +293,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 if tuple(weights[key].shape) != tuple(param.shape):
                     mismatched.append((PREFIX + key, tuple(weights[key].shape), tuple(param.shape)))
                 pairs.append((param, weights[key]))
+        # See Note: base weights in an adapter file.
+        params = dict(model.named_parameters())
+        base_keys = []
+        for k in [k for k in weights if k not in seen]:
+            param = params.get(k.replace(".base_layer.", ".base."))
+            if param is None:
+                continue
+            seen.add(k)
+            base_keys.append(PREFIX + k)
+            if tuple(weights[k].shape) != tuple(param.shape):
+                mismatched.append((PREFIX + k, tuple(weights[k].shape), tuple(param.shape)))
+            pairs.append((param, weights[k]))
         unexpected = sorted(PREFIX + k for k in weights if k not in seen)
-        result = LoadResult(modules, sorted(missing), unexpected, mismatched)
+        result = LoadResult(modules, sorted(missing), unexpected, mismatched, sorted(base_keys))
         problems = [f"shape mismatches (key, file, model): {mismatched}"] if mismatched else []
         if strict and missing:
             problems.append(f"missing keys: {result.missing}")

@@ -179,3 +179,40 @@ def test_save_needs_a_name_when_ambiguous(tmp_path):
         lio.save_adapter(model, tmp_path / "a")
     lio.save_adapter(model, tmp_path / "a", name="y")
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == ["v_proj"]
+
+
+def test_peft_regex_targets_exclude_and_embedding(tmp_path):
+    """PEFT's target_modules as one regex string, exclude_modules as a list, and LoRA on the
+    embedding (lora_embedding_A / _B keys)."""
+    base = models.llama().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*(embed_tokens|q_proj|v_proj)", exclude_modules=["layers.1.self_attn.q_proj"]))
+    models.randomize_adapters(theirs)
+    theirs.save_pretrained(str(tmp_path / "p"))
+    ours = copy.deepcopy(base)
+    result = lio.load_adapter(ours, tmp_path / "p")
+    assert sorted(result.modules) == ["model.embed_tokens", "model.layers.0.self_attn.q_proj",
+                                      "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    assert result.base == ["base_model.model.model.embed_tokens.base_layer.weight"]  # PEFT saves it; we load it
+    assert torch.equal(logits(ours), logits(theirs))
+    lio.save_adapter(ours, tmp_path / "a")  # and back: the embedding's keys are PEFT's
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in safetensors_torch.load_file(
+        tmp_path / "a" / "adapter_model.safetensors")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    assert torch.equal(logits(again), logits(ours))
+
+
+def test_refuses_inits_that_change_the_base(tmp_path):
+    path = _saved(tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa"}))
+    with pytest.raises(NotImplementedError, match="init_lora_weights='pissa'"):
+        lio.load_adapter(models.llama(), path)
+
+
+def test_load_into_a_model_without_those_modules(tmp_path):
+    path = _saved(tmp_path)  # Llama's q_proj
+    model = models.gpt2()
+    with pytest.raises(ValueError, match="no module of GPT2LMHeadModel matched"):
+        lio.load_adapter(model, path)
+    assert adapter_names(model) == []
