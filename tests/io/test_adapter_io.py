@@ -216,3 +216,46 @@ def test_load_into_a_model_without_those_modules(tmp_path):
     with pytest.raises(ValueError, match="no module of GPT2LMHeadModel matched"):
         lio.load_adapter(model, path)
     assert adapter_names(model) == []
+
+
+KILLED_SAVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from lowrank.io import save_adapter
+from lowrank.inject import inject
+from lowrank.config import LoraConfig
+model = torch.nn.Sequential(torch.nn.Linear(256, 256))
+inject(model, LoraConfig(r=64, targets=["0"]))
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    with torch.no_grad():
+        model[0].lora_B["default"].weight.fill_(float(i))
+    save_adapter(model, {path!r})
+"""
+
+
+def test_killed_save_leaves_a_whole_adapter(tmp_path):
+    """SIGKILL a process that saves over and over: the directory always holds a whole adapter."""
+    import pathlib
+    import subprocess
+    import sys
+    import time
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    inject(model, LoraConfig(r=64, targets=["0"]))
+    lio.save_adapter(model, tmp_path / "a")  # B = 0: the "previous" adapter
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVER.format(root=root, path=str(tmp_path / "a"))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    fresh = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    lio.load_adapter(fresh, tmp_path / "a")
+    b = fresh[0].lora_B["default"].weight
+    assert torch.equal(b, torch.full_like(b, b[0, 0].item()))  # one save's values, not a mix
