@@ -19,6 +19,7 @@ from .inject import (
     summary,
     unmerge,
 )
+from .io import LoadResult, load_adapter, save_adapter
 from .ops import nf4_dequantize, nf4_linear
 from .quant import Linear4bit, NF4Config, NF4Weight, nf4, quantize
 
@@ -27,6 +28,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AdapterConfig",
     "Linear4bit",
+    "LoadResult",
     "LoraConfig",
     "NF4Config",
     "NF4Weight",
@@ -37,6 +39,7 @@ __all__ = [
     "disabled",
     "eject",
     "inject",
+    "load_adapter",
     "mark_trainable",
     "merge",
     "nf4",
@@ -45,6 +48,7 @@ __all__ = [
     "ops",
     "per_sample",
     "quantize",
+    "save_adapter",
     "set_active",
     "summary",
     "unmerge",
