@@ -30,11 +30,25 @@ class Handler:
     wrap: callable  # (module, config, name, where) -> the module that stands in its place
     can_wrap: callable  # module -> bool; for "nothing matched" suggestions
     kind: str
+    default_targets: callable = lambda model, config: ()  # (model, config) -> targets when config.targets is None
+    # See Note: model-level hooks.
+    attach: callable = lambda model, config, name: None  # after every wrap: install model-level hooks (idempotent)
+    detach: callable = lambda model: None  # after an eject that left no layer of this handler's `layer` type
+    layer: type = TunerLayer  # the TunerLayer subclass `wrap` creates, so eject knows when to call detach
 
+
+# Note: model-level hooks. Some methods cannot live in the wrapped modules alone: prompt
+# tuning lengthens the sequence, so the model's attention mask and labels must grow too. Such
+# a handler wraps its modules like any other (parameters, names, eject and save all work the
+# same) and `attach` adds what the model needs around them (e.g. a forward pre-hook on the
+# top-level module); `detach` removes it when the last such layer is gone.
 
 HANDLERS = {
-    LoraConfig: Handler(lora.check, lora.wrap, lambda m: lora.layer_class(m) is not None, "LoRA"),
-    AdapterConfig: Handler(adapter.check, adapter.wrap, lambda m: adapter.module_dims(m) is not None, "a bottleneck adapter"),
+    LoraConfig: Handler(lora.check, lora.wrap, lambda m: lora.layer_class(m) is not None, "LoRA", layer=LoraLayer),
+    AdapterConfig: Handler(
+        adapter.check, adapter.wrap, lambda m: adapter.module_dims(m) is not None, "a bottleneck adapter",
+        default_targets=lambda model, config: adapter.default_targets(config), layer=adapter.AdapterLayer,
+    ),
 }
 
 
@@ -73,7 +87,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig, name: str = "de
         raise TypeError(f"config must be one of {[c.__name__ for c in HANDLERS]}; got {type(config).__name__}")
     if not isinstance(name, str) or not name or "." in name or name == BASE:
         raise ValueError(f"adapter name must be a non-empty string without '.', and not {BASE!r}; got {name!r}")
-    targets = config.targets if config.targets is not None else adapter.default_targets(config)
+    targets = config.targets if config.targets is not None else handler.default_targets(model, config)
     wanted = compile_filter(targets, config.exclude, model)
     matches = [(p, a, n, c) for p, a, n, c in _walk(model) if wanted(n, _unwrap(c))]
     if not matches:
@@ -91,6 +105,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig, name: str = "de
         _FLAGS[model] = [(p, p.requires_grad) for p in model.parameters()]
     for parent, attr, where, _ in matches:
         setattr(parent, attr, handler.wrap(getattr(parent, attr), config, name, where))
+    handler.attach(model, config, name)
     set_active(model, name)
     mark_trainable(model)
     return [where for _, _, where, _ in matches]
@@ -109,6 +124,9 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
         if isinstance(child, TunerLayer):
             setattr(parent, attr, _strip(child, name, keep_merged))
             touched.append(where)
+    for handler in HANDLERS.values():  # See Note: model-level hooks.
+        if not any(isinstance(m, handler.layer) for m in _layers(model)):
+            handler.detach(model)
     if not _layers(model):  # See Note: requires_grad on eject.
         for p, flag in _FLAGS.pop(model, []):
             p.requires_grad_(flag)
