@@ -1,0 +1,63 @@
+"""`lowrank merge BASE ADAPTER OUT`: fold an adapter into its base model and write a plain
+Hugging Face model directory (lowrank.merge_and_export)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from ..export import DTYPES
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("merge", help="merge an adapter into its base model and save a plain model directory",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", help="the base model: a Hugging Face model directory (dense, or a bitsandbytes 4-bit one)")
+    p.add_argument("adapter", help="the adapter: a PEFT-format directory or a hub repo id")
+    p.add_argument("out", help="the directory to write (must not exist, or be empty, unless --overwrite)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB (default 2GB)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the written weights (default: the base's; a 4-bit base: its compute dtype)")
+    p.add_argument("--requantize", action="store_true", help="a 4-bit base: write the merged layers in NF4 again")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=run)
+
+
+def _load_base(base: str):
+    """The base model from a transformers directory; a bitsandbytes 4-bit one is loaded
+    with lowrank.load_quantized (no GPU needed)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("lowrank merge reads transformers model directories: pip install transformers") from None
+    cfg_file = pathlib.Path(base) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{base} has no config.json: not a Hugging Face model directory")
+    config = transformers.AutoConfig.from_pretrained(base)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    if json.loads(cfg_file.read_text()).get("quantization_config"):
+        from ..checkpoint import load_quantized
+
+        del config.quantization_config
+        model = auto.from_config(config)
+        load_quantized(model, base)
+    else:
+        model = auto.from_pretrained(base, dtype="auto")
+    return model.eval()
+
+
+def run(args) -> int:
+    from ..export import merge_and_export
+    from ..io import load_adapter
+
+    model = _load_base(args.base)
+    loaded = load_adapter(model, args.adapter)
+    result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                              requantize=args.requantize, overwrite=args.overwrite)
+    print(f"merged {len(loaded.modules)} modules of {args.adapter} into {args.base}; wrote {args.out} "
+          f"({len(result.files)} weight file{'s' if len(result.files) > 1 else ''}, dtype {result.dtype})")
+    if result.requantize_error:
+        print(f"re-quantizing to NF4 added a relative weight error of at most {result.max_requantize_error:.3g}")
+    return 0

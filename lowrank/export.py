@@ -1,0 +1,267 @@
+"""merge_and_export: an adapted model as a plain Hugging Face model directory (docs/io.md).
+
+    W' = W0 + sum over active LoRA adapters a of  s_a B_a A_a        (Hu et al. 2021, section 4.1)
+    W' = m * (W0 + s B A) / ||W0 + s B A||_c                          (DoRA, Liu et al. 2024, eq. 5)
+
+W0 is the weight the adapter was trained against: for a 4-bit base, its dequantized weight
+in the compute dtype (what Linear4bit's forward multiplies by), never a full-precision copy.
+The sum is taken in float32 and rounded once to the export dtype. The user's model is not
+changed: merged weights are computed beside it, one shard at a time (lowrank.shards).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import pathlib
+import shutil
+
+import torch
+from torch import nn
+
+from . import shards
+from .inject import _unwrap, _walk
+from .quant import nf4
+from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit
+from .tuners import dora
+from .tuners.base import TunerLayer
+from .tuners.lora_base import LoraLayer
+
+log = logging.getLogger("lowrank")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: pathlib.Path  # the directory written
+    files: list[str]  # weight files in it (one, or the shards)
+    dtype: torch.dtype | None  # the dtype of the dense floating tensors (None: kept as they were)
+    merged: list[str]  # modules whose adapters were folded into the weight
+    requantize_error: dict[str, float]  # requantize=True: module -> ||deq(q(W')) - W'||_F / ||W'||_F
+
+    @property
+    def max_requantize_error(self) -> float:
+        return max(self.requantize_error.values(), default=0.0)
+
+
+def _lora_chain(where: str, module: TunerLayer) -> LoraLayer:
+    """The LoRA layer of a wrapped module; refuses other adapters (they cannot be merged)."""
+    m = module
+    while isinstance(m, TunerLayer):
+        if not isinstance(m, LoraLayer):
+            raise ValueError(f"{where!r} holds a {type(m).__name__} adapter, which cannot be merged into weights (only LoRA and "
+                             "DoRA can); eject it before exporting, or save it with lowrank.save_adapter")
+        if isinstance(m.base, TunerLayer):
+            raise ValueError(f"{where!r} has nested adapter layers; export supports one LoRA layer per module")
+        return m
+    raise TypeError(f"{where!r} is not an adapter layer")
+
+
+def merged_weight(layer: LoraLayer) -> torch.Tensor:
+    """W' in float32, in the layout of the base's dense weight; the layer is not changed."""
+    base = layer.base
+    if layer.merged:  # already folded in by lowrank.merge: the weight is W'
+        return base.weight.detach().float()
+    w = base.dequantize(base.compute_dtype) if isinstance(base, Linear4bit) else base.weight.detach()
+    w = w.float()
+    if not layer.enabled:
+        return w
+    doras = [n for n in layer.active if n in layer.lora_magnitude_vector]
+    if doras and len(layer.active) > 1:
+        raise ValueError(f"cannot merge several adapters {list(layer.active)} when one is DoRA; activate one at a time")
+    with torch.no_grad():
+        for name in layer.active:
+            d = layer._delta_weight(name).float()  # s B A, layout of the base weight
+            if name in doras:  # W' = (m / ||W0 + s B A||_c) * (W0 + s B A)
+                w0 = layer.dense_weight().float()  # (out, in): the norm DoRA's forward divides by
+                norm = dora.weight_norm(w0, d.T if layer.transposed else d, 1.0)  # (out,)
+                factor = (layer.lora_magnitude_vector[name].float() / norm).view(-1, 1)  # (out, 1)
+                w = (factor.T if layer.transposed else factor) * (w + d)
+            else:
+                w = w + d
+    return w
+
+
+def _plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, LoraLayer], dict[str, Linear4bit]]:
+    """The model's state dict as it would be without adapter wrappers (tensors shared, not
+    copied), its LoRA layers and its 4-bit layers by plain module name. The wrappers are
+    taken out for the call to state_dict() and put back before returning."""
+    wrapped = [(p, a, w, c) for p, a, w, c in _walk(model) if isinstance(c, TunerLayer)]
+    loras = {w: _lora_chain(w, c) for _, _, w, c in wrapped}
+    try:
+        for parent, attr, _, child in wrapped:
+            setattr(parent, attr, _unwrap(child))
+        state = model.state_dict(keep_vars=True)
+        quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    finally:
+        for parent, attr, _, child in wrapped:
+            setattr(parent, attr, child)
+    return state, loras, quantized
+
+
+def _export_dtype(dtype, quantized: dict[str, Linear4bit]) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be a torch dtype or one of {sorted(DTYPES)}; got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(DTYPES.values())} or None; got {dtype!r}")
+    if dtype is None and quantized:  # a 4-bit model exports in its compute dtype
+        found = {m.compute_dtype for m in quantized.values()}
+        if len(found) > 1:
+            raise ValueError(f"the 4-bit layers compute in several dtypes {sorted(map(str, found))}; pass dtype=")
+        dtype = found.pop()
+    return dtype
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _nf4_sizes(prefix: str, like: Linear4bit, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of each 4-bit entry of a weight shaped like `like`, without quantizing it."""
+    q = like.weight
+    fake = nf4.NF4Weight(q.packed, q.absmax, q.shape, dtype, q.blocksize, q.nested_absmax, q.offset)
+    return {k: t.numel() * t.element_size() for k, t in fake.to_state_dict(prefix).items()}
+
+
+def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB",
+                     dtype: torch.dtype | str | None = None, tokenizer=None, requantize: bool = False, *,
+                     overwrite: bool = False) -> ExportResult:
+    """Write `model` with its active LoRA / DoRA adapters merged as a plain Hugging Face model
+    directory that `transformers.AutoModel*.from_pretrained` loads: safetensors shards of at
+    most `max_shard_size` (+ index), config.json, generation_config.json, tokenizer files (of
+    `tokenizer`, else copied from the base model's directory when it has them).
+
+    dtype: None keeps each tensor's dtype, except that a 4-bit model exports dense in its
+    compute dtype; or torch.float32 / float16 / bfloat16 ("fp32" / "fp16" / "bf16").
+    requantize: the layers that were 4-bit stay 4-bit (bitsandbytes format, with
+    `quantization_config` in config.json): those with an adapter are merged and quantized to
+    NF4 again (the error it adds is returned and logged), the others keep their own codes.
+    `model` is not changed. The directory appears whole or not at all (Note: atomic
+    directories, in lowrank/shards.py); an existing non-empty one needs overwrite=True."""
+    max_bytes = shards.parse_size(max_shard_size)
+    state, loras, quantized = _plain_state(model)
+    dtype = _export_dtype(dtype, quantized)
+    if requantize and not quantized:
+        raise ValueError("requantize=True re-quantizes the layers that were 4-bit, and this model has none "
+                         "(quantize it with lowrank.quantize first, or export it dense)")
+    parts, errors, owner = {}, {}, {}  # owner: a replaced state-dict key -> the key of the part that writes it
+    for name in sorted(set(loras) | set(quantized)):
+        layer, q = loras.get(name), quantized.get(name)
+        key = f"{name}.weight" if name else "weight"
+        keys = [key + s for s in _WEIGHT_KEYS] if q is not None else [key]
+        owner |= {k: key for k in keys if k in state}
+        target = (q.compute_dtype if dtype is None else dtype) if q is not None else (
+            layer.base.weight.dtype if dtype is None else dtype)
+        make = (lambda layer=layer: merged_weight(layer)) if layer is not None else (
+            lambda q=q: q.dequantize(q.compute_dtype).float())
+        if requantize and q is not None and layer is None:  # no adapter here: its own NF4 codes, exact
+            parts[key] = shards.Part(_nf4_sizes(key, q, q.dtype), lambda q=q, key=key: q.weight.to_state_dict(key))
+        elif requantize and q is not None:
+            sizes = _nf4_sizes(key, q, target)
+            parts[key] = shards.Part(sizes, lambda make=make, q=q, key=key, name=name, target=target:
+                                     _requantized(make(), q, key, name, target, errors))
+        else:
+            numel = q.weight.numel if q is not None else layer.base.weight.numel()
+            parts[key] = shards.Part({key: numel * torch.tensor([], dtype=target).element_size()},
+                                     lambda make=make, key=key, target=target: {key: make().to(target)})
+    _check_ties(state, {k for k, w in owner.items() if k == w})
+    seen, ordered = set(), []
+    for k, t in state.items():
+        if k in owner:
+            if k == owner[k]:  # the part goes where its weight was; its other 4-bit keys are dropped
+                ordered.append(parts[k])
+            continue
+        if isinstance(t, nn.Parameter) and id(t) in seen:  # a tied weight (GPT-2's lm_head): written once
+            continue
+        seen.add(id(t))
+        ordered.append(shards.Part.of(k, _cast(t.detach(), dtype)))
+    with shards.atomic_directory(out_dir, overwrite) as tmp:
+        files = shards.write(ordered, tmp, max_bytes)
+        modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
+        _write_config(model, tmp, dtype, quantization_config(quantized, modules) if requantize else None, state)
+        _write_tokenizer(model, tmp, tokenizer)
+    if errors:
+        log.info("merge_and_export: re-quantizing to NF4 added a relative error of at most %.3g (mean %.3g) over %d "
+                 "layers", max(errors.values()), sum(errors.values()) / len(errors), len(errors))
+    return ExportResult(pathlib.Path(out_dir), files, dtype, sorted(n for n, lay in loras.items()
+                                                                   if lay.active or lay.merged), dict(sorted(errors.items())))
+
+
+def _requantized(w: torch.Tensor, like: Linear4bit, key: str, name: str, dtype: torch.dtype, errors: dict) -> dict:
+    """W' (float32) rounded to `dtype`, then NF4 with `like`'s blocksize and double quantization;
+    records the relative error the NF4 step adds."""
+    w = w.to(dtype)
+    q = nf4.quantize(w, like.blocksize, like.weight.double_quant)
+    back = nf4.dequantize(q, torch.float32)
+    errors[name] = float(torch.linalg.norm(back - w.float()) / torch.linalg.norm(w.float()).clamp(min=1e-30))
+    return q.to_state_dict(key)
+
+
+def _check_ties(state: dict[str, torch.Tensor], replaced: set[str]) -> None:
+    """A merged weight that shares storage with another key (tied embeddings) would untie them."""
+    ptrs = {}
+    for k, t in state.items():
+        if isinstance(t, nn.Parameter):
+            ptrs.setdefault(id(t), []).append(k)
+    for keys in ptrs.values():
+        if len(keys) > 1 and any(k in replaced for k in keys):
+            raise NotImplementedError(f"{keys} are one tied tensor and an adapter changes it; export cannot keep "
+                                      "them tied: target only one of them and untie the weights first")
+
+
+def quantization_config(quantized: dict[str, Linear4bit], modules) -> dict:
+    """config.json's `quantization_config` (transformers' BitsAndBytesConfig as a dict) for a
+    model whose 4-bit layers are `quantized`; every other linear layer of `modules` ((name,
+    module) pairs, as named_modules() gives them) is listed in
+    llm_int8_skip_modules so that transformers leaves it dense."""
+    from .targets import is_linear_like
+
+    doubles = {m.weight.double_quant for m in quantized.values()}
+    computes = {m.compute_dtype for m in quantized.values()}
+    dense = sorted(n for n, m in modules if is_linear_like(m) and n not in quantized
+                   and not isinstance(m, Linear4bit) and not any(n.startswith(q + ".") for q in quantized))
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": doubles == {True},
+            "bnb_4bit_compute_dtype": str(computes.pop() if len(computes) == 1 else torch.float32).removeprefix("torch."),
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": dense or None,
+            "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def _write_config(model: nn.Module, directory: pathlib.Path, dtype, quant_config: dict | None, state) -> None:
+    """config.json (a copy of model.config: dtype set, quantization_config as exported) and
+    generation_config.json, when the model has them (a transformers model)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_json_string"):
+        return
+    cfg = copy.deepcopy(cfg)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    written = dtype or (max(set(floats), key=floats.count) if floats else None)
+    if written is not None:
+        cfg.dtype = written
+    if quant_config:
+        cfg.quantization_config = quant_config
+    cfg.save_pretrained(directory)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "save_pretrained"):
+        gen.save_pretrained(directory)
+
+
+def _write_tokenizer(model: nn.Module, directory: pathlib.Path, tokenizer) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+        return
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if source and os.path.isdir(source):  # the base model's own directory: copy its tokenizer files
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), directory / name)

@@ -1,0 +1,169 @@
+"""Model directories as transformers reads them: safetensors shards, their index, atomically.
+
+A directory holds `model.safetensors` when everything fits in one shard, otherwise
+`model-00001-of-0000N.safetensors` ... and `model.safetensors.index.json`
+({"metadata": {"total_size": bytes}, "weight_map": {key: shard file}}), the layout
+`transformers.PreTrainedModel.save_pretrained` writes and `from_pretrained` reads.
+
+Tensors are given as `Part`s: a few keys with known sizes and a function that makes them.
+A part is made only when its shard is written and dropped after, so a merged or dequantized
+copy of the whole model never exists at once: peak memory is about one shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .io import _fsync_dir
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Decimal units as transformers and the hub count them ("2GB" = 2 * 10**9), binary ones as IEC.
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or a string like "2GB", "500MB", "1.5GiB" (case-insensitive)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"max_shard_size must be at least 1 byte; got {size}")
+        return size
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        if m and m.group(2).upper() in UNITS:
+            n = int(float(m.group(1)) * UNITS[m.group(2).upper()])
+            if n >= 1:
+                return n
+    raise ValueError(f"max_shard_size must be a positive int (bytes) or a string like '2GB', '500MB', '1GiB' "
+                     f"(units {sorted(u for u in UNITS if u)}); got {size!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """Tensors that are made together (a merged weight; the six entries of a 4-bit weight)."""
+
+    sizes: dict[str, int]  # key -> bytes it will take
+    make: Callable[[], dict[str, torch.Tensor]]  # -> {key: tensor}, exactly the keys of `sizes`
+
+    @classmethod
+    def of(cls, key: str, tensor: torch.Tensor) -> Part:
+        return cls({key: tensor.numel() * tensor.element_size()}, lambda: {key: tensor})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes.values())
+
+
+def plan(parts: list[Part], max_bytes: int) -> list[list[Part]]:
+    """Parts in order, into shards of at most `max_bytes` each; a part larger than that is a
+    shard on its own (as transformers does with a tensor larger than the limit)."""
+    shards: list[list[Part]] = [[]]
+    used = 0
+    for part in parts:
+        if shards[-1] and used + part.nbytes > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(part)
+        used += part.nbytes
+    return shards if shards[0] else []
+
+
+def write(parts: list[Part], directory: pathlib.Path, max_bytes: int) -> list[str]:
+    """Write `parts` into `directory` as shards (+ index when more than one); the file names."""
+    from safetensors.torch import save_file
+
+    shards = plan(parts, max_bytes)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        tensors, storages = {}, set()
+        for part in shard:
+            made = part.make()
+            if set(made) != set(part.sizes):
+                raise RuntimeError(f"a part promised keys {sorted(part.sizes)} but made {sorted(made)}")
+            for k, t in made.items():
+                t = t.detach().cpu().contiguous()
+                ptr = t.untyped_storage().data_ptr()
+                if t.numel() and ptr in storages:  # safetensors refuses shared storage (the NF4 code table)
+                    t = t.clone()
+                storages.add(t.untyped_storage().data_ptr())
+                tensors[k] = t
+        save_file(tensors, directory / name, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, name)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def read(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory (one file, or the shards its index names); a corrupt
+    or truncated file raises ValueError naming it."""
+    from safetensors.torch import load_file
+
+    path = pathlib.Path(path)
+    if (path / INDEX).exists():
+        try:
+            files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path / INDEX}: not a safetensors index (a JSON object with a weight_map): {e}") from e
+    elif (path / SINGLE).exists():
+        files = [SINGLE]
+    else:
+        raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}: not a safetensors model directory")
+    out = {}
+    for f in files:
+        try:
+            out |= load_file(path / f)
+        except Exception as e:  # safetensors' own error types vary by version
+            raise ValueError(f"{path / f}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+    return out
+
+
+# Note: atomic directories. Everything is written into a temporary directory beside the
+# target (same file system, so the rename is atomic), each file fsynced; then an old target
+# is moved aside, the new one renamed into place and the old one deleted. A failure or a
+# kill before the rename leaves only the hidden temporary directory (removed on a failure);
+# a reader never sees a half-written model directory under the target's name.
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """`with atomic_directory(out) as tmp:` write into tmp; on success it becomes `out`."""
+    target = pathlib.Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old / "x")
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,72 @@
+"""`lowrank merge BASE ADAPTER OUT` end to end, in a subprocess (`python -m lowrank`): a tiny
+Llama and its tokenizer saved with save_pretrained, a PEFT-format adapter, and the merged
+directory loaded back by transformers (tolerance: Note: the export tolerance)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+import lowrank  # noqa: E402
+from lowrank.cli import main  # noqa: E402
+from tests.io.export_helpers import assert_export_close, reference64, saved_base  # noqa: E402
+from tests.tuners import models  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def tokenizer():
+    """A word-level tokenizer over the tiny vocabulary, built here (no download)."""
+    vocab = {f"w{i}": i for i in range(models.VOCAB - 1)} | {"[UNK]": models.VOCAB - 1}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def lowrank_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "lowrank", *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+
+
+def test_merge_command(tmp_path):
+    base = saved_base("llama", tmp_path / "base")
+    tokenizer().save_pretrained(tmp_path / "base")
+    plain = copy.deepcopy(base)
+    lowrank.inject(base, lowrank.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], dora=True))
+    models.randomize_adapters(base)
+    lowrank.save_adapter(base, tmp_path / "adapter")
+    done = lowrank_cli("merge", tmp_path / "base", tmp_path / "adapter", tmp_path / "out", "--max-shard-size", "40KB",
+                       "--dtype", "fp32")
+    assert done.returncode == 0, done.stderr
+    assert "merged 4 modules" in done.stdout
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "model.safetensors.index.json" in files and "config.json" in files and "tokenizer.json" in files
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = models.ids(batch=4, seq=16)
+    assert_export_close(exported, base, reference64(plain, base, tmp_path), x)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok("w1 w5 w7")["input_ids"] == [1, 5, 7]
+
+
+def test_merge_command_errors_are_one_line(tmp_path, capsys):
+    saved_base("llama", tmp_path / "base")
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "lowrank merge" in line]
+    assert len(err) == 1 and err[0].startswith("lowrank merge: error:") and "nowhere" in err[0]  # no traceback
+    assert main(["merge", str(tmp_path), str(tmp_path / "base"), str(tmp_path / "out")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a bad --dtype is a usage error
+        main(["merge", "a", "b", "c", "--dtype", "int4"])
+    assert not (tmp_path / "out").exists()
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["model_type"] == "llama"

@@ -1,0 +1,180 @@
+"""merge_and_export: transformers loads the directory and computes what the adapted model
+computes (see Note: the export tolerance, in export_helpers.py); the user's model is left
+as it was; shards, index, config; 4-bit bases; requantize; sizes; atomic directories."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import lowrank  # noqa: E402
+from lowrank import shards  # noqa: E402
+from lowrank.export import merge_and_export, merged_weight  # noqa: E402
+from lowrank.quant import nf4  # noqa: E402
+from lowrank.quant.linear4bit import Linear4bit  # noqa: E402
+from tests.io.export_helpers import assert_export_close, logits, reference64, saved_base  # noqa: E402
+from tests.tuners import models  # noqa: E402
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "llama64": ["q_proj", "v_proj", "down_proj"],
+           "gpt2": ["c_attn", "c_fc"]}
+X = models.ids(batch=4, seq=16)
+
+
+def adapted(kind, tmp_path, dora=False, dtype=torch.float32, quantize=False):
+    """(plain copy, adapted model) of a saved tiny model, adapter weights made non-zero."""
+    model = saved_base(kind, tmp_path / "base", dtype)
+    if quantize:
+        lowrank.quantize(model, lowrank.NF4Config(compute_dtype=dtype))
+    plain = copy.deepcopy(model)
+    lowrank.inject(model, lowrank.LoraConfig(r=4, alpha=8, targets=TARGETS[kind], dora=dora))
+    models.randomize_adapters(model)
+    return plain, model
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind, dora", [("llama", False), ("llama", True), ("gpt2", False)])
+def test_transformers_loads_the_merged_model(kind, dora, tmp_path):
+    plain, model = adapted(kind, tmp_path, dora)
+    before = snapshot(model)
+    result = merge_and_export(model, tmp_path / "out", max_shard_size="40KB")
+    assert len(result.files) > 1 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == result.files
+    for f in result.files:  # no shard above the limit unless it is one tensor alone
+        sd = safetensors_torch.load_file(tmp_path / "out" / f)
+        assert sum(t.numel() * t.element_size() for t in sd.values()) <= 40_000 or len(sd) == 1
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    bound = assert_export_close(exported, model, reference64(plain, model, tmp_path), X)
+    with lowrank.disabled(model):  # the adapter matters far more than the tolerance
+        assert (logits(model, X) - logits(exported, X)).abs().max() > 100 * bound
+    assert not any(".lora_" in k or ".base." in k for k in index["weight_map"])
+    after = snapshot(model)  # the user's model is not changed
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert lowrank.adapter_names(model) == ["default"] and not any(m.merged for m in model.modules()
+                                                                   if hasattr(m, "merged") and m is not model)
+
+
+def test_tied_gpt2_head_written_once_and_config_kept(tmp_path):
+    _, model = adapted("gpt2", tmp_path)
+    merge_and_export(model, tmp_path / "out")
+    keys = set(safetensors_torch.load_file(tmp_path / "out" / "model.safetensors"))
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys  # as save_pretrained writes it
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["n_embd"] == 32 and "quantization_config" not in cfg
+    assert (tmp_path / "out" / "generation_config.json").exists()
+
+
+def test_already_merged_model_exports_the_same(tmp_path):
+    plain, model = adapted("llama", tmp_path)
+    merge_and_export(model, tmp_path / "a")
+    lowrank.merge(model)
+    merge_and_export(model, tmp_path / "b")
+    a = safetensors_torch.load_file(tmp_path / "a" / "model.safetensors")
+    b = safetensors_torch.load_file(tmp_path / "b" / "model.safetensors")
+    # merge() adds s B A to W0 in float32, as merged_weight does: the same sum, the same rounding
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_4bit_base_exports_its_dequantized_weight_in_the_compute_dtype(tmp_path):
+    plain, model = adapted("llama", tmp_path, dtype=torch.bfloat16, quantize=True)
+    original = saved_base("llama", tmp_path / "again", torch.bfloat16)  # the full-precision weights
+    result = merge_and_export(model, tmp_path / "out")
+    assert result.dtype == torch.bfloat16
+    sd = safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
+    assert not any(k.endswith(".absmax") for k in sd) and all(t.dtype == torch.bfloat16 for t in sd.values())
+    layers = dict(model.named_modules())
+    k = layers["model.layers.0.self_attn.k_proj"]  # 4-bit, no adapter: exactly its dequantized weight
+    assert torch.equal(sd["model.layers.0.self_attn.k_proj.weight"], k.dequantize(torch.bfloat16))
+    assert not torch.equal(sd["model.layers.0.self_attn.k_proj.weight"],
+                           original.get_submodule("model.layers.0.self_attn.k_proj").weight)
+    q = layers["model.layers.0.self_attn.q_proj"]  # LoRA on 4-bit: bf16(deq_bf16 + s B A), s B A as the layer
+    with torch.no_grad():  # computes it (bf16, as merge() does), the sum in float32
+        delta = q.lora_B["default"].weight @ q.lora_A["default"].weight * q.scaling["default"]
+    expect = q.base.dequantize(torch.bfloat16).float() + delta.float()
+    assert torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], expect.to(torch.bfloat16))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert exported.dtype == torch.bfloat16
+    assert_export_close(exported, model, reference64(plain, model, tmp_path), X)
+
+
+def test_requantize_writes_nf4_and_reports_its_error(tmp_path, caplog):
+    bnb = pytest.importorskip("bitsandbytes")
+    _, model = adapted("llama64", tmp_path, dtype=torch.bfloat16, quantize=True)  # See Note in llama64
+    with caplog.at_level(logging.INFO, logger="lowrank"):
+        result = merge_and_export(model, tmp_path / "out", requantize=True)
+    assert sorted(result.requantize_error) == result.merged and len(result.merged) == 2 * 3
+    assert "re-quantizing to NF4 added a relative error of at most" in caplog.text
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "bitsandbytes" and cfg["load_in_4bit"] and cfg["llm_int8_skip_modules"] == ["lm_head"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu")
+    layers = dict(model.named_modules())
+    for name, m in theirs.named_modules():
+        if not isinstance(m, bnb.nn.Linear4bit):
+            continue
+        got = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        if name in result.merged:  # NF4 of the merged weight, and the error is what was reported
+            w = merged_weight(layers[name]).to(torch.bfloat16)
+            back = nf4.dequantize(nf4.quantize(w, 64, True), torch.float32)
+            assert torch.equal(got, back.to(torch.bfloat16).float())  # bnb returns the quant_state's dtype, bf16
+            rel = (torch.linalg.norm(back - w.float()) / torch.linalg.norm(w.float())).item()
+            assert rel == pytest.approx(result.requantize_error[name], rel=1e-6) and 0 < rel < 0.2
+        else:  # no adapter: the very codes it had
+            assert torch.equal(got, layers[name].dequantize(torch.bfloat16).float())
+
+
+def test_refusals(tmp_path):
+    dense = saved_base("llama", tmp_path / "base")
+    with pytest.raises(ValueError, match="requantize=True .* has none"):
+        merge_and_export(dense, tmp_path / "out", requantize=True)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        merge_and_export(dense, tmp_path / "out", dtype=torch.int8)
+    lowrank.inject(dense, lowrank.AdapterConfig())
+    with pytest.raises(ValueError, match="AdapterLayer adapter, which cannot be merged"):
+        merge_and_export(dense, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size, expect", [(1000, 1000), ("2GB", 2 * 10**9), ("500MB", 500 * 10**6),
+                                          ("1GiB", 2**30), ("1.5kb", 1500), (" 7 B ", 7)])
+def test_sizes(size, expect):
+    assert shards.parse_size(size) == expect
+
+
+@pytest.mark.parametrize("size", ["2 gigs", "", "-1GB", 0, True, 1.5, "GB", None])
+def test_bad_sizes_are_refused(size):
+    with pytest.raises(ValueError, match=r"max_shard_size must be .* got"):
+        shards.parse_size(size)
+
+
+def test_directory_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    _, model = adapted("llama", tmp_path)
+    calls = []
+
+    def broken(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(tensors, filename, metadata)
+
+    real = safetensors_torch.save_file
+    monkeypatch.setattr(safetensors_torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        merge_and_export(model, tmp_path / "out", max_shard_size="40KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no out, no temporary directory
+    monkeypatch.setattr(safetensors_torch, "save_file", real)
+    merge_and_export(model, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        merge_and_export(model, tmp_path / "out")
+    merge_and_export(model, tmp_path / "out", dtype="fp16", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]  # the old one is gone
+    assert safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"].dtype == torch.float16
