@@ -1,0 +1,122 @@
+"""4-bit checkpoints in the bitsandbytes / transformers format (docs/io.md).
+
+A model quantized by `lowrank.quantize` already has the bitsandbytes 4-bit state-dict keys
+(Linear4bit, lowrank/quant/nf4_weight.py). `save_quantized` writes that state dict as a
+transformers model directory with `quantization_config` in config.json, which
+`transformers.AutoModel*.from_pretrained` loads as a bitsandbytes 4-bit model;
+`load_quantized` reads such a directory (ours, or one transformers + bitsandbytes wrote)
+into a model built from its config: every linear layer with 4-bit entries in the
+checkpoint becomes a Linear4bit holding exactly those codes and scales.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import torch
+from torch import nn
+
+from . import shards
+from .export import _write_config, quantization_config
+from .quant.linear4bit import Linear4bit
+from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
+from .targets import is_gpt2_conv1d
+from .tuners.base import TunerLayer
+
+_MARK = ".weight." + BNB_QUANT_STATE_KEY  # the entry that says "this module's weight is 4-bit"
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB", *,
+                   overwrite: bool = False) -> list[str]:
+    """Write a model quantized by lowrank.quantize (no adapters in it) as a bitsandbytes 4-bit
+    transformers directory: safetensors shards, config.json with `quantization_config`,
+    generation_config.json. Atomic (Note: atomic directories, lowrank/shards.py). Returns
+    the weight files written."""
+    if any(isinstance(m, TunerLayer) for m in model.modules()):
+        raise ValueError("the model has adapters; save them with lowrank.save_adapter (and eject them first), or "
+                         "fold them in with lowrank.merge_and_export(..., requantize=True)")
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    if not quantized:
+        raise ValueError(f"{type(model).__name__} has no 4-bit layers; quantize it with lowrank.quantize first "
+                         "(or save a dense model with its own save_pretrained)")
+    max_bytes = shards.parse_size(max_shard_size)
+    state = model.state_dict(keep_vars=True)
+    seen, parts = set(), []
+    for k, t in state.items():
+        if isinstance(t, nn.Parameter) and id(t) in seen:  # a tied weight: written once, as save_pretrained does
+            continue
+        seen.add(id(t))
+        parts.append(shards.Part.of(k, t.detach()))
+    with shards.atomic_directory(out_dir, overwrite) as tmp:
+        files = shards.write(parts, tmp, max_bytes)
+        _write_config(model, tmp, None, quantization_config(quantized, model.named_modules()), state)
+    return files
+
+
+def _compute_dtype(path: pathlib.Path) -> torch.dtype | None:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        return None
+    q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    name = q.get("bnb_4bit_compute_dtype")
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else None
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: torch.dtype | None = None,
+                   strict: bool = True) -> list[str]:
+    """Load a 4-bit checkpoint directory (lowrank's save_quantized, or transformers +
+    bitsandbytes' save_pretrained) into `model`, built from the same config, in place: each
+    nn.Linear (or GPT-2 Conv1D) whose weight the checkpoint holds in 4 bits is replaced by a
+    Linear4bit with exactly the checkpoint's codes and scales; every other tensor is loaded as
+    it is. `model` may be built with its parameters on the meta device (e.g. under
+    `accelerate.init_empty_weights()`): they are assigned from the checkpoint, never allocated
+    twice. compute_dtype: default config.json's bnb_4bit_compute_dtype, else each weight's own.
+    Returns the names of the modules now in 4 bits. Missing or unexpected keys raise when
+    `strict`; weights tied by the model (`tie_weights()`) may be absent from the file."""
+    path = pathlib.Path(path)
+    state = shards.read(path)
+    compute_dtype = compute_dtype if compute_dtype is not None else _compute_dtype(path)
+    modules = dict(model.named_modules())
+    names = sorted(k[: -len(_MARK)] for k in state if k.endswith(_MARK))
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"{path}: the checkpoint has a 4-bit weight {name + '.weight'!r}, but {type(model).__name__} "
+                             "has no such module; was it built from the same config?")
+        if isinstance(module, Linear4bit):
+            continue  # already 4-bit: load_state_dict below loads the codes
+        if not (isinstance(module, nn.Linear) or is_gpt2_conv1d(module)):
+            raise TypeError(f"{path}: {name!r} is 4-bit in the checkpoint but a {type(module).__name__} in the model")
+        prefix = f"{name}.weight"
+        try:
+            q = NF4Weight.from_state_dict(state, prefix)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: while reading the 4-bit weight {prefix!r}: {e}") from e
+        out_in = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else (module.nf, module.nx)
+        if tuple(q.shape) != out_in:
+            raise ValueError(f"{path}: size mismatch for {prefix}: the checkpoint's 4-bit weight has shape "
+                             f"{tuple(q.shape)}, the model's layer is (out, in) = {out_in}")
+        bias = state.get(f"{name}.bias") if getattr(module, "bias", None) is not None else None
+        layer = Linear4bit(q, bias, compute_dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # transformers: lm_head <- embeddings when the config ties them
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [k for k in result.missing_keys if not (k in params and id(params[k]) in loaded)]
+    expected = set(model.state_dict(keep_vars=True))
+    unexpected = sorted(k for k in state if k not in expected)  # (load_state_dict lists none when not strict)
+    meta = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    problems = [f"missing keys: {missing}"] if strict and missing else []
+    problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
+    if meta:
+        problems.append(f"still on the meta device after loading: {meta[:8]} (the checkpoint lacks them; a buffer "
+                        "computed at init, such as rotary inv_freq, needs the model built under "
+                        "accelerate.init_empty_weights(), which leaves buffers real)")
+    if problems:
+        raise ValueError(f"{path}: the checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
+    return names

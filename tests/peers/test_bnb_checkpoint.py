@@ -1,0 +1,117 @@
+"""4-bit checkpoints with transformers + bitsandbytes as the oracle (both on CPU): a
+directory lowrank.save_quantized writes loads in transformers as a bitsandbytes 4-bit model,
+and one transformers writes loads into lowrank, with identical dequantized weights both ways
+(exact: dequantization is a table lookup times a scale, docs/nf4.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes")
+accelerate = pytest.importorskip("accelerate")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import lowrank  # noqa: E402
+from lowrank.quant.linear4bit import Linear4bit  # noqa: E402
+from tests.io.export_helpers import llama64  # noqa: E402
+from tests.tuners import models  # noqa: E402
+
+
+def bnb_layers(model) -> dict[str, torch.Tensor]:
+    """module name -> bitsandbytes' own dequantization of its 4-bit weight."""
+    return {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def ours_layers(model) -> dict[str, Linear4bit]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+
+def empty(config):
+    """A model built from `config` with its parameters on the meta device (buffers real)."""
+    with accelerate.init_empty_weights():
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense")
+    llama64().save_pretrained(path)  # See Note in llama64: widths of 64 for bitsandbytes on CPU
+    return path
+
+
+def test_transformers_loads_ours(dense_dir, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(dense_dir).eval()
+    lowrank.quantize(model, lowrank.NF4Config(compute_dtype=torch.bfloat16))
+    files = lowrank.save_quantized(model, tmp_path / "q", max_shard_size="30KB")
+    assert len(files) > 1
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["load_in_4bit"] and cfg["bnb_4bit_quant_type"] == "nf4" and cfg["bnb_4bit_use_double_quant"]
+    assert cfg["bnb_4bit_compute_dtype"] == "bfloat16" and cfg["llm_int8_skip_modules"] == ["lm_head"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    got, ours = bnb_layers(theirs), ours_layers(model)
+    assert sorted(got) == sorted(ours) and len(got) == 14
+    for name, w in got.items():
+        assert torch.equal(w, ours[name].dequantize(w.dtype)), name
+    assert torch.equal(theirs.lm_head.weight, model.lm_head.weight)  # the head stays dense
+
+
+def test_ours_loads_transformers(dense_dir, tmp_path):
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config, device_map="cpu")
+    theirs.save_pretrained(tmp_path / "q")
+    for model in (empty(theirs.config), transformers.AutoModelForCausalLM.from_config(theirs.config)):
+        names = lowrank.load_quantized(model, tmp_path / "q")
+        ours, got = ours_layers(model), bnb_layers(theirs)
+        assert names == sorted(got) == sorted(ours)
+        for name, w in got.items():
+            assert torch.equal(ours[name].dequantize(w.dtype), w), name
+            assert ours[name].compute_dtype == torch.float32  # from config.json's bnb_4bit_compute_dtype
+        assert torch.equal(model.model.embed_tokens.weight, theirs.model.embed_tokens.weight)
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=models.ids()).logits).all()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_ours_round_trip_is_exact(kind, tmp_path):
+    model = getattr(models, kind)().eval()
+    lowrank.quantize(model)
+    lowrank.save_quantized(model, tmp_path / "q")
+    if kind == "gpt2":  # a tied head is written once, as save_pretrained does
+        assert "lm_head.weight" not in safetensors_torch.load_file(tmp_path / "q" / "model.safetensors")
+    again = empty(model.config)
+    lowrank.load_quantized(again, tmp_path / "q")
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        x = models.ids()
+        assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
+
+
+def test_refusals(dense_dir, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(dense_dir).eval()
+    with pytest.raises(ValueError, match="no 4-bit layers"):
+        lowrank.save_quantized(model, tmp_path / "q")
+    lowrank.quantize(model)
+    lowrank.inject(model, lowrank.LoraConfig(targets=["q_proj"]))
+    with pytest.raises(ValueError, match="the model has adapters"):
+        lowrank.save_quantized(model, tmp_path / "q")
+    lowrank.eject(model)
+    lowrank.save_quantized(model, tmp_path / "q")
+    other = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(dense_dir, intermediate_size=192))
+    with pytest.raises(ValueError, match=r"size mismatch for model.layers.0.mlp.down_proj.weight.*\(64, 128\)"):
+        lowrank.load_quantized(other, tmp_path / "q")
+    with torch.device("meta"):  # buffers on meta too: rotary inv_freq is not in any checkpoint
+        meta = transformers.AutoModelForCausalLM.from_config(model.config)
+    with pytest.raises(ValueError, match="still on the meta device.*init_empty_weights"):
+        lowrank.load_quantized(meta, tmp_path / "q")
+    f = tmp_path / "q" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        lowrank.load_quantized(empty(model.config), tmp_path / "q")
