@@ -20,6 +20,9 @@ from .inject import (
     unmerge,
 )
 from .io import LoadResult, load_adapter, save_adapter
+from .export import ExportResult, merge_and_export
+from .checkpoint import load_quantized, save_quantized
+from .hub import push_adapter
 from .ops import nf4_dequantize, nf4_linear
 from .quant import Linear4bit, NF4Config, NF4Weight, nf4, quantize
 
@@ -52,4 +55,9 @@ __all__ = [
     "set_active",
     "summary",
     "unmerge",
+    "ExportResult",
+    "merge_and_export",
+    "load_quantized",
+    "save_quantized",
+    "push_adapter",
 ]

@@ -159,9 +159,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     full and fsynced under temporary names beside their final ones, then os.replace'd, so a
     failure while writing leaves a previous adapter at `path` as it was. A new directory
     appears whole (built under a temporary name in the same parent, then renamed)."""
+    from . import bottleneck_io
+
+    if name is None and len(adapter_names(model)) > 1:
+        raise ValueError(f"the model has adapters {adapter_names(model)}; pass name= to say which to save")
+    if bottleneck_io.is_bottleneck(model, name):  # our own format: lowrank/bottleneck_io.py
+        tensors, config = bottleneck_io.adapter_state(model, name)
+    else:
+        tensors, config = adapter_state(model, name)
+    return write_adapter(path, tensors, config)
+
+
+def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> pathlib.Path:
+    """Write an adapter directory (`tensors` -> adapter_model.safetensors, `config` ->
+    adapter_config.json) atomically, as save_adapter describes."""
     from safetensors.torch import save_file
 
-    tensors, config = adapter_state(model, name)
     path = pathlib.Path(path)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     fresh = not path.exists()
@@ -259,14 +272,45 @@ def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
     raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (nor {PICKLE_NAME})")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, strict: bool = True,
-                 allow_pickle: bool = False) -> LoadResult:
+def _same_base(a: str, b: str) -> bool:
+    """Two base-model names name the same model: equal once owners / directories are
+    stripped, ignoring case ("meta-llama/Llama-2-7b-hf" ~ "/models/llama-2-7b-hf")."""
+    def short(x: str) -> str:
+        return x.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+
+    return short(a) == short(b)
+
+
+def check_base(peft_config: dict, model: nn.Module, source: str, allow_other_base: bool) -> None:
+    """Refuse an adapter made for another base model, when both names are known."""
+    theirs = peft_config.get("base_model_name_or_path")
+    ours = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if allow_other_base or not isinstance(theirs, str) or not theirs or not isinstance(ours, str) or not ours:
+        return
+    if not _same_base(theirs, ours):
+        raise ValueError(f"{source}: the adapter was trained on base model {theirs!r}, but this model is {ours!r}; "
+                         "pass allow_other_base=True if you know they have the same weights")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, revision: str | None = None,
+                 strict: bool = True, allow_pickle: bool = False, allow_other_base: bool = False,
+                 local_files_only: bool | None = None, token: str | None = None) -> LoadResult:
     """Inject LoRA adapter `name` into `model` as the PEFT (or lowrank) directory `path` says
     (targets, r, alpha, rsLoRA, DoRA, patterns) and load its weights (and any base-model
     weights the file carries, as PEFT does: see Note: base weights in an adapter file). Shape mismatches always
     raise; missing / unexpected keys raise when `strict` (else they are returned). On any error
-    the adapter is ejected again and the model is as before."""
-    path = pathlib.Path(path)
+    the adapter is ejected again and the model is as before.
+
+    `path` may be a hub repo id ("owner/name", at `revision`): only the adapter files are
+    fetched, through huggingface_hub's cache (HF_HUB_OFFLINE=1 or local_files_only: the cache
+    only). An adapter whose config names another base model than `model.config._name_or_path`
+    is refused unless allow_other_base. lowrank's own bottleneck format loads too
+    (lowrank/bottleneck_io.py)."""
+    from . import hub
+
+    extra = ("adapter_model.bin",) if allow_pickle else ()
+    path = hub.resolve(path, revision=revision, local_files_only=local_files_only, token=token,
+                       files=hub.ADAPTER_FILES + extra)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an adapter directory")
@@ -274,6 +318,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         peft_config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file}: not valid JSON: {e}") from e
+    if not isinstance(peft_config, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(peft_config).__name__}")
+    check_base(peft_config, model, str(cfg_file), allow_other_base)
+    from . import bottleneck_io
+
+    if peft_config.get("peft_type") == bottleneck_io.PEFT_TYPE:
+        return bottleneck_io.load(model, path, peft_config, name, strict=strict, allow_pickle=allow_pickle)
     config = config_from_peft(peft_config, str(cfg_file))
     weights = read_weights(path, allow_pickle)
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}

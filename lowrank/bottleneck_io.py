@@ -1,0 +1,140 @@
+"""Bottleneck adapters on disk: lowrank's own format, in PEFT's directory layout (docs/io.md).
+
+PEFT has no bottleneck adapters, so there is no peer format to follow; ours keeps PEFT's
+shape so that tools which list, copy or upload adapter directories handle it unchanged:
+
+    adapter_config.json        {"peft_type": "LOWRANK_BOTTLENECK", "format_version": 1,
+                                "target_modules": [full module names], "placement", "parallel",
+                                "reduction_factor", "bottleneck_size", "activation", "scaling",
+                                "base_model_name_or_path"}
+    adapter_model.safetensors  base_model.model.<module>.adapter.down.weight   (m, d_in)
+                               base_model.model.<module>.adapter.down.bias     (m,)
+                               base_model.model.<module>.adapter.up.weight     (d_out, m)
+                               base_model.model.<module>.adapter.up.bias       (d_out,)
+
+PEFT refuses the directory (it does not know the peft_type); lowrank.load_adapter reads it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
+from .tuners.adapter import AdapterLayer
+from .tuners.base import TunerLayer
+
+PEFT_TYPE = "LOWRANK_BOTTLENECK"
+FORMAT_VERSION = 1
+FIELDS = ("placement", "parallel", "reduction_factor", "bottleneck_size", "activation", "scaling")
+_TENSORS = ("down.weight", "down.bias", "up.weight", "up.bias")
+
+
+def _layers(model: nn.Module, name: str) -> list[tuple[str, AdapterLayer]]:
+    """(module name, bottleneck layer) for every layer holding bottleneck adapter `name`."""
+    out = []
+    for _, _, where, child in _walk(model):
+        m = child
+        while isinstance(m, TunerLayer):
+            if isinstance(m, AdapterLayer) and name in m.names:
+                out.append((where, m))
+                break
+            m = m.base
+    return out
+
+
+def _names(model: nn.Module) -> list[str]:
+    return [n for n in adapter_names(model) if _layers(model, n)]
+
+
+def is_bottleneck(model: nn.Module, name: str | None) -> bool:
+    """Does save_adapter(model, name=name) mean a bottleneck adapter? With name=None: the
+    model's adapters are all bottleneck adapters (so exactly one is unambiguous)."""
+    if name is not None:
+        return bool(_layers(model, name))
+    return bool(adapter_names(model)) and set(_names(model)) == set(adapter_names(model))
+
+
+def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(keyed tensors, adapter_config dict) for bottleneck adapter `name` of `model`."""
+    from .io import PREFIX
+
+    if name is None:
+        names = _names(model)
+        if len(names) != 1:
+            raise ValueError(f"the model has bottleneck adapters {names}; pass name= to say which to save")
+        name = names[0]
+    layers = _layers(model, name)
+    configs = {id(layer.configs[name]): layer.configs[name] for _, layer in layers}
+    if len(configs) > 1:
+        raise ValueError(f"bottleneck adapter {name!r} was injected with several configs; our format holds one")
+    config = next(iter(configs.values()))
+    tensors = {}
+    for where, layer in layers:
+        params = dict(layer.adapters[name].named_parameters())
+        for t in _TENSORS:
+            tensors[f"{PREFIX}{where}.adapter.{t}"] = params[t].detach().cpu().contiguous()
+    cfg = getattr(model, "config", None)
+    saved = {"peft_type": PEFT_TYPE, "format_version": FORMAT_VERSION, "library": "lowrank",
+             "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
+             "target_modules": [w for w, _ in layers], **{f: getattr(config, f) for f in FIELDS}}
+    return tensors, saved
+
+
+def config_from_saved(saved: dict, source: str) -> AdapterConfig:
+    """The AdapterConfig a saved adapter_config.json describes (targets: exactly its modules)."""
+    version = saved.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{source}: format_version is {version!r}; this lowrank reads version {FORMAT_VERSION}")
+    targets = saved.get("target_modules")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{source}: target_modules must be a non-empty list of module names; got {targets!r}")
+    unknown = sorted(set(saved) - set(FIELDS) - {"peft_type", "format_version", "library", "base_model_name_or_path",
+                                                  "target_modules"})
+    if unknown:
+        raise ValueError(f"{source}: unknown fields {unknown} for a {PEFT_TYPE} adapter")
+    names = frozenset(targets)
+    fields = {f: saved[f] for f in FIELDS if f in saved}
+    return AdapterConfig(targets=lambda n, m: n in names, **fields)  # exact names: no suffix or glob surprises
+
+
+def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: bool = True,
+         allow_pickle: bool = False):
+    """Inject bottleneck adapter `name` as `saved` (the parsed adapter_config.json) says and
+    load its weights from `path`. As io.load_adapter: shape mismatches raise; missing /
+    unexpected keys raise when `strict`; on any error the model is left as it was."""
+    from .io import CONFIG_NAME, PREFIX, LoadResult, read_weights
+
+    config = config_from_saved(saved, str(path / CONFIG_NAME))
+    weights = read_weights(path, allow_pickle)
+    before = active_adapters(model)
+    modules = inject(model, config, name)
+    try:
+        seen, missing, mismatched, pairs = set(), [], [], []
+        for where, layer in _layers(model, name):
+            params = dict(layer.adapters[name].named_parameters())
+            for t in _TENSORS:
+                key = f"{PREFIX}{where}.adapter.{t}"
+                if key not in weights:
+                    missing.append(key)
+                    continue
+                seen.add(key)
+                if tuple(weights[key].shape) != tuple(params[t].shape):
+                    mismatched.append((key, tuple(weights[key].shape), tuple(params[t].shape)))
+                pairs.append((params[t], weights[key]))
+        unexpected = sorted(k for k in weights if k not in seen)
+        problems = [f"shape mismatches (key, file, model): {mismatched}"] if mismatched else []
+        problems += [f"missing keys: {sorted(missing)}"] if strict and missing else []
+        problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
+        if problems:
+            raise ValueError(f"{path}: the bottleneck adapter does not fit {type(model).__name__}: " + "; ".join(problems))
+        with torch.no_grad():
+            for param, value in pairs:
+                param.copy_(value)
+    except BaseException:
+        eject(model, name)
+        if before:
+            set_active(model, before)
+        raise
+    return LoadResult(modules, sorted(missing), unexpected, mismatched)
