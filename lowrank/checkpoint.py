@@ -55,11 +55,19 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     return files
 
 
-def _compute_dtype(path: pathlib.Path) -> torch.dtype | None:
+def _quantization_config(path: pathlib.Path) -> dict:
     cfg = path / "config.json"
-    if not cfg.exists():
-        return None
-    q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    q = json.loads(cfg.read_text()).get("quantization_config") if cfg.exists() else None
+    q = q or {}
+    if q.get("load_in_8bit") or q.get("quant_method", "bitsandbytes") != "bitsandbytes" or \
+            q.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        kind = "8-bit" if q.get("load_in_8bit") else f"{q.get('quant_method')} / {q.get('bnb_4bit_quant_type')}"
+        raise NotImplementedError(f"{cfg}: the checkpoint is quantized as {kind}; load_quantized reads "
+                                  "bitsandbytes NF4 4-bit checkpoints only")
+    return q
+
+
+def _compute_dtype(q: dict) -> torch.dtype | None:
     name = q.get("bnb_4bit_compute_dtype")
     return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else None
 
@@ -76,8 +84,11 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     Returns the names of the modules now in 4 bits. Missing or unexpected keys raise when
     `strict`; weights tied by the model (`tie_weights()`) may be absent from the file."""
     path = pathlib.Path(path)
+    quant = _quantization_config(path)
     state = shards.read(path)
-    compute_dtype = compute_dtype if compute_dtype is not None else _compute_dtype(path)
+    if any(k.endswith(".SCB") for k in state):  # bitsandbytes' 8-bit row scales
+        raise NotImplementedError(f"{path}: the checkpoint holds 8-bit (LLM.int8) weights; load_quantized reads NF4 only")
+    compute_dtype = compute_dtype if compute_dtype is not None else _compute_dtype(quant)
     modules = dict(model.named_modules())
     names = sorted(k[: -len(_MARK)] for k in state if k.endswith(_MARK))
     for name in names:

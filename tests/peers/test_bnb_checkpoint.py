@@ -111,6 +111,12 @@ def test_refusals(dense_dir, tmp_path):
         meta = transformers.AutoModelForCausalLM.from_config(model.config)
     with pytest.raises(ValueError, match="still on the meta device.*init_empty_weights"):
         lowrank.load_quantized(meta, tmp_path / "q")
+    cfg_file = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps(cfg | {"quantization_config": cfg["quantization_config"] | {"load_in_8bit": True}}))
+    with pytest.raises(NotImplementedError, match="quantized as 8-bit; load_quantized reads bitsandbytes NF4"):
+        lowrank.load_quantized(empty(model.config), tmp_path / "q")
+    cfg_file.write_text(json.dumps(cfg))
     f = tmp_path / "q" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
