@@ -156,22 +156,8 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     for name in sorted(set(loras) | set(quantized)):
         layer, q = loras.get(name), quantized.get(name)
         key = f"{name}.weight" if name else "weight"
-        keys = [key + s for s in _WEIGHT_KEYS] if q is not None else [key]
-        owner |= {k: key for k in keys if k in state}
-        target = (q.compute_dtype if dtype is None else dtype) if q is not None else (
-            layer.base.weight.dtype if dtype is None else dtype)
-        make = (lambda layer=layer: merged_weight(layer)) if layer is not None else (
-            lambda q=q: q.dequantize(q.compute_dtype).float())
-        if requantize and q is not None and layer is None:  # no adapter here: its own NF4 codes, exact
-            parts[key] = shards.Part(_nf4_sizes(key, q, q.dtype), lambda q=q, key=key: q.weight.to_state_dict(key))
-        elif requantize and q is not None:
-            sizes = _nf4_sizes(key, q, target)
-            parts[key] = shards.Part(sizes, lambda make=make, q=q, key=key, name=name, target=target:
-                                     _requantized(make(), q, key, name, target, errors))
-        else:
-            numel = q.weight.numel if q is not None else layer.base.weight.numel()
-            parts[key] = shards.Part({key: numel * torch.tensor([], dtype=target).element_size()},
-                                     lambda make=make, key=key, target=target: {key: make().to(target)})
+        owner |= {k: key for k in ([key + s for s in _WEIGHT_KEYS] if q is not None else [key]) if k in state}
+        parts[key] = _weight_part(key, name, layer, q, dtype, requantize, errors)
     _check_ties(state, {k for k, w in owner.items() if k == w})
     seen, ordered = set(), []
     for k, t in state.items():
@@ -182,7 +168,8 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
         if isinstance(t, nn.Parameter) and id(t) in seen:  # a tied weight (GPT-2's lm_head): written once
             continue
         seen.add(id(t))
-        ordered.append(shards.Part.of(k, _cast(t.detach(), dtype)))
+        size = t.numel() * (_cast(t.new_empty(0), dtype).element_size())
+        ordered.append(shards.Part({k: size}, lambda k=k, t=t: {k: _cast(t.detach(), dtype)}))  # cast when written
     with shards.atomic_directory(out_dir, overwrite) as tmp:
         files = shards.write(ordered, tmp, max_bytes)
         modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
@@ -191,8 +178,25 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     if errors:
         log.info("merge_and_export: re-quantizing to NF4 added a relative error of at most %.3g (mean %.3g) over %d "
                  "layers", max(errors.values()), sum(errors.values()) / len(errors), len(errors))
-    return ExportResult(pathlib.Path(out_dir), files, dtype, sorted(n for n, lay in loras.items()
-                                                                   if lay.active or lay.merged), dict(sorted(errors.items())))
+    merged = sorted(n for n, layer in loras.items() if layer.active or layer.merged)
+    return ExportResult(pathlib.Path(out_dir), files, dtype, merged, dict(sorted(errors.items())))
+
+
+def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Linear4bit | None, dtype: torch.dtype | None,
+                 requantize: bool, errors: dict) -> shards.Part:
+    """The part that writes module `name`'s weight: merged (LoRA) and / or dequantized (4-bit),
+    dense in the export dtype, or NF4 again with requantize."""
+    if requantize and q is not None and layer is None:  # 4-bit, no adapter: its own NF4 codes, exact
+        return shards.Part(_nf4_sizes(key, q, q.dtype), lambda: q.weight.to_state_dict(key))
+    def make() -> torch.Tensor:  # W' in float32: merged, or the 4-bit weight as its forward sees it
+        return merged_weight(layer) if layer is not None else q.dequantize(q.compute_dtype).float()
+
+    base_dtype = q.compute_dtype if q is not None else layer.base.weight.dtype
+    target = base_dtype if dtype is None else dtype
+    if requantize and q is not None:
+        return shards.Part(_nf4_sizes(key, q, target), lambda: _requantized(make(), q, key, name, target, errors))
+    numel = q.weight.numel if q is not None else layer.base.weight.numel()
+    return shards.Part({key: numel * torch.empty(0, dtype=target).element_size()}, lambda: {key: make().to(target)})
 
 
 def _requantized(w: torch.Tensor, like: Linear4bit, key: str, name: str, dtype: torch.dtype, errors: dict) -> dict:
