@@ -119,7 +119,7 @@ def read(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if (path / INDEX).exists():
         try:
             files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{path / INDEX}: not a safetensors index (a JSON object with a weight_map): {e}") from e
     elif (path / SINGLE).exists():
         files = [SINGLE]

@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
                    help="dtype of the written weights (default: the base's; a 4-bit base: its compute dtype)")
     p.add_argument("--requantize", action="store_true", help="a 4-bit base: write the merged layers in NF4 again")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="load the adapter even if its config names another base model")
     p.set_defaults(func=run)
 
 
@@ -53,7 +55,7 @@ def run(args) -> int:
     from ..io import load_adapter
 
     model = _load_base(args.base)
-    loaded = load_adapter(model, args.adapter)
+    loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base)
     result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
                               requantize=args.requantize, overwrite=args.overwrite)
     print(f"merged {len(loaded.modules)} modules of {args.adapter} into {args.base}; wrote {args.out} "

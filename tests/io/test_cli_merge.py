@@ -59,6 +59,25 @@ def test_merge_command(tmp_path):
     assert tok("w1 w5 w7")["input_ids"] == [1, 5, 7]
 
 
+def test_merge_command_on_a_4bit_base(tmp_path):
+    """BASE a bitsandbytes 4-bit directory (save_quantized): the command loads it with
+    load_quantized and writes what merge_and_export writes for the same model, tensor for tensor."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = saved_base("llama", tmp_path / "dense" / "base", torch.bfloat16)
+    lowrank.quantize(model, lowrank.NF4Config(compute_dtype=torch.bfloat16))
+    lowrank.save_quantized(model, tmp_path / "nf4" / "base")  # the same name: the adapter's base check passes
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    models.randomize_adapters(model)
+    lowrank.save_adapter(model, tmp_path / "adapter")
+    lowrank.merge_and_export(model, tmp_path / "expected")
+    done = lowrank_cli("merge", tmp_path / "nf4" / "base", tmp_path / "adapter", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "dtype torch.bfloat16" in done.stdout
+    got = safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
+    expected = safetensors_torch.load_file(tmp_path / "expected" / "model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
 def test_merge_command_errors_are_one_line(tmp_path, capsys):
     saved_base("llama", tmp_path / "base")
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
