@@ -18,7 +18,6 @@ import lowrank  # noqa: E402
 from lowrank import shards  # noqa: E402
 from lowrank.export import merge_and_export, merged_weight  # noqa: E402
 from lowrank.quant import nf4  # noqa: E402
-from lowrank.quant.linear4bit import Linear4bit  # noqa: E402
 from tests.io.export_helpers import assert_export_close, logits, reference64, saved_base  # noqa: E402
 from tests.tuners import models  # noqa: E402
 
