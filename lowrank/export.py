@@ -152,12 +152,13 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     if requantize and not quantized:
         raise ValueError("requantize=True re-quantizes the layers that were 4-bit, and this model has none "
                          "(quantize it with lowrank.quantize first, or export it dense)")
+    conv1d = set() if requantize else _conv1d_layout(model, quantized)
     parts, errors, owner = {}, {}, {}  # owner: a replaced state-dict key -> the key of the part that writes it
     for name in sorted(set(loras) | set(quantized)):
         layer, q = loras.get(name), quantized.get(name)
         key = f"{name}.weight" if name else "weight"
         owner |= {k: key for k in ([key + s for s in _WEIGHT_KEYS] if q is not None else [key]) if k in state}
-        parts[key] = _weight_part(key, name, layer, q, dtype, requantize, errors)
+        parts[key] = _weight_part(key, name, layer, q, dtype, requantize, errors, name in conv1d)
     _check_ties(state, {k for k, w in owner.items() if k == w})
     seen, ordered = set(), []
     for k, t in state.items():
@@ -182,14 +183,35 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     return ExportResult(pathlib.Path(out_dir), files, dtype, merged, dict(sorted(errors.items())))
 
 
+# Note: 4-bit GPT-2. lowrank.quantize turns a GPT-2 Conv1D (weight stored (in, out)) into a
+# Linear4bit (out, in), as transformers + bitsandbytes do; the Linear4bit does not remember
+# it. A dense export must write such a weight back as (in, out), or transformers' Conv1D
+# would refuse it (or, square, silently use its transpose). For a transformers model we ask
+# the model class itself: built from its config on the meta device (no memory), which
+# modules are Conv1D. A 4-bit export keeps (out, in), which is what bitsandbytes loads.
+def _conv1d_layout(model: nn.Module, quantized: dict[str, Linear4bit]) -> set[str]:
+    """Names of 4-bit layers that the model's own class builds as a GPT-2 Conv1D."""
+    from .targets import is_gpt2_conv1d
+
+    config = getattr(model, "config", None)
+    if not quantized or config is None or getattr(type(model), "config_class", None) is None:
+        return set()
+    with torch.device("meta"):
+        fresh = type(model)(copy.deepcopy(config))
+    built = dict(fresh.named_modules())
+    return {n for n in quantized if n in built and is_gpt2_conv1d(built[n])}
+
+
 def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Linear4bit | None, dtype: torch.dtype | None,
-                 requantize: bool, errors: dict) -> shards.Part:
+                 requantize: bool, errors: dict, conv1d: bool = False) -> shards.Part:
     """The part that writes module `name`'s weight: merged (LoRA) and / or dequantized (4-bit),
-    dense in the export dtype, or NF4 again with requantize."""
+    dense in the export dtype (transposed to (in, out) for a `conv1d`: Note: 4-bit GPT-2), or
+    NF4 again with requantize."""
     if requantize and q is not None and layer is None:  # 4-bit, no adapter: its own NF4 codes, exact
         return shards.Part(_nf4_sizes(key, q, q.dtype), lambda: q.weight.to_state_dict(key))
     def make() -> torch.Tensor:  # W' in float32: merged, or the 4-bit weight as its forward sees it
-        return merged_weight(layer) if layer is not None else q.dequantize(q.compute_dtype).float()
+        w = merged_weight(layer) if layer is not None else q.dequantize(q.compute_dtype).float()  # (out, in)
+        return w.T.contiguous() if conv1d else w  # (in, out) for a Conv1D
 
     base_dtype = q.compute_dtype if q is not None else layer.base.weight.dtype
     target = base_dtype if dtype is None else dtype

@@ -106,6 +106,20 @@ def test_4bit_base_exports_its_dequantized_weight_in_the_compute_dtype(tmp_path)
     assert_export_close(exported, model, reference64(plain, model, tmp_path), X)
 
 
+def test_4bit_gpt2_exports_conv1d_weights_in_their_layout(tmp_path):
+    """GPT-2's Conv1D weights are (in, out); quantized they are (out, in) (Note: 4-bit GPT-2):
+    the dense export writes them back as the model class builds them."""
+    plain, model = adapted("gpt2", tmp_path, dtype=torch.bfloat16, quantize=True)
+    merge_and_export(model, tmp_path / "out")
+    sd = safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # (in, out), LoRA on it
+    assert sd["transformer.h.0.mlp.c_proj.weight"].shape == (128, 32)  # (in, out), 4-bit only
+    c_proj = model.get_submodule("transformer.h.0.attn.c_proj")  # square: a transpose would load silently
+    assert torch.equal(sd["transformer.h.0.attn.c_proj.weight"], c_proj.dequantize(torch.bfloat16).T)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert_export_close(exported, model, reference64(plain, model, tmp_path), X)
+
+
 def test_requantize_writes_nf4_and_reports_its_error(tmp_path, caplog):
     bnb = pytest.importorskip("bitsandbytes")
     _, model = adapted("llama64", tmp_path, dtype=torch.bfloat16, quantize=True)  # See Note in llama64
