@@ -72,6 +72,17 @@ def reference64(plain: nn.Module, adapted: nn.Module, tmp) -> nn.Module:
     return ref
 
 
+def tokenizer():
+    """A word-level tokenizer over the tiny vocabulary ("w0" .. "w62"), built here (no download)."""
+    import tokenizers
+    import transformers
+
+    vocab = {f"w{i}": i for i in range(models.VOCAB - 1)} | {"[UNK]": models.VOCAB - 1}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=x).logits.double()

@@ -15,22 +15,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 
 import lowrank  # noqa: E402
 from lowrank.cli import main  # noqa: E402
-from tests.io.export_helpers import assert_export_close, reference64, saved_base  # noqa: E402
+from tests.io.export_helpers import assert_export_close, reference64, saved_base, tokenizer  # noqa: E402
 from tests.tuners import models  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def tokenizer():
-    """A word-level tokenizer over the tiny vocabulary, built here (no download)."""
-    vocab = {f"w{i}": i for i in range(models.VOCAB - 1)} | {"[UNK]": models.VOCAB - 1}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
 def lowrank_cli(*args):

@@ -18,7 +18,7 @@ import lowrank  # noqa: E402
 from lowrank import shards  # noqa: E402
 from lowrank.export import merge_and_export, merged_weight  # noqa: E402
 from lowrank.quant import nf4  # noqa: E402
-from tests.io.export_helpers import assert_export_close, logits, reference64, saved_base  # noqa: E402
+from tests.io.export_helpers import assert_export_close, logits, reference64, saved_base, tokenizer  # noqa: E402
 from tests.tuners import models  # noqa: E402
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "llama64": ["q_proj", "v_proj", "down_proj"],
@@ -71,6 +71,15 @@ def test_tied_gpt2_head_written_once_and_config_kept(tmp_path):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["model_type"] == "gpt2" and cfg["n_embd"] == 32 and "quantization_config" not in cfg
     assert (tmp_path / "out" / "generation_config.json").exists()
+
+
+def test_a_given_tokenizer_is_saved_beside_the_model(tmp_path):
+    pytest.importorskip("tokenizers")
+    _, model = adapted("llama", tmp_path)  # its base directory has no tokenizer: nothing to copy
+    merge_and_export(model, tmp_path / "bare")
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()
+    merge_and_export(model, tmp_path / "out", tokenizer=tokenizer())
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out")("w3 w9")["input_ids"] == [3, 9]
 
 
 def test_already_merged_model_exports_the_same(tmp_path):
