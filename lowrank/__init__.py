@@ -21,7 +21,7 @@ from .inject import (
 )
 from .io import LoadResult, load_adapter, save_adapter
 from .ops import nf4_dequantize, nf4_linear
-from .quant import Linear4bit, NF4Config, NF4Weight, nf4, quantize
+from .quant import Linear4bit, NF4Config, NF4Weight, load_and_quantize, nf4, quantize, skeleton
 
 __version__ = "0.1.0.dev0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "eject",
     "inject",
     "load_adapter",
+    "load_and_quantize",
     "mark_trainable",
     "merge",
     "nf4",
@@ -50,6 +51,7 @@ __all__ = [
     "quantize",
     "save_adapter",
     "set_active",
+    "skeleton",
     "summary",
     "unmerge",
 ]
