@@ -79,8 +79,12 @@ def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:
     raise FileNotFoundError(f"{path} has neither {INDEX} nor {SINGLE}; it holds {sorted(p.name for p in path.iterdir())[:10]}")
 
 
-def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+# Note: copy what is kept. safetensors hands out tensors that may share the file's memory map;
+# one such tensor kept in the model keeps the whole shard mapped (and its pages counted in the
+# process's memory) after the file is closed. Tensors the model keeps are therefore copied;
+# a weight that is only read to be quantized is not.
+def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None, keep: bool = True) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=keep)
 
 
 def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Config | None = None, *,
@@ -122,7 +126,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                         biases[owner] = _cast(f.get_tensor(key), device, dtype)
                     else:
                         shape = (layer.nf, layer.nx) if is_gpt2_conv1d(layer) else (layer.out_features, layer.in_features)
-                        w = _cast(f.get_tensor(key), device, dtype)  # (out, in); GPT-2 Conv1D: (in, out)
+                        w = _cast(f.get_tensor(key), device, dtype, keep=False)  # (out, in); Conv1D: (in, out)
                         w = w.T.contiguous() if is_gpt2_conv1d(layer) else w
                         if tuple(w.shape) != shape:
                             bad_shapes.append(f"{key}: checkpoint {tuple(w.shape)}, model {shape}")
