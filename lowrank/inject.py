@@ -197,8 +197,10 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """Trainable and total parameters (each counted once), and the parameters of each adapter.
-    A 4-bit layer's weight counts as its number of elements, though it is stored as buffers."""
-    params = list(model.parameters())
+    A 4-bit layer's weight counts as its number of elements, not as the packed bytes and
+    scales (frozen integer parameters) that store it."""
+    codec = {id(t) for m in model.modules() if isinstance(m, Linear4bit) for t in m.codec_tensors()}
+    params = [p for p in model.parameters() if id(p) not in codec]
     per: dict[str, int] = {}
     for layer in _layers(model):
         for n in layer.names:
