@@ -52,17 +52,22 @@ class Linear4bit(nn.Module):
         self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
 
     # Note: frozen integer parameters. FSDP2 (torch.distributed.fsdp.fully_shard) shards a
-    # module's parameters and leaves its buffers whole on every rank, so the packed weight and
-    # its scales are nn.Parameters with requires_grad=False: each rank then holds about
-    # 1/world of a 4-bit model. Every float32 field (absmax without double quantization,
-    # nested_absmax, offset) is stored as its int32 bit pattern and viewed back as float32 by
-    # `weight`. Integer storage is what keeps the NF4 format intact under every cast: model.half()
-    # and model.to(torch.bfloat16) cast floating tensors only, FSDP2's MixedPrecisionPolicy
-    # casts floating parameters only (FSDPParam clamps param_dtype to None for the others),
-    # and no optimizer or DDP gradient hook considers a tensor that cannot require grad.
-    # FSDP2 all-gathers mixed dtypes through one uint8 buffer (foreach_all_gather), so uint8
-    # and int32 shards travel together, bit for bit. The state dict is written by hand below,
-    # so its keys and dtypes stay bitsandbytes' whatever the storage.
+    # module's parameters along dim 0 and leaves its buffers whole on every rank, so the packed
+    # weight and its scales are nn.Parameters with requires_grad=False: each rank then holds
+    # about 1/world of a 4-bit model. They are integer tensors (See Note: the scales stay
+    # float32), which can never require grad, so no optimizer state, DDP gradient hook or
+    # FSDP2 reduce-scatter is ever made for them. FSDP2 all-gathers a group of mixed dtypes
+    # through one uint8 buffer (foreach_all_gather), so uint8 and int32 shards travel
+    # together, bit for bit. The state dict is written by hand below, so its keys and dtypes
+    # stay bitsandbytes' whatever the storage.
+    #
+    # Note: the scales stay float32. model.half() or model.to(torch.bfloat16) casts every
+    # floating parameter and buffer, and FSDP2's MixedPrecisionPolicy(param_dtype=...) every
+    # floating parameter, but the codec's float32 scales (absmax without double quantization,
+    # nested_absmax, offset) belong to the NF4 format, not to the compute dtype. So they are
+    # stored as their int32 bit patterns, which every cast leaves alone (FSDPParam clamps
+    # param_dtype to None for a non-floating parameter), and `weight` views them back as
+    # float32: devices change, values do not.
     def _set_weight(self, q: NF4Weight) -> None:
         for field in _PARAMS:
             t = getattr(q, field)
@@ -90,7 +95,7 @@ class Linear4bit(nn.Module):
 
     @property
     def weight(self) -> NF4Weight:
-        # See Note: frozen integer parameters.
+        # See Note: the scales stay float32.
         return NF4Weight(self.packed, _as_float(self.absmax), self.shape, self.dtype, self.blocksize,
                          _as_float(self.nested_absmax), _as_float(self.offset))
 
