@@ -165,7 +165,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     Note: saving from several ranks, in lowrank/distributed.py)."""
     tensors, config = adapter_state(model, name)
     path = pathlib.Path(path)
-    distributed.on_main(lambda: _write_adapter(path, tensors, config), collective=distributed.any_sharded(model.parameters()))
+    sharded = distributed.any_sharded(model.parameters())  # FSDP2: every rank is here, waiting for rank 0
+    distributed.on_main(lambda: _write_adapter(path, tensors, config), collective=sharded)
     return path
 
 

@@ -3,6 +3,20 @@
 Every case is (mode, config, base): mode "ddp" or "fsdp", a config from CONFIGS, a base
 from BASES. To cover a new tuner, add its config to CONFIGS: the ranks run it under DDP and
 FSDP2 and every test in this folder checks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from lowrank import AdapterConfig, LoraConfig, NF4Config, inject, load_adapter, quantize, save_adapter, summary
+from lowrank.distributed import full_tensor
+from tests.tuners import models
 
 # Note: the same arithmetic as one process. The global batch is WORLD * PER_RANK sequences;
 # rank r trains on rows [r * PER_RANK, (r + 1) * PER_RANK). DDP and FSDP2 average the ranks'
@@ -18,20 +32,6 @@ FSDP2 and every test in this folder checks it.
 
 # Note: one thread. A CPU matmul may split its sums differently with a different number of
 # threads; every rank and the reference run with one (spawn.py, `one_thread`).
-"""
-
-from __future__ import annotations
-
-import contextlib
-import os
-import traceback
-
-import torch
-from torch.nn.parallel import DistributedDataParallel
-
-from lowrank import AdapterConfig, Linear4bit, LoraConfig, NF4Config, inject, load_adapter, quantize, save_adapter, summary
-from lowrank.distributed import full_tensor
-from tests.tuners import models
 
 WORLD = 2
 PER_RANK = 2  # sequences per rank
@@ -40,6 +40,7 @@ LR = 1e-2
 
 CONFIGS = {
     "lora": LoraConfig(r=4, alpha=8, targets="all-linear"),
+    "dora": LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj"), dora=True),  # reads the (gathered) base weight
     "adapter": AdapterConfig(bottleneck_size=8),  # Pfeiffer: after each LlamaMLP
 }
 BASES = ("plain", "nf4")
@@ -115,7 +116,7 @@ def shard(model, mesh) -> None:
 # -- what each rank runs ------------------------------------------------------------------
 def run_case(rank: int, mode: str, config: str, base: str, out: str, mesh) -> dict:
     model = build(config, base)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     if mode == "ddp":
         trained = DistributedDataParallel(model)
     else:
@@ -130,8 +131,8 @@ def run_case(rank: int, mode: str, config: str, base: str, out: str, mesh) -> di
     names = {id(p): n for n, p in params.items()}
     result = {
         "trained": {n: full_tensor(p.detach()).clone() for n, p in params.items() if p.requires_grad},
-        "frozen_moved": [n for n, t in frozen.items() if not torch.equal(full_tensor(params[n].detach()), t)],
-        "frozen_flags": [n for n in frozen if params[n].requires_grad or params[n].grad is not None],
+        "unchanged": [n for n, t in before.items() if torch.equal(full_tensor(params[n].detach()), t)],
+        "frozen_flags": [n for n, p in params.items() if not p.requires_grad and p.grad is not None],
         "with_state": sorted(names[id(p)] for p in opt.state),
         "summary": tuple(vars(summary(model)).values()),
     }
@@ -152,8 +153,21 @@ def save_and_load(rank, mode, config, base, model, out, mesh) -> dict:
     if mode == "ddp":  # the usual DDP pattern: rank 0 alone saves; a call on another rank writes nothing
         save_adapter(model, saved if rank == 0 else saved + f"-rank{rank}")
         return {"saved": saved, "rank_wrote": os.path.exists(saved + f"-rank{rank}")}
-    save_adapter(model, saved)  # FSDP: a collective, every rank calls it
-    result = {"saved": saved, "seen_after_save": os.path.isfile(os.path.join(saved, "adapter_model.safetensors"))}
+    from torch.distributed.tensor import DTensor
+
+    gathered, real = [], DTensor.full_tensor
+
+    def counted(self, *args, **kwargs):  # every all-gather save_adapter asks for
+        gathered.append(tuple(self.shape))
+        return real(self, *args, **kwargs)
+
+    DTensor.full_tensor = counted
+    try:
+        save_adapter(model, saved)  # FSDP: a collective, every rank calls it
+    finally:
+        DTensor.full_tensor = real
+    result = {"saved": saved, "seen_after_save": os.path.isfile(os.path.join(saved, "adapter_model.safetensors")),
+              "gathered": gathered}
     blocker = os.path.join(out, name + "-a-file")  # a path that is a file: rank 0's write fails
     if rank == 0:
         open(blocker, "w").close()

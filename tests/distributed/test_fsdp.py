@@ -58,6 +58,11 @@ def test_fsdp_save_gathers_the_adapter_and_rank0_writes(ranks, reference, config
     rs = both(ranks, config, base)
     assert all(r["seen_after_save"] for r in rs)  # no rank returns before the files exist
     same_adapter_directory(rs[0]["saved"], reference(config, base), tmp_path)
+    # only adapter tensors were gathered: one all-gather per tensor written, of its shape
+    from safetensors.torch import load_file
+
+    written = sorted(tuple(t.shape) for t in load_file(f"{rs[0]['saved']}/adapter_model.safetensors").values())
+    assert all(sorted(r["gathered"]) == written for r in rs)
     # rank 0's failure reaches every rank: its own error there, a RuntimeError naming it elsewhere
     assert rs[0]["failed_save"].startswith("NotADirectoryError")
     assert all(r["failed_save"].startswith("RuntimeError: rank 0 failed") and "NotADirectoryError" in r["failed_save"]
