@@ -21,6 +21,7 @@ import tempfile
 import torch
 from torch import nn
 
+from . import distributed
 from .config import LoraConfig
 from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
 from .targets import first_match
@@ -110,7 +111,8 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     tensors, ranks, alphas = {}, {}, {}
     for where, layer in layers:
         for suffix, t in _tensors(layer, name).items():
-            tensors[f"{PREFIX}{where}.{suffix}"] = t.detach().cpu().contiguous()
+            # See Note: saving from several ranks (lowrank/distributed.py)
+            tensors[f"{PREFIX}{where}.{suffix}"] = distributed.full_tensor(t.detach()).cpu().contiguous()
         c = layer.configs[name]
         ranks[where] = layer.r[name]
         alphas[where] = first_match(c.alpha_pattern, where, layer.base, c.alpha)
@@ -158,11 +160,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     `path` in PEFT's format: adapter weights only. Atomic per file: both files are written in
     full and fsynced under temporary names beside their final ones, then os.replace'd, so a
     failure while writing leaves a previous adapter at `path` as it was. A new directory
-    appears whole (built under a temporary name in the same parent, then renamed)."""
-    from safetensors.torch import save_file
-
+    appears whole (built under a temporary name in the same parent, then renamed).
+    Under torch.distributed only rank 0 writes; under FSDP2 every rank must call it (see
+    Note: saving from several ranks, in lowrank/distributed.py)."""
     tensors, config = adapter_state(model, name)
     path = pathlib.Path(path)
+    sharded = distributed.any_sharded(model.parameters())  # FSDP2: every rank is here, waiting for rank 0
+    distributed.on_main(lambda: _write_adapter(path, tensors, config), collective=sharded)
+    return path
+
+
+def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    from safetensors.torch import save_file
+
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     fresh = not path.exists()
     if fresh:
@@ -191,7 +201,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                 f.unlink()
             directory.rmdir()
         raise
-    return path
 
 
 # -- loading ------------------------------------------------------------------------------
