@@ -218,7 +218,7 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     """Our LoraConfig for a PEFT LoRA adapter_config dict; refuses what we cannot reproduce."""
     kind = peft_config.get("peft_type")
     if kind != "LORA":
-        raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA adapters (peft_type 'LORA') only")
+        raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA ('LORA') and prompt-tuning ('PROMPT_TUNING') adapters")
     for field, default in _UNSUPPORTED.items():
         value = peft_config.get(field, default)
         if value not in (default, None, False, [], {}) and value != default:

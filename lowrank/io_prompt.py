@@ -34,7 +34,10 @@ def holds_prompt(model: nn.Module, name: str | None) -> bool:
     """Whether adapter `name` (None: the model's only adapter) is a prompt."""
     if name is None:
         names = adapter_names(model)
-        return len(names) == 1 and bool(_prompt_layers(model, names[0]))
+        prompts = [n for n in names if _prompt_layers(model, n)]
+        if prompts and len(names) > 1:
+            raise ValueError(f"the model has adapters {names} (prompts: {prompts}); pass name= to say which to save")
+        return bool(prompts)
     return bool(_prompt_layers(model, name))
 
 

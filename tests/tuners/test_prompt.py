@@ -240,3 +240,41 @@ def test_unsupported_calls_raise():
         model(input_ids=ids)
     with pytest.raises(ValueError, match="reads token embeddings"):
         lowrank.inject(models.encoder(), lowrank.PromptConfig(num_virtual_tokens=2, init="vocab"))
+
+
+def test_a_custom_model_offering_the_two_methods_works():
+    class Tiny(nn.Module):  # the contract of docs/prompt.md: get_input_embeddings() + inputs_embeds
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.out = nn.Linear(8, 3)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+            h = self.emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+            m = torch.ones(h.shape[:2]) if attention_mask is None else attention_mask.float()  # (B, T)
+            return self.out((h * m[..., None]).sum(1) / m.sum(1, keepdim=True))  # masked mean -> (B, 3)
+
+    torch.manual_seed(0)
+    model = Tiny()
+    assert lowrank.inject(model, lowrank.PromptConfig(num_virtual_tokens=3)) == ["emb"]
+    ids, mask = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[0, 1, 1, 1]])
+    got = model(ids, attention_mask=mask)
+    p = model.emb.prompts["default"][None]  # (1, n, d)
+    with lowrank.disabled(model):
+        want = model(inputs_embeds=torch.cat([p, model.emb(ids)], 1), attention_mask=torch.tensor([[1, 1, 1, 0, 1, 1, 1]]))
+    assert torch.equal(got, want)
+
+
+def test_bert_token_types_put_the_prompt_in_segment_zero():
+    model = injected(models.bert)
+    ids = models.ids()
+    types = (torch.arange(8) >= 4).long().expand(2, -1)  # (B, T): two segments
+    got = model(input_ids=ids, token_type_ids=types).last_hidden_state
+    layer = model.get_input_embeddings()
+    with lowrank.disabled(model):
+        want = model(inputs_embeds=torch.cat([layer.prompt(2, torch.float32), layer.base(ids)], 1),
+                     token_type_ids=torch.cat([torch.zeros(2, N, dtype=torch.long), types], 1)).last_hidden_state
+    assert got.shape == (2, N + 8, 32) and torch.equal(got, want)
