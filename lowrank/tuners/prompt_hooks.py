@@ -3,8 +3,8 @@
 # Note: the host hook. Prepending P inside the embedding module would make its output n
 # tokens longer than `input_ids`, and models size position ids, token types and masks from
 # `input_ids`. So the embedding's PromptLayer passes through, and a forward pre-hook on the
-# *host* (the outermost module whose `get_input_embeddings()` returns that layer and whose
-# forward takes `inputs_embeds`; for a transformers model, the model itself) rewrites the
+# *host* (a module whose `get_input_embeddings()` returns that layer and whose forward takes
+# `inputs_embeds`; for a transformers model, the model itself) rewrites the
 # call: input_ids -> inputs_embeds = [P; E(x)], and attention_mask, labels, position_ids,
 # token_type_ids and cache_position grow by n. Those two methods are the contract; every
 # transformers model has offered both for years, so nothing here reads a model's internals.
@@ -16,6 +16,12 @@
 # shifted again. Position ids given by the caller (generate computes them from the mask of a
 # left-padded batch) keep their meaning: prompt tokens take 0..n-1, text tokens n + theirs.
 # PEFT instead drops position_ids (and token_type_ids); see docs/prompt.md for why we differ.
+#
+# Note: nested hosts. LlamaForCausalLM and the LlamaModel inside it both qualify as hosts, and
+# a user may call either. Each gets the hook; a call is rewritten once, by the outermost host
+# it enters: that hook always hands on `inputs_embeds` (in decode steps too) and remembers the
+# tensor, and an inner host that receives a tensor it knows passes the call through. No state
+# lives across calls, so an exception mid-forward leaves nothing to undo.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ ATTENTION_MASKS = ("mask", "src_mask", "attn_mask")  # (T, T): True / -inf = may
 PASS_THROUGH = {"head_mask", "encoder_hidden_states", "encoder_attention_mask"}  # not indexed by sequence position
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle] = weakref.WeakKeyDictionary()
+_MADE: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # See Note: nested hosts
 
 
 # -- finding the host ---------------------------------------------------------------------
@@ -54,12 +61,10 @@ def input_embedding(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def find_host(model: nn.Module, layer: nn.Module) -> nn.Module | None:
-    """The outermost module whose get_input_embeddings() is `layer` and whose forward takes inputs_embeds."""
-    for module in model.modules():
-        if _input_embeddings_of(module) is layer and "inputs_embeds" in inspect.signature(module.forward).parameters:
-            return module
-    return None
+def find_hosts(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
+    """Every module whose get_input_embeddings() is `layer` and whose forward takes inputs_embeds, outermost first."""
+    return [m for m in model.modules()
+            if _input_embeddings_of(m) is layer and "inputs_embeds" in inspect.signature(m.forward).parameters]
 
 
 def sequence_dim(module: nn.Module) -> int:
@@ -157,6 +162,9 @@ def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
     n = layer.length if isinstance(layer, PromptLayer) else 0
     if n == 0:
         return None
+    made = kwargs.get("inputs_embeds")
+    if made is not None and _MADE.get(id(made)) is made:  # See Note: nested hosts.
+        return None
     names = [p.name for p in inspect.signature(host.forward).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     kw = {**dict(zip(names, args)), **kwargs}  # a new dict: the caller's stays as it was
@@ -180,15 +188,18 @@ def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
     for key in ("position_ids", "cache_position"):
         if kw.get(key) is not None:
             kw[key] = _shift(kw[key], n, prepend=not decoding)
-    if decoding:
-        return (), kw
     ids, embeds = kw.pop("input_ids", None), kw.get("inputs_embeds")
     if embeds is None:
         if ids is None:
             raise ValueError(f"prompt tuning on {what}: the call has neither input_ids nor inputs_embeds")
         embeds = layer.base(ids)  # (B, T, d): the model's own embedding
     b, t = embeds.shape[:2]
-    kw["inputs_embeds"] = torch.cat([layer.prompt(b, embeds.dtype), embeds], dim=1)  # (B, n+T, d)
+    if not decoding:
+        embeds = torch.cat([layer.prompt(b, embeds.dtype), embeds], dim=1)  # (B, n+T, d)
+    kw["inputs_embeds"] = embeds
+    _MADE[id(embeds)] = embeds
+    if decoding:
+        return (), kw
     labels = kw.get("labels")
     if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.shape == (b, t):
         kw["labels"] = torch.cat([labels.new_full((b, n), -100), labels], dim=1)  # (B, n+T): no loss on the prompt
@@ -205,8 +216,8 @@ def attach(model: nn.Module, config, name: str) -> None:
 
     for layer in [m for m in model.modules() if isinstance(m, PromptLayer)]:
         if layer.embedding:
-            host = find_host(model, layer)
-            problem = None
+            hosts = find_hosts(model, layer)
+            host, problem = (hosts or [None])[0], None
             if host is None:
                 problem = ("no module of the model returns it from get_input_embeddings() with a forward that takes "
                            "inputs_embeds, so nothing can prepend the prompt")
@@ -218,8 +229,9 @@ def attach(model: nn.Module, config, name: str) -> None:
                 eject(model, name)
                 raise ValueError(f"cannot prompt-tune through the embedding {type(layer.base).__name__}: {problem}; "
                                  "target the module whose input should get the prompt instead (docs/prompt.md)")
-            if host not in _HOOKS:
-                _HOOKS[host] = host.register_forward_pre_hook(_host_hook, with_kwargs=True)
+            for host in hosts:  # See Note: nested hosts.
+                if host not in _HOOKS:
+                    _HOOKS[host] = host.register_forward_pre_hook(_host_hook, with_kwargs=True)
         else:
             for encoder in model.modules():
                 if isinstance(encoder, nn.TransformerEncoder) and encoder.layers[0] is layer and encoder not in _HOOKS:

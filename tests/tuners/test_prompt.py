@@ -278,3 +278,19 @@ def test_bert_token_types_put_the_prompt_in_segment_zero():
         want = model(inputs_embeds=torch.cat([layer.prompt(2, torch.float32), layer.base(ids)], 1),
                      token_type_ids=torch.cat([torch.zeros(2, N, dtype=torch.long), types], 1)).last_hidden_state
     assert got.shape == (2, N + 8, 32) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("build, inner", [(models.llama, "model"), (models.gpt2, "transformer")])
+def test_calling_the_inner_model_gets_the_prompt_once(build, inner):
+    """Both the LM and the model inside it are hosts (See Note: nested hosts): either call
+    gets the prompt exactly once."""
+    model = injected(build)
+    body = getattr(model, inner)
+    ids = models.ids()
+    layer = model.get_input_embeddings()
+    got = body(input_ids=ids).last_hidden_state
+    with lowrank.disabled(model):
+        want = body(inputs_embeds=torch.cat([layer.prompt(2, torch.float32), layer.base(ids)], 1)).last_hidden_state
+    assert got.shape == (2, N + 8, 32) and torch.equal(got, want)
+    outer = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(outer, got)
