@@ -108,7 +108,7 @@ def test_greedy_generate_equals_peft_forward():
         assert torch.equal(out, greedy_loop(theirs, ids, 8)), kind  # See Note: why PEFT's generate is not the oracle.
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
 def test_sampling_with_left_padding_equals_generating_from_embeddings(kind):
     """transformers' own prompt-embeddings generation is the oracle: [P; E(x)] with the mask
     grown by n ones. Same logits at every step and the same RNG give the same samples."""

@@ -127,6 +127,27 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         grads.append(model.get_input_embeddings().prompts["default"].grad)
     assert grads[0].abs().sum() > 0
     assert torch.equal(grads[0], grads[1])  # checkpointing recomputes the same ops on the same tensors
+    model.eval()  # generate with checkpointing still switched on: the same tokens
+    ids = models.ids(3, 6, seed=8)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    model.gradient_checkpointing_disable()
+    assert torch.equal(out, model.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_half_precision_model_keeps_a_float32_prompt():
+    """See Note: prompt dtype: P stays float32 and joins the bf16 embeddings cast to bf16."""
+    model = models.llama().to(torch.bfloat16)
+    lowrank.inject(model, lowrank.PromptConfig(num_virtual_tokens=N))
+    layer = model.get_input_embeddings()
+    assert layer.prompts["default"].dtype == torch.float32
+    ids = models.ids()
+    out = model(input_ids=ids, labels=ids)
+    with lowrank.disabled(model):
+        p = layer.prompts["default"].to(torch.bfloat16)[None].expand(2, -1, -1)  # (B, n, d)
+        want = model(inputs_embeds=torch.cat([p, layer.base(ids)], 1)).logits
+    assert out.logits.dtype == torch.bfloat16 and torch.equal(out.logits, want)
+    out.loss.backward()
+    assert layer.prompts["default"].grad.dtype == torch.float32 and layer.prompts["default"].grad.abs().sum() > 0
 
 
 def test_prompt_tuning_fits_a_small_task():
