@@ -55,12 +55,14 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     where, layer = layers[0]
     prompt, config = layer.prompts[name], layer.configs[name]
     cfg = getattr(model, "config", None)
-    tokenizer = config.tokenizer if isinstance(config.tokenizer, str) else getattr(config.tokenizer, "name_or_path", None)
-    init = INITS[config.init] if config.init != "text" or tokenizer else "RANDOM"  # PEFT requires a tokenizer name for TEXT
+    tokenizer = config.tokenizer
+    tokenizer = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
+    init = INITS[config.init] if config.init != "text" or tokenizer else "RANDOM"  # PEFT's TEXT needs a tokenizer name
     peft_config = {
         "peft_type": PEFT_TYPE, "task_type": task_type(model), "num_virtual_tokens": prompt.shape[0],
         "token_dim": prompt.shape[1], "num_transformer_submodules": 1,
-        "num_attention_heads": getattr(cfg, "num_attention_heads", None), "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "num_layers": getattr(cfg, "num_hidden_layers", None),
         "prompt_tuning_init": init, "prompt_tuning_init_text": config.init_text if init == "TEXT" else None,
         "tokenizer_name_or_path": tokenizer if init == "TEXT" else None, "tokenizer_kwargs": None,
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None, "revision": None,

@@ -85,8 +85,8 @@ class PromptLayer(TunerLayer):
         x = args[0]
         dim = sequence_dim(self.base)
         if x.dim() != 3 or x.shape[-1] != self.width:
-            raise ValueError(f"prompt tuning on {type(self.base).__name__}: expected an input of shape (B, T, {self.width})"
-                             f" (or (T, B, {self.width}) when not batch_first); got {tuple(x.shape)}")
+            raise ValueError(f"prompt tuning on {type(self.base).__name__}: expected an input of shape "
+                             f"(B, T, {self.width}) (or (T, B, {self.width}) when not batch_first); got {tuple(x.shape)}")
         extend_masks(kw, n, x.shape[dim], type(self.base).__name__)
         p = self.prompt(x.shape[1 - dim], x.dtype)  # (B, n, d)
         x = torch.cat([p if dim == 1 else p.transpose(0, 1), x], dim=dim)  # (B, n+T, d) or (n+T, B, d)
@@ -175,9 +175,10 @@ def check(module: nn.Module, config: PromptConfig, name: str, where: str) -> Non
 def wrap(module: nn.Module, config: PromptConfig, name: str, where: str) -> nn.Module:
     """Add prompt `name` at `module`; returns what should stand in its place."""
     inner = _inner(module)
-    layer = module if isinstance(module, PromptLayer) else PromptLayer(module, width_of(inner), isinstance(inner, nn.Embedding))
-    layer.add(name, config)
-    return layer
+    if not isinstance(module, PromptLayer):
+        module = PromptLayer(module, width_of(inner), embedding=isinstance(inner, nn.Embedding))
+    module.add(name, config)
+    return module
 
 
 def default_targets(model: nn.Module, config: PromptConfig) -> tuple:

@@ -35,7 +35,7 @@ from torch import nn
 CACHES = ("cache", "past_key_values")  # the KV cache's name: transformers >= 5.x, and before
 PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask", "padding_mask")  # (B, T): True / -inf = padding
 ATTENTION_MASKS = ("mask", "src_mask", "attn_mask")  # (T, T): True / -inf = may not attend
-PASS_THROUGH = {"head_mask", "encoder_hidden_states", "encoder_attention_mask"}  # not indexed by sequence position
+PASS_THROUGH = {"head_mask"}  # tensors not indexed by sequence position
 
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle] = weakref.WeakKeyDictionary()
 _MADE: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # See Note: nested hosts
@@ -155,57 +155,53 @@ def _shift(positions: torch.Tensor, n: int, prepend: bool) -> torch.Tensor:
     return torch.cat([head, positions + n], dim=-1)  # (..., n+T)
 
 
+KNOWN = {"input_ids", "inputs_embeds", "attention_mask", "labels", "position_ids", "token_type_ids", "cache_position"}
+
+
 def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
     from .prompt import PromptLayer
 
     layer = host.get_input_embeddings()
     n = layer.length if isinstance(layer, PromptLayer) else 0
-    if n == 0:
-        return None
     made = kwargs.get("inputs_embeds")
-    if made is not None and _MADE.get(id(made)) is made:  # See Note: nested hosts.
+    if n == 0 or (made is not None and _MADE.get(id(made)) is made):  # See Note: nested hosts.
         return None
     names = [p.name for p in inspect.signature(host.forward).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     kw = {**dict(zip(names, args)), **kwargs}  # a new dict: the caller's stays as it was
-    what = type(host).__name__
-    mask = kw.get("attention_mask")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-        raise NotImplementedError(f"prompt tuning on {what}: attention_mask must be (B, T); got "
-                                  f"{getattr(mask, 'shape', type(mask).__name__)} (a static or compiled cache builds "
-                                  "4-D masks in generate: use the default dynamic cache)")
-    decoding = _cache_length(next((kw[c] for c in CACHES if kw.get(c) is not None), None)) > 0
-    for key, value in kw.items():
-        if isinstance(value, torch.Tensor) and key not in PASS_THROUGH and key not in (
-                "input_ids", "inputs_embeds", "attention_mask", "labels", "position_ids", "token_type_ids",
-                "cache_position", "logits_to_keep"):
-            raise NotImplementedError(f"prompt tuning on {what}: does not know how to lengthen argument {key!r} "
-                                      f"by the {n} prompt tokens")
-    if isinstance(kw.get("logits_to_keep"), torch.Tensor):
-        raise NotImplementedError(f"prompt tuning on {what}: logits_to_keep as a tensor of positions is not supported")
-    if mask is not None:
-        kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)  # (B, n + past + T)
-    for key in ("position_ids", "cache_position"):
-        if kw.get(key) is not None:
-            kw[key] = _shift(kw[key], n, prepend=not decoding)
+    what = f"prompt tuning on {type(host).__name__}"
+    unknown = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and k not in KNOWN | PASS_THROUGH]
+    if unknown:
+        raise NotImplementedError(f"{what}: does not know how to lengthen argument(s) {unknown} by the {n} prompt tokens")
     ids, embeds = kw.pop("input_ids", None), kw.get("inputs_embeds")
     if embeds is None:
         if ids is None:
-            raise ValueError(f"prompt tuning on {what}: the call has neither input_ids nor inputs_embeds")
+            raise ValueError(f"{what}: the call has neither input_ids nor inputs_embeds")
         embeds = layer.base(ids)  # (B, T, d): the model's own embedding
     b, t = embeds.shape[:2]
+    past = _cache_length(next((kw[c] for c in CACHES if kw.get(c) is not None), None))
+    decoding = past > 0  # See Note: decode steps: the cache already holds the prompt
+    mask = kw.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != t + max(past - n, 0):
+            raise NotImplementedError(
+                f"{what}: attention_mask must be (B, past + T) = ({b}, {t + max(past - n, 0)}) without the prompt; got "
+                f"{getattr(mask, 'shape', type(mask).__name__)} (static or compiled caches build 4-D masks in "
+                "generate: use the default dynamic cache)")
+        kw["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)  # (B, n + past + T)
+    for key in ("position_ids", "cache_position"):
+        if kw.get(key) is not None:
+            kw[key] = _shift(kw[key], n, prepend=not decoding)
     if not decoding:
         embeds = torch.cat([layer.prompt(b, embeds.dtype), embeds], dim=1)  # (B, n+T, d)
+        labels = kw.get("labels")
+        if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.shape == (b, t):
+            kw["labels"] = torch.cat([labels.new_full((b, n), -100), labels], dim=1)  # (B, n+T): no loss on P
+        if kw.get("token_type_ids") is not None:
+            types = kw["token_type_ids"]
+            kw["token_type_ids"] = torch.cat([types.new_zeros(b, n), types], dim=1)  # (B, n+T): segment 0
     kw["inputs_embeds"] = embeds
     _MADE[id(embeds)] = embeds
-    if decoding:
-        return (), kw
-    labels = kw.get("labels")
-    if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.shape == (b, t):
-        kw["labels"] = torch.cat([labels.new_full((b, n), -100), labels], dim=1)  # (B, n+T): no loss on the prompt
-    if kw.get("token_type_ids") is not None:
-        types = kw["token_type_ids"]
-        kw["token_type_ids"] = torch.cat([types.new_zeros(types.shape[0], n), types], dim=1)  # (B, n+T): segment 0
     return (), kw
 
 

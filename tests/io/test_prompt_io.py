@@ -49,7 +49,8 @@ def test_ours_to_peft(build, tmp_path):
 @pytest.mark.parametrize("build", [models.llama, models.gpt2])
 def test_peft_to_ours(build, tmp_path):
     base = build().eval()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N))
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
     theirs.save_pretrained(str(tmp_path / "p"))
     ours = copy.deepcopy(base)
     result = lowrank.load_adapter(ours, tmp_path / "p", name="task")

@@ -125,8 +125,8 @@ def test_sampling_with_left_padding_equals_generating_from_embeddings(kind):
     got = ours.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
     with lowrank.disabled(ours):
         torch.manual_seed(11)
-        want = ours.generate(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(3, N, dtype=mask.dtype), mask], 1),
-                             **kw)
+        grown = torch.cat([torch.ones(3, N, dtype=mask.dtype), mask], 1)  # (B, n+T)
+        want = ours.generate(inputs_embeds=embeds, attention_mask=grown, **kw)
     assert torch.equal(got, want[:, -6:])
 
 

@@ -182,7 +182,8 @@ def test_init_vocab_and_text_take_embedding_rows():
 
     model = models.llama()
     rows = model.model.embed_tokens.weight
-    lowrank.inject(model, lowrank.PromptConfig(num_virtual_tokens=5, init="text", init_text="3 9", tokenizer=Tokenizer()))
+    config = lowrank.PromptConfig(num_virtual_tokens=5, init="text", init_text="3 9", tokenizer=Tokenizer())
+    lowrank.inject(model, config)
     assert torch.equal(model.get_input_embeddings().prompts["default"], rows[[3, 9, 3, 9, 3]])  # repeated to n
     lowrank.inject(model, lowrank.PromptConfig(num_virtual_tokens=6, init="vocab"), name="v")
     p = model.get_input_embeddings().prompts["v"]
@@ -257,6 +258,10 @@ def test_unsupported_calls_raise():
     ids = models.ids()
     with pytest.raises(NotImplementedError, match="attention_mask must be"):
         model(input_ids=ids, attention_mask=torch.ones(2, 1, 8, 8))
+    with pytest.raises(NotImplementedError, match=r"must be \(B, past \+ T\) = \(2, 8\) without the prompt"):
+        model(input_ids=ids, attention_mask=torch.ones(2, N + 8))  # a mask that already covers the prompt
+    with pytest.raises(NotImplementedError, match="does not know how to lengthen argument.*logits_to_keep"):
+        model(input_ids=ids, logits_to_keep=torch.tensor([0, 7]))
     with pytest.raises(NotImplementedError, match="per_sample"), lowrank.per_sample(model, ["default", "default"]):
         model(input_ids=ids)
     with pytest.raises(ValueError, match="reads token embeddings"):
@@ -285,7 +290,7 @@ def test_a_custom_model_offering_the_two_methods_works():
     got = model(ids, attention_mask=mask)
     p = model.emb.prompts["default"][None]  # (1, n, d)
     with lowrank.disabled(model):
-        want = model(inputs_embeds=torch.cat([p, model.emb(ids)], 1), attention_mask=torch.tensor([[1, 1, 1, 0, 1, 1, 1]]))
+        want = model(inputs_embeds=torch.cat([p, model.emb(ids)], 1), attention_mask=torch.tensor([[1, 1, 1] + mask[0].tolist()]))
     assert torch.equal(got, want)
 
 
