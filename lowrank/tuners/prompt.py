@@ -104,8 +104,8 @@ def initial_prompt(base: nn.Module, config: PromptConfig, width: int, embedding:
     param = next(base.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     if config.init == "random":
-        # Tokens of the embedding's own scale, N(0, std(E)^2): PEFT's N(0, 1) is ~50x the scale of
-        # typical LM embeddings (std ~0.02). Without an embedding, unit scale, as normalised states.
+        # Tokens of the embedding's own scale, N(0, std(E)^2): PEFT's N(0, 1) is far larger than
+        # typical LM embeddings (std ~0.02 to 0.15). Without an embedding, unit scale, as normalised states.
         std = base.weight.detach().float().std().item() if embedding else 1.0
         return torch.randn(n, width, device=device) * std
     vocab = base.weight.shape[0]

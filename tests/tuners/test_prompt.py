@@ -207,6 +207,9 @@ def test_bare_transformer_encoder_with_padding_and_causal_masks():
     assert torch.equal(got, want)
     with pytest.raises(NotImplementedError, match="not causal"):
         model(x, mask=torch.zeros(5, 5).masked_fill(torch.eye(5, dtype=torch.bool), float("-inf")))
+    assert len(model._forward_pre_hooks) == 1  # the encoder's: every layer gets masks for n + T
+    lowrank.eject(model)
+    assert not model._forward_pre_hooks and model(x).shape == (2, 5, 32)
 
 
 def test_encoder_inside_a_model_sequence_first():
