@@ -16,11 +16,11 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .config import AdapterConfig, LoraConfig
+from .config import AdapterConfig, LoraConfig, PromptConfig
 from .distributed import check_not_sharded
 from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
-from .tuners import adapter, lora
+from .tuners import adapter, lora, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
 
@@ -49,6 +49,11 @@ HANDLERS = {
     AdapterConfig: Handler(
         adapter.check, adapter.wrap, lambda m: adapter.module_dims(m) is not None, "a bottleneck adapter",
         default_targets=lambda model, config: adapter.default_targets(config), layer=adapter.AdapterLayer,
+    ),
+    PromptConfig: Handler(
+        prompt.check, prompt.wrap, lambda m: prompt.width_of(m) is not None, "a prompt",
+        default_targets=prompt.default_targets, attach=prompt_hooks.attach, detach=prompt_hooks.detach,
+        layer=prompt.PromptLayer,
     ),
 }
 

@@ -21,7 +21,7 @@ import tempfile
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, io_prompt
 from .config import LoraConfig
 from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
 from .targets import first_match
@@ -94,7 +94,10 @@ def _targets(model: nn.Module, wrapped: list[str]) -> list[str]:
 
 
 def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(PEFT-keyed tensors, PEFT adapter_config dict) for LoRA adapter `name` of `model`."""
+    """(PEFT-keyed tensors, PEFT adapter_config dict) for LoRA adapter `name` of `model`
+    (a prompt adapter: lowrank.io_prompt)."""
+    if io_prompt.holds_prompt(model, name):
+        return io_prompt.adapter_state(model, name)
     if name is None:
         names = [n for n in adapter_names(model) if _lora_layers(model, n)]
         if len(names) != 1:
@@ -223,7 +226,7 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     """Our LoraConfig for a PEFT LoRA adapter_config dict; refuses what we cannot reproduce."""
     kind = peft_config.get("peft_type")
     if kind != "LORA":
-        raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA adapters (peft_type 'LORA') only")
+        raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA ('LORA') and prompt-tuning ('PROMPT_TUNING') adapters")
     for field, default in _UNSUPPORTED.items():
         value = peft_config.get(field, default)
         if value not in (default, None, False, [], {}) and value != default:
@@ -283,6 +286,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         peft_config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file}: not valid JSON: {e}") from e
+    if peft_config.get("peft_type") == io_prompt.PEFT_TYPE:
+        return io_prompt.load(model, path, peft_config, name, strict, allow_pickle)
     config = config_from_peft(peft_config, str(cfg_file))
     weights = read_weights(path, allow_pickle)
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}
