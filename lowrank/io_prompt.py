@@ -14,6 +14,7 @@ import pathlib
 import torch
 from torch import nn
 
+from . import distributed
 from .config import PromptConfig
 from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
 from .tuners.prompt import PromptLayer
@@ -68,7 +69,8 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None, "revision": None,
         "inference_mode": True, "modules_to_save": None,
     }
-    return {KEY: prompt.detach().float().cpu().contiguous()}, peft_config
+    # See Note: saving from several ranks (lowrank/distributed.py): an FSDP2-sharded prompt is gathered first
+    return {KEY: distributed.full_tensor(prompt.detach()).float().cpu().contiguous()}, peft_config
 
 
 def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, strict: bool, allow_pickle: bool):

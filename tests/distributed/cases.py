@@ -14,7 +14,7 @@ import traceback
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from lowrank import AdapterConfig, LoraConfig, NF4Config, inject, load_adapter, quantize, save_adapter, summary
+from lowrank import AdapterConfig, LoraConfig, NF4Config, PromptConfig, inject, load_adapter, quantize, save_adapter, summary
 from lowrank.distributed import full_tensor
 from tests.tuners import models
 
@@ -42,6 +42,7 @@ CONFIGS = {
     "lora": LoraConfig(r=4, alpha=8, targets="all-linear"),
     "dora": LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj"), dora=True),  # reads the (gathered) base weight
     "adapter": AdapterConfig(bottleneck_size=8),  # Pfeiffer: after each LlamaMLP
+    "prompt": PromptConfig(num_virtual_tokens=4),  # a (4, hidden) prompt before the input embeddings
 }
 BASES = ("plain", "nf4")
 MODES = ("ddp", "fsdp")
@@ -51,7 +52,7 @@ CODEC = ("packed", "absmax", "nested_absmax")  # Linear4bit's sharded storage (N
 
 def savable(config) -> bool:
     """Configs lowrank.save_adapter writes today (PEFT's LoRA format); widen as io learns more."""
-    return isinstance(config, LoraConfig)
+    return isinstance(config, (LoraConfig, PromptConfig))
 
 
 def case_name(mode: str, config: str, base: str) -> str:
