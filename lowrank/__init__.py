@@ -4,7 +4,7 @@ Public API only; each name lives in the module that defines it.
 """
 
 from . import ops  # defines the lowrank:: ops and registers the backends that can run here
-from .config import AdapterConfig, LoraConfig
+from .config import AdapterConfig, LoraConfig, PromptConfig
 from .inject import (
     Summary,
     active_adapters,
@@ -24,7 +24,7 @@ from .export import ExportResult, merge_and_export
 from .checkpoint import load_quantized, save_quantized
 from .hub import push_adapter
 from .ops import nf4_dequantize, nf4_linear
-from .quant import Linear4bit, NF4Config, NF4Weight, nf4, quantize
+from .quant import Linear4bit, NF4Config, NF4Weight, load_and_quantize, nf4, quantize, skeleton
 
 __version__ = "0.1.0.dev0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "LoraConfig",
     "NF4Config",
     "NF4Weight",
+    "PromptConfig",
     "Summary",
     "__version__",
     "active_adapters",
@@ -43,6 +44,7 @@ __all__ = [
     "eject",
     "inject",
     "load_adapter",
+    "load_and_quantize",
     "mark_trainable",
     "merge",
     "nf4",
@@ -53,6 +55,7 @@ __all__ = [
     "quantize",
     "save_adapter",
     "set_active",
+    "skeleton",
     "summary",
     "unmerge",
     "ExportResult",

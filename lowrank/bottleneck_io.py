@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import distributed
 from .config import AdapterConfig
 from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
 from .tuners.adapter import AdapterLayer
@@ -74,7 +75,8 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     for where, layer in layers:
         params = dict(layer.adapters[name].named_parameters())
         for t in _TENSORS:
-            tensors[f"{PREFIX}{where}.adapter.{t}"] = params[t].detach().cpu().contiguous()
+            # See Note: saving from several ranks (lowrank/distributed.py)
+            tensors[f"{PREFIX}{where}.adapter.{t}"] = distributed.full_tensor(params[t].detach()).cpu().contiguous()
     cfg = getattr(model, "config", None)
     saved = {"peft_type": PEFT_TYPE, "format_version": FORMAT_VERSION, "library": "lowrank",
              "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,

@@ -78,9 +78,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     bitsandbytes' save_pretrained) into `model`, built from the same config, in place: each
     nn.Linear (or GPT-2 Conv1D) whose weight the checkpoint holds in 4 bits is replaced by a
     Linear4bit with exactly the checkpoint's codes and scales; every other tensor is loaded as
-    it is. `model` may be built with its parameters on the meta device (e.g. under
-    `accelerate.init_empty_weights()`): they are assigned from the checkpoint, never allocated
-    twice. compute_dtype: default config.json's bnb_4bit_compute_dtype, else each weight's own.
+    it is. `model` may be built with its parameters on the meta device (under
+    `lowrank.skeleton()`): they are assigned from the checkpoint, never allocated twice. compute_dtype: default config.json's bnb_4bit_compute_dtype, else each weight's own.
     Returns the names of the modules now in 4 bits. Missing or unexpected keys raise when
     `strict`; weights tied by the model (`tie_weights()`) may be absent from the file."""
     path = pathlib.Path(path)
@@ -127,7 +126,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     if meta:
         problems.append(f"still on the meta device after loading: {meta[:8]} (the checkpoint lacks them; a buffer "
                         "computed at init, such as rotary inv_freq, needs the model built under "
-                        "accelerate.init_empty_weights(), which leaves buffers real)")
+                        "lowrank.skeleton(), which leaves buffers real)")
     if problems:
         raise ValueError(f"{path}: the checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
     return names

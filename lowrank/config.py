@@ -138,3 +138,38 @@ class AdapterConfig:
     def width(self, hidden: int) -> int:
         """The bottleneck width m for a module of output size `hidden`."""
         return self.bottleneck_size or max(1, int(hidden // self.reduction_factor))
+
+
+PROMPT_INITS = ("random", "vocab", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """Prompt tuning (Lester et al. 2021): n trainable virtual-token embeddings P (n, d) are
+    prepended to the input embeddings, [P; E(x)], and only P trains. Mechanism and what a
+    custom model must offer: lowrank.tuners.prompt and docs/prompt.md."""
+
+    num_virtual_tokens: int = 20  # n; Lester et al. (sec. 3.2): beyond 20 tokens the gains are marginal
+    init: str = "random"  # needs nothing else; "vocab": rows of random vocabulary tokens; "text": init_text's tokens
+    init_text: str | None = None  # for init="text": tokenized, then cut or repeated to n tokens (as PEFT does)
+    tokenizer: Any = None  # for init="text": a tokenizer object (called as tokenizer(text)["input_ids"]) or a local path
+    targets: Targets | None = None  # None: the model's input embedding (get_input_embeddings()), see tuners/prompt.py
+    exclude: Targets | None = None  # same syntax as targets
+
+    def __post_init__(self) -> None:
+        n = self.num_virtual_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_virtual_tokens must be an integer >= 1; got {n!r}")
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"init must be one of {PROMPT_INITS}; got {self.init!r}")
+        if self.init == "text":
+            if not isinstance(self.init_text, str) or not self.init_text:
+                raise ValueError(f"init='text' needs init_text, a non-empty string; got {self.init_text!r}")
+            if self.tokenizer is None:
+                raise ValueError("init='text' needs tokenizer=, a tokenizer object or a local tokenizer directory")
+        elif self.init_text is not None or self.tokenizer is not None:
+            raise ValueError(f"init_text / tokenizer are used by init='text' only; got init={self.init!r} with "
+                             f"init_text={self.init_text!r}, tokenizer={self.tokenizer!r}")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
+        object.__setattr__(self, "exclude", _check_targets("exclude", self.exclude, allow_none=True))

@@ -16,10 +16,11 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .config import AdapterConfig, LoraConfig
+from .config import AdapterConfig, LoraConfig, PromptConfig
+from .distributed import check_not_sharded
 from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
-from .tuners import adapter, lora
+from .tuners import adapter, lora, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
 
@@ -48,6 +49,11 @@ HANDLERS = {
     AdapterConfig: Handler(
         adapter.check, adapter.wrap, lambda m: adapter.module_dims(m) is not None, "a bottleneck adapter",
         default_targets=lambda model, config: adapter.default_targets(config), layer=adapter.AdapterLayer,
+    ),
+    PromptConfig: Handler(
+        prompt.check, prompt.wrap, lambda m: prompt.width_of(m) is not None, "a prompt",
+        default_targets=prompt.default_targets, attach=prompt_hooks.attach, detach=prompt_hooks.detach,
+        layer=prompt.PromptLayer,
     ),
 }
 
@@ -85,6 +91,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig, name: str = "de
     handler = HANDLERS.get(type(config))
     if handler is None:
         raise TypeError(f"config must be one of {[c.__name__ for c in HANDLERS]}; got {type(config).__name__}")
+    check_not_sharded(model, "inject (and load_adapter)")
     if not isinstance(name, str) or not name or "." in name or name == BASE:
         raise ValueError(f"adapter name must be a non-empty string without '.', and not {BASE!r}; got {name!r}")
     targets = config.targets if config.targets is not None else handler.default_targets(model, config)
@@ -197,8 +204,10 @@ class Summary:
 
 def summary(model: nn.Module) -> Summary:
     """Trainable and total parameters (each counted once), and the parameters of each adapter.
-    A 4-bit layer's weight counts as its number of elements, though it is stored as buffers."""
-    params = list(model.parameters())
+    A 4-bit layer's weight counts as its number of elements, not as the packed bytes and
+    scales (frozen integer parameters) that store it."""
+    codec = {id(t) for m in model.modules() if isinstance(m, Linear4bit) for t in m.codec_tensors()}
+    params = [p for p in model.parameters() if id(p) not in codec]
     per: dict[str, int] = {}
     for layer in _layers(model):
         for n in layer.names:

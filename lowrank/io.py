@@ -21,6 +21,7 @@ import tempfile
 import torch
 from torch import nn
 
+from . import distributed, io_prompt
 from .config import LoraConfig
 from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
 from .targets import first_match
@@ -93,7 +94,10 @@ def _targets(model: nn.Module, wrapped: list[str]) -> list[str]:
 
 
 def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(PEFT-keyed tensors, PEFT adapter_config dict) for LoRA adapter `name` of `model`."""
+    """(PEFT-keyed tensors, PEFT adapter_config dict) for LoRA adapter `name` of `model`
+    (a prompt adapter: lowrank.io_prompt)."""
+    if io_prompt.holds_prompt(model, name):
+        return io_prompt.adapter_state(model, name)
     if name is None:
         names = [n for n in adapter_names(model) if _lora_layers(model, n)]
         if len(names) != 1:
@@ -110,7 +114,8 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     tensors, ranks, alphas = {}, {}, {}
     for where, layer in layers:
         for suffix, t in _tensors(layer, name).items():
-            tensors[f"{PREFIX}{where}.{suffix}"] = t.detach().cpu().contiguous()
+            # See Note: saving from several ranks (lowrank/distributed.py)
+            tensors[f"{PREFIX}{where}.{suffix}"] = distributed.full_tensor(t.detach()).cpu().contiguous()
         c = layer.configs[name]
         ranks[where] = layer.r[name]
         alphas[where] = first_match(c.alpha_pattern, where, layer.base, c.alpha)
@@ -158,24 +163,28 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     `path` in PEFT's format: adapter weights only. Atomic per file: both files are written in
     full and fsynced under temporary names beside their final ones, then os.replace'd, so a
     failure while writing leaves a previous adapter at `path` as it was. A new directory
-    appears whole (built under a temporary name in the same parent, then renamed)."""
+    appears whole (built under a temporary name in the same parent, then renamed).
+    Under torch.distributed only rank 0 writes; under FSDP2 every rank must call it (see
+    Note: saving from several ranks, in lowrank/distributed.py). A prompt adapter is written
+    in PEFT's PROMPT_TUNING format (lowrank/io_prompt.py), a bottleneck adapter in our own
+    (lowrank/bottleneck_io.py)."""
     from . import bottleneck_io
 
     if name is None and len(adapter_names(model)) > 1:
         raise ValueError(f"the model has adapters {adapter_names(model)}; pass name= to say which to save")
-    if bottleneck_io.is_bottleneck(model, name):  # our own format: lowrank/bottleneck_io.py
+    if bottleneck_io.is_bottleneck(model, name):
         tensors, config = bottleneck_io.adapter_state(model, name)
     else:
         tensors, config = adapter_state(model, name)
-    return write_adapter(path, tensors, config)
+    path = pathlib.Path(path)
+    sharded = distributed.any_sharded(model.parameters())  # FSDP2: every rank is here, waiting for rank 0
+    distributed.on_main(lambda: _write_adapter(path, tensors, config), collective=sharded)
+    return path
 
 
-def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> pathlib.Path:
-    """Write an adapter directory (`tensors` -> adapter_model.safetensors, `config` ->
-    adapter_config.json) atomically, as save_adapter describes."""
+def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     from safetensors.torch import save_file
 
-    path = pathlib.Path(path)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     fresh = not path.exists()
     if fresh:
@@ -204,7 +213,6 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], con
                 f.unlink()
             directory.rmdir()
         raise
-    return path
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -227,7 +235,8 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     """Our LoraConfig for a PEFT LoRA adapter_config dict; refuses what we cannot reproduce."""
     kind = peft_config.get("peft_type")
     if kind != "LORA":
-        raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA adapters (peft_type 'LORA') only")
+        raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA ('LORA'), prompt-tuning "
+                         "('PROMPT_TUNING') and lowrank's bottleneck ('LOWRANK_BOTTLENECK') adapters")
     for field, default in _UNSUPPORTED.items():
         value = peft_config.get(field, default)
         if value not in (default, None, False, [], {}) and value != default:
@@ -325,6 +334,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
     if peft_config.get("peft_type") == bottleneck_io.PEFT_TYPE:
         return bottleneck_io.load(model, path, peft_config, name, strict=strict, allow_pickle=allow_pickle)
+    if peft_config.get("peft_type") == io_prompt.PEFT_TYPE:
+        return io_prompt.load(model, path, peft_config, name, strict, allow_pickle)
     config = config_from_peft(peft_config, str(cfg_file))
     weights = read_weights(path, allow_pickle)
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}

@@ -41,9 +41,11 @@ def _load_base(base: str):
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     if json.loads(cfg_file.read_text()).get("quantization_config"):
         from ..checkpoint import load_quantized
+        from ..quant.load import skeleton
 
         del config.quantization_config
-        model = auto.from_config(config)
+        with skeleton():  # parameters on the meta device: filled from the checkpoint
+            model = auto.from_config(config)
         load_quantized(model, base)
     else:
         model = auto.from_pretrained(base, dtype="auto")

@@ -2,10 +2,11 @@
 
     y = x @ dequant(W_nf4)^T + b          (Dettmers et al. 2023, eq. 5, without the adapter)
 
-The packed weight lives in buffers (packed, absmax, nested_absmax, offset), so `.to(device)`,
-`state_dict` and sharding wrappers see ordinary tensors; `self.weight` gathers them into an
-NF4Weight for the `lowrank::nf4_linear` op. The state dict uses bitsandbytes' / transformers'
-4-bit keys (`weight`, `weight.absmax`, ..., `weight.quant_state.bitsandbytes__nf4`).
+The packed weight and its scales are frozen integer parameters (packed, absmax,
+nested_absmax; see Note: frozen integer parameters) and the double-quantization offset an
+integer buffer, so `.to(device)`, `state_dict`, DDP and FSDP2 see ordinary tensors; `self.weight`
+gathers them into an NF4Weight for the `lowrank::nf4_linear` op. The state dict uses
+bitsandbytes' / transformers' 4-bit keys (`weight`, `weight.absmax`, ..., `weight.quant_state.bitsandbytes__nf4`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,18 @@ from ..targets import is_gpt2_conv1d
 from . import nf4
 from .nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 
-_BUFFERS = ("packed", "absmax", "nested_absmax", "offset")  # the tensor fields of NF4Weight
+_PARAMS = ("packed", "absmax", "nested_absmax")  # NF4Weight's tensor fields that FSDP2 shards (frozen parameters)
 _WEIGHT_KEYS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + BNB_QUANT_STATE_KEY)
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> its int32 bit pattern (a view, no copy); uint8 as it is."""
+    return t.detach().view(torch.int32) if t.dtype == torch.float32 else t.detach()
+
+
+def _as_float(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The inverse of _as_bits: int32 bit patterns -> float32 (a view)."""
+    return t.view(torch.float32) if t is not None and t.dtype == torch.int32 else t
 
 
 class Linear4bit(nn.Module):
@@ -40,13 +51,34 @@ class Linear4bit(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
 
+    # Note: frozen integer parameters. FSDP2 (torch.distributed.fsdp.fully_shard) shards a
+    # module's parameters along dim 0 and leaves its buffers whole on every rank, so the packed
+    # weight and its scales are nn.Parameters with requires_grad=False: each rank then holds
+    # about 1/world of a 4-bit model. They are integer tensors (See Note: the scales stay
+    # float32), which can never require grad, so no optimizer state, DDP gradient hook or
+    # FSDP2 reduce-scatter is ever made for them. FSDP2 all-gathers a group of mixed dtypes
+    # through one uint8 buffer (foreach_all_gather), so uint8 and int32 shards travel
+    # together, bit for bit. The state dict is written by hand below, so its keys and dtypes
+    # stay bitsandbytes' whatever the storage.
+    #
+    # Note: the scales stay float32. model.half() or model.to(torch.bfloat16) casts every
+    # floating parameter and buffer, and FSDP2's MixedPrecisionPolicy(param_dtype=...) every
+    # floating parameter, but the codec's float32 scales (absmax without double quantization,
+    # nested_absmax, offset) belong to the NF4 format, not to the compute dtype. So they are
+    # stored as their int32 bit patterns, which every cast leaves alone (FSDPParam clamps
+    # param_dtype to None for a non-floating parameter), and `weight` views them back as
+    # float32: devices change, values do not.
     def _set_weight(self, q: NF4Weight) -> None:
-        for field in _BUFFERS:
-            if field in self._buffers:
-                setattr(self, field, getattr(q, field))  # a registered buffer: plain assignment
-            else:
-                self.register_buffer(field, getattr(q, field))
+        for field in _PARAMS:
+            t = getattr(q, field)
+            self.register_parameter(field, None if t is None else nn.Parameter(_as_bits(t), requires_grad=False))
+        # the offset is one float, 0-d: a buffer, whole on every rank (FSDP2 shards along dim 0 only)
+        self.register_buffer("offset", None if q.offset is None else _as_bits(q.offset))
         self.shape, self.dtype, self.blocksize = q.shape, q.dtype, q.blocksize
+
+    def codec_tensors(self) -> list[torch.Tensor]:
+        """The tensors that store the 4-bit weight (parameters and buffer), for counting."""
+        return [t for t in (self.packed, self.absmax, self.nested_absmax, self.offset) if t is not None]
 
     @classmethod
     def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True,
@@ -61,24 +93,11 @@ class Linear4bit(nn.Module):
             raise TypeError(f"Linear4bit.from_linear takes an nn.Linear or a GPT-2 Conv1D; got {type(linear).__name__}")
         return cls(nf4.quantize(w.detach(), blocksize, double_quant), linear.bias, compute_dtype)
 
-    # Note: the scales stay float32. model.half() or model.to(torch.bfloat16) casts every
-    # floating buffer, but the codec's float32 scales (absmax without double quantization,
-    # nested_absmax, offset) belong to the NF4 format, not to the compute dtype. _apply moves
-    # them as int32 bit patterns, which casts leave alone: devices change, values do not.
-    def _apply(self, fn, recurse=True):
-        scales = [k for k in _BUFFERS[1:] if self._buffers[k] is not None and self._buffers[k].dtype == torch.float32]
-        for k in scales:
-            self._buffers[k] = self._buffers[k].view(torch.int32)
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for k in scales:
-                self._buffers[k] = self._buffers[k].view(torch.float32)
-        return self
-
     @property
     def weight(self) -> NF4Weight:
-        return NF4Weight(self.packed, self.absmax, self.shape, self.dtype, self.blocksize, self.nested_absmax, self.offset)
+        # See Note: the scales stay float32.
+        return NF4Weight(self.packed, _as_float(self.absmax), self.shape, self.dtype, self.blocksize,
+                         _as_float(self.nested_absmax), _as_float(self.offset))
 
     # y = x @ dequant(W_nf4)^T + b, in compute_dtype. Under autocast the layer computes in the
     # autocast dtype and returns it, as nn.Linear does; otherwise it returns x's dtype, as

@@ -1,0 +1,90 @@
+"""What lowrank needs to know about torch.distributed: which tensors are sharded, how to
+gather an adapter's, and which rank writes (see docs/distributed.md).
+
+Under DDP every rank holds the whole model and the same adapter weights. Under FSDP2
+(`torch.distributed.fsdp.fully_shard`) every parameter, the 4-bit weights included (Note:
+frozen integer parameters, lowrank/quant/linear4bit.py), is a DTensor of which each rank
+holds a shard along dim 0. Nothing here imports torch.distributed unless it is in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+
+
+def process_group_ready() -> bool:
+    """True when torch.distributed is built in and a default process group exists."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor (a parameter under FSDP2 or tensor parallelism)."""
+    if not process_group_ready():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
+    return any(is_sharded(t) for t in tensors)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor is all-gathered (a collective: every rank of its mesh must
+    call this, in the same order); any other tensor is returned as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def check_not_sharded(model: nn.Module, what: str) -> None:
+    """Raise when `model` has sharded parameters: adapters added after fully_shard would be
+    plain tensors that FSDP neither shards nor reduces, so each rank would train its own copy."""
+    sharded = [n for n, p in model.named_parameters() if is_sharded(p)]
+    if sharded:
+        raise RuntimeError(
+            f"{what} must run before fully_shard: {len(sharded)} parameters of {type(model).__name__} are already "
+            f"sharded (e.g. {sharded[:3]}); build the model, quantize and inject (or load_adapter) on every rank, "
+            "then call fully_shard"
+        )
+
+
+# Note: saving from several ranks. Under FSDP2 the adapter weights are DTensors, so saving is
+# a collective: every rank calls save_adapter, each adapter tensor is all-gathered on its
+# own (never the base model's), rank 0 writes, and rank 0's outcome (done, or the error it
+# raised) is broadcast, so no rank returns before the files exist and none waits forever on
+# a failed write. Under DDP (or with no sharding) every rank already holds the whole
+# adapter: rank 0 writes and the others return at once, so both the usual
+# `if rank == 0: save_adapter(...)` and a call on every rank work, and ranks never race to
+# create the same directory.
+def on_main(fn: Callable[[], T], collective: bool) -> T | None:
+    """Run `fn` on rank 0 only (see Note: saving from several ranks). With `collective`, every
+    rank must call this; the others wait for rank 0, then return its result or raise. Without
+    a process group, `fn` simply runs."""
+    if not process_group_ready():
+        return fn()
+    import torch.distributed as dist
+
+    main = dist.get_rank() == 0
+    if not collective:
+        return fn() if main else None
+    result, error = None, None
+    if main:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other ranks have heard of it
+            error = e
+    box = [result, None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise RuntimeError(f"rank 0 failed while writing for all ranks: {box[1]}")
+    return box[0]

@@ -1,0 +1,176 @@
+"""Load a dense safetensors checkpoint straight into a 4-bit model, so the full-precision
+model never exists, on the GPU or anywhere:
+
+    with lowrank.skeleton():                  # parameters on the meta device: no memory
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    lowrank.load_and_quantize(model, path, NF4Config(compute_dtype=torch.bfloat16), device="cuda")
+
+`load_and_quantize` reads the checkpoint one tensor at a time (shard by shard, through
+safetensors' memory map): a weight of a layer that `NF4Config.targets` selects is moved to
+`device`, quantized there and dropped, so peak memory is the 4-bit model plus one dense
+weight; every other tensor (embeddings, norms, the output head) is loaded as it is.
+The result equals `quantize(from_pretrained(path), config)` bit for bit (tests/quant/test_load.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..targets import compile_filter, is_gpt2_conv1d
+from . import nf4
+from .linear4bit import Linear4bit
+from .quantize import NF4Config, _can_quantize, _walk
+
+INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's weight map
+SINGLE = "model.safetensors"
+
+
+@contextlib.contextmanager
+def skeleton():
+    """Inside this block every nn.Parameter a module registers is moved to the meta device as
+    soon as it is made, so building a 7B model costs one layer's memory at a time, then none.
+    Buffers stay real: checkpoints do not hold the non-persistent ones (rotary tables,
+    position ids), so they must be computed by the model's own constructor."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:
+    """The safetensors files of a checkpoint: a directory with an index (sharded), a directory
+    with model.safetensors, or one .safetensors file. Pickle checkpoints are refused."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path} is not a .safetensors file; load_and_quantize reads safetensors only "
+                             "(pickle checkpoints can run code when loaded)")
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected a directory with {INDEX} or {SINGLE}, "
+                                "or a .safetensors file")
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path / INDEX} is not a safetensors index (a JSON object with 'weight_map'): {e}") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path / INDEX} names shards that are not there: {missing}")
+        return files
+    if (path / SINGLE).is_file():
+        return [path / SINGLE]
+    raise FileNotFoundError(f"{path} has neither {INDEX} nor {SINGLE}; it holds {sorted(p.name for p in path.iterdir())[:10]}")
+
+
+# Note: copy what is kept. safetensors hands out tensors that may share the file's memory map;
+# one such tensor kept in the model keeps the whole shard mapped (and its pages counted in the
+# process's memory) after the file is closed. Tensors the model keeps are therefore copied;
+# a weight that is only read to be quantized is not.
+def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None, keep: bool = True) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=keep)
+
+
+def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Config | None = None, *,
+                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> list[str]:
+    """Fill `model` (typically built under `skeleton()`) from the safetensors checkpoint at
+    `path`, quantizing the layers `config` selects as their weights are read, in place.
+    `dtype` casts floating tensors as they are read (None: the checkpoint's dtype); 4-bit layers
+    remember it as the dtype they dequantize to. Returns the names of the quantized layers.
+    Raises, naming the keys, when the checkpoint lacks a tensor the model needs, holds one the
+    model does not have, or has a tensor of the wrong shape."""
+    config = NF4Config() if config is None else config
+    if not isinstance(config, NF4Config):
+        raise TypeError(f"config must be an NF4Config; got {type(config).__name__}")
+    device = torch.device(device)
+    files = checkpoint_files(path)
+    wanted = compile_filter(config.targets, config.skip, model)
+    layers = {n: (p, a) for p, a, n, c in _walk(model) if wanted(n, c) and _can_quantize(c)}
+    if not layers:
+        raise ValueError(f"no linear layer of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r})")
+    for name, (parent, _) in layers.items():
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly; "
+                             "add it to skip")
+    has_bias = {n for n, (p, a) in layers.items() if getattr(getattr(p, a), "bias", None) is not None}
+    modules = dict(model.named_modules())
+    biases: dict[str, torch.Tensor] = {}  # a 4-bit layer's bias read before its weight
+    unexpected, bad_shapes, done = [], [], set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                owner, _, leaf = key.rpartition(".")
+                module = modules.get(owner)
+                if owner in layers and leaf in ("weight", "bias"):
+                    parent, attr = layers[owner]
+                    layer = getattr(parent, attr)
+                    if leaf == "bias" and isinstance(layer, Linear4bit):  # the weight came first
+                        layer.bias = nn.Parameter(_cast(f.get_tensor(key), device, dtype), requires_grad=False)
+                    elif leaf == "bias":
+                        biases[owner] = _cast(f.get_tensor(key), device, dtype)
+                    else:
+                        shape = (layer.nf, layer.nx) if is_gpt2_conv1d(layer) else (layer.out_features, layer.in_features)
+                        w = _cast(f.get_tensor(key), device, dtype, keep=False)  # (out, in); Conv1D: (in, out)
+                        w = w.T.contiguous() if is_gpt2_conv1d(layer) else w
+                        if tuple(w.shape) != shape:
+                            bad_shapes.append(f"{key}: checkpoint {tuple(w.shape)}, model {shape}")
+                            continue
+                        q = nf4.quantize(w, config.blocksize, config.double_quant)
+                        del w  # See Note: no references to the layers (quantize.py): one dense weight at a time
+                        setattr(parent, attr, Linear4bit(q, biases.pop(owner, None), config.compute_dtype))
+                elif module is not None and leaf in module._parameters:
+                    old = module._parameters[leaf]
+                    t = f.get_tensor(key)
+                    if old is not None and tuple(t.shape) != tuple(old.shape):
+                        bad_shapes.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(old.shape)}")
+                        continue
+                    requires_grad = old.requires_grad if old is not None else True
+                    module._parameters[leaf] = nn.Parameter(_cast(t, device, dtype), requires_grad=requires_grad)
+                elif module is not None and leaf in module._buffers and leaf not in module._non_persistent_buffers_set:
+                    module._buffers[leaf] = _cast(f.get_tensor(key), device, dtype)
+                else:
+                    unexpected.append(key)
+                    continue
+                done.add(key)
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # transformers: an output head tied to the embedding is not in the checkpoint
+    for m in model.modules():  # buffers the constructor computed (rotary tables) follow the model to `device`
+        for k, b in m._buffers.items():
+            if b is not None and b.device != device:
+                m._buffers[k] = b.to(device)
+    _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files)
+    return list(layers)
+
+
+def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files) -> None:
+    missing = [f"{n}.weight" for n, (p, a) in layers.items() if not isinstance(getattr(p, a), Linear4bit)]
+    missing += [f"{n}.bias" for n, (p, a) in layers.items()
+                if n in has_bias and isinstance(getattr(p, a), Linear4bit) and getattr(p, a).bias is None]
+    missing += [f"{n}.{k}" for n, m in model.named_modules() for k, t in m._parameters.items()
+                if t is not None and t.is_meta]
+    missing += [f"{n}.bias (read, but its layer's weight never came)" for n in biases]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors the model needs are not in the checkpoint: {missing[:8]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors of the checkpoint have no place in the model: {unexpected[:8]}")
+    if bad_shapes:
+        problems.append(f"shape mismatch: {bad_shapes[:8]}")
+    if problems:
+        raise ValueError(f"cannot load {[str(f) for f in files][:3]} into {type(model).__name__}: " + "; ".join(problems))

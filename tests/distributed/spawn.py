@@ -1,0 +1,42 @@
+"""Run a function on N local ranks (gloo, CPU) from a test, with a deadline.
+
+Ranks meet through a FileStore in a temporary directory, not a TCP port, so concurrent
+test runs cannot collide on a port. A rank that raises fails the test with its traceback;
+ranks still running at the deadline are killed and the test fails, rather than blocking CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 60  # a collective that waits longer raises in the rank (e.g. a peer died)
+
+
+def _entry(rank: int, world: int, store_file: str, fn, args: tuple) -> None:
+    torch.set_num_threads(1)  # See Note: one thread (tests/distributed/cases.py)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, workdir: str, args: tuple = (), deadline_s: float = 240) -> None:
+    """Call fn(rank, world, *args) in `world` spawned processes with a gloo process group;
+    raise if any rank fails or the deadline passes."""
+    store_file = os.path.join(workdir, "store")
+    ctx = mp.start_processes(_entry, args=(world, store_file, fn, args), nprocs=world, join=False, start_method="spawn")
+    end = time.monotonic() + deadline_s
+    while not ctx.join(timeout=max(end - time.monotonic(), 0.1)):  # raises when a rank failed
+        if time.monotonic() >= end:
+            for p in ctx.processes:  # only the ranks this call started
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{world} ranks of {fn.__name__} still running after {deadline_s} s: killed")

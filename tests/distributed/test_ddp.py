@@ -1,0 +1,29 @@
+"""DistributedDataParallel, 2 CPU ranks (gloo): training equals one process on the global batch."""
+
+import pathlib
+
+import pytest
+
+from . import cases
+from .checks import frozen_stay_frozen, same_adapter_directory, trained_as_one_process
+from .conftest import result
+
+
+@pytest.mark.parametrize("base", cases.BASES)
+@pytest.mark.parametrize("config", cases.CONFIGS)
+def test_ddp_trains_as_one_process(ranks, reference, config, base):
+    model = reference(config, base)
+    for rank in range(cases.WORLD):
+        r = result(ranks, rank, cases.case_name("ddp", config, base))
+        trained_as_one_process(r, model)
+        frozen_stay_frozen(r, model)
+
+
+@pytest.mark.parametrize("base", cases.BASES)
+@pytest.mark.parametrize("config", [c for c in cases.CONFIGS if cases.savable(cases.CONFIGS[c])])
+def test_ddp_rank0_saves_what_one_process_saves(ranks, reference, config, base, tmp_path):
+    # See Note: saving from several ranks (lowrank/distributed.py): rank 0 alone writes, with
+    # no collective, so the usual `if rank == 0: save_adapter(...)` cannot hang
+    r0, r1 = (result(ranks, rank, cases.case_name("ddp", config, base)) for rank in range(cases.WORLD))
+    assert not r1["rank_wrote"] and not pathlib.Path(r1["saved"] + "-rank1").exists()
+    same_adapter_directory(r0["saved"], reference(config, base), tmp_path)

@@ -1,0 +1,99 @@
+"""load_and_quantize: a dense checkpoint read straight into 4 bits equals quantize(from_pretrained)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lowrank.quant import Linear4bit, NF4Config, quantize
+from lowrank.quant.load import checkpoint_files, load_and_quantize, skeleton
+from tests.tuners import models
+
+transformers = pytest.importorskip("transformers")
+
+
+def _saved(tmp_path, build, shard="20KB"):
+    model = build()
+    model.save_pretrained(tmp_path, max_shard_size=shard)  # several shards: tensors of a layer may be split
+    return model
+
+
+def _state(model):
+    return {k: v for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("build", [models.llama, models.gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("config", [NF4Config(), NF4Config(blocksize=128, double_quant=False, compute_dtype=torch.float32)],
+                         ids=["dq64", "plain128"])
+def test_equals_quantize_of_the_loaded_model(tmp_path, build, config):
+    _saved(tmp_path, build)
+    assert len(checkpoint_files(tmp_path)) > 1  # the sharded path is the one under test
+
+    expected = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    names = quantize(expected, config)
+    with skeleton():
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert all(p.is_meta for p in model.parameters())
+    assert load_and_quantize(model, tmp_path, config) == names
+
+    got, want = _state(model), _state(expected)
+    assert got.keys() == want.keys()
+    for k in want:  # the codec is deterministic: every packed byte, scale and dense tensor is equal
+        assert torch.equal(got[k], want[k]), k
+    if build is models.gpt2 or expected.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    ids = models.ids()
+    assert torch.equal(model(input_ids=ids).logits, expected(input_ids=ids).logits)
+
+
+def test_bias_before_weight_and_cast(tmp_path):
+    # One file, keys sorted: every layer's bias is read before its weight.
+    base = models.mlp()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, tmp_path / "model.safetensors")
+    with skeleton():
+        model = models.mlp()
+    got = load_and_quantize(model, tmp_path, NF4Config(skip="4"), dtype=torch.bfloat16)
+    assert got == ["0", "2"] and isinstance(model[0], Linear4bit) and model[0].dtype == torch.bfloat16
+    assert torch.equal(model[0].bias, base[0].bias.to(torch.bfloat16))
+    assert model[4].weight.dtype == torch.bfloat16 and torch.equal(model[4].weight, base[4].weight.to(torch.bfloat16))
+    q = quantize(models.mlp().to(torch.bfloat16), NF4Config(skip="4"))
+    assert q == got
+
+
+def test_errors_name_the_keys(tmp_path):
+    base = models.mlp()
+    state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file({k: v for k, v in state.items() if k != "2.bias"} | {"9.weight": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with skeleton():
+        model = models.mlp()
+    with pytest.raises(ValueError) as e:
+        load_and_quantize(model, tmp_path)
+    assert "'2.bias'" in str(e.value) and "'9.weight'" in str(e.value)
+
+    save_file(state | {"2.weight": torch.zeros(32, 31)}, tmp_path / "model.safetensors")
+    with skeleton():
+        model = models.mlp()
+    with pytest.raises(ValueError, match=r"2.weight: checkpoint \(32, 31\), model \(32, 32\)"):
+        load_and_quantize(model, tmp_path)
+
+
+def test_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint_files(tmp_path / "nope")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        checkpoint_files(tmp_path)
+    with pytest.raises(ValueError, match="safetensors only"):
+        checkpoint_files(tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shard-1.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="shard-1.safetensors"):
+        checkpoint_files(tmp_path)
+
+
+def test_skeleton_allocates_no_parameters_and_restores_itself():
+    with skeleton():
+        model = models.llama()
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())  # rotary tables are computed, not loaded
+    assert not models.mlp()[0].weight.is_meta
