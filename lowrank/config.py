@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -54,6 +53,32 @@ def _check_targets(field: str, value: Any, allow_none: bool) -> tuple:
     return items
 
 
+class FrozenMapping(Mapping):
+    """A read-only mapping that, unlike types.MappingProxyType, pickles and deep-copies, so a
+    model holding configs survives copy.deepcopy and torch.save."""
+
+    def __init__(self, items: Mapping) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+
 def _frozen_mapping(field: str, value: Mapping, kind: type, positive: bool) -> Mapping:
     """A read-only copy (the user's dict stays theirs), with every value checked."""
     if not isinstance(value, Mapping):
@@ -64,7 +89,7 @@ def _frozen_mapping(field: str, value: Mapping, kind: type, positive: bool) -> M
             raise TypeError(f"{field}[{k!r}] must be a {kind.__name__}; got {v!r}")
         if positive and not v > 0:
             raise ValueError(f"{field}[{k!r}] must be > 0; got {v}")
-    return types.MappingProxyType(dict(value))
+    return FrozenMapping(value)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -208,3 +208,23 @@ def test_a_small_task_is_learned(config):
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * start
+
+
+def test_an_injected_model_deep_copies_and_pickles():
+    # Configs are frozen but must not stop copy.deepcopy(model) / torch.save(model).
+    import copy
+    import io
+
+    config = LoraConfig(r=2, targets=["0", "2"], rank_pattern={"2": 3}, alpha_pattern={"0": 4.0})
+    model = models.mlp()
+    inject(model, config)
+    models.randomize_adapters(model)
+    x = torch.randn(3, 16)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(x), model(x)) and twin[2].r == {"default": 3}
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), model(x))
+    with pytest.raises(TypeError):
+        config.rank_pattern["0"] = 5  # still read-only
