@@ -115,22 +115,14 @@ def read(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     or truncated file raises ValueError naming it."""
     from safetensors.torch import load_file
 
-    path = pathlib.Path(path)
-    if (path / INDEX).exists():
-        try:
-            files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"{path / INDEX}: not a safetensors index (a JSON object with a weight_map): {e}") from e
-    elif (path / SINGLE).exists():
-        files = [SINGLE]
-    else:
-        raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}: not a safetensors model directory")
+    from .quant.load import checkpoint_files  # one reader of index files for the whole package
+
     out = {}
-    for f in files:
+    for f in checkpoint_files(path):
         try:
-            out |= load_file(path / f)
+            out |= load_file(f)
         except Exception as e:  # safetensors' own error types vary by version
-            raise ValueError(f"{path / f}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+            raise ValueError(f"{f}: not a readable safetensors file (corrupt or truncated?): {e}") from e
     return out
 
 

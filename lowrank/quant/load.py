@@ -68,7 +68,7 @@ def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:
         try:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path / INDEX} is not a safetensors index (a JSON object with 'weight_map'): {e}") from None
+            raise ValueError(f"{path / INDEX}: not a safetensors index (a JSON object with a weight_map): {e}") from None
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -76,7 +76,14 @@ def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:
         return files
     if (path / SINGLE).is_file():
         return [path / SINGLE]
-    raise FileNotFoundError(f"{path} has neither {INDEX} nor {SINGLE}; it holds {sorted(p.name for p in path.iterdir())[:10]}")
+    raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}: not a safetensors model directory; it holds {sorted(p.name for p in path.iterdir())[:10]}")
+
+
+def _open(file: pathlib.Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors' error types vary by version
+        raise ValueError(f"{file}: not a readable safetensors file (corrupt or truncated?): {e}") from e
 
 
 # Note: copy what is kept. safetensors hands out tensors that may share the file's memory map;
@@ -113,7 +120,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     biases: dict[str, torch.Tensor] = {}  # a 4-bit layer's bias read before its weight
     unexpected, bad_shapes, done = [], [], set()
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open(file) as f:
             for key in f.keys():
                 owner, _, leaf = key.rpartition(".")
                 module = modules.get(owner)

@@ -97,3 +97,13 @@ def test_skeleton_allocates_no_parameters_and_restores_itself():
     assert all(p.is_meta for p in model.parameters())
     assert not any(b.is_meta for b in model.buffers())  # rotary tables are computed, not loaded
     assert not models.mlp()[0].weight.is_meta
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+    _saved(tmp_path, models.llama)
+    shard = checkpoint_files(tmp_path)[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with skeleton():
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    with pytest.raises(ValueError, match=shard.name + ": not a readable safetensors file"):
+        load_and_quantize(model, tmp_path)
