@@ -4,7 +4,7 @@ Public API only; each name lives in the module that defines it.
 """
 
 from . import ops  # defines the lowrank:: ops and registers the backends that can run here
-from .config import AdapterConfig, LoraConfig
+from .config import AdapterConfig, LoraConfig, PrefixConfig
 from .inject import (
     Summary,
     active_adapters,
@@ -32,6 +32,7 @@ __all__ = [
     "LoraConfig",
     "NF4Config",
     "NF4Weight",
+    "PrefixConfig",
     "Summary",
     "__version__",
     "active_adapters",

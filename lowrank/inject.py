@@ -16,10 +16,10 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .config import AdapterConfig, LoraConfig
+from .config import AdapterConfig, LoraConfig, PrefixConfig
 from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
-from .tuners import adapter, lora
+from .tuners import adapter, lora, prefix
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
 
@@ -48,6 +48,10 @@ HANDLERS = {
     AdapterConfig: Handler(
         adapter.check, adapter.wrap, lambda m: adapter.module_dims(m) is not None, "a bottleneck adapter",
         default_targets=lambda model, config: adapter.default_targets(config), layer=adapter.AdapterLayer,
+    ),
+    PrefixConfig: Handler(
+        prefix.check, prefix.wrap, prefix.is_attention, "a prefix", default_targets=prefix.default_targets,
+        attach=prefix.attach, detach=prefix.detach, layer=prefix.PrefixLayer,
     ),
 }
 

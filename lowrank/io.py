@@ -21,6 +21,7 @@ import tempfile
 import torch
 from torch import nn
 
+from . import io_prefix
 from .config import LoraConfig
 from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
 from .targets import first_match
@@ -161,7 +162,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     appears whole (built under a temporary name in the same parent, then renamed)."""
     from safetensors.torch import save_file
 
-    tensors, config = adapter_state(model, name)
+    if io_prefix.has_prefix(model, name):  # prefix tuning: PEFT's PREFIX_TUNING format (lowrank/io_prefix.py)
+        tensors, config = io_prefix.adapter_state(model, name)
+    else:
+        tensors, config = adapter_state(model, name)
     path = pathlib.Path(path)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     fresh = not path.exists()
@@ -274,6 +278,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         peft_config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file}: not valid JSON: {e}") from e
+    if peft_config.get("peft_type") == "PREFIX_TUNING":  # lowrank/io_prefix.py
+        return io_prefix.load(model, peft_config, read_weights(path, allow_pickle), name, str(cfg_file), LoadResult)
     config = config_from_peft(peft_config, str(cfg_file))
     weights = read_weights(path, allow_pickle)
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}

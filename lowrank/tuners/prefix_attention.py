@@ -1,0 +1,198 @@
+"""How a prefix reaches the attention: a stand-in cache for transformers' attention modules,
+the widened mask, the model-level position shift, and nn.MultiheadAttention's forward.
+
+# Note: the prefix goes in through cache.update. Every transformers attention module computes
+# its keys and values (after RoPE), hands them to `cache.update(key, value, layer_idx, ...)`
+# when it has a cache, and attends over what that returns: this is the contract that makes
+# KV caching work, and it has held across transformers 4.3x-5.x while the attention-function
+# registry, the cache classes and the mask helpers all changed. So the PrefixLayer passes the
+# module a small stand-in whose `update` forwards to the real cache (if any: generation) and
+# returns [P_k ; K], [P_v ; V]. The real cache keeps only real tokens, so nothing about
+# generation, cache classes or gradient checkpointing (which drops the cache) has to know
+# about prefixes; PEFT instead puts the prefix into the cache itself (peft #2821 and the
+# follow-ups; it refuses gradient checkpointing for that reason).
+
+# Note: positions with a prefix. PEFT's prefix sits in the KV cache, so transformers counts
+# it as P past tokens: a model building position ids itself starts at P (arange(T) + P), and
+# PEFT adds P to position ids the caller passes (generate's, from the attention mask). This
+# shifts RoPE phases (Llama, Qwen2) and absolute position embeddings (GPT-2, BERT) alike. We
+# match it with a forward pre-hook on the injected model: position ids given -> + P; not
+# given -> arange(T) + past + P, which is what the model would build, shifted. Prefix keys
+# themselves carry no position (no RoPE), as in PEFT. Models whose forward takes no
+# `position_ids` (nn.TransformerEncoder research code) are left alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # transformers 5.x, 4.4x+, older
+
+
+def cache_arg(module: nn.Module) -> str | None:
+    """The name under which `module.forward` takes its KV cache, or None."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((a for a in CACHE_ARGS if a in params), None)
+
+
+class PrefixCache:
+    """Stands in for the model's cache during one attention call; see Note: the prefix goes in
+    through cache.update. Anything else asked of it is the real cache's answer."""
+
+    def __init__(self, cache, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.cache, self.key, self.value = cache, key, value  # key, value: (B, heads, P, head_dim)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.cache is not None:
+            key_states, value_states = self.cache.update(key_states, value_states, *args, **kwargs)
+        self._check(key_states)
+        # (B, heads, P, hd) ; (B, heads, K, hd) -> (B, heads, P + K, hd)
+        return (torch.cat([self.key.to(key_states.dtype), key_states], dim=2),
+                torch.cat([self.value.to(value_states.dtype), value_states], dim=2))
+
+    def _check(self, key_states: torch.Tensor) -> None:
+        want = (self.key.shape[0], self.key.shape[1], self.key.shape[3])
+        got = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
+        if key_states.dim() != 4 or want != got:
+            raise RuntimeError(f"prefix keys are (batch, heads, P, head_dim) = {tuple(self.key.shape)} but the attention "
+                               f"module's keys are {tuple(key_states.shape)}; the module does not lay out keys as "
+                               "(batch, key/value heads, tokens, head_dim), so it cannot take a prefix")
+
+    def __getattr__(self, name: str):
+        cache = self.__dict__.get("cache")
+        if cache is None:
+            raise AttributeError(f"prefix tuning's stand-in cache (no real cache in this call) has no {name!r}")
+        return getattr(cache, name)
+
+
+def widen_mask(mask, P: int, T: int, past: int, causal: bool, dtype: torch.dtype, device: torch.device):
+    """The attention mask for [prefix ; keys]: P always-visible columns in front. `mask` is None
+    (no masking, or causal when `causal` and T > 1: sdpa's rule), or a 4-D boolean (True =
+    attend) or additive float mask (..., T, K). None with causal queries becomes an explicit
+    additive mask, since `is_causal` would align the diagonal wrongly once P keys are in front."""
+    if mask is None:
+        if not causal or T == 1:
+            return None
+        K = past + T
+        query = torch.arange(T, device=device).unsqueeze(1) + past  # (T, 1): absolute positions
+        blocked = torch.arange(K, device=device).unsqueeze(0) > query  # (T, K)
+        mask = torch.zeros(T, K, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
+        mask = mask[None, None]  # (1, 1, T, K)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise TypeError(f"prefix tuning needs the attention mask as None or a 4-D tensor (eager / sdpa attention); got "
+                        f"{type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else f' of shape {tuple(mask.shape)}'}"
+                        "; switch with model.set_attn_implementation('sdpa')")
+    visible = True if mask.dtype == torch.bool else 0.0
+    front = torch.full((*mask.shape[:-1], P), visible, dtype=mask.dtype, device=mask.device)  # (..., T, P)
+    return torch.cat([front, mask], dim=-1)  # (..., T, P + K)
+
+
+def with_prefix(layer, *args, **kwargs):
+    """Call a transformers attention module `layer.base` with the prefix through its cache argument."""
+    bound = layer._signature.bind(*args, **kwargs)
+    arguments = bound.arguments
+    hidden = next(iter(arguments.values()))  # hidden_states: (B, T, d)
+    B, T = hidden.shape[0], hidden.shape[1]
+    real = arguments.get(layer._arg)
+    self_cache = getattr(real, "self_attention_cache", real)  # EncoderDecoderCache: its self-attention half
+    past = self_cache.get_seq_length(layer.base.layer_idx) if self_cache is not None else 0
+    key, value = layer.prefixes(B, hidden.dtype)
+    arguments[layer._arg] = PrefixCache(self_cache, key, value)
+    if "attention_mask" in layer._signature.parameters:
+        causal = bool(getattr(layer.base, "is_causal", False))
+        arguments["attention_mask"] = widen_mask(arguments.get("attention_mask"), key.shape[2], T, past, causal,
+                                                 hidden.dtype, hidden.device)
+    return layer.base(*bound.args, **bound.kwargs)
+
+
+def mha_forward(layer, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+    """nn.MultiheadAttention with a prefix: its own projections, [P_k ; K], [P_v ; V], then
+    scaled dot-product attention and its output projection. Returns (output, None): attention
+    weights are not computed on this path."""
+    mha: nn.MultiheadAttention = layer.base
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None:
+        raise NotImplementedError("prefix tuning on nn.MultiheadAttention needs kdim == vdim == embed_dim and "
+                                  "add_bias_kv=False")
+    if not mha.batch_first:  # (T, B, E) -> (B, T, E)
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+    B, T, E = query.shape
+    S, H, hd = key.shape[1], mha.num_heads, mha.head_dim
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    q = F.linear(query, w_q, b_q).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+    k = F.linear(key, w_k, b_k).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
+    v = F.linear(value, w_v, b_v).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
+    pk, pv = layer.prefixes(B, q.dtype)  # (B, H, P, hd)
+    P = pk.shape[2]
+    k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H, P + S, hd)
+    mask = torch.zeros(B, 1, T, S, dtype=q.dtype, device=q.device)  # additive, (B, 1, T, S)
+    if is_causal and attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
+    if attn_mask is not None:  # (T, S) or (B * H, T, S); bool: True = blocked (torch's convention)
+        m = attn_mask if attn_mask.dim() == 2 else attn_mask.view(B, H, T, S)
+        mask = mask + (torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m)
+    if key_padding_mask is not None:  # (B, S); bool: True = padding
+        m = key_padding_mask
+        m = torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m
+        mask = mask + m[:, None, None, :]
+    mask = torch.cat([torch.zeros(*mask.shape[:-1], P, dtype=q.dtype, device=q.device), mask], dim=-1)  # (.., T, P+S)
+    dropout = mha.dropout if mha.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, hd)
+    out = mha.out_proj(out.transpose(1, 2).reshape(B, T, E))  # (B, T, E)
+    return (out if mha.batch_first else out.transpose(0, 1)), None
+
+
+# -- the position shift (Note: positions with a prefix) ----------------------------------
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
+
+
+def _prefix_length(model: nn.Module) -> int:
+    from .prefix import PrefixLayer
+
+    return next((m.length for m in model.modules() if isinstance(m, PrefixLayer)), 0)
+
+
+def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
+    P = _prefix_length(model)
+    if P == 0:
+        return None
+    kwargs = dict(kwargs)  # never mutate the caller's dict
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + P
+        return args, kwargs
+    source = kwargs.get("input_ids", args[0] if args else None)
+    if source is None:
+        source = kwargs.get("inputs_embeds")
+    if source is None:
+        return None
+    cache = next((kwargs[a] for a in CACHE_ARGS if kwargs.get(a) is not None), None)
+    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    T = source.shape[1]
+    kwargs["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
+    return args, kwargs
+
+
+def install_position_shift(model: nn.Module) -> None:
+    if model in _HOOKS:
+        return
+    try:
+        takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_positions = False
+    if takes_positions:
+        _HOOKS[model] = model.register_forward_pre_hook(shift_positions, with_kwargs=True)
+
+
+def remove_position_shift(model: nn.Module) -> None:
+    handle = _HOOKS.pop(model, None)
+    if handle is not None:
+        handle.remove()
