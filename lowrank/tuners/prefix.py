@@ -75,7 +75,7 @@ def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
     layer (Llama/Qwen2 `self_attn`, GPT-2 `attn`, BERT `attention.self`, nn.MultiheadAttention)."""
     found = {n: m for n, m in _named(model) if is_attention(m)}
     inner = [n for n in found if not any(o != n and o.startswith(n + ".") for o in found)]
-    return tuple(inner) if inner else (is_attention,)  # a filter matching nothing: inject says what it can wrap
+    return tuple(inner) if inner else (lambda n, m: False,)  # matches nothing: inject then lists what it can wrap
 
 
 class PrefixLayer(TunerLayer):
