@@ -19,6 +19,7 @@ lowrank.tuners.prefix_attention.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -249,16 +250,9 @@ def fold(model: nn.Module, name: str | None = None) -> list[str]:
                 del layer.shared[adapter]
             layer._owners.pop(adapter, None)
             layer.kv[adapter] = nn.Parameter(value, requires_grad=trainable)
-            c = layer.configs[adapter]
-            layer.configs[adapter] = type(c)(**{**_fields(c), "projection_hidden": None})
+            layer.configs[adapter] = dataclasses.replace(layer.configs[adapter], projection_hidden=None)
         folded.append(adapter)
     return folded
-
-
-def _fields(config: PrefixConfig) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def parameter_count(config: PrefixConfig, layers_: int, d_kv: int) -> int:
@@ -267,7 +261,3 @@ def parameter_count(config: PrefixConfig, layers_: int, d_kv: int) -> int:
     if h is None:
         return L * P * 2 * d_kv
     return P * d_kv + (d_kv * h + h) + L * (2 * d_kv * h + 2 * d_kv)
-
-
-__all__ = ["PrefixLayer", "attach", "check", "default_targets", "detach", "fold", "is_attention", "kv_shape",
-           "layers", "parameter_count", "wrap"]

@@ -73,19 +73,17 @@ class PrefixCache:
         return getattr(cache, name)
 
 
-def widen_mask(mask, P: int, T: int, past: int, causal: bool, dtype: torch.dtype, device: torch.device):
+def widen_mask(mask, P: int, T: int, past: int, causal: bool, device: torch.device):
     """The attention mask for [prefix ; keys]: P always-visible columns in front. `mask` is None
     (no masking, or causal when `causal` and T > 1: sdpa's rule), or a 4-D boolean (True =
     attend) or additive float mask (..., T, K). None with causal queries becomes an explicit
-    additive mask, since `is_causal` would align the diagonal wrongly once P keys are in front."""
+    boolean mask (only sdpa gets None for a causal model; eager always gets a mask), since
+    `is_causal` would align the diagonal top-left once P keys are in front."""
     if mask is None:
         if not causal or T == 1:
             return None
-        K = past + T
         query = torch.arange(T, device=device).unsqueeze(1) + past  # (T, 1): absolute positions
-        blocked = torch.arange(K, device=device).unsqueeze(0) > query  # (T, K)
-        mask = torch.zeros(T, K, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
-        mask = mask[None, None]  # (1, 1, T, K)
+        mask = (torch.arange(past + T, device=device).unsqueeze(0) <= query)[None, None]  # (1, 1, T, K), True = attend
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise TypeError(f"prefix tuning needs the attention mask as None or a 4-D tensor (eager / sdpa attention); got "
                         f"{type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else f' of shape {tuple(mask.shape)}'}"
@@ -93,6 +91,13 @@ def widen_mask(mask, P: int, T: int, past: int, causal: bool, dtype: torch.dtype
     visible = True if mask.dtype == torch.bool else 0.0
     front = torch.full((*mask.shape[:-1], P), visible, dtype=mask.dtype, device=mask.device)  # (..., T, P)
     return torch.cat([front, mask], dim=-1)  # (..., T, P + K)
+
+
+def _check_implementation(module: nn.Module) -> None:
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or ""
+    if impl.startswith("flash") or "flex" in impl:
+        raise TypeError(f"prefix tuning cannot widen the masks of {impl!r} attention (2-D masks / BlockMask), so it "
+                        "would attend wrongly; use eager or sdpa: model.set_attn_implementation('sdpa')")
 
 
 def with_prefix(layer, *args, **kwargs):
@@ -104,12 +109,13 @@ def with_prefix(layer, *args, **kwargs):
     real = arguments.get(layer._arg)
     self_cache = getattr(real, "self_attention_cache", real)  # EncoderDecoderCache: its self-attention half
     past = self_cache.get_seq_length(layer.base.layer_idx) if self_cache is not None else 0
+    _check_implementation(layer.base)
     key, value = layer.prefixes(B, hidden.dtype)
     arguments[layer._arg] = PrefixCache(self_cache, key, value)
     if "attention_mask" in layer._signature.parameters:
         causal = bool(getattr(layer.base, "is_causal", False))
         arguments["attention_mask"] = widen_mask(arguments.get("attention_mask"), key.shape[2], T, past, causal,
-                                                 hidden.dtype, hidden.device)
+                                                 hidden.device)
     return layer.base(*bound.args, **bound.kwargs)
 
 
@@ -165,20 +171,26 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
     P = _prefix_length(model)
     if P == 0:
         return None
-    kwargs = dict(kwargs)  # never mutate the caller's dict
-    if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = kwargs["position_ids"] + P
-        return args, kwargs
-    source = kwargs.get("input_ids", args[0] if args else None)
+    bound = _signature(model).bind_partial(*args, **kwargs)  # a fresh mapping: the caller's dict is not touched
+    arguments = bound.arguments
+    if arguments.get("position_ids") is not None:
+        arguments["position_ids"] = arguments["position_ids"] + P
+        return bound.args, bound.kwargs
+    source = arguments.get("input_ids")
     if source is None:
-        source = kwargs.get("inputs_embeds")
+        source = arguments.get("inputs_embeds")
     if source is None:
         return None
-    cache = next((kwargs[a] for a in CACHE_ARGS if kwargs.get(a) is not None), None)
+    nested = arguments.get(next((n for n, p in bound.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
+    cache = next((c for c in (arguments.get(a, nested.get(a)) for a in CACHE_ARGS) if c is not None), None)
     past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
     T = source.shape[1]
-    kwargs["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
-    return args, kwargs
+    arguments["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
+    return bound.args, bound.kwargs
+
+
+def _signature(model: nn.Module) -> inspect.Signature:
+    return inspect.signature(model.forward)
 
 
 def install_position_shift(model: nn.Module) -> None:
