@@ -6,7 +6,8 @@ A directory holds `adapter_config.json` (PEFT's LoraConfig fields, peft_type "LO
 / `...lora_embedding_B`; no adapter name. Module names are the model's own (our wrapper's
 `base` is invisible in them, as PEFT's `base_layer` is). PEFT 0.21's
 `PeftModel.from_pretrained(base, path)` loads what `save_adapter` writes, and `load_adapter`
-loads what PEFT's `save_pretrained` writes.
+loads what PEFT's `save_pretrained` writes. Prefix adapters (PEFT's PREFIX_TUNING) are
+written and read by lowrank/io_prefix.py; save_adapter and load_adapter dispatch to it.
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     """Our LoraConfig for a PEFT LoRA adapter_config dict; refuses what we cannot reproduce."""
     kind = peft_config.get("peft_type")
     if kind != "LORA":
-        raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA adapters (peft_type 'LORA') only")
+        raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA adapters (peft_type 'LORA') "
+                         "and prefix adapters ('PREFIX_TUNING')")
     for field, default in _UNSUPPORTED.items():
         value = peft_config.get(field, default)
         if value not in (default, None, False, [], {}) and value != default:

@@ -80,7 +80,10 @@ def config_from_peft(peft_config: dict, source: str) -> PrefixConfig:
                                   "lowrank prefix tuning loads decoder-only and encoder-only adapters")
     if peft_config.get("modules_to_save"):
         raise NotImplementedError(f"{source}: modules_to_save={peft_config['modules_to_save']!r} is not supported")
-    return PrefixConfig(num_virtual_tokens=int(peft_config["num_virtual_tokens"]))
+    P = peft_config.get("num_virtual_tokens")
+    if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+        raise ValueError(f"{source}: num_virtual_tokens must be an integer >= 1 in a PREFIX_TUNING config; got {P!r}")
+    return PrefixConfig(num_virtual_tokens=P)
 
 
 def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], name: str, source: str, result_type):
