@@ -153,9 +153,18 @@ def _check_steps(ours, theirs, ids, mask, **generate_kwargs):
     return seq
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
-def test_generate_greedy_and_sampling_follow_peft_forward(kind):
+# GPT-2 is left out with checkpointing: transformers' GPT2Model hands its blocks no cache when
+# gradient checkpointing is on in train mode (modeling_gpt2.py), so even the base GPT-2's
+# generate goes wrong there (its greedy output changes), prefix or not.
+@pytest.mark.parametrize("kind, checkpointing", [("llama", False), ("gpt2", False), ("qwen2", False),
+                                                 ("llama", True), ("qwen2", True)])
+def test_generate_greedy_and_sampling_follow_peft_forward(kind, checkpointing):
+    """checkpointing: generating mid-training, gradient checkpointing on and the model in train
+    mode (dropout is 0 in these configs, so train mode computes the same function)."""
     ours, theirs = pair(kind, dtype=torch.float64)
+    if checkpointing:
+        ours.gradient_checkpointing_enable()
+        ours.train()
     ids, mask = batch(True)
     greedy = _check_steps(ours, theirs, ids, mask, do_sample=False)
     torch.manual_seed(5)
