@@ -28,7 +28,8 @@ def has_prefix(model: nn.Module, name: str | None) -> bool:
     prefix_names = {n for m in model.modules() if isinstance(m, PrefixLayer) for n in m.names}
     if name is not None:
         return name in prefix_names
-    others = {n for m in model.modules() if isinstance(m, TunerLayer) and not isinstance(m, PrefixLayer) for n in m.names}
+    others = {n for m in model.modules() if isinstance(m, TunerLayer) and not isinstance(m, PrefixLayer)
+              for n in m.names}
     return bool(prefix_names) and not others
 
 

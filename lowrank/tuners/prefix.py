@@ -28,7 +28,8 @@ from torch import nn
 from ..config import PrefixConfig
 from .base import TunerLayer
 from .lora_base import float_dtype_and_device
-from .prefix_attention import CACHE_ARGS, cache_arg, mha_forward, with_prefix
+from .prefix_attention import (CACHE_ARGS, cache_arg, install_position_shift, mha_forward, remove_position_shift,
+                               with_prefix)
 
 # Note: where the reparameterisation lives. The MLP's first half (E, W1, b1) is shared by all
 # layers; its last linear layer splits by rows into one (2 d_kv, h) block per layer. Each
@@ -88,7 +89,6 @@ class PrefixLayer(TunerLayer):
         self.up = nn.ModuleDict()  # reparameterised: name -> this layer's rows of the MLP's last linear
         self.shared = nn.ModuleDict()  # reparameterised, first layer only: name -> Sequential(E, W1, tanh)
         self.configs: dict[str, PrefixConfig] = {}
-        self.index: dict[str, int] = {}  # name -> this layer's position among the adapter's layers
         self.heads, self.head_dim = kv_shape(base)
         self._arg = None if isinstance(base, nn.MultiheadAttention) else cache_arg(base)
         self._signature = None if self._arg is None else inspect.signature(base.forward)
@@ -127,7 +127,6 @@ class PrefixLayer(TunerLayer):
             if name in store:
                 del store[name]
         del self.configs[name]
-        self.index.pop(name, None)
         self._owners.pop(name, None)
         self.active = tuple(n for n in self.active if n != name)
 
@@ -213,13 +212,9 @@ def layers(model: nn.Module, name: str) -> list[PrefixLayer]:
 
 
 def attach(model: nn.Module, config: PrefixConfig, name: str) -> None:
-    """Number adapter `name`'s layers, give the first the shared MLP half, and install the
+    """Give adapter `name`'s first layer the shared MLP half, and install the
     model-level position shift (lowrank.tuners.prefix_attention.shift_positions)."""
-    from .prefix_attention import install_position_shift
-
     found = layers(model, name)
-    for i, layer in enumerate(found):
-        layer.index[name] = i
     if config.projection_hidden is not None:
         found[0].own_shared(name)
         for layer in found:
@@ -228,8 +223,6 @@ def attach(model: nn.Module, config: PrefixConfig, name: str) -> None:
 
 
 def detach(model: nn.Module) -> None:
-    from .prefix_attention import remove_position_shift
-
     remove_position_shift(model)
 
 

@@ -59,12 +59,11 @@ class PrefixCache:
                 torch.cat([self.value.to(value_states.dtype), value_states], dim=2))
 
     def _check(self, key_states: torch.Tensor) -> None:
-        want = (self.key.shape[0], self.key.shape[1], self.key.shape[3])
-        got = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
-        if key_states.dim() != 4 or want != got:
-            raise RuntimeError(f"prefix keys are (batch, heads, P, head_dim) = {tuple(self.key.shape)} but the attention "
-                               f"module's keys are {tuple(key_states.shape)}; the module does not lay out keys as "
-                               "(batch, key/value heads, tokens, head_dim), so it cannot take a prefix")
+        shape = tuple(key_states.shape)
+        if len(shape) != 4 or (shape[0], shape[1], shape[3]) != (self.key.shape[0], self.key.shape[1], self.key.shape[3]):
+            raise RuntimeError(f"prefix keys are (batch, heads, P, head_dim) = {tuple(self.key.shape)} but the "
+                               f"attention module's keys are {shape}; it does not lay out keys as (batch, key/value "
+                               "heads, tokens, head_dim), so it cannot take a prefix")
 
     def __getattr__(self, name: str):
         cache = self.__dict__.get("cache")
@@ -85,9 +84,9 @@ def widen_mask(mask, P: int, T: int, past: int, causal: bool, device: torch.devi
         query = torch.arange(T, device=device).unsqueeze(1) + past  # (T, 1): absolute positions
         mask = (torch.arange(past + T, device=device).unsqueeze(0) <= query)[None, None]  # (1, 1, T, K), True = attend
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        raise TypeError(f"prefix tuning needs the attention mask as None or a 4-D tensor (eager / sdpa attention); got "
-                        f"{type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else f' of shape {tuple(mask.shape)}'}"
-                        "; switch with model.set_attn_implementation('sdpa')")
+        seen = type(mask).__name__ + (f" of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
+        raise TypeError(f"prefix tuning needs the attention mask as None or a 4-D tensor (eager / sdpa attention); "
+                        f"got {seen}; switch with model.set_attn_implementation('sdpa')")
     visible = True if mask.dtype == torch.bool else 0.0
     front = torch.full((*mask.shape[:-1], P), visible, dtype=mask.dtype, device=mask.device)  # (..., T, P)
     return torch.cat([front, mask], dim=-1)  # (..., T, P + K)

@@ -149,7 +149,7 @@ def _check_steps(ours, theirs, ids, mask, **generate_kwargs):
         positions = (m.cumsum(1) - 1).masked_fill(m == 0, 1)  # generate's position ids for left padding
         oracle = theirs(input_ids=prefix_ids, attention_mask=m, position_ids=positions).logits[:, -1]
         # generate hands back float32 logits: one rounding, at most 2^-24 relative, on top of float64 noise
-        assert ((logits.double() - oracle).abs() <= oracle.abs() * 2.0**-24 + GEN_TOL).all()  # See Note: generate's oracle
+        assert ((logits.double() - oracle).abs() <= oracle.abs() * 2.0**-24 + GEN_TOL).all()  # Note: generate's oracle
     return seq
 
 

@@ -73,7 +73,10 @@ def test_parameter_counts_follow_the_paper(make, d_kv, hidden):
     config = lowrank.PrefixConfig(num_virtual_tokens=5, projection_hidden=hidden)
     lowrank.inject(model, config)
     L, P = 2, 5
-    expected = L * P * 2 * d_kv if hidden is None else P * d_kv + d_kv * hidden + hidden + L * (2 * d_kv * hidden + 2 * d_kv)
+    if hidden is None:
+        expected = L * P * 2 * d_kv
+    else:
+        expected = P * d_kv + d_kv * hidden + hidden + L * (2 * d_kv * hidden + 2 * d_kv)
     summary = lowrank.summary(model)
     assert summary.per_adapter == {"default": expected} and summary.trainable == expected
     assert parameter_count(config, L, d_kv) == expected
@@ -261,9 +264,10 @@ def test_transformer_encoder_takes_the_prefix_on_every_path():
     """nn.TransformerEncoder's fused eval path must not skip the wrapped attention."""
     model = models.encoder().eval()
     x = torch.randn(2, 5, 32)
-    before = model(x)
-    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2))
-    assert (model(x) - before).abs().max() > 1e-3
+    with torch.no_grad():  # the conditions of torch's fused path: eval, no grad
+        before = model(x)
+        lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2))
+        assert (model(x) - before).abs().max() > 1e-3
     model.train()
     model(x).sum().backward()
     assert all(layer.kv["default"].grad is not None for layer in layers(model, "default"))
@@ -322,3 +326,13 @@ def test_positional_arguments_and_caller_kwargs_are_respected():
     assert kwargs["position_ids"] is positions
     assert torch.equal(model(x, None, positions).logits, by_name)
     assert torch.equal(model(x).logits, by_name)  # none given: the model's own arange, shifted alike
+
+
+def test_keys_in_another_layout_raise_at_the_first_forward():
+    from lowrank.tuners.prefix_attention import PrefixCache
+
+    cache = PrefixCache(None, torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8))
+    with pytest.raises(RuntimeError, match="cannot take a prefix"):
+        cache.update(torch.zeros(2, 5, 4, 8), torch.zeros(2, 5, 4, 8), 0)  # (B, T, heads, hd): heads not at dim 1
+    k, v = cache.update(torch.ones(2, 4, 5, 8), torch.ones(2, 4, 5, 8), 0)
+    assert k.shape == (2, 4, 8, 8) and torch.equal(k[:, :, :3], torch.zeros(2, 4, 3, 8))
