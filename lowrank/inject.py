@@ -81,7 +81,7 @@ def _layers(model: nn.Module) -> list[TunerLayer]:
     return [m for m in model.modules() if isinstance(m, TunerLayer)]
 
 
-def inject(model: nn.Module, config: LoraConfig | AdapterConfig, name: str = "default") -> list[str]:
+def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig, name: str = "default") -> list[str]:
     """Add adapter `name` to every module of `model` that `config.targets` matches, in place.
     Makes `name` the active adapter and only its parameters trainable. Returns the qualified
     names of the modules it wrapped; raises, changing nothing, when nothing matched, when a
