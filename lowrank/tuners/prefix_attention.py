@@ -25,7 +25,6 @@ the widened mask, the model-level position shift, and nn.MultiheadAttention's fo
 from __future__ import annotations
 
 import inspect
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -157,9 +156,8 @@ def mha_forward(layer, query, key, value, key_padding_mask=None, need_weights=Tr
 
 
 # -- the position shift (Note: positions with a prefix) ----------------------------------
-_HOOKS: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
-
-
+# The hook is found by identity among the model's pre-hooks, not kept in a side table, so a
+# deepcopy of an injected model (which copies its hooks) is handled the same as the original.
 def _prefix_length(model: nn.Module) -> int:
     from .prefix import PrefixLayer
 
@@ -192,18 +190,23 @@ def _signature(model: nn.Module) -> inspect.Signature:
     return inspect.signature(model.forward)
 
 
+def _hook_ids(model: nn.Module) -> list[int]:
+    return [k for k, hook in model._forward_pre_hooks.items() if hook is shift_positions]
+
+
 def install_position_shift(model: nn.Module) -> None:
-    if model in _HOOKS:
+    """Add the shift to `model` once (idempotent), if its forward takes `position_ids`."""
+    if _hook_ids(model):
         return
     try:
         takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         takes_positions = False
     if takes_positions:
-        _HOOKS[model] = model.register_forward_pre_hook(shift_positions, with_kwargs=True)
+        model.register_forward_pre_hook(shift_positions, with_kwargs=True)
 
 
 def remove_position_shift(model: nn.Module) -> None:
-    handle = _HOOKS.pop(model, None)
-    if handle is not None:
-        handle.remove()
+    for k in _hook_ids(model):
+        del model._forward_pre_hooks[k]
+        model._forward_pre_hooks_with_kwargs.pop(k, None)

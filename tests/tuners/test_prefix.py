@@ -336,3 +336,30 @@ def test_keys_in_another_layout_raise_at_the_first_forward():
         cache.update(torch.zeros(2, 5, 4, 8), torch.zeros(2, 5, 4, 8), 0)  # (B, T, heads, hd): heads not at dim 1
     k, v = cache.update(torch.ones(2, 4, 5, 8), torch.ones(2, 4, 5, 8), 0)
     assert k.shape == (2, 4, 8, 8) and torch.equal(k[:, :, :3], torch.zeros(2, 4, 3, 8))
+
+
+def test_a_deepcopy_ejects_and_reinjects_like_the_original():
+    """The position shift travels with a deepcopy and is installed once, however often injected."""
+    model = models.llama().eval()
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=3))
+    twin = copy.deepcopy(model)
+    x = models.ids()
+    assert torch.equal(models.run(twin, x), models.run(model, x))
+    lowrank.eject(twin)
+    assert not twin._forward_pre_hooks
+    lowrank.inject(twin, lowrank.PrefixConfig(num_virtual_tokens=3))
+    lowrank.inject(twin, lowrank.PrefixConfig(num_virtual_tokens=2), "second")
+    assert len(twin._forward_pre_hooks) == 1
+    with torch.no_grad():
+        for mine, theirs in zip(layers(twin, "default"), layers(model, "default")):
+            mine.kv["default"].copy_(theirs.kv["default"])
+    lowrank.set_active(twin, "default")
+    assert torch.equal(models.run(twin, x), models.run(model, x))
+
+
+def test_a_deepcopy_of_a_reparameterised_prefix_uses_its_own_mlp():
+    model = models.llama().eval()
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=3, projection_hidden=8))
+    twin = copy.deepcopy(model)
+    found = layers(twin, "default")
+    assert all(layer._owners["default"] is found[0] for layer in found)
