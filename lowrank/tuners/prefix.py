@@ -192,6 +192,9 @@ def check(module: nn.Module, config: PrefixConfig, name: str, where: str) -> Non
         raise ValueError(f"{where!r} already has a prefix named {name!r}; inject under another name "
                          f"or remove it first with lowrank.eject(model, {name!r})")
     inner = _inner(module)
+    if getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError(f"cannot put a prefix on {where!r}: encoder-decoder models need separate encoder and "
+                                  "decoder prefixes and no prefix on cross-attention, which lowrank does not do yet")
     if not is_attention(inner):
         raise TypeError(
             f"cannot put a prefix on {where!r}, a {type(inner).__name__}: a prefix needs nn.MultiheadAttention or an "

@@ -164,8 +164,21 @@ def _prefix_length(model: nn.Module) -> int:
     return next((m.length for m in model.modules() if isinstance(m, PrefixLayer)), 0)
 
 
+# Note: one shift per call. A model holding prefixes may itself sit in another injected model
+# (inject(outer) and inject(outer.model, ...)): both carry the hook, and only the outermost
+# call may shift. Each hooked forward pushes on _RUNNING before and pops after (always_call).
+_RUNNING: list[nn.Module] = []
+
+
+def _leave(model: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    if _RUNNING and _RUNNING[-1] is model:
+        _RUNNING.pop()
+
+
 def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
-    P = _prefix_length(model)
+    outermost = not _RUNNING
+    _RUNNING.append(model)
+    P = _prefix_length(model) if outermost else 0
     if P == 0:
         return None
     bound = _signature(model).bind_partial(*args, **kwargs)  # a fresh mapping: the caller's dict is not touched
@@ -204,9 +217,14 @@ def install_position_shift(model: nn.Module) -> None:
         takes_positions = False
     if takes_positions:
         model.register_forward_pre_hook(shift_positions, with_kwargs=True)
+        model.register_forward_hook(_leave, with_kwargs=True, always_call=True)
 
 
 def remove_position_shift(model: nn.Module) -> None:
     for k in _hook_ids(model):
         del model._forward_pre_hooks[k]
         model._forward_pre_hooks_with_kwargs.pop(k, None)
+    for k in [k for k, hook in model._forward_hooks.items() if hook is _leave]:
+        del model._forward_hooks[k]
+        model._forward_hooks_with_kwargs.pop(k, None)
+        model._forward_hooks_always_called.pop(k, None)

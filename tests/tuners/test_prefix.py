@@ -96,7 +96,7 @@ def test_eject_restores_model_and_disabled_is_the_base():
         assert torch.equal(models.run(model, x), before)
     lowrank.eject(model)
     assert [m.self_attn for m in model.model.layers] == attn and list(model.state_dict()) == keys
-    assert not model._forward_pre_hooks  # the position shift went with the last prefix layer
+    assert not model._forward_pre_hooks and not model._forward_hooks  # the position shift went with the last prefix
     assert torch.equal(models.run(model, x), before)
     assert all(p.requires_grad for p in model.parameters())
 
@@ -346,7 +346,7 @@ def test_a_deepcopy_ejects_and_reinjects_like_the_original():
     x = models.ids()
     assert torch.equal(models.run(twin, x), models.run(model, x))
     lowrank.eject(twin)
-    assert not twin._forward_pre_hooks
+    assert not twin._forward_pre_hooks and not twin._forward_hooks
     lowrank.inject(twin, lowrank.PrefixConfig(num_virtual_tokens=3))
     lowrank.inject(twin, lowrank.PrefixConfig(num_virtual_tokens=2), "second")
     assert len(twin._forward_pre_hooks) == 1
@@ -363,3 +363,35 @@ def test_a_deepcopy_of_a_reparameterised_prefix_uses_its_own_mlp():
     twin = copy.deepcopy(model)
     found = layers(twin, "default")
     assert all(layer._owners["default"] is found[0] for layer in found)
+
+
+def test_nested_injected_models_shift_positions_once():
+    """inject into the LM and (another adapter) into its inner model: two hooks, one shift."""
+    nested = models.llama().eval()
+    lowrank.inject(nested, lowrank.PrefixConfig(num_virtual_tokens=3))
+    lowrank.inject(nested.model, lowrank.PrefixConfig(num_virtual_tokens=2), "inner")
+    lowrank.set_active(nested, "default")
+    single = models.llama().eval()
+    lowrank.inject(single, lowrank.PrefixConfig(num_virtual_tokens=3))
+    with torch.no_grad():
+        for mine, theirs in zip(layers(nested, "default"), layers(single, "default")):
+            mine.kv["default"].copy_(theirs.kv["default"])
+    x = models.ids()
+    expected = models.run(single, x)
+    assert torch.equal(models.run(nested, x), expected)
+    with pytest.raises(TypeError):
+        nested(x, input_ids=x)  # a call failing in the hook itself must not leave the shift switched off
+    assert torch.equal(models.run(nested, x), expected)
+    with lowrank.disabled(single):
+        assert not torch.equal(models.run(single, x), expected)
+
+
+def test_encoder_decoder_models_are_refused():
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=models.VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=32)
+    model = transformers.BartForConditionalGeneration(cfg)
+    with pytest.raises(NotImplementedError, match="encoder-decoder"):
+        lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2))
+    assert lowrank.adapter_names(model) == []
