@@ -25,6 +25,7 @@ the widened mask, the model-level position shift, and nn.MultiheadAttention's fo
 from __future__ import annotations
 
 import inspect
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -166,18 +167,27 @@ def _prefix_length(model: nn.Module) -> int:
 
 # Note: one shift per call. A model holding prefixes may itself sit in another injected model
 # (inject(outer) and inject(outer.model, ...)): both carry the hook, and only the outermost
-# call may shift. Each hooked forward pushes on _RUNNING before and pops after (always_call).
-_RUNNING: list[nn.Module] = []
+# call may shift. Each hooked forward pushes on a per-thread stack before and pops after
+# (a forward hook with always_call, so a failing call pops too).
+_LOCAL = threading.local()  # per thread: .running, the hooked models whose forward is under way
+
+
+def _running() -> list[nn.Module]:
+    if not hasattr(_LOCAL, "running"):
+        _LOCAL.running = []
+    return _LOCAL.running
 
 
 def _leave(model: nn.Module, args: tuple, kwargs: dict, output) -> None:
-    if _RUNNING and _RUNNING[-1] is model:
-        _RUNNING.pop()
+    running = _running()
+    if running and running[-1] is model:
+        running.pop()
 
 
 def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
-    outermost = not _RUNNING
-    _RUNNING.append(model)
+    running = _running()
+    outermost = not running
+    running.append(model)
     P = _prefix_length(model) if outermost else 0
     if P == 0:
         return None
