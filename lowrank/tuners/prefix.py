@@ -77,7 +77,12 @@ def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
     layer (Llama/Qwen2 `self_attn`, GPT-2 `attn`, BERT `attention.self`, nn.MultiheadAttention)."""
     found = {n: m for n, m in _named(model) if is_attention(m)}
     inner = [n for n in found if not any(o != n and o.startswith(n + ".") for o in found)]
-    return tuple(inner) if inner else (lambda n, m: False,)  # matches nothing: inject then lists what it can wrap
+    return tuple(inner) if inner else (no_attention_found,)  # inject then says what it could wrap
+
+
+def no_attention_found(name: str, module: nn.Module) -> bool:
+    """The default target when a model has no attention module a prefix can go on."""
+    return False
 
 
 class PrefixLayer(TunerLayer):

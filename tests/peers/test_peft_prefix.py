@@ -55,9 +55,10 @@ def tiny(kind: str) -> torch.nn.Module:
     raise ValueError(kind)
 
 
-def pair(kind: str, hidden: int | None = None, dtype=torch.float32):
+def pair(kind: str, hidden: int | None = None, dtype=torch.float32, attention: str = "sdpa"):
     """(ours, PEFT's) for the same base, with the same prefix parameters in both."""
     base = tiny(kind).to(dtype)
+    base.set_attn_implementation(attention)
     ours = copy.deepcopy(base)
     lowrank.inject(ours, lowrank.PrefixConfig(num_virtual_tokens=P, projection_hidden=hidden))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(
@@ -89,10 +90,11 @@ def batch(left_pad: bool):
     return ids, mask
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean masks / additive float masks
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("left_pad", [False, True])
-def test_forward_logits_equal_peft(kind, left_pad):
-    ours, theirs = pair(kind)
+def test_forward_logits_equal_peft(kind, left_pad, attention):
+    ours, theirs = pair(kind, attention=attention)
     ids, mask = batch(left_pad)
     real = mask.bool()
     a = ours(input_ids=ids, attention_mask=mask).logits
@@ -102,7 +104,8 @@ def test_forward_logits_equal_peft(kind, left_pad):
     a = ours(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     b = theirs(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     assert torch.equal(a[real], b[real])
-    assert not torch.equal(a[real], tiny(kind)(input_ids=ids, attention_mask=mask, position_ids=positions).logits[real])
+    base = tiny(kind)
+    assert not torch.equal(a[real], base(input_ids=ids, attention_mask=mask, position_ids=positions).logits[real])
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
