@@ -4,5 +4,6 @@ from .adapter import AdapterLayer
 from .base import BASE, TunerLayer
 from .lora import LoraConv, LoraEmbedding, LoraLinear
 from .lora_base import LoraLayer
+from .prefix import PrefixLayer
 
-__all__ = ["AdapterLayer", "BASE", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "TunerLayer"]
+__all__ = ["AdapterLayer", "BASE", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "PrefixLayer", "TunerLayer"]
