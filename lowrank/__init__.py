@@ -4,7 +4,7 @@ Public API only; each name lives in the module that defines it.
 """
 
 from . import ops  # defines the lowrank:: ops and registers the backends that can run here
-from .config import AdapterConfig, LoraConfig, PromptConfig
+from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .inject import (
     Summary,
     active_adapters,
@@ -35,6 +35,7 @@ __all__ = [
     "LoraConfig",
     "NF4Config",
     "NF4Weight",
+    "PrefixConfig",
     "PromptConfig",
     "Summary",
     "__version__",

@@ -198,3 +198,32 @@ class PromptConfig:
         if self.targets is not None:
             object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
         object.__setattr__(self, "exclude", _check_targets("exclude", self.exclude, allow_none=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixConfig:
+    """Prefix tuning (Li & Liang 2021): P trainable key/value vectors before the sequence in
+    every attention layer. `projection_hidden=None` is P-tuning v2 (Liu et al. 2022): the
+    prefixes are the parameters; an int h: they come from a shared MLP with hidden width h
+    (the paper's reparameterisation), foldable into plain prefixes (lowrank.tuners.prefix.fold)."""
+
+    num_virtual_tokens: int = 20  # P; PEFT's usual choice; Li & Liang found 10-200 best, task-dependent
+    projection_hidden: int | None = None  # None: P-tuning v2 (no MLP); Li & Liang used an MLP of width 512/800
+    targets: Targets | None = None  # None: every attention module (lowrank.tuners.prefix.default_targets)
+    exclude: Targets | None = None  # same syntax as targets
+
+    def __post_init__(self) -> None:
+        P = self.num_virtual_tokens
+        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+            raise ValueError(f"num_virtual_tokens must be an integer >= 1; got {P!r}")
+        h = self.projection_hidden
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+            raise ValueError(f"projection_hidden must be None (P-tuning v2: no MLP) or an integer >= 1; got {h!r}")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
+        object.__setattr__(self, "exclude", _check_targets("exclude", self.exclude, allow_none=True))
+
+    @classmethod
+    def p_tuning_v2(cls, num_virtual_tokens: int = 20, **kwargs) -> "PrefixConfig":
+        """P-tuning v2 (Liu et al. 2022): prefixes at every layer, no reparameterisation MLP."""
+        return cls(num_virtual_tokens=num_virtual_tokens, projection_hidden=None, **kwargs)

@@ -16,11 +16,11 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .config import AdapterConfig, LoraConfig, PromptConfig
+from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .distributed import check_not_sharded
 from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
-from .tuners import adapter, lora, prompt, prompt_hooks
+from .tuners import adapter, lora, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
 
@@ -55,6 +55,10 @@ HANDLERS = {
         default_targets=prompt.default_targets, attach=prompt_hooks.attach, detach=prompt_hooks.detach,
         layer=prompt.PromptLayer,
     ),
+    PrefixConfig: Handler(
+        prefix.check, prefix.wrap, prefix.is_attention, "a prefix", default_targets=prefix.default_targets,
+        attach=prefix.attach, detach=prefix.detach, layer=prefix.PrefixLayer,
+    ),
 }
 
 
@@ -83,7 +87,7 @@ def _layers(model: nn.Module) -> list[TunerLayer]:
     return [m for m in model.modules() if isinstance(m, TunerLayer)]
 
 
-def inject(model: nn.Module, config: LoraConfig | AdapterConfig, name: str = "default") -> list[str]:
+def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig, name: str = "default") -> list[str]:
     """Add adapter `name` to every module of `model` that `config.targets` matches, in place.
     Makes `name` the active adapter and only its parameters trainable. Returns the qualified
     names of the modules it wrapped; raises, changing nothing, when nothing matched, when a

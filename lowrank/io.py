@@ -6,7 +6,8 @@ A directory holds `adapter_config.json` (PEFT's LoraConfig fields, peft_type "LO
 / `...lora_embedding_B`; no adapter name. Module names are the model's own (our wrapper's
 `base` is invisible in them, as PEFT's `base_layer` is). PEFT 0.21's
 `PeftModel.from_pretrained(base, path)` loads what `save_adapter` writes, and `load_adapter`
-loads what PEFT's `save_pretrained` writes.
+loads what PEFT's `save_pretrained` writes. Prefix adapters (PEFT's PREFIX_TUNING) are
+written and read by lowrank/io_prefix.py; save_adapter and load_adapter dispatch to it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 import torch
 from torch import nn
 
-from . import distributed, io_prompt
+from . import distributed, io_prefix, io_prompt
 from .config import LoraConfig
 from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
 from .targets import first_match
@@ -166,7 +167,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     appears whole (built under a temporary name in the same parent, then renamed).
     Under torch.distributed only rank 0 writes; under FSDP2 every rank must call it (see
     Note: saving from several ranks, in lowrank/distributed.py). A prompt adapter is written
-    in PEFT's PROMPT_TUNING format (lowrank/io_prompt.py), a bottleneck adapter in our own
+    in PEFT's PROMPT_TUNING format (lowrank/io_prompt.py), a prefix adapter in its PREFIX_TUNING
+    format (lowrank/io_prefix.py), a bottleneck adapter in our own
     (lowrank/bottleneck_io.py)."""
     from . import bottleneck_io
 
@@ -174,6 +176,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         raise ValueError(f"the model has adapters {adapter_names(model)}; pass name= to say which to save")
     if bottleneck_io.is_bottleneck(model, name):
         tensors, config = bottleneck_io.adapter_state(model, name)
+    elif io_prefix.has_prefix(model, name):  # PEFT's PREFIX_TUNING format (lowrank/io_prefix.py)
+        tensors, config = io_prefix.adapter_state(model, name)
     else:
         tensors, config = adapter_state(model, name)
     path = pathlib.Path(path)
@@ -236,7 +240,8 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     kind = peft_config.get("peft_type")
     if kind != "LORA":
         raise ValueError(f"{source}: peft_type is {kind!r}; lowrank.load_adapter reads LoRA ('LORA'), prompt-tuning "
-                         "('PROMPT_TUNING') and lowrank's bottleneck ('LOWRANK_BOTTLENECK') adapters")
+                         "('PROMPT_TUNING'), prefix-tuning ('PREFIX_TUNING') and lowrank's bottleneck "
+                         "('LOWRANK_BOTTLENECK') adapters")
     for field, default in _UNSUPPORTED.items():
         value = peft_config.get(field, default)
         if value not in (default, None, False, [], {}) and value != default:
@@ -336,6 +341,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         return bottleneck_io.load(model, path, peft_config, name, strict=strict, allow_pickle=allow_pickle)
     if peft_config.get("peft_type") == io_prompt.PEFT_TYPE:
         return io_prompt.load(model, path, peft_config, name, strict, allow_pickle)
+    if peft_config.get("peft_type") == io_prefix.PEFT_TYPE:
+        return io_prefix.load(model, peft_config, read_weights(path, allow_pickle), name, str(cfg_file), LoadResult)
     config = config_from_peft(peft_config, str(cfg_file))
     weights = read_weights(path, allow_pickle)
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}

@@ -4,6 +4,8 @@ from .adapter import AdapterLayer
 from .base import BASE, TunerLayer
 from .lora import LoraConv, LoraEmbedding, LoraLinear
 from .lora_base import LoraLayer
+from .prefix import PrefixLayer
 from .prompt import PromptLayer
 
-__all__ = ["AdapterLayer", "BASE", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "PromptLayer", "TunerLayer"]
+__all__ = ["AdapterLayer", "BASE", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "PrefixLayer", "PromptLayer",
+           "TunerLayer"]

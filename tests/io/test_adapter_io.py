@@ -114,7 +114,7 @@ def test_corrupt_file_is_named(tmp_path, damage):
 @pytest.mark.parametrize(
     "field, value, error, message",
     [
-        ("peft_type", "PREFIX_TUNING", ValueError, "peft_type is 'PREFIX_TUNING'"),  # another method
+        ("peft_type", "IA3", ValueError, "peft_type is 'IA3'"),  # another method (PREFIX_TUNING loads: io_prefix)
         ("init_lora_weights", "pissa", NotImplementedError, "init_lora_weights='pissa'"),  # rewrites the base
     ],
 )

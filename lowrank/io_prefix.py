@@ -1,0 +1,120 @@
+"""Prefix adapters in PEFT's PREFIX_TUNING format (lowrank.io dispatches here by adapter kind).
+
+PEFT saves one tensor, `prompt_embeddings`, of shape (P, L * 2 * d_kv): for each virtual
+token, layer 0's key (d_kv = key/value heads * head_dim, head-major), layer 0's value, layer
+1's key, ... With `prefix_projection` PEFT saves the MLP's output, not the MLP: the folded
+prefixes. We do the same (fold at save time, the model keeps its MLP), and load any PEFT
+prefix adapter as plain prefixes. adapter_config.json carries num_virtual_tokens, num_layers,
+token_dim (= d_kv), num_attention_heads (= key/value heads), prefix_projection and
+encoder_hidden_size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import PrefixConfig
+from .inject import active_adapters, eject, inject, set_active
+from .tuners.base import TunerLayer
+from .tuners.prefix import PrefixLayer, layers
+
+KEY = "prompt_embeddings"
+PEFT_TYPE = "PREFIX_TUNING"
+
+
+def has_prefix(model: nn.Module, name: str | None) -> bool:
+    """Whether save_adapter(model, name=name) means a prefix adapter: `name` is one, or (None)
+    the model's adapters are prefixes only."""
+    prefix_names = {n for m in model.modules() if isinstance(m, PrefixLayer) for n in m.names}
+    if name is not None:
+        return name in prefix_names
+    others = {n for m in model.modules() if isinstance(m, TunerLayer) and not isinstance(m, PrefixLayer)
+              for n in m.names}
+    return bool(prefix_names) and not others
+
+
+def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """({"prompt_embeddings": (P, L * 2 * d_kv)}, PEFT adapter_config dict) for prefix adapter `name`."""
+    if name is None:
+        names = list(dict.fromkeys(n for m in model.modules() if isinstance(m, PrefixLayer) for n in m.names))
+        if len(names) != 1:
+            raise ValueError(f"the model has prefix adapters {names}; pass name= to say which to save")
+        name = names[0]
+    found = layers(model, name)
+    if not found:
+        raise ValueError(f"the model has no prefix adapter named {name!r}")
+    shapes = {(layer.heads, layer.head_dim) for layer in found}
+    if len(shapes) > 1:
+        raise ValueError(f"prefix adapter {name!r} spans layers with different key/value shapes {sorted(shapes)}; "
+                         "PEFT's format holds one (num_attention_heads, token_dim) for all layers")
+    with torch.no_grad():
+        # [(P, 2 d_kv) per layer] -> (P, L * 2 d_kv): layer-major, keys before values
+        table = torch.cat([layer.prefix(name).detach().float().cpu() for layer in found], dim=1)
+    first, config = found[0], found[0].configs[name]
+    cfg = getattr(model, "config", None)
+    peft_config = {
+        "peft_type": PEFT_TYPE, "task_type": _task_type(model), "auto_mapping": None,
+        "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None, "revision": None,
+        "inference_mode": True, "num_virtual_tokens": config.num_virtual_tokens, "num_layers": len(found),
+        "token_dim": first.width, "num_attention_heads": first.heads, "num_transformer_submodules": 1,
+        "prefix_projection": config.projection_hidden is not None, "encoder_hidden_size": config.projection_hidden,
+        "init_weights": None, "modules_to_save": None,
+    }
+    dtype = first.prefix(name).dtype
+    return {KEY: table.to(dtype).contiguous()}, peft_config
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS")):
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
+
+
+def config_from_peft(peft_config: dict, source: str) -> PrefixConfig:
+    """Our PrefixConfig (plain prefixes: the file holds them folded) for a PEFT PREFIX_TUNING config."""
+    subs = peft_config.get("num_transformer_submodules") or 1
+    if subs != 1:
+        raise NotImplementedError(f"{source}: num_transformer_submodules={subs} (an encoder-decoder prefix); "
+                                  "lowrank prefix tuning loads decoder-only and encoder-only adapters")
+    if peft_config.get("modules_to_save"):
+        raise NotImplementedError(f"{source}: modules_to_save={peft_config['modules_to_save']!r} is not supported")
+    P = peft_config.get("num_virtual_tokens")
+    if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+        raise ValueError(f"{source}: num_virtual_tokens must be an integer >= 1 in a PREFIX_TUNING config; got {P!r}")
+    return PrefixConfig(num_virtual_tokens=P)
+
+
+def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], name: str, source: str, result_type):
+    """Inject prefix adapter `name` and fill it from PEFT's `prompt_embeddings`. Raises (and
+    ejects again) when the file's layer count, heads or width do not fit the model."""
+    config = config_from_peft(peft_config, source)
+    if KEY not in weights:
+        raise ValueError(f"{source}: no {KEY!r} tensor in the adapter weights (keys: {sorted(weights)})")
+    unexpected = sorted(k for k in weights if k != KEY)
+    if unexpected:
+        raise ValueError(f"{source}: unexpected keys for a prefix adapter: {unexpected}")
+    table = weights[KEY]
+    before = active_adapters(model)
+    modules = inject(model, config, name)
+    try:
+        found = layers(model, name)
+        want = {"num_layers": len(found), "token_dim": found[0].width, "num_attention_heads": found[0].heads}
+        wrong = {k: (peft_config.get(k), v) for k, v in want.items() if peft_config.get(k) not in (None, v)}
+        widths = [2 * layer.width for layer in found]
+        shape = (config.num_virtual_tokens, sum(widths))
+        if wrong or tuple(table.shape) != shape:
+            raise ValueError(f"{source}: the prefix adapter does not fit {type(model).__name__}: (file, model) "
+                             f"{wrong or ''} prompt_embeddings shape {tuple(table.shape)} vs {shape}")
+        with torch.no_grad():
+            for layer, chunk in zip(found, table.split(widths, dim=1)):  # (P, 2 d_kv) each
+                layer.kv[name].copy_(chunk)
+    except BaseException:
+        eject(model, name)
+        if before:
+            set_active(model, before)
+        raise
+    return result_type(modules, [], [], [])

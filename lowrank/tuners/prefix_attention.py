@@ -1,0 +1,240 @@
+"""How a prefix reaches the attention: a stand-in cache for transformers' attention modules,
+the widened mask, the model-level position shift, and nn.MultiheadAttention's forward.
+
+# Note: the prefix goes in through cache.update. Every transformers attention module computes
+# its keys and values (after RoPE), hands them to `cache.update(key, value, layer_idx, ...)`
+# when it has a cache, and attends over what that returns: this is the contract that makes
+# KV caching work, and it has held across transformers 4.3x-5.x while the attention-function
+# registry, the cache classes and the mask helpers all changed. So the PrefixLayer passes the
+# module a small stand-in whose `update` forwards to the real cache (if any: generation) and
+# returns [P_k ; K], [P_v ; V]. The real cache keeps only real tokens, so nothing about
+# generation, cache classes or gradient checkpointing (which drops the cache) has to know
+# about prefixes; PEFT instead puts the prefix into the cache itself (peft #2821 and the
+# follow-ups; it refuses gradient checkpointing for that reason).
+
+# Note: positions with a prefix. PEFT's prefix sits in the KV cache, so transformers counts
+# it as P past tokens: a model building position ids itself starts at P (arange(T) + P), and
+# PEFT adds P to position ids the caller passes (generate's, from the attention mask). This
+# shifts RoPE phases (Llama, Qwen2) and absolute position embeddings (GPT-2, BERT) alike. We
+# match it with a forward pre-hook on the injected model: position ids given -> + P; not
+# given -> arange(T) + past + P, which is what the model would build, shifted. Prefix keys
+# themselves carry no position (no RoPE), as in PEFT. Models whose forward takes no
+# `position_ids` (nn.TransformerEncoder research code) are left alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # transformers 5.x, 4.4x+, older
+
+
+def cache_arg(module: nn.Module) -> str | None:
+    """The name under which `module.forward` takes its KV cache, or None."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((a for a in CACHE_ARGS if a in params), None)
+
+
+class PrefixCache:
+    """Stands in for the model's cache during one attention call; see Note: the prefix goes in
+    through cache.update. Anything else asked of it is the real cache's answer."""
+
+    def __init__(self, cache, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.cache, self.key, self.value = cache, key, value  # key, value: (B, heads, P, head_dim)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.cache is not None:
+            key_states, value_states = self.cache.update(key_states, value_states, *args, **kwargs)
+        self._check(key_states)
+        # (B, heads, P, hd) ; (B, heads, K, hd) -> (B, heads, P + K, hd)
+        return (torch.cat([self.key.to(key_states.dtype), key_states], dim=2),
+                torch.cat([self.value.to(value_states.dtype), value_states], dim=2))
+
+    def _check(self, key_states: torch.Tensor) -> None:
+        shape = tuple(key_states.shape)
+        if len(shape) != 4 or (shape[0], shape[1], shape[3]) != (self.key.shape[0], self.key.shape[1], self.key.shape[3]):
+            raise RuntimeError(f"prefix keys are (batch, heads, P, head_dim) = {tuple(self.key.shape)} but the "
+                               f"attention module's keys are {shape}; it does not lay out keys as (batch, key/value "
+                               "heads, tokens, head_dim), so it cannot take a prefix")
+
+    def __getattr__(self, name: str):
+        cache = self.__dict__.get("cache")
+        if cache is None:
+            raise AttributeError(f"prefix tuning's stand-in cache (no real cache in this call) has no {name!r}")
+        return getattr(cache, name)
+
+
+def widen_mask(mask, P: int, T: int, past: int, causal: bool, device: torch.device):
+    """The attention mask for [prefix ; keys]: P always-visible columns in front. `mask` is None
+    (no masking, or causal when `causal` and T > 1: sdpa's rule), or a 4-D boolean (True =
+    attend) or additive float mask (..., T, K). None with causal queries becomes an explicit
+    boolean mask (only sdpa gets None for a causal model; eager always gets a mask), since
+    `is_causal` would align the diagonal top-left once P keys are in front."""
+    if mask is None:
+        if not causal or T == 1:
+            return None
+        query = torch.arange(T, device=device).unsqueeze(1) + past  # (T, 1): absolute positions
+        mask = (torch.arange(past + T, device=device).unsqueeze(0) <= query)[None, None]  # (1, 1, T, K), True = attend
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        seen = type(mask).__name__ + (f" of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
+        raise TypeError(f"prefix tuning needs the attention mask as None or a 4-D tensor (eager / sdpa attention); "
+                        f"got {seen}; switch with model.set_attn_implementation('sdpa')")
+    visible = True if mask.dtype == torch.bool else 0.0
+    front = torch.full((*mask.shape[:-1], P), visible, dtype=mask.dtype, device=mask.device)  # (..., T, P)
+    return torch.cat([front, mask], dim=-1)  # (..., T, P + K)
+
+
+def _check_implementation(module: nn.Module) -> None:
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or ""
+    if impl.startswith("flash") or "flex" in impl:
+        raise TypeError(f"prefix tuning cannot widen the masks of {impl!r} attention (2-D masks / BlockMask), so it "
+                        "would attend wrongly; use eager or sdpa: model.set_attn_implementation('sdpa')")
+
+
+def with_prefix(layer, *args, **kwargs):
+    """Call a transformers attention module `layer.base` with the prefix through its cache argument."""
+    bound = layer._signature.bind(*args, **kwargs)
+    arguments = bound.arguments
+    hidden = next(iter(arguments.values()))  # hidden_states: (B, T, d)
+    B, T = hidden.shape[0], hidden.shape[1]
+    real = arguments.get(layer._arg)
+    self_cache = getattr(real, "self_attention_cache", real)  # EncoderDecoderCache: its self-attention half
+    past = self_cache.get_seq_length(layer.base.layer_idx) if self_cache is not None else 0
+    _check_implementation(layer.base)
+    key, value = layer.prefixes(B, hidden.dtype)
+    arguments[layer._arg] = PrefixCache(self_cache, key, value)
+    if "attention_mask" in layer._signature.parameters:
+        causal = bool(getattr(layer.base, "is_causal", False))
+        arguments["attention_mask"] = widen_mask(arguments.get("attention_mask"), key.shape[2], T, past, causal,
+                                                 hidden.device)
+    return layer.base(*bound.args, **bound.kwargs)
+
+
+def mha_forward(layer, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+    """nn.MultiheadAttention with a prefix: its own projections, [P_k ; K], [P_v ; V], then
+    scaled dot-product attention and its output projection. Returns (output, None): attention
+    weights are not computed on this path."""
+    mha: nn.MultiheadAttention = layer.base
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None:
+        raise NotImplementedError("prefix tuning on nn.MultiheadAttention needs kdim == vdim == embed_dim and "
+                                  "add_bias_kv=False")
+    if not mha.batch_first:  # (T, B, E) -> (B, T, E)
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+    B, T, E = query.shape
+    S, H, hd = key.shape[1], mha.num_heads, mha.head_dim
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    q = F.linear(query, w_q, b_q).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+    k = F.linear(key, w_k, b_k).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
+    v = F.linear(value, w_v, b_v).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
+    pk, pv = layer.prefixes(B, q.dtype)  # (B, H, P, hd)
+    P = pk.shape[2]
+    k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H, P + S, hd)
+    mask = torch.zeros(B, 1, T, S, dtype=q.dtype, device=q.device)  # additive, (B, 1, T, S)
+    if is_causal and attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
+    if attn_mask is not None:  # (T, S) or (B * H, T, S); bool: True = blocked (torch's convention)
+        m = attn_mask if attn_mask.dim() == 2 else attn_mask.view(B, H, T, S)
+        mask = mask + (torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m)
+    if key_padding_mask is not None:  # (B, S); bool: True = padding
+        m = key_padding_mask
+        m = torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m
+        mask = mask + m[:, None, None, :]
+    mask = torch.cat([torch.zeros(*mask.shape[:-1], P, dtype=q.dtype, device=q.device), mask], dim=-1)  # (.., T, P+S)
+    dropout = mha.dropout if mha.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, hd)
+    out = mha.out_proj(out.transpose(1, 2).reshape(B, T, E))  # (B, T, E)
+    return (out if mha.batch_first else out.transpose(0, 1)), None
+
+
+# -- the position shift (Note: positions with a prefix) ----------------------------------
+# The hook is found by identity among the model's pre-hooks, not kept in a side table, so a
+# deepcopy of an injected model (which copies its hooks) is handled the same as the original.
+def _prefix_length(model: nn.Module) -> int:
+    from .prefix import PrefixLayer
+
+    return next((m.length for m in model.modules() if isinstance(m, PrefixLayer)), 0)
+
+
+# Note: one shift per call. A model holding prefixes may itself sit in another injected model
+# (inject(outer) and inject(outer.model, ...)): both carry the hook, and only the outermost
+# call may shift. Each hooked forward pushes on a per-thread stack before and pops after
+# (a forward hook with always_call, so a failing call pops too).
+_LOCAL = threading.local()  # per thread: .running, the hooked models whose forward is under way
+
+
+def _running() -> list[nn.Module]:
+    if not hasattr(_LOCAL, "running"):
+        _LOCAL.running = []
+    return _LOCAL.running
+
+
+def _leave(model: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    running = _running()
+    if running and running[-1] is model:
+        running.pop()
+
+
+def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
+    running = _running()
+    outermost = not running
+    running.append(model)
+    P = _prefix_length(model) if outermost else 0
+    if P == 0:
+        return None
+    bound = _signature(model).bind_partial(*args, **kwargs)  # a fresh mapping: the caller's dict is not touched
+    arguments = bound.arguments
+    if arguments.get("position_ids") is not None:
+        arguments["position_ids"] = arguments["position_ids"] + P
+        return bound.args, bound.kwargs
+    source = arguments.get("input_ids")
+    if source is None:
+        source = arguments.get("inputs_embeds")
+    if source is None:
+        return None
+    nested = arguments.get(next((n for n, p in bound.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
+    cache = next((c for c in (arguments.get(a, nested.get(a)) for a in CACHE_ARGS) if c is not None), None)
+    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    T = source.shape[1]
+    arguments["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
+    return bound.args, bound.kwargs
+
+
+def _signature(model: nn.Module) -> inspect.Signature:
+    return inspect.signature(model.forward)
+
+
+def _hook_ids(model: nn.Module) -> list[int]:
+    return [k for k, hook in model._forward_pre_hooks.items() if hook is shift_positions]
+
+
+def install_position_shift(model: nn.Module) -> None:
+    """Add the shift to `model` once (idempotent), if its forward takes `position_ids`."""
+    if _hook_ids(model):
+        return
+    try:
+        takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_positions = False
+    if takes_positions:
+        model.register_forward_pre_hook(shift_positions, with_kwargs=True)
+        model.register_forward_hook(_leave, with_kwargs=True, always_call=True)
+
+
+def remove_position_shift(model: nn.Module) -> None:
+    for k in _hook_ids(model):
+        del model._forward_pre_hooks[k]
+        model._forward_pre_hooks_with_kwargs.pop(k, None)
+    for k in [k for k, hook in model._forward_hooks.items() if hook is _leave]:
+        del model._forward_hooks[k]
+        model._forward_hooks_with_kwargs.pop(k, None)
+        model._forward_hooks_always_called.pop(k, None)
