@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import distributed
 from .config import PrefixConfig
 from .inject import active_adapters, eject, inject, set_active
 from .tuners.base import TunerLayer
@@ -50,7 +51,9 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
                          "PEFT's format holds one (num_attention_heads, token_dim) for all layers")
     with torch.no_grad():
         # [(P, 2 d_kv) per layer] -> (P, L * 2 d_kv): layer-major, keys before values
-        table = torch.cat([layer.prefix(name).detach().float().cpu() for layer in found], dim=1)
+        # See Note: saving from several ranks (lowrank/distributed.py): under FSDP2 the prefix is
+        # computed from sharded parameters (DTensors, every rank here) and gathered whole
+        table = torch.cat([distributed.full_tensor(layer.prefix(name)).detach().float().cpu() for layer in found], dim=1)
     first, config = found[0], found[0].configs[name]
     cfg = getattr(model, "config", None)
     peft_config = {

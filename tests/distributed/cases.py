@@ -14,7 +14,7 @@ import traceback
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from lowrank import AdapterConfig, LoraConfig, NF4Config, PromptConfig, inject, load_adapter, quantize, save_adapter, summary
+from lowrank import AdapterConfig, LoraConfig, NF4Config, PrefixConfig, PromptConfig, inject, load_adapter, quantize, save_adapter, summary
 from lowrank.distributed import full_tensor
 from tests.tuners import models
 
@@ -43,16 +43,23 @@ CONFIGS = {
     "dora": LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj"), dora=True),  # reads the (gathered) base weight
     "adapter": AdapterConfig(bottleneck_size=8),  # Pfeiffer: after each LlamaMLP
     "prompt": PromptConfig(num_virtual_tokens=4),  # a (4, hidden) prompt before the input embeddings
+    "prefix": PrefixConfig(num_virtual_tokens=4),  # P-tuning v2: (4, 2 d_kv) per attention layer
+    "prefix-mlp": PrefixConfig(num_virtual_tokens=4, projection_hidden=8),  # Li & Liang's reparameterisation
 }
 BASES = ("plain", "nf4")
 MODES = ("ddp", "fsdp")
-CASES = [(mode, config, base) for mode in MODES for config in CONFIGS for base in BASES]
+# Note: no reparameterised prefix under FSDP2. Its shared MLP lives in the first attention
+# layer and is read by every layer, but FSDP2 reshards a layer's parameters after that layer's
+# own forward; the other layers then raise a clear error (PrefixLayer.prefix) instead.
+FSDP_CONFIGS = [c for c in CONFIGS if c != "prefix-mlp"]
+CASES = [(mode, config, base) for mode in MODES for config in CONFIGS for base in BASES
+         if mode == "ddp" or config in FSDP_CONFIGS]
 CODEC = ("packed", "absmax", "nested_absmax")  # Linear4bit's sharded storage (Note: frozen integer parameters)
 
 
 def savable(config) -> bool:
     """Configs lowrank.save_adapter writes today (PEFT's LoRA format); widen as io learns more."""
-    return isinstance(config, (LoraConfig, PromptConfig))
+    return isinstance(config, (LoraConfig, PromptConfig, PrefixConfig))
 
 
 def case_name(mode: str, config: str, base: str) -> str:

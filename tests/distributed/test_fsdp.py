@@ -10,7 +10,7 @@ from . import cases
 from .checks import frozen_stay_frozen, same_adapter_directory, trained_as_one_process
 from .conftest import result
 
-SAVABLE = [c for c in cases.CONFIGS if cases.savable(cases.CONFIGS[c])]
+SAVABLE = [c for c in cases.FSDP_CONFIGS if cases.savable(cases.CONFIGS[c])]
 
 
 def both(ranks, config, base):
@@ -18,7 +18,7 @@ def both(ranks, config, base):
 
 
 @pytest.mark.parametrize("base", cases.BASES)
-@pytest.mark.parametrize("config", cases.CONFIGS)
+@pytest.mark.parametrize("config", cases.FSDP_CONFIGS)
 def test_fsdp_trains_as_one_process(ranks, reference, config, base):
     model = reference(config, base)
     for r in both(ranks, config, base):
@@ -27,7 +27,7 @@ def test_fsdp_trains_as_one_process(ranks, reference, config, base):
         assert r["summary"] == tuple(vars(cases.summary(model)).values())  # counts whole tensors, not shards
 
 
-@pytest.mark.parametrize("config", cases.CONFIGS)
+@pytest.mark.parametrize("config", cases.FSDP_CONFIGS)
 def test_fsdp_shards_every_parameter_and_the_4bit_weights(ranks, config):
     rs = both(ranks, config, "nf4")
     shards = [r["shards"] for r in rs]
@@ -46,7 +46,7 @@ def test_fsdp_mixed_precision_leaves_the_4bit_weights_alone(ranks):
         assert result(ranks, rank, "mixed-precision")["wrong"] == []
 
 
-@pytest.mark.parametrize("config", cases.CONFIGS)
+@pytest.mark.parametrize("config", cases.FSDP_CONFIGS)
 def test_fsdp_inject_after_fully_shard_raises(ranks, config):
     for r in both(ranks, config, "plain"):
         assert "must run before fully_shard" in r["late_inject"]
@@ -58,11 +58,17 @@ def test_fsdp_save_gathers_the_adapter_and_rank0_writes(ranks, reference, config
     rs = both(ranks, config, base)
     assert all(r["seen_after_save"] for r in rs)  # no rank returns before the files exist
     same_adapter_directory(rs[0]["saved"], reference(config, base), tmp_path)
-    # only adapter tensors were gathered: one all-gather per tensor written, of its shape
+    # only adapter tensors were gathered: one all-gather per tensor written, of its shape (a
+    # prefix file holds one (P, L * 2 d_kv) table: the L per-layer (P, 2 d_kv) gathers, side by side)
     from safetensors.torch import load_file
 
     written = sorted(tuple(t.shape) for t in load_file(f"{rs[0]['saved']}/adapter_model.safetensors").values())
-    assert all(sorted(r["gathered"]) == written for r in rs)
+    for r in rs:
+        if isinstance(cases.CONFIGS[config], cases.PrefixConfig):
+            (P, width), = written
+            assert {s[0] for s in r["gathered"]} == {P} and sum(s[1] for s in r["gathered"]) == width
+        else:
+            assert sorted(r["gathered"]) == written
     # rank 0's failure reaches every rank: its own error there, a RuntimeError naming it elsewhere
     assert rs[0]["failed_save"].startswith("NotADirectoryError")
     assert all(r["failed_save"].startswith("RuntimeError: rank 0 failed") and "NotADirectoryError" in r["failed_save"]
