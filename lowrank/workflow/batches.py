@@ -25,7 +25,7 @@ class Encoded:
     trained: int  # tokens that count in the loss
 
 
-def encode_all(tokenizer, template: str | None, records, max_length: int) -> Encoded:
+def encode_all(tokenizer, template: str | None, records, max_length: int, source: str = "data") -> Encoded:
     """Encode and cut every record; DataError for a record whose answers all lie past the cut."""
     examples, truncated = [], 0
     for i, turns in enumerate(records):
@@ -34,7 +34,7 @@ def encode_all(tokenizer, template: str | None, records, max_length: int) -> Enc
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
         if all(x == IGNORE for x in labels[1:]):  # the first label never counts: nothing predicts it
-            raise DataError(f"record {i}: no output token lies within max_length={max_length} (the record has "
+            raise DataError(f"{source}: record {i}: no output token lies within max_length={max_length} (the record has "
                             f"{len(encode(tokenizer, template, turns)[0])} tokens); raise max_length or shorten it")
         examples.append((ids, labels))
     tokens = sum(len(ids) for ids, _ in examples)

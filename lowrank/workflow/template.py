@@ -105,6 +105,7 @@ def segments(tokenizer, template: str | None, turns: Sequence[Turn]) -> list[tup
 def encode(tokenizer, template: str | None, turns: Sequence[Turn]) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for `turns`: each segment tokenized on its own (so training and
     chat cut the text at the same places) and untrained tokens labelled IGNORE."""
+    check_template(template, tokenizer)
     ids, labels = [], []
     bos = getattr(tokenizer, "bos_token_id", None)
     if template is not None and TEMPLATES[template].bos and bos is not None:

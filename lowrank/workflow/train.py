@@ -144,7 +144,7 @@ def train(config: TrainConfig, resume: bool = False, stream=sys.stderr) -> Summa
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
     model, tokenizer = load_base(config.model, config.dtype)
     check_template(config.template, tokenizer)
-    encoded = encode_all(tokenizer, config.template, records, config.max_length)
+    encoded = encode_all(tokenizer, config.template, records, config.max_length, config.data)
     print(f"data: {len(records)} records, {encoded.tokens} tokens ({encoded.trained} trained), "
           f"{encoded.truncated} truncated to max_length={config.max_length}", file=stream)
 

@@ -37,11 +37,10 @@ def texts(conversations=CONVERSATIONS) -> list[str]:
     return [v for c in conversations for t in c["conversation"] for v in t.values()]
 
 
-def build(path: pathlib.Path, conversations=CONVERSATIONS, seed: int = 0) -> pathlib.Path:
-    """Save tokenizer + random Llama to `path` (a transformers model directory) and return it."""
-    import torch
+def build_tokenizer(conversations=CONVERSATIONS):
+    """A byte-level BPE tokenizer (vocabulary 400) with the chat template above."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -52,6 +51,15 @@ def build(path: pathlib.Path, conversations=CONVERSATIONS, seed: int = 0) -> pat
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                         additional_special_tokens=SPECIALS[3:])
     tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build(path: pathlib.Path, conversations=CONVERSATIONS, seed: int = 0) -> pathlib.Path:
+    """Save tokenizer + random Llama to `path` (a transformers model directory) and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(conversations)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
