@@ -131,7 +131,7 @@ def _resume_from(config: TrainConfig, resume: bool):
         raise ConfigError(f"--resume: output_dir {config.output_dir!r} holds no complete checkpoint to resume from")
     epoch, path = found[-1]
     saved = json.loads((path / WORKFLOW_FILE).read_text())["config"]
-    differ = sorted(k for k, v in config.to_dict().items() if k not in ("epochs", "log_every") and saved.get(k) != v)
+    differ = sorted(k for k, v in config.to_dict().items() if k not in ("epochs", "log_every", "output_dir") and saved.get(k) != v)
     if differ:
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with in {differ}")
     if epoch >= config.epochs:
@@ -139,7 +139,9 @@ def _resume_from(config: TrainConfig, resume: bool):
     return epoch, torch.load(path / STATE_FILE, weights_only=True)
 
 
-def train(config: TrainConfig, resume: bool = False, stream=sys.stderr) -> Summary:
+def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
+    """Run `config` (from its last checkpoint when `resume`); progress goes to `stream` (stderr)."""
+    stream = sys.stderr if stream is None else stream
     start_epoch, state = _resume_from(config, resume)
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
     model, tokenizer = load_base(config.model, config.dtype)
