@@ -10,7 +10,7 @@ from lowrank import cli
 from lowrank.workflow import config as C
 
 from . import tiny
-from .conftest import lowrank
+from .conftest import ROOT, lowrank
 
 BASE = {"model": "m", "data": "d.json", "output_dir": "out", "method": "dora", "method_options": {"r": 4},
         "epochs": 2, "lr": 1e-3, "schedule": "linear"}
@@ -96,3 +96,18 @@ def test_unreadable_config_files(tmp_path, capsys, name, text, message):
     assert cli.main(["train", str(tmp_path / name)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_configs_are_valid(path):
+    config = C.load(path)
+    assert config.method in ("lora", "qlora", "adapter", "dora")
+
+
+def test_example_data_is_valid():
+    from lowrank.workflow import data
+
+    assert data.load(ROOT / "examples" / "data" / "ship.json") == data.parse(json.dumps(tiny.CONVERSATIONS))
