@@ -7,6 +7,7 @@ def add_generation_options(p) -> None:
     p.add_argument("model", help="base model directory (transformers format)")
     p.add_argument("--adapter", help="adapter directory, e.g. OUTPUT_DIR/epoch_3 from lowrank train")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto", help="'auto' (the GPU when there is one), 'cpu', 'cuda', ...")
 
 
 def add_parser(subparsers) -> None:
@@ -28,7 +29,7 @@ def run(args) -> int:
     from ..workflow.template import check_template
 
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
-    model, tokenizer, template = load_with_adapter(args.model, args.adapter, args.dtype)
+    model, tokenizer, template = load_with_adapter(args.model, args.adapter, args.dtype, args.device)
     template = args.template or template
     check_template(template, tokenizer)
     loop(model, tokenizer, template, settings, args.system)

@@ -28,7 +28,7 @@ def run(args) -> int:
     page = pathlib.Path(__file__).resolve().parent.parent / "workflow" / "web_app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(page), "--server.headless", "true",
            "--server.address", "localhost", "--server.port", str(args.port), "--browser.gatherUsageStats", "false",
-           "--", args.model, "--dtype", args.dtype, "--title", args.title]
+           "--", args.model, "--dtype", args.dtype, "--device", args.device, "--title", args.title]
     if args.adapter:
         cmd += ["--adapter", args.adapter]
     print(f"serving on http://localhost:{args.port} (Ctrl-C stops)", flush=True)

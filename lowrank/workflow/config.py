@@ -16,7 +16,7 @@ import runpy
 import types
 from collections.abc import Mapping
 
-from .methods import tuner_config
+from .methods import nf4_config, tuner_config
 from .template import TEMPLATES
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -47,6 +47,7 @@ class TrainConfig:
     max_length: int = 2048  # tokens per sequence; longer records are cut here and counted
     seed: int = 0  # adapter init, data order and dropout all follow it
     dtype: str = "float32"  # of the base weights; bfloat16 halves memory on GPUs that have it
+    device: str = "auto"  # "auto": the GPU when there is one, else the CPU; or e.g. "cpu", "cuda:1"
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     paged_optimizer: bool = False  # not built yet: True is refused (see __post_init__)
     log_every: int = 1  # optimizer steps between progress updates
@@ -67,6 +68,8 @@ class TrainConfig:
                 raise ConfigError(f"{f} must be a number {allowed}; got {v!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError(f"device must be 'auto' or a torch device string; got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
         if self.template is not None and self.template not in TEMPLATES:
@@ -88,12 +91,10 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if self.nf4 and self.method != "qlora":
             raise ConfigError(f"nf4 options apply to method 'qlora' only; method is {self.method!r}")
-        if self.nf4:
-            from ..quant import NF4Config
-
-            allowed = [f.name for f in dataclasses.fields(NF4Config)]
-            if set(self.nf4) - set(allowed):
-                raise ConfigError(f"nf4: unknown option(s) {sorted(set(self.nf4) - set(allowed))}; allowed: {allowed}")
+        try:
+            nf4_config(self.nf4)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict:
         return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)

@@ -57,6 +57,24 @@ def tuner_config(method: str, options: dict):
         raise ValueError(f"method_options for {method!r}: {e}") from None
 
 
+def nf4_config(options: dict):
+    """NF4Config from config-file options; compute_dtype may be a name ("bfloat16")."""
+    from ..quant import NF4Config
+
+    options = dict(options)
+    if isinstance(options.get("compute_dtype"), str):
+        name = options["compute_dtype"]
+        options["compute_dtype"] = getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else name
+    allowed = [f.name for f in dataclasses.fields(NF4Config)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"nf4: unknown option(s) {unknown}; allowed: {allowed}")
+    try:
+        return NF4Config(**options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"nf4: {e}") from None
+
+
 # Note: checkpoints of non-LoRA methods. PEFT has no bottleneck-adapter format and
 # lowrank.save_adapter writes LoRA only, so for other methods a checkpoint holds the
 # trainable tensors by their module path (adapter_model.safetensors) and the tuner config's

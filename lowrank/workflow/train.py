@@ -78,7 +78,7 @@ def schedule(config: TrainConfig, total: int):
     return factor
 
 
-def step_loss(model, micro: list[dict]) -> tuple[torch.Tensor, int]:
+def step_loss(model, micro: list[dict]) -> tuple[float, int]:
     """Backward for one optimizer step: sum of next-token cross-entropies over the output
     tokens of all micro-batches / their count, so accumulation equals one big batch."""
     count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
@@ -131,7 +131,8 @@ def _resume_from(config: TrainConfig, resume: bool):
         raise ConfigError(f"--resume: output_dir {config.output_dir!r} holds no complete checkpoint to resume from")
     epoch, path = found[-1]
     saved = json.loads((path / WORKFLOW_FILE).read_text())["config"]
-    differ = sorted(k for k, v in config.to_dict().items() if k not in ("epochs", "log_every", "output_dir") and saved.get(k) != v)
+    now = json.loads(json.dumps(config.to_dict()))  # as the checkpoint stored it: tuples are lists
+    differ = sorted(k for k, v in now.items() if k not in ("epochs", "log_every", "output_dir") and saved.get(k) != v)
     if differ:
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with in {differ}")
     if epoch >= config.epochs:
@@ -144,20 +145,23 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
     stream = sys.stderr if stream is None else stream
     start_epoch, state = _resume_from(config, resume)
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
-    model, tokenizer = load_base(config.model, config.dtype)
+    model, tokenizer = load_base(config.model, config.dtype, config.device)
+    device = next(model.parameters()).device
     check_template(config.template, tokenizer)
     encoded = encode_all(tokenizer, config.template, records, config.max_length, config.data)
     print(f"data: {len(records)} records, {encoded.tokens} tokens ({encoded.trained} trained), "
           f"{encoded.truncated} truncated to max_length={config.max_length}", file=stream)
 
     torch.manual_seed(config.seed)
-    from .methods import tuner_config
-
-    tuner = tuner_config(config.method, dict(config.method_options))
-    apply_method(model, config.method, dict(config.method_options), dict(config.nf4))
+    tuner = apply_method(model, config.method, dict(config.method_options), dict(config.nf4))
     params = [p for p in model.parameters() if p.requires_grad]
     if config.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Note: non-reentrant checkpointing needs no input that requires grad (the embeddings
+        # are frozen); transformers 5.2x renamed the method, older versions have the first name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     lengths = [len(ids) for ids, _ in encoded.examples]
@@ -172,6 +176,8 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         step = state["step"]
         print(f"resumed from epoch_{start_epoch} (step {step})", file=stream)
 
@@ -184,7 +190,8 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
         batches = epoch_batches(lengths, config.batch_size, config.seed, epoch)
         loss_sum = count_sum = 0.0
         for s in range(0, len(batches), config.grad_accum):
-            micro = [collate(encoded.examples, b, pad) for b in batches[s:s + config.grad_accum]]
+            micro = [{k: v.to(device) for k, v in collate(encoded.examples, b, pad).items()}
+                     for b in batches[s:s + config.grad_accum]]
             loss, count = step_loss(model, micro)
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -200,6 +207,7 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
         last_loss = loss_sum / max(1, count_sum)
         state = {"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                 **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
                  "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}}
         path = _save(model, config, tuner, epoch + 1, state)
         progress.note(f"epoch {epoch + 1}/{config.epochs}: mean loss {last_loss:.4f}, saved {path}")

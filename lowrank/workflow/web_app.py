@@ -23,18 +23,19 @@ def _args(argv):
     p.add_argument("model")
     p.add_argument("--adapter")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
     p.add_argument("--title", default="lowrank chat")
     return p.parse_args(argv)
 
 
 @st.cache_resource
-def _load(model: str, adapter: str | None, dtype: str):
-    return load_with_adapter(model, adapter, dtype)  # once per server, shared by every session
+def _load(model: str, adapter: str | None, dtype: str, device: str):
+    return load_with_adapter(model, adapter, dtype, device)  # once per server, shared by every session
 
 
 def main(argv) -> None:
     args = _args(argv)
-    model, tokenizer, template = _load(args.model, args.adapter, args.dtype)
+    model, tokenizer, template = _load(args.model, args.adapter, args.dtype, args.device)
     st.title(args.title)
     with st.sidebar:
         system = st.text_area("System prompt", value="", key="system")

@@ -25,6 +25,14 @@ def test_yaml_and_python_files_give_the_same_config(tmp_path):
     assert configs[0].to_dict() == {**C.TrainConfig(**BASE).to_dict()}
 
 
+def test_nf4_compute_dtype_by_name():
+    import torch
+
+    from lowrank.workflow.methods import nf4_config
+
+    assert nf4_config({"compute_dtype": "bfloat16"}).compute_dtype is torch.bfloat16
+
+
 def test_config_never_changes_the_users_mapping():
     options = {"r": 4}
     c = C.TrainConfig(**{**BASE, "method_options": options})
@@ -60,6 +68,9 @@ BAD = [
     ({"template": "vicuna"}, "template must be null"),
     ({"paged_optimizer": True}, "paged_optimizer: true is not supported yet"),
     ({"nf4": {"blocksize": 64}}, "nf4 options apply to method 'qlora' only"),
+    ({"method": "qlora", "nf4": {"blocksize": 48}}, "nf4: blocksize must be one of"),
+    ({"method": "qlora", "nf4": {"compute_dtype": "int8"}}, "nf4: compute_dtype must be None or one of"),
+    ({"device": ""}, "device must be 'auto' or a torch device string"),
 ]
 
 

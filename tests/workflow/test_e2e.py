@@ -147,3 +147,18 @@ def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, 
         want = trained_model.eval()(input_ids=x).logits
         torch.testing.assert_close(loaded(input_ids=x).logits, want, rtol=0, atol=0)  # same tensors, same ops
         assert not torch.allclose(base(input_ids=x).logits, want)  # and training changed something
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, model_dir, data_file):
+    """Recomputing activations in backward runs the same float32 operations again: the
+    trained adapter is the same to the bit."""
+    plain = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4}))
+    again = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4},
+                          output_dir=str(tmp_path / "ac"), activation_checkpointing=True))
+    a, b = (load_file(f"{s.checkpoint}/adapter_model.safetensors") for s in (plain, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chat_with_a_missing_adapter_is_one_error_line(model_dir, tmp_path, capsys):
+    assert cli.main(["chat", str(model_dir), "--adapter", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.endswith(f"lowrank chat: error: --adapter {str(tmp_path / 'nope')!r} is not a directory\n")
