@@ -35,6 +35,7 @@ from .template import IGNORE, check_template
 
 STATE_FILE = "trainer_state.pt"
 EPOCH_DIR = re.compile(r"epoch_(\d+)")
+RESUMABLE = ("epochs", "log_every", "output_dir", "device")  # fields --resume lets differ from the checkpoint's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,26 +94,34 @@ def step_loss(model, micro: list[dict]) -> tuple[float, int]:
     return total, count
 
 
+def _fsync(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _save(model, config: TrainConfig, tuner, epoch: int, state: dict) -> pathlib.Path:
-    """Write checkpoint epoch_<epoch>/ whole: built in a temporary directory, then renamed."""
+    """Write checkpoint epoch_<epoch>/ whole: built and fsynced in a temporary directory
+    beside it, then renamed, so output_dir never holds half a checkpoint."""
     out = pathlib.Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"epoch_{epoch}"
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out, prefix=f".epoch_{epoch}.", suffix=".tmp"))
     try:
         if isinstance(tuner, METHODS["lora"].config):
-            save_adapter(model, tmp / "adapter")
-            for f in (tmp / "adapter").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "adapter").rmdir()
+            save_adapter(model, tmp)  # PEFT's format
         else:
-            save_own(model, tuner, tmp)
-        meta = {"epoch": epoch, "config": config.to_dict()}
-        (tmp / WORKFLOW_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            save_own(model, tuner, tmp)  # See Note: checkpoints of non-LoRA methods (methods.py)
+        (tmp / WORKFLOW_FILE).write_text(json.dumps({"epoch": epoch, "config": config.to_dict()}, indent=2) + "\n")
         torch.save(state, tmp / STATE_FILE)
-        if final.exists():
+        for f in (tmp / WORKFLOW_FILE, tmp / STATE_FILE, tmp):
+            _fsync(f)
+        if final.exists():  # only when a run restarts an epoch it had already finished
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -132,12 +141,33 @@ def _resume_from(config: TrainConfig, resume: bool):
     epoch, path = found[-1]
     saved = json.loads((path / WORKFLOW_FILE).read_text())["config"]
     now = json.loads(json.dumps(config.to_dict()))  # as the checkpoint stored it: tuples are lists
-    differ = sorted(k for k, v in now.items() if k not in ("epochs", "log_every", "output_dir") and saved.get(k) != v)
+    differ = sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v)
     if differ:
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with in {differ}")
     if epoch >= config.epochs:
         raise ConfigError(f"--resume: {path} is already epoch {epoch} of epochs={config.epochs}; nothing to do")
     return epoch, torch.load(path / STATE_FILE, weights_only=True)
+
+
+def _state(epoch: int, step: int, model, optimizer, scheduler) -> dict:
+    """All a resumed run needs to continue as if never stopped."""
+    return {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),  # dropout's; the data order needs none (batches.epoch_batches)
+            **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+            "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}}
+
+
+def _restore(state: dict, model, optimizer, scheduler) -> int:
+    """Put a checkpoint's state back; returns its optimizer step."""
+    missing, unexpected = load_trainable(model, state["trainable"])
+    if missing or unexpected:
+        raise ConfigError(f"--resume: checkpoint tensors do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
 
 
 def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
@@ -170,15 +200,7 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config, total))
     step = 0
     if state is not None:
-        missing, unexpected = load_trainable(model, state["trainable"])
-        if missing or unexpected:
-            raise ConfigError(f"--resume: checkpoint tensors do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        step = state["step"]
+        step = _restore(state, model, optimizer, scheduler)
         print(f"resumed from epoch_{start_epoch} (step {step})", file=stream)
 
     pad = pad_id(tokenizer)
@@ -205,11 +227,7 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
             loss_sum, count_sum = loss_sum + loss * count, count_sum + count
             progress.update(epoch + 1, config.epochs, loss, lr, tokens)
         last_loss = loss_sum / max(1, count_sum)
-        state = {"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                 **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
-                 "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}}
-        path = _save(model, config, tuner, epoch + 1, state)
+        path = _save(model, config, tuner, epoch + 1, _state(epoch + 1, step, model, optimizer, scheduler))
         progress.note(f"epoch {epoch + 1}/{config.epochs}: mean loss {last_loss:.4f}, saved {path}")
     progress.close()
     seconds = time.perf_counter() - t0
