@@ -131,16 +131,18 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, model_dir, data_file, caps
         assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["dora", "qlora", "adapter"])
-def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, data_file, method):
+@pytest.mark.parametrize("method, template", [("dora", None), ("qlora", None), ("adapter", "chatml")])
+def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, data_file, method, template):
     options = {} if method == "adapter" else {"r": 4}
-    config = _config(tmp_path, model_dir, data_file, method=method, method_options=options, epochs=1, lr=5e-2)
+    config = _config(tmp_path, model_dir, data_file, method=method, method_options=options, epochs=1, lr=5e-2,
+                     template=template)
     summary = train(config)
     # the model as training left it: a fresh base, the method, the trainable tensors of the checkpoint
     trained_model, tok = load_base(str(model_dir))
     apply_method(trained_model, method, options, {})
     load_trainable(trained_model, torch.load(f"{summary.checkpoint}/{STATE_FILE}", weights_only=True)["trainable"])
-    loaded, _, _ = load_with_adapter(str(model_dir), summary.checkpoint)
+    loaded, _, used = load_with_adapter(str(model_dir), summary.checkpoint)
+    assert used == template  # chat uses the template training used
     base, _ = load_base(str(model_dir))
     x = torch.tensor([tok("Status of the reactor? Stable")["input_ids"]])
     with torch.no_grad():
