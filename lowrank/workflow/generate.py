@@ -55,7 +55,9 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
         turns[0] = dataclasses.replace(turns[0], system=system)
     ids, _ = encode(tokenizer, template, turns)
     stop = stop_text(tokenizer, template)
-    eos = {getattr(tokenizer, "eos_token_id", None)} - {None}
+    ends = {getattr(tokenizer, "eos_token_id", None)} - {None}
+    if stop and len(mark := tokenizer(stop, add_special_tokens=False)["input_ids"]) == 1:
+        ends.add(mark[0])  # a stop mark that is one (often special, so undecoded) token
     g = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device
     x, past, out, sent = torch.tensor([ids], device=device), {}, [], 0
@@ -65,7 +67,7 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
         # versions `past_key_values`. Whichever the output holds is passed back.
         past = {"cache": result.cache} if "cache" in result else {"past_key_values": result.past_key_values}
         token = _pick(result.logits[0, -1], settings, g)
-        if token in eos:
+        if token in ends:
             break
         out.append(token)
         text = tokenizer.decode(out, skip_special_tokens=True)
@@ -73,9 +75,8 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
             yield text[sent:text.index(stop)]
             return
         # hold back an incomplete character and any tail that may be the start of the stop mark
-        keep = len(text) - (1 if text.endswith("\ufffd") else 0)
-        if stop:
-            keep = min(keep, *(len(text) - k for k in range(1, len(stop)) if text.endswith(stop[:k])), keep)
+        partial = max((k for k in range(1, len(stop or "")) if text.endswith(stop[:k])), default=0)
+        keep = len(text) - max(partial, 1 if text.endswith("\ufffd") else 0)
         if keep > sent:
             yield text[sent:keep]
             sent = keep

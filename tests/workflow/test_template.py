@@ -113,3 +113,12 @@ def test_stream_stops_at_eos_and_at_max_new_tokens(tok):
     assert "".join(stream(_Scripted(ids + [tok.eos_token_id], len(tok)), tok, None, [], "When?")) == "Forty minutes."
     two = "".join(stream(_Scripted(ids, len(tok)), tok, None, [], "When?", settings=Settings(max_new_tokens=2)))
     assert two == tok.decode(ids[:2])
+
+
+def test_stream_stops_at_an_end_mark_that_is_a_special_token():
+    tok = tiny.build_tokenizer()  # a fresh one: adding a token changes it
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    ids = tok("Forty minutes.", add_special_tokens=False)["input_ids"]
+    mark = tok.convert_tokens_to_ids("<|im_end|>")
+    tail = tok(" and more", add_special_tokens=False)["input_ids"]
+    assert "".join(stream(_Scripted(ids + [mark] + tail, len(tok)), tok, "chatml", [], "When?")) == "Forty minutes."
