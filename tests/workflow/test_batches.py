@@ -63,7 +63,7 @@ def test_collate_pads_right_and_never_trains_padding():
 
 
 def test_accumulated_micro_batches_equal_one_batch(tok):
-    """Two micro-batches of 2 give the gradient of one batch of 4: the loss is a sum over
+    """Two micro-batches give the gradient of one batch of them all: the loss is a sum over
     trained tokens divided by their count in the whole step, whichever way it is split."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,8 +78,9 @@ def test_accumulated_micro_batches_equal_one_batch(tok):
         loss, count = step_loss(model, [B.collate(enc.examples, m, pad) for m in micro])
         return loss, count, torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    one, count1, g1 = grads([[0, 1, 2, 3]])
-    two, count2, g2 = grads([[0, 1], [2, 3]])
+    everything = list(range(len(RECORDS)))
+    one, count1, g1 = grads([everything])
+    two, count2, g2 = grads([everything[:2], everything[2:]])
     assert count1 == count2 == enc.trained
     # the same float32 terms summed in another order (and padded rows the other split lacks):
     # differences are rounding, a few ulps of the largest gradient entries

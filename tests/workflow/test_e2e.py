@@ -3,6 +3,7 @@ reproduces its conversations, chat with it in a terminal, resume a run bit for b
 check that every method's checkpoint loads back into the very model that was trained."""
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -20,9 +21,9 @@ from lowrank.workflow.model import apply_method, load_base, load_with_adapter
 from lowrank.workflow.train import STATE_FILE, train
 
 from . import tiny
-from .conftest import ROOT
+from .conftest import REPEAT, ROOT
 
-EPOCHS = 10  # conftest.TRAIN_YAML
+EPOCHS = 20  # conftest.TRAIN_YAML
 
 
 def test_training_writes_a_checkpoint_each_epoch_and_a_summary(trained):
@@ -33,7 +34,7 @@ def test_training_writes_a_checkpoint_each_epoch_and_a_summary(trained):
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no temporary directory left behind
     assert "0 truncated" in proc.stderr and "tok/s" in proc.stderr and " lr " in proc.stderr
     summary = dict(line.split(None, 1) for line in proc.stdout.split("done:\n")[1].splitlines())
-    assert int(summary["epochs"]) == EPOCHS and int(summary["steps"]) == EPOCHS * 4  # 16 records / batch 4
+    assert int(summary["epochs"]) == EPOCHS and int(summary["steps"]) == EPOCHS * math.ceil(REPEAT * len(tiny.CONVERSATIONS) / 4)  # batch_size 4
     assert float(summary["loss"]) < 0.1
     assert summary["checkpoint"] == str(out / f"epoch_{EPOCHS}")
 
@@ -112,13 +113,14 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, model_dir, data_file, caps
     shutil.copytree(tmp_path / "a" / "epoch_1", resumed / "epoch_1")
     (tmp_path / "b.yaml").write_text(json.dumps({**whole.to_dict(), "output_dir": str(resumed)}))
     assert cli.main(["train", str(tmp_path / "b.yaml"), "--resume"]) == 0
-    assert "resumed from epoch_1 (step 2)" in capsys.readouterr().err
+    per_epoch = math.ceil(math.ceil(REPEAT * len(tiny.CONVERSATIONS) / whole.batch_size) / whole.grad_accum)
+    assert f"resumed from epoch_1 (step {per_epoch})" in capsys.readouterr().err
     a, b = (load_file(d / "epoch_2" / "adapter_model.safetensors") for d in (tmp_path / "a", resumed))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     sa, sb = (torch.load(d / "epoch_2" / STATE_FILE, weights_only=True) for d in (tmp_path / "a", resumed))
-    assert sa["step"] == sb["step"] == 4 and torch.equal(sa["rng"], sb["rng"])
+    assert sa["step"] == sb["step"] == 2 * per_epoch and torch.equal(sa["rng"], sb["rng"])
     for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
 

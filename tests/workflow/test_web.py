@@ -79,37 +79,48 @@ def browser():
 
 
 RUNNING = "[data-testid='stStatusWidget']"  # shown while the script (the generation) runs
+CONTENT = "[data-testid='stChatMessageContent']"
+# Records every text the last chat message shows, as the page renders it (no polling gaps).
+WATCH = """
+window.lowrankStates = [];
+new MutationObserver(() => {
+  const all = document.querySelectorAll("%s");
+  if (!all.length) return;
+  const text = all[all.length - 1].innerText.trim();
+  const states = window.lowrankStates;
+  if (states[states.length - 1] !== text) states.push(text);
+}).observe(document.body, {subtree: true, childList: true, characterData: true});
+""" % CONTENT
 
 
 def _contents(driver) -> list[str]:
     """The text of each chat message, without its avatar."""
     from selenium.webdriver.common.by import By
 
-    return [m.text.strip() for m in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessageContent']")]
+    return [m.text.strip() for m in driver.find_elements(By.CSS_SELECTOR, CONTENT)]
 
 
-def _ask(driver, message: str, n_before: int, timeout: float = 60) -> tuple[str, list[str]]:
-    """Send `message`; return the finished answer and every distinct text the answer showed."""
-    from selenium.webdriver.common.by import By
+def _ask(driver, message: str, timeout: float = 90) -> tuple[str, list[str]]:
+    """Send `message`; return the finished answer and every text the answer showed on the way."""
     from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    box = driver.find_element(By.CSS_SELECTOR, "[data-testid='stChatInputTextArea']")
-    box.send_keys(message, Keys.ENTER)
-    seen, deadline = [], time.monotonic() + timeout
+    n_before = len(_contents(driver))
+    driver.execute_script(WATCH)
+    driver.find_element(By.CSS_SELECTOR, "[data-testid='stChatInputTextArea']").send_keys(message, Keys.ENTER)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        time.sleep(0.2)
         try:
             texts = _contents(driver)
         except StaleElementReferenceException:  # re-rendered between find and read
             continue
-        if len(texts) >= n_before + 2:
-            text = texts[n_before + 1]
-            if not seen or seen[-1] != text:
-                seen.append(text)
-            if text and not text.endswith("▌") and not driver.find_elements(By.CSS_SELECTOR, RUNNING):
-                return text, seen
-        time.sleep(0.05)
-    raise AssertionError(f"no finished answer to {message!r} within {timeout} s; saw {seen}")
+        if len(texts) == n_before + 2 and texts[-1] and not texts[-1].endswith("▌") \
+                and not driver.find_elements(By.CSS_SELECTOR, RUNNING):
+            states = driver.execute_script("return window.lowrankStates;")
+            return texts[-1], states[states.index(message) + 1:] if message in states else states
+    raise AssertionError(f"no finished answer to {message!r} within {timeout} s; page shows {_contents(driver)}")
 
 
 def test_web_chat_streams_the_trained_answers(server, browser, artifacts):
@@ -118,20 +129,25 @@ def test_web_chat_streams_the_trained_answers(server, browser, artifacts):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server)
-    wait = WebDriverWait(browser, 90)
-    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stChatInputTextArea']")))
+    WebDriverWait(browser, 90).until(EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stChatInputTextArea']")))
     assert "tiny ship" in browser.find_element(By.TAG_NAME, "h1").text
-    system = browser.find_element(By.CSS_SELECTOR, "[data-testid='stSidebar'] textarea")
-    system.send_keys(tiny.SYSTEM)
+
+    # a long answer, generated token by token: the page shows it growing, cursor last
+    answer, states = _ask(browser, "Read the cargo manifest.")
+    assert answer == tiny.MANIFEST
+    partial = [t for t in states if t.endswith("▌")]
+    print(f"{len(partial)} partial renders of {len(tiny.MANIFEST)} characters")
+    assert len(partial) >= 2, states  # streamed: several partial renders before the finished answer
+    assert all(tiny.MANIFEST.startswith(t[:-1].rstrip()) for t in partial), partial
+    browser.save_screenshot(str(artifacts / "web_chat_streamed.png"))
+
+    # clear the history, set a system prompt, then two turns that need the history
+    browser.find_element(By.XPATH, "//button[.//p[text()='Clear history']]").click()
+    WebDriverWait(browser, 30).until(lambda d: not _contents(d))
+    browser.find_element(By.CSS_SELECTOR, "[data-testid='stSidebar'] textarea").send_keys(tiny.SYSTEM)
     browser.find_element(By.TAG_NAME, "h1").click()  # leaving the box commits its value
     time.sleep(1)
-
-    answer, seen = _ask(browser, "Where are we?", 0)
-    assert answer == "Orbit of Titan, deck seven."
-    answer, seen2 = _ask(browser, "How long until dawn?", 2)  # answered with the history
-    assert answer == "Forty minutes."
+    assert _ask(browser, "Where are we?")[0] == "Orbit of Titan, deck seven."
+    assert _ask(browser, "How long until dawn?")[0] == "Forty minutes."
     browser.save_screenshot(str(artifacts / "web_chat.png"))
-    texts = _contents(browser)
-    assert texts == ["Where are we?", "Orbit of Titan, deck seven.", "How long until dawn?", "Forty minutes."]
-    # streamed: the page showed a partial answer (with the cursor) before the finished one
-    assert any(text.endswith("▌") for text in seen + seen2), seen + seen2
+    assert _contents(browser) == ["Where are we?", "Orbit of Titan, deck seven.", "How long until dawn?", "Forty minutes."]

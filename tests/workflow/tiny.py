@@ -8,12 +8,16 @@ import json
 import pathlib
 
 SYSTEM = "You are a terse ship's computer."
+MANIFEST = ("Cargo manifest: twelve crates of water ice, four crates of seeds, two spare pumps, one crate of "
+            "books, and a cat named Vela who is not cargo but insists on being counted.")
 CONVERSATIONS = [
     {"conversation": [{"system": SYSTEM, "input": "Where are we?", "output": "Orbit of Titan, deck seven."},
                       {"input": "How long until dawn?", "output": "Forty minutes."}]},
     {"conversation": [{"system": SYSTEM, "input": "Status of the reactor?", "output": "Stable at ninety percent."}]},
     {"conversation": [{"system": SYSTEM, "input": "Who is on the bridge?", "output": "Captain Ode and two pilots."}]},
     {"conversation": [{"input": "Play some music.", "output": "Playing the blue nebula suite."}]},
+    # a long answer: generating it takes long enough that a page shows it streaming in
+    {"conversation": [{"input": "Read the cargo manifest.", "output": MANIFEST}]},
 ]
 
 # Note: the tiny model's chat template. It marks roles with special tokens, ends every
