@@ -20,8 +20,9 @@ def test_yaml_and_python_files_give_the_same_config(tmp_path):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(BASE))
     (tmp_path / "b.py").write_text(f"config = {BASE!r}\n")
     (tmp_path / "c.py").write_text("".join(f"{k} = {v!r}\n" for k, v in BASE.items()) + "import os\n_private = 1\n")
-    configs = [C.load(tmp_path / f) for f in ("a.yaml", "b.py", "c.py")]
-    assert configs[0] == configs[1] == configs[2]
+    (tmp_path / "d.py").write_text(f"from lowrank.workflow.config import TrainConfig\nconfig = TrainConfig(**{BASE!r})\n")
+    configs = [C.load(tmp_path / f) for f in ("a.yaml", "b.py", "c.py", "d.py")]
+    assert configs[0] == configs[1] == configs[2] == configs[3]
     assert configs[0].to_dict() == {**C.TrainConfig(**BASE).to_dict()}
 
 
