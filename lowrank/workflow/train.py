@@ -53,8 +53,12 @@ class Summary:
     checkpoint: str
 
     def lines(self) -> str:
-        return "\n".join(f"  {k:15s} {v:.4g}" if isinstance(v, float) else f"  {k:15s} {v}"
-                         for k, v in dataclasses.asdict(self).items())
+        def show(v):
+            if isinstance(v, float):
+                return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+            return f"{v:,}" if isinstance(v, int) else str(v)
+
+        return "\n".join(f"  {k:15s} {show(v)}" for k, v in dataclasses.asdict(self).items())
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, pathlib.Path]]:
