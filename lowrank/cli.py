@@ -1,7 +1,8 @@
 """The `lowrank` command line: `lowrank <command> ...` or `python -m lowrank <command> ...`.
 
-Each command is a module with `add_parser(subparsers)` (declares its arguments) and
-`run(args) -> int` (does the work); this file only lists them.
+Each command is a module of lowrank.commands with `add_parser(subparsers)` (declares its
+arguments) and `run(args) -> int` (does the work); this file only lists them. Errors a user
+can fix (a bad config, data file, path or option) print as one line and exit 2.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("lowrank.commands.merge",)  # one module per command, in the order `lowrank --help` lists them
+COMMANDS = ("train", "merge", "chat", "web")  # modules of lowrank.commands, in the order `lowrank --help` lists them
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lowrank", description="Parameter-efficient fine-tuning with lowrank.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        importlib.import_module(name).add_parser(subparsers)  # each sets its `run` as the default `func`
+    modules = {name: importlib.import_module(f"lowrank.commands.{name}") for name in COMMANDS}
+    for module in modules.values():
+        module.add_parser(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return args.func(args) or 0
+        return modules[args.command].run(args) or 0
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        # the workflow's ConfigError / DataError / TemplateError are ValueErrors
         print(f"lowrank {args.command}: error: {e}", file=sys.stderr)  # one clear line, no traceback
         return 2
 

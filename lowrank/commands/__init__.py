@@ -1,1 +1,1 @@
-"""Subcommands of the `lowrank` command line, one module each (see lowrank/cli.py)."""
+"""One module per `lowrank` subcommand, each with add_parser(subparsers) and run(args) (see lowrank/cli.py)."""

@@ -23,7 +23,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-other-base", action="store_true",
                    help="load the adapter even if its config names another base model")
-    p.set_defaults(func=run)
 
 
 def _load_base(base: str):

@@ -1,0 +1,36 @@
+"""lowrank chat MODEL [--adapter DIR]: terminal chat with streamed answers."""
+
+from __future__ import annotations
+
+
+def add_generation_options(p) -> None:
+    p.add_argument("model", help="base model directory (transformers format)")
+    p.add_argument("--adapter", help="adapter directory, e.g. OUTPUT_DIR/epoch_3 from lowrank train")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto", help="'auto' (the GPU when there is one), 'cpu', 'cuda', ...")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="chat with a model (and adapter) in the terminal")
+    add_generation_options(p)
+    p.add_argument("--template", help="named template (default: the adapter's training template, else the tokenizer's)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    from ..workflow.chat import loop
+    from ..workflow.generate import Settings
+    from ..workflow.model import load_with_adapter
+    from ..workflow.template import check_template
+
+    settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    model, tokenizer, template = load_with_adapter(args.model, args.adapter, args.dtype, args.device)
+    template = args.template or template
+    check_template(template, tokenizer)
+    loop(model, tokenizer, template, settings, args.system)
+    return 0

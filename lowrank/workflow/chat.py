@@ -1,0 +1,48 @@
+"""`lowrank chat MODEL [--adapter DIR]`: a terminal chat, answers streamed as they are made.
+
+The prompt is built with the template the adapter was trained with (its lowrank_workflow.json),
+so chat sees what training saw. Commands: /system TEXT sets the system prompt (and clears the
+history), /clear forgets the history, /exit (or end of input) leaves.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .data import Turn
+from .generate import Settings, stream
+
+PROMPT = ">>> "
+HELP = "commands: /system TEXT, /clear, /exit"
+
+
+def loop(model, tokenizer, template: str | None, settings: Settings, system: str | None = None,
+         read=input, out=sys.stdout) -> list[Turn]:
+    """Read messages until /exit or end of input; returns the history."""
+    history: list[Turn] = []
+    out.write(f"lowrank chat ({HELP})\n")
+    while True:
+        try:
+            message = read(PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return history
+        if not message.strip():
+            continue
+        if message.strip() == "/exit":
+            return history
+        if message.strip() == "/clear":
+            history = []
+            out.write("(history cleared)\n")
+            continue
+        if message.startswith("/system"):
+            system, history = message[len("/system"):].strip() or None, []
+            out.write(f"(system prompt {'set' if system else 'removed'}; history cleared)\n")
+            continue
+        answer = ""
+        for piece in stream(model, tokenizer, template, history, message, system, settings):
+            answer += piece
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        history.append(Turn(input=message, output=answer))

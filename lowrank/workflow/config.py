@@ -1,0 +1,165 @@
+"""`lowrank train`'s configuration: one frozen dataclass, read from YAML or a Python file.
+
+A YAML file is a mapping of TrainConfig fields. A Python file either defines `config` (a
+dict or a TrainConfig) or defines the fields as module-level names, XTuner style. Relative
+paths are taken from the current directory, as every command-line tool does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import runpy
+import types
+from collections.abc import Mapping
+
+from .methods import nf4_config, tuner_config
+from .template import TEMPLATES
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; the message says which field and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str  # directory of a transformers causal LM (config.json, weights, tokenizer)
+    data: str  # conversations: JSON list or JSON Lines (lowrank.workflow.data)
+    output_dir: str  # epoch_<n>/ checkpoints go here
+    method: str = "lora"  # a key of lowrank.workflow.methods.METHODS
+    method_options: Mapping = dataclasses.field(default_factory=dict)  # LoraConfig / AdapterConfig fields
+    nf4: Mapping = dataclasses.field(default_factory=dict)  # NF4Config fields, for qlora; empty: QLoRA's defaults
+    template: str | None = None  # None: the tokenizer's own chat template; else a name in TEMPLATES
+    epochs: int = 3  # the seed notes' run (XTuner's oasst1 config) trains 3 epochs
+    lr: float = 2e-4  # XTuner's and QLoRA's LoRA learning rate
+    schedule: str = "cosine"  # decay after warmup; cosine is XTuner's / QLoRA-style default
+    warmup_ratio: float = 0.03  # fraction of the optimizer steps spent warming up linearly (XTuner: 0.03)
+    weight_decay: float = 0.0  # AdamW decay; adapters are small, XTuner uses 0
+    max_grad_norm: float = 1.0  # clip the adapter gradients' norm; 0 turns clipping off
+    batch_size: int = 1  # sequences per micro-batch (XTuner: 1, with gradient accumulation)
+    grad_accum: int = 16  # micro-batches per optimizer step (XTuner's accumulative_counts)
+    max_length: int = 2048  # tokens per sequence; longer records are cut here and counted
+    seed: int = 0  # adapter init, data order and dropout all follow it
+    dtype: str = "float32"  # of the base weights; bfloat16 halves memory on GPUs that have it
+    device: str = "auto"  # "auto": the GPU when there is one, else the CPU; or e.g. "cpu", "cuda:1"
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    paged_optimizer: bool = False  # not built yet: True is refused (see __post_init__)
+    log_every: int = 1  # optimizer steps between progress updates
+
+    def __post_init__(self) -> None:
+        for f in ("model", "data", "output_dir"):
+            if not isinstance(getattr(self, f), str) or not getattr(self, f):
+                raise ConfigError(f"{f} must be a non-empty path string; got {getattr(self, f)!r}")
+        for f, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("max_length", 2), ("log_every", 1),
+                       ("seed", 0)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"{f} must be an integer >= {low}; got {v!r}")
+        for f, ok, allowed in (("lr", lambda v: v > 0, "> 0"), ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+                               ("weight_decay", lambda v: v >= 0, ">= 0"), ("max_grad_norm", lambda v: v >= 0, ">= 0")):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ConfigError(f"{f} must be a number {allowed}; got {v!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError(f"device must be 'auto' or a torch device string; got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
+        if self.template is not None and self.template not in TEMPLATES:
+            raise ConfigError(f"template must be null (the tokenizer's own) or one of {sorted(TEMPLATES)}; "
+                              f"got {self.template!r}")
+        for f in ("activation_checkpointing", "paged_optimizer"):
+            if not isinstance(getattr(self, f), bool):
+                raise ConfigError(f"{f} must be true or false; got {getattr(self, f)!r}")
+        if self.paged_optimizer:
+            raise ConfigError("paged_optimizer: true is not supported yet (lowrank has no paged optimizer so far); "
+                              "set it to false")
+        for f in ("method_options", "nf4"):
+            if not isinstance(getattr(self, f), Mapping):
+                raise ConfigError(f"{f} must be a mapping of option: value; got {getattr(self, f)!r}")
+            object.__setattr__(self, f, types.MappingProxyType(dict(getattr(self, f))))
+        try:
+            tuner_config(self.method, dict(self.method_options))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.nf4 and self.method != "qlora":
+            raise ConfigError(f"nf4 options apply to method 'qlora' only; method is {self.method!r}")
+        try:
+            nf4_config(self.nf4)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def to_dict(self) -> dict:
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)
+                for f in dataclasses.fields(self)}
+
+
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+REQUIRED = [f.name for f in dataclasses.fields(TrainConfig) if f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING]
+
+
+def from_mapping(values: Mapping, source: str = "config") -> TrainConfig:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: must be a mapping of TrainConfig fields; got {type(values).__name__}")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {unknown}; allowed: {FIELDS}")
+    missing = [f for f in REQUIRED if f not in values]
+    if missing:
+        raise ConfigError(f"{source}: missing required field(s) {missing}")
+    try:
+        return TrainConfig(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConfig:
+    """The TrainConfig of a .yaml/.yml or .py file, with `overrides` (field: value) on top."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.suffix in (".yaml", ".yml"):
+        yaml = require("yaml", "pyyaml")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    elif path.suffix == ".py":
+        names = runpy.run_path(str(path))
+        if "config" in names:
+            values = names["config"]
+            values = values.to_dict() if isinstance(values, TrainConfig) else values
+        else:
+            values = {k: v for k, v in names.items() if k in FIELDS}
+    else:
+        raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml or .py")
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path}: must hold a mapping of TrainConfig fields; got {type(values).__name__}")
+    return from_mapping({**values, **(overrides or {})}, str(path))
+
+
+def to_yaml(config: TrainConfig | None = None) -> str:
+    """YAML text of `config` (None: every field at its default, required ones blank).
+    Each value is written as JSON, which YAML reads as the same value."""
+    values = config.to_dict() if config else {f.name: (None if f.name in REQUIRED else
+                                                        (f.default_factory() if f.default is dataclasses.MISSING
+                                                         else f.default)) for f in dataclasses.fields(TrainConfig)}
+    return "".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items())
+
+
+def require(module: str, package: str):
+    """Import an optional dependency of the workflow, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"this needs the {package!r} package: pip install 'lowrank[workflow]'") from None

@@ -1,0 +1,103 @@
+"""Conversation data in the seed notes' (XTuner's) format, checked record by record.
+
+    [{"conversation": [{"system": "...", "input": "...", "output": "..."}, ...]}, ...]
+
+A JSON list of records, or JSON Lines (one record a line). Each record holds one or more
+turns; every turn needs a non-empty string `output` and a string `input`; `system` is a
+string and optional (the first turn usually carries it, later turns may restate it). A bad
+record is an error naming its index and field, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+TURN_FIELDS = ("system", "input", "output")
+
+
+class DataError(ValueError):
+    """A data file that is not valid conversation data; the message names the place."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    input: str
+    output: str | None  # None only when chatting: the answer still to be generated
+    system: str | None = None  # None: this turn does not (re)state a system prompt
+
+
+Conversation = tuple  # tuple[Turn, ...]: one record
+
+
+def _turn(raw, where: str) -> Turn:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a turn must be an object with 'input' and 'output'; got {type(raw).__name__}")
+    extra = sorted(set(raw) - set(TURN_FIELDS))
+    if extra:
+        raise DataError(f"{where}: unknown field(s) {extra}; a turn has only {list(TURN_FIELDS)}")
+    for field in ("input", "output"):
+        if field not in raw:
+            raise DataError(f"{where}: missing field {field!r}")
+    for field in TURN_FIELDS:
+        value = raw.get(field)
+        if field in raw and not isinstance(value, str) and not (field == "system" and value is None):
+            raise DataError(f"{where}.{field}: must be a string; got {type(value).__name__} {value!r:.40}")
+    if not raw["output"].strip():
+        raise DataError(f"{where}.output: is empty; every turn needs an answer to learn from")
+    return Turn(input=raw["input"], output=raw["output"], system=raw.get("system"))
+
+
+def check_record(raw, index: int, source: str = "data") -> Conversation:
+    """One record as a tuple of Turns, or a DataError naming `source`, `index` and the field."""
+    where = f"{source}: record {index}"
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: must be an object {{\"conversation\": [...]}}; got {type(raw).__name__}")
+    if "conversation" not in raw:
+        raise DataError(f"{where}: missing field 'conversation' (fields seen: {sorted(raw)})")
+    turns = raw["conversation"]
+    if not isinstance(turns, list):
+        raise DataError(f"{where}.conversation: must be a list of turns; got {type(turns).__name__}")
+    if not turns:
+        raise DataError(f"{where}.conversation: is empty; a record needs at least one turn")
+    return tuple(_turn(t, f"{where}.conversation[{i}]") for i, t in enumerate(turns))
+
+
+def parse(text: str, source: str = "data") -> list[Conversation]:
+    """Records from the text of a JSON list or of JSON Lines (told apart by the first character)."""
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{source}: is empty; expected a JSON list of records or JSON Lines")
+    if stripped.startswith("["):
+        try:
+            raws = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}: not valid JSON: {e}") from None
+        records = [check_record(r, i, source) for i, r in enumerate(raws)]
+    else:
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}: line {line_no} (record {len(records)}) is not valid JSON: {e}") from None
+            records.append(check_record(raw, len(records), source))
+    if not records:
+        raise DataError(f"{source}: holds no records")
+    return records
+
+
+def load(path: str | os.PathLike) -> list[Conversation]:
+    """Records of the file at `path` (.json list or .jsonl), every one checked."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist (or is not a file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e}") from None
+    return parse(text, str(path))

@@ -1,0 +1,82 @@
+"""Load a base model and its tokenizer from a local directory, and put a method or a saved
+adapter on it. transformers is needed here (pip install 'lowrank[workflow]'); nothing here
+reaches the network."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import torch
+
+from ..inject import inject
+from ..io import CONFIG_NAME, load_adapter
+from ..quant import quantize
+from .config import ConfigError, require
+from .methods import METHODS, OWN_CONFIG, load_own, nf4_config, tuner_config
+
+WORKFLOW_FILE = "lowrank_workflow.json"  # beside a checkpoint's adapter: method, template, training config
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """"auto": the GPU when there is one, else the CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'; got {device!r}") from None
+
+
+def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) from a transformers directory, model in eval mode on `device`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = require("transformers", "transformers")
+    if not pathlib.Path(model_dir, "config.json").is_file():
+        raise ConfigError(f"model: {model_dir!r} has no config.json; expected a transformers model directory")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
+                                                                  dtype=getattr(torch, dtype))
+    except (OSError, ValueError, KeyError) as e:  # missing files, unknown architecture
+        raise ConfigError(f"model: could not load {model_dir!r} as a causal LM: {' '.join(str(e).split())}") from None
+    return model.to(pick_device(device)).eval(), tokenizer
+
+
+def apply_method(model, method: str, options: dict, nf4: dict):
+    """Quantize the base when the method says so (on the model's device), then inject the
+    method's adapter; returns the tuner config."""
+    config = tuner_config(method, options)
+    if METHODS[method].quantize:
+        quantize(model, nf4_config(nf4))
+    inject(model, config)
+    return config
+
+
+def read_workflow(adapter_dir: str | os.PathLike) -> dict:
+    """What `lowrank train` wrote beside an adapter ({} for an adapter from elsewhere)."""
+    f = pathlib.Path(adapter_dir, WORKFLOW_FILE)
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer, template) for chatting: the base, quantized again when the adapter
+    was trained on a 4-bit base, with the adapter loaded; template as in training."""
+    model, tokenizer = load_base(model_dir, dtype, device)
+    if adapter_dir is None:
+        return model, tokenizer, None
+    path = pathlib.Path(adapter_dir)
+    if not path.is_dir():
+        raise ConfigError(f"--adapter {adapter_dir!r} is not a directory")
+    meta = read_workflow(path)
+    train = meta.get("config", {})
+    if train.get("method") in METHODS and METHODS[train["method"]].quantize:
+        quantize(model, nf4_config(train.get("nf4", {})))
+    if (path / OWN_CONFIG).is_file():
+        load_own(model, path)
+    elif (path / CONFIG_NAME).is_file():
+        load_adapter(model, path)
+    else:
+        raise ConfigError(f"--adapter {adapter_dir!r} holds neither {CONFIG_NAME} nor {OWN_CONFIG}")
+    return model.eval(), tokenizer, train.get("template")

@@ -1,0 +1,64 @@
+"""The Streamlit page behind `lowrank web` (run by `streamlit run`, never imported by lowrank).
+
+    streamlit run web_app.py -- MODEL [--adapter DIR] [--dtype D]
+
+Sidebar: system prompt, generation settings, a button that clears the history. Main: the
+chat, answers streamed into the page token by token (the seed notes' web_demo.py, on lowrank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import streamlit as st
+
+from lowrank.workflow.data import Turn
+from lowrank.workflow.generate import Settings, stream
+from lowrank.workflow.model import load_with_adapter
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(prog="lowrank web (page)")
+    p.add_argument("model")
+    p.add_argument("--adapter")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--title", default="lowrank chat")
+    return p.parse_args(argv)
+
+
+@st.cache_resource
+def _load(model: str, adapter: str | None, dtype: str, device: str):
+    return load_with_adapter(model, adapter, dtype, device)  # once per server, shared by every session
+
+
+def main(argv) -> None:
+    args = _args(argv)
+    model, tokenizer, template = _load(args.model, args.adapter, args.dtype, args.device)
+    st.title(args.title)
+    with st.sidebar:
+        system = st.text_area("System prompt", value="", key="system")
+        settings = Settings(max_new_tokens=st.slider("Max new tokens", 1, 2048, 256),
+                            temperature=st.slider("Temperature", 0.0, 2.0, 0.0, 0.05),
+                            top_p=st.slider("Top p", 0.05, 1.0, 1.0, 0.05),
+                            top_k=st.number_input("Top k (0: off)", 0, 1000, 0))
+        if st.button("Clear history"):
+            st.session_state.turns = []
+    turns: list[Turn] = st.session_state.setdefault("turns", [])
+    for turn in turns:
+        st.chat_message("user").markdown(turn.input)
+        st.chat_message("assistant").markdown(turn.output)
+    message = st.chat_input("Say something")
+    if message:
+        st.chat_message("user").markdown(message)
+        with st.chat_message("assistant"):
+            box, answer = st.empty(), ""
+            for piece in stream(model, tokenizer, template, turns, message, system or None, settings):
+                answer += piece
+                box.markdown(answer + "▌")
+            box.markdown(answer)
+        turns.append(Turn(input=message, output=answer))
+
+
+main(sys.argv[1:])

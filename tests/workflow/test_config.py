@@ -1,0 +1,125 @@
+"""Training configs: YAML and Python read alike, --print-config round-trips, and every bad
+config or data file is one error line from `lowrank train`, before anything is trained."""
+
+import json
+
+import pytest
+import yaml
+
+from lowrank import cli
+from lowrank.workflow import config as C
+
+from . import tiny
+from .conftest import ROOT, lowrank
+
+BASE = {"model": "m", "data": "d.json", "output_dir": "out", "method": "dora", "method_options": {"r": 4},
+        "epochs": 2, "lr": 1e-3, "schedule": "linear"}
+
+
+def test_yaml_and_python_files_give_the_same_config(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "b.py").write_text(f"config = {BASE!r}\n")
+    (tmp_path / "c.py").write_text("".join(f"{k} = {v!r}\n" for k, v in BASE.items()) + "import os\n_private = 1\n")
+    (tmp_path / "d.py").write_text(f"from lowrank.workflow.config import TrainConfig\nconfig = TrainConfig(**{BASE!r})\n")
+    configs = [C.load(tmp_path / f) for f in ("a.yaml", "b.py", "c.py", "d.py")]
+    assert configs[0] == configs[1] == configs[2] == configs[3]
+    assert configs[0].to_dict() == {**C.TrainConfig(**BASE).to_dict()}
+
+
+def test_nf4_compute_dtype_by_name():
+    import torch
+
+    from lowrank.workflow.methods import nf4_config
+
+    assert nf4_config({"compute_dtype": "bfloat16"}).compute_dtype is torch.bfloat16
+
+
+def test_config_never_changes_the_users_mapping():
+    options = {"r": 4}
+    c = C.TrainConfig(**{**BASE, "method_options": options})
+    with pytest.raises(TypeError):
+        c.method_options["r"] = 5
+    assert options == {"r": 4}
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(BASE))
+    assert cli.main(["train", str(tmp_path / "a.yaml"), "--print-config", "--set", "epochs=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert C.from_mapping(printed) == C.TrainConfig(**{**BASE, "epochs": 7})
+    assert cli.main(["train", "--print-config"]) == 0  # no CONFIG: every field with its default
+    defaults = yaml.safe_load(capsys.readouterr().out)
+    assert set(defaults) == set(C.FIELDS) and all(defaults[k] is None for k in C.REQUIRED)
+    assert C.from_mapping({**defaults, **{k: BASE[k] for k in C.REQUIRED}}) == C.TrainConfig(**{k: BASE[k] for k in C.REQUIRED})
+
+
+def test_python_m_lowrank_runs():
+    out = lowrank("train", "--print-config").stdout
+    assert yaml.safe_load(out)["method"] == "lora"
+
+
+BAD = [
+    ({"methd": "lora"}, "unknown field(s) ['methd']"),
+    ({"method": "prefix"}, "('prefix' is not built in this version yet)"),
+    ({"method_options": {"rank": 4}}, "method_options: unknown option(s) ['rank'] for method 'dora'"),
+    ({"method_options": {"r": 0}}, "method_options for 'dora': r (the LoRA rank) must be an integer >= 1; got 0"),
+    ({"epochs": 0}, "epochs must be an integer >= 1; got 0"),
+    ({"lr": "fast"}, "lr must be a number > 0; got 'fast'"),
+    ({"schedule": "step"}, "schedule must be one of"),
+    ({"template": "vicuna"}, "template must be null"),
+    ({"paged_optimizer": True}, "paged_optimizer: true is not supported yet"),
+    ({"nf4": {"blocksize": 64}}, "nf4 options apply to method 'qlora' only"),
+    ({"method": "qlora", "nf4": {"blocksize": 48}}, "nf4: blocksize must be one of"),
+    ({"method": "qlora", "nf4": {"compute_dtype": "int8"}}, "nf4: compute_dtype must be None or one of"),
+    ({"device": ""}, "device must be 'auto' or a torch device string"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD, ids=[m[:30] for _, m in BAD])
+def test_bad_config_is_one_error_line(tmp_path, capsys, change, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "output_dir": str(tmp_path / "out"), **change}))
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"lowrank train: error: {path}: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_is_one_error_line_before_the_model_is_loaded(tmp_path, capsys):
+    records = json.loads(json.dumps(tiny.CONVERSATIONS))
+    del records[2]["conversation"][0]["output"]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    path = tmp_path / "c.yaml"  # the model directory does not even exist: data is checked first
+    path.write_text(yaml.safe_dump({**BASE, "data": str(tmp_path / "d.json"), "output_dir": str(tmp_path / "out")}))
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lowrank train: error: {tmp_path / 'd.json'}: record 2.conversation[0]: missing field 'output'\n"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("c.yaml", "model: [unclosed", "not valid YAML"),
+    ("c.yaml", "- a list", "must hold a mapping"),
+    ("c.toml", "", "must end in .yaml, .yml or .py"),
+    ("c.yaml", "model: m\ndata: d\n", "missing required field(s) ['output_dir']"),
+])
+def test_unreadable_config_files(tmp_path, capsys, name, text, message):
+    (tmp_path / name).write_text(text)
+    assert cli.main(["train", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_configs_are_valid(path):
+    config = C.load(path)
+    assert config.method in ("lora", "qlora", "adapter", "dora")
+
+
+def test_example_data_is_valid():
+    from lowrank.workflow import data
+
+    assert data.load(ROOT / "examples" / "data" / "ship.json") == data.parse(json.dumps(tiny.CONVERSATIONS))

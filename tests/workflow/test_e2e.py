@@ -1,0 +1,196 @@
+"""The seed notes' path end to end on a tiny Llama: train from a config file until the model
+reproduces its conversations, chat with it in a terminal, resume a run bit for bit, and
+check that every method's checkpoint loads back into the very model that was trained."""
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowrank import cli
+from lowrank.workflow import config as C
+from lowrank.workflow.data import Turn
+from lowrank.workflow.generate import stream
+from lowrank.workflow.methods import load_trainable
+from lowrank.workflow.model import apply_method, load_base, load_with_adapter
+from lowrank.workflow.train import STATE_FILE, train
+
+from . import tiny
+from .conftest import REPEAT, ROOT
+
+EPOCHS = 20  # conftest.TRAIN_YAML
+
+
+def test_training_writes_a_checkpoint_each_epoch_and_a_summary(trained):
+    out, proc = trained
+    for e in range(1, EPOCHS + 1):
+        names = sorted(os.listdir(out / f"epoch_{e}"))
+        assert names == ["adapter_config.json", "adapter_model.safetensors", "lowrank_workflow.json", STATE_FILE]
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no temporary directory left behind
+    assert "0 truncated" in proc.stderr and "tok/s" in proc.stderr and " lr " in proc.stderr
+    summary = dict(line.split(None, 1) for line in proc.stdout.split("done:\n")[1].splitlines())
+    assert int(summary["epochs"]) == EPOCHS and int(summary["steps"]) == EPOCHS * math.ceil(REPEAT * len(tiny.CONVERSATIONS) / 4)  # batch_size 4
+    assert float(summary["loss"]) < 0.1
+    assert summary["checkpoint"] == str(out / f"epoch_{EPOCHS}")
+
+
+def test_trained_model_reproduces_every_answer(trained, model_dir):
+    out, _ = trained
+    model, tok, template = load_with_adapter(str(model_dir), str(out / f"epoch_{EPOCHS}"))
+    for record in tiny.CONVERSATIONS:
+        turns = record["conversation"]
+        history = []
+        for turn in turns:
+            answer = "".join(stream(model, tok, template, history, turn["input"], turns[0].get("system")))
+            assert answer == turn["output"]
+            history.append(Turn(turn["input"], turn["output"]))
+
+
+def test_checkpoint_is_a_peft_adapter(trained, model_dir):
+    """PEFT loads the checkpoint and computes the same logits as lowrank."""
+    peft = pytest.importorskip("peft")
+    out, _ = trained
+    ckpt = out / f"epoch_{EPOCHS}"
+    ours, tok, _ = load_with_adapter(str(model_dir), str(ckpt))
+    base, _ = load_base(str(model_dir))
+    theirs = peft.PeftModel.from_pretrained(base, ckpt).eval()
+    x = torch.tensor([tok("Where are we? Orbit of Titan")["input_ids"]])
+    with torch.no_grad():
+        # PEFT and lowrank run the same float32 operations in the same order (docs/io.md)
+        torch.testing.assert_close(ours(input_ids=x).logits, theirs(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_chat_in_a_terminal(trained, model_dir):
+    pexpect = pytest.importorskip("pexpect", reason="pexpect drives the terminal session (pip install pexpect)")
+    out, _ = trained
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    child = pexpect.spawn(sys.executable, ["-m", "lowrank", "chat", str(model_dir), "--adapter",
+                                           str(out / f"epoch_{EPOCHS}"), "--system", tiny.SYSTEM],
+                          env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Where are we?")
+        child.expect_exact("Orbit of Titan, deck seven.\r\n>>> ")
+        child.sendline("How long until dawn?")  # the second turn of record 0: answered with the history
+        child.expect_exact("Forty minutes.\r\n>>> ")
+        child.sendline("/system")
+        child.expect_exact("(system prompt removed; history cleared)")
+        child.sendline("Play some music.")  # record 3 has no system prompt
+        child.expect_exact("Playing the blue nebula suite.\r\n>>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_merge_then_chat(trained, model_dir, tmp_path):
+    """The seed notes' `xtuner convert merge`: `lowrank merge` folds the last checkpoint into the
+    model; plain transformers loads the merged directory, and a chat with it (no adapter)
+    gives the trained answers."""
+    pexpect = pytest.importorskip("pexpect", reason="pexpect drives the terminal session (pip install pexpect)")
+    transformers = pytest.importorskip("transformers")
+    out, _ = trained
+    merged = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = __import__("subprocess").run([sys.executable, "-m", "lowrank", "merge", str(model_dir),
+                                         str(out / f"epoch_{EPOCHS}"), str(merged), "--max-shard-size", "200KB"],
+                                        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (merged / "model.safetensors.index.json").is_file()  # sharded, as --max-shard-size asked
+    assert (merged / "tokenizer.json").is_file()  # the base directory's tokenizer files come along
+    plain = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    adapted, tok, _ = load_with_adapter(str(model_dir), str(out / f"epoch_{EPOCHS}"))
+    x = torch.tensor([tok("Where are we? Orbit of Titan")["input_ids"]])
+    with torch.no_grad():
+        # merged weight W + s B A is rounded once to float32: logits agree to float32 rounding, and
+        # the greedy answers below (the real test) must be the same tokens
+        torch.testing.assert_close(plain(input_ids=x).logits, adapted(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+    child = pexpect.spawn(sys.executable, ["-m", "lowrank", "chat", str(merged), "--system", tiny.SYSTEM],
+                          env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Where are we?")
+        child.expect_exact("Orbit of Titan, deck seven.\r\n>>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def _config(tmp_path, model_dir, data_file, **change):
+    values = dict(model=str(model_dir), data=str(data_file), output_dir=str(tmp_path / "a"), epochs=2, lr=1e-2,
+                  batch_size=4, grad_accum=2, max_length=128, method_options={"r": 4, "dropout": 0.1})
+    return C.TrainConfig(**{**values, **change})
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, model_dir, data_file, capsys):
+    """Train 2 epochs; then give a fresh output_dir only epoch_1 and --resume: epoch_2 is the
+    same to the bit (dropout on, so the RNG state must come back too)."""
+    whole = _config(tmp_path, model_dir, data_file)
+    train(whole)
+    resumed = tmp_path / "b"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "a" / "epoch_1", resumed / "epoch_1")
+    (tmp_path / "b.yaml").write_text(json.dumps({**whole.to_dict(), "output_dir": str(resumed)}))
+    assert cli.main(["train", str(tmp_path / "b.yaml"), "--resume"]) == 0
+    per_epoch = math.ceil(math.ceil(REPEAT * len(tiny.CONVERSATIONS) / whole.batch_size) / whole.grad_accum)
+    assert f"resumed from epoch_1 (step {per_epoch})" in capsys.readouterr().err
+    a, b = (load_file(d / "epoch_2" / "adapter_model.safetensors") for d in (tmp_path / "a", resumed))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = (torch.load(d / "epoch_2" / STATE_FILE, weights_only=True) for d in (tmp_path / "a", resumed))
+    assert sa["step"] == sb["step"] == 2 * per_epoch and torch.equal(sa["rng"], sb["rng"])
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+    # what --resume refuses, each before any training
+    (tmp_path / "c.yaml").write_text(json.dumps({**whole.to_dict(), "output_dir": str(resumed), "lr": 0.5}))
+    for argv, message in [(["train", str(tmp_path / "b.yaml")], "already holds checkpoints (epoch_2); pass --resume"),
+                          (["train", str(tmp_path / "b.yaml"), "--resume"], "is already epoch 2 of epochs=2"),
+                          (["train", str(tmp_path / "c.yaml"), "--resume"], "differs from the one")]:
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, template", [("dora", None), ("qlora", None), ("adapter", "chatml")])
+def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, data_file, method, template):
+    options = {} if method == "adapter" else {"r": 4}
+    config = _config(tmp_path, model_dir, data_file, method=method, method_options=options, epochs=1, lr=5e-2,
+                     template=template)
+    summary = train(config)
+    # the model as training left it: a fresh base, the method, the trainable tensors of the checkpoint
+    trained_model, tok = load_base(str(model_dir))
+    apply_method(trained_model, method, options, {})
+    load_trainable(trained_model, torch.load(f"{summary.checkpoint}/{STATE_FILE}", weights_only=True)["trainable"])
+    loaded, _, used = load_with_adapter(str(model_dir), summary.checkpoint)
+    assert used == template  # chat uses the template training used
+    base, _ = load_base(str(model_dir))
+    x = torch.tensor([tok("Status of the reactor? Stable")["input_ids"]])
+    with torch.no_grad():
+        want = trained_model.eval()(input_ids=x).logits
+        torch.testing.assert_close(loaded(input_ids=x).logits, want, rtol=0, atol=0)  # same tensors, same ops
+        assert not torch.allclose(base(input_ids=x).logits, want)  # and training changed something
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, model_dir, data_file):
+    """Recomputing activations in backward runs the same float32 operations again: the
+    trained adapter is the same to the bit."""
+    plain = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4}))
+    again = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4},
+                          output_dir=str(tmp_path / "ac"), activation_checkpointing=True))
+    a, b = (load_file(f"{s.checkpoint}/adapter_model.safetensors") for s in (plain, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chat_with_a_missing_adapter_is_one_error_line(model_dir, tmp_path, capsys):
+    assert cli.main(["chat", str(model_dir), "--adapter", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.endswith(f"lowrank chat: error: --adapter {str(tmp_path / 'nope')!r} is not a directory\n")
