@@ -46,14 +46,25 @@ def _pick(logits: torch.Tensor, s: Settings, g: torch.Generator) -> int:
     return int(torch.multinomial(probs / probs.sum(), 1, generator=g))
 
 
+# Note: a history longer than the context. A chat keeps every exchange, but the model sees at
+# most max_position_embeddings tokens. Before each answer the oldest exchanges are dropped
+# until the prompt leaves room for min(max_new_tokens, a quarter of the context) new tokens;
+# the answer stops at the context's end; a message too long on its own is an error.
 @torch.no_grad()
 def stream(model, tokenizer, template: str | None, history: Sequence[Turn], message: str,
            system: str | None = None, settings: Settings = Settings()) -> Iterator[str]:
-    """Pieces of the answer to `message` after `history` (system prompt on the first turn)."""
+    """Pieces of the answer to `message` after `history` (system prompt on the first turn).
+    See Note: a history longer than the context."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     turns = list(history) + [Turn(input=message, output=None)]
-    if system:
-        turns[0] = dataclasses.replace(turns[0], system=system)
-    ids, _ = encode(tokenizer, template, turns)
+    while True:
+        shown = [dataclasses.replace(turns[0], system=system)] + turns[1:] if system else turns
+        ids, _ = encode(tokenizer, template, shown)
+        if limit is None or len(ids) + min(settings.max_new_tokens, limit // 4) <= limit or len(turns) == 1:
+            break
+        turns = turns[1:]  # the oldest exchange goes first
+    if limit is not None and len(ids) >= limit:
+        raise ValueError(f"the message is {len(ids)} tokens with its template; the model's context holds {limit}")
     stop = stop_text(tokenizer, template)
     ends = {getattr(tokenizer, "eos_token_id", None)} - {None}
     if stop and len(mark := tokenizer(stop, add_special_tokens=False)["input_ids"]) == 1:
@@ -61,7 +72,7 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
     g = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device
     x, past, out, sent = torch.tensor([ids], device=device), {}, [], 0
-    for _ in range(settings.max_new_tokens):
+    for _ in range(settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit - len(ids))):
         result = model(input_ids=x, use_cache=True, **past)
         # Note: the cache's name. transformers 5.x returns (and takes) `cache`; earlier
         # versions `past_key_values`. Whichever the output holds is passed back.

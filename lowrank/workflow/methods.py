@@ -1,26 +1,20 @@
 """The fine-tuning methods `lowrank train` offers: one table, one line a method.
 
 A method is a tuner config type, the defaults it adds to the user's `method_options`, and
-whether the frozen base is quantized to NF4 first (QLoRA). Checkpoints of LoRA-family
-methods are PEFT adapter directories (lowrank.save_adapter); other methods are saved as
-their trainable tensors plus the tuner config (see Note: checkpoints of non-LoRA methods).
+whether the frozen base is quantized to NF4 first (QLoRA). Every checkpoint is an adapter
+directory written by lowrank.save_adapter: PEFT's format for LoRA, DoRA, prefix and prompt
+tuning, lowrank's LOWRANK_BOTTLENECK format (same layout) for bottleneck adapters
+(docs/io.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import pathlib
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, LoraConfig
-from ..inject import inject
-
-WEIGHTS = "adapter_model.safetensors"
-OWN_CONFIG = "lowrank_adapter.json"  # tuner config of a non-LoRA checkpoint
+from ..config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +29,15 @@ METHODS = {
     "dora": Method(LoraConfig, {"dora": True}),
     "qlora": Method(LoraConfig, {}, quantize=True),
     "adapter": Method(AdapterConfig, {}),
-    # "prefix": Method(PrefixConfig, {}),  # the lead wires prefix / prompt tuning here after merging
-    # "prompt": Method(PromptConfig, {}),
+    "prefix": Method(PrefixConfig, {}),  # P-tuning v2 unless method_options sets projection_hidden
+    "prompt": Method(PromptConfig, {}),
 }
-PLANNED = ("prefix", "prompt")  # named by the issue, not built in this branch yet
 
 
 def tuner_config(method: str, options: dict):
     """The tuner config for `method` with `options`; ValueError naming the bad option."""
     if method not in METHODS:
-        soon = f" ('{method}' is not built in this version yet)" if method in PLANNED else ""
-        raise ValueError(f"method must be one of {sorted(METHODS)}{soon}; got {method!r}")
+        raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}")
     m = METHODS[method]
     allowed = [f.name for f in dataclasses.fields(m.config)]
     unknown = sorted(set(options) - set(allowed))
@@ -73,39 +65,6 @@ def nf4_config(options: dict):
         return NF4Config(**options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"nf4: {e}") from None
-
-
-# Note: checkpoints of non-LoRA methods. PEFT has no bottleneck-adapter format and
-# lowrank.save_adapter writes LoRA only, so for other methods a checkpoint holds the
-# trainable tensors by their module path (adapter_model.safetensors) and the tuner config's
-# fields (lowrank_adapter.json); load_own injects that config and loads the tensors strictly.
-
-def save_own(model: nn.Module, config, path: pathlib.Path) -> None:
-    """Trainable tensors + tuner config of `model` into the (new, private) directory `path`."""
-    from safetensors.torch import save_file
-
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    bad = [k for k, v in fields.items() if not isinstance(v, (str, int, float, bool, type(None), tuple))]
-    if bad:
-        raise ValueError(f"cannot save the {type(config).__name__} fields {bad} as JSON; use string targets")
-    save_file(tensors, os.fspath(path / WEIGHTS), metadata={"format": "pt"})
-    (path / OWN_CONFIG).write_text(json.dumps({"type": type(config).__name__, "fields": fields}, indent=2) + "\n")
-
-
-def load_own(model: nn.Module, path: pathlib.Path) -> list[str]:
-    """Inject the tuner config saved by save_own and load its tensors (strict)."""
-    from safetensors.torch import load_file
-
-    saved = json.loads((path / OWN_CONFIG).read_text())
-    types = {m.config.__name__: m.config for m in METHODS.values()}
-    if saved.get("type") not in types:
-        raise ValueError(f"{path / OWN_CONFIG}: unknown tuner config type {saved.get('type')!r}; known: {sorted(types)}")
-    modules = inject(model, types[saved["type"]](**saved["fields"]))
-    missing, unexpected = load_trainable(model, load_file(os.fspath(path / WEIGHTS)))
-    if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return modules
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:

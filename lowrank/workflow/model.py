@@ -14,7 +14,7 @@ from ..inject import inject
 from ..io import CONFIG_NAME, load_adapter
 from ..quant import quantize
 from .config import ConfigError, require
-from .methods import METHODS, OWN_CONFIG, load_own, nf4_config, tuner_config
+from .methods import METHODS, nf4_config, tuner_config
 
 WORKFLOW_FILE = "lowrank_workflow.json"  # beside a checkpoint's adapter: method, template, training config
 
@@ -73,10 +73,7 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
     train = meta.get("config", {})
     if train.get("method") in METHODS and METHODS[train["method"]].quantize:
         quantize(model, nf4_config(train.get("nf4", {})))
-    if (path / OWN_CONFIG).is_file():
-        load_own(model, path)
-    elif (path / CONFIG_NAME).is_file():
-        load_adapter(model, path)
-    else:
-        raise ConfigError(f"--adapter {adapter_dir!r} holds neither {CONFIG_NAME} nor {OWN_CONFIG}")
+    if not (path / CONFIG_NAME).is_file():
+        raise ConfigError(f"--adapter {adapter_dir!r} has no {CONFIG_NAME}: not an adapter directory")
+    load_adapter(model, path)
     return model.eval(), tokenizer, train.get("template")

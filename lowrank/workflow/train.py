@@ -28,7 +28,7 @@ from ..io import save_adapter
 from . import data as data_mod
 from .batches import collate, encode_all, epoch_batches, pad_id
 from .config import ConfigError, TrainConfig
-from .methods import METHODS, load_trainable, save_own
+from .methods import load_trainable
 from .model import WORKFLOW_FILE, apply_method, load_base
 from .progress import Progress
 from .template import IGNORE, check_template
@@ -89,7 +89,8 @@ def step_loss(model, micro: list[dict]) -> tuple[float, int]:
     count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
     total = 0.0
     for b in micro:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, [n +] T, V)
+        logits = logits[:, logits.shape[1] - b["input_ids"].shape[1]:]  # prompt tuning: drop its n virtual positions
         # position t predicts token t + 1
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                ignore_index=IGNORE, reduction="sum") / count
@@ -114,10 +115,7 @@ def _save(model, config: TrainConfig, tuner, epoch: int, state: dict) -> pathlib
     final = out / f"epoch_{epoch}"
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out, prefix=f".epoch_{epoch}.", suffix=".tmp"))
     try:
-        if isinstance(tuner, METHODS["lora"].config):
-            save_adapter(model, tmp)  # PEFT's format
-        else:
-            save_own(model, tuner, tmp)  # See Note: checkpoints of non-LoRA methods (methods.py)
+        save_adapter(model, tmp)  # PEFT's format (bottleneck adapters: lowrank's, same layout)
         (tmp / WORKFLOW_FILE).write_text(json.dumps({"epoch": epoch, "config": config.to_dict()}, indent=2) + "\n")
         torch.save(state, tmp / STATE_FILE)
         for f in (tmp / WORKFLOW_FILE, tmp / STATE_FILE, tmp):

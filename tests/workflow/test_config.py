@@ -60,7 +60,8 @@ def test_python_m_lowrank_runs():
 
 BAD = [
     ({"methd": "lora"}, "unknown field(s) ['methd']"),
-    ({"method": "prefix"}, "('prefix' is not built in this version yet)"),
+    ({"method": "lorra"}, "method must be one of ['adapter', 'dora', 'lora', 'prefix', 'prompt', 'qlora']; got 'lorra'"),
+    ({"method": "prefix"}, "method_options: unknown option(s) ['r'] for method 'prefix'; allowed: ['num_virtual_tokens',"),
     ({"method_options": {"rank": 4}}, "method_options: unknown option(s) ['rank'] for method 'dora'"),
     ({"method_options": {"r": 0}}, "method_options for 'dora': r (the LoRA rank) must be an integer >= 1; got 0"),
     ({"epochs": 0}, "epochs must be an integer >= 1; got 0"),

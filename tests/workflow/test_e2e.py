@@ -2,6 +2,7 @@
 reproduces its conversations, chat with it in a terminal, resume a run bit for bit, and
 check that every method's checkpoint loads back into the very model that was trained."""
 
+import dataclasses
 import json
 import math
 import os
@@ -161,9 +162,13 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, model_dir, data_file, caps
         assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method, template", [("dora", None), ("qlora", None), ("adapter", "chatml")])
-def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, data_file, method, template):
-    options = {} if method == "adapter" else {"r": 4}
+@pytest.mark.parametrize("method, options, template", [
+    ("dora", {"r": 4}, None), ("qlora", {"r": 4}, None), ("adapter", {}, "chatml"),
+    ("prefix", {"num_virtual_tokens": 4}, None),
+    ("prefix", {"num_virtual_tokens": 4, "projection_hidden": 8}, None),  # saved folded: the same outputs
+    ("prompt", {"num_virtual_tokens": 4}, None),
+], ids=["dora", "qlora", "adapter", "prefix", "prefix-mlp", "prompt"])
+def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, data_file, method, options, template):
     config = _config(tmp_path, model_dir, data_file, method=method, method_options=options, epochs=1, lr=5e-2,
                      template=template)
     summary = train(config)
@@ -178,7 +183,8 @@ def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, 
     with torch.no_grad():
         want = trained_model.eval()(input_ids=x).logits
         torch.testing.assert_close(loaded(input_ids=x).logits, want, rtol=0, atol=0)  # same tensors, same ops
-        assert not torch.allclose(base(input_ids=x).logits, want)  # and training changed something
+        # and training changed something (a prompt adds n virtual positions before the text's)
+        assert not torch.allclose(base(input_ids=x).logits, want[:, -x.shape[1]:])
 
 
 def test_activation_checkpointing_changes_memory_not_results(tmp_path, model_dir, data_file):
@@ -194,3 +200,48 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, model_dir
 def test_chat_with_a_missing_adapter_is_one_error_line(model_dir, tmp_path, capsys):
     assert cli.main(["chat", str(model_dir), "--adapter", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.endswith(f"lowrank chat: error: --adapter {str(tmp_path / 'nope')!r} is not a directory\n")
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_chat_streaming_with_the_cache_equals_greedy_without_it(tmp_path, model_dir, data_file, method):
+    """Prefix and prompt tuning change what the cache holds (prefix: never; prompt: its n
+    virtual tokens): the chat's cached, token-by-token generation must pick the same tokens as
+    recomputing the whole sequence each step."""
+    from lowrank.workflow.generate import Settings
+    from lowrank.workflow.template import encode
+
+    config = _config(tmp_path, model_dir, data_file, method=method, method_options={"num_virtual_tokens": 4},
+                     epochs=1, lr=5e-2)
+    model, tok, template = load_with_adapter(str(model_dir), train(config).checkpoint)
+    turns = [Turn(input="Where are we?", output=None, system=tiny.SYSTEM)]
+    streamed = "".join(stream(model, tok, template, [], "Where are we?", tiny.SYSTEM, Settings(max_new_tokens=12)))
+    ids, _ = encode(tok, template, turns)
+    out = []
+    with torch.no_grad():
+        for _ in range(12):
+            token = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token == tok.eos_token_id:
+                break
+            out.append(token)
+    assert len(out) > 2 and streamed == tok.decode(out, skip_special_tokens=True)
+
+
+def test_a_long_chat_drops_its_oldest_exchanges(trained, model_dir):
+    from lowrank.workflow.generate import Settings
+    from lowrank.workflow.template import encode
+
+    out, _ = trained
+    model, tok, template = load_with_adapter(str(model_dir), str(out / f"epoch_{EPOCHS}"))
+    limit, settings = model.config.max_position_embeddings, Settings(max_new_tokens=20)
+    history = [Turn("Where are we?", "Orbit of Titan, deck seven.")] * 200  # thousands of tokens: far past the context
+    answer = "".join(stream(model, tok, template, history, "How long until dawn?", tiny.SYSTEM, settings))
+
+    def length(k):  # prompt tokens with the newest k exchanges kept
+        turns = (history[-k:] if k else []) + [Turn("How long until dawn?", None)]
+        return len(encode(tok, template, [dataclasses.replace(turns[0], system=tiny.SYSTEM)] + turns[1:])[0])
+
+    kept = max(k for k in range(len(history) + 1) if length(k) + 20 <= limit)  # the rule: room for 20 new tokens
+    assert 0 < kept < len(history)
+    assert answer == "".join(stream(model, tok, template, history[-kept:], "How long until dawn?", tiny.SYSTEM, settings))
+    with pytest.raises(ValueError, match=f"the model's context holds {limit}"):
+        list(stream(model, tok, template, [], "word " * limit, tiny.SYSTEM))
