@@ -22,7 +22,7 @@ from torch import nn
 
 from . import distributed
 from .config import AdapterConfig
-from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
+from .inject import _walk, active_adapters, adapter_names, inject
 from .tuners.adapter import AdapterLayer
 from .tuners.base import TunerLayer
 
@@ -106,7 +106,7 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
     """Inject bottleneck adapter `name` as `saved` (the parsed adapter_config.json) says and
     load its weights from `path`. As io.load_adapter: shape mismatches raise; missing /
     unexpected keys raise when `strict`; on any error the model is left as it was."""
-    from .io import CONFIG_NAME, PREFIX, LoadResult, read_weights
+    from .io import CONFIG_NAME, PREFIX, LoadResult, copy_checked, read_weights, undo_inject
 
     config = config_from_saved(saved, str(path / CONFIG_NAME))
     weights = read_weights(path, allow_pickle)
@@ -125,18 +125,9 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
                 if tuple(weights[key].shape) != tuple(params[t].shape):
                     mismatched.append((key, tuple(weights[key].shape), tuple(params[t].shape)))
                 pairs.append((params[t], weights[key]))
-        unexpected = sorted(k for k in weights if k not in seen)
-        problems = [f"shape mismatches (key, file, model): {mismatched}"] if mismatched else []
-        problems += [f"missing keys: {sorted(missing)}"] if strict and missing else []
-        problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
-        if problems:
-            raise ValueError(f"{path}: the bottleneck adapter does not fit {type(model).__name__}: " + "; ".join(problems))
-        with torch.no_grad():
-            for param, value in pairs:
-                param.copy_(value)
+        result = LoadResult(modules, sorted(missing), sorted(k for k in weights if k not in seen), mismatched)
+        copy_checked(model, f"{path}: the bottleneck adapter", pairs, result, strict)
     except BaseException:
-        eject(model, name)
-        if before:
-            set_active(model, before)
+        undo_inject(model, name, before)
         raise
-    return LoadResult(modules, sorted(missing), unexpected, mismatched)
+    return result

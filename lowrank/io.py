@@ -376,19 +376,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             pairs.append((param, weights[k]))
         unexpected = sorted(PREFIX + k for k in weights if k not in seen)
         result = LoadResult(modules, sorted(missing), unexpected, mismatched, sorted(base_keys))
-        problems = [f"shape mismatches (key, file, model): {mismatched}"] if mismatched else []
-        if strict and missing:
-            problems.append(f"missing keys: {result.missing}")
-        if strict and unexpected:
-            problems.append(f"unexpected keys: {unexpected}")
-        if problems:
-            raise ValueError(f"{path}: the adapter does not fit {type(model).__name__}: " + "; ".join(problems))
-        with torch.no_grad():
-            for param, value in pairs:
-                param.copy_(value)
+        copy_checked(model, f"{path}: the adapter", pairs, result, strict)
     except BaseException:
-        eject(model, name)
-        if before:
-            set_active(model, before)
+        undo_inject(model, name, before)
         raise
     return result
+
+
+def copy_checked(model: nn.Module, what: str, pairs, result: LoadResult, strict: bool) -> None:
+    """Copy each (parameter, saved tensor) of `pairs`, or raise naming every shape mismatch and,
+    when `strict`, every missing and unexpected key of `result` (nothing copied then)."""
+    problems = [f"shape mismatches (key, file, model): {result.mismatched}"] if result.mismatched else []
+    problems += [f"missing keys: {result.missing}"] if strict and result.missing else []
+    problems += [f"unexpected keys: {result.unexpected}"] if strict and result.unexpected else []
+    if problems:
+        raise ValueError(f"{what} does not fit {type(model).__name__}: " + "; ".join(problems))
+    with torch.no_grad():
+        for param, value in pairs:
+            param.copy_(value)
+
+
+def undo_inject(model: nn.Module, name: str, before: list[str]) -> None:
+    """A failed load leaves the model as it was: the new adapter out, the old ones active."""
+    eject(model, name)
+    if before:
+        set_active(model, before)

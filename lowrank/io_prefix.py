@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .config import PrefixConfig
-from .inject import active_adapters, eject, inject, set_active
+from .inject import active_adapters, inject
 from .tuners.base import TunerLayer
 from .tuners.prefix import PrefixLayer, layers
 
@@ -116,8 +116,8 @@ def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], 
             for layer, chunk in zip(found, table.split(widths, dim=1)):  # (P, 2 d_kv) each
                 layer.kv[name].copy_(chunk)
     except BaseException:
-        eject(model, name)
-        if before:
-            set_active(model, before)
+        from .io import undo_inject  # io imports this module first
+
+        undo_inject(model, name, before)
         raise
     return result_type(modules, [], [], [])

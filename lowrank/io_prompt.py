@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .config import PromptConfig
-from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
+from .inject import _walk, active_adapters, adapter_names, inject
 from .tuners.prompt import PromptLayer
 
 KEY = "prompt_embeddings"
@@ -106,8 +106,8 @@ def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, str
         with torch.no_grad():
             param.copy_(weights[KEY])
     except BaseException:
-        eject(model, name)
-        if before:
-            set_active(model, before)
+        from .io import undo_inject  # io imports this module first
+
+        undo_inject(model, name, before)
         raise
     return LoadResult(modules, missing, unexpected, mismatched)
