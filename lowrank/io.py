@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 
 import torch
 from torch import nn
@@ -144,27 +143,12 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _write_temp(directory: pathlib.Path, final: str, write) -> pathlib.Path:
-    """Write through `write(path)` into a temporary file in `directory`, fsync it; its path."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{final}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return pathlib.Path(tmp)
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> pathlib.Path:
     """Write LoRA adapter `name` (None: the model's only LoRA adapter) of `model` to directory
-    `path` in PEFT's format: adapter weights only. Atomic per file: both files are written in
-    full and fsynced under temporary names beside their final ones, then os.replace'd, so a
-    failure while writing leaves a previous adapter at `path` as it was. A new directory
-    appears whole (built under a temporary name in the same parent, then renamed).
+    `path` in PEFT's format: adapter weights only. Atomic: the directory is built and fsynced
+    under a temporary name beside `path`, then swapped in whole (Note: atomic directories, in
+    lowrank/shards.py), so a failure or a kill leaves the previous adapter at `path` as it was;
+    other files in an existing directory are kept.
     Under torch.distributed only rank 0 writes; under FSDP2 every rank must call it (see
     Note: saving from several ranks, in lowrank/distributed.py). A prompt adapter is written
     in PEFT's PROMPT_TUNING format (lowrank/io_prompt.py), a prefix adapter in its PREFIX_TUNING
@@ -189,34 +173,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     from safetensors.torch import save_file
 
+    from . import shards  # shards imports this module
+
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    fresh = not path.exists()
-    if fresh:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        directory = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    elif not path.is_dir():
-        raise NotADirectoryError(f"{path} exists and is not a directory")
-    else:
-        directory = path
-    written = []
-    try:
-        written.append((_write_temp(directory, WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        WEIGHTS_NAME))
-        written.append((_write_temp(directory, CONFIG_NAME, lambda p: pathlib.Path(p).write_text(text)), CONFIG_NAME))
-        for tmp, final in written:
-            os.replace(tmp, directory / final)
-        _fsync_dir(directory)
-        if fresh:
-            os.replace(directory, path)
-            _fsync_dir(path.parent)
-    except BaseException:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-        if fresh:
-            for f in directory.iterdir():
-                f.unlink()
-            directory.rmdir()
-        raise
+    # See Note: atomic directories (lowrank/shards.py); other files in the directory are kept
+    with shards.atomic_directory(path, overwrite=True, carry_over=True) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text)
 
 
 # -- loading ------------------------------------------------------------------------------

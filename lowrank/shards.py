@@ -13,12 +13,15 @@ copy of the whole model never exists at once: peak memory is about one shard.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import json
 import os
 import pathlib
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 
@@ -127,13 +130,41 @@ def read(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # Note: atomic directories. Everything is written into a temporary directory beside the
-# target (same file system, so the rename is atomic), each file fsynced; then an old target
-# is moved aside, the new one renamed into place and the old one deleted. A failure or a
-# kill before the rename leaves only the hidden temporary directory (removed on a failure);
-# a reader never sees a half-written model directory under the target's name.
+# target (same file system), each file fsynced. A new target is then one rename. An existing
+# one is swapped with the temporary directory in one step (Linux renameat2 with
+# RENAME_EXCHANGE, see `exchange`), and the old contents, now under the temporary name, are
+# deleted: a reader or a kill at any instant finds the whole old directory or the whole new
+# one under the target's name. Where the system cannot exchange, the old target is renamed
+# aside first and the new one renamed in: a kill between the two leaves no target, and the
+# previous one whole in a hidden `.<name>.*.old` beside it. A failure before the swap removes
+# the temporary directory and leaves the target as it was.
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100  # fcntl.h: paths relative to the working directory
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap the paths `a` and `b` (two existing directories) in one step; True when done,
+    False (nothing changed) where the system or its file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a file system without it, an old kernel
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
-    """`with atomic_directory(out) as tmp:` write into tmp; on success it becomes `out`."""
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
+                     carry_over: bool = False) -> Iterator[pathlib.Path]:
+    """`with atomic_directory(out) as tmp:` write into tmp; on success it becomes `out` (See
+    Note: atomic directories). `carry_over`: tmp starts with a copy of what `out` holds, so the
+    files the block does not rewrite survive the swap."""
     target = pathlib.Path(target)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
@@ -142,12 +173,19 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
+        if carry_over and target.is_dir():
+            for f in target.iterdir():  # copies, never hard links: the block may rewrite any of them
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
+        if target.exists() and exchange(tmp, target):
+            _fsync_dir(target.parent)
+            shutil.rmtree(tmp)  # the old contents, swapped out
+            return
         old = None
         if target.exists():
             old = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))

@@ -223,28 +223,35 @@ sys.path.insert(0, {root!r})
 from lowrank.io import save_adapter
 from lowrank.inject import inject
 from lowrank.config import LoraConfig
+from lowrank.inject import eject
 model = torch.nn.Sequential(torch.nn.Linear(256, 256))
-inject(model, LoraConfig(r=64, targets=["0"]))
 print("ready", flush=True)
 i = 0
 while True:
     i += 1
+    inject(model, LoraConfig(r=64, alpha=float(i), targets=["0"]))  # each save: another config and weights
     with torch.no_grad():
         model[0].lora_B["default"].weight.fill_(float(i))
     save_adapter(model, {path!r})
+    eject(model)
 """
 
 
 def test_killed_save_leaves_a_whole_adapter(tmp_path):
-    """SIGKILL a process that saves over and over: the directory always holds a whole adapter."""
+    """SIGKILL a process that saves over and over, each time another config (alpha = i) with
+    other weights (B = i): the directory always holds one save's config and weights together,
+    and the files it held besides the adapter's."""
     import pathlib
     import subprocess
     import sys
     import time
 
     model = torch.nn.Sequential(torch.nn.Linear(256, 256))
-    inject(model, LoraConfig(r=64, targets=["0"]))
-    lio.save_adapter(model, tmp_path / "a")  # B = 0: the "previous" adapter
+    inject(model, LoraConfig(r=64, alpha=1000.0, targets=["0"]))
+    with torch.no_grad():
+        model[0].lora_B["default"].weight.fill_(1000.0)
+    lio.save_adapter(model, tmp_path / "a")  # the "previous" adapter: alpha = B = 1000
+    (tmp_path / "a" / "README.md").write_text("notes")
     root = str(pathlib.Path(__file__).resolve().parents[2])
     proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVER.format(root=root, path=str(tmp_path / "a"))],
                             stdout=subprocess.PIPE, text=True)
@@ -258,3 +265,6 @@ def test_killed_save_leaves_a_whole_adapter(tmp_path):
     lio.load_adapter(fresh, tmp_path / "a")
     b = fresh[0].lora_B["default"].weight
     assert torch.equal(b, torch.full_like(b, b[0, 0].item()))  # one save's values, not a mix
+    alpha = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lora_alpha"]
+    assert alpha == b[0, 0].item()  # and that save's config
+    assert (tmp_path / "a" / "README.md").read_text() == "notes"

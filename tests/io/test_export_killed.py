@@ -50,7 +50,10 @@ def test_killed_export_leaves_a_whole_directory(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    if not out.exists():  # killed between moving the old one aside and renaming the new one in
+    if not out.exists():  # killed between moving the old one aside and renaming the new one in,
+        a, b = tmp_path / "p", tmp_path / "q"  # which happens only where paths cannot be exchanged
+        a.mkdir(), b.mkdir()
+        assert not shards.exchange(a, b), "with an exchanging rename the target is never missing"
         (out,) = [p / "x" for p in tmp_path.glob(".out.*.old")]
     assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00002.safetensors",
                                                        "model-00002-of-00002.safetensors",

@@ -62,3 +62,43 @@ def test_read_names_what_is_broken(tmp_path):
     (tmp_path / "model-00001-of-00001.safetensors").write_bytes(b"\x01" * 12)
     with pytest.raises(ValueError, match="model-00001-of-00001.safetensors: not a readable safetensors file"):
         shards.read(tmp_path)
+
+
+def _can_exchange(where) -> bool:
+    p, q = where / "p", where / "q"
+    p.mkdir(), q.mkdir()
+    done = shards.exchange(p, q)
+    p.rmdir(), q.rmdir()
+    return done
+
+
+@pytest.mark.parametrize("can_exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_atomic_directory_replaces_a_whole_directory(tmp_path, monkeypatch, can_exchange):
+    if can_exchange and not _can_exchange(tmp_path):
+        pytest.skip("this system cannot exchange two paths in one step")
+    if not can_exchange:
+        monkeypatch.setattr(shards, "exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    (out / "keep.txt").write_text("kept")
+    with shards.atomic_directory(out, overwrite=True, carry_over=True) as tmp:
+        assert (tmp / "keep.txt").read_text() == "kept"  # carried over, as a copy
+        (tmp / "old.txt").write_text("new")
+        (tmp / "keep.txt").write_text("changed in the new one only")
+        assert (out / "keep.txt").read_text() == "kept"  # not a hard link: the old file is untouched
+    assert (out / "old.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old directory left
+    with pytest.raises(RuntimeError), shards.atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "old.txt").write_text("never seen")
+        raise RuntimeError("the writer fails")
+    assert (out / "old.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a")
+    if not shards.exchange(a, b):
+        pytest.skip("this system cannot exchange two paths in one step")
+    assert (b / "x").read_text() == "a" and not (a / "x").exists()
