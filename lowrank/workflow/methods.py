@@ -80,11 +80,14 @@ def nf4_config(options: dict):
 # trainable tensors by their module path (adapter_model.safetensors) and the tuner config's
 # fields (lowrank_adapter.json); load_own injects that config and loads the tensors strictly.
 
-def save_own(model: nn.Module, config, path: pathlib.Path) -> None:
-    """Trainable tensors + tuner config of `model` into the (new, private) directory `path`."""
+def save_own(model: nn.Module, config, path: pathlib.Path, tensors: dict | None = None) -> None:
+    """Trainable tensors + tuner config of `model` into the (new, private) directory `path`;
+    `tensors`: those tensors by name when the caller holds them whole (gathered from shards)."""
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    if tensors is None:
+        tensors = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {n: t.contiguous() for n, t in tensors.items()}
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     bad = [k for k, v in fields.items() if not isinstance(v, (str, int, float, bool, type(None), tuple))]
     if bad:
