@@ -28,7 +28,7 @@ class Ranks:
     mode: str  # "none", "ddp" or "fsdp" (TrainConfig.distributed)
     rank: int = 0
     world: int = 1
-    device: str = "auto"  # what load_base gets: under torchrun, this rank's own GPU ("cuda:<LOCAL_RANK>")
+    device: str = "auto"  # what load_base gets; under torchrun resolved: "cpu" or this rank's GPU "cuda:<LOCAL_RANK>"
 
     @property
     def main(self) -> bool:
@@ -40,7 +40,7 @@ class Ranks:
             return value
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64, device=_device(self.device))
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces GPU tensors only
         dist.all_reduce(t)
         return t.item()
 
@@ -56,11 +56,7 @@ class Ranks:
 
     def first(self, fn):
         """fn() run on rank 0 alone, its result (or its error) given to every rank."""
-        return on_main(fn, collective=True)
-
-
-def _device(device: str) -> torch.device:
-    return torch.device("cpu") if device == "auto" else torch.device(device)
+        return fn() if self.mode == "none" else on_main(fn, collective=True)
 
 
 def start(mode: str, device: str) -> Ranks:
@@ -82,7 +78,10 @@ def start(mode: str, device: str) -> Ranks:
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    kind = torch.device(device)
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto', 'cuda' or 'cpu' under distributed: {mode}; got {device!r}") from None
     if kind.type == "cuda":
         if kind.index is not None:
             raise ConfigError(f"device: under distributed: {mode} each rank uses the GPU of its LOCAL_RANK; "
