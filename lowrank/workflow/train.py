@@ -105,7 +105,7 @@ def step_loss(model, micro: list[dict], count: int | None = None, weights: list[
             # position t predicts token t + 1
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                    ignore_index=IGNORE, reduction="sum") / count
-            (loss * (weight * scale)).backward()  # exact: weight is 0 or 1, scale a power of 2 (or 1)
+            (loss * (weight * scale)).backward()  # weight 0 or 1; scale exact when a power of 2 (See Note below)
         total += weight * loss.item()
     return total, count
 
