@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -42,5 +43,6 @@ def run(args) -> int:
         sys.stdout.write(cfg.to_yaml(config))
         return 0
     summary = train(config, resume=args.resume)
-    print(f"done:\n{summary.lines()}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (distributed: ddp / fsdp) rank 0 reports
+        print(f"done:\n{summary.lines()}")
     return 0

@@ -21,6 +21,7 @@ from .template import TEMPLATES
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+DISTRIBUTED = ("none", "ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     paged_optimizer: bool = False  # not built yet: True is refused (see __post_init__)
     log_every: int = 1  # optimizer steps between progress updates
+    distributed: str = "none"  # "ddp" / "fsdp": one process per GPU under torchrun (workflow/parallel.py)
 
     def __post_init__(self) -> None:
         for f in ("model", "data", "output_dir"):
@@ -72,6 +74,8 @@ class TrainConfig:
             raise ConfigError(f"device must be 'auto' or a torch device string; got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise ConfigError(f"distributed must be one of {DISTRIBUTED}; got {self.distributed!r}")
         if self.template is not None and self.template not in TEMPLATES:
             raise ConfigError(f"template must be null (the tokenizer's own) or one of {sorted(TEMPLATES)}; "
                               f"got {self.template!r}")

@@ -6,10 +6,13 @@
 Every check runs before the first step; a bad config or record is one error. A checkpoint is
 a PEFT adapter directory (methods.py) plus `lowrank_workflow.json` (this run's config) and
 `trainer_state.pt` (optimizer, schedule, RNG, adapter tensors), written whole or not at all.
+With `distributed: ddp | fsdp` every process torchrun starts runs this loop on its share of
+each step (parallel.py; See Note: one process's arithmetic on two ranks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,8 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..io import save_adapter
+from ..io import _fsync_dir, save_adapter  # _fsync_dir: open + fsync, a file or a directory
 from . import data as data_mod
+from . import parallel
 from .batches import collate, encode_all, epoch_batches, pad_id
 from .config import ConfigError, TrainConfig
 from .methods import load_trainable
@@ -51,6 +55,7 @@ class Summary:
     tokens_per_s: float
     trainable: int  # trainable parameters
     checkpoint: str
+    ranks: int  # processes that trained (distributed: ddp / fsdp under torchrun), else 1
 
     def lines(self) -> str:
         def show(v):
@@ -83,49 +88,71 @@ def schedule(config: TrainConfig, total: int):
     return factor
 
 
-def step_loss(model, micro: list[dict]) -> tuple[float, int]:
+def step_loss(model, micro: list[dict], count: int | None = None, weights: list[float] | None = None,
+              scale: int = 1, sync=None) -> tuple[float, int]:
     """Backward for one optimizer step: sum of next-token cross-entropies over the output
-    tokens of all micro-batches / their count, so accumulation equals one big batch."""
-    count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    tokens of all micro-batches / their count, so accumulation equals one big batch.
+    On several ranks `micro` is this rank's share: `count` is the step's output tokens on all
+    ranks, `weights` 0 marks a stand-in batch (parallel.shares), `scale` is the number of ranks
+    (see Note: one process's arithmetic on two ranks) and `sync(last)` the context of each
+    micro-batch (gradients are reduced in the last). Returns (this rank's loss, count)."""
+    count = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro) if count is None else count
+    weights = [1.0] * len(micro) if weights is None else weights
     total = 0.0
-    for b in micro:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, [n +] T, V)
-        logits = logits[:, logits.shape[1] - b["input_ids"].shape[1]:]  # prompt tuning: drop its n virtual positions
-        # position t predicts token t + 1
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
-                               ignore_index=IGNORE, reduction="sum") / count
-        loss.backward()
-        total += loss.item()
+    for i, (b, weight) in enumerate(zip(micro, weights)):
+        with sync(i == len(micro) - 1) if sync else contextlib.nullcontext():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, [n +] T, V)
+            logits = logits[:, logits.shape[1] - b["input_ids"].shape[1]:]  # prompt tuning: drop its n virtual positions
+            # position t predicts token t + 1
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                                   ignore_index=IGNORE, reduction="sum") / count
+            (loss * (weight * scale)).backward()  # weight 0 or 1; scale exact when a power of 2 (See Note below)
+        total += weight * loss.item()
     return total, count
 
 
-def _fsync(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Note: one process's arithmetic on two ranks. With W ranks, a global micro-batch of
+# batch_size sequences is W per-rank batches of batch_size / W, each length-bucketed on its
+# own, and the run is the one-process run with batch_size / W and grad_accum * W: the same
+# batches, in the same steps, with the same schedule. Each rank scales its loss by W and
+# DDP / FSDP2 average the ranks' gradients. For W a power of 2 the scaling and the averaging
+# are exact (a power of 2 commutes with rounding; every backward op is linear in the incoming
+# gradient), and with W = 2 and grad_accum 1 the reduction is one addition, g0 + g1, the very
+# sum one process accumulates; gradient clipping sees the same norm (See Note: clipping
+# sharded gradients, parallel.py). So that run and this one end equal to the bit (tested in
+# tests/workflow/test_distributed_train.py). With grad_accum > 1 each rank first sums its own
+# micro-batches, another order of the same additions: the same training up to rounding.
 
 
-def _save(model, config: TrainConfig, tuner, epoch: int, state: dict) -> pathlib.Path:
+def _save(model, config: TrainConfig, tuner, epoch: int, state: dict, ranks: parallel.Ranks) -> pathlib.Path:
     """Write checkpoint epoch_<epoch>/ whole: built and fsynced in a temporary directory
-    beside it, then renamed, so output_dir never holds half a checkpoint."""
+    beside it, then renamed, so output_dir never holds half a checkpoint. Every rank calls
+    this; rank 0 writes (docs/distributed.md, rule 3)."""
     out = pathlib.Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     final = out / f"epoch_{epoch}"
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=out, prefix=f".epoch_{epoch}.", suffix=".tmp"))
-    try:
-        save_adapter(model, tmp)  # PEFT's format (bottleneck adapters: lowrank's, same layout)
+
+    def make_tmp() -> pathlib.Path:
+        out.mkdir(parents=True, exist_ok=True)
+        return pathlib.Path(tempfile.mkdtemp(dir=out, prefix=f".epoch_{epoch}.", suffix=".tmp"))
+
+    def finish() -> None:
         (tmp / WORKFLOW_FILE).write_text(json.dumps({"epoch": epoch, "config": config.to_dict()}, indent=2) + "\n")
         torch.save(state, tmp / STATE_FILE)
         for f in (tmp / WORKFLOW_FILE, tmp / STATE_FILE, tmp):
-            _fsync(f)
+            _fsync_dir(f)
         if final.exists():  # only when a run restarts an epoch it had already finished
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(out)
+        _fsync_dir(out)
+
+    tmp = ranks.first(make_tmp)  # one path for every rank
+    try:
+        # PEFT's format (bottleneck adapters: lowrank's, same layout); under FSDP2 a collective, rank 0 writes
+        save_adapter(model, tmp)
+        ranks.first(finish)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
@@ -148,45 +175,85 @@ def _resume_from(config: TrainConfig, resume: bool):
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with in {differ}")
     if epoch >= config.epochs:
         raise ConfigError(f"--resume: {path} is already epoch {epoch} of epochs={config.epochs}; nothing to do")
-    return epoch, torch.load(path / STATE_FILE, weights_only=True)
+    return epoch, torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
 
 
-def _state(epoch: int, step: int, model, optimizer, scheduler) -> dict:
-    """All a resumed run needs to continue as if never stopped."""
-    return {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),  # dropout's; the data order needs none (batches.epoch_batches)
-            **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
-            "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}}
+def _rng() -> dict:
+    return {"rng": torch.get_rng_state(),  # dropout's; the data order needs none (batches.epoch_batches)
+            **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
 
 
-def _restore(state: dict, model, optimizer, scheduler) -> int:
-    """Put a checkpoint's state back; returns its optimizer step."""
+def _state(epoch: int, step: int, model, optimizer, scheduler, ranks: parallel.Ranks) -> dict:
+    """All a resumed run needs to continue as if never stopped; tensors whole, whatever the
+    sharding (gathering them is a collective: every rank calls this)."""
+    return {"epoch": epoch, "step": step, "optimizer": parallel.full_optimizer_state(optimizer),
+            "scheduler": scheduler.state_dict(), **_rng(), "world": ranks.world,
+            **({"rank_rng": ranks.gather(_rng())} if ranks.mode != "none" else {}),
+            "trainable": parallel.full_trainable(model)}
+
+
+def _restore_trainable(state: dict, model) -> None:
+    """The checkpoint's adapter tensors, before DDP / FSDP2 wrap the model."""
     missing, unexpected = load_trainable(model, state["trainable"])
     if missing or unexpected:
         raise ConfigError(f"--resume: checkpoint tensors do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def _restore(state: dict, optimizer, scheduler, ranks: parallel.Ranks) -> int:
+    """Put the rest of a checkpoint's state back; returns its optimizer step."""
+    sd = state["optimizer"]
+    optimizer.load_state_dict(parallel.shard_optimizer_state(sd, optimizer) if ranks.mode == "fsdp" else sd)
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng = state["rank_rng"][ranks.rank] if ranks.mode != "none" else state
+    torch.set_rng_state(rng["rng"])
+    if "cuda_rng" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda_rng"])
     return state["step"]
 
 
+class _Quiet:
+    """The progress stream of ranks other than 0: only rank 0 reports."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
 def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
-    """Run `config` (from its last checkpoint when `resume`); progress goes to `stream` (stderr)."""
-    stream = sys.stderr if stream is None else stream
+    """Run `config` (from its last checkpoint when `resume`); progress goes to `stream` (stderr).
+    With distributed: ddp / fsdp, every process torchrun started calls this."""
+    ranks = parallel.start(config.distributed, config.device)
+    finished = False
+    try:
+        summary = _train(config, resume, (sys.stderr if stream is None else stream) if ranks.main else _Quiet(), ranks)
+        finished = True
+        return summary
+    finally:
+        parallel.stop(ranks, finished)
+
+
+def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> Summary:
+    if config.batch_size % ranks.world:
+        raise ConfigError(f"batch_size is the global micro-batch, split evenly over the ranks: it must be a multiple "
+                          f"of the {ranks.world} ranks; got {config.batch_size}")
     start_epoch, state = _resume_from(config, resume)
+    if state is not None and state.get("world", 1) != ranks.world:
+        raise ConfigError(f"--resume: the checkpoint was trained on {state.get('world', 1)} rank(s), this run has "
+                          f"{ranks.world}; the per-rank batches would differ: resume on {state.get('world', 1)}")
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
-    model, tokenizer = load_base(config.model, config.dtype, config.device)
+    model, tokenizer = load_base(config.model, config.dtype, ranks.device)
     device = next(model.parameters()).device
     check_template(config.template, tokenizer)
     encoded = encode_all(tokenizer, config.template, records, config.max_length, config.data)
     print(f"data: {len(records)} records, {encoded.tokens} tokens ({encoded.trained} trained), "
           f"{encoded.truncated} truncated to max_length={config.max_length}", file=stream)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
     tuner = apply_method(model, config.method, dict(config.method_options), dict(config.nf4))
-    params = [p for p in model.parameters() if p.requires_grad]
+    if state is not None:
+        _restore_trainable(state, model)
     if config.activation_checkpointing:
         # Note: non-reentrant checkpointing needs no input that requires grad (the embeddings
         # are frozen); transformers 5.2x renamed the method, older versions have the first name.
@@ -195,44 +262,54 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    wrapped = parallel.wrap(model, ranks)  # after quantize and inject: docs/distributed.md, rule 1
+    params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2, the sharded ones
+    if ranks.mode != "none":
+        torch.manual_seed(config.seed + 1_000_003 * (ranks.rank + 1))  # each rank its own dropout
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     lengths = [len(ids) for ids, _ in encoded.examples]
-    per_epoch = math.ceil(math.ceil(len(lengths) / config.batch_size) / config.grad_accum)
+    outputs = [sum(y != IGNORE for y in labels[1:]) for _, labels in encoded.examples]  # trained tokens
+    per_rank, per_step = config.batch_size // ranks.world, config.grad_accum * ranks.world  # in batches
+    per_epoch = math.ceil(math.ceil(len(lengths) / per_rank) / per_step)  # See Note: one process's arithmetic ...
     total = per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(config, total))
     step = 0
     if state is not None:
-        step = _restore(state, model, optimizer, scheduler)
+        step = _restore(state, optimizer, scheduler, ranks)
         print(f"resumed from epoch_{start_epoch} (step {step})", file=stream)
 
     pad = pad_id(tokenizer)
     progress = Progress(total, stream, config.log_every, start=step)
-    model.train()
+    wrapped.train()
     seen = trained = 0
     path, last_loss, t0 = None, float("nan"), time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
-        batches = epoch_batches(lengths, config.batch_size, config.seed, epoch)
+        batches = epoch_batches(lengths, per_rank, config.seed, epoch)
         loss_sum = count_sum = 0.0
-        for s in range(0, len(batches), config.grad_accum):
-            micro = [{k: v.to(device) for k, v in collate(encoded.examples, b, pad).items()}
-                     for b in batches[s:s + config.grad_accum]]
-            loss, count = step_loss(model, micro)
+        for s in range(0, len(batches), per_step):
+            group = batches[s:s + per_step]  # this step's batches, all ranks
+            share = parallel.shares(group, ranks)  # this rank's
+            micro = [{k: v.to(device) for k, v in collate(encoded.examples, b, pad).items()} for b, _ in share]
+            count = sum(outputs[i] for b in group for i in b)
+            loss, _ = step_loss(wrapped, micro, count, [w for _, w in share], ranks.world,
+                                lambda last: parallel.sync(wrapped, ranks, last))
+            loss = ranks.sum(loss)
             if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                parallel.clip_grad_norm_(params, config.max_grad_norm, ranks)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            tokens = sum(lengths[i] for b in group for i in b)
             seen, trained = seen + tokens, trained + count
             loss_sum, count_sum = loss_sum + loss * count, count_sum + count
             progress.update(epoch + 1, config.epochs, loss, lr, tokens)
         last_loss = loss_sum / max(1, count_sum)
-        path = _save(model, config, tuner, epoch + 1, _state(epoch + 1, step, model, optimizer, scheduler))
+        path = _save(model, config, tuner, epoch + 1, _state(epoch + 1, step, model, optimizer, scheduler, ranks), ranks)
         progress.note(f"epoch {epoch + 1}/{config.epochs}: mean loss {last_loss:.4f}, saved {path}")
     progress.close()
     seconds = time.perf_counter() - t0
     return Summary(epochs=config.epochs, steps=step, records=len(records), truncated=encoded.truncated, tokens=seen,
                    trained_tokens=trained, loss=last_loss, seconds=seconds, tokens_per_s=seen / max(seconds, 1e-9),
-                   trainable=sum(p.numel() for p in params), checkpoint=str(path))
+                   trainable=sum(p.numel() for p in params), checkpoint=str(path), ranks=ranks.world)
