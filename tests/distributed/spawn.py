@@ -24,6 +24,7 @@ def _entry(rank: int, world: int, store_file: str, fn, args: tuple) -> None:
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         fn(rank, world, *args)
+        dist.barrier()  # every rank done before the group goes: an early teardown can abort a peer (gloo)
     finally:
         dist.destroy_process_group()
 
