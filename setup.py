@@ -74,7 +74,6 @@ setup(
         "huggingface_hub",
         'triton; platform_system == "Linux"',
     ],
-    entry_points={"console_scripts": ["lowrank = lowrank.cli:main"]},
     extras_require={
         # oracles: the peer libraries our results must equal or beat
         "test": [
