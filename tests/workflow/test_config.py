@@ -117,7 +117,10 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "examples
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_configs_are_valid(path):
     config = C.load(path)
-    assert config.method in ("lora", "qlora", "adapter", "dora")
+    assert config.method in ("lora", "qlora", "adapter", "dora", "prefix", "prompt")
+    from lowrank.workflow.methods import tuner_config
+
+    tuner_config(config.method, dict(config.method_options))  # the method's options build its config
 
 
 def test_example_data_is_valid():
