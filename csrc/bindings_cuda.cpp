@@ -4,12 +4,16 @@
 //   nf4_linear_cuda(x[..., K], packed, absmax, nested_absmax?, offset?, shape=[N, K], blocksize, bias?)
 //       -> x @ W^T + bias, [..., N] in x.dtype                        (1 <= M = x.numel() / K <= 16)
 //
+//   managed_prefetch(t): move the managed-memory pages of t to its device, on the current stream
+//       (lowrank/optim.py; the allocator itself is paged.cu's lowrank_managed_alloc / _free)
+//
 // Same arguments as the lowrank:: ops; lowrank/ops/csrc.py sends CUDA tensors here.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
 #include "nf4_cuda.h"
+#include "paged.h"
 
 namespace lowrank {
 
@@ -77,11 +81,19 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
   return y.reshape(out_shape);
 }
 
+void managed_prefetch_op(const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "managed_prefetch takes a CUDA tensor in managed memory, got one on ", t.device());
+  const c10::cuda::CUDAGuard guard(t.device());
+  check(managed_prefetch(t.data_ptr(), t.nbytes(), t.device().index(), at::cuda::getCurrentCUDAStream()),
+        "cudaMemPrefetchAsync");
+}
+
 }  // namespace
 
 void register_cuda(pybind11::module& m) {
   m.def("nf4_dequantize_cuda", &dequantize_cuda_op);
   m.def("nf4_linear_cuda", &linear_cuda_op);
+  m.def("managed_prefetch", &managed_prefetch_op, "prefetch a managed-memory tensor to its device (PagedAdamW)");
 }
 
 }  // namespace lowrank

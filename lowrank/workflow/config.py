@@ -50,7 +50,7 @@ class TrainConfig:
     dtype: str = "float32"  # of the base weights; bfloat16 halves memory on GPUs that have it
     device: str = "auto"  # "auto": the GPU when there is one, else the CPU; or e.g. "cpu", "cuda:1"
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
-    paged_optimizer: bool = False  # not built yet: True is refused (see __post_init__)
+    paged_optimizer: bool = False  # lowrank.optim.PagedAdamW: states in CUDA unified memory (same updates)
     log_every: int = 1  # optimizer steps between progress updates
     distributed: str = "none"  # "ddp" / "fsdp": one process per GPU under torchrun (workflow/parallel.py)
 
@@ -82,9 +82,6 @@ class TrainConfig:
         for f in ("activation_checkpointing", "paged_optimizer"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be true or false; got {getattr(self, f)!r}")
-        if self.paged_optimizer:
-            raise ConfigError("paged_optimizer: true is not supported yet (lowrank has no paged optimizer so far); "
-                              "set it to false")
         for f in ("method_options", "nf4"):
             if not isinstance(getattr(self, f), Mapping):
                 raise ConfigError(f"{f} must be a mapping of option: value; got {getattr(self, f)!r}")

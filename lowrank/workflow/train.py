@@ -27,7 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..io import _fsync_dir, save_adapter  # _fsync_dir: open + fsync, a file or a directory
+from ..io import _fsync_dir, save_adapter
+from ..optim import PagedAdamW  # _fsync_dir: open + fsync, a file or a directory
 from . import data as data_mod
 from . import parallel
 from .batches import collate, encode_all, epoch_batches, pad_id
@@ -266,7 +267,8 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
     params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2, the sharded ones
     if ranks.mode != "none":
         torch.manual_seed(config.seed + 1_000_003 * (ranks.rank + 1))  # each rank its own dropout
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # PagedAdamW(paged=False) is torch.optim.AdamW; paged: the same updates, states in managed memory
+    optimizer = PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay, paged=config.paged_optimizer)
     lengths = [len(ids) for ids, _ in encoded.examples]
     outputs = [sum(y != IGNORE for y in labels[1:]) for _, labels in encoded.examples]  # trained tokens
     per_rank, per_step = config.batch_size // ranks.world, config.grad_accum * ranks.world  # in batches

@@ -68,7 +68,7 @@ BAD = [
     ({"lr": "fast"}, "lr must be a number > 0; got 'fast'"),
     ({"schedule": "step"}, "schedule must be one of"),
     ({"template": "vicuna"}, "template must be null"),
-    ({"paged_optimizer": True}, "paged_optimizer: true is not supported yet"),
+    ({"paged_optimizer": "yes"}, "paged_optimizer must be true or false; got 'yes'"),
     ({"nf4": {"blocksize": 64}}, "nf4 options apply to method 'qlora' only"),
     ({"method": "qlora", "nf4": {"blocksize": 48}}, "nf4: blocksize must be one of"),
     ({"method": "qlora", "nf4": {"compute_dtype": "int8"}}, "nf4: compute_dtype must be None or one of"),

@@ -197,6 +197,16 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, model_dir
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_paged_optimizer_changes_memory_not_results(tmp_path, model_dir, data_file):
+    """paged_optimizer: true trains with lowrank.optim.PagedAdamW: AdamW's update code on the same
+    tensors (on a GPU the moments live in managed memory), so the adapter is the same to the bit."""
+    plain = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4}))
+    paged = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4},
+                          output_dir=str(tmp_path / "paged"), paged_optimizer=True))
+    a, b = (load_file(f"{s.checkpoint}/adapter_model.safetensors") for s in (plain, paged))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_chat_with_a_missing_adapter_is_one_error_line(model_dir, tmp_path, capsys):
     assert cli.main(["chat", str(model_dir), "--adapter", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.endswith(f"lowrank chat: error: --adapter {str(tmp_path / 'nope')!r} is not a directory\n")
