@@ -106,9 +106,14 @@ def _ask(driver, message: str, timeout: float = 90) -> tuple[str, list[str]]:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
     n_before = len(_contents(driver))
     driver.execute_script(WATCH)
-    driver.find_element(By.CSS_SELECTOR, "[data-testid='stChatInputTextArea']").send_keys(message, Keys.ENTER)
+    # the page reruns after each answer: wait for its chat input to be back (a busy machine is slow)
+    box = WebDriverWait(driver, 60).until(EC.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid='stChatInputTextArea']")))
+    box.send_keys(message, Keys.ENTER)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
