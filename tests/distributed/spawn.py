@@ -41,3 +41,26 @@ def run_ranks(fn, world: int, workdir: str, args: tuple = (), deadline_s: float 
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"{world} ranks of {fn.__name__} still running after {deadline_s} s: killed")
+
+
+def torchrun(args: list[str], cwd, deadline_s: float, nproc: int = 2, env: dict | None = None) -> str:
+    """`torchrun --standalone --nproc_per_node nproc ARGS` in `cwd` with the repository on the
+    path; its output. Fails the test on a non-zero exit, or at the deadline, killing every rank."""
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: the ranks die with it on a timeout
+    try:
+        log, _ = proc.communicate(timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        raise AssertionError(f"torchrun ran past {deadline_s} s:\n{log[-4000:]}") from None
+    assert proc.returncode == 0, log[-4000:]
+    return log

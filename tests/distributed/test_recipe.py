@@ -1,15 +1,13 @@
 """The FSDP2 recipe in docs/distributed.md runs, as written, under torchrun on 2 CPU ranks."""
 
-import os
 import pathlib
 import re
-import signal
-import subprocess
-import sys
 
 import torch
 
 from lowrank import load_adapter
+
+from .spawn import torchrun
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEADLINE_S = 180  # a hung rank fails the test instead of blocking CI
@@ -25,18 +23,7 @@ def recipe() -> str:
 def test_the_recipe_trains_under_torchrun_and_its_adapter_loads(tmp_path):
     script, out = tmp_path / "fsdp_qlora.py", tmp_path / "adapter"
     script.write_text(recipe())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), "--out", str(out), "--steps", "3"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: the ranks die with it on a timeout
-    try:
-        log, _ = proc.communicate(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        raise AssertionError(f"the recipe ran past {DEADLINE_S} s:\n{log[-4000:]}") from None
-    assert proc.returncode == 0, log[-4000:]
+    log = torchrun([str(script), "--out", str(out), "--steps", "3"], cwd=tmp_path, deadline_s=DEADLINE_S)
     assert "step 2: loss" in log and f"adapter written to {out}" in log
 
     # the adapter rank 0 wrote loads into the recipe's model in one process and is not the identity

@@ -5,11 +5,8 @@ checkpoint equals, to the bit, the one-process run on the same batches (See Note
 process's arithmetic on two ranks, lowrank/workflow/train.py), and PEFT loads the LoRA ones."""
 
 import json
-import re
 import os
-import signal
-import subprocess
-import sys
+import re
 
 import pytest
 import torch
@@ -19,8 +16,9 @@ from lowrank.workflow import config as C
 from lowrank.workflow import parallel
 from lowrank.workflow import train as T
 
+from tests.distributed import spawn
+
 from . import tiny
-from .conftest import ROOT
 
 if not torch.distributed.is_available():
     pytest.skip("this PyTorch is built without torch.distributed", allow_module_level=True)
@@ -48,20 +46,8 @@ def config(model_dir, data, out, **change) -> dict:
 
 def torchrun(path, *args) -> str:
     """`torchrun --standalone --nproc_per_node 2 -m lowrank train PATH ARGS`; its output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # one thread: See Note: one thread (tests/distributed/cases.py)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "lowrank", "train", str(path), *args]
-    proc = subprocess.Popen(cmd, cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: the ranks die with it on a timeout
-    try:
-        log, _ = proc.communicate(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        raise AssertionError(f"torchrun ran past {DEADLINE_S} s:\n{log[-4000:]}") from None
-    assert proc.returncode == 0, log[-4000:]
-    return log
+    return spawn.torchrun(["-m", "lowrank", "train", str(path), *args], cwd=path.parent, deadline_s=DEADLINE_S,
+                          nproc=WORLD, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})  # See Note: one thread
 
 
 @pytest.fixture(scope="module")
