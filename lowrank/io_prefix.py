@@ -79,16 +79,9 @@ def _task_type(model: nn.Module) -> str | None:
 
 def config_from_peft(peft_config: dict, source: str) -> PrefixConfig:
     """Our PrefixConfig (plain prefixes: the file holds them folded) for a PEFT PREFIX_TUNING config."""
-    subs = peft_config.get("num_transformer_submodules") or 1
-    if subs != 1:
-        raise NotImplementedError(f"{source}: num_transformer_submodules={subs} (an encoder-decoder prefix); "
-                                  "lowrank prefix tuning loads decoder-only and encoder-only adapters")
-    if peft_config.get("modules_to_save"):
-        raise NotImplementedError(f"{source}: modules_to_save={peft_config['modules_to_save']!r} is not supported")
-    P = peft_config.get("num_virtual_tokens")
-    if isinstance(P, bool) or not isinstance(P, int) or P < 1:
-        raise ValueError(f"{source}: num_virtual_tokens must be an integer >= 1 in a PREFIX_TUNING config; got {P!r}")
-    return PrefixConfig(num_virtual_tokens=P)
+    from .io import virtual_tokens  # io imports this module first
+
+    return PrefixConfig(num_virtual_tokens=virtual_tokens(peft_config, source, "prefix"))
 
 
 def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], name: str, source: str, result_type):

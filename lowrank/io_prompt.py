@@ -75,17 +75,9 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
 
 def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, strict: bool, allow_pickle: bool):
     """Inject prompt adapter `name` and load its embeddings; on any error the model is as before."""
-    from .io import LoadResult, read_weights
+    from .io import LoadResult, copy_checked, read_weights, undo_inject, virtual_tokens  # io imports this module first
 
-    source = path / "adapter_config.json"
-    if peft_config.get("num_transformer_submodules") not in (None, 1):
-        raise NotImplementedError(f"{source}: num_transformer_submodules={peft_config['num_transformer_submodules']} "
-                                  "(encoder-decoder prompts) is not supported by lowrank")
-    if peft_config.get("modules_to_save"):
-        raise NotImplementedError(f"{source}: modules_to_save={peft_config['modules_to_save']!r} is not supported")
-    n = peft_config.get("num_virtual_tokens")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{source}: num_virtual_tokens must be an integer >= 1; got {n!r}")
+    n = virtual_tokens(peft_config, path / "adapter_config.json", "prompt")
     weights = read_weights(path, allow_pickle)
     before = active_adapters(model)
     modules = inject(model, PromptConfig(num_virtual_tokens=n), name)
@@ -96,18 +88,11 @@ def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, str
         unexpected = sorted(k for k in weights if k != KEY)
         mismatched = [(KEY, tuple(weights[KEY].shape), tuple(param.shape))] \
             if KEY in weights and weights[KEY].shape != param.shape else []
-        problems = [f"shape mismatches (key, file, model): {mismatched}"] if mismatched else []
-        if missing:  # a prompt adapter is its one tensor: without it there is nothing to load
-            problems.append(f"missing keys: {missing}")
-        if strict and unexpected:
-            problems.append(f"unexpected keys: {unexpected}")
-        if problems:
-            raise ValueError(f"{path}: the prompt adapter does not fit {type(model).__name__}: " + "; ".join(problems))
-        with torch.no_grad():
-            param.copy_(weights[KEY])
+        result = LoadResult(modules, missing, unexpected, mismatched)
+        pairs = [(param, weights[KEY])] if KEY in weights else []
+        # a prompt adapter is its one tensor: without it there is nothing to load, strict or not
+        copy_checked(model, f"{path}: the prompt adapter", pairs, result, strict or bool(missing))
     except BaseException:
-        from .io import undo_inject  # io imports this module first
-
         undo_inject(model, name, before)
         raise
-    return LoadResult(modules, missing, unexpected, mismatched)
+    return result

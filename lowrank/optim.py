@@ -67,10 +67,12 @@ class PagedAdamW(torch.optim.AdamW):
     def _page_in(self) -> None:
         """Create the states of CUDA parameters in managed memory (as AdamW would, with the
         same dtypes and layout), and prefetch every managed state to its device."""
+        ext = None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or not p.is_cuda:
                     continue
+                ext = ext or _extension()
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # on the CPU, as AdamW keeps it
@@ -81,7 +83,7 @@ class PagedAdamW(torch.optim.AdamW):
                 for name in _MOMENTS:
                     if name in state:  # a DTensor (FSDP2) prefetches its own shard
                         t = state[name]
-                        _extension().managed_prefetch(t.to_local() if hasattr(t, "to_local") else t)
+                        ext.managed_prefetch(t.to_local() if hasattr(t, "to_local") else t)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """AdamW's, then the loaded moments of CUDA parameters are moved into managed memory."""

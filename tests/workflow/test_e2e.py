@@ -187,23 +187,15 @@ def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, 
         assert not torch.allclose(base(input_ids=x).logits, want[:, -x.shape[1]:])
 
 
-def test_activation_checkpointing_changes_memory_not_results(tmp_path, model_dir, data_file):
-    """Recomputing activations in backward runs the same float32 operations again: the
-    trained adapter is the same to the bit."""
+@pytest.mark.parametrize("option", ["activation_checkpointing", "paged_optimizer"])
+def test_memory_options_change_memory_not_results(tmp_path, model_dir, data_file, option):
+    """activation_checkpointing recomputes activations in backward: the same float32 operations
+    again. paged_optimizer trains with lowrank.optim.PagedAdamW: AdamW's update code on the same
+    tensors (on a GPU the moments live in managed memory). Either way the adapter is the same to the bit."""
     plain = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4}))
     again = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4},
-                          output_dir=str(tmp_path / "ac"), activation_checkpointing=True))
+                          output_dir=str(tmp_path / option), **{option: True}))
     a, b = (load_file(f"{s.checkpoint}/adapter_model.safetensors") for s in (plain, again))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_paged_optimizer_changes_memory_not_results(tmp_path, model_dir, data_file):
-    """paged_optimizer: true trains with lowrank.optim.PagedAdamW: AdamW's update code on the same
-    tensors (on a GPU the moments live in managed memory), so the adapter is the same to the bit."""
-    plain = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4}))
-    paged = train(_config(tmp_path, model_dir, data_file, epochs=1, method_options={"r": 4},
-                          output_dir=str(tmp_path / "paged"), paged_optimizer=True))
-    a, b = (load_file(f"{s.checkpoint}/adapter_model.safetensors") for s in (plain, paged))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
