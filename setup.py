@@ -26,7 +26,9 @@ CUDA_SOURCES = ["bindings_cuda.cpp", "nf4_cuda_dequantize.cu", "nf4_cuda_gemv.cu
 CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 # sm_80 (A100) and sm_90a (H100/H200); TORCH_CUDA_ARCH_LIST is not consulted, these are the two we test.
-NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+# LOWRANK_CUDA_ARCHS=90a (a space-separated list) builds fewer, e.g. a quick build on one known GPU.
+CUDA_ARCHS = os.environ.get("LOWRANK_CUDA_ARCHS", "80 90a").split()
+NVCC_FLAGS = ["-O3", "-std=c++17"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
 
 
 def extensions():

@@ -1,14 +1,15 @@
-"""lowrank's CUDA kernels (csrc) against its Triton kernels, bitsandbytes and bf16 on one GPU.
+"""lowrank's CUDA kernels (csrc), each variant, against bitsandbytes and bf16 on one GPU.
 
-    python benchmarks/bench_nf4_cuda.py            # Llama-2-7B shapes, M in {1, 4, 16}, bf16
+    python benchmarks/bench_nf4_cuda.py            # Llama-2-7B and Llama-3-8B shapes, M in {1, 4, 16, 64}, bf16
     python benchmarks/bench_nf4_cuda.py --quick    # one shape
 
-Providers, each only where it runs: csrc (lowrank._C's CUDA kernels, called directly),
-triton (lowrank's Triton backend), bitsandbytes (dequantize_4bit; gemv_4bit at M = 1), and
-the baseline: bf16 F.linear on the dense weight (for dequantize: a device-to-device copy of
-the bf16 weight, the bandwidth ceiling). Every row: median and 20/80% quantiles
-(triton.testing.do_bench, L2 flushed), GB/s of the bytes a kernel must move, and the time
-ratio to the baseline of the same run. Writes --out (default benchmarks/results/nf4_cuda.json)
+Providers, each only where it runs: every CUDA kernel of lowrank._C called directly (dequantize:
+csrc-stream, csrc-wide; linear: csrc-mma, csrc-simt up to 16 rows), bitsandbytes
+(dequantize_4bit; gemv_4bit at M = 1), and the baseline: bf16 F.linear on the dense weight (for
+dequantize: a device-to-device copy of the bf16 weight, the bandwidth ceiling). Every row: median
+and 20/80% quantiles (triton.testing.do_bench, L2 flushed), GB/s of the bytes a kernel must move,
+and the time ratio to the baseline of the same run. The Triton kernels are timed by
+bench_nf4_linear.py, which autotunes them. Writes --out (default benchmarks/results/nf4_cuda.json)
 and a .md table beside it. Skips (exit 0) with a message when there is no GPU or _C has no CUDA.
 """
 
@@ -27,31 +28,28 @@ import torch.nn.functional as F  # noqa: E402
 
 import _common  # noqa: E402
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): Llama-2-7B q/o, gate/up, down
-MS = [1, 4, 16]
+SHAPES = [(4096, 4096), (1024, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # Llama-2/3-8B
+MS = [1, 4, 16, 64]
 COLUMNS = ["op", "N", "K", "M", "provider", "ms", "p20", "p80", "gbps", "speedup"]
+DEQUANTIZE_KERNELS = {"csrc-stream": 0, "csrc-wide": 1}  # csrc/nf4_cuda.h kDequantize*
+GEMV_KERNELS = {"csrc-mma": (1, 64), "csrc-simt": (2, 16)}  # csrc/nf4_cuda.h kGemv*: (id, most rows)
 
 
-def providers(device):
-    """name -> (dequantize(q), linear(x, q)) callables; None where a provider lacks one."""
-    from lowrank import _C, nf4
-    from lowrank.ops import backends
+def fields(q):
+    return (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
 
-    def fields(q):
-        return (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
 
-    out = {"csrc": (lambda q: _C.nf4_dequantize_cuda(*fields(q), torch.bfloat16),
-                    lambda x, q: _C.nf4_linear_cuda(x, *fields(q), None))}
-    if "triton" in backends.available("nf4_linear"):
-        deq, lin = backends.implementation("nf4_dequantize", "triton"), backends.implementation("nf4_linear", "triton")
-        out["triton"] = (lambda q: deq(*fields(q), torch.bfloat16), lambda x, q: lin(x, *fields(q), None))
-    try:
-        import bitsandbytes.functional as bnbf
+def providers():
+    """{name: (dequantize(q) or None, linear(x, q) or None, most rows of linear)}."""
+    from lowrank import _C
 
-        out["bitsandbytes"] = "bnb"
-    except ImportError:
-        pass
-    return out, nf4
+    out = {}
+    for name, kernel in DEQUANTIZE_KERNELS.items():
+        out[name + " dequantize"] = (lambda q, kernel=kernel: _C.nf4_dequantize_cuda(*fields(q), torch.bfloat16, kernel=kernel),
+                                     None, 0)
+    for name, (kernel, rows) in GEMV_KERNELS.items():
+        out[name] = (None, lambda x, q, kernel=kernel: _C.nf4_linear_cuda(x, *fields(q), None, kernel=kernel), rows)
+    return out
 
 
 def main(argv):
@@ -66,44 +64,53 @@ def main(argv):
     if not torch.cuda.is_available() or _C is None or not _C.with_cuda:
         print("bench_nf4_cuda: no GPU, or lowrank._C built without CUDA: nothing to measure")
         return 0
+    from lowrank import nf4
+
     device = torch.device("cuda")
-    provs, nf4 = providers(device)
+    provs = providers()
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        bnbf = None
     rows = []
+
+    def measure(op, n, k, m, name, fn, moved, base):
+        try:
+            t = _common.bench(fn, device)
+        except Exception as e:  # one failing provider must not cost the others' numbers
+            print(f"{op} {name} N={n} K={k} M={m} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            return
+        rows.append(dict(op=op, N=n, K=k, M=m, provider=name, ms=t[0], p20=t[1], p80=t[2], gbps=moved / t[0] / 1e6,
+                         speedup=base / t[0] if base else 1.0))
+
     for n, k in SHAPES[:1] if args.quick else SHAPES:
+        first = len(rows)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
         q = nf4.quantize(w, 64, True)
-        packed_bytes = q.nbytes
-        if "bitsandbytes" in provs:
-            import bitsandbytes.functional as bnbf
-
+        if bnbf is not None:
             bq, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        # dequantize: moves the packed weight in and n*k bf16 out
-        moved = packed_bytes + 2 * n * k
-        base = _common.bench(lambda: w.clone(), device)
-        rows.append(dict(op="dequantize", N=n, K=k, M=None, provider="copy (baseline)", ms=base[0], p20=base[1], p80=base[2],
-                         gbps=2 * 2 * n * k / base[0] / 1e6, speedup=1.0))
-        for name, p in provs.items():
-            fn = (lambda: bnbf.dequantize_4bit(bq, state)) if p == "bnb" else (lambda p=p: p[0](q))
-            t = _common.bench(fn, device)
-            rows.append(dict(op="dequantize", N=n, K=k, M=None, provider=name, ms=t[0], p20=t[1], p80=t[2],
-                             gbps=moved / t[0] / 1e6, speedup=base[0] / t[0]))
+        # dequantize moves the packed weight (+ scales) in and n*k bf16 out; the copy 2 x 2nk
+        moved = q.nbytes + 2 * n * k
+        dst = torch.empty_like(w)
+        measure("dequantize", n, k, None, "copy (baseline)", lambda: dst.copy_(w), 4 * n * k, None)
+        base = rows[-1]["ms"]
+        for name, (deq, _, _) in provs.items():
+            if deq is not None:
+                measure("dequantize", n, k, None, name.replace(" dequantize", ""), lambda deq=deq: deq(q), moved, base)
+        if bnbf is not None:
+            measure("dequantize", n, k, None, "bitsandbytes", lambda: bnbf.dequantize_4bit(bq, state), moved, base)
         for m in MS:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            moved = packed_bytes + 2 * m * (k + n)
-            base = _common.bench(lambda: F.linear(x, w), device)
-            rows.append(dict(op="linear", N=n, K=k, M=m, provider="bf16 F.linear (baseline)", ms=base[0], p20=base[1],
-                             p80=base[2], gbps=(2 * n * k + 2 * m * (k + n)) / base[0] / 1e6, speedup=1.0))
-            for name, p in provs.items():
-                if p == "bnb":
-                    if m != 1:
-                        continue
-                    fn = lambda: bnbf.gemv_4bit(x, bq.t(), state=state)  # noqa: E731
-                else:
-                    fn = lambda p=p: p[1](x, q)  # noqa: E731
-                t = _common.bench(fn, device)
-                rows.append(dict(op="linear", N=n, K=k, M=m, provider=name, ms=t[0], p20=t[1], p80=t[2],
-                                 gbps=moved / t[0] / 1e6, speedup=base[0] / t[0]))
-            print(_common.markdown(rows[-len(provs) - 1:], COLUMNS), flush=True)
+            moved = q.nbytes + 2 * m * (k + n)
+            measure("linear", n, k, m, "bf16 F.linear (baseline)", lambda: F.linear(x, w), 2 * n * k + 2 * m * (k + n), None)
+            base = rows[-1]["ms"]
+            for name, (_, lin, most) in provs.items():
+                if lin is not None and m <= most:
+                    measure("linear", n, k, m, name, lambda lin=lin: lin(x, q), moved, base)
+            if bnbf is not None and m == 1:
+                measure("linear", n, k, m, "bitsandbytes gemv_4bit", lambda: bnbf.gemv_4bit(x, bq.t(), state=state), moved, base)
+        print(_common.markdown(rows[first:], COLUMNS), flush=True)
+        _common.write(args.out, rows, _common.environment(device), _common.markdown(rows, COLUMNS))  # a timeout keeps these
     env = _common.environment(device)
     table = _common.markdown(rows, COLUMNS)
     print(table)

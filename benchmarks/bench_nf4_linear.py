@@ -36,6 +36,7 @@ QUICK = dict(shapes=[(128, 128), (48, 512)], ms=[1, 16, 64], grad_m=64)
 FULL = dict(shapes=LLAMA, ms=MS, grad_m=4096)
 DTYPE = torch.bfloat16
 COLUMNS = ["op", "N", "K", "M", "provider", "ms", "p20", "p80", "tflops", "gbps", "speedup"]
+MAX_M = 64  # lowrank/ops/triton_gemv.py MAX_M: up to here the Triton backend runs its GEMV whatever FUSED says
 
 
 @contextlib.contextmanager
@@ -48,14 +49,36 @@ def forced_backend(name: str):
         os.environ.pop("LOWRANK_BACKEND") if old is None else os.environ.__setitem__("LOWRANK_BACKEND", old)
 
 
-def lowrank_backends(device: torch.device) -> list[str]:
-    """Backends of nf4_linear registered in this process that can run on `device`."""
+@contextlib.contextmanager
+def triton_settings(lookup: str = "gather", fused: bool = False):
+    """The Triton backend with one NF4 lookup and one large-M route (lowrank/ops/triton_nf4_tile.py
+    Note: two ways to look up an NF4 value; triton_matmul.py Note: fused or dequantize + cuBLAS)."""
+    from lowrank.ops import triton_matmul, triton_nf4_tile
+
+    old = triton_nf4_tile.LOOKUP, triton_matmul.FUSED
+    triton_nf4_tile.LOOKUP, triton_matmul.FUSED = lookup, fused
+    try:
+        yield
+    finally:
+        triton_nf4_tile.LOOKUP, triton_matmul.FUSED = old
+
+
+# provider suffix -> Triton settings; "-fused" only where it differs from the default route (M > MAX_M)
+TRITON_VARIANTS = {"": {}, "-select": {"lookup": "select"}, "-fused": {"fused": True}}
+
+
+def lowrank_backends(device: torch.device, variants: bool = True) -> list[tuple[str, str, dict]]:
+    """(provider, backend, Triton settings) for each backend of nf4_linear registered in this
+    process that can run on `device`; the Triton backend once per variant (TRITON_VARIANTS)."""
     from lowrank.ops import backends, triton_nf4_tile
 
-    names = backends.available("nf4_linear")
-    if "triton" in names and device.type != "cuda" and not triton_nf4_tile.interpreting():
-        names.remove("triton")  # compiled Triton needs a GPU; on CPU only the interpreter runs it
-    return names
+    out = []
+    for b in backends.available("nf4_linear"):
+        if b == "triton" and device.type != "cuda" and not triton_nf4_tile.interpreting():
+            continue  # compiled Triton needs a GPU; on CPU only the interpreter runs it
+        for suffix, settings in (TRITON_VARIANTS.items() if b == "triton" and variants else [("", {})]):
+            out.append((f"lowrank-{b}{suffix}", b, settings))
+    return out
 
 
 def peers(w: torch.Tensor) -> dict:
@@ -87,10 +110,10 @@ def row(op, n, k, m, provider, times, flops, nbytes) -> dict:
                 tflops=flops / ms / 1e9 if flops else None, gbps=nbytes / ms / 1e6)  # fmt: skip
 
 
-def measure(rows, op, n, k, m, provider, fn, flops, nbytes, device, quick, backend=None):
+def measure(rows, op, n, k, m, provider, fn, flops, nbytes, device, quick, backend=None, settings=None):
     """Time fn and append a row; a provider that fails is logged and left out of the table."""
     try:
-        with forced_backend(backend) if backend else contextlib.nullcontext():
+        with forced_backend(backend) if backend else contextlib.nullcontext(), triton_settings(**(settings or {})):
             times = _common.bench(fn, device, quick)
     except Exception as e:
         log.warning("%s %s N=%d K=%d M=%s failed: %s: %s", op, provider, n, k, m, type(e).__name__, str(e)[:200])
@@ -111,16 +134,19 @@ def run_shape(n, k, cfg, device, quick) -> list[dict]:
         x = torch.randn(m, k, device=device, dtype=DTYPE)  # (M, K)
         flops, act = 2 * m * n * k, 2 * (m * k + m * n)
         measure(rows, "linear", n, k, m, "bf16", lambda: F.linear(x, w), flops, wbytes["bf16"] + act, device, quick)
-        for b in lowrank:
-            measure(rows, "linear", n, k, m, f"lowrank-{b}", lambda: ops.nf4_linear(x, q), flops, wbytes["nf4"] + act, device, quick, b)
+        for name, b, settings in lowrank:
+            if name.endswith("-fused") and m <= MAX_M:
+                continue  # the same GEMV as the default route
+            measure(rows, "linear", n, k, m, name, lambda: ops.nf4_linear(x, q), flops, wbytes["nf4"] + act, device, quick, b, settings)
         for name, (linear, _) in others.items():
             measure(rows, "linear", n, k, m, name, lambda: linear(x), flops, wbytes["nf4"] + act, device, quick)
     # dequantize: read the packed weight and its scales, write N*K bf16; the copy moves 2 x 2NK bytes
     out_bytes = 2 * n * k
     dst = torch.empty_like(w)
     measure(rows, "dequantize", n, k, None, "copy", lambda: dst.copy_(w), None, 2 * out_bytes, device, quick)
-    for b in lowrank:
-        measure(rows, "dequantize", n, k, None, f"lowrank-{b}", lambda: ops.nf4_dequantize(q, DTYPE), None, wbytes["nf4"] + out_bytes, device, quick, b)
+    for name, b, settings in lowrank:
+        if not name.endswith("-fused"):
+            measure(rows, "dequantize", n, k, None, name, lambda: ops.nf4_dequantize(q, DTYPE), None, wbytes["nf4"] + out_bytes, device, quick, b, settings)
     for name, (_, dequantize) in others.items():
         measure(rows, "dequantize", n, k, None, name, dequantize, None, wbytes["nf4"] + out_bytes, device, quick)
     # backward: grad_x = grad_y @ W, (M, N) @ (N, K)
@@ -129,8 +155,8 @@ def run_shape(n, k, cfg, device, quick) -> list[dict]:
     flops, act = 2 * m * n * k, 2 * (m * k + m * n)
     measure(rows, "grad_x", n, k, m, "bf16", lambda: gy @ w, flops, wbytes["bf16"] + act, device, quick)
     args = (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
-    for b in lowrank:
-        measure(rows, "grad_x", n, k, m, f"lowrank-{b}", lambda: torch.ops.lowrank.nf4_linear_grad_input(gy, *args), flops, wbytes["nf4"] + act, device, quick, b)
+    for name, b, settings in lowrank:
+        measure(rows, "grad_x", n, k, m, name, lambda: torch.ops.lowrank.nf4_linear_grad_input(gy, *args), flops, wbytes["nf4"] + act, device, quick, b, settings)
     return rows
 
 

@@ -1,8 +1,9 @@
 // The torch side of the CUDA kernels (compiled only when torch is a CUDA build, setup.py):
 //
-//   nf4_dequantize_cuda(packed, absmax, nested_absmax?, offset?, shape, blocksize, dtype) -> W[shape]
-//   nf4_linear_cuda(x[..., K], packed, absmax, nested_absmax?, offset?, shape=[N, K], blocksize, bias?)
-//       -> x @ W^T + bias, [..., N] in x.dtype                        (1 <= M = x.numel() / K <= 16)
+//   nf4_dequantize_cuda(packed, absmax, nested_absmax?, offset?, shape, blocksize, dtype, kernel=0) -> W[shape]
+//   nf4_linear_cuda(x[..., K], packed, absmax, nested_absmax?, offset?, shape=[N, K], blocksize, bias?, kernel=0)
+//       -> x @ W^T + bias, [..., N] in x.dtype       (1 <= M = x.numel() / K <= 64 for float16 / bfloat16, 16 for float32)
+//   kernel: which implementation (nf4_cuda.h: kDequantize*, kGemv*); 0 is the default one
 //
 //   managed_prefetch(t): move the managed-memory pages of t to its device, on the current stream
 //       (lowrank/optim.py; the allocator itself is paged.cu's lowrank_managed_alloc / _free)
@@ -39,28 +40,36 @@ void check(cudaError_t err, const char* what) {
 
 at::Tensor dequantize_cuda_op(const at::Tensor& packed, const at::Tensor& absmax,
                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                              at::IntArrayRef shape, int64_t blocksize, at::ScalarType dtype) {
+                              at::IntArrayRef shape, int64_t blocksize, at::ScalarType dtype, int64_t kernel) {
   TORCH_CHECK(packed.is_cuda(), "packed must be a CUDA tensor, got one on ", packed.device());
   const c10::cuda::CUDAGuard guard(packed.device());
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  check(nf4_dequantize_cuda(w, cuda_type(dtype), out.data_ptr(), at::cuda::getCurrentCUDAStream()),
+  check(nf4_dequantize_cuda(w, cuda_type(dtype), out.data_ptr(), static_cast<int>(kernel),
+                            at::cuda::getCurrentCUDAStream()),
         "nf4_dequantize_cuda");
   return out;
 }
 
 at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                          at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+                          at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias,
+                          int64_t kernel) {
   TORCH_CHECK(x.is_cuda() && x.device() == packed.device(), "x and packed must be on the same CUDA device, got ",
               x.device(), " and ", packed.device());
   TORCH_CHECK(shape.size() == 2, "the weight must be 2-d [N, K], got shape ", shape);
   const int64_t N = shape[0], K = shape[1];
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must be [..., K] with K = ", K, ", got ", x.sizes());
-  TORCH_CHECK(K % 32 == 0 && K % blocksize == 0 && blocksize % 32 == 0,
-              "K and blocksize must be multiples of 32, and K of blocksize; got K = ", K, ", blocksize ", blocksize);
+  TORCH_CHECK(K % 32 == 0 && blocksize % 32 == 0, "K and blocksize must be multiples of 32; got K = ", K,
+              ", blocksize ", blocksize);
   const int64_t M = x.numel() / K;
-  TORCH_CHECK(M >= 1 && M <= kCudaGemvMaxRows, "x must have 1 to ", kCudaGemvMaxRows, " rows, got ", M);
+  const bool simt = kernel == kGemvSimt || (kernel == kGemvAuto && x.scalar_type() == at::kFloat);
+  TORCH_CHECK(kernel == kGemvAuto || kernel == kGemvMma || kernel == kGemvSimt, "kernel must be ", kGemvAuto,
+              " (auto), ", kGemvMma, " (mma) or ", kGemvSimt, " (simt), got ", kernel);
+  TORCH_CHECK(!(kernel == kGemvMma && x.scalar_type() == at::kFloat),
+              "the mma kernel takes float16 or bfloat16 x, got float32");
+  const int64_t max_rows = simt ? kCudaSimtMaxRows : kCudaMmaMaxRows;
+  TORCH_CHECK(M >= 1 && M <= max_rows, "x must have 1 to ", max_rows, " rows for this kernel, got ", M);
   const c10::cuda::CUDAGuard guard(x.device());
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
   at::Tensor xc = x.reshape({M, K}).contiguous();
@@ -74,7 +83,7 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
   }
   at::Tensor y = at::empty({M, N}, x.options());
   check(nf4_gemv_cuda(w, N, K, xc.data_ptr(), M, bc.defined() ? bc.data_ptr() : nullptr, cuda_type(x.scalar_type()),
-                      y.data_ptr(), at::cuda::getCurrentCUDAStream()),
+                      y.data_ptr(), static_cast<int>(kernel), at::cuda::getCurrentCUDAStream()),
         "nf4_gemv_cuda");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(N);
@@ -91,8 +100,14 @@ void managed_prefetch_op(const at::Tensor& t) {
 }  // namespace
 
 void register_cuda(pybind11::module& m) {
-  m.def("nf4_dequantize_cuda", &dequantize_cuda_op);
-  m.def("nf4_linear_cuda", &linear_cuda_op);
+  namespace py = pybind11;
+  m.def("nf4_dequantize_cuda", &dequantize_cuda_op, py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"),
+        py::arg("offset"), py::arg("shape"), py::arg("blocksize"), py::arg("dtype"), py::arg("kernel") = kDequantizeStream);
+  m.def("nf4_linear_cuda", &linear_cuda_op, py::arg("x"), py::arg("packed"), py::arg("absmax"),
+        py::arg("nested_absmax"), py::arg("offset"), py::arg("shape"), py::arg("blocksize"), py::arg("bias"),
+        py::arg("kernel") = kGemvAuto);
+  m.attr("cuda_mma_max_rows") = kCudaMmaMaxRows;
+  m.attr("cuda_simt_max_rows") = kCudaSimtMaxRows;
   m.def("managed_prefetch", &managed_prefetch_op, "prefetch a managed-memory tensor to its device (PagedAdamW)");
 }
 

@@ -3,7 +3,10 @@
 // bindings_cuda.cpp turns tensors into these calls.
 //
 //   nf4_dequantize_cuda:  out[i] = NF4[code(i)] * scale[i / blocksize]   (bit-exact, nf4_common.h)
-//   nf4_gemv_cuda:        y[M, N] = x[M, K] @ W[N, K]^T + bias[N]       (M = 1..16, float32 sums)
+//   nf4_gemv_cuda:        y[M, N] = x[M, K] @ W[N, K]^T + bias[N]       (few rows M, float32 sums)
+//
+// `kernel` picks one of the implementations of an op (benchmarks compare them; the bindings
+// default to the first of each list).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,14 +19,24 @@ namespace lowrank {
 
 enum class CudaType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// nf4_dequantize_cuda kernels (nf4_cuda_dequantize.cu)
+constexpr int kDequantizeStream = 0;  // 8 elements a thread, coalesced 4-byte loads / 16-byte stores
+constexpr int kDequantizeWide = 1;    // 32 elements a thread (the first version)
+
 // All of W (numel elements) into out, of type `type`; every pointer in `w` is in device memory.
-cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, cudaStream_t stream);
+cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, int kernel, cudaStream_t stream);
+
+// nf4_gemv_cuda kernels (nf4_cuda_gemv.cu)
+constexpr int kGemvAuto = 0;  // kGemvMma for float16 / bfloat16, kGemvSimt for float32
+constexpr int kGemvMma = 1;   // tensor cores (mma.sync m16n8k16), float16 / bfloat16, M <= kCudaMmaMaxRows
+constexpr int kGemvSimt = 2;  // one warp a row on the CUDA cores, any type, M <= kCudaSimtMaxRows
+
+constexpr int kCudaMmaMaxRows = 64;
+constexpr int kCudaSimtMaxRows = 16;
 
 // x [M, K] and y [M, N] contiguous, both of `type`; bias (N,) of `type` or nullptr.
-// Needs K % 32 == 0, K % blocksize == 0, 1 <= M <= 16, and packed and x 16-byte aligned.
+// Needs K % 32 == 0, 1 <= M <= the kernel's maximum, and packed and x 16-byte aligned.
 cudaError_t nf4_gemv_cuda(const NF4View& w, int64_t N, int64_t K, const void* x, int64_t M, const void* bias,
-                          CudaType type, void* y, cudaStream_t stream);
-
-constexpr int kCudaGemvMaxRows = 16;
+                          CudaType type, void* y, int kernel, cudaStream_t stream);
 
 }  // namespace lowrank

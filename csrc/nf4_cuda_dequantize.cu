@@ -3,12 +3,18 @@
 //   scale[b] = absmax[b], or DYNAMIC[qabsmax[b]] * nested_absmax[b / 256] + offset (two roundings)
 // Bit-exact with lowrank/quant/nf4.py (the contract in nf4_common.h).
 //
-// Design (Hopper first, runs on sm_80 too): one thread decodes one 128-bit load of packed codes,
-// 16 bytes = 32 elements, all in one block (blocksize >= 32, a power of two), so a thread computes
-// one scale: the 8-bit code and the nested scale from global memory, the 256-entry dynamic map
-// from shared memory. The 16 NF4 values sit in shared memory too: 16 words in 16 distinct banks,
-// so the 32 lanes' lookups never conflict. The 32 results leave as 128-bit stores. The last,
-// partial group of 32 (odd numel, short last block, unaligned pointers) takes a per-element loop.
+// Two kernels (the bindings pick with `kernel`; benchmarks/bench_nf4_cuda.py times both):
+//
+// kStream (the default). A thread decodes 8 elements: one 4-byte load of packed codes in, one
+// 16-byte store of bf16/fp16 out, so each warp instruction reads 128 contiguous bytes and writes
+// 512: both fully coalesced. A thread takes kUnroll such items, kThreads apart, and issues all of
+// their loads (codes, 8-bit scale codes, nested scales) before it waits for any, so that every
+// SM keeps enough bytes in flight to stream at the copy bandwidth. 8 elements lie in one block
+// (blocksize >= 32, a power of two): one scale per item. The NF4 values and the dynamic map sit
+// in shared memory (the 16 NF4 words in 16 banks: lanes never conflict).
+//
+// kWide (the first version, kept to compare): a thread decodes 32 elements from one 16-byte load
+// and writes them as 128-bit stores 64 bytes apart across lanes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,10 +24,24 @@ namespace lowrank {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kPerThread = 32;  // elements: one 16-byte load of packed codes
+constexpr int kItem = 8;     // elements per item: 4 packed bytes
+constexpr int kUnroll = 4;   // items per thread, their loads in flight together
+constexpr int kWidePerThread = 32;
 
 __device__ const float g_dynamic[256] = {LOWRANK_DYNAMIC_VALUES};
 __device__ const float g_nf4[16] = {LOWRANK_NF4_VALUES};
+
+struct Tables {
+  float dynamic[256];
+  float nf4[16];
+};
+
+// Every thread of the CTA copies its share; the caller syncs.
+__device__ __forceinline__ void fill(Tables& s) {
+  static_assert(kThreads == 256, "one thread copies one entry of the dynamic map");
+  s.dynamic[threadIdx.x] = g_dynamic[threadIdx.x];
+  if (threadIdx.x < 16) s.nf4[threadIdx.x] = g_nf4[threadIdx.x];
+}
 
 __device__ __forceinline__ float scale_of(const NF4View& w, int64_t b, const float* dynamic) {
   if (w.nested == nullptr) return static_cast<const float*>(w.absmax)[b];
@@ -38,59 +58,149 @@ __device__ __forceinline__ __half convert<__half>(float v) { return __float2half
 template <>
 __device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Element i of W one at a time: tails, odd sizes, misaligned pointers.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) dequantize_kernel(NF4View w, T* __restrict__ out, bool vector_ok) {
-  __shared__ float dynamic[256];
-  __shared__ float nf4[16];
-  static_assert(kThreads == 256, "one thread copies one entry of the dynamic map");
-  dynamic[threadIdx.x] = g_dynamic[threadIdx.x];
-  if (threadIdx.x < 16) nf4[threadIdx.x] = g_nf4[threadIdx.x];
+__device__ __forceinline__ void decode_one(const NF4View& w, int64_t i, const Tables& s, T* __restrict__ out) {
+  const uint8_t byte = w.packed[i / 2];
+  const int code = (i % 2 == 0) ? (byte >> 4) : (byte & 0x0F);
+  out[i] = convert<T>(__fmul_rn(s.nf4[code], scale_of(w, i / w.blocksize, s.dynamic)));
+}
+
+// 8 decoded values of one item -> out[0..7], as one 16-byte store (two for float32).
+template <typename T>
+__device__ __forceinline__ void store_item(const float (&v)[kItem], T* __restrict__ out) {
+  alignas(16) T packed[kItem];
+#pragma unroll
+  for (int e = 0; e < kItem; ++e) packed[e] = convert<T>(v[e]);
+#pragma unroll
+  for (int i = 0; i < kItem * int(sizeof(T)) / 16; ++i)
+    reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(packed)[i];
+}
+
+// Needs packed 4-byte aligned and out 16-byte aligned (the launcher checks); item j of W is
+// elements 8j .. 8j+7, its codes the 32-bit word j of packed (little-endian: byte 0 lowest).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) stream_kernel(NF4View w, T* __restrict__ out) {
+  __shared__ Tables s;
+  const int64_t items = w.numel / kItem;  // whole items; the rest (< 8 elements) is the tail
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(w.packed);
+  const bool nested = w.nested != nullptr;
+
+  // 1. every load of this thread's items, before any of them is used
+  uint32_t code[kUnroll];
+  uint32_t qscale[kUnroll];  // 8-bit code into the dynamic map (double quant) or the float32 scale's bits
+  float nested_scale[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t j = first + u * kThreads;
+    code[u] = 0, qscale[u] = 0, nested_scale[u] = 0.0f;
+    if (j < items) {
+      const int64_t b = j * kItem / w.blocksize;
+      code[u] = __ldg(words + j);
+      if (nested) {
+        qscale[u] = __ldg(static_cast<const uint8_t*>(w.absmax) + b);
+        nested_scale[u] = __ldg(w.nested + b / kNestedBlocksize);
+      } else {
+        qscale[u] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + b));
+      }
+    }
+  }
+  const float offset = nested ? __ldg(w.offset) : 0.0f;
+  fill(s);
   __syncthreads();
 
-  const int64_t start = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPerThread;
+  // 2. decode and store
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t j = first + u * kThreads;
+    if (j >= items) break;
+    const float scale = nested ? __fadd_rn(__fmul_rn(s.dynamic[qscale[u]], nested_scale[u]), offset)  // never fused
+                               : __uint_as_float(qscale[u]);
+    float v[kItem];
+#pragma unroll
+    for (int e = 0; e < kItem; ++e) {  // element e: byte e / 2, high nibble first
+      const uint32_t c = (code[u] >> (8 * (e / 2) + 4 * (1 - e % 2))) & 0xF;
+      v[e] = __fmul_rn(s.nf4[c], scale);
+    }
+    store_item(v, out + j * kItem);
+  }
+
+  // 3. the tail: the last numel % 8 elements, one thread each
+  if (blockIdx.x == gridDim.x - 1 && threadIdx.x < w.numel - items * kItem)
+    decode_one(w, items * kItem + threadIdx.x, s, out);
+}
+
+// Any alignment, one element a step (only when a pointer is misaligned: views at odd offsets).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scalar_kernel(NF4View w, T* __restrict__ out) {
+  __shared__ Tables s;
+  fill(s);
+  __syncthreads();
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < w.numel;
+       i += static_cast<int64_t>(gridDim.x) * kThreads)
+    decode_one(w, i, s, out);
+}
+
+// The first version: 32 elements a thread from one 16-byte load.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) wide_kernel(NF4View w, T* __restrict__ out, bool vector_ok) {
+  __shared__ Tables s;
+  fill(s);
+  __syncthreads();
+  const int64_t start = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kWidePerThread;
   if (start >= w.numel) return;
-  if (vector_ok && start + kPerThread <= w.numel) {
-    const float s = scale_of(w, start / w.blocksize, dynamic);
+  if (vector_ok && start + kWidePerThread <= w.numel) {
+    const float scale = scale_of(w, start / w.blocksize, s.dynamic);
     const uint4 bytes = *reinterpret_cast<const uint4*>(w.packed + start / 2);  // 128-bit load
     const uint32_t word[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
-    alignas(16) T v[kPerThread];
+    alignas(16) T v[kWidePerThread];
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const uint32_t byte = (word[i / 4] >> (8 * (i % 4))) & 0xFF;  // little-endian: byte i of the load
-      v[2 * i] = convert<T>(__fmul_rn(nf4[byte >> 4], s));
-      v[2 * i + 1] = convert<T>(__fmul_rn(nf4[byte & 0x0F], s));
+      v[2 * i] = convert<T>(__fmul_rn(s.nf4[byte >> 4], scale));
+      v[2 * i + 1] = convert<T>(__fmul_rn(s.nf4[byte & 0x0F], scale));
     }
     uint4* dst = reinterpret_cast<uint4*>(out + start);
 #pragma unroll
-    for (int i = 0; i < kPerThread * int(sizeof(T)) / 16; ++i) dst[i] = reinterpret_cast<const uint4*>(v)[i];
+    for (int i = 0; i < kWidePerThread * int(sizeof(T)) / 16; ++i) dst[i] = reinterpret_cast<const uint4*>(v)[i];
     return;
   }
-  const int64_t stop = start + kPerThread < w.numel ? start + kPerThread : w.numel;
-  for (int64_t i = start; i < stop; ++i) {
-    const uint8_t byte = w.packed[i / 2];
-    const int code = (i % 2 == 0) ? (byte >> 4) : (byte & 0x0F);
-    out[i] = convert<T>(__fmul_rn(nf4[code], scale_of(w, i / w.blocksize, dynamic)));
-  }
+  const int64_t stop = start + kWidePerThread < w.numel ? start + kWidePerThread : w.numel;
+  for (int64_t i = start; i < stop; ++i) decode_one(w, i, s, out);
 }
 
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 template <typename T>
-cudaError_t launch(const NF4View& w, T* out, cudaStream_t stream) {
+cudaError_t launch(const NF4View& w, T* out, int kernel, cudaStream_t stream) {
   if (w.numel == 0) return cudaSuccess;
-  const bool vector_ok = w.blocksize % kPerThread == 0 && reinterpret_cast<uintptr_t>(w.packed) % 16 == 0 &&
-                         reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  const int64_t threads = (w.numel + kPerThread - 1) / kPerThread;
-  const int64_t grid = (threads + kThreads - 1) / kThreads;
-  dequantize_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(w, out, vector_ok);
+  const auto packed = reinterpret_cast<uintptr_t>(w.packed), dst = reinterpret_cast<uintptr_t>(out);
+  if (w.blocksize % kWidePerThread != 0) return cudaErrorInvalidValue;  // 32..4096, powers of two
+  if (kernel == kDequantizeWide) {
+    const bool vector_ok = packed % 16 == 0 && dst % 16 == 0;
+    wide_kernel<T><<<static_cast<unsigned>(cdiv(cdiv(w.numel, kWidePerThread), kThreads)), kThreads, 0, stream>>>(
+        w, out, vector_ok);
+  } else if (kernel != kDequantizeStream) {
+    return cudaErrorInvalidValue;
+  } else if (packed % 4 == 0 && dst % 16 == 0) {
+    // at least one CTA, so that a W of fewer than 8 elements still gets its tail
+    const int64_t grid = cdiv(w.numel / kItem, int64_t{kThreads} * kUnroll);
+    stream_kernel<T><<<static_cast<unsigned>(grid > 0 ? grid : 1), kThreads, 0, stream>>>(w, out);
+  } else {
+    const int64_t grid = cdiv(w.numel, kThreads);
+    scalar_kernel<T><<<static_cast<unsigned>(grid < 4096 ? grid : 4096), kThreads, 0, stream>>>(w, out);
+  }
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, cudaStream_t stream) {
+cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, int kernel, cudaStream_t stream) {
   switch (type) {
-    case CudaType::kFloat32: return launch(w, static_cast<float*>(out), stream);
-    case CudaType::kFloat16: return launch(w, static_cast<__half*>(out), stream);
-    case CudaType::kBFloat16: return launch(w, static_cast<__nv_bfloat16*>(out), stream);
+    case CudaType::kFloat32: return launch(w, static_cast<float*>(out), kernel, stream);
+    case CudaType::kFloat16: return launch(w, static_cast<__half*>(out), kernel, stream);
+    case CudaType::kBFloat16: return launch(w, static_cast<__nv_bfloat16*>(out), kernel, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,24 +1,33 @@
 // out[M, N] = x[M, K] @ W[N, K]^T + bias[N]      W: NF4 [N, K], x / bias / out: float32, float16 or bfloat16
-//   for the skinny case M = 1..16 (decoding: token by token); float32 sums, one rounding at the end.
-//   W[n, k] = NF4[code] * scale[(n * K + k) / blocksize] rounded to x's dtype (as the reference
-//   dequantizes W in x.dtype), the scale decoded in-kernel (nf4_common.h).
+//   for few rows M (decoding token by token, small batches); float32 sums, one rounding at the end.
+//   The scale of each block is decoded in-kernel (nf4_common.h).
 //
-// Design (Hopper first, runs on sm_80 too): one warp per row n of W. A lane takes 16 bytes of the
-// row (one 128-bit load: 32 weights in one block, since blocksize >= 32), decodes its block's scale
-// (8-bit code and nested scale from global memory, the dynamic map from shared memory), turns each
-// nibble into NF4[c] * scale with the 16-value codebook in shared memory (16 banks, conflict-free),
-// and multiplies it into the M rows of x, read as 128-bit loads (x is small and shared by every
-// row: it stays in L1/L2). A warp-shuffle sum ends the row. The loads of a lane's chunks are
-// unrolled 4 deep so that each lane has 4 x 16 bytes of W in flight.
+// Two kernels (nf4_cuda.h kGemv*; benchmarks/bench_nf4_cuda.py times both):
+//
+// kGemvMma, float16 / bfloat16, M <= 64 (the default for them). Tensor cores: mma.sync m16n8k16
+// with W as the A operand (16 rows of W x 16 columns) and x^T as B (16 columns x 8 rows of x, zero
+// beyond M), float32 accumulators. A CTA owns 16 rows of W; its 8 warps split K, each walking
+// tiles of 128 columns, and add their partial sums in shared memory at the end (a fixed order:
+// deterministic). See Note: the k permutation, for how a lane's one 16-byte load of codes becomes
+// its share of eight mma steps without any shuffle. W enters the mma exactly as the reference
+// dequantizes it: NF4[code] * scale rounded once to x's dtype.
+//
+// kGemvSimt, any type, M <= 16 (the default for float32, whose tensor-core path would be TF32).
+// One warp per row n of W. A lane takes 16 bytes of the row (one 128-bit load: 32 weights in one
+// block), decodes its block's scale, turns each nibble into NF4[c] * scale rounded to x's dtype,
+// and multiplies it into the M rows of x (128-bit loads; x stays in L1/L2). A warp-shuffle sum
+// ends the row.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 
 #include "nf4_cuda.h"
 
 namespace lowrank {
 namespace {
 
-constexpr int kWarps = 4;  // rows of W per CTA
+constexpr int kWarps = 4;  // kGemvSimt: rows of W per CTA
 constexpr int kChunk = 32;  // weights per lane per step: one 16-byte load
 
 __device__ const float g_dynamic[256] = {LOWRANK_DYNAMIC_VALUES};
@@ -51,7 +60,7 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, float (&out)[kCh
 }
 
 template <typename T, int MAX_M>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(NF4View w, int64_t N, int64_t K, const T* __restrict__ x,
+__global__ void __launch_bounds__(kWarps * 32) simt_kernel(NF4View w, int64_t N, int64_t K, const T* __restrict__ x,
                                                            int M, const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float dynamic[256];
   __shared__ float nf4[16];
@@ -110,35 +119,220 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(NF4View w, int64_t N,
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// kGemvMma
+// ---------------------------------------------------------------------------------------------
+
+// Note: the k permutation. A sum over k may visit k in any order, as long as A and B use the
+// same one. In mma.sync m16n8k16 the lane with groupID g = lane / 4 and t = lane % 4 holds
+//   A (W):  rows g and g + 8, logical columns 2t, 2t+1 (registers a0/a1 and a2/a3) and 2t+8, 2t+9 (a4..a7)
+//   B (x^T): logical rows 2t, 2t+1 (b0, b1) and 2t+8, 2t+9 (b2, b3) of column g
+// (PTX ISA, "Matrix fragments for mma.m16n8k16"). Within a tile of 128 columns we let lane t own
+// the 32 physical columns 32t .. 32t+31 (one 16-byte load of codes per row) and feed step s
+// (0..7) the physical columns 32t + 4s + {0, 1} as logical 2t + {0, 1}, and 32t + 4s + {2, 3}
+// as logical 2t + 8 + {0, 1}. Over t, s and the four columns that is each of the 128 columns
+// once, and A and B agree on every one, so the 8 mma steps sum exactly W[n, :] x[m, :] over the
+// tile. Both operands come straight from the lane's own loads: bytes 2s and 2s+1 of its codes,
+// 32-bit words 2s and 2s+1 of its 64 bytes of x.
+constexpr int kMmaWarps = 8;   // warps of a CTA: they split K, all on the same 16 rows of W
+constexpr int kTileK = 128;    // columns of W a warp covers per tile: 4 lanes x 32
+
 template <typename T>
-cudaError_t launch(const NF4View& w, int64_t N, int64_t K, const T* x, int64_t M, const T* bias, T* y,
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+  // (lo, hi) rounded to nearest even, lo in the low 16 bits: the element of the smaller column
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void step(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void step(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// The two weights of byte j of a lane's 16 bytes, times the block's scale, as one packed pair.
+template <typename T>
+__device__ __forceinline__ uint32_t decode_pair(const uint4& bytes, int j, float scale, const float* nf4) {
+  const uint32_t word = j < 4 ? bytes.x : j < 8 ? bytes.y : j < 12 ? bytes.z : bytes.w;  // j is a constant
+  const uint32_t byte = word >> (8 * (j % 4));
+  return Mma<T>::pack(__fmul_rn(nf4[(byte >> 4) & 0xF], scale), __fmul_rn(nf4[byte & 0xF], scale));
+}
+
+// MT: n8 tiles of x's rows (M <= 8 MT); U: tiles of 128 columns whose loads are in flight at once.
+template <typename T, int MT, int U>
+__global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t N, int64_t K, const T* __restrict__ x,
+                                                             int M, const T* __restrict__ bias, T* __restrict__ y) {
+  __shared__ float dynamic[256];
+  __shared__ float nf4[16];
+  __shared__ float partial[kMmaWarps][MT * 4][32];
+  static_assert(kMmaWarps * 32 == 256, "one thread copies one entry of the dynamic map");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t row[2] = {static_cast<int64_t>(blockIdx.x) * 16 + g, static_cast<int64_t>(blockIdx.x) * 16 + g + 8};
+  const bool row_ok[2] = {row[0] < N, row[1] < N};
+  const int64_t tiles = (K + kTileK - 1) / kTileK;
+  const int64_t per_warp = (tiles + kMmaWarps - 1) / kMmaWarps;
+  const int64_t tile_begin = warp * per_warp;
+  const int64_t tile_end = tile_begin + per_warp < tiles ? tile_begin + per_warp : tiles;
+  const bool nested = w.nested != nullptr;
+  const float offset = nested ? __ldg(w.offset) : 0.0f;
+
+  dynamic[threadIdx.x] = g_dynamic[threadIdx.x];
+  if (threadIdx.x < 16) nf4[threadIdx.x] = g_nf4[threadIdx.x];
+  __syncthreads();
+
+  float acc[MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  for (int64_t tile0 = tile_begin; tile0 < tile_end; tile0 += U) {
+    // 1. the codes and scale codes of U tiles, all loads issued before any is used
+    uint4 codes[U][2];
+    uint32_t qscale[U][2];  // 8-bit code into the dynamic map (double quant) or the float32 scale's bits
+    float nested_scale[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (tile0 + u) * kTileK + 32 * t;  // this lane's first column in tile u
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        codes[u][r] = make_uint4(0, 0, 0, 0), qscale[u][r] = 0, nested_scale[u][r] = 0.0f;
+        if (tile0 + u < tile_end && k < K && row_ok[r]) {
+          const int64_t i = row[r] * K + k;  // flat index of the lane's first weight: a multiple of 32
+          const int64_t b = i / w.blocksize;  // the lane's 32 weights lie in this one block
+          codes[u][r] = __ldg(reinterpret_cast<const uint4*>(w.packed + i / 2));
+          if (nested) {
+            qscale[u][r] = __ldg(static_cast<const uint8_t*>(w.absmax) + b);
+            nested_scale[u][r] = __ldg(w.nested + b / kNestedBlocksize);
+          } else {
+            qscale[u][r] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + b));
+          }
+        }
+      }
+    }
+    // 2. decode and multiply, tile by tile
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (tile0 + u) * kTileK + 32 * t;
+      const bool k_ok = tile0 + u < tile_end && k < K;
+      float scale[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)  // a lane without weights (row >= N, k >= K) still gets a finite scale: see 3.
+        scale[r] = nested ? __fadd_rn(__fmul_rn(dynamic[qscale[u][r]], nested_scale[u][r]), offset)  // never fused
+                          : __uint_as_float(qscale[u][r]);
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {  // See Note: the k permutation.
+        const uint32_t a[4] = {decode_pair<T>(codes[u][0], 2 * s, scale[0], nf4),
+                               decode_pair<T>(codes[u][1], 2 * s, scale[1], nf4),
+                               decode_pair<T>(codes[u][0], 2 * s + 1, scale[0], nf4),
+                               decode_pair<T>(codes[u][1], 2 * s + 1, scale[1], nf4)};
+#pragma unroll
+        for (int j = 0; j < MT; ++j) {
+          const int m = 8 * j + g;  // the row of x this lane brings to B
+          uint2 b = make_uint2(0, 0);
+          if (k_ok && m < M) b = __ldg(reinterpret_cast<const uint2*>(x + m * K + k) + s);  // words 2s, 2s+1
+          Mma<T>::step(acc[j], a, b.x, b.y);
+        }
+      }
+    }
+  }
+
+  // 3. the 8 warps' partial sums, added in warp order. Lanes past K brought x = 0 (finite A times 0
+  //    adds 0); rows past N or M only reach outputs that are not written. D[n][m]: c0 = (g, 2t), c1 = (g, 2t+1), c2/c3 = rows g+8
+#pragma unroll
+  for (int j = 0; j < MT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][4 * j + i][lane] = acc[j][i];
+  __syncthreads();
+  for (int slot = threadIdx.x; slot < MT * 4 * 32; slot += kMmaWarps * 32) {
+    const int ji = slot / 32, l = slot % 32;
+    const int j = ji / 4, i = ji % 4;
+    const int64_t n = static_cast<int64_t>(blockIdx.x) * 16 + l / 4 + (i >= 2 ? 8 : 0);
+    const int m = 8 * j + 2 * (l % 4) + (i % 2);
+    if (n >= N || m >= M) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kMmaWarps; ++v) sum += partial[v][ji][l];
+    if (bias != nullptr) sum += to_float(bias[n]);
+    y[m * N + n] = from_float<T>(sum);
+  }
+}
+
+template <typename T, int MT>
+void launch_mma(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream) {
+  constexpr int U = MT >= 4 ? 2 : 4;  // fewer tiles in flight when the accumulators take many registers
+  mma_kernel<T, MT, U><<<static_cast<unsigned>((N + 15) / 16), kMmaWarps * 32, 0, stream>>>(w, N, K, x, M, bias, y);
+}
+
+template <typename T>
+cudaError_t launch_simt(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y,
+                        cudaStream_t stream) {
+  if (M > kCudaSimtMaxRows) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps)), block(kWarps * 32);
+  if (M == 1) simt_kernel<T, 1><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
+  else if (M == 2) simt_kernel<T, 2><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
+  else if (M <= 4) simt_kernel<T, 4><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
+  else if (M <= 8) simt_kernel<T, 8><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
+  else simt_kernel<T, 16><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch(const NF4View& w, int64_t N, int64_t K, const T* x, int64_t M, const T* bias, T* y, int kernel,
                    cudaStream_t stream) {
-  if (K % kChunk != 0 || K % w.blocksize != 0 || w.blocksize % kChunk != 0 || M < 1 || M > kCudaGemvMaxRows ||
+  if (K % kChunk != 0 || w.blocksize % kChunk != 0 || M < 1 || M > kCudaMmaMaxRows ||
       reinterpret_cast<uintptr_t>(w.packed) % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps)), block(kWarps * 32);
   const int m = static_cast<int>(M);
-  if (M == 1) gemv_kernel<T, 1><<<grid, block, 0, stream>>>(w, N, K, x, m, bias, y);
-  else if (M == 2) gemv_kernel<T, 2><<<grid, block, 0, stream>>>(w, N, K, x, m, bias, y);
-  else if (M <= 4) gemv_kernel<T, 4><<<grid, block, 0, stream>>>(w, N, K, x, m, bias, y);
-  else if (M <= 8) gemv_kernel<T, 8><<<grid, block, 0, stream>>>(w, N, K, x, m, bias, y);
-  else gemv_kernel<T, 16><<<grid, block, 0, stream>>>(w, N, K, x, m, bias, y);
-  return cudaGetLastError();
+  constexpr bool has_mma = !std::is_same<T, float>::value;
+  if (kernel == kGemvAuto) kernel = has_mma ? kGemvMma : kGemvSimt;
+  if (kernel == kGemvSimt) return launch_simt(w, N, K, x, m, bias, y, stream);
+  if constexpr (has_mma) {
+    if (kernel == kGemvMma) {
+      if (m <= 8) launch_mma<T, 1>(w, N, K, x, m, bias, y, stream);
+      else if (m <= 16) launch_mma<T, 2>(w, N, K, x, m, bias, y, stream);
+      else if (m <= 32) launch_mma<T, 4>(w, N, K, x, m, bias, y, stream);
+      else launch_mma<T, 8>(w, N, K, x, m, bias, y, stream);
+      return cudaGetLastError();
+    }
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
 cudaError_t nf4_gemv_cuda(const NF4View& w, int64_t N, int64_t K, const void* x, int64_t M, const void* bias,
-                          CudaType type, void* y, cudaStream_t stream) {
+                          CudaType type, void* y, int kernel, cudaStream_t stream) {
   switch (type) {
     case CudaType::kFloat32:
-      return launch(w, N, K, static_cast<const float*>(x), M, static_cast<const float*>(bias), static_cast<float*>(y), stream);
+      return launch(w, N, K, static_cast<const float*>(x), M, static_cast<const float*>(bias), static_cast<float*>(y),
+                    kernel, stream);
     case CudaType::kFloat16:
-      return launch(w, N, K, static_cast<const __half*>(x), M, static_cast<const __half*>(bias), static_cast<__half*>(y), stream);
+      return launch(w, N, K, static_cast<const __half*>(x), M, static_cast<const __half*>(bias),
+                    static_cast<__half*>(y), kernel, stream);
     case CudaType::kBFloat16:
       return launch(w, N, K, static_cast<const __nv_bfloat16*>(x), M, static_cast<const __nv_bfloat16*>(bias),
-                    static_cast<__nv_bfloat16*>(y), stream);
+                    static_cast<__nv_bfloat16*>(y), kernel, stream);
   }
   return cudaErrorInvalidValue;
 }

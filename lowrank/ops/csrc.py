@@ -6,8 +6,10 @@ registers nothing, and every op runs on the Triton / reference backends.
 
     op                      kernel                                   otherwise
     nf4_dequantize          CPU, CUDA: every shape and dtype         reference (other devices)
-    nf4_linear              GEMV, 1 <= M <= 16, K % 32 == 0 and      csrc dequantize in x.dtype, then
-                            K % blocksize == 0 (M = x.numel() / K)   F.linear (the reference's own math)
+    nf4_linear              CPU GEMV: 1 <= M <= 16, K % 32 == 0 and  csrc dequantize in x.dtype, then
+                            K % blocksize == 0 (M = x.numel() / K);  F.linear (the reference's own math)
+                            CUDA: 1 <= M <= 64 (float16, bfloat16:
+                            tensor cores) or 16 (float32), K % 32 == 0
     nf4_linear_grad_input   csrc dequantize in grad_y.dtype, then grad_y @ W
 
 LOWRANK_CPU_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set of the CPU kernels (tests,
@@ -35,7 +37,9 @@ else:
     except (ImportError, OSError) as e:  # not built, or built for another torch: the other backends cover every op
         log.info("lowrank: lowrank._C is not built (%s); the csrc backend is off", e)
 
-GEMV_MAX_ROWS = 16  # csrc/nf4_cpu.h kGemvMaxRows, csrc/nf4_cuda.h kCudaGemvMaxRows
+GEMV_MAX_ROWS = 16  # csrc/nf4_cpu.h kGemvMaxRows
+# csrc/nf4_cuda.h kCudaMmaMaxRows (float16 / bfloat16) and kCudaSimtMaxRows (float32)
+CUDA_GEMV_MAX_ROWS = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 16}
 
 
 def _kernel(name: str, device: torch.device):
@@ -60,13 +64,20 @@ def nf4_dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, dtyp
 
 def _gemv_covers(x: torch.Tensor, shape, blocksize: int) -> bool:
     k = shape[-1]
-    return len(shape) == 2 and k > 0 and k % 32 == 0 and k % blocksize == 0 and 1 <= x.numel() // k <= GEMV_MAX_ROWS
+    if len(shape) != 2 or k <= 0 or k % 32 != 0:
+        return False
+    if x.device.type == "cuda":  # any blocksize: a lane's 32 weights always lie in one block
+        return 1 <= x.numel() // k <= CUDA_GEMV_MAX_ROWS[x.dtype]  # (packed 16-byte aligned: see nf4_linear)
+    return k % blocksize == 0 and 1 <= x.numel() // k <= GEMV_MAX_ROWS
 
 
 def nf4_linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
     kernel = _kernel("nf4_linear", x.device)
     if kernel is not None and _gemv_covers(x, shape, blocksize):
-        return kernel(x, *_weight(packed, absmax, nested_absmax, offset), list(shape), blocksize, bias)
+        weight = _weight(packed, absmax, nested_absmax, offset)
+        if weight[0].device.type == "cuda" and weight[0].data_ptr() % 16:  # a view at an odd offset: 128-bit loads need 16
+            weight = (weight[0].clone(), *weight[1:])
+        return kernel(x, *weight, list(shape), blocksize, bias)
     w = nf4_dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, x.dtype)  # (N, K), bit-exact
     return F.linear(x, w, bias)  # (..., K) @ (K, N) -> (..., N), as the reference
 

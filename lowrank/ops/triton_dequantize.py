@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import backends
-from .triton_nf4_tile import LAUNCH_OPTIONS, decode_scale, interpreting, to_dtype, weight_args
+from .triton_nf4_tile import LAUNCH_OPTIONS, decode_scale, interpreting, lookup, nf4_value, to_dtype, weight_args
 
 # Note: autotune lists. On a GPU a short list tuned for H100/H200 (memory-bound: enough
 # bytes in flight per SM, 4-8 warps); in Triton's CPU interpreter ONE config, because the
@@ -36,7 +36,7 @@ def _kernel(
     # sizes
     n,  # elements of W
     # meta-parameters
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ELEMS_PER_PROGRAM: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, LOOKUP: tl.constexpr, ELEMS_PER_PROGRAM: tl.constexpr,
 ):
     NB: tl.constexpr = max(ELEMS_PER_PROGRAM // BLOCKSIZE, 1)  # quantization blocks per program
     pid = tl.program_id(0).to(tl.int64)
@@ -45,7 +45,7 @@ def _kernel(
     byte_idx = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # (NB, BS/2)
     byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (n + 1) // 2, other=0)
     code = tl.interleave(byte >> 4, byte & 0xF)  # (NB, BS): the first element is in the high nibble
-    value = tl.load(nf4_ptr + code.to(tl.int32))  # (NB, BS) float32
+    value = nf4_value(code.to(tl.int32), nf4_ptr, LOOKUP)  # (NB, BS) float32
     scale = decode_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, blocks, blocks < n_blocks, DOUBLE_QUANT)  # (NB,)
     w = value * scale[:, None]  # (NB, BS) float32, exactly the reference's product
     idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (NB, BS) flat index
@@ -62,7 +62,7 @@ def dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, dtype) -
     def grid(meta):
         return (triton.cdiv(n, max(meta["ELEMS_PER_PROGRAM"], blocksize)),)
 
-    _kernel[grid](*args, out, n, BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, **LAUNCH_OPTIONS)
+    _kernel[grid](*args, out, n, BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, LOOKUP=lookup(), **LAUNCH_OPTIONS)
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_nf4_tile import LAUNCH_OPTIONS, dot, interpreting, load_w_tile, row_aligned, to_dtype, weight_args
+from .triton_nf4_tile import LAUNCH_OPTIONS, dot, interpreting, load_w_tile, lookup, row_aligned, to_dtype, weight_args
 
 MAX_M = 64  # See Note: skinny or tiled (triton_matmul.py). A first guess from the roofline; retune with GPU numbers.
 
@@ -46,6 +46,7 @@ def _splitk_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOOKUP: tl.constexpr,
 ):
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
@@ -57,7 +58,7 @@ def _splitk_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
             x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)  # (BK,)
             w = load_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
-                            BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)  # (BN, BK)
+                            BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, LOOKUP)  # (BN, BK)
             w = to_dtype(w, x_ptr.dtype.element_ty).to(tl.float32)  # the reference's W, held in fp32
             acc += tl.sum(w * x[None, :], axis=1)  # (BN, BK) * (1, BK) -> (BN,)
         tl.store(partial_ptr + pid_s * N + offs_n, acc, mask=offs_n < N)
@@ -69,7 +70,7 @@ def _splitk_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
             x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
             w = load_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
-                            BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)  # (BN, BK)
+                            BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, LOOKUP)  # (BN, BK)
             w = to_dtype(w, x_ptr.dtype.element_ty)
             acc = dot(x, tl.trans(w), acc, DOT_PRECISION)  # (BM, BK) @ (BK, BN) -> (BM, BN)
         out = partial_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
@@ -129,7 +130,7 @@ def linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias) -> 
         x2.stride(0), x2.stride(1),
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, ROW_ALIGNED=row_aligned(k_in, blocksize),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_K=block_k,
-        BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), **LAUNCH_OPTIONS,
+        BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), LOOKUP=lookup(), **LAUNCH_OPTIONS,
     )
     out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)  # (M, N)
     block = 256 if interpreting() else 1024

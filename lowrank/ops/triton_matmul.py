@@ -14,11 +14,12 @@ BLOCK_K columns, the output tile's columns), the transposed access of the same w
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import backends, triton_gemv
-from .triton_nf4_tile import LAUNCH_OPTIONS, dot, interpreting, load_w_tile, row_aligned, to_dtype, weight_args
+from . import backends, triton_dequantize, triton_gemv
+from .triton_nf4_tile import LAUNCH_OPTIONS, dot, interpreting, load_w_tile, lookup, row_aligned, to_dtype, weight_args
 
 # See Note: autotune lists (triton_dequantize.py). Hopper: 128x128 / 128x256 tiles, 8 warps,
 # 3-4 stages, the shapes Triton's own Hopper matmul tutorials settle on for bf16; BLOCK_K is
@@ -31,6 +32,14 @@ _HOPPER = [
 ]
 _INTERPRETER = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2}, num_warps=4)]
 _CONFIGS = _INTERPRETER if interpreting() else _HOPPER
+
+# Note: fused or dequantize + cuBLAS. Above triton_gemv.MAX_M rows the op can run the fused
+# kernels below (W decoded tile by tile, never in global memory) or dequantize W once with the
+# Triton kernel and hand the product to torch (cuBLAS). On the H200 (docs/benchmarks.md) the
+# fused kernels ran 20-30x slower than bf16 cuBLAS while a dequantize costs a fraction of one
+# bf16 matmul at M = 4096, so the default is False; the fused path stays for a GPU whose
+# memory cannot hold one dense W, and the tests and benchmarks run both.
+FUSED = False
 
 
 def _block_k(k_in: int, blocksize: int) -> int:
@@ -65,7 +74,7 @@ def _linear_kernel(
     stride_xm, stride_xk, stride_om, stride_on,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -77,7 +86,7 @@ def _linear_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = load_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
-                        BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)  # (BN, BK) float32
+                        BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, LOOKUP)  # (BN, BK) float32
         w = to_dtype(w, x_ptr.dtype.element_ty)  # rounded once, like the reference's dense W
         acc = dot(x, tl.trans(w), acc, DOT_PRECISION)  # (BM, BK) @ (BK, BN) -> (BM, BN)
     if HAS_BIAS:
@@ -97,7 +106,7 @@ def _grad_input_kernel(
     stride_gym, stride_gyn, stride_gxm, stride_gxk,
     # meta-parameters (the output tile is BLOCK_M x BLOCK_K; BLOCK_N rows of W per step)
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
@@ -110,7 +119,7 @@ def _grad_input_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,)
         gy = tl.load(gy_rows + offs_n[None, :] * stride_gyn, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
         w = load_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
-                        BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)  # (BN, BK) float32
+                        BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, LOOKUP)  # (BN, BK) float32
         w = to_dtype(w, gy_ptr.dtype.element_ty)
         acc = dot(gy, w, acc, DOT_PRECISION)  # (BM, BN) @ (BN, BK) -> (BM, BK)
     out = gx_ptr + offs_m.to(tl.int64)[:, None] * stride_gxm + offs_k[None, :] * stride_gxk
@@ -121,7 +130,7 @@ def _meta(x: torch.Tensor, k_in: int, blocksize: int) -> dict:
     # fp32 inputs: full fp32 products ("ieee"), as the reference; TF32 would lose 13 bits
     return dict(
         BLOCKSIZE=blocksize, ROW_ALIGNED=row_aligned(k_in, blocksize), BLOCK_K=_block_k(k_in, blocksize),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **LAUNCH_OPTIONS,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", LOOKUP=lookup(), **LAUNCH_OPTIONS,
     )
 
 
@@ -152,6 +161,9 @@ def grad_input(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize) 
     m = gy2.shape[0]
     if min(m, n_out, k_in) == 0:  # See Note: empty shapes.
         return grad_y.new_zeros((*grad_y.shape[:-1], k_in))
+    if not FUSED:  # See Note: fused or dequantize + cuBLAS.
+        w = triton_dequantize.dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, grad_y.dtype)
+        return grad_y @ w  # (..., N) @ (N, K) -> (..., K)
     gx = torch.empty((m, k_in), dtype=grad_y.dtype, device=grad_y.device)  # (M, K)
     args, double_quant = weight_args(packed, absmax, nested_absmax, offset)
     meta = _meta(grad_y, k_in, blocksize)
@@ -180,4 +192,7 @@ def nf4_linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
         return y + bias if bias is not None else y
     if rows <= triton_gemv.MAX_M:
         return triton_gemv.linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
+    if not FUSED:  # See Note: fused or dequantize + cuBLAS.
+        w = triton_dequantize.dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, x.dtype)  # (N, K)
+        return F.linear(x, w, bias)
     return linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)

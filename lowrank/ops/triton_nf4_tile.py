@@ -75,6 +75,52 @@ def code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TABLES[device]
 
 
+# Note: two ways to look up an NF4 value. "gather" loads NF4[code] from a 16-entry table in
+# global memory (it stays in L1): one load instruction an element. "select" picks the value
+# out of 16 constants with a tree of 15 selects on the code's bits: no memory traffic, more
+# instructions. Which is faster depends on the kernel and the GPU, so the launchers pass
+# LOOKUP as a compile-time constant; benchmarks/bench_nf4_linear.py times both. Both are exact.
+LOOKUPS = ("gather", "select")
+LOOKUP = "gather"  # what the launchers pass (benchmarks set it; see the Note)
+
+(_V0, _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11, _V12, _V13, _V14, _V15) = (
+    tl.constexpr(float(v)) for v in nf4.NF4_CODE.tolist()  # float32 values, exact as Python floats
+)
+
+
+def lookup() -> str:
+    """LOOKUP, checked: the value each launcher passes to its kernel."""
+    if LOOKUP not in LOOKUPS:
+        raise ValueError(f"triton_nf4_tile.LOOKUP must be one of {LOOKUPS}, got {LOOKUP!r}")
+    return LOOKUP
+
+
+@triton.jit
+def nf4_value(code, nf4_ptr, LOOKUP: tl.constexpr):
+    """NF4[code] in float32 for an int32 tensor of codes 0..15. See Note: two ways to look up an NF4 value."""
+    if LOOKUP == "select":
+        b0 = (code & 1) != 0
+        b1 = (code & 2) != 0
+        b2 = (code & 4) != 0
+        p0 = tl.where(b0, _V1, _V0)
+        p1 = tl.where(b0, _V3, _V2)
+        p2 = tl.where(b0, _V5, _V4)
+        p3 = tl.where(b0, _V7, _V6)
+        p4 = tl.where(b0, _V9, _V8)
+        p5 = tl.where(b0, _V11, _V10)
+        p6 = tl.where(b0, _V13, _V12)
+        p7 = tl.where(b0, _V15, _V14)
+        q0 = tl.where(b1, p1, p0)
+        q1 = tl.where(b1, p3, p2)
+        q2 = tl.where(b1, p5, p4)
+        q3 = tl.where(b1, p7, p6)
+        r0 = tl.where(b2, q1, q0)
+        r1 = tl.where(b2, q3, q2)
+        return tl.where((code & 8) != 0, r1, r0)
+    else:
+        return tl.load(nf4_ptr + code)
+
+
 def row_aligned(k_in: int, blocksize: int) -> bool:
     """Whether every quantization block lies within one row of W[N, K] (K % blocksize == 0).
 
@@ -110,6 +156,7 @@ def load_w_tile(
     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr,  # pointers
     offs_n, k0, N, K,  # rows of the tile, its first column, size of W
     BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    LOOKUP: tl.constexpr,
 ):
     """W[offs_n, k0 : k0 + BLOCK_K] in float32, bit-exact with the reference; 0 outside W.
     Returns a (len(offs_n), BLOCK_K) tile. See Note: two decode paths."""
@@ -120,7 +167,7 @@ def load_w_tile(
         byte_idx = (row + k0)[:, None] // 2 + tl.arange(0, BLOCK_K // 2)[None, :]  # (BN, BK/2)
         byte = tl.load(packed_ptr + byte_idx, mask=mask_n[:, None], other=0)
         code = tl.interleave(byte >> 4, byte & 0xF)  # (BN, BK): high nibble first
-        value = tl.load(nf4_ptr + code.to(tl.int32))  # (BN, BK)
+        value = nf4_value(code.to(tl.int32), nf4_ptr, LOOKUP)  # (BN, BK)
         scale = decode_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (row + k0) // BLOCKSIZE, mask_n, DOUBLE_QUANT)  # (BN,)
         return value * scale[:, None]
     else:
@@ -129,7 +176,7 @@ def load_w_tile(
         idx = row[:, None] + offs_k[None, :]  # (BN, BK) flat index
         byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0)
         shift = ((1 - idx % 2) * 4).to(tl.uint8)  # even index: high nibble
-        value = tl.load(nf4_ptr + ((byte >> shift) & 0xF).to(tl.int32))
+        value = nf4_value(((byte >> shift) & 0xF).to(tl.int32), nf4_ptr, LOOKUP)
         scale = decode_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, idx // BLOCKSIZE, mask, DOUBLE_QUANT)  # (BN, BK)
         return value * scale
 

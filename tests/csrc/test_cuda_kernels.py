@@ -1,6 +1,7 @@
 """lowrank._C's CUDA kernels against the reference on the GPU, at real sizes: dequantize bit for
 bit, the GEMV within the derived bound of tests/ops/bounds.py (the reference there is
-nf4.dequantize in x.dtype, then F.linear, i.e. cuBLAS)."""
+nf4.dequantize in x.dtype, then F.linear, i.e. cuBLAS). Every kernel of each op is tested
+(csrc/nf4_cuda.h: DEQUANTIZE_KERNELS, GEMV kernels "mma" and "simt"), not only the default."""
 
 import pytest
 import torch
@@ -24,6 +25,10 @@ def fields(q):
     return (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
 
 
+DEQUANTIZE_KERNELS = {"stream": 0, "wide": 1}
+MMA, SIMT = 1, 2  # csrc/nf4_cuda.h kGemvMma, kGemvSimt
+
+
 def bits(t):
     return t.view({torch.float32: torch.int32}.get(t.dtype, torch.int16))
 
@@ -32,32 +37,89 @@ def bits(t):
 @pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (333, 777), (3, 5)])
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_cuda_dequantize_is_bit_exact(C, shape, blocksize, double_quant):
+@pytest.mark.parametrize("kernel", DEQUANTIZE_KERNELS)
+def test_cuda_dequantize_is_bit_exact(C, shape, blocksize, double_quant, kernel):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = nf4.quantize(torch.randn(shape, device="cuda", generator=g), blocksize, double_quant)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        ours = C.nf4_dequantize_cuda(*fields(q), dtype)
+        ours = C.nf4_dequantize_cuda(*fields(q), dtype, kernel=DEQUANTIZE_KERNELS[kernel])
         assert torch.equal(bits(ours), bits(nf4.dequantize(q, dtype))), f"{shape} {blocksize} {dtype}"
+
+
+@pytest.mark.parametrize("numel", [1, 7, 9, 4099])
+def test_cuda_dequantize_short_and_misaligned(C, numel):
+    """Fewer than 8 elements (the tail alone), odd sizes, and a packed view one byte in (the scalar path)."""
+    q = nf4.quantize(torch.randn(numel, device="cuda"), 64, True)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(bits(C.nf4_dequantize_cuda(*fields(q), dtype)), bits(nf4.dequantize(q, dtype)))
+    padded = torch.cat([torch.zeros(1, dtype=torch.uint8, device="cuda"), q.packed])[1:]  # data_ptr % 4 == 1
+    ours = C.nf4_dequantize_cuda(padded, *fields(q)[1:], torch.bfloat16)
+    assert torch.equal(bits(ours), bits(nf4.dequantize(q, torch.bfloat16)))
+
+
+def check_gemv(C, shape, m, dtype, kernel, blocksize=64, double_quant=True):
+    g = torch.Generator(device="cuda").manual_seed(m)
+    q = nf4.quantize(torch.randn(shape, device="cuda", generator=g), blocksize, double_quant)
+    w = nf4.dequantize(q, dtype)  # (N, K), the reference's operand
+    x = torch.randn(m, shape[1], device="cuda", generator=g).to(dtype)
+    bias = torch.randn(shape[0], device="cuda", generator=g).to(dtype)
+    ours = C.nf4_linear_cuda(x, *fields(q), bias, kernel=kernel)
+    assert ours.dtype == dtype and ours.shape == (m, shape[0])
+    assert_matmul_close(ours, torch.nn.functional.linear(x, w, bias), x, w.T, bias)
 
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (96, 256)])
 @pytest.mark.parametrize("m", [1, 3, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_gemv_within_the_derived_bound(C, shape, m, dtype):
-    g = torch.Generator(device="cuda").manual_seed(m)
-    q = nf4.quantize(torch.randn(shape, device="cuda", generator=g), 64, True)
-    w = nf4.dequantize(q, dtype)  # (N, K), the reference's operand
-    x = torch.randn(m, shape[1], device="cuda", generator=g).to(dtype)
-    bias = torch.randn(shape[0], device="cuda", generator=g).to(dtype)
-    ours = C.nf4_linear_cuda(x, *fields(q), bias)
-    assert ours.dtype == dtype and ours.shape == (m, shape[0])
-    assert_matmul_close(ours, torch.nn.functional.linear(x, w, bias), x, w.T, bias)
+def test_cuda_simt_gemv_within_the_derived_bound(C, shape, m, dtype):
+    check_gemv(C, shape, m, dtype, SIMT)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_gemv_of_one_hot_rows_is_a_column_of_w(C, dtype):
+# Llama shapes; N not a multiple of 16 and K not a multiple of the 128-column tile; K % blocksize != 0
+# (blocks straddle rows); fewer tiles than warps; every M bucket of the kernel (8, 16, 32, 64 rows)
+@pytest.mark.parametrize("shape, blocksize", [((4096, 4096), 64), ((11008, 4096), 64), ((4096, 11008), 64),
+                                              ((333, 800), 64), ((50, 800), 256), ((40, 96), 32), ((17, 4128), 4096)])
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 16, 17, 33, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_mma_gemv_within_the_derived_bound(C, shape, blocksize, m, dtype):
+    check_gemv(C, shape, m, dtype, MMA, blocksize)
+
+
+def test_cuda_mma_gemv_without_double_quant(C):
+    check_gemv(C, (1000, 1024), 7, torch.bfloat16, MMA, double_quant=False)
+
+
+@pytest.mark.parametrize("kernel, dtype", [(SIMT, torch.float32), (SIMT, torch.bfloat16), (MMA, torch.bfloat16),
+                                           (MMA, torch.float16)])
+def test_cuda_gemv_of_one_hot_rows_is_a_column_of_w(C, kernel, dtype):
     q = nf4.quantize(torch.randn(1024, 512, device="cuda"), 64, True)
     w = nf4.dequantize(q, dtype)
-    ks = torch.arange(0, 512, 37, device="cuda")[:16]
-    x = torch.eye(512, dtype=dtype, device="cuda")[ks]  # (16, K)
-    assert torch.equal(bits(C.nf4_linear_cuda(x, *fields(q), None)), bits(w[:, ks].T.contiguous()))
+    ks = torch.arange(0, 512, 37, device="cuda")[:14]
+    x = torch.eye(512, dtype=dtype, device="cuda")[ks]  # (14, K)
+    assert torch.equal(bits(C.nf4_linear_cuda(x, *fields(q), None, kernel=kernel)), bits(w[:, ks].T.contiguous()))
+
+
+def test_cuda_gemv_refuses_what_it_cannot_do(C):
+    q = nf4.quantize(torch.randn(64, 256, device="cuda"), 64, True)
+    with pytest.raises(RuntimeError, match="mma kernel takes float16 or bfloat16"):
+        C.nf4_linear_cuda(torch.randn(1, 256, device="cuda"), *fields(q), None, kernel=MMA)
+    with pytest.raises(RuntimeError, match="1 to 16 rows"):
+        C.nf4_linear_cuda(torch.randn(17, 256, device="cuda"), *fields(q), None, kernel=SIMT)
+    with pytest.raises(RuntimeError, match="1 to 64 rows"):
+        C.nf4_linear_cuda(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None)
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 65])
+def test_cuda_op_through_the_backend_table(C, monkeypatch, m):
+    """torch.ops.lowrank.nf4_linear on CUDA with the csrc backend: the GEMV up to 64 rows, then dequantize +
+    cuBLAS; the same bound either way, and opcheck (fake kernel, autograd registration) passes."""
+    from lowrank import ops
+    from tests.ops.test_library import fields as op_fields
+
+    monkeypatch.setenv("LOWRANK_BACKEND", "csrc")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    q = nf4.quantize(torch.randn(1024, 2048, device="cuda") * 0.02, 64, True)
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    w = nf4.dequantize(q, torch.bfloat16)
+    assert_matmul_close(ops.nf4_linear(x, q), torch.nn.functional.linear(x, w), x, w.T)
+    torch.library.opcheck(torch.ops.lowrank.nf4_linear.default, (x.requires_grad_(), *op_fields(q), None))

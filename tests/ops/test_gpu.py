@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank import nf4, ops
+from lowrank.ops import triton_matmul, triton_nf4_tile
 from tests.ops.bounds import assert_matmul_close
 from tests.ops.test_library import fields
 
@@ -51,6 +52,22 @@ def test_linear_odd_shapes_and_dtypes(m, n_out, k_in, dtype):
     b = torch.randn(n_out, device="cuda", dtype=dtype)
     w = nf4.dequantize(q, dtype)
     assert_matmul_close(ops.nf4_linear(x, q, b), F.linear(x, w, b), x, w.T, b)
+
+
+@pytest.mark.parametrize("lookup", triton_nf4_tile.LOOKUPS)
+@pytest.mark.parametrize("m, fused", [(1, False), (16, False), (4096, True)])
+def test_linear_variants(monkeypatch, lookup, m, fused):
+    """The NF4 lookups and the fused large-M kernel (not the default route) at 4096 x 4096."""
+    monkeypatch.setattr(triton_nf4_tile, "LOOKUP", lookup)
+    monkeypatch.setattr(triton_matmul, "FUSED", fused)
+    q = cuda_weight(4096, 4096)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    w = nf4.dequantize(q, torch.bfloat16)
+    assert torch.equal(ops.nf4_dequantize(q, torch.bfloat16), w)
+    assert_matmul_close(ops.nf4_linear(x, q), F.linear(x, w), x, w.T)
+    if fused:
+        g = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        assert_matmul_close(torch.ops.lowrank.nf4_linear_grad_input(g, *fields(q)), g @ w, g, w)
 
 
 @pytest.mark.parametrize("n_out, k_in", [(4096, 4096), (4096, 14336)])

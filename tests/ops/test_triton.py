@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from lowrank import nf4, ops  # noqa: E402
-from lowrank.ops import backends, triton_gemv, triton_matmul  # noqa: E402
+from lowrank.ops import backends, triton_gemv, triton_matmul, triton_nf4_tile  # noqa: E402
 from tests.ops.bounds import assert_matmul_close  # noqa: E402
 from tests.ops.test_library import fields, opcheck_args, weight  # noqa: E402
 
@@ -19,9 +19,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
+@pytest.fixture(autouse=True, params=triton_nf4_tile.LOOKUPS)
+def triton_backend(monkeypatch, request):
+    """Every test with both NF4 lookups, and with the fused kernels for M > MAX_M (the default
+    route, dequantize + F.linear, has its own test below). See Note: two ways to look up an NF4
+    value, and Note: fused or dequantize + cuBLAS."""
     monkeypatch.setenv("LOWRANK_BACKEND", "triton")
+    monkeypatch.setattr(triton_nf4_tile, "LOOKUP", request.param)
+    monkeypatch.setattr(triton_matmul, "FUSED", True)
 
 
 def on_device(q):
@@ -99,15 +104,35 @@ def test_gradients_match_autograd_through_the_reference():
     assert_matmul_close(b.grad, b_ref.grad, torch.ones(1, 70, device=DEVICE, dtype=torch.bfloat16), g.view(70, 24))
 
 
-def test_kernel_choice_rule(monkeypatch):
-    """# See Note: skinny or tiled. M <= MAX_M rows go to the split-K kernel, more to the tiled one."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_kernel_choice_rule(monkeypatch, fused):
+    """# See Note: skinny or tiled. M <= MAX_M rows go to the split-K kernel, more to the tiled
+    one (FUSED) or to the Triton dequantize and F.linear."""
     calls = []
+    monkeypatch.setattr(triton_matmul, "FUSED", fused)
     monkeypatch.setattr(triton_gemv, "linear", lambda *a: calls.append("gemv") or torch.zeros(()))
     monkeypatch.setattr(triton_matmul, "linear", lambda *a: calls.append("tiled") or torch.zeros(()))
+    real = triton_matmul.triton_dequantize.dequantize
+    monkeypatch.setattr(triton_matmul.triton_dequantize, "dequantize", lambda *a: calls.append("dequantize") or real(*a))
     q = weight(8, 32)
     for m in (1, triton_gemv.MAX_M, triton_gemv.MAX_M + 1):
         triton_matmul.nf4_linear(torch.randn(m, 32), *fields(q), None)
-    assert calls == ["gemv", "gemv", "tiled"]
+    assert calls == ["gemv", "gemv", "tiled" if fused else "dequantize"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_then_cublas_route_within_bound(monkeypatch, dtype):
+    """The default route above MAX_M rows (FUSED = False): forward, grad_x and autograd."""
+    monkeypatch.setattr(triton_matmul, "FUSED", False)
+    q = on_device(weight(24, 100, 32))
+    x = torch.randn(70, 100, device=DEVICE).to(dtype).requires_grad_()
+    b = torch.randn(24, device=DEVICE).to(dtype)
+    g = torch.randn(70, 24, device=DEVICE).to(dtype)
+    w = nf4.dequantize(q, dtype)  # (N, K)
+    y = ops.nf4_linear(x, q, b)
+    assert_matmul_close(y, F.linear(x, w, b), x.detach(), w.T, b)
+    y.backward(g)
+    assert_matmul_close(x.grad, g @ w, g, w)
 
 
 def test_split_k_really_splits():
