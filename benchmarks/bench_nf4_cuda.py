@@ -52,6 +52,50 @@ def providers():
     return out
 
 
+def back_to_back(device, n=4096, k=4096, calls=2000) -> list[dict]:
+    """M = 1 the way decoding calls it: the whole op (torch.ops.lowrank.nf4_linear: dispatch, the
+    backend table, the binding) called back to back, wall-clock time a call, L2 warm, eagerly and
+    replayed from a CUDA graph; bf16 F.linear likewise. Eager, the slower of the CPU's dispatch
+    and the GPU's kernel sets the pace; a graph replays the kernels alone."""
+    import time
+
+    from lowrank import nf4, ops
+
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    q = nf4.quantize(w, 64, True)
+    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    rows = []
+    for name, fn in (("bf16 F.linear (baseline)", lambda: F.linear(x, w)), ("lowrank op", lambda: ops.nf4_linear(x, q))):
+        for mode in ("eager", "CUDA graph"):
+            call = fn
+            if mode == "CUDA graph":
+                stream = torch.cuda.Stream()
+                with torch.cuda.stream(stream):
+                    fn()  # warm-up off the default stream, as capture requires
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(100):
+                        fn()
+                call = graph.replay
+            per = 100 if mode == "CUDA graph" else 1
+            for _ in range(10):
+                call()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls // per):
+                call()
+            torch.cuda.synchronize()
+            ms = 1e3 * (time.perf_counter() - start) / calls
+            rows.append(dict(op=f"linear back to back, {mode}", N=n, K=k, M=1, provider=name, ms=ms, p20=None, p80=None,
+                             gbps=(q.nbytes if name == "lowrank op" else 2 * n * k) / ms / 1e6, speedup=None))
+    for r in rows:  # against bf16 in the same mode
+        base = next(b["ms"] for b in rows if b["op"] == r["op"] and b["provider"].startswith("bf16"))
+        r["speedup"] = base / r["ms"]
+    print(_common.markdown(rows, COLUMNS), flush=True)
+    return rows
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -111,6 +155,8 @@ def main(argv):
                 measure("linear", n, k, m, "bitsandbytes gemv_4bit", lambda: bnbf.gemv_4bit(x, bq.t(), state=state), moved, base)
         print(_common.markdown(rows[first:], COLUMNS), flush=True)
         _common.write(args.out, rows, _common.environment(device), _common.markdown(rows, COLUMNS))  # a timeout keeps these
+    if not args.quick:
+        rows += back_to_back(device)
     env = _common.environment(device)
     table = _common.markdown(rows, COLUMNS)
     print(table)

@@ -123,3 +123,24 @@ def test_cuda_op_through_the_backend_table(C, monkeypatch, m):
     w = nf4.dequantize(q, torch.bfloat16)
     assert_matmul_close(ops.nf4_linear(x, q), torch.nn.functional.linear(x, w), x, w.T)
     torch.library.opcheck(torch.ops.lowrank.nf4_linear.default, (x.requires_grad_(), *op_fields(q), None))
+
+
+def test_cuda_op_replays_in_a_cuda_graph(C):
+    """Decoding runs the op from CUDA graphs: capture nf4_linear (GEMV and dequantize + cuBLAS),
+    change x in place, replay: the same values as an eager call."""
+    from lowrank import ops
+
+    q = nf4.quantize(torch.randn(512, 1024, device="cuda"), 64, True)
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    big = torch.randn(200, 1024, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        ops.nf4_linear(x, q), ops.nf4_linear(big, q)  # warm-up off the default stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, y_big = ops.nf4_linear(x, q), ops.nf4_linear(big, q)
+    x.copy_(torch.randn_like(x))
+    big.copy_(torch.randn_like(big))
+    graph.replay()
+    assert torch.equal(y, ops.nf4_linear(x, q)) and torch.equal(y_big, ops.nf4_linear(big, q))
