@@ -93,8 +93,8 @@ def bnb_quantize(model: nn.Module, compute_dtype: torch.dtype, device: torch.dev
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear) and name != "lm_head":
             # made on meta: its own float32 weight and init would cost time and memory, and is replaced at once
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None, device="meta",
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
             q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, compress_statistics=True,
                                          quant_type="nf4")._quantize(device.type)
             if child.bias is not None:
@@ -120,8 +120,8 @@ def init_adapters(model: nn.Module, prefix: str = "") -> int:
             p.zero_()
         elif ".lora_A." in key:
             g = torch.Generator(device=p.device).manual_seed(seed(key))
-            a = torch.empty(p.shape, device=p.device, dtype=torch.float32).normal_(0.0, p.shape[-1] ** -0.5, generator=g)
-            p.copy_(a)
+            a = torch.empty(p.shape, device=p.device, dtype=torch.float32)  # (r, in)
+            p.copy_(a.normal_(0.0, p.shape[-1] ** -0.5, generator=g))
         else:
             raise ValueError(f"unexpected trainable parameter {name!r}: only LoRA's A and B should train")
         count += 1
