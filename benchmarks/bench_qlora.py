@@ -4,6 +4,8 @@ codes and the same adapter weights, in one run.
 
     python benchmarks/bench_qlora.py            # a Llama of hidden 512, 4 layers, batch 4 x 128
     python benchmarks/bench_qlora.py --quick    # tiny shapes, a smoke run
+    python benchmarks/bench_qlora.py --llama7b  # Llama-2-7B, batch 1 x 2048, checkpointing (a GPU run)
+    python benchmarks/bench_qlora.py --llama7b --layers 2 --hidden 128 --intermediate 384 --vocab 512 --seq 64
 
 Device: CUDA when present (bf16 compute, peak memory per provider from
 torch.cuda.max_memory_allocated), else the CPU (float32 compute). Rows: median and 20/80
@@ -11,13 +13,24 @@ quantiles of one step (forward + backward + AdamW) in ms, ratio = lowrank / peft
 (goal < 1), and the step's loss (equal codes and weights: the two losses agree up to float
 rounding, a check that both sides compute the same model). Measurements alternate step by
 step, so a shared machine's drift hits both.
+
+--llama7b (issue 8): Llama-2-7B's shape, sequence 2048, batch 1, LoRA r=16 on all seven
+projections, activation checkpointing, bf16 compute on any device. Each provider is built
+(_qlora_build: meta device, then one decoder layer at a time, quantized at once), measured and
+freed before the other, so two models never share the GPU. Rows add the model's memory after
+quantize + inject, the peak of a training step (max over the warm-up step and the timed steps),
+tokens/s and its ratio, the build time; the JSON is rewritten after each provider, and every
+step prints a line, so a run cut short still leaves output.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -26,31 +39,22 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _common  # noqa: E402
+from _qlora_build import bnb_quantize, build, init_adapters, llama_config  # noqa: E402
 from bench_tuners import TARGETS, alternate, llama  # noqa: E402
 
 from lowrank import LoraConfig, NF4Config, inject, quantize  # noqa: E402
 
 FULL = dict(hidden=512, layers=4, batch=4, seq=128, reps=10)
 QUICK = dict(hidden=256, layers=1, batch=1, seq=16, reps=3)  # rows of 256 and 704: whole 64-blocks (see Note)
-
+LLAMA7B = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, batch=1, seq=2048, reps=5)
+COLUMNS = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "first_loss", "peak_mib"]
+COLUMNS_7B = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "tokens_per_s", "tokens_ratio",
+              "first_loss", "last_loss", "model_mib", "peak_mib", "build_s"]
 
 # Note: whole blocks per row. bitsandbytes 0.50's CPU dequantize reads the scales per row,
-# which is wrong when a row's length is not a multiple of the blocksize (docs/nf4.md); both
-# shapes here keep every row (hidden, 11/4 hidden) a multiple of 64, so both sides compute
-# the same model.
-def bnb_quantize(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
-    """Every linear layer but the head -> bitsandbytes Linear4bit (NF4, double quantization)."""
-    import bitsandbytes as bnb
-
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear) and name != "lm_head":
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4")._quantize(device.type)
-            setattr(model, name, q)
-        else:
-            bnb_quantize(child, compute_dtype, device)
+# which is wrong when a row's length is not a multiple of the blocksize (docs/nf4.md); the
+# shapes here keep every row (hidden, intermediate) a multiple of 64 (Llama-2-7B's 4096 and
+# 11008 are), so both sides compute the same model. A tiny --llama7b run on the CPU should too.
 
 
 def step_fn(model, ids, losses: list):
@@ -77,15 +81,12 @@ def peak_memory(device: torch.device, fn) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora.json")
-    args = parser.parse_args(argv)
+def small(args, device: torch.device) -> tuple[list[dict], str]:
+    """Both providers on one small model at once, steps alternating; float32 on the CPU."""
     import peft
 
     shape = QUICK if args.quick else FULL
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reps = args.reps or shape["reps"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = llama(shape["hidden"], shape["layers"]).train()
     ids = torch.randint(0, 1024, (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0)).to(device)
@@ -107,20 +108,150 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fns = {"lowrank": step_fn(ours, ids, losses["lowrank"]),
            "peft+bitsandbytes": step_fn(theirs, ids, losses["peft+bitsandbytes"])}
     peaks = {name: peak_memory(device, fn) for name, fn in fns.items()}  # also the warm-up step
-    times = alternate(fns, shape["reps"])
+    times = alternate(fns, reps)
     shape_name = f"llama h{shape['hidden']} L{shape['layers']} b{shape['batch']}x{shape['seq']} {str(dtype)[6:]}"
     rows = []
     for provider, (ms, p20, p80) in times.items():
         rows.append({"case": "qlora_train_step", "shape": shape_name, "provider": provider, "ms": ms, "p20_ms": p20,
                      "p80_ms": p80, "ratio": ms / times["peft+bitsandbytes"][0], "first_loss": losses[provider][0],
                      "peak_mib": peaks[provider]})
-    table = _common.markdown(rows, ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "first_loss",
-                                    "peak_mib"])
+    return rows, _common.markdown(rows, COLUMNS)
+
+
+# -- --llama7b: one provider at a time ----------------------------------------------------------
+def build_lowrank(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    model = build(config, device, dtype, lambda layer: quantize(layer, NF4Config(compute_dtype=dtype)))
+    inject(model, LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
+    init_adapters(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_peft(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    import peft
+
+    model = build(config, device, dtype, lambda layer: bnb_quantize(layer, dtype, device))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Note: no prepare_model_for_kbit_training. It would cast the norms, embeddings and head to
+    # float32 (more memory, other speed); both sides keep them bf16 instead. PEFT keeps its own
+    # default for the adapters (float32 weights, autocast_adapter_dtype=True); lowrank's take the
+    # base's compute dtype (bf16). Same start values either way (init_adapters).
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    init_adapters(model, prefix="base_model.model.")
+    return model
+
+
+def timed(device: torch.device, fn) -> float:
+    """Wall-clock seconds of fn(), the GPU's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def mib(device: torch.device, counter) -> float | None:
+    return counter() / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(provider: str, make, config, ids: torch.Tensor, reps: int, device: torch.device) -> dict:
+    """Build one provider's model, run 1 warm-up + `reps` timed steps. Peak memory: the max of
+    torch.cuda.max_memory_allocated over the warm-up step and over the timed steps. The model is
+    freed when this returns (or raises): nothing outside holds it."""
+    before = mib(device, torch.cuda.memory_allocated)
+    reset_peak(device)
+    start = time.perf_counter()
+    model = make(config, device, torch.bfloat16)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - start
+    model_mib = mib(device, torch.cuda.memory_allocated)
+    memory = "" if model_mib is None else (f", model {model_mib:.0f} MiB (before the build {before:.0f}, build peak "
+                                           f"{mib(device, torch.cuda.max_memory_allocated):.0f})")
+    print(f"{provider}: built in {build_s:.1f} s{memory}", flush=True)
+    losses: list[float] = []
+    step = step_fn(model, ids, losses)
+    del model  # the step's closure holds the model and its optimizer from here
+
+    def run(label: str) -> float:
+        seconds = timed(device, step)
+        print(f"{provider}: {label} {1e3 * seconds:.1f} ms, loss {losses[-1]:.4f}", flush=True)
+        return seconds
+
+    reset_peak(device)
+    run("warm-up")
+    peaks = [mib(device, torch.cuda.max_memory_allocated)]
+    reset_peak(device)
+    times = [run(f"step {i + 1}/{reps}") for i in range(reps)]
+    peaks.append(mib(device, torch.cuda.max_memory_allocated))
+    ms, p20, p80 = _common.summarize([1e3 * t for t in times])
+    return {"ms": ms, "p20_ms": p20, "p80_ms": p80, "tokens_per_s": ids.numel() / (ms / 1e3),
+            "first_loss": losses[0], "last_loss": losses[-1], "model_mib": model_mib,
+            "peak_mib": None if None in peaks else max(peaks), "build_s": build_s}
+
+
+def llama7b(args, device: torch.device, env: dict) -> tuple[list[dict], str]:
+    sizes = {k: getattr(args, k, None) or v for k, v in LLAMA7B.items()}  # batch is always 1
+    config = llama_config(sizes["layers"], sizes["hidden"], sizes["intermediate"], sizes["vocab"])
+    ids = torch.randint(0, sizes["vocab"], (sizes["batch"], sizes["seq"]), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)  # the same tokens for both providers
+    shape_name = (f"llama-2-7b h{sizes['hidden']} i{sizes['intermediate']} L{sizes['layers']} v{sizes['vocab']} "
+                  f"b{sizes['batch']}x{sizes['seq']} bf16 r16 ckpt")
+    results: dict[str, dict] = {}
+    for provider, make in (("lowrank", build_lowrank), ("peft+bitsandbytes", build_peft)):
+        # Note: one failure does not end the run. The GPU run is made once; if one provider
+        # fails (out of memory, a kernel error), the other is still measured, and the row says why.
+        try:
+            results[provider] = measure(provider, make, config, ids, args.reps or sizes["reps"], device)
+        except Exception as e:  # noqa: BLE001 - reported in the row and on stderr, never swallowed
+            traceback.print_exc()
+            results[provider] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        gc.collect()  # the model went with measure's frame (or the exception, now cleared)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        ref = results.get("peft+bitsandbytes", {})
+        rows = [{"case": "qlora_train_step", "shape": shape_name, "provider": name, **r,
+                 "ratio": r["ms"] / ref["ms"] if "ms" in r and "ms" in ref else None,
+                 "tokens_ratio": r["tokens_per_s"] / ref["tokens_per_s"] if "ms" in r and "ms" in ref else None}
+                for name, r in results.items()]
+        columns = COLUMNS_7B + (["error"] if any("error" in r for r in rows) else [])
+        table = _common.markdown(rows, columns)
+        _common.write(args.out, rows, env, table)  # after each provider: a run cut short keeps what finished
+    return rows, table
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (a smoke run)")
+    parser.add_argument("--llama7b", action="store_true", help="Llama-2-7B, batch 1 x 2048, one provider at a time")
+    for size in ("layers", "hidden", "intermediate", "vocab", "seq"):
+        parser.add_argument(f"--{size}", type=int, help=f"with --llama7b: override {size} (default {LLAMA7B[size]})")
+    parser.add_argument("--reps", type=int, help="timed steps per provider (default: 5 with --llama7b)")
+    parser.add_argument("--out", type=Path, help="JSON rows (+ .md); default results/qlora.json, "
+                        "results/qlora_llama7b.json with --llama7b")
+    args = parser.parse_args(argv)
+    overrides = [s for s in ("layers", "hidden", "intermediate", "vocab", "seq") if getattr(args, s) is not None]
+    if overrides and not args.llama7b:
+        parser.error(f"--{', --'.join(overrides)} only apply with --llama7b")
+    if any(v is not None and v < 1 for v in [args.reps] + [getattr(args, s) for s in overrides]):
+        parser.error("sizes and --reps must be positive integers")
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / ("qlora_llama7b.json" if args.llama7b else "qlora.json")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = _common.environment(device)
+    rows, table = llama7b(args, device, env) if args.llama7b else small(args, device)
     _common.write(args.out, rows, env, table)
     print(f"{env}\n\n{table}\n\nwrote {args.out} (+ .md)")
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in row for row in main()) else 0)
