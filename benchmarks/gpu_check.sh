@@ -8,7 +8,7 @@
 #   Triton gpu tests, bench_nf4_linear.py   (Triton variants and the ops-level route at 4096 x 4096)
 # and leaves at most 8 files under $OUT (the device tool's limit):
 #   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json nf4_linear.json nf4_linear.md
-# Budget: 10 s wheels + 10 s env + 100 s build + 60 s tests + 50 s + 110 s + 70 s + 90 s = about 8.3 minutes.
+# Budget: 10 s wheels + 10 s env + 100 s build + 90 s tests + 50 s + 110 s + 60 s + 80 s = about 8.5 minutes.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
   || { echo "gpu_check: no usable wheel in .whl/: continuing without bitsandbytes"; export PYTHONPATH=$PWD; }
@@ -39,11 +39,11 @@ step 100 "$OUT/build.log" "build lowrank._C with CUDA" env LOWRANK_CUDA_ARCHS=90
 python3 -c "from lowrank import _C; print('lowrank._C with_cuda =', _C.with_cuda)" 2>&1 | tee -a "$OUT/build.log"
 
 PYTEST="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"
-step 60 "$OUT/tests.log" "csrc, optimizer and quantize gpu tests" $PYTEST tests/csrc tests/test_optim.py tests/quant
+step 90 "$OUT/tests.log" "csrc, optimizer and quantize gpu tests" $PYTEST tests/csrc tests/test_optim.py tests/quant
 step 50 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
 step 110 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.py --llama7b --out "$OUT/qlora.json"
-step 70 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops
-step 90 "$OUT/bench.log" "bench_nf4_linear 4096x4096" python3 benchmarks/bench_nf4_linear.py --shapes 4096x4096 --ms 1,16,64,4096 --out "$OUT/nf4_linear.json"
+step 60 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops
+step 80 "$OUT/bench.log" "bench_nf4_linear 4096x4096" python3 benchmarks/bench_nf4_linear.py --shapes 4096x4096 --ms 1,16,64,4096 --out "$OUT/nf4_linear.json"
 
 rm -f "$OUT"/*.png "$OUT"/nf4_cuda.md "$OUT"/qlora.md  # the JSON rows hold the same; 8 files at most come back
 ls -l "$OUT"
