@@ -1,9 +1,9 @@
 // The torch side of the CUDA kernels (compiled only when torch is a CUDA build, setup.py):
 //
-//   nf4_dequantize_cuda(packed, absmax, nested_absmax?, offset?, shape, blocksize, dtype, kernel=0) -> W[shape]
+//   nf4_dequantize_cuda(packed, absmax, nested_absmax?, offset?, shape, blocksize, dtype) -> W[shape]
 //   nf4_linear_cuda(x[..., K], packed, absmax, nested_absmax?, offset?, shape=[N, K], blocksize, bias?, kernel=0)
 //       -> x @ W^T + bias, [..., N] in x.dtype       (1 <= M = x.numel() / K <= 64 for float16 / bfloat16, 16 for float32)
-//   kernel: which implementation (nf4_cuda.h: kDequantize*, kGemv*); 0 is the default one
+//   kernel: which GEMV (nf4_cuda.h kGemv*); 0 picks by dtype
 //
 //   managed_prefetch(t): move the managed-memory pages of t to its device, on the current stream
 //       (lowrank/optim.py; the allocator itself is paged.cu's lowrank_managed_alloc / _free)
@@ -12,6 +12,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
+
+#include <string>
 
 #include "nf4_cuda.h"
 #include "paged.h"
@@ -40,13 +42,12 @@ void check(cudaError_t err, const char* what) {
 
 at::Tensor dequantize_cuda_op(const at::Tensor& packed, const at::Tensor& absmax,
                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                              at::IntArrayRef shape, int64_t blocksize, at::ScalarType dtype, int64_t kernel) {
+                              at::IntArrayRef shape, int64_t blocksize, at::ScalarType dtype) {
   TORCH_CHECK(packed.is_cuda(), "packed must be a CUDA tensor, got one on ", packed.device());
   const c10::cuda::CUDAGuard guard(packed.device());
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  check(nf4_dequantize_cuda(w, cuda_type(dtype), out.data_ptr(), static_cast<int>(kernel),
-                            at::cuda::getCurrentCUDAStream()),
+  check(nf4_dequantize_cuda(w, cuda_type(dtype), out.data_ptr(), at::cuda::getCurrentCUDAStream()),
         "nf4_dequantize_cuda");
   return out;
 }
@@ -69,7 +70,9 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(!(kernel == kGemvMma && x.scalar_type() == at::kFloat),
               "the mma kernel takes float16 or bfloat16 x, got float32");
   const int64_t max_rows = simt ? kCudaSimtMaxRows : kCudaMmaMaxRows;
-  TORCH_CHECK(M >= 1 && M <= max_rows, "x must have 1 to ", max_rows, " rows for this kernel, got ", M);
+  // one std::string (std::to_string), not c10::str's stream of numbers: see docs/csrc.md, Known problems
+  TORCH_CHECK(M >= 1 && M <= max_rows, "x must have 1 to " + std::to_string(max_rows) +
+                                           " rows for this kernel, got " + std::to_string(M));
   const c10::cuda::CUDAGuard guard(x.device());
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
   at::Tensor xc = x.reshape({M, K}).contiguous();
@@ -101,8 +104,7 @@ void managed_prefetch_op(const at::Tensor& t) {
 
 void register_cuda(pybind11::module& m) {
   namespace py = pybind11;
-  m.def("nf4_dequantize_cuda", &dequantize_cuda_op, py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"),
-        py::arg("offset"), py::arg("shape"), py::arg("blocksize"), py::arg("dtype"), py::arg("kernel") = kDequantizeStream);
+  m.def("nf4_dequantize_cuda", &dequantize_cuda_op);
   m.def("nf4_linear_cuda", &linear_cuda_op, py::arg("x"), py::arg("packed"), py::arg("absmax"),
         py::arg("nested_absmax"), py::arg("offset"), py::arg("shape"), py::arg("blocksize"), py::arg("bias"),
         py::arg("kernel") = kGemvAuto);

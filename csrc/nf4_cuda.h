@@ -5,8 +5,7 @@
 //   nf4_dequantize_cuda:  out[i] = NF4[code(i)] * scale[i / blocksize]   (bit-exact, nf4_common.h)
 //   nf4_gemv_cuda:        y[M, N] = x[M, K] @ W[N, K]^T + bias[N]       (few rows M, float32 sums)
 //
-// `kernel` picks one of the implementations of an op (benchmarks compare them; the bindings
-// default to the first of each list).
+// `kernel` picks one of the GEMV's implementations (benchmarks compare them; the default picks by type).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,12 +18,8 @@ namespace lowrank {
 
 enum class CudaType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// nf4_dequantize_cuda kernels (nf4_cuda_dequantize.cu)
-constexpr int kDequantizeStream = 0;  // 8 elements a thread, coalesced 4-byte loads / 16-byte stores
-constexpr int kDequantizeWide = 1;    // 32 elements a thread (the first version)
-
 // All of W (numel elements) into out, of type `type`; every pointer in `w` is in device memory.
-cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, int kernel, cudaStream_t stream);
+cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, cudaStream_t stream);
 
 // nf4_gemv_cuda kernels (nf4_cuda_gemv.cu)
 constexpr int kGemvAuto = 0;  // kGemvMma for float16 / bfloat16, kGemvSimt for float32

@@ -3,18 +3,18 @@
 //   scale[b] = absmax[b], or DYNAMIC[qabsmax[b]] * nested_absmax[b / 256] + offset (two roundings)
 // Bit-exact with lowrank/quant/nf4.py (the contract in nf4_common.h).
 //
-// Two kernels (the bindings pick with `kernel`; benchmarks/bench_nf4_cuda.py times both):
-//
-// kStream (the default). A thread decodes 8 elements: one 4-byte load of packed codes in, one
+// Design (Hopper first, runs on sm_80 too). A thread decodes 8 elements: one 4-byte load of packed codes in, one
 // 16-byte store of bf16/fp16 out, so each warp instruction reads 128 contiguous bytes and writes
 // 512: both fully coalesced. A thread takes kUnroll such items, kThreads apart, and issues all of
 // their loads (codes, 8-bit scale codes, nested scales) before it waits for any, so that every
 // SM keeps enough bytes in flight to stream at the copy bandwidth. 8 elements lie in one block
 // (blocksize >= 32, a power of two): one scale per item. The NF4 values and the dynamic map sit
-// in shared memory (the 16 NF4 words in 16 banks: lanes never conflict).
+// in shared memory (the 16 NF4 words in 16 banks: lanes never conflict). Block and nested-block
+// indices are shifts (blocksize is a power of two): a 64-bit division costs ~60 instructions.
 //
-// kWide (the first version, kept to compare): a thread decodes 32 elements from one 16-byte load
-// and writes them as 128-bit stores 64 bytes apart across lanes.
+// Measured on an H200 (docs/benchmarks.md): 83-92% of the device-to-device copy bandwidth, where
+// the first version (32 elements a thread, one 16-byte load, 128-bit stores 64 bytes apart across
+// lanes) reached 47%.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -26,7 +26,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kItem = 8;     // elements per item: 4 packed bytes
 constexpr int kUnroll = 4;   // items per thread, their loads in flight together
-constexpr int kWidePerThread = 32;
 
 __device__ const float g_dynamic[256] = {LOWRANK_DYNAMIC_VALUES};
 __device__ const float g_nf4[16] = {LOWRANK_NF4_VALUES};
@@ -80,7 +79,7 @@ __device__ __forceinline__ void store_item(const float (&v)[kItem], T* __restric
 // Needs packed 4-byte aligned and out 16-byte aligned (the launcher checks); item j of W is
 // elements 8j .. 8j+7, its codes the 32-bit word j of packed (little-endian: byte 0 lowest).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) stream_kernel(NF4View w, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) stream_kernel(NF4View w, T* __restrict__ out, int shift) {
   __shared__ Tables s;
   const int64_t items = w.numel / kItem;  // whole items; the rest (< 8 elements) is the tail
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x;
@@ -96,11 +95,11 @@ __global__ void __launch_bounds__(kThreads) stream_kernel(NF4View w, T* __restri
     const int64_t j = first + u * kThreads;
     code[u] = 0, qscale[u] = 0, nested_scale[u] = 0.0f;
     if (j < items) {
-      const int64_t b = j * kItem / w.blocksize;
+      const int64_t b = (j * kItem) >> shift;  // blocksize = 2^shift
       code[u] = __ldg(words + j);
       if (nested) {
         qscale[u] = __ldg(static_cast<const uint8_t*>(w.absmax) + b);
-        nested_scale[u] = __ldg(w.nested + b / kNestedBlocksize);
+        nested_scale[u] = __ldg(w.nested + (b >> 8));  // kNestedBlocksize = 256
       } else {
         qscale[u] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + b));
       }
@@ -142,51 +141,23 @@ __global__ void __launch_bounds__(kThreads) scalar_kernel(NF4View w, T* __restri
     decode_one(w, i, s, out);
 }
 
-// The first version: 32 elements a thread from one 16-byte load.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) wide_kernel(NF4View w, T* __restrict__ out, bool vector_ok) {
-  __shared__ Tables s;
-  fill(s);
-  __syncthreads();
-  const int64_t start = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kWidePerThread;
-  if (start >= w.numel) return;
-  if (vector_ok && start + kWidePerThread <= w.numel) {
-    const float scale = scale_of(w, start / w.blocksize, s.dynamic);
-    const uint4 bytes = *reinterpret_cast<const uint4*>(w.packed + start / 2);  // 128-bit load
-    const uint32_t word[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
-    alignas(16) T v[kWidePerThread];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const uint32_t byte = (word[i / 4] >> (8 * (i % 4))) & 0xFF;  // little-endian: byte i of the load
-      v[2 * i] = convert<T>(__fmul_rn(s.nf4[byte >> 4], scale));
-      v[2 * i + 1] = convert<T>(__fmul_rn(s.nf4[byte & 0x0F], scale));
-    }
-    uint4* dst = reinterpret_cast<uint4*>(out + start);
-#pragma unroll
-    for (int i = 0; i < kWidePerThread * int(sizeof(T)) / 16; ++i) dst[i] = reinterpret_cast<const uint4*>(v)[i];
-    return;
-  }
-  const int64_t stop = start + kWidePerThread < w.numel ? start + kWidePerThread : w.numel;
-  for (int64_t i = start; i < stop; ++i) decode_one(w, i, s, out);
-}
-
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+int log2_of(int64_t v) {  // v a power of two (blocksizes 32..4096)
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
 template <typename T>
-cudaError_t launch(const NF4View& w, T* out, int kernel, cudaStream_t stream) {
+cudaError_t launch(const NF4View& w, T* out, cudaStream_t stream) {
+  static_assert(kNestedBlocksize == 256, "stream_kernel shifts by 8");
   if (w.numel == 0) return cudaSuccess;
-  const auto packed = reinterpret_cast<uintptr_t>(w.packed), dst = reinterpret_cast<uintptr_t>(out);
-  if (w.blocksize % kWidePerThread != 0) return cudaErrorInvalidValue;  // 32..4096, powers of two
-  if (kernel == kDequantizeWide) {
-    const bool vector_ok = packed % 16 == 0 && dst % 16 == 0;
-    wide_kernel<T><<<static_cast<unsigned>(cdiv(cdiv(w.numel, kWidePerThread), kThreads)), kThreads, 0, stream>>>(
-        w, out, vector_ok);
-  } else if (kernel != kDequantizeStream) {
-    return cudaErrorInvalidValue;
-  } else if (packed % 4 == 0 && dst % 16 == 0) {
+  if (w.blocksize < kItem || (w.blocksize & (w.blocksize - 1)) != 0) return cudaErrorInvalidValue;  // 32..4096
+  if (reinterpret_cast<uintptr_t>(w.packed) % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
     // at least one CTA, so that a W of fewer than 8 elements still gets its tail
     const int64_t grid = cdiv(w.numel / kItem, int64_t{kThreads} * kUnroll);
-    stream_kernel<T><<<static_cast<unsigned>(grid > 0 ? grid : 1), kThreads, 0, stream>>>(w, out);
+    stream_kernel<T><<<static_cast<unsigned>(grid > 0 ? grid : 1), kThreads, 0, stream>>>(w, out, log2_of(w.blocksize));
   } else {
     const int64_t grid = cdiv(w.numel, kThreads);
     scalar_kernel<T><<<static_cast<unsigned>(grid < 4096 ? grid : 4096), kThreads, 0, stream>>>(w, out);
@@ -196,11 +167,11 @@ cudaError_t launch(const NF4View& w, T* out, int kernel, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, int kernel, cudaStream_t stream) {
+cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, cudaStream_t stream) {
   switch (type) {
-    case CudaType::kFloat32: return launch(w, static_cast<float*>(out), kernel, stream);
-    case CudaType::kFloat16: return launch(w, static_cast<__half*>(out), kernel, stream);
-    case CudaType::kBFloat16: return launch(w, static_cast<__nv_bfloat16*>(out), kernel, stream);
+    case CudaType::kFloat32: return launch(w, static_cast<float*>(out), stream);
+    case CudaType::kFloat16: return launch(w, static_cast<__half*>(out), stream);
+    case CudaType::kBFloat16: return launch(w, static_cast<__nv_bfloat16*>(out), stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -61,7 +61,8 @@ __device__ __forceinline__ void load_x(const T* __restrict__ x, float (&out)[kCh
 
 template <typename T, int MAX_M>
 __global__ void __launch_bounds__(kWarps * 32) simt_kernel(NF4View w, int64_t N, int64_t K, const T* __restrict__ x,
-                                                           int M, const T* __restrict__ bias, T* __restrict__ y) {
+                                                           int M, const T* __restrict__ bias, T* __restrict__ y,
+                                                           int shift) {
   __shared__ float dynamic[256];
   __shared__ float nf4[16];
   for (int i = threadIdx.x; i < 256; i += kWarps * 32) dynamic[i] = g_dynamic[i];
@@ -79,13 +80,13 @@ __global__ void __launch_bounds__(kWarps * 32) simt_kernel(NF4View w, int64_t N,
 #pragma unroll 4
   for (int64_t c = lane; c < K / kChunk; c += 32) {  // chunk c: weights 32c .. 32c + 31 of row n
     const uint4 bytes = row[c];
-    const int64_t b = (n * K + c * kChunk) / w.blocksize;
+    const int64_t b = (n * K + c * kChunk) >> shift;  // blocksize = 2^shift
     float s;
     if (w.nested == nullptr) {
       s = static_cast<const float*>(w.absmax)[b];
     } else {
       const float code = dynamic[static_cast<const uint8_t*>(w.absmax)[b]];
-      s = __fadd_rn(__fmul_rn(code, w.nested[b / kNestedBlocksize]), *w.offset);  // never fused
+      s = __fadd_rn(__fmul_rn(code, w.nested[b >> 8]), *w.offset);  // never fused; kNestedBlocksize = 256
     }
     float wv[kChunk];
     const uint32_t word[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
@@ -170,26 +171,81 @@ struct Mma<__half> {
   }
 };
 
-// The two weights of byte j of a lane's 16 bytes, times the block's scale, as one packed pair.
-template <typename T>
-__device__ __forceinline__ uint32_t decode_pair(const uint4& bytes, int j, float scale, const float* nf4) {
-  const uint32_t word = j < 4 ? bytes.x : j < 8 ? bytes.y : j < 12 ? bytes.z : bytes.w;  // j is a constant
-  const uint32_t byte = word >> (8 * (j % 4));
-  return Mma<T>::pack(__fmul_rn(nf4[(byte >> 4) & 0xF], scale), __fmul_rn(nf4[byte & 0xF], scale));
+// The 16 NF4 values in shared memory, 64-byte aligned: the address of entry c is base | 4c, so
+// one LOP3 both masks the code out of the packed word and adds the base, and a lookup is
+// SHF + LOP3 + LDS (plain indexing costs an extra add of the base a weight).
+__shared__ __align__(64) float s_nf4[16];
+
+// NF4[code] for the nibble at bits [shift, shift + 4) of word ((word >> (shift - 2)) & 0x3C is 4 x code).
+__device__ __forceinline__ float nf4_at(uint32_t word, int shift, uint32_t base) {
+  const uint32_t address = ((shift >= 2 ? word >> (shift - 2) : word << 2) & 0x3C) | base;
+  float v;
+  asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(address));
+  return v;
 }
 
-// MT: n8 tiles of x's rows (M <= 8 MT); U: tiles of 128 columns whose loads are in flight at once.
+// The two weights of byte j of a lane's 16 bytes, times the block's scale, as one packed pair.
+template <typename T>
+__device__ __forceinline__ uint32_t decode_pair(const uint4& bytes, int j, float scale, uint32_t base) {
+  const uint32_t word = j < 4 ? bytes.x : j < 8 ? bytes.y : j < 12 ? bytes.z : bytes.w;  // j is a constant
+  const int bit = 8 * (j % 4);  // the byte's lowest bit; its first weight is the high nibble
+  return Mma<T>::pack(__fmul_rn(nf4_at(word, bit + 4, base), scale), __fmul_rn(nf4_at(word, bit, base), scale));
+}
+
+// What one lane loads for U consecutive tiles: the 16 bytes of codes of each of its two rows,
+// and their blocks' scale codes (the 8-bit code and the nested scale, or the float32 scale).
+template <int U>
+struct Batch {
+  uint4 codes[U][2];
+  uint32_t qscale[U][2];  // 8-bit code into the dynamic map (double quant) or the float32 scale's bits
+  float nested_scale[U][2];
+};
+
+// Issue every load of tiles tile0 .. tile0 + U - 1 (none past tile_end or K, or for a row past N).
+// first[r]: flat index of the lane's first weight of row r in tile 0 (a multiple of 32, so its 32
+// weights lie in one block); shift = log2(blocksize): no 64-bit division in the loop.
+template <int U>
+__device__ __forceinline__ void load_batch(Batch<U>& b, const NF4View& w, const int64_t (&first)[2],
+                                           const bool (&row_ok)[2], int64_t tile0, int64_t tile_end, int64_t k_lane,
+                                           int64_t K, int shift) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const bool k_ok = tile0 + u < tile_end && (tile0 + u) * kTileK + k_lane < K;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      b.codes[u][r] = make_uint4(0, 0, 0, 0), b.qscale[u][r] = 0, b.nested_scale[u][r] = 0.0f;
+      if (k_ok && row_ok[r]) {
+        const int64_t i = first[r] + (tile0 + u) * kTileK;
+        const int64_t blk = i >> shift;
+        b.codes[u][r] = __ldg(reinterpret_cast<const uint4*>(w.packed + (i >> 1)));
+        if (w.nested != nullptr) {
+          b.qscale[u][r] = __ldg(static_cast<const uint8_t*>(w.absmax) + blk);
+          b.nested_scale[u][r] = __ldg(w.nested + (blk >> 8));  // kNestedBlocksize = 256
+        } else {
+          b.qscale[u][r] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + blk));
+        }
+      }
+    }
+  }
+}
+
+// MT: n8 tiles of x's rows (M <= 8 MT); U: tiles a batch. # Note: two batches in flight. While a
+// warp decodes and multiplies one batch of U tiles, the loads of the next are already issued
+// (registers double-buffered), so memory latency hides behind the decode instead of adding to it.
 template <typename T, int MT, int U>
 __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t N, int64_t K, const T* __restrict__ x,
-                                                             int M, const T* __restrict__ bias, T* __restrict__ y) {
+                                                             int M, const T* __restrict__ bias, T* __restrict__ y,
+                                                             int shift) {
+  static_assert(kNestedBlocksize == 256, "load_batch shifts by 8");
   __shared__ float dynamic[256];
-  __shared__ float nf4[16];
   __shared__ float partial[kMmaWarps][MT * 4][32];
   static_assert(kMmaWarps * 32 == 256, "one thread copies one entry of the dynamic map");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t row[2] = {static_cast<int64_t>(blockIdx.x) * 16 + g, static_cast<int64_t>(blockIdx.x) * 16 + g + 8};
-  const bool row_ok[2] = {row[0] < N, row[1] < N};
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const bool row_ok[2] = {row0 + g < N, row0 + g + 8 < N};
+  const int64_t k_lane = 32 * t;  // the lane's first column in a tile
+  const int64_t first[2] = {(row0 + g) * K + k_lane, (row0 + g + 8) * K + k_lane};
   const int64_t tiles = (K + kTileK - 1) / kTileK;
   const int64_t per_warp = (tiles + kMmaWarps - 1) / kMmaWarps;
   const int64_t tile_begin = warp * per_warp;
@@ -197,8 +253,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
   const bool nested = w.nested != nullptr;
   const float offset = nested ? __ldg(w.offset) : 0.0f;
 
+  Batch<U> cur, next;
+  load_batch(cur, w, first, row_ok, tile_begin, tile_end, k_lane, K, shift);  // before the tables: overlaps them
   dynamic[threadIdx.x] = g_dynamic[threadIdx.x];
-  if (threadIdx.x < 16) nf4[threadIdx.x] = g_nf4[threadIdx.x];
+  if (threadIdx.x < 16) s_nf4[threadIdx.x] = g_nf4[threadIdx.x];
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(s_nf4));  // a multiple of 64
   __syncthreads();
 
   float acc[MT][4];
@@ -206,54 +265,35 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
   for (int j = 0; j < MT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
   for (int64_t tile0 = tile_begin; tile0 < tile_end; tile0 += U) {
-    // 1. the codes and scale codes of U tiles, all loads issued before any is used
-    uint4 codes[U][2];
-    uint32_t qscale[U][2];  // 8-bit code into the dynamic map (double quant) or the float32 scale's bits
-    float nested_scale[U][2];
+    load_batch(next, w, first, row_ok, tile0 + U, tile_end, k_lane, K, shift);  // See Note: two batches in flight.
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t k = (tile0 + u) * kTileK + 32 * t;  // this lane's first column in tile u
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        codes[u][r] = make_uint4(0, 0, 0, 0), qscale[u][r] = 0, nested_scale[u][r] = 0.0f;
-        if (tile0 + u < tile_end && k < K && row_ok[r]) {
-          const int64_t i = row[r] * K + k;  // flat index of the lane's first weight: a multiple of 32
-          const int64_t b = i / w.blocksize;  // the lane's 32 weights lie in this one block
-          codes[u][r] = __ldg(reinterpret_cast<const uint4*>(w.packed + i / 2));
-          if (nested) {
-            qscale[u][r] = __ldg(static_cast<const uint8_t*>(w.absmax) + b);
-            nested_scale[u][r] = __ldg(w.nested + b / kNestedBlocksize);
-          } else {
-            qscale[u][r] = __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + b));
-          }
-        }
-      }
-    }
-    // 2. decode and multiply, tile by tile
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t k = (tile0 + u) * kTileK + 32 * t;
+      const int64_t k = (tile0 + u) * kTileK + k_lane;
       const bool k_ok = tile0 + u < tile_end && k < K;
+      uint2 xs[MT][8];  // the lane's 32 columns of row 8j + g of x: words 2s, 2s+1 feed step s
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {
+        const bool ok = k_ok && 8 * j + g < M;
+        const uint2* src = reinterpret_cast<const uint2*>(x + (8 * j + g) * K + k);
+#pragma unroll
+        for (int s = 0; s < 8; ++s) xs[j][s] = ok ? __ldg(src + s) : make_uint2(0, 0);
+      }
       float scale[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r)  // a lane without weights (row >= N, k >= K) still gets a finite scale: see 3.
-        scale[r] = nested ? __fadd_rn(__fmul_rn(dynamic[qscale[u][r]], nested_scale[u][r]), offset)  // never fused
-                          : __uint_as_float(qscale[u][r]);
+        scale[r] = nested ? __fadd_rn(__fmul_rn(dynamic[cur.qscale[u][r]], cur.nested_scale[u][r]), offset)  // never fused
+                          : __uint_as_float(cur.qscale[u][r]);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {  // See Note: the k permutation.
-        const uint32_t a[4] = {decode_pair<T>(codes[u][0], 2 * s, scale[0], nf4),
-                               decode_pair<T>(codes[u][1], 2 * s, scale[1], nf4),
-                               decode_pair<T>(codes[u][0], 2 * s + 1, scale[0], nf4),
-                               decode_pair<T>(codes[u][1], 2 * s + 1, scale[1], nf4)};
+        const uint32_t a[4] = {decode_pair<T>(cur.codes[u][0], 2 * s, scale[0], base),
+                               decode_pair<T>(cur.codes[u][1], 2 * s, scale[1], base),
+                               decode_pair<T>(cur.codes[u][0], 2 * s + 1, scale[0], base),
+                               decode_pair<T>(cur.codes[u][1], 2 * s + 1, scale[1], base)};
 #pragma unroll
-        for (int j = 0; j < MT; ++j) {
-          const int m = 8 * j + g;  // the row of x this lane brings to B
-          uint2 b = make_uint2(0, 0);
-          if (k_ok && m < M) b = __ldg(reinterpret_cast<const uint2*>(x + m * K + k) + s);  // words 2s, 2s+1
-          Mma<T>::step(acc[j], a, b.x, b.y);
-        }
+        for (int j = 0; j < MT; ++j) Mma<T>::step(acc[j], a, xs[j][s].x, xs[j][s].y);
       }
     }
+    cur = next;
   }
 
   // 3. the 8 warps' partial sums, added in warp order. Lanes past K brought x = 0 (finite A times 0
@@ -266,7 +306,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
   for (int slot = threadIdx.x; slot < MT * 4 * 32; slot += kMmaWarps * 32) {
     const int ji = slot / 32, l = slot % 32;
     const int j = ji / 4, i = ji % 4;
-    const int64_t n = static_cast<int64_t>(blockIdx.x) * 16 + l / 4 + (i >= 2 ? 8 : 0);
+    const int64_t n = row0 + l / 4 + (i >= 2 ? 8 : 0);
     const int m = 8 * j + 2 * (l % 4) + (i % 2);
     if (n >= N || m >= M) continue;
     float sum = 0.0f;
@@ -277,22 +317,29 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
   }
 }
 
+int log2_of(int64_t v) {  // v a power of two (blocksizes 32..4096)
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
 template <typename T, int MT>
 void launch_mma(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream) {
-  constexpr int U = MT >= 4 ? 2 : 4;  // fewer tiles in flight when the accumulators take many registers
-  mma_kernel<T, MT, U><<<static_cast<unsigned>((N + 15) / 16), kMmaWarps * 32, 0, stream>>>(w, N, K, x, M, bias, y);
+  mma_kernel<T, MT, 2><<<static_cast<unsigned>((N + 15) / 16), kMmaWarps * 32, 0, stream>>>(w, N, K, x, M, bias, y,
+                                                                                           log2_of(w.blocksize));
 }
 
 template <typename T>
 cudaError_t launch_simt(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y,
                         cudaStream_t stream) {
   if (M > kCudaSimtMaxRows) return cudaErrorInvalidValue;
+  const int shift = log2_of(w.blocksize);
   const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps)), block(kWarps * 32);
-  if (M == 1) simt_kernel<T, 1><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
-  else if (M == 2) simt_kernel<T, 2><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
-  else if (M <= 4) simt_kernel<T, 4><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
-  else if (M <= 8) simt_kernel<T, 8><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
-  else simt_kernel<T, 16><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y);
+  if (M == 1) simt_kernel<T, 1><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
+  else if (M == 2) simt_kernel<T, 2><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
+  else if (M <= 4) simt_kernel<T, 4><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
+  else if (M <= 8) simt_kernel<T, 8><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
+  else simt_kernel<T, 16><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
   return cudaGetLastError();
 }
 

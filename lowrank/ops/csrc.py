@@ -8,8 +8,8 @@ registers nothing, and every op runs on the Triton / reference backends.
     nf4_dequantize          CPU, CUDA: every shape and dtype         reference (other devices)
     nf4_linear              CPU GEMV: 1 <= M <= 16, K % 32 == 0 and  csrc dequantize in x.dtype, then
                             K % blocksize == 0 (M = x.numel() / K);  F.linear (the reference's own math)
-                            CUDA: 1 <= M <= 64 (float16, bfloat16:
-                            tensor cores) or 16 (float32), K % 32 == 0
+                            CUDA: 1 <= M <= 16 (tensor cores for
+                            float16 / bfloat16), K % 32 == 0
     nf4_linear_grad_input   csrc dequantize in grad_y.dtype, then grad_y @ W
 
 LOWRANK_CPU_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set of the CPU kernels (tests,
@@ -38,8 +38,11 @@ else:
         log.info("lowrank: lowrank._C is not built (%s); the csrc backend is off", e)
 
 GEMV_MAX_ROWS = 16  # csrc/nf4_cpu.h kGemvMaxRows
-# csrc/nf4_cuda.h kCudaMmaMaxRows (float16 / bfloat16) and kCudaSimtMaxRows (float32)
-CUDA_GEMV_MAX_ROWS = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 16}
+# Up to how many rows the CUDA GEMV runs (the kernels take up to 64 rows of float16 / bfloat16
+# and 16 of float32: csrc/nf4_cuda.h). # Note: GEMV or dequantize + cuBLAS on CUDA. Above these
+# the op dequantizes W once and calls cuBLAS: on the H200 at 64 rows that took 0.034 ms against
+# 0.055 for the tensor-core GEMV at 4096 x 4096 (docs/benchmarks.md).
+CUDA_GEMV_MAX_ROWS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 16}
 
 
 def _kernel(name: str, device: torch.device):
