@@ -161,7 +161,24 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def measure(provider: str, make, config, ids: torch.Tensor, reps: int, device: torch.device) -> dict:
+def profile_step(provider: str, step, device: torch.device) -> None:
+    """One more step under torch.profiler: how long the GPU was busy (the kernels' own time, added
+    up) against the step's wall time, and the ops that kept it busy. A step whose kernels add up
+    to much less than its wall time waits on the CPU (Python, launches), not on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds = timed(device, step)
+    events = prof.key_averages()
+    busy_ms = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"{provider}: profiled step {1e3 * seconds:.1f} ms wall (under the profiler), kernels {busy_ms:.1f} ms", flush=True)
+    print(events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                       row_limit=14, max_name_column_width=60), flush=True)
+
+
+def measure(provider: str, make, config, ids: torch.Tensor, reps: int, device: torch.device,
+            profiled: bool = False) -> dict:
     """Build one provider's model, run 1 warm-up + `reps` timed steps. Peak memory: the max of
     torch.cuda.max_memory_allocated over the warm-up step and over the timed steps. The model is
     freed when this returns (or raises): nothing outside holds it."""
@@ -191,6 +208,8 @@ def measure(provider: str, make, config, ids: torch.Tensor, reps: int, device: t
     reset_peak(device)
     times = [run(f"step {i + 1}/{reps}") for i in range(reps)]
     peaks.append(mib(device, torch.cuda.max_memory_allocated))
+    if profiled:
+        profile_step(provider, step, device)
     ms, p20, p80 = _common.summarize([1e3 * t for t in times])
     return {"ms": ms, "p20_ms": p20, "p80_ms": p80, "tokens_per_s": ids.numel() / (ms / 1e3),
             "first_loss": losses[0], "last_loss": losses[-1], "model_mib": model_mib,
@@ -209,7 +228,7 @@ def llama7b(args, device: torch.device, env: dict) -> tuple[list[dict], str]:
         # Note: one failure does not end the run. The GPU run is made once; if one provider
         # fails (out of memory, a kernel error), the other is still measured, and the row says why.
         try:
-            results[provider] = measure(provider, make, config, ids, args.reps or sizes["reps"], device)
+            results[provider] = measure(provider, make, config, ids, args.reps or sizes["reps"], device, args.profile)
         except Exception as e:  # noqa: BLE001 - reported in the row and on stderr, never swallowed
             traceback.print_exc()
             results[provider] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -234,6 +253,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for size in ("layers", "hidden", "intermediate", "vocab", "seq"):
         parser.add_argument(f"--{size}", type=int, help=f"with --llama7b: override {size} (default {LLAMA7B[size]})")
     parser.add_argument("--reps", type=int, help="timed steps per provider (default: 5 with --llama7b)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --llama7b: one more step per provider under torch.profiler (GPU busy time, top ops)")
     parser.add_argument("--out", type=Path, help="JSON rows (+ .md); default results/qlora.json, "
                         "results/qlora_llama7b.json with --llama7b")
     args = parser.parse_args(argv)

@@ -93,6 +93,32 @@ def _check_weight(packed, absmax, nested_absmax, offset, shape: Sequence, blocks
         )
 
 
+# Note: checks at run time. The fake kernels need torch._check (symbolic sizes while tracing);
+# the real kernels run on every forward of every 4-bit layer, where a chain of ~15 torch._check
+# calls cost more than the GEMV they guard (tens of microseconds a call: decoding is bound by
+# that). So the real kernels first ask _weight_ok / _linear_ok, one plain expression with the
+# same conditions, and run the torch._check chain only when it says no: for its message.
+def _weight_ok(packed, absmax, nested_absmax, offset, shape: Sequence, blocksize: int) -> bool:
+    n = math.prod(shape)
+    blocks = (n + blocksize - 1) // blocksize if blocksize > 0 else -1
+    device = packed.device
+    if nested_absmax is None:
+        return (offset is None and blocksize in BLOCKSIZES and packed.dtype == torch.uint8
+                and packed.numel() == (n + 1) // 2 and absmax.dtype == torch.float32 and absmax.numel() == blocks
+                and absmax.device == device)  # fmt: skip
+    return (offset is not None and blocksize in BLOCKSIZES and packed.dtype == torch.uint8
+            and packed.numel() == (n + 1) // 2 and absmax.dtype == torch.uint8 and absmax.numel() == blocks
+            and nested_absmax.dtype == torch.float32 and nested_absmax.numel() == (blocks + 255) // 256
+            and offset.dtype == torch.float32 and offset.numel() == 1
+            and absmax.device == device and nested_absmax.device == device and offset.device == device)  # fmt: skip
+
+
+def _linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias) -> bool:
+    return (len(shape) == 2 and x.dtype in FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == shape[1]
+            and x.device == packed.device and _weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize)
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == shape[0] and bias.dtype == x.dtype)))  # fmt: skip
+
+
 def _check_linear(x: torch.Tensor, shape: Sequence, what: str = "x") -> tuple:
     torch._check(len(shape) == 2, lambda: f"a linear weight has shape [N, K], got {list(shape)}")
     torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{what} must be one of {FLOAT_DTYPES}, got {x.dtype}")
@@ -114,8 +140,9 @@ def _(packed, absmax, nested_absmax, offset, shape, blocksize, dtype):
 
 @torch.library.impl("lowrank::nf4_dequantize", "CompositeExplicitAutograd", lib=_lib)
 def _(packed, absmax, nested_absmax, offset, shape, blocksize, dtype):
-    _check_weight(packed, absmax, nested_absmax, offset, shape, blocksize)
-    torch._check(dtype in FLOAT_DTYPES, lambda: f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    if not (dtype in FLOAT_DTYPES and _weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize)):
+        _check_weight(packed, absmax, nested_absmax, offset, shape, blocksize)  # See Note: checks at run time.
+        torch._check(dtype in FLOAT_DTYPES, lambda: f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     _, impl = backends.choose("nf4_dequantize", packed.device)
     return impl(packed, absmax, nested_absmax, offset, list(shape), blocksize, dtype)
 
@@ -146,7 +173,8 @@ def _(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
 
 @torch.library.impl("lowrank::nf4_linear", "CompositeExplicitAutograd", lib=_lib)
 def _(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
-    _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
+    if not _linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
+        _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)  # See Note: checks at run time.
     _, impl = backends.choose("nf4_linear", x.device)
     return impl(x, packed, absmax, nested_absmax, offset, list(shape), blocksize, bias)
 
@@ -169,7 +197,9 @@ def _(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
 
 @torch.library.impl("lowrank::nf4_linear_grad_input", "CompositeExplicitAutograd", lib=_lib)
 def _(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
-    _grad_input_args(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize)
+    if not (len(shape) == 2 and grad_y.dtype in FLOAT_DTYPES and grad_y.dim() >= 1 and grad_y.shape[-1] == shape[0]
+            and _weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize)):  # fmt: skip
+        _grad_input_args(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize)  # See Note: checks at run time.
     _, impl = backends.choose("nf4_linear_grad_input", grad_y.device)
     return impl(grad_y, packed, absmax, nested_absmax, offset, list(shape), blocksize)
 

@@ -106,7 +106,10 @@ class Linear4bit(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        y = ops.nf4_linear(x.to(dtype), self.weight, bias)  # (..., in) -> (..., out)
+        # the op on the fields directly: an NF4Weight checks itself on construction, and this runs
+        # on every forward of every layer (the op checks its arguments anyway)
+        y = torch.ops.lowrank.nf4_linear(x.to(dtype), self.packed, _as_float(self.absmax), _as_float(self.nested_absmax),
+                                         _as_float(self.offset), self.shape, self.blocksize, bias)  # (..., in) -> (..., out)
         return y if autocast else y.to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
