@@ -18,6 +18,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "message.h"
 #include "nf4_cpu.h"
 
 namespace lowrank {
@@ -28,30 +29,32 @@ NF4View nf4_view(const at::Tensor& packed, const at::Tensor& absmax, const std::
   int64_t numel = 1;
   for (int64_t d : shape) numel *= d;
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
-  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be even and >= 2, got ", blocksize);
+  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0, message("blocksize must be even and >= 2, got ", blocksize));
   TORCH_CHECK(packed.dtype() == at::kByte && packed.is_contiguous() && packed.numel() == (numel + 1) / 2,
-              "packed must be a contiguous uint8 tensor of ", (numel + 1) / 2, " bytes for shape ", shape, "; got ",
-              packed.sizes(), " ", packed.dtype());
+              message("packed must be a contiguous uint8 tensor of ", (numel + 1) / 2, " bytes for shape ", shape,
+                      "; got ", packed.sizes(), " ", packed.dtype()));
   const bool nested = nested_absmax.has_value();
-  TORCH_CHECK(nested == offset.has_value(), "nested_absmax and offset go together (double quantization): got ",
-              nested ? "nested_absmax without offset" : "offset without nested_absmax");
+  TORCH_CHECK(nested == offset.has_value(),
+              message("nested_absmax and offset go together (double quantization): got ",
+                      nested ? "nested_absmax without offset" : "offset without nested_absmax"));
   const auto absmax_dtype = nested ? at::kByte : at::kFloat;
-  TORCH_CHECK(absmax.device() == packed.device(), "absmax must be on ", packed.device(), " (packed's device), got ",
-              absmax.device());
-  TORCH_CHECK(absmax.dtype() == absmax_dtype && absmax.is_contiguous() && absmax.numel() == blocks, "absmax must be ",
-              blocks, " contiguous ", absmax_dtype, " values for shape ", shape, " and blocksize ", blocksize, "; got ",
-              absmax.sizes(), " ", absmax.dtype());
+  TORCH_CHECK(absmax.device() == packed.device(),
+              message("absmax must be on ", packed.device(), " (packed's device), got ", absmax.device()));
+  TORCH_CHECK(absmax.dtype() == absmax_dtype && absmax.is_contiguous() && absmax.numel() == blocks,
+              message("absmax must be ", blocks, " contiguous ", absmax_dtype, " values for shape ", shape,
+                      " and blocksize ", blocksize, "; got ", absmax.sizes(), " ", absmax.dtype()));
   NF4View w{packed.data_ptr<uint8_t>(), absmax.data_ptr(), nullptr, nullptr, numel, blocksize};
   if (nested) {
     const at::Tensor& na = *nested_absmax;
     const int64_t nested_blocks = (blocks + kNestedBlocksize - 1) / kNestedBlocksize;
     TORCH_CHECK(na.dtype() == at::kFloat && na.is_contiguous() && na.numel() == nested_blocks,
-                "nested_absmax must be ", nested_blocks, " contiguous float32 values; got ", na.sizes(), " ", na.dtype());
-    TORCH_CHECK(offset->numel() == 1 && offset->dtype() == at::kFloat, "offset must be one float32 value; got ",
-                offset->sizes(), " ", offset->dtype());
+                message("nested_absmax must be ", nested_blocks, " contiguous float32 values; got ", na.sizes(), " ",
+                        na.dtype()));
+    TORCH_CHECK(offset->numel() == 1 && offset->dtype() == at::kFloat,
+                message("offset must be one float32 value; got ", offset->sizes(), " ", offset->dtype()));
     for (const at::Tensor* t : {&na, &*offset})
-      TORCH_CHECK(t->device() == packed.device(), "every tensor of the weight must be on ", packed.device(),
-                  " (packed's device), got one on ", t->device());
+      TORCH_CHECK(t->device() == packed.device(), message("every tensor of the weight must be on ", packed.device(),
+                                                          " (packed's device), got one on ", t->device()));
     w.nested = na.data_ptr<float>();
     w.offset = offset->data_ptr<float>();
   }
@@ -67,12 +70,12 @@ OutType out_type(at::ScalarType dtype) {
     case at::kBFloat16: return OutType::kBFloat16;
     default: break;
   }
-  TORCH_CHECK_VALUE(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(false, message("dtype must be float32, float16 or bfloat16, got ", dtype));
   return OutType::kFloat32;  // not reached
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU for lowrank._C's CPU kernels, got ", t.device());
+  TORCH_CHECK(t.device().is_cpu(), message(name, " must be on the CPU for lowrank._C's CPU kernels, got ", t.device()));
 }
 
 // Note: huge pages for the output. A fresh 32 MiB tensor is untouched memory (glibc maps it
@@ -87,7 +90,8 @@ struct HugePageAllocator final : c10::Allocator {
   static void release(void* p) { std::free(p); }
   c10::DataPtr allocate(size_t n) override {
     void* p = nullptr;
-    if (n > 0 && posix_memalign(&p, kHuge, n) != 0) TORCH_CHECK(false, "out of memory allocating ", n, " bytes");
+    if (n > 0 && posix_memalign(&p, kHuge, n) != 0)
+      TORCH_CHECK(false, message("out of memory allocating ", n, " bytes"));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (n >= kHuge) (void)madvise(p, n & ~(kHuge - 1), MADV_HUGEPAGE);
 #endif
@@ -134,7 +138,8 @@ void dequantize_into_op(const at::Tensor& out, const at::Tensor& packed, const a
   check_cpu(absmax, "absmax");
   check_cpu(out, "out");
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
-  TORCH_CHECK(out.is_contiguous() && out.numel() == w.numel, "out must be contiguous with ", w.numel, " elements");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == w.numel,
+              message("out must be contiguous with ", w.numel, " elements"));
   dequantize_into(w, out_type(out.scalar_type()), out);
 }
 
@@ -142,19 +147,20 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                           at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
   for (const at::Tensor* t : {&x, &packed, &absmax}) check_cpu(*t, "every tensor");
-  TORCH_CHECK(shape.size() == 2, "the weight must be 2-d [N, K], got shape ", shape);
+  TORCH_CHECK(shape.size() == 2, message("the weight must be 2-d [N, K], got shape ", shape));
   const int64_t N = shape[0], K = shape[1];
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must be [..., K] with K = ", K, ", got ", x.sizes());
-  TORCH_CHECK(K % kGemvGroup == 0 && K % blocksize == 0, "K must be a multiple of 32 and of blocksize ", blocksize,
-              ", got K = ", K);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, message("x must be [..., K] with K = ", K, ", got ", x.sizes()));
+  TORCH_CHECK(K % kGemvGroup == 0 && K % blocksize == 0,
+              message("K must be a multiple of 32 and of blocksize ", blocksize, ", got K = ", K));
   const int64_t M = x.numel() / K;
-  TORCH_CHECK(M >= 1 && M <= kGemvMaxRows, "x must have 1 to ", kGemvMaxRows, " rows (x.numel() / K), got ", M);
+  TORCH_CHECK(M >= 1 && M <= kGemvMaxRows,
+              message("x must have 1 to ", kGemvMaxRows, " rows (x.numel() / K), got ", M));
   const OutType wtype = out_type(x.scalar_type());  // W is dequantized in x's dtype, as the reference does
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
 
   at::Tensor bf;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "bias must hold N = ", N, " values, got ", bias->sizes());
+    TORCH_CHECK(bias->numel() == N, message("bias must hold N = ", N, " values, got ", bias->sizes()));
     bf = bias->to(at::kFloat).contiguous();
   }
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));  // [M, N] float32
@@ -191,7 +197,7 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
 bool set_cpu_isa(const std::string& name) {
   for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16})
     if (name == isa_name(isa)) return set_isa(isa);
-  TORCH_CHECK_VALUE(false, "cpu isa must be one of scalar, avx2, avx512, avx512bf16; got '", name, "'");
+  TORCH_CHECK_VALUE(false, message("cpu isa must be one of scalar, avx2, avx512, avx512bf16; got '", name, "'"));
   return false;  // not reached
 }
 

@@ -2,7 +2,7 @@
 //
 //   nf4_dequantize_cuda(packed, absmax, nested_absmax?, offset?, shape, blocksize, dtype) -> W[shape]
 //   nf4_linear_cuda(x[..., K], packed, absmax, nested_absmax?, offset?, shape=[N, K], blocksize, bias?, kernel=0)
-//       -> x @ W^T + bias, [..., N] in x.dtype       (1 <= M = x.numel() / K <= 64 for float16 / bfloat16, 16 for float32)
+//       -> x @ W^T + bias, [..., N] in x.dtype     (1 <= M = x.numel() / K <= 64 for float16 / bfloat16, 16 float32)
 //   kernel: which GEMV (nf4_cuda.h kGemv*); 0 picks by dtype
 //
 //   managed_prefetch(t): move the managed-memory pages of t to its device, on the current stream
@@ -13,8 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include <string>
-
+#include "message.h"
 #include "nf4_cuda.h"
 #include "paged.h"
 
@@ -32,18 +31,18 @@ CudaType cuda_type(at::ScalarType dtype) {
     case at::kBFloat16: return CudaType::kBFloat16;
     default: break;
   }
-  TORCH_CHECK_VALUE(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(false, message("dtype must be float32, float16 or bfloat16, got ", dtype));
   return CudaType::kFloat32;  // not reached
 }
 
 void check(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, message(what, " failed: ", cudaGetErrorString(err)));
 }
 
 at::Tensor dequantize_cuda_op(const at::Tensor& packed, const at::Tensor& absmax,
                               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                               at::IntArrayRef shape, int64_t blocksize, at::ScalarType dtype) {
-  TORCH_CHECK(packed.is_cuda(), "packed must be a CUDA tensor, got one on ", packed.device());
+  TORCH_CHECK(packed.is_cuda(), message("packed must be a CUDA tensor, got one on ", packed.device()));
   const c10::cuda::CUDAGuard guard(packed.device());
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
@@ -56,32 +55,32 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                           at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias,
                           int64_t kernel) {
-  TORCH_CHECK(x.is_cuda() && x.device() == packed.device(), "x and packed must be on the same CUDA device, got ",
-              x.device(), " and ", packed.device());
-  TORCH_CHECK(shape.size() == 2, "the weight must be 2-d [N, K], got shape ", shape);
+  TORCH_CHECK(x.is_cuda() && x.device() == packed.device(),
+              message("x and packed must be on the same CUDA device, got ", x.device(), " and ", packed.device()));
+  TORCH_CHECK(shape.size() == 2, message("the weight must be 2-d [N, K], got shape ", shape));
   const int64_t N = shape[0], K = shape[1];
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must be [..., K] with K = ", K, ", got ", x.sizes());
-  TORCH_CHECK(K % 32 == 0 && blocksize % 32 == 0, "K and blocksize must be multiples of 32; got K = ", K,
-              ", blocksize ", blocksize);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, message("x must be [..., K] with K = ", K, ", got ", x.sizes()));
+  TORCH_CHECK(K % 32 == 0 && blocksize % 32 == 0,
+              message("K and blocksize must be multiples of 32; got K = ", K, ", blocksize ", blocksize));
   const int64_t M = x.numel() / K;
   const bool simt = kernel == kGemvSimt || (kernel == kGemvAuto && x.scalar_type() == at::kFloat);
-  TORCH_CHECK(kernel == kGemvAuto || kernel == kGemvMma || kernel == kGemvSimt, "kernel must be ", kGemvAuto,
-              " (auto), ", kGemvMma, " (mma) or ", kGemvSimt, " (simt), got ", kernel);
+  TORCH_CHECK(
+      kernel == kGemvAuto || kernel == kGemvMma || kernel == kGemvSimt,
+      message("kernel must be ", kGemvAuto, " (auto), ", kGemvMma, " (mma) or ", kGemvSimt, " (simt), got ", kernel));
   TORCH_CHECK(!(kernel == kGemvMma && x.scalar_type() == at::kFloat),
               "the mma kernel takes float16 or bfloat16 x, got float32");
   const int64_t max_rows = simt ? kCudaSimtMaxRows : kCudaMmaMaxRows;
-  // one std::string (std::to_string), not c10::str's stream of numbers: see docs/csrc.md, Known problems
-  TORCH_CHECK(M >= 1 && M <= max_rows, "x must have 1 to " + std::to_string(max_rows) +
-                                           " rows for this kernel, got " + std::to_string(M));
+  TORCH_CHECK(M >= 1 && M <= max_rows, message("x must have 1 to ", max_rows, " rows for this kernel, got ", M));
   const c10::cuda::CUDAGuard guard(x.device());
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
   at::Tensor xc = x.reshape({M, K}).contiguous();
   if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 != 0) xc = xc.clone();  // fresh storage is aligned
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
-              "packed must start on a 16-byte boundary for the CUDA kernel (a view at an offset?); pass packed.clone()");
+              "packed must start on a 16-byte boundary for the CUDA kernel (a view at an offset?); "
+              "pass packed.clone()");
   at::Tensor bc;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "bias must hold N = ", N, " values, got ", bias->sizes());
+    TORCH_CHECK(bias->numel() == N, message("bias must hold N = ", N, " values, got ", bias->sizes()));
     bc = bias->to(x.scalar_type()).contiguous();
   }
   at::Tensor y = at::empty({M, N}, x.options());
@@ -94,7 +93,7 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
 }
 
 void managed_prefetch_op(const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "managed_prefetch takes a CUDA tensor in managed memory, got one on ", t.device());
+  TORCH_CHECK(t.is_cuda(), message("managed_prefetch takes a CUDA tensor in managed memory, got one on ", t.device()));
   const c10::cuda::CUDAGuard guard(t.device());
   check(managed_prefetch(t.data_ptr(), t.nbytes(), t.device().index(), at::cuda::getCurrentCUDAStream()),
         "cudaMemPrefetchAsync");
