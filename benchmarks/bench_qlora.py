@@ -165,13 +165,15 @@ def profile_step(provider: str, step, device: torch.device) -> None:
     """One more step under torch.profiler: how long the GPU was busy (the kernels' own time, added
     up) against the step's wall time, and the ops that kept it busy. A step whose kernels add up
     to much less than its wall time waits on the CPU (Python, launches), not on the GPU."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         seconds = timed(device, step)
     events = prof.key_averages()
-    busy_ms = sum(e.self_device_time_total for e in events) / 1e3
+    # the kernels' own events only: an op's row repeats the device time of the kernels it launched
+    busy_ms = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3
     print(f"{provider}: profiled step {1e3 * seconds:.1f} ms wall (under the profiler), kernels {busy_ms:.1f} ms", flush=True)
     print(events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
                        row_limit=14, max_name_column_width=60), flush=True)

@@ -23,10 +23,10 @@ log = logging.getLogger("lowrank")
 BACKENDS = ("triton", "csrc", "reference")
 
 # device type -> backends in order of preference; the first one that implements the op wins.
-# Note: csrc before triton on CUDA. On the H200 (docs/benchmarks.md, 2026-11-27) the CUDA
-# kernels beat the Triton ones on every op measured: dequantize 0.028 vs 0.055 ms, M = 1
-# 0.016 vs 0.124 ms, M = 16 0.11 vs 0.19 ms, and for large M csrc's dequantize + cuBLAS
-# against a fused Triton matmul 20x slower than bf16. Triton runs where csrc is not built.
+# Note: csrc before triton on CUDA. On the H200 (docs/benchmarks.md, 2026-11-28, 4096 x 4096)
+# the CUDA kernels beat the Triton ones on every op measured: dequantize 0.016 vs 0.049-0.055
+# ms, M = 1 0.013 vs 0.129, M = 16 0.021 vs 0.141, M = 4096 0.199 vs 0.203 (both dequantize +
+# cuBLAS there). Triton runs where csrc is not built with CUDA, or when forced.
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("csrc", "triton", "reference"),
     "cpu": ("csrc", "reference"),
