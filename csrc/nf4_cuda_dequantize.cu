@@ -3,18 +3,19 @@
 //   scale[b] = absmax[b], or DYNAMIC[qabsmax[b]] * nested_absmax[b / 256] + offset (two roundings)
 // Bit-exact with lowrank/quant/nf4.py (the contract in nf4_common.h).
 //
-// Design (Hopper first, runs on sm_80 too). A thread decodes 8 elements: one 4-byte load of packed codes in, one
-// 16-byte store of bf16/fp16 out, so each warp instruction reads 128 contiguous bytes and writes
-// 512: both fully coalesced. A thread takes kUnroll such items, kThreads apart, and issues all of
-// their loads (codes, 8-bit scale codes, nested scales) before it waits for any, so that every
-// SM keeps enough bytes in flight to stream at the copy bandwidth. 8 elements lie in one block
-// (blocksize >= 32, a power of two): one scale per item. The NF4 values and the dynamic map sit
-// in shared memory (the 16 NF4 words in 16 banks: lanes never conflict). Block and nested-block
-// indices are shifts (blocksize is a power of two): a 64-bit division costs ~60 instructions.
+// Design (Hopper first, runs on sm_80 too). A thread decodes 8 elements: one 4-byte load of
+// packed codes in, one 16-byte store of bf16/fp16 out, so each warp instruction reads 128
+// contiguous bytes and writes 512: both fully coalesced. A thread takes kUnroll such items,
+// kThreads apart, and issues all of their loads (codes, 8-bit scale codes, nested scales) before
+// it waits for any, so that every SM keeps enough bytes in flight to stream at the copy
+// bandwidth. 8 elements lie in one block (blocksize >= 32, a power of two): one scale per item.
+// The NF4 values and the dynamic map sit in shared memory (the 16 NF4 words in 16 banks: lanes
+// never conflict). Block and nested-block indices are shifts (blocksize is a power of two): a
+// 64-bit division costs ~60 instructions.
 //
-// Measured on an H200 (docs/benchmarks.md): 83-92% of the device-to-device copy bandwidth, where
-// the first version (32 elements a thread, one 16-byte load, 128-bit stores 64 bytes apart across
-// lanes) reached 47%.
+// Measured on an H200 (docs/benchmarks.md, 2026-11-28): 78-91% of the device-to-device copy
+// bandwidth at Llama shapes (68% at 1024 x 4096), where the first version (32 elements a thread,
+// one 16-byte load, 128-bit stores 64 bytes apart across lanes) reached 47%.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

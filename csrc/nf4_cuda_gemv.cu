@@ -10,7 +10,9 @@
 // tiles of 128 columns, and add their partial sums in shared memory at the end (a fixed order:
 // deterministic). See Note: the k permutation, for how a lane's one 16-byte load of codes becomes
 // its share of eight mma steps without any shuffle. W enters the mma exactly as the reference
-// dequantizes it: NF4[code] * scale rounded once to x's dtype.
+// dequantizes it: NF4[code] * scale rounded once to x's dtype. On the H200 (docs/benchmarks.md,
+// 2026-11-28) it is bound by instruction issue (~4.5 instructions a weight, 25% occupancy), not
+// by memory: 1.1-1.5x bf16 cuBLAS at M = 1.
 //
 // kGemvSimt, any type, M <= 16 (the default for float32, whose tensor-core path would be TF32).
 // One warp per row n of W. A lane takes 16 bytes of the row (one 128-bit load: 32 weights in one
@@ -280,8 +282,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
       }
       float scale[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r)  // a lane without weights (row >= N, k >= K) still gets a finite scale: see 3.
-        scale[r] = nested ? __fadd_rn(__fmul_rn(dynamic[cur.qscale[u][r]], cur.nested_scale[u][r]), offset)  // never fused
+      for (int r = 0; r < 2; ++r)  // a lane without weights (row >= N, k >= K) still gets a finite scale: see Reduction.
+        scale[r] = nested ? __fadd_rn(__fmul_rn(dynamic[cur.qscale[u][r]], cur.nested_scale[u][r]), offset)  // no FMA
                           : __uint_as_float(cur.qscale[u][r]);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {  // See Note: the k permutation.
@@ -296,8 +298,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
     cur = next;
   }
 
-  // 3. the 8 warps' partial sums, added in warp order. Lanes past K brought x = 0 (finite A times 0
-  //    adds 0); rows past N or M only reach outputs that are not written. D[n][m]: c0 = (g, 2t), c1 = (g, 2t+1), c2/c3 = rows g+8
+  // Reduction: the 8 warps' partial sums, added in warp order. Lanes past K brought x = 0 (finite A times 0
+  //    adds 0); rows past N or M only reach outputs that are not written.
+  //    D[n][m]: c0 = (g, 2t), c1 = (g, 2t+1), c2 / c3 the same for row g + 8.
 #pragma unroll
   for (int j = 0; j < MT; ++j)
 #pragma unroll
