@@ -46,7 +46,7 @@ step 90 "$OUT/tests.log" "csrc, optimizer and quantize gpu tests" $PYTEST tests/
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 step 60 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
-step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.py --llama7b --reps 3 --out "$OUT/qlora.json"
+step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.py --llama7b --reps 4 --profile --out "$OUT/qlora.json"
 # TRITON_TESTS narrows the Triton tests (each autotunes, ~2 s a test); all of tests/ops/test_gpu.py by default
 step 60 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops/test_gpu.py -k "${TRITON_TESTS:-}"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
