@@ -27,6 +27,14 @@ constexpr int kGemvMma = 1;   // tensor cores (mma.sync m16n8k16), float16 / bfl
 constexpr int kGemvSimt = 2;  // one warp a row on the CUDA cores, any type, M <= kCudaSimtMaxRows
 
 constexpr int kCudaMmaMaxRows = 64;
+
+// log2 of a power of two (blocksizes 32..4096): the kernels index blocks by shifts, since a
+// 64-bit division is a ~60-instruction subroutine on the GPU.
+inline int log2_of(int64_t v) {
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
 constexpr int kCudaSimtMaxRows = 16;
 
 // x [M, K] and y [M, N] contiguous, both of `type`; bias (N,) of `type` or nullptr.

@@ -144,12 +144,6 @@ __global__ void __launch_bounds__(kThreads) scalar_kernel(NF4View w, T* __restri
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-int log2_of(int64_t v) {  // v a power of two (blocksizes 32..4096)
-  int s = 0;
-  while ((int64_t{1} << s) < v) ++s;
-  return s;
-}
-
 template <typename T>
 cudaError_t launch(const NF4View& w, T* out, cudaStream_t stream) {
   static_assert(kNestedBlocksize == 256, "stream_kernel shifts by 8");

@@ -141,35 +141,36 @@ __global__ void __launch_bounds__(kWarps * 32) simt_kernel(NF4View w, int64_t N,
 constexpr int kMmaWarps = 8;   // warps of a CTA: they split K, all on the same 16 rows of W
 constexpr int kTileK = 128;    // columns of W a warp covers per tile: 4 lanes x 32
 
+// One mma.sync step in T (float16 or bfloat16), float32 accumulators, and T's packed pairs.
 template <typename T>
-struct Mma;
+struct Mma {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma takes float16 or bfloat16");
+  static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
 
-template <>
-struct Mma<__nv_bfloat16> {
   // (lo, hi) rounded to nearest even, lo in the low 16 bits: the element of the smaller column
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
+    uint32_t bits;
+    if constexpr (kBf16) {
+      const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+      bits = *reinterpret_cast<const uint32_t*>(&v);
+    } else {
+      const __half2 v = __floats2half2_rn(lo, hi);
+      bits = *reinterpret_cast<const uint32_t*>(&v);
+    }
+    return bits;
   }
-  static __device__ __forceinline__ void step(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
 
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
   static __device__ __forceinline__ void step(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kBf16)
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
 
@@ -281,8 +282,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
         for (int s = 0; s < 8; ++s) xs[j][s] = ok ? __ldg(src + s) : make_uint2(0, 0);
       }
       float scale[2];
+      // a lane without weights (row >= N, k >= K) still gets a finite scale: see Reduction.
 #pragma unroll
-      for (int r = 0; r < 2; ++r)  // a lane without weights (row >= N, k >= K) still gets a finite scale: see Reduction.
+      for (int r = 0; r < 2; ++r)
         scale[r] = nested ? __fadd_rn(__fmul_rn(dynamic[cur.qscale[u][r]], cur.nested_scale[u][r]), offset)  // no FMA
                           : __uint_as_float(cur.qscale[u][r]);
 #pragma unroll
@@ -318,12 +320,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
     if (bias != nullptr) sum += to_float(bias[n]);
     y[m * N + n] = from_float<T>(sum);
   }
-}
-
-int log2_of(int64_t v) {  // v a power of two (blocksizes 32..4096)
-  int s = 0;
-  while ((int64_t{1} << s) < v) ++s;
-  return s;
 }
 
 template <typename T, int MT>

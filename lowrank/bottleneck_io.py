@@ -59,13 +59,10 @@ def is_bottleneck(model: nn.Module, name: str | None) -> bool:
 
 def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(keyed tensors, adapter_config dict) for bottleneck adapter `name` of `model`."""
-    from .io import PREFIX
+    from .io import PREFIX, only_name
 
     if name is None:
-        names = _names(model)
-        if len(names) != 1:
-            raise ValueError(f"the model has bottleneck adapters {names}; pass name= to say which to save")
-        name = names[0]
+        name = only_name(_names(model), "bottleneck adapters")
     layers = _layers(model, name)
     configs = {id(layer.configs[name]): layer.configs[name] for _, layer in layers}
     if len(configs) > 1:

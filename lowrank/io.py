@@ -99,10 +99,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     if io_prompt.holds_prompt(model, name):
         return io_prompt.adapter_state(model, name)
     if name is None:
-        names = [n for n in adapter_names(model) if _lora_layers(model, n)]
-        if len(names) != 1:
-            raise ValueError(f"the model has LoRA adapters {names}; pass name= to say which to save")
-        name = names[0]
+        name = only_name([n for n in adapter_names(model) if _lora_layers(model, n)], "LoRA adapters")
     layers = _lora_layers(model, name)
     if not layers:
         raise ValueError(f"the model has no LoRA adapter named {name!r}; it has {adapter_names(model)}")
@@ -344,6 +341,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         undo_inject(model, name, before)
         raise
     return result
+
+
+def only_name(names: list[str], what: str) -> str:
+    """The one name in `names` (a save without name=); a ValueError naming them otherwise."""
+    if len(names) != 1:
+        raise ValueError(f"the model has {what} {names}; pass name= to say which to save")
+    return names[0]
 
 
 def virtual_tokens(peft_config: dict, source: str, kind: str) -> int:

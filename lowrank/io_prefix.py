@@ -38,10 +38,10 @@ def has_prefix(model: nn.Module, name: str | None) -> bool:
 def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """({"prompt_embeddings": (P, L * 2 * d_kv)}, PEFT adapter_config dict) for prefix adapter `name`."""
     if name is None:
-        names = list(dict.fromkeys(n for m in model.modules() if isinstance(m, PrefixLayer) for n in m.names))
-        if len(names) != 1:
-            raise ValueError(f"the model has prefix adapters {names}; pass name= to say which to save")
-        name = names[0]
+        from .io import only_name  # io imports this module first
+
+        name = only_name(list(dict.fromkeys(n for m in model.modules() if isinstance(m, PrefixLayer) for n in m.names)),
+                         "prefix adapters")
     found = layers(model, name)
     if not found:
         raise ValueError(f"the model has no prefix adapter named {name!r}")

@@ -42,7 +42,7 @@ GEMV_MAX_ROWS = 16  # csrc/nf4_cpu.h kGemvMaxRows
 # and 16 of float32: csrc/nf4_cuda.h). # Note: GEMV or dequantize + cuBLAS on CUDA. Above these
 # the op dequantizes W once and calls cuBLAS: on the H200 at 64 rows that took 0.034 ms against
 # 0.055 for the tensor-core GEMV at 4096 x 4096 (docs/benchmarks.md).
-CUDA_GEMV_MAX_ROWS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 16}
+CUDA_GEMV_MAX_ROWS = 16
 
 
 def _kernel(name: str, device: torch.device):
@@ -70,7 +70,7 @@ def _gemv_covers(x: torch.Tensor, shape, blocksize: int) -> bool:
     if len(shape) != 2 or k <= 0 or k % 32 != 0:
         return False
     if x.device.type == "cuda":  # any blocksize: a lane's 32 weights always lie in one block
-        return 1 <= x.numel() // k <= CUDA_GEMV_MAX_ROWS[x.dtype]  # (packed 16-byte aligned: see nf4_linear)
+        return 1 <= x.numel() // k <= CUDA_GEMV_MAX_ROWS  # (packed 16-byte aligned: see nf4_linear)
     return k % blocksize == 0 and 1 <= x.numel() // k <= GEMV_MAX_ROWS
 
 

@@ -96,27 +96,33 @@ def _check_weight(packed, absmax, nested_absmax, offset, shape: Sequence, blocks
 # Note: checks at run time. The fake kernels need torch._check (symbolic sizes while tracing);
 # the real kernels run on every forward of every 4-bit layer, where a chain of ~15 torch._check
 # calls cost more than the GEMV they guard (tens of microseconds a call: decoding is bound by
-# that). So the real kernels first ask _weight_ok / _linear_ok, one plain expression with the
+# that). So the real kernels first ask _weight_ok / _linear_ok / _grad_input_ok, plain expressions with the
 # same conditions, and run the torch._check chain only when it says no: for its message.
 def _weight_ok(packed, absmax, nested_absmax, offset, shape: Sequence, blocksize: int) -> bool:
+    if blocksize not in BLOCKSIZES:
+        return False
     n = math.prod(shape)
-    blocks = (n + blocksize - 1) // blocksize if blocksize > 0 else -1
+    blocks = (n + blocksize - 1) // blocksize
     device = packed.device
+    common = (packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2 and absmax.numel() == blocks
+              and absmax.device == device)  # fmt: skip
     if nested_absmax is None:
-        return (offset is None and blocksize in BLOCKSIZES and packed.dtype == torch.uint8
-                and packed.numel() == (n + 1) // 2 and absmax.dtype == torch.float32 and absmax.numel() == blocks
-                and absmax.device == device)  # fmt: skip
-    return (offset is not None and blocksize in BLOCKSIZES and packed.dtype == torch.uint8
-            and packed.numel() == (n + 1) // 2 and absmax.dtype == torch.uint8 and absmax.numel() == blocks
+        return common and offset is None and absmax.dtype == torch.float32
+    return (common and offset is not None and absmax.dtype == torch.uint8
             and nested_absmax.dtype == torch.float32 and nested_absmax.numel() == (blocks + 255) // 256
             and offset.dtype == torch.float32 and offset.numel() == 1
-            and absmax.device == device and nested_absmax.device == device and offset.device == device)  # fmt: skip
+            and nested_absmax.device == device and offset.device == device)  # fmt: skip
 
 
 def _linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias) -> bool:
     return (len(shape) == 2 and x.dtype in FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == shape[1]
             and x.device == packed.device and _weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize)
             and (bias is None or (bias.dim() == 1 and bias.shape[0] == shape[0] and bias.dtype == x.dtype)))  # fmt: skip
+
+
+def _grad_input_ok(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize) -> bool:
+    return (len(shape) == 2 and grad_y.dtype in FLOAT_DTYPES and grad_y.dim() >= 1 and grad_y.shape[-1] == shape[0]
+            and _weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize))  # fmt: skip
 
 
 def _check_linear(x: torch.Tensor, shape: Sequence, what: str = "x") -> tuple:
@@ -173,8 +179,8 @@ def _(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
 
 @torch.library.impl("lowrank::nf4_linear", "CompositeExplicitAutograd", lib=_lib)
 def _(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
-    if not _linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
-        _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)  # See Note: checks at run time.
+    if not _linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):  # See Note: checks at run time.
+        _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
     _, impl = backends.choose("nf4_linear", x.device)
     return impl(x, packed, absmax, nested_absmax, offset, list(shape), blocksize, bias)
 
@@ -197,9 +203,8 @@ def _(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
 
 @torch.library.impl("lowrank::nf4_linear_grad_input", "CompositeExplicitAutograd", lib=_lib)
 def _(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
-    if not (len(shape) == 2 and grad_y.dtype in FLOAT_DTYPES and grad_y.dim() >= 1 and grad_y.shape[-1] == shape[0]
-            and _weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize)):  # fmt: skip
-        _grad_input_args(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize)  # See Note: checks at run time.
+    if not _grad_input_ok(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):  # See Note: checks at run time.
+        _grad_input_args(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize)
     _, impl = backends.choose("nf4_linear_grad_input", grad_y.device)
     return impl(grad_y, packed, absmax, nested_absmax, offset, list(shape), blocksize)
 
