@@ -6,6 +6,7 @@ codes and the same adapter weights, in one run.
     python benchmarks/bench_qlora.py --quick    # tiny shapes, a smoke run
     python benchmarks/bench_qlora.py --llama7b  # Llama-2-7B, batch 1 x 2048, checkpointing (a GPU run)
     python benchmarks/bench_qlora.py --llama7b --layers 2 --hidden 128 --intermediate 384 --vocab 512 --seq 64
+    python benchmarks/bench_qlora.py --llama7b --compile   # each decoder layer torch.compiled, both sides
 
 Device: CUDA when present (bf16 compute, peak memory per provider from
 torch.cuda.max_memory_allocated), else the CPU (float32 compute). Rows: median and 20/80
@@ -13,6 +14,10 @@ quantiles of one step (forward + backward + AdamW) in ms, ratio = lowrank / peft
 (goal < 1), and the step's loss (equal codes and weights: the two losses agree up to float
 rounding, a check that both sides compute the same model). Measurements alternate step by
 step, so a shared machine's drift hits both.
+
+--compile: torch.compile each decoder layer of both models (lowrank.workflow.model.compile_blocks,
+the `lowrank train` option `compile: true`) before the warm-up step, which then includes the
+compilation; rows say "compiled". See Note: compile the blocks, not the model.
 
 --llama7b (issue 8): Llama-2-7B's shape, sequence 2048, batch 1, LoRA r=16 on all seven
 projections, activation checkpointing, bf16 compute on any device. Each provider is built
@@ -43,10 +48,12 @@ from _qlora_build import bnb_quantize, build, init_adapters, llama_config  # noq
 from bench_tuners import TARGETS, alternate, llama  # noqa: E402
 
 from lowrank import LoraConfig, NF4Config, inject, quantize  # noqa: E402
+from lowrank.workflow.model import compile_blocks  # noqa: E402
 
 FULL = dict(hidden=512, layers=4, batch=4, seq=128, reps=10)
 QUICK = dict(hidden=256, layers=1, batch=1, seq=16, reps=3)  # rows of 256 and 704: whole 64-blocks (see Note)
 LLAMA7B = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, batch=1, seq=2048, reps=5)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COLUMNS = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "first_loss", "peak_mib"]
 COLUMNS_7B = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "tokens_per_s", "tokens_ratio",
               "first_loss", "last_loss", "model_mib", "peak_mib", "build_s"]
@@ -55,6 +62,13 @@ COLUMNS_7B = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "t
 # which is wrong when a row's length is not a multiple of the blocksize (docs/nf4.md); the
 # shapes here keep every row (hidden, intermediate) a multiple of 64 (Llama-2-7B's 4096 and
 # 11008 are), so both sides compute the same model. A tiny --llama7b run on the CPU should too.
+
+
+def compiled_suffix(args) -> str:
+    """What the shape column adds for --compile (and its mode)."""
+    if args.compile is None:
+        return ""
+    return " compiled" + (f" ({args.compile['mode']})" if "mode" in args.compile else "")
 
 
 def step_fn(model, ids, losses: list):
@@ -104,12 +118,16 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
             if p.requires_grad:
                 theirs_params[name.replace(".base.", ".base_layer.")].copy_(p)
 
+    if args.compile is not None:
+        compile_blocks(ours, **args.compile)
+        compile_blocks(theirs.base_model.model, **args.compile)
     losses = {"lowrank": [], "peft+bitsandbytes": []}
     fns = {"lowrank": step_fn(ours, ids, losses["lowrank"]),
            "peft+bitsandbytes": step_fn(theirs, ids, losses["peft+bitsandbytes"])}
     peaks = {name: peak_memory(device, fn) for name, fn in fns.items()}  # also the warm-up step
     times = alternate(fns, reps)
     shape_name = f"llama h{shape['hidden']} L{shape['layers']} b{shape['batch']}x{shape['seq']} {str(dtype)[6:]}"
+    shape_name += compiled_suffix(args)
     rows = []
     for provider, (ms, p20, p80) in times.items():
         rows.append({"case": "qlora_train_step", "shape": shape_name, "provider": provider, "ms": ms, "p20_ms": p20,
@@ -119,15 +137,17 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
 
 
 # -- --llama7b: one provider at a time ----------------------------------------------------------
-def build_lowrank(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_lowrank(config, device: torch.device, dtype: torch.dtype, compile_options: dict | None = None) -> nn.Module:
     model = build(config, device, dtype, lambda layer: quantize(layer, NF4Config(compute_dtype=dtype)))
     inject(model, LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
     init_adapters(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile_options is not None:
+        compile_blocks(model, **compile_options)
     return model
 
 
-def build_peft(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_peft(config, device: torch.device, dtype: torch.dtype, compile_options: dict | None = None) -> nn.Module:
     import peft
 
     model = build(config, device, dtype, lambda layer: bnb_quantize(layer, dtype, device))
@@ -138,6 +158,8 @@ def build_peft(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
     # base's compute dtype (bf16). Same start values either way (init_adapters).
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     init_adapters(model, prefix="base_model.model.")
+    if compile_options is not None:
+        compile_blocks(model.base_model.model, **compile_options)
     return model
 
 
@@ -180,14 +202,14 @@ def profile_step(provider: str, step, device: torch.device) -> None:
 
 
 def measure(provider: str, make, config, ids: torch.Tensor, reps: int, device: torch.device,
-            profiled: bool = False) -> dict:
+            profiled: bool = False, compile_options: dict | None = None) -> dict:
     """Build one provider's model, run 1 warm-up + `reps` timed steps. Peak memory: the max of
     torch.cuda.max_memory_allocated over the warm-up step and over the timed steps. The model is
     freed when this returns (or raises): nothing outside holds it."""
     before = mib(device, torch.cuda.memory_allocated)
     reset_peak(device)
     start = time.perf_counter()
-    model = make(config, device, torch.bfloat16)
+    model = make(config, device, torch.bfloat16, compile_options)
     if device.type == "cuda":
         torch.cuda.synchronize()
     build_s = time.perf_counter() - start
@@ -224,13 +246,14 @@ def llama7b(args, device: torch.device, env: dict) -> tuple[list[dict], str]:
     ids = torch.randint(0, sizes["vocab"], (sizes["batch"], sizes["seq"]), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)  # the same tokens for both providers
     shape_name = (f"llama-2-7b h{sizes['hidden']} i{sizes['intermediate']} L{sizes['layers']} v{sizes['vocab']} "
-                  f"b{sizes['batch']}x{sizes['seq']} bf16 r16 ckpt")
+                  f"b{sizes['batch']}x{sizes['seq']} bf16 r16 ckpt") + compiled_suffix(args)
     results: dict[str, dict] = {}
     for provider, make in (("lowrank", build_lowrank), ("peft+bitsandbytes", build_peft)):
         # Note: one failure does not end the run. The GPU run is made once; if one provider
         # fails (out of memory, a kernel error), the other is still measured, and the row says why.
         try:
-            results[provider] = measure(provider, make, config, ids, args.reps or sizes["reps"], device, args.profile)
+            results[provider] = measure(provider, make, config, ids, args.reps or sizes["reps"], device, args.profile,
+                                        args.compile)
         except Exception as e:  # noqa: BLE001 - reported in the row and on stderr, never swallowed
             traceback.print_exc()
             results[provider] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -257,16 +280,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reps", type=int, help="timed steps per provider (default: 5 with --llama7b)")
     parser.add_argument("--profile", action="store_true",
                         help="with --llama7b: one more step per provider under torch.profiler (GPU busy time, top ops)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each decoder layer of both models (the warm-up step compiles)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES,
+                        help="with --compile: torch.compile's mode (default: its default)")
     parser.add_argument("--out", type=Path, help="JSON rows (+ .md); default results/qlora.json, "
                         "results/qlora_llama7b.json with --llama7b")
     args = parser.parse_args(argv)
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode applies with --compile")
+    args.compile = None if not args.compile else {"mode": args.compile_mode} if args.compile_mode else {}
     overrides = [s for s in ("layers", "hidden", "intermediate", "vocab", "seq") if getattr(args, s) is not None]
     if overrides and not args.llama7b:
         parser.error(f"--{', --'.join(overrides)} only apply with --llama7b")
     if any(v is not None and v < 1 for v in [args.reps] + [getattr(args, s) for s in overrides]):
         parser.error("sizes and --reps must be positive integers")
     if args.out is None:
-        args.out = Path(__file__).parent / "results" / ("qlora_llama7b.json" if args.llama7b else "qlora.json")
+        name = ("qlora_llama7b" if args.llama7b else "qlora") + ("" if args.compile is None else "_compiled")
+        args.out = Path(__file__).parent / "results" / f"{name}.json"
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = _common.environment(device)

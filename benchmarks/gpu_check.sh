@@ -5,12 +5,15 @@
 #   csrc / optimizer / quantize gpu tests   (the new CUDA kernels must be right before they are timed)
 #   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16)
 #   bench_qlora.py --llama7b                (a QLoRA step of the Llama-2-7B shape: memory and tokens/s)
-#   Triton gpu tests, then ncu on the CUDA kernels (where the profiler can read the counters)
+#   bench_qlora.py --llama7b --compile      (the same with each decoder layer torch.compiled, both sides)
+#   Triton gpu tests, then (PROFILE=1) ncu on the CUDA kernels (where the profiler can read the counters)
 # and leaves at most 8 files under $OUT (the device tool's limit):
-#   env.txt build.log tests.log bench.log profile.log nf4_cuda.json qlora.json nf4_linear.json
-# Budget: 10 s wheels + 10 s env + 100 s build + 90 + 30 s tests + 60 + 80 s benchmarks + 60 s
-# Triton tests + 50 s ncu = about 8.3 minutes. (bench_nf4_linear.py, which autotunes the Triton
-# kernels, is not run here: on an H200 it took 32 s for 4096 x 4096; run it by hand.)
+#   env.txt build.log tests.log bench.log profile.log nf4_cuda.json qlora.json qlora_compiled.json
+# Budget: 10 s wheels + 10 s env + 100 s build + 90 + 30 s tests + 60 + 80 + 150 s benchmarks
+# + 60 s Triton tests = about 9.8 minutes at most (the steps usually end well before their
+# limits: the last runs took 6.5 minutes for everything but the compiled step); ncu adds 50 s.
+# (bench_nf4_linear.py, which autotunes the Triton kernels, is not run here: on an H200 it took
+# 32 s for 4096 x 4096; run it by hand.)
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
   || { echo "gpu_check: no usable wheel in .whl/: continuing without bitsandbytes"; export PYTHONPATH=$PWD; }
@@ -47,12 +50,17 @@ step 90 "$OUT/tests.log" "csrc, optimizer and quantize gpu tests" $PYTEST tests/
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 step 60 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
 step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.py --llama7b --reps 4 --profile --out "$OUT/qlora.json"
+# the first (warm-up) step of each side compiles one decoder layer's forward and backward
+step 150 "$OUT/bench.log" "bench_qlora --llama7b --compile" python3 benchmarks/bench_qlora.py --llama7b --reps 4 --compile \
+  --profile --out "$OUT/qlora_compiled.json"
 # TRITON_TESTS narrows the Triton tests (each autotunes, ~2 s a test); all of tests/ops/test_gpu.py by default
 step 60 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops/test_gpu.py -k "${TRITON_TESTS:-}"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-step 50 "$OUT/profile.log" "ncu: the CUDA kernels at 4096 x 14336" ${NCU:-ncu} --clock-control none --section SpeedOfLight \
-  --section WarpStateStats --section Occupancy -k "regex:mma_kernel|simt_kernel|stream_kernel" -s 3 -c 3 \
-  python3 benchmarks/profile_nf4_cuda.py
+if [ "${PROFILE:-0}" = 1 ]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  step 50 "$OUT/profile.log" "ncu: the CUDA kernels at 4096 x 14336" ${NCU:-ncu} --clock-control none --section SpeedOfLight \
+    --section WarpStateStats --section Occupancy -k "regex:mma_kernel|simt_kernel|stream_kernel" -s 3 -c 3 \
+    python3 benchmarks/profile_nf4_cuda.py
+fi
 
 rm -f "$OUT"/*.png "$OUT"/*.md  # the JSON rows hold the same; 8 files at most come back
 ls -l "$OUT"

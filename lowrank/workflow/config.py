@@ -51,6 +51,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": the GPU when there is one, else the CPU; or e.g. "cpu", "cuda:1"
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     paged_optimizer: bool = False  # lowrank.optim.PagedAdamW: states in CUDA unified memory (same updates)
+    compile: bool = False  # torch.compile each decoder layer: less Python a step; the first steps compile
     log_every: int = 1  # optimizer steps between progress updates
     distributed: str = "none"  # "ddp" / "fsdp": one process per GPU under torchrun (workflow/parallel.py)
 
@@ -79,7 +80,7 @@ class TrainConfig:
         if self.template is not None and self.template not in TEMPLATES:
             raise ConfigError(f"template must be null (the tokenizer's own) or one of {sorted(TEMPLATES)}; "
                               f"got {self.template!r}")
-        for f in ("activation_checkpointing", "paged_optimizer"):
+        for f in ("activation_checkpointing", "paged_optimizer", "compile"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be true or false; got {getattr(self, f)!r}")
         for f in ("method_options", "nf4"):

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..distributed import full_tensor, is_sharded, on_main
 from .config import ConfigError
+from .model import decoder_blocks
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets per rank
 
@@ -122,9 +123,8 @@ def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
         # Note: decoder layers are the classes transformers itself never splits across
         # devices (`_no_split_modules`, e.g. LlamaDecoderLayer): each is one FSDP group, gathered
         # for its own forward and resharded after, so a rank holds one layer whole at a time.
-        blocks = set(getattr(model, "_no_split_modules", None) or ())
-        for module in [m for m in model.modules() if type(m).__name__ in blocks]:
-            fully_shard(module, mesh=mesh)
+        for block in decoder_blocks(model):
+            fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     return model
 

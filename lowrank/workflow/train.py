@@ -34,13 +34,13 @@ from . import parallel
 from .batches import collate, encode_all, epoch_batches, pad_id
 from .config import ConfigError, TrainConfig
 from .methods import load_trainable
-from .model import WORKFLOW_FILE, apply_method, load_base
+from .model import WORKFLOW_FILE, apply_method, compile_blocks, load_base
 from .progress import Progress
 from .template import IGNORE, check_template
 
 STATE_FILE = "trainer_state.pt"
 EPOCH_DIR = re.compile(r"epoch_(\d+)")
-RESUMABLE = ("epochs", "log_every", "output_dir", "device")  # fields --resume lets differ from the checkpoint's
+RESUMABLE = ("epochs", "log_every", "output_dir", "device", "compile")  # fields --resume lets differ from the checkpoint's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +263,8 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if config.compile:
+        compile_blocks(model)  # before DDP / fully_shard wrap them (torchtitan's order too)
     wrapped = parallel.wrap(model, ranks)  # after quantize and inject: docs/distributed.md, rule 1
     params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2, the sharded ones
     if ranks.mode != "none":

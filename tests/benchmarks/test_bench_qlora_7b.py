@@ -110,7 +110,7 @@ def test_tiny_llama7b_run_writes_rows(tmp_path, models, capsys):
 
 
 def test_a_failing_provider_leaves_the_other_measured(tmp_path, monkeypatch):
-    def broken(config, device, dtype):
+    def broken(config, device, dtype, compile_options=None):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(bench_qlora, "build_lowrank", broken)
@@ -118,6 +118,19 @@ def test_a_failing_provider_leaves_the_other_measured(tmp_path, monkeypatch):
     assert rows[0]["provider"] == "lowrank" and "simulated" in rows[0]["error"] and rows[0]["ratio"] is None
     assert rows[1]["provider"] == "peft+bitsandbytes" and rows[1]["ms"] > 0 and "error" not in rows[1]
     assert "| error |" in (tmp_path / "q.md").read_text()
+
+
+def test_compiled_run_computes_the_same_model(tmp_path, models):
+    """--compile (each decoder layer torch.compiled on both sides, the GPU script's second 7B
+    run): both providers compile and run, and their first losses agree as in eager."""
+    torch._dynamo.reset()
+    rows = bench_qlora.main(ARGS + ["--reps", "1", "--compile", "--out", str(tmp_path / "c.json")])
+    assert [r["provider"] for r in rows] == ["lowrank", "peft+bitsandbytes"] and all("error" not in r for r in rows)
+    assert all(r["shape"].endswith("bf16 r16 ckpt compiled") for r in rows)
+    bound, _ = logit_bound(models[0])  # See test_tiny_llama7b_run_writes_rows
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], abs=2 * bound)
+    with pytest.raises(SystemExit):
+        bench_qlora.main(ARGS + ["--compile-mode", "reduce-overhead"])  # a mode without --compile
 
 
 def test_size_overrides_need_llama7b():

@@ -277,6 +277,49 @@ def test_torch_compile_matches_eager():
     assert ((compiled.double() - eager.double()).abs() <= 2 * bound).all()
 
 
+def test_compiled_blocks_under_checkpointing_are_as_accurate_as_eager():
+    """compile_blocks (`lowrank train`'s `compile: true`) on a QLoRA Llama with activation
+    checkpointing: each decoder layer compiles whole (fullgraph: the 4-bit op, LoRA and the
+    checkpoint's recompute need no graph break), and the loss and adapter gradients stay as
+    close to the exact ones (the float64 model with the same dequantized weights and adapters)
+    as eager float32's: Inductor sums in other orders, so a small factor of eager's own error,
+    plus one float32 rounding of the value."""
+    from lowrank.workflow.model import compile_blocks
+
+    model = models.llama()
+    exact = dequantized_copy(model, LLAMA_LINEAR).double()
+    quantize(model)
+    for m in (model, exact):
+        inject(m, LoraConfig(r=4, alpha=8))
+    models.randomize_adapters(model)
+    with torch.no_grad():  # the same adapter values, exactly, in float64
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                exact.get_parameter(name).copy_(p)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = models.ids()
+
+    def loss_and_grads(m):
+        m.zero_grad()
+        logits = m(input_ids=ids).logits  # the loss here: transformers' would cast float64 logits to float32
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}}
+
+    want, eager = loss_and_grads(exact), loss_and_grads(model)
+    torch._dynamo.reset()
+    assert compile_blocks(model, fullgraph=True) == 2
+    compiled = loss_and_grads(model)
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert want.keys() == eager.keys() == compiled.keys() and len(want) == 1 + 2 * len(LLAMA_LINEAR)
+    u = 2.0**-24  # float32 unit roundoff
+    for name, w in want.items():
+        err_eager = (eager[name].double() - w).norm()
+        err_compiled = (compiled[name].double() - w).norm()
+        assert err_compiled <= 4 * err_eager + u * w.norm(), (name, err_compiled, err_eager)
+
+
 def test_qlora_on_a_bf16_model_without_autocast():
     """The adapters take the 4-bit layer's compute dtype (bf16), not its float32 scales'."""
     torch.manual_seed(0)

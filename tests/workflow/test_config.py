@@ -69,6 +69,7 @@ BAD = [
     ({"schedule": "step"}, "schedule must be one of"),
     ({"template": "vicuna"}, "template must be null"),
     ({"paged_optimizer": "yes"}, "paged_optimizer must be true or false; got 'yes'"),
+    ({"compile": 1}, "compile must be true or false; got 1"),
     ({"nf4": {"blocksize": 64}}, "nf4 options apply to method 'qlora' only"),
     ({"method": "qlora", "nf4": {"blocksize": 48}}, "nf4: blocksize must be one of"),
     ({"method": "qlora", "nf4": {"compute_dtype": "int8"}}, "nf4: compute_dtype must be None or one of"),

@@ -199,6 +199,33 @@ def test_memory_options_change_memory_not_results(tmp_path, model_dir, data_file
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_compile_trains_with_each_decoder_layer_compiled(tmp_path, model_dir, data_file, monkeypatch):
+    """`compile: true` hands the quantized, injected model to compile_blocks before the first
+    step, and training runs through the compiled layers (batches of several lengths: one
+    recompilation with dynamic shapes). How close compiled numbers stay to eager's:
+    tests/quant/test_quantize.py::test_compiled_blocks_under_checkpointing_are_as_accurate_as_eager."""
+    from lowrank.quant import Linear4bit
+    from lowrank.workflow import model as model_mod
+    from lowrank.workflow import train as train_mod
+
+    compiled = []
+
+    def spy(model, **options):
+        assert any(isinstance(m, Linear4bit) for m in model.modules())  # quantize and inject came first
+        compiled.append(model_mod.compile_blocks(model, **options))
+        return compiled[-1]
+
+    monkeypatch.setattr(train_mod, "compile_blocks", spy)
+    torch._dynamo.reset()
+    summary = train(_config(tmp_path, model_dir, data_file, epochs=1, method="qlora", method_options={"r": 4},
+                            activation_checkpointing=True, compile=True))
+    assert compiled == [2]  # the tiny model's two decoder layers
+    assert math.isfinite(summary.loss) and summary.steps > 1
+    adapter = load_file(f"{summary.checkpoint}/adapter_model.safetensors")
+    assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in adapter.items())  # B moved from 0
+
+
 def test_chat_with_a_missing_adapter_is_one_error_line(model_dir, tmp_path, capsys):
     assert cli.main(["chat", str(model_dir), "--adapter", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.endswith(f"lowrank chat: error: --adapter {str(tmp_path / 'nope')!r} is not a directory\n")
