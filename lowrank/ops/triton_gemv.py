@@ -18,8 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_nf4_tile import LAUNCH_OPTIONS, dot, interpreting, load_w_tile, lookup, row_aligned, to_dtype, weight_args
+from .triton_nf4_tile import (
+    LAUNCH_OPTIONS, dot, interpreting, load_w_pairs, load_w_tile, lookup, row_aligned, to_dtype, weight_args,
+)
 
+# Note: the GEMV's inner loop. The first version summed each step's (BLOCK_N, BLOCK_K) products
+# across the threads of a row (tl.sum every step) and interleaved the two nibbles of each byte
+# into one tile before decoding it; the H200 ran it at 0.14x bf16 (docs/benchmarks.md). Now each
+# thread keeps its own float32 partial sums, one per tile element, which meet once after the
+# loop; and the high and low nibbles stay in two tiles, multiplied by the even and the odd
+# columns of x, so no tile changes layout. Compiled for sm_90 (benchmarks/sass_triton.py, Triton
+# 3.9) a trip of the loop went from 26-51 instructions a weight, with 192-384 shuffles and 6-12
+# barriers and 168-180 registers, to 12-14 a weight, no shuffle, 0-2 barriers and 56-128
+# registers (not yet timed on a GPU). tl.fma: the kernels run without fp contraction (Note: no
+# fused multiply-add), so a plain `acc += w * x` would round twice.
 MAX_M = 64  # See Note: skinny or tiled (triton_matmul.py). A first guess from the roofline; retune with GPU numbers.
 
 # See Note: autotune lists (triton_dequantize.py). Hopper: 64-256 rows of W a program, the
@@ -52,16 +64,29 @@ def _splitk_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     k_start = pid_s * K_SPLIT
     k_stop = tl.minimum(k_start + K_SPLIT, K)
-    if BLOCK_M == 1:  # GEMV: products and a row sum in fp32 on the CUDA cores
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if BLOCK_M == 1 and ROW_ALIGNED:  # GEMV: See Note: the GEMV's inner loop.
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+        for k0 in range(k_start, k_stop, BLOCK_K):
+            even, odd = load_w_pairs(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
+                                     BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, LOOKUP)  # (BN, BK/2) each
+            even = to_dtype(even, x_ptr.dtype.element_ty).to(tl.float32)  # the reference's W, held in fp32
+            odd = to_dtype(odd, x_ptr.dtype.element_ty).to(tl.float32)
+            offs_j = k0 + 2 * tl.arange(0, BLOCK_K // 2)  # (BK/2,) the even columns
+            x_even = tl.load(x_ptr + offs_j * stride_xk).to(tl.float32)  # in bounds: K % BLOCK_K == 0
+            x_odd = tl.load(x_ptr + (offs_j + 1) * stride_xk).to(tl.float32)
+            acc2 = tl.fma(even, x_even[None, :], acc2)
+            acc2 = tl.fma(odd, x_odd[None, :], acc2)
+        tl.store(partial_ptr + pid_s * N + offs_n, tl.sum(acc2, axis=1), mask=offs_n < N)
+    elif BLOCK_M == 1:  # GEMV, blocks straddling rows: each element decodes its own byte and scale
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_start, k_stop, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
             x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)  # (BK,)
             w = load_w_tile(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
                             BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, LOOKUP)  # (BN, BK)
-            w = to_dtype(w, x_ptr.dtype.element_ty).to(tl.float32)  # the reference's W, held in fp32
-            acc += tl.sum(w * x[None, :], axis=1)  # (BN, BK) * (1, BK) -> (BN,)
-        tl.store(partial_ptr + pid_s * N + offs_n, acc, mask=offs_n < N)
+            w = to_dtype(w, x_ptr.dtype.element_ty).to(tl.float32)
+            acc = tl.fma(w, x[None, :], acc)
+        tl.store(partial_ptr + pid_s * N + offs_n, tl.sum(acc, axis=1), mask=offs_n < N)
     else:  # skinny GEMM: M <= BLOCK_M rows in one tile, tl.dot on the tensor cores
         offs_m = tl.arange(0, BLOCK_M)  # (BM,)
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (BM, 1)

@@ -152,6 +152,27 @@ def decode_scale(
 
 
 @triton.jit
+def load_w_pairs(
+    packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr,  # pointers
+    offs_n, k0, N, K,  # rows of the tile, its first column, size of W
+    BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, LOOKUP: tl.constexpr,
+):
+    """(even, odd): W[offs_n, k0 + 2j] and W[offs_n, k0 + 2j + 1] for j < BLOCK_K / 2, in float32,
+    bit-exact with the reference; 0 for rows past N. Two (len(offs_n), BLOCK_K / 2) tiles, the
+    high and low nibbles of the same bytes. Rows aligned to blocks only (ROW_ALIGNED): one scale
+    a row. See Note: two decode paths."""
+    row = offs_n.to(tl.int64) * K  # (BN,) flat index of W[n, 0]
+    mask_n = offs_n < N  # (BN,)
+    # whole bytes: columns k0 + 2j and k0 + 2j + 1 share byte (row + k0) / 2 + j
+    byte_idx = (row + k0)[:, None] // 2 + tl.arange(0, BLOCK_K // 2)[None, :]  # (BN, BK/2)
+    byte = tl.load(packed_ptr + byte_idx, mask=mask_n[:, None], other=0)
+    scale = decode_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (row + k0) // BLOCKSIZE, mask_n, DOUBLE_QUANT)  # (BN,)
+    even = nf4_value((byte >> 4).to(tl.int32), nf4_ptr, LOOKUP)  # the high nibble comes first
+    odd = nf4_value((byte & 0xF).to(tl.int32), nf4_ptr, LOOKUP)
+    return even * scale[:, None], odd * scale[:, None]
+
+
+@triton.jit
 def load_w_tile(
     packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr,  # pointers
     offs_n, k0, N, K,  # rows of the tile, its first column, size of W
@@ -163,13 +184,9 @@ def load_w_tile(
     row = offs_n.to(tl.int64) * K  # (BN,) flat index of W[n, 0]
     mask_n = offs_n < N  # (BN,)
     if ROW_ALIGNED:
-        # whole bytes: columns k0 + 2j and k0 + 2j + 1 share byte (row + k0) / 2 + j
-        byte_idx = (row + k0)[:, None] // 2 + tl.arange(0, BLOCK_K // 2)[None, :]  # (BN, BK/2)
-        byte = tl.load(packed_ptr + byte_idx, mask=mask_n[:, None], other=0)
-        code = tl.interleave(byte >> 4, byte & 0xF)  # (BN, BK): high nibble first
-        value = nf4_value(code.to(tl.int32), nf4_ptr, LOOKUP)  # (BN, BK)
-        scale = decode_scale(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (row + k0) // BLOCKSIZE, mask_n, DOUBLE_QUANT)  # (BN,)
-        return value * scale[:, None]
+        even, odd = load_w_pairs(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
+                                 BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, LOOKUP)
+        return tl.interleave(even, odd)  # (BN, BK)
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         mask = mask_n[:, None] & (offs_k < K)[None, :]  # (BN, BK)
