@@ -6,14 +6,15 @@
 #   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16)
 #   bench_qlora.py --llama7b                (a QLoRA step of the Llama-2-7B shape: memory and tokens/s)
 #   bench_qlora.py --llama7b --compile      (the same with each decoder layer torch.compiled, both sides)
-#   Triton gpu tests, then (PROFILE=1) ncu on the CUDA kernels (where the profiler can read the counters)
+#   Triton gpu tests, then bench_nf4_linear.py at two shapes and M in {1, 16} (the Triton kernels
+#   rewritten on 2026-11-28 after a SASS count, not yet timed), then (PROFILE=1) ncu on the CUDA kernels
 # and leaves at most 8 files under $OUT (the device tool's limit):
-#   env.txt build.log tests.log bench.log profile.log nf4_cuda.json qlora.json qlora_compiled.json
+#   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json qlora_compiled.json nf4_linear.json
+#   (profile.log too with PROFILE=1: then one fewer JSON comes back)
 # Budget: 10 s wheels + 10 s env + 100 s build + 90 + 30 s tests + 60 + 80 + 150 s benchmarks
-# + 60 s Triton tests = about 9.8 minutes at most (the steps usually end well before their
-# limits: the last runs took 6.5 minutes for everything but the compiled step); ncu adds 50 s.
-# (bench_nf4_linear.py, which autotunes the Triton kernels, is not run here: on an H200 it took
-# 32 s for 4096 x 4096; run it by hand.)
+# + 60 s Triton tests + 60 s Triton benchmark = about 10.8 minutes at most, over the device
+# tool's 10 minutes a call: the steps are in the order they matter, and they usually end well
+# before their limits (the last runs took 6.5 minutes for everything before the compiled step).
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
   || { echo "gpu_check: no usable wheel in .whl/: continuing without bitsandbytes"; export PYTHONPATH=$PWD; }
@@ -55,6 +56,8 @@ step 150 "$OUT/bench.log" "bench_qlora --llama7b --compile" python3 benchmarks/b
   --profile --out "$OUT/qlora_compiled.json"
 # TRITON_TESTS narrows the Triton tests (each autotunes, ~2 s a test); all of tests/ops/test_gpu.py by default
 step 60 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops/test_gpu.py -k "${TRITON_TESTS:-}"
+step 60 "$OUT/bench.log" "bench_nf4_linear (Triton and the rest) at two shapes" python3 benchmarks/bench_nf4_linear.py \
+  --shapes 4096x4096,4096x14336 --ms 1,16 --out "$OUT/nf4_linear.json"
 if [ "${PROFILE:-0}" = 1 ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   step 50 "$OUT/profile.log" "ncu: the CUDA kernels at 4096 x 14336" ${NCU:-ncu} --clock-control none --section SpeedOfLight \
