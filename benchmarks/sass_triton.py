@@ -3,6 +3,7 @@
     python benchmarks/sass_triton.py              # every Hopper autotune config, sm_90
     python benchmarks/sass_triton.py --quick      # one config a kernel
     python benchmarks/sass_triton.py --arch 80    # another target (compute capability x 10)
+    python benchmarks/sass_triton.py --check      # compile a variant of every kernel branch; exit 1 on a failure
 
 Triton compiles for any target on any machine (its own ptxas); the cubin is read back with the
 cuobjdump Triton ships. Each kernel is compiled as a Llama-shaped call specializes it at run
@@ -19,6 +20,10 @@ This counts instructions; it does not time anything. A memory-bound kernel is fa
 issues few instructions for each byte it moves and keeps enough warps resident (registers),
 so these numbers say where a kernel stands between GPU runs (docs/kernels.md), not how fast
 it is: that takes bench_nf4_linear.py on the GPU.
+
+--check is the other use: the CPU tests run the kernels in Triton's interpreter, which never
+compiles them, so a kernel that the GPU compiler rejects would pass them; --check compiles one
+variant of every branch for the GPU (tests/benchmarks/test_sass_triton.py runs it).
 """
 
 from __future__ import annotations
@@ -144,16 +149,79 @@ def dequantize_rows(arch: int, quick: bool) -> list[dict]:
     return rows
 
 
+def gemv_types(dtype: str, double_quant: bool) -> dict:
+    return {"x_ptr": f"*{dtype}", "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
+            **dict.fromkeys(["nested_ptr", "offset_ptr", "nf4_ptr", "dyn_ptr", "partial_ptr"], "*fp32"),
+            **dict.fromkeys(["M", "N", "K", "M_BUCKET", "K_SPLIT", "stride_xm", "stride_xk"], "i32")}
+
+
+def variants():
+    """(name, jitted kernel, types, constants, config) for the variants --check compiles: each
+    branch of each kernel once (dtypes, M = 1 or tl.dot, the two decode paths, the two lookups,
+    plain scales, whole or partial dequantize programs, the fused matmuls)."""
+    from lowrank.ops import triton_dequantize, triton_gemv, triton_matmul
+
+    gemv = jitted(triton_gemv._splitk_kernel)
+    for dtype in ("bf16", "fp16", "fp32"):
+        for block_m in (1, 16):
+            for aligned in (True, False):
+                constants = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, ROW_ALIGNED=aligned, BLOCK_K=64 if aligned else 32,
+                                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, LOOKUP="gather")
+                yield f"gemv {dtype} M={block_m} aligned={aligned}", gemv, gemv_types(dtype, True), constants, \
+                    triton_gemv._HOPPER[0]
+    for block_m, lookup, double_quant in ((1, "select", True), (16, "select", True), (1, "gather", False)):
+        constants = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, ROW_ALIGNED=True, BLOCK_K=64, DOT_PRECISION="tf32",
+                         BLOCK_M=block_m, LOOKUP=lookup)
+        yield f"gemv bf16 M={block_m} {lookup} double_quant={double_quant}", gemv, gemv_types("bf16", double_quant), \
+            constants, triton_gemv._HOPPER[0]
+    dequantize = jitted(triton_dequantize._kernel)
+    for dtype in ("bf16", "fp16", "fp32"):
+        for whole in (True, False):
+            types = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "out_ptr": f"*{dtype}", "n": "i32",
+                     **dict.fromkeys(["nested_ptr", "offset_ptr", "nf4_ptr", "dyn_ptr"], "*fp32")}
+            yield f"dequantize {dtype} whole={whole}", dequantize, types, \
+                dict(BLOCKSIZE=64, DOUBLE_QUANT=True, LOOKUP="gather", WHOLE=whole), triton_dequantize._CONFIGS[0]
+    for kernel in (triton_matmul._linear_kernel, triton_matmul._grad_input_kernel):
+        fn = jitted(kernel)
+        types = {a: "*fp32" for a in fn.arg_names if a.endswith("_ptr")}
+        types |= {a: "i32" for a in fn.arg_names if a in ("M", "N", "K", "M_BUCKET") or a.startswith("stride")}
+        types |= {a: "*bf16" for a in ("x_ptr", "gy_ptr", "out_ptr", "gx_ptr", "bias_ptr") if a in fn.arg_names}
+        types |= {"packed_ptr": "*u8", "absmax_ptr": "*u8"}
+        constants = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, ROW_ALIGNED=True, BLOCK_K=64, DOT_PRECISION="tf32",
+                         LOOKUP="gather") | ({"HAS_BIAS": True} if "HAS_BIAS" in fn.arg_names else {})
+        yield f"{fn.__name__} bf16", fn, types, constants, triton_matmul._HOPPER[2]
+
+
+def check(arch: int) -> int:
+    """Compile every variant for sm_<arch>; print and count the ones that fail."""
+    failed = 0
+    for name, fn, types, constants, config in variants():
+        try:
+            compile_cubin(fn, types, constants, (), config, arch)
+        except Exception as e:  # noqa: BLE001 - a compile error of any kind is the finding
+            failed += 1
+            print(f"FAILED {name}: {type(e).__name__}: {' '.join(str(e).split())[:500]}")
+        else:
+            print(f"compiled {name}")
+    return failed
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the first config of each kernel only")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "sass_triton.json")
+    parser.add_argument("--check", action="store_true",
+                        help="compile one variant of each kernel branch and exit 1 if any fails (no table)")
     args = parser.parse_args(argv)
     from lowrank.ops import triton_nf4_tile
 
     if triton_nf4_tile.interpreting():
         parser.error("TRITON_INTERPRET is set: the kernels carry their interpreter configs; unset it")
+    if args.check:
+        failed = check(args.arch)
+        print(f"{failed} variant(s) failed to compile for sm_{args.arch}")
+        raise SystemExit(1 if failed else 0)
     import torch
 
     rows = gemv_rows(args.arch, args.quick) + gemv_rows(args.arch, args.quick, 16) + dequantize_rows(args.arch, args.quick)
