@@ -27,11 +27,12 @@ from .triton_nf4_tile import (
 # into one tile before decoding it; the H200 ran it at 0.14x bf16 (docs/benchmarks.md). Now each
 # thread keeps its own float32 partial sums, one per tile element, which meet once after the
 # loop; and the high and low nibbles stay in two tiles, multiplied by the even and the odd
-# columns of x, so no tile changes layout. Compiled for sm_90 (benchmarks/sass_triton.py, Triton
-# 3.9) a trip of the loop went from 26-51 instructions a weight, with 192-384 shuffles and 6-12
-# barriers and 168-180 registers, to 12-14 a weight, no shuffle, 0-2 barriers and 56-128
-# registers (not yet timed on a GPU). tl.fma: the kernels run without fp contraction (Note: no
-# fused multiply-add), so a plain `acc += w * x` would round twice.
+# columns of x (one contiguous load of x, split in registers: two strided loads cost ~4
+# instructions an element), so no tile changes layout. Compiled for sm_90
+# (benchmarks/sass_triton.py, Triton 3.9) a trip of the loop went from 26-51 instructions a
+# weight, with 192-384 shuffles, 6-12 barriers and 168-180 registers, to 11-13 a weight, no
+# shuffle, 0-2 barriers and 48-125 registers (not yet timed on a GPU). tl.fma: the kernels run
+# without fp contraction (Note: no fused multiply-add), so a plain `acc += w * x` would round twice.
 MAX_M = 64  # See Note: skinny or tiled (triton_matmul.py). A first guess from the roofline; retune with GPU numbers.
 
 # See Note: autotune lists (triton_dequantize.py). Hopper: 64-256 rows of W a program, the
@@ -71,9 +72,9 @@ def _splitk_kernel(
                                      BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, LOOKUP)  # (BN, BK/2) each
             even = to_dtype(even, x_ptr.dtype.element_ty).to(tl.float32)  # the reference's W, held in fp32
             odd = to_dtype(odd, x_ptr.dtype.element_ty).to(tl.float32)
-            offs_j = k0 + 2 * tl.arange(0, BLOCK_K // 2)  # (BK/2,) the even columns
-            x_even = tl.load(x_ptr + offs_j * stride_xk).to(tl.float32)  # in bounds: K % BLOCK_K == 0
-            x_odd = tl.load(x_ptr + (offs_j + 1) * stride_xk).to(tl.float32)
+            offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,) in bounds: K % BLOCK_K == 0
+            x = tl.load(x_ptr + offs_k * stride_xk).to(tl.float32)  # one contiguous load, then its even and odd columns
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
             acc2 = tl.fma(even, x_even[None, :], acc2)
             acc2 = tl.fma(odd, x_odd[None, :], acc2)
         tl.store(partial_ptr + pid_s * N + offs_n, tl.sum(acc2, axis=1), mask=offs_n < N)
