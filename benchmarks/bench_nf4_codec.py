@@ -1,9 +1,11 @@
 """NF4 codec speed on this machine: quantize and dequantize Llama-7B-sized weights with
 double quantization, lowrank's plain-PyTorch codec (and, when lowrank._C is built, its C++
-dequantize kernel) side by side with bitsandbytes (CPU) and torchao's NF4, in one run.
+dequantize kernel) side by side with bitsandbytes and torchao's NF4, in one run, on the CPU
+or (--device cuda) a GPU.
 
     python benchmarks/bench_nf4_codec.py            # the embedded default (make demo)
     python benchmarks/bench_nf4_codec.py --quick    # small shapes, a smoke run
+    python benchmarks/bench_nf4_codec.py --device cuda   # the same on a GPU (quantize there: QLoRA's load path)
 
 Prints a markdown table (median and 20/80 quantiles in ms, GB/s, speed-up over
 bitsandbytes measured in the same run) and writes the rows with the machine and versions
@@ -57,10 +59,10 @@ def providers():
     return out
 
 
-def run(shapes, quick: bool) -> list[dict]:
+def run(shapes, quick: bool, device: torch.device = CPU) -> list[dict]:
     rows = []
     for shape in shapes:
-        w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DTYPE)
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, DTYPE)
         # bytes moved: the bf16 weight one way, 4.127 bits per weight the other way
         moved = w.numel() * w.element_size() + nf4.quantize(w, BLOCKSIZE, True).nbytes
         q = nf4.quantize(w, BLOCKSIZE, True)
@@ -69,7 +71,7 @@ def run(shapes, quick: bool) -> list[dict]:
             timed = {"quantize": lambda: quantize(w)} if quantize else {}
             timed["dequantize"] = lambda: dequantize(state)
             for op, fn in timed.items():
-                ms, p20, p80 = _common.bench(fn, CPU, quick)
+                ms, p20, p80 = _common.bench(fn, device, quick)
                 rows.append(dict(op=op, shape=f"{shape[0]}x{shape[1]}", provider=name, ms=ms, p20=p20, p80=p80,
                                  gbps=moved / (ms * 1e-3) / 1e9))  # fmt: skip
     base = {(r["op"], r["shape"]): r["ms"] for r in rows if r["provider"] == "bitsandbytes"}
@@ -83,9 +85,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke run)")
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "nf4_codec.json")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the weight is and the codecs run")
     args = parser.parse_args(argv)
-    env = _common.environment(CPU)
-    rows = run(QUICK_SHAPES if args.quick else SHAPES, args.quick)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this PyTorch sees no CUDA device")
+    env = _common.environment(device)
+    rows = run(QUICK_SHAPES if args.quick else SHAPES, args.quick, device)
     table = _common.markdown(rows, COLUMNS)
     _common.write(args.out, rows, env, table)
     print(f"NF4 codec, {DTYPE} weight, blocksize {BLOCKSIZE}, double quantization; ms, speed-up over bitsandbytes.")

@@ -4,6 +4,7 @@
 # (sm_90a only: the quick build), then, most valuable first, each step under `timeout`:
 #   csrc / optimizer / quantize gpu tests   (the new CUDA kernels must be right before they are timed)
 #   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16)
+#   bench_nf4_codec.py --device cuda        (quantize / dequantize on the GPU; table in bench.log)
 #   bench_qlora.py --llama7b                (a QLoRA step of the Llama-2-7B shape: memory and tokens/s)
 #   bench_qlora.py --llama7b --compile      (the same with each decoder layer torch.compiled, both sides)
 #   Triton gpu tests, then bench_nf4_linear.py at two shapes and M in {1, 16} (the Triton kernels
@@ -11,8 +12,8 @@
 # and leaves at most 8 files under $OUT (the device tool's limit):
 #   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json qlora_compiled.json nf4_linear.json
 #   (profile.log too with PROFILE=1: then one fewer JSON comes back)
-# Budget: 10 s wheels + 10 s env + 100 s build + 90 + 30 s tests + 60 + 80 + 150 s benchmarks
-# + 60 s Triton tests + 60 s Triton benchmark = about 10.8 minutes at most, over the device
+# Budget: 10 s wheels + 10 s env + 100 s build + 90 + 30 s tests + 60 + 30 + 80 + 150 s benchmarks
+# + 60 s Triton tests + 60 s Triton benchmark = about 11.3 minutes at most, over the device
 # tool's 10 minutes a call: the steps are in the order they matter, and they usually end well
 # before their limits (the last runs took 6.5 minutes for everything before the compiled step).
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
@@ -50,6 +51,9 @@ step 90 "$OUT/tests.log" "csrc, optimizer and quantize gpu tests" $PYTEST tests/
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 step 60 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
+# quantize and dequantize on the GPU against bitsandbytes and torchao (the table goes to bench.log only)
+step 30 "$OUT/bench.log" "bench_nf4_codec --device cuda" python3 benchmarks/bench_nf4_codec.py --device cuda \
+  --out /tmp/nf4_codec.json
 step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.py --llama7b --reps 4 --profile --out "$OUT/qlora.json"
 # the first (warm-up) step of each side compiles one decoder layer's forward and backward
 step 150 "$OUT/bench.log" "bench_qlora --llama7b --compile" python3 benchmarks/bench_qlora.py --llama7b --reps 4 --compile \
