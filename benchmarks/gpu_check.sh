@@ -33,6 +33,7 @@ step() {  # step SECONDS LOG NAME COMMAND...: run, append to LOG, note a failure
   local rc=${PIPESTATUS[0]}
   echo "== $name: rc $rc after $((SECONDS - start)) s" | tee -a "$log"
   [ "$rc" = 0 ] || status=1
+  rm -f "$OUT"/*.png "$OUT"/*.md  # after every step: a run cut short by the call's limit still leaves <= 8 files
 }
 
 {
