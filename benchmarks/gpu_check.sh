@@ -11,7 +11,7 @@
 #   rewritten on 2026-11-28 after a SASS count, not yet timed), then (PROFILE=1) ncu on the CUDA kernels
 # and leaves at most 8 files under $OUT (the device tool's limit):
 #   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json qlora_compiled.json nf4_linear.json
-#   (profile.log too with PROFILE=1: then one fewer JSON comes back)
+#   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back)
 # Budget: 10 s wheels + 10 s env + 100 s build + 90 + 30 s tests + 60 + 30 + 80 + 200 s benchmarks
 # + 45 s Triton tests + 60 s Triton benchmark = about 11.9 minutes at most, over the device
 # tool's 10 minutes a call: the steps are in the order they matter, and they usually end well
@@ -64,6 +64,10 @@ step 200 "$OUT/bench.log" "bench_qlora --llama7b --compile" python3 benchmarks/b
 step 45 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops/test_gpu.py -k "${TRITON_TESTS:-}"
 step 60 "$OUT/bench.log" "bench_nf4_linear (Triton and the rest) at two shapes" python3 benchmarks/bench_nf4_linear.py \
   --shapes 4096x4096,4096x14336 --ms 1,16 --out "$OUT/nf4_linear.json"
+if [ "${CUDAGRAPHS:-0}" = 1 ]; then  # untried: CUDA graphs of each compiled layer (cudagraph trees) under checkpointing
+  step 200 "$OUT/bench.log" "bench_qlora --llama7b --compile-mode reduce-overhead" python3 benchmarks/bench_qlora.py \
+    --llama7b --reps 3 --compile --compile-mode reduce-overhead --out "$OUT/qlora_cudagraphs.json"
+fi
 if [ "${PROFILE:-0}" = 1 ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   step 50 "$OUT/profile.log" "ncu: the CUDA kernels at 4096 x 14336" ${NCU:-ncu} --clock-control none --section SpeedOfLight \
