@@ -277,7 +277,8 @@ def test_torch_compile_matches_eager():
     assert ((compiled.double() - eager.double()).abs() <= 2 * bound).all()
 
 
-def test_compiled_blocks_under_checkpointing_are_as_accurate_as_eager():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_blocks_under_checkpointing_are_as_accurate_as_eager(device):
     """compile_blocks (`lowrank train`'s `compile: true`) on a QLoRA Llama with activation
     checkpointing: each decoder layer compiles whole (fullgraph: the 4-bit op, LoRA and the
     checkpoint's recompute need no graph break), and the loss and adapter gradients stay as
@@ -287,8 +288,9 @@ def test_compiled_blocks_under_checkpointing_are_as_accurate_as_eager():
     from lowrank.workflow.model import compile_blocks
 
     model = models.llama()
-    exact = dequantized_copy(model, LLAMA_LINEAR).double()
-    quantize(model)
+    exact = dequantized_copy(model, LLAMA_LINEAR).double().to(device)
+    model.to(device)
+    quantize(model)  # on the GPU: Inductor's Triton kernels around the CUDA kernels of the 4-bit op
     for m in (model, exact):
         inject(m, LoraConfig(r=4, alpha=8))
     models.randomize_adapters(model)
@@ -298,7 +300,7 @@ def test_compiled_blocks_under_checkpointing_are_as_accurate_as_eager():
                 exact.get_parameter(name).copy_(p)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    ids = models.ids()
+    ids = models.ids().to(device)
 
     def loss_and_grads(m):
         m.zero_grad()

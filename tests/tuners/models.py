@@ -63,4 +63,4 @@ def randomize_adapters(model, seed=3, std=0.1):
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * std)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * std)
