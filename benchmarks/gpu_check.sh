@@ -16,7 +16,10 @@
 # + 45 s Triton tests + 60 s Triton benchmark = about 12.4 minutes at most, over the device
 # tool's 10 minutes a call: the steps are in the order they matter, and they usually end well
 # before their limits (the last runs took 6.5 minutes for everything before the compiled step).
-# Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh
+# PART=1 / PART=2 split it in two calls of the device tool, each under its 10 minutes (PART=2
+# needs no build: the Triton kernels compile on the spot, and bench_nf4_linear times lowrank._C
+# only where the first part built it).
+# Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (or PART=1 ... / PART=2 ...)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
   || { echo "gpu_check: no usable wheel in .whl/: continuing without bitsandbytes"; export PYTHONPATH=$PWD; }
 set -u -o pipefail
@@ -43,10 +46,13 @@ step() {  # step SECONDS LOG NAME COMMAND...: run, append to LOG, note a failure
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+PART=${PART:-all}  # 1: build, CUDA tests and benchmarks, the 7B steps; 2: the Triton tests and benchmark; all: both
+case "$PART" in all | 1 | 2) ;; *) echo "gpu_check: PART must be all, 1 or 2, got $PART"; exit 2 ;; esac
+PYTEST="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"
+
+if [ "$PART" != 2 ]; then
 step 100 "$OUT/build.log" "build lowrank._C with CUDA" env LOWRANK_CUDA_ARCHS=90a MAX_JOBS=16 python3 setup.py build_ext --inplace
 python3 -c "from lowrank import _C; print('lowrank._C with_cuda =', _C.with_cuda)" 2>&1 | tee -a "$OUT/build.log"
-
-PYTEST="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"
 step 120 "$OUT/tests.log" "csrc, optimizer and quantize gpu tests" $PYTEST tests/csrc tests/test_optim.py tests/quant \
   --deselect tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
@@ -60,10 +66,14 @@ step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.
 # 40-70 s a side on the GPU machine's 16 cores; the JSON is rewritten after each side)
 step 200 "$OUT/bench.log" "bench_qlora --llama7b --compile" python3 benchmarks/bench_qlora.py --llama7b --reps 3 --compile \
   --profile --out "$OUT/qlora_compiled.json"
+fi
+
+if [ "$PART" != 1 ]; then
 # TRITON_TESTS narrows the Triton tests (each autotunes, ~2 s a test); all of tests/ops/test_gpu.py by default
 step 45 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops/test_gpu.py -k "${TRITON_TESTS:-}"
 step 60 "$OUT/bench.log" "bench_nf4_linear (Triton and the rest) at two shapes" python3 benchmarks/bench_nf4_linear.py \
   --shapes 4096x4096,4096x14336 --ms 1,16 --out "$OUT/nf4_linear.json"
+fi
 if [ "${CUDAGRAPHS:-0}" = 1 ]; then  # untried: CUDA graphs of each compiled layer (cudagraph trees) under checkpointing
   step 200 "$OUT/bench.log" "bench_qlora --llama7b --compile-mode reduce-overhead" python3 benchmarks/bench_qlora.py \
     --llama7b --reps 3 --compile --compile-mode reduce-overhead --out "$OUT/qlora_cudagraphs.json"
