@@ -264,7 +264,8 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if config.compile:
-        compile_blocks(model)  # before DDP / fully_shard wrap them (torchtitan's order too)
+        n = compile_blocks(model)  # before DDP / fully_shard wrap them (torchtitan's order too)
+        print(f"compile: {n} decoder layers torch.compiled; the first steps wait for compilation", file=stream)
     wrapped = parallel.wrap(model, ranks)  # after quantize and inject: docs/distributed.md, rule 1
     params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2, the sharded ones
     if ranks.mode != "none":

@@ -103,6 +103,26 @@ def test_two_ranks_train_and_resume_as_one_process_does(mode, method, model_dir,
         loads_in_peft(model_dir, got, a["trainable"])
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_compile_under_torchrun(mode, model_dir, small_data, tmp_path):
+    """`compile: true` with DDP / FSDP2: each rank compiles its decoder layers before the model is
+    wrapped, and the run trains to its checkpoint, which PEFT loads. Not bit for bit against one
+    process: a rank compiles for the batch shapes it sees, which one process sees in another
+    order (Inductor's code for a static and a dynamic shape may sum differently)."""
+    cfg = config(model_dir, small_data, tmp_path / "ranks", method="qlora", distributed=mode, batch_size=4,
+                 grad_accum=1, epochs=1, compile=True, activation_checkpointing=True)
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    log = torchrun(tmp_path / "c.yaml")
+    assert log.count("compile: 2 decoder layers torch.compiled") == 1 and log.count("done:\n") == 1  # rank 0 reports
+    assert re.search(rf"^  ranks +{WORLD}$", log, re.M)
+    got = tmp_path / "ranks" / "epoch_1"
+    assert sorted(os.listdir(got)) == FILES
+    trained = torch.load(got / T.STATE_FILE, weights_only=True)["trainable"]
+    assert trained and all(torch.isfinite(t).all() for t in trained.values())
+    assert any(k.endswith("lora_B.default.weight") and t.abs().max() > 0 for k, t in trained.items())  # B moved from 0
+    loads_in_peft(model_dir, got, trained)
+
+
 def loads_in_peft(model_dir, checkpoint, trained: dict) -> None:
     """PEFT loads a checkpoint the ranks wrote and holds exactly the trained tensors."""
     peft = pytest.importorskip("peft")

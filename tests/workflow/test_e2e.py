@@ -3,6 +3,7 @@ reproduces its conversations, chat with it in a terminal, resume a run bit for b
 check that every method's checkpoint loads back into the very model that was trained."""
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -217,9 +218,11 @@ def test_compile_trains_with_each_decoder_layer_compiled(tmp_path, model_dir, da
 
     monkeypatch.setattr(train_mod, "compile_blocks", spy)
     torch._dynamo.reset()
+    log = io.StringIO()
     summary = train(_config(tmp_path, model_dir, data_file, epochs=1, method="qlora", method_options={"r": 4},
-                            activation_checkpointing=True, compile=True))
+                            activation_checkpointing=True, compile=True), stream=log)
     assert compiled == [2]  # the tiny model's two decoder layers
+    assert log.getvalue().count("compile: 2 decoder layers torch.compiled") == 1
     assert math.isfinite(summary.loss) and summary.steps > 1
     adapter = load_file(f"{summary.checkpoint}/adapter_model.safetensors")
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
