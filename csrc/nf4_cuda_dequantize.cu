@@ -20,6 +20,7 @@
 #include <cuda_fp16.h>
 
 #include "nf4_cuda.h"
+#include "nf4_cuda_device.h"
 
 namespace lowrank {
 namespace {
@@ -28,8 +29,6 @@ constexpr int kThreads = 256;
 constexpr int kItem = 8;     // elements per item: 4 packed bytes
 constexpr int kUnroll = 4;   // items per thread, their loads in flight together
 
-__device__ const float g_dynamic[256] = {LOWRANK_DYNAMIC_VALUES};
-__device__ const float g_nf4[16] = {LOWRANK_NF4_VALUES};
 
 struct Tables {
   float dynamic[256];
@@ -49,21 +48,12 @@ __device__ __forceinline__ float scale_of(const NF4View& w, int64_t b, const flo
   return __fadd_rn(__fmul_rn(code, w.nested[b / kNestedBlocksize]), *w.offset);  // never fused
 }
 
-template <typename T>
-__device__ __forceinline__ T convert(float v);
-template <>
-__device__ __forceinline__ float convert<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half convert<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
 // Element i of W one at a time: tails, odd sizes, misaligned pointers.
 template <typename T>
 __device__ __forceinline__ void decode_one(const NF4View& w, int64_t i, const Tables& s, T* __restrict__ out) {
   const uint8_t byte = w.packed[i / 2];
   const int code = (i % 2 == 0) ? (byte >> 4) : (byte & 0x0F);
-  out[i] = convert<T>(__fmul_rn(s.nf4[code], scale_of(w, i / w.blocksize, s.dynamic)));
+  out[i] = from_float<T>(__fmul_rn(s.nf4[code], scale_of(w, i / w.blocksize, s.dynamic)));
 }
 
 // 8 decoded values of one item -> out[0..7], as one 16-byte store (two for float32).
@@ -71,7 +61,7 @@ template <typename T>
 __device__ __forceinline__ void store_item(const float (&v)[kItem], T* __restrict__ out) {
   alignas(16) T packed[kItem];
 #pragma unroll
-  for (int e = 0; e < kItem; ++e) packed[e] = convert<T>(v[e]);
+  for (int e = 0; e < kItem; ++e) packed[e] = from_float<T>(v[e]);
 #pragma unroll
   for (int i = 0; i < kItem * int(sizeof(T)) / 16; ++i)
     reinterpret_cast<uint4*>(out)[i] = reinterpret_cast<const uint4*>(packed)[i];

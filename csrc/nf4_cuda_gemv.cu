@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "nf4_cuda.h"
+#include "nf4_cuda_device.h"
 
 namespace lowrank {
 namespace {
@@ -32,21 +33,6 @@ namespace {
 constexpr int kWarps = 4;  // kGemvSimt: rows of W per CTA
 constexpr int kChunk = 32;  // weights per lane per step: one 16-byte load
 
-__device__ const float g_dynamic[256] = {LOWRANK_DYNAMIC_VALUES};
-__device__ const float g_nf4[16] = {LOWRANK_NF4_VALUES};
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // 32 consecutive elements of x as float32, with 128-bit loads (x is 16-byte aligned, k % 32 == 0).
 template <typename T>
