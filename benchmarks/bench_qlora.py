@@ -120,7 +120,7 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
 
     if args.compile is not None:
         compile_blocks(ours, **args.compile)
-        compile_blocks(theirs.base_model.model, **args.compile)
+        compile_blocks(theirs, **args.compile)  # a PeftModel: its blocks are the Llama's
     losses = {"lowrank": [], "peft+bitsandbytes": []}
     fns = {"lowrank": step_fn(ours, ids, losses["lowrank"]),
            "peft+bitsandbytes": step_fn(theirs, ids, losses["peft+bitsandbytes"])}
@@ -137,17 +137,15 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
 
 
 # -- --llama7b: one provider at a time ----------------------------------------------------------
-def build_lowrank(config, device: torch.device, dtype: torch.dtype, compile_options: dict | None = None) -> nn.Module:
+def build_lowrank(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
     model = build(config, device, dtype, lambda layer: quantize(layer, NF4Config(compute_dtype=dtype)))
     inject(model, LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
     init_adapters(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if compile_options is not None:
-        compile_blocks(model, **compile_options)
     return model
 
 
-def build_peft(config, device: torch.device, dtype: torch.dtype, compile_options: dict | None = None) -> nn.Module:
+def build_peft(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
     import peft
 
     model = build(config, device, dtype, lambda layer: bnb_quantize(layer, dtype, device))
@@ -158,8 +156,6 @@ def build_peft(config, device: torch.device, dtype: torch.dtype, compile_options
     # base's compute dtype (bf16). Same start values either way (init_adapters).
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     init_adapters(model, prefix="base_model.model.")
-    if compile_options is not None:
-        compile_blocks(model.base_model.model, **compile_options)
     return model
 
 
@@ -209,7 +205,9 @@ def measure(provider: str, make, config, ids: torch.Tensor, reps: int, device: t
     before = mib(device, torch.cuda.memory_allocated)
     reset_peak(device)
     start = time.perf_counter()
-    model = make(config, device, torch.bfloat16, compile_options)
+    model = make(config, device, torch.bfloat16)
+    if compile_options is not None:
+        compile_blocks(model, **compile_options)  # lowrank's model or a PeftModel: the same blocks
     if device.type == "cuda":
         torch.cuda.synchronize()
     build_s = time.perf_counter() - start

@@ -110,7 +110,7 @@ def test_tiny_llama7b_run_writes_rows(tmp_path, models, capsys):
 
 
 def test_a_failing_provider_leaves_the_other_measured(tmp_path, monkeypatch):
-    def broken(config, device, dtype, compile_options=None):
+    def broken(config, device, dtype):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(bench_qlora, "build_lowrank", broken)
