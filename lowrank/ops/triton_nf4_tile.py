@@ -181,13 +181,13 @@ def load_w_tile(
 ):
     """W[offs_n, k0 : k0 + BLOCK_K] in float32, bit-exact with the reference; 0 outside W.
     Returns a (len(offs_n), BLOCK_K) tile. See Note: two decode paths."""
-    row = offs_n.to(tl.int64) * K  # (BN,) flat index of W[n, 0]
-    mask_n = offs_n < N  # (BN,)
     if ROW_ALIGNED:
         even, odd = load_w_pairs(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, nf4_ptr, dyn_ptr, offs_n, k0, N, K,
                                  BLOCK_K, BLOCKSIZE, DOUBLE_QUANT, LOOKUP)
         return tl.interleave(even, odd)  # (BN, BK)
     else:
+        row = offs_n.to(tl.int64) * K  # (BN,) flat index of W[n, 0]
+        mask_n = offs_n < N  # (BN,)
         offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         mask = mask_n[:, None] & (offs_k < K)[None, :]  # (BN, BK)
         idx = row[:, None] + offs_k[None, :]  # (BN, BK) flat index
