@@ -113,15 +113,27 @@ def row(kernel: str, config, regs: int, body: list, weights: int) -> dict:
             "barriers": ops["BAR"], "shuffles": ops["SHFL"]}
 
 
+def gemv_types(dtype: str, double_quant: bool) -> dict:
+    """The split-K kernel's runtime arguments as Triton types (x in `dtype`; uint8 scale codes or float32 scales)."""
+    return {"x_ptr": f"*{dtype}", "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
+            **dict.fromkeys(["nested_ptr", "offset_ptr", "nf4_ptr", "dyn_ptr", "partial_ptr"], "*fp32"),
+            **dict.fromkeys(["M", "N", "K", "M_BUCKET", "K_SPLIT", "stride_xm", "stride_xk"], "i32")}
+
+
+def dequantize_types(dtype: str) -> dict:
+    """The dequantize kernel's runtime arguments as Triton types (W out in `dtype`)."""
+    return {"packed_ptr": "*u8", "absmax_ptr": "*u8", "out_ptr": f"*{dtype}", "n": "i32",
+            **dict.fromkeys(["nested_ptr", "offset_ptr", "nf4_ptr", "dyn_ptr"], "*fp32")}
+
+
 def gemv_rows(arch: int, quick: bool, block_m: int = 1) -> list[dict]:
     """The split-K kernel's K loop for M = 1 (block_m 1: CUDA-core products) or a skinny M
     (block_m 16..64: tl.dot)."""
     from lowrank.ops import triton_gemv
 
     fn = jitted(triton_gemv._splitk_kernel)
-    types = {**dict.fromkeys(["x_ptr"], "*bf16"), **dict.fromkeys(["packed_ptr", "absmax_ptr"], "*u8"),
-             **dict.fromkeys(["nested_ptr", "offset_ptr", "nf4_ptr", "dyn_ptr", "partial_ptr"], "*fp32"),
-             **dict.fromkeys(["M", "N", "K", "M_BUCKET", "K_SPLIT", "stride_xm"], "i32")}
+    types = gemv_types("bf16", True)
+    del types["stride_xk"]  # a constant 1 below: x's rows are contiguous
     constants = dict(stride_xk=1, BLOCKSIZE=64, DOUBLE_QUANT=True, ROW_ALIGNED=True, DOT_PRECISION="tf32", BLOCK_K=64,
                      BLOCK_M=block_m, LOOKUP="gather")
     divisible = tuple(n for n in types if n.endswith("_ptr")) + ("N", "K", "K_SPLIT", "stride_xm")
@@ -137,8 +149,7 @@ def dequantize_rows(arch: int, quick: bool) -> list[dict]:
     from lowrank.ops import triton_dequantize
 
     fn = jitted(triton_dequantize._kernel)
-    types = {**dict.fromkeys(["packed_ptr", "absmax_ptr"], "*u8"), "out_ptr": "*bf16", "n": "i32",
-             **dict.fromkeys(["nested_ptr", "offset_ptr", "nf4_ptr", "dyn_ptr"], "*fp32")}
+    types = dequantize_types("bf16")
     constants = dict(BLOCKSIZE=64, DOUBLE_QUANT=True, LOOKUP="gather", WHOLE=True)  # WHOLE: every Llama shape
     divisible = tuple(n for n in types if n.endswith("_ptr")) + ("n",)
     rows = []
@@ -147,12 +158,6 @@ def dequantize_rows(arch: int, quick: bool) -> list[dict]:
         weights = config.kwargs["ELEMS_PER_PROGRAM"] // (32 * config.num_warps)
         rows.append(row("dequantize", config, regs, code, weights))
     return rows
-
-
-def gemv_types(dtype: str, double_quant: bool) -> dict:
-    return {"x_ptr": f"*{dtype}", "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
-            **dict.fromkeys(["nested_ptr", "offset_ptr", "nf4_ptr", "dyn_ptr", "partial_ptr"], "*fp32"),
-            **dict.fromkeys(["M", "N", "K", "M_BUCKET", "K_SPLIT", "stride_xm", "stride_xk"], "i32")}
 
 
 def variants():
@@ -177,9 +182,7 @@ def variants():
     dequantize = jitted(triton_dequantize._kernel)
     for dtype in ("bf16", "fp16", "fp32"):
         for whole in (True, False):
-            types = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "out_ptr": f"*{dtype}", "n": "i32",
-                     **dict.fromkeys(["nested_ptr", "offset_ptr", "nf4_ptr", "dyn_ptr"], "*fp32")}
-            yield f"dequantize {dtype} whole={whole}", dequantize, types, \
+            yield f"dequantize {dtype} whole={whole}", dequantize, dequantize_types(dtype), \
                 dict(BLOCKSIZE=64, DOUBLE_QUANT=True, LOOKUP="gather", WHOLE=whole), triton_dequantize._CONFIGS[0]
     for kernel in (triton_matmul._linear_kernel, triton_matmul._grad_input_kernel):
         fn = jitted(kernel)
