@@ -64,11 +64,11 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
               message("K and blocksize must be multiples of 32; got K = ", K, ", blocksize ", blocksize));
   const int64_t M = x.numel() / K;
   const bool simt = kernel == kGemvSimt || (kernel == kGemvAuto && x.scalar_type() == at::kFloat);
-  TORCH_CHECK(
-      kernel == kGemvAuto || kernel == kGemvMma || kernel == kGemvSimt,
-      message("kernel must be ", kGemvAuto, " (auto), ", kGemvMma, " (mma) or ", kGemvSimt, " (simt), got ", kernel));
-  TORCH_CHECK(!(kernel == kGemvMma && x.scalar_type() == at::kFloat),
-              "the mma kernel takes float16 or bfloat16 x, got float32");
+  TORCH_CHECK(kernel == kGemvAuto || kernel == kGemvMma || kernel == kGemvSimt || kernel == kGemvMmaStaged,
+              message("kernel must be ", kGemvAuto, " (auto), ", kGemvMma, " (mma), ", kGemvSimt, " (simt) or ",
+                      kGemvMmaStaged, " (mma-staged), got ", kernel));
+  TORCH_CHECK(!((kernel == kGemvMma || kernel == kGemvMmaStaged) && x.scalar_type() == at::kFloat),
+              "the mma kernels take float16 or bfloat16 x, got float32");
   const int64_t max_rows = simt ? kCudaSimtMaxRows : kCudaMmaMaxRows;
   TORCH_CHECK(M >= 1 && M <= max_rows, message("x must have 1 to ", max_rows, " rows for this kernel, got ", M));
   const c10::cuda::CUDAGuard guard(x.device());

@@ -25,6 +25,7 @@ cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, cuda
 constexpr int kGemvAuto = 0;  // kGemvMma for float16 / bfloat16, kGemvSimt for float32
 constexpr int kGemvMma = 1;   // tensor cores (mma.sync m16n8k16), float16 / bfloat16, M <= kCudaMmaMaxRows
 constexpr int kGemvSimt = 2;  // one warp a row on the CUDA cores, any type, M <= kCudaSimtMaxRows
+constexpr int kGemvMmaStaged = 3;  // kGemvMma with its block scales staged in shared memory first, same limits
 
 constexpr int kCudaMmaMaxRows = 64;
 

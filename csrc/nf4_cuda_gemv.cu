@@ -2,7 +2,7 @@
 //   for few rows M (decoding token by token, small batches); float32 sums, one rounding at the end.
 //   The scale of each block is decoded in-kernel (nf4_common.h).
 //
-// Two kernels (nf4_cuda.h kGemv*; benchmarks/bench_nf4_cuda.py times both):
+// Three kernels (nf4_cuda.h kGemv*; benchmarks/bench_nf4_cuda.py times each):
 //
 // kGemvMma, float16 / bfloat16, M <= 64 (the default for them). Tensor cores: mma.sync m16n8k16
 // with W as the A operand (16 rows of W x 16 columns) and x^T as B (16 columns x 8 rows of x, zero
@@ -13,6 +13,12 @@
 // dequantizes it: NF4[code] * scale rounded once to x's dtype. On the H200 (docs/benchmarks.md,
 // 2026-11-28) it is bound by instruction issue (~4.5 instructions a weight, 25% occupancy), not
 // by memory: 1.1-1.5x bf16 cuBLAS at M = 1.
+//
+// kGemvMmaStaged, float16 / bfloat16, M <= 64: the same products as kGemvMma with the block scales
+// decoded into shared memory before the K loop and no predicate inside it (Note: staged scales):
+// 26-32% fewer instructions a weight and 64 instead of 106 registers at M <= 8 (sm_90a SASS,
+// benchmarks/sass_csrc.py). Written without a GPU at hand: not the default until a GPU run has
+// timed it against kGemvMma (benchmarks/gpu_check.sh).
 //
 // kGemvSimt, any type, M <= 16 (the default for float32, whose tensor-core path would be TF32).
 // One warp per row n of W. A lane takes 16 bytes of the row (one 128-bit load: 32 weights in one
@@ -181,6 +187,49 @@ __device__ __forceinline__ uint32_t decode_pair(const uint4& bytes, int j, float
   return Mma<T>::pack(__fmul_rn(nf4_at(word, bit + 4, base), scale), __fmul_rn(nf4_at(word, bit, base), scale));
 }
 
+// The eight mma steps of one tile: the lane's codes of its two rows (16 bytes each) with their
+// blocks' scales, times its x fragments (xs[j][s]: words 2s, 2s+1 of its 32 columns of row 8j + g).
+template <typename T, int MT>
+__device__ __forceinline__ void tile_mma(float (&acc)[MT][4], const uint4 (&codes)[2], const float (&scale)[2],
+                                         const uint2 (&xs)[MT][8], uint32_t base) {
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {  // See Note: the k permutation.
+    const uint32_t a[4] = {decode_pair<T>(codes[0], 2 * s, scale[0], base),
+                           decode_pair<T>(codes[1], 2 * s, scale[1], base),
+                           decode_pair<T>(codes[0], 2 * s + 1, scale[0], base),
+                           decode_pair<T>(codes[1], 2 * s + 1, scale[1], base)};
+#pragma unroll
+    for (int j = 0; j < MT; ++j) Mma<T>::step(acc[j], a, xs[j][s].x, xs[j][s].y);
+  }
+}
+
+// The 8 warps' partial sums of the CTA's 16 rows of W, added in warp order (deterministic), plus
+// the bias, to y. partial: kMmaWarps * MT * 4 * 32 floats of shared memory.
+//   D[n][m] of n8 tile j: c0 = (g, 2t), c1 = (g, 2t+1), c2 / c3 the same for row g + 8.
+template <typename T, int MT>
+__device__ __forceinline__ void reduce_store(float* partial, const float (&acc)[MT][4], int64_t row0, int64_t N, int M,
+                                             const T* __restrict__ bias, T* __restrict__ y) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int kSlots = MT * 4 * 32;  // floats a warp leaves
+#pragma unroll
+  for (int j = 0; j < MT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp * kSlots + (4 * j + i) * 32 + lane] = acc[j][i];
+  __syncthreads();
+  for (int slot = threadIdx.x; slot < kSlots; slot += kMmaWarps * 32) {
+    const int ji = slot / 32, l = slot % 32;
+    const int j = ji / 4, i = ji % 4;
+    const int64_t n = row0 + l / 4 + (i >= 2 ? 8 : 0);
+    const int m = 8 * j + 2 * (l % 4) + (i % 2);
+    if (n >= N || m >= M) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kMmaWarps; ++v) sum += partial[v * kSlots + slot];
+    if (bias != nullptr) sum += to_float(bias[n]);
+    y[m * N + n] = from_float<T>(sum);
+  }
+}
+
 // What one lane loads for U consecutive tiles: the 16 bytes of codes of each of its two rows,
 // and their blocks' scale codes (the 8-bit code and the nested scale, or the float32 scale).
 template <int U>
@@ -227,7 +276,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
                                                              int shift) {
   static_assert(kNestedBlocksize == 256, "load_batch shifts by 8");
   __shared__ float dynamic[256];
-  __shared__ float partial[kMmaWarps][MT * 4][32];
+  __shared__ float partial[kMmaWarps * MT * 4 * 32];
   static_assert(kMmaWarps * 32 == 256, "one thread copies one entry of the dynamic map");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -273,45 +322,193 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
       for (int r = 0; r < 2; ++r)
         scale[r] = nested ? __fadd_rn(__fmul_rn(dynamic[cur.qscale[u][r]], cur.nested_scale[u][r]), offset)  // no FMA
                           : __uint_as_float(cur.qscale[u][r]);
-#pragma unroll
-      for (int s = 0; s < 8; ++s) {  // See Note: the k permutation.
-        const uint32_t a[4] = {decode_pair<T>(cur.codes[u][0], 2 * s, scale[0], base),
-                               decode_pair<T>(cur.codes[u][1], 2 * s, scale[1], base),
-                               decode_pair<T>(cur.codes[u][0], 2 * s + 1, scale[0], base),
-                               decode_pair<T>(cur.codes[u][1], 2 * s + 1, scale[1], base)};
-#pragma unroll
-        for (int j = 0; j < MT; ++j) Mma<T>::step(acc[j], a, xs[j][s].x, xs[j][s].y);
-      }
+      tile_mma<T, MT>(acc, cur.codes[u], scale, xs, base);
     }
     cur = next;
   }
 
-  // Reduction: the 8 warps' partial sums, added in warp order. Lanes past K brought x = 0 (finite A times 0
-  //    adds 0); rows past N or M only reach outputs that are not written.
-  //    D[n][m]: c0 = (g, 2t), c1 = (g, 2t+1), c2 / c3 the same for row g + 8.
+  // Reduction: lanes past K brought x = 0 (finite A times 0 adds 0); rows past N or M only reach
+  // outputs that are not written.
+  reduce_store<T, MT>(partial, acc, row0, N, M, bias, y);
+}
+
+// ---------------------------------------------------------------------------------------------
+// kGemvMmaStaged
+// ---------------------------------------------------------------------------------------------
+
+// Note: staged scales. mma_kernel spends about a third of its K loop on bookkeeping, not on
+// decoding (sm_90a SASS, bf16, one n8 tile: 881 instructions for 128 weights a lane, of which
+// ~630 decode and multiply): per row and tile a lane computes 64-bit addresses of its codes, its
+// scale code and its nested scale, loads all three under predicates (row < N, k < K, tile in
+// range), looks the code up in the dynamic map and multiplies and adds the scale. staged_kernel
+// computes the same products with the same lanes, k permutation, operands and reduction, and
+// takes that work out of the loop:
+//   - a prologue decodes every block scale the CTA's 16 rows use into shared memory (the rows are
+//     contiguous in W, so their blocks are one range, ~16 K / blocksize scales); in the loop a
+//     scale is one shift and one LDS;
+//   - no predicate in the loop: a lane whose row is past N reads row N - 1, one whose row of x is
+//     past M reads row M - 1. Their products land in rows / columns of D whose outputs are never
+//     written (an mma output column depends on its own column of B only, a row on its row of A),
+//     and all they read is finite. Only the last tile of K, when K % 128 != 0, runs a path that
+//     zeroes the codes, scale and x of lanes past K;
+//   - the loads of a batch of U tiles use immediate offsets from pointers advanced once a batch.
+// The staged scales must fit in the 48 KiB of shared memory a CTA gets without opting in: 16 K /
+// blocksize + 2 <= kStagedScales (K <= 49152 at blocksize 64); larger weights take mma_kernel.
+constexpr int kStagedScales = 12 * 1024 - 512;  // floats: 48 KiB less the dynamic map, s_nf4 and some slack
+constexpr int kStagedLoads = 8;  // scales a thread loads at once in the prologue (one round up to K = 16384 at blocksize 64)
+
+// The lane's codes (16 bytes of each of its two rows) for U consecutive tiles.
+template <int U>
+struct Codes {
+  uint4 v[U][2];
+};
+
+template <typename T, int MT, int U>
+__global__ void __launch_bounds__(kMmaWarps * 32) staged_kernel(NF4View w, int64_t N, int64_t K,
+                                                                const T* __restrict__ x, int M,
+                                                                const T* __restrict__ bias, T* __restrict__ y,
+                                                                int shift) {
+  static_assert(kNestedBlocksize == 256, "the prologue shifts by 8");
+  extern __shared__ float staged[];  // the CTA's block scales; after the loop, the warps' partial sums
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const int rows = N - row0 < 16 ? static_cast<int>(N - row0) : 16;
+  const int r[2] = {g < rows ? g : rows - 1, g + 8 < rows ? g + 8 : rows - 1};  // See Note: staged scales.
+  const int64_t tiles = (K + kTileK - 1) / kTileK, full = K / kTileK;  // full: tiles all 4 lanes' columns are in
+  const int64_t per_warp = (tiles + kMmaWarps - 1) / kMmaWarps;
+  const int64_t tile_begin = warp * per_warp < tiles ? warp * per_warp : tiles;
+  const int64_t tile_end = tile_begin + per_warp < tiles ? tile_begin + per_warp : tiles;
+  const int64_t lean_end = tile_end < full ? tile_end : full;
+
+  // The lane's pointers at tile_begin: codes of its two rows, x of its row in each n8 tile.
+  const uint4* codes[2];
 #pragma unroll
-  for (int j = 0; j < MT; ++j)
+  for (int i = 0; i < 2; ++i)
+    codes[i] = reinterpret_cast<const uint4*>(w.packed + (((row0 + r[i]) * K + 32 * t) >> 1)) + 4 * tile_begin;
+  const T* xrow[MT];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][4 * j + i][lane] = acc[j][i];
-  __syncthreads();
-  for (int slot = threadIdx.x; slot < MT * 4 * 32; slot += kMmaWarps * 32) {
-    const int ji = slot / 32, l = slot % 32;
-    const int j = ji / 4, i = ji % 4;
-    const int64_t n = row0 + l / 4 + (i >= 2 ? 8 : 0);
-    const int m = 8 * j + 2 * (l % 4) + (i % 2);
-    if (n >= N || m >= M) continue;
-    float sum = 0.0f;
+  for (int j = 0; j < MT; ++j) xrow[j] = x + (8 * j + g < M ? 8 * j + g : M - 1) * K + 32 * t + tile_begin * kTileK;
+  // Scale of the lane's row i in tile tt: staged[(rel[i] + 128 tt) >> shift], rel counted from the
+  // start of the CTA's first block.
+  const int64_t first = row0 * K;
+  const int64_t b0 = first >> shift;
+  int rel[2];
 #pragma unroll
-    for (int v = 0; v < kMmaWarps; ++v) sum += partial[v][ji][l];
-    if (bias != nullptr) sum += to_float(bias[n]);
-    y[m * N + n] = from_float<T>(sum);
+  for (int i = 0; i < 2; ++i) rel[i] = static_cast<int>(first - (b0 << shift)) + r[i] * static_cast<int>(K) + 32 * t;
+
+  // Whole batches of whole tiles, no predicate. The loads of the next batch are issued before this
+  // one is decoded; after the last batch they read this batch again (cached, never used), so the
+  // loop has no branch but its own.
+  const int batches = lean_end > tile_begin ? static_cast<int>((lean_end - tile_begin) / U) : 0;
+  Codes<U> cur, next;
+  if (batches > 0) {  // the first batch, in flight during the prologue
+#pragma unroll
+    for (int u = 0; u < U; ++u) cur.v[u][0] = __ldg(codes[0] + 4 * u), cur.v[u][1] = __ldg(codes[1] + 4 * u);
   }
+  // The prologue (See Note: staged scales): the dynamic map into shared memory, then each scale of the
+  // CTA's blocks; all of a thread's loads are issued before it waits for any.
+  __shared__ float dynamic[256];
+  static_assert(kMmaWarps * 32 == 256, "one thread copies one entry of the dynamic map");
+  dynamic[threadIdx.x] = g_dynamic[threadIdx.x];
+  if (threadIdx.x < 16) s_nf4[threadIdx.x] = g_nf4[threadIdx.x];
+  const int nblk = static_cast<int>(((first + rows * K - 1) >> shift) - b0 + 1);
+  const bool nested = w.nested != nullptr;
+  const float offset = nested ? __ldg(w.offset) : 0.0f;
+  for (int i0 = 0; i0 < nblk; i0 += kStagedLoads * kMmaWarps * 32) {
+    uint32_t q[kStagedLoads];  // scale codes, or float32 scales' bits
+    float nested_scale[kStagedLoads];
+#pragma unroll
+    for (int p = 0; p < kStagedLoads; ++p) {
+      const int i = i0 + p * kMmaWarps * 32 + threadIdx.x;
+      const int64_t b = b0 + (i < nblk ? i : nblk - 1);
+      q[p] = nested ? __ldg(static_cast<const uint8_t*>(w.absmax) + b)
+                    : __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + b));
+      nested_scale[p] = nested ? __ldg(w.nested + (b >> 8)) : 0.0f;
+    }
+    if (i0 == 0) __syncthreads();  // the dynamic map is in place (i0 is the same for every thread)
+#pragma unroll
+    for (int p = 0; p < kStagedLoads; ++p) {
+      const int i = i0 + p * kMmaWarps * 32 + threadIdx.x;
+      if (i < nblk) staged[i] = nested ? __fadd_rn(__fmul_rn(dynamic[q[p]], nested_scale[p]), offset)  // no FMA
+                                       : __uint_as_float(q[p]);
+    }
+  }
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(s_nf4));  // a multiple of 64
+  __syncthreads();
+
+  float acc[MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  int k = static_cast<int>(tile_begin) * kTileK;  // the first column of the tile at hand
+  for (int batch = 0; batch < batches; ++batch) {
+    const int ahead = batch + 1 < batches ? 4 * U : 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      next.v[u][0] = __ldg(codes[0] + ahead + 4 * u), next.v[u][1] = __ldg(codes[1] + ahead + 4 * u);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      uint2 xs[MT][8];
+#pragma unroll
+      for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int s = 0; s < 8; ++s) xs[j][s] = __ldg(reinterpret_cast<const uint2*>(xrow[j] + u * kTileK) + s);
+      const float scale[2] = {staged[(rel[0] + k + u * kTileK) >> shift], staged[(rel[1] + k + u * kTileK) >> shift]};
+      tile_mma<T, MT>(acc, cur.v[u], scale, xs, base);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) codes[i] += 4 * U;
+#pragma unroll
+    for (int j = 0; j < MT; ++j) xrow[j] += U * kTileK;
+    k += U * kTileK;
+    cur = next;
+  }
+  int64_t tt = tile_begin + static_cast<int64_t>(batches) * U;
+  for (; tt < tile_end; ++tt) {  // the warp's last tiles one by one; past `full`, lanes past K add 0
+    const bool in = tt < full || k + 32 * t < K;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    const uint4 c[2] = {in ? __ldg(codes[0]) : zero, in ? __ldg(codes[1]) : zero};
+    uint2 xs[MT][8];
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+      for (int s = 0; s < 8; ++s) xs[j][s] = in ? __ldg(reinterpret_cast<const uint2*>(xrow[j]) + s) : make_uint2(0, 0);
+    const float scale[2] = {in ? staged[(rel[0] + k) >> shift] : 0.0f, in ? staged[(rel[1] + k) >> shift] : 0.0f};
+    tile_mma<T, MT>(acc, c, scale, xs, base);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) codes[i] += 4;
+#pragma unroll
+    for (int j = 0; j < MT; ++j) xrow[j] += kTileK;
+    k += kTileK;
+  }
+
+  __syncthreads();  // every warp is done with the staged scales: their memory takes the partial sums
+  reduce_store<T, MT>(staged, acc, row0, N, M, bias, y);
+}
+
+// Shared memory a staged_kernel CTA needs (floats), or 0 when the scales do not fit (mma_kernel then).
+inline int staged_floats(int64_t K, int shift, int mt) {
+  const int64_t scales = ((16 * K) >> shift) + 2;  // 16 K consecutive weights span at most this many blocks
+  const int64_t partial = static_cast<int64_t>(kMmaWarps) * mt * 4 * 32;
+  if (scales > kStagedScales) return 0;
+  return static_cast<int>(scales > partial ? scales : partial);
 }
 
 template <typename T, int MT>
 void launch_mma(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream) {
   mma_kernel<T, MT, 2><<<static_cast<unsigned>((N + 15) / 16), kMmaWarps * 32, 0, stream>>>(w, N, K, x, M, bias, y,
                                                                                            log2_of(w.blocksize));
+}
+
+// staged_kernel when its scales fit in shared memory, otherwise mma_kernel.
+template <typename T, int MT>
+void launch_staged(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream) {
+  const int shift = log2_of(w.blocksize);
+  const int floats = staged_floats(K, shift, MT);
+  if (floats == 0) return launch_mma<T, MT>(w, N, K, x, M, bias, y, stream);
+  staged_kernel<T, MT, 2><<<static_cast<unsigned>((N + 15) / 16), kMmaWarps * 32, floats * sizeof(float), stream>>>(
+      w, N, K, x, M, bias, y, shift);
 }
 
 template <typename T>
@@ -345,6 +542,13 @@ cudaError_t launch(const NF4View& w, int64_t N, int64_t K, const T* x, int64_t M
       else if (m <= 16) launch_mma<T, 2>(w, N, K, x, m, bias, y, stream);
       else if (m <= 32) launch_mma<T, 4>(w, N, K, x, m, bias, y, stream);
       else launch_mma<T, 8>(w, N, K, x, m, bias, y, stream);
+      return cudaGetLastError();
+    }
+    if (kernel == kGemvMmaStaged) {
+      if (m <= 8) launch_staged<T, 1>(w, N, K, x, m, bias, y, stream);
+      else if (m <= 16) launch_staged<T, 2>(w, N, K, x, m, bias, y, stream);
+      else if (m <= 32) launch_staged<T, 4>(w, N, K, x, m, bias, y, stream);
+      else launch_staged<T, 8>(w, N, K, x, m, bias, y, stream);
       return cudaGetLastError();
     }
   }

@@ -1,7 +1,7 @@
 """lowrank._C's CUDA kernels against the reference on the GPU, at real sizes: dequantize bit for
 bit, the GEMV within the derived bound of tests/ops/bounds.py (the reference there is
 nf4.dequantize in x.dtype, then F.linear, i.e. cuBLAS). Every kernel of each op is tested
-(the GEMV kernels "mma" and "simt" of csrc/nf4_cuda.h), not only the default."""
+(the GEMV kernels "mma", "simt" and "mma-staged" of csrc/nf4_cuda.h), not only the default."""
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ def fields(q):
     return (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
 
 
-MMA, SIMT = 1, 2  # csrc/nf4_cuda.h kGemvMma, kGemvSimt
+MMA, SIMT, STAGED = 1, 2, 3  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged
 
 
 def bits(t):
@@ -79,16 +79,28 @@ def test_cuda_simt_gemv_within_the_derived_bound(C, shape, m, dtype):
                                               ((333, 800), 64), ((50, 800), 256), ((40, 96), 32), ((17, 4128), 4096)])
 @pytest.mark.parametrize("m", [1, 5, 8, 9, 16, 17, 33, 64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_mma_gemv_within_the_derived_bound(C, shape, blocksize, m, dtype):
-    check_gemv(C, shape, m, dtype, MMA, blocksize)
+@pytest.mark.parametrize("kernel", [MMA, STAGED])
+def test_cuda_mma_gemv_within_the_derived_bound(C, shape, blocksize, m, dtype, kernel):
+    check_gemv(C, shape, m, dtype, kernel, blocksize)
 
 
-def test_cuda_mma_gemv_without_double_quant(C):
-    check_gemv(C, (1000, 1024), 7, torch.bfloat16, MMA, double_quant=False)
+@pytest.mark.parametrize("kernel", [MMA, STAGED])
+def test_cuda_mma_gemv_without_double_quant(C, kernel):
+    check_gemv(C, (1000, 1024), 7, torch.bfloat16, kernel, double_quant=False)
+
+
+# mma-staged: K = 16 x 128 + 96 at blocksize 32 gives 17 tiles, 3 a warp: each warp one batch and a
+# tile after it, the last warp a whole tile and the partial one (lanes past K); N = 17: a second CTA
+# of one row. K = 16384 at blocksize 32: 8194 scales a CTA, five rounds of the prologue's loads.
+# K = 32768 at blocksize 32: the scales do not fit in shared memory (16 K / blocksize + 2 >
+# kStagedScales), so the call runs the mma kernel instead.
+@pytest.mark.parametrize("shape, blocksize, m", [((17, 2144), 32, 3), ((40, 16384), 32, 9), ((64, 32768), 32, 1)])
+def test_cuda_staged_gemv_remainders_and_large_k(C, shape, blocksize, m):
+    check_gemv(C, shape, m, torch.bfloat16, STAGED, blocksize)
 
 
 @pytest.mark.parametrize("kernel, dtype", [(SIMT, torch.float32), (SIMT, torch.bfloat16), (MMA, torch.bfloat16),
-                                           (MMA, torch.float16)])
+                                           (MMA, torch.float16), (STAGED, torch.bfloat16)])
 def test_cuda_gemv_of_one_hot_rows_is_a_column_of_w(C, kernel, dtype):
     q = nf4.quantize(torch.randn(1024, 512, device="cuda"), 64, True)
     w = nf4.dequantize(q, dtype)
@@ -99,8 +111,9 @@ def test_cuda_gemv_of_one_hot_rows_is_a_column_of_w(C, kernel, dtype):
 
 def test_cuda_gemv_refuses_what_it_cannot_do(C):
     q = nf4.quantize(torch.randn(64, 256, device="cuda"), 64, True)
-    with pytest.raises(RuntimeError, match="mma kernel takes float16 or bfloat16"):
-        C.nf4_linear_cuda(torch.randn(1, 256, device="cuda"), *fields(q), None, kernel=MMA)
+    for kernel in (MMA, STAGED):
+        with pytest.raises(RuntimeError, match="mma kernels take float16 or bfloat16"):
+            C.nf4_linear_cuda(torch.randn(1, 256, device="cuda"), *fields(q), None, kernel=kernel)
 
 
 def test_cuda_gemv_refuses_too_many_rows(C):
@@ -112,6 +125,8 @@ def test_cuda_gemv_refuses_too_many_rows(C):
         C.nf4_linear_cuda(torch.randn(17, 256, device="cuda"), *fields(q), None, kernel=SIMT)
     with pytest.raises(RuntimeError, match="1 to 64 rows for this kernel, got 65"):
         C.nf4_linear_cuda(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None)
+    with pytest.raises(RuntimeError, match="kernel must be 0 .auto.*got 4"):
+        C.nf4_linear_cuda(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=4)
 
 
 @pytest.mark.parametrize("m", [1, 16, 64, 65])

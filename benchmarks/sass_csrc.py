@@ -1,0 +1,108 @@
+"""What the CUDA GEMV kernels compile to on a Hopper GPU, without one: instructions a weight.
+
+    python benchmarks/sass_csrc.py               # sm_90a, bfloat16, every n8 tile count (MT = 1, 2, 4, 8)
+    python benchmarks/sass_csrc.py --arch 80     # another target (compute capability x 10)
+
+The Triton kernels have benchmarks/sass_triton.py; this is the same count for csrc/nf4_cuda_gemv.cu,
+compiled with nvcc to a cubin for one target and read back with the cuobjdump Triton ships. For each
+tensor-core kernel (mma_kernel, staged_kernel: csrc/nf4_cuda.h kGemvMma, kGemvMmaStaged) and each
+n8 tile count MT (M <= 8 MT rows of x) a row: registers a thread, the instructions of the K loop's
+body (the longest backward branch), the weights a lane decodes in one trip (2 tiles x 2 rows x 32),
+their ratio, the share of the decode itself (SHF, LOP3, LDS, FMUL, F2FP and the mma), and the
+global loads and predicated-select instructions in the loop. It counts instructions; it times nothing
+(bench_nf4_cuda.py does, on a GPU). Needs nvcc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
+from sass_triton import cuobjdump, longest_loop  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "csrc" / "nf4_cuda_gemv.cu"
+KERNELS = {"mma_kernel": "mma", "staged_kernel": "mma-staged"}  # function -> kernel name (csrc/nf4_cuda.h)
+TRIP_WEIGHTS = 2 * 2 * 32  # U = 2 tiles a trip, 2 rows a lane, 32 columns a row (launch_mma, launch_staged)
+DECODE = ("SHF", "LOP3", "LDS", "FMUL", "F2FP", "HMMA", "IMAD.SHL")
+COLUMNS = ["kernel", "MT", "regs", "instructions", "weights_per_lane", "per_weight", "decode", "other", "LDG", "SEL"]
+
+
+def nvcc() -> str:
+    found = shutil.which("nvcc") or next((str(p) for p in pathlib.Path("/usr/local").glob("cuda*/bin/nvcc")), None)
+    if found is None:
+        raise SystemExit("sass_csrc: nvcc not found (PATH, /usr/local/cuda*/bin)")
+    return found
+
+
+def compile_cubin(arch: int, directory: pathlib.Path) -> pathlib.Path:
+    target = f"{arch}a" if arch >= 90 else str(arch)
+    cubin = directory / "gemv.cubin"
+    subprocess.run([nvcc(), "-std=c++17", "-O3", f"-gencode=arch=compute_{target},code=sm_{target}", "-cubin",
+                    "-I", str(ROOT / "csrc"), "-o", str(cubin), str(SOURCE)], check=True, capture_output=True, text=True)
+    return cubin
+
+
+def functions(cubin: pathlib.Path) -> dict[str, tuple[int, list]]:
+    """{mangled name: (registers, [(address, opcode with its first modifier, line)])}."""
+    tool = str(cuobjdump())
+    usage = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    regs = {m.group(1): int(m.group(2)) for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+)", usage)}
+    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    parts = re.split(r"\n\s+Function : (\S+)", sass)
+    out = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        code = [(int(m.group(1), 16), m.group(3) + (m.group(4) or ""), m.group(0))
+                for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.SHL)?[^;]*;", body)]
+        out[name] = (regs[name], [c for c in code if c[1] != "NOP"])
+    return out
+
+
+def rows(arch: int, dtype: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as d:
+        found = functions(compile_cubin(arch, pathlib.Path(d)))
+    out = []
+    for name, (regs, code) in found.items():
+        m = re.search(r"(mma_kernel|staged_kernel)I(\w+?)Li(\d)ELi2E", name)
+        if m is None or m.group(1) not in KERNELS or not m.group(2).endswith(dtype):
+            continue
+        ops = collections.Counter(op for _, op, _ in longest_loop(code))
+        total = sum(ops.values())
+        decode = sum(n for op, n in ops.items() if op in DECODE)
+        out.append({"kernel": KERNELS[m.group(1)], "MT": int(m.group(3)), "regs": regs, "instructions": total,
+                    "weights_per_lane": TRIP_WEIGHTS, "per_weight": total / TRIP_WEIGHTS,
+                    "decode": decode / TRIP_WEIGHTS, "other": (total - decode) / TRIP_WEIGHTS,
+                    "LDG": ops["LDG"], "SEL": ops["SEL"]})
+    return sorted(out, key=lambda r: (r["kernel"], r["MT"]))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: sm_90a, H100/H200)")
+    parser.add_argument("--dtype", choices=["bfloat16", "half"], default="bfloat16", help="x's type")
+    parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "sass_csrc.json")
+    args = parser.parse_args(argv)
+    import torch
+
+    found = rows(args.arch, args.dtype)
+    if not found:
+        raise SystemExit(f"sass_csrc: no tensor-core kernel found in the cubin of {SOURCE.name}")
+    env = {"target": f"sm_{args.arch}{'a' if args.arch >= 90 else ''} (compiled here, not run)", "dtype": args.dtype,
+           **_common.environment(torch.device("cpu"))}
+    table = _common.markdown(found, COLUMNS)
+    _common.write(args.out, found, env, table)
+    print(f"{env}\n\n{table}\n\nwrote {args.out} (+ .md)")
+    return found
+
+
+if __name__ == "__main__":
+    main()

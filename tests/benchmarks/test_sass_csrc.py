@@ -1,0 +1,38 @@
+"""benchmarks/sass_csrc.py compiles csrc/nf4_cuda_gemv.cu for sm_90a with nvcc on this GPU-less
+machine and counts what the tensor-core GEMVs' K loops execute."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
+    pytest.skip("this Triton ships no cuobjdump", allow_module_level=True)
+try:
+    import sass_csrc
+
+    sass_csrc.nvcc()
+except SystemExit:
+    pytest.skip("no nvcc: the CUDA sources cannot be compiled here", allow_module_level=True)
+
+
+def test_counts_both_tensor_core_kernels(tmp_path):
+    out = tmp_path / "sass.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_csrc.py"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {(r["kernel"], r["MT"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows.keys() == {(k, mt) for k in ("mma", "mma-staged") for mt in (1, 2, 4, 8)}
+    for (kernel, mt), r in rows.items():
+        assert 0 < r["regs"] <= 255 and r["instructions"] > r["weights_per_lane"] > 0
+        assert r["per_weight"] == pytest.approx(r["decode"] + r["other"])
+        if kernel == "mma-staged":
+            # See Note: staged scales (csrc/nf4_cuda_gemv.cu): a trip of the loop loads the codes of
+            # two tiles x two rows and x, 8 words a tile and n8 tile, and no scale (shared memory).
+            assert r["LDG"] == 2 * (2 + 8 * mt), r
