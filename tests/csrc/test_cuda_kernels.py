@@ -99,6 +99,18 @@ def test_cuda_staged_gemv_remainders_and_large_k(C, shape, blocksize, m):
     check_gemv(C, shape, m, torch.bfloat16, STAGED, blocksize)
 
 
+@pytest.mark.parametrize("shape, blocksize, m", [((4096, 4096), 64, 1), ((333, 800), 64, 9), ((17, 2144), 32, 3),
+                                                 ((50, 800), 256, 33), ((1024, 4096), 64, 64)])
+def test_cuda_staged_gemv_equals_the_mma_kernel_bit_for_bit(C, shape, blocksize, m):
+    """Same lanes, tiles, mma steps and reduction order (csrc/nf4_cuda_gemv.cu, Note: staged
+    scales): only the bookkeeping differs, so every output is the same float."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = nf4.quantize(torch.randn(shape, device="cuda", generator=g), blocksize, True)
+    x = torch.randn(m, shape[1], device="cuda", generator=g).bfloat16()
+    mma, staged = (C.nf4_linear_cuda(x, *fields(q), None, kernel=k) for k in (MMA, STAGED))
+    assert torch.equal(bits(staged), bits(mma))
+
+
 @pytest.mark.parametrize("kernel, dtype", [(SIMT, torch.float32), (SIMT, torch.bfloat16), (MMA, torch.bfloat16),
                                            (MMA, torch.float16), (STAGED, torch.bfloat16)])
 def test_cuda_gemv_of_one_hot_rows_is_a_column_of_w(C, kernel, dtype):
