@@ -83,7 +83,7 @@ fi
 if [ "${PROFILE:-0}" = 1 ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   step 50 "$OUT/profile.log" "ncu: the CUDA kernels at 4096 x 14336" ${NCU:-ncu} --clock-control none --section SpeedOfLight \
-    --section WarpStateStats --section Occupancy -k "regex:mma_kernel|simt_kernel|stream_kernel" -s 3 -c 3 \
+    --section WarpStateStats --section Occupancy -k "regex:mma_kernel|staged_kernel|simt_kernel|stream_kernel" -s 4 -c 4 \
     python3 benchmarks/profile_nf4_cuda.py
 fi
 
