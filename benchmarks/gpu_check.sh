@@ -3,8 +3,8 @@
 # internet; bitsandbytes carried as a wheel in .whl/). Builds lowrank._C with its CUDA kernels
 # (sm_90a only: the quick build), then, most valuable first, each step under `timeout`:
 #   csrc / optimizer / quantize gpu tests   (the new CUDA kernels must be right before they are timed)
-#   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16; csrc-mma-staged,
-#                                            written 2026-11-28 without a GPU, is first timed here)
+#   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16; csrc-mma-staged
+#                                            and -staged2, written 2026-11-28 without a GPU, first timed here)
 #   bench_nf4_codec.py --device cuda        (quantize / dequantize on the GPU; table in bench.log)
 #   bench_qlora.py --llama7b                (a QLoRA step of the Llama-2-7B shape: memory and tokens/s)
 #   bench_qlora.py --llama7b --compile      (the same with each decoder layer torch.compiled, both sides)
@@ -13,8 +13,8 @@
 # and leaves at most 8 files under $OUT (the device tool's limit):
 #   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json qlora_compiled.json nf4_linear.json
 #   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back)
-# Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 60 + 30
-# + 80 + 150 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
+# Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 75 + 30
+# + 80 + 135 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
 # PART=2: about 11.8 minutes in all, over the device tool's 10 minutes a call. The steps are in
 # the order they matter and usually end well before their limits (the last runs took 6.5 minutes
 # for everything before the compiled step).
@@ -59,14 +59,14 @@ step 130 "$OUT/tests.log" "csrc, optimizer and quantize gpu tests" $PYTEST tests
   --deselect tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
-step 60 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
+step 75 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
 # quantize and dequantize on the GPU against bitsandbytes and torchao (the table goes to bench.log only)
 step 30 "$OUT/bench.log" "bench_nf4_codec --device cuda" python3 benchmarks/bench_nf4_codec.py --device cuda \
   --out /tmp/nf4_codec.json
 step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.py --llama7b --reps 4 --profile --out "$OUT/qlora.json"
 # the first (warm-up) step of each side compiles one decoder layer's forward and backward (a guess:
 # 40-70 s a side on the GPU machine's 16 cores; the JSON is rewritten after each side)
-step 150 "$OUT/bench.log" "bench_qlora --llama7b --compile" python3 benchmarks/bench_qlora.py --llama7b --reps 3 --compile \
+step 135 "$OUT/bench.log" "bench_qlora --llama7b --compile" python3 benchmarks/bench_qlora.py --llama7b --reps 3 --compile \
   --profile --out "$OUT/qlora_compiled.json"
 fi
 

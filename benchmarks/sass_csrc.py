@@ -5,9 +5,10 @@
 
 The Triton kernels have benchmarks/sass_triton.py; this is the same count for csrc/nf4_cuda_gemv.cu,
 compiled with nvcc to a cubin for one target and read back with the cuobjdump Triton ships. For each
-tensor-core kernel (mma_kernel, staged_kernel: csrc/nf4_cuda.h kGemvMma, kGemvMmaStaged) and each
-n8 tile count MT (M <= 8 MT rows of x) a row: registers a thread, the instructions of the K loop's
-body (the longest backward branch), the weights a lane decodes in one trip (2 tiles x 2 rows x 32),
+tensor-core kernel (csrc/nf4_cuda.h: kGemvMma "mma", kGemvMmaStaged "mma-staged", kGemvMmaStaged2
+"mma-staged2") and each n8 tile count MT (M <= 8 MT rows of x) a row: registers a thread, the
+instructions of the K loop's body (the longest backward branch), the weights a lane decodes in one
+trip (tiles a trip x row tiles a warp x 2 rows x 32 columns),
 their ratio, the share of the decode itself (SHF, LOP3, LDS, FMUL, F2FP and the mma), and the
 global loads and predicated-select instructions in the loop. It counts instructions; it times nothing
 (bench_nf4_cuda.py does, on a GPU). Needs nvcc.
@@ -31,8 +32,6 @@ from sass_triton import cuobjdump, longest_loop  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "nf4_cuda_gemv.cu"
-KERNELS = {"mma_kernel": "mma", "staged_kernel": "mma-staged"}  # function -> kernel name (csrc/nf4_cuda.h)
-TRIP_WEIGHTS = 2 * 2 * 32  # U = 2 tiles a trip, 2 rows a lane, 32 columns a row (launch_mma, launch_staged)
 DECODE = ("SHF", "LOP3", "LDS", "FMUL", "F2FP", "HMMA", "IMAD.SHL")
 COLUMNS = ["kernel", "MT", "regs", "instructions", "weights_per_lane", "per_weight", "decode", "other", "LDG", "SEL"]
 
@@ -72,15 +71,18 @@ def rows(arch: int, dtype: str) -> list[dict]:
         found = functions(compile_cubin(arch, pathlib.Path(d)))
     out = []
     for name, (regs, code) in found.items():
-        m = re.search(r"(mma_kernel|staged_kernel)I(\w+?)Li(\d)ELi2E", name)
-        if m is None or m.group(1) not in KERNELS or not m.group(2).endswith(dtype):
+        m = re.search(r"(mma_kernel|staged_kernel)I(\w+?)((?:Li\d+E)+)E", name)
+        if m is None or not m.group(2).endswith(dtype):
             continue
+        params = [int(v) for v in re.findall(r"Li(\d+)E", m.group(3))]  # MT, U (, RT, WARPS)
+        mt, u, rt = params[0], params[1], params[2] if len(params) > 2 else 1
+        kernel = "mma" if m.group(1) == "mma_kernel" else "mma-staged" if rt == 1 else "mma-staged2"
+        weights = u * rt * 2 * 32  # tiles a trip x row tiles x 2 rows a lane x 32 columns
         ops = collections.Counter(op for _, op, _ in longest_loop(code))
         total = sum(ops.values())
         decode = sum(n for op, n in ops.items() if op in DECODE)
-        out.append({"kernel": KERNELS[m.group(1)], "MT": int(m.group(3)), "regs": regs, "instructions": total,
-                    "weights_per_lane": TRIP_WEIGHTS, "per_weight": total / TRIP_WEIGHTS,
-                    "decode": decode / TRIP_WEIGHTS, "other": (total - decode) / TRIP_WEIGHTS,
+        out.append({"kernel": kernel, "MT": mt, "regs": regs, "instructions": total, "weights_per_lane": weights,
+                    "per_weight": total / weights, "decode": decode / weights, "other": (total - decode) / weights,
                     "LDG": ops["LDG"], "SEL": ops["SEL"]})
     return sorted(out, key=lambda r: (r["kernel"], r["MT"]))
 

@@ -64,12 +64,12 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
               message("K and blocksize must be multiples of 32; got K = ", K, ", blocksize ", blocksize));
   const int64_t M = x.numel() / K;
   const bool simt = kernel == kGemvSimt || (kernel == kGemvAuto && x.scalar_type() == at::kFloat);
-  TORCH_CHECK(kernel == kGemvAuto || kernel == kGemvMma || kernel == kGemvSimt || kernel == kGemvMmaStaged,
-              message("kernel must be ", kGemvAuto, " (auto), ", kGemvMma, " (mma), ", kGemvSimt, " (simt) or ",
-                      kGemvMmaStaged, " (mma-staged), got ", kernel));
-  TORCH_CHECK(!((kernel == kGemvMma || kernel == kGemvMmaStaged) && x.scalar_type() == at::kFloat),
+  TORCH_CHECK(kernel >= kGemvAuto && kernel <= kGemvMmaStaged2,
+              message("kernel must be ", kGemvAuto, " (auto), ", kGemvMma, " (mma), ", kGemvSimt, " (simt), ",
+                      kGemvMmaStaged, " (mma-staged) or ", kGemvMmaStaged2, " (mma-staged2), got ", kernel));
+  TORCH_CHECK(!(kernel != kGemvAuto && kernel != kGemvSimt && x.scalar_type() == at::kFloat),
               "the mma kernels take float16 or bfloat16 x, got float32");
-  const int64_t max_rows = simt ? kCudaSimtMaxRows : kCudaMmaMaxRows;
+  const int64_t max_rows = simt ? kCudaSimtMaxRows : kernel == kGemvMmaStaged2 ? kCudaStaged2MaxRows : kCudaMmaMaxRows;
   TORCH_CHECK(M >= 1 && M <= max_rows, message("x must have 1 to ", max_rows, " rows for this kernel, got ", M));
   const c10::cuda::CUDAGuard guard(x.device());
   const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
@@ -109,6 +109,7 @@ void register_cuda(pybind11::module& m) {
         py::arg("kernel") = kGemvAuto);
   m.attr("cuda_mma_max_rows") = kCudaMmaMaxRows;
   m.attr("cuda_simt_max_rows") = kCudaSimtMaxRows;
+  m.attr("cuda_staged2_max_rows") = kCudaStaged2MaxRows;
   m.def("managed_prefetch", &managed_prefetch_op, "prefetch a managed-memory tensor to its device (PagedAdamW)");
 }
 

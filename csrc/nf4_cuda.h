@@ -26,6 +26,7 @@ constexpr int kGemvAuto = 0;  // kGemvMma for float16 / bfloat16, kGemvSimt for 
 constexpr int kGemvMma = 1;   // tensor cores (mma.sync m16n8k16), float16 / bfloat16, M <= kCudaMmaMaxRows
 constexpr int kGemvSimt = 2;  // one warp a row on the CUDA cores, any type, M <= kCudaSimtMaxRows
 constexpr int kGemvMmaStaged = 3;  // kGemvMma with its block scales staged in shared memory first, same limits
+constexpr int kGemvMmaStaged2 = 4;  // kGemvMmaStaged with two m16 row tiles a warp and 16 warps, M <= kCudaStaged2MaxRows
 
 constexpr int kCudaMmaMaxRows = 64;
 
@@ -37,6 +38,7 @@ inline int log2_of(int64_t v) {
   return s;
 }
 constexpr int kCudaSimtMaxRows = 16;
+constexpr int kCudaStaged2MaxRows = 16;
 
 // x [M, K] and y [M, N] contiguous, both of `type`; bias (N,) of `type` or nullptr.
 // Needs K % 32 == 0, 1 <= M <= the kernel's maximum, and packed and x 16-byte aligned.

@@ -28,11 +28,15 @@ def test_counts_both_tensor_core_kernels(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {(r["kernel"], r["MT"]): r for r in json.loads(out.read_text())["rows"]}
-    assert rows.keys() == {(k, mt) for k in ("mma", "mma-staged") for mt in (1, 2, 4, 8)}
+    assert rows.keys() == {(k, mt) for k in ("mma", "mma-staged") for mt in (1, 2, 4, 8)} | {
+        ("mma-staged2", 1), ("mma-staged2", 2)}
     for (kernel, mt), r in rows.items():
         assert 0 < r["regs"] <= 255 and r["instructions"] > r["weights_per_lane"] > 0
         assert r["per_weight"] == pytest.approx(r["decode"] + r["other"])
+        # See Note: staged scales (csrc/nf4_cuda_gemv.cu): a trip of the loop loads the codes of its
+        # tiles (16 bytes a row) and x (8 words a tile and n8 tile), and no scale (shared memory):
+        # mma-staged 2 tiles x 1 row tile, mma-staged2 1 tile x 2 row tiles sharing the x it loads.
         if kernel == "mma-staged":
-            # See Note: staged scales (csrc/nf4_cuda_gemv.cu): a trip of the loop loads the codes of
-            # two tiles x two rows and x, 8 words a tile and n8 tile, and no scale (shared memory).
             assert r["LDG"] == 2 * (2 + 8 * mt), r
+        if kernel == "mma-staged2":
+            assert r["LDG"] == 4 + 8 * mt and r["regs"] <= 128, r  # 512 threads a CTA: 128 registers at most

@@ -1,7 +1,7 @@
 """lowrank._C's CUDA kernels against the reference on the GPU, at real sizes: dequantize bit for
 bit, the GEMV within the derived bound of tests/ops/bounds.py (the reference there is
 nf4.dequantize in x.dtype, then F.linear, i.e. cuBLAS). Every kernel of each op is tested
-(the GEMV kernels "mma", "simt" and "mma-staged" of csrc/nf4_cuda.h), not only the default."""
+(the GEMV kernels "mma", "simt", "mma-staged" and "mma-staged2" of csrc/nf4_cuda.h), not only the default."""
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ def fields(q):
     return (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
 
 
-MMA, SIMT, STAGED = 1, 2, 3  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged
+MMA, SIMT, STAGED, STAGED2 = 1, 2, 3, 4  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged, kGemvMmaStaged2
 
 
 def bits(t):
@@ -78,13 +78,22 @@ def test_cuda_simt_gemv_within_the_derived_bound(C, shape, m, dtype):
 @pytest.mark.parametrize("shape, blocksize", [((4096, 4096), 64), ((11008, 4096), 64), ((4096, 11008), 64),
                                               ((333, 800), 64), ((50, 800), 256), ((40, 96), 32), ((17, 4128), 4096)])
 @pytest.mark.parametrize("m", [1, 5, 8, 9, 16, 17, 33, 64])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kernel", [MMA, STAGED])
+@pytest.mark.parametrize("kernel, dtype", [(MMA, torch.float16), (MMA, torch.bfloat16), (STAGED, torch.bfloat16)])
 def test_cuda_mma_gemv_within_the_derived_bound(C, shape, blocksize, m, dtype, kernel):
     check_gemv(C, shape, m, dtype, kernel, blocksize)
 
 
-@pytest.mark.parametrize("kernel", [MMA, STAGED])
+@pytest.mark.parametrize("shape, blocksize", [((4096, 4096), 64), ((11008, 4096), 64), ((4096, 11008), 64),
+                                              ((333, 800), 64), ((50, 800), 256), ((40, 96), 32), ((17, 4128), 4096)])
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 16])
+def test_cuda_staged2_gemv_within_the_derived_bound(C, shape, blocksize, m):
+    """Two m16 row tiles a warp, 16 warps a CTA (up to 16 rows of x): the same shapes as the mma
+    kernels. (The staged kernels share the mma kernel's float16 / bfloat16 code, Mma<T>: float16 is
+    tested on them through the one-hot rows below.)"""
+    check_gemv(C, shape, m, torch.bfloat16, STAGED2, blocksize)
+
+
+@pytest.mark.parametrize("kernel", [MMA, STAGED, STAGED2])
 def test_cuda_mma_gemv_without_double_quant(C, kernel):
     check_gemv(C, (1000, 1024), 7, torch.bfloat16, kernel, double_quant=False)
 
@@ -94,9 +103,13 @@ def test_cuda_mma_gemv_without_double_quant(C, kernel):
 # of one row. K = 16384 at blocksize 32: 8194 scales a CTA, five rounds of the prologue's loads.
 # K = 32768 at blocksize 32: the scales do not fit in shared memory (16 K / blocksize + 2 >
 # kStagedScales), so the call runs the mma kernel instead.
-@pytest.mark.parametrize("shape, blocksize, m", [((17, 2144), 32, 3), ((40, 16384), 32, 9), ((64, 32768), 32, 1)])
-def test_cuda_staged_gemv_remainders_and_large_k(C, shape, blocksize, m):
-    check_gemv(C, shape, m, torch.bfloat16, STAGED, blocksize)
+# mma-staged2: 32 rows a CTA, so N = 17 is one CTA and 40 two; its scales fit up to half the K
+# (K = 16384 at blocksize 32 runs the mma kernel), and K = 8192 gives it two rounds of 4096.
+@pytest.mark.parametrize("shape, blocksize, m", [((17, 2144), 32, 3), ((40, 16384), 32, 9), ((64, 32768), 32, 1),
+                                                 ((40, 8192), 32, 9)])
+@pytest.mark.parametrize("kernel", [STAGED, STAGED2])
+def test_cuda_staged_gemv_remainders_and_large_k(C, shape, blocksize, m, kernel):
+    check_gemv(C, shape, m, torch.bfloat16, kernel, blocksize)
 
 
 @pytest.mark.parametrize("shape, blocksize, m", [((4096, 4096), 64, 1), ((333, 800), 64, 9), ((17, 2144), 32, 3),
@@ -112,18 +125,19 @@ def test_cuda_staged_gemv_equals_the_mma_kernel_bit_for_bit(C, shape, blocksize,
 
 
 @pytest.mark.parametrize("kernel, dtype", [(SIMT, torch.float32), (SIMT, torch.bfloat16), (MMA, torch.bfloat16),
-                                           (MMA, torch.float16), (STAGED, torch.bfloat16)])
+                                           (MMA, torch.float16), (STAGED, torch.bfloat16), (STAGED, torch.float16),
+                                           (STAGED2, torch.bfloat16), (STAGED2, torch.float16)])
 def test_cuda_gemv_of_one_hot_rows_is_a_column_of_w(C, kernel, dtype):
     q = nf4.quantize(torch.randn(1024, 512, device="cuda"), 64, True)
     w = nf4.dequantize(q, dtype)
     ks = torch.arange(0, 512, 37, device="cuda")[:14]
-    x = torch.eye(512, dtype=dtype, device="cuda")[ks]  # (14, K)
+    x = torch.eye(512, dtype=dtype, device="cuda")[ks]  # (14, K): up to 16 rows, every kernel takes it
     assert torch.equal(bits(C.nf4_linear_cuda(x, *fields(q), None, kernel=kernel)), bits(w[:, ks].T.contiguous()))
 
 
 def test_cuda_gemv_refuses_what_it_cannot_do(C):
     q = nf4.quantize(torch.randn(64, 256, device="cuda"), 64, True)
-    for kernel in (MMA, STAGED):
+    for kernel in (MMA, STAGED, STAGED2):
         with pytest.raises(RuntimeError, match="mma kernels take float16 or bfloat16"):
             C.nf4_linear_cuda(torch.randn(1, 256, device="cuda"), *fields(q), None, kernel=kernel)
 
@@ -137,8 +151,10 @@ def test_cuda_gemv_refuses_too_many_rows(C):
         C.nf4_linear_cuda(torch.randn(17, 256, device="cuda"), *fields(q), None, kernel=SIMT)
     with pytest.raises(RuntimeError, match="1 to 64 rows for this kernel, got 65"):
         C.nf4_linear_cuda(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None)
-    with pytest.raises(RuntimeError, match="kernel must be 0 .auto.*got 4"):
-        C.nf4_linear_cuda(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=4)
+    with pytest.raises(RuntimeError, match="1 to 16 rows for this kernel, got 17"):
+        C.nf4_linear_cuda(torch.randn(17, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=STAGED2)
+    with pytest.raises(RuntimeError, match="kernel must be 0 .auto.*got 5"):
+        C.nf4_linear_cuda(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=5)
 
 
 @pytest.mark.parametrize("m", [1, 16, 64, 65])
