@@ -28,7 +28,7 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import _common  # noqa: E402
-from sass_triton import cuobjdump, longest_loop  # noqa: E402
+from sass_triton import cuobjdump, longest_loop, report  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "nf4_cuda_gemv.cu"
@@ -93,17 +93,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", choices=["bfloat16", "half"], default="bfloat16", help="x's type")
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "sass_csrc.json")
     args = parser.parse_args(argv)
-    import torch
-
     found = rows(args.arch, args.dtype)
     if not found:
         raise SystemExit(f"sass_csrc: no tensor-core kernel found in the cubin of {SOURCE.name}")
-    env = {"target": f"sm_{args.arch}{'a' if args.arch >= 90 else ''} (compiled here, not run)", "dtype": args.dtype,
-           **_common.environment(torch.device("cpu"))}
-    table = _common.markdown(found, COLUMNS)
-    _common.write(args.out, found, env, table)
-    print(f"{env}\n\n{table}\n\nwrote {args.out} (+ .md)")
-    return found
+    return report(found, COLUMNS, f"sm_{args.arch}{'a' if args.arch >= 90 else ''}", args.out, dtype=args.dtype)
 
 
 if __name__ == "__main__":

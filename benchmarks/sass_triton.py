@@ -225,13 +225,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         failed = check(args.arch)
         print(f"{failed} variant(s) failed to compile for sm_{args.arch}")
         raise SystemExit(1 if failed else 0)
+    rows = gemv_rows(args.arch, args.quick) + gemv_rows(args.arch, args.quick, 16) + dequantize_rows(args.arch, args.quick)
+    return report(rows, COLUMNS, f"sm_{args.arch}", args.out)
+
+
+def report(rows: list[dict], columns: list[str], target: str, out: pathlib.Path, **env) -> list[dict]:
+    """Print and write (JSON + .md) counted rows with this machine's environment (also sass_csrc.py)."""
     import torch
 
-    rows = gemv_rows(args.arch, args.quick) + gemv_rows(args.arch, args.quick, 16) + dequantize_rows(args.arch, args.quick)
-    env = {"target": f"sm_{args.arch} (compiled here, not run)", **_common.environment(torch.device("cpu"))}
-    table = _common.markdown(rows, COLUMNS)
-    _common.write(args.out, rows, env, table)
-    print(f"{env}\n\n{table}\n\nwrote {args.out} (+ .md)")
+    env = {"target": f"{target} (compiled here, not run)", **env, **_common.environment(torch.device("cpu"))}
+    table = _common.markdown(rows, columns)
+    _common.write(out, rows, env, table)
+    print(f"{env}\n\n{table}\n\nwrote {out} (+ .md)")
     return rows
 
 
