@@ -2,7 +2,7 @@
 //   for few rows M (decoding token by token, small batches); float32 sums, one rounding at the end.
 //   The scale of each block is decoded in-kernel (nf4_common.h).
 //
-// Three kernels (nf4_cuda.h kGemv*; benchmarks/bench_nf4_cuda.py times each):
+// Four kernels (nf4_cuda.h kGemv*; benchmarks/bench_nf4_cuda.py times each):
 //
 // kGemvMma, float16 / bfloat16, M <= 64 (the default for them). Tensor cores: mma.sync m16n8k16
 // with W as the A operand (16 rows of W x 16 columns) and x^T as B (16 columns x 8 rows of x, zero
