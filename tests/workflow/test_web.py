@@ -142,7 +142,11 @@ def test_web_chat_streams_the_trained_answers(server, browser, artifacts):
     assert answer == tiny.MANIFEST
     partial = [t for t in states if t.endswith("▌")]
     print(f"{len(partial)} partial renders of {len(tiny.MANIFEST)} characters")
-    assert len(partial) >= 2, states  # streamed: several partial renders before the finished answer
+    # streamed: partial renders (cursor last) before the finished answer. At least one, not more:
+    # Streamlit's server keeps only the newest delta of an element that is still queued, so when the
+    # tokens come faster than the page drains them (a busy machine: CI once saw 1 of ~40) the
+    # intermediate texts merge; a page that waited for the whole answer shows none.
+    assert len(partial) >= 1, states
     assert all(tiny.MANIFEST.startswith(t[:-1].rstrip()) for t in partial), partial
     browser.save_screenshot(str(artifacts / "web_chat_streamed.png"))
 
