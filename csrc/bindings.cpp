@@ -12,12 +12,15 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
+#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
 
+#include "dispatch.h"
 #include "message.h"
 #include "nf4_cpu.h"
 
@@ -194,6 +197,40 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y.to(x.scalar_type()).reshape(out_shape);  // one rounding to x.dtype (nearest even)
 }
 
+// See Note: the ops in C++ (dispatch.h). The CPU kernels: what lowrank/ops/csrc.py does for CPU tensors.
+at::Tensor dequantize_kernel(const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                             c10::SymIntArrayRef sym_shape, int64_t blocksize, at::ScalarType dtype) {
+  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
+  const bool ok = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+  if (!ok || !csrc_chosen() || !weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize))
+    return python_dequantize(packed, absmax, nested_absmax, offset, sym_shape, blocksize, dtype);
+  return dequantize_op(packed, absmax, nested_absmax, offset, shape, blocksize, dtype);
+}
+
+at::Tensor linear_kernel(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                         c10::SymIntArrayRef sym_shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
+  if (!csrc_chosen() || !linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias))
+    return python_linear(x, packed, absmax, nested_absmax, offset, sym_shape, blocksize, bias);
+  const int64_t K = shape[1], M = x.numel() / K;
+  if (K % kGemvGroup == 0 && K % blocksize == 0 && M >= 1 && M <= kGemvMaxRows)  // csrc.py _gemv_covers
+    return linear_op(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
+  const at::Tensor w = dequantize_op(packed, absmax, nested_absmax, offset, shape, blocksize, x.scalar_type());
+  return at::linear(x, w, bias);  // (..., K) @ (K, N) -> (..., N), as the reference
+}
+
+at::Tensor grad_input_kernel(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                             c10::SymIntArrayRef sym_shape, int64_t blocksize) {
+  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
+  if (!csrc_chosen() || !grad_input_ok(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize))
+    return python_grad_input(grad_y, packed, absmax, nested_absmax, offset, sym_shape, blocksize);
+  const at::Tensor w = dequantize_op(packed, absmax, nested_absmax, offset, shape, blocksize, grad_y.scalar_type());
+  return at::matmul(grad_y, w);  // (..., N) @ (N, K) -> (..., K), as the reference
+}
+
 bool set_cpu_isa(const std::string& name) {
   for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16})
     if (name == isa_name(isa)) return set_isa(isa);
@@ -203,11 +240,120 @@ bool set_cpu_isa(const std::string& name) {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------
+// See Note: the ops in C++ (dispatch.h): what the C++ kernels share with bindings_cuda.cpp
+// ---------------------------------------------------------------------------------------------
+
+bool csrc_chosen() {
+  const char* v = std::getenv("LOWRANK_BACKEND");  // read at every call, as backends.forced()
+  if (v == nullptr) return true;
+  std::string name;
+  for (const char* c = v; *c != '\0'; ++c)
+    if (*c != ' ' && *c != '\t' && *c != '\n') name += static_cast<char>(std::tolower(static_cast<unsigned char>(*c)));
+  return name.empty() || name == "csrc";
+}
+
+bool weight_ok(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+               const std::optional<at::Tensor>& offset, at::IntArrayRef shape, int64_t blocksize) {
+  bool blocksize_ok = false;
+  for (int64_t b = 32; b <= 4096; b *= 2) blocksize_ok = blocksize_ok || blocksize == b;  // nf4.BLOCKSIZES
+  if (!blocksize_ok) return false;
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  const at::Device device = packed.device();
+  if (!(packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2 && packed.is_contiguous() &&
+        absmax.numel() == blocks && absmax.device() == device && absmax.is_contiguous()))
+    return false;
+  if (!nested_absmax.has_value()) return !offset.has_value() && absmax.scalar_type() == at::kFloat;
+  const at::Tensor& na = *nested_absmax;
+  return offset.has_value() && absmax.scalar_type() == at::kByte && na.scalar_type() == at::kFloat &&
+         na.numel() == (blocks + kNestedBlocksize - 1) / kNestedBlocksize && na.is_contiguous() &&
+         na.device() == device && offset->scalar_type() == at::kFloat && offset->numel() == 1 &&
+         offset->device() == device;
+}
+
+namespace {
+bool float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+}  // namespace
+
+bool linear_ok(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+               const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+               at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  return shape.size() == 2 && float_type(x.scalar_type()) && x.dim() >= 1 && x.size(-1) == shape[1] &&
+         x.device() == packed.device() && weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize) &&
+         (!bias.has_value() || (bias->dim() == 1 && bias->size(0) == shape[0] &&
+                                bias->scalar_type() == x.scalar_type() && bias->device() == x.device()));
+}
+
+bool grad_input_ok(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
+                   const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                   at::IntArrayRef shape, int64_t blocksize) {
+  return shape.size() == 2 && float_type(grad_y.scalar_type()) && grad_y.dim() >= 1 && grad_y.size(-1) == shape[0] &&
+         grad_y.device() == packed.device() && weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize);
+}
+
+namespace {
+
+// library.py's kernels of nf4_dequantize, nf4_linear, nf4_linear_grad_input (set_python_kernels),
+// held for the life of the process: never released, so nothing runs at interpreter shutdown.
+PyObject* g_python_kernels[3] = {nullptr, nullptr, nullptr};
+
+template <typename... Args>
+at::Tensor call_python(int op, const Args&... args) {
+  namespace py = pybind11;
+  py::gil_scoped_acquire gil;
+  TORCH_CHECK(g_python_kernels[op] != nullptr,
+              "lowrank._C: the ops' Python kernels are not set (lowrank/ops/csrc.py sets them on import)");
+  return py::reinterpret_borrow<py::object>(g_python_kernels[op])(args...).template cast<at::Tensor>();
+}
+
+std::vector<int64_t> concrete(c10::SymIntArrayRef shape) {
+  const at::IntArrayRef s = C10_AS_INTARRAYREF_SLOW(shape);
+  return {s.begin(), s.end()};
+}
+
+void set_python_kernels(pybind11::object dequantize, pybind11::object linear, pybind11::object grad_input) {
+  pybind11::object fns[3] = {dequantize, linear, grad_input};
+  for (int i = 0; i < 3; ++i) {
+    Py_XDECREF(g_python_kernels[i]);
+    g_python_kernels[i] = fns[i].release().ptr();
+  }
+}
+
+}  // namespace
+
+at::Tensor python_dequantize(const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                             c10::SymIntArrayRef shape, int64_t blocksize, at::ScalarType dtype) {
+  return call_python(0, packed, absmax, nested_absmax, offset, concrete(shape), blocksize, dtype);
+}
+
+at::Tensor python_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                         c10::SymIntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  return call_python(1, x, packed, absmax, nested_absmax, offset, concrete(shape), blocksize, bias);
+}
+
+at::Tensor python_grad_input(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                             c10::SymIntArrayRef shape, int64_t blocksize) {
+  return call_python(2, grad_y, packed, absmax, nested_absmax, offset, concrete(shape), blocksize);
+}
+
 #ifdef LOWRANK_WITH_CUDA
 void register_cuda(pybind11::module& m);  // bindings_cuda.cpp
 #endif
 
 }  // namespace lowrank
+
+// See Note: the ops in C++ (dispatch.h). The schemas are library.py's; registering before they
+// are defined is allowed (lowrank._C is imported by lowrank/ops/csrc.py, after library.py).
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("nf4_dequantize", TORCH_FN(lowrank::dequantize_kernel));
+  m.impl("nf4_linear", TORCH_FN(lowrank::linear_kernel));
+  m.impl("nf4_linear_grad_input", TORCH_FN(lowrank::grad_input_kernel));
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowrank's C++/CUDA NF4 kernels; lowrank/ops/csrc.py registers them as the 'csrc' backend";
@@ -217,6 +363,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::current_isa())); });
   m.def("best_cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::best_isa())); });
   m.def("set_cpu_isa", &lowrank::set_cpu_isa, "use this instruction set (at most the best one); false if the CPU lacks it");
+  m.def("set_python_kernels", &lowrank::set_python_kernels,
+        "the ops' Python kernels (dequantize, linear, grad_input) the C++ kernels hand calls back to");
 #ifdef LOWRANK_WITH_CUDA
   lowrank::register_cuda(m);
   m.attr("with_cuda") = true;

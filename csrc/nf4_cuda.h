@@ -39,6 +39,9 @@ inline int log2_of(int64_t v) {
 }
 constexpr int kCudaSimtMaxRows = 16;
 constexpr int kCudaStaged2MaxRows = 16;
+// Up to how many rows of x the lowrank::nf4_linear op runs the GEMV on CUDA; above, dequantize + cuBLAS
+// (lowrank/ops/csrc.py, Note: GEMV or dequantize + cuBLAS on CUDA).
+constexpr int kCudaGemvOpMaxRows = 16;
 
 // x [M, K] and y [M, N] contiguous, both of `type`; bias (N,) of `type` or nullptr.
 // Needs K % 32 == 0, 1 <= M <= the kernel's maximum, and packed and x 16-byte aligned.

@@ -42,7 +42,7 @@ GEMV_MAX_ROWS = 16  # csrc/nf4_cpu.h kGemvMaxRows
 # and 16 of float32: csrc/nf4_cuda.h). # Note: GEMV or dequantize + cuBLAS on CUDA. Above these
 # the op dequantizes W once and calls cuBLAS: on the H200 at 64 rows that took 0.034 ms against
 # 0.055 for the tensor-core GEMV at 4096 x 4096 (docs/benchmarks.md).
-CUDA_GEMV_MAX_ROWS = 16
+CUDA_GEMV_MAX_ROWS = 16  # csrc/nf4_cuda.h kCudaGemvOpMaxRows: the C++ kernel of the op routes by that one
 
 
 def _kernel(name: str, device: torch.device):
@@ -98,6 +98,11 @@ if _C is not None:
                 log.warning("lowrank: LOWRANK_CPU_ISA=%s but this CPU has at most %s; using that", isa, _C.best_cpu_isa())
         except ValueError as e:
             log.warning("lowrank: ignoring LOWRANK_CPU_ISA: %s", e)
+    from . import library
+
+    # See Note: the ops in C++ (csrc/dispatch.h): loading _C registered its CPU (and CUDA) kernels
+    # for the ops; these are the Python kernels they hand the calls they do not take back to.
+    _C.set_python_kernels(library.dequantize_kernel, library.linear_kernel, library.grad_input_kernel)
     for _op, _fn in (
         ("nf4_dequantize", nf4_dequantize),
         ("nf4_linear", nf4_linear),

@@ -15,7 +15,9 @@ subclass and other libraries can call them with tensors from a bitsandbytes chec
     nf4_linear_grad_input(gy, ...) -> gx = gy @ W                      (..., K)
 
 Each op's kernel asks backends.choose(op, device) which implementation runs; the
-reference (lowrank/ops/reference.py) is registered for every device.
+reference (lowrank/ops/reference.py) is registered for every device. Where lowrank._C is
+built, its C++ kernels take the CPU and CUDA calls the csrc backend would run, without Python
+(See Note: the Python kernels).
 """
 
 from __future__ import annotations
@@ -144,13 +146,19 @@ def _(packed, absmax, nested_absmax, offset, shape, blocksize, dtype):
     return packed.new_empty(shape, dtype=dtype)
 
 
-@torch.library.impl("lowrank::nf4_dequantize", "CompositeExplicitAutograd", lib=_lib)
-def _(packed, absmax, nested_absmax, offset, shape, blocksize, dtype):
+# Note: the Python kernels. Each op's kernel below is registered for every device
+# (CompositeExplicitAutograd). Where lowrank._C is loaded, its C++ kernels take the CPU and CUDA
+# calls instead and hand back to these the ones they do not take (csrc/dispatch.h, Note: the ops
+# in C++): another backend forced, or arguments that fail the plain checks.
+def dequantize_kernel(packed, absmax, nested_absmax, offset, shape, blocksize, dtype):
     if not (dtype in FLOAT_DTYPES and _weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize)):
         _check_weight(packed, absmax, nested_absmax, offset, shape, blocksize)  # See Note: checks at run time.
         torch._check(dtype in FLOAT_DTYPES, lambda: f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     _, impl = backends.choose("nf4_dequantize", packed.device)
     return impl(packed, absmax, nested_absmax, offset, list(shape), blocksize, dtype)
+
+
+_lib.impl("nf4_dequantize", dequantize_kernel, "CompositeExplicitAutograd")
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,12 +185,14 @@ def _(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-@torch.library.impl("lowrank::nf4_linear", "CompositeExplicitAutograd", lib=_lib)
-def _(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
+def linear_kernel(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):  # See Note: the Python kernels.
     if not _linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):  # See Note: checks at run time.
         _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
     _, impl = backends.choose("nf4_linear", x.device)
     return impl(x, packed, absmax, nested_absmax, offset, list(shape), blocksize, bias)
+
+
+_lib.impl("nf4_linear", linear_kernel, "CompositeExplicitAutograd")
 
 
 def _grad_input_args(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
@@ -201,12 +211,14 @@ def _(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
     return grad_y.new_empty((*grad_y.shape[:-1], k_in))
 
 
-@torch.library.impl("lowrank::nf4_linear_grad_input", "CompositeExplicitAutograd", lib=_lib)
-def _(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
+def grad_input_kernel(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):  # See Note: the Python kernels.
     if not _grad_input_ok(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):  # See Note: checks at run time.
         _grad_input_args(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize)
     _, impl = backends.choose("nf4_linear_grad_input", grad_y.device)
     return impl(grad_y, packed, absmax, nested_absmax, offset, list(shape), blocksize)
+
+
+_lib.impl("nf4_linear_grad_input", grad_input_kernel, "CompositeExplicitAutograd")
 
 
 # Note: autograd of nf4_linear. y = x @ W^T + b with W frozen, so

@@ -69,6 +69,68 @@ def test_shapes_the_gemv_does_not_take_fall_back_exactly(forced_csrc):
     assert torch.equal(ops.nf4_linear(x, q), ref)
 
 
+@pytest.fixture
+def python_calls():
+    """Counts the calls lowrank._C's C++ kernels hand back to the ops' Python kernels
+    (csrc/dispatch.h, Note: the ops in C++): {op: calls}."""
+    from lowrank.ops import library
+
+    calls = {"dequantize": 0, "linear": 0, "grad_input": 0}
+
+    def counting(name, kernel):
+        def call(*args):
+            calls[name] += 1
+            return kernel(*args)
+        return call
+
+    kernels = (library.dequantize_kernel, library.linear_kernel, library.grad_input_kernel)
+    csrc._C.set_python_kernels(*(counting(n, k) for n, k in zip(calls, kernels)))
+    yield calls
+    csrc._C.set_python_kernels(*kernels)
+
+
+@pytest.mark.parametrize("forced", [None, "csrc", " CSRC "])
+def test_cpu_calls_run_in_cpp_without_python(monkeypatch, python_calls, forced):
+    """Every op, on and off the GEMV, forward and backward: no Python kernel runs, and the
+    results are the csrc backend's (the same functions, called from Python)."""
+    if forced is None:
+        monkeypatch.delenv("LOWRANK_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("LOWRANK_BACKEND", forced)
+    q = weight(24, 128, 64)
+    for m in (1, 17):  # the GEMV, then dequantize + at::linear
+        x = torch.randn(m, 128, dtype=torch.bfloat16, requires_grad=True)
+        bias = torch.randn(24, dtype=torch.bfloat16)
+        y = ops.nf4_linear(x, q, bias)
+        assert torch.equal(y, csrc.nf4_linear(x.detach(), *fields(q), bias))
+        g = torch.randn_like(y)
+        y.backward(g)
+        assert torch.equal(x.grad, csrc.nf4_linear_grad_input(g, *fields(q)))
+    assert torch.equal(ops.nf4_dequantize(q, torch.float16), csrc.nf4_dequantize(*fields(q), torch.float16))
+    assert python_calls == {"dequantize": 0, "linear": 0, "grad_input": 0}
+
+
+def test_cpu_calls_the_cpp_kernels_do_not_take_go_to_python(monkeypatch, python_calls):
+    """Another backend forced, a non-contiguous weight, arguments the ops refuse: each goes to
+    the Python kernel, which answers as it always did."""
+    q = weight(10, 64, 32)
+    x = torch.randn(2, 64)
+    monkeypatch.setenv("LOWRANK_BACKEND", "reference")
+    assert torch.equal(ops.nf4_linear(x, q), backends.implementation("nf4_linear", "reference")(x, *fields(q), None))
+    assert torch.equal(ops.nf4_dequantize(q), nf4.dequantize(q))
+    assert python_calls == {"dequantize": 1, "linear": 1, "grad_input": 0}
+    monkeypatch.delenv("LOWRANK_BACKEND")
+    absmax = torch.stack([q.absmax, q.absmax], 1)[:, 0]  # the same values, every other byte
+    assert not absmax.is_contiguous()
+    y = torch.ops.lowrank.nf4_linear(x, q.packed, absmax, q.nested_absmax, q.offset, [10, 64], 32, None)
+    assert torch.equal(y, csrc.nf4_linear(x, *fields(q), None)) and python_calls["linear"] == 2
+    with pytest.raises(RuntimeError, match="blocksize must be one of"):
+        torch.ops.lowrank.nf4_linear(x, q.packed, q.absmax, q.nested_absmax, q.offset, [10, 64], 48, None)
+    with pytest.raises(RuntimeError, match="x has 63 features in its last dimension"):
+        torch.ops.lowrank.nf4_linear(x[:, :63], *fields(q), None)
+    assert python_calls["linear"] == 4
+
+
 def test_cpu_isa_can_be_capped_from_the_environment():
     code = "from lowrank.ops import csrc; print(csrc._C.cpu_isa())"
     env = {**os.environ, "LOWRANK_CPU_ISA": "scalar"}
@@ -96,3 +158,10 @@ print(backends.available("nf4_linear"))
     assert "csrc" not in out.stdout
     assert out.stderr.count("lowrank._C not loaded") == 1
     assert "nf4_linear on cpu runs the reference backend" in out.stderr
+
+
+@pytest.mark.skipif(csrc._C is None or not csrc._C.with_cuda, reason="lowrank._C built without CUDA")
+def test_python_and_cpp_send_the_same_rows_to_the_cuda_gemv():
+    """The op's C++ kernel (bindings_cuda.cpp) and the Python csrc backend it stands for route
+    by one limit each (csrc/nf4_cuda.h kCudaGemvOpMaxRows, csrc.py CUDA_GEMV_MAX_ROWS)."""
+    assert csrc._C.cuda_gemv_op_max_rows == csrc.CUDA_GEMV_MAX_ROWS
