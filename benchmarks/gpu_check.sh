@@ -12,7 +12,8 @@
 #   rewritten on 2026-11-28 after a SASS count, not yet timed), then (PROFILE=1) ncu on the CUDA kernels
 # and leaves at most 8 files under $OUT (the device tool's limit):
 #   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json qlora_compiled.json nf4_linear.json
-#   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back)
+#   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back;
+#   PYOPS=1 adds the eager 7B step with LOWRANK_PYTHON_OPS=1, its table in bench.log)
 # Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 75 + 30
 # + 80 + 135 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
 # PART=2: about 11.8 minutes in all, over the device tool's 10 minutes a call. The steps are in
@@ -79,6 +80,10 @@ fi
 if [ "${CUDAGRAPHS:-0}" = 1 ]; then  # untried: CUDA graphs of each compiled layer (cudagraph trees) under checkpointing
   step 200 "$OUT/bench.log" "bench_qlora --llama7b --compile-mode reduce-overhead" python3 benchmarks/bench_qlora.py \
     --llama7b --reps 3 --compile --compile-mode reduce-overhead --out "$OUT/qlora_cudagraphs.json"
+fi
+if [ "${PYOPS:-0}" = 1 ]; then  # the eager 7B step with the ops' Python kernels: the A/B of csrc/dispatch.h (no JSON kept)
+  step 80 "$OUT/bench.log" "bench_qlora --llama7b, LOWRANK_PYTHON_OPS=1" env LOWRANK_PYTHON_OPS=1 python3 \
+    benchmarks/bench_qlora.py --llama7b --reps 4 --out /tmp/qlora_python_ops.json
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -245,6 +245,8 @@ bool set_cpu_isa(const std::string& name) {
 // ---------------------------------------------------------------------------------------------
 
 bool csrc_chosen() {
+  const char* python_ops = std::getenv("LOWRANK_PYTHON_OPS");  // "1": every call to the Python kernels (A/B)
+  if (python_ops != nullptr && python_ops[0] == '1' && python_ops[1] == '\0') return false;
   const char* v = std::getenv("LOWRANK_BACKEND");  // read at every call, as backends.forced()
   if (v == nullptr) return true;
   std::string name;

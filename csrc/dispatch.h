@@ -21,7 +21,9 @@
 
 namespace lowrank {
 
-// The csrc backend runs: LOWRANK_BACKEND is unset, empty or "csrc" (any case, spaces around).
+// The csrc backend runs: LOWRANK_BACKEND is unset, empty or "csrc" (any case, spaces around), and
+// LOWRANK_PYTHON_OPS is not "1" (which sends every call to the Python kernels: the A/B of this
+// Note on one build, or a way around a fault in these kernels).
 bool csrc_chosen();
 
 // What library.py's _weight_ok / _linear_ok / _grad_input_ok accept, and contiguous weight tensors

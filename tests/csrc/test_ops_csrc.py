@@ -129,6 +129,9 @@ def test_cpu_calls_the_cpp_kernels_do_not_take_go_to_python(monkeypatch, python_
     with pytest.raises(RuntimeError, match="x has 63 features in its last dimension"):
         torch.ops.lowrank.nf4_linear(x[:, :63], *fields(q), None)
     assert python_calls["linear"] == 4
+    monkeypatch.setenv("LOWRANK_PYTHON_OPS", "1")  # every call to Python: the same csrc results
+    assert torch.equal(ops.nf4_linear(x, q), csrc.nf4_linear(x, *fields(q), None))
+    assert python_calls == {"dequantize": 1, "linear": 5, "grad_input": 0}
 
 
 def test_cpu_isa_can_be_capped_from_the_environment():
