@@ -197,38 +197,13 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y.to(x.scalar_type()).reshape(out_shape);  // one rounding to x.dtype (nearest even)
 }
 
-// See Note: the ops in C++ (dispatch.h). The CPU kernels: what lowrank/ops/csrc.py does for CPU tensors.
-at::Tensor dequantize_kernel(const at::Tensor& packed, const at::Tensor& absmax,
-                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                             c10::SymIntArrayRef sym_shape, int64_t blocksize, at::ScalarType dtype) {
-  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
-  const bool ok = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-  if (!ok || !csrc_chosen() || !weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize))
-    return python_dequantize(packed, absmax, nested_absmax, offset, sym_shape, blocksize, dtype);
-  return dequantize_op(packed, absmax, nested_absmax, offset, shape, blocksize, dtype);
-}
-
-at::Tensor linear_kernel(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                         const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                         c10::SymIntArrayRef sym_shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
-  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
-  if (!csrc_chosen() || !linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias))
-    return python_linear(x, packed, absmax, nested_absmax, offset, sym_shape, blocksize, bias);
+// See Note: the ops in C++ (dispatch.h). The CPU GEMV where csrc.py's _gemv_covers says it runs.
+at::Tensor cpu_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                    at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
   const int64_t K = shape[1], M = x.numel() / K;
-  if (K % kGemvGroup == 0 && K % blocksize == 0 && M >= 1 && M <= kGemvMaxRows)  // csrc.py _gemv_covers
-    return linear_op(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
-  const at::Tensor w = dequantize_op(packed, absmax, nested_absmax, offset, shape, blocksize, x.scalar_type());
-  return at::linear(x, w, bias);  // (..., K) @ (K, N) -> (..., N), as the reference
-}
-
-at::Tensor grad_input_kernel(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
-                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                             c10::SymIntArrayRef sym_shape, int64_t blocksize) {
-  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
-  if (!csrc_chosen() || !grad_input_ok(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize))
-    return python_grad_input(grad_y, packed, absmax, nested_absmax, offset, sym_shape, blocksize);
-  const at::Tensor w = dequantize_op(packed, absmax, nested_absmax, offset, shape, blocksize, grad_y.scalar_type());
-  return at::matmul(grad_y, w);  // (..., N) @ (N, K) -> (..., K), as the reference
+  if (K % kGemvGroup != 0 || K % blocksize != 0 || M < 1 || M > kGemvMaxRows) return {};
+  return linear_op(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
 }
 
 bool set_cpu_isa(const std::string& name) {
@@ -351,11 +326,7 @@ void register_cuda(pybind11::module& m);  // bindings_cuda.cpp
 
 // See Note: the ops in C++ (dispatch.h). The schemas are library.py's; registering before they
 // are defined is allowed (lowrank._C is imported by lowrank/ops/csrc.py, after library.py).
-TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("nf4_dequantize", TORCH_FN(lowrank::dequantize_kernel));
-  m.impl("nf4_linear", TORCH_FN(lowrank::linear_kernel));
-  m.impl("nf4_linear_grad_input", TORCH_FN(lowrank::grad_input_kernel));
-}
+LOWRANK_REGISTER_OPS(CPU, &lowrank::dequantize_op, &lowrank::cpu_gemv)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowrank's C++/CUDA NF4 kernels; lowrank/ops/csrc.py registers them as the 'csrc' backend";

@@ -93,41 +93,15 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
   return y.reshape(out_shape);
 }
 
-// See Note: the ops in C++ (dispatch.h). The CUDA kernels: what lowrank/ops/csrc.py does for CUDA tensors.
-at::Tensor dequantize_kernel(const at::Tensor& packed, const at::Tensor& absmax,
-                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                             c10::SymIntArrayRef sym_shape, int64_t blocksize, at::ScalarType dtype) {
-  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
-  const bool ok = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-  if (!ok || !csrc_chosen() || !weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize))
-    return python_dequantize(packed, absmax, nested_absmax, offset, sym_shape, blocksize, dtype);
-  return dequantize_cuda_op(packed, absmax, nested_absmax, offset, shape, blocksize, dtype);
-}
-
-at::Tensor linear_kernel(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                         const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                         c10::SymIntArrayRef sym_shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
-  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
-  if (!csrc_chosen() || !linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias))
-    return python_linear(x, packed, absmax, nested_absmax, offset, sym_shape, blocksize, bias);
+// See Note: the ops in C++ (dispatch.h). The CUDA GEMV where csrc.py's _gemv_covers says it runs.
+at::Tensor cuda_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                     at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
   const int64_t K = shape[1], M = x.numel() / K;
-  if (K % 32 == 0 && M >= 1 && M <= kCudaGemvOpMaxRows) {  // csrc.py _gemv_covers
-    // a view at an odd offset: the GEMV's 128-bit loads need 16-byte alignment
-    const at::Tensor p = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0 ? packed.clone() : packed;
-    return linear_cuda_op(x, p, absmax, nested_absmax, offset, shape, blocksize, bias, kGemvAuto);
-  }
-  const at::Tensor w = dequantize_cuda_op(packed, absmax, nested_absmax, offset, shape, blocksize, x.scalar_type());
-  return at::linear(x, w, bias);  // dequantize + cuBLAS, as the reference
-}
-
-at::Tensor grad_input_kernel(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
-                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                             c10::SymIntArrayRef sym_shape, int64_t blocksize) {
-  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
-  if (!csrc_chosen() || !grad_input_ok(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize))
-    return python_grad_input(grad_y, packed, absmax, nested_absmax, offset, sym_shape, blocksize);
-  const at::Tensor w = dequantize_cuda_op(packed, absmax, nested_absmax, offset, shape, blocksize, grad_y.scalar_type());
-  return at::matmul(grad_y, w);
+  if (K % 32 != 0 || M < 1 || M > kCudaGemvOpMaxRows) return {};
+  // a view at an odd offset: the GEMV's 128-bit loads need 16-byte alignment
+  const at::Tensor p = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0 ? packed.clone() : packed;
+  return linear_cuda_op(x, p, absmax, nested_absmax, offset, shape, blocksize, bias, kGemvAuto);
 }
 
 void managed_prefetch_op(const at::Tensor& t) {
@@ -155,8 +129,4 @@ void register_cuda(pybind11::module& m) {
 }  // namespace lowrank
 
 // See Note: the ops in C++ (dispatch.h).
-TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("nf4_dequantize", TORCH_FN(lowrank::dequantize_kernel));
-  m.impl("nf4_linear", TORCH_FN(lowrank::linear_kernel));
-  m.impl("nf4_linear_grad_input", TORCH_FN(lowrank::grad_input_kernel));
-}
+LOWRANK_REGISTER_OPS(CUDA, &lowrank::dequantize_cuda_op, &lowrank::cuda_gemv)

@@ -48,4 +48,57 @@ at::Tensor python_grad_input(const at::Tensor& grad_y, const at::Tensor& packed,
                              const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                              c10::SymIntArrayRef shape, int64_t blocksize);
 
+// ---------------------------------------------------------------------------------------------
+// The three kernels of one device, from its dequantize and its GEMV (bindings.cpp: CPU,
+// bindings_cuda.cpp: CUDA); the GEMV returns an undefined tensor for a call it does not cover.
+// ---------------------------------------------------------------------------------------------
+using DequantizeFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                    const std::optional<at::Tensor>&, at::IntArrayRef, int64_t, at::ScalarType);
+using GemvFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                              int64_t, const std::optional<at::Tensor>&);
+
+template <DequantizeFn Dequantize>
+at::Tensor dequantize_kernel(const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                             c10::SymIntArrayRef sym_shape, int64_t blocksize, at::ScalarType dtype) {
+  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
+  const bool ok = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+  if (!ok || !csrc_chosen() || !weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize))
+    return python_dequantize(packed, absmax, nested_absmax, offset, sym_shape, blocksize, dtype);
+  return Dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, dtype);
+}
+
+template <DequantizeFn Dequantize, GemvFn Gemv>
+at::Tensor linear_kernel(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                         c10::SymIntArrayRef sym_shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
+  if (!csrc_chosen() || !linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias))
+    return python_linear(x, packed, absmax, nested_absmax, offset, sym_shape, blocksize, bias);
+  at::Tensor y = Gemv(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
+  if (y.defined()) return y;
+  const at::Tensor w = Dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, x.scalar_type());
+  return at::linear(x, w, bias);  // (..., K) @ (K, N) -> (..., N), as the reference
+}
+
+template <DequantizeFn Dequantize>
+at::Tensor grad_input_kernel(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                             c10::SymIntArrayRef sym_shape, int64_t blocksize) {
+  const at::IntArrayRef shape = C10_AS_INTARRAYREF_SLOW(sym_shape);
+  if (!csrc_chosen() || !grad_input_ok(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize))
+    return python_grad_input(grad_y, packed, absmax, nested_absmax, offset, sym_shape, blocksize);
+  const at::Tensor w = Dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, grad_y.scalar_type());
+  return at::matmul(grad_y, w);  // (..., N) @ (N, K) -> (..., K), as the reference
+}
+
 }  // namespace lowrank
+
+// Registers a device's three kernels for dispatch key KEY (CPU, CUDA).
+#define LOWRANK_REGISTER_OPS(KEY, DEQUANTIZE, GEMV)                                                         \
+  TORCH_LIBRARY_IMPL(lowrank, KEY, m) {                                                                     \
+    m.impl("nf4_dequantize", TORCH_FN(lowrank::dequantize_kernel<DEQUANTIZE>));                             \
+    m.impl("nf4_linear", TORCH_FN((lowrank::linear_kernel<DEQUANTIZE, GEMV>)));                             \
+    m.impl("nf4_linear_grad_input", TORCH_FN(lowrank::grad_input_kernel<DEQUANTIZE>));                      \
+  }
