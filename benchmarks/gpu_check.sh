@@ -22,6 +22,9 @@
 # PART=1 / PART=2 split it in two calls of the device tool, each under its 10 minutes (PART=2
 # needs no build: the Triton kernels compile on the spot, and bench_nf4_linear times lowrank._C
 # only where the first part built it).
+# New since the last GPU run, and run on a GPU here first: the staged GEMVs (ids 3, 4) and the ops'
+# CUDA kernels in C++ (csrc/dispatch.h). If the latter fail, LOWRANK_PYTHON_OPS=1 takes the ops back
+# to their Python kernels (the path of the earlier runs) for the rest: PYOPS=1 also times that.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (or PART=1 ... / PART=2 ...)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
   || { echo "gpu_check: no usable wheel in .whl/: continuing without bitsandbytes"; export PYTHONPATH=$PWD; }
