@@ -42,7 +42,8 @@ GEMV_MAX_ROWS = 16  # csrc/nf4_cpu.h kGemvMaxRows
 # and 16 of float32: csrc/nf4_cuda.h). # Note: GEMV or dequantize + cuBLAS on CUDA. Above these
 # the op dequantizes W once and calls cuBLAS: on the H200 at 64 rows that took 0.034 ms against
 # 0.055 for the tensor-core GEMV at 4096 x 4096 (docs/benchmarks.md).
-CUDA_GEMV_MAX_ROWS = 16  # csrc/nf4_cuda.h kCudaGemvOpMaxRows: the C++ kernel of the op routes by that one
+# The limit itself is csrc/nf4_cuda.h kCudaGemvOpMaxRows (16), which the op's C++ kernel routes by too.
+CUDA_GEMV_MAX_ROWS = getattr(_C, "cuda_gemv_op_max_rows", 0)  # 0: no CUDA kernels in this build
 
 
 def _kernel(name: str, device: torch.device):

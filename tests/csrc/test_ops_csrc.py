@@ -162,9 +162,3 @@ print(backends.available("nf4_linear"))
     assert out.stderr.count("lowrank._C not loaded") == 1
     assert "nf4_linear on cpu runs the reference backend" in out.stderr
 
-
-@pytest.mark.skipif(csrc._C is None or not csrc._C.with_cuda, reason="lowrank._C built without CUDA")
-def test_python_and_cpp_send_the_same_rows_to_the_cuda_gemv():
-    """The op's C++ kernel (bindings_cuda.cpp) and the Python csrc backend it stands for route
-    by one limit each (csrc/nf4_cuda.h kCudaGemvOpMaxRows, csrc.py CUDA_GEMV_MAX_ROWS)."""
-    assert csrc._C.cuda_gemv_op_max_rows == csrc.CUDA_GEMV_MAX_ROWS
