@@ -3,7 +3,7 @@
     python benchmarks/sass_csrc.py               # sm_90a, bfloat16, every n8 tile count (MT = 1, 2, 4, 8)
     python benchmarks/sass_csrc.py --arch 80     # another target (compute capability x 10)
 
-The Triton kernels have benchmarks/sass_triton.py; this is the same count for csrc/nf4_cuda_gemv.cu,
+The Triton kernels have benchmarks/sass_triton.py; this is the same count for csrc/nf4_cuda_gemv*.cu,
 compiled with nvcc to a cubin for one target and read back with the cuobjdump Triton ships. For each
 tensor-core kernel (csrc/nf4_cuda.h: kGemvMma "mma", kGemvMmaStaged "mma-staged", kGemvMmaStaged2
 "mma-staged2") and each n8 tile count MT (M <= 8 MT rows of x) a row: registers a thread, the
@@ -31,7 +31,7 @@ import _common  # noqa: E402
 from sass_triton import cuobjdump, longest_loop, report  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "nf4_cuda_gemv.cu"
+SOURCES = [ROOT / "csrc" / "nf4_cuda_gemv.cu", ROOT / "csrc" / "nf4_cuda_gemv_staged.cu"]  # mma; the staged ones
 DECODE = ("SHF", "LOP3", "LDS", "FMUL", "F2FP", "HMMA", "IMAD.SHL")
 COLUMNS = ["kernel", "MT", "regs", "instructions", "weights_per_lane", "per_weight", "decode", "other", "LDG", "SEL"]
 
@@ -43,11 +43,11 @@ def nvcc() -> str:
     return found
 
 
-def compile_cubin(arch: int, directory: pathlib.Path) -> pathlib.Path:
+def compile_cubin(source: pathlib.Path, arch: int, directory: pathlib.Path) -> pathlib.Path:
     target = f"{arch}a" if arch >= 90 else str(arch)
-    cubin = directory / "gemv.cubin"
+    cubin = directory / f"{source.stem}.cubin"
     subprocess.run([nvcc(), "-std=c++17", "-O3", f"-gencode=arch=compute_{target},code=sm_{target}", "-cubin",
-                    "-I", str(ROOT / "csrc"), "-o", str(cubin), str(SOURCE)], check=True, capture_output=True, text=True)
+                    "-I", str(ROOT / "csrc"), "-o", str(cubin), str(source)], check=True, capture_output=True, text=True)
     return cubin
 
 
@@ -68,7 +68,7 @@ def functions(cubin: pathlib.Path) -> dict[str, tuple[int, list]]:
 
 def rows(arch: int, dtype: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
-        found = functions(compile_cubin(arch, pathlib.Path(d)))
+        found = {name: f for source in SOURCES for name, f in functions(compile_cubin(source, arch, pathlib.Path(d))).items()}
     out = []
     for name, (regs, code) in found.items():
         m = re.search(r"(mma_kernel|staged_kernel)I(\w+?)((?:Li\d+E)+)E", name)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     found = rows(args.arch, args.dtype)
     if not found:
-        raise SystemExit(f"sass_csrc: no tensor-core kernel found in the cubin of {SOURCE.name}")
+        raise SystemExit(f"sass_csrc: no tensor-core kernel found in the cubins of {[p.name for p in SOURCES]}")
     return report(found, COLUMNS, f"sm_{args.arch}{'a' if args.arch >= 90 else ''}", args.out, dtype=args.dtype)
 
 

@@ -21,7 +21,7 @@ enum class CudaType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // All of W (numel elements) into out, of type `type`; every pointer in `w` is in device memory.
 cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, cudaStream_t stream);
 
-// nf4_gemv_cuda kernels (nf4_cuda_gemv.cu)
+// nf4_gemv_cuda kernels (nf4_cuda_gemv.cu; the staged ones in nf4_cuda_gemv_staged.cu)
 constexpr int kGemvAuto = 0;  // kGemvMma for float16 / bfloat16, kGemvSimt for float32
 constexpr int kGemvMma = 1;   // tensor cores (mma.sync m16n8k16), float16 / bfloat16, M <= kCudaMmaMaxRows
 constexpr int kGemvSimt = 2;  // one warp a row on the CUDA cores, any type, M <= kCudaSimtMaxRows

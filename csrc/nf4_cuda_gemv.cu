@@ -14,8 +14,9 @@
 // 2026-11-28) it is bound by instruction issue (~4.5 instructions a weight, 25% occupancy), not
 // by memory: 1.1-1.5x bf16 cuBLAS at M = 1.
 //
-// kGemvMmaStaged, float16 / bfloat16, M <= 64: the same products as kGemvMma with the block scales
-// decoded into shared memory before the K loop and no predicate inside it (Note: staged scales):
+// kGemvMmaStaged, float16 / bfloat16, M <= 64 (nf4_cuda_gemv_staged.cu): the same products as
+// kGemvMma with the block scales decoded into shared memory before the K loop and no predicate
+// inside it (Note: staged scales, in that file):
 // 25-32% fewer instructions a weight and 64 instead of 106 registers at M <= 8 (sm_90a SASS,
 // benchmarks/sass_csrc.py). kGemvMmaStaged2, M <= 16: the same with two m16 row tiles a warp and
 // 16 warps a CTA, so each x fragment feeds two row tiles and x is read half as often. Written
@@ -34,6 +35,7 @@
 
 #include "nf4_cuda.h"
 #include "nf4_cuda_device.h"
+#include "nf4_cuda_mma.h"
 
 namespace lowrank {
 namespace {
@@ -118,122 +120,8 @@ __global__ void __launch_bounds__(kWarps * 32) simt_kernel(NF4View w, int64_t N,
 
 
 // ---------------------------------------------------------------------------------------------
-// kGemvMma
+// kGemvMma (with the tensor-core pieces of nf4_cuda_mma.h, which kGemvMmaStaged shares)
 // ---------------------------------------------------------------------------------------------
-
-// Note: the k permutation. A sum over k may visit k in any order, as long as A and B use the
-// same one. In mma.sync m16n8k16 the lane with groupID g = lane / 4 and t = lane % 4 holds
-//   A (W):  rows g and g + 8, logical columns 2t, 2t+1 (registers a0/a1 and a2/a3) and 2t+8, 2t+9 (a4..a7)
-//   B (x^T): logical rows 2t, 2t+1 (b0, b1) and 2t+8, 2t+9 (b2, b3) of column g
-// (PTX ISA, "Matrix fragments for mma.m16n8k16"). Within a tile of 128 columns we let lane t own
-// the 32 physical columns 32t .. 32t+31 (one 16-byte load of codes per row) and feed step s
-// (0..7) the physical columns 32t + 4s + {0, 1} as logical 2t + {0, 1}, and 32t + 4s + {2, 3}
-// as logical 2t + 8 + {0, 1}. Over t, s and the four columns that is each of the 128 columns
-// once, and A and B agree on every one, so the 8 mma steps sum exactly W[n, :] x[m, :] over the
-// tile. Both operands come straight from the lane's own loads: bytes 2s and 2s+1 of its codes,
-// 32-bit words 2s and 2s+1 of its 64 bytes of x.
-constexpr int kMmaWarps = 8;   // warps of a CTA: they split K, all on the same 16 rows of W
-constexpr int kTileK = 128;    // columns of W a warp covers per tile: 4 lanes x 32
-
-// One mma.sync step in T (float16 or bfloat16), float32 accumulators, and T's packed pairs.
-template <typename T>
-struct Mma {
-  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma takes float16 or bfloat16");
-  static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-
-  // (lo, hi) rounded to nearest even, lo in the low 16 bits: the element of the smaller column
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    uint32_t bits;
-    if constexpr (kBf16) {
-      const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-      bits = *reinterpret_cast<const uint32_t*>(&v);
-    } else {
-      const __half2 v = __floats2half2_rn(lo, hi);
-      bits = *reinterpret_cast<const uint32_t*>(&v);
-    }
-    return bits;
-  }
-
-  static __device__ __forceinline__ void step(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    if constexpr (kBf16)
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-// The 16 NF4 values in shared memory, 64-byte aligned: the address of entry c is base | 4c, so
-// one LOP3 both masks the code out of the packed word and adds the base, and a lookup is
-// SHF + LOP3 + LDS (plain indexing costs an extra add of the base a weight).
-__shared__ __align__(64) float s_nf4[16];
-
-// NF4[code] for the nibble at bits [shift, shift + 4) of word ((word >> (shift - 2)) & 0x3C is 4 x code).
-__device__ __forceinline__ float nf4_at(uint32_t word, int shift, uint32_t base) {
-  const uint32_t address = ((shift >= 2 ? word >> (shift - 2) : word << 2) & 0x3C) | base;
-  float v;
-  asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(address));
-  return v;
-}
-
-// The two weights of byte j of a lane's 16 bytes, times the block's scale, as one packed pair.
-template <typename T>
-__device__ __forceinline__ uint32_t decode_pair(const uint4& bytes, int j, float scale, uint32_t base) {
-  const uint32_t word = j < 4 ? bytes.x : j < 8 ? bytes.y : j < 12 ? bytes.z : bytes.w;  // j is a constant
-  const int bit = 8 * (j % 4);  // the byte's lowest bit; its first weight is the high nibble
-  return Mma<T>::pack(__fmul_rn(nf4_at(word, bit + 4, base), scale), __fmul_rn(nf4_at(word, bit, base), scale));
-}
-
-// The eight mma steps of one tile: the lane's codes of its two rows (16 bytes each) with their
-// blocks' scales, times its x fragments (xs[j][s]: words 2s, 2s+1 of its 32 columns of row 8j + g).
-template <typename T, int MT>
-__device__ __forceinline__ void tile_mma(float (&acc)[MT][4], const uint4 (&codes)[2], const float (&scale)[2],
-                                         const uint2 (&xs)[MT][8], uint32_t base) {
-#pragma unroll
-  for (int s = 0; s < 8; ++s) {  // See Note: the k permutation.
-    const uint32_t a[4] = {decode_pair<T>(codes[0], 2 * s, scale[0], base),
-                           decode_pair<T>(codes[1], 2 * s, scale[1], base),
-                           decode_pair<T>(codes[0], 2 * s + 1, scale[0], base),
-                           decode_pair<T>(codes[1], 2 * s + 1, scale[1], base)};
-#pragma unroll
-    for (int j = 0; j < MT; ++j) Mma<T>::step(acc[j], a, xs[j][s].x, xs[j][s].y);
-  }
-}
-
-// The WARPS warps' partial sums of the CTA's 16 RT rows of W, added in warp order (deterministic),
-// plus the bias, to y. partial: WARPS * RT * MT * 4 * 32 floats of shared memory.
-//   D[n][m] of row tile rt and n8 tile j: c0 = (16 rt + g, 2t), c1 = (16 rt + g, 2t+1), c2 / c3 the
-//   same for row 16 rt + g + 8.
-template <typename T, int MT, int RT = 1, int WARPS = kMmaWarps>
-__device__ __forceinline__ void reduce_store(float* partial, const float (&acc)[RT][MT][4], int64_t row0, int64_t N,
-                                             int M, const T* __restrict__ bias, T* __restrict__ y) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr int kSlots = RT * MT * 4 * 32;  // floats a warp leaves
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) partial[warp * kSlots + ((rt * MT + j) * 4 + i) * 32 + lane] = acc[rt][j][i];
-  __syncthreads();
-  for (int slot = threadIdx.x; slot < kSlots; slot += WARPS * 32) {
-    const int rji = slot / 32, l = slot % 32;
-    const int rt = rji / (4 * MT), j = rji / 4 % MT, i = rji % 4;
-    const int64_t n = row0 + 16 * rt + l / 4 + (i >= 2 ? 8 : 0);
-    const int m = 8 * j + 2 * (l % 4) + (i % 2);
-    if (n >= N || m >= M) continue;
-    float sum = 0.0f;
-#pragma unroll
-    for (int v = 0; v < WARPS; ++v) sum += partial[v * kSlots + slot];
-    if (bias != nullptr) sum += to_float(bias[n]);
-    y[m * N + n] = from_float<T>(sum);
-  }
-}
 
 // What one lane loads for U consecutive tiles: the 16 bytes of codes of each of its two rows,
 // and their blocks' scale codes (the 8-bit code and the nested scale, or the float32 scale).
@@ -337,225 +225,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
   reduce_store<T, MT>(partial, reinterpret_cast<const float(&)[1][MT][4]>(acc), row0, N, M, bias, y);
 }
 
-// ---------------------------------------------------------------------------------------------
-// kGemvMmaStaged
-// ---------------------------------------------------------------------------------------------
-
-// Note: staged scales. mma_kernel spends about a third of its K loop on bookkeeping, not on
-// decoding (sm_90a SASS, bf16, one n8 tile: 881 instructions for 128 weights a lane, of which
-// ~630 decode and multiply): per row and tile a lane computes 64-bit addresses of its codes, its
-// scale code and its nested scale, loads all three under predicates (row < N, k < K, tile in
-// range), looks the code up in the dynamic map and multiplies and adds the scale. staged_kernel
-// computes the same products with the same lanes, k permutation, operands and reduction, and
-// takes that work out of the loop:
-//   - a prologue decodes every block scale the CTA's rows use into shared memory (the rows are
-//     contiguous in W, so their blocks are one range, ~16 RT K / blocksize scales); in the loop a
-//     scale is one shift and one LDS;
-//   - no predicate in the loop: a lane whose row is past N reads row N - 1, one whose row of x is
-//     past M reads row M - 1. Their products land in rows / columns of D whose outputs are never
-//     written (an mma output column depends on its own column of B only, a row on its row of A),
-//     and all they read is finite. Only the last tile of K, when K % 128 != 0, runs a path that
-//     zeroes the codes, scale and x of lanes past K;
-//   - the loads of a batch of U tiles use immediate offsets from pointers advanced once a batch.
-// The staged scales must fit in the 48 KiB of shared memory a CTA gets without opting in: 16 RT K /
-// blocksize + 2 <= kStagedScales (RT row tiles a warp; K up to ~47000 at blocksize 64 and RT = 1);
-// larger weights take mma_kernel.
-constexpr int kStagedScales = 12 * 1024 - 512;  // floats: 48 KiB less the dynamic map, s_nf4 and some slack
-constexpr int kStagedLoads = 8;  // scales a thread loads at once in the prologue (one round up to K = 16384 at blocksize 64)
-
-// The lane's codes for U consecutive tiles: 16 bytes of each of its two rows in each of RT row tiles.
-template <int U, int RT>
-struct Codes {
-  uint4 v[U][RT][2];
-};
-
-// RT: m16 row tiles a warp (16 RT rows of W a CTA; each x fragment feeds RT mma steps, so the CTAs
-// read x 1 / RT as often); WARPS: warps a CTA, splitting K. See Note: staged scales.
-template <typename T, int MT, int U, int RT, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32) staged_kernel(NF4View w, int64_t N, int64_t K, const T* __restrict__ x,
-                                                            int M, const T* __restrict__ bias, T* __restrict__ y,
-                                                            int shift) {
-  static_assert(kNestedBlocksize == 256, "the prologue shifts by 8");
-  static_assert(WARPS * 32 >= 256, "one thread copies one entry of the dynamic map");
-  constexpr int kThreads = WARPS * 32, kRows = 16 * RT;
-  extern __shared__ float staged[];  // the CTA's block scales; after the loop, the warps' partial sums
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const int rows = N - row0 < kRows ? static_cast<int>(N - row0) : kRows;
-  int r[RT][2];  // the lane's rows within the CTA's, clamped to its last (See Note: staged scales)
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int i = 0; i < 2; ++i) r[rt][i] = 16 * rt + 8 * i + g < rows ? 16 * rt + 8 * i + g : rows - 1;
-  const int64_t tiles = (K + kTileK - 1) / kTileK, full = K / kTileK;  // full: tiles all 4 lanes' columns are in
-  const int64_t per_warp = (tiles + WARPS - 1) / WARPS;
-  const int64_t tile_begin = warp * per_warp < tiles ? warp * per_warp : tiles;
-  const int64_t tile_end = tile_begin + per_warp < tiles ? tile_begin + per_warp : tiles;
-  const int64_t lean_end = tile_end < full ? tile_end : full;
-
-  // The lane's pointers at tile_begin: codes of its rows, x of its row in each n8 tile. The scale of
-  // row (rt, i) in the tile starting at column k: staged[(rel[rt][i] + k) >> shift], rel counted
-  // from the start of the CTA's first block.
-  const int64_t first = row0 * K;
-  const int64_t b0 = first >> shift;
-  const uint4* codes[RT][2];
-  int rel[RT][2];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      codes[rt][i] = reinterpret_cast<const uint4*>(w.packed + (((row0 + r[rt][i]) * K + 32 * t) >> 1)) + 4 * tile_begin;
-      rel[rt][i] = static_cast<int>(first - (b0 << shift)) + r[rt][i] * static_cast<int>(K) + 32 * t;
-    }
-  const T* xrow[MT];
-#pragma unroll
-  for (int j = 0; j < MT; ++j) xrow[j] = x + (8 * j + g < M ? 8 * j + g : M - 1) * K + 32 * t + tile_begin * kTileK;
-
-  // Whole batches of whole tiles, no predicate. The loads of the next batch are issued before this
-  // one is decoded; after the last batch they read this batch again (cached, never used), so the
-  // loop has no branch but its own.
-  const int batches = lean_end > tile_begin ? static_cast<int>((lean_end - tile_begin) / U) : 0;
-  Codes<U, RT> cur, next;
-  if (batches > 0) {  // the first batch, in flight during the prologue
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) cur.v[u][rt][i] = __ldg(codes[rt][i] + 4 * u);
-  }
-  // The prologue: the dynamic map into shared memory, then each scale of the CTA's blocks; all of a
-  // thread's loads are issued before it waits for any.
-  __shared__ float dynamic[256];
-  if (threadIdx.x < 256) dynamic[threadIdx.x] = g_dynamic[threadIdx.x];
-  if (threadIdx.x < 16) s_nf4[threadIdx.x] = g_nf4[threadIdx.x];
-  const int nblk = static_cast<int>(((first + rows * K - 1) >> shift) - b0 + 1);
-  const bool nested = w.nested != nullptr;
-  const float offset = nested ? __ldg(w.offset) : 0.0f;
-  for (int i0 = 0; i0 < nblk; i0 += kStagedLoads * kThreads) {
-    uint32_t q[kStagedLoads];  // scale codes, or float32 scales' bits
-    float nested_scale[kStagedLoads];
-#pragma unroll
-    for (int p = 0; p < kStagedLoads; ++p) {
-      const int i = i0 + p * kThreads + threadIdx.x;
-      const int64_t b = b0 + (i < nblk ? i : nblk - 1);
-      q[p] = nested ? __ldg(static_cast<const uint8_t*>(w.absmax) + b)
-                    : __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + b));
-      nested_scale[p] = nested ? __ldg(w.nested + (b >> 8)) : 0.0f;
-    }
-    if (i0 == 0) __syncthreads();  // the dynamic map is in place (i0 is the same for every thread)
-#pragma unroll
-    for (int p = 0; p < kStagedLoads; ++p) {
-      const int i = i0 + p * kThreads + threadIdx.x;
-      if (i < nblk) staged[i] = nested ? __fadd_rn(__fmul_rn(dynamic[q[p]], nested_scale[p]), offset)  // no FMA
-                                       : __uint_as_float(q[p]);
-    }
-  }
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(s_nf4));  // a multiple of 64
-  __syncthreads();
-
-  float acc[RT][MT][4];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int j = 0; j < MT; ++j) acc[rt][j][0] = acc[rt][j][1] = acc[rt][j][2] = acc[rt][j][3] = 0.0f;
-
-  int k = static_cast<int>(tile_begin) * kTileK;  // the first column of the tile at hand
-  for (int batch = 0; batch < batches; ++batch) {
-    const int ahead = batch + 1 < batches ? 4 * U : 0;
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) next.v[u][rt][i] = __ldg(codes[rt][i] + ahead + 4 * u);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      uint2 xs[MT][8];
-#pragma unroll
-      for (int j = 0; j < MT; ++j)
-#pragma unroll
-        for (int s = 0; s < 8; ++s) xs[j][s] = __ldg(reinterpret_cast<const uint2*>(xrow[j] + u * kTileK) + s);
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt) {
-        const float scale[2] = {staged[(rel[rt][0] + k + u * kTileK) >> shift],
-                                staged[(rel[rt][1] + k + u * kTileK) >> shift]};
-        tile_mma<T, MT>(acc[rt], cur.v[u][rt], scale, xs, base);
-      }
-    }
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) codes[rt][i] += 4 * U;
-#pragma unroll
-    for (int j = 0; j < MT; ++j) xrow[j] += U * kTileK;
-    k += U * kTileK;
-    cur = next;
-  }
-  for (int64_t tt = tile_begin + static_cast<int64_t>(batches) * U; tt < tile_end; ++tt) {
-    // the warp's last tiles one by one; past `full`, lanes past K add 0
-    const bool in = tt < full || k + 32 * t < K;
-    uint2 xs[MT][8];
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int s = 0; s < 8; ++s) xs[j][s] = in ? __ldg(reinterpret_cast<const uint2*>(xrow[j]) + s) : make_uint2(0, 0);
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt) {
-      const uint4 zero = make_uint4(0, 0, 0, 0);
-      const uint4 c[2] = {in ? __ldg(codes[rt][0]) : zero, in ? __ldg(codes[rt][1]) : zero};
-      const float scale[2] = {in ? staged[(rel[rt][0] + k) >> shift] : 0.0f, in ? staged[(rel[rt][1] + k) >> shift] : 0.0f};
-      tile_mma<T, MT>(acc[rt], c, scale, xs, base);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) codes[rt][i] += 4;
-    }
-#pragma unroll
-    for (int j = 0; j < MT; ++j) xrow[j] += kTileK;
-    k += kTileK;
-  }
-
-  __syncthreads();  // every warp is done with the staged scales: their memory takes the partial sums
-  reduce_store<T, MT, RT, WARPS>(staged, acc, row0, N, M, bias, y);
-}
-
-// Shared memory a staged_kernel CTA needs (floats), or 0 when the scales do not fit.
-inline int staged_floats(int64_t K, int shift, int mt, int rt, int warps) {
-  const int64_t scales = ((16 * rt * K) >> shift) + 2;  // 16 RT K consecutive weights span at most this many blocks
-  const int64_t partial = static_cast<int64_t>(warps) * rt * mt * 4 * 32;
-  if (scales > kStagedScales || partial > kStagedScales) return 0;
-  return static_cast<int>(scales > partial ? scales : partial);
-}
-
 template <typename T, int MT>
 void launch_mma(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream) {
   mma_kernel<T, MT, 2><<<static_cast<unsigned>((N + 15) / 16), kMmaWarps * 32, 0, stream>>>(w, N, K, x, M, bias, y,
                                                                                            log2_of(w.blocksize));
-}
-
-template <typename T, int MT, int U, int RT, int WARPS>
-bool launch_staged_as(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y,
-                      cudaStream_t stream) {
-  const int shift = log2_of(w.blocksize);
-  const int floats = staged_floats(K, shift, MT, RT, WARPS);
-  if (floats == 0) return false;
-  staged_kernel<T, MT, U, RT, WARPS><<<static_cast<unsigned>((N + 16 * RT - 1) / (16 * RT)), WARPS * 32,
-                                       floats * sizeof(float), stream>>>(w, N, K, x, M, bias, y, shift);
-  return true;
-}
-
-// kGemvMmaStaged: staged_kernel with one row tile a warp and 8 warps; kGemvMmaStaged2: two row tiles
-// a warp and 16 warps (M <= 16: 32 rows a CTA, x read half as often). Either runs mma_kernel when its
-// scales do not fit in shared memory.
-template <typename T, int MT>
-void launch_staged(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, bool two_tiles,
-                   cudaStream_t stream) {
-  bool done = false;
-  if constexpr (MT <= 2) {
-    if (two_tiles) done = launch_staged_as<T, MT, 1, 2, 16>(w, N, K, x, M, bias, y, stream);
-  }
-  if (!done && !two_tiles) done = launch_staged_as<T, MT, 2, 1, kMmaWarps>(w, N, K, x, M, bias, y, stream);
-  if (!done) launch_mma<T, MT>(w, N, K, x, M, bias, y, stream);
 }
 
 template <typename T>
@@ -584,20 +257,15 @@ cudaError_t launch(const NF4View& w, int64_t N, int64_t K, const T* x, int64_t M
   if (kernel == kGemvAuto) kernel = has_mma ? kGemvMma : kGemvSimt;
   if (kernel == kGemvSimt) return launch_simt(w, N, K, x, m, bias, y, stream);
   if constexpr (has_mma) {
-    if (kernel == kGemvMma) {
-      if (m <= 8) launch_mma<T, 1>(w, N, K, x, m, bias, y, stream);
-      else if (m <= 16) launch_mma<T, 2>(w, N, K, x, m, bias, y, stream);
-      else if (m <= 32) launch_mma<T, 4>(w, N, K, x, m, bias, y, stream);
-      else launch_mma<T, 8>(w, N, K, x, m, bias, y, stream);
-      return cudaGetLastError();
-    }
-    if (kernel == kGemvMmaStaged || kernel == kGemvMmaStaged2) {
+    if (kernel == kGemvMma || kernel == kGemvMmaStaged || kernel == kGemvMmaStaged2) {
       if (kernel == kGemvMmaStaged2 && m > kCudaStaged2MaxRows) return cudaErrorInvalidValue;
-      const bool two = kernel == kGemvMmaStaged2;
-      if (m <= 8) launch_staged<T, 1>(w, N, K, x, m, bias, y, two, stream);
-      else if (m <= 16) launch_staged<T, 2>(w, N, K, x, m, bias, y, two, stream);
-      else if (m <= 32) launch_staged<T, 4>(w, N, K, x, m, bias, y, false, stream);
-      else launch_staged<T, 8>(w, N, K, x, m, bias, y, false, stream);
+      // the staged kernels run mma_kernel when their scales do not fit in shared memory
+      if (kernel == kGemvMma || !launch_staged(w, N, K, x, m, bias, y, kernel == kGemvMmaStaged2, stream)) {
+        if (m <= 8) launch_mma<T, 1>(w, N, K, x, m, bias, y, stream);
+        else if (m <= 16) launch_mma<T, 2>(w, N, K, x, m, bias, y, stream);
+        else if (m <= 32) launch_mma<T, 4>(w, N, K, x, m, bias, y, stream);
+        else launch_mma<T, 8>(w, N, K, x, m, bias, y, stream);
+      }
       return cudaGetLastError();
     }
   }

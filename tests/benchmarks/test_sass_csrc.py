@@ -1,4 +1,4 @@
-"""benchmarks/sass_csrc.py compiles csrc/nf4_cuda_gemv.cu for sm_90a with nvcc on this GPU-less
+"""benchmarks/sass_csrc.py compiles csrc/nf4_cuda_gemv*.cu for sm_90a with nvcc on this GPU-less
 machine and counts what the tensor-core GEMVs' K loops execute."""
 
 import json
@@ -33,7 +33,7 @@ def test_counts_both_tensor_core_kernels(tmp_path):
     for (kernel, mt), r in rows.items():
         assert 0 < r["regs"] <= 255 and r["instructions"] > r["weights_per_lane"] > 0
         assert r["per_weight"] == pytest.approx(r["decode"] + r["other"])
-        # See Note: staged scales (csrc/nf4_cuda_gemv.cu): a trip of the loop loads the codes of its
+        # See Note: staged scales (csrc/nf4_cuda_gemv_staged.cu): a trip of the loop loads the codes of its
         # tiles (16 bytes a row) and x (8 words a tile and n8 tile), and no scale (shared memory):
         # mma-staged 2 tiles x 1 row tile, mma-staged2 1 tile x 2 row tiles sharing the x it loads.
         if kernel == "mma-staged":

@@ -115,7 +115,7 @@ def test_cuda_staged_gemv_remainders_and_large_k(C, shape, blocksize, m, kernel)
 @pytest.mark.parametrize("shape, blocksize, m", [((4096, 4096), 64, 1), ((333, 800), 64, 9), ((17, 2144), 32, 3),
                                                  ((50, 800), 256, 33), ((1024, 4096), 64, 64)])
 def test_cuda_staged_gemv_equals_the_mma_kernel_bit_for_bit(C, shape, blocksize, m):
-    """Same lanes, tiles, mma steps and reduction order (csrc/nf4_cuda_gemv.cu, Note: staged
+    """Same lanes, tiles, mma steps and reduction order (csrc/nf4_cuda_gemv_staged.cu, Note: staged
     scales): only the bookkeeping differs, so every output is the same float."""
     g = torch.Generator(device="cuda").manual_seed(1)
     q = nf4.quantize(torch.randn(shape, device="cuda", generator=g), blocksize, True)
