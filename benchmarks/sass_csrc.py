@@ -6,11 +6,11 @@
 The Triton kernels have benchmarks/sass_triton.py; this is the same count for csrc/nf4_cuda_gemv*.cu,
 compiled with nvcc to a cubin for one target and read back with the cuobjdump Triton ships. For each
 tensor-core kernel (csrc/nf4_cuda.h: kGemvMma "mma", kGemvMmaStaged "mma-staged", kGemvMmaStaged2
-"mma-staged2") and each n8 tile count MT (M <= 8 MT rows of x) a row: registers a thread, the
+"mma-staged2", kGemvMmaLut "mma-lut") and each n8 tile count MT (M <= 8 MT rows of x) a row: registers a thread, the
 instructions of the K loop's body (the longest backward branch), the weights a lane decodes in one
-trip (tiles a trip x row tiles a warp x 2 rows x 32 columns),
-their ratio, the share of the decode itself (SHF, LOP3, LDS, FMUL, F2FP and the mma), and the
-global loads and predicated-select instructions in the loop. It counts instructions; it times nothing
+trip (8 for each mma step of an n8 tile), their ratio, the share of the decode itself (SHF, LOP3, LDS,
+FMUL, F2FP and the mma; for mma-lut PRMT, IMAD, LDS, the mma and the FFMA scaling a block sum), and
+the global loads and predicated-select instructions in the loop. It counts instructions; it times nothing
 (bench_nf4_cuda.py does, on a GPU). Needs nvcc.
 """
 
@@ -31,8 +31,11 @@ import _common  # noqa: E402
 from sass_triton import cuobjdump, longest_loop, report  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "csrc" / "nf4_cuda_gemv.cu", ROOT / "csrc" / "nf4_cuda_gemv_staged.cu"]  # mma; the staged ones
-DECODE = ("SHF", "LOP3", "LDS", "FMUL", "F2FP", "HMMA", "IMAD.SHL")
+SOURCES = [ROOT / "csrc" / f"nf4_cuda_gemv{part}.cu" for part in ("", "_staged", "_lut")]  # mma; the staged ones; mma-lut
+# the decode and the mma: NF4[code] * scale rounded to pairs (mma, staged), or pairs looked up and block
+# sums scaled (mma-lut: PRMT + IMAD a pair's address, LDS, HMMA, FFMA)
+DECODE = {"mma-lut": ("PRMT", "IMAD", "LDS", "HMMA", "FFMA")}
+DECODE_SCALED = ("SHF", "LOP3", "LDS", "FMUL", "F2FP", "HMMA", "IMAD.SHL")
 COLUMNS = ["kernel", "MT", "regs", "instructions", "weights_per_lane", "per_weight", "decode", "other", "LDG", "SEL"]
 
 
@@ -61,7 +64,7 @@ def functions(cubin: pathlib.Path) -> dict[str, tuple[int, list]]:
     out = {}
     for name, body in zip(parts[1::2], parts[2::2]):
         code = [(int(m.group(1), 16), m.group(3) + (m.group(4) or ""), m.group(0))
-                for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.SHL)?[^;]*;", body)]
+                for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.SHL|\.MOV)?[^;]*;", body)]
         out[name] = (regs[name], [c for c in code if c[1] != "NOP"])
     return out
 
@@ -71,16 +74,16 @@ def rows(arch: int, dtype: str) -> list[dict]:
         found = {name: f for source in SOURCES for name, f in functions(compile_cubin(source, arch, pathlib.Path(d))).items()}
     out = []
     for name, (regs, code) in found.items():
-        m = re.search(r"(mma_kernel|staged_kernel)I(\w+?)((?:Li\d+E)+)E", name)
+        m = re.search(r"(mma_kernel|staged_kernel|lut_kernel)I(\w+?)((?:Li\d+E)+)E", name)
         if m is None or not m.group(2).endswith(dtype):
             continue
         params = [int(v) for v in re.findall(r"Li(\d+)E", m.group(3))]  # MT, U (, RT, WARPS)
         mt, u, rt = params[0], params[1], params[2] if len(params) > 2 else 1
-        kernel = "mma" if m.group(1) == "mma_kernel" else "mma-staged" if rt == 1 else "mma-staged2"
-        weights = u * rt * 2 * 32  # tiles a trip x row tiles x 2 rows a lane x 32 columns
+        kernel = {"mma_kernel": "mma", "lut_kernel": "mma-lut"}.get(m.group(1), "mma-staged" if rt == 1 else "mma-staged2")
         ops = collections.Counter(op for _, op, _ in longest_loop(code))
+        weights = ops["HMMA"] // mt * 8  # an m16n8k16 step takes 8 weights of each lane, for each n8 tile
         total = sum(ops.values())
-        decode = sum(n for op, n in ops.items() if op in DECODE)
+        decode = sum(n for op, n in ops.items() if op in DECODE.get(kernel, DECODE_SCALED))
         out.append({"kernel": kernel, "MT": mt, "regs": regs, "instructions": total, "weights_per_lane": weights,
                     "per_weight": total / weights, "decode": decode / weights, "other": (total - decode) / weights,
                     "LDG": ops["LDG"], "SEL": ops["SEL"]})

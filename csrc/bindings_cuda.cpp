@@ -65,9 +65,10 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
               message("K and blocksize must be multiples of 32; got K = ", K, ", blocksize ", blocksize));
   const int64_t M = x.numel() / K;
   const bool simt = kernel == kGemvSimt || (kernel == kGemvAuto && x.scalar_type() == at::kFloat);
-  TORCH_CHECK(kernel >= kGemvAuto && kernel <= kGemvMmaStaged2,
+  TORCH_CHECK(kernel >= kGemvAuto && kernel <= kGemvMmaLut,
               message("kernel must be ", kGemvAuto, " (auto), ", kGemvMma, " (mma), ", kGemvSimt, " (simt), ",
-                      kGemvMmaStaged, " (mma-staged) or ", kGemvMmaStaged2, " (mma-staged2), got ", kernel));
+                      kGemvMmaStaged, " (mma-staged), ", kGemvMmaStaged2, " (mma-staged2) or ", kGemvMmaLut,
+                      " (mma-lut), got ", kernel));
   TORCH_CHECK(!(kernel != kGemvAuto && kernel != kGemvSimt && x.scalar_type() == at::kFloat),
               "the mma kernels take float16 or bfloat16 x, got float32");
   const int64_t max_rows = simt ? kCudaSimtMaxRows : kernel == kGemvMmaStaged2 ? kCudaStaged2MaxRows : kCudaMmaMaxRows;

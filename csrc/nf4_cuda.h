@@ -21,12 +21,15 @@ enum class CudaType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // All of W (numel elements) into out, of type `type`; every pointer in `w` is in device memory.
 cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, cudaStream_t stream);
 
-// nf4_gemv_cuda kernels (nf4_cuda_gemv.cu; the staged ones in nf4_cuda_gemv_staged.cu)
+// nf4_gemv_cuda kernels (nf4_cuda_gemv.cu; the staged ones in nf4_cuda_gemv_staged.cu, the table one in
+// nf4_cuda_gemv_lut.cu)
 constexpr int kGemvAuto = 0;  // kGemvMma for float16 / bfloat16, kGemvSimt for float32
 constexpr int kGemvMma = 1;   // tensor cores (mma.sync m16n8k16), float16 / bfloat16, M <= kCudaMmaMaxRows
 constexpr int kGemvSimt = 2;  // one warp a row on the CUDA cores, any type, M <= kCudaSimtMaxRows
 constexpr int kGemvMmaStaged = 3;  // kGemvMma with its block scales staged in shared memory first, same limits
 constexpr int kGemvMmaStaged2 = 4;  // kGemvMmaStaged with two m16 row tiles a warp and 16 warps, M <= kCudaStaged2MaxRows
+constexpr int kGemvMmaLut = 5;  // tensor cores on T(NF4[code]) pairs from one table lookup, each block's sum scaled once;
+                                // K % 64 == 0 and blocksize >= 64, else it runs kGemvMmaStaged; M <= kCudaMmaMaxRows
 
 constexpr int kCudaMmaMaxRows = 64;
 

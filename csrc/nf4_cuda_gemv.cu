@@ -257,10 +257,12 @@ cudaError_t launch(const NF4View& w, int64_t N, int64_t K, const T* x, int64_t M
   if (kernel == kGemvAuto) kernel = has_mma ? kGemvMma : kGemvSimt;
   if (kernel == kGemvSimt) return launch_simt(w, N, K, x, m, bias, y, stream);
   if constexpr (has_mma) {
-    if (kernel == kGemvMma || kernel == kGemvMmaStaged || kernel == kGemvMmaStaged2) {
+    if (kernel == kGemvMma || kernel == kGemvMmaStaged || kernel == kGemvMmaStaged2 || kernel == kGemvMmaLut) {
       if (kernel == kGemvMmaStaged2 && m > kCudaStaged2MaxRows) return cudaErrorInvalidValue;
-      // the staged kernels run mma_kernel when their scales do not fit in shared memory
-      if (kernel == kGemvMma || !launch_staged(w, N, K, x, m, bias, y, kernel == kGemvMmaStaged2, stream)) {
+      // mma-lut runs mma-staged where it cannot (K % 64, blocksize 32, shared memory); the staged
+      // kernels run mma_kernel when their scales do not fit in shared memory
+      const bool done = kernel == kGemvMmaLut && launch_lut(w, N, K, x, m, bias, y, stream);
+      if (!done && (kernel == kGemvMma || !launch_staged(w, N, K, x, m, bias, y, kernel == kGemvMmaStaged2, stream))) {
         if (m <= 8) launch_mma<T, 1>(w, N, K, x, m, bias, y, stream);
         else if (m <= 16) launch_mma<T, 2>(w, N, K, x, m, bias, y, stream);
         else if (m <= 32) launch_mma<T, 4>(w, N, K, x, m, bias, y, stream);

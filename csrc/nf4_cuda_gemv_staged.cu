@@ -26,9 +26,9 @@ namespace {
 //   - the loads of a batch of U tiles use immediate offsets from pointers advanced once a batch.
 // The staged scales must fit in the 48 KiB of shared memory a CTA gets without opting in: 16 RT K /
 // blocksize + 2 <= kStagedScales (RT row tiles a warp; K up to ~47000 at blocksize 64 and RT = 1);
-// larger weights take mma_kernel.
+// larger weights take mma_kernel. (stage_scales and staged_floats, in nf4_cuda_mma.h, are shared
+// with kGemvMmaLut.)
 constexpr int kStagedScales = 12 * 1024 - 512;  // floats: 48 KiB less the dynamic map, s_nf4 and some slack
-constexpr int kStagedLoads = 8;  // scales a thread loads at once in the prologue (one round up to K = 16384 at blocksize 64)
 
 // The lane's codes for U consecutive tiles: 16 bytes of each of its two rows in each of RT row tiles.
 template <int U, int RT>
@@ -92,33 +92,12 @@ __global__ void __launch_bounds__(WARPS * 32) staged_kernel(NF4View w, int64_t N
 #pragma unroll
         for (int i = 0; i < 2; ++i) cur.v[u][rt][i] = __ldg(codes[rt][i] + 4 * u);
   }
-  // The prologue: the dynamic map into shared memory, then each scale of the CTA's blocks; all of a
-  // thread's loads are issued before it waits for any.
+  // The prologue: the tables, then every scale of the CTA's blocks (See Note: staged scales).
   __shared__ float dynamic[256];
   if (threadIdx.x < 256) dynamic[threadIdx.x] = g_dynamic[threadIdx.x];
   if (threadIdx.x < 16) s_nf4[threadIdx.x] = g_nf4[threadIdx.x];
-  const int nblk = static_cast<int>(((first + rows * K - 1) >> shift) - b0 + 1);
-  const bool nested = w.nested != nullptr;
-  const float offset = nested ? __ldg(w.offset) : 0.0f;
-  for (int i0 = 0; i0 < nblk; i0 += kStagedLoads * kThreads) {
-    uint32_t q[kStagedLoads];  // scale codes, or float32 scales' bits
-    float nested_scale[kStagedLoads];
-#pragma unroll
-    for (int p = 0; p < kStagedLoads; ++p) {
-      const int i = i0 + p * kThreads + threadIdx.x;
-      const int64_t b = b0 + (i < nblk ? i : nblk - 1);
-      q[p] = nested ? __ldg(static_cast<const uint8_t*>(w.absmax) + b)
-                    : __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + b));
-      nested_scale[p] = nested ? __ldg(w.nested + (b >> 8)) : 0.0f;
-    }
-    if (i0 == 0) __syncthreads();  // the dynamic map is in place (i0 is the same for every thread)
-#pragma unroll
-    for (int p = 0; p < kStagedLoads; ++p) {
-      const int i = i0 + p * kThreads + threadIdx.x;
-      if (i < nblk) staged[i] = nested ? __fadd_rn(__fmul_rn(dynamic[q[p]], nested_scale[p]), offset)  // no FMA
-                                       : __uint_as_float(q[p]);
-    }
-  }
+  stage_scales<kThreads>(staged, dynamic, w, static_cast<int>(((first + rows * K - 1) >> shift) - b0 + 1),
+                         [b0](int i) { return b0 + i; });
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(s_nf4));  // a multiple of 64
   __syncthreads();
 
@@ -186,19 +165,11 @@ __global__ void __launch_bounds__(WARPS * 32) staged_kernel(NF4View w, int64_t N
   reduce_store<T, MT, RT, WARPS>(staged, acc, row0, N, M, bias, y);
 }
 
-// Shared memory a staged_kernel CTA needs (floats), or 0 when the scales do not fit.
-inline int staged_floats(int64_t K, int shift, int mt, int rt, int warps) {
-  const int64_t scales = ((16 * rt * K) >> shift) + 2;  // 16 RT K consecutive weights span at most this many blocks
-  const int64_t partial = static_cast<int64_t>(warps) * rt * mt * 4 * 32;
-  if (scales > kStagedScales || partial > kStagedScales) return 0;
-  return static_cast<int>(scales > partial ? scales : partial);
-}
-
 template <typename T, int MT, int U, int RT, int WARPS>
 bool launch_staged_as(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y,
                       cudaStream_t stream) {
   const int shift = log2_of(w.blocksize);
-  const int floats = staged_floats(K, shift, MT, RT, WARPS);
+  const int floats = staged_floats(K, shift, MT, RT, WARPS, kStagedScales);
   if (floats == 0) return false;
   staged_kernel<T, MT, U, RT, WARPS><<<static_cast<unsigned>((N + 16 * RT - 1) / (16 * RT)), WARPS * 32,
                                        floats * sizeof(float), stream>>>(w, N, K, x, M, bias, y, shift);

@@ -1,5 +1,6 @@
-// The tensor-core pieces both tensor-core GEMVs use (nf4_cuda_gemv.cu: kGemvMma,
-// nf4_cuda_gemv_staged.cu: kGemvMmaStaged and kGemvMmaStaged2): the lane layout (Note: the k
+// The tensor-core pieces the tensor-core GEMVs share (nf4_cuda_gemv.cu: kGemvMma,
+// nf4_cuda_gemv_staged.cu: kGemvMmaStaged and kGemvMmaStaged2, nf4_cuda_gemv_lut.cu: kGemvMmaLut,
+// which takes the mma step, the staging prologue and the reduction only): the lane layout (Note: the k
 // permutation), one mma.sync step, the NF4 lookup and decode, a tile's eight steps, and the
 // reduction of the warps' sums. Device code in an unnamed namespace: each .cu file compiles its
 // own copy (no relocatable device code). Included by the .cu files only.
@@ -131,6 +132,49 @@ __device__ __forceinline__ void reduce_store(float* partial, const float (&acc)[
   }
 }
 
+// The prologue of the kernels that stage their block scales (Note: staged scales, in
+// nf4_cuda_gemv_staged.cu): staged[i] = the scale of block block_of(i) of W, for i in [0, n), all of
+// a thread's loads issued before it waits for any. `dynamic` is the dynamic map in shared memory,
+// which the CTA's threads are writing when they call this: its first barrier is here (n >= 1).
+constexpr int kStagedLoads = 8;  // scales a thread loads at once (one round up to K = 16384 at blocksize 64)
+
+template <int THREADS, typename BlockOf>
+__device__ __forceinline__ void stage_scales(float* staged, const float* dynamic, const NF4View& w, int n,
+                                             BlockOf block_of) {
+  static_assert(kNestedBlocksize == 256, "the nested scale of block b is b >> 8");
+  const bool nested = w.nested != nullptr;
+  const float offset = nested ? __ldg(w.offset) : 0.0f;
+  for (int i0 = 0; i0 < n; i0 += kStagedLoads * THREADS) {
+    uint32_t q[kStagedLoads];  // scale codes, or float32 scales' bits
+    float nested_scale[kStagedLoads];
+#pragma unroll
+    for (int p = 0; p < kStagedLoads; ++p) {
+      const int i = i0 + p * THREADS + threadIdx.x;
+      const int64_t b = block_of(i < n ? i : n - 1);
+      q[p] = nested ? __ldg(static_cast<const uint8_t*>(w.absmax) + b)
+                    : __float_as_uint(__ldg(static_cast<const float*>(w.absmax) + b));
+      nested_scale[p] = nested ? __ldg(w.nested + (b >> 8)) : 0.0f;
+    }
+    if (i0 == 0) __syncthreads();  // the dynamic map is in place (i0 is the same for every thread)
+#pragma unroll
+    for (int p = 0; p < kStagedLoads; ++p) {
+      const int i = i0 + p * THREADS + threadIdx.x;
+      if (i < n) staged[i] = nested ? __fadd_rn(__fmul_rn(dynamic[q[p]], nested_scale[p]), offset)  // no FMA
+                                       : __uint_as_float(q[p]);
+    }
+  }
+}
+
+// Shared memory (floats) a staging kernel's CTA needs: its scales (16 RT K consecutive weights span
+// at most 16 RT K / blocksize + 2 blocks), then the warps' partial sums in the same memory; 0 when
+// either is over `limit`.
+inline int staged_floats(int64_t K, int shift, int mt, int rt, int warps, int limit) {
+  const int64_t scales = ((16 * rt * K) >> shift) + 2;
+  const int64_t partial = static_cast<int64_t>(warps) * rt * mt * 4 * 32;
+  if (scales > limit || partial > limit) return 0;
+  return static_cast<int>(scales > partial ? scales : partial);
+}
+
 }  // namespace
 
 // nf4_cuda_gemv_staged.cu: runs kGemvMmaStaged (two_tiles false) or kGemvMmaStaged2 (true, M <= 16)
@@ -139,5 +183,11 @@ __device__ __forceinline__ void reduce_store(float* partial, const float (&acc)[
 template <typename T>
 bool launch_staged(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, bool two_tiles,
                    cudaStream_t stream);
+
+// nf4_cuda_gemv_lut.cu: runs kGemvMmaLut for T = __half or __nv_bfloat16; false when it cannot
+// (K % 64 != 0, blocksize 32, scales over its shared memory: the caller then runs kGemvMmaStaged),
+// and launches nothing.
+template <typename T>
+bool launch_lut(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream);
 
 }  // namespace lowrank

@@ -1,13 +1,16 @@
 """lowrank._C's CUDA kernels against the reference on the GPU, at real sizes: dequantize bit for
 bit, the GEMV within the derived bound of tests/ops/bounds.py (the reference there is
 nf4.dequantize in x.dtype, then F.linear, i.e. cuBLAS). Every kernel of each op is tested
-(the GEMV kernels "mma", "simt", "mma-staged" and "mma-staged2" of csrc/nf4_cuda.h), not only the default."""
+(the GEMV kernels "mma", "simt", "mma-staged", "mma-staged2" and "mma-lut" of csrc/nf4_cuda.h), not only
+the default. mma-lut multiplies another operand than the reference's (T(NF4[code]) * scale, its block sums
+scaled: csrc/nf4_cuda_gemv_lut.cu, Note: pairs and block sums), so it is checked against the float64
+product of that operand with the a-priori bound of tests/ops/bounds.py instead."""
 
 import pytest
 import torch
 
 from lowrank import nf4
-from tests.ops.bounds import assert_matmul_close
+from tests.ops.bounds import assert_matmul_close, assert_within_bound
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +28,7 @@ def fields(q):
     return (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
 
 
-MMA, SIMT, STAGED, STAGED2 = 1, 2, 3, 4  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged, kGemvMmaStaged2
+MMA, SIMT, STAGED, STAGED2, LUT = 1, 2, 3, 4, 5  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged, kGemvMmaStaged2, kGemvMmaLut
 
 
 def bits(t):
@@ -137,9 +140,68 @@ def test_cuda_gemv_of_one_hot_rows_is_a_column_of_w(C, kernel, dtype):
 
 def test_cuda_gemv_refuses_what_it_cannot_do(C):
     q = nf4.quantize(torch.randn(64, 256, device="cuda"), 64, True)
-    for kernel in (MMA, STAGED, STAGED2):
+    for kernel in (MMA, STAGED, STAGED2, LUT):
         with pytest.raises(RuntimeError, match="mma kernels take float16 or bfloat16"):
             C.nf4_linear_cuda(torch.randn(1, 256, device="cuda"), *fields(q), None, kernel=kernel)
+
+
+def lut_operand(q, dtype):
+    """(N, K) float64: the operand mma-lut multiplies, T(NF4[code]) * scale, exact in float64."""
+    n, k = q.shape
+    codes = nf4.unpack(q.packed, n * k).long()
+    scales = q.absmax if q.nested_absmax is None else nf4.dequantize_scales(q.absmax, q.nested_absmax, q.offset)
+    per_weight = scales.double().repeat_interleave(q.blocksize)[: n * k]
+    return (nf4.NF4_CODE.to(q.packed.device, dtype).double()[codes] * per_weight).reshape(n, k)
+
+
+def lut_runs(shape, blocksize):
+    """Whether mma-lut runs itself (else it runs mma-staged): K % 64 == 0, blocksize >= 64, and its
+    16 K / 64 staged scales within 64 KiB (csrc/nf4_cuda_gemv_lut.cu)."""
+    return shape[1] % 64 == 0 and blocksize >= 64 and 16 * (shape[1] // 64) <= 16 * 1024
+
+
+# Llama shapes (K = 4096: 8 tiles a warp, one trip of two batches; K = 11008: 22 tiles a warp, an odd
+# number of batches and two tiles after them); 13 tiles (2 a warp, no batch, the last warp idle);
+# K % blocksize != 0 (blocks straddle rows); N a single short CTA; K = 65536 (64 KiB of scales, opted
+# in); and what it hands to mma-staged: K % 64 == 32, blocksize 32, K = 65600 (over 64 KiB).
+@pytest.mark.parametrize("shape, blocksize", [((4096, 4096), 64), ((11008, 4096), 64), ((4096, 11008), 64),
+                                              ((333, 832), 64), ((50, 768), 256), ((17, 4160), 4096),
+                                              ((5, 65536), 64), ((333, 800), 64), ((40, 96), 32), ((16, 65600), 64)])
+@pytest.mark.parametrize("m", [1, 5, 9, 16, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_lut_gemv_within_the_bound_of_its_operand(C, shape, blocksize, m, dtype):
+    g = torch.Generator(device="cuda").manual_seed(m)
+    q = nf4.quantize(torch.randn(shape, device="cuda", generator=g), blocksize, True)
+    x = torch.randn(m, shape[1], device="cuda", generator=g).to(dtype)
+    bias = torch.randn(shape[0], device="cuda", generator=g).to(dtype)
+    ours = C.nf4_linear_cuda(x, *fields(q), bias, kernel=LUT)
+    assert ours.dtype == dtype and ours.shape == (m, shape[0])
+    if lut_runs(shape, blocksize):
+        assert_within_bound(ours, x, lut_operand(q, dtype).T, bias, extra_roundings=shape[1] // 64)
+    else:
+        assert torch.equal(bits(ours), bits(C.nf4_linear_cuda(x, *fields(q), bias, kernel=STAGED)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_lut_gemv_without_double_quant(C, dtype):
+    q = nf4.quantize(torch.randn(1000, 1024, device="cuda"), 64, False)
+    x = torch.randn(7, 1024, device="cuda").to(dtype)
+    assert_within_bound(C.nf4_linear_cuda(x, *fields(q), None, kernel=LUT), x, lut_operand(q, dtype).T,
+                        extra_roundings=1024 // 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_lut_gemv_of_one_hot_rows_is_a_column_of_its_operand(C, dtype):
+    """x = e_k: every block sum is T(NF4[code]) exactly or 0, so the output is the float32 product
+    scale * T(NF4[code]) rounded once to T, bit for bit (the pair table's order, the scale of each row and
+    tile, the lanes' columns)."""
+    q = nf4.quantize(torch.randn(1024, 512, device="cuda"), 64, True)
+    scales = nf4.dequantize_scales(q.absmax, q.nested_absmax, q.offset).repeat_interleave(64)
+    codes = nf4.unpack(q.packed, 1024 * 512).long()
+    expected = (nf4.NF4_CODE.to("cuda", dtype).float()[codes] * scales).to(dtype).reshape(1024, 512)
+    ks = torch.arange(0, 512, 37, device="cuda")[:14]
+    x = torch.eye(512, dtype=dtype, device="cuda")[ks]
+    assert torch.equal(bits(C.nf4_linear_cuda(x, *fields(q), None, kernel=LUT)), bits(expected[:, ks].T.contiguous()))
 
 
 def test_cuda_gemv_refuses_too_many_rows(C):
@@ -153,8 +215,10 @@ def test_cuda_gemv_refuses_too_many_rows(C):
         C.nf4_linear_cuda(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None)
     with pytest.raises(RuntimeError, match="1 to 16 rows for this kernel, got 17"):
         C.nf4_linear_cuda(torch.randn(17, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=STAGED2)
-    with pytest.raises(RuntimeError, match="kernel must be 0 .auto.*got 5"):
-        C.nf4_linear_cuda(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=5)
+    with pytest.raises(RuntimeError, match="1 to 64 rows for this kernel, got 65"):
+        C.nf4_linear_cuda(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=LUT)
+    with pytest.raises(RuntimeError, match="kernel must be 0 .auto.*5 .mma-lut., got 6"):
+        C.nf4_linear_cuda(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=6)
 
 
 @pytest.mark.parametrize("m", [1, 16, 64, 65])

@@ -20,6 +20,12 @@
 # (checked for the reference too, which tests the derivation), and two of them differ by at
 # most twice that, so   err_ours <= err_ref + 2 E + 2 u_d (|y64| + E),   elementwise.
 # u_d is the unit roundoff of the output dtype: 2^-24 float32, 2^-11 float16, 2^-8 bfloat16.
+#
+# A kernel that scales partial sums instead of operands (csrc/nf4_cuda_gemv_lut.cu: each block's
+# float32 sum times the block's scale, one FMA into the total) computes a @ b for ITS operand b
+# (there: T(NF4[code]) * scale, exact in float64) with one more rounding on the path of every
+# product per block: step 1 with n = K + 2 + blocks. assert_within_bound checks such a kernel
+# against the a-priori bound E + u_d (|y64| + E) of its own operand directly.
 """
 
 from __future__ import annotations
@@ -30,15 +36,15 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat1
 U_ACCUMULATE = 2.0**-23  # float32 accumulation that may truncate (step 1 of the Note)
 
 
-def matmul_bound(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
-    """(y64, E, u_d) for y = a @ b + bias: a (M, K), b (K, N), bias (N,) or None.
-    See Note: the matmul error bound."""
+def matmul_bound(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, extra_roundings: int = 0):
+    """(y64, E, u_d) for y = a @ b + bias: a (M, K), b (K, N), bias (N,) or None; extra_roundings
+    more float32 roundings on each product's path than a plain sum has. See Note: the matmul error bound."""
     a64, b64 = a.double(), b.double()
     y64 = a64 @ b64  # (M, K) @ (K, N) -> (M, N)
     s = a64.abs() @ b64.abs()  # (M, N)
     if bias is not None:
         y64, s = y64 + bias.double(), s + bias.double().abs()
-    n = a.shape[-1] + 2
+    n = a.shape[-1] + 2 + extra_roundings
     gamma = n * U_ACCUMULATE / (1 - n * U_ACCUMULATE)
     u_d = UNIT_ROUNDOFF[a.dtype]
     return y64, (gamma + u_d * (1 + gamma)) * s, u_d
@@ -57,4 +63,17 @@ def assert_matmul_close(ours: torch.Tensor, ref: torch.Tensor, a: torch.Tensor, 
     assert (err_ours <= slack).all(), (
         f"max |ours - exact| = {err_ours.max():.4g} vs the reference's {err_ref.max():.4g}; at flat index {int(worst)} "
         f"ours errs by {err_ours.view(-1)[worst]:.4g}, allowed {slack.view(-1)[worst]:.4g} (see Note: the matmul error bound)"
+    )
+
+
+def assert_within_bound(ours: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias=None, extra_roundings: int = 0) -> None:
+    """ours approximates a @ b + bias for these exact operands (b may be float64): assert it is within
+    the a-priori bound E + u_d (|y64| + E), u_d that of a's dtype. See Note: the matmul error bound."""
+    y64, e, u_d = matmul_bound(a, b, bias, extra_roundings)
+    err = (ours.reshape(y64.shape).double() - y64).abs()
+    a_priori = e + u_d * (y64.abs() + e)
+    worst = (err - a_priori).argmax()
+    assert (err <= a_priori).all(), (
+        f"max |ours - exact| = {err.max():.4g}; at flat index {int(worst)} ours errs by {err.view(-1)[worst]:.4g}, "
+        f"allowed {a_priori.view(-1)[worst]:.4g} (see Note: the matmul error bound)"
     )
