@@ -4,7 +4,7 @@
     python benchmarks/bench_nf4_cuda.py --quick    # one shape
 
 Providers, each only where it runs: every CUDA kernel of lowrank._C called directly (dequantize:
-csrc; linear: csrc-mma, csrc-mma-staged, csrc-simt and csrc-mma-staged2 up to 16 rows), bitsandbytes
+csrc; linear: csrc-mma, csrc-mma-staged, csrc-mma-lut, csrc-simt and csrc-mma-staged2 up to 16 rows), bitsandbytes
 (dequantize_4bit; gemv_4bit at M = 1), and the baseline: bf16 F.linear on the dense weight (for
 dequantize: a device-to-device copy of the bf16 weight, the bandwidth ceiling). Every row: median
 and 20/80% quantiles (triton.testing.do_bench, L2 flushed), GB/s of the bytes a kernel must move,
@@ -32,7 +32,8 @@ SHAPES = [(4096, 4096), (1024, 4096), (11008, 4096), (4096, 11008), (14336, 4096
 MS = [1, 4, 16, 32, 64]
 COLUMNS = ["op", "N", "K", "M", "provider", "ms", "p20", "p80", "gbps", "speedup"]
 # nf4_cuda.h kGemv*: (id, most rows)
-GEMV_KERNELS = {"csrc-mma": (1, 64), "csrc-simt": (2, 16), "csrc-mma-staged": (3, 64), "csrc-mma-staged2": (4, 16)}
+GEMV_KERNELS = {"csrc-mma": (1, 64), "csrc-simt": (2, 16), "csrc-mma-staged": (3, 64), "csrc-mma-staged2": (4, 16),
+                "csrc-mma-lut": (5, 64)}
 
 
 def fields(q):

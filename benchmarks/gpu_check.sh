@@ -3,8 +3,8 @@
 # internet; bitsandbytes carried as a wheel in .whl/). Builds lowrank._C with its CUDA kernels
 # (sm_90a only: the quick build), then, most valuable first, each step under `timeout`:
 #   csrc / optimizer / quantize gpu tests   (the new CUDA kernels must be right before they are timed)
-#   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16; csrc-mma-staged
-#                                            and -staged2, written 2026-11-28 without a GPU, first timed here)
+#   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16; csrc-mma-staged,
+#                                            -staged2 and -lut, written 2026-11-28 without a GPU, first timed here)
 #   bench_nf4_codec.py --device cuda        (quantize / dequantize on the GPU; table in bench.log)
 #   bench_qlora.py --llama7b                (a QLoRA step of the Llama-2-7B shape: memory and tokens/s)
 #   bench_qlora.py --llama7b --compile      (the same with each decoder layer torch.compiled, both sides)
@@ -14,7 +14,7 @@
 #   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json qlora_compiled.json nf4_linear.json
 #   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back;
 #   PYOPS=1 adds the eager 7B step with LOWRANK_PYTHON_OPS=1, its table in bench.log)
-# Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 75 + 30
+# Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 85 + 20
 # + 80 + 135 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
 # PART=2: about 11.8 minutes in all, over the device tool's 10 minutes a call. The steps are in
 # the order they matter and usually end well before their limits (the last runs took 6.5 minutes
@@ -22,8 +22,9 @@
 # PART=1 / PART=2 split it in two calls of the device tool, each under its 10 minutes (PART=2
 # needs no build: the Triton kernels compile on the spot, and bench_nf4_linear times lowrank._C
 # only where the first part built it).
-# New since the last GPU run, and run on a GPU here first: the staged GEMVs (ids 3, 4) and the ops'
-# CUDA kernels in C++ (csrc/dispatch.h). If the latter fail, LOWRANK_PYTHON_OPS=1 takes the ops back
+# New since the last GPU run, and run on a GPU here first: the staged GEMVs (ids 3, 4), the pair-table
+# GEMV mma-lut (id 5: flip kGemvAuto in nf4_cuda_gemv.cu's launch() to it if it is right and fastest)
+# and the ops' CUDA kernels in C++ (csrc/dispatch.h). If the latter fail, LOWRANK_PYTHON_OPS=1 takes the ops back
 # to their Python kernels (the path of the earlier runs) for the rest: PYOPS=1 also times that.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (or PART=1 ... / PART=2 ...)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
@@ -63,9 +64,9 @@ step 130 "$OUT/tests.log" "csrc, optimizer and quantize gpu tests" $PYTEST tests
   --deselect tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
-step 75 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
+step 85 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
 # quantize and dequantize on the GPU against bitsandbytes and torchao (the table goes to bench.log only)
-step 30 "$OUT/bench.log" "bench_nf4_codec --device cuda" python3 benchmarks/bench_nf4_codec.py --device cuda \
+step 20 "$OUT/bench.log" "bench_nf4_codec --device cuda" python3 benchmarks/bench_nf4_codec.py --device cuda \
   --out /tmp/nf4_codec.json
 step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.py --llama7b --reps 4 --profile --out "$OUT/qlora.json"
 # the first (warm-up) step of each side compiles one decoder layer's forward and backward (a guess:
@@ -91,7 +92,7 @@ fi
 if [ "${PROFILE:-0}" = 1 ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   step 50 "$OUT/profile.log" "ncu: the CUDA kernels at 4096 x 14336" ${NCU:-ncu} --clock-control none --section SpeedOfLight \
-    --section WarpStateStats --section Occupancy -k "regex:mma_kernel|staged_kernel|simt_kernel|stream_kernel" -s 4 -c 4 \
+    --section WarpStateStats --section Occupancy -k "regex:mma_kernel|staged_kernel|lut_kernel|simt_kernel|stream_kernel" -s 5 -c 5 \
     python3 benchmarks/profile_nf4_cuda.py
 fi
 

@@ -2,7 +2,7 @@
 profiler to read (a few warm-up calls first, then the profiled ones):
 
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats \\
-        -k regex:"mma_kernel|staged_kernel|simt_kernel|stream_kernel" -s 4 -c 4 python3 benchmarks/profile_nf4_cuda.py
+        -k regex:"mma_kernel|staged_kernel|lut_kernel|simt_kernel|stream_kernel" -s 5 -c 5 python3 benchmarks/profile_nf4_cuda.py
 
 Prints nothing of its own beyond what the kernels' checks raise: the numbers are ncu's.
 """
@@ -14,7 +14,7 @@ import torch
 from lowrank import _C, nf4
 
 N, K = 4096, 14336
-MMA, SIMT, STAGED = 1, 2, 3  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged
+MMA, SIMT, STAGED, LUT = 1, 2, 3, 5  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged, kGemvMmaLut
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     for _ in range(2):  # warm-up: the profiled calls are the second round (ncu -s skips the first)
         _C.nf4_linear_cuda(x, *args, None, kernel=MMA)
         _C.nf4_linear_cuda(x, *args, None, kernel=STAGED)
+        _C.nf4_linear_cuda(x, *args, None, kernel=LUT)
         _C.nf4_linear_cuda(x, *args, None, kernel=SIMT)
         _C.nf4_dequantize_cuda(*args, torch.bfloat16)
     torch.cuda.synchronize()

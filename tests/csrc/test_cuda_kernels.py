@@ -164,12 +164,14 @@ def lut_runs(shape, blocksize):
 # number of batches and two tiles after them); 13 tiles (2 a warp, no batch, the last warp idle);
 # K % blocksize != 0 (blocks straddle rows); N a single short CTA; K = 65536 (64 KiB of scales, opted
 # in); and what it hands to mma-staged: K % 64 == 32, blocksize 32, K = 65600 (over 64 KiB).
-@pytest.mark.parametrize("shape, blocksize", [((4096, 4096), 64), ((11008, 4096), 64), ((4096, 11008), 64),
-                                              ((333, 832), 64), ((50, 768), 256), ((17, 4160), 4096),
-                                              ((5, 65536), 64), ((333, 800), 64), ((40, 96), 32), ((16, 65600), 64)])
-@pytest.mark.parametrize("m", [1, 5, 9, 16, 17, 64])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_lut_gemv_within_the_bound_of_its_operand(C, shape, blocksize, m, dtype):
+# (float16 on the first two shapes; the one-hot test below takes it on every lane and tile.)
+@pytest.mark.parametrize("shape, blocksize, dtype", [
+    ((4096, 4096), 64, torch.bfloat16), ((4096, 4096), 64, torch.float16), ((11008, 4096), 64, torch.bfloat16),
+    ((11008, 4096), 64, torch.float16), ((4096, 11008), 64, torch.bfloat16), ((333, 832), 64, torch.bfloat16),
+    ((50, 768), 256, torch.bfloat16), ((17, 4160), 4096, torch.bfloat16), ((5, 65536), 64, torch.bfloat16),
+    ((333, 800), 64, torch.bfloat16), ((40, 96), 32, torch.bfloat16), ((16, 65600), 64, torch.bfloat16)])
+@pytest.mark.parametrize("m", [1, 5, 9, 17, 64])
+def test_cuda_lut_gemv_within_the_bound_of_its_operand(C, shape, blocksize, dtype, m):
     g = torch.Generator(device="cuda").manual_seed(m)
     q = nf4.quantize(torch.randn(shape, device="cuda", generator=g), blocksize, True)
     x = torch.randn(m, shape[1], device="cuda", generator=g).to(dtype)
