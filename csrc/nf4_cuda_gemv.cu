@@ -188,8 +188,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
   load_batch(cur, w, first, row_ok, tile_begin, tile_end, k_lane, K, shift);  // before the tables: overlaps them
   dynamic[threadIdx.x] = g_dynamic[threadIdx.x];
   if (threadIdx.x < 16) s_nf4[threadIdx.x] = g_nf4[threadIdx.x];
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(s_nf4));  // a multiple of 64
   __syncthreads();
+  const uint32_t base = after_barrier(static_cast<uint32_t>(__cvta_generic_to_shared(s_nf4)));  // a multiple of 64
 
   float acc[MT][4];
 #pragma unroll

@@ -50,11 +50,11 @@ constexpr int kLutStaticBytes = 256 * 32 * 4 + 256 * 4;  // the pair table and t
 
 __shared__ __align__(128) uint32_t s_pairs[256 * 32];  // entry e, lane l: word 32 e + l
 
-// The pair of byte j (0..3) of word, from the lane's copy of the table: `lane` is the shared-memory
-// address of the lane's column (the table's address + 4 x lane). PRMT takes the byte out, LEA adds
-// 128 x byte to the column: 2 integer instructions and an LDS a pair.
-__device__ __forceinline__ uint32_t pair_at(uint32_t word, int j, uint32_t lane) {
-  const uint32_t address = lane + (__byte_perm(word, 0, 0x4440 + j) << 7);
+// The pair of byte j (0..3) of word, from the lane's copy of the table: `column` is the shared-memory
+// address of the lane's entry 0 (the table's address + 4 x lane; from after_barrier). PRMT takes
+// the byte out, one IMAD adds 128 x byte: 2 integer instructions and an LDS a pair.
+__device__ __forceinline__ uint32_t pair_at(uint32_t word, int j, uint32_t column) {
+  const uint32_t address = column + (__byte_perm(word, 0, 0x4440 + j) << 7);
   uint32_t v;
   asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address));
   return v;
@@ -65,7 +65,7 @@ __device__ __forceinline__ uint32_t pair_at(uint32_t word, int j, uint32_t lane)
 // block sum then goes into acc with one FMA (c0, c1: row g; c2, c3: row g + 8).
 template <typename T, int MT>
 __device__ __forceinline__ void tile_lut(float (&acc)[MT][4], const uint2 (&codes)[2], const float (&scale)[2],
-                                         const uint4 (&xs)[MT][2], uint32_t lane) {
+                                         const uint4 (&xs)[MT][2], uint32_t column) {
   float part[MT][4];
 #pragma unroll
   for (int j = 0; j < MT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.0f;
@@ -73,8 +73,8 @@ __device__ __forceinline__ void tile_lut(float (&acc)[MT][4], const uint2 (&code
   for (int s = 0; s < 4; ++s) {  // See Note: pairs and block sums.
     const int j = 2 * (s % 2);  // bytes 2s and 2s + 1 are bytes j and j + 1 of word s / 2
     const uint32_t w0 = s < 2 ? codes[0].x : codes[0].y, w1 = s < 2 ? codes[1].x : codes[1].y;
-    const uint32_t a[4] = {pair_at(w0, j, lane), pair_at(w1, j, lane), pair_at(w0, j + 1, lane),
-                           pair_at(w1, j + 1, lane)};
+    const uint32_t a[4] = {pair_at(w0, j, column), pair_at(w1, j, column), pair_at(w0, j + 1, column),
+                           pair_at(w1, j + 1, column)};
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
       const uint4& v = xs[j][s / 2];
@@ -144,8 +144,8 @@ __global__ void __launch_bounds__(kLutWarps * 32) lut_kernel(NF4View w, int64_t 
   stage_scales<kThreads>(staged, dynamic, w, rows * per_row, [=](int i) {
     return ((row0 + i / per_row) * K + static_cast<int64_t>(kLutTileK) * (i % per_row)) >> shift;
   });
-  const uint32_t column = static_cast<uint32_t>(__cvta_generic_to_shared(s_pairs)) + 4 * lane;  // See pair_at.
   __syncthreads();
+  const uint32_t column = after_barrier(static_cast<uint32_t>(__cvta_generic_to_shared(s_pairs)) + 4 * lane);
 
   float acc[MT][4];
 #pragma unroll

@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(WARPS * 32) staged_kernel(NF4View w, int64_t N
   if (threadIdx.x < 16) s_nf4[threadIdx.x] = g_nf4[threadIdx.x];
   stage_scales<kThreads>(staged, dynamic, w, static_cast<int>(((first + rows * K - 1) >> shift) - b0 + 1),
                          [b0](int i) { return b0 + i; });
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(s_nf4));  // a multiple of 64
   __syncthreads();
+  const uint32_t base = after_barrier(static_cast<uint32_t>(__cvta_generic_to_shared(s_nf4)));  // a multiple of 64
 
   float acc[RT][MT][4];
 #pragma unroll

@@ -65,6 +65,15 @@ struct Mma {
   }
 };
 
+// v, as a value the compiler must take as produced here. The table lookups are asm loads without a
+// memory clobber (so that the compiler keeps their two-instruction addresses and schedules them
+// freely); nothing tells it that they read what the CTA wrote before its barrier, so their base
+// address goes through this volatile asm, placed after the barrier: no lookup can be hoisted above.
+__device__ __forceinline__ uint32_t after_barrier(uint32_t v) {
+  asm volatile("mov.b32 %0, %0;" : "+r"(v));
+  return v;
+}
+
 // The 16 NF4 values in shared memory, 64-byte aligned: the address of entry c is base | 4c, so
 // one LOP3 both masks the code out of the packed word and adds the base, and a lookup is
 // SHF + LOP3 + LDS (plain indexing costs an extra add of the base a weight).
