@@ -6,7 +6,7 @@
 The Triton kernels have benchmarks/sass_triton.py; this is the same count for csrc/nf4_cuda_gemv*.cu,
 compiled with nvcc to a cubin for one target and read back with the cuobjdump Triton ships. For each
 tensor-core kernel (csrc/nf4_cuda.h: kGemvMma "mma", kGemvMmaStaged "mma-staged", kGemvMmaStaged2
-"mma-staged2", kGemvMmaLut "mma-lut") and each n8 tile count MT (M <= 8 MT rows of x) a row: registers a thread, the
+"mma-staged2", kGemvMmaLut "mma-lut", "-rt2" / "-rt4" for its CTAs of 2 / 4 row tiles) and each n8 tile count MT (M <= 8 MT rows of x) a row: registers a thread, the
 instructions of the K loop's body (the longest backward branch), the weights a lane decodes in one
 trip (8 for each mma step of an n8 tile), their ratio, the share of the decode itself (SHF, LOP3, LDS,
 FMUL, F2FP and the mma; for mma-lut PRMT, IMAD, LDS, the mma and the FFMA scaling a block sum), and
@@ -34,7 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "csrc" / f"nf4_cuda_gemv{part}.cu" for part in ("", "_staged", "_lut")]  # mma; the staged ones; mma-lut
 # the decode and the mma: NF4[code] * scale rounded to pairs (mma, staged), or pairs looked up and block
 # sums scaled (mma-lut: PRMT + IMAD a pair's address, LDS, HMMA, FFMA)
-DECODE = {"mma-lut": ("PRMT", "IMAD", "LDS", "HMMA", "FFMA")}
+DECODE = {name: ("PRMT", "IMAD", "LDS", "HMMA", "FFMA") for name in ("mma-lut", "mma-lut-rt2", "mma-lut-rt4")}
 DECODE_SCALED = ("SHF", "LOP3", "LDS", "FMUL", "F2FP", "HMMA", "IMAD.SHL")
 COLUMNS = ["kernel", "MT", "regs", "instructions", "weights_per_lane", "per_weight", "decode", "other", "LDG", "SEL"]
 
@@ -49,8 +49,10 @@ def nvcc() -> str:
 def compile_cubin(source: pathlib.Path, arch: int, directory: pathlib.Path) -> pathlib.Path:
     target = f"{arch}a" if arch >= 90 else str(arch)
     cubin = directory / f"{source.stem}.cubin"
-    subprocess.run([nvcc(), "-std=c++17", "-O3", f"-gencode=arch=compute_{target},code=sm_{target}", "-cubin",
-                    "-I", str(ROOT / "csrc"), "-o", str(cubin), str(source)], check=True, capture_output=True, text=True)
+    done = subprocess.run([nvcc(), "-std=c++17", "-O3", f"-gencode=arch=compute_{target},code=sm_{target}", "-cubin",
+                           "-I", str(ROOT / "csrc"), "-o", str(cubin), str(source)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"sass_csrc: nvcc failed on {source.name}:\n{done.stderr[-4000:]}")
     return cubin
 
 
@@ -80,6 +82,8 @@ def rows(arch: int, dtype: str) -> list[dict]:
         params = [int(v) for v in re.findall(r"Li(\d+)E", m.group(3))]  # MT, U (, RT, WARPS)
         mt, u, rt = params[0], params[1], params[2] if len(params) > 2 else 1
         kernel = {"mma_kernel": "mma", "lut_kernel": "mma-lut"}.get(m.group(1), "mma-staged" if rt == 1 else "mma-staged2")
+        if kernel == "mma-lut" and params[2] > 1:
+            kernel += f"-rt{params[2]}"  # row tiles a CTA (lut_kernel's RTW)
         ops = collections.Counter(op for _, op, _ in longest_loop(code))
         weights = ops["HMMA"] // mt * 8  # an m16n8k16 step takes 8 weights of each lane, for each n8 tile
         total = sum(ops.values())

@@ -40,13 +40,23 @@ namespace {
 // in the loop (rows past N / M read the last valid row), batches of U tiles with the next batch's
 // codes in flight, the warps' sums added in warp order.
 //
-// Note: scales a tile. The prologue stages one scale for each row and tile of the CTA (16 K / 64
+// Note: scales a tile. The prologue stages one scale for each row and tile of the CTA (16 RTW K / 64
 // floats, the number of blocks at blocksize 64, more at larger blocksizes), so that in the loop the
 // scale of a row's next tile is the next float: one LDS with an immediate offset, no index math.
+//
+// Note: row tiles across warps. Every CTA reads all of x (M K values) once for its rows of W, so with
+// 16 rows a CTA the CTAs together read x from L2 N / 16 times: 2M / 8.3 times the bytes of W (0.24 M:
+// 4x W at M = 16; the H200 times of the mma kernel rose ~25 us per 8 rows of x at 4096 x 14336,
+// docs/csrc.md). With RTW row tiles a CTA (one a warp, 8 / RTW warps splitting K), the warps of a K
+// group read the same x (from L1 after the first) and the CTAs read it N / (16 RTW) times. The
+// launcher groups 4 (N >= 8192) or 2 (N >= 4096) row tiles above 4 rows of x, keeping the grid at
+// >= kLutMinCtas CTAs; 1 at up to 4 rows (x is then at most W's bytes) and for small N. The thresholds
+// are a guess, not a measurement.
 constexpr int kLutTileK = 64;  // columns of W a warp covers a tile: 4 lanes x 16
 constexpr int kLutWarps = 8;
 constexpr int kLutScales = 16 * 1024;  // floats of dynamic shared memory at most: K up to 65536
 constexpr int kLutStaticBytes = 256 * 32 * 4 + 256 * 4;  // the pair table and the dynamic map
+constexpr int kLutMinCtas = 128;  // CTAs a grid keeps at least when row tiles are grouped (~1 an SM of an H100 / H200)
 
 __shared__ __align__(128) uint32_t s_pairs[256 * 32];  // entry e, lane l: word 32 e + l
 
@@ -93,21 +103,26 @@ struct PairCodes {
   uint2 v[U][2];
 };
 
-template <typename T, int MT, int U>
+// RTW: row tiles a CTA (16 RTW rows of W), one a warp; its 8 warps are RTW row tiles x 8 / RTW groups
+// splitting K. See Note: row tiles across warps.
+template <typename T, int MT, int U, int RTW>
 __global__ void __launch_bounds__(kLutWarps * 32) lut_kernel(NF4View w, int64_t N, int64_t K, const T* __restrict__ x,
                                                              int M, const T* __restrict__ bias, T* __restrict__ y,
                                                              int shift) {
-  constexpr int kThreads = kLutWarps * 32;
+  constexpr int kThreads = kLutWarps * 32, kGroups = kLutWarps / RTW, kRows = 16 * RTW;
   static_assert(kThreads >= 256, "one thread copies one entry of the dynamic map");
+  static_assert(kLutWarps % RTW == 0, "the row tiles split the warps evenly");
   extern __shared__ float staged[];  // the CTA's block scales; after the loop, the warps' partial sums
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * 16;
-  const int rows = N - row0 < 16 ? static_cast<int>(N - row0) : 16;
-  const int r[2] = {g < rows ? g : rows - 1, g + 8 < rows ? g + 8 : rows - 1};  // clamped: Note: staged scales
+  const int tile_row = 16 * (warp % RTW), group = warp / RTW;  // the warp's first row in the CTA, its K group
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int rows = N - row0 < kRows ? static_cast<int>(N - row0) : kRows;
+  const int r[2] = {tile_row + g < rows ? tile_row + g : rows - 1,  // clamped: Note: staged scales
+                    tile_row + g + 8 < rows ? tile_row + g + 8 : rows - 1};
   const int64_t tiles = K / kLutTileK;  // K % 64 == 0
-  const int64_t per_warp = (tiles + kLutWarps - 1) / kLutWarps;
-  const int64_t tile_begin = warp * per_warp < tiles ? warp * per_warp : tiles;
+  const int64_t per_warp = (tiles + kGroups - 1) / kGroups;
+  const int64_t tile_begin = group * per_warp < tiles ? group * per_warp : tiles;
   const int64_t tile_end = tile_begin + per_warp < tiles ? tile_begin + per_warp : tiles;
 
   // The lane's pointers at tile_begin (a tile is 32 bytes of a row: 4 uint2), and the index of the
@@ -190,23 +205,33 @@ __global__ void __launch_bounds__(kLutWarps * 32) lut_kernel(NF4View w, int64_t 
   }
 
   __syncthreads();  // every warp is done with the staged scales: their memory takes the partial sums
-  reduce_store<T, MT, 1, kLutWarps>(staged, reinterpret_cast<const float(&)[1][MT][4]>(acc), row0, N, M, bias, y);
+  reduce_store<T, MT, 1, kLutWarps, RTW>(staged, reinterpret_cast<const float(&)[1][MT][4]>(acc), row0, N, M, bias, y);
 }
 
-template <typename T, int MT, int U>
+template <typename T, int MT, int U, int RTW>
 bool launch_lut_as(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y,
                    cudaStream_t stream) {
-  const int64_t scales = 16 * (K / kLutTileK), partial = kLutWarps * MT * 4 * 32;  // See Note: scales a tile.
+  const int64_t scales = 16 * RTW * (K / kLutTileK), partial = kLutWarps * MT * 4 * 32;  // See Note: scales a tile.
   const int64_t floats = scales > partial ? scales : partial;
   if (floats > kLutScales) return false;
   const size_t bytes = floats * sizeof(float);
   if (kLutStaticBytes + bytes > 48 * 1024 &&  // more than a CTA gets without opting in
-      cudaFuncSetAttribute(lut_kernel<T, MT, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      cudaFuncSetAttribute(lut_kernel<T, MT, U, RTW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(bytes)) != cudaSuccess)
     return false;
-  lut_kernel<T, MT, U><<<static_cast<unsigned>((N + 15) / 16), kLutWarps * 32, bytes, stream>>>(w, N, K, x, M, bias, y,
-                                                                                             log2_of(w.blocksize));
+  lut_kernel<T, MT, U, RTW><<<static_cast<unsigned>((N + 16 * RTW - 1) / (16 * RTW)), kLutWarps * 32, bytes, stream>>>(
+      w, N, K, x, M, bias, y, log2_of(w.blocksize));
   return true;
+}
+
+// Up to 4 rows of x one row tile a CTA; above, as many (2 or 4) as leave at least kLutMinCtas CTAs,
+// falling back to fewer when the scales do not fit. See Note: row tiles across warps.
+template <typename T, int MT, int U>
+bool launch_lut_rows(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y,
+                     cudaStream_t stream) {
+  if (M > 4 && N >= 64 * kLutMinCtas && launch_lut_as<T, MT, U, 4>(w, N, K, x, M, bias, y, stream)) return true;
+  if (M > 4 && N >= 32 * kLutMinCtas && launch_lut_as<T, MT, U, 2>(w, N, K, x, M, bias, y, stream)) return true;
+  return launch_lut_as<T, MT, U, 1>(w, N, K, x, M, bias, y, stream);
 }
 
 }  // namespace
@@ -214,10 +239,10 @@ bool launch_lut_as(const NF4View& w, int64_t N, int64_t K, const T* x, int M, co
 template <typename T>
 bool launch_lut(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream) {
   if (K % kLutTileK != 0 || w.blocksize < kLutTileK) return false;  // See Note: pairs and block sums.
-  if (M <= 8) return launch_lut_as<T, 1, 4>(w, N, K, x, M, bias, y, stream);
-  if (M <= 16) return launch_lut_as<T, 2, 4>(w, N, K, x, M, bias, y, stream);
-  if (M <= 32) return launch_lut_as<T, 4, 2>(w, N, K, x, M, bias, y, stream);
-  return launch_lut_as<T, 8, 2>(w, N, K, x, M, bias, y, stream);
+  if (M <= 8) return launch_lut_rows<T, 1, 4>(w, N, K, x, M, bias, y, stream);
+  if (M <= 16) return launch_lut_rows<T, 2, 4>(w, N, K, x, M, bias, y, stream);
+  if (M <= 32) return launch_lut_rows<T, 4, 2>(w, N, K, x, M, bias, y, stream);
+  return launch_lut_rows<T, 8, 2>(w, N, K, x, M, bias, y, stream);
 }
 
 template bool launch_lut<__half>(const NF4View&, int64_t, int64_t, const __half*, int, const __half*, __half*,

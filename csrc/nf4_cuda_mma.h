@@ -111,13 +111,16 @@ __device__ __forceinline__ void tile_mma(float (&acc)[MT][4], const uint4 (&code
   }
 }
 
-// The WARPS warps' partial sums of the CTA's 16 RT rows of W, added in warp order (deterministic),
-// plus the bias, to y. partial: WARPS * RT * MT * 4 * 32 floats of shared memory.
+// The warps' partial sums of the CTA's rows of W, added in warp order (deterministic), plus the bias,
+// to y. Each warp holds RT row tiles (16 rows each); with RTW > 1 the CTA has RTW groups of them
+// (warp w holds group w % RTW) and the WARPS / RTW warps of a group (which split K) add up; with
+// RTW = 1 all warps hold the same RT row tiles. partial: WARPS * RT * MT * 4 * 32 floats of shared memory.
 //   D[n][m] of row tile rt and n8 tile j: c0 = (16 rt + g, 2t), c1 = (16 rt + g, 2t+1), c2 / c3 the
 //   same for row 16 rt + g + 8.
-template <typename T, int MT, int RT = 1, int WARPS = kMmaWarps>
+template <typename T, int MT, int RT = 1, int WARPS = kMmaWarps, int RTW = 1>
 __device__ __forceinline__ void reduce_store(float* partial, const float (&acc)[RT][MT][4], int64_t row0, int64_t N,
                                              int M, const T* __restrict__ bias, T* __restrict__ y) {
+  static_assert(WARPS % RTW == 0, "the row-tile groups split the warps evenly");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   constexpr int kSlots = RT * MT * 4 * 32;  // floats a warp leaves
 #pragma unroll
@@ -127,15 +130,16 @@ __device__ __forceinline__ void reduce_store(float* partial, const float (&acc)[
 #pragma unroll
       for (int i = 0; i < 4; ++i) partial[warp * kSlots + ((rt * MT + j) * 4 + i) * 32 + lane] = acc[rt][j][i];
   __syncthreads();
-  for (int slot = threadIdx.x; slot < kSlots; slot += WARPS * 32) {
-    const int rji = slot / 32, l = slot % 32;
+  for (int slot = threadIdx.x; slot < RTW * kSlots; slot += WARPS * 32) {
+    const int group = RTW == 1 ? 0 : slot / kSlots, own = RTW == 1 ? slot : slot % kSlots;
+    const int rji = own / 32, l = own % 32;
     const int rt = rji / (4 * MT), j = rji / 4 % MT, i = rji % 4;
-    const int64_t n = row0 + 16 * rt + l / 4 + (i >= 2 ? 8 : 0);
+    const int64_t n = row0 + 16 * (group * RT + rt) + l / 4 + (i >= 2 ? 8 : 0);
     const int m = 8 * j + 2 * (l % 4) + (i % 2);
     if (n >= N || m >= M) continue;
     float sum = 0.0f;
 #pragma unroll
-    for (int v = 0; v < WARPS; ++v) sum += partial[v * kSlots + slot];
+    for (int v = 0; v < WARPS / RTW; ++v) sum += partial[(v * RTW + group) * kSlots + own];
     if (bias != nullptr) sum += to_float(bias[n]);
     y[m * N + n] = from_float<T>(sum);
   }

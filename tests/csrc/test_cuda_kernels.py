@@ -164,11 +164,15 @@ def lut_runs(shape, blocksize):
 # number of batches and two tiles after them); 13 tiles (2 a warp, no batch, the last warp idle);
 # K % blocksize != 0 (blocks straddle rows); N a single short CTA; K = 65536 (64 KiB of scales, opted
 # in); and what it hands to mma-staged: K % 64 == 32, blocksize 32, K = 65600 (over 64 KiB).
+# Above 4 rows of x the launcher groups row tiles (Note: row tiles across warps): 2 a CTA at N = 4096
+# and 4100 (the last CTA 4 rows), 4 at N = 11008 and 8200 (the last CTA 8 rows: 3 of its 4 row tiles
+# all clamped).
 # (float16 on the first two shapes; the one-hot test below takes it on every lane and tile.)
 @pytest.mark.parametrize("shape, blocksize, dtype", [
     ((4096, 4096), 64, torch.bfloat16), ((4096, 4096), 64, torch.float16), ((11008, 4096), 64, torch.bfloat16),
     ((11008, 4096), 64, torch.float16), ((4096, 11008), 64, torch.bfloat16), ((333, 832), 64, torch.bfloat16),
     ((50, 768), 256, torch.bfloat16), ((17, 4160), 4096, torch.bfloat16), ((5, 65536), 64, torch.bfloat16),
+    ((4100, 640), 64, torch.bfloat16), ((8200, 640), 128, torch.float16),
     ((333, 800), 64, torch.bfloat16), ((40, 96), 32, torch.bfloat16), ((16, 65600), 64, torch.bfloat16)])
 @pytest.mark.parametrize("m", [1, 5, 9, 17, 64])
 def test_cuda_lut_gemv_within_the_bound_of_its_operand(C, shape, blocksize, dtype, m):
@@ -184,6 +188,16 @@ def test_cuda_lut_gemv_within_the_bound_of_its_operand(C, shape, blocksize, dtyp
         assert torch.equal(bits(ours), bits(C.nf4_linear_cuda(x, *fields(q), bias, kernel=STAGED)))
 
 
+def test_cuda_lut_gemv_groups_fewer_row_tiles_when_the_scales_do_not_fit(C):
+    """N = 8192 at 9 rows would take 4 row tiles a CTA, but at K = 20480 their 16 x 4 x 320 scales pass
+    64 KiB: the launcher takes 2 (one of the two paths a weight this wide has)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = nf4.quantize(torch.randn(8192, 20480, device="cuda", generator=g), 64, True)
+    x = torch.randn(9, 20480, device="cuda", generator=g).bfloat16()
+    assert_within_bound(C.nf4_linear_cuda(x, *fields(q), None, kernel=LUT), x, lut_operand(q, torch.bfloat16).T,
+                        extra_roundings=20480 // 64)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_lut_gemv_without_double_quant(C, dtype):
     q = nf4.quantize(torch.randn(1000, 1024, device="cuda"), 64, False)
@@ -196,14 +210,16 @@ def test_cuda_lut_gemv_without_double_quant(C, dtype):
 def test_cuda_lut_gemv_of_one_hot_rows_is_a_column_of_its_operand(C, dtype):
     """x = e_k: every block sum is T(NF4[code]) exactly or 0, so the output is the float32 product
     scale * T(NF4[code]) rounded once to T, bit for bit (the pair table's order, the scale of each row and
-    tile, the lanes' columns)."""
-    q = nf4.quantize(torch.randn(1024, 512, device="cuda"), 64, True)
+    tile, the lanes' columns). 14 rows and N = 4112: two row tiles a CTA, the last CTA 16 rows."""
+    n, k = 4112, 512
+    q = nf4.quantize(torch.randn(n, k, device="cuda"), 64, True)
     scales = nf4.dequantize_scales(q.absmax, q.nested_absmax, q.offset).repeat_interleave(64)
-    codes = nf4.unpack(q.packed, 1024 * 512).long()
-    expected = (nf4.NF4_CODE.to("cuda", dtype).float()[codes] * scales).to(dtype).reshape(1024, 512)
-    ks = torch.arange(0, 512, 37, device="cuda")[:14]
-    x = torch.eye(512, dtype=dtype, device="cuda")[ks]
-    assert torch.equal(bits(C.nf4_linear_cuda(x, *fields(q), None, kernel=LUT)), bits(expected[:, ks].T.contiguous()))
+    codes = nf4.unpack(q.packed, n * k).long()
+    expected = (nf4.NF4_CODE.to("cuda", dtype).float()[codes] * scales).to(dtype).reshape(n, k)
+    for ks in (torch.arange(0, k, 37, device="cuda")[:14], torch.arange(3, k, 129, device="cuda")):  # 14 rows, 4 rows
+        x = torch.eye(k, dtype=dtype, device="cuda")[ks]
+        ours = C.nf4_linear_cuda(x, *fields(q), None, kernel=LUT)
+        assert torch.equal(bits(ours), bits(expected[:, ks].T.contiguous())), len(ks)
 
 
 def test_cuda_gemv_refuses_too_many_rows(C):
