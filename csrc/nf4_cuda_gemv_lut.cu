@@ -97,6 +97,17 @@ __device__ __forceinline__ void tile_lut(float (&acc)[MT][4], const uint2 (&code
     for (int i = 0; i < 4; ++i) acc[j][i] = __fmaf_rn(scale[i / 2], part[j][i], acc[j][i]);
 }
 
+// The lane's 16 columns of x of each n8 tile (two 16-byte loads), `offset` elements past xrow[j].
+template <typename T, int MT>
+__device__ __forceinline__ void load_x16(uint4 (&xs)[MT][2], const T* const (&xrow)[MT], int offset) {
+#pragma unroll
+  for (int j = 0; j < MT; ++j) {
+    const uint4* src = reinterpret_cast<const uint4*>(xrow[j] + offset);
+    xs[j][0] = __ldg(src);
+    xs[j][1] = __ldg(src + 1);
+  }
+}
+
 // The lane's codes for U consecutive tiles: 8 bytes of each of its two rows.
 template <int U>
 struct PairCodes {
@@ -176,10 +187,7 @@ __global__ void __launch_bounds__(kLutWarps * 32) lut_kernel(NF4View w, int64_t 
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       uint4 xs[MT][2];
-#pragma unroll
-      for (int j = 0; j < MT; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) xs[j][h] = __ldg(reinterpret_cast<const uint4*>(xrow[j] + u * kLutTileK) + h);
+      load_x16<T, MT>(xs, xrow, u * kLutTileK);
       const float scale[2] = {staged[scale_at[0] + u], staged[scale_at[1] + u]};
       tile_lut<T, MT>(acc, cur.v[u], scale, xs, column);
     }
@@ -191,10 +199,7 @@ __global__ void __launch_bounds__(kLutWarps * 32) lut_kernel(NF4View w, int64_t 
   }
   for (int64_t tt = tile_begin + static_cast<int64_t>(batches) * U; tt < tile_end; ++tt) {  // the last tiles, one by one
     uint4 xs[MT][2];
-#pragma unroll
-    for (int j = 0; j < MT; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) xs[j][h] = __ldg(reinterpret_cast<const uint4*>(xrow[j]) + h);
+    load_x16<T, MT>(xs, xrow, 0);
     const uint2 c[2] = {__ldg(codes[0]), __ldg(codes[1])};
     const float scale[2] = {staged[scale_at[0]], staged[scale_at[1]]};
     tile_lut<T, MT>(acc, c, scale, xs, column);
