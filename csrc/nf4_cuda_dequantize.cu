@@ -142,10 +142,11 @@ cudaError_t launch(const NF4View& w, T* out, cudaStream_t stream) {
   if (reinterpret_cast<uintptr_t>(w.packed) % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
     // at least one CTA, so that a W of fewer than 8 elements still gets its tail
     const int64_t grid = cdiv(w.numel / kItem, int64_t{kThreads} * kUnroll);
-    stream_kernel<T><<<static_cast<unsigned>(grid > 0 ? grid : 1), kThreads, 0, stream>>>(w, out, log2_of(w.blocksize));
+    LOWRANK_LAUNCH(stream_kernel<T>, static_cast<unsigned>(grid > 0 ? grid : 1), kThreads, 0, stream)(
+        w, out, log2_of(w.blocksize));
   } else {
     const int64_t grid = cdiv(w.numel, kThreads);
-    scalar_kernel<T><<<static_cast<unsigned>(grid < 4096 ? grid : 4096), kThreads, 0, stream>>>(w, out);
+    LOWRANK_LAUNCH(scalar_kernel<T>, static_cast<unsigned>(grid < 4096 ? grid : 4096), kThreads, 0, stream)(w, out);
   }
   return cudaGetLastError();
 }

@@ -8,6 +8,16 @@
 
 #include "nf4_common.h"
 
+// Note: the CPU emulator. tests/csrc/emulator compiles the .cu files with a host compiler,
+// -DLOWRANK_CUDA_EMULATOR and its cuda_emulator.h force-included, and runs every CUDA thread as a
+// fiber on the CPU (warps in lockstep at mma.sync and shuffles, CTAs at barriers). The few
+// places that are not plain C++ to a host compiler go through these macros (kernel launches,
+// dynamic shared memory) or an #ifdef beside their inline PTX (nf4_cuda_mma.h, nf4_cuda_gemv_lut.cu).
+#ifndef LOWRANK_CUDA_EMULATOR
+#define LOWRANK_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define LOWRANK_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace lowrank {
 namespace {
 

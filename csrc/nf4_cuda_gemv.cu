@@ -227,8 +227,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) mma_kernel(NF4View w, int64_t 
 
 template <typename T, int MT>
 void launch_mma(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream) {
-  mma_kernel<T, MT, 2><<<static_cast<unsigned>((N + 15) / 16), kMmaWarps * 32, 0, stream>>>(w, N, K, x, M, bias, y,
-                                                                                           log2_of(w.blocksize));
+  const auto kernel = mma_kernel<T, MT, 2>;
+  LOWRANK_LAUNCH(kernel, static_cast<unsigned>((N + 15) / 16), kMmaWarps * 32, 0, stream)(w, N, K, x, M, bias, y,
+                                                                                        log2_of(w.blocksize));
 }
 
 template <typename T>
@@ -237,11 +238,9 @@ cudaError_t launch_simt(const NF4View& w, int64_t N, int64_t K, const T* x, int 
   if (M > kCudaSimtMaxRows) return cudaErrorInvalidValue;
   const int shift = log2_of(w.blocksize);
   const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps)), block(kWarps * 32);
-  if (M == 1) simt_kernel<T, 1><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
-  else if (M == 2) simt_kernel<T, 2><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
-  else if (M <= 4) simt_kernel<T, 4><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
-  else if (M <= 8) simt_kernel<T, 8><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
-  else simt_kernel<T, 16><<<grid, block, 0, stream>>>(w, N, K, x, M, bias, y, shift);
+  const auto kernel = M == 1 ? simt_kernel<T, 1> : M == 2 ? simt_kernel<T, 2> : M <= 4 ? simt_kernel<T, 4>
+                    : M <= 8 ? simt_kernel<T, 8> : simt_kernel<T, 16>;
+  LOWRANK_LAUNCH(kernel, grid, block, 0, stream)(w, N, K, x, M, bias, y, shift);
   return cudaGetLastError();
 }
 

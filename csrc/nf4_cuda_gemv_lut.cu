@@ -64,10 +64,7 @@ __shared__ __align__(128) uint32_t s_pairs[256 * 32];  // entry e, lane l: word 
 // address of the lane's entry 0 (the table's address + 4 x lane; from after_barrier). PRMT takes
 // the byte out, one IMAD adds 128 x byte: 2 integer instructions and an LDS a pair.
 __device__ __forceinline__ uint32_t pair_at(uint32_t word, int j, uint32_t column) {
-  const uint32_t address = column + (__byte_perm(word, 0, 0x4440 + j) << 7);
-  uint32_t v;
-  asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address));
-  return v;
+  return lds32(column + (__byte_perm(word, 0, 0x4440 + j) << 7));
 }
 
 // One tile: the lane's 8 bytes of its two rows, its 16 columns of x for each n8 tile (xs[j]: words
@@ -123,7 +120,7 @@ __global__ void __launch_bounds__(kLutWarps * 32) lut_kernel(NF4View w, int64_t 
   constexpr int kThreads = kLutWarps * 32, kGroups = kLutWarps / RTW, kRows = 16 * RTW;
   static_assert(kThreads >= 256, "one thread copies one entry of the dynamic map");
   static_assert(kLutWarps % RTW == 0, "the row tiles split the warps evenly");
-  extern __shared__ float staged[];  // the CTA's block scales; after the loop, the warps' partial sums
+  LOWRANK_DYNAMIC_SHARED(float, staged);  // the CTA's scales; after the loop, the warps' partial sums
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int tile_row = 16 * (warp % RTW), group = warp / RTW;  // the warp's first row in the CTA, its K group
@@ -220,11 +217,11 @@ bool launch_lut_as(const NF4View& w, int64_t N, int64_t K, const T* x, int M, co
   const int64_t floats = scales > partial ? scales : partial;
   if (floats > kLutScales) return false;
   const size_t bytes = floats * sizeof(float);
+  const auto kernel = lut_kernel<T, MT, U, RTW>;
   if (kLutStaticBytes + bytes > 48 * 1024 &&  // more than a CTA gets without opting in
-      cudaFuncSetAttribute(lut_kernel<T, MT, U, RTW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(bytes)) != cudaSuccess)
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) != cudaSuccess)
     return false;
-  lut_kernel<T, MT, U, RTW><<<static_cast<unsigned>((N + 16 * RTW - 1) / (16 * RTW)), kLutWarps * 32, bytes, stream>>>(
+  LOWRANK_LAUNCH(kernel, static_cast<unsigned>((N + 16 * RTW - 1) / (16 * RTW)), kLutWarps * 32, bytes, stream)(
       w, N, K, x, M, bias, y, log2_of(w.blocksize));
   return true;
 }

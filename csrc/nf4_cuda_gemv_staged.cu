@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(WARPS * 32) staged_kernel(NF4View w, int64_t N
   static_assert(kNestedBlocksize == 256, "the prologue shifts by 8");
   static_assert(WARPS * 32 >= 256, "one thread copies one entry of the dynamic map");
   constexpr int kThreads = WARPS * 32, kRows = 16 * RT;
-  extern __shared__ float staged[];  // the CTA's block scales; after the loop, the warps' partial sums
+  LOWRANK_DYNAMIC_SHARED(float, staged);  // the CTA's block scales; after the loop, the warps' partial sums
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -171,8 +171,9 @@ bool launch_staged_as(const NF4View& w, int64_t N, int64_t K, const T* x, int M,
   const int shift = log2_of(w.blocksize);
   const int floats = staged_floats(K, shift, MT, RT, WARPS, kStagedScales);
   if (floats == 0) return false;
-  staged_kernel<T, MT, U, RT, WARPS><<<static_cast<unsigned>((N + 16 * RT - 1) / (16 * RT)), WARPS * 32,
-                                       floats * sizeof(float), stream>>>(w, N, K, x, M, bias, y, shift);
+  const auto kernel = staged_kernel<T, MT, U, RT, WARPS>;
+  LOWRANK_LAUNCH(kernel, static_cast<unsigned>((N + 16 * RT - 1) / (16 * RT)), WARPS * 32, floats * sizeof(float),
+                 stream)(w, N, K, x, M, bias, y, shift);
   return true;
 }
 

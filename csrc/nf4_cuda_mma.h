@@ -52,6 +52,9 @@ struct Mma {
   }
 
   static __device__ __forceinline__ void step(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef LOWRANK_CUDA_EMULATOR
+    emu::mma_m16n8k16<kBf16>(d, a, b0, b1);
+#else
     if constexpr (kBf16)
       asm volatile(
           "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -62,6 +65,7 @@ struct Mma {
           "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
           : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
           : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -70,7 +74,9 @@ struct Mma {
 // freely); nothing tells it that they read what the CTA wrote before its barrier, so their base
 // address goes through this volatile asm, placed after the barrier: no lookup can be hoisted above.
 __device__ __forceinline__ uint32_t after_barrier(uint32_t v) {
+#ifndef LOWRANK_CUDA_EMULATOR
   asm volatile("mov.b32 %0, %0;" : "+r"(v));
+#endif
   return v;
 }
 
@@ -79,12 +85,20 @@ __device__ __forceinline__ uint32_t after_barrier(uint32_t v) {
 // SHF + LOP3 + LDS (plain indexing costs an extra add of the base a weight).
 __shared__ __align__(64) float s_nf4[16];
 
+// The 32 bits at a shared-memory address: the table lookups' load (an asm load: See after_barrier).
+__device__ __forceinline__ uint32_t lds32(uint32_t address) {
+#ifdef LOWRANK_CUDA_EMULATOR
+  return emu::lds32(address);
+#else
+  uint32_t v;
+  asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address));
+  return v;
+#endif
+}
+
 // NF4[code] for the nibble at bits [shift, shift + 4) of word ((word >> (shift - 2)) & 0x3C is 4 x code).
 __device__ __forceinline__ float nf4_at(uint32_t word, int shift, uint32_t base) {
-  const uint32_t address = ((shift >= 2 ? word >> (shift - 2) : word << 2) & 0x3C) | base;
-  float v;
-  asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(address));
-  return v;
+  return __uint_as_float(lds32(((shift >= 2 ? word >> (shift - 2) : word << 2) & 0x3C) | base));
 }
 
 // The two weights of byte j of a lane's 16 bytes, times the block's scale, as one packed pair.

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lowrank import nf4
+from tests.csrc.operands import lut_operand
 from tests.ops.bounds import assert_matmul_close, assert_within_bound
 
 pytestmark = pytest.mark.gpu
@@ -143,15 +144,6 @@ def test_cuda_gemv_refuses_what_it_cannot_do(C):
     for kernel in (MMA, STAGED, STAGED2, LUT):
         with pytest.raises(RuntimeError, match="mma kernels take float16 or bfloat16"):
             C.nf4_linear_cuda(torch.randn(1, 256, device="cuda"), *fields(q), None, kernel=kernel)
-
-
-def lut_operand(q, dtype):
-    """(N, K) float64: the operand mma-lut multiplies, T(NF4[code]) * scale, exact in float64."""
-    n, k = q.shape
-    codes = nf4.unpack(q.packed, n * k).long()
-    scales = q.absmax if q.nested_absmax is None else nf4.dequantize_scales(q.absmax, q.nested_absmax, q.offset)
-    per_weight = scales.double().repeat_interleave(q.blocksize)[: n * k]
-    return (nf4.NF4_CODE.to(q.packed.device, dtype).double()[codes] * per_weight).reshape(n, k)
 
 
 def lut_runs(shape, blocksize):
