@@ -116,6 +116,12 @@ void run_warp(Fiber* lanes) {
 
 }  // namespace
 
+void misaligned(const char* what, const void* p, size_t alignment) {
+  std::fprintf(stderr, "cuda emulator: %s at %p, not %zu-byte aligned (block %u, thread %u)\n", what, p, alignment,
+               g_block_idx.x, g_current ? g_current->tid.x : 0u);
+  std::abort();
+}
+
 const Index& thread_idx() { return g_current->tid; }
 
 void syncthreads() { wait(State::kBlock); }

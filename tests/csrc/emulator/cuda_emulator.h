@@ -51,6 +51,8 @@ extern Index g_block_idx, g_block_dim, g_grid_dim;
 extern unsigned char g_anchor[];  // shared-memory addresses are offsets from here (see cvta)
 const Index& thread_idx();
 
+[[noreturn]] void misaligned(const char* what, const void* p, size_t alignment);
+
 // One CTA's meeting points (cuda_emulator.cpp).
 void syncthreads();
 void mma(const uint32_t (&a)[4], uint32_t b0, uint32_t b1, float (&d)[4], bool bf16);
@@ -75,6 +77,7 @@ inline const unsigned char* shared_pointer(uint32_t address) {
   return g_anchor + static_cast<int32_t>(address);
 }
 inline uint32_t lds32(uint32_t address) {
+  if (address % 4 != 0) misaligned("ld.shared.u32", shared_pointer(address), 4);
   uint32_t v;
   std::memcpy(&v, shared_pointer(address), 4);
   return v;
@@ -114,8 +117,10 @@ inline cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) {  // any si
   return cudaSuccess;
 }
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return emu::shfl_xor(v, mask); }
+// Loads fault on a GPU when misaligned (a uint4 needs 16 bytes, a uint2 8): so they abort here.
 template <typename T>
 inline T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::misaligned("__ldg", p, alignof(T));
   return *p;
 }
 inline uint32_t __cvta_generic_to_shared(const void* p) { return emu::shared_address(p); }
