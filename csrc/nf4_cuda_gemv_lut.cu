@@ -1,8 +1,9 @@
 // y[M, N] = x[M, K] @ W[N, K]^T + bias[N] on tensor cores, kGemvMmaLut (M <= 64): the GEMV that
 // decodes two weights with one table lookup and scales each block's sum once, instead of each
 // weight. See nf4_cuda_gemv.cu for what the GEMVs compute, nf4_cuda_mma.h for the pieces shared
-// with the others, and Note: pairs and block sums, below. Written without a GPU at hand: not the
-// default until a GPU run has timed it (benchmarks/gpu_check.sh).
+// with the others, and Note: pairs and block sums, below. Written without a GPU at hand and run
+// only on the CPU emulator (tests/csrc/test_cuda_emulated.py): not the default until a GPU run has
+// timed it (benchmarks/gpu_check.sh).
 #include "nf4_cuda_mma.h"
 
 namespace lowrank {

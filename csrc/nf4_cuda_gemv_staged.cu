@@ -1,8 +1,9 @@
 // y[M, N] = x[M, K] @ W[N, K]^T + bias[N] on tensor cores, the staged variants: kGemvMmaStaged
 // (M <= 64) and kGemvMmaStaged2 (M <= 16). See nf4_cuda_gemv.cu for what the GEMVs compute and
 // nf4_cuda_mma.h for the pieces they share with kGemvMma; Note: staged scales, below, for what
-// these do differently. Written without a GPU at hand: not the default until a GPU run has timed
-// them against kGemvMma (benchmarks/gpu_check.sh).
+// these do differently. Written without a GPU at hand and run only on the CPU emulator
+// (tests/csrc/test_cuda_emulated.py): not the default until a GPU run has timed them against
+// kGemvMma (benchmarks/gpu_check.sh).
 #include "nf4_cuda_mma.h"
 
 namespace lowrank {
