@@ -19,7 +19,7 @@ namespace {
 //   - a byte of codes (two weights of a row, the high nibble the smaller column) is one lookup in a
 //     table of 256 packed pairs (T(NF4[hi]), T(NF4[lo])): exactly the 32-bit A-operand register of
 //     the mma. The table has one copy a lane (entry e of lane l at word 32 e + l), so the 32 lanes
-//     of a lookup always hit 32 different banks; 32 KiB of shared memory. A pair is PRMT + LEA +
+//     of a lookup always hit 32 different banks; 32 KiB of shared memory. A pair is PRMT + IMAD +
 //     LDS: 1.5 instructions a weight, no FMUL, no F2FP.
 //   - every mma step's 16 columns must lie in one block of each of its rows, so that the step's sum
 //     can take one scale. A tile is 64 columns (4 lanes x 16, one 8-byte load of codes a row), and
@@ -33,8 +33,8 @@ namespace {
 // The operand is not the reference's: the reference multiplies W by T(NF4[c] * scale) (one rounding
 // of the product), this kernel by T(NF4[c]) * scale (the value rounded, the product exact). Both
 // are within 2^-8 (bfloat16) or 2^-11 (float16) of NF4[c] * scale relative to it, so the results
-// differ by about the reference's own rounding of W; tests/csrc/test_cuda_kernels.py checks this
-// kernel against the float64 product of its own operand with the a-priori bound of
+// differ by about the reference's own rounding of W; tests/csrc/test_cuda_kernels.py (GPU) and
+// test_cuda_emulated.py (CPU emulator) check this kernel against the float64 product of its own operand with the a-priori bound of
 // tests/ops/bounds.py. (bitsandbytes' gemv_4bit also multiplies NF4 values held in T,
 // `__shared__ T quant_map[16]` in its kgemm_4bit_inference_naive.)
 // Everything else is the staged kernels': scales staged in shared memory by a prologue, no predicate
