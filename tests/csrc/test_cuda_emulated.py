@@ -153,6 +153,19 @@ def test_emulated_lut_gemv_within_the_bound_of_its_operand(emulator, shape, bloc
                         extra_roundings=shape[1] // 64)
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_emulated_gemv_at_a_llama_shape(emulator, m):
+    """4096 x 4096 (Llama's attention projections): mma-lut (2 row tiles a CTA at 16 rows, one trip of
+    two batches a warp) and mma-staged2, as the decode path would call them."""
+    g = torch.Generator().manual_seed(10 + m)
+    q = nf4.quantize(torch.randn(4096, 4096, generator=g), 64, True)
+    x, bias = torch.randn(m, 4096, generator=g).bfloat16(), torch.randn(4096, generator=g).bfloat16()
+    assert_within_bound(gemv(emulator, q, x, bias, LUT), x, lut_operand(q, torch.bfloat16).T, bias,
+                        extra_roundings=4096 // 64)
+    w = nf4.dequantize(q, torch.bfloat16)
+    assert_matmul_close(gemv(emulator, q, x, bias, STAGED2), exact(x, w, bias), x, w.T, bias)
+
+
 @pytest.mark.parametrize("n, ks", [(600, [3, 200, 511, 64, 65]), (4112, list(range(0, 512, 37))[:14])])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_emulated_lut_gemv_of_one_hot_rows_is_a_column_of_its_operand(emulator, n, ks, dtype):
