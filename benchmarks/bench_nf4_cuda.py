@@ -2,6 +2,7 @@
 
     python benchmarks/bench_nf4_cuda.py            # Llama-2-7B and Llama-3-8B shapes, M in {1, 4, 16, 64}, bf16
     python benchmarks/bench_nf4_cuda.py --quick    # one shape
+    LOWRANK_CUDA_GEMV=mma-lut python benchmarks/bench_nf4_cuda.py --back-to-back   # the op, decoding, on mma-lut
 
 Providers, each only where it runs: every CUDA kernel of lowrank._C called directly (dequantize:
 csrc; linear: csrc-mma, csrc-mma-staged, csrc-mma-lut, csrc-simt and csrc-mma-staged2 up to 16 rows), bitsandbytes
@@ -98,6 +99,8 @@ def back_to_back(device, n=4096, k=4096, calls=2000) -> list[dict]:
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--back-to-back", action="store_true",
+                        help="only the op called back to back (decoding; with LOWRANK_CUDA_GEMV, another GEMV's)")
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "nf4_cuda.json")
     args = parser.parse_args(argv)
     try:
@@ -126,7 +129,7 @@ def main(argv):
         rows.append(dict(op=op, N=n, K=k, M=m, provider=name, ms=t[0], p20=t[1], p80=t[2], gbps=moved / t[0] / 1e6,
                          speedup=base / t[0] if base else 1.0))
 
-    for n, k in SHAPES[:1] if args.quick else SHAPES:
+    for n, k in [] if args.back_to_back else SHAPES[:1] if args.quick else SHAPES:
         first = len(rows)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
         q = nf4.quantize(w, 64, True)
@@ -154,7 +157,7 @@ def main(argv):
                 measure("linear", n, k, m, "bitsandbytes gemv_4bit", lambda: bnbf.gemv_4bit(x, bq.t(), state=state), moved, base)
         print(_common.markdown(rows[first:], COLUMNS), flush=True)
         _common.write(args.out, rows, _common.environment(device), _common.markdown(rows, COLUMNS))  # a timeout keeps these
-    if not args.quick:
+    if not args.quick or args.back_to_back:
         rows += back_to_back(device)
     env = _common.environment(device)
     table = _common.markdown(rows, COLUMNS)

@@ -13,7 +13,8 @@
 # and leaves at most 8 files under $OUT (the device tool's limit):
 #   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json qlora_compiled.json nf4_linear.json
 #   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back;
-#   PYOPS=1 adds the eager 7B step with LOWRANK_PYTHON_OPS=1, its table in bench.log)
+#   PYOPS=1 adds the eager 7B step with LOWRANK_PYTHON_OPS=1, its table in bench.log; LUT=1 the op tests and
+#   the op's back-to-back decode timing with mma-lut as the ops' GEMV, LOWRANK_CUDA_GEMV=mma-lut)
 # Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 85 + 20
 # + 80 + 135 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
 # PART=2: about 11.8 minutes in all, over the device tool's 10 minutes a call. The steps are in
@@ -88,6 +89,12 @@ fi
 if [ "${PYOPS:-0}" = 1 ]; then  # the eager 7B step with the ops' Python kernels: the A/B of csrc/dispatch.h (no JSON kept)
   step 80 "$OUT/bench.log" "bench_qlora --llama7b, LOWRANK_PYTHON_OPS=1" env LOWRANK_PYTHON_OPS=1 python3 \
     benchmarks/bench_qlora.py --llama7b --reps 4 --out /tmp/qlora_python_ops.json
+fi
+if [ "${LUT:-0}" = 1 ]; then  # mma-lut as the ops' GEMV (csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV): before flipping it
+  step 90 "$OUT/tests.log" "csrc op gpu tests, LOWRANK_CUDA_GEMV=mma-lut" env LOWRANK_CUDA_GEMV=mma-lut $PYTEST \
+    tests/csrc/test_cuda_kernels.py -k "op_"
+  step 40 "$OUT/bench.log" "bench_nf4_cuda --back-to-back, LOWRANK_CUDA_GEMV=mma-lut" env LOWRANK_CUDA_GEMV=mma-lut \
+    python3 benchmarks/bench_nf4_cuda.py --back-to-back --out /tmp/nf4_cuda_lut.json
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -23,7 +23,7 @@ cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, cuda
 
 // nf4_gemv_cuda kernels (nf4_cuda_gemv.cu; the staged ones in nf4_cuda_gemv_staged.cu, the table one in
 // nf4_cuda_gemv_lut.cu)
-constexpr int kGemvAuto = 0;  // kGemvMma for float16 / bfloat16, kGemvSimt for float32
+constexpr int kGemvAuto = 0;  // kGemvMma for float16 / bfloat16 (or LOWRANK_CUDA_GEMV's), kGemvSimt for float32
 constexpr int kGemvMma = 1;   // tensor cores (mma.sync m16n8k16), float16 / bfloat16, M <= kCudaMmaMaxRows
 constexpr int kGemvSimt = 2;  // one warp a row on the CUDA cores, any type, M <= kCudaSimtMaxRows
 constexpr int kGemvMmaStaged = 3;  // kGemvMma with its block scales staged in shared memory first, same limits

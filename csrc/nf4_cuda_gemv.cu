@@ -31,6 +31,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "nf4_cuda.h"
@@ -244,6 +246,26 @@ cudaError_t launch_simt(const NF4View& w, int64_t N, int64_t K, const T* x, int 
   return cudaGetLastError();
 }
 
+// Note: LOWRANK_CUDA_GEMV. The kernel kGemvAuto runs for float16 / bfloat16: kGemvMma, unless the
+// environment variable names another (mma, mma-staged, mma-staged2, mma-lut), read once a process.
+// So a GPU run can put a kernel that has not been timed yet under every op, test and benchmark
+// before it becomes the default. lowrank/ops/csrc.py checks the name when lowrank is imported; a
+// name not in the list here makes every auto call fail rather than run a kernel nobody asked for.
+int auto_half_kernel() {
+  static const int kernel = [] {
+    const char* name = std::getenv("LOWRANK_CUDA_GEMV");
+    if (name == nullptr || name[0] == '\0') return kGemvMma;
+    const struct {
+      const char* name;
+      int id;
+    } known[] = {{"mma", kGemvMma}, {"mma-staged", kGemvMmaStaged}, {"mma-staged2", kGemvMmaStaged2}, {"mma-lut", kGemvMmaLut}};
+    for (const auto& k : known)
+      if (std::strcmp(name, k.name) == 0) return k.id;
+    return -1;
+  }();
+  return kernel;
+}
+
 template <typename T>
 cudaError_t launch(const NF4View& w, int64_t N, int64_t K, const T* x, int64_t M, const T* bias, T* y, int kernel,
                    cudaStream_t stream) {
@@ -253,7 +275,11 @@ cudaError_t launch(const NF4View& w, int64_t N, int64_t K, const T* x, int64_t M
   if (N == 0) return cudaSuccess;
   const int m = static_cast<int>(M);
   constexpr bool has_mma = !std::is_same<T, float>::value;
-  if (kernel == kGemvAuto) kernel = has_mma ? kGemvMma : kGemvSimt;
+  if (kernel == kGemvAuto) {  // See Note: LOWRANK_CUDA_GEMV.
+    kernel = has_mma ? auto_half_kernel() : kGemvSimt;
+    if (kernel < 0) return cudaErrorInvalidValue;
+    if (kernel == kGemvMmaStaged2 && m > kCudaStaged2MaxRows) kernel = kGemvMmaStaged;
+  }
   if (kernel == kGemvSimt) return launch_simt(w, N, K, x, m, bias, y, stream);
   if constexpr (has_mma) {
     if (kernel == kGemvMma || kernel == kGemvMmaStaged || kernel == kGemvMmaStaged2 || kernel == kGemvMmaLut) {

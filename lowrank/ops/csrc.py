@@ -14,6 +14,9 @@ registers nothing, and every op runs on the Triton / reference backends.
 
 LOWRANK_CPU_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set of the CPU kernels (tests,
 benchmarks); by default they use the widest one this CPU has.
+LOWRANK_CUDA_GEMV=mma|mma-staged|mma-staged2|mma-lut picks the tensor-core GEMV that float16 /
+bfloat16 calls run on CUDA (default mma; csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV), read once
+a process by lowrank._C and checked here on import.
 """
 
 from __future__ import annotations
@@ -36,6 +39,20 @@ else:
         from .. import _C
     except (ImportError, OSError) as e:  # not built, or built for another torch: the other backends cover every op
         log.info("lowrank: lowrank._C is not built (%s); the csrc backend is off", e)
+
+CUDA_GEMV_KERNELS = ("mma", "mma-staged", "mma-staged2", "mma-lut")  # csrc/nf4_cuda_gemv.cu auto_half_kernel
+
+
+def cuda_gemv_kernel(environ=os.environ) -> str:
+    """The CUDA GEMV LOWRANK_CUDA_GEMV names (default "mma"); a ValueError for any other name, which
+    lowrank._C would refuse at every call."""
+    name = environ.get("LOWRANK_CUDA_GEMV", "")
+    if name and name not in CUDA_GEMV_KERNELS:
+        raise ValueError(f"LOWRANK_CUDA_GEMV must be one of {CUDA_GEMV_KERNELS} or unset, got {name!r}")
+    return name or "mma"
+
+
+cuda_gemv_kernel()  # a bad name fails here, on import, not at the first GEMV on a GPU
 
 GEMV_MAX_ROWS = 16  # csrc/nf4_cpu.h kGemvMaxRows
 # Up to how many rows the CUDA GEMV runs (the kernels take up to 64 rows of float16 / bfloat16

@@ -62,8 +62,9 @@ def raw(t: torch.Tensor) -> bytes:
     return t.contiguous().view({torch.float32: torch.int32}.get(t.dtype, torch.int16)).numpy().tobytes()
 
 
-def run(exe, q, dtype, x=None, bias=None, kernel=0):
-    """(exit status, result): nf4_gemv_cuda(x, q, bias, kernel) when x is given, else nf4_dequantize_cuda."""
+def run(exe, q, dtype, x=None, bias=None, kernel=0, env=None):
+    """(exit status, result): nf4_gemv_cuda(x, q, bias, kernel) when x is given, else nf4_dequantize_cuda;
+    env: environment variables to set for the call."""
     n, k = q.shape
     nested = q.nested_absmax is not None
     header = [0 if x is None else 1, TYPES[dtype], n, k, 0 if x is None else x.shape[0], q.blocksize, int(nested),
@@ -75,7 +76,7 @@ def run(exe, q, dtype, x=None, bias=None, kernel=0):
     folder = exe.parent
     (folder / "in.bin").write_bytes(b"".join(parts))
     done = subprocess.run([str(exe), str(folder / "in.bin"), str(folder / "out.bin")], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=None if env is None else {**os.environ, **env})
     if done.returncode != 0:
         assert done.returncode == INVALID, done.stderr[-2000:]  # an abort (the emulator's checks) is a failure
         return done.returncode, None
@@ -182,6 +183,21 @@ def test_emulated_lut_gemv_hands_what_it_cannot_do_to_the_staged_kernel(emulator
     q = nf4.quantize(torch.randn(shape, generator=torch.Generator().manual_seed(7)), blocksize, True)
     x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(8)).bfloat16()
     assert torch.equal(bits(gemv(emulator, q, x, None, LUT)), bits(gemv(emulator, q, x, None, STAGED)))
+
+
+@pytest.mark.parametrize("name, kernel", [("mma", MMA), ("mma-staged", STAGED), ("mma-staged2", STAGED2),
+                                          ("mma-lut", LUT)])
+def test_emulated_auto_gemv_runs_the_kernel_lowrank_cuda_gemv_names(emulator, name, kernel):
+    """csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV: kernel 0 (auto, what the ops call) runs the named
+    kernel, bit for bit; mma-staged2 hands more than 16 rows to mma-staged."""
+    q = nf4.quantize(torch.randn(300, 640, generator=torch.Generator().manual_seed(11)), 64, True)
+    for m in (3, 20):
+        x = torch.randn(m, 640, generator=torch.Generator().manual_seed(m)).bfloat16()
+        status, auto = run(emulator, q, torch.bfloat16, x, None, 0, env={"LOWRANK_CUDA_GEMV": name})
+        named = STAGED if kernel == STAGED2 and m > 16 else kernel
+        assert status == 0 and torch.equal(bits(auto), bits(gemv(emulator, q, x, None, named))), (name, m)
+    status, _ = run(emulator, q, torch.bfloat16, x, None, 0, env={"LOWRANK_CUDA_GEMV": "lut"})
+    assert status == INVALID  # a name it does not know: every auto call fails
 
 
 def test_emulated_gemv_refuses_what_it_cannot_do(emulator):

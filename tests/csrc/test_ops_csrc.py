@@ -162,3 +162,14 @@ print(backends.available("nf4_linear"))
     assert out.stderr.count("lowrank._C not loaded") == 1
     assert "nf4_linear on cpu runs the reference backend" in out.stderr
 
+
+
+def test_the_cuda_gemv_name_is_checked_on_import():
+    """LOWRANK_CUDA_GEMV (csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV) names one of the tensor-core
+    GEMVs; any other name fails when lowrank is imported, with the name and the choices."""
+    assert csrc.cuda_gemv_kernel({}) == "mma" and csrc.cuda_gemv_kernel({"LOWRANK_CUDA_GEMV": "mma-lut"}) == "mma-lut"
+    with pytest.raises(ValueError, match=r"LOWRANK_CUDA_GEMV must be one of \('mma', .*'mma-lut'\) or unset, got 'lut'"):
+        csrc.cuda_gemv_kernel({"LOWRANK_CUDA_GEMV": "lut"})
+    env = {**os.environ, "LOWRANK_CUDA_GEMV": "lut"}
+    out = subprocess.run([sys.executable, "-c", "import lowrank"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "LOWRANK_CUDA_GEMV must be one of" in out.stderr
