@@ -154,6 +154,18 @@ def test_emulated_lut_gemv_within_the_bound_of_its_operand(emulator, shape, bloc
                         extra_roundings=shape[1] // 64)
 
 
+@pytest.mark.parametrize("m, dtype", [(1, torch.bfloat16), (16, torch.bfloat16), (9, torch.float16), (64, torch.bfloat16)])
+def test_emulated_lut_gemv_within_the_bound_the_op_tests_use(emulator, m, dtype):
+    """Against the reference's operand too (tests/ops/bounds.py's slack |ref - y64| + 2 E + 2 u (|y64| + E)):
+    the operands differ by at most 2 u |W| elementwise (one rounding each way from NF4[c] * scale), which
+    that slack covers, so mma-lut could become the ops' GEMV without loosening the op tests."""
+    g = torch.Generator().manual_seed(20 + m)
+    q = nf4.quantize(torch.randn(512, 2048, generator=g), 64, True)
+    x, bias = torch.randn(m, 2048, generator=g).to(dtype), torch.randn(512, generator=g).to(dtype)
+    w = nf4.dequantize(q, dtype)
+    assert_matmul_close(gemv(emulator, q, x, bias, LUT), exact(x, w, bias), x, w.T, bias)
+
+
 @pytest.mark.parametrize("m", [1, 16])
 def test_emulated_gemv_at_a_llama_shape(emulator, m):
     """4096 x 4096 (Llama's attention projections): mma-lut (2 row tiles a CTA at 16 rows, one trip of
