@@ -34,7 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "csrc" / f"nf4_cuda_gemv{part}.cu" for part in ("", "_staged", "_lut")]  # mma; the staged ones; mma-lut
 # the decode and the mma: NF4[code] * scale rounded to pairs (mma, staged), or pairs looked up and block
 # sums scaled (mma-lut: PRMT + IMAD a pair's address, LDS, HMMA, FFMA)
-DECODE = {name: ("PRMT", "IMAD", "LDS", "HMMA", "FFMA") for name in ("mma-lut", "mma-lut-rt2", "mma-lut-rt4")}
+DECODE_PAIRS = ("PRMT", "IMAD", "LDS", "HMMA", "FFMA")  # mma-lut and its -rt variants
 DECODE_SCALED = ("SHF", "LOP3", "LDS", "FMUL", "F2FP", "HMMA", "IMAD.SHL")
 COLUMNS = ["kernel", "MT", "regs", "instructions", "weights_per_lane", "per_weight", "decode", "other", "LDG", "SEL"]
 
@@ -87,7 +87,8 @@ def rows(arch: int, dtype: str) -> list[dict]:
         ops = collections.Counter(op for _, op, _ in longest_loop(code))
         weights = ops["HMMA"] // mt * 8  # an m16n8k16 step takes 8 weights of each lane, for each n8 tile
         total = sum(ops.values())
-        decode = sum(n for op, n in ops.items() if op in DECODE.get(kernel, DECODE_SCALED))
+        decode_ops = DECODE_PAIRS if kernel.startswith("mma-lut") else DECODE_SCALED
+        decode = sum(n for op, n in ops.items() if op in decode_ops)
         out.append({"kernel": kernel, "MT": mt, "regs": regs, "instructions": total, "weights_per_lane": weights,
                     "per_weight": total / weights, "decode": decode / weights, "other": (total - decode) / weights,
                     "LDG": ops["LDG"], "SEL": ops["SEL"]})

@@ -56,10 +56,10 @@ namespace {
 constexpr int kLutTileK = 64;  // columns of W a warp covers a tile: 4 lanes x 16
 constexpr int kLutWarps = 8;
 constexpr int kLutScales = 16 * 1024;  // floats of dynamic shared memory at most: K up to 65536
-constexpr int kLutStaticBytes = 256 * 32 * 4 + 256 * 4;  // the pair table and the dynamic map
 constexpr int kLutMinCtas = 128;  // CTAs a grid keeps at least when row tiles are grouped (~1 an SM of an H100 / H200)
 
 __shared__ __align__(128) uint32_t s_pairs[256 * 32];  // entry e, lane l: word 32 e + l
+constexpr size_t kLutStaticBytes = sizeof(s_pairs) + 256 * sizeof(float);  // the pair table and lut_kernel's dynamic map
 
 // The pair of byte j (0..3) of word, from the lane's copy of the table: `column` is the shared-memory
 // address of the lane's entry 0 (the table's address + 4 x lane; from after_barrier). PRMT takes
@@ -79,10 +79,10 @@ __device__ __forceinline__ void tile_lut(float (&acc)[MT][4], const uint2 (&code
   for (int j = 0; j < MT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.0f;
 #pragma unroll
   for (int s = 0; s < 4; ++s) {  // See Note: pairs and block sums.
-    const int j = 2 * (s % 2);  // bytes 2s and 2s + 1 are bytes j and j + 1 of word s / 2
+    const int b = 2 * (s % 2);  // bytes 2s and 2s + 1 are bytes b and b + 1 of word s / 2
     const uint32_t w0 = s < 2 ? codes[0].x : codes[0].y, w1 = s < 2 ? codes[1].x : codes[1].y;
-    const uint32_t a[4] = {pair_at(w0, j, column), pair_at(w1, j, column), pair_at(w0, j + 1, column),
-                           pair_at(w1, j + 1, column)};
+    const uint32_t a[4] = {pair_at(w0, b, column), pair_at(w1, b, column), pair_at(w0, b + 1, column),
+                           pair_at(w1, b + 1, column)};
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
       const uint4& v = xs[j][s / 2];

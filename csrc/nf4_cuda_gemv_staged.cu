@@ -27,8 +27,7 @@ namespace {
 //   - the loads of a batch of U tiles use immediate offsets from pointers advanced once a batch.
 // The staged scales must fit in the 48 KiB of shared memory a CTA gets without opting in: 16 RT K /
 // blocksize + 2 <= kStagedScales (RT row tiles a warp; K up to ~47000 at blocksize 64 and RT = 1);
-// larger weights take mma_kernel. (stage_scales and staged_floats, in nf4_cuda_mma.h, are shared
-// with kGemvMmaLut.)
+// larger weights take mma_kernel. (stage_scales, in nf4_cuda_mma.h, is shared with kGemvMmaLut.)
 constexpr int kStagedScales = 12 * 1024 - 512;  // floats: 48 KiB less the dynamic map, s_nf4 and some slack
 
 // The lane's codes for U consecutive tiles: 16 bytes of each of its two rows in each of RT row tiles.
@@ -166,11 +165,21 @@ __global__ void __launch_bounds__(WARPS * 32) staged_kernel(NF4View w, int64_t N
   reduce_store<T, MT, RT, WARPS>(staged, acc, row0, N, M, bias, y);
 }
 
+// Shared memory (floats) a staged_kernel CTA needs: its scales (16 RT K consecutive weights span at
+// most 16 RT K / blocksize + 2 blocks), then the warps' partial sums in the same memory; 0 when either
+// is over kStagedScales.
+inline int staged_floats(int64_t K, int shift, int mt, int rt, int warps) {
+  const int64_t scales = ((16 * rt * K) >> shift) + 2;
+  const int64_t partial = static_cast<int64_t>(warps) * rt * mt * 4 * 32;
+  if (scales > kStagedScales || partial > kStagedScales) return 0;
+  return static_cast<int>(scales > partial ? scales : partial);
+}
+
 template <typename T, int MT, int U, int RT, int WARPS>
 bool launch_staged_as(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y,
                       cudaStream_t stream) {
   const int shift = log2_of(w.blocksize);
-  const int floats = staged_floats(K, shift, MT, RT, WARPS, kStagedScales);
+  const int floats = staged_floats(K, shift, MT, RT, WARPS);
   if (floats == 0) return false;
   const auto kernel = staged_kernel<T, MT, U, RT, WARPS>;
   LOWRANK_LAUNCH(kernel, static_cast<unsigned>((N + 16 * RT - 1) / (16 * RT)), WARPS * 32, floats * sizeof(float),

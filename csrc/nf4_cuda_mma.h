@@ -192,16 +192,6 @@ __device__ __forceinline__ void stage_scales(float* staged, const float* dynamic
   }
 }
 
-// Shared memory (floats) a staging kernel's CTA needs: its scales (16 RT K consecutive weights span
-// at most 16 RT K / blocksize + 2 blocks), then the warps' partial sums in the same memory; 0 when
-// either is over `limit`.
-inline int staged_floats(int64_t K, int shift, int mt, int rt, int warps, int limit) {
-  const int64_t scales = ((16 * rt * K) >> shift) + 2;
-  const int64_t partial = static_cast<int64_t>(warps) * rt * mt * 4 * 32;
-  if (scales > limit || partial > limit) return 0;
-  return static_cast<int>(scales > partial ? scales : partial);
-}
-
 }  // namespace
 
 // nf4_cuda_gemv_staged.cu: runs kGemvMmaStaged (two_tiles false) or kGemvMmaStaged2 (true, M <= 16)

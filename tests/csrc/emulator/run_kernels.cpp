@@ -13,6 +13,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <vector>
 
 #include "nf4_cuda.h"
@@ -48,11 +49,12 @@ int main(int argc, char** argv) {
   const auto type = static_cast<lowrank::CudaType>(h[1]);
   const size_t elem = type == lowrank::CudaType::kFloat32 ? 4 : 2;
   const int64_t numel = N * K, blocks = (numel + blocksize - 1) / blocksize;
-  // 16-byte aligned copies, as device allocations are
-  auto aligned = [](const char* src, size_t n) {
-    std::vector<uint64_t>* v = new std::vector<uint64_t>((n + 15) / 8 + 2, 0);
-    std::memcpy(v->data(), src, n);
-    return reinterpret_cast<const void*>(v->data());
+  // 16-byte aligned copies, as device allocations are (new[] of uint4-sized words), alive until exit
+  std::vector<std::unique_ptr<uint64_t[]>> copies;
+  auto aligned = [&copies](const char* src, size_t n) {
+    copies.emplace_back(new uint64_t[(n + 15) / 8 + 2]());
+    std::memcpy(copies.back().get(), src, n);
+    return static_cast<const void*>(copies.back().get());
   };
   lowrank::NF4View w{};
   w.packed = static_cast<const uint8_t*>(aligned(r.take((numel + 1) / 2), (numel + 1) / 2));
