@@ -25,8 +25,9 @@
 # only where the first part built it).
 # New since the last GPU run, and run on a GPU here first: the staged GEMVs (ids 3, 4), the pair-table
 # GEMV mma-lut (id 5: flip kGemvAuto in nf4_cuda_gemv.cu's launch() to it if it is right and fastest)
-# and the ops' CUDA kernels in C++ (csrc/dispatch.h). If the latter fail, LOWRANK_PYTHON_OPS=1 takes the ops back
-# to their Python kernels (the path of the earlier runs) for the rest: PYOPS=1 also times that.
+# the ops' CUDA kernels in C++ (csrc/dispatch.h) and their autograd in C++ (csrc/autograd.cpp). If either
+# fails, LOWRANK_PYTHON_OPS=1 takes the ops back to their Python kernels and autograd (the path of the
+# earlier runs) for the rest: PYOPS=1 also times that.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (or PART=1 ... / PART=2 ...)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
   || { echo "gpu_check: no usable wheel in .whl/: continuing without bitsandbytes"; export PYTHONPATH=$PWD; }

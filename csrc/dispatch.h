@@ -37,6 +37,10 @@ bool grad_input_ok(const at::Tensor& grad_y, const at::Tensor& packed, const at:
                    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                    at::IntArrayRef shape, int64_t blocksize);
 
+// Registers the C++ autograd of nf4_linear and nf4_linear_grad_input (autograd.cpp, Note:
+// autograd in C++); lowrank/ops/csrc.py calls it, once, instead of library.py's Python autograd.
+void register_autograd();
+
 // The ops' Python kernels (library.py), for the calls the C++ kernels hand back.
 at::Tensor python_dequantize(const at::Tensor& packed, const at::Tensor& absmax,
                              const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,

@@ -5,7 +5,10 @@ Importing this package defines the ops (library.py), registers the reference ker
 
 from . import backends, library, reference
 from .library import nf4_dequantize, nf4_linear
-from . import csrc  # noqa: F401  (registers the "csrc" backend when lowrank._C is built; never raises)
+from . import csrc  # registers the "csrc" backend and its C++ autograd when lowrank._C is built; never raises
+
+if not csrc.CPP_AUTOGRAD:  # one autograd for nf4_linear: lowrank._C's (csrc/autograd.cpp) or library.py's
+    library.register_python_autograd()
 
 try:  # Triton is optional: without it the reference (and csrc, if built) still run
     import triton  # noqa: F401

@@ -40,6 +40,8 @@ else:
     except (ImportError, OSError) as e:  # not built, or built for another torch: the other backends cover every op
         log.info("lowrank: lowrank._C is not built (%s); the csrc backend is off", e)
 
+CPP_AUTOGRAD = False  # True once lowrank._C's autograd is registered for the ops (below)
+
 CUDA_GEMV_KERNELS = ("mma", "mma-staged", "mma-staged2", "mma-lut")  # csrc/nf4_cuda_gemv.cu auto_half_kernel
 
 
@@ -121,6 +123,11 @@ if _C is not None:
     # See Note: the ops in C++ (csrc/dispatch.h): loading _C registered its CPU (and CUDA) kernels
     # for the ops; these are the Python kernels they hand the calls they do not take back to.
     _C.set_python_kernels(library.dequantize_kernel, library.linear_kernel, library.grad_input_kernel)
+    # See Note: autograd in C++ (csrc/autograd.cpp): the ops' autograd without Python, unless
+    # LOWRANK_PYTHON_OPS=1 asks for the Python kernels (then library.py's autograd, the A/B).
+    CPP_AUTOGRAD = os.environ.get("LOWRANK_PYTHON_OPS", "") != "1"
+    if CPP_AUTOGRAD:
+        _C.register_autograd()
     for _op, _fn in (
         ("nf4_dequantize", nf4_dequantize),
         ("nf4_linear", nf4_linear),

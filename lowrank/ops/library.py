@@ -224,10 +224,12 @@ _lib.impl("nf4_linear_grad_input", grad_input_kernel, "CompositeExplicitAutograd
 # Note: autograd of nf4_linear. y = x @ W^T + b with W frozen, so
 #     grad_x = grad_y @ W        (..., K) = (..., N) @ (N, K)    -- recomputed from the packed W
 #     grad_b = sum of grad_y over every leading dimension   (N,)
-# and nothing for packed/absmax/nested_absmax/offset (integer or frozen buffers). Only x
-# (and nothing of W) is saved: the dense W never outlives the kernel that decodes it.
+# and nothing for packed/absmax/nested_absmax/offset (integer or frozen buffers). Backward keeps
+# references to the packed weight's tensors and nothing else: not x (no gradient of W needs it),
+# not the dense W, which never outlives the kernel that decodes it.
 # grad_input is itself linear in grad_y, with grad_x' = gg @ W^T = nf4_linear(gg), so double
-# backward (e.g. gradient penalties) works too.
+# backward (e.g. gradient penalties) works too. Where lowrank._C is loaded the same math runs in
+# C++ (csrc/autograd.cpp, Note: autograd in C++), and these functions are not registered.
 _WEIGHT_NONE = (None,) * 6  # no gradient for packed, absmax, nested_absmax, offset, shape, blocksize
 
 
@@ -251,10 +253,15 @@ def _grad_input_backward(ctx, grad_grad_x):
     return (grad_grad_y, *_WEIGHT_NONE)
 
 
-torch.library.register_autograd("lowrank::nf4_linear", _linear_backward, setup_context=_setup_context)
-torch.library.register_autograd(
-    "lowrank::nf4_linear_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
-)
+
+def register_python_autograd() -> None:
+    """Registers the autograd above for nf4_linear and nf4_linear_grad_input. lowrank/ops/__init__.py
+    calls this, once, when lowrank._C's C++ autograd (the same math: csrc/autograd.cpp, Note:
+    autograd in C++) is not registered instead: without lowrank._C, or with LOWRANK_PYTHON_OPS=1."""
+    torch.library.register_autograd("lowrank::nf4_linear", _linear_backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        "lowrank::nf4_linear_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
+    )
 
 
 # ---------------------------------------------------------------------------------------

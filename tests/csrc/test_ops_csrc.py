@@ -143,7 +143,7 @@ def test_cpu_isa_can_be_capped_from_the_environment():
 
 def test_without_the_extension_everything_runs_on_the_reference():
     """LOWRANK_NO_EXT=1 at run time is the package without lowrank._C: one log line says so, the
-    ops run on the reference and give its results."""
+    ops run on the reference and give its results, with library.py's autograd."""
     code = """
 import logging, torch
 logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -152,7 +152,9 @@ from lowrank.ops import backends, csrc
 assert csrc._C is None
 q = nf4.quantize(torch.randn(8, 64), 32)
 assert torch.equal(ops.nf4_dequantize(q), nf4.dequantize(q))
-ops.nf4_linear(torch.randn(2, 64), q)
+x = torch.randn(2, 64, requires_grad=True)
+ops.nf4_linear(x, q).sum().backward()  # library.py's Python autograd (no C++ one without _C)
+assert not csrc.CPP_AUTOGRAD and x.grad.shape == (2, 64)
 print(backends.available("nf4_linear"))
 """
     env = {**os.environ, "LOWRANK_NO_EXT": "1", "TRITON_INTERPRET": "1"}

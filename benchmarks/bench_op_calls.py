@@ -1,0 +1,130 @@
+"""What one call of a 4-bit linear layer costs the CPU: a layer so small (128 x 128, one row of
+bf16 x) that its kernels take a few microseconds, so the times are the Python, dispatcher and
+autograd work around them, which a training step of a large model pays for every linear on
+every forward and backward while the GPU waits (docs/benchmarks.md, "a QLoRA step of the
+Llama-2-7B shape").
+
+    python benchmarks/bench_op_calls.py            # 7 rounds of 2000 calls a provider and case
+    python benchmarks/bench_op_calls.py --quick    # 3 rounds of 200
+
+Providers: a bf16 nn.Linear (the baseline: ratio = its time / the provider's, > 1 is faster), lowrank's
+Linear4bit (the lowrank::nf4_linear op) and bitsandbytes' Linear4bit when importable; with LoRA
+(r 16) around each: lowrank's LoraLinear, and PEFT's when importable. Cases: forward without
+grad, forward with x requiring grad, forward + backward. us a call: median (20th-80th
+percentile) over rounds, each round the mean of back-to-back calls; providers alternate round
+by round, so a drift of the machine hits all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
+
+from lowrank import LoraConfig, NF4Config, inject, quantize  # noqa: E402
+
+COLUMNS = ["case", "provider", "us", "p20_us", "p80_us", "ratio"]
+FEATURES, RANK = 128, 16
+
+
+def providers(lora: bool) -> dict[str, nn.Module]:
+    """name -> a one-layer nn.Sequential, every one from the same bf16 weight."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(FEATURES, FEATURES, bias=False)).to(torch.bfloat16)
+    ours = copy.deepcopy(dense)
+    quantize(ours, NF4Config(compute_dtype=torch.bfloat16))
+    out = {"bf16 nn.Linear": dense, "lowrank Linear4bit": ours}
+    try:
+        import bitsandbytes as bnb
+
+        theirs = nn.Sequential(bnb.nn.Linear4bit(FEATURES, FEATURES, bias=False, compute_dtype=torch.bfloat16,
+                                                 compress_statistics=True, quant_type="nf4"))
+        theirs[0].weight = bnb.nn.Params4bit(dense[0].weight.data.float().clone(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")._quantize("cpu")
+        out["bitsandbytes Linear4bit"] = theirs
+    except ImportError:
+        pass
+    if not lora:
+        return out
+    wrapped = {}
+    for name, model in out.items():
+        if not name.startswith("bitsandbytes"):
+            inject(model, LoraConfig(r=RANK, alpha=2 * RANK, targets=["0"]))
+            wrapped["lowrank LoRA on " + name.removeprefix("lowrank ")] = model
+            continue
+        try:
+            import peft
+        except ImportError:
+            continue
+        # PEFT's adapters stay float32, its default (and bench_qlora's)
+        wrapped["PEFT LoRA on " + name] = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK,
+                                                                             target_modules=["0"]))
+    return wrapped
+
+
+def call(model: nn.Module, case: str, x: torch.Tensor):
+    """One call of `case` (main runs the no-grad case under torch.no_grad)."""
+    if case == "forward, no grad":
+        return lambda: model(x)
+    xg = x.clone().requires_grad_()
+    if case == "forward, x requires grad":
+        return lambda: model(xg)
+
+    def step():
+        model(xg).sum().backward()
+
+    return step
+
+
+def measure(fns: dict, calls: int, rounds: int) -> dict[str, tuple[float, float, float]]:
+    """name -> (median, p20, p80) us a call; providers alternate round by round."""
+    for fn in fns.values():
+        for _ in range(calls // 10 + 1):  # warm-up
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append(1e6 * (time.perf_counter() - start) / calls)
+    return {name: _common.summarize(t) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 200 calls")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS / "op_calls.json")
+    args = parser.parse_args(argv)
+    calls, rounds = (200, 3) if args.quick else (2000, 7)
+    x = torch.randn(1, 1, FEATURES, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    rows = []
+    for lora in (False, True):
+        models = providers(lora)
+        for case in ("forward, no grad", "forward, x requires grad", "forward + backward"):
+            fns = {name: call(m, case, x) for name, m in models.items()}
+            with torch.set_grad_enabled(case != "forward, no grad"):
+                result = measure(fns, calls, rounds)
+            base = next(iter(result.values()))[0]
+            for name, (us, p20, p80) in result.items():
+                rows.append({"case": case + (" (LoRA)" if lora else ""), "provider": name, "us": us, "p20_us": p20,
+                             "p80_us": p80, "ratio": base / us})
+    env = _common.environment(torch.device("cpu"))
+    table = _common.markdown(rows, COLUMNS)
+    print(env, table, sep="\n\n")
+    _common.write(args.out, rows, env, table)
+    print(f"wrote {args.out} (+ .md)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
