@@ -17,7 +17,7 @@ subclass and other libraries can call them with tensors from a bitsandbytes chec
 Each op's kernel asks backends.choose(op, device) which implementation runs; the
 reference (lowrank/ops/reference.py) is registered for every device. Where lowrank._C is
 built, its C++ kernels take the CPU and CUDA calls the csrc backend would run, without Python
-(See Note: the Python kernels).
+(See Note: the Python kernels), and its C++ autograd replaces the one below (csrc/autograd.cpp).
 """
 
 from __future__ import annotations
