@@ -110,3 +110,27 @@ def test_backward_computes_only_the_gradients_asked_for(grad_input_calls, double
     b.grad = None
     ops.nf4_linear(x, q, b.detach()).backward(g)  # x trained, bias frozen
     assert grad_input_calls == [(5, 12)] and x.grad is not None and b.grad is None
+
+
+def test_compiled_autograd_runs_the_cpp_nodes():
+    """torch's compiled autograd traces backward graphs holding the C++ nodes: with the eager
+    backend on both sides the same kernels run, so the gradients are eager's bit for bit."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+
+    q = nf4.quantize(torch.randn(64, 128), 64, True)
+    x = torch.randn(3, 128, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+
+    def loss(x, b):
+        return ops.nf4_linear(x, q, b).square().sum()
+
+    loss(x, b).backward()
+    expected = (x.grad, b.grad)
+    x.grad = b.grad = None
+    torch._dynamo.reset()
+    counters.clear()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        torch.compile(loss, backend="eager", fullgraph=True)(x, b).backward()
+    assert counters["compiled_autograd"]["captures"] == 1
+    assert torch.equal(x.grad, expected[0]) and torch.equal(b.grad, expected[1])
