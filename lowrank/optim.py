@@ -13,15 +13,40 @@ it (the prefetch overlaps nothing else on the stream); when nothing is evicted, 
 costs what AdamW's does. It helps when the states are a large share of memory and the
 peaks are rare; for LoRA the states are small, so it matters mostly with large ranks or
 long sequences. On CPU parameters it is plain AdamW (there is nothing to page).
+
+state_bits=8 keeps the two moments of every parameter of at least min_8bit_size elements in
+8 bits (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"), paged or not:
+see Note: 8-bit states.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
+from .quant import nf4
+
 _POOLS: dict[int, object] = {}  # device index -> torch.cuda.MemPool of managed memory
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# Note: 8-bit states. With state_bits=8 a parameter of at least min_8bit_size elements keeps
+#   state1   uint8 (p's shape)   exp_avg, blockwise 8-bit with the signed dynamic map
+#   state2   uint8 (p's shape)   exp_avg_sq, with the unsigned map (it is never negative)
+#   absmax1, absmax2             their scales, one a block of 256, float32 stored as int32 bit patterns
+# (2 bytes a parameter and 1/32 of one for the scales, against 8 for AdamW's float32 moments). Each
+# step decodes both to float32, runs the update, and codes them again: the update is
+# bitsandbytes' AdamW8bit's (its CPU reference, bitsandbytes/backends/cpu/ops.py, 0.50: the same
+# operations in the same order, and lowrank.nf4's 8-bit codec, which is bit-exact with its
+# quantize_blockwise), so parameters and codes equal AdamW8bit's bit for bit (tests/test_optim.py);
+# smaller parameters (biases, norms) keep AdamW's float32 moments and update, as in AdamW8bit.
+# The scales are int32 for the reason Linear4bit's are (Note: the scales stay float32):
+# Optimizer.load_state_dict casts every floating state to its parameter's dtype, which would round
+# them to bfloat16 for bfloat16 adapters; integers it leaves alone. Not for FSDP2's sharded
+# (DTensor) parameters: blocks would follow the shards. amsgrad has no 8-bit form (nor in AdamW8bit).
+_STATE_8BIT = ("state1", "state2", "absmax1", "absmax2")
+_PAGED = _MOMENTS + _STATE_8BIT  # every state tensor that lives in managed memory
+BLOCKSIZE_8BIT = 256
 
 
 def _extension():
@@ -48,25 +73,97 @@ def managed_pool(device: torch.device):
 
 class PagedAdamW(torch.optim.AdamW):
     """AdamW (Loshchilov & Hutter 2019) with paged states; the arguments are AdamW's. `paged=False`
-    gives torch.optim.AdamW exactly (the switch `lowrank train`'s paged_optimizer sets)."""
+    gives torch.optim.AdamW exactly (the switch `lowrank train`'s paged_optimizer sets).
+    `state_bits=8`: the moments of parameters of at least `min_8bit_size` elements in 8 bits,
+    bitsandbytes' AdamW8bit's update (See Note: 8-bit states)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, paged: bool = True) -> None:
+                 amsgrad: bool = False, *, paged: bool = True, state_bits: int = 32, min_8bit_size: int = 4096) -> None:
         if not isinstance(paged, bool):
             raise TypeError(f"paged must be a bool; got {paged!r}")
+        if state_bits not in (8, 32) or isinstance(state_bits, bool):
+            raise ValueError(f"state_bits must be 32 (AdamW's float32 moments) or 8 (blockwise 8-bit); got {state_bits!r}")
+        if state_bits == 8 and amsgrad:
+            raise ValueError("amsgrad=True needs float32 states: use state_bits=32 (8-bit AdamW has no amsgrad)")
+        if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0 (elements); got {min_8bit_size!r}")
         # capturable / fused keep `step` on the device and run other code: not offered here
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
-        self.paged = paged
+        self.paged, self.state_bits, self.min_8bit_size = paged, state_bits, min_8bit_size
+
+    def _in_8bit(self, p: torch.Tensor) -> bool:
+        return self.state_bits == 8 and p.numel() >= self.min_8bit_size
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         if self.paged:
             self._page_in()
-        return super().step(closure)
+        # See Note: 8-bit states. Their parameters are updated here, then hidden from AdamW's step
+        # (a parameter without grad is one it skips) and given their grads back after it.
+        hidden = []
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and self._in_8bit(p):
+                        self._step_8bit(group, p)
+                        hidden.append((p, p.grad))
+                        p.grad = None
+            super().step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+        return loss
+
+    def _zeros(self, p: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A state tensor for p: in managed memory for a paged CUDA parameter."""
+        if not (self.paged and p.is_cuda):
+            return torch.zeros(shape, dtype=dtype, device=p.device)
+        with torch.cuda.use_mem_pool(managed_pool(p.device), device=p.device):
+            return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def _step_8bit(self, group: dict, p: torch.Tensor) -> None:
+        """One AdamW8bit update of p (See Note: 8-bit states)."""
+        if hasattr(p, "to_local"):
+            raise ValueError("state_bits=8 does not take FSDP2-sharded (DTensor) parameters (its blocks would follow "
+                             "the shards); use state_bits=32")
+        state = self.state[p]
+        if not state:
+            blocks = -(-p.numel() // BLOCKSIZE_8BIT)
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # on the CPU, as AdamW keeps it
+            for name, shape, dtype in (("state1", p.shape, torch.uint8), ("state2", p.shape, torch.uint8),
+                                       ("absmax1", (blocks,), torch.int32), ("absmax2", (blocks,), torch.int32)):
+                state[name] = self._zeros(p, shape, dtype)
+        state["step"] += 1
+        step = int(state["step"])
+        (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
+        lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
+        m = nf4.dequantize_8bit(state["state1"].view(-1), state["absmax1"].view(torch.float32), BLOCKSIZE_8BIT)
+        v = nf4.dequantize_8bit(state["state2"].view(-1), state["absmax2"].view(torch.float32), BLOCKSIZE_8BIT,
+                                signed=False)
+        grad = p.grad.reshape(-1).float()
+        p32 = p.detach().reshape(-1).float()  # p itself (a view) when p is float32 and contiguous
+        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        correction1, correction2 = 1.0 - beta1**step, math.sqrt(1.0 - beta2**step)
+        denom = (v.sqrt() / correction2).add_(eps)
+        if wd > 0.0:
+            p32.mul_(1.0 - lr * wd)
+        p32.addcdiv_(m, denom, value=-lr / correction1)
+        if p32.data_ptr() != p.data_ptr():
+            p.copy_(p32.view(p.shape))  # one rounding to p's dtype
+        for i, (moment, signed) in enumerate(((m, True), (v, False)), start=1):
+            codes, absmax = nf4.quantize_8bit(moment, BLOCKSIZE_8BIT, signed=signed)
+            state[f"state{i}"].copy_(codes.view(p.shape))
+            state[f"absmax{i}"].copy_(absmax.view(torch.int32))
 
     def _page_in(self) -> None:
-        """Create the states of CUDA parameters in managed memory (as AdamW would, with the
-        same dtypes and layout), and prefetch every managed state to its device."""
+        """Create AdamW's states of CUDA parameters in managed memory (as AdamW would, with the
+        same dtypes and layout; 8-bit states are made there by their first step), and prefetch
+        every managed state to its device."""
         ext = None
         for group in self.param_groups:
             for p in group["params"]:
@@ -74,26 +171,40 @@ class PagedAdamW(torch.optim.AdamW):
                     continue
                 ext = ext or _extension()
                 state = self.state[p]
-                if not state:
+                if not state and not self._in_8bit(p):
                     state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # on the CPU, as AdamW keeps it
                     names = _MOMENTS if group["amsgrad"] else _MOMENTS[:2]
                     with torch.cuda.use_mem_pool(managed_pool(p.device), device=p.device):
                         for name in names:
                             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                for name in _MOMENTS:
+                for name in _PAGED:
                     if name in state:  # a DTensor (FSDP2) prefetches its own shard
                         t = state[name]
                         ext.managed_prefetch(t.to_local() if hasattr(t, "to_local") else t)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """AdamW's, then the loaded moments of CUDA parameters are moved into managed memory."""
-        super().load_state_dict(state_dict)
+        """AdamW's, then the loaded moments of CUDA parameters are moved into managed memory.
+        8-bit states are loaded as they are (torch's Optimizer.load_state_dict would cast them to
+        the parameter's dtype). Every state is a copy: torch's keeps a loaded tensor that needs no
+        cast (a step count, same-dtype moments) and would then update the caller's in place;
+        `state_dict` is not changed."""
+        state, kept = {}, {}  # param id -> AdamW's entries / the 8-bit ones
+        for pid, entries in state_dict["state"].items():
+            state[pid] = {k: v.clone() if torch.is_tensor(v) else v for k, v in entries.items() if k not in _STATE_8BIT}
+            kept[pid] = {k: v for k, v in entries.items() if k in _STATE_8BIT}
+        super().load_state_dict({**state_dict, "state": state})
+        saved_groups = state_dict["param_groups"]
+        params = {pid: p for saved, group in zip(saved_groups, self.param_groups)
+                  for pid, p in zip(saved["params"], group["params"])}  # fmt: skip
+        for pid, entries in kept.items():
+            for name, t in entries.items():
+                self.state[params[pid]][name] = t.to(params[pid].device, copy=True)
         if not self.paged:
             return
         for p, state in self.state.items():
             if not (isinstance(p, torch.Tensor) and p.is_cuda):
                 continue
-            for name in _MOMENTS:
+            for name in _PAGED:
                 if name in state:
                     with torch.cuda.use_mem_pool(managed_pool(p.device), device=p.device):
                         managed = torch.empty_like(state[name], memory_format=torch.preserve_format)

@@ -1,5 +1,7 @@
 """PagedAdamW: AdamW's updates, bit for bit; on CUDA its moments live in managed memory."""
 
+import copy
+
 import pytest
 import torch
 
@@ -61,3 +63,99 @@ def test_cuda_updates_equal_adamw_and_moments_are_managed(amsgrad):
     fresh.load_state_dict(opt.state_dict())
     for p in ours.parameters():
         assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+# -- state_bits=8 (lowrank/optim.py, Note: 8-bit states) -------------------------------------------
+
+
+def _train_8bit(opt_cls, dtype, steps=5, device="cpu", **kw):
+    """Two tensors with independent losses, so each one's trajectory depends on its own update only:
+    `big` (8192 elements, 32 blocks of 256) and `small` (100, below AdamW8bit's default min_8bit_size)."""
+    g = torch.Generator().manual_seed(2)
+    big = torch.nn.Parameter(torch.randn(64, 128, generator=g).to(device, dtype))
+    small = torch.nn.Parameter(torch.randn(100, generator=g).to(device, dtype))
+    opt = opt_cls([big, small], lr=1e-2, weight_decay=0.1, **kw)
+    for _ in range(steps):
+        target = torch.randn(64, 128, generator=g).to(device, dtype)
+        ((big - target).square().mean() + small.square().sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    return (big, small), opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("paged", [True, False])
+def test_8bit_updates_equal_bitsandbytes_adamw8bit(paged, dtype):
+    """The 8-bit parameter: its values, codes and scales equal bitsandbytes' AdamW8bit's bit for bit
+    after 5 steps; the small one: torch.optim.AdamW's, as AdamW8bit keeps small tensors in float32."""
+    bnb = pytest.importorskip("bitsandbytes")
+    (big, small), opt = _train_8bit(PagedAdamW, dtype, state_bits=8, paged=paged)
+    (big_bnb, _), opt_bnb = _train_8bit(bnb.optim.AdamW8bit, dtype)
+    (_, small_ref), _ = _train_8bit(torch.optim.AdamW, dtype)
+    assert torch.equal(big, big_bnb) and torch.equal(small, small_ref)
+    ours, theirs = opt.state[big], opt_bnb.state[big_bnb]
+    assert int(ours["step"]) == theirs["step"] == 5
+    for i in (1, 2):
+        assert ours[f"state{i}"].dtype == torch.uint8 and torch.equal(ours[f"state{i}"], theirs[f"state{i}"])
+        assert torch.equal(ours[f"absmax{i}"].view(torch.float32), theirs[f"absmax{i}"])
+    assert set(opt.state[small]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's float32 moments
+
+
+def test_8bit_states_take_a_quarter_of_the_memory():
+    (big, small), opt = _train_8bit(PagedAdamW, torch.float32, steps=1, state_bits=8, paged=False)
+    nbytes = sum(t.numel() * t.element_size() for k, t in opt.state[big].items() if k != "step")
+    assert nbytes == 2 * big.numel() + 2 * 4 * (big.numel() // 256)  # 2 codes + 2 float32 scales a block of 256
+    assert nbytes * 3.9 < 8 * big.numel()  # AdamW's two float32 moments
+
+
+def test_8bit_state_dict_round_trip_continues_the_same():
+    """Save after 3 steps, load into a fresh optimizer over copies of the parameters, run 2 more
+    steps on both: equal bit for bit. bfloat16 parameters: the scales must not be cast to them
+    (torch's load_state_dict casts floating states to the parameter's dtype), and the loaded
+    state dict itself stays unchanged."""
+    (big, small), opt = _train_8bit(PagedAdamW, torch.bfloat16, steps=3, state_bits=8, paged=False)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in (big, small)]
+    fresh = PagedAdamW(copies, lr=1e-2, weight_decay=0.1, state_bits=8, paged=False)
+    saved = copy.deepcopy(opt.state_dict())  # its own tensors: opt's state_dict() shares opt's
+    before = {k: v.clone() for k, v in saved["state"][0].items()}
+    fresh.load_state_dict(saved)
+    assert fresh.state[copies[0]]["absmax1"].dtype == torch.int32
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        target = torch.randn(64, 128, generator=g).to(torch.bfloat16)
+        for (b, s), o in (((big, small), opt), (copies, fresh)):
+            ((b - target).square().mean() + s.square().sum()).backward()
+            o.step()
+            o.zero_grad()
+    assert torch.equal(big, copies[0]) and torch.equal(small, copies[1])
+    assert all(torch.equal(before[k], saved["state"][0][k]) for k in before)
+
+
+def test_8bit_arguments_are_checked():
+    p = [torch.nn.Parameter(torch.zeros(4))]
+    with pytest.raises(ValueError, match=r"state_bits must be 32 .* or 8 .*; got 16"):
+        PagedAdamW(p, state_bits=16)
+    with pytest.raises(ValueError, match="amsgrad=True needs float32 states"):
+        PagedAdamW(p, amsgrad=True, state_bits=8)
+    with pytest.raises(ValueError, match="min_8bit_size must be an int >= 0 .*; got -1"):
+        PagedAdamW(p, state_bits=8, min_8bit_size=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_8bit_states_are_managed_and_the_first_step_is_the_cpus():
+    """The codes and scales of a paged CUDA parameter live in the managed pool. One step from zero
+    states (no 8-bit rounding enters it yet) matches the CPU's within the rounding of its
+    elementwise ops: the update is lr * u with |u| <= 1 computed to a few float32 ulps, so
+    |difference| <= 8 eps lr + 2 ulp(p)."""
+    from lowrank import optim
+
+    (big, _), opt = _train_8bit(PagedAdamW, torch.float32, steps=1, device="cuda", state_bits=8)
+    (big_cpu, _), _ = _train_8bit(PagedAdamW, torch.float32, steps=1, state_bits=8, paged=False)
+    segments = optim._POOLS[torch.cuda.current_device()].snapshot()
+    for name in ("state1", "state2", "absmax1", "absmax2"):
+        ptr = opt.state[big][name].data_ptr()
+        assert any(s["address"] <= ptr < s["address"] + s["total_size"] for s in segments), name
+    eps = torch.finfo(torch.float32).eps
+    ulp = torch.nextafter(big_cpu.abs(), torch.tensor(float("inf"))) - big_cpu.abs()
+    assert ((big.cpu() - big_cpu).abs() <= 8 * eps * 1e-2 + 2 * ulp).all()

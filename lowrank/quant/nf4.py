@@ -67,25 +67,27 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TINY = 1e-38
 
 
-def dynamic_map() -> torch.Tensor:
-    """The signed 8-bit dynamic map (Dettmers 2016, arXiv:1511.04561) that holds the
-    double-quantized scales: 256 sorted float32 values in [-0.993, 1].
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 8-bit dynamic map (Dettmers 2016, arXiv:1511.04561): 256 sorted float32 values.
 
-    For exponent e = 0..6 it holds the 2**e midpoints of a linspace(0.1, 1) grid of
-    2**e + 1 points, times 10**(e - 6), with both signs; then 0 and 1. The arithmetic
-    (float32 linspace, float32 midpoints, then a float32 product) is what makes the
-    values equal bitsandbytes' `create_dynamic_map(signed=True)` exactly.
+    Signed (the double-quantized scales, the first moment of AdamW8bit), in [-0.993, 1]: for
+    exponent e = 0..6 the 2**e midpoints of a linspace(0.1, 1) grid of 2**e + 1 points, times
+    10**(e - 6), with both signs; then 0 and 1. Unsigned (the second moment, never negative),
+    in [0, 1]: the same with 2**(e+1) midpoints a exponent and no negatives. The arithmetic
+    (float32 linspace, float32 midpoints, then a float32 product) is what makes the values
+    equal bitsandbytes' `create_dynamic_map(signed=...)` exactly.
     """
     values = [0.0, 1.0]
     for e in range(7):
-        grid = torch.linspace(0.1, 1.0, 2**e + 1, dtype=torch.float32)
+        grid = torch.linspace(0.1, 1.0, 2 ** (e if signed else e + 1) + 1, dtype=torch.float32)
         mids = (grid[:-1] + grid[1:]) / 2.0
         scaled = (10.0 ** (e - 6)) * mids
-        values += scaled.tolist() + (-scaled).tolist()
+        values += scaled.tolist() + ((-scaled).tolist() if signed else [])
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 DYNAMIC_CODE = dynamic_map()
+UNSIGNED_DYNAMIC_CODE = dynamic_map(signed=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,15 +182,33 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
 # bitsandbytes' compiler fuses the last multiply-add changes no index: tests/peers checks
 # every grid boundary +- 6 ulps.
 _LUT_SIZE = 65536
-_DYNAMIC_MIDPOINTS = 0.5 * (DYNAMIC_CODE[:-1] + DYNAMIC_CODE[1:])  # (255,) float32
 _LUT_POINTS = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
-_DYNAMIC_LUT = torch.searchsorted(_DYNAMIC_MIDPOINTS, _LUT_POINTS).to(torch.uint8)  # (65536,)
 
 
-def quantize_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 8-bit quantization of a flat float32 x with the dynamic map: each block
-    scaled by its absmax, each value coded as in Note: how a scale finds its 8-bit code.
-    Returns (codes uint8 (n,), absmax float32 (ceil(n / blocksize),))."""
+def _grid_lut(code: torch.Tensor) -> torch.Tensor:
+    """(65536,) uint8: the code of each grid point v, i when midpoint[i-1] < v <= midpoint[i]."""
+    return torch.searchsorted(0.5 * (code[:-1] + code[1:]), _LUT_POINTS).to(torch.uint8)
+
+
+_LUTS = {True: _grid_lut(DYNAMIC_CODE), False: _grid_lut(UNSIGNED_DYNAMIC_CODE)}  # signed -> table
+_ON_DEVICE: dict[tuple[str, bool, torch.device], torch.Tensor] = {}  # (what, signed, device) -> table there
+
+
+def _table(what: str, signed: bool, device: torch.device) -> torch.Tensor:
+    """The grid table or the map of the signed / unsigned code on `device`, copied there once
+    (an optimizer step codes every state tensor on every step)."""
+    key = (what, signed, device)
+    if key not in _ON_DEVICE:
+        cpu = _LUTS[signed] if what == "lut" else (DYNAMIC_CODE if signed else UNSIGNED_DYNAMIC_CODE)
+        _ON_DEVICE[key] = cpu.to(device)
+    return _ON_DEVICE[key]
+
+
+def quantize_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
+                  signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of a flat float32 x with the dynamic map (signed, or the
+    unsigned one for x >= 0): each block scaled by its absmax, each value coded as in Note: how
+    a scale finds its 8-bit code. Returns (codes uint8 (n,), absmax float32 (ceil(n / blocksize),))."""
     absmax = block_absmax(x, blocksize)  # (B2,)
     zero_block = absmax == 0
     # An all-zero block stores code 0; a subnormal absmax (where bitsandbytes divides by
@@ -197,9 +217,17 @@ def quantize_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[t
     inv = inv.repeat_interleave(blocksize)[: x.numel()]  # (n,)
     s = (x * inv).clamp_(-1.0, 1.0)
     grid = ((s + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)  # (n,) in 0..65535
-    codes = _DYNAMIC_LUT.to(x.device)[grid]
+    codes = _table("lut", signed, x.device)[grid]
     codes[zero_block.repeat_interleave(blocksize)[: x.numel()]] = 0
     return codes, absmax
+
+
+def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
+                    signed: bool = True) -> torch.Tensor:
+    """The inverse of quantize_8bit: x[i] = map[codes[i]] * absmax[i // blocksize], one float32
+    product (bitsandbytes' dequantize_blockwise). Flat float32 (n,)."""
+    values = _table("map", signed, codes.device)[codes.long()]
+    return values * absmax.repeat_interleave(blocksize)[: values.numel()]
 
 
 def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,6 +51,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": the GPU when there is one, else the CPU; or e.g. "cpu", "cuda:1"
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     paged_optimizer: bool = False  # lowrank.optim.PagedAdamW: states in CUDA unified memory (same updates)
+    optimizer_bits: int = 32  # 8: AdamW8bit's blockwise 8-bit moments (PagedAdamW state_bits=8), 1/4 of the memory
     compile: bool = False  # torch.compile each decoder layer: less Python a step; the first steps compile
     log_every: int = 1  # optimizer steps between progress updates
     distributed: str = "none"  # "ddp" / "fsdp": one process per GPU under torchrun (workflow/parallel.py)
@@ -77,6 +78,12 @@ class TrainConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"distributed must be one of {DISTRIBUTED}; got {self.distributed!r}")
+        if self.optimizer_bits not in (8, 32) or isinstance(self.optimizer_bits, bool):
+            raise ConfigError(f"optimizer_bits must be 32 (AdamW's float32 moments) or 8 (blockwise 8-bit); "
+                              f"got {self.optimizer_bits!r}")
+        if self.optimizer_bits == 8 and self.distributed == "fsdp":
+            raise ConfigError("optimizer_bits: 8 does not work with distributed: fsdp (8-bit blocks would follow the "
+                              "shards); use 32, or ddp")
         if self.template is not None and self.template not in TEMPLATES:
             raise ConfigError(f"template must be null (the tokenizer's own) or one of {sorted(TEMPLATES)}; "
                               f"got {self.template!r}")

@@ -270,8 +270,10 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
     params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2, the sharded ones
     if ranks.mode != "none":
         torch.manual_seed(config.seed + 1_000_003 * (ranks.rank + 1))  # each rank its own dropout
-    # PagedAdamW(paged=False) is torch.optim.AdamW; paged: the same updates, states in managed memory
-    optimizer = PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay, paged=config.paged_optimizer)
+    # PagedAdamW(paged=False) is torch.optim.AdamW; paged: the same updates, states in managed memory;
+    # optimizer_bits 8: AdamW8bit's update and 8-bit moments (lowrank/optim.py, Note: 8-bit states)
+    optimizer = PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay, paged=config.paged_optimizer,
+                           state_bits=config.optimizer_bits)
     lengths = [len(ids) for ids, _ in encoded.examples]
     outputs = [sum(y != IGNORE for y in labels[1:]) for _, labels in encoded.examples]  # trained tokens
     per_rank, per_step = config.batch_size // ranks.world, config.grad_accum * ranks.world  # in batches

@@ -75,6 +75,7 @@ def assert_same(w, blocksize, double_quant):
 def test_codebooks_equal():
     assert torch.equal(nf4.NF4_CODE, bnb_f.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(nf4.DYNAMIC_CODE, bnb_f.create_dynamic_map(signed=True))
+    assert torch.equal(nf4.UNSIGNED_DYNAMIC_CODE, bnb_f.create_dynamic_map(signed=False))
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -109,9 +110,12 @@ def test_random_weights(w, blocksize, double_quant):
     assert_same(w, blocksize, double_quant)
 
 
-def test_8bit_codes_on_every_grid_boundary():
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_codes_on_every_grid_boundary(signed):
     """See Note: how a scale finds its 8-bit code. Values on and within 6 ulps of every
-    boundary of the 65536-point grid code the same as bitsandbytes' quantize_blockwise."""
+    boundary of the 65536-point grid code the same as bitsandbytes' quantize_blockwise, with the
+    signed dynamic map (double quantization, AdamW8bit's first moment) and the unsigned one
+    (its second moment; negative values take code 0 on both sides)."""
     k = torch.arange(1, 65535, dtype=torch.float64)
     boundary = (2 * (k - 0.5) / 65535 - 1).float()  # where trunc((s+1)/2*65535 + 0.5) steps
     values, up, down = [boundary], boundary, boundary
@@ -121,10 +125,12 @@ def test_8bit_codes_on_every_grid_boundary():
     s = torch.cat(values).clamp(-1, 1)
     s = s[: s.numel() // 255 * 255].view(-1, 255)  # (blocks, 255)
     x = torch.cat([torch.ones(s.shape[0], 1), s], dim=1).reshape(-1)  # absmax 1 in every block of 256
-    ours, ours_absmax = nf4.quantize_8bit(x)
-    theirs, state = bnb_f.quantize_blockwise(x, code=nf4.DYNAMIC_CODE, blocksize=256)
+    ours, ours_absmax = nf4.quantize_8bit(x, signed=signed)
+    code = nf4.DYNAMIC_CODE if signed else nf4.UNSIGNED_DYNAMIC_CODE
+    theirs, state = bnb_f.quantize_blockwise(x, code=code, blocksize=256)
     assert torch.equal(ours_absmax, state.absmax)
     assert torch.equal(ours, theirs)
+    assert torch.equal(nf4.dequantize_8bit(ours, ours_absmax, signed=signed), bnb_f.dequantize_blockwise(theirs, state))
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

@@ -216,3 +216,20 @@ def test_nearest_code_equals_bucketize(values, ulps):
         near = torch.nextafter(near, torch.full_like(near, math.copysign(2.0, ulps)))
     s = torch.cat([torch.tensor(values, dtype=torch.float32), near, mids, nf4.NF4_CODE]).clamp(-1, 1)
     assert torch.equal(nf4.nearest_code(s).long(), torch.bucketize(s, mids))
+
+
+# 9. The 8-bit codec of AdamW8bit's moments (lowrank/optim.py, Note: 8-bit states), signed for
+#    the first moment and unsigned for the second (x >= 0): |x - x'| <= absmax * (h + GRID_STEP)
+#    + EPS32 |x'|, h = half the largest gap of the map (the code is read from the 65536-point
+#    grid, so it may be one grid step off the nearest; x' = code * absmax is one rounding).
+@given(weights(max_numel=3000), st.booleans())
+def test_8bit_round_trip_error_bound(w, signed):
+    x = w.reshape(-1).float() if signed else w.reshape(-1).float().abs()
+    code = nf4.DYNAMIC_CODE if signed else nf4.UNSIGNED_DYNAMIC_CODE
+    h = float((code[1:] - code[:-1]).max()) / 2
+    codes, absmax = nf4.quantize_8bit(x, 256, signed=signed)
+    back = nf4.dequantize_8bit(codes, absmax, 256, signed=signed).double()
+    a = per_element(absmax.double(), 256, x.numel())
+    assert torch.all((back - x.double()).abs() <= a * (h + GRID_STEP) + EPS32 * back.abs())
+    if not signed:
+        assert torch.all(back >= 0)  # the second moment stays non-negative: sqrt(v) is defined

@@ -200,6 +200,36 @@ def test_memory_options_change_memory_not_results(tmp_path, model_dir, data_file
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_8bit_optimizer_states_resume_to_the_bit(tmp_path, model_dir, data_file, capsys, monkeypatch):
+    """`optimizer_bits: 8` trains with PagedAdamW(state_bits=8). The tiny model's adapters are all
+    below AdamW8bit's 4096-element threshold, so here every tensor is put in 8 bits
+    (min_8bit_size=0): the checkpoint holds uint8 codes and int32 scales, and --resume from
+    epoch_1 gives epoch_2 to the bit, as with float32 states."""
+    from lowrank.workflow import train as train_mod
+
+    real, made = train_mod.PagedAdamW, []
+
+    def paged(*args, **kw):
+        made.append(kw)
+        return real(*args, min_8bit_size=0, **kw)
+
+    monkeypatch.setattr(train_mod, "PagedAdamW", paged)
+    whole = _config(tmp_path, model_dir, data_file, optimizer_bits=8)
+    train(whole)
+    resumed = tmp_path / "b"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "a" / "epoch_1", resumed / "epoch_1")
+    (tmp_path / "b.yaml").write_text(json.dumps({**whole.to_dict(), "output_dir": str(resumed)}))
+    assert cli.main(["train", str(tmp_path / "b.yaml"), "--resume"]) == 0
+    assert [kw["state_bits"] for kw in made] == [8, 8]
+    a, b = (load_file(d / "epoch_2" / "adapter_model.safetensors") for d in (tmp_path / "a", resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(d / "epoch_2" / STATE_FILE, weights_only=True) for d in (tmp_path / "a", resumed))
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert pa["state1"].dtype == torch.uint8 and pa["absmax1"].dtype == torch.int32
+        assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
 def test_compile_trains_with_each_decoder_layer_compiled(tmp_path, model_dir, data_file, monkeypatch):
     """`compile: true` hands the quantized, injected model to compile_blocks before the first
     step, and training runs through the compiled layers (batches of several lengths: one
