@@ -90,6 +90,15 @@ def write(path: pathlib.Path, rows: list[dict], env: dict, table: str) -> None:
         tmp.replace(target)  # atomic: a reader never sees half a file
 
 
+def report(path: pathlib.Path, rows: list[dict], columns: list[str], device: torch.device) -> None:
+    """Print the environment and the table, and write both (write)."""
+    env = environment(device)
+    table = markdown(rows, columns)
+    print(env, table, sep="\n\n")
+    write(path, rows, env, table)
+    print(f"wrote {path} (+ .md)")
+
+
 def matplotlib_pyplot():
     """pyplot with a file backend, or None (the plot is skipped) when matplotlib is missing."""
     try:

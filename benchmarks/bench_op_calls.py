@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for name, (us, p20, p80) in result.items():
                 rows.append({"case": case + (" (LoRA)" if lora else ""), "provider": name, "us": us, "p20_us": p20,
                              "p80_us": p80, "ratio": base / us})
-    env = _common.environment(torch.device("cpu"))
-    table = _common.markdown(rows, COLUMNS)
-    print(env, table, sep="\n\n")
-    _common.write(args.out, rows, env, table)
-    print(f"wrote {args.out} (+ .md)")
+    _common.report(args.out, rows, COLUMNS, torch.device("cpu"))
     return rows
 
 

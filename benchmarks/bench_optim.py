@@ -77,11 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "state_mib": state_bytes(opt) / 2**20, "state_bytes_per_param": state_bytes(opt) / n})
     for r in rows:
         r["ratio"] = rows[0]["ms"] / r["ms"]
-    env = _common.environment(device)
-    table = _common.markdown(rows, COLUMNS)
-    print(env, table, sep="\n\n")
-    _common.write(args.out, rows, env, table)
-    print(f"wrote {args.out} (+ .md)")
+    _common.report(args.out, rows, COLUMNS, device)
     return rows
 
 

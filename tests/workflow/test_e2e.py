@@ -133,16 +133,23 @@ def _config(tmp_path, model_dir, data_file, **change):
     return C.TrainConfig(**{**values, **change})
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, model_dir, data_file, capsys):
-    """Train 2 epochs; then give a fresh output_dir only epoch_1 and --resume: epoch_2 is the
-    same to the bit (dropout on, so the RNG state must come back too)."""
-    whole = _config(tmp_path, model_dir, data_file)
+def _train_and_resume(tmp_path, whole):
+    """Train `whole` (its output_dir tmp_path / "a"); then --resume from a copy of its epoch_1 in
+    tmp_path / "b" (config tmp_path / "b.yaml"). Returns the two output folders."""
     train(whole)
     resumed = tmp_path / "b"
     resumed.mkdir()
     shutil.copytree(tmp_path / "a" / "epoch_1", resumed / "epoch_1")
     (tmp_path / "b.yaml").write_text(json.dumps({**whole.to_dict(), "output_dir": str(resumed)}))
     assert cli.main(["train", str(tmp_path / "b.yaml"), "--resume"]) == 0
+    return tmp_path / "a", resumed
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, model_dir, data_file, capsys):
+    """Train 2 epochs; then give a fresh output_dir only epoch_1 and --resume: epoch_2 is the
+    same to the bit (dropout on, so the RNG state must come back too)."""
+    whole = _config(tmp_path, model_dir, data_file)
+    _, resumed = _train_and_resume(tmp_path, whole)
     per_epoch = math.ceil(math.ceil(REPEAT * len(tiny.CONVERSATIONS) / whole.batch_size) / whole.grad_accum)
     assert f"resumed from epoch_1 (step {per_epoch})" in capsys.readouterr().err
     a, b = (load_file(d / "epoch_2" / "adapter_model.safetensors") for d in (tmp_path / "a", resumed))
@@ -214,17 +221,11 @@ def test_8bit_optimizer_states_resume_to_the_bit(tmp_path, model_dir, data_file,
         return real(*args, min_8bit_size=0, **kw)
 
     monkeypatch.setattr(train_mod, "PagedAdamW", paged)
-    whole = _config(tmp_path, model_dir, data_file, optimizer_bits=8)
-    train(whole)
-    resumed = tmp_path / "b"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "a" / "epoch_1", resumed / "epoch_1")
-    (tmp_path / "b.yaml").write_text(json.dumps({**whole.to_dict(), "output_dir": str(resumed)}))
-    assert cli.main(["train", str(tmp_path / "b.yaml"), "--resume"]) == 0
+    runs = _train_and_resume(tmp_path, _config(tmp_path, model_dir, data_file, optimizer_bits=8))
     assert [kw["state_bits"] for kw in made] == [8, 8]
-    a, b = (load_file(d / "epoch_2" / "adapter_model.safetensors") for d in (tmp_path / "a", resumed))
+    a, b = (load_file(d / "epoch_2" / "adapter_model.safetensors") for d in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (torch.load(d / "epoch_2" / STATE_FILE, weights_only=True) for d in (tmp_path / "a", resumed))
+    sa, sb = (torch.load(d / "epoch_2" / STATE_FILE, weights_only=True) for d in runs)
     for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert pa["state1"].dtype == torch.uint8 and pa["absmax1"].dtype == torch.int32
         assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
