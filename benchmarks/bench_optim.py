@@ -5,7 +5,8 @@
     python benchmarks/bench_optim.py --quick    # one layer
 
 Adapters: for each layer, A (16, in) and B (out, 16) of the seven projections (4096 / 11008
-features), float32 (PEFT's default adapter dtype), random gradients. Rows: ms a step (median and
+features), float32 (PEFT's default adapter dtype), random gradients. The 8-bit rows: one tensor at a time (the CPU's
+default) and, foreach, every tensor of the group as one flat tensor (CUDA's default). Rows: ms a step (median and
 20th-80th percentile of 10, after one warm-up step that creates the states), ratio = AdamW's time /
 the provider's (> 1 is faster), and the bytes of optimizer state (every state tensor but the step
 count). The parameters stay on the device the step runs on: CUDA when present (unpaged there, so
@@ -45,7 +46,9 @@ def adapters(layers: int, device: torch.device) -> list[torch.Tensor]:
 
 def providers() -> dict:
     out = {"torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-4),
-           "lowrank PagedAdamW state_bits=8": lambda ps: PagedAdamW(ps, lr=1e-4, state_bits=8, paged=False)}
+           "lowrank PagedAdamW state_bits=8": lambda ps: PagedAdamW(ps, lr=1e-4, state_bits=8, paged=False),
+           "lowrank PagedAdamW state_bits=8 foreach": lambda ps: PagedAdamW(ps, lr=1e-4, state_bits=8, paged=False,
+                                                                            foreach=True)}
     try:
         import bitsandbytes as bnb
 

@@ -69,40 +69,60 @@ def test_cuda_updates_equal_adamw_and_moments_are_managed(amsgrad):
 
 
 def _train_8bit(opt_cls, dtype, steps=5, device="cpu", **kw):
-    """Two tensors with independent losses, so each one's trajectory depends on its own update only:
-    `big` (8192 elements, 32 blocks of 256) and `small` (100, below AdamW8bit's default min_8bit_size)."""
+    """Tensors with independent losses, so each one's trajectory depends on its own update only:
+    `big` (8192 elements, 32 blocks of 256), `wide` (12288, 48 blocks), `odd` (4099: a short last
+    block) and `small` (100, below AdamW8bit's default min_8bit_size). Returns them, the optimizer."""
     g = torch.Generator().manual_seed(2)
-    big = torch.nn.Parameter(torch.randn(64, 128, generator=g).to(device, dtype))
-    small = torch.nn.Parameter(torch.randn(100, generator=g).to(device, dtype))
-    opt = opt_cls([big, small], lr=1e-2, weight_decay=0.1, **kw)
+    shapes = [(64, 128), (96, 128), (4099,), (100,)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g).to(device, dtype)) for shape in shapes]
+    opt = opt_cls(params, lr=1e-2, weight_decay=0.1, **kw)
     for _ in range(steps):
-        target = torch.randn(64, 128, generator=g).to(device, dtype)
-        ((big - target).square().mean() + small.square().sum()).backward()
+        targets = [torch.randn(shape, generator=g).to(device, dtype) for shape in shapes[:3]]
+        loss = sum((p - t).square().mean() for p, t in zip(params, targets)) + params[3].square().sum()
+        loss.backward()
         opt.step()
         opt.zero_grad()
-    return (big, small), opt
+    return params, opt
 
 
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("paged", [True, False])
-def test_8bit_updates_equal_bitsandbytes_adamw8bit(paged, dtype):
-    """The 8-bit parameter: its values, codes and scales equal bitsandbytes' AdamW8bit's bit for bit
-    after 5 steps; the small one: torch.optim.AdamW's, as AdamW8bit keeps small tensors in float32."""
+def test_8bit_updates_equal_bitsandbytes_adamw8bit(paged, dtype, foreach):
+    """The 8-bit parameters: values, codes and scales equal bitsandbytes' AdamW8bit's bit for bit
+    after 5 steps, one at a time or (foreach) big and wide as one flat tensor; the small one:
+    torch.optim.AdamW's, as AdamW8bit keeps small tensors in float32."""
     bnb = pytest.importorskip("bitsandbytes")
-    (big, small), opt = _train_8bit(PagedAdamW, dtype, state_bits=8, paged=paged)
-    (big_bnb, _), opt_bnb = _train_8bit(bnb.optim.AdamW8bit, dtype)
-    (_, small_ref), _ = _train_8bit(torch.optim.AdamW, dtype)
-    assert torch.equal(big, big_bnb) and torch.equal(small, small_ref)
-    ours, theirs = opt.state[big], opt_bnb.state[big_bnb]
-    assert int(ours["step"]) == theirs["step"] == 5
-    for i in (1, 2):
-        assert ours[f"state{i}"].dtype == torch.uint8 and torch.equal(ours[f"state{i}"], theirs[f"state{i}"])
-        assert torch.equal(ours[f"absmax{i}"].view(torch.float32), theirs[f"absmax{i}"])
-    assert set(opt.state[small]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's float32 moments
+    ours, opt = _train_8bit(PagedAdamW, dtype, state_bits=8, paged=paged, foreach=foreach)
+    theirs, opt_bnb = _train_8bit(bnb.optim.AdamW8bit, dtype)
+    ref, _ = _train_8bit(torch.optim.AdamW, dtype)
+    if foreach:
+        assert [len(b) for b in opt._batches(ours[:3])] == [2, 1]  # big + wide together, odd alone
+    for p, q in zip(ours[:3], theirs[:3]):
+        assert torch.equal(p, q)
+        a, b = opt.state[p], opt_bnb.state[q]
+        assert int(a["step"]) == b["step"] == 5
+        for i in (1, 2):
+            assert a[f"state{i}"].dtype == torch.uint8 and torch.equal(a[f"state{i}"], b[f"state{i}"])
+            assert torch.equal(a[f"absmax{i}"].view(torch.float32), b[f"absmax{i}"])
+    assert torch.equal(ours[3], ref[3])
+    assert set(opt.state[ours[3]]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's float32 moments
+
+
+def test_8bit_batches_are_capped(monkeypatch):
+    """foreach batches stop at BATCH_ELEMENTS (their float32 temporaries grow with them); a larger
+    parameter still makes a batch of its own."""
+    from lowrank import optim
+
+    params, opt = _train_8bit(PagedAdamW, torch.float32, steps=1, state_bits=8, paged=False, foreach=True)
+    monkeypatch.setattr(optim, "BATCH_ELEMENTS", 20480)
+    assert [[p.numel() for p in b] for b in opt._batches(params[:3] * 2)] == [[8192, 12288], [4099], [8192, 12288], [4099]]
+    monkeypatch.setattr(optim, "BATCH_ELEMENTS", 10000)
+    assert [len(b) for b in opt._batches(params[:3])] == [1, 1, 1]
 
 
 def test_8bit_states_take_a_quarter_of_the_memory():
-    (big, small), opt = _train_8bit(PagedAdamW, torch.float32, steps=1, state_bits=8, paged=False)
+    (big, *_), opt = _train_8bit(PagedAdamW, torch.float32, steps=1, state_bits=8, paged=False)
     nbytes = sum(t.numel() * t.element_size() for k, t in opt.state[big].items() if k != "step")
     assert nbytes == 2 * big.numel() + 2 * 4 * (big.numel() // 256)  # 2 codes + 2 float32 scales a block of 256
     assert nbytes * 3.9 < 8 * big.numel()  # AdamW's two float32 moments
@@ -113,8 +133,8 @@ def test_8bit_state_dict_round_trip_continues_the_same():
     steps on both: equal bit for bit. bfloat16 parameters: the scales must not be cast to them
     (torch's load_state_dict casts floating states to the parameter's dtype), and the loaded
     state dict itself stays unchanged."""
-    (big, small), opt = _train_8bit(PagedAdamW, torch.bfloat16, steps=3, state_bits=8, paged=False)
-    copies = [torch.nn.Parameter(p.detach().clone()) for p in (big, small)]
+    params, opt = _train_8bit(PagedAdamW, torch.bfloat16, steps=3, state_bits=8, paged=False)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     fresh = PagedAdamW(copies, lr=1e-2, weight_decay=0.1, state_bits=8, paged=False)
     saved = copy.deepcopy(opt.state_dict())  # its own tensors: opt's state_dict() shares opt's
     before = {k: v.clone() for k, v in saved["state"][0].items()}
@@ -122,12 +142,12 @@ def test_8bit_state_dict_round_trip_continues_the_same():
     assert fresh.state[copies[0]]["absmax1"].dtype == torch.int32
     g = torch.Generator().manual_seed(3)
     for _ in range(2):
-        target = torch.randn(64, 128, generator=g).to(torch.bfloat16)
-        for (b, s), o in (((big, small), opt), (copies, fresh)):
-            ((b - target).square().mean() + s.square().sum()).backward()
+        targets = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in params[:3]]
+        for ps, o in ((params, opt), (copies, fresh)):
+            (sum((p - t).square().mean() for p, t in zip(ps, targets)) + ps[3].square().sum()).backward()
             o.step()
             o.zero_grad()
-    assert torch.equal(big, copies[0]) and torch.equal(small, copies[1])
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
     assert all(torch.equal(before[k], saved["state"][0][k]) for k in before)
 
 
@@ -139,6 +159,8 @@ def test_8bit_arguments_are_checked():
         PagedAdamW(p, amsgrad=True, state_bits=8)
     with pytest.raises(ValueError, match="min_8bit_size must be an int >= 0 .*; got -1"):
         PagedAdamW(p, state_bits=8, min_8bit_size=-1)
+    with pytest.raises(TypeError, match="foreach must be None .*, True or False; got 'yes'"):
+        PagedAdamW(p, foreach="yes")
 
 
 @pytest.mark.gpu
@@ -150,8 +172,8 @@ def test_cuda_8bit_states_are_managed_and_the_first_step_is_the_cpus():
     |difference| <= 8 eps lr + 2 ulp(p)."""
     from lowrank import optim
 
-    (big, _), opt = _train_8bit(PagedAdamW, torch.float32, steps=1, device="cuda", state_bits=8)
-    (big_cpu, _), _ = _train_8bit(PagedAdamW, torch.float32, steps=1, state_bits=8, paged=False)
+    (big, *_), opt = _train_8bit(PagedAdamW, torch.float32, steps=1, device="cuda", state_bits=8)
+    (big_cpu, *_), _ = _train_8bit(PagedAdamW, torch.float32, steps=1, state_bits=8, paged=False)
     segments = optim._POOLS[torch.cuda.current_device()].snapshot()
     for name in ("state1", "state2", "absmax1", "absmax2"):
         ptr = opt.state[big][name].data_ptr()

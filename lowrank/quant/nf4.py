@@ -226,7 +226,7 @@ def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 
                     signed: bool = True) -> torch.Tensor:
     """The inverse of quantize_8bit: x[i] = map[codes[i]] * absmax[i // blocksize], one float32
     product (bitsandbytes' dequantize_blockwise). Flat float32 (n,)."""
-    values = _table("map", signed, codes.device)[codes.long()]
+    values = torch.index_select(_table("map", signed, codes.device), 0, codes.to(torch.int32))  # 4-byte indices
     return values * absmax.repeat_interleave(blocksize)[: values.numel()]
 
 
