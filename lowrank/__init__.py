@@ -24,12 +24,13 @@ from .export import ExportResult, merge_and_export
 from .checkpoint import load_quantized, save_quantized
 from .hub import push_adapter
 from .ops import nf4_dequantize, nf4_linear
-from .optim import PagedAdamW
+from .optim import AdamW8bit, PagedAdamW
 from .quant import Linear4bit, NF4Config, NF4Weight, load_and_quantize, nf4, quantize, skeleton
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AdamW8bit",
     "AdapterConfig",
     "Linear4bit",
     "LoadResult",

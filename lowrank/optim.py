@@ -255,3 +255,13 @@ class PagedAdamW(torch.optim.AdamW):
                     with torch.cuda.use_mem_pool(managed_pool(p.device), device=p.device):
                         managed = torch.empty_like(state[name], memory_format=torch.preserve_format)
                     state[name] = managed.copy_(state[name])
+
+
+class AdamW8bit(PagedAdamW):
+    """bitsandbytes' AdamW8bit under its own name: PagedAdamW with state_bits=8 and, by default,
+    paged=False (bitsandbytes' default too). Same arguments as AdamW8bit's that apply here."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 *, paged: bool = False, min_8bit_size: int = 4096, foreach: bool | None = None) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, paged=paged, state_bits=8,
+                         min_8bit_size=min_8bit_size, foreach=foreach)

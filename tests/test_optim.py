@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from lowrank.optim import PagedAdamW
+from lowrank.optim import AdamW8bit, PagedAdamW
 
 
 def _train(opt_cls, device, steps=5, **kw):
@@ -107,6 +107,13 @@ def test_8bit_updates_equal_bitsandbytes_adamw8bit(paged, dtype, foreach):
             assert torch.equal(a[f"absmax{i}"].view(torch.float32), b[f"absmax{i}"])
     assert torch.equal(ours[3], ref[3])
     assert set(opt.state[ours[3]]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's float32 moments
+
+
+def test_adamw8bit_is_paged_adamw_with_8bit_states():
+    ours, opt = _train_8bit(AdamW8bit, torch.bfloat16)
+    same, _ = _train_8bit(PagedAdamW, torch.bfloat16, state_bits=8, paged=False)
+    assert opt.state_bits == 8 and not opt.paged and all(torch.equal(p, q) for p, q in zip(ours, same))
+    assert opt.state[ours[0]]["state1"].dtype == torch.uint8
 
 
 def test_8bit_batches_are_capped(monkeypatch):
