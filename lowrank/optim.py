@@ -168,6 +168,23 @@ class PagedAdamW(torch.optim.AdamW):
                 state[name] = self._zeros(p, shape, dtype)
         return state
 
+    def _convert_state(self, p: torch.Tensor) -> None:
+        """A loaded state in the other form than this optimizer keeps for p (a state_bits=32 state
+        dict loaded with state_bits=8, or the reverse, or another min_8bit_size): its moments coded
+        to 8 bits, or decoded to AdamW's (in p's dtype, as AdamW makes them)."""
+        state = self.state[p]
+        if self._in_8bit(p) and "exp_avg" in state:
+            if "max_exp_avg_sq" in state:
+                raise ValueError("a state dict of an amsgrad=True optimizer cannot be loaded with state_bits=8")
+            for i, (name, signed) in enumerate((("exp_avg", True), ("exp_avg_sq", False)), start=1):
+                codes, absmax = nf4.quantize_8bit(state.pop(name).float().reshape(-1), BLOCKSIZE_8BIT, signed=signed)
+                state[f"state{i}"], state[f"absmax{i}"] = codes.view(p.shape), absmax.view(torch.int32)
+        elif not self._in_8bit(p) and "state1" in state:
+            for i, (name, signed) in enumerate((("exp_avg", True), ("exp_avg_sq", False)), start=1):
+                moment = nf4.dequantize_8bit(state.pop(f"state{i}").reshape(-1),
+                                             state.pop(f"absmax{i}").view(torch.float32), BLOCKSIZE_8BIT, signed=signed)
+                state[name] = moment.view(p.shape).to(p.dtype)
+
     def _step_8bit(self, group: dict, params: list[torch.Tensor]) -> None:
         """One AdamW8bit update of `params` (one of _batches), run on them as one flat tensor: each is
         whole blocks of 256 (or alone) and the update is elementwise, so every code, scale and
@@ -245,6 +262,8 @@ class PagedAdamW(torch.optim.AdamW):
         for pid, entries in kept.items():
             for name, t in entries.items():
                 self.state[params[pid]][name] = t.to(params[pid].device, copy=True)
+        for p in params.values():
+            self._convert_state(p)
         if not self.paged:
             return
         for p, state in self.state.items():

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from lowrank import nf4
 from lowrank.optim import AdamW8bit, PagedAdamW
 
 
@@ -156,6 +157,29 @@ def test_8bit_state_dict_round_trip_continues_the_same():
             o.zero_grad()
     assert all(torch.equal(p, q) for p, q in zip(params, copies))
     assert all(torch.equal(before[k], saved["state"][0][k]) for k in before)
+
+
+def test_state_dicts_load_across_state_bits():
+    """AdamW's float32 moments loaded into AdamW8bit are coded to 8 bits (what its step would store),
+    and 8-bit ones loaded into AdamW are decoded; both optimizers then step on."""
+    params, opt32 = _train_8bit(PagedAdamW, torch.float32, steps=2, paged=False)
+    opt8 = AdamW8bit(params, lr=1e-2, weight_decay=0.1)
+    opt8.load_state_dict(opt32.state_dict())
+    for p in params[:3]:
+        codes, absmax = nf4.quantize_8bit(opt32.state[p]["exp_avg_sq"].reshape(-1), 256, signed=False)
+        assert set(opt8.state[p]) == {"step", "state1", "state2", "absmax1", "absmax2"}
+        assert torch.equal(opt8.state[p]["state2"].reshape(-1), codes)
+        assert torch.equal(opt8.state[p]["absmax2"].view(torch.float32), absmax)
+    assert torch.equal(opt8.state[params[3]]["exp_avg"], opt32.state[params[3]]["exp_avg"])  # small: float32 still
+    back = PagedAdamW(params, lr=1e-2, weight_decay=0.1, paged=False)
+    back.load_state_dict(opt8.state_dict())
+    for p in params[:3]:
+        m = nf4.dequantize_8bit(opt8.state[p]["state1"].reshape(-1), opt8.state[p]["absmax1"].view(torch.float32))
+        assert set(back.state[p]) == {"step", "exp_avg", "exp_avg_sq"} and torch.equal(back.state[p]["exp_avg"].reshape(-1), m)
+    for o in (opt8, back):
+        sum(p.square().sum() for p in params).backward()
+        o.step()
+        o.zero_grad()
 
 
 def test_8bit_arguments_are_checked():
