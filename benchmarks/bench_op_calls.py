@@ -6,6 +6,11 @@ Llama-2-7B shape").
 
     python benchmarks/bench_op_calls.py            # 7 rounds of 2000 calls a provider and case
     python benchmarks/bench_op_calls.py --quick    # 3 rounds of 200
+    python benchmarks/bench_op_calls.py --device cuda   # the same layers on the GPU (a GPU run)
+
+On CUDA the kernels of a call take a few microseconds of GPU time while launching them takes
+longer, so back-to-back calls are bound by the CPU: each round ends with a synchronize, and the
+time a call is what a training step pays a linear for its Python, dispatch and launches.
 
 Providers: a bf16 nn.Linear (the baseline: ratio = its time / the provider's, > 1 is faster), lowrank's
 Linear4bit (the lowrank::nf4_linear op) and bitsandbytes' Linear4bit when importable; with LoRA
@@ -36,10 +41,10 @@ COLUMNS = ["case", "provider", "us", "p20_us", "p80_us", "ratio"]
 FEATURES, RANK = 128, 16
 
 
-def providers(lora: bool) -> dict[str, nn.Module]:
-    """name -> a one-layer nn.Sequential, every one from the same bf16 weight."""
+def providers(lora: bool, device: torch.device) -> dict[str, nn.Module]:
+    """name -> a one-layer nn.Sequential on `device`, every one from the same bf16 weight."""
     torch.manual_seed(0)
-    dense = nn.Sequential(nn.Linear(FEATURES, FEATURES, bias=False)).to(torch.bfloat16)
+    dense = nn.Sequential(nn.Linear(FEATURES, FEATURES, bias=False)).to(device, torch.bfloat16)
     ours = copy.deepcopy(dense)
     quantize(ours, NF4Config(compute_dtype=torch.bfloat16))
     out = {"bf16 nn.Linear": dense, "lowrank Linear4bit": ours}
@@ -49,8 +54,8 @@ def providers(lora: bool) -> dict[str, nn.Module]:
         theirs = nn.Sequential(bnb.nn.Linear4bit(FEATURES, FEATURES, bias=False, compute_dtype=torch.bfloat16,
                                                  compress_statistics=True, quant_type="nf4"))
         theirs[0].weight = bnb.nn.Params4bit(dense[0].weight.data.float().clone(), requires_grad=False,
-                                             compress_statistics=True, quant_type="nf4")._quantize("cpu")
-        out["bitsandbytes Linear4bit"] = theirs
+                                             compress_statistics=True, quant_type="nf4")._quantize(device.type)
+        out["bitsandbytes Linear4bit"] = theirs.to(device)
     except ImportError:
         pass
     if not lora:
@@ -59,7 +64,7 @@ def providers(lora: bool) -> dict[str, nn.Module]:
     for name, model in out.items():
         if not name.startswith("bitsandbytes"):
             inject(model, LoraConfig(r=RANK, alpha=2 * RANK, targets=["0"]))
-            wrapped["lowrank LoRA on " + name.removeprefix("lowrank ")] = model
+            wrapped["lowrank LoRA on " + name.removeprefix("lowrank ")] = model.to(device)
             continue
         try:
             import peft
@@ -67,7 +72,7 @@ def providers(lora: bool) -> dict[str, nn.Module]:
             continue
         # PEFT's adapters stay float32, its default (and bench_qlora's)
         wrapped["PEFT LoRA on " + name] = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK,
-                                                                             target_modules=["0"]))
+                                                                             target_modules=["0"])).to(device)
     return wrapped
 
 
@@ -85,17 +90,20 @@ def call(model: nn.Module, case: str, x: torch.Tensor):
     return step
 
 
-def measure(fns: dict, calls: int, rounds: int) -> dict[str, tuple[float, float, float]]:
+def measure(fns: dict, calls: int, rounds: int, device: torch.device) -> dict[str, tuple[float, float, float]]:
     """name -> (median, p20, p80) us a call; providers alternate round by round."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
         for _ in range(calls // 10 + 1):  # warm-up
             fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
+            sync()
             times[name].append(1e6 * (time.perf_counter() - start) / calls)
     return {name: _common.summarize(t) for name, t in times.items()}
 
@@ -104,21 +112,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds of 200 calls")
     parser.add_argument("--out", type=Path, default=_common.RESULTS / "op_calls.json")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     calls, rounds = (200, 3) if args.quick else (2000, 7)
-    x = torch.randn(1, 1, FEATURES, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x = torch.randn(1, 1, FEATURES, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
     rows = []
     for lora in (False, True):
-        models = providers(lora)
+        models = providers(lora, device)
         for case in ("forward, no grad", "forward, x requires grad", "forward + backward"):
             fns = {name: call(m, case, x) for name, m in models.items()}
             with torch.set_grad_enabled(case != "forward, no grad"):
-                result = measure(fns, calls, rounds)
+                result = measure(fns, calls, rounds, device)
             base = next(iter(result.values()))[0]
             for name, (us, p20, p80) in result.items():
                 rows.append({"case": case + (" (LoRA)" if lora else ""), "provider": name, "us": us, "p20_us": p20,
                              "p80_us": p80, "ratio": base / us})
-    _common.report(args.out, rows, COLUMNS, torch.device("cpu"))
+    _common.report(args.out, rows, COLUMNS, device)
     return rows
 
 

@@ -15,7 +15,8 @@
 #   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back;
 #   PYOPS=1 adds the eager 7B step with LOWRANK_PYTHON_OPS=1, its table in bench.log; LUT=1 the op tests and
 #   the op's back-to-back decode timing with mma-lut as the ops' GEMV, LOWRANK_CUDA_GEMV=mma-lut; OPTIM=1
-#   bench_optim, PagedAdamW's 8-bit states against AdamW and AdamW8bit, its table in bench.log)
+#   bench_optim, PagedAdamW's 8-bit states against AdamW and AdamW8bit, its table in bench.log; OPCALLS=1
+#   bench_op_calls on CUDA, the CPU cost of one 4-bit layer's call with and without LoRA against PEFT's)
 # Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 85 + 20
 # + 80 + 135 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
 # PART=2: about 11.8 minutes in all, over the device tool's 10 minutes a call. The steps are in
@@ -97,6 +98,10 @@ if [ "${LUT:-0}" = 1 ]; then  # mma-lut as the ops' GEMV (csrc/nf4_cuda_gemv.cu,
     tests/csrc/test_cuda_kernels.py -k "op_"
   step 40 "$OUT/bench.log" "bench_nf4_cuda --back-to-back, LOWRANK_CUDA_GEMV=mma-lut" env LOWRANK_CUDA_GEMV=mma-lut \
     python3 benchmarks/bench_nf4_cuda.py --back-to-back --out /tmp/nf4_cuda_lut.json
+fi
+if [ "${OPCALLS:-0}" = 1 ]; then  # what one call of a tiny 4-bit layer (with LoRA) costs on this machine: the 7B step's lever
+  step 60 "$OUT/bench.log" "bench_op_calls --device cuda" python3 benchmarks/bench_op_calls.py --device cuda \
+    --out /tmp/op_calls.json
 fi
 if [ "${OPTIM:-0}" = 1 ]; then  # an optimizer step over 4 layers of 7B LoRA adapters: AdamW, 8-bit states, AdamW8bit
   step 40 "$OUT/bench.log" "bench_optim" python3 benchmarks/bench_optim.py --out /tmp/optim.json
