@@ -134,3 +134,25 @@ def test_compiled_autograd_runs_the_cpp_nodes():
         torch.compile(loss, backend="eager", fullgraph=True)(x, b).backward()
     assert counters["compiled_autograd"]["captures"] == 1
     assert torch.equal(x.grad, expected[0]) and torch.equal(b.grad, expected[1])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_backward_is_the_grad_input_op_and_a_sum(device):
+    """The C++ backward on each device: grad_x is exactly the nf4_linear_grad_input op on grad_y
+    (what library.py's backward calls), grad_b exactly grad_y summed over the leading dimensions,
+    and the double backward exactly nf4_linear on the incoming gradient."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator().manual_seed(5)
+    q = nf4.quantize(torch.randn(48, 256, generator=g), 64, True).to(device)
+    fields = (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
+    for m in (1, 40):  # the GEMV, and dequantize + matmul
+        x = torch.randn(2, m, 256, generator=g).to(device, torch.bfloat16).requires_grad_()
+        b = torch.randn(48, generator=g).to(device, torch.bfloat16).requires_grad_()
+        gy = torch.randn(2, m, 48, generator=g).to(device, torch.bfloat16).requires_grad_()
+        gx, gb = torch.autograd.grad(ops.nf4_linear(x, q, b), (x, b), gy, create_graph=True)
+        assert torch.equal(gx, torch.ops.lowrank.nf4_linear_grad_input(gy.detach(), *fields))
+        assert torch.equal(gb, gy.detach().reshape(-1, 48).sum(0))
+        gg = torch.randn(2, m, 256, generator=g).to(device, torch.bfloat16)
+        (ggy,) = torch.autograd.grad(gx, gy, gg)
+        assert torch.equal(ggy, torch.ops.lowrank.nf4_linear(gg, *fields, None))
