@@ -218,7 +218,7 @@ def quantize_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
     s = (x * inv).clamp_(-1.0, 1.0)
     grid = ((s + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)  # (n,) in 0..65535
     codes = _table("lut", signed, x.device)[grid]
-    codes[zero_block.repeat_interleave(blocksize)[: x.numel()]] = 0
+    codes.masked_fill_(zero_block.repeat_interleave(blocksize)[: x.numel()], 0)  # no boolean indexing: no GPU sync
     return codes, absmax
 
 
