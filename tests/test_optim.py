@@ -212,3 +212,21 @@ def test_cuda_8bit_states_are_managed_and_the_first_step_is_the_cpus():
     eps = torch.finfo(torch.float32).eps
     ulp = torch.nextafter(big_cpu.abs(), torch.tensor(float("inf"))) - big_cpu.abs()
     assert ((big.cpu() - big_cpu).abs() <= 8 * eps * 1e-2 + 2 * ulp).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("paged", [False, True])
+def test_cuda_8bit_step_never_waits_for_the_gpu(paged):
+    """The 8-bit update (batched, CUDA's default) and AdamW's for the small tensor make no
+    host-device synchronization torch can see (set_sync_debug_mode raises on one)."""
+    params, opt = _train_8bit(PagedAdamW, torch.float32, steps=1, device="cuda", state_bits=8, paged=paged)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(opt.state[params[0]]["step"]) == 2

@@ -123,6 +123,26 @@ def test_quantizes_on_the_weights_device():
     torch.testing.assert_close(model(x), dense(x))
 
 
+@pytest.mark.gpu
+def test_a_qlora_layer_never_waits_for_the_gpu():
+    """A 4-bit layer with LoRA, forward and backward in bfloat16 on CUDA (the GEMV at 4 rows,
+    dequantize + cuBLAS at 64), makes no host-device synchronization that torch can see
+    (set_sync_debug_mode raises on one): an eager training step can run ahead of the GPU."""
+    model = nn.Sequential(nn.Linear(256, 512)).cuda().to(torch.bfloat16)
+    quantize(model, NF4Config(compute_dtype=torch.bfloat16))
+    inject(model, LoraConfig(r=8, targets=["0"]))
+    xs = [torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True) for rows in (4, 64)]
+    model(xs[0]).sum().backward()  # warm-up: first calls may allocate, load kernels, read the environment
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in xs:
+            model(x).float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(x.grad is not None for x in xs)
+
+
 # -- the state dict --------------------------------------------------------------------
 
 def test_model_state_dict_round_trip():
