@@ -192,6 +192,11 @@ def test_8bit_arguments_are_checked():
         PagedAdamW(p, state_bits=8, min_8bit_size=-1)
     with pytest.raises(TypeError, match="foreach must be None .*, True or False; got 'yes'"):
         PagedAdamW(p, foreach="yes")
+    sharded = torch.nn.Parameter(torch.zeros(8192))
+    sharded.to_local = lambda: sharded  # what marks an FSDP2 DTensor here
+    sharded.grad = torch.ones(8192)
+    with pytest.raises(ValueError, match=r"state_bits=8 does not take FSDP2-sharded \(DTensor\) parameters"):
+        AdamW8bit([sharded]).step()
 
 
 @pytest.mark.gpu
