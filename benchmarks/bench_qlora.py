@@ -24,7 +24,8 @@ projections, activation checkpointing, bf16 compute on any device. Each provider
 (_qlora_build: meta device, then one decoder layer at a time, quantized at once), measured and
 freed before the other, so two models never share the GPU. Rows add the model's memory after
 quantize + inject, the peak of a training step (max over the warm-up step and the timed steps),
-tokens/s and its ratio, the build time; the JSON is rewritten after each provider, and every
+tokens/s and its ratio, host_ms (the time to queue a step up to reading its loss: on a GPU the
+CPU's share; close to ms means the step waits on the CPU), the build time; the JSON is rewritten after each provider, and every
 step prints a line, so a run cut short still leaves output.
 """
 
@@ -55,7 +56,7 @@ QUICK = dict(hidden=256, layers=1, batch=1, seq=16, reps=3)  # rows of 256 and 7
 LLAMA7B = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, batch=1, seq=2048, reps=5)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COLUMNS = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "first_loss", "peak_mib"]
-COLUMNS_7B = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "tokens_per_s", "tokens_ratio",
+COLUMNS_7B = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "host_ms", "ratio", "tokens_per_s", "tokens_ratio",
               "first_loss", "last_loss", "model_mib", "peak_mib", "build_s"]
 
 # Note: whole blocks per row. bitsandbytes 0.50's CPU dequantize reads the scales per row,
@@ -71,14 +72,20 @@ def compiled_suffix(args) -> str:
     return " compiled" + (f" ({args.compile['mode']})" if "mode" in args.compile else "")
 
 
-def step_fn(model, ids, losses: list):
+def step_fn(model, ids, losses: list, host: list | None = None):
+    """One training step; `host` gets the seconds it took to queue it, up to reading the loss (on a
+    GPU: the CPU's share of the step; when it is close to the step's time, the step waits on the
+    CPU, not on the kernels)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
+        start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if host is not None:
+            host.append(time.perf_counter() - start)
         losses.append(loss.item())
 
     return step
@@ -216,7 +223,8 @@ def measure(provider: str, make, config, ids: torch.Tensor, reps: int, device: t
                                            f"{mib(device, torch.cuda.max_memory_allocated):.0f})")
     print(f"{provider}: built in {build_s:.1f} s{memory}", flush=True)
     losses: list[float] = []
-    step = step_fn(model, ids, losses)
+    host: list[float] = []
+    step = step_fn(model, ids, losses, host)
     del model  # the step's closure holds the model and its optimizer from here
 
     def run(label: str) -> float:
@@ -233,7 +241,8 @@ def measure(provider: str, make, config, ids: torch.Tensor, reps: int, device: t
     if profiled:
         profile_step(provider, step, device)
     ms, p20, p80 = _common.summarize([1e3 * t for t in times])
-    return {"ms": ms, "p20_ms": p20, "p80_ms": p80, "tokens_per_s": ids.numel() / (ms / 1e3),
+    host_ms = _common.summarize([1e3 * t for t in host[1:1 + reps]])[0]  # the timed steps' (not warm-up, profile)
+    return {"ms": ms, "p20_ms": p20, "p80_ms": p80, "host_ms": host_ms, "tokens_per_s": ids.numel() / (ms / 1e3),
             "first_loss": losses[0], "last_loss": losses[-1], "model_mib": model_mib,
             "peak_mib": None if None in peaks else max(peaks), "build_s": build_s}
 

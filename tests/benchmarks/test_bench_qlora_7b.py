@@ -92,6 +92,7 @@ def test_tiny_llama7b_run_writes_rows(tmp_path, models, capsys):
     assert all(r["shape"].startswith("llama-2-7b h128 i384 L2 v512 b1x64 bf16") for r in rows)
     for r in rows:
         assert 0 < r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["build_s"] > 0
+        assert 0 < r["host_ms"] <= r["p80_ms"]  # queueing is part of the step (all of it on the CPU)
         assert r["tokens_per_s"] == pytest.approx(TINY["seq"] / (r["ms"] / 1e3))  # batch 1
         assert r["model_mib"] is None and r["peak_mib"] is None  # the CPU: no CUDA memory counters
     lowrank, peft_row = rows
