@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lowrank import nf4
 from lowrank.optim import AdamW8bit, PagedAdamW
@@ -108,6 +110,33 @@ def test_8bit_updates_equal_bitsandbytes_adamw8bit(paged, dtype, foreach):
             assert torch.equal(a[f"absmax{i}"].view(torch.float32), b[f"absmax{i}"])
     assert torch.equal(ours[3], ref[3])
     assert set(opt.state[ours[3]]) == {"step", "exp_avg", "exp_avg_sq"}  # AdamW's float32 moments
+
+
+@given(n=st.integers(1, 3000), lr=st.sampled_from([1e-4, 1e-2, 0.5]), betas=st.sampled_from([(0.9, 0.999), (0.5, 0.9)]),
+       eps=st.sampled_from([1e-8, 1e-3]), wd=st.sampled_from([0.0, 0.1]), steps=st.integers(1, 3),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_8bit_equals_adamw8bit_for_any_size_and_hyperparameters(n, lr, betas, eps, wd, steps, bf16, seed):
+    """One tensor of any size (short last blocks, blocks of zeros when the gradient is sparse),
+    AdamW8bit's hyperparameters drawn: the same values and codes as bitsandbytes', bit for bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    start = torch.randn(n, generator=g).to(dtype)
+    grads = [(torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.5)).to(dtype) for _ in range(steps)]
+    results = []
+    for make in (lambda ps: AdamW8bit(ps, lr=lr, betas=betas, eps=eps, weight_decay=wd, min_8bit_size=0),
+                 lambda ps: bnb.optim.AdamW8bit(ps, lr=lr, betas=betas, eps=eps, weight_decay=wd, min_8bit_size=0)):
+        p = torch.nn.Parameter(start.clone())
+        opt = make([p])
+        for grad in grads:
+            p.grad = grad.clone()
+            opt.step()
+        results.append((p.detach(), opt.state[p]))
+    (ours, a), (theirs, b) = results
+    assert torch.equal(ours, theirs)
+    for i in (1, 2):
+        assert torch.equal(a[f"state{i}"], b[f"state{i}"]) and torch.equal(a[f"absmax{i}"].view(torch.float32),
+                                                                          b[f"absmax{i}"])
 
 
 def test_adamw8bit_is_paged_adamw_with_8bit_states():
