@@ -26,7 +26,7 @@
 # needs no build: the Triton kernels compile on the spot, and bench_nf4_linear times lowrank._C
 # only where the first part built it).
 # New since the last GPU run, and run on a GPU here first: the staged GEMVs (ids 3, 4), the pair-table
-# GEMV mma-lut (id 5: flip kGemvAuto in nf4_cuda_gemv.cu's launch() to it if it is right and fastest)
+# GEMV mma-lut (id 5: make it the default of auto_half_kernel in nf4_cuda_gemv.cu if it is right and fastest),
 # the ops' CUDA kernels in C++ (csrc/dispatch.h) and their autograd in C++ (csrc/autograd.cpp). If either
 # fails, LOWRANK_PYTHON_OPS=1 takes the ops back to their Python kernels and autograd (the path of the
 # earlier runs) for the rest: PYOPS=1 also times that.
