@@ -14,7 +14,7 @@ import traceback
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from lowrank import AdapterConfig, LoraConfig, NF4Config, PrefixConfig, PromptConfig, inject, load_adapter, quantize, save_adapter, summary
+from lowrank import AdamW8bit, AdapterConfig, LoraConfig, NF4Config, PrefixConfig, PromptConfig, inject, load_adapter, quantize, save_adapter, summary
 from lowrank.distributed import full_tensor
 from tests.tuners import models
 
@@ -100,11 +100,20 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def train_single(config: str, base: str):
+def adamw(params):
+    return torch.optim.AdamW(params, lr=LR)
+
+
+def adamw_8bit(params):
+    """8-bit states for every tensor (the tiny model's adapters are below the default threshold)."""
+    return AdamW8bit(params, lr=LR, min_8bit_size=0)
+
+
+def train_single(config: str, base: str, optimizer=adamw):
     """The single-process reference (Note: the same arithmetic as one process)."""
     with one_thread():
         model = build(config, base)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        opt = optimizer(model.parameters())
         for _ in range(STEPS):
             for rank in range(WORLD):
                 (loss(model, rank) / WORLD).backward()
@@ -153,6 +162,21 @@ def run_case(rank: int, mode: str, config: str, base: str, out: str, mesh) -> di
     if savable(CONFIGS[config]):
         result |= save_and_load(rank, mode, config, base, model, out, mesh)
     return result
+
+
+def train_ddp_8bit(rank: int) -> dict:
+    """LoRA on the 4-bit base under DDP with lowrank.AdamW8bit: each rank updates its copy from the
+    averaged gradients, so its adapters must equal the one-process run with the same optimizer."""
+    model = build("lora", "nf4")
+    trained = DistributedDataParallel(model)
+    opt = adamw_8bit(trained.parameters())
+    for _ in range(STEPS):
+        loss(trained, rank).backward()
+        opt.step()
+        opt.zero_grad()
+    codes = [s["state1"].dtype for s in opt.state.values()]
+    return {"trained": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "state_dtypes": sorted({str(d) for d in codes})}
 
 
 def save_and_load(rank, mode, config, base, model, out, mesh) -> dict:
@@ -227,4 +251,8 @@ def worker(rank: int, world: int, out: str) -> None:
             results[case_name(mode, config, base)] = run_case(rank, mode, config, base, out, mesh)
         except Exception:
             results[case_name(mode, config, base)] = {"error": traceback.format_exc()}
+    try:
+        results["ddp-lora-nf4-adamw8bit"] = train_ddp_8bit(rank)
+    except Exception:
+        results["ddp-lora-nf4-adamw8bit"] = {"error": traceback.format_exc()}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
