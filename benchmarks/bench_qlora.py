@@ -25,8 +25,8 @@ projections, activation checkpointing, bf16 compute on any device. Each provider
 freed before the other, so two models never share the GPU. Rows add the model's memory after
 quantize + inject, the peak of a training step (max over the warm-up step and the timed steps),
 tokens/s and its ratio, host_ms (the time to queue a step up to reading its loss: on a GPU the
-CPU's share; close to ms means the step waits on the CPU), the build time; the JSON is rewritten after each provider, and every
-step prints a line, so a run cut short still leaves output.
+CPU's share; close to ms means the step waits on the CPU), the build time; the JSON is rewritten
+after each provider, and every step prints a line, so a run cut short still leaves output.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # flat batches (_batches): blocks never straddle two tensors and every operation is elementwise
 # or blockwise, so the results are each tensor's own, in ~30 kernel launches a batch, not a tensor.
 _STATE_8BIT = ("state1", "state2", "absmax1", "absmax2")
+_CODED = (("exp_avg", True), ("exp_avg_sq", False))  # AdamW's name of state{i} / absmax{i}, i = 1, 2; signed map
 _PAGED = _MOMENTS + _STATE_8BIT  # every state tensor that lives in managed memory
 BLOCKSIZE_8BIT = 256
 BATCH_ELEMENTS = 2**20  # foreach: at most this many elements of parameters updated as one flat tensor
@@ -98,7 +99,7 @@ class PagedAdamW(torch.optim.AdamW):
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None (on CUDA), True or False; got {foreach!r}")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach)
-        self.paged, self.state_bits, self.min_8bit_size, self.foreach = paged, state_bits, min_8bit_size, foreach
+        self.paged, self.state_bits, self.min_8bit_size = paged, state_bits, min_8bit_size
 
     def _in_8bit(self, p: torch.Tensor) -> bool:
         return self.state_bits == 8 and p.numel() >= self.min_8bit_size
@@ -116,7 +117,7 @@ class PagedAdamW(torch.optim.AdamW):
         hidden = []
         try:
             for group in self.param_groups:
-                for batch in self._batches([p for p in group["params"] if p.grad is not None and self._in_8bit(p)]):
+                for batch in self._batches(group, [p for p in group["params"] if p.grad is not None and self._in_8bit(p)]):
                     self._step_8bit(group, batch)
                     for p in batch:
                         hidden.append((p, p.grad))
@@ -134,15 +135,16 @@ class PagedAdamW(torch.optim.AdamW):
         with torch.cuda.use_mem_pool(managed_pool(p.device), device=p.device):
             return torch.zeros(shape, dtype=dtype, device=p.device)
 
-    def _batches(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """The 8-bit parameters of a group in the batches _step_8bit updates together: with foreach
-        (default: on CUDA), those of one device, dtype and step count that are whole blocks of 256,
-        up to BATCH_ELEMENTS elements a batch (its float32 temporaries, ~12 of them, stay ~50 MiB);
-        every other one alone."""
+    def _batches(self, group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The 8-bit parameters of a group in the batches _step_8bit updates together: with the
+        group's foreach (default: on CUDA), those of one device, dtype and step count that are
+        whole blocks of 256, up to BATCH_ELEMENTS elements a batch (its float32 temporaries, ~12 of
+        them, stay ~50 MiB); every other one alone."""
         batches: list[list[torch.Tensor]] = []
         filling: dict[tuple, tuple[int, int]] = {}  # key -> (index of its open batch, elements in it)
         for p in params:
-            if not ((self.foreach if self.foreach is not None else p.is_cuda) and p.numel() % BLOCKSIZE_8BIT == 0):
+            foreach = group["foreach"] if group["foreach"] is not None else p.is_cuda
+            if not (foreach and p.numel() % BLOCKSIZE_8BIT == 0):
                 batches.append([p])
                 continue
             key = (p.device, p.dtype, int(self.state[p]["step"]) if self.state[p] else 0)
@@ -176,11 +178,11 @@ class PagedAdamW(torch.optim.AdamW):
         if self._in_8bit(p) and "exp_avg" in state:
             if "max_exp_avg_sq" in state:
                 raise ValueError("a state dict of an amsgrad=True optimizer cannot be loaded with state_bits=8")
-            for i, (name, signed) in enumerate((("exp_avg", True), ("exp_avg_sq", False)), start=1):
+            for i, (name, signed) in enumerate(_CODED, start=1):
                 codes, absmax = nf4.quantize_8bit(state.pop(name).float().reshape(-1), BLOCKSIZE_8BIT, signed=signed)
                 state[f"state{i}"], state[f"absmax{i}"] = codes.view(p.shape), absmax.view(torch.int32)
         elif not self._in_8bit(p) and "state1" in state:
-            for i, (name, signed) in enumerate((("exp_avg", True), ("exp_avg_sq", False)), start=1):
+            for i, (name, signed) in enumerate(_CODED, start=1):
                 moment = nf4.dequantize_8bit(state.pop(f"state{i}").reshape(-1),
                                              state.pop(f"absmax{i}").view(torch.float32), BLOCKSIZE_8BIT, signed=signed)
                 state[name] = moment.view(p.shape).to(p.dtype)
@@ -217,7 +219,7 @@ class PagedAdamW(torch.optim.AdamW):
             for p, new in zip(params, p32.split(sizes)):
                 p.copy_(new.view(p.shape))  # one rounding to p's dtype
         blocks = [s["absmax1"].numel() for s in states]
-        for i, (moment, signed) in enumerate(((m, True), (v, False)), start=1):
+        for i, (moment, (_, signed)) in enumerate(zip((m, v), _CODED), start=1):
             codes, absmax = nf4.quantize_8bit(moment, BLOCKSIZE_8BIT, signed=signed)
             for state, c, a in zip(states, codes.split(sizes), absmax.split(blocks)):
                 state[f"state{i}"].view(-1).copy_(c)

@@ -100,7 +100,7 @@ def test_8bit_updates_equal_bitsandbytes_adamw8bit(paged, dtype, foreach):
     theirs, opt_bnb = _train_8bit(bnb.optim.AdamW8bit, dtype)
     ref, _ = _train_8bit(torch.optim.AdamW, dtype)
     if foreach:
-        assert [len(b) for b in opt._batches(ours[:3])] == [2, 1]  # big + wide together, odd alone
+        assert [len(b) for b in opt._batches(opt.param_groups[0], ours[:3])] == [2, 1]  # big + wide together, odd alone
     for p, q in zip(ours[:3], theirs[:3]):
         assert torch.equal(p, q)
         a, b = opt.state[p], opt_bnb.state[q]
@@ -153,9 +153,9 @@ def test_8bit_batches_are_capped(monkeypatch):
 
     params, opt = _train_8bit(PagedAdamW, torch.float32, steps=1, state_bits=8, paged=False, foreach=True)
     monkeypatch.setattr(optim, "BATCH_ELEMENTS", 20480)
-    assert [[p.numel() for p in b] for b in opt._batches(params[:3] * 2)] == [[8192, 12288], [4099], [8192, 12288], [4099]]
+    assert [[p.numel() for p in b] for b in opt._batches(opt.param_groups[0], params[:3] * 2)] == [[8192, 12288], [4099], [8192, 12288], [4099]]
     monkeypatch.setattr(optim, "BATCH_ELEMENTS", 10000)
-    assert [len(b) for b in opt._batches(params[:3])] == [1, 1, 1]
+    assert [len(b) for b in opt._batches(opt.param_groups[0], params[:3])] == [1, 1, 1]
 
 
 def test_8bit_states_take_a_quarter_of_the_memory():

@@ -246,9 +246,7 @@ def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 def dequantize_scales(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """absmax[b] = dynamic[qabsmax[b]] * nested_absmax[b // 256] + offset, each step
     rounded to float32 in that order."""
-    values = DYNAMIC_CODE.to(qabsmax.device)[qabsmax.long()]
-    scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: values.numel()]
-    return values * scale + offset.to(values.device)
+    return dequantize_8bit(qabsmax, nested_absmax) + offset.to(qabsmax.device)
 
 
 # ---------------------------------------------------------------------------------------

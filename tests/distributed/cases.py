@@ -174,9 +174,8 @@ def train_ddp_8bit(rank: int) -> dict:
         loss(trained, rank).backward()
         opt.step()
         opt.zero_grad()
-    codes = [s["state1"].dtype for s in opt.state.values()]
     return {"trained": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-            "state_dtypes": sorted({str(d) for d in codes})}
+            "state_dtypes": sorted({str(s["state1"].dtype) for s in opt.state.values()})}
 
 
 def save_and_load(rank, mode, config, base, model, out, mesh) -> dict:
