@@ -156,6 +156,7 @@ void register_autograd() {
     return l;
   }();
   (void)lib;
+  register_lora_add();
 }
 
 }  // namespace lowrank

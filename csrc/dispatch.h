@@ -39,7 +39,9 @@ bool grad_input_ok(const at::Tensor& grad_y, const at::Tensor& packed, const at:
 
 // Registers the C++ autograd of nf4_linear and nf4_linear_grad_input (autograd.cpp, Note:
 // autograd in C++); lowrank/ops/csrc.py calls it, once, instead of library.py's Python autograd.
+// It registers lowrank::lora_add's kernel and autograd too (lora.cpp, Note: LoRA in one node).
 void register_autograd();
+void register_lora_add();
 
 // The ops' Python kernels (library.py), for the calls the C++ kernels hand back.
 at::Tensor python_dequantize(const at::Tensor& packed, const at::Tensor& absmax,

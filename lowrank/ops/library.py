@@ -13,6 +13,7 @@ subclass and other libraries can call them with tensors from a bitsandbytes chec
     nf4_dequantize(...)          -> W in `dtype`                       (shape)
     nf4_linear(x, ..., bias)     -> y = x @ W^T + bias, W in x.dtype   (..., N)
     nf4_linear_grad_input(gy, ...) -> gx = gy @ W                      (..., K)
+    lora_add(y, x, A, B, s)      -> y + s (x @ A^T) @ B^T              (..., out)   (LoRA's addition)
 
 Each op's kernel asks backends.choose(op, device) which implementation runs; the
 reference (lowrank/ops/reference.py) is registered for every device. Where lowrank._C is
@@ -43,6 +44,7 @@ OPS = {
     "nf4_dequantize": f"nf4_dequantize({_WEIGHT}, ScalarType dtype) -> Tensor",
     "nf4_linear": f"nf4_linear(Tensor x, {_WEIGHT}, Tensor? bias) -> Tensor",
     "nf4_linear_grad_input": f"nf4_linear_grad_input(Tensor grad_y, {_WEIGHT}) -> Tensor",
+    "lora_add": "lora_add(Tensor y, Tensor x, Tensor lora_A, Tensor lora_B, float scale) -> Tensor",
 }
 for _schema in OPS.values():
     _lib.define(_schema)
@@ -254,14 +256,104 @@ def _grad_input_backward(ctx, grad_grad_x):
 
 
 
+# ---------------------------------------------------------------------------------------
+# lora_add: a LoRA adapter's addition to its layer's output
+# ---------------------------------------------------------------------------------------
+
+# Note: lora_add. out = y + s * (x @ A^T) @ B^T, with y the base layer's output (..., out), x its
+# (dropped-out) input (..., in), A (r, in), B (out, r), all of one floating dtype and device: the
+# eager LoRA path of lowrank.LoraLinear and PEFT (lora_B(lora_A(x)) * s, added to y), as one op
+# whose autograd is one node. lowrank._C runs it in C++ (csrc/lora.cpp, Note: LoRA in one node),
+# where LoraLinear calls it; the kernel and autograd below are the same math in Python, registered
+# only without lowrank._C's (by register_python_autograd). The gradients are those of eager
+# autograd's nodes for the same calls, in the same layouts (_mm_grads), so the op equals the eager
+# path bit for bit where matmul folds x's leading dimensions into rows (x contiguous).
+def _check_lora_add(y, x, lora_A, lora_B) -> None:
+    torch._check(lora_A.dim() == 2 and lora_B.dim() == 2,
+                 lambda: f"lora_A must be (r, in) and lora_B (out, r), got shapes {list(lora_A.shape)} and {list(lora_B.shape)}")
+    torch._check(x.dim() >= 1 and x.shape[-1] == lora_A.shape[1] and lora_B.shape[1] == lora_A.shape[0],
+                 lambda: "x (..., in) must match lora_A (r, in) and lora_B (out, r); got x "
+                 f"{list(x.shape)}, lora_A {list(lora_A.shape)}, lora_B {list(lora_B.shape)}")
+    out_shape = [*x.shape[:-1], lora_B.shape[0]]
+    torch._check(list(y.shape) == out_shape,
+                 lambda: f"y must have the output's shape {out_shape} (x's leading dimensions, lora_B's out), got {list(y.shape)}")
+    torch._check(x.dtype.is_floating_point and y.dtype == x.dtype == lora_A.dtype == lora_B.dtype,
+                 lambda: "y, x, lora_A and lora_B must share one floating dtype, got "
+                 f"{y.dtype}, {x.dtype}, {lora_A.dtype}, {lora_B.dtype}")
+    torch._check(y.device == x.device == lora_A.device == lora_B.device,
+                 lambda: f"y, x, lora_A and lora_B must be on one device, got {y.device}, {x.device}, {lora_A.device}, {lora_B.device}")
+
+
+@torch.library.register_fake("lowrank::lora_add")
+def _(y, x, lora_A, lora_B, scale):
+    _check_lora_add(y, x, lora_A, lora_B)
+    return x.new_empty((*x.shape[:-1], lora_B.shape[0]))  # a fresh contiguous tensor, as the kernels return
+
+
+def lora_add_kernel(y, x, lora_A, lora_B, scale):
+    _check_lora_add(y, x, lora_A, lora_B)
+    if x.dim() >= 3 and lora_A.requires_grad:  # eager matmul folds x into rows then (copying it if it must);
+        u = _rows(x).mm(lora_A.t()).view(*x.shape[:-1], lora_A.shape[0])  # below autograd A.t() does not require grad
+    else:
+        u = torch.nn.functional.linear(x, lora_A)  # (..., in) -> (..., r)
+    return (torch.nn.functional.linear(u, lora_B) * scale).add_(y)  # y + s u B^T: IEEE addition commutes
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) as the (M, K) matrix matmul folds it into for mm."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _column_major(t: torch.Tensor) -> bool:
+    return t.stride(0) == 1 and t.stride(1) == t.shape[0]
+
+
+def _mm_grads(grad, mat1, mat2, need1: bool, need2: bool) -> tuple:
+    """The gradients of mm(mat1, mat2) as autograd's MmBackward0 computes them (torch's
+    mm_mat1_backward / mm_mat2_backward): an operand that was column-major gets its gradient
+    column-major, through the transposed product."""
+    g1 = (mat2.mm(grad.t()).t() if _column_major(mat1) else grad.mm(mat2.t())) if need1 else None
+    g2 = (grad.t().mm(mat1).t() if _column_major(mat2) else mat1.t().mm(grad)) if need2 else None
+    return g1, g2
+
+
+def _lora_add_setup_context(ctx, inputs, output):
+    y, x, lora_A, lora_B, scale = inputs
+    ctx.save_for_backward(x, lora_A, lora_B)
+    ctx.scale = scale
+
+
+# Eager autograd's nodes from the output back: Add (y's gradient is the output's), Mul (times s),
+# then lora_B's linear (UnsafeView to M rows, Mm, T) and lora_A's (Mm, T, View to x's shape); u is
+# recomputed here (setup_context sees no intermediate), the C++ autograd keeps it.
+def _lora_add_backward(ctx, grad):
+    x, lora_A, lora_B = ctx.saved_tensors
+    _, need_x, need_A, need_B, _ = ctx.needs_input_grad
+    grad_x = grad_A = grad_B = None
+    if need_x or need_A or need_B:
+        x2 = _rows(x)  # (M, in)
+        u2 = x2.mm(lora_A.t()) if need_B else x2.new_empty(len(x2), lora_A.shape[0])  # (M, r): the forward's u
+        grad_v = _rows(grad * ctx.scale)  # (M, out)                        # recomputed, or its layout
+        grad_u, grad_Bt = _mm_grads(grad_v, u2, lora_B.t(), need_x or need_A, need_B)
+        grad_B = None if grad_Bt is None else grad_Bt.t()
+        if need_x or need_A:
+            grad_x2, grad_At = _mm_grads(grad_u, x2, lora_A.t(), need_x, need_A)
+            grad_x = None if grad_x2 is None else grad_x2.reshape(x.shape)
+            grad_A = None if grad_At is None else grad_At.t()
+    return (grad if ctx.needs_input_grad[0] else None), grad_x, grad_A, grad_B, None
+
+
 def register_python_autograd() -> None:
-    """Registers the autograd above for nf4_linear and nf4_linear_grad_input. lowrank/ops/__init__.py
-    calls this, once, when lowrank._C's C++ autograd (the same math: csrc/autograd.cpp, Note:
-    autograd in C++) is not registered instead: without lowrank._C, or with LOWRANK_PYTHON_OPS=1."""
+    """Registers the autograd above for nf4_linear and nf4_linear_grad_input, and lora_add's
+    kernel and autograd. lowrank/ops/__init__.py calls this, once, when lowrank._C's (the same
+    math: csrc/autograd.cpp, Note: autograd in C++; csrc/lora.cpp) are not registered instead:
+    without lowrank._C, or with LOWRANK_PYTHON_OPS=1."""
     torch.library.register_autograd("lowrank::nf4_linear", _linear_backward, setup_context=_setup_context)
     torch.library.register_autograd(
         "lowrank::nf4_linear_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
     )
+    _lib.impl("lora_add", lora_add_kernel, "CompositeExplicitAutograd")
+    torch.library.register_autograd("lowrank::lora_add", _lora_add_backward, setup_context=_lora_add_setup_context)
 
 
 # ---------------------------------------------------------------------------------------

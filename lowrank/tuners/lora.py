@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules import module as _module
 
 from ..config import LoraConfig
+from ..ops import csrc
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like
 from .base import TunerLayer
 from .lora_base import LoraLayer
@@ -55,6 +57,32 @@ class LoraLinear(LoraLayer):
     def _lora(self, name, x):
         return self.lora_B[name](self.lora_A[name](x))  # (..., in) -> (..., r) -> (..., out)
 
+    # Note: LoRA in one op. Where lowrank._C's autograd is loaded (ops.csrc.CPP_AUTOGRAD), a plain
+    # LoRA adapter adds itself through lowrank::lora_add: the same calls as
+    # result + lora_B(lora_A(dropout(x))) * s, one C++ autograd node instead of ten and no
+    # module calls (csrc/lora.cpp, Note: LoRA in one node), equal to that path bit for bit,
+    # gradients included. Where that could differ or skip something, the modules run as before:
+    # DoRA, torch.compile tracing (Inductor fuses the plain ops itself), torch.func transforms
+    # (C++ autograd Functions do not support them), autocast (the op has no autocast rule: F.linear
+    # casts), mixed dtypes, x of one dimension or not contiguous (matmul would not fold it into
+    # rows as the op's backward does), tensor subclasses (DTensor, fake tensors) and hooks on the
+    # factor modules.
+    def _add_delta(self, name, result, x, base_out):
+        A, B = self.lora_A[name], self.lora_B[name]
+        if not (csrc.CPP_AUTOGRAD and _plain(A) and _plain(B) and not _global_hooks()
+                and name not in self.lora_magnitude_vector and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active()):  # fmt: skip
+            return super()._add_delta(name, result, x, base_out)
+        drop = self.lora_dropout[name]
+        if type(drop) is not nn.Identity:
+            x = drop(x)
+        a, b = A._parameters["weight"], B._parameters["weight"]
+        if (type(x) is torch.Tensor and type(result) is torch.Tensor and type(a) is type(b) is nn.Parameter
+                and x.dim() >= 2 and x.is_contiguous() and x.dtype == result.dtype == a.dtype == b.dtype
+                and not torch.is_autocast_enabled(x.device.type)):  # fmt: skip
+            return torch.ops.lowrank.lora_add(result, x, a, b, self.scaling[name])
+        return result + self._lora(name, x) * self.scaling[name]
+
     def _lora_matrix(self, name):
         return self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in) -> (out, in)
 
@@ -67,6 +95,19 @@ class LoraLinear(LoraLayer):
         if callable(getattr(self.base, "dequantize", None)):
             return self.base.dequantize()
         return self.base.weight.T if self.transposed else self.base.weight  # Conv1D stores (in, out)
+
+
+def _plain(m: nn.Module) -> bool:
+    """An nn.Linear without bias whose forward and backward no hook of its own watches (LoRA in
+    one op bypasses the module call)."""
+    return (type(m) is nn.Linear and m._parameters["bias"] is None
+            and not (m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks))  # fmt: skip
+
+
+def _global_hooks() -> bool:
+    """Whether a hook registered for every module (register_module_forward_hook, ...) would see the factors."""
+    return bool(_module._global_forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_backward_pre_hooks or _module._global_backward_hooks)  # fmt: skip
 
 
 class LoraEmbedding(LoraLayer):

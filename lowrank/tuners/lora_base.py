@@ -110,8 +110,12 @@ class LoraLayer(TunerLayer):
             return self.routed(result, x, self._delta)
         base_out = result
         for name in self.active:
-            result = result + self._delta(name, x, base_out)
+            result = self._add_delta(name, result, x, base_out)
         return result
+
+    def _add_delta(self, name: str, result: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """result + this adapter's addition (LoraLinear adds it in one op where it can)."""
+        return result + self._delta(name, x, base_out)
 
     def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """This adapter's addition to the base output."""

@@ -1,0 +1,207 @@
+// lowrank::lora_add in C++: a LoRA adapter's addition to its layer's output, one autograd node.
+// lowrank/ops/library.py (Note: lora_add) is the specification: the schema, the checks, the
+// reference kernel and its Python autograd; this is the same math without Python.
+//
+// Note: LoRA in one node. The eager LoRA path, lora_B(lora_A(x)) * s added to the base's output
+// (PEFT's order, which lowrank keeps to the bit), costs two nn.Linear module calls, a mul and an
+// add, and records ten autograd nodes (View, Mm, T and UnsafeView for each linear; Mul; Add),
+// each one a Python-free but not free step of the engine, some with saved tensors that
+// activation checkpointing packs and unpacks one by one. On the 2-core EPYC of
+// docs/benchmarks.md that was 91 us of a 4-bit LoRA layer's 163 us forward + backward, and a
+// QLoRA step of Llama-2-7B pays it for 224 layers, three times with checkpointing, while the GPU
+// waits. Here the same aten calls run in one torch::autograd::Function (node
+// CppNode<lowrank::LoraAdd>): forward u = linear(x, A), then s * linear(u, B) + y; backward
+// the gradients autograd's own nodes would give, in their order and with their layouts
+// (mm_grad_mat1 / mm_grad_mat2 below follow torch's mm_mat1_backward / mm_mat2_backward), so the
+// results equal the eager path's bit for bit where LoraLinear uses this op (x contiguous: matmul
+// folds (..., K) into (M, K) for mm, as here; tests/tuners/test_lora_add.py).
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "dispatch.h"
+#include "message.h"
+
+namespace lowrank {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::string sizes_text(c10::SymIntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) s += ", ";
+    const auto v = sizes[i].maybe_as_int();
+    s += v ? std::to_string(*v) : std::string("?");
+  }
+  return s + "]";
+}
+
+// The checks of library.py's _check_lora_add, same conditions and messages.
+void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B) {
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2,
+              message("lora_A must be (r, in) and lora_B (out, r), got shapes ", sizes_text(A.sym_sizes()), " and ",
+                      sizes_text(B.sym_sizes())));
+  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == A.sym_size(1) && B.sym_size(1) == A.sym_size(0),
+              message("x (..., in) must match lora_A (r, in) and lora_B (out, r); got x ", sizes_text(x.sym_sizes()),
+                      ", lora_A ", sizes_text(A.sym_sizes()), ", lora_B ", sizes_text(B.sym_sizes())));
+  std::vector<c10::SymInt> out_shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
+  out_shape.push_back(B.sym_size(0));
+  TORCH_CHECK(y.sym_sizes() == c10::SymIntArrayRef(out_shape),
+              message("y must have the output's shape ", sizes_text(out_shape), " (x's leading dimensions, lora_B's out), got ",
+                      sizes_text(y.sym_sizes())));
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && y.scalar_type() == x.scalar_type() &&
+                  A.scalar_type() == x.scalar_type() && B.scalar_type() == x.scalar_type(),
+              message("y, x, lora_A and lora_B must share one floating dtype, got ", y.scalar_type(), ", ",
+                      x.scalar_type(), ", ", A.scalar_type(), ", ", B.scalar_type()));
+  TORCH_CHECK(y.device() == x.device() && A.device() == x.device() && B.device() == x.device(),
+              message("y, x, lora_A and lora_B must be on one device, got ", y.device(), ", ", x.device(), ", ",
+                      A.device(), ", ", B.device()));
+}
+
+// (..., K) as the (M, K) matrix matmul folds it into for mm (a view when it can be one, as there)
+at::Tensor rows(const at::Tensor& t, const c10::SymInt& m) { return t.reshape_symint({m, t.sym_size(-1)}); }
+
+// u = x A^T (..., r) and out = s * (u B^T) + y (..., out): the eager path's calls (the sum
+// written into s u B^T, which IEEE addition leaves equal to y + s u B^T, so the output is
+// always a fresh contiguous tensor, as library.py's fake kernel says). One difference to mind:
+// eager matmul folds an x of 3 or more dimensions into rows whenever A requires grad, copying x
+// if it must; below autograd A.t() does not require grad, so that fold is made here.
+std::pair<at::Tensor, at::Tensor> forward_math(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
+                                               const at::Tensor& B, double scale) {
+  check_args(y, x, A, B);
+  at::Tensor u;
+  if (x.dim() >= 3 && A.requires_grad()) {
+    std::vector<c10::SymInt> u_shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
+    u_shape.push_back(A.sym_size(0));
+    u = at::_unsafe_view_symint(rows(x, x.sym_numel() / x.sym_size(-1)).mm(A.t()), u_shape);
+  } else {
+    u = at::linear(x, A);
+  }
+  return {u, at::mul(at::linear(u, B), scale).add_(y)};
+}
+
+// The gradients of mm(mat1, mat2) as autograd's MmBackward0 computes them (torch's
+// FunctionsManual.cpp, mm_mat1_backward / mm_mat2_backward): an operand that was column-major
+// gets its gradient column-major, through the transposed product.
+bool column_major(const at::Tensor& t) { return t.sym_stride(0) == 1 && t.sym_stride(1) == t.sym_size(0); }
+
+at::Tensor mm_grad_mat1(const at::Tensor& grad, const at::Tensor& mat2, bool mat1_column_major) {
+  return mat1_column_major ? mat2.mm(grad.t()).t() : grad.mm(mat2.t());
+}
+
+at::Tensor mm_grad_mat2(const at::Tensor& grad, const at::Tensor& mat1, bool mat2_column_major) {
+  return mat2_column_major ? grad.t().mm(mat1).t() : mat1.t().mm(grad);
+}
+
+// See Note: the factors are references.
+using SavedData = ska::flat_hash_map<std::string, at::IValue>;  // AutogradContext::saved_data
+
+void keep_factor(SavedData& d, const std::string& name, const at::Tensor& t) {
+  d[name] = t;
+  d[name + "_version"] = static_cast<int64_t>(t._version());
+}
+
+at::Tensor kept_factor(const SavedData& d, const std::string& name, bool needed) {
+  if (!needed) return at::Tensor();
+  at::Tensor t = d.at(name).toTensor();
+  const int64_t saved = d.at(name + "_version").toInt(), now = static_cast<int64_t>(t._version());
+  TORCH_CHECK(now == saved, message("one of the variables needed for gradient computation has been modified by an "
+                                    "inplace operation: lora_add's lora_", name.substr(0, 1), ", of shape ",
+                                    sizes_text(t.sym_sizes()), ", is at version ", now, "; expected version ", saved,
+                                    " instead (the factors are read, not copied: change them after backward)"));
+  return t;
+}
+
+}  // namespace
+
+// Outside the anonymous namespace: its node is torch::autograd::CppNode<lowrank::LoraAdd>.
+// out = y + s (x A^T) B^T      y (..., out), x (..., in), A (r, in), B (out, r), M rows of x
+struct LoraAdd : torch::autograd::Function<LoraAdd> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
+                            const at::Tensor& B, double scale) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [u, out] = forward_math(y, x, A, B, scale);
+    // What eager autograd keeps, and only what a needed gradient reads: x for A's, A for x's, u
+    // for B's, B for u's (which x's and A's go through); and the operands' layouts, which decide
+    // how each gradient is computed (MmBackward0 saves them as sizes and strides).
+    // Note: the factors are references. x and u are saved tensors, which activation
+    // checkpointing packs (a Python hook each, ~5-10 us on the CPU of docs/benchmarks.md) and
+    // recomputes. A and B are the adapter's parameters, alive anyway and the same after a
+    // recomputation: kept as references (as NF4Linear keeps the packed weight), with their
+    // version counters, so that a factor changed in place between forward and backward is
+    // refused as a saved tensor would be, not used.
+    const bool x_grad = x.requires_grad(), A_grad = A.requires_grad(), B_grad = B.requires_grad();
+    const c10::SymInt m = x.sym_numel() / x.sym_size(-1);
+    ctx->save_for_backward({A_grad ? x : at::Tensor(), B_grad ? u : at::Tensor()});
+    auto& d = ctx->saved_data;
+    if (x_grad) keep_factor(d, "A", A);
+    if (x_grad || A_grad) keep_factor(d, "B", B);
+    d["scale"] = scale;
+    d["m"] = m;
+    d["x_sizes"] = std::vector<c10::SymInt>(x.sym_sizes().begin(), x.sym_sizes().end());
+    // x (..., in) folds into M rows: contiguous, as LoraLinear passes it, that is a view with
+    // strides (in, 1), column-major only as one row of one; otherwise what reshape makes of it
+    d["x2_column_major"] = x.is_contiguous() ? x.sym_size(-1) == 1 && m == 1 : column_major(rows(x, m));
+    d["u2_column_major"] = column_major(rows(u, m));
+    d["At_column_major"] = column_major(A.t());
+    d["Bt_column_major"] = column_major(B.t());
+    return out;
+  }
+
+  // Eager autograd's nodes from the output back: Add (y's gradient is the output's), Mul (times
+  // s), then for lora_B's linear UnsafeView (to M rows), Mm, T, and for lora_A's View and
+  // UnsafeView (M rows of r to (..., r) and back: a view both ways, same strides), Mm, T, View
+  // (to x's shape).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad = grads[0];  // (..., out)
+    const bool x_grad = ctx->needs_input_grad(1), A_grad = ctx->needs_input_grad(2), B_grad = ctx->needs_input_grad(3);
+    at::Tensor grad_x, grad_A, grad_B;
+    if (x_grad || A_grad || B_grad) {
+      auto& d = ctx->saved_data;
+      const variable_list saved = ctx->get_saved_variables();
+      const at::Tensor &x = saved[0], &u = saved[1];
+      const at::Tensor A = kept_factor(d, "A", x_grad), B = kept_factor(d, "B", x_grad || A_grad);
+      const c10::SymInt m = d["m"].toSymInt();
+      const at::Tensor grad_v = rows(at::mul(grad, d["scale"].toDouble()), m);  // (M, out)
+      if (B_grad) grad_B = mm_grad_mat2(grad_v, rows(u, m), d["Bt_column_major"].toBool()).t();  // (out, r)
+      if (x_grad || A_grad) {
+        const at::Tensor grad_u = mm_grad_mat1(grad_v, B.t(), d["u2_column_major"].toBool());  // (M, r)
+        if (A_grad) grad_A = mm_grad_mat2(grad_u, rows(x, m), d["At_column_major"].toBool()).t();  // (r, in)
+        if (x_grad)  // (M, in) -> (..., in)
+          grad_x = mm_grad_mat1(grad_u, A.t(), d["x2_column_major"].toBool()).reshape_symint(d["x_sizes"].toSymIntVector());
+      }
+    }
+    return {ctx->needs_input_grad(0) ? grad : at::Tensor(), grad_x, grad_A, grad_B, at::Tensor()};
+  }
+};
+
+namespace {
+
+at::Tensor lora_add_kernel(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                           double scale) {
+  return forward_math(y, x, A, B, scale).second;
+}
+
+at::Tensor lora_add_autograd(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                             double scale) {
+  return LoraAdd::apply(y, x, A, B, scale);
+}
+
+}  // namespace
+
+// See Note: LoRA in one node. With register_autograd (autograd.cpp), instead of library.py's
+// register_python_autograd: the op's kernel for every device and its autograd, once a process.
+void register_lora_add() {
+  static torch::Library* lib = [] {
+    auto* l = new torch::Library(torch::Library::IMPL, "lowrank", std::nullopt, __FILE__, __LINE__);
+    l->impl("lora_add", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(lora_add_kernel)));
+    l->impl("lora_add", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(lora_add_autograd)));
+    return l;
+  }();
+  (void)lib;
+}
+
+}  // namespace lowrank
