@@ -69,8 +69,8 @@ class LoraLinear(LoraLayer):
     # factor modules.
     def _add_delta(self, name, result, x, base_out):
         A, B = self.lora_A[name], self.lora_B[name]
-        if not (csrc.CPP_AUTOGRAD and _plain(A) and _plain(B) and not _global_hooks()
-                and name not in self.lora_magnitude_vector and not torch.compiler.is_compiling()
+        if not (csrc.CPP_AUTOGRAD and not torch.compiler.is_compiling() and _plain(A) and _plain(B)
+                and not _global_hooks() and name not in self.lora_magnitude_vector
                 and not torch._C._are_functorch_transforms_active()):  # fmt: skip
             return super()._add_delta(name, result, x, base_out)
         drop = self.lora_dropout[name]
