@@ -14,7 +14,7 @@
 // the gradients autograd's own nodes would give, in their order and with their layouts
 // (mm_grad_mat1 / mm_grad_mat2 below follow torch's mm_mat1_backward / mm_mat2_backward), so the
 // results equal the eager path's bit for bit where LoraLinear uses this op (x contiguous: matmul
-// folds (..., K) into (M, K) for mm, as here; tests/tuners/test_lora_add.py).
+// folds (..., K) into (M, K) for mm, as here; tests/ops/test_lora_add.py).
 #include <torch/autograd.h>
 #include <torch/library.h>
 

@@ -332,8 +332,9 @@ def _lora_add_backward(ctx, grad):
     grad_x = grad_A = grad_B = None
     if need_x or need_A or need_B:
         x2 = _rows(x)  # (M, in)
-        u2 = x2.mm(lora_A.t()) if need_B else x2.new_empty(len(x2), lora_A.shape[0])  # (M, r): the forward's u
-        grad_v = _rows(grad * ctx.scale)  # (M, out)                        # recomputed, or its layout
+        # (M, r): the forward's u recomputed for B's gradient, else a stand-in with its layout
+        u2 = x2.mm(lora_A.t()) if need_B else x2.new_empty(len(x2), lora_A.shape[0])
+        grad_v = _rows(grad * ctx.scale)  # (M, out)
         grad_u, grad_Bt = _mm_grads(grad_v, u2, lora_B.t(), need_x or need_A, need_B)
         grad_B = None if grad_Bt is None else grad_Bt.t()
         if need_x or need_A:
