@@ -64,6 +64,13 @@ void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, c
 // (..., K) as the (M, K) matrix matmul folds it into for mm (a view when it can be one, as there)
 at::Tensor rows(const at::Tensor& t, const c10::SymInt& m) { return t.reshape_symint({m, t.sym_size(-1)}); }
 
+// M, the product of the leading sizes (not numel / K, which K = 0 would divide by)
+c10::SymInt leading(const at::Tensor& t) {
+  c10::SymInt m = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) m = m * t.sym_size(i);
+  return m;
+}
+
 // u = x A^T (..., r) and out = s * (u B^T) + y (..., out): the eager path's calls (the sum
 // written into s u B^T, which IEEE addition leaves equal to y + s u B^T, so the output is
 // always a fresh contiguous tensor, as library.py's fake kernel says). One difference to mind:
@@ -76,7 +83,7 @@ std::pair<at::Tensor, at::Tensor> forward_math(const at::Tensor& y, const at::Te
   if (x.dim() >= 3 && A.requires_grad()) {
     std::vector<c10::SymInt> u_shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
     u_shape.push_back(A.sym_size(0));
-    u = at::_unsafe_view_symint(rows(x, x.sym_numel() / x.sym_size(-1)).mm(A.t()), u_shape);
+    u = at::_unsafe_view_symint(rows(x, leading(x)).mm(A.t()), u_shape);
   } else {
     u = at::linear(x, A);
   }
@@ -134,7 +141,7 @@ struct LoraAdd : torch::autograd::Function<LoraAdd> {
     // version counters, so that a factor changed in place between forward and backward is
     // refused as a saved tensor would be, not used.
     const bool x_grad = x.requires_grad(), A_grad = A.requires_grad(), B_grad = B.requires_grad();
-    const c10::SymInt m = x.sym_numel() / x.sym_size(-1);
+    const c10::SymInt m = leading(x);
     ctx->save_for_backward({A_grad ? x : at::Tensor(), B_grad ? u : at::Tensor()});
     auto& d = ctx->saved_data;
     if (x_grad) keep_factor(d, "A", A);

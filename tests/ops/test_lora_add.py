@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,9 +41,9 @@ def operands(x_shape, r, out, dtype, seed=0, contiguous=True, device="cpu"):
     return y, x, A, B, grad
 
 
-def outputs_and_grads(fn, y, x, A, B, grad, needs):
+def outputs_and_grads(fn, y, x, A, B, grad, needs, scale=SCALE):
     leaves = [t.detach().clone().requires_grad_(need) for t, need in zip((y, x, A, B), needs)]
-    out = fn(*leaves, SCALE)
+    out = fn(*leaves, scale)
     wanted = [t for t in leaves if t.requires_grad]
     grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
     return out.detach(), [next(grads) if t.requires_grad else None for t in leaves]
@@ -72,6 +74,18 @@ def test_lora_add_equals_the_eager_path_bit_for_bit(device, dtype, x_shape, r):
     for needs in NEEDS:
         assert_same(outputs_and_grads(torch.ops.lowrank.lora_add, *args, needs),
                     outputs_and_grads(eager, *args, needs))
+
+
+@settings(max_examples=150, deadline=None)
+@given(lead=st.lists(st.integers(0, 5), min_size=0, max_size=3), k=st.integers(0, 70), r=st.integers(1, 9),
+       out=st.integers(1, 9), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       needs=st.tuples(*[st.booleans()] * 4), scale=st.floats(-4, 4, allow_nan=False), seed=st.integers(0, 2**16))
+def test_lora_add_equals_the_eager_path_for_any_shape(lead, k, r, out, dtype, needs, scale, seed):
+    """Any leading dimensions (none, or sizes of zero included), in-features from 0, any subset of
+    inputs needing grad, three dtypes: the same bits as the eager path."""
+    args = operands((*lead, k), r, out, dtype, seed=seed)
+    assert_same(outputs_and_grads(torch.ops.lowrank.lora_add, *args, needs, scale),
+                outputs_and_grads(eager, *args, needs, scale))
 
 
 @pytest.mark.parametrize("needs", NEEDS[:4])
