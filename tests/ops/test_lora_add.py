@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowrank import LoraConfig, inject
+from lowrank import LoraConfig, NF4Config, inject, quantize
 from lowrank.inject import set_active
 from lowrank.ops import csrc
 
@@ -206,9 +206,11 @@ def test_the_python_lora_add_equals_the_eager_path_too():
 FUSED = "torch::autograd::CppNode<lowrank::LoraAdd>"
 
 
-def lora_model(dtype=torch.float32, dropout=0.0, dora=False, adapters=("default",), device="cpu"):
+def lora_model(dtype=torch.float32, dropout=0.0, dora=False, adapters=("default",), device="cpu", four_bit=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).to(device, dtype)
+    if four_bit:  # QLoRA: the adapters around lowrank's 4-bit linear
+        quantize(model, NF4Config(compute_dtype=dtype, skip=[]))
     for name in adapters:
         inject(model, LoraConfig(r=4, alpha=8, dropout=dropout, dora=dora, targets="all-linear", init="gaussian"), name=name)
     with torch.no_grad():  # B = 0 at init would hide a wrong B gradient path
@@ -232,8 +234,10 @@ def step(model, x, monkeypatch=None, fused=True):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("adapters", [("default",), ("a", "b")])
-def test_lora_linear_in_one_op_equals_the_modules(monkeypatch, device, dtype, adapters):
-    model = lora_model(dtype, adapters=adapters, device=device)
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_lora_linear_in_one_op_equals_the_modules(monkeypatch, device, dtype, adapters, four_bit):
+    model = lora_model(dtype, adapters=adapters, device=device, four_bit=four_bit)
+    assert (type(model[0].base).__name__ == "Linear4bit") == four_bit
     set_active(model, list(adapters))
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1)).to(device, dtype).requires_grad_()
     fused_out, fused_grads, out = step(model, x, monkeypatch, fused=True)
