@@ -32,7 +32,7 @@ from ..quant import nf4
 from ..quant.nf4_weight import NF4Weight
 from . import backends
 
-__all__ = ["FLOAT_DTYPES", "OPS", "nf4_dequantize", "nf4_linear"]
+__all__ = ["FLOAT_DTYPES", "OPS", "lora_add", "nf4_dequantize", "nf4_linear"]
 
 FLOAT_DTYPES = nf4.DTYPES  # what W may be dequantized to
 BLOCKSIZES = nf4.BLOCKSIZES
@@ -378,3 +378,11 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
     """y = x @ W^T + bias with W = dequantize(q) in x.dtype, never stored.
     x (..., K), q of shape [N, K], bias (N,) or None -> y (..., N). Differentiable in x and bias."""
     return torch.ops.lowrank.nf4_linear(x, *_fields(q), bias)
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + scale * (x @ lora_A^T) @ lora_B^T as a new tensor (LoRA's addition to a layer's output y):
+    x (..., in), lora_A (r, in), lora_B (out, r), y (..., out), one floating dtype and device.
+    Differentiable in all four; bit-exact with y + F.linear(F.linear(x, lora_A), lora_B) * scale
+    and its gradients where x is contiguous (Note: lora_add)."""
+    return torch.ops.lowrank.lora_add(y, x, lora_A, lora_B, float(scale))

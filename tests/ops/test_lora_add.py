@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank import LoraConfig, NF4Config, inject, quantize
 from lowrank.inject import set_active
+from lowrank import ops
 from lowrank.ops import csrc
 
 SCALE = 0.37  # not a power of two: the multiplication rounds
@@ -145,6 +146,11 @@ def test_lora_add_double_backward_equals_the_eager_path():
         results.append(torch.autograd.grad((gx.square().sum() + gA.square().sum()), xs[1:]))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_the_python_api_is_the_op():
+    y, x, A, B, _ = operands((2, 3, 40), 4, 10, torch.bfloat16)
+    assert torch.equal(ops.lora_add(y, x, A, B, 2), eager(y, x, A, B, 2.0))  # an int scale is taken as a float
 
 
 def test_lora_add_node_and_opcheck():
