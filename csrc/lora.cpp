@@ -15,6 +15,7 @@
 // (mm_grad_mat1 / mm_grad_mat2 below follow torch's mm_mat1_backward / mm_mat2_backward), so the
 // results equal the eager path's bit for bit where LoraLinear uses this op (x contiguous: matmul
 // folds (..., K) into (M, K) for mm, as here; tests/ops/test_lora_add.py).
+#include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -197,15 +198,34 @@ at::Tensor lora_add_autograd(const at::Tensor& y, const at::Tensor& x, const at:
   return LoraAdd::apply(y, x, A, B, scale);
 }
 
+using LoraAddSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+
+// Under autocast: x, A and B cast as F.linear's rule casts them (autocast's lower-precision list,
+// through its cache, so a leaf x or a factor cast for another op in the same region is cast once,
+// as in the eager path); y is not (the eager path's add has no autocast rule), so it must
+// already be in autocast's dtype, which the base's autocast output is.
+template <c10::DeviceType device>
+at::Tensor lora_add_autocast(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                             double scale) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowrank::lora_add", "").typed<LoraAddSig>();
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
+  return op.call(y, at::autocast::cached_cast(dtype, x, device), at::autocast::cached_cast(dtype, A, device),
+                 at::autocast::cached_cast(dtype, B, device), scale);
+}
+
 }  // namespace
 
 // See Note: LoRA in one node. With register_autograd (autograd.cpp), instead of library.py's
-// register_python_autograd: the op's kernel for every device and its autograd, once a process.
+// register_python_autograd: the op's kernel for every device, its autograd and its autocast rule
+// (CPU and CUDA), once a process.
 void register_lora_add() {
   static torch::Library* lib = [] {
     auto* l = new torch::Library(torch::Library::IMPL, "lowrank", std::nullopt, __FILE__, __LINE__);
     l->impl("lora_add", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(lora_add_kernel)));
     l->impl("lora_add", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(lora_add_autograd)));
+    l->impl("lora_add", torch::dispatch(c10::DispatchKey::AutocastCPU, TORCH_FN(lora_add_autocast<c10::kCPU>)));
+    l->impl("lora_add", torch::dispatch(c10::DispatchKey::AutocastCUDA, TORCH_FN(lora_add_autocast<c10::kCUDA>)));
     return l;
   }();
   (void)lib;

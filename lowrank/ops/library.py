@@ -267,7 +267,9 @@ def _grad_input_backward(ctx, grad_grad_x):
 # where LoraLinear calls it; the kernel and autograd below are the same math in Python, registered
 # only without lowrank._C's (by register_python_autograd). The gradients are those of eager
 # autograd's nodes for the same calls, in the same layouts (_mm_grads), so the op equals the eager
-# path bit for bit where matmul folds x's leading dimensions into rows (x contiguous).
+# path bit for bit where matmul folds x's leading dimensions into rows (x contiguous). Under
+# autocast (CPU, CUDA) lowrank._C's registration also casts x, A and B as F.linear's autocast rule
+# does (y is not cast); without lowrank._C the op has no autocast rule.
 def _check_lora_add(y, x, lora_A, lora_B) -> None:
     torch._check(lora_A.dim() == 2 and lora_B.dim() == 2,
                  lambda: f"lora_A must be (r, in) and lora_B (out, r), got shapes {list(lora_A.shape)} and {list(lora_B.shape)}")

@@ -63,10 +63,11 @@ class LoraLinear(LoraLayer):
     # module calls (csrc/lora.cpp, Note: LoRA in one node), equal to that path bit for bit,
     # gradients included. Where that could differ or skip something, the modules run as before:
     # DoRA, torch.compile tracing (Inductor fuses the plain ops itself), torch.func transforms
-    # (C++ autograd Functions do not support them), autocast (the op has no autocast rule: F.linear
-    # casts), mixed dtypes, x of one dimension or not contiguous (matmul would not fold it into
-    # rows as the op's backward does), tensor subclasses (DTensor, fake tensors) and hooks on the
-    # factor modules.
+    # (C++ autograd Functions do not support them), mixed dtypes (the sum would promote), x of one
+    # dimension or not contiguous (matmul would not fold it into rows as the op's backward does),
+    # tensor subclasses (DTensor, fake tensors) and hooks on the factor modules. Under autocast
+    # (CPU, CUDA) the op's own rule casts x, A and B as F.linear's does, through autocast's cache;
+    # it needs the base's output already in autocast's dtype, as autocast makes it.
     def _add_delta(self, name, result, x, base_out):
         A, B = self.lora_A[name], self.lora_B[name]
         if not (csrc.CPP_AUTOGRAD and not torch.compiler.is_compiling() and _plain(A) and _plain(B)
@@ -77,9 +78,16 @@ class LoraLinear(LoraLayer):
         if type(drop) is not nn.Identity:
             x = drop(x)
         a, b = A._parameters["weight"], B._parameters["weight"]
-        if (type(x) is torch.Tensor and type(result) is torch.Tensor and type(a) is type(b) is nn.Parameter
-                and x.dim() >= 2 and x.is_contiguous() and x.dtype == result.dtype == a.dtype == b.dtype
-                and not torch.is_autocast_enabled(x.device.type)):  # fmt: skip
+        if not (type(x) is torch.Tensor and type(result) is torch.Tensor and type(a) is type(b) is nn.Parameter
+                and x.dim() >= 2 and x.is_contiguous()):  # fmt: skip
+            return result + self._lora(name, x) * self.scaling[name]
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # the op's autocast rule casts x, A and B as F.linear's would
+            fused = (device in ("cpu", "cuda") and result.dtype == torch.get_autocast_dtype(device)
+                     and all(t.dtype in _AUTOCAST_CASTS for t in (x, a, b)))  # fmt: skip
+        else:
+            fused = x.dtype == result.dtype == a.dtype == b.dtype
+        if fused:
             return torch.ops.lowrank.lora_add(result, x, a, b, self.scaling[name])
         return result + self._lora(name, x) * self.scaling[name]
 
@@ -95,6 +103,9 @@ class LoraLinear(LoraLayer):
         if callable(getattr(self.base, "dequantize", None)):
             return self.base.dequantize()
         return self.base.weight.T if self.transposed else self.base.weight  # Conv1D stores (in, out)
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
 
 
 def _plain(m: nn.Module) -> bool:

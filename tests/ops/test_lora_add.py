@@ -303,8 +303,8 @@ def test_lora_linear_keeps_the_modules_where_one_op_could_differ():
     assert FUSED in _node_names(layer(x.requires_grad_()))
     assert FUSED not in _node_names(layer(x[0, 0].detach().requires_grad_()))  # 1-d x
     assert FUSED not in _node_names(layer(x.detach().transpose(0, 1).requires_grad_()))  # not contiguous
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert FUSED not in _node_names(layer(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the base's output is bf16 there: float32 would promote
+        assert FUSED in _node_names(layer(x)) and FUSED not in _node_names(lora_model(torch.float64)[0](x.double()))
     seen = []
     handle = layer.lora_A["default"].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     names = _node_names(layer(x))
@@ -344,3 +344,48 @@ def test_a_factor_changed_before_backward_is_refused_as_eager_autograd_refuses_i
             leaves[changed].mul_(2)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
+
+
+@pytest.mark.skipif(not CPP, reason="LoraLinear uses lora_add with lowrank._C's autograd")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_lora_linear_under_autocast_in_one_op_equals_the_modules(monkeypatch, device, four_bit):
+    """float32 weights and input under bf16 autocast (a Trainer's bf16=True): LoraLinear casts x,
+    A and B as F.linear's autocast rule does, then adds in one op; the output, the float32
+    gradients of A and B and x's equal the modules' under autocast, bit for bit."""
+    model = lora_model(device=device, four_bit=four_bit)
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(6)).to(device).requires_grad_()
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(csrc, "CPP_AUTOGRAD", fused)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16 and (FUSED in _node_names(out)) == fused
+        (gx,) = torch.autograd.grad(out.float().square().mean(), x, retain_graph=True)
+        out.float().square().mean().backward()
+        results.append((out.detach(), gx, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (out1, gx1, g1), (out2, gx2, g2) = results
+    assert torch.equal(out1, out2) and torch.equal(gx1, gx2)
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+@pytest.mark.skipif(not CPP, reason="the autocast rule is lowrank._C's (csrc/lora.cpp)")
+def test_lora_add_under_autocast_casts_as_linear_does():
+    """x, A and B in float32 under bf16 autocast: cast as F.linear's rule casts them, through
+    autocast's cache (a leaf x used by another linear in the region is cast once, so its gradient
+    sums in bfloat16 as eager autograd's does); y is not cast."""
+    y, x, A, B, grad = operands((2, 3, 40), 4, 10, torch.float32)
+    W = torch.randn(10, 40, generator=torch.Generator().manual_seed(9))
+    results = []
+    for fn in (torch.ops.lowrank.lora_add, eager):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A, B)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            base = F.linear(leaves[0], W)  # bf16, x cast and cached
+            out = fn(base, *leaves, SCALE)
+        assert out.dtype == torch.bfloat16
+        results.append((out.detach(), torch.autograd.grad(out, leaves, grad.bfloat16())))
+    (out1, g1), (out2, g2) = results
+    assert torch.equal(out1, out2) and all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(g1, g2))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="one floating dtype"):
+        torch.ops.lowrank.lora_add(y, x, A, B, SCALE)  # y float32: eager would promote the sum, the op refuses
