@@ -30,6 +30,13 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// x's leading sizes, then `last`: the shape of x A^T or of the output
+std::vector<c10::SymInt> leading_then(const at::Tensor& x, const c10::SymInt& last) {
+  std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
+  shape.push_back(last);
+  return shape;
+}
+
 std::string sizes_text(c10::SymIntArrayRef sizes) {
   std::string s = "[";
   for (size_t i = 0; i < sizes.size(); ++i) {
@@ -48,10 +55,10 @@ void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, c
   TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == A.sym_size(1) && B.sym_size(1) == A.sym_size(0),
               message("x (..., in) must match lora_A (r, in) and lora_B (out, r); got x ", sizes_text(x.sym_sizes()),
                       ", lora_A ", sizes_text(A.sym_sizes()), ", lora_B ", sizes_text(B.sym_sizes())));
-  std::vector<c10::SymInt> out_shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
-  out_shape.push_back(B.sym_size(0));
+  const std::vector<c10::SymInt> out_shape = leading_then(x, B.sym_size(0));
   TORCH_CHECK(y.sym_sizes() == c10::SymIntArrayRef(out_shape),
-              message("y must have the output's shape ", sizes_text(out_shape), " (x's leading dimensions, lora_B's out), got ",
+              message("y must have the output's shape ", sizes_text(out_shape),
+                      " (x's leading dimensions, lora_B's out), got ",
                       sizes_text(y.sym_sizes())));
   TORCH_CHECK(at::isFloatingType(x.scalar_type()) && y.scalar_type() == x.scalar_type() &&
                   A.scalar_type() == x.scalar_type() && B.scalar_type() == x.scalar_type(),
@@ -82,9 +89,7 @@ std::pair<at::Tensor, at::Tensor> forward_math(const at::Tensor& y, const at::Te
   check_args(y, x, A, B);
   at::Tensor u;
   if (x.dim() >= 3 && A.requires_grad()) {
-    std::vector<c10::SymInt> u_shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
-    u_shape.push_back(A.sym_size(0));
-    u = at::_unsafe_view_symint(rows(x, leading(x)).mm(A.t()), u_shape);
+    u = at::_unsafe_view_symint(rows(x, leading(x)).mm(A.t()), leading_then(x, A.sym_size(0)));
   } else {
     u = at::linear(x, A);
   }
@@ -107,17 +112,18 @@ at::Tensor mm_grad_mat2(const at::Tensor& grad, const at::Tensor& mat1, bool mat
 // See Note: the factors are references.
 using SavedData = ska::flat_hash_map<std::string, at::IValue>;  // AutogradContext::saved_data
 
-void keep_factor(SavedData& d, const std::string& name, const at::Tensor& t) {
+// name: "A" or "B"; the tensor under that key, its version under "A_version" / "B_version"
+void keep_factor(SavedData& d, const char* name, const char* version_key, const at::Tensor& t) {
   d[name] = t;
-  d[name + "_version"] = static_cast<int64_t>(t._version());
+  d[version_key] = static_cast<int64_t>(t._version());
 }
 
-at::Tensor kept_factor(const SavedData& d, const std::string& name, bool needed) {
+at::Tensor kept_factor(const SavedData& d, const char* name, const char* version_key, bool needed) {
   if (!needed) return at::Tensor();
   at::Tensor t = d.at(name).toTensor();
-  const int64_t saved = d.at(name + "_version").toInt(), now = static_cast<int64_t>(t._version());
+  const int64_t saved = d.at(version_key).toInt(), now = static_cast<int64_t>(t._version());
   TORCH_CHECK(now == saved, message("one of the variables needed for gradient computation has been modified by an "
-                                    "inplace operation: lora_add's lora_", name.substr(0, 1), ", of shape ",
+                                    "inplace operation: lora_add's lora_", name, ", of shape ",
                                     sizes_text(t.sym_sizes()), ", is at version ", now, "; expected version ", saved,
                                     " instead (the factors are read, not copied: change them after backward)"));
   return t;
@@ -145,8 +151,8 @@ struct LoraAdd : torch::autograd::Function<LoraAdd> {
     const c10::SymInt m = leading(x);
     ctx->save_for_backward({A_grad ? x : at::Tensor(), B_grad ? u : at::Tensor()});
     auto& d = ctx->saved_data;
-    if (x_grad) keep_factor(d, "A", A);
-    if (x_grad || A_grad) keep_factor(d, "B", B);
+    if (x_grad) keep_factor(d, "A", "A_version", A);
+    if (x_grad || A_grad) keep_factor(d, "B", "B_version", B);
     d["scale"] = scale;
     d["m"] = m;
     d["x_sizes"] = std::vector<c10::SymInt>(x.sym_sizes().begin(), x.sym_sizes().end());
@@ -171,7 +177,8 @@ struct LoraAdd : torch::autograd::Function<LoraAdd> {
       auto& d = ctx->saved_data;
       const variable_list saved = ctx->get_saved_variables();
       const at::Tensor &x = saved[0], &u = saved[1];
-      const at::Tensor A = kept_factor(d, "A", x_grad), B = kept_factor(d, "B", x_grad || A_grad);
+      const at::Tensor A = kept_factor(d, "A", "A_version", x_grad);
+      const at::Tensor B = kept_factor(d, "B", "B_version", x_grad || A_grad);
       const c10::SymInt m = d["m"].toSymInt();
       const at::Tensor grad_v = rows(at::mul(grad, d["scale"].toDouble()), m);  // (M, out)
       if (B_grad) grad_B = mm_grad_mat2(grad_v, rows(u, m), d["Bt_column_major"].toBool()).t();  // (out, r)
@@ -179,7 +186,8 @@ struct LoraAdd : torch::autograd::Function<LoraAdd> {
         const at::Tensor grad_u = mm_grad_mat1(grad_v, B.t(), d["u2_column_major"].toBool());  // (M, r)
         if (A_grad) grad_A = mm_grad_mat2(grad_u, rows(x, m), d["At_column_major"].toBool()).t();  // (r, in)
         if (x_grad)  // (M, in) -> (..., in)
-          grad_x = mm_grad_mat1(grad_u, A.t(), d["x2_column_major"].toBool()).reshape_symint(d["x_sizes"].toSymIntVector());
+          grad_x = mm_grad_mat1(grad_u, A.t(), d["x2_column_major"].toBool())
+                       .reshape_symint(d["x_sizes"].toSymIntVector());
       }
     }
     return {ctx->needs_input_grad(0) ? grad : at::Tensor(), grad_x, grad_A, grad_B, at::Tensor()};

@@ -78,16 +78,8 @@ class LoraLinear(LoraLayer):
         if type(drop) is not nn.Identity:
             x = drop(x)
         a, b = A._parameters["weight"], B._parameters["weight"]
-        if not (type(x) is torch.Tensor and type(result) is torch.Tensor and type(a) is type(b) is nn.Parameter
-                and x.dim() >= 2 and x.is_contiguous()):  # fmt: skip
-            return result + self._lora(name, x) * self.scaling[name]
-        device = x.device.type
-        if torch.is_autocast_enabled(device):  # the op's autocast rule casts x, A and B as F.linear's would
-            fused = (device in ("cpu", "cuda") and result.dtype == torch.get_autocast_dtype(device)
-                     and all(t.dtype in _AUTOCAST_CASTS for t in (x, a, b)))  # fmt: skip
-        else:
-            fused = x.dtype == result.dtype == a.dtype == b.dtype
-        if fused:
+        if (type(x) is torch.Tensor and type(result) is torch.Tensor and type(a) is type(b) is nn.Parameter
+                and x.dim() >= 2 and x.is_contiguous() and _dtypes_fit(result, x, a, b)):  # fmt: skip
             return torch.ops.lowrank.lora_add(result, x, a, b, self.scaling[name])
         return result + self._lora(name, x) * self.scaling[name]
 
@@ -106,6 +98,17 @@ class LoraLinear(LoraLayer):
 
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
+
+
+def _dtypes_fit(result, x, a, b) -> bool:
+    """Whether lora_add computes in the dtypes the modules would: one dtype for all four, or under
+    autocast (CPU, CUDA) castable x, A, B (the op's rule casts them as F.linear's does) and the
+    base's output already in autocast's dtype."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x.dtype == result.dtype == a.dtype == b.dtype
+    return (device in ("cpu", "cuda") and result.dtype == torch.get_autocast_dtype(device)
+            and all(t.dtype in _AUTOCAST_CASTS for t in (x, a, b)))  # fmt: skip
 
 
 def _plain(m: nn.Module) -> bool:
