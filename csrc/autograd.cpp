@@ -24,20 +24,10 @@
 #include <optional>
 #include <vector>
 
+#include "autograd.h"
 #include "dispatch.h"
 
 namespace lowrank {
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-using LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                             const std::optional<at::Tensor>&, c10::SymIntArrayRef, int64_t,
-                             const std::optional<at::Tensor>&);
-using GradInputSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                c10::SymIntArrayRef, int64_t);
 
 const c10::TypedOperatorHandle<LinearSig>& linear_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowrank::nf4_linear", "").typed<LinearSig>();
@@ -49,14 +39,6 @@ const c10::TypedOperatorHandle<GradInputSig>& grad_input_op() {
       c10::Dispatcher::singleton().findSchemaOrThrow("lowrank::nf4_linear_grad_input", "").typed<GradInputSig>();
   return op;
 }
-
-// The packed weight as kept in the context: its tensors and numbers (library.py's ctx.weight).
-struct Weight {
-  at::Tensor packed, absmax;
-  std::optional<at::Tensor> nested_absmax, offset;
-  std::vector<c10::SymInt> shape;
-  int64_t blocksize;
-};
 
 void save_weight(AutogradContext* ctx, const at::Tensor& packed, const at::Tensor& absmax,
                  const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
@@ -75,10 +57,8 @@ Weight saved_weight(AutogradContext* ctx) {
           d["offset"].toOptional<at::Tensor>(), d["shape"].toSymIntVector(), d["blocksize"].toInt()};
 }
 
-}  // namespace
-
-// Outside the anonymous namespace: the node's name in y.grad_fn and in anomaly-mode traces is
-// torch::autograd::CppNode<lowrank::NF4Linear>.
+// In namespace lowrank, not an anonymous one: the node's name in y.grad_fn and in anomaly-mode
+// traces is torch::autograd::CppNode<lowrank::NF4Linear>.
 // y = x @ W^T + b
 struct NF4Linear : torch::autograd::Function<NF4Linear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
@@ -88,10 +68,7 @@ struct NF4Linear : torch::autograd::Function<NF4Linear> {
     save_weight(ctx, packed, absmax, nested_absmax, offset, shape, blocksize);
     // The edges of backward's grads are the defined tensors among the arguments, in order (x,
     // packed, absmax, [nested_absmax, offset], [bias]): bias's is the last one when it is defined.
-    ctx->saved_data["bias_edge"] = bias.has_value() && bias->defined()
-                                       ? int64_t{3} + (nested_absmax.has_value() && nested_absmax->defined()) +
-                                             (offset.has_value() && offset->defined())
-                                       : int64_t{-1};
+    ctx->saved_data["bias_edge"] = defined(bias) ? 3 + defined(nested_absmax) + defined(offset) : int64_t{-1};
     at::AutoDispatchBelowADInplaceOrView below;
     return linear_op().call(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
   }

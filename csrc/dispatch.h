@@ -39,7 +39,7 @@ bool grad_input_ok(const at::Tensor& grad_y, const at::Tensor& packed, const at:
 
 // Registers the C++ autograd of nf4_linear and nf4_linear_grad_input (autograd.cpp, Note:
 // autograd in C++); lowrank/ops/csrc.py calls it, once, instead of library.py's Python autograd.
-// It registers lowrank::lora_add's kernel and autograd too (lora.cpp, Note: LoRA in one node).
+// It registers lowrank::lora_add's and nf4_lora_linear's kernels and autograd too (lora.cpp).
 void register_autograd();
 void register_lora_add();
 

@@ -1,6 +1,8 @@
-// lowrank::lora_add in C++: a LoRA adapter's addition to its layer's output, one autograd node.
-// lowrank/ops/library.py (Note: lora_add) is the specification: the schema, the checks, the
-// reference kernel and its Python autograd; this is the same math without Python.
+// lowrank::lora_add in C++: a LoRA adapter's addition to its layer's output, one autograd node;
+// and lowrank::nf4_lora_linear, the same with its 4-bit base (Note: QLoRA in one node, below).
+// lowrank/ops/library.py (Note: lora_add, Note: nf4_lora_linear) is the specification: the
+// schemas, the checks, the reference kernels and their Python autograd; this is the same math
+// without Python.
 //
 // Note: LoRA in one node. The eager LoRA path, lora_B(lora_A(x)) * s added to the base's output
 // (PEFT's order, which lowrank keeps to the bit), costs two nn.Linear module calls, a mul and an
@@ -21,14 +23,12 @@
 
 #include <vector>
 
+#include "autograd.h"
 #include "dispatch.h"
 #include "message.h"
 
 namespace lowrank {
 namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 // x's leading sizes, then `last`: the shape of x A^T or of the output
 std::vector<c10::SymInt> leading_then(const at::Tensor& x, const c10::SymInt& last) {
@@ -129,68 +129,123 @@ at::Tensor kept_factor(const SavedData& d, const char* name, const char* version
   return t;
 }
 
+// What LoraAdd's backward needs, kept in ctx (x and u = x A^T as saved tensors, A and B by
+// reference), and only what a needed gradient reads: x for A's, A for x's, u for B's, B for u's
+// (which x's and A's go through); and the operands' layouts, which decide how each gradient is
+// computed (MmBackward0 saves them as sizes and strides).
+// Note: the factors are references. x and u are saved tensors, which activation checkpointing
+// packs (a Python hook each, ~5-10 us on the CPU of docs/benchmarks.md) and recomputes. A and B
+// are the adapter's parameters, alive anyway and the same after a recomputation: kept as
+// references (as NF4Linear keeps the packed weight), with their version counters, so that a
+// factor changed in place between forward and backward is refused as a saved tensor would be,
+// not used.
+void save_lora(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& u, const at::Tensor& A,
+               const at::Tensor& B, double scale) {
+  const bool x_grad = x.requires_grad(), A_grad = A.requires_grad(), B_grad = B.requires_grad();
+  const c10::SymInt m = leading(x);
+  ctx->save_for_backward({A_grad ? x : at::Tensor(), B_grad ? u : at::Tensor()});
+  auto& d = ctx->saved_data;
+  if (x_grad) keep_factor(d, "A", "A_version", A);
+  if (x_grad || A_grad) keep_factor(d, "B", "B_version", B);
+  d["scale"] = scale;
+  d["m"] = m;
+  d["x_sizes"] = std::vector<c10::SymInt>(x.sym_sizes().begin(), x.sym_sizes().end());
+  // x (..., in) folds into M rows: contiguous, as LoraLinear passes it, that is a view with
+  // strides (in, 1), column-major only as one row of one; otherwise what reshape makes of it
+  d["x2_column_major"] = x.is_contiguous() ? x.sym_size(-1) == 1 && m == 1 : column_major(rows(x, m));
+  d["u2_column_major"] = column_major(rows(u, m));
+  d["At_column_major"] = column_major(A.t());
+  d["Bt_column_major"] = column_major(B.t());
+}
+
+struct LoraGrads {
+  at::Tensor x, A, B;
+};
+
+// Eager autograd's nodes from the output back: Add (y's gradient is the output's), Mul (times
+// s), then for lora_B's linear UnsafeView (to M rows), Mm, T, and for lora_A's View and
+// UnsafeView (M rows of r to (..., r) and back: a view both ways, same strides), Mm, T, View
+// (to x's shape). grad (..., out) is the output's gradient; only the gradients asked for.
+LoraGrads lora_grads(AutogradContext* ctx, const at::Tensor& grad, bool x_grad, bool A_grad, bool B_grad) {
+  LoraGrads g;
+  if (!(x_grad || A_grad || B_grad)) return g;
+  auto& d = ctx->saved_data;
+  const variable_list saved = ctx->get_saved_variables();
+  const at::Tensor &x = saved[0], &u = saved[1];
+  const at::Tensor A = kept_factor(d, "A", "A_version", x_grad);
+  const at::Tensor B = kept_factor(d, "B", "B_version", x_grad || A_grad);
+  const c10::SymInt m = d["m"].toSymInt();
+  const at::Tensor grad_v = rows(at::mul(grad, d["scale"].toDouble()), m);  // (M, out)
+  if (B_grad) g.B = mm_grad_mat2(grad_v, rows(u, m), d["Bt_column_major"].toBool()).t();  // (out, r)
+  if (x_grad || A_grad) {
+    const at::Tensor grad_u = mm_grad_mat1(grad_v, B.t(), d["u2_column_major"].toBool());  // (M, r)
+    if (A_grad) g.A = mm_grad_mat2(grad_u, rows(x, m), d["At_column_major"].toBool()).t();  // (r, in)
+    if (x_grad)  // (M, in) -> (..., in)
+      g.x = mm_grad_mat1(grad_u, A.t(), d["x2_column_major"].toBool()).reshape_symint(d["x_sizes"].toSymIntVector());
+  }
+  return g;
+}
+
 }  // namespace
 
-// Outside the anonymous namespace: its node is torch::autograd::CppNode<lowrank::LoraAdd>.
+// In namespace lowrank, not an anonymous one: its node is torch::autograd::CppNode<lowrank::LoraAdd>.
 // out = y + s (x A^T) B^T      y (..., out), x (..., in), A (r, in), B (out, r), M rows of x
 struct LoraAdd : torch::autograd::Function<LoraAdd> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
                             const at::Tensor& B, double scale) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [u, out] = forward_math(y, x, A, B, scale);
-    // What eager autograd keeps, and only what a needed gradient reads: x for A's, A for x's, u
-    // for B's, B for u's (which x's and A's go through); and the operands' layouts, which decide
-    // how each gradient is computed (MmBackward0 saves them as sizes and strides).
-    // Note: the factors are references. x and u are saved tensors, which activation
-    // checkpointing packs (a Python hook each, ~5-10 us on the CPU of docs/benchmarks.md) and
-    // recomputes. A and B are the adapter's parameters, alive anyway and the same after a
-    // recomputation: kept as references (as NF4Linear keeps the packed weight), with their
-    // version counters, so that a factor changed in place between forward and backward is
-    // refused as a saved tensor would be, not used.
-    const bool x_grad = x.requires_grad(), A_grad = A.requires_grad(), B_grad = B.requires_grad();
-    const c10::SymInt m = leading(x);
-    ctx->save_for_backward({A_grad ? x : at::Tensor(), B_grad ? u : at::Tensor()});
-    auto& d = ctx->saved_data;
-    if (x_grad) keep_factor(d, "A", "A_version", A);
-    if (x_grad || A_grad) keep_factor(d, "B", "B_version", B);
-    d["scale"] = scale;
-    d["m"] = m;
-    d["x_sizes"] = std::vector<c10::SymInt>(x.sym_sizes().begin(), x.sym_sizes().end());
-    // x (..., in) folds into M rows: contiguous, as LoraLinear passes it, that is a view with
-    // strides (in, 1), column-major only as one row of one; otherwise what reshape makes of it
-    d["x2_column_major"] = x.is_contiguous() ? x.sym_size(-1) == 1 && m == 1 : column_major(rows(x, m));
-    d["u2_column_major"] = column_major(rows(u, m));
-    d["At_column_major"] = column_major(A.t());
-    d["Bt_column_major"] = column_major(B.t());
+    save_lora(ctx, x, u, A, B, scale);
     return out;
   }
 
-  // Eager autograd's nodes from the output back: Add (y's gradient is the output's), Mul (times
-  // s), then for lora_B's linear UnsafeView (to M rows), Mm, T, and for lora_A's View and
-  // UnsafeView (M rows of r to (..., r) and back: a view both ways, same strides), Mm, T, View
-  // (to x's shape).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad = grads[0];  // (..., out)
-    const bool x_grad = ctx->needs_input_grad(1), A_grad = ctx->needs_input_grad(2), B_grad = ctx->needs_input_grad(3);
-    at::Tensor grad_x, grad_A, grad_B;
-    if (x_grad || A_grad || B_grad) {
-      auto& d = ctx->saved_data;
-      const variable_list saved = ctx->get_saved_variables();
-      const at::Tensor &x = saved[0], &u = saved[1];
-      const at::Tensor A = kept_factor(d, "A", "A_version", x_grad);
-      const at::Tensor B = kept_factor(d, "B", "B_version", x_grad || A_grad);
-      const c10::SymInt m = d["m"].toSymInt();
-      const at::Tensor grad_v = rows(at::mul(grad, d["scale"].toDouble()), m);  // (M, out)
-      if (B_grad) grad_B = mm_grad_mat2(grad_v, rows(u, m), d["Bt_column_major"].toBool()).t();  // (out, r)
-      if (x_grad || A_grad) {
-        const at::Tensor grad_u = mm_grad_mat1(grad_v, B.t(), d["u2_column_major"].toBool());  // (M, r)
-        if (A_grad) grad_A = mm_grad_mat2(grad_u, rows(x, m), d["At_column_major"].toBool()).t();  // (r, in)
-        if (x_grad)  // (M, in) -> (..., in)
-          grad_x = mm_grad_mat1(grad_u, A.t(), d["x2_column_major"].toBool())
-                       .reshape_symint(d["x_sizes"].toSymIntVector());
-      }
+    const LoraGrads g = lora_grads(ctx, grad, ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                   ctx->needs_input_grad(3));
+    return {ctx->needs_input_grad(0) ? grad : at::Tensor(), g.x, g.A, g.B, at::Tensor()};
+  }
+};
+
+// Note: QLoRA in one node. A LoRA adapter on a 4-bit base is lora_add(nf4_linear(x, W, b),
+// x_lora, A, B, s) (x_lora = x, or dropout(x)): two ops, two autograd nodes. As one op
+// (lowrank::nf4_lora_linear, library.py) it is one dispatcher call and one node, and LoraLinear
+// makes no call of its base module (lora.py, Note: QLoRA in one op). The math is the two ops':
+// the base's output below autograd (nf4_linear's kernel), then forward_math; backward LoraAdd's
+// gradients, and nf4_linear's for x (nf4_linear_grad_input, the weight kept by reference) and for
+// the bias. The adapter's operands come first in the schema, so that the engine receives x's two
+// gradients as it did from the two nodes, the adapter's then the base's, and adds them in that
+// order into a sum that other layers (q, k and v share their x) add to as well: floating-point
+// addition does not associate, and the sum keeps the two ops' bits (tests/ops/test_nf4_lora_linear.py).
+struct NF4LoraLinear : torch::autograd::Function<NF4LoraLinear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_lora, const at::Tensor& A, const at::Tensor& B,
+                            double scale, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                            c10::SymIntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+    save_weight(ctx, packed, absmax, nested_absmax, offset, shape, blocksize);
+    // edges: x_lora, A, B, x, packed, absmax, [nested_absmax], [offset], [bias] (the defined tensors)
+    ctx->saved_data["bias_edge"] = defined(bias) ? 6 + defined(nested_absmax) + defined(offset) : int64_t{-1};
+    at::AutoDispatchBelowADInplaceOrView below;
+    const at::Tensor y = linear_op().call(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
+    auto [u, out] = forward_math(y, x_lora, A, B, scale);
+    save_lora(ctx, x_lora, u, A, B, scale);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad = grads[0];  // (..., out)
+    const LoraGrads g = lora_grads(ctx, grad, ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   ctx->needs_input_grad(2));
+    at::Tensor grad_x, grad_b;
+    if (ctx->needs_input_grad(3)) {  // (..., out) @ (out, in) -> (..., in)
+      const Weight w = saved_weight(ctx);
+      grad_x = grad_input_op().call(grad, w.packed, w.absmax, w.nested_absmax, w.offset, w.shape, w.blocksize);
     }
-    return {ctx->needs_input_grad(0) ? grad : at::Tensor(), grad_x, grad_A, grad_B, at::Tensor()};
+    const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
+    if (bias_edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(bias_edge)))  // (out,)
+      grad_b = grad.reshape_symint({-1, grad.sym_size(-1)}).sum(0);
+    const at::Tensor none;
+    return {g.x, g.A, g.B, none, grad_x, none, none, none, none, none, none, grad_b};
   }
 };
 
@@ -204,6 +259,23 @@ at::Tensor lora_add_kernel(const at::Tensor& y, const at::Tensor& x, const at::T
 at::Tensor lora_add_autograd(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                              double scale) {
   return LoraAdd::apply(y, x, A, B, scale);
+}
+
+at::Tensor nf4_lora_linear_kernel(const at::Tensor& x_lora, const at::Tensor& A, const at::Tensor& B, double scale,
+                                  const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
+                                  int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  const at::Tensor y = linear_op().call(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
+  return forward_math(y, x_lora, A, B, scale).second;
+}
+
+at::Tensor nf4_lora_linear_autograd(const at::Tensor& x_lora, const at::Tensor& A, const at::Tensor& B, double scale,
+                                    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                    const std::optional<at::Tensor>& nested_absmax,
+                                    const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
+                                    int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  return NF4LoraLinear::apply(x_lora, A, B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
 }
 
 using LoraAddSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
@@ -225,8 +297,8 @@ at::Tensor lora_add_autocast(const at::Tensor& y, const at::Tensor& x, const at:
 }  // namespace
 
 // See Note: LoRA in one node. With register_autograd (autograd.cpp), instead of library.py's
-// register_python_autograd: the op's kernel for every device, its autograd and its autocast rule
-// (CPU and CUDA), once a process.
+// register_python_autograd: lora_add's kernel for every device, its autograd and its autocast rule
+// (CPU and CUDA), and nf4_lora_linear's kernel and autograd, once a process.
 void register_lora_add() {
   static torch::Library* lib = [] {
     auto* l = new torch::Library(torch::Library::IMPL, "lowrank", std::nullopt, __FILE__, __LINE__);
@@ -234,6 +306,11 @@ void register_lora_add() {
     l->impl("lora_add", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(lora_add_autograd)));
     l->impl("lora_add", torch::dispatch(c10::DispatchKey::AutocastCPU, TORCH_FN(lora_add_autocast<c10::kCPU>)));
     l->impl("lora_add", torch::dispatch(c10::DispatchKey::AutocastCUDA, TORCH_FN(lora_add_autocast<c10::kCUDA>)));
+    // See Note: QLoRA in one node. No autocast rule: LoraLinear calls it only where every operand
+    // is in the dtype the layer computes in, and autocast falls through for it.
+    l->impl("nf4_lora_linear",
+            torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(nf4_lora_linear_kernel)));
+    l->impl("nf4_lora_linear", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(nf4_lora_linear_autograd)));
     return l;
   }();
   (void)lib;

@@ -4,7 +4,7 @@ Importing this package defines the ops (library.py), registers the reference ker
 (reference.py) and, when Triton imports, the Triton kernels (triton_*.py)."""
 
 from . import backends, library, reference
-from .library import lora_add, nf4_dequantize, nf4_linear
+from .library import lora_add, nf4_dequantize, nf4_linear, nf4_lora_linear
 from . import csrc  # registers the "csrc" backend and its C++ autograd when lowrank._C is built; never raises
 
 if not csrc.CPP_AUTOGRAD:  # one autograd for nf4_linear: lowrank._C's (csrc/autograd.cpp) or library.py's
@@ -17,4 +17,4 @@ except ImportError:
 else:
     from . import triton_dequantize, triton_gemv, triton_matmul  # noqa: F401  (register the "triton" backend)
 
-__all__ = ["backends", "lora_add", "nf4_dequantize", "nf4_linear"]
+__all__ = ["backends", "lora_add", "nf4_dequantize", "nf4_linear", "nf4_lora_linear"]

@@ -14,6 +14,8 @@ subclass and other libraries can call them with tensors from a bitsandbytes chec
     nf4_linear(x, ..., bias)     -> y = x @ W^T + bias, W in x.dtype   (..., N)
     nf4_linear_grad_input(gy, ...) -> gx = gy @ W                      (..., K)
     lora_add(y, x, A, B, s)      -> y + s (x @ A^T) @ B^T              (..., out)   (LoRA's addition)
+    nf4_lora_linear(x_lora, A, B, s, x, ..., bias)
+                                 -> lora_add(nf4_linear(x, ..., bias), x_lora, A, B, s)  (QLoRA's layer)
 
 Each op's kernel asks backends.choose(op, device) which implementation runs; the
 reference (lowrank/ops/reference.py) is registered for every device. Where lowrank._C is
@@ -32,7 +34,7 @@ from ..quant import nf4
 from ..quant.nf4_weight import NF4Weight
 from . import backends
 
-__all__ = ["FLOAT_DTYPES", "OPS", "lora_add", "nf4_dequantize", "nf4_linear"]
+__all__ = ["FLOAT_DTYPES", "OPS", "lora_add", "nf4_dequantize", "nf4_linear", "nf4_lora_linear"]
 
 FLOAT_DTYPES = nf4.DTYPES  # what W may be dequantized to
 BLOCKSIZES = nf4.BLOCKSIZES
@@ -45,6 +47,8 @@ OPS = {
     "nf4_linear": f"nf4_linear(Tensor x, {_WEIGHT}, Tensor? bias) -> Tensor",
     "nf4_linear_grad_input": f"nf4_linear_grad_input(Tensor grad_y, {_WEIGHT}) -> Tensor",
     "lora_add": "lora_add(Tensor y, Tensor x, Tensor lora_A, Tensor lora_B, float scale) -> Tensor",
+    "nf4_lora_linear": (f"nf4_lora_linear(Tensor x_lora, Tensor lora_A, Tensor lora_B, float scale, Tensor x, {_WEIGHT}, "
+                        "Tensor? bias) -> Tensor"),
 }
 for _schema in OPS.values():
     _lib.define(_schema)
@@ -328,27 +332,71 @@ def _lora_add_setup_context(ctx, inputs, output):
 # Eager autograd's nodes from the output back: Add (y's gradient is the output's), Mul (times s),
 # then lora_B's linear (UnsafeView to M rows, Mm, T) and lora_A's (Mm, T, View to x's shape); u is
 # recomputed here (setup_context sees no intermediate), the C++ autograd keeps it.
-def _lora_add_backward(ctx, grad):
-    x, lora_A, lora_B = ctx.saved_tensors
-    _, need_x, need_A, need_B, _ = ctx.needs_input_grad
+def _lora_grads(grad, x, lora_A, lora_B, scale, need_x: bool, need_A: bool, need_B: bool) -> tuple:
     grad_x = grad_A = grad_B = None
     if need_x or need_A or need_B:
         x2 = _rows(x)  # (M, in)
         # (M, r): the forward's u recomputed for B's gradient, else a stand-in with its layout
         u2 = x2.mm(lora_A.t()) if need_B else x2.new_empty(len(x2), lora_A.shape[0])
-        grad_v = _rows(grad * ctx.scale)  # (M, out)
+        grad_v = _rows(grad * scale)  # (M, out)
         grad_u, grad_Bt = _mm_grads(grad_v, u2, lora_B.t(), need_x or need_A, need_B)
         grad_B = None if grad_Bt is None else grad_Bt.t()
         if need_x or need_A:
             grad_x2, grad_At = _mm_grads(grad_u, x2, lora_A.t(), need_x, need_A)
             grad_x = None if grad_x2 is None else grad_x2.reshape(x.shape)
             grad_A = None if grad_At is None else grad_At.t()
+    return grad_x, grad_A, grad_B
+
+
+def _lora_add_backward(ctx, grad):
+    _, need_x, need_A, need_B, _ = ctx.needs_input_grad
+    grad_x, grad_A, grad_B = _lora_grads(grad, *ctx.saved_tensors, ctx.scale, need_x, need_A, need_B)
     return (grad if ctx.needs_input_grad[0] else None), grad_x, grad_A, grad_B, None
 
 
+# ---------------------------------------------------------------------------------------
+# nf4_lora_linear: a LoRA adapter on a 4-bit base, the layer of QLoRA
+# ---------------------------------------------------------------------------------------
+
+# Note: nf4_lora_linear. lora_add(nf4_linear(x, W, bias), x_lora, A, B, s), the adapter's input
+# x_lora being x or dropout(x), as one op: the same math, one dispatcher call and one autograd
+# node instead of two (csrc/lora.cpp, Note: QLoRA in one node); LoraLinear calls it for an adapter
+# on lowrank's Linear4bit (lowrank/tuners/lora.py, Note: QLoRA in one op). Its checks are the two
+# ops' (nf4_linear's, then lora_add's on the base output y), its gradients theirs. The adapter's
+# operands come first so that x's two gradients (x_lora's and x's, when they are one tensor) reach
+# the engine in the two ops' order and sum to the same bits.
+@torch.library.register_fake("lowrank::nf4_lora_linear")
+def _(x_lora, lora_A, lora_B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
+    n_out, _ = _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
+    y = x.new_empty((*x.shape[:-1], n_out))  # the base's output (fake too, while tracing)
+    _check_lora_add(y, x_lora, lora_A, lora_B)
+    return y
+
+
+def nf4_lora_linear_kernel(x_lora, lora_A, lora_B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize,
+                           bias):
+    y = linear_kernel(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
+    return lora_add_kernel(y, x_lora, lora_A, lora_B, scale)
+
+
+def _nf4_lora_setup_context(ctx, inputs, output):
+    x_lora, lora_A, lora_B, scale = inputs[:4]
+    _setup_context(ctx, inputs[4:], output)  # the base's: x, the weight's six fields, bias
+    ctx.save_for_backward(x_lora, lora_A, lora_B)
+    ctx.scale = scale
+
+
+def _nf4_lora_backward(ctx, grad):
+    need = ctx.needs_input_grad  # x_lora, A, B, scale, x, the weight's six fields, bias
+    grad_x_lora, grad_A, grad_B = _lora_grads(grad, *ctx.saved_tensors, ctx.scale, *need[:3])
+    grad_x = torch.ops.lowrank.nf4_linear_grad_input(grad, *ctx.weight) if need[4] else None
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[11] else None  # (N,)
+    return (grad_x_lora, grad_A, grad_B, None, grad_x, *_WEIGHT_NONE, grad_b)
+
+
 def register_python_autograd() -> None:
-    """Registers the autograd above for nf4_linear and nf4_linear_grad_input, and lora_add's
-    kernel and autograd. lowrank/ops/__init__.py calls this, once, when lowrank._C's (the same
+    """Registers the autograd above for nf4_linear and nf4_linear_grad_input, and lora_add's and
+    nf4_lora_linear's kernels and autograd. lowrank/ops/__init__.py calls this, once, when lowrank._C's (the same
     math: csrc/autograd.cpp, Note: autograd in C++; csrc/lora.cpp) are not registered instead:
     without lowrank._C, or with LOWRANK_PYTHON_OPS=1."""
     torch.library.register_autograd("lowrank::nf4_linear", _linear_backward, setup_context=_setup_context)
@@ -357,6 +405,8 @@ def register_python_autograd() -> None:
     )
     _lib.impl("lora_add", lora_add_kernel, "CompositeExplicitAutograd")
     torch.library.register_autograd("lowrank::lora_add", _lora_add_backward, setup_context=_lora_add_setup_context)
+    _lib.impl("nf4_lora_linear", nf4_lora_linear_kernel, "CompositeExplicitAutograd")
+    torch.library.register_autograd("lowrank::nf4_lora_linear", _nf4_lora_backward, setup_context=_nf4_lora_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,3 +438,13 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: tor
     Differentiable in all four; bit-exact with y + F.linear(F.linear(x, lora_A), lora_B) * scale
     and its gradients where x is contiguous (Note: lora_add)."""
     return torch.ops.lowrank.lora_add(y, x, lora_A, lora_B, float(scale))
+
+
+def nf4_lora_linear(x: torch.Tensor, q: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                    bias: torch.Tensor | None = None, x_lora: torch.Tensor | None = None) -> torch.Tensor:
+    """A LoRA adapter on a 4-bit linear as one op: x @ W^T + bias + scale * (x_lora @ lora_A^T) @ lora_B^T,
+    W = dequantize(q) in x.dtype, x_lora the adapter's input (default x; dropout(x) with dropout),
+    to the bit what lora_add(nf4_linear(x, q, bias), x_lora, lora_A, lora_B, scale) computes
+    (Note: nf4_lora_linear). Differentiable in x, x_lora, bias, lora_A and lora_B."""
+    return torch.ops.lowrank.nf4_lora_linear(x if x_lora is None else x_lora, lora_A, lora_B, float(scale), x,
+                                             *_fields(q), bias)

@@ -33,6 +33,14 @@ def _as_float(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.view(torch.float32) if t is not None and t.dtype == torch.int32 else t
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Autocast's dtype where it is on for x's device, else None."""
+    # any autocast at all first: one C call, where x.device.type alone costs more
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
 class Linear4bit(nn.Module):
     """A frozen 4-bit linear: in_features, out_features, forward, dequantize() (see Note: the
     base protocol, in lowrank/tuners/lora.py), so LoRA and DoRA wrap it unchanged."""
@@ -103,14 +111,27 @@ class Linear4bit(nn.Module):
     # autocast dtype and returns it, as nn.Linear does; otherwise it returns x's dtype, as
     # bitsandbytes' Linear4bit does.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        # the op on the fields directly: an NF4Weight checks itself on construction, and this runs
-        # on every forward of every layer (the op checks its arguments anyway)
-        y = torch.ops.lowrank.nf4_linear(x.to(dtype), self.packed, _as_float(self.absmax), _as_float(self.nested_absmax),
-                                         _as_float(self.offset), self.shape, self.blocksize, bias)  # (..., in) -> (..., out)
-        return y if autocast else y.to(x.dtype)
+        autocast = _autocast_dtype(x)
+        dtype = self.compute_dtype if autocast is None else autocast
+        bias = self._parameters.get("bias")  # absent, not None, when the layer has no bias (a plain attribute then)
+        y = torch.ops.lowrank.nf4_linear(x.to(dtype), *self.op_fields(),
+                                         None if bias is None else bias.to(dtype))  # (..., in) -> (..., out)
+        return y.to(x.dtype) if autocast is None else y
+
+    def dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype a call on x computes in (and, under autocast, returns)."""
+        autocast = _autocast_dtype(x)
+        return self.compute_dtype if autocast is None else autocast
+
+    def op_fields(self) -> tuple:
+        """The packed weight as the lowrank:: ops take it: (packed, absmax, nested_absmax, offset,
+        shape, blocksize), the float32 scales viewed back from their bits (Note: the scales stay
+        float32). Read from the dicts (Note: lookups on the hot path, lowrank/tuners/base.py): an
+        NF4Weight checks itself on construction, and this runs on every forward of every layer
+        (the ops check their arguments anyway)."""
+        p = self._parameters
+        return (p["packed"], _as_float(p["absmax"]), _as_float(p["nested_absmax"]), _as_float(self._buffers["offset"]),
+                self.shape, self.blocksize)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (out, in) in `dtype` (default: the dtype it was quantized from)."""

@@ -11,6 +11,7 @@ from torch.nn.modules import module as _module
 
 from ..config import LoraConfig
 from ..ops import csrc
+from ..quant.linear4bit import Linear4bit
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like
 from .base import TunerLayer
 from .lora_base import LoraLayer
@@ -69,19 +70,58 @@ class LoraLinear(LoraLayer):
     # (CPU, CUDA) the op's own rule casts x, A and B as F.linear's does, through autocast's cache;
     # it needs the base's output already in autocast's dtype, as autocast makes it.
     def _add_delta(self, name, result, x, base_out):
-        A, B = self.lora_A[name], self.lora_B[name]
-        if not (csrc.CPP_AUTOGRAD and not torch.compiler.is_compiling() and _plain(A) and _plain(B)
-                and not _global_hooks() and name not in self.lora_magnitude_vector
-                and not torch._C._are_functorch_transforms_active()):  # fmt: skip
+        factors = self._op_factors(name)
+        if factors is None:
             return super()._add_delta(name, result, x, base_out)
-        drop = self.lora_dropout[name]
+        drop = self._modules["lora_dropout"]._modules[name]
         if type(drop) is not nn.Identity:
             x = drop(x)
-        a, b = A._parameters["weight"], B._parameters["weight"]
-        if (type(x) is torch.Tensor and type(result) is torch.Tensor and type(a) is type(b) is nn.Parameter
-                and x.dim() >= 2 and x.is_contiguous() and _dtypes_fit(result, x, a, b)):  # fmt: skip
+        a, b = factors
+        if _x_fits(x, a, b) and type(result) is torch.Tensor and _dtypes_fit(result, x, a, b):
             return torch.ops.lowrank.lora_add(result, x, a, b, self.scaling[name])
         return result + self._lora(name, x) * self.scaling[name]
+
+    def _op_factors(self, name):
+        """The weights (A, B) of adapter `name` where the lowrank:: ops may add it (Note: LoRA in
+        one op), else None."""
+        mods = self._modules  # See Note: lookups on the hot path (lowrank/tuners/base.py)
+        A, B = mods["lora_A"]._modules[name], mods["lora_B"]._modules[name]
+        if not (csrc.CPP_AUTOGRAD and not torch.compiler.is_compiling() and _plain(A) and _plain(B)
+                and not _global_hooks() and name not in mods["lora_magnitude_vector"]
+                and not torch._C._are_functorch_transforms_active()):  # fmt: skip
+            return None
+        return A._parameters["weight"], B._parameters["weight"]
+
+    # Note: QLoRA in one op. One adapter on lowrank's Linear4bit, where LoRA would be one op
+    # (Note: LoRA in one op) and nothing about the base could differ, is one call of
+    # lowrank::nf4_lora_linear: base and adapter in one op and one autograd node (csrc/lora.cpp,
+    # Note: QLoRA in one node), no call of the base module. So: no dropout (its input would differ
+    # from the base's), no hooks on the base nor compiled base, and every operand already in the
+    # dtype the base computes in (Linear4bit.dtype_for: then its casts are no-ops, and so are
+    # autocast's). Equal to base(x) + the adapter bit for bit, gradients included for one layer;
+    # where x feeds several, its gradient's sum may associate differently (csrc/lora.cpp).
+    def forward(self, x, *args, **kwargs):
+        base = self._modules["base"]
+        if (type(base) is Linear4bit and not args and not kwargs and len(self.active) == 1 and self.enabled
+                and not self._merged and self.route is None):  # fmt: skip
+            out = self._qlora(base, x, self.active[0])
+            if out is not None:
+                return out
+        return super().forward(x, *args, **kwargs)
+
+    def _qlora(self, base, x, name):
+        """The layer as one nf4_lora_linear call, or None where that could differ (Note: QLoRA in one op)."""
+        factors = self._op_factors(name)
+        if (factors is None or type(self._modules["lora_dropout"]._modules[name]) is not nn.Identity
+                or base._forward_pre_hooks or base._forward_hooks or base._backward_hooks or base._backward_pre_hooks
+                or base._compiled_call_impl is not None):  # fmt: skip
+            return None
+        a, b = factors
+        bias = base._parameters.get("bias")
+        dtype = base.dtype_for(x)
+        if not (_x_fits(x, a, b) and x.dtype == a.dtype == b.dtype == dtype and (bias is None or bias.dtype == dtype)):
+            return None
+        return torch.ops.lowrank.nf4_lora_linear(x, a, b, self.scaling[name], x, *base.op_fields(), bias)
 
     def _lora_matrix(self, name):
         return self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in) -> (out, in)
@@ -97,6 +137,12 @@ class LoraLinear(LoraLayer):
         return self.base.weight.T if self.transposed else self.base.weight  # Conv1D stores (in, out)
 
 
+def _x_fits(x, a, b) -> bool:
+    """Plain tensors, and an x that matmul folds into rows as the ops' backward does (2+ dimensions, contiguous)."""
+    return (type(x) is torch.Tensor and type(a) is type(b) is nn.Parameter
+            and x.dim() >= 2 and x.is_contiguous())  # fmt: skip
+
+
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
 
 
@@ -104,6 +150,8 @@ def _dtypes_fit(result, x, a, b) -> bool:
     """Whether lora_add computes in the dtypes the modules would: one dtype for all four, or under
     autocast (CPU, CUDA) castable x, A, B (the op's rule casts them as F.linear's does) and the
     base's output already in autocast's dtype."""
+    if not torch._C._is_any_autocast_enabled():  # one C call: the common case, before reading x.device
+        return x.dtype == result.dtype == a.dtype == b.dtype
     device = x.device.type
     if not torch.is_autocast_enabled(device):
         return x.dtype == result.dtype == a.dtype == b.dtype

@@ -103,7 +103,7 @@ class LoraLayer(TunerLayer):
     # h = W0 x + sum over active adapters a of  s_a * B_a A_a dropout_a(x)      (Hu et al. 2021, eq. 3)
     #     s_a = alpha_a / r_a, or alpha_a / sqrt(r_a) with rsLoRA; DoRA adapters add dora.delta instead.
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base(x, *args, **kwargs)  # W0 x (+ b)
+        result = self._modules["base"](x, *args, **kwargs)  # W0 x (+ b); see Note: lookups on the hot path
         if not self.enabled or self._merged or not self.active:
             return result
         if self.route is not None:

@@ -197,19 +197,30 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(csrc._C is None, reason="lowrank._C is not built (this run already tests the Python version)")
-def test_the_python_lora_add_equals_the_eager_path_too():
+def run_with_python_ops(code: str) -> None:
+    """Runs `code` in a child process (at the repository root) with LOWRANK_PYTHON_OPS=1; it must print ok."""
     env = {k: v for k, v in os.environ.items() if k != "LOWRANK_BACKEND"}
     env["LOWRANK_PYTHON_OPS"] = "1"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", _PYTHON_OPS], env=env, cwd=root, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.skipif(csrc._C is None, reason="lowrank._C is not built (this run already tests the Python version)")
+def test_the_python_lora_add_equals_the_eager_path_too():
+    run_with_python_ops(_PYTHON_OPS)
 
 
 # ---------------------------------------------------------------------------------------------
 # LoraLinear's use of it (lora.py, Note: LoRA in one op)
 # ---------------------------------------------------------------------------------------------
 FUSED = "torch::autograd::CppNode<lowrank::LoraAdd>"
+FUSED_QLORA = "torch::autograd::CppNode<lowrank::NF4LoraLinear>"  # one adapter on a 4-bit base (test_nf4_lora_linear.py)
+
+
+def _fused(out) -> bool:
+    """Whether LoRA ran as one op (lora_add, or nf4_lora_linear with its base) somewhere in out's graph."""
+    return bool({FUSED, FUSED_QLORA} & _node_names(out))
 
 
 def lora_model(dtype=torch.float32, dropout=0.0, dora=False, adapters=("default",), device="cpu", four_bit=False):
@@ -247,9 +258,9 @@ def test_lora_linear_in_one_op_equals_the_modules(monkeypatch, device, dtype, ad
     set_active(model, list(adapters))
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1)).to(device, dtype).requires_grad_()
     fused_out, fused_grads, out = step(model, x, monkeypatch, fused=True)
-    assert FUSED in _node_names(out)
+    assert _fused(out)
     plain_out, plain_grads, out = step(model, x, monkeypatch, fused=False)
-    assert FUSED not in _node_names(out)
+    assert not _fused(out)
     assert torch.equal(fused_out, plain_out)
     assert fused_grads.keys() == plain_grads.keys() and all(torch.equal(fused_grads[n], plain_grads[n]) for n in fused_grads)
 
@@ -274,7 +285,7 @@ def test_lora_linear_dropout_in_one_op_equals_the_modules(monkeypatch):
     fused = step(model, x, monkeypatch, fused=True)
     torch.manual_seed(5)
     plain = step(model, x, monkeypatch, fused=False)
-    assert FUSED in _node_names(fused[2]) and FUSED not in _node_names(plain[2])
+    assert _fused(fused[2]) and not _fused(plain[2])
     assert torch.equal(fused[0], plain[0]) and all(torch.equal(fused[1][n], plain[1][n]) for n in fused[1])
 
 
@@ -300,20 +311,20 @@ def test_lora_linear_keeps_the_modules_where_one_op_could_differ():
     model = lora_model()
     layer = model[0]
     x = torch.randn(3, 5, 32)
-    assert FUSED in _node_names(layer(x.requires_grad_()))
-    assert FUSED not in _node_names(layer(x[0, 0].detach().requires_grad_()))  # 1-d x
-    assert FUSED not in _node_names(layer(x.detach().transpose(0, 1).requires_grad_()))  # not contiguous
+    assert _fused(layer(x.requires_grad_()))
+    assert not _fused(layer(x[0, 0].detach().requires_grad_()))  # 1-d x
+    assert not _fused(layer(x.detach().transpose(0, 1).requires_grad_()))  # not contiguous
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the base's output is bf16 there: float32 would promote
-        assert FUSED in _node_names(layer(x)) and FUSED not in _node_names(lora_model(torch.float64)[0](x.double()))
+        assert _fused(layer(x)) and not _fused(lora_model(torch.float64)[0](x.double()))
     seen = []
     handle = layer.lora_A["default"].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     names = _node_names(layer(x))
     handle.remove()
     assert seen == [torch.Size([3, 5, 4])] and FUSED not in names  # the hook ran
-    assert FUSED not in _node_names(lora_model(dora=True)[0](x))
+    assert not _fused(lora_model(dora=True)[0](x))
     with nn.modules.module.register_module_forward_hook(lambda m, i, o: None):
-        assert FUSED not in _node_names(layer(x))
-    assert FUSED in _node_names(layer(x))
+        assert not _fused(layer(x))
+    assert _fused(layer(x))
 
 
 @pytest.mark.skipif(not CPP, reason="LoraLinear uses lora_add with lowrank._C's autograd")
@@ -325,7 +336,7 @@ def test_lora_linear_under_torch_func_keeps_the_modules():
     gx = torch.func.grad(lambda t: layer(t).square().sum())(x)
     x_ = x.clone().requires_grad_()
     out = layer(x_)
-    assert FUSED in _node_names(out)
+    assert _fused(out)
     (want,) = torch.autograd.grad(out.square().sum(), x_)
     assert torch.equal(gx, want)
     per_row = torch.func.vmap(layer)(x[:, None])
@@ -361,7 +372,7 @@ def test_lora_linear_under_autocast_in_one_op_equals_the_modules(monkeypatch, de
         model.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16):
             out = model(x)
-        assert out.dtype == torch.bfloat16 and (FUSED in _node_names(out)) == fused
+        assert out.dtype == torch.bfloat16 and (_fused(out)) == fused
         (gx,) = torch.autograd.grad(out.float().square().mean(), x, retain_graph=True)
         out.float().square().mean().backward()
         results.append((out.detach(), gx, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
