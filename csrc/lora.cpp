@@ -158,6 +158,14 @@ void save_lora(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& u, c
   d["Bt_column_major"] = column_major(B.t());
 }
 
+// forward_math, then save_lora: the adapter's part of a node's forward
+at::Tensor lora_forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
+                        const at::Tensor& B, double scale) {
+  auto [u, out] = forward_math(y, x, A, B, scale);
+  save_lora(ctx, x, u, A, B, scale);
+  return out;
+}
+
 struct LoraGrads {
   at::Tensor x, A, B;
 };
@@ -165,8 +173,11 @@ struct LoraGrads {
 // Eager autograd's nodes from the output back: Add (y's gradient is the output's), Mul (times
 // s), then for lora_B's linear UnsafeView (to M rows), Mm, T, and for lora_A's View and
 // UnsafeView (M rows of r to (..., r) and back: a view both ways, same strides), Mm, T, View
-// (to x's shape). grad (..., out) is the output's gradient; only the gradients asked for.
-LoraGrads lora_grads(AutogradContext* ctx, const at::Tensor& grad, bool x_grad, bool A_grad, bool B_grad) {
+// (to x's shape). grad (..., out) is the output's gradient; x_edge the edge of x, followed by
+// A's and B's; only the gradients asked for.
+LoraGrads lora_grads(AutogradContext* ctx, const at::Tensor& grad, size_t x_edge) {
+  const bool x_grad = ctx->needs_input_grad(x_edge), A_grad = ctx->needs_input_grad(x_edge + 1),
+             B_grad = ctx->needs_input_grad(x_edge + 2);
   LoraGrads g;
   if (!(x_grad || A_grad || B_grad)) return g;
   auto& d = ctx->saved_data;
@@ -194,15 +205,12 @@ struct LoraAdd : torch::autograd::Function<LoraAdd> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
                             const at::Tensor& B, double scale) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [u, out] = forward_math(y, x, A, B, scale);
-    save_lora(ctx, x, u, A, B, scale);
-    return out;
+    return lora_forward(ctx, y, x, A, B, scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad = grads[0];  // (..., out)
-    const LoraGrads g = lora_grads(ctx, grad, ctx->needs_input_grad(1), ctx->needs_input_grad(2),
-                                   ctx->needs_input_grad(3));
+    const LoraGrads g = lora_grads(ctx, grad, /*x_edge=*/1);
     return {ctx->needs_input_grad(0) ? grad : at::Tensor(), g.x, g.A, g.B, at::Tensor()};
   }
 };
@@ -227,15 +235,12 @@ struct NF4LoraLinear : torch::autograd::Function<NF4LoraLinear> {
     ctx->saved_data["bias_edge"] = defined(bias) ? 6 + defined(nested_absmax) + defined(offset) : int64_t{-1};
     at::AutoDispatchBelowADInplaceOrView below;
     const at::Tensor y = linear_op().call(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
-    auto [u, out] = forward_math(y, x_lora, A, B, scale);
-    save_lora(ctx, x_lora, u, A, B, scale);
-    return out;
+    return lora_forward(ctx, y, x_lora, A, B, scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad = grads[0];  // (..., out)
-    const LoraGrads g = lora_grads(ctx, grad, ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   ctx->needs_input_grad(2));
+    const LoraGrads g = lora_grads(ctx, grad, /*x_edge=*/0);
     at::Tensor grad_x, grad_b;
     if (ctx->needs_input_grad(3)) {  // (..., out) @ (out, in) -> (..., in)
       const Weight w = saved_weight(ctx);
