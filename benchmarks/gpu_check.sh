@@ -2,7 +2,8 @@
 # One prepared run on a rented H100/H200 (torch, triton, transformers, peft preinstalled; no
 # internet; bitsandbytes carried as a wheel in .whl/). Builds lowrank._C with its CUDA kernels
 # (sm_90a only: the quick build), then, most valuable first, each step under `timeout`:
-#   csrc / optimizer / quantize gpu tests   (the new CUDA kernels must be right before they are timed)
+#   csrc / LoRA op / optimizer / quantize gpu tests   (the new CUDA kernels must be right before they are timed;
+#                                            lora_add and nf4_lora_linear on cuBLAS, bit for bit against their eager calls)
 #   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16; csrc-mma-staged,
 #                                            -staged2 and -lut, written 2026-11-28 without a GPU, first timed here)
 #   bench_nf4_codec.py --device cuda        (quantize / dequantize on the GPU; table in bench.log)
@@ -64,7 +65,8 @@ PYTEST="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"
 if [ "$PART" != 2 ]; then
 step 100 "$OUT/build.log" "build lowrank._C with CUDA" env LOWRANK_CUDA_ARCHS=90a MAX_JOBS=16 python3 setup.py build_ext --inplace
 python3 -c "from lowrank import _C; print('lowrank._C with_cuda =', _C.with_cuda)" 2>&1 | tee -a "$OUT/build.log"
-step 130 "$OUT/tests.log" "csrc, optimizer and quantize gpu tests" $PYTEST tests/csrc tests/test_optim.py tests/quant \
+step 130 "$OUT/tests.log" "csrc, LoRA op, optimizer and quantize gpu tests" $PYTEST tests/csrc tests/ops/test_lora_add.py \
+  tests/ops/test_nf4_lora_linear.py tests/test_optim.py tests/quant \
   --deselect tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows

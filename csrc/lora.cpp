@@ -21,6 +21,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "autograd.h"
@@ -79,9 +80,25 @@ c10::SymInt leading(const at::Tensor& t) {
   return m;
 }
 
+// Note: a scale of a power of two. When |s| = 2^k, k >= 0 (LoraConfig's default alpha = r gives
+// 1, alpha = 2r gives 2), s times a number of the dtype is exact: only the exponent moves, unless
+// it overflows. Then the eager path's mul-then-add rounds the exact y + s v once, and so does
+// add with alpha = s, which forms y + s v in the dtype's opmath (float for bf16, where the
+// product is exact too): the same bits from one elementwise kernel instead of two, one pass
+// over the (..., out) output fewer. Not for float16 with |s| > 1, whose overflow (65504) comes
+// below float's: the eager path would give inf where add, in float, might not. With s = 1
+// backward skips the multiplication of the output's gradient (x 1 is exact) when that gradient
+// is contiguous (then the product would have been too).
+bool scale_folds(double scale, at::ScalarType dtype) {
+  int exponent = 0;
+  const double mantissa = std::frexp(std::abs(scale), &exponent);  // |s| = mantissa 2^exponent, mantissa in [0.5, 1)
+  return mantissa == 0.5 && exponent >= 1 && (exponent == 1 || dtype != at::kHalf);
+}
+
 // u = x A^T (..., r) and out = s * (u B^T) + y (..., out): the eager path's calls (the sum
 // written into s u B^T, which IEEE addition leaves equal to y + s u B^T, so the output is
-// always a fresh contiguous tensor, as library.py's fake kernel says). One difference to mind:
+// always a fresh contiguous tensor, as library.py's fake kernel says; or one add, Note: a scale
+// of a power of two, when y is contiguous). One difference to mind:
 // eager matmul folds an x of 3 or more dimensions into rows whenever A requires grad, copying x
 // if it must; below autograd A.t() does not require grad, so that fold is made here.
 std::pair<at::Tensor, at::Tensor> forward_math(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
@@ -93,7 +110,9 @@ std::pair<at::Tensor, at::Tensor> forward_math(const at::Tensor& y, const at::Te
   } else {
     u = at::linear(x, A);
   }
-  return {u, at::mul(at::linear(u, B), scale).add_(y)};
+  const at::Tensor v = at::linear(u, B);
+  if (y.is_contiguous() && scale_folds(scale, v.scalar_type())) return {u, at::add(y, v, scale)};
+  return {u, at::mul(v, scale).add_(y)};
 }
 
 // The gradients of mm(mat1, mat2) as autograd's MmBackward0 computes them (torch's
@@ -186,7 +205,8 @@ LoraGrads lora_grads(AutogradContext* ctx, const at::Tensor& grad, size_t x_edge
   const at::Tensor A = kept_factor(d, "A", "A_version", x_grad);
   const at::Tensor B = kept_factor(d, "B", "B_version", x_grad || A_grad);
   const c10::SymInt m = d["m"].toSymInt();
-  const at::Tensor grad_v = rows(at::mul(grad, d["scale"].toDouble()), m);  // (M, out)
+  const double scale = d["scale"].toDouble();
+  const at::Tensor grad_v = rows(scale == 1.0 && grad.is_contiguous() ? grad : at::mul(grad, scale), m);  // (M, out)
   if (B_grad) g.B = mm_grad_mat2(grad_v, rows(u, m), d["Bt_column_major"].toBool()).t();  // (out, r)
   if (x_grad || A_grad) {
     const at::Tensor grad_u = mm_grad_mat1(grad_v, B.t(), d["u2_column_major"].toBool());  // (M, r)

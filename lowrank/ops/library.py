@@ -302,7 +302,16 @@ def lora_add_kernel(y, x, lora_A, lora_B, scale):
         u = _rows(x).mm(lora_A.t()).view(*x.shape[:-1], lora_A.shape[0])  # below autograd A.t() does not require grad
     else:
         u = torch.nn.functional.linear(x, lora_A)  # (..., in) -> (..., r)
-    return (torch.nn.functional.linear(u, lora_B) * scale).add_(y)  # y + s u B^T: IEEE addition commutes
+    v = torch.nn.functional.linear(u, lora_B)
+    if y.is_contiguous() and _scale_folds(scale, v.dtype):  # See Note: a scale of a power of two (csrc/lora.cpp)
+        return torch.add(y, v, alpha=scale)
+    return (v * scale).add_(y)  # y + s u B^T: IEEE addition commutes
+
+
+def _scale_folds(scale: float, dtype: torch.dtype) -> bool:
+    """|scale| = 2^k with k >= 0, and not float16 above 1: y + s v is then one add (csrc/lora.cpp)."""
+    mantissa, exponent = math.frexp(abs(scale))
+    return mantissa == 0.5 and exponent >= 1 and (exponent == 1 or dtype != torch.float16)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -338,7 +347,7 @@ def _lora_grads(grad, x, lora_A, lora_B, scale, need_x: bool, need_A: bool, need
         x2 = _rows(x)  # (M, in)
         # (M, r): the forward's u recomputed for B's gradient, else a stand-in with its layout
         u2 = x2.mm(lora_A.t()) if need_B else x2.new_empty(len(x2), lora_A.shape[0])
-        grad_v = _rows(grad * scale)  # (M, out)
+        grad_v = _rows(grad if scale == 1 and grad.is_contiguous() else grad * scale)  # (M, out)
         grad_u, grad_Bt = _mm_grads(grad_v, u2, lora_B.t(), need_x or need_A, need_B)
         grad_B = None if grad_Bt is None else grad_Bt.t()
         if need_x or need_A:

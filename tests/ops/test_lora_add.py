@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lowrank import LoraConfig, NF4Config, inject, quantize
 from lowrank.inject import set_active
 from lowrank import ops
-from lowrank.ops import csrc
+from lowrank.ops import csrc, library
 
 SCALE = 0.37  # not a power of two: the multiplication rounds
 CPP = csrc.CPP_AUTOGRAD  # lowrank._C's op and autograd; else library.py's (LOWRANK_NO_EXT / PYTHON_OPS)
@@ -80,13 +80,50 @@ def test_lora_add_equals_the_eager_path_bit_for_bit(device, dtype, x_shape, r):
 @settings(max_examples=150, deadline=None)
 @given(lead=st.lists(st.integers(0, 5), min_size=0, max_size=3), k=st.integers(0, 70), r=st.integers(1, 9),
        out=st.integers(1, 9), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       needs=st.tuples(*[st.booleans()] * 4), scale=st.floats(-4, 4, allow_nan=False), seed=st.integers(0, 2**16))
+       needs=st.tuples(*[st.booleans()] * 4),
+       scale=st.one_of(st.floats(-4, 4, allow_nan=False), st.sampled_from([1.0, -1.0, 2.0, -4.0, 0.5, 64.0])),
+       seed=st.integers(0, 2**16))
 def test_lora_add_equals_the_eager_path_for_any_shape(lead, k, r, out, dtype, needs, scale, seed):
     """Any leading dimensions (none, or sizes of zero included), in-features from 0, any subset of
     inputs needing grad, three dtypes: the same bits as the eager path."""
     args = operands((*lead, k), r, out, dtype, seed=seed)
     assert_same(outputs_and_grads(torch.ops.lowrank.lora_add, *args, needs, scale),
                 outputs_and_grads(eager, *args, needs, scale))
+
+
+POWERS = [1.0, -1.0, 2.0, -2.0, 4.0, 1024.0, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", POWERS)
+def test_lora_add_with_a_scale_of_a_power_of_two_equals_the_eager_path(device, dtype, scale):
+    """|s| = 2^k, k >= 0 (alpha = r, alpha = 2r): the output is one add with alpha = s (csrc/lora.cpp,
+    Note: a scale of a power of two; float16 only at |s| = 1), s = 1 skips the gradient's
+    multiplication: the same bits as the eager mul and add, outputs and gradients; below 1 the
+    eager calls run."""
+    for x_shape in ((2, 5, 384), (1, 16), (3, 48)):
+        args = operands(x_shape, 8, 24, dtype, device=device)
+        for needs in NEEDS:
+            assert_same(outputs_and_grads(torch.ops.lowrank.lora_add, *args, needs, scale),
+                        outputs_and_grads(eager, *args, needs, scale))
+
+
+@pytest.mark.parametrize("dtype, scale, folds", [(torch.bfloat16, 2.0, True), (torch.float32, -1.0, True),
+                                                 (torch.float16, 1.0, True), (torch.float16, 2.0, False),
+                                                 (torch.float32, 0.5, False), (torch.bfloat16, SCALE, False)])
+def test_lora_add_folds_only_scales_it_keeps_exact(dtype, scale, folds):
+    """Which calls the forward makes: add with alpha and no mul where the scale folds; and backward
+    multiplies the output's gradient by s unless s is 1."""
+    y, x, A, B, grad = operands((2, 3, 32), 4, 8, dtype)
+    with CountOps() as mode:  # the kernel's calls (library.py's Python kernel is one op to the mode)
+        (torch.ops.lowrank.lora_add if CPP else library.lora_add_kernel)(y, x, A, B, scale)
+    assert mode.counts.get("mul", 0) == (0 if folds else 1)
+    assert mode.counts.get("add", 0) + mode.counts.get("add_", 0) == 1
+    out = torch.ops.lowrank.lora_add(y, x, A.requires_grad_(), B.requires_grad_(), scale)
+    with CountOps() as mode:
+        torch.autograd.grad(out, (A, B), grad)
+    assert mode.counts.get("mul", 0) == (scale != 1.0)
 
 
 @pytest.mark.parametrize("needs", NEEDS[:4])
