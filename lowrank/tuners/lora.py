@@ -74,7 +74,7 @@ class LoraLinear(LoraLayer):
         if factors is None:
             return super()._add_delta(name, result, x, base_out)
         drop = self._modules["lora_dropout"]._modules[name]
-        if type(drop) is not nn.Identity:
+        if not _passes_x(drop):
             x = drop(x)
         a, b = factors
         if _x_fits(x, a, b) and type(result) is torch.Tensor and _dtypes_fit(result, x, a, b):
@@ -95,11 +95,12 @@ class LoraLinear(LoraLayer):
     # Note: QLoRA in one op. One adapter on lowrank's Linear4bit, where LoRA would be one op
     # (Note: LoRA in one op) and nothing about the base could differ, is one call of
     # lowrank::nf4_lora_linear: base and adapter in one op and one autograd node (csrc/lora.cpp,
-    # Note: QLoRA in one node), no call of the base module. So: no dropout (its input would differ
-    # from the base's), no hooks on the base nor compiled base, and every operand already in the
+    # Note: QLoRA in one node), no call of the base module. So: no dropout while training (its
+    # input would differ from the base's, and x's gradient would reach the engine in another
+    # order), no hooks on the base nor compiled base, and every operand already in the
     # dtype the base computes in (Linear4bit.dtype_for: then its casts are no-ops, and so are
-    # autocast's). Equal to base(x) + the adapter bit for bit, gradients included for one layer;
-    # where x feeds several, its gradient's sum may associate differently (csrc/lora.cpp).
+    # autocast's). Equal to base(x) + the adapter bit for bit, gradients included, down to a
+    # model's sums of them (the engine gets x's two gradients in the two ops' order, csrc/lora.cpp).
     def forward(self, x, *args, **kwargs):
         base = self._modules["base"]
         if (type(base) is Linear4bit and not args and not kwargs and len(self.active) == 1 and self.enabled
@@ -112,7 +113,7 @@ class LoraLinear(LoraLayer):
     def _qlora(self, base, x, name):
         """The layer as one nf4_lora_linear call, or None where that could differ (Note: QLoRA in one op)."""
         factors = self._op_factors(name)
-        if (factors is None or type(self._modules["lora_dropout"]._modules[name]) is not nn.Identity
+        if (factors is None or not _passes_x(self._modules["lora_dropout"]._modules[name])
                 or base._forward_pre_hooks or base._forward_hooks or base._backward_hooks or base._backward_pre_hooks
                 or base._compiled_call_impl is not None):  # fmt: skip
             return None
@@ -135,6 +136,13 @@ class LoraLinear(LoraLayer):
         if callable(getattr(self.base, "dequantize", None)):
             return self.base.dequantize()
         return self.base.weight.T if self.transposed else self.base.weight  # Conv1D stores (in, out)
+
+
+def _passes_x(drop: nn.Module) -> bool:
+    """Whether the adapter's dropout returns x itself: none, or nn.Dropout in eval mode (as
+    F.dropout does then: the same tensor, no autograd node), and no hook of its own."""
+    return type(drop) is nn.Identity or (type(drop) is nn.Dropout and not drop.training and not (
+        drop._forward_pre_hooks or drop._forward_hooks or drop._backward_hooks or drop._backward_pre_hooks))
 
 
 def _x_fits(x, a, b) -> bool:

@@ -277,13 +277,31 @@ def test_lora_linear_on_a_4bit_base_in_one_op_equals_the_two_ops(monkeypatch, bi
 
 
 @pytest.mark.skipif(not CPP, reason="LoraLinear uses nf4_lora_linear with lowrank._C's autograd")
+def test_lora_linear_with_dropout_in_eval_mode_in_one_op_equals_the_two_ops(monkeypatch):
+    """An adapter trained with dropout, evaluated (its dropout then passes x): one op, the two ops' bits."""
+    layer = qlora_layer(dropout=0.3).eval()
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(8)).bfloat16().requires_grad_()
+    results = []
+    for one_op in (True, False):
+        if not one_op:
+            _two_ops(monkeypatch)
+        out = layer(x)
+        assert (NODE in _node_names(out)) == one_op
+        trained = [x] + [p for p in layer.parameters() if p.requires_grad]
+        results.append((out.detach(), torch.autograd.grad(out.square().sum(), trained)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+
+
+@pytest.mark.skipif(not CPP, reason="LoraLinear uses nf4_lora_linear with lowrank._C's autograd")
 def test_lora_linear_on_a_4bit_base_keeps_two_ops_where_one_could_differ():
     x = torch.randn(3, 5, 64).bfloat16()
     layer = qlora_layer()
     assert NODE in _node_names(layer(x.requires_grad_()))
-    # dropout (the adapter's input differs from the base's), several adapters: lora_add after the base
-    assert TWO_OPS in _node_names(qlora_layer(dropout=0.2).train()(x)) and NODE not in _node_names(
-        qlora_layer(dropout=0.2).train()(x))
+    # dropout while training (the adapter's input differs from the base's), several adapters: lora_add after the base
+    dropped = qlora_layer(dropout=0.2).train()
+    assert TWO_OPS in _node_names(dropped(x)) and NODE not in _node_names(dropped(x))
+    assert NODE in _node_names(dropped.eval()(x))  # in eval mode dropout returns x itself
     two = qlora_layer(adapters=("a", "b"))
     from lowrank.inject import set_active
 
