@@ -116,6 +116,9 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig, 
         _FLAGS[model] = [(p, p.requires_grad) for p in model.parameters()]
     for parent, attr, where, _ in matches:
         setattr(parent, attr, handler.wrap(getattr(parent, attr), config, name, where))
+    for encoder_layer in (m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)):
+        for layer in _layers(encoder_layer):  # See Note: fused fast paths (tuners/base.py).
+            layer.keep_fused_paths_off()
     handler.attach(model, config, name)
     set_active(model, name)
     mark_trainable(model)

@@ -21,9 +21,12 @@ class TunerLayer(nn.Module):
     # Note: fused fast paths. torch.nn.TransformerEncoderLayer (and MultiheadAttention) run a
     # fused kernel in eval mode that reads `linear1.weight` etc. directly and never calls the
     # submodules, so an adapter would be silently skipped. torch takes the slow, module-by-module
-    # path whenever any submodule carries a forward pre-hook, so every adapter layer registers
-    # an empty one. Attribute reads that miss on the wrapper fall through to `base` (so model
-    # code reading e.g. `self.c_attn.nf` or `embed.weight` keeps working, as in PEFT).
+    # path whenever any submodule carries a forward pre-hook, so `inject` gives every adapter
+    # layer inside a TransformerEncoderLayer an empty one (keep_fused_paths_off). Only those: a
+    # hook sends every call of its module through nn.Module's slow call path, 1.4 us a call on
+    # the CPU of docs/benchmarks.md, on every layer of every forward. Attribute reads that miss
+    # on the wrapper fall through to `base` (so model code reading e.g. `self.c_attn.nf` or
+    # `embed.weight` keeps working, as in PEFT).
     #
     # Note: lookups on the hot path. A submodule, parameter or buffer read as an attribute
     # (self.lora_A, base.packed) is not in the instance's __dict__: Python falls back to
@@ -40,7 +43,11 @@ class TunerLayer(nn.Module):
         self.active: tuple[str, ...] = ()  # adapters applied in forward, in this order
         self.enabled = True  # False inside `lowrank.disabled(model)`
         self.route: tuple[str, ...] | None = None  # per-sample adapter names, see `lowrank.per_sample`
-        self.register_forward_pre_hook(_keep_fused_paths_off)
+
+    def keep_fused_paths_off(self) -> None:
+        """Registers the empty forward pre-hook of Note: fused fast paths, once."""
+        if _keep_fused_paths_off not in self._forward_pre_hooks.values():
+            self.register_forward_pre_hook(_keep_fused_paths_off)
 
     def __getattr__(self, name: str):
         try:
