@@ -405,9 +405,9 @@ def _nf4_lora_backward(ctx, grad):
 
 def register_python_autograd() -> None:
     """Registers the autograd above for nf4_linear and nf4_linear_grad_input, and lora_add's and
-    nf4_lora_linear's kernels and autograd. lowrank/ops/__init__.py calls this, once, when lowrank._C's (the same
-    math: csrc/autograd.cpp, Note: autograd in C++; csrc/lora.cpp) are not registered instead:
-    without lowrank._C, or with LOWRANK_PYTHON_OPS=1."""
+    nf4_lora_linear's kernels and autograd. lowrank/ops/__init__.py calls this, once, when
+    lowrank._C's (the same math: csrc/autograd.cpp, Note: autograd in C++; csrc/lora.cpp) are not
+    registered instead: without lowrank._C, or with LOWRANK_PYTHON_OPS=1."""
     torch.library.register_autograd("lowrank::nf4_linear", _linear_backward, setup_context=_setup_context)
     torch.library.register_autograd(
         "lowrank::nf4_linear_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
