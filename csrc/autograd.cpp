@@ -133,7 +133,7 @@ void register_autograd() {
     return l;
   }();
   (void)lib;
-  register_lora_add();
+  register_lora_ops();
 }
 
 }  // namespace lowrank

@@ -41,7 +41,7 @@ bool grad_input_ok(const at::Tensor& grad_y, const at::Tensor& packed, const at:
 // autograd in C++); lowrank/ops/csrc.py calls it, once, instead of library.py's Python autograd.
 // It registers lowrank::lora_add's and nf4_lora_linear's kernels and autograd too (lora.cpp).
 void register_autograd();
-void register_lora_add();
+void register_lora_ops();
 
 // The ops' Python kernels (library.py), for the calls the C++ kernels hand back.
 at::Tensor python_dequantize(const at::Tensor& packed, const at::Tensor& absmax,

@@ -1,8 +1,8 @@
 // lowrank::lora_add in C++: a LoRA adapter's addition to its layer's output, one autograd node;
 // and lowrank::nf4_lora_linear, the same with its 4-bit base (Note: QLoRA in one node, below).
-// lowrank/ops/library.py (Note: lora_add, Note: nf4_lora_linear) is the specification: the
-// schemas, the checks, the reference kernels and their Python autograd; this is the same math
-// without Python.
+// lowrank/ops/lora_ops.py (Note: lora_add, Note: nf4_lora_linear) is the specification: the
+// checks, the reference kernels and their Python autograd (the schemas are library.py's); this is
+// the same math without Python.
 //
 // Note: LoRA in one node. The eager LoRA path, lora_B(lora_A(x)) * s added to the base's output
 // (PEFT's order, which lowrank keeps to the bit), costs two nn.Linear module calls, a mul and an
@@ -48,7 +48,7 @@ std::string sizes_text(c10::SymIntArrayRef sizes) {
   return s + "]";
 }
 
-// The checks of library.py's _check_lora_add, same conditions and messages.
+// The checks of lora_ops.py's _check_lora_add, same conditions and messages.
 void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B) {
   TORCH_CHECK(A.dim() == 2 && B.dim() == 2,
               message("lora_A must be (r, in) and lora_B (out, r), got shapes ", sizes_text(A.sym_sizes()), " and ",
@@ -97,7 +97,7 @@ bool scale_folds(double scale, at::ScalarType dtype) {
 
 // u = x A^T (..., r) and out = s * (u B^T) + y (..., out): the eager path's calls (the sum
 // written into s u B^T, which IEEE addition leaves equal to y + s u B^T, so the output is
-// always a fresh contiguous tensor, as library.py's fake kernel says; or one add, Note: a scale
+// always a fresh contiguous tensor, as lora_ops.py's fake kernel says; or one add, Note: a scale
 // of a power of two, when y is contiguous). One difference to mind:
 // eager matmul folds an x of 3 or more dimensions into rows whenever A requires grad, copying x
 // if it must; below autograd A.t() does not require grad, so that fold is made here.
@@ -237,7 +237,7 @@ struct LoraAdd : torch::autograd::Function<LoraAdd> {
 
 // Note: QLoRA in one node. A LoRA adapter on a 4-bit base is lora_add(nf4_linear(x, W, b),
 // x_lora, A, B, s) (x_lora = x, or dropout(x)): two ops, two autograd nodes. As one op
-// (lowrank::nf4_lora_linear, library.py) it is one dispatcher call and one node, and LoraLinear
+// (lowrank::nf4_lora_linear, lora_ops.py) it is one dispatcher call and one node, and LoraLinear
 // makes no call of its base module (lora.py, Note: QLoRA in one op). The math is the two ops':
 // the base's output below autograd (nf4_linear's kernel), then forward_math; backward LoraAdd's
 // gradients, and nf4_linear's for x (nf4_linear_grad_input, the weight kept by reference) and for
@@ -321,10 +321,10 @@ at::Tensor lora_add_autocast(const at::Tensor& y, const at::Tensor& x, const at:
 
 }  // namespace
 
-// See Note: LoRA in one node. With register_autograd (autograd.cpp), instead of library.py's
-// register_python_autograd: lora_add's kernel for every device, its autograd and its autocast rule
+// See Note: LoRA in one node. With register_autograd (autograd.cpp), instead of lora_ops.py's
+// register_python_ops: lora_add's kernel for every device, its autograd and its autocast rule
 // (CPU and CUDA), and nf4_lora_linear's kernel and autograd, once a process.
-void register_lora_add() {
+void register_lora_ops() {
   static torch::Library* lib = [] {
     auto* l = new torch::Library(torch::Library::IMPL, "lowrank", std::nullopt, __FILE__, __LINE__);
     l->impl("lora_add", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(lora_add_kernel)));

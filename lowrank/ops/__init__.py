@@ -3,12 +3,14 @@
 Importing this package defines the ops (library.py), registers the reference kernels
 (reference.py) and, when Triton imports, the Triton kernels (triton_*.py)."""
 
-from . import backends, library, reference
-from .library import lora_add, nf4_dequantize, nf4_linear, nf4_lora_linear
+from . import backends, library, lora_ops, reference
+from .library import nf4_dequantize, nf4_linear
+from .lora_ops import lora_add, nf4_lora_linear
 from . import csrc  # registers the "csrc" backend and its C++ autograd when lowrank._C is built; never raises
 
 if not csrc.CPP_AUTOGRAD:  # one autograd for nf4_linear: lowrank._C's (csrc/autograd.cpp) or library.py's
     library.register_python_autograd()
+    lora_ops.register_python_ops()
 
 try:  # Triton is optional: without it the reference (and csrc, if built) still run
     import triton  # noqa: F401

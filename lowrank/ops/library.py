@@ -17,6 +17,9 @@ subclass and other libraries can call them with tensors from a bitsandbytes chec
     nf4_lora_linear(x_lora, A, B, s, x, ..., bias)
                                  -> lora_add(nf4_linear(x, ..., bias), x_lora, A, B, s)  (QLoRA's layer)
 
+The two LoRA ops are defined here with the others; their fake kernels, Python kernels, autograd
+and Python API are in lowrank/ops/lora_ops.py.
+
 Each op's kernel asks backends.choose(op, device) which implementation runs; the
 reference (lowrank/ops/reference.py) is registered for every device. Where lowrank._C is
 built, its C++ kernels take the CPU and CUDA calls the csrc backend would run, without Python
@@ -34,7 +37,7 @@ from ..quant import nf4
 from ..quant.nf4_weight import NF4Weight
 from . import backends
 
-__all__ = ["FLOAT_DTYPES", "OPS", "lora_add", "nf4_dequantize", "nf4_linear", "nf4_lora_linear"]
+__all__ = ["FLOAT_DTYPES", "OPS", "nf4_dequantize", "nf4_linear"]
 
 FLOAT_DTYPES = nf4.DTYPES  # what W may be dequantized to
 BLOCKSIZES = nf4.BLOCKSIZES
@@ -260,162 +263,15 @@ def _grad_input_backward(ctx, grad_grad_x):
 
 
 
-# ---------------------------------------------------------------------------------------
-# lora_add: a LoRA adapter's addition to its layer's output
-# ---------------------------------------------------------------------------------------
-
-# Note: lora_add. out = y + s * (x @ A^T) @ B^T, with y the base layer's output (..., out), x its
-# (dropped-out) input (..., in), A (r, in), B (out, r), all of one floating dtype and device: the
-# eager LoRA path of lowrank.LoraLinear and PEFT (lora_B(lora_A(x)) * s, added to y), as one op
-# whose autograd is one node. lowrank._C runs it in C++ (csrc/lora.cpp, Note: LoRA in one node),
-# where LoraLinear calls it; the kernel and autograd below are the same math in Python, registered
-# only without lowrank._C's (by register_python_autograd). The gradients are those of eager
-# autograd's nodes for the same calls, in the same layouts (_mm_grads), so the op equals the eager
-# path bit for bit where matmul folds x's leading dimensions into rows (x contiguous). Under
-# autocast (CPU, CUDA) lowrank._C's registration also casts x, A and B as F.linear's autocast rule
-# does (y is not cast); without lowrank._C the op has no autocast rule.
-def _check_lora_add(y, x, lora_A, lora_B) -> None:
-    torch._check(lora_A.dim() == 2 and lora_B.dim() == 2,
-                 lambda: f"lora_A must be (r, in) and lora_B (out, r), got shapes {list(lora_A.shape)} and {list(lora_B.shape)}")
-    torch._check(x.dim() >= 1 and x.shape[-1] == lora_A.shape[1] and lora_B.shape[1] == lora_A.shape[0],
-                 lambda: "x (..., in) must match lora_A (r, in) and lora_B (out, r); got x "
-                 f"{list(x.shape)}, lora_A {list(lora_A.shape)}, lora_B {list(lora_B.shape)}")
-    out_shape = [*x.shape[:-1], lora_B.shape[0]]
-    torch._check(list(y.shape) == out_shape,
-                 lambda: f"y must have the output's shape {out_shape} (x's leading dimensions, lora_B's out), got {list(y.shape)}")
-    torch._check(x.dtype.is_floating_point and y.dtype == x.dtype == lora_A.dtype == lora_B.dtype,
-                 lambda: "y, x, lora_A and lora_B must share one floating dtype, got "
-                 f"{y.dtype}, {x.dtype}, {lora_A.dtype}, {lora_B.dtype}")
-    torch._check(y.device == x.device == lora_A.device == lora_B.device,
-                 lambda: f"y, x, lora_A and lora_B must be on one device, got {y.device}, {x.device}, {lora_A.device}, {lora_B.device}")
-
-
-@torch.library.register_fake("lowrank::lora_add")
-def _(y, x, lora_A, lora_B, scale):
-    _check_lora_add(y, x, lora_A, lora_B)
-    return x.new_empty((*x.shape[:-1], lora_B.shape[0]))  # a fresh contiguous tensor, as the kernels return
-
-
-def lora_add_kernel(y, x, lora_A, lora_B, scale):
-    _check_lora_add(y, x, lora_A, lora_B)
-    if x.dim() >= 3 and lora_A.requires_grad:  # eager matmul folds x into rows then (copying it if it must);
-        u = _rows(x).mm(lora_A.t()).view(*x.shape[:-1], lora_A.shape[0])  # below autograd A.t() does not require grad
-    else:
-        u = torch.nn.functional.linear(x, lora_A)  # (..., in) -> (..., r)
-    v = torch.nn.functional.linear(u, lora_B)
-    if y.is_contiguous() and _scale_folds(scale, v.dtype):  # See Note: a scale of a power of two (csrc/lora.cpp)
-        return torch.add(y, v, alpha=scale)
-    return (v * scale).add_(y)  # y + s u B^T: IEEE addition commutes
-
-
-def _scale_folds(scale: float, dtype: torch.dtype) -> bool:
-    """|scale| = 2^k with k >= 0, and not float16 above 1: y + s v is then one add (csrc/lora.cpp)."""
-    mantissa, exponent = math.frexp(abs(scale))
-    return mantissa == 0.5 and exponent >= 1 and (exponent == 1 or dtype != torch.float16)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., K) as the (M, K) matrix matmul folds it into for mm."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-
-
-def _column_major(t: torch.Tensor) -> bool:
-    return t.stride(0) == 1 and t.stride(1) == t.shape[0]
-
-
-def _mm_grads(grad, mat1, mat2, need1: bool, need2: bool) -> tuple:
-    """The gradients of mm(mat1, mat2) as autograd's MmBackward0 computes them (torch's
-    mm_mat1_backward / mm_mat2_backward): an operand that was column-major gets its gradient
-    column-major, through the transposed product."""
-    g1 = (mat2.mm(grad.t()).t() if _column_major(mat1) else grad.mm(mat2.t())) if need1 else None
-    g2 = (grad.t().mm(mat1).t() if _column_major(mat2) else mat1.t().mm(grad)) if need2 else None
-    return g1, g2
-
-
-def _lora_add_setup_context(ctx, inputs, output):
-    y, x, lora_A, lora_B, scale = inputs
-    ctx.save_for_backward(x, lora_A, lora_B)
-    ctx.scale = scale
-
-
-# Eager autograd's nodes from the output back: Add (y's gradient is the output's), Mul (times s),
-# then lora_B's linear (UnsafeView to M rows, Mm, T) and lora_A's (Mm, T, View to x's shape); u is
-# recomputed here (setup_context sees no intermediate), the C++ autograd keeps it.
-def _lora_grads(grad, x, lora_A, lora_B, scale, need_x: bool, need_A: bool, need_B: bool) -> tuple:
-    grad_x = grad_A = grad_B = None
-    if need_x or need_A or need_B:
-        x2 = _rows(x)  # (M, in)
-        # (M, r): the forward's u recomputed for B's gradient, else a stand-in with its layout
-        u2 = x2.mm(lora_A.t()) if need_B else x2.new_empty(len(x2), lora_A.shape[0])
-        grad_v = _rows(grad if scale == 1 and grad.is_contiguous() else grad * scale)  # (M, out)
-        grad_u, grad_Bt = _mm_grads(grad_v, u2, lora_B.t(), need_x or need_A, need_B)
-        grad_B = None if grad_Bt is None else grad_Bt.t()
-        if need_x or need_A:
-            grad_x2, grad_At = _mm_grads(grad_u, x2, lora_A.t(), need_x, need_A)
-            grad_x = None if grad_x2 is None else grad_x2.reshape(x.shape)
-            grad_A = None if grad_At is None else grad_At.t()
-    return grad_x, grad_A, grad_B
-
-
-def _lora_add_backward(ctx, grad):
-    _, need_x, need_A, need_B, _ = ctx.needs_input_grad
-    grad_x, grad_A, grad_B = _lora_grads(grad, *ctx.saved_tensors, ctx.scale, need_x, need_A, need_B)
-    return (grad if ctx.needs_input_grad[0] else None), grad_x, grad_A, grad_B, None
-
-
-# ---------------------------------------------------------------------------------------
-# nf4_lora_linear: a LoRA adapter on a 4-bit base, the layer of QLoRA
-# ---------------------------------------------------------------------------------------
-
-# Note: nf4_lora_linear. lora_add(nf4_linear(x, W, bias), x_lora, A, B, s), the adapter's input
-# x_lora being x or dropout(x), as one op: the same math, one dispatcher call and one autograd
-# node instead of two (csrc/lora.cpp, Note: QLoRA in one node); LoraLinear calls it for an adapter
-# on lowrank's Linear4bit (lowrank/tuners/lora.py, Note: QLoRA in one op). Its checks are the two
-# ops' (nf4_linear's, then lora_add's on the base output y), its gradients theirs. The adapter's
-# operands come first so that x's two gradients (x_lora's and x's, when they are one tensor) reach
-# the engine in the two ops' order and sum to the same bits.
-@torch.library.register_fake("lowrank::nf4_lora_linear")
-def _(x_lora, lora_A, lora_B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
-    n_out, _ = _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
-    y = x.new_empty((*x.shape[:-1], n_out))  # the base's output (fake too, while tracing)
-    _check_lora_add(y, x_lora, lora_A, lora_B)
-    return y
-
-
-def nf4_lora_linear_kernel(x_lora, lora_A, lora_B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize,
-                           bias):
-    y = linear_kernel(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
-    return lora_add_kernel(y, x_lora, lora_A, lora_B, scale)
-
-
-def _nf4_lora_setup_context(ctx, inputs, output):
-    x_lora, lora_A, lora_B, scale = inputs[:4]
-    _setup_context(ctx, inputs[4:], output)  # the base's: x, the weight's six fields, bias
-    ctx.save_for_backward(x_lora, lora_A, lora_B)
-    ctx.scale = scale
-
-
-def _nf4_lora_backward(ctx, grad):
-    need = ctx.needs_input_grad  # x_lora, A, B, scale, x, the weight's six fields, bias
-    grad_x_lora, grad_A, grad_B = _lora_grads(grad, *ctx.saved_tensors, ctx.scale, *need[:3])
-    grad_x = torch.ops.lowrank.nf4_linear_grad_input(grad, *ctx.weight) if need[4] else None
-    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[11] else None  # (N,)
-    return (grad_x_lora, grad_A, grad_B, None, grad_x, *_WEIGHT_NONE, grad_b)
-
-
 def register_python_autograd() -> None:
-    """Registers the autograd above for nf4_linear and nf4_linear_grad_input, and lora_add's and
-    nf4_lora_linear's kernels and autograd. lowrank/ops/__init__.py calls this, once, when
-    lowrank._C's (the same math: csrc/autograd.cpp, Note: autograd in C++; csrc/lora.cpp) are not
-    registered instead: without lowrank._C, or with LOWRANK_PYTHON_OPS=1."""
+    """Registers the autograd above for nf4_linear and nf4_linear_grad_input. lowrank/ops/__init__.py
+    calls this (and lora_ops.register_python_ops), once, when lowrank._C's (the same math:
+    csrc/autograd.cpp, Note: autograd in C++; csrc/lora.cpp) are not registered instead: without
+    lowrank._C, or with LOWRANK_PYTHON_OPS=1."""
     torch.library.register_autograd("lowrank::nf4_linear", _linear_backward, setup_context=_setup_context)
     torch.library.register_autograd(
         "lowrank::nf4_linear_grad_input", _grad_input_backward, setup_context=_grad_input_setup_context
     )
-    _lib.impl("lora_add", lora_add_kernel, "CompositeExplicitAutograd")
-    torch.library.register_autograd("lowrank::lora_add", _lora_add_backward, setup_context=_lora_add_setup_context)
-    _lib.impl("nf4_lora_linear", nf4_lora_linear_kernel, "CompositeExplicitAutograd")
-    torch.library.register_autograd("lowrank::nf4_lora_linear", _nf4_lora_backward, setup_context=_nf4_lora_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,21 +295,3 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) 
     """y = x @ W^T + bias with W = dequantize(q) in x.dtype, never stored.
     x (..., K), q of shape [N, K], bias (N,) or None -> y (..., N). Differentiable in x and bias."""
     return torch.ops.lowrank.nf4_linear(x, *_fields(q), bias)
-
-
-def lora_add(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """y + scale * (x @ lora_A^T) @ lora_B^T as a new tensor (LoRA's addition to a layer's output y):
-    x (..., in), lora_A (r, in), lora_B (out, r), y (..., out), one floating dtype and device.
-    Differentiable in all four; bit-exact with y + F.linear(F.linear(x, lora_A), lora_B) * scale
-    and its gradients where x is contiguous (Note: lora_add)."""
-    return torch.ops.lowrank.lora_add(y, x, lora_A, lora_B, float(scale))
-
-
-def nf4_lora_linear(x: torch.Tensor, q: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                    bias: torch.Tensor | None = None, x_lora: torch.Tensor | None = None) -> torch.Tensor:
-    """A LoRA adapter on a 4-bit linear as one op: x @ W^T + bias + scale * (x_lora @ lora_A^T) @ lora_B^T,
-    W = dequantize(q) in x.dtype, x_lora the adapter's input (default x; dropout(x) with dropout),
-    to the bit what lora_add(nf4_linear(x, q, bias), x_lora, lora_A, lora_B, scale) computes
-    (Note: nf4_lora_linear). Differentiable in x, x_lora, bias, lora_A and lora_B."""
-    return torch.ops.lowrank.nf4_lora_linear(x if x_lora is None else x_lora, lora_A, lora_B, float(scale), x,
-                                             *_fields(q), bias)

@@ -33,7 +33,7 @@ def _as_float(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.view(torch.float32) if t is not None and t.dtype == torch.int32 else t
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """Autocast's dtype where it is on for x's device, else None."""
     # any autocast at all first: one C call, where x.device.type alone costs more
     if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
@@ -111,7 +111,7 @@ class Linear4bit(nn.Module):
     # autocast dtype and returns it, as nn.Linear does; otherwise it returns x's dtype, as
     # bitsandbytes' Linear4bit does.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = _autocast_dtype(x)
+        autocast = autocast_dtype(x)
         dtype = self.compute_dtype if autocast is None else autocast
         bias = self._parameters.get("bias")  # absent, not None, when the layer has no bias (a plain attribute then)
         y = torch.ops.lowrank.nf4_linear(x.to(dtype), *self.op_fields(),
@@ -120,7 +120,7 @@ class Linear4bit(nn.Module):
 
     def dtype_for(self, x: torch.Tensor) -> torch.dtype:
         """The dtype a call on x computes in (and, under autocast, returns)."""
-        autocast = _autocast_dtype(x)
+        autocast = autocast_dtype(x)
         return self.compute_dtype if autocast is None else autocast
 
     def op_fields(self) -> tuple:

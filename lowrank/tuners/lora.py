@@ -11,7 +11,7 @@ from torch.nn.modules import module as _module
 
 from ..config import LoraConfig
 from ..ops import csrc
-from ..quant.linear4bit import Linear4bit
+from ..quant.linear4bit import Linear4bit, autocast_dtype
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like
 from .base import TunerLayer
 from .lora_base import LoraLayer
@@ -158,12 +158,10 @@ def _dtypes_fit(result, x, a, b) -> bool:
     """Whether lora_add computes in the dtypes the modules would: one dtype for all four, or under
     autocast (CPU, CUDA) castable x, A, B (the op's rule casts them as F.linear's does) and the
     base's output already in autocast's dtype."""
-    if not torch._C._is_any_autocast_enabled():  # one C call: the common case, before reading x.device
+    autocast = autocast_dtype(x)
+    if autocast is None:
         return x.dtype == result.dtype == a.dtype == b.dtype
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return x.dtype == result.dtype == a.dtype == b.dtype
-    return (device in ("cpu", "cuda") and result.dtype == torch.get_autocast_dtype(device)
+    return (x.device.type in ("cpu", "cuda") and result.dtype == autocast
             and all(t.dtype in _AUTOCAST_CASTS for t in (x, a, b)))  # fmt: skip
 
 

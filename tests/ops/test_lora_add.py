@@ -1,4 +1,4 @@
-"""lowrank::lora_add (library.py, Note: lora_add; csrc/lora.cpp, Note: LoRA in one node) against
+"""lowrank::lora_add (lowrank/ops/lora_ops.py, Note: lora_add; csrc/lora.cpp, Note: LoRA in one node) against
 its oracle, the eager LoRA path it replaces (y + F.linear(F.linear(x, A), B) * s, the calls of
 PEFT's and lowrank's LoRA modules): outputs and every gradient equal bit for bit, the same
 products computed for the gradients asked for; and LoraLinear's use of it (Note: LoRA in one
@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lowrank import LoraConfig, NF4Config, inject, quantize
 from lowrank.inject import set_active
 from lowrank import ops
-from lowrank.ops import csrc, library
+from lowrank.ops import csrc, lora_ops
 
 SCALE = 0.37  # not a power of two: the multiplication rounds
 CPP = csrc.CPP_AUTOGRAD  # lowrank._C's op and autograd; else library.py's (LOWRANK_NO_EXT / PYTHON_OPS)
@@ -117,7 +117,7 @@ def test_lora_add_folds_only_scales_it_keeps_exact(dtype, scale, folds):
     multiplies the output's gradient by s unless s is 1."""
     y, x, A, B, grad = operands((2, 3, 32), 4, 8, dtype)
     with CountOps() as mode:  # the kernel's calls (library.py's Python kernel is one op to the mode)
-        (torch.ops.lowrank.lora_add if CPP else library.lora_add_kernel)(y, x, A, B, scale)
+        (torch.ops.lowrank.lora_add if CPP else lora_ops.lora_add_kernel)(y, x, A, B, scale)
     assert mode.counts.get("mul", 0) == (0 if folds else 1)
     assert mode.counts.get("add", 0) + mode.counts.get("add_", 0) == 1
     out = torch.ops.lowrank.lora_add(y, x, A.requires_grad_(), B.requires_grad_(), scale)
@@ -234,18 +234,18 @@ print("ok")
 """
 
 
-def run_with_python_ops(code: str) -> None:
-    """Runs `code` in a child process (at the repository root) with LOWRANK_PYTHON_OPS=1; it must print ok."""
+def run_with_python_ops(code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a child process (at the repository root) with LOWRANK_PYTHON_OPS=1."""
     env = {k: v for k, v in os.environ.items() if k != "LOWRANK_BACKEND"}
     env["LOWRANK_PYTHON_OPS"] = "1"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
 
 
 @pytest.mark.skipif(csrc._C is None, reason="lowrank._C is not built (this run already tests the Python version)")
 def test_the_python_lora_add_equals_the_eager_path_too():
-    run_with_python_ops(_PYTHON_OPS)
+    done = run_with_python_ops(_PYTHON_OPS)  # its asserts run in the child; it prints ok at the end
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""lowrank::nf4_lora_linear (library.py, Note: nf4_lora_linear; csrc/lora.cpp, Note: QLoRA in one
+"""lowrank::nf4_lora_linear (lowrank/ops/lora_ops.py, Note: nf4_lora_linear; csrc/lora.cpp, Note: QLoRA in one
 node) against its oracle, the two ops it fuses, lora_add(nf4_linear(x, W, bias), x_lora, A, B, s)
 (each checked against its own oracle in test_library.py / test_lora_add.py): outputs and every
 gradient equal bit for bit; and LoraLinear's use of it on a 4-bit base (lowrank/tuners/lora.py,
@@ -179,7 +179,8 @@ print("ok")
 
 @pytest.mark.skipif(csrc._C is None, reason="lowrank._C is not built (this run already tests the Python version)")
 def test_the_python_nf4_lora_linear_equals_the_two_ops_too():
-    run_with_python_ops(_PYTHON_OPS)
+    done = run_with_python_ops(_PYTHON_OPS)  # its asserts run in the child; it prints ok at the end
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
