@@ -7,6 +7,7 @@ Llama-2-7B shape").
     python benchmarks/bench_op_calls.py            # 7 rounds of 2000 calls a provider and case
     python benchmarks/bench_op_calls.py --quick    # 3 rounds of 200
     python benchmarks/bench_op_calls.py --device cuda   # the same layers on the GPU (a GPU run)
+    python benchmarks/bench_op_calls.py --dropout 0.1   # the LoRA layers with dropout, training
 
 On CUDA the kernels of a call take a few microseconds of GPU time while launching them takes
 longer, so back-to-back calls are bound by the CPU: each round ends with a synchronize, and the
@@ -41,8 +42,9 @@ COLUMNS = ["case", "provider", "us", "p20_us", "p80_us", "ratio"]
 FEATURES, RANK = 128, 16
 
 
-def providers(lora: bool, device: torch.device) -> dict[str, nn.Module]:
-    """name -> a one-layer nn.Sequential on `device`, every one from the same bf16 weight."""
+def providers(lora: bool, device: torch.device, dropout: float = 0.0) -> dict[str, nn.Module]:
+    """name -> a one-layer nn.Sequential on `device`, every one from the same bf16 weight (with
+    LoRA: in training mode, for the adapters' dropout)."""
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(FEATURES, FEATURES, bias=False)).to(device, torch.bfloat16)
     ours = copy.deepcopy(dense)
@@ -63,16 +65,16 @@ def providers(lora: bool, device: torch.device) -> dict[str, nn.Module]:
     wrapped = {}
     for name, model in out.items():
         if not name.startswith("bitsandbytes"):
-            inject(model, LoraConfig(r=RANK, alpha=2 * RANK, targets=["0"]))
-            wrapped["lowrank LoRA on " + name.removeprefix("lowrank ")] = model.to(device)
+            inject(model, LoraConfig(r=RANK, alpha=2 * RANK, dropout=dropout, targets=["0"]))
+            wrapped["lowrank LoRA on " + name.removeprefix("lowrank ")] = model.to(device).train()
             continue
         try:
             import peft
         except ImportError:
             continue
         # PEFT's adapters stay float32, its default (and bench_qlora's)
-        wrapped["PEFT LoRA on " + name] = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK,
-                                                                             target_modules=["0"])).to(device)
+        config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules=["0"])
+        wrapped["PEFT LoRA on " + name] = peft.get_peft_model(model, config).to(device).train()
     return wrapped
 
 
@@ -113,20 +115,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="3 rounds of 200 calls")
     parser.add_argument("--out", type=Path, default=_common.RESULTS / "op_calls.json")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dropout", type=float, default=0.0, help="the LoRA layers' dropout (default 0)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     device = torch.device(args.device)
     calls, rounds = (200, 3) if args.quick else (2000, 7)
     x = torch.randn(1, 1, FEATURES, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
     rows = []
     for lora in (False, True):
-        models = providers(lora, device)
+        models = providers(lora, device, args.dropout)
         for case in ("forward, no grad", "forward, x requires grad", "forward + backward"):
             fns = {name: call(m, case, x) for name, m in models.items()}
             with torch.set_grad_enabled(case != "forward, no grad"):
                 result = measure(fns, calls, rounds, device)
             base = next(iter(result.values()))[0]
             for name, (us, p20, p80) in result.items():
-                rows.append({"case": case + (" (LoRA)" if lora else ""), "provider": name, "us": us, "p20_us": p20,
+                label = (f" (LoRA, dropout {args.dropout:g})" if args.dropout else " (LoRA)") if lora else ""
+                rows.append({"case": case + label, "provider": name, "us": us, "p20_us": p20,
                              "p80_us": p80, "ratio": base / us})
     _common.report(args.out, rows, COLUMNS, device)
     return rows

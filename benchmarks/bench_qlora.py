@@ -7,6 +7,7 @@ codes and the same adapter weights, in one run.
     python benchmarks/bench_qlora.py --llama7b  # Llama-2-7B, batch 1 x 2048, checkpointing (a GPU run)
     python benchmarks/bench_qlora.py --llama7b --layers 2 --hidden 128 --intermediate 384 --vocab 512 --seq 64
     python benchmarks/bench_qlora.py --llama7b --compile   # each decoder layer torch.compiled, both sides
+    python benchmarks/bench_qlora.py --llama7b --dropout 0.1   # LoRA dropout on both sides (the QLoRA recipes')
 
 Device: CUDA when present (bf16 compute, peak memory per provider from
 torch.cuda.max_memory_allocated), else the CPU (float32 compute). Rows: median and 20/80
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import sys
 import time
@@ -70,6 +72,11 @@ def compiled_suffix(args) -> str:
     if args.compile is None:
         return ""
     return " compiled" + (f" ({args.compile['mode']})" if "mode" in args.compile else "")
+
+
+def dropout_suffix(args) -> str:
+    """What the shape column adds for --dropout."""
+    return f" dropout {args.dropout:g}" if args.dropout else ""
 
 
 def step_fn(model, ids, losses: list, host: list | None = None):
@@ -114,11 +121,12 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
 
     ours = copy.deepcopy(base).to(device)
     quantize(ours, NF4Config(compute_dtype=dtype))
-    inject(ours, LoraConfig(r=16, alpha=32, targets=TARGETS))
+    inject(ours, LoraConfig(r=16, alpha=32, dropout=args.dropout, targets=TARGETS))
     theirs = copy.deepcopy(base)
     bnb_quantize(theirs, dtype, device)
     theirs = theirs.to(device)
-    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
+                                                         target_modules=TARGETS))
     theirs_params = dict(theirs.base_model.model.named_parameters())
     with torch.no_grad():  # the same adapter weights in both
         for name, p in ours.named_parameters():
@@ -134,7 +142,7 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
     peaks = {name: peak_memory(device, fn) for name, fn in fns.items()}  # also the warm-up step
     times = alternate(fns, reps)
     shape_name = f"llama h{shape['hidden']} L{shape['layers']} b{shape['batch']}x{shape['seq']} {str(dtype)[6:]}"
-    shape_name += compiled_suffix(args)
+    shape_name += compiled_suffix(args) + dropout_suffix(args)
     rows = []
     for provider, (ms, p20, p80) in times.items():
         rows.append({"case": "qlora_train_step", "shape": shape_name, "provider": provider, "ms": ms, "p20_ms": p20,
@@ -144,15 +152,15 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
 
 
 # -- --llama7b: one provider at a time ----------------------------------------------------------
-def build_lowrank(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_lowrank(config, device: torch.device, dtype: torch.dtype, dropout: float = 0.0) -> nn.Module:
     model = build(config, device, dtype, lambda layer: quantize(layer, NF4Config(compute_dtype=dtype)))
-    inject(model, LoraConfig(r=16, alpha=32, dropout=0.0, targets=TARGETS))
+    inject(model, LoraConfig(r=16, alpha=32, dropout=dropout, targets=TARGETS))
     init_adapters(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def build_peft(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_peft(config, device: torch.device, dtype: torch.dtype, dropout: float = 0.0) -> nn.Module:
     import peft
 
     model = build(config, device, dtype, lambda layer: bnb_quantize(layer, dtype, device))
@@ -161,7 +169,8 @@ def build_peft(config, device: torch.device, dtype: torch.dtype) -> nn.Module:
     # float32 (more memory, other speed); both sides keep them bf16 instead. PEFT keeps its own
     # default for the adapters (float32 weights, autocast_adapter_dtype=True); lowrank's take the
     # base's compute dtype (bf16). Same start values either way (init_adapters).
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout,
+                                                       target_modules=TARGETS))
     init_adapters(model, prefix="base_model.model.")
     return model
 
@@ -253,12 +262,13 @@ def llama7b(args, device: torch.device, env: dict) -> tuple[list[dict], str]:
     ids = torch.randint(0, sizes["vocab"], (sizes["batch"], sizes["seq"]), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)  # the same tokens for both providers
     shape_name = (f"llama-2-7b h{sizes['hidden']} i{sizes['intermediate']} L{sizes['layers']} v{sizes['vocab']} "
-                  f"b{sizes['batch']}x{sizes['seq']} bf16 r16 ckpt") + compiled_suffix(args)
+                  f"b{sizes['batch']}x{sizes['seq']} bf16 r16 ckpt") + compiled_suffix(args) + dropout_suffix(args)
     results: dict[str, dict] = {}
     for provider, make in (("lowrank", build_lowrank), ("peft+bitsandbytes", build_peft)):
         # Note: one failure does not end the run. The GPU run is made once; if one provider
         # fails (out of memory, a kernel error), the other is still measured, and the row says why.
         try:
+            make = functools.partial(make, dropout=args.dropout)
             results[provider] = measure(provider, make, config, ids, args.reps or sizes["reps"], device, args.profile,
                                         args.compile)
         except Exception as e:  # noqa: BLE001 - reported in the row and on stderr, never swallowed
@@ -291,6 +301,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="torch.compile each decoder layer of both models (the warm-up step compiles)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES,
                         help="with --compile: torch.compile's mode (default: its default)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="LoRA dropout on both sides (default 0; the QLoRA recipes use 0.05-0.1)")
     parser.add_argument("--out", type=Path, help="JSON rows (+ .md); default results/qlora.json, "
                         "results/qlora_llama7b.json with --llama7b")
     args = parser.parse_args(argv)
@@ -302,6 +314,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--{', --'.join(overrides)} only apply with --llama7b")
     if any(v is not None and v < 1 for v in [args.reps] + [getattr(args, s) for s in overrides]):
         parser.error("sizes and --reps must be positive integers")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.out is None:
         name = ("qlora_llama7b" if args.llama7b else "qlora") + ("" if args.compile is None else "_compiled")
         args.out = Path(__file__).parent / "results" / f"{name}.json"

@@ -26,48 +26,24 @@
 
 #include "autograd.h"
 #include "dispatch.h"
+#include "lora_checks.h"
 #include "message.h"
 
 namespace lowrank {
 namespace {
 
-// x's leading sizes, then `last`: the shape of x A^T or of the output
-std::vector<c10::SymInt> leading_then(const at::Tensor& x, const c10::SymInt& last) {
-  std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
-  shape.push_back(last);
-  return shape;
+// The adapter's input: x, or its dropped-out copy (Note: dropout in the LoRA ops, lora_ops.py)
+const at::Tensor& adapter_input(const at::Tensor& x, const OptTensor& dropped) {
+  return defined(dropped) ? *dropped : x;
 }
 
-std::string sizes_text(c10::SymIntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (i > 0) s += ", ";
-    const auto v = sizes[i].maybe_as_int();
-    s += v ? std::to_string(*v) : std::string("?");
-  }
-  return s + "]";
-}
-
-// The checks of lora_ops.py's _check_lora_add, same conditions and messages.
-void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B) {
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2,
-              message("lora_A must be (r, in) and lora_B (out, r), got shapes ", sizes_text(A.sym_sizes()), " and ",
-                      sizes_text(B.sym_sizes())));
-  TORCH_CHECK(x.dim() >= 1 && x.sym_size(-1) == A.sym_size(1) && B.sym_size(1) == A.sym_size(0),
-              message("x (..., in) must match lora_A (r, in) and lora_B (out, r); got x ", sizes_text(x.sym_sizes()),
-                      ", lora_A ", sizes_text(A.sym_sizes()), ", lora_B ", sizes_text(B.sym_sizes())));
-  const std::vector<c10::SymInt> out_shape = leading_then(x, B.sym_size(0));
-  TORCH_CHECK(y.sym_sizes() == c10::SymIntArrayRef(out_shape),
-              message("y must have the output's shape ", sizes_text(out_shape),
-                      " (x's leading dimensions, lora_B's out), got ",
-                      sizes_text(y.sym_sizes())));
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && y.scalar_type() == x.scalar_type() &&
-                  A.scalar_type() == x.scalar_type() && B.scalar_type() == x.scalar_type(),
-              message("y, x, lora_A and lora_B must share one floating dtype, got ", y.scalar_type(), ", ",
-                      x.scalar_type(), ", ", A.scalar_type(), ", ", B.scalar_type()));
-  TORCH_CHECK(y.device() == x.device() && A.device() == x.device() && B.device() == x.device(),
-              message("y, x, lora_A and lora_B must be on one device, got ", y.device(), ", ", x.device(), ", ",
-                      A.device(), ", ", B.device()));
+// x's gradient from its dropped-out copy's, as eager autograd's nodes give it: cast back to x's
+// dtype (ToCopyBackward0, under autocast), then the dropout's node: MulBackward0 (grad * noise)
+// for at::dropout's composite path, NativeDropoutBackward0 for at::native_dropout's mask.
+at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& keep, double keep_scale,
+                            at::ScalarType x_dtype) {
+  const at::Tensor g = grad.to(x_dtype);
+  return keep.scalar_type() == at::kBool ? at::native_dropout_backward(g, keep, keep_scale) : at::mul(g, keep);
 }
 
 // (..., K) as the (M, K) matrix matmul folds it into for mm (a view when it can be one, as there)
@@ -158,12 +134,19 @@ at::Tensor kept_factor(const SavedData& d, const char* name, const char* version
 // references (as NF4Linear keeps the packed weight), with their version counters, so that a
 // factor changed in place between forward and backward is refused as a saved tensor would be,
 // not used.
-void save_lora(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& u, const at::Tensor& A,
-               const at::Tensor& B, double scale) {
-  const bool x_grad = x.requires_grad(), A_grad = A.requires_grad(), B_grad = B.requires_grad();
+// x_edge: the tensor whose gradient the node returns for the adapter's input (x, or what the
+// dropout took: then the gradient goes back through keep), x the adapter's input.
+void save_lora(AutogradContext* ctx, const at::Tensor& x_edge, const at::Tensor& x, const at::Tensor& u,
+               const at::Tensor& A, const at::Tensor& B, double scale, const OptTensor& keep, double keep_scale) {
+  const bool x_grad = x_edge.requires_grad(), A_grad = A.requires_grad(), B_grad = B.requires_grad();
   const c10::SymInt m = leading(x);
-  ctx->save_for_backward({A_grad ? x : at::Tensor(), B_grad ? u : at::Tensor()});
+  ctx->save_for_backward({A_grad ? x : at::Tensor(), B_grad ? u : at::Tensor(),
+                          x_grad && defined(keep) ? *keep : at::Tensor()});
   auto& d = ctx->saved_data;
+  if (defined(keep)) {
+    d["keep_scale"] = keep_scale;
+    d["x_dtype"] = static_cast<int64_t>(x_edge.scalar_type());
+  }
   if (x_grad) keep_factor(d, "A", "A_version", A);
   if (x_grad || A_grad) keep_factor(d, "B", "B_version", B);
   d["scale"] = scale;
@@ -177,11 +160,15 @@ void save_lora(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& u, c
   d["Bt_column_major"] = column_major(B.t());
 }
 
-// forward_math, then save_lora: the adapter's part of a node's forward
+// forward_math, then save_lora: the adapter's part of a node's forward (x the adapter's input
+// edge, its dropout's dropped and keep when it has one)
 at::Tensor lora_forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
-                        const at::Tensor& B, double scale) {
-  auto [u, out] = forward_math(y, x, A, B, scale);
-  save_lora(ctx, x, u, A, B, scale);
+                        const at::Tensor& B, double scale, const OptTensor& dropped, const OptTensor& keep,
+                        double keep_scale) {
+  check_dropout(x, dropped, keep);
+  const at::Tensor& input = adapter_input(x, dropped);
+  auto [u, out] = forward_math(y, input, A, B, scale);
+  save_lora(ctx, x, input, u, A, B, scale, keep, keep_scale);
   return out;
 }
 
@@ -201,7 +188,7 @@ LoraGrads lora_grads(AutogradContext* ctx, const at::Tensor& grad, size_t x_edge
   if (!(x_grad || A_grad || B_grad)) return g;
   auto& d = ctx->saved_data;
   const variable_list saved = ctx->get_saved_variables();
-  const at::Tensor &x = saved[0], &u = saved[1];
+  const at::Tensor &x = saved[0], &u = saved[1], &keep = saved[2];
   const at::Tensor A = kept_factor(d, "A", "A_version", x_grad);
   const at::Tensor B = kept_factor(d, "B", "B_version", x_grad || A_grad);
   const c10::SymInt m = d["m"].toSymInt();
@@ -213,6 +200,9 @@ LoraGrads lora_grads(AutogradContext* ctx, const at::Tensor& grad, size_t x_edge
     if (A_grad) g.A = mm_grad_mat2(grad_u, rows(x, m), d["At_column_major"].toBool()).t();  // (r, in)
     if (x_grad)  // (M, in) -> (..., in)
       g.x = mm_grad_mat1(grad_u, A.t(), d["x2_column_major"].toBool()).reshape_symint(d["x_sizes"].toSymIntVector());
+    if (x_grad && keep.defined())  // through the dropout: See Note: dropout in the LoRA ops (lora_ops.py)
+      g.x = dropout_backward(g.x, keep, d["keep_scale"].toDouble(),
+                             static_cast<at::ScalarType>(d["x_dtype"].toInt()));
   }
   return g;
 }
@@ -221,17 +211,20 @@ LoraGrads lora_grads(AutogradContext* ctx, const at::Tensor& grad, size_t x_edge
 
 // In namespace lowrank, not an anonymous one: its node is torch::autograd::CppNode<lowrank::LoraAdd>.
 // out = y + s (x A^T) B^T      y (..., out), x (..., in), A (r, in), B (out, r), M rows of x
+// (with dropout, x's dropped-out copy in x's place: Note: dropout in the LoRA ops, lora_ops.py)
 struct LoraAdd : torch::autograd::Function<LoraAdd> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
-                            const at::Tensor& B, double scale) {
+                            const at::Tensor& B, double scale, const OptTensor& dropped, const OptTensor& keep,
+                            double keep_scale) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return lora_forward(ctx, y, x, A, B, scale);
+    return lora_forward(ctx, y, x, A, B, scale, dropped, keep, keep_scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad = grads[0];  // (..., out)
     const LoraGrads g = lora_grads(ctx, grad, /*x_edge=*/1);
-    return {ctx->needs_input_grad(0) ? grad : at::Tensor(), g.x, g.A, g.B, at::Tensor()};
+    const at::Tensor none;
+    return {ctx->needs_input_grad(0) ? grad : none, g.x, g.A, g.B, none, none, none, none};
   }
 };
 
@@ -249,13 +242,14 @@ struct NF4LoraLinear : torch::autograd::Function<NF4LoraLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_lora, const at::Tensor& A, const at::Tensor& B,
                             double scale, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
-                            c10::SymIntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+                            c10::SymIntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias,
+                            const OptTensor& dropped, const OptTensor& keep, double keep_scale) {
     save_weight(ctx, packed, absmax, nested_absmax, offset, shape, blocksize);
     // edges: x_lora, A, B, x, packed, absmax, [nested_absmax], [offset], [bias] (the defined tensors)
     ctx->saved_data["bias_edge"] = defined(bias) ? 6 + defined(nested_absmax) + defined(offset) : int64_t{-1};
     at::AutoDispatchBelowADInplaceOrView below;
     const at::Tensor y = linear_op().call(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
-    return lora_forward(ctx, y, x_lora, A, B, scale);
+    return lora_forward(ctx, y, x_lora, A, B, scale, dropped, keep, keep_scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -270,53 +264,61 @@ struct NF4LoraLinear : torch::autograd::Function<NF4LoraLinear> {
     if (bias_edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(bias_edge)))  // (out,)
       grad_b = grad.reshape_symint({-1, grad.sym_size(-1)}).sum(0);
     const at::Tensor none;
-    return {g.x, g.A, g.B, none, grad_x, none, none, none, none, none, none, grad_b};
+    return {g.x, g.A, g.B, none, grad_x, none, none, none, none, none, none, grad_b, none, none, none};
   }
 };
 
 namespace {
 
 at::Tensor lora_add_kernel(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                           double scale) {
-  return forward_math(y, x, A, B, scale).second;
+                           double scale, const OptTensor& dropped, const OptTensor& keep, double keep_scale) {
+  check_dropout(x, dropped, keep);
+  return forward_math(y, adapter_input(x, dropped), A, B, scale).second;
 }
 
 at::Tensor lora_add_autograd(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                             double scale) {
-  return LoraAdd::apply(y, x, A, B, scale);
+                             double scale, const OptTensor& dropped, const OptTensor& keep, double keep_scale) {
+  return LoraAdd::apply(y, x, A, B, scale, dropped, keep, keep_scale);
 }
 
 at::Tensor nf4_lora_linear_kernel(const at::Tensor& x_lora, const at::Tensor& A, const at::Tensor& B, double scale,
                                   const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                   const std::optional<at::Tensor>& nested_absmax,
                                   const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
-                                  int64_t blocksize, const std::optional<at::Tensor>& bias) {
+                                  int64_t blocksize, const std::optional<at::Tensor>& bias, const OptTensor& dropped,
+                                  const OptTensor& keep, double keep_scale) {
   const at::Tensor y = linear_op().call(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
-  return forward_math(y, x_lora, A, B, scale).second;
+  check_dropout(x_lora, dropped, keep);
+  return forward_math(y, adapter_input(x_lora, dropped), A, B, scale).second;
 }
 
 at::Tensor nf4_lora_linear_autograd(const at::Tensor& x_lora, const at::Tensor& A, const at::Tensor& B, double scale,
                                     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                     const std::optional<at::Tensor>& nested_absmax,
                                     const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
-                                    int64_t blocksize, const std::optional<at::Tensor>& bias) {
-  return NF4LoraLinear::apply(x_lora, A, B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
+                                    int64_t blocksize, const std::optional<at::Tensor>& bias,
+                                    const OptTensor& dropped, const OptTensor& keep, double keep_scale) {
+  return NF4LoraLinear::apply(x_lora, A, B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize, bias,
+                              dropped, keep, keep_scale);
 }
 
-using LoraAddSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+using LoraAddSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                              const OptTensor&, const OptTensor&, double);
 
 // Under autocast: x, A and B cast as F.linear's rule casts them (autocast's lower-precision list,
 // through its cache, so a leaf x or a factor cast for another op in the same region is cast once,
 // as in the eager path); y is not (the eager path's add has no autocast rule), so it must
-// already be in autocast's dtype, which the base's autocast output is.
+// already be in autocast's dtype, which the base's autocast output is. With dropout the adapter
+// reads dropped, which is cast instead of x (x then only takes the gradient, in its own dtype).
 template <c10::DeviceType device>
 at::Tensor lora_add_autocast(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                             double scale) {
+                             double scale, const OptTensor& dropped, const OptTensor& keep, double keep_scale) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lowrank::lora_add", "").typed<LoraAddSig>();
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_lower_precision_fp_from_device_type(device);
-  return op.call(y, at::autocast::cached_cast(dtype, x, device), at::autocast::cached_cast(dtype, A, device),
-                 at::autocast::cached_cast(dtype, B, device), scale);
+  const auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, device); };
+  if (defined(dropped)) return op.call(y, x, cast(A), cast(B), scale, cast(*dropped), keep, keep_scale);
+  return op.call(y, cast(x), cast(A), cast(B), scale, dropped, keep, keep_scale);
 }
 
 }  // namespace

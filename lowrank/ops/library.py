@@ -16,6 +16,8 @@ subclass and other libraries can call them with tensors from a bitsandbytes chec
     lora_add(y, x, A, B, s)      -> y + s (x @ A^T) @ B^T              (..., out)   (LoRA's addition)
     nf4_lora_linear(x_lora, A, B, s, x, ..., bias)
                                  -> lora_add(nf4_linear(x, ..., bias), x_lora, A, B, s)  (QLoRA's layer)
+    (both also take the adapter's dropout as dropped, keep, keep_scale: x's dropped-out copy is
+    the adapter's input, and x's gradient goes back through the dropout)
 
 The two LoRA ops are defined here with the others; their fake kernels, Python kernels, autograd
 and Python API are in lowrank/ops/lora_ops.py.
@@ -45,13 +47,14 @@ BLOCKSIZES = nf4.BLOCKSIZES
 _lib = torch.library.Library("lowrank", "FRAGMENT")  # noqa: TOR901 (a fragment: csrc may add to the namespace)
 
 _WEIGHT = "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? offset, SymInt[] shape, int blocksize"
+_DROPOUT = "Tensor? dropped=None, Tensor? keep=None, float keep_scale=1."  # the adapter's dropout (lora_ops.py)
 OPS = {
     "nf4_dequantize": f"nf4_dequantize({_WEIGHT}, ScalarType dtype) -> Tensor",
     "nf4_linear": f"nf4_linear(Tensor x, {_WEIGHT}, Tensor? bias) -> Tensor",
     "nf4_linear_grad_input": f"nf4_linear_grad_input(Tensor grad_y, {_WEIGHT}) -> Tensor",
-    "lora_add": "lora_add(Tensor y, Tensor x, Tensor lora_A, Tensor lora_B, float scale) -> Tensor",
+    "lora_add": f"lora_add(Tensor y, Tensor x, Tensor lora_A, Tensor lora_B, float scale, {_DROPOUT}) -> Tensor",
     "nf4_lora_linear": (f"nf4_lora_linear(Tensor x_lora, Tensor lora_A, Tensor lora_B, float scale, Tensor x, {_WEIGHT}, "
-                        "Tensor? bias) -> Tensor"),
+                        f"Tensor? bias, {_DROPOUT}) -> Tensor"),
 }
 for _schema in OPS.values():
     _lib.define(_schema)

@@ -13,7 +13,7 @@ import torch
 from ..quant.nf4_weight import NF4Weight
 from .library import _WEIGHT_NONE, _check_linear_args, _fields, _lib, _setup_context, linear_kernel
 
-__all__ = ["lora_add", "nf4_lora_linear"]
+__all__ = ["dropout_parts", "lora_add", "nf4_lora_linear"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -46,13 +46,45 @@ def _check_lora_add(y, x, lora_A, lora_B) -> None:
                  lambda: f"y, x, lora_A and lora_B must be on one device, got {y.device}, {x.device}, {lora_A.device}, {lora_B.device}")
 
 
+# Note: dropout in the LoRA ops. With dropout (PEFT's lora_dropout, while training) the adapter
+# reads dropout(x), a third autograd node between x and the LoRA node; with the base inside the
+# op (nf4_lora_linear) that node would also hand x's gradients to the engine in another order
+# than the two ops did (csrc/lora.cpp, Note: QLoRA in one node). So the ops take the dropout's
+# result instead: `dropped`, x's dropped-out copy computed without autograd, which the adapter
+# reads in x's place, and `keep`, which the op's backward takes x's gradient back through, as
+# the dropout's own node would: keep floating (dropout's noise, 0 or 1 / (1 - p), x's dtype) ->
+# grad * keep, the MulBackward0 of at::dropout's composite path (the CPU's); keep bool (the mask
+# of at::native_dropout, which at::dropout runs on CUDA) -> native_dropout_backward(grad, keep,
+# keep_scale), its NativeDropoutBackward0. The gradient is first cast to x's dtype (under
+# autocast the adapter computes in autocast's dtype, and eager autograd casts the gradient back
+# before the dropout's node). `dropout_parts` makes the three from x as F.dropout would, drawing
+# the same random numbers, so the ops equal the modules' path bit for bit with dropout too. The
+# ops cannot check that dropped is x times keep: that is the caller's promise.
+def _check_dropout(x, dropped, keep) -> None:
+    torch._check((dropped is None) == (keep is None),
+                 lambda: "dropped and keep go together (x's dropped-out copy and the dropout's noise or mask), got "
+                 f"dropped {'None' if dropped is None else 'a tensor'} and keep {'None' if keep is None else 'a tensor'}")
+    if keep is None:
+        return
+    torch._check(list(dropped.shape) == list(x.shape) and list(keep.shape) == list(x.shape),
+                 lambda: f"dropped and keep must have x's shape {list(x.shape)}, got {list(dropped.shape)} and {list(keep.shape)}")
+    torch._check(x.dtype.is_floating_point and keep.dtype in (torch.bool, x.dtype),
+                 lambda: f"keep must be bool (a dropout mask) or x's floating dtype (dropout's noise); got x {x.dtype}, "
+                 f"keep {keep.dtype}")
+    torch._check(dropped.device == x.device == keep.device,
+                 lambda: f"x, dropped and keep must be on one device, got {x.device}, {dropped.device}, {keep.device}")
+
+
 @torch.library.register_fake("lowrank::lora_add")
-def _(y, x, lora_A, lora_B, scale):
-    _check_lora_add(y, x, lora_A, lora_B)
+def _(y, x, lora_A, lora_B, scale, dropped=None, keep=None, keep_scale=1.0):
+    _check_dropout(x, dropped, keep)
+    _check_lora_add(y, x if dropped is None else dropped, lora_A, lora_B)
     return x.new_empty((*x.shape[:-1], lora_B.shape[0]))  # a fresh contiguous tensor, as the kernels return
 
 
-def lora_add_kernel(y, x, lora_A, lora_B, scale):
+def lora_add_kernel(y, x, lora_A, lora_B, scale, dropped=None, keep=None, keep_scale=1.0):
+    _check_dropout(x, dropped, keep)
+    x = x if dropped is None else dropped  # the adapter's input
     _check_lora_add(y, x, lora_A, lora_B)
     if x.dim() >= 3 and lora_A.requires_grad:  # eager matmul folds x into rows then (copying it if it must);
         u = _rows(x).mm(lora_A.t()).view(*x.shape[:-1], lora_A.shape[0])  # below autograd A.t() does not require grad
@@ -89,9 +121,19 @@ def _mm_grads(grad, mat1, mat2, need1: bool, need2: bool) -> tuple:
 
 
 def _lora_add_setup_context(ctx, inputs, output):
-    y, x, lora_A, lora_B, scale = inputs
-    ctx.save_for_backward(x, lora_A, lora_B)
-    ctx.scale = scale
+    y, x, lora_A, lora_B, scale, dropped, keep, keep_scale = inputs
+    ctx.save_for_backward(x if dropped is None else dropped, lora_A, lora_B, keep)
+    ctx.scale, ctx.keep_scale, ctx.x_dtype = scale, keep_scale, x.dtype
+
+
+def _dropout_backward(grad, keep, keep_scale: float, dtype: torch.dtype):
+    """x's gradient from its dropped-out copy's (See Note: dropout in the LoRA ops)."""
+    if grad is None or keep is None:
+        return grad
+    grad = grad.to(dtype)
+    if keep.dtype == torch.bool:
+        return torch.ops.aten.native_dropout_backward(grad, keep, keep_scale)
+    return grad * keep
 
 
 # Eager autograd's nodes from the output back: Add (y's gradient is the output's), Mul (times s),
@@ -114,9 +156,11 @@ def _lora_grads(grad, x, lora_A, lora_B, scale, need_x: bool, need_A: bool, need
 
 
 def _lora_add_backward(ctx, grad):
-    _, need_x, need_A, need_B, _ = ctx.needs_input_grad
-    grad_x, grad_A, grad_B = _lora_grads(grad, *ctx.saved_tensors, ctx.scale, need_x, need_A, need_B)
-    return (grad if ctx.needs_input_grad[0] else None), grad_x, grad_A, grad_B, None
+    need_x, need_A, need_B = ctx.needs_input_grad[1:4]
+    x, lora_A, lora_B, keep = ctx.saved_tensors
+    grad_x, grad_A, grad_B = _lora_grads(grad, x, lora_A, lora_B, ctx.scale, need_x, need_A, need_B)
+    grad_x = _dropout_backward(grad_x, keep, ctx.keep_scale, ctx.x_dtype)
+    return (grad if ctx.needs_input_grad[0] else None), grad_x, grad_A, grad_B, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,32 +175,37 @@ def _lora_add_backward(ctx, grad):
 # operands come first so that x's two gradients (x_lora's and x's, when they are one tensor) reach
 # the engine in the two ops' order and sum to the same bits.
 @torch.library.register_fake("lowrank::nf4_lora_linear")
-def _(x_lora, lora_A, lora_B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
+def _(x_lora, lora_A, lora_B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize, bias, dropped=None,
+      keep=None, keep_scale=1.0):
     n_out, _ = _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
     y = x.new_empty((*x.shape[:-1], n_out))  # the base's output (fake too, while tracing)
-    _check_lora_add(y, x_lora, lora_A, lora_B)
+    _check_dropout(x_lora, dropped, keep)
+    _check_lora_add(y, x_lora if dropped is None else dropped, lora_A, lora_B)
     return y
 
 
 def nf4_lora_linear_kernel(x_lora, lora_A, lora_B, scale, x, packed, absmax, nested_absmax, offset, shape, blocksize,
-                           bias):
+                           bias, dropped=None, keep=None, keep_scale=1.0):
     y = linear_kernel(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
-    return lora_add_kernel(y, x_lora, lora_A, lora_B, scale)
+    return lora_add_kernel(y, x_lora, lora_A, lora_B, scale, dropped, keep, keep_scale)
 
 
 def _nf4_lora_setup_context(ctx, inputs, output):
     x_lora, lora_A, lora_B, scale = inputs[:4]
-    _setup_context(ctx, inputs[4:], output)  # the base's: x, the weight's six fields, bias
-    ctx.save_for_backward(x_lora, lora_A, lora_B)
-    ctx.scale = scale
+    _setup_context(ctx, inputs[4:12], output)  # the base's: x, the weight's six fields, bias
+    dropped, keep, keep_scale = inputs[12:]
+    ctx.save_for_backward(x_lora if dropped is None else dropped, lora_A, lora_B, keep)
+    ctx.scale, ctx.keep_scale, ctx.x_dtype = scale, keep_scale, x_lora.dtype
 
 
 def _nf4_lora_backward(ctx, grad):
-    need = ctx.needs_input_grad  # x_lora, A, B, scale, x, the weight's six fields, bias
-    grad_x_lora, grad_A, grad_B = _lora_grads(grad, *ctx.saved_tensors, ctx.scale, *need[:3])
+    need = ctx.needs_input_grad  # x_lora, A, B, scale, x, the weight's six fields, bias, dropped, keep, keep_scale
+    x_lora, lora_A, lora_B, keep = ctx.saved_tensors
+    grad_x_lora, grad_A, grad_B = _lora_grads(grad, x_lora, lora_A, lora_B, ctx.scale, *need[:3])
+    grad_x_lora = _dropout_backward(grad_x_lora, keep, ctx.keep_scale, ctx.x_dtype)
     grad_x = torch.ops.lowrank.nf4_linear_grad_input(grad, *ctx.weight) if need[4] else None
     grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[11] else None  # (N,)
-    return (grad_x_lora, grad_A, grad_B, None, grad_x, *_WEIGHT_NONE, grad_b)
+    return (grad_x_lora, grad_A, grad_B, None, grad_x, *_WEIGHT_NONE, grad_b, None, None, None)
 
 
 def register_python_ops() -> None:
@@ -174,19 +223,45 @@ def register_python_ops() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def lora_add(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """y + scale * (x @ lora_A^T) @ lora_B^T as a new tensor (LoRA's addition to a layer's output y):
-    x (..., in), lora_A (r, in), lora_B (out, r), y (..., out), one floating dtype and device.
-    Differentiable in all four; bit-exact with y + F.linear(F.linear(x, lora_A), lora_B) * scale
-    and its gradients where x is contiguous (Note: lora_add)."""
-    return torch.ops.lowrank.lora_add(y, x, lora_A, lora_B, float(scale))
+def dropout_parts(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(dropped, keep, keep_scale) for the LoRA ops' dropout arguments (Note: dropout in the LoRA
+    ops): what F.dropout(x, p, training=True) computes, from the same random numbers, without
+    autograd. Like at::dropout: on CUDA at::native_dropout (its output, its bool mask, 1 / (1 - p)),
+    elsewhere the noise bernoulli(1 - p) / (1 - p) in x's dtype and x * noise. For 0 < p < 1 and a
+    non-empty x on the CPU or CUDA (F.dropout returns x itself at p = 0 and for no elements)."""
+    if not (0.0 < p < 1.0 and x.numel() > 0 and x.device.type in ("cpu", "cuda")):
+        raise ValueError(f"dropout_parts needs 0 < p < 1 and a non-empty x on the CPU or CUDA; got p={p!r}, "
+                         f"x of shape {list(x.shape)} on {x.device}")
+    with torch.no_grad():
+        if x.device.type == "cuda":
+            dropped, mask = torch.native_dropout(x, p, True)
+            return dropped, mask, 1.0 / (1.0 - p)
+        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        return x * noise, noise, 1.0
+
+
+def _dropout_args(x: torch.Tensor, dropout: float) -> tuple:
+    return dropout_parts(x, dropout) if dropout else (None, None, 1.0)
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+             dropout: float = 0.0) -> torch.Tensor:
+    """y + scale * (dropout(x) @ lora_A^T) @ lora_B^T as a new tensor (LoRA's addition to a layer's
+    output y): x (..., in), lora_A (r, in), lora_B (out, r), y (..., out), one floating dtype and
+    device; dropout as F.dropout(x, dropout, training=True) (dropout_parts). Differentiable in all
+    four; bit-exact with y + F.linear(F.linear(F.dropout(x, ...), lora_A), lora_B) * scale and its
+    gradients where x is contiguous (Note: lora_add)."""
+    return torch.ops.lowrank.lora_add(y, x, lora_A, lora_B, float(scale), *_dropout_args(x, dropout))
 
 
 def nf4_lora_linear(x: torch.Tensor, q: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                    bias: torch.Tensor | None = None, x_lora: torch.Tensor | None = None) -> torch.Tensor:
-    """A LoRA adapter on a 4-bit linear as one op: x @ W^T + bias + scale * (x_lora @ lora_A^T) @ lora_B^T,
-    W = dequantize(q) in x.dtype, x_lora the adapter's input (default x; dropout(x) with dropout),
-    to the bit what lora_add(nf4_linear(x, q, bias), x_lora, lora_A, lora_B, scale) computes
-    (Note: nf4_lora_linear). Differentiable in x, x_lora, bias, lora_A and lora_B."""
-    return torch.ops.lowrank.nf4_lora_linear(x if x_lora is None else x_lora, lora_A, lora_B, float(scale), x,
-                                             *_fields(q), bias)
+                    bias: torch.Tensor | None = None, x_lora: torch.Tensor | None = None,
+                    dropout: float = 0.0) -> torch.Tensor:
+    """A LoRA adapter on a 4-bit linear as one op: x @ W^T + bias + scale * (dropout(x_lora) @ lora_A^T) @ lora_B^T,
+    W = dequantize(q) in x.dtype, x_lora the adapter's input (default x), dropout as
+    F.dropout(x_lora, dropout, training=True) (dropout_parts), to the bit what lora_add(nf4_linear(x, q, bias),
+    x_lora, lora_A, lora_B, scale, dropout) computes (Note: nf4_lora_linear). Differentiable in x,
+    x_lora, bias, lora_A and lora_B."""
+    x_lora = x if x_lora is None else x_lora
+    return torch.ops.lowrank.nf4_lora_linear(x_lora, lora_A, lora_B, float(scale), x, *_fields(q), bias,
+                                             *_dropout_args(x_lora, dropout))

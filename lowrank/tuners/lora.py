@@ -11,6 +11,7 @@ from torch.nn.modules import module as _module
 
 from ..config import LoraConfig
 from ..ops import csrc
+from ..ops.lora_ops import dropout_parts
 from ..quant.linear4bit import Linear4bit, autocast_dtype
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like
 from .base import TunerLayer
@@ -68,16 +69,21 @@ class LoraLinear(LoraLayer):
     # dimension or not contiguous (matmul would not fold it into rows as the op's backward does),
     # tensor subclasses (DTensor, fake tensors) and hooks on the factor modules. Under autocast
     # (CPU, CUDA) the op's own rule casts x, A and B as F.linear's does, through autocast's cache;
-    # it needs the base's output already in autocast's dtype, as autocast makes it.
+    # it needs the base's output already in autocast's dtype, as autocast makes it. A training
+    # nn.Dropout goes into the op too (Note: dropout in the LoRA ops, lowrank/ops/lora_ops.py).
     def _add_delta(self, name, result, x, base_out):
         factors = self._op_factors(name)
         if factors is None:
             return super()._add_delta(name, result, x, base_out)
         drop = self._modules["lora_dropout"]._modules[name]
+        a, b = factors
+        fits = _x_fits(x, a, b) and type(result) is torch.Tensor and _dtypes_fit(result, x, a, b)
+        if fits and _drops_in_op(drop, x):  # the random numbers are drawn once everything else is known
+            return torch.ops.lowrank.lora_add(result, x, a, b, self.scaling[name], *dropout_parts(x, drop.p))
         if not _passes_x(drop):
             x = drop(x)
-        a, b = factors
-        if _x_fits(x, a, b) and type(result) is torch.Tensor and _dtypes_fit(result, x, a, b):
+            fits = fits and _x_fits(x, a, b)
+        if fits:
             return torch.ops.lowrank.lora_add(result, x, a, b, self.scaling[name])
         return result + self._lora(name, x) * self.scaling[name]
 
@@ -95,9 +101,9 @@ class LoraLinear(LoraLayer):
     # Note: QLoRA in one op. One adapter on lowrank's Linear4bit, where LoRA would be one op
     # (Note: LoRA in one op) and nothing about the base could differ, is one call of
     # lowrank::nf4_lora_linear: base and adapter in one op and one autograd node (csrc/lora.cpp,
-    # Note: QLoRA in one node), no call of the base module. So: no dropout while training (its
-    # input would differ from the base's, and x's gradient would reach the engine in another
-    # order), no hooks on the base nor compiled base, and every operand already in the
+    # Note: QLoRA in one node), no call of the base module. So: dropout only as the op's own (Note:
+    # dropout in the LoRA ops, lowrank/ops/lora_ops.py; a dropout node of its own would hand x's
+    # gradients to the engine in another order), no hooks on the base nor compiled base, and every operand already in the
     # dtype the base computes in (Linear4bit.dtype_for: then its casts are no-ops, and so are
     # autocast's). Equal to base(x) + the adapter bit for bit, gradients included, down to a
     # model's sums of them (the engine gets x's two gradients in the two ops' order, csrc/lora.cpp).
@@ -113,8 +119,8 @@ class LoraLinear(LoraLayer):
     def _qlora(self, base, x, name):
         """The layer as one nf4_lora_linear call, or None where that could differ (Note: QLoRA in one op)."""
         factors = self._op_factors(name)
-        if (factors is None or not _passes_x(self._modules["lora_dropout"]._modules[name])
-                or base._forward_pre_hooks or base._forward_hooks or base._backward_hooks or base._backward_pre_hooks
+        drop = self._modules["lora_dropout"]._modules[name]
+        if (factors is None or not (_passes_x(drop) or _drops_in_op(drop, x)) or _hooked(base)
                 or base._compiled_call_impl is not None):  # fmt: skip
             return None
         a, b = factors
@@ -122,7 +128,10 @@ class LoraLinear(LoraLayer):
         dtype = base.dtype_for(x)
         if not (_x_fits(x, a, b) and x.dtype == a.dtype == b.dtype == dtype and (bias is None or bias.dtype == dtype)):
             return None
-        return torch.ops.lowrank.nf4_lora_linear(x, a, b, self.scaling[name], x, *base.op_fields(), bias)
+        if _passes_x(drop):
+            return torch.ops.lowrank.nf4_lora_linear(x, a, b, self.scaling[name], x, *base.op_fields(), bias)
+        return torch.ops.lowrank.nf4_lora_linear(x, a, b, self.scaling[name], x, *base.op_fields(), bias,
+                                                 *dropout_parts(x, drop.p))
 
     def _lora_matrix(self, name):
         return self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in) -> (out, in)
@@ -139,10 +148,22 @@ class LoraLinear(LoraLayer):
 
 
 def _passes_x(drop: nn.Module) -> bool:
-    """Whether the adapter's dropout returns x itself: none, or nn.Dropout in eval mode (as
-    F.dropout does then: the same tensor, no autograd node), and no hook of its own."""
-    return type(drop) is nn.Identity or (type(drop) is nn.Dropout and not drop.training and not (
-        drop._forward_pre_hooks or drop._forward_hooks or drop._backward_hooks or drop._backward_pre_hooks))
+    """Whether the adapter's dropout returns x itself: none, or nn.Dropout in eval mode or with
+    p = 0 (as F.dropout does then: the same tensor, no autograd node), and no hook of its own."""
+    return type(drop) is nn.Identity or (type(drop) is nn.Dropout and (not drop.training or drop.p == 0)
+                                         and not _hooked(drop))  # fmt: skip
+
+
+def _drops_in_op(drop: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the adapter's dropout can be the LoRA ops' own (ops.lora_ops.dropout_parts): a training,
+    not in-place nn.Dropout without hooks, 0 < p < 1, x non-empty on the CPU or CUDA."""
+    return (type(drop) is nn.Dropout and drop.training and not drop.inplace and 0.0 < drop.p < 1.0
+            and not _hooked(drop) and x.device.type in ("cpu", "cuda") and x.numel() > 0)  # fmt: skip
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether a hook of the module's own watches its forward or backward."""
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _x_fits(x, a, b) -> bool:
@@ -168,8 +189,7 @@ def _dtypes_fit(result, x, a, b) -> bool:
 def _plain(m: nn.Module) -> bool:
     """An nn.Linear without bias whose forward and backward no hook of its own watches (LoRA in
     one op bypasses the module call)."""
-    return (type(m) is nn.Linear and m._parameters["bias"] is None
-            and not (m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks))  # fmt: skip
+    return type(m) is nn.Linear and m._parameters["bias"] is None and not _hooked(m)
 
 
 def _global_hooks() -> bool:

@@ -111,7 +111,7 @@ def test_tiny_llama7b_run_writes_rows(tmp_path, models, capsys):
 
 
 def test_a_failing_provider_leaves_the_other_measured(tmp_path, monkeypatch):
-    def broken(config, device, dtype):
+    def broken(config, device, dtype, dropout=0.0):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(bench_qlora, "build_lowrank", broken)
@@ -132,6 +132,21 @@ def test_compiled_run_computes_the_same_model(tmp_path, models):
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], abs=2 * bound)
     with pytest.raises(SystemExit):
         bench_qlora.main(ARGS + ["--compile-mode", "reduce-overhead"])  # a mode without --compile
+
+
+def test_dropout_runs_on_both_sides(tmp_path):
+    """--dropout 0.1 (the QLoRA recipes'): both providers' adapters drop out while training (lowrank's
+    inside its op: one nf4_lora_linear node a layer), and the rows say so."""
+    rows = bench_qlora.main(ARGS + ["--layers", "1", "--reps", "1", "--dropout", "0.1", "--out", str(tmp_path / "d.json")])
+    assert [r["provider"] for r in rows] == ["lowrank", "peft+bitsandbytes"] and all("error" not in r for r in rows)
+    assert all(r["shape"].endswith("bf16 r16 ckpt dropout 0.1") for r in rows)
+    config = _qlora_build.llama_config(1, TINY["hidden"], TINY["intermediate"], TINY["vocab"])
+    ours = bench_qlora.build_lowrank(config, CPU, torch.bfloat16, dropout=0.1)
+    theirs = bench_qlora.build_peft(config, CPU, torch.bfloat16, dropout=0.1)
+    assert {m.lora_dropout["default"].p for m in ours.modules() if hasattr(m, "lora_dropout")} == {0.1}
+    assert {m.lora_dropout["default"].p for m in theirs.modules() if hasattr(m, "lora_dropout")} == {0.1}
+    with pytest.raises(SystemExit):
+        bench_qlora.main(ARGS + ["--dropout", "1.0"])
 
 
 def test_size_overrides_need_llama7b():

@@ -299,10 +299,13 @@ def test_lora_linear_on_a_4bit_base_keeps_two_ops_where_one_could_differ():
     x = torch.randn(3, 5, 64).bfloat16()
     layer = qlora_layer()
     assert NODE in _node_names(layer(x.requires_grad_()))
-    # dropout while training (the adapter's input differs from the base's), several adapters: lora_add after the base
+    # dropout while training is the op's own (test_lora_dropout.py); an in-place one, several adapters: lora_add
+    # after the base
     dropped = qlora_layer(dropout=0.2).train()
-    assert TWO_OPS in _node_names(dropped(x)) and NODE not in _node_names(dropped(x))
-    assert NODE in _node_names(dropped.eval()(x))  # in eval mode dropout returns x itself
+    assert NODE in _node_names(dropped(x)) and NODE in _node_names(dropped.eval()(x))
+    dropped.train().lora_dropout["default"].inplace = True
+    names = _node_names(dropped(x.detach().clone()))
+    assert TWO_OPS in names and NODE not in names
     two = qlora_layer(adapters=("a", "b"))
     from lowrank.inject import set_active
 
