@@ -42,7 +42,7 @@ const at::Tensor& adapter_input(const at::Tensor& x, const OptTensor& dropped) {
 // for at::dropout's composite path, NativeDropoutBackward0 for at::native_dropout's mask.
 at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& keep, double keep_scale,
                             at::ScalarType x_dtype) {
-  const at::Tensor g = grad.to(x_dtype);
+  const at::Tensor g = grad.scalar_type() == x_dtype ? grad : grad.to(x_dtype);
   return keep.scalar_type() == at::kBool ? at::native_dropout_backward(g, keep, keep_scale) : at::mul(g, keep);
 }
 

@@ -70,20 +70,19 @@ class LoraLinear(LoraLayer):
     # tensor subclasses (DTensor, fake tensors) and hooks on the factor modules. Under autocast
     # (CPU, CUDA) the op's own rule casts x, A and B as F.linear's does, through autocast's cache;
     # it needs the base's output already in autocast's dtype, as autocast makes it. A training
-    # nn.Dropout goes into the op too (Note: dropout in the LoRA ops, lowrank/ops/lora_ops.py).
+    # dropout stays a node of its own here: as lora_add's own (Note: dropout in the LoRA ops,
+    # lowrank/ops/lora_ops.py) it measured 5 us slower a layer on the CPU of docs/benchmarks.md,
+    # its random numbers drawn from Python costing more than the node it saves; it pays only
+    # where it also takes the base into the op (Note: QLoRA in one op).
     def _add_delta(self, name, result, x, base_out):
         factors = self._op_factors(name)
         if factors is None:
             return super()._add_delta(name, result, x, base_out)
         drop = self._modules["lora_dropout"]._modules[name]
-        a, b = factors
-        fits = _x_fits(x, a, b) and type(result) is torch.Tensor and _dtypes_fit(result, x, a, b)
-        if fits and _drops_in_op(drop, x):  # the random numbers are drawn once everything else is known
-            return torch.ops.lowrank.lora_add(result, x, a, b, self.scaling[name], *dropout_parts(x, drop.p))
         if not _passes_x(drop):
             x = drop(x)
-            fits = fits and _x_fits(x, a, b)
-        if fits:
+        a, b = factors
+        if _x_fits(x, a, b) and type(result) is torch.Tensor and _dtypes_fit(result, x, a, b):
             return torch.ops.lowrank.lora_add(result, x, a, b, self.scaling[name])
         return result + self._lora(name, x) * self.scaling[name]
 
@@ -101,12 +100,14 @@ class LoraLinear(LoraLayer):
     # Note: QLoRA in one op. One adapter on lowrank's Linear4bit, where LoRA would be one op
     # (Note: LoRA in one op) and nothing about the base could differ, is one call of
     # lowrank::nf4_lora_linear: base and adapter in one op and one autograd node (csrc/lora.cpp,
-    # Note: QLoRA in one node), no call of the base module. So: dropout only as the op's own (Note:
-    # dropout in the LoRA ops, lowrank/ops/lora_ops.py; a dropout node of its own would hand x's
-    # gradients to the engine in another order), no hooks on the base nor compiled base, and every operand already in the
-    # dtype the base computes in (Linear4bit.dtype_for: then its casts are no-ops, and so are
-    # autocast's). Equal to base(x) + the adapter bit for bit, gradients included, down to a
-    # model's sums of them (the engine gets x's two gradients in the two ops' order, csrc/lora.cpp).
+    # Note: QLoRA in one node), no call of the base module. So: a training dropout only as the
+    # op's own (Note: dropout in the LoRA ops, lowrank/ops/lora_ops.py: a dropout node of its own
+    # would hand x's gradients to the engine in another order; one node instead of three, 5-9 us
+    # less a layer's forward and backward on the CPU of docs/benchmarks.md), no hooks on the base
+    # nor compiled base, and every operand already in the dtype the base computes in
+    # (Linear4bit.dtype_for: then its casts are no-ops, and so are autocast's). Equal to base(x) +
+    # the adapter bit for bit, gradients included, down to a model's sums of them (the engine gets
+    # x's two gradients in the two ops' order, csrc/lora.cpp).
     def forward(self, x, *args, **kwargs):
         base = self._modules["base"]
         if (type(base) is Linear4bit and not args and not kwargs and len(self.active) == 1 and self.enabled
