@@ -3,7 +3,8 @@
 # internet; bitsandbytes carried as a wheel in .whl/). Builds lowrank._C with its CUDA kernels
 # (sm_90a only: the quick build), then, most valuable first, each step under `timeout`:
 #   csrc / LoRA op / optimizer / quantize gpu tests   (the new CUDA kernels must be right before they are timed;
-#                                            lora_add and nf4_lora_linear on cuBLAS, bit for bit against their eager calls)
+#                                            lora_add and nf4_lora_linear on cuBLAS, bit for bit against their eager calls,
+#                                            with dropout too: native_dropout's mask, first run on a GPU here)
 #   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16; csrc-mma-staged,
 #                                            -staged2 and -lut, written 2026-11-28 without a GPU, first timed here)
 #   bench_nf4_codec.py --device cuda        (quantize / dequantize on the GPU; table in bench.log)
@@ -16,7 +17,8 @@
 #   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back;
 #   PYOPS=1 adds the eager 7B step with LOWRANK_PYTHON_OPS=1, its table in bench.log; LUT=1 the op tests and
 #   the op's back-to-back decode timing with mma-lut as the ops' GEMV, LOWRANK_CUDA_GEMV=mma-lut; OPTIM=1
-#   bench_optim, PagedAdamW's 8-bit states against AdamW and AdamW8bit, its table in bench.log; OPCALLS=1
+#   bench_optim, PagedAdamW's 8-bit states against AdamW and AdamW8bit, its table in bench.log; DROPOUT=1 the eager
+#   7B step with LoRA dropout 0.1 on both sides (the QLoRA recipes'), its table in bench.log; OPCALLS=1
 #   bench_op_calls on CUDA, the CPU cost of one 4-bit layer's call with and without LoRA against PEFT's)
 # Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 85 + 20
 # + 80 + 135 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
@@ -66,7 +68,7 @@ if [ "$PART" != 2 ]; then
 step 100 "$OUT/build.log" "build lowrank._C with CUDA" env LOWRANK_CUDA_ARCHS=90a MAX_JOBS=16 python3 setup.py build_ext --inplace
 python3 -c "from lowrank import _C; print('lowrank._C with_cuda =', _C.with_cuda)" 2>&1 | tee -a "$OUT/build.log"
 step 130 "$OUT/tests.log" "csrc, LoRA op, optimizer and quantize gpu tests" $PYTEST tests/csrc tests/ops/test_lora_add.py \
-  tests/ops/test_nf4_lora_linear.py tests/test_optim.py tests/quant \
+  tests/ops/test_nf4_lora_linear.py tests/ops/test_lora_dropout.py tests/test_optim.py tests/quant \
   --deselect tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
@@ -104,6 +106,10 @@ fi
 if [ "${OPCALLS:-0}" = 1 ]; then  # what one call of a tiny 4-bit layer (with LoRA) costs on this machine: the 7B step's lever
   step 60 "$OUT/bench.log" "bench_op_calls --device cuda" python3 benchmarks/bench_op_calls.py --device cuda \
     --out /tmp/op_calls.json
+fi
+if [ "${DROPOUT:-0}" = 1 ]; then  # the eager 7B step with LoRA dropout 0.1 on both sides (lowrank's inside nf4_lora_linear)
+  step 80 "$OUT/bench.log" "bench_qlora --llama7b --dropout 0.1" python3 benchmarks/bench_qlora.py --llama7b --reps 4 \
+    --dropout 0.1 --out /tmp/qlora_dropout.json
 fi
 if [ "${OPTIM:-0}" = 1 ]; then  # an optimizer step over 4 layers of 7B LoRA adapters: AdamW, 8-bit states, AdamW8bit
   step 40 "$OUT/bench.log" "bench_optim" python3 benchmarks/bench_optim.py --out /tmp/optim.json
