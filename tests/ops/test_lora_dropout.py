@@ -8,6 +8,8 @@ Llama trained with dropout, with and without activation checkpointing."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lowrank import ops
@@ -82,6 +84,26 @@ def test_nf4_lora_linear_with_dropout_equals_the_two_ops_and_eager_dropout(devic
     for needs in qa.NEEDS:
         qa.assert_same(qa.outputs_and_grads(fused, q, x, x, A, B, b, grad, needs, same_x=True),
                        qa.outputs_and_grads(two_ops, q, x, x, A, B, b, grad, needs, same_x=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lead=st.lists(st.integers(0, 4), min_size=0, max_size=2), k=st.integers(1, 40), out=st.integers(1, 9),
+       r=st.integers(1, 5), p=st.floats(0.01, 0.99), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       needs=st.sampled_from(la.NEEDS), seed=st.integers(0, 2**31 - 1))
+def test_lora_add_with_any_noise_equals_eager_autograd(lead, k, out, r, p, dtype, needs, seed):
+    """Any shape (zero-size leading dimensions too), keep probability and noise: the op with
+    dropped = x * noise equals y + F.linear(F.linear(x * noise, A), B) * s and its gradients."""
+    args = la.operands((*lead, k), r, out, dtype, seed=seed % 1000)
+    x = args[1]
+    noise = torch.empty_like(x).bernoulli_(1 - p, generator=torch.Generator().manual_seed(seed)).div_(1 - p)
+
+    def op(y, x, A, B, scale):
+        return torch.ops.lowrank.lora_add(y, x, A, B, scale, x.detach() * noise, noise, 1.0)
+
+    def eager(y, x, A, B, scale):
+        return la.eager(y, x * noise, A, B, scale)
+
+    la.assert_same(la.outputs_and_grads(op, *args, needs), la.outputs_and_grads(eager, *args, needs))
 
 
 @pytest.mark.skipif(not CPP, reason="the autocast rule is lowrank._C's (csrc/lora.cpp)")
