@@ -19,7 +19,8 @@
 #   the op's back-to-back decode timing with mma-lut as the ops' GEMV, LOWRANK_CUDA_GEMV=mma-lut; OPTIM=1
 #   bench_optim, PagedAdamW's 8-bit states against AdamW and AdamW8bit, its table in bench.log; DROPOUT=1 the eager
 #   7B step with LoRA dropout 0.1 on both sides (the QLoRA recipes'), its table in bench.log; OPCALLS=1
-#   bench_op_calls on CUDA, the CPU cost of one 4-bit layer's call with and without LoRA against PEFT's)
+#   bench_op_calls on CUDA, the CPU cost of one 4-bit layer's call with and without LoRA against PEFT's, then with
+#   LoRA dropout 0.1)
 # Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 85 + 20
 # + 80 + 135 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
 # PART=2: about 11.8 minutes in all, over the device tool's 10 minutes a call. The steps are in
@@ -106,6 +107,8 @@ fi
 if [ "${OPCALLS:-0}" = 1 ]; then  # what one call of a tiny 4-bit layer (with LoRA) costs on this machine: the 7B step's lever
   step 60 "$OUT/bench.log" "bench_op_calls --device cuda" python3 benchmarks/bench_op_calls.py --device cuda \
     --out /tmp/op_calls.json
+  step 60 "$OUT/bench.log" "bench_op_calls --device cuda --dropout 0.1" python3 benchmarks/bench_op_calls.py \
+    --device cuda --dropout 0.1 --out /tmp/op_calls_dropout.json
 fi
 if [ "${DROPOUT:-0}" = 1 ]; then  # the eager 7B step with LoRA dropout 0.1 on both sides (lowrank's inside nf4_lora_linear)
   step 80 "$OUT/bench.log" "bench_qlora --llama7b --dropout 0.1" python3 benchmarks/bench_qlora.py --llama7b --reps 4 \
