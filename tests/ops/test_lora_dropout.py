@@ -2,8 +2,8 @@
 oracle, eager autograd through the dropout F.dropout runs (its composite path: x * noise, MulBackward0) or
 at::native_dropout (a bool mask, NativeDropoutBackward0; what F.dropout runs on CUDA): outputs and every
 gradient equal bit for bit, for lora_add and nf4_lora_linear, C++ and Python; dropout_parts drawing
-F.dropout's random numbers; and LoraLinear's use of it (one op while a dropout trains), down to a QLoRA
-Llama trained with dropout, with and without activation checkpointing."""
+F.dropout's random numbers; and LoraLinear's use of it (a 4-bit base, its adapter and a training dropout
+in one op), down to a QLoRA Llama trained with dropout, with and without activation checkpointing."""
 
 import pytest
 import torch
