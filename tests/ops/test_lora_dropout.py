@@ -146,6 +146,11 @@ def test_dropout_parts_are_f_dropouts_and_refuse_what_f_dropout_does_not_draw_fo
     assert torch.equal(dropped, F.dropout(x, 0.25, True)) and keep_scale == 1.0
     assert torch.equal(after_ours, torch.get_rng_state())  # the generator moved on as F.dropout moves it
     assert keep.dtype == x.dtype and set(keep.float().unique().tolist()) == {0.0, torch.tensor(1 / 0.75).bfloat16().item()}
+    xt = torch.randn(6, 33).t()  # not contiguous: F.dropout's noise takes x's layout, and so does this one
+    torch.manual_seed(3)
+    dropped = dropout_parts(xt, 0.3)[0]
+    torch.manual_seed(3)
+    assert torch.equal(dropped, F.dropout(xt, 0.3, True))
     for p, t in ((0.0, x), (1.0, x), (0.5, x[:0]), (-0.1, x)):
         with pytest.raises(ValueError, match=r"needs 0 < p < 1 and a non-empty x on the CPU or CUDA; got p="):
             dropout_parts(t, p)
