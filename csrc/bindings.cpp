@@ -338,6 +338,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &lowrank::set_cpu_isa, "use this instruction set (at most the best one); false if the CPU lacks it");
   m.def("register_autograd", &lowrank::register_autograd,
         "registers the C++ autograd of nf4_linear and nf4_linear_grad_input (csrc/autograd.cpp), once");
+  m.def("dropout_parts", &lowrank::dropout_parts,
+        "lora_ops.dropout_parts's draws in one call: (dropped, keep, keep_scale) as F.dropout would draw them");
   m.def("set_python_kernels", &lowrank::set_python_kernels,
         "the ops' Python kernels (dequantize, linear, grad_input) the C++ kernels hand calls back to");
 #ifdef LOWRANK_WITH_CUDA

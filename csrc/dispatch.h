@@ -43,6 +43,11 @@ bool grad_input_ok(const at::Tensor& grad_y, const at::Tensor& packed, const at:
 void register_autograd();
 void register_lora_ops();
 
+// lowrank/ops/lora_ops.py's dropout_parts in C++ (lora.cpp): (dropped, keep, keep_scale) from the
+// random numbers F.dropout(x, p, training=True) would draw; its caller checks 0 < p < 1, x non-empty
+// on the CPU or CUDA.
+std::tuple<at::Tensor, at::Tensor, double> dropout_parts(const at::Tensor& x, double p);
+
 // The ops' Python kernels (library.py), for the calls the C++ kernels hand back.
 at::Tensor python_dequantize(const at::Tensor& packed, const at::Tensor& absmax,
                              const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,

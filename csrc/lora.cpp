@@ -323,6 +323,22 @@ at::Tensor lora_add_autocast(const at::Tensor& y, const at::Tensor& x, const at:
 
 }  // namespace
 
+// lora_ops.py's dropout_parts, the same calls without Python between them (at::dropout's two
+// paths: at::native_dropout on CUDA, else the noise bernoulli(1 - p) / (1 - p) in x's layout).
+std::tuple<at::Tensor, at::Tensor, double> dropout_parts(const at::Tensor& x_in, double p) {
+  TORCH_CHECK(p > 0.0 && p < 1.0 && x_in.numel() > 0 && (x_in.is_cpu() || x_in.is_cuda()),
+              "dropout_parts needs 0 < p < 1 and a non-empty x on the CPU or CUDA");
+  const at::Tensor x = x_in.detach();
+  if (x.is_cuda()) {
+    auto [dropped, mask] = at::native_dropout(x, p, true);
+    return {dropped, mask, 1.0 / (1.0 - p)};
+  }
+  at::Tensor noise = at::empty_like(x);
+  noise.bernoulli_(1 - p);
+  noise.div_(1 - p);
+  return {at::mul(x, noise), noise, 1.0};
+}
+
 // See Note: LoRA in one node. With register_autograd (autograd.cpp), instead of lora_ops.py's
 // register_python_ops: lora_add's kernel for every device, its autograd and its autocast rule
 // (CPU and CUDA), and nf4_lora_linear's kernel and autograd, once a process.

@@ -128,6 +128,9 @@ if _C is not None:
     CPP_AUTOGRAD = os.environ.get("LOWRANK_PYTHON_OPS", "") != "1"
     if CPP_AUTOGRAD:
         _C.register_autograd()
+        from . import lora_ops
+
+        lora_ops._C_DROPOUT_PARTS = _C.dropout_parts  # the LoRA ops' dropout draws in one call (lora_ops.py)
     for _op, _fn in (
         ("nf4_dequantize", nf4_dequantize),
         ("nf4_linear", nf4_linear),

@@ -71,9 +71,10 @@ class LoraLinear(LoraLayer):
     # (CPU, CUDA) the op's own rule casts x, A and B as F.linear's does, through autocast's cache;
     # it needs the base's output already in autocast's dtype, as autocast makes it. A training
     # dropout stays a node of its own here: as lora_add's own (Note: dropout in the LoRA ops,
-    # lowrank/ops/lora_ops.py) it measured 5 us slower a layer on the CPU of docs/benchmarks.md,
-    # its random numbers drawn from Python costing more than the node it saves; it pays only
-    # where it also takes the base into the op (Note: QLoRA in one op).
+    # lowrank/ops/lora_ops.py) it measured 5 us slower a layer on the CPU of docs/benchmarks.md
+    # with the random numbers drawn from Python, and about even (1.5 us less a forward and
+    # backward) with the C++ draws: not worth a second path. It pays where it also takes the base
+    # into the op (Note: QLoRA in one op).
     def _add_delta(self, name, result, x, base_out):
         factors = self._op_factors(name)
         if factors is None:

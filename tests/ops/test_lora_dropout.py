@@ -156,6 +156,25 @@ def test_dropout_parts_are_f_dropouts_and_refuse_what_f_dropout_does_not_draw_fo
             dropout_parts(t, p)
 
 
+@pytest.mark.skipif(not CPP, reason="the C++ draws are registered with lowrank._C's autograd")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_cpp_dropout_parts_draws_as_the_python_ones(device):
+    """csrc/lora.cpp's dropout_parts (what lora_ops.dropout_parts calls with lowrank._C) against
+    the Python calls it copies: the same three results and the same generator state after."""
+    assert lora_ops._C_DROPOUT_PARTS is csrc._C.dropout_parts
+    for x in (torch.randn(3, 7, 40, device=device).bfloat16(), torch.randn(6, 33, device=device).t()):
+        results = []
+        for fn in (lora_ops._C_DROPOUT_PARTS, lora_ops._dropout_parts):
+            torch.manual_seed(4)
+            results.append((fn(x.requires_grad_(), 0.15), torch.get_rng_state()))
+        (ours, state), (spec, spec_state) = results
+        assert all(torch.equal(a, b) for a, b in zip(ours[:2], spec[:2])) and ours[2] == spec[2]
+        assert torch.equal(state, spec_state) and not ours[0].requires_grad
+        x.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="dropout_parts needs 0 < p < 1"):
+        lora_ops._C_DROPOUT_PARTS(x, 1.0)
+
+
 @pytest.mark.parametrize("case, match", [
     (lambda y, x, A, B, d, k: (y, x, A, B, d, None), r"dropped and keep go together .*got dropped a tensor and keep None"),
     (lambda y, x, A, B, d, k: (y, x, A, B, d[:1], k), r"dropped and keep must have x's shape \[2, 5, 40\], got \[1, 5, 40\]"),
