@@ -242,6 +242,7 @@ def measure(provider: str, make, config, ids: torch.Tensor, reps: int, device: t
         return seconds
 
     reset_peak(device)
+    torch.manual_seed(0)  # --dropout's random numbers: the same each run (and the same count on both sides)
     run("warm-up")
     peaks = [mib(device, torch.cuda.max_memory_allocated)]
     reset_peak(device)

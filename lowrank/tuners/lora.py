@@ -103,7 +103,7 @@ class LoraLinear(LoraLayer):
     # lowrank::nf4_lora_linear: base and adapter in one op and one autograd node (csrc/lora.cpp,
     # Note: QLoRA in one node), no call of the base module. So: a training dropout only as the
     # op's own (Note: dropout in the LoRA ops, lowrank/ops/lora_ops.py: a dropout node of its own
-    # would hand x's gradients to the engine in another order; one node instead of three, 5-9 us
+    # would hand x's gradients to the engine in another order; one node instead of three, 18 us
     # less a layer's forward and backward on the CPU of docs/benchmarks.md), no hooks on the base
     # nor compiled base, and every operand already in the dtype the base computes in
     # (Linear4bit.dtype_for: then its casts are no-ops, and so are autocast's). Equal to base(x) +
