@@ -32,8 +32,10 @@
 namespace lowrank {
 namespace {
 
-// The adapter's input: x, or its dropped-out copy (Note: dropout in the LoRA ops, lora_ops.py)
-const at::Tensor& adapter_input(const at::Tensor& x, const OptTensor& dropped) {
+// The adapter's input, x or its dropped-out copy (Note: dropout in the LoRA ops, lora_ops.py), once
+// the dropout arguments are checked (lora_ops.py's _adapter_input)
+const at::Tensor& adapter_input(const at::Tensor& x, const OptTensor& dropped, const OptTensor& keep) {
+  check_dropout(x, dropped, keep);
   return defined(dropped) ? *dropped : x;
 }
 
@@ -165,8 +167,7 @@ void save_lora(AutogradContext* ctx, const at::Tensor& x_edge, const at::Tensor&
 at::Tensor lora_forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
                         const at::Tensor& B, double scale, const OptTensor& dropped, const OptTensor& keep,
                         double keep_scale) {
-  check_dropout(x, dropped, keep);
-  const at::Tensor& input = adapter_input(x, dropped);
+  const at::Tensor& input = adapter_input(x, dropped, keep);
   auto [u, out] = forward_math(y, input, A, B, scale);
   save_lora(ctx, x, input, u, A, B, scale, keep, keep_scale);
   return out;
@@ -272,8 +273,7 @@ namespace {
 
 at::Tensor lora_add_kernel(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                            double scale, const OptTensor& dropped, const OptTensor& keep, double keep_scale) {
-  check_dropout(x, dropped, keep);
-  return forward_math(y, adapter_input(x, dropped), A, B, scale).second;
+  return forward_math(y, adapter_input(x, dropped, keep), A, B, scale).second;
 }
 
 at::Tensor lora_add_autograd(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
@@ -288,8 +288,7 @@ at::Tensor nf4_lora_linear_kernel(const at::Tensor& x_lora, const at::Tensor& A,
                                   int64_t blocksize, const std::optional<at::Tensor>& bias, const OptTensor& dropped,
                                   const OptTensor& keep, double keep_scale) {
   const at::Tensor y = linear_op().call(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
-  check_dropout(x_lora, dropped, keep);
-  return forward_math(y, adapter_input(x_lora, dropped), A, B, scale).second;
+  return forward_math(y, adapter_input(x_lora, dropped, keep), A, B, scale).second;
 }
 
 at::Tensor nf4_lora_linear_autograd(const at::Tensor& x_lora, const at::Tensor& A, const at::Tensor& B, double scale,

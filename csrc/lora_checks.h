@@ -1,5 +1,5 @@
 // The argument checks of the LoRA ops' C++ kernels and autograd (lora.cpp): the conditions and
-// messages of lowrank/ops/lora_ops.py's _check_lora_add and _check_dropout. Included by lora.cpp only.
+// messages of lowrank/ops/lora_ops.py's _check_lora_add and _adapter_input. Included by lora.cpp only.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -54,7 +54,7 @@ inline void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tenso
 
 using OptTensor = std::optional<at::Tensor>;
 
-// The checks of lora_ops.py's _check_dropout (Note: dropout in the LoRA ops, there): dropped and
+// The checks of lora_ops.py's _adapter_input (Note: dropout in the LoRA ops, there): dropped and
 // keep both or neither, x's shape, keep bool or x's floating dtype, one device.
 inline void check_dropout(const at::Tensor& x, const OptTensor& dropped, const OptTensor& keep) {
   TORCH_CHECK(defined(dropped) == defined(keep),

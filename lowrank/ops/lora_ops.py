@@ -60,12 +60,14 @@ def _check_lora_add(y, x, lora_A, lora_B) -> None:
 # before the dropout's node). `dropout_parts` makes the three from x as F.dropout would, drawing
 # the same random numbers, so the ops equal the modules' path bit for bit with dropout too. The
 # ops cannot check that dropped is x times keep: that is the caller's promise.
-def _check_dropout(x, dropped, keep) -> None:
+def _adapter_input(x, dropped, keep):
+    """What the adapter reads, x or its dropped-out copy, once the dropout arguments are checked
+    (both or neither, x's shape, keep bool or x's floating dtype, one device)."""
     torch._check((dropped is None) == (keep is None),
                  lambda: "dropped and keep go together (x's dropped-out copy and the dropout's noise or mask), got "
                  f"dropped {'None' if dropped is None else 'a tensor'} and keep {'None' if keep is None else 'a tensor'}")
     if keep is None:
-        return
+        return x
     torch._check(list(dropped.shape) == list(x.shape) and list(keep.shape) == list(x.shape),
                  lambda: f"dropped and keep must have x's shape {list(x.shape)}, got {list(dropped.shape)} and {list(keep.shape)}")
     torch._check(x.dtype.is_floating_point and keep.dtype in (torch.bool, x.dtype),
@@ -73,18 +75,17 @@ def _check_dropout(x, dropped, keep) -> None:
                  f"keep {keep.dtype}")
     torch._check(dropped.device == x.device == keep.device,
                  lambda: f"x, dropped and keep must be on one device, got {x.device}, {dropped.device}, {keep.device}")
+    return dropped
 
 
 @torch.library.register_fake("lowrank::lora_add")
 def _(y, x, lora_A, lora_B, scale, dropped=None, keep=None, keep_scale=1.0):
-    _check_dropout(x, dropped, keep)
-    _check_lora_add(y, x if dropped is None else dropped, lora_A, lora_B)
+    _check_lora_add(y, _adapter_input(x, dropped, keep), lora_A, lora_B)
     return x.new_empty((*x.shape[:-1], lora_B.shape[0]))  # a fresh contiguous tensor, as the kernels return
 
 
 def lora_add_kernel(y, x, lora_A, lora_B, scale, dropped=None, keep=None, keep_scale=1.0):
-    _check_dropout(x, dropped, keep)
-    x = x if dropped is None else dropped  # the adapter's input
+    x = _adapter_input(x, dropped, keep)
     _check_lora_add(y, x, lora_A, lora_B)
     if x.dim() >= 3 and lora_A.requires_grad:  # eager matmul folds x into rows then (copying it if it must);
         u = _rows(x).mm(lora_A.t()).view(*x.shape[:-1], lora_A.shape[0])  # below autograd A.t() does not require grad
@@ -179,8 +180,7 @@ def _(x_lora, lora_A, lora_B, scale, x, packed, absmax, nested_absmax, offset, s
       keep=None, keep_scale=1.0):
     n_out, _ = _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
     y = x.new_empty((*x.shape[:-1], n_out))  # the base's output (fake too, while tracing)
-    _check_dropout(x_lora, dropped, keep)
-    _check_lora_add(y, x_lora if dropped is None else dropped, lora_A, lora_B)
+    _check_lora_add(y, _adapter_input(x_lora, dropped, keep), lora_A, lora_B)
     return y
 
 

@@ -122,7 +122,8 @@ class LoraLinear(LoraLayer):
         """The layer as one nf4_lora_linear call, or None where that could differ (Note: QLoRA in one op)."""
         factors = self._op_factors(name)
         drop = self._modules["lora_dropout"]._modules[name]
-        if (factors is None or not (_passes_x(drop) or _drops_in_op(drop, x)) or _hooked(base)
+        passes = _passes_x(drop)
+        if (factors is None or not (passes or _drops_in_op(drop, x)) or _hooked(base)
                 or base._compiled_call_impl is not None):  # fmt: skip
             return None
         a, b = factors
@@ -130,10 +131,8 @@ class LoraLinear(LoraLayer):
         dtype = base.dtype_for(x)
         if not (_x_fits(x, a, b) and x.dtype == a.dtype == b.dtype == dtype and (bias is None or bias.dtype == dtype)):
             return None
-        if _passes_x(drop):
-            return torch.ops.lowrank.nf4_lora_linear(x, a, b, self.scaling[name], x, *base.op_fields(), bias)
-        return torch.ops.lowrank.nf4_lora_linear(x, a, b, self.scaling[name], x, *base.op_fields(), bias,
-                                                 *dropout_parts(x, drop.p))
+        dropout = () if passes else dropout_parts(x, drop.p)  # drawn once everything else is known
+        return torch.ops.lowrank.nf4_lora_linear(x, a, b, self.scaling[name], x, *base.op_fields(), bias, *dropout)
 
     def _lora_matrix(self, name):
         return self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in) -> (out, in)
