@@ -77,15 +77,39 @@ class LoraLinear(LoraLayer):
     # into the op (Note: QLoRA in one op).
     def _add_delta(self, name, result, x, base_out):
         factors = self._op_factors(name)
-        if factors is None:
+        if not (factors is not None and _x_fits(x, *factors) and type(result) is torch.Tensor
+                and _dtypes_fit(result, x, *factors)):  # fmt: skip
+            if name in self.lora_magnitude_vector and self._adapter_dtype(name, x) is not None:  # Note: x in the adapter's dtype
+                return (result + self._delta(name, x, base_out, cast_back=False)).to(result.dtype)
             return super()._add_delta(name, result, x, base_out)
         drop = self._modules["lora_dropout"]._modules[name]
         if not _passes_x(drop):
             x = drop(x)
-        a, b = factors
-        if _x_fits(x, a, b) and type(result) is torch.Tensor and _dtypes_fit(result, x, a, b):
-            return torch.ops.lowrank.lora_add(result, x, a, b, self.scaling[name])
-        return result + self._lora(name, x) * self.scaling[name]
+        return torch.ops.lowrank.lora_add(result, x, *factors, self.scaling[name])
+
+    # Note: x in the adapter's dtype. A base with a compute dtype of its own (the 4-bit linear:
+    # Linear4bit.forward) takes x of any floating dtype and returns x's dtype; its adapters are
+    # made in that compute dtype (lora_base.float_dtype_and_device). So a float32 model whose 4-bit
+    # layers compute in bfloat16 hands float32 x to bfloat16 factors, which F.linear refuses.
+    # Outside autocast the adapter then computes as PEFT 0.21's LoRA on a bitsandbytes 4-bit layer
+    # does (peft/tuners/lora/bnb.py, Linear4bit.forward; tests/peers/test_peft_qlora.py): x cast
+    # to the factors' dtype before the dropout, s B A x in that dtype, cast to the base output's
+    # dtype and added; DoRA's addition instead added in the wider of the two dtypes and the sum
+    # cast back once. Under autocast, autocast makes the casts (PEFT leaves them to it too). The
+    # op paths never see mixed dtypes (_dtypes_fit, _qlora), so they are unchanged.
+    def _adapter_dtype(self, name, x):
+        """The factors' dtype where x must be cast to it (Note: x in the adapter's dtype), else None."""
+        dtype = self._modules["lora_A"]._modules[name]._parameters["weight"].dtype
+        if x.dtype == dtype or not x.is_floating_point() or autocast_dtype(x) is not None:
+            return None
+        return dtype
+
+    def _delta(self, name, x, base_out, cast_back=True):
+        dtype = self._adapter_dtype(name, x)
+        if dtype is None:
+            return super()._delta(name, x, base_out)
+        delta = super()._delta(name, x.to(dtype), base_out)
+        return delta.to(base_out.dtype) if cast_back else delta
 
     def _op_factors(self, name):
         """The weights (A, B) of adapter `name` where the lowrank:: ops may add it (Note: LoRA in
