@@ -19,17 +19,23 @@ from . import dora
 from .base import TunerLayer
 
 
-def float_dtype_and_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+def float_dtype_and_device(base: nn.Module, inner: bool = False) -> tuple[torch.dtype, torch.device]:
     """The base's compute dtype and device. A base that states a `compute_dtype` (the 4-bit
     linear, whose float32 scales say nothing of it) is taken at its word; otherwise its first
-    floating parameter or buffer decides; the default dtype on CPU when it has none."""
+    floating parameter or buffer decides; with `inner`, a base with none (a block of 4-bit
+    layers, such as a quantized LlamaMLP) takes the compute dtype of its first submodule that
+    states one; the default dtype on CPU when nothing decides."""
     tensors = list(base.parameters()) + list(base.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
     compute_dtype = getattr(base, "compute_dtype", None)
     if compute_dtype is not None:
-        return compute_dtype, tensors[0].device if tensors else torch.device("cpu")
+        return compute_dtype, device
     for t in tensors:
         if t.is_floating_point():
             return t.dtype, t.device
+    for m in base.modules() if inner else ():
+        if getattr(m, "compute_dtype", None) is not None:
+            return m.compute_dtype, device
     return torch.get_default_dtype(), torch.device("cpu")
 
 

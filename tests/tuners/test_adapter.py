@@ -1,6 +1,8 @@
 """Bottleneck adapters: identity at start; the default Houlsby / Pfeiffer targets on Llama,
 GPT-2, BERT and nn.TransformerEncoder; the parallel variant's equation; tuple outputs."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -84,3 +86,67 @@ def test_merge_leaves_bottleneck_adapters_in_the_forward_and_eject_restores():
     assert all(isinstance(model[i], AdapterLayer) for i in (0, 2))
     eject(model)
     assert all(model.state_dict(keep_vars=True)[k] is v for k, v in before.items())
+
+
+# -- on a 4-bit model (lowrank.quantize) ----------------------------------------------------
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby"])
+def test_on_a_bf16_4bit_llama_adapters_compute_as_on_its_dense_twin(placement, parallel):
+    """Adapters on a 4-bit bfloat16 Llama are made in bfloat16, also around a block of 4-bit layers
+    (a quantized LlamaMLP has no floating parameter to go by: lora_base.float_dtype_and_device's
+    `inner`; it made float32 adapters, which F.linear refused), and compute what they compute on
+    the dense model whose weights are the 4-bit ones: the same outputs and adapter gradients, bit
+    for bit (with 18 rows of x the 4-bit op is F.linear on the dequantized weight)."""
+    from lowrank import quantize
+    from lowrank.quant import nf4
+
+    model = models.llama().to(torch.bfloat16)
+    dense = copy.deepcopy(model)
+    quantize(model)
+    with torch.no_grad():
+        for name, m in dense.named_modules():
+            if isinstance(m, nn.Linear) and name != "lm_head":
+                m.weight.copy_(nf4.dequantize(nf4.quantize(m.weight)))
+    for m in (model, dense):
+        inject(m, AdapterConfig(placement=placement, parallel=parallel))
+    models.randomize_adapters(model)
+    with torch.no_grad():  # the same adapters on the twin (nn.Linear's init drew other numbers there)
+        for name, p in dense.named_parameters():
+            if p.requires_grad:
+                p.copy_(model.get_parameter(name))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    ids = models.ids(seq=9)
+    results = []
+    for m in (model, dense):
+        out = models.run(m, ids)
+        out.float().square().sum().backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (out_q, grads_q), (out_d, grads_d) = results
+    assert torch.equal(out_q, out_d)
+    assert grads_q.keys() == grads_d.keys() and len(grads_q) == 4 * len(EXPECTED["llama", placement]) * 2
+    for name, grad in grads_q.items():
+        assert grad.abs().sum() > 0 and torch.equal(grad, grads_d[name]), name
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_an_adapter_whose_input_has_another_dtype_casts_in_and_back(parallel):
+    """A float32 model whose 4-bit layers compute in bfloat16: the adapter around one is made in
+    bfloat16 and reads float32 activations; its input is cast to bfloat16 and its addition back
+    to float32 (Note: inputs in the adapter's dtype). Before, F.linear refused the mix."""
+    from lowrank import NF4Config, quantize
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(64, 64))
+    quantize(holder, NF4Config(compute_dtype=torch.bfloat16, skip=[]))
+    inject(holder, AdapterConfig(targets="0", parallel=parallel, bottleneck_size=8, scaling=2.0))
+    models.randomize_adapters(holder)
+    ad = holder[0].adapters["default"]
+    assert ad.down.weight.dtype == ad.up.weight.dtype == torch.bfloat16
+    x = torch.randn(5, 64)
+    fx = holder[0].base(x)
+    assert fx.dtype == torch.float32
+    src = (x if parallel else fx).to(torch.bfloat16)
+    expected = fx + (2.0 * ad.up(nn.functional.relu(ad.down(src)))).float()  # the same ops: exact
+    out = holder(x)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
