@@ -170,19 +170,24 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, model_dir, data_file, caps
         assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method, options, template", [
-    ("dora", {"r": 4}, None), ("qlora", {"r": 4}, None), ("adapter", {}, "chatml"),
-    ("prefix", {"num_virtual_tokens": 4}, None),
-    ("prefix", {"num_virtual_tokens": 4, "projection_hidden": 8}, None),  # saved folded: the same outputs
-    ("prompt", {"num_virtual_tokens": 4}, None),
-], ids=["dora", "qlora", "adapter", "prefix", "prefix-mlp", "prompt"])
-def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, data_file, method, options, template):
+@pytest.mark.parametrize("method, options, template, nf4", [
+    ("dora", {"r": 4}, None, {}), ("qlora", {"r": 4}, None, {}), ("adapter", {}, "chatml", {}),
+    # a float32 model whose 4-bit layers compute in bfloat16: bfloat16 adapters read float32
+    # activations (lowrank/tuners/lora.py, Note: x in the adapter's dtype; it raised before)
+    ("qlora", {"r": 4, "dropout": 0.1}, None, {"compute_dtype": "bfloat16"}),
+    ("prefix", {"num_virtual_tokens": 4}, None, {}),
+    ("prefix", {"num_virtual_tokens": 4, "projection_hidden": 8}, None, {}),  # saved folded: the same outputs
+    ("prompt", {"num_virtual_tokens": 4}, None, {}),
+], ids=["dora", "qlora", "adapter", "qlora-bf16-compute", "prefix", "prefix-mlp", "prompt"])
+def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, data_file, method, options, template,
+                                                           nf4):
     config = _config(tmp_path, model_dir, data_file, method=method, method_options=options, epochs=1, lr=5e-2,
-                     template=template)
+                     template=template, nf4=nf4)
     summary = train(config)
+    assert math.isfinite(summary.loss)
     # the model as training left it: a fresh base, the method, the trainable tensors of the checkpoint
     trained_model, tok = load_base(str(model_dir))
-    apply_method(trained_model, method, options, {})
+    apply_method(trained_model, method, options, nf4)
     load_trainable(trained_model, torch.load(f"{summary.checkpoint}/{STATE_FILE}", weights_only=True)["trainable"])
     loaded, _, used = load_with_adapter(str(model_dir), summary.checkpoint)
     assert used == template  # chat uses the template training used
