@@ -118,7 +118,8 @@ class Linear4bit(nn.Module):
         # alone costs ~0.7 us here, twice a decoding step's layer (Note: lookups on the hot path)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        y = torch.ops.lowrank.nf4_linear(x if x.dtype == dtype else x.to(dtype), *self.op_fields(), bias)  # (..., in) -> (..., out)
+        x_in = x if x.dtype == dtype else x.to(dtype)
+        y = torch.ops.lowrank.nf4_linear(x_in, *self.op_fields(), bias)  # (..., in) -> (..., out)
         return y.to(x.dtype) if autocast is None and y.dtype != x.dtype else y
 
     def dtype_for(self, x: torch.Tensor) -> torch.dtype:

@@ -79,7 +79,8 @@ class LoraLinear(LoraLayer):
         factors = self._op_factors(name)
         if not (factors is not None and _x_fits(x, *factors) and type(result) is torch.Tensor
                 and _dtypes_fit(result, x, *factors)):  # fmt: skip
-            if name in self.lora_magnitude_vector and self._adapter_dtype(name, x) is not None:  # Note: x in the adapter's dtype
+            if name in self.lora_magnitude_vector and self._adapter_dtype(name, x) is not None:
+                # DoRA's sum in the wider dtype, cast back once (Note: x in the adapter's dtype)
                 return (result + self._delta(name, x, base_out, cast_back=False)).to(result.dtype)
             return super()._add_delta(name, result, x, base_out)
         drop = self._modules["lora_dropout"]._modules[name]
