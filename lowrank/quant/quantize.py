@@ -73,8 +73,12 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     for parent, attr, name in matches:
         child = getattr(parent, attr)
         if not _can_quantize(child):
+            from ..tuners.base import TunerLayer  # here: lowrank.tuners imports lowrank.quant
+
+            hint = (" (an adapter layer: for QLoRA, quantize first and inject after, or lowrank.eject the adapters "
+                    "first)" if isinstance(child, TunerLayer) else "")
             raise TypeError(f"{name!r} is a {type(child).__name__}; quantize replaces nn.Linear and GPT-2 Conv1D "
-                            "layers only: narrow targets or add it to skip")
+                            f"layers only: narrow targets or add it to skip{hint}")
         if isinstance(parent, nn.MultiheadAttention):
             raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly, "
                              "never calling the submodule; add it to skip")

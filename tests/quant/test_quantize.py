@@ -84,9 +84,14 @@ def test_nothing_matched_or_not_quantizable_changes_nothing():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"no module of Sequential matched targets=\('q_proj',\).*'0', '2', '4'"):
         quantize(model, NF4Config(targets="q_proj"))
-    with pytest.raises(TypeError, match="'1' is a GELU; quantize replaces nn.Linear"):
+    with pytest.raises(TypeError, match="'1' is a GELU; quantize replaces nn.Linear.*add it to skip$"):
         quantize(model, NF4Config(targets=["0", "1"]))
     assert type(model[0]) is nn.Linear and model.state_dict().keys() == before.keys()
+    adapted = models.mlp()
+    inject(adapted, LoraConfig(r=2, targets="0"))  # the order QLoRA reverses: a LoRA layer is not a linear layer
+    with pytest.raises(TypeError, match="'0' is a LoraLinear; .* for QLoRA, quantize first and inject after"):
+        quantize(adapted)
+    assert type(adapted[2]) is nn.Linear  # nothing replaced
     assert quantize(model) == ["0", "2", "4"]
     with pytest.raises(ValueError, match=r"\(0 nn.Linear / Conv1D layers not yet in 4 bits\)"):
         quantize(model)  # everything is 4-bit already
