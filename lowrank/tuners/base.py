@@ -92,5 +92,6 @@ class TunerLayer(nn.Module):
             if name == BASE or name not in self.names:
                 continue
             rows = torch.tensor([i for i, n in enumerate(self.route) if n == name], device=x.device)
-            out[rows] = result[rows] + delta(name, x[rows], result[rows])  # (b_name, ..., out)
+            # the sum in result's dtype, which indexed assignment requires (a DoRA addition may be wider)
+            out[rows] = (result[rows] + delta(name, x[rows], result[rows])).to(out.dtype)  # (b_name, ..., out)
         return out

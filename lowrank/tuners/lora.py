@@ -79,7 +79,7 @@ class LoraLinear(LoraLayer):
         factors = self._op_factors(name)
         if not (factors is not None and _x_fits(x, *factors) and type(result) is torch.Tensor
                 and _dtypes_fit(result, x, *factors)):  # fmt: skip
-            if name in self.lora_magnitude_vector and self._adapter_dtype(name, x) is not None:
+            if name in self.lora_magnitude_vector and autocast_dtype(x) is None:
                 # DoRA's sum in the wider dtype, cast back once (Note: x in the adapter's dtype)
                 return (result + self._delta(name, x, base_out, cast_back=False)).to(result.dtype)
             return super()._add_delta(name, result, x, base_out)
@@ -96,8 +96,10 @@ class LoraLinear(LoraLayer):
     # does (peft/tuners/lora/bnb.py, Linear4bit.forward; tests/peers/test_peft_qlora.py): x cast
     # to the factors' dtype before the dropout, s B A x in that dtype, cast to the base output's
     # dtype and added; DoRA's addition instead added in the wider of the two dtypes and the sum
-    # cast back once. Under autocast, autocast makes the casts (PEFT leaves them to it too). The
-    # op paths never see mixed dtypes (_dtypes_fit, _qlora), so they are unchanged.
+    # cast back once (also where only DoRA's magnitude, kept in the weight's original dtype, is
+    # wider: a float32 model's layer computing in bfloat16 on bfloat16 x returns bfloat16). Under
+    # autocast, autocast makes the casts (PEFT leaves them to it too). The op paths never see
+    # mixed dtypes (_dtypes_fit, _qlora), so they are unchanged.
     def _adapter_dtype(self, name, x):
         """The factors' dtype where x must be cast to it (Note: x in the adapter's dtype), else None."""
         dtype = self._modules["lora_A"]._modules[name]._parameters["weight"].dtype

@@ -102,13 +102,18 @@ def test_qlora_equals_peft_on_bitsandbytes(model_dtype, compute_dtype, dora, dro
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_a_4bit_layer_computing_above_its_input_dtype_equals_peft(dora, dropout):
-    """A bfloat16 model whose 4-bit layers compute in float32: the adapters are float32, their
-    addition comes back in bfloat16. One layer and an x without grad, because a whole model's
-    gradients would also go through the base's backward, where bitsandbytes 0.50 rounds W to the
-    dtype it was stored in (MatMul4Bit.backward dequantizes in quant_state.dtype) while its forward
-    does not; lowrank uses the float32 W both ways. The adapters' gradients do not depend on it."""
-    ours, theirs = pair(torch.bfloat16, torch.float32, dora, dropout)
+@pytest.mark.parametrize("model_dtype, compute_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=["bf16-model-fp32-compute", "fp32-model-bf16-compute"])
+def test_a_4bit_layer_on_bf16_x_equals_peft(model_dtype, compute_dtype, dora, dropout):
+    """One layer on bfloat16 x. A bfloat16 model whose 4-bit layers compute in float32: the
+    adapters are float32, their addition comes back in bfloat16. A float32 model computing in
+    bfloat16: x already in the adapters' dtype, but DoRA's magnitude is float32 (the weight's
+    dtype), so its sum is wider and comes back in bfloat16 too. One layer and an x without grad,
+    because a whole model's gradients would also go through the base's backward, where
+    bitsandbytes 0.50 rounds W to the dtype it was stored in (MatMul4Bit.backward dequantizes in
+    quant_state.dtype) while its forward does not; lowrank uses the compute-dtype W both ways. The
+    adapters' gradients do not depend on it."""
+    ours, theirs = pair(model_dtype, compute_dtype, dora, dropout)
     ours_layer, theirs_layer = ours.layers[0].self_attn.q_proj, theirs.layers[0].self_attn.q_proj
     x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
     results = []

@@ -137,15 +137,24 @@ def test_disabled_gives_the_base_model_and_refuses_while_merged():
     unmerge(model)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "4bit-bf16-compute"])
 @pytest.mark.parametrize("config", [LoraConfig(r=2), LoraConfig(r=2, dora=True), AdapterConfig(targets=["0", "2"])])
-def test_per_sample_selection_equals_running_each_adapter_alone(config):
+def test_per_sample_selection_equals_running_each_adapter_alone(config, quantized):
+    """Also on a float32 model whose 4-bit layers compute in bfloat16, fed bfloat16 x: DoRA's
+    magnitude stays float32, so its sum is wider than the layer's output and is cast back (it
+    raised in the indexed assignment before; lowrank/tuners/lora.py, Note: x in the adapter's dtype)."""
     model = models.mlp()
+    x = torch.randn(4, 16)
+    if quantized:
+        from lowrank.quant import NF4Config, quantize
+
+        quantize(model, NF4Config(compute_dtype=torch.bfloat16))
+        x = x.bfloat16()
     inject(model, config, name="a")
     inject(model, config, name="b")
     set_active(model, ["a", "b"])
     mark_trainable(model)
     models.randomize_adapters(model)
-    x = torch.randn(4, 16)
     route = ["a", "__base__", "b", "a"]
     with torch.no_grad():
         alone = {}
@@ -156,6 +165,7 @@ def test_per_sample_selection_equals_running_each_adapter_alone(config):
             alone["__base__"] = model(x)
         with per_sample(model, route):
             mixed = model(x)
+    assert mixed.dtype == x.dtype and all(a.dtype == x.dtype for a in alone.values())
     for i, name in enumerate(route):
         # sample i goes through the same ops on a sub-batch; row-wise ops of a different batch
         # size may round differently, so compare to the float32 rounding of the values
