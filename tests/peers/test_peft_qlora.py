@@ -4,14 +4,15 @@ bitsandbytes', tests/peers/test_nf4_bitsandbytes.py) and the same adapter tensor
 outputs and the same gradients, bit for bit, in training mode (dropout included: both draw the
 same random numbers in the same order).
 
-Three dtype settings: a bfloat16 model computing in bfloat16 (every tensor bfloat16: lowrank
-takes its one-op paths, lowrank/tuners/lora.py, Note: QLoRA in one op), and two where the 4-bit
-layers compute in another dtype than the model's, so that activations meet adapters of another
-dtype (Note: x in the adapter's dtype, which follows PEFT's bitsandbytes layer; before it, such
-a call raised in F.linear): a float32 model computing in bfloat16 (the layer's output float32),
-and, one layer only (see its test), a bfloat16 model computing in float32 (its output bfloat16:
-the adapter's float32 addition is cast back before it is added, as PEFT's bitsandbytes layer does;
-PEFT's plain Linear layer instead adds in float32 and rounds the sum once).
+The dtype settings: a bfloat16 model computing in bfloat16 (every tensor bfloat16: lowrank takes
+its one-op paths, lowrank/tuners/lora.py, Note: QLoRA in one op), and settings where activations
+meet adapters of another dtype (Note: x in the adapter's dtype, which follows PEFT's bitsandbytes
+layer; before it, such a call raised in F.linear): a float32 model computing in bfloat16 (the
+layer's output float32); a bfloat16 model with float32 adapters, PEFT's own default (its
+autocast_adapter_dtype=True); and, one layer only (see its test), a bfloat16 model computing in
+float32 (its output bfloat16: the adapter's float32 addition is cast back before it is added, as
+PEFT's bitsandbytes layer does; PEFT's plain Linear layer instead adds in float32 and rounds the
+sum once) and a float32 model computing in bfloat16 on bfloat16 x.
 
 Why equality is exact: see tests/peers/test_peft_lora.py, Note: why equality is exact. Here the 4-bit
 bases also agree: with more than 16 rows of x lowrank's op dequantizes W in the compute dtype and
@@ -47,9 +48,11 @@ def ours_name(peft_name: str) -> str:
     return name.removesuffix(".weight") if "lora_magnitude_vector." in name else name
 
 
-def pair(model_dtype: torch.dtype, compute_dtype: torch.dtype, dora: bool, dropout: float):
+def pair(model_dtype: torch.dtype, compute_dtype: torch.dtype, dora: bool, dropout: float,
+         adapter_dtype: torch.dtype | None = None):
     """(ours, PEFT's) from one tiny Llama in model_dtype, 4-bit layers computing in compute_dtype,
-    and the same non-zero adapter tensors (ours, in the dtype lowrank makes them, given to PEFT)."""
+    and the same non-zero adapter tensors (ours, in the dtype lowrank makes them or in
+    adapter_dtype, given to PEFT)."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -66,6 +69,8 @@ def pair(model_dtype: torch.dtype, compute_dtype: torch.dtype, dora: bool, dropo
         for p in ours.parameters():
             if p.requires_grad:  # random, so that B A != 0 and the check means something
                 p.add_(torch.randn_like(p) * 0.1)
+                if adapter_dtype is not None:
+                    p.data = p.data.to(adapter_dtype)
     assert all(type(m).__module__ == "peft.tuners.lora.bnb" for m in theirs.modules() if hasattr(m, "lora_A"))
     ours_params = dict(ours.named_parameters())
     theirs_trained = [(n, p) for n, p in theirs.named_parameters() if p.requires_grad]
@@ -85,10 +90,14 @@ def outputs_and_grads(model, ids):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("model_dtype, compute_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
-                         ids=["bf16", "fp32-model-bf16-compute"])
-def test_qlora_equals_peft_on_bitsandbytes(model_dtype, compute_dtype, dora, dropout):
-    ours, theirs = pair(model_dtype, compute_dtype, dora, dropout)
+@pytest.mark.parametrize("model_dtype, compute_dtype, adapter_dtype", [
+    (torch.bfloat16, torch.bfloat16, None), (torch.float32, torch.bfloat16, None),
+    # PEFT's own default: float32 adapters on a half-precision model (get_peft_model's
+    # autocast_adapter_dtype=True); in lowrank, adapters cast to float32 after inject
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+], ids=["bf16", "fp32-model-bf16-compute", "bf16-model-fp32-adapters"])
+def test_qlora_equals_peft_on_bitsandbytes(model_dtype, compute_dtype, adapter_dtype, dora, dropout):
+    ours, theirs = pair(model_dtype, compute_dtype, dora, dropout, adapter_dtype)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))  # 18 rows: see the docstring
     out_ours, grads_ours = outputs_and_grads(ours, ids)
     out_theirs, grads_theirs = outputs_and_grads(theirs, ids)
