@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..quant.linear4bit import autocast_dtype
 from ..targets import is_gpt2_conv1d, is_linear_like
-from .base import TunerLayer
+from .base import TunerLayer, cast_for
 from .lora_base import float_dtype_and_device
 
 ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", nn.MultiheadAttention)
@@ -79,7 +78,7 @@ class AdapterLayer(TunerLayer):
 
     def add(self, name: str, config: AdapterConfig, dims: tuple[int, int]) -> None:
         d_in, d_out = dims
-        dtype, device = float_dtype_and_device(self.base, inner=True)  # See Note: inputs in the adapter's dtype
+        dtype, device = float_dtype_and_device(self.base, inner=True)  # See Note: inputs in the adapter's dtype (base.py)
         source = d_in if config.parallel else d_out
         self.adapters[name] = Bottleneck(source, config.width(d_out), d_out, config.activation, dtype, device)
         self.configs[name] = config
@@ -109,17 +108,11 @@ class AdapterLayer(TunerLayer):
                 y = y + self._delta(name, x, base_y)
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
-    # Note: inputs in the adapter's dtype. An adapter is made in the dtype its module computes in
-    # (for a block of 4-bit layers, their compute dtype), but what it reads can have another: a
-    # float32 model whose 4-bit layers compute in bfloat16 passes float32 activations around them.
-    # Outside autocast, the adapter's input is then cast to its dtype and its addition back to
-    # the output's, as LoRA's is (lowrank/tuners/lora.py, Note: x in the adapter's dtype); under
-    # autocast, autocast casts.
     def _delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         config, adapter = self.configs[name], self.adapters[name]
         source = x if config.parallel else y
-        dtype = adapter.down.weight.dtype
-        if source.dtype == dtype or not source.is_floating_point() or autocast_dtype(source) is not None:
+        dtype = cast_for(source, adapter.down.weight.dtype)  # See Note: inputs in the adapter's dtype (base.py)
+        if dtype is None:
             return config.scaling * adapter(source)
         return (config.scaling * adapter(source.to(dtype))).to(y.dtype)
 

@@ -8,7 +8,25 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..quant.linear4bit import autocast_dtype
+
 BASE = "__base__"  # in a per-sample route: this sample uses no adapter (PEFT's spelling)
+
+
+# Note: inputs in the adapter's dtype. An adapter is made in the dtype its module computes in
+# (a 4-bit layer's compute dtype, or for a block of them theirs: lora_base.float_dtype_and_device),
+# but what it reads can have another: a float32 model whose 4-bit layers compute in bfloat16
+# passes float32 activations around them (Linear4bit takes any floating x and returns x's dtype).
+# Outside autocast the adapter's input is then cast to the adapter's dtype and its addition back
+# to the output's, as PEFT 0.21's LoRA on a bitsandbytes 4-bit layer does (peft/tuners/lora/bnb.py;
+# tests/peers/test_peft_qlora.py); DoRA's addition is instead summed in the wider dtype and the
+# sum cast back once (lowrank/tuners/lora.py). Under autocast, autocast casts (PEFT leaves it too).
+def cast_for(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype | None:
+    """`dtype` where an adapter made in it must cast its input x to it (See Note: inputs in the
+    adapter's dtype), else None."""
+    if x.dtype == dtype or not x.is_floating_point() or autocast_dtype(x) is not None:
+        return None
+    return dtype
 
 
 def _keep_fused_paths_off(module: nn.Module, args: tuple) -> None:

@@ -14,7 +14,7 @@ from ..ops import csrc
 from ..ops.lora_ops import dropout_parts
 from ..quant.linear4bit import Linear4bit, autocast_dtype
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like
-from .base import TunerLayer
+from .base import TunerLayer, cast_for
 from .lora_base import LoraLayer
 
 SUPPORTED = ("nn.Linear, transformers' GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d, or a linear-like "
@@ -79,40 +79,27 @@ class LoraLinear(LoraLayer):
         factors = self._op_factors(name)
         if not (factors is not None and _x_fits(x, *factors) and type(result) is torch.Tensor
                 and _dtypes_fit(result, x, *factors)):  # fmt: skip
-            if name in self.lora_magnitude_vector and autocast_dtype(x) is None:
-                # DoRA's sum in the wider dtype, cast back once (Note: x in the adapter's dtype)
-                return (result + self._delta(name, x, base_out, cast_back=False)).to(result.dtype)
-            return super()._add_delta(name, result, x, base_out)
+            out = super()._add_delta(name, result, x, base_out)
+            # a DoRA sum wider than the output (Note: x in the adapter's dtype) comes back once
+            return out if out.dtype == result.dtype or autocast_dtype(x) is not None else out.to(result.dtype)
         drop = self._modules["lora_dropout"]._modules[name]
         if not _passes_x(drop):
             x = drop(x)
         return torch.ops.lowrank.lora_add(result, x, *factors, self.scaling[name])
 
-    # Note: x in the adapter's dtype. A base with a compute dtype of its own (the 4-bit linear:
-    # Linear4bit.forward) takes x of any floating dtype and returns x's dtype; its adapters are
-    # made in that compute dtype (lora_base.float_dtype_and_device). So a float32 model whose 4-bit
-    # layers compute in bfloat16 hands float32 x to bfloat16 factors, which F.linear refuses.
-    # Outside autocast the adapter then computes as PEFT 0.21's LoRA on a bitsandbytes 4-bit layer
-    # does (peft/tuners/lora/bnb.py, Linear4bit.forward; tests/peers/test_peft_qlora.py): x cast
-    # to the factors' dtype before the dropout, s B A x in that dtype, cast to the base output's
-    # dtype and added; DoRA's addition instead added in the wider of the two dtypes and the sum
-    # cast back once (also where only DoRA's magnitude, kept in the weight's original dtype, is
-    # wider: a float32 model's layer computing in bfloat16 on bfloat16 x returns bfloat16). Under
-    # autocast, autocast makes the casts (PEFT leaves them to it too). The op paths never see
-    # mixed dtypes (_dtypes_fit, _qlora), so they are unchanged.
-    def _adapter_dtype(self, name, x):
-        """The factors' dtype where x must be cast to it (Note: x in the adapter's dtype), else None."""
-        dtype = self._modules["lora_A"]._modules[name]._parameters["weight"].dtype
-        if x.dtype == dtype or not x.is_floating_point() or autocast_dtype(x) is not None:
-            return None
-        return dtype
-
-    def _delta(self, name, x, base_out, cast_back=True):
-        dtype = self._adapter_dtype(name, x)
+    # Note: x in the adapter's dtype. The rule of tuners/base.py (Note: inputs in the adapter's
+    # dtype) for LoRA: x cast to the factors' dtype before the dropout, s B A x in that dtype, then
+    # cast to the base output's dtype and added; DoRA's addition is added in the wider dtype and
+    # the sum cast back once (_add_delta), as PEFT's bitsandbytes layer does for its variants, also
+    # where only DoRA's magnitude (kept in the weight's original dtype) is wider: a float32 model's
+    # layer computing in bfloat16 on bfloat16 x returns bfloat16. The op paths never see mixed
+    # dtypes (_dtypes_fit, _qlora), so they are unchanged.
+    def _delta(self, name, x, base_out):
+        dtype = cast_for(x, self._modules["lora_A"]._modules[name]._parameters["weight"].dtype)
         if dtype is None:
             return super()._delta(name, x, base_out)
         delta = super()._delta(name, x.to(dtype), base_out)
-        return delta.to(base_out.dtype) if cast_back else delta
+        return delta if name in self.lora_magnitude_vector else delta.to(base_out.dtype)
 
     def _op_factors(self, name):
         """The weights (A, B) of adapter `name` where the lowrank:: ops may add it (Note: LoRA in

@@ -133,7 +133,7 @@ def test_on_a_bf16_4bit_llama_adapters_compute_as_on_its_dense_twin(placement, p
 def test_an_adapter_whose_input_has_another_dtype_casts_in_and_back(parallel):
     """A float32 model whose 4-bit layers compute in bfloat16: the adapter around one is made in
     bfloat16 and reads float32 activations; its input is cast to bfloat16 and its addition back
-    to float32 (Note: inputs in the adapter's dtype). Before, F.linear refused the mix."""
+    to float32 (lowrank/tuners/base.py, Note: inputs in the adapter's dtype). Before, F.linear refused the mix."""
     from lowrank import NF4Config, quantize
 
     torch.manual_seed(0)
