@@ -108,7 +108,7 @@ class PrefixLayer(TunerLayer):
         return self.heads * self.head_dim  # d_kv: one prefix vector's key (or value) size
 
     def add(self, name: str, config: PrefixConfig) -> None:
-        dtype, device = float_dtype_and_device(self.base)
+        dtype, device = float_dtype_and_device(self.base, inner=True)  # a 4-bit attention: its layers' compute dtype
         P, d = config.num_virtual_tokens, self.width
         if config.projection_hidden is None:
             # PEFT's nn.Embedding init: N(0, 1) per entry
@@ -120,7 +120,7 @@ class PrefixLayer(TunerLayer):
     def own_shared(self, name: str) -> None:
         """Hold the shared half of adapter `name`'s MLP (called on the adapter's first layer)."""
         config, d = self.configs[name], self.width
-        dtype, device = float_dtype_and_device(self.base)
+        dtype, device = float_dtype_and_device(self.base, inner=True)
         self.shared[name] = nn.Sequential(
             nn.Embedding(config.num_virtual_tokens, d, dtype=dtype, device=device),  # E: (P, d_kv)
             nn.Linear(d, config.projection_hidden, dtype=dtype, device=device),  # W1, b1

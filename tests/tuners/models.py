@@ -64,3 +64,37 @@ def randomize_adapters(model, seed=3, std=0.1):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g).to(p.device) * std)
+
+
+def bf16_4bit_llama_and_dense_twin():
+    """A bfloat16 Llama quantized to NF4 (lm_head kept) and its dense twin, whose linear weights
+    are the 4-bit ones dequantized: a tuner must compute the same on both, bit for bit, where
+    the 4-bit op is F.linear on the dequantized weight (more than 16 rows of x)."""
+    import copy
+
+    from lowrank import quantize
+    from lowrank.quant import nf4
+
+    model = llama().to(torch.bfloat16)
+    dense = copy.deepcopy(model)
+    quantize(model)
+    with torch.no_grad():
+        for name, m in dense.named_modules():
+            if isinstance(m, nn.Linear) and name != "lm_head":
+                m.weight.copy_(nf4.dequantize(nf4.quantize(m.weight)))
+    return model, dense
+
+
+def copy_trainable(source, target):
+    """Give `target` the trainable parameters of `source` (same names), e.g. an adapter's init."""
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            if p.requires_grad:
+                p.copy_(source.get_parameter(name))
+
+
+def outputs_and_grads(model, x):
+    """The model's output on x and the gradients of its trainable parameters for sum(out^2)."""
+    out = run(model, x)
+    out.float().square().sum().backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -1,8 +1,6 @@
 """Bottleneck adapters: identity at start; the default Houlsby / Pfeiffer targets on Llama,
 GPT-2, BERT and nn.TransformerEncoder; the parallel variant's equation; tuple outputs."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -98,30 +96,14 @@ def test_on_a_bf16_4bit_llama_adapters_compute_as_on_its_dense_twin(placement, p
     `inner`; it made float32 adapters, which F.linear refused), and compute what they compute on
     the dense model whose weights are the 4-bit ones: the same outputs and adapter gradients, bit
     for bit (with 18 rows of x the 4-bit op is F.linear on the dequantized weight)."""
-    from lowrank import quantize
-    from lowrank.quant import nf4
-
-    model = models.llama().to(torch.bfloat16)
-    dense = copy.deepcopy(model)
-    quantize(model)
-    with torch.no_grad():
-        for name, m in dense.named_modules():
-            if isinstance(m, nn.Linear) and name != "lm_head":
-                m.weight.copy_(nf4.dequantize(nf4.quantize(m.weight)))
+    model, dense = models.bf16_4bit_llama_and_dense_twin()
     for m in (model, dense):
         inject(m, AdapterConfig(placement=placement, parallel=parallel))
     models.randomize_adapters(model)
-    with torch.no_grad():  # the same adapters on the twin (nn.Linear's init drew other numbers there)
-        for name, p in dense.named_parameters():
-            if p.requires_grad:
-                p.copy_(model.get_parameter(name))
+    models.copy_trainable(model, dense)  # the same adapters on the twin (nn.Linear's init drew other numbers there)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
     ids = models.ids(seq=9)
-    results = []
-    for m in (model, dense):
-        out = models.run(m, ids)
-        out.float().square().sum().backward()
-        results.append((out, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    results = [models.outputs_and_grads(m, ids) for m in (model, dense)]
     (out_q, grads_q), (out_d, grads_d) = results
     assert torch.equal(out_q, out_d)
     assert grads_q.keys() == grads_d.keys() and len(grads_q) == 4 * len(EXPECTED["llama", placement]) * 2

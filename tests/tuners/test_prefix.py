@@ -149,6 +149,25 @@ def test_only_the_prefix_trains_with_gradient_checkpointing(make, hidden):
     assert all(not torch.equal(after[n], v) for n, v in prefix.items())
 
 
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_on_a_bf16_4bit_llama_the_prefix_computes_as_on_its_dense_twin(hidden):
+    """A 4-bit attention block has no floating parameter to take a dtype from: its prefix (and
+    reparameterisation MLP) is made in its layers' compute dtype (lora_base.float_dtype_and_device's
+    `inner`), as on the dense bfloat16 model, not in float32; outputs and gradients then equal the
+    dense twin's bit for bit (the float32 MLP computed other numbers)."""
+    model, dense = models.bf16_4bit_llama_and_dense_twin()
+    for m in (model, dense):
+        lowrank.inject(m, lowrank.PrefixConfig(num_virtual_tokens=3, projection_hidden=hidden))
+    models.randomize_adapters(model)
+    models.copy_trainable(model, dense)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    (out_q, grads_q), (out_d, grads_d) = (models.outputs_and_grads(m, models.ids(seq=9)) for m in (model, dense))
+    assert torch.equal(out_q, out_d)
+    assert grads_q.keys() == grads_d.keys() and len(grads_q) == (2 if hidden is None else 2 * 2 + 3)
+    for name, grad in grads_q.items():
+        assert grad.abs().sum() > 0 and torch.equal(grad, grads_d[name]), name
+
+
 @pytest.mark.parametrize("hidden, lr", [(None, 1e-1), (32, 3e-2)])
 def test_prefix_tuning_learns_a_small_task(hidden, lr):
     """A frozen random tiny Llama learns to continue 4 fixed sequences through its prefix alone.
