@@ -99,7 +99,7 @@ def config_from_saved(saved: dict, source: str) -> AdapterConfig:
 
 
 def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: bool = True,
-         allow_pickle: bool = False):
+         allow_pickle: bool = False, dtype=None):
     """Inject bottleneck adapter `name` as `saved` (the parsed adapter_config.json) says and
     load its weights from `path`. As io.load_adapter: shape mismatches raise; missing /
     unexpected keys raise when `strict`; on any error the model is left as it was."""
@@ -108,7 +108,7 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
     config = config_from_saved(saved, str(path / CONFIG_NAME))
     weights = read_weights(path, allow_pickle)
     before = active_adapters(model)
-    modules = inject(model, config, name)
+    modules = inject(model, config, name, dtype=dtype)
     try:
         seen, missing, mismatched, pairs = set(), [], [], []
         for where, layer in _layers(model, name):

@@ -14,6 +14,7 @@ import dataclasses
 import weakref
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
@@ -87,14 +88,23 @@ def _layers(model: nn.Module) -> list[TunerLayer]:
     return [m for m in model.modules() if isinstance(m, TunerLayer)]
 
 
-def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig, name: str = "default") -> list[str]:
+def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig | PromptConfig, name: str = "default",
+           *, dtype: torch.dtype | None = None) -> list[str]:
     """Add adapter `name` to every module of `model` that `config.targets` matches, in place.
     Makes `name` the active adapter and only its parameters trainable. Returns the qualified
     names of the modules it wrapped; raises, changing nothing, when nothing matched, when a
-    target already has an adapter `name`, or when a target cannot take this adapter."""
+    target already has an adapter `name`, or when a target cannot take this adapter.
+
+    `dtype`: the new adapter's parameters' dtype. None (the default): the dtype each module
+    computes in (a prompt: float32). torch.float32 on a bf16 or fp16 model is PEFT's default
+    (`autocast_adapter_dtype=True`): the adapter and its optimizer updates stay in float32, and
+    it casts its input to float32 and its addition back to the model's dtype (See Note: adapter
+    dtype)."""
     handler = HANDLERS.get(type(config))
     if handler is None:
         raise TypeError(f"config must be one of {[c.__name__ for c in HANDLERS]}; got {type(config).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch.dtype (e.g. torch.float32); got {dtype!r}")
     check_not_sharded(model, "inject (and load_adapter)")
     if not isinstance(name, str) or not name or "." in name or name == BASE:
         raise ValueError(f"adapter name must be a non-empty string without '.', and not {BASE!r}; got {name!r}")
@@ -120,9 +130,26 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig, 
         for layer in _layers(encoder_layer):  # See Note: fused fast paths (tuners/base.py).
             layer.keep_fused_paths_off()
     handler.attach(model, config, name)
+    if dtype is not None:
+        _cast_adapter(model, name, dtype)
     set_active(model, name)
     mark_trainable(model)
     return [where for _, _, where, _ in matches]
+
+
+# Note: adapter dtype. `inject` makes an adapter in the dtype its module computes in, so on a bf16
+# model its parameters, gradients and AdamW's updates are bf16: an update smaller than half a
+# bf16 step (2^-9 of the weight) is lost. `inject(..., dtype=torch.float32)` casts the new
+# adapter's parameters once they exist (each layer's, and the model-level ones of a prefix or
+# prompt) and leaves the rest to the forwards, which cast an adapter's input to its dtype and its
+# addition back (tuners/base.py, Note: inputs in the adapter's dtype; prefix and prompt cast
+# their vectors to the states'). Such adapters run the modules' path, not the one-op paths
+# (lora.py: those take one dtype). Saved files keep the parameters' dtype.
+def _cast_adapter(model: nn.Module, name: str, dtype: torch.dtype) -> None:
+    params = {id(p): p for layer in _layers(model) if name in layer.names for p in layer.adapter_parameters(name)}
+    for p in params.values():
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = False) -> list[str]:

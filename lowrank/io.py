@@ -268,7 +268,8 @@ def check_base(peft_config: dict, model: nn.Module, source: str, allow_other_bas
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, revision: str | None = None,
                  strict: bool = True, allow_pickle: bool = False, allow_other_base: bool = False,
-                 local_files_only: bool | None = None, token: str | None = None) -> LoadResult:
+                 local_files_only: bool | None = None, token: str | None = None,
+                 dtype: torch.dtype | None = None) -> LoadResult:
     """Inject LoRA adapter `name` into `model` as the PEFT (or lowrank) directory `path` says
     (targets, r, alpha, rsLoRA, DoRA, patterns) and load its weights (and any base-model
     weights the file carries, as PEFT does: see Note: base weights in an adapter file). Shape mismatches always
@@ -279,7 +280,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     fetched, through huggingface_hub's cache (HF_HUB_OFFLINE=1 or local_files_only: the cache
     only). An adapter whose config names another base model than `model.config._name_or_path`
     is refused unless allow_other_base. lowrank's own bottleneck format loads too
-    (lowrank/bottleneck_io.py)."""
+    (lowrank/bottleneck_io.py). `dtype` is inject's: the adapter's parameters' dtype (None: its
+    modules'), so float32 weights load into float32 adapters on a bf16 model unrounded."""
     from . import hub
 
     extra = ("adapter_model.bin",) if allow_pickle else ()
@@ -298,18 +300,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     from . import bottleneck_io
 
     if peft_config.get("peft_type") == bottleneck_io.PEFT_TYPE:
-        return bottleneck_io.load(model, path, peft_config, name, strict=strict, allow_pickle=allow_pickle)
+        return bottleneck_io.load(model, path, peft_config, name, strict=strict, allow_pickle=allow_pickle, dtype=dtype)
     if peft_config.get("peft_type") == io_prompt.PEFT_TYPE:
-        return io_prompt.load(model, path, peft_config, name, strict, allow_pickle)
+        return io_prompt.load(model, path, peft_config, name, strict, allow_pickle, dtype)
     if peft_config.get("peft_type") == io_prefix.PEFT_TYPE:
-        return io_prefix.load(model, peft_config, read_weights(path, allow_pickle), name, str(cfg_file), LoadResult)
+        return io_prefix.load(model, peft_config, read_weights(path, allow_pickle), name, str(cfg_file), LoadResult,
+                              dtype)
     config = config_from_peft(peft_config, str(cfg_file))
     weights = read_weights(path, allow_pickle)
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}
     for k in [k for k in weights if k.endswith(".lora_magnitude_vector.weight")]:  # older PEFT spelling
         weights[k.removesuffix(".weight")] = weights.pop(k)
     before = active_adapters(model)
-    modules = inject(model, config, name)
+    modules = inject(model, config, name, dtype=dtype)
     try:
         seen, missing, mismatched, pairs = set(), [], [], []
         for where, layer in _lora_layers(model, name):

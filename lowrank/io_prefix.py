@@ -84,7 +84,8 @@ def config_from_peft(peft_config: dict, source: str) -> PrefixConfig:
     return PrefixConfig(num_virtual_tokens=virtual_tokens(peft_config, source, "prefix"))
 
 
-def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], name: str, source: str, result_type):
+def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], name: str, source: str, result_type,
+         dtype=None):
     """Inject prefix adapter `name` and fill it from PEFT's `prompt_embeddings`. Raises (and
     ejects again) when the file's layer count, heads or width do not fit the model."""
     config = config_from_peft(peft_config, source)
@@ -95,7 +96,7 @@ def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], 
         raise ValueError(f"{source}: unexpected keys for a prefix adapter: {unexpected}")
     table = weights[KEY]
     before = active_adapters(model)
-    modules = inject(model, config, name)
+    modules = inject(model, config, name, dtype=dtype)
     try:
         found = layers(model, name)
         want = {"num_layers": len(found), "token_dim": found[0].width, "num_attention_heads": found[0].heads}

@@ -73,14 +73,15 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     return {KEY: distributed.full_tensor(prompt.detach()).float().cpu().contiguous()}, peft_config
 
 
-def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, strict: bool, allow_pickle: bool):
+def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, strict: bool, allow_pickle: bool,
+         dtype=None):
     """Inject prompt adapter `name` and load its embeddings; on any error the model is as before."""
     from .io import LoadResult, copy_checked, read_weights, undo_inject, virtual_tokens  # io imports this module first
 
     n = virtual_tokens(peft_config, path / "adapter_config.json", "prompt")
     weights = read_weights(path, allow_pickle)
     before = active_adapters(model)
-    modules = inject(model, PromptConfig(num_virtual_tokens=n), name)
+    modules = inject(model, PromptConfig(num_virtual_tokens=n), name, dtype=dtype)
     try:
         (where, layer), = _prompt_layers(model, name)
         param = layer.prompts[name]

@@ -52,11 +52,15 @@ def _load_base(base: str):
 
 
 def run(args) -> int:
+    import torch
+
     from ..export import merge_and_export
     from ..io import load_adapter
 
     model = _load_base(args.base)
-    loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base)
+    # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
+    # each merged weight is rounded once, into the export dtype (lowrank/export.py)
+    loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, dtype=torch.float32)
     result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
                               requantize=args.requantize, overwrite=args.overwrite)
     print(f"merged {len(loaded.modules)} modules of {args.adapter} into {args.base}; wrote {args.out} "

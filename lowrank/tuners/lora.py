@@ -54,7 +54,8 @@ class LoraLinear(LoraLayer):
         return (self.lora_A, self.lora_B)
 
     def _factors(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
+        mods = self._modules  # See Note: lookups on the hot path (lowrank/tuners/base.py)
+        return mods["lora_A"]._modules[name]._parameters["weight"], mods["lora_B"]._modules[name]._parameters["weight"]
 
     def _lora(self, name, x):
         return self.lora_B[name](self.lora_A[name](x))  # (..., in) -> (..., r) -> (..., out)
@@ -80,26 +81,12 @@ class LoraLinear(LoraLayer):
         if not (factors is not None and _x_fits(x, *factors) and type(result) is torch.Tensor
                 and _dtypes_fit(result, x, *factors)):  # fmt: skip
             out = super()._add_delta(name, result, x, base_out)
-            # a DoRA sum wider than the output (Note: x in the adapter's dtype) comes back once
+            # a DoRA sum wider than the output (lora_base.py, Note: x in the adapter's dtype) comes back once
             return out if out.dtype == result.dtype or autocast_dtype(x) is not None else out.to(result.dtype)
         drop = self._modules["lora_dropout"]._modules[name]
         if not _passes_x(drop):
             x = drop(x)
         return torch.ops.lowrank.lora_add(result, x, *factors, self.scaling[name])
-
-    # Note: x in the adapter's dtype. The rule of tuners/base.py (Note: inputs in the adapter's
-    # dtype) for LoRA: x cast to the factors' dtype before the dropout, s B A x in that dtype, then
-    # cast to the base output's dtype and added; DoRA's addition is added in the wider dtype and
-    # the sum cast back once (_add_delta), as PEFT's bitsandbytes layer does for its variants, also
-    # where only DoRA's magnitude (kept in the weight's original dtype) is wider: a float32 model's
-    # layer computing in bfloat16 on bfloat16 x returns bfloat16. The op paths never see mixed
-    # dtypes (_dtypes_fit, _qlora), so they are unchanged.
-    def _delta(self, name, x, base_out):
-        dtype = cast_for(x, self._modules["lora_A"]._modules[name]._parameters["weight"].dtype)
-        if dtype is None:
-            return super()._delta(name, x, base_out)
-        delta = super()._delta(name, x.to(dtype), base_out)
-        return delta if name in self.lora_magnitude_vector else delta.to(base_out.dtype)
 
     def _op_factors(self, name):
         """The weights (A, B) of adapter `name` where the lowrank:: ops may add it (Note: LoRA in
@@ -239,7 +226,10 @@ class LoraEmbedding(LoraLayer):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def _delta(self, name, x, base_out):
-        return self._lora(name, x) * self.scaling[name]  # no dropout on token ids
+        delta = self._lora(name, x) * self.scaling[name]  # no dropout on token ids
+        # ids are never cast; an addition in another dtype than the output's (float32 factors on
+        # a bf16 table) is cast to it outside autocast (lora_base.py, Note: x in the adapter's dtype)
+        return delta if cast_for(delta, base_out.dtype) is None else delta.to(base_out.dtype)
 
     def _lora(self, name, x):
         b = self.base

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from . import dora
-from .base import TunerLayer
+from .base import TunerLayer, cast_for
 
 
 def float_dtype_and_device(base: nn.Module, inner: bool = False) -> tuple[torch.dtype, torch.device]:
@@ -123,8 +123,24 @@ class LoraLayer(TunerLayer):
         """result + this adapter's addition (LoraLinear adds it in one op where it can)."""
         return result + self._delta(name, x, base_out)
 
+    # Note: x in the adapter's dtype. The rule of tuners/base.py (Note: inputs in the adapter's
+    # dtype) for LoRA: x cast to the factors' dtype before the dropout, s B A x in that dtype, then
+    # cast to the base output's dtype and added; DoRA's addition is added in the wider dtype and
+    # the sum cast back once (LoraLinear._add_delta), as PEFT's bitsandbytes layer does for its
+    # variants, also where only DoRA's magnitude (kept in the weight's original dtype) is wider: a
+    # float32 model's layer computing in bfloat16 on bfloat16 x returns bfloat16. The op paths
+    # never see mixed dtypes (lora.py: _dtypes_fit, _qlora), so they are unchanged. The adapters of
+    # `inject(..., dtype=torch.float32)` on a bf16 model take this path on every kind of base.
     def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """This adapter's addition to the base output."""
+        """This adapter's addition to the base output (See Note: x in the adapter's dtype)."""
+        dtype = cast_for(x, self._factors(name)[0].dtype)
+        if dtype is None:
+            return self._addition(name, x, base_out)
+        delta = self._addition(name, x.to(dtype), base_out)
+        return delta if name in self.lora_magnitude_vector else delta.to(base_out.dtype)
+
+    def _addition(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """This adapter's addition, computed in x's dtype (the factors')."""
         drop = self.lora_dropout[name]
         if name in self.lora_magnitude_vector:
             if self.training and not isinstance(drop, nn.Identity):

@@ -48,6 +48,7 @@ class TrainConfig:
     max_length: int = 2048  # tokens per sequence; longer records are cut here and counted
     seed: int = 0  # adapter init, data order and dropout all follow it
     dtype: str = "float32"  # of the base weights; bfloat16 halves memory on GPUs that have it
+    adapter_dtype: str | None = None  # None: the base's; "float32" on a bf16 base: float32 adapters (PEFT's default)
     device: str = "auto"  # "auto": the GPU when there is one, else the CPU; or e.g. "cpu", "cuda:1"
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     paged_optimizer: bool = False  # lowrank.optim.PagedAdamW: states in CUDA unified memory (same updates)
@@ -76,6 +77,9 @@ class TrainConfig:
             raise ConfigError(f"device must be 'auto' or a torch device string; got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in DTYPES:
+            raise ConfigError(f"adapter_dtype must be null (the base's dtype) or one of {DTYPES}; "
+                              f"got {self.adapter_dtype!r}")
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"distributed must be one of {DISTRIBUTED}; got {self.distributed!r}")
         if self.optimizer_bits not in (8, 32) or isinstance(self.optimizer_bits, bool):

@@ -14,7 +14,7 @@ from torch import nn
 from ..inject import inject
 from ..io import CONFIG_NAME, load_adapter
 from ..quant import quantize
-from .config import ConfigError, require
+from .config import DTYPES, ConfigError, require
 from .methods import METHODS, nf4_config, tuner_config
 
 WORKFLOW_FILE = "lowrank_workflow.json"  # beside a checkpoint's adapter: method, template, training config
@@ -45,13 +45,13 @@ def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu"):
     return model.to(pick_device(device)).eval(), tokenizer
 
 
-def apply_method(model, method: str, options: dict, nf4: dict):
+def apply_method(model, method: str, options: dict, nf4: dict, adapter_dtype: str | None = None):
     """Quantize the base when the method says so (on the model's device), then inject the
-    method's adapter; returns the tuner config."""
+    method's adapter, its parameters in `adapter_dtype` (None: the base's); returns the tuner config."""
     config = tuner_config(method, options)
     if METHODS[method].quantize:
         quantize(model, nf4_config(nf4))
-    inject(model, config)
+    inject(model, config, dtype=None if adapter_dtype is None else getattr(torch, adapter_dtype))
     return config
 
 
@@ -110,5 +110,6 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
         quantize(model, nf4_config(train.get("nf4", {})))
     if not (path / CONFIG_NAME).is_file():
         raise ConfigError(f"--adapter {adapter_dir!r} has no {CONFIG_NAME}: not an adapter directory")
-    load_adapter(model, path)
+    adapter_dtype = train.get("adapter_dtype")  # as trained: float32 adapters load unrounded
+    load_adapter(model, path, dtype=getattr(torch, adapter_dtype) if adapter_dtype in DTYPES else None)
     return model.eval(), tokenizer, train.get("template")

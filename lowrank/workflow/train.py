@@ -252,7 +252,7 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
           f"{encoded.truncated} truncated to max_length={config.max_length}", file=stream)
 
     torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
-    tuner = apply_method(model, config.method, dict(config.method_options), dict(config.nf4))
+    tuner = apply_method(model, config.method, dict(config.method_options), dict(config.nf4), config.adapter_dtype)
     if state is not None:
         _restore_trainable(state, model)
     if config.activation_checkpointing:

@@ -58,7 +58,7 @@ def test_merge_command_on_a_4bit_base(tmp_path):
     model = saved_base("llama", tmp_path / "dense" / "base", torch.bfloat16)
     lowrank.quantize(model, lowrank.NF4Config(compute_dtype=torch.bfloat16))
     lowrank.save_quantized(model, tmp_path / "nf4" / "base")  # the same name: the adapter's base check passes
-    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["q_proj", "v_proj"]), dtype=torch.float32)  # as the command
     models.randomize_adapters(model)
     lowrank.save_adapter(model, tmp_path / "adapter")
     lowrank.merge_and_export(model, tmp_path / "expected")

@@ -6,10 +6,10 @@ same random numbers in the same order).
 
 The dtype settings: a bfloat16 model computing in bfloat16 (every tensor bfloat16: lowrank takes
 its one-op paths, lowrank/tuners/lora.py, Note: QLoRA in one op), and settings where activations
-meet adapters of another dtype (Note: x in the adapter's dtype, which follows PEFT's bitsandbytes
-layer; before it, such a call raised in F.linear): a float32 model computing in bfloat16 (the
-layer's output float32); a bfloat16 model with float32 adapters, PEFT's own default (its
-autocast_adapter_dtype=True); and, one layer only (see its test), a bfloat16 model computing in
+meet adapters of another dtype (lowrank/tuners/lora_base.py, Note: x in the adapter's dtype,
+which follows PEFT's bitsandbytes layer; before it, such a call raised in F.linear): a float32
+model computing in bfloat16 (the layer's output float32); a bfloat16 model with float32
+adapters, PEFT's own default (its autocast_adapter_dtype=True; lowrank's inject(dtype=)); and, one layer only (see its test), a bfloat16 model computing in
 float32 (its output bfloat16: the adapter's float32 addition is cast back before it is added, as
 PEFT's bitsandbytes layer does; PEFT's plain Linear layer instead adds in float32 and rounds the
 sum once) and a float32 model computing in bfloat16 on bfloat16 x.
@@ -60,7 +60,7 @@ def pair(model_dtype: torch.dtype, compute_dtype: torch.dtype, dora: bool, dropo
     ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
     quantize(ours, NF4Config(compute_dtype=compute_dtype))
     bnb_quantize(theirs, compute_dtype, torch.device("cpu"))
-    inject(ours, LoraConfig(r=4, alpha=8, targets=TARGETS, dora=dora, dropout=dropout))
+    inject(ours, LoraConfig(r=4, alpha=8, targets=TARGETS, dora=dora, dropout=dropout), dtype=adapter_dtype)
     theirs.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: PEFT then makes its bitsandbytes layers
     peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=dora,
                                                  lora_dropout=dropout), theirs)
@@ -69,8 +69,7 @@ def pair(model_dtype: torch.dtype, compute_dtype: torch.dtype, dora: bool, dropo
         for p in ours.parameters():
             if p.requires_grad:  # random, so that B A != 0 and the check means something
                 p.add_(torch.randn_like(p) * 0.1)
-                if adapter_dtype is not None:
-                    p.data = p.data.to(adapter_dtype)
+                assert adapter_dtype is None or p.dtype == adapter_dtype
     assert all(type(m).__module__ == "peft.tuners.lora.bnb" for m in theirs.modules() if hasattr(m, "lora_A"))
     ours_params = dict(ours.named_parameters())
     theirs_trained = [(n, p) for n, p in theirs.named_parameters() if p.requires_grad]
@@ -93,7 +92,7 @@ def outputs_and_grads(model, ids):
 @pytest.mark.parametrize("model_dtype, compute_dtype, adapter_dtype", [
     (torch.bfloat16, torch.bfloat16, None), (torch.float32, torch.bfloat16, None),
     # PEFT's own default: float32 adapters on a half-precision model (get_peft_model's
-    # autocast_adapter_dtype=True); in lowrank, adapters cast to float32 after inject
+    # autocast_adapter_dtype=True); in lowrank, inject(..., dtype=torch.float32)
     (torch.bfloat16, torch.bfloat16, torch.float32),
 ], ids=["bf16", "fp32-model-bf16-compute", "bf16-model-fp32-adapters"])
 def test_qlora_equals_peft_on_bitsandbytes(model_dtype, compute_dtype, adapter_dtype, dora, dropout):

@@ -142,7 +142,7 @@ def test_disabled_gives_the_base_model_and_refuses_while_merged():
 def test_per_sample_selection_equals_running_each_adapter_alone(config, quantized):
     """Also on a float32 model whose 4-bit layers compute in bfloat16, fed bfloat16 x: DoRA's
     magnitude stays float32, so its sum is wider than the layer's output and is cast back (it
-    raised in the indexed assignment before; lowrank/tuners/lora.py, Note: x in the adapter's dtype)."""
+    raised in the indexed assignment before; lowrank/tuners/lora_base.py, Note: x in the adapter's dtype)."""
     model = models.mlp()
     x = torch.randn(4, 16)
     if quantized:

@@ -76,6 +76,8 @@ BAD = [
     ({"method": "qlora", "nf4": {"blocksize": 48}}, "nf4: blocksize must be one of"),
     ({"method": "qlora", "nf4": {"compute_dtype": "int8"}}, "nf4: compute_dtype must be None or one of"),
     ({"device": ""}, "device must be 'auto' or a torch device string"),
+    ({"adapter_dtype": "fp32"}, "adapter_dtype must be null (the base's dtype) or one of ('float32', 'bfloat16', "
+                                "'float16'); got 'fp32'"),
 ]
 
 

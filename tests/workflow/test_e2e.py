@@ -173,7 +173,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, model_dir, data_file, caps
 @pytest.mark.parametrize("method, options, template, nf4", [
     ("dora", {"r": 4}, None, {}), ("qlora", {"r": 4}, None, {}), ("adapter", {}, "chatml", {}),
     # a float32 model whose 4-bit layers compute in bfloat16: bfloat16 adapters read float32
-    # activations (lowrank/tuners/lora.py, Note: x in the adapter's dtype; it raised before)
+    # activations (lowrank/tuners/lora_base.py, Note: x in the adapter's dtype; it raised before)
     ("qlora", {"r": 4, "dropout": 0.1}, None, {"compute_dtype": "bfloat16"}),
     ("prefix", {"num_virtual_tokens": 4}, None, {}),
     ("prefix", {"num_virtual_tokens": 4, "projection_hidden": 8}, None, {}),  # saved folded: the same outputs
@@ -198,6 +198,29 @@ def test_every_method_trains_and_its_checkpoint_loads_back(tmp_path, model_dir, 
         torch.testing.assert_close(loaded(input_ids=x).logits, want, rtol=0, atol=0)  # same tensors, same ops
         # and training changed something (a prompt adds n virtual positions before the text's)
         assert not torch.allclose(base(input_ids=x).logits, want[:, -x.shape[1]:])
+
+
+def test_float32_adapters_on_a_bf16_base_train_and_load_back_unrounded(tmp_path, model_dir, data_file):
+    """adapter_dtype: float32 on a bfloat16 4-bit base (PEFT's default dtype): the checkpoint holds
+    float32 tensors, and chat's loader (which reads adapter_dtype from the run's config) gets
+    them unrounded: the model as training left it, logit for logit."""
+    config = _config(tmp_path, model_dir, data_file, method="qlora", epochs=1, dtype="bfloat16",
+                     adapter_dtype="float32", nf4={"compute_dtype": "bfloat16"})
+    summary = train(config)
+    assert math.isfinite(summary.loss)
+    saved = load_file(f"{summary.checkpoint}/adapter_model.safetensors")
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+    trained_model, tok = load_base(str(model_dir), "bfloat16")
+    apply_method(trained_model, "qlora", dict(config.method_options), dict(config.nf4), "float32")
+    load_trainable(trained_model, torch.load(f"{summary.checkpoint}/{STATE_FILE}", weights_only=True)["trainable"])
+    loaded, _, _ = load_with_adapter(str(model_dir), summary.checkpoint, dtype="bfloat16")
+    params = {n: p for n, p in loaded.named_parameters() if p.requires_grad or "lora_" in n}
+    assert params and {p.dtype for p in params.values()} == {torch.float32}
+    x = torch.tensor([tok("Status of the reactor? Stable")["input_ids"]])
+    with torch.no_grad():
+        want = trained_model.eval()(input_ids=x).logits
+        assert want.dtype == torch.bfloat16
+        torch.testing.assert_close(loaded(input_ids=x).logits, want, rtol=0, atol=0)  # same tensors, same ops
 
 
 @pytest.mark.parametrize("option", ["activation_checkpointing", "paged_optimizer"])
