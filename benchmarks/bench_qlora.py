@@ -8,6 +8,7 @@ codes and the same adapter weights, in one run.
     python benchmarks/bench_qlora.py --llama7b --layers 2 --hidden 128 --intermediate 384 --vocab 512 --seq 64
     python benchmarks/bench_qlora.py --llama7b --compile   # each decoder layer torch.compiled, both sides
     python benchmarks/bench_qlora.py --llama7b --dropout 0.1   # LoRA dropout on both sides (the QLoRA recipes')
+    python benchmarks/bench_qlora.py --llama7b --adapter-dtype compute   # both sides' adapters bf16 (like for like)
 
 Device: CUDA when present (bf16 compute, peak memory per provider from
 torch.cuda.max_memory_allocated), else the CPU (float32 compute). Rows: median and 20/80
@@ -28,6 +29,11 @@ quantize + inject, the peak of a training step (max over the warm-up step and th
 tokens/s and its ratio, host_ms (the time to queue a step up to reading its loss: on a GPU the
 CPU's share; close to ms means the step waits on the CPU), the build time; the JSON is rewritten
 after each provider, and every step prints a line, so a run cut short still leaves output.
+
+--adapter-dtype (with --llama7b): "defaults" (each library's own: lowrank's adapters in the
+compute dtype, bf16; PEFT's float32, its autocast_adapter_dtype=True), "compute" (both bf16:
+PEFT with autocast_adapter_dtype=False) or "float32" (both float32: lowrank's
+inject(..., dtype=torch.float32)). The rows' shape says which, past "defaults".
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from lowrank.workflow.model import compile_blocks  # noqa: E402
 FULL = dict(hidden=512, layers=4, batch=4, seq=128, reps=10)
 QUICK = dict(hidden=256, layers=1, batch=1, seq=16, reps=3)  # rows of 256 and 704: whole 64-blocks (see Note)
 LLAMA7B = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, batch=1, seq=2048, reps=5)
+ADAPTER_DTYPES = ("defaults", "compute", "float32")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COLUMNS = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "ratio", "first_loss", "peak_mib"]
 COLUMNS_7B = ["case", "shape", "provider", "ms", "p20_ms", "p80_ms", "host_ms", "ratio", "tokens_per_s", "tokens_ratio",
@@ -152,25 +159,30 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
 
 
 # -- --llama7b: one provider at a time ----------------------------------------------------------
-def build_lowrank(config, device: torch.device, dtype: torch.dtype, dropout: float = 0.0) -> nn.Module:
+def build_lowrank(config, device: torch.device, dtype: torch.dtype, dropout: float = 0.0,
+                  adapter_dtype: str = "defaults") -> nn.Module:
     model = build(config, device, dtype, lambda layer: quantize(layer, NF4Config(compute_dtype=dtype)))
-    inject(model, LoraConfig(r=16, alpha=32, dropout=dropout, targets=TARGETS))
+    inject(model, LoraConfig(r=16, alpha=32, dropout=dropout, targets=TARGETS),
+           dtype=torch.float32 if adapter_dtype == "float32" else None)
     init_adapters(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def build_peft(config, device: torch.device, dtype: torch.dtype, dropout: float = 0.0) -> nn.Module:
+def build_peft(config, device: torch.device, dtype: torch.dtype, dropout: float = 0.0,
+               adapter_dtype: str = "defaults") -> nn.Module:
     import peft
 
     model = build(config, device, dtype, lambda layer: bnb_quantize(layer, dtype, device))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Note: no prepare_model_for_kbit_training. It would cast the norms, embeddings and head to
     # float32 (more memory, other speed); both sides keep them bf16 instead. PEFT keeps its own
-    # default for the adapters (float32 weights, autocast_adapter_dtype=True); lowrank's take the
-    # base's compute dtype (bf16). Same start values either way (init_adapters).
+    # default for the adapters (float32 weights, autocast_adapter_dtype=True) unless
+    # adapter_dtype is "compute"; lowrank's take the base's compute dtype (bf16) unless it is
+    # "float32". Same start values either way (init_adapters).
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout,
-                                                       target_modules=TARGETS))
+                                                       target_modules=TARGETS),
+                                autocast_adapter_dtype=adapter_dtype != "compute")
     init_adapters(model, prefix="base_model.model.")
     return model
 
@@ -264,12 +276,14 @@ def llama7b(args, device: torch.device, env: dict) -> tuple[list[dict], str]:
     ids = ids.to(device)  # the same tokens for both providers
     shape_name = (f"llama-2-7b h{sizes['hidden']} i{sizes['intermediate']} L{sizes['layers']} v{sizes['vocab']} "
                   f"b{sizes['batch']}x{sizes['seq']} bf16 r16 ckpt") + compiled_suffix(args) + dropout_suffix(args)
+    if args.adapter_dtype != "defaults":
+        shape_name += f" adapters {'bf16' if args.adapter_dtype == 'compute' else 'float32'}"
     results: dict[str, dict] = {}
     for provider, make in (("lowrank", build_lowrank), ("peft+bitsandbytes", build_peft)):
         # Note: one failure does not end the run. The GPU run is made once; if one provider
         # fails (out of memory, a kernel error), the other is still measured, and the row says why.
         try:
-            make = functools.partial(make, dropout=args.dropout)
+            make = functools.partial(make, dropout=args.dropout, adapter_dtype=args.adapter_dtype)
             results[provider] = measure(provider, make, config, ids, args.reps or sizes["reps"], device, args.profile,
                                         args.compile)
         except Exception as e:  # noqa: BLE001 - reported in the row and on stderr, never swallowed
@@ -304,6 +318,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="with --compile: torch.compile's mode (default: its default)")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="LoRA dropout on both sides (default 0; the QLoRA recipes use 0.05-0.1)")
+    parser.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="defaults",
+                        help="with --llama7b: the adapters' dtype, each library's default (lowrank bf16, PEFT float32), "
+                        "both the compute dtype, or both float32")
     parser.add_argument("--out", type=Path, help="JSON rows (+ .md); default results/qlora.json, "
                         "results/qlora_llama7b.json with --llama7b")
     args = parser.parse_args(argv)
@@ -315,6 +332,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--{', --'.join(overrides)} only apply with --llama7b")
     if any(v is not None and v < 1 for v in [args.reps] + [getattr(args, s) for s in overrides]):
         parser.error("sizes and --reps must be positive integers")
+    if args.adapter_dtype != "defaults" and not args.llama7b:
+        parser.error("--adapter-dtype applies with --llama7b")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.out is None:

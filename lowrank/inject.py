@@ -108,6 +108,11 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     check_not_sharded(model, "inject (and load_adapter)")
     if not isinstance(name, str) or not name or "." in name or name == BASE:
         raise ValueError(f"adapter name must be a non-empty string without '.', and not {BASE!r}; got {name!r}")
+    if name in adapter_names(model):  # one name, one adapter: save_adapter, eject and set_active go by name
+        kinds = sorted({type(layer).__name__ for layer in _layers(model) if name in layer.names})
+        raise ValueError(f"the model already has an adapter named {name!r} ({', '.join(kinds)}); pick another name, "
+                         f"or eject it first")
+    _unmerged_layers(model, f"inject (and load_adapter) of adapter {name!r}")  # the new adapter becomes active
     targets = config.targets if config.targets is not None else handler.default_targets(model, config)
     wanted = compile_filter(targets, config.exclude, model)
     matches = [(p, a, n, c) for p, a, n, c in _walk(model) if wanted(n, _unwrap(c))]
@@ -124,17 +129,32 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         handler.check(child, config, name, where)
     if not _layers(model):  # See Note: requires_grad on eject.
         _FLAGS[model] = [(p, p.requires_grad) for p in model.parameters()]
+    known = {id(m) for m in model.modules()}
     for parent, attr, where, _ in matches:
-        setattr(parent, attr, handler.wrap(getattr(parent, attr), config, name, where))
+        child = getattr(parent, attr)
+        setattr(parent, attr, handler.wrap(child, config, name, where))
+        _take_mode(getattr(parent, attr), child.training, known)
     for encoder_layer in (m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)):
         for layer in _layers(encoder_layer):  # See Note: fused fast paths (tuners/base.py).
             layer.keep_fused_paths_off()
     handler.attach(model, config, name)
+    _take_mode(model, model.training, known)  # anything `attach` made
     if dtype is not None:
         _cast_adapter(model, name, dtype)
     set_active(model, name)
     mark_trainable(model)
     return [where for _, _, where, _ in matches]
+
+
+# Note: train or eval mode. A new module starts in training mode, so an adapter added to a model
+# in eval mode (load_adapter for inference, as PEFT's from_pretrained leaves it) would apply its
+# dropout at inference. Every module inject makes takes the mode of the module it wraps (a
+# wrapper and its adapters: the wrapped module's; anything else: the model's).
+def _take_mode(module: nn.Module, training: bool, known: set[int]) -> None:
+    for m in module.modules():
+        if id(m) not in known:
+            m.training = training
+            known.add(id(m))
 
 
 # Note: adapter dtype. `inject` makes an adapter in the dtype its module computes in, so on a bf16
@@ -188,7 +208,19 @@ def _strip(module: nn.Module, name: str | None, keep_merged: bool) -> nn.Module:
 def merge(model: nn.Module) -> list[str]:
     """Fold every LoRA layer's active adapters into its base weight (explicit; idempotent;
     checked finite before each write). Bottleneck adapters are non-linear and stay in the
-    forward. Returns the names of the layers that changed."""
+    forward. Refuses, changing nothing, a weight tied to another module's (GPT-2's wte and
+    lm_head): merging into it would change the other module too. Returns the names of the
+    layers that changed."""
+    names = {}  # id -> every name of the parameter (as before inject), tied ones included
+    for _, _, where, child in _walk(model):
+        for n, p in _unwrap(child).named_parameters(recurse=False):
+            names.setdefault(id(p), []).append(f"{where}.{n}")
+    for _, _, where, m in _walk(model):
+        w = getattr(m.base, "weight", None) if isinstance(m, LoraLayer) else None
+        if isinstance(w, torch.Tensor) and len(names.get(id(w), ())) > 1 and any(n not in m.merged for n in m.active):
+            raise ValueError(f"cannot merge into {where!r}: its weight is one tensor with {names[id(w)]} (tied), so "
+                             "merging would change the other module too; keep the adapter unmerged, or untie the "
+                             "weights first")
     return [where for _, _, where, m in _walk(model) if isinstance(m, LoraLayer) and m.merge()]
 
 

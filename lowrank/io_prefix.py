@@ -18,7 +18,7 @@ from . import distributed
 from .config import PrefixConfig
 from .inject import active_adapters, inject
 from .tuners.base import TunerLayer
-from .tuners.prefix import PrefixLayer, layers
+from .tuners.prefix import PrefixLayer, default_targets, layers
 
 KEY = "prompt_embeddings"
 PEFT_TYPE = "PREFIX_TUNING"
@@ -45,6 +45,11 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     found = layers(model, name)
     if not found:
         raise ValueError(f"the model has no prefix adapter named {name!r}")
+    every = default_targets(model, found[0].configs[name])
+    if len(found) != len(every):  # PEFT's table has a prefix for every layer; loading checks num_layers
+        raise ValueError(f"prefix adapter {name!r} is on {len(found)} of the model's {len(every)} attention modules; "
+                         "PEFT's format (and load_adapter) puts a prefix on every layer: inject it with the default "
+                         "targets to save it")
     shapes = {(layer.heads, layer.head_dim) for layer in found}
     if len(shapes) > 1:
         raise ValueError(f"prefix adapter {name!r} spans layers with different key/value shapes {sorted(shapes)}; "

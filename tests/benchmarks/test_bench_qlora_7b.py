@@ -111,7 +111,7 @@ def test_tiny_llama7b_run_writes_rows(tmp_path, models, capsys):
 
 
 def test_a_failing_provider_leaves_the_other_measured(tmp_path, monkeypatch):
-    def broken(config, device, dtype, dropout=0.0):
+    def broken(config, device, dtype, **options):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(bench_qlora, "build_lowrank", broken)
@@ -147,6 +147,31 @@ def test_dropout_runs_on_both_sides(tmp_path):
     assert {m.lora_dropout["default"].p for m in theirs.modules() if hasattr(m, "lora_dropout")} == {0.1}
     with pytest.raises(SystemExit):
         bench_qlora.main(ARGS + ["--dropout", "1.0"])
+
+
+@pytest.mark.parametrize("mode, ours_dtype, theirs_dtype", [
+    ("defaults", torch.bfloat16, torch.float32), ("compute", torch.bfloat16, torch.bfloat16),
+    ("float32", torch.float32, torch.float32)])
+def test_adapter_dtype_sets_both_sides(tmp_path, mode, ours_dtype, theirs_dtype):
+    """--adapter-dtype: each library's default, or like for like (both bf16, both float32); the
+    same start values either way (A rounded to each side's dtype), and the rows say which."""
+    config = _qlora_build.llama_config(1, TINY["hidden"], TINY["intermediate"], TINY["vocab"])
+    ours = bench_qlora.build_lowrank(config, CPU, torch.bfloat16, adapter_dtype=mode)
+    theirs = bench_qlora.build_peft(config, CPU, torch.bfloat16, adapter_dtype=mode)
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    peer = {n.removeprefix("base_model.model.").replace(".base_layer.", ".base."): p
+            for n, p in theirs.named_parameters() if p.requires_grad}
+    assert mine.keys() == peer.keys() and len(mine) == 2 * len(bench_qlora.TARGETS)
+    assert {p.dtype for p in mine.values()} == {ours_dtype} and {p.dtype for p in peer.values()} == {theirs_dtype}
+    for name, p in mine.items():
+        assert torch.equal(p.float(), peer[name].float()) if ours_dtype == theirs_dtype \
+            else torch.equal(p, peer[name].to(p.dtype)), name
+    if mode == "compute":
+        rows = bench_qlora.main(ARGS + ["--layers", "1", "--reps", "1", "--adapter-dtype", mode,
+                                        "--out", str(tmp_path / "a.json")])
+        assert all("error" not in r and r["shape"].endswith("bf16 r16 ckpt adapters bf16") for r in rows)
+        with pytest.raises(SystemExit):
+            bench_qlora.main(["--quick", "--adapter-dtype", mode])
 
 
 def test_size_overrides_need_llama7b():

@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+import lowrank  # noqa: E402
 from lowrank import io as lio  # noqa: E402
 from lowrank.config import LoraConfig  # noqa: E402
 from lowrank.inject import adapter_names, inject  # noqa: E402
@@ -57,6 +58,36 @@ def test_peft_to_ours(kind, variant, tmp_path):
     assert result.missing == result.unexpected == result.mismatched == []
     assert adapter_names(ours) == ["default"]
     assert torch.equal(logits(ours), logits(theirs))
+
+
+def test_an_adapter_with_dropout_loads_into_an_eval_model_in_eval_mode(tmp_path):
+    """A PEFT adapter with lora_dropout 0.1 loaded into a model in eval mode: its dropout is off,
+    as after PEFT's from_pretrained: outputs equal PEFT's, call after call (the new modules
+    started in training mode before: lowrank/inject.py, Note: train or eval mode)."""
+    base = models.llama().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
+    models.randomize_adapters(theirs)
+    theirs.save_pretrained(str(tmp_path / "p"))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "p"))
+    ours = copy.deepcopy(base)
+    lio.load_adapter(ours, tmp_path / "p")
+    assert not any(m.training for m in ours.modules())
+    with torch.no_grad():
+        want = models.run(loaded, models.ids())
+        assert torch.equal(models.run(ours, models.ids()), want) and torch.equal(models.run(ours, models.ids()), want)
+
+
+def test_load_into_a_merged_model_raises_and_changes_nothing(tmp_path):
+    model = models.llama()
+    inject(model, LoraConfig(r=2, targets="q_proj"), "a")
+    models.randomize_adapters(model)
+    lio.save_adapter(model, tmp_path / "a")
+    lowrank.merge(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="needs unmerged adapters; call lowrank.unmerge"):
+        lio.load_adapter(model, tmp_path / "a", name="b")
+    assert adapter_names(model) == ["a"] and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_patterns_round_trip_through_peft(tmp_path):

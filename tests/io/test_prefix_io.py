@@ -71,6 +71,17 @@ def test_round_trip_and_a_prefix_beside_lora(tmp_path):
     assert lowrank.adapter_names(again) == ["pre"]
 
 
+def test_a_prefix_on_some_layers_is_refused_at_save(tmp_path):
+    """PEFT's format has a prefix for every layer (num_layers), and so does loading: a prefix on
+    a subset of the attention modules would save a file neither could load."""
+    model = models.llama().eval()
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2, targets=["model.layers.1.self_attn"]))
+    with pytest.raises(ValueError, match="prefix adapter 'default' is on 1 of the model's 2 attention modules; "
+                                         "PEFT's format"):
+        lowrank.save_adapter(model, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
 def test_an_adapter_for_another_model_is_refused_and_nothing_changes(tmp_path):
     source = models.gpt2().eval()
     lowrank.inject(source, lowrank.PrefixConfig(num_virtual_tokens=2))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank.config import AdapterConfig, LoraConfig
+from lowrank.config import AdapterConfig, LoraConfig, PrefixConfig
 from lowrank.inject import (active_adapters, adapter_names, disabled, eject, inject, mark_trainable, merge,
                             per_sample, set_active, summary, unmerge)
 
@@ -49,13 +49,75 @@ def test_nothing_matched_lists_candidates_of_the_right_type():
         inject(models.llama(), LoraConfig(targets="qproj"))
 
 
-def test_same_name_twice_raises_and_changes_nothing():
+@pytest.mark.parametrize("second", [LoraConfig(targets=["v_proj", "q_proj"]), LoraConfig(targets="v_proj"),
+                                    AdapterConfig(), PrefixConfig(num_virtual_tokens=2)],
+                         ids=["overlapping", "other-targets", "bottleneck", "prefix"])
+def test_same_name_twice_raises_and_changes_nothing(second):
+    """One name, one adapter: a second adapter under the name, on other modules or of another
+    kind, would share save_adapter's, eject's and set_active's name (save_adapter wrote only one
+    of them, silently)."""
     model = models.llama()
     inject(model, LoraConfig(targets="q_proj"))
     before = dict(model.named_modules())
-    with pytest.raises(ValueError, match="already has a LoRA adapter named 'default'"):
-        inject(model, LoraConfig(targets=["v_proj", "q_proj"]))  # v_proj is checked first and left alone
+    with pytest.raises(ValueError, match=r"the model already has an adapter named 'default' \(LoraLinear\)"):
+        inject(model, second)
     assert dict(model.named_modules()).keys() == before.keys()
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2, dropout=0.1), AdapterConfig(), PrefixConfig(num_virtual_tokens=2,
+                                    projection_hidden=4)], ids=["lora", "bottleneck", "prefix-mlp"])
+def test_new_modules_take_the_mode_of_what_they_wrap(config):
+    """An adapter added to a model in eval mode is in eval mode (its dropout off: two calls give
+    the same output), in training mode on a training model, and a wrapper takes its module's
+    own mode where the model mixes them (lowrank/inject.py, Note: train or eval mode)."""
+    for training in (False, True):
+        model = models.llama().train(training)
+        inject(model, config)
+        assert {m.training for m in model.modules()} == {training}
+        if not training:
+            with torch.no_grad():
+                assert torch.equal(models.run(model, models.ids()), models.run(model, models.ids()))
+    model = models.llama().train()
+    model.model.layers[1].eval()
+    inject(model, config)
+    for name, m in model.named_modules():
+        assert m.training == (not name.startswith("model.layers.1")), name
+
+
+def test_a_second_adapter_and_its_dropout_take_the_layers_mode():
+    model = models.llama().eval()
+    inject(model, LoraConfig(r=2, targets="q_proj"), "a")
+    inject(model, LoraConfig(r=2, targets="q_proj", dropout=0.5), "b")
+    assert not any(m.training for m in model.modules())
+
+
+def test_inject_on_a_merged_model_raises_and_changes_nothing():
+    model = models.llama()
+    inject(model, LoraConfig(r=2, targets="q_proj"), "a")
+    models.randomize_adapters(model)
+    merge(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"inject \(and load_adapter\) of adapter 'b' needs unmerged adapters; "
+                                           r"call lowrank.unmerge\(model\) first"):
+        inject(model, LoraConfig(r=2, targets="k_proj"), "b")
+    after = model.state_dict()
+    assert adapter_names(model) == ["a"] and after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("targets", [["transformer.wte"], ["lm_head"], ["transformer.wte", "lm_head"]])
+def test_merge_refuses_a_tied_weight_and_changes_nothing(targets):
+    """GPT-2's wte and lm_head are one tensor: merging into one would change the other module
+    (its logits moved by ~3 on this model); merge_and_export refuses the same (export.py)."""
+    model = models.gpt2()
+    inject(model, LoraConfig(r=2, targets=targets + ["c_attn"]))
+    models.randomize_adapters(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot merge into '(transformer.wte|lm_head)': its weight is one tensor "
+                                         r"with \[.*'lm_head.weight'\] \(tied\)"):
+        merge(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not any(layer.merged for layer in model.modules() if hasattr(layer, "merged") and layer.merged)
 
 
 @pytest.mark.parametrize("config, message", [
