@@ -211,10 +211,9 @@ def merge(model: nn.Module) -> list[str]:
     forward. Refuses, changing nothing, a weight tied to another module's (GPT-2's wte and
     lm_head): merging into it would change the other module too. Returns the names of the
     layers that changed."""
-    names = {}  # id -> every name of the parameter (as before inject), tied ones included
-    for _, _, where, child in _walk(model):
-        for n, p in _unwrap(child).named_parameters(recurse=False):
-            names.setdefault(id(p), []).append(f"{where}.{n}")
+    names = {}  # id -> every name of the parameter, tied ones included
+    for n, p in plain_parameters(model):
+        names.setdefault(id(p), []).append(n)
     for _, _, where, m in _walk(model):
         w = getattr(m.base, "weight", None) if isinstance(m, LoraLayer) else None
         if isinstance(w, torch.Tensor) and len(names.get(id(w), ())) > 1 and any(n not in m.merged for n in m.active):
@@ -222,6 +221,15 @@ def merge(model: nn.Module) -> list[str]:
                              "merging would change the other module too; keep the adapter unmerged, or untie the "
                              "weights first")
     return [where for _, _, where, m in _walk(model) if isinstance(m, LoraLayer) and m.merge()]
+
+
+def plain_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The model's own parameters (no adapter's) under the names they had before inject, a tied
+    parameter under each of its names."""
+    out = list(model.named_parameters(recurse=False))
+    for _, _, where, child in _walk(model):
+        out += [(f"{where}.{n}", p) for n, p in _unwrap(child).named_parameters(recurse=False)]
+    return out
 
 
 def unmerge(model: nn.Module) -> list[str]:

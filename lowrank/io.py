@@ -23,7 +23,7 @@ from torch import nn
 
 from . import distributed, io_prefix, io_prompt
 from .config import LoraConfig
-from .inject import _walk, active_adapters, adapter_names, eject, inject, set_active
+from .inject import _walk, active_adapters, adapter_names, eject, inject, plain_parameters, set_active
 from .targets import first_match
 from .tuners.lora import LoraEmbedding, _lora_slot
 from .tuners.lora_base import LoraLayer
@@ -55,9 +55,10 @@ class LoadResult:
 # Note: base weights in an adapter file. PEFT saves a targeted embedding's (or output head's)
 # own weight beside its adapter (`save_embedding_layers="auto"`: the vocabulary may have been
 # resized), as `<module>.base_layer.weight`, and loads it into the base model. load_adapter
-# does the same for any key that names a parameter of the model (`base_layer` read as our
-# `base`), lists it in LoadResult.base, and does not undo it on eject. save_adapter writes
-# adapter weights only.
+# does the same for any key that names a parameter of the model (by the names it had before
+# inject, `.base_layer` dropped: the module may be wrapped by this adapter, by another or not at
+# all, and a tied weight answers to each of its names), lists it in LoadResult.base, and does
+# not undo it on eject. save_adapter writes adapter weights only.
 
 
 def _lora_layers(model: nn.Module, name: str) -> list[tuple[str, LoraLayer]]:
@@ -326,10 +327,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                     mismatched.append((PREFIX + key, tuple(weights[key].shape), tuple(param.shape)))
                 pairs.append((param, weights[key]))
         # See Note: base weights in an adapter file.
-        params = dict(model.named_parameters())
+        params = dict(plain_parameters(model))  # a tied weight under each name (GPT-2's lm_head)
         base_keys = []
         for k in [k for k in weights if k not in seen]:
-            param = params.get(k.replace(".base_layer.", ".base."))
+            param = params.get(k.replace(".base_layer.", "."))  # wrapped here or not
             if param is None:
                 continue
             seen.add(k)

@@ -77,6 +77,33 @@ def test_an_adapter_with_dropout_loads_into_an_eval_model_in_eval_mode(tmp_path)
         assert torch.equal(models.run(ours, models.ids()), want) and torch.equal(models.run(ours, models.ids()), want)
 
 
+def test_base_weights_of_tied_or_unwrapped_modules_load_as_peft_loads_them(tmp_path):
+    """PEFT saves a targeted head's or embedding's own weight as `<module>.base_layer.weight`
+    (Note: base weights in an adapter file, lowrank/io.py), also into an adapter that does not
+    target it (the model's other adapter does), and for GPT-2's lm_head, which is tied to wte.
+    Both were refused as unexpected keys; now they load, and the outputs equal PEFT's."""
+    cases = [(models.gpt2, [("default", ["lm_head"])]),
+             (models.llama, [("default", ["q_proj", "embed_tokens"]), ("b", ["lm_head"])])]
+    for make, adapters in cases:
+        base = make().eval()
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=adapters[0][1]))
+        for name, targets in adapters[1:]:
+            theirs.add_adapter(name, peft.LoraConfig(r=2, target_modules=targets))
+        with torch.no_grad():
+            for n, p in theirs.named_parameters():
+                if "lora_" in n:
+                    p.normal_(generator=torch.Generator().manual_seed(len(n)))
+        theirs.save_pretrained(str(tmp_path / make.__name__))
+        theirs.set_adapter("default")
+        saved = safetensors_torch.load_file(tmp_path / make.__name__ / "adapter_model.safetensors")
+        assert "base_model.model.lm_head.base_layer.weight" in saved  # what was refused
+        ours = copy.deepcopy(base)
+        result = lio.load_adapter(ours, tmp_path / make.__name__)
+        assert "base_model.model.lm_head.base_layer.weight" in result.base and result.unexpected == []
+        with torch.no_grad():
+            assert torch.equal(models.run(ours, models.ids()), models.run(theirs.eval(), models.ids())), make.__name__
+
+
 def test_load_into_a_merged_model_raises_and_changes_nothing(tmp_path):
     model = models.llama()
     inject(model, LoraConfig(r=2, targets="q_proj"), "a")
