@@ -361,7 +361,8 @@ def virtual_tokens(peft_config: dict, source: str, kind: str) -> int:
     if subs != 1:
         raise NotImplementedError(f"{source}: num_transformer_submodules={subs} (an encoder-decoder {kind}); "
                                   f"lowrank loads {kind} adapters of decoder-only and encoder-only models")
-    if peft_config.get("modules_to_save"):
+    # a task's own head (SEQ_CLS, ...) loads as a base weight (lowrank/io_prompt.py, Note: task heads)
+    if not set(peft_config.get("modules_to_save") or ()) <= set(io_prompt.HEADS.get(peft_config.get("task_type"), ())):
         raise NotImplementedError(f"{source}: modules_to_save={peft_config['modules_to_save']!r} is not supported")
     n = peft_config.get("num_virtual_tokens")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, io_prompt
 from .config import PrefixConfig
 from .inject import active_adapters, inject
 from .tuners.base import TunerLayer
@@ -69,17 +69,13 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         "prefix_projection": config.projection_hidden is not None, "encoder_hidden_size": config.projection_hidden,
         "init_weights": None, "modules_to_save": None,
     }
-    dtype = first.prefix(name).dtype
-    return {KEY: table.to(dtype).contiguous()}, peft_config
+    tensors = {KEY: table.to(first.prefix(name).dtype).contiguous()}
+    io_prompt.save_head(model, peft_config["task_type"], tensors, peft_config)  # See Note: task heads (io_prompt)
+    return tensors, peft_config
 
 
 def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS")):
-        if name.endswith(suffix):
-            return task
-    return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
+    return io_prompt.task_type(model) if hasattr(model, "config") else None  # no config: not a transformers model
 
 
 def config_from_peft(peft_config: dict, source: str) -> PrefixConfig:
@@ -96,9 +92,10 @@ def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], 
     config = config_from_peft(peft_config, source)
     if KEY not in weights:
         raise ValueError(f"{source}: no {KEY!r} tensor in the adapter weights (keys: {sorted(weights)})")
-    unexpected = sorted(k for k in weights if k != KEY)
-    if unexpected:
-        raise ValueError(f"{source}: unexpected keys for a prefix adapter: {unexpected}")
+    pairs, base, unexpected, mismatched = io_prompt.load_head(model, peft_config, weights)  # See Note: task heads
+    if unexpected or mismatched:
+        raise ValueError(f"{source}: unexpected keys for a prefix adapter: {unexpected}" if unexpected else
+                         f"{source}: the task head does not fit (key, file, model): {mismatched}")
     table = weights[KEY]
     before = active_adapters(model)
     modules = inject(model, config, name, dtype=dtype)
@@ -114,9 +111,11 @@ def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], 
         with torch.no_grad():
             for layer, chunk in zip(found, table.split(widths, dim=1)):  # (P, 2 d_kv) each
                 layer.kv[name].copy_(chunk)
+            for param, value in pairs:
+                param.copy_(value)
     except BaseException:
         from .io import undo_inject  # io imports this module first
 
         undo_inject(model, name, before)
         raise
-    return result_type(modules, [], [], [])
+    return result_type(modules, [], [], [], base)

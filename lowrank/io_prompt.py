@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .config import PromptConfig
-from .inject import _walk, active_adapters, adapter_names, inject
+from .inject import _walk, active_adapters, adapter_names, inject, plain_parameters
 from .tuners.prompt import PromptLayer
 
 KEY = "prompt_embeddings"
@@ -25,6 +25,48 @@ INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours ->
 # transformers class-name endings -> PEFT task_type (PeftModel.from_pretrained picks its class by it)
 TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+# Note: task heads. PEFT's model classes for SEQ_CLS, TOKEN_CLS and QUESTION_ANS train the task's
+# head beside a prompt or prefix (their modules_to_save: each module whose name ends with one of
+# HEADS[task], as PEFT's _set_trainable matches) and save its tensors as `base_model.<module>.
+# <param>`; from_pretrained of such a file needs them (a KeyError without). lowrank trains the
+# prompt or prefix alone, so save_adapter writes the head as the model has it, and load_adapter
+# loads a file's head into the model's, as a base weight (LoadResult.base; eject does not undo it:
+# lowrank/io.py, Note: base weights in an adapter file). Used by io_prefix too.
+HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def head_parameters(model: nn.Module, task: str | None) -> dict[str, nn.Parameter]:
+    """PEFT's keys for the parameters of `task`'s head in `model` -> the parameters ({}: none)."""
+    names = HEADS.get(task, ())
+    heads = [w for _, _, w, _ in _walk(model) if any(w.endswith(n) for n in names)]
+    heads = [w for w in heads if not any(w.startswith(o + ".") for o in heads)]  # outermost: its whole state
+    return {f"base_model.{n}": p for n, p in plain_parameters(model) if any(n.startswith(w + ".") for w in heads)}
+
+
+def save_head(model: nn.Module, task: str | None, tensors: dict, peft_config: dict) -> None:
+    """Add the task head's tensors and PEFT's modules_to_save (See Note: task heads)."""
+    head = head_parameters(model, task)
+    if head:
+        tensors.update({k: distributed.full_tensor(p.detach()).cpu().contiguous() for k, p in head.items()})
+        peft_config["modules_to_save"] = list(HEADS[task])
+
+
+def load_head(model: nn.Module, peft_config: dict, weights: dict):
+    """(pairs, base keys, unexpected keys, mismatches) for the file's tensors other than KEY:
+    the task head's load into the model's (See Note: task heads); the rest are unexpected."""
+    head = head_parameters(model, peft_config.get("task_type"))
+    pairs, base, unexpected, mismatched = [], [], [], []
+    for k in sorted(k for k in weights if k != KEY):
+        if k not in head:
+            unexpected.append(k)
+            continue
+        base.append(k)
+        pairs.append((head[k], weights[k]))
+        if tuple(weights[k].shape) != tuple(head[k].shape):
+            mismatched.append((k, tuple(weights[k].shape), tuple(head[k].shape)))
+    return pairs, base, unexpected, mismatched
 
 
 def _prompt_layers(model: nn.Module, name: str) -> list[tuple[str, PromptLayer]]:
@@ -70,7 +112,9 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         "inference_mode": True, "modules_to_save": None,
     }
     # See Note: saving from several ranks (lowrank/distributed.py): an FSDP2-sharded prompt is gathered first
-    return {KEY: distributed.full_tensor(prompt.detach()).float().cpu().contiguous()}, peft_config
+    tensors = {KEY: distributed.full_tensor(prompt.detach()).float().cpu().contiguous()}
+    save_head(model, peft_config["task_type"], tensors, peft_config)
+    return tensors, peft_config
 
 
 def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, strict: bool, allow_pickle: bool,
@@ -86,11 +130,11 @@ def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, str
         (where, layer), = _prompt_layers(model, name)
         param = layer.prompts[name]
         missing = [] if KEY in weights else [KEY]
-        unexpected = sorted(k for k in weights if k != KEY)
-        mismatched = [(KEY, tuple(weights[KEY].shape), tuple(param.shape))] \
+        pairs, base, unexpected, mismatched = load_head(model, peft_config, weights)
+        mismatched += [(KEY, tuple(weights[KEY].shape), tuple(param.shape))] \
             if KEY in weights and weights[KEY].shape != param.shape else []
-        result = LoadResult(modules, missing, unexpected, mismatched)
-        pairs = [(param, weights[KEY])] if KEY in weights else []
+        result = LoadResult(modules, missing, unexpected, mismatched, base)
+        pairs += [(param, weights[KEY])] if KEY in weights else []
         # a prompt adapter is its one tensor: without it there is nothing to load, strict or not
         copy_checked(model, f"{path}: the prompt adapter", pairs, result, strict or bool(missing))
     except BaseException:
