@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 
 import torch
 from torch import nn
@@ -86,12 +87,28 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _targets(model: nn.Module, wrapped: list[str]) -> list[str]:
+def _targets(model: nn.Module, wrapped: list[str]) -> list[str] | str:
     """PEFT target_modules naming exactly `wrapped`: the last name parts when they pick out
-    no other module, else the full names."""
+    no other module, else the full names when those do not (PEFT reads a list entry as a name
+    or a `.`-suffix: "0" also picks "1.0"), else one regular expression of the full names
+    (PEFT full-matches a string)."""
+    names = [n for _, _, n, _ in _walk(model)]
     suffixes = sorted({w.rsplit(".", 1)[-1] for w in wrapped})
-    picked = {n for _, _, n, _ in _walk(model) if n.rsplit(".", 1)[-1] in suffixes}
-    return suffixes if picked == set(wrapped) else sorted(wrapped)
+    if {n for n in names if n.rsplit(".", 1)[-1] in suffixes} == set(wrapped):
+        return suffixes
+    if {n for n in names if any(n == w or n.endswith("." + w) for w in wrapped)} == set(wrapped):
+        return sorted(wrapped)
+    return "(?:" + "|".join(re.escape(w) for w in sorted(wrapped)) + ")"
+
+
+def _pattern_keys(values: dict[str, float], wrapped: list[str]) -> dict[str, float]:
+    """rank_pattern / alpha_pattern for PEFT, which matches a key as re.match(rf"(.*\.)?({key})$",
+    name): a full name is its own key unless it also matches another wrapped module (when it is
+    the `.`-suffix of one), then it is escaped and anchored ("^0" matches "0", not "1.0")."""
+    def clashes(w: str) -> bool:
+        return any(n != w and re.match(rf"(.*\.)?({w})$", n) for n in wrapped)
+
+    return {("^" + re.escape(w) if clashes(w) else w): v for w, v in values.items()}
 
 
 def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -125,8 +142,8 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         "r": r, "lora_alpha": _number(alpha), "target_modules": _targets(model, [w for w, _ in layers]),
         "exclude_modules": None, "lora_dropout": float(config.dropout), "use_rslora": config.rslora,
         "use_dora": config.dora, "fan_in_fan_out": any(layer.transposed for _, layer in layers),
-        "rank_pattern": {w: v for w, v in ranks.items() if v != r},
-        "alpha_pattern": {w: _number(v) for w, v in alphas.items() if v != alpha},
+        "rank_pattern": _pattern_keys({w: v for w, v in ranks.items() if v != r}, list(ranks)),
+        "alpha_pattern": _pattern_keys({w: _number(v) for w, v in alphas.items() if v != alpha}, list(alphas)),
         "bias": "none", "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }

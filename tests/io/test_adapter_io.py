@@ -104,6 +104,32 @@ def test_base_weights_of_tied_or_unwrapped_modules_load_as_peft_loads_them(tmp_p
             assert torch.equal(models.run(ours, models.ids()), models.run(theirs.eval(), models.ids())), make.__name__
 
 
+@pytest.mark.parametrize("config, targets, rank_pattern", [
+    (LoraConfig(r=3, targets="re:0"), "(?:0)", {}),
+    (LoraConfig(r=3, targets="all-linear", rank_pattern={"re:0": 2}), ["0", "2"], {"^0": 2}),
+], ids=["target", "rank_pattern"])
+def test_a_name_that_is_the_suffix_of_another_saves_unambiguously(tmp_path, config, targets, rank_pattern):
+    """Module "0" is the `.`-suffix of "1.0" (nested nn.Sequential): a list entry "0" or a pattern
+    key "0" would also pick "1.0" when PEFT or lowrank reads the file, so the file names them by
+    a regular expression and an anchored key; both load it back equal."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                                                                              torch.nn.Linear(8, 8))).eval()
+    ours = build()
+    inject(ours, config)
+    models.randomize_adapters(ours)
+    lio.save_adapter(ours, tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == targets and saved["rank_pattern"] == rank_pattern
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    again = build()
+    lio.load_adapter(again, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(build(), str(tmp_path / "a"))
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x)) and torch.equal(theirs(x), ours(x))
+
+
 def test_load_into_a_merged_model_raises_and_changes_nothing(tmp_path):
     model = models.llama()
     inject(model, LoraConfig(r=2, targets="q_proj"), "a")
