@@ -330,7 +330,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     for k in [k for k in weights if k.endswith(".lora_magnitude_vector.weight")]:  # older PEFT spelling
         weights[k.removesuffix(".weight")] = weights.pop(k)
     before = active_adapters(model)
-    modules = inject(model, config, name, dtype=dtype)
+    try:
+        modules = inject(model, config, name, dtype=dtype)
+    except (ValueError, TypeError) as e:  # what the file asks that this model or lowrank cannot take, named
+        raise type(e)(f"{cfg_file}: cannot load this adapter: {e}") from e
     try:
         seen, missing, mismatched, pairs = set(), [], [], []
         for where, layer in _lora_layers(model, name):

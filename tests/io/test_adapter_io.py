@@ -130,6 +130,20 @@ def test_a_name_that_is_the_suffix_of_another_saves_unambiguously(tmp_path, conf
         assert torch.equal(again(x), ours(x)) and torch.equal(theirs(x), ours(x))
 
 
+def test_what_lowrank_cannot_inject_is_named_with_the_file(tmp_path):
+    """PEFT puts DoRA on embeddings; lowrank's DoRA is for linear-like layers: the error names the
+    file, and nothing is left behind."""
+    base = models.llama().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                                       use_dora=True))
+    theirs.save_pretrained(str(tmp_path / "p"))
+    ours = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"adapter_config.json: cannot load this adapter: DoRA is implemented for "
+                                         r"linear-like layers only; 'model.embed_tokens' is a Embedding"):
+        lio.load_adapter(ours, tmp_path / "p")
+    assert adapter_names(ours) == [] and ours.state_dict().keys() == base.state_dict().keys()
+
+
 def test_load_into_a_merged_model_raises_and_changes_nothing(tmp_path):
     model = models.llama()
     inject(model, LoraConfig(r=2, targets="q_proj"), "a")
