@@ -91,9 +91,11 @@ def _layers(model: nn.Module) -> list[TunerLayer]:
 def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig | PromptConfig, name: str = "default",
            *, dtype: torch.dtype | None = None) -> list[str]:
     """Add adapter `name` to every module of `model` that `config.targets` matches, in place.
-    Makes `name` the active adapter and only its parameters trainable. Returns the qualified
-    names of the modules it wrapped; raises, changing nothing, when nothing matched, when a
-    target already has an adapter `name`, or when a target cannot take this adapter.
+    Makes `name` the active adapter and only its parameters trainable; what it makes takes the
+    train / eval mode of what it wraps (See Note: train or eval mode). Returns the qualified
+    names of the modules it wrapped; raises, changing nothing, when nothing matched, when the
+    model already has an adapter `name`, when an adapter is merged, or when a target cannot
+    take this adapter.
 
     `dtype`: the new adapter's parameters' dtype. None (the default): the dtype each module
     computes in (a prompt: float32). torch.float32 on a bf16 or fp16 model is PEFT's default
