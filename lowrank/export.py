@@ -5,7 +5,8 @@
 
 W0 is the weight the adapter was trained against: for a 4-bit base, its dequantized weight
 in the compute dtype (what Linear4bit's forward multiplies by), never a full-precision copy.
-The sum is taken in float32 and rounded once to the export dtype. The user's model is not
+s B A is formed from the factors in float32 (a bf16 adapter's product is not rounded to bf16
+first) and the sum taken in float32, then rounded once to the export dtype. The user's model is not
 changed: merged weights are computed beside it, one shard at a time (lowrank.shards).
 """
 
@@ -77,7 +78,7 @@ def merged_weight(layer: LoraLayer) -> torch.Tensor:
         raise ValueError(f"cannot merge several adapters {list(layer.active)} when one is DoRA; activate one at a time")
     with torch.no_grad():
         for name in layer.active:
-            d = layer._delta_weight(name).float()  # s B A, layout of the base weight
+            d = layer._delta_weight(name, torch.float32)  # s B A from the factors in float32, layout of the weight
             if name in doras:  # W' = (m / ||W0 + s B A||_c) * (W0 + s B A)
                 w0 = layer.dense_weight().float()  # (out, in): the norm DoRA's forward divides by
                 norm = dora.weight_norm(w0, d.T if layer.transposed else d, 1.0)  # (out,)

@@ -138,8 +138,9 @@ class LoraLinear(LoraLayer):
     def _lora_matrix(self, name):
         return self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in) -> (out, in)
 
-    def _delta_weight(self, name):
-        d = self._lora_matrix(name) * self.scaling[name]  # (out, in)
+    def _delta_weight(self, name, dtype=None):
+        A, B = self._factors_in(name, dtype)
+        d = (B @ A) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
         return d.T if self.transposed else d  # the layout of base.weight
 
     def dense_weight(self) -> torch.Tensor:
@@ -237,8 +238,9 @@ class LoraEmbedding(LoraLayer):
                               b.scale_grad_by_freq, b.sparse)  # ids (...) -> (..., r)
         return after_A @ self.lora_embedding_B[name].T  # (..., r) @ (r, dim) -> (..., dim)
 
-    def _delta_weight(self, name):
-        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (num, dim)
+    def _delta_weight(self, name, dtype=None):
+        A, B = self._factors_in(name, dtype)
+        return (B @ A).T * self.scaling[name]  # (dim, r) @ (r, num) -> (num, dim)
 
 
 class LoraConv(LoraLayer):
@@ -265,8 +267,8 @@ class LoraConv(LoraLayer):
     def _lora(self, name, x):
         return self.lora_B[name](self.lora_A[name](x))  # (N, in, *L) -> (N, r, *L') -> (N, out, *L')
 
-    def _delta_weight(self, name):
-        A, B, r = self.lora_A[name].weight, self.lora_B[name].weight, self.r[name]
+    def _delta_weight(self, name, dtype=None):
+        (A, B), r = self._factors_in(name, dtype), self.r[name]
         d = B.reshape(-1, r) @ A.reshape(r, -1)  # (out, r) @ (r, in * prod(k)) -> (out, in * prod(k))
         return d.reshape(self.base.weight.shape) * self.scaling[name]  # (out, in, *k)
 

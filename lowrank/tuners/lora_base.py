@@ -4,7 +4,7 @@ embedding, convolution) live in lora.py and fill in three methods:
 
     _create(name, r, dtype, device)   make the factors A and B
     _lora(name, x)                    B A x for this layer kind, unscaled
-    _delta_weight(name)               s B A in the layout of `base.weight`, for merging
+    _delta_weight(name, dtype)        s B A in the layout of `base.weight`, for merging
 """
 
 from __future__ import annotations
@@ -229,5 +229,10 @@ class LoraLayer(TunerLayer):
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _delta_weight(self, name: str) -> torch.Tensor:
+    def _delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """s B A in the layout of base.weight, computed in `dtype` (None: the factors')."""
         raise NotImplementedError
+
+    def _factors_in(self, name: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = self._factors(name)
+        return (A, B) if dtype is None else (A.to(dtype), B.to(dtype))

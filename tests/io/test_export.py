@@ -105,10 +105,10 @@ def test_4bit_base_exports_its_dequantized_weight_in_the_compute_dtype(tmp_path)
     assert torch.equal(sd["model.layers.0.self_attn.k_proj.weight"], k.dequantize(torch.bfloat16))
     assert not torch.equal(sd["model.layers.0.self_attn.k_proj.weight"],
                            original.get_submodule("model.layers.0.self_attn.k_proj").weight)
-    q = layers["model.layers.0.self_attn.q_proj"]  # LoRA on 4-bit: bf16(deq_bf16 + s B A), s B A as the layer
-    with torch.no_grad():  # computes it (bf16, as merge() does), the sum in float32
-        delta = q.lora_B["default"].weight @ q.lora_A["default"].weight * q.scaling["default"]
-    expect = q.base.dequantize(torch.bfloat16).float() + delta.float()
+    q = layers["model.layers.0.self_attn.q_proj"]  # LoRA on 4-bit: bf16(deq_bf16 + s B A), s B A from the
+    with torch.no_grad():  # bf16 factors in float32 and the sum in float32: one rounding, to bf16
+        delta = q.lora_B["default"].weight.float() @ q.lora_A["default"].weight.float() * q.scaling["default"]
+    expect = q.base.dequantize(torch.bfloat16).float() + delta
     assert torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], expect.to(torch.bfloat16))
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert exported.dtype == torch.bfloat16
