@@ -96,7 +96,7 @@ class AdapterLayer(TunerLayer):
     # several active adapters: their additions are summed, each fed f(x) or x.
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
-        if not self.enabled or not self.active:
+        if not self.enabled or (not self.active and self.route is None):  # a route picks adapters, active or not
             return out
         y = out[0] if isinstance(out, tuple) else out  # (..., d_out)
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))  # (..., d_in)

@@ -110,10 +110,10 @@ class LoraLayer(TunerLayer):
     #     s_a = alpha_a / r_a, or alpha_a / sqrt(r_a) with rsLoRA; DoRA adapters add dora.delta instead.
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self._modules["base"](x, *args, **kwargs)  # W0 x (+ b); see Note: lookups on the hot path
+        if self.route is not None:  # the route picks the adapters, active or not (PEFT's adapter_names)
+            return result if not self.enabled or self._merged else self.routed(result, x, self._delta)
         if not self.enabled or self._merged or not self.active:
             return result
-        if self.route is not None:
-            return self.routed(result, x, self._delta)
         base_out = result
         for name in self.active:
             result = self._add_delta(name, result, x, base_out)

@@ -170,7 +170,9 @@ class PrefixLayer(TunerLayer):
 
     # h = Attention(q, [P_k ; K], [P_v ; V]) with the mask widened by P always-visible columns.
     def forward(self, *args, **kwargs):
-        if not self.enabled or not self.active:
+        if self.route is not None and not any(n in self.names for n in self.route):
+            return self.base(*args, **kwargs)  # a route of other adapters: none of this layer's applies
+        if not self.enabled or (not self.active and self.route is None):
             return self.base(*args, **kwargs)
         if self.route is not None:
             raise NotImplementedError("prefix tuning does not route adapters per sample (lowrank.per_sample); "

@@ -234,6 +234,33 @@ def test_per_sample_selection_equals_running_each_adapter_alone(config, quantize
         torch.testing.assert_close(mixed[i], alone[name][i])
 
 
+@pytest.mark.parametrize("second", [LoraConfig(r=2, targets=["2"]), AdapterConfig(targets=["2"])],
+                         ids=["lora", "bottleneck"])
+def test_per_sample_routes_adapters_that_are_not_active(second):
+    """A route picks its adapters whatever is active (PEFT's adapter_names): adapter "b" alone on
+    layer 2, "a" (layer 0) active; each routed sample equals the model with its adapter active.
+    Before, a layer with no active adapter returned its base output under a route."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+    inject(model, LoraConfig(r=2, targets=["0"]), "a")
+    inject(model, second, "b")
+    models.randomize_adapters(model)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    alone = {}
+    with torch.no_grad():
+        for name in ("a", "b"):
+            set_active(model, name)
+            alone[name] = model(x)
+        with disabled(model):
+            alone["__base__"] = model(x)
+        set_active(model, "a")
+        with per_sample(model, ["b", "__base__", "a"]):
+            mixed = model(x)
+    assert not torch.equal(alone["b"], alone["__base__"])
+    for i, name in enumerate(["b", "__base__", "a"]):
+        torch.testing.assert_close(mixed[i], alone[name][i])  # a sub-batch: other matmul blockings
+
+
 def test_transformer_encoder_eval_mode_keeps_the_adapters():
     model, x = models.encoder(), torch.randn(2, 5, 32)
     inject(model, LoraConfig(r=4, targets=["linear1", "linear2"]))
