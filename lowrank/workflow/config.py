@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import runpy
 import types
 from collections.abc import Mapping
@@ -26,6 +27,9 @@ DISTRIBUTED = ("none", "ddp", "fsdp")
 
 class ConfigError(ValueError):
     """A training configuration that cannot run; the message says which field and why."""
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,9 @@ class TrainConfig:
         for f, ok, allowed in (("lr", lambda v: v > 0, "> 0"), ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
                                ("weight_decay", lambda v: v >= 0, ">= 0"), ("max_grad_norm", lambda v: v >= 0, ">= 0")):
             v = getattr(self, f)
+            if isinstance(v, str) and _FLOAT.fullmatch(v.strip()):  # YAML 1.1 reads 1e-4 (no dot) as a string
+                v = float(v)
+                object.__setattr__(self, f, v)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 raise ConfigError(f"{f} must be a number {allowed}; got {v!r}")
         if self.schedule not in SCHEDULES:
