@@ -44,10 +44,16 @@ def _can_quantize(module: nn.Module) -> bool:
 
 
 def _walk(module: nn.Module, prefix: str = ""):
-    """(parent, attribute, qualified name, child) for every module below `module`."""
+    """(parent, attribute, qualified name, child) for every module below `module`, adapter
+    layers see-through as lowrank.inject names them: below one, its base's children, never the
+    adapters' own layers (quantizing a LoRA factor froze it)."""
+    from ..tuners.base import TunerLayer  # here: lowrank.tuners imports lowrank.quant
+
     for attr, child in list(module.named_children()):
         name = f"{prefix}.{attr}" if prefix else attr
         yield module, attr, name, child
+        while isinstance(child, TunerLayer):
+            child = child.base
         yield from _walk(child, name)
 
 

@@ -92,6 +92,12 @@ def test_nothing_matched_or_not_quantizable_changes_nothing():
     with pytest.raises(TypeError, match="'0' is a LoraLinear; .* for QLoRA, quantize first and inject after"):
         quantize(adapted)
     assert type(adapted[2]) is nn.Linear  # nothing replaced
+    # skipping the adapted layer quantizes the rest; the adapter's own layers are never quantized (they
+    # were, and froze: nothing was trainable after)
+    assert quantize(adapted, NF4Config(skip="0")) == ["2", "4"]
+    assert type(adapted[0].base) is nn.Linear and type(adapted[0].lora_A["default"]) is nn.Linear
+    assert [n for n, p in adapted.named_parameters() if p.requires_grad] == ["0.lora_A.default.weight",
+                                                                            "0.lora_B.default.weight"]
     assert quantize(model) == ["0", "2", "4"]
     with pytest.raises(ValueError, match=r"\(0 nn.Linear / Conv1D layers not yet in 4 bits\)"):
         quantize(model)  # everything is 4-bit already
