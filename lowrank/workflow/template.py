@@ -88,7 +88,13 @@ def _own(tokenizer, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
         if not full.startswith(prompt):
             raise TemplateError(f"the tokenizer's chat template does not end turn {i}'s prompt with the assistant's "
                                 f"opening (add_generation_prompt); use a named template ({sorted(TEMPLATES)})")
-        out.append((full[len(prompt):], True))
+        answer = full[len(prompt):]
+        opening = answer[:max(answer.find(turn.output), 0)]
+        if opening.strip():  # the template ignores add_generation_prompt: its opening would be trained, and absent in chat
+            raise TemplateError(f"the tokenizer's chat template ignores add_generation_prompt: turn {i}'s assistant "
+                                f"opening {opening!r} is not in the prompt, so training would learn it and chat would "
+                                f"not give it; use a named template ({sorted(TEMPLATES)})")
+        out.append((answer, True))
         done = full
     return out
 

@@ -72,6 +72,17 @@ def test_a_template_that_rewrites_history_is_refused(tok):
         T.segments(t, None, TURNS)
 
 
+def test_a_template_that_ignores_add_generation_prompt_is_refused(tok):
+    """Its assistant opening comes only with the answer: it was trained as if it were the answer,
+    and chat's prompt lacks it. A template with no opening at all is fine."""
+    t = copy.copy(tok)
+    t.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
+    with pytest.raises(T.TemplateError, match="ignores add_generation_prompt: turn 0's assistant opening '<assistant>'"):
+        T.segments(t, None, TURNS)
+    t.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+    assert [trained for _, trained in T.segments(t, None, TURNS)] == [False, True] * len(TURNS)
+
+
 def test_missing_or_unknown_template_is_an_error(tok):
     bare = copy.copy(tok)
     bare.chat_template = None
