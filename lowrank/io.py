@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 
 import torch
 from torch import nn
@@ -25,6 +24,7 @@ from torch import nn
 from . import distributed, io_prefix, io_prompt
 from .config import LoraConfig
 from .inject import _walk, active_adapters, adapter_names, eject, inject, plain_parameters, set_active
+from .io_names import from_peft_pattern, from_peft_targets, to_peft_pattern, to_peft_targets
 from .targets import first_match
 from .tuners.lora import LoraEmbedding, _lora_slot
 from .tuners.lora_base import LoraLayer
@@ -87,30 +87,6 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _targets(model: nn.Module, wrapped: list[str]) -> list[str] | str:
-    """PEFT target_modules naming exactly `wrapped`: the last name parts when they pick out
-    no other module, else the full names when those do not (PEFT reads a list entry as a name
-    or a `.`-suffix: "0" also picks "1.0"), else one regular expression of the full names
-    (PEFT full-matches a string)."""
-    names = [n for _, _, n, _ in _walk(model)]
-    suffixes = sorted({w.rsplit(".", 1)[-1] for w in wrapped})
-    if {n for n in names if n.rsplit(".", 1)[-1] in suffixes} == set(wrapped):
-        return suffixes
-    if {n for n in names if any(n == w or n.endswith("." + w) for w in wrapped)} == set(wrapped):
-        return sorted(wrapped)
-    return "(?:" + "|".join(re.escape(w) for w in sorted(wrapped)) + ")"
-
-
-def _pattern_keys(values: dict[str, float], wrapped: list[str]) -> dict[str, float]:
-    """rank_pattern / alpha_pattern for PEFT, which matches a key as re.match(rf"(.*\.)?({key})$",
-    name): a full name is its own key unless it also matches another wrapped module (when it is
-    the `.`-suffix of one), then it is escaped and anchored ("^0" matches "0", not "1.0")."""
-    def clashes(w: str) -> bool:
-        return any(n != w and re.match(rf"(.*\.)?({w})$", n) for n in wrapped)
-
-    return {("^" + re.escape(w) if clashes(w) else w): v for w, v in values.items()}
-
-
 def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(PEFT-keyed tensors, PEFT adapter_config dict) for LoRA adapter `name` of `model`
     (a prompt adapter: lowrank.io_prompt)."""
@@ -139,11 +115,11 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     cfg = getattr(model, "config", None)
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
-        "r": r, "lora_alpha": _number(alpha), "target_modules": _targets(model, [w for w, _ in layers]),
+        "r": r, "lora_alpha": _number(alpha), "target_modules": to_peft_targets(model, [w for w, _ in layers]),
         "exclude_modules": None, "lora_dropout": float(config.dropout), "use_rslora": config.rslora,
         "use_dora": config.dora, "fan_in_fan_out": any(layer.transposed for _, layer in layers),
-        "rank_pattern": _pattern_keys({w: v for w, v in ranks.items() if v != r}, list(ranks)),
-        "alpha_pattern": _pattern_keys({w: _number(v) for w, v in alphas.items() if v != alpha}, list(alphas)),
+        "rank_pattern": to_peft_pattern({w: v for w, v in ranks.items() if v != r}, list(ranks)),
+        "alpha_pattern": to_peft_pattern({w: _number(v) for w, v in alphas.items() if v != alpha}, list(alphas)),
         "bias": "none", "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
@@ -198,21 +174,6 @@ def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config:
 
 
 # -- loading ------------------------------------------------------------------------------
-def _peft_spec(item: str, as_regex: bool):
-    """A PEFT target / exclude entry as our target spec."""
-    if as_regex:
-        return "all-linear" if item == "all-linear" else "re:" + item
-    return lambda n, m: n == item or n.endswith("." + item)  # PEFT: exact, or a '.'-suffix; no globs
-
-
-def _to_specs(value):
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [_peft_spec(value, True)]
-    return [_peft_spec(v, False) for v in value]
-
-
 def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> LoraConfig:
     """Our LoraConfig for a PEFT LoRA adapter_config dict; refuses what we cannot reproduce."""
     kind = peft_config.get("peft_type")
@@ -231,14 +192,11 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     if not peft_config.get("target_modules"):
         raise ValueError(f"{source}: target_modules is empty; nothing to inject")
 
-    def pattern(p: dict) -> dict:  # PEFT: re.match(rf"(.*\.)?({key})$", name), first key wins
-        return {rf"re:(.*\.)?({k})": v for k, v in (p or {}).items()}
-
     return LoraConfig(r=int(peft_config.get("r", 8)), alpha=peft_config.get("lora_alpha", 8),
-                      dropout=float(peft_config.get("lora_dropout", 0.0)), targets=_to_specs(peft_config["target_modules"]),
-                      exclude=_to_specs(peft_config.get("exclude_modules")), rslora=bool(peft_config.get("use_rslora")),
-                      dora=bool(peft_config.get("use_dora")), rank_pattern=pattern(peft_config.get("rank_pattern")),
-                      alpha_pattern={k: float(v) for k, v in pattern(peft_config.get("alpha_pattern")).items()})
+                      dropout=float(peft_config.get("lora_dropout", 0.0)), targets=from_peft_targets(peft_config["target_modules"]),
+                      exclude=from_peft_targets(peft_config.get("exclude_modules")), rslora=bool(peft_config.get("use_rslora")),
+                      dora=bool(peft_config.get("use_dora")), rank_pattern=from_peft_pattern(peft_config.get("rank_pattern")),
+                      alpha_pattern={k: float(v) for k, v in from_peft_pattern(peft_config.get("alpha_pattern")).items()})
 
 
 def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
