@@ -26,7 +26,7 @@ from torch import nn
 from ..targets import compile_filter, is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit
-from .quantize import NF4Config, _can_quantize, _walk
+from .quantize import NF4Config, _can_quantize, _walk, refuse_tied, weight_owners
 
 INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's weight map
 SINGLE = "model.safetensors"
@@ -111,10 +111,12 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     layers = {n: (p, a) for p, a, n, c in _walk(model) if wanted(n, c) and _can_quantize(c)}
     if not layers:
         raise ValueError(f"no linear layer of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r})")
-    for name, (parent, _) in layers.items():
+    owners = weight_owners(model)
+    for name, (parent, attr) in layers.items():
         if isinstance(parent, nn.MultiheadAttention):
             raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly; "
                              "add it to skip")
+        refuse_tied(name, getattr(parent, attr), owners)  # See Note: tied weights stay dense (quantize.py).
     has_bias = {n for n, (p, a) in layers.items() if getattr(getattr(p, a), "bias", None) is not None}
     modules = dict(model.named_modules())
     biases: dict[str, torch.Tensor] = {}  # a 4-bit layer's bias read before its weight
@@ -138,7 +140,11 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                         if tuple(w.shape) != shape:
                             bad_shapes.append(f"{key}: checkpoint {tuple(w.shape)}, model {shape}")
                             continue
-                        q = nf4.quantize(w, config.blocksize, config.double_quant)
+                        try:
+                            q = nf4.quantize(w, config.blocksize, config.double_quant)
+                        except (TypeError, ValueError) as e:  # a float64 or non-finite weight: say which
+                            hint = "; load_and_quantize(..., dtype=torch.bfloat16) casts as it reads" if isinstance(e, TypeError) else ""
+                            raise type(e)(f"{file}: cannot quantize {key!r}: {e}{hint}") from e
                         del w  # See Note: no references to the layers (quantize.py): one dense weight at a time
                         setattr(parent, attr, Linear4bit(q, biases.pop(owner, None), config.compute_dtype))
                 elif module is not None and leaf in module._parameters:

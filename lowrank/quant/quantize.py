@@ -57,11 +57,49 @@ def _walk(module: nn.Module, prefix: str = ""):
         yield from _walk(child, name)
 
 
+def weight_owners(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
+    """id(parameter) -> (name, id(module)) of every module that registers it: two modules mean a
+    tied weight. Ids, not modules: see Note: no references to the layers."""
+    owners: dict[int, list[tuple[str, int]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append((name, id(module)))
+    return owners
+
+
+def refuse_tied(name: str, layer: nn.Module, owners: dict) -> None:
+    """Raise when `layer`'s weight is tied to another module's (GPT-2's head and its embedding)."""
+    others = sorted({n for n, m in owners.get(id(layer.weight), ()) if m != id(layer)})
+    if others:
+        # Note: tied weights stay dense. A 4-bit copy would untie the two: the embedding keeps its
+        # full-precision weight (no memory saved) and a checkpoint of the two no longer loads where
+        # tie_weights() expects one tensor. transformers leaves tied weights out of bitsandbytes
+        # quantization too (get_keys_to_not_convert, transformers/quantizers/base.py).
+        raise ValueError(f"cannot quantize {name!r}: its weight is tied to {others} (one tensor, shared); a tied "
+                         f"weight stays full precision: leave {name!r} out of targets or add it to skip")
+
+
+def _check_weight(name: str, w: torch.Tensor) -> None:
+    """Before any layer is replaced: what nf4.quantize would refuse half way through."""
+    if w.is_meta:
+        raise ValueError(f"{name!r} has its weight on the meta device; to fill a model built under lowrank.skeleton() "
+                         "from a checkpoint in 4 bits, use lowrank.load_and_quantize")
+    if w.dtype not in nf4.DTYPES:
+        raise TypeError(f"{name!r} has a {w.dtype} weight; NF4 quantizes {', '.join(map(str, nf4.DTYPES))} weights: "
+                        "cast the model first, e.g. model.float()")
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name!r} has {bad} non-finite weight value(s) (NaN or Inf) of {w.numel()}; NF4 scales are "
+                         "block maxima and cannot hold them: fix the weights or add the layer to skip")
+
+
 def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     """Replace every linear layer of `model` that `config.targets` matches (and `config.skip`
     does not) with a frozen Linear4bit on the same device, in place. Returns the qualified
     names replaced; raises, changing nothing, when nothing matched or a match cannot be
-    quantized. Layers already in 4 bits are left as they are."""
+    quantized (not a linear layer, a weight tied to another module's, a float64, meta or
+    non-finite weight). Layers already in 4 bits are left as they are."""
     config = NF4Config() if config is None else config
     if not isinstance(config, NF4Config):
         raise TypeError(f"config must be an NF4Config; got {type(config).__name__}")
@@ -76,6 +114,7 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
             f"no module of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r}); "
             f"quantize can replace e.g. {candidates[:6]} ({len(candidates)} nn.Linear / Conv1D layers not yet in 4 bits)"
         )
+    owners = weight_owners(model)
     for parent, attr, name in matches:
         child = getattr(parent, attr)
         if not _can_quantize(child):
@@ -88,6 +127,9 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         if isinstance(parent, nn.MultiheadAttention):
             raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly, "
                              "never calling the submodule; add it to skip")
+        refuse_tied(name, child, owners)
+        _check_weight(name, child.weight)
+    del child  # See Note: no references to the layers.
     for parent, attr, _ in matches:  # See Note: no references to the layers.
         q = Linear4bit.from_linear(getattr(parent, attr), config.blocksize, config.double_quant, config.compute_dtype)
         setattr(parent, attr, q)  # the full-precision layer's last reference goes here

@@ -107,3 +107,22 @@ def test_a_truncated_shard_is_named(tmp_path):
         model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
     with pytest.raises(ValueError, match=shard.name + ": not a readable safetensors file"):
         load_and_quantize(model, tmp_path)
+
+
+def test_a_tied_head_or_a_weight_nf4_cannot_hold_is_named(tmp_path):
+    _saved(tmp_path, models.gpt2, shard="10GB")
+    with skeleton():
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot quantize 'lm_head': its weight is tied to \['transformer.wte'\]"):
+        load_and_quantize(model, tmp_path, NF4Config(targets=["all-linear", "lm_head"]))  # as quantize() does
+
+    state = {k: v.contiguous() for k, v in models.mlp().state_dict().items()}
+    for spoil, error, match in [(torch.float64, TypeError, "got torch.float64.* dtype=torch.bfloat16"),
+                                (float("nan"), ValueError, "1024 non-finite value")]:
+        bad = dict(state)
+        bad["2.weight"] = bad["2.weight"].double() if spoil is torch.float64 else bad["2.weight"].clone().fill_(spoil)
+        save_file(bad, tmp_path / "model.safetensors")
+        with skeleton():
+            model = models.mlp()
+        with pytest.raises(error, match=rf"model.safetensors: cannot quantize '2.weight': .*{match}"):
+            load_and_quantize(model, tmp_path)

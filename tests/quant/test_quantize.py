@@ -103,6 +103,47 @@ def test_nothing_matched_or_not_quantizable_changes_nothing():
         quantize(model)  # everything is 4-bit already
 
 
+@pytest.mark.parametrize("spoil", ["nan", "inf", "float64", "meta"])
+def test_a_weight_nf4_cannot_hold_is_refused_before_any_layer_changes(spoil):
+    # the bad layer is the last: found only when replaced, the first two were 4-bit by then
+    model = models.mlp()
+    before = copy.deepcopy(model.state_dict())
+    if spoil in ("nan", "inf"):
+        with torch.no_grad():
+            model[4].weight[3, 5] = float(spoil)
+        before = copy.deepcopy(model.state_dict())
+        error, match = ValueError, r"'4' has 1 non-finite weight value\(s\) \(NaN or Inf\) of 128; .* add the layer to skip"
+    elif spoil == "float64":
+        model[4].double()
+        before = copy.deepcopy(model.state_dict())
+        error, match = TypeError, r"'4' has a torch.float64 weight; NF4 quantizes torch.float32, .*model.float\(\)"
+    else:
+        model[4] = nn.Linear(32, 4, device="meta")
+        error, match = ValueError, r"'4' has its weight on the meta device; .* lowrank.load_and_quantize"
+    with pytest.raises(error, match=match):
+        quantize(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    if spoil != "meta":
+        for k, t in model.state_dict().items():
+            torch.testing.assert_close(t, before[k], rtol=0, atol=0, equal_nan=True)
+    assert quantize(model, NF4Config(skip="4")) == ["0", "2"]  # the way out the message names
+
+
+def test_a_tied_weight_stays_dense():
+    # GPT-2's head is its embedding: a 4-bit copy would untie them and load nowhere
+    model = models.gpt2()
+    with pytest.raises(ValueError, match=r"cannot quantize 'lm_head': its weight is tied to \['transformer.wte'\] "
+                                         r".* leave 'lm_head' out of targets or add it to skip"):
+        quantize(model, NF4Config(targets=["all-linear", "lm_head"]))
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    assert "lm_head" not in quantize(model)  # all-linear leaves the head alone
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # a module registered twice is one module, not a tie
+    shared = nn.Linear(8, 8)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    assert quantize(twice) == ["0"] and isinstance(twice[0], Linear4bit)
+
+
 @pytest.mark.parametrize("make", [lambda: nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)]), models.llama],
                          ids=["sequential", "llama"])
 def test_full_precision_weights_are_freed_as_it_goes(monkeypatch, make):
