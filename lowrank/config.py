@@ -31,6 +31,8 @@ def _check_targets(field: str, value: Any, allow_none: bool) -> tuple:
     if value is None and allow_none:
         return ()
     items = (value,) if isinstance(value, (str, re.Pattern, type)) or callable(value) else value
+    if isinstance(items, (set, frozenset)):  # PEFT's target_modules may be a set: one order, whatever the hash seed
+        items = sorted(items, key=lambda t: (not isinstance(t, str), str(t)))
     try:
         items = tuple(items)
     except TypeError:

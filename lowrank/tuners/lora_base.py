@@ -175,23 +175,31 @@ class LoraLayer(TunerLayer):
     def unmerge(self) -> list[str]:
         """Take merged adapters back out of base.weight, last merged first; a no-op when none are."""
         weight, done = self._writable_weight(), list(reversed(self._merged))
+        wide = _wide(weight)  # See Note: merging rounds once.
         with torch.no_grad():
             for name in done:
-                d = self._delta_weight(name)
+                d = self._delta_weight(name, wide)
                 if name in self._merge_norms:  # DoRA: W' = f * (W0 + d)  =>  W0 = W' / f - d
-                    weight.copy_(weight / self._dora_factor(name, self._merge_norms.pop(name)) - d)
+                    weight.copy_(weight.to(wide) / self._dora_factor(name, self._merge_norms.pop(name)) - d)
                 else:
-                    weight.sub_(d)
+                    weight.copy_(weight.to(wide) - d)
         self._merged = ()
         return done
 
+    # Note: merging rounds once. merge forms s B A from the factors in float32 (or the weight's
+    # dtype, when wider) and adds it to the weight there; copying the sum into a bf16/fp16
+    # weight is its one rounding, as in merge_and_export (lowrank/export.py merged_weight), so
+    # merging in place and exporting write the same weights. Forming s B A in bf16 first
+    # rounded the update before the sum. PEFT 0.21 forms it in float32 on the CPU only
+    # (get_delta_weight's cast_to_fp32), then rounds it to the weight's dtype and adds.
     def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        d = self._delta_weight(name)  # layout of weight
+        wide = _wide(weight)
+        d = self._delta_weight(name, wide)  # layout of weight
         if name not in self.lora_magnitude_vector:
-            return weight + d
-        norm = dora.weight_norm(self.dense_weight(), d.T if self.transposed else d, 1.0)  # ||W0 + s B A||_c (out,)
+            return weight.to(wide) + d
+        norm = dora.weight_norm(self.dense_weight().to(wide), d.T if self.transposed else d, 1.0)  # ||W0 + s B A||_c
         self._merge_norms[name] = norm
-        return self._dora_factor(name, norm) * (weight + d)
+        return self._dora_factor(name, norm) * (weight.to(wide) + d)
 
     def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
         """m / n as a column (out, 1), or a row (1, out) for a transposed (in, out) weight."""
@@ -236,3 +244,8 @@ class LoraLayer(TunerLayer):
     def _factors_in(self, name: str, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
         A, B = self._factors(name)
         return (A, B) if dtype is None else (A.to(dtype), B.to(dtype))
+
+
+def _wide(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a merge computes in: float32, or the weight's when wider (See Note: merging rounds once)."""
+    return torch.promote_types(weight.dtype, torch.float32)

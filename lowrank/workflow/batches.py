@@ -27,9 +27,14 @@ class Encoded:
 
 def encode_all(tokenizer, template: str | None, records, max_length: int, source: str = "data") -> Encoded:
     """Encode and cut every record; DataError for a record whose answers all lie past the cut."""
+    from jinja2 import TemplateError as JinjaError  # transformers' chat templates are Jinja; it comes with transformers
+
     examples, truncated = [], 0
     for i, turns in enumerate(records):
-        ids, labels = encode(tokenizer, template, turns)
+        try:
+            ids, labels = encode(tokenizer, template, turns)
+        except JinjaError as e:  # e.g. raise_exception('Conversation roles must alternate ...') in the template
+            raise DataError(f"{source}: record {i}: the tokenizer's chat template refused it: {e}") from e
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]

@@ -17,6 +17,8 @@ import runpy
 import types
 from collections.abc import Mapping
 
+import torch
+
 from .methods import nf4_config, tuner_config
 from .template import TEMPLATES
 
@@ -82,6 +84,12 @@ class TrainConfig:
             raise ConfigError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError(f"device must be 'auto' or a torch device string; got {self.device!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ConfigError(f"device must be 'auto' or a torch device string such as 'cpu', 'cuda', 'cuda:1'; "
+                                  f"got {self.device!r} ({e})") from None
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
         if self.adapter_dtype is not None and self.adapter_dtype not in DTYPES:
@@ -89,7 +97,7 @@ class TrainConfig:
                               f"got {self.adapter_dtype!r}")
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"distributed must be one of {DISTRIBUTED}; got {self.distributed!r}")
-        if self.optimizer_bits not in (8, 32) or isinstance(self.optimizer_bits, bool):
+        if type(self.optimizer_bits) is not int or self.optimizer_bits not in (8, 32):  # not 8.0, not True
             raise ConfigError(f"optimizer_bits must be 32 (AdamW's float32 moments) or 8 (blockwise 8-bit); "
                               f"got {self.optimizer_bits!r}")
         if self.optimizer_bits == 8 and self.distributed == "fsdp":

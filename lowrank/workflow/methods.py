@@ -20,7 +20,7 @@ from ..config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 @dataclasses.dataclass(frozen=True)
 class Method:
     config: type  # the tuner config class the options build
-    defaults: dict  # options the method sets before the user's (the user's win)
+    defaults: dict  # options the method sets; the user's may repeat them, not contradict them
     quantize: bool = False  # NF4 base first: QLoRA (Dettmers et al. 2023)
 
 
@@ -43,6 +43,11 @@ def tuner_config(method: str, options: dict):
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"method_options: unknown option(s) {unknown} for method {method!r}; allowed: {allowed}")
+    for k, v in m.defaults.items():  # what makes the method what its name says
+        if k in options and options[k] != v:
+            plain = [n for n, other in METHODS.items() if other.config is m.config and not other.defaults]
+            raise ValueError(f"method_options: method {method!r} means {k}: {v}, and method_options sets {k}: "
+                             f"{options[k]!r}; leave it out, or choose another method (e.g. {plain[0]!r})")
     try:
         return m.config(**{**m.defaults, **options})
     except (TypeError, ValueError) as e:

@@ -149,6 +149,13 @@ def test_configs_are_frozen_and_the_users_dict_is_copied():
         cfg.r = 4
 
 
+def test_a_set_of_targets_has_one_order():
+    # PEFT's target_modules may be a set; its iteration order follows the hash seed
+    names = {"v_proj", "q_proj", "o_proj", "re:.*up_proj"}
+    assert LoraConfig(targets=names).targets == ("o_proj", "q_proj", "re:.*up_proj", "v_proj")
+    assert LoraConfig(targets=frozenset({nn.Linear, "k_proj"})).targets == ("k_proj", nn.Linear)
+
+
 def test_unsupported_targets_raise_clearly():
     with pytest.raises(ValueError, match="DoRA is implemented for linear-like layers only"):
         inject(models.llama(), LoraConfig(targets="embed_tokens", dora=True))

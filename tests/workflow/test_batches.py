@@ -1,5 +1,7 @@
 """Encoding, cutting, bucketing and the accumulated loss."""
 
+import copy
+
 import pytest
 import torch
 
@@ -38,6 +40,17 @@ def test_a_record_with_no_answer_left_is_an_error(tok):
     B.encode_all(tok, None, records, first[1] + 1)  # one answer token left: fine
     with pytest.raises(DataError, match=f"d.json: record 1: no output token lies within max_length={first[1]}"):
         B.encode_all(tok, None, records, first[1], source="d.json")
+
+
+def test_a_record_the_template_refuses_is_named(tok):
+    # templates such as Gemma's and Mistral's raise_exception on a system message
+    t = copy.copy(tok)
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                       "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}|{% endfor %}")
+    records = [RECORDS[3], RECORDS[1]]
+    assert records[1][0].system and not records[0][0].system
+    with pytest.raises(DataError, match="d.json: record 1: the tokenizer's chat template refused it: System role not"):
+        B.encode_all(t, None, records, 10_000, source="d.json")
 
 
 def test_batches_cover_every_record_once_and_depend_on_seed_and_epoch_only():

@@ -82,11 +82,15 @@ BAD = [
     ({"paged_optimizer": "yes"}, "paged_optimizer must be true or false; got 'yes'"),
     ({"compile": 1}, "compile must be true or false; got 1"),
     ({"optimizer_bits": 4}, "optimizer_bits must be 32 (AdamW's float32 moments) or 8 (blockwise 8-bit); got 4"),
+    ({"optimizer_bits": 8.0}, "optimizer_bits must be 32 (AdamW's float32 moments) or 8 (blockwise 8-bit); got 8.0"),
     ({"optimizer_bits": 8, "distributed": "fsdp"}, "optimizer_bits: 8 does not work with distributed: fsdp"),
     ({"nf4": {"blocksize": 64}}, "nf4 options apply to method 'qlora' only"),
     ({"method": "qlora", "nf4": {"blocksize": 48}}, "nf4: blocksize must be one of"),
     ({"method": "qlora", "nf4": {"compute_dtype": "int8"}}, "nf4: compute_dtype must be None or one of"),
     ({"device": ""}, "device must be 'auto' or a torch device string"),
+    ({"device": "tpu"}, "device must be 'auto' or a torch device string such as 'cpu', 'cuda', 'cuda:1'; got 'tpu'"),
+    ({"method_options": {"dora": False}}, "method_options: method 'dora' means dora: True, and method_options sets "
+                                          "dora: False; leave it out, or choose another method (e.g. 'lora')"),
     ({"adapter_dtype": "fp32"}, "adapter_dtype must be null (the base's dtype) or one of ('float32', 'bfloat16', "
                                 "'float16'); got 'fp32'"),
 ]
