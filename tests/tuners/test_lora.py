@@ -16,7 +16,7 @@ from lowrank.quant import Linear4bit
 from lowrank.tuners.lora import LoraLinear
 
 from . import models
-from .bounds import gamma, lora_linear_bound
+from .bounds import U32, gamma, lora_linear_bound
 
 
 class Conv1D(nn.Module):
@@ -92,15 +92,18 @@ def test_dora_merged_equals_unmerged_within_rounding_bound():
     assert ((merged - unmerged).abs() <= 2 * bound).all()
 
 
-@pytest.mark.parametrize("kind, dora", [("linear", False), ("conv1d_gpt2", False), ("embedding", False),
-                                        ("conv2d", False), ("linear", True), ("conv1d_gpt2", True)])
-def test_merge_then_unmerge_restores_the_weight(kind, dora):
+@pytest.mark.parametrize("kind, dora, dtype", [("linear", False, torch.float32), ("conv1d_gpt2", False, torch.float32),
+                                               ("embedding", False, torch.float32), ("conv2d", False, torch.float32),
+                                               ("linear", True, torch.float32), ("conv1d_gpt2", True, torch.float32),
+                                               ("linear", False, torch.bfloat16), ("linear", True, torch.bfloat16),
+                                               ("embedding", False, torch.float16)])
+def test_merge_then_unmerge_restores_the_weight(kind, dora, dtype):
     torch.manual_seed(0)
     base = {"linear": lambda: nn.Linear(48, 24), "conv1d_gpt2": lambda: Conv1D(24, 48),
-            "embedding": lambda: nn.Embedding(40, 16), "conv2d": lambda: nn.Conv2d(3, 8, 3)}[kind]()
+            "embedding": lambda: nn.Embedding(40, 16), "conv2d": lambda: nn.Conv2d(3, 8, 3)}[kind]().to(dtype)
     holder = single(base, dora=dora)
-    W0 = base.weight.detach().clone()
-    d = holder[0]._delta_weight("default").detach()  # the same float32 update merge adds and unmerge subtracts
+    W0 = base.weight.detach().float()
+    d = holder[0]._delta_weight("default", torch.float32).detach()  # the float32 update merge adds and unmerge subtracts
     merge(holder)
     merged = base.weight.detach().clone()
     merge(holder)  # idempotent: a second merge changes nothing
@@ -109,7 +112,10 @@ def test_merge_then_unmerge_restores_the_weight(kind, dora):
     unmerge(holder)  # idempotent
     # LoRA: t = fl(fl(W + d) - d) = W + e with |e| <= gamma(2) (|W| + |W + d|).
     # DoRA: t = fl(fl(fl(f (W + d)) / f) - d): two more roundings on |W + d|: gamma(4).
-    assert ((base.weight - W0).abs() <= gamma(4 if dora else 2) * (W0.abs() + (W0 + d).abs())).all()
+    # In bf16 / fp16 each of those steps is a float32 one and then, at the copy, one in the
+    # weight's dtype: unit roundoff u16 + u32 per step, inside gamma(n, 2 u16).
+    u = {torch.float32: U32, torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}[dtype]
+    assert ((base.weight.float() - W0).abs() <= gamma(4 if dora else 2, u) * (W0.abs() + (W0 + d).abs())).all()
 
 
 def test_safe_merge_refuses_non_finite_weights_and_changes_nothing():
