@@ -43,18 +43,20 @@ def _can_quantize(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
 
 
-def _walk(module: nn.Module, prefix: str = ""):
+def _walk(module: nn.Module, prefix: str = "", every: bool = False):
     """(parent, attribute, qualified name, child) for every module below `module`, adapter
     layers see-through as lowrank.inject names them: below one, its base's children, never the
-    adapters' own layers (quantizing a LoRA factor froze it)."""
+    adapters' own layers (quantizing a LoRA factor froze it). A module registered twice in one
+    parent is named once (named_children), or at every place when `every`."""
     from ..tuners.base import TunerLayer  # here: lowrank.tuners imports lowrank.quant
 
-    for attr, child in list(module.named_children()):
+    children = [(a, c) for a, c in module._modules.items() if c is not None] if every else module.named_children()
+    for attr, child in list(children):
         name = f"{prefix}.{attr}" if prefix else attr
         yield module, attr, name, child
         while isinstance(child, TunerLayer):
             child = child.base
-        yield from _walk(child, name)
+        yield from _walk(child, name, every)
 
 
 def weight_owners(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
@@ -107,7 +109,9 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     # Note: no references to the layers. `matches` keeps parents and attribute names only, so
     # once a layer is replaced nothing here holds its full-precision weight, and peak memory
     # stays about one layer above the quantized model (tests/quant/test_quantize.py checks it).
-    matches = [(p, a, n) for p, a, n, c in _walk(model) if wanted(n, c) and not isinstance(c, Linear4bit)]
+    # Note: a module registered at two places (one nn.Linear reused) becomes one Linear4bit at both.
+    # Its id, taken while every match is alive, says which places share it.
+    matches = [(p, a, n, id(c)) for p, a, n, c in _walk(model, every=True) if wanted(n, c) and not isinstance(c, Linear4bit)]
     if not matches:
         candidates = [n for _, _, n, c in _walk(model) if _can_quantize(c)]
         raise ValueError(
@@ -115,7 +119,7 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
             f"quantize can replace e.g. {candidates[:6]} ({len(candidates)} nn.Linear / Conv1D layers not yet in 4 bits)"
         )
     owners = weight_owners(model)
-    for parent, attr, name in matches:
+    for parent, attr, name, _ in matches:
         child = getattr(parent, attr)
         if not _can_quantize(child):
             from ..tuners.base import TunerLayer  # here: lowrank.tuners imports lowrank.quant
@@ -130,7 +134,10 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         refuse_tied(name, child, owners)
         _check_weight(name, child.weight)
     del child  # See Note: no references to the layers.
-    for parent, attr, _ in matches:  # See Note: no references to the layers.
-        q = Linear4bit.from_linear(getattr(parent, attr), config.blocksize, config.double_quant, config.compute_dtype)
-        setattr(parent, attr, q)  # the full-precision layer's last reference goes here
-    return [name for _, _, name in matches]
+    done: dict[int, Linear4bit] = {}  # id of a replaced layer -> its 4-bit layer: See Note: a module registered at two places
+    for parent, attr, _, key in matches:  # See Note: no references to the layers.
+        if key not in done:
+            done[key] = Linear4bit.from_linear(getattr(parent, attr), config.blocksize, config.double_quant,
+                                               config.compute_dtype)
+        setattr(parent, attr, done[key])  # the full-precision layer's last reference goes here
+    return [name for _, _, name, _ in matches]

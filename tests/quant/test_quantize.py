@@ -129,7 +129,7 @@ def test_a_weight_nf4_cannot_hold_is_refused_before_any_layer_changes(spoil):
     assert quantize(model, NF4Config(skip="4")) == ["0", "2"]  # the way out the message names
 
 
-def test_a_tied_weight_stays_dense():
+def test_a_tied_weight_stays_dense(reference):
     # GPT-2's head is its embedding: a 4-bit copy would untie them and load nowhere
     model = models.gpt2()
     with pytest.raises(ValueError, match=r"cannot quantize 'lm_head': its weight is tied to \['transformer.wte'\] "
@@ -138,10 +138,14 @@ def test_a_tied_weight_stays_dense():
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
     assert "lm_head" not in quantize(model)  # all-linear leaves the head alone
     assert model.lm_head.weight is model.transformer.wte.weight
-    # a module registered twice is one module, not a tie
+    # a module registered at two places is one module, not a tie: one Linear4bit at both
     shared = nn.Linear(8, 8)
-    twice = nn.Sequential(shared, nn.ReLU(), shared)
-    assert quantize(twice) == ["0"] and isinstance(twice[0], Linear4bit)
+    twice = nn.Sequential(shared, nn.ReLU(), shared, nn.Sequential(shared))
+    x = torch.randn(3, 8)
+    want = dequantized_copy(twice, ["0"])(x)
+    assert quantize(twice) == ["0", "2", "3.0"]
+    assert isinstance(twice[0], Linear4bit) and twice[2] is twice[0] and twice[3][0] is twice[0]
+    assert torch.equal(twice(x), want)
 
 
 @pytest.mark.parametrize("make", [lambda: nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)]), models.llama],
