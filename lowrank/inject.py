@@ -245,7 +245,24 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return list(dict.fromkeys(n for layer in _layers(model) for n in layer.active))
+    """The active adapters, in an order that keeps every layer's: a layer sums its active
+    adapters in the order set_active gave them, and set_active(model, active_adapters(model))
+    gives each layer back its own order (load_adapter relies on it), also where a layer holds
+    only some of them. Names no layer orders come in the order first seen."""
+    tuples = [layer.active for layer in _layers(model)]
+    first = list(dict.fromkeys(n for t in tuples for n in t))  # order first seen, to break ties
+    after = {n: set() for n in first}  # n -> names some layer sums after n
+    for t in tuples:
+        for a, b in zip(t, t[1:]):
+            after[a].add(b)
+    ordered, placed = [], set()
+    while len(ordered) < len(first):  # a topological order of those constraints (at most len(first) rounds)
+        ready = [n for n in first if n not in placed and not any(n in after[m] for m in first if m not in placed)]
+        if not ready:  # layers disagree (layer.set_active called one by one): no order satisfies all
+            return first
+        ordered.append(ready[0])
+        placed.add(ready[0])
+    return ordered
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:

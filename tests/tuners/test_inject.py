@@ -190,6 +190,25 @@ def test_several_named_adapters_add_activate_delete():
     assert not torch.equal(model(x), y_b)  # a alone now
 
 
+def test_active_adapters_keep_every_layers_order():
+    # layer 0 holds a only, layer 2 holds both: the first layer seen must not decide the order
+    model = models.mlp()
+    inject(model, LoraConfig(r=2, targets=["0", "2"]), name="a")
+    inject(model, LoraConfig(r=2, targets="2"), name="b")
+    inject(model, LoraConfig(r=2, targets="4"), name="c")
+    set_active(model, ["b", "c", "a"])
+    assert (model[0].active, model[2].active, model[4].active) == (("a",), ("b", "a"), ("c",))
+    assert active_adapters(model) == ["b", "a", "c"]  # b before a (layer 2); c first seen after a
+    set_active(model, active_adapters(model))  # what load_adapter does to put the active set back
+    assert (model[0].active, model[2].active, model[4].active) == (("a",), ("b", "a"), ("c",))
+    both = models.mlp()  # layers set one by one, disagreeing: no order fits both, first seen it is
+    inject(both, LoraConfig(r=2, targets=["0", "2"]), name="a")
+    inject(both, LoraConfig(r=2, targets=["0", "2"]), name="b")
+    both[0].set_active(["a", "b"])
+    both[2].set_active(["b", "a"])
+    assert active_adapters(both) == ["a", "b"]
+
+
 def test_disabled_gives_the_base_model_and_refuses_while_merged():
     model, x = models.mlp(), torch.randn(3, 16)
     base = model(x)
