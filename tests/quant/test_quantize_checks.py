@@ -1,0 +1,92 @@
+"""What quantize refuses, and that it refuses before any layer changes: no match, a match that
+is not a linear layer, a weight NF4 cannot hold (NaN/Inf, float64, meta), a weight tied to
+another module's; and a layer registered at several places."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank.config import LoraConfig
+from lowrank.inject import inject
+from lowrank.quant import Linear4bit, NF4Config, nf4, quantize
+
+from ..tuners import models
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    monkeypatch.setenv("LOWRANK_BACKEND", "reference")  # nf4_linear is F.linear on the dequantized W
+
+
+def test_nothing_matched_or_not_quantizable_changes_nothing():
+    model = models.mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"no module of Sequential matched targets=\('q_proj',\).*'0', '2', '4'"):
+        quantize(model, NF4Config(targets="q_proj"))
+    with pytest.raises(TypeError, match="'1' is a GELU; quantize replaces nn.Linear.*add it to skip$"):
+        quantize(model, NF4Config(targets=["0", "1"]))
+    assert type(model[0]) is nn.Linear and model.state_dict().keys() == before.keys()
+    adapted = models.mlp()
+    inject(adapted, LoraConfig(r=2, targets="0"))  # the order QLoRA reverses: a LoRA layer is not a linear layer
+    with pytest.raises(TypeError, match="'0' is a LoraLinear; .* for QLoRA, quantize first and inject after"):
+        quantize(adapted)
+    assert type(adapted[2]) is nn.Linear  # nothing replaced
+    # skipping the adapted layer quantizes the rest; the adapter's own layers are never quantized (they
+    # were, and froze: nothing was trainable after)
+    assert quantize(adapted, NF4Config(skip="0")) == ["2", "4"]
+    assert type(adapted[0].base) is nn.Linear and type(adapted[0].lora_A["default"]) is nn.Linear
+    assert [n for n, p in adapted.named_parameters() if p.requires_grad] == ["0.lora_A.default.weight",
+                                                                            "0.lora_B.default.weight"]
+    assert quantize(model) == ["0", "2", "4"]
+    with pytest.raises(ValueError, match=r"\(0 nn.Linear / Conv1D layers not yet in 4 bits\)"):
+        quantize(model)  # everything is 4-bit already
+
+
+@pytest.mark.parametrize("spoil", ["nan", "inf", "float64", "meta"])
+def test_a_weight_nf4_cannot_hold_is_refused_before_any_layer_changes(spoil):
+    # the bad layer is the last: found only when replaced, the first two were 4-bit by then
+    model = models.mlp()
+    before = copy.deepcopy(model.state_dict())
+    if spoil in ("nan", "inf"):
+        with torch.no_grad():
+            model[4].weight[3, 5] = float(spoil)
+        before = copy.deepcopy(model.state_dict())
+        error, match = ValueError, r"'4' has 1 non-finite weight value\(s\) \(NaN or Inf\) of 128; .* add the layer to skip"
+    elif spoil == "float64":
+        model[4].double()
+        before = copy.deepcopy(model.state_dict())
+        error, match = TypeError, r"'4' has a torch.float64 weight; NF4 quantizes torch.float32, .*model.float\(\)"
+    else:
+        model[4] = nn.Linear(32, 4, device="meta")
+        error, match = ValueError, r"'4' has its weight on the meta device; .* lowrank.load_and_quantize"
+    with pytest.raises(error, match=match):
+        quantize(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    if spoil != "meta":
+        for k, t in model.state_dict().items():
+            torch.testing.assert_close(t, before[k], rtol=0, atol=0, equal_nan=True)
+    assert quantize(model, NF4Config(skip="4")) == ["0", "2"]  # the way out the message names
+
+
+def test_a_tied_weight_stays_dense(reference):
+    # GPT-2's head is its embedding: a 4-bit copy would untie them and load nowhere
+    model = models.gpt2()
+    with pytest.raises(ValueError, match=r"cannot quantize 'lm_head': its weight is tied to \['transformer.wte'\] "
+                                         r".* leave 'lm_head' out of targets or add it to skip"):
+        quantize(model, NF4Config(targets=["all-linear", "lm_head"]))
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    assert "lm_head" not in quantize(model)  # all-linear leaves the head alone
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # a module registered at two places is one module, not a tie: one Linear4bit at both
+    shared = nn.Linear(8, 8)
+    twice = nn.Sequential(shared, nn.ReLU(), shared, nn.Sequential(shared))
+    x = torch.randn(3, 8)
+    dense = copy.deepcopy(twice)  # the same module at three places: its weight rounded to NF4 once
+    with torch.no_grad():
+        dense[0].weight.copy_(nf4.dequantize(nf4.quantize(dense[0].weight)))
+    want = dense(x)
+    assert quantize(twice) == ["0", "2", "3.0"]
+    assert isinstance(twice[0], Linear4bit) and twice[2] is twice[0] and twice[3][0] is twice[0]
+    assert torch.equal(twice(x), want)
