@@ -30,6 +30,7 @@ from .base import TunerLayer
 from .lora_base import float_dtype_and_device
 from .prefix_attention import (CACHE_ARGS, cache_arg, install_position_shift, mha_forward, remove_position_shift,
                                with_prefix)
+from .prompt_hooks import input_embeddings_of
 
 # Note: where the reparameterisation lives. The MLP's first half (E, W1, b1) is shared by all
 # layers; its last linear layer splits by rows into one (2 d_kv, h) block per layer. Each
@@ -155,22 +156,28 @@ class PrefixLayer(TunerLayer):
 
     def prefixes(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the active adapters, concatenated in order: each (B, heads, P, head_dim)."""
-        kv = torch.cat([self.prefix(n) for n in self.active], dim=0).to(dtype)  # (P, 2 * d_kv)
+        kv = torch.cat([self.prefix(n) for n in self.active], dim=0)  # (P, 2 * d_kv)
         P = kv.shape[0]
         kv = kv.view(P, 2, self.heads, self.head_dim).permute(1, 2, 0, 3)  # (2, heads, P, head_dim)
         kv = kv.unsqueeze(1).expand(2, batch, self.heads, P, self.head_dim)  # (2, B, heads, P, head_dim)
+        kv = kv.to(dtype)  # after the expand: the batch's gradients are summed in the prefix's own dtype
         return kv[0], kv[1]
 
     @property
     def length(self) -> int:
         """How many positions the active prefixes take (0 when off)."""
-        if not self.enabled:
+        if not self.enabled or self._routed_past():
             return 0
         return sum(self.configs[n].num_virtual_tokens for n in self.active)
 
+    def _routed_past(self) -> bool:
+        """A per-sample route (lowrank.per_sample) names none of this layer's prefixes: the layer
+        is the base alone, and the positions must not shift either."""
+        return self.route is not None and not any(n in self.names for n in self.route)
+
     # h = Attention(q, [P_k ; K], [P_v ; V]) with the mask widened by P always-visible columns.
     def forward(self, *args, **kwargs):
-        if self.route is not None and not any(n in self.names for n in self.route):
+        if self._routed_past():
             return self.base(*args, **kwargs)  # a route of other adapters: none of this layer's applies
         if not self.enabled or (not self.active and self.route is None):
             return self.base(*args, **kwargs)
@@ -235,11 +242,15 @@ def attach(model: nn.Module, config: PrefixConfig, name: str) -> None:
         found[0].own_shared(name)
         for layer in found:
             layer._owners[name] = found[0]
-    install_position_shift(model)
+    # the model, and every transformers model inside it (LlamaModel in LlamaForCausalLM), which a
+    # user may call alone: each shifts, the outermost call only (Note: one shift per call)
+    for host in [model] + [m for m in model.modules() if m is not model and input_embeddings_of(m) is not None]:
+        install_position_shift(host)
 
 
 def detach(model: nn.Module) -> None:
-    remove_position_shift(model)
+    for module in model.modules():
+        remove_position_shift(module)
 
 
 @torch.no_grad()

@@ -72,17 +72,19 @@ class PrefixCache:
         return getattr(cache, name)
 
 
-def widen_mask(mask, P: int, T: int, past: int, causal: bool, device: torch.device):
+def widen_mask(mask, P: int, T: int, past: int, causal: bool, device: torch.device, keys: int | None = None):
     """The attention mask for [prefix ; keys]: P always-visible columns in front. `mask` is None
     (no masking, or causal when `causal` and T > 1: sdpa's rule), or a 4-D boolean (True =
     attend) or additive float mask (..., T, K). None with causal queries becomes an explicit
     boolean mask (only sdpa gets None for a causal model; eager always gets a mask), since
-    `is_causal` would align the diagonal top-left once P keys are in front."""
+    `is_causal` would align the diagonal top-left once P keys are in front; it has `keys`
+    columns (None: past + T), the keys the cache will return (a StaticCache: all its slots)."""
     if mask is None:
         if not causal or T == 1:
             return None
         query = torch.arange(T, device=device).unsqueeze(1) + past  # (T, 1): absolute positions
-        mask = (torch.arange(past + T, device=device).unsqueeze(0) <= query)[None, None]  # (1, 1, T, K), True = attend
+        K = past + T if keys is None else keys
+        mask = (torch.arange(K, device=device).unsqueeze(0) <= query)[None, None]  # (1, 1, T, K), True = attend
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         seen = type(mask).__name__ + (f" of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "")
         raise TypeError(f"prefix tuning needs the attention mask as None or a 4-D tensor (eager / sdpa attention); "
@@ -114,8 +116,20 @@ def with_prefix(layer, *args, **kwargs):
     if "attention_mask" in layer._signature.parameters:
         causal = bool(getattr(layer.base, "is_causal", False))
         arguments["attention_mask"] = widen_mask(arguments.get("attention_mask"), key.shape[2], T, past, causal,
-                                                 hidden.device)
+                                                 hidden.device, _cache_keys(self_cache, layer.base.layer_idx, past, T))
     return layer.base(*bound.args, **bound.kwargs)
+
+
+def _cache_keys(cache, layer_idx: int, past: int, T: int) -> int | None:
+    """How many keys `cache.update` will return for T new tokens (None: past + T). A StaticCache returns all its slots, the unfilled ones in the future of
+    every query, which the causal mask hides. transformers 5 asks get_mask_sizes(query_length,
+    layer_idx), 4.5x get_mask_sizes(cache_position, layer_idx); both return (kv_length, offset)."""
+    sizes = getattr(cache, "get_mask_sizes", None)
+    if sizes is None:
+        return None
+    first = next(iter(inspect.signature(sizes).parameters), None)
+    length, offset = sizes(torch.arange(past, past + T) if first == "cache_position" else T, layer_idx)
+    return length if offset == 0 else None
 
 
 def mha_forward(layer, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -205,8 +219,26 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
     cache = next((c for c in (arguments.get(a, nested.get(a)) for a in CACHE_ARGS) if c is not None), None)
     past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
     T = source.shape[1]
-    arguments["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
+    maker = _position_maker(model)
+    if maker is None:
+        arguments["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
+    elif arguments.get("input_ids") is not None:  # See Note: positions from the padding.
+        arguments["position_ids"] = maker.create_position_ids_from_input_ids(source, maker.padding_idx, past + P)
+    else:
+        return None  # the model's own numbering, which ignores past tokens (See Note: positions from the padding.)
     return bound.args, bound.kwargs
+
+
+# Note: positions from the padding. RoBERTa and its kin (XLM-RoBERTa, CamemBERT, Data2VecText:
+# transformers' `create_position_ids_from_input_ids`) number a token padding_idx + its count of
+# non-padding tokens so far + the past length, and padding padding_idx; with the prefix as P past
+# tokens (transformers' cache path, PEFT's) that is the same count + P. From inputs_embeds such
+# models number padding_idx + 1 + arange(T) whatever the past (create_position_ids_from_inputs_embeds
+# takes no past length), so neither path shifts them and the hook leaves them alone.
+def _position_maker(model: nn.Module) -> nn.Module | None:
+    """The embeddings module numbering positions from the padding (See Note), or None."""
+    return next((m for m in model.modules() if callable(getattr(m, "create_position_ids_from_input_ids", None))
+                 and isinstance(getattr(m, "padding_idx", None), int)), None)
 
 
 def _signature(model: nn.Module) -> inspect.Signature:

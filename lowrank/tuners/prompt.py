@@ -67,7 +67,9 @@ class PromptLayer(TunerLayer):
             raise NotImplementedError("lowrank.per_sample does not support prompt tuning: the prompts of different "
                                       "adapters may differ in length; run one batch per adapter instead")
         p = torch.cat([self.prompts[n] for n in self.active], dim=0)  # (n, d)
-        return p.to(dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
+        # expanded, then cast: the batch's gradients are summed in the prompt's own dtype (float32
+        # on a bf16 model), as PEFT's repeat does; cast first, they were summed in bf16
+        return p.unsqueeze(0).expand(batch, -1, -1).to(dtype)  # (B, n, d)
 
     # embedding: forward is the base's (See Note: the host hook in prompt_hooks.py).
     # other modules:  f([P; x]) with x (B, T, d) (or (T, B, d) when not batch_first); masks

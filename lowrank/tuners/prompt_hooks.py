@@ -17,6 +17,12 @@
 # left-padded batch) keep their meaning: prompt tokens take 0..n-1, text tokens n + theirs.
 # PEFT instead drops position_ids (and token_type_ids); see docs/prompt.md for why we differ.
 #
+# Note: a prompt and a prefix. With both on one model the sequence is [prefix (P) ; prompt (n) ;
+# text (T)]: the prompt takes positions P..P+n-1. The prompt's hook lengthens the call first
+# and the prefix's (prefix_attention.shift_positions) then shifts all of it by P, whichever was
+# injected first: the prompt's hook is put before the other pre-hooks. (The prefix's first
+# read the text alone and the prompt took positions 0..n-1, the prefix's.)
+#
 # Note: nested hosts. LlamaForCausalLM and the LlamaModel inside it both qualify as hosts, and
 # a user may call either. Each gets the hook; a call is rewritten once, by the outermost host
 # it enters: that hook always hands on `inputs_embeds` (in decode steps too) and remembers the
@@ -37,12 +43,11 @@ PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask", "padding_mask")  # 
 ATTENTION_MASKS = ("mask", "src_mask", "attn_mask")  # (T, T): True / -inf = may not attend
 PASS_THROUGH = {"head_mask"}  # tensors not indexed by sequence position
 
-_HOOKS: weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle] = weakref.WeakKeyDictionary()
 _MADE: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # See Note: nested hosts
 
 
 # -- finding the host ---------------------------------------------------------------------
-def _input_embeddings_of(module: nn.Module):
+def input_embeddings_of(module: nn.Module):
     getter = getattr(type(module), "get_input_embeddings", None)
     if not callable(getter):
         return None
@@ -55,7 +60,7 @@ def _input_embeddings_of(module: nn.Module):
 def input_embedding(model: nn.Module) -> nn.Module | None:
     """The input embedding of the outermost module that names one (get_input_embeddings())."""
     for module in model.modules():
-        embedding = _input_embeddings_of(module)
+        embedding = input_embeddings_of(module)
         if isinstance(embedding, nn.Module):
             return embedding
     return None
@@ -64,7 +69,7 @@ def input_embedding(model: nn.Module) -> nn.Module | None:
 def find_hosts(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
     """Every module whose get_input_embeddings() is `layer` and whose forward takes inputs_embeds, outermost first."""
     return [m for m in model.modules()
-            if _input_embeddings_of(m) is layer and "inputs_embeds" in inspect.signature(m.forward).parameters]
+            if input_embeddings_of(m) is layer and "inputs_embeds" in inspect.signature(m.forward).parameters]
 
 
 def sequence_dim(module: nn.Module) -> int:
@@ -200,6 +205,8 @@ def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
         if kw.get("token_type_ids") is not None:
             types = kw["token_type_ids"]
             kw["token_type_ids"] = torch.cat([types.new_zeros(b, n), types], dim=1)  # (B, n+T): segment 0
+    else:  # a new tensor object even here: marking the caller's own as made would skip its prompt in a later call
+        embeds = embeds.view_as(embeds)
     kw["inputs_embeds"] = embeds
     _MADE[id(embeds)] = embeds
     return (), kw
@@ -226,17 +233,25 @@ def attach(model: nn.Module, config, name: str) -> None:
                 raise ValueError(f"cannot prompt-tune through the embedding {type(layer.base).__name__}: {problem}; "
                                  "target the module whose input should get the prompt instead (docs/prompt.md)")
             for host in hosts:  # See Note: nested hosts.
-                if host not in _HOOKS:
-                    _HOOKS[host] = host.register_forward_pre_hook(_host_hook, with_kwargs=True)
+                if not _hook_ids(host, _host_hook):  # first of the pre-hooks: See Note: a prompt and a prefix.
+                    host.register_forward_pre_hook(_host_hook, with_kwargs=True, prepend=True)
         else:
             for encoder in model.modules():
-                if isinstance(encoder, nn.TransformerEncoder) and encoder.layers[0] is layer and encoder not in _HOOKS:
-                    _HOOKS[encoder] = encoder.register_forward_pre_hook(_encoder_hook, with_kwargs=True)
+                if (isinstance(encoder, nn.TransformerEncoder) and encoder.layers[0] is layer
+                        and not _hook_ids(encoder, _encoder_hook)):
+                    encoder.register_forward_pre_hook(_encoder_hook, with_kwargs=True)
+
+
+# The hooks are found by identity among a module's pre-hooks, not kept in a side table, so a
+# deepcopy of an injected model (which copies its hooks) ejects and re-injects as the original
+# does (as the prefix's position shift, prefix_attention.py).
+def _hook_ids(module: nn.Module, fn) -> list[int]:
+    return [k for k, hook in module._forward_pre_hooks.items() if hook is fn]
 
 
 def detach(model: nn.Module) -> None:
     """Remove the pre-hooks `attach` installed in `model` (its last prompt layer is gone)."""
     for module in model.modules():
-        handle = _HOOKS.pop(module, None)
-        if handle is not None:
-            handle.remove()
+        for k in _hook_ids(module, _host_hook) + _hook_ids(module, _encoder_hook):
+            del module._forward_pre_hooks[k]
+            module._forward_pre_hooks_with_kwargs.pop(k, None)

@@ -126,6 +126,23 @@ def test_loss_and_gradients_equal_peft(kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_float32_prefix_on_a_bf16_model_gets_peft_gradients(kind):
+    # PEFT keeps its prefix in float32 on a bf16 model; lowrank with inject(..., dtype=float32).
+    # The batch's gradients are summed in float32 in both (they were summed in bf16 here, once
+    # the prefix was cast before being expanded over the batch: the gradient came out bf16-rounded)
+    base = tiny(kind).to(torch.bfloat16)
+    ours = copy.deepcopy(base)
+    lowrank.inject(ours, lowrank.PrefixConfig(num_virtual_tokens=P), dtype=torch.float32)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=P))
+    assert theirs.prompt_encoder["default"].embedding.weight.dtype == torch.float32
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.copy_(
+            torch.cat([layer.kv["default"] for layer in layers(ours, "default")], dim=1))
+    assert_loss_and_gradients_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_reparameterised_prefix_equals_peft_projection(kind):
     """prefix_projection=True in PEFT: one MLP for all layers; ours splits its last linear by
     layer rows. The prefixes agree to float32 dot-product rounding: each is a sum of h = 32

@@ -83,6 +83,22 @@ def test_forward_and_loss_equal_peft_exactly_causal():
         assert (g_ours - g_peft).abs().max() <= bounds.gamma(3) * 3 * g_peft.abs().max(), kind
 
 
+def test_a_bf16_model_gives_its_float32_prompt_peft_gradient():
+    # both keep the prompt in float32 and sum the batch's gradients in float32 (here they were
+    # summed in bf16 once, the prompt cast before being expanded over the batch)
+    ours, theirs = pair(lambda: models.llama().to(torch.bfloat16))
+    ids = models.ids(8, 6)
+    a, b = ours(input_ids=ids, labels=ids).loss, theirs(input_ids=ids, labels=ids).loss
+    assert torch.equal(a, b)
+    a.backward()
+    b.backward()
+    g_ours = ours.get_input_embeddings().prompts["default"].grad
+    g_peft = theirs.prompt_encoder["default"].embedding.weight.grad
+    assert g_ours.dtype == g_peft.dtype == torch.float32
+    assert (g_ours - g_peft).abs().max() <= bounds.gamma(8) * 8 * g_peft.abs().max()  # as in the float32 test
+    assert not torch.equal(g_ours, g_ours.bfloat16().float())  # not a bf16 sum: float32 bits are used
+
+
 def test_sequence_classification_equals_peft_exactly():
     ours, theirs = pair(bert_cls, task="SEQ_CLS")
     ids, labels = models.ids(3, 7), torch.tensor([0, 2, 1])

@@ -81,6 +81,30 @@ def test_eject_restores_the_model_and_removes_the_hook():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_a_deepcopy_ejects_its_own_hooks():
+    model = models.llama()
+    lowrank.inject(model, lowrank.PromptConfig(num_virtual_tokens=N))
+    twin = copy.deepcopy(model)  # hooks copied with the modules
+    for _ in range(2):
+        lowrank.eject(twin)
+        assert not any(m._forward_pre_hooks for m in twin.modules())
+        lowrank.inject(twin, lowrank.PromptConfig(num_virtual_tokens=N))
+        assert sum(len(m._forward_pre_hooks) for m in twin.modules()) == 2  # LlamaForCausalLM and its LlamaModel
+    lowrank.eject(model)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_inputs_embeds_once_used_in_a_decode_step_still_get_the_prompt():
+    model = models.llama().eval()
+    lowrank.inject(model, lowrank.PromptConfig(num_virtual_tokens=N))
+    embed, ids = model.get_input_embeddings(), models.ids(1, 5)
+    x = embed(ids).detach()
+    want = model(inputs_embeds=x.clone()).logits  # (1, N + 5, vocab)
+    cache = model(inputs_embeds=embed(ids[:, :2]).detach(), use_cache=True).past_key_values
+    model(inputs_embeds=x, cache=cache)  # x as a decode step's input: the hook must not mark x itself as done
+    assert torch.equal(model(inputs_embeds=x).logits, want)
+
+
 def test_two_prompts_are_joined_in_activation_order():
     model = injected(models.llama)
     lowrank.inject(model, lowrank.PromptConfig(num_virtual_tokens=2), name="b")

@@ -1,0 +1,123 @@
+"""Where prefix tokens sit: positions as transformers' own cache path gives them (the prefix as
+P past tokens, PEFT's view), for models numbering positions from the padding (RoBERTa), for a
+call of the inner model, under per-sample routing, with a StaticCache, and with a prompt too."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.tuners.prefix import layers
+
+from . import models
+
+transformers = pytest.importorskip("transformers")
+
+
+def cache_path(base, ours, name="default", **kwargs):
+    """transformers' own path for a KV prefix: a DynamicCache holding the prefix of `ours`
+    (adapter `name`), the mask widened by P ones; the model counts P past tokens."""
+    cache = transformers.DynamicCache(config=base.config)
+    B = next(v for v in kwargs.values() if isinstance(v, torch.Tensor)).shape[0]
+    for i, layer in enumerate(layers(ours, name)):
+        k, v = layer.prefixes(B, torch.float32)
+        cache.update(k, v, i)
+    mask = kwargs.pop("attention_mask")
+    return base(attention_mask=torch.cat([mask.new_ones(B, k.shape[2]), mask], 1), cache=cache, **kwargs)
+
+
+def roberta():
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
+                                     num_labels=3, pad_token_id=1, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    return transformers.RobertaForSequenceClassification(cfg).eval()
+
+
+def test_roberta_numbers_positions_from_the_padding_plus_the_prefix():
+    # RoBERTa's position of a token: padding_idx + its count of real tokens + past; padding: padding_idx
+    base = roberta()
+    ours = copy.deepcopy(base)
+    lowrank.inject(ours, lowrank.PrefixConfig(num_virtual_tokens=3))
+    models.randomize_adapters(ours, std=1.0)
+    ids = torch.randint(2, models.VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 4:], ids[0, 4:] = 0, 1  # right padding with the pad id
+    assert torch.equal(ours(input_ids=ids, attention_mask=mask).logits,
+                       cache_path(base, ours, input_ids=ids, attention_mask=mask).logits)
+    # from inputs_embeds RoBERTa numbers 2.. whatever the past: the cache path does not shift them either
+    embeds = base.get_input_embeddings()(ids)
+    assert torch.equal(ours(inputs_embeds=embeds, attention_mask=mask).logits,
+                       cache_path(base, ours, inputs_embeds=embeds, attention_mask=mask).logits)
+
+
+def test_the_inner_model_called_alone_shifts_too():
+    base = models.llama().eval()
+    ours = copy.deepcopy(base)
+    lowrank.inject(ours, lowrank.PrefixConfig(num_virtual_tokens=3))
+    models.randomize_adapters(ours, std=1.0)
+    ids = models.ids()
+    mask = torch.ones_like(ids)
+    want = cache_path(base.model, ours, input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(ours.model(input_ids=ids).last_hidden_state, want)
+    assert torch.equal(ours(input_ids=ids, output_hidden_states=True).hidden_states[-1], want)  # once, not twice
+    lowrank.eject(ours)
+    assert not any(m._forward_pre_hooks for m in ours.modules())
+
+
+def test_a_route_past_the_prefix_does_not_shift_positions():
+    # per_sample to LoRA (or the base) skips the prefix's attention; its positions must not move either
+    base = models.gpt2().eval()
+    model = copy.deepcopy(base)
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets=["c_fc"]), "lora")
+    models.randomize_adapters(model)
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=5), "prefix")
+    lowrank.set_active(model, ["lora", "prefix"])
+    ids = models.ids()
+    with lowrank.per_sample(model, ["__base__", "__base__"]):
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    with lowrank.per_sample(model, ["lora", "__base__"]):
+        routed = model(input_ids=ids).logits
+    lowrank.set_active(model, "lora")
+    assert torch.equal(routed[0], model(input_ids=ids).logits[0])
+    assert torch.equal(routed[1], base(input_ids=ids).logits[1])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_static_cache_generates_as_the_dynamic_one(attention):
+    # sdpa without padding gets no mask: the prefix's causal mask must span the static cache's slots
+    model = models.llama().eval()
+    model.set_attn_implementation(attention)
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=3))
+    models.randomize_adapters(model, std=1.0)
+    ids = models.ids(1, 6)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    dynamic = model.generate(**kw)
+    static = model.generate(cache_implementation="static", **kw)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    # the static cache's masked slots add exact zeros to the softmax sums: equal up to the summation's order
+    for a, b in zip(static.scores, dynamic.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix_first", [True, False])
+def test_a_prompt_and_a_prefix_sit_prefix_then_prompt_whichever_came_first(prefix_first):
+    # [prefix (P) ; prompt (n) ; text]: the prompt at positions P..P+n-1
+    base = models.llama().eval()
+    ours = copy.deepcopy(base)
+    configs = [(lowrank.PrefixConfig(num_virtual_tokens=3), "prefix"), (lowrank.PromptConfig(num_virtual_tokens=2), "prompt")]
+    for config, name in configs if prefix_first else configs[::-1]:
+        lowrank.inject(ours, config, name)
+    lowrank.set_active(ours, ["prefix", "prompt"])
+    models.randomize_adapters(ours, std=1.0)
+    ids = models.ids()
+    prompt = ours.get_input_embeddings().prompts["prompt"]  # (n, d)
+    embeds = torch.cat([prompt.expand(ids.shape[0], -1, -1), base.get_input_embeddings()(ids)], dim=1)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    want = cache_path(base, ours, "prefix", inputs_embeds=embeds, attention_mask=mask).logits
+    assert torch.equal(ours(input_ids=ids).logits, want)
