@@ -281,7 +281,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         return io_prompt.load(model, path, peft_config, name, strict, allow_pickle, dtype)
     if peft_config.get("peft_type") == io_prefix.PEFT_TYPE:
         return io_prefix.load(model, peft_config, read_weights(path, allow_pickle), name, str(cfg_file), LoadResult,
-                              dtype)
+                              dtype, strict)
     config = config_from_peft(peft_config, str(cfg_file))
     weights = read_weights(path, allow_pickle)
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}

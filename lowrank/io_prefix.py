@@ -86,14 +86,16 @@ def config_from_peft(peft_config: dict, source: str) -> PrefixConfig:
 
 
 def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], name: str, source: str, result_type,
-         dtype=None):
+         dtype=None, strict: bool = True):
     """Inject prefix adapter `name` and fill it from PEFT's `prompt_embeddings`. Raises (and
-    ejects again) when the file's layer count, heads or width do not fit the model."""
+    ejects again) when the file's layer count, heads or width do not fit the model; keys of
+    the file it has no place for, and a task head that does not fit, raise when `strict`, else
+    are reported in the result (as for the other adapter kinds)."""
     config = config_from_peft(peft_config, source)
     if KEY not in weights:
         raise ValueError(f"{source}: no {KEY!r} tensor in the adapter weights (keys: {sorted(weights)})")
     pairs, base, unexpected, mismatched = io_prompt.load_head(model, peft_config, weights)  # See Note: task heads
-    if unexpected or mismatched:
+    if strict and (unexpected or mismatched):
         raise ValueError(f"{source}: unexpected keys for a prefix adapter: {unexpected}" if unexpected else
                          f"{source}: the task head does not fit (key, file, model): {mismatched}")
     table = weights[KEY]
@@ -112,10 +114,11 @@ def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], 
             for layer, chunk in zip(found, table.split(widths, dim=1)):  # (P, 2 d_kv) each
                 layer.kv[name].copy_(chunk)
             for param, value in pairs:
-                param.copy_(value)
+                if param.shape == value.shape:  # (a head that does not fit is reported, not loaded, when not strict)
+                    param.copy_(value)
     except BaseException:
         from .io import undo_inject  # io imports this module first
 
         undo_inject(model, name, before)
         raise
-    return result_type(modules, [], [], [], base)
+    return result_type(modules, [], unexpected, mismatched, base)

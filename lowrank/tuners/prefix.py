@@ -76,14 +76,22 @@ def is_attention(module: nn.Module) -> bool:
 def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
     """Every attention module of the model that holds no other: the self-attention of each
     layer (Llama/Qwen2 `self_attn`, GPT-2 `attn`, BERT `attention.self`, nn.MultiheadAttention)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError(_ENCODER_DECODER.format(where=type(model).__name__))
     found = {n: m for n, m in _named(model) if is_attention(m)}
     inner = [n for n in found if not any(o != n and o.startswith(n + ".") for o in found)]
-    return tuple(inner) if inner else (no_attention_found,)  # inject then says what it could wrap
+    if not inner:
+        kinds = sorted({type(m).__name__ for _, m in _named(model) if "attention" in type(m).__name__.lower()})
+        seen = f" (its attention modules: {kinds[:4]})" if kinds else ""
+        raise TypeError(f"{type(model).__name__} has no attention module a prefix can go on{seen}: {_NEEDS}")
+    return tuple(inner)
 
 
-def no_attention_found(name: str, module: nn.Module) -> bool:
-    """The default target when a model has no attention module a prefix can go on."""
-    return False
+_NEEDS = (f"a prefix needs nn.MultiheadAttention or an attention module with a `layer_idx`, a forward taking one of "
+          f"{CACHE_ARGS} and readable key/value heads and head size (see docs/prefix.md, 'What an attention module "
+          "must offer')")
+_ENCODER_DECODER = ("cannot put a prefix on {where!r}: encoder-decoder models need separate encoder and decoder "
+                    "prefixes and no prefix on cross-attention, which lowrank does not do yet")
 
 
 class PrefixLayer(TunerLayer):
@@ -213,14 +221,9 @@ def check(module: nn.Module, config: PrefixConfig, name: str, where: str) -> Non
                          f"or remove it first with lowrank.eject(model, {name!r})")
     inner = _inner(module)
     if getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
-        raise NotImplementedError(f"cannot put a prefix on {where!r}: encoder-decoder models need separate encoder and "
-                                  "decoder prefixes and no prefix on cross-attention, which lowrank does not do yet")
+        raise NotImplementedError(_ENCODER_DECODER.format(where=where))
     if not is_attention(inner):
-        raise TypeError(
-            f"cannot put a prefix on {where!r}, a {type(inner).__name__}: a prefix needs nn.MultiheadAttention or an "
-            f"attention module with a `layer_idx`, a forward taking one of {CACHE_ARGS} and readable key/value "
-            "heads and head size (see docs/prefix.md, 'What an attention module must offer')"
-        )
+        raise TypeError(f"cannot put a prefix on {where!r}, a {type(inner).__name__}: {_NEEDS}")
 
 
 def wrap(module: nn.Module, config: PrefixConfig, name: str, where: str) -> nn.Module:

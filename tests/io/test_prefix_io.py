@@ -102,3 +102,19 @@ def test_encoder_decoder_prefix_files_are_refused(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "num_transformer_submodules": 2}))
     with pytest.raises(NotImplementedError, match="num_transformer_submodules=2"):
         lowrank.load_adapter(models.llama(), tmp_path / "a")
+
+
+def test_strict_false_reports_keys_it_has_no_place_for(tmp_path):
+    # as for LoRA and prompt files: strict=False loads what fits and says what did not
+    model = models.llama().eval()
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2))
+    models.randomize_adapters(model)
+    lowrank.save_adapter(model, tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    safetensors_torch.save_file({**safetensors_torch.load_file(file), "extra.weight": torch.zeros(2)}, file)
+    with pytest.raises(ValueError, match=r"unexpected keys for a prefix adapter: \['extra.weight'\]"):
+        lowrank.load_adapter(models.llama().eval(), tmp_path / "a")
+    again = models.llama().eval()
+    result = lowrank.load_adapter(again, tmp_path / "a", strict=False)
+    assert result.unexpected == ["extra.weight"] and result.missing == []
+    assert torch.equal(logits(again), logits(model))
