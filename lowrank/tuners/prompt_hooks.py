@@ -38,6 +38,8 @@ import weakref
 import torch
 from torch import nn
 
+from .prefix_attention import check_positions
+
 CACHES = ("cache", "past_key_values")  # the KV cache's name: transformers >= 5.x, and before
 PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask", "padding_mask")  # (B, T): True / -inf = padding
 ATTENTION_MASKS = ("mask", "src_mask", "attn_mask")  # (T, T): True / -inf = may not attend
@@ -186,6 +188,7 @@ def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
     b, t = embeds.shape[:2]
     past = _cache_length(next((kw[c] for c in CACHES if kw.get(c) is not None), None))
     decoding = past > 0  # See Note: decode steps: the cache already holds the prompt
+    check_positions(host, past + t + (0 if decoding else n), f"prompt tuning ({n} virtual tokens, {past} past, {t} new)")
     mask = kw.get("attention_mask")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != t + max(past - n, 0):

@@ -1,6 +1,7 @@
 """Where prefix tokens sit: positions as transformers' own cache path gives them (the prefix as
 P past tokens, PEFT's view), for models numbering positions from the padding (RoBERTa), for a
-call of the inner model, under per-sample routing, with a StaticCache, and with a prompt too."""
+call of the inner model, under per-sample routing, with a StaticCache, with a prompt too; and a
+clear error where the positions outgrow a table of position embeddings."""
 
 from __future__ import annotations
 
@@ -121,3 +122,22 @@ def test_a_prompt_and_a_prefix_sit_prefix_then_prompt_whichever_came_first(prefi
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
     want = cache_path(base, ours, "prefix", inputs_embeds=embeds, attention_mask=mask).logits
     assert torch.equal(ours(input_ids=ids).logits, want)
+
+
+@pytest.mark.parametrize("config", [lowrank.PrefixConfig(num_virtual_tokens=6), lowrank.PromptConfig(num_virtual_tokens=6)],
+                         ids=["prefix", "prompt"])
+def test_positions_past_the_table_are_named(config):
+    # GPT-2's learned position table (n_positions); an IndexError in the embedding before
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=models.VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=10)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    lowrank.inject(model, config)
+    kind = "prefix" if isinstance(config, lowrank.PrefixConfig) else "prompt"
+    assert model(input_ids=models.ids(1, 4)).logits.shape[1] == (4 if kind == "prefix" else 10)  # 6 + 4 fit
+    with pytest.raises(ValueError, match=rf"^{kind} tuning \(6 virtual tokens, 0 past, 5 new\) needs 11 positions, "
+                                         r"but GPT2LMHeadModel's position embeddings hold 10 \(max_position_embeddings=10\)"):
+        model(input_ids=models.ids(1, 5))
+    # a rotary model has no table: Llama runs past max_position_embeddings as it does without a prefix
+    llama = models.llama().eval()
+    lowrank.inject(llama, config)
+    llama(input_ids=models.ids(1, llama.config.max_position_embeddings))
