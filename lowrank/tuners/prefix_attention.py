@@ -220,7 +220,7 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
     past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
     T = source.shape[1]
     maker = _position_maker(model)
-    check_positions(model, past + P + T, f"prefix tuning ({P} virtual tokens, {past} past, {T} new)")
+    check_positions(model, past + P + T, f"prefix tuning ({P} virtual tokens, {past} past, {T} new)", maker)
     if maker is None:
         arguments["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
     elif arguments.get("input_ids") is not None:  # See Note: positions from the padding.
@@ -236,7 +236,7 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
 # tokens (transformers' cache path, PEFT's) that is the same count + P. From inputs_embeds such
 # models number padding_idx + 1 + arange(T) whatever the past (create_position_ids_from_inputs_embeds
 # takes no past length), so neither path shifts them and the hook leaves them alone.
-def check_positions(model: nn.Module, count: int, what: str) -> None:
+def check_positions(model: nn.Module, count: int, what: str, maker: nn.Module | None = ...) -> None:
     """Raise naming the limit when `count` positions do not fit a table of absolute position
     embeddings (GPT-2, BERT, RoBERTa: a config with max_position_embeddings and no RoPE), instead
     of an IndexError in the embedding. RoBERTa's kin number from padding_idx + 1."""
@@ -246,7 +246,7 @@ def check_positions(model: nn.Module, count: int, what: str) -> None:
             or getattr(config, "position_biased_input", True) is False  # DeBERTa-v2: relative positions only
             or getattr(config, "position_embedding_type", "absolute") != "absolute"):
         return
-    maker = _position_maker(model)
+    maker = _position_maker(model) if maker is ... else maker
     first = maker.padding_idx + 1 if maker is not None else 0
     if first + count > limit:
         raise ValueError(f"{what} needs {count} positions, but {type(model).__name__}'s position embeddings hold "
