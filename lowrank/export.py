@@ -253,11 +253,16 @@ def quantization_config(quantized: dict[str, Linear4bit], modules) -> dict:
 
     doubles = {m.weight.double_quant for m in quantized.values()}
     computes = {m.compute_dtype for m in quantized.values()}
+    if len(computes) > 1:  # the format has one bnb_4bit_compute_dtype: a load would compute all layers in it
+        by = {str(d).removeprefix("torch."): [n for n, m in quantized.items() if m.compute_dtype == d][:3] for d in computes}
+        raise ValueError(f"the 4-bit layers compute in several dtypes ({by}); the bitsandbytes format records one "
+                         "(bnb_4bit_compute_dtype), so the loaded model would compute differently: give every "
+                         "Linear4bit one compute_dtype first")
     dense = sorted(n for n, m in modules if is_linear_like(m) and n not in quantized
                    and not isinstance(m, Linear4bit) and not any(n.startswith(q + ".") for q in quantized))
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": doubles == {True},
-            "bnb_4bit_compute_dtype": str(computes.pop() if len(computes) == 1 else torch.float32).removeprefix("torch."),
+            "bnb_4bit_compute_dtype": str(computes.pop() if computes else torch.float32).removeprefix("torch."),
             "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": dense or None,
             "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 

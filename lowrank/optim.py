@@ -114,6 +114,7 @@ class PagedAdamW(torch.optim.AdamW):
             self._page_in()
         # See Note: 8-bit states. Their parameters are updated here, then hidden from AdamW's step
         # (a parameter without grad is one it skips) and given their grads back after it.
+        self._check_step()
         hidden = []
         try:
             for group in self.param_groups:
@@ -127,6 +128,24 @@ class PagedAdamW(torch.optim.AdamW):
             for p, grad in hidden:
                 p.grad = grad
         return loss
+
+    def _check_step(self) -> None:
+        """Before any parameter moves: what the 8-bit update cannot do, and sparse gradients
+        (AdamW refuses them too, but only after the 8-bit parameters would have moved)."""
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients, please consider SparseAdam instead")
+                if not self._in_8bit(p):
+                    continue
+                if group["amsgrad"]:
+                    raise ValueError(f"param group {i} has amsgrad=True, which needs float32 states: 8-bit AdamW has "
+                                     "no amsgrad; use state_bits=32, or amsgrad=False")
+                if not p.is_floating_point():
+                    raise TypeError(f"state_bits=8 takes real floating parameters; param group {i} has a {p.dtype} one "
+                                    f"of shape {tuple(p.shape)}: use state_bits=32 (AdamW's update views it as real)")
 
     def _zeros(self, p: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
         """A state tensor for p: in managed memory for a paged CUDA parameter."""
@@ -205,7 +224,9 @@ class PagedAdamW(torch.optim.AdamW):
             torch.float32), BLOCKSIZE_8BIT)
         v = nf4.dequantize_8bit(flat([s["state2"] for s in states]), flat([s["absmax2"] for s in states]).view(
             torch.float32), BLOCKSIZE_8BIT, signed=False)
-        grad = flat([p.grad for p in params]).float()
+        grad = flat([p.grad for p in params]).float()  # may be p.grad itself: never changed in place
+        if group["maximize"]:
+            grad = -grad  # AdamW's maximize: ascend
         p32 = flat([p.detach() for p in params]).float()  # p itself (a view) for one contiguous float32 p
         m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)

@@ -165,7 +165,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
     """`with atomic_directory(out) as tmp:` write into tmp; on success it becomes `out` (See
     Note: atomic directories). `carry_over`: tmp starts with a copy of what `out` holds, so the
     files the block does not rewrite survive the swap."""
-    target = pathlib.Path(target)
+    # a symbolic link: the directory it points to is replaced and the link kept (swapping the link
+    # itself turned it into a directory); "." and its parents cannot be swapped out from under us
+    target = pathlib.Path(os.path.realpath(target))
+    if target == pathlib.Path.cwd() or target in pathlib.Path.cwd().parents:
+        raise ValueError(f"{target} is the current directory or holds it; write into a new directory below it")
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
     if target.exists() and any(target.iterdir()) and not overwrite:

@@ -228,6 +228,40 @@ def test_8bit_arguments_are_checked():
         AdamW8bit([sharded]).step()
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_8bit_maximize_ascends_as_adamw_does(foreach):
+    # AdamW's maximize steps with -grad: the 8-bit update of g with maximize is the one of -g, bit for bit
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 4096) for _ in range(4)]
+    up, down = (torch.nn.Parameter(torch.randn(3, 4096)) for _ in range(2))
+    with torch.no_grad():
+        down.copy_(up)
+    small = torch.nn.Parameter(torch.ones(8))  # below min_8bit_size: AdamW's own maximize
+    opt_up = AdamW8bit([{"params": [up, small], "maximize": True}], lr=1e-2, foreach=foreach)
+    opt_down = AdamW8bit([down], lr=1e-2, foreach=foreach)
+    for g in grads:
+        up.grad, down.grad, small.grad = g.clone(), -g, torch.ones(8)
+        opt_up.step()
+        opt_down.step()
+        assert torch.equal(up.grad, g)  # the gradient is not negated in place
+    assert torch.equal(up, down) and (small > 1).all()
+
+
+def test_8bit_refuses_before_any_parameter_moves():
+    big = torch.nn.Parameter(torch.zeros(4096))
+    for bad, error, match in [({"amsgrad": True}, ValueError, "param group 1 has amsgrad=True, which needs float32"),
+                              ({"sparse": True}, RuntimeError, "AdamW does not support sparse gradients"),
+                              ({"complex": True}, TypeError, "state_bits=8 takes real floating parameters; param group "
+                                                             r"1 has a torch.complex64 one of shape \(4096,\)")]:
+        odd = torch.nn.Parameter(torch.zeros(4096, dtype=torch.complex64 if "complex" in bad else torch.float32))
+        opt = AdamW8bit([{"params": [big]}, {"params": [odd], "amsgrad": "amsgrad" in bad}], lr=0.1)
+        big.grad = torch.ones(4096)
+        odd.grad = torch.ones(4096).to_sparse() if "sparse" in bad else torch.ones_like(odd)
+        with pytest.raises(error, match=match):
+            opt.step()
+        assert not big.any() and not opt.state  # nothing moved, no step counted
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_8bit_states_are_managed_and_the_first_step_is_the_cpus():

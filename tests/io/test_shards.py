@@ -95,6 +95,23 @@ def test_atomic_directory_replaces_a_whole_directory(tmp_path, monkeypatch, can_
     assert (out / "old.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_symlinked_target_keeps_its_link_and_the_cwd_is_refused(tmp_path, monkeypatch):
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "old.txt").write_text("old")
+    link.symlink_to(real, target_is_directory=True)
+    with shards.atomic_directory(link, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and sorted(p.name for p in link.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no temporary left beside either
+    monkeypatch.chdir(real)
+    for here in (".", tmp_path):
+        with pytest.raises(ValueError, match="is the current directory or holds it"):
+            with shards.atomic_directory(here, overwrite=True):
+                pass
+    assert sorted(p.name for p in real.iterdir()) == ["new.txt"]
+
+
 def test_exchange_swaps_two_directories(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

@@ -5,6 +5,7 @@ and one transformers writes loads into lowrank, with identical dequantized weigh
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -101,6 +102,11 @@ def test_refusals(dense_dir, tmp_path):
     with pytest.raises(ValueError, match="the model has adapters"):
         lowrank.save_quantized(model, tmp_path / "q")
     lowrank.eject(model)
+    mixed = copy.deepcopy(model)
+    mixed.model.layers[0].self_attn.q_proj.compute_dtype = torch.bfloat16  # the format holds one compute dtype
+    with pytest.raises(ValueError, match=r"compute in several dtypes \(.*'bfloat16': \['model.layers.0.self_attn.q_proj'\]"):
+        lowrank.save_quantized(mixed, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
     lowrank.save_quantized(model, tmp_path / "q")
     other = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.from_pretrained(dense_dir, intermediate_size=192))
