@@ -153,8 +153,8 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(shape.size() == 2, message("the weight must be 2-d [N, K], got shape ", shape));
   const int64_t N = shape[0], K = shape[1];
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, message("x must be [..., K] with K = ", K, ", got ", x.sizes()));
-  TORCH_CHECK(K % kGemvGroup == 0 && K % blocksize == 0,
-              message("K must be a multiple of 32 and of blocksize ", blocksize, ", got K = ", K));
+  TORCH_CHECK(K > 0 && K % kGemvGroup == 0 && K % blocksize == 0,
+              message("K must be a positive multiple of 32 and of blocksize ", blocksize, ", got K = ", K));
   const int64_t M = x.numel() / K;
   TORCH_CHECK(M >= 1 && M <= kGemvMaxRows,
               message("x must have 1 to ", kGemvMaxRows, " rows (x.numel() / K), got ", M));
@@ -201,8 +201,10 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
 at::Tensor cpu_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                     at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
-  const int64_t K = shape[1], M = x.numel() / K;
-  if (K % kGemvGroup != 0 || K % blocksize != 0 || M < 1 || M > kGemvMaxRows) return {};
+  const int64_t K = shape[1];
+  if (K <= 0 || K % kGemvGroup != 0 || K % blocksize != 0) return {};  // K = 0: the reference's empty product
+  const int64_t M = x.numel() / K;
+  if (M < 1 || M > kGemvMaxRows) return {};
   return linear_op(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
 }
 

@@ -61,8 +61,9 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(shape.size() == 2, message("the weight must be 2-d [N, K], got shape ", shape));
   const int64_t N = shape[0], K = shape[1];
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, message("x must be [..., K] with K = ", K, ", got ", x.sizes()));
-  TORCH_CHECK(K % 32 == 0 && blocksize % 32 == 0,
-              message("K and blocksize must be multiples of 32; got K = ", K, ", blocksize ", blocksize));
+  TORCH_CHECK(K > 0 && K % 32 == 0 && blocksize % 32 == 0,
+              message("K must be a positive multiple of 32 and blocksize a multiple of 32; got K = ", K, ", blocksize ",
+                      blocksize));
   const int64_t M = x.numel() / K;
   const bool simt = kernel == kGemvSimt || (kernel == kGemvAuto && x.scalar_type() == at::kFloat);
   TORCH_CHECK(kernel >= kGemvAuto && kernel <= kGemvMmaLut,
@@ -98,8 +99,10 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
 at::Tensor cuda_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                      at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
-  const int64_t K = shape[1], M = x.numel() / K;
-  if (K % 32 != 0 || M < 1 || M > kCudaGemvOpMaxRows) return {};
+  const int64_t K = shape[1];
+  if (K <= 0 || K % 32 != 0) return {};  // K = 0: the reference's empty product
+  const int64_t M = x.numel() / K;
+  if (M < 1 || M > kCudaGemvOpMaxRows) return {};
   // a view at an odd offset: the GEMV's 128-bit loads need 16-byte alignment
   const at::Tensor p = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0 ? packed.clone() : packed;
   return linear_cuda_op(x, p, absmax, nested_absmax, offset, shape, blocksize, bias, kGemvAuto);

@@ -69,6 +69,19 @@ def test_shapes_the_gemv_does_not_take_fall_back_exactly(forced_csrc):
     assert torch.equal(ops.nf4_linear(x, q), ref)
 
 
+def test_an_empty_k_is_the_empty_product(forced_csrc):
+    # K = 0 divided M = x.numel() / K in the C++ GEMV's dispatch: SIGFPE, the process killed
+    q = nf4.quantize(torch.empty(8, 0), 64)
+    bias = torch.randn(8)
+    x = torch.randn(2, 3, 0, requires_grad=True)
+    y = ops.nf4_linear(x, q, bias)
+    assert torch.equal(y, bias.expand(2, 3, 8))
+    y.sum().backward()
+    assert x.grad.shape == (2, 3, 0)
+    with pytest.raises(RuntimeError, match="K must be a positive multiple of 32"):
+        csrc._C.nf4_linear_cpu(x.detach(), *fields(q), None)
+
+
 @pytest.fixture
 def python_calls():
     """Counts the calls lowrank._C's C++ kernels hand back to the ops' Python kernels
