@@ -13,7 +13,9 @@ from . import backends
 
 
 def _weight(packed, absmax, nested_absmax, offset, shape, blocksize, dtype) -> NF4Weight:
-    return NF4Weight(packed, absmax, torch.Size(shape), dtype, blocksize, nested_absmax, offset)
+    # the ops check sizes by numel, so packed may come as bitsandbytes stores it, (bytes, 1): flat views
+    flat = [t if t is None else t.reshape(-1) for t in (packed, absmax, nested_absmax)]
+    return NF4Weight(flat[0], flat[1], torch.Size(shape), dtype, blocksize, flat[2], offset)
 
 
 @backends.register("nf4_dequantize", "reference")

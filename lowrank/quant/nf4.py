@@ -239,6 +239,9 @@ def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     if absmax.numel() == 0:
         return absmax.to(torch.uint8), absmax.new_zeros(0), absmax.new_zeros(())
     offset = absmax.mean()
+    if not torch.isfinite(offset):  # finite maxima near float32's max (3.4e38) whose mean overflows
+        raise ValueError(f"double quantization needs the mean of the block maxima in float32, and it overflows (the "
+                         f"largest is {absmax.max().item():.4g}); use double_quant=False for such weights")
     qabsmax, nested_absmax = quantize_8bit(absmax - offset)
     return qabsmax, nested_absmax, offset
 

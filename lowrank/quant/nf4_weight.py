@@ -27,6 +27,10 @@ class NF4Weight:
     offset: torch.Tensor | None = None  # float32 0-d: mean of the scales, only when double-quantized
 
     def __post_init__(self) -> None:
+        from .nf4 import BLOCKSIZES  # here: nf4 imports this module
+
+        if type(self.blocksize) is not int or self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"NF4Weight.blocksize must be one of {BLOCKSIZES}; got {self.blocksize!r}")
         object.__setattr__(self, "shape", torch.Size(self.shape))
         n, blocks = self.numel, math.ceil(self.numel / self.blocksize)
         expect = {"packed": ((n + 1) // 2, torch.uint8), "absmax": (blocks, torch.float32)}

@@ -82,6 +82,17 @@ def test_an_empty_k_is_the_empty_product(forced_csrc):
         csrc._C.nf4_linear_cpu(x.detach(), *fields(q), None)
 
 
+@pytest.mark.parametrize("backend", ["csrc", "reference"])
+def test_packed_as_bitsandbytes_stores_it_is_taken(monkeypatch, backend):
+    # (bytes, 1), the layout of bitsandbytes' state dicts: the ops check numel, the reference indexed with it
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    q = weight(8, 64, 32)
+    args = (q.packed.view(-1, 1), q.absmax, q.nested_absmax, q.offset, [8, 64], 32)
+    assert torch.equal(torch.ops.lowrank.nf4_dequantize(*args, torch.float32), nf4.dequantize(q))
+    x = torch.randn(3, 64)
+    assert torch.equal(torch.ops.lowrank.nf4_linear(x, *args, None), ops.nf4_linear(x, q))
+
+
 @pytest.fixture
 def python_calls():
     """Counts the calls lowrank._C's C++ kernels hand back to the ops' Python kernels

@@ -153,6 +153,23 @@ def test_non_finite_weight_names_count_and_first_index(bad):
     assert torch.equal(w.view(torch.int32), before.view(torch.int32))  # untouched, bit for bit (NaN != NaN)
 
 
+def test_block_maxima_whose_mean_overflows_say_so():
+    # finite weights near float32's max: their mean (double quantization's offset) overflowed to inf
+    # and quantize_8bit indexed its code table with -2**31
+    w = torch.zeros(64, 32)
+    w[0, 0] = w[1, 0] = torch.finfo(torch.float32).max
+    with pytest.raises(ValueError, match=r"mean of the block maxima .* overflows .* use double_quant=False"):
+        nf4.quantize(w, 32)
+    assert torch.equal(nf4.dequantize(nf4.quantize(w, 32, double_quant=False)), w)  # max and 0 are both codes
+
+
+@pytest.mark.parametrize("blocksize", [0, 48, 64.0, True])
+def test_an_nf4weight_of_a_blocksize_the_codec_does_not_make_is_refused(blocksize):
+    q = nf4.quantize(torch.randn(8, 64), 64)
+    with pytest.raises(ValueError, match=rf"NF4Weight.blocksize must be one of \(32, 64, .*\); got {blocksize!r}"):
+        nf4.NF4Weight(q.packed, q.absmax, q.shape, q.dtype, blocksize, q.nested_absmax, q.offset)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, torch.complex64, torch.float64])
 def test_unsupported_dtype(dtype):
     with pytest.raises(TypeError, match=rf"got {dtype}"):
