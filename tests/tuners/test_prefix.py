@@ -192,13 +192,6 @@ def test_prefix_tuning_learns_a_small_task(hidden, lr):
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
-def test_per_sample_routing_is_refused():
-    model = models.llama().eval()
-    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2))
-    with lowrank.per_sample(model, ["default", "__base__"]), pytest.raises(NotImplementedError, match="per sample"):
-        models.run(model, models.ids())
-
-
 # -- encoders -----------------------------------------------------------------------------
 def _cache_oracle(base, ours, ids, mask):
     """transformers' own path for a KV prefix (what PEFT does): a cache holding the prefix, the
@@ -387,27 +380,6 @@ def test_a_deepcopy_of_a_reparameterised_prefix_uses_its_own_mlp():
     twin = copy.deepcopy(model)
     found = layers(twin, "default")
     assert all(layer._owners["default"] is found[0] for layer in found)
-
-
-def test_nested_injected_models_shift_positions_once():
-    """inject into the LM and (another adapter) into its inner model: two hooks, one shift."""
-    nested = models.llama().eval()
-    lowrank.inject(nested, lowrank.PrefixConfig(num_virtual_tokens=3))
-    lowrank.inject(nested.model, lowrank.PrefixConfig(num_virtual_tokens=2), "inner")
-    lowrank.set_active(nested, "default")
-    single = models.llama().eval()
-    lowrank.inject(single, lowrank.PrefixConfig(num_virtual_tokens=3))
-    with torch.no_grad():
-        for mine, theirs in zip(layers(nested, "default"), layers(single, "default")):
-            mine.kv["default"].copy_(theirs.kv["default"])
-    x = models.ids()
-    expected = models.run(single, x)
-    assert torch.equal(models.run(nested, x), expected)
-    with pytest.raises(TypeError):
-        nested(x, input_ids=x)  # a call failing in the hook itself must not leave the shift switched off
-    assert torch.equal(models.run(nested, x), expected)
-    with lowrank.disabled(single):
-        assert not torch.equal(models.run(single, x), expected)
 
 
 def test_encoder_decoder_models_are_refused():

@@ -141,3 +141,31 @@ def test_positions_past_the_table_are_named(config):
     llama = models.llama().eval()
     lowrank.inject(llama, config)
     llama(input_ids=models.ids(1, llama.config.max_position_embeddings))
+
+
+def test_per_sample_routing_is_refused():
+    model = models.llama().eval()
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2))
+    with lowrank.per_sample(model, ["default", "__base__"]), pytest.raises(NotImplementedError, match="per sample"):
+        models.run(model, models.ids())
+
+
+def test_nested_injected_models_shift_positions_once():
+    """inject into the LM and (another adapter) into its inner model: two hooks, one shift."""
+    nested = models.llama().eval()
+    lowrank.inject(nested, lowrank.PrefixConfig(num_virtual_tokens=3))
+    lowrank.inject(nested.model, lowrank.PrefixConfig(num_virtual_tokens=2), "inner")
+    lowrank.set_active(nested, "default")
+    single = models.llama().eval()
+    lowrank.inject(single, lowrank.PrefixConfig(num_virtual_tokens=3))
+    with torch.no_grad():
+        for mine, theirs in zip(layers(nested, "default"), layers(single, "default")):
+            mine.kv["default"].copy_(theirs.kv["default"])
+    x = models.ids()
+    expected = models.run(single, x)
+    assert torch.equal(models.run(nested, x), expected)
+    with pytest.raises(TypeError):
+        nested(x, input_ids=x)  # a call failing in the hook itself must not leave the shift switched off
+    assert torch.equal(models.run(nested, x), expected)
+    with lowrank.disabled(single):
+        assert not torch.equal(models.run(single, x), expected)
