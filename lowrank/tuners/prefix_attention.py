@@ -219,7 +219,8 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
     cache = next((c for c in (arguments.get(a, nested.get(a)) for a in CACHE_ARGS) if c is not None), None)
     past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
     T = source.shape[1]
-    maker = _position_maker(model)
+    config = getattr(model, "config", None)  # a rotary model numbers by arange: no walk over its modules per call
+    maker = None if any(getattr(config, a, None) is not None for a in ROPE) else _position_maker(model)
     check_positions(model, past + P + T, f"prefix tuning ({P} virtual tokens, {past} past, {T} new)", maker)
     if maker is None:
         arguments["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
