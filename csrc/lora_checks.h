@@ -45,7 +45,7 @@ inline void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tenso
                       sizes_text(y.sym_sizes())));
   TORCH_CHECK(at::isFloatingType(x.scalar_type()) && y.scalar_type() == x.scalar_type() &&
                   A.scalar_type() == x.scalar_type() && B.scalar_type() == x.scalar_type(),
-              message("y, x, lora_A and lora_B must share one floating dtype, got ", y.scalar_type(), ", ",
+              message("y, x (dropped, when given), lora_A and lora_B must share one floating dtype, got ", y.scalar_type(), ", ",
                       x.scalar_type(), ", ", A.scalar_type(), ", ", B.scalar_type()));
   TORCH_CHECK(y.device() == x.device() && A.device() == x.device() && B.device() == x.device(),
               message("y, x, lora_A and lora_B must be on one device, got ", y.device(), ", ", x.device(), ", ",

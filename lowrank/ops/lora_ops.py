@@ -40,7 +40,7 @@ def _check_lora_add(y, x, lora_A, lora_B) -> None:
     torch._check(list(y.shape) == out_shape,
                  lambda: f"y must have the output's shape {out_shape} (x's leading dimensions, lora_B's out), got {list(y.shape)}")
     torch._check(x.dtype.is_floating_point and y.dtype == x.dtype == lora_A.dtype == lora_B.dtype,
-                 lambda: "y, x, lora_A and lora_B must share one floating dtype, got "
+                 lambda: "y, x (dropped, when given), lora_A and lora_B must share one floating dtype, got "
                  f"{y.dtype}, {x.dtype}, {lora_A.dtype}, {lora_B.dtype}")
     torch._check(y.device == x.device == lora_A.device == lora_B.device,
                  lambda: f"y, x, lora_A and lora_B must be on one device, got {y.device}, {x.device}, {lora_A.device}, {lora_B.device}")
