@@ -10,10 +10,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 
 import torch
 
 BNB_QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"  # transformers / bitsandbytes key suffix
+
+
+def _sizes(shape) -> torch.Size:
+    """shape as a torch.Size of sizes >= 0 (integers of any type, numpy's too, become ints)."""
+    try:
+        sizes = torch.Size(d if isinstance(d, torch.SymInt) else operator.index(d) for d in shape)
+    except TypeError:
+        sizes = None
+    if sizes is None or any(d < 0 for d in sizes):
+        raise ValueError(f"NF4Weight.shape must be integer sizes >= 0; got {shape!r}")
+    return sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +39,13 @@ class NF4Weight:
     offset: torch.Tensor | None = None  # float32 0-d: mean of the scales, only when double-quantized
 
     def __post_init__(self) -> None:
-        from .nf4 import BLOCKSIZES  # here: nf4 imports this module
+        from .nf4 import BLOCKSIZES, DTYPES  # here: nf4 imports this module
 
         if type(self.blocksize) is not int or self.blocksize not in BLOCKSIZES:
             raise ValueError(f"NF4Weight.blocksize must be one of {BLOCKSIZES}; got {self.blocksize!r}")
-        object.__setattr__(self, "shape", torch.Size(self.shape))
+        if self.dtype not in DTYPES:
+            raise TypeError(f"NF4Weight.dtype must be one of {', '.join(map(str, DTYPES))}; got {self.dtype!r}")
+        object.__setattr__(self, "shape", _sizes(self.shape))
         n, blocks = self.numel, math.ceil(self.numel / self.blocksize)
         expect = {"packed": ((n + 1) // 2, torch.uint8), "absmax": (blocks, torch.float32)}
         if self.double_quant:

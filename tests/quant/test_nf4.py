@@ -1,8 +1,10 @@
 """The NF4 codec: format facts, the container, and bad input."""
 
+import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,6 +170,22 @@ def test_an_nf4weight_of_a_blocksize_the_codec_does_not_make_is_refused(blocksiz
     q = nf4.quantize(torch.randn(8, 64), 64)
     with pytest.raises(ValueError, match=rf"NF4Weight.blocksize must be one of \(32, 64, .*\); got {blocksize!r}"):
         nf4.NF4Weight(q.packed, q.absmax, q.shape, q.dtype, blocksize, q.nested_absmax, q.offset)
+
+
+@pytest.mark.parametrize("field, value, error, match", [
+    ("dtype", torch.int32, TypeError, r"NF4Weight.dtype must be one of torch.float32, .*; got torch.int32"),
+    ("dtype", torch.float64, TypeError, r"NF4Weight.dtype must be one of .*; got torch.float64"),
+    ("shape", (-8, -64), ValueError, r"NF4Weight.shape must be integer sizes >= 0; got \(-8, -64\)"),
+    ("shape", (8.0, 64), ValueError, r"NF4Weight.shape must be integer sizes >= 0; got \(8.0, 64\)"),
+    ("shape", 512, ValueError, r"NF4Weight.shape must be integer sizes >= 0; got 512"),
+])
+def test_an_nf4weight_that_dequantize_cannot_read_is_refused_at_construction(field, value, error, match):
+    # (-8, -64) has the element count of (8, 64): before, it was accepted, and refused later by torch
+    q = nf4.quantize(torch.randn(8, 64), 64)
+    with pytest.raises(error, match=match):
+        dataclasses.replace(q, **{field: value})
+    numpy_sizes = dataclasses.replace(q, shape=(np.int64(8), np.int32(64)))  # integers of other types are sizes
+    assert type(numpy_sizes.shape[0]) is int and torch.equal(numpy_sizes.dequantize(), q.dequantize())
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, torch.complex64, torch.float64])
