@@ -107,36 +107,37 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
         raise TypeError(f"config must be an NF4Config; got {type(config).__name__}")
     device = torch.device(device)
     files = checkpoint_files(path)
-    wanted = compile_filter(config.targets, config.skip, model)
-    layers = {n: (p, a) for p, a, n, c in _walk(model) if wanted(n, c) and _can_quantize(c)}
+    layers, first_name = _places(model, config)
     if not layers:
         raise ValueError(f"no linear layer of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r})")
     owners = weight_owners(model)
-    for name, (parent, attr) in layers.items():
+    for name, [(parent, attr), *_] in layers.items():
         if isinstance(parent, nn.MultiheadAttention):
             raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly; "
                              "add it to skip")
         refuse_tied(name, getattr(parent, attr), owners)  # See Note: tied weights stay dense (quantize.py).
-    has_bias = {n for n, (p, a) in layers.items() if getattr(getattr(p, a), "bias", None) is not None}
-    modules = dict(model.named_modules())
+    has_bias = {n for n, [(p, a), *_] in layers.items() if getattr(getattr(p, a), "bias", None) is not None}
+    shapes = {n: _weight_shape(getattr(p, a)) for n, [(p, a), *_] in layers.items()}
+    modules = dict(model.named_modules(remove_duplicate=False))  # a module registered twice: both names
     biases: dict[str, torch.Tensor] = {}  # a 4-bit layer's bias read before its weight
-    unexpected, bad_shapes, done = [], [], set()
+    unexpected, bad_shapes, conflicts, done = [], [], [], set()
     for file in files:
         with _open(file) as f:
             for key in f.keys():
                 owner, _, leaf = key.rpartition(".")
                 module = modules.get(owner)
+                owner = first_name.get(owner, owner)
                 if owner in layers and leaf in ("weight", "bias"):
-                    parent, attr = layers[owner]
+                    parent, attr = layers[owner][0]
                     layer = getattr(parent, attr)
                     if leaf == "bias" and isinstance(layer, Linear4bit):  # the weight came first
                         layer.bias = nn.Parameter(_cast(f.get_tensor(key), device, dtype), requires_grad=False)
                     elif leaf == "bias":
                         biases[owner] = _cast(f.get_tensor(key), device, dtype)
                     else:
-                        shape = (layer.nf, layer.nx) if is_gpt2_conv1d(layer) else (layer.out_features, layer.in_features)
+                        conv1d, shape = shapes[owner]
                         w = _cast(f.get_tensor(key), device, dtype, keep=False)  # (out, in); Conv1D: (in, out)
-                        w = w.T.contiguous() if is_gpt2_conv1d(layer) else w
+                        w = w.T.contiguous() if conv1d else w
                         if tuple(w.shape) != shape:
                             bad_shapes.append(f"{key}: checkpoint {tuple(w.shape)}, model {shape}")
                             continue
@@ -146,7 +147,14 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                             hint = "; load_and_quantize(..., dtype=torch.bfloat16) casts as it reads" if isinstance(e, TypeError) else ""
                             raise type(e)(f"{file}: cannot quantize {key!r}: {e}{hint}") from e
                         del w  # See Note: no references to the layers (quantize.py): one dense weight at a time
-                        setattr(parent, attr, Linear4bit(q, biases.pop(owner, None), config.compute_dtype))
+                        if isinstance(layer, Linear4bit):  # a module registered twice, its weight under both names
+                            if not _same(q, layer.weight):
+                                conflicts.append(f"{key} differs from {owner}.weight")
+                        else:
+                            quantized = Linear4bit(q, biases.pop(owner, None), config.compute_dtype)
+                            for parent, attr in layers[owner]:  # one 4-bit layer wherever the module was
+                                setattr(parent, attr, quantized)
+                            del quantized
                 elif module is not None and leaf in module._parameters:
                     old = module._parameters[leaf]
                     t = f.get_tensor(key)
@@ -167,13 +175,42 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
         for k, b in m._buffers.items():
             if b is not None and b.device != device:
                 m._buffers[k] = b.to(device)
-    _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files)
-    return list(layers)
+    _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts)
+    return list(first_name)
 
 
-def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files) -> None:
-    missing = [f"{n}.weight" for n, (p, a) in layers.items() if not isinstance(getattr(p, a), Linear4bit)]
-    missing += [f"{n}.bias" for n, (p, a) in layers.items()
+def _places(model: nn.Module, config: NF4Config) -> tuple[dict[str, list[tuple[nn.Module, str]]], dict[str, str]]:
+    """The layers `config` selects: first name -> every (parent, attribute) holding that module
+    (one nn.Linear registered twice is one Linear4bit at both places, as `quantize` makes it), and
+    each selected name -> the first name of its module. Parents and names only: Note: no
+    references to the layers (quantize.py)."""
+    wanted = compile_filter(config.targets, config.skip, model)
+    names = [(p, a, n, id(c)) for p, a, n, c in _walk(model, every=True) if wanted(n, c) and _can_quantize(c)]
+    first_of_id = {}
+    for *_, n, key in names:
+        first_of_id.setdefault(key, n)
+    first_name = {n: first_of_id[key] for *_, n, key in names}
+    layers: dict[str, list[tuple[nn.Module, str]]] = {}
+    for p, a, n, _ in names:
+        layers.setdefault(first_name[n], []).append((p, a))
+    return layers, first_name
+
+
+def _weight_shape(layer: nn.Module) -> tuple[bool, tuple[int, int]]:
+    """Whether the checkpoint holds the layer's weight transposed (GPT-2's Conv1D), and its (out, in)."""
+    if is_gpt2_conv1d(layer):
+        return True, (layer.nf, layer.nx)
+    return False, (layer.out_features, layer.in_features)
+
+
+def _same(q: nf4.NF4Weight, other: nf4.NF4Weight) -> bool:
+    a, b = q.to_state_dict(), other.to_state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts) -> None:
+    missing = [f"{n}.weight" for n, [(p, a), *_] in layers.items() if not isinstance(getattr(p, a), Linear4bit)]
+    missing += [f"{n}.bias" for n, [(p, a), *_] in layers.items()
                 if n in has_bias and isinstance(getattr(p, a), Linear4bit) and getattr(p, a).bias is None]
     missing += [f"{n}.{k}" for n, m in model.named_modules() for k, t in m._parameters.items()
                 if t is not None and t.is_meta]
@@ -185,5 +222,7 @@ def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes
         problems.append(f"{len(unexpected)} tensors of the checkpoint have no place in the model: {unexpected[:8]}")
     if bad_shapes:
         problems.append(f"shape mismatch: {bad_shapes[:8]}")
+    if conflicts:
+        problems.append(f"a module registered at several places has different weights under its names: {conflicts[:8]}")
     if problems:
         raise ValueError(f"cannot load {[str(f) for f in files][:3]} into {type(model).__name__}: " + "; ".join(problems))

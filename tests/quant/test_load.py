@@ -126,3 +126,46 @@ def test_a_tied_head_or_a_weight_nf4_cannot_hold_is_named(tmp_path):
             model = models.mlp()
         with pytest.raises(error, match=rf"model.safetensors: cannot quantize '2.weight': .*{match}"):
             load_and_quantize(model, tmp_path)
+
+
+class _Shared(torch.nn.Module):
+    """One nn.Linear registered at two places (and one LayerNorm, which stays dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.norm = torch.nn.Linear(64, 64), torch.nn.Linear(64, 8), torch.nn.LayerNorm(64)
+        self.b, self.norm2 = self.a, self.norm
+
+    def forward(self, x):
+        return self.c(self.norm2(self.b(self.norm(self.a(x)))))
+
+
+@pytest.mark.parametrize("both_names", [False, True], ids=["one-name", "both-names"])
+def test_a_module_registered_twice_loads_as_one_4bit_layer(tmp_path, both_names):
+    # safetensors' save_model keeps one name of a shared tensor, save_file of a state dict both: either
+    # loads as quantize makes it (one Linear4bit at both places); before, b stayed a meta nn.Linear
+    torch.manual_seed(0)
+    dense = _Shared()
+    sd = {k: v.clone() for k, v in dense.state_dict().items()}
+    save_file(sd if both_names else {k: v for k, v in sd.items() if not k.startswith(("b.", "norm2."))}, tmp_path / "model.safetensors")
+    expected = _Shared()
+    expected.load_state_dict(dense.state_dict())
+    names = quantize(expected, NF4Config(skip=[]))
+    with skeleton():
+        model = _Shared()
+    assert load_and_quantize(model, tmp_path, NF4Config(skip=[])) == names == ["a", "c", "b"]
+    assert isinstance(model.a, Linear4bit) and model.a is model.b and model.norm is model.norm2
+    x = torch.randn(3, 64)
+    assert torch.equal(model(x), expected(x))
+
+
+def test_a_module_registered_twice_with_two_weights_is_refused(tmp_path):
+    torch.manual_seed(0)
+    sd = {k: v.clone() for k, v in _Shared().state_dict().items()}
+    sd["b.weight"] = sd["b.weight"] + 1
+    save_file(sd, tmp_path / "model.safetensors")
+    with skeleton():
+        model = _Shared()
+    with pytest.raises(ValueError, match=r"a module registered at several places has different weights under its "
+                                         r"names: \['b.weight differs from a.weight'\]"):
+        load_and_quantize(model, tmp_path, NF4Config(skip=[]))
