@@ -161,7 +161,7 @@ def linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias) -> 
     out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)  # (M, N)
     block = 256 if interpreting() else 1024
     _reduce_kernel[(triton.cdiv(m * n_out, block),)](
-        partial, bias if bias is not None else out, out, m, n_out, splits,
+        partial, bias.contiguous() if bias is not None else out, out, m, n_out, splits,  # the kernel reads bias flat
         HAS_BIAS=bias is not None, BLOCK=block, **LAUNCH_OPTIONS,
     )
     return out.view(*x.shape[:-1], n_out)  # (..., N)

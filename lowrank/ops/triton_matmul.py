@@ -13,6 +13,8 @@ BLOCK_K columns, the output tile's columns), the transposed access of the same w
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -146,7 +148,7 @@ def linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias) -> 
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
     _linear_kernel[grid](
-        x2, *args, bias if bias is not None else out, out,
+        x2, *args, bias.contiguous() if bias is not None else out, out,  # the kernel reads bias flat
         m, n_out, k_in, triton.next_power_of_2(m),
         x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
         DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None, **_meta(x, k_in, blocksize),
@@ -157,10 +159,10 @@ def linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias) -> 
 @backends.register("nf4_linear_grad_input", "triton")
 def grad_input(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize) -> torch.Tensor:
     n_out, k_in = shape
+    if min(math.prod(grad_y.shape[:-1]), n_out, k_in) == 0:  # See Note: empty shapes (before a reshape by N = 0).
+        return grad_y.new_zeros((*grad_y.shape[:-1], k_in))
     gy2 = grad_y.reshape(-1, n_out)  # (M, N)
     m = gy2.shape[0]
-    if min(m, n_out, k_in) == 0:  # See Note: empty shapes.
-        return grad_y.new_zeros((*grad_y.shape[:-1], k_in))
     if not FUSED:  # See Note: fused or dequantize + cuBLAS.
         w = triton_dequantize.dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, grad_y.dtype)
         return grad_y @ w  # (..., N) @ (N, K) -> (..., K)

@@ -144,3 +144,42 @@ def test_compile_fullgraph_matches_eager(reference):
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True)(x)
     assert torch.equal(compiled, eager)  # the same op runs in both: nothing to re-round
+
+
+def _strided(t):
+    """t's values at stride 2 (a view into a larger tensor)."""
+    wide = t.new_zeros(2 * t.numel())
+    wide[::2] = t.reshape(-1)
+    return wide[::2]
+
+
+def odd_layouts(q):
+    """q's op fields in layouts the ops' checks accept (they check sizes by numel): packed,
+    absmax and nested_absmax strided, the offset as a (1, 1) tensor."""
+    nested = None if q.nested_absmax is None else _strided(q.nested_absmax)
+    offset = None if q.offset is None else q.offset.reshape(1, 1)
+    return (_strided(q.packed), _strided(q.absmax), nested, offset, list(q.shape), q.blocksize)
+
+
+def assert_layouts_give_the_same_results(q, rows=(1, 70), device="cpu"):
+    """Every op gives, from odd_layouts(q) and a strided or expanded bias, what it gives from q's
+    own contiguous fields: the same values, so the same bits (the Triton kernels read the fields
+    and the bias as flat arrays, and the reference broadcast a (1, 1) offset against the scales)."""
+    n, k = q.shape
+    plain, odd = fields(q), tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in odd_layouts(q))
+    plain = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in plain)
+    assert torch.equal(torch.ops.lowrank.nf4_dequantize(*odd, torch.float32),
+                       torch.ops.lowrank.nf4_dequantize(*plain, torch.float32))
+    for m in rows:
+        x, gy = torch.randn(m, k, device=device), torch.randn(m, n, device=device)
+        for bias in (_strided(torch.randn(n, device=device)), torch.tensor(1.5, device=device).expand(n)):
+            assert torch.equal(torch.ops.lowrank.nf4_linear(x, *odd, bias),
+                               torch.ops.lowrank.nf4_linear(x, *plain, bias.contiguous()))
+        assert torch.equal(torch.ops.lowrank.nf4_linear_grad_input(gy, *odd),
+                           torch.ops.lowrank.nf4_linear_grad_input(gy, *plain))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "csrc") if b in backends.available("nf4_linear")])
+def test_every_layout_the_checks_accept_gives_the_same_results(monkeypatch, backend):
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    assert_layouts_give_the_same_results(weight(70, 128, blocksize=32))  # 280 blocks: two nested scales

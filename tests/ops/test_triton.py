@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 from lowrank import nf4, ops  # noqa: E402
 from lowrank.ops import backends, triton_gemv, triton_matmul, triton_nf4_tile  # noqa: E402
 from tests.ops.bounds import assert_matmul_close  # noqa: E402
-from tests.ops.test_library import fields, opcheck_args, weight  # noqa: E402
+from tests.ops.test_library import assert_layouts_give_the_same_results, fields, opcheck_args, weight  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -148,6 +148,18 @@ def test_empty_shapes_need_no_kernel():
     assert torch.equal(ops.nf4_linear(torch.randn(0, 32, device=DEVICE), q, b), torch.empty(0, 5, device=DEVICE))
     gy = torch.randn(0, 5, device=DEVICE)
     assert torch.ops.lowrank.nf4_linear_grad_input(gy, *fields(q)).shape == (0, 32)
+
+
+def test_empty_weight_gives_zero_gradients():
+    # N = 0: grad_input reshaped grad_y by N before its empty-shape check and raised
+    q = on_device(weight(0, 32))
+    gy = torch.randn(4, 0, device=DEVICE)
+    assert torch.equal(torch.ops.lowrank.nf4_linear_grad_input(gy, *fields(q)), torch.zeros(4, 32, device=DEVICE))
+
+
+def test_every_layout_the_checks_accept_gives_the_same_results():
+    # strided fields and bias were read as flat arrays: wrong values, and a stride-0 bias read past its storage
+    assert_layouts_give_the_same_results(weight(70, 128, blocksize=32), device=DEVICE)
 
 
 def test_opcheck_triton():
