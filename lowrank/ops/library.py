@@ -131,7 +131,8 @@ def _weight_ok(packed, absmax, nested_absmax, offset, shape: Sequence, blocksize
 def _linear_ok(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias) -> bool:
     return (len(shape) == 2 and x.dtype in FLOAT_DTYPES and x.dim() >= 1 and x.shape[-1] == shape[1]
             and x.device == packed.device and _weight_ok(packed, absmax, nested_absmax, offset, shape, blocksize)
-            and (bias is None or (bias.dim() == 1 and bias.shape[0] == shape[0] and bias.dtype == x.dtype)))  # fmt: skip
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == shape[0] and bias.dtype == x.dtype
+                                  and bias.device == x.device)))  # fmt: skip
 
 
 def _grad_input_ok(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize) -> bool:
@@ -188,6 +189,7 @@ def _check_linear_args(x, packed, absmax, nested_absmax, offset, shape, blocksiz
     if bias is not None:
         torch._check(bias.dim() == 1 and bias.shape[0] == n_out, lambda: f"bias must have shape ({n_out},), got {tuple(bias.shape)}")
         torch._check(bias.dtype == x.dtype, lambda: f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        torch._check(bias.device == x.device, lambda: f"bias is on {bias.device} but {what} is on {x.device}")
     return n_out, k_in
 
 

@@ -83,6 +83,7 @@ def test_fake_kernels_give_shapes_without_data():
         (lambda a: {**a, "x": torch.randn(3, 33)}, "x has 33 features in its last dimension; the weight [8, 64] takes 64"),
         (lambda a: {**a, "bias": torch.randn(9)}, "bias must have shape (8,), got (9,)"),
         (lambda a: {**a, "bias": torch.randn(8, dtype=torch.float64)}, "bias must have x's dtype"),
+        (lambda a: {**a, "bias": torch.empty(8, device="meta")}, "bias is on meta but x is on cpu"),  # Triton would read it
         (lambda a: {**a, "blocksize": 48}, "blocksize must be one of"),
         (lambda a: {**a, "packed": a["packed"][:-1]}, "packed must hold ceil(n/2) = 256 bytes"),
         (lambda a: {**a, "offset": None}, "nested_absmax and offset come together"),
