@@ -17,6 +17,8 @@ PEFT refuses the directory (it does not know the peft_type); lowrank.load_adapte
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -93,9 +95,10 @@ def config_from_saved(saved: dict, source: str) -> AdapterConfig:
                                                   "target_modules"})
     if unknown:
         raise ValueError(f"{source}: unknown fields {unknown} for a {PEFT_TYPE} adapter")
-    names = frozenset(targets)
     fields = {f: saved[f] for f in FIELDS if f in saved}
-    return AdapterConfig(targets=lambda n, m: n in names, **fields)  # exact names: no suffix or glob surprises
+    # exact names (no suffix or glob surprises), as a pattern: a config with a lambda would not pickle with its model
+    exact = "re:(?:" + "|".join(re.escape(t) for t in sorted(set(targets))) + ")"
+    return AdapterConfig(targets=exact, **fields)
 
 
 def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: bool = True,

@@ -125,9 +125,9 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
             f"{handler.kind} can wrap e.g. {candidates[:6]} ({len(candidates)} candidates in all)"
         )
     for parent, _, where, child in matches:
-        if isinstance(parent, nn.MultiheadAttention) and isinstance(config, LoraConfig):
-            raise ValueError(f"cannot put LoRA on {where!r}: nn.MultiheadAttention reads its projection weights "
-                             "directly, never calling the submodule; exclude it (or put an adapter on the attention)")
+        if isinstance(parent, nn.MultiheadAttention):  # LoRA, and a bottleneck adapter that would never run
+            raise ValueError(f"cannot put {handler.kind} on {where!r}: nn.MultiheadAttention reads its projection "
+                             "weights directly, never calling the submodule; exclude it (or put an adapter on the attention)")
         handler.check(child, config, name, where)
     if not _layers(model):  # See Note: requires_grad on eject.
         _FLAGS[model] = [(p, p.requires_grad) for p in model.parameters()]

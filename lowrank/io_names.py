@@ -40,7 +40,8 @@ def _peft_spec(item: str, as_regex: bool):
     """A PEFT target / exclude entry as our target spec."""
     if as_regex:
         return "all-linear" if item == "all-linear" else "re:" + item
-    return lambda n, m: n == item or n.endswith("." + item)  # PEFT: exact, or a '.'-suffix; no globs
+    # PEFT: exact, or a '.'-suffix; no globs. A pattern, not a lambda: the config must pickle with its model
+    return r"re:(?:.*\.)?" + re.escape(item)
 
 
 def from_peft_targets(value):

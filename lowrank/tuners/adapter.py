@@ -16,6 +16,8 @@ block's residual sum and layer norm, as in the papers. For any other model, name
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -39,14 +41,19 @@ def _linear_dims(m: nn.Module) -> tuple[int, int]:
 
 def module_dims(module: nn.Module) -> tuple[int, int] | None:
     """(input size, output size) along the last dim: a linear-like module's own; a
-    MultiheadAttention's embed_dim; otherwise its first and last linear-like submodules'
-    (LlamaMLP: gate_proj in, down_proj out). None when it cannot tell."""
+    MultiheadAttention's embed_dim; otherwise its first linear-like submodule's input size and,
+    as output size, that same size if a later linear-like submodule maps back to it (a block on
+    the residual stream: LlamaMLP's down_proj; Qwen2-MoE's shared expert, not its 1-wide gate
+    that comes last), else the last one's (BERT's output.dense 3072 -> 768). None when it cannot tell."""
     if is_linear_like(module):
         return _linear_dims(module)
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim, module.embed_dim
-    linears = [m for m in module.modules() if m is not module and is_linear_like(m)]
-    return (_linear_dims(linears[0])[0], _linear_dims(linears[-1])[1]) if linears else None
+    dims = [_linear_dims(m) for m in module.modules() if m is not module and is_linear_like(m)]
+    if not dims:
+        return None
+    d_in = dims[0][0]
+    return d_in, d_in if any(out == d_in for _, out in dims[1:]) else dims[-1][1]
 
 
 class Bottleneck(nn.Module):
@@ -99,7 +106,11 @@ class AdapterLayer(TunerLayer):
         if not self.enabled or (not self.active and self.route is None):  # a route picks adapters, active or not
             return out
         y = out[0] if isinstance(out, tuple) else out  # (..., d_out)
-        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))  # (..., d_in)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"a bottleneck adapter adds to its module's output tensor (or a tuple's first item); "
+                            f"{type(self.base).__name__} returned a {type(y).__name__}: target a module inside it")
+        # what a parallel adapter reads, the module's input; y stands in where none is parallel (routes need a batch)
+        x = self._input(args, kwargs) if any(c.parallel for c in self.configs.values()) else y  # (..., d_in)
         if self.route is not None:
             y = self.routed(y, x, self._delta)
         else:
@@ -108,9 +119,26 @@ class AdapterLayer(TunerLayer):
                 y = y + self._delta(name, x, base_y)
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
+    def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The module's first argument, given by position or by name (MultiheadAttention's query)."""
+        if args:
+            x = args[0]
+        else:
+            first = next(iter(inspect.signature(self.base.forward).parameters), None)
+            x = kwargs.get(first)
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            seen = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"a parallel bottleneck adapter reads its module's first argument, a floating tensor; "
+                            f"{type(self.base).__name__} got {seen}: target a module that takes hidden states")
+        return x
+
     def _delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         config, adapter = self.configs[name], self.adapters[name]
         source = x if config.parallel else y
+        if source.shape[-1] != adapter.down.in_features or y.shape[-1] != adapter.up.out_features:
+            raise ValueError(f"bottleneck adapter {name!r} maps {adapter.down.in_features} -> {adapter.up.out_features} "
+                             f"features (sized from {type(self.base).__name__}'s linear layers), but reads "
+                             f"{source.shape[-1]} and adds to {y.shape[-1]}: target a module whose sizes it can tell")
         dtype = cast_for(source, adapter.down.weight.dtype)  # See Note: inputs in the adapter's dtype (base.py)
         if dtype is None:
             return config.scaling * adapter(source)
@@ -122,6 +150,9 @@ def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> No
     if isinstance(module, AdapterLayer) and name in module.names:
         raise ValueError(f"{where!r} already has a bottleneck adapter named {name!r}; inject under another name "
                          f"or remove it first with lowrank.eject(model, {name!r})")
+    if any(c.__name__ == "PreTrainedModel" for c in type(_inner(module)).__mro__):  # transformers, not imported here
+        raise TypeError(f"cannot put a bottleneck adapter on {where!r}: a {type(_inner(module)).__name__} returns a "
+                        "ModelOutput, not hidden states; target its layers or blocks")
     if module_dims(_inner(module)) is None:
         raise TypeError(f"cannot size a bottleneck adapter for {where!r}, a {type(_inner(module)).__name__} with no "
                         "linear layers inside; target a linear layer or a block that contains them")

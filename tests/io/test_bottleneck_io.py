@@ -137,3 +137,18 @@ def test_base_model_check(saved, loading, ok, tmp_path):
     assert lowrank.adapter_names(other) == []
     lowrank.load_adapter(other, tmp_path / "a", allow_other_base=True)
     assert lowrank.adapter_names(other) == ["default"]
+
+
+@pytest.mark.parametrize("config", [AdapterConfig(), LoraConfig(r=2)], ids=["bottleneck", "lora"])
+def test_a_model_with_a_loaded_adapter_pickles_whole(tmp_path, config):
+    # load_adapter gave its layers a config whose targets were a local lambda: torch.save(model) failed
+    model = models.llama()
+    lowrank.inject(model, config)
+    models.randomize_adapters(model)
+    lowrank.save_adapter(model, tmp_path / "a")
+    fresh = models.llama()
+    wrapped = lowrank.load_adapter(fresh, tmp_path / "a")
+    torch.save(fresh, tmp_path / "whole.pt")
+    again = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert torch.equal(logits(again), logits(model))
+    assert lowrank.eject(again) == wrapped.modules

@@ -132,3 +132,72 @@ def test_an_adapter_whose_input_has_another_dtype_casts_in_and_back(parallel):
     expected = fx + (2.0 * ad.up(nn.functional.relu(ad.down(src)))).float()  # the same ops: exact
     out = holder(x)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
+def test_a_parallel_adapter_reads_the_first_argument_by_name_too():
+    # called with keywords, the adapter read the first tensor among them (here key, not query)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    holder = nn.ModuleDict({"attn": mha})
+    inject(holder, AdapterConfig(targets=nn.MultiheadAttention, parallel=True))
+    models.randomize_adapters(holder)
+    ad = holder["attn"].adapters["default"]
+    q, k = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    out, _ = holder["attn"](key=k, query=q, value=k)
+    assert torch.equal(out, holder["attn"](q, k, k)[0]) and torch.equal(out, mha(q, k, k)[0] + ad(q))
+
+
+class _ListBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, *, xs):
+        return self.lin(xs[0])
+
+
+def test_a_sequential_adapter_does_not_need_the_input():
+    # it looked for a tensor among the arguments anyway: StopIteration for a list keyword
+    holder = nn.ModuleDict({"blk": _ListBlock()})
+    x = torch.randn(2, 8)
+    base = holder["blk"](xs=[x])
+    inject(holder, AdapterConfig(targets="blk"))
+    assert torch.equal(holder["blk"](xs=[x]), base)
+    eject(holder)
+    inject(holder, AdapterConfig(targets="blk", parallel=True))
+    with pytest.raises(TypeError, match="a parallel bottleneck adapter reads its module's first argument, a floating "
+                                        "tensor; _ListBlock got list"):
+        holder["blk"](xs=[x])
+
+
+def test_targets_that_do_not_give_hidden_states_are_refused():
+    # a whole model (ModelOutput) at inject; a module found to return something else, at its call
+    with pytest.raises(TypeError, match="cannot put a bottleneck adapter on 'model': a LlamaModel returns a ModelOutput"):
+        inject(models.llama(), AdapterConfig(targets="model"))
+    model = models.bert()
+    inject(model, AdapterConfig(targets="encoder"))
+    with pytest.raises(TypeError, match="a bottleneck adapter adds to its module's output tensor .* BertEncoder "
+                                        "returned a BaseModelOutput"):
+        model(models.ids())
+
+
+def test_a_block_on_the_residual_stream_is_sized_by_it():
+    # Qwen2-MoE's block ends with a 1-wide gate (Linear(32, 1)): the adapter was sized 1 -> the
+    # parallel one added one number to every feature, the sequential one failed
+    import transformers
+
+    cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    for parallel in (False, True):
+        torch.manual_seed(0)
+        model = transformers.Qwen2MoeForCausalLM(cfg)
+        assert inject(model, AdapterConfig(parallel=parallel)) == ["model.layers.0.mlp"]
+        ad = model.model.layers[0].mlp.adapters["default"]
+        assert (ad.down.in_features, ad.up.out_features) == (32, 32)
+        models.randomize_adapters(model)
+        model(models.ids())
+    layer = AdapterLayer(nn.Sequential(nn.Linear(32, 4), nn.Linear(4, 1)))  # sizes it cannot tell right
+    layer.add("default", AdapterConfig(), (32, 8))
+    layer.active = ("default",)
+    with pytest.raises(ValueError, match="maps 8 -> 8 features .* but reads 1 and adds to 1"):
+        layer(torch.randn(2, 32))

@@ -161,8 +161,11 @@ def test_unsupported_targets_raise_clearly():
         inject(models.llama(), LoraConfig(targets="embed_tokens", dora=True))
     with pytest.raises(TypeError, match="cannot put LoRA on 'model.norm'"):
         inject(models.llama(), LoraConfig(targets="model.norm"))
-    with pytest.raises(ValueError, match="MultiheadAttention reads its projection weights"):
+    with pytest.raises(ValueError, match="cannot put LoRA on .*MultiheadAttention reads its projection weights"):
         inject(models.encoder(), LoraConfig(targets="out_proj"))
+    # a bottleneck adapter there was accepted, trained, saved, and never ran
+    with pytest.raises(ValueError, match="cannot put a bottleneck adapter on 'layers.0.self_attn.out_proj'"):
+        inject(models.encoder(), AdapterConfig(targets=nn.Linear))
     with pytest.raises(ValueError, match="adapter name"):
         inject(models.mlp(), LoraConfig(), name="a.b")
 
