@@ -21,6 +21,13 @@
 # most twice that, so   err_ours <= err_ref + 2 E + 2 u_d (|y64| + E),   elementwise.
 # u_d is the unit roundoff of the output dtype: 2^-24 float32, 2^-11 float16, 2^-8 bfloat16.
 #
+# Note: underflow. Gradual (IEEE): a rounding into the subnormal range errs by up to eta, half the
+# smallest subnormal, in absolute terms (fl(x) = x (1 + d) + e, |e| <= eta; an addition whose
+# result is subnormal is exact). So step 1 gains n eta_32 (a float32 product of two tiny
+# operands, eta_32 = 2^-150) and steps 2 and 3 eta_d each (2^-25 float16, 2^-134 bfloat16,
+# 2^-150 float32): E above includes n eta_32 + eta_d, the final bound adds eta_d. Without them
+# a float16 result below 2^-14 broke the bound even for torch's own a @ b (test_bounds.py).
+#
 # A kernel that scales partial sums instead of operands (csrc/nf4_cuda_gemv_lut.cu: each block's
 # float32 sum times the block's scale, one FMA into the total) computes a @ b for ITS operand b
 # (there: T(NF4[code]) * scale, exact in float64) with one more rounding on the path of every
@@ -33,6 +40,7 @@ from __future__ import annotations
 import torch
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+UNDERFLOW = {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}  # eta: half the least subnormal
 U_ACCUMULATE = 2.0**-23  # float32 accumulation that may truncate (step 1 of the Note)
 
 
@@ -47,7 +55,13 @@ def matmul_bound(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
     n = a.shape[-1] + 2 + extra_roundings
     gamma = n * U_ACCUMULATE / (1 - n * U_ACCUMULATE)
     u_d = UNIT_ROUNDOFF[a.dtype]
-    return y64, (gamma + u_d * (1 + gamma)) * s, u_d
+    underflow = n * UNDERFLOW[torch.float32] + UNDERFLOW[a.dtype]  # See Note: underflow
+    return y64, (gamma + u_d * (1 + gamma)) * s + underflow, u_d
+
+
+def _a_priori(y64: torch.Tensor, e: torch.Tensor, u_d: float, dtype: torch.dtype) -> torch.Tensor:
+    """E + u_d (|y64| + E) + eta_d: what any correct implementation errs by at most (the Note)."""
+    return e + u_d * (y64.abs() + e) + UNDERFLOW[dtype]
 
 
 def assert_matmul_close(ours: torch.Tensor, ref: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias=None) -> None:
@@ -56,7 +70,7 @@ def assert_matmul_close(ours: torch.Tensor, ref: torch.Tensor, a: torch.Tensor, 
     y64, e, u_d = matmul_bound(a, b, bias)
     ours, ref = ours.reshape(y64.shape).double(), ref.reshape(y64.shape).double()
     err_ours, err_ref = (ours - y64).abs(), (ref - y64).abs()
-    a_priori = e + u_d * (y64.abs() + e)
+    a_priori = _a_priori(y64, e, u_d, a.dtype)
     assert (err_ref <= a_priori).all(), f"the reference breaks the derived bound by {(err_ref - a_priori).max():.3g}"
     slack = err_ref + 2 * a_priori
     worst = (err_ours - slack).argmax()
@@ -71,7 +85,7 @@ def assert_within_bound(ours: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bi
     the a-priori bound E + u_d (|y64| + E), u_d that of a's dtype. See Note: the matmul error bound."""
     y64, e, u_d = matmul_bound(a, b, bias, extra_roundings)
     err = (ours.reshape(y64.shape).double() - y64).abs()
-    a_priori = e + u_d * (y64.abs() + e)
+    a_priori = _a_priori(y64, e, u_d, a.dtype)
     worst = (err - a_priori).argmax()
     assert (err <= a_priori).all(), (
         f"max |ours - exact| = {err.max():.4g}; at flat index {int(worst)} ours errs by {err.view(-1)[worst]:.4g}, "
