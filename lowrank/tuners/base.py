@@ -20,7 +20,9 @@ BASE = "__base__"  # in a per-sample route: this sample uses no adapter (PEFT's 
 # Outside autocast the adapter's input is then cast to the adapter's dtype and its addition back
 # to the output's, as PEFT 0.21's LoRA on a bitsandbytes 4-bit layer does (peft/tuners/lora/bnb.py;
 # tests/peers/test_peft_qlora.py); DoRA's addition is instead summed in the wider dtype and the
-# sum cast back once (lowrank/tuners/lora.py). Under autocast, autocast casts (PEFT leaves it too).
+# sum cast back once (lowrank/tuners/lora.py). Under autocast, autocast casts (so do PEFT's
+# bitsandbytes layers); LoRA on a dense layer casts as PEFT's Linear does instead (lora_base.py,
+# Note: x in the adapter's dtype).
 def cast_for(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype | None:
     """`dtype` where an adapter made in it must cast its input x to it (See Note: inputs in the
     adapter's dtype), else None."""

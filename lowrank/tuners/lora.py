@@ -81,8 +81,14 @@ class LoraLinear(LoraLayer):
         if not (factors is not None and _x_fits(x, *factors) and type(result) is torch.Tensor
                 and _dtypes_fit(result, x, *factors)):  # fmt: skip
             out = super()._add_delta(name, result, x, base_out)
-            # a DoRA sum wider than the output (lora_base.py, Note: x in the adapter's dtype) comes back once
-            return out if out.dtype == result.dtype or autocast_dtype(x) is not None else out.to(result.dtype)
+            # a DoRA sum wider than the output (lora_base.py, Note: x in the adapter's dtype) comes back once;
+            # under autocast too, as PEFT's Linear does, except on a 4-bit base, where PEFT's bitsandbytes layer
+            # leaves it to autocast (its requires_conversion)
+            keep = autocast_dtype(x) is not None and isinstance(self._modules["base"], Linear4bit)
+            return out if out.dtype == result.dtype or keep else out.to(result.dtype)
+        if x.dtype != factors[0].dtype:  # under autocast only (_dtypes_fit): See Note: x in the adapter's dtype (lora_base.py)
+            dtype = self._input_dtype(x, factors[0].dtype)
+            x = x if dtype is None else x.to(dtype)
         drop = self._modules["lora_dropout"]._modules[name]
         if not _passes_x(drop):
             x = drop(x)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from ..quant.linear4bit import Linear4bit
 from . import dora
 from .base import TunerLayer, cast_for
 
@@ -131,9 +132,19 @@ class LoraLayer(TunerLayer):
     # float32 model's layer computing in bfloat16 on bfloat16 x returns bfloat16. The op paths
     # never see mixed dtypes (lora.py: _dtypes_fit, _qlora), so they are unchanged. The adapters of
     # `inject(..., dtype=torch.float32)` on a bf16 model take this path on every kind of base.
+    # Under autocast PEFT's dense layers still cast x (its bitsandbytes layers leave it to
+    # autocast), which changes what a dropout (on x in the factors' dtype) and DoRA (its weight
+    # norm in x's dtype) compute: so do lowrank's on a dense base, and a DoRA sum comes back to
+    # the output's dtype there (lora.py).
+    def _input_dtype(self, x: torch.Tensor, factor_dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype x is cast to before the adapter reads it, or None (See Note: x in the adapter's dtype)."""
+        if isinstance(self._modules["base"], Linear4bit):
+            return cast_for(x, factor_dtype)  # not under autocast, as PEFT's bitsandbytes layers
+        return factor_dtype if x.is_floating_point() and x.dtype != factor_dtype else None  # always, as PEFT's Linear
+
     def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """This adapter's addition to the base output (See Note: x in the adapter's dtype)."""
-        dtype = cast_for(x, self._factors(name)[0].dtype)
+        dtype = self._input_dtype(x, self._factors(name)[0].dtype)
         if dtype is None:
             return self._addition(name, x, base_out)
         delta = self._addition(name, x.to(dtype), base_out)

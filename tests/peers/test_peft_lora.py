@@ -126,3 +126,40 @@ def test_same_as_peft_on_convolutions():
     for name, p in ours.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.grad, theirs_params[peft_name(name)].grad), name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_same_as_peft_under_bf16_autocast(variant):
+    # a float32 model under autocast: DoRA's sum (its float32 magnitude makes it wider) stayed float32
+    # where PEFT's Linear casts it back to the base output's bfloat16 (the logits differed by 2e-3)
+    model, targets = tiny("llama")
+    ours, theirs = pair(model, targets, VARIANTS[variant])
+    layer = ours.layers[0].self_attn.q_proj
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(3, 32)).dtype == torch.bfloat16
+        check_same(ours, theirs)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_same_as_peft_under_autocast_on_bf16_inputs_with_dropout(variant):
+    # float32 adapters reading bf16 x under autocast: PEFT's Linear casts x to float32 first, so its
+    # dropout and DoRA's norm see float32 x; lowrank's read the bf16 x (every output differed)
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    inject(ours, LoraConfig(r=4, alpha=8, targets="0", dropout=0.3, **VARIANTS[variant]))
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["0"],
+                                                 use_rslora="rslora" in variant, use_dora=variant == "dora"), theirs)
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+                theirs_params[peft_name(name)].copy_(p)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    outs = []
+    for model in (ours.train(), theirs.train()):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(model(x))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16 and torch.equal(*outs)
