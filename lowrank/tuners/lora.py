@@ -15,7 +15,7 @@ from ..ops.lora_ops import dropout_parts
 from ..quant.linear4bit import Linear4bit, autocast_dtype
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like
 from .base import TunerLayer, cast_for
-from .lora_base import LoraLayer
+from .lora_base import LoraLayer, quantized_base
 
 SUPPORTED = ("nn.Linear, transformers' GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d, or a linear-like "
              "module (in_features, out_features, and a `weight` or a `dequantize()`)")
@@ -84,7 +84,7 @@ class LoraLinear(LoraLayer):
             # a DoRA sum wider than the output (lora_base.py, Note: x in the adapter's dtype) comes back once;
             # under autocast too, as PEFT's Linear does, except on a 4-bit base, where PEFT's bitsandbytes layer
             # leaves it to autocast (its requires_conversion)
-            keep = autocast_dtype(x) is not None and isinstance(self._modules["base"], Linear4bit)
+            keep = autocast_dtype(x) is not None and quantized_base(self._modules["base"])
             return out if out.dtype == result.dtype or keep else out.to(result.dtype)
         if x.dtype != factors[0].dtype:  # under autocast only (_dtypes_fit): See Note: x in the adapter's dtype (lora_base.py)
             dtype = self._input_dtype(x, factors[0].dtype)

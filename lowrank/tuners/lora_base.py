@@ -40,6 +40,12 @@ def float_dtype_and_device(base: nn.Module, inner: bool = False) -> tuple[torch.
     return torch.get_default_dtype(), torch.device("cpu")
 
 
+def quantized_base(base: nn.Module) -> bool:
+    """A frozen 4-bit linear (lowrank's Linear4bit, or any with `dequantize()`), whose LoRA casts as
+    PEFT's bitsandbytes layers do (See Note: x in the adapter's dtype)."""
+    return isinstance(base, Linear4bit) or callable(getattr(base, "dequantize", None))
+
+
 class LoraLayer(TunerLayer):
     supports_dora = False
 
@@ -138,7 +144,7 @@ class LoraLayer(TunerLayer):
     # the output's dtype there (lora.py).
     def _input_dtype(self, x: torch.Tensor, factor_dtype: torch.dtype) -> torch.dtype | None:
         """The dtype x is cast to before the adapter reads it, or None (See Note: x in the adapter's dtype)."""
-        if isinstance(self._modules["base"], Linear4bit):
+        if quantized_base(self._modules["base"]):
             return cast_for(x, factor_dtype)  # not under autocast, as PEFT's bitsandbytes layers
         return factor_dtype if x.is_floating_point() and x.dtype != factor_dtype else None  # always, as PEFT's Linear
 
