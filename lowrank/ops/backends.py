@@ -37,6 +37,12 @@ _IMPLS: dict[tuple[str, str], Callable] = {}  # (op, backend) -> implementation
 _ANNOUNCED: set[tuple[str, str, str]] = set()
 
 
+def contiguous_fields(packed, absmax, nested_absmax, offset) -> tuple:
+    """The weight's fields as contiguous tensors (the ops accept any layout, their checks go by
+    element count), for kernels that read them as flat arrays (C++, CUDA, Triton)."""
+    return tuple(t if t is None else t.contiguous() for t in (packed, absmax, nested_absmax, offset))
+
+
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     """Decorator: `fn` implements `op` (e.g. "nf4_dequantize") for `backend`."""
     if backend not in BACKENDS:

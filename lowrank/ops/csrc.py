@@ -72,17 +72,12 @@ def _kernel(name: str, device: torch.device):
     return getattr(_C, f"{name}_{device.type}", None)
 
 
-def _weight(packed, absmax, nested_absmax, offset):
-    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    return packed.contiguous(), absmax.contiguous(), contiguous(nested_absmax), contiguous(offset)
-
-
 def nf4_dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, dtype):
     kernel = _kernel("nf4_dequantize", packed.device)
     if kernel is None:
         reference = backends.implementation("nf4_dequantize", "reference")
         return reference(packed, absmax, nested_absmax, offset, shape, blocksize, dtype)
-    return kernel(*_weight(packed, absmax, nested_absmax, offset), list(shape), blocksize, dtype)
+    return kernel(*backends.contiguous_fields(packed, absmax, nested_absmax, offset), list(shape), blocksize, dtype)
 
 
 def _gemv_covers(x: torch.Tensor, shape, blocksize: int) -> bool:
@@ -97,7 +92,7 @@ def _gemv_covers(x: torch.Tensor, shape, blocksize: int) -> bool:
 def nf4_linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias):
     kernel = _kernel("nf4_linear", x.device)
     if kernel is not None and _gemv_covers(x, shape, blocksize):
-        weight = _weight(packed, absmax, nested_absmax, offset)
+        weight = backends.contiguous_fields(packed, absmax, nested_absmax, offset)
         if weight[0].device.type == "cuda" and weight[0].data_ptr() % 16:  # a view at an odd offset: 128-bit loads need 16
             weight = (weight[0].clone(), *weight[1:])
         return kernel(x, *weight, list(shape), blocksize, bias)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..quant import nf4
+from . import backends
 
 # Note: no fused multiply-add. scale = dyn * nested + offset must round the product before
 # the sum to match the reference; Triton contracts a*b+c into one FMA by default
@@ -202,8 +203,7 @@ def weight_args(packed, absmax, nested_absmax, offset):
     """The pointer arguments of load_w_tile, in order; a placeholder where there is no
     double quantization (the kernel never reads it then). The kernels index the fields as flat
     arrays, so a strided field (the ops accept any layout) is copied to a contiguous one."""
-    packed, absmax = packed.contiguous(), absmax.contiguous()
-    nested_absmax, offset = (t if t is None else t.contiguous() for t in (nested_absmax, offset))
+    packed, absmax, nested_absmax, offset = backends.contiguous_fields(packed, absmax, nested_absmax, offset)
     nf4_values, dynamic = code_tables(packed.device)
     double_quant = nested_absmax is not None
     nested = nested_absmax if double_quant else absmax

@@ -23,10 +23,10 @@ BASE = "__base__"  # in a per-sample route: this sample uses no adapter (PEFT's 
 # sum cast back once (lowrank/tuners/lora.py). Under autocast, autocast casts (so do PEFT's
 # bitsandbytes layers); LoRA on a dense layer casts as PEFT's Linear does instead (lora_base.py,
 # Note: x in the adapter's dtype).
-def cast_for(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype | None:
+def cast_for(x: torch.Tensor, dtype: torch.dtype, under_autocast: bool = False) -> torch.dtype | None:
     """`dtype` where an adapter made in it must cast its input x to it (See Note: inputs in the
-    adapter's dtype), else None."""
-    if x.dtype == dtype or not x.is_floating_point() or autocast_dtype(x) is not None:
+    adapter's dtype), else None. Under autocast only if `under_autocast` (LoRA on a dense base)."""
+    if x.dtype == dtype or not x.is_floating_point() or (not under_autocast and autocast_dtype(x) is not None):
         return None
     return dtype
 

@@ -144,9 +144,8 @@ class LoraLayer(TunerLayer):
     # the output's dtype there (lora.py).
     def _input_dtype(self, x: torch.Tensor, factor_dtype: torch.dtype) -> torch.dtype | None:
         """The dtype x is cast to before the adapter reads it, or None (See Note: x in the adapter's dtype)."""
-        if quantized_base(self._modules["base"]):
-            return cast_for(x, factor_dtype)  # not under autocast, as PEFT's bitsandbytes layers
-        return factor_dtype if x.is_floating_point() and x.dtype != factor_dtype else None  # always, as PEFT's Linear
+        # under autocast as PEFT's Linear does, not as its bitsandbytes layers
+        return cast_for(x, factor_dtype, under_autocast=not quantized_base(self._modules["base"]))
 
     def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """This adapter's addition to the base output (See Note: x in the adapter's dtype)."""

@@ -167,8 +167,7 @@ def assert_layouts_give_the_same_results(q, rows=(1, 70), device="cpu"):
     own contiguous fields: the same values, so the same bits (the Triton kernels read the fields
     and the bias as flat arrays, and the reference broadcast a (1, 1) offset against the scales)."""
     n, k = q.shape
-    plain, odd = fields(q), tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in odd_layouts(q))
-    plain = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in plain)
+    plain, odd = (tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in f) for f in (fields(q), odd_layouts(q)))
     assert torch.equal(torch.ops.lowrank.nf4_dequantize(*odd, torch.float32),
                        torch.ops.lowrank.nf4_dequantize(*plain, torch.float32))
     for m in rows:
