@@ -24,7 +24,7 @@ from torch import nn
 
 from . import distributed
 from .config import AdapterConfig
-from .inject import _walk, active_adapters, adapter_names, inject
+from .inject import _walk, adapter_names, inject
 from .tuners.adapter import AdapterLayer
 from .tuners.base import TunerLayer
 
@@ -106,13 +106,12 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
     """Inject bottleneck adapter `name` as `saved` (the parsed adapter_config.json) says and
     load its weights from `path`. As io.load_adapter: shape mismatches raise; missing /
     unexpected keys raise when `strict`; on any error the model is left as it was."""
-    from .io import CONFIG_NAME, PREFIX, LoadResult, copy_checked, read_weights, undo_inject
+    from .io import CONFIG_NAME, PREFIX, LoadResult, copy_checked, read_weights, undo_on_error
 
     config = config_from_saved(saved, str(path / CONFIG_NAME))
     weights = read_weights(path, allow_pickle)
-    before = active_adapters(model)
-    modules = inject(model, config, name, dtype=dtype)
-    try:
+    with undo_on_error(model, name):  # See Note: a failed load changes nothing (lowrank/io.py)
+        modules = inject(model, config, name, dtype=dtype)
         seen, missing, mismatched, pairs = set(), [], [], []
         for where, layer in _layers(model, name):
             params = dict(layer.adapters[name].named_parameters())
@@ -127,7 +126,4 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
                 pairs.append((params[t], weights[key]))
         result = LoadResult(modules, sorted(missing), sorted(k for k in weights if k not in seen), mismatched)
         copy_checked(model, f"{path}: the bottleneck adapter", pairs, result, strict)
-    except BaseException:
-        undo_inject(model, name, before)
-        raise
     return result

@@ -23,6 +23,7 @@ from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
 from .tuners import adapter, lora, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
+from .tuners.lora import _lora_slot
 from .tuners.lora_base import LoraLayer
 
 
@@ -124,28 +125,48 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
             f"no module of {type(model).__name__} matched targets={targets!r} (exclude={config.exclude!r}); "
             f"{handler.kind} can wrap e.g. {candidates[:6]} ({len(candidates)} candidates in all)"
         )
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:  # inject freezes every parameter (mark_trainable), which torch refuses on these
+        raise ValueError(f"{type(model).__name__} has uninitialized (lazy) parameters {lazy[:4]}; run one forward "
+                         "pass to materialize them before inject")
     for parent, _, where, child in matches:
         if isinstance(parent, nn.MultiheadAttention):  # LoRA, and a bottleneck adapter that would never run
             raise ValueError(f"cannot put {handler.kind} on {where!r}: nn.MultiheadAttention reads its projection "
                              "weights directly, never calling the submodule; exclude it (or put an adapter on the attention)")
         handler.check(child, config, name, where)
-    if not _layers(model):  # See Note: requires_grad on eject.
+    first = not _layers(model)
+    if first:  # See Note: requires_grad on eject.
         _FLAGS[model] = [(p, p.requires_grad) for p in model.parameters()]
     known = {id(m) for m in model.modules()}
-    for parent, attr, where, _ in matches:
-        child = getattr(parent, attr)
-        setattr(parent, attr, handler.wrap(child, config, name, where))
-        _take_mode(getattr(parent, attr), child.training, known)
-    for encoder_layer in (m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)):
-        for layer in _layers(encoder_layer):  # See Note: fused fast paths (tuners/base.py).
-            layer.keep_fused_paths_off()
-    handler.attach(model, config, name)
-    _take_mode(model, model.training, known)  # anything `attach` made
-    if dtype is not None:
-        _cast_adapter(model, name, dtype)
+    try:  # See Note: a failed inject changes nothing.
+        for parent, attr, where, _ in matches:
+            child = getattr(parent, attr)
+            setattr(parent, attr, handler.wrap(child, config, name, where))
+            _take_mode(getattr(parent, attr), child.training, known)
+        for encoder_layer in (m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)):
+            for layer in _layers(encoder_layer):  # See Note: fused fast paths (tuners/base.py).
+                layer.keep_fused_paths_off()
+        handler.attach(model, config, name)
+        _take_mode(model, model.training, known)  # anything `attach` made
+        if dtype is not None:
+            _cast_adapter(model, name, dtype)
+    except BaseException:
+        _remove(model, name, keep_merged=False)
+        if first:
+            _FLAGS.pop(model, None)
+        raise
     set_active(model, name)
     mark_trainable(model)
     return [where for _, _, where, _ in matches]
+
+
+# Note: a failed inject changes nothing. `check` runs on every target before the first is
+# wrapped, but a wrap can still fail on what only making the adapter shows (a DoRA base whose
+# dequantize raises, a prompt's init text tokenized for another embedding). Then every module
+# that took the new adapter gives it up again, as eject would (a layer made for it is replaced by
+# the module it wrapped; one that held other adapters keeps them), and the model-level hooks go
+# with the last layer of their kind: the name is free again and the model is as before. The
+# active adapters and the training flags are only changed after the last step that can fail.
 
 
 # Note: train or eval mode. A new module starts in training mode, so an adapter added to a model
@@ -182,6 +203,15 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     plain fine-tuned model). Returns the names of the modules it touched."""
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"the model has no adapter named {name!r}; it has {adapter_names(model)}")
+    touched = _remove(model, name, keep_merged)
+    if not _layers(model):  # See Note: requires_grad on eject.
+        for p, flag in _FLAGS.pop(model, []):
+            p.requires_grad_(flag)
+    return touched
+
+
+def _remove(model: nn.Module, name: str | None, keep_merged: bool) -> list[str]:
+    """Take adapter `name` (None: all) out of every layer, and the model-level hooks whose last layer went."""
     touched = []
     for parent, attr, where, child in list(_walk(model)):
         if isinstance(child, TunerLayer):
@@ -190,9 +220,6 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     for handler in HANDLERS.values():  # See Note: model-level hooks.
         if not any(isinstance(m, handler.layer) for m in _layers(model)):
             handler.detach(model)
-    if not _layers(model):  # See Note: requires_grad on eject.
-        for p, flag in _FLAGS.pop(model, []):
-            p.requires_grad_(flag)
     return touched
 
 
@@ -208,21 +235,52 @@ def _strip(module: nn.Module, name: str | None, keep_merged: bool) -> nn.Module:
 
 
 def merge(model: nn.Module) -> list[str]:
-    """Fold every LoRA layer's active adapters into its base weight (explicit; idempotent;
-    checked finite before each write). Bottleneck adapters are non-linear and stay in the
-    forward. Refuses, changing nothing, a weight tied to another module's (GPT-2's wte and
-    lm_head): merging into it would change the other module too. Returns the names of the
+    """Fold every LoRA layer's active adapters into its base weight (explicit; idempotent).
+    Bottleneck adapters are non-linear and stay in the forward. Checks every layer before it
+    writes any (See Note: merge checks first): a weight tied to another module's (GPT-2's wte
+    and lm_head: merging into it would change the other module too), a base without a dense
+    weight, a sum that is not finite; a refused merge changes nothing. Returns the names of the
     layers that changed."""
+    model = _module(model, "merge")
     names = {}  # id -> every name of the parameter, tied ones included
     for n, p in plain_parameters(model):
         names.setdefault(id(p), []).append(n)
-    for _, _, where, m in _walk(model):
-        w = getattr(m.base, "weight", None) if isinstance(m, LoraLayer) else None
+    layers = _lora_layers(model)
+    for where, m in layers:
+        w = getattr(m.base, "weight", None)
         if isinstance(w, torch.Tensor) and len(names.get(id(w), ())) > 1 and any(n not in m.merged for n in m.active):
             raise ValueError(f"cannot merge into {where!r}: its weight is one tensor with {names[id(w)]} (tied), so "
                              "merging would change the other module too; keep the adapter unmerged, or untie the "
                              "weights first")
-    return [where for _, _, where, m in _walk(model) if isinstance(m, LoraLayer) and m.merge()]
+    for where, m in layers:
+        try:
+            m.merge(check_only=True)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"lowrank.merge refused, nothing was merged: at {where!r}, {e}") from None
+    return [where for where, m in layers if m.merge()]
+
+
+# Note: merge checks first. Each layer computes its merged weight twice: once to check it (the
+# structure, and that the sum is finite) for every layer, then again to write it. A merge that
+# wrote layer by layer and failed at the tenth would leave nine merged and the model in neither
+# state; keeping the nine old weights to put back would hold a second copy of them. The cost is
+# one more pass of additions over the adapted weights, once.
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """(qualified name, LoRA layer) for every LoRA layer, also inside another adapter's wrapper."""
+    out = []
+    for _, _, where, child in _walk(model):
+        slot = _lora_slot(child)
+        if isinstance(slot, LoraLayer):
+            out.append((where, slot))
+    return out
+
+
+def _module(model, verb: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{verb} takes an nn.Module (the model); got {type(model).__name__}")
+    return model
 
 
 def plain_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -236,7 +294,7 @@ def plain_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def unmerge(model: nn.Module) -> list[str]:
     """Take merged adapters back out of the base weights; idempotent."""
-    return [where for _, _, where, m in _walk(model) if isinstance(m, LoraLayer) and m.unmerge()]
+    return [where for where, m in _lora_layers(_module(model, "unmerge")) if m.unmerge()]
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -266,17 +324,35 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make exactly `names` active (their additions are summed); others stay but do nothing."""
-    names = [names] if isinstance(names, str) else list(names)
+    """Make exactly `names` active (their additions are summed); others stay but do nothing.
+    Refuses, changing nothing, unknown or repeated names and a model with merged adapters."""
+    names = _names(names, "set_active's names")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"set_active's names repeat {repeated}; an adapter is active once (got {names})")
     unknown = [n for n in names if n not in adapter_names(model)]
     if unknown:
         raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)}")
-    for layer in _layers(model):
+    for layer in _unmerged_layers(model, "changing the active adapters"):
         layer.set_active(names)
 
 
-def mark_trainable(model: nn.Module, names: Sequence[str] | None = None) -> None:
+def _names(names, what: str) -> list[str]:
+    """An adapter name or a sequence of them, as a list; a TypeError naming `what` otherwise."""
+    if isinstance(names, str):
+        return [names]
+    if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must be an adapter name or a sequence (list, tuple) of names; got {names!r}")
+    return list(names)
+
+
+def mark_trainable(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Only the parameters of adapters `names` (None: the active ones) require grad."""
+    if names is not None:
+        names = _names(names, "mark_trainable's names")
+        unknown = [n for n in names if n not in adapter_names(model)]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)}")
     model.requires_grad_(False)
     for layer in _layers(model):
         for n in layer.active if names is None else [n for n in names if n in layer.names]:
@@ -299,6 +375,7 @@ def summary(model: nn.Module) -> Summary:
     """Trainable and total parameters (each counted once), and the parameters of each adapter.
     A 4-bit layer's weight counts as its number of elements, not as the packed bytes and
     scales (frozen integer parameters) that store it."""
+    model = _module(model, "summary")
     codec = {id(t) for m in model.modules() if isinstance(m, Linear4bit) for t in m.codec_tensors()}
     params = [p for p in model.parameters() if id(p) not in codec]
     per: dict[str, int] = {}
@@ -310,7 +387,7 @@ def summary(model: nn.Module) -> Summary:
 
 
 def _unmerged_layers(model: nn.Module, what: str) -> list[TunerLayer]:
-    layers = _layers(model)
+    layers = _layers(_module(model, what))
     if any(layer.merged for layer in layers):
         raise RuntimeError(f"{what} needs unmerged adapters; call lowrank.unmerge(model) first")
     return layers
@@ -334,6 +411,8 @@ def disabled(model: nn.Module):
 def per_sample(model: nn.Module, names: Sequence[str]):
     """`with per_sample(model, ["a", "b", "__base__"]):` sample i of the batch (dim 0) uses
     adapter names[i] ("__base__": none) — PEFT's `adapter_names`, for inference on mixed batches."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"per_sample's names must be a sequence (list, tuple) of adapter names, one a sample; got {names!r}")
     unknown = sorted({n for n in names if n != BASE and n not in adapter_names(model)})
     if unknown:
         raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)} (or use {BASE!r})")

@@ -13,6 +13,7 @@ written and read by lowrank/io_prefix.py; save_adapter and load_adapter dispatch
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -287,12 +288,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}
     for k in [k for k in weights if k.endswith(".lora_magnitude_vector.weight")]:  # older PEFT spelling
         weights[k.removesuffix(".weight")] = weights.pop(k)
-    before = active_adapters(model)
-    try:
-        modules = inject(model, config, name, dtype=dtype)
-    except (ValueError, TypeError) as e:  # what the file asks that this model or lowrank cannot take, named
-        raise type(e)(f"{cfg_file}: cannot load this adapter: {e}") from e
-    try:
+    with undo_on_error(model, name):  # See Note: a failed load changes nothing
+        try:
+            modules = inject(model, config, name, dtype=dtype)
+        except (ValueError, TypeError) as e:  # what the file asks that this model or lowrank cannot take, named
+            raise type(e)(f"{cfg_file}: cannot load this adapter: {e}") from e
         seen, missing, mismatched, pairs = set(), [], [], []
         for where, layer in _lora_layers(model, name):
             for suffix, param in _tensors(layer, name).items():
@@ -319,9 +319,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         unexpected = sorted(PREFIX + k for k in weights if k not in seen)
         result = LoadResult(modules, sorted(missing), unexpected, mismatched, sorted(base_keys))
         copy_checked(model, f"{path}: the adapter", pairs, result, strict)
-    except BaseException:
-        undo_inject(model, name, before)
-        raise
     return result
 
 
@@ -361,8 +358,23 @@ def copy_checked(model: nn.Module, what: str, pairs, result: LoadResult, strict:
             param.copy_(value)
 
 
-def undo_inject(model: nn.Module, name: str, before: list[str]) -> None:
-    """A failed load leaves the model as it was: the new adapter out, the old ones active."""
-    eject(model, name)
-    if before:
-        set_active(model, before)
+# Note: a failed load changes nothing. A load injects its adapter, then checks and copies the
+# file's tensors; on any error between (a shape that does not fit, a missing key, an interrupt)
+# the adapter goes out again, the adapters active before are active again, and every parameter
+# requires grad as before (inject's mark_trainable froze the other adapters and any head the
+# user had unfrozen). copy_checked checks every tensor, base weights included, before it copies any.
+@contextlib.contextmanager
+def undo_on_error(model: nn.Module, name: str):
+    """`with undo_on_error(model, name): <inject adapter name and load it>` (See Note: a failed load changes nothing)."""
+    before = active_adapters(model)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        if name in adapter_names(model):
+            eject(model, name)
+        if before:
+            set_active(model, before)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed, io_prompt
 from .config import PrefixConfig
-from .inject import active_adapters, inject
+from .inject import inject
 from .tuners.base import TunerLayer
 from .tuners.prefix import PrefixLayer, default_targets, layers
 
@@ -99,9 +99,10 @@ def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], 
         raise ValueError(f"{source}: unexpected keys for a prefix adapter: {unexpected}" if unexpected else
                          f"{source}: the task head does not fit (key, file, model): {mismatched}")
     table = weights[KEY]
-    before = active_adapters(model)
-    modules = inject(model, config, name, dtype=dtype)
-    try:
+    from .io import undo_on_error  # io imports this module first
+
+    with undo_on_error(model, name):  # See Note: a failed load changes nothing (lowrank/io.py)
+        modules = inject(model, config, name, dtype=dtype)
         found = layers(model, name)
         want = {"num_layers": len(found), "token_dim": found[0].width, "num_attention_heads": found[0].heads}
         wrong = {k: (peft_config.get(k), v) for k, v in want.items() if peft_config.get(k) not in (None, v)}
@@ -116,9 +117,4 @@ def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], 
             for param, value in pairs:
                 if param.shape == value.shape:  # (a head that does not fit is reported, not loaded, when not strict)
                     param.copy_(value)
-    except BaseException:
-        from .io import undo_inject  # io imports this module first
-
-        undo_inject(model, name, before)
-        raise
     return result_type(modules, [], unexpected, mismatched, base)

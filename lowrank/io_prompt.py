@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .config import PromptConfig
-from .inject import _walk, active_adapters, adapter_names, inject, plain_parameters
+from .inject import _walk, adapter_names, inject, plain_parameters
 from .tuners.prompt import PromptLayer
 
 KEY = "prompt_embeddings"
@@ -120,13 +120,12 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
 def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, strict: bool, allow_pickle: bool,
          dtype=None):
     """Inject prompt adapter `name` and load its embeddings; on any error the model is as before."""
-    from .io import LoadResult, copy_checked, read_weights, undo_inject, virtual_tokens  # io imports this module first
+    from .io import LoadResult, copy_checked, read_weights, undo_on_error, virtual_tokens  # io imports this module first
 
     n = virtual_tokens(peft_config, path / "adapter_config.json", "prompt")
     weights = read_weights(path, allow_pickle)
-    before = active_adapters(model)
-    modules = inject(model, PromptConfig(num_virtual_tokens=n), name, dtype=dtype)
-    try:
+    with undo_on_error(model, name):  # See Note: a failed load changes nothing (lowrank/io.py)
+        modules = inject(model, PromptConfig(num_virtual_tokens=n), name, dtype=dtype)
         (where, layer), = _prompt_layers(model, name)
         param = layer.prompts[name]
         missing = [] if KEY in weights else [KEY]
@@ -137,7 +136,4 @@ def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, str
         pairs += [(param, weights[KEY])] if KEY in weights else []
         # a prompt adapter is its one tensor: without it there is nothing to load, strict or not
         copy_checked(model, f"{path}: the prompt adapter", pairs, result, strict or bool(missing))
-    except BaseException:
-        undo_inject(model, name, before)
-        raise
     return result

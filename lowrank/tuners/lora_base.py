@@ -168,22 +168,29 @@ class LoraLayer(TunerLayer):
         return self._lora(name, drop(x)) * self.scaling[name]
 
     # -- merge ----------------------------------------------------------------------------
-    def merge(self) -> list[str]:
+    def merge(self, check_only: bool = False) -> list[str]:
         """Fold the active adapters into base.weight; a no-op for those already merged.
-        Safe: each new weight is checked finite before it is written. Returns what it merged."""
+        Safe: each new weight is checked finite before it is written. `check_only`: compute and
+        check every new weight, write nothing (lowrank.merge, Note: merge checks first).
+        Returns what it merged (would merge)."""
         todo = [n for n in self.active if n not in self._merged]
         if not todo:
             return []
         if len(self.active) > 1 and any(n in self.lora_magnitude_vector for n in self.active):
             raise ValueError(f"cannot merge several adapters {list(self.active)} when one is DoRA; "
                              "activate one DoRA adapter at a time to merge it")
-        weight = self._writable_weight()
+        weight = current = self._writable_weight()
         for name in todo:
             with torch.no_grad():
-                new = self._merged_weight(name, weight)
+                new = self._merged_weight(name, current)
+                if check_only or not torch.isfinite(new).all():
+                    self._merge_norms.pop(name, None)
                 if not torch.isfinite(new).all():
                     raise ValueError(f"merging adapter {name!r} into {type(self.base).__name__} gives non-finite "
                                      "weights (inf/nan); the weight was left unchanged")
+                if check_only:
+                    current = new.to(weight.dtype)  # what the write would leave for the next adapter
+                    continue
                 weight.copy_(new)
             self._merged += (name,)
         return todo
