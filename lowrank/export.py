@@ -125,6 +125,15 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+def _checked_cast(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`t` in `dtype`, refusing a cast that turns finite values into inf (fp16 above 65504)."""
+    out = _cast(t, dtype)
+    if out.dtype != t.dtype and out.is_floating_point() and not torch.isfinite(out).all() and torch.isfinite(t).all():
+        raise ValueError(f"{key}: its values reach {t.abs().max().item():.4g}, which {out.dtype} cannot hold (largest "
+                         f"{torch.finfo(out.dtype).max:.4g}); export in a wider dtype (dtype=torch.bfloat16 or None)")
+    return out
+
+
 def _nf4_sizes(prefix: str, like: Linear4bit, dtype: torch.dtype) -> dict[str, int]:
     """Bytes of each 4-bit entry of a weight shaped like `like`, without quantizing it."""
     q = like.weight
@@ -158,6 +167,10 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     for name in sorted(set(loras) | set(quantized)):
         layer, q = loras.get(name), quantized.get(name)
         key = f"{name}.weight" if name else "weight"
+        if q is None and key not in state:  # See Note: a computed weight (lowrank/tuners/lora_base.py)
+            raise ValueError(f"cannot merge into {name!r}: its weight is not a state-dict entry {key!r} but computed "
+                             "from other parameters (torch.nn.utils.parametrize, weight_norm), so the merged weight "
+                             "would have nowhere to go; remove the parametrization first")
         owner |= {k: key for k in ([key + s for s in _WEIGHT_KEYS] if q is not None else [key]) if k in state}
         parts[key] = _weight_part(key, name, layer, q, dtype, requantize, errors, name in conv1d)
     _check_ties(state, {k for k, w in owner.items() if k == w})
@@ -171,7 +184,7 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
             continue
         seen.add(id(t))
         size = t.numel() * (_cast(t.new_empty(0), dtype).element_size())
-        ordered.append(shards.Part({k: size}, lambda k=k, t=t: {k: _cast(t.detach(), dtype)}))  # cast when written
+        ordered.append(shards.Part({k: size}, lambda k=k, t=t: {k: _checked_cast(k, t.detach(), dtype)}))  # when written
     with shards.atomic_directory(out_dir, overwrite) as tmp:
         files = shards.write(ordered, tmp, max_bytes)
         modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
@@ -212,6 +225,8 @@ def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Linear4bit | N
         return shards.Part(_nf4_sizes(key, q, q.dtype), lambda: q.weight.to_state_dict(key))
     def make() -> torch.Tensor:  # W' in float32: merged, or the 4-bit weight as its forward sees it
         w = merged_weight(layer) if layer is not None else q.dequantize(q.compute_dtype).float()  # (out, in)
+        if layer is not None and not torch.isfinite(w).all():  # as lowrank.merge refuses it
+            raise ValueError(f"merging the adapters of {name!r} gives non-finite weights (inf/nan); nothing was written")
         return w.T.contiguous() if conv1d else w  # (in, out) for a Conv1D
 
     base_dtype = q.compute_dtype if q is not None else layer.base.weight.dtype
@@ -219,7 +234,8 @@ def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Linear4bit | N
     if requantize and q is not None:
         return shards.Part(_nf4_sizes(key, q, target), lambda: _requantized(make(), q, key, name, target, errors))
     numel = q.weight.numel if q is not None else layer.base.weight.numel()
-    return shards.Part({key: numel * torch.empty(0, dtype=target).element_size()}, lambda: {key: make().to(target)})
+    return shards.Part({key: numel * torch.empty(0, dtype=target).element_size()},
+                       lambda: {key: _checked_cast(key, make(), target)})
 
 
 def _requantized(w: torch.Tensor, like: Linear4bit, key: str, name: str, dtype: torch.dtype, errors: dict) -> dict:

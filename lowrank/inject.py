@@ -242,14 +242,14 @@ def merge(model: nn.Module) -> list[str]:
     weight, a sum that is not finite; a refused merge changes nothing. Returns the names of the
     layers that changed."""
     model = _module(model, "merge")
-    names = {}  # id -> every name of the parameter, tied ones included
+    names = {}  # alias key -> every name of the parameter, tied ones included
     for n, p in plain_parameters(model):
-        names.setdefault(id(p), []).append(n)
+        names.setdefault(_alias(p), []).append(n)
     layers = _lora_layers(model)
     for where, m in layers:
         w = getattr(m.base, "weight", None)
-        if isinstance(w, torch.Tensor) and len(names.get(id(w), ())) > 1 and any(n not in m.merged for n in m.active):
-            raise ValueError(f"cannot merge into {where!r}: its weight is one tensor with {names[id(w)]} (tied), so "
+        if isinstance(w, torch.Tensor) and len(names.get(_alias(w), ())) > 1 and any(n not in m.merged for n in m.active):
+            raise ValueError(f"cannot merge into {where!r}: its weight is one tensor with {names[_alias(w)]} (tied), so "
                              "merging would change the other module too; keep the adapter unmerged, or untie the "
                              "weights first")
     for where, m in layers:
@@ -265,6 +265,13 @@ def merge(model: nn.Module) -> list[str]:
 # wrote layer by layer and failed at the tenth would leave nine merged and the model in neither
 # state; keeping the nine old weights to put back would hold a second copy of them. The cost is
 # one more pass of additions over the adapted weights, once.
+
+
+def _alias(t: torch.Tensor) -> tuple:
+    """Equal for tensors that are the same memory: one Parameter under two names, or two Parameters
+    made on one tensor (`head.weight = nn.Parameter(emb.weight)`), which `is` does not see."""
+    ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
+    return (ptr, t.storage_offset()) if ptr else (id(t),)
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:

@@ -236,7 +236,19 @@ class LoraLayer(TunerLayer):
                 f"cannot merge into {type(self.base).__name__}: it has no dense floating `weight` "
                 "(a 4-bit base cannot take a merged update; dequantize it first or keep the adapter unmerged)"
             )
+        if self.base._parameters.get("weight") is not w:  # See Note: a computed weight.
+            raise TypeError(
+                f"cannot merge into {type(self.base).__name__}: its `weight` is computed from other parameters "
+                "at every read (torch.nn.utils.parametrize, weight_norm, spectral_norm), so writing it would not "
+                "change the model; keep the adapter unmerged, or remove the parametrization first"
+            )
         return w
+
+    # Note: a computed weight. Under torch.nn.utils.parametrize (weight_norm, spectral_norm,
+    # orthogonal) `base.weight` is recomputed from `parametrizations.weight.original` at each read,
+    # and the old hook-based weight_norm sets it before each forward: a merge that wrote into it
+    # wrote into a throwaway tensor, reported success and left the model computing the base alone
+    # (PEFT 0.21's merge_and_unload does the same). A mergeable weight is the base's own Parameter.
 
     # -- per kind -------------------------------------------------------------------------
     transposed = False  # True when base.weight is stored (in, out), as in GPT-2's Conv1D

@@ -169,6 +169,39 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_what_cannot_be_written_right_is_refused_and_nothing_written(tmp_path):
+    """A merged sum that is not finite (lowrank.merge refuses it too), a cast to fp16 that would
+    turn a weight into inf, a weight computed by a parametrization (its merged weight had no
+    state-dict key to go to: the export was the base model, silently)."""
+    from torch.nn.utils import parametrizations
+
+    def model(weight_scale=1.0, factor=1.0):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        lowrank.inject(m, lowrank.LoraConfig(targets="0"))
+        with torch.no_grad():
+            m[0].base.weight.mul_(weight_scale)
+            m[0].lora_A["default"].weight.fill_(factor)
+            m[0].lora_B["default"].weight.fill_(factor)
+        return m
+
+    with pytest.raises(ValueError, match="'0' gives non-finite weights"):
+        merge_and_export(model(factor=1e20), tmp_path / "out")
+    with pytest.raises(ValueError, match=r"0.weight: its values reach .* torch.float16 cannot hold"):
+        merge_and_export(model(weight_scale=1e6), tmp_path / "out", dtype="fp16")
+    with pytest.raises(ValueError, match=r"1.weight: its values reach"):  # a weight no adapter touches
+        m = model()
+        with torch.no_grad():
+            m[1].weight.fill_(1e5)
+        merge_and_export(m, tmp_path / "out", dtype="fp16")
+    computed = torch.nn.Sequential(parametrizations.weight_norm(torch.nn.Linear(8, 8)))
+    lowrank.inject(computed, lowrank.LoraConfig(targets=torch.nn.Linear))
+    with pytest.raises(ValueError, match="not a state-dict entry '0.weight' but computed"):
+        merge_and_export(computed, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    merge_and_export(model(weight_scale=1e6), tmp_path / "out")  # float32 holds it
+
+
 @pytest.mark.parametrize("size, expect", [(1000, 1000), ("2GB", 2 * 10**9), ("500MB", 500 * 10**6),
                                           ("1GiB", 2**30), ("1.5kb", 1500), (" 7 B ", 7)])
 def test_sizes(size, expect):

@@ -144,6 +144,47 @@ def test_merge_two_adapters_of_one_layer_checks_the_second_on_the_first():
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("computed", ["parametrize", "weight_norm", "hook_weight_norm"])
+def test_merge_refuses_a_weight_computed_at_every_read(computed):
+    """Writing into a parametrized weight wrote into a throwaway tensor: merge reported the layer
+    merged while the model computed its base alone."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = mlp()
+    if computed == "parametrize":
+        parametrize.register_parametrization(model[0], "weight", Double())
+    elif computed == "weight_norm":
+        parametrizations.weight_norm(model[0])
+    else:
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.weight_norm(model[0])
+    inject(model, LoraConfig(targets=nn.Linear))  # ("0" would also name 0.parametrizations.weight.0)
+    with torch.no_grad():
+        model[0].lora_B["default"].weight.normal_()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="at '0', cannot merge into .*computed from other parameters"):
+        merge(model)
+    assert_unchanged(model, before)
+
+
+def test_merge_refuses_two_parameters_on_one_tensor():
+    """`head.weight = nn.Parameter(emb.weight)` ties without one Parameter object: merging into the
+    head would change the embedding too."""
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
+    model[1].weight = nn.Parameter(model[0].weight)
+    inject(model, LoraConfig(targets="1"))
+    with torch.no_grad():
+        model[1].lora_B["default"].weight.normal_()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"one tensor with \['0.weight', '1.weight'\] \(tied\)"):
+        merge(model)
+    assert_unchanged(model, before)
+
+
 def test_merge_reaches_lora_inside_a_bottleneck_adapter():
     """LoRA sits innermost, under a bottleneck adapter on the same module: merge and unmerge find it."""
     model = lora_model("0")
