@@ -234,14 +234,30 @@ class LoraEmbedding(LoraLayer):
 
     def _delta(self, name, x, base_out):
         delta = self._lora(name, x) * self.scaling[name]  # no dropout on token ids
+        scale = self._embed_scale()
+        if scale is not None:  # See Note: scaled embeddings.
+            delta = delta * scale.to(delta.dtype)
         # ids are never cast; an addition in another dtype than the output's (float32 factors on
         # a bf16 table) is cast to it outside autocast (lora_base.py, Note: x in the adapter's dtype)
         return delta if cast_for(delta, base_out.dtype) is None else delta.to(base_out.dtype)
 
+    # Note: scaled embeddings. Gemma's, BART's (scale_embedding) and a few other models' word
+    # embeddings multiply the looked-up rows by `embed_scale` (sqrt(d)) in their forward. The
+    # addition is scaled the same, as PEFT 0.21 does (LoraLayer._get_embed_scale: a scalar, or a
+    # one-element tensor; any other shape is not applied): then the merged table (E + s (B A)^T,
+    # scaled by the base's forward) computes what the unmerged layer does, and an adapter file
+    # means the same here and in PEFT.
+    def _embed_scale(self) -> torch.Tensor | None:
+        scale = getattr(self.base, "embed_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            return torch.tensor(scale, dtype=self.base.weight.dtype, device=self.base.weight.device)
+        return scale if isinstance(scale, torch.Tensor) and scale.numel() == 1 else None
+
     def _lora(self, name, x):
         b = self.base
-        after_A = F.embedding(x, self.lora_embedding_A[name].T, b.padding_idx, b.max_norm, b.norm_type,
-                              b.scale_grad_by_freq, b.sparse)  # ids (...) -> (..., r)
+        # dense gradients for A (a sparse one would reach the matmul below); max_norm is refused at inject
+        after_A = F.embedding(x, self.lora_embedding_A[name].T, b.padding_idx, None, b.norm_type,
+                              b.scale_grad_by_freq, False)  # ids (...) -> (..., r)
         return after_A @ self.lora_embedding_B[name].T  # (..., r) @ (r, dim) -> (..., dim)
 
     def _delta_weight(self, name, dtype=None):
@@ -259,7 +275,8 @@ class LoraConv(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def _create(self, name, r, dtype, device):
-        b, conv = self.base, type(self.base)
+        b = self.base  # plain convolutions: a subclass may take other arguments or compute otherwise
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(b.kernel_size)]
         self.lora_A[name] = conv(b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation, bias=False,
                                  padding_mode=b.padding_mode, dtype=dtype, device=device)  # (r, in, *k)
         self.lora_B[name] = conv(r, b.out_channels, 1, bias=False, dtype=dtype, device=device)  # (out, r, 1...)
@@ -312,6 +329,15 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
                          "Exclude it, or use plain LoRA (dora=False)")
     if cls is LoraConv and slot.groups != 1:
         raise ValueError(f"LoRA on a grouped convolution is not supported: {where!r} has groups={slot.groups}")
+    if cls is LoraEmbedding and slot.max_norm is not None:  # its forward renormalizes the table's rows in place
+        raise ValueError(f"LoRA on an nn.Embedding with max_norm is not supported: {where!r} has max_norm="
+                         f"{slot.max_norm}, so its rows (and A's) change at every lookup and a merge would not "
+                         "compute what the adapter did; exclude it")
+    if config.dora and cls is LoraLinear and not hasattr(slot, "dequantize") and \
+            not (isinstance(getattr(slot, "weight", None), torch.Tensor) and slot.weight.is_floating_point()):
+        raise ValueError(f"DoRA needs the dense weight of {where!r}, a {type(slot).__name__} whose weight is "
+                         f"{getattr(getattr(slot, 'weight', None), 'dtype', None)} (a bitsandbytes 4-bit layer?) and "
+                         "which has no dequantize(); use plain LoRA there, or lowrank.quantize's Linear4bit")
 
 
 def wrap(module: nn.Module, config: LoraConfig, name: str, where: str) -> nn.Module:

@@ -22,6 +22,7 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+import lowrank  # noqa: E402
 from lowrank.config import LoraConfig  # noqa: E402
 from lowrank.inject import inject  # noqa: E402
 
@@ -163,3 +164,22 @@ def test_same_as_peft_under_autocast_on_bf16_inputs_with_dropout(variant):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs.append(model(x))
     assert outs[0].dtype == outs[1].dtype == torch.bfloat16 and torch.equal(*outs)
+
+
+def test_same_as_peft_on_a_scaled_embedding_and_merged_the_same():
+    """Gemma's word embedding multiplies its rows by embed_scale (sqrt(hidden)): PEFT scales the
+    LoRA addition too (lowrank/tuners/lora.py, Note: scaled embeddings), and so the merged table,
+    scaled by the base's own forward, computes what the unmerged layer does."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        max_position_embeddings=32, sliding_window=16)
+    model = transformers.Gemma3TextModel(cfg).double()
+    assert float(model.embed_tokens.embed_scale) == pytest.approx(32 ** 0.5, rel=1e-6)  # made in float32
+    ours, theirs = pair(model, ["embed_tokens", "o_proj"], {})
+    check_same(ours, theirs)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        unmerged = ours(input_ids=ids).last_hidden_state
+        lowrank.merge(ours)
+        torch.testing.assert_close(ours(input_ids=ids).last_hidden_state, unmerged, rtol=1e-12, atol=1e-12)

@@ -211,3 +211,50 @@ def test_a_frozen_4bit_base_takes_the_same_lora_and_dora_code(monkeypatch):
         assert A.grad is not None and B.grad is not None
         with pytest.raises(TypeError, match="4-bit"):
             merge(holder)
+
+
+def test_embedding_bases_lora_refuses_or_takes_as_their_forward_needs():
+    """max_norm renormalizes the table's rows at every lookup (a merge would not compute what the
+    adapter did): refused. sparse=True: the base is frozen, so A's lookup is dense and backward
+    runs (it crashed in the matmul on a sparse gradient), with the dense base's gradients."""
+    with pytest.raises(ValueError, match="max_norm is not supported: '0' has max_norm=1.0"):
+        inject(nn.Sequential(nn.Embedding(10, 4, max_norm=1.0)), LoraConfig(targets="0"))
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 4, sparse=sparse))
+        inject(model, LoraConfig(targets="0"))
+        with torch.no_grad():
+            model[0].lora_embedding_A["default"].normal_()
+        model(torch.tensor([[1, 2, 2, 7]])).square().sum().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_conv_factors_are_plain_convolutions():
+    """A subclass of a convolution may take other arguments or compute otherwise (weight
+    standardization); the factors are plain nn.Conv1d/2d/3d with the base's geometry."""
+    class Standardized(nn.Conv2d):
+        def __init__(self, cin, cout):
+            super().__init__(cin, cout, 3, padding=1, padding_mode="circular")
+
+        def forward(self, x):
+            w = (self.weight - self.weight.mean()) / self.weight.std()
+            return self._conv_forward(x, w, self.bias)
+
+    model = nn.Sequential(Standardized(3, 5))
+    inject(model, LoraConfig(targets="0"))
+    a, b = model[0].lora_A["default"], model[0].lora_B["default"]
+    assert type(a) is nn.Conv2d and type(b) is nn.Conv2d and a.padding_mode == "circular"
+    assert model(torch.randn(1, 3, 6, 6)).shape == (1, 5, 6, 6)
+
+
+def test_dora_refuses_a_base_whose_weight_is_not_dense():
+    """A bitsandbytes Linear4bit is an nn.Linear with uint8 codes as `weight` and no dequantize():
+    DoRA's norms read the dense weight, so it is refused at inject (plain LoRA works)."""
+    layer = nn.Linear(16, 8)
+    layer.weight = nn.Parameter(torch.zeros(64, 1, dtype=torch.uint8), requires_grad=False)
+    model = nn.Sequential(nn.Linear(8, 16), layer)
+    with pytest.raises(ValueError, match=r"DoRA needs the dense weight of '1', a Linear whose weight is torch.uint8"):
+        inject(model, LoraConfig(dora=True, targets=nn.Linear))
+    assert type(model[0]) is nn.Linear
