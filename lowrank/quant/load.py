@@ -26,7 +26,7 @@ from torch import nn
 from ..targets import compile_filter, is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit
-from .quantize import NF4Config, _can_quantize, _walk, refuse_tied, weight_owners
+from .quantize import NF4Config, _can_quantize, _walk, check_forward, refuse_tied, weight_owners
 
 INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's weight map
 SINGLE = "model.safetensors"
@@ -105,6 +105,8 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     config = NF4Config() if config is None else config
     if not isinstance(config, NF4Config):
         raise TypeError(f"config must be an NF4Config; got {type(config).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch.dtype (e.g. torch.bfloat16); got {dtype!r}")
     device = torch.device(device)
     files = checkpoint_files(path)
     layers, first_name = _places(model, config)
@@ -116,6 +118,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
             raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly; "
                              "add it to skip")
         refuse_tied(name, getattr(parent, attr), owners)  # See Note: tied weights stay dense (quantize.py).
+        check_forward(name, getattr(parent, attr))  # See Note: a forward of its own (quantize.py).
     has_bias = {n for n, [(p, a), *_] in layers.items() if getattr(getattr(p, a), "bias", None) is not None}
     shapes = {n: _weight_shape(getattr(p, a)) for n, [(p, a), *_] in layers.items()}
     modules = dict(model.named_modules(remove_duplicate=False))  # a module registered twice: both names
@@ -130,6 +133,10 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                 if owner in layers and leaf in ("weight", "bias"):
                     parent, attr = layers[owner][0]
                     layer = getattr(parent, attr)
+                    if leaf == "bias" and f.get_slice(key).get_shape() != [shapes[owner][1][0]]:
+                        bad_shapes.append(f"{key}: checkpoint {tuple(f.get_slice(key).get_shape())}, model "
+                                          f"{(shapes[owner][1][0],)}")
+                        continue
                     if leaf == "bias" and isinstance(layer, Linear4bit):  # the weight came first
                         layer.bias = nn.Parameter(_cast(f.get_tensor(key), device, dtype), requires_grad=False)
                     elif leaf == "bias":

@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..config import Targets, _check_targets
 from ..targets import compile_filter, is_gpt2_conv1d
@@ -82,7 +83,41 @@ def refuse_tied(name: str, layer: nn.Module, owners: dict) -> None:
                          f"weight stays full precision: leave {name!r} out of targets or add it to skip")
 
 
-def _check_weight(name: str, w: torch.Tensor) -> None:
+def check_forward(name: str, layer: nn.Module) -> None:
+    """Refuse a subclass of nn.Linear whose own forward is not x W^T + b (See Note: a forward of its own)."""
+    if type(layer).forward is nn.Linear.forward or not isinstance(layer, nn.Linear):
+        return
+    what = f"{name!r} is a {type(layer).__name__}, an nn.Linear with a forward of its own"
+    w, b = layer.weight, layer.bias
+    if w.is_meta:
+        raise TypeError(f"{what}, which cannot be checked on the meta device; a Linear4bit in its place computes x W^T "
+                        "+ b only: add it to skip, or quantize the loaded model with lowrank.quantize")
+    k = layer.in_features
+    x = torch.zeros(3, k, dtype=w.dtype, device=w.device)  # 2 e_0, 2 e_(k-1), e_(k/2) + e_(k/3): exact products
+    x[0, 0] = x[1, k - 1] = 2
+    x[2, k // 2] += 1
+    x[2, k // 3] += 1
+    with torch.no_grad():
+        out, ref = type(layer).forward(layer, x), F.linear(x, w, b)  # the class's forward, no hooks
+        terms = x.abs() @ w.abs().T + (b.abs() if b is not None else 0)  # a few roundings of these at most
+        bound = 4 * torch.finfo(w.dtype).eps * terms.float() + torch.finfo(w.dtype).tiny
+        same = (isinstance(out, torch.Tensor) and out.shape == ref.shape and out.is_floating_point()
+                and bool(((out.float() - ref.float()).abs() <= bound).all()))
+    if not same:
+        raise TypeError(f"{what}, which does not compute x W^T + b (tried on a few one-hot rows); a Linear4bit in "
+                        "its place would compute something else: add it to skip")
+
+
+# Note: a forward of its own. quantize puts a Linear4bit (x W^T + b) where an nn.Linear was. A
+# subclass may compute otherwise (Llama 4's router returns a tuple; a custom layer scales its
+# output) or the same in other words (Falcon's FalconLinear: x W^T, then + b). Its class's
+# forward is called once on three rows (2 e_0, 2 e_(k-1), e_i + e_j: their products with W are
+# exact in any dtype, so an affine forward differs from F.linear by a few roundings of the sums)
+# and compared with F.linear: the same, it is quantized; otherwise refused (skip it). On the meta device
+# (load_and_quantize) it cannot be run, so such a subclass is refused there.
+
+
+def _check_weight(name: str, w: torch.Tensor, double_quant: bool = False, blocksize: int = 64) -> None:
     """Before any layer is replaced: what nf4.quantize would refuse half way through."""
     if w.is_meta:
         raise ValueError(f"{name!r} has its weight on the meta device; to fill a model built under lowrank.skeleton() "
@@ -90,10 +125,17 @@ def _check_weight(name: str, w: torch.Tensor) -> None:
     if w.dtype not in nf4.DTYPES:
         raise TypeError(f"{name!r} has a {w.dtype} weight; NF4 quantizes {', '.join(map(str, nf4.DTYPES))} weights: "
                         "cast the model first, e.g. model.float()")
-    if not torch.isfinite(w).all():
+    largest = torch.aminmax(w.detach()) if w.numel() else (w.new_zeros(()),) * 2  # no copy of w; NaN propagates
+    largest = torch.maximum(-largest[0], largest[1])
+    if not torch.isfinite(largest):  # NaN propagates through amax
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"{name!r} has {bad} non-finite weight value(s) (NaN or Inf) of {w.numel()}; NF4 scales are "
                          "block maxima and cannot hold them: fix the weights or add the layer to skip")
+    blocks = -(-w.numel() // blocksize)
+    if double_quant and float(largest) * blocks >= torch.finfo(torch.float32).max:  # nf4.quantize_scales' mean
+        raise ValueError(f"{name!r} has weights up to {float(largest):.4g}: the mean of its {blocks} block maxima, "
+                         "which double quantization takes in float32, could overflow; use double_quant=False or "
+                         "add the layer to skip")
 
 
 def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
@@ -132,7 +174,8 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
             raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly, "
                              "never calling the submodule; add it to skip")
         refuse_tied(name, child, owners)
-        _check_weight(name, child.weight)
+        _check_weight(name, child.weight, config.double_quant, config.blocksize)
+        check_forward(name, child)
     del child  # See Note: no references to the layers.
     done: dict[int, Linear4bit] = {}  # id of a replaced layer -> its 4-bit layer: See Note: a module registered at two places
     for parent, attr, _, key in matches:  # See Note: no references to the layers.

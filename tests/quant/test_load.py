@@ -1,6 +1,7 @@
 """load_and_quantize: a dense checkpoint read straight into 4 bits equals quantize(from_pretrained)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -169,3 +170,39 @@ def test_a_module_registered_twice_with_two_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"a module registered at several places has different weights under its "
                                          r"names: \['b.weight differs from a.weight'\]"):
         load_and_quantize(model, tmp_path, NF4Config(skip=[]))
+
+
+@pytest.mark.parametrize("spoil", ["bias", "unexpected"])
+def test_a_failed_load_quantized_changes_nothing(tmp_path, spoil):
+    """It replaced layers as it went: a bias of the wrong shape or an unexpected key raised with
+    the model half 4-bit. Now every module gets its submodules and tensors back."""
+    import lowrank
+    from safetensors.torch import load_file
+
+    quantized = models.mlp()
+    quantize(quantized)
+    lowrank.save_quantized(quantized, tmp_path / "q")
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    shutil.copytree(tmp_path / "q", tmp_path / "bad")
+    save_file(state | ({"4.bias": torch.zeros(3)} if spoil == "bias" else {"extra.weight": torch.zeros(3)}),
+              tmp_path / "bad" / "model.safetensors")
+    model = models.mlp()
+    before = [(n, id(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+    match = r"'4': bias must have shape \(4,\); got \(3,\)" if spoil == "bias" else r"unexpected keys: \['extra.weight'\]"
+    with pytest.raises(ValueError, match=match):
+        lowrank.load_quantized(model, tmp_path / "bad")
+    assert [(n, id(m)) for n, m in model.named_modules()] == before[0]
+    assert all(torch.equal(v, before[1][k]) for k, v in model.state_dict().items())
+    assert lowrank.load_quantized(model, tmp_path / "q") == ["0", "2", "4"]
+
+
+def test_load_and_quantize_checks_dtype_first_and_names_a_bias_of_the_wrong_shape(tmp_path):
+    base = models.mlp()
+    state = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(state | {"2.bias": torch.zeros(3)}, tmp_path / "model.safetensors")
+    with skeleton():
+        model = models.mlp()
+    with pytest.raises(TypeError, match="dtype must be None or a floating torch.dtype .* got 'bf16'"):
+        load_and_quantize(model, tmp_path, dtype="bf16")
+    with pytest.raises(ValueError, match=r"2.bias: checkpoint \(3,\), model \(32,\)"):
+        load_and_quantize(model, tmp_path)

@@ -44,7 +44,7 @@ def test_nothing_matched_or_not_quantizable_changes_nothing():
         quantize(model)  # everything is 4-bit already
 
 
-@pytest.mark.parametrize("spoil", ["nan", "inf", "float64", "meta"])
+@pytest.mark.parametrize("spoil", ["nan", "inf", "float64", "meta", "huge"])
 def test_a_weight_nf4_cannot_hold_is_refused_before_any_layer_changes(spoil):
     # the bad layer is the last: found only when replaced, the first two were 4-bit by then
     model = models.mlp()
@@ -58,6 +58,11 @@ def test_a_weight_nf4_cannot_hold_is_refused_before_any_layer_changes(spoil):
         model[4].double()
         before = copy.deepcopy(model.state_dict())
         error, match = TypeError, r"'4' has a torch.float64 weight; NF4 quantizes torch.float32, .*model.float\(\)"
+    elif spoil == "huge":  # finite, but the mean of the block maxima overflows float32 in double quantization
+        with torch.no_grad():
+            model[4].weight.fill_(3e38)
+        before = copy.deepcopy(model.state_dict())
+        error, match = ValueError, r"'4' has weights up to 3e\+38: the mean of its 2 block maxima, .* double_quant=False"
     else:
         model[4] = nn.Linear(32, 4, device="meta")
         error, match = ValueError, r"'4' has its weight on the meta device; .* lowrank.load_and_quantize"
@@ -90,3 +95,40 @@ def test_a_tied_weight_stays_dense(reference):
     assert quantize(twice) == ["0", "2", "3.0"]
     assert isinstance(twice[0], Linear4bit) and twice[2] is twice[0] and twice[3][0] is twice[0]
     assert torch.equal(twice(x), want)
+
+
+class AffineInOtherWords(nn.Linear):
+    """transformers' FalconLinear: x W^T, then + b."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Router(nn.Linear):
+    """Llama 4's router: a tuple out."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits.softmax(-1), logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_linear_with_a_forward_of_its_own_is_quantized_only_if_it_is_affine(dtype, reference):
+    """See Note: a forward of its own (quant/quantize.py): a Linear4bit computes x W^T + b."""
+    torch.manual_seed(0)
+    model = nn.Sequential(AffineInOtherWords(64, 32), nn.GELU(), nn.Linear(32, 8)).to(dtype)
+    assert quantize(copy.deepcopy(model)) == ["0", "2"]
+    for cls, name in [(Scaled, "Scaled"), (Router, "Router")]:
+        bad = copy.deepcopy(model)
+        bad[2] = cls(32, 8).to(dtype)
+        with pytest.raises(TypeError, match=f"'2' is a {name}, an nn.Linear with a forward of its own, which does "
+                                            "not compute x W\\^T \\+ b .* add it to skip"):
+            quantize(bad)
+        assert type(bad[0]) is AffineInOtherWords  # nothing replaced
+        assert quantize(bad, NF4Config(skip="2")) == ["0"]
