@@ -89,8 +89,8 @@ def _frozen_mapping(field: str, value: Mapping, kind: type, positive: bool) -> M
         _check_targets(f"{field} key", k, allow_none=False)
         if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
             raise TypeError(f"{field}[{k!r}] must be a {kind.__name__}; got {v!r}")
-        if positive and not v > 0:
-            raise ValueError(f"{field}[{k!r}] must be > 0; got {v}")
+        if positive and not 0 < v < math.inf:
+            raise ValueError(f"{field}[{k!r}] must be finite and > 0; got {v}")
     return FrozenMapping(value)
 
 
@@ -112,10 +112,13 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r (the LoRA rank) must be an integer >= 1; got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"alpha must be a number > 0; got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number > 0; got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        for field in ("rslora", "dora"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"{field} must be a bool (True or False); got {getattr(self, field)!r}")
         if self.init not in LORA_INITS:
             raise ValueError(f"init must be one of {LORA_INITS}; got {self.init!r}")
         object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
@@ -148,8 +151,8 @@ class AdapterConfig:
         if not isinstance(self.parallel, bool):
             raise TypeError(f"parallel must be a bool; got {self.parallel!r}")
         if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
-                or not self.reduction_factor >= 1:
-            raise ValueError(f"reduction_factor must be a number >= 1; got {self.reduction_factor!r}")
+                or not 1 <= self.reduction_factor < math.inf:
+            raise ValueError(f"reduction_factor must be a finite number >= 1; got {self.reduction_factor!r}")
         if self.bottleneck_size is not None and (
             isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1
         ):

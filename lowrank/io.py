@@ -193,11 +193,16 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     if not peft_config.get("target_modules"):
         raise ValueError(f"{source}: target_modules is empty; nothing to inject")
 
-    return LoraConfig(r=int(peft_config.get("r", 8)), alpha=peft_config.get("lora_alpha", 8),
-                      dropout=float(peft_config.get("lora_dropout", 0.0)), targets=from_peft_targets(peft_config["target_modules"]),
-                      exclude=from_peft_targets(peft_config.get("exclude_modules")), rslora=bool(peft_config.get("use_rslora")),
-                      dora=bool(peft_config.get("use_dora")), rank_pattern=from_peft_pattern(peft_config.get("rank_pattern")),
-                      alpha_pattern={k: float(v) for k, v in from_peft_pattern(peft_config.get("alpha_pattern")).items()})
+    try:  # LoraConfig checks each field's type and range; the file is named here (no int() or bool() on the way)
+        return LoraConfig(r=peft_config.get("r", 8), alpha=peft_config.get("lora_alpha", 8),
+                          dropout=peft_config.get("lora_dropout") or 0.0,
+                          targets=from_peft_targets(peft_config["target_modules"]),
+                          exclude=from_peft_targets(peft_config.get("exclude_modules")),
+                          rslora=peft_config.get("use_rslora") or False, dora=peft_config.get("use_dora") or False,
+                          rank_pattern=from_peft_pattern(peft_config.get("rank_pattern")),
+                          alpha_pattern=from_peft_pattern(peft_config.get("alpha_pattern"), "alpha_pattern"))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{source}: not a LoRA config lowrank can read: {e}") from e
 
 
 def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -50,10 +50,14 @@ def from_peft_targets(value):
         return None
     if isinstance(value, str):
         return [_peft_spec(value, True)]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"target_modules / exclude_modules must be a string or a list of strings; got {value!r}")
     return [_peft_spec(v, False) for v in value]
 
 
-def from_peft_pattern(p: dict | None) -> dict:
+def from_peft_pattern(p: dict | None, field: str = "rank_pattern") -> dict:
     """PEFT's rank_pattern / alpha_pattern keys as ours: PEFT matches re.match(rf"(.*\\.)?({key})$",
     name), first key wins."""
+    if p is not None and not isinstance(p, dict):
+        raise TypeError(f"{field} must be a JSON object (module name pattern -> value); got {p!r}")
     return {rf"re:(.*\.)?({k})": v for k, v in (p or {}).items()}

@@ -214,6 +214,13 @@ def test_corrupt_file_is_named(tmp_path, damage):
     [
         ("peft_type", "IA3", ValueError, "peft_type is 'IA3'"),  # another method (PREFIX_TUNING loads: io_prefix)
         ("init_lora_weights", "pissa", NotImplementedError, "init_lora_weights='pissa'"),  # rewrites the base
+        # each field as LoraConfig checks it, the file named (r 4.7 was cut to 4, "false" read as rsLoRA)
+        ("r", 4.7, ValueError, r"adapter_config.json: not a LoRA config .* r \(the LoRA rank\) .* got 4.7"),
+        ("use_rslora", "false", ValueError, "adapter_config.json: .* rslora must be a bool .* got 'false'"),
+        ("lora_alpha", 1e400, ValueError, "alpha must be a finite number > 0; got inf"),
+        ("lora_dropout", "x", ValueError, "adapter_config.json: .* dropout must be in"),
+        ("target_modules", [0], ValueError, "target_modules / exclude_modules must be a string or a list of strings"),
+        ("rank_pattern", ["q_proj"], ValueError, "rank_pattern must be a JSON object"),
     ],
 )
 def test_refuses_a_config_it_cannot_honour(tmp_path, field, value, error, message):

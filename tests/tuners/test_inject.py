@@ -124,7 +124,10 @@ def test_merge_refuses_a_tied_weight_and_changes_nothing(targets):
     (dict(r=0), "r .* >= 1; got 0"), (dict(alpha=-1), "alpha"), (dict(dropout=1.0), "dropout"),
     (dict(init="xavier"), "init must be one of"), (dict(targets=[]), "targets is empty"),
     (dict(targets="re:("), "not a valid regular expression"), (dict(rank_pattern={"q": 0}), "rank_pattern"),
-    (dict(targets=3), "targets"),
+    (dict(targets=3), "targets"), (dict(alpha=float("inf")), "alpha must be a finite number > 0; got inf"),
+    (dict(alpha_pattern={"q": float("inf")}), r"alpha_pattern\['q'\] must be finite and > 0"),
+    (dict(dora="False"), "dora must be a bool"), (dict(rslora=1), "rslora must be a bool"),
+    (dict(dropout=True), "dropout must be in"),
 ])
 def test_bad_lora_configs_say_what_and_what_is_allowed(config, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -133,6 +136,7 @@ def test_bad_lora_configs_say_what_and_what_is_allowed(config, message):
 
 @pytest.mark.parametrize("config, message", [
     (dict(placement="middle"), "placement"), (dict(reduction_factor=0.5), "reduction_factor"),
+    (dict(reduction_factor=float("inf")), "reduction_factor must be a finite number"),
     (dict(bottleneck_size=0), "bottleneck_size"), (dict(activation="swish"), "activation"),
 ])
 def test_bad_adapter_configs_say_what_and_what_is_allowed(config, message):
