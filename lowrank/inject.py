@@ -270,7 +270,9 @@ def merge(model: nn.Module) -> list[str]:
 def _alias(t: torch.Tensor) -> tuple:
     """Equal for tensors that are the same memory: one Parameter under two names, or two Parameters
     made on one tensor (`head.weight = nn.Parameter(emb.weight)`), which `is` does not see."""
-    ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
+    if t.device.type == "meta" or hasattr(t, "to_local"):  # no storage; a DTensor's is not real (FSDP2)
+        return (id(t),)
+    ptr = t.untyped_storage().data_ptr()
     return (ptr, t.storage_offset()) if ptr else (id(t),)
 
 

@@ -274,6 +274,14 @@ class PagedAdamW(torch.optim.AdamW):
         the parameter's dtype). Every state is a copy: torch's keeps a loaded tensor that needs no
         cast (a step count, same-dtype moments) and would then update the caller's in place;
         `state_dict` is not changed."""
+        before = self.state, self.param_groups  # torch's load replaces both: a refused load puts them back
+        try:
+            self._load(state_dict)
+        except BaseException:
+            self.state, self.param_groups = before
+            raise
+
+    def _load(self, state_dict: dict) -> None:
         state, kept = {}, {}  # param id -> AdamW's entries / the 8-bit ones
         for pid, entries in state_dict["state"].items():
             state[pid] = {k: v.clone() if torch.is_tensor(v) else v for k, v in entries.items() if k not in _STATE_8BIT}
@@ -284,7 +292,13 @@ class PagedAdamW(torch.optim.AdamW):
                   for pid, p in zip(saved["params"], group["params"])}  # fmt: skip
         for pid, entries in kept.items():
             for name, t in entries.items():
-                self.state[params[pid]][name] = t.to(params[pid].device, copy=True)
+                p = params[pid]
+                blocks = -(-p.numel() // BLOCKSIZE_8BIT)
+                shape, dtype = (tuple(p.shape), torch.uint8) if name.startswith("state") else ((blocks,), torch.int32)
+                if tuple(t.shape) != shape or t.dtype != dtype:
+                    raise ValueError(f"the state dict's {name} of parameter {pid} is {t.dtype} {tuple(t.shape)}; a "
+                                     f"parameter of shape {tuple(p.shape)} keeps {dtype} {shape}")
+                self.state[p][name] = t.to(p.device, copy=True)
         for p in params.values():
             self._convert_state(p)
         if not self.paged:

@@ -298,3 +298,49 @@ def test_cuda_8bit_step_never_waits_for_the_gpu(paged):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(opt.state[params[0]]["step"]) == 2
+
+
+def _stepped(cls, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(5))]
+    opt = cls(params, **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return params, opt
+
+
+def test_a_refused_state_dict_leaves_the_optimizer_as_it_was():
+    """An amsgrad state dict was refused only after AdamW's load had replaced the state and set
+    amsgrad=True (every later step raised); an 8-bit state of the wrong shape was taken and the
+    next step failed deep inside. Both are refused, and the optimizer steps on as before."""
+    _, amsgrad = _stepped(PagedAdamW, paged=False, amsgrad=True)
+    _, other = _stepped(AdamW8bit, seed=1)
+    bad_shape = other.state_dict()
+    bad_shape["state"][0]["state1"] = bad_shape["state"][0]["state1"][:10]
+    for state_dict, match in [(amsgrad.state_dict(), "amsgrad=True optimizer cannot be loaded with state_bits=8"),
+                              (bad_shape, r"state1 of parameter 0 is torch.uint8 \(10, 80\); a parameter of shape "
+                                          r"\(64, 80\) keeps torch.uint8 \(64, 80\)")]:
+        params, opt = _stepped(AdamW8bit)
+        twin_params, twin = _stepped(AdamW8bit)
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(state_dict)
+        for p in params + twin_params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        twin.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
+def test_8bit_step_with_a_nan_gradient_goes_on_as_adamw_does():
+    """AdamW turns a NaN gradient into NaN weights without an error; the 8-bit step raised an
+    IndexError half way (its 8-bit code of a NaN was out of the table) after moving some weights."""
+    params, opt = _stepped(AdamW8bit)
+    small = params[1].detach().clone()
+    params[0].grad = torch.randn_like(params[0])
+    params[0].grad[3, 7] = float("nan")
+    params[1].grad = torch.randn_like(params[1])
+    opt.step()
+    assert params[0][3, 7].isnan() and not torch.equal(params[1].detach(), small)
+    codes, absmax = nf4.quantize_8bit(torch.tensor([1.0, float("nan"), float("inf")] + [0.5] * 253 + [2.0]), 256)
+    assert absmax[0].isnan() and absmax[1] == 2.0 and int(codes.max()) <= 255

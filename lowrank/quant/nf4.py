@@ -217,6 +217,7 @@ def quantize_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
     inv = inv.repeat_interleave(blocksize)[: x.numel()]  # (n,)
     s = (x * inv).clamp_(-1.0, 1.0)
     grid = ((s + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)  # (n,) in 0..65535
+    grid.clamp_(0, _LUT_SIZE - 1)  # a NaN (a NaN or inf in its block: absmax NaN) cast to int32 is out of range
     codes = _table("lut", signed, x.device)[grid]
     codes.masked_fill_(zero_block.repeat_interleave(blocksize)[: x.numel()], 0)  # no boolean indexing: no GPU sync
     return codes, absmax
