@@ -19,7 +19,7 @@ import pathlib
 import torch
 from torch import nn
 
-from . import shards
+from . import distributed, shards
 from .export import _write_config, quantization_config
 from .quant.linear4bit import Linear4bit
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
@@ -30,11 +30,14 @@ _MARK = ".weight." + BNB_QUANT_STATE_KEY  # the entry that says "this module's w
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB", *,
-                   overwrite: bool = False) -> list[str]:
+                   overwrite: bool = False) -> list[str] | None:
     """Write a model quantized by lowrank.quantize (no adapters in it) as a bitsandbytes 4-bit
     transformers directory: safetensors shards, config.json with `quantization_config`,
     generation_config.json. Atomic (Note: atomic directories, lowrank/shards.py). Returns
-    the weight files written."""
+    the weight files written. Under torch.distributed rank 0 writes (the others return None), from
+    an unsharded model (DDP); an FSDP2-sharded one is refused."""
+    model = distributed.unwrap(model)
+    distributed.check_not_sharded(model, "save_quantized (a full model, gathered)")
     if any(isinstance(m, TunerLayer) for m in model.modules()):
         raise ValueError("the model has adapters; save them with lowrank.save_adapter (and eject them first), or "
                          "fold them in with lowrank.merge_and_export(..., requantize=True)")
@@ -50,10 +53,14 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
             continue
         seen.add(id(t))
         parts.append(shards.Part.of(k, t.detach()))
-    with shards.atomic_directory(out_dir, overwrite) as tmp:
-        files = shards.write(parts, tmp, max_bytes)
-        _write_config(model, tmp, None, quantization_config(quantized, model.named_modules()), state)
-    return files
+
+    def write() -> list[str]:
+        with shards.atomic_directory(out_dir, overwrite) as tmp:
+            files = shards.write(parts, tmp, max_bytes)
+            _write_config(model, tmp, None, quantization_config(quantized, model.named_modules()), state)
+        return files
+
+    return distributed.on_main(write, collective=False)  # every rank may call it: one writes
 
 
 def _quantization_config(path: pathlib.Path) -> dict:

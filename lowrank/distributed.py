@@ -44,10 +44,50 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules fully_shard made FSDP modules (torch.distributed.fsdp.FSDPModule)."""
+    if not process_group_ready():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model: nn.Module) -> None:
+    """Give every FSDP module its sharded parameters back (See Note: unsharded after a forward).
+    Local to each rank (it frees the gathered copies), not a collective."""
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
+# Note: unsharded after a forward. FSDP2 leaves a module's parameters gathered after its forward
+# when reshard_after_forward=False, and the root module's always (it reshards at backward): they
+# are then plain tensors, FSDP's temporary full copies (in MixedPrecisionPolicy's param_dtype).
+# What writes the weights (merge, unmerge, eject of a merged adapter) would write into copies
+# that are dropped, and what reads them (save_adapter) would read bf16-rounded values, so both
+# reshard first: the parameters are then the DTensors of the float32 shards, which merge writes
+# into and save_adapter gathers. What adds parameters (inject) is refused on any FSDP module,
+# sharded at the moment or not.
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)
+    wrappers, whose names would otherwise prefix every saved key."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "OptimizedModule":
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
+
+
 def check_not_sharded(model: nn.Module, what: str) -> None:
-    """Raise when `model` has sharded parameters: adapters added after fully_shard would be
-    plain tensors that FSDP neither shards nor reduces, so each rank would train its own copy."""
-    sharded = [n for n, p in model.named_parameters() if is_sharded(p)]
+    """Raise when `model` is already distributed: adapters added after fully_shard or inside a
+    DistributedDataParallel wrapper would be plain tensors that FSDP neither shards nor reduces
+    (DDP: whose gradients it never averages), so each rank would train its own copy."""
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
+        raise RuntimeError(f"{what} must run before DistributedDataParallel wraps the model (DDP registers the "
+                           "parameters it averages when it is made); build the model, quantize and inject (or "
+                           "load_adapter) on every rank, then wrap it")
+    sharded = [n for n, p in model.named_parameters() if is_sharded(p)] or \
+        [f"{type(m).__name__} (unsharded after its forward)" for m in fsdp_modules(model)]
     if sharded:
         raise RuntimeError(
             f"{what} must run before fully_shard: {len(sharded)} parameters of {type(model).__name__} are already "

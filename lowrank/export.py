@@ -22,7 +22,7 @@ import shutil
 import torch
 from torch import nn
 
-from . import shards
+from . import distributed, shards
 from .inject import _unwrap, _walk
 from .quant import nf4
 from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit
@@ -143,7 +143,7 @@ def _nf4_sizes(prefix: str, like: Linear4bit, dtype: torch.dtype) -> dict[str, i
 
 def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB",
                      dtype: torch.dtype | str | None = None, tokenizer=None, requantize: bool = False, *,
-                     overwrite: bool = False) -> ExportResult:
+                     overwrite: bool = False) -> ExportResult | None:
     """Write `model` with its active LoRA / DoRA adapters merged as a plain Hugging Face model
     directory that `transformers.AutoModel*.from_pretrained` loads: safetensors shards of at
     most `max_shard_size` (+ index), config.json, generation_config.json, tokenizer files (of
@@ -155,7 +155,11 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     `quantization_config` in config.json): those with an adapter are merged and quantized to
     NF4 again (the error it adds is returned and logged), the others keep their own codes.
     `model` is not changed. The directory appears whole or not at all (Note: atomic
-    directories, in lowrank/shards.py); an existing non-empty one needs overwrite=True."""
+    directories, in lowrank/shards.py); an existing non-empty one needs overwrite=True. Under
+    torch.distributed rank 0 writes (the others return None), from an unsharded model (DDP); an
+    FSDP2-sharded one is refused."""
+    model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the keys
+    distributed.check_not_sharded(model, "merge_and_export (a full model, gathered)")
     max_bytes = shards.parse_size(max_shard_size)
     state, loras, quantized = _plain_state(model)
     dtype = _export_dtype(dtype, quantized)
@@ -185,11 +189,17 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
         seen.add(id(t))
         size = t.numel() * (_cast(t.new_empty(0), dtype).element_size())
         ordered.append(shards.Part({k: size}, lambda k=k, t=t: {k: _checked_cast(k, t.detach(), dtype)}))  # when written
-    with shards.atomic_directory(out_dir, overwrite) as tmp:
-        files = shards.write(ordered, tmp, max_bytes)
-        modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
-        _write_config(model, tmp, dtype, quantization_config(quantized, modules) if requantize else None, state)
-        _write_tokenizer(model, tmp, tokenizer)
+    def write() -> list[str]:
+        with shards.atomic_directory(out_dir, overwrite) as tmp:
+            files = shards.write(ordered, tmp, max_bytes)
+            modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
+            _write_config(model, tmp, dtype, quantization_config(quantized, modules) if requantize else None, state)
+            _write_tokenizer(model, tmp, tokenizer)
+        return files
+
+    files = distributed.on_main(write, collective=False)  # every rank may call it: one writes
+    if files is None:
+        return None
     if errors:
         log.info("merge_and_export: re-quantizing to NF4 added a relative error of at most %.3g (mean %.3g) over %d "
                  "layers", max(errors.values()), sum(errors.values()) / len(errors), len(errors))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
-from .distributed import check_not_sharded
+from .distributed import check_not_sharded, reshard
 from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
 from .tuners import adapter, lora, prefix, prompt, prompt_hooks
@@ -203,6 +203,7 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     plain fine-tuned model). Returns the names of the modules it touched."""
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"the model has no adapter named {name!r}; it has {adapter_names(model)}")
+    reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py): unmerging writes the weights
     touched = _remove(model, name, keep_merged)
     if not _layers(model):  # See Note: requires_grad on eject.
         for p, flag in _FLAGS.pop(model, []):
@@ -242,6 +243,7 @@ def merge(model: nn.Module) -> list[str]:
     weight, a sum that is not finite; a refused merge changes nothing. Returns the names of the
     layers that changed."""
     model = _module(model, "merge")
+    reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py)
     names = {}  # alias key -> every name of the parameter, tied ones included
     for n, p in plain_parameters(model):
         names.setdefault(_alias(p), []).append(n)
@@ -303,7 +305,8 @@ def plain_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def unmerge(model: nn.Module) -> list[str]:
     """Take merged adapters back out of the base weights; idempotent."""
-    return [where for where, m in _lora_layers(_module(model, "unmerge")) if m.unmerge()]
+    reshard(_module(model, "unmerge"))  # See Note: unsharded after a forward (lowrank/distributed.py)
+    return [where for where, m in _lora_layers(model) if m.unmerge()]
 
 
 def adapter_names(model: nn.Module) -> list[str]:

@@ -148,6 +148,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     (lowrank/bottleneck_io.py)."""
     from . import bottleneck_io
 
+    model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the saved keys
+    distributed.reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py)
     if name is None and len(adapter_names(model)) > 1:
         raise ValueError(f"the model has adapters {adapter_names(model)}; pass name= to say which to save")
     if bottleneck_io.is_bottleneck(model, name):

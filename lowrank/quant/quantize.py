@@ -147,6 +147,9 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     config = NF4Config() if config is None else config
     if not isinstance(config, NF4Config):
         raise TypeError(f"config must be an NF4Config; got {type(config).__name__}")
+    from ..distributed import check_not_sharded  # here: lowrank.distributed is light, but keep quant free of it on import
+
+    check_not_sharded(model, "quantize")
     wanted = compile_filter(config.targets, config.skip, model)
     # Note: no references to the layers. `matches` keeps parents and attribute names only, so
     # once a layer is replaced nothing here holds its full-precision weight, and peak memory
