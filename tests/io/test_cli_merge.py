@@ -79,5 +79,17 @@ def test_merge_command_errors_are_one_line(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: a bad --dtype is a usage error
         main(["merge", "a", "b", "c", "--dtype", "int4"])
+    # other OSErrors (not FileNotFoundError / FileExistsError) were tracebacks with exit 1
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    lowrank.inject(base, lowrank.LoraConfig(targets=["q_proj"]))
+    lowrank.save_adapter(base, tmp_path / "adapter")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_bytes((tmp_path / "base" / "config.json").read_bytes())
+    for args, said in [(["base", "adapter", "a_file"], "a_file exists and is not a directory"),
+                       (["no_weights", "adapter", "out"], "no_weights")]:
+        assert main(["merge", *[str(tmp_path / a) for a in args]]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err[-1].startswith("lowrank merge: error:") and said in err[-1] and "Traceback" not in "".join(err)
     assert not (tmp_path / "out").exists()
     assert json.loads((tmp_path / "base" / "config.json").read_text())["model_type"] == "llama"
