@@ -31,6 +31,9 @@ def _check_targets(field: str, value: Any, allow_none: bool) -> tuple:
     if value is None and allow_none:
         return ()
     items = (value,) if isinstance(value, (str, re.Pattern, type)) or callable(value) else value
+    if isinstance(items, Mapping):  # its keys would be taken silently
+        raise TypeError(f"{field} must be a name, glob, 're:<regex>', re.Pattern, module type, callable or a "
+                        f"sequence of these, not a mapping; got {value!r}")
     if isinstance(items, (set, frozenset)):  # PEFT's target_modules may be a set: one order, whatever the hash seed
         items = sorted(items, key=lambda t: (not isinstance(t, str), str(t)))
     try:

@@ -150,6 +150,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
     model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the saved keys
     distributed.reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py)
+    if not adapter_names(model):
+        raise ValueError(f"{type(model).__name__} has no adapters to save; add one with lowrank.inject or load_adapter")
     if name is None and len(adapter_names(model)) > 1:
         raise ValueError(f"the model has adapters {adapter_names(model)}; pass name= to say which to save")
     if bottleneck_io.is_bottleneck(model, name):
@@ -268,6 +270,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     modules'), so float32 weights load into float32 adapters on a bf16 model unrounded."""
     from . import hub
 
+    for flag, value in (("strict", strict), ("allow_pickle", allow_pickle), ("allow_other_base", allow_other_base)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool (True or False); got {value!r}")
     extra = ("adapter_model.bin",) if allow_pickle else ()
     path = hub.resolve(path, revision=revision, local_files_only=local_files_only, token=token,
                        files=hub.ADAPTER_FILES + extra)

@@ -89,7 +89,7 @@ class PagedAdamW(torch.optim.AdamW):
                  foreach: bool | None = None) -> None:
         if not isinstance(paged, bool):
             raise TypeError(f"paged must be a bool; got {paged!r}")
-        if state_bits not in (8, 32) or isinstance(state_bits, bool):
+        if type(state_bits) is not int or state_bits not in (8, 32):
             raise ValueError(f"state_bits must be 32 (AdamW's float32 moments) or 8 (blockwise 8-bit); got {state_bits!r}")
         if state_bits == 8 and amsgrad:
             raise ValueError("amsgrad=True needs float32 states: use state_bits=32 (8-bit AdamW has no amsgrad)")

@@ -300,6 +300,8 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) ->
     to an empty tensor of the same shape and dtype.
     """
     _check_weight(w, blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool (True or False); got {double_quant!r}")
     flat = w.detach().reshape(-1)  # (n,) a view when w is contiguous
     # See Note: chunks.
     absmax, packed = [], []
@@ -322,6 +324,8 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) ->
 def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense weight: NF4_CODE[code] * absmax[block] in float32, then rounded once to
     `dtype` (default: the dtype the weight was quantized from)."""
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"q must be an NF4Weight (what nf4.quantize returns); got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
     if dtype not in DTYPES:
         raise TypeError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")

@@ -147,6 +147,8 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     config = NF4Config() if config is None else config
     if not isinstance(config, NF4Config):
         raise TypeError(f"config must be an NF4Config; got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize takes an nn.Module (the model); got {type(model).__name__}")
     from ..distributed import check_not_sharded  # here: lowrank.distributed is light, but keep quant free of it on import
 
     check_not_sharded(model, "quantize")

@@ -257,3 +257,20 @@ def test_a_failed_load_adapter_restores_every_training_flag(tmp_path):
     with pytest.raises(ValueError, match="shape mismatches"):
         lowrank.load_adapter(model, tmp_path, name="b")
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: lowrank.nf4.quantize(torch.randn(64), double_quant="no"), TypeError, "double_quant must be a bool"),
+    (lambda: lowrank.nf4.dequantize(torch.randn(3)), TypeError, "q must be an NF4Weight .* got Tensor"),
+    (lambda: lowrank.PagedAdamW([nn.Parameter(torch.randn(3))], state_bits=8.0), ValueError, "state_bits .* got 8.0"),
+    (lambda: LoraConfig(targets={"q_proj": 1}), TypeError, "not a mapping"),
+    (lambda: lowrank.save_adapter(mlp(), "unused"), ValueError, "Sequential has no adapters to save"),
+    (lambda: lowrank.quantize("model"), TypeError, "quantize takes an nn.Module .* got str"),
+    (lambda: lowrank.summary(None), TypeError, "summary takes an nn.Module"),
+    (lambda: merge(3), TypeError, "merge takes an nn.Module"),
+    (lambda: lowrank.load_adapter(mlp(), "unused", strict="no"), TypeError, "strict must be a bool .* got 'no'"),
+])
+def test_arguments_of_the_wrong_kind_are_named(call, error, match):
+    """Each had been taken (a string as True, a mapping's keys as targets) or failed deep inside."""
+    with pytest.raises(error, match=match):
+        call()
