@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import distributed, shards
-from .inject import _unwrap, _walk
+from .inject import CHECKPOINT_WRAPPED, _unwrap, _walk
 from .quant import nf4
 from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit
 from .tuners import dora
@@ -99,7 +99,8 @@ def _plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, L
         for parent, attr, _, child in wrapped:
             setattr(parent, attr, _unwrap(child))
         state = model.state_dict(keep_vars=True)
-        quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+        quantized = {n.replace(f".{CHECKPOINT_WRAPPED}", "").replace(f"{CHECKPOINT_WRAPPED}.", ""): m
+                     for n, m in model.named_modules() if isinstance(m, Linear4bit)}  # as state_dict() names them
     finally:
         for parent, attr, _, child in wrapped:
             setattr(parent, attr, child)

@@ -70,10 +70,21 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+# torch's checkpoint_wrapper (activation checkpointing under FSDP2) holds a layer under this
+# attribute and takes the name out of state_dict(); names here leave it out too, so targets,
+# saved keys and state-dict keys stay the model's own.
+CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
+
+
+def child_name(prefix: str, attr: str) -> str:
+    """The qualified name of child `attr` of the module named `prefix` (See CHECKPOINT_WRAPPED)."""
+    return prefix if attr == CHECKPOINT_WRAPPED else f"{prefix}.{attr}" if prefix else attr
+
+
 def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
     """(parent, attribute, qualified name, child) for every module below `module`."""
     for attr, child in list(module.named_children()):
-        name = f"{prefix}.{attr}" if prefix else attr
+        name = child_name(prefix, attr)
         yield module, attr, name, child
         yield from _walk(_unwrap(child), name)
 
