@@ -156,9 +156,9 @@ class PrefixLayer(TunerLayer):
         owner = self._owners[name]
         if owner is not self and type(shared[0].weight).__name__ == "DTensor":  # See Note in tests/distributed/cases.py
             raise RuntimeError(f"prefix adapter {name!r} has a reparameterisation MLP shared by every attention layer, "
-                               "and it is sharded (FSDP2) outside its own layer's forward; fold it first "
-                               "(lowrank.tuners.prefix.fold), use P-tuning v2 (projection_hidden=None), or train it "
-                               "under DDP")
+                               "and it is sharded (FSDP2) outside its own layer's forward; fold it before "
+                               "fully_shard (lowrank.tuners.prefix.fold: the vectors, no MLP), use P-tuning v2 "
+                               "(projection_hidden=None), or train it under DDP")
         hidden = shared[2](shared[1](shared[0].weight))  # tanh(E W1^T + b1): (P, h)
         return self.up[name](hidden)  # (P, 2 * d_kv)
 

@@ -114,9 +114,13 @@ class TrainConfig:
                 raise ConfigError(f"{f} must be a mapping of option: value; got {getattr(self, f)!r}")
             object.__setattr__(self, f, types.MappingProxyType(dict(getattr(self, f))))
         try:
-            tuner_config(self.method, dict(self.method_options))
+            tuner = tuner_config(self.method, dict(self.method_options))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.distributed == "fsdp" and getattr(tuner, "projection_hidden", None) is not None:
+            raise ConfigError("method_options.projection_hidden (the prefix's MLP, shared by every layer) does not work "
+                              "with distributed: fsdp (FSDP2 shards it outside the layer that owns it); use ddp, or "
+                              "projection_hidden: null (P-tuning v2)")
         if self.nf4 and self.method != "qlora":
             raise ConfigError(f"nf4 options apply to method 'qlora' only; method is {self.method!r}")
         try:

@@ -84,6 +84,8 @@ BAD = [
     ({"optimizer_bits": 4}, "optimizer_bits must be 32 (AdamW's float32 moments) or 8 (blockwise 8-bit); got 4"),
     ({"optimizer_bits": 8.0}, "optimizer_bits must be 32 (AdamW's float32 moments) or 8 (blockwise 8-bit); got 8.0"),
     ({"optimizer_bits": 8, "distributed": "fsdp"}, "optimizer_bits: 8 does not work with distributed: fsdp"),
+    ({"method": "prefix", "method_options": {"num_virtual_tokens": 4, "projection_hidden": 8}, "distributed": "fsdp"},
+     "method_options.projection_hidden (the prefix's MLP, shared by every layer) does not work with distributed: fsdp"),
     ({"nf4": {"blocksize": 64}}, "nf4 options apply to method 'qlora' only"),
     ({"method": "qlora", "nf4": {"blocksize": 48}}, "nf4: blocksize must be one of"),
     ({"method": "qlora", "nf4": {"compute_dtype": "int8"}}, "nf4: compute_dtype must be None or one of"),
