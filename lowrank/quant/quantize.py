@@ -121,6 +121,8 @@ def check_forward(name: str, layer: nn.Module) -> None:
 
 def _check_weight(name: str, w: torch.Tensor, double_quant: bool = False, blocksize: int = 64) -> None:
     """Before any layer is replaced: what nf4.quantize would refuse half way through."""
+    if isinstance(w, nn.parameter.UninitializedParameter):
+        raise ValueError(f"{name!r} is a lazy layer not yet materialized; run one forward pass before quantize")
     if w.is_meta:
         raise ValueError(f"{name!r} has its weight on the meta device; to fill a model built under lowrank.skeleton() "
                          "from a checkpoint in 4 bits, use lowrank.load_and_quantize")

@@ -44,7 +44,7 @@ def test_nothing_matched_or_not_quantizable_changes_nothing():
         quantize(model)  # everything is 4-bit already
 
 
-@pytest.mark.parametrize("spoil", ["nan", "inf", "float64", "meta", "huge"])
+@pytest.mark.parametrize("spoil", ["nan", "inf", "float64", "meta", "huge", "lazy"])
 def test_a_weight_nf4_cannot_hold_is_refused_before_any_layer_changes(spoil):
     # the bad layer is the last: found only when replaced, the first two were 4-bit by then
     model = models.mlp()
@@ -63,13 +63,17 @@ def test_a_weight_nf4_cannot_hold_is_refused_before_any_layer_changes(spoil):
             model[4].weight.fill_(3e38)
         before = copy.deepcopy(model.state_dict())
         error, match = ValueError, r"'4' has weights up to 3e\+38: the mean of its 2 block maxima, .* double_quant=False"
+    elif spoil == "lazy":
+        model[4] = nn.LazyLinear(4)
+        error, match = ValueError, r"'4' is a lazy layer not yet materialized; run one forward pass"
     else:
         model[4] = nn.Linear(32, 4, device="meta")
         error, match = ValueError, r"'4' has its weight on the meta device; .* lowrank.load_and_quantize"
     with pytest.raises(error, match=match):
         quantize(model)
-    assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
-    if spoil != "meta":
+    last = nn.LazyLinear if spoil == "lazy" else nn.Linear
+    assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, last]
+    if spoil not in ("meta", "lazy"):
         for k, t in model.state_dict().items():
             torch.testing.assert_close(t, before[k], rtol=0, atol=0, equal_nan=True)
     assert quantize(model, NF4Config(skip="4")) == ["0", "2"]  # the way out the message names
