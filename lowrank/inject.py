@@ -129,7 +129,11 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     _unmerged_layers(model, f"inject (and load_adapter) of adapter {name!r}")  # the new adapter becomes active
     targets = config.targets if config.targets is not None else handler.default_targets(model, config)
     wanted = compile_filter(targets, config.exclude, model)
-    matches = [(p, a, n, c) for p, a, n, c in _walk(model) if wanted(n, _unwrap(c))]
+    matches, seen = [], set()
+    for p, a, n, c in _walk(model):  # a module registered at several places: its first (See Note: one module, one place)
+        if wanted(n, _unwrap(c)) and id(_unwrap(c)) not in seen:
+            seen.add(id(_unwrap(c)))
+            matches.append((p, a, n, c))
     if not matches:
         candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
         raise ValueError(
@@ -169,6 +173,12 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     set_active(model, name)
     mark_trainable(model)
     return [where for _, _, where, _ in matches]
+
+
+# Note: one module, one place. A module registered at several places (one nn.Linear under two
+# parents) is one module to `model.named_modules()`, under the first name, and PEFT adapts it
+# there only; so does inject (the other places keep calling the bare module), and the saved file
+# is PEFT's. Targeting a later name explicitly adapts that place instead.
 
 
 # Note: a failed inject changes nothing. `check` runs on every target before the first is

@@ -183,3 +183,28 @@ def test_same_as_peft_on_a_scaled_embedding_and_merged_the_same():
         unmerged = ours(input_ids=ids).last_hidden_state
         lowrank.merge(ours)
         torch.testing.assert_close(ours(input_ids=ids).last_hidden_state, unmerged, rtol=1e-12, atol=1e-12)
+
+
+def test_a_module_under_two_parents_is_adapted_where_peft_adapts_it(tmp_path):
+    """named_modules() names a shared module once, at its first place, and PEFT adapts it there
+    only; inject did it at both places with two adapters, so the same file computed otherwise in
+    PEFT (lowrank/inject.py, Note: one module, one place)."""
+    class Block(torch.nn.Module):
+        def __init__(self, fc):
+            super().__init__()
+            self.fc = fc
+
+        def forward(self, x):
+            return torch.tanh(self.fc(x))
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(Block(shared), Block(shared))
+    base = copy.deepcopy(model)
+    assert inject(model, LoraConfig(r=2, targets=["fc"])) == ["0.fc"] and model[1].fc is shared
+    with torch.no_grad():
+        model[0].fc.lora_B["default"].weight.normal_()
+    lowrank.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path)
+    x = torch.randn(3, 4)
+    assert torch.equal(theirs(x), model(x))
