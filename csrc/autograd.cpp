@@ -81,7 +81,7 @@ struct NF4Linear : torch::autograd::Function<NF4Linear> {
       grad_x = grad_input_op().call(grad_y, w.packed, w.absmax, w.nested_absmax, w.offset, w.shape, w.blocksize);
     const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
     if (bias_edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(bias_edge)))  // (N,)
-      grad_b = grad_y.reshape_symint({-1, grad_y.sym_size(-1)}).sum(0);
+      grad_b = bias_grad(grad_y);
     return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), grad_b};
   }
 };

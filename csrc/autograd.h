@@ -44,4 +44,12 @@ Weight saved_weight(AutogradContext* ctx);
 // the edges after it.
 inline int64_t defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// A bias's gradient: grad (..., N) summed over every leading dimension, reshaped to (M, N) by
+// the product M of the leading sizes, not by -1, which has nothing to divide when N = 0.
+inline at::Tensor bias_grad(const at::Tensor& grad) {
+  c10::SymInt m = 1;
+  for (int64_t i = 0; i + 1 < grad.dim(); ++i) m = m * grad.sym_size(i);
+  return grad.reshape_symint({m, grad.sym_size(-1)}).sum(0);
+}
+
 }  // namespace lowrank

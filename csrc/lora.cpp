@@ -263,7 +263,7 @@ struct NF4LoraLinear : torch::autograd::Function<NF4LoraLinear> {
     }
     const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();
     if (bias_edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(bias_edge)))  // (out,)
-      grad_b = grad.reshape_symint({-1, grad.sym_size(-1)}).sum(0);
+      grad_b = bias_grad(grad);
     const at::Tensor none;
     return {g.x, g.A, g.B, none, grad_x, none, none, none, none, none, none, grad_b, none, none, none};
   }

@@ -247,6 +247,12 @@ _lib.impl("nf4_linear_grad_input", grad_input_kernel, "CompositeExplicitAutograd
 _WEIGHT_NONE = (None,) * 6  # no gradient for packed, absmax, nested_absmax, offset, shape, blocksize
 
 
+def bias_grad(grad: torch.Tensor) -> torch.Tensor:
+    """grad (..., N) summed over every leading dimension: reshaped by the product of the leading
+    sizes, not by -1, which has nothing to divide when N = 0."""
+    return grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0)
+
+
 def _setup_context(ctx, inputs, output):
     ctx.weight = inputs[1:7]  # (packed, absmax, nested_absmax, offset, shape, blocksize)
     ctx.has_bias = inputs[7] is not None
@@ -254,7 +260,7 @@ def _setup_context(ctx, inputs, output):
 
 def _linear_backward(ctx, grad_y):
     grad_x = torch.ops.lowrank.nf4_linear_grad_input(grad_y, *ctx.weight) if ctx.needs_input_grad[0] else None
-    grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[7] else None  # (N,)
+    grad_b = bias_grad(grad_y) if ctx.has_bias and ctx.needs_input_grad[7] else None  # (N,)
     return (grad_x, *_WEIGHT_NONE, grad_b)
 
 

@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..quant.nf4_weight import NF4Weight
-from .library import _WEIGHT_NONE, _check_linear_args, _fields, _lib, _setup_context, linear_kernel
+from .library import _WEIGHT_NONE, _check_linear_args, _fields, _lib, _setup_context, bias_grad, linear_kernel
 
 __all__ = ["dropout_parts", "lora_add", "nf4_lora_linear"]
 
@@ -204,7 +204,7 @@ def _nf4_lora_backward(ctx, grad):
     grad_x_lora, grad_A, grad_B = _lora_grads(grad, x_lora, lora_A, lora_B, ctx.scale, *need[:3])
     grad_x_lora = _dropout_backward(grad_x_lora, keep, ctx.keep_scale, ctx.x_dtype)
     grad_x = torch.ops.lowrank.nf4_linear_grad_input(grad, *ctx.weight) if need[4] else None
-    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[11] else None  # (N,)
+    grad_b = bias_grad(grad) if ctx.has_bias and need[11] else None  # (N,)
     return (grad_x_lora, grad_A, grad_B, None, grad_x, *_WEIGHT_NONE, grad_b, None, None, None)
 
 

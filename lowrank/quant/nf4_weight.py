@@ -62,6 +62,10 @@ class NF4Weight:
                     f"NF4Weight.{field} must hold {numel} {dtype} values for a weight of shape "
                     f"{tuple(self.shape)} with blocksize {self.blocksize}; got {seen}"
                 )
+            # any layout of those values (bitsandbytes keeps packed as (bytes, 1)): flat, as the codec reads them
+            flat = t.reshape(()) if field == "offset" else t.reshape(-1)  # a view where it can be one
+            if flat.shape != t.shape:
+                object.__setattr__(self, field, flat)
 
     def __repr__(self) -> str:
         return (

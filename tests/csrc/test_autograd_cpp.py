@@ -43,6 +43,15 @@ for dq in (True, False):
         (gx,) = torch.autograd.grad(ops.nf4_linear(x, q).square().sum(), x, create_graph=True)
         (ggx,) = torch.autograd.grad(gx.sum(), x)
         out[f"{dq}-{m}-double"] = (gx.detach(), ggx)
+q0 = nf4.quantize(torch.zeros(0, 128), 64, False)  # N = 0 with a bias: its gradient reshaped by -1 over N
+fields = (q0.packed, q0.absmax, None, None, [0, 128], 64)
+for m in (1, 17):
+    for fused in (False, True):
+        x, b = torch.randn(2, m, 128).requires_grad_(), torch.zeros(0, requires_grad=True)
+        y = (torch.ops.lowrank.nf4_lora_linear(x, torch.zeros(4, 128), torch.zeros(0, 4), 1.0, x, *fields, b) if fused
+             else ops.nf4_linear(x, q0, b))
+        y.backward(torch.zeros(2, m, 0))
+        out[f"empty-{m}-{fused}"] = (y.detach(), x.grad, b.grad)
 torch.save(out, sys.argv[1])
 """
 
@@ -61,7 +70,10 @@ def test_cpp_and_python_autograd_agree_bit_for_bit(tmp_path):
     cpp = _run_cases(tmp_path / "cpp.pt", python_ops=False)
     python = _run_cases(tmp_path / "python.pt", python_ops=True)
     assert cpp.pop("cpp_autograd") is True and python.pop("cpp_autograd") is False
-    assert cpp.keys() == python.keys() and len(cpp) == 2 * 3 * (4 + 1)
+    assert cpp.keys() == python.keys() and len(cpp) == 2 * 3 * (4 + 1) + 4
+    for key in [k for k in cpp if k.startswith("empty")]:  # as eager F.linear: zeros, and an empty bias gradient
+        y, gx, gb = cpp[key]
+        assert y.shape[-1] == 0 and torch.equal(gx, torch.zeros_like(gx)) and gb.shape == (0,), key
     for key, ours in cpp.items():
         for a, b in zip(ours, python[key], strict=True):
             assert (a is None) == (b is None), key

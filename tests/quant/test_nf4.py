@@ -219,3 +219,19 @@ def test_chunking_does_not_change_results(monkeypatch, chunk):
     q2 = nf4.quantize(w, 64)
     assert torch.equal(q2.packed, q.packed) and torch.equal(q2.absmax, q.absmax)
     assert torch.equal(nf4.dequantize(q2), dense)
+
+
+def test_nf4weight_takes_any_layout_of_its_fields_and_keeps_them_flat():
+    """bitsandbytes keeps packed as (bytes, 1); a (B, 1) absmax or a (1, 1) offset holds the same
+    values. The ops read them by numel, but the codec and to_state_dict failed on anything not
+    flat (index_select of a 2-D index, a view of a non-contiguous tensor)."""
+    q = nf4.quantize(torch.randn(48, 64), 64, True)
+    odd = NF4Weight(q.packed.view(-1, 1), q.absmax.view(-1, 1), q.shape, q.dtype, q.blocksize,
+                    q.nested_absmax.view(1, -1), q.offset.view(1, 1))
+    assert [t.dim() for t in (odd.packed, odd.absmax, odd.nested_absmax, odd.offset)] == [1, 1, 1, 0]
+    assert odd.packed.data_ptr() == q.packed.data_ptr()  # a view, not a copy
+    strided = NF4Weight(q.packed.view(-1, 3).T, q.absmax, q.shape, q.dtype, q.blocksize, q.nested_absmax, q.offset)
+    assert torch.equal(strided.packed, q.packed.view(-1, 3).T.reshape(-1))
+    assert torch.equal(nf4.dequantize(odd), nf4.dequantize(q))
+    assert odd.to_state_dict().keys() == q.to_state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(odd.to_state_dict().values(), q.to_state_dict().values()))
