@@ -110,6 +110,8 @@ at::Tensor cuda_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
 
 void managed_prefetch_op(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), message("managed_prefetch takes a CUDA tensor in managed memory, got one on ", t.device()));
+  // nbytes() spans the bytes of a contiguous tensor only (an expanded or strided view reaches others)
+  TORCH_CHECK(t.is_contiguous(), message("managed_prefetch takes a contiguous tensor, got strides ", t.strides()));
   const c10::cuda::CUDAGuard guard(t.device());
   check(managed_prefetch(t.data_ptr(), t.nbytes(), t.device().index(), at::cuda::getCurrentCUDAStream()),
         "cudaMemPrefetchAsync");
