@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from . import distributed, shards
-from .inject import CHECKPOINT_WRAPPED, _unwrap, _walk
 from .quant import nf4
 from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit
 from .tuners import dora
 from .tuners.base import TunerLayer
 from .tuners.lora_base import LoraLayer
+from .walk import CHECKPOINT_WRAPPED, _unwrap, _walk
 
 log = logging.getLogger("lowrank")
 

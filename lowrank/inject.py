@@ -1,6 +1,7 @@
 """inject / eject and the verbs on an injected model. `inject` is three parts: a target
 filter (lowrank.targets), a handler chosen by the config's type (`check` then `wrap`, from
-lowrank.tuners), and one recursive walk over named children (gpt-fast / torchao style).
+lowrank.tuners), and one recursive walk over named children (gpt-fast / torchao style;
+lowrank/walk.py). merge and unmerge live in lowrank/merging.py.
 
 The walk treats adapter layers as transparent: the children of a wrapped module keep the
 names they had before, so targets, returned names and error messages always use the
@@ -12,19 +13,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .distributed import check_not_sharded, reshard
+from .merging import merge, unmerge  # noqa: F401  (lowrank.inject's verbs)
 from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
 from .tuners import adapter, lora, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
-from .tuners.lora import _lora_slot
-from .tuners.lora_base import LoraLayer
+from .tuners.lora_base import LoraLayer  # noqa: F401
+from .walk import (  # noqa: F401
+    CHECKPOINT_WRAPPED,
+    _layers,
+    _lora_layers,
+    _module,
+    _unmerged_layers,
+    _unwrap,
+    _walk,
+    active_adapters,
+    adapter_names,
+    child_name,
+    plain_parameters,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,40 +78,12 @@ HANDLERS = {
 }
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    while isinstance(module, TunerLayer):
-        module = module.base
-    return module
-
-
-# torch's checkpoint_wrapper (activation checkpointing under FSDP2) holds a layer under this
-# attribute and takes the name out of state_dict(); names here leave it out too, so targets,
-# saved keys and state-dict keys stay the model's own.
-CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
-
-
-def child_name(prefix: str, attr: str) -> str:
-    """The qualified name of child `attr` of the module named `prefix` (See CHECKPOINT_WRAPPED)."""
-    return prefix if attr == CHECKPOINT_WRAPPED else f"{prefix}.{attr}" if prefix else attr
-
-
-def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
-    """(parent, attribute, qualified name, child) for every module below `module`."""
-    for attr, child in list(module.named_children()):
-        name = child_name(prefix, attr)
-        yield module, attr, name, child
-        yield from _walk(_unwrap(child), name)
-
 
 # Note: requires_grad on eject. inject freezes every parameter that is not an adapter's
 # (mark_trainable). The first inject into a model records each parameter's requires_grad,
 # and the eject that removes its last adapter puts them back: inject then eject leaves the
 # model as it was, its training flags included.
 _FLAGS: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Parameter, bool]]] = weakref.WeakKeyDictionary()
-
-
-def _layers(model: nn.Module) -> list[TunerLayer]:
-    return [m for m in model.modules() if isinstance(m, TunerLayer)]
 
 
 def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig | PromptConfig, name: str = "default",
@@ -256,106 +242,6 @@ def _strip(module: nn.Module, name: str | None, keep_merged: bool) -> nn.Module:
     return module if module.names else module.base
 
 
-def merge(model: nn.Module) -> list[str]:
-    """Fold every LoRA layer's active adapters into its base weight (explicit; idempotent).
-    Bottleneck adapters are non-linear and stay in the forward. Checks every layer before it
-    writes any (See Note: merge checks first): a weight tied to another module's (GPT-2's wte
-    and lm_head: merging into it would change the other module too), a base without a dense
-    weight, a sum that is not finite; a refused merge changes nothing. Returns the names of the
-    layers that changed."""
-    model = _module(model, "merge")
-    reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py)
-    names = {}  # alias key -> every name of the parameter, tied ones included
-    for n, p in plain_parameters(model):
-        names.setdefault(_alias(p), []).append(n)
-    layers = _lora_layers(model)
-    for where, m in layers:
-        w = getattr(m.base, "weight", None)
-        if isinstance(w, torch.Tensor) and len(names.get(_alias(w), ())) > 1 and any(n not in m.merged for n in m.active):
-            raise ValueError(f"cannot merge into {where!r}: its weight is one tensor with {names[_alias(w)]} (tied), so "
-                             "merging would change the other module too; keep the adapter unmerged, or untie the "
-                             "weights first")
-    for where, m in layers:
-        try:
-            m.merge(check_only=True)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"lowrank.merge refused, nothing was merged: at {where!r}, {e}") from None
-    return [where for where, m in layers if m.merge()]
-
-
-# Note: merge checks first. Each layer computes its merged weight twice: once to check it (the
-# structure, and that the sum is finite) for every layer, then again to write it. A merge that
-# wrote layer by layer and failed at the tenth would leave nine merged and the model in neither
-# state; keeping the nine old weights to put back would hold a second copy of them. The cost is
-# one more pass of additions over the adapted weights, once.
-
-
-def _alias(t: torch.Tensor) -> tuple:
-    """Equal for tensors that are the same memory: one Parameter under two names, or two Parameters
-    made on one tensor (`head.weight = nn.Parameter(emb.weight)`), which `is` does not see."""
-    if t.device.type == "meta" or hasattr(t, "to_local"):  # no storage; a DTensor's is not real (FSDP2)
-        return (id(t),)
-    ptr = t.untyped_storage().data_ptr()
-    return (ptr, t.storage_offset()) if ptr else (id(t),)
-
-
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """(qualified name, LoRA layer) for every LoRA layer, also inside another adapter's wrapper."""
-    out = []
-    for _, _, where, child in _walk(model):
-        slot = _lora_slot(child)
-        if isinstance(slot, LoraLayer):
-            out.append((where, slot))
-    return out
-
-
-def _module(model, verb: str) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{verb} takes an nn.Module (the model); got {type(model).__name__}")
-    return model
-
-
-def plain_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The model's own parameters (no adapter's) under the names they had before inject, a tied
-    parameter under each of its names."""
-    out = list(model.named_parameters(recurse=False))
-    for _, _, where, child in _walk(model):
-        out += [(f"{where}.{n}", p) for n, p in _unwrap(child).named_parameters(recurse=False)]
-    return out
-
-
-def unmerge(model: nn.Module) -> list[str]:
-    """Take merged adapters back out of the base weights; idempotent."""
-    reshard(_module(model, "unmerge"))  # See Note: unsharded after a forward (lowrank/distributed.py)
-    return [where for where, m in _lora_layers(model) if m.unmerge()]
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """Every adapter name in the model, in the order first seen."""
-    return list(dict.fromkeys(n for layer in _layers(model) for n in layer.names))
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    """The active adapters, in an order that keeps every layer's: a layer sums its active
-    adapters in the order set_active gave them, and set_active(model, active_adapters(model))
-    gives each layer back its own order (load_adapter relies on it), also where a layer holds
-    only some of them. Names no layer orders come in the order first seen."""
-    tuples = [layer.active for layer in _layers(model)]
-    first = list(dict.fromkeys(n for t in tuples for n in t))  # order first seen, to break ties
-    after = {n: set() for n in first}  # n -> names some layer sums after n
-    for t in tuples:
-        for a, b in zip(t, t[1:]):
-            after[a].add(b)
-    ordered, placed = [], set()
-    while len(ordered) < len(first):  # a topological order of those constraints (at most len(first) rounds)
-        ready = [n for n in first if n not in placed and not any(n in after[m] for m in first if m not in placed)]
-        if not ready:  # layers disagree (layer.set_active called one by one): no order satisfies all
-            return first
-        ordered.append(ready[0])
-        placed.add(ready[0])
-    return ordered
-
-
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make exactly `names` active (their additions are summed); others stay but do nothing.
     Refuses, changing nothing, unknown or repeated names and a model with merged adapters."""
@@ -417,13 +303,6 @@ def summary(model: nn.Module) -> Summary:
             per[n] = per.get(n, 0) + sum(p.numel() for p in layer.adapter_parameters(n))
     quantized = sum(m.weight.numel for m in model.modules() if isinstance(m, Linear4bit))
     return Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized, per)
-
-
-def _unmerged_layers(model: nn.Module, what: str) -> list[TunerLayer]:
-    layers = _layers(_module(model, what))
-    if any(layer.merged for layer in layers):
-        raise RuntimeError(f"{what} needs unmerged adapters; call lowrank.unmerge(model) first")
-    return layers
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ def _walk(module: nn.Module, prefix: str = "", every: bool = False):
     parent is named once (named_children), or at every place when `every`."""
     from ..tuners.base import TunerLayer  # here: lowrank.tuners imports lowrank.quant
 
-    from ..inject import child_name  # here: lowrank.inject imports lowrank.quant
+    from ..walk import child_name  # here: lowrank.walk imports lowrank.tuners, which imports lowrank.quant
 
     children = [(a, c) for a, c in module._modules.items() if c is not None] if every else module.named_children()
     for attr, child in list(children):

@@ -171,7 +171,7 @@ class LoraLayer(TunerLayer):
     def merge(self, check_only: bool = False) -> list[str]:
         """Fold the active adapters into base.weight; a no-op for those already merged.
         Safe: each new weight is checked finite before it is written. `check_only`: compute and
-        check every new weight, write nothing (lowrank.merge, Note: merge checks first).
+        check every new weight, write nothing (lowrank/merging.py, Note: merge checks first).
         Returns what it merged (would merge)."""
         todo = [n for n in self.active if n not in self._merged]
         if not todo:

@@ -1,0 +1,58 @@
+"""merge and unmerge: fold LoRA adapters into the base weights and take them out again."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .distributed import reshard
+from .walk import _lora_layers, _module, plain_parameters
+
+
+def merge(model: nn.Module) -> list[str]:
+    """Fold every LoRA layer's active adapters into its base weight (explicit; idempotent).
+    Bottleneck adapters are non-linear and stay in the forward. Checks every layer before it
+    writes any (See Note: merge checks first): a weight tied to another module's (GPT-2's wte
+    and lm_head: merging into it would change the other module too), a base without a dense
+    weight, a sum that is not finite; a refused merge changes nothing. Returns the names of the
+    layers that changed."""
+    model = _module(model, "merge")
+    reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py)
+    names = {}  # alias key -> every name of the parameter, tied ones included
+    for n, p in plain_parameters(model):
+        names.setdefault(_alias(p), []).append(n)
+    layers = _lora_layers(model)
+    for where, m in layers:
+        w = getattr(m.base, "weight", None)
+        if isinstance(w, torch.Tensor) and len(names.get(_alias(w), ())) > 1 and any(n not in m.merged for n in m.active):
+            raise ValueError(f"cannot merge into {where!r}: its weight is one tensor with {names[_alias(w)]} (tied), so "
+                             "merging would change the other module too; keep the adapter unmerged, or untie the "
+                             "weights first")
+    for where, m in layers:
+        try:
+            m.merge(check_only=True)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"lowrank.merge refused, nothing was merged: at {where!r}, {e}") from None
+    return [where for where, m in layers if m.merge()]
+
+
+# Note: merge checks first. Each layer computes its merged weight twice: once to check it (the
+# structure, and that the sum is finite) for every layer, then again to write it. A merge that
+# wrote layer by layer and failed at the tenth would leave nine merged and the model in neither
+# state; keeping the nine old weights to put back would hold a second copy of them. The cost is
+# one more pass of additions over the adapted weights, once.
+
+
+def _alias(t: torch.Tensor) -> tuple:
+    """Equal for tensors that are the same memory: one Parameter under two names, or two Parameters
+    made on one tensor (`head.weight = nn.Parameter(emb.weight)`), which `is` does not see."""
+    if t.device.type == "meta" or hasattr(t, "to_local"):  # no storage; a DTensor's is not real (FSDP2)
+        return (id(t),)
+    ptr = t.untyped_storage().data_ptr()
+    return (ptr, t.storage_offset()) if ptr else (id(t),)
+
+
+def unmerge(model: nn.Module) -> list[str]:
+    """Take merged adapters back out of the base weights; idempotent."""
+    reshard(_module(model, "unmerge"))  # See Note: unsharded after a forward (lowrank/distributed.py)
+    return [where for where, m in _lora_layers(model) if m.unmerge()]
