@@ -104,6 +104,16 @@ def lora_model(*targets) -> nn.Sequential:
     return model
 
 
+def assert_merge_refused(model: nn.Module, adapted: int, error: type, match: str) -> None:
+    """Give layer `adapted` a non-zero update, then merge must raise and leave everything as it was."""
+    with torch.no_grad():
+        model[adapted].lora_B["default"].weight.normal_()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        merge(model)
+    assert_unchanged(model, before)
+
+
 def test_merge_checks_every_layer_before_writing_any():
     model = lora_model("0", "2")
     with torch.no_grad():  # layer 2's sum overflows float32
@@ -120,12 +130,7 @@ def test_merge_refuses_a_4bit_layer_before_writing_the_dense_one():
     model = mlp()
     lowrank.quantize(model, lowrank.NF4Config(targets="2"))
     inject(model, LoraConfig(targets=["0", "2"]))
-    with torch.no_grad():
-        model[0].lora_B["default"].weight.normal_()
-    before = snapshot(model)
-    with pytest.raises(TypeError, match=r"nothing was merged: at '2', cannot merge into Linear4bit"):
-        merge(model)
-    assert_unchanged(model, before)
+    assert_merge_refused(model, 0, TypeError, r"nothing was merged: at '2', cannot merge into Linear4bit")
 
 
 def test_merge_two_adapters_of_one_layer_checks_the_second_on_the_first():
@@ -163,12 +168,7 @@ def test_merge_refuses_a_weight_computed_at_every_read(computed):
         with pytest.warns(FutureWarning):
             torch.nn.utils.weight_norm(model[0])
     inject(model, LoraConfig(targets=nn.Linear))  # ("0" would also name 0.parametrizations.weight.0)
-    with torch.no_grad():
-        model[0].lora_B["default"].weight.normal_()
-    before = snapshot(model)
-    with pytest.raises(TypeError, match="at '0', cannot merge into .*computed from other parameters"):
-        merge(model)
-    assert_unchanged(model, before)
+    assert_merge_refused(model, 0, TypeError, "at '0', cannot merge into .*computed from other parameters")
 
 
 def test_merge_refuses_two_parameters_on_one_tensor():
@@ -177,12 +177,7 @@ def test_merge_refuses_two_parameters_on_one_tensor():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
     model[1].weight = nn.Parameter(model[0].weight)
     inject(model, LoraConfig(targets="1"))
-    with torch.no_grad():
-        model[1].lora_B["default"].weight.normal_()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"one tensor with \['0.weight', '1.weight'\] \(tied\)"):
-        merge(model)
-    assert_unchanged(model, before)
+    assert_merge_refused(model, 1, ValueError, r"one tensor with \['0.weight', '1.weight'\] \(tied\)")
 
 
 def test_merge_reaches_lora_inside_a_bottleneck_adapter():
