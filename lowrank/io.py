@@ -378,14 +378,16 @@ def copy_checked(model: nn.Module, what: str, pairs, result: LoadResult, strict:
 @contextlib.contextmanager
 def undo_on_error(model: nn.Module, name: str):
     """`with undo_on_error(model, name): <inject adapter name and load it>` (See Note: a failed load changes nothing)."""
-    before = active_adapters(model)
+    before, existed = active_adapters(model), name in adapter_names(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         yield
     except BaseException:
+        if existed:  # inject refused the name: the adapter there is the user's, and nothing changed
+            raise
         if name in adapter_names(model):
             eject(model, name)
-        if before:
+        if active_adapters(model) != before:
             set_active(model, before)
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -269,3 +269,19 @@ def test_arguments_of_the_wrong_kind_are_named(call, error, match):
     """Each had been taken (a string as True, a mapping's keys as targets) or failed deep inside."""
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("kind", ["lora", "bottleneck"])
+def test_a_load_under_a_name_the_model_has_leaves_that_adapter(tmp_path, kind):
+    """inject refuses the name; the undo that followed ejected the user's own adapter of that name
+    (and every other one, under another name) and hid the refusal."""
+    source = mlp()
+    inject(source, LoraConfig(targets="2") if kind == "lora" else AdapterConfig(targets="1"))
+    lowrank.save_adapter(source, tmp_path)
+    model = lora_model("0")
+    inject(model, AdapterConfig(targets="1"), name="mine")
+    before = snapshot(model)
+    for name in ("default", "mine"):
+        with pytest.raises(ValueError, match=f"already has an adapter named '{name}'"):
+            lowrank.load_adapter(model, tmp_path, name=name)
+        assert_unchanged(model, before)
