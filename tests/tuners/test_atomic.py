@@ -276,10 +276,10 @@ def test_a_load_under_a_name_the_model_has_leaves_that_adapter(tmp_path, kind):
     """inject refuses the name; the undo that followed ejected the user's own adapter of that name
     (and every other one, under another name) and hid the refusal."""
     source = mlp()
-    inject(source, LoraConfig(targets="2") if kind == "lora" else AdapterConfig(targets="1"))
+    inject(source, LoraConfig(targets="2") if kind == "lora" else AdapterConfig(targets="2"))
     lowrank.save_adapter(source, tmp_path)
     model = lora_model("0")
-    inject(model, AdapterConfig(targets="1"), name="mine")
+    inject(model, AdapterConfig(targets="2"), name="mine")
     before = snapshot(model)
     for name in ("default", "mine"):
         with pytest.raises(ValueError, match=f"already has an adapter named '{name}'"):
