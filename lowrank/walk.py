@@ -21,7 +21,9 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 # torch's checkpoint_wrapper (activation checkpointing under FSDP2) holds a layer under this
 # attribute and takes the name out of state_dict(); names here leave it out too, so targets,
-# saved keys and state-dict keys stay the model's own.
+# saved keys and state-dict keys stay the model's own. The wrapper itself is not walked: it
+# answers in_features and weight for the module it holds (__getattr__), and as a target of its
+# own it took a second adapter under the same name.
 CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
 
 
@@ -34,8 +36,14 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[nn.Module, str,
     """(parent, attribute, qualified name, child) for every module below `module`."""
     for attr, child in list(module.named_children()):
         name = child_name(prefix, attr)
-        yield module, attr, name, child
+        if not is_checkpoint_wrapper(child):  # the module it holds is, under the same name
+            yield module, attr, name, child
         yield from _walk(_unwrap(child), name)
+
+
+def is_checkpoint_wrapper(module: nn.Module) -> bool:
+    """torch's checkpoint_wrapper: never a target itself (See CHECKPOINT_WRAPPED)."""
+    return CHECKPOINT_WRAPPED in module._modules
 
 
 def _layers(model: nn.Module) -> list[TunerLayer]:

@@ -51,12 +51,13 @@ def _walk(module: nn.Module, prefix: str = "", every: bool = False):
     parent is named once (named_children), or at every place when `every`."""
     from ..tuners.base import TunerLayer  # here: lowrank.tuners imports lowrank.quant
 
-    from ..walk import child_name  # here: lowrank.walk imports lowrank.tuners, which imports lowrank.quant
+    from ..walk import child_name, is_checkpoint_wrapper  # here: lowrank.walk imports lowrank.tuners -> lowrank.quant
 
     children = [(a, c) for a, c in module._modules.items() if c is not None] if every else module.named_children()
     for attr, child in list(children):
         name = child_name(prefix, attr)
-        yield module, attr, name, child
+        if not is_checkpoint_wrapper(child):
+            yield module, attr, name, child
         while isinstance(child, TunerLayer):
             child = child.base
         yield from _walk(child, name, every)

@@ -63,3 +63,26 @@ def test_a_compiled_model_saves_as_the_model_inside(tmp_path):
     lowrank.save_adapter(model, tmp_path / "bare")
     assert load_file(tmp_path / "compiled" / "adapter_model.safetensors").keys() == \
         load_file(tmp_path / "bare" / "adapter_model.safetensors").keys()
+
+
+def test_a_checkpoint_wrapper_around_a_linear_is_not_a_second_target(tmp_path):
+    """The wrapper answers in_features and weight for the linear it holds, and shares its name:
+    a name target took both, two adapters under one name and colliding saved keys."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    wrapped = torch.nn.Sequential(plain[0], checkpoint_wrapper(plain[1]))
+    assert lowrank.inject(wrapped, lowrank.LoraConfig(r=2, targets=["0", "1"])) == ["0", "1"]
+    assert [n for n, m in wrapped.named_modules() if type(m).__name__ == "LoraLinear"] == \
+        ["0", "1._checkpoint_wrapped_module"]
+    models.randomize_adapters(wrapped)
+    lowrank.save_adapter(wrapped, tmp_path)
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    fresh.load_state_dict({"0.weight": plain[0].weight, "0.bias": plain[0].bias,
+                           "1.weight": plain[1].weight, "1.bias": plain[1].bias})
+    lowrank.load_adapter(fresh, tmp_path)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fresh(x), wrapped(x), rtol=0, atol=0)
+    quantized = torch.nn.Sequential(torch.nn.Linear(8, 64), checkpoint_wrapper(torch.nn.Linear(64, 8)))
+    assert lowrank.quantize(quantized, lowrank.NF4Config(targets=torch.nn.Linear)) == ["0", "1"]
