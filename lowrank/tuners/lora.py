@@ -275,10 +275,15 @@ class LoraConv(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def _create(self, name, r, dtype, device):
-        b = self.base  # plain convolutions: a subclass may take other arguments or compute otherwise
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(b.kernel_size)]
-        self.lora_A[name] = conv(b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation, bias=False,
-                                 padding_mode=b.padding_mode, dtype=dtype, device=device)  # (r, in, *k)
+        b = self.base
+        args = (b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation)
+        kwargs = dict(bias=False, padding_mode=b.padding_mode, dtype=dtype, device=device)
+        try:  # the base's class, as PEFT: a subclass that pads in its forward (a causal conv) needs A to do the same
+            self.lora_A[name] = type(b)(*args, **kwargs)  # (r, in, *k)
+            conv = type(b)
+        except TypeError:  # a subclass with other constructor arguments: a plain convolution of the same geometry
+            conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(b.kernel_size)]
+            self.lora_A[name] = conv(*args, **kwargs)
         self.lora_B[name] = conv(r, b.out_channels, 1, bias=False, dtype=dtype, device=device)  # (out, r, 1...)
 
     def _factor_stores(self):

@@ -231,9 +231,27 @@ def test_embedding_bases_lora_refuses_or_takes_as_their_forward_needs():
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
-def test_conv_factors_are_plain_convolutions():
-    """A subclass of a convolution may take other arguments or compute otherwise (weight
-    standardization); the factors are plain nn.Conv1d/2d/3d with the base's geometry."""
+def test_conv_factors_take_the_bases_class_or_a_plain_convolution():
+    """A subclass that takes a convolution's arguments gives the factors its class, as PEFT does
+    (one that pads in its forward, a causal conv, needs A to pad the same); one with other
+    constructor arguments crashed inside inject, and gets plain nn.Conv1d/2d/3d factors."""
+    class Causal(nn.Conv1d):
+        def forward(self, x):
+            return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+
+    torch.manual_seed(0)
+    causal = nn.Sequential(Causal(3, 5, 4))
+    inject(causal, LoraConfig(targets="0"))
+    assert type(causal[0].lora_A["default"]) is Causal
+    with torch.no_grad():
+        causal[0].lora_B["default"].weight.normal_()
+    x = torch.randn(2, 3, 9)
+    unmerged = causal(x)
+    assert unmerged.shape == (2, 5, 9)
+    merge(causal)
+    # float32: (W + s B A) * x against W * x + s B (A * x), a few roundings of sums of 12 terms of size ~1
+    torch.testing.assert_close(causal(x), unmerged, rtol=1e-5, atol=1e-5)
+
     class Standardized(nn.Conv2d):
         def __init__(self, cin, cout):
             super().__init__(cin, cout, 3, padding=1, padding_mode="circular")
