@@ -7,6 +7,7 @@ time, so each full-precision weight is freed as soon as its 4-bit copy exists.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -91,21 +92,29 @@ def check_forward(name: str, layer: nn.Module) -> None:
     if type(layer).forward is nn.Linear.forward or not isinstance(layer, nn.Linear):
         return
     what = f"{name!r} is a {type(layer).__name__}, an nn.Linear with a forward of its own"
+    if layer.weight.is_meta:  # a skeleton's layer (load_and_quantize): a copy with memory and made-up values
+        layer = copy.deepcopy(layer).to_empty(device="cpu")
+        with torch.no_grad():
+            for p in layer.parameters(recurse=False):
+                p.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
     w, b = layer.weight, layer.bias
-    if w.is_meta:
-        raise TypeError(f"{what}, which cannot be checked on the meta device; a Linear4bit in its place computes x W^T "
-                        "+ b only: add it to skip, or quantize the loaded model with lowrank.quantize")
     k = layer.in_features
-    x = torch.zeros(3, k, dtype=w.dtype, device=w.device)  # 2 e_0, 2 e_(k-1), e_(k/2) + e_(k/3): exact products
-    x[0, 0] = x[1, k - 1] = 2
+    if k == 0:
+        return
+    x = torch.zeros(3, k, dtype=w.dtype, device=w.device)  # e_0, e_(k-1), e_(k/2) + e_(k/3): exact products
+    x[0, 0] = x[1, k - 1] = 1
     x[2, k // 2] += 1
     x[2, k // 3] += 1
     with torch.no_grad():
-        out, ref = type(layer).forward(layer, x), F.linear(x, w, b)  # the class's forward, no hooks
+        try:
+            out, ref = type(layer).forward(layer, x), F.linear(x, w, b)  # the class's forward, no hooks
+        except Exception as e:  # noqa: BLE001: a forward that takes no (rows, in_features) input is not x W^T + b
+            raise TypeError(f"{what}, which does not take a (rows, {k}) input as a linear layer does ({e}); add it "
+                            "to skip") from e
         terms = x.abs() @ w.abs().T + (b.abs() if b is not None else 0)  # a few roundings of these at most
         bound = 4 * torch.finfo(w.dtype).eps * terms.float() + torch.finfo(w.dtype).tiny
         same = (isinstance(out, torch.Tensor) and out.shape == ref.shape and out.is_floating_point()
-                and bool(((out.float() - ref.float()).abs() <= bound).all()))
+                and bool((((out.float() - ref.float()).abs() <= bound) | (out == ref)).all()))  # == : the same inf
     if not same:
         raise TypeError(f"{what}, which does not compute x W^T + b (tried on a few one-hot rows); a Linear4bit in "
                         "its place would compute something else: add it to skip")
@@ -114,10 +123,11 @@ def check_forward(name: str, layer: nn.Module) -> None:
 # Note: a forward of its own. quantize puts a Linear4bit (x W^T + b) where an nn.Linear was. A
 # subclass may compute otherwise (Llama 4's router returns a tuple; a custom layer scales its
 # output) or the same in other words (Falcon's FalconLinear: x W^T, then + b). Its class's
-# forward is called once on three rows (2 e_0, 2 e_(k-1), e_i + e_j: their products with W are
+# forward is called once on three rows (e_0, e_(k-1), e_i + e_j: their products with W are
 # exact in any dtype, so an affine forward differs from F.linear by a few roundings of the sums)
-# and compared with F.linear: the same, it is quantized; otherwise refused (skip it). On the meta device
-# (load_and_quantize) it cannot be run, so such a subclass is refused there.
+# and compared with F.linear: the same, it is quantized; otherwise refused (skip it). On the meta
+# device (load_and_quantize's skeleton) it runs on a copy given memory and made-up values, once a
+# class (load.py).
 
 
 def _check_weight(name: str, w: torch.Tensor, double_quant: bool = False, blocksize: int = 64) -> None:

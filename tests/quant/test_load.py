@@ -206,3 +206,19 @@ def test_load_and_quantize_checks_dtype_first_and_names_a_bias_of_the_wrong_shap
         load_and_quantize(model, tmp_path, dtype="bf16")
     with pytest.raises(ValueError, match=r"2.bias: checkpoint \(3,\), model \(32,\)"):
         load_and_quantize(model, tmp_path)
+
+
+def test_a_skeleton_with_affine_linear_subclasses_loads(tmp_path):
+    """Falcon's layers are all FalconLinear (x W^T, then + b): on the meta device their forward is
+    checked on a copy given memory, once a class, and the model loads as quantize makes it."""
+    cfg = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    new_decoder_architecture=False)
+    torch.manual_seed(0)
+    dense = transformers.FalconForCausalLM(cfg)
+    dense.save_pretrained(tmp_path)
+    expected = quantize(dense)
+    with skeleton():
+        model = transformers.FalconForCausalLM(cfg)
+    assert load_and_quantize(model, tmp_path) == expected and len(expected) == 4
+    got, want = _state(model), _state(dense)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

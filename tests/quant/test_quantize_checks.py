@@ -136,3 +136,16 @@ def test_a_linear_with_a_forward_of_its_own_is_quantized_only_if_it_is_affine(dt
             quantize(bad)
         assert type(bad[0]) is AffineInOtherWords  # nothing replaced
         assert quantize(bad, NF4Config(skip="2")) == ["0"]
+
+
+class Grouped(nn.Linear):
+    """A forward that takes another input shape (DeepSeek V4's grouped linear)."""
+
+    def forward(self, x):
+        return x.view(-1, 2, self.in_features // 2) @ self.weight.view(2, -1, self.in_features // 2).transpose(1, 2)
+
+
+def test_a_forward_that_takes_another_shape_is_named():
+    model = nn.Sequential(Grouped(6, 4))
+    with pytest.raises(TypeError, match=r"'0' is a Grouped, .* does not take a \(rows, 6\) input as a linear layer"):
+        quantize(model)
