@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -260,9 +260,10 @@ def _names(names, what: str) -> list[str]:
     """An adapter name or a sequence of them, as a list; a TypeError naming `what` otherwise."""
     if isinstance(names, str):
         return [names]
-    if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+    listed = list(names) if isinstance(names, Iterable) else None  # a generator is read once, here
+    if listed is None or not all(isinstance(n, str) for n in listed):
         raise TypeError(f"{what} must be an adapter name or a sequence (list, tuple) of names; got {names!r}")
-    return list(names)
+    return listed
 
 
 def mark_trainable(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
@@ -323,8 +324,11 @@ def disabled(model: nn.Module):
 def per_sample(model: nn.Module, names: Sequence[str]):
     """`with per_sample(model, ["a", "b", "__base__"]):` sample i of the batch (dim 0) uses
     adapter names[i] ("__base__": none) — PEFT's `adapter_names`, for inference on mixed batches."""
-    if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+    if isinstance(names, str) or not isinstance(names, Iterable):
         raise TypeError(f"per_sample's names must be a sequence (list, tuple) of adapter names, one a sample; got {names!r}")
+    names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"per_sample's names must be adapter names (str), one a sample; got {names!r}")
     unknown = sorted({n for n in names if n != BASE and n not in adapter_names(model)})
     if unknown:
         raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)} (or use {BASE!r})")

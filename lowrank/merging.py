@@ -49,7 +49,7 @@ def _alias(t: torch.Tensor) -> tuple:
     if t.device.type == "meta" or hasattr(t, "to_local"):  # no storage; a DTensor's is not real (FSDP2)
         return (id(t),)
     ptr = t.untyped_storage().data_ptr()
-    return (ptr, t.storage_offset()) if ptr else (id(t),)
+    return (ptr + t.storage_offset() * t.element_size(),) if ptr else (id(t),)  # the first byte's address
 
 
 def unmerge(model: nn.Module) -> list[str]:
