@@ -112,15 +112,13 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     layers, first_name = _places(model, config)
     if not layers:
         raise ValueError(f"no linear layer of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r})")
-    owners, probed = weight_owners(model), set()
+    owners = weight_owners(model)
     for name, [(parent, attr), *_] in layers.items():
         if isinstance(parent, nn.MultiheadAttention):
             raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly; "
                              "add it to skip")
         refuse_tied(name, getattr(parent, attr), owners)  # See Note: tied weights stay dense (quantize.py).
-        if type(getattr(parent, attr)) not in probed:  # See Note: a forward of its own (quantize.py): once a class
-            check_forward(name, getattr(parent, attr))
-            probed.add(type(getattr(parent, attr)))
+        check_forward(name, getattr(parent, attr))  # See Note: a forward of its own (quantize.py)
     has_bias = {n for n, [(p, a), *_] in layers.items() if getattr(getattr(p, a), "bias", None) is not None}
     shapes = {n: _weight_shape(getattr(p, a)) for n, [(p, a), *_] in layers.items()}
     modules = dict(model.named_modules(remove_duplicate=False))  # a module registered twice: both names

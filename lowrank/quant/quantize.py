@@ -92,11 +92,14 @@ def check_forward(name: str, layer: nn.Module) -> None:
     if type(layer).forward is nn.Linear.forward or not isinstance(layer, nn.Linear):
         return
     what = f"{name!r} is a {type(layer).__name__}, an nn.Linear with a forward of its own"
-    if layer.weight.is_meta:  # a skeleton's layer (load_and_quantize): a copy with memory and made-up values
-        layer = copy.deepcopy(layer).to_empty(device="cpu")
-        with torch.no_grad():
-            for p in layer.parameters(recurse=False):
-                p.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+    if layer.weight.is_meta:  # a skeleton's layer (load_and_quantize): a copy whose meta tensors get made-up values
+        layer, g = copy.deepcopy(layer), torch.Generator().manual_seed(0)
+        for m in layer.modules():
+            for store in (m._parameters, m._buffers):
+                for key, t in store.items():
+                    if t is not None and t.is_meta:  # a real buffer (rotary tables, a scale) keeps its value
+                        made = torch.empty(t.shape, dtype=t.dtype).uniform_(-1, 1, generator=g)
+                        store[key] = nn.Parameter(made, requires_grad=False) if store is m._parameters else made
     w, b = layer.weight, layer.bias
     k = layer.in_features
     if k == 0:
@@ -126,8 +129,8 @@ def check_forward(name: str, layer: nn.Module) -> None:
 # forward is called once on three rows (e_0, e_(k-1), e_i + e_j: their products with W are
 # exact in any dtype, so an affine forward differs from F.linear by a few roundings of the sums)
 # and compared with F.linear: the same, it is quantized; otherwise refused (skip it). On the meta
-# device (load_and_quantize's skeleton) it runs on a copy given memory and made-up values, once a
-# class (load.py).
+# device (load_and_quantize's skeleton) it runs on a copy whose meta tensors get made-up values
+# (real buffers keep theirs), for every layer: a class's instances may differ (a scale each).
 
 
 def _check_weight(name: str, w: torch.Tensor, double_quant: bool = False, blocksize: int = 64) -> None:

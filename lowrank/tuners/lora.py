@@ -276,15 +276,8 @@ class LoraConv(LoraLayer):
 
     def _create(self, name, r, dtype, device):
         b = self.base
-        args = (b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation)
-        kwargs = dict(bias=False, padding_mode=b.padding_mode, dtype=dtype, device=device)
-        try:  # the base's class, as PEFT: a subclass that pads in its forward (a causal conv) needs A to do the same
-            self.lora_A[name] = type(b)(*args, **kwargs)  # (r, in, *k)
-            conv = type(b)
-        except TypeError:  # a subclass with other constructor arguments: a plain convolution of the same geometry
-            conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(b.kernel_size)]
-            self.lora_A[name] = conv(*args, **kwargs)
-        self.lora_B[name] = conv(r, b.out_channels, 1, bias=False, dtype=dtype, device=device)  # (out, r, 1...)
+        self.lora_A[name] = _factor(b, b.in_channels, r, b.kernel_size, b.stride, b.padding).to(device, dtype)  # (r, in, *k)
+        self.lora_B[name] = _factor(b, r, b.out_channels, 1, 1, 0).to(device, dtype)  # (out, r, 1...)
 
     def _factor_stores(self):
         return (self.lora_A, self.lora_B)
@@ -299,6 +292,21 @@ class LoraConv(LoraLayer):
         (A, B), r = self._factors_in(name, dtype), self.r[name]
         d = B.reshape(-1, r) @ A.reshape(r, -1)  # (out, r) @ (r, in * prod(k)) -> (out, in * prod(k))
         return d.reshape(self.base.weight.shape) * self.scaling[name]  # (out, in, *k)
+
+
+def _factor(base: nn.modules.conv._ConvNd, cin: int, cout: int, kernel, stride, padding) -> nn.Module:
+    """A LoRA factor of a convolution: of the base's class, as PEFT makes it (a subclass that pads
+    in its forward, a causal or weight-standardized conv, needs the factor to do the same), built
+    with the arguments PEFT passes; or, for a subclass that takes other constructor arguments, a
+    plain convolution. Either way with the base's dilation and padding mode."""
+    try:
+        conv = type(base)(cin, cout, kernel, stride, padding, bias=False)
+    except TypeError:
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(base.kernel_size)](cin, cout, kernel, stride, padding,
+                                                                                  bias=False)
+    if kernel != 1:  # A: the base's geometry (B is 1 x 1)
+        conv.dilation, conv.padding_mode = base.dilation, base.padding_mode
+    return conv
 
 
 def layer_class(module: nn.Module) -> type[LoraLayer] | None:

@@ -222,3 +222,27 @@ def test_a_skeleton_with_affine_linear_subclasses_loads(tmp_path):
     assert load_and_quantize(model, tmp_path) == expected and len(expected) == 4
     got, want = _state(model), _state(dense)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def __init__(self, cin, cout, scale):
+        super().__init__(cin, cout)
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_every_skeleton_layer_of_a_subclass_is_checked_not_one_a_class(tmp_path):
+    """Two instances of one class may compute differently (a scale each): only the affine one
+    may be quantized, as quantize of the loaded model decides."""
+    def build():
+        return torch.nn.Sequential(_ScaledLinear(16, 16, 1.0), torch.nn.GELU(), _ScaledLinear(16, 8, 5.0))
+
+    save_file({k: v.contiguous() for k, v in build().state_dict().items()}, tmp_path / "model.safetensors")
+    with pytest.raises(TypeError, match="'2' is a _ScaledLinear, .* does not compute x W"):
+        quantize(build())
+    with skeleton():
+        model = build()
+    with pytest.raises(TypeError, match="'2' is a _ScaledLinear, .* does not compute x W"):
+        load_and_quantize(model, tmp_path)

@@ -236,6 +236,9 @@ def test_conv_factors_take_the_bases_class_or_a_plain_convolution():
     (one that pads in its forward, a causal conv, needs A to pad the same); one with other
     constructor arguments crashed inside inject, and gets plain nn.Conv1d/2d/3d factors."""
     class Causal(nn.Conv1d):
+        def __init__(self, cin, cout, kernel, stride=1, padding=0, dilation=1, groups=1, bias=True):  # transformers' style
+            super().__init__(cin, cout, kernel, stride, padding, dilation, groups, bias)
+
         def forward(self, x):
             return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
 
