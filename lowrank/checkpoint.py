@@ -63,6 +63,55 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     return distributed.on_main(write, collective=False)  # every rank may call it: one writes
 
 
+def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, strict: bool) -> list[str]:
+    """load_quantized's work: 4-bit layers in, then every tensor; the names now in 4 bits."""
+    modules = dict(model.named_modules())
+    names = sorted(k[: -len(_MARK)] for k in state if k.endswith(_MARK))
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"{path}: the checkpoint has a 4-bit weight {name + '.weight'!r}, but {type(model).__name__} "
+                             "has no such module; was it built from the same config?")
+        if isinstance(module, Linear4bit):
+            continue  # already 4-bit: load_state_dict below loads the codes
+        if not (isinstance(module, nn.Linear) or is_gpt2_conv1d(module)):
+            raise TypeError(f"{path}: {name!r} is 4-bit in the checkpoint but a {type(module).__name__} in the model")
+        prefix = f"{name}.weight"
+        try:
+            q = NF4Weight.from_state_dict(state, prefix)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: while reading the 4-bit weight {prefix!r}: {e}") from e
+        out_in = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else (module.nf, module.nx)
+        if tuple(q.shape) != out_in:
+            raise ValueError(f"{path}: size mismatch for {prefix}: the checkpoint's 4-bit weight has shape "
+                             f"{tuple(q.shape)}, the model's layer is (out, in) = {out_in}")
+        bias = state.get(f"{name}.bias") if getattr(module, "bias", None) is not None else None
+        try:
+            layer = Linear4bit(q, bias, compute_dtype)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {name!r}: {e}") from e
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # transformers: lm_head <- embeddings when the config ties them
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [k for k in result.missing_keys if not (k in params and id(params[k]) in loaded)]
+    expected = set(model.state_dict(keep_vars=True))
+    unexpected = sorted(k for k in state if k not in expected)  # (load_state_dict lists none when not strict)
+    meta = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    problems = [f"missing keys: {missing}"] if strict and missing else []
+    problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
+    if meta:
+        problems.append(f"still on the meta device after loading: {meta[:8]} (the checkpoint lacks them; a buffer "
+                        "computed at init, such as rotary inv_freq, needs the model built under "
+                        "lowrank.skeleton(), which leaves buffers real)")
+    if problems:
+        raise ValueError(f"{path}: the checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
+    return names
+
+
 def _quantization_config(path: pathlib.Path) -> dict:
     cfg = path / "config.json"
     q = json.loads(cfg.read_text()).get("quantization_config") if cfg.exists() else None
@@ -113,48 +162,4 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
         raise NotImplementedError(f"{path}: the checkpoint holds 8-bit (LLM.int8) weights; load_quantized reads NF4 only")
     compute_dtype = compute_dtype if compute_dtype is not None else _compute_dtype(quant)
     with _restored_on_error(model):  # See Note: a failed load changes nothing (lowrank/io.py)
-        modules = dict(model.named_modules())
-        names = sorted(k[: -len(_MARK)] for k in state if k.endswith(_MARK))
-        for name in names:
-            module = modules.get(name)
-            if module is None:
-                raise ValueError(f"{path}: the checkpoint has a 4-bit weight {name + '.weight'!r}, but {type(model).__name__} "
-                                 "has no such module; was it built from the same config?")
-            if isinstance(module, Linear4bit):
-                continue  # already 4-bit: load_state_dict below loads the codes
-            if not (isinstance(module, nn.Linear) or is_gpt2_conv1d(module)):
-                raise TypeError(f"{path}: {name!r} is 4-bit in the checkpoint but a {type(module).__name__} in the model")
-            prefix = f"{name}.weight"
-            try:
-                q = NF4Weight.from_state_dict(state, prefix)
-            except (KeyError, ValueError) as e:
-                raise ValueError(f"{path}: while reading the 4-bit weight {prefix!r}: {e}") from e
-            out_in = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else (module.nf, module.nx)
-            if tuple(q.shape) != out_in:
-                raise ValueError(f"{path}: size mismatch for {prefix}: the checkpoint's 4-bit weight has shape "
-                                 f"{tuple(q.shape)}, the model's layer is (out, in) = {out_in}")
-            bias = state.get(f"{name}.bias") if getattr(module, "bias", None) is not None else None
-            try:
-                layer = Linear4bit(q, bias, compute_dtype)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"{path}: {name!r}: {e}") from e
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, layer)
-        result = model.load_state_dict(state, strict=False, assign=True)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()  # transformers: lm_head <- embeddings when the config ties them
-        params = dict(model.named_parameters(remove_duplicate=False))
-        loaded = {id(params[k]) for k in state if k in params}
-        missing = [k for k in result.missing_keys if not (k in params and id(params[k]) in loaded)]
-        expected = set(model.state_dict(keep_vars=True))
-        unexpected = sorted(k for k in state if k not in expected)  # (load_state_dict lists none when not strict)
-        meta = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        problems = [f"missing keys: {missing}"] if strict and missing else []
-        problems += [f"unexpected keys: {unexpected}"] if strict and unexpected else []
-        if meta:
-            problems.append(f"still on the meta device after loading: {meta[:8]} (the checkpoint lacks them; a buffer "
-                            "computed at init, such as rotary inv_freq, needs the model built under "
-                            "lowrank.skeleton(), which leaves buffers real)")
-        if problems:
-            raise ValueError(f"{path}: the checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
-    return names
+        return _fill(model, path, state, compute_dtype, strict)
