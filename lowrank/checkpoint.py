@@ -25,6 +25,7 @@ from .quant.linear4bit import Linear4bit
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
+from .walk import _walk, plain_modules
 
 _MARK = ".weight." + BNB_QUANT_STATE_KEY  # the entry that says "this module's weight is 4-bit"
 
@@ -41,7 +42,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     if any(isinstance(m, TunerLayer) for m in model.modules()):
         raise ValueError("the model has adapters; save them with lowrank.save_adapter (and eject them first), or "
                          "fold them in with lowrank.merge_and_export(..., requantize=True)")
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    quantized = {n: m for n, m in plain_modules(model) if isinstance(m, Linear4bit)}  # names as state_dict()'s
     if not quantized:
         raise ValueError(f"{type(model).__name__} has no 4-bit layers; quantize it with lowrank.quantize first "
                          "(or save a dense model with its own save_pretrained)")
@@ -57,7 +58,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     def write() -> list[str]:
         with shards.atomic_directory(out_dir, overwrite) as tmp:
             files = shards.write(parts, tmp, max_bytes)
-            _write_config(model, tmp, None, quantization_config(quantized, model.named_modules()), state)
+            _write_config(model, tmp, None, quantization_config(quantized, plain_modules(model)), state)
         return files
 
     return distributed.on_main(write, collective=False)  # every rank may call it: one writes
@@ -65,7 +66,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
 
 def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, strict: bool) -> list[str]:
     """load_quantized's work: 4-bit layers in, then every tensor; the names now in 4 bits."""
-    modules = dict(model.named_modules())
+    places = {name: (parent, attr) for parent, attr, name, _ in _walk(model)}  # names as state_dict()'s
+    modules = dict(plain_modules(model))
     names = sorted(k[: -len(_MARK)] for k in state if k.endswith(_MARK))
     for name in names:
         module = modules.get(name)
@@ -90,8 +92,7 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
             layer = Linear4bit(q, bias, compute_dtype)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{path}: {name!r}: {e}") from e
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        setattr(*places[name], layer)
     result = model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # transformers: lm_head <- embeddings when the config ties them

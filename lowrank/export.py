@@ -28,7 +28,7 @@ from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit
 from .tuners import dora
 from .tuners.base import TunerLayer
 from .tuners.lora_base import LoraLayer
-from .walk import CHECKPOINT_WRAPPED, _unwrap, _walk
+from .walk import _unwrap, _walk, plain_modules
 
 log = logging.getLogger("lowrank")
 
@@ -99,8 +99,7 @@ def _plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, L
         for parent, attr, _, child in wrapped:
             setattr(parent, attr, _unwrap(child))
         state = model.state_dict(keep_vars=True)
-        quantized = {n.replace(f".{CHECKPOINT_WRAPPED}", "").replace(f"{CHECKPOINT_WRAPPED}.", ""): m
-                     for n, m in model.named_modules() if isinstance(m, Linear4bit)}  # as state_dict() names them
+        quantized = {n: m for n, m in plain_modules(model) if isinstance(m, Linear4bit)}  # as state_dict() names them
     finally:
         for parent, attr, _, child in wrapped:
             setattr(parent, attr, child)

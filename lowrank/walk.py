@@ -41,6 +41,12 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[nn.Module, str,
         yield from _walk(_unwrap(child), name)
 
 
+def plain_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """model.named_modules() as state_dict() names them: checkpoint_wrapper see-through."""
+    return [(".".join(p for p in n.split(".") if p != CHECKPOINT_WRAPPED), m)
+            for n, m in model.named_modules() if not is_checkpoint_wrapper(m)]
+
+
 def is_checkpoint_wrapper(module: nn.Module) -> bool:
     """torch's checkpoint_wrapper: never a target itself (See CHECKPOINT_WRAPPED)."""
     return CHECKPOINT_WRAPPED in module._modules

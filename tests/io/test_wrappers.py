@@ -86,3 +86,25 @@ def test_a_checkpoint_wrapper_around_a_linear_is_not_a_second_target(tmp_path):
     torch.testing.assert_close(fresh(x), wrapped(x), rtol=0, atol=0)
     quantized = torch.nn.Sequential(torch.nn.Linear(8, 64), checkpoint_wrapper(torch.nn.Linear(64, 8)))
     assert lowrank.quantize(quantized, lowrank.NF4Config(targets=torch.nn.Linear)) == ["0", "1"]
+
+
+def test_save_and_load_quantized_on_checkpoint_wrapped_layers(tmp_path):
+    """save_quantized named the 4-bit layers (llm_int8_skip_modules, too) as named_modules() does,
+    with _checkpoint_wrapped_module in them, and load_quantized found no such module."""
+    import json
+
+    plain = models.llama()
+    lowrank.quantize(plain)
+    lowrank.save_quantized(plain, tmp_path / "plain")
+    wrapped = checkpointed(models.llama())
+    lowrank.quantize(wrapped)
+    lowrank.save_quantized(wrapped, tmp_path / "wrapped")
+    configs = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("plain", "wrapped")]
+    assert configs[0] == configs[1]
+    got, want = (load_file(tmp_path / d / "model.safetensors") for d in ("wrapped", "plain"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    again = checkpointed(models.llama())
+    assert lowrank.load_quantized(again, tmp_path / "plain") == sorted(n for n, m in plain.named_modules()
+                                                                       if isinstance(m, lowrank.Linear4bit))
+    x = models.ids()
+    torch.testing.assert_close(again(input_ids=x).logits, plain(input_ids=x).logits, rtol=0, atol=0)
