@@ -44,12 +44,18 @@ Weight saved_weight(AutogradContext* ctx);
 // the edges after it.
 inline int64_t defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// A bias's gradient: grad (..., N) summed over every leading dimension, reshaped to (M, N) by
-// the product M of the leading sizes, not by -1, which has nothing to divide when N = 0.
-inline at::Tensor bias_grad(const at::Tensor& grad) {
+// (..., K) as the (M, K) matrix matmul folds it into for mm (a view when it can be one, as there)
+inline at::Tensor rows(const at::Tensor& t, const c10::SymInt& m) { return t.reshape_symint({m, t.sym_size(-1)}); }
+
+// M, the product of the leading sizes (not numel / K, which K = 0 would divide by)
+inline c10::SymInt leading(const at::Tensor& t) {
   c10::SymInt m = 1;
-  for (int64_t i = 0; i + 1 < grad.dim(); ++i) m = m * grad.sym_size(i);
-  return grad.reshape_symint({m, grad.sym_size(-1)}).sum(0);
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) m = m * t.sym_size(i);
+  return m;
 }
+
+// A bias's gradient: grad (..., N) summed over every leading dimension (rows by `leading`, not
+// by -1, which has nothing to divide when N = 0)
+inline at::Tensor bias_grad(const at::Tensor& grad) { return rows(grad, leading(grad)).sum(0); }
 
 }  // namespace lowrank

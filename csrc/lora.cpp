@@ -48,16 +48,6 @@ at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& keep, doub
   return keep.scalar_type() == at::kBool ? at::native_dropout_backward(g, keep, keep_scale) : at::mul(g, keep);
 }
 
-// (..., K) as the (M, K) matrix matmul folds it into for mm (a view when it can be one, as there)
-at::Tensor rows(const at::Tensor& t, const c10::SymInt& m) { return t.reshape_symint({m, t.sym_size(-1)}); }
-
-// M, the product of the leading sizes (not numel / K, which K = 0 would divide by)
-c10::SymInt leading(const at::Tensor& t) {
-  c10::SymInt m = 1;
-  for (int64_t i = 0; i + 1 < t.dim(); ++i) m = m * t.sym_size(i);
-  return m;
-}
-
 // Note: a scale of a power of two. When |s| = 2^k, k >= 0 (LoraConfig's default alpha = r gives
 // 1, alpha = 2r gives 2), s times a number of the dtype is exact: only the exponent moves, unless
 // it overflows. Then the eager path's mul-then-add rounds the exact y + s v once, and so does

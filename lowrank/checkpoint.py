@@ -67,10 +67,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
 def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, strict: bool) -> list[str]:
     """load_quantized's work: 4-bit layers in, then every tensor; the names now in 4 bits."""
     places = {name: (parent, attr) for parent, attr, name, _ in _walk(model)}  # names as state_dict()'s
-    modules = dict(plain_modules(model))
     names = sorted(k[: -len(_MARK)] for k in state if k.endswith(_MARK))
     for name in names:
-        module = modules.get(name)
+        module = getattr(*places[name]) if name in places else None
         if module is None:
             raise ValueError(f"{path}: the checkpoint has a 4-bit weight {name + '.weight'!r}, but {type(model).__name__} "
                              "has no such module; was it built from the same config?")

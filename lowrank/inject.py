@@ -25,7 +25,7 @@ from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
 from .tuners import adapter, lora, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
-from .tuners.lora_base import LoraLayer  # noqa: F401
+from .tuners.lora_base import LoraLayer
 from .walk import (  # noqa: F401
     CHECKPOINT_WRAPPED,
     _layers,
@@ -117,8 +117,9 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     wanted = compile_filter(targets, config.exclude, model)
     matches, seen = [], set()
     for p, a, n, c in _walk(model):  # a module registered at several places: its first (See Note: one module, one place)
-        if wanted(n, _unwrap(c)) and id(_unwrap(c)) not in seen:
-            seen.add(id(_unwrap(c)))
+        inner = _unwrap(c)
+        if wanted(n, inner) and id(inner) not in seen:
+            seen.add(id(inner))
             matches.append((p, a, n, c))
     if not matches:
         candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
@@ -245,34 +246,30 @@ def _strip(module: nn.Module, name: str | None, keep_merged: bool) -> nn.Module:
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make exactly `names` active (their additions are summed); others stay but do nothing.
     Refuses, changing nothing, unknown or repeated names and a model with merged adapters."""
-    names = _names(names, "set_active's names")
+    names = _known_names(model, names, "set_active's names")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"set_active's names repeat {repeated}; an adapter is active once (got {names})")
-    unknown = [n for n in names if n not in adapter_names(model)]
-    if unknown:
-        raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)}")
     for layer in _unmerged_layers(model, "changing the active adapters"):
         layer.set_active(names)
 
 
-def _names(names, what: str) -> list[str]:
-    """An adapter name or a sequence of them, as a list; a TypeError naming `what` otherwise."""
-    if isinstance(names, str):
-        return [names]
-    listed = list(names) if isinstance(names, Iterable) else None  # a generator is read once, here
-    if listed is None or not all(isinstance(n, str) for n in listed):
+def _known_names(model: nn.Module, names, what: str, base_ok: bool = False) -> list[str]:
+    """An adapter name or a sequence of them, as a list: a TypeError naming `what` for anything
+    else, a ValueError for a name the model has not (BASE allowed when `base_ok`)."""
+    listed = [names] if isinstance(names, str) else list(names) if isinstance(names, Iterable) else None
+    if listed is None or not all(isinstance(n, str) for n in listed):  # (a generator is read once, above)
         raise TypeError(f"{what} must be an adapter name or a sequence (list, tuple) of names; got {names!r}")
+    have = adapter_names(model)
+    unknown = [n for n in dict.fromkeys(listed) if n not in have and not (base_ok and n == BASE)]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; the model has {have}" + (f" (or use {BASE!r})" if base_ok else ""))
     return listed
 
 
 def mark_trainable(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Only the parameters of adapters `names` (None: the active ones) require grad."""
-    if names is not None:
-        names = _names(names, "mark_trainable's names")
-        unknown = [n for n in names if n not in adapter_names(model)]
-        if unknown:
-            raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)}")
+    names = None if names is None else _known_names(model, names, "mark_trainable's names")
     model.requires_grad_(False)
     for layer in _layers(model):
         for n in layer.active if names is None else [n for n in names if n in layer.names]:
@@ -326,12 +323,7 @@ def per_sample(model: nn.Module, names: Sequence[str]):
     adapter names[i] ("__base__": none) — PEFT's `adapter_names`, for inference on mixed batches."""
     if isinstance(names, str) or not isinstance(names, Iterable):
         raise TypeError(f"per_sample's names must be a sequence (list, tuple) of adapter names, one a sample; got {names!r}")
-    names = list(names)
-    if not all(isinstance(n, str) for n in names):
-        raise TypeError(f"per_sample's names must be adapter names (str), one a sample; got {names!r}")
-    unknown = sorted({n for n in names if n != BASE and n not in adapter_names(model)})
-    if unknown:
-        raise ValueError(f"no adapter named {unknown}; the model has {adapter_names(model)} (or use {BASE!r})")
+    names = _known_names(model, names, "per_sample's names (one a sample)", base_ok=True)
     layers = _unmerged_layers(model, "per_sample(model, names)")
     for layer in layers:
         layer.route = tuple(names)

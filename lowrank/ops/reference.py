@@ -14,10 +14,8 @@ from . import backends
 
 def _weight(packed, absmax, nested_absmax, offset, shape, blocksize, dtype) -> NF4Weight:
     # the ops check sizes by numel, so packed may come as bitsandbytes stores it, (bytes, 1), and the
-    # offset as any one value, (1, 1): flat views (a 0-d offset), which the codec's arithmetic expects
-    flat = [t if t is None else t.reshape(-1) for t in (packed, absmax, nested_absmax)]
-    offset = offset if offset is None else offset.reshape(())
-    return NF4Weight(flat[0], flat[1], torch.Size(shape), dtype, blocksize, flat[2], offset)
+    # offset as (1, 1): NF4Weight keeps its fields flat, as the codec's arithmetic expects
+    return NF4Weight(packed, absmax, torch.Size(shape), dtype, blocksize, nested_absmax, offset)
 
 
 @backends.register("nf4_dequantize", "reference")

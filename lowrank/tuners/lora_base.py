@@ -183,9 +183,10 @@ class LoraLayer(TunerLayer):
         for name in todo:
             with torch.no_grad():
                 new = self._merged_weight(name, current)
-                if check_only or not torch.isfinite(new).all():
+                finite = bool(torch.isfinite(new).all())
+                if check_only or not finite:
                     self._merge_norms.pop(name, None)
-                if not torch.isfinite(new).all():
+                if not finite:
                     raise ValueError(f"merging adapter {name!r} into {type(self.base).__name__} gives non-finite "
                                      "weights (inf/nan); the weight was left unchanged")
                 if check_only:
