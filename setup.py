@@ -12,6 +12,7 @@ in place, as lowrank/_C*.so.
 
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -23,9 +24,11 @@ CUDA_SOURCES = ["bindings_cuda.cpp", "nf4_cuda_dequantize.cu", "nf4_cuda_gemv.cu
 # must stay so to be bit-exact (csrc/nf4_common.h). The vector ISAs are chosen per file by
 # pragmas and at run time by CPU detection (csrc/nf4_cpu.cpp), never by -march.
 # -fopenmp: at::parallel_for (csrc/bindings.cpp) is OpenMP code in torch's headers, serial without
-# it; the library it links, libgomp.so.1, is the one torch has already loaded.
-CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp"]
-LINK_FLAGS = ["-fopenmp"]
+# it; the library it links, libgomp.so.1, is the one torch has already loaded. Apple's Clang
+# has no -fopenmp: on macOS the kernels build without it and at::parallel_for runs serially.
+OPENMP = [] if sys.platform == "darwin" else ["-fopenmp"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", *OPENMP]
+LINK_FLAGS = OPENMP
 # sm_80 (A100) and sm_90a (H100/H200); TORCH_CUDA_ARCH_LIST is not consulted, these are the two we test.
 # LOWRANK_CUDA_ARCHS=90a (a space-separated list) builds fewer, e.g. a quick build on one known GPU.
 CUDA_ARCHS = os.environ.get("LOWRANK_CUDA_ARCHS", "80 90a").split()

@@ -11,8 +11,14 @@
 // has AVX2, FMA and F16C (nf4_cpu.cpp). No standard-library header is included here (see
 // nf4_cpu_avx512.cpp).
 #if defined(__x86_64__) || defined(_M_X64)
+#include "nf4_cpu_target.h"
+#if defined(__clang__)
+#include <immintrin.h>
+LOWRANK_TARGET_PUSH("avx2,fma,f16c")
+#else
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
+#endif
 
 #include "nf4_cpu.h"
 
@@ -164,4 +170,5 @@ void gemv(const NF4View& w, OutType wtype, int64_t N, int64_t K, const float* xd
 }
 
 }  // namespace lowrank::avx2
+LOWRANK_TARGET_POP()
 #endif  // x86-64

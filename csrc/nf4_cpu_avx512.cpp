@@ -15,10 +15,16 @@
 // only when the CPU has it (nf4_cpu.cpp). It includes no standard-library header that could
 // emit an inline function compiled for AVX-512 for the rest of the program to share.
 #if defined(__x86_64__) || defined(_M_X64)
+#include "nf4_cpu_target.h"
+#if defined(__clang__)
+#include <immintrin.h>
+LOWRANK_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 // GCC 12 warns about its own intrinsics (the undefined first operand of a zero-extend).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#endif
 
 #include "nf4_cpu.h"
 
@@ -277,8 +283,13 @@ void gemv_bf16(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64
 // the FMA path. What remains: a sum of products that cancels to below 2^-126 (1.2e-38) is
 // flushed to zero, an absolute error under 2^-126 in that output.
 //
+#if defined(__clang__)
+LOWRANK_TARGET_POP()  // Clang's regions do not nest: the outer features would win
+LOWRANK_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
+#endif
 namespace lowrank::avx512bf16 {
 namespace {
 
@@ -290,7 +301,12 @@ using avx512::scales16;
 
 }  // namespace
 }  // namespace lowrank::avx512bf16
+#if defined(__clang__)
+LOWRANK_TARGET_POP()
+LOWRANK_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#else
 #pragma GCC pop_options
+#endif
 
 // Outside the pragma: a function declared in nf4_cpu.h must keep the file's target, or GCC
 // would take the two for versions of one function.
@@ -298,4 +314,5 @@ bool lowrank::avx512bf16::gemv(const NF4View& w, int64_t N, int64_t K, const uin
                                float* y, int64_t n0, int64_t n1, float scale_min) {
   return gemv_all(w, N, K, xb, M, bias, y, n0, n1, scale_min);
 }
+LOWRANK_TARGET_POP()
 #endif  // x86-64
