@@ -15,7 +15,7 @@ from ..ops.lora_ops import dropout_parts
 from ..quant.linear4bit import Linear4bit, autocast_dtype
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like
 from .base import TunerLayer, cast_for
-from .lora_base import LoraLayer, quantized_base
+from .lora_base import LoraLayer
 
 SUPPORTED = ("nn.Linear, transformers' GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d, or a linear-like "
              "module (in_features, out_features, and a `weight` or a `dequantize()`)")
@@ -80,12 +80,8 @@ class LoraLinear(LoraLayer):
         factors = self._op_factors(name)
         if not (factors is not None and _x_fits(x, *factors) and type(result) is torch.Tensor
                 and _dtypes_fit(result, x, *factors)):  # fmt: skip
-            out = super()._add_delta(name, result, x, base_out)
-            # a DoRA sum wider than the output (lora_base.py, Note: x in the adapter's dtype) comes back once;
-            # under autocast too, as PEFT's Linear does, except on a 4-bit base, where PEFT's bitsandbytes layer
-            # leaves it to autocast (its requires_conversion)
-            keep = autocast_dtype(x) is not None and quantized_base(self._modules["base"])
-            return out if out.dtype == result.dtype or keep else out.to(result.dtype)
+            # a sum wider than the output comes back once, after the last adapter (LoraLayer.forward)
+            return super()._add_delta(name, result, x, base_out)
         if x.dtype != factors[0].dtype:  # under autocast only (_dtypes_fit): See Note: x in the adapter's dtype (lora_base.py)
             dtype = self._input_dtype(x, factors[0].dtype)
             x = x if dtype is None else x.to(dtype)
@@ -232,14 +228,14 @@ class LoraEmbedding(LoraLayer):
     def _factors(self, name):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
-    def _delta(self, name, x, base_out):
+    def _delta(self, name, x, base_out, wide=False):
         delta = self._lora(name, x) * self.scaling[name]  # no dropout on token ids
         scale = self._embed_scale()
         if scale is not None:  # See Note: scaled embeddings.
             delta = delta * scale.to(delta.dtype)
         # ids are never cast; an addition in another dtype than the output's (float32 factors on
-        # a bf16 table) is cast to it outside autocast (lora_base.py, Note: x in the adapter's dtype)
-        return delta if cast_for(delta, base_out.dtype) is None else delta.to(base_out.dtype)
+        # a bf16 table) is summed wide or cast first (lora_base.py, Note: x in the adapter's dtype)
+        return delta if wide or cast_for(delta, base_out.dtype) is None else delta.to(base_out.dtype)
 
     # Note: scaled embeddings. Gemma's, BART's (scale_embedding) and a few other models' word
     # embeddings multiply the looked-up rows by `embed_scale` (sqrt(d)) in their forward. The

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..quant.linear4bit import Linear4bit
+from ..quant.linear4bit import Linear4bit, autocast_dtype
 from . import dora
 from .base import TunerLayer, cast_for
 
@@ -124,20 +124,28 @@ class LoraLayer(TunerLayer):
         base_out = result
         for name in self.active:
             result = self._add_delta(name, result, x, base_out)
-        return result
+        # the sum back in the base output's dtype once (See Note: x in the adapter's dtype); under
+        # autocast a 4-bit base's sum is left to autocast, as PEFT's bitsandbytes layer leaves it
+        if result.dtype == base_out.dtype or (autocast_dtype(x) is not None and quantized_base(self._modules["base"])):
+            return result
+        return result.to(base_out.dtype)
 
     def _add_delta(self, name: str, result: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """result + this adapter's addition (LoraLinear adds it in one op where it can)."""
-        return result + self._delta(name, x, base_out)
+        return result + self._delta(name, x, base_out, wide=not quantized_base(self._modules["base"]))
 
     # Note: x in the adapter's dtype. The rule of tuners/base.py (Note: inputs in the adapter's
-    # dtype) for LoRA: x cast to the factors' dtype before the dropout, s B A x in that dtype, then
-    # cast to the base output's dtype and added; DoRA's addition is added in the wider dtype and
-    # the sum cast back once (LoraLinear._add_delta), as PEFT's bitsandbytes layer does for its
-    # variants, also where only DoRA's magnitude (kept in the weight's original dtype) is wider: a
-    # float32 model's layer computing in bfloat16 on bfloat16 x returns bfloat16. The op paths
-    # never see mixed dtypes (lora.py: _dtypes_fit, _qlora), so they are unchanged. The adapters of
-    # `inject(..., dtype=torch.float32)` on a bf16 model take this path on every kind of base.
+    # dtype) for LoRA: x cast to the factors' dtype before the dropout, s B A x in that dtype. On a
+    # dense base (Linear, Conv1D, convolution, embedding) the additions are summed with the base
+    # output in the wider dtype and the sum is cast back once, after the last adapter, as PEFT's
+    # dense layers do (a float32 adapter on a bf16 layer: one rounding, not two); on a 4-bit base
+    # each LoRA addition is cast to the output's dtype first, as PEFT's bitsandbytes layers do,
+    # and only a DoRA addition is summed wide. Also where only DoRA's magnitude (kept in the
+    # weight's original dtype) is wider: a float32 model's layer computing in bfloat16 on bfloat16
+    # x returns bfloat16. A per-sample route (tuners/base.py: routed) casts each LoRA addition
+    # first, as PEFT's mixed-batch forward does. The op paths never see mixed dtypes (lora.py:
+    # _dtypes_fit, _qlora), so they are unchanged. The adapters of `inject(..., dtype=torch.float32)`
+    # on a bf16 model take this path on every kind of base.
     # Under autocast PEFT's dense layers still cast x (its bitsandbytes layers leave it to
     # autocast), which changes what a dropout (on x in the factors' dtype) and DoRA (its weight
     # norm in x's dtype) compute: so do lowrank's on a dense base, and a DoRA sum comes back to
@@ -147,13 +155,14 @@ class LoraLayer(TunerLayer):
         # under autocast as PEFT's Linear does, not as its bitsandbytes layers
         return cast_for(x, factor_dtype, under_autocast=not quantized_base(self._modules["base"]))
 
-    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """This adapter's addition to the base output (See Note: x in the adapter's dtype)."""
+    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor, wide: bool = False) -> torch.Tensor:
+        """This adapter's addition to the base output, in the base output's dtype unless `wide` or
+        DoRA's (See Note: x in the adapter's dtype)."""
         dtype = self._input_dtype(x, self._factors(name)[0].dtype)
         if dtype is None:
             return self._addition(name, x, base_out)
         delta = self._addition(name, x.to(dtype), base_out)
-        return delta if name in self.lora_magnitude_vector else delta.to(base_out.dtype)
+        return delta if wide or name in self.lora_magnitude_vector else delta.to(base_out.dtype)
 
     def _addition(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """This adapter's addition, computed in x's dtype (the factors')."""

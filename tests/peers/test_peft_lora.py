@@ -208,3 +208,57 @@ def test_a_module_under_two_parents_is_adapted_where_peft_adapts_it(tmp_path):
     theirs = peft.PeftModel.from_pretrained(base, tmp_path)
     x = torch.randn(3, 4)
     assert torch.equal(theirs(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_float32_adapters_on_a_half_precision_model_as_peft(dtype, variant):
+    """PEFT's default on a bf16 / fp16 model keeps the adapters in float32
+    (autocast_adapter_dtype), adds their float32 additions to the base output in float32 and
+    rounds the sum once (lowrank/tuners/lora_base.py, Note: x in the adapter's dtype). lowrank
+    rounded each addition to the output's dtype first: a layer's output moved by up to 0.125.
+    Linear, GPT-2's Conv1D, an embedding and a Conv2d; two adapters active at once (DoRA: one,
+    on the linear-like layers; two active DoRA adapters in mixed precision still differ from PEFT
+    by a rounding, as they did before)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = torch.nn.ModuleDict({"emb": torch.nn.Embedding(16, 12), "lin": torch.nn.Linear(12, 10), "c1d": Conv1D(8, 10),
+                                "conv": torch.nn.Conv2d(8, 6, 3, padding=1)}).to(dtype)
+
+    def forward(m, ids):
+        h = m["c1d"](m["lin"](m["emb"](ids)))  # (2, 5, 8)
+        return m["conv"](h.reshape(2, 1, 5, 8).permute(0, 3, 1, 2).expand(2, 8, 3, 5))
+
+    targets = ["emb", "lin", "c1d", "conv"] if variant != "dora" else ["lin", "c1d"]  # DoRA: linear-like layers
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    names = ("one", "two") if variant != "dora" else ("one",)
+    for name in names:
+        inject(ours, LoraConfig(r=4, alpha=8, targets=targets, **VARIANTS[variant]), name, dtype=torch.float32)
+        peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=variant == "rslora",
+                                                     use_dora=variant == "dora", fan_in_fan_out=False), theirs, adapter_name=name)
+    lowrank.set_active(ours, list(names))
+    for module in theirs.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            module.set_adapter(list(names))
+            module.to(dtype)  # then the adapters to float32, as PEFT's autocast_adapter_dtype does
+            for n, p in module.named_parameters():
+                if "lora_" in n:
+                    p.data = p.data.float()
+    torch.manual_seed(1)
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                assert p.dtype == torch.float32, name
+                p.add_(torch.randn_like(p) * 0.3)
+                theirs_params[peft_name(name)].data = p.detach().clone()
+    ids = torch.randint(0, 16, (2, 5))
+    out_ours, out_theirs = forward(ours, ids), forward(theirs, ids)
+    assert out_ours.dtype == dtype and torch.equal(out_ours, out_theirs)
+    g = torch.randn_like(out_ours)
+    (out_ours.float() * g).sum().backward()
+    (out_theirs.float() * g).sum().backward()
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, theirs_params[peft_name(name)].grad), name

@@ -1,8 +1,9 @@
 """inject(..., dtype=): adapters in another dtype than their modules' (float32 on a bf16 model,
 PEFT's default), on every kind of base (lowrank/inject.py, Note: adapter dtype). Each equation
 is the ops the layer runs, so equality is exact; outside autocast the adapter's input is cast
-to its dtype and its addition back to the model's (tuners/base.py, Note: inputs in the
-adapter's dtype)."""
+to its dtype, and on a dense base its addition is summed with the base output in float32 and
+the sum rounded once to the model's dtype, as PEFT's dense layers do (tuners/lora_base.py,
+Note: x in the adapter's dtype)."""
 
 import copy
 
@@ -26,7 +27,7 @@ def _wrapped(base: nn.Module, **lora) -> nn.Module:
     return holder
 
 
-def test_linear_casts_x_in_and_the_addition_back():
+def test_linear_casts_x_in_and_the_sum_back_once():
     torch.manual_seed(0)
     holder = _wrapped(nn.Linear(16, 8))
     layer = holder[0]
@@ -35,7 +36,8 @@ def test_linear_casts_x_in_and_the_addition_back():
     x = torch.randn(3, 16, dtype=BF16)
     out = holder(x)
     assert out.dtype == BF16
-    assert torch.equal(out, layer.base(x) + (B(A(x.float())) * 2.0).to(BF16))
+    assert torch.equal(out, (layer.base(x) + B(A(x.float())) * 2.0).to(BF16))
+    assert not torch.equal(out, layer.base(x) + (B(A(x.float())) * 2.0).to(BF16))  # two roundings differ here
 
 
 def test_gpt2_conv1d_casts_like_a_linear():
@@ -46,10 +48,10 @@ def test_gpt2_conv1d_casts_like_a_linear():
     layer = holder[0]
     A, B = layer.lora_A["default"], layer.lora_B["default"]
     x = torch.randn(2, 3, 16, dtype=BF16)
-    assert torch.equal(holder(x), layer.base(x) + (B(A(x.float())) * 2.0).to(BF16))
+    assert torch.equal(holder(x), (layer.base(x) + B(A(x.float())) * 2.0).to(BF16))
 
 
-def test_embedding_casts_its_addition_back():
+def test_embedding_casts_its_sum_back():
     """Token ids are not cast; before, a float32 addition promoted the embeddings to float32."""
     torch.manual_seed(0)
     holder = _wrapped(nn.Embedding(20, 8))
@@ -59,10 +61,10 @@ def test_embedding_casts_its_addition_back():
     ids = torch.tensor([[1, 5, 19], [0, 2, 2]])
     out = holder(ids)
     assert out.dtype == BF16
-    assert torch.equal(out, layer.base(ids) + (A.T[ids] @ B.T * 2.0).to(BF16))
+    assert torch.equal(out, (layer.base(ids) + A.T[ids] @ B.T * 2.0).to(BF16))
 
 
-def test_conv_casts_x_in_and_the_addition_back():
+def test_conv_casts_x_in_and_the_sum_back():
     """Before, the float32 convolution refused bf16 x."""
     torch.manual_seed(0)
     holder = _wrapped(nn.Conv2d(3, 6, 3, padding=1))
@@ -71,7 +73,7 @@ def test_conv_casts_x_in_and_the_addition_back():
     x = torch.randn(2, 3, 5, 5, dtype=BF16)
     out = holder(x)
     assert out.dtype == BF16
-    assert torch.equal(out, layer.base(x) + (B(A(x.float())) * 2.0).to(BF16))
+    assert torch.equal(out, (layer.base(x) + B(A(x.float())) * 2.0).to(BF16))
 
 
 def test_dora_sums_in_float32_and_rounds_once():
