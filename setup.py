@@ -39,7 +39,13 @@ def extensions():
     """(ext_modules, cmdclass) for lowrank._C, or nothing when LOWRANK_NO_EXT=1."""
     if os.environ.get("LOWRANK_NO_EXT", "0") == "1":
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:  # pip's build isolation: a fresh environment without the torch installed beside it
+        raise SystemExit("lowrank: building lowrank._C needs the torch it will run with, and none is importable here. "
+                         "Install torch first, then lowrank with `pip install --no-build-isolation ...` (pip "
+                         "otherwise builds in a fresh environment without torch), or set LOWRANK_NO_EXT=1 to skip "
+                         "the extension (the ops then run on their reference / Triton backends).") from None
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc") is not None)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 
 from ..export import DTYPES
+
+WORKFLOW_FILE = "lowrank_workflow.json"  # lowrank.workflow.model's (not imported: it needs transformers)
 
 
 def add_parser(subparsers) -> None:
@@ -36,18 +39,19 @@ def _load_base(base: str):
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{base} has no config.json: not a Hugging Face model directory")
     config = transformers.AutoConfig.from_pretrained(base)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    # the class the directory was saved from (its head included: a classifier's adapter targets it),
+    # else the bare model
+    cls = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)), None)
     if json.loads(cfg_file.read_text()).get("quantization_config"):
         from ..checkpoint import load_quantized
         from ..quant.load import skeleton
 
         del config.quantization_config
         with skeleton():  # parameters on the meta device: filled from the checkpoint
-            model = auto.from_config(config)
+            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
         load_quantized(model, base)
     else:
-        model = auto.from_pretrained(base, dtype="auto")
+        model = (cls or transformers.AutoModel).from_pretrained(base, dtype="auto")
     return model.eval()
 
 
@@ -63,8 +67,12 @@ def run(args) -> int:
     loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, dtype=torch.float32)
     result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
                               requantize=args.requantize, overwrite=args.overwrite)
+    workflow = pathlib.Path(args.adapter) / WORKFLOW_FILE  # lowrank train's: chat on OUT finds the template
+    if workflow.is_file():
+        shutil.copyfile(workflow, pathlib.Path(args.out) / WORKFLOW_FILE)
     print(f"merged {len(loaded.modules)} modules of {args.adapter} into {args.base}; wrote {args.out} "
-          f"({len(result.files)} weight file{'s' if len(result.files) > 1 else ''}, dtype {result.dtype})")
+          f"({len(result.files)} weight file{'s' if len(result.files) > 1 else ''}, "
+          f"{'dtype ' + str(result.dtype).removeprefix('torch.') if result.dtype else 'dtypes as the base'})")
     if result.requantize_error:
         print(f"re-quantizing to NF4 added a relative weight error of at most {result.max_requantize_error:.3g}")
     return 0

@@ -84,6 +84,9 @@ def choose(op: str, device: torch.device) -> tuple[str, Callable]:
                 f"LOWRANK_BACKEND={name} but {op} has no {name} implementation in this process "
                 f"(available: {available(op)}); unset LOWRANK_BACKEND or build/install that backend"
             )
+        if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"LOWRANK_BACKEND=triton but {op} got CPU tensors: Triton runs on a GPU, or on the "
+                               "CPU in its interpreter only (set TRITON_INTERPRET=1 before triton is imported)")
     else:
         order = PREFERENCE.get(device.type, _DEFAULT_PREFERENCE)
         name = next(b for b in order + ("reference",) if (op, b) in _IMPLS)

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from .data import DataError
-from .template import IGNORE, encode
+from .template import IGNORE, Refused, encode
 
 BUCKET = 64  # batches sorted together: long enough to group similar lengths, short enough to stay random
 
@@ -27,14 +27,12 @@ class Encoded:
 
 def encode_all(tokenizer, template: str | None, records, max_length: int, source: str = "data") -> Encoded:
     """Encode and cut every record; DataError for a record whose answers all lie past the cut."""
-    from jinja2 import TemplateError as JinjaError  # transformers' chat templates are Jinja; it comes with transformers
-
     examples, truncated = [], 0
     for i, turns in enumerate(records):
         try:
             ids, labels = encode(tokenizer, template, turns)
-        except JinjaError as e:  # e.g. raise_exception('Conversation roles must alternate ...') in the template
-            raise DataError(f"{source}: record {i}: the tokenizer's chat template refused it: {e}") from e
+        except Refused as e:  # e.g. raise_exception('Conversation roles must alternate ...') in the template
+            raise DataError(f"{source}: record {i}: the tokenizer's chat template refused it: {e.__cause__}") from e
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]

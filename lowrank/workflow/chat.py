@@ -40,9 +40,13 @@ def loop(model, tokenizer, template: str | None, settings: Settings, system: str
             out.write(f"(system prompt {'set' if system else 'removed'}; history cleared)\n")
             continue
         answer = ""
-        for piece in stream(model, tokenizer, template, history, message, system, settings):
-            answer += piece
-            out.write(piece)
-            out.flush()
+        try:
+            for piece in stream(model, tokenizer, template, history, message, system, settings):
+                answer += piece
+                out.write(piece)
+                out.flush()
+        except ValueError as e:  # a message too long for the context, a template refusing it: the chat goes on
+            out.write(f"(not answered: {e})\n")
+            continue
         out.write("\n")
         history.append(Turn(input=message, output=answer))

@@ -97,7 +97,7 @@ def load(path: str | os.PathLike) -> list[Conversation]:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist (or is not a file)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not data
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text: {e}") from None
     return parse(text, str(path))

@@ -1,6 +1,9 @@
 """Streamed generation for chat: the prompt is encoded exactly as in training (template.py),
 then one token at a time with the model's key/value cache, each new piece of text yielded as
-soon as it is whole (no half UTF-8 character, no half stop mark)."""
+soon as it is whole (no half UTF-8 character, no half stop mark). Generation ends at the
+template's end mark (template.stop_text), the tokenizer's eos token or one of the model's
+generation_config eos ids; the answer is shown and kept in the history without leading
+whitespace (after "Assistant:", say, the model writes " Hello")."""
 
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
     if limit is not None and len(ids) >= limit:
         raise ValueError(f"the message is {len(ids)} tokens with its template; the model's context holds {limit}")
     stop = stop_text(tokenizer, template)
-    ends = {getattr(tokenizer, "eos_token_id", None)} - {None}
+    ends = {getattr(tokenizer, "eos_token_id", None), *_eos_ids(model)} - {None}
     if stop and len(mark := tokenizer(stop, add_special_tokens=False)["input_ids"]) == 1:
         ends.add(mark[0])  # a stop mark that is one (often special, so undecoded) token
     g = torch.Generator().manual_seed(settings.seed)
@@ -85,6 +88,7 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
         if stop and stop in text:
             yield text[sent:text.index(stop)]
             return
+        sent = max(sent, len(text) - len(text.lstrip()))  # an answer starts at its first visible character
         # hold back an incomplete character and any tail that may be the start of the stop mark
         partial = max((k for k in range(1, len(stop or "")) if text.endswith(stop[:k])), default=0)
         keep = len(text) - max(partial, 1 if text.endswith("\ufffd") else 0)
@@ -93,5 +97,13 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
             sent = keep
         x = torch.tensor([[token]], device=device)
     text = tokenizer.decode(out, skip_special_tokens=True)
+    sent = max(sent, len(text) - len(text.lstrip()))
     if len(text) > sent:
         yield text[sent:]
+
+
+def _eos_ids(model) -> list[int]:
+    """The ids the model's generation_config ends generation at (an int or a list, as transformers
+    allows): Llama 3 Instruct's lists <|eot_id|> beside its tokenizer's eos, for instance."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

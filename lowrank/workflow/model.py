@@ -99,8 +99,8 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
     """(model, tokenizer, template) for chatting: the base, quantized again when the adapter
     was trained on a 4-bit base, with the adapter loaded; template as in training."""
     model, tokenizer = load_base(model_dir, dtype, device)
-    if adapter_dir is None:
-        return model, tokenizer, None
+    if adapter_dir is None:  # a merged model keeps its adapter's workflow file (lowrank merge): its template
+        return model, tokenizer, read_workflow(pathlib.Path(model_dir)).get("config", {}).get("template")
     path = pathlib.Path(adapter_dir)
     if not path.is_dir():
         raise ConfigError(f"--adapter {adapter_dir!r} is not a directory")

@@ -1,12 +1,18 @@
 """Turning conversations into text and tokens, the same way for training and for chat.
 
 A conversation becomes a list of segments `(text, trained)`: the prompt part of each turn
-(system, user message, the assistant's opening) is not trained; the answer and the marks
-that close it are. Tokens of a segment are trained exactly when the segment is, so the loss
-counts the `output` tokens (and the end-of-answer mark, so the model learns to stop) only.
+(system, user message, the assistant's opening) is not trained; the answer and the mark that
+ends it (so the model learns to stop: stop_text) are; what the template writes after the mark
+(the newline after ChatML's <|im_end|>, say) is not, as chat stops at the mark. The text comes from the tokenizer's own chat template when it has one
+(`template=None`), or from a named template in TEMPLATES.
 
-The text comes from the tokenizer's own chat template when it has one (`template=None`), or
-from a named template in TEMPLATES.
+Note: tokens of the whole text. The text is tokenized at once, as transformers'
+`apply_chat_template(tokenize=True)` does, so the tokens are the ones the model meets at
+inference anywhere else; a token is trained when its characters overlap a trained segment, as
+`return_assistant_tokens_mask` counts them. (Tokenizing each segment on its own, as an earlier
+version did, gave SentencePiece-style tokenizers a word-start mark at every segment and
+byte-level ones other merges at the cuts.) Chat encodes its prompt the same way. A tokenizer
+without character offsets (a slow one) still tokenizes segment by segment.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ class TemplateError(ValueError):
     """A template that cannot render a conversation the way training needs."""
 
 
+class Refused(TemplateError):
+    """The tokenizer's chat template raised on this conversation (Jinja's raise_exception: roles
+    that do not alternate, a system role it does not support...)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class NamedTemplate:
     """A chat format as four pieces of text around the turns."""
@@ -31,6 +42,7 @@ class NamedTemplate:
     user: str  # "{input}" is replaced by the user's message; ends with the assistant's opening
     end: str  # after each answer; generation stops when the model writes it
     bos: bool = True  # start the text with the tokenizer's bos token, when it has one
+    answer: str = "{output}"  # the answer as trained ("{output}" is replaced by the turn's output)
 
 
 TEMPLATES = {
@@ -39,8 +51,10 @@ TEMPLATES = {
                             "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n"),
     # InternLM-Chat, the model of the seed notes (XTuner's `internlm_chat` template)
     "internlm": NamedTemplate("<|System|>:{system}\n", "<|User|>:{input}<eoh>\n<|Bot|>:", "<eoa>\n"),
-    # no markup beyond two labels: for tokenizers without special tokens
-    "plain": NamedTemplate("{system}\n\n", "User: {input}\nAssistant: ", "\n\n", bos=False),
+    # no markup beyond two labels: for tokenizers without special tokens. The space after
+    # "Assistant:" belongs to the answer, so no token spans the prompt's end (byte-level BPE
+    # writes " Hello" as one token) and chat's prompt ends where training's does.
+    "plain": NamedTemplate("{system}\n\n", "User: {input}\nAssistant:", "\n\n", bos=False, answer=" {output}"),
 }
 
 
@@ -53,25 +67,39 @@ def check_template(template: str | None, tokenizer=None) -> None:
         raise TemplateError(f"template must be null (the tokenizer's own) or one of {sorted(TEMPLATES)}; got {template!r}")
 
 
+def _answer(answer: str, output: str, mark: str | None) -> list[tuple[str, bool]]:
+    """An answer's text as (trained up to the end of `mark`, untrained rest) segments."""
+    after = answer.find(output)
+    at = answer.find(mark, after + len(output) if after >= 0 else 0) if mark else -1
+    cut = len(answer) if at < 0 else at + len(mark)
+    return [(answer[:cut], True)] + ([(answer[cut:], False)] if cut < len(answer) else [])
+
+
 def _named(t: NamedTemplate, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
     out = []
     for turn in turns:
-        prompt = (t.system.format(system=turn.system) if turn.system else "") + t.user.format(input=turn.input)
+        # a system of "" is a system prompt too (rendered empty), as in the tokenizer's own templates
+        prompt = (t.system.format(system=turn.system) if turn.system is not None else "") + t.user.format(input=turn.input)
         out.append((prompt, False))
         if turn.output is not None:
-            out.append((turn.output + t.end, True))
+            out += _answer(t.answer.format(output=turn.output) + t.end, turn.output, t.end.strip() or t.end)
     return out
 
 
 def _own(tokenizer, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
     """Segments from the tokenizer's chat template, rendering one message more each time:
     what a message adds to the text is its segment."""
-    def render(messages, generation_prompt):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError as JinjaError  # comes with transformers
 
-    out, messages, done = [], [], ""
+    def render(messages, generation_prompt):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except JinjaError as e:
+            raise Refused(f"the tokenizer's chat template refused the conversation: {e}") from e
+
+    out, messages, done, mark = [], [], "", stop_text(tokenizer, None)
     for i, turn in enumerate(turns):
-        if turn.system:
+        if turn.system is not None:  # "" too: an empty system prompt, not the template's default one
             messages.append({"role": "system", "content": turn.system})
         messages.append({"role": "user", "content": turn.input})
         prompt = render(messages, True)
@@ -94,7 +122,7 @@ def _own(tokenizer, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
             raise TemplateError(f"the tokenizer's chat template ignores add_generation_prompt: turn {i}'s assistant "
                                 f"opening {opening!r} is not in the prompt, so training would learn it and chat would "
                                 f"not give it; use a named template ({sorted(TEMPLATES)})")
-        out.append((answer, True))
+        out += _answer(answer, turn.output, mark)
         done = full
     return out
 
@@ -109,23 +137,55 @@ def segments(tokenizer, template: str | None, turns: Sequence[Turn]) -> list[tup
 
 
 def encode(tokenizer, template: str | None, turns: Sequence[Turn]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for `turns`: each segment tokenized on its own (so training and
-    chat cut the text at the same places) and untrained tokens labelled IGNORE."""
+    """(input_ids, labels) for `turns`, untrained tokens labelled IGNORE (Note: tokens of the
+    whole text)."""
     check_template(template, tokenizer)
     ids, labels = [], []
     bos = getattr(tokenizer, "bos_token_id", None)
     if template is not None and TEMPLATES[template].bos and bos is not None:
         ids.append(bos)
         labels.append(IGNORE)
-    for text, trained in segments(tokenizer, template, turns):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
+    pieces = segments(tokenizer, template, turns)
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: segment by segment
+        for text, trained in pieces:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        return ids, labels
+    spans, at = [], 0  # character ranges of the trained segments
+    for text, trained in pieces:
+        if trained:
+            spans.append((at, at + len(text)))
+        at += len(text)
+    whole = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False, return_offsets_mapping=True)
+    for token, (start, end) in zip(whole["input_ids"], whole["offset_mapping"]):
+        trained = any(start < b and (end > a if end > start else start >= a) for a, b in spans)
+        ids.append(token)
+        labels.append(token if trained else IGNORE)
     return ids, labels
 
 
+PROBE = "\u2063lowrank-probe\u2063"  # an answer no template rewrites, to find what follows answers
+
+
 def stop_text(tokenizer, template: str | None) -> str | None:
-    """The text that ends an answer (generation stops there); None: the eos token alone."""
-    if template is None:
-        return getattr(tokenizer, "eos_token", None)
-    return TEMPLATES[template].end.strip() or None
+    """The text that ends an answer (generation stops there; the eos token always does too).
+    A named template's end mark; for the tokenizer's own template, the special token it writes
+    right after an answer (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>),
+    else its first line of text after the answer, else the eos token."""
+    if template is not None:
+        end = TEMPLATES[template].end
+        return end.strip() or end
+    eos = getattr(tokenizer, "eos_token", None)
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this probe: the eos token still ends answers
+        return eos
+    if PROBE not in text:
+        return eos
+    tail = text[text.index(PROBE) + len(PROBE):].lstrip()
+    first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail else []
+    if first and first[0] in tokenizer.added_tokens_decoder:
+        return str(tokenizer.added_tokens_decoder[first[0]])
+    return tail.split("\n")[0].strip() or eos

@@ -54,9 +54,13 @@ def main(argv) -> None:
         st.chat_message("user").markdown(message)
         with st.chat_message("assistant"):
             box, answer = st.empty(), ""
-            for piece in stream(model, tokenizer, template, turns, message, system or None, settings):
-                answer += piece
-                box.markdown(answer + "▌")
+            try:
+                for piece in stream(model, tokenizer, template, turns, message, system or None, settings):
+                    answer += piece
+                    box.markdown(answer + "▌")
+            except ValueError as e:  # too long for the context, refused by the template: say so, keep the chat
+                box.error(f"Not answered: {e}")
+                return
             box.markdown(answer)
         turns.append(Turn(input=message, output=answer))
 

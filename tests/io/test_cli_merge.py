@@ -64,7 +64,7 @@ def test_merge_command_on_a_4bit_base(tmp_path):
     lowrank.merge_and_export(model, tmp_path / "expected")
     done = lowrank_cli("merge", tmp_path / "nf4" / "base", tmp_path / "adapter", tmp_path / "out")
     assert done.returncode == 0, done.stderr
-    assert "dtype torch.bfloat16" in done.stdout
+    assert "dtype bfloat16" in done.stdout
     got = safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
     expected = safetensors_torch.load_file(tmp_path / "expected" / "model.safetensors")
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
@@ -93,3 +93,29 @@ def test_merge_command_errors_are_one_line(tmp_path, capsys):
         assert err[-1].startswith("lowrank merge: error:") and said in err[-1] and "Traceback" not in "".join(err)
     assert not (tmp_path / "out").exists()
     assert json.loads((tmp_path / "base" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_merge_command_keeps_the_head_of_the_class_saved(tmp_path):
+    """BASE saved from a model with a head (here a sequence classifier): the command loads that
+    class, not the bare encoder, so the adapter's names fit and OUT holds the head; before, it loaded
+    AutoModel and refused the adapter. OUT equals merge_and_export of the same model, tensor for
+    tensor, and lowrank train's workflow file comes along (lowrank chat finds its template there)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_labels=3)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["query", "value"]), dtype=torch.float32)  # as the command
+    models.randomize_adapters(model)
+    lowrank.save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "lowrank_workflow.json").write_text('{"config": {"template": "chatml"}}')
+    lowrank.merge_and_export(model, tmp_path / "expected")
+    done = lowrank_cli("merge", tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "dtypes as the base" in done.stdout
+    got = safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
+    expected = safetensors_torch.load_file(tmp_path / "expected" / "model.safetensors")
+    assert "classifier.weight" in got and got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert json.loads((tmp_path / "out" / "lowrank_workflow.json").read_text()) == {"config": {"template": "chatml"}}

@@ -129,6 +129,13 @@ def test_backend_table_and_override(monkeypatch):
     monkeypatch.setenv("LOWRANK_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="LOWRANK_BACKEND must be one of"):
         backends.choose("nf4_linear", torch.device("cpu"))
+    if "triton" in backends.available("nf4_linear"):  # Triton on CPU tensors outside its interpreter: said plainly
+        monkeypatch.setenv("LOWRANK_BACKEND", "triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="Triton runs on a GPU, or on the CPU in its interpreter only"):
+            backends.choose("nf4_linear", torch.device("cpu"))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert backends.choose("nf4_linear", torch.device("cpu"))[0] == "triton"
 
 
 def test_compile_fullgraph_matches_eager(reference):

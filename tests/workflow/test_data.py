@@ -75,3 +75,11 @@ def test_unreadable_files(tmp_path, text, message):
 def test_missing_file_says_so(tmp_path):
     with pytest.raises(data.DataError, match="does not exist"):
         data.load(tmp_path / "nope.json")
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    """A JSON list saved with a UTF-8 byte-order mark was read as JSON Lines and refused."""
+    records = [{"conversation": [{"input": "Hi", "output": "Hello."}]}]
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    assert data.load(path) == data.parse(json.dumps(records))

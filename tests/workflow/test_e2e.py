@@ -106,6 +106,7 @@ def test_merge_then_chat(trained, model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (merged / "model.safetensors.index.json").is_file()  # sharded, as --max-shard-size asked
     assert (merged / "tokenizer.json").is_file()  # the base directory's tokenizer files come along
+    assert (merged / "lowrank_workflow.json").is_file()  # and the adapter's workflow file: chat finds its template
     plain = transformers.AutoModelForCausalLM.from_pretrained(merged)
     assert not any("lora" in n for n, _ in plain.named_parameters())
     adapted, tok, _ = load_with_adapter(str(model_dir), str(out / f"epoch_{EPOCHS}"))
