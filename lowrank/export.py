@@ -25,6 +25,7 @@ from torch import nn
 from . import distributed, shards
 from .quant import nf4
 from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit
+from .quant.nf4_weight import BNB_QUANT_STATE_KEY
 from .tuners import dora
 from .tuners.base import TunerLayer
 from .tuners.lora_base import LoraLayer
@@ -293,6 +294,12 @@ def quantization_config(quantized: dict[str, Linear4bit], modules) -> dict:
             "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 
+def _quant_state(key: str, state: dict) -> bool:
+    """Whether `key` is one of a 4-bit weight's quant-state tensors (absmax, quant_map, nested_*)."""
+    owner, _, leaf = key.rpartition(".")
+    return leaf in ("absmax", "quant_map", "nested_absmax", "nested_quant_map") and f"{owner}.{BNB_QUANT_STATE_KEY}" in state
+
+
 def _write_config(model: nn.Module, directory: pathlib.Path, dtype, quant_config: dict | None, state) -> None:
     """config.json (a copy of model.config: dtype set, quantization_config as exported) and
     generation_config.json, when the model has them (a transformers model)."""
@@ -302,7 +309,9 @@ def _write_config(model: nn.Module, directory: pathlib.Path, dtype, quant_config
     cfg = copy.deepcopy(cfg)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    # the model's own tensors decide, not the float32 quant-state tensors beside each 4-bit weight (a bf16
+    # model's config said float32, and transformers then loaded its biases in float32 beside bf16 weights)
+    floats = [t.dtype for k, t in state.items() if t.is_floating_point() and not _quant_state(k, state)]
     written = dtype or (max(set(floats), key=floats.count) if floats else None)
     if written is not None:
         cfg.dtype = written

@@ -126,3 +126,21 @@ def test_refusals(dense_dir, tmp_path):
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
         lowrank.load_quantized(empty(model.config), tmp_path / "q")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_says_so_in_its_config(tmp_path, dtype):
+    """config.json's dtype is the model's: it counted tensors, and the float32 quant-state tensors of
+    each 4-bit layer outnumbered a bf16 model's own, so it said float32 and transformers loaded the
+    biases in float32 beside bf16 weights (Phi's forward then raised)."""
+    torch.manual_seed(0)
+    cfg = transformers.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 vocab_size=128)
+    model = transformers.PhiForCausalLM(cfg).to(dtype).eval()
+    lowrank.quantize(model, lowrank.NF4Config(compute_dtype=dtype))
+    lowrank.save_quantized(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    assert {p.dtype for n, p in theirs.named_parameters() if n.endswith("bias")} == {dtype}
+    with torch.no_grad():
+        assert theirs(input_ids=torch.randint(0, 128, (1, 6))).logits.dtype == dtype
