@@ -222,7 +222,11 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
     config = getattr(model, "config", None)  # a rotary model numbers by arange: no walk over its modules per call
     maker = None if any(getattr(config, a, None) is not None for a in ROPE) else _position_maker(model)
     check_positions(model, past + P + T, f"prefix tuning ({P} virtual tokens, {past} past, {T} new)", maker)
-    if maker is None:
+    mask = arguments.get("attention_mask", nested.get("attention_mask"))
+    if maker is None and isinstance(mask, torch.Tensor) and mask.dim() == 2 and _numbers_from_mask(model):
+        # See Note: positions from the mask. The mask covers past + T tokens: the last T positions
+        arguments["position_ids"] = ((torch.cumsum(mask, dim=1) + P) * mask - 1)[:, -T:].long()  # (B, T)
+    elif maker is None:
         arguments["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
     elif arguments.get("input_ids") is not None:  # See Note: positions from the padding.
         arguments["position_ids"] = maker.create_position_ids_from_input_ids(source, maker.padding_idx, past + P)
@@ -261,6 +265,24 @@ def _position_maker(model: nn.Module) -> nn.Module | None:
     """The embeddings module numbering positions from the padding (See Note), or None."""
     return next((m for m in model.modules() if callable(getattr(m, "create_position_ids_from_input_ids", None))
                  and isinstance(getattr(m, "padding_idx", None), int)), None)
+
+
+# Note: positions from the mask. OPT numbers a token by its count of attended tokens so far,
+# prefix and past included (cumsum(mask) * mask - 1, padding -1) when no position ids are given;
+# with PEFT's prefix as P past tokens under an attention mask of P more ones, a real token's
+# position is P + its count of real tokens - 1. The hook computes that from the caller's mask
+# (before, it passed arange positions, so a left-padded row was numbered from its padding). Such
+# a model is known by a positional embedding whose forward takes the attention mask first.
+def _numbers_from_mask(model: nn.Module) -> bool:
+    return any(type(m).__name__.endswith("PositionalEmbedding") and _first_parameter(m) == "attention_mask"
+               for m in model.modules())
+
+
+def _first_parameter(module: nn.Module) -> str | None:
+    try:
+        return next(iter(inspect.signature(module.forward).parameters), None)
+    except (TypeError, ValueError):
+        return None
 
 
 def _signature(model: nn.Module) -> inspect.Signature:

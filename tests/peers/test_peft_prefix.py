@@ -52,6 +52,10 @@ def tiny(kind: str) -> torch.nn.Module:
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         return transformers.GPT2LMHeadModel(cfg).eval()
+    if kind == "opt":  # positions from the attention mask (prefix_attention.py, Note: positions from the mask)
+        cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                     word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0)
+        return transformers.OPTForCausalLM(cfg).eval()
     raise ValueError(kind)
 
 
@@ -91,7 +95,7 @@ def batch(left_pad: bool):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean masks / additive float masks
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "opt"])
 @pytest.mark.parametrize("left_pad", [False, True])
 def test_forward_logits_equal_peft(kind, left_pad, attention):
     ours, theirs = pair(kind, attention=attention)
