@@ -290,7 +290,9 @@ def quantization_config(quantized: dict[str, Linear4bit], modules) -> dict:
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": doubles == {True},
             "bnb_4bit_compute_dtype": str(computes.pop() if computes else torch.float32).removeprefix("torch."),
-            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": dense or None,
+            # a list, even empty: None would make transformers skip its default modules too (the model's last
+            # module, a classifier's `score`), which may be in 4 bits here
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": dense,
             "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 
@@ -317,6 +319,8 @@ def _write_config(model: nn.Module, directory: pathlib.Path, dtype, quant_config
         cfg.dtype = written
     if quant_config:
         cfg.quantization_config = quant_config
+    if not getattr(cfg, "architectures", None) and hasattr(model, "get_output_embeddings"):
+        cfg.architectures = [type(model).__name__]  # as save_pretrained fills it (a model built from its config)
     cfg.save_pretrained(directory)
     gen = getattr(model, "generation_config", None)
     if gen is not None and hasattr(gen, "save_pretrained"):

@@ -23,10 +23,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..targets import compile_filter, is_gpt2_conv1d
+from ..targets import is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit
-from .quantize import NF4Config, _can_quantize, _walk, check_forward, refuse_tied, weight_owners
+from .quantize import NF4Config, _can_quantize, _walk, check_forward, refuse_tied, selected, weight_owners
 
 INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's weight map
 SINGLE = "model.safetensors"
@@ -191,7 +191,7 @@ def _places(model: nn.Module, config: NF4Config) -> tuple[dict[str, list[tuple[n
     (one nn.Linear registered twice is one Linear4bit at both places, as `quantize` makes it), and
     each selected name -> the first name of its module. Parents and names only: Note: no
     references to the layers (quantize.py)."""
-    wanted = compile_filter(config.targets, config.skip, model)
+    wanted = selected(model, config)
     names = [(p, a, n, id(c)) for p, a, n, c in _walk(model, every=True) if wanted(n, c) and _can_quantize(c)]
     first_of_id = {}
     for *_, n, key in names:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import torch
 from torch import nn
@@ -39,6 +40,22 @@ class NF4Config:
             raise ValueError(f"compute_dtype must be None or one of {nf4.DTYPES}; got {self.compute_dtype!r}")
         object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
         object.__setattr__(self, "skip", _check_targets("skip", self.skip, allow_none=True))
+
+
+# Note: modules kept in float32. A transformers model may name modules whose weights must stay
+# full precision (`_keep_in_fp32_modules`: T5's `wo`, for numerical stability); transformers'
+# bitsandbytes loading never quantizes them, so a checkpoint holding them in 4 bits would not load
+# there. The default targets ("all-linear") leave them dense too, matched as transformers matches
+# them (quantizers_utils.should_convert_module: a prefix up to a module boundary, or a suffix); a
+# target naming such a module still quantizes it.
+def selected(model: nn.Module, config: NF4Config):
+    """The (name, module) filter of the layers `config` quantizes in `model` (Note: modules kept in float32)."""
+    wanted = compile_filter(config.targets, config.skip, model)
+    keep = [k for a in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict") for k in getattr(model, a, None) or ()]
+    if tuple(config.targets) != ("all-linear",) or not keep:
+        return wanted
+    kept = re.compile(rf"(?:{'|'.join(keep)})(?:(?<=\.)|(?=\.|$))")
+    return lambda name, module: wanted(name, module) and not (kept.match(name) or name.endswith(tuple(keep)))
 
 
 def _can_quantize(module: nn.Module) -> bool:
@@ -170,7 +187,7 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     from ..distributed import check_not_sharded  # here: lowrank.distributed is light, but keep quant free of it on import
 
     check_not_sharded(model, "quantize")
-    wanted = compile_filter(config.targets, config.skip, model)
+    wanted = selected(model, config)
     # Note: no references to the layers. `matches` keeps parents and attribute names only, so
     # once a layer is replaced nothing here holds its full-precision weight, and peak memory
     # stays about one layer above the quantized model (tests/quant/test_quantize.py checks it).

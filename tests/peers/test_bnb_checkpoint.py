@@ -144,3 +144,35 @@ def test_a_half_precision_model_says_so_in_its_config(tmp_path, dtype):
     assert {p.dtype for n, p in theirs.named_parameters() if n.endswith("bias")} == {dtype}
     with torch.no_grad():
         assert theirs(input_ids=torch.randint(0, 128, (1, 6))).logits.dtype == dtype
+
+
+def _t5():
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                                decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def _llama_classifier():
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, num_labels=64, pad_token_id=0)
+    return transformers.LlamaForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("build", [_t5, _llama_classifier])
+def test_transformers_loads_what_the_default_targets_quantize(build, tmp_path):
+    """T5 keeps `wo` in float32 (_keep_in_fp32_modules) and transformers never quantizes it: the
+    default targets leave it dense too (lowrank/quant/quantize.py, Note: modules kept in float32).
+    A classifier's `score` is the model's last module, which transformers skips unless the config
+    lists the modules to skip: llm_int8_skip_modules is now always a list. Either way transformers
+    refused lowrank's checkpoint (a size mismatch)."""
+    torch.manual_seed(0)
+    model = build().eval()
+    replaced = lowrank.quantize(model, lowrank.NF4Config())
+    assert not any(n.endswith(".wo") for n in replaced)
+    lowrank.save_quantized(model, tmp_path / "q")
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path / "q").architectures[0]
+    theirs = getattr(transformers, theirs).from_pretrained(tmp_path / "q", device_map="cpu")
+    got, ours = bnb_layers(theirs), ours_layers(model)
+    assert sorted(got) == sorted(ours) == sorted(replaced)
+    for name, w in got.items():
+        assert torch.equal(w, ours[name].dequantize(w.dtype)), name
