@@ -106,6 +106,12 @@ class PrefixLayer(TunerLayer):
         self.heads, self.head_dim = kv_shape(base)
         self._arg = None if isinstance(base, nn.MultiheadAttention) else cache_arg(base)
         self._signature = None if self._arg is None else inspect.signature(base.forward)
+        if (self._signature is not None and "alibi" in self._signature.parameters
+                and getattr(getattr(base, "config", None), "alibi", True) is not False):  # fmt: skip
+            # Bloom, Falcon with alibi: the bias comes in built for the real tokens' keys only, not P more
+            raise NotImplementedError(f"cannot put a prefix on a {type(base).__name__}: its ALiBi position bias "
+                                      "(the `alibi` argument) is built for the real tokens only; use prompt tuning "
+                                      "or LoRA on this model")
         object.__setattr__(self, "_owners", {})  # name -> the layer holding `shared`; see Note above
 
     @property

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # transformers 5.x, 4.4x+, older
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers 5.x, 4.4x+, older; GPT-NeoX, Bloom, Falcon, GPT-BigCode
 
 
 def cache_arg(module: nn.Module) -> str | None:

@@ -56,6 +56,19 @@ def tiny(kind: str) -> torch.nn.Module:
         cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                                      word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0)
         return transformers.OPTForCausalLM(cfg).eval()
+    # the cache as `layer_past`
+    if kind == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64)
+        return transformers.GPTNeoXForCausalLM(cfg).eval()
+    if kind == "falcon":
+        cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        new_decoder_architecture=True, num_kv_heads=2, max_position_embeddings=64)
+        return transformers.FalconForCausalLM(cfg).eval()
+    if kind == "gpt_bigcode":
+        cfg = transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPTBigCodeForCausalLM(cfg).eval()
     raise ValueError(kind)
 
 
@@ -95,7 +108,7 @@ def batch(left_pad: bool):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean masks / additive float masks
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "opt"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "opt", "gpt_neox", "falcon", "gpt_bigcode"])
 @pytest.mark.parametrize("left_pad", [False, True])
 def test_forward_logits_equal_peft(kind, left_pad, attention):
     ours, theirs = pair(kind, attention=attention)
@@ -186,7 +199,8 @@ def _check_steps(ours, theirs, ids, mask, **generate_kwargs):
 # gradient checkpointing is on in train mode (modeling_gpt2.py), so even the base GPT-2's
 # generate goes wrong there (its greedy output changes), prefix or not.
 @pytest.mark.parametrize("kind, checkpointing", [("llama", False), ("gpt2", False), ("qwen2", False),
-                                                 ("llama", True), ("qwen2", True)])
+                                                 ("llama", True), ("qwen2", True), ("gpt_neox", False),
+                                                 ("falcon", False), ("gpt_bigcode", False), ("opt", False)])
 def test_generate_greedy_and_sampling_follow_peft_forward(kind, checkpointing):
     """checkpointing: generating mid-training, gradient checkpointing on and the model in train
     mode (dropout is 0 in these configs, so train mode computes the same function)."""
@@ -223,3 +237,14 @@ def test_gradient_checkpointing_gives_peft_gradients(kind):
     ours.train()
     theirs.train()
     assert_loss_and_gradients_equal(ours, theirs)
+
+
+def test_alibi_attention_is_refused_by_name():
+    """Bloom's ALiBi bias is built for the real tokens' keys only: refused, not silently wrong."""
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4)
+    with pytest.raises(NotImplementedError, match="its ALiBi position bias"):
+        lowrank.inject(transformers.BloomForCausalLM(cfg), lowrank.PrefixConfig(num_virtual_tokens=P))
+    cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    alibi=True)  # Falcon takes the same argument, used only with alibi=True
+    with pytest.raises(NotImplementedError, match="its ALiBi position bias"):
+        lowrank.inject(transformers.FalconForCausalLM(cfg), lowrank.PrefixConfig(num_virtual_tokens=P))
