@@ -7,7 +7,8 @@ A spec is one of (see docs/inject.md):
     re.compile(...)           the same
     nn.Linear                 a module type (isinstance)
     fn(name, module) -> bool  a callable
-    "all-linear"              every linear-like layer except the model's output head
+    "all-linear"              every linear-like layer except the model's output head (and the layers
+                              a Mamba mixer reads by weight: Note: layers read by weight)
 A sequence of specs matches when any does. Names are the module's qualified names as in
 `model.named_modules()` before any adapter was injected (wrappers are transparent).
 """
@@ -53,6 +54,22 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if (head is not None and m is head) or n.split(".")[-1] == "lm_head"}
 
 
+# Note: layers read by weight. transformers' Mamba mixers (Mamba, Mamba2, FalconMamba) multiply by
+# `dt_proj.weight` themselves, never calling the module, and their fused CUDA training path
+# (mamba_inner_fn) takes `x_proj.weight` and `out_proj.weight` the same way: an adapter there would
+# never run and never learn (and a 4-bit layer there would break the model). "all-linear" leaves
+# them out; `in_proj`, called as a module on every path, stays in.
+_MIXER_READS = ("x_proj", "dt_proj", "out_proj")
+
+
+def read_by_weight(model: nn.Module) -> set[str]:
+    """Names of the linear layers "all-linear" leaves out because their model reads their weight
+    itself (See Note: layers read by weight)."""
+    return {f"{n}.{c}" if n else c for n, m in model.named_modules()
+            if "Mamba" in type(m).__name__ and type(m).__name__.endswith("Mixer")
+            for c in _MIXER_READS if isinstance(getattr(m, c, None), nn.Module)}
+
+
 def _one(spec, heads: set[str]) -> Filter:
     if isinstance(spec, re.Pattern):
         return lambda name, module: spec.fullmatch(name) is not None
@@ -78,7 +95,7 @@ def compile_filter(targets: Iterable, exclude: Iterable, model: nn.Module) -> Fi
     """One filter: matches any of `targets` and none of `exclude`."""
     targets, exclude = tuple(targets), tuple(exclude)
     needs_heads = any(isinstance(s, str) and s == ALL_LINEAR for s in targets + exclude)
-    heads = output_head_names(model) if needs_heads else set()
+    heads = output_head_names(model) | read_by_weight(model) if needs_heads else set()
     wanted = [_one(s, heads) for s in targets]
     unwanted = [_one(s, heads) for s in exclude]
     return lambda name, module: any(f(name, module) for f in wanted) and not any(f(name, module) for f in unwanted)

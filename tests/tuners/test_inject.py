@@ -1,12 +1,14 @@
 """inject: target syntax, errors that speak to the user, several named adapters, disabled(),
 per-sample selection, torch.nn.TransformerEncoder in eval mode, torch.compile, and learning."""
 
+import copy
 import re
 
 import pytest
 import torch
 from torch import nn
 
+import lowrank
 from lowrank.config import AdapterConfig, LoraConfig, PrefixConfig
 from lowrank.inject import (active_adapters, adapter_names, disabled, eject, inject, mark_trainable, merge,
                             per_sample, set_active, summary, unmerge)
@@ -360,3 +362,21 @@ def test_an_injected_model_deep_copies_and_pickles():
     assert torch.equal(torch.load(buffer, weights_only=False)(x), model(x))
     with pytest.raises(TypeError):
         config.rank_pattern["0"] = 5  # still read-only
+
+
+def test_all_linear_leaves_out_what_a_mamba_mixer_reads_by_weight():
+    """MambaMixer multiplies by dt_proj.weight itself, and its fused CUDA training path reads
+    x_proj's and out_proj's weights: adapters there never ran (lowrank/targets.py, Note: layers read
+    by weight). "all-linear" keeps in_proj, for LoRA and for quantize; the model still runs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
+                                   conv_kernel=4)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    wrapped = lowrank.inject(copy.deepcopy(model), lowrank.LoraConfig(r=4, targets="all-linear"))
+    assert sorted(wrapped) == ["backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj"]
+    quantized = copy.deepcopy(model)
+    assert sorted(lowrank.quantize(quantized, lowrank.NF4Config())) == sorted(wrapped)
+    quantized(input_ids=torch.randint(0, 64, (1, 5)))
+    named = lowrank.inject(copy.deepcopy(model), lowrank.LoraConfig(r=4, targets=["x_proj"]))  # named: still yours
+    assert len(named) == 2
