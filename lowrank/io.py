@@ -115,7 +115,10 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     cfg = getattr(model, "config", None)
     peft_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        # a causal LM's file names its task, so PEFT's AutoPeftModelForCausalLM loads it; other heads need
+        # PEFT's modules_to_save, which a LoRA file does not carry: no task
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if io_prompt.task_type(model) == "CAUSAL_LM" else None,
+        "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
         "r": r, "lora_alpha": _number(alpha), "target_modules": to_peft_targets(model, [w for w, _ in layers]),
         "exclude_modules": None, "lora_dropout": float(config.dropout), "use_rslora": config.rslora,
         "use_dora": config.dora, "fan_in_fan_out": any(layer.transposed for _, layer in layers),

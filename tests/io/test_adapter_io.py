@@ -184,7 +184,7 @@ def test_saved_keys_and_config(tmp_path):
     assert keys == {f"base_model.model.transformer.h.{i}.attn.c_attn.{s}" for i in range(2)
                     for s in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["task_type"] is None and cfg["use_dora"] is True
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["use_dora"] is True  # GPT2LMHeadModel
     assert cfg["use_rslora"] is False and cfg["lora_alpha"] == 8 and cfg["r"] == 4 and cfg["fan_in_fan_out"] is True
     assert peft.LoraConfig.from_pretrained(str(tmp_path / "a")).use_dora  # PEFT's own reader accepts it
 
@@ -373,3 +373,22 @@ def test_killed_save_leaves_a_whole_adapter(tmp_path):
     alpha = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lora_alpha"]
     assert alpha == b[0, 0].item()  # and that save's config
     assert (tmp_path / "a" / "README.md").read_text() == "notes"
+
+
+def test_a_causal_lm_adapter_loads_with_peft_auto_class(tmp_path):
+    """task_type CAUSAL_LM for a causal LM: PEFT's AutoPeftModelForCausalLM needs it (it refused
+    the file: "Cannot infer the auto class"); it then loads the base from base_model_name_or_path."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    inject(model, LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    models.randomize_adapters(model)
+    lio.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a")).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(theirs(input_ids=ids).logits, model(input_ids=ids).logits)
