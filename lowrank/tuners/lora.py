@@ -286,8 +286,14 @@ class LoraConv(LoraLayer):
 
     def _delta_weight(self, name, dtype=None):
         (A, B), r = self._factors_in(name, dtype), self.r[name]
+        shape = self.base.weight.shape  # (out, in, *k)
+        if len(shape) == 4 and tuple(shape[2:]) != (1, 1) or len(shape) == 3:
+            # PEFT's kernel: B convolved over A's kernel positions (A^T (in, r, *k) * B (out, r, 1...)),
+            # the same sums as B A in the order PEFT rounds them, so a merge is PEFT's bit for bit
+            conv = (F.conv1d, F.conv2d)[len(shape) - 3]
+            return conv(A.transpose(0, 1), B).transpose(0, 1) * self.scaling[name]  # (out, in, *k)
         d = B.reshape(-1, r) @ A.reshape(r, -1)  # (out, r) @ (r, in * prod(k)) -> (out, in * prod(k))
-        return d.reshape(self.base.weight.shape) * self.scaling[name]  # (out, in, *k)
+        return d.reshape(shape) * self.scaling[name]
 
 
 def _factor(base: nn.modules.conv._ConvNd, cin: int, cout: int, kernel, stride, padding) -> nn.Module:
