@@ -228,7 +228,7 @@ class LoraEmbedding(LoraLayer):
     def _factors(self, name):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
-    def _delta(self, name, x, base_out, wide=False):
+    def _delta(self, name, x, base_out, wide=False, running=None):  # no DoRA on embeddings: running unused
         delta = self._lora(name, x) * self.scaling[name]  # no dropout on token ids
         scale = self._embed_scale()
         if scale is not None:  # See Note: scaled embeddings.

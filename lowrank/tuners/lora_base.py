@@ -132,7 +132,7 @@ class LoraLayer(TunerLayer):
 
     def _add_delta(self, name: str, result: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """result + this adapter's addition (LoraLinear adds it in one op where it can)."""
-        return result + self._delta(name, x, base_out, wide=not quantized_base(self._modules["base"]))
+        return result + self._delta(name, x, base_out, wide=not quantized_base(self._modules["base"]), running=result)
 
     # Note: x in the adapter's dtype. The rule of tuners/base.py (Note: inputs in the adapter's
     # dtype) for LoRA: x cast to the factors' dtype before the dropout, s B A x in that dtype. On a
@@ -155,14 +155,24 @@ class LoraLayer(TunerLayer):
         # under autocast as PEFT's Linear does, not as its bitsandbytes layers
         return cast_for(x, factor_dtype, under_autocast=not quantized_base(self._modules["base"]))
 
-    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor, wide: bool = False) -> torch.Tensor:
+    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor, wide: bool = False,
+               running: torch.Tensor | None = None) -> torch.Tensor:
         """This adapter's addition to the base output, in the base output's dtype unless `wide` or
-        DoRA's (See Note: x in the adapter's dtype)."""
+        DoRA's (See Note: x in the adapter's dtype). `running`: the output so far, earlier active
+        adapters' additions included, which DoRA scales (See Note: DoRA after other adapters)."""
+        seen = base_out if running is None else running
         dtype = self._input_dtype(x, self._factors(name)[0].dtype)
         if dtype is None:
-            return self._addition(name, x, base_out)
-        delta = self._addition(name, x.to(dtype), base_out)
+            return self._addition(name, x, seen)
+        delta = self._addition(name, x.to(dtype), seen)
         return delta if wide or name in self.lora_magnitude_vector else delta.to(base_out.dtype)
+
+    # Note: DoRA after other adapters. With several active adapters, DoRA's (m/n - 1) W0 x term
+    # takes the output so far, the earlier adapters' additions included, as PEFT 0.21's DoRA
+    # variant does (its base_result is the running result): the adapter then rescales the layer as
+    # the earlier adapters left it, which is what merging them in turn would compute. A per-sample
+    # route gives each sample one adapter, on the base output; a training dropout recomputes W0 x
+    # from the dropped-out x, as PEFT.
 
     def _addition(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """This adapter's addition, computed in x's dtype (the factors')."""

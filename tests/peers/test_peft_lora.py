@@ -217,9 +217,8 @@ def test_float32_adapters_on_a_half_precision_model_as_peft(dtype, variant):
     (autocast_adapter_dtype), adds their float32 additions to the base output in float32 and
     rounds the sum once (lowrank/tuners/lora_base.py, Note: x in the adapter's dtype). lowrank
     rounded each addition to the output's dtype first: a layer's output moved by up to 0.125.
-    Linear, GPT-2's Conv1D, an embedding and a Conv2d; two adapters active at once (DoRA: one,
-    on the linear-like layers; two active DoRA adapters in mixed precision still differ from PEFT
-    by a rounding, as they did before)."""
+    Linear, GPT-2's Conv1D, an embedding and a Conv2d (DoRA: the linear-like ones); two adapters
+    active at once."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -232,7 +231,7 @@ def test_float32_adapters_on_a_half_precision_model_as_peft(dtype, variant):
 
     targets = ["emb", "lin", "c1d", "conv"] if variant != "dora" else ["lin", "c1d"]  # DoRA: linear-like layers
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
-    names = ("one", "two") if variant != "dora" else ("one",)
+    names = ("one", "two")
     for name in names:
         inject(ours, LoraConfig(r=4, alpha=8, targets=targets, **VARIANTS[variant]), name, dtype=torch.float32)
         peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=variant == "rslora",
@@ -286,3 +285,33 @@ def test_merged_convolutions_are_peft_merges_bit_for_bit(conv):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(ours[0].base.weight, theirs[0].base_layer.weight)
+
+
+@pytest.mark.parametrize("kinds", [("dora", "dora"), ("lora", "dora"), ("dora", "lora")])
+def test_dora_after_other_active_adapters_as_peft(kinds):
+    """With several active adapters DoRA rescales the output so far, earlier adapters included, as
+    PEFT's DoRA variant does (lowrank/tuners/lora_base.py, Note: DoRA after other adapters); it
+    took the bare base output, which differed by up to 1.5 on this layer."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 10))
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    for name, kind in zip(("one", "two"), kinds):
+        inject(ours, LoraConfig(r=4, alpha=8, targets=["0"], dora=kind == "dora"), name)
+        peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=kind == "dora"),
+                                     theirs, adapter_name=name)
+    lowrank.set_active(ours, ["one", "two"])
+    theirs[0].set_adapter(["one", "two"])
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora" in name:  # every adapter's weights, magnitudes included: m / n != 1
+                p.add_(torch.randn_like(p) * 0.3)
+                theirs_params[peft_name(name)].copy_(p)
+    x = torch.randn(3, 12)
+    out_ours, out_theirs = ours(x), theirs(x)
+    assert torch.equal(out_ours, out_theirs)
+    out_ours.sum().backward()
+    out_theirs.sum().backward()
+    for name, p in ours.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, theirs_params[peft_name(name)].grad), name
