@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -274,8 +275,14 @@ def _position_maker(model: nn.Module) -> nn.Module | None:
 # (before, it passed arange positions, so a left-padded row was numbered from its padding). Such
 # a model is known by a positional embedding whose forward takes the attention mask first.
 def _numbers_from_mask(model: nn.Module) -> bool:
-    return any(type(m).__name__.endswith("PositionalEmbedding") and _first_parameter(m) == "attention_mask"
-               for m in model.modules())
+    found = _MASK_NUMBERED.get(model)  # one walk a model: its position embedding does not change
+    if found is None:
+        found = _MASK_NUMBERED[model] = any(type(m).__name__.endswith("PositionalEmbedding")
+                                            and _first_parameter(m) == "attention_mask" for m in model.modules())
+    return found
+
+
+_MASK_NUMBERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _first_parameter(module: nn.Module) -> str | None:
