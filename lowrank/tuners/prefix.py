@@ -54,6 +54,8 @@ def kv_shape(module: nn.Module) -> tuple[int, int] | None:
         width = getattr(getattr(module, proj, None), "out_features", None)
         if isinstance(width, int) and width % dim == 0:
             return width // dim, dim
+    if getattr(module, "new_decoder_architecture", None) is False and isinstance(getattr(module, "num_kv_heads", None), int):
+        return module.num_kv_heads, dim  # Falcon's first layout caches num_kv_heads (1 with multi_query); the new one, all
     config = getattr(module, "config", None)
     for source, attr in [(module, "num_key_value_heads"), (config, "num_key_value_heads"), (module, "num_heads"),
                          (module, "num_attention_heads"), (config, "num_attention_heads")]:

@@ -222,12 +222,17 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
     T = source.shape[1]
     config = getattr(model, "config", None)  # a rotary model numbers by arange: no walk over its modules per call
     maker = None if any(getattr(config, a, None) is not None for a in ROPE) else _position_maker(model)
-    check_positions(model, past + P + T, f"prefix tuning ({P} virtual tokens, {past} past, {T} new)", maker)
+    what = f"prefix tuning ({P} virtual tokens, {past} past, {T} new)"
     mask = arguments.get("attention_mask", nested.get("attention_mask"))
     if maker is None and isinstance(mask, torch.Tensor) and mask.dim() == 2 and _numbers_from_mask(model):
-        # See Note: positions from the mask. The mask covers past + T tokens: the last T positions
-        arguments["position_ids"] = ((torch.cumsum(mask, dim=1) + P) * mask - 1)[:, -T:].long()  # (B, T)
-    elif maker is None:
+        # See Note: positions from the mask. The mask covers past + T tokens: the last T positions;
+        # padding takes none, so the count to check is the largest position + 1
+        positions = ((torch.cumsum(mask, dim=1) + P) * mask - 1)[:, -T:].long()  # (B, T)
+        check_positions(model, int(positions.max()) + 1 if positions.numel() else 0, what, maker)
+        arguments["position_ids"] = positions
+        return bound.args, bound.kwargs
+    check_positions(model, past + P + T, what, maker)
+    if maker is None:
         arguments["position_ids"] = (torch.arange(T, device=source.device) + past + P).unsqueeze(0)  # (1, T)
     elif arguments.get("input_ids") is not None:  # See Note: positions from the padding.
         arguments["position_ids"] = maker.create_position_ids_from_input_ids(source, maker.padding_idx, past + P)

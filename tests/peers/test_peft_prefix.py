@@ -248,3 +248,42 @@ def test_alibi_attention_is_refused_by_name():
                                     alibi=True)  # Falcon takes the same argument, used only with alibi=True
     with pytest.raises(NotImplementedError, match="its ALiBi position bias"):
         lowrank.inject(transformers.FalconForCausalLM(cfg), lowrank.PrefixConfig(num_virtual_tokens=P))
+
+
+def test_falcon_multi_query_equals_the_cache_path():
+    """Falcon's first layout with multi_query (Falcon-7B's, FalconConfig's default) caches one
+    key/value head: the prefix has one too (it had num_heads and the first forward raised). PEFT
+    fails here, so the oracle is transformers' own cache holding the prefix, the mask widened by P."""
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    new_decoder_architecture=False, multi_query=True)
+    base = transformers.FalconForCausalLM(cfg).eval()
+    ours = copy.deepcopy(base)
+    lowrank.inject(ours, lowrank.PrefixConfig(num_virtual_tokens=P))
+    found = layers(ours, "default")
+    assert all(layer.heads == 1 for layer in found)
+    ids, mask = batch(left_pad=True)
+    cache = transformers.DynamicCache(config=base.config)
+    with torch.no_grad():
+        for i, layer in enumerate(found):
+            layer.kv["default"].normal_()
+            cache.update(*layer.prefixes(2, torch.float32), i)
+        want = base(input_ids=ids, attention_mask=torch.cat([torch.ones(2, P, dtype=mask.dtype), mask], 1),
+                    past_key_values=cache).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got[mask.bool()], want[mask.bool()])
+
+
+def test_opt_padding_takes_no_positions():
+    """OPT numbers positions from the mask, so a left-padded batch as wide as the table fits when
+    its rows do: the check counted columns and refused it (PEFT runs it)."""
+    ours, theirs = pair("opt")
+    width = 64  # max_position_embeddings
+    ids = torch.randint(1, VOCAB, (2, width), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[:, :P + 1] = 0  # every row leaves room for the prefix
+    real = mask.bool()
+    assert torch.equal(ours(input_ids=ids, attention_mask=mask).logits[real],
+                       theirs(input_ids=ids, attention_mask=mask).logits[real])
+    with pytest.raises(ValueError, match="needs 67 positions"):
+        ours(input_ids=ids)  # no padding: P + 64 positions do not fit
