@@ -2,8 +2,8 @@
 then one token at a time with the model's key/value cache, each new piece of text yielded as
 soon as it is whole (no half UTF-8 character, no half stop mark). Generation ends at the
 template's end mark (template.stop_text), the tokenizer's eos token or one of the model's
-generation_config eos ids; the answer is shown and kept in the history without leading
-whitespace (after "Assistant:", say, the model writes " Hello")."""
+generation_config eos ids. A named template's text before the answer (plain's space after
+"Assistant:") is not shown or kept: the history holds the answer as training did."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .data import Turn
-from .template import encode, stop_text
+from .template import answer_lead, encode, stop_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
         turns = turns[1:]  # the oldest exchange goes first
     if limit is not None and len(ids) >= limit:
         raise ValueError(f"the message is {len(ids)} tokens with its template; the model's context holds {limit}")
-    stop = stop_text(tokenizer, template)
+    stop, lead = stop_text(tokenizer, template), answer_lead(template)
     ends = {getattr(tokenizer, "eos_token_id", None), *_eos_ids(model)} - {None}
     if stop and len(mark := tokenizer(stop, add_special_tokens=False)["input_ids"]) == 1:
         ends.add(mark[0])  # a stop mark that is one (often special, so undecoded) token
@@ -88,7 +88,7 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
         if stop and stop in text:
             yield text[sent:text.index(stop)]
             return
-        sent = max(sent, len(text) - len(text.lstrip()))  # an answer starts at its first visible character
+        sent = max(sent, len(lead) if lead and text.startswith(lead) else 0)  # the template's, not the answer's
         # hold back an incomplete character and any tail that may be the start of the stop mark
         partial = max((k for k in range(1, len(stop or "")) if text.endswith(stop[:k])), default=0)
         keep = len(text) - max(partial, 1 if text.endswith("\ufffd") else 0)
@@ -97,7 +97,7 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
             sent = keep
         x = torch.tensor([[token]], device=device)
     text = tokenizer.decode(out, skip_special_tokens=True)
-    sent = max(sent, len(text) - len(text.lstrip()))
+    sent = max(sent, len(lead) if lead and text.startswith(lead) else 0)
     if len(text) > sent:
         yield text[sent:]
 

@@ -165,6 +165,12 @@ def encode(tokenizer, template: str | None, turns: Sequence[Turn]) -> tuple[list
     return ids, labels
 
 
+def answer_lead(template: str | None) -> str:
+    """The text a named template writes before each answer (plain's space), which the model
+    writes first when it answers; "" for the tokenizer's own template."""
+    return "" if template is None else TEMPLATES[template].answer.split("{output}")[0]
+
+
 PROBE = "\u2063lowrank-probe\u2063"  # an answer no template rewrites, to find what follows answers
 
 

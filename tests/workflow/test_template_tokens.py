@@ -164,3 +164,13 @@ def test_a_message_the_template_refuses_is_not_answered_and_the_chat_goes_on():
     assert [t.output for t in history] == ["Forty minutes."]  # answered once the system prompt was removed
     with pytest.raises(T.Refused):
         T.encode(tok, None, [Turn("Hi", "Hello.", system="Be brief.")])
+
+
+def test_an_answers_own_leading_whitespace_is_kept():
+    """Only a named template's text before the answer is dropped (plain's space); an answer that
+    starts indented (code) keeps its indent, as it was trained."""
+    tok = build("bytelevel", CHATML)
+    script = tok("    x = 1<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert "".join(stream(_Scripted(script, len(tok)), tok, None, [], "Code?")) == "    x = 1"
+    script = tok("     x = 1\n\n", add_special_tokens=False)["input_ids"]  # plain: its space, then the answer's four
+    assert "".join(stream(_Scripted(script, len(tok)), tok, "plain", [], "Code?")) == "    x = 1"
