@@ -114,8 +114,10 @@ def _own(tokenizer, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
         messages.append({"role": "assistant", "content": turn.output})
         full = render(messages, False)
         if not full.startswith(prompt):
-            raise TemplateError(f"the tokenizer's chat template does not end turn {i}'s prompt with the assistant's "
-                                f"opening (add_generation_prompt); use a named template ({sorted(TEMPLATES)})")
+            raise TemplateError(f"the tokenizer's chat template renders turn {i}'s prompt otherwise once its answer "
+                                "is added: it ends the prompt otherwise than add_generation_prompt does, or moves an "
+                                "earlier message (Mistral v0.3's system prompt goes before the last user message); "
+                                f"use a named template ({sorted(TEMPLATES)})")
         answer = full[len(prompt):]
         opening = answer[:max(answer.find(turn.output), 0)]
         if opening.strip():  # the template ignores add_generation_prompt: its opening would be trained, and absent in chat

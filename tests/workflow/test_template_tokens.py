@@ -174,3 +174,17 @@ def test_an_answers_own_leading_whitespace_is_kept():
     assert "".join(stream(_Scripted(script, len(tok)), tok, None, [], "Code?")) == "    x = 1"
     script = tok("     x = 1\n\n", add_special_tokens=False)["input_ids"]  # plain: its space, then the answer's four
     assert "".join(stream(_Scripted(script, len(tok)), tok, "plain", [], "Code?")) == "    x = 1"
+
+
+def test_a_template_that_moves_the_system_prompt_is_refused_saying_so():
+    """Mistral v0.3 puts the system prompt before the last user message: once the answer is added
+    the prompt renders otherwise, and the error says that may be why."""
+    mistral3 = ("{%- if messages[0].role == 'system' %}{%- set sys = messages[0].content %}{%- set msgs = messages[1:] %}"
+                "{%- else %}{%- set msgs = messages %}{%- endif %}{%- for m in msgs %}{%- if m.role == 'user' %}"
+                "{%- if loop.last and sys is defined %}{{ '[INST] ' + sys + ' ' + m.content + ' [/INST]' }}"
+                "{%- else %}{{ '[INST] ' + m.content + ' [/INST]' }}{%- endif %}{%- else %}{{ ' ' + m.content + eos_token }}"
+                "{%- endif %}{%- endfor %}")
+    tok = build("bytelevel", mistral3)
+    with pytest.raises(T.TemplateError, match="moves an earlier message"):
+        T.encode(tok, None, [Turn("Hi", "Hello.", system="Be brief.")])
+    assert T.encode(tok, None, [Turn("Hi", "Hello.")])[0]  # without a system prompt it renders in order
