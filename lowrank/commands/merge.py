@@ -39,16 +39,20 @@ def _load_base(base: str):
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{base} has no config.json: not a Hugging Face model directory")
     config = transformers.AutoConfig.from_pretrained(base)
-    # the class the directory was saved from (its head included: a classifier's adapter targets it),
-    # else the bare model
-    cls = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)), None)
+    # the class the directory was saved from (its head included: a classifier's adapter targets it);
+    # a name transformers does not export (MPT's "MPTForCausalLM", old "LLaMAForCausalLM"): by its ending
+    names = config.architectures or []
+    cls = next((getattr(transformers, a) for a in names if hasattr(transformers, a)), None)
+    if cls is None and any(a.endswith("ForCausalLM") for a in names):
+        cls = transformers.AutoModelForCausalLM
     if json.loads(cfg_file.read_text()).get("quantization_config"):
         from ..checkpoint import load_quantized
         from ..quant.load import skeleton
 
         del config.quantization_config
         with skeleton():  # parameters on the meta device: filled from the checkpoint
-            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+            model = (cls.from_config(config) if hasattr(cls, "from_config") else cls(config)) if cls is not None \
+                else transformers.AutoModel.from_config(config)
         load_quantized(model, base)
     else:
         model = (cls or transformers.AutoModel).from_pretrained(base, dtype="auto")

@@ -41,9 +41,11 @@ def float_dtype_and_device(base: nn.Module, inner: bool = False) -> tuple[torch.
 
 
 def quantized_base(base: nn.Module) -> bool:
-    """A frozen 4-bit linear (lowrank's Linear4bit, or any with `dequantize()`), whose LoRA casts as
-    PEFT's bitsandbytes layers do (See Note: x in the adapter's dtype)."""
-    return isinstance(base, Linear4bit) or callable(getattr(base, "dequantize", None))
+    """A frozen 4-bit linear (lowrank's Linear4bit, any with `dequantize()`, or bitsandbytes' own, as
+    transformers' BitsAndBytesConfig loads it), whose LoRA casts as PEFT's bitsandbytes layers do
+    (See Note: x in the adapter's dtype)."""
+    return (isinstance(base, Linear4bit) or callable(getattr(base, "dequantize", None))
+            or type(base).__module__.startswith("bitsandbytes"))
 
 
 class LoraLayer(TunerLayer):
@@ -132,15 +134,19 @@ class LoraLayer(TunerLayer):
 
     def _add_delta(self, name: str, result: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """result + this adapter's addition (LoraLinear adds it in one op where it can)."""
-        return result + self._delta(name, x, base_out, wide=not quantized_base(self._modules["base"]), running=result)
+        quantized = quantized_base(self._modules["base"])
+        out = result + self._delta(name, x, base_out, wide=not quantized, running=result)
+        if quantized and out.dtype != base_out.dtype and autocast_dtype(x) is None:
+            out = out.to(base_out.dtype)  # a 4-bit base: each adapter's sum (DoRA's) back at once, as PEFT's bnb layer
+        return out
 
     # Note: x in the adapter's dtype. The rule of tuners/base.py (Note: inputs in the adapter's
     # dtype) for LoRA: x cast to the factors' dtype before the dropout, s B A x in that dtype. On a
     # dense base (Linear, Conv1D, convolution, embedding) the additions are summed with the base
     # output in the wider dtype and the sum is cast back once, after the last adapter, as PEFT's
     # dense layers do (a float32 adapter on a bf16 layer: one rounding, not two); on a 4-bit base
-    # each LoRA addition is cast to the output's dtype first, as PEFT's bitsandbytes layers do,
-    # and only a DoRA addition is summed wide. Also where only DoRA's magnitude (kept in the
+    # (lowrank's or bitsandbytes') each LoRA addition is cast to the output's dtype first, as PEFT's
+    # bitsandbytes layers do, and a DoRA addition is summed wide and that sum cast back at once. Also where only DoRA's magnitude (kept in the
     # weight's original dtype) is wider: a float32 model's layer computing in bfloat16 on bfloat16
     # x returns bfloat16. A per-sample route (tuners/base.py: routed) casts each LoRA addition
     # first, as PEFT's mixed-batch forward does. The op paths never see mixed dtypes (lora.py:

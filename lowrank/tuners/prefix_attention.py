@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import inspect
 import threading
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -228,7 +227,8 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
         # See Note: positions from the mask. The mask covers past + T tokens: the last T positions;
         # padding takes none, so the count to check is the largest position + 1
         positions = ((torch.cumsum(mask, dim=1) + P) * mask - 1)[:, -T:].long()  # (B, T)
-        check_positions(model, int(positions.max()) + 1 if positions.numel() else 0, what, maker)
+        if past + P + T > _limit(model):  # only then read the largest (a device sync): padding takes no position
+            check_positions(model, int(positions.max()) + 1 if positions.numel() else 0, what, maker)
         arguments["position_ids"] = positions
         return bound.args, bound.kwargs
     check_positions(model, past + P + T, what, maker)
@@ -264,6 +264,11 @@ def check_positions(model: nn.Module, count: int, what: str, maker: nn.Module | 
                          f"{limit - first} (max_position_embeddings={limit}); use fewer virtual tokens or shorter inputs")
 
 
+def _limit(model: nn.Module) -> float:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else float("inf")
+
+
 ROPE = ("rope_theta", "rope_parameters", "rope_scaling")  # config fields of rotary models: positions have no table
 
 
@@ -277,24 +282,13 @@ def _position_maker(model: nn.Module) -> nn.Module | None:
 # prefix and past included (cumsum(mask) * mask - 1, padding -1) when no position ids are given;
 # with PEFT's prefix as P past tokens under an attention mask of P more ones, a real token's
 # position is P + its count of real tokens - 1. The hook computes that from the caller's mask
-# (before, it passed arange positions, so a left-padded row was numbered from its padding). Such
-# a model is known by a positional embedding whose forward takes the attention mask first.
+# (before, it passed arange positions, so a left-padded row was numbered from its padding). Known
+# by the config's model_type: BioGPT has the same kind of position embedding but numbers by arange.
+MASK_NUMBERED = ("opt",)
+
+
 def _numbers_from_mask(model: nn.Module) -> bool:
-    found = _MASK_NUMBERED.get(model)  # one walk a model: its position embedding does not change
-    if found is None:
-        found = _MASK_NUMBERED[model] = any(type(m).__name__.endswith("PositionalEmbedding")
-                                            and _first_parameter(m) == "attention_mask" for m in model.modules())
-    return found
-
-
-_MASK_NUMBERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _first_parameter(module: nn.Module) -> str | None:
-    try:
-        return next(iter(inspect.signature(module.forward).parameters), None)
-    except (TypeError, ValueError):
-        return None
+    return getattr(getattr(model, "config", None), "model_type", None) in MASK_NUMBERED
 
 
 def _signature(model: nn.Module) -> inspect.Signature:

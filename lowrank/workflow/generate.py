@@ -61,7 +61,8 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     turns = list(history) + [Turn(input=message, output=None)]
     while True:
-        shown = [dataclasses.replace(turns[0], system=system)] + turns[1:] if system else turns
+        # "" too: an empty system prompt, as training renders one (template.py)
+        shown = [dataclasses.replace(turns[0], system=system)] + turns[1:] if system is not None else turns
         ids, _ = encode(tokenizer, template, shown)
         if limit is None or len(ids) + min(settings.max_new_tokens, limit // 4) <= limit or len(turns) == 1:
             break

@@ -119,3 +119,18 @@ def test_merge_command_keeps_the_head_of_the_class_saved(tmp_path):
     assert "classifier.weight" in got and got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got)
     assert json.loads((tmp_path / "out" / "lowrank_workflow.json").read_text()) == {"config": {"template": "chatml"}}
+
+
+def test_merge_command_on_an_architecture_name_transformers_does_not_export(tmp_path):
+    """MPT's config says "MPTForCausalLM" (the class is MptForCausalLM), old LLaMA conversions
+    "LLaMAForCausalLM": such a base loads as a causal LM by the name's ending, head included."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    base = saved_base("llama", tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "architectures": ["LLaMAForCausalLM"]}))
+    lowrank.inject(base, lowrank.LoraConfig(r=4, targets=["q_proj"]))
+    models.randomize_adapters(base)
+    lowrank.save_adapter(base, tmp_path / "adapter")
+    done = lowrank_cli("merge", tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "lm_head.weight" in safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")

@@ -56,6 +56,11 @@ def tiny(kind: str) -> torch.nn.Module:
         cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                                      word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0)
         return transformers.OPTForCausalLM(cfg).eval()
+    if kind == "biogpt":  # a position embedding like OPT's, but numbered by arange: the mask rule must not apply
+        cfg = transformers.BioGptConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0)
+        return transformers.BioGptForCausalLM(cfg).eval()
     # the cache as `layer_past`
     if kind == "gpt_neox":
         cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -108,7 +113,7 @@ def batch(left_pad: bool):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean masks / additive float masks
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "opt", "gpt_neox", "falcon", "gpt_bigcode"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "opt", "biogpt", "gpt_neox", "falcon", "gpt_bigcode"])
 @pytest.mark.parametrize("left_pad", [False, True])
 def test_forward_logits_equal_peft(kind, left_pad, attention):
     ours, theirs = pair(kind, attention=attention)

@@ -135,3 +135,48 @@ def test_a_4bit_layer_on_bf16_x_equals_peft(model_dtype, compute_dtype, dora, dr
     assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == 2 + dora
     for name, grad in grads_ours.items():
         assert grad.abs().sum() > 0 and torch.equal(grad, grads_theirs[name]), name
+
+
+def test_lora_on_bitsandbytes_own_layer_casts_as_peft():
+    """A model transformers loaded with BitsAndBytesConfig holds bitsandbytes' own Linear4bit:
+    lowrank's float32 adapter on it rounds its addition first, as PEFT's bitsandbytes layer does
+    (lowrank/tuners/lora_base.py, quantized_base); it took the dense rule (one rounding of the sum)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    w = torch.randn(64, 64, dtype=torch.bfloat16) * 0.1
+    q = bnb.nn.Linear4bit(64, 64, bias=False, device="meta", compute_dtype=torch.bfloat16, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    ours, theirs = torch.nn.Sequential(q), copy.deepcopy(torch.nn.Sequential(q))
+    theirs.is_loaded_in_4bit = True
+    inject(ours, LoraConfig(r=4, alpha=8, targets=["0"]), dtype=torch.float32)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), theirs)
+    with torch.no_grad():
+        ours[0].lora_B["default"].weight.normal_(0, 0.5)
+        for k in ("lora_A", "lora_B"):
+            getattr(theirs[0], k)["default"].weight.data = getattr(ours[0], k)["default"].weight.detach().float().clone()
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), theirs.eval()(x))
+
+
+def test_dora_then_lora_on_a_4bit_layer_rounds_each_sum_as_peft_bitsandbytes():
+    """On a 4-bit base PEFT's bitsandbytes layer casts each adapter's result back to the output's
+    dtype before the next adapter (DoRA's sum included); the rule written out from its code."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16)
+    quantize(model, NF4Config(compute_dtype=torch.bfloat16))
+    inject(model, LoraConfig(r=4, alpha=8, targets=["0"], dora=True), "one", dtype=torch.float32)
+    inject(model, LoraConfig(r=4, alpha=8, targets=["0"]), "two", dtype=torch.float32)
+    lowrank_layer = model[0]
+    import lowrank
+
+    lowrank.set_active(model, ["one", "two"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+        x = torch.randn(16, 64, dtype=torch.bfloat16)
+        base = lowrank_layer.base(x)
+        one = (base + lowrank_layer._delta("one", x, base, wide=True, running=base)).to(torch.bfloat16)
+        want = one + lowrank_layer._delta("two", x, base, running=one)  # LoRA: cast first, then added
+        assert torch.equal(model(x), want)

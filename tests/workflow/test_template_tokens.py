@@ -188,3 +188,20 @@ def test_a_template_that_moves_the_system_prompt_is_refused_saying_so():
     with pytest.raises(T.TemplateError, match="moves an earlier message"):
         T.encode(tok, None, [Turn("Hi", "Hello.", system="Be brief.")])
     assert T.encode(tok, None, [Turn("Hi", "Hello.")])[0]  # without a system prompt it renders in order
+
+
+def test_chat_with_an_empty_system_prompt_renders_it_as_training_did():
+    """`--system ""` is an empty system prompt, as training renders "system": "" (not the
+    template's default one, which the model never saw with it)."""
+    tok = build("bytelevel", "{% if messages[0].role != 'system' %}DEFAULT|{% endif %}" + CHATML)
+    seen = []
+
+    class Recording(_Scripted):
+        def forward(self, input_ids, use_cache, **cache):
+            seen.append(input_ids)
+            return super().forward(input_ids, use_cache, **cache)
+
+    script = tok("Hello.<|im_end|>", add_special_tokens=False)["input_ids"]
+    "".join(stream(Recording(script, len(tok)), tok, None, [], "Hi", system=""))
+    prompt, _ = T.encode(tok, None, [Turn("Hi", None, system="")])
+    assert seen[0][0].tolist() == prompt and "DEFAULT" not in tok.decode(prompt)
