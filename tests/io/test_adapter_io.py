@@ -378,17 +378,14 @@ def test_killed_save_leaves_a_whole_adapter(tmp_path):
 def test_a_causal_lm_adapter_loads_with_peft_auto_class(tmp_path):
     """task_type CAUSAL_LM for a causal LM: PEFT's AutoPeftModelForCausalLM needs it (it refused
     the file: "Cannot infer the auto class"); it then loads the base from base_model_name_or_path."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    from tests.io.export_helpers import saved_base
+
+    model = saved_base("llama", tmp_path / "base")  # LlamaForCausalLM, config._name_or_path the directory
     inject(model, LoraConfig(r=4, targets=["q_proj", "v_proj"]))
     models.randomize_adapters(model)
     lio.save_adapter(model, tmp_path / "a")
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a")).eval()
-    ids = torch.randint(0, 64, (2, 6))
+    ids = models.ids(batch=2, seq=6)
     with torch.no_grad():
         assert torch.equal(theirs(input_ids=ids).logits, model(input_ids=ids).logits)
