@@ -146,9 +146,9 @@ class LoraLayer(TunerLayer):
     # output in the wider dtype and the sum is cast back once, after the last adapter, as PEFT's
     # dense layers do (a float32 adapter on a bf16 layer: one rounding, not two); on a 4-bit base
     # (lowrank's or bitsandbytes') each LoRA addition is cast to the output's dtype first, as PEFT's
-    # bitsandbytes layers do, and a DoRA addition is summed wide and that sum cast back at once. Also where only DoRA's magnitude (kept in the
-    # weight's original dtype) is wider: a float32 model's layer computing in bfloat16 on bfloat16
-    # x returns bfloat16. A per-sample route (tuners/base.py: routed) casts each LoRA addition
+    # bitsandbytes layers do, and a DoRA addition is summed wide and that sum cast back before the
+    # next adapter; also where only DoRA's magnitude (kept in the weight's original dtype) is wider:
+    # a float32 model's layer computing in bfloat16 on bfloat16 x returns bfloat16. A per-sample route (tuners/base.py: routed) casts each LoRA addition
     # first, as PEFT's mixed-batch forward does. The op paths never see mixed dtypes (lora.py:
     # _dtypes_fit, _qlora), so they are unchanged. The adapters of `inject(..., dtype=torch.float32)`
     # on a bf16 model take this path on every kind of base.

@@ -3,8 +3,9 @@
 A conversation becomes a list of segments `(text, trained)`: the prompt part of each turn
 (system, user message, the assistant's opening) is not trained; the answer and the mark that
 ends it (so the model learns to stop: stop_text) are; what the template writes after the mark
-(the newline after ChatML's <|im_end|>, say) is not, as chat stops at the mark. The text comes from the tokenizer's own chat template when it has one
-(`template=None`), or from a named template in TEMPLATES.
+(the newline after ChatML's <|im_end|>, say) is not, as chat stops at the mark. The text comes
+from the tokenizer's own chat template when it has one (`template=None`), or from a named
+template in TEMPLATES.
 
 Note: tokens of the whole text. The text is tokenized at once, as transformers'
 `apply_chat_template(tokenize=True)` does, so the tokens are the ones the model meets at
