@@ -28,6 +28,12 @@ def add_parser(subparsers) -> None:
                    help="load the adapter even if its config names another base model")
 
 
+# a class name transformers does not export, by its ending -> the Auto class that builds that head
+_HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+          ("ForTokenClassification", "AutoModelForTokenClassification"), ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+          ("ForMaskedLM", "AutoModelForMaskedLM"), ("ForImageClassification", "AutoModelForImageClassification"))
+
+
 def _load_base(base: str):
     """The base model from a transformers directory; a bitsandbytes 4-bit one is loaded
     with lowrank.load_quantized (no GPU needed)."""
@@ -43,8 +49,11 @@ def _load_base(base: str):
     # a name transformers does not export (MPT's "MPTForCausalLM", old "LLaMAForCausalLM"): by its ending
     names = config.architectures or []
     cls = next((getattr(transformers, a) for a in names if hasattr(transformers, a)), None)
-    if cls is None and any(a.endswith("ForCausalLM") for a in names):
-        cls = transformers.AutoModelForCausalLM
+    if cls is None and names:
+        cls = next((getattr(transformers, auto) for a in names for end, auto in _HEADS if a.endswith(end)), None)
+        if cls is None:  # the bare model would silently lose the head the adapter may target
+            raise ValueError(f"{base}/config.json names architectures {names}, which this transformers "
+                             f"{transformers.__version__} does not have; set one it has there")
     if json.loads(cfg_file.read_text()).get("quantization_config"):
         from ..checkpoint import load_quantized
         from ..quant.load import skeleton

@@ -10,6 +10,7 @@ embedding, convolution) live in lora.py and fill in three methods:
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -44,8 +45,9 @@ def quantized_base(base: nn.Module) -> bool:
     """A frozen 4-bit linear (lowrank's Linear4bit, any with `dequantize()`, or bitsandbytes' own, as
     transformers' BitsAndBytesConfig loads it), whose LoRA casts as PEFT's bitsandbytes layers do
     (See Note: x in the adapter's dtype)."""
+    bnb = sys.modules.get("bitsandbytes")  # loaded already if the model holds its layers; never imported here
     return (isinstance(base, Linear4bit) or callable(getattr(base, "dequantize", None))
-            or type(base).__module__.startswith("bitsandbytes"))
+            or (bnb is not None and isinstance(base, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))))
 
 
 class LoraLayer(TunerLayer):

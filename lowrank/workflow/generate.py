@@ -2,8 +2,9 @@
 then one token at a time with the model's key/value cache, each new piece of text yielded as
 soon as it is whole (no half UTF-8 character, no half stop mark). Generation ends at the
 template's end mark (template.stop_text), the tokenizer's eos token or one of the model's
-generation_config eos ids. A named template's text before the answer (plain's space after
-"Assistant:") is not shown or kept: the history holds the answer as training did."""
+generation_config eos ids. The whitespace a template writes before an answer (plain's space
+after "Assistant:", Llama 2's after [/INST]) is not shown or kept: the history holds the answer
+as training did."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
         turns = turns[1:]  # the oldest exchange goes first
     if limit is not None and len(ids) >= limit:
         raise ValueError(f"the message is {len(ids)} tokens with its template; the model's context holds {limit}")
-    stop, lead = stop_text(tokenizer, template), answer_lead(template)
+    stop, lead = stop_text(tokenizer, template), answer_lead(tokenizer, template)
     ends = {getattr(tokenizer, "eos_token_id", None), *_eos_ids(model)} - {None}
     if stop and len(mark := tokenizer(stop, add_special_tokens=False)["input_ids"]) == 1:
         ends.add(mark[0])  # a stop mark that is one (often special, so undecoded) token

@@ -168,10 +168,19 @@ def encode(tokenizer, template: str | None, turns: Sequence[Turn]) -> tuple[list
     return ids, labels
 
 
-def answer_lead(template: str | None) -> str:
-    """The text a named template writes before each answer (plain's space), which the model
-    writes first when it answers; "" for the tokenizer's own template."""
-    return "" if template is None else TEMPLATES[template].answer.split("{output}")[0]
+def answer_lead(tokenizer, template: str | None) -> str:
+    """The whitespace a template writes between the assistant's opening and the answer (plain's
+    space; Llama 2's " " after [/INST]), which the model writes first when it answers."""
+    if template is not None:
+        return TEMPLATES[template].answer.split("{output}")[0]
+    user = [{"role": "user", "content": "Hi"}]
+    try:
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": PROBE}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this probe: no lead to drop
+        return ""
+    lead = full[len(prompt):full.find(PROBE)] if full.startswith(prompt) and PROBE in full else ""
+    return lead if not lead.strip() else ""
 
 
 PROBE = "\u2063lowrank-probe\u2063"  # an answer no template rewrites, to find what follows answers

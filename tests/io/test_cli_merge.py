@@ -134,3 +134,22 @@ def test_merge_command_on_an_architecture_name_transformers_does_not_export(tmp_
     done = lowrank_cli("merge", tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert "lm_head.weight" in safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
+
+
+def test_merge_command_on_an_unexported_head_name_keeps_the_head_or_says_why(tmp_path):
+    """An unexported classifier name loads by its ending (AutoModelForSequenceClassification); a
+    name with no known ending is an error, not a bare model that silently drops the head."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_labels=3)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["query"]))
+    lowrank.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "architectures": ["BERTForSequenceClassification"]}))
+    done = lowrank_cli("merge", tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "architectures": ["BERTWithSomethingElse"]}))
+    done = lowrank_cli("merge", tmp_path / "base", tmp_path / "adapter", tmp_path / "out2")
+    assert done.returncode == 2 and "does not have; set one it has there" in done.stderr

@@ -315,3 +315,22 @@ def test_dora_after_other_active_adapters_as_peft(kinds):
     for name, p in ours.named_parameters():
         if p.grad is not None:
             assert torch.equal(p.grad, theirs_params[peft_name(name)].grad), name
+
+
+def test_a_bitsandbytes_embedding_is_a_dense_base():
+    """bitsandbytes' Embedding / StableEmbedding hold a dense table: PEFT wraps them with its dense
+    LoRA (one rounding of a float32 sum), not its 4-bit rule."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(bnb.nn.Embedding(32, 16)).to(torch.bfloat16)
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    inject(ours, LoraConfig(r=4, alpha=8, targets=["0"]), dtype=torch.float32)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), theirs)
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+                theirs_params[peft_name(name)].data = p.detach().float().clone()
+    ids = torch.randint(0, 32, (2, 9))
+    assert torch.equal(ours(ids), theirs(ids))

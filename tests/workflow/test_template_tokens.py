@@ -205,3 +205,13 @@ def test_chat_with_an_empty_system_prompt_renders_it_as_training_did():
     "".join(stream(Recording(script, len(tok)), tok, None, [], "Hi", system=""))
     prompt, _ = T.encode(tok, None, [Turn("Hi", None, system="")])
     assert seen[0][0].tolist() == prompt and "DEFAULT" not in tok.decode(prompt)
+
+
+def test_the_own_templates_space_before_an_answer_is_not_kept():
+    """Llama 2 / Mistral write " " + answer after [/INST]: a byte-level model writes " Hello.", and
+    the history keeps "Hello." so the next prompt renders as training did (not two spaces)."""
+    tok = build("bytelevel", INST)
+    assert T.answer_lead(tok, None) == " " and T.answer_lead(tok, "chatml") == ""
+    script = tok(" Hello.</s>", add_special_tokens=False)["input_ids"]
+    assert "".join(stream(_Scripted(script, len(tok)), tok, None, [], "Hi")) == "Hello."
+    assert T.answer_lead(build("bytelevel", CHATML), None) == ""  # an opening ending in a newline: nothing
