@@ -127,6 +127,8 @@ class LoraLayer(TunerLayer):
             return result
         base_out = result
         for name in self.active:
+            dtype = self._input_dtype(x, self._factors(name)[0].dtype)
+            x = x if dtype is None else x.to(dtype)  # later adapters read the cast x, as in PEFT's loop
             result = self._add_delta(name, result, x, base_out)
         # the sum back in the base output's dtype once (See Note: x in the adapter's dtype); under
         # autocast a 4-bit base's sum is left to autocast, as PEFT's bitsandbytes layer leaves it
@@ -137,8 +139,9 @@ class LoraLayer(TunerLayer):
     def _add_delta(self, name: str, result: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """result + this adapter's addition (LoraLinear adds it in one op where it can)."""
         quantized = quantized_base(self._modules["base"])
-        out = result + self._delta(name, x, base_out, wide=not quantized, running=result)
-        if quantized and out.dtype != base_out.dtype and autocast_dtype(x) is None:
+        outside = autocast_dtype(x) is None
+        out = result + self._delta(name, x, base_out, wide=not (quantized and outside), running=result)
+        if quantized and out.dtype != base_out.dtype and outside:
             out = out.to(base_out.dtype)  # a 4-bit base: each adapter's sum (DoRA's) back at once, as PEFT's bnb layer
         return out
 
@@ -170,10 +173,10 @@ class LoraLayer(TunerLayer):
         adapters' additions included, which DoRA scales (See Note: DoRA after other adapters)."""
         seen = base_out if running is None else running
         dtype = self._input_dtype(x, self._factors(name)[0].dtype)
-        if dtype is None:
-            return self._addition(name, x, seen)
-        delta = self._addition(name, x.to(dtype), seen)
-        return delta if wide or name in self.lora_magnitude_vector else delta.to(base_out.dtype)
+        delta = self._addition(name, x if dtype is None else x.to(dtype), seen)
+        if wide or name in self.lora_magnitude_vector or delta.dtype == base_out.dtype:
+            return delta
+        return delta.to(base_out.dtype)
 
     # Note: DoRA after other adapters. With several active adapters, DoRA's (m/n - 1) W0 x term
     # takes the output so far, the earlier adapters' additions included, as PEFT 0.21's DoRA

@@ -334,3 +334,32 @@ def test_a_bitsandbytes_embedding_is_a_dense_base():
                 theirs_params[peft_name(name)].data = p.detach().float().clone()
     ids = torch.randint(0, 32, (2, 9))
     assert torch.equal(ours(ids), theirs(ids))
+
+
+def test_later_adapters_read_the_cast_input_as_in_peft():
+    """PEFT casts x to an adapter's dtype and its later adapters read that x: the gradient of x is
+    one float32 sum rounded once (lowrank cast per adapter: a rounding off), and adapters of
+    different dtypes on one layer compute on the rounded x (lowrank: the original, 0.016 off)."""
+    for dtypes, model_dtype in (((torch.float32, torch.float32), torch.bfloat16), ((torch.bfloat16, torch.float32), torch.float32)):
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(model_dtype)
+        ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+        for name, dtype in zip(("one", "two"), dtypes):
+            inject(ours, LoraConfig(r=4, alpha=8, targets=["0"]), name, dtype=dtype)
+            peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), theirs, adapter_name=name)
+        lowrank.set_active(ours, ["one", "two"])
+        theirs[0].set_adapter(["one", "two"])
+        with torch.no_grad():
+            for n in ("one", "two"):
+                for k in ("lora_A", "lora_B"):
+                    w = getattr(ours[0], k)[n].weight
+                    w.copy_(torch.randn_like(w) * 0.3)
+                    getattr(theirs[0], k)[n].weight.data = w.detach().clone()
+        x = torch.randn(8, 64, dtype=model_dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = ours(xa), theirs(xb)
+        assert torch.equal(a, b)
+        g = torch.randn_like(a)
+        (a * g).sum().backward()
+        (b * g).sum().backward()
+        assert torch.equal(xa.grad, xb.grad)
