@@ -298,8 +298,7 @@ def quantization_config(quantized: dict[str, Linear4bit], modules) -> dict:
 
 def _quant_state(key: str, state: dict) -> bool:
     """Whether `key` is one of a 4-bit weight's quant-state tensors (absmax, quant_map, nested_*)."""
-    owner, _, leaf = key.rpartition(".")
-    return leaf in ("absmax", "quant_map", "nested_absmax", "nested_quant_map") and f"{owner}.{BNB_QUANT_STATE_KEY}" in state
+    return any(key.endswith(s) and f"{key[:-len(s)]}.{BNB_QUANT_STATE_KEY}" in state for s in _WEIGHT_KEYS[1:-1])
 
 
 def _write_config(model: nn.Module, directory: pathlib.Path, dtype, quant_config: dict | None, state) -> None:

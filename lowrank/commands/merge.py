@@ -10,8 +10,6 @@ import shutil
 
 from ..export import DTYPES
 
-WORKFLOW_FILE = "lowrank_workflow.json"  # lowrank.workflow.model's (not imported: it needs transformers)
-
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("merge", help="merge an adapter into its base model and save a plain model directory",
@@ -73,6 +71,7 @@ def run(args) -> int:
 
     from ..export import merge_and_export
     from ..io import load_adapter
+    from ..workflow.model import WORKFLOW_FILE
 
     model = _load_base(args.base)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so

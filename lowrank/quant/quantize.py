@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import Targets, _check_targets
-from ..targets import compile_filter, is_gpt2_conv1d
+from ..targets import ALL_LINEAR, compile_filter, is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit
 
@@ -52,7 +52,7 @@ def selected(model: nn.Module, config: NF4Config):
     """The (name, module) filter of the layers `config` quantizes in `model` (Note: modules kept in float32)."""
     wanted = compile_filter(config.targets, config.skip, model)
     keep = [k for a in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict") for k in getattr(model, a, None) or ()]
-    if tuple(config.targets) != ("all-linear",) or not keep:
+    if tuple(config.targets) != (ALL_LINEAR,) or not keep:
         return wanted
     kept = re.compile(rf"(?:{'|'.join(keep)})(?:(?<=\.)|(?=\.|$))")
     return lambda name, module: wanted(name, module) and not (kept.match(name) or name.endswith(tuple(keep)))

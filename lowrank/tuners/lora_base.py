@@ -153,8 +153,8 @@ class LoraLayer(TunerLayer):
     # (lowrank's or bitsandbytes') each LoRA addition is cast to the output's dtype first, as PEFT's
     # bitsandbytes layers do, and a DoRA addition is summed wide and that sum cast back before the
     # next adapter; also where only DoRA's magnitude (kept in the weight's original dtype) is wider:
-    # a float32 model's layer computing in bfloat16 on bfloat16 x returns bfloat16. A per-sample route (tuners/base.py: routed) casts each LoRA addition
-    # first, as PEFT's mixed-batch forward does. The op paths never see mixed dtypes (lora.py:
+    # a float32 model's layer computing in bfloat16 on bfloat16 x returns bfloat16. A per-sample
+    # route (tuners/base.py: routed) casts each LoRA addition first, as PEFT's mixed-batch forward does. The op paths never see mixed dtypes (lora.py:
     # _dtypes_fit, _qlora), so they are unchanged. The adapters of `inject(..., dtype=torch.float32)`
     # on a bf16 model take this path on every kind of base.
     # Under autocast PEFT's dense layers still cast x (its bitsandbytes layers leave it to
@@ -163,6 +163,8 @@ class LoraLayer(TunerLayer):
     # the output's dtype there (lora.py).
     def _input_dtype(self, x: torch.Tensor, factor_dtype: torch.dtype) -> torch.dtype | None:
         """The dtype x is cast to before the adapter reads it, or None (See Note: x in the adapter's dtype)."""
+        if x.dtype == factor_dtype:  # the usual case, asked per adapter per forward: nothing more to look up
+            return None
         # under autocast as PEFT's Linear does, not as its bitsandbytes layers
         return cast_for(x, factor_dtype, under_autocast=not quantized_base(self._modules["base"]))
 

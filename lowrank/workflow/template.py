@@ -168,22 +168,32 @@ def encode(tokenizer, template: str | None, turns: Sequence[Turn]) -> tuple[list
     return ids, labels
 
 
+PROBE = "\u2063lowrank-probe\u2063"  # an answer no template rewrites, to find what surrounds answers
+
+
+def _probe(tokenizer) -> tuple[str, str] | None:
+    """(generation prompt, whole text) of a one-turn conversation answered with PROBE, rendered by
+    the tokenizer's own template; None when the template refuses it or rewrites the answer."""
+    user = [{"role": "user", "content": "Hi"}]
+    try:
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": PROBE}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe: the callers fall back
+        return None
+    return (prompt, full) if PROBE in full else None
+
+
 def answer_lead(tokenizer, template: str | None) -> str:
     """The whitespace a template writes between the assistant's opening and the answer (plain's
     space; Llama 2's " " after [/INST]), which the model writes first when it answers."""
     if template is not None:
         return TEMPLATES[template].answer.split("{output}")[0]
-    user = [{"role": "user", "content": "Hi"}]
-    try:
-        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": PROBE}], tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that refuses this probe: no lead to drop
+    probe = _probe(tokenizer)
+    if probe is None or not probe[1].startswith(probe[0]):
         return ""
-    lead = full[len(prompt):full.find(PROBE)] if full.startswith(prompt) and PROBE in full else ""
+    prompt, full = probe
+    lead = full[len(prompt):full.index(PROBE)]
     return lead if not lead.strip() else ""
-
-
-PROBE = "\u2063lowrank-probe\u2063"  # an answer no template rewrites, to find what follows answers
 
 
 def stop_text(tokenizer, template: str | None) -> str | None:
@@ -195,13 +205,10 @@ def stop_text(tokenizer, template: str | None) -> str | None:
         end = TEMPLATES[template].end
         return end.strip() or end
     eos = getattr(tokenizer, "eos_token", None)
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}],
-                                             tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that refuses this probe: the eos token still ends answers
+    probe = _probe(tokenizer)
+    if probe is None:
         return eos
-    if PROBE not in text:
-        return eos
+    text = probe[1]
     tail = text[text.index(PROBE) + len(PROBE):].lstrip()
     first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail else []
     if first and first[0] in tokenizer.added_tokens_decoder:
