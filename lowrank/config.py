@@ -111,6 +111,9 @@ class LoraConfig:
     init: str = "kaiming"  # A ~ kaiming-uniform as nn.Linear (loralib, PEFT); "gaussian": A ~ N(0, 1/r^2); B = 0 always
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)  # target pattern -> r; first match wins
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)  # target pattern -> alpha
+    # parameters that no linear module holds (PEFT's target_parameters): a MoE layer's 3-D experts,
+    # "experts.gate_up_proj"; same syntax as targets, over parameter names (tuners/lora_param.py)
+    parameters: Targets | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -124,10 +127,29 @@ class LoraConfig:
                 raise TypeError(f"{field} must be a bool (True or False); got {getattr(self, field)!r}")
         if self.init not in LORA_INITS:
             raise ValueError(f"init must be one of {LORA_INITS}; got {self.init!r}")
-        object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
+        object.__setattr__(self, "parameters", _check_targets("parameters", self.parameters, allow_none=True))
+        if self.parameters:
+            self._check_parameters()
+        if self.targets is None and not self.parameters:
+            raise ValueError("targets is None and parameters names nothing: give the modules LoRA adapts (or "
+                             "'all-linear'), or the parameters (parameters=['experts.gate_up_proj'])")
+        object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=bool(self.parameters)))
         object.__setattr__(self, "exclude", _check_targets("exclude", self.exclude, allow_none=True))
         object.__setattr__(self, "rank_pattern", _frozen_mapping("rank_pattern", self.rank_pattern, int, True))
         object.__setattr__(self, "alpha_pattern", _frozen_mapping("alpha_pattern", self.alpha_pattern, float, True))
+
+    def _check_parameters(self) -> None:
+        """What LoRA on a parameter cannot do, refused as PEFT's ParamWrapper refuses it: the update
+        is folded into the weight, so there is no input of its own to drop out, nor a DoRA norm."""
+        if "all-linear" in self.parameters:
+            raise ValueError("parameters names parameters ('experts.gate_up_proj', a glob, 're:...'); 'all-linear' "
+                             "names modules and belongs in targets")
+        if self.dropout:
+            raise ValueError(f"dropout must be 0 with parameters={list(self.parameters)!r}: LoRA on a parameter "
+                             f"changes the weight, and has no input of its own to drop out; got dropout={self.dropout}")
+        if self.dora:
+            raise ValueError(f"DoRA is not supported with parameters={list(self.parameters)!r} (nor in PEFT); "
+                             "use plain LoRA (dora=False)")
 
     def scale(self, r: int, alpha: float) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA."""

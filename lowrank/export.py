@@ -29,6 +29,7 @@ from .quant.nf4_weight import BNB_QUANT_STATE_KEY
 from .tuners import dora
 from .tuners.base import TunerLayer
 from .tuners.lora_base import LoraLayer
+from .tuners.lora_param import LoraParameter
 from .walk import _unwrap, _walk, plain_modules
 
 log = logging.getLogger("lowrank")
@@ -52,25 +53,38 @@ class ExportResult:
         return max(self.requantize_error.values(), default=0.0)
 
 
-def _lora_chain(where: str, module: TunerLayer) -> LoraLayer:
-    """The LoRA layer of a wrapped module; refuses other adapters (they cannot be merged)."""
-    m = module
+def _lora_chain(where: str, module: TunerLayer) -> list[LoraLayer]:
+    """The LoRA layers of a wrapped module: one, or one per adapted parameter (LoraParameter);
+    refuses other adapters (they cannot be merged)."""
+    layers, m = [], module
     while isinstance(m, TunerLayer):
         if not isinstance(m, LoraLayer):
             raise ValueError(f"{where!r} holds a {type(m).__name__} adapter, which cannot be merged into weights (only LoRA and "
                              "DoRA can); eject it before exporting, or save it with lowrank.save_adapter")
-        if isinstance(m.base, TunerLayer):
-            raise ValueError(f"{where!r} has nested adapter layers; export supports one LoRA layer per module")
-        return m
-    raise TypeError(f"{where!r} is not an adapter layer")
+        layers.append(m)
+        m = m.base
+    if len(layers) > 1 and not all(isinstance(la, LoraParameter) for la in layers):
+        raise ValueError(f"{where!r} has nested adapter layers; export supports one LoRA layer per module")
+    return layers
+
+
+def _dense(layer: LoraLayer) -> torch.Tensor:
+    """The dense weight a LoRA layer's merge writes into: its base's, or its parameter's."""
+    return layer.weight_param() if isinstance(layer, LoraParameter) else layer.base.weight
+
+
+def weight_key(module: str, layer: LoraLayer | None) -> str:
+    """The state-dict key of the weight `layer` (None: a 4-bit layer's own) merges into."""
+    attr = layer.parameter_name if isinstance(layer, LoraParameter) else "weight"
+    return f"{module}.{attr}" if module else attr
 
 
 def merged_weight(layer: LoraLayer) -> torch.Tensor:
     """W' in float32, in the layout of the base's dense weight; the layer is not changed."""
     base = layer.base
     if layer.merged:  # already folded in by lowrank.merge: the weight is W'
-        return base.weight.detach().float()
-    w = base.dequantize(base.compute_dtype) if isinstance(base, Linear4bit) else base.weight.detach()
+        return _dense(layer).detach().float()
+    w = base.dequantize(base.compute_dtype) if isinstance(base, Linear4bit) else _dense(layer).detach()
     w = w.float()
     if not layer.enabled:
         return w
@@ -90,7 +104,7 @@ def merged_weight(layer: LoraLayer) -> torch.Tensor:
     return w
 
 
-def _plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, LoraLayer], dict[str, Linear4bit]]:
+def _plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[LoraLayer]], dict[str, Linear4bit]]:
     """The model's state dict as it would be without adapter wrappers (tensors shared, not
     copied), its LoRA layers and its 4-bit layers by plain module name. The wrappers are
     taken out for the call to state_dict() and put back before returning."""
@@ -169,9 +183,10 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
                          "(quantize it with lowrank.quantize first, or export it dense)")
     conv1d = set() if requantize else _conv1d_layout(model, quantized)
     parts, errors, owner = {}, {}, {}  # owner: a replaced state-dict key -> the key of the part that writes it
-    for name in sorted(set(loras) | set(quantized)):
-        layer, q = loras.get(name), quantized.get(name)
-        key = f"{name}.weight" if name else "weight"
+    weights = {weight_key(n, la): (n, la) for n, layers in loras.items() for la in layers}
+    weights |= {weight_key(n, None): (n, None) for n in quantized if weight_key(n, None) not in weights}
+    for key, (name, layer) in sorted(weights.items()):
+        q = quantized.get(name)
         if q is None and key not in state:  # See Note: a computed weight (lowrank/tuners/lora_base.py)
             raise ValueError(f"cannot merge into {name!r}: its weight is not a state-dict entry {key!r} but computed "
                              "from other parameters (torch.nn.utils.parametrize, weight_norm), so the merged weight "
@@ -204,7 +219,7 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     if errors:
         log.info("merge_and_export: re-quantizing to NF4 added a relative error of at most %.3g (mean %.3g) over %d "
                  "layers", max(errors.values()), sum(errors.values()) / len(errors), len(errors))
-    merged = sorted(n for n, layer in loras.items() if layer.active or layer.merged)
+    merged = sorted(n for n, layers in loras.items() if any(la.active or la.merged for la in layers))
     return ExportResult(pathlib.Path(out_dir), files, dtype, merged, dict(sorted(errors.items())))
 
 
@@ -240,11 +255,11 @@ def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Linear4bit | N
             raise ValueError(f"merging the adapters of {name!r} gives non-finite weights (inf/nan); nothing was written")
         return w.T.contiguous() if conv1d else w  # (in, out) for a Conv1D
 
-    base_dtype = q.compute_dtype if q is not None else layer.base.weight.dtype
+    base_dtype = q.compute_dtype if q is not None else _dense(layer).dtype
     target = base_dtype if dtype is None else dtype
     if requantize and q is not None:
         return shards.Part(_nf4_sizes(key, q, target), lambda: _requantized(make(), q, key, name, target, errors))
-    numel = q.weight.numel if q is not None else layer.base.weight.numel()
+    numel = q.weight.numel if q is not None else _dense(layer).numel()
     return shards.Part({key: numel * torch.empty(0, dtype=target).element_size()},
                        lambda: {key: _checked_cast(key, make(), target)})
 

@@ -23,7 +23,7 @@ from .distributed import check_not_sharded, reshard
 from .merging import merge, unmerge  # noqa: F401  (lowrank.inject's verbs)
 from .quant.linear4bit import Linear4bit
 from .targets import compile_filter
-from .tuners import adapter, lora, prefix, prompt, prompt_hooks
+from .tuners import adapter, lora, lora_param, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
 from .walk import (  # noqa: F401
@@ -91,7 +91,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     """Add adapter `name` to every module of `model` that `config.targets` matches, in place.
     Makes `name` the active adapter and only its parameters trainable; what it makes takes the
     train / eval mode of what it wraps (See Note: train or eval mode). Returns the qualified
-    names of the modules it wrapped; raises, changing nothing, when nothing matched, when the
+    names of the modules it wrapped (and of the parameters LoRA's `parameters` adapted); raises, changing nothing, when nothing matched, when the
     model already has an adapter `name`, when an adapter is merged, or when a target cannot
     take this adapter.
 
@@ -121,7 +121,11 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         if wanted(n, inner) and id(inner) not in seen:
             seen.add(id(inner))
             matches.append((p, a, n, c))
-    if not matches:
+    params = lora_param.find(_walk(model), config, model) if getattr(config, "parameters", None) else []
+    if config.targets == () and not params:  # LoRA on parameters only
+        raise ValueError(f"no parameter of {type(model).__name__} matched parameters={config.parameters!r}; "
+                         f"they are named as in model.named_parameters(), e.g. {[n for n, _ in model.named_parameters()][:4]}")
+    if not matches and not params:
         candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
         raise ValueError(
             f"no module of {type(model).__name__} matched targets={targets!r} (exclude={config.exclude!r}); "
@@ -136,6 +140,8 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
             raise ValueError(f"cannot put {handler.kind} on {where!r}: nn.MultiheadAttention reads its projection "
                              "weights directly, never calling the submodule; exclude it (or put an adapter on the attention)")
         handler.check(child, config, name, where)
+    for _, _, where, child, parameter in [(p, a, w, getattr(p, a), n) for p, a, w, n in params]:
+        lora_param.check(child, name, where, parameter, {w for _, _, w, _ in matches})
     first = not _layers(model)
     if first:  # See Note: requires_grad on eject.
         _FLAGS[model] = [(p, p.requires_grad) for p in model.parameters()]
@@ -144,6 +150,10 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         for parent, attr, where, _ in matches:
             child = getattr(parent, attr)
             setattr(parent, attr, handler.wrap(child, config, name, where))
+            _take_mode(getattr(parent, attr), child.training, known)
+        for parent, attr, where, parameter in params:  # a module's parameters in the order it holds them
+            child = getattr(parent, attr)
+            setattr(parent, attr, lora_param.wrap(child, config, name, where, parameter))
             _take_mode(getattr(parent, attr), child.training, known)
         for encoder_layer in (m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)):
             for layer in _layers(encoder_layer):  # See Note: fused fast paths (tuners/base.py).
@@ -159,7 +169,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         raise
     set_active(model, name)
     mark_trainable(model)
-    return [where for _, _, where, _ in matches]
+    return [where for _, _, where, _ in matches] + [f"{where}.{parameter}" for _, _, where, parameter in params]
 
 
 # Note: one module, one place. A module registered at several places (one nn.Linear under two

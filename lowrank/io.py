@@ -24,11 +24,12 @@ from torch import nn
 
 from . import distributed, io_prefix, io_prompt
 from .config import LoraConfig
-from .inject import _walk, active_adapters, adapter_names, eject, inject, plain_parameters, set_active
-from .io_names import from_peft_pattern, from_peft_targets, to_peft_pattern, to_peft_targets
+from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
+from .io_names import (_lora_layers, _tensors, from_peft_parameters, from_peft_pattern, from_peft_targets,
+                       to_peft_parameters, to_peft_pattern, to_peft_targets)
 from .targets import first_match
-from .tuners.lora import LoraEmbedding, _lora_slot
-from .tuners.lora_base import LoraLayer
+from .tuners.lora_param import LoraParameter
+from .walk import _unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,7 +38,7 @@ PREFIX = "base_model.model."
 
 # PEFT LoraConfig fields we cannot honour: loading refuses a config that sets any of them.
 _UNSUPPORTED = {"modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "bias": "none",
-                "lora_bias": False, "use_qalora": False, "trainable_token_indices": None, "target_parameters": None,
+                "lora_bias": False, "use_qalora": False, "trainable_token_indices": None,
                 "layer_replication": None, "alora_invocation_tokens": None, "use_bdlora": None}
 
 _SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
@@ -63,27 +64,6 @@ class LoadResult:
 # not undo it on eject. save_adapter writes adapter weights only.
 
 
-def _lora_layers(model: nn.Module, name: str) -> list[tuple[str, LoraLayer]]:
-    """(qualified module name, LoRA layer) for every layer holding LoRA adapter `name`."""
-    out = []
-    for _, _, where, child in _walk(model):
-        slot = _lora_slot(child)
-        if isinstance(slot, LoraLayer) and name in slot.names:
-            out.append((where, slot))
-    return out
-
-
-def _tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
-    """PEFT's key suffix -> our parameter, for adapter `name` of one layer."""
-    if isinstance(layer, LoraEmbedding):
-        t = {"lora_embedding_A": layer.lora_embedding_A[name], "lora_embedding_B": layer.lora_embedding_B[name]}
-    else:
-        t = {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}
-    if name in layer.lora_magnitude_vector:
-        t["lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
-    return t
-
-
 def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
@@ -98,19 +78,21 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     layers = _lora_layers(model, name)
     if not layers:
         raise ValueError(f"the model has no LoRA adapter named {name!r}; it has {adapter_names(model)}")
-    configs = {id(layer.configs[name]): layer.configs[name] for _, layer in layers}.values()
+    configs = {id(layer.configs[name]): layer.configs[name] for _, _, layer in layers}.values()
+    params = [w for w, _, layer in layers if isinstance(layer, LoraParameter)]
+    modules = [w for w, _, layer in layers if not isinstance(layer, LoraParameter)]
     for field in ("rslora", "dora", "dropout"):
         if len({getattr(c, field) for c in configs}) > 1:
             raise ValueError(f"adapter {name!r} was injected with differing {field} values; PEFT's format holds one")
     config = next(iter(configs))
     tensors, ranks, alphas = {}, {}, {}
-    for where, layer in layers:
+    for where, key, layer in layers:
         for suffix, t in _tensors(layer, name).items():
             # See Note: saving from several ranks (lowrank/distributed.py)
-            tensors[f"{PREFIX}{where}.{suffix}"] = distributed.full_tensor(t.detach()).cpu().contiguous()
+            tensors[f"{PREFIX}{key}.{suffix}"] = distributed.full_tensor(t.detach()).cpu().contiguous()
         c = layer.configs[name]
         ranks[where] = layer.r[name]
-        alphas[where] = first_match(c.alpha_pattern, where, layer.base, c.alpha)
+        alphas[where] = first_match(c.alpha_pattern, where, _unwrap(layer), c.alpha)
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     cfg = getattr(model, "config", None)
@@ -119,9 +101,11 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         # PEFT's modules_to_save, which a LoRA file does not carry: no task
         "peft_type": "LORA", "task_type": "CAUSAL_LM" if io_prompt.task_type(model) == "CAUSAL_LM" else None,
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
-        "r": r, "lora_alpha": _number(alpha), "target_modules": to_peft_targets(model, [w for w, _ in layers]),
+        "r": r, "lora_alpha": _number(alpha),
+        "target_modules": to_peft_targets(model, modules) if modules else None,
+        "target_parameters": to_peft_parameters(model, params) if params else None,
         "exclude_modules": None, "lora_dropout": float(config.dropout), "use_rslora": config.rslora,
-        "use_dora": config.dora, "fan_in_fan_out": any(layer.transposed for _, layer in layers),
+        "use_dora": config.dora, "fan_in_fan_out": any(layer.transposed for _, _, layer in layers),
         "rank_pattern": to_peft_pattern({w: v for w, v in ranks.items() if v != r}, list(ranks)),
         "alpha_pattern": to_peft_pattern({w: _number(v) for w, v in alphas.items() if v != alpha}, list(alphas)),
         "bias": "none", "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
@@ -197,13 +181,14 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
     if init not in _SAFE_INITS:  # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA rewrite the base weights too
         raise NotImplementedError(f"{source}: init_lora_weights={init!r} changes the base model's weights, which "
                                   "lowrank.load_adapter does not reproduce; convert the adapter to plain LoRA first")
-    if not peft_config.get("target_modules"):
-        raise ValueError(f"{source}: target_modules is empty; nothing to inject")
+    if not peft_config.get("target_modules") and not peft_config.get("target_parameters"):
+        raise ValueError(f"{source}: target_modules and target_parameters are empty; nothing to inject")
 
     try:  # LoraConfig checks each field's type and range; the file is named here (no int() or bool() on the way)
         return LoraConfig(r=peft_config.get("r", 8), alpha=peft_config.get("lora_alpha", 8),
                           dropout=peft_config.get("lora_dropout") or 0.0,
-                          targets=from_peft_targets(peft_config["target_modules"]),
+                          targets=from_peft_targets(peft_config.get("target_modules") or None),
+                          parameters=from_peft_parameters(peft_config.get("target_parameters")),
                           exclude=from_peft_targets(peft_config.get("exclude_modules")),
                           rslora=peft_config.get("use_rslora") or False, dora=peft_config.get("use_dora") or False,
                           rank_pattern=from_peft_pattern(peft_config.get("rank_pattern")),
@@ -309,7 +294,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         except (ValueError, TypeError) as e:  # what the file asks that this model or lowrank cannot take, named
             raise type(e)(f"{cfg_file}: cannot load this adapter: {e}") from e
         seen, missing, mismatched, pairs = set(), [], [], []
-        for where, layer in _lora_layers(model, name):
+        for _, where, layer in _lora_layers(model, name):
             for suffix, param in _tensors(layer, name).items():
                 key = f"{where}.{suffix}"
                 if key not in weights:

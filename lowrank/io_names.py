@@ -1,15 +1,20 @@
 """How PEFT's adapter_config.json names modules, both ways: target_modules (a list of names or
 `.`-suffixes, or one regular expression) and rank_pattern / alpha_pattern keys (regular
 expressions matched as `(.*\\.)?(key)$`), from lowrank's wrapped modules when saving and into
-lowrank's target specs when loading (lowrank/io.py)."""
+lowrank's target specs when loading (lowrank/io.py); and the keys of each LoRA layer's tensors
+in PEFT's file."""
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
-from .inject import _walk
+from .inject import _unwrap, _walk
+from .tuners.lora import LoraEmbedding
+from .tuners.lora_base import LoraLayer
+from .tuners.lora_param import LoraParameter, lora_chain
 
 
 def to_peft_targets(model: nn.Module, wrapped: list[str]) -> list[str] | str:
@@ -61,3 +66,60 @@ def from_peft_pattern(p: dict | None, field: str = "rank_pattern") -> dict:
     if p is not None and not isinstance(p, dict):
         raise TypeError(f"{field} must be a JSON object (module name pattern -> value); got {p!r}")
     return {rf"re:(.*\.)?({k})": v for k, v in (p or {}).items()}
+
+
+def to_peft_parameters(model: nn.Module, adapted: list[str]) -> list[str]:
+    """PEFT target_parameters naming exactly the parameters `adapted`: "<module>.<parameter>"
+    by its last two name parts when those pick out no other parameter (PEFT takes an entry as
+    the full name or a `.`-suffix of it), else the full names."""
+    names = [f"{where}.{p}" for _, _, where, child in _walk(model) for p in _unwrap(child)._parameters]
+    short = sorted({".".join(k.split(".")[-2:]) for k in adapted})
+    if {n for n in names if any(n == s or n.endswith("." + s) for s in short)} == set(adapted):
+        return short
+    return sorted(adapted)
+
+
+def from_peft_parameters(value):
+    """PEFT's target_parameters (names or `.`-suffixes of parameter names) as our specs; None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"target_parameters must be a list of strings; got {value!r}")
+    return [_peft_spec(v, False) for v in value] or None
+
+
+def _lora_layers(model: nn.Module, name: str) -> list[tuple[str, str, LoraLayer]]:
+    """(target, PEFT's key of its tensors, LoRA layer) for every layer holding LoRA adapter
+    `name`. The target is the module's qualified name, or for LoRA on a parameter the
+    parameter's; see Note: PEFT's nested names."""
+    out = []
+    for _, _, where, child in _walk(model):
+        layers = [layer for layer in lora_chain(child) if name in layer.names]
+        order = list(_unwrap(child)._parameters)
+        nested = sorted((la for la in layers if isinstance(la, LoraParameter)), key=lambda la: order.index(la.parameter_name))
+        for layer in layers:
+            if isinstance(layer, LoraParameter):
+                depth = len(nested) - 1 - nested.index(layer)
+                out.append((f"{where}.{layer.parameter_name}", where + ".base_layer" * depth, layer))
+            else:
+                out.append((where, where, layer))
+    return out
+
+
+# Note: PEFT's nested names. PEFT adapts several parameters of one module (a MoE layer's
+# gate_up_proj and down_proj) with one wrapper each, nested in the order the module registered
+# them (the first innermost), and names each one's tensors by its depth: the outermost
+# "<module>.lora_A.weight", the next "<module>.base_layer.lora_A.weight", and so on. lowrank's
+# layers may nest in another order (adapters added one at a time), so the depth is counted from
+# the module's order over the parameters this adapter adapts there, as PEFT would nest them.
+
+
+def _tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
+    """PEFT's key suffix -> our parameter, for adapter `name` of one layer."""
+    if isinstance(layer, LoraEmbedding):
+        t = {"lora_embedding_A": layer.lora_embedding_A[name], "lora_embedding_B": layer.lora_embedding_B[name]}
+    else:
+        t = {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}
+    if name in layer.lora_magnitude_vector:
+        t["lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
+    return t

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .distributed import reshard
+from .tuners.lora_param import LoraParameter
 from .walk import _lora_layers, _module, plain_parameters
 
 
@@ -23,7 +24,7 @@ def merge(model: nn.Module) -> list[str]:
         names.setdefault(_alias(p), []).append(n)
     layers = _lora_layers(model)
     for where, m in layers:
-        w = getattr(m.base, "weight", None)
+        w = m.weight_param() if isinstance(m, LoraParameter) else getattr(m.base, "weight", None)
         if isinstance(w, torch.Tensor) and len(names.get(_alias(w), ())) > 1 and any(n not in m.merged for n in m.active):
             raise ValueError(f"cannot merge into {where!r}: its weight is one tensor with {names[_alias(w)]} (tied), so "
                              "merging would change the other module too; keep the adapter unmerged, or untie the "

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from torch import nn
 
 from .tuners.base import TunerLayer
-from .tuners.lora import _lora_slot
 from .tuners.lora_base import LoraLayer
+from .tuners.lora_param import lora_chain
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -57,13 +57,9 @@ def _layers(model: nn.Module) -> list[TunerLayer]:
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """(qualified name, LoRA layer) for every LoRA layer, also inside another adapter's wrapper."""
-    out = []
-    for _, _, where, child in _walk(model):
-        slot = _lora_slot(child)
-        if isinstance(slot, LoraLayer):
-            out.append((where, slot))
-    return out
+    """(qualified name, LoRA layer) for every LoRA layer, also inside another adapter's wrapper
+    (LoRA on several parameters of one module: a layer each, under the module's name)."""
+    return [(where, layer) for _, _, where, child in _walk(model) for layer in lora_chain(child)]
 
 
 def _module(model, verb: str) -> nn.Module:

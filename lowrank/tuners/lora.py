@@ -16,6 +16,7 @@ from ..quant.linear4bit import Linear4bit, autocast_dtype
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like
 from .base import TunerLayer, cast_for
 from .lora_base import LoraLayer
+from .lora_param import LoraParameter
 
 SUPPORTED = ("nn.Linear, transformers' GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d, or a linear-like "
              "module (in_features, out_features, and a `weight` or a `dequantize()`)")
@@ -331,6 +332,9 @@ def _lora_slot(module: nn.Module) -> nn.Module:
 def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
     """Raise, before anything changes, if LoRA `name` cannot go on `module` (at `where`)."""
     slot = _lora_slot(module)
+    if isinstance(slot, LoraParameter):
+        raise ValueError(f"{where!r} has LoRA on its parameter {slot.parameter_name!r}; LoRA on the module too is not "
+                         "supported (nor in PEFT): exclude it from targets")
     if isinstance(slot, LoraLayer):
         if name in slot.names:
             raise ValueError(f"{where!r} already has a LoRA adapter named {name!r}; inject under another name "
