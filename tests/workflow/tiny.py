@@ -58,20 +58,24 @@ def build_tokenizer(conversations=CONVERSATIONS):
     return tokenizer
 
 
-def build(path: pathlib.Path, conversations=CONVERSATIONS, seed: int = 0) -> pathlib.Path:
-    """Save tokenizer + random Llama to `path` (a transformers model directory) and return it."""
+def build(path: pathlib.Path, conversations=CONVERSATIONS, seed: int = 0, arch: str = "llama") -> pathlib.Path:
+    """Save tokenizer + random Llama (or `arch="mixtral"`: a Mixtral of 4 experts, its experts
+    3-D parameters) to `path` (a transformers model directory) and return it."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     tokenizer = build_tokenizer(conversations)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-                         initializer_range=0.3)  # See Note: a base with room in its logits
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}[arch]
+    extra = {"num_local_experts": 4, "num_experts_per_tok": 2} if arch == "mixtral" else {}
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+                          initializer_range=0.3, **extra)  # See Note: a base with room in its logits
     path.mkdir(parents=True, exist_ok=True)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
