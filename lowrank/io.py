@@ -22,7 +22,7 @@ import pathlib
 import torch
 from torch import nn
 
-from . import distributed, io_prefix, io_prompt
+from . import distributed, io_moe, io_prefix, io_prompt
 from .config import LoraConfig
 from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
 from .io_names import (_lora_layers, _tensors, from_peft_parameters, from_peft_pattern, from_peft_targets,
@@ -283,9 +283,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if peft_config.get("peft_type") == io_prefix.PEFT_TYPE:
         return io_prefix.load(model, peft_config, read_weights(path, allow_pickle), name, str(cfg_file), LoadResult,
                               dtype, strict)
-    config = config_from_peft(peft_config, str(cfg_file))
     weights = read_weights(path, allow_pickle)
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}
+    peft_config, weights = io_moe.convert(model, peft_config, weights)  # a transformers 4 MoE adapter on a 5 model
+    config = config_from_peft(peft_config, str(cfg_file))
     for k in [k for k in weights if k.endswith(".lora_magnitude_vector.weight")]:  # older PEFT spelling
         weights[k.removesuffix(".weight")] = weights.pop(k)
     with undo_on_error(model, name):  # See Note: a failed load changes nothing

@@ -1,0 +1,132 @@
+"""LoRA files written for transformers 4's mixture-of-experts layers, read into transformers 5's.
+
+transformers 4 held each expert as linear modules, `<moe>.experts.<e>.w1 / w3 / w2` (Mixtral,
+MiniMax) or `gate_proj / up_proj / down_proj` (Qwen2-MoE and the models transformers 5 converts
+as it: Qwen3-MoE, OLMoE, DeepSeek-V2/V3, ...), and a router `<moe>.gate`, an nn.Linear. transformers 5 fuses
+the experts into two 3-D parameters, `experts.gate_up_proj` (E, 2I, H), expert e's rows [w1_e; w3_e],
+and `experts.down_proj` (E, H, I); its router keeps `gate.weight` but is no linear module; and
+Mixtral's `block_sparse_moe` is `mlp` (transformers/conversion_mapping.py, its "mixtral" and
+"qwen2_moe" entries). A LoRA file of the old layout becomes LoRA on those parameters
+(lowrank/tuners/lora_param.py), as PEFT 0.21 converts it:
+
+    gate_up_proj:  A_e = [A1_e; A3_e]  (2r, H),   B_e = [[B1_e, 0], [0, B3_e]]  (2I, 2r)
+    down_proj:     A_e = A2_e, B_e = B2_e
+
+so B_e A_e = [B1_e A1_e; B3_e A3_e], each expert's update exactly as before, at rank 2r. The
+scale must stay what it was: alpha doubles with r (PEFT's rule), and with rsLoRA, whose scale
+alpha / sqrt(r) doubling both would raise by sqrt(2), alpha grows by sqrt(2) only (PEFT 0.21
+doubles it there too). The router's pair goes on `gate.weight` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from .walk import _unwrap, _walk
+
+# transformers 4's per-expert projection -> (transformers 5's parameter, its place in the fusion)
+FUSED = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", 0),
+         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
+SLOTS = {"gate_up_proj": 2, "down_proj": 1}  # how many projections each fuses
+RENAMED = {".block_sparse_moe.": ".mlp."}  # Mixtral's MoE block
+_EXPERT_KEY = re.compile(r"^(?P<moe>.*)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.lora_(?P<ab>[AB])\.weight$")
+_MODULE_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(config, weights) of a PEFT LoRA file (keys without PEFT's `base_model.model.`) for `model`:
+    per-expert and router LoRA of transformers 4 as LoRA on `model`'s fused parameters, when
+    `model` has them; anything else unchanged."""
+    modules = {n: _unwrap(c) for _, _, n, c in _walk(model)}
+    weights = {_renamed(k, modules): v for k, v in weights.items()}
+    experts, rest = {}, {}
+    for k, v in weights.items():
+        m = _EXPERT_KEY.match(k)
+        owner = modules.get(f"{m['moe']}.experts") if m else None
+        fused = FUSED.get(m["proj"]) if m else None
+        if fused is None or owner is None or not isinstance(owner._parameters.get(fused[0]), torch.Tensor):
+            rest[k] = v
+            continue
+        experts.setdefault((m["moe"], fused[0]), {}).setdefault(m["proj"], {}).setdefault(int(m["e"]), {})[m["ab"]] = v
+    covered = _as_list(peft_config.get("target_parameters"))
+    routers = [m["module"] for k in rest if (m := _MODULE_KEY.match(k)) and m["ab"] == "A"
+               and _is_router(modules.get(m["module"]))  # a file of transformers 5 names the router's weight already:
+               and not any(f"{m['module']}.weight" == t or f"{m['module']}.weight".endswith("." + t) for t in covered)]
+    if not experts and not routers:
+        return peft_config, weights
+    config, scale_kept = dict(peft_config), {}
+    for (moe, param), members in experts.items():
+        a, b, r = _fuse(f"{moe}.experts.{param}", members, modules[f"{moe}.experts"]._parameters[param].shape[0])
+        depth = _depth(modules[f"{moe}.experts"], param, {p for (m2, p) in experts if m2 == moe})
+        rest[f"{moe}.experts{'.base_layer' * depth}.lora_A.weight"], rest[f"{moe}.experts{'.base_layer' * depth}.lora_B.weight"] = a, b
+        scale_kept[f"{moe}.experts.{param}"] = (len(members), r)
+    params = sorted(scale_kept) + [f"{r}.weight" for r in routers]
+    config["target_parameters"] = sorted(set(config.get("target_parameters") or []) | set(params))
+    config["exclude_modules"] = _excluding(config.get("exclude_modules"), routers)  # they were module targets
+    alpha, rslora = config.get("lora_alpha", 8), bool(config.get("use_rslora"))
+    # See the module docstring: the fused rank n r, alpha so the scale stays; first match wins, so these go first
+    config["rank_pattern"] = {"^" + re.escape(k): n * r for k, (n, r) in scale_kept.items()} | dict(config.get("rank_pattern") or {})
+    config["alpha_pattern"] = ({"^" + re.escape(k): alpha * (math.sqrt(n) if rslora else n) for k, (n, _) in scale_kept.items()}
+                               | dict(config.get("alpha_pattern") or {}))
+    return config, rest
+
+
+def _renamed(key: str, modules: dict) -> str:
+    for old, new in RENAMED.items():
+        if old in key and not any(old.strip(".") in n.split(".") for n in modules):
+            key = key.replace(old, new)
+    return key
+
+
+def _is_router(module: nn.Module | None) -> bool:
+    """A transformers 5 router: a module with a 2-D `weight` that is no linear layer (Mixtral's
+    MixtralTopKRouter), where transformers 4 had an nn.Linear `gate`."""
+    from .targets import is_linear_like
+
+    w = None if module is None else module._parameters.get("weight")
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and not is_linear_like(module)
+
+
+def _fuse(name: str, members: dict, experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """PEFT's (A, B) for parameter `name` from its per-expert pairs `members[proj][e]["A" / "B"]`
+    (See Note: PEFT's factor layout, lowrank/tuners/lora_param.py), and the rank r of each pair."""
+    param = name.rsplit(".", 1)[-1]
+    order = sorted(members, key=lambda proj: FUSED[proj][1])
+    if len(order) != SLOTS[param]:
+        raise ValueError(f"the file adapts only {order} of the projections transformers 5 fuses into {name}, which "
+                         "lowrank (as PEFT) adapts whole: this adapter cannot be converted")
+    for proj in order:
+        have = sorted(members[proj])
+        if have != list(range(experts)) or any(set(members[proj][e]) != {"A", "B"} for e in have):
+            raise ValueError(f"the file's per-expert LoRA for {name} ({proj}) covers experts {have}, not all {experts} "
+                             "with both lora_A and lora_B: it cannot be fused into the model's 3-D parameter")
+    ranks = {members[p][e]["A"].shape[0] for p in order for e in range(experts)}
+    if len(ranks) != 1:
+        raise ValueError(f"the file's per-expert LoRA for {name} has ranks {sorted(ranks)}; fusing them needs one")
+    a = torch.stack([torch.cat([members[p][e]["A"] for p in order]) for e in range(experts)])  # (E, n r, in)
+    b = torch.stack([torch.block_diag(*[members[p][e]["B"] for p in order]) for e in range(experts)])  # (E, n out, n r)
+    return a.flatten(0, 1), b.permute(2, 0, 1).flatten(0, 1).T.contiguous(), ranks.pop()
+
+
+def _depth(owner: nn.Module, param: str, adapted: set[str]) -> int:
+    """How many of this adapter's layers on `owner` sit outside `param`'s (Note: PEFT's nested names, lowrank/io_names.py)."""
+    order = [p for p in owner._parameters if p in adapted]
+    return len(order) - 1 - order.index(param)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _excluding(exclude, names: list[str]):
+    """PEFT's exclude_modules with the full module names `names` added: a list gains them; a
+    string, which PEFT reads as one regular expression, gains them as alternatives."""
+    if not names:
+        return exclude
+    if isinstance(exclude, str):
+        return f"(?:{exclude})|" + "|".join(re.escape(n) for n in names)
+    return _as_list(exclude) + names
