@@ -42,7 +42,9 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
     per-expert and router LoRA of transformers 4 as LoRA on `model`'s fused parameters, when
     `model` has them; anything else unchanged."""
     modules = {n: _unwrap(c) for _, _, n, c in _walk(model)}
-    weights = {_renamed(k, modules): v for k, v in weights.items()}
+    parts = {p for n in modules for p in n.split(".")}
+    renames = {old: new for old, new in RENAMED.items() if old.strip(".") not in parts}  # the model has the new name
+    weights = {_renamed(k, renames): v for k, v in weights.items()}
     experts, rest = {}, {}
     for k, v in weights.items():
         m = _EXPERT_KEY.match(k)
@@ -75,10 +77,9 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
     return config, rest
 
 
-def _renamed(key: str, modules: dict) -> str:
-    for old, new in RENAMED.items():
-        if old in key and not any(old.strip(".") in n.split(".") for n in modules):
-            key = key.replace(old, new)
+def _renamed(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        key = key.replace(old, new)
     return key
 
 

@@ -103,9 +103,10 @@ class LoraParameter(LoraLayer):
 
     # Note: W' as PEFT forms it. One adapter on experts: W + s * B_e @ A_e in one baddbmm in W's
     # dtype, autocast off (PEFT's _LoraFactorsProxy). Otherwise (a 2-D parameter, several
-    # adapters) each s B A is formed in float32 (or W's dtype when wider: PEFT forms a 2-D product
-    # in float32 on CPU), rounded to W's dtype, and the updates added to W there, as PEFT's
-    # _LoraParameterProxy does. Equal to PEFT 0.21 bit for bit on CPU (tests/tuners/test_lora_param.py).
+    # adapters) each s B A is formed in float32 (or W's dtype when wider), rounded to W's dtype,
+    # and the updates added to W there, as PEFT's _LoraParameterProxy does. Equal to PEFT 0.21 bit
+    # for bit (tests/peers/test_peft_experts.py), except with bf16 / fp16 factors where PEFT forms
+    # a product in their dtype (several adapters on experts; on CUDA a 2-D one too): a rounding apart.
     def _updated(self, w: torch.Tensor) -> torch.Tensor:
         with torch.autocast(w.device.type, enabled=False):
             if len(self.active) == 1 and self._experts > 1:

@@ -54,6 +54,9 @@ MODES = ("ddp", "fsdp")
 FSDP_CONFIGS = [c for c in CONFIGS if c != "prefix-mlp"]
 CASES = [(mode, config, base) for mode in MODES for config in CONFIGS for base in BASES
          if mode == "ddp" or config in FSDP_CONFIGS]
+# LoRA on a Mixtral's experts, 3-D parameters (LoraConfig.parameters), on its own base
+MOE = LoraConfig(r=4, alpha=8, targets=("q_proj",), parameters=("experts.gate_up_proj", "experts.down_proj"))
+CASES += [(mode, "experts", "moe") for mode in MODES]
 CODEC = ("packed", "absmax", "nested_absmax")  # Linear4bit's sharded storage (Note: frozen integer parameters)
 
 
@@ -67,7 +70,7 @@ def case_name(mode: str, config: str, base: str) -> str:
 
 
 def base_model(base: str):
-    model = models.llama()  # seeded: every rank and the reference start from the same weights
+    model = models.mixtral() if base == "moe" else models.llama()  # seeded: every rank and the reference start alike
     if base == "nf4":
         quantize(model, NF4Config())
     return model
@@ -76,7 +79,7 @@ def base_model(base: str):
 def build(config: str, base: str):
     model = base_model(base)
     torch.manual_seed(1)  # the adapters' own initialisation
-    inject(model, CONFIGS[config])
+    inject(model, MOE if config == "experts" else CONFIGS[config])
     return model
 
 
@@ -159,7 +162,7 @@ def run_case(rank: int, mode: str, config: str, base: str, out: str, mesh) -> di
             inject(model, LoraConfig(r=2), "late")
         except RuntimeError as e:
             result["late_inject"] = str(e)
-    if savable(CONFIGS[config]):
+    if savable(MOE if config == "experts" else CONFIGS[config]):
         result |= save_and_load(rank, mode, config, base, model, out, mesh)
     return result
 

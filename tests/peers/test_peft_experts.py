@@ -173,6 +173,11 @@ def test_merge_unmerge_eject_and_export(tmp_path):
     again = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "merged")
     assert (again(ids).logits - ref).abs().max().item() <= tol
 
+    lowrank.save_adapter(ours, tmp_path / "parameters-only")  # no module targets: target_modules null
+    assert json.loads((tmp_path / "parameters-only" / "adapter_config.json").read_text())["target_modules"] is None
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "parameters-only")
+    assert torch.equal(pm(ids).logits, ours(ids).logits)
+
     lowrank.eject(ours)
     assert ours.model.layers[0].mlp.experts is own and sorted(ours.state_dict()) == sorted(base.state_dict())
 

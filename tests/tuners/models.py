@@ -15,6 +15,17 @@ def llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
+def mixtral():
+    """A mixture of experts: 4 experts a layer, held (as transformers 5 holds them) in 3-D parameters."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                     num_local_experts=4, num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(cfg)
+
+
 def gpt2():
     import transformers
 

@@ -1,0 +1,21 @@
+"""LoRA on a Mixtral's experts (3-D parameters, lowrank/tuners/lora_param.py) on 2 CPU ranks:
+DDP and FSDP2 train it as one process does, bit for bit, and save what one process saves."""
+
+import pytest
+
+from . import cases
+from .checks import frozen_problems, not_as_one_process, same_adapter_directory
+from .conftest import result
+
+
+@pytest.mark.parametrize("mode", cases.MODES)
+def test_experts_train_as_one_process_and_save_the_same(ranks, reference, mode, tmp_path):
+    model = reference("experts", "moe")
+    rs = [result(ranks, rank, cases.case_name(mode, "experts", "moe")) for rank in range(cases.WORLD)]
+    for r in rs:
+        assert not_as_one_process(r, model) == []
+        assert frozen_problems(r, model) == []
+    assert any(".experts." in n for n in rs[0]["trained"])
+    same_adapter_directory(rs[0]["saved"], model, tmp_path)
+    if mode == "fsdp":  # loaded before fully_shard, sharded: the same outputs
+        assert all(r["loaded_logits_equal"] for r in rs)
