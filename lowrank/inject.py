@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from . import restore
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .distributed import check_not_sharded, reshard
 from .merging import merge, unmerge  # noqa: F401  (lowrank.inject's verbs)
@@ -79,11 +80,6 @@ HANDLERS = {
 
 
 
-# Note: requires_grad on eject. inject freezes every parameter that is not an adapter's
-# (mark_trainable). The first inject into a model records each parameter's requires_grad,
-# and the eject that removes its last adapter puts them back: inject then eject leaves the
-# model as it was, its training flags included.
-_FLAGS: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Parameter, bool]]] = weakref.WeakKeyDictionary()
 
 
 def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig | PromptConfig, name: str = "default",
@@ -142,9 +138,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         handler.check(child, config, name, where)
     for _, _, where, child, parameter in [(p, a, w, getattr(p, a), n) for p, a, w, n in params]:
         lora_param.check(child, name, where, parameter, {w for _, _, w, _ in matches})
-    first = not _layers(model)
-    if first:  # See Note: requires_grad on eject.
-        _FLAGS[model] = [(p, p.requires_grad) for p in model.parameters()]
+    recorded = restore.record_flags(model)  # See Note: requires_grad on eject (lowrank/restore.py)
     known = {id(m) for m in model.modules()}
     try:  # See Note: a failed inject changes nothing.
         for parent, attr, where, _ in matches:
@@ -158,14 +152,15 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         for encoder_layer in (m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)):
             for layer in _layers(encoder_layer):  # See Note: fused fast paths (tuners/base.py).
                 layer.keep_fused_paths_off()
+        restore.nested_off(model)  # See Note: no nested tensors through adapters (lowrank/restore.py)
         handler.attach(model, config, name)
         _take_mode(model, model.training, known)  # anything `attach` made
         if dtype is not None:
             _cast_adapter(model, name, dtype)
     except BaseException:
         _remove(model, name, keep_merged=False)
-        if first:
-            _FLAGS.pop(model, None)
+        if recorded:
+            restore.drop_flags(model)
         raise
     set_active(model, name)
     mark_trainable(model)
@@ -219,13 +214,24 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     removing the last adapter also restores every parameter's requires_grad.
     Merged adapters are unmerged first, unless `keep_merged` (then the weights keep them: a
     plain fine-tuned model). Returns the names of the modules it touched."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"eject's name must be one adapter name (a str) or None for all; got {name!r}")
+    if not isinstance(keep_merged, bool):
+        raise TypeError(f"keep_merged must be a bool (True or False); got {keep_merged!r}")
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"the model has no adapter named {name!r}; it has {adapter_names(model)}")
     reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py): unmerging writes the weights
+    active = active_adapters(model)
     touched = _remove(model, name, keep_merged)
-    if not _layers(model):  # See Note: requires_grad on eject.
-        for p, flag in _FLAGS.pop(model, []):
-            p.requires_grad_(flag)
+    if not _layers(model):  # See Note: requires_grad on eject (lowrank/restore.py)
+        restore.restore_flags(model)
+    elif active and not active_adapters(model) and not any(layer.merged for layer in _layers(model)):
+        # the active adapter went and others stay: the first of them becomes active, as in PEFT's delete_adapter
+        left = adapter_names(model)[0]
+        warnings.warn(f"ejected the active adapter {name!r}; {left!r} is active now (lowrank.set_active to choose)",
+                      stacklevel=2)
+        set_active(model, left)
+        mark_trainable(model)
     return touched
 
 
@@ -239,6 +245,7 @@ def _remove(model: nn.Module, name: str | None, keep_merged: bool) -> list[str]:
     for handler in HANDLERS.values():  # See Note: model-level hooks.
         if not any(isinstance(m, handler.layer) for m in _layers(model)):
             handler.detach(model)
+    restore.nested_back(model)
     return touched
 
 

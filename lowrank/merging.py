@@ -23,6 +23,10 @@ def merge(model: nn.Module) -> list[str]:
     for n, p in plain_parameters(model):
         names.setdefault(_alias(p), []).append(n)
     layers = _lora_layers(model)
+    for where, m in layers:  # the forward there promises the base output, or one adapter a sample
+        if not m.enabled or m.route is not None:
+            raise RuntimeError(f"cannot merge inside lowrank.disabled(model) or lowrank.per_sample(model, ...) (at "
+                               f"{where!r}): the merged weights would change what that context computes; merge after it")
     for where, m in layers:
         w = m.weight_param() if isinstance(m, LoraParameter) else getattr(m.base, "weight", None)
         if isinstance(w, torch.Tensor) and len(names.get(_alias(w), ())) > 1 and any(n not in m.merged for n in m.active):

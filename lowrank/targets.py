@@ -51,7 +51,15 @@ def output_head_names(model: nn.Module) -> set[str]:
             head = get()
         except (AttributeError, NotImplementedError):
             head = None
-    return {n for n, m in model.named_modules() if (head is not None and m is head) or n.split(".")[-1] == "lm_head"}
+    return {n for n, m in _named(model) if (head is not None and m is head) or n.split(".")[-1] == "lm_head"}
+
+
+def _named(model: nn.Module):
+    """(name, module) for `model` ("") and every module below it, named as the filter sees them: adapter layers
+    and torch's checkpoint_wrapper see-through (lowrank/walk.py)."""
+    from .walk import _unwrap, _walk  # walk imports the tuners, which import this module
+
+    return [("", model)] + [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
 
 
 # Note: layers read by weight. transformers' Mamba mixers (Mamba, Mamba2, FalconMamba) multiply by
@@ -65,7 +73,7 @@ _MIXER_READS = ("x_proj", "dt_proj", "out_proj")
 def read_by_weight(model: nn.Module) -> set[str]:
     """Names of the linear layers "all-linear" leaves out because their model reads their weight
     itself (See Note: layers read by weight)."""
-    return {f"{n}.{c}" if n else c for n, m in model.named_modules()
+    return {f"{n}.{c}" if n else c for n, m in _named(model)
             if "Mamba" in type(m).__name__ and type(m).__name__.endswith("Mixer")
             for c in _MIXER_READS if isinstance(getattr(m, c, None), nn.Module)}
 

@@ -124,7 +124,10 @@ class AdapterLayer(TunerLayer):
         if args:
             x = args[0]
         else:
-            first = next(iter(inspect.signature(self.base.forward).parameters), None)
+            inner = self.base
+            while isinstance(inner, TunerLayer):  # a prefix layer's (*args, **kwargs) names nothing: its module's do
+                inner = inner.base
+            first = next(iter(inspect.signature(inner.forward).parameters), None)
             x = kwargs.get(first)
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             seen = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__

@@ -205,12 +205,13 @@ class PrefixLayer(TunerLayer):
         return with_prefix(self, *args, **kwargs)
 
 
-def _named(module: nn.Module, prefix: str = ""):
-    """(name, module) below `module` with adapter wrappers see-through (as lowrank.inject names them)."""
-    for attr, child in module.named_children():
-        name = f"{prefix}.{attr}" if prefix else attr
+def _named(module: nn.Module):
+    """(name, module) below `module` as lowrank.inject names them: adapter wrappers and torch's
+    checkpoint_wrapper see-through (lowrank/walk.py)."""
+    from ..walk import _walk  # walk imports the tuners
+
+    for _, _, name, child in _walk(module):
         yield name, _inner(child)
-        yield from _named(_inner(child), name)
 
 
 def _inner(module: nn.Module) -> nn.Module:

@@ -1,0 +1,149 @@
+"""What inject changes around the adapter layers and eject gives back, and names seen through
+wrappers (checkpoint_wrapper, adapter layers): each test is a problem a review found, checked
+to fail before its fix."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                         checkpoint_wrapper)
+
+import lowrank
+
+from . import models
+
+transformers = pytest.importorskip("transformers")
+
+
+def two_part():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("how", ["copy", "part first", "compiled wrapper"])
+def test_eject_gives_back_requires_grad_wherever_the_record_went(how):
+    model, config = two_part(), lowrank.LoraConfig(r=2, targets=nn.Linear)
+    model[1].weight.requires_grad_(False)  # a flag of the user's own, to come back as it was
+    want = {n: p.requires_grad for n, p in model.named_parameters()}
+    if how == "copy":  # a copy of an injected model: its record goes with it
+        lowrank.inject(model, config)
+        model = copy.deepcopy(model)
+        lowrank.eject(model)
+    elif how == "part first":  # a part injected on its own first, then the whole
+        lowrank.inject(model[0], config, name="a")
+        lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
+        lowrank.eject(model)
+    else:
+        lowrank.inject(model, config)
+        lowrank.eject(torch.compile(model))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == want
+    assert not any("_lowrank" in k for m in model.modules() for k in vars(m))
+
+
+def test_ejecting_the_active_adapter_activates_another_as_peft_does():
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="a")
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
+    with pytest.warns(UserWarning, match="'a' is active now"):
+        lowrank.eject(model, "b")
+    assert lowrank.active_adapters(model) == ["a"]
+    assert lowrank.summary(model).trainable == lowrank.summary(model).per_adapter["a"]
+    lowrank.set_active(model, [])  # chosen by the user: nothing active, and nothing changes that
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="c")
+    lowrank.set_active(model, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowrank.eject(model, "c")
+    assert lowrank.active_adapters(model) == []
+
+
+@pytest.mark.parametrize("context", ["disabled", "per_sample"])
+def test_merge_inside_disabled_or_per_sample_is_refused(context):
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"))
+    scope = lowrank.disabled(model) if context == "disabled" else lowrank.per_sample(model, ["__base__"] * 3)
+    with scope, pytest.raises(RuntimeError, match="cannot merge inside"):
+        lowrank.merge(model)
+    assert not any(layer.merged for layer in lowrank.inject.__globals__["_layers"](model))
+
+
+def test_eject_arguments_are_checked():
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="a")
+    with pytest.raises(TypeError, match="one adapter name"):
+        lowrank.eject(model, ["a"])
+    with pytest.raises(TypeError, match="keep_merged must be a bool"):
+        lowrank.eject(model, keep_merged="no")
+    assert lowrank.adapter_names(model) == ["a"]
+
+
+@pytest.mark.parametrize("config", [lowrank.LoraConfig(r=2, targets=["linear1", "linear2"]),
+                                    lowrank.AdapterConfig(bottleneck_size=4)], ids=["lora", "adapter"])
+def test_encoder_with_nested_tensors_runs_with_adapters(config):
+    """torch's defaults (enable_nested_tensor, eval, a padding mask) sent NestedTensors into the
+    adapter layers; with the nested path off the unpadded positions are the same computation."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), num_layers=2).eval()
+    x, mask = torch.randn(2, 5, 32), torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    with torch.no_grad():
+        plain = enc(x, src_key_padding_mask=mask)
+        lowrank.inject(enc, config)  # a fresh adapter adds nothing
+        adapted = enc(x, src_key_padding_mask=mask)
+    keep = ~mask
+    torch.testing.assert_close(adapted[keep], plain[keep], rtol=0, atol=1e-5)  # fused vs. module path: rounding apart
+    lowrank.eject(enc)
+    assert enc.use_nested_tensor and not any("_lowrank" in k for k in vars(enc))
+    with torch.no_grad():
+        assert torch.equal(enc(x, src_key_padding_mask=mask), plain)
+
+
+def checkpointed(model, layer_type):
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                   check_fn=lambda m: isinstance(m, layer_type))
+    return model
+
+
+def test_prefix_default_targets_see_through_checkpoint_wrapper():
+    model = checkpointed(models.llama(), transformers.models.llama.modeling_llama.LlamaDecoderLayer)
+    assert lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2)) == \
+        ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+
+
+def mamba():
+    torch.manual_seed(0)
+    return transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=64, hidden_size=32, state_size=4,
+                                                                  num_hidden_layers=1, expand=2, conv_kernel=2,
+                                                                  time_step_rank=4))
+
+
+@pytest.mark.parametrize("wrap", ["checkpoint_wrapper", "adapter on the block"])
+@pytest.mark.parametrize("verb", ["inject", "quantize"])
+def test_all_linear_leaves_the_mixers_weights_read_by_weight_inside_wrappers(wrap, verb):
+    model = mamba()
+    if wrap == "checkpoint_wrapper":
+        checkpointed(model, transformers.models.mamba.modeling_mamba.MambaBlock)
+    else:
+        lowrank.inject(model, lowrank.AdapterConfig(targets="backbone.layers.0", bottleneck_size=4), name="ad")
+    done = (lowrank.inject(model, lowrank.LoraConfig(r=2), name="l") if verb == "inject"
+            else lowrank.quantize(model))
+    assert done == ["backbone.layers.0.mixer.in_proj"]
+
+
+def test_parallel_adapter_around_a_prefix_reads_the_hidden_states():
+    model = models.llama()
+    ids = models.ids()
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2), name="pfx")
+    with torch.no_grad():
+        prefixed = model(input_ids=ids).logits
+    lowrank.inject(model, lowrank.AdapterConfig(parallel=True, targets="self_attn", bottleneck_size=4), name="par")
+    lowrank.set_active(model, ["pfx", "par"])
+    models.randomize_adapters(model)
+    with torch.no_grad():
+        both = model(input_ids=ids).logits
+    assert both.shape == prefixed.shape and not torch.allclose(both, prefixed)
