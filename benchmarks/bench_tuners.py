@@ -7,6 +7,9 @@ the same model with the same weights, in one run.
 Rows (median and 20/80 quantiles in ms):
     train_step        forward + backward + AdamW step of LoRA (r=16, every linear but the head);
                       providers lowrank, peft; ratio = lowrank / peft (goal <= 1)
+    experts_step      the same step for LoRA on a Mixtral's experts (8 experts, top 2; LoRA on the
+                      3-D experts.gate_up_proj / down_proj only: LoraConfig.parameters, PEFT's
+                      target_parameters); ratio = lowrank / peft
     merged_inference  forward under no_grad after lowrank.merge, against the plain base model;
                       ratio = merged / base (goal <= 1.02)
 Measurements of the two providers alternate call by call, so a shared machine's drift hits both.
@@ -46,6 +49,34 @@ def llama(hidden: int, layers: int) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg)
 
 
+def mixtral(hidden: int, layers: int) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 7 // 4,
+                                     num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 2),
+                                     num_key_value_heads=max(hidden // 64, 2), max_position_embeddings=512,
+                                     num_local_experts=8, num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(cfg)
+
+
+def twins(base, ours_config: LoraConfig, theirs_config):
+    """(lowrank model, PEFT model): `base` with the same LoRA weights in both."""
+    import peft
+
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    inject(ours, ours_config)
+    peft.inject_adapter_in_model(theirs_config, theirs)
+    for name, p in theirs.named_parameters():  # PEFT leaves the rest trainable when injected directly
+        p.requires_grad_("lora_" in name)
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():  # the same adapter weights in both
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                theirs_params[name.replace(".base.", ".base_layer.")].copy_(p)
+    return ours, theirs
+
+
 def alternate(fns: dict, reps: int) -> dict[str, tuple[float, float, float]]:
     """Time each fn `reps` times, taking turns; one warm-up call each first."""
     times = {name: [] for name in fns}
@@ -80,23 +111,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = QUICK if args.quick else FULL
     base = llama(shape["hidden"], shape["layers"]).train()
     ids = torch.randint(0, 1024, (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0))
-    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
-    inject(ours, LoraConfig(r=16, alpha=32, targets=TARGETS))
-    peft.inject_adapter_in_model(peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS), theirs)
-    for name, p in theirs.named_parameters():  # PEFT leaves the rest trainable when injected directly
-        p.requires_grad_("lora_" in name)
-    theirs_params = dict(theirs.named_parameters())
-    with torch.no_grad():  # the same adapter weights in both
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                theirs_params[name.replace(".base.", ".base_layer.")].copy_(p)
-
+    ours, theirs = twins(base, LoraConfig(r=16, alpha=32, targets=TARGETS),
+                         peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     rows = []
     shape_name = f"llama h{shape['hidden']} L{shape['layers']} b{shape['batch']}x{shape['seq']}"
     step = alternate({"lowrank": train_step(ours, ids), "peft": train_step(theirs, ids)}, shape["reps"])
     for provider, (ms, p20, p80) in step.items():
         rows.append({"case": "train_step", "shape": shape_name, "provider": provider, "ms": ms, "p20_ms": p20,
                      "p80_ms": p80, "ratio": ms / step["peft"][0], "ratio_vs": "peft"})
+
+    experts = ["experts.gate_up_proj", "experts.down_proj"]
+    moe = mixtral(shape["hidden"], shape["layers"]).train()
+    ours_moe, theirs_moe = twins(moe, LoraConfig(r=16, alpha=32, targets=None, parameters=experts),
+                                 peft.LoraConfig(r=16, lora_alpha=32, target_parameters=experts))
+    moe_name = f"mixtral h{shape['hidden']} L{shape['layers']} E8 b{shape['batch']}x{shape['seq']}"
+    step = alternate({"lowrank": train_step(ours_moe, ids), "peft": train_step(theirs_moe, ids)}, shape["reps"])
+    for provider, (ms, p20, p80) in step.items():
+        rows.append({"case": "experts_step", "shape": moe_name, "provider": provider, "ms": ms, "p20_ms": p20,
+                     "p80_ms": p80, "ratio": ms / step["peft"][0], "ratio_vs": "peft"})
+    del ours_moe, theirs_moe, moe
 
     merge(ours)
     ours.eval(), base.eval()

@@ -18,9 +18,9 @@ def test_quick_run_writes_rows(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["env"]["torch"] and saved["env"]["peft"] and saved["env"]["date"] and saved["env"]["device"]
     saved = saved["rows"]
-    assert saved == rows and len(rows) == 4
+    assert saved == rows and len(rows) == 6
     assert {(r["case"], r["provider"]) for r in saved} == {
-        ("train_step", "lowrank"), ("train_step", "peft"), ("merged_inference", "lowrank-merged"),
-        ("merged_inference", "base")}
+        ("train_step", "lowrank"), ("train_step", "peft"), ("experts_step", "lowrank"), ("experts_step", "peft"),
+        ("merged_inference", "lowrank-merged"), ("merged_inference", "base")}
     assert all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] and r["ratio"] > 0 for r in saved)
     assert "| train_step |" in capsys.readouterr().out
