@@ -12,14 +12,13 @@ import json
 import math
 import os
 import pathlib
-import re
 import runpy
 import types
 from collections.abc import Mapping
 
 import torch
 
-from .methods import nf4_config, tuner_config
+from .methods import FLOAT, nf4_config, tuner_config
 from .template import TEMPLATES
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -31,7 +30,6 @@ class ConfigError(ValueError):
     """A training configuration that cannot run; the message says which field and why."""
 
 
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +70,12 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"{f} must be an integer >= {low}; got {v!r}")
+        if self.seed >= 2**32:  # the data order seeds a generator with seed * 1_000_003 + epoch (workflow/batches.py)
+            raise ConfigError(f"seed must be below 2**32; got {self.seed}")
         for f, ok, allowed in (("lr", lambda v: v > 0, "> 0"), ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
                                ("weight_decay", lambda v: v >= 0, ">= 0"), ("max_grad_norm", lambda v: v >= 0, ">= 0")):
             v = getattr(self, f)
-            if isinstance(v, str) and _FLOAT.fullmatch(v.strip()):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            if isinstance(v, str) and FLOAT.fullmatch(v.strip()):  # YAML 1.1 reads 1e-4 (no dot) as a string
                 v = float(v)
                 object.__setattr__(self, f, v)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):

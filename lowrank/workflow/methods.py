@@ -10,6 +10,7 @@ tuning, lowrank's LOWRANK_BOTTLENECK format (same layout) for bottleneck adapter
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch import nn
@@ -49,9 +50,20 @@ def tuner_config(method: str, options: dict):
             raise ValueError(f"method_options: method {method!r} means {k}: {v}, and method_options sets {k}: "
                              f"{options[k]!r}; leave it out, or choose another method (e.g. {plain[0]!r})")
     try:
-        return m.config(**{**m.defaults, **options})
+        return m.config(**{**m.defaults, **floats(m.config, options)})
     except (TypeError, ValueError) as e:
         raise ValueError(f"method_options for {method!r}: {e}") from None
+
+
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a number as YAML 1.1 may leave it, a string
+
+
+def floats(config: type, options: dict) -> dict:
+    """`options` with the strings YAML 1.1 leaves a number such as 5e-2 (no dot) read as the
+    float they spell, for the config's float fields (TrainConfig reads its own so too)."""
+    fields = {f.name: f.type for f in dataclasses.fields(config)}
+    return {k: float(v) if isinstance(v, str) and "float" in str(fields.get(k)) and FLOAT.fullmatch(v.strip()) else v
+            for k, v in options.items()}
 
 
 def nf4_config(options: dict):
@@ -67,7 +79,7 @@ def nf4_config(options: dict):
     if unknown:
         raise ValueError(f"nf4: unknown option(s) {unknown}; allowed: {allowed}")
     try:
-        return NF4Config(**options)
+        return NF4Config(**floats(NF4Config, options))
     except (TypeError, ValueError) as e:
         raise ValueError(f"nf4: {e}") from None
 

@@ -67,11 +67,12 @@ class Summary:
         return "\n".join(f"  {k:15s} {show(v)}" for k, v in dataclasses.asdict(self).items())
 
 
-def checkpoints(output_dir: str) -> list[tuple[int, pathlib.Path]]:
-    """(epoch, directory) of the complete checkpoints in output_dir, oldest first."""
+def checkpoints(output_dir: str, complete: bool = True) -> list[tuple[int, pathlib.Path]]:
+    """(epoch, directory) of the complete checkpoints in output_dir (with `complete=False`: every
+    epoch_<n> directory, a checkpoint whose state file went or not), oldest first."""
     out = pathlib.Path(output_dir)
     found = [(int(m.group(1)), p) for p in out.iterdir() if (m := EPOCH_DIR.fullmatch(p.name))] if out.is_dir() else []
-    return sorted((e, p) for e, p in found if (p / STATE_FILE).is_file())
+    return sorted((e, p) for e, p in found if not complete or (p / STATE_FILE).is_file())
 
 
 def schedule(config: TrainConfig, total: int):
@@ -160,10 +161,14 @@ def _save(model, config: TrainConfig, tuner, epoch: int, state: dict, ranks: par
 
 def _resume_from(config: TrainConfig, resume: bool):
     """(start epoch, state or None); refuses to overwrite or to resume a different run."""
+    out = pathlib.Path(config.output_dir)
+    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+        raise ConfigError(f"output_dir {config.output_dir!r} is not a directory (a file is in its place or above it)")
     found = checkpoints(config.output_dir)
     if not resume:
-        if found:
-            raise ConfigError(f"output_dir {config.output_dir!r} already holds checkpoints (epoch_{found[-1][0]}); "
+        held = checkpoints(config.output_dir, complete=False)  # an adapter whose trainer state went is still one
+        if held:
+            raise ConfigError(f"output_dir {config.output_dir!r} already holds checkpoints (epoch_{held[-1][0]}); "
                               "pass --resume to continue that run, or choose another output_dir")
         return 0, None
     if not found:
@@ -205,6 +210,10 @@ def _restore(state: dict, optimizer, scheduler, ranks: parallel.Ranks) -> int:
     sd = state["optimizer"]
     optimizer.load_state_dict(parallel.shard_optimizer_state(sd, optimizer) if ranks.mode == "fsdp" else sd)
     scheduler.load_state_dict(state["scheduler"])
+    # this run's schedule from the next step on: with `epochs` changed the checkpoint's lr is the old one's
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     rng = state["rank_rng"][ranks.rank] if ranks.mode != "none" else state
     torch.set_rng_state(rng["rng"])
     if "cuda_rng" in rng and torch.cuda.is_available():

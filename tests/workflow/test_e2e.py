@@ -172,6 +172,41 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, model_dir, data_file, caps
         assert message in capsys.readouterr().err
 
 
+def test_resume_with_more_epochs_follows_the_new_schedule_from_its_first_step(tmp_path, model_dir, data_file,
+                                                                              monkeypatch):
+    """epochs may change on --resume: every step after it takes the lr of the new run's schedule
+    (the first one took the checkpoint's, the old schedule's, before)."""
+    from lowrank.workflow import train as train_mod
+
+    used, step = [], train_mod.PagedAdamW.step
+
+    def spy(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.PagedAdamW, "step", spy)
+    one = _config(tmp_path, model_dir, data_file, epochs=1, grad_accum=1, warmup_ratio=0.0, method_options={"r": 4})
+    train(one, stream=io.StringIO())
+    before = len(used)
+    train(dataclasses.replace(one, epochs=2), resume=True, stream=io.StringIO())
+    factor = train_mod.schedule(dataclasses.replace(one, epochs=2), 2 * before)
+    assert used[before:] == [one.lr * factor(s) for s in range(before, 2 * before)]
+
+
+def test_output_dir_problems_are_refused_before_training(tmp_path, model_dir, data_file, capsys):
+    config = _config(tmp_path, model_dir, data_file, epochs=1, output_dir=str(tmp_path / "out"))
+    (tmp_path / "out" / "epoch_1").mkdir(parents=True)  # an adapter whose trainer_state.pt went: not overwritten
+    (tmp_path / "out" / "epoch_1" / "adapter_model.safetensors").write_bytes(b"keep me")
+    (tmp_path / "file").write_text("")
+    for out, message in [(tmp_path / "out", "already holds checkpoints (epoch_1)"),
+                         (tmp_path / "file", "is not a directory"), (tmp_path / "file" / "sub", "is not a directory")]:
+        (tmp_path / "c.yaml").write_text(json.dumps({**config.to_dict(), "output_dir": str(out)}))
+        assert cli.main(["train", str(tmp_path / "c.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "step 1/" not in err  # before the first step
+    assert (tmp_path / "out" / "epoch_1" / "adapter_model.safetensors").read_bytes() == b"keep me"
+
+
 @pytest.mark.parametrize("method, options, template, nf4", [
     ("dora", {"r": 4}, None, {}), ("qlora", {"r": 4}, None, {}), ("adapter", {}, "chatml", {}),
     # a float32 model whose 4-bit layers compute in bfloat16: bfloat16 adapters read float32
