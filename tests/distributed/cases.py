@@ -129,6 +129,9 @@ def shard(model, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:  # one FSDP group per decoder layer, then the rest at the root
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is not None:  # a MoE layer: the experts (with their LoRA layers around them) a group of their own
+            fully_shard(experts, mesh=mesh)
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
