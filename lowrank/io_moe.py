@@ -44,6 +44,7 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
     modules = {n: _unwrap(c) for _, _, n, c in _walk(model)}
     parts = {p for n in modules for p in n.split(".")}
     renames = {old: new for old, new in RENAMED.items() if old.strip(".") not in parts}  # the model has the new name
+    origin = {_renamed(k, renames): k for k in weights}  # the file's own key: its patterns name transformers 4's modules
     weights = {_renamed(k, renames): v for k, v in weights.items()}
     experts, rest = {}, {}
     for k, v in weights.items():
@@ -53,28 +54,45 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
         if fused is None or owner is None or not isinstance(owner._parameters.get(fused[0]), torch.Tensor):
             rest[k] = v
             continue
-        experts.setdefault((m["moe"], fused[0]), {}).setdefault(m["proj"], {}).setdefault(int(m["e"]), {})[m["ab"]] = v
+        pair = experts.setdefault((m["moe"], fused[0]), {}).setdefault(m["proj"], {}).setdefault(int(m["e"]), {})
+        pair[m["ab"]], pair["module"] = v, _MODULE_KEY.match(origin[k])["module"]
     covered = _as_list(peft_config.get("target_parameters"))
     routers = [m["module"] for k in rest if (m := _MODULE_KEY.match(k)) and m["ab"] == "A"
                and _is_router(modules.get(m["module"]))  # a file of transformers 5 names the router's weight already:
                and not any(f"{m['module']}.weight" == t or f"{m['module']}.weight".endswith("." + t) for t in covered)]
     if not experts and not routers:
         return peft_config, weights
-    config, scale_kept = dict(peft_config), {}
+    rslora, kept = bool(peft_config.get("use_rslora")), {}  # parameter -> (rank, alpha) that keep the file's scale
     for (moe, param), members in experts.items():
-        a, b, r = _fuse(f"{moe}.experts.{param}", members, modules[f"{moe}.experts"]._parameters[param].shape[0])
+        name = f"{moe}.experts.{param}"
+        a, b, r = _fuse(name, members, modules[f"{moe}.experts"]._parameters[param].shape[0])
+        alphas = {_alpha(peft_config, pair["module"]) for pairs in members.values() for pair in pairs.values()}
+        if len(alphas) != 1:
+            raise ValueError(f"the file's per-expert LoRA fused into {name} has alphas {sorted(alphas)} "
+                             "(alpha_pattern); fusing them needs one")
+        n, alpha = len(members), alphas.pop()  # See the module docstring: rank n r, the scale as it was
+        kept[name] = (n * r, alpha * (math.sqrt(n) if rslora else n))
         depth = _depth(modules[f"{moe}.experts"], param, {p for (m2, p) in experts if m2 == moe})
-        rest[f"{moe}.experts{'.base_layer' * depth}.lora_A.weight"], rest[f"{moe}.experts{'.base_layer' * depth}.lora_B.weight"] = a, b
-        scale_kept[f"{moe}.experts.{param}"] = (len(members), r)
-    params = sorted(scale_kept) + [f"{r}.weight" for r in routers]
-    config["target_parameters"] = sorted(set(config.get("target_parameters") or []) | set(params))
+        key = f"{moe}.experts{'.base_layer' * depth}"
+        rest[f"{key}.lora_A.weight"], rest[f"{key}.lora_B.weight"] = a, b
+    for router in routers:  # its own rank and alpha, as the file's patterns gave them to transformers 4's `gate`
+        kept[f"{router}.weight"] = (rest[f"{router}.lora_A.weight"].shape[0],
+                                    _alpha(peft_config, _MODULE_KEY.match(origin[f"{router}.lora_A.weight"])["module"]))
+    config = dict(peft_config)
+    config["target_parameters"] = sorted(set(covered) | set(kept))
     config["exclude_modules"] = _excluding(config.get("exclude_modules"), routers)  # they were module targets
-    alpha, rslora = config.get("lora_alpha", 8), bool(config.get("use_rslora"))
-    # See the module docstring: the fused rank n r, alpha so the scale stays; first match wins, so these go first
-    config["rank_pattern"] = {"^" + re.escape(k): n * r for k, (n, r) in scale_kept.items()} | dict(config.get("rank_pattern") or {})
-    config["alpha_pattern"] = ({"^" + re.escape(k): alpha * (math.sqrt(n) if rslora else n) for k, (n, _) in scale_kept.items()}
-                               | dict(config.get("alpha_pattern") or {}))
+    # the first matching key wins: these exact ones go before the file's own
+    config["rank_pattern"] = {"^" + re.escape(k): r for k, (r, _) in kept.items()} | dict(config.get("rank_pattern") or {})
+    config["alpha_pattern"] = {"^" + re.escape(k): a for k, (_, a) in kept.items()} | dict(config.get("alpha_pattern") or {})
     return config, rest
+
+
+def _alpha(config: dict, module: str) -> float:
+    """The alpha PEFT gives `module`: the first alpha_pattern key k with (.*\\.)?(k)$ matching, else lora_alpha."""
+    for k, v in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({k})$", module):
+            return v
+    return config.get("lora_alpha", 8)
 
 
 def _renamed(key: str, renames: dict[str, str]) -> str:
@@ -102,7 +120,7 @@ def _fuse(name: str, members: dict, experts: int) -> tuple[torch.Tensor, torch.T
                          "lowrank (as PEFT) adapts whole: this adapter cannot be converted")
     for proj in order:
         have = sorted(members[proj])
-        if have != list(range(experts)) or any(set(members[proj][e]) != {"A", "B"} for e in have):
+        if have != list(range(experts)) or any(not {"A", "B"} <= set(members[proj][e]) for e in have):
             raise ValueError(f"the file's per-expert LoRA for {name} ({proj}) covers experts {have}, not all {experts} "
                              "with both lora_A and lora_B: it cannot be fused into the model's 3-D parameter")
     ranks = {members[p][e]["A"].shape[0] for p in order for e in range(experts)}

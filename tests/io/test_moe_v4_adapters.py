@@ -71,20 +71,27 @@ def write_v4(path, kind: str, rslora: bool = False, alpha: float = 8, router: bo
 
 @pytest.mark.parametrize("kind", sorted(NAMES))
 @pytest.mark.parametrize("rslora", [False, True])
-def test_each_expert_gets_the_update_the_file_describes(kind, rslora, tmp_path):
+@pytest.mark.parametrize("patterns", [False, True], ids=["alpha", "alpha_pattern"])
+def test_each_expert_gets_the_update_the_file_describes(kind, rslora, patterns, tmp_path):
     base = model(kind)
     t = write_v4(tmp_path, kind, rslora)
+    moe, gate, up, down = NAMES[kind]
+    alphas = {down: 16, "gate": 4} if patterns else {}  # per module, as PEFT reads alpha_pattern: (.*\.)?(key)$
+    if patterns:
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": alphas}))
     ours = copy.deepcopy(base)
     lowrank.load_adapter(ours, tmp_path)
     lowrank.merge(ours)
-    moe, gate, up, down = NAMES[kind]
-    s = 8 / (math.sqrt(R) if rslora else R)  # the scale the file was trained with
     eps = torch.finfo(torch.float32).eps
     for layer in range(2):
         p = f"base_model.model.model.layers.{layer}.{moe}"
         w0 = _unwrap(base.model.layers[layer].mlp.experts)
         merged = _unwrap(ours.model.layers[layer].mlp.experts)
+
         def delta(module, size=abs):  # s B A in float64, or with size=abs: s |B| |A|, what rounding scales with
+            alpha = alphas.get(module.rsplit(".", 1)[-1], 8)
+            s = alpha / (math.sqrt(R) if rslora else R)  # the scale the file was trained with
             return s * (size(t[f"{p}.{module}.lora_B.weight"].double()) @ size(t[f"{p}.{module}.lora_A.weight"].double()))
 
         for e in range(E):
