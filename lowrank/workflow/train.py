@@ -184,6 +184,17 @@ def _resume_from(config: TrainConfig, resume: bool):
     return epoch, torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
 
 
+def _clear_unfinished(config: TrainConfig, ranks: parallel.Ranks, stream) -> None:
+    """Remove the temporary directories of checkpoints a killed run was writing (_save builds
+    one as .epoch_<n>.<random>.tmp and renames it when whole): no run reads them."""
+    out = pathlib.Path(config.output_dir)
+    stale = sorted(p for p in out.glob(".epoch_*.tmp") if p.is_dir()) if ranks.main and out.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        print(f"removed {len(stale)} unfinished checkpoint(s) a stopped run left: {[p.name for p in stale]}", file=stream)
+
+
 def _rng() -> dict:
     return {"rng": torch.get_rng_state(),  # dropout's; the data order needs none (batches.epoch_batches)
             **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
@@ -252,6 +263,7 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
     if state is not None and state.get("world", 1) != ranks.world:
         raise ConfigError(f"--resume: the checkpoint was trained on {state.get('world', 1)} rank(s), this run has "
                           f"{ranks.world}; the per-rank batches would differ: resume on {state.get('world', 1)}")
+    _clear_unfinished(config, ranks, stream)
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
     model, tokenizer = load_base(config.model, config.dtype, ranks.device)
     device = next(model.parameters()).device

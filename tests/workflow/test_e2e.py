@@ -192,6 +192,18 @@ def test_resume_with_more_epochs_follows_the_new_schedule_from_its_first_step(tm
     assert used[before:] == [one.lr * factor(s) for s in range(before, 2 * before)]
 
 
+def test_a_killed_save_leaves_nothing_a_resume_keeps(tmp_path, model_dir, data_file):
+    config = _config(tmp_path, model_dir, data_file, epochs=2, grad_accum=1, method_options={"r": 4})
+    train(dataclasses.replace(config, epochs=1), stream=io.StringIO())
+    stale = tmp_path / "a" / ".epoch_2.x1y2.tmp"  # what _save was writing when the run was killed
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"half")
+    out = io.StringIO()
+    train(config, resume=True, stream=out)
+    assert not stale.exists() and "removed 1 unfinished checkpoint(s)" in out.getvalue()
+    assert (tmp_path / "a" / "epoch_2" / STATE_FILE).is_file()
+
+
 def test_output_dir_problems_are_refused_before_training(tmp_path, model_dir, data_file, capsys):
     config = _config(tmp_path, model_dir, data_file, epochs=1, output_dir=str(tmp_path / "out"))
     (tmp_path / "out" / "epoch_1").mkdir(parents=True)  # an adapter whose trainer_state.pt went: not overwritten
