@@ -47,7 +47,7 @@ def _check_targets(field: str, value: Any, allow_none: bool) -> tuple:
         if not isinstance(t, (str, re.Pattern, type)) and not callable(t):
             raise TypeError(f"{field} entries must be str, re.Pattern, type or callable; got {t!r} ({type(t).__name__})")
         if isinstance(t, str) and not t:
-            raise ValueError(f"{field} has an empty string; give a module name, suffix, glob or 're:<regex>'")
+            raise ValueError(f"{field} has an empty string; give a name, suffix, glob or 're:<regex>'")
         if isinstance(t, str) and t.startswith("re:"):
             try:
                 re.compile(t[3:])

@@ -118,7 +118,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
             seen.add(id(inner))
             matches.append((p, a, n, c))
     params = lora_param.find(_walk(model), config, model) if getattr(config, "parameters", None) else []
-    if config.targets == () and not params:  # LoRA on parameters only
+    if getattr(config, "parameters", None) and not params:  # a name that matches nothing is a mistake, not a no-op
         raise ValueError(f"no parameter of {type(model).__name__} matched parameters={config.parameters!r}; "
                          f"they are named as in model.named_parameters(), e.g. {[n for n, _ in model.named_parameters()][:4]}")
     if not matches and not params:

@@ -103,23 +103,36 @@ class LoraParameter(LoraLayer):
 
     # Note: W' as PEFT forms it. One adapter on experts: W + s * B_e @ A_e in one baddbmm in W's
     # dtype, autocast off (PEFT's _LoraFactorsProxy). Otherwise (a 2-D parameter, several
-    # adapters) each s B A is formed in float32 (or W's dtype when wider), rounded to W's dtype,
-    # and the updates added to W there, as PEFT's _LoraParameterProxy does. Equal to PEFT 0.21 bit
-    # for bit (tests/peers/test_peft_experts.py), except with bf16 / fp16 factors where PEFT forms
-    # a product in their dtype (several adapters on experts; on CUDA a 2-D one too): a rounding apart.
+    # adapters) each s B A is formed as PEFT's get_delta_weight forms it, under the caller's
+    # autocast: experts by PEFT's einsum in the factors' dtype, a 2-D product in float32 where the
+    # factors are bf16 / fp16 on the CPU (then rounded back to their dtype), in their dtype
+    # elsewhere; each cast to W's dtype, the updates summed and added to W there
+    # (_LoraParameterProxy). Equal to PEFT 0.21 bit for bit, outputs and gradients
+    # (tests/peers/test_peft_experts.py). A merge forms s B A in float32 instead (lora_base.py,
+    # Note: merging rounds once).
     def _updated(self, w: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(w.device.type, enabled=False):
-            if len(self.active) == 1 and self._experts > 1:
+        if len(self.active) == 1 and self._experts > 1:
+            with torch.autocast(w.device.type, enabled=False):
                 name = self.active[0]
                 B, A = self._per_expert(name, w.dtype)
                 lhs, rhs = (A.transpose(1, 2), B.transpose(1, 2)) if self._transposed_experts else (B, A)
                 return torch.baddbmm(w, lhs, rhs, alpha=self.scaling[name])
-            wide = torch.promote_types(w.dtype, torch.float32)
-            delta = None
-            for name in self.active:
-                d = self._delta_weight(name, wide).to(w.dtype)
-                delta = d if delta is None else delta + d
-            return w + delta
+        delta = None
+        for name in self.active:
+            d = self._peft_delta(name).to(w.dtype)
+            delta = d if delta is None else delta + d
+        return w + delta
+
+    def _peft_delta(self, name: str) -> torch.Tensor:
+        """s B A as PEFT's get_delta_weight forms it (See Note: W' as PEFT forms it)."""
+        A, B = self._factors(name)
+        if self._experts == 1:
+            half = A.device.type == "cpu" and B.dtype in (torch.float16, torch.bfloat16)
+            d = ((B.float() @ A.float()) if half else (B @ A)) * self.scaling[name]
+            return d.to(B.dtype) if half else d
+        e = self._experts  # See Note: PEFT's factor layout
+        einsum = "o r e, e r i -> e i o" if self._transposed_experts else "o r e, e r i -> e o i"
+        return torch.einsum(einsum, B.reshape(B.shape[0], -1, e), A.reshape(e, -1, A.shape[-1])) * self.scaling[name]
 
 
 def lora_chain(module: nn.Module) -> list[LoraLayer]:
@@ -142,13 +155,17 @@ def find(walked, config, model: nn.Module) -> list[tuple[nn.Module, str, str, st
     from ..walk import _unwrap
 
     wanted = compile_filter(config.parameters, (), model)
+    top = [p for p in model._parameters if wanted(p, model)]
+    if top:
+        raise ValueError(f"parameters matches {top}, parameters of {type(model).__name__} itself: LoRA on a parameter "
+                         "wraps the module that holds it, and nothing holds the top level (nor in PEFT)")
     out, seen = [], set()
     for parent, attr, where, child in walked:
         owner = _unwrap(child)
-        if id(owner) in seen:
-            continue
-        seen.add(id(owner))
-        out += [(parent, attr, where, p) for p in owner._parameters if wanted(f"{where}.{p}", owner)]
+        names = [p for p in owner._parameters if wanted(f"{where}.{p}", owner)]
+        if names and id(owner) not in seen:  # See Note: one module, one place (lowrank/inject.py)
+            seen.add(id(owner))
+            out += [(parent, attr, where, p) for p in names]
     return out
 
 

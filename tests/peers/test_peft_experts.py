@@ -222,3 +222,40 @@ def test_activation_checkpointing_and_compile_compute_the_same():
         compiled = torch.compile(base)(input_ids=ids).logits
     # Inductor fuses and reorders float32 sums: within a few float32 steps of the logits' size
     assert (compiled - eager).abs().max() <= 64 * torch.finfo(torch.float32).eps * eager.abs().max()
+
+
+@pytest.mark.parametrize("kind, model_dtype, adapter_dtype, params, second, autocast", [
+    ("mixtral", torch.bfloat16, torch.bfloat16, EXPERTS, True, False),  # several adapters: PEFT's einsum, bf16
+    ("mixtral", torch.float32, torch.float32, EXPERTS + ["mlp.gate.weight"], True, True),  # under autocast
+    ("mixtral", torch.float32, torch.bfloat16, ["mlp.gate.weight"], False, False),  # a 2-D product in float32
+    ("gpt_oss", torch.float32, torch.float32, EXPERTS, True, False),  # transposed experts: the einsum's gradients
+], ids=["bf16-two", "autocast-two", "2d-bf16-factors", "gpt_oss-two"])
+def test_w_prime_as_peft_forms_it(kind, model_dtype, adapter_dtype, params, second, autocast, tmp_path):
+    """See Note: W' as PEFT forms it (lowrank/tuners/lora_param.py): outputs and gradients bit for bit."""
+    base = MODELS[kind][0]().to(model_dtype)
+    pm = peft_model(base, params, dtype=model_dtype)
+    names = ["default"]
+    if second:
+        pm.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"], target_parameters=params),
+                       autocast_adapter_dtype=False)
+        names.append("second")
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:  # every factor in adapter_dtype, random
+                p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(hash(n) % 2**31)).to(adapter_dtype)
+    pm.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    for name in names:
+        lowrank.load_adapter(ours, tmp_path if name == "default" else tmp_path / name, name=name, dtype=adapter_dtype)
+    pm.base_model.set_adapter(names)
+    lowrank.set_active(ours, names)
+    lowrank.mark_trainable(ours)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        a, b = pm(ids).logits, ours(ids).logits
+    assert torch.equal(a, b)
+    a.float().square().sum().backward()
+    b.float().square().sum().backward()
+    theirs, mine = theirs_named(pm), ours_named(ours)
+    assert sorted(theirs) == sorted(mine)
+    assert all(torch.equal(theirs[k].grad, mine[k].grad) for k in theirs)

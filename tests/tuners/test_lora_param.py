@@ -113,6 +113,7 @@ def test_config_refuses(kwargs, error, match):
 
 @pytest.mark.parametrize("config, error, match", [
     (dict(targets=None, parameters="nope"), ValueError, "no parameter of Net matched"),
+    (dict(parameters="experts.upp"), ValueError, "no parameter of Net matched"),  # a typo beside matching targets
     (dict(targets="lin", parameters="lin.weight"), ValueError, "LoRA goes on one or the other"),
     (dict(targets=None, parameters="lin.bias"), TypeError, "a 1-D torch.float32 tensor"),
 ])
@@ -145,3 +146,16 @@ def test_second_adapter_reuses_the_layer_and_ejects_alone():
     assert [(m.parameter_name, m.names) for m in (ours.experts, ours.experts.base)] == [("bias", ("b",)), ("up", ("b",))]
     lowrank.eject(ours, "b")
     assert type(ours.experts) is Experts
+
+
+def test_a_parameter_of_the_model_itself_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"parameters matches \['up'\], parameters of Experts itself"):
+        lowrank.inject(Experts(), lowrank.LoraConfig(targets=None, parameters="up"))
+
+
+def test_a_module_at_two_places_takes_lora_where_parameters_names_it():
+    """See Note: one module, one place (lowrank/inject.py): a later name, named, is the place."""
+    net = Net()
+    net.again = nn.ModuleList([net.experts])  # the same module under a second name
+    assert lowrank.inject(net, lowrank.LoraConfig(targets=None, parameters="again.0.up")) == ["again.0.up"]
+    assert isinstance(net.again[0], LoraParameter) and type(net.experts) is Experts
