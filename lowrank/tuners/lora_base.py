@@ -212,20 +212,20 @@ class LoraLayer(TunerLayer):
             raise ValueError(f"cannot merge several adapters {list(self.active)} when one is DoRA; "
                              "activate one DoRA adapter at a time to merge it")
         weight = current = self._writable_weight()
-        for name in todo:
-            with torch.no_grad():
-                new = self._merged_weight(name, current)
-                finite = bool(torch.isfinite(new).all())
-                if check_only or not finite:
-                    self._merge_norms.pop(name, None)
-                if not finite:
+        with torch.no_grad():
+            for name in todo:  # the sum in float32 (or wider), rounded into the weight once: See Note: merging rounds once
+                current = self._merged_weight(name, current)
+                if not bool(torch.isfinite(current).all()):
+                    for n in todo:
+                        self._merge_norms.pop(n, None)
                     raise ValueError(f"merging adapter {name!r} into {type(self.base).__name__} gives non-finite "
                                      "weights (inf/nan); the weight was left unchanged")
-                if check_only:
-                    current = new.to(weight.dtype)  # what the write would leave for the next adapter
-                    continue
-                weight.copy_(new)
-            self._merged += (name,)
+            if check_only:
+                for n in todo:
+                    self._merge_norms.pop(n, None)
+                return todo
+            weight.copy_(current)
+        self._merged += tuple(todo)
         return todo
 
     def unmerge(self) -> list[str]:
@@ -233,19 +233,23 @@ class LoraLayer(TunerLayer):
         weight, done = self._writable_weight(), list(reversed(self._merged))
         wide = _wide(weight)  # See Note: merging rounds once.
         with torch.no_grad():
+            current = weight.to(wide)
             for name in done:
                 d = self._delta_weight(name, wide)
                 if name in self._merge_norms:  # DoRA: W' = f * (W0 + d)  =>  W0 = W' / f - d
-                    weight.copy_(weight.to(wide) / self._dora_factor(name, self._merge_norms.pop(name)) - d)
+                    current = current / self._dora_factor(name, self._merge_norms.pop(name)) - d
                 else:
-                    weight.copy_(weight.to(wide) - d)
+                    current = current - d
+            if done:
+                weight.copy_(current)
         self._merged = ()
         return done
 
     # Note: merging rounds once. merge forms s B A from the factors in float32 (or the weight's
-    # dtype, when wider) and adds it to the weight there; copying the sum into a bf16/fp16
-    # weight is its one rounding, as in merge_and_export (lowrank/export.py merged_weight), so
-    # merging in place and exporting write the same weights. Forming s B A in bf16 first
+    # dtype, when wider) and adds it to the weight there, every active adapter's in turn;
+    # copying the sum into a bf16/fp16 weight is its one rounding, as in merge_and_export
+    # (lowrank/export.py merged_weight), so merging in place and exporting write the same
+    # weights (with several adapters too: it had rounded after each). Forming s B A in bf16 first
     # rounded the update before the sum. PEFT 0.21 forms it in float32 on the CPU only
     # (get_delta_weight's cast_to_fp32), then rounds it to the weight's dtype and adds.
     def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:

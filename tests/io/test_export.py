@@ -96,6 +96,26 @@ def test_already_merged_model_exports_the_same(tmp_path, dtype, dora):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_several_adapters_merged_in_place_write_what_export_writes(tmp_path, dtype):
+    """Two float32 adapters on a half-precision model: merge sums both in float32 and rounds once,
+    as merged_weight does (it had rounded after each adapter)."""
+    plain = models.llama().to(dtype)
+    model = copy.deepcopy(plain)
+    for name in ("a", "b"):
+        lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["q_proj", "down_proj"]), name=name, dtype=torch.float32)
+    lowrank.set_active(model, ["a", "b"])
+    lowrank.mark_trainable(model)
+    models.randomize_adapters(model, std=0.3)  # both adapters' weights (it draws for those that require grad)
+    merge_and_export(model, tmp_path / "a")
+    lowrank.merge(model)
+    merge_and_export(model, tmp_path / "b")
+    a = safetensors_torch.load_file(tmp_path / "a" / "model.safetensors")
+    b = safetensors_torch.load_file(tmp_path / "b" / "model.safetensors")
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], plain.model.layers[0].self_attn.q_proj.weight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_4bit_base_exports_its_dequantized_weight_in_the_compute_dtype(tmp_path):
     plain, model = adapted("llama", tmp_path, dtype=torch.bfloat16, quantize=True)
     original = saved_base("llama", tmp_path / "again", torch.bfloat16)  # the full-precision weights
