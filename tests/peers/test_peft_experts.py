@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zlib
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def peft_model(base, params, dtype=None, **kw):
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:  # B = 0 at init would hide every mistake in B's layout
-                p.normal_(generator=torch.Generator().manual_seed(hash(n) % 2**31))
+                p.normal_(generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))
     return pm
 
 
@@ -96,7 +97,7 @@ def test_saved_file_is_peft_format(kind, tmp_path):
     with torch.no_grad():
         for k, p in ours.named_parameters():
             if "lora_" in k:
-                p.normal_(generator=torch.Generator().manual_seed(hash(k) % 2**31))
+                p.normal_(generator=torch.Generator().manual_seed(zlib.crc32(k.encode())))
     lowrank.save_adapter(ours, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     picked = {n for n, _ in base.named_parameters()  # by PEFT's rule: the full name or a "."-suffix of it
@@ -130,7 +131,7 @@ def test_two_active_adapters_sum_as_in_peft(tmp_path):
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n and "second" in n:
-                p.normal_(generator=torch.Generator().manual_seed(hash(n) % 2**31))
+                p.normal_(generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))
     pm.save_pretrained(tmp_path)
     ours = copy.deepcopy(base)
     lowrank.load_adapter(ours, tmp_path)
@@ -150,7 +151,7 @@ def test_merge_unmerge_eject_and_export(tmp_path):
     with torch.no_grad():
         for k, p in ours.named_parameters():
             if "lora_" in k:
-                p.normal_(generator=torch.Generator().manual_seed(hash(k) % 2**31))
+                p.normal_(generator=torch.Generator().manual_seed(zlib.crc32(k.encode())))
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     adapted = ours(ids).logits.detach()
     ref = copy.deepcopy(ours).double()(ids).logits  # the adapted model in float64
@@ -213,7 +214,7 @@ def test_activation_checkpointing_and_compile_compute_the_same(one_thread):
     with torch.no_grad():
         for k, p in base.named_parameters():
             if "lora_" in k:
-                p.normal_(generator=torch.Generator().manual_seed(hash(k) % 2**31))
+                p.normal_(generator=torch.Generator().manual_seed(zlib.crc32(k.encode())))
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     base.train()
     loss = base(input_ids=ids, labels=ids).loss
@@ -230,8 +231,12 @@ def test_activation_checkpointing_and_compile_compute_the_same(one_thread):
     with torch.no_grad():
         eager = base(input_ids=ids).logits
         compiled = torch.compile(base)(input_ids=ids).logits
-    # Inductor fuses and reorders float32 sums: within a few float32 steps of the logits' size
-    assert (compiled - eager).abs().max() <= 64 * torch.finfo(torch.float32).eps * eager.abs().max()
+        reference = copy.deepcopy(base).double()
+        reference.config._experts_implementation = "eager"  # grouped_mm takes no float64
+        ref = reference(input_ids=ids).logits
+    # Inductor fuses and reorders float32 sums: as close to float64 as eager float32 is, within a few times
+    tol = max(4 * (eager - ref).abs().max().item(), 64 * torch.finfo(torch.float32).eps * ref.abs().max().item())
+    assert (compiled - ref).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("kind, model_dtype, adapter_dtype, params, second, autocast", [
@@ -252,7 +257,7 @@ def test_w_prime_as_peft_forms_it(kind, model_dtype, adapter_dtype, params, seco
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:  # every factor in adapter_dtype, random
-                p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(hash(n) % 2**31)).to(adapter_dtype)
+                p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(n.encode()))).to(adapter_dtype)
     pm.save_pretrained(tmp_path)
     ours = copy.deepcopy(base)
     for name in names:
