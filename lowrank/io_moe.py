@@ -4,8 +4,8 @@ transformers 4 held each expert as linear modules, `<moe>.experts.<e>.w1 / w3 / 
 MiniMax) or `gate_proj / up_proj / down_proj` (Qwen2-MoE and the models transformers 5 converts
 as it: Qwen3-MoE, OLMoE, DeepSeek-V2/V3, ...), and a router `<moe>.gate`, an nn.Linear. transformers 5 fuses
 the experts into two 3-D parameters, `experts.gate_up_proj` (E, 2I, H), expert e's rows [w1_e; w3_e],
-and `experts.down_proj` (E, H, I); its router keeps `gate.weight` but is no linear module; and
-Mixtral's `block_sparse_moe` is `mlp` (transformers/conversion_mapping.py, its "mixtral" and
+and `experts.down_proj` (E, H, I); its router keeps `gate.weight` (PhiMoE's: `router.weight`)
+but is no linear module; and Mixtral's `block_sparse_moe` is `mlp` (transformers/conversion_mapping.py, its "mixtral" and
 "qwen2_moe" entries). A LoRA file of the old layout becomes LoRA on those parameters
 (lowrank/tuners/lora_param.py), as PEFT 0.21 converts it:
 
@@ -44,8 +44,9 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
     modules = {n: _unwrap(c) for _, _, n, c in _walk(model)}
     parts = {p for n in modules for p in n.split(".")}
     renames = {old: new for old, new in RENAMED.items() if old.strip(".") not in parts}  # the model has the new name
-    origin = {_renamed(k, renames): k for k in weights}  # the file's own key: its patterns name transformers 4's modules
-    weights = {_renamed(k, renames): v for k, v in weights.items()}
+    origin = {_router(_renamed(k, renames), modules): k for k in weights}  # the file's key: its patterns name 4's modules
+    weights = {_router(_renamed(k, renames), modules): v for k, v in weights.items()}
+    moved = {_MODULE_KEY.match(k)["module"] for k, o in origin.items() if ".router.lora_" in k and ".gate.lora_" in o}
     experts, rest = {}, {}
     for k, v in weights.items():
         m = _EXPERT_KEY.match(k)
@@ -58,7 +59,7 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
         pair[m["ab"]], pair["module"] = v, _MODULE_KEY.match(origin[k])["module"]
     covered = _as_list(peft_config.get("target_parameters"))
     routers = [m["module"] for k in rest if (m := _MODULE_KEY.match(k)) and m["ab"] == "A"
-               and _is_router(modules.get(m["module"]))  # a file of transformers 5 names the router's weight already:
+               and (_is_router(modules.get(m["module"])) or m["module"] in moved)  # a transformers 5 file names its weight:
                and not any(f"{m['module']}.weight" == t or f"{m['module']}.weight".endswith("." + t) for t in covered)]
     if not experts and not routers:
         return peft_config, weights
@@ -98,6 +99,19 @@ def _alpha(config: dict, module: str) -> float:
 def _renamed(key: str, renames: dict[str, str]) -> str:
     for old, new in renames.items():
         key = key.replace(old, new)
+    return key
+
+
+def _router(key: str, modules: dict) -> str:
+    """PhiMoE's `<moe>.gate` is `<moe>.router` in transformers 5 (its conversion_mapping): a key of
+    a `gate` the model lacks, beside a `router` with a 2-D weight, is the router's. (PhiMoE's router
+    subclasses nn.Linear but returns routing, not x W^T: its LoRA goes on its weight too.)"""
+    m = _MODULE_KEY.match(key)
+    if m and m["module"].endswith(".gate") and m["module"] not in modules:
+        router = modules.get(m["module"][: -len("gate")] + "router")
+        w = None if router is None else router._parameters.get("weight")
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            return key.replace(m["module"], m["module"][: -len("gate")] + "router", 1)
     return key
 
 

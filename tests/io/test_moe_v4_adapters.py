@@ -22,7 +22,8 @@ from lowrank.walk import _unwrap  # noqa: E402
 
 E, H, I, R = 4, 32, 48, 4
 NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
-         "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+         "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"), "phimoe": ("block_sparse_moe", "w1", "w3", "w2")}
+ROUTER = {"phimoe": "router"}  # transformers 5's name for transformers 4's `gate`, where it changed
 
 
 def model(kind: str) -> torch.nn.Module:
@@ -31,6 +32,9 @@ def model(kind: str) -> torch.nn.Module:
                   num_experts_per_tok=2)
     if kind == "mixtral":
         return transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=I, num_local_experts=E, **common))
+    if kind == "phimoe":
+        cfg = transformers.PhimoeConfig(intermediate_size=I, num_local_experts=E, **common)
+        return transformers.PhimoeForCausalLM(cfg)
     if kind == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=I, intermediate_size=64, num_experts=E, head_dim=8,
                                           decoder_sparse_step=1, mlp_only_layers=[], **common)
@@ -102,8 +106,9 @@ def test_each_expert_gets_the_update_the_file_describes(kind, rslora, patterns, 
                 before, after = getattr(w0, param)[e].double(), getattr(merged, param)[e].double()
                 # float32 against float64: r products and the sum rounded, each within eps of what it adds
                 assert ((after - before - want).abs() <= (R + 2) * eps * (before.abs() + size)).all()
-        router = base.model.layers[layer].mlp.gate.weight.double()
-        got = _unwrap(ours.model.layers[layer].mlp.gate).weight.double()
+        router_name = ROUTER.get(kind, "gate")
+        router = getattr(base.model.layers[layer].mlp, router_name).weight.double()
+        got = _unwrap(getattr(ours.model.layers[layer].mlp, router_name)).weight.double()
         assert ((got - router - delta("gate", lambda x: x)).abs() <= (R + 2) * eps * (router.abs() + delta("gate"))).all()
 
 
