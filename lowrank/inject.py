@@ -121,7 +121,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     if getattr(config, "parameters", None) and not params:  # a name that matches nothing is a mistake, not a no-op
         raise ValueError(f"no parameter of {type(model).__name__} matched parameters={config.parameters!r}; "
                          f"they are named as in model.named_parameters(), e.g. {[n for n, _ in model.named_parameters()][:4]}")
-    if not matches and not params:
+    if not matches and (targets or not params):  # each of targets and parameters, given, matches something
         candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
         raise ValueError(
             f"no module of {type(model).__name__} matched targets={targets!r} (exclude={config.exclude!r}); "
@@ -138,7 +138,8 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         handler.check(child, config, name, where)
     for _, _, where, child, parameter in [(p, a, w, getattr(p, a), n) for p, a, w, n in params]:
         lora_param.check(child, name, where, parameter, {w for _, _, w, _ in matches})
-    recorded = restore.record_flags(model)  # See Note: requires_grad on eject (lowrank/restore.py)
+    holder = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the record goes on the model inside
+    recorded = restore.record_flags(holder)  # See Note: requires_grad on eject (lowrank/restore.py)
     known = {id(m) for m in model.modules()}
     try:  # See Note: a failed inject changes nothing.
         for parent, attr, where, _ in matches:
@@ -160,7 +161,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     except BaseException:
         _remove(model, name, keep_merged=False)
         if recorded:
-            restore.drop_flags(model)
+            restore.drop_flags(holder)
         raise
     set_active(model, name)
     mark_trainable(model)
@@ -225,13 +226,16 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     touched = _remove(model, name, keep_merged)
     if not _layers(model):  # See Note: requires_grad on eject (lowrank/restore.py)
         restore.restore_flags(model)
-    elif active and not active_adapters(model) and not any(layer.merged for layer in _layers(model)):
-        # the active adapter went and others stay: the first of them becomes active, as in PEFT's delete_adapter
+    elif active and not active_adapters(model) and not keep_merged and not any(layer.merged for layer in _layers(model)):
+        # the active adapter went and others stay: the first of them becomes active and trainable, as in PEFT's
+        # delete_adapter (which leaves every other flag as it is)
         left = adapter_names(model)[0]
         warnings.warn(f"ejected the active adapter {name!r}; {left!r} is active now (lowrank.set_active to choose)",
                       stacklevel=2)
         set_active(model, left)
-        mark_trainable(model)
+        for layer in _layers(model):
+            for p in layer.adapter_parameters(left) if left in layer.names else ():
+                p.requires_grad_(True)
     return touched
 
 

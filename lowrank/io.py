@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import warnings
 
 import torch
 from torch import nn
@@ -375,7 +376,9 @@ def undo_on_error(model: nn.Module, name: str):
         if existed:  # inject refused the name: the adapter there is the user's, and nothing changed
             raise
         if name in adapter_names(model):
-            eject(model, name)
+            with warnings.catch_warnings():  # which adapter eject makes active is put right just below
+                warnings.simplefilter("ignore")
+                eject(model, name)
         if active_adapters(model) != before:
             set_active(model, before)
         for p, flag in flags:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -80,6 +81,11 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
         kept[f"{router}.weight"] = (rest[f"{router}.lora_A.weight"].shape[0],
                                     _alpha(peft_config, _MODULE_KEY.match(origin[f"{router}.lora_A.weight"])["module"]))
     config = dict(peft_config)
+    if config.get("lora_dropout"):  # LoRA on a parameter has no input of its own to drop out (nor in PEFT)
+        warnings.warn(f"this transformers 4 adapter was trained with lora_dropout={config['lora_dropout']}; its experts "
+                      "load as LoRA on parameters, which has no dropout, so the adapter loads without it: outputs "
+                      "are the same in eval mode, and further training runs with no dropout", stacklevel=3)
+        config["lora_dropout"] = 0.0
     config["target_parameters"] = sorted(set(covered) | set(kept))
     config["exclude_modules"] = _excluding(config.get("exclude_modules"), routers)  # they were module targets
     # the first matching key wins: these exact ones go before the file's own

@@ -5,6 +5,8 @@ and torch.compile's wrapper, and a model injected in parts gives back every part
 
 from __future__ import annotations
 
+import itertools
+
 from torch import nn
 
 from .tuners.base import TunerLayer
@@ -16,14 +18,17 @@ NESTED = "_lowrank_nested_tensor"
 
 # Note: requires_grad on eject. inject freezes every parameter that is not an adapter's
 # (mark_trainable). The first inject into a module records each of its parameters' requires_grad
-# by name (the names before inject), and the eject that leaves it no adapter puts them back,
-# outermost record first, so a part injected on its own earlier (inject(model.encoder), then
-# inject(model)) gets its own flags back: inject then eject leaves the model as it was.
+# by name (the names before inject), numbered in the order made, and the eject that leaves it no
+# adapter puts them back, the newest record first, so the oldest says last: a parameter gets the
+# flag it had before any inject reached it, whichever of a part and the whole was injected first.
+_made = itertools.count()
+
+
 def record_flags(model: nn.Module) -> bool:
     """Record `model`'s flags unless it holds a record already; whether it recorded."""
     if FLAGS in model.__dict__:
         return False
-    model.__dict__[FLAGS] = {n: p.requires_grad for n, p in plain_parameters(model)}
+    model.__dict__[FLAGS] = (next(_made), {n: p.requires_grad for n, p in plain_parameters(model)})
     return True
 
 
@@ -32,14 +37,14 @@ def drop_flags(model: nn.Module) -> None:
 
 
 def restore_flags(model: nn.Module) -> None:
-    """Every record in `model` (its own, its parts') put back and removed."""
-    for m in list(model.modules()):
-        record = m.__dict__.pop(FLAGS, None)
-        if record:
-            params = dict(plain_parameters(m))
-            for n, flag in record.items():
-                if n in params:
-                    params[n].requires_grad_(flag)
+    """Every record in `model` (its own, its parts') put back, the newest first, and removed."""
+    records = sorted(((m.__dict__.pop(FLAGS), m) for m in list(model.modules()) if FLAGS in m.__dict__),
+                     key=lambda r: -r[0][0])
+    for (_, flags), m in records:
+        params = dict(plain_parameters(m))
+        for n, flag in flags.items():
+            if n in params:
+                params[n].requires_grad_(flag)
 
 
 # Note: no nested tensors through adapters. In eval mode under no_grad, nn.TransformerEncoder

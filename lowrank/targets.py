@@ -51,6 +51,9 @@ def output_head_names(model: nn.Module) -> set[str]:
             head = get()
         except (AttributeError, NotImplementedError):
             head = None
+    from .walk import _unwrap  # walk imports the tuners, which import this module
+
+    head = None if head is None else _unwrap(head)  # a head that holds an adapter already is still the head
     return {n for n, m in _named(model) if (head is not None and m is head) or n.split(".")[-1] == "lm_head"}
 
 

@@ -70,8 +70,9 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"{f} must be an integer >= {low}; got {v!r}")
-        if self.seed >= 2**32:  # the data order seeds a generator with seed * 1_000_003 + epoch (workflow/batches.py)
-            raise ConfigError(f"seed must be below 2**32; got {self.seed}")
+        if self.seed * 1_000_003 + self.epochs >= 2**64:  # the data order's generator seed (workflow/batches.py)
+            raise ConfigError(f"seed must be below {(2**64 - self.epochs) // 1_000_003 + 1} (the data order seeds a "
+                              f"generator with seed * 1000003 + epoch, at most 2**64 - 1); got {self.seed}")
         for f, ok, allowed in (("lr", lambda v: v > 0, "> 0"), ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
                                ("weight_decay", lambda v: v >= 0, ">= 0"), ("max_grad_norm", lambda v: v >= 0, ">= 0")):
             v = getattr(self, f)

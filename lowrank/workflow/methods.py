@@ -61,9 +61,13 @@ FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a number as YAML
 def floats(config: type, options: dict) -> dict:
     """`options` with the strings YAML 1.1 leaves a number such as 5e-2 (no dot) read as the
     float they spell, for the config's float fields (TrainConfig reads its own so too)."""
-    fields = {f.name: f.type for f in dataclasses.fields(config)}
-    return {k: float(v) if isinstance(v, str) and "float" in str(fields.get(k)) and FLOAT.fullmatch(v.strip()) else v
-            for k, v in options.items()}
+    fields = {f.name: str(f.type) for f in dataclasses.fields(config)}
+
+    def number(v, kind: str):
+        return float(v) if isinstance(v, str) and "float" in kind and FLOAT.fullmatch(v.strip()) else v
+
+    return {k: {p: number(x, fields[k]) for p, x in v.items()} if isinstance(v, dict) and k in fields  # alpha_pattern
+            else number(v, fields.get(k, "")) for k, v in options.items()}
 
 
 def nf4_config(options: dict):

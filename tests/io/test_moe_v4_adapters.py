@@ -137,3 +137,13 @@ def test_an_adapter_of_part_of_a_fusion_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"adapts only \['w1'\] of the projections transformers 5 fuses"):
         lowrank.load_adapter(base, tmp_path)
     assert not lowrank.adapter_names(base)
+
+
+def test_a_dropout_the_experts_cannot_take_is_left_out_with_a_warning(tmp_path):
+    base = model("mixtral")
+    write_v4(tmp_path, "mixtral")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": 0.05}))
+    with pytest.warns(UserWarning, match="lora_dropout=0.05"):
+        lowrank.load_adapter(base, tmp_path)
+    assert "model.layers.0.mlp.experts" in dict(base.named_modules())

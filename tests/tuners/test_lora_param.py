@@ -114,6 +114,7 @@ def test_config_refuses(kwargs, error, match):
 @pytest.mark.parametrize("config, error, match", [
     (dict(targets=None, parameters="nope"), ValueError, "no parameter of Net matched"),
     (dict(parameters="experts.upp"), ValueError, "no parameter of Net matched"),  # a typo beside matching targets
+    (dict(targets="lni", parameters="experts.up"), ValueError, "no module of Net matched"),  # and the other way
     (dict(targets="lin", parameters="lin.weight"), ValueError, "LoRA goes on one or the other"),
     (dict(targets=None, parameters="lin.bias"), TypeError, "a 1-D torch.float32 tensor"),
 ])

@@ -25,7 +25,7 @@ def two_part():
     return nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 2))
 
 
-@pytest.mark.parametrize("how", ["copy", "part first", "compiled wrapper"])
+@pytest.mark.parametrize("how", ["copy", "part first", "whole first", "compiled wrapper", "injected compiled"])
 def test_eject_gives_back_requires_grad_wherever_the_record_went(how):
     model, config = two_part(), lowrank.LoraConfig(r=2, targets=nn.Linear)
     model[1].weight.requires_grad_(False)  # a flag of the user's own, to come back as it was
@@ -37,6 +37,13 @@ def test_eject_gives_back_requires_grad_wherever_the_record_went(how):
     elif how == "part first":  # a part injected on its own first, then the whole
         lowrank.inject(model[0], config, name="a")
         lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
+        lowrank.eject(model)
+    elif how == "whole first":  # the part's own record, made second, holds flags the whole's inject froze
+        lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
+        lowrank.inject(model[0], config, name="a")
+        lowrank.eject(model)
+    elif how == "injected compiled":
+        lowrank.inject(torch.compile(model), config)
         lowrank.eject(model)
     else:
         lowrank.inject(model, config)
@@ -53,6 +60,12 @@ def test_ejecting_the_active_adapter_activates_another_as_peft_does():
         lowrank.eject(model, "b")
     assert lowrank.active_adapters(model) == ["a"]
     assert lowrank.summary(model).trainable == lowrank.summary(model).per_adapter["a"]
+    model[0][0].weight.requires_grad_(True)  # unfrozen by the user: an eject leaves it so, as PEFT's delete_adapter
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="d")
+    model[0][0].weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match="'a' is active now"):
+        lowrank.eject(model, "d")
+    assert model[0][0].weight.requires_grad
     lowrank.set_active(model, [])  # chosen by the user: nothing active, and nothing changes that
     lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="c")
     lowrank.set_active(model, [])
@@ -60,6 +73,50 @@ def test_ejecting_the_active_adapter_activates_another_as_peft_does():
         warnings.simplefilter("error")
         lowrank.eject(model, "c")
     assert lowrank.active_adapters(model) == []
+
+
+def test_ejecting_a_merged_adapter_it_keeps_activates_nothing():
+    """eject(keep_merged=True) leaves a fine-tuned model: another adapter switched on would add to it."""
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="a")
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
+    lowrank.mark_trainable(model, ["a", "b"])
+    models.randomize_adapters(model)
+    lowrank.merge(model)
+    x = torch.randn(3, 8)
+    merged = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowrank.eject(model, "b", keep_merged=True)
+    assert lowrank.active_adapters(model) == [] and torch.equal(model(x), merged)
+
+
+def test_a_failed_load_warns_of_nothing(tmp_path):
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="x")
+    lowrank.save_adapter(model, tmp_path)
+    other = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 3))  # another head
+    lowrank.inject(other, lowrank.LoraConfig(r=2, targets="re:1"), name="x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="shape mismatches"):
+            lowrank.load_adapter(other, tmp_path, name="y")
+    assert lowrank.active_adapters(other) == ["x"]
+
+
+def test_all_linear_leaves_a_head_that_holds_an_adapter():
+    """get_output_embeddings() returns the adapter layer around the head: still the head."""
+    def bert():
+        torch.manual_seed(0)
+        return transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                                    num_attention_heads=4, intermediate_size=64))
+
+    model = bert()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="decoder"), name="head")
+    assert "cls.predictions.decoder" not in lowrank.inject(model, lowrank.LoraConfig(r=2), name="all")
+    model = bert()
+    lowrank.inject(model, lowrank.AdapterConfig(targets="decoder", bottleneck_size=4), name="head")
+    assert "cls.predictions.decoder" not in lowrank.quantize(model)
 
 
 @pytest.mark.parametrize("context", ["disabled", "per_sample"])
