@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 
 import torch
 from safetensors import safe_open
@@ -124,10 +125,14 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     modules = dict(model.named_modules(remove_duplicate=False))  # a module registered twice: both names
     biases: dict[str, torch.Tensor] = {}  # a 4-bit layer's bias read before its weight
     unexpected, bad_shapes, conflicts, done = [], [], [], set()
+    experts = _Experts(modules, device, dtype)  # See Note: transformers 4 expert keys
     for file in files:
         with _open(file) as f:
             for key in f.keys():
-                owner, _, leaf = key.rpartition(".")
+                if experts.take(key, f, bad_shapes):
+                    done.add(key)
+                    continue
+                owner, _, leaf = experts.renamed(key).rpartition(".")
                 module = modules.get(owner)
                 owner = first_name.get(owner, owner)
                 if owner in layers and leaf in ("weight", "bias"):
@@ -182,8 +187,64 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
         for k, b in m._buffers.items():
             if b is not None and b.device != device:
                 m._buffers[k] = b.to(device)
-    _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts)
+    _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, experts.unfilled())
     return list(first_name)
+
+
+# Note: transformers 4 expert keys. Checkpoints of mixture-of-experts models (Mixtral, Qwen-MoE,
+# ... on the hub, and what transformers 5's own save_pretrained writes) hold each expert's
+# projections under transformers 4's names, `<moe>.experts.<e>.w1.weight`, which transformers 5
+# fuses into the 3-D `experts.gate_up_proj` (rows [w1_e; w3_e]) and `experts.down_proj` as it
+# loads, and Mixtral's `block_sparse_moe` is its `mlp` (lowrank/io_moe.py holds the table).
+# load_and_quantize does the same: the fused parameter is made on `device` when its first expert
+# arrives and each expert's weight is copied into its rows; the experts stay dense (quantize
+# takes linear layers). A fused parameter some expert never reached is named in the error.
+class _Experts:
+    def __init__(self, modules: dict, device: torch.device, dtype: torch.dtype | None) -> None:
+        from ..io_moe import FUSED, RENAMED  # here: lowrank.io_moe imports the tuners, which import quant
+
+        self.modules, self.device, self.dtype, self.fused = modules, device, dtype, FUSED
+        parts = {p for n in modules for p in n.split(".")}
+        self.renames = {old: new for old, new in RENAMED.items() if old.strip(".") not in parts}
+        self.filled: dict[tuple[str, str], set] = {}  # (experts module, parameter) -> {(expert, place)}
+
+    def renamed(self, key: str) -> str:
+        for old, new in self.renames.items():
+            key = key.replace(old, new)
+        owner, _, leaf = key.rpartition(".")  # PhiMoE's router: `gate` in transformers 4 (io_moe._router)
+        if owner.endswith(".gate") and owner not in self.modules and owner[: -len("gate")] + "router" in self.modules:
+            key = f"{owner[: -len('gate')]}router.{leaf}"
+        return key
+
+    def take(self, key: str, f, bad_shapes: list) -> bool:
+        """Copy `key` into its rows of a fused experts parameter, if it is an expert's weight."""
+        m = re.fullmatch(r"(?P<moe>.*)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight", self.renamed(key))
+        owner = self.modules.get(f"{m['moe']}.experts") if m else None
+        param, place = self.fused.get(m["proj"], (None, 0)) if m else (None, 0)
+        if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
+            return False
+        p, e = owner._parameters[param], int(m["e"])
+        t = f.get_tensor(key)
+        rows = p.shape[1] // (2 if param == "gate_up_proj" else 1)
+        if e >= p.shape[0] or tuple(t.shape) != (rows, p.shape[2]):
+            bad_shapes.append(f"{key}: checkpoint {tuple(t.shape)}, model's {m['moe']}.experts.{param} {tuple(p.shape)}")
+            return True
+        if p.is_meta:  # made when the first expert comes
+            p = nn.Parameter(torch.empty(p.shape, dtype=self.dtype or t.dtype, device=self.device), p.requires_grad)
+            owner._parameters[param] = p
+        with torch.no_grad():
+            p[e, place * rows:(place + 1) * rows].copy_(t)
+        self.filled.setdefault((f"{m['moe']}.experts", param), set()).add((e, place))
+        return True
+
+    def unfilled(self) -> list[str]:
+        out = []
+        for (name, param), seen in self.filled.items():
+            p = self.modules[name]._parameters[param]
+            want = {(e, k) for e in range(p.shape[0]) for k in range(2 if param == "gate_up_proj" else 1)}
+            if seen != want:
+                out.append(f"{name}.{param}: the checkpoint holds experts' rows {sorted(seen)}, not all of {len(want)}")
+        return out
 
 
 def _places(model: nn.Module, config: NF4Config) -> tuple[dict[str, list[tuple[nn.Module, str]]], dict[str, str]]:
@@ -215,7 +276,7 @@ def _same(q: nf4.NF4Weight, other: nf4.NF4Weight) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts) -> None:
+def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, unfilled) -> None:
     missing = [f"{n}.weight" for n, [(p, a), *_] in layers.items() if not isinstance(getattr(p, a), Linear4bit)]
     missing += [f"{n}.bias" for n, [(p, a), *_] in layers.items()
                 if n in has_bias and isinstance(getattr(p, a), Linear4bit) and getattr(p, a).bias is None]
@@ -231,5 +292,7 @@ def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes
         problems.append(f"shape mismatch: {bad_shapes[:8]}")
     if conflicts:
         problems.append(f"a module registered at several places has different weights under its names: {conflicts[:8]}")
+    if unfilled:
+        problems.append(f"fused experts the checkpoint does not fill: {unfilled[:8]}")
     if problems:
         raise ValueError(f"cannot load {[str(f) for f in files][:3]} into {type(model).__name__}: " + "; ".join(problems))
