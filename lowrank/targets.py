@@ -8,7 +8,8 @@ A spec is one of (see docs/inject.md):
     nn.Linear                 a module type (isinstance)
     fn(name, module) -> bool  a callable
     "all-linear"              every linear-like layer except the model's output head (and the layers
-                              a Mamba mixer reads by weight: Note: layers read by weight)
+                              a Mamba mixer reads by weight: Note: layers read by weight; and an
+                              nn.Linear whose forward returns no product, a router: not_a_product)
 A sequence of specs matches when any does. Names are the module's qualified names as in
 `model.named_modules()` before any adapter was injected (wrappers are transparent).
 """
@@ -39,6 +40,18 @@ def is_linear_like(module: nn.Module) -> bool:
         return True
     has_dims = isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
     return has_dims and (callable(getattr(module, "dequantize", None)) or isinstance(getattr(module, "weight", None), nn.Parameter))
+
+
+def not_a_product(module: nn.Module) -> bool:
+    """An nn.Linear subclass whose own forward returns no (rows, out_features) product of (rows,
+    in_features) rows: Llama 4's and PhiMoE's routers return routing (quantize's forward_kind tries
+    a few one-hot rows). "all-linear" leaves them out; LoRA on one goes on its weight
+    (LoraConfig.parameters). A subclass that scales its product stays a linear layer to LoRA."""
+    if not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward:
+        return False
+    from .quant.quantize import forward_kind  # quant imports this module
+
+    return forward_kind(module)[0] in ("routing", "other input")
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -90,7 +103,8 @@ def _one(spec, heads: set[str]) -> Filter:
         if spec == ALL_LINEAR:
             # MultiheadAttention's out_proj is never called as a module (see inject), so not adapted
             return lambda name, module: (is_linear_like(module) and name not in heads
-                                         and type(module).__name__ != "NonDynamicallyQuantizableLinear")
+                                         and type(module).__name__ != "NonDynamicallyQuantizableLinear"
+                                         and not not_a_product(module))
         if spec.startswith("re:"):
             pattern = re.compile(spec[3:])
             return lambda name, module: pattern.fullmatch(name) is not None

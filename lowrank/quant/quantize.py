@@ -106,9 +106,23 @@ def refuse_tied(name: str, layer: nn.Module, owners: dict) -> None:
 
 def check_forward(name: str, layer: nn.Module) -> None:
     """Refuse a subclass of nn.Linear whose own forward is not x W^T + b (See Note: a forward of its own)."""
-    if type(layer).forward is nn.Linear.forward or not isinstance(layer, nn.Linear):
-        return
+    kind, error = forward_kind(layer)
     what = f"{name!r} is a {type(layer).__name__}, an nn.Linear with a forward of its own"
+    if kind == "other input":
+        raise TypeError(f"{what}, which does not take a (rows, {layer.in_features}) input as a linear layer does "
+                        f"({error}); add it to skip") from error
+    if kind != "affine":
+        raise TypeError(f"{what}, which does not compute x W^T + b (tried on a few one-hot rows); a Linear4bit in "
+                        "its place would compute something else: add it to skip")
+
+
+def forward_kind(layer: nn.Module) -> tuple[str, Exception | None]:
+    """What an nn.Linear's forward computes (See Note: a forward of its own): "affine" (x W^T + b,
+    any plain nn.Linear), "scaled" (a tensor of the output's shape, other values), "routing" (no
+    such tensor: Llama 4's and PhiMoE's routers) or "other input" (it refuses (rows, in) rows;
+    with the exception)."""
+    if type(layer).forward is nn.Linear.forward or not isinstance(layer, nn.Linear):
+        return "affine", None
     if layer.weight.is_meta:  # a skeleton's layer (load_and_quantize): a copy whose meta tensors get made-up values
         layer, g = copy.deepcopy(layer), torch.Generator().manual_seed(0)
         for m in layer.modules():
@@ -120,7 +134,7 @@ def check_forward(name: str, layer: nn.Module) -> None:
     w, b = layer.weight, layer.bias
     k = layer.in_features
     if k == 0:
-        return
+        return "affine", None
     x = torch.zeros(3, k, dtype=w.dtype, device=w.device)  # e_0, e_(k-1), e_(k/2) + e_(k/3): exact products
     x[0, 0] = x[1, k - 1] = 1
     x[2, k // 2] += 1
@@ -129,15 +143,13 @@ def check_forward(name: str, layer: nn.Module) -> None:
         try:
             out, ref = type(layer).forward(layer, x), F.linear(x, w, b)  # the class's forward, no hooks
         except Exception as e:  # noqa: BLE001: a forward that takes no (rows, in_features) input is not x W^T + b
-            raise TypeError(f"{what}, which does not take a (rows, {k}) input as a linear layer does ({e}); add it "
-                            "to skip") from e
+            return "other input", e
+        if not (isinstance(out, torch.Tensor) and out.shape == ref.shape and out.is_floating_point()):
+            return "routing", None
         terms = x.abs() @ w.abs().T + (b.abs() if b is not None else 0)  # a few roundings of these at most
         bound = 4 * torch.finfo(w.dtype).eps * terms.float() + torch.finfo(w.dtype).tiny
-        same = (isinstance(out, torch.Tensor) and out.shape == ref.shape and out.is_floating_point()
-                and bool((((out.float() - ref.float()).abs() <= bound) | (out == ref)).all()))  # == : the same inf
-    if not same:
-        raise TypeError(f"{what}, which does not compute x W^T + b (tried on a few one-hot rows); a Linear4bit in "
-                        "its place would compute something else: add it to skip")
+        same = bool((((out.float() - ref.float()).abs() <= bound) | (out == ref)).all())  # == : the same inf
+    return ("affine" if same else "scaled"), None
 
 
 # Note: a forward of its own. quantize puts a Linear4bit (x W^T + b) where an nn.Linear was. A

@@ -274,3 +274,38 @@ def test_w_prime_as_peft_forms_it(kind, model_dtype, adapter_dtype, params, seco
     theirs, mine = theirs_named(pm), ours_named(ours)
     assert sorted(theirs) == sorted(mine)
     assert all(torch.equal(theirs[k].grad, mine[k].grad) for k in theirs)
+
+
+def phimoe():
+    torch.manual_seed(0)
+    cfg = transformers.PhimoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                    num_experts_per_tok=2)
+    return transformers.PhimoeForCausalLM(cfg).eval()
+
+
+def test_a_router_that_subclasses_linear_is_no_linear_layer():
+    """PhiMoE's router is an nn.Linear whose forward returns routing: "all-linear" leaves it out
+    (PEFT 0.21 wraps it and its forward fails), naming it is refused with the way that works, LoRA
+    on its weight, which computes as PEFT's target_parameters does."""
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    model = phimoe()
+    assert "model.layers.0.mlp.router" not in lowrank.inject(model, lowrank.LoraConfig(r=2))
+    model(ids)
+    with pytest.raises(ValueError, match=r"parameters=\['model.layers.0.mlp.router.weight'\]"):
+        lowrank.inject(phimoe(), lowrank.LoraConfig(r=2, targets="router"))
+    quantized = phimoe()
+    assert "model.layers.0.mlp.router" not in lowrank.quantize(quantized)
+    base = phimoe()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=[], target_parameters=["router.weight"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))
+    ours = copy.deepcopy(base)
+    lowrank.inject(ours, lowrank.LoraConfig(r=2, targets=None, parameters="router.weight"))
+    with torch.no_grad():
+        theirs = theirs_named(pm)
+        for k, p in ours_named(ours).items():
+            p.copy_(theirs[k])
+    assert torch.equal(pm(ids).logits, ours(ids).logits)
