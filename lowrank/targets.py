@@ -20,6 +20,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 Filter = Callable[[str, nn.Module], bool]
@@ -47,7 +48,10 @@ def not_a_product(module: nn.Module) -> bool:
     in_features) rows: Llama 4's and PhiMoE's routers return routing (quantize's forward_kind tries
     a few one-hot rows). "all-linear" leaves them out; LoRA on one goes on its weight
     (LoraConfig.parameters). A subclass that scales its product stays a linear layer to LoRA."""
-    if not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward:
+    w = getattr(module, "weight", None)
+    if (not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward
+            or not (isinstance(w, torch.Tensor) and w.is_floating_point())  # bitsandbytes' 4- and 8-bit layers
+            or type(module).__module__.startswith("bitsandbytes")):  # fmt: skip
         return False
     from .quant.quantize import forward_kind  # quant imports this module
 

@@ -342,8 +342,8 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
         slot = slot.base
     cls = layer_class(slot)
     if cls is LoraLinear and not_a_product(slot):
-        raise ValueError(f"cannot put LoRA on {where!r}: its {type(slot).__name__}.forward does not return x W^T + b "
-                         f"(a router?), so there is no output to add to; put LoRA on its weight instead, "
+        raise ValueError(f"cannot put LoRA on {where!r}: its {type(slot).__name__}.forward returns no (rows, "
+                         f"out_features) product (a router?), so there is no output to add to; put LoRA on its weight instead, "
                          f"LoraConfig(parameters=[{where + '.weight'!r}])")
     if cls is None:
         raise TypeError(f"cannot put LoRA on {where!r}, a {type(slot).__name__}; LoRA wraps {SUPPORTED}")

@@ -157,6 +157,8 @@ def test_lora_on_bitsandbytes_own_layer_casts_as_peft():
     x = torch.randn(32, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(ours.eval()(x), theirs.eval()(x))
+    # an nn.Linear subclass with a forward of its own, but a linear layer: "all-linear" takes it (targets.not_a_product)
+    assert inject(copy.deepcopy(torch.nn.Sequential(q)), LoraConfig(r=2)) == ["0"]
 
 
 def test_dora_then_lora_on_a_4bit_layer_rounds_each_sum_as_peft_bitsandbytes():
