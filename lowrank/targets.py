@@ -43,6 +43,9 @@ def is_linear_like(module: nn.Module) -> bool:
     return has_dims and (callable(getattr(module, "dequantize", None)) or isinstance(getattr(module, "weight", None), nn.Parameter))
 
 
+_PROBED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # weights forward_kind can multiply itself
+
+
 def not_a_product(module: nn.Module) -> bool:
     """An nn.Linear subclass whose own forward returns no (rows, out_features) product of (rows,
     in_features) rows: Llama 4's and PhiMoE's routers return routing (quantize's forward_kind tries
@@ -50,7 +53,7 @@ def not_a_product(module: nn.Module) -> bool:
     (LoraConfig.parameters). A subclass that scales its product stays a linear layer to LoRA."""
     w = getattr(module, "weight", None)
     if (not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward
-            or not (isinstance(w, torch.Tensor) and w.is_floating_point())  # bitsandbytes' 4- and 8-bit layers
+            or not (isinstance(w, torch.Tensor) and w.dtype in _PROBED)  # bitsandbytes' 4 / 8 bits, float8 layers
             or type(module).__module__.startswith("bitsandbytes")):  # fmt: skip
         return False
     from .quant.quantize import forward_kind  # quant imports this module
