@@ -139,9 +139,10 @@ def forward_kind(layer: nn.Module) -> tuple[str, Exception | None]:
     x[0, 0] = x[1, k - 1] = 1
     x[2, k // 2] += 1
     x[2, k // 3] += 1
-    with torch.no_grad():
+    # the class's forward, no hooks; random numbers it draws (a router's jitter) are given back
+    with torch.no_grad(), torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
         try:
-            out, ref = type(layer).forward(layer, x), F.linear(x, w, b)  # the class's forward, no hooks
+            out, ref = type(layer).forward(layer, x), F.linear(x, w, b)
         except Exception as e:  # noqa: BLE001: a forward that takes no (rows, in_features) input is not x W^T + b
             return "other input", e
         if not (isinstance(out, torch.Tensor) and out.shape == ref.shape and out.is_floating_point()):
