@@ -23,7 +23,7 @@ from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .distributed import check_not_sharded, reshard
 from .merging import merge, unmerge  # noqa: F401  (lowrank.inject's verbs)
 from .quant.linear4bit import Linear4bit
-from .targets import compile_filter
+from .targets import ALL_LINEAR, compile_filter
 from .tuners import adapter, lora, lora_param, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
@@ -121,7 +121,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     if getattr(config, "parameters", None) and not params:  # a name that matches nothing is a mistake, not a no-op
         raise ValueError(f"no parameter of {type(model).__name__} matched parameters={config.parameters!r}; "
                          f"they are named as in model.named_parameters(), e.g. {[n for n, _ in model.named_parameters()][:4]}")
-    if not matches and (targets or not params):  # each of targets and parameters, given, matches something
+    if not matches and (not params or (targets and tuple(targets) != (ALL_LINEAR,))):  # each given matches something
         candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
         raise ValueError(
             f"no module of {type(model).__name__} matched targets={targets!r} (exclude={config.exclude!r}); "
@@ -223,10 +223,11 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
         raise ValueError(f"the model has no adapter named {name!r}; it has {adapter_names(model)}")
     reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py): unmerging writes the weights
     active = active_adapters(model)
+    kept = keep_merged and any(name in layer.merged for layer in _layers(model))  # its update stays in the weights
     touched = _remove(model, name, keep_merged)
     if not _layers(model):  # See Note: requires_grad on eject (lowrank/restore.py)
         restore.restore_flags(model)
-    elif active and not active_adapters(model) and not keep_merged and not any(layer.merged for layer in _layers(model)):
+    elif active and not active_adapters(model) and not kept and not any(layer.merged for layer in _layers(model)):
         # the active adapter went and others stay: the first of them becomes active and trainable, as in PEFT's
         # delete_adapter (which leaves every other flag as it is)
         left = adapter_names(model)[0]

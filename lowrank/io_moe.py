@@ -81,6 +81,9 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
         kept[f"{router}.weight"] = (rest[f"{router}.lora_A.weight"].shape[0],
                                     _alpha(peft_config, _MODULE_KEY.match(origin[f"{router}.lora_A.weight"])["module"]))
     config = dict(peft_config)
+    if isinstance(config.get("target_modules"), list):  # the names fused away match no module now: not targets
+        config["target_modules"] = [t for t in config["target_modules"] if t not in FUSED and t != "gate"
+                                    or any(n == t or n.endswith("." + t) for n in modules)] or None
     if config.get("lora_dropout"):  # LoRA on a parameter has no input of its own to drop out (nor in PEFT)
         warnings.warn(f"this transformers 4 adapter was trained with lora_dropout={config['lora_dropout']}; its experts "
                       "load as LoRA on parameters, which has no dropout, so the adapter loads without it: outputs "

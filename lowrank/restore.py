@@ -6,6 +6,7 @@ and torch.compile's wrapper, and a model injected in parts gives back every part
 from __future__ import annotations
 
 import itertools
+import time
 
 from torch import nn
 
@@ -21,14 +22,14 @@ NESTED = "_lowrank_nested_tensor"
 # by name (the names before inject), numbered in the order made, and the eject that leaves it no
 # adapter puts them back, the newest record first, so the oldest says last: a parameter gets the
 # flag it had before any inject reached it, whichever of a part and the whole was injected first.
-_made = itertools.count()
+_made = itertools.count()  # with the wall clock: a record made in another process (torch.save) sorts by time
 
 
 def record_flags(model: nn.Module) -> bool:
     """Record `model`'s flags unless it holds a record already; whether it recorded."""
     if FLAGS in model.__dict__:
         return False
-    model.__dict__[FLAGS] = (next(_made), {n: p.requires_grad for n, p in plain_parameters(model)})
+    model.__dict__[FLAGS] = ((time.time_ns(), next(_made)), {n: p.requires_grad for n, p in plain_parameters(model)})
     return True
 
 
@@ -38,9 +39,9 @@ def drop_flags(model: nn.Module) -> None:
 
 def restore_flags(model: nn.Module) -> None:
     """Every record in `model` (its own, its parts') put back, the newest first, and removed."""
-    records = sorted(((m.__dict__.pop(FLAGS), m) for m in list(model.modules()) if FLAGS in m.__dict__),
-                     key=lambda r: -r[0][0])
-    for (_, flags), m in records:
+    records = [(m.__dict__.pop(FLAGS), m) for m in list(model.modules()) if FLAGS in m.__dict__]
+    records = [(r if isinstance(r, tuple) else ((0, 0), r), m) for r, m in records]  # a plain dict: an earlier format
+    for (_, flags), m in sorted(records, key=lambda r: r[0][0], reverse=True):
         params = dict(plain_parameters(m))
         for n, flag in flags.items():
             if n in params:

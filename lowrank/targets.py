@@ -47,9 +47,9 @@ _PROBED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # weigh
 
 
 def not_a_product(module: nn.Module) -> bool:
-    """An nn.Linear subclass whose own forward returns no (rows, out_features) product of (rows,
-    in_features) rows: Llama 4's and PhiMoE's routers return routing (quantize's forward_kind tries
-    a few one-hot rows). "all-linear" leaves them out; LoRA on one goes on its weight
+    """An nn.Linear subclass whose own forward takes (rows, in_features) rows and returns no
+    (rows, out_features) product: Llama 4's and PhiMoE's routers return routing (quantize's
+    forward_kind tries a few one-hot rows, on a copy sharing the parameters). "all-linear" leaves them out; LoRA on one goes on its weight
     (LoraConfig.parameters). A subclass that scales its product stays a linear layer to LoRA."""
     w = getattr(module, "weight", None)
     if (not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward
@@ -58,7 +58,13 @@ def not_a_product(module: nn.Module) -> bool:
         return False
     from .quant.quantize import forward_kind  # quant imports this module
 
-    return forward_kind(module)[0] in ("routing", "other input")
+    key = (type(module), module.training)  # a class routes or not; asked once (a 7B model: 128 probes of big weights)
+    if key not in _ROUTING:
+        _ROUTING[key] = forward_kind(module)[0] == "routing"  # (a forward that wants other input may be a product)
+    return _ROUTING[key]
+
+
+_ROUTING: dict[tuple[type, bool], bool] = {}
 
 
 def output_head_names(model: nn.Module) -> set[str]:

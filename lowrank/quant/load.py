@@ -206,7 +206,7 @@ class _Experts:
         self.modules, self.device, self.dtype, self.fused = modules, device, dtype, FUSED
         parts = {p for n in modules for p in n.split(".")}
         self.renames = {old: new for old, new in RENAMED.items() if old.strip(".") not in parts}
-        self.filled: dict[tuple[str, str], set] = {}  # (experts module, parameter) -> {(expert, place)}
+        self.filled: dict[tuple[str, str], set] = {}  # (experts module, parameter) -> {(expert, place)}, made once
 
     def renamed(self, key: str) -> str:
         for old, new in self.renames.items():
@@ -229,12 +229,13 @@ class _Experts:
         if e >= p.shape[0] or tuple(t.shape) != (rows, p.shape[2]):
             bad_shapes.append(f"{key}: checkpoint {tuple(t.shape)}, model's {m['moe']}.experts.{param} {tuple(p.shape)}")
             return True
-        if p.is_meta:  # made when the first expert comes
+        key = (f"{m['moe']}.experts", param)
+        if key not in self.filled:  # made when its first expert comes, on `device`, in `dtype` (as _cast casts)
             p = nn.Parameter(torch.empty(p.shape, dtype=self.dtype or t.dtype, device=self.device), p.requires_grad)
             owner._parameters[param] = p
         with torch.no_grad():
             p[e, place * rows:(place + 1) * rows].copy_(t)
-        self.filled.setdefault((f"{m['moe']}.experts", param), set()).add((e, place))
+        self.filled.setdefault(key, set()).add((e, place))
         return True
 
     def unfilled(self) -> list[str]:

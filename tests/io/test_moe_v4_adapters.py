@@ -147,3 +147,14 @@ def test_a_dropout_the_experts_cannot_take_is_left_out_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="lora_dropout=0.05"):
         lowrank.load_adapter(base, tmp_path)
     assert "model.layers.0.mlp.experts" in dict(base.named_modules())
+
+
+def test_an_adapter_of_the_experts_alone_loads(tmp_path):
+    """target_modules ["w1", "w2", "w3"]: names transformers 5 has fused away, so no module target is left."""
+    base = model("mixtral")
+    t = write_v4(tmp_path, "mixtral", router=False)
+    save_file({k: v for k, v in t.items() if ".experts." in k}, tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["w1", "w2", "w3"]}))
+    result = lowrank.load_adapter(base, tmp_path)
+    assert sorted(result.modules) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]

@@ -277,3 +277,13 @@ def test_an_expert_the_checkpoint_lacks_is_named(tmp_path):
         model = models.mixtral()
     with pytest.raises(ValueError, match=r"fused experts the checkpoint does not fill: \[.model.layers.1.mlp.experts.gate_up_proj"):
         load_and_quantize(model, tmp_path)
+
+
+def test_experts_of_a_real_model_take_the_dtype_and_device_asked(tmp_path):
+    """Loaded into a model not built under skeleton(): the fused experts are made anew, as every
+    other tensor is cast as it is read."""
+    _saved(tmp_path, models.mixtral, shard="10GB")
+    model = models.mixtral()
+    load_and_quantize(model, tmp_path, dtype=torch.bfloat16)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.gate.weight.dtype == torch.bfloat16

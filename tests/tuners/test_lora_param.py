@@ -160,3 +160,9 @@ def test_a_module_at_two_places_takes_lora_where_parameters_names_it():
     net.again = nn.ModuleList([net.experts])  # the same module under a second name
     assert lowrank.inject(net, lowrank.LoraConfig(targets=None, parameters="again.0.up")) == ["again.0.up"]
     assert isinstance(net.again[0], LoraParameter) and type(net.experts) is Experts
+
+
+def test_parameters_alone_in_a_module_without_linear_layers_under_the_default_targets():
+    """targets="all-linear" is the default: matching nothing beside parameters that matched is no error."""
+    holder = nn.ModuleDict({"experts": Experts()})
+    assert lowrank.inject(holder, lowrank.LoraConfig(r=2, parameters="experts.up")) == ["experts.up"]

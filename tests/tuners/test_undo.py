@@ -204,3 +204,55 @@ def test_parallel_adapter_around_a_prefix_reads_the_hidden_states():
     with torch.no_grad():
         both = model(input_ids=ids).logits
     assert both.shape == prefixed.shape and not torch.allclose(both, prefixed)
+
+
+class Recording(nn.Linear):
+    """A linear layer whose forward records what it saw (an activation-range observer)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.register_buffer("amax", torch.full((4,), 7.0))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.amax.fill_(float(x.abs().max()))
+        return super().forward(x)
+
+
+class OnlySequences(nn.Linear):
+    """An affine layer that takes (batch, seq, in) only."""
+
+    def forward(self, x):
+        if x.dim() != 3:
+            raise ValueError("expects (batch, seq, features)")
+        return super().forward(x)
+
+
+def test_all_linear_asks_a_subclass_without_touching_it():
+    """The router check (targets.not_a_product) runs a subclass's forward on a copy that shares its
+    parameters: what the forward records stays in the copy; a forward that wants other input is
+    still a linear layer."""
+    model = nn.Sequential(Recording(8, 8), OnlySequences(8, 8))
+    assert lowrank.inject(model, lowrank.LoraConfig(r=2)) == ["0", "1"]
+    assert model[0].base.calls == 0 and torch.equal(model[0].base.amax, torch.full((4,), 7.0))
+    assert model(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+
+
+def test_ejecting_an_unmerged_adapter_with_keep_merged_activates_another():
+    """keep_merged keeps a merged update; one never merged leaves nothing in the weights."""
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:0.0"), name="a")
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
+    with pytest.warns(UserWarning, match="'a' is active now"):
+        lowrank.eject(model, "b", keep_merged=True)
+    assert lowrank.active_adapters(model) == ["a"]
+
+
+def test_a_flags_record_of_the_earlier_form_is_read():
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"))
+    flags = vars(model)["_lowrank_requires_grad"][1]
+    vars(model)["_lowrank_requires_grad"] = flags  # a plain dict, as records were first made
+    lowrank.eject(model)
+    assert all(p.requires_grad for p in model.parameters())
