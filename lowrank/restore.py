@@ -33,15 +33,23 @@ def record_flags(model: nn.Module) -> bool:
     return True
 
 
+def _stamped(record) -> tuple[tuple[int, int], dict]:
+    """A record as (stamp, flags), earlier forms too: a plain dict, or (count, flags)."""
+    if isinstance(record, dict):
+        return (0, 0), record
+    stamp, flags = record
+    return (stamp if isinstance(stamp, tuple) else (0, stamp)), flags
+
+
 def drop_flags(model: nn.Module) -> None:
     model.__dict__.pop(FLAGS, None)
 
 
 def restore_flags(model: nn.Module) -> None:
     """Every record in `model` (its own, its parts') put back, the newest first, and removed."""
-    records = [(m.__dict__.pop(FLAGS), m) for m in list(model.modules()) if FLAGS in m.__dict__]
-    records = [(r if isinstance(r, tuple) else ((0, 0), r), m) for r, m in records]  # a plain dict: an earlier format
+    records = [(_stamped(m.__dict__[FLAGS]), m) for m in model.modules() if FLAGS in m.__dict__]
     for (_, flags), m in sorted(records, key=lambda r: r[0][0], reverse=True):
+        del m.__dict__[FLAGS]
         params = dict(plain_parameters(m))
         for n, flag in flags.items():
             if n in params:

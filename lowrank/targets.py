@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -58,13 +59,16 @@ def not_a_product(module: nn.Module) -> bool:
         return False
     from .quant.quantize import forward_kind  # quant imports this module
 
-    key = (type(module), module.training)  # a class routes or not; asked once (a 7B model: 128 probes of big weights)
-    if key not in _ROUTING:
-        _ROUTING[key] = forward_kind(module)[0] == "routing"  # (a forward that wants other input may be a product)
-    return _ROUTING[key]
+    # asked once per class and plain settings (sizes, flags: an instance may route by them), not per layer:
+    # a 7B Falcon has 128 big ones of four kinds
+    key = tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, type(None)))))
+    seen = _ROUTING.setdefault(type(module), {})
+    if key not in seen:
+        seen[key] = forward_kind(module)[0] == "routing"  # (a forward wanting other input may be a product)
+    return seen[key]
 
 
-_ROUTING: dict[tuple[type, bool], bool] = {}
+_ROUTING: weakref.WeakKeyDictionary[type, dict[tuple, bool]] = weakref.WeakKeyDictionary()  # classes made and dropped go
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -7,7 +7,6 @@ time, so each full-precision weight is freed as soon as its 4-bit copy exists.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 
@@ -123,16 +122,7 @@ def forward_kind(layer: nn.Module) -> tuple[str, Exception | None]:
     with the exception)."""
     if type(layer).forward is nn.Linear.forward or not isinstance(layer, nn.Linear):
         return "affine", None
-    if not layer.weight.is_meta:  # a copy sharing the parameters: what the forward records (buffers, counters) stays there
-        layer = copy.deepcopy(layer, {id(p): p for p in layer.parameters()})
-    else:  # a skeleton's layer (load_and_quantize): a copy whose meta tensors get made-up values
-        layer, g = copy.deepcopy(layer), torch.Generator().manual_seed(0)
-        for m in layer.modules():
-            for store in (m._parameters, m._buffers):
-                for key, t in store.items():
-                    if t is not None and t.is_meta:  # a real buffer (rotary tables, a scale) keeps its value
-                        made = torch.empty(t.shape, dtype=t.dtype).uniform_(-1, 1, generator=g)
-                        store[key] = nn.Parameter(made, requires_grad=False) if store is m._parameters else made
+    layer = _stand_in(layer)
     w, b = layer.weight, layer.bias
     k = layer.in_features
     if k == 0:
@@ -154,6 +144,26 @@ def forward_kind(layer: nn.Module) -> tuple[str, Exception | None]:
         bound = 4 * torch.finfo(w.dtype).eps * terms.float() + torch.finfo(w.dtype).tiny
         same = bool((((out.float() - ref.float()).abs() <= bound) | (out == ref)).all())  # == : the same inf
     return ("affine" if same else "scaled"), None
+
+
+def _stand_in(layer: nn.Module) -> nn.Module:
+    """A shell of `layer` for its forward to run on: its own attribute dict (what a forward sets
+    stays there), its parameters (a skeleton's meta ones given made-up values) and copies of its
+    buffers, nothing deep-copied (hooks, locks, an offloading hook's weight map stay shared and
+    unread: the class's forward runs without hooks)."""
+    shell, g = object.__new__(type(layer)), torch.Generator().manual_seed(0)
+    shell.__dict__.update(layer.__dict__)
+
+    def real(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not t.is_meta:
+            return t
+        return torch.empty(t.shape, dtype=t.dtype).uniform_(-1, 1, generator=g)
+
+    shell.__dict__["_parameters"] = {k: None if p is None else p if not p.is_meta else
+                                     nn.Parameter(real(p), requires_grad=False) for k, p in layer._parameters.items()}
+    shell.__dict__["_buffers"] = {k: None if t is None else real(t) if t.is_meta else t.clone()
+                                  for k, t in layer._buffers.items()}
+    return shell
 
 
 # Note: a forward of its own. quantize puts a Linear4bit (x W^T + b) where an nn.Linear was. A

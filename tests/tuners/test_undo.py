@@ -256,3 +256,33 @@ def test_a_flags_record_of_the_earlier_form_is_read():
     vars(model)["_lowrank_requires_grad"] = flags  # a plain dict, as records were first made
     lowrank.eject(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+class MaybeRouter(nn.Linear):
+    """Routes (returns logits and indices) only when its instance has a top_k."""
+
+    def __init__(self, i, o, top_k=None):
+        super().__init__(i, o)
+        self.top_k = top_k
+        self.lock = __import__("threading").Lock()  # nothing a probe may deep-copy
+
+    def forward(self, x):
+        y = super().forward(x)
+        return (y, y.topk(self.top_k, -1).indices) if self.top_k else y
+
+
+@pytest.mark.parametrize("order", ["plain first", "router first"])
+def test_whether_a_layer_routes_is_asked_of_its_settings_not_its_class(order):
+    layers = [MaybeRouter(8, 8), MaybeRouter(8, 4, top_k=2)]
+    model = nn.Sequential(*(layers if order == "plain first" else layers[::-1]))
+    plain = "0" if order == "plain first" else "1"
+    assert lowrank.inject(model, lowrank.LoraConfig(r=2)) == [plain]
+
+
+def test_a_flags_record_of_a_counted_form_is_read():
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"))
+    vars(model)["_lowrank_requires_grad"] = (3, vars(model)["_lowrank_requires_grad"][1])  # (count, flags)
+    lowrank.inject(model[0], lowrank.LoraConfig(r=2, targets=nn.Linear), name="part")
+    lowrank.eject(model)
+    assert all(p.requires_grad for p in model.parameters())
