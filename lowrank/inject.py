@@ -79,17 +79,14 @@ HANDLERS = {
 }
 
 
-
-
-
 def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig | PromptConfig, name: str = "default",
            *, dtype: torch.dtype | None = None) -> list[str]:
     """Add adapter `name` to every module of `model` that `config.targets` matches, in place.
     Makes `name` the active adapter and only its parameters trainable; what it makes takes the
     train / eval mode of what it wraps (See Note: train or eval mode). Returns the qualified
-    names of the modules it wrapped (and of the parameters LoRA's `parameters` adapted); raises, changing nothing, when nothing matched, when the
-    model already has an adapter `name`, when an adapter is merged, or when a target cannot
-    take this adapter.
+    names of the modules it wrapped (and of the parameters LoRA's `parameters` adapted); raises,
+    changing nothing, when nothing matched, when the model already has an adapter `name`, when
+    an adapter is merged, or when a target cannot take this adapter.
 
     `dtype`: the new adapter's parameters' dtype. None (the default): the dtype each module
     computes in (a prompt: float32). torch.float32 on a bf16 or fp16 model is PEFT's default

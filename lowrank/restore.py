@@ -19,7 +19,7 @@ NESTED = "_lowrank_nested_tensor"
 
 # Note: requires_grad on eject. inject freezes every parameter that is not an adapter's
 # (mark_trainable). The first inject into a module records each of its parameters' requires_grad
-# by name (the names before inject), numbered in the order made, and the eject that leaves it no
+# by name (the names before inject), stamped with the time it was made, and the eject that leaves it no
 # adapter puts them back, the newest record first, so the oldest says last: a parameter gets the
 # flag it had before any inject reached it, whichever of a part and the whole was injected first.
 _made = itertools.count()  # with the wall clock: a record made in another process (torch.save) sorts by time

@@ -50,8 +50,9 @@ _PROBED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # weigh
 def not_a_product(module: nn.Module) -> bool:
     """An nn.Linear subclass whose own forward takes (rows, in_features) rows and returns no
     (rows, out_features) product: Llama 4's and PhiMoE's routers return routing (quantize's
-    forward_kind tries a few one-hot rows, on a copy sharing the parameters). "all-linear" leaves them out; LoRA on one goes on its weight
-    (LoraConfig.parameters). A subclass that scales its product stays a linear layer to LoRA."""
+    forward_kind tries a few one-hot rows, on a shell sharing the parameters). "all-linear"
+    leaves them out; LoRA on one goes on its weight (LoraConfig.parameters). A subclass that
+    scales its product stays a linear layer to LoRA."""
     w = getattr(module, "weight", None)
     if (not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward
             or not (isinstance(w, torch.Tensor) and w.dtype in _PROBED)  # bitsandbytes' 4 / 8 bits, float8 layers
