@@ -8,8 +8,7 @@ A spec is one of (see docs/inject.md):
     nn.Linear                 a module type (isinstance)
     fn(name, module) -> bool  a callable
     "all-linear"              every linear-like layer except the model's output head (and the layers
-                              a Mamba mixer reads by weight: Note: layers read by weight; and an
-                              nn.Linear whose forward returns no product, a router: not_a_product)
+                              a Mamba mixer reads by weight: Note: layers read by weight)
 A sequence of specs matches when any does. Names are the module's qualified names as in
 `model.named_modules()` before any adapter was injected (wrappers are transparent).
 """
@@ -18,10 +17,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import weakref
 from collections.abc import Callable, Iterable
 
-import torch
 from torch import nn
 
 Filter = Callable[[str, nn.Module], bool]
@@ -42,34 +39,6 @@ def is_linear_like(module: nn.Module) -> bool:
         return True
     has_dims = isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
     return has_dims and (callable(getattr(module, "dequantize", None)) or isinstance(getattr(module, "weight", None), nn.Parameter))
-
-
-_PROBED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # weights forward_kind can multiply itself
-
-
-def not_a_product(module: nn.Module) -> bool:
-    """An nn.Linear subclass whose own forward takes (rows, in_features) rows and returns no
-    (rows, out_features) product: Llama 4's and PhiMoE's routers return routing (quantize's
-    forward_kind tries a few one-hot rows, on a shell sharing the parameters). "all-linear"
-    leaves them out; LoRA on one goes on its weight (LoraConfig.parameters). A subclass that
-    scales its product stays a linear layer to LoRA."""
-    w = getattr(module, "weight", None)
-    if (not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward
-            or not (isinstance(w, torch.Tensor) and w.dtype in _PROBED)  # bitsandbytes' 4 / 8 bits, float8 layers
-            or type(module).__module__.startswith("bitsandbytes")):  # fmt: skip
-        return False
-    from .quant.quantize import forward_kind  # quant imports this module
-
-    # asked once per class and plain settings (sizes, flags: an instance may route by them), not per layer:
-    # a 7B Falcon has 128 big ones of four kinds
-    key = tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, type(None)))))
-    seen = _ROUTING.setdefault(type(module), {})
-    if key not in seen:
-        seen[key] = forward_kind(module)[0] == "routing"  # (a forward wanting other input may be a product)
-    return seen[key]
-
-
-_ROUTING: weakref.WeakKeyDictionary[type, dict[tuple, bool]] = weakref.WeakKeyDictionary()  # classes made and dropped go
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -121,8 +90,7 @@ def _one(spec, heads: set[str]) -> Filter:
         if spec == ALL_LINEAR:
             # MultiheadAttention's out_proj is never called as a module (see inject), so not adapted
             return lambda name, module: (is_linear_like(module) and name not in heads
-                                         and type(module).__name__ != "NonDynamicallyQuantizableLinear"
-                                         and not not_a_product(module))
+                                         and type(module).__name__ != "NonDynamicallyQuantizableLinear")
         if spec.startswith("re:"):
             pattern = re.compile(spec[3:])
             return lambda name, module: pattern.fullmatch(name) is not None

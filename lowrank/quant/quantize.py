@@ -7,6 +7,7 @@ time, so each full-precision weight is freed as soon as its 4-bit copy exists.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 
@@ -105,65 +106,38 @@ def refuse_tied(name: str, layer: nn.Module, owners: dict) -> None:
 
 def check_forward(name: str, layer: nn.Module) -> None:
     """Refuse a subclass of nn.Linear whose own forward is not x W^T + b (See Note: a forward of its own)."""
-    kind, error = forward_kind(layer)
-    what = f"{name!r} is a {type(layer).__name__}, an nn.Linear with a forward of its own"
-    if kind == "other input":
-        raise TypeError(f"{what}, which does not take a (rows, {layer.in_features}) input as a linear layer does "
-                        f"({error}); add it to skip") from error
-    if kind != "affine":
-        raise TypeError(f"{what}, which does not compute x W^T + b (tried on a few one-hot rows); a Linear4bit in "
-                        "its place would compute something else: add it to skip")
-
-
-def forward_kind(layer: nn.Module) -> tuple[str, Exception | None]:
-    """What an nn.Linear's forward computes (See Note: a forward of its own): "affine" (x W^T + b,
-    any plain nn.Linear), "scaled" (a tensor of the output's shape, other values), "routing" (no
-    such tensor: Llama 4's and PhiMoE's routers) or "other input" (it refuses (rows, in) rows;
-    with the exception)."""
     if type(layer).forward is nn.Linear.forward or not isinstance(layer, nn.Linear):
-        return "affine", None
-    layer = _stand_in(layer)
+        return
+    what = f"{name!r} is a {type(layer).__name__}, an nn.Linear with a forward of its own"
+    if layer.weight.is_meta:  # a skeleton's layer (load_and_quantize): a copy whose meta tensors get made-up values
+        layer, g = copy.deepcopy(layer), torch.Generator().manual_seed(0)
+        for m in layer.modules():
+            for store in (m._parameters, m._buffers):
+                for key, t in store.items():
+                    if t is not None and t.is_meta:  # a real buffer (rotary tables, a scale) keeps its value
+                        made = torch.empty(t.shape, dtype=t.dtype).uniform_(-1, 1, generator=g)
+                        store[key] = nn.Parameter(made, requires_grad=False) if store is m._parameters else made
     w, b = layer.weight, layer.bias
     k = layer.in_features
     if k == 0:
-        return "affine", None
+        return
     x = torch.zeros(3, k, dtype=w.dtype, device=w.device)  # e_0, e_(k-1), e_(k/2) + e_(k/3): exact products
     x[0, 0] = x[1, k - 1] = 1
     x[2, k // 2] += 1
     x[2, k // 3] += 1
-    # the class's forward, no hooks; random numbers it draws (a router's jitter) are given back
-    with torch.no_grad(), torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+    with torch.no_grad():
         try:
-            out, ref = type(layer).forward(layer, x), F.linear(x, w, b)
+            out, ref = type(layer).forward(layer, x), F.linear(x, w, b)  # the class's forward, no hooks
         except Exception as e:  # noqa: BLE001: a forward that takes no (rows, in_features) input is not x W^T + b
-            return "other input", e
-        if not (isinstance(out, torch.Tensor) and out.shape == ref.shape and out.is_floating_point()):
-            return "routing", None
-        cols = sorted({0, k - 1, k // 2, k // 3})  # the only columns x reads: no |W| of the whole weight
-        terms = x[:, cols].abs() @ w[:, cols].abs().T + (b.abs() if b is not None else 0)  # a few roundings of these
+            raise TypeError(f"{what}, which does not take a (rows, {k}) input as a linear layer does ({e}); add it "
+                            "to skip") from e
+        terms = x.abs() @ w.abs().T + (b.abs() if b is not None else 0)  # a few roundings of these at most
         bound = 4 * torch.finfo(w.dtype).eps * terms.float() + torch.finfo(w.dtype).tiny
-        same = bool((((out.float() - ref.float()).abs() <= bound) | (out == ref)).all())  # == : the same inf
-    return ("affine" if same else "scaled"), None
-
-
-def _stand_in(layer: nn.Module) -> nn.Module:
-    """A shell of `layer` for its forward to run on: its own attribute dict (what a forward sets
-    stays there), its parameters (a skeleton's meta ones given made-up values) and copies of its
-    buffers, nothing deep-copied (hooks, locks, an offloading hook's weight map stay shared and
-    unread: the class's forward runs without hooks)."""
-    shell, g = object.__new__(type(layer)), torch.Generator().manual_seed(0)
-    shell.__dict__.update(layer.__dict__)
-
-    def real(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None or not t.is_meta:
-            return t
-        return torch.empty(t.shape, dtype=t.dtype).uniform_(-1, 1, generator=g)
-
-    shell.__dict__["_parameters"] = {k: None if p is None else p if not p.is_meta else
-                                     nn.Parameter(real(p), requires_grad=False) for k, p in layer._parameters.items()}
-    shell.__dict__["_buffers"] = {k: None if t is None else real(t) if t.is_meta else t.clone()
-                                  for k, t in layer._buffers.items()}
-    return shell
+        same = (isinstance(out, torch.Tensor) and out.shape == ref.shape and out.is_floating_point()
+                and bool((((out.float() - ref.float()).abs() <= bound) | (out == ref)).all()))  # == : the same inf
+    if not same:
+        raise TypeError(f"{what}, which does not compute x W^T + b (tried on a few one-hot rows); a Linear4bit in "
+                        "its place would compute something else: add it to skip")
 
 
 # Note: a forward of its own. quantize puts a Linear4bit (x W^T + b) where an nn.Linear was. A

@@ -13,7 +13,7 @@ from ..config import LoraConfig
 from ..ops import csrc
 from ..ops.lora_ops import dropout_parts
 from ..quant.linear4bit import Linear4bit, autocast_dtype
-from ..targets import first_match, is_gpt2_conv1d, is_linear_like, not_a_product
+from ..targets import first_match, is_gpt2_conv1d, is_linear_like
 from .base import TunerLayer, cast_for
 from .lora_base import LoraLayer
 from .lora_param import LoraParameter
@@ -341,10 +341,6 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
                              f"or remove it first with lowrank.eject(model, {name!r})")
         slot = slot.base
     cls = layer_class(slot)
-    if cls is LoraLinear and not_a_product(slot):
-        raise ValueError(f"cannot put LoRA on {where!r}: its {type(slot).__name__}.forward returns no (rows, "
-                         f"out_features) product (a router?), so there is no output to add to; put LoRA on its weight instead, "
-                         f"LoraConfig(parameters=[{where + '.weight'!r}])")
     if cls is None:
         raise TypeError(f"cannot put LoRA on {where!r}, a {type(slot).__name__}; LoRA wraps {SUPPORTED}")
     if config.dora and not cls.supports_dora:

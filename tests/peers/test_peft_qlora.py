@@ -157,7 +157,7 @@ def test_lora_on_bitsandbytes_own_layer_casts_as_peft():
     x = torch.randn(32, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(ours.eval()(x), theirs.eval()(x))
-    # an nn.Linear subclass with a forward of its own, but a linear layer: "all-linear" takes it (targets.not_a_product)
+    # an nn.Linear subclass with packed weights and a forward of its own: "all-linear" takes it
     assert inject(copy.deepcopy(torch.nn.Sequential(q)), LoraConfig(r=2)) == ["0"]
 
 

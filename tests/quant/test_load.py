@@ -1,5 +1,6 @@
 """load_and_quantize: a dense checkpoint read straight into 4 bits equals quantize(from_pretrained)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -47,7 +48,9 @@ def qwen2_moe():
 @pytest.mark.parametrize("config", [NF4Config(), NF4Config(blocksize=128, double_quant=False, compute_dtype=torch.float32)],
                          ids=["dq64", "plain128"])
 def test_equals_quantize_of_the_loaded_model(tmp_path, build, config):
-    _saved(tmp_path, build)  # (PhiMoE's router, an nn.Linear returning routing, is no "all-linear" layer: not_a_product)
+    if build is phimoe:  # its router subclasses nn.Linear but returns routing: quantize refuses it (check_forward)
+        config = dataclasses.replace(config, skip=["router"])
+    _saved(tmp_path, build)
     assert len(checkpoint_files(tmp_path)) > 1  # the sharded path is the one under test
 
     expected = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)

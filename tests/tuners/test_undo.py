@@ -206,39 +206,6 @@ def test_parallel_adapter_around_a_prefix_reads_the_hidden_states():
     assert both.shape == prefixed.shape and not torch.allclose(both, prefixed)
 
 
-class Recording(nn.Linear):
-    """A linear layer whose forward records what it saw (an activation-range observer)."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.register_buffer("amax", torch.full((4,), 7.0))
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        self.amax.fill_(float(x.abs().max()))
-        return super().forward(x)
-
-
-class OnlySequences(nn.Linear):
-    """An affine layer that takes (batch, seq, in) only."""
-
-    def forward(self, x):
-        if x.dim() != 3:
-            raise ValueError("expects (batch, seq, features)")
-        return super().forward(x)
-
-
-def test_all_linear_asks_a_subclass_without_touching_it():
-    """The router check (targets.not_a_product) runs a subclass's forward on a copy that shares its
-    parameters: what the forward records stays in the copy; a forward that wants other input is
-    still a linear layer."""
-    model = nn.Sequential(Recording(8, 8), OnlySequences(8, 8))
-    assert lowrank.inject(model, lowrank.LoraConfig(r=2)) == ["0", "1"]
-    assert model[0].base.calls == 0 and torch.equal(model[0].base.amax, torch.full((4,), 7.0))
-    assert model(torch.randn(2, 3, 8)).shape == (2, 3, 8)
-
-
 def test_ejecting_an_unmerged_adapter_with_keep_merged_activates_another():
     """keep_merged keeps a merged update; one never merged leaves nothing in the weights."""
     model = two_part()
@@ -256,27 +223,6 @@ def test_a_flags_record_of_the_earlier_form_is_read():
     vars(model)["_lowrank_requires_grad"] = flags  # a plain dict, as records were first made
     lowrank.eject(model)
     assert all(p.requires_grad for p in model.parameters())
-
-
-class MaybeRouter(nn.Linear):
-    """Routes (returns logits and indices) only when its instance has a top_k."""
-
-    def __init__(self, i, o, top_k=None):
-        super().__init__(i, o)
-        self.top_k = top_k
-        self.lock = __import__("threading").Lock()  # nothing a probe may deep-copy
-
-    def forward(self, x):
-        y = super().forward(x)
-        return (y, y.topk(self.top_k, -1).indices) if self.top_k else y
-
-
-@pytest.mark.parametrize("order", ["plain first", "router first"])
-def test_whether_a_layer_routes_is_asked_of_its_settings_not_its_class(order):
-    layers = [MaybeRouter(8, 8), MaybeRouter(8, 4, top_k=2)]
-    model = nn.Sequential(*(layers if order == "plain first" else layers[::-1]))
-    plain = "0" if order == "plain first" else "1"
-    assert lowrank.inject(model, lowrank.LoraConfig(r=2)) == [plain]
 
 
 def test_a_flags_record_of_a_counted_form_is_read():
