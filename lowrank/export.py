@@ -68,14 +68,9 @@ def _lora_chain(where: str, module: TunerLayer) -> list[LoraLayer]:
     return layers
 
 
-def _dense(layer: LoraLayer) -> torch.Tensor:
-    """The dense weight a LoRA layer's merge writes into: its base's, or its parameter's."""
-    return layer.weight_param() if isinstance(layer, LoraParameter) else layer.base.weight
-
-
 def weight_key(module: str, layer: LoraLayer | None) -> str:
     """The state-dict key of the weight `layer` (None: a 4-bit layer's own) merges into."""
-    attr = layer.parameter_name if isinstance(layer, LoraParameter) else "weight"
+    attr = "weight" if layer is None else layer.weight_attr
     return f"{module}.{attr}" if module else attr
 
 
@@ -83,8 +78,8 @@ def merged_weight(layer: LoraLayer) -> torch.Tensor:
     """W' in float32, in the layout of the base's dense weight; the layer is not changed."""
     base = layer.base
     if layer.merged:  # already folded in by lowrank.merge: the weight is W'
-        return _dense(layer).detach().float()
-    w = base.dequantize(base.compute_dtype) if isinstance(base, Linear4bit) else _dense(layer).detach()
+        return layer.target_weight().detach().float()
+    w = base.dequantize(base.compute_dtype) if isinstance(base, Linear4bit) else layer.target_weight().detach()
     w = w.float()
     if not layer.enabled:
         return w
@@ -255,11 +250,11 @@ def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Linear4bit | N
             raise ValueError(f"merging the adapters of {name!r} gives non-finite weights (inf/nan); nothing was written")
         return w.T.contiguous() if conv1d else w  # (in, out) for a Conv1D
 
-    base_dtype = q.compute_dtype if q is not None else _dense(layer).dtype
+    base_dtype = q.compute_dtype if q is not None else layer.target_weight().dtype
     target = base_dtype if dtype is None else dtype
     if requantize and q is not None:
         return shards.Part(_nf4_sizes(key, q, target), lambda: _requantized(make(), q, key, name, target, errors))
-    numel = q.weight.numel if q is not None else _dense(layer).numel()
+    numel = q.weight.numel if q is not None else layer.target_weight().numel()
     return shards.Part({key: numel * torch.empty(0, dtype=target).element_size()},
                        lambda: {key: _checked_cast(key, make(), target)})
 

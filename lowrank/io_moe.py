@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -43,10 +44,9 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
     per-expert and router LoRA of transformers 4 as LoRA on `model`'s fused parameters, when
     `model` has them; anything else unchanged."""
     modules = {n: _unwrap(c) for _, _, n, c in _walk(model)}
-    parts = {p for n in modules for p in n.split(".")}
-    renames = {old: new for old, new in RENAMED.items() if old.strip(".") not in parts}  # the model has the new name
-    origin = {_router(_renamed(k, renames), modules): k for k in weights}  # the file's key: its patterns name 4's modules
-    weights = {_router(_renamed(k, renames), modules): v for k, v in weights.items()}
+    rename = renamer(modules)
+    origin = {rename(k): k for k in weights}  # the file's key: its patterns name transformers 4's modules
+    weights = {rename(k): v for k, v in weights.items()}
     moved = {_MODULE_KEY.match(k)["module"] for k, o in origin.items() if ".router.lora_" in k and ".gate.lora_" in o}
     experts, rest = {}, {}
     for k, v in weights.items():
@@ -105,23 +105,24 @@ def _alpha(config: dict, module: str) -> float:
     return config.get("lora_alpha", 8)
 
 
-def _renamed(key: str, renames: dict[str, str]) -> str:
-    for old, new in renames.items():
-        key = key.replace(old, new)
-    return key
+def renamer(modules: dict[str, nn.Module]) -> Callable[[str], str]:
+    """key -> the key under the names of the model whose modules are `modules`, for a key of
+    transformers 4 (a LoRA file's, a checkpoint's): Mixtral's `block_sparse_moe` is `mlp`, and
+    PhiMoE's `<moe>.gate` is `<moe>.router` (transformers 5's conversion_mapping), each where the
+    model has the new name and not the old. (PhiMoE's router subclasses nn.Linear but returns
+    routing, not x W^T: its LoRA goes on its weight too.)"""
+    parts = {p for n in modules for p in n.split(".")}
+    renames = {old: new for old, new in RENAMED.items() if old.strip(".") not in parts}
 
-
-def _router(key: str, modules: dict) -> str:
-    """PhiMoE's `<moe>.gate` is `<moe>.router` in transformers 5 (its conversion_mapping): a key of
-    a `gate` the model lacks, beside a `router` with a 2-D weight, is the router's. (PhiMoE's router
-    subclasses nn.Linear but returns routing, not x W^T: its LoRA goes on its weight too.)"""
-    m = _MODULE_KEY.match(key)
-    if m and m["module"].endswith(".gate") and m["module"] not in modules:
-        router = modules.get(m["module"][: -len("gate")] + "router")
+    def rename(key: str) -> str:
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        head, gate, tail = key.partition(".gate.")
+        router = modules.get(head + ".router") if gate and head + ".gate" not in modules else None
         w = None if router is None else router._parameters.get("weight")
-        if isinstance(w, torch.Tensor) and w.dim() == 2:
-            return key.replace(m["module"], m["module"][: -len("gate")] + "router", 1)
-    return key
+        return f"{head}.router.{tail}" if isinstance(w, torch.Tensor) and w.dim() == 2 else key
+
+    return rename
 
 
 def _is_router(module: nn.Module | None) -> bool:

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .distributed import reshard
-from .tuners.lora_param import LoraParameter
 from .walk import _lora_layers, _module, plain_parameters
 
 
@@ -28,7 +27,7 @@ def merge(model: nn.Module) -> list[str]:
             raise RuntimeError(f"cannot merge inside lowrank.disabled(model) or lowrank.per_sample(model, ...) (at "
                                f"{where!r}): the merged weights would change what that context computes; merge after it")
     for where, m in layers:
-        w = m.weight_param() if isinstance(m, LoraParameter) else getattr(m.base, "weight", None)
+        w = m.target_weight()
         if isinstance(w, torch.Tensor) and len(names.get(_alias(w), ())) > 1 and any(n not in m.merged for n in m.active):
             raise ValueError(f"cannot merge into {where!r}: its weight is one tensor with {names[_alias(w)]} (tied), so "
                              "merging would change the other module too; keep the adapter unmerged, or untie the "

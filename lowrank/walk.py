@@ -8,15 +8,12 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .tuners.base import TunerLayer
+from .tuners.base import TunerLayer, innermost
 from .tuners.lora_base import LoraLayer
 from .tuners.lora_param import lora_chain
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    while isinstance(module, TunerLayer):
-        module = module.base
-    return module
+_unwrap = innermost  # the name the rest of lowrank knows it by
 
 
 # torch's checkpoint_wrapper (activation checkpointing under FSDP2) holds a layer under this

@@ -201,20 +201,11 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
 # takes linear layers). A fused parameter some expert never reached is named in the error.
 class _Experts:
     def __init__(self, modules: dict, device: torch.device, dtype: torch.dtype | None) -> None:
-        from ..io_moe import FUSED, RENAMED  # here: lowrank.io_moe imports the tuners, which import quant
+        from ..io_moe import FUSED, renamer  # here: lowrank.io_moe imports the tuners, which import quant
 
         self.modules, self.device, self.dtype, self.fused = modules, device, dtype, FUSED
-        parts = {p for n in modules for p in n.split(".")}
-        self.renames = {old: new for old, new in RENAMED.items() if old.strip(".") not in parts}
+        self.renamed = renamer(modules)  # a transformers 4 key under the model's names
         self.filled: dict[tuple[str, str], set] = {}  # (experts module, parameter) -> {(expert, place)}, made once
-
-    def renamed(self, key: str) -> str:
-        for old, new in self.renames.items():
-            key = key.replace(old, new)
-        owner, _, leaf = key.rpartition(".")  # PhiMoE's router: `gate` in transformers 4 (io_moe._router)
-        if owner.endswith(".gate") and owner not in self.modules and owner[: -len("gate")] + "router" in self.modules:
-            key = f"{owner[: -len('gate')]}router.{leaf}"
-        return key
 
     def take(self, key: str, f, bad_shapes: list) -> bool:
         """Copy `key` into its rows of a fused experts parameter, if it is an expert's weight."""

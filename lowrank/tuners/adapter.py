@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..targets import is_gpt2_conv1d, is_linear_like
-from .base import TunerLayer, cast_for
+from .base import TunerLayer, cast_for, innermost
 from .lora_base import float_dtype_and_device
 
 ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", nn.MultiheadAttention)
@@ -124,10 +124,8 @@ class AdapterLayer(TunerLayer):
         if args:
             x = args[0]
         else:
-            inner = self.base
-            while isinstance(inner, TunerLayer):  # a prefix layer's (*args, **kwargs) names nothing: its module's do
-                inner = inner.base
-            first = next(iter(inspect.signature(inner.forward).parameters), None)
+            # a prefix layer's (*args, **kwargs) names nothing: its module's do
+            first = next(iter(inspect.signature(innermost(self.base).forward).parameters), None)
             x = kwargs.get(first)
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             seen = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -153,22 +151,16 @@ def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> No
     if isinstance(module, AdapterLayer) and name in module.names:
         raise ValueError(f"{where!r} already has a bottleneck adapter named {name!r}; inject under another name "
                          f"or remove it first with lowrank.eject(model, {name!r})")
-    if any(c.__name__ == "PreTrainedModel" for c in type(_inner(module)).__mro__):  # transformers, not imported here
-        raise TypeError(f"cannot put a bottleneck adapter on {where!r}: a {type(_inner(module)).__name__} returns a "
+    if any(c.__name__ == "PreTrainedModel" for c in type(innermost(module)).__mro__):  # transformers, not imported here
+        raise TypeError(f"cannot put a bottleneck adapter on {where!r}: a {type(innermost(module)).__name__} returns a "
                         "ModelOutput, not hidden states; target its layers or blocks")
-    if module_dims(_inner(module)) is None:
-        raise TypeError(f"cannot size a bottleneck adapter for {where!r}, a {type(_inner(module)).__name__} with no "
+    if module_dims(innermost(module)) is None:
+        raise TypeError(f"cannot size a bottleneck adapter for {where!r}, a {type(innermost(module)).__name__} with no "
                         "linear layers inside; target a linear layer or a block that contains them")
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    while isinstance(module, TunerLayer):
-        module = module.base
-    return module
 
 
 def wrap(module: nn.Module, config: AdapterConfig, name: str, where: str) -> nn.Module:
     """Add bottleneck adapter `name` around `module`; returns what should stand in its place."""
     layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
-    layer.add(name, config, module_dims(_inner(module)))
+    layer.add(name, config, module_dims(innermost(module)))
     return layer

@@ -31,6 +31,13 @@ def cast_for(x: torch.Tensor, dtype: torch.dtype, under_autocast: bool = False) 
     return dtype
 
 
+def innermost(module: nn.Module) -> nn.Module:
+    """The module inside every adapter layer around it (`module` itself when it is none)."""
+    while isinstance(module, TunerLayer):
+        module = module._modules["base"]
+    return module
+
+
 def _keep_fused_paths_off(module: nn.Module, args: tuple) -> None:
     """See Note: fused fast paths."""
 

@@ -266,8 +266,14 @@ class LoraLayer(TunerLayer):
         f = (self.lora_magnitude_vector[name] / norm).view(-1, 1)  # (out, 1)
         return f.T if self.transposed else f
 
+    weight_attr = "weight"  # the base's attribute a merge writes into (LoraParameter: its parameter)
+
+    def target_weight(self) -> torch.Tensor | None:
+        """The base's weight a merge writes into, as it is (None where it has none)."""
+        return getattr(self.base, "weight", None)
+
     def _writable_weight(self) -> torch.Tensor:
-        w = getattr(self.base, "weight", None)
+        w = self.target_weight()
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             raise TypeError(
                 f"cannot merge into {type(self.base).__name__}: it has no dense floating `weight` "

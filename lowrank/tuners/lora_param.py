@@ -74,14 +74,25 @@ class LoraParameter(LoraLayer):
         e = self._experts
         return B.view(B.shape[0], -1, e).permute(2, 0, 1), A.view(e, -1, A.shape[-1])
 
-    def _delta_weight(self, name, dtype=None):
-        """s B_e A_e for every expert, in the parameter's layout: (out, in), (E, out, in) or (E, in, out)."""
+    def _product(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """B_e A_e for every expert, in the parameter's layout: (out, in), (E, out, in) or (E, in,
+        out), by PEFT's einsum (See Note: PEFT's factor layout)."""
         if self._experts == 1:
-            A, B = self._factors_in(name, dtype)
-            return (B @ A) * self.scaling[name]
-        B, A = self._per_expert(name, dtype)
-        d = torch.bmm(B, A) * self.scaling[name]  # (E, out, in)
-        return d.transpose(1, 2) if self._transposed_experts else d
+            return B @ A
+        e = self._experts
+        einsum = "o r e, e r i -> e i o" if self._transposed_experts else "o r e, e r i -> e o i"
+        return torch.einsum(einsum, B.reshape(B.shape[0], -1, e), A.reshape(e, -1, A.shape[-1]))
+
+    def _delta_weight(self, name, dtype=None):
+        """s B_e A_e for every expert, in the parameter's layout, computed in `dtype` (None: the factors')."""
+        return self._product(*self._factors_in(name, dtype)) * self.scaling[name]
+
+    @property
+    def weight_attr(self) -> str:
+        return self.parameter_name
+
+    def target_weight(self):
+        return self.weight_param()
 
     def _writable_weight(self):
         return self.weight_param()  # never a computed weight: PEFT and we read it from _parameters
@@ -126,13 +137,9 @@ class LoraParameter(LoraLayer):
     def _peft_delta(self, name: str) -> torch.Tensor:
         """s B A as PEFT's get_delta_weight forms it (See Note: W' as PEFT forms it)."""
         A, B = self._factors(name)
-        if self._experts == 1:
-            half = A.device.type == "cpu" and B.dtype in (torch.float16, torch.bfloat16)
-            d = ((B.float() @ A.float()) if half else (B @ A)) * self.scaling[name]
-            return d.to(B.dtype) if half else d
-        e = self._experts  # See Note: PEFT's factor layout
-        einsum = "o r e, e r i -> e i o" if self._transposed_experts else "o r e, e r i -> e o i"
-        return torch.einsum(einsum, B.reshape(B.shape[0], -1, e), A.reshape(e, -1, A.shape[-1])) * self.scaling[name]
+        half = self._experts == 1 and A.device.type == "cpu" and B.dtype in (torch.float16, torch.bfloat16)
+        d = self._delta_weight(name, torch.float32 if half else None)
+        return d.to(B.dtype) if half else d
 
 
 def lora_chain(module: nn.Module) -> list[LoraLayer]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import PrefixConfig
-from .base import TunerLayer
+from .base import TunerLayer, innermost
 from .lora_base import float_dtype_and_device
 from .prefix_attention import (CACHE_ARGS, cache_arg, install_position_shift, mha_forward, remove_position_shift,
                                with_prefix)
@@ -211,13 +211,7 @@ def _named(module: nn.Module):
     from ..walk import _walk  # walk imports the tuners
 
     for _, _, name, child in _walk(module):
-        yield name, _inner(child)
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    while isinstance(module, TunerLayer):
-        module = module.base
-    return module
+        yield name, innermost(child)
 
 
 def check(module: nn.Module, config: PrefixConfig, name: str, where: str) -> None:
@@ -228,7 +222,7 @@ def check(module: nn.Module, config: PrefixConfig, name: str, where: str) -> Non
     if isinstance(module, PrefixLayer) and name in module.names:
         raise ValueError(f"{where!r} already has a prefix named {name!r}; inject under another name "
                          f"or remove it first with lowrank.eject(model, {name!r})")
-    inner = _inner(module)
+    inner = innermost(module)
     if getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
         raise NotImplementedError(_ENCODER_DECODER.format(where=where))
     if not is_attention(inner):

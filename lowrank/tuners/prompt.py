@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import PromptConfig
 from ..targets import is_linear_like
-from .base import TunerLayer
+from .base import TunerLayer, innermost
 from .prompt_hooks import extend_masks, input_embedding, sequence_dim
 
 
@@ -152,15 +152,9 @@ def width_of(module: nn.Module) -> int | None:
     return None if linear is None else getattr(linear, "in_features", getattr(linear, "nx", None))
 
 
-def _inner(module: nn.Module) -> nn.Module:
-    while isinstance(module, TunerLayer):
-        module = module.base
-    return module
-
-
 def check(module: nn.Module, config: PromptConfig, name: str, where: str) -> None:
     """Raise, before anything changes, if prompt `name` cannot go on `module` (at `where`)."""
-    inner = _inner(module)
+    inner = innermost(module)
     if isinstance(module, PromptLayer) and name in module.names:
         raise ValueError(f"{where!r} already has a prompt named {name!r}; inject under another name "
                          f"or remove it first with lowrank.eject(model, {name!r})")
@@ -176,7 +170,7 @@ def check(module: nn.Module, config: PromptConfig, name: str, where: str) -> Non
 
 def wrap(module: nn.Module, config: PromptConfig, name: str, where: str) -> nn.Module:
     """Add prompt `name` at `module`; returns what should stand in its place."""
-    inner = _inner(module)
+    inner = innermost(module)
     if not isinstance(module, PromptLayer):
         module = PromptLayer(module, width_of(inner), embedding=isinstance(inner, nn.Embedding))
     module.add(name, config)
@@ -187,10 +181,10 @@ def default_targets(model: nn.Module, config: PromptConfig) -> tuple:
     """The module the prompt goes on when PromptConfig.targets is None (see the module docstring)."""
     embedding = input_embedding(model)
     if embedding is not None:
-        embedding = _inner(embedding)
+        embedding = innermost(embedding)
         return (lambda name, m: m is embedding,)
     if isinstance(model, nn.TransformerEncoder):
-        first = _inner(model.layers[0])
+        first = innermost(model.layers[0])
         return (lambda name, m: m is first,)
     encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
     if encoders:

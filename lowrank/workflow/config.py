@@ -30,8 +30,6 @@ class ConfigError(ValueError):
     """A training configuration that cannot run; the message says which field and why."""
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: str  # directory of a transformers causal LM (config.json, weights, tokenizer)
