@@ -22,6 +22,7 @@ from torch import nn
 from . import distributed, shards
 from .export import _write_config, quantization_config
 from .quant.linear4bit import Linear4bit
+from .quant.params4bit import Weight4bit
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
@@ -43,6 +44,12 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
         raise ValueError("the model has adapters; save them with lowrank.save_adapter (and eject them first), or "
                          "fold them in with lowrank.merge_and_export(..., requantize=True)")
     quantized = {n: m for n, m in plain_modules(model) if isinstance(m, Linear4bit)}  # names as state_dict()'s
+    params4 = [n for n, m in plain_modules(model) if isinstance(m, Weight4bit)]
+    if params4:
+        raise ValueError(f"the model has 4-bit parameters ({params4[:3]}, MoE experts), which transformers' bitsandbytes "
+                         "loading cannot read (it keeps experts dense); save the dense checkpoint and read it back with "
+                         "lowrank.load_and_quantize(..., NF4Config(parameters=...)), or write a bitsandbytes model "
+                         "with merge_and_export(..., requantize=True), which writes them dense")
     if not quantized:
         raise ValueError(f"{type(model).__name__} has no 4-bit layers; quantize it with lowrank.quantize first "
                          "(or save a dense model with its own save_pretrained)")

@@ -24,7 +24,8 @@ from torch import nn
 
 from . import distributed, shards
 from .quant import nf4
-from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit
+from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit, Stored4bit
+from .quant.params4bit import Weight4bit
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY
 from .tuners import dora
 from .tuners.base import TunerLayer
@@ -99,21 +100,24 @@ def merged_weight(layer: LoraLayer) -> torch.Tensor:
     return w
 
 
-def _plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[LoraLayer]], dict[str, Linear4bit]]:
+def _plain_state(model: nn.Module) -> tuple[dict, dict[str, list[LoraLayer]], dict[str, Linear4bit], dict[str, Weight4bit]]:
     """The model's state dict as it would be without adapter wrappers (tensors shared, not
-    copied), its LoRA layers and its 4-bit layers by plain module name. The wrappers are
-    taken out for the call to state_dict() and put back before returning."""
+    copied), its LoRA layers and its 4-bit layers by plain module name, and its 4-bit
+    parameters by state-dict key. The wrappers are taken out for the call to state_dict() and
+    put back before returning."""
     wrapped = [(p, a, w, c) for p, a, w, c in _walk(model) if isinstance(c, TunerLayer)]
     loras = {w: _lora_chain(w, c) for _, _, w, c in wrapped}
     try:
         for parent, attr, _, child in wrapped:
             setattr(parent, attr, _unwrap(child))
         state = model.state_dict(keep_vars=True)
-        quantized = {n: m for n, m in plain_modules(model) if isinstance(m, Linear4bit)}  # as state_dict() names them
+        plain = list(plain_modules(model))
+        quantized = {n: m for n, m in plain if isinstance(m, Linear4bit)}  # as state_dict() names them
+        params4 = {n: m for n, m in plain if isinstance(m, Weight4bit)}  # a 4-bit parameter's key is its module's name
     finally:
         for parent, attr, _, child in wrapped:
             setattr(parent, attr, child)
-    return state, loras, quantized
+    return state, loras, quantized, params4
 
 
 def _export_dtype(dtype, quantized: dict[str, Linear4bit]) -> torch.dtype | None:
@@ -171,8 +175,8 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the keys
     distributed.check_not_sharded(model, "merge_and_export (a full model, gathered)")
     max_bytes = shards.parse_size(max_shard_size)
-    state, loras, quantized = _plain_state(model)
-    dtype = _export_dtype(dtype, quantized)
+    state, loras, quantized, params4 = _plain_state(model)
+    dtype = _export_dtype(dtype, quantized | params4)
     if requantize and not quantized:
         raise ValueError("requantize=True re-quantizes the layers that were 4-bit, and this model has none "
                          "(quantize it with lowrank.quantize first, or export it dense)")
@@ -180,8 +184,9 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     parts, errors, owner = {}, {}, {}  # owner: a replaced state-dict key -> the key of the part that writes it
     weights = {weight_key(n, la): (n, la) for n, layers in loras.items() for la in layers}
     weights |= {weight_key(n, None): (n, None) for n in quantized if weight_key(n, None) not in weights}
+    weights |= {k: (k, None) for k in params4 if k not in weights}  # See Note: 4-bit parameters in an export
     for key, (name, layer) in sorted(weights.items()):
-        q = quantized.get(name)
+        q = params4.get(key, quantized.get(name))
         if q is None and key not in state:  # See Note: a computed weight (lowrank/tuners/lora_base.py)
             raise ValueError(f"cannot merge into {name!r}: its weight is not a state-dict entry {key!r} but computed "
                              "from other parameters (torch.nn.utils.parametrize, weight_norm), so the merged weight "
@@ -237,12 +242,16 @@ def _conv1d_layout(model: nn.Module, quantized: dict[str, Linear4bit]) -> set[st
     return {n for n in quantized if n in built and is_gpt2_conv1d(built[n])}
 
 
-def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Linear4bit | None, dtype: torch.dtype | None,
+# Note: 4-bit parameters in an export. A 4-bit parameter (MoE experts, lowrank/quant/params4bit.py)
+# is written dense, merged with its LoRA if it has one, in a 4-bit export (requantize=True) too:
+# transformers 5 with bitsandbytes quantizes linear layers only, keeps experts dense when it
+# loads, and cannot read 4-bit ones.
+def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Stored4bit | None, dtype: torch.dtype | None,
                  requantize: bool, errors: dict, conv1d: bool = False) -> shards.Part:
     """The part that writes module `name`'s weight: merged (LoRA) and / or dequantized (4-bit),
     dense in the export dtype (transposed to (in, out) for a `conv1d`: Note: 4-bit GPT-2), or
     NF4 again with requantize."""
-    if requantize and q is not None and layer is None:  # 4-bit, no adapter: its own NF4 codes, exact
+    if requantize and isinstance(q, Linear4bit) and layer is None:  # 4-bit, no adapter: its own NF4 codes, exact
         return shards.Part(_nf4_sizes(key, q, q.dtype), lambda: q.weight.to_state_dict(key))
     def make() -> torch.Tensor:  # W' in float32: merged, or the 4-bit weight as its forward sees it
         w = merged_weight(layer) if layer is not None else q.dequantize(q.compute_dtype).float()  # (out, in)
@@ -252,7 +261,7 @@ def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Linear4bit | N
 
     base_dtype = q.compute_dtype if q is not None else layer.target_weight().dtype
     target = base_dtype if dtype is None else dtype
-    if requantize and q is not None:
+    if requantize and isinstance(q, Linear4bit):  # See Note: 4-bit parameters in an export
         return shards.Part(_nf4_sizes(key, q, target), lambda: _requantized(make(), q, key, name, target, errors))
     numel = q.weight.numel if q is not None else layer.target_weight().numel()
     return shards.Part({key: numel * torch.empty(0, dtype=target).element_size()},

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .walk import _unwrap, _walk
+from .quant.params4bit import parameter_shape
 
 # transformers 4's per-expert projection -> (transformers 5's parameter, its place in the fusion)
 FUSED = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", 0),
@@ -67,7 +68,7 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
     rslora, kept = bool(peft_config.get("use_rslora")), {}  # parameter -> (rank, alpha) that keep the file's scale
     for (moe, param), members in experts.items():
         name = f"{moe}.experts.{param}"
-        a, b, r = _fuse(name, members, modules[f"{moe}.experts"]._parameters[param].shape[0])
+        a, b, r = _fuse(name, members, parameter_shape(modules[f"{moe}.experts"], param)[0])
         alphas = {_alpha(peft_config, pair["module"]) for pairs in members.values() for pair in pairs.values()}
         if len(alphas) != 1:
             raise ValueError(f"the file's per-expert LoRA fused into {name} has alphas {sorted(alphas)} "

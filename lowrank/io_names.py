@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .inject import _unwrap, _walk
+from .quant.params4bit import parameter_names
 from .tuners.lora import LoraEmbedding
 from .tuners.lora_base import LoraLayer
 from .tuners.lora_param import LoraParameter, lora_chain
@@ -95,7 +96,7 @@ def _lora_layers(model: nn.Module, name: str) -> list[tuple[str, str, LoraLayer]
     out = []
     for _, _, where, child in _walk(model):
         layers = [layer for layer in lora_chain(child) if name in layer.names]
-        order = list(_unwrap(child)._parameters)
+        order = parameter_names(_unwrap(child))  # a 4-bit parameter keeps its place
         nested = sorted((la for la in layers if isinstance(la, LoraParameter)), key=lambda la: order.index(la.parameter_name))
         for layer in layers:
             if isinstance(layer, LoraParameter):

@@ -41,23 +41,12 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-class Linear4bit(nn.Module):
-    """A frozen 4-bit linear: in_features, out_features, forward, dequantize() (see Note: the
-    base protocol, in lowrank/tuners/lora.py), so LoRA and DoRA wrap it unchanged."""
-
-    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
-        super().__init__()
-        if not isinstance(weight, NF4Weight) or len(weight.shape) != 2:
-            seen = tuple(weight.shape) if isinstance(weight, NF4Weight) else type(weight).__name__
-            raise ValueError(f"weight must be an NF4Weight of shape (out_features, in_features); got {seen}")
-        if compute_dtype is not None and compute_dtype not in nf4.DTYPES:
-            raise ValueError(f"compute_dtype must be None or one of {nf4.DTYPES}; got {compute_dtype!r}")
-        self.out_features, self.in_features = weight.shape
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
-        self._set_weight(weight)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
+class Stored4bit(nn.Module):
+    """One frozen NF4 weight of any shape: its codes and scales as frozen integer parameters
+    (packed, absmax, nested_absmax) and its offset an integer buffer (Note: frozen integer
+    parameters), `weight` gathers them into an NF4Weight; and its bitsandbytes state-dict
+    entries at one key. Linear4bit (a 2-D weight and its forward) and Weight4bit (a parameter
+    of another module, lowrank/quant/params4bit.py) are the two kinds."""
 
     # Note: frozen integer parameters. FSDP2 (torch.distributed.fsdp.fully_shard) shards a
     # module's parameters along dim 0 and leaves its buffers whole on every rank, so the packed
@@ -88,6 +77,59 @@ class Linear4bit(nn.Module):
         """The tensors that store the 4-bit weight (parameters and buffer), for counting."""
         return [t for t in (self.packed, self.absmax, self.nested_absmax, self.offset) if t is not None]
 
+    @property
+    def weight(self) -> NF4Weight:
+        # See Note: the scales stay float32.
+        return NF4Weight(self.packed, _as_float(self.absmax), self.shape, self.dtype, self.blocksize,
+                         _as_float(self.nested_absmax), _as_float(self.offset))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight in `dtype` (default: the dtype it was quantized from)."""
+        return ops.nf4_dequantize(self.weight, dtype)
+
+    def _save_weight(self, destination: dict, key: str, keep_vars: bool) -> None:
+        """Write the weight's bitsandbytes entries at `key` (key, key.absmax, ...)."""
+        for k, t in self.weight.to_state_dict(key).items():
+            destination[k] = t if keep_vars else t.detach()
+
+    def _load_weight(self, state_dict: dict, key: str, missing_keys: list, error_msgs: list) -> set[str]:
+        """Read the weight's bitsandbytes entries at `key` into this module (its shape must match);
+        returns the keys that were its entries."""
+        ours = {key + s: state_dict[key + s] for s in _WEIGHT_KEYS if key + s in state_dict}
+        if key not in state_dict:
+            missing_keys.append(key)
+            return set(ours)
+        try:
+            q = NF4Weight.from_state_dict(ours, key)
+        except (KeyError, ValueError) as e:
+            error_msgs.append(f"while loading the 4-bit weight {key!r}: {e}")
+            return set(ours)
+        if q.shape != self.shape:
+            error_msgs.append(f"size mismatch for {key}: the checkpoint's 4-bit weight has shape {tuple(q.shape)}, "
+                              f"this module {tuple(self.shape)}")
+        else:
+            self._set_weight(q.to(self.packed.device))
+        return set(ours)
+
+
+class Linear4bit(Stored4bit):
+    """A frozen 4-bit linear: in_features, out_features, forward, dequantize() (see Note: the
+    base protocol, in lowrank/tuners/lora.py), so LoRA and DoRA wrap it unchanged."""
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(weight, NF4Weight) or len(weight.shape) != 2:
+            seen = tuple(weight.shape) if isinstance(weight, NF4Weight) else type(weight).__name__
+            raise ValueError(f"weight must be an NF4Weight of shape (out_features, in_features); got {seen}")
+        if compute_dtype is not None and compute_dtype not in nf4.DTYPES:
+            raise ValueError(f"compute_dtype must be None or one of {nf4.DTYPES}; got {compute_dtype!r}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},); got {tuple(bias.shape)}")
+        self._set_weight(weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
+
     @classmethod
     def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None) -> Linear4bit:
@@ -100,12 +142,6 @@ class Linear4bit(nn.Module):
         else:
             raise TypeError(f"Linear4bit.from_linear takes an nn.Linear or a GPT-2 Conv1D; got {type(linear).__name__}")
         return cls(nf4.quantize(w.detach(), blocksize, double_quant), linear.bias, compute_dtype)
-
-    @property
-    def weight(self) -> NF4Weight:
-        # See Note: the scales stay float32.
-        return NF4Weight(self.packed, _as_float(self.absmax), self.shape, self.dtype, self.blocksize,
-                         _as_float(self.nested_absmax), _as_float(self.offset))
 
     # y = x @ dequant(W_nf4)^T + b, in compute_dtype. Under autocast the layer computes in the
     # autocast dtype and returns it, as nn.Linear does; otherwise it returns x's dtype, as
@@ -137,10 +173,6 @@ class Linear4bit(nn.Module):
         return (p["packed"], _as_float(p["absmax"]), _as_float(p["nested_absmax"]), _as_float(self._buffers["offset"]),
                 self.shape, self.blocksize)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight (out, in) in `dtype` (default: the dtype it was quantized from)."""
-        return ops.nf4_dequantize(self.weight, dtype)
-
     def extra_repr(self) -> str:
         q = self.weight
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -149,28 +181,14 @@ class Linear4bit(nn.Module):
 
     # -- the bitsandbytes / transformers 4-bit state dict ----------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for key, t in self.weight.to_state_dict(prefix + "weight").items():
-            destination[key] = t if keep_vars else t.detach()
+        self._save_weight(destination, prefix + "weight", keep_vars)
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         w_key, b_key = prefix + "weight", prefix + "bias"
-        ours = {w_key + s: state_dict[w_key + s] for s in _WEIGHT_KEYS if w_key + s in state_dict}
-        if w_key not in state_dict:
-            missing_keys.append(w_key)
-        else:
-            try:
-                q = NF4Weight.from_state_dict(ours, w_key)
-            except (KeyError, ValueError) as e:
-                error_msgs.append(f"while loading the 4-bit weight {w_key!r}: {e}")
-                q = None
-            if q is not None and tuple(q.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"size mismatch for {w_key}: the checkpoint's 4-bit weight has shape {tuple(q.shape)}, "
-                                  f"this layer {(self.out_features, self.in_features)}")
-            elif q is not None:
-                self._set_weight(q.to(self.packed.device))
+        ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs)
         if self.bias is not None and b_key not in state_dict:
             missing_keys.append(b_key)
         elif self.bias is not None:

@@ -18,7 +18,8 @@ from torch.nn import functional as F
 from ..config import Targets, _check_targets
 from ..targets import ALL_LINEAR, compile_filter, is_gpt2_conv1d
 from . import nf4
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, Stored4bit
+from .params4bit import check_owner, quantize_parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class NF4Config:
     compute_dtype: torch.dtype | None = None  # None: each layer computes in its weight's original dtype
     targets: Targets = "all-linear"  # every linear layer but the output head, whose error reaches the logits directly
     skip: Targets | None = None  # same syntax as targets; None skips nothing
+    # parameters no linear layer holds, by "<module>.<parameter>" (same syntax): a MoE layer's 3-D
+    # experts, e.g. ["experts.gate_up_proj", "experts.down_proj"] (lowrank/quant/params4bit.py)
+    parameters: Targets | None = None
 
     def __post_init__(self) -> None:
         if type(self.blocksize) is not int or self.blocksize not in nf4.BLOCKSIZES:
@@ -40,6 +44,10 @@ class NF4Config:
             raise ValueError(f"compute_dtype must be None or one of {nf4.DTYPES}; got {self.compute_dtype!r}")
         object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
         object.__setattr__(self, "skip", _check_targets("skip", self.skip, allow_none=True))
+        object.__setattr__(self, "parameters", _check_targets("parameters", self.parameters, allow_none=True))
+        if self.parameters and ALL_LINEAR in self.parameters:
+            raise ValueError("parameters names parameters ('experts.gate_up_proj', a glob, 're:...'); 'all-linear' "
+                             "names modules: put it in targets")
 
 
 # Note: modules kept in float32. A transformers model may name modules whose weights must stay
@@ -178,7 +186,9 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     does not) with a frozen Linear4bit on the same device, in place. Returns the qualified
     names replaced; raises, changing nothing, when nothing matched or a match cannot be
     quantized (not a linear layer, a weight tied to another module's, a float64, meta or
-    non-finite weight). Layers already in 4 bits are left as they are."""
+    non-finite weight). Layers already in 4 bits are left as they are. `config.parameters`
+    quantizes parameters in place too (lowrank/quant/params4bit.py); their names
+    ("<module>.<parameter>") follow the layers' in the list returned."""
     config = NF4Config() if config is None else config
     if not isinstance(config, NF4Config):
         raise TypeError(f"config must be an NF4Config; got {type(config).__name__}")
@@ -194,7 +204,10 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     # Note: a module registered at two places (one nn.Linear reused) becomes one Linear4bit at both.
     # Its id, taken while every match is alive, says which places share it.
     matches = [(p, a, n, id(c)) for p, a, n, c in _walk(model, every=True) if wanted(n, c) and not isinstance(c, Linear4bit)]
-    if not matches:
+    params = find_parameters(model, config)
+    if params and not matches and tuple(config.targets) == (ALL_LINEAR,):
+        pass  # the default targets matching nothing: a model of experts alone
+    elif not matches:
         candidates = [n for _, _, n, c in _walk(model) if _can_quantize(c)]
         raise ValueError(
             f"no module of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r}); "
@@ -216,11 +229,69 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         refuse_tied(name, child, owners)
         _check_weight(name, child.weight, config.double_quant, config.blocksize)
         check_forward(name, child)
-    del child  # See Note: no references to the layers.
+    if matches:
+        del child  # See Note: no references to the layers.
+    check_parameters(model, params, config, {n for _, _, n, _ in matches})
     done: dict[int, Linear4bit] = {}  # id of a replaced layer -> its 4-bit layer: See Note: a module registered at two places
     for parent, attr, _, key in matches:  # See Note: no references to the layers.
         if key not in done:
             done[key] = Linear4bit.from_linear(getattr(parent, attr), config.blocksize, config.double_quant,
                                                config.compute_dtype)
         setattr(parent, attr, done[key])  # the full-precision layer's last reference goes here
-    return [name for _, _, name, _ in matches]
+    for owner, where, p in params:
+        quantize_parameter(owner, p, config.blocksize, config.double_quant, config.compute_dtype)
+    return [name for _, _, name, _ in matches] + [f"{where}.{p}" if where else p for _, where, p in params]
+
+
+def find_parameters(model: nn.Module, config: NF4Config) -> list[tuple[nn.Module, str, str]]:
+    """(owner, its name, parameter name) for every parameter `config.parameters` matches by its
+    qualified name, and `config.skip` matches neither by that nor by its module's name; each
+    module once, its parameters in the order it registered them. Raises when parameters is
+    given and matches nothing."""
+    from ..tuners.base import TunerLayer, innermost  # here: lowrank.tuners imports lowrank.quant
+
+    if not config.parameters:
+        return []
+    wanted = compile_filter(config.parameters, (), model)
+    skipped = compile_filter(config.skip, (), model)
+    out, seen, candidates = [], set(), []
+    for where, owner in [("", model)] + [(n, c) for _, _, n, c in _walk(model)]:
+        inner = innermost(owner)
+        if id(owner) in seen or isinstance(inner, Stored4bit):
+            continue
+        seen.add(id(owner))
+        for p, w in inner._parameters.items():
+            key = f"{where}.{p}" if where else p
+            if w is None:
+                continue
+            candidates += [key] if w.dim() >= 2 and not _can_quantize(inner) else []
+            if not wanted(key, inner) or skipped(key, inner) or (where and skipped(where, inner)):
+                continue
+            if isinstance(owner, TunerLayer):
+                raise ValueError(f"cannot quantize {key!r}: {where!r} holds adapters ({type(owner).__name__}); for "
+                                 "QLoRA, quantize first and inject after, or lowrank.eject the adapters first")
+            out.append((owner, where, p))
+    if not out:
+        raise ValueError(f"parameters={config.parameters!r} (skip={config.skip!r}) matched no parameter of "
+                         f"{type(model).__name__} still dense; e.g. {candidates[:6]} ({len(candidates)} of 2 or more "
+                         "dimensions outside linear layers)")
+    return out
+
+
+def check_parameters(model: nn.Module, params: list, config: NF4Config, layers: set[str]) -> None:
+    """Raise, before anything changes, where a parameter `find_parameters` found cannot be quantized."""
+    owners = weight_owners(model) if params else {}
+    for owner, where, p in params:
+        key, w = f"{where}.{p}" if where else p, owner._parameters[p]
+        if _can_quantize(owner) or where in layers:
+            raise ValueError(f"cannot quantize parameter {key!r} of the linear layer {where!r} on its own; name the "
+                             "layer in targets (it becomes a Linear4bit)")
+        if w.dim() < 2:
+            raise ValueError(f"cannot quantize {key!r}, a {w.dim()}-D parameter (a bias or a scale): a 4-bit parameter "
+                             "is a weight of 2 or more dimensions, such as a MoE layer's 3-D experts")
+        tied = sorted({n for n, m in owners.get(id(w), ()) if m != id(owner)})
+        if tied:
+            raise ValueError(f"cannot quantize {key!r}: it is tied to a parameter of {tied} (one tensor, shared); a "
+                             "tied weight stays full precision: leave it out of parameters or add it to skip")
+        _check_weight(key, w, config.double_quant, config.blocksize)
+        check_owner(key, owner)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..quant.params4bit import dense_as, parameter_names, parameter_shape, stored
 from .base import TunerLayer
 from .lora_base import LoraLayer
 
@@ -41,7 +42,7 @@ class LoraParameter(LoraLayer):
         super().__init__(base)
         self.parameter_name = parameter
         owner, _ = owner_of(base)
-        shape = owner._parameters[parameter].shape
+        shape = parameter_shape(owner, parameter)  # dense, or 4-bit (lowrank.quantize's NF4Config(parameters=...))
         if len(shape) == 2:
             self._experts, (out_f, in_f), self._transposed_experts = 1, shape, False
         else:
@@ -52,15 +53,25 @@ class LoraParameter(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def weight_param(self) -> nn.Parameter:
-        return owner_of(self._modules["base"])[0]._parameters[self.parameter_name]
+    def weight_param(self) -> torch.Tensor:
+        """The parameter; a 4-bit one dequantized in its compute dtype (a new tensor each call)."""
+        owner = owner_of(self._modules["base"])[0]
+        q = stored(owner, self.parameter_name)
+        return owner._parameters[self.parameter_name] if q is None else q.dense()
+
+    def _dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
+        """The parameter's dtype (a 4-bit one's compute dtype) and device, without dequantizing it."""
+        owner = owner_of(self._modules["base"])[0]
+        q = stored(owner, self.parameter_name)
+        w = owner._parameters[self.parameter_name] if q is None else q.packed
+        return (w.dtype if q is None else q.compute_dtype), w.device
 
     # -- per kind (LoraLayer) -------------------------------------------------------------
     def _create(self, name, r, dtype, device):
-        w = self.weight_param()  # the adapter takes the parameter's dtype and device, as PEFT's
+        dtype, device = self._dtype_and_device()  # the adapter takes the parameter's, as PEFT's
         (in_f, out_f), e = self._dims, self._experts
-        self.lora_A[name] = nn.Linear(in_f, r * e, bias=False, dtype=w.dtype, device=w.device)  # See Note: PEFT's factor layout
-        self.lora_B[name] = nn.Linear(r * e, out_f, bias=False, dtype=w.dtype, device=w.device)
+        self.lora_A[name] = nn.Linear(in_f, r * e, bias=False, dtype=dtype, device=device)  # See Note: PEFT's factor layout
+        self.lora_B[name] = nn.Linear(r * e, out_f, bias=False, dtype=dtype, device=device)
 
     def _factor_stores(self):
         return (self.lora_A, self.lora_B)
@@ -95,6 +106,11 @@ class LoraParameter(LoraLayer):
         return self.weight_param()
 
     def _writable_weight(self):
+        owner = owner_of(self._modules["base"])[0]
+        if stored(owner, self.parameter_name) is not None:
+            raise TypeError(f"cannot merge into {self.parameter_name!r} of {type(owner).__name__}: it is a 4-bit "
+                            "parameter, which cannot take a merged update; keep the adapter unmerged, or write a "
+                            "merged model with lowrank.merge_and_export")
         return self.weight_param()  # never a computed weight: PEFT and we read it from _parameters
 
     def dense_weight(self):
@@ -108,8 +124,11 @@ class LoraParameter(LoraLayer):
         if self.route is not None:
             raise ValueError(f"per-sample adapters (lowrank.per_sample) are not supported for LoRA on a parameter "
                              f"({self.parameter_name!r}): its update changes the weight every sample reads, as in PEFT")
-        _, path = owner_of(base)
+        owner, path = owner_of(base)
         weight = self._updated(self.weight_param())
+        if stored(owner, self.parameter_name) is not None:  # See Note: a 4-bit parameter (lowrank/quant/params4bit.py)
+            with dense_as(owner, self.parameter_name, weight):
+                return base(*args, **kwargs)
         return torch.func.functional_call(base, {path + self.parameter_name: weight}, args, kwargs, tie_weights=False)
 
     # Note: W' as PEFT forms it. One adapter on experts: W + s * B_e @ A_e in one baddbmm in W's
@@ -169,7 +188,7 @@ def find(walked, config, model: nn.Module) -> list[tuple[nn.Module, str, str, st
     out, seen = [], set()
     for parent, attr, where, child in walked:
         owner = _unwrap(child)
-        names = [p for p in owner._parameters if wanted(f"{where}.{p}", owner)]
+        names = [p for p in parameter_names(owner) if wanted(f"{where}.{p}", owner)]
         if names and id(owner) not in seen:  # See Note: one module, one place (lowrank/inject.py)
             seen.add(id(owner))
             out += [(parent, attr, where, p) for p in names]
@@ -181,7 +200,9 @@ def check(child: nn.Module, name: str, where: str, parameter: str, module_target
     module at `where`."""
     from ..walk import _unwrap
 
-    key, w = f"{where}.{parameter}", _unwrap(child)._parameters[parameter]
+    key, owner = f"{where}.{parameter}", _unwrap(child)
+    q = stored(owner, parameter)
+    w = owner._parameters[parameter] if q is None else q.packed.new_empty(q.shape, dtype=q.compute_dtype, device="meta")
     if where in module_targets:
         raise ValueError(f"targets matches the module {where!r} and parameters matches its parameter {key!r}; "
                          "LoRA goes on one or the other (PEFT refuses both): exclude one")

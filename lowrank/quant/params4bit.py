@@ -1,0 +1,158 @@
+"""4-bit parameters: NF4 for weights that no linear layer holds, above all the experts of a
+transformers 5 mixture-of-experts layer (one 3-D tensor (experts, out, in) that the experts
+module indexes itself), which hold most of such a model's weights.
+
+    lowrank.quantize(model, NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"]))
+
+# Note: a 4-bit parameter. The module that owns the parameter (the "owner") keeps its class
+# and its place in the model. The parameter becomes a Weight4bit submodule under the
+# parameter's own name: the NF4 codes and scales as frozen integer parameters, as a Linear4bit
+# keeps them (Note: frozen integer parameters, linear4bit.py), so `.to`, DDP and FSDP2 see
+# ordinary tensors, and the state dict holds bitsandbytes' entries at the parameter's key
+# (`experts.gate_up_proj`, `experts.gate_up_proj.absmax`, ...). The owner's forward is
+# replaced, on the instance, by one that dequantizes each 4-bit parameter in its compute
+# dtype, puts the dense tensor in the owner's instance dict (which attribute lookup reads
+# before nn.Module's submodules, so `self.gate_up_proj` in the owner's code is the dense
+# tensor), calls the class's forward and takes the dense tensors away again. Every experts
+# implementation (eager, grouped_mm, batched_mm) then runs as it always does.
+#
+# A name already in the instance dict is left alone: LoRA on the parameter (LoraParameter,
+# lowrank/tuners/lora_param.py) puts W' = dequant(W) + s B A there before calling the owner.
+#
+# Memory: the dense tensor lives for one call of the owner, and, under autograd, as long as
+# the experts' backward needs it (the eager implementation keeps each expert's slice for the
+# input's gradient). Train with activation checkpointing, as QLoRA does, and at most one
+# layer's experts are dense at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import nf4
+from .linear4bit import Stored4bit
+from .nf4_weight import NF4Weight
+
+_NAMES = "_nf4_parameters"  # instance attribute of an owner: its 4-bit parameters' names, in registration order
+
+
+class Weight4bit(Stored4bit):
+    """One frozen 4-bit parameter of its parent module (See Note: a 4-bit parameter); it
+    has no forward: its parent's forward reads it dense."""
+
+    def __init__(self, weight: NF4Weight, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"weight must be an NF4Weight; got {type(weight).__name__}")
+        if compute_dtype is not None and compute_dtype not in nf4.DTYPES:
+            raise ValueError(f"compute_dtype must be None or one of {nf4.DTYPES}; got {compute_dtype!r}")
+        self._set_weight(weight)
+        self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
+
+    def dense(self) -> torch.Tensor:
+        """The weight in its compute dtype, as the owner's forward reads it."""
+        return self.dequantize(self.compute_dtype)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a Weight4bit is a 4-bit parameter of its parent module, which reads it; it is not called")
+
+    def extra_repr(self) -> str:
+        q = self.weight
+        return (f"shape={tuple(q.shape)}, nf4 blocksize={q.blocksize}, double_quant={q.double_quant}, "
+                f"bits={q.bits_per_param:.3f}, compute_dtype={self.compute_dtype}")
+
+    # -- the bitsandbytes entries at the parameter's own key: the parent's prefix + its name
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._save_weight(destination, prefix[:-1], keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = self._load_weight(state_dict, prefix[:-1], missing_keys, error_msgs)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
+
+
+def names_4bit(owner: nn.Module) -> tuple[str, ...]:
+    """The names of `owner`'s 4-bit parameters (none for most modules)."""
+    return owner.__dict__.get(_NAMES, ())
+
+
+def stored(owner: nn.Module, name: str) -> Weight4bit | None:
+    """`owner`'s 4-bit parameter `name`, or None where `name` is not one."""
+    return owner._modules.get(name) if name in names_4bit(owner) else None
+
+
+def parameter_shape(owner: nn.Module, name: str) -> torch.Size:
+    """The shape of `owner`'s parameter `name`, dense or 4-bit."""
+    q = stored(owner, name)
+    return owner._parameters[name].shape if q is None else q.shape
+
+
+def parameter_names(owner: nn.Module) -> list[str]:
+    """`owner`'s parameters, dense and 4-bit, in the order it registered them (a quantized one
+    keeps its place: PEFT nests LoRA layers, and names their tensors, in that order)."""
+    order = owner.__dict__.get("_nf4_order", ())
+    names = [n for n in order if n in owner._parameters or n in names_4bit(owner)]
+    return names + [n for n in owner._parameters if n not in names]
+
+
+class _DenseForward:
+    """The owner's forward with its 4-bit parameters dense (See Note: a 4-bit parameter). An
+    object, not a bound method, so a pickled owner unpickles with it."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+
+    def __call__(self, *args, **kwargs):
+        owner = self.owner
+        d = owner.__dict__
+        dense = {name: owner._modules[name].dense() for name in d[_NAMES] if name not in d}
+        d.update(dense)
+        try:
+            return type(owner).forward(owner, *args, **kwargs)
+        finally:
+            for name in dense:
+                d.pop(name, None)
+
+
+class dense_as:
+    """`with dense_as(owner, name, w):` the owner's forward reads `w` for its 4-bit parameter
+    `name` (LoRA's W'), instead of dequantizing it."""
+
+    def __init__(self, owner: nn.Module, name: str, w: torch.Tensor) -> None:
+        self.owner, self.name, self.w = owner, name, w
+
+    def __enter__(self) -> None:
+        self.before = self.owner.__dict__.get(self.name)
+        self.owner.__dict__[self.name] = self.w
+
+    def __exit__(self, *exc) -> None:
+        if self.before is None:
+            self.owner.__dict__.pop(self.name, None)
+        else:
+            self.owner.__dict__[self.name] = self.before
+
+
+def check_owner(key: str, owner: nn.Module) -> None:
+    """Raise where `owner`'s forward cannot be given 4-bit parameters (See Note: a 4-bit parameter)."""
+    if "forward" in owner.__dict__ and not names_4bit(owner):
+        raise ValueError(f"cannot quantize {key!r}: its module {type(owner).__name__} has a forward set on the "
+                         "instance (a hook of another library); lowrank replaces that forward to read its 4-bit "
+                         "parameters dense")
+
+
+def quantize_parameter(owner: nn.Module, name: str, blocksize: int, double_quant: bool,
+                       compute_dtype: torch.dtype | None) -> None:
+    """Replace `owner`'s parameter `name` by a Weight4bit (See Note: a 4-bit parameter); the
+    dense parameter is dropped here."""
+    d = owner.__dict__
+    if _NAMES not in d:
+        d["_nf4_order"] = tuple(owner._parameters)
+    w = owner._parameters[name]
+    stored_w = Weight4bit(nf4.quantize(w.detach(), blocksize, double_quant), compute_dtype)
+    del w
+    del owner._parameters[name]
+    owner._modules[name] = stored_w
+    d[_NAMES] = (*names_4bit(owner), name)
+    d["forward"] = _DenseForward(owner)
