@@ -68,9 +68,21 @@ class Weight4bit(Stored4bit):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        ours = self._load_weight(state_dict, prefix[:-1], missing_keys, error_msgs)
+        key, local = prefix[:-1], dict(state_dict)
+        if prefix in local:  # the packed codes, moved below the prefix by _packed_below
+            local[key] = local.pop(prefix)
+        ours = self._load_weight(local, key, missing_keys, error_msgs)
         if strict:
-            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
+            unexpected_keys.extend(k for k in local if k.startswith(prefix) and k not in ours)
+
+
+def _packed_below(owner, state_dict, prefix, *_) -> None:
+    """load_state_dict hands a submodule only the keys below its prefix ("experts.gate_up_proj."),
+    and a 4-bit parameter's packed codes sit at "experts.gate_up_proj" itself: the owner's
+    pre-hook moves them to "experts.gate_up_proj." first, where the Weight4bit reads them."""
+    for name in names_4bit(owner):
+        if prefix + name in state_dict:
+            state_dict[prefix + name + "."] = state_dict.pop(prefix + name)
 
 
 def names_4bit(owner: nn.Module) -> tuple[str, ...]:
@@ -149,6 +161,7 @@ def quantize_parameter(owner: nn.Module, name: str, blocksize: int, double_quant
     d = owner.__dict__
     if _NAMES not in d:
         d["_nf4_order"] = tuple(owner._parameters)
+        owner.register_load_state_dict_pre_hook(_packed_below)
     w = owner._parameters[name]
     stored_w = Weight4bit(nf4.quantize(w.detach(), blocksize, double_quant), compute_dtype)
     del w

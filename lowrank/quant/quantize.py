@@ -19,7 +19,7 @@ from ..config import Targets, _check_targets
 from ..targets import ALL_LINEAR, compile_filter, is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit, Stored4bit
-from .params4bit import check_owner, quantize_parameter
+from .params4bit import check_owner, names_4bit, quantize_parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,12 +254,13 @@ def find_parameters(model: nn.Module, config: NF4Config) -> list[tuple[nn.Module
         return []
     wanted = compile_filter(config.parameters, (), model)
     skipped = compile_filter(config.skip, (), model)
-    out, seen, candidates = [], set(), []
+    out, seen, candidates, already = [], set(), [], False
     for where, owner in [("", model)] + [(n, c) for _, _, n, c in _walk(model)]:
         inner = innermost(owner)
         if id(owner) in seen or isinstance(inner, Stored4bit):
             continue
         seen.add(id(owner))
+        already = already or any(wanted(f"{where}.{p}" if where else p, inner) for p in names_4bit(inner))
         for p, w in inner._parameters.items():
             key = f"{where}.{p}" if where else p
             if w is None:
@@ -271,9 +272,9 @@ def find_parameters(model: nn.Module, config: NF4Config) -> list[tuple[nn.Module
                 raise ValueError(f"cannot quantize {key!r}: {where!r} holds adapters ({type(owner).__name__}); for "
                                  "QLoRA, quantize first and inject after, or lowrank.eject the adapters first")
             out.append((owner, where, p))
-    if not out:
+    if not out and not already:  # already 4-bit: left as they are, as layers are
         raise ValueError(f"parameters={config.parameters!r} (skip={config.skip!r}) matched no parameter of "
-                         f"{type(model).__name__} still dense; e.g. {candidates[:6]} ({len(candidates)} of 2 or more "
+                         f"{type(model).__name__}; e.g. {candidates[:6]} ({len(candidates)} of 2 or more "
                          "dimensions outside linear layers)")
     return out
 

@@ -1,0 +1,295 @@
+"""4-bit parameters (NF4Config.parameters): a transformers 5 MoE model's experts in NF4.
+
+The oracle is the model's "dense twin": the same model with every 4-bit parameter replaced by
+its dequantized tensor (in the compute dtype). The quantized model's forward dequantizes to
+exactly that tensor and then runs the same code on it, so outputs, gradients and exports are
+compared bit for bit. The codes themselves are bitsandbytes' (checked against it below).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank
+from lowrank.quant.params4bit import Weight4bit
+
+transformers = pytest.importorskip("transformers")
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+F32 = torch.float32
+
+
+def mixtral(experts: str | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    if experts is not None:
+        cfg._experts_implementation = experts
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def gpt_oss() -> nn.Module:
+    """Experts stored (E, in, out) (`is_transposed`), with biases that stay dense."""
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                    num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * 2)
+    return transformers.GptOssForCausalLM(cfg).eval()
+
+
+BUILDS = {"mixtral-eager": lambda: mixtral("eager"), "mixtral-grouped": lambda: mixtral(), "gpt_oss": gpt_oss}
+CONFIG = lowrank.NF4Config(targets=["q_proj", "o_proj"], parameters=EXPERTS, compute_dtype=F32)
+
+
+def quantized_and_twin(build, config=CONFIG):
+    """(the model with 4-bit experts, its dense twin): the twin's linear layers quantized alike."""
+    model, twin = build(), build()
+    lowrank.quantize(model, config)
+    lowrank.quantize(twin, lowrank.NF4Config(targets=config.targets, compute_dtype=config.compute_dtype))
+    for name, m in model.named_modules():
+        if isinstance(m, Weight4bit):
+            owner, p = name.rsplit(".", 1)
+            setattr(twin.get_submodule(owner), p, nn.Parameter(m.dense(), requires_grad=False))
+    return model, twin
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if "lora_" in k:  # B = 0 at init would hide a wrong W'
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(zlib.crc32(k.encode())))
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """A matmul may split its sums by the threads it gets: one thread, so two runs agree bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", list(BUILDS))
+def test_experts_compute_as_their_dequantized_twin(kind):
+    model, twin = quantized_and_twin(BUILDS[kind])
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts._modules["gate_up_proj"], Weight4bit)
+    assert "gate_up_proj" not in experts._parameters and "down_proj" not in experts._parameters
+    with torch.no_grad():
+        got, want = model(ids()).logits, twin(ids()).logits
+    assert torch.equal(got, want)
+    assert "gate_up_proj" not in experts.__dict__ and "down_proj" not in experts.__dict__  # dense only during a call
+    # and NF4 is NF4: the 4-bit model is near, not equal, to the full-precision one
+    with torch.no_grad():
+        dense = BUILDS[kind]()
+        lowrank.quantize(dense, lowrank.NF4Config(targets=CONFIG.targets, compute_dtype=F32))
+        full = dense(ids()).logits
+    assert not torch.equal(got, full)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), full.flatten(), dim=0) > 0.95
+
+
+def test_quantize_returns_and_leaves_what_is_already_4bit():
+    model = mixtral()
+    names = lowrank.quantize(model, CONFIG)
+    assert names[-4:] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")]
+    assert lowrank.quantize(model, lowrank.NF4Config(targets=["k_proj"], parameters=EXPERTS)) == \
+        ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"]  # the experts: already 4-bit
+    with pytest.raises(ValueError, match="matched no parameter"):  # a typo still says so
+        lowrank.quantize(model, lowrank.NF4Config(targets=["v_proj"], parameters="experts.gate_proj"))
+    only = mixtral()  # parameters alone: the default targets may match nothing (a model of experts)
+    assert lowrank.quantize(only.model.layers[0].mlp.experts, lowrank.NF4Config(parameters="gate_up_proj")) == \
+        ["gate_up_proj"]
+
+
+def test_codes_are_bitsandbytes():
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    model = mixtral()
+    w = model.model.layers[1].mlp.experts.down_proj.detach().clone()  # (E, hidden, intermediate)
+    lowrank.quantize(model, CONFIG)
+    ours = {k.removeprefix("model.layers.1.mlp.experts.down_proj"): t for k, t in model.state_dict().items()
+            if k.startswith("model.layers.1.mlp.experts.down_proj")}
+    with torch._dynamo.config.patch(disable=True):  # bitsandbytes' CPU path may compile; eager is the same
+        packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    theirs = state.as_dict(packed=True)
+    assert torch.equal(ours[""].view(-1), packed.view(-1))
+    for k in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):
+        assert torch.equal(ours["." + k], theirs[k]), k
+
+
+@pytest.mark.parametrize("kind", ["mixtral-eager", "gpt_oss"])
+def test_lora_on_4bit_experts_equals_lora_on_the_twin(kind, tmp_path):
+    model, twin = quantized_and_twin(BUILDS[kind])
+    config = lowrank.LoraConfig(r=4, alpha=8, targets=["q_proj"], parameters=EXPERTS)
+    for m in (model, twin):
+        lowrank.inject(m, config)
+        randomized(m).train()
+    loss, want = model(ids(), labels=ids()).loss, twin(ids(), labels=ids()).loss
+    assert torch.equal(loss, want)
+    loss.backward()
+    want.backward()
+    ours = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    theirs = {k: p.grad for k, p in twin.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 2 * 2 + 2 * 2  # experts: 2 params x (A, B) a layer
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # the adapter file is the twin's: PEFT's nested names for two parameters of one module
+    lowrank.save_adapter(model, tmp_path / "q")
+    lowrank.save_adapter(twin, tmp_path / "d")
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "q" / "adapter_model.safetensors"), load_file(tmp_path / "d" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in a
+
+
+def test_activation_checkpointing_and_compile(one_thread):
+    model, twin = quantized_and_twin(BUILDS["mixtral-eager"])
+    for m in (model, twin):
+        lowrank.inject(m, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+        randomized(m).train()
+    loss = model(ids(), labels=ids()).loss
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    again = model(ids(), labels=ids()).loss
+    again.backward()  # the recomputed forward dequantizes again and puts W' in again
+    assert torch.equal(again, loss)
+    assert all(torch.equal(p.grad, grads[k]) for k, p in model.named_parameters() if p.grad is not None)
+    model.gradient_checkpointing_disable()
+    model.eval()
+    with torch.no_grad():
+        eager = model(ids()).logits
+        compiled = torch.compile(model)(ids()).logits
+        ref = twin.eval().double()(ids()).logits  # the same weights, float64 wherever they are dense
+    # Inductor fuses and reorders float32 sums: as close to float64 as eager float32 is, within a few times
+    tol = max(4 * (eager - ref).abs().max().item(), 64 * torch.finfo(F32).eps * ref.abs().max().item())
+    assert (compiled - ref).abs().max().item() <= tol
+
+
+def test_state_dict_round_trip_and_its_errors():
+    model, other = mixtral(), mixtral()
+    lowrank.quantize(model, CONFIG)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(5))
+    lowrank.quantize(other, CONFIG)
+    sd = model.state_dict()
+    other.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(other(ids()).logits, model(ids()).logits)
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    res = other.load_state_dict({k: v for k, v in sd.items() if k != key}, strict=False)
+    assert res.missing_keys == [key]
+    wrong = mixtral()
+    lowrank.quantize(wrong, lowrank.NF4Config(targets=CONFIG.targets, parameters=["experts.down_proj"]))
+    with pytest.raises(RuntimeError, match="gate_up_proj"):  # 4-bit entries where a dense parameter is expected
+        wrong.load_state_dict(sd)
+    small = mixtral()
+    small.model.layers[0].mlp.experts.gate_up_proj = nn.Parameter(torch.zeros(3, 192, 64))
+    lowrank.quantize(small, CONFIG)
+    with pytest.raises(RuntimeError, match=r"size mismatch for model.layers.0.mlp.experts.gate_up_proj.*\(4, 192, 64\)"):
+        small.load_state_dict(sd)
+
+
+def test_copies_and_a_failing_forward():
+    model, _ = quantized_and_twin(BUILDS["mixtral-eager"])
+    with torch.no_grad():
+        want = model(ids()).logits
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert torch.equal(copied(ids()).logits, want)
+            experts = copied.model.layers[0].mlp.experts
+            assert experts.forward.owner is experts  # the copy's forward reads the copy's codes
+    experts = model.model.layers[0].mlp.experts
+    with pytest.raises(RuntimeError):
+        experts(torch.randn(3, 7), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))  # hidden 7, not 64
+    assert "gate_up_proj" not in experts.__dict__ and "down_proj" not in experts.__dict__
+
+
+def test_merge_refused_export_writes_them_dense(tmp_path):
+    model, twin = quantized_and_twin(BUILDS["mixtral-eager"])
+    for m in (model, twin):
+        lowrank.inject(m, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+        randomized(m)
+    with pytest.raises(TypeError, match="nothing was merged.*4-bit parameter"):
+        lowrank.merge(model)
+    from safetensors.torch import load_file
+
+    for requantize in (False, True):
+        lowrank.merge_and_export(model, tmp_path / f"q{requantize}", requantize=requantize)
+        lowrank.merge_and_export(twin, tmp_path / f"d{requantize}", requantize=requantize)
+        a = load_file(tmp_path / f"q{requantize}" / "model.safetensors")
+        b = load_file(tmp_path / f"d{requantize}" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 192, 64)  # dense, merged
+    lowrank.merge(twin)  # dense experts: W' in float32, rounded once, as the export writes it
+    with torch.no_grad():
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qFalse").eval()
+        loaded.config._experts_implementation = "eager"  # as built; config.json does not say
+        assert torch.equal(loaded(ids()).logits, twin(ids()).logits)
+
+
+def test_save_quantized_refuses_them(tmp_path):
+    model = mixtral()
+    lowrank.quantize(model, CONFIG)
+    with pytest.raises(ValueError, match="4-bit parameters.*load_and_quantize"):
+        lowrank.save_quantized(model, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 64, 64))
+        self.scale = nn.Parameter(torch.ones(64))
+
+    def forward(self, x):
+        return x @ self.w[0] * self.scale
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(self.lin(x))
+
+
+@pytest.mark.parametrize("params, change, match", [
+    ("all-linear", None, "'all-linear' names modules"),
+    ("nothing", None, r"matched no parameter.*'block.w'"),
+    ("block.scale", None, "1-D parameter"),
+    ("lin.weight", None, "of the linear layer 'lin'.*targets"),
+    ("block.w", lambda m: setattr(m, "other", Block()) or setattr(m.other, "w", m.block.w), "tied"),
+    ("block.w", lambda m: m.block.w.data.__setitem__((0, 0, 0), float("nan")), "non-finite"),
+    ("block.w", lambda m: m.block.w.data.__setitem__((0, 0, 0), 1e37), "double_quant=False"),
+    ("block.w", lambda m: m.block.__dict__.__setitem__("forward", lambda x: x), "forward set on the instance"),
+    ("block.w", lambda m: m.block.double(), "float64"),
+    ("block.w", lambda m: lowrank.inject(m, lowrank.LoraConfig(r=2, targets=None, parameters="block.w")),
+     "quantize first"),
+], ids=["all-linear", "nothing", "1-D", "linear", "tied", "nan", "overflow", "hooked", "float64", "adapters"])
+def test_refusals_change_nothing(params, change, match):
+    torch.manual_seed(0)
+    model = Net()
+    if change is not None:
+        change(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=match):
+        lowrank.quantize(model, lowrank.NF4Config(targets=["lin"], parameters=params))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before)
+    assert not isinstance(model.lin, lowrank.Linear4bit)  # the layers were checked too, none replaced
