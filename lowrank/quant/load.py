@@ -27,7 +27,9 @@ from torch import nn
 from ..targets import is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit
-from .quantize import NF4Config, _can_quantize, _walk, check_forward, refuse_tied, selected, weight_owners
+from .params4bit import quantize_parameter
+from .quantize import (NF4Config, _can_quantize, _walk, check_forward, check_parameters, find_parameters, refuse_tied,
+                       selected, weight_owners)
 
 INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's weight map
 SINGLE = "model.safetensors"
@@ -111,8 +113,10 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     device = torch.device(device)
     files = checkpoint_files(path)
     layers, first_name = _places(model, config)
-    if not layers:
+    params = find_parameters(model, config)  # See Note: 4-bit parameters as they are read
+    if not layers and not params:
         raise ValueError(f"no linear layer of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r})")
+    check_parameters(model, params, config, set(layers), values=False)
     owners = weight_owners(model)
     for name, [(parent, attr), *_] in layers.items():
         if isinstance(parent, nn.MultiheadAttention):
@@ -125,7 +129,16 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     modules = dict(model.named_modules(remove_duplicate=False))  # a module registered twice: both names
     biases: dict[str, torch.Tensor] = {}  # a 4-bit layer's bias read before its weight
     unexpected, bad_shapes, conflicts, done = [], [], [], set()
-    experts = _Experts(modules, device, dtype)  # See Note: transformers 4 expert keys
+    to_4bit = {(id(owner), p): f"{where}.{p}" if where else p for owner, where, p in params}
+
+    def quantize_read(owner: nn.Module, p: str, file) -> None:  # See Note: 4-bit parameters as they are read
+        try:
+            quantize_parameter(owner, p, config.blocksize, config.double_quant, config.compute_dtype)
+        except (TypeError, ValueError) as e:  # a float64 or non-finite weight: say which
+            hint = "; load_and_quantize(..., dtype=torch.bfloat16) casts as it reads" if isinstance(e, TypeError) else ""
+            raise type(e)(f"{file}: cannot quantize {to_4bit[id(owner), p]!r}: {e}{hint}") from e
+
+    experts = _Experts(modules, device, dtype, lambda owner, p: (id(owner), p) in to_4bit and quantize_read(owner, p, path))
     for file in files:
         with _open(file) as f:
             for key in f.keys():
@@ -174,7 +187,10 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                         bad_shapes.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(old.shape)}")
                         continue
                     requires_grad = old.requires_grad if old is not None else True
-                    module._parameters[leaf] = nn.Parameter(_cast(t, device, dtype), requires_grad=requires_grad)
+                    selected = (id(module), leaf) in to_4bit
+                    module._parameters[leaf] = nn.Parameter(_cast(t, device, dtype, keep=not selected), requires_grad=requires_grad)
+                    if selected:
+                        quantize_read(module, leaf, file)
                 elif module is not None and leaf in module._buffers and leaf not in module._non_persistent_buffers_set:
                     module._buffers[leaf] = _cast(f.get_tensor(key), device, dtype)
                 else:
@@ -188,7 +204,15 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
             if b is not None and b.device != device:
                 m._buffers[k] = b.to(device)
     _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, experts.unfilled())
-    return list(first_name)
+    return list(first_name) + list(to_4bit.values())
+
+
+# Note: 4-bit parameters as they are read. NF4Config.parameters (MoE experts, params4bit.py) are
+# found on the skeleton and checked as quantize checks them, their values aside (a skeleton has
+# none); each is quantized on `device` as soon as it is whole: a 3-D tensor of the checkpoint as
+# it is read, a fused transformers-4 experts tensor when its last expert's rows arrive (Note:
+# transformers 4 expert keys). With the keys in the order save_pretrained writes them (sorted),
+# one layer's experts at most are dense at a time.
 
 
 # Note: transformers 4 expert keys. Checkpoints of mixture-of-experts models (Mixtral, Qwen-MoE,
@@ -200,12 +224,14 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
 # arrives and each expert's weight is copied into its rows; the experts stay dense (quantize
 # takes linear layers). A fused parameter some expert never reached is named in the error.
 class _Experts:
-    def __init__(self, modules: dict, device: torch.device, dtype: torch.dtype | None) -> None:
+    def __init__(self, modules: dict, device: torch.device, dtype: torch.dtype | None, whole=None) -> None:
         from ..io_moe import FUSED, renamer  # here: lowrank.io_moe imports the tuners, which import quant
 
         self.modules, self.device, self.dtype, self.fused = modules, device, dtype, FUSED
         self.renamed = renamer(modules)  # a transformers 4 key under the model's names
         self.filled: dict[tuple[str, str], set] = {}  # (experts module, parameter) -> {(expert, place)}, made once
+        self.shapes: dict[tuple[str, str], torch.Size] = {}
+        self.whole = whole  # called (owner, parameter) when a fused parameter's last rows arrive
 
     def take(self, key: str, f, bad_shapes: list) -> bool:
         """Copy `key` into its rows of a fused experts parameter, if it is an expert's weight."""
@@ -224,19 +250,25 @@ class _Experts:
         if key not in self.filled:  # made when its first expert comes, on `device`, in `dtype` (as _cast casts)
             p = nn.Parameter(torch.empty(p.shape, dtype=self.dtype or t.dtype, device=self.device), p.requires_grad)
             owner._parameters[param] = p
+            self.shapes[key] = p.shape
+        elif (e, place) in self.filled[key]:  # a second copy of rows already read: its rows, not the whole
+            bad_shapes.append(f"{m.string}: rows of expert {e} read twice")
+            return True
         with torch.no_grad():
             p[e, place * rows:(place + 1) * rows].copy_(t)
         self.filled.setdefault(key, set()).add((e, place))
+        if self.whole is not None and not self._missing(key):
+            self.whole(owner, param)
         return True
 
+    def _missing(self, key: tuple[str, str]) -> int:
+        e = self.shapes[key][0]
+        return e * (2 if key[1] == "gate_up_proj" else 1) - len(self.filled[key])
+
     def unfilled(self) -> list[str]:
-        out = []
-        for (name, param), seen in self.filled.items():
-            p = self.modules[name]._parameters[param]
-            want = {(e, k) for e in range(p.shape[0]) for k in range(2 if param == "gate_up_proj" else 1)}
-            if seen != want:
-                out.append(f"{name}.{param}: the checkpoint holds experts' rows {sorted(seen)}, not all of {len(want)}")
-        return out
+        return [f"{name}.{param}: the checkpoint holds experts' rows {sorted(seen)}, not all of "
+                f"{len(seen) + self._missing((name, param))}" for (name, param), seen in self.filled.items()
+                if self._missing((name, param))]
 
 
 def _places(model: nn.Module, config: NF4Config) -> tuple[dict[str, list[tuple[nn.Module, str]]], dict[str, str]]:

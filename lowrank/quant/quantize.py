@@ -279,8 +279,9 @@ def find_parameters(model: nn.Module, config: NF4Config) -> list[tuple[nn.Module
     return out
 
 
-def check_parameters(model: nn.Module, params: list, config: NF4Config, layers: set[str]) -> None:
-    """Raise, before anything changes, where a parameter `find_parameters` found cannot be quantized."""
+def check_parameters(model: nn.Module, params: list, config: NF4Config, layers: set[str], values: bool = True) -> None:
+    """Raise, before anything changes, where a parameter `find_parameters` found cannot be quantized;
+    its values too (finite, a dtype NF4 takes) unless not `values` (a skeleton's, on the meta device)."""
     owners = weight_owners(model) if params else {}
     for owner, where, p in params:
         key, w = f"{where}.{p}" if where else p, owner._parameters[p]
@@ -294,5 +295,6 @@ def check_parameters(model: nn.Module, params: list, config: NF4Config, layers: 
         if tied:
             raise ValueError(f"cannot quantize {key!r}: it is tied to a parameter of {tied} (one tensor, shared); a "
                              "tied weight stays full precision: leave it out of parameters or add it to skip")
-        _check_weight(key, w, config.double_quant, config.blocksize)
+        if values:
+            _check_weight(key, w, config.double_quant, config.blocksize)
         check_owner(key, owner)

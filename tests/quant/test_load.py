@@ -290,3 +290,45 @@ def test_experts_of_a_real_model_take_the_dtype_and_device_asked(tmp_path):
     load_and_quantize(model, tmp_path, dtype=torch.bfloat16)
     assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
     assert model.model.layers[0].mlp.gate.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layout", ["transformers4", "fused"])
+@pytest.mark.parametrize("build", [models.mixtral, phimoe, qwen2_moe], ids=["mixtral", "phimoe", "qwen2_moe"])
+def test_experts_read_straight_into_4_bits(tmp_path, build, layout):
+    """NF4Config.parameters: each experts tensor quantized as soon as it is whole (Note: 4-bit
+    parameters as they are read), from per-expert keys (what save_pretrained writes) or from the
+    3-D tensors themselves; equal to quantize of the loaded model."""
+    config = NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"], skip=["router"])
+    dense = _saved(tmp_path, build)
+    if layout == "fused":
+        for f in checkpoint_files(tmp_path):
+            f.unlink()
+        (tmp_path / "model.safetensors.index.json").unlink()
+        save_file({k: v.contiguous() for k, v in dense.state_dict().items() if k != "lm_head.weight"
+                   or not dense.config.tie_word_embeddings}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    expected = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    names = quantize(expected, config)
+    assert sum(".experts." in n for n in names) == 4
+    with skeleton():
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert load_and_quantize(model, tmp_path, config) == names
+    got, want = _state(model), _state(expected)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    model.eval()
+    assert torch.equal(model(input_ids=models.ids()).logits, expected(input_ids=models.ids()).logits)
+
+
+def test_experts_a_checkpoint_cannot_quantize_are_named(tmp_path):
+    _saved(tmp_path, models.mixtral, shard="10GB")
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["model.layers.1.block_sparse_moe.experts.2.w2.weight"][0, 0] = float("nan")
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with skeleton():
+        model = models.mixtral()
+    with pytest.raises(ValueError, match=r"cannot quantize 'model.layers.1.mlp.experts.down_proj'.*non-finite"):
+        load_and_quantize(model, tmp_path, NF4Config(parameters="experts.down_proj"))
+    with skeleton():
+        model = models.mixtral()
+    with pytest.raises(ValueError, match="1-D parameter"):
+        load_and_quantize(model, tmp_path, NF4Config(parameters="norm.weight"))
