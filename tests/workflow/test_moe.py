@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from lowrank.quant.params4bit import Weight4bit
+from lowrank.tuners.base import innermost
 from lowrank.workflow.methods import load_trainable
 from lowrank.workflow.model import apply_method, load_base, load_with_adapter
 from lowrank.workflow.train import STATE_FILE, train
@@ -14,18 +16,25 @@ from lowrank.workflow.train import STATE_FILE, train
 from . import tiny
 from .test_e2e import _config
 
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_lora_on_moe_experts_trains_merges_and_loads_back(tmp_path, data_file, method):
+
+@pytest.mark.parametrize("method, nf4", [("lora", {}), ("qlora", {}), ("qlora", {"parameters": EXPERTS})],
+                         ids=["lora", "qlora", "qlora-4bit-experts"])
+def test_lora_on_moe_experts_trains_merges_and_loads_back(tmp_path, data_file, method, nf4):
     """A Mixtral with LoRA on its experts' 3-D parameters (method_options' `parameters`) besides
-    its linear layers: trained, the checkpoint loads back to the same outputs, and the merged
-    model computes what the adapted one did."""
+    its linear layers, the experts themselves in 4 bits too with `nf4: {parameters: ...}`:
+    trained, the checkpoint loads back to the same outputs, and the merged model computes what
+    the adapted one did."""
     model_dir = tiny.build(tmp_path / "mixtral", arch="mixtral")
-    options = {"r": 4, "parameters": ["experts.gate_up_proj", "experts.down_proj"]}
-    summary = train(_config(tmp_path, model_dir, data_file, method=method, method_options=options, epochs=1, lr=5e-2))
+    options = {"r": 4, "parameters": EXPERTS}
+    summary = train(_config(tmp_path, model_dir, data_file, method=method, method_options=options, epochs=1, lr=5e-2,
+                            nf4=nf4))
     assert math.isfinite(summary.loss)
     trained_model, tok = load_base(str(model_dir))
-    apply_method(trained_model, method, options, {})
+    apply_method(trained_model, method, options, nf4)
+    experts = innermost(trained_model.model.layers[0].mlp.experts)  # inside the LoRA layers
+    assert isinstance(experts._modules.get("down_proj"), Weight4bit) == bool(nf4)
     saved = torch.load(f"{summary.checkpoint}/{STATE_FILE}", weights_only=True)["trainable"]
     assert any(".experts." in k for k in saved) and load_trainable(trained_model, saved) == ([], [])
     loaded, _, _ = load_with_adapter(str(model_dir), summary.checkpoint)
