@@ -57,6 +57,7 @@ CASES = [(mode, config, base) for mode in MODES for config in CONFIGS for base i
 # LoRA on a Mixtral's experts, 3-D parameters (LoraConfig.parameters), on its own base
 MOE = LoraConfig(r=4, alpha=8, targets=("q_proj",), parameters=("experts.gate_up_proj", "experts.down_proj"))
 CASES += [(mode, "experts", "moe") for mode in MODES]
+CASES += [(mode, "experts", "moe-nf4") for mode in MODES]  # the experts themselves in 4 bits (NF4Config.parameters)
 CODEC = ("packed", "absmax", "nested_absmax")  # Linear4bit's sharded storage (Note: frozen integer parameters)
 
 
@@ -70,9 +71,11 @@ def case_name(mode: str, config: str, base: str) -> str:
 
 
 def base_model(base: str):
-    model = models.mixtral() if base == "moe" else models.llama()  # seeded: every rank and the reference start alike
+    model = models.mixtral() if base.startswith("moe") else models.llama()  # seeded: every rank and the reference alike
     if base == "nf4":
         quantize(model, NF4Config())
+    if base == "moe-nf4":
+        quantize(model, NF4Config(parameters=MOE.parameters))
     return model
 
 
