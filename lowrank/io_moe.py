@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .walk import _unwrap, _walk
-from .quant.params4bit import parameter_shape
+from .quant.params4bit import has_parameter, parameter_names, parameter_shape
 
 # transformers 4's per-expert projection -> (transformers 5's parameter, its place in the fusion)
 FUSED = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", 0),
@@ -54,7 +54,7 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
         m = _EXPERT_KEY.match(k)
         owner = modules.get(f"{m['moe']}.experts") if m else None
         fused = FUSED.get(m["proj"]) if m else None
-        if fused is None or owner is None or not isinstance(owner._parameters.get(fused[0]), torch.Tensor):
+        if fused is None or owner is None or not has_parameter(owner, fused[0]):  # dense or 4-bit
             rest[k] = v
             continue
         pair = experts.setdefault((m["moe"], fused[0]), {}).setdefault(m["proj"], {}).setdefault(int(m["e"]), {})
@@ -158,7 +158,7 @@ def _fuse(name: str, members: dict, experts: int) -> tuple[torch.Tensor, torch.T
 
 def _depth(owner: nn.Module, param: str, adapted: set[str]) -> int:
     """How many of this adapter's layers on `owner` sit outside `param`'s (Note: PEFT's nested names, lowrank/io_names.py)."""
-    order = [p for p in owner._parameters if p in adapted]
+    order = [p for p in parameter_names(owner) if p in adapted]
     return len(order) - 1 - order.index(param)
 
 

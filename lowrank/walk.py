@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from .quant.params4bit import Weight4bit
 from .tuners.base import TunerLayer, innermost
 from .tuners.lora_base import LoraLayer
 from .tuners.lora_param import lora_chain
@@ -32,6 +33,8 @@ def child_name(prefix: str, attr: str) -> str:
 def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
     """(parent, attribute, qualified name, child) for every module below `module`."""
     for attr, child in list(module.named_children()):
+        if isinstance(child, Weight4bit):  # a 4-bit parameter of `module`, not a module of the model's
+            continue
         name = child_name(prefix, attr)
         if not is_checkpoint_wrapper(child):  # the module it holds is, under the same name
             yield module, attr, name, child

@@ -95,6 +95,11 @@ def stored(owner: nn.Module, name: str) -> Weight4bit | None:
     return owner._modules.get(name) if name in names_4bit(owner) else None
 
 
+def has_parameter(owner: nn.Module, name: str) -> bool:
+    """Whether `owner` has a parameter `name`, dense (not None) or 4-bit."""
+    return isinstance(owner._parameters.get(name), torch.Tensor) or stored(owner, name) is not None
+
+
 def parameter_shape(owner: nn.Module, name: str) -> torch.Size:
     """The shape of `owner`'s parameter `name`, dense or 4-bit."""
     q = stored(owner, name)

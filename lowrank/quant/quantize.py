@@ -19,7 +19,7 @@ from ..config import Targets, _check_targets
 from ..targets import ALL_LINEAR, compile_filter, is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit, Stored4bit
-from .params4bit import check_owner, names_4bit, quantize_parameter
+from .params4bit import Weight4bit, check_owner, names_4bit, quantize_parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,8 @@ def _walk(module: nn.Module, prefix: str = "", every: bool = False):
 
     children = [(a, c) for a, c in module._modules.items() if c is not None] if every else module.named_children()
     for attr, child in list(children):
+        if isinstance(child, Weight4bit):  # a 4-bit parameter of `module`, not a layer
+            continue
         name = child_name(prefix, attr)
         if not is_checkpoint_wrapper(child):
             yield module, attr, name, child

@@ -158,3 +158,26 @@ def test_an_adapter_of_the_experts_alone_loads(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["w1", "w2", "w3"]}))
     result = lowrank.load_adapter(base, tmp_path)
     assert sorted(result.modules) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_a_v4_file_loads_onto_4bit_experts_as_onto_dense_ones(kind, tmp_path):
+    """The experts in 4 bits (NF4Config.parameters): the file's fused factors are the same tensors,
+    and the model computes what its dense twin (each 4-bit tensor dequantized) computes with them."""
+    write_v4(tmp_path, kind)
+    quantized, twin = model(kind).eval(), model(kind).eval()
+    lowrank.quantize(quantized, lowrank.NF4Config(targets=["q_proj"], parameters=["experts.gate_up_proj",
+                                                                                   "experts.down_proj"]))
+    lowrank.quantize(twin, lowrank.NF4Config(targets=["q_proj"]))
+    for name, m in quantized.named_modules():
+        if isinstance(m, lowrank.quant.params4bit.Weight4bit):
+            owner, p = name.rsplit(".", 1)
+            setattr(twin.get_submodule(owner), p, torch.nn.Parameter(m.dense(), requires_grad=False))
+    a, b = lowrank.load_adapter(quantized, tmp_path), lowrank.load_adapter(twin, tmp_path)
+    assert a.modules == b.modules and any(".experts." in m for m in a.modules)
+    ours = {k: p for k, p in quantized.named_parameters() if "lora_" in k}
+    theirs = {k: p for k, p in twin.named_parameters() if "lora_" in k}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(quantized(ids).logits, twin(ids).logits)

@@ -293,3 +293,17 @@ def test_refusals_change_nothing(params, change, match):
     assert before.keys() == after.keys()
     assert all(torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before)
     assert not isinstance(model.lin, lowrank.Linear4bit)  # the layers were checked too, none replaced
+
+
+def test_module_targets_never_take_a_4bit_parameter_for_a_module():
+    """Qwen2-MoE's shared expert has a linear `down_proj`; its experts a 4-bit parameter of that
+    name, which is a submodule only as storage: targets naming `down_proj` mean the linear layers."""
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        decoder_sparse_step=1, mlp_only_layers=[]))
+    lowrank.quantize(model, lowrank.NF4Config(targets=["q_proj"], parameters=EXPERTS))
+    assert lowrank.quantize(model, lowrank.NF4Config(targets=["down_proj"])) == ["model.layers.0.mlp.shared_expert.down_proj"]
+    assert lowrank.inject(model, lowrank.LoraConfig(r=2, targets=["down_proj"])) == \
+        ["model.layers.0.mlp.shared_expert.down_proj"]
