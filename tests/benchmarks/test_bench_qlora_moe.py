@@ -1,0 +1,27 @@
+"""The MoE QLoRA benchmark runs end to end with --quick; its timings are not asserted."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_qlora_moe  # noqa: E402
+
+
+def test_quick_run_writes_rows(tmp_path):
+    out = tmp_path / "qlora_moe.json"
+    rows = bench_qlora_moe.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows
+    by = {r["provider"]: r for r in rows}
+    assert list(by) == ["lowrank-4bit-experts", "lowrank-dense-experts", "peft+bitsandbytes"]
+    assert all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in rows)
+    # the same model on two stacks: equal codes for the attention, the same dense experts and adapters;
+    # only the 4-bit products' summation order differs (bench_qlora's test bounds that far below 1e-4)
+    assert by["lowrank-dense-experts"]["first_loss"] == pytest.approx(by["peft+bitsandbytes"]["first_loss"], rel=1e-4)
+    assert by["lowrank-dense-experts"]["model_mib"] == pytest.approx(by["peft+bitsandbytes"]["model_mib"], rel=0.02)
+    assert by["lowrank-4bit-experts"]["model_mib"] < 0.7 * by["lowrank-dense-experts"]["model_mib"]
