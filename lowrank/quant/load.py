@@ -97,6 +97,29 @@ def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None, keep
     return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=keep)
 
 
+# Note: tensors transformers keeps in float32. A transformers model may name tensors that must not
+# be read in half precision: `_keep_in_fp32_modules_strict` (DeepSeek-V3's and GLM-4-MoE's router
+# weight and score bias) stay float32 when the model is read in float16 or bfloat16,
+# `_keep_in_fp32_modules` (T5's `wo`) when in float16 (transformers' _get_dtype_plan, its keys
+# searched with the names as globs, as core_model_loading does). load_and_quantize keeps them so,
+# whether `dtype` asks for half precision or the checkpoint holds it, as from_pretrained does.
+def _float32_plan(model: nn.Module):
+    """f(name, tensor, dtype) -> the dtype to read the tensor in: `dtype`, or float32 (See Note:
+    tensors transformers keeps in float32)."""
+    plans = {}
+    for half, attr in ((torch.bfloat16, "_keep_in_fp32_modules_strict"), (torch.float16, "_keep_in_fp32_modules_strict"),
+                       (torch.float16, "_keep_in_fp32_modules")):
+        plans.setdefault(half, []).extend(str(n).replace("*", ".*") for n in getattr(model, attr, None) or ())
+    patterns = {half: re.compile("|".join(names)) for half, names in plans.items() if names}
+
+    def dtype_of(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype | None:
+        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        pattern = patterns.get(target)
+        return torch.float32 if pattern is not None and pattern.search(name) else dtype
+
+    return dtype_of
+
+
 def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Config | None = None, *,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> list[str]:
     """Fill `model` (typically built under `skeleton()`) from the safetensors checkpoint at
@@ -129,6 +152,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     modules = dict(model.named_modules(remove_duplicate=False))  # a module registered twice: both names
     biases: dict[str, torch.Tensor] = {}  # a 4-bit layer's bias read before its weight
     unexpected, bad_shapes, conflicts, done = [], [], [], set()
+    kept_float32 = _float32_plan(model)
     to_4bit = {(id(owner), p): f"{where}.{p}" if where else p for owner, where, p in params}
 
     def quantize_read(owner: nn.Module, p: str, file) -> None:  # See Note: 4-bit parameters as they are read
@@ -188,11 +212,13 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                         continue
                     requires_grad = old.requires_grad if old is not None else True
                     selected = (id(module), leaf) in to_4bit
-                    module._parameters[leaf] = nn.Parameter(_cast(t, device, dtype, keep=not selected), requires_grad=requires_grad)
+                    cast = kept_float32(experts.renamed(key), t, dtype)  # See Note: tensors transformers keeps in float32
+                    module._parameters[leaf] = nn.Parameter(_cast(t, device, cast, keep=not selected), requires_grad=requires_grad)
                     if selected:
                         quantize_read(module, leaf, file)
                 elif module is not None and leaf in module._buffers and leaf not in module._non_persistent_buffers_set:
-                    module._buffers[leaf] = _cast(f.get_tensor(key), device, dtype)
+                    t = f.get_tensor(key)
+                    module._buffers[leaf] = _cast(t, device, kept_float32(experts.renamed(key), t, dtype))
                 else:
                     unexpected.append(key)
                     continue

@@ -332,3 +332,29 @@ def test_experts_a_checkpoint_cannot_quantize_are_named(tmp_path):
         model = models.mixtral()
     with pytest.raises(ValueError, match="1-D parameter"):
         load_and_quantize(model, tmp_path, NF4Config(parameters="norm.weight"))
+
+
+def glm4_moe():
+    """A router (gate.weight, e_score_correction_bias) transformers keeps in float32 (`_keep_in_fp32_modules_strict`)."""
+    torch.manual_seed(0)
+    return transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
+        vocab_size=models.VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+        head_dim=16, n_shared_experts=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_what_transformers_keeps_in_float32_stays_so(tmp_path, dtype):
+    """Read in half precision, the router stays float32 as from_pretrained keeps it (Note: tensors
+    transformers keeps in float32); with the experts in 4 bits, the result is quantize's of it."""
+    _saved(tmp_path, glm4_moe)
+    config = NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"])
+    expected = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    assert expected.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    names = quantize(expected, config)
+    with skeleton():
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert load_and_quantize(model, tmp_path, config, dtype=dtype) == names
+    got, want = _state(model), _state(expected)
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
