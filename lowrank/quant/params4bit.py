@@ -10,8 +10,8 @@ module indexes itself), which hold most of such a model's weights.
 # keeps them (Note: frozen integer parameters, linear4bit.py), so `.to`, DDP and FSDP2 see
 # ordinary tensors, and the state dict holds bitsandbytes' entries at the parameter's key
 # (`experts.gate_up_proj`, `experts.gate_up_proj.absmax`, ...). The owner's forward is
-# replaced, on the instance, by one that dequantizes each 4-bit parameter in its compute
-# dtype, puts the dense tensor in the owner's instance dict (which attribute lookup reads
+# replaced, on the instance, by one that dequantizes each 4-bit parameter (in the dtype of its
+# inputs: Note: the dtype of a 4-bit parameter), puts the dense tensor in the owner's instance dict (which attribute lookup reads
 # before nn.Module's submodules, so `self.gate_up_proj` in the owner's code is the dense
 # tensor), calls the class's forward and takes the dense tensors away again. Every experts
 # implementation (eager, grouped_mm, batched_mm) then runs as it always does.
@@ -50,9 +50,9 @@ class Weight4bit(Stored4bit):
         self._set_weight(weight)
         self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
 
-    def dense(self) -> torch.Tensor:
-        """The weight in its compute dtype, as the owner's forward reads it."""
-        return self.dequantize(self.compute_dtype)
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in `dtype`, by default its compute dtype (See Note: the dtype of a 4-bit parameter)."""
+        return self.dequantize(self.compute_dtype if dtype is None else dtype)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a Weight4bit is a 4-bit parameter of its parent module, which reads it; it is not called")
@@ -114,6 +114,23 @@ def parameter_names(owner: nn.Module) -> list[str]:
     return names + [n for n in owner._parameters if n not in names]
 
 
+# Note: the dtype of a 4-bit parameter. The owner's own code combines its parameters with its
+# inputs (F.linear(x, W[e]), x @ W + b), and transformers' eager and batched_mm experts refuse
+# two dtypes where grouped_mm casts x to W's. So the dense tensor takes the dtype of the call's
+# first floating input, the activations: a float32 model whose linear layers compute in bf16
+# (NF4Config(compute_dtype=torch.bfloat16)), or one cast with `.to(torch.bfloat16)` after
+# quantize, or under FSDP2's mixed precision, runs its experts as the module would with a dense
+# parameter of that dtype. Without a floating input it is the compute dtype (the dtype of the
+# parameter it replaced unless NF4Config.compute_dtype said otherwise), which is also what LoRA
+# factors, merges and exports take.
+def input_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The dtype of a call's first floating tensor argument (See Note: the dtype of a 4-bit parameter)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.dtype
+    return None
+
+
 class _DenseForward:
     """The owner's forward with its 4-bit parameters dense (See Note: a 4-bit parameter). An
     object, not a bound method, so a pickled owner unpickles with it."""
@@ -123,8 +140,8 @@ class _DenseForward:
 
     def __call__(self, *args, **kwargs):
         owner = self.owner
-        d = owner.__dict__
-        dense = {name: owner._modules[name].dense() for name in d[_NAMES] if name not in d}
+        d, dtype = owner.__dict__, input_dtype(args, kwargs)
+        dense = {name: owner._modules[name].dense(dtype) for name in d[_NAMES] if name not in d}
         d.update(dense)
         try:
             return type(owner).forward(owner, *args, **kwargs)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.params4bit import dense_as, parameter_names, parameter_shape, stored
+from ..quant.params4bit import dense_as, input_dtype, parameter_names, parameter_shape, stored
 from .base import TunerLayer
 from .lora_base import LoraLayer
 
@@ -125,10 +125,11 @@ class LoraParameter(LoraLayer):
             raise ValueError(f"per-sample adapters (lowrank.per_sample) are not supported for LoRA on a parameter "
                              f"({self.parameter_name!r}): its update changes the weight every sample reads, as in PEFT")
         owner, path = owner_of(base)
-        weight = self._updated(self.weight_param())
-        if stored(owner, self.parameter_name) is not None:  # See Note: a 4-bit parameter (lowrank/quant/params4bit.py)
-            with dense_as(owner, self.parameter_name, weight):
+        q = stored(owner, self.parameter_name)
+        if q is not None:  # See Note: a 4-bit parameter (lowrank/quant/params4bit.py), and its dtype there
+            with dense_as(owner, self.parameter_name, self._updated(q.dense(input_dtype(args, kwargs)))):
                 return base(*args, **kwargs)
+        weight = self._updated(self.weight_param())
         return torch.func.functional_call(base, {path + self.parameter_name: weight}, args, kwargs, tie_weights=False)
 
     # Note: W' as PEFT forms it. One adapter on experts: W + s * B_e @ A_e in one baddbmm in W's

@@ -56,7 +56,7 @@ def quantized_and_twin(build, config=CONFIG):
     for name, m in model.named_modules():
         if isinstance(m, Weight4bit):
             owner, p = name.rsplit(".", 1)
-            setattr(twin.get_submodule(owner), p, nn.Parameter(m.dense(), requires_grad=False))
+            setattr(twin.get_submodule(owner), p, nn.Parameter(m.dense(m.dtype), requires_grad=False))  # its own dtype
     return model, twin
 
 
@@ -307,3 +307,25 @@ def test_module_targets_never_take_a_4bit_parameter_for_a_module():
     assert lowrank.quantize(model, lowrank.NF4Config(targets=["down_proj"])) == ["model.layers.0.mlp.shared_expert.down_proj"]
     assert lowrank.inject(model, lowrank.LoraConfig(r=2, targets=["down_proj"])) == \
         ["model.layers.0.mlp.shared_expert.down_proj"]
+
+
+@pytest.mark.parametrize("experts", ["eager", "batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("case", ["compute-bf16", "cast-after"])
+def test_the_dense_tensor_takes_its_inputs_dtype(experts, case):
+    """Note: the dtype of a 4-bit parameter. A float32 model whose linear layers compute in bf16,
+    or a model cast to bf16 after quantize: transformers' eager and batched_mm experts take one
+    dtype, so the experts are dequantized in their input's, and compute as the dense twin does."""
+    build = lambda: mixtral(experts)  # noqa: E731
+    compute = torch.bfloat16 if case == "compute-bf16" else F32
+    model, twin = quantized_and_twin(build, lowrank.NF4Config(targets=CONFIG.targets, parameters=EXPERTS,
+                                                              compute_dtype=compute))
+    for m in (model, twin):  # LoRA factors in the compute dtype, as on a 4-bit linear layer: the twin's asked so
+        lowrank.inject(m, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS), dtype=compute)
+        assert m.model.layers[0].mlp.experts.lora_A["default"].weight.dtype == compute
+        randomized(m)
+        if case == "cast-after":
+            m.to(torch.bfloat16)
+    with torch.no_grad():
+        got, want = model(ids()).logits, twin(ids()).logits
+    assert got.dtype == (F32 if case == "compute-bf16" else torch.bfloat16)
+    assert torch.equal(got, want)
