@@ -22,8 +22,9 @@ from . import restore
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .distributed import check_not_sharded, reshard
 from .merging import merge, unmerge  # noqa: F401  (lowrank.inject's verbs)
-from .quant.linear4bit import Linear4bit
-from .targets import ALL_LINEAR, compile_filter
+from .quant.linear4bit import Stored4bit
+from .quant.params4bit import has_parameter, parameter_names, parameter_shape
+from .targets import ALL_LINEAR, compile_filter, is_linear_like
 from .tuners import adapter, lora, lora_param, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
@@ -117,7 +118,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     params = lora_param.find(_walk(model), config, model) if getattr(config, "parameters", None) else []
     if getattr(config, "parameters", None) and not params:  # a name that matches nothing is a mistake, not a no-op
         raise ValueError(f"no parameter of {type(model).__name__} matched parameters={config.parameters!r}; "
-                         f"they are named as in model.named_parameters(), e.g. {[n for n, _ in model.named_parameters()][:4]}")
+                         f"they are named as in model.named_parameters(), e.g. {weights_named(model)[:4]}")
     if not matches and (not params or (targets and tuple(targets) != (ALL_LINEAR,))):  # each given matches something
         candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
         raise ValueError(
@@ -307,18 +308,26 @@ class Summary:
         return f"trainable {self.trainable:,} / {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%); {per}"
 
 
+def weights_named(model: nn.Module) -> list[str]:
+    """The qualified names of the model's parameters of 2 or more dimensions (4-bit ones by their
+    own names), as LoraConfig.parameters names them: those no linear layer holds first."""
+    found = [(is_linear_like(_unwrap(c)), f"{w}.{p}") for _, _, w, c in _walk(model) for p in parameter_names(_unwrap(c))
+             if has_parameter(_unwrap(c), p) and len(parameter_shape(_unwrap(c), p)) >= 2]
+    return [n for linear, n in sorted(found, key=lambda f: f[0])]  # stable: walk order within each
+
+
 def summary(model: nn.Module) -> Summary:
     """Trainable and total parameters (each counted once), and the parameters of each adapter.
     A 4-bit layer's weight counts as its number of elements, not as the packed bytes and
     scales (frozen integer parameters) that store it."""
     model = _module(model, "summary")
-    codec = {id(t) for m in model.modules() if isinstance(m, Linear4bit) for t in m.codec_tensors()}
+    codec = {id(t) for m in model.modules() if isinstance(m, Stored4bit) for t in m.codec_tensors()}
     params = [p for p in model.parameters() if id(p) not in codec]
     per: dict[str, int] = {}
     for layer in _layers(model):
         for n in layer.names:
             per[n] = per.get(n, 0) + sum(p.numel() for p in layer.adapter_parameters(n))
-    quantized = sum(m.weight.numel for m in model.modules() if isinstance(m, Linear4bit))
+    quantized = sum(m.weight.numel for m in model.modules() if isinstance(m, Stored4bit))  # 4-bit layers, parameters
     return Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized, per)
 
 

@@ -73,7 +73,7 @@ def to_peft_parameters(model: nn.Module, adapted: list[str]) -> list[str]:
     """PEFT target_parameters naming exactly the parameters `adapted`: "<module>.<parameter>"
     by its last two name parts when those pick out no other parameter (PEFT takes an entry as
     the full name or a `.`-suffix of it), else the full names."""
-    names = [f"{where}.{p}" for _, _, where, child in _walk(model) for p in _unwrap(child)._parameters]
+    names = [f"{where}.{p}" for _, _, where, child in _walk(model) for p in parameter_names(_unwrap(child))]
     short = sorted({".".join(k.split(".")[-2:]) for k in adapted})
     if {n for n in names if any(n == s or n.endswith("." + s) for s in short)} == set(adapted):
         return short

@@ -160,7 +160,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
             quantize_parameter(owner, p, config.blocksize, config.double_quant, config.compute_dtype)
         except (TypeError, ValueError) as e:  # a float64 or non-finite weight: say which
             hint = "; load_and_quantize(..., dtype=torch.bfloat16) casts as it reads" if isinstance(e, TypeError) else ""
-            raise type(e)(f"{file}: cannot quantize {to_4bit[id(owner), p]!r}: {e}{hint}") from e
+            raise type(e)(f"{file}: cannot quantize {to_4bit[id(owner), p]!r}: {str(e).rstrip('.')}{hint}") from e
 
     experts = _Experts(modules, device, dtype, lambda owner, p: (id(owner), p) in to_4bit and quantize_read(owner, p, path))
     for file in files:
@@ -194,7 +194,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                             q = nf4.quantize(w, config.blocksize, config.double_quant)
                         except (TypeError, ValueError) as e:  # a float64 or non-finite weight: say which
                             hint = "; load_and_quantize(..., dtype=torch.bfloat16) casts as it reads" if isinstance(e, TypeError) else ""
-                            raise type(e)(f"{file}: cannot quantize {key!r}: {e}{hint}") from e
+                            raise type(e)(f"{file}: cannot quantize {key!r}: {str(e).rstrip('.')}{hint}") from e
                         del w  # See Note: no references to the layers (quantize.py): one dense weight at a time
                         if isinstance(layer, Linear4bit):  # a module registered twice, its weight under both names
                             if not _same(q, layer.weight):
@@ -264,6 +264,9 @@ class _Experts:
         m = re.fullmatch(r"(?P<moe>.*)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight", self.renamed(key))
         owner = self.modules.get(f"{m['moe']}.experts") if m else None
         param, place = self.fused.get(m["proj"], (None, 0)) if m else (None, 0)
+        if owner is not None and (f"{m['moe']}.experts", param) in self.filled and param not in owner._parameters:
+            bad_shapes.append(f"{m.string}: rows of expert {m['e']} read twice")  # after its tensor went 4-bit
+            return True
         if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
             return False
         p, e = owner._parameters[param], int(m["e"])

@@ -19,6 +19,9 @@ module indexes itself), which hold most of such a model's weights.
 # A name already in the instance dict is left alone: LoRA on the parameter (LoraParameter,
 # lowrank/tuners/lora_param.py) puts W' = dequant(W) + s B A there before calling the owner.
 #
+# Not thread-safe: two threads calling one owner at once share its instance dict (as LoRA's
+# functional_call on a dense parameter shares the module's attributes).
+#
 # Memory: the dense tensor lives for one call of the owner, and, under autograd, as long as
 # the experts' backward needs it (the eager implementation keeps each expert's slice for the
 # input's gradient). Train with activation checkpointing, as QLoRA does, and at most one

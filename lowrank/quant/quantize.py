@@ -29,7 +29,7 @@ class NF4Config:
     blocksize: int = 64  # elements per scale; QLoRA's and bitsandbytes' default for NF4
     double_quant: bool = True  # 8-bit scales: 4.127 instead of 4.5 bits per parameter (QLoRA, section 3)
     compute_dtype: torch.dtype | None = None  # None: each layer computes in its weight's original dtype
-    targets: Targets = "all-linear"  # every linear layer but the output head, whose error reaches the logits directly
+    targets: Targets | None = "all-linear"  # every linear layer but the output head, whose error reaches the logits directly
     skip: Targets | None = None  # same syntax as targets; None skips nothing
     # parameters no linear layer holds, by "<module>.<parameter>" (same syntax): a MoE layer's 3-D
     # experts, e.g. ["experts.gate_up_proj", "experts.down_proj"] (lowrank/quant/params4bit.py)
@@ -42,12 +42,16 @@ class NF4Config:
             raise TypeError(f"double_quant must be a bool; got {self.double_quant!r}")
         if self.compute_dtype is not None and self.compute_dtype not in nf4.DTYPES:
             raise ValueError(f"compute_dtype must be None or one of {nf4.DTYPES}; got {self.compute_dtype!r}")
-        object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=False))
-        object.__setattr__(self, "skip", _check_targets("skip", self.skip, allow_none=True))
         object.__setattr__(self, "parameters", _check_targets("parameters", self.parameters, allow_none=True))
         if self.parameters and ALL_LINEAR in self.parameters:
             raise ValueError("parameters names parameters ('experts.gate_up_proj', a glob, 're:...'); 'all-linear' "
                              "names modules: put it in targets")
+        if self.targets is None and not self.parameters:
+            raise ValueError("targets is None and parameters names nothing: give the layers to quantize (or "
+                             "'all-linear'), or the parameters (parameters=['experts.gate_up_proj'])")
+        # None: no linear layer, the parameters alone (a MoE model's experts in 4 bits, its attention dense)
+        object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=True))
+        object.__setattr__(self, "skip", _check_targets("skip", self.skip, allow_none=True))
 
 
 # Note: modules kept in float32. A transformers model may name modules whose weights must stay
@@ -207,8 +211,8 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     # Its id, taken while every match is alive, says which places share it.
     matches = [(p, a, n, id(c)) for p, a, n, c in _walk(model, every=True) if wanted(n, c) and not isinstance(c, Linear4bit)]
     params = find_parameters(model, config)
-    if params and not matches and tuple(config.targets) == (ALL_LINEAR,):
-        pass  # the default targets matching nothing: a model of experts alone
+    if params and not matches and tuple(config.targets) in ((ALL_LINEAR,), ()):
+        pass  # no linear layer asked for, or the default matching none (a model of experts alone)
     elif not matches:
         candidates = [n for _, _, n, c in _walk(model) if _can_quantize(c)]
         raise ValueError(

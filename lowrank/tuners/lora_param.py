@@ -182,7 +182,7 @@ def find(walked, config, model: nn.Module) -> list[tuple[nn.Module, str, str, st
     from ..walk import _unwrap
 
     wanted = compile_filter(config.parameters, (), model)
-    top = [p for p in model._parameters if wanted(p, model)]
+    top = [p for p in parameter_names(model) if wanted(p, model)]
     if top:
         raise ValueError(f"parameters matches {top}, parameters of {type(model).__name__} itself: LoRA on a parameter "
                          "wraps the module that holds it, and nothing holds the top level (nor in PEFT)")

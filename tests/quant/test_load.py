@@ -358,3 +358,20 @@ def test_what_transformers_keeps_in_float32_stays_so(tmp_path, dtype):
     got, want = _state(model), _state(expected)
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("parameters", [None, ["experts.gate_up_proj", "experts.down_proj"]], ids=["dense", "4bit"])
+def test_an_expert_read_twice_is_named(tmp_path, parameters):
+    """Two shards holding one expert's rows: named so, whether its fused tensor is still dense or
+    already in 4 bits when the second copy comes."""
+    _saved(tmp_path, models.mixtral)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
+    save_file({key: load_file(tmp_path / index["weight_map"][key])[key]}, tmp_path / "zz.safetensors",
+              metadata={"format": "pt"})
+    index["weight_map"]["zz-only"] = "zz.safetensors"  # the last shard; the first copy stays where it was
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with skeleton():
+        model = models.mixtral()
+    with pytest.raises(ValueError, match=r"mlp\.experts\.0\.w1\.weight: rows of expert 0 read twice"):
+        load_and_quantize(model, tmp_path, NF4Config(parameters=parameters))

@@ -329,3 +329,24 @@ def test_the_dense_tensor_takes_its_inputs_dtype(experts, case):
         got, want = model(ids()).logits, twin(ids()).logits
     assert got.dtype == (F32 if case == "compute-bf16" else torch.bfloat16)
     assert torch.equal(got, want)
+
+
+def test_experts_alone_and_what_names_them():
+    """targets=None: the experts in 4 bits, the linear layers dense; the names a typo is shown are
+    parameters, 4-bit ones by their own names, never their codes; PEFT's target_parameters in a
+    saved file name the experts as for the dense model."""
+    model = mixtral()
+    names = lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
+    assert all(".experts." in n for n in names) and isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    with pytest.raises(ValueError, match="targets is None and parameters names nothing"):
+        lowrank.NF4Config(targets=None)
+    with pytest.raises(ValueError, match=r"no parameter .* e\.g\. \[.*'model.layers.0.mlp.experts.gate_up_proj'") as e:
+        lowrank.inject(model, lowrank.LoraConfig(r=2, targets=None, parameters="experts.gate_proj"))
+    assert ".packed" not in str(e.value)
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets=None, parameters=["layers.0.mlp.experts.down_proj"]))
+    from lowrank.io_names import to_peft_parameters
+
+    assert to_peft_parameters(model, ["model.layers.0.mlp.experts.down_proj"]) == ["model.layers.0.mlp.experts.down_proj"]
+    counted = lowrank.summary(model)  # a 4-bit parameter counts by its elements, as a dense one
+    assert counted.trainable == 2 * 4 * (96 + 64)  # r 2, 4 experts, A (r E, in 96) and B (out 64, r E)
+    assert counted.total == lowrank.summary(mixtral()).total + counted.trainable
