@@ -350,3 +350,43 @@ def test_experts_alone_and_what_names_them():
     counted = lowrank.summary(model)  # a 4-bit parameter counts by its elements, as a dense one
     assert counted.trainable == 2 * 4 * (96 + 64)  # r 2, 4 experts, A (r E, in 96) and B (out 64, r E)
     assert counted.total == lowrank.summary(mixtral()).total + counted.trainable
+
+
+def test_dense_experts_are_freed_as_it_goes(monkeypatch):
+    """When parameter k is quantized, parameters 0..k-1 have lost their last reference (as
+    quantize frees linear layers: tests/quant/test_quantize.py)."""
+    import weakref
+
+    from lowrank.quant import nf4
+
+    model = mixtral()
+    refs = [weakref.ref(p) for n, p in model.named_parameters() if n.endswith(tuple(EXPERTS))]
+    seen, real = [], nf4.quantize
+
+    def spy(w, *args):
+        seen.append([r() is not None for r in refs])
+        return real(w, *args)
+
+    monkeypatch.setattr(nf4, "quantize", spy)
+    lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
+    assert len(refs) == 4 and seen == [[k <= i for i in range(4)] for k in range(4)]
+    assert all(r() is None for r in refs)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_in_bf16():
+    """Quantized on the GPU where the experts are; bf16 activations, transformers' default
+    (grouped_mm) experts: the dense twin's outputs and LoRA gradients, bit for bit."""
+    build = lambda: mixtral().to("cuda", torch.bfloat16)  # noqa: E731
+    model, twin = quantized_and_twin(build, lowrank.NF4Config(targets=CONFIG.targets, parameters=EXPERTS))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.packed.device.type == "cuda"
+    for m in (model, twin):
+        lowrank.inject(m, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+        randomized(m).train()
+    x = ids().cuda()
+    loss, want = model(x, labels=x).loss, twin(x, labels=x).loss
+    assert torch.equal(loss, want)
+    loss.backward()
+    want.backward()
+    theirs = dict(twin.named_parameters())
+    assert all(torch.equal(p.grad, theirs[k].grad) for k, p in model.named_parameters() if p.requires_grad)
