@@ -25,6 +25,7 @@ from torch import nn
 from . import distributed, shards
 from .quant import nf4
 from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit, Stored4bit
+from .quant.load import float32_plan
 from .quant.params4bit import Weight4bit
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY
 from .tuners import dora
@@ -177,10 +178,15 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     max_bytes = shards.parse_size(max_shard_size)
     state, loras, quantized, params4 = _plain_state(model)
     dtype = _export_dtype(dtype, quantized | params4)
+    if requantize and not quantized and params4:
+        raise ValueError(f"requantize=True re-quantizes the linear layers that were 4-bit, and this model's 4-bit "
+                         f"tensors are parameters ({list(params4)[:2]}, MoE experts), which a bitsandbytes checkpoint "
+                         "holds dense (See Note: 4-bit parameters in an export): export without requantize")
     if requantize and not quantized:
         raise ValueError("requantize=True re-quantizes the layers that were 4-bit, and this model has none "
                          "(quantize it with lowrank.quantize first, or export it dense)")
     conv1d = set() if requantize else _conv1d_layout(model, quantized)
+    kept_float32 = float32_plan(model)
     parts, errors, owner = {}, {}, {}  # owner: a replaced state-dict key -> the key of the part that writes it
     weights = {weight_key(n, la): (n, la) for n, layers in loras.items() for la in layers}
     weights |= {weight_key(n, None): (n, None) for n in quantized if weight_key(n, None) not in weights}
@@ -203,8 +209,10 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
         if isinstance(t, nn.Parameter) and id(t) in seen:  # a tied weight (GPT-2's lm_head): written once
             continue
         seen.add(id(t))
-        size = t.numel() * (_cast(t.new_empty(0), dtype).element_size())
-        ordered.append(shards.Part({k: size}, lambda k=k, t=t: {k: _checked_cast(k, t.detach(), dtype)}))  # when written
+        # a float32 tensor transformers keeps so (a router: Note: tensors transformers keeps in float32) stays float32
+        cast = kept_float32(k, t, dtype) if t.dtype == torch.float32 else dtype
+        size = t.numel() * (_cast(t.new_empty(0), cast).element_size())
+        ordered.append(shards.Part({k: size}, lambda k=k, t=t, c=cast: {k: _checked_cast(k, t.detach(), c)}))  # when written
     def write() -> list[str]:
         with shards.atomic_directory(out_dir, overwrite) as tmp:
             files = shards.write(ordered, tmp, max_bytes)

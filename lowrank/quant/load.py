@@ -103,7 +103,7 @@ def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None, keep
 # `_keep_in_fp32_modules` (T5's `wo`) when in float16 (transformers' _get_dtype_plan, its keys
 # searched with the names as globs, as core_model_loading does). load_and_quantize keeps them so,
 # whether `dtype` asks for half precision or the checkpoint holds it, as from_pretrained does.
-def _float32_plan(model: nn.Module):
+def float32_plan(model: nn.Module):
     """f(name, tensor, dtype) -> the dtype to read the tensor in: `dtype`, or float32 (See Note:
     tensors transformers keeps in float32)."""
     plans = {}
@@ -152,7 +152,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     modules = dict(model.named_modules(remove_duplicate=False))  # a module registered twice: both names
     biases: dict[str, torch.Tensor] = {}  # a 4-bit layer's bias read before its weight
     unexpected, bad_shapes, conflicts, done = [], [], [], set()
-    kept_float32 = _float32_plan(model)
+    kept_float32 = float32_plan(model)
     to_4bit = {(id(owner), p): f"{where}.{p}" if where else p for owner, where, p in params}
 
     def quantize_read(owner: nn.Module, p: str, file) -> None:  # See Note: 4-bit parameters as they are read

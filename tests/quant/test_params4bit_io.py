@@ -1,0 +1,113 @@
+"""4-bit parameters (NF4Config.parameters) in state dicts, copies and exports; the oracle is
+the dense twin of tests/quant/test_params4bit.py."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank
+
+from .test_params4bit import BUILDS, CONFIG, EXPERTS, ids, mixtral, quantized_and_twin, randomized
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_state_dict_round_trip_and_its_errors():
+    model, other = mixtral(), mixtral()
+    lowrank.quantize(model, CONFIG)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(5))
+    lowrank.quantize(other, CONFIG)
+    sd = model.state_dict()
+    other.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(other(ids()).logits, model(ids()).logits)
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    res = other.load_state_dict({k: v for k, v in sd.items() if k != key}, strict=False)
+    assert res.missing_keys == [key]
+    wrong = mixtral()
+    lowrank.quantize(wrong, lowrank.NF4Config(targets=CONFIG.targets, parameters=["experts.down_proj"]))
+    with pytest.raises(RuntimeError, match="gate_up_proj"):  # 4-bit entries where a dense parameter is expected
+        wrong.load_state_dict(sd)
+    small = mixtral()
+    small.model.layers[0].mlp.experts.gate_up_proj = nn.Parameter(torch.zeros(3, 192, 64))
+    lowrank.quantize(small, CONFIG)
+    with pytest.raises(RuntimeError, match=r"size mismatch for model.layers.0.mlp.experts.gate_up_proj.*\(4, 192, 64\)"):
+        small.load_state_dict(sd)
+
+
+def test_copies_and_a_failing_forward():
+    model, _ = quantized_and_twin(BUILDS["mixtral-eager"])
+    with torch.no_grad():
+        want = model(ids()).logits
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert torch.equal(copied(ids()).logits, want)
+            experts = copied.model.layers[0].mlp.experts
+            assert experts.forward.owner is experts  # the copy's forward reads the copy's codes
+    experts = model.model.layers[0].mlp.experts
+    with pytest.raises(RuntimeError):
+        experts(torch.randn(3, 7), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))  # hidden 7, not 64
+    assert "gate_up_proj" not in experts.__dict__ and "down_proj" not in experts.__dict__
+
+
+def test_merge_refused_export_writes_them_dense(tmp_path):
+    model, twin = quantized_and_twin(BUILDS["mixtral-eager"])
+    for m in (model, twin):
+        lowrank.inject(m, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+        randomized(m)
+    with pytest.raises(TypeError, match="nothing was merged.*4-bit parameter"):
+        lowrank.merge(model)
+    from safetensors.torch import load_file
+
+    for requantize in (False, True):
+        lowrank.merge_and_export(model, tmp_path / f"q{requantize}", requantize=requantize)
+        lowrank.merge_and_export(twin, tmp_path / f"d{requantize}", requantize=requantize)
+        a = load_file(tmp_path / f"q{requantize}" / "model.safetensors")
+        b = load_file(tmp_path / f"d{requantize}" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 192, 64)  # dense, merged
+    lowrank.merge(twin)  # dense experts: W' in float32, rounded once, as the export writes it
+    with torch.no_grad():
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qFalse").eval()
+        loaded.config._experts_implementation = "eager"  # as built; config.json does not say
+        assert torch.equal(loaded(ids()).logits, twin(ids()).logits)
+
+
+def test_save_quantized_refuses_them(tmp_path):
+    model = mixtral()
+    lowrank.quantize(model, CONFIG)
+    with pytest.raises(ValueError, match="4-bit parameters.*load_and_quantize"):
+        lowrank.save_quantized(model, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_requantize_of_experts_alone_says_why(tmp_path):
+    model = mixtral()
+    lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
+    with pytest.raises(ValueError, match="4-bit tensors are parameters .* holds dense.*without requantize"):
+        lowrank.merge_and_export(model, tmp_path / "out", requantize=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_keeps_what_transformers_keeps_in_float32(tmp_path):
+    """A bf16 GLM-4-MoE, experts in 4 bits: its router, float32 as transformers keeps it, is
+    written float32; the rest in the compute dtype (bf16)."""
+    from safetensors import safe_open
+
+    from tests.quant.test_load import glm4_moe
+
+    glm4_moe().save_pretrained(tmp_path / "src")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
+    lowrank.merge_and_export(model, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes.pop("model.layers.1.mlp.gate.weight") == "F32"
+    assert dtypes.pop("model.layers.1.mlp.gate.e_score_correction_bias") == "F32"
+    assert set(dtypes.values()) == {"BF16"}
