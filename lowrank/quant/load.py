@@ -27,7 +27,7 @@ from torch import nn
 from ..targets import is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit
-from .params4bit import quantize_parameter
+from .params4bit import names_4bit, quantize_parameter
 from .quantize import (NF4Config, _can_quantize, _walk, check_forward, check_parameters, find_parameters, refuse_tied,
                        selected, weight_owners)
 
@@ -204,6 +204,9 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                             for parent, attr in layers[owner]:  # one 4-bit layer wherever the module was
                                 setattr(parent, attr, quantized)
                             del quantized
+                elif module is not None and leaf in names_4bit(module):  # See Note: 4-bit parameters as they are read
+                    bad_shapes.append(f"{key}: its tensor is 4-bit already (read twice, or the model was quantized before)")
+                    continue
                 elif module is not None and leaf in module._parameters:
                     old = module._parameters[leaf]
                     t = f.get_tensor(key)
@@ -229,7 +232,10 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
         for k, b in m._buffers.items():
             if b is not None and b.device != device:
                 m._buffers[k] = b.to(device)
-    _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, experts.unfilled())
+    # a model not built under skeleton() has its parameters' values: one the checkpoint never held is not meta
+    unread = [to_4bit[id(o), p] for o, _, p in params if p not in names_4bit(o) and not o._parameters[p].is_meta]
+    _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, experts.unfilled(),
+                         unread)
     return list(first_name) + list(to_4bit.values())
 
 
@@ -265,7 +271,9 @@ class _Experts:
         owner = self.modules.get(f"{m['moe']}.experts") if m else None
         param, place = self.fused.get(m["proj"], (None, 0)) if m else (None, 0)
         if owner is not None and (f"{m['moe']}.experts", param) in self.filled and param not in owner._parameters:
-            bad_shapes.append(f"{m.string}: rows of expert {m['e']} read twice")  # after its tensor went 4-bit
+            shape = self.shapes[f"{m['moe']}.experts", param]  # its tensor went 4-bit: every expert was read
+            bad_shapes.append(f"{m.string}: rows of expert {m['e']} read twice" if int(m["e"]) < shape[0] else
+                              f"{m.string}: expert {m['e']} of the model's {shape[0]}")
             return True
         if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
             return False
@@ -329,8 +337,10 @@ def _same(q: nf4.NF4Weight, other: nf4.NF4Weight) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, unfilled) -> None:
+def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, unfilled,
+                         unread) -> None:
     missing = [f"{n}.weight" for n, [(p, a), *_] in layers.items() if not isinstance(getattr(p, a), Linear4bit)]
+    missing += unread
     missing += [f"{n}.bias" for n, [(p, a), *_] in layers.items()
                 if n in has_bias and isinstance(getattr(p, a), Linear4bit) and getattr(p, a).bias is None]
     missing += [f"{n}.{k}" for n, m in model.named_modules() for k, t in m._parameters.items()

@@ -54,8 +54,11 @@ class Weight4bit(Stored4bit):
         self.compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight in `dtype`, by default its compute dtype (See Note: the dtype of a 4-bit parameter)."""
-        return self.dequantize(self.compute_dtype if dtype is None else dtype)
+        """The weight in `dtype`, by default its compute dtype (See Note: the dtype of a 4-bit
+        parameter); a dtype NF4 does not decode to (float64: a reference copy) from the compute dtype."""
+        if dtype is None or dtype in nf4.DTYPES:
+            return self.dequantize(self.compute_dtype if dtype is None else dtype)
+        return self.dequantize(self.compute_dtype).to(dtype)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a Weight4bit is a 4-bit parameter of its parent module, which reads it; it is not called")

@@ -375,3 +375,32 @@ def test_an_expert_read_twice_is_named(tmp_path, parameters):
         model = models.mixtral()
     with pytest.raises(ValueError, match=r"mlp\.experts\.0\.w1\.weight: rows of expert 0 read twice"):
         load_and_quantize(model, tmp_path, NF4Config(parameters=parameters))
+
+
+@pytest.mark.parametrize("layout", ["transformers4", "fused"])
+def test_experts_a_real_model_never_gets_are_named(tmp_path, layout):
+    """Into a model not built under skeleton() (its tensors have values): experts the checkpoint
+    lacks entirely are missing, as a linear layer's weight is, not left dense and called 4-bit."""
+    dense = _saved(tmp_path, models.mixtral, shard="10GB")
+    sd = load_file(tmp_path / "model.safetensors")
+    if layout == "fused":
+        sd = {k: v.contiguous() for k, v in dense.state_dict().items() if k != "model.layers.1.mlp.experts.down_proj"}
+    else:
+        sd = {k: v for k, v in sd.items() if not (k.startswith("model.layers.1.") and k.endswith(".w2.weight"))}
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"not in the checkpoint: \['model.layers.1.mlp.experts.down_proj'\]"):
+        load_and_quantize(models.mixtral(), tmp_path, NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"]))
+
+
+def test_a_3d_experts_key_read_twice_is_named(tmp_path):
+    dense = models.mixtral()
+    sd = {k: v.contiguous() for k, v in dense.state_dict().items()}
+    key = "model.layers.1.mlp.experts.down_proj"
+    save_file(sd, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    save_file({key: sd[key]}, tmp_path / "b.safetensors", metadata={"format": "pt"})
+    weight_map = {k: "a.safetensors" for k in sd} | {"extra": "b.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with skeleton():
+        model = models.mixtral()
+    with pytest.raises(ValueError, match=rf"{key}: its tensor is 4-bit already \(read twice"):
+        load_and_quantize(model, tmp_path, NF4Config(parameters=["experts.down_proj"]))

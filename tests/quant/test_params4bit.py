@@ -318,3 +318,13 @@ def test_on_the_gpu_in_bf16():
     want.backward()
     theirs = dict(twin.named_parameters())
     assert all(torch.equal(p.grad, theirs[k].grad) for k, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_float64_copy_computes_as_its_twin():
+    """`.double()` after quantize (a reference copy): NF4 decodes to float32 and the experts get
+    float64 from it, as the twin's float32 experts cast to float64 do."""
+    model, twin = quantized_and_twin(BUILDS["mixtral-eager"])
+    model.double(), twin.double()
+    with torch.no_grad():
+        got = model(ids()).logits
+        assert got.dtype == torch.float64 and torch.equal(got, twin(ids()).logits)
