@@ -100,7 +100,7 @@ def test_export_keeps_what_transformers_keeps_in_float32(tmp_path):
     written float32; the rest in the compute dtype (bf16)."""
     from safetensors import safe_open
 
-    from tests.quant.test_load import glm4_moe
+    from tests.quant.test_load_experts import glm4_moe
 
     glm4_moe().save_pretrained(tmp_path / "src")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
