@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the written weights (default: the base's; a 4-bit base: its compute dtype)")
     p.add_argument("--requantize", action="store_true", help="a 4-bit base: write the merged layers in NF4 again")
+    p.add_argument("--as-trained", action="store_true",
+                   help="a qlora adapter of lowrank train: quantize the dense base as training did (its lowrank_workflow.json: "
+                   "dtype, nf4 options) and merge at those NF4 weights, not the full-precision ones")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-other-base", action="store_true",
                    help="load the adapter even if its config names another base model")
@@ -32,9 +35,9 @@ _HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("ForSequenceClassification",
           ("ForMaskedLM", "AutoModelForMaskedLM"), ("ForImageClassification", "AutoModelForImageClassification"))
 
 
-def _load_base(base: str):
-    """The base model from a transformers directory; a bitsandbytes 4-bit one is loaded
-    with lowrank.load_quantized (no GPU needed)."""
+def _load_base(base: str, dtype: str = "auto"):
+    """The base model from a transformers directory (`dtype`: its weights', "auto": the
+    checkpoint's); a bitsandbytes 4-bit one is loaded with lowrank.load_quantized (no GPU needed)."""
     try:
         import transformers
     except ImportError:
@@ -62,8 +65,31 @@ def _load_base(base: str):
                 else transformers.AutoModel.from_config(config)
         load_quantized(model, base)
     else:
-        model = (cls or transformers.AutoModel).from_pretrained(base, dtype="auto")
+        model = (cls or transformers.AutoModel).from_pretrained(base, dtype=dtype)
     return model.eval()
+
+
+def _as_trained(base: str, adapter: str):
+    """--as-trained: the base loaded and quantized as `lowrank train` did for this adapter (its
+    workflow file's method, dtype and nf4 options), so the adapter merges at the NF4 weights it
+    was trained against: the merged model computes what the adapted 4-bit one did, up to the
+    rounding of W' into the export dtype."""
+    from ..quant import Linear4bit, quantize
+    from ..workflow.methods import METHODS, nf4_config
+    from ..workflow.model import WORKFLOW_FILE, read_workflow
+
+    train = read_workflow(adapter).get("config", {}) if pathlib.Path(adapter).is_dir() else {}
+    method = train.get("method")
+    if method not in METHODS or not METHODS[method].quantize:
+        raise ValueError(f"--as-trained merges a qlora adapter of lowrank train at the 4-bit weights it was trained "
+                         f"against; {adapter} names method {method!r} (its {WORKFLOW_FILE}), which trains on an "
+                         "unquantized base: merge without --as-trained")
+    model = _load_base(base, train.get("dtype", "float32"))
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        raise ValueError(f"--as-trained quantizes a dense base as training did, and {base} is 4-bit already: merge "
+                         "without --as-trained")
+    quantize(model, nf4_config(train.get("nf4", {})))
+    return model
 
 
 def run(args) -> int:
@@ -73,7 +99,7 @@ def run(args) -> int:
     from ..io import load_adapter
     from ..workflow.model import WORKFLOW_FILE
 
-    model = _load_base(args.base)
+    model = _as_trained(args.base, args.adapter) if args.as_trained else _load_base(args.base)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
     # each merged weight is rounded once, into the export dtype (lowrank/export.py)
     loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, dtype=torch.float32)

@@ -14,6 +14,7 @@ from lowrank.workflow.model import apply_method, load_base, load_with_adapter
 from lowrank.workflow.train import STATE_FILE, train
 
 from . import tiny
+from .conftest import lowrank as run
 from .test_e2e import _config
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -44,16 +45,19 @@ def test_lora_on_moe_experts_trains_merges_and_loads_back(tmp_path, data_file, m
         want = trained_model.eval()(input_ids=x).logits
         torch.testing.assert_close(loaded(input_ids=x).logits, want, rtol=0, atol=0)  # same tensors, same ops
         assert not torch.allclose(base(input_ids=x).logits, want)
-    if method == "lora":  # merged: W' written as the dense model's experts, read back by transformers
-        from .conftest import lowrank as run
 
-        run("merge", model_dir, summary.checkpoint, tmp_path / "merged")
-        merged, _ = load_base(str(tmp_path / "merged"))
-        ref_model = copy.deepcopy(trained_model).double()
-        ref_model.config._experts_implementation = "eager"  # transformers' default (grouped_mm) takes no float64
-        with torch.no_grad():
-            got, ref = merged(input_ids=x).logits, ref_model(input_ids=x).logits
-        # W0 + s B A formed two ways (in the forward, and merged) rounds differently: both within a
-        # few times the adapted float32 model's own error against float64
-        tol = max(4 * (want - ref).abs().max().item(), 64 * torch.finfo(torch.float32).eps * ref.abs().max().item())
-        assert (got - ref).abs().max().item() <= tol
+    # merged: W' written dense, read back by transformers; a qlora adapter --as-trained, at the NF4
+    # weights it was trained against (the base quantized again, as training did)
+    run("merge", model_dir, summary.checkpoint, tmp_path / "merged", *(["--as-trained"] if method == "qlora" else []))
+    if method == "lora":
+        done = run("merge", model_dir, summary.checkpoint, tmp_path / "x", "--as-trained", check=False)
+        assert done.returncode != 0 and "trains on an unquantized base" in done.stderr
+    merged, _ = load_base(str(tmp_path / "merged"))
+    ref_model = copy.deepcopy(trained_model).double()
+    ref_model.config._experts_implementation = "eager"  # transformers' default (grouped_mm) takes no float64
+    with torch.no_grad():
+        got, ref = merged(input_ids=x).logits, ref_model(input_ids=x).logits
+    # W0 + s B A formed two ways (in the forward, and merged) rounds differently: both within a
+    # few times the adapted float32 model's own error against float64
+    tol = max(4 * (want - ref).abs().max().item(), 64 * torch.finfo(torch.float32).eps * ref.abs().max().item())
+    assert (got - ref).abs().max().item() <= tol
