@@ -198,7 +198,7 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
                              "from other parameters (torch.nn.utils.parametrize, weight_norm), so the merged weight "
                              "would have nowhere to go; remove the parametrization first")
         owner |= {k: key for k in ([key + s for s in _WEIGHT_KEYS] if q is not None else [key]) if k in state}
-        parts[key] = _weight_part(key, name, layer, q, dtype, requantize, errors, name in conv1d)
+        parts[key] = _weight_part(key, name, layer, q, dtype, requantize, errors, name in conv1d, kept_float32)
     _check_ties(state, {k for k, w in owner.items() if k == w})
     seen, ordered = set(), []
     for k, t in state.items():
@@ -255,7 +255,7 @@ def _conv1d_layout(model: nn.Module, quantized: dict[str, Linear4bit]) -> set[st
 # transformers 5 with bitsandbytes quantizes linear layers only, keeps experts dense when it
 # loads, and cannot read 4-bit ones.
 def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Stored4bit | None, dtype: torch.dtype | None,
-                 requantize: bool, errors: dict, conv1d: bool = False) -> shards.Part:
+                 requantize: bool, errors: dict, conv1d: bool = False, kept=None) -> shards.Part:
     """The part that writes module `name`'s weight: merged (LoRA) and / or dequantized (4-bit),
     dense in the export dtype (transposed to (in, out) for a `conv1d`: Note: 4-bit GPT-2), or
     NF4 again with requantize."""
@@ -269,6 +269,8 @@ def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Stored4bit | N
 
     base_dtype = q.compute_dtype if q is not None else layer.target_weight().dtype
     target = base_dtype if dtype is None else dtype
+    if q is None and base_dtype == torch.float32 and kept is not None:  # a merged router stays float32, as unmerged
+        target = kept(key, torch.empty(0), target)
     if requantize and isinstance(q, Linear4bit):  # See Note: 4-bit parameters in an export
         return shards.Part(_nf4_sizes(key, q, target), lambda: _requantized(make(), q, key, name, target, errors))
     numel = q.weight.numel if q is not None else layer.target_weight().numel()

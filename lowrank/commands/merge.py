@@ -19,7 +19,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("out", help="the directory to write (must not exist, or be empty, unless --overwrite)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB (default 2GB)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="dtype of the written weights (default: the base's; a 4-bit base: its compute dtype)")
+                   help="dtype of the written weights (default: the base's; a 4-bit base, or --as-trained: its compute "
+                   "dtype)")
     p.add_argument("--requantize", action="store_true", help="a 4-bit base: write the merged layers in NF4 again")
     p.add_argument("--as-trained", action="store_true",
                    help="a qlora adapter of lowrank train: quantize the dense base as training did (its lowrank_workflow.json: "
@@ -74,20 +75,25 @@ def _as_trained(base: str, adapter: str):
     workflow file's method, dtype and nf4 options), so the adapter merges at the NF4 weights it
     was trained against: the merged model computes what the adapted 4-bit one did, up to the
     rounding of W' into the export dtype."""
-    from ..quant import Linear4bit, quantize
+    from ..quant import quantize
     from ..workflow.methods import METHODS, nf4_config
     from ..workflow.model import WORKFLOW_FILE, read_workflow
 
-    train = read_workflow(adapter).get("config", {}) if pathlib.Path(adapter).is_dir() else {}
+    if not pathlib.Path(adapter, WORKFLOW_FILE).is_file():
+        raise ValueError(f"--as-trained quantizes the base as lowrank train did for the adapter, which its "
+                         f"{WORKFLOW_FILE} says (training dtype, nf4 options), and {adapter} has none (a hub id, or "
+                         "an adapter lowrank train did not write): merge without --as-trained")
+    train = read_workflow(adapter).get("config", {})
     method = train.get("method")
     if method not in METHODS or not METHODS[method].quantize:
-        raise ValueError(f"--as-trained merges a qlora adapter of lowrank train at the 4-bit weights it was trained "
-                         f"against; {adapter} names method {method!r} (its {WORKFLOW_FILE}), which trains on an "
-                         "unquantized base: merge without --as-trained")
-    model = _load_base(base, train.get("dtype", "float32"))
-    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        raise ValueError(f"--as-trained merges a qlora adapter at the 4-bit weights it was trained against; "
+                         f"{adapter} was trained with method {method!r} (its {WORKFLOW_FILE}), on an unquantized "
+                         "base: merge without --as-trained")
+    config = pathlib.Path(base, "config.json")
+    if config.is_file() and json.loads(config.read_text()).get("quantization_config"):
         raise ValueError(f"--as-trained quantizes a dense base as training did, and {base} is 4-bit already: merge "
                          "without --as-trained")
+    model = _load_base(base, train.get("dtype", "float32"))
     quantize(model, nf4_config(train.get("nf4", {})))
     return model
 

@@ -124,10 +124,13 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> list[str]:
     """Fill `model` (typically built under `skeleton()`) from the safetensors checkpoint at
     `path`, quantizing the layers `config` selects as their weights are read, in place.
-    `dtype` casts floating tensors as they are read (None: the checkpoint's dtype); 4-bit layers
-    remember it as the dtype they dequantize to. Returns the names of the quantized layers.
-    Raises, naming the keys, when the checkpoint lacks a tensor the model needs, holds one the
-    model does not have, or has a tensor of the wrong shape."""
+    `dtype` casts floating tensors as they are read (None: the checkpoint's dtype) but those
+    transformers keeps in float32 (Note: tensors transformers keeps in float32); 4-bit layers
+    remember it as the dtype they dequantize to. Returns the names of the quantized layers, then
+    of the 4-bit parameters (`config.parameters`). Raises, naming the keys, when the checkpoint
+    holds a tensor the model does not have or one of the wrong shape, or lacks one the model
+    needs: a 4-bit layer's or parameter's, or any that a skeleton left on the meta device (a
+    model not built under skeleton() keeps what it had for the others)."""
     config = NF4Config() if config is None else config
     if not isinstance(config, NF4Config):
         raise TypeError(f"config must be an NF4Config; got {type(config).__name__}")
@@ -268,33 +271,38 @@ class _Experts:
     def take(self, key: str, f, bad_shapes: list) -> bool:
         """Copy `key` into its rows of a fused experts parameter, if it is an expert's weight."""
         m = re.fullmatch(r"(?P<moe>.*)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight", self.renamed(key))
-        owner = self.modules.get(f"{m['moe']}.experts") if m else None
-        param, place = self.fused.get(m["proj"], (None, 0)) if m else (None, 0)
-        if owner is not None and (f"{m['moe']}.experts", param) in self.filled and param not in owner._parameters:
-            shape = self.shapes[f"{m['moe']}.experts", param]  # its tensor went 4-bit: every expert was read
-            bad_shapes.append(f"{m.string}: rows of expert {m['e']} read twice" if int(m["e"]) < shape[0] else
-                              f"{m.string}: expert {m['e']} of the model's {shape[0]}")
+        if m is None:
+            return False
+        owner = self.modules.get(f"{m['moe']}.experts")
+        param, place = self.fused.get(m["proj"], (None, 0))
+        slot, e = (f"{m['moe']}.experts", param), int(m["e"])
+        if owner is not None and slot in self.filled and param not in owner._parameters:  # its tensor went 4-bit
+            count = self.shapes[slot][0]
+            bad_shapes.append(f"{key}: rows of expert {e} read twice" if e < count else
+                              f"{key}: expert index {e}, and {m['moe']}.experts has {count} experts (0-{count - 1})")
             return True
         if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
             return False
-        p, e = owner._parameters[param], int(m["e"])
+        p = owner._parameters[param]
         t = f.get_tensor(key)
         rows = p.shape[1] // (2 if param == "gate_up_proj" else 1)
-        if e >= p.shape[0] or tuple(t.shape) != (rows, p.shape[2]):
+        if e >= p.shape[0]:
+            bad_shapes.append(f"{key}: expert index {e}, and {m['moe']}.experts has {p.shape[0]} experts (0-{p.shape[0] - 1})")
+            return True
+        if tuple(t.shape) != (rows, p.shape[2]):
             bad_shapes.append(f"{key}: checkpoint {tuple(t.shape)}, model's {m['moe']}.experts.{param} {tuple(p.shape)}")
             return True
-        key = (f"{m['moe']}.experts", param)
-        if key not in self.filled:  # made when its first expert comes, on `device`, in `dtype` (as _cast casts)
+        if slot not in self.filled:  # made when its first expert comes, on `device`, in `dtype` (as _cast casts)
             p = nn.Parameter(torch.empty(p.shape, dtype=self.dtype or t.dtype, device=self.device), p.requires_grad)
             owner._parameters[param] = p
-            self.shapes[key] = p.shape
-        elif (e, place) in self.filled[key]:  # a second copy of rows already read: its rows, not the whole
-            bad_shapes.append(f"{m.string}: rows of expert {e} read twice")
+            self.shapes[slot] = p.shape
+        elif (e, place) in self.filled[slot]:  # a second copy of rows already read: its rows, not the whole
+            bad_shapes.append(f"{key}: rows of expert {e} read twice")
             return True
         with torch.no_grad():
             p[e, place * rows:(place + 1) * rows].copy_(t)
-        self.filled.setdefault(key, set()).add((e, place))
-        if self.whole is not None and not self._missing(key):
+        self.filled.setdefault(slot, set()).add((e, place))
+        if self.whole is not None and not self._missing(slot):
             self.whole(owner, param)
         return True
 

@@ -210,9 +210,11 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     # Note: a module registered at two places (one nn.Linear reused) becomes one Linear4bit at both.
     # Its id, taken while every match is alive, says which places share it.
     matches = [(p, a, n, id(c)) for p, a, n, c in _walk(model, every=True) if wanted(n, c) and not isinstance(c, Linear4bit)]
-    params = find_parameters(model, config)
-    if params and not matches and tuple(config.targets) in ((ALL_LINEAR,), ()):
-        pass  # no linear layer asked for, or the default matching none (a model of experts alone)
+    params = find_parameters(model, config)  # raises when config.parameters matches nothing, 4-bit or not
+    if not matches and not config.targets:
+        pass  # no linear layer asked for: the parameters alone (none left when all are 4-bit already)
+    elif params and not matches and tuple(config.targets) == (ALL_LINEAR,):
+        pass  # the default targets matching no layer: a model of experts alone
     elif not matches:
         candidates = [n for _, _, n, c in _walk(model) if _can_quantize(c)]
         raise ValueError(
@@ -244,7 +246,7 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
             done[key] = Linear4bit.from_linear(getattr(parent, attr), config.blocksize, config.double_quant,
                                                config.compute_dtype)
         setattr(parent, attr, done[key])  # the full-precision layer's last reference goes here
-    for owner, where, p in params:
+    for owner, _, p in params:
         quantize_parameter(owner, p, config.blocksize, config.double_quant, config.compute_dtype)
     return [name for _, _, name, _ in matches] + [f"{where}.{p}" if where else p for _, where, p in params]
 

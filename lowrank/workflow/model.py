@@ -97,17 +97,23 @@ def read_workflow(adapter_dir: str | os.PathLike) -> dict:
 
 def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer, template) for chatting: the base, quantized again when the adapter
-    was trained on a 4-bit base, with the adapter loaded; template as in training."""
-    model, tokenizer = load_base(model_dir, dtype, device)
+    was trained on a 4-bit base (from the weights in the training dtype, so the NF4 codes are
+    the ones it trained against; the rest then in `dtype`), with the adapter loaded; template as
+    in training."""
     if adapter_dir is None:  # a merged model keeps its adapter's workflow file (lowrank merge): its template
+        model, tokenizer = load_base(model_dir, dtype, device)
         return model, tokenizer, read_workflow(pathlib.Path(model_dir)).get("config", {}).get("template")
     path = pathlib.Path(adapter_dir)
     if not path.is_dir():
         raise ConfigError(f"--adapter {adapter_dir!r} is not a directory")
-    meta = read_workflow(path)
-    train = meta.get("config", {})
-    if train.get("method") in METHODS and METHODS[train["method"]].quantize:
+    train = read_workflow(path).get("config", {})
+    quantized = train.get("method") in METHODS and METHODS[train["method"]].quantize
+    trained = train.get("dtype", dtype) if quantized and train.get("dtype") in DTYPES else dtype
+    model, tokenizer = load_base(model_dir, trained, device)
+    if quantized:
         quantize(model, nf4_config(train.get("nf4", {})))
+    if trained != dtype:  # the dense rest in the dtype asked; the codes (and 4-bit layers' compute dtype) stay
+        model.to(getattr(torch, dtype))
     if not (path / CONFIG_NAME).is_file():
         raise ConfigError(f"--adapter {adapter_dir!r} has no {CONFIG_NAME}: not an adapter directory")
     adapter_dtype = train.get("adapter_dtype")  # as trained: float32 adapters load unrounded

@@ -97,7 +97,7 @@ def test_an_expert_read_twice_is_named(tmp_path, parameters):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with skeleton():
         model = models.mixtral()
-    with pytest.raises(ValueError, match=r"mlp\.experts\.0\.w1\.weight: rows of expert 0 read twice"):
+    with pytest.raises(ValueError, match=r"block_sparse_moe\.experts\.0\.w1\.weight: rows of expert 0 read twice"):
         load_and_quantize(model, tmp_path, NF4Config(parameters=parameters))
 
 
@@ -128,3 +128,37 @@ def test_a_3d_experts_key_read_twice_is_named(tmp_path):
         model = models.mixtral()
     with pytest.raises(ValueError, match=rf"{key}: its tensor is 4-bit already \(read twice"):
         load_and_quantize(model, tmp_path, NF4Config(parameters=["experts.down_proj"]))
+
+
+def test_an_expert_index_past_the_models_is_named(tmp_path):
+    _saved(tmp_path, models.mixtral, shard="10GB")
+    sd = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.1.block_sparse_moe.experts.4.w2.weight"  # the model has experts 0-3
+    sd[key] = sd["model.layers.1.block_sparse_moe.experts.3.w2.weight"].clone()
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for parameters in (None, ["experts.down_proj"]):  # read while its tensor is dense, or 4-bit already
+        with skeleton():
+            model = models.mixtral()
+        with pytest.raises(ValueError, match=rf"{key}: expert index 4, and model.layers.1.mlp.experts has 4 experts"):
+            load_and_quantize(model, tmp_path, NF4Config(parameters=parameters))
+
+
+def t5():
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=models.VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_t5s_wo_stays_float32_in_float16_only(tmp_path, dtype):
+    """`_keep_in_fp32_modules` (T5's `wo`): float32 when read in float16, as from_pretrained keeps it."""
+    _saved(tmp_path, t5)
+    expected = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path, dtype=dtype)
+    assert (expected.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32) == (dtype == torch.float16)
+    names = quantize(expected, NF4Config())
+    with skeleton():
+        model = transformers.AutoModelForSeq2SeqLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert load_and_quantize(model, tmp_path, NF4Config(), dtype=dtype) == names
+    got, want = _state(model), _state(expected)
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)

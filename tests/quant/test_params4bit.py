@@ -328,3 +328,10 @@ def test_a_float64_copy_computes_as_its_twin():
     with torch.no_grad():
         got = model(ids()).logits
         assert got.dtype == torch.float64 and torch.equal(got, twin(ids()).logits)
+
+
+def test_quantizing_the_experts_alone_twice_is_a_no_op():
+    model = mixtral()
+    config = lowrank.NF4Config(targets=None, parameters=EXPERTS)
+    assert len(lowrank.quantize(model, config)) == 4
+    assert lowrank.quantize(model, config) == []  # already 4-bit: left as they are

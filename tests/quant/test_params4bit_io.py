@@ -103,11 +103,15 @@ def test_export_keeps_what_transformers_keeps_in_float32(tmp_path):
     from tests.quant.test_load_experts import glm4_moe
 
     glm4_moe().save_pretrained(tmp_path / "src")
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
-    lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
-    lowrank.merge_and_export(model, tmp_path / "out")
-    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
-        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    assert dtypes.pop("model.layers.1.mlp.gate.weight") == "F32"
-    assert dtypes.pop("model.layers.1.mlp.gate.e_score_correction_bias") == "F32"
-    assert set(dtypes.values()) == {"BF16"}
+    for lora in (False, True):  # the router merged with LoRA (LoRA on its weight) stays float32 too
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+        lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
+        if lora:
+            lowrank.inject(model, lowrank.LoraConfig(r=2, targets=None, parameters=["mlp.gate.weight"]))
+            randomized(model)
+        lowrank.merge_and_export(model, tmp_path / f"out{lora}")
+        with safe_open(tmp_path / f"out{lora}" / "model.safetensors", "pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes.pop("model.layers.1.mlp.gate.weight") == "F32"
+        assert dtypes.pop("model.layers.1.mlp.gate.e_score_correction_bias") == "F32"
+        assert set(dtypes.values()) == {"BF16"}

@@ -2,13 +2,16 @@
 `parameters`): a tiny Mixtral trains, its checkpoint loads back, `lowrank merge` writes W'."""
 
 import copy
+import shutil
 import math
 
 import pytest
 import torch
 
+from lowrank.export import merged_weight
 from lowrank.quant.params4bit import Weight4bit
 from lowrank.tuners.base import innermost
+from lowrank.tuners.lora_param import lora_chain
 from lowrank.workflow.methods import load_trainable
 from lowrank.workflow.model import apply_method, load_base, load_with_adapter
 from lowrank.workflow.train import STATE_FILE, train
@@ -51,7 +54,7 @@ def test_lora_on_moe_experts_trains_merges_and_loads_back(tmp_path, data_file, m
     run("merge", model_dir, summary.checkpoint, tmp_path / "merged", *(["--as-trained"] if method == "qlora" else []))
     if method == "lora":
         done = run("merge", model_dir, summary.checkpoint, tmp_path / "x", "--as-trained", check=False)
-        assert done.returncode != 0 and "trains on an unquantized base" in done.stderr
+        assert done.returncode != 0 and "on an unquantized base" in done.stderr
     merged, _ = load_base(str(tmp_path / "merged"))
     ref_model = copy.deepcopy(trained_model).double()
     ref_model.config._experts_implementation = "eager"  # transformers' default (grouped_mm) takes no float64
@@ -61,3 +64,35 @@ def test_lora_on_moe_experts_trains_merges_and_loads_back(tmp_path, data_file, m
     # few times the adapted float32 model's own error against float64
     tol = max(4 * (want - ref).abs().max().item(), 64 * torch.finfo(torch.float32).eps * ref.abs().max().item())
     assert (got - ref).abs().max().item() <= tol
+
+
+def test_a_bf16_qlora_adapter_chats_and_merges_as_trained(tmp_path, data_file):
+    """Trained in bf16 on 4-bit experts: `lowrank chat` (load_with_adapter, float32 by default)
+    quantizes the bf16 weights again, so its NF4 codes are the trained ones; `merge --as-trained`
+    lands nearer the adapted model than a merge into the full-precision base; what it cannot
+    read its options from is refused."""
+    model_dir = tiny.build(tmp_path / "mixtral", arch="mixtral")
+    options, nf4 = {"r": 4, "parameters": EXPERTS}, {"parameters": EXPERTS}
+    summary = train(_config(tmp_path, model_dir, data_file, method="qlora", method_options=options, epochs=1,
+                            lr=5e-2, nf4=nf4, dtype="bfloat16"))
+    trained, _ = load_base(str(model_dir), "bfloat16")
+    apply_method(trained, "qlora", options, nf4)
+    saved = torch.load(f"{summary.checkpoint}/{STATE_FILE}", weights_only=True)["trainable"]
+    assert load_trainable(trained, saved) == ([], [])
+    chat, _, _ = load_with_adapter(str(model_dir), summary.checkpoint)  # dtype float32
+    codes = {k: v for k, v in trained.state_dict().items() if ".experts." in k and "lora_" not in k}
+    assert all(torch.equal(chat.state_dict()[k], v) for k, v in codes.items())
+    run("merge", model_dir, summary.checkpoint, tmp_path / "as", "--as-trained", "--dtype", "fp32")
+    run("merge", model_dir, summary.checkpoint, tmp_path / "plain", "--dtype", "fp32")
+    # the merged experts: dequant(W_nf4) + s B A in float32, as lowrank.export forms it from the trained model
+    layer = next(la for la in lora_chain(trained.model.layers[0].mlp.experts) if la.parameter_name == "down_proj")
+    want = merged_weight(layer)
+    key = "model.layers.0.mlp.experts.down_proj"
+    as_trained, plain = (load_base(str(tmp_path / d))[0].state_dict()[key] for d in ("as", "plain"))
+    assert torch.equal(as_trained, want)
+    assert not torch.allclose(plain, want, rtol=0, atol=1e-3)  # the full-precision base: off by the NF4 rounding
+    no_file = tmp_path / "peft-only"
+    shutil.copytree(summary.checkpoint, no_file)
+    (no_file / "lowrank_workflow.json").unlink()
+    done = run("merge", model_dir, no_file, tmp_path / "x", "--as-trained", check=False)
+    assert done.returncode != 0 and "has none (a hub id" in done.stderr
