@@ -77,7 +77,7 @@ def _as_trained(base: str, adapter: str):
     rounding of W' into the export dtype."""
     from ..quant import quantize
     from ..workflow.methods import METHODS, nf4_config
-    from ..workflow.model import WORKFLOW_FILE, read_workflow
+    from ..workflow.model import WORKFLOW_FILE, read_workflow, training_dtype
 
     if not pathlib.Path(adapter, WORKFLOW_FILE).is_file():
         raise ValueError(f"--as-trained quantizes the base as lowrank train did for the adapter, which its "
@@ -93,7 +93,7 @@ def _as_trained(base: str, adapter: str):
     if config.is_file() and json.loads(config.read_text()).get("quantization_config"):
         raise ValueError(f"--as-trained quantizes a dense base as training did, and {base} is 4-bit already: merge "
                          "without --as-trained")
-    model = _load_base(base, train.get("dtype", "float32"))
+    model = _load_base(base, str(training_dtype(train, adapter)).removeprefix("torch."))
     quantize(model, nf4_config(train.get("nf4", {})))
     return model
 

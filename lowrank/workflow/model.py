@@ -95,11 +95,56 @@ def read_workflow(adapter_dir: str | os.PathLike) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def training_dtype(train: dict, adapter_dir) -> torch.dtype:
+    """The dtype `lowrank train` loaded the base in, from a workflow file's config (TrainConfig's
+    default where it says none)."""
+    name = train.get("dtype", "float32")
+    if name not in DTYPES:
+        raise ConfigError(f"{pathlib.Path(adapter_dir, WORKFLOW_FILE)}: dtype {name!r} is not one of {DTYPES}")
+    return getattr(torch, name)
+
+
+# Note: quantized again as trained. A qlora adapter was trained against NF4 codes of the base's
+# weights in the training dtype. Chat loads the base in its own dtype and casts the weights
+# `quantize` reads to the training dtype first: from_pretrained in that dtype rounds a
+# checkpoint's weights the same way, so the codes, and the 4-bit layers' own dtype, are the
+# trained ones, while the rest (rotary tables, tensors transformers keeps in float32) is what
+# from_pretrained gives. Where chat's dtype cannot hold the training dtype's values (bf16 chat of
+# a float32 run), the base is loaded in float32 instead and the rest cast to chat's dtype after
+# (cast_rest): the same rounding from_pretrained makes, at the cost of a float32 load.
+def as_trained(model: nn.Module, config, dtype: torch.dtype) -> None:
+    """Cast the weights `config` quantizes to `dtype`, in place (See Note: quantized again as trained)."""
+    from ..quant.quantize import _can_quantize, _walk, find_parameters, selected
+
+    wanted = selected(model, config)
+    for _, _, name, child in _walk(model):
+        if wanted(name, child) and _can_quantize(child) and child.weight.dtype != dtype:
+            child.weight.data = child.weight.data.to(dtype)
+    for owner, _, p in find_parameters(model, config):
+        owner._parameters[p].data = owner._parameters[p].data.to(dtype)
+
+
+def cast_rest(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters and persistent buffers to `dtype` but those transformers keeps in float32
+    (lowrank/quant/load.py, Note: tensors transformers keeps in float32); non-persistent buffers
+    (rotary tables, computed in float32 by the model) stay as they are, as from_pretrained keeps them."""
+    from ..quant.load import float32_plan
+
+    kept = float32_plan(model)
+    for prefix, m in model.named_modules():
+        for store in (m._parameters, m._buffers):
+            for n, t in store.items():
+                if t is None or not t.is_floating_point() or n in m._non_persistent_buffers_set:
+                    continue
+                to = kept(f"{prefix}.{n}" if prefix else n, t, dtype)
+                if t.dtype != to:
+                    store[n] = nn.Parameter(t.data.to(to), t.requires_grad) if store is m._parameters else t.to(to)
+
+
 def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer, template) for chatting: the base, quantized again when the adapter
-    was trained on a 4-bit base (from the weights in the training dtype, so the NF4 codes are
-    the ones it trained against; the rest then in `dtype`), with the adapter loaded; template as
-    in training."""
+    """(model, tokenizer, template) for chatting: the base in `dtype`, quantized again when the
+    adapter was trained on a 4-bit base (See Note: quantized again as trained), with the adapter
+    loaded; template as in training."""
     if adapter_dir is None:  # a merged model keeps its adapter's workflow file (lowrank merge): its template
         model, tokenizer = load_base(model_dir, dtype, device)
         return model, tokenizer, read_workflow(pathlib.Path(model_dir)).get("config", {}).get("template")
@@ -108,12 +153,15 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
         raise ConfigError(f"--adapter {adapter_dir!r} is not a directory")
     train = read_workflow(path).get("config", {})
     quantized = train.get("method") in METHODS and METHODS[train["method"]].quantize
-    trained = train.get("dtype", dtype) if quantized and train.get("dtype") in DTYPES else dtype
-    model, tokenizer = load_base(model_dir, trained, device)
+    trained = training_dtype(train, path) if quantized else None
+    wide = quantized and getattr(torch, dtype) not in (trained, torch.float32)  # See Note: quantized again as trained
+    model, tokenizer = load_base(model_dir, "float32" if wide else dtype, device)
     if quantized:
-        quantize(model, nf4_config(train.get("nf4", {})))
-    if trained != dtype:  # the dense rest in the dtype asked; the codes (and 4-bit layers' compute dtype) stay
-        model.to(getattr(torch, dtype))
+        config = nf4_config(train.get("nf4", {}))
+        as_trained(model, config, trained)
+        quantize(model, config)
+    if wide:
+        cast_rest(model, getattr(torch, dtype))
     if not (path / CONFIG_NAME).is_file():
         raise ConfigError(f"--adapter {adapter_dir!r} has no {CONFIG_NAME}: not an adapter directory")
     adapter_dtype = train.get("adapter_dtype")  # as trained: float32 adapters load unrounded

@@ -42,6 +42,14 @@ def test_lora_on_moe_experts_trains_merges_and_loads_back(tmp_path, data_file, m
     saved = torch.load(f"{summary.checkpoint}/{STATE_FILE}", weights_only=True)["trainable"]
     assert any(".experts." in k for k in saved) and load_trainable(trained_model, saved) == ([], [])
     loaded, _, _ = load_with_adapter(str(model_dir), summary.checkpoint)
+    if method == "qlora":  # chat in bf16 of a float32 run: the trained codes, the rest as from_pretrained(bf16) has it
+        chat = load_with_adapter(str(model_dir), summary.checkpoint, dtype="bfloat16")[0]
+        codes = {k: v for k, v in trained_model.state_dict().items() if v.dtype in (torch.uint8, torch.int32)}
+        assert codes and all(torch.equal(chat.state_dict()[k], v) for k, v in codes.items())
+        plain = load_base(str(model_dir), "bfloat16")[0]
+        want = {k: t.dtype for k, t in [*plain.named_parameters(), *plain.named_buffers()]}
+        got = {k: t.dtype for k, t in [*chat.named_parameters(), *chat.named_buffers()] if k in want}
+        assert got and got == {k: want[k] for k in got}
     base, _ = load_base(str(model_dir))
     x = torch.tensor([tok("Status of the reactor? Stable")["input_ids"]])
     with torch.no_grad():
@@ -82,6 +90,11 @@ def test_a_bf16_qlora_adapter_chats_and_merges_as_trained(tmp_path, data_file):
     chat, _, _ = load_with_adapter(str(model_dir), summary.checkpoint)  # dtype float32
     codes = {k: v for k, v in trained.state_dict().items() if ".experts." in k and "lora_" not in k}
     assert all(torch.equal(chat.state_dict()[k], v) for k, v in codes.items())
+    # the rest as from_pretrained gives it in chat's float32: parameters, buffers (rotary tables) alike
+    dense = dict(load_base(str(model_dir))[0].named_buffers()) | dict(load_base(str(model_dir))[0].named_parameters())
+    rest = dict(chat.named_buffers()) | {k: p for k, p in chat.named_parameters() if "lora_" not in k}
+    shared = [k for k in rest if k in dense]
+    assert shared and all(rest[k].dtype == dense[k].dtype == torch.float32 for k in shared)
     run("merge", model_dir, summary.checkpoint, tmp_path / "as", "--as-trained", "--dtype", "fp32")
     run("merge", model_dir, summary.checkpoint, tmp_path / "plain", "--dtype", "fp32")
     # the merged experts: dequant(W_nf4) + s B A in float32, as lowrank.export forms it from the trained model
