@@ -48,8 +48,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     if params4:
         raise ValueError(f"the model has 4-bit parameters ({params4[:3]}, MoE experts), which transformers' bitsandbytes "
                          "loading cannot read (it keeps experts dense); save the dense checkpoint and read it back with "
-                         "lowrank.load_and_quantize(..., NF4Config(parameters=...)), or write a bitsandbytes model "
-                         "with merge_and_export(..., requantize=True), which writes them dense")
+                         "lowrank.load_and_quantize(..., NF4Config(parameters=...)), or, where its linear layers are 4-bit "
+                         "too, write a bitsandbytes model with merge_and_export(..., requantize=True), which writes "
+                         "the experts dense")
     if not quantized:
         raise ValueError(f"{type(model).__name__} has no 4-bit layers; quantize it with lowrank.quantize first "
                          "(or save a dense model with its own save_pretrained)")

@@ -313,7 +313,7 @@ def weights_named(model: nn.Module) -> list[str]:
     own names), as LoraConfig.parameters names them: those no linear layer holds first."""
     found = [(is_linear_like(_unwrap(c)), f"{w}.{p}") for _, _, w, c in _walk(model) for p in parameter_names(_unwrap(c))
              if has_parameter(_unwrap(c), p) and len(parameter_shape(_unwrap(c), p)) >= 2]
-    return [n for linear, n in sorted(found, key=lambda f: f[0])]  # stable: walk order within each
+    return [n for _, n in sorted(found, key=lambda f: f[0])]  # stable: walk order within each
 
 
 def summary(model: nn.Module) -> Summary:
