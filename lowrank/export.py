@@ -149,10 +149,17 @@ def _checked_cast(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch
     return out
 
 
-def _nf4_sizes(prefix: str, like: Linear4bit, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes of each 4-bit entry of a weight shaped like `like`, without quantizing it."""
+# the float32 whose repr is longest (sign, 17 digits, "e-38"): the quant-state JSON of a weight
+# re-quantized with any offset is at most as long as with this one
+_LONGEST_OFFSET = -1.1754943508222875e-38
+
+
+def _nf4_sizes(prefix: str, like: Linear4bit, dtype: torch.dtype, requantized: bool = False) -> dict[str, int]:
+    """Bytes of each 4-bit entry of a weight shaped like `like`, without quantizing it: exact for
+    its own codes, at most for codes made again (`requantized`: another offset in its JSON)."""
     q = like.weight
-    fake = nf4.NF4Weight(q.packed, q.absmax, q.shape, dtype, q.blocksize, q.nested_absmax, q.offset)
+    offset = q.offset if q.offset is None or not requantized else torch.tensor(_LONGEST_OFFSET)
+    fake = nf4.NF4Weight(q.packed, q.absmax, q.shape, dtype, q.blocksize, q.nested_absmax, offset)
     return {k: t.numel() * t.element_size() for k, t in fake.to_state_dict(prefix).items()}
 
 
@@ -272,7 +279,8 @@ def _weight_part(key: str, name: str, layer: LoraLayer | None, q: Stored4bit | N
     if q is None and base_dtype == torch.float32 and kept is not None:  # a merged router stays float32, as unmerged
         target = kept(key, torch.empty(0), target)
     if requantize and isinstance(q, Linear4bit):  # See Note: 4-bit parameters in an export
-        return shards.Part(_nf4_sizes(key, q, target), lambda: _requantized(make(), q, key, name, target, errors))
+        return shards.Part(_nf4_sizes(key, q, target, requantized=True),
+                           lambda: _requantized(make(), q, key, name, target, errors))
     numel = q.weight.numel if q is not None else layer.target_weight().numel()
     return shards.Part({key: numel * torch.empty(0, dtype=target).element_size()},
                        lambda: {key: _checked_cast(key, make(), target)})

@@ -256,3 +256,20 @@ def test_directory_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     merge_and_export(model, tmp_path / "out", dtype="fp16", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]  # the old one is gone
     assert safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"].dtype == torch.float16
+
+
+def test_requantized_sizes_are_planned_at_most():
+    """merge_and_export plans a re-quantized weight's shard bytes before making it: its
+    quant-state JSON holds the new offset, whose text may be longer than the old one's."""
+    import math
+
+    from lowrank.export import _nf4_sizes, _requantized
+
+    torch.manual_seed(0)
+    like = lowrank.Linear4bit(lowrank.nf4.quantize(torch.randn(64, 128) * 1e-3, 64, True))
+    for scale in (1e-30, 1e-7, 1.0, 3e4):  # offsets whose text is short and long
+        w = torch.randn(64, 128) * scale
+        made = {k: t.numel() * t.element_size() for k, t in _requantized(w, like, "w", "n", torch.float32, {}).items()}
+        planned = _nf4_sizes("w", like, torch.float32, requantized=True)
+        assert planned.keys() == made.keys() and all(planned[k] >= made[k] for k in made), (scale, planned, made)
+        assert math.isclose(sum(planned.values()), sum(made.values()), abs_tol=32)
