@@ -36,8 +36,8 @@ _HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("ForSequenceClassification",
           ("ForMaskedLM", "AutoModelForMaskedLM"), ("ForImageClassification", "AutoModelForImageClassification"))
 
 
-def _load_base(base: str, dtype: str = "auto"):
-    """The base model from a transformers directory (`dtype`: its weights', "auto": the
+def _load_base(base: str, dtype="auto"):
+    """The base model from a transformers directory (`dtype`: a torch dtype for its weights, "auto": the
     checkpoint's); a bitsandbytes 4-bit one is loaded with lowrank.load_quantized (no GPU needed)."""
     try:
         import transformers
@@ -93,7 +93,7 @@ def _as_trained(base: str, adapter: str):
     if config.is_file() and json.loads(config.read_text()).get("quantization_config"):
         raise ValueError(f"--as-trained quantizes a dense base as training did, and {base} is 4-bit already: merge "
                          "without --as-trained")
-    model = _load_base(base, str(training_dtype(train, adapter)).removeprefix("torch."))
+    model = _load_base(base, training_dtype(train, adapter))
     quantize(model, nf4_config(train.get("nf4", {})))
     return model
 

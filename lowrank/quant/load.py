@@ -120,6 +120,12 @@ def float32_plan(model: nn.Module):
     return dtype_of
 
 
+def _cannot_quantize(file, name: str, e: Exception) -> Exception:
+    """The codec's refusal (a float64 or non-finite weight), naming the file and the tensor."""
+    hint = "; load_and_quantize(..., dtype=torch.bfloat16) casts as it reads" if isinstance(e, TypeError) else ""
+    return type(e)(f"{file}: cannot quantize {name!r}: {str(e).rstrip('.')}{hint}")
+
+
 def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Config | None = None, *,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> list[str]:
     """Fill `model` (typically built under `skeleton()`) from the safetensors checkpoint at
@@ -162,8 +168,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
         try:
             quantize_parameter(owner, p, config.blocksize, config.double_quant, config.compute_dtype)
         except (TypeError, ValueError) as e:  # a float64 or non-finite weight: say which
-            hint = "; load_and_quantize(..., dtype=torch.bfloat16) casts as it reads" if isinstance(e, TypeError) else ""
-            raise type(e)(f"{file}: cannot quantize {to_4bit[id(owner), p]!r}: {str(e).rstrip('.')}{hint}") from e
+            raise _cannot_quantize(file, to_4bit[id(owner), p], e) from e
 
     experts = _Experts(modules, device, dtype, lambda owner, p: (id(owner), p) in to_4bit and quantize_read(owner, p, path))
     for file in files:
@@ -196,8 +201,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                         try:
                             q = nf4.quantize(w, config.blocksize, config.double_quant)
                         except (TypeError, ValueError) as e:  # a float64 or non-finite weight: say which
-                            hint = "; load_and_quantize(..., dtype=torch.bfloat16) casts as it reads" if isinstance(e, TypeError) else ""
-                            raise type(e)(f"{file}: cannot quantize {key!r}: {str(e).rstrip('.')}{hint}") from e
+                            raise _cannot_quantize(file, key, e) from e
                         del w  # See Note: no references to the layers (quantize.py): one dense weight at a time
                         if isinstance(layer, Linear4bit):  # a module registered twice, its weight under both names
                             if not _same(q, layer.weight):

@@ -53,18 +53,23 @@ class LoraParameter(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
+    def _owner(self) -> tuple[nn.Module, object]:
+        """(the module holding the parameter, its Weight4bit where the parameter is 4-bit, else None)."""
+        owner = owner_of(self._modules["base"])[0]
+        return owner, stored(owner, self.parameter_name)
+
     def weight_param(self) -> torch.Tensor:
         """The parameter; a 4-bit one dequantized in its compute dtype (a new tensor each call)."""
-        owner = owner_of(self._modules["base"])[0]
-        q = stored(owner, self.parameter_name)
+        owner, q = self._owner()
         return owner._parameters[self.parameter_name] if q is None else q.dense()
 
     def _dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
         """The parameter's dtype (a 4-bit one's compute dtype) and device, without dequantizing it."""
-        owner = owner_of(self._modules["base"])[0]
-        q = stored(owner, self.parameter_name)
-        w = owner._parameters[self.parameter_name] if q is None else q.packed
-        return (w.dtype if q is None else q.compute_dtype), w.device
+        owner, q = self._owner()
+        if q is not None:
+            return q.compute_dtype, q.packed.device
+        w = owner._parameters[self.parameter_name]
+        return w.dtype, w.device
 
     # -- per kind (LoraLayer) -------------------------------------------------------------
     def _create(self, name, r, dtype, device):
@@ -106,8 +111,8 @@ class LoraParameter(LoraLayer):
         return self.weight_param()
 
     def _writable_weight(self):
-        owner = owner_of(self._modules["base"])[0]
-        if stored(owner, self.parameter_name) is not None:
+        owner, q = self._owner()
+        if q is not None:
             raise TypeError(f"cannot merge into {self.parameter_name!r} of {type(owner).__name__}: it is a 4-bit "
                             "parameter, which cannot take a merged update; keep the adapter unmerged, or write a "
                             "merged model with lowrank.merge_and_export")
