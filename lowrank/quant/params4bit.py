@@ -33,11 +33,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import nf4
+from . import experts4bit, nf4
 from .linear4bit import Stored4bit
 from .nf4_weight import NF4Weight
 
 _NAMES = "_nf4_parameters"  # instance attribute of an owner: its 4-bit parameters' names, in registration order
+_TERMS = "_nf4_terms"  # instance attribute of an owner during a call: LoRA's updates of its 4-bit parameters
 
 
 class Weight4bit(Stored4bit):
@@ -138,16 +139,27 @@ def input_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
 
 
 class _DenseForward:
-    """The owner's forward with its 4-bit parameters dense (See Note: a 4-bit parameter). An
-    object, not a bound method, so a pickled owner unpickles with it."""
+    """The owner's forward with its 4-bit parameters: routed where it can be (See Note: routed
+    experts, experts4bit.py), else dense (See Note: a 4-bit parameter). An object, not a bound
+    method, so a pickled owner unpickles with it."""
 
     def __init__(self, owner: nn.Module) -> None:
         self.owner = owner
 
     def __call__(self, *args, **kwargs):
         owner = self.owner
-        d, dtype = owner.__dict__, input_dtype(args, kwargs)
-        dense = {name: owner._modules[name].dense(dtype) for name in d[_NAMES] if name not in d}
+        d, names = owner.__dict__, owner.__dict__[_NAMES]
+        terms = d.get(_TERMS, {})
+        given = any(name in d for name in names)  # dense tensors put there by another caller: theirs
+        if not given and experts4bit.mode() == "routed" and experts4bit.routable(owner, names):
+            call = experts4bit.routed_call(owner, args, kwargs)
+            if call is not None:
+                return experts4bit.forward(owner, *call, names, terms)
+        dtype, dense = input_dtype(args, kwargs), {}
+        for name in names:
+            if name not in d:
+                w = owner._modules[name].dense(dtype)
+                dense[name] = w if name not in terms else terms[name].updated(w)
         d.update(dense)
         try:
             return type(owner).forward(owner, *args, **kwargs)
@@ -156,22 +168,23 @@ class _DenseForward:
                 d.pop(name, None)
 
 
-class dense_as:
-    """`with dense_as(owner, name, w):` the owner's forward reads `w` for its 4-bit parameter
-    `name` (LoRA's W'), instead of dequantizing it."""
+class with_term:
+    """`with with_term(owner, name, term):` the owner's forward adds LoRA's update `term` (an
+    experts4bit.LowRankTerm) to its 4-bit parameter `name`: to each routed expert's product, or
+    to the dense tensor."""
 
-    def __init__(self, owner: nn.Module, name: str, w: torch.Tensor) -> None:
-        self.owner, self.name, self.w = owner, name, w
+    def __init__(self, owner: nn.Module, name: str, term) -> None:
+        self.terms, self.name, self.term = owner.__dict__.setdefault(_TERMS, {}), name, term
 
     def __enter__(self) -> None:
-        self.before = self.owner.__dict__.get(self.name)
-        self.owner.__dict__[self.name] = self.w
+        self.before = self.terms.get(self.name)
+        self.terms[self.name] = self.term
 
     def __exit__(self, *exc) -> None:
         if self.before is None:
-            self.owner.__dict__.pop(self.name, None)
+            self.terms.pop(self.name, None)
         else:
-            self.owner.__dict__[self.name] = self.before
+            self.terms[self.name] = self.before
 
 
 def check_owner(key: str, owner: nn.Module) -> None:

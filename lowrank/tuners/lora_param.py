@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.params4bit import dense_as, input_dtype, parameter_names, parameter_shape, stored
+from ..quant.experts4bit import LowRankTerm
+from ..quant.params4bit import parameter_names, parameter_shape, stored, with_term
 from .base import TunerLayer
 from .lora_base import LoraLayer
 
@@ -90,6 +91,11 @@ class LoraParameter(LoraLayer):
         e = self._experts
         return B.view(B.shape[0], -1, e).permute(2, 0, 1), A.view(e, -1, A.shape[-1])
 
+    def _expert_factors(self, dtype: torch.dtype) -> list:
+        """[(B_e (E, out, r), A_e (E, r, in), s)] for each active adapter, in `dtype`: LoRA's
+        update of a routed 4-bit expert (experts4bit.LowRankTerm)."""
+        return [(*self._per_expert(name, dtype), self.scaling[name]) for name in self.active]
+
     def _product(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """B_e A_e for every expert, in the parameter's layout: (out, in), (E, out, in) or (E, in,
         out), by PEFT's einsum (See Note: PEFT's factor layout)."""
@@ -131,8 +137,8 @@ class LoraParameter(LoraLayer):
                              f"({self.parameter_name!r}): its update changes the weight every sample reads, as in PEFT")
         owner, path = owner_of(base)
         q = stored(owner, self.parameter_name)
-        if q is not None:  # See Note: a 4-bit parameter (lowrank/quant/params4bit.py), and its dtype there
-            with dense_as(owner, self.parameter_name, self._updated(q.dense(input_dtype(args, kwargs)))):
+        if q is not None:  # See Note: routed experts (lowrank/quant/experts4bit.py)
+            with with_term(owner, self.parameter_name, LowRankTerm(self._expert_factors, self._updated)):
                 return base(*args, **kwargs)
         weight = self._updated(self.weight_param())
         return torch.func.functional_call(base, {path + self.parameter_name: weight}, args, kwargs, tie_weights=False)

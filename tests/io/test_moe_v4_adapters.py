@@ -161,9 +161,11 @@ def test_an_adapter_of_the_experts_alone_loads(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_a_v4_file_loads_onto_4bit_experts_as_onto_dense_ones(kind, tmp_path):
+def test_a_v4_file_loads_onto_4bit_experts_as_onto_dense_ones(kind, tmp_path, monkeypatch):
     """The experts in 4 bits (NF4Config.parameters): the file's fused factors are the same tensors,
-    and the model computes what its dense twin (each 4-bit tensor dequantized) computes with them."""
+    and the model computes what its dense twin (each 4-bit tensor dequantized) computes with them
+    (bit for bit on the dense path; the routed one: tests/quant/test_experts4bit.py)."""
+    monkeypatch.setenv("LOWRANK_EXPERTS", "dense")
     write_v4(tmp_path, kind)
     quantized, twin = model(kind).eval(), model(kind).eval()
     lowrank.quantize(quantized, lowrank.NF4Config(targets=["q_proj"], parameters=["experts.gate_up_proj",

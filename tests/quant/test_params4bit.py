@@ -4,6 +4,9 @@ The oracle is the model's "dense twin": the same model with every 4-bit paramete
 its dequantized tensor (in the compute dtype). The quantized model's forward dequantizes to
 exactly that tensor and then runs the same code on it, so outputs, gradients and exports are
 compared bit for bit. The codes themselves are bitsandbytes' (checked against it below).
+
+These tests take the dense path (LOWRANK_EXPERTS=dense); the routed path, which computes each
+routed expert from its codes, is checked against this one in test_experts4bit.py.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ def randomized(model: nn.Module) -> nn.Module:
             if "lora_" in k:  # B = 0 at init would hide a wrong W'
                 p.normal_(std=0.05, generator=torch.Generator().manual_seed(zlib.crc32(k.encode())))
     return model
+
+
+@pytest.fixture(autouse=True)
+def dense_experts(monkeypatch):
+    """The dense path: the one the twin is bit for bit (See Note: routed experts)."""
+    monkeypatch.setenv("LOWRANK_EXPERTS", "dense")
 
 
 @pytest.fixture
@@ -151,7 +160,8 @@ def test_lora_on_4bit_experts_equals_lora_on_the_twin(kind, tmp_path):
     assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in a
 
 
-def test_activation_checkpointing_and_compile(one_thread):
+def test_activation_checkpointing_and_compile(one_thread, monkeypatch):
+    monkeypatch.setenv("LOWRANK_EXPERTS", "routed")  # eager routes the experts; compiled, the dense path traces
     model, twin = quantized_and_twin(BUILDS["mixtral-eager"])
     for m in (model, twin):
         lowrank.inject(m, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))

@@ -1,0 +1,193 @@
+"""Routed 4-bit experts: a mixture-of-experts layer whose experts are 4-bit parameters
+(lowrank/quant/params4bit.py) computes each routed expert straight from its NF4 codes, and
+never forms the dense experts tensor.
+
+# Note: routed experts. The dense path (params4bit's Note: a 4-bit parameter) dequantizes
+# every expert on every call and hands the class's forward the whole dense tensor: simple, and
+# exact to the dense twin, but it writes E experts where a decoding step reads k of them
+# (top-2 of 8: 4x the work; top-8 of 128: 16x), and under autograd it keeps the dense experts
+# alive until backward. transformers 5 decorates its experts classes with
+# `use_experts_implementation`, which gives every one of them the same protocol (has_gate,
+# has_bias, is_transposed, has_post_expert_norm, _apply_gate, act_fn, num_experts) and one
+# signature (hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)); its grouped_mm
+# forward is written against that protocol alone. The routed path follows the grouped_mm
+# forward step for step: sort the (token, expert) pairs by expert, and for each expert that got
+# tokens compute up (+ bias) -> gate or activation -> down (+ bias) on its rows, then the
+# optional post-expert norm, the routing weights, the original order, the sum over k. Each
+# expert's product is `lowrank::nf4_linear` on that expert's slice of the codes (the fused
+# GEMV / kernels; its backward recomputes the weight instead of storing it), or, for experts
+# stored (E, in, out) (`is_transposed`, GPT-OSS), the expert dequantized alone and multiplied.
+# An expert's slice decodes to exactly the dense path's expert: its scales are its blocks of
+# the whole tensor's scales (decoded here where its blocks do not start a 256-block of nested
+# scales). The products differ from the dense path's only by the order of float sums.
+#
+# LoRA on a routed 4-bit parameter (LoraParameter) adds s (x A_e^T) B_e^T to expert e's
+# product (a LowRankTerm) instead of forming W' = dequant(W) + s B A for every expert: the
+# update keeps its own precision, as QLoRA's linear layers keep it.
+#
+# The routed path is taken when the owner follows the protocol, is not expert-parallel, its
+# 4-bit parameters are its gate_up_proj / up_proj / down_proj, each expert is whole blocks,
+# the call binds to the three tensors in a dtype NF4 decodes to (not a float64 reference
+# copy), and nothing is being compiled (the loop over the experts that got tokens reads their
+# counts on the host); otherwise the dense path.
+# LOWRANK_EXPERTS=dense forces the dense path (tests compare the two; benchmarks time both).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import nf4
+from .linear4bit import autocast_dtype
+
+WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+_PROTOCOL = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate", "num_experts")
+_MODES = ("routed", "dense")
+_SIGNATURES: dict[type, inspect.Signature | None] = {}
+
+
+def mode() -> str:
+    """"routed" (the default) or "dense", from LOWRANK_EXPERTS (See Note: routed experts)."""
+    value = os.environ.get("LOWRANK_EXPERTS", "").strip().lower() or "routed"
+    if value not in _MODES:
+        raise ValueError(f"LOWRANK_EXPERTS must be one of {_MODES} or unset, got {value!r}")
+    return value
+
+
+def routable(owner: nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether `owner`, with 4-bit parameters `names`, can take the routed path at all."""
+    if not all(hasattr(owner, a) for a in _PROTOCOL) or getattr(owner, "_is_expert_parallel", False):
+        return False
+    for name in names:
+        q = owner._modules[name]
+        if name not in WEIGHTS or len(q.shape) != 3 or (q.shape[1] * q.shape[2]) % q.blocksize:
+            return False
+    return True
+
+
+def _signature(owner: nn.Module) -> inspect.Signature | None:
+    cls = type(owner)
+    if cls not in _SIGNATURES:
+        try:
+            sig = inspect.signature(cls.forward)  # follows functools.wraps to the class's own forward
+        except (TypeError, ValueError):
+            sig = None
+        _SIGNATURES[cls] = sig if sig is not None and len(sig.parameters) == 4 else None  # self + three
+    return _SIGNATURES[cls]
+
+
+def routed_call(owner: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """(hidden_states, top_k_index, top_k_weights) where this call can be routed, else None."""
+    if torch.compiler.is_compiling():
+        return None
+    if len(args) == 3 and not kwargs:
+        call = args
+    else:
+        sig = _signature(owner)
+        if sig is None:
+            return None
+        try:
+            call = tuple(sig.bind(owner, *args, **kwargs).arguments.values())[1:]
+        except TypeError:
+            return None
+        if len(call) != 3:
+            return None
+    x, index, weights = call
+    ok = (isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_floating_point() and isinstance(index, torch.Tensor)
+          and index.dim() == 2 and not index.is_floating_point() and index.numel() > 0
+          and isinstance(weights, torch.Tensor) and weights.shape == index.shape and index.shape[0] == x.shape[0])
+    # the codec decodes to float32 / float16 / bfloat16: a float64 reference copy takes the dense path
+    return call if ok and (autocast_dtype(x) or x.dtype) in nf4.DTYPES else None
+
+
+def expert_fields(q: nn.Module, e: int) -> tuple:
+    """Expert e of the 4-bit parameter `q` (a Weight4bit of shape (E, a, b)) as the lowrank::
+    ops take a weight: (packed, absmax, nested_absmax, offset, (a, b), blocksize). Its scales
+    are its blocks of the whole tensor's; where they do not start a nested block of 256, they
+    are decoded here to float32, the values the whole tensor's dequantize uses (See Note:
+    routed experts)."""
+    w = q.weight
+    n = q.shape[1] * q.shape[2]
+    per, bs = n // w.blocksize, w.blocksize
+    packed, absmax = w.packed[e * n // 2 : (e + 1) * n // 2], w.absmax[e * per : (e + 1) * per]
+    shape = (q.shape[1], q.shape[2])
+    if not w.double_quant:
+        return packed, absmax, None, None, shape, bs
+    group = nf4.NESTED_BLOCKSIZE
+    if per % group == 0:
+        return packed, absmax, w.nested_absmax[e * per // group : (e + 1) * per // group], w.offset, shape, bs
+    lo = e * per // group * group  # the first block of the nested group expert e starts in
+    scales = nf4.dequantize_scales(w.absmax[lo : (e + 1) * per], w.nested_absmax[lo // group :], w.offset)
+    return packed, scales[e * per - lo :], None, None, shape, bs
+
+
+class LowRankTerm:
+    """s (x A_e^T) B_e^T summed over adapters, for expert e's rows x; `updated(w)` is the
+    same update formed into the dense tensor, for the dense path (See Note: routed experts)."""
+
+    def __init__(self, per_expert, updated) -> None:
+        self.per_expert = per_expert  # dtype -> [(B (E, out, r), A (E, r, in), s), ...]
+        self.updated = updated
+        self._cache: dict[torch.dtype, list] = {}
+
+    def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in self._cache:
+            self._cache[x.dtype] = self.per_expert(x.dtype)
+        out = None
+        for B, A, s in self._cache[x.dtype]:
+            y = F.linear(F.linear(x, A[e]), B[e]) * s
+            out = y if out is None else out + y
+        return out
+
+
+def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, names: tuple, terms: dict) -> torch.Tensor:
+    """Expert e's product for parameter `name` on its rows x (+ bias, + LoRA's term); `names`:
+    the owner's 4-bit parameters."""
+    q = owner._modules[name] if name in names else None
+    if q is None:  # a dense parameter of a module whose other one is 4-bit
+        w = getattr(owner, name)[e]
+        x = x.to(w.dtype)
+        y = x @ w if owner.is_transposed else F.linear(x, w)
+    elif owner.is_transposed:  # (in, out): the expert alone, dense
+        y = x @ torch.ops.lowrank.nf4_dequantize(*expert_fields(q, e), x.dtype)
+    else:
+        y = torch.ops.lowrank.nf4_linear(x, *expert_fields(q, e), None)
+    if owner.has_bias:
+        y = y.add_(getattr(owner, name + "_bias")[e])
+    term = terms.get(name)
+    return y if term is None else y + term(e, x)
+
+
+def forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+            names: tuple, terms: dict) -> torch.Tensor:
+    """The experts' output (T, H) for routed tokens, each routed expert from its codes (See
+    Note: routed experts; the steps are transformers' grouped_mm experts forward's)."""
+    k, tokens = index.shape[-1], hidden.shape[0]
+    ids, order = torch.sort(index.reshape(-1), stable=True)
+    dtype = autocast_dtype(hidden) or hidden.dtype
+    x = hidden[order // k].to(dtype)
+    counts = torch.bincount(ids, minlength=owner.num_experts).tolist()  # the host reads the routing once
+    if len(counts) > owner.num_experts:
+        raise ValueError(f"top_k_index routes a token to expert {len(counts) - 1}, and {type(owner).__name__} has "
+                         f"experts 0..{owner.num_experts - 1}")
+    up = "gate_up_proj" if owner.has_gate else "up_proj"
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        h = _expert_linear(owner, up, e, x[start : start + c], names, terms)
+        h = owner._apply_gate(h) if owner.has_gate else owner.act_fn(h)
+        outs.append(_expert_linear(owner, "down_proj", e, h, names, terms))
+        start += c
+    y = torch.cat(outs)
+    if owner.has_post_expert_norm:
+        y = owner.post_expert_norm(y)
+    y = y * weights.reshape(-1)[order].unsqueeze(-1)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    return y[back].view(tokens, k, -1).sum(dim=1).to(hidden.dtype)

@@ -1,0 +1,207 @@
+"""Routed 4-bit experts (lowrank/quant/experts4bit.py, Note: routed experts): each routed expert
+computed from its own NF4 codes, against the dense path and float64.
+
+The oracle is the dense twin (tests/quant/test_params4bit.py: every 4-bit tensor replaced by
+its dequantized values) in float64. The routed path and the dense path are two float32 (or
+bf16) computations of the same sums in other orders, so the routed path's error against float64
+must stay within a few times the dense path's own.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank
+from lowrank.quant import experts4bit, nf4
+from lowrank.quant.params4bit import Weight4bit
+
+from .test_params4bit import BUILDS, EXPERTS, F32, ids, quantized_and_twin, randomized
+
+transformers = pytest.importorskip("transformers")
+
+
+def qwen2_moe() -> nn.Module:
+    """Experts of another family beside a shared expert (linear layers, which stay Linear4bit-free here)."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=64,
+                                      shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    return transformers.Qwen2MoeForCausalLM(cfg).eval()
+
+
+ROUTED = {**BUILDS, "qwen2_moe": qwen2_moe}
+
+
+def within(got: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor) -> bool:
+    """got as close to float64 as the dense path is, within a few times (two orders of the same
+    float sums), or a few ulps of the largest value where the dense path happens to be exact."""
+    ref = ref.to(got.dtype).double() if ref.dtype != torch.float64 else ref
+    eps = torch.finfo(got.dtype).eps
+    tol = max(4 * (dense.double() - ref).abs().max().item(), 64 * eps * ref.abs().max().item())
+    return (got.double() - ref).abs().max().item() <= tol
+
+
+class Spy:
+    """Counts calls of a function of a module while it is patched in."""
+
+    def __init__(self, monkeypatch, module, name: str) -> None:
+        self.calls, real = [], getattr(module, name)
+
+        def spy(*args, **kwargs):
+            self.calls.append(args)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+
+
+@pytest.mark.parametrize("shape, blocksize", [((4, 64, 96), 64), ((3, 128, 128), 64), ((2, 32, 64), 128),
+                                              ((5, 16, 64), 32)], ids=["mid-group", "whole-groups", "bs128", "bs32"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+def test_an_expert_slice_decodes_to_its_expert_exactly(shape, blocksize, double_quant):
+    """Expert e's codes and scales (its nested scales decoded here where its blocks start inside a
+    group of 256) dequantize to exactly slice e of the whole tensor's dequantize."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    q = Weight4bit(nf4.quantize(w, blocksize, double_quant))
+    whole = q.dense(F32)
+    for e in range(shape[0]):
+        fields = experts4bit.expert_fields(q, e)
+        assert fields[4] == shape[1:]
+        for dtype in (F32, torch.bfloat16):
+            got = torch.ops.lowrank.nf4_dequantize(*fields, dtype)
+            assert torch.equal(got, q.dense(dtype)[e] if dtype != F32 else whole[e]), (e, dtype)
+    per = shape[1] * shape[2] // blocksize
+    if double_quant:  # where the nested scales can be sliced they are passed through, else decoded
+        assert (experts4bit.expert_fields(q, 1)[2] is not None) == (per % nf4.NESTED_BLOCKSIZE == 0)
+
+
+@pytest.mark.parametrize("kind", list(ROUTED))
+def test_routed_experts_compute_as_the_dense_ones_do(kind, monkeypatch):
+    """Outputs within float32's error of the float64 twin; no dense experts tensor is formed."""
+    model, twin = quantized_and_twin(ROUTED[kind])
+    dense_calls = Spy(monkeypatch, Weight4bit, "dense")
+    with torch.no_grad():
+        got = model(ids()).logits
+        assert not dense_calls.calls  # every expert from its codes
+        monkeypatch.setenv("LOWRANK_EXPERTS", "dense")
+        dense = model(ids()).logits
+        assert dense_calls.calls and torch.equal(dense, twin(ids()).logits)
+        ref = copy.deepcopy(twin).double()
+        if hasattr(ref.config, "_experts_implementation"):
+            ref.config._experts_implementation = "eager"  # grouped_mm takes no float64
+        ref = ref(ids()).logits
+    assert not torch.equal(got, dense) or kind == "gpt_oss"  # another order of sums (GPT-OSS: x @ W_e both ways)
+    assert within(got, dense, ref)
+
+
+def test_only_the_routed_experts_are_decoded(monkeypatch):
+    """Decoding one token with top-2 of 4 experts reads 2 experts a parameter, not 4."""
+    model, _ = quantized_and_twin(BUILDS["mixtral-grouped"])
+    fields = Spy(monkeypatch, experts4bit, "expert_fields")
+    with torch.no_grad():
+        model(ids()[:1, :1])
+    layers = len(model.model.layers)
+    assert len(fields.calls) == layers * 2 * 2  # layers x 2 parameters x top-2
+
+
+@pytest.mark.parametrize("kind", ["mixtral-eager", "gpt_oss", "qwen2_moe"])
+def test_lora_on_routed_experts_trains_as_on_the_dense_ones(kind):
+    """LoRA's update added to each routed expert's product, s (x A_e^T) B_e^T: the loss and every
+    adapter gradient within float32's error of the float64 twin, as the dense path's are."""
+    config = lowrank.LoraConfig(r=4, alpha=8, targets=["q_proj"], parameters=EXPERTS)
+    model, twin = quantized_and_twin(ROUTED[kind])
+    for m in (model, twin):
+        lowrank.inject(m, config)
+        randomized(m).train()
+    ref = copy.deepcopy(twin).double()
+    if hasattr(ref.config, "_experts_implementation"):
+        ref.config._experts_implementation = "eager"
+    runs = {}
+    for name, m in (("routed", model), ("dense", twin), ("ref", ref)):
+        loss = m(ids(), labels=ids()).loss
+        loss.backward()
+        runs[name] = (loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad})
+    (got, g), (dense, gd), (want, gr) = runs["routed"], runs["dense"], runs["ref"]
+    assert within(got, dense, want)
+    assert g.keys() == gr.keys() and any(".experts." in k for k in g)
+    for k in g:
+        assert within(g[k], gd[k], gr[k]), k
+
+
+def test_the_experts_are_not_kept_dense_for_backward():
+    """Under autograd the routed path keeps no tensor of even one expert's size for backward
+    (nf4_linear recomputes its weight); the dense path keeps each expert's dense slice."""
+    model, _ = quantized_and_twin(BUILDS["mixtral-eager"])
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+    one = model.model.layers[0].mlp.experts.base.base.gate_up_proj.shape[1:].numel()
+
+    def largest_saved() -> int:
+        sizes = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            model(ids(), labels=ids()).loss.backward()
+        return max(sizes)
+
+    routed = largest_saved()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOWRANK_EXPERTS", "dense")
+        dense = largest_saved()
+    assert routed < one <= dense
+
+
+@pytest.mark.parametrize("how", ["bf16", "autocast"])
+def test_half_precision(how):
+    """A bf16 model, or float32 under bf16 autocast: the routed experts compute in bf16, within
+    bf16's error of float64 as the dense path is."""
+    model, twin = quantized_and_twin(BUILDS["mixtral-grouped"])
+    ref = copy.deepcopy(twin).double()
+    ref.config._experts_implementation = "eager"
+    if how == "bf16":
+        model.to(torch.bfloat16), twin.to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=how == "autocast"):
+        got, dense = model(ids()).logits, twin(ids()).logits
+    with torch.no_grad():
+        want = ref(ids()).logits
+    assert got.dtype == dense.dtype
+    assert within(got, dense, want)
+
+
+def test_what_takes_the_dense_path(monkeypatch):
+    model, twin = quantized_and_twin(BUILDS["mixtral-eager"])
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(5, 64)
+    index = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0]])
+    w = torch.rand(5, 2)
+    routed = experts(x, index, w)
+    assert torch.allclose(routed, twin.model.layers[0].mlp.experts(x, index, w), rtol=0, atol=1e-5)
+    assert torch.equal(experts(hidden_states=x, top_k_index=index, top_k_weights=w), routed)  # by keyword too
+    dense_calls = Spy(monkeypatch, Weight4bit, "dense")
+    experts._is_expert_parallel = True  # sentinels of expert parallelism: transformers' own handling
+    experts(x, index, w)
+    experts._is_expert_parallel = False
+    assert len(dense_calls.calls) == 2
+    monkeypatch.setenv("LOWRANK_EXPERTS", "dense")
+    assert torch.equal(experts(x, index, w), twin.model.layers[0].mlp.experts(x, index, w))
+    monkeypatch.setenv("LOWRANK_EXPERTS", "fast")
+    with pytest.raises(ValueError, match="LOWRANK_EXPERTS must be one of"):
+        experts(x, index, w)
+    monkeypatch.delenv("LOWRANK_EXPERTS")
+    with pytest.raises(ValueError, match="routes a token to expert 4"):
+        experts(x, torch.tensor([[0, 4]] * 5), w)
+
+
+def test_experts_stored_as_one_block_per_expert_or_less():
+    """Each expert must be whole blocks to be sliced: where it is not, the dense path."""
+    assert experts4bit.routable(*_owner((2, 8, 4), 64)) is False  # 32 values an expert, blocks of 64
+    assert experts4bit.routable(*_owner((2, 8, 8), 64)) is True
+
+
+def _owner(shape, blocksize):
+    model = BUILDS["mixtral-eager"]()
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj = nn.Parameter(torch.randn(shape))
+    lowrank.quantize(experts, lowrank.NF4Config(targets=None, parameters="gate_up_proj", blocksize=blocksize))
+    return experts, ("gate_up_proj",)
+
