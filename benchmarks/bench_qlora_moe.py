@@ -5,6 +5,7 @@ and lowrank on that same base (experts dense), in one run.
 
     python benchmarks/bench_qlora_moe.py           # a Mixtral of hidden 256, 4 layers, 8 experts top 2, 4 x 128
     python benchmarks/bench_qlora_moe.py --quick   # tiny shapes, a smoke run
+    python benchmarks/bench_qlora_moe.py --experts 32 --top-k 4   # more, smaller shares of the experts
 
 Every provider: the attention projections in NF4 (double quantization, blocksize 64), LoRA r=16
 on them and on the experts' two 3-D parameters (LoraConfig.parameters, PEFT's
@@ -13,14 +14,19 @@ present (bf16 compute, peak memory of a step), else the CPU (float32; no peak). 
 model's bytes as stored (parameters and buffers, shared ones once), one step's median and 20/80
 quantiles in ms, ratio = provider / peft+bitsandbytes, the first step's loss. lowrank-dense-experts
 and peft+bitsandbytes hold the same model (their losses agree up to float rounding);
-lowrank-4bit-experts differs from them by the experts' NF4 rounding. Steps alternate, so a shared
-machine's drift hits every provider.
+lowrank-4bit-experts differs from them by the experts' NF4 rounding. lowrank-4bit-experts computes
+each routed expert from its codes (lowrank/quant/experts4bit.py, Note: routed experts);
+lowrank-4bit-dense-path is the same model with LOWRANK_EXPERTS=dense, every expert dequantized
+each call. A second case times decoding: one token through the model, no grad (the experts a
+token is routed to are top-k of E). Steps alternate, so a shared machine's drift hits every
+provider.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -52,6 +58,26 @@ def stored_mib(model: nn.Module) -> float:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total / 2**20
+
+
+def on_path(fn, path: str):
+    """fn with LOWRANK_EXPERTS=path while it runs (See Note: routed experts)."""
+    def call():
+        before = os.environ.get("LOWRANK_EXPERTS")
+        os.environ["LOWRANK_EXPERTS"] = path
+        try:
+            return fn()
+        finally:
+            os.environ.pop("LOWRANK_EXPERTS") if before is None else os.environ.__setitem__("LOWRANK_EXPERTS", before)
+    return call
+
+
+def decode_fn(model: nn.Module, token: torch.Tensor):
+    """One token through the model, no grad: a decoding step without its cache."""
+    def call():
+        with torch.no_grad():
+            model(input_ids=token)
+    return call
 
 
 def ours(base: nn.Module, dtype: torch.dtype, four_bit_experts: bool) -> nn.Module:
@@ -87,14 +113,17 @@ def same_adapters(models: dict[str, nn.Module]) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (a smoke run)")
+    parser.add_argument("--experts", type=int, default=8, help="experts a layer (default 8)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts a token is routed to (default 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_moe.json")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = mixtral(shape["hidden"], shape["layers"]).to(dtype).train()
+    base = mixtral(shape["hidden"], shape["layers"], args.experts, args.top_k).to(dtype).train()
     ids = torch.randint(0, 1024, (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0)).to(device)
     models = {"lowrank-4bit-experts": ours(base.to(device), dtype, True),
+              "lowrank-4bit-dense-path": ours(base.to(device), dtype, True),
               "lowrank-dense-experts": ours(base.to(device), dtype, False),
               "peft+bitsandbytes": theirs(base.cpu(), dtype, device)}
     del base
@@ -105,14 +134,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sizes = {name: stored_mib(m) for name, m in models.items()}
     losses = {name: [] for name in models}
     fns = {name: step_fn(m, ids, losses[name]) for name, m in models.items()}
+    decode = {name: decode_fn(m, ids[:1, :1]) for name, m in models.items()}
+    for group in (fns, decode):
+        group["lowrank-4bit-dense-path"] = on_path(group["lowrank-4bit-dense-path"], "dense")
     del models  # the steps hold them
     peaks = {name: peak_memory(device, fn) for name, fn in fns.items()}  # also each one's warm-up step
     times = alternate(fns, shape["reps"])
-    shape_name = (f"mixtral h{shape['hidden']} L{shape['layers']} E8 top2 b{shape['batch']}x{shape['seq']} "
-                  f"{str(dtype)[6:]}, checkpointing")
-    rows = [{"case": "qlora_moe_train_step", "shape": shape_name, "provider": name, "model_mib": sizes[name], "ms": ms,
-             "p20_ms": p20, "p80_ms": p80, "ratio": ms / times["peft+bitsandbytes"][0], "first_loss": losses[name][0],
-             "peak_mib": peaks[name]} for name, (ms, p20, p80) in times.items()]
+    decode_peaks = {name: peak_memory(device, fn) for name, fn in decode.items()}
+    decode_times = alternate(decode, 4 * shape["reps"])
+    moe = f"mixtral h{shape['hidden']} L{shape['layers']} E{args.experts} top{args.top_k}"
+    rows = []
+    for case, shape_name, timed, peak in (
+            ("qlora_moe_train_step", f"{moe} b{shape['batch']}x{shape['seq']} {str(dtype)[6:]}, checkpointing", times,
+             peaks),
+            ("qlora_moe_decode_token", f"{moe} b1x1 {str(dtype)[6:]}, no grad", decode_times, decode_peaks)):
+        rows += [{"case": case, "shape": shape_name, "provider": name, "model_mib": sizes[name], "ms": ms,
+                  "p20_ms": p20, "p80_ms": p80, "ratio": ms / timed["peft+bitsandbytes"][0],
+                  "first_loss": losses[name][0] if case.endswith("step") else None, "peak_mib": peak[name]}
+                 for name, (ms, p20, p80) in timed.items()]
     table = _common.markdown(rows, COLUMNS)
     env = _common.environment(device)
     _common.write(args.out, rows, env, table)

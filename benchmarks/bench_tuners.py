@@ -49,14 +49,14 @@ def llama(hidden: int, layers: int) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg)
 
 
-def mixtral(hidden: int, layers: int) -> torch.nn.Module:
+def mixtral(hidden: int, layers: int, experts: int = 8, top_k: int = 2) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 7 // 4,
                                      num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 2),
                                      num_key_value_heads=max(hidden // 64, 2), max_position_embeddings=512,
-                                     num_local_experts=8, num_experts_per_tok=2)
+                                     num_local_experts=experts, num_experts_per_tok=top_k)
     return transformers.MixtralForCausalLM(cfg)
 
 
