@@ -19,7 +19,12 @@ never forms the dense experts tensor.
 # stored (E, in, out) (`is_transposed`, GPT-OSS), the expert dequantized alone and multiplied.
 # An expert's slice decodes to exactly the dense path's expert: its scales are its blocks of
 # the whole tensor's scales (decoded here where its blocks do not start a 256-block of nested
-# scales). The products differ from the dense path's only by the order of float sums.
+# scales). The products differ from the dense path's by the order of float sums, with two
+# exceptions where the routed path follows transformers' eager forward and Linear4bit rather
+# than grouped_mm: under autocast the experts compute in the autocast dtype (grouped_mm casts
+# the activations to the dense weight's dtype instead, so a float32 model computes its experts
+# in float32 there), and a bias adds as `x @ W + b` promotes. An expert index of num_experts or
+# more names no expert and adds nothing, as in transformers' forwards.
 #
 # LoRA on a routed 4-bit parameter (LoraParameter) adds s (x A_e^T) B_e^T to expert e's
 # product (a LowRankTerm) instead of forming W' = dequant(W) + s B A for every expert: the
@@ -145,20 +150,20 @@ class LowRankTerm:
         return out
 
 
-def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, names: tuple, terms: dict) -> torch.Tensor:
-    """Expert e's product for parameter `name` on its rows x (+ bias, + LoRA's term); `names`:
-    the owner's 4-bit parameters."""
+def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, dtype: torch.dtype, names: tuple,
+                   terms: dict) -> torch.Tensor:
+    """Expert e's product for parameter `name` on its rows x, computed in `dtype` (+ bias, + LoRA's
+    term); `names`: the owner's 4-bit parameters."""
     q = owner._modules[name] if name in names else None
     if q is None:  # a dense parameter of a module whose other one is 4-bit
         w = getattr(owner, name)[e]
-        x = x.to(w.dtype)
-        y = x @ w if owner.is_transposed else F.linear(x, w)
+        y = x.to(w.dtype) @ w if owner.is_transposed else F.linear(x.to(w.dtype), w)
     elif owner.is_transposed:  # (in, out): the expert alone, dense
-        y = x @ torch.ops.lowrank.nf4_dequantize(*expert_fields(q, e), x.dtype)
+        y = x.to(dtype) @ torch.ops.lowrank.nf4_dequantize(*expert_fields(q, e), dtype)
     else:
-        y = torch.ops.lowrank.nf4_linear(x, *expert_fields(q, e), None)
-    if owner.has_bias:
-        y = y.add_(getattr(owner, name + "_bias")[e])
+        y = torch.ops.lowrank.nf4_linear(x.to(dtype), *expert_fields(q, e), None)
+    if owner.has_bias:  # promoted as `x @ W + b` promotes (a float32 bias under bf16 autocast: float32)
+        y = y + getattr(owner, name + "_bias")[e]
     term = terms.get(name)
     return y if term is None else y + term(e, x)
 
@@ -170,23 +175,26 @@ def forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights
     k, tokens = index.shape[-1], hidden.shape[0]
     ids, order = torch.sort(index.reshape(-1), stable=True)
     dtype = autocast_dtype(hidden) or hidden.dtype
-    x = hidden[order // k].to(dtype)
-    counts = torch.bincount(ids, minlength=owner.num_experts).tolist()  # the host reads the routing once
-    if len(counts) > owner.num_experts:
-        raise ValueError(f"top_k_index routes a token to expert {len(counts) - 1}, and {type(owner).__name__} has "
-                         f"experts 0..{owner.num_experts - 1}")
-    up = "gate_up_proj" if owner.has_gate else "up_proj"
+    x = hidden[order // k]
+    experts = owner.num_experts
+    counts = torch.bincount(ids, minlength=experts).tolist()  # the host reads the routing once
+    dropped = sum(counts[experts:])  # an index of num_experts or more names no expert: it adds nothing, as in
+    up = "gate_up_proj" if owner.has_gate else "up_proj"  # transformers' eager and grouped_mm forwards
     outs, start = [], 0
-    for e, c in enumerate(counts):
+    for e, c in enumerate(counts[:experts]):
         if c == 0:
             continue
-        h = _expert_linear(owner, up, e, x[start : start + c], names, terms)
+        h = _expert_linear(owner, up, e, x[start : start + c], dtype, names, terms)
         h = owner._apply_gate(h) if owner.has_gate else owner.act_fn(h)
-        outs.append(_expert_linear(owner, "down_proj", e, h, names, terms))
+        outs.append(_expert_linear(owner, "down_proj", e, h, dtype, names, terms))
         start += c
+    if not outs:
+        return hidden.new_zeros(hidden.shape)
     y = torch.cat(outs)
     if owner.has_post_expert_norm:
         y = owner.post_expert_norm(y)
+    if dropped:  # sorted last
+        y = torch.cat([y, y.new_zeros(dropped, y.shape[-1])])
     y = y * weights.reshape(-1)[order].unsqueeze(-1)
     back = torch.empty_like(order)
     back[order] = torch.arange(order.numel(), device=order.device)

@@ -44,6 +44,7 @@ class LoraParameter(LoraLayer):
         self.parameter_name = parameter
         owner, _ = owner_of(base)
         shape = parameter_shape(owner, parameter)  # dense, or 4-bit (lowrank.quantize's NF4Config(parameters=...))
+        self._three_d = len(shape) == 3  # experts, even a single one (PEFT takes E = 1 for a 2-D weight, and fails there)
         if len(shape) == 2:
             self._experts, (out_f, in_f), self._transposed_experts = 1, shape, False
         else:
@@ -99,7 +100,7 @@ class LoraParameter(LoraLayer):
     def _product(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """B_e A_e for every expert, in the parameter's layout: (out, in), (E, out, in) or (E, in,
         out), by PEFT's einsum (See Note: PEFT's factor layout)."""
-        if self._experts == 1:
+        if not self._three_d:
             return B @ A
         e = self._experts
         einsum = "o r e, e r i -> e i o" if self._transposed_experts else "o r e, e r i -> e o i"
@@ -153,7 +154,7 @@ class LoraParameter(LoraLayer):
     # (tests/peers/test_peft_experts.py). A merge forms s B A in float32 instead (lora_base.py,
     # Note: merging rounds once).
     def _updated(self, w: torch.Tensor) -> torch.Tensor:
-        if len(self.active) == 1 and self._experts > 1:
+        if len(self.active) == 1 and self._three_d:
             with torch.autocast(w.device.type, enabled=False):
                 name = self.active[0]
                 B, A = self._per_expert(name, w.dtype)
@@ -168,7 +169,7 @@ class LoraParameter(LoraLayer):
     def _peft_delta(self, name: str) -> torch.Tensor:
         """s B A as PEFT's get_delta_weight forms it (See Note: W' as PEFT forms it)."""
         A, B = self._factors(name)
-        half = self._experts == 1 and A.device.type == "cpu" and B.dtype in (torch.float16, torch.bfloat16)
+        half = not self._three_d and A.device.type == "cpu" and B.dtype in (torch.float16, torch.bfloat16)
         d = self._delta_weight(name, torch.float32 if half else None)
         return d.to(B.dtype) if half else d
 

@@ -187,8 +187,10 @@ def test_what_takes_the_dense_path(monkeypatch):
     x = torch.randn(5, 64)
     index = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0]])
     w = torch.rand(5, 2)
+    dense_experts = twin.model.layers[0].mlp.experts
+    ref = copy.deepcopy(dense_experts).double()
     routed = experts(x, index, w)
-    assert torch.allclose(routed, twin.model.layers[0].mlp.experts(x, index, w), rtol=0, atol=1e-5)
+    assert within(routed, dense_experts(x, index, w), ref(x.double(), index, w.double()))
     assert torch.equal(experts(hidden_states=x, top_k_index=index, top_k_weights=w), routed)  # by keyword too
     dense_calls = Spy(monkeypatch, Weight4bit, "dense")
     experts._is_expert_parallel = True  # sentinels of expert parallelism: transformers' own handling
@@ -200,9 +202,13 @@ def test_what_takes_the_dense_path(monkeypatch):
     monkeypatch.setenv("LOWRANK_EXPERTS", "fast")
     with pytest.raises(ValueError, match="LOWRANK_EXPERTS must be one of"):
         experts(x, index, w)
+    # an index of num_experts names no expert: it adds nothing (transformers' eager forward skips it)
+    dropped = torch.tensor([[0, 4], [4, 4], [3, 4], [1, 2], [4, 0]])
+    want = dense_experts(x, dropped, w)
     monkeypatch.delenv("LOWRANK_EXPERTS")
-    with pytest.raises(ValueError, match="routes a token to expert 4"):
-        experts(x, torch.tensor([[0, 4]] * 5), w)
+    got = experts(x, dropped, w)
+    assert torch.equal(got[1], torch.zeros(64)) and within(got, want, ref(x.double(), dropped, w.double()))
+    assert torch.equal(experts(x, torch.full((5, 2), 4), w), torch.zeros(5, 64))
 
 
 def test_experts_stored_as_one_block_per_expert_or_less():

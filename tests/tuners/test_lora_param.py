@@ -67,6 +67,36 @@ def test_experts_update_is_w_plus_s_b_a_per_expert():
     assert net.experts.up.grad is None and not ours.experts.base.up.requires_grad
 
 
+class TransposedExperts(Experts):
+    """Experts stored (E, in, out), saying so as transformers' GPT-OSS experts do."""
+
+    is_transposed = True
+
+    def __init__(self, e: int = 3) -> None:
+        super().__init__(e)
+        self.up = nn.Parameter(self.up.detach().transpose(1, 2).contiguous())
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("tio,ti->to", self.up[route], x) + self.bias[route]
+
+
+@pytest.mark.parametrize("cls", [Experts, TransposedExperts])
+def test_a_single_expert_is_still_experts(cls):
+    """A 3-D parameter of one expert takes W'_0 = W_0 + s B A in its own layout ((in, out) where
+    the module is_transposed), not a 2-D weight's update (PEFT 0.21 fails there)."""
+    torch.manual_seed(0)
+    net = cls(e=1).double()
+    ours = nn.ModuleDict({"experts": copy.deepcopy(net)})
+    lowrank.inject(ours, lowrank.LoraConfig(r=2, alpha=4.0, targets=None, parameters="experts.up"))
+    layer = randomized(ours)["experts"]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
+    with torch.no_grad():
+        net.up[0] += 2.0 * (B @ A if cls is Experts else (B @ A).T)
+    x, route = torch.randn(4, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
+    got, ref = layer(x, route), net(x, route)
+    assert (got - ref).abs().max() <= 16 * torch.finfo(torch.float64).eps * ref.abs().max()
+
+
 def test_weight_of_a_linear_as_a_parameter_equals_lora_on_the_module():
     torch.manual_seed(0)
     net = Net().double()
