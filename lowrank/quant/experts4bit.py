@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nf4
+from .linear4bit import _as_float as as_float
 from .linear4bit import autocast_dtype
 
 WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
@@ -116,19 +117,23 @@ def expert_fields(q: nn.Module, e: int) -> tuple:
     are its blocks of the whole tensor's; where they do not start a nested block of 256, they
     are decoded here to float32, the values the whole tensor's dequantize uses (See Note:
     routed experts)."""
-    w = q.weight
+    # the stored fields as op_fields reads them, not q.weight: an NF4Weight checks itself on
+    # construction, which took longer than a decoding step's expert product (Note: lookups on the hot path)
+    p, bs = q._parameters, q.blocksize
     n = q.shape[1] * q.shape[2]
-    per, bs = n // w.blocksize, w.blocksize
-    packed, absmax = w.packed[e * n // 2 : (e + 1) * n // 2], w.absmax[e * per : (e + 1) * per]
+    per = n // bs
+    absmax = as_float(p["absmax"])
+    packed, scales = p["packed"][e * n // 2 : (e + 1) * n // 2], absmax[e * per : (e + 1) * per]
     shape = (q.shape[1], q.shape[2])
-    if not w.double_quant:
-        return packed, absmax, None, None, shape, bs
-    group = nf4.NESTED_BLOCKSIZE
+    nested = as_float(p["nested_absmax"])
+    if nested is None:
+        return packed, scales, None, None, shape, bs
+    group, offset = nf4.NESTED_BLOCKSIZE, as_float(q._buffers["offset"])
     if per % group == 0:
-        return packed, absmax, w.nested_absmax[e * per // group : (e + 1) * per // group], w.offset, shape, bs
+        return packed, scales, nested[e * per // group : (e + 1) * per // group], offset, shape, bs
     lo = e * per // group * group  # the first block of the nested group expert e starts in
-    scales = nf4.dequantize_scales(w.absmax[lo : (e + 1) * per], w.nested_absmax[lo // group :], w.offset)
-    return packed, scales[e * per - lo :], None, None, shape, bs
+    decoded = nf4.dequantize_scales(absmax[lo : (e + 1) * per], nested[lo // group :], offset)
+    return packed, decoded[e * per - lo :], None, None, shape, bs
 
 
 class LowRankTerm:
