@@ -16,7 +16,8 @@ never forms the dense experts tensor.
 # optional post-expert norm, the routing weights, the original order, the sum over k. Each
 # expert's product is `lowrank::nf4_linear` on that expert's slice of the codes (the fused
 # GEMV / kernels; its backward recomputes the weight instead of storing it), or, for experts
-# stored (E, in, out) (`is_transposed`, GPT-OSS), the expert dequantized alone and multiplied.
+# stored (E, in, out) (`is_transposed`, GPT-OSS), `lowrank::nf4_linear_grad_input`, which
+# multiplies by the stored layout as it is (and lowrank::nf4_linear is its input's gradient).
 # An expert's slice decodes to exactly the dense path's expert: its scales are its blocks of
 # the whole tensor's scales (decoded here where its blocks do not start a 256-block of nested
 # scales). The products differ from the dense path's by the order of float sums, with two
@@ -28,7 +29,8 @@ never forms the dense experts tensor.
 #
 # LoRA on a routed 4-bit parameter (LoraParameter) adds s (x A_e^T) B_e^T to expert e's
 # product (a LowRankTerm) instead of forming W' = dequant(W) + s B A for every expert: the
-# update keeps its own precision, as QLoRA's linear layers keep it.
+# update is computed in the factors' dtype and added to the product, as a LoRA layer on a
+# 4-bit linear adds it, rather than rounded into W's dtype with W.
 #
 # The routed path is taken when the owner follows the protocol, is not expert-parallel, its
 # 4-bit parameters are its gate_up_proj / up_proj / down_proj, each expert is whole blocks,
@@ -137,22 +139,38 @@ def expert_fields(q: nn.Module, e: int) -> tuple:
 
 
 class LowRankTerm:
-    """s (x A_e^T) B_e^T summed over adapters, for expert e's rows x; `updated(w)` is the
-    same update formed into the dense tensor, for the dense path (See Note: routed experts)."""
+    """s (x A_e^T) B_e^T for expert e's rows x, each adapter's in its factors' dtype and cast to
+    the product's, summed, as a LoRA layer on a 4-bit linear adds its adapters (lora_base.py,
+    Note: x in the adapter's dtype); `updated(w)` is the same update formed into the dense tensor,
+    for the dense path (See Note: routed experts)."""
 
     def __init__(self, per_expert, updated) -> None:
-        self.per_expert = per_expert  # dtype -> [(B (E, out, r), A (E, r, in), s), ...]
+        self.per_expert = per_expert  # () -> [(B (E, out, r), A (E, r, in), s), ...] in the factors' dtype
         self.updated = updated
-        self._cache: dict[torch.dtype, list] = {}
+        self._factors: list | None = None
 
-    def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in self._cache:
-            self._cache[x.dtype] = self.per_expert(x.dtype)
-        out = None
-        for B, A, s in self._cache[x.dtype]:
-            y = F.linear(F.linear(x, A[e]), B[e]) * s
-            out = y if out is None else out + y
-        return out
+    def add_to(self, y: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
+        """y + the update of expert e's rows x."""
+        if self._factors is None:
+            self._factors = self.per_expert()
+        for B, A, s in self._factors:
+            y = y + (F.linear(F.linear(x.to(A.dtype), A[e]), B[e]) * s).to(y.dtype)
+        return y
+
+
+class _StoredProduct(torch.autograd.Function):
+    """x @ W for one 4-bit expert stored (in, out) (`is_transposed`): that is the product
+    lowrank::nf4_linear_grad_input computes (gy @ W), and its input's gradient is
+    lowrank::nf4_linear's. The codes are kept for backward, not the dense expert."""
+
+    @staticmethod
+    def forward(ctx, x, *fields):
+        ctx.fields = fields
+        return torch.ops.lowrank.nf4_linear_grad_input(x, *fields)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (torch.ops.lowrank.nf4_linear(grad, *ctx.fields, None), *[None] * len(ctx.fields))
 
 
 def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, dtype: torch.dtype, names: tuple,
@@ -163,14 +181,14 @@ def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, dtype: 
     if q is None:  # a dense parameter of a module whose other one is 4-bit
         w = getattr(owner, name)[e]
         y = x.to(w.dtype) @ w if owner.is_transposed else F.linear(x.to(w.dtype), w)
-    elif owner.is_transposed:  # (in, out): the expert alone, dense
-        y = x.to(dtype) @ torch.ops.lowrank.nf4_dequantize(*expert_fields(q, e), dtype)
+    elif owner.is_transposed:  # (in, out)
+        y = _StoredProduct.apply(x.to(dtype), *expert_fields(q, e))
     else:
         y = torch.ops.lowrank.nf4_linear(x.to(dtype), *expert_fields(q, e), None)
     if owner.has_bias:  # promoted as `x @ W + b` promotes (a float32 bias under bf16 autocast: float32)
         y = y + getattr(owner, name + "_bias")[e]
     term = terms.get(name)
-    return y if term is None else y + term(e, x)
+    return y if term is None else term.add_to(y, e, x)
 
 
 def forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,

@@ -10,20 +10,24 @@ module indexes itself), which hold most of such a model's weights.
 # keeps them (Note: frozen integer parameters, linear4bit.py), so `.to`, DDP and FSDP2 see
 # ordinary tensors, and the state dict holds bitsandbytes' entries at the parameter's key
 # (`experts.gate_up_proj`, `experts.gate_up_proj.absmax`, ...). The owner's forward is
-# replaced, on the instance, by one that dequantizes each 4-bit parameter (in the dtype of its
-# inputs: Note: the dtype of a 4-bit parameter), puts the dense tensor in the owner's instance dict (which attribute lookup reads
-# before nn.Module's submodules, so `self.gate_up_proj` in the owner's code is the dense
-# tensor), calls the class's forward and takes the dense tensors away again. Every experts
-# implementation (eager, grouped_mm, batched_mm) then runs as it always does.
+# replaced, on the instance. A transformers 5 experts module then computes each routed expert
+# from its codes (experts4bit.py, Note: routed experts). Any other owner takes the dense path:
+# each 4-bit parameter is dequantized (in the dtype of its inputs: Note: the dtype of a 4-bit
+# parameter) into the owner's instance dict (which attribute lookup reads before nn.Module's
+# submodules, so `self.gate_up_proj` in the owner's code is the dense tensor), the class's
+# forward is called, and the dense tensors are taken away again. Every experts implementation
+# (eager, grouped_mm, batched_mm) then runs as it always does.
 #
-# A name already in the instance dict is left alone: LoRA on the parameter (LoraParameter,
-# lowrank/tuners/lora_param.py) puts W' = dequant(W) + s B A there before calling the owner.
+# LoRA on the parameter (LoraParameter, lowrank/tuners/lora_param.py) hands the owner its
+# update (`with_term`, in the instance dict for the call): added to each routed expert's
+# product, or formed into W' = dequant(W) + s B A on the dense path.
 #
-# Not thread-safe: two threads calling one owner at once share its instance dict (as LoRA's
-# functional_call on a dense parameter shares the module's attributes).
+# Not thread-safe on the dense path or with LoRA: two threads calling one owner at once share
+# its instance dict (as LoRA's functional_call on a dense parameter shares the module's
+# attributes). The routed path without LoRA keeps nothing on the module.
 #
-# Memory: the dense tensor lives for one call of the owner, and, under autograd, as long as
-# the experts' backward needs it (the eager implementation keeps each expert's slice for the
+# Memory: the dense path's tensor lives for one call of the owner, and, under autograd, as long
+# as the experts' backward needs it (the eager implementation keeps each expert's slice for the
 # input's gradient). Train with activation checkpointing, as QLoRA does, and at most one
 # layer's experts are dense at a time.
 """
@@ -150,16 +154,14 @@ class _DenseForward:
         owner = self.owner
         d, names = owner.__dict__, owner.__dict__[_NAMES]
         terms = d.get(_TERMS, {})
-        given = any(name in d for name in names)  # dense tensors put there by another caller: theirs
-        if not given and experts4bit.mode() == "routed" and experts4bit.routable(owner, names):
+        if experts4bit.mode() == "routed" and experts4bit.routable(owner, names):
             call = experts4bit.routed_call(owner, args, kwargs)
             if call is not None:
                 return experts4bit.forward(owner, *call, names, terms)
         dtype, dense = input_dtype(args, kwargs), {}
         for name in names:
-            if name not in d:
-                w = owner._modules[name].dense(dtype)
-                dense[name] = w if name not in terms else terms[name].updated(w)
+            w = owner._modules[name].dense(dtype)
+            dense[name] = w if name not in terms else terms[name].updated(w)
         d.update(dense)
         try:
             return type(owner).forward(owner, *args, **kwargs)

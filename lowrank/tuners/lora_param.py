@@ -6,7 +6,8 @@ linear module holds, above all the experts of a transformers 5 mixture-of-expert
 
 The layer wraps the module that owns the parameter and, in its forward, calls that module
 with W' in the parameter's place (torch.func.functional_call): the module computes as it
-always does and never knows. Several parameters of one module: one layer each, nested, the
+always does and never knows. A 4-bit parameter is handed LoRA's update instead
+(params4bit.with_term), which its routed experts add expert by expert (lowrank/quant/experts4bit.py). Several parameters of one module: one layer each, nested, the
 first registered innermost, as PEFT nests its wrappers (its file names depend on it: io.py).
 
 # Note: PEFT's factor layout. A is an nn.Linear(in, r * E) and B an nn.Linear(r * E, out), and
@@ -92,10 +93,10 @@ class LoraParameter(LoraLayer):
         e = self._experts
         return B.view(B.shape[0], -1, e).permute(2, 0, 1), A.view(e, -1, A.shape[-1])
 
-    def _expert_factors(self, dtype: torch.dtype) -> list:
-        """[(B_e (E, out, r), A_e (E, r, in), s)] for each active adapter, in `dtype`: LoRA's
+    def _expert_factors(self) -> list:
+        """[(B_e (E, out, r), A_e (E, r, in), s)] for each active adapter, in its dtype: LoRA's
         update of a routed 4-bit expert (experts4bit.LowRankTerm)."""
-        return [(*self._per_expert(name, dtype), self.scaling[name]) for name in self.active]
+        return [(*self._per_expert(name, None), self.scaling[name]) for name in self.active]
 
     def _product(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """B_e A_e for every expert, in the parameter's layout: (out, in), (E, out, in) or (E, in,

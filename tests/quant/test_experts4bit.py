@@ -119,15 +119,24 @@ def test_only_the_routed_experts_are_decoded(monkeypatch):
     assert len(fields.calls) == layers * 2 * 2  # layers x 2 parameters x top-2
 
 
-@pytest.mark.parametrize("kind", ["mixtral-eager", "gpt_oss", "qwen2_moe"])
-def test_lora_on_routed_experts_trains_as_on_the_dense_ones(kind):
+HALF_4BIT = lowrank.NF4Config(targets=["q_proj"], parameters=EXPERTS[:1], compute_dtype=F32)
+
+
+@pytest.mark.parametrize("kind, adapters, nf4", [
+    ("mixtral-eager", 1, None), ("gpt_oss", 1, None), ("qwen2_moe", 1, None), ("mixtral-grouped", 2, None),
+    ("mixtral-eager", 1, HALF_4BIT), ("gpt_oss", 1, HALF_4BIT)],
+    ids=["mixtral", "gpt_oss", "qwen2_moe", "two-adapters", "mixtral-down-dense", "gpt_oss-down-dense"])
+def test_lora_on_routed_experts_trains_as_on_the_dense_ones(kind, adapters, nf4):
     """LoRA's update added to each routed expert's product, s (x A_e^T) B_e^T: the loss and every
-    adapter gradient within float32's error of the float64 twin, as the dense path's are."""
+    adapter gradient within float32's error of the float64 twin, as the dense path's are; also
+    with two adapters active, and with only gate_up_proj in 4 bits (down_proj dense, LoRA on both)."""
     config = lowrank.LoraConfig(r=4, alpha=8, targets=["q_proj"], parameters=EXPERTS)
-    model, twin = quantized_and_twin(ROUTED[kind])
+    model, twin = quantized_and_twin(ROUTED[kind], *([nf4] if nf4 else []))
     biased(model, twin)
     for m in (model, twin):
-        lowrank.inject(m, config)
+        for i in range(adapters):
+            lowrank.inject(m, config, name=f"a{i}")
+        lowrank.set_active(m, [f"a{i}" for i in range(adapters)])
         randomized(m).train()
     ref = copy.deepcopy(twin).double()
     if hasattr(ref.config, "_experts_implementation"):
@@ -144,10 +153,12 @@ def test_lora_on_routed_experts_trains_as_on_the_dense_ones(kind):
         assert within(g[k], gd[k], gr[k]), k
 
 
-def test_the_experts_are_not_kept_dense_for_backward():
+@pytest.mark.parametrize("kind", ["mixtral-eager", "gpt_oss"])
+def test_the_experts_are_not_kept_dense_for_backward(kind):
     """Under autograd the routed path keeps no tensor of even one expert's size for backward
-    (nf4_linear recomputes its weight); the dense path keeps each expert's dense slice."""
-    model, _ = quantized_and_twin(BUILDS["mixtral-eager"])
+    (nf4_linear and, for transposed experts, nf4_linear_grad_input recompute their weight); the
+    dense path keeps each expert's dense slice."""
+    model, _ = quantized_and_twin(BUILDS[kind])
     lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
     one = model.model.layers[0].mlp.experts.base.base.gate_up_proj.shape[1:].numel()
 
@@ -179,6 +190,47 @@ def test_half_precision(how):
         want = ref(ids()).logits
     assert got.dtype == dense.dtype
     assert within(got, dense, want)
+
+
+def test_autocast_computes_the_experts_in_its_dtype():
+    """Under bf16 autocast a float32 model's routed experts compute in bf16, as transformers'
+    eager experts and a Linear4bit do: what the same experts give bf16 activations, returned in
+    float32."""
+    model, _ = quantized_and_twin(BUILDS["mixtral-grouped"])
+    experts = model.model.layers[0].mlp.experts
+    x, index, w = torch.randn(6, 64), torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [2, 1]]), torch.rand(6, 2)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            got = experts(x, index, w)
+        want = experts(x.bfloat16(), index, w)
+    assert got.dtype == F32 and torch.equal(got.bfloat16(), want)
+
+
+def test_muse_spark_post_expert_norm():
+    """An experts class with a norm after each expert (has_post_expert_norm): routed as dense."""
+    ms = pytest.importorskip("transformers.models.muse_spark.modeling_muse_spark")
+    cfg = transformers.MuseSparkTextConfig()
+    cfg.moe_hidden_size, cfg.moe_intermediate_size, cfg.num_local_experts = 64, 32, 4
+    cfg._experts_implementation = "eager"
+
+    def make() -> nn.Module:
+        experts = ms.MuseSparkExperts(cfg)
+        with torch.no_grad():
+            for k, p in experts.named_parameters():
+                p.normal_(mean=1.0 if "norm" in k else 0.0, std=0.2, generator=torch.Generator().manual_seed(len(k)))
+        return experts
+
+    experts, twin = make(), make()
+    lowrank.quantize(experts, lowrank.NF4Config(targets=None, parameters=["gate_up_proj", "down_proj"]))
+    assert experts.has_post_expert_norm
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            getattr(twin, name).copy_(experts._modules[name].dense(F32))
+    x, index, w = torch.randn(7, 64), torch.randint(0, 4, (7, 2)), torch.rand(7, 2)
+    with torch.no_grad():
+        got, dense = experts(x, index, w), twin(x, index, w)
+        ref = copy.deepcopy(twin).double()(x.double(), index, w.double())
+    assert within(got, dense, ref)
 
 
 def test_what_takes_the_dense_path(monkeypatch):

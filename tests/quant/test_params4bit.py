@@ -177,9 +177,16 @@ def test_activation_checkpointing_and_compile(one_thread, monkeypatch):
     assert all(torch.equal(p.grad, grads[k]) for k, p in model.named_parameters() if p.grad is not None)
     model.gradient_checkpointing_disable()
     model.eval()
+    from lowrank.quant import experts4bit
+
+    routed, real = [], experts4bit.forward
+    monkeypatch.setattr(experts4bit, "forward", lambda *a: routed.append(1) or real(*a))
     with torch.no_grad():
         eager = model(ids()).logits
+        assert routed  # eager: routed
+        routed.clear()
         compiled = torch.compile(model)(ids()).logits
+        assert not routed  # traced: the dense path, one graph (the routed loop reads counts on the host)
         ref = twin.eval().double()(ids()).logits  # the same weights, float64 wherever they are dense
     # Inductor fuses and reorders float32 sums: as close to float64 as eager float32 is, within a few times
     tol = max(4 * (eager - ref).abs().max().item(), 64 * torch.finfo(F32).eps * ref.abs().max().item())
