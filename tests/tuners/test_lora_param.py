@@ -95,6 +95,10 @@ def test_a_single_expert_is_still_experts(cls):
     x, route = torch.randn(4, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
     got, ref = layer(x, route), net(x, route)
     assert (got - ref).abs().max() <= 16 * torch.finfo(torch.float64).eps * ref.abs().max()
+    lowrank.merge(ours)  # the merged update too (formed by the other route through the layer)
+    with torch.no_grad():
+        merged = ours["experts"](x, route)
+    assert (merged - ref).abs().max() <= 16 * torch.finfo(torch.float64).eps * ref.abs().max()
 
 
 def test_weight_of_a_linear_as_a_parameter_equals_lora_on_the_module():
