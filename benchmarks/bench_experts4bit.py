@@ -1,0 +1,96 @@
+"""One mixture-of-experts layer's 4-bit experts, routed against the dense path, in one run.
+
+    python benchmarks/bench_experts4bit.py           # five shapes, from decoding to a long prompt
+    python benchmarks/bench_experts4bit.py --quick   # two tiny shapes, a smoke run
+
+A transformers Mixtral experts module (E experts, top k, hidden H, intermediate I) with its two
+3-D parameters in NF4 (blocksize 64, double quantization), called on T tokens with random
+routing. routed: each expert that got tokens computed from its own codes
+(lowrank/quant/experts4bit.py, Note: routed experts); dense: LOWRANK_EXPERTS=dense, every
+expert dequantized and transformers' grouped_mm experts forward run on the dense tensors.
+Cases: forward with no grad, and forward + backward with LoRA r=8 on both parameters. Rows: ms
+(median, 20/80% quantiles), ratio = routed / dense. The routed path makes a few op calls per
+expert that got tokens; the dense path dequantizes all E experts: which costs more depends on
+how many experts there are, how big, and how many tokens each gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402
+
+from lowrank import LoraConfig, NF4Config, inject, quantize  # noqa: E402
+
+SHAPES = [(8, 2, 1024, 3584, 1), (8, 2, 1024, 3584, 512), (128, 8, 512, 192, 1), (128, 8, 512, 192, 1024),
+          (128, 8, 128, 64, 1024)]  # (E, k, H, I, T): Mixtral- and Qwen3-MoE-like proportions, scaled down
+QUICK = [(4, 2, 64, 128, 1), (4, 2, 64, 128, 16)]
+COLUMNS = ["case", "shape", "path", "ms", "p20_ms", "p80_ms", "ratio"]
+
+
+def experts_module(e: int, k: int, h: int, i: int) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=h, intermediate_size=i, num_local_experts=e, num_experts_per_tok=k,
+                                     num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1)
+    block = transformers.MixtralForCausalLM(cfg).model.layers[0].mlp  # the experts module and its router
+    quantize(block, NF4Config(targets=None, parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    return block
+
+
+def on_path(path: str, fn):
+    os.environ["LOWRANK_EXPERTS"] = path
+    try:
+        return fn()
+    finally:
+        os.environ.pop("LOWRANK_EXPERTS")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "experts4bit.json")
+    args = parser.parse_args(argv)
+    if "LOWRANK_EXPERTS" in os.environ:
+        parser.error("unset LOWRANK_EXPERTS: the benchmark sets it for each path")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for e, k, h, i, t in QUICK if args.quick else SHAPES:
+        block = experts_module(e, k, h, i).to(device)
+        experts = block.experts
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(t, h, generator=g).to(device, dtype)
+        weights, index = torch.topk(torch.randn(t, e, generator=g).softmax(-1), k)
+        weights, index = weights.to(device, dtype), index.to(device)
+
+        def forward():
+            with torch.no_grad():
+                experts(x, index, weights)
+
+        shape = f"E{e} top{k} H{h} I{i} T{t} {str(dtype)[6:]}"
+        timed = {p: on_path(p, lambda: _common.bench(forward, device, args.quick)) for p in ("routed", "dense")}
+        inject(block, LoraConfig(r=8, targets=None, parameters=["experts.gate_up_proj", "experts.down_proj"]))
+        experts, xg = block.experts, x.clone().requires_grad_()
+
+        def train():
+            experts(xg, index, weights).sum().backward()
+
+        trained = {p: on_path(p, lambda: _common.bench(train, device, args.quick)) for p in ("routed", "dense")}
+        for case, times in (("forward", timed), ("lora_fwd_bwd", trained)):
+            rows += [{"case": case, "shape": shape, "path": p, "ms": ms, "p20_ms": p20, "p80_ms": p80,
+                      "ratio": ms / times["dense"][0]} for p, (ms, p20, p80) in times.items()]
+    _common.report(args.out, rows, COLUMNS, device)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The routed-experts benchmark runs end to end with --quick; its timings are not asserted."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_experts4bit  # noqa: E402
+
+
+def test_quick_run_writes_rows(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOWRANK_EXPERTS", raising=False)
+    out = tmp_path / "experts4bit.json"
+    rows = bench_experts4bit.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows
+    assert [(r["case"], r["path"]) for r in rows[:4]] == [("forward", "routed"), ("forward", "dense"),
+                                                          ("lora_fwd_bwd", "routed"), ("lora_fwd_bwd", "dense")]
+    assert len(rows) == 8 and all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in rows)
+    assert all(r["ratio"] == 1.0 for r in rows if r["path"] == "dense")
+    assert "LOWRANK_EXPERTS" not in __import__("os").environ  # each path's setting is taken away again
