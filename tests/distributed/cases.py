@@ -58,6 +58,7 @@ CASES = [(mode, config, base) for mode in MODES for config in CONFIGS for base i
 MOE = LoraConfig(r=4, alpha=8, targets=("q_proj",), parameters=("experts.gate_up_proj", "experts.down_proj"))
 CASES += [(mode, "experts", "moe") for mode in MODES]
 CASES += [(mode, "experts", "moe-nf4") for mode in MODES]  # the experts themselves in 4 bits (NF4Config.parameters)
+CASES += [(mode, "experts", "gpt_oss-nf4") for mode in MODES]  # 4-bit experts stored (E, in, out), with biases
 CODEC = ("packed", "absmax", "nested_absmax")  # Linear4bit's sharded storage (Note: frozen integer parameters)
 
 
@@ -71,10 +72,11 @@ def case_name(mode: str, config: str, base: str) -> str:
 
 
 def base_model(base: str):
-    model = models.mixtral() if base.startswith("moe") else models.llama()  # seeded: every rank and the reference alike
+    build = models.mixtral if base.startswith("moe") else models.gpt_oss if base.startswith("gpt_oss") else models.llama
+    model = build()  # seeded: every rank and the reference alike
     if base == "nf4":
         quantize(model, NF4Config())
-    if base == "moe-nf4":
+    if base in ("moe-nf4", "gpt_oss-nf4"):
         quantize(model, NF4Config(parameters=MOE.parameters))
     return model
 

@@ -26,6 +26,23 @@ def mixtral():
     return transformers.MixtralForCausalLM(cfg)
 
 
+def gpt_oss():
+    """Experts stored (E, in, out) (`is_transposed`) with biases: 4 experts a layer."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                    num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                                    layer_types=["full_attention"] * 2)
+    model = transformers.GptOssForCausalLM(cfg)
+    with torch.no_grad():  # nonzero expert biases (they start at zero)
+        for k, p in model.named_parameters():
+            if k.endswith("_proj_bias"):
+                p.normal_(std=0.1)
+    return model
+
+
 def gpt2():
     import transformers
 
