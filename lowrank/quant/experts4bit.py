@@ -18,6 +18,8 @@ never forms the dense experts tensor.
 # GEMV / kernels; its backward recomputes the weight instead of storing it), or, for experts
 # stored (E, in, out) (`is_transposed`, GPT-OSS), `lowrank::nf4_linear_grad_input`, which
 # multiplies by the stored layout as it is (and lowrank::nf4_linear is its input's gradient).
+# Both keep views of the stored codes for backward, nothing new, except an expert's decoded
+# scales: where they are needed under autograd, _Redecoded decodes them again in backward.
 # An expert's slice decodes to exactly the dense path's expert: its scales are its blocks of
 # the whole tensor's scales (decoded here where its blocks do not start a 256-block of nested
 # scales). The products differ from the dense path's by the order of float sums, with two
@@ -158,19 +160,40 @@ class LowRankTerm:
         return y
 
 
-class _StoredProduct(torch.autograd.Function):
-    """x @ W for one 4-bit expert stored (in, out) (`is_transposed`): that is the product
-    lowrank::nf4_linear_grad_input computes (gy @ W), and its input's gradient is
-    lowrank::nf4_linear's. The codes are kept for backward, not the dense expert."""
+def _product(q: nn.Module, e: int, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """x times expert e of the 4-bit parameter q: x @ W_e^T, or x @ W_e where experts are stored
+    (in, out), which is the product lowrank::nf4_linear_grad_input computes (gy @ W). Where the
+    expert's scales had to be decoded and autograd would keep them for backward, they are
+    decoded again in backward instead (See Note: routed experts)."""
+    fields = expert_fields(q, e)
+    decoded = fields[2] is None and q._parameters["nested_absmax"] is not None
+    if decoded and torch.is_grad_enabled() and x.requires_grad:
+        return _Redecoded.apply(x, q, e, transposed)
+    if transposed:
+        return torch.ops.lowrank.nf4_linear_grad_input(x, *fields)
+    return torch.ops.lowrank.nf4_linear(x, *fields, None)
+
+
+class _Redecoded(torch.autograd.Function):
+    """_product for an expert whose scales were decoded: the ops' own autograd would keep the
+    decoded float32 scales (1/16 of the expert's bf16 size) from forward to backward, also under
+    activation checkpointing, for every routed expert of every layer; this keeps the module and
+    the expert's index, and decodes them again."""
 
     @staticmethod
-    def forward(ctx, x, *fields):
-        ctx.fields = fields
-        return torch.ops.lowrank.nf4_linear_grad_input(x, *fields)
+    def forward(ctx, x, q, e, transposed):
+        ctx.q, ctx.e, ctx.transposed = q, e, transposed
+        fields = expert_fields(q, e)
+        if transposed:
+            return torch.ops.lowrank.nf4_linear_grad_input(x, *fields)
+        return torch.ops.lowrank.nf4_linear(x, *fields, None)
 
     @staticmethod
     def backward(ctx, grad):
-        return (torch.ops.lowrank.nf4_linear(grad, *ctx.fields, None), *[None] * len(ctx.fields))
+        fields = expert_fields(ctx.q, ctx.e)
+        if ctx.transposed:
+            return torch.ops.lowrank.nf4_linear(grad, *fields, None), None, None, None
+        return torch.ops.lowrank.nf4_linear_grad_input(grad, *fields), None, None, None
 
 
 def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, dtype: torch.dtype, names: tuple,
@@ -181,10 +204,8 @@ def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, dtype: 
     if q is None:  # a dense parameter of a module whose other one is 4-bit
         w = getattr(owner, name)[e]
         y = x.to(w.dtype) @ w if owner.is_transposed else F.linear(x.to(w.dtype), w)
-    elif owner.is_transposed:  # (in, out)
-        y = _StoredProduct.apply(x.to(dtype), *expert_fields(q, e))
     else:
-        y = torch.ops.lowrank.nf4_linear(x.to(dtype), *expert_fields(q, e), None)
+        y = _product(q, e, x.to(dtype), owner.is_transposed)
     if owner.has_bias:  # promoted as `x @ W + b` promotes (a float32 bias under bf16 autocast: float32)
         y = y + getattr(owner, name + "_bias")[e]
     term = terms.get(name)

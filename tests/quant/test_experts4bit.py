@@ -175,6 +175,34 @@ def test_the_experts_are_not_kept_dense_for_backward(kind):
     assert routed < one <= dense
 
 
+@pytest.mark.parametrize("kind", ["mixtral-eager", "gpt_oss"])
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_decoded_scales_are_not_kept_for_backward(kind, checkpointed, monkeypatch):
+    """An expert whose blocks start inside a group of 256 nested scales needs its scales decoded
+    (1/16 of its bf16 size): under autograd they are decoded again in backward, not kept from
+    forward (also where activation checkpointing drops everything else); the gradient is the
+    one without checkpointing."""
+    import gc
+    import weakref
+
+    model, _ = quantized_and_twin(BUILDS[kind])
+    experts = model.model.layers[0].mlp.experts
+    decoded, real = [], nf4.dequantize_scales
+    monkeypatch.setattr(nf4, "dequantize_scales", lambda *a: (lambda t: decoded.append(weakref.ref(t)) or t)(real(*a)))
+    x = torch.randn(6, 64, requires_grad=True)
+    index, w = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [2, 1]]), torch.rand(6, 2)
+    call = (lambda: torch.utils.checkpoint.checkpoint(experts, x, index, w, use_reentrant=False)) if checkpointed \
+        else (lambda: experts(x, index, w))
+    y = call()
+    gc.collect()
+    assert decoded and all(r() is None for r in decoded)  # made in forward, gone before backward
+    y.square().sum().backward()
+    grad, x.grad = x.grad, None
+    monkeypatch.setattr(nf4, "dequantize_scales", real)
+    experts(x, index, w).square().sum().backward()
+    assert torch.equal(grad, x.grad)
+
+
 @pytest.mark.parametrize("how", ["bf16", "autocast"])
 def test_half_precision(how):
     """A bf16 model, or float32 under bf16 autocast: the routed experts compute in bf16, within
