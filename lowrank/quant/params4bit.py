@@ -19,12 +19,12 @@ module indexes itself), which hold most of such a model's weights.
 # (eager, grouped_mm, batched_mm) then runs as it always does.
 #
 # LoRA on the parameter (LoraParameter, lowrank/tuners/lora_param.py) hands the owner its
-# update (`with_term`, in the instance dict for the call): added to each routed expert's
+# update (`with_term`, a context variable for the call): added to each routed expert's
 # product, or formed into W' = dequant(W) + s B A on the dense path.
 #
-# Not thread-safe on the dense path or with LoRA: two threads calling one owner at once share
-# its instance dict (as LoRA's functional_call on a dense parameter shares the module's
-# attributes). The routed path without LoRA keeps nothing on the module.
+# The dense path is not thread-safe: two threads calling one owner at once share its instance
+# dict (as LoRA's functional_call on a dense parameter shares the module's attributes). The
+# routed path keeps nothing on the module, and LoRA's updates are per thread.
 #
 # Memory: the dense path's tensor lives for one call of the owner, and, under autograd, as long
 # as the experts' backward needs it (the eager implementation keeps each expert's slice for the
@@ -34,6 +34,8 @@ module indexes itself), which hold most of such a model's weights.
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 from torch import nn
 
@@ -42,7 +44,10 @@ from .linear4bit import Stored4bit
 from .nf4_weight import NF4Weight
 
 _NAMES = "_nf4_parameters"  # instance attribute of an owner: its 4-bit parameters' names, in registration order
-_TERMS = "_nf4_terms"  # instance attribute of an owner during a call: LoRA's updates of its 4-bit parameters
+# LoRA's updates of 4-bit parameters for the calls under way in this thread (or task): {(id(owner),
+# name): term}; a context variable, so two threads calling one model never see each other's.
+# Never changed in place: with_term sets a copy.
+_TERMS: contextvars.ContextVar[dict] = contextvars.ContextVar("lowrank_nf4_terms", default={})
 
 
 class Weight4bit(Stored4bit):
@@ -153,7 +158,8 @@ class _DenseForward:
     def __call__(self, *args, **kwargs):
         owner = self.owner
         d, names = owner.__dict__, owner.__dict__[_NAMES]
-        terms = d.get(_TERMS, {})
+        under_way = _TERMS.get()
+        terms = {n: t for (o, n), t in under_way.items() if o == id(owner)} if under_way else {}
         if experts4bit.mode() == "routed" and experts4bit.routable(owner, names):
             call = experts4bit.routed_call(owner, args, kwargs)
             if call is not None:
@@ -173,20 +179,16 @@ class _DenseForward:
 class with_term:
     """`with with_term(owner, name, term):` the owner's forward adds LoRA's update `term` (an
     experts4bit.LowRankTerm) to its 4-bit parameter `name`: to each routed expert's product, or
-    to the dense tensor."""
+    to the dense tensor. For this thread's calls only (a context variable)."""
 
     def __init__(self, owner: nn.Module, name: str, term) -> None:
-        self.terms, self.name, self.term = owner.__dict__.setdefault(_TERMS, {}), name, term
+        self.key, self.term = (id(owner), name), term
 
     def __enter__(self) -> None:
-        self.before = self.terms.get(self.name)
-        self.terms[self.name] = self.term
+        self.token = _TERMS.set({**_TERMS.get(), self.key: self.term})
 
     def __exit__(self, *exc) -> None:
-        if self.before is None:
-            self.terms.pop(self.name, None)
-        else:
-            self.terms[self.name] = self.before
+        _TERMS.reset(self.token)
 
 
 def check_owner(key: str, owner: nn.Module) -> None:

@@ -7,7 +7,8 @@ linear module holds, above all the experts of a transformers 5 mixture-of-expert
 The layer wraps the module that owns the parameter and, in its forward, calls that module
 with W' in the parameter's place (torch.func.functional_call): the module computes as it
 always does and never knows. A 4-bit parameter is handed LoRA's update instead
-(params4bit.with_term), which its routed experts add expert by expert (lowrank/quant/experts4bit.py). Several parameters of one module: one layer each, nested, the
+(params4bit.with_term), which its routed experts add expert by expert
+(lowrank/quant/experts4bit.py). Several parameters of one module: one layer each, nested, the
 first registered innermost, as PEFT nests its wrappers (its file names depend on it: io.py).
 
 # Note: PEFT's factor layout. A is an nn.Linear(in, r * E) and B an nn.Linear(r * E, out), and

@@ -20,7 +20,7 @@ import lowrank
 from lowrank.quant import experts4bit, nf4
 from lowrank.quant.params4bit import Weight4bit
 
-from .test_params4bit import BUILDS, EXPERTS, F32, ids, quantized_and_twin, randomized
+from .test_params4bit import BUILDS, EXPERTS, one_thread, F32, ids, quantized_and_twin, randomized
 
 transformers = pytest.importorskip("transformers")
 
@@ -326,3 +326,45 @@ def test_on_the_gpu_in_bf16():
     (got, g), (dense, gd), (want, gr) = runs
     assert within(got, dense, want)
     assert all(within(g[k], gd[k], gr[k]) for k in g)
+
+
+def test_two_threads_with_lora_each_get_their_update(monkeypatch, one_thread):
+    """LoRA's updates of routed 4-bit experts are per thread (a context variable): thread 2 is
+    inside layer 0's experts, its updates handed over, while thread 1 finishes its whole call and
+    takes its own updates away; thread 2 still adds its own. Both equal a call alone."""
+    import threading
+
+    model, _ = quantized_and_twin(BUILDS["mixtral-eager"])
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+    randomized(model)
+    with torch.no_grad():
+        alone = model(ids()).logits
+    inside, done, real = threading.Event(), threading.Event(), experts4bit.forward
+    first: set[str] = set()
+
+    def handshake(*args):
+        name = threading.current_thread().name
+        if name not in first:
+            first.add(name)
+            if name == "second":
+                inside.set()
+                assert done.wait(60)
+            else:
+                assert inside.wait(60)
+        return real(*args)
+
+    monkeypatch.setattr(experts4bit, "forward", handshake)
+    got = {}
+
+    def run(name):
+        with torch.no_grad():
+            got[name] = model(ids()).logits
+        if name == "first":
+            done.set()
+
+    threads = [threading.Thread(target=run, args=(n,), name=n) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert torch.equal(got["first"], alone) and torch.equal(got["second"], alone)
