@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
 import streamlit as st
 
@@ -31,6 +32,14 @@ def _args(argv):
 @st.cache_resource
 def _load(model: str, adapter: str | None, dtype: str, device: str):
     return load_with_adapter(model, adapter, dtype, device)  # once per server, shared by every session
+
+
+@st.cache_resource
+def _one_at_a_time() -> threading.Lock:
+    """Streamlit runs each session in a thread of its own, and every session shares the one
+    model: one answer at a time. LoRA on a model's parameters (MoE experts) swaps tensors on the
+    module for a call (docs/lora.md), which two threads at once would see."""
+    return threading.Lock()
 
 
 def main(argv) -> None:
@@ -55,9 +64,10 @@ def main(argv) -> None:
         with st.chat_message("assistant"):
             box, answer = st.empty(), ""
             try:
-                for piece in stream(model, tokenizer, template, turns, message, system or None, settings):
-                    answer += piece
-                    box.markdown(answer + "▌")
+                with _one_at_a_time():
+                    for piece in stream(model, tokenizer, template, turns, message, system or None, settings):
+                        answer += piece
+                        box.markdown(answer + "▌")
             except ValueError as e:  # too long for the context, refused by the template: say so, keep the chat
                 box.error(f"Not answered: {e}")
                 return

@@ -20,7 +20,7 @@ import lowrank
 from lowrank.quant import experts4bit, nf4
 from lowrank.quant.params4bit import Weight4bit
 
-from .test_params4bit import BUILDS, EXPERTS, one_thread, F32, ids, quantized_and_twin, randomized
+from .test_params4bit import BUILDS, EXPERTS, F32, ids, quantized_and_twin, randomized
 
 transformers = pytest.importorskip("transformers")
 

@@ -79,15 +79,6 @@ def dense_experts(monkeypatch):
     monkeypatch.setenv("LOWRANK_EXPERTS", "dense")
 
 
-@pytest.fixture
-def one_thread():
-    """A matmul may split its sums by the threads it gets: one thread, so two runs agree bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("kind", list(BUILDS))
 def test_experts_compute_as_their_dequantized_twin(kind):
     model, twin = quantized_and_twin(BUILDS[kind])
