@@ -44,10 +44,17 @@ from .linear4bit import Stored4bit
 from .nf4_weight import NF4Weight
 
 _NAMES = "_nf4_parameters"  # instance attribute of an owner: its 4-bit parameters' names, in registration order
-# LoRA's updates of 4-bit parameters for the calls under way in this thread (or task): {(id(owner),
-# name): term}; a context variable, so two threads calling one model never see each other's.
-# Never changed in place: with_term sets a copy.
+# Note: where LoRA's updates wait. LoraParameter hands the owner LoRA's update of a 4-bit
+# parameter for one call (with_term). An eager call puts it in a context variable, per thread
+# (or task), so two threads calling one model never see each other's: {(id(owner), name): term},
+# never changed in place (with_term sets a copy). torch.compile cannot trace a ContextVar (each
+# read would break the graph), so a call being compiled puts it in the owner's instance dict
+# instead, as dynamo traces dict reads; compiled code is not shared between threads mid-call. An
+# owner compiled on its own under an eager LoRA layer finds the eager count on its instance dict
+# and reads the context variable too (a graph break, but the update is not lost).
 _TERMS: contextvars.ContextVar[dict] = contextvars.ContextVar("lowrank_nf4_terms", default={})
+_COMPILED_TERMS = "_nf4_terms"  # owner.__dict__ while compiling: {name: term}
+_EAGER_TERMS = "_nf4_eager_terms"  # owner.__dict__: eager with_term contexts under way on the owner
 
 
 class Weight4bit(Stored4bit):
@@ -158,8 +165,7 @@ class _DenseForward:
     def __call__(self, *args, **kwargs):
         owner = self.owner
         d, names = owner.__dict__, owner.__dict__[_NAMES]
-        under_way = _TERMS.get()
-        terms = {n: t for (o, n), t in under_way.items() if o == id(owner)} if under_way else {}
+        terms = _terms_of(owner)
         if experts4bit.mode() == "routed" and experts4bit.routable(owner, names):
             call = experts4bit.routed_call(owner, args, kwargs)
             if call is not None:
@@ -176,19 +182,50 @@ class _DenseForward:
                 d.pop(name, None)
 
 
+def _terms_of(owner: nn.Module) -> dict:
+    """{name: term} of LoRA's updates handed to `owner` for this call (See Note: where LoRA's
+    updates wait)."""
+    d = owner.__dict__
+    terms = dict(d.get(_COMPILED_TERMS) or {})
+    if not torch.compiler.is_compiling() or d.get(_EAGER_TERMS):
+        under_way = _TERMS.get()
+        if under_way:
+            terms.update({n: t for (o, n), t in under_way.items() if o == id(owner)})
+    return terms
+
+
 class with_term:
     """`with with_term(owner, name, term):` the owner's forward adds LoRA's update `term` (an
     experts4bit.LowRankTerm) to its 4-bit parameter `name`: to each routed expert's product, or
-    to the dense tensor. For this thread's calls only (a context variable)."""
+    to the dense tensor. For this thread's calls only (See Note: where LoRA's updates wait)."""
 
     def __init__(self, owner: nn.Module, name: str, term) -> None:
-        self.key, self.term = (id(owner), name), term
+        self.owner, self.name, self.term = owner, name, term
 
     def __enter__(self) -> None:
-        self.token = _TERMS.set({**_TERMS.get(), self.key: self.term})
+        d = self.owner.__dict__
+        if torch.compiler.is_compiling():
+            self.token, terms = None, d.setdefault(_COMPILED_TERMS, {})
+            self.before, terms[self.name] = terms.get(self.name), self.term
+            return
+        self.token = _TERMS.set({**_TERMS.get(), (id(self.owner), self.name): self.term})
+        d[_EAGER_TERMS] = d.get(_EAGER_TERMS, 0) + 1
 
     def __exit__(self, *exc) -> None:
+        d = self.owner.__dict__
+        if self.token is None:
+            terms = d[_COMPILED_TERMS]
+            if self.before is None:
+                terms.pop(self.name, None)
+            else:
+                terms[self.name] = self.before
+            return
         _TERMS.reset(self.token)
+        left = d.get(_EAGER_TERMS, 0) - 1
+        if left > 0:
+            d[_EAGER_TERMS] = left
+        else:
+            d.pop(_EAGER_TERMS, None)
 
 
 def check_owner(key: str, owner: nn.Module) -> None:
