@@ -21,7 +21,7 @@ never forms the dense experts tensor.
 # Both keep views of the stored codes for backward, nothing new, except an expert's decoded
 # scales: where they are needed under autograd, _Redecoded decodes them again in backward.
 # An expert's slice decodes to exactly the dense path's expert: its scales are its blocks of
-# the whole tensor's scales (decoded here where its blocks do not start a 256-block of nested
+# the whole tensor's scales (decoded here where they are not whole groups of 256 nested
 # scales). The products differ from the dense path's by the order of float sums, with two
 # exceptions where the routed path follows transformers' eager forward and Linear4bit rather
 # than grouped_mm: under autocast the experts compute in the autocast dtype (grouped_mm casts
@@ -115,12 +115,20 @@ def routed_call(owner: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
     return call if ok and (autocast_dtype(x) or x.dtype) in nf4.DTYPES else None
 
 
+def decodes_scales(q: nn.Module) -> bool:
+    """Whether expert_fields decodes the experts' scales of the 4-bit parameter q: double
+    quantization, and an expert's blocks not a whole number of nested groups of 256 (then every
+    expert after the first starts inside a group, and each is decoded alike)."""
+    per = q.shape[1] * q.shape[2] // q.blocksize
+    return q._parameters["nested_absmax"] is not None and per % nf4.NESTED_BLOCKSIZE != 0
+
+
 def expert_fields(q: nn.Module, e: int) -> tuple:
     """Expert e of the 4-bit parameter `q` (a Weight4bit of shape (E, a, b)) as the lowrank::
     ops take a weight: (packed, absmax, nested_absmax, offset, (a, b), blocksize). Its scales
-    are its blocks of the whole tensor's; where they do not start a nested block of 256, they
-    are decoded here to float32, the values the whole tensor's dequantize uses (See Note:
-    routed experts)."""
+    are its blocks of the whole tensor's; where they are not whole nested groups of 256
+    (decodes_scales), they are decoded here to float32, the values the whole tensor's dequantize
+    uses (See Note: routed experts)."""
     # the stored fields as op_fields reads them, not q.weight: an NF4Weight checks itself on
     # construction, which took longer than a decoding step's expert product (Note: lookups on the hot path)
     p, bs = q._parameters, q.blocksize
@@ -165,20 +173,19 @@ def _product(q: nn.Module, e: int, x: torch.Tensor, transposed: bool) -> torch.T
     (in, out), which is the product lowrank::nf4_linear_grad_input computes (gy @ W). Where the
     expert's scales had to be decoded and autograd would keep them for backward, they are
     decoded again in backward instead (See Note: routed experts)."""
-    fields = expert_fields(q, e)
-    decoded = fields[2] is None and q._parameters["nested_absmax"] is not None
-    if decoded and torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and x.requires_grad and decodes_scales(q):
         return _Redecoded.apply(x, q, e, transposed)
+    fields = expert_fields(q, e)
     if transposed:
         return torch.ops.lowrank.nf4_linear_grad_input(x, *fields)
     return torch.ops.lowrank.nf4_linear(x, *fields, None)
 
 
 class _Redecoded(torch.autograd.Function):
-    """_product for an expert whose scales were decoded: the ops' own autograd would keep the
-    decoded float32 scales (1/16 of the expert's bf16 size) from forward to backward, also under
-    activation checkpointing, for every routed expert of every layer; this keeps the module and
-    the expert's index, and decodes them again."""
+    """_product for an expert whose scales are decoded: the ops' own autograd would keep the
+    decoded float32 scales (1/32 of the expert's bf16 size at blocksize 64) from forward to
+    backward, also under activation checkpointing, for every routed expert of every layer; this
+    keeps the module and the expert's index, and decodes them again."""
 
     @staticmethod
     def forward(ctx, x, q, e, transposed):

@@ -178,10 +178,10 @@ def test_the_experts_are_not_kept_dense_for_backward(kind):
 @pytest.mark.parametrize("kind", ["mixtral-eager", "gpt_oss"])
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
 def test_decoded_scales_are_not_kept_for_backward(kind, checkpointed, monkeypatch):
-    """An expert whose blocks start inside a group of 256 nested scales needs its scales decoded
-    (1/16 of its bf16 size): under autograd they are decoded again in backward, not kept from
-    forward (also where activation checkpointing drops everything else); the gradient is the
-    one without checkpointing."""
+    """An expert whose blocks are not whole groups of 256 nested scales needs its scales decoded
+    (1/32 of its bf16 size at blocksize 64): under autograd they are decoded again in backward,
+    not kept from forward (also where activation checkpointing drops everything else); the
+    gradient is the one without checkpointing."""
     import gc
     import weakref
 
