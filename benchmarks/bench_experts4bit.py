@@ -39,7 +39,8 @@ def experts_module(e: int, k: int, h: int, i: int) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=h, intermediate_size=i, num_local_experts=e, num_experts_per_tok=k,
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=h, intermediate_size=i, num_local_experts=e,
+                                     num_experts_per_tok=k,
                                      num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1)
     block = transformers.MixtralForCausalLM(cfg).model.layers[0].mlp  # the experts module and its router
     quantize(block, NF4Config(targets=None, parameters=["experts.gate_up_proj", "experts.down_proj"]))

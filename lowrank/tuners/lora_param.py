@@ -46,7 +46,7 @@ class LoraParameter(LoraLayer):
         self.parameter_name = parameter
         owner, _ = owner_of(base)
         shape = parameter_shape(owner, parameter)  # dense, or 4-bit (lowrank.quantize's NF4Config(parameters=...))
-        self._three_d = len(shape) == 3  # experts, even a single one (PEFT takes E = 1 for a 2-D weight, and fails there)
+        self._three_d = len(shape) == 3  # experts, even one (PEFT takes E = 1 for a 2-D weight, and fails there)
         if len(shape) == 2:
             self._experts, (out_f, in_f), self._transposed_experts = 1, shape, False
         else:
