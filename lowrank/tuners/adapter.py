@@ -39,19 +39,46 @@ def _linear_dims(m: nn.Module) -> tuple[int, int]:
     return (m.nx, m.nf) if is_gpt2_conv1d(m) else (m.in_features, m.out_features)
 
 
+def _base_modules(module: nn.Module):
+    """module's submodules, below an adapter layer only what it wraps (not LoRA's factors, which
+    are linear layers of another size)."""
+    for child in module._modules.values():
+        while isinstance(child, TunerLayer):
+            yield child
+            child = child._modules["base"]
+        if child is not None:
+            yield child
+            yield from _base_modules(child)
+
+
+def _experts_hidden(module: nn.Module) -> int | None:
+    """The hidden size of a transformers 5 experts module's 3-D parameters (dense or 4-bit):
+    down_proj is (E, hidden, I), or (E, I, hidden) where it `is_transposed`; else None."""
+    from ..quant.params4bit import has_parameter, parameter_shape
+
+    if not hasattr(module, "is_transposed") or not has_parameter(module, "down_proj"):
+        return None
+    shape = parameter_shape(module, "down_proj")
+    return None if len(shape) != 3 else shape[2] if module.is_transposed else shape[1]
+
+
 def module_dims(module: nn.Module) -> tuple[int, int] | None:
     """(input size, output size) along the last dim: a linear-like module's own; a
     MultiheadAttention's embed_dim; otherwise its first linear-like submodule's input size and,
     as output size, that same size if a later linear-like submodule maps back to it (a block on
     the residual stream: LlamaMLP's down_proj; Qwen2-MoE's shared expert, not its 1-wide gate
-    that comes last), else the last one's (BERT's output.dense 3072 -> 768). None when it cannot tell."""
+    that comes last), else the last one's (BERT's output.dense 3072 -> 768); a mixture-of-experts
+    block without linear layers (Mixtral's: a router and 3-D experts) maps its experts' hidden
+    size to itself. LoRA's factors inside count for nothing. None when it cannot tell."""
     if is_linear_like(module):
         return _linear_dims(module)
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim, module.embed_dim
-    dims = [_linear_dims(m) for m in module.modules() if m is not module and is_linear_like(m)]
+    inside = list(_base_modules(module))
+    dims = [_linear_dims(m) for m in inside if is_linear_like(m)]
     if not dims:
-        return None
+        hidden = next((h for h in map(_experts_hidden, [module, *inside]) if h is not None), None)
+        return None if hidden is None else (hidden, hidden)
     d_in = dims[0][0]
     return d_in, d_in if any(out == d_in for _, out in dims[1:]) else dims[-1][1]
 

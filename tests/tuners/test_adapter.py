@@ -201,3 +201,33 @@ def test_a_block_on_the_residual_stream_is_sized_by_it():
     layer.active = ("default",)
     with pytest.raises(ValueError, match="maps 8 -> 8 features .* but reads 1 and adds to 1"):
         layer(torch.randn(2, 32))
+
+
+@pytest.mark.parametrize("before", [None, "lora-gate_up", "nf4-experts"])
+def test_a_mixture_of_experts_block_is_sized_by_its_experts(before):
+    """Mixtral's block holds a router and 3-D experts, no linear layer: the adapter maps the
+    experts' hidden size to itself, with or without LoRA on an experts parameter first (whose
+    factors, linear layers of other sizes, are not the block's) or the experts in 4 bits."""
+    import lowrank
+
+    model = models.mixtral()
+    if before == "lora-gate_up":
+        inject(model, lowrank.LoraConfig(r=4, targets=None, parameters="experts.gate_up_proj"), "lora")
+    if before == "nf4-experts":
+        lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=["experts.gate_up_proj",
+                                                                            "experts.down_proj"]))
+    block = model.model.layers[0].mlp
+    h = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = block(h)
+    assert inject(model, AdapterConfig(targets="mlp")) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    ad = model.model.layers[0].mlp.adapters["default"]
+    assert (ad.down.in_features, ad.up.out_features) == (32, 32)
+    models.randomize_adapters(model)
+    lowrank.set_active(model, ["default", "lora"] if before == "lora-gate_up" else "default")
+    with torch.no_grad():
+        got = model.model.layers[0].mlp(h)
+    want = y + ad.up(ad.act(ad.down(y)))  # sequential, scaling 1
+    assert (got - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * want.abs().max()
+    model(models.ids()).logits.sum().backward()
+    assert ad.down.weight.grad is not None and ad.down.weight.grad.abs().sum() > 0
