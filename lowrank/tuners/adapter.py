@@ -183,7 +183,8 @@ def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> No
                         "ModelOutput, not hidden states; target its layers or blocks")
     if module_dims(innermost(module)) is None:
         raise TypeError(f"cannot size a bottleneck adapter for {where!r}, a {type(innermost(module)).__name__} with no "
-                        "linear layers inside; target a linear layer or a block that contains them")
+                        "linear layers (or transformers experts) inside; target a linear layer or a block that "
+                        "contains them")
 
 
 def wrap(module: nn.Module, config: AdapterConfig, name: str, where: str) -> nn.Module:
