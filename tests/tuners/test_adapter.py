@@ -211,6 +211,8 @@ def test_a_mixture_of_experts_block_is_sized_by_its_experts(before):
     import lowrank
 
     model = models.mixtral()
+    with pytest.raises(TypeError, match="cannot size a bottleneck adapter for 'model.layers.0.mlp.gate'"):
+        inject(model, AdapterConfig(targets="model.layers.0.mlp.gate"))  # the router alone: a weight, no sizes
     if before == "lora-gate_up":
         inject(model, lowrank.LoraConfig(r=4, targets=None, parameters="experts.gate_up_proj"), "lora")
     if before == "nf4-experts":
