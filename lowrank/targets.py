@@ -8,7 +8,8 @@ A spec is one of (see docs/inject.md):
     nn.Linear                 a module type (isinstance)
     fn(name, module) -> bool  a callable
     "all-linear"              every linear-like layer except the model's output head (and the layers
-                              a Mamba mixer reads by weight: Note: layers read by weight)
+                              a Mamba mixer reads by weight: Note: layers read by weight; and
+                              routers: Note: routers)
 A sequence of specs matches when any does. Names are the module's qualified names as in
 `model.named_modules()` before any adapter was injected (wrappers are transparent).
 """
@@ -19,6 +20,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 Filter = Callable[[str, nn.Module], bool]
@@ -81,6 +83,30 @@ def read_by_weight(model: nn.Module) -> set[str]:
             for c in _MIXER_READS if isinstance(getattr(m, c, None), nn.Module)}
 
 
+# Note: routers. PhiMoE's and Llama 4's routers subclass nn.Linear but return routing (scores
+# and the chosen experts), not x W^T + b: LoRA's sum around one, or a Linear4bit in its place,
+# would break the model (PEFT 0.21 takes them for all-linear and fails in the forward). So
+# "all-linear" leaves out an nn.Linear subclass with a forward of its own and a floating weight
+# whose forward, tried once on a row of zeros, returns no tensor (a tuple, as routers do). A
+# 4-bit linear of another library keeps its packed, integer weight and is taken, untried; a
+# forward that fails on such a row or returns a tensor of its own sort (DeepSeek V4's grouped
+# linear) is taken too, and quantize refuses it by name (quantize.py, Note: a forward of its
+# own). To adapt a router, put LoRA on its weight: LoraConfig(parameters=["router.weight"]).
+def returns_routing(module: nn.Module) -> bool:
+    """Whether `module` is an nn.Linear whose own forward returns no tensor, a router (See Note:
+    routers)."""
+    cls = type(module)
+    if not isinstance(module, nn.Linear) or cls.forward is nn.Linear.forward or not module.weight.is_floating_point():
+        return False
+    x = module.weight.new_zeros(1, module.in_features)
+    try:
+        with torch.no_grad():
+            out = cls.forward(module, x)  # the class's forward, no hooks
+    except Exception:  # noqa: BLE001: it takes other input; left to what refuses it by name (quantize's check)
+        return False
+    return not isinstance(out, torch.Tensor)
+
+
 def _one(spec, heads: set[str]) -> Filter:
     if isinstance(spec, re.Pattern):
         return lambda name, module: spec.fullmatch(name) is not None
@@ -90,7 +116,8 @@ def _one(spec, heads: set[str]) -> Filter:
         if spec == ALL_LINEAR:
             # MultiheadAttention's out_proj is never called as a module (see inject), so not adapted
             return lambda name, module: (is_linear_like(module) and name not in heads
-                                         and type(module).__name__ != "NonDynamicallyQuantizableLinear")
+                                         and type(module).__name__ != "NonDynamicallyQuantizableLinear"
+                                         and not returns_routing(module))
         if spec.startswith("re:"):
             pattern = re.compile(spec[3:])
             return lambda name, module: pattern.fullmatch(name) is not None

@@ -131,11 +131,16 @@ def test_a_linear_with_a_forward_of_its_own_is_quantized_only_if_it_is_affine(dt
     for cls, name in [(Scaled, "Scaled"), (Router, "Router")]:
         bad = copy.deepcopy(model)
         bad[2] = cls(32, 8).to(dtype)
+        # a router is no linear layer for the default "all-linear" (targets.py, Note: routers): left out
+        targets = NF4Config().targets if cls is Scaled else ["0", "2"]
         with pytest.raises(TypeError, match=f"'2' is a {name}, an nn.Linear with a forward of its own, which does "
                                             "not compute x W\\^T \\+ b .* add it to skip"):
-            quantize(bad)
+            quantize(bad, NF4Config(targets=targets))
         assert type(bad[0]) is AffineInOtherWords  # nothing replaced
-        assert quantize(bad, NF4Config(skip="2")) == ["0"]
+        assert quantize(bad, NF4Config(targets=targets, skip="2")) == ["0"]
+    routed = copy.deepcopy(model)
+    routed[2] = Router(32, 8).to(dtype)
+    assert quantize(routed) == ["0"] and type(routed[2]) is Router
 
 
 class Grouped(nn.Linear):
