@@ -102,7 +102,7 @@ def returns_routing(module: nn.Module) -> bool:
     try:
         with torch.no_grad():
             out = cls.forward(module, x)  # the class's forward, no hooks
-    except Exception:  # noqa: BLE001: it takes other input; left to what refuses it by name (quantize's check)
+    except Exception:  # noqa: BLE001 (it takes other input: left to what refuses it by name, quantize's check)
         return False
     return not isinstance(out, torch.Tensor)
 
