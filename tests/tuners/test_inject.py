@@ -381,34 +381,3 @@ def test_all_linear_leaves_out_what_a_mamba_mixer_reads_by_weight():
     named = lowrank.inject(copy.deepcopy(model), lowrank.LoraConfig(r=4, targets=["x_proj"]))  # named: still yours
     assert len(named) == 2
 
-
-@pytest.mark.parametrize("arch", ["phimoe", "llama4"])
-def test_all_linear_leaves_out_routers(arch):
-    """PhiMoE's and Llama 4's routers subclass nn.Linear and return routing, a tuple: "all-linear"
-    leaves them out, for LoRA and for quantize (lowrank/targets.py, Note: routers; PEFT 0.21 takes
-    them and fails in the forward), so both run; LoRA on a router's weight still goes on by name."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    if arch == "phimoe":
-        model = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(intermediate_size=48, num_local_experts=4,
-                                                                         **common))
-    else:
-        cfg = transformers.Llama4TextConfig(intermediate_size=48, intermediate_size_mlp=64, num_local_experts=4,
-                                            head_dim=8, **common)
-        model = transformers.Llama4ForCausalLM(cfg)
-    model.eval()
-    routers = [n for n, m in model.named_modules() if n.endswith(".router")]
-    assert routers and all(isinstance(model.get_submodule(n), nn.Linear) for n in routers)
-    ids = torch.randint(0, 64, (1, 5))
-    wrapped = lowrank.inject(copy.deepcopy(model), lowrank.LoraConfig(r=4, targets="all-linear"))
-    assert wrapped and not set(routers) & set(wrapped)
-    adapted = copy.deepcopy(model)
-    lowrank.inject(adapted, lowrank.LoraConfig(r=4, targets="all-linear"))
-    adapted(input_ids=ids)
-    quantized = copy.deepcopy(model)
-    names = lowrank.quantize(quantized, lowrank.NF4Config(compute_dtype=torch.float32))
-    assert names and not set(routers) & set(names)
-    quantized(input_ids=ids)
-    on_weight = lowrank.inject(copy.deepcopy(model), lowrank.LoraConfig(r=4, targets=None, parameters=["router.weight"]))
-    assert sorted(on_weight) == sorted(f"{n}.weight" for n in routers)
