@@ -380,4 +380,3 @@ def test_all_linear_leaves_out_what_a_mamba_mixer_reads_by_weight():
     quantized(input_ids=torch.randint(0, 64, (1, 5)))
     named = lowrank.inject(copy.deepcopy(model), lowrank.LoraConfig(r=4, targets=["x_proj"]))  # named: still yours
     assert len(named) == 2
-
