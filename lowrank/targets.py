@@ -98,9 +98,10 @@ def returns_routing(module: nn.Module) -> bool:
     cls = type(module)
     if not isinstance(module, nn.Linear) or cls.forward is nn.Linear.forward or not module.weight.is_floating_point():
         return False
-    x = module.weight.new_zeros(1, module.in_features)
-    try:
-        with torch.no_grad():
+    w = module.weight
+    x = w.new_zeros(1, module.in_features)
+    try:  # under fork_rng: a router in training mode may draw noise (PhiMoE's jitter), the caller's stream stays
+        with torch.no_grad(), torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             out = cls.forward(module, x)  # the class's forward, no hooks
     except Exception:  # noqa: BLE001 (it takes other input: left to what refuses it by name, quantize's check)
         return False

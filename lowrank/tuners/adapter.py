@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..targets import is_gpt2_conv1d, is_linear_like
+from ..targets import is_gpt2_conv1d, is_linear_like, returns_routing
 from .base import TunerLayer, cast_for, innermost
 from .lora_base import float_dtype_and_device
 
@@ -68,14 +68,15 @@ def module_dims(module: nn.Module) -> tuple[int, int] | None:
     as output size, that same size if a later linear-like submodule maps back to it (a block on
     the residual stream: LlamaMLP's down_proj; Qwen2-MoE's shared expert, not its 1-wide gate
     that comes last), else the last one's (BERT's output.dense 3072 -> 768); a mixture-of-experts
-    block without linear layers (Mixtral's: a router and 3-D experts) maps its experts' hidden
+    block without linear layers (Mixtral's: a router and 3-D experts; a router that subclasses
+    nn.Linear, PhiMoE's, is no linear layer: targets.py, Note: routers) maps its experts' hidden
     size to itself. LoRA's factors inside count for nothing. None when it cannot tell."""
     if is_linear_like(module):
         return _linear_dims(module)
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim, module.embed_dim
     inside = list(_base_modules(module))
-    dims = [_linear_dims(m) for m in inside if is_linear_like(m)]
+    dims = [_linear_dims(m) for m in inside if is_linear_like(m) and not returns_routing(m)]  # PhiMoE's router
     if not dims:
         hidden = next((h for h in map(_experts_hidden, [module, *inside]) if h is not None), None)
         return None if hidden is None else (hidden, hidden)

@@ -233,3 +233,29 @@ def test_a_mixture_of_experts_block_is_sized_by_its_experts(before):
     assert (got - want).abs().max() <= 64 * torch.finfo(torch.float32).eps * want.abs().max()
     model(models.ids()).logits.sum().backward()
     assert ad.down.weight.grad is not None and ad.down.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "gpt_oss"])
+def test_other_mixture_of_experts_blocks_are_sized_by_their_experts(arch):
+    """PhiMoE's router subclasses nn.Linear (32 -> 4 experts) but is no linear layer
+    (targets.py, Note: routers): the block is sized 32 -> 32, not 32 -> 4; GPT-OSS keeps its experts
+    (E, in, out) and a router: 32 -> 32, not the intermediate size."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  num_local_experts=4, num_experts_per_tok=2)
+    if arch == "phimoe":
+        model = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(intermediate_size=48, **common))
+    else:
+        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(intermediate_size=64, head_dim=8,
+                                                                         layer_types=["full_attention"], **common))
+    with torch.no_grad():  # GPT-OSS starts some weights at zero, which would hide the adapter's gradient
+        for p in model.parameters():
+            p.normal_(std=0.1)
+    assert inject(model, AdapterConfig(targets="mlp")) == ["model.layers.0.mlp"]
+    ad = model.model.layers[0].mlp.adapters["default"]
+    assert (ad.down.in_features, ad.up.out_features) == (32, 32)
+    models.randomize_adapters(model)
+    model(models.ids()).logits.sum().backward()  # runs: the adapter reads and adds 32 features
+    assert ad.down.weight.grad.abs().sum() > 0

@@ -40,3 +40,28 @@ def test_all_linear_leaves_out_routers(arch):
     quantized(input_ids=ids)
     on_weight = lowrank.inject(copy.deepcopy(model), lowrank.LoraConfig(r=4, targets=None, parameters=["router.weight"]))
     assert sorted(on_weight) == sorted(f"{n}.weight" for n in routers)
+
+
+class Scaled(nn.Linear):
+    """A linear layer of its own forward that still returns a tensor (as Falcon's FalconLinear)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_linear_subclass_that_returns_a_tensor_stays_in_and_the_probe_draws_nothing():
+    """Only a forward that returns no tensor is a router; the probe runs under fork_rng, so a
+    router drawing noise in training mode (PhiMoE's jitter) leaves the caller's random stream as
+    it was."""
+    from lowrank.targets import returns_routing
+
+    transformers = pytest.importorskip("transformers")
+    assert lowrank.inject(nn.Sequential(Scaled(8, 8), nn.Linear(8, 8)), lowrank.LoraConfig(r=2)) == ["0", "1"]
+    torch.manual_seed(0)
+    cfg = transformers.PhimoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    router = transformers.PhimoeForCausalLM(cfg).train().model.layers[0].mlp.router
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    assert returns_routing(router) and torch.equal(torch.rand(3), want)
