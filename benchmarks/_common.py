@@ -37,6 +37,19 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False) -
     return summarize(times)
 
 
+def on_path(fn: Callable[[], object], path: str) -> Callable[[], object]:
+    """fn with LOWRANK_EXPERTS=path while it runs, the variable as it was after (lowrank/quant/
+    experts4bit.py, Note: routed experts)."""
+    def call():
+        before = os.environ.get("LOWRANK_EXPERTS")
+        os.environ["LOWRANK_EXPERTS"] = path
+        try:
+            return fn()
+        finally:
+            os.environ.pop("LOWRANK_EXPERTS") if before is None else os.environ.__setitem__("LOWRANK_EXPERTS", before)
+    return call
+
+
 def summarize(times_ms: list[float]) -> tuple[float, float, float]:
     """(median, p20, p80) of a list of times."""
     if len(times_ms) == 1:

@@ -47,14 +47,6 @@ def experts_module(e: int, k: int, h: int, i: int) -> torch.nn.Module:
     return block
 
 
-def on_path(path: str, fn):
-    os.environ["LOWRANK_EXPERTS"] = path
-    try:
-        return fn()
-    finally:
-        os.environ.pop("LOWRANK_EXPERTS")
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
@@ -78,14 +70,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 experts(x, index, weights)
 
         shape = f"E{e} top{k} H{h} I{i} T{t} {str(dtype)[6:]}"
-        timed = {p: on_path(p, lambda: _common.bench(forward, device, args.quick)) for p in ("routed", "dense")}
+        timed = {p: _common.on_path(lambda: _common.bench(forward, device, args.quick), p)() for p in ("routed", "dense")}
         inject(block, LoraConfig(r=8, targets=None, parameters=["experts.gate_up_proj", "experts.down_proj"]))
         experts, xg = block.experts, x.clone().requires_grad_()
 
         def train():
             experts(xg, index, weights).sum().backward()
 
-        trained = {p: on_path(p, lambda: _common.bench(train, device, args.quick)) for p in ("routed", "dense")}
+        trained = {p: _common.on_path(lambda: _common.bench(train, device, args.quick), p)() for p in ("routed", "dense")}
         for case, times in (("forward", timed), ("lora_fwd_bwd", trained)):
             rows += [{"case": case, "shape": shape, "path": p, "ms": ms, "p20_ms": p20, "p80_ms": p80,
                       "ratio": ms / times["dense"][0]} for p, (ms, p20, p80) in times.items()]

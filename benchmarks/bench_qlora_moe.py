@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -58,18 +57,6 @@ def stored_mib(model: nn.Module) -> float:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total / 2**20
-
-
-def on_path(fn, path: str):
-    """fn with LOWRANK_EXPERTS=path while it runs (See Note: routed experts)."""
-    def call():
-        before = os.environ.get("LOWRANK_EXPERTS")
-        os.environ["LOWRANK_EXPERTS"] = path
-        try:
-            return fn()
-        finally:
-            os.environ.pop("LOWRANK_EXPERTS") if before is None else os.environ.__setitem__("LOWRANK_EXPERTS", before)
-    return call
 
 
 def decode_fn(model: nn.Module, token: torch.Tensor):
@@ -136,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fns = {name: step_fn(m, ids, losses[name]) for name, m in models.items()}
     decode = {name: decode_fn(m, ids[:1, :1]) for name, m in models.items()}
     for group in (fns, decode):
-        group["lowrank-4bit-dense-path"] = on_path(group["lowrank-4bit-dense-path"], "dense")
+        group["lowrank-4bit-dense-path"] = _common.on_path(group["lowrank-4bit-dense-path"], "dense")
     del models  # the steps hold them
     peaks = {name: peak_memory(device, fn) for name, fn in fns.items()}  # also each one's warm-up step
     times = alternate(fns, shape["reps"])

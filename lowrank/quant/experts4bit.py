@@ -175,7 +175,12 @@ def _product(q: nn.Module, e: int, x: torch.Tensor, transposed: bool) -> torch.T
     decoded again in backward instead (See Note: routed experts)."""
     if torch.is_grad_enabled() and x.requires_grad and decodes_scales(q):
         return _Redecoded.apply(x, q, e, transposed)
-    fields = expert_fields(q, e)
+    return _times(x, expert_fields(q, e), transposed)
+
+
+def _times(x: torch.Tensor, fields: tuple, transposed: bool) -> torch.Tensor:
+    """x @ W^T (lowrank::nf4_linear), or x @ W where `transposed` (nf4_linear_grad_input): each is
+    the other's input gradient."""
     if transposed:
         return torch.ops.lowrank.nf4_linear_grad_input(x, *fields)
     return torch.ops.lowrank.nf4_linear(x, *fields, None)
@@ -190,17 +195,11 @@ class _Redecoded(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, e, transposed):
         ctx.q, ctx.e, ctx.transposed = q, e, transposed
-        fields = expert_fields(q, e)
-        if transposed:
-            return torch.ops.lowrank.nf4_linear_grad_input(x, *fields)
-        return torch.ops.lowrank.nf4_linear(x, *fields, None)
+        return _times(x, expert_fields(q, e), transposed)
 
     @staticmethod
     def backward(ctx, grad):
-        fields = expert_fields(ctx.q, ctx.e)
-        if ctx.transposed:
-            return torch.ops.lowrank.nf4_linear(grad, *fields, None), None, None, None
-        return torch.ops.lowrank.nf4_linear_grad_input(grad, *fields), None, None, None
+        return _times(grad, expert_fields(ctx.q, ctx.e), not ctx.transposed), None, None, None
 
 
 def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, dtype: torch.dtype, names: tuple,
