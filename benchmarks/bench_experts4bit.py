@@ -1,4 +1,4 @@
-"""One mixture-of-experts layer's 4-bit experts, routed against the dense path, in one run.
+"""One mixture-of-experts layer's 4-bit experts, routed and gathered against the dense path, in one run.
 
     python benchmarks/bench_experts4bit.py           # five shapes, from decoding to a long prompt
     python benchmarks/bench_experts4bit.py --quick   # two tiny shapes, a smoke run
@@ -7,9 +7,11 @@ A transformers Mixtral experts module (E experts, top k, hidden H, intermediate 
 3-D parameters in NF4 (blocksize 64, double quantization), called on T tokens with random
 routing. routed: each expert that got tokens computed from its own codes
 (lowrank/quant/experts4bit.py, Note: routed experts); dense: LOWRANK_EXPERTS=dense, every
-expert dequantized and transformers' grouped_mm experts forward run on the dense tensors.
+expert dequantized and transformers' grouped_mm experts forward run on the dense tensors;
+gathered (where T k < E, as torch.compile takes it: Note: gathered experts): each of the T k
+(token, slot) pairs with its own copy of its expert, dequantized in one call, no host read.
 Cases: forward with no grad, and forward + backward with LoRA r=8 on both parameters. Rows: ms
-(median, 20/80% quantiles), ratio = routed / dense. The routed path makes a few op calls per
+(median, 20/80% quantiles), ratio = the path's / dense. The routed path makes a few op calls per
 expert that got tokens; the dense path dequantizes all E experts: which costs more depends on
 how many experts there are, how big, and how many tokens each gets.
 """
@@ -29,8 +31,8 @@ import _common  # noqa: E402
 
 from lowrank import LoraConfig, NF4Config, inject, quantize  # noqa: E402
 
-SHAPES = [(8, 2, 1024, 3584, 1), (8, 2, 1024, 3584, 512), (128, 8, 512, 192, 1), (128, 8, 512, 192, 1024),
-          (128, 8, 128, 64, 1024)]  # (E, k, H, I, T): Mixtral- and Qwen3-MoE-like proportions, scaled down
+SHAPES = [(8, 2, 1024, 3584, 1), (8, 2, 1024, 3584, 512), (128, 8, 512, 192, 1), (128, 8, 512, 192, 4),
+          (128, 8, 512, 192, 1024), (128, 8, 128, 64, 1024)]  # (E, k, H, I, T): Mixtral- and Qwen3-MoE-like proportions, scaled down
 QUICK = [(4, 2, 64, 128, 1), (4, 2, 64, 128, 16)]
 COLUMNS = ["case", "shape", "path", "ms", "p20_ms", "p80_ms", "ratio"]
 
@@ -70,14 +72,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 experts(x, index, weights)
 
         shape = f"E{e} top{k} H{h} I{i} T{t} {str(dtype)[6:]}"
-        timed = {p: _common.on_path(lambda: _common.bench(forward, device, args.quick), p)() for p in ("routed", "dense")}
+        paths = ("routed", "gathered", "dense") if t * k < e else ("routed", "dense")  # gathered: T k experts dense
+        timed = {p: _common.on_path(lambda: _common.bench(forward, device, args.quick), p)() for p in paths}
         inject(block, LoraConfig(r=8, targets=None, parameters=["experts.gate_up_proj", "experts.down_proj"]))
         experts, xg = block.experts, x.clone().requires_grad_()
 
         def train():
             experts(xg, index, weights).sum().backward()
 
-        trained = {p: _common.on_path(lambda: _common.bench(train, device, args.quick), p)() for p in ("routed", "dense")}
+        trained = {p: _common.on_path(lambda: _common.bench(train, device, args.quick), p)() for p in paths}
         for case, times in (("forward", timed), ("lora_fwd_bwd", trained)):
             rows += [{"case": case, "shape": shape, "path": p, "ms": ms, "p20_ms": p20, "p80_ms": p80,
                       "ratio": ms / times["dense"][0]} for p, (ms, p20, p80) in times.items()]

@@ -3,7 +3,7 @@
 Importing this package defines the ops (library.py), registers the reference kernels
 (reference.py) and, when Triton imports, the Triton kernels (triton_*.py)."""
 
-from . import backends, library, lora_ops, reference
+from . import backends, experts_ops, library, lora_ops, reference  # noqa: F401  (defining and registering)
 from .library import nf4_dequantize, nf4_linear
 from .lora_ops import lora_add, nf4_lora_linear
 from . import csrc  # registers the "csrc" backend and its C++ autograd when lowrank._C is built; never raises

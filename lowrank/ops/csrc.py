@@ -11,6 +11,8 @@ registers nothing, and every op runs on the Triton / reference backends.
                             CUDA: 1 <= M <= 16 (tensor cores for
                             float16 / bfloat16), K % 32 == 0
     nf4_linear_grad_input   csrc dequantize in grad_y.dtype, then grad_y @ W
+    nf4_experts_linear      the rows sorted by expert, nf4_linear or   reference, also on a CUDA stream
+                            nf4_linear_grad_input per expert           being captured (experts_ops.py)
 
 LOWRANK_CPU_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set of the CPU kernels (tests,
 benchmarks); by default they use the widest one this CPU has.
@@ -132,6 +134,9 @@ if _C is not None:
         ("nf4_linear_grad_input", nf4_linear_grad_input),
     ):
         backends.register(_op, "csrc")(_fn)
+    from . import experts_ops
+
+    backends.register(experts_ops.OP, "csrc")(experts_ops.per_expert)  # its experts through the ops above
     log.info(
         "lowrank: lowrank._C loaded (CPU kernels: %s%s)", _C.cpu_isa(), ", CUDA kernels" if _C.with_cuda else ", no CUDA"
     )

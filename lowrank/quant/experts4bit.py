@@ -37,9 +37,23 @@ never forms the dense experts tensor.
 # The routed path is taken when the owner follows the protocol, is not expert-parallel, its
 # 4-bit parameters are its gate_up_proj / up_proj / down_proj, each expert is whole blocks,
 # the call binds to the three tensors in a dtype NF4 decodes to (not a float64 reference
-# copy), and nothing is being compiled (the loop over the experts that got tokens reads their
-# counts on the host); otherwise the dense path.
-# LOWRANK_EXPERTS=dense forces the dense path (tests compare the two; benchmarks time both).
+# copy), and nothing is being compiled; otherwise the gathered path or the dense path.
+#
+# Note: gathered experts. The routed loop reads the experts' counts on the host: torch.compile
+# cannot trace it (its shapes depend on the routing) and a CUDA graph cannot hold it. The
+# gathered path has no such read: every (token, slot) pair p = t k + j gets its own copy of
+# expert index[t, j], gathered from the codes (index_select of the packed codes and of the
+# scales, decoded blocks only: nf4.scales_at) and dequantized in one call, then multiplied by
+# its one row in a batched product; LoRA's factors are gathered alike. Its work is T k experts
+# where the dense path's is E, so it is the path while compiling where T k < E (decoding: T = 1
+# and k of E experts); at T k >= E the dense path traces, as before. A pair whose index names no
+# expert (>= num_experts) is computed with the last expert and weighted zero. Under autograd the
+# batched product keeps the T k gathered experts for the input's gradient: fewer than the dense
+# path's E. The choice (See `choose`), by LOWRANK_EXPERTS:
+#   unset / auto   eager: routed; compiling: gathered where T k < E, else dense
+#   routed         eager: routed; compiling: dense (the old choice)
+#   gathered       gathered wherever the call can be routed (tests, benchmarks)
+#   dense          dense (the oracle in tests; benchmarks time each)
 """
 
 from __future__ import annotations
@@ -51,22 +65,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops  # lowrank.ops imports lowrank.quant: its names are read at call time
 from . import nf4
 from .linear4bit import _as_float as as_float
 from .linear4bit import autocast_dtype
 
 WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 _PROTOCOL = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate", "num_experts")
-_MODES = ("routed", "dense")
+_MODES = ("auto", "routed", "gathered", "dense")
 _SIGNATURES: dict[type, inspect.Signature | None] = {}
 
 
 def mode() -> str:
-    """"routed" (the default) or "dense", from LOWRANK_EXPERTS (See Note: routed experts)."""
-    value = os.environ.get("LOWRANK_EXPERTS", "").strip().lower() or "routed"
+    """LOWRANK_EXPERTS: "auto" (unset), "routed", "gathered" or "dense" (See Note: gathered experts)."""
+    value = os.environ.get("LOWRANK_EXPERTS", "").strip().lower() or "auto"
     if value not in _MODES:
         raise ValueError(f"LOWRANK_EXPERTS must be one of {_MODES} or unset, got {value!r}")
     return value
+
+
+def choose(owner: nn.Module, names: tuple[str, ...], args: tuple, kwargs: dict) -> tuple:
+    """(path, call): "routed" or "gathered" with the call's (hidden_states, top_k_index,
+    top_k_weights), or ("dense", None) (See Note: gathered experts)."""
+    how = mode()
+    if how == "dense" or not routable(owner, names):
+        return "dense", None
+    call = routed_call(owner, args, kwargs)
+    if call is None:
+        return "dense", None
+    if how == "gathered":
+        return how, call
+    if not torch.compiler.is_compiling():
+        return "routed", call
+    return ("gathered", call) if how == "auto" and call[1].numel() < owner.num_experts else ("dense", None)
 
 
 def routable(owner: nn.Module, names: tuple[str, ...]) -> bool:
@@ -93,8 +124,6 @@ def _signature(owner: nn.Module) -> inspect.Signature | None:
 
 def routed_call(owner: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
     """(hidden_states, top_k_index, top_k_weights) where this call can be routed, else None."""
-    if torch.compiler.is_compiling():
-        return None
     if len(args) == 3 and not kwargs:
         call = args
     else:
@@ -123,29 +152,21 @@ def decodes_scales(q: nn.Module) -> bool:
     return q._parameters["nested_absmax"] is not None and per % nf4.NESTED_BLOCKSIZE != 0
 
 
-def expert_fields(q: nn.Module, e: int) -> tuple:
-    """Expert e of the 4-bit parameter `q` (a Weight4bit of shape (E, a, b)) as the lowrank::
-    ops take a weight: (packed, absmax, nested_absmax, offset, (a, b), blocksize). Its scales
-    are its blocks of the whole tensor's; where they are not whole nested groups of 256
-    (decodes_scales), they are decoded here to float32, the values the whole tensor's dequantize
-    uses (See Note: routed experts)."""
+def fields(q: nn.Module) -> tuple:
+    """The 4-bit parameter q's stored fields as the lowrank:: ops take a weight: (packed, absmax,
+    nested_absmax, offset, shape, blocksize)."""
     # the stored fields as op_fields reads them, not q.weight: an NF4Weight checks itself on
     # construction, which took longer than a decoding step's expert product (Note: lookups on the hot path)
-    p, bs = q._parameters, q.blocksize
-    n = q.shape[1] * q.shape[2]
-    per = n // bs
-    absmax = as_float(p["absmax"])
-    packed, scales = p["packed"][e * n // 2 : (e + 1) * n // 2], absmax[e * per : (e + 1) * per]
-    shape = (q.shape[1], q.shape[2])
-    nested = as_float(p["nested_absmax"])
-    if nested is None:
-        return packed, scales, None, None, shape, bs
-    group, offset = nf4.NESTED_BLOCKSIZE, as_float(q._buffers["offset"])
-    if per % group == 0:
-        return packed, scales, nested[e * per // group : (e + 1) * per // group], offset, shape, bs
-    lo = e * per // group * group  # the first block of the nested group expert e starts in
-    decoded = nf4.dequantize_scales(absmax[lo : (e + 1) * per], nested[lo // group :], offset)
-    return packed, decoded[e * per - lo :], None, None, shape, bs
+    p = q._parameters
+    return (p["packed"], as_float(p["absmax"]), as_float(p["nested_absmax"]), as_float(q._buffers["offset"]),
+            list(q.shape), q.blocksize)
+
+
+def expert_fields(q: nn.Module, e: int) -> tuple:
+    """Expert e of the 4-bit parameter `q` (a Weight4bit of shape (E, a, b)) as the lowrank::
+    ops take a weight: its slices of the codes and scales, the scales decoded where they are not
+    whole nested groups of 256 (decodes_scales; lowrank/ops/experts_ops.py expert_fields)."""
+    return ops.experts_ops.expert_fields(*fields(q), e)
 
 
 class LowRankTerm:
@@ -167,6 +188,13 @@ class LowRankTerm:
             y = y + (F.linear(F.linear(x.to(A.dtype), A[e]), B[e]) * s).to(y.dtype)
         return y
 
+    def add_gathered(self, y: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + the update of each row x[p] by expert ids[p] (See Note: gathered experts)."""
+        for B, A, s in self.per_expert():
+            xa = torch.bmm(A[ids], x.to(A.dtype).unsqueeze(-1))
+            y = y + (torch.bmm(B[ids], xa).squeeze(-1) * s).to(y.dtype)
+        return y
+
 
 def _product(q: nn.Module, e: int, x: torch.Tensor, transposed: bool) -> torch.Tensor:
     """x times expert e of the 4-bit parameter q: x @ W_e^T, or x @ W_e where experts are stored
@@ -175,15 +203,7 @@ def _product(q: nn.Module, e: int, x: torch.Tensor, transposed: bool) -> torch.T
     decoded again in backward instead (See Note: routed experts)."""
     if torch.is_grad_enabled() and x.requires_grad and decodes_scales(q):
         return _Redecoded.apply(x, q, e, transposed)
-    return _times(x, expert_fields(q, e), transposed)
-
-
-def _times(x: torch.Tensor, fields: tuple, transposed: bool) -> torch.Tensor:
-    """x @ W^T (lowrank::nf4_linear), or x @ W where `transposed` (nf4_linear_grad_input): each is
-    the other's input gradient."""
-    if transposed:
-        return torch.ops.lowrank.nf4_linear_grad_input(x, *fields)
-    return torch.ops.lowrank.nf4_linear(x, *fields, None)
+    return ops.experts_ops.times(x, expert_fields(q, e), transposed)
 
 
 class _Redecoded(torch.autograd.Function):
@@ -195,11 +215,11 @@ class _Redecoded(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, e, transposed):
         ctx.q, ctx.e, ctx.transposed = q, e, transposed
-        return _times(x, expert_fields(q, e), transposed)
+        return ops.experts_ops.times(x, expert_fields(q, e), transposed)
 
     @staticmethod
     def backward(ctx, grad):
-        return _times(grad, expert_fields(ctx.q, ctx.e), not ctx.transposed), None, None, None
+        return ops.experts_ops.times(grad, expert_fields(ctx.q, ctx.e), not ctx.transposed), None, None, None
 
 
 def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, dtype: torch.dtype, names: tuple,
@@ -249,3 +269,38 @@ def forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights
     back = torch.empty_like(order)
     back[order] = torch.arange(order.numel(), device=order.device)
     return y[back].view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def _gathered_linear(owner: nn.Module, name: str, ids: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
+                     names: tuple, terms: dict) -> torch.Tensor:
+    """Row x[p] times expert ids[p] of parameter `name`, in `dtype` (+ bias, + LoRA's term), as
+    _expert_linear computes an expert's rows."""
+    if name in names:
+        y = ops.experts_ops.experts_linear(x.to(dtype), ids, fields(owner._modules[name]), owner.is_transposed)
+    else:  # a dense parameter of a module whose other one is 4-bit
+        w = getattr(owner, name)[ids]
+        xw = x.to(w.dtype)
+        y = torch.bmm(xw.unsqueeze(1), w).squeeze(1) if owner.is_transposed else torch.bmm(w, xw.unsqueeze(-1)).squeeze(-1)
+    if owner.has_bias:
+        y = y + getattr(owner, name + "_bias")[ids]
+    term = terms.get(name)
+    return y if term is None else term.add_gathered(y, ids, x)
+
+
+def gathered_forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                     names: tuple, terms: dict) -> torch.Tensor:
+    """The experts' output (T, H), each (token, slot) pair with its own gathered expert and no
+    read on the host (See Note: gathered experts)."""
+    k, tokens, experts = index.shape[-1], hidden.shape[0], owner.num_experts
+    ids = index.reshape(-1)
+    real = (ids < experts).unsqueeze(-1)
+    ids = ids.clamp(max=experts - 1)
+    x = hidden.repeat_interleave(k, dim=0)  # pair t k + j reads token t
+    dtype = autocast_dtype(hidden) or hidden.dtype
+    h = _gathered_linear(owner, "gate_up_proj" if owner.has_gate else "up_proj", ids, x, dtype, names, terms)
+    h = owner._apply_gate(h) if owner.has_gate else owner.act_fn(h)
+    y = _gathered_linear(owner, "down_proj", ids, h, dtype, names, terms)
+    if owner.has_post_expert_norm:
+        y = owner.post_expert_norm(y)
+    y = torch.where(real, y * weights.reshape(-1, 1), 0)
+    return y.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)

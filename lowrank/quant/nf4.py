@@ -253,6 +253,14 @@ def dequantize_scales(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset
     return dequantize_8bit(qabsmax, nested_absmax) + offset.to(qabsmax.device)
 
 
+def scales_at(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor,
+              blocks: torch.Tensor) -> torch.Tensor:
+    """dequantize_scales(qabsmax, nested_absmax, offset)[blocks], bit for bit, decoding only
+    the blocks asked for (integer indices of any shape; the result has their shape)."""
+    values = _table("map", True, qabsmax.device)[qabsmax[blocks].long()]
+    return values * nested_absmax[blocks // NESTED_BLOCKSIZE] + offset.to(qabsmax.device)
+
+
 # ---------------------------------------------------------------------------------------
 # The two entry points
 # ---------------------------------------------------------------------------------------

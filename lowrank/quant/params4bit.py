@@ -166,10 +166,11 @@ class _DenseForward:
         owner = self.owner
         d, names = owner.__dict__, owner.__dict__[_NAMES]
         terms = _terms_of(owner)
-        if experts4bit.mode() == "routed" and experts4bit.routable(owner, names):
-            call = experts4bit.routed_call(owner, args, kwargs)
-            if call is not None:
-                return experts4bit.forward(owner, *call, names, terms)
+        path, call = experts4bit.choose(owner, names, args, kwargs)
+        if path == "routed":
+            return experts4bit.forward(owner, *call, names, terms)
+        if path == "gathered":
+            return experts4bit.gathered_forward(owner, *call, names, terms)
         dtype, dense = input_dtype(args, kwargs), {}
         for name in names:
             w = owner._modules[name].dense(dtype)

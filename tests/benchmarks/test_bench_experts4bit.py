@@ -1,4 +1,4 @@
-"""The routed-experts benchmark runs end to end with --quick; its timings are not asserted."""
+"""The routed- and gathered-experts benchmark runs end to end with --quick; its timings are not asserted."""
 
 import json
 import sys
@@ -14,8 +14,11 @@ def test_quick_run_writes_rows(tmp_path, monkeypatch):
     out = tmp_path / "experts4bit.json"
     rows = bench_experts4bit.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == rows
-    assert [(r["case"], r["path"]) for r in rows[:4]] == [("forward", "routed"), ("forward", "dense"),
-                                                          ("lora_fwd_bwd", "routed"), ("lora_fwd_bwd", "dense")]
-    assert len(rows) == 8 and all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in rows)
+    # T k < E at the first quick shape (one token, top-2 of 4): the gathered path is timed there too
+    assert [(r["case"], r["path"]) for r in rows[:6]] == [
+        ("forward", "routed"), ("forward", "gathered"), ("forward", "dense"),
+        ("lora_fwd_bwd", "routed"), ("lora_fwd_bwd", "gathered"), ("lora_fwd_bwd", "dense")]
+    assert [r["path"] for r in rows[6:]] == ["routed", "dense"] * 2
+    assert len(rows) == 10 and all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in rows)
     assert all(r["ratio"] == 1.0 for r in rows if r["path"] == "dense")
     assert "LOWRANK_EXPERTS" not in __import__("os").environ  # each path's setting is taken away again

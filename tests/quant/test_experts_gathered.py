@@ -1,0 +1,199 @@
+"""Gathered 4-bit experts (lowrank/quant/experts4bit.py, Note: gathered experts): each (token,
+slot) pair with its own gathered expert, no read on the host, so torch.compile traces it.
+
+The oracles are those of test_experts4bit.py: the dense twin in float64, and the dense path's
+own error against it; the gathered weights themselves are exact.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.ops import experts_ops
+from lowrank.quant import experts4bit, nf4
+from lowrank.quant.params4bit import Weight4bit
+
+from .test_experts4bit import ROUTED, Spy, biased, within
+from .test_params4bit import BUILDS, EXPERTS, F32, ids, quantized_and_twin, randomized
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def gathered(monkeypatch):
+    monkeypatch.setenv("LOWRANK_EXPERTS", "gathered")
+
+
+@pytest.mark.parametrize("shape, blocksize", [((4, 64, 96), 64), ((3, 128, 128), 64), ((2, 32, 64), 128),
+                                              ((5, 16, 64), 32)], ids=["mid-group", "whole-groups", "bs128", "bs32"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+def test_gathered_experts_decode_to_their_experts_exactly(shape, blocksize, double_quant):
+    """Experts gathered in any order, repeated, decode to exactly those slices of the whole
+    tensor's dequantize; the scales of the blocks asked for are the whole tensor's decoded scales."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    q = Weight4bit(nf4.quantize(w, blocksize, double_quant))
+    picks = torch.tensor([shape[0] - 1, 0, 1, 0, shape[0] - 1])
+    for dtype in (F32, torch.bfloat16, torch.float16):
+        got = experts_ops.gathered(picks, *experts4bit.fields(q), dtype)
+        assert torch.equal(got, q.dense(dtype)[picks]), dtype
+    if double_quant:
+        qw = q.weight
+        blocks = torch.tensor([[5, 0], [len(qw.absmax) - 1, 300 % len(qw.absmax)]])
+        want = nf4.dequantize_scales(qw.absmax, qw.nested_absmax, qw.offset)[blocks]
+        assert torch.equal(nf4.scales_at(qw.absmax, qw.nested_absmax, qw.offset, blocks), want)
+
+
+@pytest.mark.parametrize("kind", list(ROUTED))
+def test_gathered_experts_compute_as_the_dense_ones_do(kind, gathered, monkeypatch):
+    """Outputs within float32's error of the float64 twin, no whole dense experts tensor formed."""
+    model, twin = quantized_and_twin(ROUTED[kind])
+    biased(model, twin)
+    dense_calls = Spy(monkeypatch, Weight4bit, "dense")
+    forwards = Spy(monkeypatch, experts4bit, "gathered_forward")
+    with torch.no_grad():
+        got = model(ids()).logits
+        assert forwards.calls and not dense_calls.calls
+        ref = copy.deepcopy(twin).double()
+        if hasattr(ref.config, "_experts_implementation"):
+            ref.config._experts_implementation = "eager"
+        want, dense = ref(ids()).logits, twin(ids()).logits
+    assert within(got, dense, want)
+
+
+@pytest.mark.parametrize("kind, adapters", [("mixtral-eager", 1), ("gpt_oss", 1), ("qwen2_moe", 2)])
+def test_lora_on_gathered_experts_trains_as_on_the_dense_ones(kind, adapters, gathered):
+    """LoRA's update gathered with its experts' factors: the loss and every adapter gradient
+    within float32's error of the float64 twin, as the dense path's are."""
+    config = lowrank.LoraConfig(r=4, alpha=8, targets=["q_proj"], parameters=EXPERTS)
+    model, twin = quantized_and_twin(ROUTED[kind])
+    biased(model, twin)
+    for m in (model, twin):
+        for i in range(adapters):
+            lowrank.inject(m, config, name=f"a{i}")
+        lowrank.set_active(m, [f"a{i}" for i in range(adapters)])
+        randomized(m).train()
+    ref = copy.deepcopy(twin).double()
+    if hasattr(ref.config, "_experts_implementation"):
+        ref.config._experts_implementation = "eager"
+    runs = []
+    for m in (model, twin, ref):
+        loss = m(ids(), labels=ids()).loss
+        loss.backward()
+        runs.append((loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
+    (got, g), (dense, gd), (want, gr) = runs
+    assert within(got, dense, want)
+    assert g.keys() == gr.keys() and any(".experts." in k for k in g)
+    for k in g:
+        assert within(g[k], gd[k], gr[k]), k
+
+
+def test_indices_that_name_no_expert_add_nothing(gathered):
+    model, twin = quantized_and_twin(BUILDS["mixtral-eager"])
+    experts, dense_experts = model.model.layers[0].mlp.experts, twin.model.layers[0].mlp.experts
+    x, w = torch.randn(5, 64), torch.rand(5, 2)
+    dropped = torch.tensor([[0, 4], [4, 4], [3, 4], [1, 2], [4, 0]])
+    with torch.no_grad():
+        got, want = experts(x, dropped, w), dense_experts(x, dropped, w)
+        ref = copy.deepcopy(dense_experts).double()(x.double(), dropped, w.double())
+    assert torch.equal(got[1], torch.zeros(64)) and within(got, want, ref)
+    x[1] = float("inf")  # a dropped pair's row is never weighted into the sum, even where it overflows
+    with torch.no_grad():
+        assert torch.equal(experts(x, dropped, w)[1], torch.zeros(64))
+
+
+@pytest.mark.parametrize("how", ["bf16", "autocast"])
+def test_half_precision(how, gathered):
+    """bf16, or float32 under bf16 autocast (the experts then compute in bf16, returned in
+    float32, as on the routed path)."""
+    model, twin = quantized_and_twin(BUILDS["mixtral-grouped"])
+    ref = copy.deepcopy(twin).double()
+    ref.config._experts_implementation = "eager"
+    if how == "bf16":
+        model.to(torch.bfloat16), twin.to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=how == "autocast"):
+        got, dense = model(ids()).logits, twin(ids()).logits
+    with torch.no_grad():
+        want = ref(ids()).logits
+    assert got.dtype == dense.dtype and within(got, dense, want)
+    experts = model.model.layers[0].mlp.experts
+    x, index, w = torch.randn(6, 64), torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [2, 1]]), torch.rand(6, 2)
+    if how == "autocast":
+        with torch.no_grad():
+            with torch.autocast("cpu", torch.bfloat16):
+                auto = experts(x, index, w)
+            assert auto.dtype == F32 and torch.equal(auto.bfloat16(), experts(x.bfloat16(), index, w))
+
+
+def test_backward_keeps_nothing_of_an_experts_size():
+    """Under autograd lowrank::nf4_experts_linear keeps views of the stored codes (its backward is
+    the op again), so nothing of one expert's size is saved; the dense path keeps the whole dense
+    tensor (its experts' slices are views of it)."""
+    model, _ = quantized_and_twin(BUILDS["mixtral-eager"])
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+    experts = model.model.layers[0].mlp.experts
+    one = experts.base.base.gate_up_proj.shape[1:].numel() * 4  # bytes of one float32 expert
+    x, index, w = torch.randn(1, 64, requires_grad=True), torch.tensor([[2, 0]]), torch.rand(1, 2)
+
+    def largest_saved(path: str) -> int:
+        storages = {0: 0}  # the storages autograd keeps, by address: their sizes in bytes
+
+        def keep(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with pytest.MonkeyPatch.context() as mp, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            mp.setenv("LOWRANK_EXPERTS", path)
+            experts(x, index, w).sum().backward()
+        return max(storages.values())
+
+    assert largest_saved("gathered") < one and largest_saved("dense") == 4 * one
+
+
+def _decoding_block(adapters: bool):
+    model, _ = quantized_and_twin(BUILDS["mixtral-grouped"])
+    if adapters:
+        lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+        randomized(model)
+    return model.model.layers[0].mlp
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["plain", "lora"])
+def test_compiled_decoding_gathers_the_routed_experts(adapters, monkeypatch):
+    """Compiled (fullgraph, through the ops' fake kernels: aot_eager), a decoding step (1 token,
+    top-2 of 4 experts) takes the gathered path and equals it eager, LoRA included; a step of 5
+    tokens (10 pairs >= 4 experts) traces the dense path, as before."""
+    block = _decoding_block(adapters)
+    forwards = Spy(monkeypatch, experts4bit, "gathered_forward")
+    dense_calls = Spy(monkeypatch, Weight4bit, "dense")
+    one, five = (torch.randn(1, n, 64, generator=torch.Generator().manual_seed(n)) for n in (1, 5))
+    with torch.no_grad():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LOWRANK_EXPERTS", "gathered")
+            want = block(one)
+        traced = len(forwards.calls)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+        got = compiled(one)
+        assert len(forwards.calls) > traced and not dense_calls.calls
+        assert torch.allclose(got, want, rtol=0, atol=8 * torch.finfo(F32).eps * want.abs().max().item())
+        compiled(five)
+        assert dense_calls.calls
+    torch._dynamo.reset()
+
+
+def test_routed_under_compile_keeps_the_dense_path(monkeypatch):
+    """LOWRANK_EXPERTS=routed: eager routes, compiled traces the dense path (the choice before
+    the gathered path)."""
+    block = _decoding_block(False)
+    monkeypatch.setenv("LOWRANK_EXPERTS", "routed")
+    forwards = Spy(monkeypatch, experts4bit, "gathered_forward")
+    dense_calls = Spy(monkeypatch, Weight4bit, "dense")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(block, backend="eager", fullgraph=True)(torch.randn(1, 1, 64))
+    assert dense_calls.calls and not forwards.calls
+    torch._dynamo.reset()
