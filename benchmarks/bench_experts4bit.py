@@ -8,8 +8,9 @@ A transformers Mixtral experts module (E experts, top k, hidden H, intermediate 
 routing. routed: each expert that got tokens computed from its own codes
 (lowrank/quant/experts4bit.py, Note: routed experts); dense: LOWRANK_EXPERTS=dense, every
 expert dequantized and transformers' grouped_mm experts forward run on the dense tensors;
-gathered (where T k < E, as torch.compile takes it: Note: gathered experts): each of the T k
-(token, slot) pairs with its own copy of its expert, dequantized in one call, no host read.
+gathered (where T k < E, the path torch.compile traces there: Note: gathered experts): the
+T k (token, slot) pairs through lowrank::nf4_experts_linear, one call a parameter. --compile adds
+the forward compiled (inductor), gathered against dense: what compiled decoding gets.
 Cases: forward with no grad, and forward + backward with LoRA r=8 on both parameters. Rows: ms
 (median, 20/80% quantiles), ratio = the path's / dense. The routed path makes a few op calls per
 expert that got tokens; the dense path dequantizes all E experts: which costs more depends on
@@ -49,9 +50,25 @@ def experts_module(e: int, k: int, h: int, i: int) -> torch.nn.Module:
     return block
 
 
+def compiled(experts, x, index, weights, device, quick: bool) -> tuple:
+    """The no-grad forward compiled anew (inductor) under the LOWRANK_EXPERTS of the call: where
+    T k < E the default traces the gathered path, LOWRANK_EXPERTS=dense the dense one."""
+    torch._dynamo.reset()
+    fn = torch.compile(experts, fullgraph=True)
+
+    def forward():
+        with torch.no_grad():
+            fn(x, index, weights)
+
+    forward()  # compiles
+    return _common.bench(forward, device, quick)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the no-grad forward compiled (inductor) where T k < E: gathered against dense")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "experts4bit.json")
     args = parser.parse_args(argv)
     if "LOWRANK_EXPERTS" in os.environ:
@@ -74,14 +91,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shape = f"E{e} top{k} H{h} I{i} T{t} {str(dtype)[6:]}"
         paths = ("routed", "gathered", "dense") if t * k < e else ("routed", "dense")  # gathered: T k experts dense
         timed = {p: _common.on_path(lambda: _common.bench(forward, device, args.quick), p)() for p in paths}
+        cases = [("forward", timed)]
+        if args.compile and t * k < e:
+            cases.append(("compiled_forward", {p: _common.on_path(lambda: compiled(experts, x, index, weights, device,
+                                                                                   args.quick), p)()
+                                               for p in ("gathered", "dense")}))
         inject(block, LoraConfig(r=8, targets=None, parameters=["experts.gate_up_proj", "experts.down_proj"]))
         experts, xg = block.experts, x.clone().requires_grad_()
 
         def train():
             experts(xg, index, weights).sum().backward()
 
-        trained = {p: _common.on_path(lambda: _common.bench(train, device, args.quick), p)() for p in paths}
-        for case, times in (("forward", timed), ("lora_fwd_bwd", trained)):
+        cases.append(("lora_fwd_bwd", {p: _common.on_path(lambda: _common.bench(train, device, args.quick), p)()
+                                       for p in paths}))
+        for case, times in cases:
             rows += [{"case": case, "shape": shape, "path": p, "ms": ms, "p20_ms": p20, "p80_ms": p80,
                       "ratio": ms / times["dense"][0]} for p, (ms, p20, p80) in times.items()]
     _common.report(args.out, rows, COLUMNS, device)

@@ -22,3 +22,11 @@ def test_quick_run_writes_rows(tmp_path, monkeypatch):
     assert len(rows) == 10 and all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in rows)
     assert all(r["ratio"] == 1.0 for r in rows if r["path"] == "dense")
     assert "LOWRANK_EXPERTS" not in __import__("os").environ  # each path's setting is taken away again
+
+
+def test_compiled_case(tmp_path, monkeypatch):
+    """--compile adds the compiled forward where T k < E (the first quick shape only), both paths."""
+    monkeypatch.delenv("LOWRANK_EXPERTS", raising=False)
+    rows = bench_experts4bit.main(["--quick", "--compile", "--out", str(tmp_path / "e.json")])
+    compiled = [(r["shape"].split()[4], r["path"]) for r in rows if r["case"] == "compiled_forward"]
+    assert compiled == [("T1", "gathered"), ("T1", "dense")]
