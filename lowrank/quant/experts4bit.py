@@ -40,19 +40,24 @@ never forms the dense experts tensor.
 # copy), and nothing is being compiled; otherwise the gathered path or the dense path.
 #
 # Note: gathered experts. The routed loop reads the experts' counts on the host: torch.compile
-# cannot trace it (its shapes depend on the routing) and a CUDA graph cannot hold it. The
-# gathered path has no such read: every (token, slot) pair p = t k + j gets its own copy of
-# expert index[t, j], gathered from the codes (index_select of the packed codes and of the
-# scales, decoded blocks only: nf4.scales_at) and dequantized in one call, then multiplied by
-# its one row in a batched product; LoRA's factors are gathered alike. Its work is T k experts
-# where the dense path's is E, so it is the path while compiling where T k < E (decoding: T = 1
-# and k of E experts); at T k >= E the dense path traces, as before. A pair whose index names no
-# expert (>= num_experts) is computed with the last expert and weighted zero. Under autograd the
-# batched product keeps the T k gathered experts for the input's gradient: fewer than the dense
-# path's E. The choice (See `choose`), by LOWRANK_EXPERTS:
+# cannot trace it (its shapes depend on the routing), so a compiled model used to take the dense
+# path and decode every expert on every call. The gathered path keeps the loop inside one op:
+# the T k (token, slot) pairs, pair t k + j with token t's row and expert index[t, j], go
+# through lowrank::nf4_experts_linear (lowrank/ops/experts_ops.py, Note: one op for the routed
+# pairs) once a parameter, up -> gate or activation -> down on all the pairs, then the
+# post-expert norm, the routing weights, the sum over k. Its shapes depend on T and k alone, so
+# it traces as a few graph nodes. Its csrc kernel computes each expert with rows from its codes,
+# as the routed path does; its reference kernel (other devices, a CUDA graph being captured)
+# dequantizes one copy of the expert a pair (T k experts), which the dense path's E bounds only
+# where T k < E; so, while compiling, the gathered path is taken where T k < E (decoding: one
+# token, k of E experts) and the dense path elsewhere. LoRA's factors are gathered a pair (T k
+# copies of r (in + out) values) and added in the factors' dtype, as on the routed path. A pair
+# whose index names no expert (>= num_experts) is computed with the last expert and weighted
+# zero. Under autograd the op keeps views of the stored codes only (its backward is the op again).
+# The choice (`choose`), by LOWRANK_EXPERTS:
 #   unset / auto   eager: routed; compiling: gathered where T k < E, else dense
-#   routed         eager: routed; compiling: dense (the old choice)
-#   gathered       gathered wherever the call can be routed (tests, benchmarks)
+#   routed         eager: routed; compiling: dense (the choice before the gathered path)
+#   gathered       gathered wherever the call can be routed, at any T k (tests, benchmarks)
 #   dense          dense (the oracle in tests; benchmarks time each)
 """
 
