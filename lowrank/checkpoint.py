@@ -6,7 +6,8 @@ transformers model directory with `quantization_config` in config.json, which
 `transformers.AutoModel*.from_pretrained` loads as a bitsandbytes 4-bit model;
 `load_quantized` reads such a directory (ours, or one transformers + bitsandbytes wrote)
 into a model built from its config: every linear layer with 4-bit entries in the
-checkpoint becomes a Linear4bit holding exactly those codes and scales.
+checkpoint becomes a Linear4bit holding exactly those codes and scales. 4-bit parameters (MoE
+experts) are written and read too, in lowrank only (See Note: 4-bit parameters on disk).
 """
 
 from __future__ import annotations
@@ -22,20 +23,21 @@ from torch import nn
 from . import distributed, shards
 from .export import _write_config, quantization_config
 from .quant.linear4bit import Linear4bit
-from .quant.params4bit import Weight4bit
+from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
 from .walk import _walk, plain_modules
 
-_MARK = ".weight." + BNB_QUANT_STATE_KEY  # the entry that says "this module's weight is 4-bit"
+_MARK = "." + BNB_QUANT_STATE_KEY  # the entry that says "the tensor at this key is 4-bit"
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB", *,
                    overwrite: bool = False) -> list[str] | None:
     """Write a model quantized by lowrank.quantize (no adapters in it) as a bitsandbytes 4-bit
     transformers directory: safetensors shards, config.json with `quantization_config`,
-    generation_config.json. Atomic (Note: atomic directories, lowrank/shards.py). Returns
+    generation_config.json. 4-bit parameters (MoE experts) are written in 4 bits as well, which
+    load_quantized reads and transformers refuses (See Note: 4-bit parameters on disk). Atomic (Note: atomic directories, lowrank/shards.py). Returns
     the weight files written. Under torch.distributed rank 0 writes (the others return None), from
     an unsharded model (DDP); an FSDP2-sharded one is refused."""
     model = distributed.unwrap(model)
@@ -44,14 +46,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
         raise ValueError("the model has adapters; save them with lowrank.save_adapter (and eject them first), or "
                          "fold them in with lowrank.merge_and_export(..., requantize=True)")
     quantized = {n: m for n, m in plain_modules(model) if isinstance(m, Linear4bit)}  # names as state_dict()'s
-    params4 = [n for n, m in plain_modules(model) if isinstance(m, Weight4bit)]
-    if params4:
-        raise ValueError(f"the model has 4-bit parameters ({params4[:3]}, MoE experts), which transformers' bitsandbytes "
-                         "loading cannot read (it keeps experts dense); save the dense checkpoint and read it back with "
-                         "lowrank.load_and_quantize(..., NF4Config(parameters=...)), or, where its linear layers are 4-bit "
-                         "too, write a bitsandbytes model with merge_and_export(..., requantize=True), which writes "
-                         "the experts dense")
-    if not quantized:
+    params4 = {n: m for n, m in plain_modules(model) if isinstance(m, Weight4bit)}  # See Note: 4-bit parameters on disk
+    if not quantized and not params4:
         raise ValueError(f"{type(model).__name__} has no 4-bit layers; quantize it with lowrank.quantize first "
                          "(or save a dense model with its own save_pretrained)")
     max_bytes = shards.parse_size(max_shard_size)
@@ -66,7 +62,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     def write() -> list[str]:
         with shards.atomic_directory(out_dir, overwrite) as tmp:
             files = shards.write(parts, tmp, max_bytes)
-            _write_config(model, tmp, None, quantization_config(quantized, plain_modules(model)), state)
+            _write_config(model, tmp, None, quantization_config(quantized | params4, plain_modules(model)), state)
         return files
 
     return distributed.on_main(write, collective=False)  # every rank may call it: one writes
@@ -75,31 +71,27 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
 def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, strict: bool) -> list[str]:
     """load_quantized's work: 4-bit layers in, then every tensor; the names now in 4 bits."""
     places = {name: (parent, attr) for parent, attr, name, _ in _walk(model)}  # names as state_dict()'s
-    names = sorted(k[: -len(_MARK)] for k in state if k.endswith(_MARK))
-    for name in names:
-        module = getattr(*places[name]) if name in places else None
+    names = []
+    for key in sorted(k[: -len(_MARK)] for k in state if k.endswith(_MARK)):  # "M.weight", or "M.p" (a parameter)
+        parent, _, attr = key.rpartition(".")
+        module = model if not parent else getattr(*places[parent]) if parent in places else None
         if module is None:
-            raise ValueError(f"{path}: the checkpoint has a 4-bit weight {name + '.weight'!r}, but {type(model).__name__} "
-                             "has no such module; was it built from the same config?")
-        if isinstance(module, Linear4bit):
-            continue  # already 4-bit: load_state_dict below loads the codes
-        if not (isinstance(module, nn.Linear) or is_gpt2_conv1d(module)):
-            raise TypeError(f"{path}: {name!r} is 4-bit in the checkpoint but a {type(module).__name__} in the model")
-        prefix = f"{name}.weight"
+            raise ValueError(f"{path}: the checkpoint has a 4-bit tensor {key!r}, but {type(model).__name__} has no "
+                             f"module {parent!r}; was it built from the same config?")
         try:
-            q = NF4Weight.from_state_dict(state, prefix)
+            q = NF4Weight.from_state_dict(state, key)
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{path}: while reading the 4-bit weight {prefix!r}: {e}") from e
-        out_in = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else (module.nf, module.nx)
-        if tuple(q.shape) != out_in:
-            raise ValueError(f"{path}: size mismatch for {prefix}: the checkpoint's 4-bit weight has shape "
-                             f"{tuple(q.shape)}, the model's layer is (out, in) = {out_in}")
-        bias = state.get(f"{name}.bias") if getattr(module, "bias", None) is not None else None
-        try:
-            layer = Linear4bit(q, bias, compute_dtype)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{path}: {name!r}: {e}") from e
-        setattr(*places[name], layer)
+            raise ValueError(f"{path}: while reading the 4-bit weight {key!r}: {e}") from e
+        linear = attr == "weight" and (isinstance(module, (nn.Linear, Linear4bit)) or is_gpt2_conv1d(module))
+        names.append(parent if linear else key)
+        if linear and not parent:  # the model is itself the layer: nothing holds it to be replaced
+            if not isinstance(module, Linear4bit):
+                raise ValueError(f"{path}: the checkpoint's weight is 4-bit and the model is a {type(module).__name__}; "
+                                 "a module cannot replace itself: quantize it first (lowrank.quantize), then load")
+        elif linear:
+            _linear_in(module, places[parent], parent, q, state, compute_dtype, path)
+        else:
+            _parameter_in(module, attr, q, compute_dtype, path, key)
     result = model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # transformers: lm_head <- embeddings when the config ties them
@@ -118,6 +110,49 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
     if problems:
         raise ValueError(f"{path}: the checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
     return names
+
+
+def _linear_in(module: nn.Module, place: tuple, name: str, q: NF4Weight, state: dict, compute_dtype, path) -> None:
+    """The linear layer `module` named `name` at `place` (parent, attribute) as a Linear4bit of q."""
+    if isinstance(module, Linear4bit):
+        return  # already 4-bit: load_state_dict loads the codes
+    out_in = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else (module.nf, module.nx)
+    if tuple(q.shape) != out_in:
+        raise ValueError(f"{path}: size mismatch for {name}.weight: the checkpoint's 4-bit weight has shape "
+                         f"{tuple(q.shape)}, the model's layer is (out, in) = {out_in}")
+    bias = state.get(f"{name}.bias") if getattr(module, "bias", None) is not None else None
+    try:
+        layer = Linear4bit(q, bias, compute_dtype)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{path}: {name!r}: {e}") from e
+    setattr(*place, layer)
+
+
+# Note: 4-bit parameters on disk. A 4-bit parameter (MoE experts: quant/params4bit.py) writes the
+# same six bitsandbytes entries as a 4-bit linear layer, at the parameter's own key
+# (`experts.gate_up_proj`, `experts.gate_up_proj.absmax`, ..., its 3-D shape in the quant state)
+# instead of `M.weight`. save_quantized writes them beside the 4-bit layers; load_quantized puts
+# a Weight4bit with exactly those codes in place of the parameter of that name. transformers +
+# bitsandbytes cannot read them (they keep experts dense): transformers refuses such a directory
+# (size mismatch at the experts' keys) unless told to ignore mismatched sizes, which would leave
+# the experts newly initialized.
+def _parameter_in(module: nn.Module, attr: str, q: NF4Weight, compute_dtype, path, key: str) -> None:
+    """`module`'s parameter `attr` as a 4-bit parameter of q (See Note: 4-bit parameters on disk)."""
+    if stored(module, attr) is not None:
+        return  # already 4-bit: load_state_dict loads the codes
+    p = module._parameters.get(attr)
+    if not isinstance(p, torch.Tensor):
+        what = "a 4-bit weight" if attr == "weight" else "a 4-bit parameter"
+        raise TypeError(f"{path}: {key!r} is {what} in the checkpoint, but {type(module).__name__} has no "
+                        f"{'linear weight' if attr == 'weight' else 'parameter'} {attr!r} to hold it")
+    if tuple(q.shape) != tuple(p.shape):
+        raise ValueError(f"{path}: size mismatch for {key}: the checkpoint's 4-bit parameter has shape {tuple(q.shape)}, "
+                         f"the model's is {tuple(p.shape)}")
+    try:
+        check_owner(key, module)
+        install(module, attr, Weight4bit(q, compute_dtype))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{path}: {e}") from e
 
 
 def _quantization_config(path: pathlib.Path) -> dict:
@@ -142,15 +177,22 @@ def _restored_on_error(model: nn.Module):
     """On any error inside, every module of `model` gets back the submodules, parameters and
     buffers it had (references, not copies: a load assigns new tensors, it does not write into
     the old ones)."""
-    saved = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    # and the instance attributes and load pre-hooks that a 4-bit parameter puts on its owner (params4bit.install)
+    saved = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), dict(m._load_state_dict_pre_hooks),
+              {k: m.__dict__[k] for k in OWNER_KEYS if k in m.__dict__}) for m in model.modules()]
     try:
         yield
     except BaseException:
-        for m, modules, params, buffers in saved:
-            for d, old in ((m._modules, modules), (m._parameters, params), (m._buffers, buffers)):
+        for m, modules, params, buffers, hooks, attrs in saved:
+            for d, old in ((m._modules, modules), (m._parameters, params), (m._buffers, buffers),
+                           (m._load_state_dict_pre_hooks, hooks)):
                 d.clear()
                 d.update(old)
+            for k in OWNER_KEYS:
+                m.__dict__.pop(k, None)
+            m.__dict__.update(attrs)
         raise
+
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: torch.dtype | None = None,
@@ -158,10 +200,11 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     """Load a 4-bit checkpoint directory (lowrank's save_quantized, or transformers +
     bitsandbytes' save_pretrained) into `model`, built from the same config, in place: each
     nn.Linear (or GPT-2 Conv1D) whose weight the checkpoint holds in 4 bits is replaced by a
-    Linear4bit with exactly the checkpoint's codes and scales; every other tensor is loaded as
-    it is. `model` may be built with its parameters on the meta device (under
+    Linear4bit with exactly the checkpoint's codes and scales, any other 4-bit tensor becomes a
+    4-bit parameter of its module (See Note: 4-bit parameters on disk); every other tensor is
+    loaded as it is. `model` may be built with its parameters on the meta device (under
     `lowrank.skeleton()`): they are assigned from the checkpoint, never allocated twice. compute_dtype: default config.json's bnb_4bit_compute_dtype, else each weight's own.
-    Returns the names of the modules now in 4 bits. Missing or unexpected keys raise when
+    Returns the names now in 4 bits: the layers' module names, the parameters' keys. Missing or unexpected keys raise when
     `strict`; weights tied by the model (`tie_weights()`) may be absent from the file."""
     path = pathlib.Path(path)
     quant = _quantization_config(path)

@@ -44,6 +44,7 @@ from .linear4bit import Stored4bit
 from .nf4_weight import NF4Weight
 
 _NAMES = "_nf4_parameters"  # instance attribute of an owner: its 4-bit parameters' names, in registration order
+OWNER_KEYS = (_NAMES, "_nf4_order", "forward")  # what install() puts in an owner's instance dict
 # Note: where LoRA's updates wait. LoraParameter hands the owner LoRA's update of a 4-bit
 # parameter for one call (with_term). An eager call puts it in a context variable, per thread
 # (or task), so two threads calling one model never see each other's: {(id(owner), name): term},
@@ -241,13 +242,19 @@ def quantize_parameter(owner: nn.Module, name: str, blocksize: int, double_quant
                        compute_dtype: torch.dtype | None) -> None:
     """Replace `owner`'s parameter `name` by a Weight4bit (See Note: a 4-bit parameter); the
     dense parameter is dropped here."""
+    w = owner._parameters[name]
+    stored_w = Weight4bit(nf4.quantize(w.detach(), blocksize, double_quant), compute_dtype)
+    del w
+    install(owner, name, stored_w)
+
+
+def install(owner: nn.Module, name: str, stored_w: Weight4bit) -> None:
+    """Put the Weight4bit `stored_w` in place of `owner`'s parameter `name` (dense, or on the meta
+    device for a checkpoint read into 4 bits), which is dropped (See Note: a 4-bit parameter)."""
     d = owner.__dict__
     if _NAMES not in d:
         d["_nf4_order"] = tuple(owner._parameters)
         owner.register_load_state_dict_pre_hook(_packed_below)
-    w = owner._parameters[name]
-    stored_w = Weight4bit(nf4.quantize(w.detach(), blocksize, double_quant), compute_dtype)
-    del w
     del owner._parameters[name]
     owner._modules[name] = stored_w
     d[_NAMES] = (*names_4bit(owner), name)

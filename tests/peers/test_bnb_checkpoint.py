@@ -176,3 +176,18 @@ def test_transformers_loads_what_the_default_targets_quantize(build, tmp_path):
     assert sorted(got) == sorted(ours) == sorted(replaced)
     for name, w in got.items():
         assert torch.equal(w, ours[name].dequantize(w.dtype)), name
+
+
+def test_transformers_refuses_our_4bit_experts(tmp_path):
+    """transformers + bitsandbytes keep a MoE model's experts dense: a directory with 4-bit experts
+    (checkpoint.py, Note: 4-bit parameters on disk) is refused by its size check, not loaded with
+    experts left uninitialized; load_quantized reads it."""
+    from tests.quant.test_params4bit import CONFIG, mixtral
+
+    model = mixtral()
+    lowrank.quantize(model, CONFIG)
+    lowrank.save_quantized(model, tmp_path / "q")
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    again = empty(model.config)
+    assert any(".experts." in n for n in lowrank.load_quantized(again, tmp_path / "q"))

@@ -79,12 +79,64 @@ def test_merge_refused_export_writes_them_dense(tmp_path):
         assert torch.equal(loaded(ids()).logits, twin(ids()).logits)
 
 
-def test_save_quantized_refuses_them(tmp_path):
+@pytest.mark.parametrize("config", [CONFIG, lowrank.NF4Config(targets=None, parameters=EXPERTS, compute_dtype=torch.bfloat16)],
+                         ids=["layers-and-experts", "experts-alone-bf16"])
+def test_save_quantized_and_load_quantized_keep_them(tmp_path, config):
+    """A checkpoint of 4-bit experts (checkpoint.py, Note: 4-bit parameters on disk) reads back into
+    a model built on the meta device: the same codes (state dicts equal), the same outputs bit for
+    bit, the compute dtype of config.json; each experts tensor is written once, in 4 bits."""
+    import json
+
+    from safetensors import safe_open
+
     model = mixtral()
-    lowrank.quantize(model, CONFIG)
-    with pytest.raises(ValueError, match="4-bit parameters.*load_and_quantize"):
-        lowrank.save_quantized(model, tmp_path / "q")
-    assert not (tmp_path / "q").exists()
+    lowrank.quantize(model, config)
+    lowrank.save_quantized(model, tmp_path / "q")
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    key = "model.layers.1.mlp.experts.down_proj"
+    assert stored[key].dtype == torch.uint8 and stored[key].numel() == 4 * 64 * 96 // 2
+    quant = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert quant["bnb_4bit_compute_dtype"] == str(config.compute_dtype or torch.float32).removeprefix("torch.")
+    if not config.targets:  # every linear layer dense: listed for transformers to leave alone
+        assert "model.layers.0.self_attn.q_proj" in quant["llm_int8_skip_modules"]
+    with lowrank.skeleton():
+        again = mixtral()
+    names = lowrank.load_quantized(again, tmp_path / "q")
+    assert [n for n in names if ".experts." in n] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                                       for p in ("down_proj", "gate_up_proj")]
+    assert (".q_proj" in " ".join(names)) == bool(config.targets)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    experts = again.model.layers[0].mlp.experts
+    assert experts._modules["gate_up_proj"].compute_dtype == model.model.layers[0].mlp.experts._modules["gate_up_proj"].compute_dtype
+    with torch.no_grad():
+        assert torch.equal(again(ids()).logits, model(ids()).logits)
+    lowrank.inject(again, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))  # QLoRA on the loaded experts
+    again(ids(), labels=ids()).loss.backward()
+
+
+def test_load_quantized_of_experts_refuses_what_does_not_fit(tmp_path):
+    """A 4-bit parameter of another shape, or none to hold it: named errors, and the model as it
+    was (no 4-bit parameter left installed on any owner)."""
+    model = mixtral()
+    lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
+    lowrank.save_quantized(model, tmp_path / "q")
+    other = mixtral()
+    other.model.layers[1].mlp.experts.down_proj = nn.Parameter(torch.zeros(4, 64, 32))  # layer 0's fit, layer 1's not
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"size mismatch for model.layers.1.mlp.experts.down_proj: the checkpoint's "
+                                         r"4-bit parameter has shape \(4, 64, 96\), the model's is \(4, 64, 32\)"):
+        lowrank.load_quantized(other, tmp_path / "q")
+    experts = other.model.layers[0].mlp.experts
+    assert "forward" not in experts.__dict__ and not lowrank.quant.params4bit.names_4bit(experts)
+    assert not experts._load_state_dict_pre_hooks and isinstance(experts._parameters["gate_up_proj"], nn.Parameter)
+    after = other.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    del other.model.layers[1].mlp.experts._parameters["down_proj"]
+    with pytest.raises(TypeError, match=r"'model.layers.1.mlp.experts.down_proj' is a 4-bit parameter in the checkpoint, "
+                                        r"but MixtralExperts has no parameter 'down_proj' to hold it"):
+        lowrank.load_quantized(other, tmp_path / "q")
 
 
 def test_requantize_of_experts_alone_says_why(tmp_path):
