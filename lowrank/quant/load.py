@@ -178,7 +178,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                     done.add(key)
                     continue
                 owner, _, leaf = experts.renamed(key).rpartition(".")
-                module = modules.get(owner)
+                module, name = modules.get(owner), owner
                 owner = first_name.get(owner, owner)
                 if owner in layers and leaf in ("weight", "bias"):
                     parent, attr = layers[owner][0]
@@ -211,6 +211,8 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                             for parent, attr in layers[owner]:  # one 4-bit layer wherever the module was
                                 setattr(parent, attr, quantized)
                             del quantized
+                elif module is not None and experts.per_expert_too(name, leaf, key, bad_shapes):
+                    continue
                 elif module is not None and leaf in names_4bit(module):  # See Note: 4-bit parameters as they are read
                     bad_shapes.append(f"{key}: its tensor is 4-bit already (read twice, or the model was quantized before)")
                     continue
@@ -271,6 +273,8 @@ class _Experts:
         self.filled: dict[tuple[str, str], set] = {}  # (experts module, parameter) -> {(expert, place)}, made once
         self.shapes: dict[tuple[str, str], torch.Size] = {}
         self.whole = whole  # called (owner, parameter) when a fused parameter's last rows arrive
+        self.read_whole: set[tuple[str, str]] = set()  # fused parameters read as one tensor (not from experts' rows)
+        self.said: set[tuple[str, str]] = set()  # those of them whose experts' rows came too, said once
 
     def take(self, key: str, f, bad_shapes: list) -> bool:
         """Copy `key` into its rows of a fused experts parameter, if it is an expert's weight."""
@@ -284,6 +288,11 @@ class _Experts:
             count = self.shapes[slot][0]
             bad_shapes.append(f"{key}: rows of expert {e} read twice" if e < count else
                               f"{key}: expert index {e}, and {m['moe']}.experts has {count} experts (0-{count - 1})")
+            return True
+        if slot in self.read_whole:  # said once, at the first expert's key
+            if slot not in self.said:
+                bad_shapes.append(_BOTH.format(key=key, name=f"{m['moe']}.experts.{param}"))
+                self.said.add(slot)
             return True
         if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
             return False
@@ -310,6 +319,17 @@ class _Experts:
             self.whole(owner, param)
         return True
 
+    def per_expert_too(self, owner: str, param: str, key: str, bad_shapes: list) -> bool:
+        """`key`, the whole of `owner`'s fused parameter `param`: whether experts' rows of it were
+        read too (then said in bad_shapes); else it is remembered as read whole."""
+        if param not in {fused for fused, _ in self.fused.values()}:
+            return False
+        if (owner, param) in self.filled:
+            bad_shapes.append(_BOTH.format(key=key, name=f"{owner}.{param}"))
+            return True
+        self.read_whole.add((owner, param))
+        return False
+
     def _missing(self, key: tuple[str, str]) -> int:
         e = self.shapes[key][0]
         return e * (2 if key[1] == "gate_up_proj" else 1) - len(self.filled[key])
@@ -318,6 +338,10 @@ class _Experts:
         return [f"{name}.{param}: the checkpoint holds experts' rows {sorted(seen)}, not all of "
                 f"{len(seen) + self._missing((name, param))}" for (name, param), seen in self.filled.items()
                 if self._missing((name, param))]
+
+
+_BOTH = ("{key}: the checkpoint holds {name} both as one tensor and as its experts' rows (transformers 4's "
+         "experts.N.* keys); it should hold one of them")
 
 
 def _places(model: nn.Module, config: NF4Config) -> tuple[dict[str, list[tuple[nn.Module, str]]], dict[str, str]]:

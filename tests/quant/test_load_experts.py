@@ -162,3 +162,26 @@ def test_t5s_wo_stays_float32_in_float16_only(tmp_path, dtype):
     got, want = _state(model), _state(expected)
     assert got.keys() == want.keys()
     assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("parameters", [None, ["experts.gate_up_proj", "experts.down_proj"]], ids=["dense", "4bit"])
+@pytest.mark.parametrize("whole_first", [False, True], ids=["rows-first", "whole-first"])
+def test_experts_held_both_whole_and_as_rows_are_named(tmp_path, parameters, whole_first):
+    """A checkpoint with a fused experts tensor and transformers 4's per-expert keys of it: named
+    once, whichever comes first (dense, the later copy used to win silently)."""
+    dense = models.mixtral()
+    sd = {k: v.contiguous() for k, v in dense.state_dict().items()}
+    fused = sd["model.layers.0.mlp.experts.gate_up_proj"]  # (E, 2 I, H): rows [w1; w3] of each expert
+    rows = {f"model.layers.0.mlp.experts.{e}.{w}.weight": fused[e].chunk(2)[i].clone()
+            for e in range(fused.shape[0]) for i, w in enumerate(("w1", "w3"))}
+    first, second = (sd, rows) if whole_first else (rows, sd)
+    save_file(first, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    save_file(second, tmp_path / "b.safetensors", metadata={"format": "pt"})
+    weight_map = {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with skeleton():
+        model = models.mixtral()
+    both = (r"\[\"[^\"]*: the checkpoint holds model.layers.0.mlp.experts.gate_up_proj both as one tensor and as its "
+            r"experts' rows \(transformers 4's experts.N.\* keys\); it should hold one of them\"\]")
+    with pytest.raises(ValueError, match=both):
+        load_and_quantize(model, tmp_path, NF4Config(parameters=parameters))
