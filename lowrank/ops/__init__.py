@@ -19,4 +19,7 @@ except ImportError:
 else:
     from . import triton_dequantize, triton_gemv, triton_matmul  # noqa: F401  (register the "triton" backend)
 
+    # its experts through the NF4 ops, each then on its Triton kernel (experts_ops.py, Note: one op for the routed pairs)
+    backends.register(experts_ops.OP, "triton")(experts_ops.per_expert)
+
 __all__ = ["backends", "lora_add", "nf4_dequantize", "nf4_linear", "nf4_lora_linear"]

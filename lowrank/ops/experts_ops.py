@@ -17,9 +17,11 @@ nothing else has one (the codes are frozen, ids are indices).
 #   reference   gather each row's expert (its codes, and the scales of its blocks only:
 #               nf4.scales_at), dequantize the P experts in one call, one batched product. Runs
 #               everywhere; reads P experts, writes them dense, reads them back.
-#   csrc        (where lowrank._C is built) the rows sorted by expert, one lowrank::nf4_linear
-#               (or nf4_linear_grad_input) per expert that has rows, on views of its codes: the
-#               fused GEMV for a few rows, no dense experts at all. It reads the experts' row
+#   csrc        (where lowrank._C is built; also registered as triton where Triton imports, so
+#   triton      that LOWRANK_BACKEND=triton runs it) the rows sorted by expert, one
+#               lowrank::nf4_linear (or nf4_linear_grad_input) per expert that has rows, on views
+#               of its codes, each on that backend's kernels: the fused GEMV for a few rows, no
+#               dense experts at all. It reads the experts' row
 #               counts on the host, so on a CUDA stream being captured into a graph it runs the
 #               reference instead. A grouped GPU kernel (one launch for every expert) is not
 #               written.
@@ -82,12 +84,16 @@ _lib.impl(OP, _kernel, "CompositeExplicitAutograd")
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.rest = inputs[1:8]  # ids and the weight's fields: views of the stored codes, nothing new
-    ctx.transposed = inputs[8]
+    # ids and the weight's fields (the stored codes themselves, nothing new), saved so that autograd
+    # sees them: an ids changed in place before backward raises, saved-tensor hooks see them
+    ctx.save_for_backward(*inputs[1:6])
+    ctx.shape, ctx.blocksize, ctx.transposed = inputs[6], inputs[7], inputs[8]
 
 
 def _backward(ctx, grad):
-    grad_x = torch.ops.lowrank.nf4_experts_linear(grad, *ctx.rest, not ctx.transposed) if ctx.needs_input_grad[0] else None
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 9
+    grad_x = torch.ops.lowrank.nf4_experts_linear(grad, *ctx.saved_tensors, ctx.shape, ctx.blocksize, not ctx.transposed)
     return (grad_x,) + (None,) * 8
 
 
@@ -153,7 +159,8 @@ def reference(x, ids, packed, absmax, nested_absmax, offset, shape, blocksize, t
 
 
 def per_expert(x, ids, packed, absmax, nested_absmax, offset, shape, blocksize, transposed):
-    """The csrc kernel (See Note: one op for the routed pairs)."""
+    """The csrc and triton kernel (See Note: one op for the routed pairs): the NF4 ops it calls run
+    on that backend's kernels."""
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return reference(x, ids, packed, absmax, nested_absmax, offset, shape, blocksize, transposed)
     rows, order = torch.sort(ids, stable=True)

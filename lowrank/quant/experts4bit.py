@@ -46,19 +46,22 @@ never forms the dense experts tensor.
 # through lowrank::nf4_experts_linear (lowrank/ops/experts_ops.py, Note: one op for the routed
 # pairs) once a parameter, up -> gate or activation -> down on all the pairs, then the
 # post-expert norm, the routing weights, the sum over k. Its shapes depend on T and k alone, so
-# it traces as a few graph nodes. Its csrc kernel computes each expert with rows from its codes,
+# it traces as a few graph nodes. Its csrc (and triton) kernel computes each expert with rows from its codes,
 # as the routed path does; its reference kernel (other devices, a CUDA graph being captured)
 # dequantizes one copy of the expert a pair (T k experts), which the dense path's E bounds only
 # where T k < E; so, while compiling, the gathered path is taken where T k < E (decoding: one
 # token, k of E experts) and the dense path elsewhere. LoRA's factors are gathered a pair (T k
 # copies of r (in + out) values) and added in the factors' dtype, as on the routed path. A pair
-# whose index names no expert (>= num_experts) is computed with the last expert and weighted
-# zero. Under autograd the op keeps views of the stored codes only (its backward is the op again).
+# whose index names no expert (>= num_experts) is computed from a zero row with the last expert
+# and weighted zero (so no overflow of it reaches a gradient). Under autograd the op keeps the
+# stored codes only (its backward is the op again).
 # The choice (`choose`), by LOWRANK_EXPERTS:
 #   unset / auto   eager: routed; compiling: gathered where T k < E, else dense
 #   routed         eager: routed; compiling: dense (the choice before the gathered path)
 #   gathered       gathered wherever the call can be routed, at any T k (tests, benchmarks)
 #   dense          dense (the oracle in tests; benchmarks time each)
+# The variable is read while a call is traced, not guarded on: a compiled graph keeps the path it
+# was traced with. torch.export with a dynamic token count, and a size left unbacked, trace dense.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .. import ops  # lowrank.ops imports lowrank.quant: its names are read at call time
 from . import nf4
@@ -102,7 +106,12 @@ def choose(owner: nn.Module, names: tuple[str, ...], args: tuple, kwargs: dict) 
         return how, call
     if not torch.compiler.is_compiling():
         return "routed", call
-    return ("gathered", call) if how == "auto" and call[1].numel() < owner.num_experts else ("dense", None)
+    # torch.export keeps a dynamic token count whole: a guard on T k < E would narrow it (the dense path does not).
+    # guard_or_false here and in routed_call: a size condition is guarded on while tracing, and is False where
+    # it cannot be decided (a size torch.compile leaves unbacked); on plain ints, plain comparisons
+    if how == "routed" or torch.compiler.is_exporting() or not guard_or_false(call[1].numel() < owner.num_experts):
+        return "dense", None
+    return "gathered", call
 
 
 def routable(owner: nn.Module, names: tuple[str, ...]) -> bool:
@@ -143,8 +152,9 @@ def routed_call(owner: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
             return None
     x, index, weights = call
     ok = (isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_floating_point() and isinstance(index, torch.Tensor)
-          and index.dim() == 2 and not index.is_floating_point() and index.numel() > 0
-          and isinstance(weights, torch.Tensor) and weights.shape == index.shape and index.shape[0] == x.shape[0])
+          and index.dim() == 2 and not index.is_floating_point() and guard_or_false(index.numel() > 0)
+          and isinstance(weights, torch.Tensor) and weights.dim() == 2 and guard_or_false(weights.shape[0] == index.shape[0])
+          and guard_or_false(weights.shape[1] == index.shape[1]) and guard_or_false(index.shape[0] == x.shape[0]))
     # the codec decodes to float32 / float16 / bfloat16: a float64 reference copy takes the dense path
     return call if ok and (autocast_dtype(x) or x.dtype) in nf4.DTYPES else None
 
@@ -297,10 +307,12 @@ def gathered_forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor
     """The experts' output (T, H), each (token, slot) pair with its own gathered expert and no
     read on the host (See Note: gathered experts)."""
     k, tokens, experts = index.shape[-1], hidden.shape[0], owner.num_experts
-    ids = index.reshape(-1)
+    ids = index.reshape(-1).long()  # (any integer dtype indexes the biases and LoRA's factors alike)
     real = (ids < experts).unsqueeze(-1)
     ids = ids.clamp(max=experts - 1)
-    x = hidden.repeat_interleave(k, dim=0)  # pair t k + j reads token t
+    # pair t k + j reads token t; a dropped pair reads zeros, so nothing it computes (an overflow of
+    # the stand-in expert) reaches a gradient through the mask below
+    x = torch.where(real, hidden.repeat_interleave(k, dim=0), 0)
     dtype = autocast_dtype(hidden) or hidden.dtype
     h = _gathered_linear(owner, "gate_up_proj" if owner.has_gate else "up_proj", ids, x, dtype, names, terms)
     h = owner._apply_gate(h) if owner.has_gate else owner.act_fn(h)

@@ -156,9 +156,9 @@ def input_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
 
 
 class _DenseForward:
-    """The owner's forward with its 4-bit parameters: routed where it can be (See Note: routed
-    experts, experts4bit.py), else dense (See Note: a 4-bit parameter). An object, not a bound
-    method, so a pickled owner unpickles with it."""
+    """The owner's forward with its 4-bit parameters: routed or gathered where it can be (See
+    Note: routed experts, Note: gathered experts, experts4bit.py), else dense (See Note: a 4-bit
+    parameter). An object, not a bound method, so a pickled owner unpickles with it."""
 
     def __init__(self, owner: nn.Module) -> None:
         self.owner = owner

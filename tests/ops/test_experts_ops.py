@@ -13,7 +13,8 @@ from lowrank import nf4
 from lowrank.ops import backends, experts_ops
 from tests.ops.bounds import assert_matmul_close
 
-BACKENDS = [b for b in ("csrc", "reference") if b in backends.available(experts_ops.OP)]
+# triton: under its interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA)
+BACKENDS = [b for b in ("csrc", "triton", "reference") if b in backends.available(experts_ops.OP)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -137,3 +138,14 @@ def test_csrc_makes_one_product_per_expert_with_rows(monkeypatch):
     torch.ops.lowrank.nf4_experts_linear(torch.randn(5, 64), torch.tensor([4, 1, 4, 4, 1]), *f, False)
     assert [c for c, _ in calls] == [2, 3]  # experts 1 and 4
     assert all(codes.untyped_storage().data_ptr() == f[0].untyped_storage().data_ptr() for _, codes in calls)
+
+
+def test_ids_changed_in_place_before_backward_raise(backend):
+    """The op saves ids for backward with save_for_backward: changing them in place is caught,
+    as for torch's own ops, not a silently wrong gradient."""
+    f, _ = experts((4, 24, 64))
+    x, ids = torch.randn(3, 64, requires_grad=True), torch.tensor([0, 2, 1])
+    y = torch.ops.lowrank.nf4_experts_linear(x, ids, *f, False)
+    ids[0] = 3
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

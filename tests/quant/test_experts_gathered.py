@@ -100,9 +100,32 @@ def test_indices_that_name_no_expert_add_nothing(gathered):
         got, want = experts(x, dropped, w), dense_experts(x, dropped, w)
         ref = copy.deepcopy(dense_experts).double()(x.double(), dropped, w.double())
     assert torch.equal(got[1], torch.zeros(64)) and within(got, want, ref)
-    x[1] = float("inf")  # a dropped pair's row is never weighted into the sum, even where it overflows
+    # a dropped pair's row never reaches the sum, nor a gradient, even where it overflows (a dropped
+    # pair reads zeros: computed from the row, 0 * inf would make NaN gradients through the mask)
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+    randomized(model)
+    experts = model.model.layers[0].mlp.experts  # with its LoRA layers
+    x[1] = float("inf")
+    x.requires_grad_()
+    y = experts(x, dropped, w)
+    assert torch.equal(y[1].detach(), torch.zeros(64))
+    y[[0, 2, 3, 4]].sum().backward()
+    grads = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert len(grads) > 1 and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_index(dtype, gathered):
+    """The router's indices in any integer dtype: the same as int64 (a uint8 index used as is
+    would be a boolean mask)."""
+    model, _ = quantized_and_twin(BUILDS["gpt_oss"])
+    biased(model)
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+    randomized(model)
+    experts = model.model.layers[0].mlp.experts
+    x, index, w = torch.randn(4, 64), torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3]]), torch.rand(4, 2)
     with torch.no_grad():
-        assert torch.equal(experts(x, dropped, w)[1], torch.zeros(64))
+        assert torch.equal(experts(x, index.to(dtype), w), experts(x, index, w))
 
 
 @pytest.mark.parametrize("how", ["bf16", "autocast"])
@@ -129,20 +152,26 @@ def test_half_precision(how, gathered):
 
 
 def test_backward_keeps_nothing_of_an_experts_size():
-    """Under autograd lowrank::nf4_experts_linear keeps views of the stored codes (its backward is
-    the op again), so nothing of one expert's size is saved; the dense path keeps the whole dense
-    tensor (its experts' slices are views of it)."""
+    """Under autograd lowrank::nf4_experts_linear keeps the stored codes themselves (its backward
+    is the op again), so nothing new of one expert's size is saved; the dense path keeps the whole
+    dense tensor (its experts' slices are views of it)."""
     model, _ = quantized_and_twin(BUILDS["mixtral-eager"])
     lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
     experts = model.model.layers[0].mlp.experts
     one = experts.base.base.gate_up_proj.shape[1:].numel() * 4  # bytes of one float32 expert
     x, index, w = torch.randn(1, 64, requires_grad=True), torch.tensor([[2, 0]]), torch.rand(1, 2)
 
+    model_own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saw_codes = []
+
     def largest_saved(path: str) -> int:
-        storages = {0: 0}  # the storages autograd keeps, by address: their sizes in bytes
+        storages = {0: 0}  # the storages autograd keeps, other than the model's own, by address: their bytes
 
         def keep(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            at = t.untyped_storage().data_ptr()
+            saw_codes.append(at in model_own and t.dtype == torch.uint8)
+            if at not in model_own:
+                storages[at] = t.untyped_storage().nbytes()
             return t
 
         with pytest.MonkeyPatch.context() as mp, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
@@ -150,7 +179,8 @@ def test_backward_keeps_nothing_of_an_experts_size():
             experts(x, index, w).sum().backward()
         return max(storages.values())
 
-    assert largest_saved("gathered") < one and largest_saved("dense") == 4 * one
+    assert largest_saved("gathered") < one and any(saw_codes)  # the op's saved codes are seen, and are the model's
+    assert largest_saved("dense") == 4 * one
 
 
 def _decoding_block(adapters: bool):
@@ -196,4 +226,42 @@ def test_routed_under_compile_keeps_the_dense_path(monkeypatch):
     with torch.no_grad():
         torch.compile(block, backend="eager", fullgraph=True)(torch.randn(1, 1, 64))
     assert dense_calls.calls and not forwards.calls
+    torch._dynamo.reset()
+
+
+def test_export_and_unbacked_sizes_keep_the_dense_path(monkeypatch):
+    """torch.export with a dynamic token count traces the dense path (a guard on T k < E would
+    narrow the range it was asked to keep), as a size torch.compile leaves unbacked does. Eight
+    experts, top 2: T k < E holds for some of the exported range (2-64 tokens) and not others."""
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_local_experts=8,
+                                     num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
+                                     num_hidden_layers=1)
+    torch.manual_seed(0)
+    experts = transformers.MixtralForCausalLM(cfg).model.layers[0].mlp.experts
+    lowrank.quantize(experts, lowrank.NF4Config(targets=None, parameters=["gate_up_proj", "down_proj"]))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = experts
+
+        def forward(self, x, index, w):
+            return self.experts(x, index, w)
+
+    x, index, w = torch.randn(3, 64), torch.tensor([[0, 7], [2, 3], [6, 2]]), torch.rand(3, 2)
+    with torch.no_grad():
+        want = experts(x, index, w)
+    tokens = torch.export.Dim("tokens", min=2, max=64)
+    exported = torch.export.export(Wrap(), (x, index, w), dynamic_shapes=({0: tokens}, {0: tokens}, {0: tokens}))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "lowrank.nf4_dequantize.default" in ops and "lowrank.nf4_experts_linear.default" not in ops
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(x, index, w), want, atol=1e-5)
+    torch._dynamo.reset()
+    xs, ixs, ws = x.clone(), index.clone(), w.clone()
+    for t in (xs, ixs, ws):
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+    with torch.no_grad():
+        got = torch.compile(Wrap(), backend="aot_eager", fullgraph=True)(xs, ixs, ws)
+    assert torch.allclose(got, want, atol=1e-5)
     torch._dynamo.reset()

@@ -133,6 +133,15 @@ def test_load_quantized_of_experts_refuses_what_does_not_fit(tmp_path):
     assert not experts._load_state_dict_pre_hooks and isinstance(experts._parameters["gate_up_proj"], nn.Parameter)
     after = other.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    partly = mixtral()  # gate_up_proj already 4-bit: what install added for down_proj goes, what was there stays
+    partly.model.layers[1].mlp.experts.down_proj = nn.Parameter(torch.zeros(4, 64, 32))
+    lowrank.quantize(partly, lowrank.NF4Config(targets=None, parameters=EXPERTS[:1]))
+    experts = partly.model.layers[0].mlp.experts
+    forward = experts.__dict__["forward"]
+    with pytest.raises(ValueError, match="size mismatch for model.layers.1.mlp.experts.down_proj"):
+        lowrank.load_quantized(partly, tmp_path / "q")
+    assert lowrank.quant.params4bit.names_4bit(experts) == ("gate_up_proj",) and experts.__dict__["forward"] is forward
+    assert isinstance(experts._parameters["down_proj"], nn.Parameter) and len(experts._load_state_dict_pre_hooks) == 1
     del other.model.layers[1].mlp.experts._parameters["down_proj"]
     with pytest.raises(TypeError, match=r"'model.layers.1.mlp.experts.down_proj' is a 4-bit parameter in the checkpoint, "
                                         r"but MixtralExperts has no parameter 'down_proj' to hold it"):
