@@ -22,7 +22,8 @@
 #   bench_op_calls on CUDA, the CPU cost of one 4-bit layer's call with and without LoRA against PEFT's, then with
 #   LoRA dropout 0.1; ADAPTERS=1 the eager 7B step like for like, both sides' adapters bf16 and then both float32
 #   (bench_qlora --adapter-dtype compute / float32), their tables in bench.log; MOE=1 bench_qlora_moe, a Mixtral with
-#   4-bit experts against PEFT + bitsandbytes, routed and dense path, also 32 experts top 4, and bench_experts4bit, its tables in bench.log)
+#   4-bit experts against PEFT + bitsandbytes, routed and dense path, also 32 experts top 4, and bench_experts4bit
+#   with its compiled (gathered) forward, its tables in bench.log)
 # Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 85 + 20
 # + 80 + 135 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
 # PART=2: about 11.8 minutes in all, over the device tool's 10 minutes a call. The steps are in
@@ -71,7 +72,7 @@ if [ "$PART" != 2 ]; then
 step 100 "$OUT/build.log" "build lowrank._C with CUDA" env LOWRANK_CUDA_ARCHS=90a MAX_JOBS=16 python3 setup.py build_ext --inplace
 python3 -c "from lowrank import _C; print('lowrank._C with_cuda =', _C.with_cuda)" 2>&1 | tee -a "$OUT/build.log"
 step 130 "$OUT/tests.log" "csrc, LoRA op, optimizer and quantize gpu tests" $PYTEST tests/csrc tests/ops/test_lora_add.py \
-  tests/ops/test_nf4_lora_linear.py tests/ops/test_lora_dropout.py tests/test_optim.py tests/quant \
+  tests/ops/test_nf4_lora_linear.py tests/ops/test_lora_dropout.py tests/ops/test_experts_ops.py tests/test_optim.py tests/quant \
   --deselect tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
@@ -126,7 +127,8 @@ if [ "${MOE:-0}" = 1 ]; then  # QLoRA on a Mixtral with its experts in 4 bits (N
   step 60 "$OUT/bench.log" "bench_qlora_moe" python3 benchmarks/bench_qlora_moe.py --out /tmp/qlora_moe.json
   step 60 "$OUT/bench.log" "bench_qlora_moe E32" python3 benchmarks/bench_qlora_moe.py --experts 32 --top-k 4 \
     --out /tmp/qlora_moe32.json
-  step 60 "$OUT/bench.log" "bench_experts4bit" python3 benchmarks/bench_experts4bit.py --out /tmp/experts4bit.json
+  step 90 "$OUT/bench.log" "bench_experts4bit --compile" python3 benchmarks/bench_experts4bit.py --compile \
+    --out /tmp/experts4bit.json
 fi
 if [ "${OPTIM:-0}" = 1 ]; then  # an optimizer step over 4 layers of 7B LoRA adapters: AdamW, 8-bit states, AdamW8bit
   step 40 "$OUT/bench.log" "bench_optim" python3 benchmarks/bench_optim.py --out /tmp/optim.json

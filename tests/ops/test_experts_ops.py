@@ -149,3 +149,34 @@ def test_ids_changed_in_place_before_backward_raise(backend):
     ids[0] = 3
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["xWT", "xW"])
+def test_on_the_gpu_and_in_a_cuda_graph(transposed):
+    """bf16 on CUDA, each backend within the derived bound of each row's product; captured into a
+    CUDA graph (where the csrc kernel, which reads the rows per expert on the host, runs the
+    reference) and replayed, the reference's result bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    f, dense = experts((8, 512, 256), seed=5)
+    f = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in f)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.tensor([5, 1, 5, 7], device="cuda")
+    x = torch.randn(4, 512 if transposed else 256, device="cuda", generator=g).bfloat16()
+    w = dense.cuda().bfloat16()
+    ys = {}
+    for b in backends.available(experts_ops.OP):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LOWRANK_BACKEND", b)
+            ys[b] = torch.ops.lowrank.nf4_experts_linear(x, ids, *f, transposed)
+        for p in range(4):
+            m = w[ids[p]] if transposed else w[ids[p]].T
+            assert_matmul_close(ys[b][p : p + 1], (x[p : p + 1].double() @ m.double()).bfloat16(), x[p : p + 1], m)
+    torch.ops.lowrank.nf4_experts_linear(x, ids, *f, transposed)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.lowrank.nf4_experts_linear(x, ids, *f, transposed)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ys["reference"])
