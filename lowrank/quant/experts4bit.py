@@ -262,7 +262,11 @@ def forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights
     dtype = autocast_dtype(hidden) or hidden.dtype
     x = hidden[order // k]
     experts = owner.num_experts
-    counts = torch.bincount(ids, minlength=experts).tolist()  # the host reads the routing once
+    try:
+        counts = torch.bincount(ids, minlength=experts).tolist()  # the host reads the routing once
+    except RuntimeError as e:  # a negative index (sorted first), which transformers' forwards refuse too
+        raise IndexError(f"top_k_index must hold expert indices >= 0 (0-{experts - 1}, or {experts} and up for no "
+                         f"expert), got {int(ids[0])}") from e
     dropped = sum(counts[experts:])  # an index of num_experts or more names no expert: it adds nothing, as in
     up = "gate_up_proj" if owner.has_gate else "up_proj"  # transformers' eager and grouped_mm forwards
     outs, start = [], 0

@@ -289,6 +289,10 @@ def test_what_takes_the_dense_path(monkeypatch):
     got = experts(x, dropped, w)
     assert torch.equal(got[1], torch.zeros(64)) and within(got, want, ref(x.double(), dropped, w.double()))
     assert torch.equal(experts(x, torch.full((5, 2), 4), w), torch.zeros(5, 64))
+    negative = dropped.clone()
+    negative[2, 1] = -3
+    with pytest.raises(IndexError, match=r"top_k_index must hold expert indices >= 0 \(0-3, or 4 and up for no expert\), got -3"):
+        experts(x, negative, w)
 
 
 def test_experts_stored_as_one_block_per_expert_or_less():
