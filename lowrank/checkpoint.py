@@ -23,7 +23,8 @@ from torch import nn
 from . import distributed, shards
 from .export import _write_config, quantization_config
 from .quant.linear4bit import Linear4bit
-from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
+from .quant.params4bit import OWNER_KEYS, Weight4bit, install, stored
+from .quant.quantize import NF4Config, check_parameters
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
@@ -42,11 +43,11 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     an unsharded model (DDP); an FSDP2-sharded one is refused."""
     model = distributed.unwrap(model)
     distributed.check_not_sharded(model, "save_quantized (a full model, gathered)")
-    if any(isinstance(m, TunerLayer) for m in model.modules()):
-        raise ValueError("the model has adapters; save them with lowrank.save_adapter (and eject them first), or "
-                         "fold them in with lowrank.merge_and_export(..., requantize=True)")
     quantized = {n: m for n, m in plain_modules(model) if isinstance(m, Linear4bit)}  # names as state_dict()'s
     params4 = {n: m for n, m in plain_modules(model) if isinstance(m, Weight4bit)}  # See Note: 4-bit parameters on disk
+    if any(isinstance(m, TunerLayer) for m in model.modules()):  # (requantize writes 4-bit layers, experts dense)
+        merge = ", or fold them in with lowrank.merge_and_export(..., requantize=True)" if quantized else ""
+        raise ValueError(f"the model has adapters; save them with lowrank.save_adapter (and eject them first){merge}")
     if not quantized and not params4:
         raise ValueError(f"{type(model).__name__} has no 4-bit layers; quantize it with lowrank.quantize first "
                          "(or save a dense model with its own save_pretrained)")
@@ -80,7 +81,7 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
                              f"module {parent!r}; was it built from the same config?")
         try:
             q = NF4Weight.from_state_dict(state, key)
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError) as e:  # its quant state's JSON may say anything
             raise ValueError(f"{path}: while reading the 4-bit weight {key!r}: {e}") from e
         linear = attr == "weight" and (isinstance(module, (nn.Linear, Linear4bit)) or is_gpt2_conv1d(module))
         names.append(parent if linear else key)
@@ -91,7 +92,7 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
         elif linear:
             _linear_in(module, places[parent], parent, q, state, compute_dtype, path)
         else:
-            _parameter_in(module, attr, q, compute_dtype, path, key)
+            _parameter_in(model, module, attr, q, compute_dtype, path, key)
     result = model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # transformers: lm_head <- embeddings when the config ties them
@@ -114,8 +115,9 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
 
 def _linear_in(module: nn.Module, place: tuple, name: str, q: NF4Weight, state: dict, compute_dtype, path) -> None:
     """The linear layer `module` named `name` at `place` (parent, attribute) as a Linear4bit of q."""
-    if isinstance(module, Linear4bit):
-        return  # already 4-bit: load_state_dict loads the codes
+    if isinstance(module, Linear4bit):  # already 4-bit: load_state_dict loads the codes
+        module.compute_dtype = module.compute_dtype if compute_dtype is None else compute_dtype
+        return
     out_in = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else (module.nf, module.nx)
     if tuple(q.shape) != out_in:
         raise ValueError(f"{path}: size mismatch for {name}.weight: the checkpoint's 4-bit weight has shape "
@@ -136,10 +138,12 @@ def _linear_in(module: nn.Module, place: tuple, name: str, q: NF4Weight, state: 
 # bitsandbytes cannot read them (they keep experts dense): transformers refuses such a directory
 # (size mismatch at the experts' keys) unless told to ignore mismatched sizes, which would leave
 # the experts newly initialized.
-def _parameter_in(module: nn.Module, attr: str, q: NF4Weight, compute_dtype, path, key: str) -> None:
+def _parameter_in(model: nn.Module, module: nn.Module, attr: str, q: NF4Weight, compute_dtype, path, key: str) -> None:
     """`module`'s parameter `attr` as a 4-bit parameter of q (See Note: 4-bit parameters on disk)."""
-    if stored(module, attr) is not None:
-        return  # already 4-bit: load_state_dict loads the codes
+    already = stored(module, attr)
+    if already is not None:  # already 4-bit: load_state_dict loads the codes
+        already.compute_dtype = already.compute_dtype if compute_dtype is None else compute_dtype
+        return
     p = module._parameters.get(attr)
     if not isinstance(p, torch.Tensor):
         what = "a 4-bit weight" if attr == "weight" else "a 4-bit parameter"
@@ -148,11 +152,12 @@ def _parameter_in(module: nn.Module, attr: str, q: NF4Weight, compute_dtype, pat
     if tuple(q.shape) != tuple(p.shape):
         raise ValueError(f"{path}: size mismatch for {key}: the checkpoint's 4-bit parameter has shape {tuple(q.shape)}, "
                          f"the model's is {tuple(p.shape)}")
-    try:
-        check_owner(key, module)
+    try:  # what quantize refuses (a 1-D parameter, a linear layer's own, a tied one, a foreign forward), refused
+        check_parameters(model, [(module, key.rpartition(".")[0], attr)], NF4Config(blocksize=q.blocksize, double_quant=q.double_quant),
+                         set(), values=False)
         install(module, attr, Weight4bit(q, compute_dtype))
     except (TypeError, ValueError) as e:
-        raise type(e)(f"{path}: {e}") from e
+        raise type(e)(f"{path}: the checkpoint holds {key!r} in 4 bits, which lowrank cannot take: {e}") from e
 
 
 def _quantization_config(path: pathlib.Path) -> dict:
@@ -178,8 +183,9 @@ def _restored_on_error(model: nn.Module):
     buffers it had (references, not copies: a load assigns new tensors, it does not write into
     the old ones)."""
     # and the instance attributes and load pre-hooks that a 4-bit parameter puts on its owner (params4bit.install)
+    # and a 4-bit weight's own attributes (Stored4bit._set_weight, and the compute dtype the load may set)
     saved = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), dict(m._load_state_dict_pre_hooks),
-              {k: m.__dict__[k] for k in OWNER_KEYS if k in m.__dict__}) for m in model.modules()]
+              {k: m.__dict__[k] for k in _ATTRIBUTES if k in m.__dict__}) for m in model.modules()]
     try:
         yield
     except BaseException:
@@ -188,10 +194,13 @@ def _restored_on_error(model: nn.Module):
                            (m._load_state_dict_pre_hooks, hooks)):
                 d.clear()
                 d.update(old)
-            for k in OWNER_KEYS:
+            for k in _ATTRIBUTES:
                 m.__dict__.pop(k, None)
             m.__dict__.update(attrs)
         raise
+
+
+_ATTRIBUTES = (*OWNER_KEYS, "shape", "dtype", "blocksize", "compute_dtype")  # See _restored_on_error
 
 
 
@@ -203,9 +212,12 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     Linear4bit with exactly the checkpoint's codes and scales, any other 4-bit tensor becomes a
     4-bit parameter of its module (See Note: 4-bit parameters on disk); every other tensor is
     loaded as it is. `model` may be built with its parameters on the meta device (under
-    `lowrank.skeleton()`): they are assigned from the checkpoint, never allocated twice. compute_dtype: default config.json's bnb_4bit_compute_dtype, else each weight's own.
-    Returns the names now in 4 bits: the layers' module names, the parameters' keys. Missing or unexpected keys raise when
-    `strict`; weights tied by the model (`tie_weights()`) may be absent from the file."""
+    `lowrank.skeleton()`): they are assigned from the checkpoint, never allocated twice; a model
+    already in 4 bits takes the checkpoint's codes, blocksize and compute dtype. compute_dtype:
+    default config.json's bnb_4bit_compute_dtype, else each weight's own. Returns the names now
+    in 4 bits: the layers' module names, the parameters' keys. Missing or unexpected keys raise
+    when `strict`; weights tied by the model (`tie_weights()`) may be absent from the file. A load
+    that raises leaves the model as it was (its modules, tensors, 4-bit settings and forwards)."""
     path = pathlib.Path(path)
     quant = _quantization_config(path)
     state = shards.read(path)

@@ -308,9 +308,9 @@ def _check_ties(state: dict[str, torch.Tensor], replaced: set[str]) -> None:
                                       "them tied: target only one of them and untie the weights first")
 
 
-def quantization_config(quantized: dict[str, Linear4bit], modules) -> dict:
+def quantization_config(quantized: dict[str, Stored4bit], modules) -> dict:
     """config.json's `quantization_config` (transformers' BitsAndBytesConfig as a dict) for a
-    model whose 4-bit layers are `quantized`; every other linear layer of `modules` ((name,
+    model whose 4-bit layers (and 4-bit parameters) are `quantized`; every other linear layer of `modules` ((name,
     module) pairs, as named_modules() gives them) is listed in
     llm_int8_skip_modules so that transformers leaves it dense."""
     from .targets import is_linear_like
@@ -321,7 +321,7 @@ def quantization_config(quantized: dict[str, Linear4bit], modules) -> dict:
         by = {str(d).removeprefix("torch."): [n for n, m in quantized.items() if m.compute_dtype == d][:3] for d in computes}
         raise ValueError(f"the 4-bit layers compute in several dtypes ({by}); the bitsandbytes format records one "
                          "(bnb_4bit_compute_dtype), so the loaded model would compute differently: give every "
-                         "Linear4bit one compute_dtype first")
+                         "4-bit layer (Linear4bit) and 4-bit parameter (Weight4bit) one compute_dtype first")
     dense = sorted(n for n, m in modules if is_linear_like(m) and n not in quantized
                    and not isinstance(m, Linear4bit) and not any(n.startswith(q + ".") for q in quantized))
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,

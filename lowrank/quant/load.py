@@ -244,7 +244,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     # a model not built under skeleton() has its parameters' values: one the checkpoint never held is not meta
     unread = [to_4bit[id(o), p] for o, _, p in params if p not in names_4bit(o) and not o._parameters[p].is_meta]
     _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, experts.unfilled(),
-                         unread)
+                         unread, experts.doubled)
     return list(first_name) + list(to_4bit.values())
 
 
@@ -275,6 +275,7 @@ class _Experts:
         self.whole = whole  # called (owner, parameter) when a fused parameter's last rows arrive
         self.read_whole: set[tuple[str, str]] = set()  # fused parameters read as one tensor (not from experts' rows)
         self.said: set[tuple[str, str]] = set()  # those of them whose experts' rows came too, said once
+        self.doubled: list[str] = []  # what was said: the one problem reported (the rest follows from it)
 
     def take(self, key: str, f, bad_shapes: list) -> bool:
         """Copy `key` into its rows of a fused experts parameter, if it is an expert's weight."""
@@ -291,7 +292,7 @@ class _Experts:
             return True
         if slot in self.read_whole:  # said once, at the first expert's key
             if slot not in self.said:
-                bad_shapes.append(_BOTH.format(key=key, name=f"{m['moe']}.experts.{param}"))
+                self.doubled.append(_BOTH.format(key=key, name=f"{m['moe']}.experts.{param}"))
                 self.said.add(slot)
             return True
         if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
@@ -325,7 +326,7 @@ class _Experts:
         if param not in {fused for fused, _ in self.fused.values()}:
             return False
         if (owner, param) in self.filled:
-            bad_shapes.append(_BOTH.format(key=key, name=f"{owner}.{param}"))
+            self.doubled.append(_BOTH.format(key=key, name=f"{owner}.{param}"))
             return True
         self.read_whole.add((owner, param))
         return False
@@ -374,7 +375,7 @@ def _same(q: nf4.NF4Weight, other: nf4.NF4Weight) -> bool:
 
 
 def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, unfilled,
-                         unread) -> None:
+                         unread, doubled=()) -> None:
     missing = [f"{n}.weight" for n, [(p, a), *_] in layers.items() if not isinstance(getattr(p, a), Linear4bit)]
     missing += unread
     missing += [f"{n}.bias" for n, [(p, a), *_] in layers.items()
@@ -393,5 +394,7 @@ def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes
         problems.append(f"a module registered at several places has different weights under its names: {conflicts[:8]}")
     if unfilled:
         problems.append(f"fused experts the checkpoint does not fill: {unfilled[:8]}")
+    if doubled:  # missing or unfilled tensors then follow from it: said alone
+        problems = [f"experts held twice: {doubled[:8]}"]
     if problems:
         raise ValueError(f"cannot load {[str(f) for f in files][:3]} into {type(model).__name__}: " + "; ".join(problems))

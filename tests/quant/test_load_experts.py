@@ -165,15 +165,20 @@ def test_t5s_wo_stays_float32_in_float16_only(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("parameters", [None, ["experts.gate_up_proj", "experts.down_proj"]], ids=["dense", "4bit"])
-@pytest.mark.parametrize("whole_first", [False, True], ids=["rows-first", "whole-first"])
+@pytest.mark.parametrize("whole_first", [False, True, "partly"], ids=["rows-first", "whole-first", "some-rows-first"])
 def test_experts_held_both_whole_and_as_rows_are_named(tmp_path, parameters, whole_first):
     """A checkpoint with a fused experts tensor and transformers 4's per-expert keys of it: named
-    once, whichever comes first (dense, the later copy used to win silently)."""
+    once, whichever comes first, and alone (what it leaves missing follows from it); dense, the
+    later copy used to win silently."""
     dense = models.mixtral()
     sd = {k: v.contiguous() for k, v in dense.state_dict().items()}
     fused = sd["model.layers.0.mlp.experts.gate_up_proj"]  # (E, 2 I, H): rows [w1; w3] of each expert
     rows = {f"model.layers.0.mlp.experts.{e}.{w}.weight": fused[e].chunk(2)[i].clone()
             for e in range(fused.shape[0]) for i, w in enumerate(("w1", "w3"))}
+    if whole_first == "partly":  # expert 0's rows, then the whole tensor, then the other experts' rows
+        zero = {k: v for k, v in rows.items() if ".experts.0." in k}
+        sd = zero | sd
+        rows = {k: v for k, v in rows.items() if k not in zero}
     first, second = (sd, rows) if whole_first else (rows, sd)
     save_file(first, tmp_path / "a.safetensors", metadata={"format": "pt"})
     save_file(second, tmp_path / "b.safetensors", metadata={"format": "pt"})
@@ -181,7 +186,7 @@ def test_experts_held_both_whole_and_as_rows_are_named(tmp_path, parameters, who
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with skeleton():
         model = models.mixtral()
-    both = (r"\[\"[^\"]*: the checkpoint holds model.layers.0.mlp.experts.gate_up_proj both as one tensor and as its "
-            r"experts' rows \(transformers 4's experts.N.\* keys\); it should hold one of them\"\]")
+    both = (r"into MixtralForCausalLM: experts held twice: \[\"[^\"]*: the checkpoint holds model.layers.0.mlp.experts.gate_up_proj both as one tensor and as its "
+            r"experts' rows \(transformers 4's experts.N.\* keys\); it should hold one of them\"\]$")
     with pytest.raises(ValueError, match=both):
         load_and_quantize(model, tmp_path, NF4Config(parameters=parameters))

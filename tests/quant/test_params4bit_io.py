@@ -105,6 +105,7 @@ def test_save_quantized_and_load_quantized_keep_them(tmp_path, config):
     names = lowrank.load_quantized(again, tmp_path / "q")
     assert [n for n in names if ".experts." in n] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
                                                        for p in ("down_proj", "gate_up_proj")]
+    assert [n for n, _ in again.named_modules()] == [n for n, _ in model.named_modules()]  # installed in the owner's order
     assert (".q_proj" in " ".join(names)) == bool(config.targets)
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -176,3 +177,58 @@ def test_export_keeps_what_transformers_keeps_in_float32(tmp_path):
         assert dtypes.pop("model.layers.1.mlp.gate.weight") == "F32"
         assert dtypes.pop("model.layers.1.mlp.gate.e_score_correction_bias") == "F32"
         assert set(dtypes.values()) == {"BF16"}
+
+
+def test_a_failed_load_into_a_quantized_model_keeps_its_settings(tmp_path):
+    """A model already in 4 bits with another blocksize and compute dtype: a load that fails after
+    the codes were assigned (an unexpected key) leaves each 4-bit weight's own blocksize, shape and
+    compute dtype, and the model computes as before; a load that succeeds takes the checkpoint's."""
+    from safetensors.torch import load_file, save_file
+
+    model = mixtral()
+    lowrank.quantize(model, lowrank.NF4Config(targets=["q_proj"], parameters=EXPERTS, compute_dtype=torch.bfloat16))
+    lowrank.save_quantized(model, tmp_path / "q")
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    save_file(state | {"extra.key": torch.zeros(1)}, tmp_path / "q" / "model.safetensors")
+    other = mixtral()
+    lowrank.quantize(other, lowrank.NF4Config(targets=["q_proj"], parameters=EXPERTS, blocksize=128))
+    with torch.no_grad():
+        before = other(ids()).logits
+    with pytest.raises(ValueError, match=r"unexpected keys: \['extra.key'\]"):
+        lowrank.load_quantized(other, tmp_path / "q")
+    for m in (other.model.layers[0].mlp.experts._modules["gate_up_proj"], other.model.layers[0].self_attn.q_proj):
+        assert m.blocksize == 128 and m.compute_dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(other(ids()).logits, before)
+    save_file(state, tmp_path / "q" / "model.safetensors")
+    lowrank.load_quantized(other, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(other(ids()).logits, model(ids()).logits)
+    assert other.model.layers[1].mlp.experts._modules["down_proj"].compute_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("key, message", [
+    ("model.norm.weight", "a 1-D parameter"),
+    ("model.layers.0.self_attn.q_proj.bias", "of the linear layer 'model.layers.0.self_attn.q_proj' on its own"),
+], ids=["1-D", "linear-bias"])
+def test_load_quantized_refuses_4bit_tensors_quantize_refuses(tmp_path, key, message):
+    """A checkpoint holding in 4 bits what quantize would not make 4-bit: refused, named, the model unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    from lowrank.quant import nf4
+    from lowrank.quant.params4bit import Weight4bit
+
+    model = mixtral()
+    model.model.layers[0].self_attn.q_proj.bias = nn.Parameter(torch.randn(64))
+    lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
+    lowrank.save_quantized(model, tmp_path / "q")
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    entries = {}  # the tensor's bitsandbytes entries, as a 4-bit parameter would write them
+    Weight4bit(nf4.quantize(state.pop(key).float(), 64))._save_weight(entries, key, False)
+    save_file(state | {k: v.contiguous() for k, v in entries.items()}, tmp_path / "q" / "model.safetensors")
+    again = mixtral()
+    again.model.layers[0].self_attn.q_proj.bias = nn.Parameter(torch.randn(64))
+    names = [n for n, _ in again.named_modules()]
+    with pytest.raises(ValueError, match=rf"the checkpoint holds '{key}' in 4 bits, which lowrank cannot take: .*{message}"):
+        lowrank.load_quantized(again, tmp_path / "q")
+    assert [n for n, _ in again.named_modules()] == names and "forward" not in again.model.norm.__dict__
