@@ -218,6 +218,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     in 4 bits: the layers' module names, the parameters' keys. Missing or unexpected keys raise
     when `strict`; weights tied by the model (`tie_weights()`) may be absent from the file. A load
     that raises leaves the model as it was (its modules, tensors, 4-bit settings and forwards)."""
+    distributed.check_not_sharded(model, "load_quantized")  # DDP / FSDP2 would keep the layers it replaces
+    if any(isinstance(m, TunerLayer) for m in model.modules()):
+        raise ValueError("the model has adapters: load_quantized replaces the layers they wrap; load into the model "
+                         "first, then inject (or eject them, load, and inject again)")
     path = pathlib.Path(path)
     quant = _quantization_config(path)
     state = shards.read(path)

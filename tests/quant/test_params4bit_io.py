@@ -232,3 +232,12 @@ def test_load_quantized_refuses_4bit_tensors_quantize_refuses(tmp_path, key, mes
     with pytest.raises(ValueError, match=rf"the checkpoint holds '{key}' in 4 bits, which lowrank cannot take: .*{message}"):
         lowrank.load_quantized(again, tmp_path / "q")
     assert [n for n, _ in again.named_modules()] == names and "forward" not in again.model.norm.__dict__
+
+
+def test_load_quantized_refuses_a_model_with_adapters(tmp_path):
+    model = mixtral()
+    lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
+    lowrank.save_quantized(model, tmp_path / "q")
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+    with pytest.raises(ValueError, match="the model has adapters: load_quantized replaces the layers they wrap"):
+        lowrank.load_quantized(model, tmp_path / "q")
