@@ -70,6 +70,29 @@ def test_merge_command_on_a_4bit_base(tmp_path):
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
+def test_merge_command_on_a_base_with_4bit_experts(tmp_path):
+    """BASE a 4-bit directory whose MoE experts are 4-bit parameters too (save_quantized, Note:
+    4-bit parameters on disk), ADAPTER LoRA on the experts and the attention: the command writes
+    what merge_and_export writes for the same model, tensor for tensor (the experts dense, merged)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from tests.quant.test_params4bit import EXPERTS, mixtral
+
+    model = mixtral()
+    model.config.architectures = ["MixtralForCausalLM"]
+    lowrank.quantize(model, lowrank.NF4Config(targets=["q_proj", "v_proj"], parameters=EXPERTS))
+    lowrank.save_quantized(model, tmp_path / "base")
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["q_proj"], parameters=EXPERTS), dtype=torch.float32)
+    models.randomize_adapters(model)
+    lowrank.save_adapter(model, tmp_path / "adapter")
+    lowrank.merge_and_export(model, tmp_path / "expected")
+    done = lowrank_cli("merge", tmp_path / "base", tmp_path / "adapter", tmp_path / "out", "--allow-other-base")
+    assert done.returncode == 0, done.stderr
+    got = safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")
+    expected = safetensors_torch.load_file(tmp_path / "expected" / "model.safetensors")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in got and got["model.layers.0.mlp.experts.gate_up_proj"].dim() == 3
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
 def test_merge_command_errors_are_one_line(tmp_path, capsys):
     saved_base("llama", tmp_path / "base")
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
