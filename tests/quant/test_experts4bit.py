@@ -126,10 +126,13 @@ HALF_4BIT = lowrank.NF4Config(targets=["q_proj"], parameters=EXPERTS[:1], comput
     ("mixtral-eager", 1, None), ("gpt_oss", 1, None), ("qwen2_moe", 1, None), ("mixtral-grouped", 2, None),
     ("mixtral-eager", 1, HALF_4BIT), ("gpt_oss", 1, HALF_4BIT)],
     ids=["mixtral", "gpt_oss", "qwen2_moe", "two-adapters", "mixtral-down-dense", "gpt_oss-down-dense"])
-def test_lora_on_routed_experts_trains_as_on_the_dense_ones(kind, adapters, nf4):
-    """LoRA's update added to each routed expert's product, s (x A_e^T) B_e^T: the loss and every
-    adapter gradient within float32's error of the float64 twin, as the dense path's are; also
-    with two adapters active, and with only gate_up_proj in 4 bits (down_proj dense, LoRA on both)."""
+@pytest.mark.parametrize("path", ["routed", "gathered"])
+def test_lora_on_routed_experts_trains_as_on_the_dense_ones(kind, adapters, nf4, path, monkeypatch):
+    """LoRA's update added to each routed expert's product, s (x A_e^T) B_e^T (gathered: with each
+    pair's expert's factors, Note: gathered experts): the loss and every adapter gradient within
+    float32's error of the float64 twin, as the dense path's are; also with two adapters active,
+    and with only gate_up_proj in 4 bits (down_proj dense, LoRA on both)."""
+    monkeypatch.setenv("LOWRANK_EXPERTS", path)  # the twin has no 4-bit parameter: dense whatever this says
     config = lowrank.LoraConfig(r=4, alpha=8, targets=["q_proj"], parameters=EXPERTS)
     model, twin = quantized_and_twin(ROUTED[kind], *([nf4] if nf4 else []))
     biased(model, twin)
@@ -204,9 +207,11 @@ def test_decoded_scales_are_not_kept_for_backward(kind, checkpointed, monkeypatc
 
 
 @pytest.mark.parametrize("how", ["bf16", "autocast"])
-def test_half_precision(how):
-    """A bf16 model, or float32 under bf16 autocast: the routed experts compute in bf16, within
-    bf16's error of float64 as the dense path is."""
+@pytest.mark.parametrize("path", ["routed", "gathered"])
+def test_half_precision(how, path, monkeypatch):
+    """A bf16 model, or float32 under bf16 autocast: the routed (or gathered) experts compute in
+    bf16, within bf16's error of float64 as the dense path is."""
+    monkeypatch.setenv("LOWRANK_EXPERTS", path)
     model, twin = quantized_and_twin(BUILDS["mixtral-grouped"])
     ref = copy.deepcopy(twin).double()
     ref.config._experts_implementation = "eager"
@@ -220,10 +225,12 @@ def test_half_precision(how):
     assert within(got, dense, want)
 
 
-def test_autocast_computes_the_experts_in_its_dtype():
-    """Under bf16 autocast a float32 model's routed experts compute in bf16, as transformers'
-    eager experts and a Linear4bit do: what the same experts give bf16 activations, returned in
-    float32."""
+@pytest.mark.parametrize("path", ["routed", "gathered"])
+def test_autocast_computes_the_experts_in_its_dtype(path, monkeypatch):
+    """Under bf16 autocast a float32 model's routed (or gathered) experts compute in bf16, as
+    transformers' eager experts and a Linear4bit do: what the same experts give bf16 activations,
+    returned in float32."""
+    monkeypatch.setenv("LOWRANK_EXPERTS", path)
     model, _ = quantized_and_twin(BUILDS["mixtral-grouped"])
     experts = model.model.layers[0].mlp.experts
     x, index, w = torch.randn(6, 64), torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [2, 1]]), torch.rand(6, 2)

@@ -64,33 +64,6 @@ def test_gathered_experts_compute_as_the_dense_ones_do(kind, gathered, monkeypat
     assert within(got, dense, want)
 
 
-@pytest.mark.parametrize("kind, adapters", [("mixtral-eager", 1), ("gpt_oss", 1), ("qwen2_moe", 2)])
-def test_lora_on_gathered_experts_trains_as_on_the_dense_ones(kind, adapters, gathered):
-    """LoRA's update gathered with its experts' factors: the loss and every adapter gradient
-    within float32's error of the float64 twin, as the dense path's are."""
-    config = lowrank.LoraConfig(r=4, alpha=8, targets=["q_proj"], parameters=EXPERTS)
-    model, twin = quantized_and_twin(ROUTED[kind])
-    biased(model, twin)
-    for m in (model, twin):
-        for i in range(adapters):
-            lowrank.inject(m, config, name=f"a{i}")
-        lowrank.set_active(m, [f"a{i}" for i in range(adapters)])
-        randomized(m).train()
-    ref = copy.deepcopy(twin).double()
-    if hasattr(ref.config, "_experts_implementation"):
-        ref.config._experts_implementation = "eager"
-    runs = []
-    for m in (model, twin, ref):
-        loss = m(ids(), labels=ids()).loss
-        loss.backward()
-        runs.append((loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
-    (got, g), (dense, gd), (want, gr) = runs
-    assert within(got, dense, want)
-    assert g.keys() == gr.keys() and any(".experts." in k for k in g)
-    for k in g:
-        assert within(g[k], gd[k], gr[k]), k
-
-
 def test_indices_that_name_no_expert_add_nothing(gathered):
     model, twin = quantized_and_twin(BUILDS["mixtral-eager"])
     experts, dense_experts = model.model.layers[0].mlp.experts, twin.model.layers[0].mlp.experts
@@ -126,29 +99,6 @@ def test_any_integer_index(dtype, gathered):
     x, index, w = torch.randn(4, 64), torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3]]), torch.rand(4, 2)
     with torch.no_grad():
         assert torch.equal(experts(x, index.to(dtype), w), experts(x, index, w))
-
-
-@pytest.mark.parametrize("how", ["bf16", "autocast"])
-def test_half_precision(how, gathered):
-    """bf16, or float32 under bf16 autocast (the experts then compute in bf16, returned in
-    float32, as on the routed path)."""
-    model, twin = quantized_and_twin(BUILDS["mixtral-grouped"])
-    ref = copy.deepcopy(twin).double()
-    ref.config._experts_implementation = "eager"
-    if how == "bf16":
-        model.to(torch.bfloat16), twin.to(torch.bfloat16)
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=how == "autocast"):
-        got, dense = model(ids()).logits, twin(ids()).logits
-    with torch.no_grad():
-        want = ref(ids()).logits
-    assert got.dtype == dense.dtype and within(got, dense, want)
-    experts = model.model.layers[0].mlp.experts
-    x, index, w = torch.randn(6, 64), torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [2, 1]]), torch.rand(6, 2)
-    if how == "autocast":
-        with torch.no_grad():
-            with torch.autocast("cpu", torch.bfloat16):
-                auto = experts(x, index, w)
-            assert auto.dtype == F32 and torch.equal(auto.bfloat16(), experts(x.bfloat16(), index, w))
 
 
 def test_backward_keeps_nothing_of_an_experts_size():
