@@ -379,29 +379,3 @@ def test_two_threads_with_lora_each_get_their_update(monkeypatch, one_thread):
     for t in threads:
         t.join(120)
     assert torch.equal(got["first"], alone) and torch.equal(got["second"], alone)
-
-
-def test_compiled_in_one_graph_with_or_without_lora(monkeypatch):
-    """Traced, the experts take the dense path in one graph (fullgraph), LoRA's updates included
-    (they wait in the instance dict while compiling: Note: where LoRA's updates wait); an owner
-    compiled alone under eager LoRA layers still adds their updates."""
-    model, _ = quantized_and_twin(BUILDS["mixtral-grouped"])
-    block = model.model.layers[0].mlp
-    h = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
-
-    def dense_eager():
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("LOWRANK_EXPERTS", "dense")
-            return block(h)
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        assert torch.equal(torch.compile(block, backend="eager", fullgraph=True)(h), dense_eager())
-    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
-    randomized(model)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        want = dense_eager()
-        assert torch.equal(torch.compile(block, backend="eager", fullgraph=True)(h), want)
-        block.experts.base.base.compile(backend="eager")  # in place, inside the two LoRA layers, which stay eager
-        assert torch.equal(block(h), want)

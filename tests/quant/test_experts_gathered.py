@@ -1,5 +1,6 @@
 """Gathered 4-bit experts (lowrank/quant/experts4bit.py, Note: gathered experts): each (token,
-slot) pair with its own gathered expert, no read on the host, so torch.compile traces it.
+slot) pair with its own gathered expert, no read on the host, so torch.compile traces it; and
+what torch.compile traces where it does not take it (the dense path).
 
 The oracles are those of test_experts4bit.py: the dense twin in float64, and the dense path's
 own error against it; the gathered weights themselves are exact.
@@ -215,3 +216,29 @@ def test_export_and_unbacked_sizes_keep_the_dense_path(monkeypatch):
         got = torch.compile(Wrap(), backend="aot_eager", fullgraph=True)(xs, ixs, ws)
     assert torch.allclose(got, want, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_compiled_in_one_graph_with_or_without_lora(monkeypatch):
+    """Traced, the experts take the dense path in one graph (fullgraph), LoRA's updates included
+    (they wait in the instance dict while compiling: Note: where LoRA's updates wait); an owner
+    compiled alone under eager LoRA layers still adds their updates."""
+    model, _ = quantized_and_twin(BUILDS["mixtral-grouped"])
+    block = model.model.layers[0].mlp
+    h = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+
+    def dense_eager():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LOWRANK_EXPERTS", "dense")
+            return block(h)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.equal(torch.compile(block, backend="eager", fullgraph=True)(h), dense_eager())
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
+    randomized(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = dense_eager()
+        assert torch.equal(torch.compile(block, backend="eager", fullgraph=True)(h), want)
+        block.experts.base.base.compile(backend="eager")  # in place, inside the two LoRA layers, which stay eager
+        assert torch.equal(block(h), want)
