@@ -18,8 +18,9 @@ lowrank-4bit-experts differs from them by the experts' NF4 rounding. lowrank-4bi
 each routed expert from its codes (lowrank/quant/experts4bit.py, Note: routed experts);
 lowrank-4bit-dense-path is the same model with LOWRANK_EXPERTS=dense, every expert dequantized
 each call. A second case times decoding: one token through the model, no grad (the experts a
-token is routed to are top-k of E). Steps alternate, so a shared machine's drift hits every
-provider.
+token is routed to are top-k of E); --compile-decode adds it compiled for the 4-bit experts model,
+which traces the gathered path there (Note: gathered experts), and for its dense path. Steps
+alternate, so a shared machine's drift hits every provider.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (a smoke run)")
     parser.add_argument("--experts", type=int, default=8, help="experts a layer (default 8)")
     parser.add_argument("--top-k", type=int, default=2, help="experts a token is routed to (default 2)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="also decode with the 4-bit experts model compiled (torch.compile, inductor): its gathered "
+                             "path, and the dense path (LOWRANK_EXPERTS=dense) compiled")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_moe.json")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else FULL
@@ -122,6 +126,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     losses = {name: [] for name in models}
     fns = {name: step_fn(m, ids, losses[name]) for name, m in models.items()}
     decode = {name: decode_fn(m, ids[:1, :1]) for name, m in models.items()}
+    if args.compile_decode:  # compiled by the first (warm-up) call, under the LOWRANK_EXPERTS of that call
+        for name in ("lowrank-4bit-experts", "lowrank-4bit-dense-path"):
+            decode[f"{name} compiled"] = decode_fn(torch.compile(models[name]), ids[:1, :1])
+        decode["lowrank-4bit-dense-path compiled"] = _common.on_path(decode["lowrank-4bit-dense-path compiled"], "dense")
     for group in (fns, decode):
         group["lowrank-4bit-dense-path"] = _common.on_path(group["lowrank-4bit-dense-path"], "dense")
     del models  # the steps hold them
@@ -135,8 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ("qlora_moe_train_step", f"{moe} b{shape['batch']}x{shape['seq']} {str(dtype)[6:]}, checkpointing", times,
              peaks),
             ("qlora_moe_decode_token", f"{moe} b1x1 {str(dtype)[6:]}, no grad", decode_times, decode_peaks)):
-        rows += [{"case": case, "shape": shape_name, "provider": name, "model_mib": sizes[name], "ms": ms,
-                  "p20_ms": p20, "p80_ms": p80, "ratio": ms / timed["peft+bitsandbytes"][0],
+        rows += [{"case": case, "shape": shape_name, "provider": name, "ms": ms, "p20_ms": p20, "p80_ms": p80,
+                  "model_mib": sizes[name.removesuffix(" compiled")], "ratio": ms / timed["peft+bitsandbytes"][0],
                   "first_loss": losses[name][0] if case.endswith("step") else None, "peak_mib": peak[name]}
                  for name, (ms, p20, p80) in timed.items()]
     table = _common.markdown(rows, COLUMNS)

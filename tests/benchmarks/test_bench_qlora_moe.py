@@ -29,3 +29,12 @@ def test_quick_run_writes_rows(tmp_path):
     assert by["lowrank-dense-experts"]["first_loss"] == pytest.approx(by["peft+bitsandbytes"]["first_loss"], rel=1e-4)
     assert by["lowrank-dense-experts"]["model_mib"] == pytest.approx(by["peft+bitsandbytes"]["model_mib"], rel=0.02)
     assert by["lowrank-4bit-experts"]["model_mib"] < 0.7 * by["lowrank-dense-experts"]["model_mib"]
+
+
+def test_compiled_decoding(tmp_path, monkeypatch):
+    """--compile-decode adds the 4-bit experts model's decoding compiled, gathered and dense path."""
+    monkeypatch.delenv("LOWRANK_EXPERTS", raising=False)
+    rows = bench_qlora_moe.main(["--quick", "--compile-decode", "--out", str(tmp_path / "moe.json")])
+    decode = [r["provider"] for r in rows if r["case"] == "qlora_moe_decode_token"]
+    assert decode[-2:] == ["lowrank-4bit-experts compiled", "lowrank-4bit-dense-path compiled"]
+    assert "LOWRANK_EXPERTS" not in __import__("os").environ
