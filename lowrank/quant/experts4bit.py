@@ -60,8 +60,9 @@ never forms the dense experts tensor.
 #   routed         eager: routed; compiling: dense (the choice before the gathered path)
 #   gathered       gathered wherever the call can be routed, at any T k (tests, benchmarks)
 #   dense          dense (the oracle in tests; benchmarks time each)
-# The variable is read while a call is traced, not guarded on: a compiled graph keeps the path it
-# was traced with. torch.export with a dynamic token count, and a size left unbacked, trace dense.
+# torch.compile guards on the variable: changing it recompiles. torch.export with a dynamic token
+# count takes the gathered path only where T k < E holds for its whole range; a size torch.compile
+# leaves unbacked traces the dense path.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from .. import ops  # lowrank.ops imports lowrank.quant: its names are read at call time
 from . import nf4
@@ -106,12 +107,13 @@ def choose(owner: nn.Module, names: tuple[str, ...], args: tuple, kwargs: dict) 
         return how, call
     if not torch.compiler.is_compiling():
         return "routed", call
-    # torch.export keeps a dynamic token count whole: a guard on T k < E would narrow it (the dense path does not).
     # guard_or_false here and in routed_call: a size condition is guarded on while tracing, and is False where
-    # it cannot be decided (a size torch.compile leaves unbacked); on plain ints, plain comparisons
-    if how == "routed" or torch.compiler.is_exporting() or not guard_or_false(call[1].numel() < owner.num_experts):
-        return "dense", None
-    return "gathered", call
+    # it cannot be decided (a size torch.compile leaves unbacked); on plain ints, plain comparisons. torch.export
+    # keeps a dynamic token count whole, which a guard would narrow: there T k < E must hold for every size.
+    pairs = call[1].numel()
+    fewer = statically_known_true(pairs < owner.num_experts) if torch.compiler.is_exporting() else \
+        guard_or_false(pairs < owner.num_experts)
+    return ("gathered", call) if how == "auto" and fewer else ("dense", None)
 
 
 def routable(owner: nn.Module, names: tuple[str, ...]) -> bool:

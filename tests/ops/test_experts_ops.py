@@ -57,14 +57,21 @@ def test_each_row_times_its_expert(backend, shape, blocksize, double_quant, tran
             assert_matmul_close(y[p : p + 1], ref, x[p : p + 1], b)
 
 
-def test_the_gathered_experts_are_the_whole_tensors(backend):
-    """The reference's gathered experts decode bit for bit to the whole tensor's, in each dtype."""
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+def test_the_gathered_experts_are_the_whole_tensors(double_quant):
+    """The reference's gathered experts (in any order, repeated) decode bit for bit to the whole
+    tensor's, in each dtype; nf4.scales_at decodes the blocks asked for as the whole tensor's
+    scales are decoded."""
     for shape, blocksize in SHAPES:
-        f, _ = experts(shape, blocksize)
+        f, _ = experts(shape, blocksize, double_quant)
         picks = torch.tensor([shape[0] - 1, 0, 1, 0, shape[0] - 1])
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             whole = torch.ops.lowrank.nf4_dequantize(*f, dtype)
             assert torch.equal(experts_ops.gathered(picks, *f, dtype), whole[picks]), (shape, dtype)
+        if double_quant:
+            blocks = torch.tensor([[5, 0], [f[1].numel() - 1, 300 % f[1].numel()]])
+            want = nf4.dequantize_scales(f[1], f[2], f[3])[blocks]
+            assert torch.equal(nf4.scales_at(f[1], f[2], f[3], blocks), want)
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["xWT", "xW"])

@@ -133,6 +133,7 @@ def test_lora_on_routed_experts_trains_as_on_the_dense_ones(kind, adapters, nf4,
     float32's error of the float64 twin, as the dense path's are; also with two adapters active,
     and with only gate_up_proj in 4 bits (down_proj dense, LoRA on both)."""
     monkeypatch.setenv("LOWRANK_EXPERTS", path)  # the twin has no 4-bit parameter: dense whatever this says
+    taken = Spy(monkeypatch, experts4bit, "forward" if path == "routed" else "gathered_forward")
     config = lowrank.LoraConfig(r=4, alpha=8, targets=["q_proj"], parameters=EXPERTS)
     model, twin = quantized_and_twin(ROUTED[kind], *([nf4] if nf4 else []))
     biased(model, twin)
@@ -150,6 +151,7 @@ def test_lora_on_routed_experts_trains_as_on_the_dense_ones(kind, adapters, nf4,
         loss.backward()
         runs[name] = (loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad})
     (got, g), (dense, gd), (want, gr) = runs["routed"], runs["dense"], runs["ref"]
+    assert len(taken.calls) == len(model.model.layers)  # every layer's experts on the path named
     assert within(got, dense, want)
     assert g.keys() == gr.keys() and any(".experts." in k for k in g)
     for k in g:
@@ -212,6 +214,7 @@ def test_half_precision(how, path, monkeypatch):
     """A bf16 model, or float32 under bf16 autocast: the routed (or gathered) experts compute in
     bf16, within bf16's error of float64 as the dense path is."""
     monkeypatch.setenv("LOWRANK_EXPERTS", path)
+    taken = Spy(monkeypatch, experts4bit, "forward" if path == "routed" else "gathered_forward")
     model, twin = quantized_and_twin(BUILDS["mixtral-grouped"])
     ref = copy.deepcopy(twin).double()
     ref.config._experts_implementation = "eager"
@@ -221,7 +224,7 @@ def test_half_precision(how, path, monkeypatch):
         got, dense = model(ids()).logits, twin(ids()).logits
     with torch.no_grad():
         want = ref(ids()).logits
-    assert got.dtype == dense.dtype
+    assert got.dtype == dense.dtype and len(taken.calls) == len(model.model.layers)
     assert within(got, dense, want)
 
 

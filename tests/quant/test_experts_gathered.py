@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import lowrank
-from lowrank.ops import experts_ops
-from lowrank.quant import experts4bit, nf4
+from lowrank.quant import experts4bit
 from lowrank.quant.params4bit import Weight4bit
 
 from .test_experts4bit import ROUTED, Spy, biased, within
@@ -27,25 +26,6 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture
 def gathered(monkeypatch):
     monkeypatch.setenv("LOWRANK_EXPERTS", "gathered")
-
-
-@pytest.mark.parametrize("shape, blocksize", [((4, 64, 96), 64), ((3, 128, 128), 64), ((2, 32, 64), 128),
-                                              ((5, 16, 64), 32)], ids=["mid-group", "whole-groups", "bs128", "bs32"])
-@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
-def test_gathered_experts_decode_to_their_experts_exactly(shape, blocksize, double_quant):
-    """Experts gathered in any order, repeated, decode to exactly those slices of the whole
-    tensor's dequantize; the scales of the blocks asked for are the whole tensor's decoded scales."""
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
-    q = Weight4bit(nf4.quantize(w, blocksize, double_quant))
-    picks = torch.tensor([shape[0] - 1, 0, 1, 0, shape[0] - 1])
-    for dtype in (F32, torch.bfloat16, torch.float16):
-        got = experts_ops.gathered(picks, *experts4bit.fields(q), dtype)
-        assert torch.equal(got, q.dense(dtype)[picks]), dtype
-    if double_quant:
-        qw = q.weight
-        blocks = torch.tensor([[5, 0], [len(qw.absmax) - 1, 300 % len(qw.absmax)]])
-        want = nf4.dequantize_scales(qw.absmax, qw.nested_absmax, qw.offset)[blocks]
-        assert torch.equal(nf4.scales_at(qw.absmax, qw.nested_absmax, qw.offset, blocks), want)
 
 
 @pytest.mark.parametrize("kind", list(ROUTED))
@@ -65,7 +45,8 @@ def test_gathered_experts_compute_as_the_dense_ones_do(kind, gathered, monkeypat
     assert within(got, dense, want)
 
 
-def test_indices_that_name_no_expert_add_nothing(gathered):
+def test_indices_that_name_no_expert_add_nothing(gathered, monkeypatch):
+    forwards = Spy(monkeypatch, experts4bit, "gathered_forward")
     model, twin = quantized_and_twin(BUILDS["mixtral-eager"])
     experts, dense_experts = model.model.layers[0].mlp.experts, twin.model.layers[0].mlp.experts
     x, w = torch.randn(5, 64), torch.rand(5, 2)
@@ -85,7 +66,7 @@ def test_indices_that_name_no_expert_add_nothing(gathered):
     assert torch.equal(y[1].detach(), torch.zeros(64))
     y[[0, 2, 3, 4]].sum().backward()
     grads = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    assert len(grads) > 1 and all(torch.isfinite(g).all() for g in grads)
+    assert len(grads) > 1 and all(torch.isfinite(g).all() for g in grads) and len(forwards.calls) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
@@ -182,8 +163,9 @@ def test_routed_under_compile_keeps_the_dense_path(monkeypatch):
 
 def test_export_and_unbacked_sizes_keep_the_dense_path(monkeypatch):
     """torch.export with a dynamic token count traces the dense path (a guard on T k < E would
-    narrow the range it was asked to keep), as a size torch.compile leaves unbacked does. Eight
-    experts, top 2: T k < E holds for some of the exported range (2-64 tokens) and not others."""
+    narrow the range it was asked to keep), as a size torch.compile leaves unbacked does; a static
+    one-token export the gathered path. Eight experts, top 2: T k < E holds for some of the
+    exported range (2-64 tokens) and not others."""
     cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_local_experts=8,
                                      num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
                                      num_hidden_layers=1)
@@ -202,19 +184,24 @@ def test_export_and_unbacked_sizes_keep_the_dense_path(monkeypatch):
     x, index, w = torch.randn(3, 64), torch.tensor([[0, 7], [2, 3], [6, 2]]), torch.rand(3, 2)
     with torch.no_grad():
         want = experts(x, index, w)
+    def ops_of(exported) -> set:
+        return {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+
     tokens = torch.export.Dim("tokens", min=2, max=64)
     exported = torch.export.export(Wrap(), (x, index, w), dynamic_shapes=({0: tokens}, {0: tokens}, {0: tokens}))
-    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert "lowrank.nf4_dequantize.default" in ops and "lowrank.nf4_experts_linear.default" not in ops
+    assert "lowrank.nf4_dequantize.default" in ops_of(exported) and "lowrank.nf4_experts_linear.default" not in ops_of(exported)
     with torch.no_grad():
         assert torch.allclose(exported.module()(x, index, w), want, atol=1e-5)
+    one = (x[:1], index[:1], w[:1])  # a static one-token export: 2 pairs < 8 experts, gathered
+    assert "lowrank.nf4_experts_linear.default" in ops_of(torch.export.export(Wrap(), one))
     torch._dynamo.reset()
     xs, ixs, ws = x.clone(), index.clone(), w.clone()
     for t in (xs, ixs, ws):
         torch._dynamo.decorators.mark_unbacked(t, 0)
+    forwards = Spy(monkeypatch, experts4bit, "gathered_forward")
     with torch.no_grad():
         got = torch.compile(Wrap(), backend="aot_eager", fullgraph=True)(xs, ixs, ws)
-    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-5) and not forwards.calls
     torch._dynamo.reset()
 
 
