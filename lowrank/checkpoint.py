@@ -23,8 +23,8 @@ from torch import nn
 from . import distributed, shards
 from .export import _write_config, quantization_config
 from .quant.linear4bit import Linear4bit
-from .quant.params4bit import OWNER_KEYS, Weight4bit, install, stored
-from .quant.quantize import NF4Config, check_parameters
+from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
+from .quant.quantize import _can_quantize, weight_owners
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
@@ -38,8 +38,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     """Write a model quantized by lowrank.quantize (no adapters in it) as a bitsandbytes 4-bit
     transformers directory: safetensors shards, config.json with `quantization_config`,
     generation_config.json. 4-bit parameters (MoE experts) are written in 4 bits as well, which
-    load_quantized reads and transformers refuses (See Note: 4-bit parameters on disk). Atomic (Note: atomic directories, lowrank/shards.py). Returns
-    the weight files written. Under torch.distributed rank 0 writes (the others return None), from
+    load_quantized reads and transformers refuses (See Note: 4-bit parameters on disk). Atomic
+    (Note: atomic directories, lowrank/shards.py). Returns the weight files written. Under torch.distributed rank 0 writes (the others return None), from
     an unsharded model (DDP); an FSDP2-sharded one is refused."""
     model = distributed.unwrap(model)
     distributed.check_not_sharded(model, "save_quantized (a full model, gathered)")
@@ -72,7 +72,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
 def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, strict: bool) -> list[str]:
     """load_quantized's work: 4-bit layers in, then every tensor; the names now in 4 bits."""
     places = {name: (parent, attr) for parent, attr, name, _ in _walk(model)}  # names as state_dict()'s
-    names = []
+    names, owners = [], weight_owners(model)  # (owners: a tied parameter stays dense)
     for key in sorted(k[: -len(_MARK)] for k in state if k.endswith(_MARK)):  # "M.weight", or "M.p" (a parameter)
         parent, _, attr = key.rpartition(".")
         module = model if not parent else getattr(*places[parent]) if parent in places else None
@@ -92,8 +92,11 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
         elif linear:
             _linear_in(module, places[parent], parent, q, state, compute_dtype, path)
         else:
-            _parameter_in(model, module, attr, q, compute_dtype, path, key)
-    result = model.load_state_dict(state, strict=False, assign=True)
+            _parameter_in(module, attr, q, compute_dtype, path, key, owners)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a dense tensor where the model's is 4-bit (or the other way), a size mismatch
+        raise RuntimeError(f"{path}: {e}") from e
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # transformers: lm_head <- embeddings when the config ties them
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -138,7 +141,7 @@ def _linear_in(module: nn.Module, place: tuple, name: str, q: NF4Weight, state: 
 # bitsandbytes cannot read them (they keep experts dense): transformers refuses such a directory
 # (size mismatch at the experts' keys) unless told to ignore mismatched sizes, which would leave
 # the experts newly initialized.
-def _parameter_in(model: nn.Module, module: nn.Module, attr: str, q: NF4Weight, compute_dtype, path, key: str) -> None:
+def _parameter_in(module: nn.Module, attr: str, q: NF4Weight, compute_dtype, path, key: str, owners: dict) -> None:
     """`module`'s parameter `attr` as a 4-bit parameter of q (See Note: 4-bit parameters on disk)."""
     already = stored(module, attr)
     if already is not None:  # already 4-bit: load_state_dict loads the codes
@@ -152,12 +155,19 @@ def _parameter_in(model: nn.Module, module: nn.Module, attr: str, q: NF4Weight, 
     if tuple(q.shape) != tuple(p.shape):
         raise ValueError(f"{path}: size mismatch for {key}: the checkpoint's 4-bit parameter has shape {tuple(q.shape)}, "
                          f"the model's is {tuple(p.shape)}")
-    try:  # what quantize refuses (a 1-D parameter, a linear layer's own, a tied one, a foreign forward), refused
-        check_parameters(model, [(module, key.rpartition(".")[0], attr)], NF4Config(blocksize=q.blocksize, double_quant=q.double_quant),
-                         set(), values=False)
-        install(module, attr, Weight4bit(q, compute_dtype))
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{path}: the checkpoint holds {key!r} in 4 bits, which lowrank cannot take: {e}") from e
+    tied = sorted({n for n, m in owners.get(id(p), ()) if m != id(module)})
+    why = (f"it belongs to the linear layer {type(module).__name__}, whose weight goes 4-bit as a whole layer and "
+           "whose other parameters stay dense" if _can_quantize(module) else
+           f"it is a {p.dim()}-D parameter, which stays dense (a 4-bit parameter has 2 or more dimensions)"
+           if p.dim() < 2 else f"it is tied to a parameter of {tied} (one tensor, shared), which stays dense" if tied
+           else None)
+    if why is not None:  # what quantize would not have made 4-bit: a checkpoint of another model, or not lowrank's
+        raise ValueError(f"{path}: the checkpoint holds {key!r} in 4 bits, which lowrank cannot take: {why}")
+    try:
+        check_owner(key, module)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    install(module, attr, Weight4bit(q, compute_dtype))
 
 
 def _quantization_config(path: pathlib.Path) -> dict:
@@ -203,7 +213,6 @@ def _restored_on_error(model: nn.Module):
 _ATTRIBUTES = (*OWNER_KEYS, "shape", "dtype", "blocksize", "compute_dtype")  # See _restored_on_error
 
 
-
 def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: torch.dtype | None = None,
                    strict: bool = True) -> list[str]:
     """Load a 4-bit checkpoint directory (lowrank's save_quantized, or transformers +
@@ -214,7 +223,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     loaded as it is. `model` may be built with its parameters on the meta device (under
     `lowrank.skeleton()`): they are assigned from the checkpoint, never allocated twice; a model
     already in 4 bits takes the checkpoint's codes, blocksize and compute dtype. compute_dtype:
-    default config.json's bnb_4bit_compute_dtype, else each weight's own. Returns the names now
+    default config.json's bnb_4bit_compute_dtype; without one (a model with no transformers config
+    writes none) each weight keeps its own: an already 4-bit one its compute dtype, a new one the
+    dtype it was quantized from. Returns the names now
     in 4 bits: the layers' module names, the parameters' keys. Missing or unexpected keys raise
     when `strict`; weights tied by the model (`tie_weights()`) may be absent from the file. A load
     that raises leaves the model as it was (its modules, tensors, 4-bit settings and forwards)."""

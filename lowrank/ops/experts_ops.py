@@ -164,7 +164,8 @@ def per_expert(x, ids, packed, absmax, nested_absmax, offset, shape, blocksize, 
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return reference(x, ids, packed, absmax, nested_absmax, offset, shape, blocksize, transposed)
     rows, order = torch.sort(ids, stable=True)
-    _check_ids(rows[[0, -1]] if rows.numel() else rows, shape[0], on_gpu=True)  # sorted: the least and the most
+    if x.is_cuda:  # (the op's kernel checked them on the CPU already) sorted: the least and the most
+        _check_ids(rows[[0, -1]] if rows.numel() else rows, shape[0], on_gpu=True)
     counts = torch.bincount(rows, minlength=shape[0]).tolist()  # the host reads the routing once
     out = x.new_empty((x.shape[0], shape[2] if transposed else shape[1]))
     xs, start = x[order], 0

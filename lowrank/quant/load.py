@@ -211,7 +211,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                             for parent, attr in layers[owner]:  # one 4-bit layer wherever the module was
                                 setattr(parent, attr, quantized)
                             del quantized
-                elif module is not None and experts.per_expert_too(name, leaf, key, bad_shapes):
+                elif module is not None and experts.per_expert_too(name, leaf, key):
                     continue
                 elif module is not None and leaf in names_4bit(module):  # See Note: 4-bit parameters as they are read
                     bad_shapes.append(f"{key}: its tensor is 4-bit already (read twice, or the model was quantized before)")
@@ -320,9 +320,9 @@ class _Experts:
             self.whole(owner, param)
         return True
 
-    def per_expert_too(self, owner: str, param: str, key: str, bad_shapes: list) -> bool:
+    def per_expert_too(self, owner: str, param: str, key: str) -> bool:
         """`key`, the whole of `owner`'s fused parameter `param`: whether experts' rows of it were
-        read too (then said in bad_shapes); else it is remembered as read whole."""
+        read too (then said in self.doubled); else it is remembered as read whole."""
         if param not in {fused for fused, _ in self.fused.values()}:
             return False
         if (owner, param) in self.filled:
@@ -394,7 +394,8 @@ def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes
         problems.append(f"a module registered at several places has different weights under its names: {conflicts[:8]}")
     if unfilled:
         problems.append(f"fused experts the checkpoint does not fill: {unfilled[:8]}")
-    if doubled:  # missing or unfilled tensors then follow from it: said alone
-        problems = [f"experts held twice: {doubled[:8]}"]
+    if doubled:  # the missing or unfilled experts then follow from it: said instead of them
+        problems = [p for p in problems if not p.startswith(("fused experts", f"{len(missing)} tensors the model"))]
+        problems.insert(0, f"experts held twice: {doubled[:8]}")
     if problems:
         raise ValueError(f"cannot load {[str(f) for f in files][:3]} into {type(model).__name__}: " + "; ".join(problems))

@@ -94,8 +94,10 @@ def test_save_quantized_and_load_quantized_keep_them(tmp_path, config):
     lowrank.save_quantized(model, tmp_path / "q")
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
-    key = "model.layers.1.mlp.experts.down_proj"
-    assert stored[key].dtype == torch.uint8 and stored[key].numel() == 4 * 64 * 96 // 2
+    for key, q in model.state_dict(keep_vars=True).items():  # every experts tensor: its codes, once, nothing dense
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            assert stored[key].dtype == torch.uint8 and stored[key].numel() == q.numel()
+    assert not [k for k, t in stored.items() if ".experts." in k and t.is_floating_point() and t.numel() >= 64 * 96]
     quant = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert quant["bnb_4bit_compute_dtype"] == str(config.compute_dtype or torch.float32).removeprefix("torch.")
     if not config.targets:  # every linear layer dense: listed for transformers to leave alone
@@ -114,7 +116,10 @@ def test_save_quantized_and_load_quantized_keep_them(tmp_path, config):
     with torch.no_grad():
         assert torch.equal(again(ids()).logits, model(ids()).logits)
     lowrank.inject(again, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))  # QLoRA on the loaded experts
+    randomized(again)
     again(ids(), labels=ids()).loss.backward()
+    grads = [p.grad for p in again.parameters() if p.requires_grad]
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_load_quantized_of_experts_refuses_what_does_not_fit(tmp_path):
@@ -181,7 +186,7 @@ def test_export_keeps_what_transformers_keeps_in_float32(tmp_path):
 
 def test_a_failed_load_into_a_quantized_model_keeps_its_settings(tmp_path):
     """A model already in 4 bits with another blocksize and compute dtype: a load that fails after
-    the codes were assigned (an unexpected key) leaves each 4-bit weight's own blocksize, shape and
+    the codes were assigned (an unexpected key) leaves each 4-bit weight's own blocksize and
     compute dtype, and the model computes as before; a load that succeeds takes the checkpoint's."""
     from safetensors.torch import load_file, save_file
 
@@ -208,9 +213,11 @@ def test_a_failed_load_into_a_quantized_model_keeps_its_settings(tmp_path):
 
 
 @pytest.mark.parametrize("key, message", [
-    ("model.norm.weight", "a 1-D parameter"),
-    ("model.layers.0.self_attn.q_proj.bias", "of the linear layer 'model.layers.0.self_attn.q_proj' on its own"),
-], ids=["1-D", "linear-bias"])
+    ("model.norm.weight", "it is a 1-D parameter, which stays dense"),
+    ("model.layers.0.self_attn.q_proj.bias", "it belongs to the linear layer Linear, whose weight goes 4-bit as a "
+                                             "whole layer and whose other parameters stay dense"),
+    ("model.embed_tokens.weight", r"it is tied to a parameter of \['lm_head'\] \(one tensor, shared\), which stays dense"),
+], ids=["1-D", "linear-bias", "tied"])
 def test_load_quantized_refuses_4bit_tensors_quantize_refuses(tmp_path, key, message):
     """A checkpoint holding in 4 bits what quantize would not make 4-bit: refused, named, the model unchanged."""
     from safetensors.torch import load_file, save_file
@@ -220,6 +227,7 @@ def test_load_quantized_refuses_4bit_tensors_quantize_refuses(tmp_path, key, mes
 
     model = mixtral()
     model.model.layers[0].self_attn.q_proj.bias = nn.Parameter(torch.randn(64))
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as tie_word_embeddings ties them
     lowrank.quantize(model, lowrank.NF4Config(targets=None, parameters=EXPERTS))
     lowrank.save_quantized(model, tmp_path / "q")
     state = load_file(tmp_path / "q" / "model.safetensors")
@@ -228,6 +236,7 @@ def test_load_quantized_refuses_4bit_tensors_quantize_refuses(tmp_path, key, mes
     save_file(state | {k: v.contiguous() for k, v in entries.items()}, tmp_path / "q" / "model.safetensors")
     again = mixtral()
     again.model.layers[0].self_attn.q_proj.bias = nn.Parameter(torch.randn(64))
+    again.lm_head.weight = again.model.embed_tokens.weight
     names = [n for n, _ in again.named_modules()]
     with pytest.raises(ValueError, match=rf"the checkpoint holds '{key}' in 4 bits, which lowrank cannot take: .*{message}"):
         lowrank.load_quantized(again, tmp_path / "q")
@@ -241,3 +250,16 @@ def test_load_quantized_refuses_a_model_with_adapters(tmp_path):
     lowrank.inject(model, lowrank.LoraConfig(r=4, targets=None, parameters=EXPERTS))
     with pytest.raises(ValueError, match="the model has adapters: load_quantized replaces the layers they wrap"):
         lowrank.load_quantized(model, tmp_path / "q")
+
+
+def test_a_parameter_registered_after_the_first_went_4bit():
+    """install keeps the owner's 4-bit parameters in the order it registered them, and one it
+    registered after its first parameter went 4-bit joins them (last)."""
+    owner = nn.Module()
+    owner.a = nn.Parameter(torch.randn(2, 8, 64))
+    owner.c = nn.Parameter(torch.randn(2, 8, 64))
+    lowrank.quantize(owner, lowrank.NF4Config(targets=None, parameters=["c"]))
+    owner.b = nn.Parameter(torch.randn(2, 8, 64))
+    lowrank.quantize(owner, lowrank.NF4Config(targets=None, parameters=["b", "a"]))
+    assert lowrank.quant.params4bit.names_4bit(owner) == ("a", "c", "b") and list(owner._modules) == ["a", "c", "b"]
+    assert [k for k in owner.state_dict() if "." not in k] == ["a", "c", "b"]
