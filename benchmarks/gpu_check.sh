@@ -124,7 +124,8 @@ if [ "${ADAPTERS:-0}" = 1 ]; then  # the 1.3x goal like for like: PEFT's adapter
     --reps 4 --adapter-dtype float32 --out /tmp/qlora_f32_adapters.json
 fi
 if [ "${MOE:-0}" = 1 ]; then  # QLoRA on a Mixtral with its experts in 4 bits (NF4Config.parameters) against PEFT + bnb
-  step 60 "$OUT/bench.log" "bench_qlora_moe" python3 benchmarks/bench_qlora_moe.py --out /tmp/qlora_moe.json
+  step 120 "$OUT/bench.log" "bench_qlora_moe --compile-decode" python3 benchmarks/bench_qlora_moe.py --compile-decode \
+    --out /tmp/qlora_moe.json
   step 60 "$OUT/bench.log" "bench_qlora_moe E32" python3 benchmarks/bench_qlora_moe.py --experts 32 --top-k 4 \
     --out /tmp/qlora_moe32.json
   step 90 "$OUT/bench.log" "bench_experts4bit --compile" python3 benchmarks/bench_experts4bit.py --compile \
