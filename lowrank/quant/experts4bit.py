@@ -239,20 +239,29 @@ class _Redecoded(torch.autograd.Function):
         return ops.experts_ops.times(grad, expert_fields(ctx.q, ctx.e), not ctx.transposed), None, None, None
 
 
-def _expert_linear(owner: nn.Module, name: str, e: int, x: torch.Tensor, dtype: torch.dtype, names: tuple,
+def _expert_linear(owner: nn.Module, name: str, which, x: torch.Tensor, dtype: torch.dtype, names: tuple,
                    terms: dict) -> torch.Tensor:
-    """Expert e's product for parameter `name` on its rows x, computed in `dtype` (+ bias, + LoRA's
-    term); `names`: the owner's 4-bit parameters."""
-    q = owner._modules[name] if name in names else None
-    if q is None:  # a dense parameter of a module whose other one is 4-bit
-        w = getattr(owner, name)[e]
-        y = x.to(w.dtype) @ w if owner.is_transposed else F.linear(x.to(w.dtype), w)
+    """The product for parameter `name` (+ bias, + LoRA's term), computed in `dtype`: of expert
+    `which` (an int) on its rows x, or of each row x[p] with expert which[p] (a tensor of indices:
+    the gathered path). `names`: the owner's 4-bit parameters."""
+    gathered = isinstance(which, torch.Tensor)
+    if name not in names:  # a dense parameter of a module whose other one is 4-bit
+        w = getattr(owner, name)[which]
+        xw = x.to(w.dtype)
+        if gathered:
+            y = torch.bmm(xw.unsqueeze(1), w).squeeze(1) if owner.is_transposed else torch.bmm(w, xw.unsqueeze(-1)).squeeze(-1)
+        else:
+            y = xw @ w if owner.is_transposed else F.linear(xw, w)
+    elif gathered:
+        y = ops.experts_ops.experts_linear(x.to(dtype), which, fields(owner._modules[name]), owner.is_transposed)
     else:
-        y = _product(q, e, x.to(dtype), owner.is_transposed)
+        y = _product(owner._modules[name], which, x.to(dtype), owner.is_transposed)
     if owner.has_bias:  # promoted as `x @ W + b` promotes (a float32 bias under bf16 autocast: float32)
-        y = y + getattr(owner, name + "_bias")[e]
+        y = y + getattr(owner, name + "_bias")[which]
     term = terms.get(name)
-    return y if term is None else term.add_to(y, e, x)
+    if term is None:
+        return y
+    return term.add_gathered(y, which, x) if gathered else term.add_to(y, which, x)
 
 
 def forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
@@ -292,22 +301,6 @@ def forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights
     return y[back].view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
 
-def _gathered_linear(owner: nn.Module, name: str, ids: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
-                     names: tuple, terms: dict) -> torch.Tensor:
-    """Row x[p] times expert ids[p] of parameter `name`, in `dtype` (+ bias, + LoRA's term), as
-    _expert_linear computes an expert's rows."""
-    if name in names:
-        y = ops.experts_ops.experts_linear(x.to(dtype), ids, fields(owner._modules[name]), owner.is_transposed)
-    else:  # a dense parameter of a module whose other one is 4-bit
-        w = getattr(owner, name)[ids]
-        xw = x.to(w.dtype)
-        y = torch.bmm(xw.unsqueeze(1), w).squeeze(1) if owner.is_transposed else torch.bmm(w, xw.unsqueeze(-1)).squeeze(-1)
-    if owner.has_bias:
-        y = y + getattr(owner, name + "_bias")[ids]
-    term = terms.get(name)
-    return y if term is None else term.add_gathered(y, ids, x)
-
-
 def gathered_forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                      names: tuple, terms: dict) -> torch.Tensor:
     """The experts' output (T, H), each (token, slot) pair with its own gathered expert and no
@@ -320,9 +313,9 @@ def gathered_forward(owner: nn.Module, hidden: torch.Tensor, index: torch.Tensor
     # the stand-in expert) reaches a gradient through the mask below
     x = torch.where(real, hidden.repeat_interleave(k, dim=0), 0)
     dtype = autocast_dtype(hidden) or hidden.dtype
-    h = _gathered_linear(owner, "gate_up_proj" if owner.has_gate else "up_proj", ids, x, dtype, names, terms)
+    h = _expert_linear(owner, "gate_up_proj" if owner.has_gate else "up_proj", ids, x, dtype, names, terms)
     h = owner._apply_gate(h) if owner.has_gate else owner.act_fn(h)
-    y = _gathered_linear(owner, "down_proj", ids, h, dtype, names, terms)
+    y = _expert_linear(owner, "down_proj", ids, h, dtype, names, terms)
     if owner.has_post_expert_norm:
         y = owner.post_expert_norm(y)
     y = torch.where(real, y * weights.reshape(-1, 1), 0)
