@@ -96,7 +96,9 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # a dense tensor where the model's is 4-bit (or the other way), a size mismatch
-        raise RuntimeError(f"{path}: {e}") from e
+        hint = ("; a tensor the model holds in 4 bits is dense in the checkpoint: load it into a model built without "
+                "quantize (it then keeps it dense), or quantize the model after") if "4-bit state dict has no" in str(e) else ""
+        raise RuntimeError(f"{path}: {e}{hint}") from e
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # transformers: lm_head <- embeddings when the config ties them
     params = dict(model.named_parameters(remove_duplicate=False))

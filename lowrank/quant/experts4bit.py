@@ -60,7 +60,8 @@ never forms the dense experts tensor.
 #   routed         eager: routed; compiling: dense (the choice before the gathered path)
 #   gathered       gathered wherever the call can be routed, at any T k (tests, benchmarks)
 #   dense          dense (the oracle in tests; benchmarks time each)
-# torch.compile guards on the variable: changing it recompiles. torch.export with a dynamic token
+# The variable is read while a call is traced; torch.compile guards on it only where it was set
+# then: set it before the first compile (or torch._dynamo.reset() after changing it). torch.export with a dynamic token
 # count takes the gathered path only where T k < E holds for its whole range; a size torch.compile
 # leaves unbacked traces the dense path.
 """
@@ -110,10 +111,12 @@ def choose(owner: nn.Module, names: tuple[str, ...], args: tuple, kwargs: dict) 
     # guard_or_false here and in routed_call: a size condition is guarded on while tracing, and is False where
     # it cannot be decided (a size torch.compile leaves unbacked); on plain ints, plain comparisons. torch.export
     # keeps a dynamic token count whole, which a guard would narrow: there T k < E must hold for every size.
+    if how != "auto":  # routed: the dense path while compiling, with no guard on the token count
+        return "dense", None
     pairs = call[1].numel()
     fewer = statically_known_true(pairs < owner.num_experts) if torch.compiler.is_exporting() else \
         guard_or_false(pairs < owner.num_experts)
-    return ("gathered", call) if how == "auto" and fewer else ("dense", None)
+    return ("gathered", call) if fewer else ("dense", None)
 
 
 def routable(owner: nn.Module, names: tuple[str, ...]) -> bool:

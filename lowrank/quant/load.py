@@ -275,7 +275,7 @@ class _Experts:
         self.whole = whole  # called (owner, parameter) when a fused parameter's last rows arrive
         self.read_whole: set[tuple[str, str]] = set()  # fused parameters read as one tensor (not from experts' rows)
         self.said: set[tuple[str, str]] = set()  # those of them whose experts' rows came too, said once
-        self.doubled: list[str] = []  # what was said: the one problem reported (the rest follows from it)
+        self.doubled: dict[str, str] = {}  # "owner.param" -> what was said (its missing / unfilled parts follow)
 
     def take(self, key: str, f, bad_shapes: list) -> bool:
         """Copy `key` into its rows of a fused experts parameter, if it is an expert's weight."""
@@ -292,7 +292,8 @@ class _Experts:
             return True
         if slot in self.read_whole:  # said once, at the first expert's key
             if slot not in self.said:
-                self.doubled.append(_BOTH.format(key=key, name=f"{m['moe']}.experts.{param}"))
+                name = f"{m['moe']}.experts.{param}"
+                self.doubled[name] = _BOTH.format(key=key, name=name)
                 self.said.add(slot)
             return True
         if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
@@ -326,7 +327,7 @@ class _Experts:
         if param not in {fused for fused, _ in self.fused.values()}:
             return False
         if (owner, param) in self.filled:
-            self.doubled.append(_BOTH.format(key=key, name=f"{owner}.{param}"))
+            self.doubled[f"{owner}.{param}"] = _BOTH.format(key=key, name=f"{owner}.{param}")
             return True
         self.read_whole.add((owner, param))
         return False
@@ -375,7 +376,7 @@ def _same(q: nf4.NF4Weight, other: nf4.NF4Weight) -> bool:
 
 
 def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, unfilled,
-                         unread, doubled=()) -> None:
+                         unread, doubled=None) -> None:
     missing = [f"{n}.weight" for n, [(p, a), *_] in layers.items() if not isinstance(getattr(p, a), Linear4bit)]
     missing += unread
     missing += [f"{n}.bias" for n, [(p, a), *_] in layers.items()
@@ -383,7 +384,10 @@ def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes
     missing += [f"{n}.{k}" for n, m in model.named_modules() for k, t in m._parameters.items()
                 if t is not None and t.is_meta]
     missing += [f"{n}.bias (read, but its layer's weight never came)" for n in biases]
-    problems = []
+    doubled = doubled or {}  # a fused experts tensor held twice: what it leaves missing or unfilled follows from it
+    missing = [k for k in dict.fromkeys(missing) if k not in doubled]  # (a layer's weight is also a meta parameter)
+    unfilled = [u for u in unfilled if u.split(":")[0] not in doubled]
+    problems = [f"experts held twice: {list(doubled.values())[:8]}"] if doubled else []
     if missing:
         problems.append(f"{len(missing)} tensors the model needs are not in the checkpoint: {missing[:8]}")
     if unexpected:
@@ -394,8 +398,5 @@ def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes
         problems.append(f"a module registered at several places has different weights under its names: {conflicts[:8]}")
     if unfilled:
         problems.append(f"fused experts the checkpoint does not fill: {unfilled[:8]}")
-    if doubled:  # the missing or unfilled experts then follow from it: said instead of them
-        problems = [p for p in problems if not p.startswith(("fused experts", f"{len(missing)} tensors the model"))]
-        problems.insert(0, f"experts held twice: {doubled[:8]}")
     if problems:
         raise ValueError(f"cannot load {[str(f) for f in files][:3]} into {type(model).__name__}: " + "; ".join(problems))

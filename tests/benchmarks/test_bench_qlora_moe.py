@@ -32,9 +32,29 @@ def test_quick_run_writes_rows(tmp_path):
 
 
 def test_compiled_decoding(tmp_path, monkeypatch):
-    """--compile-decode adds the 4-bit experts model's decoding compiled, gathered and dense path."""
+    """--compile-decode adds the 4-bit experts model's decoding compiled, gathered and dense path
+    (each traced: the gathered forward and the dense path's dequantize both run while compiling)."""
+    import torch
+
+    from lowrank.quant import experts4bit
+    from lowrank.quant.params4bit import Weight4bit
+
+    traced = {"gathered": 0, "dense": 0}
+    real_gathered, real_dense = experts4bit.gathered_forward, Weight4bit.dense
+
+    def gathered(*args):
+        traced["gathered"] += 1
+        return real_gathered(*args)
+
+    def dense(self, *args):  # counted while compiling only (the eager dense path calls it too)
+        traced["dense"] += torch.compiler.is_compiling()
+        return real_dense(self, *args)
+
+    monkeypatch.setattr(experts4bit, "gathered_forward", gathered)
+    monkeypatch.setattr(Weight4bit, "dense", dense)
     monkeypatch.delenv("LOWRANK_EXPERTS", raising=False)
     rows = bench_qlora_moe.main(["--quick", "--compile-decode", "--out", str(tmp_path / "moe.json")])
+    assert traced["gathered"] > 0 and traced["dense"] > 0
     decode = [r["provider"] for r in rows if r["case"] == "qlora_moe_decode_token"]
     assert decode[-2:] == ["lowrank-4bit-experts compiled", "lowrank-4bit-dense-path compiled"]
     assert "LOWRANK_EXPERTS" not in __import__("os").environ

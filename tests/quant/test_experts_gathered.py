@@ -162,9 +162,9 @@ def test_routed_under_compile_keeps_the_dense_path(monkeypatch):
 
 
 def test_export_and_unbacked_sizes_keep_the_dense_path(monkeypatch):
-    """torch.export with a dynamic token count traces the dense path (a guard on T k < E would
-    narrow the range it was asked to keep), as a size torch.compile leaves unbacked does; a static
-    one-token export the gathered path. Eight experts, top 2: T k < E holds for some of the
+    """torch.export with a dynamic token count whose range reaches E pairs traces the dense path
+    (a guard on T k < E would narrow the range it was asked to keep), as a size torch.compile
+    leaves unbacked does; a static one-token export the gathered path, with the same output. Eight experts, top 2: T k < E holds for some of the
     exported range (2-64 tokens) and not others."""
     cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_local_experts=8,
                                      num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
@@ -193,7 +193,10 @@ def test_export_and_unbacked_sizes_keep_the_dense_path(monkeypatch):
     with torch.no_grad():
         assert torch.allclose(exported.module()(x, index, w), want, atol=1e-5)
     one = (x[:1], index[:1], w[:1])  # a static one-token export: 2 pairs < 8 experts, gathered
-    assert "lowrank.nf4_experts_linear.default" in ops_of(torch.export.export(Wrap(), one))
+    static = torch.export.export(Wrap(), one)
+    assert "lowrank.nf4_experts_linear.default" in ops_of(static)
+    with torch.no_grad():
+        assert torch.allclose(static.module()(*one), want[:1], atol=1e-5)
     torch._dynamo.reset()
     xs, ixs, ws = x.clone(), index.clone(), w.clone()
     for t in (xs, ixs, ws):

@@ -168,10 +168,10 @@ def test_t5s_wo_stays_float32_in_float16_only(tmp_path, dtype):
 @pytest.mark.parametrize("whole_first", [False, True, "partly"], ids=["rows-first", "whole-first", "some-rows-first"])
 def test_experts_held_both_whole_and_as_rows_are_named(tmp_path, parameters, whole_first):
     """A checkpoint with a fused experts tensor and transformers 4's per-expert keys of it: named
-    once, whichever comes first, and alone (what it leaves missing follows from it); dense, the
-    later copy used to win silently."""
+    once, whichever comes first, without what it leaves missing (which follows from it) but with
+    an unrelated problem (a missing q_proj); dense, the later copy used to win silently."""
     dense = models.mixtral()
-    sd = {k: v.contiguous() for k, v in dense.state_dict().items()}
+    sd = {k: v.contiguous() for k, v in dense.state_dict().items() if k != "model.layers.1.self_attn.q_proj.weight"}
     fused = sd["model.layers.0.mlp.experts.gate_up_proj"]  # (E, 2 I, H): rows [w1; w3] of each expert
     rows = {f"model.layers.0.mlp.experts.{e}.{w}.weight": fused[e].chunk(2)[i].clone()
             for e in range(fused.shape[0]) for i, w in enumerate(("w1", "w3"))}
@@ -187,6 +187,7 @@ def test_experts_held_both_whole_and_as_rows_are_named(tmp_path, parameters, who
     with skeleton():
         model = models.mixtral()
     both = (r"into MixtralForCausalLM: experts held twice: \[\"[^\"]*: the checkpoint holds model.layers.0.mlp.experts.gate_up_proj both as one tensor and as its "
-            r"experts' rows \(transformers 4's experts.N.\* keys\); it should hold one of them\"\]$")
+            r"experts' rows \(transformers 4's experts.N.\* keys\); it should hold one of them\"\]; 1 tensors the "
+            r"model needs are not in the checkpoint: \['model.layers.1.self_attn.q_proj.weight'\]$")
     with pytest.raises(ValueError, match=both):
         load_and_quantize(model, tmp_path, NF4Config(parameters=parameters))

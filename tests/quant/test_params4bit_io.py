@@ -263,3 +263,20 @@ def test_a_parameter_registered_after_the_first_went_4bit():
     lowrank.quantize(owner, lowrank.NF4Config(targets=None, parameters=["b", "a"]))
     assert lowrank.quant.params4bit.names_4bit(owner) == ("a", "c", "b") and list(owner._modules) == ["a", "c", "b"]
     assert [k for k in owner.state_dict() if "." not in k] == ["a", "c", "b"]
+
+
+def test_a_dense_checkpoint_into_4bit_experts_says_so(tmp_path):
+    """A directory whose experts are dense (only the attention 4-bit) loaded into a model whose
+    experts are 4-bit: the error names the directory and says what does not fit; the model is
+    unchanged."""
+    model = mixtral()
+    lowrank.quantize(model, lowrank.NF4Config(targets=["q_proj"]))
+    lowrank.save_quantized(model, tmp_path / "q")
+    other = mixtral()
+    lowrank.quantize(other, CONFIG)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"(?s)q: Error\(s\) in loading state_dict.*a tensor the model holds in 4 bits is "
+                                           r"dense in the checkpoint"):
+        lowrank.load_quantized(other, tmp_path / "q")
+    after = other.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
