@@ -39,8 +39,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     transformers directory: safetensors shards, config.json with `quantization_config`,
     generation_config.json. 4-bit parameters (MoE experts) are written in 4 bits as well, which
     load_quantized reads and transformers refuses (See Note: 4-bit parameters on disk). Atomic
-    (Note: atomic directories, lowrank/shards.py). Returns the weight files written. Under torch.distributed rank 0 writes (the others return None), from
-    an unsharded model (DDP); an FSDP2-sharded one is refused."""
+    (Note: atomic directories, lowrank/shards.py). Returns the weight files written. Under
+    torch.distributed rank 0 writes (the others return None), from an unsharded model (DDP); an
+    FSDP2-sharded one is refused."""
     model = distributed.unwrap(model)
     distributed.check_not_sharded(model, "save_quantized (a full model, gathered)")
     quantized = {n: m for n, m in plain_modules(model) if isinstance(m, Linear4bit)}  # names as state_dict()'s
@@ -90,14 +91,15 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
                 raise ValueError(f"{path}: the checkpoint's weight is 4-bit and the model is a {type(module).__name__}; "
                                  "a module cannot replace itself: quantize it first (lowrank.quantize), then load")
         elif linear:
-            _linear_in(module, places[parent], parent, q, state, compute_dtype, path)
+            _linear_in(module, places[parent], parent, q, state, compute_dtype, path, owners)
         else:
             _parameter_in(module, attr, q, compute_dtype, path, key, owners)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # a dense tensor where the model's is 4-bit (or the other way), a size mismatch
+        dense = "4-bit state dict has no" in str(e)
         hint = ("; a tensor the model holds in 4 bits is dense in the checkpoint: load it into a model built without "
-                "quantize (it then keeps it dense), or quantize the model after") if "4-bit state dict has no" in str(e) else ""
+                "quantize (it then keeps it dense), or quantize the model after") if dense else ""
         raise RuntimeError(f"{path}: {e}{hint}") from e
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # transformers: lm_head <- embeddings when the config ties them
@@ -118,11 +120,16 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
     return names
 
 
-def _linear_in(module: nn.Module, place: tuple, name: str, q: NF4Weight, state: dict, compute_dtype, path) -> None:
+def _linear_in(module: nn.Module, place: tuple, name: str, q: NF4Weight, state: dict, compute_dtype, path,
+               owners: dict) -> None:
     """The linear layer `module` named `name` at `place` (parent, attribute) as a Linear4bit of q."""
     if isinstance(module, Linear4bit):  # already 4-bit: load_state_dict loads the codes
         module.compute_dtype = module.compute_dtype if compute_dtype is None else compute_dtype
         return
+    tied = sorted({n for n, m in owners.get(id(module.weight), ()) if m != id(module)})
+    if tied:  # See Note: tied weights stay dense (lowrank/quant/quantize.py)
+        raise ValueError(f"{path}: the checkpoint holds {name + '.weight'!r} in 4 bits, which lowrank cannot take: it "
+                         f"is tied to {tied} (one tensor, shared), which stays dense")
     out_in = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else (module.nf, module.nx)
     if tuple(q.shape) != out_in:
         raise ValueError(f"{path}: size mismatch for {name}.weight: the checkpoint's 4-bit weight has shape "

@@ -217,7 +217,8 @@ def test_a_failed_load_into_a_quantized_model_keeps_its_settings(tmp_path):
     ("model.layers.0.self_attn.q_proj.bias", "it belongs to the linear layer Linear, whose weight goes 4-bit as a "
                                              "whole layer and whose other parameters stay dense"),
     ("model.embed_tokens.weight", r"it is tied to a parameter of \['lm_head'\] \(one tensor, shared\), which stays dense"),
-], ids=["1-D", "linear-bias", "tied"])
+    ("lm_head.weight", r"it is tied to \['model.embed_tokens'\] \(one tensor, shared\), which stays dense"),
+], ids=["1-D", "linear-bias", "tied", "tied-head"])
 def test_load_quantized_refuses_4bit_tensors_quantize_refuses(tmp_path, key, message):
     """A checkpoint holding in 4 bits what quantize would not make 4-bit: refused, named, the model unchanged."""
     from safetensors.torch import load_file, save_file
@@ -232,7 +233,8 @@ def test_load_quantized_refuses_4bit_tensors_quantize_refuses(tmp_path, key, mes
     lowrank.save_quantized(model, tmp_path / "q")
     state = load_file(tmp_path / "q" / "model.safetensors")
     entries = {}  # the tensor's bitsandbytes entries, as a 4-bit parameter would write them
-    Weight4bit(nf4.quantize(state.pop(key).float(), 64))._save_weight(entries, key, False)
+    dense = state.pop(key) if key in state else state["model.embed_tokens.weight"]  # a tied pair is written once
+    Weight4bit(nf4.quantize(dense.float(), 64))._save_weight(entries, key, False)
     save_file(state | {k: v.contiguous() for k, v in entries.items()}, tmp_path / "q" / "model.safetensors")
     again = mixtral()
     again.model.layers[0].self_attn.q_proj.bias = nn.Parameter(torch.randn(64))
