@@ -201,8 +201,8 @@ def _restored_on_error(model: nn.Module):
     """On any error inside, every module of `model` gets back the submodules, parameters and
     buffers it had (references, not copies: a load assigns new tensors, it does not write into
     the old ones)."""
-    # and the instance attributes and load pre-hooks that a 4-bit parameter puts on its owner (params4bit.install)
-    # and a 4-bit weight's own attributes (Stored4bit._set_weight, and the compute dtype the load may set)
+    # also the load pre-hook and instance attributes a 4-bit parameter puts on its owner (params4bit.install),
+    # and each 4-bit weight's own attributes (Stored4bit._set_weight; the compute dtype a load may set)
     saved = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers), dict(m._load_state_dict_pre_hooks),
               {k: m.__dict__[k] for k in _ATTRIBUTES if k in m.__dict__}) for m in model.modules()]
     try:
@@ -234,10 +234,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     already in 4 bits takes the checkpoint's codes, blocksize and compute dtype. compute_dtype:
     default config.json's bnb_4bit_compute_dtype; without one (a model with no transformers config
     writes none) each weight keeps its own: an already 4-bit one its compute dtype, a new one the
-    dtype it was quantized from. Returns the names now
-    in 4 bits: the layers' module names, the parameters' keys. Missing or unexpected keys raise
-    when `strict`; weights tied by the model (`tie_weights()`) may be absent from the file. A load
-    that raises leaves the model as it was (its modules, tensors, 4-bit settings and forwards)."""
+    dtype it was quantized from. Returns the names now in 4 bits: the layers' module names, the
+    parameters' keys. Missing or unexpected keys raise when `strict`; weights tied by the model
+    (`tie_weights()`) may be absent from the file. A load that raises leaves the model as it was
+    (its modules, tensors, 4-bit settings and forwards)."""
     distributed.check_not_sharded(model, "load_quantized")  # DDP / FSDP2 would keep the layers it replaces
     if any(isinstance(m, TunerLayer) for m in model.modules()):
         raise ValueError("the model has adapters: load_quantized replaces the layers they wrap; load into the model "

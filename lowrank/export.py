@@ -310,8 +310,8 @@ def _check_ties(state: dict[str, torch.Tensor], replaced: set[str]) -> None:
 
 def quantization_config(quantized: dict[str, Stored4bit], modules) -> dict:
     """config.json's `quantization_config` (transformers' BitsAndBytesConfig as a dict) for a
-    model whose 4-bit layers (and 4-bit parameters) are `quantized`; every other linear layer of `modules` ((name,
-    module) pairs, as named_modules() gives them) is listed in
+    model whose 4-bit layers (and 4-bit parameters) are `quantized`; every other linear layer of
+    `modules` ((name, module) pairs, as named_modules() gives them) is listed in
     llm_int8_skip_modules so that transformers leaves it dense."""
     from .targets import is_linear_like
 

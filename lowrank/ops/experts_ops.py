@@ -21,10 +21,9 @@ nothing else has one (the codes are frozen, ids are indices).
 #   triton      that LOWRANK_BACKEND=triton runs it) the rows sorted by expert, one
 #               lowrank::nf4_linear (or nf4_linear_grad_input) per expert that has rows, on views
 #               of its codes, each on that backend's kernels: the fused GEMV for a few rows, no
-#               dense experts at all. It reads the experts' row
-#               counts on the host, so on a CUDA stream being captured into a graph it runs the
-#               reference instead. A grouped GPU kernel (one launch for every expert) is not
-#               written.
+#               dense experts at all. It reads the experts' row counts on the host, so on a CUDA
+#               stream being captured into a graph it runs the reference instead. A grouped GPU
+#               kernel (one launch for every expert) is not written.
 """
 
 from __future__ import annotations

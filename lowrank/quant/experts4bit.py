@@ -46,24 +46,24 @@ never forms the dense experts tensor.
 # through lowrank::nf4_experts_linear (lowrank/ops/experts_ops.py, Note: one op for the routed
 # pairs) once a parameter, up -> gate or activation -> down on all the pairs, then the
 # post-expert norm, the routing weights, the sum over k. Its shapes depend on T and k alone, so
-# it traces as a few graph nodes. Its csrc (and triton) kernel computes each expert with rows from its codes,
-# as the routed path does; its reference kernel (other devices, a CUDA graph being captured)
-# dequantizes one copy of the expert a pair (T k experts), which the dense path's E bounds only
-# where T k < E; so, while compiling, the gathered path is taken where T k < E (decoding: one
-# token, k of E experts) and the dense path elsewhere. LoRA's factors are gathered a pair (T k
-# copies of r (in + out) values) and added in the factors' dtype, as on the routed path. A pair
-# whose index names no expert (>= num_experts) is computed from a zero row with the last expert
-# and weighted zero (so no overflow of it reaches a gradient). Under autograd the op keeps the
-# stored codes only (its backward is the op again).
+# it traces as a few graph nodes. Its csrc (and triton) kernel computes each expert with rows
+# from its codes, as the routed path does; its reference kernel (other devices, a CUDA graph
+# being captured) dequantizes one copy of the expert a pair (T k experts), which the dense
+# path's E bounds only where T k < E; so, while compiling, the gathered path is taken where
+# T k < E (decoding: one token, k of E experts) and the dense path elsewhere. LoRA's factors
+# are gathered a pair (T k copies of r (in + out) values) and added in the factors' dtype, as on
+# the routed path. A pair whose index names no expert (>= num_experts) is computed from a zero
+# row with the last expert and weighted zero (so no overflow of it reaches a gradient). Under
+# autograd the op keeps the stored codes only (its backward is the op again).
 # The choice (`choose`), by LOWRANK_EXPERTS:
 #   unset / auto   eager: routed; compiling: gathered where T k < E, else dense
 #   routed         eager: routed; compiling: dense (the choice before the gathered path)
 #   gathered       gathered wherever the call can be routed, at any T k (tests, benchmarks)
 #   dense          dense (the oracle in tests; benchmarks time each)
 # The variable is read while a call is traced; torch.compile guards on it only where it was set
-# then: set it before the first compile (or torch._dynamo.reset() after changing it). torch.export with a dynamic token
-# count takes the gathered path only where T k < E holds for its whole range; a size torch.compile
-# leaves unbacked traces the dense path.
+# then: set it before the first compile (or torch._dynamo.reset() after changing it).
+# torch.export with a dynamic token count takes the gathered path only where T k < E holds for
+# its whole range; a size torch.compile leaves unbacked traces the dense path.
 """
 
 from __future__ import annotations
@@ -108,11 +108,11 @@ def choose(owner: nn.Module, names: tuple[str, ...], args: tuple, kwargs: dict) 
         return how, call
     if not torch.compiler.is_compiling():
         return "routed", call
+    if how != "auto":  # routed: the dense path while compiling, with no guard on the token count
+        return "dense", None
     # guard_or_false here and in routed_call: a size condition is guarded on while tracing, and is False where
     # it cannot be decided (a size torch.compile leaves unbacked); on plain ints, plain comparisons. torch.export
     # keeps a dynamic token count whole, which a guard would narrow: there T k < E must hold for every size.
-    if how != "auto":  # routed: the dense path while compiling, with no guard on the token count
-        return "dense", None
     pairs = call[1].numel()
     fewer = statically_known_true(pairs < owner.num_experts) if torch.compiler.is_exporting() else \
         guard_or_false(pairs < owner.num_experts)
