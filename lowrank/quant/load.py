@@ -274,8 +274,8 @@ class _Experts:
         self.shapes: dict[tuple[str, str], torch.Size] = {}
         self.whole = whole  # called (owner, parameter) when a fused parameter's last rows arrive
         self.read_whole: set[tuple[str, str]] = set()  # fused parameters read as one tensor (not from experts' rows)
-        self.said: set[tuple[str, str]] = set()  # those of them whose experts' rows came too, said once
-        self.doubled: dict[str, str] = {}  # "owner.param" -> what was said (its missing / unfilled parts follow)
+        self.doubled: dict[str, str] = {}  # "owner.param" read both ways -> what is said, once (what it leaves
+        # missing or unfilled follows from it)
 
     def take(self, key: str, f, bad_shapes: list) -> bool:
         """Copy `key` into its rows of a fused experts parameter, if it is an expert's weight."""
@@ -291,10 +291,8 @@ class _Experts:
                               f"{key}: expert index {e}, and {m['moe']}.experts has {count} experts (0-{count - 1})")
             return True
         if slot in self.read_whole:  # said once, at the first expert's key
-            if slot not in self.said:
-                name = f"{m['moe']}.experts.{param}"
-                self.doubled[name] = _BOTH.format(key=key, name=name)
-                self.said.add(slot)
+            name = f"{m['moe']}.experts.{param}"
+            self.doubled.setdefault(name, _BOTH.format(key=key, name=name))
             return True
         if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
             return False
@@ -376,7 +374,7 @@ def _same(q: nf4.NF4Weight, other: nf4.NF4Weight) -> bool:
 
 
 def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, unfilled,
-                         unread, doubled=None) -> None:
+                         unread, doubled) -> None:
     missing = [f"{n}.weight" for n, [(p, a), *_] in layers.items() if not isinstance(getattr(p, a), Linear4bit)]
     missing += unread
     missing += [f"{n}.bias" for n, [(p, a), *_] in layers.items()
@@ -384,8 +382,8 @@ def _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes
     missing += [f"{n}.{k}" for n, m in model.named_modules() for k, t in m._parameters.items()
                 if t is not None and t.is_meta]
     missing += [f"{n}.bias (read, but its layer's weight never came)" for n in biases]
-    doubled = doubled or {}  # a fused experts tensor held twice: what it leaves missing or unfilled follows from it
-    missing = [k for k in dict.fromkeys(missing) if k not in doubled]  # (a layer's weight is also a meta parameter)
+    # a fused experts tensor held twice: what it leaves missing or unfilled follows from it (and a layer's weight
+    missing = [k for k in dict.fromkeys(missing) if k not in doubled]  # is also a meta parameter: listed once)
     unfilled = [u for u in unfilled if u.split(":")[0] not in doubled]
     problems = [f"experts held twice: {list(doubled.values())[:8]}"] if doubled else []
     if missing:
