@@ -24,7 +24,7 @@ from . import distributed, shards
 from .export import _write_config, quantization_config
 from .quant.linear4bit import Linear4bit
 from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
-from .quant.quantize import _can_quantize, weight_owners
+from .quant.quantize import _can_quantize, tied_to, weight_owners
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
@@ -124,9 +124,10 @@ def _linear_in(module: nn.Module, place: tuple, name: str, q: NF4Weight, state: 
                owners: dict) -> None:
     """The linear layer `module` named `name` at `place` (parent, attribute) as a Linear4bit of q."""
     if isinstance(module, Linear4bit):  # already 4-bit: load_state_dict loads the codes
-        module.compute_dtype = module.compute_dtype if compute_dtype is None else compute_dtype
+        if compute_dtype is not None:
+            module.compute_dtype = compute_dtype
         return
-    tied = sorted({n for n, m in owners.get(id(module.weight), ()) if m != id(module)})
+    tied = tied_to(owners, module.weight, module)
     if tied:  # See Note: tied weights stay dense (lowrank/quant/quantize.py)
         raise ValueError(f"{path}: the checkpoint holds {name + '.weight'!r} in 4 bits, which lowrank cannot take: it "
                          f"is tied to {tied} (one tensor, shared), which stays dense")
@@ -154,7 +155,8 @@ def _parameter_in(module: nn.Module, attr: str, q: NF4Weight, compute_dtype, pat
     """`module`'s parameter `attr` as a 4-bit parameter of q (See Note: 4-bit parameters on disk)."""
     already = stored(module, attr)
     if already is not None:  # already 4-bit: load_state_dict loads the codes
-        already.compute_dtype = already.compute_dtype if compute_dtype is None else compute_dtype
+        if compute_dtype is not None:
+            already.compute_dtype = compute_dtype
         return
     p = module._parameters.get(attr)
     if not isinstance(p, torch.Tensor):
@@ -164,7 +166,7 @@ def _parameter_in(module: nn.Module, attr: str, q: NF4Weight, compute_dtype, pat
     if tuple(q.shape) != tuple(p.shape):
         raise ValueError(f"{path}: size mismatch for {key}: the checkpoint's 4-bit parameter has shape {tuple(q.shape)}, "
                          f"the model's is {tuple(p.shape)}")
-    tied = sorted({n for n, m in owners.get(id(p), ()) if m != id(module)})
+    tied = tied_to(owners, p, module)
     why = (f"it belongs to the linear layer {type(module).__name__}, whose weight goes 4-bit as a whole layer and "
            "whose other parameters stay dense" if _can_quantize(module) else
            f"it is a {p.dim()}-D parameter, which stays dense (a 4-bit parameter has 2 or more dimensions)"

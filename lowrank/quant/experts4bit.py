@@ -78,7 +78,6 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_kno
 
 from .. import ops  # lowrank.ops imports lowrank.quant: its names are read at call time
 from . import nf4
-from .linear4bit import _as_float as as_float
 from .linear4bit import autocast_dtype
 
 WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
@@ -172,21 +171,11 @@ def decodes_scales(q: nn.Module) -> bool:
     return q._parameters["nested_absmax"] is not None and per % nf4.NESTED_BLOCKSIZE != 0
 
 
-def fields(q: nn.Module) -> tuple:
-    """The 4-bit parameter q's stored fields as the lowrank:: ops take a weight: (packed, absmax,
-    nested_absmax, offset, shape, blocksize)."""
-    # the stored fields as op_fields reads them, not q.weight: an NF4Weight checks itself on
-    # construction, which took longer than a decoding step's expert product (Note: lookups on the hot path)
-    p = q._parameters
-    return (p["packed"], as_float(p["absmax"]), as_float(p["nested_absmax"]), as_float(q._buffers["offset"]),
-            list(q.shape), q.blocksize)
-
-
 def expert_fields(q: nn.Module, e: int) -> tuple:
     """Expert e of the 4-bit parameter `q` (a Weight4bit of shape (E, a, b)) as the lowrank::
     ops take a weight: its slices of the codes and scales, the scales decoded where they are not
     whole nested groups of 256 (decodes_scales; lowrank/ops/experts_ops.py expert_fields)."""
-    return ops.experts_ops.expert_fields(*fields(q), e)
+    return ops.experts_ops.expert_fields(*q.op_fields(), e)
 
 
 class LowRankTerm:
@@ -256,7 +245,7 @@ def _expert_linear(owner: nn.Module, name: str, which, x: torch.Tensor, dtype: t
         else:
             y = xw @ w if owner.is_transposed else F.linear(xw, w)
     elif gathered:
-        y = ops.experts_ops.experts_linear(x.to(dtype), which, fields(owner._modules[name]), owner.is_transposed)
+        y = ops.experts_ops.experts_linear(x.to(dtype), which, owner._modules[name].op_fields(), owner.is_transposed)
     else:
         y = _product(owner._modules[name], which, x.to(dtype), owner.is_transposed)
     if owner.has_bias:  # promoted as `x @ W + b` promotes (a float32 bias under bf16 autocast: float32)

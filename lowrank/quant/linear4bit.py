@@ -73,6 +73,16 @@ class Stored4bit(nn.Module):
         self.register_buffer("offset", None if q.offset is None else _as_bits(q.offset))
         self.shape, self.dtype, self.blocksize = q.shape, q.dtype, q.blocksize
 
+    def op_fields(self) -> tuple:
+        """The packed weight as the lowrank:: ops take it: (packed, absmax, nested_absmax, offset,
+        shape, blocksize), the float32 scales viewed back from their bits (Note: the scales stay
+        float32). Read from the dicts (Note: lookups on the hot path, lowrank/tuners/base.py): an
+        NF4Weight checks itself on construction, and this runs on every forward of every 4-bit
+        layer and routed expert (the ops check their arguments anyway)."""
+        p = self._parameters
+        return (p["packed"], _as_float(p["absmax"]), _as_float(p["nested_absmax"]), _as_float(self._buffers["offset"]),
+                self.shape, self.blocksize)
+
     def codec_tensors(self) -> list[torch.Tensor]:
         """The tensors that store the 4-bit weight (parameters and buffer), for counting."""
         return [t for t in (self.packed, self.absmax, self.nested_absmax, self.offset) if t is not None]
@@ -162,16 +172,6 @@ class Linear4bit(Stored4bit):
         """The dtype a call on x computes in (and, under autocast, returns)."""
         autocast = autocast_dtype(x)
         return self.compute_dtype if autocast is None else autocast
-
-    def op_fields(self) -> tuple:
-        """The packed weight as the lowrank:: ops take it: (packed, absmax, nested_absmax, offset,
-        shape, blocksize), the float32 scales viewed back from their bits (Note: the scales stay
-        float32). Read from the dicts (Note: lookups on the hot path, lowrank/tuners/base.py): an
-        NF4Weight checks itself on construction, and this runs on every forward of every layer
-        (the ops check their arguments anyway)."""
-        p = self._parameters
-        return (p["packed"], _as_float(p["absmax"]), _as_float(p["nested_absmax"]), _as_float(self._buffers["offset"]),
-                self.shape, self.blocksize)
 
     def extra_repr(self) -> str:
         q = self.weight

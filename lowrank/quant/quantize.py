@@ -106,9 +106,14 @@ def weight_owners(model: nn.Module) -> dict[int, list[tuple[str, int]]]:
     return owners
 
 
+def tied_to(owners: dict, p: nn.Parameter, module: nn.Module) -> list[str]:
+    """The other modules that register `module`'s parameter `p` (owners: weight_owners(model))."""
+    return sorted({n for n, m in owners.get(id(p), ()) if m != id(module)})
+
+
 def refuse_tied(name: str, layer: nn.Module, owners: dict) -> None:
     """Raise when `layer`'s weight is tied to another module's (GPT-2's head and its embedding)."""
-    others = sorted({n for n, m in owners.get(id(layer.weight), ()) if m != id(layer)})
+    others = tied_to(owners, layer.weight, layer)
     if others:
         # Note: tied weights stay dense. A 4-bit copy would untie the two: the embedding keeps its
         # full-precision weight (no memory saved) and a checkpoint of the two no longer loads where
@@ -299,7 +304,7 @@ def check_parameters(model: nn.Module, params: list, config: NF4Config, layers: 
         if w.dim() < 2:
             raise ValueError(f"cannot quantize {key!r}, a {w.dim()}-D parameter (a bias or a scale): a 4-bit parameter "
                              "is a weight of 2 or more dimensions, such as a MoE layer's 3-D experts")
-        tied = sorted({n for n, m in owners.get(id(w), ()) if m != id(owner)})
+        tied = tied_to(owners, w, owner)
         if tied:
             raise ValueError(f"cannot quantize {key!r}: it is tied to a parameter of {tied} (one tensor, shared); a "
                              "tied weight stays full precision: leave it out of parameters or add it to skip")
