@@ -80,7 +80,7 @@ def rows(arch: int, dtype: str) -> list[dict]:
         if m is None or not m.group(2).endswith(dtype):
             continue
         params = [int(v) for v in re.findall(r"Li(\d+)E", m.group(3))]  # MT, U (, RT, WARPS)
-        mt, u, rt = params[0], params[1], params[2] if len(params) > 2 else 1
+        mt, rt = params[0], params[2] if len(params) > 2 else 1
         kernel = {"mma_kernel": "mma", "lut_kernel": "mma-lut"}.get(m.group(1), "mma-staged" if rt == 1 else "mma-staged2")
         if kernel == "mma-lut" and params[2] > 1:
             kernel += f"-rt{params[2]}"  # row tiles a CTA (lut_kernel's RTW)

@@ -4,7 +4,7 @@ range, which round with an absolute error (Note: underflow), and fails a result 
 import pytest
 import torch
 
-from tests.ops.bounds import UNDERFLOW, assert_matmul_close, assert_within_bound
+from tests.ops.bounds import assert_matmul_close, assert_within_bound
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
