@@ -37,7 +37,11 @@
 # the ops' CUDA kernels in C++ (csrc/dispatch.h) and their autograd in C++ (csrc/autograd.cpp). If either
 # fails, LOWRANK_PYTHON_OPS=1 takes the ops back to their Python kernels and autograd (the path of the
 # earlier runs) for the rest: PYOPS=1 also times that.
-# Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (or PART=1 ... / PART=2 ...)
+# PART=quick is PART=1 without the codec and compiled steps (at most 425 s of step limits: build, the CUDA tests,
+# bench_nf4_cuda, the eager 7B step), for a session whose whole device time is 15 minutes, the machine's start
+# included: one call with timeout_s ~480 leaves time for one rerun or for PART=2 while the machine is warm
+# (it goes back 30 s after a call).
+# Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (or PART=quick / 1 / 2 ...)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
   || { echo "gpu_check: no usable wheel in .whl/: continuing without bitsandbytes"; export PYTHONPATH=$PWD; }
 set -u -o pipefail
@@ -64,8 +68,9 @@ step() {  # step SECONDS LOG NAME COMMAND...: run, append to LOG, note a failure
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-PART=${PART:-all}  # 1: build, CUDA tests and benchmarks, the 7B steps; 2: the Triton tests and benchmark; all: both
-case "$PART" in all | 1 | 2) ;; *) echo "gpu_check: PART must be all, 1 or 2, got $PART"; exit 2 ;; esac
+PART=${PART:-all}  # 1: build, CUDA tests and benchmarks, the 7B steps; 2: the Triton tests and benchmark; all: both;
+# quick: 1 without the codec benchmark and the compiled 7B step
+case "$PART" in all | 1 | 2 | quick) ;; *) echo "gpu_check: PART must be all, 1, 2 or quick, got $PART"; exit 2 ;; esac
 PYTEST="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"
 
 if [ "$PART" != 2 ]; then
@@ -78,16 +83,16 @@ step 130 "$OUT/tests.log" "csrc, LoRA op, optimizer and quantize gpu tests" $PYT
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 step 85 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
 # quantize and dequantize on the GPU against bitsandbytes and torchao (the table goes to bench.log only)
-step 20 "$OUT/bench.log" "bench_nf4_codec --device cuda" python3 benchmarks/bench_nf4_codec.py --device cuda \
+[ "$PART" = quick ] || step 20 "$OUT/bench.log" "bench_nf4_codec --device cuda" python3 benchmarks/bench_nf4_codec.py --device cuda \
   --out /tmp/nf4_codec.json
 step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.py --llama7b --reps 4 --profile --out "$OUT/qlora.json"
 # the first (warm-up) step of each side compiles one decoder layer's forward and backward (a guess:
 # 40-70 s a side on the GPU machine's 16 cores; the JSON is rewritten after each side)
-step 135 "$OUT/bench.log" "bench_qlora --llama7b --compile" python3 benchmarks/bench_qlora.py --llama7b --reps 3 --compile \
+[ "$PART" = quick ] || step 135 "$OUT/bench.log" "bench_qlora --llama7b --compile" python3 benchmarks/bench_qlora.py --llama7b --reps 3 --compile \
   --profile --out "$OUT/qlora_compiled.json"
 fi
 
-if [ "$PART" != 1 ]; then
+if [ "$PART" = all ] || [ "$PART" = 2 ]; then
 # TRITON_TESTS narrows the Triton tests (each autotunes, ~2 s a test); all of tests/ops/test_gpu.py by default
 step 45 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops/test_gpu.py -k "${TRITON_TESTS:-}"
 step 60 "$OUT/bench.log" "bench_nf4_linear (Triton and the rest) at two shapes" python3 benchmarks/bench_nf4_linear.py \
