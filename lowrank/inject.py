@@ -223,8 +223,11 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     active = active_adapters(model)
     kept = keep_merged and any(name in layer.merged for layer in _layers(model))  # its update stays in the weights
     touched = _remove(model, name, keep_merged)
-    if not _layers(model):  # See Note: requires_grad on eject (lowrank/restore.py)
-        restore.restore_flags(model)
+    wholes = restore.wholes(model)  # See Note: requires_grad on eject (lowrank/restore.py)
+    if any(_layers(whole) for whole in wholes):
+        pass  # a model that holds this part still has adapters: its last eject puts the flags back
+    elif not _layers(model):
+        restore.restore_flags(model, *wholes)
     elif active and not active_adapters(model) and not kept and not any(layer.merged for layer in _layers(model)):
         # the active adapter went and others stay: the first of them becomes active and trainable, as in PEFT's
         # delete_adapter (which leaves every other flag as it is)

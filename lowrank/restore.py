@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 
 from torch import nn
 
@@ -22,7 +23,13 @@ NESTED = "_lowrank_nested_tensor"
 # by name (the names before inject), stamped with the time it was made, and the eject that leaves it no
 # adapter puts them back, the newest record first, so the oldest says last: a parameter gets the
 # flag it had before any inject reached it, whichever of a part and the whole was injected first.
+# An eject through a part (a module inside a model that holds a record too) puts nothing back while
+# the whole still has adapters: the whole's inject froze the part's parameters as well, and its
+# last eject puts back every record inside it, the part's too. When the part's eject leaves the
+# whole without adapters, it puts back the whole's records. Such wholes are found among the
+# records this process made (_HOLDERS: a module cannot see its parents).
 _made = itertools.count()  # with the wall clock: a record made in another process (torch.save) sorts by time
+_HOLDERS: weakref.WeakSet = weakref.WeakSet()
 
 
 def record_flags(model: nn.Module) -> bool:
@@ -30,7 +37,13 @@ def record_flags(model: nn.Module) -> bool:
     if FLAGS in model.__dict__:
         return False
     model.__dict__[FLAGS] = ((time.time_ns(), next(_made)), {n: p.requires_grad for n, p in plain_parameters(model)})
+    _HOLDERS.add(model)
     return True
+
+
+def wholes(part: nn.Module) -> list[nn.Module]:
+    """The modules holding a record that hold `part` inside them (not `part` itself)."""
+    return [h for h in list(_HOLDERS) if h is not part and FLAGS in h.__dict__ and any(m is part for m in h.modules())]
 
 
 def _stamped(record) -> tuple[tuple[int, int], dict]:
@@ -45,9 +58,10 @@ def drop_flags(model: nn.Module) -> None:
     model.__dict__.pop(FLAGS, None)
 
 
-def restore_flags(model: nn.Module) -> None:
-    """Every record in `model` (its own, its parts') put back, the newest first, and removed."""
-    records = [(_stamped(m.__dict__[FLAGS]), m) for m in model.modules() if FLAGS in m.__dict__]
+def restore_flags(*models: nn.Module) -> None:
+    """Every record in `models` (their own, their parts') put back, the newest first, and removed."""
+    holders = {id(m): m for model in models for m in model.modules() if FLAGS in m.__dict__}
+    records = [(_stamped(m.__dict__[FLAGS]), m) for m in holders.values()]
     for (_, flags), m in sorted(records, key=lambda r: r[0][0], reverse=True):
         del m.__dict__[FLAGS]
         params = dict(plain_parameters(m))

@@ -89,7 +89,7 @@ class LoraLayer(TunerLayer):
 
     def delete(self, name: str) -> None:
         if name in self._merged:
-            self.unmerge()
+            self._unmerge_one(name)
         for store in (self.r, self.scaling, self.configs):
             del store[name]
         for store in self._factor_stores() + (self.lora_dropout, self.lora_magnitude_vector):
@@ -244,6 +244,19 @@ class LoraLayer(TunerLayer):
                 weight.copy_(current)
         self._merged = ()
         return done
+
+    def _unmerge_one(self, name: str) -> None:
+        """Take `name`'s update out of base.weight and leave the other merged adapters in."""
+        others = tuple(n for n in self._merged if n != name)
+        if not others:
+            self.unmerge()
+            return
+        # several merged: none is DoRA (merge refuses that), so the updates add, and one comes out alone
+        weight = self._writable_weight()
+        with torch.no_grad():
+            wide = _wide(weight)
+            weight.copy_(weight.to(wide) - self._delta_weight(name, wide))
+        self._merged = others
 
     # Note: merging rounds once. merge forms s B A from the factors in float32 (or the weight's
     # dtype, when wider) and adds it to the weight there, every active adapter's in turn;

@@ -25,7 +25,8 @@ def two_part():
     return nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.Linear(8, 2))
 
 
-@pytest.mark.parametrize("how", ["copy", "part first", "whole first", "compiled wrapper", "injected compiled"])
+@pytest.mark.parametrize("how", ["copy", "part first", "whole first", "compiled wrapper", "injected compiled",
+                                 "part ejected through itself", "whole's adapter ejected first"])
 def test_eject_gives_back_requires_grad_wherever_the_record_went(how):
     model, config = two_part(), lowrank.LoraConfig(r=2, targets=nn.Linear)
     model[1].weight.requires_grad_(False)  # a flag of the user's own, to come back as it was
@@ -41,6 +42,20 @@ def test_eject_gives_back_requires_grad_wherever_the_record_went(how):
     elif how == "whole first":  # the part's own record, made second, holds flags the whole's inject froze
         lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
         lowrank.inject(model[0], config, name="a")
+        lowrank.eject(model)
+    elif how == "part ejected through itself":  # the whole still has an adapter: the part's weights stay frozen
+        lowrank.inject(model[0], config, name="a")
+        lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
+        lowrank.eject(model[0], "a")
+        assert not any(p.requires_grad for p in model[0].parameters())
+        lowrank.eject(model)
+    elif how == "whole's adapter ejected first":  # the part's eject leaves the whole with none: every record back
+        lowrank.inject(model[0], config, name="a")
+        lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
+        lowrank.eject(model, "b")
+        lowrank.eject(model[0], "a")
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == want
+        lowrank.inject(model, config)  # a later inject records afresh
         lowrank.eject(model)
     elif how == "injected compiled":
         lowrank.inject(torch.compile(model), config)
@@ -89,6 +104,24 @@ def test_ejecting_a_merged_adapter_it_keeps_activates_nothing():
         warnings.simplefilter("error")
         lowrank.eject(model, "b", keep_merged=True)
     assert lowrank.active_adapters(model) == [] and torch.equal(model(x), merged)
+
+
+def test_ejecting_one_of_several_merged_adapters_leaves_the_others_merged():
+    """eject(name) takes that adapter's update out alone: the others stay merged, and keep_merged keeps them."""
+    model = two_part().double()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="a")
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="b")
+    models.randomize_adapters(model)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    lowrank.set_active(model, "b")
+    only_b = model(x)
+    lowrank.set_active(model, ["a", "b"])
+    lowrank.merge(model)
+    lowrank.eject(model, "a")
+    assert model[1].merged == ("b",)
+    lowrank.eject(model, "b", keep_merged=True)
+    assert type(model[1]) is nn.Linear
+    torch.testing.assert_close(model(x), only_b, rtol=1e-12, atol=1e-12)  # float64: W0 + s_a B_a A_a + s_b B_b A_b - s_a B_a A_a
 
 
 def test_a_failed_load_warns_of_nothing(tmp_path):
