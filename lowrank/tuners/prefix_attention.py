@@ -25,6 +25,7 @@ the widened mask, the model-level position shift, and nn.MultiheadAttention's fo
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 
 import torch
@@ -182,11 +183,16 @@ def _prefix_length(model: nn.Module) -> int:
 # Note: one shift per call. A model holding prefixes may itself sit in another injected model
 # (inject(outer) and inject(outer.model, ...)): both carry the hook, and only the outermost
 # call may shift. Each hooked forward pushes on a per-thread stack before and pops after
-# (a forward hook with always_call, so a failing call pops too).
-_LOCAL = threading.local()  # per thread: .running, the hooked models whose forward is under way
+# (a forward hook with always_call, so a failing call pops too). torch calls such hooks after an
+# Exception only: a KeyboardInterrupt (Ctrl-C in a notebook's generate) skips them and would leave
+# its calls on the stack, and every later call would look nested and go unshifted. So an entry
+# keeps the frame of the module call that pushed it, and a push onto a non-empty stack first drops
+# the entries whose frame is no caller of this one (calls that ended). While compiling no frame is
+# kept (dynamo replays the pushes and pops).
+_LOCAL = threading.local()  # per thread: .running, (model, frame) of the hooked calls under way
 
 
-def _running() -> list[nn.Module]:
+def _running() -> list[tuple]:
     if not hasattr(_LOCAL, "running"):
         _LOCAL.running = []
     return _LOCAL.running
@@ -194,14 +200,26 @@ def _running() -> list[nn.Module]:
 
 def _leave(model: nn.Module, args: tuple, kwargs: dict, output) -> None:
     running = _running()
-    if running and running[-1] is model:
+    if running and running[-1][0] is model:
         running.pop()
+
+
+def _callers() -> set[int]:
+    frame, ids = sys._getframe(2), set()  # from the module call that runs the hook
+    while frame is not None:
+        ids.add(id(frame))
+        frame = frame.f_back
+    return ids
 
 
 def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
     running = _running()
+    compiling = torch.compiler.is_compiling()
+    if running and not compiling:  # See Note: one shift per call: calls ended by a KeyboardInterrupt go
+        callers = _callers()
+        running[:] = [(m, f) for m, f in running if f is None or id(f) in callers]
     outermost = not running
-    running.append(model)
+    running.append((model, None if compiling else sys._getframe(1)))
     P = _prefix_length(model) if outermost else 0
     if P == 0:
         return None

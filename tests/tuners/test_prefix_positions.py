@@ -169,3 +169,24 @@ def test_nested_injected_models_shift_positions_once():
     assert torch.equal(models.run(nested, x), expected)
     with lowrank.disabled(single):
         assert not torch.equal(models.run(single, x), expected)
+
+
+def test_a_call_stopped_by_a_keyboard_interrupt_leaves_the_shift_on():
+    """torch skips always_call hooks on a KeyboardInterrupt (Ctrl-C mid-generate): the calls it stopped
+    must not make later ones look nested (Note: one shift per call)."""
+    nested = models.llama().eval()
+    lowrank.inject(nested, lowrank.PrefixConfig(num_virtual_tokens=3))
+    lowrank.inject(nested.model, lowrank.PrefixConfig(num_virtual_tokens=2), "inner")
+    lowrank.set_active(nested, "default")
+    x = models.ids()
+    expected = models.run(nested, x)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = nested.model.layers[-1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        models.run(nested, x)
+    handle.remove()
+    assert torch.equal(models.run(nested, x), expected)
+    assert torch.equal(models.run(nested, x), expected)
