@@ -28,8 +28,8 @@ from torch import nn
 from ..config import PrefixConfig
 from .base import TunerLayer, innermost
 from .lora_base import float_dtype_and_device
-from .prefix_attention import (CACHE_ARGS, cache_arg, install_position_shift, mha_forward, remove_position_shift,
-                               with_prefix)
+from .prefix_attention import (CACHE_ARGS, cache_arg, check_mha, install_position_shift, mha_forward,
+                               remove_position_shift, with_prefix)
 from .prompt_hooks import input_embeddings_of
 
 # Note: where the reparameterisation lives. The MLP's first half (E, W1, b1) is shared by all
@@ -227,6 +227,8 @@ def check(module: nn.Module, config: PrefixConfig, name: str, where: str) -> Non
         raise NotImplementedError(_ENCODER_DECODER.format(where=where))
     if not is_attention(inner):
         raise TypeError(f"cannot put a prefix on {where!r}, a {type(inner).__name__}: {_NEEDS}")
+    if isinstance(inner, nn.MultiheadAttention):
+        check_mha(inner, repr(where))
 
 
 def wrap(module: nn.Module, config: PrefixConfig, name: str, where: str) -> nn.Module:

@@ -137,11 +137,14 @@ def mha_forward(layer, query, key, value, key_padding_mask=None, need_weights=Tr
                 average_attn_weights=True, is_causal=False):
     """nn.MultiheadAttention with a prefix: its own projections, [P_k ; K], [P_v ; V], then
     scaled dot-product attention and its output projection. Returns (output, None): attention
-    weights are not computed on this path."""
+    weights are not computed on this path. Unbatched inputs ((T, E), as torch takes them) and
+    add_zero_attn (a zero key and value after the sequence's, as torch appends them) as in torch."""
     mha: nn.MultiheadAttention = layer.base
-    if not mha._qkv_same_embed_dim or mha.bias_k is not None:
-        raise NotImplementedError("prefix tuning on nn.MultiheadAttention needs kdim == vdim == embed_dim and "
-                                  "add_bias_kv=False")
+    check_mha(mha, "this nn.MultiheadAttention")
+    unbatched = query.dim() == 2
+    if unbatched:  # (T, E) -> one batch; masks (S,) -> (1, S); a (H, T, S) attn_mask is already (B * H, T, S)
+        query, key, value = (x.unsqueeze(0 if mha.batch_first else 1) for x in (query, key, value))
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
     if not mha.batch_first:  # (T, B, E) -> (B, T, E)
         query, key, value = (x.transpose(0, 1) for x in (query, key, value))
     B, T, E = query.shape
@@ -165,10 +168,23 @@ def mha_forward(layer, query, key, value, key_padding_mask=None, need_weights=Tr
         m = torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m
         mask = mask + m[:, None, None, :]
     mask = torch.cat([torch.zeros(*mask.shape[:-1], P, dtype=q.dtype, device=q.device), mask], dim=-1)  # (.., T, P+S)
+    if mha.add_zero_attn:  # torch appends a zero key and value, which every query may attend to
+        k, v = (torch.cat([t, t.new_zeros(B, H, 1, hd)], dim=2) for t in (k, v))
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], dim=-1)
     dropout = mha.dropout if mha.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, hd)
     out = mha.out_proj(out.transpose(1, 2).reshape(B, T, E))  # (B, T, E)
+    if unbatched:
+        return out[0], None
     return (out if mha.batch_first else out.transpose(0, 1)), None
+
+
+def check_mha(mha: nn.MultiheadAttention, where: str) -> None:
+    """What mha_forward computes: one embed_dim for queries, keys and values, and no add_bias_kv."""
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None:
+        raise NotImplementedError(f"prefix tuning on nn.MultiheadAttention ({where}) needs kdim == vdim == embed_dim "
+                                  f"and add_bias_kv=False; got embed_dim={mha.embed_dim}, kdim={mha.kdim}, "
+                                  f"vdim={mha.vdim}, add_bias_kv={mha.bias_k is not None}")
 
 
 # -- the position shift (Note: positions with a prefix) ----------------------------------

@@ -240,11 +240,11 @@ def test_minilm_equals_transformers_cache_path_and_trains():
     assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
 
 
-def _mha_with_virtual_tokens(batch_first: bool):
+def _mha_with_virtual_tokens(batch_first: bool, add_zero_attn: bool = False):
     """An nn.MultiheadAttention with a prefix equal to its own projections of P virtual tokens z:
     then attention over [prefix ; K] is torch's attention over the inputs [z ; x]."""
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first, dtype=torch.float64).eval()
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first, add_zero_attn=add_zero_attn, dtype=torch.float64).eval()
     z = torch.randn(3, 32, dtype=torch.float64)
     wrapper = nn.Sequential(copy.deepcopy(mha))
     lowrank.inject(wrapper, lowrank.PrefixConfig(num_virtual_tokens=3), )
@@ -255,11 +255,12 @@ def _mha_with_virtual_tokens(batch_first: bool):
     return mha, wrapper[0], z
 
 
+@pytest.mark.parametrize("add_zero_attn", [False, True])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_multihead_attention_equals_attention_over_virtual_tokens(batch_first):
+def test_multihead_attention_equals_attention_over_virtual_tokens(batch_first, add_zero_attn):
     """float64 on both paths: they differ only in how projections are batched, so by rounding
     of order 32 * eps64 * |x| ~ 1e-14; a misplaced prefix or mask would show at ~1e-1."""
-    mha, layer, z = _mha_with_virtual_tokens(batch_first)
+    mha, layer, z = _mha_with_virtual_tokens(batch_first, add_zero_attn)
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     zx = torch.cat([z.expand(2, 3, 32), x], dim=1)  # (B, P + T, E)
@@ -270,6 +271,26 @@ def test_multihead_attention_equals_attention_over_virtual_tokens(batch_first):
     ours = layer(t(x), t(x), t(x), key_padding_mask=pad, attn_mask=causal)[0]
     oracle = mha(t(x), t(zx), t(zx), key_padding_mask=wide_pad, attn_mask=wide_causal)[0]
     assert (ours - oracle).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_takes_unbatched_inputs_as_torch_does(batch_first):
+    """(T, E) inputs with an (S,) padding mask: the batched call's one row (float64, bound as above)."""
+    mha, layer, z = _mha_with_virtual_tokens(batch_first)
+    x, pad = torch.randn(5, 32, dtype=torch.float64), torch.tensor([False] * 3 + [True] * 2)
+    ours = layer(x, x, x, key_padding_mask=pad)[0]
+    zx, wide_pad = torch.cat([z, x]), torch.cat([torch.zeros(3, dtype=torch.bool), pad])
+    assert ours.shape == (5, 32)
+    assert (ours - mha(x, zx, zx, key_padding_mask=wide_pad)[0]).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("kwargs", [{"kdim": 16}, {"add_bias_kv": True}])
+def test_multihead_attention_it_cannot_compute_is_refused_at_inject(kwargs):
+    model = nn.Sequential(nn.MultiheadAttention(32, 4, **kwargs))
+    before = copy.deepcopy(model)
+    with pytest.raises(NotImplementedError, match=r"needs kdim == vdim == embed_dim and add_bias_kv=False; got "):
+        lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2))
+    assert type(model[0]) is nn.MultiheadAttention and str(model) == str(before)
 
 
 def test_transformer_encoder_takes_the_prefix_on_every_path():
