@@ -66,7 +66,7 @@ HANDLERS = {
     LoraConfig: Handler(lora.check, lora.wrap, lambda m: lora.layer_class(m) is not None, "LoRA", layer=LoraLayer),
     AdapterConfig: Handler(
         adapter.check, adapter.wrap, lambda m: adapter.module_dims(m) is not None, "a bottleneck adapter",
-        default_targets=lambda model, config: adapter.default_targets(config), layer=adapter.AdapterLayer,
+        default_targets=adapter.default_targets, layer=adapter.AdapterLayer,
     ),
     PromptConfig: Handler(
         prompt.check, prompt.wrap, lambda m: prompt.width_of(m) is not None, "a prompt",

@@ -8,10 +8,16 @@ Default targets per placement (used when AdapterConfig.targets is None):
     transformers Llama            self_attn.o_proj          mlp
     transformers GPT-2            attn.c_proj               mlp
     transformers BERT / MiniLM    attention.output.dense    layer.N.output.dense
+    transformers GPT-NeoX         attention.dense           mlp
+    transformers Falcon, Bloom    self_attention.dense      mlp
+    transformers Phi              self_attn.dense           mlp
+    transformers GPT-J, CodeGen   attn.out_proj             mlp
     nn.TransformerEncoderLayer    self_attn (the MHA)       linear2
 
-Houlsby adapts both columns, Pfeiffer the feed-forward only. Each adapter sits before the
-block's residual sum and layer norm, as in the papers. For any other model, name targets.
+Houlsby adapts both columns, Pfeiffer the feed-forward only; a model where Houlsby's attention
+names match nothing is refused (it would get Pfeiffer's adapters). Each adapter sits on the
+sublayer's output, before the block's residual sum and layer norm (Houlsby et al.'s place).
+For any other model, name targets.
 """
 
 from __future__ import annotations
@@ -22,17 +28,28 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..targets import is_gpt2_conv1d, is_linear_like, returns_routing
+from ..targets import compile_filter, is_gpt2_conv1d, is_linear_like, returns_routing
 from .base import TunerLayer, cast_for, innermost
 from .lora_base import float_dtype_and_device
 
-ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", nn.MultiheadAttention)
+ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "attention.dense",
+                     "self_attention.dense", "self_attn.dense", "attn.out_proj", nn.MultiheadAttention)
 FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
-def default_targets(config: AdapterConfig) -> tuple:
-    return FFN_TARGETS + (ATTENTION_TARGETS if config.placement == "houlsby" else ())
+def default_targets(model: nn.Module, config: AdapterConfig) -> tuple:
+    if config.placement != "houlsby":
+        return FFN_TARGETS
+    from ..walk import _unwrap, _walk  # walk imports the tuners
+
+    attention = compile_filter(ATTENTION_TARGETS, config.exclude, model)
+    if not any(attention(n, _unwrap(c)) for _, _, n, c in _walk(model)):
+        raise ValueError(f"placement='houlsby' adapts each block's attention output, and none of its default names "
+                         f"{[t if isinstance(t, str) else t.__name__ for t in ATTENTION_TARGETS]} is in "
+                         f"{type(model).__name__}; name the modules with AdapterConfig(targets=[...]) (or use "
+                         f"placement='pfeiffer' for the feed-forward alone)")
+    return FFN_TARGETS + ATTENTION_TARGETS
 
 
 def _linear_dims(m: nn.Module) -> tuple[int, int]:

@@ -259,3 +259,28 @@ def test_other_mixture_of_experts_blocks_are_sized_by_their_experts(arch):
     models.randomize_adapters(model)
     model(models.ids()).logits.sum().backward()  # runs: the adapter reads and adds 32 features
     assert ad.down.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config_class, attention", [
+    ("GPTNeoXConfig", "gpt_neox.layers.0.attention.dense"),
+    ("FalconConfig", "transformer.h.0.self_attention.dense"),
+    ("PhiConfig", "model.layers.0.self_attn.dense"),
+    ("GPTJConfig", "transformer.h.0.attn.out_proj"),
+])
+def test_houlsby_finds_the_attention_output_of_more_architectures(config_class, attention):
+    transformers = pytest.importorskip("transformers")
+    sizes = {"GPTJConfig": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4)}.get(
+        config_class, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(vocab_size=64, **sizes))
+    wrapped = inject(model, AdapterConfig(placement="houlsby"))
+    assert attention in wrapped and len(wrapped) == 4  # attention output and feed-forward of both layers
+
+
+def test_houlsby_on_a_model_without_its_attention_names_is_refused():
+    """It would otherwise get Pfeiffer's feed-forward adapters alone, silently."""
+    model = nn.Sequential()
+    model.add_module("mlp", nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)))
+    with pytest.raises(ValueError, match=r"placement='houlsby' adapts each block's attention output, and none of "):
+        inject(model, AdapterConfig(placement="houlsby"))
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    assert inject(model, AdapterConfig(placement="houlsby", targets=["mlp"])) == ["mlp"]
