@@ -66,6 +66,18 @@ def test_same_name_twice_raises_and_changes_nothing(second):
     assert dict(model.named_modules()).keys() == before.keys()
 
 
+@pytest.mark.parametrize("name", ["training", "forward", "keys", "update", "items"])
+@pytest.mark.parametrize("config", [LoraConfig(r=2), AdapterConfig(), PrefixConfig(num_virtual_tokens=2)],
+                         ids=["lora", "bottleneck", "prefix"])
+def test_a_name_the_adapter_dicts_hold_as_an_attribute_is_refused_and_changes_nothing(config, name):
+    """The layers key their parts by name in nn.ModuleDict / nn.ParameterDict, where these names are taken."""
+    model = models.llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"adapter name '{name}' is an attribute of torch's module and parameter dicts"):
+        inject(model, config, name=name)
+    assert adapter_names(model) == [] and model.state_dict().keys() == before.keys()
+
+
 @pytest.mark.parametrize("config", [LoraConfig(r=2, dropout=0.1), AdapterConfig(), PrefixConfig(num_virtual_tokens=2,
                                     projection_hidden=4)], ids=["lora", "bottleneck", "prefix-mlp"])
 def test_new_modules_take_the_mode_of_what_they_wrap(config):
