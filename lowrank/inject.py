@@ -102,7 +102,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     check_not_sharded(model, "inject (and load_adapter)")
     if not isinstance(name, str) or not name or "." in name or name == BASE:
         raise ValueError(f"adapter name must be a non-empty string without '.', and not {BASE!r}; got {name!r}")
-    if hasattr(nn.ModuleDict, name) or hasattr(nn.ParameterDict, name):  # the layers key their parts by name
+    if name in set(dir(nn.ModuleDict())) | set(dir(nn.ParameterDict())):  # the layers key their parts by name
         raise ValueError(f"adapter name {name!r} is an attribute of torch's module and parameter dicts, which hold "
                          f"the adapters' parts by name; pick another (e.g. {name + '_adapter'!r})")
     if name in adapter_names(model):  # one name, one adapter: save_adapter, eject and set_active go by name
