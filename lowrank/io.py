@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import warnings
 
 import torch
@@ -38,11 +39,12 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 # PEFT LoraConfig fields we cannot honour: loading refuses a config that sets any of them.
-_UNSUPPORTED = {"modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "bias": "none",
+_UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None, "bias": "none",
                 "lora_bias": False, "use_qalora": False, "trainable_token_indices": None,
-                "layer_replication": None, "alora_invocation_tokens": None, "use_bdlora": None}
+                "layer_replication": None, "alora_invocation_tokens": None, "use_bdlora": None,
+                "arrow_config": None, "kasa_config": None, "monteclora_config": None, "ensure_weight_tying": False}
 
-_SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
+_SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")  # inits that leave the base weights alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +64,10 @@ class LoadResult:
 # does the same for any key that names a parameter of the model (by the names it had before
 # inject, `.base_layer` dropped: the module may be wrapped by this adapter, by another or not at
 # all, and a tied weight answers to each of its names), lists it in LoadResult.base, and does
-# not undo it on eject. save_adapter writes adapter weights only.
+# not undo it on eject. A file's modules_to_save (PEFT trains and saves such modules whole: a
+# classifier's head) load the same way; each parameter of a module they name that the file lacks
+# is a missing key. save_adapter writes adapter weights, and the head of a classifier, token
+# classifier or question answerer (io_prompt.py, Note: task heads) unless LoRA adapts it.
 
 
 def _number(x: float):
@@ -98,12 +103,12 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     cfg = getattr(model, "config", None)
     peft_config = {
-        # a causal LM's file names its task, so PEFT's AutoPeftModelForCausalLM loads it; other heads need
-        # PEFT's modules_to_save, which a LoRA file does not carry: no task
+        # a causal LM's file names its task, so PEFT's AutoPeftModelForCausalLM loads it; a classifier's or
+        # question answerer's names its task once its head is in (below); other models': no task
         "peft_type": "LORA", "task_type": "CAUSAL_LM" if io_prompt.task_type(model) == "CAUSAL_LM" else None,
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
         "r": r, "lora_alpha": _number(alpha),
-        "target_modules": to_peft_targets(model, modules) if modules else None,
+        "target_modules": to_peft_targets(model, modules) if modules else [],  # PEFT reads None as its defaults
         "target_parameters": to_peft_parameters(model, params) if params else None,
         "exclude_modules": None, "lora_dropout": float(config.dropout), "use_rslora": config.rslora,
         "use_dora": config.dora, "fan_in_fan_out": any(layer.transposed for _, _, layer in layers),
@@ -112,6 +117,11 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         "bias": "none", "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
+    task = io_prompt.task_type(model)  # See Note: task heads (lowrank/io_prompt.py): PEFT's file of the task has it
+    head = io_prompt.head_parameters(model, task, PREFIX)
+    if head and not any(k[len(PREFIX):].startswith(w + ".") for k in head for w in ranks):  # not one LoRA adapts
+        peft_config["task_type"] = task
+        io_prompt.save_head(model, task, tensors, peft_config, PREFIX)
     return tensors, peft_config
 
 
@@ -184,6 +194,9 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
                                   "lowrank.load_adapter does not reproduce; convert the adapter to plain LoRA first")
     if not peft_config.get("target_modules") and not peft_config.get("target_parameters"):
         raise ValueError(f"{source}: target_modules and target_parameters are empty; nothing to inject")
+    saved = peft_config.get("modules_to_save")  # loaded as base weights: Note: base weights in an adapter file
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(n, str) and n for n in saved)):
+        raise ValueError(f"{source}: modules_to_save must be a list of module names or null; got {saved!r}")
 
     try:  # LoraConfig checks each field's type and range; the file is named here (no int() or bool() on the way)
         return LoraConfig(r=peft_config.get("r", 8), alpha=peft_config.get("lora_alpha", 8),
@@ -223,9 +236,17 @@ def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
 
 def _same_base(a: str, b: str) -> bool:
     """Two base-model names name the same model: equal once owners / directories are
-    stripped, ignoring case ("meta-llama/Llama-2-7b-hf" ~ "/models/llama-2-7b-hf")."""
+    stripped, ignoring case ("meta-llama/Llama-2-7b-hf" ~ "/models/llama-2-7b-hf"). A
+    huggingface_hub cache snapshot (".../models--owner--name/snapshots/<commit>") is its repo's
+    name, and a relative directory (".", "../m") the name of the directory it is from here."""
     def short(x: str) -> str:
-        return x.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+        x = x.replace("\\", "/").rstrip("/")
+        snapshot = re.search(r"(?:^|/)models--(?:[^/]*--)?([^/]+)/snapshots/[^/]+$", x)
+        if snapshot:
+            return snapshot[1].lower()
+        if x in (".", "..", "") or x.startswith(("./", "../")):
+            x = os.path.abspath(x or ".").replace("\\", "/").rstrip("/")
+        return x.rsplit("/", 1)[-1].lower()
 
     return short(a) == short(b)
 
@@ -319,6 +340,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 mismatched.append((PREFIX + k, tuple(weights[k].shape), tuple(param.shape)))
             pairs.append((param, weights[k]))
         unexpected = sorted(PREFIX + k for k in weights if k not in seen)
+        # modules_to_save (a task's head): the file holds each such module's whole state, as PEFT saves it
+        missing += [k for k in io_prompt.saved_parameters(model, peft_config.get("modules_to_save"), PREFIX)
+                    if k[len(PREFIX):] not in weights]
         result = LoadResult(modules, sorted(missing), unexpected, mismatched, sorted(base_keys))
         copy_checked(model, f"{path}: the adapter", pairs, result, strict)
     return result

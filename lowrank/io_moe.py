@@ -100,10 +100,14 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
 
 def _alpha(config: dict, module: str) -> float:
     """The alpha PEFT gives `module`: the first alpha_pattern key k with (.*\\.)?(k)$ matching, else lora_alpha."""
-    for k, v in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({k})$", module):
-            return v
-    return config.get("lora_alpha", 8)
+    pattern = config.get("alpha_pattern") or {}
+    for k, v in pattern.items():
+        try:
+            if re.match(rf"(.*\.)?({k})$", module):
+                return v
+        except re.error:  # not a regular expression: only PEFT's fallback below reads it
+            continue
+    return pattern.get(module, config.get("lora_alpha", 8))  # PEFT's fallback: the module's own name as a key
 
 
 def renamer(modules: dict[str, nn.Module]) -> Callable[[str], str]:

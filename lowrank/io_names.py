@@ -35,11 +35,17 @@ def to_peft_targets(model: nn.Module, wrapped: list[str]) -> list[str] | str:
 def to_peft_pattern(values: dict[str, float], wrapped: list[str]) -> dict[str, float]:
     """rank_pattern / alpha_pattern for PEFT, which matches a key as re.match(rf"(.*\\.)?({key})$",
     name): a full name is its own key unless it also matches another wrapped module (when it is
-    the `.`-suffix of one), then it is escaped and anchored ("^0" matches "0", not "1.0")."""
-    def clashes(w: str) -> bool:
-        return any(n != w and re.match(rf"(.*\.)?({w})$", n) for n in wrapped)
+    the `.`-suffix of one), then it is escaped and anchored ("^0" matches "0", not "1.0"); a
+    name with other characters than letters, digits, '_', '-' and '.' is escaped (a ModuleDict
+    key "a+b" is no regular expression of itself)."""
+    def key(w: str) -> str:
+        escaped = re.escape(w)
+        if any(n != w and re.match(rf"(.*\.)?({escaped})$", n) for n in wrapped):
+            return "^" + escaped
+        return w if re.fullmatch(r"[\w.\-]+", w) and not any(n != w and re.match(rf"(.*\.)?({w})$", n) for n in wrapped) \
+            else escaped
 
-    return {("^" + re.escape(w) if clashes(w) else w): v for w, v in values.items()}
+    return {key(w): v for w, v in values.items()}
 
 
 def _peft_spec(item: str, as_regex: bool):
@@ -63,10 +69,19 @@ def from_peft_targets(value):
 
 def from_peft_pattern(p: dict | None, field: str = "rank_pattern") -> dict:
     """PEFT's rank_pattern / alpha_pattern keys as ours: PEFT matches re.match(rf"(.*\\.)?({key})$",
-    name), first key wins."""
+    name), first key wins; where none matches, a key equal to the module's name (PEFT's fallback:
+    get_pattern_key returns the name, which the dict is then read at). A key that is no regular
+    expression is read by that fallback alone."""
     if p is not None and not isinstance(p, dict):
         raise TypeError(f"{field} must be a JSON object (module name pattern -> value); got {p!r}")
-    return {rf"re:(.*\.)?({k})": v for k, v in (p or {}).items()}
+    specs = {}
+    for k, v in (p or {}).items():
+        try:
+            re.compile(rf"(.*\.)?({k})")
+        except re.error:
+            continue
+        specs[rf"re:(.*\.)?({k})"] = v
+    return specs | {"re:" + re.escape(k): v for k, v in (p or {}).items() if "re:" + re.escape(k) not in specs}
 
 
 def to_peft_parameters(model: nn.Module, adapted: list[str]) -> list[str]:

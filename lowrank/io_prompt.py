@@ -33,21 +33,28 @@ TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequen
 # <param>`; from_pretrained of such a file needs them (a KeyError without). lowrank trains the
 # prompt or prefix alone, so save_adapter writes the head as the model has it, and load_adapter
 # loads a file's head into the model's, as a base weight (LoadResult.base; eject does not undo it:
-# lowrank/io.py, Note: base weights in an adapter file). Used by io_prefix too.
+# lowrank/io.py, Note: base weights in an adapter file). Used by io_prefix, and by io.py for LoRA
+# (PEFT's LoRA files of these tasks carry the head the same way, under base_model.model.).
 HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 
 
-def head_parameters(model: nn.Module, task: str | None) -> dict[str, nn.Parameter]:
-    """PEFT's keys for the parameters of `task`'s head in `model` -> the parameters ({}: none)."""
-    names = HEADS.get(task, ())
+def saved_parameters(model: nn.Module, names, prefix: str = "base_model.") -> dict[str, nn.Parameter]:
+    """PEFT's keys for the parameters of the modules that modules_to_save `names` picks in `model`
+    (each module whose name ends with one, as PEFT's _set_trainable matches) -> the parameters."""
+    names = tuple(names or ())
     heads = [w for _, _, w, _ in _walk(model) if any(w.endswith(n) for n in names)]
     heads = [w for w in heads if not any(w.startswith(o + ".") for o in heads)]  # outermost: its whole state
-    return {f"base_model.{n}": p for n, p in plain_parameters(model) if any(n.startswith(w + ".") for w in heads)}
+    return {f"{prefix}{n}": p for n, p in plain_parameters(model) if any(n.startswith(w + ".") for w in heads)}
 
 
-def save_head(model: nn.Module, task: str | None, tensors: dict, peft_config: dict) -> None:
+def head_parameters(model: nn.Module, task: str | None, prefix: str = "base_model.") -> dict[str, nn.Parameter]:
+    """PEFT's keys for the parameters of `task`'s head in `model` -> the parameters ({}: none)."""
+    return saved_parameters(model, HEADS.get(task, ()), prefix)
+
+
+def save_head(model: nn.Module, task: str | None, tensors: dict, peft_config: dict, prefix: str = "base_model.") -> None:
     """Add the task head's tensors and PEFT's modules_to_save (See Note: task heads)."""
-    head = head_parameters(model, task)
+    head = head_parameters(model, task, prefix)
     if head:
         tensors.update({k: distributed.full_tensor(p.detach()).cpu().contiguous() for k, p in head.items()})
         peft_config["modules_to_save"] = list(HEADS[task])
