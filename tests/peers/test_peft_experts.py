@@ -174,8 +174,8 @@ def test_merge_unmerge_eject_and_export(tmp_path):
     again = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "merged")
     assert (again(ids).logits - ref).abs().max().item() <= tol
 
-    lowrank.save_adapter(ours, tmp_path / "parameters-only")  # no module targets: target_modules null
-    assert json.loads((tmp_path / "parameters-only" / "adapter_config.json").read_text())["target_modules"] is None
+    lowrank.save_adapter(ours, tmp_path / "parameters-only")  # no module targets: target_modules [] (null: PEFT's defaults)
+    assert json.loads((tmp_path / "parameters-only" / "adapter_config.json").read_text())["target_modules"] == []
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "parameters-only")
     assert torch.equal(pm(ids).logits, ours(ids).logits)
 
