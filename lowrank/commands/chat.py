@@ -8,6 +8,11 @@ def add_generation_options(p) -> None:
     p.add_argument("--adapter", help="adapter directory, e.g. OUTPUT_DIR/epoch_3 from lowrank train")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto", help="'auto' (the GPU when there is one), 'cpu', 'cuda', ...")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="load the adapter although it names another base model (load_adapter's allow_other_base)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model directory's own Python code (transformers' trust_remote_code; "
+                        "InternLM needs it)")
 
 
 def add_parser(subparsers) -> None:
@@ -29,7 +34,9 @@ def run(args) -> int:
     from ..workflow.template import check_template
 
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
-    model, tokenizer, template = load_with_adapter(args.model, args.adapter, args.dtype, args.device)
+    model, tokenizer, template = load_with_adapter(args.model, args.adapter, args.dtype, args.device,
+                                                   allow_other_base=args.allow_other_base,
+                                                   trust_remote_code=args.trust_remote_code)
     template = args.template or template
     check_template(template, tokenizer)
     loop(model, tokenizer, template, settings, args.system)

@@ -26,6 +26,8 @@ def add_parser(subparsers) -> None:
                    help="a qlora adapter of lowrank train: quantize the dense base as training did (its lowrank_workflow.json: "
                    "dtype, nf4 options) and merge at those NF4 weights, not the full-precision ones")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the base directory's own Python code (transformers' trust_remote_code; InternLM needs it)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="load the adapter even if its config names another base model")
 
@@ -36,9 +38,10 @@ _HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("ForSequenceClassification",
           ("ForMaskedLM", "AutoModelForMaskedLM"), ("ForImageClassification", "AutoModelForImageClassification"))
 
 
-def _load_base(base: str, dtype="auto"):
+def _load_base(base: str, dtype="auto", trust_remote_code: bool = False):
     """The base model from a transformers directory (`dtype`: a torch dtype for its weights, "auto": the
-    checkpoint's); a bitsandbytes 4-bit one is loaded with lowrank.load_quantized (no GPU needed)."""
+    checkpoint's); a bitsandbytes 4-bit one is loaded with lowrank.load_quantized (no GPU needed).
+    `trust_remote_code`: a class the directory's own code defines (its config's auto_map)."""
     try:
         import transformers
     except ImportError:
@@ -46,31 +49,37 @@ def _load_base(base: str, dtype="auto"):
     cfg_file = pathlib.Path(base) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{base} has no config.json: not a Hugging Face model directory")
-    config = transformers.AutoConfig.from_pretrained(base)
+    config = transformers.AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     # the class the directory was saved from (its head included: a classifier's adapter targets it);
     # a name transformers does not export (MPT's "MPTForCausalLM", old "LLaMAForCausalLM"): by its ending
     names = config.architectures or []
     cls = next((getattr(transformers, a) for a in names if hasattr(transformers, a)), None)
+    remote = trust_remote_code and cls is None and getattr(config, "auto_map", None)
+    if remote:  # the directory's own class, through the auto class its auto_map names (a causal LM's first)
+        auto = sorted(config.auto_map, key=lambda k: k != "AutoModelForCausalLM")
+        cls = next((getattr(transformers, a) for a in auto if a.startswith("AutoModel") and hasattr(transformers, a)),
+                   None)
     if cls is None and names:
         cls = next((getattr(transformers, auto) for a in names for end, auto in _HEADS if a.endswith(end)), None)
         if cls is None:  # the bare model would silently lose the head the adapter may target
             raise ValueError(f"{base}/config.json names architectures {names}, which this transformers "
                              f"{transformers.__version__} does not have; set one it has there")
+    extra = {"trust_remote_code": True} if remote else {}
     if json.loads(cfg_file.read_text()).get("quantization_config"):
         from ..checkpoint import load_quantized
         from ..quant.load import skeleton
 
         del config.quantization_config
         with skeleton():  # parameters on the meta device: filled from the checkpoint
-            model = (cls.from_config(config) if hasattr(cls, "from_config") else cls(config)) if cls is not None \
-                else transformers.AutoModel.from_config(config)
+            model = (cls.from_config(config, **extra) if hasattr(cls, "from_config") else cls(config)) \
+                if cls is not None else transformers.AutoModel.from_config(config)
         load_quantized(model, base)
     else:
-        model = (cls or transformers.AutoModel).from_pretrained(base, dtype=dtype)
+        model = (cls or transformers.AutoModel).from_pretrained(base, dtype=dtype, **extra)
     return model.eval()
 
 
-def _as_trained(base: str, adapter: str):
+def _as_trained(base: str, adapter: str, trust_remote_code: bool = False):
     """--as-trained: the base loaded and quantized as `lowrank train` did for this adapter (its
     workflow file's method, dtype and nf4 options), so the adapter merges at the NF4 weights it
     was trained against: the merged model computes what the adapted 4-bit one did, up to the
@@ -93,7 +102,7 @@ def _as_trained(base: str, adapter: str):
     if config.is_file() and json.loads(config.read_text()).get("quantization_config"):
         raise ValueError(f"--as-trained quantizes a dense base as training did, and {base} is 4-bit already: merge "
                          "without --as-trained")
-    model = _load_base(base, training_dtype(train, adapter))
+    model = _load_base(base, training_dtype(train, adapter), trust_remote_code)
     quantize(model, nf4_config(train.get("nf4", {})))
     return model
 
@@ -105,7 +114,8 @@ def run(args) -> int:
     from ..io import load_adapter
     from ..workflow.model import WORKFLOW_FILE
 
-    model = _as_trained(args.base, args.adapter) if args.as_trained else _load_base(args.base)
+    model = _as_trained(args.base, args.adapter, args.trust_remote_code) if args.as_trained \
+        else _load_base(args.base, trust_remote_code=args.trust_remote_code)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
     # each merged weight is rounded once, into the export dtype (lowrank/export.py)
     loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, dtype=torch.float32)

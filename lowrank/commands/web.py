@@ -31,6 +31,7 @@ def run(args) -> int:
            "--", args.model, "--dtype", args.dtype, "--device", args.device, "--title", args.title]
     if args.adapter:
         cmd += ["--adapter", args.adapter]
+    cmd += ["--allow-other-base"] * args.allow_other_base + ["--trust-remote-code"] * args.trust_remote_code
     print(f"serving on http://localhost:{args.port} (Ctrl-C stops)", flush=True)
     try:
         return subprocess.call(cmd)

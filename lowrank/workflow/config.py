@@ -50,7 +50,8 @@ class TrainConfig:
     max_length: int = 2048  # tokens per sequence; longer records are cut here and counted
     seed: int = 0  # adapter init, data order and dropout all follow it
     dtype: str = "float32"  # of the base weights; bfloat16 halves memory on GPUs that have it
-    adapter_dtype: str | None = None  # None: the base's; "float32" on a bf16 base: float32 adapters (PEFT's default)
+    adapter_dtype: str | None = None  # None: the base's (float32 on a float16 base); "float32": PEFT's default
+    trust_remote_code: bool = False  # run the model directory's own Python code (InternLM ships its model so)
     device: str = "auto"  # "auto": the GPU when there is one, else the CPU; or e.g. "cpu", "cuda:1"
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     paged_optimizer: bool = False  # lowrank.optim.PagedAdamW: states in CUDA unified memory (same updates)
@@ -94,6 +95,13 @@ class TrainConfig:
         if self.adapter_dtype is not None and self.adapter_dtype not in DTYPES:
             raise ConfigError(f"adapter_dtype must be null (the base's dtype) or one of {DTYPES}; "
                               f"got {self.adapter_dtype!r}")
+        # AdamW's eps (1e-8) is 0 in float16: a zero gradient's update is 0 / 0 (LoRA's A, while B is 0, gets one on
+        # the first step), so float16 adapters train NaN; on a float16 base they are float32, as PEFT's are
+        if self.adapter_dtype == "float16":
+            raise ConfigError("adapter_dtype: float16 trains NaN (AdamW's eps of 1e-8 is 0 in float16, and an update "
+                              "of a zero gradient is 0 / 0); use float32 (the default on a float16 base) or bfloat16")
+        if self.adapter_dtype is None and self.dtype == "float16":
+            object.__setattr__(self, "adapter_dtype", "float32")
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"distributed must be one of {DISTRIBUTED}; got {self.distributed!r}")
         if type(self.optimizer_bits) is not int or self.optimizer_bits not in (8, 32):  # not 8.0, not True
@@ -105,7 +113,7 @@ class TrainConfig:
         if self.template is not None and self.template not in TEMPLATES:
             raise ConfigError(f"template must be null (the tokenizer's own) or one of {sorted(TEMPLATES)}; "
                               f"got {self.template!r}")
-        for f in ("activation_checkpointing", "paged_optimizer", "compile"):
+        for f in ("activation_checkpointing", "paged_optimizer", "compile", "trust_remote_code"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be true or false; got {getattr(self, f)!r}")
         for f in ("method_options", "nf4"):

@@ -25,21 +25,27 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        picked = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"device must be 'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'; got {device!r}") from None
+    if picked.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this PyTorch sees no CUDA GPU (torch {torch.__version__}); "
+                          "use 'cpu' or 'auto'")
+    return picked
 
 
-def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) from a transformers directory, model in eval mode on `device`."""
+def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """(model, tokenizer) from a transformers directory, model in eval mode on `device`;
+    `trust_remote_code` runs the directory's own model code (transformers' flag)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = require("transformers", "transformers")
     if not pathlib.Path(model_dir, "config.json").is_file():
         raise ConfigError(f"model: {model_dir!r} has no config.json; expected a transformers model directory")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
-                                                                  dtype=getattr(torch, dtype))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                               trust_remote_code=trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:  # missing files, unknown architecture
         raise ConfigError(f"model: could not load {model_dir!r} as a causal LM: {' '.join(str(e).split())}") from None
     return model.to(pick_device(device)).eval(), tokenizer
@@ -141,29 +147,33 @@ def cast_rest(model: nn.Module, dtype: torch.dtype) -> None:
                     store[n] = nn.Parameter(t.data.to(to), t.requires_grad) if store is m._parameters else t.to(to)
 
 
-def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "float32", device: str = "cpu"):
+def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "float32", device: str = "cpu", *,
+                      allow_other_base: bool = False, trust_remote_code: bool = False):
     """(model, tokenizer, template) for chatting: the base in `dtype`, quantized again when the
     adapter was trained on a 4-bit base (See Note: quantized again as trained), with the adapter
-    loaded; template as in training."""
+    loaded (`allow_other_base`: load_adapter's); template as in training."""
     if adapter_dir is None:  # a merged model keeps its adapter's workflow file (lowrank merge): its template
-        model, tokenizer = load_base(model_dir, dtype, device)
+        model, tokenizer = load_base(model_dir, dtype, device, trust_remote_code)
         return model, tokenizer, read_workflow(pathlib.Path(model_dir)).get("config", {}).get("template")
     path = pathlib.Path(adapter_dir)
     if not path.is_dir():
         raise ConfigError(f"--adapter {adapter_dir!r} is not a directory")
+    if not (path / CONFIG_NAME).is_file():
+        raise ConfigError(f"--adapter {adapter_dir!r} has no {CONFIG_NAME}: not an adapter directory")
     train = read_workflow(path).get("config", {})
     quantized = train.get("method") in METHODS and METHODS[train["method"]].quantize
     trained = training_dtype(train, path) if quantized else None
     wide = quantized and getattr(torch, dtype) not in (trained, torch.float32)  # See Note: quantized again as trained
-    model, tokenizer = load_base(model_dir, "float32" if wide else dtype, device)
+    model, tokenizer = load_base(model_dir, "float32" if wide else dtype, device, trust_remote_code)
     if quantized:
         config = nf4_config(train.get("nf4", {}))
         as_trained(model, config, trained)
         quantize(model, config)
     if wide:
         cast_rest(model, getattr(torch, dtype))
-    if not (path / CONFIG_NAME).is_file():
-        raise ConfigError(f"--adapter {adapter_dir!r} has no {CONFIG_NAME}: not an adapter directory")
     adapter_dtype = train.get("adapter_dtype")  # as trained: float32 adapters load unrounded
-    load_adapter(model, path, dtype=getattr(torch, adapter_dtype) if adapter_dtype in DTYPES else None)
+    if adapter_dtype is None and train.get("dtype") == "float16":  # a float16 run's adapters are float32
+        adapter_dtype = "float32"  # (TrainConfig); a workflow file written before says null
+    load_adapter(model, path, dtype=getattr(torch, adapter_dtype) if adapter_dtype in DTYPES else None,
+                 allow_other_base=allow_other_base)
     return model.eval(), tokenizer, train.get("template")

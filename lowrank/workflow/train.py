@@ -265,7 +265,7 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
                           f"{ranks.world}; the per-rank batches would differ: resume on {state.get('world', 1)}")
     _clear_unfinished(config, ranks, stream)
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
-    model, tokenizer = load_base(config.model, config.dtype, ranks.device)
+    model, tokenizer = load_base(config.model, config.dtype, ranks.device, config.trust_remote_code)
     device = next(model.parameters()).device
     check_template(config.template, tokenizer)
     encoded = encode_all(tokenizer, config.template, records, config.max_length, config.data)

@@ -26,12 +26,15 @@ def _args(argv):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--title", default="lowrank chat")
+    p.add_argument("--allow-other-base", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
     return p.parse_args(argv)
 
 
 @st.cache_resource
-def _load(model: str, adapter: str | None, dtype: str, device: str):
-    return load_with_adapter(model, adapter, dtype, device)  # once per server, shared by every session
+def _load(model: str, adapter: str | None, dtype: str, device: str, allow_other_base: bool, trust_remote_code: bool):
+    return load_with_adapter(model, adapter, dtype, device, allow_other_base=allow_other_base,  # once per server,
+                             trust_remote_code=trust_remote_code)  # shared by every session
 
 
 @st.cache_resource
@@ -44,7 +47,8 @@ def _one_at_a_time() -> threading.Lock:
 
 def main(argv) -> None:
     args = _args(argv)
-    model, tokenizer, template = _load(args.model, args.adapter, args.dtype, args.device)
+    model, tokenizer, template = _load(args.model, args.adapter, args.dtype, args.device, args.allow_other_base,
+                                       args.trust_remote_code)
     st.title(args.title)
     with st.sidebar:
         system = st.text_area("System prompt", value="", key="system")

@@ -1,0 +1,85 @@
+"""Bases the workflow must take as transformers does (a directory with its own model code), and
+options that must not train wrong or fail late: float16 bases, a CUDA device on a CPU machine,
+an adapter whose base was moved. Each is a problem a review found."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowrank.workflow import config as C
+from lowrank.workflow.model import load_with_adapter, pick_device
+from lowrank.workflow.train import train
+
+from .conftest import lowrank
+
+
+def _config(tmp_path, model_dir, data_file, **change):
+    values = dict(model=str(model_dir), data=str(data_file), output_dir=str(tmp_path / "a"), epochs=1, lr=1e-2,
+                  batch_size=4, grad_accum=1, max_length=128, method_options={"r": 4})
+    return C.TrainConfig(**{**values, **change})
+
+
+def test_a_float16_base_trains_float32_adapters(tmp_path, model_dir, data_file):
+    """AdamW's eps is 0 in float16, so float16 adapters trained NaN from the second step."""
+    config = _config(tmp_path, model_dir, data_file, dtype="float16", epochs=2)
+    assert config.adapter_dtype == "float32"
+    summary = train(config)
+    assert math.isfinite(summary.loss)
+    saved = load_file(f"{summary.checkpoint}/adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    with pytest.raises(C.ConfigError, match=r"adapter_dtype: float16 trains NaN \(AdamW's eps"):
+        _config(tmp_path, model_dir, data_file, dtype="float16", adapter_dtype="float16")
+
+
+def remote_copy(model_dir, where):
+    """The tiny model as a directory with its own model code, as internlm/internlm-chat-7b ships:
+    model_type "internlm", classes in the directory, named by its config's auto_map."""
+    shutil.copytree(model_dir, where)
+    (where / "configuration_internlm.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass InternLMConfig(LlamaConfig):\n    model_type = 'internlm'\n")
+    (where / "modeling_internlm.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_internlm import InternLMConfig\n\n\n"
+        "class InternLMForCausalLM(LlamaForCausalLM):\n    config_class = InternLMConfig\n")
+    config = json.loads((where / "config.json").read_text())
+    config.update(model_type="internlm", architectures=["InternLMForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_internlm.InternLMConfig",
+                            "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM"})
+    (where / "config.json").write_text(json.dumps(config))
+    return where
+
+
+def test_a_model_with_its_own_code_trains_chats_and_merges_with_trust_remote_code(tmp_path, model_dir, data_file):
+    remote = remote_copy(model_dir, tmp_path / "remote")
+    with pytest.raises(C.ConfigError, match="trust_remote_code"):
+        train(_config(tmp_path, remote, data_file))
+    summary = train(_config(tmp_path, remote, data_file, output_dir=str(tmp_path / "b"), trust_remote_code=True))
+    model, _, _ = load_with_adapter(str(remote), summary.checkpoint, trust_remote_code=True)
+    assert type(model).__name__ == "InternLMForCausalLM"
+    lowrank("merge", remote, summary.checkpoint, tmp_path / "merged", "--trust-remote-code")
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged["architectures"] == ["InternLMForCausalLM"]
+    done = lowrank("chat", remote, "--adapter", summary.checkpoint, "--trust-remote-code", "--max-new-tokens", "2",
+                   check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_chat_takes_an_adapter_of_a_moved_base_when_told(tmp_path, model_dir, data_file):
+    summary = train(_config(tmp_path, model_dir, data_file))
+    moved = shutil.copytree(model_dir, tmp_path / "renamed-model")
+    with pytest.raises(ValueError, match="allow_other_base=True"):
+        load_with_adapter(str(moved), summary.checkpoint)
+    load_with_adapter(str(moved), summary.checkpoint, allow_other_base=True)
+    done = lowrank("chat", moved, "--adapter", summary.checkpoint, "--allow-other-base", "--max-new-tokens", "2",
+                   check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is there")
+def test_a_cuda_device_without_a_gpu_is_a_config_error():
+    with pytest.raises(C.ConfigError, match=r"device 'cuda': this PyTorch sees no CUDA GPU"):
+        pick_device("cuda")
