@@ -45,6 +45,12 @@ def _turn(raw, where: str) -> Turn:
         value = raw.get(field)
         if field in raw and not isinstance(value, str) and not (field == "system" and value is None):
             raise DataError(f"{where}.{field}: must be a string; got {type(value).__name__} {value!r:.40}")
+        if isinstance(value, str):
+            try:  # JSON's \ud800 escapes give Python strings no tokenizer can encode
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}.{field}: holds {value[e.start]!r} at character {e.start}, half of a UTF-16 "
+                                "surrogate pair (a \\ud800-\\udfff escape without its other half), not text") from None
     if not raw["output"].strip():
         raise DataError(f"{where}.output: is empty; every turn needs an answer to learn from")
     return Turn(input=raw["input"], output=raw["output"], system=raw.get("system"))
@@ -78,7 +84,9 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
         records = [check_record(r, i, source) for i, r in enumerate(raws)]
     else:
         records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
+        # lines end at "\n" alone (JSON takes a trailing "\r" as whitespace): str.splitlines also breaks at U+2028,
+        # U+2029 and U+0085, which json.dumps(ensure_ascii=False) leaves inside strings
+        for line_no, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -83,3 +83,21 @@ def test_a_byte_order_mark_is_not_data(tmp_path):
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
     assert data.load(path) == data.parse(json.dumps(records))
+
+
+def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw in a line; str.splitlines broke there."""
+    records = [{"conversation": [{"input": "a\u2028b", "output": "c\u2029d\u0085e"}]}, {"conversation": [{"input": "x",
+                                                                                                        "output": "y"}]}]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    got = data.load(f)
+    assert [(t.input, t.output) for (t,) in got] == [("a\u2028b", "c\u2029d\u0085e"), ("x", "y")]
+
+
+def test_half_a_surrogate_pair_is_an_error_naming_the_record(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text('[{"conversation": [{"input": "ok", "output": "fine"}]}, '
+                 '{"conversation": [{"input": "q", "output": "broken \\ud800 text"}]}]')
+    with pytest.raises(data.DataError, match=r"record 1\.conversation\[0\]\.output: holds '\\ud800' at character 7"):
+        data.load(f)
