@@ -83,7 +83,12 @@ def _named(t: NamedTemplate, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
         prompt = (t.system.format(system=turn.system) if turn.system is not None else "") + t.user.format(input=turn.input)
         out.append((prompt, False))
         if turn.output is not None:
-            out += _answer(t.answer.format(output=turn.output) + t.end, turn.output, t.end.strip() or t.end)
+            mark = t.end.strip() or t.end  # stop_text's: chat stops an answer where the model writes it
+            if mark in turn.output:
+                raise TemplateError(f"an answer holds the template's end mark {mark!r}, where chat would cut it short "
+                                    f"(plain's is a blank line); use another template ({sorted(TEMPLATES)}, or the "
+                                    "tokenizer's own), or take the mark out of the answers")
+            out += _answer(t.answer.format(output=turn.output) + t.end, turn.output, mark)
     return out
 
 

@@ -94,6 +94,16 @@ def test_missing_or_unknown_template_is_an_error(tok):
         T.encode(tok, "vicuna", TURNS)
 
 
+@pytest.mark.parametrize("template, answer", [("plain", "Orbit of Titan.\n\nForty minutes."),
+                                              ("chatml", "Orbit <|im_end|> of Titan."), ("internlm", "a <eoa> b")])
+def test_an_answer_holding_the_end_mark_is_refused(tok, template, answer):
+    """Chat stops an answer at the template's end mark: such an answer would be trained whole and
+    answered cut (plain's mark is a blank line)."""
+    with pytest.raises(T.TemplateError, match=r"an answer holds the template's end mark"):
+        T.encode(tok, template, (Turn("Where are we?", answer),))
+    T.encode(tok, template, (Turn("Where\n\nare we?", "Orbit of Titan."),))  # a question may hold it
+
+
 class _Output(dict):
     __getattr__ = dict.__getitem__  # attribute access, as transformers' ModelOutput has
 
