@@ -283,19 +283,26 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
 # takes no past length), so neither path shifts them and the hook leaves them alone.
 def check_positions(model: nn.Module, count: int, what: str, maker: nn.Module | None = ...) -> None:
     """Raise naming the limit when `count` positions do not fit a table of absolute position
-    embeddings (GPT-2, BERT, RoBERTa: a config with max_position_embeddings and no RoPE), instead
-    of an IndexError in the embedding. RoBERTa's kin number from padding_idx + 1."""
+    embeddings (position_limit), instead of an IndexError in the embedding."""
+    positions = position_limit(model, maker)
+    if positions is not None and count > positions:
+        limit = model.config.max_position_embeddings
+        raise ValueError(f"{what} needs {count} positions, but {type(model).__name__}'s position embeddings hold "
+                         f"{positions} (max_position_embeddings={limit}); use fewer virtual tokens or shorter inputs")
+
+
+def position_limit(model: nn.Module, maker: nn.Module | None = ...) -> int | None:
+    """How many positions a table of absolute position embeddings holds (GPT-2, BERT, RoBERTa: a
+    config with max_position_embeddings and no RoPE; RoBERTa's kin number from padding_idx + 1),
+    or None where positions have no table."""
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None)
     if (not isinstance(limit, int) or any(getattr(config, a, None) is not None for a in ROPE)
             or getattr(config, "position_biased_input", True) is False  # DeBERTa-v2: relative positions only
             or getattr(config, "position_embedding_type", "absolute") != "absolute"):
-        return
+        return None
     maker = _position_maker(model) if maker is ... else maker
-    first = maker.padding_idx + 1 if maker is not None else 0
-    if first + count > limit:
-        raise ValueError(f"{what} needs {count} positions, but {type(model).__name__}'s position embeddings hold "
-                         f"{limit - first} (max_position_embeddings={limit}); use fewer virtual tokens or shorter inputs")
+    return limit - (maker.padding_idx + 1 if maker is not None else 0)
 
 
 def _limit(model: nn.Module) -> float:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .data import Turn
+from .model import virtual_tokens
 from .template import answer_lead, encode, stop_text
 
 
@@ -51,7 +52,8 @@ def _pick(logits: torch.Tensor, s: Settings, g: torch.Generator) -> int:
 
 
 # Note: a history longer than the context. A chat keeps every exchange, but the model sees at
-# most max_position_embeddings tokens. Before each answer the oldest exchanges are dropped
+# most max_position_embeddings tokens, less the virtual tokens of an active prompt or prefix
+# (which take positions before the text). Before each answer the oldest exchanges are dropped
 # until the prompt leaves room for min(max_new_tokens, a quarter of the context) new tokens;
 # the answer stops at the context's end; a message too long on its own is an error.
 @torch.no_grad()
@@ -60,6 +62,8 @@ def stream(model, tokenizer, template: str | None, history: Sequence[Turn], mess
     """Pieces of the answer to `message` after `history` (system prompt on the first turn).
     See Note: a history longer than the context."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None:
+        limit -= virtual_tokens(model)
     turns = list(history) + [Turn(input=message, output=None)]
     while True:
         # "" too: an empty system prompt, as training renders one (template.py)

@@ -61,6 +61,28 @@ def apply_method(model, method: str, options: dict, nf4: dict, adapter_dtype: st
     return config
 
 
+def virtual_tokens(model: nn.Module) -> int:
+    """The positions an active prompt or prefix takes before the text (0: none)."""
+    from ..tuners.prefix import PrefixLayer
+    from ..tuners.prompt import PromptLayer
+
+    layers = (PrefixLayer, PromptLayer)
+    return sum(next((m.length for m in model.modules() if isinstance(m, kind)), 0) for kind in layers)
+
+
+def check_context(model: nn.Module, longest: int, max_length: int) -> None:
+    """A ConfigError unless the longest example and the virtual tokens fit the model's table of
+    absolute position embeddings (GPT-2's 1024), where they would fail mid-training."""
+    from ..tuners.prefix_attention import position_limit
+
+    limit, virtual = position_limit(model), virtual_tokens(model)
+    if limit is not None and longest + virtual > limit:
+        raise ConfigError(f"max_length: the longest example is {longest} tokens (max_length={max_length})"
+                          + (f" after {virtual} virtual tokens" if virtual else "")
+                          + f", and {type(model).__name__}'s position embeddings hold {limit}; set max_length to at "
+                          f"most {limit - virtual}")
+
+
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a transformers model, in order: the modules whose class is one
     transformers never splits across devices (`_no_split_modules`, e.g. LlamaDecoderLayer),

@@ -34,7 +34,7 @@ from . import parallel
 from .batches import collate, encode_all, epoch_batches, pad_id
 from .config import ConfigError, TrainConfig
 from .methods import load_trainable
-from .model import WORKFLOW_FILE, apply_method, compile_blocks, load_base
+from .model import WORKFLOW_FILE, apply_method, check_context, compile_blocks, load_base
 from .progress import Progress
 from .template import IGNORE, check_template
 
@@ -274,6 +274,7 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
 
     torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
     tuner = apply_method(model, config.method, dict(config.method_options), dict(config.nf4), config.adapter_dtype)
+    check_context(model, max((len(ids) for ids, _ in encoded.examples), default=0), config.max_length)
     if state is not None:
         _restore_trainable(state, model)
     if config.activation_checkpointing:

@@ -83,3 +83,42 @@ def test_chat_takes_an_adapter_of_a_moved_base_when_told(tmp_path, model_dir, da
 def test_a_cuda_device_without_a_gpu_is_a_config_error():
     with pytest.raises(C.ConfigError, match=r"device 'cuda': this PyTorch sees no CUDA GPU"):
         pick_device("cuda")
+
+
+def gpt2_dir(where):
+    """A tiny GPT-2: absolute position embeddings, a table of 64."""
+    import transformers
+
+    from . import tiny
+
+    tokenizer = tiny.build_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    transformers.GPT2LMHeadModel(config).save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    return where
+
+
+def test_examples_longer_than_the_position_table_are_refused_before_training(tmp_path, data_file):
+    """They failed with an IndexError at the first batch holding one."""
+    model = gpt2_dir(tmp_path / "gpt2")
+    with pytest.raises(C.ConfigError, match=r"position embeddings hold 64; set max_length to at most 44"):
+        train(_config(tmp_path, model, data_file, method="prompt", method_options={"num_virtual_tokens": 20}))
+    assert not (tmp_path / "a" / "epoch_1").exists()
+
+
+def test_chat_leaves_room_for_the_virtual_tokens_in_the_context(tmp_path):
+    """A prompt's virtual tokens take positions: chat's budget counts them, so the answer stops at
+    the context's end instead of failing there."""
+    import lowrank
+    from lowrank.workflow.generate import Settings, stream
+    from lowrank.workflow.model import load_base
+
+    model, tok = load_base(str(gpt2_dir(tmp_path / "gpt2")))
+    lowrank.inject(model, lowrank.PromptConfig(num_virtual_tokens=20))
+    settings = Settings(max_new_tokens=64)
+    answer = "".join(stream(model, tok, "plain", [], "Where are we? " * 3, None, settings))  # ~30 prompt tokens
+    assert answer  # it ran to the end of the 64 positions without an error
+    with pytest.raises(ValueError, match="the model's context holds 44"):
+        list(stream(model, tok, "plain", [], "word " * 60, None, settings))
