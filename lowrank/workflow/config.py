@@ -8,6 +8,7 @@ paths are taken from the current directory, as every command-line tool does.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -160,6 +161,18 @@ def from_mapping(values: Mapping, source: str = "config") -> TrainConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
+def _refuse_near_misses(names: Mapping, path) -> None:
+    """A .py config's module-level names are its fields, and may be helpers too; a plain value
+    under a name one typo from a field (`epoch = 1`) is an error, as an unknown YAML key is."""
+    for k, v in names.items():
+        if k in FIELDS or k.startswith("_") or not isinstance(v, (bool, int, float, str, list, dict, type(None))):
+            continue
+        near = difflib.get_close_matches(k, FIELDS, n=1, cutoff=0.8)
+        if near:
+            raise ConfigError(f"{path}: {k!r} is not a TrainConfig field; did you mean {near[0]!r}? (start a helper "
+                              "variable's name with _)")
+
+
 def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConfig:
     """The TrainConfig of a .yaml/.yml or .py file, with `overrides` (field: value) on top."""
     path = pathlib.Path(path)
@@ -178,6 +191,7 @@ def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConf
             values = values.to_dict() if isinstance(values, TrainConfig) else values
         else:
             values = {k: v for k, v in names.items() if k in FIELDS}
+            _refuse_near_misses(names, path)
     else:
         raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml or .py")
     if not isinstance(values, Mapping):

@@ -169,3 +169,13 @@ def test_seed_beyond_what_the_data_order_takes_is_refused():
     with pytest.raises(C.ConfigError, match="seed must be below 18446688733644 "):
         C.TrainConfig(model="m", data="d", output_dir="o", seed=2**64 - 1)
     assert C.TrainConfig(model="m", data="d", output_dir="o", seed=2**40).seed == 2**40  # builds the data order fine
+
+
+def test_a_python_configs_near_miss_of_a_field_is_an_error(tmp_path):
+    """`epoch = 1` was ignored silently (the run took the default 3 epochs); a YAML typo is an error."""
+    f = tmp_path / "c.py"
+    f.write_text("model = 'm'\ndata = 'd.json'\noutput_dir = 'o'\nepoch = 1\n_helper = 2\nimport os\n")
+    with pytest.raises(C.ConfigError, match=r"'epoch' is not a TrainConfig field; did you mean 'epochs'\?"):
+        C.load(f)
+    f.write_text("model = 'm'\ndata = 'd.json'\noutput_dir = 'o'\nepochs = 1\n_epoch = 2\nbase_dir = '/x'\n")
+    assert C.load(f).epochs == 1

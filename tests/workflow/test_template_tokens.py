@@ -166,6 +166,20 @@ def test_a_message_the_template_refuses_is_not_answered_and_the_chat_goes_on():
         T.encode(tok, None, [Turn("Hi", "Hello.", system="Be brief.")])
 
 
+def test_a_message_that_starts_like_a_command_is_a_message():
+    """"/systemd keeps restarting" is a question, not /system with "d keeps restarting"."""
+    import io
+
+    from lowrank.workflow.chat import loop
+
+    tok = build("bytelevel", CHATML)
+    script = tok("Check the unit.<|im_end|>", add_special_tokens=False)["input_ids"]
+    lines, out = iter(["/systemd keeps restarting, why?", "/exit"]), io.StringIO()
+    history = loop(_Scripted(script, len(tok)), tok, None, Settings(), read=lambda _: next(lines), out=out)
+    assert [(t.input, t.output) for t in history] == [("/systemd keeps restarting, why?", "Check the unit.")]
+    assert "system prompt" not in out.getvalue()
+
+
 def test_an_answers_own_leading_whitespace_is_kept():
     """Only a named template's text before the answer is dropped (plain's space); an answer that
     starts indented (code) keeps its indent, as it was trained."""
