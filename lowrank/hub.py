@@ -34,6 +34,10 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
     text = str(path_or_repo_id)
     if not _REPO_ID.match(text) or text.count("/") > 1:
         raise FileNotFoundError(f"{text} is neither a directory nor a hub repo id ('owner/name')")
+    if path.parent.is_dir() and path.parent != pathlib.Path("."):  # "run/epoch_9" where run/ is here: a typo,
+        raise FileNotFoundError(f"{text} is not a directory, though {path.parent} is one here; a mistyped local "
+                                f"path? (it has {sorted(p.name for p in path.parent.iterdir())[:8]}; a hub repo id "
+                                "whose owner is also a local folder: run from another directory)")
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError

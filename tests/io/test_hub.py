@@ -66,6 +66,15 @@ def test_not_in_the_cache_is_a_clear_error(offline_cache):
         lowrank.load_adapter(models.mlp(), "no/such/dir")
 
 
+def test_a_mistyped_local_path_does_not_go_to_the_hub(tmp_path, monkeypatch):
+    """"run/epoch_9" where run/ is here and has no epoch_9: a typo, said so, not a hub download."""
+    (tmp_path / "run" / "epoch_1").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"run/epoch_9 is not a directory, though run is one here; a mistyped "
+                                                r"local path\? \(it has \['epoch_1'\]"):
+        lowrank.load_adapter(models.mlp(), "run/epoch_9")
+
+
 def test_a_local_directory_takes_no_revision(tmp_path):
     model = models.mlp()
     lowrank.inject(model, LoraConfig(r=2, targets=["0"]))
