@@ -36,7 +36,8 @@ from .walk import _unwrap, _walk, plain_modules
 
 log = logging.getLogger("lowrank")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,  # and torch's names, which
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # lowrank train takes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
                    "chat_template.json")

@@ -102,6 +102,8 @@ def test_merge_command_errors_are_one_line(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: a bad --dtype is a usage error
         main(["merge", "a", "b", "c", "--dtype", "int4"])
+    from lowrank.export import DTYPES  # torch's names too, as lowrank train / chat take them
+    assert DTYPES["bfloat16"] is DTYPES["bf16"] and DTYPES["float32"] is DTYPES["fp32"]
     # other OSErrors (not FileNotFoundError / FileExistsError) were tracebacks with exit 1
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     lowrank.inject(base, lowrank.LoraConfig(targets=["q_proj"]))
