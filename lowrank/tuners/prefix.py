@@ -80,7 +80,8 @@ def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
     layer (Llama/Qwen2 `self_attn`, GPT-2 `attn`, BERT `attention.self`, nn.MultiheadAttention)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise NotImplementedError(_ENCODER_DECODER.format(where=type(model).__name__))
-    found = {n: m for n, m in _named(model) if is_attention(m)}
+    cross = {id(layer.multihead_attn) for layer in model.modules() if isinstance(layer, nn.TransformerDecoderLayer)}
+    found = {n: m for n, m in _named(model) if is_attention(m) and id(m) not in cross}  # self-attention only
     inner = [n for n in found if not any(o != n and o.startswith(n + ".") for o in found)]
     if not inner:
         kinds = sorted({type(m).__name__ for _, m in _named(model) if "attention" in type(m).__name__.lower()})

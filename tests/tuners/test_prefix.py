@@ -418,3 +418,13 @@ def test_encoder_decoder_models_are_refused():
     with pytest.raises(NotImplementedError, match="encoder-decoder"):
         lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2))
     assert lowrank.adapter_names(model) == []
+
+
+def test_a_torch_decoders_cross_attention_is_no_default_target():
+    """Only self-attention by default, as for transformers models (cross-attention: by name only)."""
+    layer = nn.TransformerDecoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    model = nn.TransformerDecoder(layer, num_layers=2)
+    assert lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2)) == ["layers.0.self_attn", "layers.1.self_attn"]
+    lowrank.eject(model)
+    assert lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2, targets="multihead_attn")) == [
+        "layers.0.multihead_attn", "layers.1.multihead_attn"]
