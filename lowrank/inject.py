@@ -249,13 +249,24 @@ def _remove(model: nn.Module, name: str | None, keep_merged: bool) -> list[str]:
     touched = []
     for parent, attr, where, child in list(_walk(model)):
         if isinstance(child, TunerLayer):
+            held = name is None or any(name in layer.names for layer in _chain(child))
             setattr(parent, attr, _strip(child, name, keep_merged))
-            touched.append(where)
+            if held:  # a layer holding only other adapters is left as it was
+                touched.append(where)
     for handler in HANDLERS.values():  # See Note: model-level hooks.
         if not any(isinstance(m, handler.layer) for m in _layers(model)):
             handler.detach(model)
     restore.nested_back(model)
     return touched
+
+
+def _chain(module: nn.Module) -> list[TunerLayer]:
+    """The adapter layers wrapped one in another at one place, outermost first."""
+    chain = []
+    while isinstance(module, TunerLayer):
+        chain.append(module)
+        module = module.base
+    return chain
 
 
 def _strip(module: nn.Module, name: str | None, keep_merged: bool) -> nn.Module:

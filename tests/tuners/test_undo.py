@@ -106,6 +106,16 @@ def test_ejecting_a_merged_adapter_it_keeps_activates_nothing():
     assert lowrank.active_adapters(model) == [] and torch.equal(model(x), merged)
 
 
+def test_eject_returns_the_modules_that_held_the_adapter_only():
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="a")
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:0.0"), name="b")
+    lowrank.inject(model, lowrank.AdapterConfig(targets="re:1"), name="c")  # wraps a's layer
+    assert lowrank.eject(model, "b") == ["0.0"]
+    assert lowrank.eject(model, "a") == ["1"]
+    assert lowrank.eject(model) == ["1"]
+
+
 def test_ejecting_one_of_several_merged_adapters_leaves_the_others_merged():
     """eject(name) takes that adapter's update out alone: the others stay merged, and keep_merged keeps them."""
     model = two_part().double()
