@@ -352,11 +352,37 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
         raise ValueError(f"LoRA on an nn.Embedding with max_norm is not supported: {where!r} has max_norm="
                          f"{slot.max_norm}, so its rows (and A's) change at every lookup and a merge would not "
                          "compute what the adapter did; exclude it")
+    if cls is LoraEmbedding and not _looks_up_ids(slot):
+        raise ValueError(f"LoRA on {where!r}, a {type(slot).__name__}, is not supported: its forward does not return the "
+                         "rows of the ids it is given (a table of positions, such as BART's embed_positions, reads rows "
+                         "by position), so the adapter's rows, read by id, would be added to the wrong ones; exclude it")
     if config.dora and cls is LoraLinear and not hasattr(slot, "dequantize") and \
             not (isinstance(getattr(slot, "weight", None), torch.Tensor) and slot.weight.is_floating_point()):
         raise ValueError(f"DoRA needs the dense weight of {where!r}, a {type(slot).__name__} whose weight is "
                          f"{getattr(getattr(slot, 'weight', None), 'dtype', None)} (a bitsandbytes 4-bit layer?) and "
                          "which has no dequantize(); use plain LoRA there, or lowrank.quantize's Linear4bit")
+
+
+def _looks_up_ids(embedding: nn.Embedding) -> bool:
+    """Whether the embedding's forward returns its rows at the ids given (times a scalar embed_scale,
+    Note: scaled embeddings): its own class's forward on a few ids, without hooks. True where it
+    cannot tell (no rows to read, a forward that needs more than ids)."""
+    w = embedding.weight
+    if w.device.type == "meta" or w.numel() == 0 or type(embedding).forward is nn.Embedding.forward:
+        return True
+    ids = torch.arange(min(4, w.shape[0]), device=w.device).flip(0).view(1, -1)  # not positions 0, 1, ...
+    try:
+        with torch.no_grad():
+            out = type(embedding).forward(embedding, ids)
+    except Exception:  # noqa: BLE001 (it takes other input: left to its own call to say)
+        return True
+    if not isinstance(out, torch.Tensor) or out.shape != (1, ids.shape[1], w.shape[1]):
+        return False
+    rows = w[ids[0]].to(out.dtype)
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 or isinstance(scale, (int, float)):
+        rows = rows * scale
+    return bool(torch.allclose(out[0], rows, rtol=1e-3, atol=0))
 
 
 def wrap(module: nn.Module, config: LoraConfig, name: str, where: str) -> nn.Module:

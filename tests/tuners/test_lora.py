@@ -231,6 +231,24 @@ def test_embedding_bases_lora_refuses_or_takes_as_their_forward_needs():
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+def test_an_embedding_that_reads_rows_by_position_is_refused():
+    """BART's embed_positions (an nn.Embedding subclass) numbers positions from the input's shape:
+    LoRA's rows, read by id, would be added to other rows (PEFT takes it and fails in the forward)."""
+    class Positions(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(torch.arange(ids.shape[-1], device=ids.device).expand_as(ids))
+
+    class Scaled(nn.Embedding):  # Gemma's kind: the rows times embed_scale, which LoRA scales the same
+        embed_scale = 2.0
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    with pytest.raises(ValueError, match=r"LoRA on '0', a Positions, is not supported: its forward does not return"):
+        inject(nn.Sequential(Positions(10, 4)), LoraConfig(targets="0"))
+    assert inject(nn.Sequential(Scaled(10, 4)), LoraConfig(targets="0")) == ["0"]
+
+
 def test_conv_factors_take_the_bases_class_or_a_plain_convolution():
     """A subclass that takes a convolution's arguments gives the factors its class, as PEFT does
     (one that pads in its forward, a causal conv, needs A to pad the same); one with other
