@@ -128,7 +128,13 @@ def _cache_keys(cache, layer_idx: int, past: int, T: int) -> int | None:
     sizes = getattr(cache, "get_mask_sizes", None)
     if sizes is None:
         return None
-    first = next(iter(inspect.signature(sizes).parameters), None)
+    # the first argument's name from the code object, which torch.compile traces (inspect.signature broke
+    # the graph); a wrapped method (*args) by its signature, outside compilation
+    code = getattr(getattr(sizes, "__func__", sizes), "__code__", None)
+    if code is not None and code.co_argcount > 1:
+        first = code.co_varnames[1]  # [0] is self
+    else:
+        first = None if torch.compiler.is_compiling() else next(iter(inspect.signature(sizes).parameters), None)
     length, offset = sizes(torch.arange(past, past + T) if first == "cache_position" else T, layer_idx)
     return length if offset == 0 else None
 

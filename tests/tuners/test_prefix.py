@@ -428,3 +428,16 @@ def test_a_torch_decoders_cross_attention_is_no_default_target():
     lowrank.eject(model)
     assert lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=2, targets="multihead_attn")) == [
         "layers.0.multihead_attn", "layers.1.multihead_attn"]
+
+
+def test_a_prefixed_model_compiles_whole_and_computes_as_eager():
+    """torch.compile(fullgraph=True): the prefix's cache-size query broke the graph (inspect.signature)."""
+    model = models.llama().eval()
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=3))
+    models.randomize_adapters(model)
+    x = models.ids()
+    with torch.no_grad():
+        want = models.run(model, x)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert torch.equal(models.run(compiled, x), want)
+    torch._dynamo.reset()
