@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return modules[args.command].run(args) or 0
-    except (ValueError, TypeError, OSError, NotImplementedError) as e:  # OSError: paths, files, permissions
+    except (ValueError, TypeError, OSError, NotImplementedError, FloatingPointError) as e:  # OSError: paths, files
         # the workflow's ConfigError / DataError / TemplateError are ValueErrors
         print(f"lowrank {args.command}: error: {e}", file=sys.stderr)  # one clear line, no traceback
         return 2

@@ -323,6 +323,10 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
             loss, _ = step_loss(wrapped, micro, count, [w for _, w in share], ranks.world,
                                 lambda last: parallel.sync(wrapped, ranks, last))
             loss = ranks.sum(loss)
+            if not math.isfinite(loss):  # every later update and checkpoint would be NaN: stop before this step's
+                raise FloatingPointError(f"step {step + 1} (epoch {epoch + 1}): the loss is {loss}; stopped before its "
+                                         "update (the checkpoints written so far are as they were). A lower lr, "
+                                         "max_grad_norm, or float32 adapters (adapter_dtype) may help")
             if config.max_grad_norm > 0:
                 parallel.clip_grad_norm_(params, config.max_grad_norm, ranks)
             lr = scheduler.get_last_lr()[0]

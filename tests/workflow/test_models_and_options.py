@@ -122,3 +122,10 @@ def test_chat_leaves_room_for_the_virtual_tokens_in_the_context(tmp_path):
     assert answer  # it ran to the end of the 64 positions without an error
     with pytest.raises(ValueError, match="the model's context holds 44"):
         list(stream(model, tok, "plain", [], "word " * 60, None, settings))
+
+
+def test_a_loss_gone_nan_stops_the_run_before_its_update(tmp_path, model_dir, data_file):
+    """It went on, writing NaN checkpoints every epoch."""
+    with pytest.raises(FloatingPointError, match=r"step 2 \(epoch 1\): the loss is nan; stopped before its update"):
+        train(_config(tmp_path, model_dir, data_file, lr=1e30, warmup_ratio=0.0, max_grad_norm=0.0, epochs=2))
+    assert not (tmp_path / "a" / "epoch_1").exists()
