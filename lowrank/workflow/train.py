@@ -142,8 +142,9 @@ def _save(model, config: TrainConfig, tuner, epoch: int, state: dict, ranks: par
         torch.save(state, tmp / STATE_FILE)
         for f in (tmp / WORKFLOW_FILE, tmp / STATE_FILE, tmp):
             _fsync_dir(f)
-        if final.exists():  # only when a run restarts an epoch it had already finished
-            shutil.rmtree(final)
+        if final.exists():  # _resume_from refused later epochs: this one appeared during the run
+            raise FileExistsError(f"{final} appeared while this run trained epoch {epoch}; it is left as it is and "
+                                  "this run's checkpoint of that epoch is not saved")
         os.replace(tmp, final)
         _fsync_dir(out)
 
@@ -174,6 +175,13 @@ def _resume_from(config: TrainConfig, resume: bool):
     if not found:
         raise ConfigError(f"--resume: output_dir {config.output_dir!r} holds no complete checkpoint to resume from")
     epoch, path = found[-1]
+    # an epoch_<n> after it without a trainer state is an adapter still: resuming would replace it
+    later = [p.name for e, p in checkpoints(config.output_dir, complete=False) if e > epoch]
+    if later:
+        raise ConfigError(f"--resume: output_dir {config.output_dir!r} holds {later} after {path.name}, the last "
+                          f"checkpoint with its {STATE_FILE}; resuming from {path.name} would replace them. Move "
+                          f"them out of output_dir (or delete them) to resume from {path.name}, or train in a new "
+                          "output_dir")
     saved = json.loads((path / WORKFLOW_FILE).read_text())["config"]
     now = json.loads(json.dumps(config.to_dict()))  # as the checkpoint stored it: tuples are lists
     differ = sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v)

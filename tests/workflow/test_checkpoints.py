@@ -1,0 +1,30 @@
+"""What a run leaves in output_dir: --resume never replaces an adapter."""
+
+import io
+import json
+
+from lowrank import cli
+from lowrank.workflow import config as C
+from lowrank.workflow.train import STATE_FILE, train
+
+
+def _config(tmp_path, model_dir, data_file, **change):
+    values = dict(model=str(model_dir), data=str(data_file), output_dir=str(tmp_path / "out"), epochs=1, lr=1e-2,
+                  batch_size=4, max_length=128, method_options={"r": 4})
+    return C.TrainConfig(**{**values, **change})
+
+
+def test_resume_refuses_to_replace_later_adapters_without_trainer_state(tmp_path, model_dir, data_file, capsys):
+    config = _config(tmp_path, model_dir, data_file, epochs=3)
+    train(config, stream=io.StringIO())
+    out = tmp_path / "out"
+    for epoch in (2, 3):  # adapters kept, their trainer state deleted to save space
+        (out / f"epoch_{epoch}" / STATE_FILE).unlink()
+    kept = {e: (out / f"epoch_{e}" / "adapter_model.safetensors").read_bytes() for e in (2, 3)}
+    (tmp_path / "c.yaml").write_text(json.dumps({**config.to_dict(), "epochs": 4}))
+    capsys.readouterr()  # the first run's
+    assert cli.main(["train", str(tmp_path / "c.yaml"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds ['epoch_2', 'epoch_3'] after epoch_1" in err and "new output_dir" in err
+    assert sorted(p.name for p in out.iterdir()) == ["epoch_1", "epoch_2", "epoch_3"]
+    assert {e: (out / f"epoch_{e}" / "adapter_model.safetensors").read_bytes() for e in (2, 3)} == kept
