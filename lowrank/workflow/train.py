@@ -21,7 +21,6 @@ import pathlib
 import re
 import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from ..io import _fsync_dir, save_adapter
 from ..optim import PagedAdamW  # _fsync_dir: open + fsync, a file or a directory
+from ..shards import temporary_directory
 from . import data as data_mod
 from . import parallel
 from .batches import collate, encode_all, epoch_batches, pad_id
@@ -135,7 +135,7 @@ def _save(model, config: TrainConfig, tuner, epoch: int, state: dict, ranks: par
 
     def make_tmp() -> pathlib.Path:
         out.mkdir(parents=True, exist_ok=True)
-        return pathlib.Path(tempfile.mkdtemp(dir=out, prefix=f".epoch_{epoch}.", suffix=".tmp"))
+        return temporary_directory(out, f".epoch_{epoch}.", ".tmp")
 
     def finish() -> None:
         (tmp / WORKFLOW_FILE).write_text(json.dumps({"epoch": epoch, "config": config.to_dict()}, indent=2) + "\n")

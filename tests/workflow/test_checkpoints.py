@@ -1,9 +1,13 @@
-"""What a run leaves in output_dir: --resume never replaces an adapter."""
+"""What a run leaves in output_dir: --resume never replaces an adapter, and checkpoint
+directories carry the umask's permissions like any directory."""
 
 import io
 import json
+import os
 
-from lowrank import cli
+import pytest
+
+from lowrank import cli, shards
 from lowrank.workflow import config as C
 from lowrank.workflow.train import STATE_FILE, train
 
@@ -28,3 +32,27 @@ def test_resume_refuses_to_replace_later_adapters_without_trainer_state(tmp_path
     assert err.count("\n") == 1 and "holds ['epoch_2', 'epoch_3'] after epoch_1" in err and "new output_dir" in err
     assert sorted(p.name for p in out.iterdir()) == ["epoch_1", "epoch_2", "epoch_3"]
     assert {e: (out / f"epoch_{e}" / "adapter_model.safetensors").read_bytes() for e in (2, 3)} == kept
+
+
+def test_checkpoint_directories_get_the_umasks_permissions(tmp_path, model_dir, data_file):
+    old = os.umask(0o027)
+    try:
+        train(_config(tmp_path, model_dir, data_file), stream=io.StringIO())
+        new = tmp_path / "new"
+        with shards.atomic_directory(new) as tmp:  # what merge writes with
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "out" / "epoch_1", new):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o750), path  # a plain mkdir's; tempfile.mkdtemp gave 0o700
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o755])
+def test_replacing_a_directory_keeps_its_permissions(tmp_path, mode):
+    target = tmp_path / "d"
+    target.mkdir()
+    target.chmod(mode)
+    (target / "f").write_text("old")
+    with shards.atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "f").write_text("new")
+    assert (target / "f").read_text() == "new" and target.stat().st_mode & 0o777 == mode
