@@ -40,6 +40,10 @@ from .template import IGNORE, check_template
 
 STATE_FILE = "trainer_state.pt"
 EPOCH_DIR = re.compile(r"epoch_(\d+)")
+# the temporary directories of a checkpoint being written: _save's own, and the ones save_adapter's
+# atomic_directory makes beside it (.<_save's name>.<random>.tmp, and .old where it cannot exchange)
+_SAVING = r"\.epoch_\d+\.[a-z0-9_]+\.tmp"  # [a-z0-9_]: temporary_directory's hex, tempfile.mkdtemp's letters
+UNFINISHED = re.compile(rf"{_SAVING}|\.{_SAVING}\.[a-z0-9_]+\.(tmp|old)")
 RESUMABLE = ("epochs", "log_every", "output_dir", "device", "compile")  # fields --resume lets differ from the checkpoint's
 
 
@@ -135,7 +139,7 @@ def _save(model, config: TrainConfig, tuner, epoch: int, state: dict, ranks: par
 
     def make_tmp() -> pathlib.Path:
         out.mkdir(parents=True, exist_ok=True)
-        return temporary_directory(out, f".epoch_{epoch}.", ".tmp")
+        return temporary_directory(out, f".epoch_{epoch}.", ".tmp")  # See UNFINISHED
 
     def finish() -> None:
         (tmp / WORKFLOW_FILE).write_text(json.dumps({"epoch": epoch, "config": config.to_dict()}, indent=2) + "\n")
@@ -194,13 +198,16 @@ def _resume_from(config: TrainConfig, resume: bool):
 
 def _clear_unfinished(config: TrainConfig, ranks: parallel.Ranks, stream) -> None:
     """Remove the temporary directories of checkpoints a killed run was writing (_save builds
-    one as .epoch_<n>.<random>.tmp and renames it when whole): no run reads them."""
+    one as .epoch_<n>.<random>.tmp and renames it when whole; see UNFINISHED): no run reads them."""
     out = pathlib.Path(config.output_dir)
-    stale = sorted(p for p in out.glob(".epoch_*.tmp") if p.is_dir()) if ranks.main and out.is_dir() else []
+    stale = []
+    if ranks.main and out.is_dir():
+        stale = sorted(p for p in out.iterdir() if UNFINISHED.fullmatch(p.name) and p.is_dir())
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     if stale:
-        print(f"removed {len(stale)} unfinished checkpoint(s) a stopped run left: {[p.name for p in stale]}", file=stream)
+        print("removed the temporary directories of unfinished checkpoints a stopped run left: "
+              f"{[p.name for p in stale]}", file=stream)
 
 
 def _rng() -> dict:
