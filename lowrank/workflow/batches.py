@@ -11,8 +11,8 @@ import dataclasses
 
 import torch
 
-from .data import DataError
-from .template import IGNORE, Refused, encode
+from .data import TURN_FIELDS, DataError
+from .template import IGNORE, Refused, TemplateError, check_template, encode
 
 BUCKET = 64  # batches sorted together: long enough to group similar lengths, short enough to stay random
 
@@ -25,14 +25,39 @@ class Encoded:
     trained: int  # tokens that count in the loss
 
 
+def check_text(records, source: str = "data") -> None:
+    """DataError naming the field of the first string that is no Unicode text: a lone surrogate
+    such as "\\ud800" is valid JSON, and the tokenizer's own error names no record."""
+    for i, turns in enumerate(records):
+        for j, turn in enumerate(turns):
+            for field in TURN_FIELDS:
+                value = getattr(turn, field)
+                if value is None:
+                    continue
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise DataError(f"{source}: record {i}.conversation[{j}].{field}: character {e.start} is a lone "
+                                    f"surrogate {value[e.start]!r}, which no text can hold (a JSON escape such as "
+                                    "\"\\ud800\" without its pair); remove it or write the character it was "
+                                    "meant to be") from None
+
+
 def encode_all(tokenizer, template: str | None, records, max_length: int, source: str = "data") -> Encoded:
-    """Encode and cut every record; DataError for a record whose answers all lie past the cut."""
+    """Encode and cut every record; DataError naming `source` and the record for a record the
+    tokenizer or its template cannot encode, or whose answers all lie past the cut."""
+    check_template(template, tokenizer)  # the template itself: an error of the config, not of a record
+    check_text(records, source)
     examples, truncated = [], 0
     for i, turns in enumerate(records):
         try:
             ids, labels = encode(tokenizer, template, turns)
         except Refused as e:  # e.g. raise_exception('Conversation roles must alternate ...') in the template
             raise DataError(f"{source}: record {i}: the tokenizer's chat template refused it: {e.__cause__}") from e
+        except TemplateError as e:  # the template renders this record otherwise than training needs
+            raise DataError(f"{source}: record {i}: {e}") from e
+        except (TypeError, ValueError) as e:  # the tokenizer's own, which name no record
+            raise DataError(f"{source}: record {i}: the tokenizer could not encode it: {type(e).__name__}: {e}") from e
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]

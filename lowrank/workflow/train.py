@@ -31,7 +31,7 @@ from ..optim import PagedAdamW  # _fsync_dir: open + fsync, a file or a director
 from ..shards import temporary_directory
 from . import data as data_mod
 from . import parallel
-from .batches import collate, encode_all, epoch_batches, pad_id
+from .batches import check_text, collate, encode_all, epoch_batches, pad_id
 from .config import ConfigError, TrainConfig
 from .methods import load_trainable
 from .model import WORKFLOW_FILE, apply_method, compile_blocks, load_base
@@ -280,6 +280,7 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
                           f"{ranks.world}; the per-rank batches would differ: resume on {state.get('world', 1)}")
     _clear_unfinished(config, ranks, stream)
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
+    check_text(records, config.data)  # and that each string can be tokenized
     model, tokenizer = load_base(config.model, config.dtype, ranks.device)
     device = next(model.parameters()).device
     check_template(config.template, tokenizer)
