@@ -132,6 +132,14 @@ def test_a_lone_surrogate_is_one_error_line_before_the_model_is_loaded(tmp_path,
                           "is a lone surrogate '\\ud800'") and err.count("\n") == 1
 
 
+def test_set_with_a_value_that_is_not_yaml_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(BASE))
+    assert cli.main(["train", str(tmp_path / "a.yaml"), "--print-config", "--set", "epochs=["]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("lowrank train: error: --set 'epochs=[': the value is not valid YAML: while parsing")
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("c.yaml", "model: [unclosed", "not valid YAML"),
     ("c.yaml", "- a list", "must hold a mapping"),
