@@ -23,4 +23,4 @@ batch_size = 1
 grad_accum = 16
 max_length = 2048
 activation_checkpointing = True
-paged_optimizer = False  # not built yet: lowrank refuses true
+paged_optimizer = False  # true: AdamW with its states in CUDA managed memory (lowrank.optim.PagedAdamW); on CPU, AdamW

@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -159,6 +160,20 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
 
 
+def temporary_directory(parent: pathlib.Path, prefix: str, suffix: str) -> pathlib.Path:
+    """A new empty directory `parent/<prefix><8 random hex digits><suffix>`, as tempfile.mkdtemp
+    makes one but with the mode a plain mkdir gives (0o777 less the umask), not mkdtemp's 0o700:
+    it is renamed into place as the directory others read (a server running as another user)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free name {prefix}<random>{suffix} in {parent} after 100 tries")
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
                      carry_over: bool = False) -> Iterator[pathlib.Path]:
@@ -175,8 +190,10 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = temporary_directory(target.parent, f".{target.name}.", ".tmp")
     try:
+        if target.is_dir():  # replacing a directory keeps its permissions, as writing into it would
+            shutil.copymode(target, tmp)
         if carry_over and target.is_dir():
             for f in target.iterdir():  # copies, never hard links: the block may rewrite any of them
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)

@@ -20,12 +20,17 @@ def add_parser(subparsers) -> None:
 def _overrides(pairs: list[str]) -> dict:
     from ..workflow.config import ConfigError, require
 
+    yaml = require("yaml", "pyyaml")
     out = {}
     for pair in pairs:
         field, sep, value = pair.partition("=")
         if not sep or not field:
             raise ConfigError(f"--set {pair!r}: expected FIELD=VALUE")
-        out[field] = require("yaml", "pyyaml").safe_load(value)
+        try:
+            out[field] = yaml.safe_load(value)
+        except yaml.YAMLError as e:  # not a ValueError: the command line would print a traceback
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML: {' '.join(str(e).split())} "
+                              "(quote it to give a string: --set 'FIELD=\"...\"')") from None
     return out
 
 

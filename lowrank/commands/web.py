@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -33,7 +34,23 @@ def run(args) -> int:
         cmd += ["--adapter", args.adapter]
     cmd += ["--allow-other-base"] * args.allow_other_base + ["--trust-remote-code"] * args.trust_remote_code
     print(f"serving on http://localhost:{args.port} (Ctrl-C stops)", flush=True)
+    return _serve(cmd)
+
+
+def _serve(cmd: list[str]) -> int:
+    """Run the server `cmd` until it ends; SIGTERM and SIGINT sent to this process (`kill PID`,
+    docker stop, a supervisor) are passed on to it and we wait for it to stop. Otherwise it
+    outlived us, orphaned and holding the port. Ctrl-C reaches both (one process group): the
+    server then gets SIGINT twice, and Streamlit's handler stops it either way."""
+    child = subprocess.Popen(cmd)
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code  # ended by a signal: the shell's 128 + its number

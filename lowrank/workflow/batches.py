@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from .data import DataError
-from .template import IGNORE, Refused, encode
+from .template import IGNORE, Refused, TemplateError, check_template, encode
 
 BUCKET = 64  # batches sorted together: long enough to group similar lengths, short enough to stay random
 
@@ -26,13 +26,19 @@ class Encoded:
 
 
 def encode_all(tokenizer, template: str | None, records, max_length: int, source: str = "data") -> Encoded:
-    """Encode and cut every record; DataError for a record whose answers all lie past the cut."""
+    """Encode and cut every record; DataError naming `source` and the record for a record the
+    tokenizer or its template cannot encode, or whose answers all lie past the cut."""
+    check_template(template, tokenizer)  # the template itself: an error of the config, not of a record
     examples, truncated = [], 0
     for i, turns in enumerate(records):
         try:
             ids, labels = encode(tokenizer, template, turns)
         except Refused as e:  # e.g. raise_exception('Conversation roles must alternate ...') in the template
             raise DataError(f"{source}: record {i}: the tokenizer's chat template refused it: {e.__cause__}") from e
+        except TemplateError as e:  # the template renders this record otherwise than training needs
+            raise DataError(f"{source}: record {i}: {e}") from e
+        except (TypeError, ValueError) as e:  # the tokenizer's own, which name no record
+            raise DataError(f"{source}: record {i}: the tokenizer could not encode it: {type(e).__name__}: {e}") from e
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]

@@ -21,7 +21,6 @@ import pathlib
 import re
 import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from ..io import _fsync_dir, save_adapter
 from ..optim import PagedAdamW  # _fsync_dir: open + fsync, a file or a directory
+from ..shards import temporary_directory
 from . import data as data_mod
 from . import parallel
 from .batches import collate, encode_all, epoch_batches, pad_id
@@ -40,6 +40,10 @@ from .template import IGNORE, check_template
 
 STATE_FILE = "trainer_state.pt"
 EPOCH_DIR = re.compile(r"epoch_(\d+)")
+# the temporary directories of a checkpoint being written: _save's own, and the ones save_adapter's
+# atomic_directory makes beside it (.<_save's name>.<random>.tmp, and .old where it cannot exchange)
+_SAVING = r"\.epoch_\d+\.[a-z0-9_]+\.tmp"  # [a-z0-9_]: temporary_directory's hex, tempfile.mkdtemp's letters
+UNFINISHED = re.compile(rf"{_SAVING}|\.{_SAVING}\.[a-z0-9_]+\.(tmp|old)")
 RESUMABLE = ("epochs", "log_every", "output_dir", "device", "compile")  # fields --resume lets differ from the checkpoint's
 
 
@@ -135,15 +139,16 @@ def _save(model, config: TrainConfig, tuner, epoch: int, state: dict, ranks: par
 
     def make_tmp() -> pathlib.Path:
         out.mkdir(parents=True, exist_ok=True)
-        return pathlib.Path(tempfile.mkdtemp(dir=out, prefix=f".epoch_{epoch}.", suffix=".tmp"))
+        return temporary_directory(out, f".epoch_{epoch}.", ".tmp")  # See UNFINISHED
 
     def finish() -> None:
         (tmp / WORKFLOW_FILE).write_text(json.dumps({"epoch": epoch, "config": config.to_dict()}, indent=2) + "\n")
         torch.save(state, tmp / STATE_FILE)
         for f in (tmp / WORKFLOW_FILE, tmp / STATE_FILE, tmp):
             _fsync_dir(f)
-        if final.exists():  # only when a run restarts an epoch it had already finished
-            shutil.rmtree(final)
+        if final.exists():  # _resume_from refused later epochs: this one appeared during the run
+            raise FileExistsError(f"{final} appeared while this run trained epoch {epoch}; it is left as it is and "
+                                  "this run's checkpoint of that epoch is not saved")
         os.replace(tmp, final)
         _fsync_dir(out)
 
@@ -174,6 +179,13 @@ def _resume_from(config: TrainConfig, resume: bool):
     if not found:
         raise ConfigError(f"--resume: output_dir {config.output_dir!r} holds no complete checkpoint to resume from")
     epoch, path = found[-1]
+    # an epoch_<n> after it without a trainer state is an adapter still: resuming would replace it
+    later = [p.name for e, p in checkpoints(config.output_dir, complete=False) if e > epoch]
+    if later:
+        raise ConfigError(f"--resume: output_dir {config.output_dir!r} holds {later} after {path.name}, the last "
+                          f"checkpoint with its {STATE_FILE}; resuming from {path.name} would replace them. Move "
+                          f"them out of output_dir (or delete them) to resume from {path.name}, or train in a new "
+                          "output_dir")
     saved = json.loads((path / WORKFLOW_FILE).read_text())["config"]
     now = json.loads(json.dumps(config.to_dict()))  # as the checkpoint stored it: tuples are lists
     differ = sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v)
@@ -186,13 +198,16 @@ def _resume_from(config: TrainConfig, resume: bool):
 
 def _clear_unfinished(config: TrainConfig, ranks: parallel.Ranks, stream) -> None:
     """Remove the temporary directories of checkpoints a killed run was writing (_save builds
-    one as .epoch_<n>.<random>.tmp and renames it when whole): no run reads them."""
+    one as .epoch_<n>.<random>.tmp and renames it when whole; see UNFINISHED): no run reads them."""
     out = pathlib.Path(config.output_dir)
-    stale = sorted(p for p in out.glob(".epoch_*.tmp") if p.is_dir()) if ranks.main and out.is_dir() else []
+    stale = []
+    if ranks.main and out.is_dir():
+        stale = sorted(p for p in out.iterdir() if UNFINISHED.fullmatch(p.name) and p.is_dir())
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     if stale:
-        print(f"removed {len(stale)} unfinished checkpoint(s) a stopped run left: {[p.name for p in stale]}", file=stream)
+        print("removed the temporary directories of unfinished checkpoints a stopped run left: "
+              f"{[p.name for p in stale]}", file=stream)
 
 
 def _rng() -> dict:

@@ -110,3 +110,41 @@ def test_schedule_warms_up_then_decays(kind):
     assert values[:10] == sorted(values[:10]) and values[9] < 1 and values[10] == 1.0
     assert values[10:] == (sorted(values[10:], reverse=True) if kind != "constant" else [1.0] * 90)
     assert values[-1] < 0.05 if kind != "constant" else values[-1] == 1.0
+
+
+def test_a_record_the_tokenizer_cannot_encode_is_named(tok):
+    # "\ud800" is valid JSON (data.load refuses it, naming the field); the fast tokenizer's own error
+    # ("TextEncodeInput must be ...") named nothing
+    records = [RECORDS[3], (Turn("a", "b"), Turn("bad \ud800 text", "c"))]
+    with pytest.raises(DataError, match=r"d.json: record 1: the tokenizer could not encode it: "):
+        B.encode_all(tok, None, records, 10_000, source="d.json")
+
+
+def test_a_record_the_template_renders_otherwise_is_named(tok):
+    # Mistral v0.3's way: the system prompt goes into the last user message, so it moves once a turn is added
+    t = copy.copy(tok)
+    t.chat_template = ("{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else none %}"
+                       "{% set msgs = messages[1:] if sys is not none else messages %}"
+                       "{% set last = namespace(i=0) %}{% for m in msgs %}{% if m['role'] == 'user' %}"
+                       "{% set last.i = loop.index0 %}{% endif %}{% endfor %}"
+                       "{% for m in msgs %}{% if m['role'] == 'user' %}[U]{% if sys and loop.index0 == last.i %}"
+                       "{{ sys }}\n{% endif %}{{ m['content'] }}{% else %}[A]{{ m['content'] }}{{ eos_token }}"
+                       "{% endif %}{% endfor %}{% if add_generation_prompt %}[A]{% endif %}")
+    records = [RECORDS[3], RECORDS[1], RECORDS[0]]  # only record 2 has a system prompt and two turns
+    B.encode_all(t, None, records[:2], 10_000)
+    with pytest.raises(DataError, match="d.json: record 2: the tokenizer's chat template renders turns before turn 1 "
+                                        "differently"):
+        B.encode_all(t, None, records, 10_000, source="d.json")
+
+
+def test_a_tokenizer_error_names_the_record(tok, monkeypatch):
+    real = B.encode
+
+    def failing(tokenizer, template, turns):
+        if turns[0].input == RECORDS[1][0].input:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        return real(tokenizer, template, turns)
+
+    monkeypatch.setattr(B, "encode", failing)
+    with pytest.raises(DataError, match=r"d.json: record 1: the tokenizer could not encode it: TypeError: TextEncode"):
+        B.encode_all(tok, None, [RECORDS[3], RECORDS[1]], 10_000, source="d.json")

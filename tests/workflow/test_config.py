@@ -120,6 +120,26 @@ def test_bad_data_is_one_error_line_before_the_model_is_loaded(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_lone_surrogate_is_one_error_line_before_the_model_is_loaded(tmp_path, capsys):
+    records = json.loads(json.dumps(tiny.CONVERSATIONS))
+    records[2]["conversation"][0]["output"] = "\ud800"  # valid JSON, but no text: the tokenizer cannot encode it
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    path = tmp_path / "c.yaml"  # the model directory does not even exist
+    path.write_text(yaml.safe_dump({**BASE, "data": str(tmp_path / "d.json"), "output_dir": str(tmp_path / "out")}))
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lowrank train: error: {tmp_path / 'd.json'}: record 2.conversation[0].output: holds "
+                          "'\\ud800' at character 0, half of a UTF-16 surrogate pair") and err.count("\n") == 1
+
+
+def test_set_with_a_value_that_is_not_yaml_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(BASE))
+    assert cli.main(["train", str(tmp_path / "a.yaml"), "--print-config", "--set", "epochs=["]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("lowrank train: error: --set 'epochs=[': the value is not valid YAML: while parsing")
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("c.yaml", "model: [unclosed", "not valid YAML"),
     ("c.yaml", "- a list", "must hold a mapping"),
