@@ -225,12 +225,13 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py): unmerging writes the weights
     active = active_adapters(model)
     kept = keep_merged and any(name in layer.merged for layer in _layers(model))  # its update stays in the weights
+    had_it_active = [layer for layer in _layers(model) if name is not None and name in layer.active]
     touched = _remove(model, name, keep_merged)
-    wholes = restore.wholes(model)  # See Note: requires_grad on eject (lowrank/restore.py)
-    if any(_layers(whole) for whole in wholes):
-        pass  # a model that holds this part still has adapters: its last eject puts the flags back
-    elif not _layers(model):
-        restore.restore_flags(model, *wholes)
+    _activate_left(had_it_active, active_adapters(model))
+    if not _layers(model):  # See Note: requires_grad on eject (lowrank/restore.py)
+        wholes = restore.wholes(getattr(model, "_orig_mod", model))
+        if not any(_layers(whole) for whole in wholes):  # else the whole's last eject puts the flags back
+            restore.restore_flags(model, *wholes)
     elif active and not active_adapters(model) and not kept and not any(layer.merged for layer in _layers(model)):
         # the active adapter went and others stay: the first of them becomes active and trainable, as in PEFT's
         # delete_adapter (which leaves every other flag as it is)
@@ -242,6 +243,18 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
             for p in layer.adapter_parameters(left) if left in layer.names else ():
                 p.requires_grad_(True)
     return touched
+
+
+def _activate_left(layers: list[TunerLayer], left: list[str]) -> None:
+    """A layer that had the ejected adapter active, and holds an adapter the model still has active
+    (a part's own set_active made them differ), takes those, trainable, as PEFT's delete_adapter sets
+    each layer to an adapter that is left."""
+    for layer in layers:
+        keep = [n for n in left if n in layer.names]
+        if keep and not layer.active and not layer.merged:
+            layer.set_active(keep)
+            for p in (p for n in keep for p in layer.adapter_parameters(n)):
+                p.requires_grad_(True)
 
 
 def _remove(model: nn.Module, name: str | None, keep_merged: bool) -> list[str]:

@@ -106,6 +106,42 @@ def test_ejecting_a_merged_adapter_it_keeps_activates_nothing():
     assert lowrank.active_adapters(model) == [] and torch.equal(model(x), merged)
 
 
+@pytest.mark.parametrize("how", ["as made", "deepcopy", "torch.save / torch.load", "compiled part"])
+def test_an_eject_through_a_part_finds_the_whole_in_copies_too(how):
+    """The whole still has an adapter: the part's weights stay frozen until the whole's last eject."""
+    import io
+
+    model = two_part()
+    lowrank.inject(model[0], lowrank.LoraConfig(r=2, targets=nn.Linear), name="p")
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="w")
+    if how == "deepcopy":
+        model = copy.deepcopy(model)
+    elif how == "torch.save / torch.load":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        model = torch.load(buffer, weights_only=False)
+    lowrank.eject(torch.compile(model[0]) if how == "compiled part" else model[0], "p")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["1.lora_A.w.weight", "1.lora_B.w.weight"]
+    lowrank.eject(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("through", ["part", "whole"])
+def test_ejecting_a_parts_active_adapter_activates_what_the_model_has_active_there(through):
+    """A part's set_active made its layers differ from the model's: once its adapter goes, they take
+    the model's active adapter, trainable, as PEFT's delete_adapter sets each layer."""
+    model = two_part()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="all-linear"), name="a")
+    lowrank.inject(model[0], lowrank.LoraConfig(r=2, targets="all-linear"), name="b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowrank.eject(model[0] if through == "part" else model, "b")
+    assert [layer.active for layer in lowrank.inject.__globals__["_layers"](model)] == [("a",)] * 3
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(
+        f"{m}.lora_{f}.a.weight" for m in ("0.0", "0.2", "1") for f in "AB")
+
+
 def test_eject_returns_the_modules_that_held_the_adapter_only():
     model = two_part()
     lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"), name="a")
@@ -262,7 +298,7 @@ def test_ejecting_an_unmerged_adapter_with_keep_merged_activates_another():
 def test_a_flags_record_of_the_earlier_form_is_read():
     model = two_part()
     lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"))
-    flags = vars(model)["_lowrank_requires_grad"][1]
+    flags = vars(model)["_lowrank_requires_grad"].flags
     vars(model)["_lowrank_requires_grad"] = flags  # a plain dict, as records were first made
     lowrank.eject(model)
     assert all(p.requires_grad for p in model.parameters())
@@ -271,7 +307,7 @@ def test_a_flags_record_of_the_earlier_form_is_read():
 def test_a_flags_record_of_a_counted_form_is_read():
     model = two_part()
     lowrank.inject(model, lowrank.LoraConfig(r=2, targets="re:1"))
-    vars(model)["_lowrank_requires_grad"] = (3, vars(model)["_lowrank_requires_grad"][1])  # (count, flags)
+    vars(model)["_lowrank_requires_grad"] = (3, vars(model)["_lowrank_requires_grad"].flags)  # (count, flags)
     lowrank.inject(model[0], lowrank.LoraConfig(r=2, targets=nn.Linear), name="part")
     lowrank.eject(model)
     assert all(p.requires_grad for p in model.parameters())
