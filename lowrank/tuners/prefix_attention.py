@@ -210,7 +210,8 @@ def _prefix_length(model: nn.Module) -> int:
 # its calls on the stack, and every later call would look nested and go unshifted. So an entry
 # keeps the frame of the module call that pushed it, and a push onto a non-empty stack first drops
 # the entries whose frame is no caller of this one (calls that ended). While compiling no frame is
-# kept (dynamo replays the pushes and pops).
+# kept (dynamo replays the pushes and pops): there, a model found on the stack already is a call of
+# it that ended (a model does not run inside itself), and it and what came after it are dropped.
 _LOCAL = threading.local()  # per thread: .running, (model, frame) of the hooked calls under way
 
 
@@ -240,6 +241,10 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
     if running and not compiling:  # See Note: one shift per call: calls ended by a KeyboardInterrupt go
         callers = _callers()
         running[:] = [(m, f) for m, f in running if f is None or id(f) in callers]
+    for i, (m, _) in enumerate(running):
+        if m is model:
+            del running[i:]
+            break
     outermost = not running
     running.append((model, None if compiling else sys._getframe(1)))
     P = _prefix_length(model) if outermost else 0

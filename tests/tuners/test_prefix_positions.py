@@ -190,3 +190,27 @@ def test_a_call_stopped_by_a_keyboard_interrupt_leaves_the_shift_on():
     handle.remove()
     assert torch.equal(models.run(nested, x), expected)
     assert torch.equal(models.run(nested, x), expected)
+
+
+def test_a_compiled_call_stopped_by_a_keyboard_interrupt_leaves_the_shift_on():
+    """Compiled calls keep no frame on the stack: a model found there already is a call that ended."""
+    model = models.llama().eval()
+    lowrank.inject(model, lowrank.PrefixConfig(num_virtual_tokens=3))
+    x = models.ids()
+    expected = models.run(model, x)
+    stop = [False]
+
+    def interrupt(module, args):
+        if stop[0]:
+            raise KeyboardInterrupt
+
+    model.model.layers[-1].register_forward_pre_hook(interrupt)
+    compiled = torch.compile(model, backend="eager")
+    assert torch.equal(models.run(compiled, x), expected)
+    stop[0] = True
+    with pytest.raises(KeyboardInterrupt):
+        models.run(compiled, x)
+    stop[0] = False
+    assert torch.equal(models.run(compiled, x), expected)
+    assert torch.equal(models.run(model, x), expected)
+    torch._dynamo.reset()
