@@ -32,23 +32,34 @@ from ..targets import compile_filter, is_gpt2_conv1d, is_linear_like, returns_ro
 from .base import TunerLayer, cast_for, innermost
 from .lora_base import float_dtype_and_device
 
+def attn_out_proj(name: str, module: nn.Module) -> bool:
+    """GPT-J's and CodeGen's attention output `attn.out_proj`; not the out_proj of an
+    nn.MultiheadAttention named attn (open_clip's blocks), which that attention reads by weight."""
+    return (name == "attn.out_proj" or name.endswith(".attn.out_proj")) and \
+        type(module).__name__ != "NonDynamicallyQuantizableLinear"
+
+
 ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "attention.dense",
-                     "self_attention.dense", "self_attn.dense", "attn.out_proj", nn.MultiheadAttention)
+                     "self_attention.dense", "self_attn.dense", attn_out_proj, nn.MultiheadAttention)
 FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 def default_targets(model: nn.Module, config: AdapterConfig) -> tuple:
+    """The placement's default targets; for Houlsby, a model where the names of one of its two
+    columns match nothing is refused (it would get half of Houlsby's adapters)."""
     if config.placement != "houlsby":
         return FFN_TARGETS
     from ..walk import _unwrap, _walk  # walk imports the tuners
 
-    attention = compile_filter(ATTENTION_TARGETS, config.exclude, model)
-    if not any(attention(n, _unwrap(c)) for _, _, n, c in _walk(model)):
-        raise ValueError(f"placement='houlsby' adapts each block's attention output, and none of its default names "
-                         f"{[t if isinstance(t, str) else t.__name__ for t in ATTENTION_TARGETS]} is in "
-                         f"{type(model).__name__}; name the modules with AdapterConfig(targets=[...]) (or use "
-                         f"placement='pfeiffer' for the feed-forward alone)")
+    modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
+    for column, names in (("attention output", ATTENTION_TARGETS), ("feed-forward", FFN_TARGETS)):
+        wanted = compile_filter(names, config.exclude, model)
+        if not any(wanted(n, m) for n, m in modules):
+            excluded = f" (after exclude={list(config.exclude)})" if config.exclude else ""
+            raise ValueError(f"placement='houlsby' adapts each block's attention output and feed-forward, and none of "
+                             f"its default names for the {column} {[getattr(t, '__name__', t) for t in names]} is in "
+                             f"{type(model).__name__}{excluded}; name the modules with AdapterConfig(targets=[...])")
     return FFN_TARGETS + ATTENTION_TARGETS
 
 

@@ -280,7 +280,30 @@ def test_houlsby_on_a_model_without_its_attention_names_is_refused():
     """It would otherwise get Pfeiffer's feed-forward adapters alone, silently."""
     model = nn.Sequential()
     model.add_module("mlp", nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)))
-    with pytest.raises(ValueError, match=r"placement='houlsby' adapts each block's attention output, and none of "):
+    with pytest.raises(ValueError, match=r"placement='houlsby' adapts each block's attention output and feed-forward, "
+                                         r"and none of its default names for the attention output "):
         inject(model, AdapterConfig(placement="houlsby"))
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
     assert inject(model, AdapterConfig(placement="houlsby", targets=["mlp"])) == ["mlp"]
+    half = nn.Sequential()  # the attention output's name and no feed-forward's (MPT's `ffn`, ALBERT's)
+    half.add_module("attention", nn.Sequential())
+    half.attention.add_module("dense", nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"none of its default names for the feed-forward \['mlp'"):
+        inject(half, AdapterConfig(placement="houlsby"))
+
+
+def test_houlsby_takes_a_multihead_attention_named_attn_not_its_out_proj():
+    """open_clip's blocks: `attn` is an nn.MultiheadAttention, whose out_proj it reads by weight
+    (an adapter there would never run); GPT-J's attn.out_proj is a linear layer it calls."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+        def forward(self, x):
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            return x + self.mlp(x)
+
+    model = nn.Sequential(Block(), Block())
+    assert inject(model, AdapterConfig(placement="houlsby")) == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
