@@ -119,9 +119,14 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     }
     task = io_prompt.task_type(model)  # See Note: task heads (lowrank/io_prompt.py): PEFT's file of the task has it
     head = io_prompt.head_parameters(model, task, PREFIX)
-    if head and not any(k[len(PREFIX):].startswith(w + ".") for k in head for w in ranks):  # not one LoRA adapts
+    adapted = sorted({w for k in head for w in ranks if k[len(PREFIX):].startswith(w + ".")})
+    if head and not adapted:
         peft_config["task_type"] = task
         io_prompt.save_head(model, task, tensors, peft_config, PREFIX)
+    elif adapted:  # PEFT's format saves a task head whole (modules_to_save) or adapts it, not both
+        warnings.warn(f"LoRA adapts {adapted} of {type(model).__name__}'s task head, so the head's own weights are "
+                      "not saved: a model loaded from this file has its base model's head there (target other "
+                      "modules to have the head saved whole)", stacklevel=3)
     return tensors, peft_config
 
 
@@ -203,7 +208,9 @@ def config_from_peft(peft_config: dict, source: str = "adapter_config.json") -> 
                           dropout=peft_config.get("lora_dropout") or 0.0,
                           targets=from_peft_targets(peft_config.get("target_modules") or None),
                           parameters=from_peft_parameters(peft_config.get("target_parameters")),
-                          exclude=from_peft_targets(peft_config.get("exclude_modules")),
+                          # PEFT puts no LoRA in a module it saves whole (modules_to_save), nor inside one
+                          exclude=(from_peft_targets(peft_config.get("exclude_modules")) or [])
+                          + [rf"re:.*{re.escape(n)}(\..*)?" for n in saved or ()],
                           rslora=peft_config.get("use_rslora") or False, dora=peft_config.get("use_dora") or False,
                           rank_pattern=from_peft_pattern(peft_config.get("rank_pattern")),
                           alpha_pattern=from_peft_pattern(peft_config.get("alpha_pattern"), "alpha_pattern"))
@@ -262,6 +269,16 @@ def check_base(peft_config: dict, model: nn.Module, source: str, allow_other_bas
                          "pass allow_other_base=True if you know they have the same weights")
 
 
+def _refuse_tied_saved_modules(model: nn.Module, saved, source) -> None:
+    """PEFT trains a copy of a modules_to_save module, so a weight tied to one outside it (a tied
+    lm_head and embed_tokens) is untied there; loaded into the shared weight, it would change both."""
+    inside = io_prompt.saved_parameters(model, saved, "")
+    tied = sorted({n for n, p in plain_parameters(model) if n not in inside and any(p is q for q in inside.values())})
+    if tied:
+        raise NotImplementedError(f"{source}: modules_to_save={saved!r} names weights tied to {tied}; PEFT trains an "
+                                  "untied copy of such a module, which lowrank.load_adapter does not reproduce")
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, revision: str | None = None,
                  strict: bool = True, allow_pickle: bool = False, allow_other_base: bool = False,
                  local_files_only: bool | None = None, token: str | None = None,
@@ -309,6 +326,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}
     peft_config, weights = io_moe.convert(model, peft_config, weights)  # a transformers 4 MoE adapter on a 5 model
     config = config_from_peft(peft_config, str(cfg_file))
+    _refuse_tied_saved_modules(model, peft_config.get("modules_to_save"), cfg_file)
     for k in [k for k in weights if k.endswith(".lora_magnitude_vector.weight")]:  # older PEFT spelling
         weights[k.removesuffix(".weight")] = weights.pop(k)
     with undo_on_error(model, name):  # See Note: a failed load changes nothing

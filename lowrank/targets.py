@@ -45,7 +45,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of the output head that "all-linear" leaves alone: the module that
-    `model.get_output_embeddings()` returns (transformers models), and any `lm_head`."""
+    `model.get_output_embeddings()` returns (transformers models), any `lm_head`, and a
+    classifier's, token classifier's or question answerer's head with the modules inside it."""
     head = None
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
@@ -56,7 +57,18 @@ def output_head_names(model: nn.Module) -> set[str]:
     from .walk import _unwrap  # walk imports the tuners, which import this module
 
     head = None if head is None else _unwrap(head)  # a head that holds an adapter already is still the head
-    return {n for n, m in _named(model) if (head is not None and m is head) or n.split(".")[-1] == "lm_head"}
+    named = _named(model)
+    heads = {n for n, m in named if (head is not None and m is head) or n.split(".")[-1] == "lm_head"}
+    cls = type(model).__name__  # a task model's head, new at fine-tuning: PEFT trains and saves it whole
+    ends = next((names for suffix, names in TASK_HEADS if cls.endswith(suffix)), ())
+    tops = [n for n, _ in named if n and n.endswith(ends)] if ends else []
+    return heads | {n for n, _ in named if any(n == t or n.startswith(t + ".") for t in tops)}
+
+
+# transformers class-name endings -> the names of their task head's modules (PEFT's modules_to_save for
+# SEQ_CLS, TOKEN_CLS and QUESTION_ANS, matched as PEFT does: a module whose name ends with one)
+TASK_HEADS = (("ForSequenceClassification", ("classifier", "score")), ("ForTokenClassification", ("classifier", "score")),
+              ("ForQuestionAnswering", ("qa_outputs",)))
 
 
 def _named(model: nn.Module):

@@ -152,3 +152,54 @@ def test_pattern_keys_of_names_with_regex_characters_load_in_peft_and_lowrank(ke
         back = copy.deepcopy(base)
         lowrank.load_adapter(back, tmp_path / "a")
         assert back.d[key].r["default"] == 2 and torch.equal(back(x), ours(x))
+
+
+def roberta_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, max_position_embeddings=40, num_labels=3)
+    return transformers.RobertaForSequenceClassification(cfg).eval()
+
+
+def test_all_linear_leaves_a_classifiers_head_whole_and_the_file_goes_both_ways(tmp_path):
+    """RoBERTa's head is a module of two linear layers: PEFT's all-linear leaves it to modules_to_save, and so
+    does lowrank's (it saved no head once LoRA touched one of its layers, silently)."""
+    base = roberta_classifier()
+    ours = copy.deepcopy(base)
+    assert not [n for n in lowrank.inject(ours, lowrank.LoraConfig(r=2)) if "classifier" in n]
+    nudge(ours, lambda n, p: "lora_B" in n or n.startswith("classifier."))
+    lowrank.save_adapter(ours, tmp_path / "ours")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        assert torch.equal(theirs(input_ids=IDS).logits, ours(input_ids=IDS).logits)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules="all-linear"))
+    nudge(pm, lambda n, p: "lora_B" in n or "modules_to_save" in n)
+    pm.save_pretrained(tmp_path / "theirs")
+    back = copy.deepcopy(base)
+    lowrank.load_adapter(back, tmp_path / "theirs")  # strict: no LoRA looked for inside the saved head
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=IDS).logits, pm(input_ids=IDS).logits)
+
+
+def test_lora_on_the_head_itself_warns_that_the_head_is_not_saved(tmp_path):
+    model = roberta_classifier()
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets=["dense"]))  # classifier.dense among them
+    with pytest.warns(UserWarning, match=r"LoRA adapts \['classifier.dense'\] of RobertaForSequenceClassification's "
+                                         r"task head, so the head's own weights are not saved"):
+        lowrank.save_adapter(model, tmp_path / "a")
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_modules_to_save_on_tied_weights_are_refused(saved, tmp_path):
+    """PEFT trains an untied copy; loaded into the shared weight it changed the other end too."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=[saved]))
+    pm.save_pretrained(tmp_path / "a")
+    fresh = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=rf"modules_to_save=\['{saved}'\] names weights tied to "):
+        lowrank.load_adapter(fresh, tmp_path / "a")
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
