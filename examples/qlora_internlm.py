@@ -14,6 +14,7 @@ method_options = {"r": 64, "alpha": 16, "dropout": 0.1}  # XTuner's LoRA setting
 nf4 = {"blocksize": 64, "double_quant": True}
 template = "internlm"
 dtype = "bfloat16"
+trust_remote_code = True  # internlm-chat-7b ships its model code (its config's auto_map); transformers needs the flag
 
 epochs = 3
 lr = 2e-4

@@ -34,14 +34,19 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
     text = str(path_or_repo_id)
     if not _REPO_ID.match(text) or text.count("/") > 1:
         raise FileNotFoundError(f"{text} is neither a directory nor a hub repo id ('owner/name')")
-    if path.parent.is_dir() and path.parent != pathlib.Path("."):  # "run/epoch_9" where run/ is here: a typo,
-        raise FileNotFoundError(f"{text} is not a directory, though {path.parent} is one here; a mistyped local "
-                                f"path? (it has {sorted(p.name for p in path.parent.iterdir())[:8]}; a hub repo id "
-                                "whose owner is also a local folder: run from another directory)")
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    if path.parent.is_dir() and path.parent != pathlib.Path("."):  # "run/epoch_9" where run/ is here: a typo,
+        try:  # unless the hub cache holds such a repo
+            return pathlib.Path(huggingface_hub.snapshot_download(
+                text, revision=revision, allow_patterns=list(files), cache_dir=cache_dir, token=token,
+                local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise FileNotFoundError(f"{text} is not a directory, though {path.parent} is one here; a mistyped local "
+                                    f"path? (it has {sorted(p.name for p in path.parent.iterdir())[:8]}; a hub repo "
+                                    "id whose owner is also a local folder: run from another directory)") from None
     local_only = bool(local_files_only) or offline()
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(

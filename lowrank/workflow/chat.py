@@ -35,8 +35,9 @@ def loop(model, tokenizer, template: str | None, settings: Settings, system: str
             history = []
             out.write("(history cleared)\n")
             continue
-        if message.strip() == "/system" or message.startswith(("/system ", "/system\t")):  # not "/systemd ..."
-            system, history = message[len("/system"):].strip() or None, []
+        command = message.strip()
+        if command == "/system" or command.startswith(("/system ", "/system\t")):  # not "/systemd ..."
+            system, history = command[len("/system"):].strip() or None, []
             out.write(f"(system prompt {'set' if system else 'removed'}; history cleared)\n")
             continue
         answer = ""

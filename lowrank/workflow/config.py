@@ -8,7 +8,6 @@ paths are taken from the current directory, as every command-line tool does.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -163,14 +162,27 @@ def from_mapping(values: Mapping, source: str = "config") -> TrainConfig:
 
 def _refuse_near_misses(names: Mapping, path) -> None:
     """A .py config's module-level names are its fields, and may be helpers too; a plain value
-    under a name one typo from a field (`epoch = 1`) is an error, as an unknown YAML key is."""
+    under a name one typo from a field (`epoch = 1`, `warmup_ration`) is an error, as an unknown
+    YAML key is. A field's plural (`seeds`, `dtypes`) reads as a helper's name and is left alone."""
     for k, v in names.items():
         if k in FIELDS or k.startswith("_") or not isinstance(v, (bool, int, float, str, list, dict, type(None))):
             continue
-        near = difflib.get_close_matches(k, FIELDS, n=1, cutoff=0.8)
+        near = [f for f in FIELDS if _one_typo(k, f) and k != f + "s"]
         if near:
             raise ConfigError(f"{path}: {k!r} is not a TrainConfig field; did you mean {near[0]!r}? (start a helper "
                               "variable's name with _)")
+
+
+def _one_typo(a: str, b: str) -> bool:
+    """One character changed, added, dropped, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                  and a[diff[1]] == b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConfig:

@@ -188,7 +188,9 @@ def _resume_from(config: TrainConfig, resume: bool):
                           "output_dir")
     saved = json.loads((path / WORKFLOW_FILE).read_text())["config"]
     now = json.loads(json.dumps(config.to_dict()))  # as the checkpoint stored it: tuples are lists
-    differ = sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v)
+    # a field newer than the checkpoint is at its default there (trust_remote_code in a run made before it)
+    default = json.loads(json.dumps(TrainConfig(model="m", data="d", output_dir="o").to_dict()))
+    differ = sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k, default[k]) != v)
     if differ:
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with in {differ}")
     if epoch >= config.epochs:

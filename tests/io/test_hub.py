@@ -75,6 +75,14 @@ def test_a_mistyped_local_path_does_not_go_to_the_hub(tmp_path, monkeypatch):
         lowrank.load_adapter(models.mlp(), "run/epoch_9")
 
 
+def test_a_cached_repo_loads_although_a_folder_here_has_its_owners_name(offline_cache, tmp_path, monkeypatch):
+    (tmp_path / "work" / REPO.split("/")[0]).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    model = models.mlp()
+    lowrank.load_adapter(model, REPO)
+    assert torch.equal(outputs(model), outputs(offline_cache["main"]))
+
+
 def test_a_local_directory_takes_no_revision(tmp_path):
     model = models.mlp()
     lowrank.inject(model, LoraConfig(r=2, targets=["0"]))

@@ -214,3 +214,19 @@ def test_a_compiled_call_stopped_by_a_keyboard_interrupt_leaves_the_shift_on():
     assert torch.equal(models.run(compiled, x), expected)
     assert torch.equal(models.run(model, x), expected)
     torch._dynamo.reset()
+
+
+def test_only_a_table_of_positions_limits_them():
+    """GPT-2's wpe holds n_positions; XGLM's sinusoids grow with the input and CodeGen's are rotary,
+    though both configs say max_position_embeddings."""
+    from lowrank.tuners.prefix_attention import position_limit
+
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                                                n_positions=24))
+    xglm = transformers.XGLMForCausalLM(transformers.XGLMConfig(vocab_size=64, d_model=32, num_layers=1,
+                                                                attention_heads=4, ffn_dim=64, max_position_embeddings=16))
+    codegen = transformers.CodeGenForCausalLM(transformers.CodeGenConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                                                         n_positions=16, rotary_dim=4))
+    assert (position_limit(gpt2), position_limit(xglm), position_limit(codegen)) == (24, None, None)
+    assert xglm(input_ids=torch.zeros(1, 40, dtype=torch.long)).logits.shape[1] == 40  # no limit there indeed

@@ -129,3 +129,20 @@ def test_a_loss_gone_nan_stops_the_run_before_its_update(tmp_path, model_dir, da
     with pytest.raises(FloatingPointError, match=r"step 2 \(epoch 1\): the loss is nan; stopped before its update"):
         train(_config(tmp_path, model_dir, data_file, lr=1e30, warmup_ratio=0.0, max_grad_norm=0.0, epochs=2))
     assert not (tmp_path / "a" / "epoch_1").exists()
+
+
+def test_a_checkpoint_written_before_a_config_field_existed_resumes(tmp_path):
+    """Its config lacks trust_remote_code, which is then at its default: not a difference."""
+    from lowrank.workflow import train as T
+
+    config = C.from_mapping({"model": "m", "data": "d.json", "output_dir": str(tmp_path / "o"), "epochs": 3})
+    older = config.to_dict()
+    del older["trust_remote_code"]
+    epoch = tmp_path / "o" / "epoch_1"
+    epoch.mkdir(parents=True)
+    (epoch / T.WORKFLOW_FILE).write_text(json.dumps({"epoch": 1, "config": json.loads(json.dumps(older))}))
+    torch.save({}, epoch / T.STATE_FILE)
+    assert T._resume_from(config, True)[0] == 1
+    changed = C.from_mapping({**config.to_dict(), "trust_remote_code": True})
+    with pytest.raises(C.ConfigError, match=r"differs from the one .* in \['trust_remote_code'\]"):
+        T._resume_from(changed, True)

@@ -166,10 +166,11 @@ def test_a_message_the_template_refuses_is_not_answered_and_the_chat_goes_on():
         T.encode(tok, None, [Turn("Hi", "Hello.", system="Be brief.")])
 
 
-def test_a_message_that_starts_like_a_command_is_a_message():
+def test_a_message_that_starts_like_a_command_is_a_message(monkeypatch):
     """"/systemd keeps restarting" is a question, not /system with "d keeps restarting"."""
     import io
 
+    from lowrank.workflow import chat
     from lowrank.workflow.chat import loop
 
     tok = build("bytelevel", CHATML)
@@ -178,6 +179,12 @@ def test_a_message_that_starts_like_a_command_is_a_message():
     history = loop(_Scripted(script, len(tok)), tok, None, Settings(), read=lambda _: next(lines), out=out)
     assert [(t.input, t.output) for t in history] == [("/systemd keeps restarting, why?", "Check the unit.")]
     assert "system prompt" not in out.getvalue()
+    seen = []  # the system prompt each answer was asked with
+    monkeypatch.setattr(chat, "stream", lambda model, tok, template, history, message, system, settings: (
+        seen.append(system), iter(["ok"]))[1])
+    lines = iter(["  /system Be brief.", "Hi", "/exit"])  # the command with spaces before it
+    chat.loop(None, tok, None, Settings(), read=lambda _: next(lines), out=io.StringIO())
+    assert seen == ["Be brief."]
 
 
 def test_an_answers_own_leading_whitespace_is_kept():
