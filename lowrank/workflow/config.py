@@ -64,6 +64,10 @@ class TrainConfig:
         for f in ("model", "data", "output_dir"):
             if not isinstance(getattr(self, f), str) or not getattr(self, f):
                 raise ConfigError(f"{f} must be a non-empty path string; got {getattr(self, f)!r}")
+        for f in ("method", "template"):  # names looked up in a dict: a YAML mapping there ("a: b") is no name
+            if getattr(self, f) is not None and not isinstance(getattr(self, f), str):
+                raise ConfigError(f"{f} must be a name (a string); got {type(getattr(self, f)).__name__} "
+                                  f"{getattr(self, f)!r} (YAML reads an unquoted 'a: b' as a mapping: quote it)")
         for f, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("max_length", 2), ("log_every", 1),
                        ("seed", 0)):
             v = getattr(self, f)

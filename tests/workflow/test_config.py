@@ -72,6 +72,7 @@ def test_python_m_lowrank_runs():
 BAD = [
     ({"methd": "lora"}, "unknown field(s) ['methd']"),
     ({"method": "lorra"}, "method must be one of ['adapter', 'dora', 'lora', 'prefix', 'prompt', 'qlora']; got 'lorra'"),
+    ({"template": {"<|im_start|>": None}}, "template must be a name (a string); got dict {'<|im_start|>': None} (YAML"),
     ({"method": "prefix"}, "method_options: unknown option(s) ['r'] for method 'prefix'; allowed: ['num_virtual_tokens',"),
     ({"method_options": {"rank": 4}}, "method_options: unknown option(s) ['rank'] for method 'dora'"),
     ({"method_options": {"r": 0}}, "method_options for 'dora': r (the LoRA rank) must be an integer >= 1; got 0"),
