@@ -5,16 +5,11 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
-from . import tiny
-from .conftest import ROOT
+from . import tiny, web_server
 from .test_e2e import EPOCHS
 
 
@@ -32,32 +27,11 @@ def _missing() -> str | None:
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(trained, model_dir):
     out, _ = trained
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lowrank", "web", str(model_dir), "--adapter",
-                             str(out / f"epoch_{EPOCHS}"), "--port", str(port), "--title", "tiny ship"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://localhost:{port}"
+    proc, url = web_server.start(model_dir, "--adapter", out / f"epoch_{EPOCHS}", "--title", "tiny ship")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"lowrank web did not come up:\n{proc.stdout.read().decode()[-3000:]}")
-            time.sleep(0.5)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and the streamlit process it started

@@ -7,25 +7,16 @@ import importlib.util
 import os
 import pathlib
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
-from .conftest import ROOT
+from . import web_server
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("streamlit") is None,
                                  reason="streamlit is not installed (pip install streamlit)"),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -48,21 +39,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_lowrank_web_stops_its_server(model_dir, sig):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lowrank", "web", str(model_dir), "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, _ = web_server.start(model_dir)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"lowrank web did not come up:\n{proc.stdout.read().decode()[-3000:]}")
-            time.sleep(0.5)
         server = _children(proc.pid)
         assert len(server) == 1, server
         proc.send_signal(sig)  # to lowrank alone, not its process group
