@@ -27,38 +27,21 @@ NESTED = "_lowrank_nested_tensor"
 # the whole still has adapters: the whole's inject froze the part's parameters as well, and its
 # last eject puts back every record inside it, the part's too. When the part's eject leaves the
 # whole without adapters, it puts back the whole's records. Such wholes are found among the
-# modules holding a record in this process (_HOLDERS: a module cannot see its parents); a record
-# keeps its module and registers it when it is made, copied or unpickled, so a deepcopy or a
-# torch.load of a whole model finds its wholes too.
+# modules whose records this process made (_HOLDERS: a module cannot see its parents). Not found:
+# the whole of a deepcopy or of a torch.load'ed model (its record was copied, not made here): an
+# eject through a part of it puts the part's flags back while the whole still has adapters
+# (eject the whole's adapters first there). A record keeps no reference to its module: shallow
+# copies share records, and a reference would drag the original into a deepcopy or a pickle.
 _made = itertools.count()  # with the wall clock: a record made in another process (torch.save) sorts by time
 _HOLDERS: weakref.WeakSet = weakref.WeakSet()
-
-
-class _Record:
-    """A module's requires_grad flags as its first inject found them, stamped, and the module (by
-    weak reference: the module holds the record, and a cycle would keep a deleted model's memory
-    until the garbage collector runs)."""
-
-    __slots__ = ("stamp", "flags", "holder")
-
-    def __init__(self, stamp: tuple[int, int], flags: dict, holder: nn.Module) -> None:
-        self.__setstate__((stamp, flags, holder))
-
-    def __getstate__(self) -> tuple:
-        return self.stamp, self.flags, self.holder()
-
-    def __setstate__(self, state: tuple) -> None:  # also what copy.deepcopy and pickle call, with the copy
-        self.stamp, self.flags, holder = state
-        self.holder = weakref.ref(holder)
-        _HOLDERS.add(holder)
 
 
 def record_flags(model: nn.Module) -> bool:
     """Record `model`'s flags unless it holds a record already; whether it recorded."""
     if FLAGS in model.__dict__:
         return False
-    flags = {n: p.requires_grad for n, p in plain_parameters(model)}
-    model.__dict__[FLAGS] = _Record((time.time_ns(), next(_made)), flags, model)
+    model.__dict__[FLAGS] = ((time.time_ns(), next(_made)), {n: p.requires_grad for n, p in plain_parameters(model)})
+    _HOLDERS.add(model)
     return True
 
 
@@ -69,8 +52,6 @@ def wholes(part: nn.Module) -> list[nn.Module]:
 
 def _stamped(record) -> tuple[tuple[int, int], dict]:
     """A record as (stamp, flags), earlier forms too: a plain dict, or (count, flags)."""
-    if isinstance(record, _Record):
-        return record.stamp, record.flags
     if isinstance(record, dict):
         return (0, 0), record
     stamp, flags = record
