@@ -273,7 +273,9 @@ def _refuse_tied_saved_modules(model: nn.Module, saved, source) -> None:
     """PEFT trains a copy of a modules_to_save module, so a weight tied to one outside it (a tied
     lm_head and embed_tokens) is untied there; loaded into the shared weight, it would change both."""
     inside = io_prompt.saved_parameters(model, saved, "")
-    tied = sorted({n for n, p in plain_parameters(model) if n not in inside and any(p is q for q in inside.values())})
+    names = plain_parameters(model)  # a tied weight under each of its names
+    tied = sorted({n for n, p in names if any(p is q for q in inside.values())
+                   and sum(p is other for _, other in names) > 1})  # also two saved modules sharing one weight
     if tied:
         raise NotImplementedError(f"{source}: modules_to_save={saved!r} names weights tied to {tied}; PEFT trains an "
                                   "untied copy of such a module, which lowrank.load_adapter does not reproduce")
