@@ -211,7 +211,9 @@ def _prefix_length(model: nn.Module) -> int:
 # keeps the frame of the module call that pushed it, and a push onto a non-empty stack first drops
 # the entries whose frame is no caller of this one (calls that ended). While compiling no frame is
 # kept (dynamo replays the pushes and pops): there, a model found on the stack already is a call of
-# it that ended (a model does not run inside itself), and it and what came after it are dropped.
+# it that ended (a model does not run inside itself), and it and what came after it are dropped;
+# and a call is nested only inside a running model that holds it, so another model's stale entries
+# do not switch its shift off.
 _LOCAL = threading.local()  # per thread: .running, (model, frame) of the hooked calls under way
 
 
@@ -245,7 +247,8 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
         if m is model:
             del running[i:]
             break
-    outermost = not running
+    # nested: inside a model that is running (a stale entry of another model is none of its parents)
+    outermost = not any(m is not model and any(inner is model for inner in m.modules()) for m, _ in running)
     running.append((model, None if compiling else sys._getframe(1)))
     P = _prefix_length(model) if outermost else 0
     if P == 0:

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import lowrank
 from lowrank.tuners.prefix import layers
@@ -230,3 +231,30 @@ def test_only_a_table_of_positions_limits_them():
                                                                          n_positions=16, rotary_dim=4))
     assert (position_limit(gpt2), position_limit(xglm), position_limit(codegen)) == (24, None, None)
     assert xglm(input_ids=torch.zeros(1, 40, dtype=torch.long)).logits.shape[1] == 40  # no limit there indeed
+
+
+def test_another_models_stopped_call_leaves_a_compiled_models_shift_on():
+    """Two prefixed models called in turn (a policy and a reference model), compiled, the second
+    stopped by a KeyboardInterrupt: its stale entries must not make the first look nested."""
+    first, second = models.llama().eval(), models.llama().eval()
+    lowrank.inject(first, lowrank.PrefixConfig(num_virtual_tokens=3))
+    lowrank.inject(second, lowrank.PrefixConfig(num_virtual_tokens=2))
+    stop = [False]
+
+    def interrupt(module, args):
+        if stop[0]:
+            raise KeyboardInterrupt
+
+    second.model.layers[-1].register_forward_pre_hook(interrupt)
+    both = nn.ModuleList([first, second])
+    x = models.ids()
+    with torch.no_grad():
+        want = [models.run(m, x) for m in both]
+        compiled = torch.compile(lambda ids: [models.run(m, ids) for m in both], backend="eager")
+        assert all(torch.equal(a, b) for a, b in zip(compiled(x), want))
+        stop[0] = True
+        with pytest.raises(KeyboardInterrupt):
+            compiled(x)
+        stop[0] = False
+        assert all(torch.equal(a, b) for a, b in zip(compiled(x), want))
+    torch._dynamo.reset()
