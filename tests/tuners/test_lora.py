@@ -244,9 +244,18 @@ def test_an_embedding_that_reads_rows_by_position_is_refused():
         def forward(self, ids):
             return super().forward(ids) * self.embed_scale
 
+    class RoundedScale(nn.Embedding):  # Gemma 3's with bf16 weights and a float32 scale: it rounds the scale first
+        def __init__(self, *args):
+            super().__init__(*args, dtype=torch.bfloat16)
+            self.register_buffer("embed_scale", torch.tensor(96**0.5))
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
     with pytest.raises(ValueError, match=r"LoRA on '0', a Positions, is not supported: its forward does not return"):
         inject(nn.Sequential(Positions(10, 4)), LoraConfig(targets="0"))
     assert inject(nn.Sequential(Scaled(10, 4)), LoraConfig(targets="0")) == ["0"]
+    assert inject(nn.Sequential(RoundedScale(10, 96)), LoraConfig(targets="0")) == ["0"]
 
 
 def test_conv_factors_take_the_bases_class_or_a_plain_convolution():
