@@ -24,7 +24,7 @@ from .distributed import check_not_sharded, reshard
 from .merging import merge, unmerge  # noqa: F401  (lowrank.inject's verbs)
 from .quant.linear4bit import Stored4bit
 from .quant.params4bit import has_parameter, parameter_names, parameter_shape
-from .targets import ALL_LINEAR, compile_filter, is_linear_like
+from .targets import ALL_LINEAR, compile_filter, is_linear_like, task_heads
 from .tuners import adapter, lora, lora_param, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
@@ -166,6 +166,11 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         raise
     set_active(model, name)
     mark_trainable(model)
+    heads = task_heads(model) if ALL_LINEAR in (targets or ()) else []
+    if heads and not any(isinstance(_unwrap(c), TunerLayer) for _, _, w, c in _walk(model) if w in heads):
+        warnings.warn(f"all-linear leaves {type(getattr(model, '_orig_mod', model)).__name__}'s task head {heads} "
+                      "out, as PEFT does, and inject freezes it; PEFT trains it beside the adapter (modules_to_save): "
+                      "set its requires_grad to train it (save_adapter writes it either way)", stacklevel=2)
     return [where for _, _, where, _ in matches] + [f"{where}.{parameter}" for _, _, where, parameter in params]
 
 

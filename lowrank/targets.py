@@ -59,10 +59,19 @@ def output_head_names(model: nn.Module) -> set[str]:
     head = None if head is None else _unwrap(head)  # a head that holds an adapter already is still the head
     named = _named(model)
     heads = {n for n, m in named if (head is not None and m is head) or n.split(".")[-1] == "lm_head"}
-    cls = type(model).__name__  # a task model's head, new at fine-tuning: PEFT trains and saves it whole
-    ends = next((names for suffix, names in TASK_HEADS if cls.endswith(suffix)), ())
-    tops = [n for n, _ in named if n and n.endswith(ends)] if ends else []
+    tops = task_heads(model, named)  # a task model's head, new at fine-tuning: PEFT trains and saves it whole
     return heads | {n for n, _ in named if any(n == t or n.startswith(t + ".") for t in tops)}
+
+
+def task_heads(model: nn.Module, named=None) -> list[str]:
+    """The names of a classifier's, token classifier's or question answerer's head modules (the
+    outermost whose names end as TASK_HEADS says; a torch.compile wrapper is seen through)."""
+    inner = getattr(model, "_orig_mod", model)
+    ends = next((names for suffix, names in TASK_HEADS if type(inner).__name__.endswith(suffix)), ())
+    if not ends:
+        return []
+    found = [n for n, _ in (named if named is not None else _named(model)) if n and n.endswith(ends)]
+    return [n for n in found if not any(n.startswith(o + ".") for o in found)]
 
 
 # transformers class-name endings -> the names of their task head's modules (PEFT's modules_to_save for

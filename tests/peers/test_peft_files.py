@@ -166,7 +166,10 @@ def test_all_linear_leaves_a_classifiers_head_whole_and_the_file_goes_both_ways(
     does lowrank's (it saved no head once LoRA touched one of its layers, silently)."""
     base = roberta_classifier()
     ours = copy.deepcopy(base)
-    assert not [n for n in lowrank.inject(ours, lowrank.LoraConfig(r=2)) if "classifier" in n]
+    with pytest.warns(UserWarning, match=r"all-linear leaves RobertaForSequenceClassification's task head "
+                                         r"\['classifier'\] out, as PEFT does, and inject freezes it"):
+        assert not [n for n in lowrank.inject(ours, lowrank.LoraConfig(r=2)) if "classifier" in n]
+    assert not any(p.requires_grad for p in ours.classifier.parameters())
     nudge(ours, lambda n, p: "lora_B" in n or n.startswith("classifier."))
     lowrank.save_adapter(ours, tmp_path / "ours")
     with torch.no_grad():
