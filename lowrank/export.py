@@ -128,7 +128,7 @@ def _export_dtype(dtype, quantized: dict[str, Linear4bit]) -> torch.dtype | None
             raise ValueError(f"dtype must be a torch dtype or one of {sorted(DTYPES)}; got {dtype!r}")
         dtype = DTYPES[dtype]
     if dtype is not None and dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {list(DTYPES.values())} or None; got {dtype!r}")
+        raise ValueError(f"dtype must be one of {sorted(set(DTYPES.values()), key=str)} or None; got {dtype!r}")
     if dtype is None and quantized:  # a 4-bit model exports in its compute dtype
         found = {m.compute_dtype for m in quantized.values()}
         if len(found) > 1:

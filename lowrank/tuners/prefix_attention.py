@@ -308,17 +308,22 @@ def check_positions(model: nn.Module, count: int, what: str, maker: nn.Module | 
 def position_limit(model: nn.Module, maker: nn.Module | None = ...) -> int | None:
     """How many positions a table of absolute position embeddings holds (GPT-2, BERT, RoBERTa: a
     config with max_position_embeddings and no RoPE, and an nn.Embedding of positions, `wpe` or a
-    name with "pos" in it; RoBERTa's kin number from padding_idx + 1), or None where positions have
-    no table (rotary, ALiBi, XGLM's sinusoids, which grow)."""
+    name with "pos" in it, or such a buffer of max_position_embeddings rows, CTRL's sinusoids;
+    RoBERTa's kin number from padding_idx + 1), or None where positions have no table (rotary,
+    ALiBi, XGLM's sinusoids, which grow)."""
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None)
     if (not isinstance(limit, int) or any(getattr(config, a, None) is not None for a in ROPE)
             or getattr(config, "position_biased_input", True) is False  # DeBERTa-v2: relative positions only
             or getattr(config, "position_embedding_type", "absolute") != "absolute"):
         return None
-    tables = (m for n, m in model.named_modules() if isinstance(m, nn.Embedding)
-              and (n.rsplit(".", 1)[-1] == "wpe" or "pos" in n.rsplit(".", 1)[-1]))
-    if next(tables, None) is None:
+    def positional(name: str) -> bool:
+        last = name.rsplit(".", 1)[-1]
+        return last == "wpe" or "pos" in last
+
+    tables = [m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and positional(n)]
+    fixed = [b for n, b in model.named_buffers() if positional(n) and b.dim() >= 1 and b.shape[0] == limit]  # CTRL's
+    if not tables and not fixed:
         return None
     maker = _position_maker(model) if maker is ... else maker
     return limit - (maker.padding_idx + 1 if maker is not None else 0)

@@ -229,7 +229,10 @@ def test_only_a_table_of_positions_limits_them():
                                                                 attention_heads=4, ffn_dim=64, max_position_embeddings=16))
     codegen = transformers.CodeGenForCausalLM(transformers.CodeGenConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
                                                                          n_positions=16, rotary_dim=4))
-    assert (position_limit(gpt2), position_limit(xglm), position_limit(codegen)) == (24, None, None)
+    ctrl = transformers.CTRLLMHeadModel(transformers.CTRLConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                                                dff=64, n_positions=16))  # a fixed buffer of sinusoids
+    assert (position_limit(gpt2), position_limit(xglm), position_limit(codegen), position_limit(ctrl)) == (
+        24, None, None, 16)
     assert xglm(input_ids=torch.zeros(1, 40, dtype=torch.long)).logits.shape[1] == 40  # no limit there indeed
 
 
