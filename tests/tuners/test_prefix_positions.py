@@ -218,8 +218,8 @@ def test_a_compiled_call_stopped_by_a_keyboard_interrupt_leaves_the_shift_on():
 
 
 def test_only_a_table_of_positions_limits_them():
-    """GPT-2's wpe holds n_positions; XGLM's sinusoids grow with the input and CodeGen's are rotary,
-    though both configs say max_position_embeddings."""
+    """GPT-2's wpe holds n_positions, CTRL's and CodeGen's fixed buffers (sinusoids; CodeGen's rotary
+    table) too; XGLM's sinusoids grow with the input, though its config says max_position_embeddings."""
     from lowrank.tuners.prefix_attention import position_limit
 
     transformers = pytest.importorskip("transformers")
@@ -232,7 +232,9 @@ def test_only_a_table_of_positions_limits_them():
     ctrl = transformers.CTRLLMHeadModel(transformers.CTRLConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
                                                                 dff=64, n_positions=16))  # a fixed buffer of sinusoids
     assert (position_limit(gpt2), position_limit(xglm), position_limit(codegen), position_limit(ctrl)) == (
-        24, None, None, 16)
+        24, None, 16, 16)
+    with pytest.raises(IndexError):  # CodeGen's rotary table is a limit indeed
+        codegen(input_ids=torch.zeros(1, 17, dtype=torch.long))
     assert xglm(input_ids=torch.zeros(1, 40, dtype=torch.long)).logits.shape[1] == 40  # no limit there indeed
 
 
