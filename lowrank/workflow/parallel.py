@@ -151,17 +151,19 @@ def shares(group: list, ranks: Ranks) -> list[tuple[list, float]]:
     return [(b, 1.0) for b in mine] + [((mine or group)[0], 0.0)] * (rounds - len(mine))
 
 
-def clip_grad_norm_(params: list, max_norm: float, ranks: Ranks) -> None:
-    """torch.nn.utils.clip_grad_norm_; under FSDP2 with the norm of the whole gradients."""
+def clip_grad_norm_(params: list, max_norm: float, ranks: Ranks) -> float:
+    """torch.nn.utils.clip_grad_norm_; under FSDP2 with the norm of the whole gradients. Returns
+    the norm before clipping."""
     if ranks.mode != "fsdp":
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     # Note: clipping sharded gradients. The norm of DTensor gradients sums each shard's squares
     # on its own rank, then the ranks' sums: other additions than one process's, so the clip
     # factor can differ in its last bit. Gathering the adapter gradients (small: never the base
     # model's) gives every rank one process's norm, to the bit.
     grads = [full_tensor(p.grad) for p in params if p.grad is not None]  # a collective
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.nn.utils.get_total_norm(grads))
+    norm = torch.nn.utils.get_total_norm(grads)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def full_trainable(model: nn.Module) -> dict[str, torch.Tensor]:

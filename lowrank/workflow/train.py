@@ -42,8 +42,8 @@ STATE_FILE = "trainer_state.pt"
 EPOCH_DIR = re.compile(r"epoch_(\d+)")
 # the temporary directories of a checkpoint being written: _save's own, and the ones save_adapter's
 # atomic_directory makes beside it (.<_save's name>.<random>.tmp, and .old where it cannot exchange)
-_SAVING = r"\.epoch_\d+\.[a-z0-9_]+\.tmp"  # [a-z0-9_]: temporary_directory's hex, tempfile.mkdtemp's letters
-UNFINISHED = re.compile(rf"{_SAVING}|\.{_SAVING}\.[a-z0-9_]+\.(tmp|old)")
+_SAVING = r"\.epoch_\d+\.[a-z0-9_]{8}\.tmp"  # 8 of [a-z0-9_]: temporary_directory's hex, tempfile.mkdtemp's letters
+UNFINISHED = re.compile(rf"{_SAVING}|\.{_SAVING}\.[a-z0-9_]{{8}}\.(tmp|old)")
 RESUMABLE = ("epochs", "log_every", "output_dir", "device", "compile")  # fields --resume lets differ from the checkpoint's
 
 
@@ -340,12 +340,13 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
             loss, _ = step_loss(wrapped, micro, count, [w for _, w in share], ranks.world,
                                 lambda last: parallel.sync(wrapped, ranks, last))
             loss = ranks.sum(loss)
-            if not math.isfinite(loss):  # every later update and checkpoint would be NaN: stop before this step's
-                raise FloatingPointError(f"step {step + 1} (epoch {epoch + 1}): the loss is {loss}; stopped before its "
-                                         "update (the checkpoints written so far are as they were). A lower lr, "
-                                         "max_grad_norm, or float32 adapters (adapter_dtype) may help")
-            if config.max_grad_norm > 0:
-                parallel.clip_grad_norm_(params, config.max_grad_norm, ranks)
+            norm = parallel.clip_grad_norm_(params, config.max_grad_norm, ranks) if config.max_grad_norm > 0 else 0.0
+            if not math.isfinite(loss) or not math.isfinite(norm):  # every later update and checkpoint would be NaN
+                raise FloatingPointError(
+                    f"step {step + 1} (epoch {epoch + 1}): the {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                    f"is {loss if not math.isfinite(loss) else norm}; stopped before its update (the checkpoints written "
+                    "so far are as they were). A lower lr" + ("" if config.max_grad_norm > 0 else ", max_grad_norm")
+                    + " or float32 adapters (adapter_dtype) may help")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
