@@ -166,11 +166,7 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         raise
     set_active(model, name)
     mark_trainable(model)
-    heads = task_heads(model) if ALL_LINEAR in (targets or ()) else []
-    if heads and not any(isinstance(_unwrap(c), TunerLayer) for _, _, w, c in _walk(model) if w in heads):
-        warnings.warn(f"all-linear leaves {type(getattr(model, '_orig_mod', model)).__name__}'s task head {heads} "
-                      "out, as PEFT does, and inject freezes it; PEFT trains it beside the adapter (modules_to_save): "
-                      "set its requires_grad to train it (save_adapter writes it either way)", stacklevel=2)
+    _warn_of_a_frozen_head(model, config, targets)
     return [where for _, _, where, _ in matches] + [f"{where}.{parameter}" for _, _, where, parameter in params]
 
 
@@ -248,6 +244,21 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
             for p in layer.adapter_parameters(left) if left in layer.names else ():
                 p.requires_grad_(True)
     return touched
+
+
+def _warn_of_a_frozen_head(model: nn.Module, config, targets) -> None:
+    """LoRA's all-linear leaves a task model's head out (targets.py): say it is frozen, unless LoRA
+    is on it anyway (named besides all-linear) or the user excluded it."""
+    heads = task_heads(model) if isinstance(config, LoraConfig) and ALL_LINEAR in (targets or ()) else []
+    excluded = compile_filter(config.exclude, (), model) if heads and config.exclude else None
+    adapted = [w for _, _, w, c in _walk(model) if isinstance(c, TunerLayer)]
+    heads = [h for h in heads if not any(w == h or w.startswith(h + ".") for w in adapted)
+             and not (excluded and excluded(h, None))]
+    if heads:
+        names = [h.removeprefix("_orig_mod.") for h in heads]
+        warnings.warn(f"all-linear leaves {type(getattr(model, '_orig_mod', model)).__name__}'s task head {names} out, "
+                      "as PEFT does, and inject freezes it; PEFT trains it beside the adapter (modules_to_save): set "
+                      "its requires_grad to train it (save_adapter writes it either way)", stacklevel=3)
 
 
 def _activate_left(layers: list[TunerLayer], left: list[str]) -> None:

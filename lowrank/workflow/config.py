@@ -167,12 +167,12 @@ def from_mapping(values: Mapping, source: str = "config") -> TrainConfig:
 def _refuse_near_misses(names: Mapping, path) -> None:
     """A .py config's module-level names are its fields, and may be helpers too; a plain value
     under a name one typo from a field (`epoch = 1`, `warmup_ration`) is an error, as an unknown
-    YAML key is. A field's plural (`seeds`, `dtypes`) and a short name (`r`, `mode`, `date`, under
-    five letters) read as helpers' names and are left alone."""
+    YAML key is (`lrr`, `sed`, `dtyp` too). A field's plural (`seeds`, `dtypes`) and a name of one
+    or two letters (LoRA's `r`) read as helpers' names and are left alone."""
     for k, v in names.items():
         if k in FIELDS or k.startswith("_") or not isinstance(v, (bool, int, float, str, list, dict, type(None))):
             continue
-        near = [f for f in FIELDS if len(k) >= 5 and _one_typo(k, f) and k != f + "s"]
+        near = [f for f in FIELDS if len(k) >= 3 and _one_typo(k, f) and k != f + "s"]
         if near:
             raise ConfigError(f"{path}: {k!r} is not a TrainConfig field; did you mean {near[0]!r}? (start a helper "
                               "variable's name with _)")

@@ -206,3 +206,23 @@ def test_modules_to_save_on_tied_weights_are_refused(saved, tmp_path):
     with pytest.raises(NotImplementedError, match=r"modules_to_save=\[.*\] names weights tied to \["):
         lowrank.load_adapter(fresh, tmp_path / "a")
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("config", [lowrank.LoraConfig(r=2, targets=["all-linear", "classifier.dense"]),
+                                    lowrank.LoraConfig(r=2, exclude=["classifier"]),
+                                    lowrank.AdapterConfig(targets="all-linear")], ids=["adapted", "excluded", "bottleneck"])
+def test_no_frozen_head_warning_where_the_head_is_adapted_excluded_or_not_lora(config):
+    import warnings
+
+    model = roberta_classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowrank.inject(model, config)
+
+
+def test_the_head_rule_sees_through_torch_compiles_wrapper():
+    """The class name that says "a classifier" is the model's inside the wrapper."""
+    model = roberta_classifier()
+    with pytest.warns(UserWarning, match=r"task head \['classifier'\] out"):
+        wrapped = lowrank.inject(torch.compile(model), lowrank.LoraConfig(r=2))
+    assert wrapped and not [n for n in wrapped if "classifier" in n]

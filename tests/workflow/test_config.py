@@ -199,8 +199,9 @@ def test_a_python_configs_near_miss_of_a_field_is_an_error(tmp_path):
     with pytest.raises(C.ConfigError, match=r"'epoch' is not a TrainConfig field; did you mean 'epochs'\?"):
         C.load(f)
     f.write_text("model = 'm'\ndata = 'd.json'\noutput_dir = 'o'\nepochs = 1\n_epoch = 2\nbase_dir = '/x'\n"
-                 "max_len = 8\nseeds = [1, 2]\ndtypes = ['bfloat16']\nr = 16\nmode = 'x'\ndate = 'y'\n")  # helpers' names
+                 "max_len = 8\nseeds = [1, 2]\ndtypes = ['bfloat16']\nr = 16\n")  # helpers' names
     assert C.load(f).epochs == 1
-    f.write_text("model = 'm'\ndata = 'd.json'\noutput_dir = 'o'\nwarmup_ration = 0.1\n")
-    with pytest.raises(C.ConfigError, match=r"'warmup_ration' is not a TrainConfig field; did you mean 'warmup_ratio'"):
-        C.load(f)
+    for typo, field in (("warmup_ration", "warmup_ratio"), ("lrr", "lr"), ("sed", "seed"), ("dtyp", "dtype")):
+        f.write_text(f"model = 'm'\ndata = 'd.json'\noutput_dir = 'o'\n{typo} = 1\n")
+        with pytest.raises(C.ConfigError, match=rf"'{typo}' is not a TrainConfig field; did you mean '{field}'"):
+            C.load(f)

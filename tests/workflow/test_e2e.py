@@ -195,12 +195,15 @@ def test_resume_with_more_epochs_follows_the_new_schedule_from_its_first_step(tm
 def test_a_killed_save_leaves_nothing_a_resume_keeps(tmp_path, model_dir, data_file):
     config = _config(tmp_path, model_dir, data_file, epochs=2, grad_accum=1, method_options={"r": 4})
     train(dataclasses.replace(config, epochs=1), stream=io.StringIO())
-    stale = tmp_path / "a" / ".epoch_2.x1y2.tmp"  # what _save was writing when the run was killed
+    stale = tmp_path / "a" / ".epoch_2.x1y2z3w4.tmp"  # what _save was writing when the run was killed
+    kept = tmp_path / "a" / ".epoch_2.backup.tmp"  # the user's: not a name _save makes
+    kept.mkdir()
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"half")
     out = io.StringIO()
     train(config, resume=True, stream=out)
-    assert not stale.exists() and "unfinished checkpoints a stopped run left: ['.epoch_2.x1y2.tmp']" in out.getvalue()
+    assert not stale.exists() and "unfinished checkpoints a stopped run left: ['.epoch_2.x1y2z3w4.tmp']" in out.getvalue()
+    assert kept.is_dir()
     assert (tmp_path / "a" / "epoch_2" / STATE_FILE).is_file()
 
 
