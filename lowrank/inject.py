@@ -228,7 +228,7 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     kept = keep_merged and any(name in layer.merged for layer in _layers(model))  # its update stays in the weights
     had_it_active = [layer for layer in _layers(model) if name is not None and name in layer.active]
     touched = _remove(model, name, keep_merged)
-    _activate_left(had_it_active, active_adapters(model))
+    restore.activate_left(had_it_active, active_adapters(model))
     if not _layers(model):  # See Note: requires_grad on eject (lowrank/restore.py)
         wholes = restore.wholes(getattr(model, "_orig_mod", model))
         if not any(_layers(whole) for whole in wholes):  # else the whole's last eject puts the flags back
@@ -261,24 +261,12 @@ def _warn_of_a_frozen_head(model: nn.Module, config, targets) -> None:
                       "its requires_grad to train it (save_adapter writes it either way)", stacklevel=3)
 
 
-def _activate_left(layers: list[TunerLayer], left: list[str]) -> None:
-    """A layer that had the ejected adapter active, and holds an adapter the model still has active
-    (a part's own set_active made them differ), takes those, trainable, as PEFT's delete_adapter sets
-    each layer to an adapter that is left."""
-    for layer in layers:
-        keep = [n for n in left if n in layer.names]
-        if keep and not layer.active and not layer.merged:
-            layer.set_active(keep)
-            for p in (p for n in keep for p in layer.adapter_parameters(n)):
-                p.requires_grad_(True)
-
-
 def _remove(model: nn.Module, name: str | None, keep_merged: bool) -> list[str]:
     """Take adapter `name` (None: all) out of every layer, and the model-level hooks whose last layer went."""
     touched = []
     for parent, attr, where, child in list(_walk(model)):
         if isinstance(child, TunerLayer):
-            held = name is None or any(name in layer.names for layer in _chain(child))
+            held = name is None or any(name in layer.names for layer in restore.chain(child))
             setattr(parent, attr, _strip(child, name, keep_merged))
             if held:  # a layer holding only other adapters is left as it was
                 touched.append(where)
@@ -287,15 +275,6 @@ def _remove(model: nn.Module, name: str | None, keep_merged: bool) -> list[str]:
             handler.detach(model)
     restore.nested_back(model)
     return touched
-
-
-def _chain(module: nn.Module) -> list[TunerLayer]:
-    """The adapter layers wrapped one in another at one place, outermost first."""
-    chain = []
-    while isinstance(module, TunerLayer):
-        chain.append(module)
-        module = module.base
-    return chain
 
 
 def _strip(module: nn.Module, name: str | None, keep_merged: bool) -> nn.Module:

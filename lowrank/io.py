@@ -27,7 +27,7 @@ from torch import nn
 from . import distributed, io_moe, io_prefix, io_prompt
 from .config import LoraConfig
 from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
-from .io_names import (_lora_layers, _tensors, from_peft_parameters, from_peft_pattern, from_peft_targets,
+from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters, from_peft_pattern, from_peft_targets,
                        to_peft_parameters, to_peft_pattern, to_peft_targets)
 from .targets import first_match
 from .tuners.lora_param import LoraParameter
@@ -241,46 +241,6 @@ def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
     raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (nor {PICKLE_NAME})")
 
 
-def _same_base(a: str, b: str) -> bool:
-    """Two base-model names name the same model: equal once owners / directories are
-    stripped, ignoring case ("meta-llama/Llama-2-7b-hf" ~ "/models/llama-2-7b-hf"). A
-    huggingface_hub cache snapshot (".../models--owner--name/snapshots/<commit>") is its repo's
-    name, and a relative directory (".", "../m") the name of the directory it is from here."""
-    def short(x: str) -> str:
-        x = x.replace("\\", "/").rstrip("/")
-        snapshot = re.search(r"(?:^|/)models--(?:[^/]*--)?([^/]+)/snapshots/[^/]+$", x)
-        if snapshot:
-            return snapshot[1].lower()
-        if x in (".", "..", "") or x.startswith(("./", "../")):
-            x = os.path.abspath(x or ".").replace("\\", "/").rstrip("/")
-        return x.rsplit("/", 1)[-1].lower()
-
-    return short(a) == short(b)
-
-
-def check_base(peft_config: dict, model: nn.Module, source: str, allow_other_base: bool) -> None:
-    """Refuse an adapter made for another base model, when both names are known."""
-    theirs = peft_config.get("base_model_name_or_path")
-    ours = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if allow_other_base or not isinstance(theirs, str) or not theirs or not isinstance(ours, str) or not ours:
-        return
-    if not _same_base(theirs, ours):
-        raise ValueError(f"{source}: the adapter was trained on base model {theirs!r}, but this model is {ours!r}; "
-                         "pass allow_other_base=True if you know they have the same weights")
-
-
-def _refuse_tied_saved_modules(model: nn.Module, saved, source) -> None:
-    """PEFT trains a copy of a modules_to_save module, so a weight tied to one outside it (a tied
-    lm_head and embed_tokens) is untied there; loaded into the shared weight, it would change both."""
-    inside = io_prompt.saved_parameters(model, saved, "")
-    names = plain_parameters(model)  # a tied weight under each of its names
-    tied = sorted({n for n, p in names if any(p is q for q in inside.values())
-                   and sum(p is other for _, other in names) > 1})  # also two saved modules sharing one weight
-    if tied:
-        raise NotImplementedError(f"{source}: modules_to_save={saved!r} names weights tied to {tied}; PEFT trains an "
-                                  "untied copy of such a module, which lowrank.load_adapter does not reproduce")
-
-
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, revision: str | None = None,
                  strict: bool = True, allow_pickle: bool = False, allow_other_base: bool = False,
                  local_files_only: bool | None = None, token: str | None = None,
@@ -328,7 +288,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}
     peft_config, weights = io_moe.convert(model, peft_config, weights)  # a transformers 4 MoE adapter on a 5 model
     config = config_from_peft(peft_config, str(cfg_file))
-    _refuse_tied_saved_modules(model, peft_config.get("modules_to_save"), cfg_file)
+    io_prompt.refuse_tied_saved(model, peft_config.get("modules_to_save"), cfg_file)
     for k in [k for k in weights if k.endswith(".lora_magnitude_vector.weight")]:  # older PEFT spelling
         weights[k.removesuffix(".weight")] = weights.pop(k)
     with undo_on_error(model, name):  # See Note: a failed load changes nothing

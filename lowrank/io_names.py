@@ -6,6 +6,7 @@ in PEFT's file."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -139,3 +140,31 @@ def _tensors(layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
     if name in layer.lora_magnitude_vector:
         t["lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
     return t
+
+
+def same_base(a: str, b: str) -> bool:
+    """Two base-model names name the same model: equal once owners / directories are
+    stripped, ignoring case ("meta-llama/Llama-2-7b-hf" ~ "/models/llama-2-7b-hf"). A
+    huggingface_hub cache snapshot (".../models--owner--name/snapshots/<commit>") is its repo's
+    name, and a relative directory (".", "../m") the name of the directory it is from here."""
+    def short(x: str) -> str:
+        x = x.replace("\\", "/").rstrip("/")
+        snapshot = re.search(r"(?:^|/)models--(?:[^/]*--)?([^/]+)/snapshots/[^/]+$", x)
+        if snapshot:
+            return snapshot[1].lower()
+        if x in (".", "..", "") or x.startswith(("./", "../")):
+            x = os.path.abspath(x or ".").replace("\\", "/").rstrip("/")
+        return x.rsplit("/", 1)[-1].lower()
+
+    return short(a) == short(b)
+
+
+def check_base(peft_config: dict, model: nn.Module, source: str, allow_other_base: bool) -> None:
+    """Refuse an adapter made for another base model, when both names are known."""
+    theirs = peft_config.get("base_model_name_or_path")
+    ours = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if allow_other_base or not isinstance(theirs, str) or not theirs or not isinstance(ours, str) or not ours:
+        return
+    if not same_base(theirs, ours):
+        raise ValueError(f"{source}: the adapter was trained on base model {theirs!r}, but this model is {ours!r}; "
+                         "pass allow_other_base=True if you know they have the same weights")

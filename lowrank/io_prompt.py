@@ -144,3 +144,15 @@ def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, str
         # a prompt adapter is its one tensor: without it there is nothing to load, strict or not
         copy_checked(model, f"{path}: the prompt adapter", pairs, result, strict or bool(missing))
     return result
+
+
+def refuse_tied_saved(model: nn.Module, saved, source) -> None:
+    """PEFT trains a copy of a modules_to_save module, so a weight tied to one outside it (a tied
+    lm_head and embed_tokens) is untied there; loaded into the shared weight, it would change both."""
+    inside = saved_parameters(model, saved, "")
+    names = plain_parameters(model)  # a tied weight under each of its names
+    tied = sorted({n for n, p in names if any(p is q for q in inside.values())
+                   and sum(p is other for _, other in names) > 1})  # also two saved modules sharing one weight
+    if tied:
+        raise NotImplementedError(f"{source}: modules_to_save={saved!r} names weights tied to {tied}; PEFT trains an "
+                                  "untied copy of such a module, which lowrank.load_adapter does not reproduce")

@@ -74,6 +74,27 @@ def restore_flags(*models: nn.Module) -> None:
                 params[n].requires_grad_(flag)
 
 
+def activate_left(layers: list[TunerLayer], left: list[str]) -> None:
+    """A layer that had the ejected adapter active, and holds an adapter the model still has active
+    (a part's own set_active made them differ), takes those, trainable, as PEFT's delete_adapter sets
+    each layer to an adapter that is left."""
+    for layer in layers:
+        keep = [n for n in left if n in layer.names]
+        if keep and not layer.active and not layer.merged:
+            layer.set_active(keep)
+            for p in (p for n in keep for p in layer.adapter_parameters(n)):
+                p.requires_grad_(True)
+
+
+def chain(module: nn.Module) -> list[TunerLayer]:
+    """The adapter layers wrapped one in another at one place, outermost first."""
+    chain = []
+    while isinstance(module, TunerLayer):
+        chain.append(module)
+        module = module.base
+    return chain
+
+
 # Note: no nested tensors through adapters. In eval mode under no_grad, nn.TransformerEncoder
 # turns a padded batch (src_key_padding_mask) into a NestedTensor before its layers, and
 # takes the layers' module-by-module path when one has a forward pre-hook (tuners/base.py,
