@@ -88,11 +88,11 @@ def activate_left(layers: list[TunerLayer], left: list[str]) -> None:
 
 def chain(module: nn.Module) -> list[TunerLayer]:
     """The adapter layers wrapped one in another at one place, outermost first."""
-    chain = []
+    layers = []
     while isinstance(module, TunerLayer):
-        chain.append(module)
+        layers.append(module)
         module = module.base
-    return chain
+    return layers
 
 
 # Note: no nested tensors through adapters. In eval mode under no_grad, nn.TransformerEncoder
