@@ -38,21 +38,18 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    if path.parent.is_dir() and path.parent != pathlib.Path("."):  # "run/epoch_9" where run/ is here: a typo,
-        try:  # unless the hub cache holds such a repo
-            return pathlib.Path(huggingface_hub.snapshot_download(
-                text, revision=revision, allow_patterns=list(files), cache_dir=cache_dir, token=token,
-                local_files_only=True))
-        except LocalEntryNotFoundError:
-            raise FileNotFoundError(f"{text} is not a directory, though {path.parent} is one here; a mistyped local "
-                                    f"path? (it has {sorted(p.name for p in path.parent.iterdir())[:8]}; a hub repo "
-                                    "id whose owner is also a local folder: run from another directory)") from None
-    local_only = bool(local_files_only) or offline()
+    # "run/epoch_9" where run/ is here: a mistyped local path, unless the hub cache holds such a repo
+    typo = path.parent.is_dir() and path.parent != pathlib.Path(".")
+    local_only = bool(local_files_only) or offline() or typo
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(
             text, revision=revision, allow_patterns=list(files), cache_dir=cache_dir, token=token,
             local_files_only=local_only))
     except LocalEntryNotFoundError as e:
+        if typo:
+            raise FileNotFoundError(f"{text} is not a directory, though {path.parent} is one here; a mistyped local "
+                                    f"path? (it has {sorted(p.name for p in path.parent.iterdir())[:8]}; a hub repo "
+                                    "id whose owner is also a local folder: run from another directory)") from None
         where = "offline (HF_HUB_OFFLINE=1 or local_files_only)" if local_only else "and it could not be downloaded"
         raise FileNotFoundError(f"{text} (revision {revision or 'main'}) is not a local directory nor in the hub cache "
                                 f"{cache_dir or constants.HF_HUB_CACHE}, {where}: {e}") from e

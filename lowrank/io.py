@@ -29,7 +29,7 @@ from .config import LoraConfig
 from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
 from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters, from_peft_pattern, from_peft_targets,
                        to_peft_parameters, to_peft_pattern, to_peft_targets)
-from .targets import first_match
+from .targets import first_match, task_type
 from .tuners.lora_param import LoraParameter
 from .walk import _unwrap
 
@@ -105,7 +105,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     peft_config = {
         # a causal LM's file names its task, so PEFT's AutoPeftModelForCausalLM loads it; a classifier's or
         # question answerer's names its task once its head is in (below); other models': no task
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if io_prompt.task_type(model) == "CAUSAL_LM" else None,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if task_type(model) == "CAUSAL_LM" else None,
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
         "r": r, "lora_alpha": _number(alpha),
         "target_modules": to_peft_targets(model, modules) if modules else [],  # PEFT reads None as its defaults
@@ -117,7 +117,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         "bias": "none", "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
-    task = io_prompt.task_type(model)  # See Note: task heads (lowrank/io_prompt.py): PEFT's file of the task has it
+    task = task_type(model)  # See Note: task heads (lowrank/io_prompt.py): PEFT's file of the task has it
     head = io_prompt.head_parameters(model, task, PREFIX)
     adapted = sorted({w for k in head for w in ranks if k[len(PREFIX):].startswith(w + ".")})
     if head and not adapted:

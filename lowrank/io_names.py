@@ -39,12 +39,14 @@ def to_peft_pattern(values: dict[str, float], wrapped: list[str]) -> dict[str, f
     the `.`-suffix of one), then it is escaped and anchored ("^0" matches "0", not "1.0"); a
     name with other characters than letters, digits, '_', '-' and '.' is escaped (a ModuleDict
     key "a+b" is no regular expression of itself)."""
+    def clashes(w: str, k: str) -> bool:  # key k of w also matches another wrapped module
+        return any(n != w and re.match(rf"(.*\.)?({k})$", n) for n in wrapped)
+
     def key(w: str) -> str:
+        if re.fullmatch(r"[\w.\-]+", w) and not clashes(w, w):
+            return w
         escaped = re.escape(w)
-        if any(n != w and re.match(rf"(.*\.)?({escaped})$", n) for n in wrapped):
-            return "^" + escaped
-        return w if re.fullmatch(r"[\w.\-]+", w) and not any(n != w and re.match(rf"(.*\.)?({w})$", n) for n in wrapped) \
-            else escaped
+        return "^" + escaped if clashes(w, escaped) else escaped
 
     return {key(w): v for w, v in values.items()}
 

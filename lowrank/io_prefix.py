@@ -17,6 +17,7 @@ from torch import nn
 from . import distributed, io_prompt
 from .config import PrefixConfig
 from .inject import inject
+from .targets import task_type
 from .tuners.base import TunerLayer
 from .tuners.prefix import PrefixLayer, default_targets, layers
 
@@ -75,7 +76,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
 
 
 def _task_type(model: nn.Module) -> str | None:
-    return io_prompt.task_type(model) if hasattr(model, "config") else None  # no config: not a transformers model
+    return task_type(model) if hasattr(model, "config") else None  # no config: not a transformers model
 
 
 def config_from_peft(peft_config: dict, source: str) -> PrefixConfig:

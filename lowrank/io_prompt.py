@@ -17,14 +17,12 @@ from torch import nn
 from . import distributed
 from .config import PromptConfig
 from .inject import _walk, adapter_names, inject, plain_parameters
+from .targets import HEADS, task_type
 from .tuners.prompt import PromptLayer
 
 KEY = "prompt_embeddings"
 PEFT_TYPE = "PROMPT_TUNING"
 INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours -> PEFT's PromptTuningInit
-# transformers class-name endings -> PEFT task_type (PeftModel.from_pretrained picks its class by it)
-TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
 
 
 # Note: task heads. PEFT's model classes for SEQ_CLS, TOKEN_CLS and QUESTION_ANS train the task's
@@ -34,8 +32,8 @@ TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequen
 # prompt or prefix alone, so save_adapter writes the head as the model has it, and load_adapter
 # loads a file's head into the model's, as a base weight (LoadResult.base; eject does not undo it:
 # lowrank/io.py, Note: base weights in an adapter file). Used by io_prefix, and by io.py for LoRA
-# (PEFT's LoRA files of these tasks carry the head the same way, under base_model.model.).
-HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+# (PEFT's LoRA files of these tasks carry the head the same way, under base_model.model.). The
+# tasks and their heads' names: lowrank/targets.py (TASKS, HEADS), where all-linear leaves heads out.
 
 
 def saved_parameters(model: nn.Module, names, prefix: str = "base_model.") -> dict[str, nn.Parameter]:
@@ -91,11 +89,6 @@ def holds_prompt(model: nn.Module, name: str | None) -> bool:
     return bool(_prompt_layers(model, name))
 
 
-def task_type(model: nn.Module) -> str:
-    cls = type(model).__name__
-    return next((task for suffix, task in TASKS if cls.endswith(suffix)), "FEATURE_EXTRACTION")
-
-
 def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """({"prompt_embeddings": P}, PEFT adapter_config dict) for prompt adapter `name`."""
     name = adapter_names(model)[0] if name is None else name
@@ -149,10 +142,11 @@ def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, str
 def refuse_tied_saved(model: nn.Module, saved, source) -> None:
     """PEFT trains a copy of a modules_to_save module, so a weight tied to one outside it (a tied
     lm_head and embed_tokens) is untied there; loaded into the shared weight, it would change both."""
-    inside = saved_parameters(model, saved, "")
-    names = plain_parameters(model)  # a tied weight under each of its names
-    tied = sorted({n for n, p in names if any(p is q for q in inside.values())
-                   and sum(p is other for _, other in names) > 1})  # also two saved modules sharing one weight
+    from .quant.quantize import weight_owners
+
+    owners = weight_owners(model)  # every module that registers a weight: two mean a tie (two saved ones too)
+    tied = sorted({n for p in saved_parameters(model, saved, "").values() for n, _ in owners[id(p)]
+                   if len(owners[id(p)]) > 1})
     if tied:
         raise NotImplementedError(f"{source}: modules_to_save={saved!r} names weights tied to {tied}; PEFT trains an "
                                   "untied copy of such a module, which lowrank.load_adapter does not reproduce")

@@ -66,18 +66,25 @@ def output_head_names(model: nn.Module) -> set[str]:
 def task_heads(model: nn.Module, named=None) -> list[str]:
     """The names of a classifier's, token classifier's or question answerer's head modules (the
     outermost whose names end as TASK_HEADS says; a torch.compile wrapper is seen through)."""
-    inner = getattr(model, "_orig_mod", model)
-    ends = next((names for suffix, names in TASK_HEADS if type(inner).__name__.endswith(suffix)), ())
+    ends = HEADS.get(task_type(getattr(model, "_orig_mod", model)), ())
     if not ends:
         return []
     found = [n for n, _ in (named if named is not None else _named(model)) if n and n.endswith(ends)]
     return [n for n in found if not any(n.startswith(o + ".") for o in found)]
 
 
-# transformers class-name endings -> the names of their task head's modules (PEFT's modules_to_save for
-# SEQ_CLS, TOKEN_CLS and QUESTION_ANS, matched as PEFT does: a module whose name ends with one)
-TASK_HEADS = (("ForSequenceClassification", ("classifier", "score")), ("ForTokenClassification", ("classifier", "score")),
-              ("ForQuestionAnswering", ("qa_outputs",)))
+# transformers class-name endings -> PEFT task_type (PeftModel.from_pretrained picks its class by it)
+TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+# a task -> the names of its head's modules (PEFT's modules_to_save for the task, matched as PEFT does: a
+# module whose name ends with one; lowrank/io_prompt.py, Note: task heads)
+HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def task_type(model: nn.Module) -> str:
+    """PEFT's task_type for a transformers model, by its class name's ending."""
+    cls = type(model).__name__
+    return next((task for suffix, task in TASKS if cls.endswith(suffix)), "FEATURE_EXTRACTION")
 
 
 def _named(model: nn.Module):
