@@ -248,7 +248,7 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
             del running[i:]
             break
     # nested: inside a model that is running (a stale entry of another model is none of its parents)
-    outermost = not any(m is not model and any(inner is model for inner in m.modules()) for m, _ in running)
+    outermost = not any(any(inner is model for inner in m.modules()) for m, _ in running)  # (model itself: gone above)
     running.append((model, None if compiling else sys._getframe(1)))
     P = _prefix_length(model) if outermost else 0
     if P == 0:

@@ -104,8 +104,7 @@ class TrainConfig:
         if self.adapter_dtype == "float16":
             raise ConfigError("adapter_dtype: float16 trains NaN (AdamW's eps of 1e-8 is 0 in float16, and an update "
                               "of a zero gradient is 0 / 0); use float32 (the default on a float16 base) or bfloat16")
-        if self.adapter_dtype is None and self.dtype == "float16":
-            object.__setattr__(self, "adapter_dtype", "float32")
+        object.__setattr__(self, "adapter_dtype", adapters_dtype(self.dtype, self.adapter_dtype))
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"distributed must be one of {DISTRIBUTED}; got {self.distributed!r}")
         if type(self.optimizer_bits) is not int or self.optimizer_bits not in (8, 32):  # not 8.0, not True
@@ -162,6 +161,12 @@ def from_mapping(values: Mapping, source: str = "config") -> TrainConfig:
         return TrainConfig(**values)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def adapters_dtype(dtype: str, adapter_dtype: str | None) -> str | None:
+    """The adapters' dtype a run with these fields trains: float32 on a float16 base when none is
+    named (See TrainConfig: float16 adapters train NaN), else as named (None: the base's)."""
+    return "float32" if adapter_dtype is None and dtype == "float16" else adapter_dtype
 
 
 def _refuse_near_misses(names: Mapping, path) -> None:

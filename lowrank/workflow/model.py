@@ -14,7 +14,7 @@ from torch import nn
 from ..inject import inject
 from ..io import CONFIG_NAME, load_adapter
 from ..quant import quantize
-from .config import DTYPES, ConfigError, require
+from .config import DTYPES, ConfigError, adapters_dtype, require
 from .methods import METHODS, nf4_config, tuner_config
 
 WORKFLOW_FILE = "lowrank_workflow.json"  # beside a checkpoint's adapter: method, template, training config
@@ -63,11 +63,10 @@ def apply_method(model, method: str, options: dict, nf4: dict, adapter_dtype: st
 
 def virtual_tokens(model: nn.Module) -> int:
     """The positions an active prompt or prefix takes before the text (0: none)."""
-    from ..tuners.prefix import PrefixLayer
+    from ..tuners.prefix_attention import _prefix_length
     from ..tuners.prompt import PromptLayer
 
-    layers = (PrefixLayer, PromptLayer)
-    return sum(next((m.length for m in model.modules() if isinstance(m, kind)), 0) for kind in layers)
+    return _prefix_length(model) + next((m.length for m in model.modules() if isinstance(m, PromptLayer)), 0)
 
 
 def check_context(model: nn.Module, longest: int, max_length: int) -> None:
@@ -193,9 +192,8 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
         quantize(model, config)
     if wide:
         cast_rest(model, getattr(torch, dtype))
-    adapter_dtype = train.get("adapter_dtype")  # as trained: float32 adapters load unrounded
-    if adapter_dtype is None and train.get("dtype") == "float16":  # a float16 run's adapters are float32
-        adapter_dtype = "float32"  # (TrainConfig); a workflow file written before says null
+    # as trained: float32 adapters load unrounded (a float16 run's, too, where an older file says null)
+    adapter_dtype = adapters_dtype(train.get("dtype", "float32"), train.get("adapter_dtype"))
     load_adapter(model, path, dtype=getattr(torch, adapter_dtype) if adapter_dtype in DTYPES else None,
                  allow_other_base=allow_other_base)
     return model.eval(), tokenizer, train.get("template")
