@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..io import _fsync_dir, save_adapter
 from ..optim import PagedAdamW  # _fsync_dir: open + fsync, a file or a directory
-from ..shards import temporary_directory
+from ..shards import held_directory, temporary_directory
 from . import data as data_mod
 from . import parallel
 from .batches import collate, encode_all, epoch_batches, pad_id
@@ -265,14 +265,26 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
     ranks = parallel.start(config.distributed, config.device)
     finished = False
     try:
-        summary = _train(config, resume, (sys.stderr if stream is None else stream) if ranks.main else _Quiet(), ranks)
+        with contextlib.ExitStack() as held:
+            summary = _train(config, resume, (sys.stderr if stream is None else stream) if ranks.main else _Quiet(),
+                             ranks, held)
         finished = True
         return summary
     finally:
         parallel.stop(ranks, finished)
 
 
-def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> Summary:
+def _hold(output_dir: str, held: contextlib.ExitStack) -> None:
+    """Make this run output_dir's one writer until it ends (shards.held_directory): a second run
+    there would clear this one's unfinished checkpoint and write over its epochs."""
+    try:
+        held.enter_context(held_directory(output_dir))
+    except BlockingIOError as e:
+        raise ConfigError(f"output_dir {output_dir!r}: {e.strerror}; wait for that run to end, "
+                          "or choose another output_dir") from None
+
+
+def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks, held: contextlib.ExitStack) -> Summary:
     if config.batch_size % ranks.world:
         raise ConfigError(f"batch_size is the global micro-batch, split evenly over the ranks: it must be a multiple "
                           f"of the {ranks.world} ranks; got {config.batch_size}")
@@ -280,6 +292,7 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks) -> 
     if state is not None and state.get("world", 1) != ranks.world:
         raise ConfigError(f"--resume: the checkpoint was trained on {state.get('world', 1)} rank(s), this run has "
                           f"{ranks.world}; the per-rank batches would differ: resume on {state.get('world', 1)}")
+    ranks.first(lambda: _hold(config.output_dir, held))  # rank 0 writes; its refusal reaches every rank
     _clear_unfinished(config, ranks, stream)
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
     model, tokenizer = load_base(config.model, config.dtype, ranks.device, config.trust_remote_code)

@@ -34,7 +34,7 @@ def test_resume_refuses_to_replace_later_adapters_without_trainer_state(tmp_path
     assert cli.main(["train", str(tmp_path / "c.yaml"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds ['epoch_2', 'epoch_3'] after epoch_1" in err and "new output_dir" in err
-    assert sorted(p.name for p in out.iterdir()) == ["epoch_1", "epoch_2", "epoch_3"]
+    assert sorted(p.name for p in out.iterdir()) == [shards.LOCK_FILE, "epoch_1", "epoch_2", "epoch_3"]
     assert {e: (out / f"epoch_{e}" / "adapter_model.safetensors").read_bytes() for e in (2, 3)} == kept
 
 
@@ -61,7 +61,7 @@ def test_the_next_run_removes_everything_a_killed_save_left_and_nothing_else(tmp
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     out = tmp_path / "out"
-    left = sorted(p.name for p in out.iterdir())
+    left = sorted(p.name for p in out.iterdir() if p.name != shards.LOCK_FILE)  # the lock died with it
     assert len(left) == 2 and all(name.startswith(".") for name in left), left
     assert any((out / name / "adapter_model.safetensors").is_file() for name in left), left
     others = [".epoch_1.notes", "..epoch_1.x1y2.tmp.keep", "epoch_1.tmp", ".epochs.tmp"]  # not lowrank's
@@ -70,7 +70,7 @@ def test_the_next_run_removes_everything_a_killed_save_left_and_nothing_else(tmp
     log = io.StringIO()
     train(config, stream=log)
     assert f"unfinished checkpoints a stopped run left: {left}" in log.getvalue()
-    assert sorted(p.name for p in out.iterdir()) == sorted(["epoch_1", *others])
+    assert sorted(p.name for p in out.iterdir()) == sorted([shards.LOCK_FILE, "epoch_1", *others])
 
 
 def test_checkpoint_directories_get_the_umasks_permissions(tmp_path, model_dir, data_file):
@@ -95,3 +95,17 @@ def test_replacing_a_directory_keeps_its_permissions(tmp_path, mode):
     with shards.atomic_directory(target, overwrite=True) as tmp:
         (tmp / "f").write_text("new")
     assert (target / "f").read_text() == "new" and target.stat().st_mode & 0o777 == mode
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_touches_nothing(tmp_path, model_dir, data_file):
+    config = _config(tmp_path, model_dir, data_file)
+    out = tmp_path / "out"
+    writing = out / ".epoch_1.0123abcd.tmp"  # the first run's checkpoint, half written
+    writing.mkdir(parents=True)
+    with shards.held_directory(out):  # the first run, still going (a lock per open file: in-process works)
+        with pytest.raises(C.ConfigError, match=rf"output_dir '{out}': another process \(pid {os.getpid()}\) is "
+                                                "writing to .*; wait for that run to end"):
+            train(config, stream=io.StringIO())
+        assert writing.is_dir() and not (out / "epoch_1").exists()
+    train(config, stream=io.StringIO())  # released with the block
+    assert (out / "epoch_1" / STATE_FILE).is_file() and not writing.exists()

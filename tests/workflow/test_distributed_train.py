@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from lowrank import cli
+from lowrank import cli, shards
 from lowrank.workflow import config as C
 from lowrank.workflow import parallel
 from lowrank.workflow import train as T
@@ -91,7 +91,7 @@ def test_two_ranks_train_and_resume_as_one_process_does(mode, method, model_dir,
         sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]  # whole tensors, as one process keeps them
         assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
         assert json.loads((got / "lowrank_workflow.json").read_text())["config"]["distributed"] == mode
-    assert not [n for n in os.listdir(tmp_path / "ranks") if n.startswith(".")]  # no temporary directory left
+    assert [n for n in os.listdir(tmp_path / "ranks") if n.startswith(".")] == [shards.LOCK_FILE]  # no temporary directory
 
     # only rank 0 reports: one data line, one progress line a step, one summary
     for log, steps in ((first, range(1, 3)), (second, range(3, 5))):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowrank import cli
+from lowrank import cli, shards
 from lowrank.workflow import config as C
 from lowrank.workflow.data import Turn
 from lowrank.workflow.generate import stream
@@ -33,7 +33,7 @@ def test_training_writes_a_checkpoint_each_epoch_and_a_summary(trained):
     for e in range(1, EPOCHS + 1):
         names = sorted(os.listdir(out / f"epoch_{e}"))
         assert names == ["adapter_config.json", "adapter_model.safetensors", "lowrank_workflow.json", STATE_FILE]
-    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no temporary directory left behind
+    assert [n for n in os.listdir(out) if n.startswith(".")] == [shards.LOCK_FILE]  # no temporary directory left
     assert "0 truncated" in proc.stderr and "tok/s" in proc.stderr and " lr " in proc.stderr
     summary = dict(line.split(None, 1) for line in proc.stdout.split("done:\n")[1].splitlines())
     assert int(summary["epochs"]) == EPOCHS and int(summary["steps"]) == EPOCHS * math.ceil(REPEAT * len(tiny.CONVERSATIONS) / 4)  # batch_size 4
