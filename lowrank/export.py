@@ -166,7 +166,8 @@ def _nf4_sizes(prefix: str, like: Linear4bit, dtype: torch.dtype, requantized: b
 
 def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB",
                      dtype: torch.dtype | str | None = None, tokenizer=None, requantize: bool = False, *,
-                     overwrite: bool = False) -> ExportResult | None:
+                     overwrite: bool = False, extra_files: dict[str, str | os.PathLike] | None = None
+                     ) -> ExportResult | None:
     """Write `model` with its active LoRA / DoRA adapters merged as a plain Hugging Face model
     directory that `transformers.AutoModel*.from_pretrained` loads: safetensors shards of at
     most `max_shard_size` (+ index), config.json, generation_config.json, tokenizer files (of
@@ -177,13 +178,15 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     requantize: the layers that were 4-bit stay 4-bit (bitsandbytes format, with
     `quantization_config` in config.json): those with an adapter are merged and quantized to
     NF4 again (the error it adds is returned and logged), the others keep their own codes.
-    `model` is not changed. The directory appears whole or not at all (Note: atomic
+    extra_files: {file name: path} copied in beside them, inside the swap (lowrank train's
+    workflow file). `model` is not changed. The directory appears whole or not at all (Note: atomic
     directories, in lowrank/shards.py); an existing non-empty one needs overwrite=True. Under
     torch.distributed rank 0 writes (the others return None), from an unsharded model (DDP); an
     FSDP2-sharded one is refused."""
     model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the keys
     distributed.check_not_sharded(model, "merge_and_export (a full model, gathered)")
     max_bytes = shards.parse_size(max_shard_size)
+    extra_files = _check_extra_files(extra_files)
     state, loras, quantized, params4 = _plain_state(model)
     dtype = _export_dtype(dtype, quantized | params4)
     if requantize and not quantized and params4:
@@ -227,6 +230,10 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
             modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
             _write_config(model, tmp, dtype, quantization_config(quantized, modules) if requantize else None, state)
             _write_tokenizer(model, tmp, tokenizer)
+            for name, source in extra_files.items():
+                if (tmp / name).exists():
+                    raise ValueError(f"extra_files: {name!r} is a file the export itself writes; got {source}")
+                shutil.copyfile(source, tmp / name)
         return files
 
     files = distributed.on_main(write, collective=False)  # every rank may call it: one writes
@@ -237,6 +244,19 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
                  "layers", max(errors.values()), sum(errors.values()) / len(errors), len(errors))
     merged = sorted(n for n, layers in loras.items() if any(la.active or la.merged for la in layers))
     return ExportResult(pathlib.Path(out_dir), files, dtype, merged, dict(sorted(errors.items())))
+
+
+def _check_extra_files(extra: dict | None) -> dict[str, pathlib.Path]:
+    """{plain file name: existing file}, checked before anything is merged or written."""
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra_files must be a dict {{file name: source path}}; got {type(extra).__name__}")
+    for name, source in extra.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+            raise ValueError(f"extra_files: a key is a plain file name for the export directory; got {name!r}")
+        if not pathlib.Path(source).is_file():
+            raise FileNotFoundError(f"extra_files[{name!r}]: no file at {source}")
+    return {name: pathlib.Path(source) for name, source in extra.items()}
 
 
 # Note: 4-bit GPT-2. lowrank.quantize turns a GPT-2 Conv1D (weight stored (in, out)) into a

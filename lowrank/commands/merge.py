@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 
 from ..export import DTYPES
 
@@ -119,11 +118,10 @@ def run(args) -> int:
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
     # each merged weight is rounded once, into the export dtype (lowrank/export.py)
     loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, dtype=torch.float32)
-    result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                              requantize=args.requantize, overwrite=args.overwrite)
     workflow = pathlib.Path(args.adapter) / WORKFLOW_FILE  # lowrank train's: chat on OUT finds the template
-    if workflow.is_file():
-        shutil.copyfile(workflow, pathlib.Path(args.out) / WORKFLOW_FILE)
+    result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                              requantize=args.requantize, overwrite=args.overwrite,
+                              extra_files={WORKFLOW_FILE: workflow} if workflow.is_file() else None)
     print(f"merged {len(loaded.modules)} modules of {args.adapter} into {args.base}; wrote {args.out} "
           f"({len(result.files)} weight file{'s' if len(result.files) > 1 else ''}, "
           f"{'dtype ' + str(result.dtype).removeprefix('torch.') if result.dtype else 'dtypes as the base'})")

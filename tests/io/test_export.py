@@ -258,6 +258,23 @@ def test_directory_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     assert safetensors_torch.load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"].dtype == torch.float16
 
 
+def test_extra_files_come_inside_the_swap_or_the_old_directory_stays(tmp_path, monkeypatch):
+    _, model = adapted("llama", tmp_path)
+    (tmp_path / "notes.json").write_text('{"template": "chatml"}')
+    merge_and_export(model, tmp_path / "out", extra_files={"notes.json": tmp_path / "notes.json"})
+    assert (tmp_path / "out" / "notes.json").read_text() == '{"template": "chatml"}'
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match="'config.json' is a file the export itself writes"):
+        merge_and_export(model, tmp_path / "out", overwrite=True, dtype="fp16",
+                         extra_files={"config.json": tmp_path / "notes.json"})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # the copy failed: no swap
+    for bad, error in [({"a/b": tmp_path / "notes.json"}, "a plain file name"), ({"x": tmp_path / "none"}, "no file at"),
+                       ([("x", "y")], "must be a dict")]:
+        with pytest.raises((ValueError, FileNotFoundError, TypeError), match=error):
+            merge_and_export(model, tmp_path / "other", extra_files=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "notes.json", "out"]
+
+
 def test_requantized_sizes_are_planned_at_most():
     """merge_and_export plans a re-quantized weight's shard bytes before making it: its
     quant-state JSON holds the new offset, whose text may be longer than the old one's."""
