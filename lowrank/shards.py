@@ -228,23 +228,27 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
     """Hold `directory` (made if missing) for one writer during the block: an exclusive flock on
     its `.lowrank.lock` file, which stays behind empty of meaning (the kernel drops the lock when
     the block ends or the process dies; no stale lock to clean). Another holder: BlockingIOError
-    naming its process id. Without fcntl (Windows) the block runs unheld."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
+    naming its process id. Without fcntl (Windows), or on a file system that has no locks, the
+    block runs unheld."""
     path = pathlib.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     with open(path / LOCK_FILE, "a+") as f:
         try:
+            import fcntl
+
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             raise BlockingIOError(errno.EWOULDBLOCK, f"another process (pid {holder}) is writing to {path}") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        except OSError as e:  # a file system without locks (some NFS mounts: ENOLCK): run unheld, as on Windows
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        except ImportError:  # no fcntl: Windows
+            pass
+        else:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
         yield

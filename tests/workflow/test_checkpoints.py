@@ -109,3 +109,20 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_touches_nothing(tmp_
         assert writing.is_dir() and not (out / "epoch_1").exists()
     train(config, stream=io.StringIO())  # released with the block
     assert (out / "epoch_1" / STATE_FILE).is_file() and not writing.exists()
+
+
+def test_a_file_system_without_locks_runs_unheld(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with shards.held_directory(tmp_path / "out"):
+        with shards.held_directory(tmp_path / "out"):  # nothing held: nothing refused
+            pass
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+    with pytest.raises(PermissionError):  # any other failure is the user's to see
+        with shards.held_directory(tmp_path / "out"):
+            pass
