@@ -17,6 +17,7 @@ COMMANDS = ("train", "merge", "chat", "web")  # modules of lowrank.commands, in 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lowrank", description="Parameter-efficient fine-tuning with lowrank.")
+    parser.add_argument("--version", action="version", version=_versions())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = {name: importlib.import_module(f"lowrank.commands.{name}") for name in COMMANDS}
     for module in modules.values():
@@ -29,6 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         # the workflow's ConfigError / DataError / TemplateError are ValueErrors
         print(f"lowrank {args.command}: error: {e}", file=sys.stderr)  # one clear line, no traceback
         return 2
+
+
+def _versions() -> str:
+    """lowrank's version and those of what it runs on, for a bug report."""
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    return f"lowrank {__version__} (Python {platform.python_version()}, torch {torch.__version__})"
 
 
 if __name__ == "__main__":

@@ -205,3 +205,17 @@ def test_a_python_configs_near_miss_of_a_field_is_an_error(tmp_path):
         f.write_text(f"model = 'm'\ndata = 'd.json'\noutput_dir = 'o'\n{typo} = 1\n")
         with pytest.raises(C.ConfigError, match=rf"'{typo}' is not a TrainConfig field; did you mean '{field}'"):
             C.load(f)
+
+
+def test_version_names_lowrank_python_and_torch(capsys):
+    import platform
+
+    import torch
+
+    import lowrank as package
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == (f"lowrank {package.__version__} (Python {platform.python_version()}, "
+                                       f"torch {torch.__version__})\n")
