@@ -2,7 +2,8 @@
 
 Each command is a module of lowrank.commands with `add_parser(subparsers)` (declares its
 arguments) and `run(args) -> int` (does the work); this file only lists them. Errors a user
-can fix (a bad config, data file, path or option) print as one line and exit 2.
+can fix (a bad config, data file, path or option) print as one line and exit 2
+(LOWRANK_TRACEBACK=1: raised, with the traceback).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS = ("train", "merge", "chat", "web")  # modules of lowrank.commands, in the order `lowrank --help` lists them
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return modules[args.command].run(args) or 0
     except (ValueError, TypeError, OSError, NotImplementedError, FloatingPointError) as e:  # OSError: paths, files
         # the workflow's ConfigError / DataError / TemplateError are ValueErrors
+        if os.environ.get("LOWRANK_TRACEBACK", "") not in ("", "0"):  # for a bug report: the whole story
+            raise
         print(f"lowrank {args.command}: error: {e}", file=sys.stderr)  # one clear line, no traceback
         return 2
 

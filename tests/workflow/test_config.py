@@ -219,3 +219,13 @@ def test_version_names_lowrank_python_and_torch(capsys):
     assert exit.value.code == 0
     assert capsys.readouterr().out == (f"lowrank {package.__version__} (Python {platform.python_version()}, "
                                        f"torch {torch.__version__})\n")
+
+
+def test_errors_are_one_line_unless_a_traceback_is_asked_for(tmp_path, capsys, monkeypatch):
+    missing = str(tmp_path / "nowhere.yaml")
+    assert cli.main(["train", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowrank train: error: ") and err.count("\n") == 1 and missing in err
+    monkeypatch.setenv("LOWRANK_TRACEBACK", "1")
+    with pytest.raises(C.ConfigError, match="nowhere.yaml.* does not exist"):
+        cli.main(["train", missing])
