@@ -38,3 +38,20 @@ def test_bad_data_file_says_what_is_wrong(tmp_path):
         data.load(bad)
     with pytest.raises(FileNotFoundError, match="--data"):
         data.load(tmp_path / "missing.jsonl")
+
+
+def test_data_lines_end_at_newlines_only_and_labels_are_checked(tmp_path):
+    texts = tmp_path / "texts.jsonl"  # U+2028 is legal inside a JSON string; str.splitlines broke the line there
+    texts.write_text('{"text": "one\u2028two", "label": "a"}\r\n{"text": "three", "label": 7}\n\n', encoding="utf-8")
+    assert data.load(texts) == [("one\u2028two", "a"), ("three", "7")]
+    for label in ("null", "true", '""', "[1]", "1.5"):
+        texts.write_text(f'{{"text": "x", "label": "a"}}\n{{"text": "y", "label": {label}}}\n')
+        with pytest.raises(ValueError, match=r"texts.jsonl:2: 'label' must be a non-empty string or an integer"):
+            data.load(texts)
+
+
+@pytest.mark.parametrize("lr", ["0", "-1", "nan", "inf"])
+def test_a_learning_rate_that_cannot_train_is_refused(lr, capsys):
+    with pytest.raises(SystemExit):
+        qlora_minilm.parse_args(["--lr", lr])
+    assert f"--lr must be a positive finite number; got {float(lr)}" in capsys.readouterr().err

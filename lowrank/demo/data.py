@@ -18,16 +18,18 @@ def load(path: str | Path) -> list[tuple[str, str]]:
         raise FileNotFoundError(f"data file {path} not found; pass --data a JSON-lines file of "
                                 '{"text": ..., "label": ...} objects')
     examples = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # JSON lines end in \n alone
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             text, label = row["text"], row["label"]
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
+        except (json.JSONDecodeError, TypeError, KeyError, IndexError) as e:
             raise ValueError(f"{path}:{i}: expected a JSON object with 'text' and 'label'; got {line[:80]!r}") from e
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}:{i}: 'text' must be a non-empty string; got {text!r}")
+        if not isinstance(label, (str, int)) or isinstance(label, bool) or label == "":
+            raise ValueError(f"{path}:{i}: 'label' must be a non-empty string or an integer; got {label!r}")
         examples.append((text, str(label)))
     labels = {label for _, label in examples}
     if len(labels) < 2:

@@ -239,6 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if not 0 < args.lr < float("inf"):
+        p.error(f"--lr must be a positive finite number; got {args.lr}")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1; got {args.steps}")
     return args
