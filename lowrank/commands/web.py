@@ -38,17 +38,25 @@ def run(args) -> int:
 
 
 def _serve(cmd: list[str]) -> int:
-    """Run the server `cmd` until it ends; SIGTERM and SIGINT sent to this process (`kill PID`,
-    docker stop, a supervisor) are passed on to it and we wait for it to stop. Otherwise it
-    outlived us, orphaned and holding the port. Ctrl-C reaches both (one process group): the
-    server then gets SIGINT twice, and Streamlit's handler stops it either way."""
-    child = subprocess.Popen(cmd)
+    """Run the server `cmd` until it ends; SIGTERM, SIGINT and SIGHUP sent to this process (`kill
+    PID`, docker stop, a supervisor, a closed ssh session) are passed on to it and we wait for it
+    to stop. Otherwise it outlived us, orphaned and holding the port. Ctrl-C reaches both (one
+    process group): the server then gets SIGINT twice, and Streamlit's handler stops it either
+    way. The handlers go in before the server starts: a signal in between is passed on once it has."""
+    child, pending = None, []
 
     def forward(signum, frame):
-        child.send_signal(signum)
+        if child is None:
+            pending.append(signum)
+        else:
+            child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    passed = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, forward) for s in passed}
     try:
+        child = subprocess.Popen(cmd)
+        for signum in pending:
+            child.send_signal(signum)
         code = child.wait()
     finally:
         for s, handler in previous.items():
