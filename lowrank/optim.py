@@ -76,6 +76,16 @@ def managed_pool(device: torch.device):
     return _POOLS[device.index]
 
 
+# Note: the step hooks run once. Optimizer wraps the step of every class it makes an instance of
+# in the caller's step hooks (torch.optim.Optimizer.profile_hook_step): PagedAdamW.step, and
+# AdamW.step too once any AdamW exists in the process. PagedAdamW's step calls AdamW's without that
+# wrapper, else every pre/post hook would run twice, the inner ones after the 8-bit update and
+# seeing the 8-bit parameters' grads hidden.
+def _adamw_step(optimizer: torch.optim.AdamW):
+    step = torch.optim.AdamW.step
+    return (step.__wrapped__ if getattr(step, "hooked", False) else step)(optimizer)
+
+
 class PagedAdamW(torch.optim.AdamW):
     """AdamW (Loshchilov & Hutter 2019) with paged states; the arguments are AdamW's. `paged=False`
     gives torch.optim.AdamW exactly (the switch `lowrank train`'s paged_optimizer sets).
@@ -123,7 +133,7 @@ class PagedAdamW(torch.optim.AdamW):
                     for p in batch:
                         hidden.append((p, p.grad))
                         p.grad = None
-            super().step()
+            _adamw_step(self)  # not super().step(): See Note: the step hooks run once
         finally:
             for p, grad in hidden:
                 p.grad = grad
