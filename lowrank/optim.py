@@ -111,6 +111,12 @@ class PagedAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach)
         self.paged, self.state_bits, self.min_8bit_size = paged, state_bits, min_8bit_size
 
+    def __getstate__(self) -> dict:
+        # Optimizer's keeps defaults, state and param_groups only: a deepcopy or an unpickled copy
+        # would have no paged / state_bits / min_8bit_size and fail in its first step
+        return {**super().__getstate__(), "paged": self.paged, "state_bits": self.state_bits,
+                "min_8bit_size": self.min_8bit_size}
+
     def _in_8bit(self, p: torch.Tensor) -> bool:
         return self.state_bits == 8 and p.numel() >= self.min_8bit_size
 
