@@ -159,6 +159,10 @@ class PagedAdamW(torch.optim.AdamW):
                 if group["amsgrad"]:
                     raise ValueError(f"param group {i} has amsgrad=True, which needs float32 states: 8-bit AdamW has "
                                      "no amsgrad; use state_bits=32, or amsgrad=False")
+                if hasattr(p, "to_local"):
+                    raise ValueError(f"state_bits=8 does not take FSDP2-sharded (DTensor) parameters (its blocks would "
+                                     f"follow the shards); param group {i} has one of shape {tuple(p.shape)}: use "
+                                     "state_bits=32")
                 if not p.is_floating_point():
                     raise TypeError(f"state_bits=8 takes real floating parameters; param group {i} has a {p.dtype} one "
                                     f"of shape {tuple(p.shape)}: use state_bits=32 (AdamW's update views it as real)")
@@ -193,9 +197,6 @@ class PagedAdamW(torch.optim.AdamW):
 
     def _state_8bit(self, p: torch.Tensor) -> dict:
         """p's 8-bit state, made on its first step (See Note: 8-bit states)."""
-        if hasattr(p, "to_local"):
-            raise ValueError("state_bits=8 does not take FSDP2-sharded (DTensor) parameters (its blocks would follow "
-                             "the shards); use state_bits=32")
         state = self.state[p]
         if not state:
             blocks = -(-p.numel() // BLOCKSIZE_8BIT)

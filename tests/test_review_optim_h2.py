@@ -37,3 +37,23 @@ def test_a_copy_keeps_the_settings_and_steps_as_the_original(how):
         o.step()
     assert torch.equal(p, p2)
     assert torch.equal(opt.state[p]["state1"], opt2.state[p2]["state1"])
+
+
+def test_8bit_refuses_a_sharded_parameter_before_any_parameter_moves(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = torch.nn.Parameter(torch.randn(512))  # e.g. the root's, when only the layers are fully_shard-ed
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(512), mesh, [Shard(0)]))
+        opt = PagedAdamW([plain, sharded], paged=False, state_bits=8, min_8bit_size=256)
+        before = plain.detach().clone()
+        plain.grad, sharded.grad = torch.ones(512), distribute_tensor(torch.ones(512), mesh, [Shard(0)])
+        with pytest.raises(ValueError, match="DTensor"):
+            opt.step()
+        assert torch.equal(plain, before) and not opt.state[plain]
+    finally:
+        dist.destroy_process_group()
