@@ -62,6 +62,18 @@ def _extension():
     return _C
 
 
+def _prefetch(ext, t: torch.Tensor) -> None:
+    """managed_prefetch of a state tensor, which takes contiguous ones: a DTensor (FSDP2) its own
+    shard; a dense non-contiguous one (zeros_like keeps the strides of a channels_last or transposed
+    parameter) as the flat view of the same bytes (every stride >= 0, so they start at data_ptr)."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    if t.numel() == 0:
+        return  # no bytes (and no allocation) to move
+    if not t.is_contiguous():
+        t = t.as_strided((t.numel(),), (1,), t.storage_offset())
+    ext.managed_prefetch(t)
+
+
 def managed_pool(device: torch.device):
     """The MemPool (one per device) whose allocations are managed memory."""
     if device.index not in _POOLS:
@@ -281,9 +293,8 @@ class PagedAdamW(torch.optim.AdamW):
                         for name in names:
                             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 for name in _PAGED:
-                    if name in state:  # a DTensor (FSDP2) prefetches its own shard
-                        t = state[name]
-                        ext.managed_prefetch(t.to_local() if hasattr(t, "to_local") else t)
+                    if name in state:
+                        _prefetch(ext, state[name])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """AdamW's, then the loaded moments of CUDA parameters are moved into managed memory.

@@ -57,3 +57,33 @@ def test_8bit_refuses_a_sharded_parameter_before_any_parameter_moves(tmp_path):
         assert torch.equal(plain, before) and not opt.state[plain]
     finally:
         dist.destroy_process_group()
+
+
+def test_paged_states_of_a_channels_last_parameter_are_prefetched(monkeypatch):
+    """The CUDA path, simulated on the CPU: managed_prefetch (csrc/bindings_cuda.cpp) refuses a
+    non-contiguous tensor, and AdamW's states of a channels_last (or transposed) parameter keep its
+    strides; each must be prefetched whole, as the flat view of its bytes."""
+    import contextlib
+
+    import lowrank.optim as O
+
+    seen = []
+
+    class Ext:
+        @staticmethod
+        def managed_prefetch(t):
+            if not t.is_contiguous():  # managed_prefetch_op's TORCH_CHECK
+                raise RuntimeError(f"managed_prefetch takes a contiguous tensor, got strides {t.stride()}")
+            seen.append((t.data_ptr(), t.nbytes))
+
+    monkeypatch.setattr(O, "_extension", lambda: Ext)
+    monkeypatch.setattr(O, "managed_pool", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "use_mem_pool", lambda pool, device=None: contextlib.nullcontext())
+    p = torch.nn.Parameter(torch.randn(8, 3, 4, 4).to(memory_format=torch.channels_last))
+    p.grad = torch.randn_like(p)
+    opt = PagedAdamW([p], foreach=False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    opt.step()
+    monkeypatch.undo()
+    moments = [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")]
+    assert seen == [(t.data_ptr(), t.numel() * t.element_size()) for t in moments]
