@@ -284,7 +284,9 @@ class PagedAdamW(torch.optim.AdamW):
             for p in group["params"]:
                 if p.grad is None or not p.is_cuda:
                     continue
-                ext = ext or _extension()
+                if ext is None:
+                    managed_pool(p.device)  # first: its error says what to do when _C has no CUDA
+                    ext = _extension()
                 state = self.state[p]
                 if not state and not self._in_8bit(p):
                     state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # on the CPU, as AdamW keeps it

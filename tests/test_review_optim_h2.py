@@ -87,3 +87,21 @@ def test_paged_states_of_a_channels_last_parameter_are_prefetched(monkeypatch):
     monkeypatch.undo()
     moments = [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")]
     assert seen == [(t.data_ptr(), t.numel() * t.element_size()) for t in moments]
+
+
+def test_paged_without_a_cuda_extension_says_what_to_do(monkeypatch):
+    """A CUDA parameter (simulated) and a lowrank._C without CUDA: the error names the way out
+    (paged=False, or a CUDA build), as managed_pool's does, not a bare ImportError."""
+    import lowrank.optim as O
+
+    def no_cuda():
+        raise ImportError("lowrank._C was built without CUDA")
+
+    monkeypatch.setattr(O, "_extension", no_cuda)
+    monkeypatch.setattr(O, "_POOLS", {})
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.ones(4)
+    opt = PagedAdamW([p], foreach=False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with pytest.raises(RuntimeError, match="paged=False"):
+        opt.step()
