@@ -108,7 +108,7 @@ class PagedAdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, paged: bool = True, state_bits: int = 32, min_8bit_size: int = 4096,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, maximize: bool = False) -> None:
         if not isinstance(paged, bool):
             raise TypeError(f"paged must be a bool; got {paged!r}")
         if type(state_bits) is not int or state_bits not in (8, 32):
@@ -120,7 +120,8 @@ class PagedAdamW(torch.optim.AdamW):
         # capturable / fused keep `step` on the device and run other code: not offered here
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None (on CUDA), True or False; got {foreach!r}")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
+                         maximize=maximize)
         self.paged, self.state_bits, self.min_8bit_size = paged, state_bits, min_8bit_size
 
     def __getstate__(self) -> dict:

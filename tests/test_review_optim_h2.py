@@ -105,3 +105,20 @@ def test_paged_without_a_cuda_extension_says_what_to_do(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with pytest.raises(RuntimeError, match="paged=False"):
         opt.step()
+
+
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_maximize_is_an_argument_as_in_adamw(state_bits):
+    """"the arguments are AdamW's": maximize=True as AdamW(maximize=True) takes it, not only in a param group."""
+    g = torch.Generator().manual_seed(0)
+    p, q = (torch.nn.Parameter(torch.randn(512, generator=g)) for _ in range(2))
+    with torch.no_grad():
+        q.copy_(p)
+    a = PagedAdamW([p], paged=False, state_bits=state_bits, min_8bit_size=256, maximize=True)
+    b = PagedAdamW([{"params": [q], "maximize": True}], paged=False, state_bits=state_bits, min_8bit_size=256)
+    for _ in range(2):
+        grad = torch.randn(512, generator=g)
+        p.grad, q.grad = grad.clone(), grad.clone()
+        a.step()
+        b.step()
+    assert a.param_groups[0]["maximize"] and torch.equal(p, q)
