@@ -227,6 +227,10 @@ class PagedAdamW(torch.optim.AdamW):
         if self._in_8bit(p) and "exp_avg" in state:
             if "max_exp_avg_sq" in state:
                 raise ValueError("a state dict of an amsgrad=True optimizer cannot be loaded with state_bits=8")
+            for name, _ in _CODED:
+                if tuple(state[name].shape) != tuple(p.shape):
+                    raise ValueError(f"the state dict's {name} is of shape {tuple(state[name].shape)}; its parameter "
+                                     f"is of shape {tuple(p.shape)} (a state dict of another model?)")
             for i, (name, signed) in enumerate(_CODED, start=1):
                 codes, absmax = nf4.quantize_8bit(state.pop(name).float().reshape(-1), BLOCKSIZE_8BIT, signed=signed)
                 state[f"state{i}"], state[f"absmax{i}"] = codes.view(p.shape), absmax.view(torch.int32)

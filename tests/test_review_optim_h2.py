@@ -122,3 +122,18 @@ def test_maximize_is_an_argument_as_in_adamw(state_bits):
         a.step()
         b.step()
     assert a.param_groups[0]["maximize"] and torch.equal(p, q)
+
+
+@pytest.mark.parametrize("shape", [(20, 20), (15, 20)])
+def test_a_float32_state_of_another_shape_is_refused_by_8bit_states(shape):
+    """A 32-bit state dict coded to 8 bits on load: a moment of another shape than its parameter (another
+    model's state dict) is refused with the shapes (it was a bare view error, or silently reshaped)."""
+    a = torch.nn.Parameter(torch.randn(300))
+    a.grad = torch.ones(300)
+    opt = PagedAdamW([a], paged=False)
+    opt.step()
+    b = torch.nn.Parameter(torch.randn(shape))
+    opt8 = PagedAdamW([b], paged=False, state_bits=8, min_8bit_size=256)
+    with pytest.raises(ValueError, match=r"shape \(300,\).*shape \(" + str(shape[0])):
+        opt8.load_state_dict(opt.state_dict())
+    assert not opt8.state
