@@ -58,3 +58,19 @@ def _save_fails_on_rank0(rank: int, world: int, out: str) -> None:
 
 def test_a_failed_save_under_ddp_raises_on_every_rank_instead_of_hanging(tmp_path):
     _run(_save_fails_on_rank0, tmp_path, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_cuda_without_a_gpu_under_torchrun_is_a_config_error(mode, monkeypatch):
+    """device: cuda on a rank that has no GPU of its LOCAL_RANK: a ConfigError that says so, as
+    `distributed: none` gives (workflow.model.pick_device), not torch.cuda's AttributeError."""
+    from lowrank.workflow import parallel
+    from lowrank.workflow.config import ConfigError
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
+    with pytest.raises(ConfigError, match="sees 0 CUDA GPU"):
+        parallel.start(mode, "cuda")
