@@ -9,7 +9,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TIMEOUT_S = 20  # a collective waiting longer raises in its rank: a hang fails the test, it does not block it
+import lowrank
+import lowrank.io
+from lowrank.workflow import config as C
+from lowrank.workflow import parallel
+from lowrank.workflow import train as T
+
+TIMEOUT_S = 30  # a collective waiting longer raises in its rank: a hang fails the test, it does not block it
 
 
 def _entry(rank: int, world: int, store: str, fn, args: tuple) -> None:
@@ -36,12 +42,6 @@ def _run(fn, tmp_path, *args) -> None:
 
 
 def _save_fails_on_rank0(rank: int, world: int, out: str) -> None:
-    import lowrank
-    import lowrank.io
-    from lowrank.workflow import config as C
-    from lowrank.workflow import parallel
-    from lowrank.workflow import train as T
-
     def broken(*args, **kwargs):
         raise OSError("No space left on device")
 
@@ -64,7 +64,6 @@ def test_a_failed_save_under_ddp_raises_on_every_rank_instead_of_hanging(tmp_pat
 def test_cuda_without_a_gpu_under_torchrun_is_a_config_error(mode, monkeypatch):
     """device: cuda on a rank that has no GPU of its LOCAL_RANK: a ConfigError that says so, as
     `distributed: none` gives (workflow.model.pick_device), not torch.cuda's AttributeError."""
-    from lowrank.workflow import parallel
     from lowrank.workflow.config import ConfigError
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
