@@ -223,7 +223,7 @@ class PagedAdamW(torch.optim.AdamW):
         """A loaded state in the other form than this optimizer keeps for p (a state_bits=32 state
         dict loaded with state_bits=8, or the reverse, or another min_8bit_size): its moments coded
         to 8 bits, or decoded to AdamW's (in p's dtype, as AdamW makes them)."""
-        state = self.state[p]
+        state = self.state.get(p, {})  # not self.state[p]: it would add an empty state AdamW's load never has
         if self._in_8bit(p) and "exp_avg" in state:
             if "max_exp_avg_sq" in state:
                 raise ValueError("a state dict of an amsgrad=True optimizer cannot be loaded with state_bits=8")

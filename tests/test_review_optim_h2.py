@@ -137,3 +137,16 @@ def test_a_float32_state_of_another_shape_is_refused_by_8bit_states(shape):
     with pytest.raises(ValueError, match=r"shape \(300,\).*shape \(" + str(shape[0])):
         opt8.load_state_dict(opt.state_dict())
     assert not opt8.state
+
+
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_a_loaded_state_dict_has_the_entries_adamw_loads(state_bits):
+    """After load_state_dict, the state holds the loaded parameters' entries only, as AdamW's does
+    (it had an empty {} for every parameter without state)."""
+    a, b = torch.nn.Parameter(torch.randn(512)), torch.nn.Parameter(torch.randn(512))
+    a.grad = torch.ones(512)
+    ref = torch.optim.AdamW([a, b])
+    ref.step()
+    opt = PagedAdamW([a, b], paged=False, state_bits=state_bits, min_8bit_size=256)
+    opt.load_state_dict(ref.state_dict())
+    assert list(opt.state_dict()["state"]) == [0] and b not in opt.state
