@@ -62,6 +62,18 @@ def _extension():
     return _C
 
 
+def _prefetch(ext, t: torch.Tensor) -> None:
+    """managed_prefetch of a state tensor, which takes contiguous ones: a DTensor (FSDP2) its own
+    shard; a dense non-contiguous one (zeros_like keeps the strides of a channels_last or transposed
+    parameter) as the flat view of the same bytes (every stride >= 0, so they start at data_ptr)."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    if t.numel() == 0:
+        return  # no bytes (and no allocation) to move
+    if not t.is_contiguous():
+        t = t.as_strided((t.numel(),), (1,), t.storage_offset())
+    ext.managed_prefetch(t)
+
+
 def managed_pool(device: torch.device):
     """The MemPool (one per device) whose allocations are managed memory."""
     if device.index not in _POOLS:
@@ -76,6 +88,16 @@ def managed_pool(device: torch.device):
     return _POOLS[device.index]
 
 
+# Note: the step hooks run once. Optimizer wraps the step of every class it makes an instance of
+# in the caller's step hooks (torch.optim.Optimizer.profile_hook_step): PagedAdamW.step, and
+# AdamW.step too once any AdamW exists in the process. PagedAdamW's step calls AdamW's without that
+# wrapper, else every pre/post hook would run twice, the inner ones after the 8-bit update and
+# seeing the 8-bit parameters' grads hidden.
+def _adamw_step(optimizer: torch.optim.AdamW):
+    step = torch.optim.AdamW.step
+    return (step.__wrapped__ if getattr(step, "hooked", False) else step)(optimizer)
+
+
 class PagedAdamW(torch.optim.AdamW):
     """AdamW (Loshchilov & Hutter 2019) with paged states; the arguments are AdamW's. `paged=False`
     gives torch.optim.AdamW exactly (the switch `lowrank train`'s paged_optimizer sets).
@@ -86,7 +108,7 @@ class PagedAdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, paged: bool = True, state_bits: int = 32, min_8bit_size: int = 4096,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, maximize: bool = False) -> None:
         if not isinstance(paged, bool):
             raise TypeError(f"paged must be a bool; got {paged!r}")
         if type(state_bits) is not int or state_bits not in (8, 32):
@@ -98,8 +120,15 @@ class PagedAdamW(torch.optim.AdamW):
         # capturable / fused keep `step` on the device and run other code: not offered here
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None (on CUDA), True or False; got {foreach!r}")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
+                         maximize=maximize)
         self.paged, self.state_bits, self.min_8bit_size = paged, state_bits, min_8bit_size
+
+    def __getstate__(self) -> dict:
+        # Optimizer's keeps defaults, state and param_groups only: a deepcopy or an unpickled copy
+        # would have no paged / state_bits / min_8bit_size and fail in its first step
+        return {**super().__getstate__(), "paged": self.paged, "state_bits": self.state_bits,
+                "min_8bit_size": self.min_8bit_size}
 
     def _in_8bit(self, p: torch.Tensor) -> bool:
         return self.state_bits == 8 and p.numel() >= self.min_8bit_size
@@ -123,7 +152,7 @@ class PagedAdamW(torch.optim.AdamW):
                     for p in batch:
                         hidden.append((p, p.grad))
                         p.grad = None
-            super().step()
+            _adamw_step(self)  # not super().step(): See Note: the step hooks run once
         finally:
             for p, grad in hidden:
                 p.grad = grad
@@ -143,6 +172,10 @@ class PagedAdamW(torch.optim.AdamW):
                 if group["amsgrad"]:
                     raise ValueError(f"param group {i} has amsgrad=True, which needs float32 states: 8-bit AdamW has "
                                      "no amsgrad; use state_bits=32, or amsgrad=False")
+                if hasattr(p, "to_local"):
+                    raise ValueError(f"state_bits=8 does not take FSDP2-sharded (DTensor) parameters (its blocks would "
+                                     f"follow the shards); param group {i} has one of shape {tuple(p.shape)}: use "
+                                     "state_bits=32")
                 if not p.is_floating_point():
                     raise TypeError(f"state_bits=8 takes real floating parameters; param group {i} has a {p.dtype} one "
                                     f"of shape {tuple(p.shape)}: use state_bits=32 (AdamW's update views it as real)")
@@ -177,9 +210,6 @@ class PagedAdamW(torch.optim.AdamW):
 
     def _state_8bit(self, p: torch.Tensor) -> dict:
         """p's 8-bit state, made on its first step (See Note: 8-bit states)."""
-        if hasattr(p, "to_local"):
-            raise ValueError("state_bits=8 does not take FSDP2-sharded (DTensor) parameters (its blocks would follow "
-                             "the shards); use state_bits=32")
         state = self.state[p]
         if not state:
             blocks = -(-p.numel() // BLOCKSIZE_8BIT)
@@ -193,10 +223,14 @@ class PagedAdamW(torch.optim.AdamW):
         """A loaded state in the other form than this optimizer keeps for p (a state_bits=32 state
         dict loaded with state_bits=8, or the reverse, or another min_8bit_size): its moments coded
         to 8 bits, or decoded to AdamW's (in p's dtype, as AdamW makes them)."""
-        state = self.state[p]
+        state = self.state.get(p, {})  # not self.state[p]: it would add an empty state AdamW's load never has
         if self._in_8bit(p) and "exp_avg" in state:
             if "max_exp_avg_sq" in state:
                 raise ValueError("a state dict of an amsgrad=True optimizer cannot be loaded with state_bits=8")
+            for name, _ in _CODED:
+                if tuple(state[name].shape) != tuple(p.shape):
+                    raise ValueError(f"the state dict's {name} is of shape {tuple(state[name].shape)}; its parameter "
+                                     f"is of shape {tuple(p.shape)} (a state dict of another model?)")
             for i, (name, signed) in enumerate(_CODED, start=1):
                 codes, absmax = nf4.quantize_8bit(state.pop(name).float().reshape(-1), BLOCKSIZE_8BIT, signed=signed)
                 state[f"state{i}"], state[f"absmax{i}"] = codes.view(p.shape), absmax.view(torch.int32)
@@ -255,7 +289,9 @@ class PagedAdamW(torch.optim.AdamW):
             for p in group["params"]:
                 if p.grad is None or not p.is_cuda:
                     continue
-                ext = ext or _extension()
+                if ext is None:
+                    managed_pool(p.device)  # first: its error says what to do when _C has no CUDA
+                    ext = _extension()
                 state = self.state[p]
                 if not state and not self._in_8bit(p):
                     state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # on the CPU, as AdamW keeps it
@@ -264,9 +300,8 @@ class PagedAdamW(torch.optim.AdamW):
                         for name in names:
                             state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 for name in _PAGED:
-                    if name in state:  # a DTensor (FSDP2) prefetches its own shard
-                        t = state[name]
-                        ext.managed_prefetch(t.to_local() if hasattr(t, "to_local") else t)
+                    if name in state:
+                        _prefetch(ext, state[name])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """AdamW's, then the loaded moments of CUDA parameters are moved into managed memory.

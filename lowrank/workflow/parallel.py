@@ -87,6 +87,11 @@ def start(mode: str, device: str) -> Ranks:
         if kind.index is not None:
             raise ConfigError(f"device: under distributed: {mode} each rank uses the GPU of its LOCAL_RANK; "
                               f"give 'auto', 'cuda' or 'cpu', not {device!r}")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local >= gpus:
+            raise ConfigError(f"device: {device!r} under distributed: {mode}: this is LOCAL_RANK {local}, and this PyTorch "
+                              f"sees {gpus} CUDA GPU(s) (torch {torch.__version__}); start at most {gpus} processes a "
+                              "node (torchrun --nproc_per_node), or use device: cpu")
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if kind.type == "cuda" else "gloo")

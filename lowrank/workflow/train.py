@@ -154,9 +154,14 @@ def _save(model, config: TrainConfig, tuner, epoch: int, state: dict, ranks: par
 
     tmp = ranks.first(make_tmp)  # one path for every rank
     try:
-        # PEFT's format (bottleneck adapters: lowrank's, same layout); under FSDP2 a collective, rank 0 writes
-        save_adapter(model, tmp)
-        ranks.first(finish)
+        # PEFT's format (bottleneck adapters: lowrank's, same layout). Under FSDP2 a collective that tells
+        # every rank of rank 0's failure; otherwise rank 0 alone writes, so its failure must reach the
+        # others through ranks.first, or they would wait in finish's broadcast for a rank that raised
+        if ranks.mode == "fsdp":
+            save_adapter(model, tmp)
+            ranks.first(finish)
+        else:
+            ranks.first(lambda: (save_adapter(model, tmp), finish()))
     except BaseException:
         if ranks.main:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""Review findings on lowrank.workflow's training on several ranks (2 gloo ranks on CPU)."""
+
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lowrank
+import lowrank.io
+from lowrank.workflow import config as C
+from lowrank.workflow import parallel
+from lowrank.workflow import train as T
+
+TIMEOUT_S = 30  # a collective waiting longer raises in its rank: a hang fails the test, it does not block it
+
+
+def _entry(rank: int, world: int, store: str, fn, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        fn(rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(fn, tmp_path, *args) -> None:
+    ctx = mp.start_processes(_entry, args=(2, str(tmp_path / "store"), fn, args), nprocs=2, join=False,
+                             start_method="spawn")
+    end = time.monotonic() + 4 * TIMEOUT_S
+    while not ctx.join(timeout=max(end - time.monotonic(), 0.1)):  # raises when a rank failed
+        if time.monotonic() >= end:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError("ranks still running: killed")
+
+
+def _save_fails_on_rank0(rank: int, world: int, out: str) -> None:
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    lowrank.io._write_adapter = broken  # rank 0 is the one that writes
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    lowrank.inject(model, lowrank.LoraConfig(r=2, targets="all-linear"))
+    config = C.TrainConfig(model="m", data="d", output_dir=out)
+    ranks = parallel.Ranks("ddp", rank, world, "cpu")
+    with pytest.raises((OSError, RuntimeError), match="No space left on device"):
+        T._save(model, config, None, 1, {"step": 1}, ranks)  # every rank hears of rank 0's failure
+    assert not os.path.exists(os.path.join(out, "epoch_1"))
+
+
+def test_a_failed_save_under_ddp_raises_on_every_rank_instead_of_hanging(tmp_path):
+    _run(_save_fails_on_rank0, tmp_path, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_cuda_without_a_gpu_under_torchrun_is_a_config_error(mode, monkeypatch):
+    """device: cuda on a rank that has no GPU of its LOCAL_RANK: a ConfigError that says so, as
+    `distributed: none` gives (workflow.model.pick_device), not torch.cuda's AttributeError."""
+    from lowrank.workflow.config import ConfigError
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
+    with pytest.raises(ConfigError, match="sees 0 CUDA GPU"):
+        parallel.start(mode, "cuda")
