@@ -1,4 +1,5 @@
-"""Review findings on lowrank.optim (PagedAdamW / AdamW8bit against torch.optim.AdamW)."""
+"""PagedAdamW behaves as torch.optim.AdamW where a user leans on it: step hooks, copies, maximize,
+loaded state dicts of other shapes, paged states of strided parameters, sharded 8-bit refusals."""
 
 import copy
 import pickle

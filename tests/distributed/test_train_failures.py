@@ -1,4 +1,5 @@
-"""Review findings on lowrank.workflow's training on several ranks (2 gloo ranks on CPU)."""
+"""Training on several ranks (2 gloo ranks on CPU) when something fails: every rank raises rank
+0's error instead of waiting in a collective, and a missing GPU is a config error."""
 
 import datetime
 import os
