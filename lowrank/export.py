@@ -18,6 +18,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 
 import torch
 from torch import nn
@@ -183,6 +184,7 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     FSDP2-sharded one is refused."""
     model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the keys
     distributed.check_not_sharded(model, "merge_and_export (a full model, gathered)")
+    _refuse_bitsandbytes(model)
     max_bytes = shards.parse_size(max_shard_size)
     state, loras, quantized, params4 = _plain_state(model)
     dtype = _export_dtype(dtype, quantized | params4)
@@ -237,6 +239,22 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
                  "layers", max(errors.values()), sum(errors.values()) / len(errors), len(errors))
     merged = sorted(n for n, layers in loras.items() if any(la.active or la.merged for la in layers))
     return ExportResult(pathlib.Path(out_dir), files, dtype, merged, dict(sorted(errors.items())))
+
+
+def _refuse_bitsandbytes(model: nn.Module) -> None:
+    """bitsandbytes' own 4-/8-bit layers (a model transformers loaded with BitsAndBytesConfig; LoRA trains on
+    them) hold packed codes as `weight`: written as is, the export held codes where weights go."""
+    bnb = sys.modules.get("bitsandbytes")  # loaded already if the model holds its layers; never imported here
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ()
+    found = [(n, m) for n, m in ((n, _unwrap(c)) for _, _, n, c in _walk(model)) if isinstance(m, kinds)]
+    if found:
+        name, layer = found[0]
+        how = ("load the base dense (without BitsAndBytesConfig)" if not isinstance(layer, kinds[0]) else "save the "
+               "model with save_pretrained and read that directory with lowrank.load_quantized into a model built "
+               "from its config")
+        raise ValueError(f"{name!r} is a bitsandbytes {type(layer).__name__} ({len(found)} such layers), which "
+                         f"merge_and_export cannot dequantize: {how}, load the adapter there (save_adapter / "
+                         "load_adapter) and export that model")
 
 
 # Note: 4-bit GPT-2. lowrank.quantize turns a GPT-2 Conv1D (weight stored (in, out)) into a

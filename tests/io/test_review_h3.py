@@ -1,0 +1,45 @@
+"""Review findings (export, 4-bit checkpoints, shards): each test failed before its fix."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lowrank
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(**kw):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, **kw)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _with_bnb_q_proj(model):
+    """`model` with its q_proj as bitsandbytes' own Linear4bit (what BitsAndBytesConfig loads)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    attn = model.model.layers[0].self_attn
+    w = attn.q_proj.weight.detach()
+    q = bnb.nn.Linear4bit(64, 64, bias=False, device="meta", compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    attn.q_proj = q
+    return model
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_export_refuses_bitsandbytes_layers_by_name(tmp_path, adapter):
+    """A model transformers loaded with BitsAndBytesConfig holds bitsandbytes' Linear4bit, on which
+    lowrank's LoRA trains (lowrank/tuners/lora_base.py, quantized_base). merge_and_export wrote its
+    packed uint8 codes as the "plain" weight (and dropped quantization_config: a directory nothing
+    loads), or, with an adapter on it, failed with "The size of tensor a (2048) must match ...\"."""
+    model = _with_bnb_q_proj(_llama())
+    if adapter:
+        lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["q_proj"]))
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' is a bitsandbytes Linear4bit.*"
+                                         r"load_quantized"):
+        lowrank.merge_and_export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
