@@ -187,6 +187,9 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         raise ValueError(f"{target} is the current directory or holds it; write into a new directory below it")
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
+    if os.path.ismount(target):  # a volume (Docker's /output): neither renamed nor swapped, EBUSY after all the writing
+        raise ValueError(f"{target} is a mount point, which cannot be replaced in one step; write into a new "
+                         f"directory inside it (e.g. {target / 'model'})")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)

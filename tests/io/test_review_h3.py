@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -43,3 +44,19 @@ def test_export_refuses_bitsandbytes_layers_by_name(tmp_path, adapter):
                                          r"load_quantized"):
         lowrank.merge_and_export(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mount_point_target_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """An output directory that is a mount point (a Docker / Kubernetes volume at /output) cannot be
+    renamed or swapped: the whole model was written into a temporary directory on the parent's file
+    system, then the swap failed with "OSError [Errno 16] Device or resource busy" (checked for real
+    under `unshare -m` with a tmpfs). It is refused first, with what to do instead."""
+    from lowrank import shards
+
+    target = tmp_path / "volume"
+    target.mkdir()
+    real = shards.os.path.ismount
+    monkeypatch.setattr(shards.os.path, "ismount", lambda p: os.fspath(p) == os.fspath(target) or real(p))
+    with pytest.raises(ValueError, match=r"volume is a mount point.*volume/model"):
+        lowrank.merge_and_export(_llama(), target, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"] and not any(target.iterdir())
