@@ -184,6 +184,8 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     FSDP2-sharded one is refused."""
     model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the keys
     distributed.check_not_sharded(model, "merge_and_export (a full model, gathered)")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):  # checked before writing
+        raise TypeError(f"tokenizer must be None (the base's files are copied) or have save_pretrained; got {tokenizer!r:.80}")
     _refuse_bitsandbytes(model)
     max_bytes = shards.parse_size(max_shard_size)
     state, loras, quantized, params4 = _plain_state(model)

@@ -60,3 +60,20 @@ def test_a_mount_point_target_is_refused_before_anything_is_written(tmp_path, mo
     with pytest.raises(ValueError, match=r"volume is a mount point.*volume/model"):
         lowrank.merge_and_export(_llama(), target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"] and not any(target.iterdir())
+
+
+@pytest.mark.parametrize("call", ["merge_and_export", "save_quantized", "load_quantized"])
+@pytest.mark.parametrize("model", ["meta-llama/Llama-2-7b-hf", {"w": torch.zeros(2)}])
+def test_a_path_or_a_state_dict_for_the_model_is_named(tmp_path, call, model):
+    """A hub id or a state dict where the model goes gave "AttributeError: 'str' object has no attribute
+    'modules'"; quantize already said what it takes."""
+    with pytest.raises(TypeError, match=rf"{call} takes the model, an nn.Module; got {type(model).__name__}"):
+        getattr(lowrank, call)(model, tmp_path / "out")
+
+
+def test_a_tokenizer_without_save_pretrained_is_refused_before_writing(tmp_path):
+    """A tokenizer given as a path failed with "'str' object has no attribute 'save_pretrained'", after
+    every shard was written (then thrown away)."""
+    with pytest.raises(TypeError, match=r"tokenizer must be None .* or have save_pretrained; got '/models/tok'"):
+        lowrank.merge_and_export(_llama(), tmp_path / "out", tokenizer="/models/tok")
+    assert not any(tmp_path.iterdir())
