@@ -24,7 +24,7 @@ from . import distributed, shards
 from .export import _write_config, quantization_config
 from .quant.linear4bit import Linear4bit
 from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
-from .quant.quantize import _can_quantize, tied_to, weight_owners
+from .quant.quantize import _can_quantize, bnb_kinds, tied_to, weight_owners
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
@@ -50,8 +50,11 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
         merge = ", or fold them in with lowrank.merge_and_export(..., requantize=True)" if quantized else ""
         raise ValueError(f"the model has adapters; save them with lowrank.save_adapter (and eject them first){merge}")
     if not quantized and not params4:
-        raise ValueError(f"{type(model).__name__} has no 4-bit layers; quantize it with lowrank.quantize first "
-                         "(or save a dense model with its own save_pretrained)")
+        bnb = [n for n, m in plain_modules(model) if isinstance(m, bnb_kinds())][:1]
+        raise ValueError(f"{bnb[0]!r} is bitsandbytes' own layer (a model loaded with BitsAndBytesConfig): save it "
+                         "with its own save_pretrained, which writes this format" if bnb else f"{type(model).__name__} "
+                         "has no 4-bit layers; quantize it with lowrank.quantize first (or save a dense model with "
+                         "its own save_pretrained)")
     max_bytes = shards.parse_size(max_shard_size)
     state = model.state_dict(keep_vars=True)
     seen, parts = set(), []

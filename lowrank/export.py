@@ -18,7 +18,6 @@ import logging
 import os
 import pathlib
 import shutil
-import sys
 
 import torch
 from torch import nn
@@ -28,6 +27,7 @@ from .quant import nf4
 from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit, Stored4bit
 from .quant.load import float32_plan
 from .quant.params4bit import Weight4bit
+from .quant.quantize import bnb_kinds
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY
 from .tuners import dora
 from .tuners.base import TunerLayer
@@ -246,8 +246,7 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
 def _refuse_bitsandbytes(model: nn.Module) -> None:
     """bitsandbytes' own 4-/8-bit layers (a model transformers loaded with BitsAndBytesConfig; LoRA trains on
     them) hold packed codes as `weight`: written as is, the export held codes where weights go."""
-    bnb = sys.modules.get("bitsandbytes")  # loaded already if the model holds its layers; never imported here
-    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ()
+    kinds = bnb_kinds()
     found = [(n, m) for n, m in ((n, _unwrap(c)) for _, _, n, c in _walk(model)) if isinstance(m, kinds)]
     if found:
         name, layer = found[0]

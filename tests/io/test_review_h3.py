@@ -77,3 +77,17 @@ def test_a_tokenizer_without_save_pretrained_is_refused_before_writing(tmp_path)
     with pytest.raises(TypeError, match=r"tokenizer must be None .* or have save_pretrained; got '/models/tok'"):
         lowrank.merge_and_export(_llama(), tmp_path / "out", tokenizer="/models/tok")
     assert not any(tmp_path.iterdir())
+
+
+def test_quantize_and_save_quantized_name_bitsandbytes_layers(tmp_path):
+    """On a model transformers loaded with BitsAndBytesConfig, quantize said "has a torch.uint8 weight ...:
+    cast the model first, e.g. model.float()" and save_quantized "has no 4-bit layers; quantize it with
+    lowrank.quantize first" (which then failed so): both now say what the layer is."""
+    model = _with_bnb_q_proj(_llama())
+    with pytest.raises(TypeError, match=r"'model.layers.0.self_attn.q_proj' is bitsandbytes' Linear4bit, quantized "
+                                        r"already.*load_quantized"):
+        lowrank.quantize(model)
+    assert not any(isinstance(m, lowrank.Linear4bit) for m in model.modules())  # nothing changed
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' is bitsandbytes' own layer.*"
+                                         r"save_pretrained"):
+        lowrank.save_quantized(model, tmp_path / "q")
