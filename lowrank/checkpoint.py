@@ -22,6 +22,7 @@ from torch import nn
 
 from . import distributed, shards
 from .export import _write_config, quantization_config
+from .quant import nf4
 from .quant.linear4bit import Linear4bit
 from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
 from .quant.quantize import _can_quantize, bnb_kinds, tied_to, weight_owners
@@ -252,6 +253,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     state = shards.read(path)
     if any(k.endswith(".SCB") for k in state):  # bitsandbytes' 8-bit row scales
         raise NotImplementedError(f"{path}: the checkpoint holds 8-bit (LLM.int8) weights; load_quantized reads NF4 only")
-    compute_dtype = compute_dtype if compute_dtype is not None else _compute_dtype(quant)
+    given = compute_dtype is not None
+    compute_dtype = compute_dtype if given else _compute_dtype(quant)
+    if compute_dtype is not None and compute_dtype not in nf4.DTYPES:  # a 4-bit layer already here took any value
+        where = "" if given else f" ({path / 'config.json'}'s bnb_4bit_compute_dtype)"
+        raise ValueError(f"compute_dtype{where} must be None or one of {nf4.DTYPES}; got {compute_dtype!r}")
     with _restored_on_error(model):  # See Note: a failed load changes nothing (lowrank/io.py)
         return _fill(model, path, state, compute_dtype, strict)

@@ -91,3 +91,16 @@ def test_quantize_and_save_quantized_name_bitsandbytes_layers(tmp_path):
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' is bitsandbytes' own layer.*"
                                          r"save_pretrained"):
         lowrank.save_quantized(model, tmp_path / "q")
+
+
+@pytest.mark.parametrize("compute_dtype", ["bf16", torch.float64])
+def test_load_quantized_refuses_a_compute_dtype_4bit_layers_cannot_take(tmp_path, compute_dtype):
+    """Into a model already in 4 bits, load_quantized stored any compute_dtype on every layer without a
+    check: the load succeeded and the model's first forward failed ("Invalid device string: 'bf16'")."""
+    model = _llama()
+    lowrank.quantize(model)
+    lowrank.save_quantized(model, tmp_path / "q")
+    again = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"compute_dtype must be None or one of .*; got " + repr(compute_dtype)):
+        lowrank.load_quantized(again, tmp_path / "q", compute_dtype=compute_dtype)
+    assert again.model.layers[0].self_attn.q_proj.compute_dtype == torch.float32
