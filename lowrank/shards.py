@@ -17,6 +17,7 @@ import ctypes
 import dataclasses
 import errno
 import json
+import logging
 import os
 import pathlib
 import re
@@ -208,7 +209,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         _fsync_dir(tmp)
         if target.exists() and exchange(tmp, target):
             _fsync_dir(target.parent)
-            shutil.rmtree(tmp)  # the old contents, swapped out
+            _discard(tmp)  # the old contents, swapped out
             return
         old = None
         if target.exists():
@@ -217,7 +218,16 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         os.replace(tmp, target)
         _fsync_dir(target.parent)
         if old is not None:
-            shutil.rmtree(old)
+            _discard(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _discard(old: pathlib.Path) -> None:
+    """Delete a replaced directory's contents. The new one is in place by then: what cannot be deleted (a
+    file still open or mapped on NFS, renamed .nfsXXXX) is left with a warning, not an error for a save that
+    succeeded."""
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        logging.getLogger("lowrank").warning("could not delete all of %s (the directory it replaced); delete it later", old)

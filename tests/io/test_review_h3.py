@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pathlib
 
 import pytest
 import torch
@@ -104,3 +105,37 @@ def test_load_quantized_refuses_a_compute_dtype_4bit_layers_cannot_take(tmp_path
     with pytest.raises(ValueError, match=r"compute_dtype must be None or one of .*; got " + repr(compute_dtype)):
         lowrank.load_quantized(again, tmp_path / "q", compute_dtype=compute_dtype)
     assert again.model.layers[0].self_attn.q_proj.compute_dtype == torch.float32
+
+
+@pytest.mark.parametrize("can_exchange", [True, False])
+def test_a_replaced_directory_that_cannot_be_deleted_does_not_fail_the_save(tmp_path, monkeypatch, caplog,
+                                                                            can_exchange):
+    """Once the new directory is in place, deleting the old contents can fail (on NFS a file still open or
+    memory-mapped, e.g. the model's own safetensors when it exports over the directory it was loaded from,
+    becomes a .nfsXXXX that cannot be removed). merge_and_export then raised OSError although the export
+    had succeeded; now the leftover is named in a warning."""
+    import errno
+    import logging
+    import shutil
+
+    from lowrank import shards
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = shutil.rmtree
+
+    def rmtree(path, ignore_errors=False, **kw):  # the old contents: one file cannot go
+        if (pathlib.Path(path) / "old.txt").exists() or (pathlib.Path(path) / "x" / "old.txt").exists():
+            if not ignore_errors:
+                raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+            return
+        real(path, ignore_errors=ignore_errors, **kw)
+
+    monkeypatch.setattr(shards.shutil, "rmtree", rmtree)
+    if not can_exchange:
+        monkeypatch.setattr(shards, "exchange", lambda a, b: False)
+    with caplog.at_level(logging.WARNING, logger="lowrank"):
+        result = lowrank.merge_and_export(_llama(), out, overwrite=True)
+    assert result.files == ["model.safetensors"] and (out / "config.json").exists() and not (out / "old.txt").exists()
+    assert "could not delete all of" in caplog.text
