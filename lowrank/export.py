@@ -375,8 +375,8 @@ def _write_config(model: nn.Module, directory: pathlib.Path, dtype, quant_config
         cfg.dtype = written
     if quant_config:
         cfg.quantization_config = quant_config
-    if not getattr(cfg, "architectures", None) and hasattr(model, "get_output_embeddings"):
-        cfg.architectures = [type(model).__name__]  # as save_pretrained fills it (a model built from its config)
+    if hasattr(model, "get_output_embeddings"):  # a transformers model: its class, as save_pretrained writes it (a
+        cfg.architectures = [type(model).__name__]  # classifier loaded from a causal LM's directory said ...ForCausalLM)
     cfg.save_pretrained(directory)
     gen = getattr(model, "generation_config", None)
     if gen is not None and hasattr(gen, "save_pretrained"):

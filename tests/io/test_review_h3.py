@@ -139,3 +139,20 @@ def test_a_replaced_directory_that_cannot_be_deleted_does_not_fail_the_save(tmp_
         result = lowrank.merge_and_export(_llama(), out, overwrite=True)
     assert result.files == ["model.safetensors"] and (out / "config.json").exists() and not (out / "old.txt").exists()
     assert "could not delete all of" in caplog.text
+
+
+@pytest.mark.parametrize("write", ["merge_and_export", "save_quantized"])
+def test_config_names_the_class_of_the_model_written(tmp_path, write):
+    """A classifier fine-tuned from a causal LM's directory kept that directory's architectures
+    (["LlamaForCausalLM"]) in the config written, where save_pretrained writes the model's own class:
+    whatever builds the model from config.json (lowrank merge, pipelines, serving) then built a causal LM,
+    dropped the trained `score` head and left a random lm_head."""
+    _llama(pad_token_id=0).save_pretrained(tmp_path / "causal")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "causal", num_labels=3)
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    if write == "save_quantized":
+        lowrank.quantize(model)
+    getattr(lowrank, write)(model, tmp_path / "out")
+    written = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert written.architectures == ["LlamaForSequenceClassification"]
+    assert model.config.architectures == ["LlamaForCausalLM"]  # the user's model is not changed
