@@ -156,3 +156,24 @@ def test_config_names_the_class_of_the_model_written(tmp_path, write):
     written = transformers.AutoConfig.from_pretrained(tmp_path / "out")
     assert written.architectures == ["LlamaForSequenceClassification"]
     assert model.config.architectures == ["LlamaForCausalLM"]  # the user's model is not changed
+
+
+@pytest.mark.parametrize("write", ["merge_and_export", "save_quantized"])
+def test_a_model_with_its_own_code_is_written_with_that_code(tmp_path, write):
+    """A trust_remote_code model (InternLM's kind: model_type and classes in its directory) was written
+    with config.json's auto_map naming modeling_internlm.py but without the file (save_pretrained copies
+    it): the merged directory failed to load, "does not appear to have a file named modeling_internlm.py"."""
+    from tests.workflow.test_models_and_options import remote_copy
+
+    _llama().save_pretrained(tmp_path / "plain")
+    remote = remote_copy(tmp_path / "plain", tmp_path / "remote")
+    model = transformers.AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True)
+    if write == "save_quantized":
+        lowrank.quantize(model)
+    else:
+        lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["q_proj"]))
+    getattr(lowrank, write)(model, tmp_path / "out")
+    assert (tmp_path / "out" / "modeling_internlm.py").is_file()
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True,
+                                                              device_map="cpu")
+    assert type(again).__name__ == "InternLMForCausalLM"
