@@ -377,10 +377,10 @@ def _write_config(model: nn.Module, directory: pathlib.Path, dtype, quant_config
         cfg.quantization_config = quant_config
     if hasattr(model, "get_output_embeddings"):  # a transformers model: its class, as save_pretrained writes it (a
         cfg.architectures = [type(model).__name__]  # classifier loaded from a causal LM's directory said ...ForCausalLM)
-    if callable(getattr(model, "is_remote_code", None)) and model.is_remote_code():  # trust_remote_code: its modeling
-        from transformers.dynamic_module_utils import custom_object_save  # file, which config.json's auto_map names
+    if callable(getattr(model, "is_remote_code", None)) and model.is_remote_code():  # trust_remote_code: the modeling
+        from transformers.dynamic_module_utils import custom_object_save
 
-        custom_object_save(model, directory, config=cfg)  # (save_pretrained copies it too)
+        custom_object_save(model, directory, config=cfg)  # file auto_map names, as save_pretrained copies it
     cfg.save_pretrained(directory)
     gen = getattr(model, "generation_config", None)
     if gen is not None and hasattr(gen, "save_pretrained"):
