@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from . import distributed, shards
-from .export import _write_config, quantization_config
+from .export import quantization_config
+from .export_files import write_config
+from .quant import nf4
 from .quant.linear4bit import Linear4bit
-from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
-from .quant.quantize import _can_quantize, tied_to, weight_owners
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
+from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
+from .quant.quantize import _can_quantize, bnb_kinds, tied_to, weight_owners
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
 from .walk import _walk, plain_modules
@@ -50,8 +52,11 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
         merge = ", or fold them in with lowrank.merge_and_export(..., requantize=True)" if quantized else ""
         raise ValueError(f"the model has adapters; save them with lowrank.save_adapter (and eject them first){merge}")
     if not quantized and not params4:
-        raise ValueError(f"{type(model).__name__} has no 4-bit layers; quantize it with lowrank.quantize first "
-                         "(or save a dense model with its own save_pretrained)")
+        bnb = [n for n, m in plain_modules(model) if isinstance(m, bnb_kinds())][:1]
+        raise ValueError(f"{bnb[0]!r} is bitsandbytes' own layer (a model loaded with BitsAndBytesConfig): save it "
+                         "with its own save_pretrained, which writes this format" if bnb else f"{type(model).__name__} "
+                         "has no 4-bit layers; quantize it with lowrank.quantize first (or save a dense model with "
+                         "its own save_pretrained)")
     max_bytes = shards.parse_size(max_shard_size)
     state = model.state_dict(keep_vars=True)
     seen, parts = set(), []
@@ -64,7 +69,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
     def write() -> list[str]:
         with shards.atomic_directory(out_dir, overwrite) as tmp:
             files = shards.write(parts, tmp, max_bytes)
-            _write_config(model, tmp, None, quantization_config(quantized | params4, plain_modules(model)), state)
+            write_config(model, tmp, None, quantization_config(quantized | params4, plain_modules(model)), state)
         return files
 
     return distributed.on_main(write, collective=False)  # every rank may call it: one writes
@@ -249,6 +254,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     state = shards.read(path)
     if any(k.endswith(".SCB") for k in state):  # bitsandbytes' 8-bit row scales
         raise NotImplementedError(f"{path}: the checkpoint holds 8-bit (LLM.int8) weights; load_quantized reads NF4 only")
-    compute_dtype = compute_dtype if compute_dtype is not None else _compute_dtype(quant)
+    given = compute_dtype is not None
+    compute_dtype = compute_dtype if given else _compute_dtype(quant)
+    if compute_dtype is not None and compute_dtype not in nf4.DTYPES:  # a 4-bit layer already here took any value
+        where = "" if given else f" ({path / 'config.json'}'s bnb_4bit_compute_dtype)"
+        raise ValueError(f"compute_dtype{where} must be None or one of {nf4.DTYPES}; got {compute_dtype!r}")
     with _restored_on_error(model):  # See Note: a failed load changes nothing (lowrank/io.py)
         return _fill(model, path, state, compute_dtype, strict)

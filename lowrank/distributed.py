@@ -82,6 +82,8 @@ def check_not_sharded(model: nn.Module, what: str) -> None:
     """Raise when `model` is already distributed: adapters added after fully_shard or inside a
     DistributedDataParallel wrapper would be plain tensors that FSDP neither shards nor reduces
     (DDP: whose gradients it never averages), so each rank would train its own copy."""
+    if not isinstance(model, nn.Module):  # a path or a state dict: say so, not "'str' object has no attribute"
+        raise TypeError(f"{what.split(' (')[0]} takes the model, an nn.Module; got {type(model).__name__} {model!r:.80}")
     if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
         raise RuntimeError(f"{what} must run before DistributedDataParallel wraps the model (DDP registers the "
                            "parameters it averages when it is made); build the model, quantize and inject (or "

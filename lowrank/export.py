@@ -17,17 +17,16 @@ import dataclasses
 import logging
 import os
 import pathlib
-import shutil
 
 import torch
 from torch import nn
 
-from . import distributed, shards
+from . import distributed, export_files, shards
 from .quant import nf4
 from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit, Stored4bit
 from .quant.load import float32_plan
 from .quant.params4bit import Weight4bit
-from .quant.nf4_weight import BNB_QUANT_STATE_KEY
+from .quant.quantize import bnb_kinds
 from .tuners import dora
 from .tuners.base import TunerLayer
 from .tuners.lora_base import LoraLayer
@@ -38,9 +37,6 @@ log = logging.getLogger("lowrank")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,  # and torch's names, which
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # lowrank train takes
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
-                   "chat_template.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +181,10 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     FSDP2-sharded one is refused."""
     model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the keys
     distributed.check_not_sharded(model, "merge_and_export (a full model, gathered)")
+    export_files.check_tokenizer(tokenizer)  # checked before writing
+    _refuse_bitsandbytes(model)
     max_bytes = shards.parse_size(max_shard_size)
-    extra_files = _check_extra_files(extra_files)
+    extra_files = export_files.check_extra_files(extra_files)
     state, loras, quantized, params4 = _plain_state(model)
     dtype = _export_dtype(dtype, quantized | params4)
     if requantize and not quantized and params4:
@@ -228,12 +226,10 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
         with shards.atomic_directory(out_dir, overwrite) as tmp:
             files = shards.write(ordered, tmp, max_bytes)
             modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
-            _write_config(model, tmp, dtype, quantization_config(quantized, modules) if requantize else None, state)
-            _write_tokenizer(model, tmp, tokenizer)
-            for name, source in extra_files.items():
-                if (tmp / name).exists():
-                    raise ValueError(f"extra_files: {name!r} is a file the export itself writes; got {source}")
-                shutil.copyfile(source, tmp / name)
+            config = quantization_config(quantized, modules) if requantize else None
+            export_files.write_config(model, tmp, dtype, config, state)
+            export_files.write_tokenizer(model, tmp, tokenizer)
+            export_files.write_extra_files(tmp, extra_files)
         return files
 
     files = distributed.on_main(write, collective=False)  # every rank may call it: one writes
@@ -246,17 +242,19 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     return ExportResult(pathlib.Path(out_dir), files, dtype, merged, dict(sorted(errors.items())))
 
 
-def _check_extra_files(extra: dict | None) -> dict[str, pathlib.Path]:
-    """{plain file name: existing file}, checked before anything is merged or written."""
-    extra = {} if extra is None else extra
-    if not isinstance(extra, dict):
-        raise TypeError(f"extra_files must be a dict {{file name: source path}}; got {type(extra).__name__}")
-    for name, source in extra.items():
-        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
-            raise ValueError(f"extra_files: a key is a plain file name for the export directory; got {name!r}")
-        if not pathlib.Path(source).is_file():
-            raise FileNotFoundError(f"extra_files[{name!r}]: no file at {source}")
-    return {name: pathlib.Path(source) for name, source in extra.items()}
+def _refuse_bitsandbytes(model: nn.Module) -> None:
+    """bitsandbytes' own 4-/8-bit layers (a model transformers loaded with BitsAndBytesConfig; LoRA trains on
+    them) hold packed codes as `weight`: written as is, the export held codes where weights go."""
+    kinds = bnb_kinds()
+    found = [(n, m) for n, m in ((n, _unwrap(c)) for _, _, n, c in _walk(model)) if isinstance(m, kinds)]
+    if found:
+        name, layer = found[0]
+        how = ("load the base dense (without BitsAndBytesConfig)" if not isinstance(layer, kinds[0]) else "save the "
+               "model with save_pretrained and read that directory with lowrank.load_quantized into a model built "
+               "from its config")
+        raise ValueError(f"{name!r} is a bitsandbytes {type(layer).__name__} ({len(found)} such layers), which "
+                         f"merge_and_export cannot dequantize: {how}, load the adapter there (save_adapter / "
+                         "load_adapter) and export that model")
 
 
 # Note: 4-bit GPT-2. lowrank.quantize turns a GPT-2 Conv1D (weight stored (in, out)) into a
@@ -352,44 +350,3 @@ def quantization_config(quantized: dict[str, Stored4bit], modules) -> dict:
             # module, a classifier's `score`), which may be in 4 bits here
             "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": dense,
             "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
-
-
-def _quant_state(key: str, state: dict) -> bool:
-    """Whether `key` is one of a 4-bit weight's quant-state tensors (absmax, quant_map, nested_*)."""
-    return any(key.endswith(s) and f"{key[:-len(s)]}.{BNB_QUANT_STATE_KEY}" in state for s in _WEIGHT_KEYS[1:-1])
-
-
-def _write_config(model: nn.Module, directory: pathlib.Path, dtype, quant_config: dict | None, state) -> None:
-    """config.json (a copy of model.config: dtype set, quantization_config as exported) and
-    generation_config.json, when the model has them (a transformers model)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "to_json_string"):
-        return
-    cfg = copy.deepcopy(cfg)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    # the model's own tensors decide, not the float32 quant-state tensors beside each 4-bit weight (a bf16
-    # model's config said float32, and transformers then loaded its biases in float32 beside bf16 weights)
-    floats = [t.dtype for k, t in state.items() if t.is_floating_point() and not _quant_state(k, state)]
-    written = dtype or (max(set(floats), key=floats.count) if floats else None)
-    if written is not None:
-        cfg.dtype = written
-    if quant_config:
-        cfg.quantization_config = quant_config
-    if not getattr(cfg, "architectures", None) and hasattr(model, "get_output_embeddings"):
-        cfg.architectures = [type(model).__name__]  # as save_pretrained fills it (a model built from its config)
-    cfg.save_pretrained(directory)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and hasattr(gen, "save_pretrained"):
-        gen.save_pretrained(directory)
-
-
-def _write_tokenizer(model: nn.Module, directory: pathlib.Path, tokenizer) -> None:
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-        return
-    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    if source and os.path.isdir(source):  # the base model's own directory: copy its tokenizer files
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source, name)):
-                shutil.copyfile(os.path.join(source, name), directory / name)

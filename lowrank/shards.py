@@ -17,6 +17,7 @@ import ctypes
 import dataclasses
 import errno
 import json
+import logging
 import os
 import pathlib
 import re
@@ -187,6 +188,9 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         raise ValueError(f"{target} is the current directory or holds it; write into a new directory below it")
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
+    if os.path.ismount(target):  # a volume (Docker's /output): neither renamed nor swapped, EBUSY after all the writing
+        raise ValueError(f"{target} is a mount point, which cannot be replaced in one step; write into a new "
+                         f"directory inside it (e.g. {target / 'model'})")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +209,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         _fsync_dir(tmp)
         if target.exists() and exchange(tmp, target):
             _fsync_dir(target.parent)
-            shutil.rmtree(tmp)  # the old contents, swapped out
+            _discard(tmp)  # the old contents, swapped out
             return
         old = None
         if target.exists():
@@ -214,7 +218,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         os.replace(tmp, target)
         _fsync_dir(target.parent)
         if old is not None:
-            shutil.rmtree(old)
+            _discard(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -252,3 +256,12 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
             f.write(f"{os.getpid()}\n")
             f.flush()
         yield
+
+
+def _discard(old: pathlib.Path) -> None:
+    """Delete a replaced directory's contents. The new one is in place by then: what cannot be deleted (a
+    file still open or mapped on NFS, renamed .nfsXXXX) is left with a warning, not an error for a save that
+    succeeded."""
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        logging.getLogger("lowrank").warning("could not delete all of %s (the directory it replaced); delete it later", old)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import sys
 
 import torch
 from torch import nn
@@ -68,6 +69,12 @@ def selected(model: nn.Module, config: NF4Config):
         return wanted
     kept = re.compile(rf"(?:{'|'.join(keep)})(?:(?<=\.)|(?=\.|$))")
     return lambda name, module: wanted(name, module) and not (kept.match(name) or name.endswith(tuple(keep)))
+
+
+def bnb_kinds() -> tuple[type, ...]:
+    """bitsandbytes' own 4- and 8-bit linear layers (what transformers' BitsAndBytesConfig loads), when it is loaded."""
+    bnb = sys.modules.get("bitsandbytes")  # loaded already if the model holds its layers; never imported here
+    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ()
 
 
 def _can_quantize(module: nn.Module) -> bool:
@@ -239,6 +246,10 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         if isinstance(parent, nn.MultiheadAttention):
             raise ValueError(f"cannot quantize {name!r}: nn.MultiheadAttention reads its projection weights directly, "
                              "never calling the submodule; add it to skip")
+        if isinstance(child, bnb_kinds()):  # an nn.Linear with a uint8 weight: not "cast the model first"
+            raise TypeError(f"{name!r} is bitsandbytes' {type(child).__name__}, quantized already (a model loaded with "
+                            "BitsAndBytesConfig): load the model without it to quantize here, or read its "
+                            "save_pretrained directory with lowrank.load_quantized")
         refuse_tied(name, child, owners)
         _check_weight(name, child.weight, config.double_quant, config.blocksize)
         check_forward(name, child)

@@ -1,0 +1,108 @@
+"""The files beside an export's weights: config.json and generation_config.json, the model's own
+code (trust_remote_code), the tokenizer's files (and its own code), and files the caller adds.
+merge_and_export (lowrank/export.py) and save_quantized (lowrank/checkpoint.py) write them into
+the temporary directory that becomes the export, so they appear with the weights or not at all."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import shutil
+
+from torch import nn
+
+from .quant.linear4bit import _WEIGHT_KEYS
+from .quant.nf4_weight import BNB_QUANT_STATE_KEY
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def _quant_state(key: str, state: dict) -> bool:
+    """Whether `key` is one of a 4-bit weight's quant-state tensors (absmax, quant_map, nested_*)."""
+    return any(key.endswith(s) and f"{key[:-len(s)]}.{BNB_QUANT_STATE_KEY}" in state for s in _WEIGHT_KEYS[1:-1])
+
+
+def write_config(model: nn.Module, directory: pathlib.Path, dtype, quant_config: dict | None, state) -> None:
+    """config.json (a copy of model.config: dtype set, quantization_config as exported) and
+    generation_config.json, when the model has them (a transformers model)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_json_string"):
+        return
+    cfg = copy.deepcopy(cfg)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    # the model's own tensors decide, not the float32 quant-state tensors beside each 4-bit weight (a bf16
+    # model's config said float32, and transformers then loaded its biases in float32 beside bf16 weights)
+    floats = [t.dtype for k, t in state.items() if t.is_floating_point() and not _quant_state(k, state)]
+    written = dtype or (max(set(floats), key=floats.count) if floats else None)
+    if written is not None:
+        cfg.dtype = written
+    if quant_config:
+        cfg.quantization_config = quant_config
+    if hasattr(model, "get_output_embeddings"):  # a transformers model: its class, as save_pretrained writes it (a
+        cfg.architectures = [type(model).__name__]  # classifier loaded from a causal LM's directory said ...ForCausalLM)
+    if callable(getattr(model, "is_remote_code", None)) and model.is_remote_code():  # trust_remote_code: the modeling
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, directory, config=cfg)  # file auto_map names, as save_pretrained copies it
+    cfg.save_pretrained(directory)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "save_pretrained"):
+        gen.save_pretrained(directory)
+
+
+def check_tokenizer(tokenizer) -> None:
+    """Before anything is written: None (the base's files are copied) or an object that saves itself."""
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must be None (the base's files are copied) or have save_pretrained; got {tokenizer!r:.80}")
+
+
+def write_tokenizer(model: nn.Module, directory: pathlib.Path, tokenizer) -> None:
+    """`tokenizer.save_pretrained`, or the tokenizer files of the base model's own directory
+    (model.config._name_or_path) copied, with the code files its auto_map names (a tokenizer
+    loaded with trust_remote_code: InternLM's tokenization_internlm.py)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+        return
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not source or not os.path.isdir(source):
+        return
+    source = pathlib.Path(source)
+    for name in TOKENIZER_FILES + _tokenizer_code(source):
+        if (source / name).is_file() and not (directory / name).exists():  # the model's code is copied already
+            shutil.copyfile(source / name, directory / name)
+
+
+def _tokenizer_code(source: pathlib.Path) -> tuple[str, ...]:
+    """The .py files tokenizer_config.json's auto_map names: {"AutoTokenizer": ["module.Class",
+    "module.FastClass" or null]}, a class of another repo written "owner/repo--module.Class"."""
+    try:
+        auto = json.loads((source / "tokenizer_config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return ()
+    refs = [r for v in auto.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "." in r]
+    return tuple(sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs if "--" not in r}))
+
+
+def check_extra_files(extra: dict | None) -> dict[str, pathlib.Path]:
+    """{plain file name: existing file}, checked before anything is merged or written."""
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra_files must be a dict {{file name: source path}}; got {type(extra).__name__}")
+    for name, source in extra.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+            raise ValueError(f"extra_files: a key is a plain file name for the export directory; got {name!r}")
+        if not pathlib.Path(source).is_file():
+            raise FileNotFoundError(f"extra_files[{name!r}]: no file at {source}")
+    return {name: pathlib.Path(source) for name, source in extra.items()}
+
+
+def write_extra_files(directory: pathlib.Path, extra: dict[str, pathlib.Path]) -> None:
+    for name, source in extra.items():
+        if (directory / name).exists():
+            raise ValueError(f"extra_files: {name!r} is a file the export itself writes; got {source}")
+        shutil.copyfile(source, directory / name)
