@@ -1,4 +1,5 @@
-"""Review findings (export, 4-bit checkpoints, shards): each test failed before its fix."""
+"""Exports and 4-bit checkpoints of the models users bring: bitsandbytes-loaded layers, remote code
+(model and tokenizer), classifiers from a causal LM's directory, mount points, wrong arguments."""
 
 from __future__ import annotations
 
@@ -177,3 +178,28 @@ def test_a_model_with_its_own_code_is_written_with_that_code(tmp_path, write):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True,
                                                               device_map="cpu")
     assert type(again).__name__ == "InternLMForCausalLM"
+
+
+def test_a_tokenizer_with_its_own_code_is_copied_with_that_code(tmp_path):
+    """A base whose tokenizer is its own class (tokenizer_config.json's auto_map, trust_remote_code:
+    InternLM's tokenization_internlm.py): the export copied the tokenizer files but not the code they
+    name, and AutoTokenizer could not load the merged directory."""
+    import json
+
+    from tests.io.export_helpers import tokenizer
+
+    base = tmp_path / "base"
+    _llama().save_pretrained(base)
+    tokenizer().save_pretrained(base)
+    (base / "tokenization_custom.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets=["q_proj"]))
+    lowrank.merge_and_export(model, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenization_custom.py").read_bytes() == (base / "tokenization_custom.py").read_bytes()
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert type(loaded).__name__ == "CustomTokenizer" and loaded("w1 w2")["input_ids"] == [1, 2]
