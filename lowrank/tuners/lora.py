@@ -305,10 +305,10 @@ def _factor(base: nn.modules.conv._ConvNd, cin: int, cout: int, kernel, stride, 
     try:
         conv = type(base)(cin, cout, kernel, stride, padding, bias=False)
     except TypeError:
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(base.kernel_size)](cin, cout, kernel, stride, padding,
-                                                                                  bias=False)
-    if kernel != 1:  # A: the base's geometry (B is 1 x 1)
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(base.kernel_size) - 1](cin, cout, kernel, stride, padding, bias=False)
+    if kernel != 1:  # A: the base's geometry (B is 1 x 1), and its pad for a padding mode (made for dilation 1)
         conv.dilation, conv.padding_mode = base.dilation, base.padding_mode
+        conv._reversed_padding_repeated_twice = list(base._reversed_padding_repeated_twice)
     return conv
 
 

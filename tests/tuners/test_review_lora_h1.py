@@ -1,0 +1,27 @@
+"""Review findings (helper h1) on the LoRA family: each test failed before its fix."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank.config import LoraConfig
+from lowrank.inject import inject, merge
+
+from . import models
+
+
+@pytest.mark.parametrize("conv, shape", [(nn.Conv1d, (2, 3, 11)), (nn.Conv2d, (2, 3, 9, 10))])
+def test_a_dilated_same_padded_reflect_conv_takes_lora(conv, shape):
+    # padding="same" with dilation > 1 and a non-zeros padding mode: torch computes the explicit pad
+    # from the dilation in the constructor; A was built with dilation 1 and then given the base's
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(3, 4, 3, padding="same", dilation=2, padding_mode="reflect"))
+    x = torch.randn(*shape)
+    inject(model, LoraConfig(r=2, targets=["0"]))
+    models.randomize_adapters(model)
+    with torch.no_grad():
+        y = model(x)
+        merge(model)
+        merged = model(x)
+    assert y.shape == merged.shape == (*shape[:1], 4, *shape[2:])
+    torch.testing.assert_close(y, merged, rtol=1e-5, atol=1e-5)
