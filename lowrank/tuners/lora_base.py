@@ -276,7 +276,8 @@ class LoraLayer(TunerLayer):
 
     def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
         """m / n as a column (out, 1), or a row (1, out) for a transposed (in, out) weight."""
-        f = (self.lora_magnitude_vector[name] / norm).view(-1, 1)  # (out, 1)
+        m = self.lora_magnitude_vector[name]  # norm from merge time: on m's device since (model.to(...) after merge)
+        f = (m / norm.to(m.device)).view(-1, 1)  # (out, 1)
         return f.T if self.transposed else f
 
     weight_attr = "weight"  # the base's attribute a merge writes into (LoraParameter: its parameter)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lowrank.config import LoraConfig
-from lowrank.inject import inject, merge
+from lowrank.inject import inject, merge, unmerge
 
 from . import models
 
@@ -25,3 +25,16 @@ def test_a_dilated_same_padded_reflect_conv_takes_lora(conv, shape):
         merged = model(x)
     assert y.shape == merged.shape == (*shape[:1], 4, *shape[2:])
     torch.testing.assert_close(y, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_a_merged_dora_model_moved_to_another_device_unmerges():
+    # the norms kept at merge time for unmerge are no buffers: model.to(device) left them behind
+    # (here the meta device stands in for CUDA, so the test runs without a GPU)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    inject(model, LoraConfig(r=2, targets=["0"], dora=True))
+    models.randomize_adapters(model)
+    merge(model)
+    model.to("meta")
+    unmerge(model)
+    assert model[0].merged == () and model[0].base.weight.device.type == "meta"
