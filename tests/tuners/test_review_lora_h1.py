@@ -38,3 +38,19 @@ def test_a_merged_dora_model_moved_to_another_device_unmerges():
     model.to("meta")
     unmerge(model)
     assert model[0].merged == () and model[0].base.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_keeps_the_shape_of_an_unbatched_output(dropout):
+    # nn.Linear takes x of shape (in,) and returns (out,); DoRA's ratio was a (1, out) row, so the
+    # layer returned (1, out) (PEFT 0.21 does the same)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    x = torch.randn(8)
+    inject(model, LoraConfig(r=2, targets=["0"], dora=True, dropout=dropout))
+    models.randomize_adapters(model)
+    for train in (False, True):
+        model.train(train)
+        assert model(x).shape == (6,)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x[None])[0], rtol=0, atol=0)
