@@ -396,5 +396,5 @@ def wrap(module: nn.Module, config: LoraConfig, name: str, where: str) -> nn.Mod
     layer = module if isinstance(module, LoraLayer) else layer_class(module)(module)
     r = first_match(config.rank_pattern, where, layer.base, config.r)
     alpha = first_match(config.alpha_pattern, where, layer.base, config.alpha)
-    layer.add(name, config, r, alpha)
+    layer.add(name, config, r, alpha, where)
     return layer

@@ -72,7 +72,7 @@ class LoraLayer(TunerLayer):
     def merged(self) -> tuple[str, ...]:
         return self._merged
 
-    def add(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+    def add(self, name: str, config: LoraConfig, r: int, alpha: float, where: str | None = None) -> None:
         if name in self.r:
             raise ValueError(f"this layer already has a LoRA adapter named {name!r}; pick another name or eject it first")
         dtype, device = float_dtype_and_device(self.base)
@@ -85,7 +85,17 @@ class LoraLayer(TunerLayer):
         if config.dora:
             with torch.no_grad():
                 m = dora.weight_norm(self.dense_weight(), self._lora_matrix(name), self.scaling[name])  # (out,)
+            if m.device.type != "meta" and not bool(m.all()):  # See Note: DoRA on a zero row (inject undoes what add made so far)
+                rows = m.eq(0).nonzero().flatten().tolist()
+                raise ValueError(f"DoRA cannot go on {where or type(self.base).__name__!r}: {len(rows)} of its {m.numel()} "
+                                 f"output rows of W0 are all zeros (rows {rows[:8]}), where DoRA's m / ||W0||_c is 0 / 0: "
+                                 "NaN outputs and gradients (in PEFT 0.21 too); exclude it, or use plain LoRA there")
             self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    # Note: DoRA on a zero row. m starts at ||W0||_c, so a row of W0 that is all zeros (a zero-initialized
+    # layer, such as DiT's adaLN-Zero, or a pruned row) has m = n = 0 and DoRA's m / n is NaN from the first
+    # forward, gradients too: the row's direction W0 + s B A is 0 / 0 (B = 0), which DoRA does not define.
+    # PEFT 0.21 returns the NaNs and the first step spreads them; inject refuses, naming the rows.
 
     def delete(self, name: str) -> None:
         if name in self._merged:

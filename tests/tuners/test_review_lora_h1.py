@@ -54,3 +54,19 @@ def test_dora_keeps_the_shape_of_an_unbatched_output(dropout):
         assert model(x).shape == (6,)
     model.eval()
     torch.testing.assert_close(model(x), model(x[None])[0], rtol=0, atol=0)
+
+
+def test_dora_on_a_zero_row_is_refused_not_nan():
+    # a zero-initialized layer (or a pruned row): m = ||W0||_c = 0 and n = 0, so m / n was NaN in the
+    # first forward (as in PEFT 0.21); inject now refuses, names the module and rows, and changes nothing
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    with torch.no_grad():
+        model[1].weight[2] = 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'1'.*1 of its 4 output rows.*\[2\]"):
+        inject(model, LoraConfig(r=2, targets=["0", "1"], dora=True))
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    inject(model, LoraConfig(r=2, targets=["0", "1"]))  # plain LoRA is fine there
+    assert torch.isfinite(model(torch.randn(3, 8))).all()
