@@ -225,16 +225,17 @@ class LoraLayer(TunerLayer):
         with torch.no_grad():
             for name in todo:  # the sum in float32 (or wider), rounded into the weight once: See Note: merging rounds once
                 current = self._merged_weight(name, current)
-                if not bool(torch.isfinite(current).all()):
+                rounded = current.to(weight.dtype) if name == todo[-1] else current  # a float16 sum can overflow there
+                if not bool(torch.isfinite(rounded).all()):
                     for n in todo:
                         self._merge_norms.pop(n, None)
                     raise ValueError(f"merging adapter {name!r} into {type(self.base).__name__} gives non-finite "
-                                     "weights (inf/nan); the weight was left unchanged")
+                                     f"weights (inf/nan in {weight.dtype}); the weight was left unchanged")
             if check_only:
                 for n in todo:
                     self._merge_norms.pop(n, None)
                 return todo
-            weight.copy_(current)
+            weight.copy_(rounded)
         self._merged += tuple(todo)
         return todo
 

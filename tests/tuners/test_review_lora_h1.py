@@ -70,3 +70,18 @@ def test_dora_on_a_zero_row_is_refused_not_nan():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     inject(model, LoraConfig(r=2, targets=["0", "1"]))  # plain LoRA is fine there
     assert torch.isfinite(model(torch.randn(3, 8))).all()
+
+
+def test_a_merge_that_overflows_float16_is_refused():
+    # the sum W0 + s B A is formed in float32 and was checked finite there, then rounded into the
+    # float16 weight as inf: the model was broken and unmerge could not bring W0 back
+    model = nn.Sequential(nn.Linear(4, 3)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(65000.0)
+    inject(model, LoraConfig(r=1, alpha=1, targets=["0"]))
+    with torch.no_grad():
+        model[0].lora_A["default"].weight.fill_(1.0)
+        model[0].lora_B["default"].weight.fill_(1000.0)
+    with pytest.raises(ValueError, match="non-finite.*float16"):
+        merge(model)
+    assert model[0].merged == () and bool((model[0].base.weight == 65000.0).all())
