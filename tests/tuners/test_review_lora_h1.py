@@ -85,3 +85,30 @@ def test_a_merge_that_overflows_float16_is_refused():
     with pytest.raises(ValueError, match="non-finite.*float16"):
         merge(model)
     assert model[0].merged == () and bool((model[0].base.weight == 65000.0).all())
+
+
+class CausalConv1d(nn.Conv1d):
+    """A dilated causal convolution as WaveNet and TCNs write it: the left pad follows the dilation."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0, dilation=1, bias=True):
+        super().__init__(cin, cout, kernel_size, stride=stride, padding=0, dilation=dilation, bias=bias)
+        self.left = (self.kernel_size[0] - 1) * self.dilation[0]
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (self.left, 0)))
+
+
+def test_lora_on_a_dilated_causal_conv_subclass():
+    # A (the base's class, as PEFT makes it) was built with dilation 1, so it padded for dilation 1 and
+    # then convolved with the base's dilation: a shorter output, and the forward failed
+    torch.manual_seed(0)
+    model = nn.Sequential(CausalConv1d(3, 4, 3, dilation=4))
+    x = torch.randn(2, 3, 16)
+    inject(model, LoraConfig(r=2, targets=["0"]))
+    models.randomize_adapters(model)
+    assert type(model[0].lora_A["default"]) is CausalConv1d and model[0].lora_A["default"].left == 8
+    with torch.no_grad():
+        y = model(x)
+        merge(model)
+        merged = model(x)
+    torch.testing.assert_close(y, merged, rtol=1e-5, atol=1e-5)
