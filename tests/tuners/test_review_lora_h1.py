@@ -1,11 +1,13 @@
 """Review findings (helper h1) on the LoRA family: each test failed before its fix."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from lowrank.config import LoraConfig
-from lowrank.inject import inject, merge, unmerge
+from lowrank.inject import eject, inject, merge, unmerge
 
 from . import models
 
@@ -112,3 +114,19 @@ def test_lora_on_a_dilated_causal_conv_subclass():
         merge(model)
         merged = model(x)
     torch.testing.assert_close(y, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_eject_keep_merged_warns_of_an_unmerged_adapter_it_drops():
+    # eject(keep_merged=True) reads as "merge and unload", but keeps only what merge folded in: an
+    # active adapter never merged was dropped without a word, its training lost
+    model = nn.Sequential(nn.Linear(4, 3))
+    inject(model, LoraConfig(r=2, targets=["0"]))
+    models.randomize_adapters(model)
+    with pytest.warns(UserWarning, match=r"\['default'\], which are not merged"):
+        eject(model, keep_merged=True)
+    inject(model, LoraConfig(r=2, targets=["0"]))
+    models.randomize_adapters(model)
+    merge(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eject(model, keep_merged=True)  # merged: kept, nothing to say
