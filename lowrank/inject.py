@@ -224,6 +224,12 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"the model has no adapter named {name!r}; it has {adapter_names(model)}")
     reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py): unmerging writes the weights
+    dropped = keep_merged and sorted({n for _, m in _lora_layers(model) for n in m.active if n not in m.merged
+                                      and name in (None, n)})  # fmt: skip
+    if dropped:  # keep_merged keeps what merge folded in; an unmerged adapter's update would go unsaid
+        warnings.warn(f"eject(keep_merged=True) drops the active LoRA adapters {dropped}, which are not merged: their "
+                      "updates are not kept in the weights; call lowrank.merge(model) before eject to keep them",
+                      stacklevel=2)
     active = active_adapters(model)
     kept = keep_merged and any(name in layer.merged for layer in _layers(model))  # its update stays in the weights
     had_it_active = [layer for layer in _layers(model) if name is not None and name in layer.active]

@@ -47,7 +47,7 @@ def delta(
     through dropout (then W0 x is recomputed from the dropped-out x, as in PEFT)."""
     lw = lora_weight(lora_A, lora_B).to(x.dtype)  # (out, in)
     n = weight_norm(weight.to(x.dtype), lw.detach(), scaling).detach()  # (out,); a constant, section 4.3
-    ratio = (magnitude / n).view(1, -1)  # (1, out)
+    ratio = magnitude / n  # (out,): PEFT's view(1, -1) made an unbatched x's (out,) output (1, out); same values
     lora_out = lora_B(lora_A(x))  # (..., in) -> (..., r) -> (..., out)
     if base_out is None:
         w0x = nn.functional.linear(x, weight.to(x.dtype))  # (..., out)

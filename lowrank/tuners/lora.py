@@ -4,6 +4,8 @@ The shared machinery (forward equation, merge, unmerge) is lora_base.LoraLayer."
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -154,8 +156,8 @@ class LoraLinear(LoraLayer):
 
 
 def _passes_x(drop: nn.Module) -> bool:
-    """Whether the adapter's dropout returns x itself: none, or nn.Dropout in eval mode or with
-    p = 0 (as F.dropout does then: the same tensor, no autograd node), and no hook of its own."""
+    """Whether the adapter's dropout returns x itself: none, or nn.Dropout in eval mode or with p = 0
+    (as F.dropout does then: the same tensor, no autograd node), and no hook of its own."""
     return type(drop) is nn.Identity or (type(drop) is nn.Dropout and (not drop.training or drop.p == 0)
                                          and not _hooked(drop))  # fmt: skip
 
@@ -174,8 +176,7 @@ def _hooked(m: nn.Module) -> bool:
 
 def _x_fits(x, a, b) -> bool:
     """Plain tensors, and an x that matmul folds into rows as the ops' backward does (2+ dimensions, contiguous)."""
-    return (type(x) is torch.Tensor and type(a) is type(b) is nn.Parameter
-            and x.dim() >= 2 and x.is_contiguous())  # fmt: skip
+    return type(x) is torch.Tensor and type(a) is type(b) is nn.Parameter and x.dim() >= 2 and x.is_contiguous()
 
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
@@ -193,8 +194,7 @@ def _dtypes_fit(result, x, a, b) -> bool:
 
 
 def _plain(m: nn.Module) -> bool:
-    """An nn.Linear without bias whose forward and backward no hook of its own watches (LoRA in
-    one op bypasses the module call)."""
+    """An nn.Linear without bias whose forward and backward no hook of its own watches (the op bypasses its call)."""
     return type(m) is nn.Linear and m._parameters["bias"] is None and not _hooked(m)
 
 
@@ -205,9 +205,8 @@ def _global_hooks() -> bool:
 
 
 class LoraEmbedding(LoraLayer):
-    """LoRA around nn.Embedding: y = E[ids] + s (A^T[ids]) B^T; A (r, num), B (dim, r).
-    As loralib and PEFT: A = 0 and B ~ N(0, 1) at init (so still the identity), and no
-    dropout (the input is token ids)."""
+    """LoRA around nn.Embedding: y = E[ids] + s (A^T[ids]) B^T; A (r, num), B (dim, r). As loralib and
+    PEFT: A = 0 and B ~ N(0, 1) at init (so still the identity), and no dropout (the input is token ids)."""
 
     def __init__(self, base: nn.Embedding) -> None:
         super().__init__(base)
@@ -298,17 +297,18 @@ class LoraConv(LoraLayer):
 
 
 def _factor(base: nn.modules.conv._ConvNd, cin: int, cout: int, kernel, stride, padding) -> nn.Module:
-    """A LoRA factor of a convolution: of the base's class, as PEFT makes it (a subclass that pads
-    in its forward, a causal or weight-standardized conv, needs the factor to do the same), built
-    with the arguments PEFT passes; or, for a subclass that takes other constructor arguments, a
-    plain convolution. Either way with the base's dilation and padding mode."""
-    try:
-        conv = type(base)(cin, cout, kernel, stride, padding, bias=False)
-    except TypeError:
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(base.kernel_size)](cin, cout, kernel, stride, padding,
-                                                                                  bias=False)
-    if kernel != 1:  # A: the base's geometry (B is 1 x 1)
-        conv.dilation, conv.padding_mode = base.dilation, base.padding_mode
+    """A LoRA factor of a convolution: of the base's class with PEFT's arguments (a causal conv's factor pads as it
+    does), A with the base's dilation and padding mode (by keyword, else set after); or a plain convolution."""
+    dilation = {"dilation": base.dilation} if kernel != 1 else {}  # B is 1 x 1
+    geometry = {**dilation, "padding_mode": base.padding_mode} if dilation else {}
+    plain = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(base.kernel_size) - 1]
+    for cls, kwargs in ((type(base), geometry), (type(base), dilation), (type(base), {}), (plain, geometry)):
+        with contextlib.suppress(TypeError):
+            conv = cls(cin, cout, kernel, stride, padding, bias=False, **kwargs)
+            break
+    if geometry and (conv.dilation, conv.padding_mode) != (base.dilation, base.padding_mode):  # and a padding mode's
+        conv.dilation, conv.padding_mode, conv._reversed_padding_repeated_twice = (  # pad, made for dilation 1
+            base.dilation, base.padding_mode, list(base._reversed_padding_repeated_twice))
     return conv
 
 
@@ -382,8 +382,7 @@ def _looks_up_ids(embedding: nn.Embedding) -> bool:
     scale = getattr(embedding, "embed_scale", None)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 or isinstance(scale, (int, float)):
         rows = rows * scale
-    # within a few roundings of the output's dtype (Gemma 3 rounds a float32 scale to bf16 in its forward):
-    # rows of other ids differ by far more
+    # within a few roundings (Gemma 3 rounds a float32 scale to bf16 in its forward); other ids' rows differ by far more
     eps = torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
     return bool(torch.allclose(out[0].float(), rows.float(), rtol=4 * eps, atol=4 * eps * float(rows.abs().max())))
 
@@ -396,5 +395,5 @@ def wrap(module: nn.Module, config: LoraConfig, name: str, where: str) -> nn.Mod
     layer = module if isinstance(module, LoraLayer) else layer_class(module)(module)
     r = first_match(config.rank_pattern, where, layer.base, config.r)
     alpha = first_match(config.alpha_pattern, where, layer.base, config.alpha)
-    layer.add(name, config, r, alpha)
+    layer.add(name, config, r, alpha, where)
     return layer

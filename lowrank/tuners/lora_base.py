@@ -72,7 +72,7 @@ class LoraLayer(TunerLayer):
     def merged(self) -> tuple[str, ...]:
         return self._merged
 
-    def add(self, name: str, config: LoraConfig, r: int, alpha: float) -> None:
+    def add(self, name: str, config: LoraConfig, r: int, alpha: float, where: str | None = None) -> None:
         if name in self.r:
             raise ValueError(f"this layer already has a LoRA adapter named {name!r}; pick another name or eject it first")
         dtype, device = float_dtype_and_device(self.base)
@@ -85,7 +85,17 @@ class LoraLayer(TunerLayer):
         if config.dora:
             with torch.no_grad():
                 m = dora.weight_norm(self.dense_weight(), self._lora_matrix(name), self.scaling[name])  # (out,)
+            if m.device.type != "meta" and not bool(m.all()):  # See Note: DoRA on a zero row (inject undoes what add made so far)
+                rows = m.eq(0).nonzero().flatten().tolist()
+                raise ValueError(f"DoRA cannot go on {where or type(self.base).__name__!r}: {len(rows)} of its {m.numel()} "
+                                 f"output rows of W0 are all zeros (rows {rows[:8]}), where DoRA's m / ||W0||_c is 0 / 0: "
+                                 "NaN outputs and gradients (in PEFT 0.21 too); exclude it, or use plain LoRA there")
             self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    # Note: DoRA on a zero row. m starts at ||W0||_c, so a row of W0 that is all zeros (a zero-initialized
+    # layer, such as DiT's adaLN-Zero, or a pruned row) has m = n = 0 and DoRA's m / n is NaN from the first
+    # forward, gradients too: the row's direction W0 + s B A is 0 / 0 (B = 0), which DoRA does not define.
+    # PEFT 0.21 returns the NaNs and the first step spreads them; inject refuses, naming the rows.
 
     def delete(self, name: str) -> None:
         if name in self._merged:
@@ -215,16 +225,17 @@ class LoraLayer(TunerLayer):
         with torch.no_grad():
             for name in todo:  # the sum in float32 (or wider), rounded into the weight once: See Note: merging rounds once
                 current = self._merged_weight(name, current)
-                if not bool(torch.isfinite(current).all()):
+                rounded = current.to(weight.dtype) if name == todo[-1] else current  # a float16 sum can overflow there
+                if not bool(torch.isfinite(rounded).all()):
                     for n in todo:
                         self._merge_norms.pop(n, None)
                     raise ValueError(f"merging adapter {name!r} into {type(self.base).__name__} gives non-finite "
-                                     "weights (inf/nan); the weight was left unchanged")
+                                     f"weights (inf/nan in {weight.dtype}); the weight was left unchanged")
             if check_only:
                 for n in todo:
                     self._merge_norms.pop(n, None)
                 return todo
-            weight.copy_(current)
+            weight.copy_(rounded)
         self._merged += tuple(todo)
         return todo
 
@@ -276,7 +287,8 @@ class LoraLayer(TunerLayer):
 
     def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
         """m / n as a column (out, 1), or a row (1, out) for a transposed (in, out) weight."""
-        f = (self.lora_magnitude_vector[name] / norm).view(-1, 1)  # (out, 1)
+        m = self.lora_magnitude_vector[name]  # norm from merge time: on m's device since (model.to(...) after merge)
+        f = (m / norm.to(m.device)).view(-1, 1)  # (out, 1)
         return f.T if self.transposed else f
 
     weight_attr = "weight"  # the base's attribute a merge writes into (LoraParameter: its parameter)
