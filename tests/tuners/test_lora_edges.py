@@ -1,4 +1,5 @@
-"""Review findings (helper h1) on the LoRA family: each test failed before its fix."""
+"""LoRA and DoRA where layers are unusual: dilated, padded and causal convolutions, zero rows of W0,
+unbatched inputs, float16 merges that overflow, merged DoRA moved to another device, keep_merged."""
 
 import warnings
 
