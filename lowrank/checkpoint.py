@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import pathlib
+import warnings
 
 import torch
 from torch import nn
@@ -254,6 +255,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, compute_dtype: 
     state = shards.read(path)
     if any(k.endswith(".SCB") for k in state):  # bitsandbytes' 8-bit row scales
         raise NotImplementedError(f"{path}: the checkpoint holds 8-bit (LLM.int8) weights; load_quantized reads NF4 only")
+    if not any(k.endswith(BNB_QUANT_STATE_KEY) for k in state):
+        warnings.warn(f"{path} holds no 4-bit weight: its tensors are loaded as they are and nothing is quantized "
+                      "(lowrank.load_and_quantize quantizes a dense checkpoint as it reads it)", stacklevel=2)
     given = compute_dtype is not None
     compute_dtype = compute_dtype if given else _compute_dtype(quant)
     if compute_dtype is not None and compute_dtype not in nf4.DTYPES:  # a 4-bit layer already here took any value

@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import distributed, io_moe, io_prefix, io_prompt
+from . import distributed, io_moe, io_prefix, io_prompt, shards
 from .config import LoraConfig
 from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
 from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters, from_peft_pattern, from_peft_targets,
@@ -130,14 +130,6 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     return tensors, peft_config
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> pathlib.Path:
     """Write LoRA adapter `name` (None: the model's only LoRA adapter) of `model` to directory
     `path` in PEFT's format: adapter weights only. Atomic: the directory is built and fsynced
@@ -171,8 +163,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
 def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     from safetensors.torch import save_file
-
-    from . import shards  # shards imports this module
 
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     # See Note: atomic directories (lowrank/shards.py); other files in the directory are kept

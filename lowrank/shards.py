@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .io import _fsync_dir
-
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Decimal units as transformers and the hub count them ("2GB" = 2 * 10**9), binary ones as IEC.
@@ -115,12 +113,37 @@ def write(parts: list[Part], directory: pathlib.Path, max_bytes: int) -> list[st
     return names
 
 
+def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:
+    """The safetensors files of a checkpoint: a directory with an index (sharded), a directory
+    with model.safetensors, or one .safetensors file. Pickle checkpoints are refused."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path} is not a .safetensors file; lowrank reads safetensors only "
+                             "(pickle checkpoints can run code when loaded)")
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected a directory with {INDEX} or {SINGLE}, "
+                                "or a .safetensors file")
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path / INDEX}: not a safetensors index (a JSON object with a weight_map): {e}") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path / INDEX} names shards that are not there: {missing}")
+        return files
+    if (path / SINGLE).is_file():
+        return [path / SINGLE]
+    raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}: not a safetensors model directory; it holds {sorted(p.name for p in path.iterdir())[:10]}")
+
+
 def read(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory (one file, or the shards its index names); a corrupt
     or truncated file raises ValueError naming it."""
     from safetensors.torch import load_file
-
-    from .quant.load import checkpoint_files  # one reader of index files for the whole package
 
     out = {}
     for f in checkpoint_files(path):
@@ -159,6 +182,15 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a file system without it, an old kernel
         return False
     raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    """open + fsync: a file's data, or a directory's entries (a rename in it), on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def temporary_directory(parent: pathlib.Path, prefix: str, suffix: str) -> pathlib.Path:

@@ -15,7 +15,6 @@ The result equals `quantize(from_pretrained(path), config)` bit for bit (tests/q
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import re
@@ -24,15 +23,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..shards import checkpoint_files
 from ..targets import is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit
 from .params4bit import names_4bit, quantize_parameter
 from .quantize import (NF4Config, _can_quantize, _walk, check_forward, check_parameters, find_parameters, refuse_tied,
                        selected, weight_owners)
-
-INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's weight map
-SINGLE = "model.safetensors"
 
 
 @contextlib.contextmanager
@@ -55,38 +52,21 @@ def skeleton():
         nn.Module.register_parameter = original
 
 
-def checkpoint_files(path: str | os.PathLike) -> list[pathlib.Path]:
-    """The safetensors files of a checkpoint: a directory with an index (sharded), a directory
-    with model.safetensors, or one .safetensors file. Pickle checkpoints are refused."""
-    path = pathlib.Path(path)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path} is not a .safetensors file; load_and_quantize reads safetensors only "
-                             "(pickle checkpoints can run code when loaded)")
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint at {path}: expected a directory with {INDEX} or {SINGLE}, "
-                                "or a .safetensors file")
-    if (path / INDEX).is_file():
-        try:
-            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path / INDEX}: not a safetensors index (a JSON object with a weight_map): {e}") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path / INDEX} names shards that are not there: {missing}")
-        return files
-    if (path / SINGLE).is_file():
-        return [path / SINGLE]
-    raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}: not a safetensors model directory; it holds {sorted(p.name for p in path.iterdir())[:10]}")
-
-
 def _open(file: pathlib.Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors' error types vary by version
         raise ValueError(f"{file}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+
+
+def _refuse_4bit(files: list[pathlib.Path]) -> None:
+    """A checkpoint in 4 bits already (bitsandbytes' quant-state keys) is load_quantized's to read."""
+    for file in files:
+        with _open(file) as f:
+            key = next((k for k in f.keys() if ".quant_state.bitsandbytes__" in k), None)
+        if key is not None:
+            raise ValueError(f"{file} holds 4-bit weights already ({key!r}): load_and_quantize quantizes a dense "
+                             "checkpoint; read this one with lowrank.load_quantized into a model built from its config")
 
 
 # Note: copy what is kept. safetensors hands out tensors that may share the file's memory map;
@@ -144,6 +124,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
         raise TypeError(f"dtype must be None or a floating torch.dtype (e.g. torch.bfloat16); got {dtype!r}")
     device = torch.device(device)
     files = checkpoint_files(path)
+    _refuse_4bit(files)
     layers, first_name = _places(model, config)
     params = find_parameters(model, config)  # See Note: 4-bit parameters as they are read
     if not layers and not params:
@@ -266,7 +247,10 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
 # takes linear layers). A fused parameter some expert never reached is named in the error.
 class _Experts:
     def __init__(self, modules: dict, device: torch.device, dtype: torch.dtype | None, whole=None) -> None:
-        from ..io_moe import FUSED, renamer  # here: lowrank.io_moe imports the tuners, which import quant
+        from ..io_moe import (  # here: lowrank.io_moe imports the tuners, which import quant
+            FUSED,
+            renamer,
+        )
 
         self.modules, self.device, self.dtype, self.fused = modules, device, dtype, FUSED
         self.renamed = renamer(modules)  # a transformers 4 key under the model's names

@@ -26,9 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..io import _fsync_dir, save_adapter
-from ..optim import PagedAdamW  # _fsync_dir: open + fsync, a file or a directory
-from ..shards import held_directory, temporary_directory
+from ..io import save_adapter
+from ..optim import PagedAdamW
+from ..shards import _fsync_dir, held_directory, temporary_directory
 from . import data as data_mod
 from . import parallel
 from .batches import collate, encode_all, epoch_batches, pad_id

@@ -203,3 +203,18 @@ def test_a_tokenizer_with_its_own_code_is_copied_with_that_code(tmp_path):
     assert (tmp_path / "out" / "tokenization_custom.py").read_bytes() == (base / "tokenization_custom.py").read_bytes()
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert type(loaded).__name__ == "CustomTokenizer" and loaded("w1 w2")["input_ids"] == [1, 2]
+
+
+def test_4bit_and_dense_checkpoints_sent_to_the_other_loader_say_so(tmp_path):
+    """load_and_quantize on a checkpoint in 4 bits already listed its layers' weights as missing and
+    its quant-state tensors as unexpected; load_quantized on a dense one loaded it dense without a word."""
+    model = _llama()
+    lowrank.quantize(model)
+    lowrank.save_quantized(model, tmp_path / "4bit")
+    _llama().save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match=r"holds 4-bit weights already \('model.layers.0.*quant_state.bitsandbytes__nf4'"
+                                         r"\): load_and_quantize quantizes a dense checkpoint; read this one with "
+                                         "lowrank.load_quantized"):
+        lowrank.load_and_quantize(_llama(), tmp_path / "4bit")
+    with pytest.warns(UserWarning, match="dense holds no 4-bit weight: its tensors are loaded as they are"):
+        assert lowrank.load_quantized(_llama(), tmp_path / "dense") == []
