@@ -42,3 +42,28 @@ def test_merge_copies_the_tokenizer_code_of_an_old_format_auto_map(tmp_path):
     # a module path that leaves the directory is not a file of it
     (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["../base/evil.T", None]}}))
     assert export_files._tokenizer_code(src) == ()
+
+
+def test_a_lock_file_this_user_cannot_write_is_held_all_the_same(tmp_path, monkeypatch):
+    # a shared output_dir (group-writable) whose .lowrank.lock another user's run made (0644 under umask 022):
+    # open(..., "a+") is refused, and the run failed with PermissionError where it had trained before the lock
+    import builtins
+    import errno
+
+    from lowrank import shards
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / shards.LOCK_FILE).write_text("123\n")
+
+    def others(file, mode="r", *args, **kwargs):
+        if mode != "r" and str(file).endswith(shards.LOCK_FILE):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "open", others, raising=False)
+    with shards.held_directory(out):  # held through a read-only descriptor: flock needs no write access
+        monkeypatch.undo()
+        with pytest.raises(BlockingIOError, match="another process"):
+            with shards.held_directory(out):
+                pass
