@@ -92,3 +92,30 @@ def test_a_copy_of_a_paged_optimizer_on_cuda_steps_as_the_original(how):
     opt.step()
     other.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(not __import__("torch").distributed.is_available(), reason="no torch.distributed")
+def test_a_busy_output_dir_is_one_config_error_line_on_every_rank(tmp_path):
+    # under torchrun rank 0's refusal reached rank 1 as on_main's RuntimeError ("rank 0 failed while writing
+    # for all ranks: ConfigError: ..."), a traceback where rank 0 printed one line
+    import json
+    import os
+    import pathlib
+    import subprocess
+
+    from lowrank import shards
+
+    out = tmp_path / "out"
+    config = {"model": str(tmp_path / "model"), "data": str(tmp_path / "data.json"), "output_dir": str(out),
+              "distributed": "ddp", "device": "cpu", "batch_size": 2}
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    with shards.held_directory(out):  # the first run
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "lowrank", "train", str(tmp_path / "c.yaml")], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=170)
+    log = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert log.count(f"lowrank train: error: output_dir {str(out)!r}: another process") == 2, log[-3000:]
+    assert "rank 0 failed while writing" not in log, log[-3000:]
