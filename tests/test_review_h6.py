@@ -119,3 +119,29 @@ def test_a_busy_output_dir_is_one_config_error_line_on_every_rank(tmp_path):
     assert run.returncode != 0
     assert log.count(f"lowrank train: error: output_dir {str(out)!r}: another process") == 2, log[-3000:]
     assert "rank 0 failed while writing" not in log, log[-3000:]
+
+
+def test_ejecting_one_of_two_merged_adapters_writes_no_inf_into_a_float16_weight():
+    # W0 + a + b is finite in float16, W0 + a is not: taking b alone out wrote inf into the weight without a
+    # word (the check merge has since bbaf30d was missing on this path); now both come out, a stays active
+    import torch
+    from torch import nn
+
+    from lowrank import LoraConfig, eject, inject, merge, set_active
+
+    model = nn.Sequential(nn.Linear(4, 3)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(65000.0)
+    w0 = model[0].weight.clone()
+    for name, b in (("a", 1000.0), ("b", -1000.0)):
+        inject(model, LoraConfig(r=1, alpha=1, targets=["0"]), name=name)
+        with torch.no_grad():
+            model[0].lora_A[name].weight.fill_(1.0)
+            model[0].lora_B[name].weight.fill_(b)
+    set_active(model, ["a", "b"])
+    merge(model)
+    assert model[0].merged == ("a", "b")
+    with pytest.warns(UserWarning, match=r"\['a'\] merged beyond torch.float16's range"):
+        eject(model, "b")
+    assert model[0].names == ("a",) and model[0].merged == () and model[0].active == ("a",)
+    assert torch.equal(model[0].base.weight, w0)
