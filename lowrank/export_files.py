@@ -79,13 +79,19 @@ def write_tokenizer(model: nn.Module, directory: pathlib.Path, tokenizer) -> Non
 
 def _tokenizer_code(source: pathlib.Path) -> tuple[str, ...]:
     """The .py files tokenizer_config.json's auto_map names: {"AutoTokenizer": ["module.Class",
-    "module.FastClass" or null]}, a class of another repo written "owner/repo--module.Class"."""
+    "module.FastClass" or null]} (or, in the old format, that list alone), a class of another repo written
+    "owner/repo--module.Class" (its code is not here: none copied)."""
     try:
         auto = json.loads((source / "tokenizer_config.json").read_text()).get("auto_map") or {}
     except (OSError, ValueError, AttributeError):
         return ()
+    if isinstance(auto, list):  # the old format, [slow, fast], which transformers still reads as AutoTokenizer's
+        auto = {"AutoTokenizer": auto}
+    if not isinstance(auto, dict):
+        return ()
     refs = [r for v in auto.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "." in r]
-    return tuple(sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs if "--" not in r}))
+    files = {r.rsplit(".", 1)[0] + ".py" for r in refs if "--" not in r}
+    return tuple(sorted(f for f in files if "/" not in f and "\\" not in f))  # a module of this directory, no path
 
 
 def check_extra_files(extra: dict | None) -> dict[str, pathlib.Path]:

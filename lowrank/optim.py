@@ -130,6 +130,11 @@ class PagedAdamW(torch.optim.AdamW):
         return {**super().__getstate__(), "paged": self.paged, "state_bits": self.state_bits,
                 "min_8bit_size": self.min_8bit_size}
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if getattr(self, "paged", False):  # (a pickle of an older lowrank has no paged)
+            self._to_managed()  # a deepcopy's / an unpickled copy's states are plain CUDA memory
+
     def _in_8bit(self, p: torch.Tensor) -> bool:
         return self.state_bits == 8 and p.numel() >= self.min_8bit_size
 
@@ -336,6 +341,11 @@ class PagedAdamW(torch.optim.AdamW):
                 self.state[p][name] = t.to(p.device, copy=True)
         for p in params.values():
             self._convert_state(p)
+        self._to_managed()
+
+    def _to_managed(self) -> None:
+        """The moments of CUDA parameters copied into managed memory (paged), where managed_prefetch
+        takes them: after a load, a deepcopy or unpickling (those made them plain device memory)."""
         if not self.paged:
             return
         for p, state in self.state.items():

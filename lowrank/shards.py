@@ -268,7 +268,14 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
     block runs unheld."""
     path = pathlib.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK_FILE, "a+") as f:
+    lock = path / LOCK_FILE
+    try:
+        f = open(lock, "a+")
+    except PermissionError:  # another user's lock file (a shared output_dir): flock needs no write access
+        if not lock.is_file():
+            raise
+        f = open(lock)
+    with f:
         try:
             import fcntl
 
@@ -278,15 +285,16 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
             holder = f.read().strip() or "unknown"
             raise BlockingIOError(errno.EWOULDBLOCK, f"another process (pid {holder}) is writing to {path}") from None
         except OSError as e:  # a file system without locks (some NFS mounts: ENOLCK): run unheld, as on Windows
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
+                raise  # EBADF: NFS locks need a file open for writing, which another user's is not here
         except ImportError:  # no fcntl: Windows
             pass
         else:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
+            if f.writable():  # the holder's pid, for the refusal of a second run
+                f.seek(0)
+                f.truncate()
+                f.write(f"{os.getpid()}\n")
+                f.flush()
         yield
 
 

@@ -42,7 +42,8 @@ def _serve(cmd: list[str]) -> int:
     PID`, docker stop, a supervisor, a closed ssh session) are passed on to it and we wait for it
     to stop. Otherwise it outlived us, orphaned and holding the port. Ctrl-C reaches both (one
     process group): the server then gets SIGINT twice, and Streamlit's handler stops it either
-    way. The handlers go in before the server starts: a signal in between is passed on once it has."""
+    way. The handlers go in before the server starts: a signal in between is passed on once it has.
+    A SIGHUP this process ignores (nohup) is not passed on: the server ignores it too."""
     child, pending = None, []
 
     def forward(signum, frame):
@@ -51,7 +52,11 @@ def _serve(cmd: list[str]) -> int:
         else:
             child.send_signal(signum)
 
-    passed = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None]
+    # a SIGHUP ignored (nohup) stays ignored, by the server too (it inherits that): forwarded, it stopped the server
+    # that nohup was to keep running once the ssh session closed
+    hup = getattr(signal, "SIGHUP", None)
+    passed = [s for s in (signal.SIGTERM, signal.SIGINT, hup)
+              if s is not None and not (s == hup and signal.getsignal(s) == signal.SIG_IGN)]
     previous = {s: signal.signal(s, forward) for s in passed}
     try:
         child = subprocess.Popen(cmd)

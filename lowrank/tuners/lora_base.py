@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -266,7 +267,14 @@ class LoraLayer(TunerLayer):
         weight = self._writable_weight()
         with torch.no_grad():
             wide = _wide(weight)
-            weight.copy_(weight.to(wide) - self._delta_weight(name, wide))
+            rest = (weight.to(wide) - self._delta_weight(name, wide)).to(weight.dtype)
+            if not bool(torch.isfinite(rest).all()):  # the others' sum alone overflows the dtype (float16): as merge
+                warnings.warn(f"taking {name!r} alone out of {type(self.base).__name__}'s weight leaves {list(others)} "
+                              f"merged beyond {weight.dtype}'s range (inf); they are unmerged too, and stay active",
+                              stacklevel=4)
+                self.unmerge()  # refuses that sum, unmerge writes W0 back and the others stay active, unmerged
+                return
+            weight.copy_(rest)
         self._merged = others
 
     # Note: merging rounds once. merge forms s B A from the factors in float32 (or the weight's

@@ -279,14 +279,16 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> Summary:
         parallel.stop(ranks, finished)
 
 
-def _hold(output_dir: str, held: contextlib.ExitStack) -> None:
+def _hold(output_dir: str, held: contextlib.ExitStack) -> str | None:
     """Make this run output_dir's one writer until it ends (shards.held_directory): a second run
-    there would clear this one's unfinished checkpoint and write over its epochs."""
+    there would clear this one's unfinished checkpoint and write over its epochs. Returns the
+    refusal, which every rank raises as a ConfigError (one line each, not rank 0's error wrapped
+    in a RuntimeError with its traceback on the others)."""
     try:
         held.enter_context(held_directory(output_dir))
     except BlockingIOError as e:
-        raise ConfigError(f"output_dir {output_dir!r}: {e.strerror}; wait for that run to end, "
-                          "or choose another output_dir") from None
+        return f"output_dir {output_dir!r}: {e.strerror}; wait for that run to end, or choose another output_dir"
+    return None
 
 
 def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks, held: contextlib.ExitStack) -> Summary:
@@ -297,7 +299,9 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks, hel
     if state is not None and state.get("world", 1) != ranks.world:
         raise ConfigError(f"--resume: the checkpoint was trained on {state.get('world', 1)} rank(s), this run has "
                           f"{ranks.world}; the per-rank batches would differ: resume on {state.get('world', 1)}")
-    ranks.first(lambda: _hold(config.output_dir, held))  # rank 0 writes; its refusal reaches every rank
+    busy = ranks.first(lambda: _hold(config.output_dir, held))  # rank 0 writes; its refusal reaches every rank
+    if busy:
+        raise ConfigError(busy)
     _clear_unfinished(config, ranks, stream)
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
     model, tokenizer = load_base(config.model, config.dtype, ranks.device, config.trust_remote_code)
