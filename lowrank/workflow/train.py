@@ -288,6 +288,8 @@ def _hold(output_dir: str, held: contextlib.ExitStack) -> str | None:
         held.enter_context(held_directory(output_dir))
     except BlockingIOError as e:
         return f"output_dir {output_dir!r}: {e.strerror}; wait for that run to end, or choose another output_dir"
+    except (FileExistsError, NotADirectoryError):  # a file where output_dir goes: _resume_from refuses it, naming it
+        pass
     return None
 
 
@@ -295,13 +297,13 @@ def _train(config: TrainConfig, resume: bool, stream, ranks: parallel.Ranks, hel
     if config.batch_size % ranks.world:
         raise ConfigError(f"batch_size is the global micro-batch, split evenly over the ranks: it must be a multiple "
                           f"of the {ranks.world} ranks; got {config.batch_size}")
+    busy = ranks.first(lambda: _hold(config.output_dir, held))  # rank 0 writes; its refusal reaches every rank
+    if busy:  # before _resume_from: a running run's epochs are not this one's to resume or refuse
+        raise ConfigError(busy)
     start_epoch, state = _resume_from(config, resume)
     if state is not None and state.get("world", 1) != ranks.world:
         raise ConfigError(f"--resume: the checkpoint was trained on {state.get('world', 1)} rank(s), this run has "
                           f"{ranks.world}; the per-rank batches would differ: resume on {state.get('world', 1)}")
-    busy = ranks.first(lambda: _hold(config.output_dir, held))  # rank 0 writes; its refusal reaches every rank
-    if busy:
-        raise ConfigError(busy)
     _clear_unfinished(config, ranks, stream)
     records = data_mod.load(config.data)  # every record checked before the model is even loaded
     model, tokenizer = load_base(config.model, config.dtype, ranks.device, config.trust_remote_code)

@@ -100,13 +100,15 @@ def test_replacing_a_directory_keeps_its_permissions(tmp_path, mode):
 def test_a_second_run_into_a_busy_output_dir_is_refused_and_touches_nothing(tmp_path, model_dir, data_file):
     config = _config(tmp_path, model_dir, data_file)
     out = tmp_path / "out"
-    writing = out / ".epoch_1.0123abcd.tmp"  # the first run's checkpoint, half written
+    writing = out / ".epoch_2.0123abcd.tmp"  # the first run's checkpoint, half written
     writing.mkdir(parents=True)
+    (out / "epoch_1").mkdir()  # and its first: the refusal is that the run goes on, not "pass --resume"
     with shards.held_directory(out):  # the first run, still going (a lock per open file: in-process works)
         with pytest.raises(C.ConfigError, match=rf"output_dir '{out}': another process \(pid {os.getpid()}\) is "
                                                 "writing to .*; wait for that run to end"):
             train(config, stream=io.StringIO())
-        assert writing.is_dir() and not (out / "epoch_1").exists()
+        assert writing.is_dir() and sorted(p.name for p in out.iterdir()) == [writing.name, shards.LOCK_FILE, "epoch_1"]
+    (out / "epoch_1").rmdir()
     train(config, stream=io.StringIO())  # released with the block
     assert (out / "epoch_1" / STATE_FILE).is_file() and not writing.exists()
 
