@@ -20,6 +20,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
                    "chat_template.json")
 
+# what an export may write itself, besides its weight files and the model's and tokenizer's code
+WRITTEN = {"config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES}
+
 
 def _quant_state(key: str, state: dict) -> bool:
     """Whether `key` is one of a 4-bit weight's quant-state tensors (absmax, quant_map, nested_*)."""
@@ -104,6 +107,8 @@ def check_extra_files(extra: dict | None) -> dict[str, pathlib.Path]:
             raise ValueError(f"extra_files: a key is a plain file name for the export directory; got {name!r}")
         if not pathlib.Path(source).is_file():
             raise FileNotFoundError(f"extra_files[{name!r}]: no file at {source}")
+        if name in WRITTEN or name.endswith(".safetensors"):  # known before any weight is merged
+            raise ValueError(f"extra_files: {name!r} is a file the export itself writes; got {source}")
     return {name: pathlib.Path(source) for name, source in extra.items()}
 
 
