@@ -151,3 +151,29 @@ def test_a_loaded_state_dict_has_the_entries_adamw_loads(state_bits):
     opt = PagedAdamW([a, b], paged=False, state_bits=state_bits, min_8bit_size=256)
     opt.load_state_dict(ref.state_dict())
     assert list(opt.state_dict()["state"]) == [0] and b not in opt.state
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="managed memory needs CUDA")
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_paged_optimizer_on_cuda_steps_as_the_original(how):
+    # a deepcopy's / an unpickled copy's states are made by the default CUDA allocator, not in managed
+    # memory, and managed_prefetch (cudaMemPrefetchAsync) takes managed memory only: its first step failed
+    import copy
+    import pickle
+
+    import torch
+
+    from lowrank.optim import PagedAdamW
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 64, device="cuda"))
+    opt = PagedAdamW([p], lr=1e-2, paged=True)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    other = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    q = other.param_groups[0]["params"][0]
+    p.grad = q.grad = torch.ones_like(p)
+    opt.step()
+    other.step()
+    assert torch.equal(p, q)

@@ -3,6 +3,7 @@
 
 import datetime
 import os
+import sys
 import time
 
 import pytest
@@ -74,3 +75,30 @@ def test_cuda_without_a_gpu_under_torchrun_is_a_config_error(mode, monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
     with pytest.raises(ConfigError, match="sees 0 CUDA GPU"):
         parallel.start(mode, "cuda")
+
+
+@pytest.mark.skipif(not __import__("torch").distributed.is_available(), reason="no torch.distributed")
+def test_a_busy_output_dir_is_one_config_error_line_on_every_rank(tmp_path):
+    # under torchrun rank 0's refusal reached rank 1 as on_main's RuntimeError ("rank 0 failed while writing
+    # for all ranks: ConfigError: ..."), a traceback where rank 0 printed one line
+    import json
+    import os
+    import pathlib
+    import subprocess
+
+    from lowrank import shards
+
+    out = tmp_path / "out"
+    config = {"model": str(tmp_path / "model"), "data": str(tmp_path / "data.json"), "output_dir": str(out),
+              "distributed": "ddp", "device": "cpu", "batch_size": 2}
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    with shards.held_directory(out):  # the first run
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "lowrank", "train", str(tmp_path / "c.yaml")], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=170)
+    log = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert log.count(f"lowrank train: error: output_dir {str(out)!r}: another process") == 2, log[-3000:]
+    assert "rank 0 failed while writing" not in log, log[-3000:]

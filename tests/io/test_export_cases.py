@@ -218,3 +218,24 @@ def test_4bit_and_dense_checkpoints_sent_to_the_other_loader_say_so(tmp_path):
         lowrank.load_and_quantize(_llama(), tmp_path / "4bit")
     with pytest.warns(UserWarning, match="dense holds no 4-bit weight: its tensors are loaded as they are"):
         assert lowrank.load_quantized(_llama(), tmp_path / "dense") == []
+
+
+def test_merge_copies_the_tokenizer_code_of_an_old_format_auto_map(tmp_path):
+    # tokenizer_config.json's auto_map as a bare [slow, fast] list, the old format transformers still reads as
+    # {"AutoTokenizer": [...]}: it was an AttributeError ('list' object has no attribute 'values') inside the swap
+    import json
+    import types
+
+    from lowrank import export_files
+
+    src, out = tmp_path / "base", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": ["tokenization_x.XTokenizer", None]}))
+    (src / "tokenization_x.py").write_text("class XTokenizer: ...\n")
+    (src / "evil.py").write_text("")
+    model = types.SimpleNamespace(config=types.SimpleNamespace(_name_or_path=str(src)))
+    export_files.write_tokenizer(model, out, None)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenization_x.py", "tokenizer_config.json"]
+    # a module path that leaves the directory is not a file of it
+    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["../base/evil.T", None]}}))
+    assert export_files._tokenizer_code(src) == ()

@@ -131,3 +131,29 @@ def test_eject_keep_merged_warns_of_an_unmerged_adapter_it_drops():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         eject(model, keep_merged=True)  # merged: kept, nothing to say
+
+
+def test_ejecting_one_of_two_merged_adapters_writes_no_inf_into_a_float16_weight():
+    # W0 + a + b is finite in float16, W0 + a is not: taking b alone out wrote inf into the weight without a
+    # word (the check merge has since bbaf30d was missing on this path); now both come out, a stays active
+    import torch
+    from torch import nn
+
+    from lowrank import LoraConfig, eject, inject, merge, set_active
+
+    model = nn.Sequential(nn.Linear(4, 3)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(65000.0)
+    w0 = model[0].weight.clone()
+    for name, b in (("a", 1000.0), ("b", -1000.0)):
+        inject(model, LoraConfig(r=1, alpha=1, targets=["0"]), name=name)
+        with torch.no_grad():
+            model[0].lora_A[name].weight.fill_(1.0)
+            model[0].lora_B[name].weight.fill_(b)
+    set_active(model, ["a", "b"])
+    merge(model)
+    assert model[0].merged == ("a", "b")
+    with pytest.warns(UserWarning, match=r"\['a'\] merged beyond torch.float16's range"):
+        eject(model, "b")
+    assert model[0].names == ("a",) and model[0].merged == () and model[0].active == ("a",)
+    assert torch.equal(model[0].base.weight, w0)

@@ -128,3 +128,28 @@ def test_a_file_system_without_locks_runs_unheld(tmp_path, monkeypatch):
     with pytest.raises(PermissionError):  # any other failure is the user's to see
         with shards.held_directory(tmp_path / "out"):
             pass
+
+
+def test_a_lock_file_this_user_cannot_write_is_held_all_the_same(tmp_path, monkeypatch):
+    # a shared output_dir (group-writable) whose .lowrank.lock another user's run made (0644 under umask 022):
+    # open(..., "a+") is refused, and the run failed with PermissionError where it had trained before the lock
+    import builtins
+    import errno
+
+    from lowrank import shards
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / shards.LOCK_FILE).write_text("123\n")
+
+    def others(file, mode="r", *args, **kwargs):
+        if mode != "r" and str(file).endswith(shards.LOCK_FILE):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "open", others, raising=False)
+    with shards.held_directory(out):  # held through a read-only descriptor: flock needs no write access
+        monkeypatch.undo()
+        with pytest.raises(BlockingIOError, match="another process"):
+            with shards.held_directory(out):
+                pass

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from lowrank.commands import web
+
 from . import web_server
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("streamlit") is None,
@@ -54,3 +56,16 @@ def test_a_signal_to_lowrank_web_stops_its_server(model_dir, sig):
         with contextlib.suppress(ProcessLookupError):  # whatever is left of the session, should the test fail
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP (Windows)")
+def test_web_under_nohup_does_not_pass_a_sighup_on_to_the_server():
+    # nohup: SIGHUP ignored. The server inherits that and must keep running when the session closes;
+    # passing the SIGHUP on killed it (exit 129)
+    hangs_up = "import os, signal, time; os.kill(os.getppid(), signal.SIGHUP); time.sleep(0.5)"
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert web._serve([sys.executable, "-c", hangs_up]) == 0
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # left as it was
+    finally:
+        signal.signal(signal.SIGHUP, before)
