@@ -142,7 +142,7 @@ def _linear_in(module: nn.Module, place: tuple, name: str, q: NF4Weight, state: 
                          f"{tuple(q.shape)}, the model's layer is (out, in) = {out_in}")
     bias = state.get(f"{name}.bias") if getattr(module, "bias", None) is not None else None
     try:
-        layer = Linear4bit(q, bias, compute_dtype)
+        layer = Linear4bit(q, bias, compute_dtype).train(module.training)  # the mode of the layer it replaces
     except (TypeError, ValueError) as e:
         raise type(e)(f"{path}: {name!r}: {e}") from e
     setattr(*place, layer)

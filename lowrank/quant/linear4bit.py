@@ -151,7 +151,9 @@ class Linear4bit(Stored4bit):
             w = linear.weight.T.contiguous()  # (in, out) -> (out, in)
         else:
             raise TypeError(f"Linear4bit.from_linear takes an nn.Linear or a GPT-2 Conv1D; got {type(linear).__name__}")
-        return cls(nf4.quantize(w.detach(), blocksize, double_quant), linear.bias, compute_dtype)
+        # in `linear`'s train/eval mode, as a module put in its place must be: a Linear4bit made in training
+        # mode in an eval model (from_pretrained's) would turn on the dropout of the LoRA layer inject wraps it in
+        return cls(nf4.quantize(w.detach(), blocksize, double_quant), linear.bias, compute_dtype).train(linear.training)
 
     # y = x @ dequant(W_nf4)^T + b, in compute_dtype. Under autocast the layer computes in the
     # autocast dtype and returns it, as nn.Linear does; otherwise it returns x's dtype, as

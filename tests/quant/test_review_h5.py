@@ -1,0 +1,65 @@
+"""Review h5 of quantize / Linear4bit: what a QLoRA researcher hits, each a test that failed before its fix."""
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank
+from lowrank.quant import Linear4bit, NF4Config, quantize
+from lowrank.quant.params4bit import Weight4bit
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def modes(model: nn.Module) -> set[bool]:
+    return {m.training for m in model.modules()}
+
+
+@pytest.mark.parametrize("how", ["quantize", "load_and_quantize", "load_quantized"])
+def test_a_4bit_layer_takes_the_mode_of_an_eval_model_so_lora_dropout_stays_off(how, tmp_path):
+    # from_pretrained returns a model in eval mode; quantize's new layers started in training mode,
+    # and inject gives the LoRA layer (and its dropout) the mode of the layer it wraps: inference
+    # with a dropout adapter (load_adapter, PEFT's lora_dropout=0.05) was random
+    dense = tiny_llama().eval()
+    if how == "quantize":
+        model = dense
+        quantize(model)
+    elif how == "load_and_quantize":
+        dense.save_pretrained(tmp_path)
+        with lowrank.skeleton():
+            model = type(dense)(dense.config)
+        lowrank.load_and_quantize(model.eval(), tmp_path)
+    else:
+        quantize(dense)
+        lowrank.save_quantized(dense, tmp_path)
+        model = type(dense)(dense.config).eval()
+        lowrank.load_quantized(model, tmp_path)
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    assert modes(model) == {False}
+    lowrank.inject(model, lowrank.LoraConfig(r=4, targets="all-linear", dropout=0.5))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+        ids = torch.randint(0, 64, (1, 8))
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    assert modes(model) == {False}
+
+
+def test_4bit_experts_take_their_owners_mode():
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    quantize(model, NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    assert any(isinstance(m, Weight4bit) for m in model.modules())
+    assert modes(model) == {False}
+    model.train()
+    assert modes(model) == {True}
