@@ -102,9 +102,11 @@ class Stored4bit(nn.Module):
         for k, t in self.weight.to_state_dict(key).items():
             destination[k] = t if keep_vars else t.detach()
 
-    def _load_weight(self, state_dict: dict, key: str, missing_keys: list, error_msgs: list) -> set[str]:
-        """Read the weight's bitsandbytes entries at `key` into this module (its shape must match);
-        returns the keys that were its entries."""
+    def _load_weight(self, state_dict: dict, key: str, missing_keys: list, error_msgs: list,
+                     assign: bool = False) -> set[str]:
+        """Read the weight's bitsandbytes entries at `key` into this module (its shape must match),
+        on this module's device, or as they are with load_state_dict(assign=True) (as torch assigns:
+        a model on the meta device takes the checkpoint's tensors); returns the keys that were its entries."""
         ours = {key + s: state_dict[key + s] for s in _WEIGHT_KEYS if key + s in state_dict}
         if key not in state_dict:
             missing_keys.append(key)
@@ -118,7 +120,7 @@ class Stored4bit(nn.Module):
             error_msgs.append(f"size mismatch for {key}: the checkpoint's 4-bit weight has shape {tuple(q.shape)}, "
                               f"this module {tuple(self.shape)}")
         else:
-            self._set_weight(q.to(self.packed.device))
+            self._set_weight(q if assign else q.to(self.packed.device))
         return set(ours)
 
 
@@ -190,13 +192,16 @@ class Linear4bit(Stored4bit):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         w_key, b_key = prefix + "weight", prefix + "bias"
-        ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs)
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs, assign)
         if self.bias is not None and b_key not in state_dict:
             missing_keys.append(b_key)
         elif self.bias is not None:
             b = state_dict[b_key]
             if b.shape != self.bias.shape:
                 error_msgs.append(f"size mismatch for {b_key}: checkpoint {tuple(b.shape)}, this layer {tuple(self.bias.shape)}")
+            elif assign:
+                self.bias = nn.Parameter(b.detach(), requires_grad=False)
             else:
                 with torch.no_grad():
                     self.bias.copy_(b)

@@ -95,7 +95,8 @@ class Weight4bit(Stored4bit):
         key, local = prefix[:-1], dict(state_dict)
         if prefix in local:  # the packed codes, moved below the prefix by _packed_below
             local[key] = local.pop(prefix)
-        ours = self._load_weight(local, key, missing_keys, error_msgs)
+        assign = local_metadata.get("assign_to_params_buffers", False)  # load_state_dict(assign=True)
+        ours = self._load_weight(local, key, missing_keys, error_msgs, assign)
         if strict:
             unexpected_keys.extend(k for k in local if k.startswith(prefix) and k not in ours)
 

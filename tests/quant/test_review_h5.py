@@ -63,3 +63,33 @@ def test_4bit_experts_take_their_owners_mode():
     assert modes(model) == {False}
     model.train()
     assert modes(model) == {True}
+
+
+@pytest.mark.parametrize("experts", [False, True])
+def test_load_state_dict_assign_into_a_meta_model_takes_the_4bit_tensors(experts):
+    # load_state_dict(assign=True) into a model on the meta device (build on meta, then load) took
+    # every dense tensor but left each 4-bit weight (moved to the module's device) and bias
+    # (copied into, a no-op) on meta, reporting all keys matched
+    import copy
+
+    torch.manual_seed(0)
+    if experts:
+        cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+        model = transformers.MixtralForCausalLM(cfg).eval()
+        quantize(model, NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    else:
+        model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+        quantize(model, NF4Config(targets=["0", "2"]))
+    x = torch.randint(0, 64, (1, 5)) if experts else torch.randn(2, 64)
+
+    def run(m):
+        return m(x).logits if experts else m(x)
+
+    meta = copy.deepcopy(model).to("meta")
+    assert not meta.load_state_dict(model.state_dict(), assign=True).missing_keys
+    assert not [n for n, t in meta.named_parameters() if t.is_meta]
+    if not experts:
+        assert torch.equal(run(meta), run(model))
+    else:  # a buffer computed at init (rotary inv_freq) is no state dict entry: as torch, it stays on meta
+        assert not [n for n, t in meta.named_buffers() if t.is_meta and "rotary" not in n]
