@@ -27,7 +27,7 @@ from .quant import nf4
 from .quant.linear4bit import Linear4bit
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
-from .quant.quantize import _can_quantize, bnb_kinds, tied_to, weight_owners
+from .quant.quantize import _can_quantize, bnb_kinds, fused_paths_off, tied_to, weight_owners
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
 from .walk import _walk, plain_modules
@@ -122,6 +122,7 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
                         "lowrank.skeleton(), which leaves buffers real)")
     if problems:
         raise ValueError(f"{path}: the checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
+    fused_paths_off(model)  # nn.TransformerEncoderLayer's fast path cannot take a 4-bit layer
     return names
 
 

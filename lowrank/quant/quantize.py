@@ -264,7 +264,25 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         setattr(parent, attr, done[key])  # the full-precision layer's last reference goes here
     for owner, _, p in params:
         quantize_parameter(owner, p, config.blocksize, config.double_quant, config.compute_dtype)
+    fused_paths_off(model)
     return [name for _, _, name, _ in matches] + [f"{where}.{p}" if where else p for _, where, p in params]
+
+
+def fused_paths_off(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer's eval fast path reads linear1.weight etc. as tensors and never calls the
+    layers (a Linear4bit's weight is an NF4Weight: a TypeError), and nn.TransformerEncoder hands its layers
+    NestedTensors: as inject does for adapters (lowrank/tuners/base.py, Note: fused fast paths; restore.py,
+    Note: no nested tensors through adapters), each 4-bit layer there gets the empty pre-hook that sends torch
+    down the module-by-module path, and the encoder keeps its padded batches padded."""
+    from ..tuners.base import _keep_fused_paths_off  # here: lowrank.tuners imports lowrank.quant
+
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoderLayer):
+            for m in enc.modules():
+                if isinstance(m, Linear4bit) and _keep_fused_paths_off not in m._forward_pre_hooks.values():
+                    m.register_forward_pre_hook(_keep_fused_paths_off)
+        elif isinstance(enc, nn.TransformerEncoder) and any(isinstance(m, Linear4bit) for m in enc.modules()):
+            enc.use_nested_tensor = False
 
 
 def find_parameters(model: nn.Module, config: NF4Config) -> list[tuple[nn.Module, str, str]]:

@@ -93,3 +93,25 @@ def test_load_state_dict_assign_into_a_meta_model_takes_the_4bit_tensors(experts
         assert torch.equal(run(meta), run(model))
     else:  # a buffer computed at init (rotary inv_freq) is no state dict entry: as torch, it stays on meta
         assert not [n for n, t in meta.named_buffers() if t.is_meta and "rotary" not in n]
+
+
+@pytest.mark.parametrize("how", ["quantize", "load_quantized"])
+def test_a_quantized_transformer_encoder_runs_in_eval_mode(how, tmp_path):
+    # in eval mode under no_grad torch's TransformerEncoderLayer fast path read linear1.weight (an
+    # NF4Weight): "_transformer_encoder_layer_fwd(): argument 'ffn_weight_1' must be Tensor, not NF4Weight"
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0), 2)
+    assert quantize(enc) == [f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]  # out_proj: MHA's, left
+    if how == "load_quantized":
+        lowrank.save_quantized(enc, tmp_path)
+        torch.manual_seed(1)
+        enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0), 2)
+        lowrank.load_quantized(enc, tmp_path)
+    x = torch.randn(2, 5, 64)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True  # a padded batch: the encoder's nested-tensor path
+    want = enc.train()(x, src_key_padding_mask=mask)  # dropout 0: the module-by-module path
+    enc.eval()
+    with torch.no_grad():
+        assert torch.allclose(enc(x, src_key_padding_mask=mask), want, atol=1e-5)
+        assert torch.allclose(enc(x), enc.train()(x), atol=1e-5)
