@@ -168,7 +168,9 @@ class Linear4bit(Stored4bit):
         # alone costs ~0.7 us here, twice a decoding step's layer (Note: lookups on the hot path)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        x_in = x if x.dtype == dtype else x.to(dtype)
+        x_in = x if x.dtype == dtype else x.to(dtype) if x.is_floating_point() else None
+        if x_in is None:  # token ids, a mask: cast in and back they gave an integer "output" (bitsandbytes does)
+            raise TypeError(f"Linear4bit takes floating-point x; got a {x.dtype} tensor of shape {tuple(x.shape)}")
         y = torch.ops.lowrank.nf4_linear(x_in, *self.op_fields(), bias)  # (..., in) -> (..., out)
         return y.to(x.dtype) if autocast is None and y.dtype != x.dtype else y
 

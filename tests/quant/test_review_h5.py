@@ -115,3 +115,16 @@ def test_a_quantized_transformer_encoder_runs_in_eval_mode(how, tmp_path):
     with torch.no_grad():
         assert torch.allclose(enc(x, src_key_padding_mask=mask), want, atol=1e-5)
         assert torch.allclose(enc(x), enc.train()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool, torch.complex64])
+def test_a_4bit_layer_refuses_x_that_is_not_floating_point(dtype):
+    # cast to the compute dtype and back, token ids gave an int64 "output" (the products rounded
+    # to integers), a mask a bool one, complex x lost its imaginary part: nn.Linear raises
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(64, 32))
+    x = torch.ones(2, 64, dtype=dtype)
+    with pytest.raises(TypeError, match=f"Linear4bit takes floating-point x; got a {dtype} tensor of shape \\(2, 64\\)"):
+        layer(x)
+    with pytest.raises(RuntimeError):
+        nn.Linear(64, 32)(x)  # the dense layer it replaced refuses it too
