@@ -128,3 +128,30 @@ def test_a_4bit_layer_refuses_x_that_is_not_floating_point(dtype):
         layer(x)
     with pytest.raises(RuntimeError):
         nn.Linear(64, 32)(x)  # the dense layer it replaced refuses it too
+
+
+def test_state_dict_entries_share_no_memory_so_safetensors_saves_them(tmp_path):
+    # every layer's quant_map and nested_quant_map were the codec's one global table (NF4_CODE.to(cpu)
+    # is NF4_CODE): safetensors' save_file(model.state_dict()) and transformers' save_pretrained refused
+    # "Some tensors share memory" (bitsandbytes' state dict saves), and writing into a state dict in place
+    # wrote into the codec
+    from safetensors.torch import load_file, save_file
+
+    from lowrank.quant import nf4
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    quantize(model, NF4Config(targets=["0", "2"]))
+    sd = model.state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "m.safetensors")
+    other = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    quantize(other, NF4Config(targets=["0", "2"]))
+    other.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    x = torch.randn(3, 64)
+    assert torch.equal(other(x), model(x))
+    code = nf4.NF4_CODE.clone()
+    sd["0.weight.quant_map"].zero_()
+    try:
+        assert torch.equal(nf4.NF4_CODE, code)
+    finally:
+        nf4.NF4_CODE.copy_(code)  # the codec's table as it was, for the tests after this one
