@@ -221,7 +221,12 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     # stays about one layer above the quantized model (tests/quant/test_quantize.py checks it).
     # Note: a module registered at two places (one nn.Linear reused) becomes one Linear4bit at both.
     # Its id, taken while every match is alive, says which places share it.
-    matches = [(p, a, n, id(c)) for p, a, n, c in _walk(model, every=True) if wanted(n, c) and not isinstance(c, Linear4bit)]
+    walked = [(p, a, n, id(c), wanted(n, c) and not isinstance(c, Linear4bit)) for p, a, n, c in _walk(model, every=True)]
+    matches = [(p, a, n, key) for p, a, n, key, take in walked if take]
+    places = {}  # id -> every name the module has: See Note: a module registered at two places
+    for _, _, n, key, _ in walked:
+        places.setdefault(key, []).append(n)
+    del walked
     params = find_parameters(model, config)  # raises when config.parameters matches nothing, 4-bit or not
     if not matches and not config.targets:
         pass  # no linear layer asked for: the parameters alone (none left when all are 4-bit already)
@@ -251,6 +256,11 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
                             "BitsAndBytesConfig): load the model without it to quantize here, or read its "
                             "save_pretrained directory with lowrank.load_quantized")
         refuse_tied(name, child, owners)
+        dense = sorted(set(places[id(child)]) - {n for *_, n, _ in matches})
+        if dense:  # one module at two places, targets or skip leaving one of them dense: as a tied weight
+            raise ValueError(f"cannot quantize {name!r} alone: the same module is also at {dense}, which targets or "
+                             "skip leave dense; a 4-bit layer here would untie the two and keep the full-precision "
+                             "weight: target or skip every place it is at")
         _check_weight(name, child.weight, config.double_quant, config.blocksize)
         check_forward(name, child)
     if matches:

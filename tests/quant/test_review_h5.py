@@ -155,3 +155,18 @@ def test_state_dict_entries_share_no_memory_so_safetensors_saves_them(tmp_path):
         assert torch.equal(nf4.NF4_CODE, code)
     finally:
         nf4.NF4_CODE.copy_(code)  # the codec's table as it was, for the tests after this one
+
+
+def test_one_module_at_two_places_is_quantized_at_both_or_refused():
+    # targets or skip naming one place of a module registered at two quietly split it: a 4-bit layer
+    # at one place, the full-precision one (its memory kept) at the other, no longer shared
+    torch.manual_seed(0)
+    shared = nn.Linear(64, 64)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    for config in (NF4Config(targets=["0"]), NF4Config(skip=["2"])):
+        with pytest.raises(ValueError, match=r"cannot quantize '0' alone: the same module is also at \['2'\]"):
+            quantize(model, config)
+        assert model[0] is model[2] is shared  # nothing changed
+    assert quantize(model, NF4Config(targets=["0", "2"])) == ["0", "2"] and model[0] is model[2]
+    other = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    assert quantize(other, NF4Config(skip=["2"])) == ["0"]  # two modules: one may stay dense
