@@ -234,9 +234,12 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         pass  # the default targets matching no layer: a model of experts alone
     elif not matches:
         candidates = [n for _, _, n, c in _walk(model) if _can_quantize(c)]
+        done = [n for _, _, n, c in _walk(model) if isinstance(c, Linear4bit) and wanted(n, c)]  # quantized twice
         raise ValueError(
             f"no module of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r}); "
-            f"quantize can replace e.g. {candidates[:6]} ({len(candidates)} nn.Linear / Conv1D layers not yet in 4 bits)"
+            + (f"the {len(done)} layers they match are in 4 bits already (e.g. {done[:3]}): this model was quantized "
+               "before; " if done else "")
+            + f"quantize can replace e.g. {candidates[:6]} ({len(candidates)} nn.Linear / Conv1D layers not yet in 4 bits)"
         )
     owners = weight_owners(model)
     for parent, attr, name, _ in matches:

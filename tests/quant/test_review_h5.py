@@ -170,3 +170,12 @@ def test_one_module_at_two_places_is_quantized_at_both_or_refused():
     assert quantize(model, NF4Config(targets=["0", "2"])) == ["0", "2"] and model[0] is model[2]
     other = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     assert quantize(other, NF4Config(skip=["2"])) == ["0"]  # two modules: one may stay dense
+
+
+def test_quantizing_twice_says_the_layers_are_4bit_already():
+    # the second call said "no module matched targets=('all-linear',)" and offered lm_head, the one
+    # layer all-linear leaves out, with no word that the model was quantized already
+    model = tiny_llama()
+    names = quantize(model)
+    with pytest.raises(ValueError, match=rf"the {len(names)} layers they match are in 4 bits already .*'{names[0]}'"):
+        quantize(model)
