@@ -179,3 +179,12 @@ def test_quantizing_twice_says_the_layers_are_4bit_already():
     names = quantize(model)
     with pytest.raises(ValueError, match=rf"the {len(names)} layers they match are in 4 bits already .*'{names[0]}'"):
         quantize(model)
+
+
+def test_quantizing_a_bare_linear_layer_says_how():
+    # "no module of Linear matched targets=('all-linear',) ... e.g. [] (0 nn.Linear / Conv1D layers ...)"
+    # for a model that is an nn.Linear
+    layer = nn.Linear(64, 64)
+    with pytest.raises(ValueError, match=r"the model is itself a Linear, .* use Linear4bit.from_linear\(layer\)"):
+        quantize(layer)
+    assert type(layer.weight) is nn.Parameter  # unchanged
