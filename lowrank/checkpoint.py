@@ -102,7 +102,7 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # a dense tensor where the model's is 4-bit (or the other way), a size mismatch
-        dense = "4-bit state dict has no" in str(e)
+        dense = "4-bit state dict has no" in str(e) or "in the checkpoint; this module holds it in 4 bits" in str(e)
         hint = ("; a tensor the model holds in 4 bits is dense in the checkpoint: load it into a model built without "
                 "quantize (it then keeps it dense), or quantize the model after") if dense else ""
         raise RuntimeError(f"{path}: {e}{hint}") from e

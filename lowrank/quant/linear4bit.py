@@ -111,6 +111,12 @@ class Stored4bit(nn.Module):
         if key not in state_dict:
             missing_keys.append(key)
             return set(ours)
+        dense = state_dict[key]
+        if len(ours) == 1 and dense.is_floating_point():  # a full-precision checkpoint (its weight alone)
+            error_msgs.append(f"{key!r} is a dense {dense.dtype} weight of shape {tuple(dense.shape)} in the checkpoint; "
+                              f"this module holds it in 4 bits {tuple(self.shape)}: load a dense checkpoint before "
+                              "quantize (or with lowrank.load_and_quantize), a 4-bit one (state_dict()) after")
+            return set(ours)
         try:
             q = NF4Weight.from_state_dict(ours, key)
         except (KeyError, ValueError) as e:

@@ -188,3 +188,25 @@ def test_quantizing_a_bare_linear_layer_says_how():
     with pytest.raises(ValueError, match=r"the model is itself a Linear, .* use Linear4bit.from_linear\(layer\)"):
         quantize(layer)
     assert type(layer.weight) is nn.Parameter  # unchanged
+
+
+@pytest.mark.parametrize("experts", [False, True])
+def test_a_dense_checkpoint_into_a_4bit_model_says_so(experts):
+    # model.load_state_dict(a full-precision state dict) after quantize said "4-bit state dict has no
+    # entry '0.weight.quant_state.bitsandbytes__nf4'", not that the checkpoint is dense
+    torch.manual_seed(0)
+    if experts:
+        cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+        dense = transformers.MixtralForCausalLM(cfg)
+        key, config = "model.layers.0.mlp.experts.gate_up_proj", NF4Config(targets=None, parameters="experts.gate_up_proj")
+    else:
+        dense = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+        key, config = "0.weight", NF4Config(targets="0")
+    import copy
+
+    model = copy.deepcopy(dense)
+    quantize(model, config)
+    with pytest.raises(RuntimeError, match=rf"'{key}' is a dense torch.float32 weight of shape .* load a dense "
+                                           r"checkpoint before quantize"):
+        model.load_state_dict(dense.state_dict())
