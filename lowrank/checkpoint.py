@@ -28,7 +28,7 @@ from .quant import nf4
 from .quant.linear4bit import Linear4bit
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 from .quant.params4bit import OWNER_KEYS, Weight4bit, check_owner, install, stored
-from .quant.quantize import _can_quantize, bnb_kinds, tied_to, weight_owners
+from .quant.quantize import _can_quantize, bnb_kinds, fused_paths_off, tied_to, weight_owners
 from .targets import is_gpt2_conv1d
 from .tuners.base import TunerLayer
 from .walk import _walk, plain_modules
@@ -103,7 +103,7 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # a dense tensor where the model's is 4-bit (or the other way), a size mismatch
-        dense = "4-bit state dict has no" in str(e)
+        dense = "4-bit state dict has no" in str(e) or "in the checkpoint; this module holds it in 4 bits" in str(e)
         hint = ("; a tensor the model holds in 4 bits is dense in the checkpoint: load it into a model built without "
                 "quantize (it then keeps it dense), or quantize the model after") if dense else ""
         raise RuntimeError(f"{path}: {e}{hint}") from e
@@ -123,6 +123,7 @@ def _fill(model: nn.Module, path: pathlib.Path, state: dict, compute_dtype, stri
                         "lowrank.skeleton(), which leaves buffers real)")
     if problems:
         raise ValueError(f"{path}: the checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
+    fused_paths_off(model)  # nn.TransformerEncoderLayer's fast path cannot take a 4-bit layer
     return names
 
 
@@ -143,7 +144,7 @@ def _linear_in(module: nn.Module, place: tuple, name: str, q: NF4Weight, state: 
                          f"{tuple(q.shape)}, the model's layer is (out, in) = {out_in}")
     bias = state.get(f"{name}.bias") if getattr(module, "bias", None) is not None else None
     try:
-        layer = Linear4bit(q, bias, compute_dtype)
+        layer = Linear4bit(q, bias, compute_dtype).train(module.training)  # the mode of the layer it replaces
     except (TypeError, ValueError) as e:
         raise type(e)(f"{path}: {name!r}: {e}") from e
     setattr(*place, layer)

@@ -102,12 +102,20 @@ class Stored4bit(nn.Module):
         for k, t in self.weight.to_state_dict(key).items():
             destination[k] = t if keep_vars else t.detach()
 
-    def _load_weight(self, state_dict: dict, key: str, missing_keys: list, error_msgs: list) -> set[str]:
-        """Read the weight's bitsandbytes entries at `key` into this module (its shape must match);
-        returns the keys that were its entries."""
+    def _load_weight(self, state_dict: dict, key: str, missing_keys: list, error_msgs: list,
+                     assign: bool = False) -> set[str]:
+        """Read the weight's bitsandbytes entries at `key` into this module (its shape must match),
+        on this module's device, or as they are with load_state_dict(assign=True) (as torch assigns:
+        a model on the meta device takes the checkpoint's tensors); returns the keys that were its entries."""
         ours = {key + s: state_dict[key + s] for s in _WEIGHT_KEYS if key + s in state_dict}
         if key not in state_dict:
             missing_keys.append(key)
+            return set(ours)
+        dense = state_dict[key]
+        if len(ours) == 1 and dense.is_floating_point():  # a full-precision checkpoint (its weight alone)
+            error_msgs.append(f"{key!r} is a dense {dense.dtype} weight of shape {tuple(dense.shape)} in the checkpoint; "
+                              f"this module holds it in 4 bits {tuple(self.shape)}: load a dense checkpoint before "
+                              "quantize (or with lowrank.load_and_quantize), a 4-bit one (state_dict()) after")
             return set(ours)
         try:
             q = NF4Weight.from_state_dict(ours, key)
@@ -118,7 +126,7 @@ class Stored4bit(nn.Module):
             error_msgs.append(f"size mismatch for {key}: the checkpoint's 4-bit weight has shape {tuple(q.shape)}, "
                               f"this module {tuple(self.shape)}")
         else:
-            self._set_weight(q.to(self.packed.device))
+            self._set_weight(q if assign else q.to(self.packed.device))
         return set(ours)
 
 
@@ -151,7 +159,9 @@ class Linear4bit(Stored4bit):
             w = linear.weight.T.contiguous()  # (in, out) -> (out, in)
         else:
             raise TypeError(f"Linear4bit.from_linear takes an nn.Linear or a GPT-2 Conv1D; got {type(linear).__name__}")
-        return cls(nf4.quantize(w.detach(), blocksize, double_quant), linear.bias, compute_dtype)
+        # in `linear`'s train/eval mode, as a module put in its place must be: a Linear4bit made in training
+        # mode in an eval model (from_pretrained's) would turn on the dropout of the LoRA layer inject wraps it in
+        return cls(nf4.quantize(w.detach(), blocksize, double_quant), linear.bias, compute_dtype).train(linear.training)
 
     # y = x @ dequant(W_nf4)^T + b, in compute_dtype. Under autocast the layer computes in the
     # autocast dtype and returns it, as nn.Linear does; otherwise it returns x's dtype, as
@@ -164,7 +174,9 @@ class Linear4bit(Stored4bit):
         # alone costs ~0.7 us here, twice a decoding step's layer (Note: lookups on the hot path)
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        x_in = x if x.dtype == dtype else x.to(dtype)
+        x_in = x if x.dtype == dtype else x.to(dtype) if x.is_floating_point() else None
+        if x_in is None:  # token ids, a mask: cast in and back they gave an integer "output" (bitsandbytes does)
+            raise TypeError(f"Linear4bit takes floating-point x; got a {x.dtype} tensor of shape {tuple(x.shape)}")
         y = torch.ops.lowrank.nf4_linear(x_in, *self.op_fields(), bias)  # (..., in) -> (..., out)
         return y.to(x.dtype) if autocast is None and y.dtype != x.dtype else y
 
@@ -188,13 +200,16 @@ class Linear4bit(Stored4bit):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         w_key, b_key = prefix + "weight", prefix + "bias"
-        ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs)
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs, assign)
         if self.bias is not None and b_key not in state_dict:
             missing_keys.append(b_key)
         elif self.bias is not None:
             b = state_dict[b_key]
             if b.shape != self.bias.shape:
                 error_msgs.append(f"size mismatch for {b_key}: checkpoint {tuple(b.shape)}, this layer {tuple(self.bias.shape)}")
+            elif assign:
+                self.bias = nn.Parameter(b.detach(), requires_grad=False)
             else:
                 with torch.no_grad():
                     self.bias.copy_(b)

@@ -188,7 +188,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
                             if not _same(q, layer.weight):
                                 conflicts.append(f"{key} differs from {owner}.weight")
                         else:
-                            quantized = Linear4bit(q, biases.pop(owner, None), config.compute_dtype)
+                            quantized = Linear4bit(q, biases.pop(owner, None), config.compute_dtype).train(layer.training)
                             for parent, attr in layers[owner]:  # one 4-bit layer wherever the module was
                                 setattr(parent, attr, quantized)
                             del quantized

@@ -124,7 +124,9 @@ class NF4Weight:
         sd = {
             prefix: self.packed.view(-1, 1),
             f"{prefix}.absmax": self.absmax,
-            f"{prefix}.quant_map": NF4_CODE.to(dev),
+            f"{prefix}.quant_map": NF4_CODE.to(dev, copy=True),  # a copy each (as bitsandbytes'): safetensors
+            # refuses tensors that share memory (save_file(model.state_dict()), save_pretrained), and an in-place
+            # write to a state dict (torch.distributed.checkpoint.load) must not reach the codec's own table
         }
         meta = {
             "quant_type": "nf4",
@@ -134,7 +136,7 @@ class NF4Weight:
         }
         if self.double_quant:
             sd[f"{prefix}.nested_absmax"] = self.nested_absmax
-            sd[f"{prefix}.nested_quant_map"] = DYNAMIC_CODE.to(dev)
+            sd[f"{prefix}.nested_quant_map"] = DYNAMIC_CODE.to(dev, copy=True)
             meta |= {
                 "nested_blocksize": NESTED_BLOCKSIZE,
                 "nested_dtype": "float32",

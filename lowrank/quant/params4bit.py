@@ -95,7 +95,8 @@ class Weight4bit(Stored4bit):
         key, local = prefix[:-1], dict(state_dict)
         if prefix in local:  # the packed codes, moved below the prefix by _packed_below
             local[key] = local.pop(prefix)
-        ours = self._load_weight(local, key, missing_keys, error_msgs)
+        assign = local_metadata.get("assign_to_params_buffers", False)  # load_state_dict(assign=True)
+        ours = self._load_weight(local, key, missing_keys, error_msgs, assign)
         if strict:
             unexpected_keys.extend(k for k in local if k.startswith(prefix) and k not in ours)
 
@@ -258,7 +259,7 @@ def install(owner: nn.Module, name: str, stored_w: Weight4bit) -> None:
     if name not in d["_nf4_order"]:  # a parameter the owner registered after its first one went 4-bit
         d["_nf4_order"] = (*d["_nf4_order"], name)
     del owner._parameters[name]
-    owner._modules[name] = stored_w
+    owner._modules[name] = stored_w.train(owner.training)  # in its owner's mode, as every submodule of an eval model
     # in the order the owner registered its parameters, whatever order they came in (a load reads keys sorted)
     d[_NAMES] = tuple(n for n in d["_nf4_order"] if n in (*names_4bit(owner), name))
     for n in d[_NAMES]:  # after the owner's own submodules, as quantize leaves them

@@ -221,17 +221,28 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     # stays about one layer above the quantized model (tests/quant/test_quantize.py checks it).
     # Note: a module registered at two places (one nn.Linear reused) becomes one Linear4bit at both.
     # Its id, taken while every match is alive, says which places share it.
-    matches = [(p, a, n, id(c)) for p, a, n, c in _walk(model, every=True) if wanted(n, c) and not isinstance(c, Linear4bit)]
+    walked = [(p, a, n, id(c), wanted(n, c) and not isinstance(c, Linear4bit)) for p, a, n, c in _walk(model, every=True)]
+    matches = [(p, a, n, key) for p, a, n, key, take in walked if take]
+    places = {}  # id -> every name the module has: See Note: a module registered at two places
+    for _, _, n, key, _ in walked:
+        places.setdefault(key, []).append(n)
+    del walked
     params = find_parameters(model, config)  # raises when config.parameters matches nothing, 4-bit or not
     if not matches and not config.targets:
         pass  # no linear layer asked for: the parameters alone (none left when all are 4-bit already)
     elif params and not matches and tuple(config.targets) == (ALL_LINEAR,):
         pass  # the default targets matching no layer: a model of experts alone
+    elif not matches and _can_quantize(model):  # nothing holds the model to put a Linear4bit in its place
+        raise ValueError(f"the model is itself a {type(model).__name__}, which quantize cannot replace in place (it "
+                         "replaces the layers inside a model): use Linear4bit.from_linear(layer) and keep what it returns")
     elif not matches:
         candidates = [n for _, _, n, c in _walk(model) if _can_quantize(c)]
+        done = [n for _, _, n, c in _walk(model) if isinstance(c, Linear4bit) and wanted(n, c)]  # quantized twice
         raise ValueError(
             f"no module of {type(model).__name__} matched targets={config.targets!r} (skip={config.skip!r}); "
-            f"quantize can replace e.g. {candidates[:6]} ({len(candidates)} nn.Linear / Conv1D layers not yet in 4 bits)"
+            + (f"the {len(done)} layers they match are in 4 bits already (e.g. {done[:3]}): this model was quantized "
+               "before; " if done else "")
+            + f"quantize can replace e.g. {candidates[:6]} ({len(candidates)} nn.Linear / Conv1D layers not yet in 4 bits)"
         )
     owners = weight_owners(model)
     for parent, attr, name, _ in matches:
@@ -251,6 +262,11 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
                             "BitsAndBytesConfig): load the model without it to quantize here, or read its "
                             "save_pretrained directory with lowrank.load_quantized")
         refuse_tied(name, child, owners)
+        dense = sorted(set(places[id(child)]) - {n for *_, n, _ in matches})
+        if dense:  # one module at two places, targets or skip leaving one of them dense: as a tied weight
+            raise ValueError(f"cannot quantize {name!r} alone: the same module is also at {dense}, which targets or "
+                             "skip leave dense; a 4-bit layer here would untie the two and keep the full-precision "
+                             "weight: target or skip every place it is at")
         _check_weight(name, child.weight, config.double_quant, config.blocksize)
         check_forward(name, child)
     if matches:
@@ -264,7 +280,25 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         setattr(parent, attr, done[key])  # the full-precision layer's last reference goes here
     for owner, _, p in params:
         quantize_parameter(owner, p, config.blocksize, config.double_quant, config.compute_dtype)
+    fused_paths_off(model)
     return [name for _, _, name, _ in matches] + [f"{where}.{p}" if where else p for _, where, p in params]
+
+
+def fused_paths_off(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer's eval fast path reads linear1.weight etc. as tensors and never calls the
+    layers (a Linear4bit's weight is an NF4Weight: a TypeError), and nn.TransformerEncoder hands its layers
+    NestedTensors: as inject does for adapters (lowrank/tuners/base.py, Note: fused fast paths; restore.py,
+    Note: no nested tensors through adapters), each 4-bit layer there gets the empty pre-hook that sends torch
+    down the module-by-module path, and the encoder keeps its padded batches padded."""
+    from ..tuners.base import _keep_fused_paths_off  # here: lowrank.tuners imports lowrank.quant
+
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoderLayer):
+            for m in enc.modules():
+                if isinstance(m, Linear4bit) and _keep_fused_paths_off not in m._forward_pre_hooks.values():
+                    m.register_forward_pre_hook(_keep_fused_paths_off)
+        elif isinstance(enc, nn.TransformerEncoder) and any(isinstance(m, Linear4bit) for m in enc.modules()):
+            enc.use_nested_tensor = False
 
 
 def find_parameters(model: nn.Module, config: NF4Config) -> list[tuple[nn.Module, str, str]]:
