@@ -28,8 +28,8 @@ from ..targets import is_gpt2_conv1d
 from . import nf4
 from .linear4bit import Linear4bit
 from .params4bit import names_4bit, quantize_parameter
-from .quantize import (NF4Config, _can_quantize, _walk, check_forward, check_parameters, find_parameters, refuse_tied,
-                       selected, weight_owners)
+from .quantize import (NF4Config, _can_quantize, _walk, check_forward, check_parameters, find_parameters,
+                       fused_paths_off, refuse_tied, selected, weight_owners)
 
 
 @contextlib.contextmanager
@@ -226,6 +226,7 @@ def load_and_quantize(model: nn.Module, path: str | os.PathLike, config: NF4Conf
     unread = [to_4bit[id(o), p] for o, _, p in params if p not in names_4bit(o) and not o._parameters[p].is_meta]
     _raise_if_incomplete(model, layers, has_bias, biases, unexpected, bad_shapes, files, conflicts, experts.unfilled(),
                          unread, experts.doubled)
+    fused_paths_off(model)  # nn.TransformerEncoderLayer's fast path cannot take a 4-bit layer
     return list(first_name) + list(to_4bit.values())
 
 

@@ -1,4 +1,5 @@
-"""Review h5 of quantize / Linear4bit: what a QLoRA researcher hits, each a test that failed before its fix."""
+"""4-bit models as researchers use them: eval mode kept, assign loads into meta models, encoders' fast
+paths, integer inputs, safetensors state dicts, modules at two places, quantizing twice, dense checkpoints."""
 
 import pytest
 import torch
@@ -95,13 +96,19 @@ def test_load_state_dict_assign_into_a_meta_model_takes_the_4bit_tensors(experts
         assert not [n for n, t in meta.named_buffers() if t.is_meta and "rotary" not in n]
 
 
-@pytest.mark.parametrize("how", ["quantize", "load_quantized"])
+@pytest.mark.parametrize("how", ["quantize", "load_quantized", "load_and_quantize"])
 def test_a_quantized_transformer_encoder_runs_in_eval_mode(how, tmp_path):
     # in eval mode under no_grad torch's TransformerEncoderLayer fast path read linear1.weight (an
     # NF4Weight): "_transformer_encoder_layer_fwd(): argument 'ffn_weight_1' must be Tensor, not NF4Weight"
     torch.manual_seed(0)
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0), 2)
-    assert quantize(enc) == [f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]  # out_proj: MHA's, left
+    if how == "load_and_quantize":
+        from safetensors.torch import save_file
+
+        save_file(enc.state_dict(), tmp_path / "model.safetensors")
+        assert lowrank.load_and_quantize(enc, tmp_path) == [f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
+    else:
+        assert quantize(enc) == [f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]  # out_proj: MHA's, left
     if how == "load_quantized":
         lowrank.save_quantized(enc, tmp_path)
         torch.manual_seed(1)
