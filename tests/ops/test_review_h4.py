@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-import lowrank  # noqa: F401  (registers the ops)
+import lowrank
 from lowrank.quant import nf4
 
 
@@ -24,3 +25,11 @@ def test_bf16_gemv_keeps_products_of_the_smallest_positive_code_near_the_subnorm
     assert ref.item() > 6e-7
     torch.testing.assert_close(y, ref, rtol=2**-7, atol=0)
 
+
+def test_nf4weight_to_a_dtype_says_it_takes_a_device():
+    # q.to(torch.float16) cast the uint8 codes to float16 and then failed in __post_init__ with
+    # "NF4Weight.packed must hold ... torch.uint8 values ...; got (n,) torch.float16"
+    q = nf4.quantize(torch.randn(4, 64))
+    with pytest.raises(TypeError, match=r"takes a device, got the dtype torch.float16"):
+        q.to(torch.float16)
+    assert q.to("cpu").packed is q.packed
