@@ -195,9 +195,9 @@ float nf4_gemv_pack_x_bf16(const uint16_t* x, int64_t M, int64_t K, uint16_t* xb
       subnormal |= a != 0 && a < 0x0080;
     }
   if (subnormal) return -1.0f;
-  // See Note: subnormals (nf4_cpu_avx512bf16.cpp): scale_min = 2^-126 / (0.09 * min(1, xmin)).
+  // See Note: subnormals (nf4_cpu_avx512.cpp): scale_min = 2^-122 / min(1, xmin) = 2^-126 / (0.0625 * min(1, xmin)).
   const float xmin = std::min(1.0f, float_of(static_cast<uint32_t>(smallest) << 16));
-  return 0x1p-126f / (0.09f * xmin);
+  return 0x1p-122f / xmin;
 }
 
 bool nf4_gemv_bf16_cpu(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64_t M, const float* bias, float* y,

@@ -276,8 +276,9 @@ void gemv_bf16(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, int64
 // Note: subnormals. vdpbf16ps and vcvtneps2bf16 treat subnormal inputs as zero and flush
 // subnormal results (Intel SDM; unlike the FMA path, which follows MXCSR: no flushing). The
 // products are exact and never subnormal when every nonzero |x| >= xmin (a normal number) and
-// every nonzero |scale| >= scale_min = 2^-126 / (0.09 * min(1, xmin)): the smallest nonzero
-// |NF4| is 0.0911 (0.0909 after the bf16 rounding), so the weights and the products are normal.
+// every nonzero |scale| >= scale_min = 2^-126 / (0.0625 * min(1, xmin)): the smallest nonzero
+// |NF4| is code 8's 0.0796 (at least 0.0792 after the bf16 rounding; code 6's -0.0911 is the
+// smallest negative), above 0.0625, so the weights and the products are normal.
 // The caller checks x (nf4_gemv_pack_x_bf16); this kernel checks every scale and returns false,
 // having written nothing it would keep, when one is below scale_min, and the caller then runs
 // the FMA path. What remains: a sum of products that cancels to below 2^-126 (1.2e-38) is

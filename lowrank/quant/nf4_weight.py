@@ -99,6 +99,9 @@ class NF4Weight:
 
     def to(self, device: torch.device | str) -> NF4Weight:
         """A copy on `device` (self is left as it is)."""
+        if isinstance(device, torch.dtype):  # the fields' dtypes are the format's (uint8 codes, float32 scales)
+            raise TypeError(f"NF4Weight.to takes a device, got the dtype {device}; the dtype of the dequantized "
+                            "weight is dequantize's argument (q.dequantize(dtype), nf4_linear: x's dtype)")
         move = {
             f.name: getattr(self, f.name).to(device)
             for f in dataclasses.fields(self)
