@@ -265,9 +265,23 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
     its `.lowrank.lock` file, which stays behind empty of meaning (the kernel drops the lock when
     the block ends or the process dies; no stale lock to clean). Another holder: BlockingIOError
     naming its process id. Without fcntl (Windows), or on a file system that has no locks, the
-    block runs unheld."""
+    block runs unheld. A directory it made that the block leaves empty but for the lock goes again
+    (a run refused by a later check leaves no output_dir behind)."""
     path = pathlib.Path(directory)
+    made = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
+    try:
+        with _flocked(path):
+            yield
+    finally:
+        with contextlib.suppress(OSError):
+            if made and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+                (path / LOCK_FILE).unlink()
+                path.rmdir()
+
+
+@contextlib.contextmanager
+def _flocked(path: pathlib.Path) -> Iterator[None]:
     lock = path / LOCK_FILE
     try:
         f = open(lock, "a+")
