@@ -1,4 +1,5 @@
-"""Regression tests from the h4 review of the NF4 codec and the lowrank:: ops."""
+"""The codec at its edges: the bf16 CPU GEMV near the subnormal range (the smallest positive code), and
+NF4Weight.to given a dtype."""
 
 from __future__ import annotations
 
