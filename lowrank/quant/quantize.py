@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import re
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -244,9 +245,10 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
                "before; " if done else "")
             + f"quantize can replace e.g. {candidates[:6]} ({len(candidates)} nn.Linear / Conv1D layers not yet in 4 bits)"
         )
-    owners = weight_owners(model)
+    owners, hooked = weight_owners(model), []
     for parent, attr, name, _ in matches:
         child = getattr(parent, attr)
+        hooked += [name] if any(getattr(child, h) for h in _HOOKS) else []
         if not _can_quantize(child):
             from ..tuners.base import TunerLayer  # here: lowrank.tuners imports lowrank.quant
 
@@ -271,6 +273,10 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         check_forward(name, child)
     if matches:
         del child  # See Note: no references to the layers.
+    if hooked:
+        warnings.warn(f"quantize: {hooked[:4]}{' ...' if len(hooked) > 4 else ''} ({len(hooked)} layers) have forward or "
+                      "backward hooks of their own, which the Linear4bit taking each one's place does not carry: register "
+                      "them again on model.get_submodule(name)", stacklevel=2)
     check_parameters(model, params, config, {n for _, _, n, _ in matches})
     done: dict[int, Linear4bit] = {}  # id of a replaced layer -> its 4-bit layer: See Note: a module registered at two places
     for parent, attr, _, key in matches:  # See Note: no references to the layers.
@@ -282,6 +288,9 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         quantize_parameter(owner, p, config.blocksize, config.double_quant, config.compute_dtype)
     fused_paths_off(model)
     return [name for _, _, name, _ in matches] + [f"{where}.{p}" if where else p for _, where, p in params]
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")  # a module's own
 
 
 def fused_paths_off(model: nn.Module) -> None:

@@ -1,6 +1,8 @@
 """4-bit models as researchers use them: eval mode kept, assign loads into meta models, encoders' fast
 paths, integer inputs, safetensors state dicts, modules at two places, quantizing twice, dense checkpoints."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -217,3 +219,17 @@ def test_a_dense_checkpoint_into_a_4bit_model_says_so(experts):
     with pytest.raises(RuntimeError, match=rf"'{key}' is a dense torch.float32 weight of shape .* load a dense "
                                            r"checkpoint before quantize"):
         model.load_state_dict(dense.state_dict())
+
+
+def test_quantize_says_which_layers_lose_their_hooks():
+    # a hook on an nn.Linear (activation capture, a probe) stayed on the dense layer quantize threw away
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    seen = []
+    model[2].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with pytest.warns(UserWarning, match=r"quantize: \['2'\] \(1 layers\) have forward or backward hooks of their own"):
+        quantize(model)
+    model(torch.randn(3, 64))
+    assert seen == []  # not carried, as the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no hooks, no warning
+        quantize(nn.Sequential(nn.Linear(64, 64)))
