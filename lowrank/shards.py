@@ -269,19 +269,30 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
     (a run refused by a later check leaves no output_dir behind)."""
     path = pathlib.Path(directory)
     made = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        with _flocked(path):
+    for _ in range(10):  # See Note: a lock file removed under us
+        path.mkdir(parents=True, exist_ok=True)
+        f = _flock(path)
+        if f is not None:
+            break
+    else:
+        raise BlockingIOError(errno.EWOULDBLOCK, f"another process keeps removing {path}")
+    with f:
+        try:
             yield
-    finally:
-        with contextlib.suppress(OSError):
-            if made and [p.name for p in path.iterdir()] == [LOCK_FILE]:
-                (path / LOCK_FILE).unlink()
-                path.rmdir()
+        finally:  # still holding the lock: a run refused by it never removes what its holder has
+            with contextlib.suppress(OSError):
+                if made and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+                    (path / LOCK_FILE).unlink()
+                    path.rmdir()
 
 
-@contextlib.contextmanager
-def _flocked(path: pathlib.Path) -> Iterator[None]:
+# Note: a lock file removed under us. A run that made output_dir removes it (and the lock file) at
+# its end, still holding the lock. A second run that opened the lock file before then holds, once
+# the first closes it, a lock on a file no longer at that path, which any third run would not see:
+# having the lock, it checks the path still names the file it locked, and else starts again.
+def _flock(path: pathlib.Path):
+    """The lock file, open and locked (unlocked where locks are not to be had); None when it was removed
+    before the lock was taken; BlockingIOError when another process holds it."""
     lock = path / LOCK_FILE
     try:
         f = open(lock, "a+")
@@ -289,7 +300,9 @@ def _flocked(path: pathlib.Path) -> Iterator[None]:
         if not lock.is_file():
             raise
         f = open(lock)
-    with f:
+    except FileNotFoundError:  # output_dir removed since mkdir
+        return None
+    try:
         try:
             import fcntl
 
@@ -304,12 +317,22 @@ def _flocked(path: pathlib.Path) -> Iterator[None]:
         except ImportError:  # no fcntl: Windows
             pass
         else:
+            try:
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                f.close()
+                return None
             if f.writable():  # the holder's pid, for the refusal of a second run
                 f.seek(0)
                 f.truncate()
                 f.write(f"{os.getpid()}\n")
                 f.flush()
-        yield
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def _discard(old: pathlib.Path) -> None:

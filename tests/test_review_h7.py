@@ -1,0 +1,47 @@
+"""Review h7: held_directory's removal of a directory it made, Linear4bit load_state_dict(assign=True)."""
+import contextlib
+import fcntl
+import pathlib
+
+import pytest
+
+from lowrank import shards
+
+
+def test_a_run_refused_beside_a_running_one_leaves_its_directory_and_lock(tmp_path, monkeypatch):
+    # two runs started together: both see output_dir missing; the one refused must not remove it
+    d, running, orig, calls = tmp_path / "out", contextlib.ExitStack(), pathlib.Path.mkdir, []
+
+    def mkdir(self, *a, **k):
+        orig(self, *a, **k)
+        calls.append(self)
+        if len(calls) == 1:  # after the refused run's exists() check, the other run takes the lock
+            running.enter_context(shards.held_directory(d))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    with pytest.raises(BlockingIOError), shards.held_directory(d):
+        pass
+    monkeypatch.setattr(pathlib.Path, "mkdir", orig)
+    assert (d / shards.LOCK_FILE).is_file()
+    with pytest.raises(BlockingIOError), shards.held_directory(d):  # a third run is still refused
+        pass
+    running.close()
+
+
+def test_a_lock_taken_on_a_lock_file_its_holder_removed_is_taken_again(tmp_path, monkeypatch):
+    d, first = tmp_path / "out", contextlib.ExitStack()
+    first.enter_context(shards.held_directory(d))  # made d: removes it at its end
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(op)
+        if len(calls) == 1:  # the second run opened the lock file; the first ends before its flock
+            first.close()
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with shards.held_directory(d):
+        monkeypatch.setattr(fcntl, "flock", real)
+        assert (d / shards.LOCK_FILE).is_file()
+        with pytest.raises(BlockingIOError), shards.held_directory(d):
+            pass
