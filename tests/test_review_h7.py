@@ -45,3 +45,15 @@ def test_a_lock_taken_on_a_lock_file_its_holder_removed_is_taken_again(tmp_path,
         assert (d / shards.LOCK_FILE).is_file()
         with pytest.raises(BlockingIOError), shards.held_directory(d):
             pass
+
+
+def test_load_state_dict_assign_keeps_a_4bit_layers_bias_trainable():
+    import torch.nn as nn
+
+    import lowrank
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    lowrank.quantize(model)
+    model[0].bias.requires_grad_(True)  # bias training
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert model[0].bias.requires_grad  # as nn.Linear's bias keeps its requires_grad under assign=True
