@@ -57,3 +57,21 @@ def test_load_state_dict_assign_keeps_a_4bit_layers_bias_trainable():
     model[0].bias.requires_grad_(True)  # bias training
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     assert model[0].bias.requires_grad  # as nn.Linear's bias keeps its requires_grad under assign=True
+
+
+def test_an_encoders_4bit_attention_parameter_keeps_its_fused_eval_path_off():
+    import torch
+    import torch.nn as nn
+
+    import lowrank
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 1).eval()
+    x, mask = torch.randn(2, 5, 64), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        ref = enc(x, src_key_padding_mask=mask)
+    lowrank.quantize(enc, lowrank.NF4Config(targets=None, parameters=["layers.0.self_attn.in_proj_weight"]))
+    with torch.no_grad():  # the fast path read in_proj_weight, a Weight4bit: AttributeError 'device'
+        y = enc(x, src_key_padding_mask=mask)
+        assert enc.layers[0](x).shape == x.shape
+    assert (y - ref)[0].abs().max() < 0.5 and not y[1, :3].isnan().any()

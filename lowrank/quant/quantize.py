@@ -289,15 +289,16 @@ def fused_paths_off(model: nn.Module) -> None:
     layers (a Linear4bit's weight is an NF4Weight: a TypeError), and nn.TransformerEncoder hands its layers
     NestedTensors: as inject does for adapters (lowrank/tuners/base.py, Note: fused fast paths; restore.py,
     Note: no nested tensors through adapters), each 4-bit layer there gets the empty pre-hook that sends torch
-    down the module-by-module path, and the encoder keeps its padded batches padded."""
+    down the module-by-module path, and the encoder keeps its padded batches padded. So does a 4-bit parameter
+    there (self_attn.in_proj_weight, a Weight4bit: its owner dequantizes it only when called)."""
     from ..tuners.base import _keep_fused_paths_off  # here: lowrank.tuners imports lowrank.quant
 
     for enc in model.modules():
         if isinstance(enc, nn.TransformerEncoderLayer):
             for m in enc.modules():
-                if isinstance(m, Linear4bit) and _keep_fused_paths_off not in m._forward_pre_hooks.values():
+                if isinstance(m, Stored4bit) and _keep_fused_paths_off not in m._forward_pre_hooks.values():
                     m.register_forward_pre_hook(_keep_fused_paths_off)
-        elif isinstance(enc, nn.TransformerEncoder) and any(isinstance(m, Linear4bit) for m in enc.modules()):
+        elif isinstance(enc, nn.TransformerEncoder) and any(isinstance(m, Stored4bit) for m in enc.modules()):
             enc.use_nested_tensor = False
 
 
