@@ -75,3 +75,17 @@ def test_an_encoders_4bit_attention_parameter_keeps_its_fused_eval_path_off():
         y = enc(x, src_key_padding_mask=mask)
         assert enc.layers[0](x).shape == x.shape
     assert (y - ref)[0].abs().max() < 0.5 and not y[1, :3].isnan().any()
+
+
+def test_train_refuses_an_output_dir_that_is_a_link_to_nothing(tmp_path):
+    import os
+
+    from lowrank.workflow import train
+
+    link = tmp_path / "out"
+    os.symlink(tmp_path / "gone", link)  # held_directory's mkdir: FileExistsError, which _hold leaves to _resume_from
+    config = train.TrainConfig(model="m", data="d", output_dir=str(link))
+    with contextlib.ExitStack() as held:
+        assert train._hold(str(link), held) is None
+        with pytest.raises(train.ConfigError, match="not a directory"):  # it ran unheld, writing nowhere
+            train._resume_from(config, False)
