@@ -265,10 +265,10 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
     its `.lowrank.lock` file, which stays behind empty of meaning (the kernel drops the lock when
     the block ends or the process dies; no stale lock to clean). Another holder: BlockingIOError
     naming its process id. Without fcntl (Windows), or on a file system that has no locks, the
-    block runs unheld. A directory it made that the block leaves empty but for the lock goes again
-    (a run refused by a later check leaves no output_dir behind)."""
+    block runs unheld. A directory it made that the block leaves empty but for the lock goes again,
+    with the parents it made, the lock still held (a run refused by a later check leaves no output_dir behind)."""
     path = pathlib.Path(directory)
-    made = not path.exists()
+    made = [p for p in (path, *path.parents) if not p.exists()]  # what mkdir makes, the deepest first
     for _ in range(10):  # See Note: a lock file removed under us
         path.mkdir(parents=True, exist_ok=True)
         f = _flock(path)
@@ -283,7 +283,8 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 if made and [p.name for p in path.iterdir()] == [LOCK_FILE]:
                     (path / LOCK_FILE).unlink()
-                    path.rmdir()
+                    for p in made:  # and the parents it made (an OSError, one not empty, ends it)
+                        p.rmdir()
 
 
 # Note: a lock file removed under us. A run that made output_dir removes it (and the lock file) at

@@ -89,3 +89,13 @@ def test_train_refuses_an_output_dir_that_is_a_link_to_nothing(tmp_path):
         assert train._hold(str(link), held) is None
         with pytest.raises(train.ConfigError, match="not a directory"):  # it ran unheld, writing nowhere
             train._resume_from(config, False)
+
+
+def test_held_directory_removes_the_parents_it_made_with_the_directory(tmp_path):
+    with shards.held_directory(tmp_path / "runs" / "exp" / "out"):
+        pass
+    assert list(tmp_path.iterdir()) == []  # it left runs/exp behind
+    (tmp_path / "runs").mkdir()
+    with shards.held_directory(tmp_path / "runs" / "exp" / "out"):
+        (tmp_path / "runs" / "other").mkdir()  # made while the block ran: runs stays
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["other"]
