@@ -276,15 +276,23 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
             break
     else:
         raise BlockingIOError(errno.EWOULDBLOCK, f"another process keeps removing {path}")
-    with f:
-        try:
-            yield
-        finally:  # still holding the lock: a run refused by it never removes what its holder has
-            with contextlib.suppress(OSError):
-                if made and [p.name for p in path.iterdir()] == [LOCK_FILE]:
-                    (path / LOCK_FILE).unlink()
-                    for p in made:  # and the parents it made (an OSError, one not empty, ends it)
-                        p.rmdir()
+    try:
+        with f:
+            try:
+                yield
+            finally:  # still holding the lock: a run refused by it never removes what its holder has
+                _remove_made(path, made)
+    finally:
+        if sys.platform == "win32":  # no lock there, and an open file cannot be deleted
+            _remove_made(path, made)
+
+
+def _remove_made(path: pathlib.Path, made: list[pathlib.Path]) -> None:
+    with contextlib.suppress(OSError):
+        if made and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+            (path / LOCK_FILE).unlink()
+            for p in made:  # and the parents it made (an OSError, one not empty, ends it)
+                p.rmdir()
 
 
 # Note: a lock file removed under us. A run that made output_dir removes it (and the lock file) at
