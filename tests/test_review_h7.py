@@ -99,3 +99,16 @@ def test_held_directory_removes_the_parents_it_made_with_the_directory(tmp_path)
     with shards.held_directory(tmp_path / "runs" / "exp" / "out"):
         (tmp_path / "runs" / "other").mkdir()  # made while the block ran: runs stays
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["other"]
+
+
+def test_a_layer_in_a_block_registered_twice_is_quantized_at_both_places_by_one_name():
+    import torch.nn as nn
+
+    import lowrank
+    from lowrank.quant.linear4bit import Linear4bit
+
+    block = nn.Sequential(nn.Linear(64, 64))
+    model = nn.Sequential(nn.ModuleList([block, block]), nn.Linear(64, 64))  # weight sharing across depth
+    # one setattr on the shared block replaces the layer at both places: nothing is untied or left dense
+    assert lowrank.quantize(model, lowrank.NF4Config(targets=["0.0.0"])) == ["0.0.0"]
+    assert isinstance(model[0][1][0], Linear4bit) and model[0][0] is model[0][1] and isinstance(model[1], nn.Linear)
