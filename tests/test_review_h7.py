@@ -112,3 +112,17 @@ def test_a_layer_in_a_block_registered_twice_is_quantized_at_both_places_by_one_
     # one setattr on the shared block replaces the layer at both places: nothing is untied or left dense
     assert lowrank.quantize(model, lowrank.NF4Config(targets=["0.0.0"])) == ["0.0.0"]
     assert isinstance(model[0][1][0], Linear4bit) and model[0][0] is model[0][1] and isinstance(model[1], nn.Linear)
+
+
+def test_extra_files_may_bring_a_tokenizer_file_the_export_does_not_write(tmp_path):
+    from lowrank import merge_and_export
+    from tests.io.test_export import adapted
+
+    _, model = adapted("llama", tmp_path)  # a base directory without tokenizer files
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    merge_and_export(model, tmp_path / "out", extra_files={"chat_template.jinja": tmp_path / "t.jinja"})
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == "{{ messages }}"
+    (tmp_path / "base" / "chat_template.jinja").write_text("base's")  # now the export copies the base's: refused
+    with pytest.raises(ValueError, match="'chat_template.jinja' is a file the export itself writes"):
+        merge_and_export(model, tmp_path / "out2", extra_files={"chat_template.jinja": tmp_path / "t.jinja"})
+    assert not (tmp_path / "out2").exists()
