@@ -126,3 +126,20 @@ def test_extra_files_may_bring_a_tokenizer_file_the_export_does_not_write(tmp_pa
     with pytest.raises(ValueError, match="'chat_template.jinja' is a file the export itself writes"):
         merge_and_export(model, tmp_path / "out2", extra_files={"chat_template.jinja": tmp_path / "t.jinja"})
     assert not (tmp_path / "out2").exists()
+
+
+def test_eject_leaves_the_nested_path_off_in_an_encoder_quantized_while_it_held_adapters():
+    import torch
+    import torch.nn as nn
+
+    import lowrank
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 1)
+    lowrank.inject(enc, lowrank.LoraConfig(r=4, targets=["linear1"]))
+    lowrank.quantize(enc, lowrank.NF4Config(skip=["linear1"]))  # linear2 in 4 bits
+    lowrank.eject(enc)  # turned use_nested_tensor back on: NestedTensors into a Linear4bit
+    enc.eval()
+    with torch.no_grad():
+        y = enc(torch.randn(2, 5, 64), src_key_padding_mask=torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))
+    assert not enc.use_nested_tensor and y.shape == (2, 5, 64)
