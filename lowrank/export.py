@@ -184,7 +184,7 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     export_files.check_tokenizer(tokenizer)  # checked before writing
     _refuse_bitsandbytes(model)
     max_bytes = shards.parse_size(max_shard_size)
-    extra_files = export_files.check_extra_files(extra_files)
+    extra_files = export_files.check_extra_files(extra_files, export_files.written(model, tokenizer))
     state, loras, quantized, params4 = _plain_state(model)
     dtype = _export_dtype(dtype, quantized | params4)
     if requantize and not quantized and params4:

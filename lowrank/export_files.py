@@ -20,8 +20,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
                    "chat_template.json")
 
-# what an export may write itself, besides its weight files and the model's and tokenizer's code
-WRITTEN = {"config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES}
 
 
 def _quant_state(key: str, state: dict) -> bool:
@@ -97,8 +95,27 @@ def _tokenizer_code(source: pathlib.Path) -> tuple[str, ...]:
     return tuple(sorted(f for f in files if "/" not in f and "\\" not in f))  # a module of this directory, no path
 
 
-def check_extra_files(extra: dict | None) -> dict[str, pathlib.Path]:
-    """{plain file name: existing file}, checked before anything is merged or written."""
+def written(model: nn.Module, tokenizer) -> set[str]:
+    """The names an export of `model` writes beside its weight files, as known before writing: the index,
+    the config files when the model has them (write_config), the tokenizer files it saves or copies
+    (write_tokenizer: a given tokenizer may save any of them; else those in the base's directory)."""
+    names = {"model.safetensors.index.json"}
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json_string"):
+        names.add("config.json")
+        if getattr(model, "generation_config", None) is not None:
+            names.add("generation_config.json")
+    source = pathlib.Path(getattr(cfg, "_name_or_path", "") or "")
+    if tokenizer is not None:
+        names |= set(TOKENIZER_FILES)
+    elif str(source) not in ("", ".") and source.is_dir():
+        names |= {n for n in TOKENIZER_FILES + _tokenizer_code(source) if (source / n).is_file()}
+    return names
+
+
+def check_extra_files(extra: dict | None, taken: set[str] = frozenset()) -> dict[str, pathlib.Path]:
+    """{plain file name: existing file}, checked before anything is merged or written; `taken`: the names
+    the export writes itself (written()), refused, as any .safetensors."""
     extra = {} if extra is None else extra
     if not isinstance(extra, dict):
         raise TypeError(f"extra_files must be a dict {{file name: source path}}; got {type(extra).__name__}")
@@ -107,7 +124,7 @@ def check_extra_files(extra: dict | None) -> dict[str, pathlib.Path]:
             raise ValueError(f"extra_files: a key is a plain file name for the export directory; got {name!r}")
         if not pathlib.Path(source).is_file():
             raise FileNotFoundError(f"extra_files[{name!r}]: no file at {source}")
-        if name in WRITTEN or name.endswith(".safetensors"):  # known before any weight is merged
+        if name in taken or name.endswith(".safetensors"):  # known before any weight is merged
             raise ValueError(f"extra_files: {name!r} is a file the export itself writes; got {source}")
     return {name: pathlib.Path(source) for name, source in extra.items()}
 

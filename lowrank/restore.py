@@ -112,7 +112,9 @@ def nested_off(model: nn.Module) -> None:
 
 
 def nested_back(model: nn.Module) -> None:
+    from .quant.linear4bit import Stored4bit  # a 4-bit layer quantized since keeps it off (quantize.fused_paths_off)
+
     for enc in model.modules():
         if enc.__dict__.get(NESTED) and not any(isinstance(m, TunerLayer) for m in enc.modules()):
             del enc.__dict__[NESTED]
-            enc.use_nested_tensor = True
+            enc.use_nested_tensor = not any(isinstance(m, Stored4bit) for m in enc.modules())

@@ -265,23 +265,43 @@ def held_directory(directory: str | os.PathLike) -> Iterator[None]:
     its `.lowrank.lock` file, which stays behind empty of meaning (the kernel drops the lock when
     the block ends or the process dies; no stale lock to clean). Another holder: BlockingIOError
     naming its process id. Without fcntl (Windows), or on a file system that has no locks, the
-    block runs unheld. A directory it made that the block leaves empty but for the lock goes again
-    (a run refused by a later check leaves no output_dir behind)."""
+    block runs unheld. A directory it made that the block leaves empty but for the lock goes again,
+    with the parents it made, the lock still held (a run refused by a later check leaves no output_dir behind)."""
     path = pathlib.Path(directory)
-    made = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
+    made = [p for p in (path, *path.parents) if not p.exists()]  # what mkdir makes, the deepest first
+    for _ in range(10):  # See Note: a lock file removed under us
+        path.mkdir(parents=True, exist_ok=True)
+        f = _flock(path)
+        if f is not None:
+            break
+    else:
+        raise BlockingIOError(errno.EWOULDBLOCK, f"another process keeps removing {path}")
     try:
-        with _flocked(path):
-            yield
+        with f:
+            try:
+                yield
+            finally:  # still holding the lock: a run refused by it never removes what its holder has
+                _remove_made(path, made)
     finally:
-        with contextlib.suppress(OSError):
-            if made and [p.name for p in path.iterdir()] == [LOCK_FILE]:
-                (path / LOCK_FILE).unlink()
-                path.rmdir()
+        if sys.platform == "win32":  # no lock there, and an open file cannot be deleted
+            _remove_made(path, made)
 
 
-@contextlib.contextmanager
-def _flocked(path: pathlib.Path) -> Iterator[None]:
+def _remove_made(path: pathlib.Path, made: list[pathlib.Path]) -> None:
+    with contextlib.suppress(OSError):
+        if made and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+            (path / LOCK_FILE).unlink()
+            for p in made:  # and the parents it made (an OSError, one not empty, ends it)
+                p.rmdir()
+
+
+# Note: a lock file removed under us. A run that made output_dir removes it (and the lock file) at
+# its end, still holding the lock. A second run that opened the lock file before then holds, once
+# the first closes it, a lock on a file no longer at that path, which any third run would not see:
+# having the lock, it checks the path still names the file it locked, and else starts again.
+def _flock(path: pathlib.Path):
+    """The lock file, open and locked (unlocked where locks are not to be had); None when it was removed
+    before the lock was taken; BlockingIOError when another process holds it."""
     lock = path / LOCK_FILE
     try:
         f = open(lock, "a+")
@@ -289,7 +309,9 @@ def _flocked(path: pathlib.Path) -> Iterator[None]:
         if not lock.is_file():
             raise
         f = open(lock)
-    with f:
+    except FileNotFoundError:  # output_dir removed since mkdir
+        return None
+    try:
         try:
             import fcntl
 
@@ -304,12 +326,22 @@ def _flocked(path: pathlib.Path) -> Iterator[None]:
         except ImportError:  # no fcntl: Windows
             pass
         else:
+            try:
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                f.close()
+                return None
             if f.writable():  # the holder's pid, for the refusal of a second run
                 f.seek(0)
                 f.truncate()
                 f.write(f"{os.getpid()}\n")
                 f.flush()
-        yield
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def _discard(old: pathlib.Path) -> None:

@@ -209,7 +209,7 @@ class Linear4bit(Stored4bit):
             if b.shape != self.bias.shape:
                 error_msgs.append(f"size mismatch for {b_key}: checkpoint {tuple(b.shape)}, this layer {tuple(self.bias.shape)}")
             elif assign:
-                self.bias = nn.Parameter(b.detach(), requires_grad=False)
+                self.bias = nn.Parameter(b.detach(), requires_grad=self.bias.requires_grad)  # as torch assigns
             else:
                 with torch.no_grad():
                     self.bias.copy_(b)

@@ -224,9 +224,9 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
     # Its id, taken while every match is alive, says which places share it.
     walked = [(p, a, n, id(c), wanted(n, c) and not isinstance(c, Linear4bit)) for p, a, n, c in _walk(model, every=True)]
     matches = [(p, a, n, key) for p, a, n, key, take in walked if take]
-    places = {}  # id -> every name the module has: See Note: a module registered at two places
-    for _, _, n, key, _ in walked:
-        places.setdefault(key, []).append(n)
+    places = {}  # id -> (name, id of parent, attribute) of each place: See Note: a module registered at two places
+    for p, a, n, key, _ in walked:
+        places.setdefault(key, []).append((n, id(p), a))
     del walked
     params = find_parameters(model, config)  # raises when config.parameters matches nothing, 4-bit or not
     if not matches and not config.targets:
@@ -264,7 +264,8 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
                             "BitsAndBytesConfig): load the model without it to quantize here, or read its "
                             "save_pretrained directory with lowrank.load_quantized")
         refuse_tied(name, child, owners)
-        dense = sorted(set(places[id(child)]) - {n for *_, n, _ in matches})
+        taken = {(id(p), a) for p, a, *_ in matches}  # a block at two places: replacing fc in it replaces both
+        dense = sorted(n for n, parent_id, a in places[id(child)] if (parent_id, a) not in taken)
         if dense:  # one module at two places, targets or skip leaving one of them dense: as a tied weight
             raise ValueError(f"cannot quantize {name!r} alone: the same module is also at {dense}, which targets or "
                              "skip leave dense; a 4-bit layer here would untie the two and keep the full-precision "
@@ -298,15 +299,16 @@ def fused_paths_off(model: nn.Module) -> None:
     layers (a Linear4bit's weight is an NF4Weight: a TypeError), and nn.TransformerEncoder hands its layers
     NestedTensors: as inject does for adapters (lowrank/tuners/base.py, Note: fused fast paths; restore.py,
     Note: no nested tensors through adapters), each 4-bit layer there gets the empty pre-hook that sends torch
-    down the module-by-module path, and the encoder keeps its padded batches padded."""
+    down the module-by-module path, and the encoder keeps its padded batches padded. So does a 4-bit parameter
+    there (self_attn.in_proj_weight, a Weight4bit: its owner dequantizes it only when called)."""
     from ..tuners.base import _keep_fused_paths_off  # here: lowrank.tuners imports lowrank.quant
 
     for enc in model.modules():
         if isinstance(enc, nn.TransformerEncoderLayer):
             for m in enc.modules():
-                if isinstance(m, Linear4bit) and _keep_fused_paths_off not in m._forward_pre_hooks.values():
+                if isinstance(m, Stored4bit) and _keep_fused_paths_off not in m._forward_pre_hooks.values():
                     m.register_forward_pre_hook(_keep_fused_paths_off)
-        elif isinstance(enc, nn.TransformerEncoder) and any(isinstance(m, Linear4bit) for m in enc.modules()):
+        elif isinstance(enc, nn.TransformerEncoder) and any(isinstance(m, Stored4bit) for m in enc.modules()):
             enc.use_nested_tensor = False
 
 

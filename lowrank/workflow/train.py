@@ -172,8 +172,9 @@ def _save(model, config: TrainConfig, tuner, epoch: int, state: dict, ranks: par
 def _resume_from(config: TrainConfig, resume: bool):
     """(start epoch, state or None); refuses to overwrite or to resume a different run."""
     out = pathlib.Path(config.output_dir)
-    if out.exists() and not out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
-        raise ConfigError(f"output_dir {config.output_dir!r} is not a directory (a file is in its place or above it)")
+    if any((p.exists() or p.is_symlink()) and not p.is_dir() for p in (out, *out.parents)):  # a link to nothing too
+        raise ConfigError(f"output_dir {config.output_dir!r} is not a directory (a file or a broken link is in its "
+                          "place or above it)")
     found = checkpoints(config.output_dir)
     if not resume:
         held = checkpoints(config.output_dir, complete=False)  # an adapter whose trainer state went is still one

@@ -264,11 +264,11 @@ def test_extra_files_come_inside_the_swap_or_the_old_directory_stays(tmp_path, m
     merge_and_export(model, tmp_path / "out", extra_files={"notes.json": tmp_path / "notes.json"})
     assert (tmp_path / "out" / "notes.json").read_text() == '{"template": "chatml"}'
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    for name in ("config.json", "tokenizer_config.json", "model-00001-of-00002.safetensors"):  # refused up front
+    for name in ("config.json", "generation_config.json", "model-00001-of-00002.safetensors"):  # refused up front
         with pytest.raises(ValueError, match=f"'{name}' is a file the export itself writes"):
             merge_and_export(model, tmp_path / "out", overwrite=True, extra_files={name: tmp_path / "notes.json"})
     from lowrank import export_files  # a name only the copy finds taken: after the weights, still no swap
-    monkeypatch.setattr(export_files, "WRITTEN", set())
+    monkeypatch.setattr(export_files, "written", lambda model, tokenizer: set())
     with pytest.raises(ValueError, match="'config.json' is a file the export itself writes"):
         merge_and_export(model, tmp_path / "out", overwrite=True, dtype="fp16",
                          extra_files={"config.json": tmp_path / "notes.json"})
