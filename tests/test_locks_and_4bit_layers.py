@@ -1,4 +1,6 @@
-"""Review h7: held_directory's removal of a directory it made, Linear4bit load_state_dict(assign=True)."""
+"""output_dir's lock under races (a refused run, a removed lock file, parents made, a dangling link),
+and 4-bit layers where modules are shared: assign loads, encoders' fused paths, blocks at two places, extra_files."""
+
 import contextlib
 import fcntl
 import pathlib
