@@ -21,6 +21,12 @@ def tiny_llama() -> nn.Module:
     return transformers.LlamaForCausalLM(cfg)
 
 
+def _mixtral_config():
+    """A one-layer Mixtral of 4 experts: its experts are 3-D parameters (NF4Config.parameters)."""
+    return transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+
+
 def modes(model: nn.Module) -> set[bool]:
     return {m.training for m in model.modules()}
 
@@ -58,8 +64,7 @@ def test_a_4bit_layer_takes_the_mode_of_an_eval_model_so_lora_dropout_stays_off(
 
 def test_4bit_experts_take_their_owners_mode():
     torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    cfg = _mixtral_config()
     model = transformers.MixtralForCausalLM(cfg).eval()
     quantize(model, NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"]))
     assert any(isinstance(m, Weight4bit) for m in model.modules())
@@ -77,8 +82,7 @@ def test_load_state_dict_assign_into_a_meta_model_takes_the_4bit_tensors(experts
 
     torch.manual_seed(0)
     if experts:
-        cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+        cfg = _mixtral_config()
         model = transformers.MixtralForCausalLM(cfg).eval()
         quantize(model, NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"]))
     else:
@@ -205,8 +209,7 @@ def test_a_dense_checkpoint_into_a_4bit_model_says_so(experts):
     # entry '0.weight.quant_state.bitsandbytes__nf4'", not that the checkpoint is dense
     torch.manual_seed(0)
     if experts:
-        cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+        cfg = _mixtral_config()
         dense = transformers.MixtralForCausalLM(cfg)
         key, config = "model.layers.0.mlp.experts.gate_up_proj", NF4Config(targets=None, parameters="experts.gate_up_proj")
     else:
