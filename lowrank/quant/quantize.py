@@ -246,6 +246,7 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
             + f"quantize can replace e.g. {candidates[:6]} ({len(candidates)} nn.Linear / Conv1D layers not yet in 4 bits)"
         )
     owners, hooked = weight_owners(model), []
+    taken = {(id(p), a) for p, a, *_ in matches}  # a block at two places: replacing fc in it replaces both
     for parent, attr, name, _ in matches:
         child = getattr(parent, attr)
         hooked += [name] if any(getattr(child, h) for h in _HOOKS) else []
@@ -264,7 +265,6 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
                             "BitsAndBytesConfig): load the model without it to quantize here, or read its "
                             "save_pretrained directory with lowrank.load_quantized")
         refuse_tied(name, child, owners)
-        taken = {(id(p), a) for p, a, *_ in matches}  # a block at two places: replacing fc in it replaces both
         dense = sorted(n for n, parent_id, a in places[id(child)] if (parent_id, a) not in taken)
         if dense:  # one module at two places, targets or skip leaving one of them dense: as a tied weight
             raise ValueError(f"cannot quantize {name!r} alone: the same module is also at {dense}, which targets or "
