@@ -233,6 +233,9 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
         pass  # no linear layer asked for: the parameters alone (none left when all are 4-bit already)
     elif params and not matches and tuple(config.targets) == (ALL_LINEAR,):
         pass  # the default targets matching no layer: a model of experts alone
+    elif not matches and isinstance(model, Linear4bit):
+        raise ValueError("the model is itself a Linear4bit: it is in 4 bits already, and quantize replaces the layers "
+                         "inside a model")
     elif not matches and _can_quantize(model):  # nothing holds the model to put a Linear4bit in its place
         raise ValueError(f"the model is itself a {type(model).__name__}, which quantize cannot replace in place (it "
                          "replaces the layers inside a model): use Linear4bit.from_linear(layer) and keep what it returns")

@@ -236,3 +236,9 @@ def test_quantize_says_which_layers_lose_their_hooks():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no hooks, no warning
         quantize(nn.Sequential(nn.Linear(64, 64)))
+
+
+def test_quantizing_a_4bit_layer_says_it_is_4bit_already():
+    layer = Linear4bit.from_linear(nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="the model is itself a Linear4bit: it is in 4 bits already"):
+        quantize(layer)
