@@ -13,6 +13,7 @@ import shutil
 
 from torch import nn
 
+from . import shards
 from .quant.linear4bit import _WEIGHT_KEYS
 from .quant.nf4_weight import BNB_QUANT_STATE_KEY
 
@@ -69,13 +70,20 @@ def write_tokenizer(model: nn.Module, directory: pathlib.Path, tokenizer) -> Non
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
         return
+    source, names = _base_tokenizer_files(model)
+    for name in names:
+        if not (directory / name).exists():  # the model's code is copied already
+            shutil.copyfile(source / name, directory / name)
+
+
+def _base_tokenizer_files(model: nn.Module) -> tuple[pathlib.Path | None, list[str]]:
+    """The base model's own directory (model.config._name_or_path) and the tokenizer files it holds,
+    with the code files its auto_map names; (None, []) without one."""
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     if not source or not os.path.isdir(source):
-        return
+        return None, []
     source = pathlib.Path(source)
-    for name in TOKENIZER_FILES + _tokenizer_code(source):
-        if (source / name).is_file() and not (directory / name).exists():  # the model's code is copied already
-            shutil.copyfile(source / name, directory / name)
+    return source, [n for n in TOKENIZER_FILES + _tokenizer_code(source) if (source / n).is_file()]
 
 
 def _tokenizer_code(source: pathlib.Path) -> tuple[str, ...]:
@@ -99,18 +107,13 @@ def written(model: nn.Module, tokenizer) -> set[str]:
     """The names an export of `model` writes beside its weight files, as known before writing: the index,
     the config files when the model has them (write_config), the tokenizer files it saves or copies
     (write_tokenizer: a given tokenizer may save any of them; else those in the base's directory)."""
-    names = {"model.safetensors.index.json"}
+    names = {shards.INDEX}
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):
         names.add("config.json")
         if getattr(model, "generation_config", None) is not None:
             names.add("generation_config.json")
-    source = pathlib.Path(getattr(cfg, "_name_or_path", "") or "")
-    if tokenizer is not None:
-        names |= set(TOKENIZER_FILES)
-    elif str(source) not in ("", ".") and source.is_dir():
-        names |= {n for n in TOKENIZER_FILES + _tokenizer_code(source) if (source / n).is_file()}
-    return names
+    return names | set(TOKENIZER_FILES if tokenizer is not None else _base_tokenizer_files(model)[1])
 
 
 def check_extra_files(extra: dict | None, taken: set[str] = frozenset()) -> dict[str, pathlib.Path]:
