@@ -238,7 +238,10 @@ bool weight_ok(const at::Tensor& packed, const at::Tensor& absmax, const std::op
   for (int64_t b = 32; b <= 4096; b *= 2) blocksize_ok = blocksize_ok || blocksize == b;  // nf4.BLOCKSIZES
   if (!blocksize_ok) return false;
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
+  for (int64_t d : shape) {
+    if (d < 0) return false;  // two negative sizes make a positive n
+    n *= d;
+  }
   const int64_t blocks = (n + blocksize - 1) / blocksize;
   const at::Device device = packed.device();
   if (!(packed.scalar_type() == at::kByte && packed.numel() == (n + 1) / 2 && packed.is_contiguous() &&

@@ -68,6 +68,8 @@ for _schema in OPS.values():
 
 def _check_weight(packed, absmax, nested_absmax, offset, shape: Sequence, blocksize: int) -> None:
     torch._check(blocksize in BLOCKSIZES, lambda: f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    for d in shape:  # two negative sizes multiply to a positive n that the byte count would accept
+        torch._check(d >= 0, lambda: f"shape must be sizes >= 0, got {list(shape)}")
     n = math.prod(shape)
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
     torch._check(
@@ -113,7 +115,7 @@ def _check_weight(packed, absmax, nested_absmax, offset, shape: Sequence, blocks
 # that). So the real kernels first ask _weight_ok / _linear_ok / _grad_input_ok, plain expressions with the
 # same conditions, and run the torch._check chain only when it says no: for its message.
 def _weight_ok(packed, absmax, nested_absmax, offset, shape: Sequence, blocksize: int) -> bool:
-    if blocksize not in BLOCKSIZES:
+    if blocksize not in BLOCKSIZES or min(shape, default=0) < 0:
         return False
     n = math.prod(shape)
     blocks = (n + blocksize - 1) // blocksize

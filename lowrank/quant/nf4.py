@@ -240,7 +240,7 @@ def quantize_scales(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     if absmax.numel() == 0:
         return absmax.to(torch.uint8), absmax.new_zeros(0), absmax.new_zeros(())
     offset = absmax.mean()
-    if not torch.isfinite(offset):  # finite maxima near float32's max (3.4e38) whose mean overflows
+    if offset.device.type != "meta" and not torch.isfinite(offset):  # finite maxima near float32's max (3.4e38) whose mean overflows
         raise ValueError(f"double quantization needs the mean of the block maxima in float32, and it overflows (the "
                          f"largest is {absmax.max().item():.4g}); use double_quant=False for such weights")
     qabsmax, nested_absmax = quantize_8bit(absmax - offset)
@@ -314,10 +314,11 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) ->
     # See Note: chunks.
     absmax, packed = [], []
     chunk = _chunk(flat.device, flat.numel())
+    meta = flat.device.type == "meta"  # shapes only: a meta weight gives a meta NF4Weight, no values to check
     for start in range(0, flat.numel(), chunk):
         x = flat[start : start + chunk].float()  # (chunk,) float32; a copy unless w is float32
         a = block_absmax(x, blocksize)
-        if not torch.isfinite(a).all():  # a block max is NaN or Inf exactly when the block holds one
+        if not meta and not torch.isfinite(a).all():  # a block max is NaN or Inf exactly when the block holds one
             _raise_non_finite(w)
         absmax.append(a)
         packed.append(pack(nearest_code(normalize(x, a, blocksize))))

@@ -28,7 +28,7 @@ def _sizes(shape) -> torch.Size:
     return sizes
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq below: a dataclass's == asks bool() of a tensor comparison
 class NF4Weight:
     packed: torch.Tensor  # uint8 (ceil(n/2),): two codes a byte, first element in the high nibble
     absmax: torch.Tensor  # (B,) float32 scales, or uint8 codes into the dynamic map when double-quantized
@@ -72,6 +72,27 @@ class NF4Weight:
             f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
             f"double_quant={self.double_quant}, bits_per_param={self.bits_per_param:.3f}, device={self.device})"
         )
+
+    def __eq__(self, other: object) -> bool:
+        """The same stored weight: shape, dtype, blocksize and every code and scale bit for bit
+        (compared on the CPU when the two are on different devices). Meta weights have no
+        values: one equals only itself."""
+        if not isinstance(other, NF4Weight):
+            return NotImplemented
+        if self is other:
+            return True
+        if (self.shape, self.dtype, self.blocksize, self.double_quant) != (other.shape, other.dtype, other.blocksize,
+                                                                          other.double_quant):
+            return False
+        if self.device.type == "meta" or other.device.type == "meta":
+            return False
+        if other.device != self.device:
+            return self.to("cpu") == other.to("cpu")
+        fields = ("packed", "absmax", "nested_absmax", "offset") if self.double_quant else ("packed", "absmax")
+        return all(torch.equal(getattr(self, f), getattr(other, f)) for f in fields)
+
+    def __hash__(self) -> int:  # equal weights have equal headers
+        return hash((tuple(self.shape), self.dtype, self.blocksize, self.double_quant))
 
     @property
     def double_quant(self) -> bool:
@@ -143,9 +164,12 @@ class NF4Weight:
             meta |= {
                 "nested_blocksize": NESTED_BLOCKSIZE,
                 "nested_dtype": "float32",
-                "nested_offset": self.offset.item(),
+                "nested_offset": 0.0 if dev.type == "meta" else self.offset.item(),
             }
-        sd[f"{prefix}.{BNB_QUANT_STATE_KEY}"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        state = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        # On the meta device (a model built to be loaded later) there is no offset to write: the entry is
+        # a meta tensor too, so that nothing in the state dict holds values that were never computed.
+        sd[f"{prefix}.{BNB_QUANT_STATE_KEY}"] = state.to("meta") if dev.type == "meta" else state
         return sd
 
     @classmethod

@@ -182,8 +182,9 @@ def _check_weight(name: str, w: torch.Tensor, double_quant: bool = False, blocks
     if isinstance(w, nn.parameter.UninitializedParameter):
         raise ValueError(f"{name!r} is a lazy layer not yet materialized; run one forward pass before quantize")
     if w.is_meta:
-        raise ValueError(f"{name!r} has its weight on the meta device; to fill a model built under lowrank.skeleton() "
-                         "from a checkpoint in 4 bits, use lowrank.load_and_quantize")
+        raise ValueError(f"{name!r} has its weight on the meta device, with no values to quantize; to fill a model "
+                         "built under lowrank.skeleton(), read a dense checkpoint into 4 bits with "
+                         "lowrank.load_and_quantize(model, path, config), or a 4-bit one with lowrank.load_quantized(model, path)")
     if w.dtype not in nf4.DTYPES:
         raise TypeError(f"{name!r} has a {w.dtype} weight; NF4 quantizes {', '.join(map(str, nf4.DTYPES))} weights: "
                         "cast the model first, e.g. model.float()")

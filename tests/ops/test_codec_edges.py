@@ -1,5 +1,5 @@
-"""The codec at its edges: the bf16 CPU GEMV near the subnormal range (the smallest positive code), and
-NF4Weight.to given a dtype."""
+"""The codec at its edges: the bf16 CPU GEMV near the subnormal range (the smallest positive code),
+NF4Weight.to given a dtype, NF4Weight equality, quantizing on the meta device, negative sizes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import lowrank
+from lowrank.ops import backends
 from lowrank.quant import nf4
+from lowrank.quant.linear4bit import Linear4bit
 
 
 def test_bf16_gemv_keeps_products_of_the_smallest_positive_code_near_the_subnormal_range():
@@ -34,3 +36,59 @@ def test_nf4weight_to_a_dtype_says_it_takes_a_device():
     with pytest.raises(TypeError, match=r"takes a device, got the dtype torch.float16"):
         q.to(torch.float16)
     assert q.to("cpu").packed is q.packed
+
+
+def test_nf4weights_are_equal_when_their_stored_bits_are():
+    # a dataclass's == compared the fields as a tuple, and for two weights from separate calls that meant
+    # bool() of an elementwise tensor comparison: "Boolean value of Tensor with more than one value is ambiguous"
+    w = torch.randn(8, 64)
+    a, b = nf4.quantize(w), nf4.quantize(w)
+    assert a is not b and a == b and not (a != b) and hash(a) == hash(b)
+    assert len({a, b}) == 1
+    flipped = a.packed.clone()
+    flipped[3] ^= 1  # one code of one weight
+    assert a != nf4.NF4Weight(flipped, a.absmax, a.shape, a.dtype, a.blocksize, a.nested_absmax, a.offset)
+    assert a != nf4.quantize(w, double_quant=False)  # same codes, scales stored another way
+    assert a != nf4.quantize(w.to(torch.bfloat16))  # dequantizes to another dtype by default
+    assert a != nf4.quantize(w.reshape(4, 128))  # same bytes, another shape
+    assert a != a.to("meta") and a.to("meta") != a.to("meta")  # no values to compare
+    assert (a == "weight") is False
+
+
+def test_quantize_on_the_meta_device_gives_the_layout_without_values():
+    # nf4.quantize and Linear4bit.from_linear of a meta weight stopped at Tensor.item() (the check for
+    # NaN / Inf); a meta NF4Weight has the fields a real one has, and a meta layer takes a real
+    # layer's 4-bit state dict with load_state_dict(assign=True)
+    for shape, double_quant in (((64, 64), True), ((3, 100), True), ((7,), False)):
+        w = torch.randn(shape)
+        real, meta = nf4.quantize(w, double_quant=double_quant), nf4.quantize(w.to("meta"), double_quant=double_quant)
+        for field in ("packed", "absmax", "nested_absmax", "offset"):
+            r, m = getattr(real, field), getattr(meta, field)
+            assert (r is None) == (m is None)
+            if r is not None:
+                assert (m.device.type, m.shape, m.dtype) == ("meta", r.shape, r.dtype), field
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 32)
+    real = Linear4bit.from_linear(dense)
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32, device="meta"))
+    sd = real.state_dict()
+    meta_sd = layer.state_dict()
+    assert set(meta_sd) == set(sd) and all(t.device.type == "meta" for t in meta_sd.values())
+    layer.load_state_dict(sd, assign=True)
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), real(x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "csrc"])
+def test_negative_sizes_are_refused_even_when_their_product_fits(backend, monkeypatch):
+    # [-64, -64] multiplies to the 4096 elements the codes hold: the checks passed it, and the kernels
+    # failed in torch.empty ("Trying to create tensor with negative dimension -64")
+    if backend not in backends.available("nf4_dequantize"):
+        pytest.skip("lowrank._C is not built")
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    q = nf4.quantize(torch.randn(64, 64))
+    fields = (q.packed, q.absmax, q.nested_absmax, q.offset)
+    with pytest.raises(RuntimeError, match=r"shape must be sizes >= 0, got \[-64, -64\]"):
+        torch.ops.lowrank.nf4_dequantize(*fields, [-64, -64], 64, torch.float32)
+    with pytest.raises(RuntimeError, match=r"shape must be sizes >= 0, got \[-64, -64\]"):
+        torch.ops.lowrank.nf4_linear(torch.randn(2, 64), *fields, [-64, -64], 64, None)
