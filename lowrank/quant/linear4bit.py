@@ -126,7 +126,9 @@ class Stored4bit(nn.Module):
             error_msgs.append(f"size mismatch for {key}: the checkpoint's 4-bit weight has shape {tuple(q.shape)}, "
                               f"this module {tuple(self.shape)}")
         else:
-            self._set_weight(q if assign else q.to(self.packed.device))
+            # as torch loads: assign=True takes the checkpoint's tensors, otherwise the layer holds copies
+            # (a state dict loaded into two models, or changed afterwards, is not shared with them)
+            self._set_weight(q if assign else q.to(self.packed.device, copy=True))
         return set(ours)
 
 

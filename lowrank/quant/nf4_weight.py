@@ -118,13 +118,14 @@ class NF4Weight:
         double quantization (docs/nf4.md), 4.5 without."""
         return 8 * self.nbytes / self.numel if self.numel else math.nan
 
-    def to(self, device: torch.device | str) -> NF4Weight:
-        """A copy on `device` (self is left as it is)."""
+    def to(self, device: torch.device | str, copy: bool = False) -> NF4Weight:
+        """The weight on `device` (self is left as it is): its own tensors where they are there
+        already, unless copy=True."""
         if isinstance(device, torch.dtype):  # the fields' dtypes are the format's (uint8 codes, float32 scales)
             raise TypeError(f"NF4Weight.to takes a device, got the dtype {device}; the dtype of the dequantized "
                             "weight is dequantize's argument (q.dequantize(dtype), nf4_linear: x's dtype)")
         move = {
-            f.name: getattr(self, f.name).to(device)
+            f.name: getattr(self, f.name).to(device, copy=copy)
             for f in dataclasses.fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }

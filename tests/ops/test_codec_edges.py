@@ -92,3 +92,23 @@ def test_negative_sizes_are_refused_even_when_their_product_fits(backend, monkey
         torch.ops.lowrank.nf4_dequantize(*fields, [-64, -64], 64, torch.float32)
     with pytest.raises(RuntimeError, match=r"shape must be sizes >= 0, got \[-64, -64\]"):
         torch.ops.lowrank.nf4_linear(torch.randn(2, 64), *fields, [-64, -64], 64, None)
+
+
+def test_load_state_dict_into_a_4bit_layer_copies_unless_assign():
+    # the layer took the state dict's own tensors on a load without assign=True (torch copies): two
+    # models loaded from one state dict shared their codes, and a later change to the dict reached them
+    torch.manual_seed(0)
+    source = Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    sd = {k: t.clone() for k, t in source.state_dict().items()}
+    a, b = Linear4bit.from_linear(torch.nn.Linear(64, 32)), Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    a.load_state_dict(sd)
+    b.load_state_dict(sd)
+    assert a.weight == source.weight and b.weight == source.weight
+    assert a.packed.data_ptr() not in (b.packed.data_ptr(), sd["weight"].data_ptr())
+    x = torch.randn(3, 64)
+    before = a(x)
+    sd["weight"].zero_()
+    assert torch.equal(a(x), before) and a.weight == source.weight
+    c = Linear4bit.from_linear(torch.nn.Linear(64, 32, device="meta"))
+    c.load_state_dict(sd, assign=True)  # assign: the checkpoint's tensors, as torch assigns
+    assert c.packed.data_ptr() == sd["weight"].data_ptr()
