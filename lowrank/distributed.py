@@ -121,7 +121,7 @@ def on_main(fn: Callable[[], T], collective: bool) -> T | None:
     if main:
         try:
             result = fn()
-        except Exception as e:  # re-raised below, after the other ranks have heard of it
+        except BaseException as e:  # re-raised below, after the other ranks have heard of it (Ctrl-C on rank 0 too)
             error = e
     box = [result, None if error is None else f"{type(error).__name__}: {error}"]
     dist.broadcast_object_list(box, src=0)

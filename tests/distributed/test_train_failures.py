@@ -62,6 +62,25 @@ def test_a_failed_save_under_ddp_raises_on_every_rank_instead_of_hanging(tmp_pat
     _run(_save_fails_on_rank0, tmp_path, str(tmp_path / "out"))
 
 
+def _interrupted_on_rank0(rank: int, world: int) -> None:
+    def write():
+        if rank == 0:
+            raise KeyboardInterrupt  # Ctrl-C reached rank 0 alone while it wrote
+        return "written"
+
+    ranks = parallel.Ranks("ddp", rank, world, "cpu")
+    if rank == 0:
+        with pytest.raises(KeyboardInterrupt):
+            ranks.first(write)
+    else:  # it waited in the broadcast until the collective timed out: on_main caught Exception only
+        with pytest.raises(RuntimeError, match="rank 0 failed while writing for all ranks: KeyboardInterrupt"):
+            ranks.first(write)
+
+
+def test_an_interrupt_on_rank0_while_it_writes_reaches_every_rank(tmp_path):
+    _run(_interrupted_on_rank0, tmp_path)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_cuda_without_a_gpu_under_torchrun_is_a_config_error(mode, monkeypatch):
     """device: cuda on a rank that has no GPU of its LOCAL_RANK: a ConfigError that says so, as
