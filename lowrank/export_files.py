@@ -100,7 +100,23 @@ def _tokenizer_code(source: pathlib.Path) -> tuple[str, ...]:
         return ()
     refs = [r for v in auto.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "." in r]
     files = {r.rsplit(".", 1)[0] + ".py" for r in refs if "--" not in r}
-    return tuple(sorted(f for f in files if "/" not in f and "\\" not in f))  # a module of this directory, no path
+    files = {f for f in files if "/" not in f and "\\" not in f}  # a module of this directory, no path
+    return tuple(sorted(files | _imported_code(source, files)))
+
+
+def _imported_code(source: pathlib.Path, files: set[str]) -> set[str]:
+    """The .py files of `source` that `files` import relatively (`from .configuration_x import ...`), and
+    those they import, as transformers fetches them for trust_remote_code: without them the copied
+    tokenizer code cannot be imported."""
+    try:
+        from transformers.dynamic_module_utils import get_relative_import_files
+    except ImportError:  # without transformers there is no AutoTokenizer to read the auto_map either
+        return set()
+    found = set()
+    for f in files:
+        if (source / f).is_file():
+            found |= {pathlib.Path(p).name for p in get_relative_import_files(source / f)}
+    return {f for f in found if (source / f).is_file()}
 
 
 def written(model: nn.Module, tokenizer) -> set[str]:

@@ -239,3 +239,24 @@ def test_merge_copies_the_tokenizer_code_of_an_old_format_auto_map(tmp_path):
     # a module path that leaves the directory is not a file of it
     (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["../base/evil.T", None]}}))
     assert export_files._tokenizer_code(src) == ()
+
+
+def test_merge_copies_the_modules_the_tokenizer_code_imports(tmp_path):
+    # tokenization_x.py doing `from .configuration_x import ...` (InternLM-style remote code): only the module
+    # auto_map names was copied, and AutoTokenizer(trust_remote_code=True) failed on the missing import
+    import json
+    import types
+
+    from lowrank import export_files
+
+    src, out = tmp_path / "base", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_x.X", None]}}))
+    (src / "tokenization_x.py").write_text("from .vocab_x import V\n\nclass X: ...\n")
+    (src / "vocab_x.py").write_text("from .words_x import W\n\nV = W\n")  # and what that imports
+    (src / "words_x.py").write_text("W = 1\n")
+    (src / "unrelated.py").write_text("")
+    model = types.SimpleNamespace(config=types.SimpleNamespace(_name_or_path=str(src)))
+    export_files.write_tokenizer(model, out, None)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenization_x.py", "tokenizer_config.json", "vocab_x.py",
+                                                     "words_x.py"]
