@@ -65,7 +65,7 @@ class Handler:
 HANDLERS = {
     LoraConfig: Handler(lora.check, lora.wrap, lambda m: lora.layer_class(m) is not None, "LoRA", layer=LoraLayer),
     AdapterConfig: Handler(
-        adapter.check, adapter.wrap, lambda m: adapter.module_dims(m) is not None, "a bottleneck adapter",
+        adapter.check, adapter.wrap, adapter.can_wrap, "a bottleneck adapter",
         default_targets=adapter.default_targets, layer=adapter.AdapterLayer,
     ),
     PromptConfig: Handler(

@@ -210,10 +210,19 @@ def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> No
     if any(c.__name__ == "PreTrainedModel" for c in type(innermost(module)).__mro__):  # transformers, not imported here
         raise TypeError(f"cannot put a bottleneck adapter on {where!r}: a {type(innermost(module)).__name__} returns a "
                         "ModelOutput, not hidden states; target its layers or blocks")
+    if type(innermost(module)).forward is nn.Module.forward:  # ModuleList, ModuleDict: their owner indexes them
+        raise TypeError(f"cannot put a bottleneck adapter on {where!r}: a {type(innermost(module)).__name__} is a "
+                        "container its owner indexes or iterates, never calls; target the modules inside it")
     if module_dims(innermost(module)) is None:
         raise TypeError(f"cannot size a bottleneck adapter for {where!r}, a {type(innermost(module)).__name__} with no "
                         "linear layers (or transformers experts) inside; target a linear layer or a block that "
                         "contains them")
+
+
+def can_wrap(module: nn.Module) -> bool:
+    """Whether `check` takes `module` (inject's suggestions when nothing matched)."""
+    return (type(module).forward is not nn.Module.forward and module_dims(module) is not None
+            and not any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__))
 
 
 def wrap(module: nn.Module, config: AdapterConfig, name: str, where: str) -> nn.Module:
