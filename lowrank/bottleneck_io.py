@@ -98,7 +98,10 @@ def config_from_saved(saved: dict, source: str) -> AdapterConfig:
     fields = {f: saved[f] for f in FIELDS if f in saved}
     # exact names (no suffix or glob surprises), as a pattern: a config with a lambda would not pickle with its model
     exact = "re:(?:" + "|".join(re.escape(t) for t in sorted(set(targets))) + ")"
-    return AdapterConfig(targets=exact, **fields)
+    try:
+        return AdapterConfig(targets=exact, **fields)
+    except (ValueError, TypeError) as e:  # a field's value out of range: name the file it came from
+        raise type(e)(f"{source}: {e}") from e
 
 
 def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: bool = True,
@@ -111,7 +114,10 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
     config = config_from_saved(saved, str(path / CONFIG_NAME))
     weights = read_weights(path, allow_pickle)
     with undo_on_error(model, name):  # See Note: a failed load changes nothing (lowrank/io.py)
-        modules = inject(model, config, name, dtype=dtype)
+        try:
+            modules = inject(model, config, name, dtype=dtype)
+        except (ValueError, TypeError) as e:  # what the file asks that this model cannot take, named (as io.py's LoRA)
+            raise type(e)(f"{path / CONFIG_NAME}: cannot load this adapter: {e}") from e
         seen, missing, mismatched, pairs = set(), [], [], []
         for where, layer in _layers(model, name):
             params = dict(layer.adapters[name].named_parameters())
