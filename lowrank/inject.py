@@ -217,6 +217,7 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     removing the last adapter also restores every parameter's requires_grad.
     Merged adapters are unmerged first, unless `keep_merged` (then the weights keep them: a
     plain fine-tuned model). Returns the names of the modules it touched."""
+    _module(model, "eject")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"eject's name must be one adapter name (a str) or None for all; got {name!r}")
     if not isinstance(keep_merged, bool):
@@ -297,7 +298,7 @@ def _strip(module: nn.Module, name: str | None, keep_merged: bool) -> nn.Module:
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make exactly `names` active (their additions are summed); others stay but do nothing.
     Refuses, changing nothing, unknown or repeated names and a model with merged adapters."""
-    names = _known_names(model, names, "set_active's names")
+    names = _known_names(_module(model, "set_active"), names, "set_active's names")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"set_active's names repeat {repeated}; an adapter is active once (got {names})")
@@ -320,6 +321,7 @@ def _known_names(model: nn.Module, names, what: str, base_ok: bool = False) -> l
 
 def mark_trainable(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Only the parameters of adapters `names` (None: the active ones) require grad."""
+    model = _module(model, "mark_trainable")
     names = None if names is None else _known_names(model, names, "mark_trainable's names")
     model.requires_grad_(False)
     for layer in _layers(model):
@@ -380,6 +382,7 @@ def disabled(model: nn.Module):
 def per_sample(model: nn.Module, names: Sequence[str]):
     """`with per_sample(model, ["a", "b", "__base__"]):` sample i of the batch (dim 0) uses
     adapter names[i] ("__base__": none) — PEFT's `adapter_names`, for inference on mixed batches."""
+    _module(model, "per_sample(model, names)")
     if isinstance(names, str) or not isinstance(names, Iterable):
         raise TypeError(f"per_sample's names must be a sequence (list, tuple) of adapter names, one a sample; got {names!r}")
     names = _known_names(model, names, "per_sample's names (one a sample)", base_ok=True)

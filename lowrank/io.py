@@ -31,7 +31,7 @@ from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters,
                        to_peft_parameters, to_peft_pattern, to_peft_targets)
 from .targets import first_match, task_type
 from .tuners.lora_param import LoraParameter
-from .walk import _unwrap
+from .walk import _module, _unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -143,7 +143,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     (lowrank/bottleneck_io.py)."""
     from . import bottleneck_io
 
-    model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the saved keys
+    model = distributed.unwrap(_module(model, "save_adapter"))  # DDP's `module.`, compile's `_orig_mod.`: not saved
     distributed.reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py)
     if not adapter_names(model):
         raise ValueError(f"{type(model).__name__} has no adapters to save; add one with lowrank.inject or load_adapter")
