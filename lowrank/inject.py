@@ -126,8 +126,9 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
         raise ValueError(
             f"no module of {type(model).__name__} matched targets={targets!r} (exclude={config.exclude!r}); "
-            f"{handler.kind} can wrap e.g. {candidates[:6]} ({len(candidates)} candidates in all)"
-        )
+            f"{handler.kind} can wrap e.g. {candidates[:6]} ({len(candidates)} candidates in all)" + (
+                "; inject replaces modules inside the model, never the model itself: put a lone layer in a container, "
+                "e.g. nn.Sequential(layer)" if not candidates and handler.can_wrap(model) else ""))
     lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:  # inject freezes every parameter (mark_trainable), which torch refuses on these
         raise ValueError(f"{type(model).__name__} has uninitialized (lazy) parameters {lazy[:4]}; run one forward "
