@@ -12,6 +12,7 @@ Default targets per placement (used when AdapterConfig.targets is None):
     transformers Falcon, Bloom    self_attention.dense      mlp
     transformers Phi              self_attn.dense           mlp
     transformers GPT-J, CodeGen   attn.out_proj             mlp
+    transformers T5, mT5, UMT5    SelfAttention.o           DenseReluDense
     nn.TransformerEncoderLayer    self_attn (the MHA)       linear2
 
 Houlsby adapts both columns, Pfeiffer the feed-forward only; a model where Houlsby's attention
@@ -40,8 +41,10 @@ def attn_out_proj(name: str, module: nn.Module) -> bool:
 
 
 ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "attention.dense",
-                     "self_attention.dense", "self_attn.dense", attn_out_proj, nn.MultiheadAttention)
-FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2")
+                     "self_attention.dense", "self_attn.dense", attn_out_proj, "SelfAttention.o", nn.MultiheadAttention)
+# T5's feed-forward block and self-attention output, before their residual sums (T5LayerFF, T5LayerSelfAttention);
+# a decoder's cross-attention (EncDecAttention) is left out, as AdapterHub's Houlsby config leaves it
+FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2", "DenseReluDense")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
