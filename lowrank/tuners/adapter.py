@@ -176,7 +176,9 @@ class AdapterLayer(TunerLayer):
             base_y = y
             for name in self.active:
                 y = y + self._delta(name, x, base_y)
-        return (y, *out[1:]) if isinstance(out, tuple) else y
+        if not isinstance(out, tuple):
+            return y
+        return type(out)(y, *out[1:]) if hasattr(out, "_fields") else (y, *out[1:])  # a namedtuple stays one
 
     def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The module's first argument, given by position or by name (MultiheadAttention's query)."""
