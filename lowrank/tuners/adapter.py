@@ -9,7 +9,8 @@ Default targets per placement (used when AdapterConfig.targets is None):
     transformers GPT-2            attn.c_proj               mlp
     transformers BERT / MiniLM    attention.output.dense    layer.N.output.dense
     transformers GPT-NeoX         attention.dense           mlp
-    transformers Falcon, Bloom    self_attention.dense      mlp
+    transformers Falcon           self_attention.dense      mlp
+    transformers Bloom            self_attention.dense      mlp.dense_4h_to_h (parallel: mlp)
     transformers Phi              self_attn.dense           mlp
     transformers GPT-J, CodeGen   attn.out_proj             mlp
     transformers T5, mT5, UMT5    SelfAttention.o           DenseReluDense
@@ -48,22 +49,50 @@ FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2", "DenseR
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
+def _sums_residual(module: nn.Module) -> bool:
+    """A feed-forward block that adds the residual itself, given it as an argument (Bloom's
+    mlp(hidden_states, residual))."""
+    try:
+        return "residual" in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def mlp(name: str, module: nn.Module) -> bool:
+    """A sequential adapter's `mlp`: one whose output is the feed-forward's alone, not Bloom's (its
+    output is the residual stream: the adapter goes on its last linear layer instead)."""
+    return (name == "mlp" or name.endswith(".mlp")) and not _sums_residual(module)
+
+
+def _ffn_targets(modules: list, config: AdapterConfig) -> tuple:
+    """The feed-forward column. A parallel adapter reads an mlp's input and adds to its output, so
+    Bloom's mlp is its place too; a sequential one goes before the residual sum: on the last linear
+    layer of an mlp that adds the residual itself (Bloom's dense_4h_to_h)."""
+    last = []
+    for n, m in modules if not config.parallel else ():
+        if (n == "mlp" or n.endswith(".mlp")) and _sums_residual(m):
+            linears = [c for c, sub in m.named_children() if is_linear_like(innermost(sub))]
+            last += [f"{n}.{linears[-1]}"] if linears else []
+    return (mlp, *FFN_TARGETS[1:], *last) if last else FFN_TARGETS
+
+
 def default_targets(model: nn.Module, config: AdapterConfig) -> tuple:
     """The placement's default targets; for Houlsby, a model where the names of one of its two
     columns match nothing is refused (it would get half of Houlsby's adapters)."""
-    if config.placement != "houlsby":
-        return FFN_TARGETS
     from ..walk import _unwrap, _walk  # walk imports the tuners
 
     modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
-    for column, names in (("attention output", ATTENTION_TARGETS), ("feed-forward", FFN_TARGETS)):
+    ffn = _ffn_targets(modules, config)
+    if config.placement != "houlsby":
+        return ffn
+    for column, names in (("attention output", ATTENTION_TARGETS), ("feed-forward", ffn)):
         wanted = compile_filter(names, config.exclude, model)
         if not any(wanted(n, m) for n, m in modules):
             excluded = f" (after exclude={list(config.exclude)})" if config.exclude else ""
             raise ValueError(f"placement='houlsby' adapts each block's attention output and feed-forward, and none of "
                              f"its default names for the {column} {[getattr(t, '__name__', t) for t in names]} is in "
                              f"{type(model).__name__}{excluded}; name the modules with AdapterConfig(targets=[...])")
-    return FFN_TARGETS + ATTENTION_TARGETS
+    return ffn + ATTENTION_TARGETS
 
 
 def _linear_dims(m: nn.Module) -> tuple[int, int]:
