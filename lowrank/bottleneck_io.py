@@ -69,9 +69,13 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     if name is None:
         name = only_name(_names(model), "bottleneck adapters")
     layers = _layers(model, name)
-    configs = {id(layer.configs[name]): layer.configs[name] for _, layer in layers}
+    # the file holds one set of FIELDS and the exact modules: parts injected with their own targets (an encoder's
+    # and a decoder's, under one name) save as one; other fields that differ cannot
+    configs = {tuple(getattr(layer.configs[name], f) for f in FIELDS): layer.configs[name] for _, layer in layers}
     if len(configs) > 1:
-        raise ValueError(f"bottleneck adapter {name!r} was injected with several configs; our format holds one")
+        differ = [f for i, f in enumerate(FIELDS) if len({k[i] for k in configs}) > 1]
+        raise ValueError(f"bottleneck adapter {name!r} was injected with configs whose {differ} differ "
+                         f"({[dict(zip(FIELDS, k)) for k in configs]}); our format holds one value of each")
     config = next(iter(configs.values()))
     tensors = {}
     for where, layer in layers:
