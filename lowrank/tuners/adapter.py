@@ -236,6 +236,11 @@ class AdapterLayer(TunerLayer):
         return (config.scaling * adapter(source.to(dtype))).to(y.dtype)
 
 
+def _container(module: nn.Module) -> bool:
+    """A module with no forward (nn.ModuleList, nn.ModuleDict): its owner indexes or iterates it."""
+    return type(module).forward is nn.Module.forward and "forward" not in vars(module)
+
+
 def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> None:
     """Raise, before anything changes, if adapter `name` cannot go on `module` (at `where`)."""
     if isinstance(module, AdapterLayer) and name in module.names:
@@ -244,7 +249,7 @@ def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> No
     if any(c.__name__ == "PreTrainedModel" for c in type(innermost(module)).__mro__):  # transformers, not imported here
         raise TypeError(f"cannot put a bottleneck adapter on {where!r}: a {type(innermost(module)).__name__} returns a "
                         "ModelOutput, not hidden states; target its layers or blocks")
-    if type(innermost(module)).forward is nn.Module.forward:  # ModuleList, ModuleDict: their owner indexes them
+    if _container(innermost(module)):
         raise TypeError(f"cannot put a bottleneck adapter on {where!r}: a {type(innermost(module)).__name__} is a "
                         "container its owner indexes or iterates, never calls; target the modules inside it")
     if module_dims(innermost(module)) is None:
@@ -255,7 +260,7 @@ def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> No
 
 def can_wrap(module: nn.Module) -> bool:
     """Whether `check` takes `module` (inject's suggestions when nothing matched)."""
-    return (type(module).forward is not nn.Module.forward and module_dims(module) is not None
+    return (not _container(module) and module_dims(module) is not None
             and not any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__))
 
 

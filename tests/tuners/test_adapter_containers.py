@@ -52,3 +52,14 @@ def test_nothing_matched_suggests_only_what_inject_takes():
     suggested = ast.literal_eval(str(info.value).split("can wrap e.g. ")[1].split(" (")[0])  # the listed names
     assert suggested and "model.layers" not in suggested and "model" not in suggested
     assert all(n.startswith("model.layers.") or n == "lm_head" for n in suggested)
+
+
+def test_a_container_given_a_forward_of_its_own_is_taken():
+    """A module list whose instance has a forward (assigned, as some libraries patch modules) is called."""
+    blocks = nn.ModuleList([nn.Linear(4, 4)])
+    blocks.forward = lambda x: blocks[0](x) * 2  # reads the list it was given, not the model's attribute
+    holder = nn.ModuleDict({"blocks": blocks})
+    x = torch.randn(2, 4)
+    want = holder["blocks"](x)
+    assert inject(holder, AdapterConfig(targets="blocks")) == ["blocks"]
+    assert torch.equal(holder["blocks"](x), want)  # up = 0: the adapter adds nothing yet
