@@ -21,7 +21,7 @@ from torch import nn
 from . import restore
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .distributed import check_not_sharded, reshard
-from .merging import merge, unmerge  # noqa: F401  (lowrank.inject's verbs)
+from .merging import merge, unmerge, warn_of_unkept  # noqa: F401  (lowrank.inject's verbs)
 from .quant.linear4bit import Stored4bit
 from .quant.params4bit import has_parameter, parameter_names, parameter_shape
 from .targets import ALL_LINEAR, compile_filter, is_linear_like, task_heads
@@ -226,12 +226,8 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"the model has no adapter named {name!r}; it has {adapter_names(model)}")
     reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py): unmerging writes the weights
-    dropped = keep_merged and sorted({n for _, m in _lora_layers(model) for n in m.active if n not in m.merged
-                                      and name in (None, n)})  # fmt: skip
-    if dropped:  # keep_merged keeps what merge folded in; an unmerged adapter's update would go unsaid
-        warnings.warn(f"eject(keep_merged=True) drops the active LoRA adapters {dropped}, which are not merged: their "
-                      "updates are not kept in the weights; call lowrank.merge(model) before eject to keep them",
-                      stacklevel=2)
+    if keep_merged:  # it keeps what merge folded in; an active adapter's effect that is not would go unsaid
+        warn_of_unkept(model, name)
     active = active_adapters(model)
     kept = keep_merged and any(name in layer.merged for layer in _layers(model))  # its update stays in the weights
     had_it_active = [layer for layer in _layers(model) if name is not None and name in layer.active]
