@@ -252,6 +252,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     for flag, value in (("strict", strict), ("allow_pickle", allow_pickle), ("allow_other_base", allow_other_base)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be a bool (True or False); got {value!r}")
+    if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper: the file names the model inside, as
+        model = model._orig_mod  # save_adapter writes them (it calls the model inside, which now holds the adapter)
     extra = ("adapter_model.bin",) if allow_pickle else ()
     path = hub.resolve(path, revision=revision, local_files_only=local_files_only, token=token,
                        files=hub.ADAPTER_FILES + extra)
