@@ -11,6 +11,8 @@ shape so that tools which list, copy or upload adapter directories handle it unc
                                base_model.model.<module>.adapter.down.bias     (m,)
                                base_model.model.<module>.adapter.up.weight     (d_out, m)
                                base_model.model.<module>.adapter.up.bias       (d_out,)
+                               base_model.model.<head>.<param>   a classifier's, token classifier's or
+                                   question answerer's head, whole (config: "task_type", "modules_to_save")
 
 PEFT refuses the directory (it does not know the peft_type); lowrank.load_adapter reads it.
 """
@@ -22,9 +24,10 @@ import re
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, io_prompt
 from .config import AdapterConfig
 from .inject import _walk, adapter_names, inject
+from .targets import HEADS, task_type
 from .tuners.adapter import AdapterLayer
 from .tuners.base import TunerLayer
 
@@ -66,9 +69,13 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     if name is None:
         name = only_name(_names(model), "bottleneck adapters")
     layers = _layers(model, name)
-    configs = {id(layer.configs[name]): layer.configs[name] for _, layer in layers}
+    # the file holds one set of FIELDS and the exact modules: parts injected with their own targets (an encoder's
+    # and a decoder's, under one name) save as one; other fields that differ cannot
+    configs = {tuple(getattr(layer.configs[name], f) for f in FIELDS): layer.configs[name] for _, layer in layers}
     if len(configs) > 1:
-        raise ValueError(f"bottleneck adapter {name!r} was injected with several configs; our format holds one")
+        differ = [f for i, f in enumerate(FIELDS) if len({k[i] for k in configs}) > 1]
+        raise ValueError(f"bottleneck adapter {name!r} was injected with configs whose {differ} differ "
+                         f"({[dict(zip(FIELDS, k)) for k in configs]}); our format holds one value of each")
     config = next(iter(configs.values()))
     tensors = {}
     for where, layer in layers:
@@ -76,10 +83,17 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         for t in _TENSORS:
             # See Note: saving from several ranks (lowrank/distributed.py)
             tensors[f"{PREFIX}{where}.adapter.{t}"] = distributed.full_tensor(params[t].detach()).cpu().contiguous()
+    # See Note: task heads (lowrank/io_prompt.py): a task model's head is new at fine-tuning (random in
+    # every fresh copy of the base), so the file carries it whole, as LoRA's, prompt's and prefix's files do
+    task = task_type(model)
+    head = io_prompt.head_parameters(model, task, PREFIX)
+    tensors.update({k: distributed.full_tensor(p.detach()).cpu().contiguous() for k, p in head.items()})
     cfg = getattr(model, "config", None)
     saved = {"peft_type": PEFT_TYPE, "format_version": FORMAT_VERSION, "library": "lowrank",
              "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
              "target_modules": [w for w, _ in layers], **{f: getattr(config, f) for f in FIELDS}}
+    if head:
+        saved |= {"task_type": task, "modules_to_save": list(HEADS[task])}
     return tensors, saved
 
 
@@ -92,13 +106,19 @@ def config_from_saved(saved: dict, source: str) -> AdapterConfig:
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{source}: target_modules must be a non-empty list of module names; got {targets!r}")
     unknown = sorted(set(saved) - set(FIELDS) - {"peft_type", "format_version", "library", "base_model_name_or_path",
-                                                  "target_modules"})
+                                                  "target_modules", "task_type", "modules_to_save"})
     if unknown:
         raise ValueError(f"{source}: unknown fields {unknown} for a {PEFT_TYPE} adapter")
+    heads = saved.get("modules_to_save")
+    if heads is not None and (not isinstance(heads, list) or not all(isinstance(n, str) and n for n in heads)):
+        raise ValueError(f"{source}: modules_to_save must be a list of module names or null; got {heads!r}")
     fields = {f: saved[f] for f in FIELDS if f in saved}
     # exact names (no suffix or glob surprises), as a pattern: a config with a lambda would not pickle with its model
     exact = "re:(?:" + "|".join(re.escape(t) for t in sorted(set(targets))) + ")"
-    return AdapterConfig(targets=exact, **fields)
+    try:
+        return AdapterConfig(targets=exact, **fields)
+    except (ValueError, TypeError) as e:  # a field's value out of range: name the file it came from
+        raise type(e)(f"{source}: {e}") from e
 
 
 def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: bool = True,
@@ -111,7 +131,10 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
     config = config_from_saved(saved, str(path / CONFIG_NAME))
     weights = read_weights(path, allow_pickle)
     with undo_on_error(model, name):  # See Note: a failed load changes nothing (lowrank/io.py)
-        modules = inject(model, config, name, dtype=dtype)
+        try:
+            modules = inject(model, config, name, dtype=dtype)
+        except (ValueError, TypeError) as e:  # what the file asks that this model cannot take, named (as io.py's LoRA)
+            raise type(e)(f"{path / CONFIG_NAME}: cannot load this adapter: {e}") from e
         seen, missing, mismatched, pairs = set(), [], [], []
         for where, layer in _layers(model, name):
             params = dict(layer.adapters[name].named_parameters())
@@ -124,6 +147,18 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
                 if tuple(weights[key].shape) != tuple(params[t].shape):
                     mismatched.append((key, tuple(weights[key].shape), tuple(params[t].shape)))
                 pairs.append((params[t], weights[key]))
-        result = LoadResult(modules, sorted(missing), sorted(k for k in weights if k not in seen), mismatched)
+        # the task head, whole (modules_to_save): loaded into the model's head, as a base weight (io.py, Note:
+        # base weights in an adapter file)
+        head = io_prompt.saved_parameters(model, saved.get("modules_to_save"), PREFIX)
+        for key, param in head.items():
+            if key not in weights:
+                missing.append(key)
+                continue
+            seen.add(key)
+            if tuple(weights[key].shape) != tuple(param.shape):
+                mismatched.append((key, tuple(weights[key].shape), tuple(param.shape)))
+            pairs.append((param, weights[key]))
+        result = LoadResult(modules, sorted(missing), sorted(k for k in weights if k not in seen), mismatched,
+                            sorted(k for k in head if k in weights))
         copy_checked(model, f"{path}: the bottleneck adapter", pairs, result, strict)
     return result

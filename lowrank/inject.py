@@ -21,7 +21,7 @@ from torch import nn
 from . import restore
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .distributed import check_not_sharded, reshard
-from .merging import merge, unmerge  # noqa: F401  (lowrank.inject's verbs)
+from .merging import merge, unmerge, warn_of_unkept  # noqa: F401  (lowrank.inject's verbs)
 from .quant.linear4bit import Stored4bit
 from .quant.params4bit import has_parameter, parameter_names, parameter_shape
 from .targets import ALL_LINEAR, compile_filter, is_linear_like, task_heads
@@ -65,7 +65,7 @@ class Handler:
 HANDLERS = {
     LoraConfig: Handler(lora.check, lora.wrap, lambda m: lora.layer_class(m) is not None, "LoRA", layer=LoraLayer),
     AdapterConfig: Handler(
-        adapter.check, adapter.wrap, lambda m: adapter.module_dims(m) is not None, "a bottleneck adapter",
+        adapter.check, adapter.wrap, adapter.can_wrap, "a bottleneck adapter",
         default_targets=adapter.default_targets, layer=adapter.AdapterLayer,
     ),
     PromptConfig: Handler(
@@ -126,8 +126,9 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
         raise ValueError(
             f"no module of {type(model).__name__} matched targets={targets!r} (exclude={config.exclude!r}); "
-            f"{handler.kind} can wrap e.g. {candidates[:6]} ({len(candidates)} candidates in all)"
-        )
+            f"{handler.kind} can wrap e.g. {candidates[:6]} ({len(candidates)} candidates in all)" + (
+                "; inject replaces modules inside the model, never the model itself: put a lone layer in a container, "
+                "e.g. nn.Sequential(layer)" if not candidates and handler.can_wrap(model) else ""))
     lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:  # inject freezes every parameter (mark_trainable), which torch refuses on these
         raise ValueError(f"{type(model).__name__} has uninitialized (lazy) parameters {lazy[:4]}; run one forward "
@@ -217,6 +218,7 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     removing the last adapter also restores every parameter's requires_grad.
     Merged adapters are unmerged first, unless `keep_merged` (then the weights keep them: a
     plain fine-tuned model). Returns the names of the modules it touched."""
+    _module(model, "eject")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"eject's name must be one adapter name (a str) or None for all; got {name!r}")
     if not isinstance(keep_merged, bool):
@@ -224,12 +226,8 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"the model has no adapter named {name!r}; it has {adapter_names(model)}")
     reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py): unmerging writes the weights
-    dropped = keep_merged and sorted({n for _, m in _lora_layers(model) for n in m.active if n not in m.merged
-                                      and name in (None, n)})  # fmt: skip
-    if dropped:  # keep_merged keeps what merge folded in; an unmerged adapter's update would go unsaid
-        warnings.warn(f"eject(keep_merged=True) drops the active LoRA adapters {dropped}, which are not merged: their "
-                      "updates are not kept in the weights; call lowrank.merge(model) before eject to keep them",
-                      stacklevel=2)
+    if keep_merged:  # it keeps what merge folded in; an active adapter's effect that is not would go unsaid
+        warn_of_unkept(model, name)
     active = active_adapters(model)
     kept = keep_merged and any(name in layer.merged for layer in _layers(model))  # its update stays in the weights
     had_it_active = [layer for layer in _layers(model) if name is not None and name in layer.active]
@@ -297,7 +295,7 @@ def _strip(module: nn.Module, name: str | None, keep_merged: bool) -> nn.Module:
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make exactly `names` active (their additions are summed); others stay but do nothing.
     Refuses, changing nothing, unknown or repeated names and a model with merged adapters."""
-    names = _known_names(model, names, "set_active's names")
+    names = _known_names(_module(model, "set_active"), names, "set_active's names")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"set_active's names repeat {repeated}; an adapter is active once (got {names})")
@@ -320,6 +318,7 @@ def _known_names(model: nn.Module, names, what: str, base_ok: bool = False) -> l
 
 def mark_trainable(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Only the parameters of adapters `names` (None: the active ones) require grad."""
+    model = _module(model, "mark_trainable")
     names = None if names is None else _known_names(model, names, "mark_trainable's names")
     model.requires_grad_(False)
     for layer in _layers(model):
@@ -380,6 +379,7 @@ def disabled(model: nn.Module):
 def per_sample(model: nn.Module, names: Sequence[str]):
     """`with per_sample(model, ["a", "b", "__base__"]):` sample i of the batch (dim 0) uses
     adapter names[i] ("__base__": none) — PEFT's `adapter_names`, for inference on mixed batches."""
+    _module(model, "per_sample(model, names)")
     if isinstance(names, str) or not isinstance(names, Iterable):
         raise TypeError(f"per_sample's names must be a sequence (list, tuple) of adapter names, one a sample; got {names!r}")
     names = _known_names(model, names, "per_sample's names (one a sample)", base_ok=True)

@@ -31,7 +31,7 @@ from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters,
                        to_peft_parameters, to_peft_pattern, to_peft_targets)
 from .targets import first_match, task_type
 from .tuners.lora_param import LoraParameter
-from .walk import _unwrap
+from .walk import _module, _unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -143,7 +143,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     (lowrank/bottleneck_io.py)."""
     from . import bottleneck_io
 
-    model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the saved keys
+    model = distributed.unwrap(_module(model, "save_adapter"))  # DDP's `module.`, compile's `_orig_mod.`: not saved
     distributed.reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py)
     if not adapter_names(model):
         raise ValueError(f"{type(model).__name__} has no adapters to save; add one with lowrank.inject or load_adapter")
@@ -252,6 +252,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     for flag, value in (("strict", strict), ("allow_pickle", allow_pickle), ("allow_other_base", allow_other_base)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be a bool (True or False); got {value!r}")
+    if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper: the file names the model inside, as
+        model = model._orig_mod  # save_adapter writes them (it calls the model inside, which now holds the adapter)
     extra = ("adapter_model.bin",) if allow_pickle else ()
     path = hub.resolve(path, revision=revision, local_files_only=local_files_only, token=token,
                        files=hub.ADAPTER_FILES + extra)

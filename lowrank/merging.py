@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .distributed import reshard
-from .walk import _lora_layers, _module, plain_parameters
+from .tuners.lora_base import LoraLayer
+from .walk import _layers, _lora_layers, _module, plain_parameters
 
 
 def merge(model: nn.Module) -> list[str]:
@@ -60,3 +63,19 @@ def unmerge(model: nn.Module) -> list[str]:
     """Take merged adapters back out of the base weights; idempotent."""
     reshard(_module(model, "unmerge"))  # See Note: unsharded after a forward (lowrank/distributed.py)
     return [where for where, m in _lora_layers(model) if m.unmerge()]
+
+
+def warn_of_unkept(model: nn.Module, name: str | None) -> None:
+    """eject(keep_merged=True) keeps in the weights what merge folded in: say which active adapters
+    (`name`, None: all) it drops instead, LoRA not merged (merge first) and those merge cannot fold
+    in, bottleneck adapters, prefixes and prompts (they stay in the forward)."""
+    lora = sorted({n for _, m in _lora_layers(model) for n in m.active if n not in m.merged and name in (None, n)})
+    if lora:
+        warnings.warn(f"eject(keep_merged=True) drops the active LoRA adapters {lora}, which are not merged: their "
+                      "updates are not kept in the weights; call lowrank.merge(model) before eject to keep them",
+                      stacklevel=3)
+    other = sorted({n for m in _layers(model) if not isinstance(m, LoraLayer) for n in m.active if name in (None, n)})
+    if other:
+        warnings.warn(f"eject(keep_merged=True) drops the active adapters {other}, which merge cannot fold into the "
+                      "weights (bottleneck adapters, prefixes and prompts stay in the forward): the model computes "
+                      "without them; eject the merged LoRA adapters by name to keep these", stacklevel=3)

@@ -79,7 +79,7 @@ def plain_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter name in the model, in the order first seen."""
-    return list(dict.fromkeys(n for layer in _layers(model) for n in layer.names))
+    return list(dict.fromkeys(n for layer in _layers(_module(model, "adapter_names")) for n in layer.names))
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -87,7 +87,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     adapters in the order set_active gave them, and set_active(model, active_adapters(model))
     gives each layer back its own order (load_adapter relies on it), also where a layer holds
     only some of them. Names no layer orders come in the order first seen."""
-    tuples = [layer.active for layer in _layers(model)]
+    tuples = [layer.active for layer in _layers(_module(model, "active_adapters"))]
     first = list(dict.fromkeys(n for t in tuples for n in t))  # order first seen, to break ties
     after = {n: set() for n in first}  # n -> names some layer sums after n
     for t in tuples:

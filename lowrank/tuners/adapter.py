@@ -9,9 +9,11 @@ Default targets per placement (used when AdapterConfig.targets is None):
     transformers GPT-2            attn.c_proj               mlp
     transformers BERT / MiniLM    attention.output.dense    layer.N.output.dense
     transformers GPT-NeoX         attention.dense           mlp
-    transformers Falcon, Bloom    self_attention.dense      mlp
+    transformers Falcon           self_attention.dense      mlp
+    transformers Bloom            self_attention.dense      mlp.dense_4h_to_h (parallel: mlp)
     transformers Phi              self_attn.dense           mlp
     transformers GPT-J, CodeGen   attn.out_proj             mlp
+    transformers T5, mT5, UMT5    SelfAttention.o           DenseReluDense
     nn.TransformerEncoderLayer    self_attn (the MHA)       linear2
 
 Houlsby adapts both columns, Pfeiffer the feed-forward only; a model where Houlsby's attention
@@ -40,27 +42,57 @@ def attn_out_proj(name: str, module: nn.Module) -> bool:
 
 
 ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "attention.dense",
-                     "self_attention.dense", "self_attn.dense", attn_out_proj, nn.MultiheadAttention)
-FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2")
+                     "self_attention.dense", "self_attn.dense", attn_out_proj, "SelfAttention.o", nn.MultiheadAttention)
+# T5's feed-forward block and self-attention output, before their residual sums (T5LayerFF, T5LayerSelfAttention);
+# a decoder's cross-attention (EncDecAttention) is left out, as AdapterHub's Houlsby config leaves it
+FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2", "DenseReluDense")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def _sums_residual(module: nn.Module) -> bool:
+    """A feed-forward block that adds the residual itself, given it as an argument (Bloom's
+    mlp(hidden_states, residual))."""
+    try:
+        return "residual" in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def mlp(name: str, module: nn.Module) -> bool:
+    """A sequential adapter's `mlp`: one whose output is the feed-forward's alone, not Bloom's (its
+    output is the residual stream: the adapter goes on its last linear layer instead)."""
+    return (name == "mlp" or name.endswith(".mlp")) and not _sums_residual(module)
+
+
+def _ffn_targets(modules: list, config: AdapterConfig) -> tuple:
+    """The feed-forward column. A parallel adapter reads an mlp's input and adds to its output, so
+    Bloom's mlp is its place too; a sequential one goes before the residual sum: on the last linear
+    layer of an mlp that adds the residual itself (Bloom's dense_4h_to_h)."""
+    last = []
+    for n, m in modules if not config.parallel else ():
+        if (n == "mlp" or n.endswith(".mlp")) and _sums_residual(m):
+            linears = [c for c, sub in m.named_children() if is_linear_like(innermost(sub))]
+            last += [f"{n}.{linears[-1]}"] if linears else []
+    return (mlp, *FFN_TARGETS[1:], *last) if last else FFN_TARGETS
 
 
 def default_targets(model: nn.Module, config: AdapterConfig) -> tuple:
     """The placement's default targets; for Houlsby, a model where the names of one of its two
     columns match nothing is refused (it would get half of Houlsby's adapters)."""
-    if config.placement != "houlsby":
-        return FFN_TARGETS
     from ..walk import _unwrap, _walk  # walk imports the tuners
 
     modules = [(n, _unwrap(c)) for _, _, n, c in _walk(model)]
-    for column, names in (("attention output", ATTENTION_TARGETS), ("feed-forward", FFN_TARGETS)):
+    ffn = _ffn_targets(modules, config)
+    if config.placement != "houlsby":
+        return ffn
+    for column, names in (("attention output", ATTENTION_TARGETS), ("feed-forward", ffn)):
         wanted = compile_filter(names, config.exclude, model)
         if not any(wanted(n, m) for n, m in modules):
             excluded = f" (after exclude={list(config.exclude)})" if config.exclude else ""
             raise ValueError(f"placement='houlsby' adapts each block's attention output and feed-forward, and none of "
                              f"its default names for the {column} {[getattr(t, '__name__', t) for t in names]} is in "
                              f"{type(model).__name__}{excluded}; name the modules with AdapterConfig(targets=[...])")
-    return FFN_TARGETS + ATTENTION_TARGETS
+    return ffn + ATTENTION_TARGETS
 
 
 def _linear_dims(m: nn.Module) -> tuple[int, int]:
@@ -173,7 +205,9 @@ class AdapterLayer(TunerLayer):
             base_y = y
             for name in self.active:
                 y = y + self._delta(name, x, base_y)
-        return (y, *out[1:]) if isinstance(out, tuple) else y
+        if not isinstance(out, tuple):
+            return y
+        return type(out)(y, *out[1:]) if hasattr(out, "_fields") else (y, *out[1:])  # a namedtuple stays one
 
     def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The module's first argument, given by position or by name (MultiheadAttention's query)."""
@@ -202,6 +236,11 @@ class AdapterLayer(TunerLayer):
         return (config.scaling * adapter(source.to(dtype))).to(y.dtype)
 
 
+def _container(module: nn.Module) -> bool:
+    """A module with no forward (nn.ModuleList, nn.ModuleDict): its owner indexes or iterates it."""
+    return type(module).forward is nn.Module.forward and "forward" not in vars(module)
+
+
 def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> None:
     """Raise, before anything changes, if adapter `name` cannot go on `module` (at `where`)."""
     if isinstance(module, AdapterLayer) and name in module.names:
@@ -210,10 +249,19 @@ def check(module: nn.Module, config: AdapterConfig, name: str, where: str) -> No
     if any(c.__name__ == "PreTrainedModel" for c in type(innermost(module)).__mro__):  # transformers, not imported here
         raise TypeError(f"cannot put a bottleneck adapter on {where!r}: a {type(innermost(module)).__name__} returns a "
                         "ModelOutput, not hidden states; target its layers or blocks")
+    if _container(innermost(module)):
+        raise TypeError(f"cannot put a bottleneck adapter on {where!r}: a {type(innermost(module)).__name__} is a "
+                        "container its owner indexes or iterates, never calls; target the modules inside it")
     if module_dims(innermost(module)) is None:
         raise TypeError(f"cannot size a bottleneck adapter for {where!r}, a {type(innermost(module)).__name__} with no "
                         "linear layers (or transformers experts) inside; target a linear layer or a block that "
                         "contains them")
+
+
+def can_wrap(module: nn.Module) -> bool:
+    """Whether `check` takes `module` (inject's suggestions when nothing matched)."""
+    return (not _container(module) and module_dims(module) is not None
+            and not any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__))
 
 
 def wrap(module: nn.Module, config: AdapterConfig, name: str, where: str) -> nn.Module:
