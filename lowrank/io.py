@@ -167,6 +167,9 @@ def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config:
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     # See Note: atomic directories (lowrank/shards.py); other files in the directory are kept
     with shards.atomic_directory(path, overwrite=True, carry_over=True) as tmp:
+        # an older pickle of the weights (PEFT's safe_serialization=False) would be carried over beside the new
+        # config: stale weights that a .bin reader (older PEFT, torch.load) takes for this adapter's
+        (tmp / PICKLE_NAME).unlink(missing_ok=True)
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(text)
 
