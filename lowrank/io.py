@@ -260,7 +260,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                        files=hub.ADAPTER_FILES + extra)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an adapter directory")
+        # PEFT's save_pretrained writes an adapter not named "default" into <dir>/<its name>: point there
+        inside = sorted(str(c.parent) for c in path.glob(f"*/{CONFIG_NAME}"))
+        hint = (f"; {inside[:4]} hold adapters (PEFT saves an adapter not named 'default' in a subdirectory of its "
+                "name): pass one of those" if inside else "")
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an adapter directory{hint}")
     try:
         peft_config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
