@@ -64,7 +64,9 @@ def push_adapter(model: nn.Module, repo_id: str, *, name: str | None = None, pri
     import huggingface_hub
 
     from .io import save_adapter
+    from .walk import _module
 
+    _module(model, "push_adapter")  # before any hub call: not "'str' object has no attribute 'modules'"
     api = huggingface_hub.HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="lowrank-push-") as tmp:
         folder = save_adapter(model, pathlib.Path(tmp) / "adapter", name=name)

@@ -31,7 +31,7 @@ from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters,
                        to_peft_parameters, to_peft_pattern, to_peft_targets)
 from .targets import first_match, task_type
 from .tuners.lora_param import LoraParameter
-from .walk import _unwrap
+from .walk import _module, _unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -143,7 +143,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     (lowrank/bottleneck_io.py)."""
     from . import bottleneck_io
 
-    model = distributed.unwrap(model)  # DDP's `module.`, torch.compile's `_orig_mod.`: not in the saved keys
+    model = distributed.unwrap(_module(model, "save_adapter"))  # DDP's `module.`, torch.compile's `_orig_mod.`
+    path = _path(path)
     distributed.reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py)
     if not adapter_names(model):
         raise ValueError(f"{type(model).__name__} has no adapters to save; add one with lowrank.inject or load_adapter")
@@ -155,10 +156,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         tensors, config = io_prefix.adapter_state(model, name)
     else:
         tensors, config = adapter_state(model, name)
-    path = pathlib.Path(path)
     sharded = distributed.any_sharded(model.parameters())  # FSDP2: every rank is here, waiting for rank 0
     distributed.on_main(lambda: _write_adapter(path, tensors, config), collective=sharded)
     return path
+
+
+def _path(path, what: str = "a directory") -> pathlib.Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be {what}, a str or os.PathLike; got {type(path).__name__} {path!r:.80}")
+    return pathlib.Path(path)
 
 
 def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
@@ -252,6 +258,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     modules'), so float32 weights load into float32 adapters on a bf16 model unrounded."""
     from . import hub
 
+    _module(model, "load_adapter")  # arguments swapped, or a state dict: said so, not "'str' object has no attribute"
+    _path(path, "a directory or a hub repo id ('owner/name')")
     for flag, value in (("strict", strict), ("allow_pickle", allow_pickle), ("allow_other_base", allow_other_base)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be a bool (True or False); got {value!r}")
