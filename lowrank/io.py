@@ -237,7 +237,9 @@ def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
             return torch.load(pkl, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{pkl}: could not be read as a weights-only torch file: {e}") from e
-    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (nor {PICKLE_NAME})")
+    # a hub repo of an older PEFT holds only the pickle, which load_adapter fetches only with allow_pickle
+    hint = "" if allow_pickle else f"; a hub repo's {PICKLE_NAME} (a pickle) is fetched only with allow_pickle=True"
+    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (nor {PICKLE_NAME}{hint})")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, revision: str | None = None,
