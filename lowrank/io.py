@@ -292,7 +292,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         return io_prefix.load(model, peft_config, read_weights(path, allow_pickle), name, str(cfg_file), LoadResult,
                               dtype, strict)
     weights = read_weights(path, allow_pickle)
-    weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}
+    velora = peft_config.get("velora_config")  # VeLoRA computes as LoRA; its projection only compresses the backward's x
+    weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()
+               if not (velora and k.endswith(".lora_velora_embed"))}
     peft_config, weights = io_moe.convert(model, peft_config, weights)  # a transformers 4 MoE adapter on a 5 model
     config = config_from_peft(peft_config, str(cfg_file))
     io_prompt.refuse_tied_saved(model, peft_config.get("modules_to_save"), cfg_file)
