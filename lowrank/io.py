@@ -28,7 +28,7 @@ from . import distributed, io_moe, io_prefix, io_prompt, shards
 from .config import LoraConfig
 from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
 from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters, from_peft_pattern, from_peft_targets,
-                       to_peft_parameters, to_peft_pattern, to_peft_targets)
+                       renamed, to_peft_parameters, to_peft_pattern, to_peft_targets)
 from .targets import first_match, task_type
 from .tuners.lora_param import LoraParameter
 from .walk import _module, _unwrap
@@ -365,7 +365,8 @@ def copy_checked(model: nn.Module, what: str, pairs, result: LoadResult, strict:
     when `strict`, every missing and unexpected key of `result` (nothing copied then)."""
     problems = [f"shape mismatches (key, file, model): {result.mismatched}"] if result.mismatched else []
     problems += [f"missing keys: {result.missing}"] if strict and result.missing else []
-    problems += [f"unexpected keys: {result.unexpected}"] if strict and result.unexpected else []
+    problems += [f"unexpected keys: {result.unexpected}" + renamed(result.missing, result.unexpected, PREFIX)
+                 ] if strict and result.unexpected else []  # a hint where they differ by a leading module path
     if problems:
         raise ValueError(f"{what} does not fit {type(model).__name__}: " + "; ".join(problems))
     with torch.no_grad():

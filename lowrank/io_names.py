@@ -170,3 +170,22 @@ def check_base(peft_config: dict, model: nn.Module, source: str, allow_other_bas
     if not same_base(theirs, ours):
         raise ValueError(f"{source}: the adapter was trained on base model {theirs!r}, but this model is {ours!r}; "
                          "pass allow_other_base=True if you know they have the same weights")
+
+
+def renamed(missing: list[str], unexpected: list[str], prefix: str) -> str:
+    """A hint for a file whose keys are the model's but for a leading module path: saved from a
+    model's inner model (LlamaModel, which LlamaForCausalLM holds as `model`) and loaded into the
+    whole one, or the other way ("" when the keys differ otherwise)."""
+    m, u = (sorted(k.removeprefix(prefix) for k in keys) for keys in (missing, unexpected))
+    if not m or len(m) != len(u):
+        return ""
+    for short, long, file_is_inner in ((u, m, True), (m, u, False)):
+        path = long[0][:len(long[0]) - len(short[0])]  # adding a path in front keeps the sorted order
+        if path.endswith(".") and [path + k for k in short] == long:
+            where = path[:-1]
+            if file_is_inner:
+                return (f" (they are the missing keys without {path!r}: the file was saved from the module at "
+                        f"{where!r} alone; load it into that module, model.get_submodule({where!r}))")
+            return (f" (they are the missing keys under {path!r}: the file was saved from a model that holds "
+                    f"this one as {where!r}; load it into such a model)")
+    return ""
