@@ -344,22 +344,6 @@ def only_name(names: list[str], what: str) -> str:
     return names[0]
 
 
-def virtual_tokens(peft_config: dict, source: str, kind: str) -> int:
-    """num_virtual_tokens of a PEFT prompt / prefix config (`kind`), after refusing what lowrank
-    does not load: encoder-decoder adapters (several transformer submodules), modules_to_save."""
-    subs = peft_config.get("num_transformer_submodules") or 1
-    if subs != 1:
-        raise NotImplementedError(f"{source}: num_transformer_submodules={subs} (an encoder-decoder {kind}); "
-                                  f"lowrank loads {kind} adapters of decoder-only and encoder-only models")
-    # a task's own head (SEQ_CLS, ...) loads as a base weight (lowrank/io_prompt.py, Note: task heads)
-    if not set(peft_config.get("modules_to_save") or ()) <= set(io_prompt.HEADS.get(peft_config.get("task_type"), ())):
-        raise NotImplementedError(f"{source}: modules_to_save={peft_config['modules_to_save']!r} is not supported")
-    n = peft_config.get("num_virtual_tokens")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{source}: num_virtual_tokens must be an integer >= 1 in a {kind} config; got {n!r}")
-    return n
-
-
 def copy_checked(model: nn.Module, what: str, pairs, result: LoadResult, strict: bool) -> None:
     """Copy each (parameter, saved tensor) of `pairs`, or raise naming every shape mismatch and,
     when `strict`, every missing and unexpected key of `result` (nothing copied then)."""

@@ -120,7 +120,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
 def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, strict: bool, allow_pickle: bool,
          dtype=None):
     """Inject prompt adapter `name` and load its embeddings; on any error the model is as before."""
-    from .io import LoadResult, copy_checked, read_weights, undo_on_error, virtual_tokens  # io imports this module first
+    from .io import LoadResult, copy_checked, read_weights, undo_on_error  # io imports this module first
 
     n = virtual_tokens(peft_config, path / "adapter_config.json", "prompt")
     weights = read_weights(path, allow_pickle)
@@ -150,3 +150,19 @@ def refuse_tied_saved(model: nn.Module, saved, source) -> None:
     if tied:
         raise NotImplementedError(f"{source}: modules_to_save={saved!r} names weights tied to {tied}; PEFT trains an "
                                   "untied copy of such a module, which lowrank.load_adapter does not reproduce")
+
+
+def virtual_tokens(peft_config: dict, source: str, kind: str) -> int:
+    """num_virtual_tokens of a PEFT prompt / prefix config (`kind`), after refusing what lowrank
+    does not load: encoder-decoder adapters (several transformer submodules), modules_to_save."""
+    subs = peft_config.get("num_transformer_submodules") or 1
+    if subs != 1:
+        raise NotImplementedError(f"{source}: num_transformer_submodules={subs} (an encoder-decoder {kind}); "
+                                  f"lowrank loads {kind} adapters of decoder-only and encoder-only models")
+    # a task's own head (SEQ_CLS, ...) loads as a base weight (Note: task heads)
+    if not set(peft_config.get("modules_to_save") or ()) <= set(HEADS.get(peft_config.get("task_type"), ())):
+        raise NotImplementedError(f"{source}: modules_to_save={peft_config['modules_to_save']!r} is not supported")
+    n = peft_config.get("num_virtual_tokens")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{source}: num_virtual_tokens must be an integer >= 1 in a {kind} config; got {n!r}")
+    return n
