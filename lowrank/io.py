@@ -127,6 +127,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         warnings.warn(f"LoRA adapts {adapted} of {type(model).__name__}'s task head, so the head's own weights are "
                       "not saved: a model loaded from this file has its base model's head there (target other "
                       "modules to have the head saved whole)", stacklevel=3)
+    io_prompt.save_loaded_modules(model, name, config, tensors, peft_config, PREFIX)  # those a PEFT file had
     return tensors, peft_config
 
 
@@ -334,6 +335,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                     if k[len(PREFIX):] not in weights]
         result = LoadResult(modules, sorted(missing), unexpected, mismatched, sorted(base_keys))
         copy_checked(model, f"{path}: the adapter", pairs, result, strict)
+    io_prompt.remember_saved(model, name, config, peft_config.get("modules_to_save"))  # for save_adapter to write
     return result
 
 

@@ -36,6 +36,31 @@ INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours ->
 # tasks and their heads' names: lowrank/targets.py (TASKS, HEADS), where all-linear leaves heads out.
 
 
+# Note: modules_to_save written back. A PEFT LoRA file's modules_to_save (an lm_head and
+# embed_tokens trained whole, for new tokens) load as base weights (lowrank/io.py, Note: base
+# weights in an adapter file), which save_adapter does not otherwise write: a file saved from the
+# loaded model lacked them, and loaded anywhere it silently computed with the base's. load_adapter
+# records the names in model.__dict__ under SAVED, with the adapter's config, so that save_adapter
+# of that very adapter (the same config object: not one injected again under its name) writes those
+# modules whole again, as PEFT's file had them.
+SAVED = "_lowrank_modules_to_save"  # adapter name -> (its LoraConfig, the file's modules_to_save)
+
+
+def remember_saved(model: nn.Module, name: str, config, saved) -> None:
+    if saved:
+        model.__dict__.setdefault(SAVED, {})[name] = (config, list(saved))
+
+
+def save_loaded_modules(model: nn.Module, name: str, config, tensors: dict, peft_config: dict, prefix: str) -> None:
+    """Write back the modules_to_save adapter `name` was loaded with (See Note: modules_to_save written back)."""
+    config_saved = model.__dict__.get(SAVED, {}).get(name)
+    if config_saved is None or config_saved[0] is not config:
+        return
+    tensors.update({k: distributed.full_tensor(p.detach()).cpu().contiguous()
+                    for k, p in saved_parameters(model, config_saved[1], prefix).items()})
+    peft_config["modules_to_save"] = sorted(set(peft_config["modules_to_save"] or ()) | set(config_saved[1]))
+
+
 def saved_parameters(model: nn.Module, names, prefix: str = "base_model.") -> dict[str, nn.Parameter]:
     """PEFT's keys for the parameters of the modules that modules_to_save `names` picks in `model`
     (each module whose name ends with one, as PEFT's _set_trainable matches) -> the parameters."""
