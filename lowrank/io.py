@@ -335,7 +335,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                     if k[len(PREFIX):] not in weights]
         result = LoadResult(modules, sorted(missing), unexpected, mismatched, sorted(base_keys))
         copy_checked(model, f"{path}: the adapter", pairs, result, strict)
-    io_prompt.remember_saved(model, name, config, peft_config.get("modules_to_save"))  # for save_adapter to write
+    io_prompt.remember_saved(model, name, config, peft_config.get("modules_to_save"), result.base)  # to write back
     return result
 
 

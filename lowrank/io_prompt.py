@@ -37,28 +37,33 @@ INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours ->
 
 
 # Note: modules_to_save written back. A PEFT LoRA file's modules_to_save (an lm_head and
-# embed_tokens trained whole, for new tokens) load as base weights (lowrank/io.py, Note: base
-# weights in an adapter file), which save_adapter does not otherwise write: a file saved from the
-# loaded model lacked them, and loaded anywhere it silently computed with the base's. load_adapter
-# records the names in model.__dict__ under SAVED, with the adapter's config, so that save_adapter
-# of that very adapter (the same config object: not one injected again under its name) writes those
-# modules whole again, as PEFT's file had them.
-SAVED = "_lowrank_modules_to_save"  # adapter name -> (its LoraConfig, the file's modules_to_save)
+# embed_tokens trained whole, for new tokens) and a targeted embedding's own weight (PEFT's
+# `<module>.base_layer.weight`: the vocabulary may have been resized) load as base weights
+# (lowrank/io.py, Note: base weights in an adapter file), which save_adapter does not otherwise
+# write: a file saved from the loaded model lacked them, and loaded anywhere it silently computed
+# with the base's. load_adapter records them in model.__dict__ under SAVED, with the adapter's
+# config, so that save_adapter of that very adapter (the same config object: not one injected again
+# under its name) writes them again, at the keys PEFT's file had, with the weights as they are then.
+SAVED = "_lowrank_modules_to_save"  # adapter name -> (its LoraConfig, modules_to_save, base weight keys)
 
 
-def remember_saved(model: nn.Module, name: str, config, saved) -> None:
-    if saved:
-        model.__dict__.setdefault(SAVED, {})[name] = (config, list(saved))
+def remember_saved(model: nn.Module, name: str, config, saved, base_keys: list[str]) -> None:
+    if saved or base_keys:
+        model.__dict__.setdefault(SAVED, {})[name] = (config, list(saved or ()), list(base_keys))
 
 
 def save_loaded_modules(model: nn.Module, name: str, config, tensors: dict, peft_config: dict, prefix: str) -> None:
-    """Write back the modules_to_save adapter `name` was loaded with (See Note: modules_to_save written back)."""
-    config_saved = model.__dict__.get(SAVED, {}).get(name)
-    if config_saved is None or config_saved[0] is not config:
+    """Write back what adapter `name` was loaded with besides itself (See Note: modules_to_save written back)."""
+    record = model.__dict__.get(SAVED, {}).get(name)
+    if record is None or record[0] is not config:
         return
-    tensors.update({k: distributed.full_tensor(p.detach()).cpu().contiguous()
-                    for k, p in saved_parameters(model, config_saved[1], prefix).items()})
-    peft_config["modules_to_save"] = sorted(set(peft_config["modules_to_save"] or ()) | set(config_saved[1]))
+    _, saved, base_keys = record
+    params = dict(plain_parameters(model))  # as load_adapter found them: `.base_layer` dropped
+    weights = {k: p for k in base_keys if (p := params.get(k[len(prefix):].replace(".base_layer.", "."))) is not None}
+    weights |= saved_parameters(model, saved, prefix)
+    tensors.update({k: distributed.full_tensor(p.detach()).cpu().contiguous() for k, p in weights.items()})
+    if saved:
+        peft_config["modules_to_save"] = sorted(set(peft_config["modules_to_save"] or ()) | set(saved))
 
 
 def saved_parameters(model: nn.Module, names, prefix: str = "base_model.") -> dict[str, nn.Parameter]:
