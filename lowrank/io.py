@@ -28,7 +28,7 @@ from . import distributed, io_moe, io_prefix, io_prompt, shards
 from .config import LoraConfig
 from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
 from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters, from_peft_pattern, from_peft_targets,
-                       renamed, to_peft_parameters, to_peft_pattern, to_peft_targets)
+                       renamed, to_peft_parameters, to_peft_pattern, to_peft_targets, warn_padding)
 from .targets import first_match, task_type
 from .tuners.lora_param import LoraParameter
 from .walk import _module, _unwrap
@@ -128,6 +128,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
                       "not saved: a model loaded from this file has its base model's head there (target other "
                       "modules to have the head saved whole)", stacklevel=3)
     io_prompt.save_loaded_modules(model, name, config, tensors, peft_config, PREFIX)  # those a PEFT file had
+    warn_padding(model, name, f"save_adapter of {name!r}")
     return tensors, peft_config
 
 
@@ -336,6 +337,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         result = LoadResult(modules, sorted(missing), unexpected, mismatched, sorted(base_keys))
         copy_checked(model, f"{path}: the adapter", pairs, result, strict)
     io_prompt.remember_saved(model, name, config, peft_config.get("modules_to_save"), result.base)  # to write back
+    warn_padding(model, name, str(cfg_file))
     return result
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -189,3 +190,15 @@ def renamed(missing: list[str], unexpected: list[str], prefix: str) -> str:
             return (f" (they are the missing keys under {path!r}: the file was saved from a model that holds "
                     f"this one as {where!r}; load it into such a model)")
     return ""
+
+
+def warn_padding(model: nn.Module, name: str, source: str) -> None:
+    """Warn where adapter `name` is on a convolution that pads otherwise than with zeros (reflect,
+    replicate, circular): lowrank's A pads as its convolution does (docs/lora.md), PEFT 0.21's A with
+    zeros, so there the outputs differ from PEFT's near the borders, both ways, silently otherwise."""
+    modes = {where: layer.base.padding_mode for where, _, layer in _lora_layers(model, name)
+             if getattr(layer.base, "padding_mode", "zeros") != "zeros"}
+    if modes:
+        warnings.warn(f"{source}: LoRA on convolutions padded otherwise than with zeros ({modes}): lowrank pads the "
+                      "adapter's A as the convolution pads, PEFT 0.21 with zeros, so outputs differ from PEFT's near "
+                      "the borders (the file goes between them, but the adapter computes otherwise there)", stacklevel=3)
