@@ -186,6 +186,10 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
     max_bytes = shards.parse_size(max_shard_size)
     extra_files = export_files.check_extra_files(extra_files, export_files.written(model, tokenizer))
     state, loras, quantized, params4 = _plain_state(model)
+    for where, layers in loras.items():  # as lowrank.merge: no one weight computes what such a forward does
+        if any(not la.enabled or la.route is not None for la in layers):
+            raise RuntimeError(f"cannot export inside lowrank.disabled(model) or lowrank.per_sample(model, ...) (at "
+                               f"{where!r}): the merged weights would not compute what that context does; export after it")
     dtype = _export_dtype(dtype, quantized | params4)
     if requantize and not quantized and params4:
         raise ValueError(f"requantize=True re-quantizes the linear layers that were 4-bit, and this model's 4-bit "

@@ -32,6 +32,9 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, 
             raise ValueError(f"revision={revision!r} was given, but {path} is a local directory, which has no revisions")
         return path
     text = str(path_or_repo_id)
+    if path.is_file():  # adapter_model.safetensors or adapter_config.json given: the directory is wanted
+        raise FileNotFoundError(f"{text} is a file; an adapter is loaded from its directory ({path.parent}, which "
+                                "holds adapter_config.json and adapter_model.safetensors) or a hub repo id")
     if not _REPO_ID.match(text) or text.count("/") > 1:
         raise FileNotFoundError(f"{text} is neither a directory nor a hub repo id ('owner/name')")
     import huggingface_hub
@@ -64,7 +67,9 @@ def push_adapter(model: nn.Module, repo_id: str, *, name: str | None = None, pri
     import huggingface_hub
 
     from .io import save_adapter
+    from .walk import _module
 
+    _module(model, "push_adapter")  # before any hub call: not "'str' object has no attribute 'modules'"
     api = huggingface_hub.HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="lowrank-push-") as tmp:
         folder = save_adapter(model, pathlib.Path(tmp) / "adapter", name=name)

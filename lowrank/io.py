@@ -28,7 +28,7 @@ from . import distributed, io_moe, io_prefix, io_prompt, shards
 from .config import LoraConfig
 from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
 from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters, from_peft_pattern, from_peft_targets,
-                       to_peft_parameters, to_peft_pattern, to_peft_targets)
+                       renamed, to_peft_parameters, to_peft_pattern, to_peft_targets, warn_padding)
 from .targets import first_match, task_type
 from .tuners.lora_param import LoraParameter
 from .walk import _module, _unwrap
@@ -127,6 +127,8 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         warnings.warn(f"LoRA adapts {adapted} of {type(model).__name__}'s task head, so the head's own weights are "
                       "not saved: a model loaded from this file has its base model's head there (target other "
                       "modules to have the head saved whole)", stacklevel=3)
+    io_prompt.save_loaded_modules(model, name, config, tensors, peft_config, PREFIX)  # those a PEFT file had
+    warn_padding(model, name, f"save_adapter of {name!r}")
     return tensors, peft_config
 
 
@@ -143,7 +145,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     (lowrank/bottleneck_io.py)."""
     from . import bottleneck_io
 
-    model = distributed.unwrap(_module(model, "save_adapter"))  # DDP's `module.`, compile's `_orig_mod.`: not saved
+    model = distributed.unwrap(_module(model, "save_adapter"))  # DDP's `module.`, torch.compile's `_orig_mod.`
+    path = _path(path)
     distributed.reshard(model)  # See Note: unsharded after a forward (lowrank/distributed.py)
     if not adapter_names(model):
         raise ValueError(f"{type(model).__name__} has no adapters to save; add one with lowrank.inject or load_adapter")
@@ -155,10 +158,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         tensors, config = io_prefix.adapter_state(model, name)
     else:
         tensors, config = adapter_state(model, name)
-    path = pathlib.Path(path)
     sharded = distributed.any_sharded(model.parameters())  # FSDP2: every rank is here, waiting for rank 0
     distributed.on_main(lambda: _write_adapter(path, tensors, config), collective=sharded)
     return path
+
+
+def _path(path, what: str = "a directory") -> pathlib.Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be {what}, a str or os.PathLike; got {type(path).__name__} {path!r:.80}")
+    return pathlib.Path(path)
 
 
 def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
@@ -167,6 +175,9 @@ def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config:
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     # See Note: atomic directories (lowrank/shards.py); other files in the directory are kept
     with shards.atomic_directory(path, overwrite=True, carry_over=True) as tmp:
+        # an older pickle of the weights (PEFT's safe_serialization=False) would be carried over beside the new
+        # config: stale weights that a .bin reader (older PEFT, torch.load) takes for this adapter's
+        (tmp / PICKLE_NAME).unlink(missing_ok=True)
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(text)
 
@@ -228,7 +239,9 @@ def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
             return torch.load(pkl, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{pkl}: could not be read as a weights-only torch file: {e}") from e
-    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (nor {PICKLE_NAME})")
+    # a hub repo of an older PEFT holds only the pickle, which load_adapter fetches only with allow_pickle
+    hint = "" if allow_pickle else f"; a hub repo's {PICKLE_NAME} (a pickle) is fetched only with allow_pickle=True"
+    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (nor {PICKLE_NAME}{hint})")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, revision: str | None = None,
@@ -249,6 +262,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     modules'), so float32 weights load into float32 adapters on a bf16 model unrounded."""
     from . import hub
 
+    _module(model, "load_adapter")  # arguments swapped, or a state dict: said so, not "'str' object has no attribute"
+    _path(path, "a directory or a hub repo id ('owner/name')")
     for flag, value in (("strict", strict), ("allow_pickle", allow_pickle), ("allow_other_base", allow_other_base)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be a bool (True or False); got {value!r}")
@@ -259,7 +274,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                        files=hub.ADAPTER_FILES + extra)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an adapter directory")
+        # PEFT's save_pretrained writes an adapter not named "default" into <dir>/<its name>: point there
+        inside = sorted(str(c.parent) for c in path.glob(f"*/{CONFIG_NAME}"))
+        hint = (f"; {inside[:4]} hold adapters (PEFT saves an adapter not named 'default' in a subdirectory of its "
+                "name): pass one of those" if inside else "")
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an adapter directory{hint}")
     try:
         peft_config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -277,7 +296,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         return io_prefix.load(model, peft_config, read_weights(path, allow_pickle), name, str(cfg_file), LoadResult,
                               dtype, strict)
     weights = read_weights(path, allow_pickle)
-    weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()}
+    velora = peft_config.get("velora_config")  # VeLoRA computes as LoRA; its projection only compresses the backward's x
+    weights = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in weights.items()
+               if not (velora and k.endswith(".lora_velora_embed"))}
     peft_config, weights = io_moe.convert(model, peft_config, weights)  # a transformers 4 MoE adapter on a 5 model
     config = config_from_peft(peft_config, str(cfg_file))
     io_prompt.refuse_tied_saved(model, peft_config.get("modules_to_save"), cfg_file)
@@ -317,6 +338,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                     if k[len(PREFIX):] not in weights]
         result = LoadResult(modules, sorted(missing), unexpected, mismatched, sorted(base_keys))
         copy_checked(model, f"{path}: the adapter", pairs, result, strict)
+    io_prompt.remember_saved(model, name, config, peft_config.get("modules_to_save"), result.base)  # to write back
+    warn_padding(model, name, str(cfg_file))
     return result
 
 
@@ -327,28 +350,13 @@ def only_name(names: list[str], what: str) -> str:
     return names[0]
 
 
-def virtual_tokens(peft_config: dict, source: str, kind: str) -> int:
-    """num_virtual_tokens of a PEFT prompt / prefix config (`kind`), after refusing what lowrank
-    does not load: encoder-decoder adapters (several transformer submodules), modules_to_save."""
-    subs = peft_config.get("num_transformer_submodules") or 1
-    if subs != 1:
-        raise NotImplementedError(f"{source}: num_transformer_submodules={subs} (an encoder-decoder {kind}); "
-                                  f"lowrank loads {kind} adapters of decoder-only and encoder-only models")
-    # a task's own head (SEQ_CLS, ...) loads as a base weight (lowrank/io_prompt.py, Note: task heads)
-    if not set(peft_config.get("modules_to_save") or ()) <= set(io_prompt.HEADS.get(peft_config.get("task_type"), ())):
-        raise NotImplementedError(f"{source}: modules_to_save={peft_config['modules_to_save']!r} is not supported")
-    n = peft_config.get("num_virtual_tokens")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{source}: num_virtual_tokens must be an integer >= 1 in a {kind} config; got {n!r}")
-    return n
-
-
 def copy_checked(model: nn.Module, what: str, pairs, result: LoadResult, strict: bool) -> None:
     """Copy each (parameter, saved tensor) of `pairs`, or raise naming every shape mismatch and,
     when `strict`, every missing and unexpected key of `result` (nothing copied then)."""
     problems = [f"shape mismatches (key, file, model): {result.mismatched}"] if result.mismatched else []
     problems += [f"missing keys: {result.missing}"] if strict and result.missing else []
-    problems += [f"unexpected keys: {result.unexpected}"] if strict and result.unexpected else []
+    problems += [f"unexpected keys: {result.unexpected}" + renamed(result.missing, result.unexpected, PREFIX)
+                 ] if strict and result.unexpected else []  # a hint where they differ by a leading module path
     if problems:
         raise ValueError(f"{what} does not fit {type(model).__name__}: " + "; ".join(problems))
     with torch.no_grad():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -170,3 +171,34 @@ def check_base(peft_config: dict, model: nn.Module, source: str, allow_other_bas
     if not same_base(theirs, ours):
         raise ValueError(f"{source}: the adapter was trained on base model {theirs!r}, but this model is {ours!r}; "
                          "pass allow_other_base=True if you know they have the same weights")
+
+
+def renamed(missing: list[str], unexpected: list[str], prefix: str) -> str:
+    """A hint for a file whose keys are the model's but for a leading module path: saved from a
+    model's inner model (LlamaModel, which LlamaForCausalLM holds as `model`) and loaded into the
+    whole one, or the other way ("" when the keys differ otherwise)."""
+    m, u = (sorted(k.removeprefix(prefix) for k in keys) for keys in (missing, unexpected))
+    if not m or len(m) != len(u):
+        return ""
+    for short, long, file_is_inner in ((u, m, True), (m, u, False)):
+        path = long[0][:len(long[0]) - len(short[0])]  # adding a path in front keeps the sorted order
+        if path.endswith(".") and [path + k for k in short] == long:
+            where = path[:-1]
+            if file_is_inner:
+                return (f" (they are the missing keys without {path!r}: the file was saved from the module at "
+                        f"{where!r} alone; load it into that module, model.get_submodule({where!r}))")
+            return (f" (they are the missing keys under {path!r}: the file was saved from a model that holds "
+                    f"this one as {where!r}; load it into such a model)")
+    return ""
+
+
+def warn_padding(model: nn.Module, name: str, source: str) -> None:
+    """Warn where adapter `name` is on a convolution that pads otherwise than with zeros (reflect,
+    replicate, circular): lowrank's A pads as its convolution does (docs/lora.md), PEFT 0.21's A with
+    zeros, so there the outputs differ from PEFT's near the borders, both ways, silently otherwise."""
+    modes = {where: layer.base.padding_mode for where, _, layer in _lora_layers(model, name)
+             if getattr(layer.base, "padding_mode", "zeros") != "zeros"}
+    if modes:
+        warnings.warn(f"{source}: LoRA on convolutions padded otherwise than with zeros ({modes}): lowrank pads the "
+                      "adapter's A as the convolution pads, PEFT 0.21 with zeros, so outputs differ from PEFT's near "
+                      "the borders (the file goes between them, but the adapter computes otherwise there)", stacklevel=3)

@@ -81,9 +81,7 @@ def _task_type(model: nn.Module) -> str | None:
 
 def config_from_peft(peft_config: dict, source: str) -> PrefixConfig:
     """Our PrefixConfig (plain prefixes: the file holds them folded) for a PEFT PREFIX_TUNING config."""
-    from .io import virtual_tokens  # io imports this module first
-
-    return PrefixConfig(num_virtual_tokens=virtual_tokens(peft_config, source, "prefix"))
+    return PrefixConfig(num_virtual_tokens=io_prompt.virtual_tokens(peft_config, source, "prefix"))
 
 
 def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], name: str, source: str, result_type,

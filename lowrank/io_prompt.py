@@ -36,6 +36,36 @@ INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours ->
 # tasks and their heads' names: lowrank/targets.py (TASKS, HEADS), where all-linear leaves heads out.
 
 
+# Note: modules_to_save written back. A PEFT LoRA file's modules_to_save (an lm_head and
+# embed_tokens trained whole, for new tokens) and a targeted embedding's own weight (PEFT's
+# `<module>.base_layer.weight`: the vocabulary may have been resized) load as base weights
+# (lowrank/io.py, Note: base weights in an adapter file), which save_adapter does not otherwise
+# write: a file saved from the loaded model lacked them, and loaded anywhere it silently computed
+# with the base's. load_adapter records them in model.__dict__ under SAVED, with the adapter's
+# config, so that save_adapter of that very adapter (the same config object: not one injected again
+# under its name) writes them again, at the keys PEFT's file had, with the weights as they are then.
+SAVED = "_lowrank_modules_to_save"  # adapter name -> (its LoraConfig, modules_to_save, base weight keys)
+
+
+def remember_saved(model: nn.Module, name: str, config, saved, base_keys: list[str]) -> None:
+    if saved or base_keys:
+        model.__dict__.setdefault(SAVED, {})[name] = (config, list(saved or ()), list(base_keys))
+
+
+def save_loaded_modules(model: nn.Module, name: str, config, tensors: dict, peft_config: dict, prefix: str) -> None:
+    """Write back what adapter `name` was loaded with besides itself (See Note: modules_to_save written back)."""
+    record = model.__dict__.get(SAVED, {}).get(name)
+    if record is None or record[0] is not config:
+        return
+    _, saved, base_keys = record
+    params = dict(plain_parameters(model))  # as load_adapter found them: `.base_layer` dropped
+    weights = {k: p for k in base_keys if (p := params.get(k[len(prefix):].replace(".base_layer.", "."))) is not None}
+    weights |= saved_parameters(model, saved, prefix)
+    tensors.update({k: distributed.full_tensor(p.detach()).cpu().contiguous() for k, p in weights.items()})
+    if saved:
+        peft_config["modules_to_save"] = sorted(set(peft_config["modules_to_save"] or ()) | set(saved))
+
+
 def saved_parameters(model: nn.Module, names, prefix: str = "base_model.") -> dict[str, nn.Parameter]:
     """PEFT's keys for the parameters of the modules that modules_to_save `names` picks in `model`
     (each module whose name ends with one, as PEFT's _set_trainable matches) -> the parameters."""
@@ -120,7 +150,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
 def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, strict: bool, allow_pickle: bool,
          dtype=None):
     """Inject prompt adapter `name` and load its embeddings; on any error the model is as before."""
-    from .io import LoadResult, copy_checked, read_weights, undo_on_error, virtual_tokens  # io imports this module first
+    from .io import LoadResult, copy_checked, read_weights, undo_on_error  # io imports this module first
 
     n = virtual_tokens(peft_config, path / "adapter_config.json", "prompt")
     weights = read_weights(path, allow_pickle)
@@ -150,3 +180,19 @@ def refuse_tied_saved(model: nn.Module, saved, source) -> None:
     if tied:
         raise NotImplementedError(f"{source}: modules_to_save={saved!r} names weights tied to {tied}; PEFT trains an "
                                   "untied copy of such a module, which lowrank.load_adapter does not reproduce")
+
+
+def virtual_tokens(peft_config: dict, source: str, kind: str) -> int:
+    """num_virtual_tokens of a PEFT prompt / prefix config (`kind`), after refusing what lowrank
+    does not load: encoder-decoder adapters (several transformer submodules), modules_to_save."""
+    subs = peft_config.get("num_transformer_submodules") or 1
+    if subs != 1:
+        raise NotImplementedError(f"{source}: num_transformer_submodules={subs} (an encoder-decoder {kind}); "
+                                  f"lowrank loads {kind} adapters of decoder-only and encoder-only models")
+    # a task's own head (SEQ_CLS, ...) loads as a base weight (Note: task heads)
+    if not set(peft_config.get("modules_to_save") or ()) <= set(HEADS.get(peft_config.get("task_type"), ())):
+        raise NotImplementedError(f"{source}: modules_to_save={peft_config['modules_to_save']!r} is not supported")
+    n = peft_config.get("num_virtual_tokens")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{source}: num_virtual_tokens must be an integer >= 1 in a {kind} config; got {n!r}")
+    return n

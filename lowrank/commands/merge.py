@@ -29,6 +29,9 @@ def add_parser(subparsers) -> None:
                    help="run the base directory's own Python code (transformers' trust_remote_code; InternLM needs it)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="load the adapter even if its config names another base model")
+    p.add_argument("--allow-pickle", action="store_true",  # an older PEFT's adapter: no other way to merge it here
+                   help="read a pickled adapter_model.bin (older PEFT; load_adapter's allow_pickle): only from a "
+                   "source you trust, a pickle can run code")
 
 
 # a class name transformers does not export, by its ending -> the Auto class that builds that head
@@ -117,7 +120,8 @@ def run(args) -> int:
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
     # each merged weight is rounded once, into the export dtype (lowrank/export.py)
-    loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, dtype=torch.float32)
+    loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, dtype=torch.float32,
+                          allow_pickle=args.allow_pickle)
     workflow = pathlib.Path(args.adapter) / WORKFLOW_FILE  # lowrank train's: chat on OUT finds the template
     result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
                               requantize=args.requantize, overwrite=args.overwrite,

@@ -1,0 +1,38 @@
+"""save_adapter into a directory that holds a pickled adapter (PEFT's save_pretrained with
+safe_serialization=False): the old adapter_model.bin must not survive beside the new config,
+or a reader of .bin files (older PEFT, torch.load) takes the old weights for the new adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from lowrank import io as lio  # noqa: E402
+from lowrank.config import LoraConfig  # noqa: E402
+from lowrank.inject import inject  # noqa: E402
+from tests.tuners import models  # noqa: E402
+
+
+def test_an_old_pickle_is_not_carried_over_and_other_files_are(tmp_path):
+    base = models.llama().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    models.randomize_adapters(theirs)
+    theirs.save_pretrained(str(tmp_path / "a"), safe_serialization=False)
+    assert (tmp_path / "a" / "adapter_model.bin").exists() and (tmp_path / "a" / "README.md").exists()
+    readme = (tmp_path / "a" / "README.md").read_text()
+
+    ours = copy.deepcopy(base)  # another adapter, on other modules, saved over it
+    inject(ours, LoraConfig(r=2, alpha=4, targets=["v_proj"]))
+    models.randomize_adapters(ours)
+    lio.save_adapter(ours, tmp_path / "a")
+
+    assert not (tmp_path / "a" / "adapter_model.bin").exists()
+    assert (tmp_path / "a" / "README.md").read_text() == readme  # the directory's other files are kept
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a"))
+    with torch.no_grad():
+        assert torch.equal(models.run(loaded, models.ids()), models.run(ours, models.ids()))
