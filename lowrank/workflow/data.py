@@ -5,7 +5,7 @@
 A JSON list of records, or JSON Lines (one record a line). Each record holds one or more
 turns; every turn needs a non-empty string `output` and a string `input`; `system` is a
 string and optional (the first turn usually carries it, later turns may restate it). A bad
-record is an error naming its index and field, never a silent skip.
+record is an error naming its index and field (in JSON Lines, its line too), never a silent skip.
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{source}: line {line_no} (record {len(records)}) is not valid JSON: {e}") from None
-            records.append(check_record(raw, len(records), source))
+            try:
+                records.append(check_record(raw, len(records), source))
+            except DataError as e:  # the record's index skips blank lines: its line is where an editor finds it
+                raise DataError(f"{e} (line {line_no})") from None
     if not records:
         raise DataError(f"{source}: holds no records")
     return records
