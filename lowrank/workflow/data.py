@@ -92,6 +92,10 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
+                if not records and _one_object(text):  # valid JSON, only not a line a record: say what it is
+                    raise DataError(f"{source}: is one JSON object over several lines; expected a JSON list "
+                                    "of records ([{\"conversation\": [...]}, ...]) or JSON Lines (one record a "
+                                    "line)") from None
                 raise DataError(f"{source}: line {line_no} (record {len(records)}) is not valid JSON: {e}") from None
             try:
                 records.append(check_record(raw, len(records), source))
@@ -100,6 +104,14 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
     if not records:
         raise DataError(f"{source}: holds no records")
     return records
+
+
+def _one_object(text: str) -> bool:
+    """Whether `text` is a single JSON object (a record pretty-printed, not in a list)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def load(path: str | os.PathLike) -> list[Conversation]:
