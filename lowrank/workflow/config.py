@@ -13,6 +13,7 @@ import math
 import os
 import pathlib
 import runpy
+import traceback
 import types
 from collections.abc import Mapping
 
@@ -207,7 +208,7 @@ def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConf
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     elif path.suffix == ".py":
-        names = runpy.run_path(str(path))
+        names = _run(path)
         if "config" in names:
             values = names["config"]
             values = values.to_dict() if isinstance(values, TrainConfig) else values
@@ -219,6 +220,21 @@ def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConf
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path}: must hold a mapping of TrainConfig fields; got {type(values).__name__}")
     return from_mapping({**values, **(overrides or {})}, str(path))
+
+
+def _run(path: pathlib.Path) -> dict:
+    """The module-level names of a .py config; what stops it from running (a typo in the code, a
+    name it never defined) is a ConfigError naming the file and line, as a bad YAML file's is, not
+    a traceback (LOWRANK_TRACEBACK=1 shows the config's own, chained)."""
+    try:
+        return runpy.run_path(str(path))
+    except SyntaxError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: not valid Python: {e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - any error of the user's code, which runs here
+        mine = path.resolve()
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if pathlib.Path(f.filename).resolve() == mine]
+        where = f"line {frames[-1].lineno}: " if frames else ""
+        raise ConfigError(f"{path}: {where}running it raised {type(e).__name__}: {e}") from e
 
 
 def to_yaml(config: TrainConfig | None = None) -> str:
