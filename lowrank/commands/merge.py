@@ -106,6 +106,25 @@ def _as_trained(base: str, adapter: str, trust_remote_code: bool = False):
     return model
 
 
+def _refuse_unmergeable(adapter: str) -> None:
+    """Before the base loads (minutes for a 7B): an adapter directory of a kind that cannot be folded
+    into weights is an error saying how to use it instead (export's own error advises the Python API)."""
+    from .. import bottleneck_io, io_prefix, io_prompt
+
+    # adapters that add no weight update (a prompt, a prefix, a bottleneck module with its nonlinearity)
+    unmergeable = {io_prompt.PEFT_TYPE: "prompt-tuning", io_prefix.PEFT_TYPE: "prefix-tuning",
+                   bottleneck_io.PEFT_TYPE: "bottleneck"}
+    config = pathlib.Path(adapter, "adapter_config.json")
+    try:
+        kind = json.loads(config.read_text()).get("peft_type") if config.is_file() else None
+    except (ValueError, OSError, AttributeError):  # not JSON, or not an object: load_adapter names the problem
+        return
+    if kind in unmergeable:
+        raise ValueError(f"{adapter} is a {unmergeable[kind]} adapter (peft_type {kind!r}), which changes no weight "
+                         "and so cannot be merged (lowrank merge folds LoRA and DoRA into the weights); use it beside "
+                         f"its base: lowrank chat BASE --adapter {adapter}")
+
+
 def run(args) -> int:
     import torch
 
@@ -113,6 +132,7 @@ def run(args) -> int:
     from ..io import load_adapter
     from ..workflow.model import WORKFLOW_FILE
 
+    _refuse_unmergeable(args.adapter)
     model = _as_trained(args.base, args.adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
