@@ -142,17 +142,22 @@ def segments(tokenizer, template: str | None, turns: Sequence[Turn]) -> list[tup
     """(text, trained) pieces of `turns`. A last turn whose output is None ends with the
     assistant's opening: the prompt to generate from."""
     check_template(template, tokenizer)
-    # a tokenizer reads an answer's eos text (Llama's "</s>", HTML's strike-through end too) as the eos token
-    # itself: training would teach the model to end the answer there, and chat ends answers at eos
+    if template is None:
+        return _own(tokenizer, turns)
+    return _named(TEMPLATES[template], turns)
+
+
+def check_answers(tokenizer, turns: Sequence[Turn]) -> None:
+    """TemplateError for a training answer holding the tokenizer's eos text (Llama's "</s>", which
+    HTML's strike-through ends with too): the tokenizer reads it as the eos token itself, so the
+    model would learn to end the answer there, and chat ends answers at eos. (Not for chat's
+    history: an answer the model spelt out in plain pieces is kept as it is.)"""
     eos, eos_id = getattr(tokenizer, "eos_token", None), getattr(tokenizer, "eos_token_id", None)
     if eos and eos_id is not None and any(turn.output is not None and eos in turn.output and eos_id in
                                           tokenizer(turn.output, add_special_tokens=False)["input_ids"] for turn in turns):
         raise TemplateError(f"an answer holds the tokenizer's eos token {eos!r}, which it encodes as eos itself: the "
                             "model would learn to end the answer there, and chat would cut it short; take it out of "
                             "the answers (or write it otherwise)")
-    if template is None:
-        return _own(tokenizer, turns)
-    return _named(TEMPLATES[template], turns)
 
 
 def encode(tokenizer, template: str | None, turns: Sequence[Turn]) -> tuple[list[int], list[int]]:

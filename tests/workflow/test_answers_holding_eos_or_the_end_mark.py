@@ -1,4 +1,4 @@
-"""An answer holding the tokenizer's eos text ("</s>", also HTML's strike-through end) is encoded
+"""A training answer holding the tokenizer's eos text ("</s>", also HTML's strike-through end) is encoded
 with the eos token itself inside it: the model learnt to end the answer there, and chat ends
 answers at eos. So is one holding the mark the tokenizer's own template ends answers with
 (<|im_end|> when eos is another token). Both were trained silently; a named template's end
@@ -23,15 +23,16 @@ def tok():
 
 
 @pytest.mark.parametrize("template", [None, *T.TEMPLATES])
-def test_an_answer_holding_the_eos_token_is_refused(tok, template):
+def test_a_training_answer_holding_the_eos_token_is_refused(tok, template):
     answer = "Wrap it in <s>...</s> tags."
     # what was trained: the eos id inside the answer, as if it ended there
     assert tok(answer, add_special_tokens=False)["input_ids"].count(tok.eos_token_id) == 1
-    with pytest.raises(T.TemplateError, match=r"an answer holds the tokenizer's eos token '</s>'"):
-        T.encode(tok, template, [Turn(QUESTION, answer)])
-    with pytest.raises(DataError, match=r"^d\.json: record 1: an answer holds the tokenizer's eos token"):
+    with pytest.raises(DataError, match=r"^d\.json: record 1: an answer holds the tokenizer's eos token '</s>', which "):
         encode_all(tok, template, [(Turn("Hi", "Hello."),), (Turn(QUESTION, answer),)], 128, "d.json")
-    T.encode(tok, template, [Turn("What does </s> do?", "It ends a strike-through.")])  # a question may hold it
+    encode_all(tok, template, [(Turn("What does </s> do?", "It ends a strike-through."),)], 128)  # a question may
+    if template is not None:  # (the own template's mark is "</s>" here: chat cuts an answer at its text)
+        # chat's history keeps an answer the model spelt out in plain pieces: its next prompt is encoded, not refused
+        T.encode(tok, template, [Turn(QUESTION, answer), Turn("Thanks!", None)])
 
 
 def test_the_own_templates_end_mark_in_an_answer_is_refused():
