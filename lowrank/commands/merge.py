@@ -125,6 +125,17 @@ def _refuse_unmergeable(adapter: str) -> None:
                          f"its base: lowrank chat BASE --adapter {adapter}")
 
 
+def _refuse_replacing_inputs(args) -> None:
+    """--overwrite replaces OUT whole: an OUT that is, or holds, BASE or ADAPTER (a typo such as OUT
+    `models` for BASE `models/llama`) would delete them with it, after the merge had read them."""
+    out = pathlib.Path(args.out).resolve()
+    for what, given in (("BASE", args.base), ("ADAPTER", args.adapter)):
+        path = pathlib.Path(given).resolve()
+        if pathlib.Path(given).exists() and (path == out or out in path.parents):
+            raise ValueError(f"OUT {args.out!r} is {'' if path == out else 'a directory holding '}{what} {given!r}: "
+                             "writing the merged model there would delete it; choose another OUT")
+
+
 def run(args) -> int:
     import torch
 
@@ -133,6 +144,7 @@ def run(args) -> int:
     from ..workflow.model import WORKFLOW_FILE
 
     _refuse_unmergeable(args.adapter)
+    _refuse_replacing_inputs(args)
     model = _as_trained(args.base, args.adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
