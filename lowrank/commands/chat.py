@@ -18,7 +18,10 @@ def add_generation_options(p) -> None:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with a model (and adapter) in the terminal")
     add_generation_options(p)
-    p.add_argument("--template", help="named template (default: the adapter's training template, else the tokenizer's)")
+    from ..workflow.template import TEMPLATES  # a name checked before the model loads (minutes for a 7B)
+
+    p.add_argument("--template", choices=sorted(TEMPLATES),
+                   help="named template (default: the adapter's training template, else the tokenizer's)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
