@@ -136,6 +136,19 @@ def _refuse_replacing_inputs(args) -> None:
                              "writing the merged model there would delete it; choose another OUT")
 
 
+def _check_out(args) -> None:
+    """What merge_and_export refuses only once the base has loaded and merged (minutes for a 7B): a
+    bad --max-shard-size, and an OUT it may not write (a file; not empty, without --overwrite)."""
+    from ..shards import parse_size
+
+    parse_size(args.max_shard_size)
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
+
+
 def run(args) -> int:
     import torch
 
@@ -145,6 +158,7 @@ def run(args) -> int:
 
     _refuse_unmergeable(args.adapter)
     _refuse_replacing_inputs(args)
+    _check_out(args)
     model = _as_trained(args.base, args.adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
