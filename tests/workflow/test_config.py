@@ -117,7 +117,7 @@ def test_bad_data_is_one_error_line_before_the_model_is_loaded(tmp_path, capsys)
     path.write_text(yaml.safe_dump({**BASE, "data": str(tmp_path / "d.json"), "output_dir": str(tmp_path / "out")}))
     assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err == f"lowrank train: error: {tmp_path / 'd.json'}: record 2.conversation[0]: missing field 'output'\n"
+    assert err == f"lowrank train: error: {tmp_path / 'd.json'}: record 2.conversation[0]: missing field 'output' (line 1)\n"
     assert not (tmp_path / "out").exists()
 
 

@@ -23,10 +23,3 @@ def test_a_bad_json_lines_record_names_its_line(tmp_path, bad, message):
     assert str(e.value).startswith(f"{path}: {message}")
     assert str(e.value).endswith("(line 4)")
 
-
-def test_a_json_list_names_the_record_alone(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_text(json.dumps([json.loads(GOOD), {"conversation": []}]))
-    with pytest.raises(data.DataError) as e:
-        data.load(path)
-    assert str(e.value) == f"{path}: record 1.conversation: is empty; a record needs at least one turn"
