@@ -187,6 +187,19 @@ def _refuse_near_misses(names: Mapping, path) -> None:
                               "variable's name with _)")
 
 
+def _refuse_ignored_fields(names: Mapping, config, path) -> None:
+    """A .py config that defines `config` is read from it alone: a module-level field name beside it
+    whose value is not config's (`epochs = 1` added below the dict) would be ignored without a word.
+    One that only helps build config (`model = ...` used as config's model) is fine."""
+    if not isinstance(config, Mapping):
+        return  # refused by the caller, naming its type
+    stray = [k for k in FIELDS if k in names and isinstance(names[k], (bool, int, float, str, list, dict, type(None)))
+             and (k not in config or config[k] != names[k])]
+    if stray:
+        raise ConfigError(f"{path}: defines `config`, which alone is read, and module-level {stray} with other values, "
+                          "which would be ignored; put them in config (or name helper variables with a leading _)")
+
+
 def _one_typo(a: str, b: str) -> bool:
     """One character changed, added, dropped, or two neighbours swapped."""
     if a == b or abs(len(a) - len(b)) > 1:
@@ -215,6 +228,7 @@ def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConf
         if "config" in names:
             values = names["config"]
             values = values.to_dict() if isinstance(values, TrainConfig) else values
+            _refuse_ignored_fields(names, values, path)
         else:
             values = {k: v for k, v in names.items() if k in FIELDS}
             _refuse_near_misses(names, path)
