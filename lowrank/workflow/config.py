@@ -220,7 +220,7 @@ def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConf
     if path.suffix in (".yaml", ".yml"):
         yaml = require("yaml", "pyyaml")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader(yaml))
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     elif path.suffix == ".py":
@@ -252,6 +252,26 @@ def _run(path: pathlib.Path) -> dict:
         frames = [f for f in traceback.extract_tb(e.__traceback__) if pathlib.Path(f.filename).resolve() == mine]
         where = f"line {frames[-1].lineno}: " if frames else ""
         raise ConfigError(f"{path}: {where}running it raised {type(e).__name__}: {e}") from e
+
+
+def _unique_keys_loader(yaml):
+    """yaml.SafeLoader refusing a key given twice in one mapping (`lr:` copied further down): safe_load
+    keeps the last one without a word, so the run trained with a value the file also contradicts."""
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, which the keys after it override
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
 
 
 def to_yaml(config: TrainConfig | None = None) -> str:
