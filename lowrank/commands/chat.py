@@ -18,7 +18,10 @@ def add_generation_options(p) -> None:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with a model (and adapter) in the terminal")
     add_generation_options(p)
-    p.add_argument("--template", help="named template (default: the adapter's training template, else the tokenizer's)")
+    from ..workflow.template import TEMPLATES  # a name checked before the model loads (minutes for a 7B)
+
+    p.add_argument("--template", choices=sorted(TEMPLATES),
+                   help="named template (default: the adapter's training template, else the tokenizer's)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -33,6 +36,10 @@ def run(args) -> int:
     from ..workflow.model import load_with_adapter
     from ..workflow.template import check_template
 
+    if args.temperature == 0 and (args.top_p != 1 or args.top_k != 0):  # greedy: they would change nothing
+        given = " and ".join(f for f, on in (("--top-p", args.top_p != 1), ("--top-k", args.top_k != 0)) if on)
+        raise ValueError(f"{given}: options of sampling, and --temperature is 0, which answers greedily (always the "
+                         "likeliest token), so they would change nothing; give a --temperature above 0 too (e.g. 0.7)")
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     model, tokenizer, template = load_with_adapter(args.model, args.adapter, args.dtype, args.device,
                                                    allow_other_base=args.allow_other_base,

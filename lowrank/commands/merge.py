@@ -109,6 +109,49 @@ def _as_trained(base: str, adapter: str, trust_remote_code: bool = False):
     return model
 
 
+def _refuse_unmergeable(adapter: str) -> None:
+    """Before the base loads (minutes for a 7B): an adapter directory of a kind that cannot be folded
+    into weights is an error saying how to use it instead (export's own error advises the Python API)."""
+    from .. import bottleneck_io, io_prefix, io_prompt
+
+    # adapters that add no weight update (a prompt, a prefix, a bottleneck module with its nonlinearity)
+    unmergeable = {io_prompt.PEFT_TYPE: "prompt-tuning", io_prefix.PEFT_TYPE: "prefix-tuning",
+                   bottleneck_io.PEFT_TYPE: "bottleneck"}
+    config = pathlib.Path(adapter, "adapter_config.json")
+    try:
+        kind = json.loads(config.read_text()).get("peft_type") if config.is_file() else None
+    except (ValueError, OSError, AttributeError):  # not JSON, or not an object: load_adapter names the problem
+        return
+    if kind in unmergeable:
+        raise ValueError(f"{adapter} is a {unmergeable[kind]} adapter (peft_type {kind!r}), which changes no weight "
+                         "and so cannot be merged (lowrank merge folds LoRA and DoRA into the weights); use it beside "
+                         f"its base: lowrank chat BASE --adapter {adapter}")
+
+
+def _refuse_replacing_inputs(args) -> None:
+    """--overwrite replaces OUT whole: an OUT that is, or holds, BASE or ADAPTER (a typo such as OUT
+    `models` for BASE `models/llama`) would delete them with it, after the merge had read them."""
+    out = pathlib.Path(args.out).resolve()
+    for what, given in (("BASE", args.base), ("ADAPTER", args.adapter)):
+        path = pathlib.Path(given).resolve()
+        if pathlib.Path(given).exists() and (path == out or out in path.parents):
+            raise ValueError(f"OUT {args.out!r} is {'' if path == out else 'a directory holding '}{what} {given!r}: "
+                             "writing the merged model there would delete it; choose another OUT")
+
+
+def _check_out(args) -> None:
+    """What merge_and_export refuses only once the base has loaded and merged (minutes for a 7B): a
+    bad --max-shard-size, and an OUT it may not write (a file; not empty, without --overwrite)."""
+    from ..shards import parse_size
+
+    parse_size(args.max_shard_size)
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
+
+
 def run(args) -> int:
     import torch
 
@@ -116,6 +159,9 @@ def run(args) -> int:
     from ..io import load_adapter
     from ..workflow.model import WORKFLOW_FILE
 
+    _refuse_unmergeable(args.adapter)
+    _refuse_replacing_inputs(args)
+    _check_out(args)
     model = _as_trained(args.base, args.adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from .data import DataError
-from .template import IGNORE, Refused, TemplateError, check_template, encode
+from .template import IGNORE, Refused, TemplateError, check_answers, check_template, encode
 
 BUCKET = 64  # batches sorted together: long enough to group similar lengths, short enough to stay random
 
@@ -32,6 +32,7 @@ def encode_all(tokenizer, template: str | None, records, max_length: int, source
     examples, truncated = [], 0
     for i, turns in enumerate(records):
         try:
+            check_answers(tokenizer, turns)
             ids, labels = encode(tokenizer, template, turns)
         except Refused as e:  # e.g. raise_exception('Conversation roles must alternate ...') in the template
             raise DataError(f"{source}: record {i}: the tokenizer's chat template refused it: {e.__cause__}") from e

@@ -2,7 +2,8 @@
 
 The prompt is built with the template the adapter was trained with (its lowrank_workflow.json),
 so chat sees what training saw. Commands: /system TEXT sets the system prompt (and clears the
-history), /clear forgets the history, /exit (or end of input) leaves.
+history), /clear forgets the history, /exit (or end of input) leaves. Ctrl-C during an answer
+stops that answer (the exchange is not kept); at the prompt it leaves.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def loop(model, tokenizer, template: str | None, settings: Settings, system: str
                 out.flush()
         except ValueError as e:  # a message too long for the context, a template refusing it: the chat goes on
             out.write(f"(not answered: {e})\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops a long or looping answer, not the chat (it printed a traceback)
+            out.write("\n(answer stopped; the exchange is not kept in the history)\n")
             continue
         out.write("\n")
         history.append(Turn(input=message, output=answer))

@@ -13,6 +13,7 @@ import math
 import os
 import pathlib
 import runpy
+import traceback
 import types
 from collections.abc import Mapping
 
@@ -73,6 +74,9 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"{f} must be an integer >= {low}; got {v!r}")
+        if self.epochs >= 2**64:  # alone past the data order's generator seed (below): the seed is not to blame
+            raise ConfigError(f"epochs must be below 2**64 (the data order seeds a generator with seed * 1000003 + "
+                              f"epoch); got {self.epochs}")
         if self.seed * 1_000_003 + self.epochs >= 2**64:  # the data order's generator seed (workflow/batches.py)
             raise ConfigError(f"seed must be below {(2**64 - self.epochs) // 1_000_003 + 1} (the data order seeds a "
                               f"generator with seed * 1000003 + epoch, at most 2**64 - 1); got {self.seed}")
@@ -183,6 +187,19 @@ def _refuse_near_misses(names: Mapping, path) -> None:
                               "variable's name with _)")
 
 
+def _refuse_ignored_fields(names: Mapping, config, path) -> None:
+    """A .py config that defines `config` is read from it alone: a module-level field name beside it
+    whose value is not config's (`epochs = 1` added below the dict) would be ignored without a word.
+    One that only helps build config (`model = ...` used as config's model) is fine."""
+    if not isinstance(config, Mapping):
+        return  # refused by the caller, naming its type
+    stray = [k for k in FIELDS if k in names and isinstance(names[k], (bool, int, float, str, list, dict, type(None)))
+             and (k not in config or config[k] != names[k])]
+    if stray:
+        raise ConfigError(f"{path}: defines `config`, which alone is read, and module-level {stray} with other values, "
+                          "which would be ignored; put them in config (or name helper variables with a leading _)")
+
+
 def _one_typo(a: str, b: str) -> bool:
     """One character changed, added, dropped, or two neighbours swapped."""
     if a == b or abs(len(a) - len(b)) > 1:
@@ -203,14 +220,15 @@ def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConf
     if path.suffix in (".yaml", ".yml"):
         yaml = require("yaml", "pyyaml")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            values = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader(yaml))
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     elif path.suffix == ".py":
-        names = runpy.run_path(str(path))
+        names = _run(path)
         if "config" in names:
             values = names["config"]
             values = values.to_dict() if isinstance(values, TrainConfig) else values
+            _refuse_ignored_fields(names, values, path)
         else:
             values = {k: v for k, v in names.items() if k in FIELDS}
             _refuse_near_misses(names, path)
@@ -219,6 +237,41 @@ def load(path: str | os.PathLike, overrides: Mapping | None = None) -> TrainConf
     if not isinstance(values, Mapping):
         raise ConfigError(f"{path}: must hold a mapping of TrainConfig fields; got {type(values).__name__}")
     return from_mapping({**values, **(overrides or {})}, str(path))
+
+
+def _run(path: pathlib.Path) -> dict:
+    """The module-level names of a .py config; what stops it from running (a typo in the code, a
+    name it never defined) is a ConfigError naming the file and line, as a bad YAML file's is, not
+    a traceback (LOWRANK_TRACEBACK=1 shows the config's own, chained)."""
+    try:
+        return runpy.run_path(str(path))
+    except SyntaxError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: not valid Python: {e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - any error of the user's code, which runs here
+        mine = path.resolve()
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if pathlib.Path(f.filename).resolve() == mine]
+        where = f"line {frames[-1].lineno}: " if frames else ""
+        raise ConfigError(f"{path}: {where}running it raised {type(e).__name__}: {e}") from e
+
+
+def _unique_keys_loader(yaml):
+    """yaml.SafeLoader refusing a key given twice in one mapping (`lr:` copied further down): safe_load
+    keeps the last one without a word, so the run trained with a value the file also contradicts."""
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, which the keys after it override
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
 
 
 def to_yaml(config: TrainConfig | None = None) -> str:

@@ -5,7 +5,7 @@
 A JSON list of records, or JSON Lines (one record a line). Each record holds one or more
 turns; every turn needs a non-empty string `output` and a string `input`; `system` is a
 string and optional (the first turn usually carries it, later turns may restate it). A bad
-record is an error naming its index and field, never a silent skip.
+record is an error naming its index, field and line, never a silent skip.
 """
 
 from __future__ import annotations
@@ -81,7 +81,12 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
             raws = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: not valid JSON: {e}") from None
-        records = [check_record(r, i, source) for i, r in enumerate(raws)]
+        records = []
+        for i, r in enumerate(raws):
+            try:
+                records.append(check_record(r, i, source))
+            except DataError as e:  # a list's records are found by line in an editor, as JSON Lines' are
+                raise DataError(f"{e} (line {_element_line(text, i)})") from None
     else:
         records = []
         # lines end at "\n" alone (JSON takes a trailing "\r" as whitespace): str.splitlines also breaks at U+2028,
@@ -92,11 +97,37 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
+                if not records and _one_object(text):  # valid JSON, only not a line a record: say what it is
+                    raise DataError(f"{source}: is one JSON object over several lines; expected a JSON list "
+                                    "of records ([{\"conversation\": [...]}, ...]) or JSON Lines (one record a "
+                                    "line)") from None
                 raise DataError(f"{source}: line {line_no} (record {len(records)}) is not valid JSON: {e}") from None
-            records.append(check_record(raw, len(records), source))
+            try:
+                records.append(check_record(raw, len(records), source))
+            except DataError as e:  # the record's index skips blank lines: its line is where an editor finds it
+                raise DataError(f"{e} (line {line_no})") from None
     if not records:
         raise DataError(f"{source}: holds no records")
     return records
+
+
+def _element_line(text: str, index: int) -> int:
+    """The line where element `index` of the (valid) JSON list `text` starts."""
+    decoder, at = json.JSONDecoder(), text.index("[") + 1
+    for _ in range(index + 1):
+        while text[at] in " \t\r\n,":  # JSON's whitespace and the separator before an element
+            at += 1
+        start = at
+        _, at = decoder.raw_decode(text, at)
+    return text.count("\n", 0, start) + 1
+
+
+def _one_object(text: str) -> bool:
+    """Whether `text` is a single JSON object (a record pretty-printed, not in a list)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def load(path: str | os.PathLike) -> list[Conversation]:

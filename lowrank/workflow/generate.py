@@ -41,9 +41,12 @@ def _pick(logits: torch.Tensor, s: Settings, g: torch.Generator) -> int:
     """Next token from logits (V,): argmax, or a sample after temperature / top-k / top-p."""
     if s.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / s.temperature, -1)  # (V,)
+    # on the CPU, where the generator is: torch.multinomial refuses a CPU generator for CUDA probabilities
+    # ("Expected a 'cuda' device type for generator"), and a seed draws the same token on either device
+    probs = torch.softmax(logits.float().cpu() / s.temperature, -1)  # (V,)
     if s.top_k:
         probs[probs < torch.topk(probs, min(s.top_k, probs.numel())).values[-1]] = 0
+        probs /= probs.sum()  # top-p takes its mass among the k kept, as transformers' TopK then TopP warpers do
     if s.top_p < 1:
         sorted_p, order = probs.sort(descending=True)
         outside = sorted_p.cumsum(0) - sorted_p >= s.top_p  # tokens after the nucleus is full

@@ -105,6 +105,9 @@ def _own(tokenizer, turns: Sequence[Turn]) -> list[tuple[str, bool]]:
 
     out, messages, done, mark = [], [], "", stop_text(tokenizer, None)
     for i, turn in enumerate(turns):
+        if mark and turn.output is not None and mark in turn.output:  # as _named refuses its template's mark
+            raise TemplateError(f"turn {i}'s answer holds {mark!r}, the mark the tokenizer's chat template ends "
+                                "answers with, where chat would cut it short; take the mark out of the answers")
         if turn.system is not None:  # "" too: an empty system prompt, not the template's default one
             messages.append({"role": "system", "content": turn.system})
         messages.append({"role": "user", "content": turn.input})
@@ -142,6 +145,19 @@ def segments(tokenizer, template: str | None, turns: Sequence[Turn]) -> list[tup
     if template is None:
         return _own(tokenizer, turns)
     return _named(TEMPLATES[template], turns)
+
+
+def check_answers(tokenizer, turns: Sequence[Turn]) -> None:
+    """TemplateError for a training answer holding the tokenizer's eos text (Llama's "</s>", which
+    HTML's strike-through ends with too): the tokenizer reads it as the eos token itself, so the
+    model would learn to end the answer there, and chat ends answers at eos. (Not for chat's
+    history: an answer the model spelt out in plain pieces is kept as it is.)"""
+    eos, eos_id = getattr(tokenizer, "eos_token", None), getattr(tokenizer, "eos_token_id", None)
+    if eos and eos_id is not None and any(turn.output is not None and eos in turn.output and eos_id in
+                                          tokenizer(turn.output, add_special_tokens=False)["input_ids"] for turn in turns):
+        raise TemplateError(f"an answer holds the tokenizer's eos token {eos!r}, which it encodes as eos itself: the "
+                            "model would learn to end the answer there, and chat would cut it short; take it out of "
+                            "the answers (or write it otherwise)")
 
 
 def encode(tokenizer, template: str | None, turns: Sequence[Turn]) -> tuple[list[int], list[int]]:

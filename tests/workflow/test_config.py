@@ -56,7 +56,8 @@ def test_print_config_round_trips(tmp_path, capsys):
 def test_exponent_numbers_that_yaml_reads_as_strings_are_numbers(tmp_path, capsys):
     """YAML 1.1 (PyYAML) reads 1e-4, without a dot, as a string: `--set lr=1e-4` (the docs'
     example) and `lr: 2e-4` in a file were refused as "not a number"."""
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump(BASE) + "lr: 2e-4\nweight_decay: 1E-2\n")
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({k: v for k, v in BASE.items() if k != "lr"})  # lr once
+                                     + "lr: 2e-4\nweight_decay: 1E-2\n")
     assert cli.main(["train", str(tmp_path / "a.yaml"), "--print-config", "--set", "warmup_ratio=5e-2"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert (printed["lr"], printed["weight_decay"], printed["warmup_ratio"]) == (2e-4, 1e-2, 5e-2)
@@ -117,7 +118,7 @@ def test_bad_data_is_one_error_line_before_the_model_is_loaded(tmp_path, capsys)
     path.write_text(yaml.safe_dump({**BASE, "data": str(tmp_path / "d.json"), "output_dir": str(tmp_path / "out")}))
     assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err == f"lowrank train: error: {tmp_path / 'd.json'}: record 2.conversation[0]: missing field 'output'\n"
+    assert err == f"lowrank train: error: {tmp_path / 'd.json'}: record 2.conversation[0]: missing field 'output' (line 1)\n"
     assert not (tmp_path / "out").exists()
 
 
