@@ -15,6 +15,8 @@ Default targets per placement (used when AdapterConfig.targets is None):
     transformers GPT-J, CodeGen   attn.out_proj             mlp
     transformers T5, mT5, UMT5    SelfAttention.o           DenseReluDense
     nn.TransformerEncoderLayer    self_attn (the MHA)       linear2
+    nn.TransformerDecoderLayer    self_attn (not the cross- linear2
+                                  attention multihead_attn)
 
 Houlsby adapts both columns, Pfeiffer the feed-forward only; a model where Houlsby's attention
 names match nothing is refused (it would get Pfeiffer's adapters). Each adapter sits on the
@@ -41,8 +43,14 @@ def attn_out_proj(name: str, module: nn.Module) -> bool:
         type(module).__name__ != "NonDynamicallyQuantizableLinear"
 
 
+def self_attention_mha(name: str, module: nn.Module) -> bool:
+    """An nn.MultiheadAttention, but not nn.TransformerDecoderLayer's cross-attention `multihead_attn`
+    (left out as T5's EncDecAttention is, below)."""
+    return isinstance(module, nn.MultiheadAttention) and name.rsplit(".", 1)[-1] != "multihead_attn"
+
+
 ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "attention.dense",
-                     "self_attention.dense", "self_attn.dense", attn_out_proj, "SelfAttention.o", nn.MultiheadAttention)
+                     "self_attention.dense", "self_attn.dense", attn_out_proj, "SelfAttention.o", self_attention_mha)
 # T5's feed-forward block and self-attention output, before their residual sums (T5LayerFF, T5LayerSelfAttention);
 # a decoder's cross-attention (EncDecAttention) is left out, as AdapterHub's Houlsby config leaves it
 FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2", "DenseReluDense")
