@@ -35,6 +35,9 @@ class Settings:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0; got {self.top_k!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64:
+            # torch.Generator.manual_seed's range; past it every answer failed ("Overflow when unpacking long long")
+            raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1; got {self.seed!r}")
 
 
 def _pick(logits: torch.Tensor, s: Settings, g: torch.Generator) -> int:
