@@ -10,6 +10,9 @@ def add_generation_options(p) -> None:
     p.add_argument("--device", default="auto", help="'auto' (the GPU when there is one), 'cpu', 'cuda', ...")
     p.add_argument("--allow-other-base", action="store_true",
                    help="load the adapter although it names another base model (load_adapter's allow_other_base)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read an adapter saved only as a pickled adapter_model.bin (older PEFT; load_adapter's "
+                        "allow_pickle): only from a source you trust, a pickle can run code")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the model directory's own Python code (transformers' trust_remote_code; "
                         "InternLM needs it)")
@@ -42,7 +45,7 @@ def run(args) -> int:
                          "likeliest token), so they would change nothing; give a --temperature above 0 too (e.g. 0.7)")
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     model, tokenizer, template = load_with_adapter(args.model, args.adapter, args.dtype, args.device,
-                                                   allow_other_base=args.allow_other_base,
+                                                   allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle,
                                                    trust_remote_code=args.trust_remote_code)
     template = args.template or template
     check_template(template, tokenizer)

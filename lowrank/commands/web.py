@@ -33,6 +33,7 @@ def run(args) -> int:
     if args.adapter:
         cmd += ["--adapter", args.adapter]
     cmd += ["--allow-other-base"] * args.allow_other_base + ["--trust-remote-code"] * args.trust_remote_code
+    cmd += ["--allow-pickle"] * args.allow_pickle
     print(f"serving on http://localhost:{args.port} (Ctrl-C stops)", flush=True)
     return _serve(cmd)
 

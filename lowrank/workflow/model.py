@@ -169,10 +169,10 @@ def cast_rest(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "float32", device: str = "cpu", *,
-                      allow_other_base: bool = False, trust_remote_code: bool = False):
+                      allow_other_base: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer, template) for chatting: the base in `dtype`, quantized again when the
     adapter was trained on a 4-bit base (See Note: quantized again as trained), with the adapter
-    loaded (`allow_other_base`: load_adapter's); template as in training."""
+    loaded (`allow_other_base`, `allow_pickle`: load_adapter's); template as in training."""
     if adapter_dir is None:  # a merged model keeps its adapter's workflow file (lowrank merge): its template
         model, tokenizer = load_base(model_dir, dtype, device, trust_remote_code)
         return model, tokenizer, read_workflow(pathlib.Path(model_dir)).get("config", {}).get("template")
@@ -195,5 +195,5 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
     # as trained: float32 adapters load unrounded (a float16 run's, too, where an older file says null)
     adapter_dtype = adapters_dtype(train.get("dtype", "float32"), train.get("adapter_dtype"))
     load_adapter(model, path, dtype=getattr(torch, adapter_dtype) if adapter_dtype in DTYPES else None,
-                 allow_other_base=allow_other_base)
+                 allow_other_base=allow_other_base, allow_pickle=allow_pickle)
     return model.eval(), tokenizer, train.get("template")

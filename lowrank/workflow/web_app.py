@@ -28,13 +28,15 @@ def _args(argv):
     p.add_argument("--title", default="lowrank chat")
     p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true")
     return p.parse_args(argv)
 
 
 @st.cache_resource
-def _load(model: str, adapter: str | None, dtype: str, device: str, allow_other_base: bool, trust_remote_code: bool):
+def _load(model: str, adapter: str | None, dtype: str, device: str, allow_other_base: bool, trust_remote_code: bool,
+          allow_pickle: bool):
     return load_with_adapter(model, adapter, dtype, device, allow_other_base=allow_other_base,  # once per server,
-                             trust_remote_code=trust_remote_code)  # shared by every session
+                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)  # shared by every session
 
 
 @st.cache_resource
@@ -48,7 +50,7 @@ def _one_at_a_time() -> threading.Lock:
 def main(argv) -> None:
     args = _args(argv)
     model, tokenizer, template = _load(args.model, args.adapter, args.dtype, args.device, args.allow_other_base,
-                                       args.trust_remote_code)
+                                       args.trust_remote_code, args.allow_pickle)
     st.title(args.title)
     with st.sidebar:
         system = st.text_area("System prompt", value="", key="system")
