@@ -178,6 +178,8 @@ def _write_adapter(path: pathlib.Path, tensors: dict[str, torch.Tensor], config:
         # an older pickle of the weights (PEFT's safe_serialization=False) would be carried over beside the new
         # config: stale weights that a .bin reader (older PEFT, torch.load) takes for this adapter's
         (tmp / PICKLE_NAME).unlink(missing_ok=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):  # carried over as hard links to the old files: new files, not
+            (tmp / name).unlink(missing_ok=True)  # writes into those (they would change the old directory too)
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(text)
 

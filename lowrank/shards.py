@@ -211,8 +211,10 @@ def temporary_directory(parent: pathlib.Path, prefix: str, suffix: str) -> pathl
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
                      carry_over: bool = False) -> Iterator[pathlib.Path]:
     """`with atomic_directory(out) as tmp:` write into tmp; on success it becomes `out` (See
-    Note: atomic directories). `carry_over`: tmp starts with a copy of what `out` holds, so the
-    files the block does not rewrite survive the swap."""
+    Note: atomic directories). `carry_over`: tmp starts with what `out` holds, so the files the
+    block does not rewrite survive the swap; they are hard links to the old files where the file
+    system allows (no copy of a trainer's checkpoints beside an adapter on every save), so the
+    block must replace a carried file it rewrites (unlink, then write), never write into it."""
     # a symbolic link: the directory it points to is replaced and the link kept (swapping the link
     # itself turned it into a directory); "." and its parents cannot be swapped out from under us
     target = pathlib.Path(os.path.realpath(target))
@@ -231,8 +233,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         if target.is_dir():  # replacing a directory keeps its permissions, as writing into it would
             shutil.copymode(target, tmp)
         if carry_over and target.is_dir():
-            for f in target.iterdir():  # copies, never hard links: the block may rewrite any of them
-                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+            for f in target.iterdir():
+                if f.is_dir():
+                    shutil.copytree(f, tmp / f.name, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(f, tmp / f.name)
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
@@ -254,6 +259,15 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """dst as a hard link to src, or a copy where the file system has no hard links (FAT, some
+    network and FUSE file systems) or refuses this one."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 LOCK_FILE = ".lowrank.lock"

@@ -82,12 +82,17 @@ def test_atomic_directory_replaces_a_whole_directory(tmp_path, monkeypatch, can_
     out.mkdir()
     (out / "old.txt").write_text("old")
     (out / "keep.txt").write_text("kept")
+    (out / "sub").mkdir()
+    (out / "sub" / "big.bin").write_bytes(b"checkpoint")
+    inode = (out / "sub" / "big.bin").stat().st_ino
     with shards.atomic_directory(out, overwrite=True, carry_over=True) as tmp:
-        assert (tmp / "keep.txt").read_text() == "kept"  # carried over, as a copy
+        assert (tmp / "keep.txt").read_text() == "kept"  # carried over
+        (tmp / "old.txt").unlink()  # a carried file is replaced, never written into (the contract)
         (tmp / "old.txt").write_text("new")
-        (tmp / "keep.txt").write_text("changed in the new one only")
-        assert (out / "keep.txt").read_text() == "kept"  # not a hard link: the old file is untouched
-    assert (out / "old.txt").read_text() == "new"
+        assert (out / "old.txt").read_text() == "old"  # the old directory is untouched until the swap
+    assert (out / "old.txt").read_text() == "new" and (out / "keep.txt").read_text() == "kept"
+    # what the block left alone came over as a hard link, not a copy (a trainer's checkpoints beside an adapter)
+    assert (out / "sub" / "big.bin").stat().st_ino == inode and (out / "sub" / "big.bin").read_bytes() == b"checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old directory left
     with pytest.raises(RuntimeError), shards.atomic_directory(out, overwrite=True) as tmp:
         (tmp / "old.txt").write_text("never seen")
