@@ -109,7 +109,7 @@ def _as_trained(base: str, adapter: str, trust_remote_code: bool = False):
     return model
 
 
-def _refuse_unmergeable(adapter: str) -> None:
+def _refuse_unmergeable(adapter) -> None:
     """Before the base loads (minutes for a 7B): an adapter directory of a kind that cannot be folded
     into weights is an error saying how to use it instead (export's own error advises the Python API)."""
     from .. import bottleneck_io, io_prefix, io_prompt
@@ -159,16 +159,21 @@ def run(args) -> int:
     from ..io import load_adapter
     from ..workflow.model import WORKFLOW_FILE
 
-    _refuse_unmergeable(args.adapter)
+    from .. import hub
+
+    # the adapter first (a local directory, or a hub repo fetched now: small): a mistyped path is an error before the
+    # base loads (minutes for a 7B), not after
+    adapter = hub.resolve(args.adapter, files=hub.ADAPTER_FILES + (("adapter_model.bin",) if args.allow_pickle else ()))
+    _refuse_unmergeable(adapter)
     _refuse_replacing_inputs(args)
     _check_out(args)
-    model = _as_trained(args.base, args.adapter, args.trust_remote_code) if args.as_trained \
+    model = _as_trained(args.base, adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
     # each merged weight is rounded once, into the export dtype (lowrank/export.py)
-    loaded = load_adapter(model, args.adapter, allow_other_base=args.allow_other_base, dtype=torch.float32,
+    loaded = load_adapter(model, adapter, allow_other_base=args.allow_other_base, dtype=torch.float32,
                           allow_pickle=args.allow_pickle)
-    workflow = pathlib.Path(args.adapter) / WORKFLOW_FILE  # lowrank train's: chat on OUT finds the template
+    workflow = adapter / WORKFLOW_FILE  # lowrank train's: chat on OUT finds the template
     result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
                               requantize=args.requantize, overwrite=args.overwrite,
                               extra_files={WORKFLOW_FILE: workflow} if workflow.is_file() else None)
