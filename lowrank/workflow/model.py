@@ -28,9 +28,16 @@ def pick_device(device: str = "auto") -> torch.device:
         picked = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"device must be 'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'; got {device!r}") from None
+    if picked.type == "meta":  # shapes without values: the model would load into nothing and fail at its first step
+        raise ConfigError(f"device {device!r} holds no values (shapes only) and cannot run a model; use 'cpu', 'cuda' "
+                          "or 'auto'")
     if picked.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r}: this PyTorch sees no CUDA GPU (torch {torch.__version__}); "
                           "use 'cpu' or 'auto'")
+    if picked.type == "cuda" and picked.index is not None and picked.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"device {device!r}: this machine has {n} CUDA GPU{'s' if n != 1 else ''} "
+                          f"(cuda:0 to cuda:{n - 1}); use one of those, 'cuda' or 'auto'")
     return picked
 
 

@@ -85,6 +85,17 @@ def test_a_cuda_device_without_a_gpu_is_a_config_error():
         pick_device("cuda")
 
 
+def test_a_meta_device_or_a_gpu_past_the_last_is_a_config_error(monkeypatch):
+    # both were accepted: meta failed at the first step, cuda:3 on a one-GPU machine in torch's own words
+    with pytest.raises(C.ConfigError, match=r"device 'meta' holds no values \(shapes only\)"):
+        pick_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(C.ConfigError, match=r"device 'cuda:3': this machine has 1 CUDA GPU \(cuda:0 to cuda:0\)"):
+        pick_device("cuda:3")
+    assert pick_device("cuda:0") == torch.device("cuda", 0) and pick_device("cuda") == torch.device("cuda")
+
+
 def gpt2_dir(where):
     """A tiny GPT-2: absolute position embeddings, a table of 64."""
     import transformers
