@@ -255,17 +255,24 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
         return None
     bound = _signature(model).bind_partial(*args, **kwargs)  # a fresh mapping: the caller's dict is not touched
     arguments = bound.arguments
-    if arguments.get("position_ids") is not None:
-        arguments["position_ids"] = arguments["position_ids"] + P
+    nested = arguments.get(next((n for n, p in bound.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
+    cache = next((c for c in (arguments.get(a, nested.get(a)) for a in CACHE_ARGS) if c is not None), None)
+    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    given = arguments.get("position_ids")
+    if given is not None:
+        arguments["position_ids"] = given = given + P
+        # shifted past a table of positions (GPT-2's; generate passes positions): named, not an IndexError
+        # in the embedding; the largest is read (a device sync) only when past + P + T could pass its end
+        limit = position_limit(model)
+        if limit is not None and given.numel() and past + P + given.shape[-1] > limit:
+            check_positions(model, int(given.max()) + 1, f"prefix tuning ({P} virtual tokens, {past} past, "
+                            f"{given.shape[-1]} new, positions given)", None)
         return bound.args, bound.kwargs
     source = arguments.get("input_ids")
     if source is None:
         source = arguments.get("inputs_embeds")
     if source is None:
         return None
-    nested = arguments.get(next((n for n, p in bound.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
-    cache = next((c for c in (arguments.get(a, nested.get(a)) for a in CACHE_ARGS) if c is not None), None)
-    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
     T = source.shape[1]
     config = getattr(model, "config", None)  # a rotary model numbers by arange: no walk over its modules per call
     maker = None if any(getattr(config, a, None) is not None for a in ROPE) else _position_maker(model)
