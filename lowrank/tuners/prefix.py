@@ -72,6 +72,10 @@ def is_attention(module: nn.Module) -> bool:
         return True
     if getattr(module, "is_cross_attention", False) or not hasattr(module, "layer_idx"):
         return False
+    if isinstance(getattr(module, "A_log", None), torch.Tensor):
+        # a state-space mixer (Mamba2, and the Mamba layers of Bamba, Falcon-H1, NemotronH, Granite 4 hybrids):
+        # it has a layer_idx, a cache, heads and a head size, but keeps a recurrent state, never cache.update
+        return False
     return cache_arg(module) is not None and kv_shape(module) is not None
 
 
@@ -91,8 +95,8 @@ def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
 
 
 _NEEDS = (f"a prefix needs nn.MultiheadAttention or an attention module with a `layer_idx`, a forward taking one of "
-          f"{CACHE_ARGS} and readable key/value heads and head size (see docs/prefix.md, 'What an attention module "
-          "must offer')")
+          f"{CACHE_ARGS} and readable key/value heads and head size, not a state-space (Mamba) mixer (see "
+          "docs/prefix.md, 'What an attention module must offer')")
 _ENCODER_DECODER = ("cannot put a prefix on {where!r}: encoder-decoder models need separate encoder and decoder "
                     "prefixes and no prefix on cross-attention, which lowrank does not do yet")
 
