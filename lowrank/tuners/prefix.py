@@ -269,7 +269,11 @@ def detach(model: nn.Module) -> None:
 @torch.no_grad()
 def fold(model: nn.Module, name: str | None = None) -> list[str]:
     """Replace reparameterised adapters (`name`, None: all) by the plain prefixes their MLP
-    computes now: same outputs, fewer parameters, no MLP to run. Returns the adapters folded."""
+    computes now: same outputs, fewer parameters, no MLP to run. Returns the adapters folded
+    (a plain one has nothing to fold); a `name` that is no prefix adapter raises."""
+    known = list(dict.fromkeys(n for m in model.modules() if isinstance(m, PrefixLayer) for n in m.names))
+    if name is not None and name not in known:  # a typo would otherwise fold nothing, silently
+        raise ValueError(f"the model has no prefix adapter named {name!r}; its prefix adapters: {known}")
     folded = []
     for adapter in dict.fromkeys(n for m in model.modules() if isinstance(m, PrefixLayer) for n in m.up):
         if name is not None and adapter != name:
