@@ -84,7 +84,9 @@ def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
     layer (Llama/Qwen2 `self_attn`, GPT-2 `attn`, BERT `attention.self`, nn.MultiheadAttention)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise NotImplementedError(_ENCODER_DECODER.format(where=type(model).__name__))
-    cross = {id(layer.multihead_attn) for layer in model.modules() if isinstance(layer, nn.TransformerDecoderLayer)}
+    # innermost: a cross-attention that holds a prefix already (targets=) is the PrefixLayer's base, as _named yields it
+    cross = {id(innermost(layer.multihead_attn)) for layer in model.modules()
+             if isinstance(layer, nn.TransformerDecoderLayer)}
     found = {n: m for n, m in _named(model) if is_attention(m) and id(m) not in cross}  # self-attention only
     inner = [n for n in found if not any(o != n and o.startswith(n + ".") for o in found)]
     if not inner:
