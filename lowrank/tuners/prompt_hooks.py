@@ -171,7 +171,8 @@ def _shift(positions: torch.Tensor, n: int, prepend: bool) -> torch.Tensor:
     return torch.cat([head, positions + n], dim=-1)  # (..., n+T)
 
 
-KNOWN = {"input_ids", "inputs_embeds", "attention_mask", "labels", "position_ids", "token_type_ids", "cache_position"}
+KNOWN = {"input_ids", "inputs_embeds", "attention_mask", "labels", "position_ids", "token_type_ids", "cache_position",
+         "start_positions", "end_positions"}  # the last two: a QA model's answer span, token indices (B,)
 
 
 def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
@@ -219,6 +220,9 @@ def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
         if kw.get("token_type_ids") is not None:
             types = kw["token_type_ids"]
             kw["token_type_ids"] = torch.cat([types.new_zeros(b, n), types], dim=1)  # (B, n+T): segment 0
+        for key in ("start_positions", "end_positions"):  # a text token's index is n more in [P; x] (PEFT keeps it)
+            if isinstance(kw.get(key), torch.Tensor):
+                kw[key] = kw[key] + n
     else:  # a new tensor object even here: marking the caller's own as made would skip its prompt in a later call
         embeds = embeds.view_as(embeds)
     kw["inputs_embeds"] = embeds
