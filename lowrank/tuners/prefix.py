@@ -28,8 +28,8 @@ from torch import nn
 from ..config import PrefixConfig
 from .base import TunerLayer, innermost
 from .lora_base import float_dtype_and_device
-from .prefix_attention import (CACHE_ARGS, cache_arg, check_mha, install_position_shift, mha_forward,
-                               remove_position_shift, with_prefix)
+from .prefix_attention import CACHE_ARGS, cache_arg, install_position_shift, remove_position_shift, with_prefix
+from .prefix_mha import check_mha, mha_forward
 from .prompt_hooks import input_embeddings_of
 
 # Note: where the reparameterisation lives. The MLP's first half (E, W1, b1) is shared by all
