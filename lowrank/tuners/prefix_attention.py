@@ -218,6 +218,12 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
         source = arguments.get("inputs_embeds")
     if source is None:
         return None
+    if source.dim() != (2 if source is arguments.get("input_ids") else 3):  # (B, choices, T): multiple choice
+        if not any(m is not model and _hook_ids(m) for m in model.modules()):
+            raise NotImplementedError(f"prefix tuning: {type(model).__name__} got input of shape "
+                                      f"{tuple(source.shape)}; it numbers (B, T) token ids or (B, T, d) embeddings")
+        running.pop()  # the inner model it calls with them flattened numbers them (Note: one shift per call)
+        return None
     T = source.shape[1]
     config = getattr(model, "config", None)  # a rotary model numbers by arange: no walk over its modules per call
     maker = None if any(getattr(config, a, None) is not None for a in ROPE) else _position_maker(model)

@@ -191,6 +191,12 @@ def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
     if unknown:
         raise NotImplementedError(f"{what}: does not know how to lengthen argument(s) {unknown} by the {n} prompt tokens")
     ids, embeds = kw.pop("input_ids", None), kw.get("inputs_embeds")
+    given = ids if embeds is None else embeds
+    if given is not None and given.dim() != (2 if embeds is None else 3):  # (B, choices, T): multiple choice
+        if len(find_hosts(host, layer)) > 1:
+            return None  # the inner model it calls with them flattened prepends the prompt (See Note: nested hosts.)
+        raise NotImplementedError(f"{what}: input of shape {tuple(given.shape)}; the prompt goes before (B, T) token "
+                                  "ids or (B, T, d) embeddings")
     if embeds is None:
         if ids is None:
             raise ValueError(f"{what}: the call has neither input_ids nor inputs_embeds")
