@@ -109,6 +109,9 @@ def with_prefix(layer, *args, **kwargs):
     B, T = hidden.shape[0], hidden.shape[1]
     real = arguments.get(layer._arg)
     self_cache = getattr(real, "self_attention_cache", real)  # EncoderDecoderCache: its self-attention half
+    if self_cache is not None and not hasattr(self_cache, "get_seq_length"):  # a PagedAttentionCache (generate_batch)
+        raise TypeError(f"prefix tuning needs a KV cache that counts its tokens; {type(self_cache).__name__} does not "
+                        "(continuous batching, generate_batch, packs requests into one sequence): use model.generate")
     past = self_cache.get_seq_length(layer.base.layer_idx) if self_cache is not None else 0
     _check_implementation(layer.base)
     key, value = layer.prefixes(B, hidden.dtype)
