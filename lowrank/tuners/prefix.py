@@ -72,6 +72,8 @@ def is_attention(module: nn.Module) -> bool:
         return True
     if getattr(module, "is_cross_attention", False) or not hasattr(module, "layer_idx"):
         return False
+    if "CrossAttention" in type(module).__name__:  # BERT's kin: the flag is on the parent (BertAttention), not here
+        return False
     if isinstance(getattr(module, "A_log", None), torch.Tensor):
         # a state-space mixer (Mamba2, and the Mamba layers of Bamba, Falcon-H1, NemotronH, Granite 4 hybrids):
         # it has a layer_idx, a cache, heads and a head size, but keeps a recurrent state, never cache.update
