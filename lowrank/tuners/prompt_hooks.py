@@ -43,7 +43,8 @@ from .prefix_attention import check_positions
 CACHES = ("cache", "past_key_values", "state")  # the KV cache's name: transformers >= 5.x, before; RWKV's state
 PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask", "padding_mask")  # (B, T): True / -inf = padding
 ATTENTION_MASKS = ("mask", "src_mask", "attn_mask")  # (T, T): True / -inf = may not attend
-PASS_THROUGH = {"head_mask"}  # tensors not indexed by sequence position
+# tensors not indexed by the (decoder's) sequence position: a decoder's cross-attention reads the encoder's
+PASS_THROUGH = {"head_mask", "encoder_hidden_states", "encoder_attention_mask"}
 
 _MADE: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # See Note: nested hosts
 
