@@ -89,7 +89,7 @@ def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
     # innermost: a cross-attention that holds a prefix already (targets=) is the PrefixLayer's base, as _named yields it
     cross = {id(innermost(layer.multihead_attn)) for layer in model.modules()
              if isinstance(layer, nn.TransformerDecoderLayer)}
-    found = {n: m for n, m in _named(model) if is_attention(m) and id(m) not in cross}  # self-attention only
+    found = {n: m for n, m in _named(model) if is_attention(m) and id(m) not in cross and _named_attention(m)}
     inner = [n for n in found if not any(o != n and o.startswith(n + ".") for o in found)]
     if not inner:
         kinds = sorted({type(m).__name__ for _, m in _named(model) if "attention" in type(m).__name__.lower()})
@@ -98,9 +98,18 @@ def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
     return tuple(inner)
 
 
+def _named_attention(module: nn.Module) -> bool:
+    """By default, attention modules named so (every transformers one is): a helper inside one that takes the
+    cache too (DeepSeek-V3.2's Indexer, which keeps its own keys there) would otherwise be the innermost target,
+    and never calls cache.update. Named in `targets`, any module that offers the contract below is taken."""
+    name = type(module).__name__.lower()
+    return isinstance(module, nn.MultiheadAttention) or "attention" in name or "attn" in name
+
+
 _NEEDS = (f"a prefix needs nn.MultiheadAttention or an attention module with a `layer_idx`, a forward taking one of "
-          f"{CACHE_ARGS} and readable key/value heads and head size, not a state-space (Mamba) mixer (see "
-          "docs/prefix.md, 'What an attention module must offer')")
+          f"{CACHE_ARGS} and readable key/value heads and head size, not a state-space (Mamba) mixer; by default, "
+          "its class named ...Attention or ...Attn (name others in targets=; see docs/prefix.md, 'What an attention "
+          "module must offer')")
 _ENCODER_DECODER = ("cannot put a prefix on {where!r}: encoder-decoder models need separate encoder and decoder "
                     "prefixes and no prefix on cross-attention, which lowrank does not do yet")
 
