@@ -48,8 +48,8 @@ def kv_shape(module: nn.Module) -> tuple[int, int] | None:
         return module.num_heads, module.head_dim
     dim = next((getattr(module, a) for a in ("head_dim", "attention_head_size", "head_size")
                 if isinstance(getattr(module, a, None), int)), None)
-    if dim is None:
-        return None
+    if dim is None or getattr(module, "v_head_dim", dim) != dim:  # values of another head size (MLA, MiMo-V2):
+        return None  # one prefix width cannot serve keys and values
     for proj in ("k_proj", "key", "k"):
         width = getattr(getattr(module, proj, None), "out_features", None)
         if isinstance(width, int) and width % dim == 0:
@@ -107,9 +107,9 @@ def _named_attention(module: nn.Module) -> bool:
 
 
 _NEEDS = (f"a prefix needs nn.MultiheadAttention or an attention module with a `layer_idx`, a forward taking one of "
-          f"{CACHE_ARGS} and readable key/value heads and head size, not a state-space (Mamba) mixer; by default, "
-          "its class named ...Attention or ...Attn (name others in targets=; see docs/prefix.md, 'What an attention "
-          "module must offer')")
+          f"{CACHE_ARGS} and readable key/value heads and one head size for keys and values, not a state-space (Mamba) "
+          "mixer; by default, its class named ...Attention or ...Attn (name others in targets=; see docs/prefix.md, "
+          "'What an attention module must offer')")
 _ENCODER_DECODER = ("cannot put a prefix on {where!r}: encoder-decoder models need separate encoder and decoder "
                     "prefixes and no prefix on cross-attention, which lowrank does not do yet")
 

@@ -53,16 +53,17 @@ class PrefixCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.cache is not None:
             key_states, value_states = self.cache.update(key_states, value_states, *args, **kwargs)
-        self._check(key_states)
+        self._check(key_states, "keys", self.key)
+        self._check(value_states, "values", self.value)
         # (B, heads, P, hd) ; (B, heads, K, hd) -> (B, heads, P + K, hd)
         return (torch.cat([self.key.to(key_states.dtype), key_states], dim=2),
                 torch.cat([self.value.to(value_states.dtype), value_states], dim=2))
 
-    def _check(self, key_states: torch.Tensor) -> None:
-        shape = tuple(key_states.shape)
-        if len(shape) != 4 or (shape[0], shape[1], shape[3]) != (self.key.shape[0], self.key.shape[1], self.key.shape[3]):
-            raise RuntimeError(f"prefix keys are (batch, heads, P, head_dim) = {tuple(self.key.shape)} but the "
-                               f"attention module's keys are {shape}; it does not lay out keys as (batch, key/value "
+    def _check(self, states: torch.Tensor, what: str, prefix: torch.Tensor) -> None:
+        shape = tuple(states.shape)
+        if len(shape) != 4 or (shape[0], shape[1], shape[3]) != (prefix.shape[0], prefix.shape[1], prefix.shape[3]):
+            raise RuntimeError(f"prefix {what} are (batch, heads, P, head_dim) = {tuple(prefix.shape)} but the "
+                               f"attention module's {what} are {shape}; it does not lay out {what} as (batch, key/value "
                                "heads, tokens, head_dim), so it cannot take a prefix")
 
     def __getattr__(self, name: str):
