@@ -49,8 +49,10 @@ class PrefixCache:
 
     def __init__(self, cache, key: torch.Tensor, value: torch.Tensor) -> None:
         self.cache, self.key, self.value = cache, key, value  # key, value: (B, heads, P, head_dim)
+        self.used = False  # set by update: a module that never calls it never sees the prefix
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.used = True
         if self.cache is not None:
             key_states, value_states = self.cache.update(key_states, value_states, *args, **kwargs)
         self._check(key_states, "keys", self.key)
@@ -116,12 +118,17 @@ def with_prefix(layer, *args, **kwargs):
     past = self_cache.get_seq_length(layer.base.layer_idx) if self_cache is not None else 0
     _check_implementation(layer.base)
     key, value = layer.prefixes(B, hidden.dtype)
-    arguments[layer._arg] = PrefixCache(self_cache, key, value)
+    arguments[layer._arg] = stand_in = PrefixCache(self_cache, key, value)
     if "attention_mask" in layer._signature.parameters:
         causal = bool(getattr(layer.base, "is_causal", False))
         arguments["attention_mask"] = widen_mask(arguments.get("attention_mask"), key.shape[2], T, past, causal,
                                                  hidden.device, _cache_keys(self_cache, layer.base.layer_idx, past, T))
-    return layer.base(*bound.args, **bound.kwargs)
+    out = layer.base(*bound.args, **bound.kwargs)
+    if not stand_in.used:  # e.g. linear attention (MiniMax's lightning attention) keeps its own state in the cache
+        raise RuntimeError(f"{type(layer.base).__name__} ran without calling cache.update, so the prefix never reached "
+                           "its attention; it cannot take a prefix: leave it out (PrefixConfig(exclude=...)) or use "
+                           "prompt tuning")
+    return out
 
 
 def _cache_keys(cache, layer_idx: int, past: int, T: int) -> int | None:
