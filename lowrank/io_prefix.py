@@ -20,6 +20,7 @@ from .inject import inject
 from .targets import task_type
 from .tuners.base import TunerLayer
 from .tuners.prefix import PrefixLayer, default_targets, layers
+from .walk import _walk
 
 KEY = "prompt_embeddings"
 PEFT_TYPE = "PREFIX_TUNING"
@@ -46,10 +47,11 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     found = layers(model, name)
     if not found:
         raise ValueError(f"the model has no prefix adapter named {name!r}")
-    every = default_targets(model, found[0].configs[name])
-    if len(found) != len(every):  # PEFT's table has a prefix for every layer; loading checks num_layers
-        raise ValueError(f"prefix adapter {name!r} is on {len(found)} of the model's {len(every)} attention modules; "
-                         "PEFT's format (and load_adapter) puts a prefix on every layer: inject it with the default "
+    every = list(default_targets(model, found[0].configs[name]))
+    placed = [w for _, _, w, m in _walk(model) if isinstance(m, PrefixLayer) and name in m.names]
+    if placed != every:  # PEFT's table has a prefix for every layer, and names none: load_adapter puts it on these
+        raise ValueError(f"prefix adapter {name!r} is on {placed}, but PEFT's format (and load_adapter) puts a prefix "
+                         f"on every self-attention module, the default targets {every}: inject it with the default "
                          "targets to save it")
     shapes = {(layer.heads, layer.head_dim) for layer in found}
     if len(shapes) > 1:

@@ -18,7 +18,8 @@ from . import distributed
 from .config import PromptConfig
 from .inject import _walk, adapter_names, inject, plain_parameters
 from .targets import HEADS, task_type
-from .tuners.prompt import PromptLayer
+from .tuners.base import innermost
+from .tuners.prompt import PromptLayer, default_targets
 
 KEY = "prompt_embeddings"
 PEFT_TYPE = "PROMPT_TUNING"
@@ -127,6 +128,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
         raise ValueError(f"prompt adapter {name!r} sits on {[w for w, _ in layers]}; PEFT's format holds one prompt")
     where, layer = layers[0]
     prompt, config = layer.prompts[name], layer.configs[name]
+    _check_default_place(model, name, where, layer, config)
     cfg = getattr(model, "config", None)
     tokenizer = config.tokenizer
     tokenizer = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
@@ -145,6 +147,22 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     tensors = {KEY: distributed.full_tensor(prompt.detach()).float().cpu().contiguous()}
     save_head(model, peft_config["task_type"], tensors, peft_config)
     return tensors, peft_config
+
+
+def _check_default_place(model: nn.Module, name: str, where: str, layer: PromptLayer, config: PromptConfig) -> None:
+    """The file names no module: PEFT and load_adapter put its prompt where PromptConfig's default
+    targets do (the input embedding, or the first nn.TransformerEncoder). A prompt elsewhere
+    (targets=) would load there and compute something else, so it is refused at save."""
+    try:
+        default = default_targets(model, config)[0]
+    except ValueError:  # no embedding and no encoder: load_adapter would have nowhere to put it
+        default = None
+    if default is None or not default(where, innermost(layer)):
+        place = [w for _, _, w, m in _walk(model) if default is not None and default(w, innermost(m))][:1]
+        raise ValueError(f"prompt adapter {name!r} sits on {where!r}, but PEFT's format names no module: load_adapter "
+                         f"puts a prompt where PromptConfig's default targets do ({place[0] if place else 'nowhere'!r} "
+                         "here), where it would compute something else; inject it with the default targets to save "
+                         "it in this format, or keep its state_dict")
 
 
 def load(model: nn.Module, path: pathlib.Path, peft_config: dict, name: str, strict: bool, allow_pickle: bool,

@@ -28,8 +28,8 @@ from torch import nn
 from ..config import PrefixConfig
 from .base import TunerLayer, innermost
 from .lora_base import float_dtype_and_device
-from .prefix_attention import (CACHE_ARGS, cache_arg, check_mha, install_position_shift, mha_forward,
-                               remove_position_shift, with_prefix)
+from .prefix_attention import CACHE_ARGS, cache_arg, install_position_shift, remove_position_shift, with_prefix
+from .prefix_mha import check_mha, mha_forward
 from .prompt_hooks import input_embeddings_of
 
 # Note: where the reparameterisation lives. The MLP's first half (E, W1, b1) is shared by all
@@ -48,8 +48,8 @@ def kv_shape(module: nn.Module) -> tuple[int, int] | None:
         return module.num_heads, module.head_dim
     dim = next((getattr(module, a) for a in ("head_dim", "attention_head_size", "head_size")
                 if isinstance(getattr(module, a, None), int)), None)
-    if dim is None:
-        return None
+    if dim is None or getattr(module, "v_head_dim", dim) != dim:  # values of another head size (MLA, MiMo-V2):
+        return None  # one prefix width cannot serve keys and values
     for proj in ("k_proj", "key", "k"):
         width = getattr(getattr(module, proj, None), "out_features", None)
         if isinstance(width, int) and width % dim == 0:
@@ -72,6 +72,12 @@ def is_attention(module: nn.Module) -> bool:
         return True
     if getattr(module, "is_cross_attention", False) or not hasattr(module, "layer_idx"):
         return False
+    if "CrossAttention" in type(module).__name__:  # BERT's kin: the flag is on the parent (BertAttention), not here
+        return False
+    if isinstance(getattr(module, "A_log", None), torch.Tensor):
+        # a state-space mixer (Mamba2, and the Mamba layers of Bamba, Falcon-H1, NemotronH, Granite 4 hybrids):
+        # it has a layer_idx, a cache, heads and a head size, but keeps a recurrent state, never cache.update
+        return False
     return cache_arg(module) is not None and kv_shape(module) is not None
 
 
@@ -80,8 +86,10 @@ def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
     layer (Llama/Qwen2 `self_attn`, GPT-2 `attn`, BERT `attention.self`, nn.MultiheadAttention)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise NotImplementedError(_ENCODER_DECODER.format(where=type(model).__name__))
-    cross = {id(layer.multihead_attn) for layer in model.modules() if isinstance(layer, nn.TransformerDecoderLayer)}
-    found = {n: m for n, m in _named(model) if is_attention(m) and id(m) not in cross}  # self-attention only
+    # innermost: a cross-attention that holds a prefix already (targets=) is the PrefixLayer's base, as _named yields it
+    cross = {id(innermost(layer.multihead_attn)) for layer in model.modules()
+             if isinstance(layer, nn.TransformerDecoderLayer)}
+    found = {n: m for n, m in _named(model) if is_attention(m) and id(m) not in cross and _named_attention(m)}
     inner = [n for n in found if not any(o != n and o.startswith(n + ".") for o in found)]
     if not inner:
         kinds = sorted({type(m).__name__ for _, m in _named(model) if "attention" in type(m).__name__.lower()})
@@ -90,9 +98,18 @@ def default_targets(model: nn.Module, config: PrefixConfig) -> tuple:
     return tuple(inner)
 
 
+def _named_attention(module: nn.Module) -> bool:
+    """By default, attention modules named so (every transformers one is): a helper inside one that takes the
+    cache too (DeepSeek-V3.2's Indexer, which keeps its own keys there) would otherwise be the innermost target,
+    and never calls cache.update. Named in `targets`, any module that offers the contract below is taken."""
+    name = type(module).__name__.lower()
+    return isinstance(module, nn.MultiheadAttention) or "attention" in name or "attn" in name
+
+
 _NEEDS = (f"a prefix needs nn.MultiheadAttention or an attention module with a `layer_idx`, a forward taking one of "
-          f"{CACHE_ARGS} and readable key/value heads and head size (see docs/prefix.md, 'What an attention module "
-          "must offer')")
+          f"{CACHE_ARGS} and readable key/value heads and one head size for keys and values, not a state-space (Mamba) "
+          "mixer; by default, its class named ...Attention or ...Attn (name others in targets=; see docs/prefix.md, "
+          "'What an attention module must offer')")
 _ENCODER_DECODER = ("cannot put a prefix on {where!r}: encoder-decoder models need separate encoder and decoder "
                     "prefixes and no prefix on cross-attention, which lowrank does not do yet")
 
@@ -265,7 +282,11 @@ def detach(model: nn.Module) -> None:
 @torch.no_grad()
 def fold(model: nn.Module, name: str | None = None) -> list[str]:
     """Replace reparameterised adapters (`name`, None: all) by the plain prefixes their MLP
-    computes now: same outputs, fewer parameters, no MLP to run. Returns the adapters folded."""
+    computes now: same outputs, fewer parameters, no MLP to run. Returns the adapters folded
+    (a plain one has nothing to fold); a `name` that is no prefix adapter raises."""
+    known = list(dict.fromkeys(n for m in model.modules() if isinstance(m, PrefixLayer) for n in m.names))
+    if name is not None and name not in known:  # a typo would otherwise fold nothing, silently
+        raise ValueError(f"the model has no prefix adapter named {name!r}; its prefix adapters: {known}")
     folded = []
     for adapter in dict.fromkeys(n for m in model.modules() if isinstance(m, PrefixLayer) for n in m.up):
         if name is not None and adapter != name:

@@ -1,5 +1,5 @@
 """How a prefix reaches the attention: a stand-in cache for transformers' attention modules,
-the widened mask, the model-level position shift, and nn.MultiheadAttention's forward.
+the widened mask, and the model-level position shift (nn.MultiheadAttention's forward: prefix_mha.py).
 
 # Note: the prefix goes in through cache.update. Every transformers attention module computes
 # its keys and values (after RoPE), hands them to `cache.update(key, value, layer_idx, ...)`
@@ -29,7 +29,6 @@ import sys
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers 5.x, 4.4x+, older; GPT-NeoX, Bloom, Falcon, GPT-BigCode
@@ -50,20 +49,23 @@ class PrefixCache:
 
     def __init__(self, cache, key: torch.Tensor, value: torch.Tensor) -> None:
         self.cache, self.key, self.value = cache, key, value  # key, value: (B, heads, P, head_dim)
+        self.used = False  # set by update: a module that never calls it never sees the prefix
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.used = True
         if self.cache is not None:
             key_states, value_states = self.cache.update(key_states, value_states, *args, **kwargs)
-        self._check(key_states)
+        self._check(key_states, "keys", self.key)
+        self._check(value_states, "values", self.value)
         # (B, heads, P, hd) ; (B, heads, K, hd) -> (B, heads, P + K, hd)
         return (torch.cat([self.key.to(key_states.dtype), key_states], dim=2),
                 torch.cat([self.value.to(value_states.dtype), value_states], dim=2))
 
-    def _check(self, key_states: torch.Tensor) -> None:
-        shape = tuple(key_states.shape)
-        if len(shape) != 4 or (shape[0], shape[1], shape[3]) != (self.key.shape[0], self.key.shape[1], self.key.shape[3]):
-            raise RuntimeError(f"prefix keys are (batch, heads, P, head_dim) = {tuple(self.key.shape)} but the "
-                               f"attention module's keys are {shape}; it does not lay out keys as (batch, key/value "
+    def _check(self, states: torch.Tensor, what: str, prefix: torch.Tensor) -> None:
+        shape = tuple(states.shape)
+        if len(shape) != 4 or (shape[0], shape[1], shape[3]) != (prefix.shape[0], prefix.shape[1], prefix.shape[3]):
+            raise RuntimeError(f"prefix {what} are (batch, heads, P, head_dim) = {tuple(prefix.shape)} but the "
+                               f"attention module's {what} are {shape}; it does not lay out {what} as (batch, key/value "
                                "heads, tokens, head_dim), so it cannot take a prefix")
 
     def __getattr__(self, name: str):
@@ -110,15 +112,23 @@ def with_prefix(layer, *args, **kwargs):
     B, T = hidden.shape[0], hidden.shape[1]
     real = arguments.get(layer._arg)
     self_cache = getattr(real, "self_attention_cache", real)  # EncoderDecoderCache: its self-attention half
+    if self_cache is not None and not hasattr(self_cache, "get_seq_length"):  # a PagedAttentionCache (generate_batch)
+        raise TypeError(f"prefix tuning needs a KV cache that counts its tokens; {type(self_cache).__name__} does not "
+                        "(continuous batching, generate_batch, packs requests into one sequence): use model.generate")
     past = self_cache.get_seq_length(layer.base.layer_idx) if self_cache is not None else 0
     _check_implementation(layer.base)
     key, value = layer.prefixes(B, hidden.dtype)
-    arguments[layer._arg] = PrefixCache(self_cache, key, value)
+    arguments[layer._arg] = stand_in = PrefixCache(self_cache, key, value)
     if "attention_mask" in layer._signature.parameters:
         causal = bool(getattr(layer.base, "is_causal", False))
         arguments["attention_mask"] = widen_mask(arguments.get("attention_mask"), key.shape[2], T, past, causal,
                                                  hidden.device, _cache_keys(self_cache, layer.base.layer_idx, past, T))
-    return layer.base(*bound.args, **bound.kwargs)
+    out = layer.base(*bound.args, **bound.kwargs)
+    if not stand_in.used:  # e.g. linear attention (MiniMax's lightning attention) keeps its own state in the cache
+        raise RuntimeError(f"{type(layer.base).__name__} ran without calling cache.update, so the prefix never reached "
+                           "its attention; it cannot take a prefix: leave it out (PrefixConfig(exclude=...)) or use "
+                           "prompt tuning")
+    return out
 
 
 def _cache_keys(cache, layer_idx: int, past: int, T: int) -> int | None:
@@ -137,60 +147,6 @@ def _cache_keys(cache, layer_idx: int, past: int, T: int) -> int | None:
         first = None if torch.compiler.is_compiling() else next(iter(inspect.signature(sizes).parameters), None)
     length, offset = sizes(torch.arange(past, past + T) if first == "cache_position" else T, layer_idx)
     return length if offset == 0 else None
-
-
-def mha_forward(layer, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-    """nn.MultiheadAttention with a prefix: its own projections, [P_k ; K], [P_v ; V], then
-    scaled dot-product attention and its output projection. Returns (output, None): attention
-    weights are not computed on this path. Unbatched inputs ((T, E), as torch takes them) and
-    add_zero_attn (a zero key and value after the sequence's, as torch appends them) as in torch."""
-    mha: nn.MultiheadAttention = layer.base
-    check_mha(mha, "this nn.MultiheadAttention")
-    unbatched = query.dim() == 2
-    if unbatched:  # (T, E) -> one batch; masks (S,) -> (1, S); a (H, T, S) attn_mask is already (B * H, T, S)
-        query, key, value = (x.unsqueeze(0 if mha.batch_first else 1) for x in (query, key, value))
-        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-    if not mha.batch_first:  # (T, B, E) -> (B, T, E)
-        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-    B, T, E = query.shape
-    S, H, hd = key.shape[1], mha.num_heads, mha.head_dim
-    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
-    q = F.linear(query, w_q, b_q).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-    k = F.linear(key, w_k, b_k).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
-    v = F.linear(value, w_v, b_v).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
-    pk, pv = layer.prefixes(B, q.dtype)  # (B, H, P, hd)
-    P = pk.shape[2]
-    k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H, P + S, hd)
-    mask = torch.zeros(B, 1, T, S, dtype=q.dtype, device=q.device)  # additive, (B, 1, T, S)
-    if is_causal and attn_mask is None:
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
-    if attn_mask is not None:  # (T, S) or (B * H, T, S); bool: True = blocked (torch's convention)
-        m = attn_mask if attn_mask.dim() == 2 else attn_mask.view(B, H, T, S)
-        mask = mask + (torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m)
-    if key_padding_mask is not None:  # (B, S); bool: True = padding
-        m = key_padding_mask
-        m = torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m
-        mask = mask + m[:, None, None, :]
-    mask = torch.cat([torch.zeros(*mask.shape[:-1], P, dtype=q.dtype, device=q.device), mask], dim=-1)  # (.., T, P+S)
-    if mha.add_zero_attn:  # torch appends a zero key and value, which every query may attend to
-        k, v = (torch.cat([t, t.new_zeros(B, H, 1, hd)], dim=2) for t in (k, v))
-        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], dim=-1)
-    dropout = mha.dropout if mha.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, hd)
-    out = mha.out_proj(out.transpose(1, 2).reshape(B, T, E))  # (B, T, E)
-    if unbatched:
-        return out[0], None
-    return (out if mha.batch_first else out.transpose(0, 1)), None
-
-
-def check_mha(mha: nn.MultiheadAttention, where: str) -> None:
-    """What mha_forward computes: one embed_dim for queries, keys and values, and no add_bias_kv."""
-    if not mha._qkv_same_embed_dim or mha.bias_k is not None:
-        raise NotImplementedError(f"prefix tuning on nn.MultiheadAttention ({where}) needs kdim == vdim == embed_dim "
-                                  f"and add_bias_kv=False; got embed_dim={mha.embed_dim}, kdim={mha.kdim}, "
-                                  f"vdim={mha.vdim}, add_bias_kv={mha.bias_k is not None}")
 
 
 # -- the position shift (Note: positions with a prefix) ----------------------------------
@@ -255,17 +211,30 @@ def shift_positions(model: nn.Module, args: tuple, kwargs: dict):
         return None
     bound = _signature(model).bind_partial(*args, **kwargs)  # a fresh mapping: the caller's dict is not touched
     arguments = bound.arguments
-    if arguments.get("position_ids") is not None:
-        arguments["position_ids"] = arguments["position_ids"] + P
+    nested = arguments.get(next((n for n, p in bound.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
+    cache = next((c for c in (arguments.get(a, nested.get(a)) for a in CACHE_ARGS) if c is not None), None)
+    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    given = arguments.get("position_ids")
+    if given is not None:
+        arguments["position_ids"] = given = given + P
+        # shifted past a table of positions (GPT-2's; generate passes positions): named, not an IndexError
+        # in the embedding; the largest is read (a device sync) only when past + P + T could pass its end
+        limit = position_limit(model)
+        if limit is not None and given.numel() and past + P + given.shape[-1] > limit:
+            check_positions(model, int(given.max()) + 1, f"prefix tuning ({P} virtual tokens, {past} past, "
+                            f"{given.shape[-1]} new, positions given)", None)
         return bound.args, bound.kwargs
     source = arguments.get("input_ids")
     if source is None:
         source = arguments.get("inputs_embeds")
     if source is None:
         return None
-    nested = arguments.get(next((n for n, p in bound.signature.parameters.items() if p.kind is p.VAR_KEYWORD), ""), {})
-    cache = next((c for c in (arguments.get(a, nested.get(a)) for a in CACHE_ARGS) if c is not None), None)
-    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    if source.dim() != (2 if source is arguments.get("input_ids") else 3):  # (B, choices, T): multiple choice
+        if not any(m is not model and _hook_ids(m) for m in model.modules()):
+            raise NotImplementedError(f"prefix tuning: {type(model).__name__} got input of shape "
+                                      f"{tuple(source.shape)}; it numbers (B, T) token ids or (B, T, d) embeddings")
+        running.pop()  # the inner model it calls with them flattened numbers them (Note: one shift per call)
+        return None
     T = source.shape[1]
     config = getattr(model, "config", None)  # a rotary model numbers by arange: no walk over its modules per call
     maker = None if any(getattr(config, a, None) is not None for a in ROPE) else _position_maker(model)

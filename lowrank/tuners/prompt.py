@@ -129,7 +129,13 @@ def text_ids(config: PromptConfig, vocab: int) -> torch.Tensor:
             raise ImportError("PromptConfig(tokenizer=<path>) loads it with transformers; install transformers "
                               "or pass a tokenizer object") from e
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    ids = list(tokenizer(config.init_text)["input_ids"])
+    ids = tokenizer(config.init_text)["input_ids"]
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # a tensor or array (return_tensors=) too
+    if len(ids) == 1 and isinstance(ids[0], (list, tuple)):  # a batch of one text: [[...]]
+        ids = list(ids[0])
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"tokenizer({config.init_text!r})['input_ids'] should be the token ids of the text, integers; "
+                         f"got {ids[:4]!r}{'...' if len(ids) > 4 else ''}")
     if not ids:
         raise ValueError(f"init_text {config.init_text!r} tokenized to no tokens")
     if max(ids) >= vocab or min(ids) < 0:

@@ -40,10 +40,11 @@ from torch import nn
 
 from .prefix_attention import check_positions
 
-CACHES = ("cache", "past_key_values")  # the KV cache's name: transformers >= 5.x, and before
+CACHES = ("cache", "past_key_values", "state")  # the KV cache's name: transformers >= 5.x, before; RWKV's state
 PADDING_MASKS = ("src_key_padding_mask", "key_padding_mask", "padding_mask")  # (B, T): True / -inf = padding
 ATTENTION_MASKS = ("mask", "src_mask", "attn_mask")  # (T, T): True / -inf = may not attend
-PASS_THROUGH = {"head_mask"}  # tensors not indexed by sequence position
+# tensors not indexed by the (decoder's) sequence position: a decoder's cross-attention reads the encoder's
+PASS_THROUGH = {"head_mask", "encoder_hidden_states", "encoder_attention_mask"}
 
 _MADE: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()  # See Note: nested hosts
 
@@ -142,11 +143,20 @@ def _encoder_hook(encoder: nn.TransformerEncoder, args: tuple, kwargs: dict):
 
 
 # -- the host hook (See Note: the host hook; Note: decode steps) ---------------------------
-def _cache_length(cache) -> int:
+def _cache_length(cache) -> int | None:
+    """Tokens the cache holds (0: none, a first call), or None for a recurrent state, which counts
+    no tokens: a Mamba cache (linear-attention layers only) that holds a state, RWKV's `state`."""
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
+        try:
+            return int(cache.get_seq_length())
+        except ValueError:  # transformers: no attention layer to count in (Mamba); has it seen tokens?
+            if not callable(getattr(cache, "has_previous_state", None)):
+                raise
+            return None if cache.has_previous_state() else 0
+    if len(cache) and isinstance(cache[0], torch.Tensor):  # RWKV's state: a tensor per kind of state, no tokens
+        return None
     return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (key, value) per layer
 
 
@@ -162,7 +172,8 @@ def _shift(positions: torch.Tensor, n: int, prepend: bool) -> torch.Tensor:
     return torch.cat([head, positions + n], dim=-1)  # (..., n+T)
 
 
-KNOWN = {"input_ids", "inputs_embeds", "attention_mask", "labels", "position_ids", "token_type_ids", "cache_position"}
+KNOWN = {"input_ids", "inputs_embeds", "attention_mask", "labels", "position_ids", "token_type_ids", "cache_position",
+         "start_positions", "end_positions"}  # the last two: a QA model's answer span, token indices (B,)
 
 
 def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
@@ -181,15 +192,23 @@ def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
     if unknown:
         raise NotImplementedError(f"{what}: does not know how to lengthen argument(s) {unknown} by the {n} prompt tokens")
     ids, embeds = kw.pop("input_ids", None), kw.get("inputs_embeds")
+    given = ids if embeds is None else embeds
+    if given is not None and given.dim() != (2 if embeds is None else 3):  # (B, choices, T): multiple choice
+        if len(find_hosts(host, layer)) > 1:
+            return None  # the inner model it calls with them flattened prepends the prompt (See Note: nested hosts.)
+        raise NotImplementedError(f"{what}: input of shape {tuple(given.shape)}; the prompt goes before (B, T) token "
+                                  "ids or (B, T, d) embeddings")
     if embeds is None:
         if ids is None:
             raise ValueError(f"{what}: the call has neither input_ids nor inputs_embeds")
         embeds = layer.base(ids)  # (B, T, d): the model's own embedding
     b, t = embeds.shape[:2]
     past = _cache_length(next((kw[c] for c in CACHES if kw.get(c) is not None), None))
-    decoding = past > 0  # See Note: decode steps: the cache already holds the prompt
-    check_positions(host, past + t + (0 if decoding else n), f"prompt tuning ({n} virtual tokens, {past} past, {t} new)")
+    decoding = past is None or past > 0  # See Note: decode steps: the cache already holds the prompt
     mask = kw.get("attention_mask")
+    if past is None:  # a recurrent state (Mamba, RWKV) counts no tokens: the mask's, or at least the prompt
+        past = mask.shape[1] - t + n if isinstance(mask, torch.Tensor) and mask.dim() == 2 else n
+    check_positions(host, past + t + (0 if decoding else n), f"prompt tuning ({n} virtual tokens, {past} past, {t} new)")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] != t + max(past - n, 0):
             raise NotImplementedError(
@@ -208,6 +227,9 @@ def _host_hook(host: nn.Module, args: tuple, kwargs: dict):
         if kw.get("token_type_ids") is not None:
             types = kw["token_type_ids"]
             kw["token_type_ids"] = torch.cat([types.new_zeros(b, n), types], dim=1)  # (B, n+T): segment 0
+        for key in ("start_positions", "end_positions"):  # a text token's index is n more in [P; x] (PEFT keeps it)
+            if isinstance(kw.get(key), torch.Tensor):
+                kw[key] = kw[key] + n
     else:  # a new tensor object even here: marking the caller's own as made would skip its prompt in a later call
         embeds = embeds.view_as(embeds)
     kw["inputs_embeds"] = embeds
