@@ -18,6 +18,7 @@ def test_what_the_export_would_refuse_is_refused_before_the_base_loads(tmp_path,
                                                                        said):
     monkeypatch.setattr(merge, "_load_base", lambda *a, **k: pytest.fail("the base was loaded"))
     setup(tmp_path / "out")
+    (tmp_path / "adapter").mkdir()  # found before anything else (a missing one: test_cli_merge_checks_first.py)
     assert cli.main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lowrank merge: error: ") and said in err and err.count("\n") == 1
@@ -31,6 +32,7 @@ def test_an_empty_out_or_overwrite_goes_on_to_load(tmp_path, monkeypatch):
         raise ValueError("stop here")
 
     monkeypatch.setattr(merge, "_load_base", load)
+    (tmp_path / "adapter").mkdir()
     (tmp_path / "empty").mkdir()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
