@@ -8,6 +8,7 @@ import json
 import pathlib
 
 from ..export import DTYPES
+from .adapter_checks import refuse_before_loading
 
 
 def add_parser(subparsers) -> None:
@@ -160,6 +161,8 @@ def run(args) -> int:
     from ..workflow.model import WORKFLOW_FILE
 
     _refuse_unmergeable(args.adapter)
+    refuse_before_loading(args.adapter, args.base, allow_pickle=args.allow_pickle,
+                          allow_other_base=args.allow_other_base)
     _refuse_replacing_inputs(args)
     _check_out(args)
     model = _as_trained(args.base, args.adapter, args.trust_remote_code) if args.as_trained \

@@ -1,0 +1,77 @@
+"""`lowrank merge` / `chat` / `web` with an adapter whose weights are only a pickled
+adapter_model.bin, or whose config names another base: load_adapter refused it only after the
+base had loaded (minutes for a 7B), in words for the Python API ("pass allow_pickle=True",
+"allow_other_base=True"), which a command-line user cannot pass. Each command now refuses it
+before anything loads, naming its own flag (--allow-pickle, --allow-other-base); with the flag,
+or for an adapter of this base, it goes on to load."""
+
+import json
+
+import pytest
+import torch
+
+from lowrank import cli
+from lowrank.commands import merge, web
+from lowrank.workflow import model as workflow_model
+
+
+def _adapter(path, base, pickled):
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base,
+                                                          "r": 4, "target_modules": ["q_proj"]}))
+    if pickled:
+        torch.save({}, path / "adapter_model.bin")
+    else:
+        (path / "adapter_model.safetensors").write_bytes(b"")  # never read: the commands stop before
+
+
+def _stop(*args, **kwargs):
+    raise ValueError("STOP: loaded")
+
+
+@pytest.fixture
+def no_loading(monkeypatch, tmp_path):
+    monkeypatch.setattr(merge, "_load_base", _stop)
+    monkeypatch.setattr(workflow_model, "load_with_adapter", _stop)
+    monkeypatch.setattr(web, "_serve", lambda cmd: 0)
+    monkeypatch.setattr(web, "require", lambda *a: None, raising=False)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+
+
+def _commands(tmp_path, extra):
+    base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+    return {"merge": ["merge", base, adapter, str(tmp_path / "out"), *extra],
+            "chat": ["chat", base, "--adapter", adapter, *extra],
+            "web": ["web", base, "--adapter", adapter, *extra]}
+
+
+@pytest.mark.parametrize("command", ["merge", "chat", "web"])
+@pytest.mark.parametrize("base_named, pickled, flag", [("base", True, "--allow-pickle"),
+                                                       ("/models/llama-7b", False, "--allow-other-base")])
+def test_refused_before_loading_naming_the_flag(tmp_path, capsys, no_loading, command, base_named, pickled, flag):
+    pytest.importorskip("streamlit") if command == "web" else None
+    _adapter(tmp_path / "adapter", base_named, pickled)
+    assert cli.main(_commands(tmp_path, [])[command]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lowrank {command}: error: ") and f"pass {flag} " in err and err.count("\n") == 1
+    assert "STOP: loaded" not in err and "allow_pickle" not in err and "allow_other_base" not in err
+    if pickled:
+        assert "adapter_model.bin is a pickle file" in err
+    else:
+        assert "trained on base model '/models/llama-7b', but the base is" in err
+
+
+@pytest.mark.parametrize("command", ["merge", "chat", "web"])
+@pytest.mark.parametrize("base_named, pickled, extra", [("base", True, ["--allow-pickle"]),
+                                                        ("/models/llama-7b", False, ["--allow-other-base"]),
+                                                        ("/hub/cache/BASE", False, [])])
+def test_with_the_flag_or_this_base_it_goes_on_to_load(tmp_path, capsys, no_loading, command, base_named, pickled,
+                                                       extra):
+    pytest.importorskip("streamlit") if command == "web" else None
+    _adapter(tmp_path / "adapter", base_named, pickled)
+    code = cli.main(_commands(tmp_path, extra)[command])
+    if command == "web":
+        assert code == 0  # served (the page loads the model)
+    else:
+        assert code == 2 and capsys.readouterr().err.endswith("error: STOP: loaded\n")
