@@ -215,7 +215,11 @@ class AdapterLayer(TunerLayer):
                 y = y + self._delta(name, x, base_y)
         if not isinstance(out, tuple):
             return y
-        return type(out)(y, *out[1:]) if hasattr(out, "_fields") else (y, *out[1:])  # a namedtuple stays one
+        if hasattr(out, "_fields"):  # a namedtuple stays one
+            return type(out)(y, *out[1:])
+        if hasattr(type(out), "n_fields"):  # a structseq (torch.return_types.max...) too: built from one sequence
+            return type(out)((y, *out[1:]))
+        return (y, *out[1:])
 
     def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The module's first argument, given by position or by name (MultiheadAttention's query)."""
