@@ -10,14 +10,18 @@ import pathlib
 
 
 def refuse_before_loading(adapter: str | None, base: str, *, allow_pickle: bool, allow_other_base: bool) -> None:
-    """ValueError, naming --allow-pickle or --allow-other-base, for a local adapter directory whose
-    weights are only a pickle, or whose config names another base than `base` (as given: what the
-    loaded model's config._name_or_path will be, which load_adapter compares). A hub id, or a
-    directory load_adapter refuses for another reason, is left to load_adapter."""
+    """FileNotFoundError for an adapter given as one of its files (naming its directory); ValueError,
+    naming --allow-pickle or --allow-other-base, for a local adapter directory whose weights are only
+    a pickle, or whose config names another base than `base` (as given: what the loaded model's
+    config._name_or_path will be, which load_adapter compares). A hub id, or a directory
+    load_adapter refuses for another reason, is left to load_adapter."""
     from ..io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
     from ..io_names import same_base
 
     path = pathlib.Path(adapter) if adapter is not None else None
+    if path is not None and path.is_file():  # adapter_config.json given: refused by load_adapter only after the load
+        raise FileNotFoundError(f"{adapter} is a file; an adapter is loaded from its directory ({path.parent}, which "
+                                "holds adapter_config.json and adapter_model.safetensors)")
     if path is None or not path.is_dir():
         return
     if not allow_pickle and not (path / WEIGHTS_NAME).exists() and (path / PICKLE_NAME).exists():

@@ -75,3 +75,12 @@ def test_with_the_flag_or_this_base_it_goes_on_to_load(tmp_path, capsys, no_load
         assert code == 0  # served (the page loads the model)
     else:
         assert code == 2 and capsys.readouterr().err.endswith("error: STOP: loaded\n")
+
+
+def test_merge_given_a_file_of_the_adapter_names_its_directory_before_loading(tmp_path, capsys, no_loading):
+    _adapter(tmp_path / "adapter", "base", False)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    assert cli.main(["merge", str(tmp_path / "base"), str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lowrank merge: error: {config} is a file; an adapter is loaded from its directory " \
+                  f"({tmp_path / 'adapter'}, which holds adapter_config.json and adapter_model.safetensors)\n"
