@@ -10,11 +10,13 @@ import pathlib
 
 
 def refuse_before_loading(adapter: str | None, base: str, *, allow_pickle: bool, allow_other_base: bool) -> None:
-    """FileNotFoundError for an adapter given as one of its files (naming its directory); ValueError,
-    naming --allow-pickle or --allow-other-base, for a local adapter directory whose weights are only
-    a pickle, or whose config names another base than `base` (as given: what the loaded model's
-    config._name_or_path will be, which load_adapter compares). A hub id, or a directory
-    load_adapter refuses for another reason, is left to load_adapter."""
+    """FileNotFoundError for an adapter given as one of its files (naming its directory). ValueError
+    for a local adapter directory of a kind load_adapter does not read (PEFT's IA3, LoHa...), and,
+    naming --allow-pickle or --allow-other-base, for one whose weights are only a pickle or whose
+    config names another base than `base` (as given: what the loaded model's config._name_or_path
+    will be, which load_adapter compares). A hub id, or a directory load_adapter refuses for
+    another reason, is left to load_adapter."""
+    from .. import bottleneck_io, io_prefix, io_prompt
     from ..io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
     from ..io_names import same_base
 
@@ -31,6 +33,11 @@ def refuse_before_loading(adapter: str | None, base: str, *, allow_pickle: bool,
         config = json.loads((path / CONFIG_NAME).read_text())
     except (OSError, ValueError):  # no config, not JSON: load_adapter names the problem
         return
+    kinds = ("LORA", io_prompt.PEFT_TYPE, io_prefix.PEFT_TYPE, bottleneck_io.PEFT_TYPE)  # load_adapter's
+    if isinstance(config, dict) and config.get("peft_type") not in kinds:  # PEFT's IA3, LoHa...: refused after the load
+        raise ValueError(f"{path / CONFIG_NAME}: peft_type is {config.get('peft_type')!r}; lowrank reads LoRA ('LORA'), "
+                         "prompt-tuning ('PROMPT_TUNING'), prefix-tuning ('PREFIX_TUNING') and lowrank's bottleneck "
+                         "('LOWRANK_BOTTLENECK') adapters")
     theirs = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     # load_adapter's check_base (lowrank/io_names.py), with the base as given: the loaded model's _name_or_path
     if not allow_other_base and isinstance(theirs, str) and theirs and base and not same_base(theirs, str(base)):

@@ -84,3 +84,17 @@ def test_merge_given_a_file_of_the_adapter_names_its_directory_before_loading(tm
     err = capsys.readouterr().err
     assert err == f"lowrank merge: error: {config} is a file; an adapter is loaded from its directory " \
                   f"({tmp_path / 'adapter'}, which holds adapter_config.json and adapter_model.safetensors)\n"
+
+
+@pytest.mark.parametrize("command", ["merge", "chat", "web"])
+@pytest.mark.parametrize("kind", ["IA3", "LOHA", None])
+def test_an_adapter_kind_lowrank_does_not_read_is_refused_before_loading(tmp_path, capsys, no_loading, command, kind):
+    pytest.importorskip("streamlit") if command == "web" else None
+    _adapter(tmp_path / "adapter", "base", False)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "peft_type": kind}))
+    assert cli.main(_commands(tmp_path, [])[command]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lowrank {command}: error: {config}: peft_type is {kind!r}; lowrank reads LoRA ('LORA'), " \
+                  "prompt-tuning ('PROMPT_TUNING'), prefix-tuning ('PREFIX_TUNING') and lowrank's bottleneck " \
+                  "('LOWRANK_BOTTLENECK') adapters\n"
