@@ -38,12 +38,15 @@ def run(args) -> int:
     from ..workflow.generate import Settings
     from ..workflow.model import load_with_adapter
     from ..workflow.template import check_template
+    from .adapter_checks import refuse_before_loading
 
     if args.temperature == 0 and (args.top_p != 1 or args.top_k != 0):  # greedy: they would change nothing
         given = " and ".join(f for f, on in (("--top-p", args.top_p != 1), ("--top-k", args.top_k != 0)) if on)
         raise ValueError(f"{given}: options of sampling, and --temperature is 0, which answers greedily (always the "
                          "likeliest token), so they would change nothing; give a --temperature above 0 too (e.g. 0.7)")
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    refuse_before_loading(args.adapter, args.model, allow_pickle=args.allow_pickle,
+                          allow_other_base=args.allow_other_base)
     model, tokenizer, template = load_with_adapter(args.model, args.adapter, args.dtype, args.device,
                                                    allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle,
                                                    trust_remote_code=args.trust_remote_code)

@@ -8,6 +8,7 @@ import json
 import pathlib
 
 from ..export import DTYPES
+from .adapter_checks import refuse_before_loading
 
 
 def add_parser(subparsers) -> None:
@@ -161,10 +162,12 @@ def run(args) -> int:
 
     from .. import hub
 
-    # the adapter first (a local directory, or a hub repo fetched now: small): a mistyped path is an error before the
-    # base loads (minutes for a 7B), not after
+    # the adapter first (a local directory, or a hub repo fetched now: small): a mistyped path, or an adapter the
+    # command's flags do not let it read, is an error before the base loads (minutes for a 7B), not after
     adapter = hub.resolve(args.adapter, files=hub.ADAPTER_FILES + (("adapter_model.bin",) if args.allow_pickle else ()))
     _refuse_unmergeable(adapter)
+    refuse_before_loading(str(adapter), args.base, allow_pickle=args.allow_pickle,
+                          allow_other_base=args.allow_other_base)
     _refuse_replacing_inputs(args)
     _check_out(args)
     model = _as_trained(args.base, adapter, args.trust_remote_code) if args.as_trained \

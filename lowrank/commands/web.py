@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from .adapter_checks import refuse_before_loading
 from .chat import add_generation_options
 
 
@@ -26,6 +27,8 @@ def run(args) -> int:
         raise ConfigError(f"--adapter {args.adapter!r} is not a directory")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise ConfigError(f"model: {args.model!r} has no config.json; expected a transformers model directory")
+    refuse_before_loading(args.adapter, args.model, allow_pickle=args.allow_pickle,
+                          allow_other_base=args.allow_other_base)
     page = pathlib.Path(__file__).resolve().parent.parent / "workflow" / "web_app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(page), "--server.headless", "true",
            "--server.address", "localhost", "--server.port", str(args.port), "--browser.gatherUsageStats", "false",

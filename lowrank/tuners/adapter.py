@@ -44,9 +44,22 @@ def attn_out_proj(name: str, module: nn.Module) -> bool:
 
 
 def self_attention_mha(name: str, module: nn.Module) -> bool:
-    """An nn.MultiheadAttention, but not nn.TransformerDecoderLayer's cross-attention `multihead_attn`
-    (left out as T5's EncDecAttention is, below)."""
-    return isinstance(module, nn.MultiheadAttention) and name.rsplit(".", 1)[-1] != "multihead_attn"
+    """An nn.MultiheadAttention (default_targets leaves out nn.TransformerDecoderLayer's cross-attention
+    `multihead_attn`, as T5's EncDecAttention is, below)."""
+    return isinstance(module, nn.MultiheadAttention)
+
+
+def _attention_targets(model: nn.Module, modules: list) -> tuple:
+    """ATTENTION_TARGETS without the cross-attention `multihead_attn` of each nn.TransformerDecoderLayer
+    in `model`; an MHA of the model's own named so (torch's docs name a self-attention `multihead_attn`)
+    stays a target."""
+    cross = {f"{n}.multihead_attn" if n else "multihead_attn" for n, m in [("", model), *modules]
+             if isinstance(m, nn.TransformerDecoderLayer)}
+
+    def self_attention_mha(name: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.MultiheadAttention) and name not in cross
+
+    return (*ATTENTION_TARGETS[:-1], self_attention_mha)
 
 
 ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "attention.dense",
@@ -93,14 +106,15 @@ def default_targets(model: nn.Module, config: AdapterConfig) -> tuple:
     ffn = _ffn_targets(modules, config)
     if config.placement != "houlsby":
         return ffn
-    for column, names in (("attention output", ATTENTION_TARGETS), ("feed-forward", ffn)):
+    attention = _attention_targets(model, modules)
+    for column, names in (("attention output", attention), ("feed-forward", ffn)):
         wanted = compile_filter(names, config.exclude, model)
         if not any(wanted(n, m) for n, m in modules):
             excluded = f" (after exclude={list(config.exclude)})" if config.exclude else ""
             raise ValueError(f"placement='houlsby' adapts each block's attention output and feed-forward, and none of "
                              f"its default names for the {column} {[getattr(t, '__name__', t) for t in names]} is in "
                              f"{type(model).__name__}{excluded}; name the modules with AdapterConfig(targets=[...])")
-    return ffn + ATTENTION_TARGETS
+    return ffn + attention
 
 
 def _linear_dims(m: nn.Module) -> tuple[int, int]:
@@ -215,7 +229,11 @@ class AdapterLayer(TunerLayer):
                 y = y + self._delta(name, x, base_y)
         if not isinstance(out, tuple):
             return y
-        return type(out)(y, *out[1:]) if hasattr(out, "_fields") else (y, *out[1:])  # a namedtuple stays one
+        if hasattr(out, "_fields"):  # a namedtuple stays one
+            return type(out)(y, *out[1:])
+        if hasattr(type(out), "n_fields"):  # a structseq (torch.return_types.max...) too: built from one sequence
+            return type(out)((y, *out[1:]))
+        return (y, *out[1:])
 
     def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The module's first argument, given by position or by name (MultiheadAttention's query)."""

@@ -190,11 +190,20 @@ def _refuse_near_misses(names: Mapping, path) -> None:
 def _refuse_ignored_fields(names: Mapping, config, path) -> None:
     """A .py config that defines `config` is read from it alone: a module-level field name beside it
     whose value is not config's (`epochs = 1` added below the dict) would be ignored without a word.
-    One that only helps build config (`model = ...` used as config's model) is fine."""
+    One that only helps build config (`model = ...` used as config's model) is fine, compared as
+    TrainConfig reads both: `adapter_dtype = None` passed to a TrainConfig on a float16 base reads
+    back as "float32", `lr = "1e-4"` as 1e-4, and a field config leaves at its default is no other value."""
     if not isinstance(config, Mapping):
         return  # refused by the caller, naming its type
+
+    def read(values, k):
+        try:
+            return from_mapping(values).to_dict()[k]
+        except ConfigError:
+            return values.get(k, ConfigError)  # refused: compared as written (the caller reports config's error)
+
     stray = [k for k in FIELDS if k in names and isinstance(names[k], (bool, int, float, str, list, dict, type(None)))
-             and (k not in config or config[k] != names[k])]
+             and (k not in config or config[k] != names[k]) and read({**config, k: names[k]}, k) != read(config, k)]
     if stray:
         raise ConfigError(f"{path}: defines `config`, which alone is read, and module-level {stray} with other values, "
                           "which would be ignored; put them in config (or name helper variables with a leading _)")
