@@ -150,8 +150,9 @@ def _is_router(module: nn.Module | None) -> bool:
     MixtralTopKRouter), where transformers 4 had an nn.Linear `gate`."""
     from .targets import is_linear_like
 
-    w = None if module is None else module._parameters.get("weight")
-    return isinstance(w, torch.Tensor) and w.dim() == 2 and not is_linear_like(module)
+    # its weight dense or 4-bit (NF4Config(parameters=[..., "gate.weight"]) puts it in the module's submodules)
+    return (module is not None and has_parameter(module, "weight") and len(parameter_shape(module, "weight")) == 2
+            and not is_linear_like(module))
 
 
 def _fuse(name: str, members: dict, experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
