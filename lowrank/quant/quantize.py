@@ -359,6 +359,12 @@ def check_parameters(model: nn.Module, params: list, config: NF4Config, layers: 
     for owner, where, p in params:
         key, w = f"{where}.{p}" if where else p, owner._parameters[p]
         if _can_quantize(owner) or where in layers:
+            try:  # a router that subclasses nn.Linear (PhiMoE's) cannot become a Linear4bit either: not that advice
+                if where not in layers:
+                    check_forward(where, owner)
+            except TypeError as e:
+                raise ValueError(f"cannot quantize parameter {key!r} of the linear layer {where!r} on its own, nor "
+                                 f"the layer: {e}") from e
             raise ValueError(f"cannot quantize parameter {key!r} of the linear layer {where!r} on its own; name the "
                              "layer in targets (it becomes a Linear4bit)")
         if w.dim() < 2:
