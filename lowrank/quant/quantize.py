@@ -259,6 +259,8 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
 
             hint = (" (an adapter layer: for QLoRA, quantize first and inject after, or lowrank.eject the adapters "
                     "first)" if isinstance(child, TunerLayer) else "")
+            weights = [f"{name}.{p}" for p, w in child._parameters.items() if w is not None and w.dim() >= 2]
+            hint += f"; its weights go in 4 bits by name: NF4Config(parameters={weights!r})" if weights and not hint else ""
             raise TypeError(f"{name!r} is a {type(child).__name__}; quantize replaces nn.Linear and GPT-2 Conv1D "
                             f"layers only: narrow targets or add it to skip{hint}")
         if isinstance(parent, nn.MultiheadAttention):
