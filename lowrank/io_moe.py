@@ -82,9 +82,7 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
         kept[f"{router}.weight"] = (rest[f"{router}.lora_A.weight"].shape[0],
                                     _alpha(peft_config, _MODULE_KEY.match(origin[f"{router}.lora_A.weight"])["module"]))
     config = dict(peft_config)
-    if isinstance(config.get("target_modules"), list):  # the names fused away match no module now: not targets
-        config["target_modules"] = [t for t in config["target_modules"] if t not in FUSED and t != "gate"
-                                    or any(n == t or n.endswith("." + t) for n in modules)] or None
+    config["target_modules"] = _targets_left(config.get("target_modules"), [n for n in modules if n not in routers])
     if config.get("lora_dropout"):  # LoRA on a parameter has no input of its own to drop out (nor in PEFT)
         warnings.warn(f"this transformers 4 adapter was trained with lora_dropout={config['lora_dropout']}; its experts "
                       "load as LoRA on parameters, which has no dropout, so the adapter loads without it: outputs "
@@ -96,6 +94,23 @@ def convert(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor
     config["rank_pattern"] = {"^" + re.escape(k): r for k, (r, _) in kept.items()} | dict(config.get("rank_pattern") or {})
     config["alpha_pattern"] = {"^" + re.escape(k): a for k, (_, a) in kept.items()} | dict(config.get("alpha_pattern") or {})
     return config, rest
+
+
+def _targets_left(targets, others: list[str]):
+    """The file's target_modules for the converted adapter: the names fused away match no module
+    now, and the routers (LoRA on their weights now, and excluded) are no module targets either, so
+    a name (or PEFT's regular expression, a full match) that matched only those is dropped: left
+    matching nothing, it would be a target that matches no module, which inject refuses (PEFT
+    loads such a file). `others`: the model's modules but the routers."""
+    if isinstance(targets, list):
+        return [t for t in targets if t not in FUSED and t != "gate"
+                or any(n == t or n.endswith("." + t) for n in others)] or None
+    if isinstance(targets, str):
+        try:
+            return targets if any(re.fullmatch(targets, n) for n in others) else None
+        except re.error:  # not a regular expression: config_from_peft names the problem
+            return targets
+    return targets
 
 
 def _alpha(config: dict, module: str) -> float:
@@ -135,8 +150,9 @@ def _is_router(module: nn.Module | None) -> bool:
     MixtralTopKRouter), where transformers 4 had an nn.Linear `gate`."""
     from .targets import is_linear_like
 
-    w = None if module is None else module._parameters.get("weight")
-    return isinstance(w, torch.Tensor) and w.dim() == 2 and not is_linear_like(module)
+    # its weight dense or 4-bit (NF4Config(parameters=[..., "gate.weight"]) puts it in the module's submodules)
+    return (module is not None and has_parameter(module, "weight") and len(parameter_shape(module, "weight")) == 2
+            and not is_linear_like(module))
 
 
 def _fuse(name: str, members: dict, experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -259,6 +259,8 @@ def quantize(model: nn.Module, config: NF4Config | None = None) -> list[str]:
 
             hint = (" (an adapter layer: for QLoRA, quantize first and inject after, or lowrank.eject the adapters "
                     "first)" if isinstance(child, TunerLayer) else "")
+            weights = [f"{name}.{p}" for p, w in child._parameters.items() if w is not None and w.dim() >= 2]
+            hint += f"; its weights go in 4 bits by name: NF4Config(parameters={weights!r})" if weights and not hint else ""
             raise TypeError(f"{name!r} is a {type(child).__name__}; quantize replaces nn.Linear and GPT-2 Conv1D "
                             f"layers only: narrow targets or add it to skip{hint}")
         if isinstance(parent, nn.MultiheadAttention):
@@ -359,6 +361,12 @@ def check_parameters(model: nn.Module, params: list, config: NF4Config, layers: 
     for owner, where, p in params:
         key, w = f"{where}.{p}" if where else p, owner._parameters[p]
         if _can_quantize(owner) or where in layers:
+            try:  # a router that subclasses nn.Linear (PhiMoE's) cannot become a Linear4bit either: not that advice
+                if where not in layers:
+                    check_forward(where, owner)
+            except TypeError as e:
+                raise ValueError(f"cannot quantize parameter {key!r} of the linear layer {where!r} on its own, nor "
+                                 f"the layer: {e}") from e
             raise ValueError(f"cannot quantize parameter {key!r} of the linear layer {where!r} on its own; name the "
                              "layer in targets (it becomes a Linear4bit)")
         if w.dim() < 2:

@@ -15,10 +15,10 @@ from ..config import LoraConfig
 from ..ops import csrc
 from ..ops.lora_ops import dropout_parts
 from ..quant.linear4bit import Linear4bit, autocast_dtype
-from ..targets import first_match, is_gpt2_conv1d, is_linear_like
+from ..targets import first_match, is_gpt2_conv1d, is_linear_like, returns_routing
 from .base import TunerLayer, cast_for
 from .lora_base import LoraLayer
-from .lora_param import LoraParameter
+from .lora_param import LoraParameter, instead
 
 SUPPORTED = ("nn.Linear, transformers' GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d, or a linear-like "
              "module (in_features, out_features, and a `weight` or a `dequantize()`)")
@@ -341,8 +341,9 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
                              f"or remove it first with lowrank.eject(model, {name!r})")
         slot = slot.base
     cls = layer_class(slot)
-    if cls is None:
-        raise TypeError(f"cannot put LoRA on {where!r}, a {type(slot).__name__}; LoRA wraps {SUPPORTED}")
+    if cls is None or returns_routing(slot):  # a router (targets.py, Note: routers) has no output to add LoRA's to
+        why = f"LoRA wraps {SUPPORTED}" if cls is None else "its forward returns routing, not x W^T + b (PEFT fails there)"
+        raise TypeError(f"cannot put LoRA on {where!r}, a {type(slot).__name__}; {why}{instead(slot, where)}")
     if config.dora and not cls.supports_dora:
         raise ValueError(f"DoRA is implemented for linear-like layers only; {where!r} is a {type(slot).__name__}. "
                          "Exclude it, or use plain LoRA (dora=False)")

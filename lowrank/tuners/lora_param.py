@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..quant.experts4bit import LowRankTerm
-from ..quant.params4bit import parameter_names, parameter_shape, stored, with_term
+from ..quant.params4bit import has_parameter, parameter_names, parameter_shape, stored, with_term
 from .base import TunerLayer
 from .lora_base import LoraLayer
 
@@ -174,6 +174,15 @@ class LoraParameter(LoraLayer):
         half = not self._three_d and A.device.type == "cpu" and B.dtype in (torch.float16, torch.bfloat16)
         d = self._delta_weight(name, torch.float32 if half else None)
         return d.to(B.dtype) if half else d
+
+
+def instead(module: nn.Module, where: str) -> str:
+    """For the refusal of LoRA on `module` as a module: where it holds floating 2-D or 3-D
+    parameters (a MoE layer's experts, a router's weight), LoRA on those, by name; else ""."""
+    names = [f"{where}.{p}" for p in parameter_names(module) if has_parameter(module, p)
+             and len(parameter_shape(module, p)) in (2, 3)
+             and (stored(module, p) is not None or module._parameters[p].is_floating_point())]
+    return f"; to adapt its weights, name them in parameters: LoraConfig(parameters={names!r})" if names else ""
 
 
 def lora_chain(module: nn.Module) -> list[LoraLayer]:

@@ -286,7 +286,7 @@ def phimoe():
 
 def test_lora_on_a_routers_weight_computes_as_peft():
     """PhiMoE's router subclasses nn.Linear but returns routing, so LoRA on it as a module has no
-    output to add to (PEFT's forward fails as lowrank's does); on its weight (parameters) it works."""
+    output to add to (PEFT's forward fails; lowrank refuses it at inject); on its weight (parameters) it works."""
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     base = phimoe()
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=[], target_parameters=["router.weight"]))
