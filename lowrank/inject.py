@@ -120,8 +120,11 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
             matches.append((p, a, n, c))
     params = lora_param.find(_walk(model), config, model) if getattr(config, "parameters", None) else []
     if getattr(config, "parameters", None) and not params:  # a name that matches nothing is a mistake, not a no-op
+        four_bit = [n for n, m in model.named_modules() if isinstance(m, Stored4bit) and is_linear_like(m)][:2]
         raise ValueError(f"no parameter of {type(model).__name__} matched parameters={config.parameters!r}; "
-                         f"they are named as in model.named_parameters(), e.g. {weights_named(model)[:4]}")
+                         f"they are named as in model.named_parameters(), e.g. {weights_named(model)[:4]}" + (
+                             f"; a 4-bit linear layer's weight (e.g. of {four_bit}) is no parameter: name the layer "
+                             "in targets=" if four_bit else ""))
     if not matches and (not params or (targets and tuple(targets) != (ALL_LINEAR,))):  # each given matches something
         candidates = [n for _, _, n, c in _walk(model) if handler.can_wrap(_unwrap(c))]
         raise ValueError(

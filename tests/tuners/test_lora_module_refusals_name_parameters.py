@@ -54,3 +54,14 @@ def test_a_module_without_such_weights_gets_no_such_advice():
     with pytest.raises(TypeError) as e:
         lowrank.inject(torch.nn.Sequential(torch.nn.LayerNorm(8)), lowrank.LoraConfig(r=2, targets=["0"]))
     assert "a LayerNorm; LoRA wraps" in str(e.value) and "parameters" not in str(e.value)
+
+
+def test_a_4bit_layers_weight_given_as_a_parameter_says_to_name_the_layer():
+    # a 4-bit linear layer's weight is packed codes and scales, no parameter named weight: the refusal said only
+    # that nothing matched, listing no parameter at all
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    lowrank.quantize(model, lowrank.NF4Config(skip=[]))
+    with pytest.raises(ValueError, match=r"matched parameters=\('0.weight',\).* a 4-bit linear layer's weight "
+                                         r"\(e.g. of \['0', '1'\]\) is no parameter: name the layer in targets="):
+        lowrank.inject(model, lowrank.LoraConfig(r=2, parameters=["0.weight"]))
+    assert lowrank.inject(model, lowrank.LoraConfig(r=2, targets=["0"])) == ["0"]
