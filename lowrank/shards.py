@@ -269,7 +269,7 @@ def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     would follow it)."""
     try:
         os.link(src, dst, follow_symlinks=False)
-    except OSError:
+    except (OSError, NotImplementedError):  # the latter: a system without linkat (os.supports_follow_symlinks)
         shutil.copy2(src, dst, follow_symlinks=False)
 
 

@@ -46,3 +46,19 @@ def test_a_link_to_an_ancestor_does_not_recurse(tmp_path):
     assert os.readlink(out / "up") == ".."
     assert (out / "old.txt").read_text() == "old" and (out / "new.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary directory left behind
+
+
+def test_without_linkat_the_files_are_copied(tmp_path, monkeypatch):
+    # os.link(follow_symlinks=False) raises NotImplementedError where the system has no linkat
+    def no_linkat(*args, **kwargs):
+        raise NotImplementedError("link: follow_symlinks unavailable on this platform")
+
+    out = tmp_path / "adapter"
+    (out / "sub").mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    (out / "sub" / "state.json").write_text("{}")
+    (out / "link").symlink_to("old.txt")
+    monkeypatch.setattr(os, "link", no_linkat)
+    _carry(out)
+    assert (out / "old.txt").read_text() == "old" and (out / "sub" / "state.json").read_text() == "{}"
+    assert os.readlink(out / "link") == "old.txt" and (out / "new.txt").read_text() == "new"
