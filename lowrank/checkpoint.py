@@ -60,6 +60,11 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, max_shard_size:
                          "its own save_pretrained)")
     max_bytes = shards.parse_size(max_shard_size)
     state = model.state_dict(keep_vars=True)
+    meta = next((k for k, t in state.items() if t.is_meta), None)  # a 4-bit layer of meta weights has a state dict
+    if meta is not None:  # too; writing it raised torch's "Cannot copy out of meta tensor"
+        raise ValueError(f"{meta!r} is on the meta device, with no values to write (built on meta weights or under "
+                         "lowrank.skeleton(), and not loaded); fill it first with lowrank.load_quantized(model, "
+                         "path) or lowrank.load_and_quantize(model, path, config)")
     seen, parts = set(), []
     for k, t in state.items():
         if isinstance(t, nn.Parameter) and id(t) in seen:  # a tied weight: written once, as save_pretrained does

@@ -109,14 +109,22 @@ def _imported_code(source: pathlib.Path, files: set[str]) -> set[str]:
     those they import, as transformers fetches them for trust_remote_code: without them the copied
     tokenizer code cannot be imported."""
     try:
-        from transformers.dynamic_module_utils import get_relative_import_files
+        from transformers.dynamic_module_utils import get_relative_imports
     except ImportError:  # without transformers there is no AutoTokenizer to read the auto_map either
         return set()
-    found = set()
-    for f in files:
-        if (source / f).is_file():
-            found |= {pathlib.Path(p).name for p in get_relative_import_files(source / f)}
-    return {f for f in found if (source / f).is_file()}
+    # transformers' get_relative_import_files, but a module that is not here (an optional import in a
+    # try block, `from ..x`, a package) or a file it cannot read is skipped: it raised, failing the export
+    found, todo = set(), [f for f in files if (source / f).is_file()]
+    while todo:
+        try:
+            modules = get_relative_imports(source / todo.pop())
+        except (OSError, UnicodeDecodeError):
+            continue
+        for name in (f"{m}.py" for m in modules):
+            if name not in found and "/" not in name and (source / name).is_file():
+                found.add(name)
+                todo.append(name)
+    return found
 
 
 def written(model: nn.Module, tokenizer) -> set[str]:

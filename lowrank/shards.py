@@ -233,9 +233,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         if target.is_dir():  # replacing a directory keeps its permissions, as writing into it would
             shutil.copymode(target, tmp)
         if carry_over and target.is_dir():
+            # a symbolic link comes over as the link (checkpoint-last -> checkpoint-500, data -> /datasets):
+            # followed, it was a copy of what it points to on every save, and `up -> ..` never ended
             for f in target.iterdir():
-                if f.is_dir():
-                    shutil.copytree(f, tmp / f.name, copy_function=_link_or_copy)
+                if f.is_dir() and not f.is_symlink():
+                    shutil.copytree(f, tmp / f.name, symlinks=True, copy_function=_link_or_copy)
                 else:
                     _link_or_copy(f, tmp / f.name)
         yield tmp
@@ -263,11 +265,12 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
 
 def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """dst as a hard link to src, or a copy where the file system has no hard links (FAT, some
-    network and FUSE file systems) or refuses this one."""
+    network and FUSE file systems) or refuses this one. A symbolic link stays one (macOS's link()
+    would follow it)."""
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        os.link(src, dst, follow_symlinks=False)
+    except (OSError, NotImplementedError):  # the latter: a system without linkat (os.supports_follow_symlinks)
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 LOCK_FILE = ".lowrank.lock"

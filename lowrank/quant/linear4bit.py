@@ -127,9 +127,36 @@ class Stored4bit(nn.Module):
                               f"this module {tuple(self.shape)}")
         else:
             # as torch loads: assign=True takes the checkpoint's tensors, otherwise the layer holds copies
-            # (a state dict loaded into two models, or changed afterwards, is not shared with them)
-            self._set_weight(q if assign else q.to(self.packed.device, copy=True))
+            # (a state dict loaded into two models, or changed afterwards, is not shared with them): written
+            # into the tensors it holds where the layouts agree, as torch's param.copy_ (new ones beside a
+            # state dict that holds the old, model.state_dict() or torch.distributed.checkpoint's, doubled
+            # the 4-bit model's memory for the load)
+            if assign:
+                self._set_weight(q)
+            elif not self._copy_into(q):
+                self._set_weight(q.to(self.packed.device, copy=True))
         return set(ours)
+
+    def _copy_into(self, q: NF4Weight) -> bool:
+        """Copy `q` into this layer's own tensors in place; False (nothing written) when its layout
+        (dtype, blocksize, double quantization, sizes) differs, or the layer's are meta or sharded."""
+        if (q.dtype, q.blocksize) != (self.dtype, self.blocksize):
+            return False
+        mine = [self._parameters[f] for f in _PARAMS] + [self._buffers["offset"]]
+        theirs = [getattr(q, f) for f in _PARAMS] + [q.offset]
+        pairs = []
+        for a, b in zip(mine, theirs):
+            if (a is None) != (b is None):
+                return False
+            if a is not None:
+                b = _as_bits(b)
+                if (a.shape, a.dtype) != (b.shape, b.dtype) or a.is_meta or type(a.data) is not torch.Tensor:
+                    return False  # a DTensor (FSDP2) or meta parameter: new tensors, as before
+                pairs.append((a, b))
+        with torch.no_grad():
+            for a, b in pairs:
+                a.copy_(b)
+        return True
 
 
 class Linear4bit(Stored4bit):

@@ -115,16 +115,21 @@ def with_prefix(layer, *args, **kwargs):
     if self_cache is not None and not hasattr(self_cache, "get_seq_length"):  # a PagedAttentionCache (generate_batch)
         raise TypeError(f"prefix tuning needs a KV cache that counts its tokens; {type(self_cache).__name__} does not "
                         "(continuous batching, generate_batch, packs requests into one sequence): use model.generate")
-    past = self_cache.get_seq_length(layer.base.layer_idx) if self_cache is not None else 0
+    # Gemma 3n / 4's KV-shared layers never call cache.update: they attend over the keys and values an earlier
+    # layer stored after its update, prefix included, and their cache layer is a DummyLayer that counts nothing
+    # (the cache's first attention layer, earlier in the model, has taken this call's T tokens already)
+    shared = getattr(layer.base, "is_kv_shared_layer", False) is True
+    past = 0 if self_cache is None else self_cache.get_seq_length() - T if shared else self_cache.get_seq_length(
+        layer.base.layer_idx)
     _check_implementation(layer.base)
     key, value = layer.prefixes(B, hidden.dtype)
     arguments[layer._arg] = stand_in = PrefixCache(self_cache, key, value)
     if "attention_mask" in layer._signature.parameters:
         causal = bool(getattr(layer.base, "is_causal", False))
         arguments["attention_mask"] = widen_mask(arguments.get("attention_mask"), key.shape[2], T, past, causal,
-                                                 hidden.device, _cache_keys(self_cache, layer.base.layer_idx, past, T))
+                                                 hidden.device, None if shared else _cache_keys(self_cache, layer.base.layer_idx, past, T))
     out = layer.base(*bound.args, **bound.kwargs)
-    if not stand_in.used:  # e.g. linear attention (MiniMax's lightning attention) keeps its own state in the cache
+    if not stand_in.used and not shared:  # e.g. linear attention (MiniMax's lightning attention) keeps its own state in the cache
         raise RuntimeError(f"{type(layer.base).__name__} ran without calling cache.update, so the prefix never reached "
                            "its attention; it cannot take a prefix: leave it out (PrefixConfig(exclude=...)) or use "
                            "prompt tuning")
