@@ -50,10 +50,11 @@ def test_every_file_with_gpu_tests_is_run_and_every_named_path_exists():
 
 
 STUB = r"""#!/bin/bash
-# python3 of the dry run: writes --out (and the .md / .png a benchmark writes beside it)
+# python3 of the dry run: writes --out (and the .md / .png a benchmark writes beside it) where it is
+# under $OUT; the steps whose results go to bench.log only name a file in /tmp, left alone here
 out=""; prev=""
 for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
-[ -n "$out" ] && { echo '{}' > "$out"; echo x > "${out%.json}.md"; echo x > "${out%.json}.png"; }
+case "$out" in "$OUT"/*) echo '{}' > "$out"; echo x > "${out%.json}.md"; echo x > "${out%.json}.png" ;; esac
 exit 0
 """
 
@@ -70,7 +71,7 @@ def dry_run(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
     return run, sorted(p.name for p in out.iterdir()) if out.exists() else []
 
 
-@pytest.mark.parametrize("part", ["quick", "1", "2", "all"])
+@pytest.mark.parametrize("part", ["quick", "1", "2", "all", "extras"])
 def test_each_part_leaves_at_most_8_files(tmp_path, part):
     # every optional step on too, but PROFILE and CUDAGRAPHS (the script says each costs a file)
     extras = dict.fromkeys(["PYOPS", "LUT", "OPCALLS", "DROPOUT", "ADAPTERS", "MOE", "OPTIM"], "1")
@@ -79,8 +80,11 @@ def test_each_part_leaves_at_most_8_files(tmp_path, part):
     assert len(files) <= 8 and "env.txt" in files, files
     assert not [f for f in files if f.endswith((".md", ".png", ".tmp"))], files
     assert ("build.log" in files) == (part != "2") and ("nf4_linear.json" in files) == (part in ("2", "all"))
+    # extras: the build, then the optional steps alone (no core step's JSON), so that they fit one call
+    assert ("nf4_cuda.json" in files) == (part in ("quick", "1", "all"))
+    assert "bench_qlora_moe" in run.stdout and "bench_optim" in run.stdout
 
 
 def test_a_wrong_part_is_refused(tmp_path):
     run, _ = dry_run(tmp_path, PART="3")
-    assert run.returncode == 2 and "PART must be all, 1, 2 or quick, got 3" in run.stdout
+    assert run.returncode == 2 and "PART must be all, 1, 2, quick or extras, got 3" in run.stdout
