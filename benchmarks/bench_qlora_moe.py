@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "path, and the dense path (LOWRANK_EXPERTS=dense) compiled")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_moe.json")
     args = parser.parse_args(argv)
+    if args.experts < 1 or not 1 <= args.top_k <= args.experts:  # else torch.topk's "selected index k out of range"
+        parser.error(f"--experts must be >= 1 and --top-k in [1, --experts]; got --experts {args.experts}, "
+                     f"--top-k {args.top_k}")
     shape = QUICK if args.quick else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
