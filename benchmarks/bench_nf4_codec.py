@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke run)")
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "nf4_codec.json")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the weight is and the codecs run")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda: where the weight is and the codecs run")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
