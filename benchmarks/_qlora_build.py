@@ -85,6 +85,18 @@ def build(config, device: torch.device, dtype: torch.dtype, quantize_layer: Call
     return model.train()
 
 
+def peft_bnb_missing() -> str | None:
+    """Why the peft+bitsandbytes provider cannot run here (the import error), or None. Without it
+    the benchmarks still measure lowrank, with no ratio, rather than losing every row (a GPU
+    machine whose bitsandbytes wheel was not carried: benchmarks/gpu_check.sh goes on without it)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def bnb_quantize(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
     """Every linear layer but the head -> bitsandbytes Linear4bit (NF4, double quantization),
     quantized on `device`, the usual QLoRA base."""

@@ -54,8 +54,10 @@ print(json.dumps({"peak_kb": peak_kb, "seconds": seconds, "bytes": size}))
 
 def measure(path: str, how: str) -> dict:
     root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", CHILD, path, how], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, path, how], capture_output=True, text=True,
                          env={**__import__("os").environ, "PYTHONPATH": root})
+    if out.returncode:  # the child's own error: check=True would say only its exit status, its stderr captured away
+        raise RuntimeError(f"bench_load: the {how!r} process failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

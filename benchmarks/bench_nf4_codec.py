@@ -67,11 +67,17 @@ def run(shapes, quick: bool, device: torch.device = CPU) -> list[dict]:
         moved = w.numel() * w.element_size() + nf4.quantize(w, BLOCKSIZE, True).nbytes
         q = nf4.quantize(w, BLOCKSIZE, True)
         for name, (quantize, dequantize) in providers().items():
-            state = quantize(w) if quantize else q
-            timed = {"quantize": lambda: quantize(w)} if quantize else {}
-            timed["dequantize"] = lambda: dequantize(state)
-            for op, fn in timed.items():
-                ms, p20, p80 = _common.bench(fn, device, quick)
+            # Note: a provider that fails is left out, with the reason, not the run (a peer's kernel
+            # missing for this GPU must not cost lowrank's rows; the GPU run is made once)
+            try:
+                state = quantize(w) if quantize else q
+                timed = {"quantize": lambda: quantize(w)} if quantize else {}
+                timed["dequantize"] = lambda: dequantize(state)
+                times = {op: _common.bench(fn, device, quick) for op, fn in timed.items()}
+            except Exception as e:  # noqa: BLE001 - printed, and the provider has no row
+                print(f"{name} {shape[0]}x{shape[1]} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            for op, (ms, p20, p80) in times.items():
                 rows.append(dict(op=op, shape=f"{shape[0]}x{shape[1]}", provider=name, ms=ms, p20=p20, p80=p80,
                                  gbps=moved / (ms * 1e-3) / 1e9))  # fmt: skip
     base = {(r["op"], r["shape"]): r["ms"] for r in rows if r["provider"] == "bitsandbytes"}
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke run)")
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "nf4_codec.json")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the weight is and the codecs run")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda: where the weight is and the codecs run")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -190,12 +190,39 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def positive_ints(text: str, sep: str) -> list[int]:
+    """The positive integers of `text` split at `sep`; ValueError for anything else."""
+    values = [int(v) for v in text.split(sep)]
+    if min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
+def shapes_arg(text: str) -> list[tuple[int, int]]:
+    """--shapes: "NxK,NxK,..." of positive sizes (argparse turns the error into a usage message)."""
+    try:
+        shapes = [tuple(positive_ints(nk, "x")) for nk in text.split(",")]
+        if any(len(nk) != 2 for nk in shapes):
+            raise ValueError(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"N x K pairs of positive sizes, e.g. 4096x4096,1024x4096; got {text!r}")
+    return shapes
+
+
+def ms_arg(text: str) -> list[int]:
+    """--ms: "M,M,..." of positive row counts."""
+    try:
+        return positive_ints(text, ",")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"positive row counts, e.g. 1,16,4096; got {text!r}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes; the only mode that runs without CUDA")
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "nf4_linear.json", help="JSON rows; .md and .png beside it")
-    parser.add_argument("--shapes", help="N x K list instead of the Llama shapes, e.g. 4096x4096,1024x4096")
-    parser.add_argument("--ms", help="M list instead of 1,16,64,256,4096, e.g. 1,16,4096")
+    parser.add_argument("--shapes", type=shapes_arg, help="N x K list instead of the Llama shapes, e.g. 4096x4096,1024x4096")
+    parser.add_argument("--ms", type=ms_arg, help="M list instead of 1,16,64,256,4096, e.g. 1,16,4096")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cuda = torch.cuda.is_available()
@@ -207,9 +234,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     cfg = dict(QUICK if args.quick else FULL)
     if args.shapes:
-        cfg["shapes"] = [tuple(int(v) for v in nk.split("x")) for nk in args.shapes.split(",")]
+        cfg["shapes"] = args.shapes
     if args.ms:
-        cfg["ms"] = [int(m) for m in args.ms.split(",")]
+        cfg["ms"] = args.ms
         cfg["grad_m"] = max(cfg["ms"])
     env = _common.environment(device)
     if not cuda:

@@ -53,7 +53,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _common  # noqa: E402
-from _qlora_build import bnb_quantize, build, init_adapters, llama_config  # noqa: E402
+from _qlora_build import bnb_quantize, build, init_adapters, llama_config, peft_bnb_missing  # noqa: E402
 from bench_tuners import TARGETS, alternate, llama  # noqa: E402
 
 from lowrank import LoraConfig, NF4Config, inject, quantize  # noqa: E402
@@ -117,9 +117,9 @@ def peak_memory(device: torch.device, fn) -> float | None:
 
 
 def small(args, device: torch.device) -> tuple[list[dict], str]:
-    """Both providers on one small model at once, steps alternating; float32 on the CPU."""
-    import peft
-
+    """Both providers on one small model at once, steps alternating; float32 on the CPU. Without
+    peft or bitsandbytes, lowrank alone (ratio None)."""
+    missing = peft_bnb_missing()
     shape = QUICK if args.quick else FULL
     reps = args.reps or shape["reps"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -129,23 +129,29 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
     ours = copy.deepcopy(base).to(device)
     quantize(ours, NF4Config(compute_dtype=dtype))
     inject(ours, LoraConfig(r=16, alpha=32, dropout=args.dropout, targets=TARGETS))
-    theirs = copy.deepcopy(base)
-    bnb_quantize(theirs, dtype, device)
-    theirs = theirs.to(device)
-    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
-                                                         target_modules=TARGETS))
-    theirs_params = dict(theirs.base_model.model.named_parameters())
-    with torch.no_grad():  # the same adapter weights in both
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                theirs_params[name.replace(".base.", ".base_layer.")].copy_(p)
+    models = {"lowrank": ours}
+    if missing:
+        print(f"bench_qlora: peft+bitsandbytes left out ({missing}); lowrank alone, no ratio", flush=True)
+    else:
+        import peft
 
-    if args.compile is not None:
-        compile_blocks(ours, **args.compile)
-        compile_blocks(theirs, **args.compile)  # a PeftModel: its blocks are the Llama's
-    losses = {"lowrank": [], "peft+bitsandbytes": []}
-    fns = {"lowrank": step_fn(ours, ids, losses["lowrank"]),
-           "peft+bitsandbytes": step_fn(theirs, ids, losses["peft+bitsandbytes"])}
+        theirs = copy.deepcopy(base)
+        bnb_quantize(theirs, dtype, device)
+        theirs = theirs.to(device)
+        theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
+                                                             target_modules=TARGETS))
+        theirs_params = dict(theirs.base_model.model.named_parameters())
+        with torch.no_grad():  # the same adapter weights in both
+            for name, p in ours.named_parameters():
+                if p.requires_grad:
+                    theirs_params[name.replace(".base.", ".base_layer.")].copy_(p)
+        models["peft+bitsandbytes"] = theirs
+
+    for model in models.values():
+        if args.compile is not None:
+            compile_blocks(model, **args.compile)  # a PeftModel too: its blocks are the Llama's
+    losses = {name: [] for name in models}
+    fns = {name: step_fn(model, ids, losses[name]) for name, model in models.items()}
     peaks = {name: peak_memory(device, fn) for name, fn in fns.items()}  # also the warm-up step
     times = alternate(fns, reps)
     shape_name = f"llama h{shape['hidden']} L{shape['layers']} b{shape['batch']}x{shape['seq']} {str(dtype)[6:]}"
@@ -153,7 +159,7 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
     rows = []
     for provider, (ms, p20, p80) in times.items():
         rows.append({"case": "qlora_train_step", "shape": shape_name, "provider": provider, "ms": ms, "p20_ms": p20,
-                     "p80_ms": p80, "ratio": ms / times["peft+bitsandbytes"][0], "first_loss": losses[provider][0],
+                     "p80_ms": p80, "ratio": ms / times["peft+bitsandbytes"][0] if not missing else None, "first_loss": losses[provider][0],
                      "peak_mib": peaks[provider]})
     return rows, _common.markdown(rows, COLUMNS)
 

@@ -12,7 +12,8 @@ on them and on the experts' two 3-D parameters (LoraConfig.parameters, PEFT's
 target_parameters), the same adapter weights, activation checkpointing, AdamW. Device: CUDA when
 present (bf16 compute, peak memory of a step), else the CPU (float32; no peak). Rows: the
 model's bytes as stored (parameters and buffers, shared ones once), one step's median and 20/80
-quantiles in ms, ratio = provider / peft+bitsandbytes, the first step's loss. lowrank-dense-experts
+quantiles in ms, ratio = provider / peft+bitsandbytes (None where peft or bitsandbytes does not import:
+that provider is left out), the first step's loss. lowrank-dense-experts
 and peft+bitsandbytes hold the same model (their losses agree up to float rounding);
 lowrank-4bit-experts differs from them by the experts' NF4 rounding. lowrank-4bit-experts computes
 each routed expert from its codes (lowrank/quant/experts4bit.py, Note: routed experts);
@@ -37,7 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _common  # noqa: E402
-from _qlora_build import bnb_quantize  # noqa: E402
+from _qlora_build import bnb_quantize, peft_bnb_missing  # noqa: E402
 from bench_qlora import peak_memory, step_fn  # noqa: E402
 from bench_tuners import alternate, mixtral  # noqa: E402
 
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "path, and the dense path (LOWRANK_EXPERTS=dense) compiled")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qlora_moe.json")
     args = parser.parse_args(argv)
+    if args.experts < 1 or not 1 <= args.top_k <= args.experts:  # else torch.topk's "selected index k out of range"
+        parser.error(f"--experts must be >= 1 and --top-k in [1, --experts]; got --experts {args.experts}, "
+                     f"--top-k {args.top_k}")
     shape = QUICK if args.quick else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -115,8 +119,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ids = torch.randint(0, 1024, (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(0)).to(device)
     models = {"lowrank-4bit-experts": ours(base.to(device), dtype, True),
               "lowrank-4bit-dense-path": ours(base.to(device), dtype, True),
-              "lowrank-dense-experts": ours(base.to(device), dtype, False),
-              "peft+bitsandbytes": theirs(base.cpu(), dtype, device)}
+              "lowrank-dense-experts": ours(base.to(device), dtype, False)}
+    missing = peft_bnb_missing()  # then lowrank's providers alone, no ratio
+    if missing:
+        print(f"bench_qlora_moe: peft+bitsandbytes left out ({missing}); no ratio", flush=True)
+    else:
+        models["peft+bitsandbytes"] = theirs(base.cpu(), dtype, device)
     del base
     for name, model in models.items():
         if name.startswith("lowrank"):
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
              peaks),
             ("qlora_moe_decode_token", f"{moe} b1x1 {str(dtype)[6:]}, no grad", decode_times, decode_peaks)):
         rows += [{"case": case, "shape": shape_name, "provider": name, "ms": ms, "p20_ms": p20, "p80_ms": p80,
-                  "model_mib": sizes[name.removesuffix(" compiled")], "ratio": ms / timed["peft+bitsandbytes"][0],
+                  "model_mib": sizes[name.removesuffix(" compiled")], "ratio": ms / timed["peft+bitsandbytes"][0] if not missing else None,
                   "first_loss": losses[name][0] if case.endswith("step") else None, "peak_mib": peak[name]}
                  for name, (ms, p20, p80) in timed.items()]
     table = _common.markdown(rows, COLUMNS)

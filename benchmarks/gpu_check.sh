@@ -41,7 +41,9 @@
 # bench_nf4_cuda, the eager 7B step), for a session whose whole device time is 15 minutes, the machine's start
 # included: one call with timeout_s ~480 leaves time for one rerun or for PART=2 while the machine is warm
 # (it goes back 30 s after a call).
-# Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (or PART=quick / 1 / 2 ...)
+# PART=extras is the build alone, then only the optional steps switched on above (MOE=1, OPTIM=1, ...): with
+# PART=all, 1 or quick in front of them they would not fit one call of 10 minutes, nor a 15-minute session.
+# Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (or PART=quick / 1 / 2 / extras ...)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
   || { echo "gpu_check: no usable wheel in .whl/: continuing without bitsandbytes"; export PYTHONPATH=$PWD; }
 set -u -o pipefail
@@ -69,15 +71,18 @@ step() {  # step SECONDS LOG NAME COMMAND...: run, append to LOG, note a failure
 cat "$OUT/env.txt"
 
 PART=${PART:-all}  # 1: build, CUDA tests and benchmarks, the 7B steps; 2: the Triton tests and benchmark; all: both;
-# quick: 1 without the codec benchmark and the compiled 7B step
-case "$PART" in all | 1 | 2 | quick) ;; *) echo "gpu_check: PART must be all, 1, 2 or quick, got $PART"; exit 2 ;; esac
+# quick: 1 without the codec benchmark and the compiled 7B step; extras: the build, then only the optional steps
+case "$PART" in all | 1 | 2 | quick | extras) ;; *) echo "gpu_check: PART must be all, 1, 2, quick or extras, got $PART"; exit 2 ;; esac
 PYTEST="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"
 
 if [ "$PART" != 2 ]; then
 step 100 "$OUT/build.log" "build lowrank._C with CUDA" env LOWRANK_CUDA_ARCHS=90a MAX_JOBS=16 python3 setup.py build_ext --inplace
 python3 -c "from lowrank import _C; print('lowrank._C with_cuda =', _C.with_cuda)" 2>&1 | tee -a "$OUT/build.log"
+fi
+if [ "$PART" != 2 ] && [ "$PART" != extras ]; then
 step 130 "$OUT/tests.log" "csrc, LoRA op, optimizer and quantize gpu tests" $PYTEST tests/csrc tests/ops/test_lora_add.py \
-  tests/ops/test_nf4_lora_linear.py tests/ops/test_lora_dropout.py tests/ops/test_experts_ops.py tests/test_optim.py tests/quant \
+  tests/ops/test_nf4_lora_linear.py tests/ops/test_lora_dropout.py tests/ops/test_experts_ops.py tests/test_optim.py \
+  tests/test_optim_as_adamw.py tests/quant \
   --deselect tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
 step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows

@@ -1,0 +1,90 @@
+"""benchmarks/gpu_check.sh, read as a program and run dry on the CPU (python3 and nvidia-smi
+stubbed): the gpu tests it selects cover every test marked gpu, the paths it names exist, each
+PART leaves at most 8 files under $OUT (what the device tool brings back)."""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+GPU_MARK = re.compile(r"pytest\.mark" + r"\.gpu\b")  # split: this file has no gpu tests of its own
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
+
+
+def commands() -> list[str]:
+    """The script's lines with backslash continuations joined."""
+    return SCRIPT.read_text().replace("\\\n", " ").splitlines()
+
+
+def selected_test_paths() -> list[str]:
+    """Every tests/... argument of a $PYTEST command (not of --deselect)."""
+    paths = []
+    for line in commands():
+        if "$PYTEST" in line:
+            words = line.split("$PYTEST", 1)[1].split()
+            paths += [w for i, w in enumerate(words) if w.startswith("tests/") and words[i - 1] != "--deselect"]
+    return paths
+
+
+def test_the_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_every_file_with_gpu_tests_is_run_and_every_named_path_exists():
+    paths = selected_test_paths()
+    missing = [p for p in paths if not (ROOT / p.split("::")[0]).exists()]
+    assert not missing, f"gpu_check.sh names test paths that do not exist: {missing}"
+    marked = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").rglob("test_*.py")
+                    if GPU_MARK.search(f.read_text()))
+    uncovered = [f for f in marked if not any(f == p or f.startswith(p.rstrip("/") + "/") for p in paths)]
+    assert not uncovered, f"tests marked gpu that gpu_check.sh never runs: {uncovered}"
+    for node in re.findall(r"--deselect (\S+)", "\n".join(commands())):  # a deselected test exists
+        file, name = node.split("::")
+        assert f"def {name}(" in (ROOT / file).read_text(), node
+
+
+STUB = r"""#!/bin/bash
+# python3 of the dry run: writes --out (and the .md / .png a benchmark writes beside it) where it is
+# under $OUT; the steps whose results go to bench.log only name a file in /tmp, left alone here
+out=""; prev=""
+for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+case "$out" in "$OUT"/*) echo '{}' > "$out"; echo x > "${out%.json}.md"; echo x > "${out%.json}.png" ;; esac
+exit 0
+"""
+
+
+def dry_run(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("python3", "nvidia-smi"):
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), **env}
+    run = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return run, sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+@pytest.mark.parametrize("part", ["quick", "1", "2", "all", "extras"])
+def test_each_part_leaves_at_most_8_files(tmp_path, part):
+    # every optional step on too, but PROFILE and CUDAGRAPHS (the script says each costs a file)
+    extras = dict.fromkeys(["PYOPS", "LUT", "OPCALLS", "DROPOUT", "ADAPTERS", "MOE", "OPTIM"], "1")
+    run, files = dry_run(tmp_path, PART=part, **extras)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(files) <= 8 and "env.txt" in files, files
+    assert not [f for f in files if f.endswith((".md", ".png", ".tmp"))], files
+    assert ("build.log" in files) == (part != "2") and ("nf4_linear.json" in files) == (part in ("2", "all"))
+    # extras: the build, then the optional steps alone (no core step's JSON), so that they fit one call
+    assert ("nf4_cuda.json" in files) == (part in ("quick", "1", "all"))
+    assert "bench_qlora_moe" in run.stdout and "bench_optim" in run.stdout
+
+
+def test_a_wrong_part_is_refused(tmp_path):
+    run, _ = dry_run(tmp_path, PART="3")
+    assert run.returncode == 2 and "PART must be all, 1, 2, quick or extras, got 3" in run.stdout
