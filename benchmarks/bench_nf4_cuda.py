@@ -121,13 +121,17 @@ def main(argv):
     rows = []
 
     def measure(op, n, k, m, name, fn, moved, base):
+        """Time fn and add its row; base: the baseline's ms (None: this is the baseline). Returns the ms,
+        None if fn failed (then a failed baseline gives the others no speedup, not the last shape's)."""
         try:
             t = _common.bench(fn, device)
         except Exception as e:  # one failing provider must not cost the others' numbers
             print(f"{op} {name} N={n} K={k} M={m} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            return
+            return None
+        speedup = 1.0 if base is None else base / t[0] if base else None
         rows.append(dict(op=op, N=n, K=k, M=m, provider=name, ms=t[0], p20=t[1], p80=t[2], gbps=moved / t[0] / 1e6,
-                         speedup=base / t[0] if base else 1.0))
+                         speedup=speedup))
+        return t[0]
 
     for n, k in [] if args.back_to_back else SHAPES[:1] if args.quick else SHAPES:
         first = len(rows)
@@ -138,8 +142,7 @@ def main(argv):
         # dequantize moves the packed weight (+ scales) in and n*k bf16 out; the copy 2 x 2nk
         moved = q.nbytes + 2 * n * k
         dst = torch.empty_like(w)
-        measure("dequantize", n, k, None, "copy (baseline)", lambda: dst.copy_(w), 4 * n * k, None)
-        base = rows[-1]["ms"]
+        base = measure("dequantize", n, k, None, "copy (baseline)", lambda: dst.copy_(w), 4 * n * k, None) or 0.0
         for name, (deq, _, _) in provs.items():
             if deq is not None:
                 measure("dequantize", n, k, None, name.replace(" dequantize", ""), lambda deq=deq: deq(q), moved, base)
@@ -148,8 +151,8 @@ def main(argv):
         for m in MS:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             moved = q.nbytes + 2 * m * (k + n)
-            measure("linear", n, k, m, "bf16 F.linear (baseline)", lambda: F.linear(x, w), 2 * n * k + 2 * m * (k + n), None)
-            base = rows[-1]["ms"]
+            base = measure("linear", n, k, m, "bf16 F.linear (baseline)", lambda: F.linear(x, w),
+                           2 * n * k + 2 * m * (k + n), None) or 0.0
             for name, (_, lin, most) in provs.items():
                 if lin is not None and m <= most:
                     measure("linear", n, k, m, name, lambda lin=lin: lin(x, q), moved, base)
