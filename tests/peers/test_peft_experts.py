@@ -20,6 +20,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import lowrank  # noqa: E402
+from tests.tuners.models import phimoe  # noqa: E402
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -275,13 +276,6 @@ def test_w_prime_as_peft_forms_it(kind, model_dtype, adapter_dtype, params, seco
     assert sorted(theirs) == sorted(mine)
     assert all(torch.equal(theirs[k].grad, mine[k].grad) for k in theirs)
 
-
-def phimoe():
-    torch.manual_seed(0)
-    cfg = transformers.PhimoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                    num_experts_per_tok=2)
-    return transformers.PhimoeForCausalLM(cfg).eval()
 
 
 def test_lora_on_a_routers_weight_computes_as_peft():

@@ -26,6 +26,18 @@ def mixtral():
     return transformers.MixtralForCausalLM(cfg)
 
 
+
+def phimoe():
+    """PhiMoE: its router subclasses nn.Linear and returns routing (a module LoRA cannot wrap); eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.PhimoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                    num_experts_per_tok=2)
+    return transformers.PhimoeForCausalLM(cfg).eval()
+
+
 def gpt_oss():
     """Experts stored (E, in, out) (`is_transposed`) with biases: 4 experts a layer."""
     import transformers

@@ -15,14 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import lowrank  # noqa: E402
+from tests.tuners.models import phimoe  # noqa: E402
 
-
-def phimoe() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.PhimoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                    num_experts_per_tok=2)
-    return transformers.PhimoeForCausalLM(cfg).eval()
 
 
 def test_a_router_that_subclasses_linear_is_refused_at_inject():
