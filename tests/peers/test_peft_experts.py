@@ -277,7 +277,6 @@ def test_w_prime_as_peft_forms_it(kind, model_dtype, adapter_dtype, params, seco
     assert all(torch.equal(theirs[k].grad, mine[k].grad) for k in theirs)
 
 
-
 def test_lora_on_a_routers_weight_computes_as_peft():
     """PhiMoE's router subclasses nn.Linear but returns routing, so LoRA on it as a module has no
     output to add to (PEFT's forward fails; lowrank refuses it at inject); on its weight (parameters) it works."""

@@ -15,7 +15,6 @@ import lowrank  # noqa: E402
 from tests.tuners.models import phimoe  # noqa: E402
 
 
-
 def test_a_routers_weight_is_refused_without_pointing_at_targets():
     model = phimoe()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -18,7 +18,6 @@ import lowrank  # noqa: E402
 from tests.tuners.models import phimoe  # noqa: E402
 
 
-
 def test_a_router_that_subclasses_linear_is_refused_at_inject():
     model = phimoe()
     ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(1))
