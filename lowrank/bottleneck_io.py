@@ -62,6 +62,13 @@ def is_bottleneck(model: nn.Module, name: str | None) -> bool:
     return bool(adapter_names(model)) and set(_names(model)) == set(adapter_names(model))
 
 
+def _computes(config: AdapterConfig) -> tuple:
+    """The FIELDS that decide what the saved adapter computes, given its exact modules: not `placement`
+    (it picks default targets only), nor `reduction_factor` beside a `bottleneck_size` (which sets the width)."""
+    ignored = {"placement"} | ({"reduction_factor"} if config.bottleneck_size is not None else set())
+    return tuple(None if f in ignored else getattr(config, f) for f in FIELDS)
+
+
 def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(keyed tensors, adapter_config dict) for bottleneck adapter `name` of `model`."""
     from .io import PREFIX, only_name
@@ -71,7 +78,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     layers = _layers(model, name)
     # the file holds one set of FIELDS and the exact modules: parts injected with their own targets (an encoder's
     # and a decoder's, under one name) save as one; other fields that differ cannot
-    configs = {tuple(getattr(layer.configs[name], f) for f in FIELDS): layer.configs[name] for _, layer in layers}
+    configs = {_computes(layer.configs[name]): layer.configs[name] for _, layer in layers}
     if len(configs) > 1:
         differ = [f for i, f in enumerate(FIELDS) if len({k[i] for k in configs}) > 1]
         raise ValueError(f"bottleneck adapter {name!r} was injected with configs whose {differ} differ "

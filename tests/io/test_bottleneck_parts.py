@@ -55,3 +55,17 @@ def test_parts_whose_other_fields_differ_are_refused_naming_them(tmp_path):
                                          r"\['activation', 'scaling'\] differ .*'scaling': 2.0.*'scaling': 3.0"):
         lowrank.save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_parts_that_differ_only_in_what_picks_default_targets_save_as_one(tmp_path):
+    # placement chooses default targets only, and reduction_factor is unused beside a bottleneck_size: parts differing
+    # in them compute what one config with the exact modules computes, and were refused
+    model = t5()
+    lowrank.inject(model.encoder, AdapterConfig(placement="houlsby", bottleneck_size=8, reduction_factor=4))
+    lowrank.inject(model.decoder, AdapterConfig(placement="pfeiffer", bottleneck_size=8, reduction_factor=2))
+    models.randomize_adapters(model)
+    want = logits(model)
+    lowrank.save_adapter(model, tmp_path / "a")
+    other = t5()
+    lowrank.load_adapter(other, tmp_path / "a")
+    assert torch.equal(logits(other), want)
