@@ -65,8 +65,17 @@ step() {  # step SECONDS LOG NAME COMMAND...: run, append to LOG, note a failure
 
 {
   timeout 10 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv
-  timeout 10 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  timeout 10 python3 -c "import bitsandbytes, peft, transformers; print('bitsandbytes', bitsandbytes.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)"
+  # each package on its own line: one that does not import (no bitsandbytes wheel) keeps the others' versions
+  timeout 15 python3 -c "
+import importlib
+for name in ('torch', 'triton', 'bitsandbytes', 'peft', 'transformers'):
+    try:
+        module = importlib.import_module(name)
+    except Exception as e:  # not installed, or a library it loads is missing
+        print(name, 'does not import:', type(e).__name__, e)
+    else:
+        print(name, module.__version__, *(['cuda', module.version.cuda] if name == 'torch' else []))
+"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
