@@ -110,6 +110,23 @@ def calls(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[tuple[str,
     return run, [tuple(line.split("|", 2)) for line in log], out
 
 
+@pytest.mark.parametrize("part", ["quick", "1", "2", "all"])
+def test_every_call_has_a_limit_and_the_header_sums_them(tmp_path, part):
+    """The device tool stops a call at 600 s: PART=1 and PART=2 must fit it at every limit, PART=quick
+    the docs' timeout_s=480. The pip install and the _C check ran without a limit, and the header said
+    600 s for PART=1 where its limits made 620 s and more."""
+    run, made, _ = calls(tmp_path, PART=part)
+    assert run.returncode == 0, run.stdout + run.stderr
+    unlimited = [(name, args) for name, parent, args in made if parent.split()[0].rsplit("/", 1)[-1] != "timeout"]
+    assert not unlimited, unlimited
+    total = sum(int(parent.split()[1]) for _, parent, _ in made)
+    header = SCRIPT.read_text().split("# Budget at every limit", 1)[1].split("# PART=1 / PART=2", 1)[0]
+    said = {"1": r"PART=1:.*?= (\d+) s in all", "quick": r"PART=quick:.*?(\d+) s in all",
+            "2": r"PART=2:.*?= (\d+) s in all", "all": r"PART=all: both, (\d+) s"}[part]
+    assert int(re.search(said, header, re.S).group(1)) == total, (part, total)
+    assert total <= {"1": 590, "2": 590, "quick": 470, "all": 10**4}[part], total
+
+
 def test_env_txt_has_each_version_without_bitsandbytes(tmp_path):
     """No wheel carried: `import bitsandbytes, peft, transformers` in one command lost peft's and
     transformers' versions too."""
