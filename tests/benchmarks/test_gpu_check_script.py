@@ -127,6 +127,21 @@ def test_every_call_has_a_limit_and_the_header_sums_them(tmp_path, part):
     assert total <= {"1": 590, "2": 590, "quick": 470, "all": 10**4}[part], total
 
 
+def test_without_cuda_in_lowrank_C_its_tests_are_left_out_once(tmp_path):
+    """A failed build: tests/csrc/test_cuda_kernels.py gave an ImportError for each of its 401 tests."""
+    run, made, out = calls(tmp_path, PART="quick", STUB_NO_C="1")
+    assert run.returncode == 1, run.stdout + run.stderr  # the kernels the run is for are missing
+    tests_log = (out / "tests.log").read_text()
+    assert tests_log.count("lowrank._C has no CUDA kernels") == 1, tests_log
+    pytests = [args for _, _, args in made if args.startswith("-m pytest")]
+    assert len(pytests) == 1 and "--ignore=tests/csrc/test_cuda_kernels.py" in pytests[0], pytests
+    assert " tests/csrc " in pytests[0] + " "  # the other csrc gpu tests still run (they skip without _C)
+    run, made, out = calls(tmp_path, PART="quick")  # with it, everything runs
+    pytests = [args for _, _, args in made if args.startswith("-m pytest")]
+    assert len(pytests) == 2 and "--ignore" not in " ".join(pytests)
+    assert "lowrank._C has no CUDA" not in (out / "tests.log").read_text()
+
+
 def test_env_txt_has_each_version_without_bitsandbytes(tmp_path):
     """No wheel carried: `import bitsandbytes, peft, transformers` in one command lost peft's and
     transformers' versions too."""
