@@ -11,7 +11,8 @@ at M = 1; bf16 F.linear on the dense weight, the baseline). Each: median and 20/
 of 15 samples (a sample: the mean of as many calls as take about 2 ms), GB/s of the bytes the
 op must move, the fraction of this machine's memory bandwidth (measured here with a 256 MiB
 tensor copy), and the time ratio to each baseline. Writes --out (default
-benchmarks/results/nf4_cpu.json) and a .md table beside it.
+benchmarks/results/nf4_cpu.json) and a .md table beside it. Skips (exit 0) with a message when
+lowrank._C is not built: every row but the baselines times it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ def main(argv):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "nf4_cpu.json")
     args = parser.parse_args(argv)
-    from lowrank import _C, nf4
+    try:
+        from lowrank import _C
+    except ImportError as e:  # a traceback said less than this (bench_nf4_cuda.py skips the same way)
+        print(f"bench_nf4_cpu: lowrank._C is not built ({e}): nothing to measure; build it with "
+              "`python setup.py build_ext --inplace` (docs/csrc.md)")
+        return 0
+    from lowrank import nf4
 
     cpu = torch.device("cpu")
     n = k = 512 if args.quick else 4096

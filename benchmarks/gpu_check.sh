@@ -7,9 +7,9 @@
 #                                            with dropout too: native_dropout's mask, first run on a GPU here)
 #   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16; csrc-mma-staged,
 #                                            -staged2 and -lut, written 2026-11-28 without a GPU, first timed here)
-#   bench_nf4_codec.py --device cuda        (quantize / dequantize on the GPU; table in bench.log)
 #   bench_qlora.py --llama7b                (a QLoRA step of the Llama-2-7B shape: memory and tokens/s)
 #   bench_qlora.py --llama7b --compile      (the same with each decoder layer torch.compiled, both sides)
+#   bench_nf4_codec.py --device cuda        (quantize / dequantize on the GPU; table in bench.log)
 #   Triton gpu tests, then bench_nf4_linear.py at two shapes and M in {1, 16} (the Triton kernels
 #   rewritten on 2026-11-28 after a SASS count, not yet timed), then (PROFILE=1) ncu on the CUDA kernels
 # and leaves at most 8 files under $OUT (the device tool's limit):
@@ -24,27 +24,32 @@
 #   (bench_qlora --adapter-dtype compute / float32), their tables in bench.log; MOE=1 bench_qlora_moe, a Mixtral with
 #   4-bit experts against PEFT + bitsandbytes, routed and dense path, also 32 experts top 4, and bench_experts4bit
 #   with its compiled (gathered) forward, its tables in bench.log)
-# Budget at every step's limit: 10 s wheels + 10 s env + 100 s build + 130 + 30 s tests + 85 + 20
-# + 80 + 135 s benchmarks = 600 s for PART=1, then 45 s Triton tests + 60 s Triton benchmark for
-# PART=2: about 11.8 minutes in all, over the device tool's 10 minutes a call. The steps are in
+# Budget at every limit (every command runs under `timeout`; tests/benchmarks/test_gpu_check_script.py
+# sums the limits of a dry run and checks these): 10 s wheel + 5 s nvidia-smi + 15 s versions, then
+# PART=1: 100 s build + 10 s _C check + 130 + 20 s tests + 85 + 80 + 135 s benchmarks = 590 s in all;
+# PART=quick: the same without the compiled step, 455 s in all (415 s of them the steps' own);
+# PART=2: 20 s codec benchmark + 45 s Triton tests + 60 s Triton benchmark = 155 s in all;
+# PART=all: both, 715 s, over the device tool's 10 minutes a call. The steps are in
 # the order they matter and usually end well before their limits (the last runs took 6.5 minutes
 # for everything before the compiled step).
 # PART=1 / PART=2 split it in two calls of the device tool, each under its 10 minutes (PART=2
-# needs no build: the Triton kernels compile on the spot, and bench_nf4_linear times lowrank._C
-# only where the first part built it).
+# needs no build: the Triton kernels compile on the spot, and bench_nf4_codec and bench_nf4_linear
+# time lowrank._C only where the first part built it).
+# Without lowrank._C's CUDA kernels (a failed build: build.log) the tests of those kernels are left
+# out, said once in tests.log; the rest runs (the ops fall back to their Triton and Python kernels).
 # New since the last GPU run, and run on a GPU here first: the staged GEMVs (ids 3, 4), the pair-table
 # GEMV mma-lut (id 5: make it the default of auto_half_kernel in nf4_cuda_gemv.cu if it is right and fastest),
 # the ops' CUDA kernels in C++ (csrc/dispatch.h) and their autograd in C++ (csrc/autograd.cpp). If either
 # fails, LOWRANK_PYTHON_OPS=1 takes the ops back to their Python kernels and autograd (the path of the
 # earlier runs) for the rest: PYOPS=1 also times that.
-# PART=quick is PART=1 without the codec and compiled steps (at most 425 s of step limits: build, the CUDA tests,
+# PART=quick is PART=1 without the compiled step (415 s of step limits, 455 s in all: build, the CUDA tests,
 # bench_nf4_cuda, the eager 7B step), for a session whose whole device time is 15 minutes, the machine's start
 # included: one call with timeout_s ~480 leaves time for one rerun or for PART=2 while the machine is warm
 # (it goes back 30 s after a call).
 # PART=extras is the build alone, then only the optional steps switched on above (MOE=1, OPTIM=1, ...): with
 # PART=all, 1 or quick in front of them they would not fit one call of 10 minutes, nor a 15-minute session.
 # Run from the repository root:  OUT=/some/dir bash benchmarks/gpu_check.sh   (or PART=quick / 1 / 2 / extras ...)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
+timeout 10 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
   || { echo "gpu_check: no usable wheel in .whl/: continuing without bitsandbytes"; export PYTHONPATH=$PWD; }
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -64,32 +69,47 @@ step() {  # step SECONDS LOG NAME COMMAND...: run, append to LOG, note a failure
 }
 
 {
-  timeout 10 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv
-  timeout 10 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  timeout 10 python3 -c "import bitsandbytes, peft, transformers; print('bitsandbytes', bitsandbytes.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)"
+  timeout 5 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv
+  # each package on its own line: one that does not import (no bitsandbytes wheel) keeps the others' versions
+  timeout 15 python3 -c "
+import importlib
+for name in ('torch', 'triton', 'bitsandbytes', 'peft', 'transformers'):
+    try:
+        module = importlib.import_module(name)
+    except Exception as e:  # not installed, or a library it loads is missing
+        print(name, 'does not import:', type(e).__name__, e)
+    else:
+        print(name, module.__version__, *(['cuda', module.version.cuda] if name == 'torch' else []))
+"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-PART=${PART:-all}  # 1: build, CUDA tests and benchmarks, the 7B steps; 2: the Triton tests and benchmark; all: both;
-# quick: 1 without the codec benchmark and the compiled 7B step; extras: the build, then only the optional steps
+PART=${PART:-all}  # 1: build, CUDA tests and benchmarks, the 7B steps; 2: the codec benchmark, the Triton tests and
+# benchmark; all: both; quick: 1 without the compiled 7B step; extras: the build, then only the optional steps
 case "$PART" in all | 1 | 2 | quick | extras) ;; *) echo "gpu_check: PART must be all, 1, 2, quick or extras, got $PART"; exit 2 ;; esac
 PYTEST="python3 -m pytest -m gpu -q -p no:cacheprovider -rfE"
+CUDA_C=1  # 0: lowrank._C has no CUDA kernels (below), their tests are left out
 
 if [ "$PART" != 2 ]; then
 step 100 "$OUT/build.log" "build lowrank._C with CUDA" env LOWRANK_CUDA_ARCHS=90a MAX_JOBS=16 python3 setup.py build_ext --inplace
-python3 -c "from lowrank import _C; print('lowrank._C with_cuda =', _C.with_cuda)" 2>&1 | tee -a "$OUT/build.log"
+timeout 10 python3 -c "from lowrank import _C; print('lowrank._C with_cuda =', _C.with_cuda); raise SystemExit(0 if _C.with_cuda else 3)" \
+  2>&1 | tee -a "$OUT/build.log" || CUDA_C=0
+fi
+CSRC_CUDA_TESTS=""  # tests/csrc/test_cuda_kernels.py would give an ImportError per test (401) without lowrank._C
+if [ "$CUDA_C" = 0 ] && [ "$PART" != 2 ]; then
+  CSRC_CUDA_TESTS="--ignore=tests/csrc/test_cuda_kernels.py"
+  status=1  # the kernels this run is for were not built
+  echo "gpu_check: lowrank._C has no CUDA kernels (build.log): tests/csrc/test_cuda_kernels.py is left out" >> "$OUT/tests.log"
 fi
 if [ "$PART" != 2 ] && [ "$PART" != extras ]; then
 step 130 "$OUT/tests.log" "csrc, LoRA op, optimizer and quantize gpu tests" $PYTEST tests/csrc tests/ops/test_lora_add.py \
   tests/ops/test_nf4_lora_linear.py tests/ops/test_lora_dropout.py tests/ops/test_experts_ops.py tests/test_optim.py \
   tests/test_optim_as_adamw.py tests/quant \
-  --deselect tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
+  --deselect tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows $CSRC_CUDA_TESTS
 # alone: a failing TORCH_CHECK that formats a number crashed the process on this machine before (docs/csrc.md)
-step 30 "$OUT/tests.log" "csrc error messages" $PYTEST tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
+[ "$CUDA_C" = 0 ] || step 20 "$OUT/tests.log" "csrc error messages" $PYTEST \
+  tests/csrc/test_cuda_kernels.py::test_cuda_gemv_refuses_too_many_rows
 step 85 "$OUT/bench.log" "bench_nf4_cuda" python3 benchmarks/bench_nf4_cuda.py --out "$OUT/nf4_cuda.json"
-# quantize and dequantize on the GPU against bitsandbytes and torchao (the table goes to bench.log only)
-[ "$PART" = quick ] || step 20 "$OUT/bench.log" "bench_nf4_codec --device cuda" python3 benchmarks/bench_nf4_codec.py --device cuda \
-  --out /tmp/nf4_codec.json
 step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.py --llama7b --reps 4 --profile --out "$OUT/qlora.json"
 # the first (warm-up) step of each side compiles one decoder layer's forward and backward (a guess:
 # 40-70 s a side on the GPU machine's 16 cores; the JSON is rewritten after each side)
@@ -98,6 +118,10 @@ step 80 "$OUT/bench.log" "bench_qlora --llama7b" python3 benchmarks/bench_qlora.
 fi
 
 if [ "$PART" = all ] || [ "$PART" = 2 ]; then
+# quantize and dequantize on the GPU against bitsandbytes and torchao (the table goes to bench.log only;
+# here, not in PART=1, so that PART=1 fits 10 minutes at every limit)
+step 20 "$OUT/bench.log" "bench_nf4_codec --device cuda" python3 benchmarks/bench_nf4_codec.py --device cuda \
+  --out /tmp/nf4_codec.json
 # TRITON_TESTS narrows the Triton tests (each autotunes, ~2 s a test); all of tests/ops/test_gpu.py by default
 step 45 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops/test_gpu.py -k "${TRITON_TESTS:-}"
 step 60 "$OUT/bench.log" "bench_nf4_linear (Triton and the rest) at two shapes" python3 benchmarks/bench_nf4_linear.py \
@@ -112,7 +136,7 @@ if [ "${PYOPS:-0}" = 1 ]; then  # the eager 7B step with the ops' Python kernels
     benchmarks/bench_qlora.py --llama7b --reps 4 --out /tmp/qlora_python_ops.json
 fi
 if [ "${LUT:-0}" = 1 ]; then  # mma-lut as the ops' GEMV (csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV): before flipping it
-  step 90 "$OUT/tests.log" "csrc op gpu tests, LOWRANK_CUDA_GEMV=mma-lut" env LOWRANK_CUDA_GEMV=mma-lut $PYTEST \
+  [ "$CUDA_C" = 0 ] || step 90 "$OUT/tests.log" "csrc op gpu tests, LOWRANK_CUDA_GEMV=mma-lut" env LOWRANK_CUDA_GEMV=mma-lut $PYTEST \
     tests/csrc/test_cuda_kernels.py -k "op_"
   step 40 "$OUT/bench.log" "bench_nf4_cuda --back-to-back, LOWRANK_CUDA_GEMV=mma-lut" env LOWRANK_CUDA_GEMV=mma-lut \
     python3 benchmarks/bench_nf4_cuda.py --back-to-back --out /tmp/nf4_cuda_lut.json
