@@ -160,6 +160,24 @@ def test_an_adapter_of_the_experts_alone_loads(tmp_path):
     assert sorted(result.modules) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
 
 
+def load_into_both(quantized, twin, path):
+    """Fill `twin` with `quantized`'s 4-bit tensors dequantized, load the file at `path` into both, check
+    that they got the same adapter and compute the same logits bit for bit; the quantized one's LoadResult."""
+    for name, m in quantized.named_modules():
+        if isinstance(m, lowrank.quant.params4bit.Weight4bit):
+            owner, p = name.rsplit(".", 1)
+            setattr(twin.get_submodule(owner), p, torch.nn.Parameter(m.dense(), requires_grad=False))
+    a, b = lowrank.load_adapter(quantized, path), lowrank.load_adapter(twin, path)
+    assert a.modules == b.modules
+    ours = {k: p for k, p in quantized.named_parameters() if "lora_" in k}
+    theirs = {k: p for k, p in twin.named_parameters() if "lora_" in k}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(quantized(ids).logits, twin(ids).logits)
+    return a
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
 def test_a_v4_file_loads_onto_4bit_experts_as_onto_dense_ones(kind, tmp_path, monkeypatch):
     """The experts in 4 bits (NF4Config.parameters): the file's fused factors are the same tensors,
@@ -171,15 +189,5 @@ def test_a_v4_file_loads_onto_4bit_experts_as_onto_dense_ones(kind, tmp_path, mo
     lowrank.quantize(quantized, lowrank.NF4Config(targets=["q_proj"], parameters=["experts.gate_up_proj",
                                                                                    "experts.down_proj"]))
     lowrank.quantize(twin, lowrank.NF4Config(targets=["q_proj"]))
-    for name, m in quantized.named_modules():
-        if isinstance(m, lowrank.quant.params4bit.Weight4bit):
-            owner, p = name.rsplit(".", 1)
-            setattr(twin.get_submodule(owner), p, torch.nn.Parameter(m.dense(), requires_grad=False))
-    a, b = lowrank.load_adapter(quantized, tmp_path), lowrank.load_adapter(twin, tmp_path)
-    assert a.modules == b.modules and any(".experts." in m for m in a.modules)
-    ours = {k: p for k, p in quantized.named_parameters() if "lora_" in k}
-    theirs = {k: p for k, p in twin.named_parameters() if "lora_" in k}
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert torch.equal(quantized(ids).logits, twin(ids).logits)
+    a = load_into_both(quantized, twin, tmp_path)
+    assert any(".experts." in m for m in a.modules)
