@@ -14,6 +14,7 @@ Default targets per placement (used when AdapterConfig.targets is None):
     transformers Phi              self_attn.dense           mlp
     transformers GPT-J, CodeGen   attn.out_proj             mlp
     transformers T5, mT5, UMT5    SelfAttention.o           DenseReluDense
+    transformers LongT5           its encoder's LocalSelfAttention.o / TransientGlobalSelfAttention.o
     nn.TransformerEncoderLayer    self_attn (the MHA)       linear2
     nn.TransformerDecoderLayer    self_attn (not the cross- linear2
                                   attention multihead_attn)
@@ -63,7 +64,9 @@ def _attention_targets(model: nn.Module, modules: list) -> tuple:
 
 
 ATTENTION_TARGETS = ("self_attn.o_proj", "attn.c_proj", "attention.output.dense", "attention.dense",
-                     "self_attention.dense", "self_attn.dense", attn_out_proj, "SelfAttention.o", self_attention_mha)
+                     "self_attention.dense", "self_attn.dense", attn_out_proj, "SelfAttention.o",
+                     "LocalSelfAttention.o", "TransientGlobalSelfAttention.o",  # LongT5's encoder self-attention
+                     self_attention_mha)
 # T5's feed-forward block and self-attention output, before their residual sums (T5LayerFF, T5LayerSelfAttention);
 # a decoder's cross-attention (EncDecAttention) is left out, as AdapterHub's Houlsby config leaves it
 FFN_TARGETS = ("mlp", r"re:(.*\.)?layer\.\d+\.output\.dense", "linear2", "DenseReluDense")

@@ -58,3 +58,17 @@ def test_the_ffn_adapter_sits_before_the_residual_sum():
         adapter = ff.DenseReluDense.adapters["default"]
         want = x + (f + 2.0 * adapter.up(adapter.act(adapter.down(f))))
         assert torch.equal(ff(x), want)
+
+
+@pytest.mark.parametrize("attention", ["local", "transient-global"])
+def test_longt5s_encoder_attention_gets_houlsbys_adapter(attention):
+    # its encoder's self-attention is LocalSelfAttention / TransientGlobalSelfAttention, not SelfAttention: Houlsby
+    # adapted the decoder's attention and every feed-forward, and the encoder's attention silently not
+    torch.manual_seed(0)
+    cfg = transformers.LongT5Config(vocab_size=models.VOCAB, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8,
+                                    encoder_attention_type=attention, local_radius=4)
+    model = transformers.LongT5ForConditionalGeneration(cfg).eval()
+    kind = "LocalSelfAttention" if attention == "local" else "TransientGlobalSelfAttention"
+    assert sorted(inject(model, AdapterConfig(placement="houlsby"))) == sorted([
+        f"encoder.block.0.layer.0.{kind}.o", "encoder.block.0.layer.1.DenseReluDense",
+        "decoder.block.0.layer.0.SelfAttention.o", "decoder.block.0.layer.2.DenseReluDense"])
