@@ -82,7 +82,9 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     if len(configs) > 1:
         differ = [f for i, f in enumerate(FIELDS) if len({k[i] for k in configs}) > 1]
         raise ValueError(f"bottleneck adapter {name!r} was injected with configs whose {differ} differ "
-                         f"({[dict(zip(FIELDS, k)) for k in configs]}); our format holds one value of each")
+                         # the values as given (the keys hold None for a field _computes ignores: 'placement': None)
+                         f"({[{f: getattr(c, f) for f in FIELDS} for c in configs.values()]}); our format holds one "
+                         "value of each")
     config = next(iter(configs.values()))
     tensors = {}
     for where, layer in layers:

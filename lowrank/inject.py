@@ -120,7 +120,10 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
             matches.append((p, a, n, c))
     params = lora_param.find(_walk(model), config, model) if getattr(config, "parameters", None) else []
     if getattr(config, "parameters", None) and not params:  # a name that matches nothing is a mistake, not a no-op
-        four_bit = [n for n, m in model.named_modules() if isinstance(m, Stored4bit) and is_linear_like(m)][:2]
+        # only 4-bit layers whose weight the names match: beside a typo elsewhere the hint misled (any 4-bit model)
+        named = compile_filter(config.parameters, (), model)
+        four_bit = [n for _, _, n, c in _walk(model) if isinstance(m := _unwrap(c), Stored4bit) and is_linear_like(m)
+                    and named(f"{n}.weight", m)][:2]
         raise ValueError(f"no parameter of {type(model).__name__} matched parameters={config.parameters!r}; "
                          f"they are named as in model.named_parameters(), e.g. {weights_named(model)[:4]}" + (
                              f"; a 4-bit linear layer's weight (e.g. of {four_bit}) is no parameter: name the layer "

@@ -242,7 +242,9 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
                     _link_or_copy(f, tmp / f.name)
         yield tmp
         for f in tmp.iterdir():
-            if f.is_file():
+            # not a carried symbolic link: what it points to was not written here, and may sit on a file system
+            # that refuses fsync (/proc, some FUSE mounts: EINVAL failed the save); the link itself is an entry of tmp
+            if f.is_file() and not f.is_symlink():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)

@@ -117,6 +117,12 @@ class Stored4bit(nn.Module):
                               f"this module holds it in 4 bits {tuple(self.shape)}: load a dense checkpoint before "
                               "quantize (or with lowrank.load_and_quantize), a 4-bit one (state_dict()) after")
             return set(ours)
+        if any(t.is_meta for t in ours.values()):  # a skeleton's state dict: its quant state holds no JSON to read
+            if not self.packed.is_meta:  # into meta tensors a no-op, as torch copies meta into meta
+                error_msgs.append(f"while loading the 4-bit weight {key!r}: the checkpoint's entries are on the meta device, "
+                                  "with no values (the state dict of a model built under lowrank.skeleton() or from "
+                                  "meta weights, not loaded); load one that holds values")
+            return set(ours)
         try:
             q = NF4Weight.from_state_dict(ours, key)
         except (KeyError, ValueError) as e:
@@ -240,8 +246,11 @@ class Linear4bit(Stored4bit):
             elif assign:
                 self.bias = nn.Parameter(b.detach(), requires_grad=self.bias.requires_grad)  # as torch assigns
             else:
-                with torch.no_grad():
-                    self.bias.copy_(b)
+                try:  # as torch: a copy that fails (out of a meta tensor) is one of the load's errors, with its key
+                    with torch.no_grad():
+                        self.bias.copy_(b)
+                except Exception as e:
+                    error_msgs.append(f"while copying {b_key!r}: {type(e).__name__}: {e}")
         if strict:
             known = set(ours) | {b_key} if self.bias is not None else set(ours)
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
