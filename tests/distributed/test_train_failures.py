@@ -62,23 +62,28 @@ def test_a_failed_save_under_ddp_raises_on_every_rank_instead_of_hanging(tmp_pat
     _run(_save_fails_on_rank0, tmp_path, str(tmp_path / "out"))
 
 
-def _interrupted_on_rank0(rank: int, world: int) -> None:
+def _interrupted_on_rank0(rank: int, world: int, out: str) -> None:
     def write():
         if rank == 0:
             raise KeyboardInterrupt  # Ctrl-C reached rank 0 alone while it wrote
         return "written"
 
     ranks = parallel.Ranks("ddp", rank, world, "cpu")
+    start = time.monotonic()
     if rank == 0:
         with pytest.raises(KeyboardInterrupt):
             ranks.first(write)
     else:  # it waited in the broadcast until the collective timed out: on_main caught Exception only
         with pytest.raises(RuntimeError, match="rank 0 failed while writing for all ranks: KeyboardInterrupt"):
             ranks.first(write)
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:  # what each rank saw, for the test to read
+        f.write(f"{time.monotonic() - start}")
 
 
 def test_an_interrupt_on_rank0_while_it_writes_reaches_every_rank(tmp_path):
-    _run(_interrupted_on_rank0, tmp_path)
+    _run(_interrupted_on_rank0, tmp_path, str(tmp_path))
+    waited = [float((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+    assert max(waited) < TIMEOUT_S  # each rank raised what it should, and rank 1 not after the collective's timeout
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -16,5 +16,5 @@ def test_a_seed_the_generator_cannot_take_is_refused(seed):
 
 @pytest.mark.parametrize("seed", [2**64 - 1, -2**63, 0])
 def test_the_range_of_seeds_is_the_generators(seed):
-    Settings(temperature=0.7, seed=seed)
-    torch.Generator().manual_seed(seed)  # what generate does with it
+    assert Settings(temperature=0.7, seed=seed).seed == seed
+    assert torch.Generator().manual_seed(seed).initial_seed() == seed % 2**64  # what generate does with it
