@@ -195,11 +195,12 @@ _ON_DEVICE: dict[tuple[str, bool, torch.device], torch.Tensor] = {}  # (what, si
 
 
 def _table(what: str, signed: bool, device: torch.device) -> torch.Tensor:
-    """The grid table or the map of the signed / unsigned code on `device`, copied there once
-    (an optimizer step codes every state tensor on every step)."""
+    """The grid table, the map of the signed / unsigned code, or (what="pairs") the NF4 values of
+    each byte's two codes, on `device`, copied there once: an optimizer step codes every state
+    tensor on every step, and a copy from the host cannot be captured in a CUDA graph."""
     key = (what, signed, device)
     if key not in _ON_DEVICE:
-        cpu = _LUTS[signed] if what == "lut" else (DYNAMIC_CODE if signed else UNSIGNED_DYNAMIC_CODE)
+        cpu = {"lut": _LUTS[signed], "pairs": _NF4_PAIRS}.get(what, DYNAMIC_CODE if signed else UNSIGNED_DYNAMIC_CODE)
         _ON_DEVICE[key] = cpu.to(device)
     return _ON_DEVICE[key]
 
@@ -340,7 +341,7 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise TypeError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
     n, bs = q.numel, q.blocksize
     absmax = dequantize_scales(q.absmax, q.nested_absmax, q.offset) if q.double_quant else q.absmax
-    pairs = _NF4_PAIRS.to(q.device)
+    pairs = _table("pairs", True, q.device)
     out = torch.empty(n, dtype=dtype, device=q.device)
     chunk = _chunk(q.device, n)  # See Note: chunks.
     for start in range(0, n, chunk):

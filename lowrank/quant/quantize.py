@@ -51,8 +51,9 @@ class NF4Config:
         if self.targets is None and not self.parameters:
             raise ValueError("targets is None and parameters names nothing: give the layers to quantize (or "
                              "'all-linear'), or the parameters (parameters=['experts.gate_up_proj'])")
-        # None: no linear layer, the parameters alone (a MoE model's experts in 4 bits, its attention dense)
-        object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=self.targets is None))
+        # None (stored as ()): no linear layer, the parameters alone (a MoE model's experts in 4 bits, its
+        # attention dense); () is taken back too, so dataclasses.replace(config, ...) rebuilds such a config
+        object.__setattr__(self, "targets", _check_targets("targets", self.targets, allow_none=bool(self.parameters)))
         object.__setattr__(self, "skip", _check_targets("skip", self.skip, allow_none=True))
 
 

@@ -53,7 +53,8 @@ def quantized_and_twin(build, config=CONFIG):
     """(the model with 4-bit experts, its dense twin): the twin's linear layers quantized alike."""
     model, twin = build(), build()
     lowrank.quantize(model, config)
-    lowrank.quantize(twin, lowrank.NF4Config(targets=config.targets, compute_dtype=config.compute_dtype))
+    if config.targets:  # (targets=None: the experts alone, the twin's linear layers stay as they are)
+        lowrank.quantize(twin, lowrank.NF4Config(targets=config.targets, compute_dtype=config.compute_dtype))
     for name, m in model.named_modules():
         if isinstance(m, Weight4bit):
             owner, p = name.rsplit(".", 1)
@@ -69,7 +70,8 @@ def randomized(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for k, p in model.named_parameters():
             if "lora_" in k:  # B = 0 at init would hide a wrong W'
-                p.normal_(std=0.05, generator=torch.Generator().manual_seed(zlib.crc32(k.encode())))
+                g = torch.Generator().manual_seed(zlib.crc32(k.encode()))  # on the CPU: the same draws on any device
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
 
 
