@@ -15,8 +15,8 @@
 # and leaves at most 8 files under $OUT (the device tool's limit):
 #   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json qlora_compiled.json nf4_linear.json
 #   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back;
-#   PYOPS=1 adds the eager 7B step with LOWRANK_PYTHON_OPS=1, its table in bench.log; LUT=1 the op tests and
-#   the op's back-to-back decode timing with mma-lut as the ops' GEMV, LOWRANK_CUDA_GEMV=mma-lut; OPTIM=1
+#   PYOPS=1 adds the eager 7B step with LOWRANK_PYTHON_OPS=1, its table in bench.log; MMA=1 the op tests and
+#   the op's back-to-back decode timing with mma (the default before 2026-11-30) as the ops' GEMV; OPTIM=1
 #   bench_optim, PagedAdamW's 8-bit states against AdamW and AdamW8bit, its table in bench.log; DROPOUT=1 the eager
 #   7B step with LoRA dropout 0.1 on both sides (the QLoRA recipes'), its table in bench.log; OPCALLS=1
 #   bench_op_calls on CUDA, the CPU cost of one 4-bit layer's call with and without LoRA against PEFT's, then with
@@ -28,20 +28,19 @@
 # sums the limits of a dry run and checks these): 10 s wheel + 5 s nvidia-smi + 15 s versions, then
 # PART=1: 100 s build + 10 s _C check + 130 + 20 s tests + 85 + 80 + 135 s benchmarks = 590 s in all;
 # PART=quick: the same without the compiled step, 455 s in all (415 s of them the steps' own);
-# PART=2: 20 s codec benchmark + 45 s Triton tests + 60 s Triton benchmark = 155 s in all;
-# PART=all: both, 715 s, over the device tool's 10 minutes a call. The steps are in
-# the order they matter and usually end well before their limits (the last runs took 6.5 minutes
-# for everything before the compiled step).
+# PART=2: 20 s codec benchmark + 80 s Triton tests + 60 s Triton benchmark = 190 s in all;
+# PART=all: both, 750 s, over the device tool's 10 minutes a call. The steps are in
+# the order they matter and usually end well before their limits (on 2026-11-30 PART=quick and two optional steps took
+# 285 s, the machine's start not counted; 49 Triton tests took more than 45 s, so they have 80 s now).
 # PART=1 / PART=2 split it in two calls of the device tool, each under its 10 minutes (PART=2
 # needs no build: the Triton kernels compile on the spot, and bench_nf4_codec and bench_nf4_linear
 # time lowrank._C only where the first part built it).
 # Without lowrank._C's CUDA kernels (a failed build: build.log) the tests of those kernels are left
 # out, said once in tests.log; the rest runs (the ops fall back to their Triton and Python kernels).
-# New since the last GPU run, and run on a GPU here first: the staged GEMVs (ids 3, 4), the pair-table
-# GEMV mma-lut (id 5: make it the default of auto_half_kernel in nf4_cuda_gemv.cu if it is right and fastest),
-# the ops' CUDA kernels in C++ (csrc/dispatch.h) and their autograd in C++ (csrc/autograd.cpp). If either
-# fails, LOWRANK_PYTHON_OPS=1 takes the ops back to their Python kernels and autograd (the path of the
-# earlier runs) for the rest: PYOPS=1 also times that.
+# First run on a GPU on 2026-11-30 (docs/benchmarks.md): the staged GEMVs (ids 3, 4), the pair-table GEMV
+# mma-lut (id 5, the default since), the ops' CUDA kernels in C++ (csrc/dispatch.h) and their autograd in
+# C++ (csrc/autograd.cpp). If one of those fails, LOWRANK_PYTHON_OPS=1 takes the ops back to their Python
+# kernels and autograd for the rest (PYOPS=1 also times that), and LOWRANK_CUDA_GEMV=mma the GEMV back.
 # PART=quick is PART=1 without the compiled step (415 s of step limits, 455 s in all: build, the CUDA tests,
 # bench_nf4_cuda, the eager 7B step), for a session whose whole device time is 15 minutes, the machine's start
 # included: one call with timeout_s ~480 leaves time for one rerun or for PART=2 while the machine is warm
@@ -123,7 +122,7 @@ if [ "$PART" = all ] || [ "$PART" = 2 ]; then
 step 20 "$OUT/bench.log" "bench_nf4_codec --device cuda" python3 benchmarks/bench_nf4_codec.py --device cuda \
   --out /tmp/nf4_codec.json
 # TRITON_TESTS narrows the Triton tests (each autotunes, ~2 s a test); all of tests/ops/test_gpu.py by default
-step 45 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops/test_gpu.py -k "${TRITON_TESTS:-}"
+step 80 "$OUT/tests.log" "Triton gpu tests" $PYTEST tests/ops/test_gpu.py -k "${TRITON_TESTS:-}"
 step 60 "$OUT/bench.log" "bench_nf4_linear (Triton and the rest) at two shapes" python3 benchmarks/bench_nf4_linear.py \
   --shapes 4096x4096,4096x14336 --ms 1,16 --out "$OUT/nf4_linear.json"
 fi
@@ -135,11 +134,11 @@ if [ "${PYOPS:-0}" = 1 ]; then  # the eager 7B step with the ops' Python kernels
   step 80 "$OUT/bench.log" "bench_qlora --llama7b, LOWRANK_PYTHON_OPS=1" env LOWRANK_PYTHON_OPS=1 python3 \
     benchmarks/bench_qlora.py --llama7b --reps 4 --out /tmp/qlora_python_ops.json
 fi
-if [ "${LUT:-0}" = 1 ]; then  # mma-lut as the ops' GEMV (csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV): before flipping it
-  [ "$CUDA_C" = 0 ] || step 90 "$OUT/tests.log" "csrc op gpu tests, LOWRANK_CUDA_GEMV=mma-lut" env LOWRANK_CUDA_GEMV=mma-lut $PYTEST \
+if [ "${MMA:-0}" = 1 ]; then  # mma, the default before mma-lut (csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV), as the ops' GEMV
+  [ "$CUDA_C" = 0 ] || step 90 "$OUT/tests.log" "csrc op gpu tests, LOWRANK_CUDA_GEMV=mma" env LOWRANK_CUDA_GEMV=mma $PYTEST \
     tests/csrc/test_cuda_kernels.py -k "op_"
-  step 40 "$OUT/bench.log" "bench_nf4_cuda --back-to-back, LOWRANK_CUDA_GEMV=mma-lut" env LOWRANK_CUDA_GEMV=mma-lut \
-    python3 benchmarks/bench_nf4_cuda.py --back-to-back --out /tmp/nf4_cuda_lut.json
+  step 40 "$OUT/bench.log" "bench_nf4_cuda --back-to-back, LOWRANK_CUDA_GEMV=mma" env LOWRANK_CUDA_GEMV=mma \
+    python3 benchmarks/bench_nf4_cuda.py --back-to-back --out /tmp/nf4_cuda_mma.json
 fi
 if [ "${OPCALLS:-0}" = 1 ]; then  # what one call of a tiny 4-bit layer (with LoRA) costs on this machine: the 7B step's lever
   step 60 "$OUT/bench.log" "bench_op_calls --device cuda" python3 benchmarks/bench_op_calls.py --device cuda \

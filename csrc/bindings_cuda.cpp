@@ -102,7 +102,7 @@ at::Tensor cuda_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const int64_t K = shape[1];
   if (K <= 0 || K % 32 != 0) return {};  // K = 0: the reference's empty product
   const int64_t M = x.numel() / K;
-  if (M < 1 || M > kCudaGemvOpMaxRows) return {};
+  if (M < 1 || M > (x.scalar_type() == at::kFloat ? kCudaSimtMaxRows : kCudaGemvOpMaxRows)) return {};
   // a view at an odd offset: the GEMV's 128-bit loads need 16-byte alignment
   const at::Tensor p = reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0 ? packed.clone() : packed;
   return linear_cuda_op(x, p, absmax, nested_absmax, offset, shape, blocksize, bias, kGemvAuto);

@@ -23,7 +23,7 @@ cudaError_t nf4_dequantize_cuda(const NF4View& w, CudaType type, void* out, cuda
 
 // nf4_gemv_cuda kernels (nf4_cuda_gemv.cu; the staged ones in nf4_cuda_gemv_staged.cu, the table one in
 // nf4_cuda_gemv_lut.cu)
-constexpr int kGemvAuto = 0;  // kGemvMma for float16 / bfloat16 (or LOWRANK_CUDA_GEMV's), kGemvSimt for float32
+constexpr int kGemvAuto = 0;  // kGemvMmaLut for float16 / bfloat16 (or LOWRANK_CUDA_GEMV's), kGemvSimt for float32
 constexpr int kGemvMma = 1;   // tensor cores (mma.sync m16n8k16), float16 / bfloat16, M <= kCudaMmaMaxRows
 constexpr int kGemvSimt = 2;  // one warp a row on the CUDA cores, any type, M <= kCudaSimtMaxRows
 constexpr int kGemvMmaStaged = 3;  // kGemvMma with its block scales staged in shared memory first, same limits
@@ -42,9 +42,9 @@ inline int log2_of(int64_t v) {
 }
 constexpr int kCudaSimtMaxRows = 16;
 constexpr int kCudaStaged2MaxRows = 16;
-// Up to how many rows of x the lowrank::nf4_linear op runs the GEMV on CUDA; above, dequantize + cuBLAS
-// (lowrank/ops/csrc.py, Note: GEMV or dequantize + cuBLAS on CUDA).
-constexpr int kCudaGemvOpMaxRows = 16;
+// Up to how many rows of float16 / bfloat16 x the lowrank::nf4_linear op runs the GEMV on CUDA (float32:
+// kCudaSimtMaxRows); above, dequantize + cuBLAS (lowrank/ops/csrc.py, Note: GEMV or dequantize + cuBLAS on CUDA).
+constexpr int kCudaGemvOpMaxRows = 32;
 
 // x [M, K] and y [M, N] contiguous, both of `type`; bias (N,) of `type` or nullptr.
 // Needs K % 32 == 0, 1 <= M <= the kernel's maximum, and packed and x 16-byte aligned.

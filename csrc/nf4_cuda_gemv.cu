@@ -4,7 +4,7 @@
 //
 // Four kernels (nf4_cuda.h kGemv*; benchmarks/bench_nf4_cuda.py times each):
 //
-// kGemvMma, float16 / bfloat16, M <= 64 (the default for them). Tensor cores: mma.sync m16n8k16
+// kGemvMma, float16 / bfloat16, M <= 64 (the default for them until 2026-11-30). Tensor cores: mma.sync m16n8k16
 // with W as the A operand (16 rows of W x 16 columns) and x^T as B (16 columns x 8 rows of x, zero
 // beyond M), float32 accumulators. A CTA owns 16 rows of W; its 8 warps split K, each walking
 // tiles of 128 columns, and add their partial sums in shared memory at the end (a fixed order:
@@ -19,9 +19,10 @@
 // inside it (Note: staged scales, in that file):
 // 25-32% fewer instructions a weight and 64 instead of 106 registers at M <= 8 (sm_90a SASS,
 // benchmarks/sass_csrc.py). kGemvMmaStaged2, M <= 16: the same with two m16 row tiles a warp and
-// 16 warps a CTA, so each x fragment feeds two row tiles and x is read half as often. Written
-// without a GPU at hand: not the default until a GPU run has timed them against kGemvMma
-// (benchmarks/gpu_check.sh).
+// 16 warps a CTA, so each x fragment feeds two row tiles and x is read half as often. Timed on the
+// H200 (2026-11-30) up to 16 rows: staged 0.87-1.10x kGemvMma's speed, staged2 0.79-1.36x (the
+// fastest of all at 16 rows of 4096 x 4096, 4096 x 11008 and 4096 x 14336).
+// kGemvMmaLut (nf4_cuda_gemv_lut.cu), the default for float16 / bfloat16: see Note: LOWRANK_CUDA_GEMV.
 //
 // kGemvSimt, any type, M <= 16 (the default for float32, whose tensor-core path would be TF32).
 // One warp per row n of W. A lane takes 16 bytes of the row (one 128-bit load: 32 weights in one
@@ -246,7 +247,9 @@ cudaError_t launch_simt(const NF4View& w, int64_t N, int64_t K, const T* x, int 
   return cudaGetLastError();
 }
 
-// Note: LOWRANK_CUDA_GEMV. The kernel kGemvAuto runs for float16 / bfloat16: kGemvMma, unless the
+// Note: LOWRANK_CUDA_GEMV. The kernel kGemvAuto runs for float16 / bfloat16: kGemvMmaLut (since the H200 run
+// of 2026-11-30, docs/benchmarks.md: the fastest of the four at 21 of bench_nf4_cuda.py's 30 shapes x rows;
+// against kGemvMma 0.88-1.25x its speed at 1 and 4 rows, 0.97-1.51x at 16, 1.25-2.15x at 32 and 64), unless the
 // environment variable names another (mma, mma-staged, mma-staged2, mma-lut), read once a process.
 // So a GPU run can put a kernel that has not been timed yet under every op, test and benchmark
 // before it becomes the default. lowrank/ops/csrc.py checks the name when lowrank is imported; a
@@ -254,7 +257,7 @@ cudaError_t launch_simt(const NF4View& w, int64_t N, int64_t K, const T* x, int 
 int auto_half_kernel() {
   static const int kernel = [] {
     const char* name = std::getenv("LOWRANK_CUDA_GEMV");
-    if (name == nullptr || name[0] == '\0') return kGemvMma;
+    if (name == nullptr || name[0] == '\0') return kGemvMmaLut;
     const struct {
       const char* name;
       int id;

@@ -8,8 +8,9 @@ registers nothing, and every op runs on the Triton / reference backends.
     nf4_dequantize          CPU, CUDA: every shape and dtype         reference (other devices)
     nf4_linear              CPU GEMV: 1 <= M <= 16, K % 32 == 0 and  csrc dequantize in x.dtype, then
                             K % blocksize == 0 (M = x.numel() / K);  F.linear (the reference's own math)
-                            CUDA: 1 <= M <= 16 (tensor cores for
-                            float16 / bfloat16), K % 32 == 0
+                            CUDA: K % 32 == 0 and 1 <= M <= 32 for
+                            float16 / bfloat16 (tensor cores), 16
+                            for float32
     nf4_linear_grad_input   csrc dequantize in grad_y.dtype, then grad_y @ W
     nf4_experts_linear      the rows sorted by expert, nf4_linear or   reference, also on a CUDA stream
                             nf4_linear_grad_input per expert           being captured (experts_ops.py)
@@ -17,7 +18,7 @@ registers nothing, and every op runs on the Triton / reference backends.
 LOWRANK_CPU_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set of the CPU kernels (tests,
 benchmarks); by default they use the widest one this CPU has.
 LOWRANK_CUDA_GEMV=mma|mma-staged|mma-staged2|mma-lut picks the tensor-core GEMV that float16 /
-bfloat16 calls run on CUDA (default mma; csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV), read once
+bfloat16 calls run on CUDA (default mma-lut; csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV), read once
 a process by lowrank._C and checked here on import.
 """
 
@@ -48,23 +49,26 @@ CUDA_GEMV_KERNELS = ("mma", "mma-staged", "mma-staged2", "mma-lut")  # csrc/nf4_
 
 
 def cuda_gemv_kernel(environ=os.environ) -> str:
-    """The CUDA GEMV LOWRANK_CUDA_GEMV names (default "mma"); a ValueError for any other name, which
+    """The CUDA GEMV LOWRANK_CUDA_GEMV names (default "mma-lut"); a ValueError for any other name, which
     lowrank._C would refuse at every call."""
     name = environ.get("LOWRANK_CUDA_GEMV", "")
     if name and name not in CUDA_GEMV_KERNELS:
         raise ValueError(f"LOWRANK_CUDA_GEMV must be one of {CUDA_GEMV_KERNELS} or unset, got {name!r}")
-    return name or "mma"
+    return name or "mma-lut"
 
 
 cuda_gemv_kernel()  # a bad name fails here, on import, not at the first GEMV on a GPU
 
 GEMV_MAX_ROWS = 16  # csrc/nf4_cpu.h kGemvMaxRows
-# Up to how many rows the CUDA GEMV runs (the kernels take up to 64 rows of float16 / bfloat16
-# and 16 of float32: csrc/nf4_cuda.h). # Note: GEMV or dequantize + cuBLAS on CUDA. Above these
-# the op dequantizes W once and calls cuBLAS: on the H200 at 64 rows that took 0.034 ms against
-# 0.055 for the tensor-core GEMV at 4096 x 4096 (docs/benchmarks.md).
-# The limit itself is csrc/nf4_cuda.h kCudaGemvOpMaxRows (16), which the op's C++ kernel routes by too.
+# Note: GEMV or dequantize + cuBLAS on CUDA. The kernels take up to 64 rows of float16 / bfloat16
+# and 16 of float32 (csrc/nf4_cuda.h); the op runs the GEMV up to 32 rows of float16 / bfloat16 and
+# 16 of float32, and above them dequantizes W once and calls cuBLAS. On the H200 (2026-11-30,
+# docs/benchmarks.md) the default GEMV, mma-lut, took 0.55-0.76x the time of csrc dequantize + bf16
+# F.linear (the two kernels' times added) at 32 rows over the six Llama shapes; at 64 rows 0.80-1.22x,
+# so 64 rows stay on cuBLAS.
+# The limit itself is csrc/nf4_cuda.h kCudaGemvOpMaxRows (32), which the op's C++ kernel routes by too.
 CUDA_GEMV_MAX_ROWS = getattr(_C, "cuda_gemv_op_max_rows", 0)  # 0: no CUDA kernels in this build
+CUDA_SIMT_MAX_ROWS = getattr(_C, "cuda_simt_max_rows", 0)  # float32 x: the CUDA-core GEMV's most rows
 
 
 def _kernel(name: str, device: torch.device):
@@ -87,7 +91,8 @@ def _gemv_covers(x: torch.Tensor, shape, blocksize: int) -> bool:
     if len(shape) != 2 or k <= 0 or k % 32 != 0:
         return False
     if x.device.type == "cuda":  # any blocksize: a lane's 32 weights always lie in one block
-        return 1 <= x.numel() // k <= CUDA_GEMV_MAX_ROWS  # (packed 16-byte aligned: see nf4_linear)
+        most = CUDA_SIMT_MAX_ROWS if x.dtype == torch.float32 else CUDA_GEMV_MAX_ROWS
+        return 1 <= x.numel() // k <= most  # (packed 16-byte aligned: see nf4_linear)
     return k % blocksize == 0 and 1 <= x.numel() // k <= GEMV_MAX_ROWS
 
 

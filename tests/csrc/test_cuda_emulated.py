@@ -213,6 +213,17 @@ def test_emulated_auto_gemv_runs_the_kernel_lowrank_cuda_gemv_names(emulator, na
     assert status == INVALID  # a name it does not know: every auto call fails
 
 
+def test_emulated_auto_gemv_defaults_to_mma_lut(emulator):
+    """LOWRANK_CUDA_GEMV unset or empty: auto runs mma-lut (the fastest on the H200, 2026-11-30), and
+    hands K % 64 != 0 to mma-staged as mma-lut does."""
+    for shape in ((300, 640), (40, 96)):
+        q = nf4.quantize(torch.randn(shape, generator=torch.Generator().manual_seed(12)), 64, True)
+        x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(13)).bfloat16()
+        status, auto = run(emulator, q, torch.bfloat16, x, None, 0, env={"LOWRANK_CUDA_GEMV": ""})
+        assert status == 0 and torch.equal(bits(auto), bits(gemv(emulator, q, x, None, LUT))), shape
+        assert not torch.equal(bits(auto), bits(gemv(emulator, q, x, None, MMA))) or shape[1] % 64, shape
+
+
 def test_emulated_gemv_refuses_what_it_cannot_do(emulator):
     q = nf4.quantize(torch.randn(64, 256, generator=torch.Generator().manual_seed(9)), 64, True)
     for m, kernel in ((65, LUT), (65, MMA), (17, STAGED2), (17, SIMT), (1, 6)):

@@ -231,9 +231,9 @@ def test_cuda_gemv_refuses_too_many_rows(C):
         C.nf4_linear_cuda(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=6)
 
 
-@pytest.mark.parametrize("m", [1, 16, 64, 65])
+@pytest.mark.parametrize("m", [1, 16, 32, 33, 64, 65])
 def test_cuda_op_through_the_backend_table(C, monkeypatch, m):
-    """torch.ops.lowrank.nf4_linear on CUDA with the csrc backend: the GEMV up to 64 rows, then dequantize +
+    """torch.ops.lowrank.nf4_linear on CUDA with the csrc backend: the GEMV up to 32 rows, then dequantize +
     cuBLAS; the same bound either way, and opcheck (fake kernel, autograd registration) passes."""
     from lowrank import ops
     from tests.ops.test_library import fields as op_fields
@@ -245,6 +245,23 @@ def test_cuda_op_through_the_backend_table(C, monkeypatch, m):
     w = nf4.dequantize(q, torch.bfloat16)
     assert_matmul_close(ops.nf4_linear(x, q), torch.nn.functional.linear(x, w), x, w.T)
     torch.library.opcheck(torch.ops.lowrank.nf4_linear.default, (x.requires_grad_(), *op_fields(q), None))
+
+
+@pytest.mark.parametrize("m", [16, 17, 32])
+def test_cuda_op_float32_takes_the_gemv_up_to_its_16_rows(C, monkeypatch, m):
+    """float32 x: the CUDA-core GEMV takes 16 rows at most, so 17..32 rows (which float16 / bfloat16
+    send to the GEMV) go to dequantize + cuBLAS, within the same bound, from C++ and Python alike."""
+    from lowrank import ops
+    from lowrank.ops import csrc
+
+    monkeypatch.setenv("LOWRANK_BACKEND", "csrc")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    q = nf4.quantize(torch.randn(512, 1024, device="cuda") * 0.02, 64, True)
+    x = torch.randn(m, 1024, device="cuda")
+    w = nf4.dequantize(q, torch.float32)
+    assert_matmul_close(ops.nf4_linear(x, q), torch.nn.functional.linear(x, w), x, w.T)
+    assert csrc._gemv_covers(x, q.shape, 64) == (m <= 16)
+    assert csrc._gemv_covers(x.bfloat16(), q.shape, 64)
 
 
 def test_cuda_op_replays_in_a_cuda_graph(C):
