@@ -1,8 +1,12 @@
-"""One call of each lowrank CUDA kernel at 4096 x 14336 (Llama-3-8B's down projection), for a
-profiler to read (a few warm-up calls first, then the profiled ones):
+"""One call of each lowrank CUDA kernel at 4096 x 14336 (Llama-3-8B's down projection), and of
+mma-lut (the default GEMV) and mma-staged2 at 16 rows, for a profiler to read (a round of warm-up
+calls first, then the profiled round):
 
-    ncu --clock-control none --section SpeedOfLight --section WarpStateStats \\
-        -k regex:"mma_kernel|staged_kernel|lut_kernel|simt_kernel|stream_kernel" -s 5 -c 5 python3 benchmarks/profile_nf4_cuda.py
+    ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \\
+        -k regex:"mma_kernel|staged_kernel|lut_kernel|simt_kernel|stream_kernel" -s 7 -c 7 python3 benchmarks/profile_nf4_cuda.py
+
+On the H200 (2026-11-30) mma-lut at M = 1 moved its marginal bytes at 1.3-1.5 TB/s where bf16
+cuBLAS moved 3.2-3.5 (docs/csrc.md, Why mma-lut is not yet 3x bf16): the memory sections say why.
 
 Prints nothing of its own beyond what the kernels' checks raise: the numbers are ncu's.
 """
@@ -14,19 +18,22 @@ import torch
 from lowrank import _C, nf4
 
 N, K = 4096, 14336
-MMA, SIMT, STAGED, LUT = 1, 2, 3, 5  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged, kGemvMmaLut
+MMA, SIMT, STAGED, STAGED2, LUT = 1, 2, 3, 4, 5  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged, ..2, kGemvMmaLut
 
 
 def main() -> None:
     q = nf4.quantize(torch.randn(N, K, device="cuda", dtype=torch.bfloat16), 64, True)
     args = (q.packed, q.absmax, q.nested_absmax, q.offset, [N, K], 64)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    x16 = torch.randn(16, K, device="cuda", dtype=torch.bfloat16)
     for _ in range(2):  # warm-up: the profiled calls are the second round (ncu -s skips the first)
         _C.nf4_linear_cuda(x, *args, None, kernel=MMA)
         _C.nf4_linear_cuda(x, *args, None, kernel=STAGED)
         _C.nf4_linear_cuda(x, *args, None, kernel=LUT)
         _C.nf4_linear_cuda(x, *args, None, kernel=SIMT)
         _C.nf4_dequantize_cuda(*args, torch.bfloat16)
+        _C.nf4_linear_cuda(x16, *args, None, kernel=LUT)
+        _C.nf4_linear_cuda(x16, *args, None, kernel=STAGED2)
     torch.cuda.synchronize()
 
 
