@@ -1,9 +1,10 @@
 // y[M, N] = x[M, K] @ W[N, K]^T + bias[N] on tensor cores, kGemvMmaLut (M <= 64): the GEMV that
 // decodes two weights with one table lookup and scales each block's sum once, instead of each
 // weight. See nf4_cuda_gemv.cu for what the GEMVs compute, nf4_cuda_mma.h for the pieces shared
-// with the others, and Note: pairs and block sums, below. Written without a GPU at hand and run
-// only on the CPU emulator (tests/csrc/test_cuda_emulated.py): not the default until a GPU run has
-// timed it (benchmarks/gpu_check.sh).
+// with the others, and Note: pairs and block sums, below. Written without a GPU at hand and checked
+// on the CPU emulator (tests/csrc/test_cuda_emulated.py); its first GPU run (H200, 2026-11-30,
+// docs/benchmarks.md) found it right and the fastest GEMV at most shapes, so it is the default
+// (nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV).
 #include "nf4_cuda_mma.h"
 
 namespace lowrank {
@@ -52,7 +53,7 @@ namespace {
 // group read the same x (from L1 after the first) and the CTAs read it N / (16 RTW) times. The
 // launcher groups 4 (N >= 8192) or 2 (N >= 4096) row tiles above 4 rows of x, keeping the grid at
 // >= kLutMinCtas CTAs; 1 at up to 4 rows (x is then at most W's bytes) and for small N. The thresholds
-// are a guess, not a measurement.
+// are a guess, not a measurement (the H200 run timed the kernel as a whole, not each choice).
 constexpr int kLutTileK = 64;  // columns of W a warp covers a tile: 4 lanes x 16
 constexpr int kLutWarps = 8;
 constexpr int kLutScales = 16 * 1024;  // floats of dynamic shared memory at most: K up to 65536
