@@ -36,7 +36,7 @@ QUICK = dict(shapes=[(128, 128), (48, 512)], ms=[1, 16, 64], grad_m=64)
 FULL = dict(shapes=LLAMA, ms=MS, grad_m=4096)
 DTYPE = torch.bfloat16
 COLUMNS = ["op", "N", "K", "M", "provider", "ms", "p20", "p80", "tflops", "gbps", "speedup"]
-MAX_M = 64  # lowrank/ops/triton_gemv.py MAX_M: up to here the Triton backend runs its GEMV whatever FUSED says
+MAX_M = 64  # lowrank/ops/triton_gemv.py MAX_M: up to here the Triton backend runs its GEMV with SKINNY, whatever FUSED says
 
 
 @contextlib.contextmanager
@@ -50,21 +50,24 @@ def forced_backend(name: str):
 
 
 @contextlib.contextmanager
-def triton_settings(lookup: str = "gather", fused: bool = False):
-    """The Triton backend with one NF4 lookup and one large-M route (lowrank/ops/triton_nf4_tile.py
-    Note: two ways to look up an NF4 value; triton_matmul.py Note: fused or dequantize + cuBLAS)."""
+def triton_settings(lookup: str = "gather", fused: bool = False, skinny: bool = False):
+    """The Triton backend with one NF4 lookup, one large-M route and one small-M route
+    (lowrank/ops/triton_nf4_tile.py Note: two ways to look up an NF4 value; triton_matmul.py Note:
+    fused or dequantize + cuBLAS, and SKINNY)."""
     from lowrank.ops import triton_matmul, triton_nf4_tile
 
-    old = triton_nf4_tile.LOOKUP, triton_matmul.FUSED
-    triton_nf4_tile.LOOKUP, triton_matmul.FUSED = lookup, fused
+    old = triton_nf4_tile.LOOKUP, triton_matmul.FUSED, triton_matmul.SKINNY
+    triton_nf4_tile.LOOKUP, triton_matmul.FUSED, triton_matmul.SKINNY = lookup, fused, skinny
     try:
         yield
     finally:
-        triton_nf4_tile.LOOKUP, triton_matmul.FUSED = old
+        triton_nf4_tile.LOOKUP, triton_matmul.FUSED, triton_matmul.SKINNY = old
 
 
-# provider suffix -> Triton settings; "-fused" only where it differs from the default route (M > MAX_M)
-TRITON_VARIANTS = {"": {}, "-select": {"lookup": "select"}, "-fused": {"fused": True}}
+# provider suffix -> Triton settings; "-fused" only where it differs from the default route (M > MAX_M),
+# "-gemv" and "-gemv-select" (the split-K GEMV) only at M <= MAX_M
+TRITON_VARIANTS = {"": {}, "-select": {"lookup": "select"}, "-fused": {"fused": True}, "-gemv": {"skinny": True},
+                   "-gemv-select": {"skinny": True, "lookup": "select"}}
 
 
 def lowrank_backends(device: torch.device, variants: bool = True) -> list[tuple[str, str, dict]]:
@@ -135,8 +138,8 @@ def run_shape(n, k, cfg, device, quick) -> list[dict]:
         flops, act = 2 * m * n * k, 2 * (m * k + m * n)
         measure(rows, "linear", n, k, m, "bf16", lambda: F.linear(x, w), flops, wbytes["bf16"] + act, device, quick)
         for name, b, settings in lowrank:
-            if name.endswith("-fused") and m <= MAX_M:
-                continue  # the same GEMV as the default route
+            if (name.endswith("-fused") and m <= MAX_M) or ("-gemv" in name and m > MAX_M):
+                continue  # the fused kernels are for large M; above MAX_M "-gemv" is the default route
             measure(rows, "linear", n, k, m, name, lambda: ops.nf4_linear(x, q), flops, wbytes["nf4"] + act, device, quick, b, settings)
         for name, (linear, _) in others.items():
             measure(rows, "linear", n, k, m, name, lambda: linear(x), flops, wbytes["nf4"] + act, device, quick)
@@ -145,7 +148,7 @@ def run_shape(n, k, cfg, device, quick) -> list[dict]:
     dst = torch.empty_like(w)
     measure(rows, "dequantize", n, k, None, "copy", lambda: dst.copy_(w), None, 2 * out_bytes, device, quick)
     for name, b, settings in lowrank:
-        if not name.endswith("-fused"):
+        if not name.endswith("-fused") and "-gemv" not in name:  # the same dequantize as "" / "-select"
             measure(rows, "dequantize", n, k, None, name, lambda: ops.nf4_dequantize(q, DTYPE), None, wbytes["nf4"] + out_bytes, device, quick, b, settings)
     for name, (_, dequantize) in others.items():
         measure(rows, "dequantize", n, k, None, name, dequantize, None, wbytes["nf4"] + out_bytes, device, quick)
@@ -155,7 +158,7 @@ def run_shape(n, k, cfg, device, quick) -> list[dict]:
     flops, act = 2 * m * n * k, 2 * (m * k + m * n)
     measure(rows, "grad_x", n, k, m, "bf16", lambda: gy @ w, flops, wbytes["bf16"] + act, device, quick)
     args = (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
-    for name, b, settings in lowrank:
+    for name, b, settings in (p for p in lowrank if "-gemv" not in p[0]):  # grad_x has no GEMV
         measure(rows, "grad_x", n, k, m, name, lambda: torch.ops.lowrank.nf4_linear_grad_input(gy, *args), flops, wbytes["nf4"] + act, device, quick, b, settings)
     return rows
 

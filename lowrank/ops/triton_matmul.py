@@ -42,6 +42,13 @@ _CONFIGS = _INTERPRETER if interpreting() else _HOPPER
 # bf16 matmul at M = 4096, so the default is False; the fused path stays for a GPU whose
 # memory cannot hold one dense W, and the tests and benchmarks run both.
 FUSED = False
+# SKINNY: up to triton_gemv.MAX_M rows, the split-K GEMV (True) or the same route as above MAX_M
+# (False, the default). On the H200 (2026-11-28 and 2026-11-30, docs/benchmarks.md) the Triton
+# dequantize plus bf16 cuBLAS, timed apart and added, took less than the GEMV in every case timed:
+# at 4096x4096 M = 1 0.073 against 0.129 ms and 0.13 against 0.35, M = 16 0.13 against 0.26; at
+# 4096x14336 0.10 against 0.14 (M = 1) and 0.40 (M = 16). The GEMV stays for the tests and the
+# benchmarks (bench_nf4_linear.py's lowrank-triton-gemv), and for when it gets faster.
+SKINNY = False
 
 
 def _block_k(k_in: int, blocksize: int) -> int:
@@ -186,13 +193,14 @@ def nf4_linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
     """# Note: empty shapes. With no rows, no outputs or K == 0 there is nothing to decode:
     y is the bias (or zeros), as the reference gives, without launching a kernel.
     # Note: skinny or tiled. Up to triton_gemv.MAX_M rows the product is bound by reading W
-    and the split-K GEMV fills the GPU; above, the tiled kernel reuses each W tile BLOCK_M times."""
+    and the split-K GEMV fills the GPU (with SKINNY); above, the tiled kernel reuses each W tile
+    BLOCK_M times (with FUSED). Otherwise the Triton dequantize and F.linear: the default at every M."""
     n_out, k_in = shape
     rows = x.numel() // k_in if k_in else 0
     if min(rows, n_out, k_in) == 0:
         y = x.new_zeros((*x.shape[:-1], n_out))
         return y + bias if bias is not None else y
-    if rows <= triton_gemv.MAX_M:
+    if SKINNY and rows <= triton_gemv.MAX_M:
         return triton_gemv.linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
     if not FUSED:  # See Note: fused or dequantize + cuBLAS.
         w = triton_dequantize.dequantize(packed, absmax, nested_absmax, offset, shape, blocksize, x.dtype)  # (N, K)

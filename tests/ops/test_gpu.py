@@ -55,11 +55,13 @@ def test_linear_odd_shapes_and_dtypes(m, n_out, k_in, dtype):
 
 
 @pytest.mark.parametrize("lookup", triton_nf4_tile.LOOKUPS)
-@pytest.mark.parametrize("m, fused", [(1, False), (16, False), (4096, True)])
-def test_linear_variants(monkeypatch, lookup, m, fused):
-    """The NF4 lookups and the fused large-M kernel (not the default route) at 4096 x 4096."""
+@pytest.mark.parametrize("m, fused, skinny", [(1, False, True), (16, False, True), (16, False, False), (4096, True, False)])
+def test_linear_variants(monkeypatch, lookup, m, fused, skinny):
+    """The NF4 lookups, the split-K GEMV and the fused large-M kernel (neither the default route)
+    at 4096 x 4096."""
     monkeypatch.setattr(triton_nf4_tile, "LOOKUP", lookup)
     monkeypatch.setattr(triton_matmul, "FUSED", fused)
+    monkeypatch.setattr(triton_matmul, "SKINNY", skinny)
     q = cuda_weight(4096, 4096)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     w = nf4.dequantize(q, torch.bfloat16)

@@ -21,12 +21,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @pytest.fixture(autouse=True, params=triton_nf4_tile.LOOKUPS)
 def triton_backend(monkeypatch, request):
-    """Every test with both NF4 lookups, and with the fused kernels for M > MAX_M (the default
-    route, dequantize + F.linear, has its own test below). See Note: two ways to look up an NF4
-    value, and Note: fused or dequantize + cuBLAS."""
+    """Every test with both NF4 lookups, with the split-K GEMV up to MAX_M rows and the fused kernels
+    above (the default route, dequantize + F.linear, has its own tests below). See Note: two ways to
+    look up an NF4 value, and Note: fused or dequantize + cuBLAS."""
     monkeypatch.setenv("LOWRANK_BACKEND", "triton")
     monkeypatch.setattr(triton_nf4_tile, "LOOKUP", request.param)
     monkeypatch.setattr(triton_matmul, "FUSED", True)
+    monkeypatch.setattr(triton_matmul, "SKINNY", True)
 
 
 def on_device(q):
@@ -104,12 +105,14 @@ def test_gradients_match_autograd_through_the_reference():
     assert_matmul_close(b.grad, b_ref.grad, torch.ones(1, 70, device=DEVICE, dtype=torch.bfloat16), g.view(70, 24))
 
 
+@pytest.mark.parametrize("skinny", [True, False])
 @pytest.mark.parametrize("fused", [True, False])
-def test_kernel_choice_rule(monkeypatch, fused):
-    """# See Note: skinny or tiled. M <= MAX_M rows go to the split-K kernel, more to the tiled
-    one (FUSED) or to the Triton dequantize and F.linear."""
+def test_kernel_choice_rule(monkeypatch, fused, skinny):
+    """# See Note: skinny or tiled. M <= MAX_M rows go to the split-K kernel (SKINNY), more (or all,
+    without SKINNY) to the tiled one (FUSED) or to the Triton dequantize and F.linear."""
     calls = []
     monkeypatch.setattr(triton_matmul, "FUSED", fused)
+    monkeypatch.setattr(triton_matmul, "SKINNY", skinny)
     monkeypatch.setattr(triton_gemv, "linear", lambda *a: calls.append("gemv") or torch.zeros(()))
     monkeypatch.setattr(triton_matmul, "linear", lambda *a: calls.append("tiled") or torch.zeros(()))
     real = triton_matmul.triton_dequantize.dequantize
@@ -117,17 +120,20 @@ def test_kernel_choice_rule(monkeypatch, fused):
     q = weight(8, 32)
     for m in (1, triton_gemv.MAX_M, triton_gemv.MAX_M + 1):
         triton_matmul.nf4_linear(torch.randn(m, 32), *fields(q), None)
-    assert calls == ["gemv", "gemv", "tiled" if fused else "dequantize"]
+    other = "tiled" if fused else "dequantize"
+    assert calls == (["gemv", "gemv"] if skinny else [other, other]) + [other]
 
 
+@pytest.mark.parametrize("rows", [3, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_then_cublas_route_within_bound(monkeypatch, dtype):
-    """The default route above MAX_M rows (FUSED = False): forward, grad_x and autograd."""
+def test_dequantize_then_cublas_route_within_bound(monkeypatch, dtype, rows):
+    """The default route at every M (FUSED = SKINNY = False): forward, grad_x and autograd."""
     monkeypatch.setattr(triton_matmul, "FUSED", False)
+    monkeypatch.setattr(triton_matmul, "SKINNY", False)
     q = on_device(weight(24, 100, 32))
-    x = torch.randn(70, 100, device=DEVICE).to(dtype).requires_grad_()
+    x = torch.randn(rows, 100, device=DEVICE).to(dtype).requires_grad_()
     b = torch.randn(24, device=DEVICE).to(dtype)
-    g = torch.randn(70, 24, device=DEVICE).to(dtype)
+    g = torch.randn(rows, 24, device=DEVICE).to(dtype)
     w = nf4.dequantize(q, dtype)  # (N, K)
     y = ops.nf4_linear(x, q, b)
     assert_matmul_close(y, F.linear(x, w, b), x.detach(), w.T, b)
