@@ -5,7 +5,8 @@
     LOWRANK_CUDA_GEMV=mma-lut python benchmarks/bench_nf4_cuda.py --back-to-back   # the op, decoding, on mma-lut
 
 Providers, each only where it runs: every CUDA kernel of lowrank._C called directly (dequantize:
-csrc; linear: csrc-mma, csrc-mma-staged, csrc-mma-lut, csrc-simt and csrc-mma-staged2 up to 16 rows), bitsandbytes
+csrc; linear: csrc-mma, csrc-mma-staged, csrc-mma-lut, csrc-simt and csrc-mma-staged2 up to 16 rows,
+csrc-mma-lut-deep up to 8), bitsandbytes
 (dequantize_4bit; gemv_4bit at M = 1), and the baseline: bf16 F.linear on the dense weight (for
 dequantize: a device-to-device copy of the bf16 weight, the bandwidth ceiling). Every row: median
 and 20/80% quantiles (triton.testing.do_bench, L2 flushed), GB/s of the bytes a kernel must move,
@@ -34,7 +35,7 @@ MS = [1, 4, 16, 32, 64]
 COLUMNS = ["op", "N", "K", "M", "provider", "ms", "p20", "p80", "gbps", "speedup"]
 # nf4_cuda.h kGemv*: (id, most rows)
 GEMV_KERNELS = {"csrc-mma": (1, 64), "csrc-simt": (2, 16), "csrc-mma-staged": (3, 64), "csrc-mma-staged2": (4, 16),
-                "csrc-mma-lut": (5, 64)}
+                "csrc-mma-lut": (5, 64), "csrc-mma-lut-deep": (6, 8)}  # deep: mma-lut itself above 8 rows
 
 
 def fields(q):

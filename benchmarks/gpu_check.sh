@@ -171,7 +171,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   step 50 "$OUT/profile.log" "ncu: the CUDA kernels at 4096 x 14336" ${NCU:-ncu} --clock-control none --section SpeedOfLight \
     --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \
-    -k "regex:mma_kernel|staged_kernel|lut_kernel|simt_kernel|stream_kernel" -s 7 -c 7 \
+    -k "regex:mma_kernel|staged_kernel|lut_kernel|simt_kernel|stream_kernel" -s 8 -c 8 \
     python3 benchmarks/profile_nf4_cuda.py
 fi
 

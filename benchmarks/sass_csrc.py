@@ -82,7 +82,9 @@ def rows(arch: int, dtype: str) -> list[dict]:
         params = [int(v) for v in re.findall(r"Li(\d+)E", m.group(3))]  # MT, U (, RT, WARPS)
         mt, rt = params[0], params[2] if len(params) > 2 else 1
         kernel = {"mma_kernel": "mma", "lut_kernel": "mma-lut"}.get(m.group(1), "mma-staged" if rt == 1 else "mma-staged2")
-        if kernel == "mma-lut" and params[2] > 1:
+        if kernel == "mma-lut" and params[1] == 8:
+            kernel += "-deep"  # batches of 8 tiles (nf4_cuda_gemv_lut.cu, Note: deep batches)
+        if kernel.startswith("mma-lut") and params[2] > 1:
             kernel += f"-rt{params[2]}"  # row tiles a CTA (lut_kernel's RTW)
         ops = collections.Counter(op for _, op, _ in longest_loop(code))
         weights = ops["HMMA"] // mt * 8  # an m16n8k16 step takes 8 weights of each lane, for each n8 tile

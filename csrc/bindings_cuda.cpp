@@ -66,10 +66,10 @@ at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& packed, const a
                       blocksize));
   const int64_t M = x.numel() / K;
   const bool simt = kernel == kGemvSimt || (kernel == kGemvAuto && x.scalar_type() == at::kFloat);
-  TORCH_CHECK(kernel >= kGemvAuto && kernel <= kGemvMmaLut,
+  TORCH_CHECK(kernel >= kGemvAuto && kernel <= kGemvMmaLutDeep,
               message("kernel must be ", kGemvAuto, " (auto), ", kGemvMma, " (mma), ", kGemvSimt, " (simt), ",
-                      kGemvMmaStaged, " (mma-staged), ", kGemvMmaStaged2, " (mma-staged2) or ", kGemvMmaLut,
-                      " (mma-lut), got ", kernel));
+                      kGemvMmaStaged, " (mma-staged), ", kGemvMmaStaged2, " (mma-staged2), ", kGemvMmaLut,
+                      " (mma-lut) or ", kGemvMmaLutDeep, " (mma-lut-deep), got ", kernel));
   TORCH_CHECK(!(kernel != kGemvAuto && kernel != kGemvSimt && x.scalar_type() == at::kFloat),
               "the mma kernels take float16 or bfloat16 x, got float32");
   const int64_t max_rows = simt ? kCudaSimtMaxRows : kernel == kGemvMmaStaged2 ? kCudaStaged2MaxRows : kCudaMmaMaxRows;

@@ -30,6 +30,8 @@ constexpr int kGemvMmaStaged = 3;  // kGemvMma with its block scales staged in s
 constexpr int kGemvMmaStaged2 = 4;  // kGemvMmaStaged with two m16 row tiles a warp and 16 warps, M <= kCudaStaged2MaxRows
 constexpr int kGemvMmaLut = 5;  // tensor cores on T(NF4[code]) pairs from one table lookup, each block's sum scaled once;
                                 // K % 64 == 0 and blocksize >= 64, else it runs kGemvMmaStaged; M <= kCudaMmaMaxRows
+constexpr int kGemvMmaLutDeep = 6;  // kGemvMmaLut with batches of 8 tiles up to 8 rows of x (4 in kGemvMmaLut): twice
+                                    // the codes in flight a warp, the same sums in the same order (bit for bit)
 
 constexpr int kCudaMmaMaxRows = 64;
 

@@ -22,7 +22,8 @@
 // 16 warps a CTA, so each x fragment feeds two row tiles and x is read half as often. Timed on the
 // H200 (2026-11-30) up to 16 rows: staged 0.87-1.10x kGemvMma's speed, staged2 0.79-1.36x (the
 // fastest of all at 16 rows of 4096 x 4096, 4096 x 11008 and 4096 x 14336).
-// kGemvMmaLut (nf4_cuda_gemv_lut.cu), the default for float16 / bfloat16: see Note: LOWRANK_CUDA_GEMV.
+// kGemvMmaLut (nf4_cuda_gemv_lut.cu), the default for float16 / bfloat16: see Note: LOWRANK_CUDA_GEMV;
+// kGemvMmaLutDeep, the same with twice the codes in flight up to 8 rows (Note: deep batches, there).
 //
 // kGemvSimt, any type, M <= 16 (the default for float32, whose tensor-core path would be TF32).
 // One warp per row n of W. A lane takes 16 bytes of the row (one 128-bit load: 32 weights in one
@@ -250,7 +251,7 @@ cudaError_t launch_simt(const NF4View& w, int64_t N, int64_t K, const T* x, int 
 // Note: LOWRANK_CUDA_GEMV. The kernel kGemvAuto runs for float16 / bfloat16: kGemvMmaLut (since the H200 run
 // of 2026-11-30, docs/benchmarks.md: the fastest of the four at 21 of bench_nf4_cuda.py's 30 shapes x rows;
 // against kGemvMma 0.88-1.25x its speed at 1 and 4 rows, 0.97-1.51x at 16, 1.25-2.15x at 32 and 64), unless the
-// environment variable names another (mma, mma-staged, mma-staged2, mma-lut), read once a process.
+// environment variable names another (mma, mma-staged, mma-staged2, mma-lut, mma-lut-deep), read once a process.
 // So a GPU run can put a kernel that has not been timed yet under every op, test and benchmark
 // before it becomes the default. lowrank/ops/csrc.py checks the name when lowrank is imported; a
 // name not in the list here makes every auto call fail rather than run a kernel nobody asked for.
@@ -261,7 +262,8 @@ int auto_half_kernel() {
     const struct {
       const char* name;
       int id;
-    } known[] = {{"mma", kGemvMma}, {"mma-staged", kGemvMmaStaged}, {"mma-staged2", kGemvMmaStaged2}, {"mma-lut", kGemvMmaLut}};
+    } known[] = {{"mma", kGemvMma},         {"mma-staged", kGemvMmaStaged}, {"mma-staged2", kGemvMmaStaged2},
+                 {"mma-lut", kGemvMmaLut}, {"mma-lut-deep", kGemvMmaLutDeep}};
     for (const auto& k : known)
       if (std::strcmp(name, k.name) == 0) return k.id;
     return -1;
@@ -285,11 +287,13 @@ cudaError_t launch(const NF4View& w, int64_t N, int64_t K, const T* x, int64_t M
   }
   if (kernel == kGemvSimt) return launch_simt(w, N, K, x, m, bias, y, stream);
   if constexpr (has_mma) {
-    if (kernel == kGemvMma || kernel == kGemvMmaStaged || kernel == kGemvMmaStaged2 || kernel == kGemvMmaLut) {
+    if (kernel == kGemvMma || kernel == kGemvMmaStaged || kernel == kGemvMmaStaged2 || kernel == kGemvMmaLut ||
+        kernel == kGemvMmaLutDeep) {
       if (kernel == kGemvMmaStaged2 && m > kCudaStaged2MaxRows) return cudaErrorInvalidValue;
       // mma-lut runs mma-staged where it cannot (K % 64, blocksize 32, shared memory); the staged
       // kernels run mma_kernel when their scales do not fit in shared memory
-      const bool done = kernel == kGemvMmaLut && launch_lut(w, N, K, x, m, bias, y, stream);
+      const bool lut = kernel == kGemvMmaLut || kernel == kGemvMmaLutDeep;
+      const bool done = lut && launch_lut(w, N, K, x, m, bias, y, kernel == kGemvMmaLutDeep, stream);
       if (!done && (kernel == kGemvMma || !launch_staged(w, N, K, x, m, bias, y, kernel == kGemvMmaStaged2, stream))) {
         if (m <= 8) launch_mma<T, 1>(w, N, K, x, m, bias, y, stream);
         else if (m <= 16) launch_mma<T, 2>(w, N, K, x, m, bias, y, stream);

@@ -240,18 +240,25 @@ bool launch_lut_rows(const NF4View& w, int64_t N, int64_t K, const T* x, int M, 
 
 }  // namespace
 
+// Note: deep batches. On the H200 (2026-11-30, docs/csrc.md) mma-lut moved W at 1.45 TB/s at M = 1, cuBLAS
+// bf16 at 3.5: a warp keeps one batch of U tiles of codes in flight while it works on the last (2 rows x
+// U x 8 bytes a lane), about 32 KiB an SM at N = 4096. kGemvMmaLutDeep doubles U up to 8 rows of x (the
+// codes of a batch: 32 registers a lane more). The tiles of a warp are summed in the same order whatever
+// U is, so the two give the same bits; only a GPU can say which is faster (bench_nf4_cuda.py).
 template <typename T>
-bool launch_lut(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream) {
+bool launch_lut(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, bool deep,
+                cudaStream_t stream) {
   if (K % kLutTileK != 0 || w.blocksize < kLutTileK) return false;  // See Note: pairs and block sums.
+  if (M <= 8 && deep) return launch_lut_rows<T, 1, 8>(w, N, K, x, M, bias, y, stream);  // See Note: deep batches.
   if (M <= 8) return launch_lut_rows<T, 1, 4>(w, N, K, x, M, bias, y, stream);
   if (M <= 16) return launch_lut_rows<T, 2, 4>(w, N, K, x, M, bias, y, stream);
   if (M <= 32) return launch_lut_rows<T, 4, 2>(w, N, K, x, M, bias, y, stream);
   return launch_lut_rows<T, 8, 2>(w, N, K, x, M, bias, y, stream);
 }
 
-template bool launch_lut<__half>(const NF4View&, int64_t, int64_t, const __half*, int, const __half*, __half*,
+template bool launch_lut<__half>(const NF4View&, int64_t, int64_t, const __half*, int, const __half*, __half*, bool,
                                  cudaStream_t);
 template bool launch_lut<__nv_bfloat16>(const NF4View&, int64_t, int64_t, const __nv_bfloat16*, int,
-                                        const __nv_bfloat16*, __nv_bfloat16*, cudaStream_t);
+                                        const __nv_bfloat16*, __nv_bfloat16*, bool, cudaStream_t);
 
 }  // namespace lowrank

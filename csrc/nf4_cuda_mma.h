@@ -201,10 +201,11 @@ template <typename T>
 bool launch_staged(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, bool two_tiles,
                    cudaStream_t stream);
 
-// nf4_cuda_gemv_lut.cu: runs kGemvMmaLut for T = __half or __nv_bfloat16; false when it cannot
-// (K % 64 != 0, blocksize 32, scales over its shared memory: the caller then runs kGemvMmaStaged),
-// and launches nothing.
+// nf4_cuda_gemv_lut.cu: runs kGemvMmaLut (deep: kGemvMmaLutDeep) for T = __half or __nv_bfloat16; false
+// when it cannot (K % 64 != 0, blocksize 32, scales over its shared memory: the caller then runs
+// kGemvMmaStaged), and launches nothing.
 template <typename T>
-bool launch_lut(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, cudaStream_t stream);
+bool launch_lut(const NF4View& w, int64_t N, int64_t K, const T* x, int M, const T* bias, T* y, bool deep,
+                cudaStream_t stream);
 
 }  // namespace lowrank

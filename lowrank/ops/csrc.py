@@ -17,7 +17,7 @@ registers nothing, and every op runs on the Triton / reference backends.
 
 LOWRANK_CPU_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set of the CPU kernels (tests,
 benchmarks); by default they use the widest one this CPU has.
-LOWRANK_CUDA_GEMV=mma|mma-staged|mma-staged2|mma-lut picks the tensor-core GEMV that float16 /
+LOWRANK_CUDA_GEMV=mma|mma-staged|mma-staged2|mma-lut|mma-lut-deep picks the tensor-core GEMV that float16 /
 bfloat16 calls run on CUDA (default mma-lut; csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV), read once
 a process by lowrank._C and checked here on import.
 """
@@ -45,7 +45,7 @@ else:
 
 CPP_AUTOGRAD = False  # True once lowrank._C's autograd is registered for the ops (below)
 
-CUDA_GEMV_KERNELS = ("mma", "mma-staged", "mma-staged2", "mma-lut")  # csrc/nf4_cuda_gemv.cu auto_half_kernel
+CUDA_GEMV_KERNELS = ("mma", "mma-staged", "mma-staged2", "mma-lut", "mma-lut-deep")  # csrc/nf4_cuda_gemv.cu auto_half_kernel
 
 
 def cuda_gemv_kernel(environ=os.environ) -> str:

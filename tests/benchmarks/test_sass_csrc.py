@@ -29,8 +29,9 @@ def test_counts_the_tensor_core_kernels(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {(r["kernel"], r["MT"]): r for r in json.loads(out.read_text())["rows"]}
     lut = ("mma-lut", "mma-lut-rt2", "mma-lut-rt4")
+    deep = ("mma-lut-deep", "mma-lut-deep-rt2", "mma-lut-deep-rt4")  # up to 8 rows: MT = 1 only
     assert rows.keys() == {(k, mt) for k in ("mma", "mma-staged", *lut) for mt in (1, 2, 4, 8)} | {
-        ("mma-staged2", 1), ("mma-staged2", 2)}
+        ("mma-staged2", 1), ("mma-staged2", 2)} | {(k, 1) for k in deep}
     for (kernel, mt), r in rows.items():
         assert 0 < r["regs"] <= 255 and r["instructions"] > r["weights_per_lane"] > 0
         assert r["per_weight"] == pytest.approx(r["decode"] + r["other"])
@@ -45,3 +46,5 @@ def test_counts_the_tensor_core_kernels(tmp_path):
         # a tile 8 bytes of codes a row (2 loads) and 16 columns of x an n8 tile (2 loads), no scale.
         if kernel in lut:  # any number of row tiles a CTA: a warp holds one
             assert r["LDG"] == 2 * (4 if mt <= 2 else 2) * (2 + 2 * mt), r
+        if kernel in deep:  # two batches of 8 tiles a trip
+            assert r["LDG"] == 2 * 8 * (2 + 2 * mt) and r["regs"] <= 255, r

@@ -26,7 +26,7 @@ from tests.ops.bounds import assert_matmul_close, assert_within_bound
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EMULATOR = ROOT / "tests" / "csrc" / "emulator"
 SOURCES = ["nf4_cuda_dequantize", "nf4_cuda_gemv", "nf4_cuda_gemv_staged", "nf4_cuda_gemv_lut"]
-MMA, SIMT, STAGED, STAGED2, LUT = 1, 2, 3, 4, 5  # csrc/nf4_cuda.h kGemv*
+MMA, SIMT, STAGED, STAGED2, LUT, DEEP = 1, 2, 3, 4, 5, 6  # csrc/nf4_cuda.h kGemv*
 TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/nf4_cuda.h CudaType
 INVALID = 3  # run_kernels' exit status when the entry point returned an error
 
@@ -202,7 +202,7 @@ def test_emulated_lut_gemv_hands_what_it_cannot_do_to_the_staged_kernel(emulator
 def test_emulated_auto_gemv_runs_the_kernel_lowrank_cuda_gemv_names(emulator, name):
     """csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV: kernel 0 (auto, what the ops call) runs the named
     kernel, bit for bit; mma-staged2 hands more than 16 rows to mma-staged."""
-    kernel = {"mma": MMA, "mma-staged": STAGED, "mma-staged2": STAGED2, "mma-lut": LUT}[name]
+    kernel = {"mma": MMA, "mma-staged": STAGED, "mma-staged2": STAGED2, "mma-lut": LUT, "mma-lut-deep": DEEP}[name]
     q = nf4.quantize(torch.randn(300, 640, generator=torch.Generator().manual_seed(11)), 64, True)
     for m in (3, 20):
         x = torch.randn(m, 640, generator=torch.Generator().manual_seed(m)).bfloat16()
@@ -211,6 +211,18 @@ def test_emulated_auto_gemv_runs_the_kernel_lowrank_cuda_gemv_names(emulator, na
         assert status == 0 and torch.equal(bits(auto), bits(gemv(emulator, q, x, None, named))), (name, m)
     status, _ = run(emulator, q, torch.bfloat16, x, None, 0, env={"LOWRANK_CUDA_GEMV": "lut"})
     assert status == INVALID  # a name it does not know: every auto call fails
+
+
+@pytest.mark.parametrize("k", [832, 4608, 8192])  # tiles a warp: 2 (no whole batch of 8), 9 (one and a tile), 16 (two)
+def test_emulated_deep_lut_gemv_equals_mma_lut_bit_for_bit(emulator, k):
+    """csrc/nf4_cuda_gemv_lut.cu, Note: deep batches: batches of 8 tiles instead of 4 change when codes
+    are loaded, not the order of the sums: the same bits at every row count (deep only up to 8)."""
+    q = nf4.quantize(torch.randn(40, k, generator=torch.Generator().manual_seed(k)), 64, True)
+    for m in (1, 5, 8, 9):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+        deep = gemv(emulator, q, x, None, DEEP)
+        assert torch.equal(bits(deep), bits(gemv(emulator, q, x, None, LUT))), (k, m)
+        assert_within_bound(deep, x, lut_operand(q, torch.bfloat16).T, None, extra_roundings=k // 64)
 
 
 def test_emulated_auto_gemv_defaults_to_mma_lut(emulator):
@@ -226,6 +238,6 @@ def test_emulated_auto_gemv_defaults_to_mma_lut(emulator):
 
 def test_emulated_gemv_refuses_what_it_cannot_do(emulator):
     q = nf4.quantize(torch.randn(64, 256, generator=torch.Generator().manual_seed(9)), 64, True)
-    for m, kernel in ((65, LUT), (65, MMA), (17, STAGED2), (17, SIMT), (1, 6)):
+    for m, kernel in ((65, LUT), (65, DEEP), (65, MMA), (17, STAGED2), (17, SIMT), (1, 7)):
         status, _ = run(emulator, q, torch.bfloat16, torch.zeros(m, 256, dtype=torch.bfloat16), None, kernel)
         assert status == INVALID, (m, kernel)

@@ -29,7 +29,7 @@ def fields(q):
     return (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
 
 
-MMA, SIMT, STAGED, STAGED2, LUT = 1, 2, 3, 4, 5  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged, kGemvMmaStaged2, kGemvMmaLut
+MMA, SIMT, STAGED, STAGED2, LUT, DEEP = 1, 2, 3, 4, 5, 6  # csrc/nf4_cuda.h kGemvMma, kGemvSimt, kGemvMmaStaged, kGemvMmaStaged2, kGemvMmaLut, kGemvMmaLutDeep
 
 
 def bits(t):
@@ -180,6 +180,18 @@ def test_cuda_lut_gemv_within_the_bound_of_its_operand(C, shape, blocksize, dtyp
         assert torch.equal(bits(ours), bits(C.nf4_linear_cuda(x, *fields(q), bias, kernel=STAGED)))
 
 
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 14336), (333, 4608)])
+def test_cuda_deep_lut_gemv_equals_mma_lut_bit_for_bit(C, shape):
+    """csrc/nf4_cuda_gemv_lut.cu, Note: deep batches: the same sums in the same order, so the same bits."""
+    g = torch.Generator(device="cuda").manual_seed(shape[0])
+    q = nf4.quantize(torch.randn(shape, device="cuda", generator=g), 64, True)
+    for m in (1, 4, 8, 16):
+        x = torch.randn(m, shape[1], device="cuda", generator=g).bfloat16()
+        bias = torch.randn(shape[0], device="cuda", generator=g).bfloat16()
+        deep = C.nf4_linear_cuda(x, *fields(q), bias, kernel=DEEP)
+        assert torch.equal(bits(deep), bits(C.nf4_linear_cuda(x, *fields(q), bias, kernel=LUT))), (shape, m)
+
+
 def test_cuda_lut_gemv_groups_fewer_row_tiles_when_the_scales_do_not_fit(C):
     """N = 8192 at 9 rows would take 4 row tiles a CTA, but at K = 20480 their 16 x 4 x 320 scales pass
     64 KiB: the launcher takes 2 (one of the two paths a weight this wide has)."""
@@ -227,8 +239,8 @@ def test_cuda_gemv_refuses_too_many_rows(C):
         C.nf4_linear_cuda(torch.randn(17, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=STAGED2)
     with pytest.raises(RuntimeError, match="1 to 64 rows for this kernel, got 65"):
         C.nf4_linear_cuda(torch.randn(65, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=LUT)
-    with pytest.raises(RuntimeError, match="kernel must be 0 .auto.*5 .mma-lut., got 6"):
-        C.nf4_linear_cuda(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=6)
+    with pytest.raises(RuntimeError, match="kernel must be 0 .auto.*5 .mma-lut. or 6 .mma-lut-deep., got 7"):
+        C.nf4_linear_cuda(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), *fields(q), None, kernel=7)
 
 
 @pytest.mark.parametrize("m", [1, 16, 32, 33, 64, 65])

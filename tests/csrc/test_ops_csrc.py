@@ -194,7 +194,7 @@ def test_the_cuda_gemv_name_is_checked_on_import():
     """LOWRANK_CUDA_GEMV (csrc/nf4_cuda_gemv.cu, Note: LOWRANK_CUDA_GEMV) names one of the tensor-core
     GEMVs; any other name fails when lowrank is imported, with the name and the choices."""
     assert csrc.cuda_gemv_kernel({}) == "mma-lut" and csrc.cuda_gemv_kernel({"LOWRANK_CUDA_GEMV": "mma"}) == "mma"
-    with pytest.raises(ValueError, match=r"LOWRANK_CUDA_GEMV must be one of \('mma', .*'mma-lut'\) or unset, got 'lut'"):
+    with pytest.raises(ValueError, match=r"LOWRANK_CUDA_GEMV must be one of \('mma', .*'mma-lut', 'mma-lut-deep'\) or unset, got 'lut'"):
         csrc.cuda_gemv_kernel({"LOWRANK_CUDA_GEMV": "lut"})
     env = {**os.environ, "LOWRANK_CUDA_GEMV": "lut"}
     out = subprocess.run([sys.executable, "-c", "import lowrank"], env=env, capture_output=True, text=True)
