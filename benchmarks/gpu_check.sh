@@ -3,15 +3,16 @@
 # internet; bitsandbytes carried as a wheel in .whl/). Builds lowrank._C with its CUDA kernels
 # (sm_90a only: the quick build), then, most valuable first, each step under `timeout`:
 #   csrc / LoRA op / optimizer / quantize gpu tests   (the new CUDA kernels must be right before they are timed;
-#                                            lora_add and nf4_lora_linear on cuBLAS, bit for bit against their eager calls,
-#                                            with dropout too: native_dropout's mask, first run on a GPU here)
-#   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16; csrc-mma-staged,
-#                                            -staged2 and -lut, written 2026-11-28 without a GPU, first timed here)
+#                                            531 passed on 2026-11-30; new since: mma-lut-deep equal to mma-lut bit for
+#                                            bit, the op's GEMV up to 32 rows, float32 from 17 rows on cuBLAS)
+#   bench_nf4_cuda.py                       (every CUDA kernel against bitsandbytes and bf16; csrc-mma-lut-deep, written
+#                                            2026-11-30 without a GPU, first timed here: make it the default if faster)
 #   bench_qlora.py --llama7b                (a QLoRA step of the Llama-2-7B shape: memory and tokens/s)
 #   bench_qlora.py --llama7b --compile      (the same with each decoder layer torch.compiled, both sides)
 #   bench_nf4_codec.py --device cuda        (quantize / dequantize on the GPU; table in bench.log)
-#   Triton gpu tests, then bench_nf4_linear.py at two shapes and M in {1, 16} (the Triton kernels
-#   rewritten on 2026-11-28 after a SASS count, not yet timed), then (PROFILE=1) ncu on the CUDA kernels
+#   Triton gpu tests, then bench_nf4_linear.py at two shapes and M in {1, 16} (the Triton route is dequantize +
+#   cuBLAS at every M since 2026-11-30; -gemv times the split-K GEMV), then (PROFILE=1) ncu on the CUDA kernels,
+#   with its memory sections: why mma-lut moves W at 1.45 TB/s where cuBLAS moves 3.5 (docs/csrc.md)
 # and leaves at most 8 files under $OUT (the device tool's limit):
 #   env.txt build.log tests.log bench.log nf4_cuda.json qlora.json qlora_compiled.json nf4_linear.json
 #   (profile.log too with PROFILE=1, qlora_cudagraphs.json with CUDAGRAPHS=1: then a file fewer comes back;
