@@ -22,6 +22,21 @@ class DataError(ValueError):
     """A data file that is not valid conversation data; the message names the place."""
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object_pairs_hook: an object with a key twice is an error. json.loads keeps the last
+    value silently, so {"content": "a", "content": "b"} would train on "b" and lose "a"."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the key {key!r} appears twice in one object (JSON keeps only the last value)")
+        out[key] = value
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Turn:
     input: str
@@ -78,9 +93,11 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
         raise DataError(f"{source}: is empty; expected a JSON list of records or JSON Lines")
     if stripped.startswith("["):
         try:
-            raws = json.loads(text)
+            raws = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: not valid JSON: {e}") from None
+        except _DuplicateKey as e:
+            raise DataError(f"{source}: {e}") from None
         records = []
         for i, r in enumerate(raws):
             try:
@@ -95,7 +112,9 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                raw = json.loads(line, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as e:
+                raise DataError(f"{source}: line {line_no} (record {len(records)}): {e}") from None
             except json.JSONDecodeError as e:
                 if not records and _one_object(text):  # valid JSON, only not a line a record: say what it is
                     raise DataError(f"{source}: is one JSON object over several lines; expected a JSON list "
