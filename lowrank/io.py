@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import distributed, io_moe, io_prefix, io_prompt, shards
+from . import distributed, io_embeddings, io_moe, io_prefix, io_prompt, shards
 from .config import LoraConfig
 from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
 from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters, from_peft_pattern, from_peft_targets,
@@ -128,13 +128,15 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
                       "not saved: a model loaded from this file has its base model's head there (target other "
                       "modules to have the head saved whole)", stacklevel=3)
     io_prompt.save_loaded_modules(model, name, config, tensors, peft_config, PREFIX)  # those a PEFT file had
+    io_embeddings.save_embeddings(model, layers, tensors, PREFIX)  # See Note: embeddings in an adapter file
     warn_padding(model, name, f"save_adapter of {name!r}")
     return tensors, peft_config
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> pathlib.Path:
     """Write LoRA adapter `name` (None: the model's only LoRA adapter) of `model` to directory
-    `path` in PEFT's format: adapter weights only. Atomic: the directory is built and fsynced
+    `path` in PEFT's format: adapter weights, and the model's embedding weights where PEFT's save
+    adds them (Note: embeddings in an adapter file, lowrank/io_embeddings.py). Atomic: the directory is built and fsynced
     under a temporary name beside `path`, then swapped in whole (Note: atomic directories, in
     lowrank/shards.py), so a failure or a kill leaves the previous adapter at `path` as it was;
     other files in an existing directory are kept.

@@ -1,0 +1,92 @@
+"""The model's embedding weights in a LoRA adapter file, where PEFT's format carries them.
+
+# Note: embeddings in an adapter file. PEFT's save (save_embedding_layers="auto", its default,
+# peft/utils/save_and_load.py) adds the base model's own embedding weights to an adapter file in
+# two cases, and save_adapter does as it does:
+#   - the adapter adapts the input or output embedding (LoRA on embed_tokens or lm_head): that
+#     module's base weight, as "<module>.base_layer.weight". Its rows for tokens added to the
+#     vocabulary exist only in the model being trained, so a file without them loads onto a base
+#     that lacks them.
+#   - otherwise, the vocabulary was resized: model.config.vocab_size differs from the vocab_size of
+#     the config.json in the directory the model came from (config._name_or_path). Then the input
+#     and output embeddings' weights, as "<module>.weight". PEFT also asks the Hub when that name is
+#     not a local directory; lowrank reads only a local directory (no network on save).
+# load_adapter loads such keys into the base model (lowrank/io.py, Note: base weights in an
+# adapter file). A weight that is not a plain floating tensor (a 4-bit output head) is left out,
+# as PEFT leaves out a base layer that is not nn.Linear / nn.Embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import torch
+from torch import nn
+
+from . import distributed
+from .walk import _unwrap, _walk
+
+log = logging.getLogger("lowrank")
+
+
+def _embeddings(model: nn.Module) -> list[nn.Module]:
+    """The model's input and output embedding modules, each inside its adapter layers (if any)."""
+    out = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        method = getattr(type(model), getter, None)
+        try:
+            module = getattr(model, getter)() if callable(method) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        if isinstance(module, nn.Module):
+            out.append(_unwrap(module))
+    return out
+
+
+def base_vocab_size(model: nn.Module) -> int | None:
+    """vocab_size of the config.json in the local directory the model was loaded from, else None
+    (where: what from_pretrained set, as PEFT reads it, else the config's name)."""
+    where = model.__dict__.get("name_or_path") or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not where or not isinstance(where, str):
+        return None
+    try:
+        text = (pathlib.Path(where) / "config.json").read_text()
+        cfg = json.loads(text)
+    except (OSError, ValueError):  # not a local directory (a Hub name), or no readable config in it
+        return None
+    size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size")) if isinstance(cfg, dict) else None
+    return size if isinstance(size, int) else None
+
+
+def _weight(module: nn.Module) -> torch.Tensor | None:
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2 else None
+
+
+def save_embeddings(model: nn.Module, layers, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Add to `tensors` the embedding weights PEFT's file would hold (See Note: embeddings in an
+    adapter file); `layers` are the adapter's (target, PEFT key, LoRA layer) triples."""
+    embeddings = _embeddings(model)
+    if not embeddings:
+        return
+    found = {}
+    for _, key, layer in layers:  # adapted embeddings: their base weight under PEFT's base_layer name
+        base = _unwrap(layer)
+        if any(base is e for e in embeddings) and (w := _weight(base)) is not None:
+            found[f"{prefix}{key}.base_layer.weight"] = w
+    if not found:
+        size = getattr(getattr(model, "config", None), "vocab_size", None)
+        before = base_vocab_size(model)
+        if isinstance(size, int) and before is not None and size != before:
+            names = {}  # the module's name as save and load see it: adapter layers see-through
+            for _, _, where, child in _walk(model):
+                names.setdefault(id(_unwrap(child)), where)
+            for e in embeddings:
+                if id(e) in names and (w := _weight(e)) is not None:
+                    found[f"{prefix}{names[id(e)]}.weight"] = w
+            log.info("lowrank: save_adapter adds the embedding weights %s: the vocabulary was resized from %d to %d",
+                     sorted(found), before, size)
+    # a tied output head shares its tensor with the input embedding: safetensors takes no aliases
+    tensors.update({k: distributed.full_tensor(w.detach()).cpu().clone() for k, w in found.items()})
