@@ -6,7 +6,9 @@
 #   - the adapter adapts the input or output embedding (LoRA on embed_tokens or lm_head): that
 #     module's base weight, as "<module>.base_layer.weight". Its rows for tokens added to the
 #     vocabulary exist only in the model being trained, so a file without them loads onto a base
-#     that lacks them.
+#     that lacks them. (PEFT goes by the names "embed_tokens" and "lm_head" in target_modules;
+#     lowrank by what get_input_embeddings / get_output_embeddings return, so GPT-2's adapted
+#     `wte` is saved too, where PEFT's file would lack it. PEFT loads the key into the base.)
 #   - otherwise, the vocabulary was resized: model.config.vocab_size differs from the vocab_size of
 #     the config.json in the directory the model came from (config._name_or_path). Then the input
 #     and output embeddings' weights, as "<module>.weight". PEFT also asks the Hub when that name is
