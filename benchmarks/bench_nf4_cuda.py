@@ -10,7 +10,8 @@ csrc-mma-lut-deep up to 8), bitsandbytes
 (dequantize_4bit; gemv_4bit at M = 1), and the baseline: bf16 F.linear on the dense weight (for
 dequantize: a device-to-device copy of the bf16 weight, the bandwidth ceiling). Every row: median
 and 20/80% quantiles (triton.testing.do_bench, L2 flushed), GB/s of the bytes a kernel must move,
-and the time ratio to the baseline of the same run. The Triton kernels are timed by
+and the time ratio to the baseline of the same run; then, for each provider, a line through its M = 1
+times over the shapes (fits: the fixed part and the marginal rate). The Triton kernels are timed by
 bench_nf4_linear.py, which autotunes them. Writes --out (default benchmarks/results/nf4_cuda.json)
 and a .md table beside it. Skips (exit 0) with a message when there is no GPU or _C has no CUDA.
 """
@@ -97,6 +98,26 @@ def back_to_back(device, n=4096, k=4096, calls=2000) -> list[dict]:
     return rows
 
 
+def fits(rows: list[dict], m: int = 1) -> list[dict]:
+    """For each provider timed at `m` rows on 3 or more shapes, a straight line through its times:
+    ms = fixed + bytes moved / rate (least squares). A row each, op "fit M=<m>": ms is the fixed
+    part, gbps the marginal rate. On the H200 (2026-11-30, docs/csrc.md) every kernel's fixed part
+    was ~9 us and mma-lut's rate 1.45 TB/s against cuBLAS's 3.5: the rate is what a GEMV can raise."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["op"] == "linear" and r["M"] == m and r["gbps"]:
+            points.setdefault(r["provider"], []).append((r["gbps"] * r["ms"] * 1e6, r["ms"]))  # (bytes, ms)
+    out = []
+    for name, xy in points.items():
+        if len({x for x, _ in xy}) < 3:
+            continue
+        mx, my = sum(x for x, _ in xy) / len(xy), sum(y for _, y in xy) / len(xy)
+        slope = sum((x - mx) * (y - my) for x, y in xy) / sum((x - mx) ** 2 for x, _ in xy)  # ms a byte
+        out.append(dict(op=f"fit M={m}: fixed ms + bytes at gbps", N=None, K=None, M=m, provider=name, ms=my - slope * mx,
+                        p20=None, p80=None, gbps=1 / slope / 1e6 if slope > 0 else None, speedup=None))
+    return out
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -161,6 +182,7 @@ def main(argv):
                 measure("linear", n, k, m, "bitsandbytes gemv_4bit", lambda: bnbf.gemv_4bit(x, bq.t(), state=state), moved, base)
         print(_common.markdown(rows[first:], COLUMNS), flush=True)
         _common.write(args.out, rows, _common.environment(device), _common.markdown(rows, COLUMNS))  # a timeout keeps these
+    rows += fits(rows)
     if not args.quick or args.back_to_back:
         rows += back_to_back(device)
     env = _common.environment(device)
