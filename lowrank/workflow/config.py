@@ -77,7 +77,7 @@ class TrainConfig:
         if self.epochs >= 2**64:  # alone past the data order's generator seed (below): the seed is not to blame
             raise ConfigError(f"epochs must be below 2**64 (the data order seeds a generator with seed * 1000003 + "
                               f"epoch); got {self.epochs}")
-        if self.seed * 1_000_003 + self.epochs >= 2**64:  # the data order's generator seed (workflow/batches.py)
+        if self.seed * 1_000_003 + self.epochs - 1 >= 2**64:  # the last epoch's generator seed (workflow/batches.py)
             raise ConfigError(f"seed must be below {(2**64 - self.epochs) // 1_000_003 + 1} (the data order seeds a "
                               f"generator with seed * 1000003 + epoch, at most 2**64 - 1); got {self.seed}")
         for f, ok, allowed in (("lr", lambda v: v > 0, "> 0"), ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
