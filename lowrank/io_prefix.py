@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import distributed, io_prompt
+from . import distributed, io_embeddings, io_prompt
 from .config import PrefixConfig
 from .inject import inject
 from .targets import task_type
@@ -74,6 +74,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     }
     tensors = {KEY: table.to(first.prefix(name).dtype).contiguous()}
     io_prompt.save_head(model, peft_config["task_type"], tensors, peft_config)  # See Note: task heads (io_prompt)
+    io_embeddings.save_embeddings(model, [], tensors, "base_model.")  # See Note: embeddings in an adapter file
     return tensors, peft_config
 
 
