@@ -9,9 +9,12 @@
 #     them loads onto a base that lacks them. (PEFT goes by the names "embed_tokens" and "lm_head" in target_modules;
 #     lowrank by what get_input_embeddings / get_output_embeddings return, so GPT-2's adapted
 #     `wte` is saved too, where PEFT's file would lack it. PEFT loads the key into the base.)
-#   - otherwise, the vocabulary was resized: model.config.vocab_size differs from the vocab_size of
-#     the config.json in the directory the model came from (config._name_or_path). Then the input
-#     and output embeddings' weights (and biases: BERT's MLM decoder's), as "<module>.weight".
+#   - when no adapted embedding is named "embed_tokens" or "lm_head" (PEFT's test), and the
+#     vocabulary was resized: model.config.vocab_size differs from the vocab_size of the
+#     config.json in the directory the model came from (config._name_or_path). Then the input and
+#     output embeddings' weights (and biases: BERT's MLM decoder's), as "<module>.weight", but for
+#     an embedding adapted under another name (GPT-NeoX's embed_in), saved as above: its untied
+#     output head's new rows were otherwise lost, where PEFT's file has them.
 #     PEFT also asks the Hub when that name is not a local directory; lowrank reads only a local
 #     directory (no network on save).
 # load_adapter loads such keys into the base model (lowrank/io.py, Note: base weights in an
@@ -32,6 +35,7 @@ from . import distributed
 from .walk import _unwrap, _walk
 
 log = logging.getLogger("lowrank")
+PEFT_EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
 
 
 def _embeddings(model: nn.Module) -> list[nn.Module]:
@@ -81,11 +85,12 @@ def _names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def embedding_parameters(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """`prefix` + name -> parameter, for the model's input and output embeddings' own parameters:
-    the keys a resized vocabulary adds to PEFT's file (a prompt / prefix file's, prefix "base_model.")."""
+def embedding_parameters(model: nn.Module, prefix: str, skip=frozenset()) -> dict[str, torch.Tensor]:
+    """`prefix` + name -> parameter, for the model's input and output embeddings' own parameters
+    (but those of modules whose id is in `skip`): the keys a resized vocabulary adds to PEFT's file
+    (a prompt / prefix file's, prefix "base_model.")."""
     names = _names(model)
-    return {f"{prefix}{names[id(e)]}.{n}": p for e in _embeddings(model) if id(e) in names
+    return {f"{prefix}{names[id(e)]}.{n}": p for e in _embeddings(model) if id(e) in names and id(e) not in skip
             for n, p in _own_tensors(e).items()}
 
 
@@ -96,16 +101,21 @@ def save_embeddings(model: nn.Module, layers, tensors: dict[str, torch.Tensor], 
     embeddings = _embeddings(model)
     if not embeddings:
         return
-    found = {}
+    found, adapted, by_name = {}, set(), False
     for _, key, layer in layers:  # adapted embeddings: their base tensors under PEFT's base_layer name
         base = _unwrap(layer)
         if any(base is e for e in embeddings):
             found |= {f"{prefix}{key}.base_layer.{n}": w for n, w in _own_tensors(base).items()}
-    if not found:
+            adapted.add(id(base))
+            by_name |= key.rsplit(".", 1)[-1] in PEFT_EMBEDDING_NAMES
+    # PEFT takes an adapted embedding as targeted by its name only: one named otherwise (GPT-NeoX's
+    # embed_in, GPT-2's wte) leaves PEFT's resized-vocabulary rule on, which saves the other
+    # embedding too (an untied output head's new rows, else lost)
+    if not by_name:
         size = getattr(getattr(model, "config", None), "vocab_size", None)
         before = base_vocab_size(model)
         if isinstance(size, int) and before is not None and size != before:
-            found = embedding_parameters(model, prefix)
+            found |= embedding_parameters(model, prefix, skip=adapted)
             log.info("lowrank: save_adapter adds the embedding weights %s: the vocabulary was resized from %d to %d",
                      sorted(found), before, size)
     # a tied output head shares its tensor with the input embedding: safetensors takes no aliases
