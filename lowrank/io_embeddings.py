@@ -120,3 +120,16 @@ def save_embeddings(model: nn.Module, layers, tensors: dict[str, torch.Tensor], 
                      sorted(found), before, size)
     # a tied output head shares its tensor with the input embedding: safetensors takes no aliases
     tensors.update({k: distributed.full_tensor(w.detach()).cpu().clone() for k, w in found.items()})
+
+
+def resize_hint(model: nn.Module, mismatched) -> str:
+    """For a load's shape mismatches (key, file shape, model shape): where an embedding's rows differ
+    (the adapter was trained after resize_token_embeddings: PEFT's and save_adapter's files then hold
+    the embeddings), what to call first; else ""."""
+    names = embedding_parameters(model, "")
+    rows = sorted({f[0] for k, f, m in mismatched if len(f) == len(m) and f[1:] == m[1:] and f[0] != m[0]
+                   and any(k.replace(".base_layer.", ".").endswith("." + n) for n in names)})
+    if len(rows) != 1:
+        return ""
+    return (f" (the file's embeddings have {rows[0]} rows: the adapter was trained with a resized vocabulary; "
+            f"call model.resize_token_embeddings({rows[0]}) before loading it)")

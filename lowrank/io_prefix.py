@@ -99,7 +99,8 @@ def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], 
     pairs, base, unexpected, mismatched = io_prompt.load_head(model, peft_config, weights)  # See Note: task heads
     if strict and (unexpected or mismatched):
         raise ValueError(f"{source}: unexpected keys for a prefix adapter: {unexpected}" if unexpected else
-                         f"{source}: the task head does not fit (key, file, model): {mismatched}")
+                         f"{source}: the task head or embeddings do not fit (key, file, model): {mismatched}"
+                         + io_embeddings.resize_hint(model, mismatched))
     table = weights[KEY]
     from .io import undo_on_error  # io imports this module first
 
