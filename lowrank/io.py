@@ -357,7 +357,8 @@ def only_name(names: list[str], what: str) -> str:
 def copy_checked(model: nn.Module, what: str, pairs, result: LoadResult, strict: bool) -> None:
     """Copy each (parameter, saved tensor) of `pairs`, or raise naming every shape mismatch and,
     when `strict`, every missing and unexpected key of `result` (nothing copied then)."""
-    problems = [f"shape mismatches (key, file, model): {result.mismatched}"] if result.mismatched else []
+    problems = [f"shape mismatches (key, file, model): {result.mismatched}"
+                + io_embeddings.resize_hint(model, result.mismatched)] if result.mismatched else []
     problems += [f"missing keys: {result.missing}"] if strict and result.missing else []
     problems += [f"unexpected keys: {result.unexpected}" + renamed(result.missing, result.unexpected, PREFIX)
                  ] if strict and result.unexpected else []  # a hint where they differ by a leading module path

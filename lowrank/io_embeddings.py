@@ -4,15 +4,19 @@
 # peft/utils/save_and_load.py) adds the base model's own embedding weights to an adapter file in
 # two cases, and save_adapter does as it does:
 #   - the adapter adapts the input or output embedding (LoRA on embed_tokens or lm_head): that
-#     module's base weight, as "<module>.base_layer.weight". Its rows for tokens added to the
-#     vocabulary exist only in the model being trained, so a file without them loads onto a base
-#     that lacks them. (PEFT goes by the names "embed_tokens" and "lm_head" in target_modules;
+#     module's base weight (and bias, if any), as "<module>.base_layer.weight". Its rows for
+#     tokens added to the vocabulary exist only in the model being trained, so a file without
+#     them loads onto a base that lacks them. (PEFT goes by the names "embed_tokens" and "lm_head" in target_modules;
 #     lowrank by what get_input_embeddings / get_output_embeddings return, so GPT-2's adapted
 #     `wte` is saved too, where PEFT's file would lack it. PEFT loads the key into the base.)
-#   - otherwise, the vocabulary was resized: model.config.vocab_size differs from the vocab_size of
-#     the config.json in the directory the model came from (config._name_or_path). Then the input
-#     and output embeddings' weights, as "<module>.weight". PEFT also asks the Hub when that name is
-#     not a local directory; lowrank reads only a local directory (no network on save).
+#   - when no adapted embedding is named "embed_tokens" or "lm_head" (PEFT's test), and the
+#     vocabulary was resized: model.config.vocab_size differs from the vocab_size of the
+#     config.json in the directory the model came from (config._name_or_path). Then the input and
+#     output embeddings' weights (and biases: BERT's MLM decoder's), as "<module>.weight", but for
+#     an embedding adapted under another name (GPT-NeoX's embed_in), saved as above: its untied
+#     output head's new rows were otherwise lost, where PEFT's file has them.
+#     PEFT also asks the Hub when that name is not a local directory; lowrank reads only a local
+#     directory (no network on save).
 # load_adapter loads such keys into the base model (lowrank/io.py, Note: base weights in an
 # adapter file). A weight that is not a plain floating tensor (a 4-bit output head) is left out,
 # as PEFT leaves out a base layer that is not nn.Linear / nn.Embedding.
@@ -31,6 +35,7 @@ from . import distributed
 from .walk import _unwrap, _walk
 
 log = logging.getLogger("lowrank")
+PEFT_EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
 
 
 def _embeddings(model: nn.Module) -> list[nn.Module]:
@@ -62,33 +67,69 @@ def base_vocab_size(model: nn.Module) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def _weight(module: nn.Module) -> torch.Tensor | None:
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own parameters by name (an output head's bias too: PEFT saves every tensor under
+    the module's name, and a resize gives the bias a row per token), {} when its weight is not a
+    plain floating matrix."""
     w = getattr(module, "weight", None)
-    return w if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2 else None
+    if not (isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2):
+        return {}
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.is_floating_point()}
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its name as save and load see it: adapter layers see-through."""
+    names = {}
+    for _, _, where, child in _walk(model):
+        names.setdefault(id(_unwrap(child)), where)
+    return names
+
+
+def embedding_parameters(model: nn.Module, prefix: str, skip=frozenset()) -> dict[str, torch.Tensor]:
+    """`prefix` + name -> parameter, for the model's input and output embeddings' own parameters
+    (but those of modules whose id is in `skip`): the keys a resized vocabulary adds to PEFT's file
+    (a prompt / prefix file's, prefix "base_model.")."""
+    names = _names(model)
+    return {f"{prefix}{names[id(e)]}.{n}": p for e in _embeddings(model) if id(e) in names and id(e) not in skip
+            for n, p in _own_tensors(e).items()}
 
 
 def save_embeddings(model: nn.Module, layers, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     """Add to `tensors` the embedding weights PEFT's file would hold (See Note: embeddings in an
-    adapter file); `layers` are the adapter's (target, PEFT key, LoRA layer) triples."""
+    adapter file); `layers` are the adapter's (target, PEFT key, LoRA layer) triples (none for a
+    prompt or prefix adapter, whose file PEFT gives the embeddings of a resized vocabulary too)."""
     embeddings = _embeddings(model)
     if not embeddings:
         return
-    found = {}
-    for _, key, layer in layers:  # adapted embeddings: their base weight under PEFT's base_layer name
+    found, adapted, by_name = {}, set(), False
+    for _, key, layer in layers:  # adapted embeddings: their base tensors under PEFT's base_layer name
         base = _unwrap(layer)
-        if any(base is e for e in embeddings) and (w := _weight(base)) is not None:
-            found[f"{prefix}{key}.base_layer.weight"] = w
-    if not found:
+        if any(base is e for e in embeddings):
+            found |= {f"{prefix}{key}.base_layer.{n}": w for n, w in _own_tensors(base).items()}
+            adapted.add(id(base))
+            by_name |= key.rsplit(".", 1)[-1] in PEFT_EMBEDDING_NAMES
+    # PEFT takes an adapted embedding as targeted by its name only: one named otherwise (GPT-NeoX's
+    # embed_in, GPT-2's wte) leaves PEFT's resized-vocabulary rule on, which saves the other
+    # embedding too (an untied output head's new rows, else lost)
+    if not by_name:
         size = getattr(getattr(model, "config", None), "vocab_size", None)
         before = base_vocab_size(model)
         if isinstance(size, int) and before is not None and size != before:
-            names = {}  # the module's name as save and load see it: adapter layers see-through
-            for _, _, where, child in _walk(model):
-                names.setdefault(id(_unwrap(child)), where)
-            for e in embeddings:
-                if id(e) in names and (w := _weight(e)) is not None:
-                    found[f"{prefix}{names[id(e)]}.weight"] = w
+            found |= embedding_parameters(model, prefix, skip=adapted)
             log.info("lowrank: save_adapter adds the embedding weights %s: the vocabulary was resized from %d to %d",
                      sorted(found), before, size)
     # a tied output head shares its tensor with the input embedding: safetensors takes no aliases
     tensors.update({k: distributed.full_tensor(w.detach()).cpu().clone() for k, w in found.items()})
+
+
+def resize_hint(model: nn.Module, mismatched) -> str:
+    """For a load's shape mismatches (key, file shape, model shape): where an embedding's rows differ
+    (the adapter was trained after resize_token_embeddings: PEFT's and save_adapter's files then hold
+    the embeddings), what to call first; else ""."""
+    names = embedding_parameters(model, "")
+    rows = sorted({f[0] for k, f, m in mismatched if len(f) == len(m) and f[1:] == m[1:] and f[0] != m[0]
+                   and any(k.replace(".base_layer.", ".").endswith("." + n) for n in names)})
+    if len(rows) != 1:
+        return ""
+    return (f" (the file's embeddings have {rows[0]} rows: the adapter was trained with a resized vocabulary; "
+            f"call model.resize_token_embeddings({rows[0]}) before loading it)")

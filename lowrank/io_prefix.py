@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import distributed, io_prompt
+from . import distributed, io_embeddings, io_prompt
 from .config import PrefixConfig
 from .inject import inject
 from .targets import task_type
@@ -74,6 +74,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     }
     tensors = {KEY: table.to(first.prefix(name).dtype).contiguous()}
     io_prompt.save_head(model, peft_config["task_type"], tensors, peft_config)  # See Note: task heads (io_prompt)
+    io_embeddings.save_embeddings(model, [], tensors, "base_model.")  # See Note: embeddings in an adapter file
     return tensors, peft_config
 
 
@@ -98,7 +99,8 @@ def load(model: nn.Module, peft_config: dict, weights: dict[str, torch.Tensor], 
     pairs, base, unexpected, mismatched = io_prompt.load_head(model, peft_config, weights)  # See Note: task heads
     if strict and (unexpected or mismatched):
         raise ValueError(f"{source}: unexpected keys for a prefix adapter: {unexpected}" if unexpected else
-                         f"{source}: the task head does not fit (key, file, model): {mismatched}")
+                         f"{source}: the task head or embeddings do not fit (key, file, model): {mismatched}"
+                         + io_embeddings.resize_hint(model, mismatched))
     table = weights[KEY]
     from .io import undo_on_error  # io imports this module first
 

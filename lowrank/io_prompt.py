@@ -14,7 +14,7 @@ import pathlib
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, io_embeddings
 from .config import PromptConfig
 from .inject import _walk, adapter_names, inject, plain_parameters
 from .targets import HEADS, task_type
@@ -91,8 +91,9 @@ def save_head(model: nn.Module, task: str | None, tensors: dict, peft_config: di
 
 def load_head(model: nn.Module, peft_config: dict, weights: dict):
     """(pairs, base keys, unexpected keys, mismatches) for the file's tensors other than KEY:
-    the task head's load into the model's (See Note: task heads); the rest are unexpected."""
-    head = head_parameters(model, peft_config.get("task_type"))
+    the task head's, and the embeddings' of a resized vocabulary (PEFT's save adds them: lowrank/
+    io_embeddings.py, Note: embeddings in an adapter file), load into the model's; the rest are unexpected."""
+    head = head_parameters(model, peft_config.get("task_type")) | io_embeddings.embedding_parameters(model, "base_model.")
     pairs, base, unexpected, mismatched = [], [], [], []
     for k in sorted(k for k in weights if k != KEY):
         if k not in head:
@@ -146,6 +147,7 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     # See Note: saving from several ranks (lowrank/distributed.py): an FSDP2-sharded prompt is gathered first
     tensors = {KEY: distributed.full_tensor(prompt.detach()).float().cpu().contiguous()}
     save_head(model, peft_config["task_type"], tensors, peft_config)
+    io_embeddings.save_embeddings(model, [], tensors, "base_model.")  # See Note: embeddings in an adapter file
     return tensors, peft_config
 
 

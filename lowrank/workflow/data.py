@@ -22,19 +22,37 @@ class DataError(ValueError):
     """A data file that is not valid conversation data; the message names the place."""
 
 
-class _DuplicateKey(ValueError):
-    pass
+def _objects():
+    """(object_pairs_hook, twice): the hook builds each JSON object as json.loads does and records in
+    `twice`, by the dict's id, the keys it had more than once. json.loads keeps the last value
+    silently, so {"output": "a", "output": "b"} would train on "b" and lose "a": the fields a record
+    is read by are checked where the record is (_refuse_twice), so the error names the record, field
+    and line; a key twice in a field no record is read by (its metadata) loses nothing trained and is
+    let be, as json.loads lets it. An id is a dict's while the dict lives: `twice` is emptied before
+    each JSON line."""
+    twice: dict[int, list[str]] = {}
+
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        out = dict(pairs)
+        if len(out) < len(pairs):
+            keys = [k for k, _ in pairs]
+            twice[id(out)] = sorted({k for k in keys if keys.count(k) > 1})
+        return out
+    return hook, twice
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """json's object_pairs_hook: an object with a key twice is an error. json.loads keeps the last
-    value silently, so {"content": "a", "content": "b"} would train on "b" and lose "a"."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"the key {key!r} appears twice in one object (JSON keeps only the last value)")
-        out[key] = value
-    return out
+def _refuse_twice(raw, twice: dict[int, list[str]], where: str) -> None:
+    """A DataError for a record whose "conversation", or a turn's field, was given twice."""
+    if not twice:
+        return
+    objects = [(raw, ("conversation",), where)]
+    turns = raw.get("conversation") if isinstance(raw, dict) else None
+    if isinstance(turns, list):
+        objects += [(t, TURN_FIELDS, f"{where}.conversation[{i}]") for i, t in enumerate(turns)]
+    for obj, fields, at in objects:
+        keys = [k for k in twice.get(id(obj), ()) if k in fields]
+        if keys:
+            raise DataError(f"{at}: the key {keys[0]!r} appears twice in one object (JSON keeps only the last value)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,16 +109,16 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
     stripped = text.lstrip()
     if not stripped:
         raise DataError(f"{source}: is empty; expected a JSON list of records or JSON Lines")
+    hook, twice = _objects()
     if stripped.startswith("["):
         try:
-            raws = json.loads(text, object_pairs_hook=_unique_keys)
+            raws = json.loads(text, object_pairs_hook=hook)
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: not valid JSON: {e}") from None
-        except _DuplicateKey as e:
-            raise DataError(f"{source}: {e}") from None
         records = []
         for i, r in enumerate(raws):
             try:
+                _refuse_twice(r, twice, f"{source}: record {i}")
                 records.append(check_record(r, i, source))
             except DataError as e:  # a list's records are found by line in an editor, as JSON Lines' are
                 raise DataError(f"{e} (line {_element_line(text, i)})") from None
@@ -112,9 +130,8 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line, object_pairs_hook=_unique_keys)
-            except _DuplicateKey as e:
-                raise DataError(f"{source}: line {line_no} (record {len(records)}): {e}") from None
+                twice.clear()
+                raw = json.loads(line, object_pairs_hook=hook)
             except json.JSONDecodeError as e:
                 if not records and _one_object(text):  # valid JSON, only not a line a record: say what it is
                     raise DataError(f"{source}: is one JSON object over several lines; expected a JSON list "
@@ -122,6 +139,7 @@ def parse(text: str, source: str = "data") -> list[Conversation]:
                                     "line)") from None
                 raise DataError(f"{source}: line {line_no} (record {len(records)}) is not valid JSON: {e}") from None
             try:
+                _refuse_twice(raw, twice, f"{source}: record {len(records)}")
                 records.append(check_record(raw, len(records), source))
             except DataError as e:  # the record's index skips blank lines: its line is where an editor finds it
                 raise DataError(f"{e} (line {line_no})") from None

@@ -9,13 +9,14 @@ from lowrank.workflow import data
 def test_a_duplicate_key_in_a_json_lines_record_names_its_line():
     text = ('{"conversation": [{"input": "hi", "output": "hello"}]}\n'
             '{"conversation": [{"input": "q", "output": "a", "output": "b"}]}\n')
-    with pytest.raises(data.DataError, match=r"d.jsonl: line 2 \(record 1\): the key 'output' appears twice"):
+    with pytest.raises(data.DataError,
+                       match=r"d.jsonl: record 1.conversation\[0\]: the key 'output' appears twice.*\(line 2\)"):
         data.parse(text, "d.jsonl")
 
 
 def test_a_duplicate_key_in_a_json_list_is_refused():
     text = '[{"conversation": [{"input": "q", "output": "a"}], "conversation": []}]'
-    with pytest.raises(data.DataError, match=r"d.json: the key 'conversation' appears twice"):
+    with pytest.raises(data.DataError, match=r"d.json: record 0: the key 'conversation' appears twice"):
         data.parse(text, "d.json")
 
 
