@@ -122,14 +122,25 @@ def save_embeddings(model: nn.Module, layers, tensors: dict[str, torch.Tensor], 
     tensors.update({k: distributed.full_tensor(w.detach()).cpu().clone() for k, w in found.items()})
 
 
+def trained_rows(model: nn.Module, shapes) -> int | None:
+    """The number of rows a file's embedding tensors have where it differs from the model's (an
+    adapter trained after resize_token_embeddings: PEFT's and save_adapter's files then hold the
+    embeddings), from `shapes` {file key: shape}; None where none differs or they disagree."""
+    own = embedding_parameters(model, "")
+    rows = set()
+    for key, shape in shapes.items():
+        plain = key.replace(".base_layer.", ".")
+        p = next((p for n, p in own.items() if plain == n or plain.endswith("." + n)), None)
+        if p is not None and len(shape) == p.dim() and tuple(shape[1:]) == tuple(p.shape[1:]) and shape[0] != p.shape[0]:
+            rows.add(shape[0])
+    return rows.pop() if len(rows) == 1 else None
+
+
 def resize_hint(model: nn.Module, mismatched) -> str:
     """For a load's shape mismatches (key, file shape, model shape): where an embedding's rows differ
-    (the adapter was trained after resize_token_embeddings: PEFT's and save_adapter's files then hold
-    the embeddings), what to call first; else ""."""
-    names = embedding_parameters(model, "")
-    rows = sorted({f[0] for k, f, m in mismatched if len(f) == len(m) and f[1:] == m[1:] and f[0] != m[0]
-                   and any(k.replace(".base_layer.", ".").endswith("." + n) for n in names)})
-    if len(rows) != 1:
+    (trained_rows), what to call first; else ""."""
+    rows = trained_rows(model, {k: f for k, f, _ in mismatched})
+    if rows is None:
         return ""
-    return (f" (the file's embeddings have {rows[0]} rows: the adapter was trained with a resized vocabulary; "
-            f"call model.resize_token_embeddings({rows[0]}) before loading it)")
+    return (f" (the file's embeddings have {rows} rows: the adapter was trained with a resized vocabulary; "
+            f"call model.resize_token_embeddings({rows}) before loading it)")

@@ -160,21 +160,15 @@ def _resize_as_trained(model, adapter: pathlib.Path) -> None:
     copies the file's rows over the new ones. Reads the safetensors header only."""
     from safetensors import safe_open
 
-    from ..io_embeddings import embedding_parameters
+    from ..io_embeddings import trained_rows
 
     weights = adapter / "adapter_model.safetensors"
     resize = getattr(model, "resize_token_embeddings", None)
     if not weights.is_file() or not callable(resize):
         return
-    own = {k: p for k, p in embedding_parameters(model, "").items() if p.dim() == 2}
-    rows = set()
     with safe_open(str(weights), "pt") as f:
-        for key in f.keys():
-            plain = key.removeprefix("base_model.model.").removeprefix("base_model.").replace(".base_layer.", ".")
-            if plain in own and f.get_slice(key).get_shape()[0] != own[plain].shape[0]:
-                rows.add(f.get_slice(key).get_shape()[0])
-    if len(rows) == 1:
-        (n,) = rows
+        n = trained_rows(model, {key: f.get_slice(key).get_shape() for key in f.keys()})
+    if n is not None:
         before = model.get_input_embeddings().weight.shape[0]
         resize(n, mean_resizing=False)  # the new rows come from the file (load_adapter)
         print(f"resized the base's vocabulary from {before} to {n} tokens, as the adapter was trained with")
