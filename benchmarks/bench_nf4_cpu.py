@@ -5,9 +5,11 @@
 
 Rows, all measured in this one run: dequantize (lowrank csrc, bitsandbytes.functional.
 dequantize_4bit; and lowrank's kernel alone, into a tensor already written once, which shows
-what the page faults of a fresh output cost) and linear (lowrank csrc nf4_linear with the best
-instruction set, and with AVX-512 FMA where the best one is avx512bf16; bitsandbytes gemv_4bit
-at M = 1; bf16 F.linear on the dense weight, the baseline). Each: median and 20/80% quantiles
+what the page faults of a fresh output cost) and linear, for bf16 and float32 x (lowrank csrc
+nf4_linear with the best instruction set, and for bf16 with AVX-512 FMA where the best one is
+avx512bf16; bitsandbytes' Linear4bit in eval mode, and its matmul_4bit at M = 1, See Note: checked
+baselines; F.linear on the dense weight in x's dtype, the baseline; err: each output's largest
+difference from the float64 product, relative to that product's largest value). Each: median and 20/80% quantiles
 of 15 samples (a sample: the mean of as many calls as take about 2 ms), GB/s of the bytes the
 op must move, the fraction of this machine's memory bandwidth (measured here with a 256 MiB
 tensor copy), and the time ratio to each baseline. Writes --out (default
@@ -30,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import _common  # noqa: E402
 
-COLUMNS = ["op", "M", "provider", "ms", "p20", "p80", "gbps", "of_bandwidth", "vs_bnb", "vs_bf16"]
+COLUMNS = ["op", "x", "M", "provider", "ms", "p20", "p80", "gbps", "of_bandwidth", "vs_bnb", "vs_base", "err"]
 
 
 def cpu_model() -> str:
@@ -59,11 +61,27 @@ def main(argv):
     q = nf4.quantize(w, 64, True)
     fields = (q.packed, q.absmax, q.nested_absmax, q.offset, [n, k], 64)
     try:
+        import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
 
         bq, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     except ImportError:
-        bnbf = None
+        bnb = bnbf = bnb_layer = None
+    if bnbf is not None:
+        layers = {}
+
+        def bnb_layer(dtype):
+            """bitsandbytes' Linear4bit of w computing in `dtype`, in eval mode: what a model
+            loaded in 4 bits runs for inference (See Note: checked baselines)."""
+            if dtype not in layers:
+                layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=64,
+                                                 compress_statistics=True)
+                layers[dtype] = layer.to(cpu).eval()  # .to quantizes
+            return layers[dtype]
+
+        def bnbf_matmul(x):
+            return bnb.matmul_4bit(x, bq.t(), quant_state=state)
 
     def timed(fn):
         """(median, p20, p80) ms. Calls of 0.15 ms are timed in batches, so that the clock and
@@ -105,44 +123,85 @@ def main(argv):
 
     rows = []
 
-    def row(op, m, provider, t, moved, bnb=None, bf16=None):
-        rows.append(dict(op=op, M=m, provider=provider, ms=t[0], p20=t[1], p80=t[2], gbps=moved / t[0] / 1e6,
+    def row(op, m, provider, t, moved, peer=None, base=None, x=None, err=None):
+        rows.append(dict(op=op, x=x, M=m, provider=provider, err=err, ms=t[0], p20=t[1], p80=t[2], gbps=moved / t[0] / 1e6,
                          of_bandwidth=moved / t[0] / 1e6 / bandwidth,
-                         vs_bnb=None if bnb is None else bnb[0] / t[0], vs_bf16=None if bf16 is None else bf16[0] / t[0]))
+                         vs_bnb=None if peer is None else peer[0] / t[0], vs_base=None if base is None else base[0] / t[0]))
 
     moved = q.nbytes + 2 * n * k  # packed weight and scales in, bf16 weight out
-    bnb = timed(lambda: bnbf.dequantize_4bit(bq, state)) if bnbf else None
-    if bnb:
-        row("dequantize", None, "bitsandbytes", bnb, moved, bnb)
-    row("dequantize", None, "lowrank csrc", timed(lambda: _C.nf4_dequantize_cpu(*fields, torch.bfloat16)), moved, bnb)
+    peer = timed(lambda: bnbf.dequantize_4bit(bq, state)) if bnbf else None
+    if peer:
+        row("dequantize", None, "bitsandbytes", peer, moved, peer)
+    row("dequantize", None, "lowrank csrc", timed(lambda: _C.nf4_dequantize_cpu(*fields, torch.bfloat16)), moved, peer)
     out = torch.zeros(n, k, dtype=torch.bfloat16)  # written once: no page faults
     row("dequantize", None, "lowrank csrc kernel, written tensor", timed(lambda: _C.nf4_dequantize_cpu_into(out, *fields)),
-        moved, bnb)
+        moved, peer)
     best = _C.cpu_isa()
-    for m in (1, 4, 16):
-        x = torch.randn(m, k, dtype=torch.bfloat16)
-        bf16 = timed(lambda: F.linear(x, w))
-        row("linear", m, "bf16 F.linear", bf16, 2 * n * k + 2 * m * (n + k), None, bf16)
-        moved = q.nbytes + 2 * m * (n + k)
-        bnb = None
-        if bnbf and m == 1:
-            bnb = timed(lambda: bnbf.gemv_4bit(x, bq.t(), state=state))
-            row("linear", m, "bitsandbytes gemv_4bit", bnb, moved, bnb, bf16)
-        row("linear", m, f"lowrank csrc ({best})", timed(lambda: _C.nf4_linear_cpu(x, *fields, None)), moved, bnb, bf16)
+    dense = nf4.dequantize(q, torch.float32).double()  # NF4[c] * scale; bitsandbytes' codes and scales are the same bits
+
+    # Note: checked baselines. bitsandbytes 0.50 has two CPU paths for a 4-bit linear layer.
+    # Linear4bit in eval mode under no_grad, on a CPU with AVX512_BF16, first rewrites its weight
+    # into another layout (bitsandbytes/functional.py `_convert_weight_packed_for_cpu`: rows
+    # interleaved, the double-quantized scales expanded and rounded to bf16) and then runs
+    # `gemv_4bit` on it, computing in bf16 whatever x's dtype. Everything else (training, x that
+    # requires grad, other CPUs) runs `matmul_4bit` on the layout it saves and loads. Calling
+    # `gemv_4bit` on that saved layout, as this benchmark did until 2026-11-30, returns another
+    # product (relative error ~1.5) in about the eval path's time: its M = 1 "1.54x bitsandbytes"
+    # of 2026-11-27 was against that call. So every provider's output is now compared with the
+    # float64 product of NF4[c] * scale first (the err column), and the run stops on a gross
+    # difference instead of timing it.
+    def linear_rows(dtype, m):
+        """The linear rows of x in `dtype` with m rows. Each provider's output is checked against
+        the float64 product of the dequantized weight before it is timed (See Note: checked
+        baselines)."""
+        x = torch.randn(m, k, dtype=torch.bfloat16).to(dtype)
+        exact = x.double() @ dense.t()
+
+        def checked(provider, fn, exact=exact):
+            err = ((fn().double() - exact).abs().max() / exact.abs().max()).item()
+            if not err < 2**-5:
+                raise SystemExit(f"bench_nf4_cpu: {provider} computed another product (relative error {err:.3g} "
+                                 f"at {dtype}, M = {m}): not timed")
+            return err
+
+        name = str(dtype).removeprefix("torch.")
+        wd = w.to(dtype)
+        base = timed(lambda: F.linear(x, wd))
+        row("linear", m, f"{name} F.linear", base, 2 * n * k + 2 * m * (n + k), None, base, x=name,
+            err=checked("F.linear", lambda: F.linear(x, wd), x.double() @ wd.double().t()))
+        moved = q.nbytes + x.element_size() * m * (n + k)
+        peer = None
+        if bnb_layer is not None:
+            layer = bnb_layer(dtype)
+            with torch.no_grad():
+                err = checked("bitsandbytes Linear4bit", lambda: layer(x))
+                peer = timed(lambda: layer(x))
+            row("linear", m, "bitsandbytes Linear4bit, eval", peer, moved, peer, base, x=name, err=err)
+            if m == 1:  # training and everything else than eval + no_grad (See Note: checked baselines)
+                err = checked("bitsandbytes matmul_4bit", lambda: bnbf_matmul(x))
+                row("linear", m, "bitsandbytes matmul_4bit", timed(lambda: bnbf_matmul(x)), moved, peer, base, x=name,
+                    err=err)
+        ours = lambda: _C.nf4_linear_cpu(x, *fields, None)  # noqa: E731
+        row("linear", m, f"lowrank csrc ({best})", timed(ours), moved, peer, base, x=name, err=checked("lowrank", ours))
         if m == 1:  # weights from memory (See timed_cold)
-            bnb_cold = None
-            if bnbf:
-                bnb_cold = timed_cold(lambda: bnbf.gemv_4bit(x, bq.t(), state=state))
-                row("linear, cold", m, "bitsandbytes gemv_4bit", bnb_cold, moved, bnb_cold)
-            row("linear, cold", m, f"lowrank csrc ({best})", timed_cold(lambda: _C.nf4_linear_cpu(x, *fields, None)), moved,
-                bnb_cold, timed_cold(lambda: F.linear(x, w)))
-        if best == "avx512bf16":  # the AVX-512 FMA kernel, what CPUs without AVX512_BF16 run
+            cold_peer = None
+            if bnb_layer is not None:
+                with torch.no_grad():
+                    cold_peer = timed_cold(lambda: layer(x))
+                row("linear, cold", m, "bitsandbytes Linear4bit, eval", cold_peer, moved, cold_peer, x=name)
+            row("linear, cold", m, f"lowrank csrc ({best})", timed_cold(ours), moved, cold_peer,
+                timed_cold(lambda: F.linear(x, wd)), x=name)
+        if best == "avx512bf16" and dtype == torch.bfloat16:  # the AVX-512 FMA kernel, what CPUs without AVX512_BF16 run
             _C.set_cpu_isa("avx512")
             try:
-                fma = timed(lambda: _C.nf4_linear_cpu(x, *fields, None))
+                fma = timed(ours)
             finally:
                 _C.set_cpu_isa(best)
-            row("linear", m, "lowrank csrc (avx512)", fma, moved, bnb, bf16)
+            row("linear", m, "lowrank csrc (avx512)", fma, moved, peer, base, x=name)
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for m in (1, 4, 16):
+            linear_rows(dtype, m)
     env = {**_common.environment(cpu), "device": cpu_model(), "threads": torch.get_num_threads(),
            "cpu_isa": _C.cpu_isa(), "bandwidth_gbps": bandwidth, "shape": [n, k]}
     table = _common.markdown(rows, COLUMNS)
