@@ -29,6 +29,16 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 constexpr int kGemvGroup = 32;
 constexpr int kGemvMaxRows = 16;  // M = 1..16; larger M is a GEMM, which these kernels are not
 
+// Note: prefetching the next rows. A GEMV reads each row of W once, K / 2 bytes (2 KiB at K = 4096),
+// a few rows side by side (NR streams), and then the next few: many short streams, each
+// ending before a hardware prefetcher has learnt it. When W comes from memory rather than the
+// caches (a model's weights do not fit the L3 while decoding), the rows waited on DRAM: at M = 1
+// the bf16 GEMV ran at 0.75 ms with W cold against 0.31 warm (one thread, 4096 x 4096, the EPYC
+// of docs/benchmarks.md). So while a kernel reads a cache line of its rows it asks for the same
+// line of the rows after them (_mm_prefetch, T0): one prefetch a line, a tile of rows ahead. A
+// prefetch never faults, so rows past the end need no check. Cold, the bf16 GEMV then took
+// 0.40 ms (docs/benchmarks.md, "C++ CPU kernels").
+
 // Instruction set the kernels use; set_isa refuses (returns false) one this CPU lacks.
 Isa best_isa();
 Isa current_isa();

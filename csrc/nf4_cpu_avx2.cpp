@@ -99,7 +99,7 @@ template <int MT>
 inline void gemv_step(const uint8_t* p, const float* x, int64_t K, const Codebook& cb, __m256 (&acc)[MT][2]) {
   const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   const __m256 w_hi = lookup(_mm256_srli_epi32(codes, 4), cb);
-  const __m256 w_lo = lookup(_mm256_and_si256(codes, _mm256_set1_epi32(0x0F)), cb);
+  const __m256 w_lo = lookup(codes, cb);  // lookup reads bits 0..3 only: no mask
   for (int m = 0; m < MT; ++m) {
     acc[m][0] = _mm256_fmadd_ps(w_hi, _mm256_loadu_ps(x + m * K), acc[m][0]);
     acc[m][1] = _mm256_fmadd_ps(w_lo, _mm256_loadu_ps(x + m * K + 16), acc[m][1]);
@@ -121,6 +121,8 @@ void gemv_rows(const NF4View& w, OutType wtype, int64_t N, int64_t K, const floa
     for (int64_t k0 = 0; k0 < K; k0 += bs) {
       const Codebook cb = rounded_to(wtype, scaled_codebook(block_scale(w, (n * K + k0) / bs)));
       const uint8_t* p = row + k0 / 2;
+      for (int64_t j = 0; j < half; j += 64)  // See Note: prefetching the next rows (nf4_cpu.h)
+        _mm_prefetch(reinterpret_cast<const char*>(p + K / 2 + j), _MM_HINT_T0);
       const float* x = xd + k0;
       for (int64_t j = 0; j < half; j += 16) {  // 16 bytes: one group of 32 elements of x
         gemv_step<MT>(p + j, x + 2 * j, K, cb, acc);

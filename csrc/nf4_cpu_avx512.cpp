@@ -158,7 +158,7 @@ template <int MT>
 inline void gemv_step(const uint8_t* p, const float* x, int64_t K, __m512 codebook, __m512 (&acc)[MT][2]) {
   const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m512 w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), codebook);
-  const __m512 w_lo = _mm512_permutexvar_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F)), codebook);
+  const __m512 w_lo = _mm512_permutexvar_ps(codes, codebook);  // vpermps reads bits 0..3 only: no mask
   for (int m = 0; m < MT; ++m) {
     acc[m][0] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(x + m * K), acc[m][0]);
     acc[m][1] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(x + m * K + 16), acc[m][1]);
@@ -187,6 +187,8 @@ void gemv_rows(const NF4View& w, OutType wtype, int64_t N, int64_t K, const floa
       // See Note: one register holds the codebook.
       const __m512 codebook = rounded_to(wtype, _mm512_mul_ps(nf4, _mm512_set1_ps(scale[i % 16])));
       const uint8_t* p = row + k0 / 2;
+      for (int64_t j = 0; j < half; j += 64)  // See Note: prefetching the next rows (nf4_cpu.h)
+        _mm_prefetch(reinterpret_cast<const char*>(p + K / 2 + j), _MM_HINT_T0);
       const float* x = xd + k0;  // byte j of the block pairs with the group at x + 2 * (j & ~15)
       int64_t j = 0;
       if constexpr (kTwoSets) {

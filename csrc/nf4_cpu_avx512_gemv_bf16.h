@@ -72,6 +72,9 @@ bool gemv_rows(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, const
 #endif
         }  // words 16..31 of a table are never indexed
       }
+      if (g % 2 == 0)  // See Note: prefetching the next rows (nf4_cpu.h): a cache line is 2 groups of a row
+        _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(w.packed + (n + NR + r) * (K / 2) + 32 * g), _MM_HINT_T0);
       const uint16_t* x = xb + 64 * g;
       __m512i w_hi[NR], w_lo[NR];  // 32 bytes of each row: 64 elements, one group of x
       _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {
