@@ -121,8 +121,9 @@ void gemv_rows(const NF4View& w, OutType wtype, int64_t N, int64_t K, const floa
     for (int64_t k0 = 0; k0 < K; k0 += bs) {
       const Codebook cb = rounded_to(wtype, scaled_codebook(block_scale(w, (n * K + k0) / bs)));
       const uint8_t* p = row + k0 / 2;
-      for (int64_t j = 0; j < half; j += 64)  // See Note: prefetching the next rows (nf4_cpu.h)
-        _mm_prefetch(reinterpret_cast<const char*>(p + K / 2 + j), _MM_HINT_T0);
+      if (k0 % 128 == 0)  // once a cache line of the row; See Note: prefetching the next rows (nf4_cpu.h)
+        for (int64_t j = 0; j < (half > 64 ? half : 64); j += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(p + K / 2 + j), _MM_HINT_T0);
       const float* x = xd + k0;
       for (int64_t j = 0; j < half; j += 16) {  // 16 bytes: one group of 32 elements of x
         gemv_step<MT>(p + j, x + 2 * j, K, cb, acc);
