@@ -153,33 +153,12 @@ def _check_out(args) -> None:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
 
 
-def _resize_as_trained(model, adapter: pathlib.Path) -> None:
-    """Give the base the vocabulary the adapter was trained with, where its file holds embeddings of
-    another number of rows (lowrank/io_embeddings.py, Note: embeddings in an adapter file: an adapter
-    trained after resize_token_embeddings): the CLI has no other way to resize, and load_adapter then
-    copies the file's rows over the new ones. Reads the safetensors header only."""
-    from safetensors import safe_open
-
-    from ..io_embeddings import trained_rows
-
-    weights = adapter / "adapter_model.safetensors"
-    resize = getattr(model, "resize_token_embeddings", None)
-    if not weights.is_file() or not callable(resize):
-        return
-    with safe_open(str(weights), "pt") as f:
-        n = trained_rows(model, {key: f.get_slice(key).get_shape() for key in f.keys()})
-    if n is not None:
-        before = model.get_input_embeddings().weight.shape[0]
-        resize(n, mean_resizing=False)  # the new rows come from the file (load_adapter)
-        print(f"resized the base's vocabulary from {before} to {n} tokens, as the adapter was trained with")
-
-
 def run(args) -> int:
     import torch
 
     from ..export import merge_and_export
     from ..io import load_adapter
-    from ..workflow.model import WORKFLOW_FILE
+    from ..workflow.model import WORKFLOW_FILE, resize_as_trained
 
     from .. import hub
 
@@ -193,7 +172,7 @@ def run(args) -> int:
     _check_out(args)
     model = _as_trained(args.base, adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
-    _resize_as_trained(model, adapter)
+    resize_as_trained(model, adapter)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
     # each merged weight is rounded once, into the export dtype (lowrank/export.py)
     loaded = load_adapter(model, adapter, allow_other_base=args.allow_other_base, dtype=torch.float32,
