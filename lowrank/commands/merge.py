@@ -153,12 +153,26 @@ def _check_out(args) -> None:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
 
 
+def _tokenizer(directory, trust_remote_code: bool):
+    """The tokenizer saved in `directory` (None: None, the base's files are copied), read before the base loads."""
+    if directory is None:
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{directory} holds a tokenizer (tokenizer_config.json), which the merged model takes, "
+                         f"but it could not be read: {' '.join(str(e).split())}") from None
+
+
 def run(args) -> int:
     import torch
 
     from ..export import merge_and_export
     from ..io import load_adapter
-    from ..workflow.model import WORKFLOW_FILE, resize_as_trained
+    from ..workflow.model import WORKFLOW_FILE, adapter_tokenizer_dir, resize_as_trained
 
     from .. import hub
 
@@ -170,6 +184,9 @@ def run(args) -> int:
                           allow_other_base=args.allow_other_base)
     _refuse_replacing_inputs(args)
     _check_out(args)
+    # the adapter directory's tokenizer, where it holds one, goes into OUT: the base's lacks any tokens added
+    # for training (lowrank/workflow/model.py, Note: an adapter trained with added tokens)
+    tokenizer = _tokenizer(adapter_tokenizer_dir(adapter), args.trust_remote_code)
     model = _as_trained(args.base, adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
     resize_as_trained(model, adapter)
@@ -179,7 +196,7 @@ def run(args) -> int:
                           allow_pickle=args.allow_pickle)
     workflow = adapter / WORKFLOW_FILE  # lowrank train's: chat on OUT finds the template
     result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                              requantize=args.requantize, overwrite=args.overwrite,
+                              requantize=args.requantize, overwrite=args.overwrite, tokenizer=tokenizer,
                               extra_files={WORKFLOW_FILE: workflow} if workflow.is_file() else None)
     print(f"merged {len(loaded.modules)} modules of {args.adapter} into {args.base}; wrote {args.out} "
           f"({len(result.files)} weight file{'s' if len(result.files) > 1 else ''}, "
