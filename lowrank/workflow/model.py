@@ -69,17 +69,24 @@ def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu", trust
 # new tokens. So the commands resize the base to the file's rows before loading the adapter
 # (load_adapter then copies the file's rows over the new ones), and take the adapter
 # directory's tokenizer where it holds one (its tokenizer_config.json: PEFT's
-# AutoPeftModelForCausalLM's test), as PEFT's AutoPeftModel does.
+# AutoPeftModelForCausalLM's test), as PEFT's AutoPeftModel does. Where that tokenizer has more
+# ids than the base has rows and the file holds no embeddings to size it by (PEFT's
+# save_embedding_layers=False), the base is resized to the tokenizer, as PEFT's AutoPeftModel does.
 def adapter_tokenizer_dir(adapter_dir: str | os.PathLike) -> pathlib.Path | None:
     """The adapter directory where it holds a tokenizer (See Note: an adapter trained with added tokens), else None."""
     path = pathlib.Path(adapter_dir)
     return path if (path / "tokenizer_config.json").is_file() else None
 
 
-def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=None) -> None:
+def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=None, tokens: int | None = None) -> None:
     """Give the base the vocabulary the adapter was trained with, where its file holds embeddings of
     another number of rows (See Note: an adapter trained with added tokens), and say so on `file`
-    (None: stdout). Reads the safetensors header only."""
+    (None: stdout). Reads the safetensors header only. `tokens`: the size of the adapter's own
+    tokenizer, where it is used; a file without embeddings (PEFT's save_embedding_layers=False)
+    leaves the base fewer rows than that tokenizer has ids, and the new tokens' ids would index
+    past the table (an IndexError mid-chat): then the base is resized to it, as PEFT's
+    AutoPeftModelForCausalLM does, its new rows drawn around the others' mean (transformers'
+    mean_resizing, PEFT's call): not trained ones, which is said."""
     from safetensors import safe_open
 
     from ..io import WEIGHTS_NAME
@@ -87,14 +94,21 @@ def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=Non
 
     weights = pathlib.Path(adapter_dir) / WEIGHTS_NAME
     resize = getattr(model, "resize_token_embeddings", None)
-    if not weights.is_file() or not callable(resize):
+    if not callable(resize):
         return
-    with safe_open(str(weights), "pt") as f:
-        n = trained_rows(model, {key: f.get_slice(key).get_shape() for key in f.keys()})
+    n = None
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            n = trained_rows(model, {key: f.get_slice(key).get_shape() for key in f.keys()})
+    before = model.get_input_embeddings().weight.shape[0]
     if n is not None:
-        before = model.get_input_embeddings().weight.shape[0]
         resize(n, mean_resizing=False)  # the new rows come from the file (load_adapter)
         print(f"resized the base's vocabulary from {before} to {n} tokens, as the adapter was trained with", file=file)
+    elif tokens is not None and tokens > before:
+        resize(tokens)
+        print(f"resized the base's vocabulary from {before} to {tokens} tokens, as the adapter's tokenizer has; the "
+              "adapter file holds no embeddings, so the new tokens' rows are untrained (drawn around the mean of the "
+              "others, as PEFT's AutoPeftModelForCausalLM does)", file=file)
 
 
 def apply_method(model, method: str, options: dict, nf4: dict, adapter_dtype: str | None = None):
@@ -232,9 +246,10 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
     quantized = train.get("method") in METHODS and METHODS[train["method"]].quantize
     trained = training_dtype(train, path) if quantized else None
     wide = quantized and getattr(torch, dtype) not in (trained, torch.float32)  # See Note: quantized again as trained
-    model, tokenizer = load_base(model_dir, "float32" if wide else dtype, device, trust_remote_code,
-                                 adapter_tokenizer_dir(path))
-    resize_as_trained(model, path, file=sys.stderr)  # stdout is the chat's; before quantize, which may take the head
+    own = adapter_tokenizer_dir(path)
+    model, tokenizer = load_base(model_dir, "float32" if wide else dtype, device, trust_remote_code, own)
+    # stdout is the chat's; before quantize, which may take the head
+    resize_as_trained(model, path, file=sys.stderr, tokens=len(tokenizer) if own else None)
     if quantized:
         config = nf4_config(train.get("nf4", {}))
         as_trained(model, config, trained)
