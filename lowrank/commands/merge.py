@@ -189,7 +189,8 @@ def run(args) -> int:
     tokenizer = _tokenizer(adapter_tokenizer_dir(adapter), args.trust_remote_code)
     model = _as_trained(args.base, adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
-    resize_as_trained(model, adapter, tokens=len(tokenizer) if tokenizer is not None else None)
+    resize_as_trained(model, adapter, tokens=len(tokenizer) if tokenizer is not None else None,
+                      allow_pickle=args.allow_pickle)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
     # each merged weight is rounded once, into the export dtype (lowrank/export.py)
     loaded = load_adapter(model, adapter, allow_other_base=args.allow_other_base, dtype=torch.float32,

@@ -78,7 +78,8 @@ def adapter_tokenizer_dir(adapter_dir: str | os.PathLike) -> pathlib.Path | None
     return path if (path / "tokenizer_config.json").is_file() else None
 
 
-def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=None, tokens: int | None = None) -> None:
+def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=None, tokens: int | None = None,
+                      allow_pickle: bool = False) -> None:
     """Give the base the vocabulary the adapter was trained with, where its file holds embeddings of
     another number of rows (See Note: an adapter trained with added tokens), and say so on `file`
     (None: stdout). Reads the safetensors header only. `tokens`: the size of the adapter's own
@@ -86,10 +87,11 @@ def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=Non
     leaves the base fewer rows than that tokenizer has ids, and the new tokens' ids would index
     past the table (an IndexError mid-chat): then the base is resized to it, as PEFT's
     AutoPeftModelForCausalLM does, its new rows drawn around the others' mean (transformers'
-    mean_resizing, PEFT's call): not trained ones, which is said."""
+    mean_resizing, PEFT's call): not trained ones, which is said. `allow_pickle`: an adapter saved
+    only as adapter_model.bin (older PEFT) is read for its shapes (load_adapter's allow_pickle)."""
     from safetensors import safe_open
 
-    from ..io import WEIGHTS_NAME
+    from ..io import PICKLE_NAME, WEIGHTS_NAME, read_weights
     from ..io_embeddings import trained_rows
 
     weights = pathlib.Path(adapter_dir) / WEIGHTS_NAME
@@ -100,6 +102,8 @@ def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=Non
     if weights.is_file():
         with safe_open(str(weights), "pt") as f:
             n = trained_rows(model, {key: f.get_slice(key).get_shape() for key in f.keys()})
+    elif allow_pickle and (weights.parent / PICKLE_NAME).is_file():  # no header to read: the (small) file, whole
+        n = trained_rows(model, {k: t.shape for k, t in read_weights(adapter_dir, allow_pickle=True).items()})
     before = model.get_input_embeddings().weight.shape[0]
     if n is not None:
         resize(n, mean_resizing=False)  # the new rows come from the file (load_adapter)
@@ -249,7 +253,7 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
     own = adapter_tokenizer_dir(path)
     model, tokenizer = load_base(model_dir, "float32" if wide else dtype, device, trust_remote_code, own)
     # stdout is the chat's; before quantize, which may take the head
-    resize_as_trained(model, path, file=sys.stderr, tokens=len(tokenizer) if own else None)
+    resize_as_trained(model, path, file=sys.stderr, tokens=len(tokenizer) if own else None, allow_pickle=allow_pickle)
     if quantized:
         config = nf4_config(train.get("nf4", {}))
         as_trained(model, config, trained)
