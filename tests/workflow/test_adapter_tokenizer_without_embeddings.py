@@ -8,6 +8,8 @@ and, for every other token, PEFT's numbers. `lowrank merge` does the same."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def test_chat_answers_a_message_with_a_new_token(adapter, monkeypatch, capsys):
     from lowrank.workflow import chat
 
     base, path, tokenizer = adapter
-    seen = []
+    seen, out = [], io.StringIO()  # loop's default out is the sys.stdout of its import: another test's capture
     loop = chat.loop
 
     def read_one(messages=iter(["Where is the <|ship|>?"])):
@@ -57,12 +59,13 @@ def test_chat_answers_a_message_with_a_new_token(adapter, monkeypatch, capsys):
         return read
 
     monkeypatch.setattr(chat, "loop", lambda model, tok, template, settings, system=None:
-                        seen.append(model) or loop(model, tok, template, settings, system, read=read_one()))
+                        seen.append(model) or loop(model, tok, template, settings, system, read=read_one(), out=out))
     assert cli.main(["chat", str(base), "--adapter", str(path), "--device", "cpu", "--max-new-tokens", "3"]) == 0
     err = capsys.readouterr().err
     n = len(tokenizer)
     assert f"resized the base's vocabulary from {n - len(NEW)} to {n} tokens, as the adapter's tokenizer has" in err
     assert "untrained" in err
+    assert out.getvalue().count("\n") >= 2  # the banner and an answer, not a traceback
     model, theirs = seen[0], _peft_model(path)
     assert model.get_input_embeddings().weight.shape == theirs.get_input_embeddings().weight.shape
     assert model.get_output_embeddings().weight.shape == theirs.get_output_embeddings().weight.shape
