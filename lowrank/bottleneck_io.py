@@ -13,6 +13,9 @@ shape so that tools which list, copy or upload adapter directories handle it unc
                                base_model.model.<module>.adapter.up.bias       (d_out,)
                                base_model.model.<head>.<param>   a classifier's, token classifier's or
                                    question answerer's head, whole (config: "task_type", "modules_to_save")
+                               base_model.model.<embedding>.weight   the input and output embeddings of a
+                                   vocabulary resized since the model loaded, as a LoRA file holds them
+                                   (lowrank/io_embeddings.py, Note: embeddings in an adapter file)
 
 PEFT refuses the directory (it does not know the peft_type); lowrank.load_adapter reads it.
 """
@@ -24,7 +27,7 @@ import re
 import torch
 from torch import nn
 
-from . import distributed, io_prompt
+from . import distributed, io_embeddings, io_prompt
 from .config import AdapterConfig
 from .inject import _walk, adapter_names, inject
 from .targets import HEADS, task_type
@@ -97,6 +100,9 @@ def adapter_state(model: nn.Module, name: str | None = None) -> tuple[dict[str, 
     task = task_type(model)
     head = io_prompt.head_parameters(model, task, PREFIX)
     tensors.update({k: distributed.full_tensor(p.detach()).cpu().contiguous() for k, p in head.items()})
+    # a resized vocabulary's new rows exist only in this model: the file carries the embeddings, as LoRA's does (a
+    # fresh base resized the same way draws other rows). No bottleneck layer is an adapted embedding: layers=[]
+    io_embeddings.save_embeddings(model, [], tensors, PREFIX)
     cfg = getattr(model, "config", None)
     saved = {"peft_type": PEFT_TYPE, "format_version": FORMAT_VERSION, "library": "lowrank",
              "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
@@ -159,7 +165,9 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
         # the task head, whole (modules_to_save): loaded into the model's head, as a base weight (io.py, Note:
         # base weights in an adapter file)
         head = io_prompt.saved_parameters(model, saved.get("modules_to_save"), PREFIX)
-        for key, param in head.items():
+        # and the embeddings of a resized vocabulary, where the file has them (save_embeddings' keys, above)
+        embeddings = {k: p for k, p in io_embeddings.embedding_parameters(model, PREFIX).items() if k in weights}
+        for key, param in (head | embeddings).items():
             if key not in weights:
                 missing.append(key)
                 continue
@@ -168,6 +176,6 @@ def load(model: nn.Module, path, saved: dict, name: str = "default", *, strict: 
                 mismatched.append((key, tuple(weights[key].shape), tuple(param.shape)))
             pairs.append((param, weights[key]))
         result = LoadResult(modules, sorted(missing), sorted(k for k in weights if k not in seen), mismatched,
-                            sorted(k for k in head if k in weights))
+                            sorted(k for k in head | embeddings if k in weights))
         copy_checked(model, f"{path}: the bottleneck adapter", pairs, result, strict)
     return result

@@ -90,7 +90,7 @@ def save_head(model: nn.Module, task: str | None, tensors: dict, peft_config: di
 
 
 def load_head(model: nn.Module, peft_config: dict, weights: dict):
-    """(pairs, base keys, unexpected keys, mismatches) for the file's tensors other than KEY:
+    """(pairs, base keys (those that fit), unexpected keys, mismatches) for the file's tensors other than KEY:
     the task head's, and the embeddings' of a resized vocabulary (PEFT's save adds them: lowrank/
     io_embeddings.py, Note: embeddings in an adapter file), load into the model's; the rest are unexpected."""
     head = head_parameters(model, peft_config.get("task_type")) | io_embeddings.embedding_parameters(model, "base_model.")
@@ -99,10 +99,11 @@ def load_head(model: nn.Module, peft_config: dict, weights: dict):
         if k not in head:
             unexpected.append(k)
             continue
-        base.append(k)
         pairs.append((head[k], weights[k]))
         if tuple(weights[k].shape) != tuple(head[k].shape):
             mismatched.append((k, tuple(weights[k].shape), tuple(head[k].shape)))
+        else:  # LoadResult.base: the weights loaded; one that does not fit is never copied (a prefix's strict=False)
+            base.append(k)
     return pairs, base, unexpected, mismatched
 
 

@@ -153,25 +153,18 @@ def _check_out(args) -> None:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
 
 
-def _resize_as_trained(model, adapter: pathlib.Path) -> None:
-    """Give the base the vocabulary the adapter was trained with, where its file holds embeddings of
-    another number of rows (lowrank/io_embeddings.py, Note: embeddings in an adapter file: an adapter
-    trained after resize_token_embeddings): the CLI has no other way to resize, and load_adapter then
-    copies the file's rows over the new ones. Reads the safetensors header only."""
-    from safetensors import safe_open
+def _tokenizer(directory, trust_remote_code: bool):
+    """The tokenizer saved in `directory` (None: None, the base's files are copied), read before the base loads."""
+    if directory is None:
+        return None
+    import transformers
 
-    from ..io_embeddings import trained_rows
-
-    weights = adapter / "adapter_model.safetensors"
-    resize = getattr(model, "resize_token_embeddings", None)
-    if not weights.is_file() or not callable(resize):
-        return
-    with safe_open(str(weights), "pt") as f:
-        n = trained_rows(model, {key: f.get_slice(key).get_shape() for key in f.keys()})
-    if n is not None:
-        before = model.get_input_embeddings().weight.shape[0]
-        resize(n, mean_resizing=False)  # the new rows come from the file (load_adapter)
-        print(f"resized the base's vocabulary from {before} to {n} tokens, as the adapter was trained with")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{directory} holds a tokenizer (tokenizer_config.json), which the merged model takes, "
+                         f"but it could not be read: {' '.join(str(e).split())}") from None
 
 
 def run(args) -> int:
@@ -179,7 +172,7 @@ def run(args) -> int:
 
     from ..export import merge_and_export
     from ..io import load_adapter
-    from ..workflow.model import WORKFLOW_FILE
+    from ..workflow.model import WORKFLOW_FILE, adapter_tokenizer_dir, resize_as_trained
 
     from .. import hub
 
@@ -191,16 +184,20 @@ def run(args) -> int:
                           allow_other_base=args.allow_other_base)
     _refuse_replacing_inputs(args)
     _check_out(args)
+    # the adapter directory's tokenizer, where it holds one, goes into OUT: the base's lacks any tokens added
+    # for training (lowrank/workflow/model.py, Note: an adapter trained with added tokens)
+    tokenizer = _tokenizer(adapter_tokenizer_dir(adapter), args.trust_remote_code)
     model = _as_trained(args.base, adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
-    _resize_as_trained(model, adapter)
+    resize_as_trained(model, adapter, tokens=len(tokenizer) if tokenizer is not None else None,
+                      allow_pickle=args.allow_pickle)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
     # each merged weight is rounded once, into the export dtype (lowrank/export.py)
     loaded = load_adapter(model, adapter, allow_other_base=args.allow_other_base, dtype=torch.float32,
                           allow_pickle=args.allow_pickle)
     workflow = adapter / WORKFLOW_FILE  # lowrank train's: chat on OUT finds the template
     result = merge_and_export(model, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                              requantize=args.requantize, overwrite=args.overwrite,
+                              requantize=args.requantize, overwrite=args.overwrite, tokenizer=tokenizer,
                               extra_files={WORKFLOW_FILE: workflow} if workflow.is_file() else None)
     print(f"merged {len(loaded.modules)} modules of {args.adapter} into {args.base}; wrote {args.out} "
           f"({len(result.files)} weight file{'s' if len(result.files) > 1 else ''}, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 
 import torch
 from torch import nn
@@ -41,21 +42,77 @@ def pick_device(device: str = "auto") -> torch.device:
     return picked
 
 
-def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """(model, tokenizer) from a transformers directory, model in eval mode on `device`;
-    `trust_remote_code` runs the directory's own model code (transformers' flag)."""
+def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+              tokenizer_dir: str | os.PathLike | None = None):
+    """(model, tokenizer) from a transformers directory, model in eval mode on `device`, the tokenizer
+    from `tokenizer_dir` where given (an adapter's own: adapter_tokenizer_dir); `trust_remote_code`
+    runs the directory's own model code (transformers' flag)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = require("transformers", "transformers")
     if not pathlib.Path(model_dir, "config.json").is_file():
         raise ConfigError(f"model: {model_dir!r} has no config.json; expected a transformers model directory")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, local_files_only=True,
                                                                trust_remote_code=trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             model_dir, local_files_only=True, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:  # missing files, unknown architecture
         raise ConfigError(f"model: could not load {model_dir!r} as a causal LM: {' '.join(str(e).split())}") from None
     return model.to(pick_device(device)).eval(), tokenizer
+
+
+# Note: an adapter trained with added tokens. Training after tokenizer.add_tokens and
+# model.resize_token_embeddings leaves the adapter's file holding the resized embeddings
+# (lowrank/io_embeddings.py, Note: embeddings in an adapter file), and, by PEFT's convention, the
+# tokenizer that knows the new tokens saved beside it. The base on disk has neither: the command
+# line (merge, chat, web) has no way to resize it, and the base's tokenizer never produces the
+# new tokens. So the commands resize the base to the file's rows before loading the adapter
+# (load_adapter then copies the file's rows over the new ones), and take the adapter
+# directory's tokenizer where it holds one (its tokenizer_config.json: PEFT's
+# AutoPeftModelForCausalLM's test), as PEFT's AutoPeftModel does. Where that tokenizer has more
+# ids than the base has rows and the file holds no embeddings to size it by (PEFT's
+# save_embedding_layers=False), the base is resized to the tokenizer, as PEFT's AutoPeftModel does.
+def adapter_tokenizer_dir(adapter_dir: str | os.PathLike) -> pathlib.Path | None:
+    """The adapter directory where it holds a tokenizer (See Note: an adapter trained with added tokens), else None."""
+    path = pathlib.Path(adapter_dir)
+    return path if (path / "tokenizer_config.json").is_file() else None
+
+
+def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=None, tokens: int | None = None,
+                      allow_pickle: bool = False) -> None:
+    """Give the base the vocabulary the adapter was trained with, where its file holds embeddings of
+    another number of rows (See Note: an adapter trained with added tokens), and say so on `file`
+    (None: stdout). Reads the safetensors header only. `tokens`: the size of the adapter's own
+    tokenizer, where it is used; a file without embeddings (PEFT's save_embedding_layers=False)
+    leaves the base fewer rows than that tokenizer has ids, and the new tokens' ids would index
+    past the table (an IndexError mid-chat): then the base is resized to it, as PEFT's
+    AutoPeftModelForCausalLM does, its new rows drawn around the others' mean (transformers'
+    mean_resizing, PEFT's call): not trained ones, which is said. `allow_pickle`: an adapter saved
+    only as adapter_model.bin (older PEFT) is read for its shapes (load_adapter's allow_pickle)."""
+    from safetensors import safe_open
+
+    from ..io import PICKLE_NAME, WEIGHTS_NAME, read_weights
+    from ..io_embeddings import trained_rows
+
+    weights = pathlib.Path(adapter_dir) / WEIGHTS_NAME
+    resize = getattr(model, "resize_token_embeddings", None)
+    if not callable(resize):
+        return
+    n = None
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            n = trained_rows(model, {key: f.get_slice(key).get_shape() for key in f.keys()})
+    elif allow_pickle and (weights.parent / PICKLE_NAME).is_file():  # no header to read: the (small) file, whole
+        n = trained_rows(model, {k: t.shape for k, t in read_weights(adapter_dir, allow_pickle=True).items()})
+    before = model.get_input_embeddings().weight.shape[0]
+    if n is not None:
+        resize(n, mean_resizing=False)  # the new rows come from the file (load_adapter)
+        print(f"resized the base's vocabulary from {before} to {n} tokens, as the adapter was trained with", file=file)
+    elif tokens is not None and tokens > before:
+        resize(tokens)
+        print(f"resized the base's vocabulary from {before} to {tokens} tokens, as the adapter's tokenizer has; the "
+              "adapter file holds no embeddings, so the new tokens' rows are untrained (drawn around the mean of the "
+              "others, as PEFT's AutoPeftModelForCausalLM does)", file=file)
 
 
 def apply_method(model, method: str, options: dict, nf4: dict, adapter_dtype: str | None = None):
@@ -179,7 +236,8 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
                       allow_other_base: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer, template) for chatting: the base in `dtype`, quantized again when the
     adapter was trained on a 4-bit base (See Note: quantized again as trained), with the adapter
-    loaded (`allow_other_base`, `allow_pickle`: load_adapter's); template as in training."""
+    loaded (`allow_other_base`, `allow_pickle`: load_adapter's); template as in training. An adapter
+    trained with added tokens: See Note: an adapter trained with added tokens."""
     if adapter_dir is None:  # a merged model keeps its adapter's workflow file (lowrank merge): its template
         model, tokenizer = load_base(model_dir, dtype, device, trust_remote_code)
         return model, tokenizer, read_workflow(pathlib.Path(model_dir)).get("config", {}).get("template")
@@ -192,7 +250,10 @@ def load_with_adapter(model_dir: str, adapter_dir: str | None, dtype: str = "flo
     quantized = train.get("method") in METHODS and METHODS[train["method"]].quantize
     trained = training_dtype(train, path) if quantized else None
     wide = quantized and getattr(torch, dtype) not in (trained, torch.float32)  # See Note: quantized again as trained
-    model, tokenizer = load_base(model_dir, "float32" if wide else dtype, device, trust_remote_code)
+    own = adapter_tokenizer_dir(path)
+    model, tokenizer = load_base(model_dir, "float32" if wide else dtype, device, trust_remote_code, own)
+    # stdout is the chat's; before quantize, which may take the head
+    resize_as_trained(model, path, file=sys.stderr, tokens=len(tokenizer) if own else None, allow_pickle=allow_pickle)
     if quantized:
         config = nf4_config(train.get("nf4", {}))
         as_trained(model, config, trained)
