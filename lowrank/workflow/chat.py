@@ -18,8 +18,10 @@ HELP = "commands: /system TEXT, /clear, /exit"
 
 
 def loop(model, tokenizer, template: str | None, settings: Settings, system: str | None = None,
-         read=input, out=sys.stdout) -> list[Turn]:
-    """Read messages until /exit or end of input; returns the history."""
+         read=input, out=None) -> list[Turn]:
+    """Read messages until /exit or end of input; returns the history. `out`: where answers go
+    (None: sys.stdout as it is at the call, so a redirection made after import is followed)."""
+    out = sys.stdout if out is None else out
     history: list[Turn] = []
     out.write(f"lowrank chat ({HELP})\n")
     while True:
