@@ -33,6 +33,10 @@ inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 // ran from L2 at 1.5 ms for M = 16, against 1.0 ms in tiles of 4 x 4). The codebooks, sums
 // and decoded weights fit the 32 zmm registers. Sums are indexed by constants only, with the
 // small loops unrolled by pragma, or GCC keeps them in memory (0.39 ms instead of 0.21 at M = 1).
+// vpermw reads bits 0..4 of a word: with the table's 16 words twice, a zero-extended byte indexes
+// its low nibble's weight as it is, one mask less for every 64 weights of a row.
+constexpr bool kLowNibble = LOWRANK_GEMV_BF16_DOT;
+
 template <int MT, int NR, int SETS>
 bool gemv_rows(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, const float* bias, float* y, int64_t n0,
                int64_t n1, float scale_min) {
@@ -66,11 +70,12 @@ bool gemv_rows(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, const
         _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {  // See Note: decoding to bfloat16
           const __m512 codebook = _mm512_mul_ps(nf4, _mm512_set1_ps(scale[r][i % 16]));
 #if LOWRANK_GEMV_BF16_DOT
-          table[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(codebook)));
+          // the 16 words twice (words 16..31 as 0..15): a byte's bit 4 may then stay in the index (See kLowNibble)
+          table[r] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(codebook, codebook));
 #else
-          table[r] = _mm512_castsi256_si512(avx512::to_bf16(codebook));  // exact, NaN as torch
+          table[r] = _mm512_castsi256_si512(avx512::to_bf16(codebook));  // exact, NaN as torch; words 16..31 unused
 #endif
-        }  // words 16..31 of a table are never indexed
+        }
       }
       if (g % 2 == 0)  // See Note: prefetching the next rows (nf4_cpu.h): a cache line is 2 groups of a row
         _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
@@ -81,7 +86,7 @@ bool gemv_rows(const NF4View& w, int64_t N, int64_t K, const uint16_t* xb, const
         const uint8_t* p = w.packed + (n + r) * (K / 2) + 32 * g;
         const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
         w_hi[r] = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table[r]);     // even elements
-        w_lo[r] = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, nibble), table[r]);  // odd elements
+        w_lo[r] = _mm512_permutexvar_epi16(kLowNibble ? bytes : _mm512_and_si512(bytes, nibble), table[r]);  // odd elements
       }
       _Pragma("GCC unroll 16") for (int m = 0; m < MT; ++m) {  // each group of x is loaded once
 #if LOWRANK_GEMV_BF16_DOT
