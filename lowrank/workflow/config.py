@@ -265,20 +265,37 @@ def _run(path: pathlib.Path) -> dict:
 
 def _unique_keys_loader(yaml):
     """yaml.SafeLoader refusing a key given twice in one mapping (`lr:` copied further down): safe_load
-    keeps the last one without a word, so the run trained with a value the file also contradicts."""
+    keeps the last one without a word, so the run trained with a value the file also contradicts.
+    Each mapping's own keys are checked on the composed document, before anything is constructed:
+    constructing a mapping that merges another (`<<: *fast`) rewrites the merged node in place,
+    its inherited keys beside its own, and a mapping constructed after that (an anchor nested
+    deeper than its alias) would show its override of an inherited key as a key given twice."""
 
     class UniqueKeys(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
+        def construct_document(self, node):
+            stack, checked = [node], set()
+            while stack:
+                n = stack.pop()
+                if id(n) in checked:  # an anchored node, met again through an alias
+                    continue
+                checked.add(id(n))
+                if isinstance(n, yaml.SequenceNode):
+                    stack.extend(reversed(n.value))
+                elif isinstance(n, yaml.MappingNode):
+                    self._check_keys(n)
+                    stack.extend(reversed([v for _, v in n.value]))
+            return super().construct_document(node)
+
+        def _check_keys(self, node):
             seen = set()
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, which the keys after it override
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                if isinstance(key, (str, int, float, bool)) and key in seen:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # `<<: *defaults`, which the keys after it override
+                key = self.construct_object(key_node)
+                if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
                                                             key_node.start_mark)
                 seen.add(key)
-            return super().construct_mapping(node, deep)
 
     return UniqueKeys
 
