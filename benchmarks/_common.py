@@ -123,3 +123,29 @@ def matplotlib_pyplot():
         log.warning("matplotlib is not installed: no PNG plot")
         return None
     return plt
+
+
+# Note: check before timing. A peer called with the wrong layout or arguments still returns a
+# tensor of the right shape, fast (bitsandbytes 0.50's CPU gemv_4bit on a weight not converted for
+# it: relative error ~1.5), and a table would publish its time. Each benchmark compares a
+# provider's result with a reference once, before timing it, and a provider that computes
+# something else is not timed.
+class WrongResult(AssertionError):
+    """A provider's result differs from its reference: its time would not measure the same work."""
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64 (inf where ref is zero and got is not)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    diff, size = (got - ref).norm().item(), ref.norm().item()
+    return diff / size if size else (0.0 if diff == 0 else float("inf"))
+
+
+def check_close(what: str, got: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    """WrongResult, saying what differed and by how much, unless got has ref's shape and is within
+    a relative error of rtol of it (NaN fails)."""
+    if tuple(got.shape) != tuple(ref.shape):
+        raise WrongResult(f"{what}: result of shape {tuple(got.shape)}, the reference's is {tuple(ref.shape)}; not timed")
+    err = relative_error(got, ref)
+    if not err <= rtol:
+        raise WrongResult(f"{what} differs from its reference: relative error {err:.3g} (allowed {rtol:.3g}); not timed")
