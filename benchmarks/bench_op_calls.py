@@ -81,6 +81,19 @@ def providers(lora: bool, device: torch.device, dropout: float = 0.0) -> dict[st
     return wrapped
 
 
+def check_outputs(models: dict[str, nn.Module], x: torch.Tensor) -> None:
+    """Every provider's output against lowrank's 4-bit one's before timing (_common, Note: check
+    before timing): the 4-bit providers hold the same codes (bf16 roundings: 2^-4 allowed), the
+    bf16 layers the weight before NF4's rounding (~0.08 here: 0.2 allowed). LoRA starts with B = 0,
+    so the adapted layers compute their base's product too."""
+    with torch.no_grad():
+        outs = {name: model(x) for name, model in models.items()}
+    ref_name = next(name for name in outs if name.startswith("lowrank") and name.endswith("Linear4bit"))
+    for name, out in outs.items():
+        rtol = 0.2 if name.endswith("bf16 nn.Linear") else 2**-4
+        _common.check_close(f"{name}'s output against {ref_name}'s", out, outs[ref_name], rtol)
+
+
 def call(model: nn.Module, case: str, x: torch.Tensor):
     """One call of `case` (main runs the no-grad case under torch.no_grad)."""
     if case == "forward, no grad":
@@ -130,6 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for lora in (False, True):
         models = providers(lora, device, args.dropout)
+        check_outputs(models, x)
         for case in ("forward, no grad", "forward, x requires grad", "forward + backward"):
             fns = {name: call(m, case, x) for name, m in models.items()}
             with torch.set_grad_enabled(case != "forward, no grad"):
