@@ -135,8 +135,8 @@ class WrongResult(AssertionError):
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """||got - ref|| / ||ref|| in float64 (inf where ref is zero and got is not)."""
-    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    """||got - ref|| / ||ref|| in float64, on got's device (inf where ref is zero and got is not)."""
+    got, ref = got.detach().double(), ref.detach().to(got.device).double()
     diff, size = (got - ref).norm().item(), ref.norm().item()
     return diff / size if size else (0.0 if diff == 0 else float("inf"))
 
