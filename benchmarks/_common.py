@@ -123,3 +123,77 @@ def matplotlib_pyplot():
         log.warning("matplotlib is not installed: no PNG plot")
         return None
     return plt
+
+
+# Note: check before timing. A peer called with the wrong layout or arguments still returns a
+# tensor of the right shape, fast (bitsandbytes 0.50's CPU gemv_4bit on a weight not converted for
+# it: relative error ~1.5), and a table would publish its time. Each benchmark compares a
+# provider's result with a reference once, before timing it, and a provider that computes
+# something else is not timed.
+class WrongResult(AssertionError):
+    """A provider's result differs from its reference: its time would not measure the same work."""
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64, on got's device (inf where ref is zero and got is not)."""
+    got, ref = got.detach().double(), ref.detach().to(got.device).double()
+    diff, size = (got - ref).norm().item(), ref.norm().item()
+    return diff / size if size else (0.0 if diff == 0 else float("inf"))
+
+
+def check_close(what: str, got: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    """WrongResult, saying what differed and by how much, unless got has ref's shape and is within
+    a relative error of rtol of it (NaN fails)."""
+    if tuple(got.shape) != tuple(ref.shape):
+        raise WrongResult(f"{what}: result of shape {tuple(got.shape)}, the reference's is {tuple(ref.shape)}; not timed")
+    err = relative_error(got, ref)
+    if not err <= rtol:
+        raise WrongResult(f"{what} differs from its reference: relative error {err:.3g} (allowed {rtol:.3g}); not timed")
+
+
+# Note: a model's output and its adapters' gradients. Whole-model steps (bench_tuners, bench_qlora,
+# bench_qlora_moe) compare their providers' logits and adapter gradients before timing: a model of
+# random weights gives a loss near log(vocab) whatever its layers compute (a 1-layer Llama with
+# one projection's output permuted: loss 6.934 against 6.939, logits off by 1.3 relative), and
+# with LoRA's B = 0 the loss says nothing of the adapters, whose gradient it still has.
+RTOL_STEP = {torch.float32: 1e-3, torch.bfloat16: 2**-4}  # float32: summation order; bf16: a few 2^-8 roundings
+
+
+def adapter_key(name: str) -> str:
+    """A trainable parameter's name in lowrank's spelling (PEFT's model prefix and base_layer)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".base.")
+
+
+def outputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(logits, the trainable parameters' gradients in adapter_key order, concatenated, and those
+    keys) of one forward + backward of the language-model loss on ids, dropout off; the gradients
+    are cleared after, nothing else changes."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    for m in dropouts:
+        m.eval()
+    try:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    finally:
+        for m in dropouts:
+            m.train()
+    grads = sorted((adapter_key(n), p.grad) for n, p in model.named_parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    if not grads or any(g is None for _, g in grads):
+        raise WrongResult(f"no gradient for {[n for n, g in grads if g is None] or 'any parameter'}")
+    return (out.logits.detach().float().cpu(), torch.cat([g.detach().float().flatten().cpu() for _, g in grads]),
+            [n for n, _ in grads])
+
+
+def check_same_model(case: str, models: dict, ids: torch.Tensor, pairs: list[tuple[str, str]], rtol: float,
+                     call=lambda name, fn: fn()) -> None:
+    """WrongResult unless each pair of models gives the same logits and adapter gradients on ids
+    (Note: a model's output and its adapters' gradients); call(name, fn) runs a model's pass (for a
+    provider that needs a setting around it)."""
+    results = {name: call(name, lambda m=models[name]: outputs(m, ids)) for name in {n for p in pairs for n in p}}
+    for a, b in pairs:
+        if results[a][2] != results[b][2]:
+            raise WrongResult(f"{case}: {a} and {b} train other parameters: "
+                              f"{sorted(set(results[a][2]) ^ set(results[b][2]))[:4]}")
+        for i, what in enumerate(("logits", "adapter gradients")):
+            check_close(f"{case}: {a}'s {what} against {b}'s", results[a][i], results[b][i], rtol)

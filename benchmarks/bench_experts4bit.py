@@ -36,6 +36,27 @@ SHAPES = [(8, 2, 1024, 3584, 1), (8, 2, 1024, 3584, 512), (128, 8, 512, 192, 1),
           (128, 8, 512, 192, 1024), (128, 8, 128, 64, 1024)]  # (E, k, H, I, T): Mixtral- and Qwen3-MoE-like proportions, scaled down
 QUICK = [(4, 2, 64, 128, 1), (4, 2, 64, 128, 16)]
 COLUMNS = ["case", "shape", "path", "ms", "p20_ms", "p80_ms", "ratio"]
+RTOL = {torch.float32: 1e-3, torch.bfloat16: 2**-4}  # _common.RTOL_STEP: float32 summation order, bf16 roundings
+
+
+def check_paths(case: str, fn, paths, rtol: float) -> None:
+    """Each path's fn() (a tuple of tensors) against the dense path's, before any is timed
+    (_common, Note: check before timing): the paths must compute the same layer."""
+    results = {p: _common.on_path(fn, p)() for p in paths}
+    for p in paths:
+        for i, (got, ref) in enumerate(zip(results[p], results["dense"], strict=True)):
+            _common.check_close(f"{case}: the {p} path's result {i} against the dense path's", got, ref, rtol)
+
+
+def fwd_bwd_results(experts, x, index, weights) -> tuple:
+    """(output, x's gradient, each adapter gradient) of one forward + backward of output.sum(); the
+    adapters' gradients are cleared after."""
+    xg = x.detach().clone().requires_grad_()
+    y = experts(xg, index, weights)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in experts.parameters() if p.requires_grad]
+    experts.zero_grad(set_to_none=True)
+    return (y.detach(), xg.grad, *grads)
 
 
 def experts_module(e: int, k: int, h: int, i: int) -> torch.nn.Module:
@@ -84,12 +105,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         weights, index = torch.topk(torch.randn(t, e, generator=g).softmax(-1), k)
         weights, index = weights.to(device, dtype), index.to(device)
 
-        def forward():
+        def forward_result():
             with torch.no_grad():
-                experts(x, index, weights)
+                return experts(x, index, weights)
+
+        def forward():
+            forward_result()
 
         shape = f"E{e} top{k} H{h} I{i} T{t} {str(dtype)[6:]}"
         paths = ("routed", "gathered", "dense") if t * k < e else ("routed", "dense")  # gathered: T k experts dense
+        check_paths(f"forward {shape}", lambda: (forward_result(),), paths, RTOL[dtype])
         timed = {p: _common.on_path(lambda: _common.bench(forward, device, args.quick), p)() for p in paths}
         cases = [("forward", timed)]
         if args.compile and t * k < e:
@@ -98,6 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                for p in ("gathered", "dense")}))
         inject(block, LoraConfig(r=8, targets=None, parameters=["experts.gate_up_proj", "experts.down_proj"]))
         experts, xg = block.experts, x.clone().requires_grad_()
+        check_paths(f"lora_fwd_bwd {shape}", lambda: fwd_bwd_results(experts, x, index, weights), paths, RTOL[dtype])
 
         def train():
             experts(xg, index, weights).sum().backward()

@@ -10,6 +10,8 @@ a third process that only imports the libraries gives the floor, subtracted from
 peak_mb (above the import floor), seconds, and ratio = peak / the from_pretrained path's peak.
 The checkpoint is sharded (--shard, default 50MB): load_and_quantize closes each shard's memory
 map before the next, so its file-backed pages count once per shard, not for the whole model.
+Both providers must end with the same state dict (each child prints a digest of every tensor);
+a run where they do not stops with the entries that differ.
 """
 
 from __future__ import annotations
@@ -48,7 +50,14 @@ seconds = time.perf_counter() - start
 size = 0 if how == "imports" else sum(t.numel() * t.element_size() for t in model.state_dict().values())
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork + exec from the parent
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"peak_kb": peak_kb, "seconds": seconds, "bytes": size}))
+# after the peak is read: a digest of every tensor of the state dict (bytes, dtype, shape), so that the
+# parent can check both providers loaded the same 4-bit model
+import hashlib
+digests = {} if how == "imports" else {
+    k: hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      + f"{t.dtype}{tuple(t.shape)}".encode()).hexdigest()[:16]
+    for k, t in model.state_dict().items()}
+print(json.dumps({"peak_kb": peak_kb, "seconds": seconds, "bytes": size, "digests": digests}))
 """
 
 
@@ -59,6 +68,18 @@ def measure(path: str, how: str) -> dict:
     if out.returncode:  # the child's own error: check=True would say only its exit status, its stderr captured away
         raise RuntimeError(f"bench_load: the {how!r} process failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_same_state(digests: dict[str, dict[str, str]]) -> None:
+    """WrongResult unless every provider loaded the same state dict (the same keys, and each tensor's
+    bytes, dtype and shape: the digests the children print): a provider that loads less, or other
+    weights, has no peak memory to compare (_common, Note: check before timing)."""
+    (a, ours), *rest = digests.items()
+    for b, theirs in rest:
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if differ:
+            raise _common.WrongResult(f"{b} loaded another model than {a}: {len(differ)} of {len(ours | theirs)} "
+                                      f"state-dict entries differ (missing, or other values), e.g. {differ[:4]}")
 
 
 def main(argv: list[str]) -> list[dict]:
@@ -81,12 +102,14 @@ def main(argv: list[str]) -> list[dict]:
         model.save_pretrained(path, max_shard_size=args.shard or shape["shard"])
         del model
         floor = measure(path, "imports")["peak_kb"]
-        rows = []
+        rows, digests = [], {}
         for how in ("from_pretrained+quantize", "skeleton+load_and_quantize"):
             r = measure(path, how)
+            digests[how] = r["digests"]
             rows.append({"case": f"llama {params / 1e6:.0f}M bf16 -> nf4", "provider": how,
                          "peak_mb": (r["peak_kb"] - floor) / 1024, "model_mb": r["bytes"] / 2**20,
                          "seconds": r["seconds"]})
+    check_same_state(digests)
     for r in rows:
         r["ratio"] = r["peak_mb"] / rows[0]["peak_mb"]
     table = _common.markdown(rows, ["case", "provider", "peak_mb", "model_mb", "seconds", "ratio"])

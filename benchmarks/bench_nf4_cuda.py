@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import _common  # noqa: E402
+from bench_nf4_linear import RTOL  # noqa: E402 - the same checks' bounds (_common, Note: check before timing)
 
 SHAPES = [(4096, 4096), (1024, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # Llama-2/3-8B
 MS = [1, 4, 16, 32, 64]
@@ -142,10 +143,13 @@ def main(argv):
         bnbf = None
     rows = []
 
-    def measure(op, n, k, m, name, fn, moved, base):
-        """Time fn and add its row; base: the baseline's ms (None: this is the baseline). Returns the ms,
-        None if fn failed (then a failed baseline gives the others no speedup, not the last shape's)."""
+    def measure(op, n, k, m, name, fn, moved, base, ref=None):
+        """Time fn and add its row; base: the baseline's ms (None: this is the baseline); ref: what fn
+        must compute (a tensor, or a callable giving it), checked first. Returns the ms, None if fn
+        failed or differed (then a failed baseline gives the others no speedup, not the last shape's)."""
         try:
+            if ref is not None:
+                _common.check_close(f"{op} {name} N={n} K={k} M={m}", fn(), ref() if callable(ref) else ref, RTOL[op])
             t = _common.bench(fn, device)
         except Exception as e:  # one failing provider must not cost the others' numbers
             print(f"{op} {name} N={n} K={k} M={m} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -167,19 +171,22 @@ def main(argv):
         base = measure("dequantize", n, k, None, "copy (baseline)", lambda: dst.copy_(w), 4 * n * k, None) or 0.0
         for name, (deq, _, _) in provs.items():
             if deq is not None:
-                measure("dequantize", n, k, None, name.replace(" dequantize", ""), lambda deq=deq: deq(q), moved, base)
+                measure("dequantize", n, k, None, name.replace(" dequantize", ""), lambda deq=deq: deq(q), moved, base, w)
         if bnbf is not None:
-            measure("dequantize", n, k, None, "bitsandbytes", lambda: bnbf.dequantize_4bit(bq, state), moved, base)
+            measure("dequantize", n, k, None, "bitsandbytes", lambda: bnbf.dequantize_4bit(bq, state), moved, base, w)
+        wq = nf4.dequantize(q).float()  # what lowrank's kernels multiply by (bitsandbytes': its own dequantize)
         for m in MS:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             moved = q.nbytes + 2 * m * (k + n)
             base = measure("linear", n, k, m, "bf16 F.linear (baseline)", lambda: F.linear(x, w),
                            2 * n * k + 2 * m * (k + n), None) or 0.0
+            ref = x.float() @ wq.t()
             for name, (_, lin, most) in provs.items():
                 if lin is not None and m <= most:
-                    measure("linear", n, k, m, name, lambda lin=lin: lin(x, q), moved, base)
+                    measure("linear", n, k, m, name, lambda lin=lin: lin(x, q), moved, base, ref)
             if bnbf is not None and m == 1:
-                measure("linear", n, k, m, "bitsandbytes gemv_4bit", lambda: bnbf.gemv_4bit(x, bq.t(), state=state), moved, base)
+                measure("linear", n, k, m, "bitsandbytes gemv_4bit", lambda: bnbf.gemv_4bit(x, bq.t(), state=state), moved, base,
+                        lambda: x.float() @ bnbf.dequantize_4bit(bq, state).float().t())
         print(_common.markdown(rows[first:], COLUMNS), flush=True)
         _common.write(args.out, rows, _common.environment(device), _common.markdown(rows, COLUMNS))  # a timeout keeps these
     rows += fits(rows)

@@ -37,6 +37,11 @@ FULL = dict(shapes=LLAMA, ms=MS, grad_m=4096)
 DTYPE = torch.bfloat16
 COLUMNS = ["op", "N", "K", "M", "provider", "ms", "p20", "p80", "tflops", "gbps", "speedup"]
 MAX_M = 64  # lowrank/ops/triton_gemv.py MAX_M: up to here the Triton backend runs its GEMV with SKINNY, whatever FUSED says
+# Checked before timing (_common, Note: check before timing), relative error allowed: a product
+# against x @ W^T in float32 of the provider's own dequantized W (its bf16 output: a few roundings
+# of 2^-8, ~2e-3 measured); a dequantized W against the dense w (NF4's rounding of normal weights:
+# ~0.09). A wrong layout or scale gives ~1.
+RTOL = {"linear": 2**-6, "grad_x": 2**-6, "dequantize": 0.2}
 
 
 @contextlib.contextmanager
@@ -113,10 +118,13 @@ def row(op, n, k, m, provider, times, flops, nbytes) -> dict:
                 tflops=flops / ms / 1e9 if flops else None, gbps=nbytes / ms / 1e6)  # fmt: skip
 
 
-def measure(rows, op, n, k, m, provider, fn, flops, nbytes, device, quick, backend=None, settings=None):
-    """Time fn and append a row; a provider that fails is logged and left out of the table."""
+def measure(rows, op, n, k, m, provider, fn, flops, nbytes, device, quick, backend=None, settings=None, ref=None):
+    """Time fn and append a row; a provider that fails, or whose result differs from `ref` (a
+    tensor, or a callable giving it; checked first), is logged and left out of the table."""
     try:
         with forced_backend(backend) if backend else contextlib.nullcontext(), triton_settings(**(settings or {})):
+            if ref is not None:
+                _common.check_close(f"{op} {provider} N={n} K={k} M={m}", fn(), ref() if callable(ref) else ref, RTOL[op])
             times = _common.bench(fn, device, quick)
     except Exception as e:
         log.warning("%s %s N=%d K=%d M=%s failed: %s: %s", op, provider, n, k, m, type(e).__name__, str(e)[:200])
@@ -133,25 +141,30 @@ def run_shape(n, k, cfg, device, quick) -> list[dict]:
     wbytes = {"bf16": 2 * n * k, "nf4": q.nbytes}  # the packed weight + all its scales
     others = peers(w)
     lowrank = lowrank_backends(device)
+    wq = nf4.dequantize(q).float()  # the weight lowrank's products compute with (each peer: its own)
     for m in cfg["ms"]:
         x = torch.randn(m, k, device=device, dtype=DTYPE)  # (M, K)
         flops, act = 2 * m * n * k, 2 * (m * k + m * n)
         measure(rows, "linear", n, k, m, "bf16", lambda: F.linear(x, w), flops, wbytes["bf16"] + act, device, quick)
+        ref = x.float() @ wq.t()
         for name, b, settings in lowrank:
             if (name.endswith("-fused") and m <= MAX_M) or ("-gemv" in name and m > MAX_M):
                 continue  # the fused kernels are for large M; above MAX_M "-gemv" is the default route
-            measure(rows, "linear", n, k, m, name, lambda: ops.nf4_linear(x, q), flops, wbytes["nf4"] + act, device, quick, b, settings)
-        for name, (linear, _) in others.items():
-            measure(rows, "linear", n, k, m, name, lambda: linear(x), flops, wbytes["nf4"] + act, device, quick)
+            measure(rows, "linear", n, k, m, name, lambda: ops.nf4_linear(x, q), flops, wbytes["nf4"] + act, device, quick, b, settings,
+                    ref=ref)
+        for name, (linear, dequantize) in others.items():
+            measure(rows, "linear", n, k, m, name, lambda: linear(x), flops, wbytes["nf4"] + act, device, quick,
+                    ref=lambda: x.float() @ dequantize().float().t())
     # dequantize: read the packed weight and its scales, write N*K bf16; the copy moves 2 x 2NK bytes
     out_bytes = 2 * n * k
     dst = torch.empty_like(w)
     measure(rows, "dequantize", n, k, None, "copy", lambda: dst.copy_(w), None, 2 * out_bytes, device, quick)
     for name, b, settings in lowrank:
         if not name.endswith("-fused") and "-gemv" not in name:  # the same dequantize as "" / "-select"
-            measure(rows, "dequantize", n, k, None, name, lambda: ops.nf4_dequantize(q, DTYPE), None, wbytes["nf4"] + out_bytes, device, quick, b, settings)
+            measure(rows, "dequantize", n, k, None, name, lambda: ops.nf4_dequantize(q, DTYPE), None, wbytes["nf4"] + out_bytes, device, quick, b, settings,
+                    ref=w)
     for name, (_, dequantize) in others.items():
-        measure(rows, "dequantize", n, k, None, name, dequantize, None, wbytes["nf4"] + out_bytes, device, quick)
+        measure(rows, "dequantize", n, k, None, name, dequantize, None, wbytes["nf4"] + out_bytes, device, quick, ref=w)
     # backward: grad_x = grad_y @ W, (M, N) @ (N, K)
     m = cfg["grad_m"]
     gy = torch.randn(m, n, device=device, dtype=DTYPE)
@@ -159,7 +172,8 @@ def run_shape(n, k, cfg, device, quick) -> list[dict]:
     measure(rows, "grad_x", n, k, m, "bf16", lambda: gy @ w, flops, wbytes["bf16"] + act, device, quick)
     args = (q.packed, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.blocksize)
     for name, b, settings in (p for p in lowrank if "-gemv" not in p[0]):  # grad_x has no GEMV
-        measure(rows, "grad_x", n, k, m, name, lambda: torch.ops.lowrank.nf4_linear_grad_input(gy, *args), flops, wbytes["nf4"] + act, device, quick, b, settings)
+        measure(rows, "grad_x", n, k, m, name, lambda: torch.ops.lowrank.nf4_linear_grad_input(gy, *args), flops, wbytes["nf4"] + act, device, quick, b, settings,
+                ref=gy.float() @ wq)
     return rows
 
 

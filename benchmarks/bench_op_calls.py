@@ -13,12 +13,12 @@ On CUDA the kernels of a call take a few microseconds of GPU time while launchin
 longer, so back-to-back calls are bound by the CPU: each round ends with a synchronize, and the
 time a call is what a training step pays a linear for its Python, dispatch and launches.
 
-Providers: a bf16 nn.Linear (the baseline: ratio = its time / the provider's, > 1 is faster), lowrank's
-Linear4bit (the lowrank::nf4_linear op) and bitsandbytes' Linear4bit when importable; with LoRA
-(r 16) around each: lowrank's LoraLinear, and PEFT's when importable. Cases: forward without
-grad, forward with x requiring grad, forward + backward. us a call: median (20th-80th
-percentile) over rounds, each round the mean of back-to-back calls; providers alternate round
-by round, so a drift of the machine hits all.
+Providers: a bf16 nn.Linear, its weight frozen like the 4-bit ones (the baseline: ratio = its
+time / the provider's, > 1 is faster), lowrank's Linear4bit (the lowrank::nf4_linear op) and
+bitsandbytes' Linear4bit when importable; with LoRA (r 16) around each: lowrank's LoraLinear, and
+PEFT's when importable. Cases: forward without grad, forward with x requiring grad, forward +
+backward. us a call: median (20th-80th percentile) over rounds, each round the mean of
+back-to-back calls; providers alternate round by round, so a drift of the machine hits all.
 """
 
 from __future__ import annotations
@@ -43,10 +43,13 @@ FEATURES, RANK = 128, 16
 
 
 def providers(lora: bool, device: torch.device, dropout: float = 0.0) -> dict[str, nn.Module]:
-    """name -> a one-layer nn.Sequential on `device`, every one from the same bf16 weight (with
-    LoRA: in training mode, for the adapters' dropout)."""
+    """name -> a one-layer nn.Sequential on `device`, every one from the same bf16 weight, frozen
+    (with LoRA: in training mode, for the adapters' dropout)."""
     torch.manual_seed(0)
-    dense = nn.Sequential(nn.Linear(FEATURES, FEATURES, bias=False)).to(device, torch.bfloat16)
+    # Note: a frozen baseline. The 4-bit layers' weights are frozen (QLoRA's base); an nn.Linear's
+    # weight trains by default, and its backward would also form and accumulate a weight gradient
+    # (on this CPU 76 against 53 us a forward + backward): frozen, every provider does the same work.
+    dense = nn.Sequential(nn.Linear(FEATURES, FEATURES, bias=False)).to(device, torch.bfloat16).requires_grad_(False)
     ours = copy.deepcopy(dense)
     quantize(ours, NF4Config(compute_dtype=torch.bfloat16))
     out = {"bf16 nn.Linear": dense, "lowrank Linear4bit": ours}
@@ -76,6 +79,19 @@ def providers(lora: bool, device: torch.device, dropout: float = 0.0) -> dict[st
         config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules=["0"])
         wrapped["PEFT LoRA on " + name] = peft.get_peft_model(model, config).to(device).train()
     return wrapped
+
+
+def check_outputs(models: dict[str, nn.Module], x: torch.Tensor) -> None:
+    """Every provider's output against lowrank's 4-bit one's before timing (_common, Note: check
+    before timing): the 4-bit providers hold the same codes (bf16 roundings: 2^-4 allowed), the
+    bf16 layers the weight before NF4's rounding (~0.08 here: 0.2 allowed). LoRA starts with B = 0,
+    so the adapted layers compute their base's product too."""
+    with torch.no_grad():
+        outs = {name: model(x) for name, model in models.items()}
+    ref_name = next(name for name in outs if name.startswith("lowrank") and name.endswith("Linear4bit"))
+    for name, out in outs.items():
+        rtol = 0.2 if name.endswith("bf16 nn.Linear") else 2**-4
+        _common.check_close(f"{name}'s output against {ref_name}'s", out, outs[ref_name], rtol)
 
 
 def call(model: nn.Module, case: str, x: torch.Tensor):
@@ -127,6 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for lora in (False, True):
         models = providers(lora, device, args.dropout)
+        check_outputs(models, x)
         for case in ("forward, no grad", "forward, x requires grad", "forward + backward"):
             fns = {name: call(m, case, x) for name, m in models.items()}
             with torch.set_grad_enabled(case != "forward, no grad"):

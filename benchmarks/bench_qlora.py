@@ -146,6 +146,10 @@ def small(args, device: torch.device) -> tuple[list[dict], str]:
                 if p.requires_grad:
                     theirs_params[name.replace(".base.", ".base_layer.")].copy_(p)
         models["peft+bitsandbytes"] = theirs
+        # before compiling and timing: the same model on both sides (_common, Note: a model's output
+        # and its adapters' gradients); the first losses alone would not show a wrong layer
+        _common.check_same_model("qlora_train_step", models, ids, [("lowrank", "peft+bitsandbytes")],
+                                 _common.RTOL_STEP[dtype])
 
     for model in models.values():
         if args.compile is not None:

@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if name.startswith("lowrank"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     same_adapters(models)
+    # before timing: each pair holds the same model (_common, Note: a model's output and its adapters' gradients)
+    pairs = [("lowrank-4bit-experts", "lowrank-4bit-dense-path")] + ([] if missing else [("lowrank-dense-experts",
+                                                                                       "peft+bitsandbytes")])
+    _common.check_same_model("qlora_moe_train_step", models, ids, pairs, _common.RTOL_STEP[dtype],
+                             call=lambda name, fn: _common.on_path(fn, "dense")() if name.endswith("dense-path") else fn())
     sizes = {name: stored_mib(m) for name, m in models.items()}
     losses = {name: [] for name in models}
     fns = {name: step_fn(m, ids, losses[name]) for name, m in models.items()}

@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     rows = []
     shape_name = f"llama h{shape['hidden']} L{shape['layers']} b{shape['batch']}x{shape['seq']}"
+    rtol = _common.RTOL_STEP[torch.float32]  # Note: a model's output and its adapters' gradients (_common)
+    _common.check_same_model("train_step", {"lowrank": ours, "peft": theirs}, ids, [("lowrank", "peft")], rtol)
     step = alternate({"lowrank": train_step(ours, ids), "peft": train_step(theirs, ids)}, shape["reps"])
     for provider, (ms, p20, p80) in step.items():
         rows.append({"case": "train_step", "shape": shape_name, "provider": provider, "ms": ms, "p20_ms": p20,
@@ -125,14 +127,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ours_moe, theirs_moe = twins(moe, LoraConfig(r=16, alpha=32, targets=None, parameters=experts),
                                  peft.LoraConfig(r=16, lora_alpha=32, target_parameters=experts))
     moe_name = f"mixtral h{shape['hidden']} L{shape['layers']} E8 b{shape['batch']}x{shape['seq']}"
+    _common.check_same_model("experts_step", {"lowrank": ours_moe, "peft": theirs_moe}, ids, [("lowrank", "peft")], rtol)
     step = alternate({"lowrank": train_step(ours_moe, ids), "peft": train_step(theirs_moe, ids)}, shape["reps"])
     for provider, (ms, p20, p80) in step.items():
         rows.append({"case": "experts_step", "shape": moe_name, "provider": provider, "ms": ms, "p20_ms": p20,
                      "p80_ms": p80, "ratio": ms / step["peft"][0], "ratio_vs": "peft"})
     del ours_moe, theirs_moe, moe
 
-    merge(ours)
     ours.eval(), base.eval()
+    with torch.no_grad():
+        adapted = ours(input_ids=ids).logits
+        merge(ours)  # the merged model must compute what the adapted one did
+        _common.check_close("merged_inference: the merged model's logits against the adapted model's",
+                            ours(input_ids=ids).logits, adapted, rtol)
 
     def infer(model):
         def run():
