@@ -41,6 +41,19 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+class _KeyPath:
+    """What torch.distributed.checkpoint.state_dict finds at each name of a 4-bit weight's
+    state-dict key below its module: itself (See Note: state-dict keys as attribute paths)."""
+
+    def __getattr__(self, name: str):
+        if name in _KEY_NAMES:
+            return self
+        raise AttributeError(f"{name!r} is no name of a 4-bit weight's state-dict keys")
+
+
+_KEY_NAMES = frozenset(n for s in _WEIGHT_KEYS for n in ("weight" + s).split("."))  # weight, absmax, quant_state, ...
+
+
 class Stored4bit(nn.Module):
     """One frozen NF4 weight of any shape: its codes and scales as frozen integer parameters
     (packed, absmax, nested_absmax) and its offset an integer buffer (Note: frozen integer
@@ -65,6 +78,18 @@ class Stored4bit(nn.Module):
     # stored as their int32 bit patterns, which every cast leaves alone (FSDPParam clamps
     # param_dtype to None for a non-floating parameter), and `weight` views them back as
     # float32: devices change, values do not.
+    #
+    # Note: state-dict keys as attribute paths. torch.distributed.checkpoint.state_dict
+    # (get_model_state_dict, set_model_state_dict) checks each state-dict key by walking its
+    # dotted names as attributes from the model, and raised at bitsandbytes' names, which are no
+    # attributes here ("'NF4Weight' object has no attribute 'quant_map'"). `_fqn_modifiers` is
+    # its hook for modules whose keys are not their attributes: an attribute to step through
+    # before a name, here a _KeyPath, which has every name of those keys.
+    _state_keys = _KeyPath()
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        return dict.fromkeys(_KEY_NAMES, "_state_keys")
+
     def _set_weight(self, q: NF4Weight) -> None:
         for field in _PARAMS:
             t = getattr(q, field)
