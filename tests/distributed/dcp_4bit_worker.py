@@ -2,7 +2,7 @@
 tests.distributed.dcp_4bit_worker OUT`: a QLoRA model sharded by FSDP2 (one group per decoder
 layer, then the root) is saved with torch.distributed.checkpoint and loaded into fresh sharded
 models built from other weights, through get/set_model_state_dict and through the plain
-state_dict / load_state_dict; each rank writes the logits every model gives to OUT/rank{r}.pt."""
+state_dict / load_state_dict, and its gathered (full) state dict loaded into another; each rank writes the logits every model gives to OUT/rank{r}.pt."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def logits(model) -> torch.Tensor:
 
 def main(out: str) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -72,6 +72,12 @@ def main(out: str) -> None:
     dcp.load(sd, checkpoint_id=os.path.join(out, "plain"))
     result = fresh.load_state_dict(sd)
     found["plain"], found["plain_keys"] = logits(fresh), result.missing_keys + result.unexpected_keys
+
+    # whole tensors, each rank all of them (test_full_state_dict_4bit.py): each rank keeps its part
+    full = StateDictOptions(full_state_dict=True)
+    fresh = sharded(3)
+    result = set_model_state_dict(fresh, get_model_state_dict(saved, options=full), options=full)
+    found["full"], found["full_keys"] = logits(fresh), result.missing_keys + result.unexpected_keys
     torch.save(found, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()  # every rank done before the group goes (an early exit can abort a peer's gloo thread)
     dist.destroy_process_group()

@@ -66,6 +66,6 @@ def test_a_sharded_qlora_model_round_trips_under_torchrun(tmp_path):
     want = worker.logits(worker.qlora(0))  # the saved model, in one process
     for rank in range(2):
         found = torch.load(tmp_path / f"rank{rank}.pt")
-        assert found["dsd_keys"] == [] and found["plain_keys"] == []
-        for how in ("saved", "dsd", "plain"):  # FSDP2 gathers the same bits: the same kernels, the same logits
+        assert found["dsd_keys"] == [] and found["plain_keys"] == [] and found["full_keys"] == []
+        for how in ("saved", "dsd", "plain", "full"):  # FSDP2 gathers the same bits: the same kernels, the same logits
             torch.testing.assert_close(found[how], want, rtol=0, atol=0, msg=f"rank {rank}, {how}")
