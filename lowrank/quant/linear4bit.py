@@ -189,7 +189,7 @@ class Stored4bit(nn.Module):
     def _copy_into(self, q: NF4Weight) -> bool:
         """Copy `q` into this layer's own tensors in place; False (nothing written) when its layout
         (dtype, blocksize, double quantization, sizes) differs, or the layer's are meta, or sharded
-        and `q`'s too. Whole tensors into sharded ones (FSDP2): each rank its part (_shard_like)."""
+        and `q`'s sharded otherwise. Whole tensors into sharded ones (FSDP2): each rank its part (_shard_like)."""
         if (q.dtype, q.blocksize) != (self.dtype, self.blocksize):
             return False
         mine = [self._parameters[f] for f in _PARAMS] + [self._buffers["offset"]]
@@ -202,10 +202,13 @@ class Stored4bit(nn.Module):
                 b = _as_bits(b)
                 if (a.shape, a.dtype) != (b.shape, b.dtype) or a.is_meta:
                     return False
-                if type(a.data) is not torch.Tensor:  # a DTensor (FSDP2)
-                    if type(b) is not torch.Tensor:  # and sharded too: new tensors (FSDP2 takes them after the load)
-                        return False
-                    a, b = a.to_local(), _shard_like(a, b)  # a view of FSDP2's own storage
+                if type(a.data) is not torch.Tensor:  # a DTensor (FSDP2): into the view of its own storage
+                    if type(b) is torch.Tensor:
+                        a, b = a.to_local(), _shard_like(a, b)
+                    elif (b.device_mesh, b.placements) == (a.device_mesh, a.placements):  # sharded alike
+                        a, b = a.to_local(), b.to_local()
+                    else:
+                        return False  # sharded otherwise: new tensors (FSDP2 takes them after the load)
                     if a.shape != b.shape:
                         return False
                 pairs.append((a, b))
