@@ -69,3 +69,14 @@ def test_a_sharded_qlora_model_round_trips_under_torchrun(tmp_path):
         assert found["dsd_keys"] == [] and found["plain_keys"] == [] and found["full_keys"] == []
         for how in ("saved", "dsd", "plain", "full"):  # FSDP2 gathers the same bits: the same kernels, the same logits
             torch.testing.assert_close(found[how], want, rtol=0, atol=0, msg=f"rank {rank}, {how}")
+
+    # what the 2 ranks saved, each its shards, loads into one process (DCP reshards)
+    for how in ("dsd", "plain"):
+        one = worker.qlora(5)
+        sd = one.state_dict()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sd, checkpoint_id=tmp_path / how)
+        result = one.load_state_dict(sd)
+        assert not result.missing_keys and not result.unexpected_keys
+        torch.testing.assert_close(worker.logits(one), want, rtol=0, atol=0, msg=how)
