@@ -41,6 +41,30 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _shard_like(sharded: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """The part of `whole` that this rank holds of the DTensor `sharded` (its global shape): set_model_state_dict
+    (full_state_dict=True) hands a sharded model whole tensors at bitsandbytes' keys, which it cannot shard
+    itself, as they are none of the model's parameters. Replicated to sharded is a local cut, no communication."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = sharded.device_mesh
+    whole = DTensor.from_local(whole.to(sharded.device), mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, sharded.placements).to_local()
+
+
+class _KeyPath:
+    """What torch.distributed.checkpoint.state_dict finds at each name of a 4-bit weight's
+    state-dict key below its module: itself (See Note: state-dict keys as attribute paths)."""
+
+    def __getattr__(self, name: str):
+        if name in _KEY_NAMES:
+            return self
+        raise AttributeError(f"{name!r} is no name of a 4-bit weight's state-dict keys")
+
+
+_KEY_NAMES = frozenset(n for s in _WEIGHT_KEYS for n in ("weight" + s).split("."))  # weight, absmax, quant_state, ...
+
+
 class Stored4bit(nn.Module):
     """One frozen NF4 weight of any shape: its codes and scales as frozen integer parameters
     (packed, absmax, nested_absmax) and its offset an integer buffer (Note: frozen integer
@@ -65,6 +89,18 @@ class Stored4bit(nn.Module):
     # stored as their int32 bit patterns, which every cast leaves alone (FSDPParam clamps
     # param_dtype to None for a non-floating parameter), and `weight` views them back as
     # float32: devices change, values do not.
+    #
+    # Note: state-dict keys as attribute paths. torch.distributed.checkpoint.state_dict
+    # (get_model_state_dict, set_model_state_dict) checks each state-dict key by walking its
+    # dotted names as attributes from the model, and raised at bitsandbytes' names, which are no
+    # attributes here ("'NF4Weight' object has no attribute 'quant_map'"). `_fqn_modifiers` is
+    # its hook for modules whose keys are not their attributes: an attribute to step through
+    # before a name, here a _KeyPath, which has every name of those keys.
+    _state_keys = _KeyPath()
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        return dict.fromkeys(_KEY_NAMES, "_state_keys")
+
     def _set_weight(self, q: NF4Weight) -> None:
         for field in _PARAMS:
             t = getattr(q, field)
@@ -143,9 +179,17 @@ class Stored4bit(nn.Module):
                 self._set_weight(q.to(self.packed.device, copy=True))
         return set(ours)
 
+    def _own_entries(self, state_dict: dict, prefix: str) -> set[str]:
+        """The keys at which `state_dict` holds this layer's own storage tensors by their names (packed,
+        absmax, ...), never a checkpoint's: set_model_state_dict(full_state_dict=True) adds every parameter
+        and buffer of the model so, beside the checkpoint's entries. Nothing to load from them."""
+        own = {f: self._parameters[f] for f in _PARAMS} | {"offset": self._buffers["offset"]}
+        return {prefix + f for f, t in own.items() if t is not None and state_dict.get(prefix + f) is t}
+
     def _copy_into(self, q: NF4Weight) -> bool:
         """Copy `q` into this layer's own tensors in place; False (nothing written) when its layout
-        (dtype, blocksize, double quantization, sizes) differs, or the layer's are meta or sharded."""
+        (dtype, blocksize, double quantization, sizes) differs, or the layer's are meta, or sharded
+        and `q`'s sharded otherwise. Whole tensors into sharded ones (FSDP2): each rank its part (_shard_like)."""
         if (q.dtype, q.blocksize) != (self.dtype, self.blocksize):
             return False
         mine = [self._parameters[f] for f in _PARAMS] + [self._buffers["offset"]]
@@ -156,8 +200,17 @@ class Stored4bit(nn.Module):
                 return False
             if a is not None:
                 b = _as_bits(b)
-                if (a.shape, a.dtype) != (b.shape, b.dtype) or a.is_meta or type(a.data) is not torch.Tensor:
-                    return False  # a DTensor (FSDP2) or meta parameter: new tensors, as before
+                if (a.shape, a.dtype) != (b.shape, b.dtype) or a.is_meta:
+                    return False
+                if type(a.data) is not torch.Tensor:  # a DTensor (FSDP2): into the view of its own storage
+                    if type(b) is torch.Tensor:
+                        a, b = a.to_local(), _shard_like(a, b)
+                    elif (b.device_mesh, b.placements) == (a.device_mesh, a.placements):  # sharded alike
+                        a, b = a.to_local(), b.to_local()
+                    else:
+                        return False  # sharded otherwise: new tensors (FSDP2 takes them after the load)
+                    if a.shape != b.shape:
+                        return False
                 pairs.append((a, b))
         with torch.no_grad():
             for a, b in pairs:
@@ -252,5 +305,5 @@ class Linear4bit(Stored4bit):
                 except Exception as e:
                     error_msgs.append(f"while copying {b_key!r}: {type(e).__name__}: {e}")
         if strict:
-            known = set(ours) | {b_key} if self.bias is not None else set(ours)
+            known = set(ours) | self._own_entries(state_dict, prefix) | ({b_key} if self.bias is not None else set())
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)

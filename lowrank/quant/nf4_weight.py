@@ -16,6 +16,18 @@ import torch
 
 BNB_QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"  # transformers / bitsandbytes key suffix
 
+# Note: the quant state's length. The JSON of a double-quantized weight holds its offset, a
+# float whose text varies in length with its value ("0.01" .. "-2.1561867752369213e-38"), so the
+# uint8 tensor that holds it had a length that depended on the weights: a state dict loaded in
+# place, into tensors of the model's own shapes (torch.distributed.checkpoint.load, into a
+# fresh model's state_dict()), refused the checkpoint's entry ("Size mismatch between saved
+# torch.Size([168]) and current: torch.Size([167])"). The JSON is therefore padded with spaces
+# to the length the longest offset would give, which depends on the layout alone (shape, dtype,
+# blocksize). JSON allows whitespace after the value: bitsandbytes' QuantState.from_dict (which
+# transformers' loading calls) and from_state_dict below read it as before; the bytes are
+# bitsandbytes' followed by spaces. Without double quantization nothing varies: bitsandbytes' bytes.
+_OFFSET_CHARS = 23  # the longest JSON of a float32: sign, 17 significant digits, point, "e-38" (or "0.000" before them)
+
 
 def _sizes(shape) -> torch.Size:
     """shape as a torch.Size of sizes >= 0 (integers of any type, numpy's too, become ints)."""
@@ -167,7 +179,10 @@ class NF4Weight:
                 "nested_dtype": "float32",
                 "nested_offset": 0.0 if dev.type == "meta" else self.offset.item(),
             }
-        state = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        text = json.dumps(meta)
+        if self.double_quant:  # See Note: the quant state's length
+            text = text.ljust(len(json.dumps(meta | {"nested_offset": 0.0})) - len("0.0") + _OFFSET_CHARS)
+        state = torch.tensor(list(text.encode()), dtype=torch.uint8)
         # On the meta device (a model built to be loaded later) there is no offset to write: the entry is
         # a meta tensor too, so that nothing in the state dict holds values that were never computed.
         sd[f"{prefix}.{BNB_QUANT_STATE_KEY}"] = state.to("meta") if dev.type == "meta" else state

@@ -98,7 +98,8 @@ class Weight4bit(Stored4bit):
         assign = local_metadata.get("assign_to_params_buffers", False)  # load_state_dict(assign=True)
         ours = self._load_weight(local, key, missing_keys, error_msgs, assign)
         if strict:
-            unexpected_keys.extend(k for k in local if k.startswith(prefix) and k not in ours)
+            known = ours | self._own_entries(local, prefix)
+            unexpected_keys.extend(k for k in local if k.startswith(prefix) and k not in known)
 
 
 def _packed_below(owner, state_dict, prefix, *_) -> None:
