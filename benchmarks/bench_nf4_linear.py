@@ -4,8 +4,8 @@
     python benchmarks/bench_nf4_linear.py --quick    # tiny shapes; runs on CPU (Triton in its interpreter)
 
 Providers: bf16 F.linear (the baseline), lowrank with each backend that runs here, and the
-peers when importable: bitsandbytes (matmul_4bit, which takes gemv_4bit at M = 1;
-dequantize_4bit) and torchao's NF4Tensor (linear_nf4, get_original_weight); for dequantize
+peers when importable: bitsandbytes (matmul_4bit: on CUDA gemv_4bit at M = 1; on the CPU
+without grad its gemm_4bit op, bitsandbytes 0.50; dequantize_4bit) and torchao's NF4Tensor (linear_nf4, get_original_weight); for dequantize
 also a device-to-device copy, the bandwidth ceiling. Every row: median and 20/80% quantile
 times, TFLOP/s, GB/s (packed weight + scales + activations in and out), and the time ratio
 to the baseline measured in the same run. Writes --out (default benchmarks/results/
