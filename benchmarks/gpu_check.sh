@@ -24,7 +24,9 @@
 #   LoRA dropout 0.1; ADAPTERS=1 the eager 7B step like for like, both sides' adapters bf16 and then both float32
 #   (bench_qlora --adapter-dtype compute / float32), their tables in bench.log; MOE=1 bench_qlora_moe, a Mixtral with
 #   4-bit experts against PEFT + bitsandbytes, routed and dense path, also 32 experts top 4, and bench_experts4bit
-#   with its compiled (gathered) forward, its tables in bench.log)
+#   with its compiled (gathered) forward, its tables in bench.log; DECODE=1 bench_decode on CUDA, a Llama of the
+#   8B's layer shapes (8 layers) decoding with its decoder in 4 bits, lowrank against bitsandbytes and bf16, its table
+#   in bench.log)
 # Budget at every limit (every command runs under `timeout`; tests/benchmarks/test_gpu_check_script.py
 # sums the limits of a dry run and checks these): 10 s wheel + 5 s nvidia-smi + 15 s versions, then
 # PART=1: 100 s build + 10 s _C check + 130 + 20 s tests + 85 + 80 + 135 s benchmarks = 590 s in all;
@@ -164,6 +166,10 @@ if [ "${MOE:-0}" = 1 ]; then  # QLoRA on a Mixtral with its experts in 4 bits (N
     --out /tmp/qlora_moe32.json
   step 90 "$OUT/bench.log" "bench_experts4bit --compile" python3 benchmarks/bench_experts4bit.py --compile \
     --out /tmp/experts4bit.json
+fi
+if [ "${DECODE:-0}" = 1 ]; then  # decoding a model, each token synchronized: the GEMV where a user meets it
+  step 90 "$OUT/bench.log" "bench_decode --device cuda" python3 benchmarks/bench_decode.py --device cuda --hidden 4096 \
+    --intermediate 14336 --layers 8 --vocab 32000 --tokens 64 --out /tmp/decode.json
 fi
 if [ "${OPTIM:-0}" = 1 ]; then  # an optimizer step over 4 layers of 7B LoRA adapters: AdamW, 8-bit states, AdamW8bit
   step 40 "$OUT/bench.log" "bench_optim" python3 benchmarks/bench_optim.py --out /tmp/optim.json
