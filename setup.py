@@ -17,7 +17,8 @@ import sys
 from setuptools import find_packages, setup
 
 CSRC = "csrc"
-CPU_SOURCES = ["bindings.cpp", "autograd.cpp", "lora.cpp", "nf4_cpu.cpp", "nf4_cpu_avx2.cpp", "nf4_cpu_avx512.cpp"]
+CPU_SOURCES = ["bindings.cpp", "autograd.cpp", "lora.cpp", "nf4_cpu.cpp", "nf4_cpu_avx2.cpp", "nf4_cpu_avx512.cpp",
+               "nf4_cpu_chunks.cpp"]
 CUDA_SOURCES = ["bindings_cuda.cpp", "nf4_cuda_dequantize.cu", "nf4_cuda_gemv.cu", "nf4_cuda_gemv_staged.cu",
                 "nf4_cuda_gemv_lut.cu", "paged.cu"]
 # -ffp-contract=off: the scale of a block is a product then a sum, two float32 roundings, and

@@ -23,6 +23,7 @@
 #include "dispatch.h"
 #include "message.h"
 #include "nf4_cpu.h"
+#include "nf4_cpu_chunks.h"
 
 namespace lowrank {
 
@@ -197,15 +198,30 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y.to(x.scalar_type()).reshape(out_shape);  // one rounding to x.dtype (nearest even)
 }
 
-// See Note: the ops in C++ (dispatch.h). The CPU GEMV where csrc.py's _gemv_covers says it runs.
+// See Note: the ops in C++ (dispatch.h). The CPU GEMV where csrc.py's _gemv_covers says it runs; else
+// W a chunk at a time (nf4_cpu_chunks.cpp), which needs K % blocksize == 0 only (csrc.py's _chunks_cover).
 at::Tensor cpu_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
                     at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
-  const int64_t K = shape[1];
-  if (K <= 0 || K % kGemvGroup != 0 || K % blocksize != 0) return {};  // K = 0: the reference's empty product
-  const int64_t M = x.numel() / K;
-  if (M < 1 || M > kGemvMaxRows) return {};
-  return linear_op(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
+  const int64_t N = shape[0], K = shape[1];
+  if (K <= 0 || N <= 0 || K % blocksize != 0 || x.numel() == 0) return {};  // K = 0: the reference's empty product
+  if (x.numel() / K <= kGemvMaxRows && K % kGemvGroup == 0)
+    return linear_op(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias);
+  const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
+  return chunked_linear(x, w, N, K, out_type(x.scalar_type()), bias);
+}
+
+// The one above for lowrank/ops/csrc.py's Python kernels (LOWRANK_PYTHON_OPS=1 and the calls the C++
+// ones hand back), so that both compute the same bits: K % blocksize == 0, checked.
+at::Tensor linear_chunks_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& offset,
+                            at::IntArrayRef shape, int64_t blocksize, const std::optional<at::Tensor>& bias) {
+  for (const at::Tensor* t : {&x, &packed, &absmax}) check_cpu(*t, "every tensor");
+  TORCH_CHECK(shape.size() == 2 && shape[0] > 0 && shape[1] > 0 && shape[1] % blocksize == 0 && x.size(-1) == shape[1],
+              message("W must be [N, K] with K a multiple of blocksize ", blocksize, " and x [..., K], got W ", shape,
+                      ", x ", x.sizes()));
+  const NF4View w = nf4_view(packed, absmax, nested_absmax, offset, shape, blocksize);
+  return chunked_linear(x, w, shape[0], shape[1], out_type(x.scalar_type()), bias);
 }
 
 bool set_cpu_isa(const std::string& name) {
@@ -338,6 +354,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_dequantize_cpu", &lowrank::dequantize_op);
   m.def("nf4_linear_cpu", &lowrank::linear_op);
   m.def("nf4_dequantize_cpu_into", &lowrank::dequantize_into_op, "the dequantize kernel into out (benchmarks)");
+  m.def("nf4_linear_cpu_chunks", &lowrank::linear_chunks_op, "nf4_linear where the GEMV does not go, W a chunk at a time");
   m.def("cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::current_isa())); });
   m.def("best_cpu_isa", [] { return std::string(lowrank::isa_name(lowrank::best_isa())); });
   m.def("set_cpu_isa", &lowrank::set_cpu_isa, "use this instruction set (at most the best one); false if the CPU lacks it");

@@ -71,15 +71,16 @@ int code_at(const uint8_t* packed, int64_t i) {
   return (i % 2 == 0) ? (byte >> 4) : (byte & 0x0F);  // first element in the high nibble
 }
 
-void dequantize_block(const NF4View& w, OutType type, void* out, int64_t b) {
+// Block b into out, whose element 0 is element `first` of W.
+void dequantize_block(const NF4View& w, OutType type, void* out, int64_t first, int64_t b) {
   const float s = block_scale(w, b);
   const int64_t start = b * w.blocksize, stop = std::min(start + w.blocksize, w.numel);
   for (int64_t i = start; i < stop; ++i) {
     const float v = kNF4[code_at(w.packed, i)] * s;
     switch (type) {
-      case OutType::kFloat32: static_cast<float*>(out)[i] = v; break;
-      case OutType::kFloat16: static_cast<uint16_t*>(out)[i] = fp16_bits(v); break;
-      case OutType::kBFloat16: static_cast<uint16_t*>(out)[i] = bf16_bits(v); break;
+      case OutType::kFloat32: static_cast<float*>(out)[i - first] = v; break;
+      case OutType::kFloat16: static_cast<uint16_t*>(out)[i - first] = fp16_bits(v); break;
+      case OutType::kBFloat16: static_cast<uint16_t*>(out)[i - first] = bf16_bits(v); break;
     }
   }
 }
@@ -151,7 +152,7 @@ const char* isa_name(Isa isa) {
   }
 }
 
-void nf4_dequantize_cpu(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1) {
+void nf4_dequantize_cpu_from(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1) {
   const Isa isa = current_isa();
   // The vector kernels take whole blocks of 32k elements; the short last block stays here.
   int64_t vec_end = b0;
@@ -160,7 +161,12 @@ void nf4_dequantize_cpu(const NF4View& w, OutType type, void* out, int64_t b0, i
   if (vec_end > b0 && isa >= Isa::kAvx512) avx512::dequantize(w, type, out, b0, vec_end);
   if (vec_end > b0 && isa == Isa::kAvx2) avx2::dequantize(w, type, out, b0, vec_end);
 #endif
-  for (int64_t b = vec_end; b < b1; ++b) dequantize_block(w, type, out, b);
+  for (int64_t b = vec_end; b < b1; ++b) dequantize_block(w, type, out, b0 * w.blocksize, b);
+}
+
+void nf4_dequantize_cpu(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1) {
+  const int64_t size = type == OutType::kFloat32 ? 4 : 2;
+  nf4_dequantize_cpu_from(w, type, static_cast<char*>(out) + b0 * w.blocksize * size, b0, b1);
 }
 
 void nf4_gemv_pack_x(const float* x, int64_t M, int64_t K, float* xd) {

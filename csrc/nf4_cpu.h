@@ -46,6 +46,8 @@ bool set_isa(Isa isa);
 const char* isa_name(Isa isa);
 
 void nf4_dequantize_cpu(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1);
+// The same blocks into `out` whose element 0 is block b0's first element (a buffer for part of W).
+void nf4_dequantize_cpu_from(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1);
 
 // xd[M, K] = x[M, K] regrouped as described above (kGemvGroup).
 void nf4_gemv_pack_x(const float* x, int64_t M, int64_t K, float* xd);
@@ -68,6 +70,7 @@ bool nf4_gemv_bf16_cpu(const NF4View& w, int64_t N, int64_t K, const uint16_t* x
 
 // The per-instruction-set kernels (nf4_cpu_avx2.cpp, nf4_cpu_avx512.cpp). They see only full
 // blocks of a blocksize that is a multiple of 32; nf4_cpu.cpp hands everything else to C++.
+// dequantize writes block b0 at `out` (nf4_dequantize_cpu_from's contract).
 namespace avx2 {
 void dequantize(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1);
 void gemv(const NF4View& w, OutType wtype, int64_t N, int64_t K, const float* xd, int64_t M, const float* bias, float* y,

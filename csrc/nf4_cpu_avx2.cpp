@@ -87,7 +87,7 @@ void dequantize_blocks(const NF4View& w, void* out, int64_t b0, int64_t b1) {
       const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
       const __m256 v0 = lookup(_mm256_cvtepu8_epi32(codes), cb);                     // elements 0..7
       const __m256 v1 = lookup(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), cb);  // elements 8..15
-      store16<T>(out, b * bs + 2 * j, v0, v1);
+      store16<T>(out, (b - b0) * bs + 2 * j, v0, v1);
     }
   }
 }

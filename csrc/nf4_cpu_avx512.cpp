@@ -128,7 +128,7 @@ void dequantize_blocks_16bit(const NF4View& w, void* out, int64_t b0, int64_t b1
       const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)));
       // word 2j: byte >> 4 (the dword's high bits are zero); word 2j + 1: byte & 0xF. A | (B & C).
       const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi32(bytes, 4), _mm512_slli_epi32(bytes, 16), low_nibble_up, 0xF8);
-      _mm512_storeu_si512(o + b * bs + 2 * j, _mm512_permutexvar_epi16(idx, table));
+      _mm512_storeu_si512(o + (b - b0) * bs + 2 * j, _mm512_permutexvar_epi16(idx, table));
     }
   }
 }
@@ -146,8 +146,8 @@ void dequantize_blocks(const NF4View& w, void* out, int64_t b0, int64_t b1) {
     for (int64_t j = 0; j < bs / 2; j += 16) {  // 16 bytes -> 32 elements
       __m512 v0, v1;
       decode32(p + j, codebook, v0, v1);
-      store16<T>(out, b * bs + 2 * j, v0);
-      store16<T>(out, b * bs + 2 * j + 16, v1);
+      store16<T>(out, (b - b0) * bs + 2 * j, v0);
+      store16<T>(out, (b - b0) * bs + 2 * j + 16, v1);
     }
   }
 }
