@@ -51,9 +51,17 @@ def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu", trust
     transformers = require("transformers", "transformers")
     if not pathlib.Path(model_dir, "config.json").is_file():
         raise ConfigError(f"model: {model_dir!r} has no config.json; expected a transformers model directory")
+    if tokenizer_dir is not None:  # the adapter's own: a file broken there is no fault of the base's
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True,
+                                                                   trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"adapter: {str(tokenizer_dir)!r} holds a tokenizer (tokenizer_config.json), used instead "
+                              f"of the base's, but it could not be read: {' '.join(str(e).split())}") from None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, local_files_only=True,
-                                                               trust_remote_code=trust_remote_code)
+        if tokenizer_dir is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                                   trust_remote_code=trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             model_dir, local_files_only=True, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:  # missing files, unknown architecture
