@@ -100,22 +100,29 @@ def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=Non
     from safetensors import safe_open
 
     from ..io import PICKLE_NAME, WEIGHTS_NAME, read_weights
-    from ..io_embeddings import trained_rows
+    from ..io_embeddings import rows_not_held, trained_rows
 
     weights = pathlib.Path(adapter_dir) / WEIGHTS_NAME
     resize = getattr(model, "resize_token_embeddings", None)
     if not callable(resize):
         return
-    n = None
+    shapes = {}
     if weights.is_file():
         with safe_open(str(weights), "pt") as f:
-            n = trained_rows(model, {key: f.get_slice(key).get_shape() for key in f.keys()})
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
     elif allow_pickle and (weights.parent / PICKLE_NAME).is_file():  # no header to read: the (small) file, whole
-        n = trained_rows(model, {k: t.shape for k, t in read_weights(adapter_dir, allow_pickle=True).items()})
+        shapes = {k: t.shape for k, t in read_weights(adapter_dir, allow_pickle=True).items()}
+    n = trained_rows(model, shapes)
     before = model.get_input_embeddings().weight.shape[0]
     if n is not None:
-        resize(n, mean_resizing=False)  # the new rows come from the file (load_adapter)
-        print(f"resized the base's vocabulary from {before} to {n} tokens, as the adapter was trained with", file=file)
+        # the new rows come from the file (load_adapter); but PEFT's file of an adapter on one embedding holds
+        # that one only, and an untied other's new rows are drawn around its rows' mean, as PEFT's AutoPeftModel does
+        lacking = rows_not_held(model, shapes, n) if n > before else []
+        resize(n, mean_resizing=bool(lacking))
+        print(f"resized the base's vocabulary from {before} to {n} tokens, as the adapter was trained with"
+              + (f"; the adapter file holds no rows for {', '.join(lacking)}, so its new tokens' rows are untrained "
+                 "(drawn around the mean of the others, as PEFT's AutoPeftModelForCausalLM does)" if lacking else ""),
+              file=file)
     elif tokens is not None and tokens > before:
         resize(tokens)
         print(f"resized the base's vocabulary from {before} to {tokens} tokens, as the adapter's tokenizer has; the "
