@@ -113,7 +113,10 @@ def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=Non
     elif allow_pickle and (weights.parent / PICKLE_NAME).is_file():  # no header to read: the (small) file, whole
         shapes = {k: t.shape for k, t in read_weights(adapter_dir, allow_pickle=True).items()}
     n = trained_rows(model, shapes)
-    before = model.get_input_embeddings().weight.shape[0]
+    try:
+        before = model.get_input_embeddings().weight.shape[0]
+    except (NotImplementedError, AttributeError):  # a model that names no input embedding (remote code, an embedding
+        return  # under another name): resize_token_embeddings could not resize it either, and every adapter loads
     if n is not None:
         # the new rows come from the file (load_adapter); but PEFT's file of an adapter on one embedding holds
         # that one only, and an untied other's new rows are drawn around its rows' mean, as PEFT's AutoPeftModel does
