@@ -289,6 +289,7 @@ class Linear4bit(Stored4bit):
                               error_msgs):
         w_key, b_key = prefix + "weight", prefix + "bias"
         assign = local_metadata.get("assign_to_params_buffers", False)
+        own = self._own_entries(state_dict, prefix)  # before the load, whose assign=True puts new tensors in their place
         ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs, assign)
         if self.bias is not None and b_key not in state_dict:
             missing_keys.append(b_key)
@@ -305,5 +306,5 @@ class Linear4bit(Stored4bit):
                 except Exception as e:
                     error_msgs.append(f"while copying {b_key!r}: {type(e).__name__}: {e}")
         if strict:
-            known = set(ours) | self._own_entries(state_dict, prefix) | ({b_key} if self.bias is not None else set())
+            known = set(ours) | own | ({b_key} if self.bias is not None else set())
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
