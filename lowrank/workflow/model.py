@@ -117,6 +117,10 @@ def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=Non
         before = model.get_input_embeddings().weight.shape[0]
     except (NotImplementedError, AttributeError):  # a model that names no input embedding (remote code, an embedding
         return  # under another name): resize_token_embeddings could not resize it either, and every adapter loads
+    if n is not None and tokens is not None and tokens > n:  # PEFT's load refuses it too (a size mismatch)
+        raise ConfigError(f"adapter: the tokenizer in {str(adapter_dir)!r} has {tokens} tokens, but the embeddings in "
+                          f"its adapter file have {n} rows, so ids {n} to {tokens - 1} would index past them (tokens "
+                          "added after training?); save beside it the tokenizer the adapter was trained with")
     if n is not None:
         # the new rows come from the file (load_adapter); but PEFT's file of an adapter on one embedding holds
         # that one only, and an untied other's new rows are drawn around its rows' mean, as PEFT's AutoPeftModel does
