@@ -136,6 +136,19 @@ def trained_rows(model: nn.Module, shapes) -> int | None:
     return rows.pop() if len(rows) == 1 else None
 
 
+def rows_not_held(model: nn.Module, shapes, rows: int) -> list[str]:
+    """The names of the model's embedding parameters (a tied one under its first name) for which
+    `shapes` {file key: shape} holds no tensor of `rows` rows: PEFT's file of an adapter that adapts
+    one embedding by name holds that one's base weight only (Note: embeddings in an adapter file),
+    so an untied other's new rows are in no file, trained_rows' resize leaves them untrained."""
+    own, held = embedding_parameters(model, ""), set()
+    for key, shape in shapes.items():
+        plain = key.replace(".base_layer.", ".")
+        held |= {id(p) for n, p in own.items() if (plain == n or plain.endswith("." + n)) and shape[0] == rows}
+    first = {id(p): n for n, p in reversed(own.items())}  # a tied weight's first name
+    return sorted(n for i, n in first.items() if i not in held)
+
+
 def resize_hint(model: nn.Module, mismatched) -> str:
     """For a load's shape mismatches (key, file shape, model shape): where an embedding's rows differ
     (trained_rows), what to call first; else ""."""

@@ -171,14 +171,17 @@ def run(args) -> int:
     import torch
 
     from ..export import merge_and_export
+    from ..export_files import TOKENIZER_FILES
     from ..io import load_adapter
     from ..workflow.model import WORKFLOW_FILE, adapter_tokenizer_dir, resize_as_trained
 
     from .. import hub
 
     # the adapter first (a local directory, or a hub repo fetched now: small): a mistyped path, or an adapter the
-    # command's flags do not let it read, is an error before the base loads (minutes for a 7B), not after
-    adapter = hub.resolve(args.adapter, files=hub.ADAPTER_FILES + (("adapter_model.bin",) if args.allow_pickle else ()))
+    # command's flags do not let it read, is an error before the base loads (minutes for a 7B), not after. A hub
+    # adapter's tokenizer comes with it, as PEFT's AutoPeftModel looks for it on the hub: OUT takes it (below)
+    adapter = hub.resolve(args.adapter, files=hub.ADAPTER_FILES + TOKENIZER_FILES
+                          + (("adapter_model.bin",) if args.allow_pickle else ()))
     _refuse_unmergeable(adapter)
     refuse_before_loading(str(adapter), args.base, allow_pickle=args.allow_pickle,
                           allow_other_base=args.allow_other_base)

@@ -42,14 +42,15 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def _shard_like(sharded: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-    """The part of `whole` that this rank holds of the DTensor `sharded` (its global shape): set_model_state_dict
+    """`whole` as a DTensor sharded as the DTensor `sharded` (its global shape) is: set_model_state_dict
     (full_state_dict=True) hands a sharded model whole tensors at bitsandbytes' keys, which it cannot shard
     itself, as they are none of the model's parameters. Replicated to sharded is a local cut, no communication."""
     from torch.distributed.tensor import DTensor, Replicate
 
     mesh = sharded.device_mesh
-    whole = DTensor.from_local(whole.to(sharded.device), mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return whole.redistribute(mesh, sharded.placements).to_local()
+    device = mesh.device_type if sharded.is_meta else sharded.device  # meta shards: a model the load fills
+    whole = DTensor.from_local(whole.to(device), mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, sharded.placements)
 
 
 class _KeyPath:
@@ -174,7 +175,12 @@ class Stored4bit(nn.Module):
             # state dict that holds the old, model.state_dict() or torch.distributed.checkpoint's, doubled
             # the 4-bit model's memory for the load)
             if assign:
+                sharded = {f: p for f in _PARAMS if (p := self._parameters[f]) is not None and type(p.data) is not torch.Tensor}
                 self._set_weight(q)
+                for f, p in sharded.items():  # FSDP2's shards (on the meta device: a model the load fills): the new
+                    new = self._parameters[f]  # tensors sharded alike, as torch distributes a parameter it assigns
+                    if new is not None and new.shape == p.shape:
+                        self._parameters[f] = nn.Parameter(_shard_like(p, new.detach()), requires_grad=False)
             elif not self._copy_into(q):
                 self._set_weight(q.to(self.packed.device, copy=True))
         return set(ours)
@@ -204,7 +210,7 @@ class Stored4bit(nn.Module):
                     return False
                 if type(a.data) is not torch.Tensor:  # a DTensor (FSDP2): into the view of its own storage
                     if type(b) is torch.Tensor:
-                        a, b = a.to_local(), _shard_like(a, b)
+                        a, b = a.to_local(), _shard_like(a, b).to_local()
                     elif (b.device_mesh, b.placements) == (a.device_mesh, a.placements):  # sharded alike
                         a, b = a.to_local(), b.to_local()
                     else:
@@ -289,6 +295,7 @@ class Linear4bit(Stored4bit):
                               error_msgs):
         w_key, b_key = prefix + "weight", prefix + "bias"
         assign = local_metadata.get("assign_to_params_buffers", False)
+        own = self._own_entries(state_dict, prefix)  # before the load, whose assign=True puts new tensors in their place
         ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs, assign)
         if self.bias is not None and b_key not in state_dict:
             missing_keys.append(b_key)
@@ -305,5 +312,5 @@ class Linear4bit(Stored4bit):
                 except Exception as e:
                     error_msgs.append(f"while copying {b_key!r}: {type(e).__name__}: {e}")
         if strict:
-            known = set(ours) | self._own_entries(state_dict, prefix) | ({b_key} if self.bias is not None else set())
+            known = set(ours) | own | ({b_key} if self.bias is not None else set())
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)

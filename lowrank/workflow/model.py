@@ -51,9 +51,17 @@ def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu", trust
     transformers = require("transformers", "transformers")
     if not pathlib.Path(model_dir, "config.json").is_file():
         raise ConfigError(f"model: {model_dir!r} has no config.json; expected a transformers model directory")
+    if tokenizer_dir is not None:  # the adapter's own: a file broken there is no fault of the base's
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True,
+                                                                   trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"adapter: {str(tokenizer_dir)!r} holds a tokenizer (tokenizer_config.json), used instead "
+                              f"of the base's, but it could not be read: {' '.join(str(e).split())}") from None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, local_files_only=True,
-                                                               trust_remote_code=trust_remote_code)
+        if tokenizer_dir is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                                   trust_remote_code=trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             model_dir, local_files_only=True, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:  # missing files, unknown architecture
@@ -92,22 +100,36 @@ def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=Non
     from safetensors import safe_open
 
     from ..io import PICKLE_NAME, WEIGHTS_NAME, read_weights
-    from ..io_embeddings import trained_rows
+    from ..io_embeddings import rows_not_held, trained_rows
 
     weights = pathlib.Path(adapter_dir) / WEIGHTS_NAME
     resize = getattr(model, "resize_token_embeddings", None)
     if not callable(resize):
         return
-    n = None
+    shapes = {}
     if weights.is_file():
         with safe_open(str(weights), "pt") as f:
-            n = trained_rows(model, {key: f.get_slice(key).get_shape() for key in f.keys()})
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
     elif allow_pickle and (weights.parent / PICKLE_NAME).is_file():  # no header to read: the (small) file, whole
-        n = trained_rows(model, {k: t.shape for k, t in read_weights(adapter_dir, allow_pickle=True).items()})
-    before = model.get_input_embeddings().weight.shape[0]
+        shapes = {k: t.shape for k, t in read_weights(adapter_dir, allow_pickle=True).items()}
+    n = trained_rows(model, shapes)
+    try:
+        before = model.get_input_embeddings().weight.shape[0]
+    except (NotImplementedError, AttributeError):  # a model that names no input embedding (remote code, an embedding
+        return  # under another name): resize_token_embeddings could not resize it either, and every adapter loads
+    if n is not None and tokens is not None and tokens > n:  # PEFT's load refuses it too (a size mismatch)
+        raise ConfigError(f"adapter: the tokenizer in {str(adapter_dir)!r} has {tokens} tokens, but the embeddings in "
+                          f"its adapter file have {n} rows, so ids {n} to {tokens - 1} would index past them (tokens "
+                          "added after training?); save beside it the tokenizer the adapter was trained with")
     if n is not None:
-        resize(n, mean_resizing=False)  # the new rows come from the file (load_adapter)
-        print(f"resized the base's vocabulary from {before} to {n} tokens, as the adapter was trained with", file=file)
+        # the new rows come from the file (load_adapter); but PEFT's file of an adapter on one embedding holds
+        # that one only, and an untied other's new rows are drawn around its rows' mean, as PEFT's AutoPeftModel does
+        lacking = rows_not_held(model, shapes, n) if n > before else []
+        resize(n, mean_resizing=bool(lacking))
+        print(f"resized the base's vocabulary from {before} to {n} tokens, as the adapter was trained with"
+              + (f"; the adapter file holds no rows for {', '.join(lacking)}, so its new tokens' rows are untrained "
+                 "(drawn around the mean of the others, as PEFT's AutoPeftModelForCausalLM does)" if lacking else ""),
+              file=file)
     elif tokens is not None and tokens > before:
         resize(tokens)
         print(f"resized the base's vocabulary from {before} to {tokens} tokens, as the adapter's tokenizer has; the "
