@@ -8,6 +8,8 @@ registers nothing, and every op runs on the Triton / reference backends.
     nf4_dequantize          CPU, CUDA: every shape and dtype         reference (other devices)
     nf4_linear              CPU GEMV: 1 <= M <= 16, K % 32 == 0 and  csrc dequantize in x.dtype, then
                             K % blocksize == 0 (M = x.numel() / K);  F.linear (the reference's own math)
+                            else, K % blocksize == 0: W dequantized
+                            8 MiB at a time (csrc/nf4_cpu_chunks.cpp)
                             CUDA: K % 32 == 0 and 1 <= M <= 32 for
                             float16 / bfloat16 (tensor cores), 16
                             for float32
