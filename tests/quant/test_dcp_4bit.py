@@ -12,26 +12,12 @@ import warnings
 
 import pytest
 import torch
-import transformers
 
-import lowrank
 from lowrank.quant import nf4
 from lowrank.quant.nf4_weight import BNB_QUANT_STATE_KEY
+from tests.distributed.dcp_4bit_worker import qlora  # the tiny QLoRA Llama the distributed tests use
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
-
-
-def qlora(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2))
-    lowrank.quantize(model, lowrank.NF4Config())
-    lowrank.inject(model, lowrank.LoraConfig(r=4, alpha=8))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # not the identity: the adapters take part in the comparison
-            torch.nn.init.normal_(p)
-    return model.eval()
 
 
 def test_a_qlora_model_round_trips_through_dcp(tmp_path):
