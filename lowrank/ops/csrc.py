@@ -105,7 +105,7 @@ def nf4_linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
         if weight[0].device.type == "cuda" and weight[0].data_ptr() % 16:  # a view at an odd offset: 128-bit loads need 16
             weight = (weight[0].clone(), *weight[1:])
         return kernel(x, *weight, list(shape), blocksize, bias)
-    if kernel is not None and x.device.type == "cpu" and _chunks_cover(shape, blocksize) and x.numel() > 0:
+    if kernel is not None and x.device.type == "cpu" and _chunks_cover(x, shape, blocksize):
         # where the GEMV does not go: W a chunk at a time (csrc/nf4_cpu_chunks.cpp), as the C++ kernel does
         fields = backends.contiguous_fields(packed, absmax, nested_absmax, offset)
         return _C.nf4_linear_cpu_chunks(x, *fields, list(shape), blocksize, bias)
@@ -113,9 +113,11 @@ def nf4_linear(x, packed, absmax, nested_absmax, offset, shape, blocksize, bias)
     return F.linear(x, w, bias)  # (..., K) @ (K, N) -> (..., N), as the reference
 
 
-def _chunks_cover(shape, blocksize: int) -> bool:
-    """csrc/bindings.cpp's cpu_gemv where the GEMV does not go: W [N, K], K a multiple of blocksize."""
-    return len(shape) == 2 and shape[0] > 0 and shape[1] > 0 and shape[1] % blocksize == 0
+def _chunks_cover(x: torch.Tensor, shape, blocksize: int) -> bool:
+    """csrc/bindings.cpp's cpu_gemv where the GEMV does not go: W [N, K], K a multiple of blocksize, x of a
+    dtype the kernels write, not empty."""
+    return (len(shape) == 2 and shape[0] > 0 and shape[1] > 0 and shape[1] % blocksize == 0 and x.numel() > 0
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
 def nf4_linear_grad_input(grad_y, packed, absmax, nested_absmax, offset, shape, blocksize):
