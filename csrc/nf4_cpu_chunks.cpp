@@ -4,9 +4,10 @@
 // Note: W a chunk at a time. There the CPU used to dequantize all of W into a fresh tensor and
 // call at::linear: 32 MiB at 4096 x 4096 in bf16, 112 MiB at 14336 x 4096, written once, read
 // once, and a fresh allocation at every call whose first writes fault its pages in. With huge
-// pages (bindings.cpp, Note: huge pages for the output) that is one fault a 2 MiB page, but where
-// memory is fragmented the kernel compacts it first: 15-50 ms for one 32 MiB output on the 2-core
-// EPYC of docs/benchmarks.md while earlier ones were alive, against 1.6 ms freed. Now a buffer of
+// pages (bindings.cpp, Note: huge pages for the output) that is one fault a 2 MiB page, but one 32
+// MiB output took 15-50 ms on the 2-core EPYC of docs/benchmarks.md while earlier ones were alive,
+// against 1.6 ms freed (likely the kernel compacting memory for the huge pages: its THP defrag is
+// "madvise" there, which may compact at the fault; not established further). Now a buffer of
 // about kChunkBytes takes rows [n0, n1) of W, stays in the caches while at::mm reads it, and is
 // reused for the next rows: y[:, n0:n1] = x W[n0:n1, :]^T (+ bias[n0:n1]), written in place into
 // the columns of y (a strided output at::mm takes as it is). Each element of y comes whole from
