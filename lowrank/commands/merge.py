@@ -153,27 +153,13 @@ def _check_out(args) -> None:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it, or choose another OUT")
 
 
-def _tokenizer(directory, trust_remote_code: bool):
-    """The tokenizer saved in `directory` (None: None, the base's files are copied), read before the base loads."""
-    if directory is None:
-        return None
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True,
-                                                          trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{directory} holds a tokenizer (tokenizer_config.json), which the merged model takes, "
-                         f"but it could not be read: {' '.join(str(e).split())}") from None
-
-
 def run(args) -> int:
     import torch
 
     from ..export import merge_and_export
     from ..export_files import TOKENIZER_FILES
     from ..io import load_adapter
-    from ..workflow.model import WORKFLOW_FILE, adapter_tokenizer_dir, resize_as_trained
+    from ..workflow.model import WORKFLOW_FILE, adapter_tokenizer, adapter_tokenizer_dir, resize_as_trained
 
     from .. import hub
 
@@ -189,7 +175,8 @@ def run(args) -> int:
     _check_out(args)
     # the adapter directory's tokenizer, where it holds one, goes into OUT: the base's lacks any tokens added
     # for training (lowrank/workflow/model.py, Note: an adapter trained with added tokens)
-    tokenizer = _tokenizer(adapter_tokenizer_dir(adapter), args.trust_remote_code)
+    own = adapter_tokenizer_dir(adapter)
+    tokenizer = adapter_tokenizer(own, args.trust_remote_code) if own is not None else None
     model = _as_trained(args.base, adapter, args.trust_remote_code) if args.as_trained \
         else _load_base(args.base, trust_remote_code=args.trust_remote_code)
     resize_as_trained(model, adapter, tokens=len(tokenizer) if tokenizer is not None else None,

@@ -52,12 +52,7 @@ def load_base(model_dir: str, dtype: str = "float32", device: str = "cpu", trust
     if not pathlib.Path(model_dir, "config.json").is_file():
         raise ConfigError(f"model: {model_dir!r} has no config.json; expected a transformers model directory")
     if tokenizer_dir is not None:  # the adapter's own: a file broken there is no fault of the base's
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True,
-                                                                   trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"adapter: {str(tokenizer_dir)!r} holds a tokenizer (tokenizer_config.json), used instead "
-                              f"of the base's, but it could not be read: {' '.join(str(e).split())}") from None
+        tokenizer = adapter_tokenizer(tokenizer_dir, trust_remote_code)
     try:
         if tokenizer_dir is None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
@@ -84,6 +79,18 @@ def adapter_tokenizer_dir(adapter_dir: str | os.PathLike) -> pathlib.Path | None
     """The adapter directory where it holds a tokenizer (See Note: an adapter trained with added tokens), else None."""
     path = pathlib.Path(adapter_dir)
     return path if (path / "tokenizer_config.json").is_file() else None
+
+
+def adapter_tokenizer(tokenizer_dir: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer saved in an adapter directory (adapter_tokenizer_dir), used instead of the base's;
+    one that cannot be read is a ConfigError naming that directory, not the base."""
+    transformers = require("transformers", "transformers")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True,
+                                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"adapter: {str(tokenizer_dir)!r} holds a tokenizer (tokenizer_config.json), used instead "
+                          f"of the base's, but it could not be read: {' '.join(str(e).split())}") from None
 
 
 def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=None, tokens: int | None = None,
