@@ -113,13 +113,8 @@ at::Tensor empty_output(at::IntArrayRef shape, at::ScalarType dtype) {
   return at::detail::empty_generic(shape, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
 }
 
-// Each thread takes one contiguous range of blocks (at::parallel_for splits [0, blocks) into
-// one chunk a thread), so each writes, and first touches, its own pages.
 void dequantize_into(const NF4View& w, OutType type, const at::Tensor& out) {
-  const int64_t blocks = (w.numel + w.blocksize - 1) / w.blocksize;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / w.blocksize);  // about 64k elements a task
-  void* ptr = out.data_ptr();
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { nf4_dequantize_cpu(w, type, ptr, b0, b1); });
+  dequantize_parallel(w, type, out.data_ptr(), 0, (w.numel + w.blocksize - 1) / w.blocksize);
 }
 
 at::Tensor dequantize_op(const at::Tensor& packed, const at::Tensor& absmax,

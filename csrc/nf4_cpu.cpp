@@ -164,11 +164,6 @@ void nf4_dequantize_cpu_from(const NF4View& w, OutType type, void* out, int64_t 
   for (int64_t b = vec_end; b < b1; ++b) dequantize_block(w, type, out, b0 * w.blocksize, b);
 }
 
-void nf4_dequantize_cpu(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1) {
-  const int64_t size = type == OutType::kFloat32 ? 4 : 2;
-  nf4_dequantize_cpu_from(w, type, static_cast<char*>(out) + b0 * w.blocksize * size, b0, b1);
-}
-
 void nf4_gemv_pack_x(const float* x, int64_t M, int64_t K, float* xd) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xd[m * K + grouped(k)] = x[m * K + k];

@@ -45,8 +45,8 @@ Isa current_isa();
 bool set_isa(Isa isa);
 const char* isa_name(Isa isa);
 
-void nf4_dequantize_cpu(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1);
-// The same blocks into `out` whose element 0 is block b0's first element (a buffer for part of W).
+// Blocks [b0, b1) of W into `out`, whose element 0 is block b0's first element (all of W from b0 = 0,
+// or a buffer for part of it).
 void nf4_dequantize_cpu_from(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1);
 
 // xd[M, K] = x[M, K] regrouped as described above (kGemvGroup).

@@ -34,16 +34,17 @@ constexpr int64_t kChunkBytes = int64_t{8} << 20;  // a chunk of W in x's dtype:
 
 int64_t element_size(OutType type) { return type == OutType::kFloat32 ? 4 : 2; }
 
-// Rows [n0, n1) of W into buf (rows x K, row-major): one contiguous range of blocks.
-void dequantize_rows(const NF4View& w, OutType type, void* buf, int64_t K, int64_t n0, int64_t n1) {
-  const int64_t per_row = K / w.blocksize, b0 = n0 * per_row, size = element_size(type) * w.blocksize;
+}  // namespace
+
+// Each thread takes one contiguous range of blocks (at::parallel_for splits [b0, b1) into one chunk
+// a thread), so each writes, and first touches, its own pages.
+void dequantize_parallel(const NF4View& w, OutType type, void* out, int64_t b0, int64_t b1) {
+  const int64_t size = element_size(type) * w.blocksize;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / w.blocksize);  // about 64k elements a task
-  at::parallel_for(b0, n1 * per_row, grain, [&](int64_t c0, int64_t c1) {
-    nf4_dequantize_cpu_from(w, type, static_cast<char*>(buf) + (c0 - b0) * size, c0, c1);
+  at::parallel_for(b0, b1, grain, [&](int64_t c0, int64_t c1) {
+    nf4_dequantize_cpu_from(w, type, static_cast<char*>(out) + (c0 - b0) * size, c0, c1);
   });
 }
-
-}  // namespace
 
 at::Tensor chunked_linear(const at::Tensor& x, const NF4View& w, int64_t N, int64_t K, OutType type,
                           const std::optional<at::Tensor>& bias) {
@@ -55,7 +56,7 @@ at::Tensor chunked_linear(const at::Tensor& x, const NF4View& w, int64_t N, int6
   for (int64_t n0 = 0; n0 < N; n0 += rows) {  // See Note: W a chunk at a time
     const int64_t n = std::min(rows, N - n0);
     at::Tensor chunk = buffer.narrow(0, 0, n);
-    dequantize_rows(w, type, chunk.data_ptr(), K, n0, n0 + n);
+    dequantize_parallel(w, type, chunk.data_ptr(), n0 * (K / w.blocksize), (n0 + n) * (K / w.blocksize));  // rows [n0, n0 + n)
     at::Tensor out = y.narrow(1, n0, n);
     if (bias.has_value())
       at::addmm_out(out, bias->narrow(0, n0, n), x2, chunk.t());
