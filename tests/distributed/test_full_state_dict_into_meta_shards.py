@@ -17,7 +17,7 @@ from . import dcp_4bit_worker as worker  # noqa: E402
 from .spawn import run_ranks  # noqa: E402
 
 
-def _fill_meta_shards(rank: int, world: int) -> None:
+def _fill_meta_shards(rank: int, world: int, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -42,9 +42,14 @@ def _fill_meta_shards(rank: int, world: int) -> None:
             assert isinstance(p, DTensor) and not p.is_meta, f
             whole = saved.get_submodule(next(n for n, x in fresh.named_modules() if x is m)).__getattr__(f)
             assert torch.equal(p.full_tensor(), whole), f
-    torch.testing.assert_close(worker.logits(fresh), want, rtol=0, atol=0)
+    got = worker.logits(fresh)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # what this rank checked, for the test to see that every rank got this far
+    torch.save({"layers": len(layers), "max_diff": (got - want).abs().max().item()}, f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_full_state_dict_fills_meta_4bit_shards(tmp_path, world):
-    run_ranks(_fill_meta_shards, world, str(tmp_path))
+    run_ranks(_fill_meta_shards, world, str(tmp_path), (str(tmp_path),))  # a rank's failed check fails the test
+    checked = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert all(c["layers"] > 0 and c["max_diff"] == 0.0 for c in checked), checked
