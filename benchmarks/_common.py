@@ -37,6 +37,43 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False) -
     return summarize(times)
 
 
+# Note: kernel time. bench times a CUDA call between two CUDA events, so a call whose host side
+# (Python, a launcher, the dispatcher) takes longer than its kernels is timed at the host's pace:
+# the GPU waits between the events. kernel_ms adds up the durations the profiler records for the
+# call's kernels instead, the L2 cache flushed before each call as bench does. The two side by side
+# say which side sets a provider's pace (the Triton ops at 4096x4096 took 0.06-0.35 ms under
+# bench on the H200, 3-20x bf16's 0.018, at shapes where their kernels should take ~0.02).
+FLUSH_BYTES = 256 * 1024 * 1024  # what triton.testing.do_bench clears before each call
+
+
+def kernel_ms(fn: Callable[[], object], device: torch.device, calls: int = 20) -> float | None:
+    """Milliseconds a call that fn's own CUDA kernels run, from torch.profiler (See Note: kernel
+    time); None off CUDA. The flush's kernels are told apart by their names, taken from a flush
+    profiled alone, so a kernel of fn's with the same name (an int32 fill) is not counted."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = torch.empty(FLUSH_BYTES // 4, dtype=torch.int, device=device)
+
+    def kernels(work: Callable[[], object]) -> dict[str, float]:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            work()
+            torch.cuda.synchronize()
+        return {e.key: e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA}
+
+    def calls_flushed() -> None:
+        for _ in range(calls):
+            cache.zero_()
+            fn()
+
+    fn()  # warm-up: compilation, autotuning
+    flush = set(kernels(cache.zero_))
+    return sum(us for name, us in kernels(calls_flushed).items() if name not in flush) / calls / 1e3
+
+
 def on_path(fn: Callable[[], object], path: str) -> Callable[[], object]:
     """fn with LOWRANK_EXPERTS=path while it runs, the variable as it was after (lowrank/quant/
     experts4bit.py, Note: routed experts)."""

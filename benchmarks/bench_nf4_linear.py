@@ -2,6 +2,7 @@
 
     python benchmarks/bench_nf4_linear.py            # CUDA: Llama-3-8B shapes x M in {1, 16, 64, 256, 4096}
     python benchmarks/bench_nf4_linear.py --quick    # tiny shapes; runs on CPU (Triton in its interpreter)
+    python benchmarks/bench_nf4_linear.py --shapes 4096x4096 --ms 1,16 --kernel-time   # + kernels alone (profiler)
 
 Providers: bf16 F.linear (the baseline), lowrank with each backend that runs here, and the
 peers when importable: bitsandbytes (matmul_4bit: on CUDA gemv_4bit at M = 1; on the CPU
@@ -36,6 +37,7 @@ QUICK = dict(shapes=[(128, 128), (48, 512)], ms=[1, 16, 64], grad_m=64)
 FULL = dict(shapes=LLAMA, ms=MS, grad_m=4096)
 DTYPE = torch.bfloat16
 COLUMNS = ["op", "N", "K", "M", "provider", "ms", "p20", "p80", "tflops", "gbps", "speedup"]
+KERNEL_TIME = False  # --kernel-time: each row also gets kernel_ms (_common.kernel_ms, Note: kernel time)
 MAX_M = 64  # lowrank/ops/triton_gemv.py MAX_M: up to here the Triton backend runs its GEMV with SKINNY, whatever FUSED says
 # Checked before timing (_common, Note: check before timing), relative error allowed: a product
 # against x @ W^T in float32 of the provider's own dequantized W (its bf16 output: a few roundings
@@ -126,10 +128,11 @@ def measure(rows, op, n, k, m, provider, fn, flops, nbytes, device, quick, backe
             if ref is not None:
                 _common.check_close(f"{op} {provider} N={n} K={k} M={m}", fn(), ref() if callable(ref) else ref, RTOL[op])
             times = _common.bench(fn, device, quick)
+            kernel = _common.kernel_ms(fn, device) if KERNEL_TIME else None
     except Exception as e:
         log.warning("%s %s N=%d K=%d M=%s failed: %s: %s", op, provider, n, k, m, type(e).__name__, str(e)[:200])
         return
-    rows.append(row(op, n, k, m, provider, times, flops, nbytes))
+    rows.append(row(op, n, k, m, provider, times, flops, nbytes) | ({"kernel_ms": kernel} if KERNEL_TIME else {}))
 
 
 def run_shape(n, k, cfg, device, quick) -> list[dict]:
@@ -240,7 +243,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "nf4_linear.json", help="JSON rows; .md and .png beside it")
     parser.add_argument("--shapes", type=shapes_arg, help="N x K list instead of the Llama shapes, e.g. 4096x4096,1024x4096")
     parser.add_argument("--ms", type=ms_arg, help="M list instead of 1,16,64,256,4096, e.g. 1,16,4096")
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="also each call's kernel time from torch.profiler (CUDA): host-bound providers show")
     args = parser.parse_args(argv)
+    global KERNEL_TIME, COLUMNS
+    if args.kernel_time:
+        KERNEL_TIME, COLUMNS = True, [*COLUMNS, "kernel_ms"]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:

@@ -26,7 +26,8 @@
 #   4-bit experts against PEFT + bitsandbytes, routed and dense path, also 32 experts top 4, and bench_experts4bit
 #   with its compiled (gathered) forward, its tables in bench.log; DECODE=1 bench_decode on CUDA, a Llama of the
 #   8B's layer shapes (8 layers) decoding with its decoder in 4 bits, lowrank against bitsandbytes and bf16, its table
-#   in bench.log)
+#   in bench.log; KTIME=1 bench_nf4_linear at 4096x4096, M = 1 and 16, each provider also timed by its kernels alone
+#   (torch.profiler): whether the Triton ops' 3-20x bf16's time is their kernels' or the host's, its table in bench.log)
 # Budget at every limit (every command runs under `timeout`; tests/benchmarks/test_gpu_check_script.py
 # sums the limits of a dry run and checks these): 10 s wheel + 5 s nvidia-smi + 15 s versions, then
 # PART=1: 100 s build + 10 s _C check + 130 + 20 s tests + 85 + 80 + 135 s benchmarks = 590 s in all;
@@ -170,6 +171,11 @@ fi
 if [ "${DECODE:-0}" = 1 ]; then  # decoding a model, each token synchronized: the GEMV where a user meets it
   step 90 "$OUT/bench.log" "bench_decode --device cuda" python3 benchmarks/bench_decode.py --device cuda --hidden 4096 \
     --intermediate 14336 --layers 8 --vocab 32000 --tokens 64 --out /tmp/decode.json
+fi
+if [ "${KTIME:-0}" = 1 ]; then  # do_bench (CUDA events) beside the kernels' own time (benchmarks/_common.py, Note: kernel time)
+  step 30 "$OUT/tests.log" "kernel time gpu test" $PYTEST tests/benchmarks/test_kernel_time.py
+  step 90 "$OUT/bench.log" "bench_nf4_linear --kernel-time" python3 benchmarks/bench_nf4_linear.py --shapes 4096x4096 \
+    --ms 1,16 --kernel-time --out /tmp/nf4_linear_ktime.json
 fi
 if [ "${OPTIM:-0}" = 1 ]; then  # an optimizer step over 4 layers of 7B LoRA adapters: AdamW, 8-bit states, AdamW8bit
   step 40 "$OUT/bench.log" "bench_optim" python3 benchmarks/bench_optim.py --out /tmp/optim.json

@@ -86,7 +86,7 @@ def dry_run(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
 @pytest.mark.parametrize("part", ["quick", "1", "2", "all", "extras"])
 def test_each_part_leaves_at_most_8_files(tmp_path, part):
     # every optional step on too, but PROFILE and CUDAGRAPHS (the script says each costs a file)
-    extras = dict.fromkeys(["PYOPS", "MMA", "OPCALLS", "DROPOUT", "ADAPTERS", "MOE", "OPTIM", "DECODE"], "1")
+    extras = dict.fromkeys(["PYOPS", "MMA", "OPCALLS", "DROPOUT", "ADAPTERS", "MOE", "OPTIM", "DECODE", "KTIME"], "1")
     run, files = dry_run(tmp_path, PART=part, **extras)
     assert run.returncode == 0, run.stdout + run.stderr
     assert len(files) <= 8 and "env.txt" in files, files
@@ -95,6 +95,7 @@ def test_each_part_leaves_at_most_8_files(tmp_path, part):
     # extras: the build, then the optional steps alone (no core step's JSON), so that they fit one call
     assert ("nf4_cuda.json" in files) == (part in ("quick", "1", "all"))
     assert "bench_qlora_moe" in run.stdout and "bench_optim" in run.stdout and "bench_decode --device cuda" in run.stdout
+    assert "bench_nf4_linear --kernel-time" in run.stdout
 
 
 def test_a_wrong_part_is_refused(tmp_path):
