@@ -59,7 +59,7 @@ def kernel_ms(fn: Callable[[], object], device: torch.device, calls: int = 20) -
 
     def kernels(work: Callable[[], object]) -> dict[str, float]:
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # as bench_qlora.profile_step, run on the H200
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # as profile_step (bench_qlora)
             work()
             torch.cuda.synchronize()
         return {e.key: e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA}
