@@ -17,8 +17,8 @@ from .lora_base import LoraLayer
 # then a dense (out, in, *k) kernel: every output channel reads A's channels, and each of those
 # reads every input channel, across the base's groups. A grouped weight (out, in / groups, *k)
 # holds only the diagonal blocks, so the update cannot be merged into it (short of making the
-# layer a dense convolution, which changes the model's shapes and files): merge, merge_and_export
-# and eject(keep_merged) refuse, as PEFT's merge does; the unmerged forward is exact. DoRA is
+# layer a dense convolution, which changes the model's shapes and files): merge and
+# merge_and_export refuse, as PEFT's merge does; the unmerged forward is exact. DoRA is
 # refused on every convolution (lora.check); PEFT's DoRA on a grouped one reshapes
 # B.view(-1, r) @ A.view(r, -1), of another shape than the update, into the weight's shape, so
 # its norms are not those of W0 + s B A.
@@ -59,7 +59,7 @@ class LoraConv(LoraLayer):
                 "hold; only convolutions with groups=1 merge. Keep the adapter unmerged (PEFT 0.21 refuses this merge too)")
 
     def _delta_weight(self, name, dtype=None):
-        self.check_mergeable(name)  # merge, merge_and_export and eject(keep_merged) all form the update here
+        self.check_mergeable(name)  # merge and merge_and_export both form the update here
         (A, B), r = self._factors_in(name, dtype), self.r[name]
         shape = self.base.weight.shape  # (out, in, *k)
         if len(shape) == 4 and tuple(shape[2:]) != (1, 1) or len(shape) == 3:
