@@ -17,7 +17,8 @@ Providers: a bf16 nn.Linear, its weight frozen like the 4-bit ones (the baseline
 time / the provider's, > 1 is faster), lowrank's Linear4bit (the lowrank::nf4_linear op) and
 bitsandbytes' Linear4bit when importable; with LoRA (r 16) around each: lowrank's LoraLinear, and
 PEFT's when importable. Cases: forward without grad, forward with x requiring grad, forward +
-backward. us a call: median (20th-80th percentile) over rounds, each round the mean of
+backward, all in training mode (QLoRA's); and inference: the layers without LoRA in eval mode,
+forward under no_grad, as a decoding step calls them (bitsandbytes' eval path). us a call: median (20th-80th percentile) over rounds, each round the mean of
 back-to-back calls; providers alternate round by round, so a drift of the machine hits all.
 """
 
@@ -148,13 +149,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
             fns = {name: call(m, case, x) for name, m in models.items()}
             with torch.set_grad_enabled(case != "forward, no grad"):
                 result = measure(fns, calls, rounds, device)
-            base = next(iter(result.values()))[0]
-            for name, (us, p20, p80) in result.items():
-                label = (f" (LoRA, dropout {args.dropout:g})" if args.dropout else " (LoRA)") if lora else ""
-                rows.append({"case": case + label, "provider": name, "us": us, "p20_us": p20,
-                             "p80_us": p80, "ratio": base / us})
+            label = (f" (LoRA, dropout {args.dropout:g})" if args.dropout else " (LoRA)") if lora else ""
+            rows += table_rows(case + label, result)
+    # Note: inference rows. The rows above time the layers as QLoRA trains them (training mode);
+    # decoding calls them in eval mode under no_grad, where bitsandbytes takes another path (on
+    # a CPU with AVX512-BF16 its first such forward repacks the weight for its inference kernel,
+    # and the weight stays so): fresh layers, checked in that mode before timing.
+    models = {name: model.eval() for name, model in providers(False, device).items()}
+    check_outputs(models, x)
+    with torch.no_grad():
+        result = measure({name: call(m, "forward, no grad", x) for name, m in models.items()}, calls, rounds, device)
+    rows += table_rows(INFERENCE, result)
     _common.report(args.out, rows, COLUMNS, device)
     return rows
+
+
+INFERENCE = "inference: forward, no grad, eval mode"  # the decoding rows' case (Note: inference rows)
+
+
+def table_rows(case: str, result: dict[str, tuple[float, float, float]]) -> list[dict]:
+    """One row a provider; ratio: the first provider's (the baseline's) time / the provider's."""
+    base = next(iter(result.values()))[0]
+    return [{"case": case, "provider": name, "us": us, "p20_us": p20, "p80_us": p80, "ratio": base / us}
+            for name, (us, p20, p80) in result.items()]
 
 
 if __name__ == "__main__":

@@ -190,6 +190,11 @@ def merge_and_export(model: nn.Module, out_dir: str | os.PathLike, max_shard_siz
         if any(not la.enabled or la.route is not None for la in layers):
             raise RuntimeError(f"cannot export inside lowrank.disabled(model) or lowrank.per_sample(model, ...) (at "
                                f"{where!r}): the merged weights would not compute what that context does; export after it")
+        for la, name in ((la, n) for la in layers for n in la.active if n not in la.merged):
+            try:  # an update with no form in the weight (a grouped convolution's), said before anything is written
+                la.check_mergeable(name)
+            except ValueError as e:
+                raise ValueError(f"merge_and_export refused, nothing was written: at {where!r}, {e}") from None
     dtype = _export_dtype(dtype, quantized | params4)
     if requantize and not quantized and params4:
         raise ValueError(f"requantize=True re-quantizes the linear layers that were 4-bit, and this model's 4-bit "

@@ -24,7 +24,7 @@ from .distributed import check_not_sharded, reshard
 from .merging import merge, unmerge, warn_of_unkept  # noqa: F401  (lowrank.inject's verbs)
 from .quant.linear4bit import Stored4bit
 from .quant.params4bit import has_parameter, parameter_names, parameter_shape
-from .targets import ALL_LINEAR, compile_filter, is_linear_like, task_heads
+from .targets import ALL_LINEAR, compile_filter, is_linear_like, refuse_in_attention, task_heads, warn_uncalled
 from .tuners import adapter, lora, lora_param, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
@@ -139,11 +139,10 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
     if lazy:  # inject freezes every parameter (mark_trainable), which torch refuses on these
         raise ValueError(f"{type(model).__name__} has uninitialized (lazy) parameters {lazy[:4]}; run one forward "
                          "pass to materialize them before inject")
-    for parent, _, where, child in matches:
-        if isinstance(parent, nn.MultiheadAttention):  # LoRA, and a bottleneck adapter that would never run
-            raise ValueError(f"cannot put {handler.kind} on {where!r}: nn.MultiheadAttention reads its projection "
-                             "weights directly, never calling the submodule; exclude it (or put an adapter on the attention)")
+    refuse_in_attention(matches, handler.kind)
+    for _, _, where, child in matches:
         handler.check(child, config, name, where)
+    warn_uncalled(matches, handler.kind)  # See Note: modules their model never calls (lowrank/targets.py)
     for _, _, where, child, parameter in [(p, a, w, getattr(p, a), n) for p, a, w, n in params]:
         lora_param.check(child, name, where, parameter, {w for _, _, w, _ in matches})
     holder = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the record goes on the model inside

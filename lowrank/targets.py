@@ -17,7 +17,10 @@ A sequence of specs matches when any does. Names are the module's qualified name
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -175,3 +178,54 @@ def first_match(patterns, name: str, module: nn.Module, default):
         if _one(spec, set())(name, module):
             return value
     return default
+
+
+# Note: modules their model never calls. transformers' state-space and hybrid mixers (Mamba,
+# Mamba2, FalconMamba, Jamba, Bamba, Zamba, Qwen3-Next, Qwen3.5, LFM2, ... 20-odd in 5.24) pass
+# their depthwise `conv1d.weight` to a causal-conv function and never call the module; MambaMixer
+# multiplies by `dt_proj.weight` itself; nn.MultiheadAttention reads its projections' weights. An
+# adapter wrapped around such a module never runs: no output changes and its parameters get no
+# gradient (PEFT 0.21 refuses conv1d and out_proj on five Mamba model types by name, and adapts
+# them silently elsewhere). nn.MultiheadAttention's are refused; for the others, told by
+# their class's source (it reads `self.<name>.weight` and never calls nor passes `self.<name>`),
+# inject warns, naming them: a guess from source text, and a PEFT file with such a module
+# (trained there, where it did nothing either) still loads.
+def refuse_in_attention(matches: list[tuple], kind: str) -> None:
+    """Refuse targets inside nn.MultiheadAttention (See Note: modules their model never calls).
+    matches: (parent, attr, name, module)."""
+    for parent, _, where, _ in matches:
+        if isinstance(parent, nn.MultiheadAttention):  # LoRA, and a bottleneck adapter that would never run
+            raise ValueError(f"cannot put {kind} on {where!r}: nn.MultiheadAttention reads its projection "
+                             "weights directly, never calling the submodule; exclude it (or put an adapter on the attention)")
+
+
+def warn_uncalled(matches: list[tuple], kind: str) -> None:
+    """Warn of targets whose parent never calls them (See Note: modules their model never calls)."""
+    unused = {where: f"{type(parent).__name__}.{attr}" for parent, attr, where, _ in matches
+              if _reads_weight_only(type(parent), attr)}
+    if unused:
+        warnings.warn(f"{kind} on {sorted(unused)[:4]} ({len(unused)} modules) would never run: their model reads their "
+                      f"weight itself and never calls them ({sorted(set(unused.values()))[:4]}; PEFT's adapter does "
+                      "not run there either), so they change no output and get no gradient; exclude them from targets",
+                      stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_weight_only(cls: type, attr: str) -> bool:
+    """Whether the source of `cls` (and of its bases outside torch and transformers' shared code)
+    reads self.<attr>.weight and never calls self.<attr> nor uses it whole; False where it cannot tell."""
+    sources = []
+    for c in cls.__mro__:
+        module = c.__module__ or ""
+        if module.split(".")[0] in ("torch", "builtins") or (module.startswith("transformers.")
+                                                             and not module.startswith("transformers.models.")):
+            continue
+        try:
+            sources.append(inspect.getsource(c))
+        except Exception:  # noqa: BLE001 (defined in a notebook cell, compiled, made by type(): cannot tell)
+            return False
+    text = "\n".join(sources)
+    if not attr.isidentifier() or not re.search(rf"self\.{attr}\.weight\b", text):
+        return False
+    uses = re.findall(rf"self\.{attr}\b(?!\s*=[^=])(\.\w+|\(|\[)?", text)  # an assignment is no use
+    return all(u not in ("", "(", "[", ".forward", ".__call__") for u in uses)

@@ -1,10 +1,8 @@
 """LoRA layers, one per kind of base: linear-like (nn.Linear, GPT-2 Conv1D, a frozen 4-bit
-linear), nn.Embedding, nn.Conv1d/2d/3d; and `wrap` / `check`, the handler `inject` uses.
-The shared machinery (forward equation, merge, unmerge) is lora_base.LoraLayer."""
+linear), nn.Embedding (here), nn.Conv1d/2d/3d (lora_conv.py); and `wrap` / `check`, the handler
+`inject` uses. The shared machinery (forward equation, merge, unmerge) is lora_base.LoraLayer."""
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import nn
@@ -18,6 +16,7 @@ from ..quant.linear4bit import Linear4bit, autocast_dtype
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like, returns_routing
 from .base import TunerLayer, cast_for
 from .lora_base import LoraLayer
+from .lora_conv import LoraConv, check_groups
 from .lora_param import LoraParameter, instead
 
 SUPPORTED = ("nn.Linear, transformers' GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d, or a linear-like "
@@ -261,57 +260,6 @@ class LoraEmbedding(LoraLayer):
         return (B @ A).T * self.scaling[name]  # (dim, r) @ (r, num) -> (num, dim)
 
 
-class LoraConv(LoraLayer):
-    """LoRA around nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride, padding and
-    dilation (in -> r channels), B a 1x1 conv (r -> out), as PEFT; merged, B A is one kernel."""
-
-    def __init__(self, base: nn.modules.conv._ConvNd) -> None:
-        super().__init__(base)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-
-    def _create(self, name, r, dtype, device):
-        b = self.base
-        self.lora_A[name] = _factor(b, b.in_channels, r, b.kernel_size, b.stride, b.padding).to(device, dtype)  # (r, in, *k)
-        self.lora_B[name] = _factor(b, r, b.out_channels, 1, 1, 0).to(device, dtype)  # (out, r, 1...)
-
-    def _factor_stores(self):
-        return (self.lora_A, self.lora_B)
-
-    def _factors(self, name):
-        return self.lora_A[name].weight, self.lora_B[name].weight
-
-    def _lora(self, name, x):
-        return self.lora_B[name](self.lora_A[name](x))  # (N, in, *L) -> (N, r, *L') -> (N, out, *L')
-
-    def _delta_weight(self, name, dtype=None):
-        (A, B), r = self._factors_in(name, dtype), self.r[name]
-        shape = self.base.weight.shape  # (out, in, *k)
-        if len(shape) == 4 and tuple(shape[2:]) != (1, 1) or len(shape) == 3:
-            # PEFT's kernel: B convolved over A's kernel positions (A^T (in, r, *k) * B (out, r, 1...)),
-            # the same sums as B A in the order PEFT rounds them, so a merge is PEFT's bit for bit
-            conv = (F.conv1d, F.conv2d)[len(shape) - 3]
-            return conv(A.transpose(0, 1), B).transpose(0, 1) * self.scaling[name]  # (out, in, *k)
-        d = B.reshape(-1, r) @ A.reshape(r, -1)  # (out, r) @ (r, in * prod(k)) -> (out, in * prod(k))
-        return d.reshape(shape) * self.scaling[name]
-
-
-def _factor(base: nn.modules.conv._ConvNd, cin: int, cout: int, kernel, stride, padding) -> nn.Module:
-    """A LoRA factor of a convolution: of the base's class with PEFT's arguments (a causal conv's factor pads as it
-    does), A with the base's dilation and padding mode (by keyword, else set after); or a plain convolution."""
-    dilation = {"dilation": base.dilation} if kernel != 1 else {}  # B is 1 x 1
-    geometry = {**dilation, "padding_mode": base.padding_mode} if dilation else {}
-    plain = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(base.kernel_size) - 1]
-    for cls, kwargs in ((type(base), geometry), (type(base), dilation), (type(base), {}), (plain, geometry)):
-        with contextlib.suppress(TypeError):
-            conv = cls(cin, cout, kernel, stride, padding, bias=False, **kwargs)
-            break
-    if geometry and (conv.dilation, conv.padding_mode) != (base.dilation, base.padding_mode):  # and a padding mode's
-        conv.dilation, conv.padding_mode, conv._reversed_padding_repeated_twice = (  # pad, made for dilation 1
-            base.dilation, base.padding_mode, list(base._reversed_padding_repeated_twice))
-    return conv
-
-
 def layer_class(module: nn.Module) -> type[LoraLayer] | None:
     if isinstance(module, nn.Embedding):
         return LoraEmbedding
@@ -347,8 +295,8 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
     if config.dora and not cls.supports_dora:
         raise ValueError(f"DoRA is implemented for linear-like layers only; {where!r} is a {type(slot).__name__}. "
                          "Exclude it, or use plain LoRA (dora=False)")
-    if cls is LoraConv and slot.groups != 1:
-        raise ValueError(f"LoRA on a grouped convolution is not supported: {where!r} has groups={slot.groups}")
+    if cls is LoraConv:  # B takes the base's groups (lora_conv.py, Note: LoRA on a grouped convolution)
+        check_groups(slot, first_match(config.rank_pattern, where, slot, config.r), where)
     if cls is LoraEmbedding and slot.max_norm is not None:  # its forward renormalizes the table's rows in place
         raise ValueError(f"LoRA on an nn.Embedding with max_norm is not supported: {where!r} has max_norm="
                          f"{slot.max_norm}, so its rows (and A's) change at every lookup and a merge would not "

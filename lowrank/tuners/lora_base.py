@@ -301,6 +301,10 @@ class LoraLayer(TunerLayer):
 
     weight_attr = "weight"  # the base's attribute a merge writes into (LoraParameter: its parameter)
 
+    def check_mergeable(self, name: str) -> None:
+        """Raise ValueError where adapter `name`'s update has no form in the base's weight (a grouped
+        convolution's: lora_conv.py); merge_and_export asks before it writes anything."""
+
     def target_weight(self) -> torch.Tensor | None:
         """The base's weight a merge writes into, as it is (None where it has none)."""
         return getattr(self.base, "weight", None)

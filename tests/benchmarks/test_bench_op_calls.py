@@ -15,7 +15,7 @@ def test_quick_run_writes_rows(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["rows"] == rows and saved["env"]["torch"] and saved["env"]["date"]
     cases = {r["case"] for r in rows}
-    assert len(cases) == 6 and {"forward + backward", "forward + backward (LoRA)"} <= cases
+    assert len(cases) == 7 and {"forward + backward", "forward + backward (LoRA)", bench_op_calls.INFERENCE} <= cases
     for case in cases:  # the baseline first in each case, ratio = its time / the provider's
         ours = [r for r in rows if r["case"] == case]
         assert ours[0]["provider"] in ("bf16 nn.Linear", "lowrank LoRA on bf16 nn.Linear") and ours[0]["ratio"] == 1
