@@ -14,7 +14,7 @@ from ..ops import csrc
 from ..ops.lora_ops import dropout_parts
 from ..quant.linear4bit import Linear4bit, autocast_dtype
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like, returns_routing
-from .base import TunerLayer, cast_for
+from .base import TunerLayer, _keep_fused_paths_off, cast_for
 from .lora_base import LoraLayer
 from .lora_conv import LoraConv, check_groups
 from .lora_param import LoraParameter, instead
@@ -169,8 +169,9 @@ def _drops_in_op(drop: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _hooked(m: nn.Module) -> bool:
-    """Whether a hook of the module's own watches its forward or backward."""
-    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
+    """Whether a hook of the module's own watches its forward or backward (Note: fused fast paths' empty one does not)."""
+    return bool(m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
+                or any(h is not _keep_fused_paths_off for h in m._forward_pre_hooks.values()))
 
 
 def _x_fits(x, a, b) -> bool:
