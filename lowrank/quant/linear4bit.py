@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import ops  # lowrank.ops imports lowrank.quant: its names are read at call time
 from ..targets import is_gpt2_conv1d
-from . import nf4
+from . import dsd, nf4
 from .nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 
 _PARAMS = ("packed", "absmax", "nested_absmax")  # NF4Weight's tensor fields that FSDP2 shards (frozen parameters)
@@ -134,8 +134,13 @@ class Stored4bit(nn.Module):
         """The dense weight in `dtype` (default: the dtype it was quantized from)."""
         return ops.nf4_dequantize(self.weight, dtype)
 
-    def _save_weight(self, destination: dict, key: str, keep_vars: bool) -> None:
-        """Write the weight's bitsandbytes entries at `key` (key, key.absmax, ...)."""
+    def _save_weight(self, destination: dict, key: str, keep_vars: bool, prefix: str = "") -> None:
+        """Write the weight's bitsandbytes entries at `key` (key, key.absmax, ...); `prefix` is this module's."""
+        if dsd.ignoring_frozen_params():  # its storage at its own names, for torch to pop (Note: options torch
+            for f in _PARAMS:  # matches by parameter names, lowrank/quant/dsd.py)
+                if self._parameters[f] is not None:
+                    destination[prefix + f] = self._parameters[f]
+            return
         for k, t in self.weight.to_state_dict(key).items():
             destination[k] = t if keep_vars else t.detach()
 
@@ -287,7 +292,7 @@ class Linear4bit(Stored4bit):
 
     # -- the bitsandbytes / transformers 4-bit state dict ----------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._save_weight(destination, prefix + "weight", keep_vars)
+        self._save_weight(destination, prefix + "weight", keep_vars, prefix)
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 

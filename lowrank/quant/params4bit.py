@@ -88,7 +88,7 @@ class Weight4bit(Stored4bit):
 
     # -- the bitsandbytes entries at the parameter's own key: the parent's prefix + its name
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._save_weight(destination, prefix[:-1], keep_vars)
+        self._save_weight(destination, prefix[:-1], keep_vars, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
