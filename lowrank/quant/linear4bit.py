@@ -150,10 +150,12 @@ class Stored4bit(nn.Module):
         on this module's device, or as they are with load_state_dict(assign=True) (as torch assigns:
         a model on the meta device takes the checkpoint's tensors); returns the keys that were its entries."""
         ours = {key + s: state_dict[key + s] for s in _WEIGHT_KEYS if key + s in state_dict}
-        if key not in state_dict:
+        if dsd.broadcasting_from_rank0():  # rank 0's entries, which torch left out on the other ranks
+            ours = dsd.entries_from_rank0(ours, self.packed)  # (Note: options torch matches by parameter names)
+        if key not in ours:
             missing_keys.append(key)
             return set(ours)
-        dense = state_dict[key]
+        dense = ours[key]
         if len(ours) == 1 and dense.is_floating_point():  # a full-precision checkpoint (its weight alone)
             error_msgs.append(f"{key!r} is a dense {dense.dtype} weight of shape {tuple(dense.shape)} in the checkpoint; "
                               f"this module holds it in 4 bits {tuple(self.shape)}: load a dense checkpoint before "
