@@ -175,6 +175,14 @@ class Stored4bit(nn.Module):
         if q.shape != self.shape:
             error_msgs.append(f"size mismatch for {key}: the checkpoint's 4-bit weight has shape {tuple(q.shape)}, "
                               f"this module {tuple(self.shape)}")
+        elif type(self.packed.data) is not torch.Tensor and not self._storage_fits(q):  # FSDP2's shards
+            # new tensors of other sizes in place of FSDP2's sharded parameters, which it cannot take after
+            # fully_shard: its next hook failed on them ("'Parameter' object has no attribute '_local_tensor'")
+            have, want = (f"blocksize {w.blocksize}, double_quant={w.double_quant}" for w in (q, self.weight))
+            error_msgs.append(f"while loading the 4-bit weight {key!r}: the checkpoint stores it with {have}, this "
+                              f"layer, sharded by FSDP2, with {want}; FSDP2 cannot take tensors of other sizes "
+                              "after fully_shard: quantize with the checkpoint's settings (NF4Config(blocksize=..., "
+                              "double_quant=...)) before fully_shard, or load the checkpoint before fully_shard")
         else:
             # as torch loads: assign=True takes the checkpoint's tensors, otherwise the layer holds copies
             # (a state dict loaded into two models, or changed afterwards, is not shared with them): written
@@ -199,12 +207,17 @@ class Stored4bit(nn.Module):
         own = {f: self._parameters[f] for f in _PARAMS} | {"offset": self._buffers["offset"]}
         return {prefix + f for f, t in own.items() if t is not None and state_dict.get(prefix + f) is t}
 
+    def _storage_fits(self, q: NF4Weight) -> bool:
+        """Whether `q`'s tensors have the sizes and dtypes of this layer's (whole sizes, for FSDP2's shards)."""
+        pairs = [(self._parameters[f], getattr(q, f)) for f in _PARAMS]
+        return all((a is None) == (b is None) and (a is None or (a.shape, a.dtype) == (b.shape, _as_bits(b).dtype))
+                   for a, b in pairs)
+
     def _copy_into(self, q: NF4Weight) -> bool:
-        """Copy `q` into this layer's own tensors in place; False (nothing written) when its layout
-        (dtype, blocksize, double quantization, sizes) differs, or the layer's are meta, or sharded
-        and `q`'s sharded otherwise. Whole tensors into sharded ones (FSDP2): each rank its part (_shard_like)."""
-        if (q.dtype, q.blocksize) != (self.dtype, self.blocksize):
-            return False
+        """Copy `q` into this layer's own tensors in place, taking its dtype and blocksize (a checkpoint
+        quantized from bf16 fills the tensors of a layer quantized from float32: the same sizes); False
+        (nothing written) when the sizes differ (blocksize, double quantization), or the layer's are meta,
+        or sharded and `q`'s sharded otherwise. Whole tensors into sharded ones (FSDP2): each rank its part (_shard_like)."""
         mine = [self._parameters[f] for f in _PARAMS] + [self._buffers["offset"]]
         theirs = [getattr(q, f) for f in _PARAMS] + [q.offset]
         pairs = []
@@ -228,6 +241,7 @@ class Stored4bit(nn.Module):
         with torch.no_grad():
             for a, b in pairs:
                 a.copy_(b)
+        self.dtype, self.blocksize = q.dtype, q.blocksize  # what the codes mean, as _set_weight takes them
         return True
 
 
