@@ -98,6 +98,7 @@ class Stored4bit(nn.Module):
     # its hook for modules whose keys are not their attributes: an attribute to step through
     # before a name, here a _KeyPath, which has every name of those keys.
     _state_keys = _KeyPath()
+    _entries_at_own_names = False  # whether key.absmax is this module's own parameter name (Weight4bit's is)
 
     def _fqn_modifiers(self) -> dict[str, str]:
         return dict.fromkeys(_KEY_NAMES, "_state_keys")
@@ -150,6 +151,13 @@ class Stored4bit(nn.Module):
         on this module's device, or as they are with load_state_dict(assign=True) (as torch assigns:
         a model on the meta device takes the checkpoint's tensors); returns the keys that were its entries."""
         ours = {key + s: state_dict[key + s] for s in _WEIGHT_KEYS if key + s in state_dict}
+        if dsd.broadcasting_from_rank0() and self._entries_at_own_names:
+            error_msgs.append(f"while loading the 4-bit parameter {key!r}: set_model_state_dict(broadcast_from_rank0=True) "
+                              f"cannot load it: its entries {key + '.absmax'!r} and {key + '.nested_absmax'!r} have the "
+                              "names of its own integer parameters, and torch copied rank 0's float32 scales into them "
+                              "as numbers, so its values are not the checkpoint's; load with full_state_dict=True and "
+                              "the state dict on every rank, or before fully_shard")
+            return set(ours)
         if dsd.broadcasting_from_rank0():  # rank 0's entries, which torch left out on the other ranks
             ours = dsd.entries_from_rank0(ours, self.packed)  # (Note: options torch matches by parameter names)
         if key not in ours:
