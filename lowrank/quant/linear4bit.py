@@ -146,10 +146,11 @@ class Stored4bit(nn.Module):
             destination[k] = t if keep_vars else t.detach()
 
     def _load_weight(self, state_dict: dict, key: str, missing_keys: list, error_msgs: list,
-                     assign: bool = False) -> set[str]:
+                     assign: bool = False, own: set[str] = frozenset()) -> set[str]:
         """Read the weight's bitsandbytes entries at `key` into this module (its shape must match),
         on this module's device, or as they are with load_state_dict(assign=True) (as torch assigns:
-        a model on the meta device takes the checkpoint's tensors); returns the keys that were its entries."""
+        a model on the meta device takes the checkpoint's tensors); returns the keys that were its entries.
+        `own`: the keys at which `state_dict` holds this layer's own tensors (_own_entries)."""
         ours = {key + s: state_dict[key + s] for s in _WEIGHT_KEYS if key + s in state_dict}
         if dsd.broadcasting_from_rank0() and self._entries_at_own_names:
             error_msgs.append(f"while loading the 4-bit parameter {key!r}: set_model_state_dict(broadcast_from_rank0=True) "
@@ -161,7 +162,11 @@ class Stored4bit(nn.Module):
         if dsd.broadcasting_from_rank0():  # rank 0's entries, which torch left out on the other ranks
             ours = dsd.entries_from_rank0(ours, self.packed)  # (Note: options torch matches by parameter names)
         if key not in ours:
-            missing_keys.append(key)
+            # all of its storage at its own names: set_model_state_dict(full_state_dict=True) filled what the
+            # checkpoint lacks from the model itself, and the layer keeps its values, as a dense weight does (an
+            # adapters-only state dict, ignore_frozen_params=True, loads with strict=True as on a dense base)
+            if len(own) < len(self.codec_tensors()):
+                missing_keys.append(key)
             return set(ours)
         dense = ours[key]
         if len(ours) == 1 and dense.is_floating_point():  # a full-precision checkpoint (its weight alone)
@@ -325,7 +330,7 @@ class Linear4bit(Stored4bit):
         w_key, b_key = prefix + "weight", prefix + "bias"
         assign = local_metadata.get("assign_to_params_buffers", False)
         own = self._own_entries(state_dict, prefix)  # before the load, whose assign=True puts new tensors in their place
-        ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs, assign)
+        ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs, assign, own)
         if self.bias is not None and b_key not in state_dict:
             missing_keys.append(b_key)
         elif self.bias is not None:

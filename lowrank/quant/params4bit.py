@@ -98,7 +98,7 @@ class Weight4bit(Stored4bit):
             local[key] = local.pop(prefix)
         assign = local_metadata.get("assign_to_params_buffers", False)  # load_state_dict(assign=True)
         own = self._own_entries(local, prefix)  # before the load, whose assign=True puts new tensors in their place
-        ours = self._load_weight(local, key, missing_keys, error_msgs, assign)
+        ours = self._load_weight(local, key, missing_keys, error_msgs, assign, own)
         if strict:
             known = ours | own
             unexpected_keys.extend(k for k in local if k.startswith(prefix) and k not in known)
