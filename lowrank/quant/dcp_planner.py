@@ -1,5 +1,5 @@
 """LoadPlanner4bit: torch.distributed.checkpoint.load of a 4-bit checkpoint whose quant-state JSON
-is shorter than the model's, in place.
+has another length than the model's (unpadded, or another dtype's).
 
     import torch.distributed.checkpoint as dcp
     from lowrank.quant.dcp_planner import LoadPlanner4bit
@@ -16,14 +16,17 @@ is shorter than the model's, in place.
 # torch.Size([176]) for ...quant_state.bitsandbytes__nf4") before any of lowrank's code runs.
 # This planner reads such an entry into a tensor of the saved length, then writes it into the
 # state dict's own tensor followed by spaces, the padded form the model writes (JSON allows them).
-# Every other entry loads as DefaultLoadPlanner loads it; a saved quant state longer than the
-# model's is another layout (shape, dtype, blocksize), left to DCP's error.
+# A longer one (a checkpoint quantized from bf16, whose JSON names "bfloat16", into a model
+# quantized from float32: the same tensors otherwise, which the layers take, dtype and all) is read
+# into a new tensor in the state dict's place: a quant state is no storage of the model. Every
+# other entry loads as DefaultLoadPlanner loads it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .nf4_weight import BNB_QUANT_STATE_KEY
@@ -32,21 +35,29 @@ _SPACE = ord(" ")
 
 
 class LoadPlanner4bit(DefaultLoadPlanner):
-    """DefaultLoadPlanner that also reads a shorter (unpadded) 4-bit quant state into the state
-    dict's tensor, padded with spaces (See Note: loading an unpadded quant state)."""
+    """DefaultLoadPlanner that also reads a 4-bit quant state of another length than the state
+    dict's: a shorter (unpadded) one into its tensor, padded with spaces, a longer one in its place
+    (See Note: loading an unpadded quant state)."""
 
     def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
         super().set_up_planner(state_dict, metadata, is_coordinator)
         self._short: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key: (the state dict's tensor, the read one)
         saved = metadata.state_dict_metadata if metadata is not None else {}
+        reads = {}  # key: the tensor DCP reads the saved entry into
         for key, t in self.state_dict.items():  # flattened: the keys the checkpoint has
             md = saved.get(key)
             if (key.endswith(BNB_QUANT_STATE_KEY) and isinstance(md, TensorStorageMetadata)
                     and type(t) is torch.Tensor and not t.is_meta and t.dim() == 1 and t.dtype == torch.uint8
-                    and len(md.size) == 1 and md.size[0] < t.numel()):
-                self._short[key] = (t, torch.empty(md.size, dtype=t.dtype, device=t.device))
-        for key, (_, read) in self._short.items():  # read into these; the state dict keeps its own tensors
-            self.state_dict[key] = read
+                    and len(md.size) == 1 and md.size[0] != t.numel()):
+                read = torch.empty(md.size, dtype=t.dtype, device=t.device)
+                if md.size[0] < t.numel():  # read into this, the state dict keeps its own tensor
+                    self._short[key] = (t, read)
+                elif self.flatten_state_dict:  # longer: it cannot; the read tensor takes its place (a quant
+                    set_element(self.original_state_dict, self.mappings[key], read)  # state is no storage)
+                else:
+                    self.original_state_dict[key] = read
+                reads[key] = read
+        self.state_dict.update(reads)
 
     def commit_tensor(self, read_item, tensor: torch.Tensor) -> None:
         super().commit_tensor(read_item, tensor)
