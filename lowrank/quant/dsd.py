@@ -17,6 +17,9 @@ of a model, as its 4-bit layers see it from their own state-dict methods; and th
 #   broadcasts its own entries from rank 0 as it loads (load_state_dict visits the layers in the
 #   same order on every rank), then each rank keeps its part as with full_state_dict=True. The
 #   4-bit entries cross the network twice (torch's broadcast, whose copies it drops, and this one).
+#   Not for 4-bit parameters (Weight4bit): their entries `P.absmax`, `P.nested_absmax` are their own
+#   integer parameters' names, into which torch copies rank 0's float32 scales as numbers before
+#   the load: a load error there, naming the remedy (full_state_dict=True on every rank).
 # torch hands neither option to the modules; they are read from its frame (`info`, a
 # _StateDictInfo), which is torch's internal name: a torch without it turns both off, as before.
 """

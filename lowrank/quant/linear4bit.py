@@ -152,14 +152,15 @@ class Stored4bit(nn.Module):
         a model on the meta device takes the checkpoint's tensors); returns the keys that were its entries.
         `own`: the keys at which `state_dict` holds this layer's own tensors (_own_entries)."""
         ours = {key + s: state_dict[key + s] for s in _WEIGHT_KEYS if key + s in state_dict}
-        if dsd.broadcasting_from_rank0() and self._entries_at_own_names:
+        broadcast = dsd.broadcasting_from_rank0()
+        if broadcast and self._entries_at_own_names:
             error_msgs.append(f"while loading the 4-bit parameter {key!r}: set_model_state_dict(broadcast_from_rank0=True) "
-                              f"cannot load it: its entries {key + '.absmax'!r} and {key + '.nested_absmax'!r} have the "
-                              "names of its own integer parameters, and torch copied rank 0's float32 scales into them "
-                              "as numbers, so its values are not the checkpoint's; load with full_state_dict=True and "
+                              f"cannot load it: its entries {key + '.absmax'!r} (and .nested_absmax) have the names of "
+                              "its own integer parameters, and torch copied rank 0's float32 scales into them as "
+                              "numbers, so its values are not the checkpoint's; load with full_state_dict=True and "
                               "the state dict on every rank, or before fully_shard")
             return set(ours)
-        if dsd.broadcasting_from_rank0():  # rank 0's entries, which torch left out on the other ranks
+        if broadcast:  # rank 0's entries, which torch left out on the other ranks
             ours = dsd.entries_from_rank0(ours, self.packed)  # (Note: options torch matches by parameter names)
         if key not in ours:
             # all of its storage at its own names: set_model_state_dict(full_state_dict=True) filled what the

@@ -88,6 +88,7 @@ class Weight4bit(Stored4bit):
 
     # -- the bitsandbytes entries at the parameter's own key: the parent's prefix + its name
     _entries_at_own_names = True  # its key.absmax is prefix + "absmax", its own parameter's name
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._save_weight(destination, prefix[:-1], keep_vars, prefix)
 
