@@ -67,3 +67,5 @@ class LoadPlanner4bit(DefaultLoadPlanner):
             with torch.no_grad():
                 own[: read.numel()].copy_(read)
                 own[read.numel():].fill_(_SPACE)
+            if self.state_dict is self.original_state_dict:  # nothing flattened: its own tensor back
+                self.original_state_dict[key] = own

@@ -43,7 +43,8 @@ def load(sd, path, planner=None) -> None:
         dcp.load(sd, checkpoint_id=path, planner=planner)
 
 
-def test_an_unpadded_checkpoint_loads_in_place_with_the_planner(tmp_path):
+@pytest.mark.parametrize("flatten", [True, False])
+def test_an_unpadded_checkpoint_loads_in_place_with_the_planner(tmp_path, flatten):
     saved, fresh = worker.qlora(0), worker.qlora(1)
     lengths = old_checkpoint(saved, tmp_path)
     sd = fresh.state_dict()
@@ -52,7 +53,7 @@ def test_an_unpadded_checkpoint_loads_in_place_with_the_planner(tmp_path):
         load(fresh.state_dict(), tmp_path)
 
     own = {k: sd[k] for k in lengths}
-    load(sd, tmp_path, LoadPlanner4bit())
+    load(sd, tmp_path, LoadPlanner4bit(flatten_state_dict=flatten, flatten_sharded_tensors=flatten))
     assert all(sd[k] is own[k] for k in own)  # read into the state dict's own tensors, their length kept
     expect = saved.state_dict()  # the padded form, which the model writes: the same bytes
     assert sd.keys() == expect.keys() and all(torch.equal(sd[k], expect[k]) for k in sd)
