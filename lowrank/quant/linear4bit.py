@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import ops  # lowrank.ops imports lowrank.quant: its names are read at call time
 from ..targets import is_gpt2_conv1d
-from . import nf4
+from . import dsd, nf4
 from .nf4_weight import BNB_QUANT_STATE_KEY, NF4Weight
 
 _PARAMS = ("packed", "absmax", "nested_absmax")  # NF4Weight's tensor fields that FSDP2 shards (frozen parameters)
@@ -98,6 +98,7 @@ class Stored4bit(nn.Module):
     # its hook for modules whose keys are not their attributes: an attribute to step through
     # before a name, here a _KeyPath, which has every name of those keys.
     _state_keys = _KeyPath()
+    _entries_at_own_names = False  # whether key.absmax is this module's own parameter name (Weight4bit's is)
 
     def _fqn_modifiers(self) -> dict[str, str]:
         return dict.fromkeys(_KEY_NAMES, "_state_keys")
@@ -134,21 +135,41 @@ class Stored4bit(nn.Module):
         """The dense weight in `dtype` (default: the dtype it was quantized from)."""
         return ops.nf4_dequantize(self.weight, dtype)
 
-    def _save_weight(self, destination: dict, key: str, keep_vars: bool) -> None:
-        """Write the weight's bitsandbytes entries at `key` (key, key.absmax, ...)."""
+    def _save_weight(self, destination: dict, key: str, keep_vars: bool, prefix: str = "") -> None:
+        """Write the weight's bitsandbytes entries at `key` (key, key.absmax, ...); `prefix` is this module's."""
+        if dsd.ignoring_frozen_params():  # its storage at its own names, for torch to pop (Note: options torch
+            for f in _PARAMS:  # matches by parameter names, lowrank/quant/dsd.py)
+                if self._parameters[f] is not None:
+                    destination[prefix + f] = self._parameters[f]
+            return
         for k, t in self.weight.to_state_dict(key).items():
             destination[k] = t if keep_vars else t.detach()
 
     def _load_weight(self, state_dict: dict, key: str, missing_keys: list, error_msgs: list,
-                     assign: bool = False) -> set[str]:
+                     assign: bool = False, own: set[str] = frozenset()) -> set[str]:
         """Read the weight's bitsandbytes entries at `key` into this module (its shape must match),
         on this module's device, or as they are with load_state_dict(assign=True) (as torch assigns:
-        a model on the meta device takes the checkpoint's tensors); returns the keys that were its entries."""
+        a model on the meta device takes the checkpoint's tensors); returns the keys that were its entries.
+        `own`: the keys at which `state_dict` holds this layer's own tensors (_own_entries)."""
         ours = {key + s: state_dict[key + s] for s in _WEIGHT_KEYS if key + s in state_dict}
-        if key not in state_dict:
-            missing_keys.append(key)
+        broadcast = dsd.broadcasting_from_rank0()
+        if broadcast and self._entries_at_own_names:
+            error_msgs.append(f"while loading the 4-bit parameter {key!r}: set_model_state_dict(broadcast_from_rank0=True) "
+                              f"cannot load it: its entries {key + '.absmax'!r} (and .nested_absmax) have the names of "
+                              "its own integer parameters, and torch copied rank 0's float32 scales into them as "
+                              "numbers, so its values are not the checkpoint's; load with full_state_dict=True and "
+                              "the state dict on every rank, or before fully_shard")
             return set(ours)
-        dense = state_dict[key]
+        if broadcast:  # rank 0's entries, which torch left out on the other ranks
+            ours = dsd.entries_from_rank0(ours, self.packed)  # (Note: options torch matches by parameter names)
+        if key not in ours:
+            # all of its storage at its own names: set_model_state_dict(full_state_dict=True) filled what the
+            # checkpoint lacks from the model itself, and the layer keeps its values, as a dense weight does (an
+            # adapters-only state dict, ignore_frozen_params=True, loads with strict=True as on a dense base)
+            if len(own) < len(self.codec_tensors()):
+                missing_keys.append(key)
+            return set(ours)
+        dense = ours[key]
         if len(ours) == 1 and dense.is_floating_point():  # a full-precision checkpoint (its weight alone)
             error_msgs.append(f"{key!r} is a dense {dense.dtype} weight of shape {tuple(dense.shape)} in the checkpoint; "
                               f"this module holds it in 4 bits {tuple(self.shape)}: load a dense checkpoint before "
@@ -168,6 +189,14 @@ class Stored4bit(nn.Module):
         if q.shape != self.shape:
             error_msgs.append(f"size mismatch for {key}: the checkpoint's 4-bit weight has shape {tuple(q.shape)}, "
                               f"this module {tuple(self.shape)}")
+        elif type(self.packed.data) is not torch.Tensor and not self._storage_fits(q):  # FSDP2's shards
+            # new tensors of other sizes in place of FSDP2's sharded parameters, which it cannot take after
+            # fully_shard: its next hook failed on them ("'Parameter' object has no attribute '_local_tensor'")
+            have, want = (f"blocksize {w.blocksize}, double_quant={w.double_quant}" for w in (q, self.weight))
+            error_msgs.append(f"while loading the 4-bit weight {key!r}: the checkpoint stores it with {have}, this "
+                              f"layer, sharded by FSDP2, with {want}; FSDP2 cannot take tensors of other sizes "
+                              "after fully_shard: quantize with the checkpoint's settings (NF4Config(blocksize=..., "
+                              "double_quant=...)) before fully_shard, or load the checkpoint before fully_shard")
         else:
             # as torch loads: assign=True takes the checkpoint's tensors, otherwise the layer holds copies
             # (a state dict loaded into two models, or changed afterwards, is not shared with them): written
@@ -192,12 +221,17 @@ class Stored4bit(nn.Module):
         own = {f: self._parameters[f] for f in _PARAMS} | {"offset": self._buffers["offset"]}
         return {prefix + f for f, t in own.items() if t is not None and state_dict.get(prefix + f) is t}
 
+    def _storage_fits(self, q: NF4Weight) -> bool:
+        """Whether `q`'s tensors have the sizes and dtypes of this layer's (whole sizes, for FSDP2's shards)."""
+        pairs = [(self._parameters[f], getattr(q, f)) for f in _PARAMS]
+        return all((a is None) == (b is None) and (a is None or (a.shape, a.dtype) == (b.shape, _as_bits(b).dtype))
+                   for a, b in pairs)
+
     def _copy_into(self, q: NF4Weight) -> bool:
-        """Copy `q` into this layer's own tensors in place; False (nothing written) when its layout
-        (dtype, blocksize, double quantization, sizes) differs, or the layer's are meta, or sharded
-        and `q`'s sharded otherwise. Whole tensors into sharded ones (FSDP2): each rank its part (_shard_like)."""
-        if (q.dtype, q.blocksize) != (self.dtype, self.blocksize):
-            return False
+        """Copy `q` into this layer's own tensors in place, taking its dtype and blocksize (a checkpoint
+        quantized from bf16 fills the tensors of a layer quantized from float32: the same sizes); False
+        (nothing written) when the sizes differ (blocksize, double quantization), or the layer's are meta,
+        or sharded and `q`'s sharded otherwise. Whole tensors into sharded ones (FSDP2): each rank its part (_shard_like)."""
         mine = [self._parameters[f] for f in _PARAMS] + [self._buffers["offset"]]
         theirs = [getattr(q, f) for f in _PARAMS] + [q.offset]
         pairs = []
@@ -221,6 +255,7 @@ class Stored4bit(nn.Module):
         with torch.no_grad():
             for a, b in pairs:
                 a.copy_(b)
+        self.dtype, self.blocksize = q.dtype, q.blocksize  # what the codes mean, as _set_weight takes them
         return True
 
 
@@ -287,7 +322,7 @@ class Linear4bit(Stored4bit):
 
     # -- the bitsandbytes / transformers 4-bit state dict ----------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._save_weight(destination, prefix + "weight", keep_vars)
+        self._save_weight(destination, prefix + "weight", keep_vars, prefix)
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
@@ -296,7 +331,7 @@ class Linear4bit(Stored4bit):
         w_key, b_key = prefix + "weight", prefix + "bias"
         assign = local_metadata.get("assign_to_params_buffers", False)
         own = self._own_entries(state_dict, prefix)  # before the load, whose assign=True puts new tensors in their place
-        ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs, assign)
+        ours = self._load_weight(state_dict, w_key, missing_keys, error_msgs, assign, own)
         if self.bias is not None and b_key not in state_dict:
             missing_keys.append(b_key)
         elif self.bias is not None:

@@ -26,6 +26,8 @@ BNB_QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"  # transformers / bitsandb
 # blocksize). JSON allows whitespace after the value: bitsandbytes' QuantState.from_dict (which
 # transformers' loading calls) and from_state_dict below read it as before; the bytes are
 # bitsandbytes' followed by spaces. Without double quantization nothing varies: bitsandbytes' bytes.
+# A DCP checkpoint with the bare JSON (saved before this padding) loads with
+# dcp_planner.LoadPlanner4bit (Note: loading an unpadded quant state).
 _OFFSET_CHARS = 23  # the longest JSON of a float32: sign, 17 significant digits, point, "e-38" (or "0.000" before them)
 
 

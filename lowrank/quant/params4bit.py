@@ -87,8 +87,10 @@ class Weight4bit(Stored4bit):
                 f"bits={q.bits_per_param:.3f}, compute_dtype={self.compute_dtype}")
 
     # -- the bitsandbytes entries at the parameter's own key: the parent's prefix + its name
+    _entries_at_own_names = True  # its key.absmax is prefix + "absmax", its own parameter's name
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._save_weight(destination, prefix[:-1], keep_vars)
+        self._save_weight(destination, prefix[:-1], keep_vars, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -97,7 +99,7 @@ class Weight4bit(Stored4bit):
             local[key] = local.pop(prefix)
         assign = local_metadata.get("assign_to_params_buffers", False)  # load_state_dict(assign=True)
         own = self._own_entries(local, prefix)  # before the load, whose assign=True puts new tensors in their place
-        ours = self._load_weight(local, key, missing_keys, error_msgs, assign)
+        ours = self._load_weight(local, key, missing_keys, error_msgs, assign, own)
         if strict:
             known = ours | own
             unexpected_keys.extend(k for k in local if k.startswith(prefix) and k not in known)
