@@ -89,6 +89,9 @@ def test_a_peft_qdora_file_loads_and_merge_still_refuses_the_4bit_weight(tmp_pat
     ours = copy.deepcopy(model)
     lowrank.load_adapter(ours, tmp_path)
     ids = torch.randint(0, 64, (2, 7))
-    assert torch.equal(ours.eval()(input_ids=ids).last_hidden_state, theirs.eval()(input_ids=ids).last_hidden_state)
+    # without gradients, as bitsandbytes decides its CPU kernel per call (in eval mode, on an x that needs no
+    # gradient, it repacks the weight for another kernel, for good): both sides then take the same one
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(input_ids=ids).last_hidden_state, theirs.eval()(input_ids=ids).last_hidden_state)
     with pytest.raises(TypeError, match="nothing was merged.*4-bit base cannot take a merged update"):
         lowrank.merge(ours)
