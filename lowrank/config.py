@@ -89,6 +89,9 @@ def _frozen_mapping(field: str, value: Mapping, kind: type, positive: bool) -> M
     if not isinstance(value, Mapping):
         raise TypeError(f"{field} must be a mapping from target pattern to {kind.__name__}; got {value!r}")
     for k, v in value.items():
+        if isinstance(k, (tuple, frozenset)):  # _check_targets takes a sequence; first_match reads a key as one pattern
+            raise TypeError(f"{field} key {k!r} is a {type(k).__name__}; each key is one target pattern (a name, glob, "
+                            "'re:<regex>', re.Pattern, module type or callable): give each pattern its own entry")
         _check_targets(f"{field} key", k, allow_none=False)
         if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
             raise TypeError(f"{field}[{k!r}] must be a {kind.__name__}; got {v!r}")

@@ -18,13 +18,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import restore
+from . import inject_warnings, restore
 from .config import AdapterConfig, LoraConfig, PrefixConfig, PromptConfig
 from .distributed import check_not_sharded, reshard
 from .merging import merge, unmerge, warn_of_unkept  # noqa: F401  (lowrank.inject's verbs)
 from .quant.linear4bit import Stored4bit
 from .quant.params4bit import has_parameter, parameter_names, parameter_shape
-from .targets import ALL_LINEAR, compile_filter, is_linear_like, refuse_in_attention, task_heads, warn_uncalled
+from .targets import ALL_LINEAR, compile_filter, is_linear_like, refuse_in_attention, warn_uncalled
 from .tuners import adapter, lora, lora_param, prefix, prompt, prompt_hooks
 from .tuners.base import BASE, TunerLayer
 from .tuners.lora_base import LoraLayer
@@ -172,7 +172,9 @@ def inject(model: nn.Module, config: LoraConfig | AdapterConfig | PrefixConfig |
         raise
     set_active(model, name)
     mark_trainable(model)
-    _warn_of_a_frozen_head(model, config, targets)
+    inject_warnings.frozen_head(model, config, targets)
+    inject_warnings.unmatched_patterns(config, [(w, _unwrap(c)) for _, _, w, c in matches]
+                                       + [(f"{w}.{n}", _unwrap(getattr(p, a))) for p, a, w, n in params])
     return [where for _, _, where, _ in matches] + [f"{where}.{parameter}" for _, _, where, parameter in params]
 
 
@@ -253,21 +255,6 @@ def eject(model: nn.Module, name: str | None = None, *, keep_merged: bool = Fals
             for p in layer.adapter_parameters(left) if left in layer.names else ():
                 p.requires_grad_(True)
     return touched
-
-
-def _warn_of_a_frozen_head(model: nn.Module, config, targets) -> None:
-    """LoRA's all-linear leaves a task model's head out (targets.py): say it is frozen, unless LoRA
-    is on it anyway (named besides all-linear) or the user excluded it."""
-    heads = task_heads(model) if isinstance(config, LoraConfig) and ALL_LINEAR in (targets or ()) else []
-    excluded = compile_filter(config.exclude, (), model) if heads and config.exclude else None
-    adapted = [w for _, _, w, c in _walk(model) if isinstance(c, TunerLayer)]
-    heads = [h for h in heads if not any(w == h or w.startswith(h + ".") for w in adapted)
-             and not (excluded and excluded(h, None))]
-    if heads:
-        names = [h.removeprefix("_orig_mod.") for h in heads]
-        warnings.warn(f"all-linear leaves {type(getattr(model, '_orig_mod', model)).__name__}'s task head {names} out, "
-                      "as PEFT does, and inject freezes it; PEFT trains it beside the adapter (modules_to_save): set "
-                      "its requires_grad to train it (save_adapter writes it either way)", stacklevel=3)
 
 
 def _remove(model: nn.Module, name: str | None, keep_merged: bool) -> list[str]:

@@ -27,6 +27,7 @@ from torch import nn
 from . import distributed, io_embeddings, io_moe, io_prefix, io_prompt, shards
 from .config import LoraConfig
 from .inject import active_adapters, adapter_names, eject, inject, plain_parameters, set_active
+from .inject_warnings import UnmatchedPatternWarning
 from .io_names import (_lora_layers, _tensors, check_base, from_peft_parameters, from_peft_pattern, from_peft_targets,
                        renamed, to_peft_parameters, to_peft_pattern, to_peft_targets, warn_padding)
 from .targets import first_match, task_type
@@ -310,7 +311,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         weights[k.removesuffix(".weight")] = weights.pop(k)
     with undo_on_error(model, name):  # See Note: a failed load changes nothing
         try:
-            modules = inject(model, config, name, dtype=dtype)
+            with warnings.catch_warnings():  # PEFT's keys as ours: See Note: pattern keys that match nothing
+                warnings.simplefilter("ignore", UnmatchedPatternWarning)
+                modules = inject(model, config, name, dtype=dtype)
         except (ValueError, TypeError) as e:  # what the file asks that this model or lowrank cannot take, named
             raise type(e)(f"{cfg_file}: cannot load this adapter: {e}") from e
         seen, missing, mismatched, pairs = set(), [], [], []

@@ -7,16 +7,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.modules import module as _module
 
 from ..config import LoraConfig
 from ..ops import csrc
 from ..ops.lora_ops import dropout_parts
-from ..quant.linear4bit import Linear4bit, autocast_dtype
+from ..quant.linear4bit import Linear4bit
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like, returns_routing
-from .base import TunerLayer, _keep_fused_paths_off, cast_for
-from .lora_base import LoraLayer
+from .base import TunerLayer, cast_for
+from .lora_base import LoraLayer, bnb_4bit, bnb_dense
 from .lora_conv import LoraConv, check_groups
+from .lora_paths import _dtypes_fit, _drops_in_op, _global_hooks, _hooked, _passes_x, _plain, _x_fits
 from .lora_param import LoraParameter, instead
 
 SUPPORTED = ("nn.Linear, transformers' GPT-2 Conv1D, nn.Embedding, nn.Conv1d/2d/3d, or a linear-like "
@@ -151,57 +151,8 @@ class LoraLinear(LoraLayer):
         """W0 as (out, in), whatever the base's storage."""
         if callable(getattr(self.base, "dequantize", None)):
             return self.base.dequantize()
-        return self.base.weight.T if self.transposed else self.base.weight  # Conv1D stores (in, out)
-
-
-def _passes_x(drop: nn.Module) -> bool:
-    """Whether the adapter's dropout returns x itself: none, or nn.Dropout in eval mode or with p = 0
-    (as F.dropout does then: the same tensor, no autograd node), and no hook of its own."""
-    return type(drop) is nn.Identity or (type(drop) is nn.Dropout and (not drop.training or drop.p == 0)
-                                         and not _hooked(drop))  # fmt: skip
-
-
-def _drops_in_op(drop: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the adapter's dropout can be the LoRA ops' own (ops.lora_ops.dropout_parts): a training,
-    not in-place nn.Dropout without hooks, 0 < p < 1, x non-empty on the CPU or CUDA."""
-    return (type(drop) is nn.Dropout and drop.training and not drop.inplace and 0.0 < drop.p < 1.0
-            and not _hooked(drop) and x.device.type in ("cpu", "cuda") and x.numel() > 0)  # fmt: skip
-
-
-def _hooked(m: nn.Module) -> bool:
-    """Whether a hook of the module's own watches its forward or backward (Note: fused fast paths' empty one does not)."""
-    return bool(m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
-                or any(h is not _keep_fused_paths_off for h in m._forward_pre_hooks.values()))
-
-
-def _x_fits(x, a, b) -> bool:
-    """Plain tensors, and an x that matmul folds into rows as the ops' backward does (2+ dimensions, contiguous)."""
-    return type(x) is torch.Tensor and type(a) is type(b) is nn.Parameter and x.dim() >= 2 and x.is_contiguous()
-
-
-_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (not float64)
-
-
-def _dtypes_fit(result, x, a, b) -> bool:
-    """Whether lora_add computes in the dtypes the modules would: one dtype for all four, or under
-    autocast (CPU, CUDA) castable x, A, B (the op's rule casts them as F.linear's does) and the
-    base's output already in autocast's dtype."""
-    autocast = autocast_dtype(x)
-    if autocast is None:
-        return x.dtype == result.dtype == a.dtype == b.dtype
-    return (x.device.type in ("cpu", "cuda") and result.dtype == autocast
-            and all(t.dtype in _AUTOCAST_CASTS for t in (x, a, b)))  # fmt: skip
-
-
-def _plain(m: nn.Module) -> bool:
-    """An nn.Linear without bias whose forward and backward no hook of its own watches (the op bypasses its call)."""
-    return type(m) is nn.Linear and m._parameters["bias"] is None and not _hooked(m)
-
-
-def _global_hooks() -> bool:
-    """Whether a hook registered for every module (register_module_forward_hook, ...) would see the factors."""
-    return bool(_module._global_forward_pre_hooks or _module._global_forward_hooks
-                or _module._global_backward_pre_hooks or _module._global_backward_hooks)  # fmt: skip
+        dense = bnb_dense(self.base.weight)  # See Note: DoRA on bitsandbytes' 4-bit layers (lora_base.py)
+        return dense if dense is not None else self.base.weight.T if self.transposed else self.base.weight  # Conv1D: (in, out)
 
 
 class LoraEmbedding(LoraLayer):
@@ -306,10 +257,11 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
         raise ValueError(f"LoRA on {where!r}, a {type(slot).__name__}, is not supported: its forward does not return the "
                          "rows of the ids it is given (a table of positions, such as BART's embed_positions, reads rows "
                          "by position), so the adapter's rows, read by id, would be added to the wrong ones; exclude it")
-    if config.dora and cls is LoraLinear and not hasattr(slot, "dequantize") and \
-            not (isinstance(getattr(slot, "weight", None), torch.Tensor) and slot.weight.is_floating_point()):
+    weight = getattr(slot, "weight", None)  # dense, or a 4-bit one DoRA can read (Note: DoRA on bitsandbytes' 4-bit layers)
+    if config.dora and cls is LoraLinear and not hasattr(slot, "dequantize") and not bnb_4bit(weight) and \
+            not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
         raise ValueError(f"DoRA needs the dense weight of {where!r}, a {type(slot).__name__} whose weight is "
-                         f"{getattr(getattr(slot, 'weight', None), 'dtype', None)} (a bitsandbytes 4-bit layer?) and "
+                         f"{getattr(getattr(slot, 'weight', None), 'dtype', None)} (a bitsandbytes 8-bit layer?) and "
                          "which has no dequantize(); use plain LoRA there, or lowrank.quantize's Linear4bit")
 
 

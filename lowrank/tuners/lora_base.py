@@ -51,6 +51,30 @@ def quantized_base(base: nn.Module) -> bool:
             or (bnb is not None and isinstance(base, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))))
 
 
+def bnb_4bit(weight) -> bool:
+    """Whether `weight` is bitsandbytes' quantized 4-bit Params4bit (as transformers' BitsAndBytesConfig
+    loads a model). See Note: DoRA on bitsandbytes' 4-bit layers."""
+    bnb = sys.modules.get("bitsandbytes")  # loaded already if the weight is one of its; never imported here
+    return bnb is not None and isinstance(weight, bnb.nn.Params4bit) and getattr(weight, "quant_state", None) is not None
+
+
+def bnb_dense(weight) -> torch.Tensor | None:
+    """bitsandbytes' 4-bit weight as the dense (out, in) tensor it stands for, in the dtype it was
+    quantized from, as PEFT's DoRA reads it (dequantize_module_weight); None for any other weight."""
+    if not bnb_4bit(weight):
+        return None
+    return sys.modules["bitsandbytes"].functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
+# Note: DoRA on bitsandbytes' 4-bit layers. DoRA reads W0 for its column norm (and, with a training
+# dropout, for W0 x). lowrank's Linear4bit hands it over through dequantize(); bitsandbytes'
+# Linear4bit (a transformers BitsAndBytesConfig model) has no such method, and inject refused DoRA
+# there ("use plain LoRA") where PEFT 0.21 trains it (QDoRA) and loads its files. LoraLinear now
+# dequantizes a Params4bit as PEFT does (bnb.functional.dequantize_4bit), so outputs and gradients
+# equal PEFT's bit for bit (tests/peers/test_peft_qdora_on_bitsandbytes.py); merge still refuses a
+# 4-bit weight. bitsandbytes' 8-bit layers stay refused for DoRA.
+
+
 class LoraLayer(TunerLayer):
     supports_dora = False
 
