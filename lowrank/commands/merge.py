@@ -82,11 +82,14 @@ def _load_base(base: str, dtype="auto", trust_remote_code: bool = False):
     return model.eval()
 
 
-def _as_trained(base: str, adapter: str, trust_remote_code: bool = False):
+def _as_trained(base: str, adapter: str, trust_remote_code: bool = False, resize=None):
     """--as-trained: the base loaded and quantized as `lowrank train` did for this adapter (its
     workflow file's method, dtype and nf4 options), so the adapter merges at the NF4 weights it
     was trained against: the merged model computes what the adapted 4-bit one did, up to the
-    rounding of W' into the export dtype."""
+    rounding of W' into the export dtype. `resize(model)`, where given, runs between the load and
+    quantize: the vocabulary the adapter was trained with (resize_as_trained) is given to the
+    dense base, as chat does (load_with_adapter), so an output head or embedding that the nf4
+    options quantize is quantized at its resized shape; a 4-bit head cannot be resized at all."""
     from ..quant import quantize
     from ..workflow.methods import METHODS, nf4_config
     from ..workflow.model import WORKFLOW_FILE, read_workflow, training_dtype
@@ -106,6 +109,8 @@ def _as_trained(base: str, adapter: str, trust_remote_code: bool = False):
         raise ValueError(f"--as-trained quantizes a dense base as training did, and {base} is 4-bit already: merge "
                          "without --as-trained")
     model = _load_base(base, training_dtype(train, adapter), trust_remote_code)
+    if resize is not None:
+        resize(model)
     quantize(model, nf4_config(train.get("nf4", {})))
     return model
 
@@ -177,10 +182,16 @@ def run(args) -> int:
     # for training (lowrank/workflow/model.py, Note: an adapter trained with added tokens)
     own = adapter_tokenizer_dir(adapter)
     tokenizer = adapter_tokenizer(own, args.trust_remote_code) if own is not None else None
-    model = _as_trained(args.base, adapter, args.trust_remote_code) if args.as_trained \
-        else _load_base(args.base, trust_remote_code=args.trust_remote_code)
-    resize_as_trained(model, adapter, tokens=len(tokenizer) if tokenizer is not None else None,
-                      allow_pickle=args.allow_pickle)
+
+    def resize(model) -> None:  # on the dense base: before --as-trained's quantize, as chat resizes
+        resize_as_trained(model, adapter, tokens=len(tokenizer) if tokenizer is not None else None,
+                          allow_pickle=args.allow_pickle)
+
+    if args.as_trained:
+        model = _as_trained(args.base, adapter, args.trust_remote_code, resize)
+    else:
+        model = _load_base(args.base, trust_remote_code=args.trust_remote_code)
+        resize(model)
     # float32 adapters: s B A formed from the saved numbers in float32 (a bf16 file's exactly), so
     # each merged weight is rounded once, into the export dtype (lowrank/export.py)
     loaded = load_adapter(model, adapter, allow_other_base=args.allow_other_base, dtype=torch.float32,

@@ -41,6 +41,16 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP2's shards) only: any other tensor subclass (a user's, torchao's, a
+    FakeTensor) is a whole tensor here, and has no device_mesh or to_local to shard it by."""
+    if not torch.distributed.is_available():  # a PyTorch built without it holds no DTensor
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _shard_like(sharded: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     """`whole` as a DTensor sharded as the DTensor `sharded` (its global shape) is: set_model_state_dict
     (full_state_dict=True) hands a sharded model whole tensors at bitsandbytes' keys, which it cannot shard
@@ -204,7 +214,7 @@ class Stored4bit(nn.Module):
             # state dict that holds the old, model.state_dict() or torch.distributed.checkpoint's, doubled
             # the 4-bit model's memory for the load)
             if assign:
-                sharded = {f: p for f in _PARAMS if (p := self._parameters[f]) is not None and type(p.data) is not torch.Tensor}
+                sharded = {f: p for f in _PARAMS if (p := self._parameters[f]) is not None and _is_dtensor(p.data)}
                 self._set_weight(q)
                 for f, p in sharded.items():  # FSDP2's shards (on the meta device: a model the load fills): the new
                     new = self._parameters[f]  # tensors sharded alike, as torch distributes a parameter it assigns
@@ -242,8 +252,8 @@ class Stored4bit(nn.Module):
                 b = _as_bits(b)
                 if (a.shape, a.dtype) != (b.shape, b.dtype) or a.is_meta:
                     return False
-                if type(a.data) is not torch.Tensor:  # a DTensor (FSDP2): into the view of its own storage
-                    if type(b) is torch.Tensor:
+                if _is_dtensor(a.data):  # FSDP2's shard: into the view of its own storage
+                    if not _is_dtensor(b):  # a whole tensor, of whatever class
                         a, b = a.to_local(), _shard_like(a, b).to_local()
                     elif (b.device_mesh, b.placements) == (a.device_mesh, a.placements):  # sharded alike
                         a, b = a.to_local(), b.to_local()

@@ -128,6 +128,9 @@ def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=Non
         raise ConfigError(f"adapter: the tokenizer in {str(adapter_dir)!r} has {tokens} tokens, but the embeddings in "
                           f"its adapter file have {n} rows, so ids {n} to {tokens - 1} would index past them (tokens "
                           "added after training?); save beside it the tokenizer the adapter was trained with")
+    rows = n if n is not None else tokens if tokens is not None and tokens > before else None
+    if rows is not None and rows != before:
+        _refuse_4bit_embeddings(model, adapter_dir, rows, before)
     if n is not None:
         # the new rows come from the file (load_adapter); but PEFT's file of an adapter on one embedding holds
         # that one only, and an untied other's new rows are drawn around its rows' mean, as PEFT's AutoPeftModel does
@@ -142,6 +145,26 @@ def resize_as_trained(model: nn.Module, adapter_dir: str | os.PathLike, file=Non
         print(f"resized the base's vocabulary from {before} to {tokens} tokens, as the adapter's tokenizer has; the "
               "adapter file holds no embeddings, so the new tokens' rows are untrained (drawn around the mean of the "
               "others, as PEFT's AutoPeftModelForCausalLM does)", file=file)
+
+
+def _refuse_4bit_embeddings(model: nn.Module, adapter_dir, rows: int, before: int) -> None:
+    """A ConfigError where the input or output embedding the resize would give `rows` rows holds its
+    weight in 4 bits (a base saved with its output head quantized): transformers' resize_token_embeddings
+    reads a dense weight, and raised AttributeError ("'NF4Weight' object has no attribute 'size'")."""
+    names = {id(m): name for name, m in model.named_modules()}
+    packed = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(module, nn.Module) and not isinstance(getattr(module, "weight", None), torch.Tensor):
+            packed.append(names.get(id(module), type(module).__name__))
+    if packed:
+        raise ConfigError(f"adapter: {str(adapter_dir)!r} was trained with a vocabulary of {rows} tokens and the base "
+                          f"has {before}, but the base holds {' and '.join(packed)} in 4 bits, which cannot be resized; "
+                          "use the dense base (a qlora adapter of lowrank train: lowrank merge --as-trained resizes it, "
+                          "then quantizes it as training did)")
 
 
 def apply_method(model, method: str, options: dict, nf4: dict, adapter_dtype: str | None = None):

@@ -8,7 +8,9 @@ ranks still running at the deadline are killed and the test fails, rather than b
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
+import sys
 import time
 
 import torch
@@ -18,7 +20,21 @@ import torch.multiprocessing as mp
 COLLECTIVE_TIMEOUT_S = 60  # a collective that waits longer raises in the rank (e.g. a peer died)
 
 
+# Note: a rank ends with os._exit. DistributedDataParallel keeps its gloo process group alive past
+# destroy_process_group (seen with torch 2.13: still so with the DDP model and its reducer deleted
+# and gc.collect run; a broadcast or an all_reduce alone does not): the group's worker threads
+# (pt_gloo_runloop) and gloo's socket loop (gloo_tcp_loop) still run when the rank's function has
+# returned, through the interpreter's shutdown and the C++ static destructors, while the peer's
+# exit closes the sockets under them. A rank that aborted there ("terminate called without an
+# active exception": a joinable std::thread destroyed) would fail a test whose results were all
+# written (one SIGABRT of test_wrapped.py, not reproduced since, may have been that). So a rank that
+# finished cleanly leaves at once: the parent reads only its exit code and the files it wrote.
+
+
 def _entry(rank: int, world: int, store_file: str, fn, args: tuple) -> None:
+    # an abort (SIGABRT) or crash in a rank prints every thread's Python stack to its stderr, which
+    # the failing test shows: where it happened (init, a collective, teardown), not just the signal
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)  # See Note: one thread (tests/distributed/cases.py)
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
@@ -27,6 +43,9 @@ def _entry(rank: int, world: int, store_file: str, fn, args: tuple) -> None:
         dist.barrier()  # every rank done before the group goes: an early teardown can abort a peer (gloo)
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # See Note: a rank ends with os._exit (an error above propagates to the parent as before)
 
 
 def run_ranks(fn, world: int, workdir: str, args: tuple = (), deadline_s: float = 240) -> None:
@@ -49,7 +68,6 @@ def torchrun(args: list[str], cwd, deadline_s: float, nproc: int = 2, env: dict 
     import pathlib
     import signal
     import subprocess
-    import sys
 
     root = str(pathlib.Path(__file__).resolve().parents[2])
     env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}

@@ -1,7 +1,6 @@
 """Training on several ranks (2 gloo ranks on CPU) when something fails: every rank raises rank
 0's error instead of waiting in a collective, and a missing GPU is a config error."""
 
-import datetime
 import os
 import sys
 import time
@@ -9,7 +8,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lowrank
 import lowrank.io
@@ -17,30 +15,11 @@ from lowrank.workflow import config as C
 from lowrank.workflow import parallel
 from lowrank.workflow import train as T
 
-TIMEOUT_S = 30  # a collective waiting longer raises in its rank: a hang fails the test, it does not block it
-
-
-def _entry(rank: int, world: int, store: str, fn, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
-        fn(rank, world, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+from .spawn import COLLECTIVE_TIMEOUT_S, run_ranks  # a collective waiting longer raises in its rank: a hang fails
 
 
 def _run(fn, tmp_path, *args) -> None:
-    ctx = mp.start_processes(_entry, args=(2, str(tmp_path / "store"), fn, args), nprocs=2, join=False,
-                             start_method="spawn")
-    end = time.monotonic() + 4 * TIMEOUT_S
-    while not ctx.join(timeout=max(end - time.monotonic(), 0.1)):  # raises when a rank failed
-        if time.monotonic() >= end:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError("ranks still running: killed")
+    run_ranks(fn, 2, str(tmp_path), args, deadline_s=4 * COLLECTIVE_TIMEOUT_S)
 
 
 def _save_fails_on_rank0(rank: int, world: int, out: str) -> None:
@@ -83,7 +62,7 @@ def _interrupted_on_rank0(rank: int, world: int, out: str) -> None:
 def test_an_interrupt_on_rank0_while_it_writes_reaches_every_rank(tmp_path):
     _run(_interrupted_on_rank0, tmp_path, str(tmp_path))
     waited = [float((tmp_path / f"rank{r}").read_text()) for r in range(2)]
-    assert max(waited) < TIMEOUT_S  # each rank raised what it should, and rank 1 not after the collective's timeout
+    assert max(waited) < COLLECTIVE_TIMEOUT_S  # each rank raised what it should, and rank 1 not after the collective's timeout
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
