@@ -199,7 +199,7 @@ class Stored4bit(nn.Module):
         if q.shape != self.shape:
             error_msgs.append(f"size mismatch for {key}: the checkpoint's 4-bit weight has shape {tuple(q.shape)}, "
                               f"this module {tuple(self.shape)}")
-        elif type(self.packed.data) is not torch.Tensor and not self._storage_fits(q):  # FSDP2's shards
+        elif _is_dtensor(self.packed.data) and not self._storage_fits(q):  # FSDP2's shards
             # new tensors of other sizes in place of FSDP2's sharded parameters, which it cannot take after
             # fully_shard: its next hook failed on them ("'Parameter' object has no attribute '_local_tensor'")
             have, want = (f"blocksize {w.blocksize}, double_quant={w.double_quant}" for w in (q, self.weight))
