@@ -33,6 +33,19 @@ def qlora(seed: int, modules=None) -> torch.nn.Module:
     return model.eval()
 
 
+def experts4bit(seed: int) -> torch.nn.Module:
+    """A tiny Mixtral whose experts are 4-bit parameters (Weight4bit); `seed` sets every weight."""
+    from tests.tuners import models
+
+    model = models.mixtral()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    lowrank.quantize(model, lowrank.NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    return model.eval()
+
+
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=IDS).logits

@@ -19,29 +19,16 @@ from . import dcp_4bit_worker as worker  # noqa: E402
 from .spawn import run_ranks  # noqa: E402
 
 
-def experts4bit(seed: int) -> torch.nn.Module:
-    import lowrank
-    from tests.tuners import models
-
-    model = models.mixtral()
-    torch.manual_seed(seed)  # other weights than the other model's
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    lowrank.quantize(model, lowrank.NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"]))
-    return model.eval()
-
-
 def _load(rank: int, world: int, out: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    saved = experts4bit(0)
+    saved = worker.experts4bit(0)
 
     def sharded():
-        model = experts4bit(1)
+        model = worker.experts4bit(1)
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)

@@ -11,9 +11,6 @@ import warnings
 import pytest
 import torch
 
-import lowrank
-from tests.tuners import models
-
 from . import dcp_4bit_worker as worker
 from .spawn import torchrun
 
@@ -45,16 +42,7 @@ def test_get_and_set_model_state_dict_round_trip_in_one_process(tmp_path):
 
 
 def test_4bit_parameters_of_experts_round_trip_too(tmp_path):
-    def experts4bit(seed: int):
-        model = models.mixtral()
-        torch.manual_seed(seed)  # other weights than the other model's
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.1)
-        lowrank.quantize(model, lowrank.NF4Config(parameters=["experts.gate_up_proj", "experts.down_proj"]))
-        return model.eval()
-
-    saved, fresh = experts4bit(0), experts4bit(1)
+    saved, fresh = worker.experts4bit(0), worker.experts4bit(1)
     assert any(k.endswith("experts.gate_up_proj.quant_map") for k in saved.state_dict())  # a Weight4bit's keys
     round_trip(saved, fresh, tmp_path)
     torch.testing.assert_close(worker.logits(fresh), worker.logits(saved), rtol=0, atol=0)
