@@ -46,6 +46,25 @@ def experts4bit(seed: int) -> torch.nn.Module:
     return model.eval()
 
 
+def load_sharded(checkpoint_id, mesh, planner) -> torch.nn.Module:
+    """qlora(1) sharded by FSDP2 on `mesh` (one group per decoder layer, then the root), the DCP
+    checkpoint at `checkpoint_id` loaded into it with `planner` through get/set_model_state_dict,
+    which must find every key."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model = qlora(1)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sd = get_model_state_dict(model)
+    dcp.load(sd, checkpoint_id=checkpoint_id, planner=planner)
+    result = set_model_state_dict(model, sd)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model
+
+
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=IDS).logits

@@ -75,20 +75,10 @@ def test_a_padded_checkpoint_loads_with_the_planner_as_without(tmp_path):
 
 
 def test_an_unpadded_checkpoint_loads_into_a_sharded_model(tmp_path):
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard
-
     from tests.distributed.test_full_state_dict_4bit import one_rank
 
     saved = worker.qlora(0)
     old_checkpoint(saved, tmp_path / "ckpt")
     with one_rank(tmp_path) as mesh:
-        fresh = worker.qlora(1)
-        for layer in fresh.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(fresh, mesh=mesh)
-        sd = get_model_state_dict(fresh)
-        dcp.load(sd, checkpoint_id=tmp_path / "ckpt", planner=LoadPlanner4bit())
-        result = set_model_state_dict(fresh, sd)
-        assert not result.missing_keys and not result.unexpected_keys
+        fresh = worker.load_sharded(tmp_path / "ckpt", mesh, LoadPlanner4bit())
         torch.testing.assert_close(worker.logits(fresh), worker.logits(saved), rtol=0, atol=0)
