@@ -211,21 +211,37 @@ def warn_uncalled(matches: list[tuple], kind: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def _source(cls: type) -> str | None:
+    """The source text of `cls`, or None (defined in a notebook cell, compiled, made by type()): one
+    parse of its file per class, where each (class, attribute) asked for would parse it again."""
+    try:
+        return inspect.getsource(cls)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@functools.lru_cache(maxsize=None)
 def _reads_weight_only(cls: type, attr: str) -> bool:
-    """Whether the source of `cls` (and of its bases outside torch and transformers' shared code)
-    reads self.<attr>.weight and never calls self.<attr> nor uses it whole; False where it cannot tell."""
-    sources = []
+    """Whether the source of `cls` and its bases reads self.<attr>.weight and never calls self.<attr>
+    nor uses it whole; False where it cannot tell. The read is looked for outside torch and
+    transformers' shared code (long files, read only when needed); the uses everywhere but nn.Module:
+    a subclass of nn.TransformerEncoderLayer that reads linear2.weight has its call in torch's forward."""
+    if not attr.isidentifier():
+        return False
+    own, shared = [], []
     for c in cls.__mro__:
         module = c.__module__ or ""
-        if module.split(".")[0] in ("torch", "builtins") or (module.startswith("transformers.")
-                                                             and not module.startswith("transformers.models.")):
+        if c in (nn.Module, object):
             continue
-        try:
-            sources.append(inspect.getsource(c))
-        except Exception:  # noqa: BLE001 (defined in a notebook cell, compiled, made by type(): cannot tell)
-            return False
-    text = "\n".join(sources)
-    if not attr.isidentifier() or not re.search(rf"self\.{attr}\.weight\b", text):
+        library = module.split(".")[0] == "torch" or (module.startswith("transformers.")
+                                                      and not module.startswith("transformers.models."))
+        (shared if library else own).append(c)
+    sources = [_source(c) for c in own]
+    if None in sources or not re.search(rf"self\.{attr}\.weight\b", text := "\n".join(sources)):
         return False
+    sources = [_source(c) for c in shared]
+    if None in sources:
+        return False
+    text = "\n".join([text, *sources])
     uses = re.findall(rf"self\.{attr}\b(?!\s*=[^=])(\.\w+|\(|\[)?", text)  # an assignment is no use
     return all(u not in ("", "(", "[", ".forward", ".__call__") for u in uses)

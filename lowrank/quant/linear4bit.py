@@ -149,8 +149,8 @@ class Stored4bit(nn.Module):
         """Write the weight's bitsandbytes entries at `key` (key, key.absmax, ...); `prefix` is this module's."""
         if dsd.ignoring_frozen_params():  # its storage at its own names, for torch to pop (Note: options torch
             for f in _PARAMS:  # matches by parameter names, lowrank/quant/dsd.py)
-                if self._parameters[f] is not None:
-                    destination[prefix + f] = self._parameters[f]
+                if (t := self._parameters[f]) is not None:  # as torch writes a parameter (keep_vars: itself)
+                    destination[prefix + f] = t if keep_vars else t.detach()
             return
         for k, t in self.weight.to_state_dict(key).items():
             destination[k] = t if keep_vars else t.detach()
