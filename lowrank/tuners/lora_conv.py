@@ -62,10 +62,10 @@ class LoraConv(LoraLayer):
         self.check_mergeable(name)  # merge and merge_and_export both form the update here
         (A, B), r = self._factors_in(name, dtype), self.r[name]
         shape = self.base.weight.shape  # (out, in, *k)
-        if len(shape) == 4 and tuple(shape[2:]) != (1, 1) or len(shape) == 3:
+        if len(shape) == 3 or tuple(shape[2:4]) != (1, 1):  # PEFT's test; a (1, 1, k) conv3d's 1x1 path fails there
             # PEFT's kernel: B convolved over A's kernel positions (A^T (in, r, *k) * B (out, r, 1...)),
             # the same sums as B A in the order PEFT rounds them, so a merge is PEFT's bit for bit
-            conv = (F.conv1d, F.conv2d)[len(shape) - 3]
+            conv = (F.conv1d, F.conv2d, F.conv3d)[len(shape) - 3]
             return conv(A.transpose(0, 1), B).transpose(0, 1) * self.scaling[name]  # (out, in, *k)
         d = B.reshape(-1, r) @ A.reshape(r, -1)  # (out, r) @ (r, in * prod(k)) -> (out, in * prod(k))
         return d.reshape(shape) * self.scaling[name]
