@@ -245,10 +245,10 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
         why = f"LoRA wraps {SUPPORTED}" if cls is None else "its forward returns routing, not x W^T + b (PEFT fails there)"
         raise TypeError(f"cannot put LoRA on {where!r}, a {type(slot).__name__}; {why}{instead(slot, where)}")
     if config.dora and not cls.supports_dora:
-        raise ValueError(f"DoRA is implemented for linear-like layers only; {where!r} is a {type(slot).__name__}. "
+        raise ValueError(f"DoRA is implemented for linear-like layers and convolutions only; {where!r} is a {type(slot).__name__}. "
                          "Exclude it, or use plain LoRA (dora=False)")
     if cls is LoraConv:  # B takes the base's groups (lora_conv.py, Note: LoRA on a grouped convolution)
-        check_groups(slot, first_match(config.rank_pattern, where, slot, config.r), where)
+        check_groups(slot, first_match(config.rank_pattern, where, slot, config.r), where, config.dora)
     if cls is LoraEmbedding and slot.max_norm is not None:  # its forward renormalizes the table's rows in place
         raise ValueError(f"LoRA on an nn.Embedding with max_norm is not supported: {where!r} has max_norm="
                          f"{slot.max_norm}, so its rows (and A's) change at every lookup and a merge would not "

@@ -139,7 +139,7 @@ def test_what_lowrank_cannot_inject_is_named_with_the_file(tmp_path):
     theirs.save_pretrained(str(tmp_path / "p"))
     ours = copy.deepcopy(base)
     with pytest.raises(ValueError, match=r"adapter_config.json: cannot load this adapter: DoRA is implemented for "
-                                         r"linear-like layers only; 'model.embed_tokens' is a Embedding"):
+                                         r"linear-like layers and convolutions only; 'model.embed_tokens' is a Embedding"):
         lio.load_adapter(ours, tmp_path / "p")
     assert adapter_names(ours) == [] and ours.state_dict().keys() == base.state_dict().keys()
 

@@ -175,7 +175,7 @@ def test_a_set_of_targets_has_one_order():
 
 
 def test_unsupported_targets_raise_clearly():
-    with pytest.raises(ValueError, match="DoRA is implemented for linear-like layers only"):
+    with pytest.raises(ValueError, match="DoRA is implemented for linear-like layers and convolutions only"):
         inject(models.llama(), LoraConfig(targets="embed_tokens", dora=True))
     with pytest.raises(TypeError, match="cannot put LoRA on 'model.norm'"):
         inject(models.llama(), LoraConfig(targets="model.norm"))
