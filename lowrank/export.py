@@ -89,9 +89,9 @@ def merged_weight(layer: LoraLayer) -> torch.Tensor:
             d = layer._delta_weight(name, torch.float32)  # s B A from the factors in float32, layout of the weight
             if name in doras:  # W' = (m / ||W0 + s B A||_c) * (W0 + s B A)
                 w0 = layer.dense_weight().float()  # (out, in) (a kernel: (out, in, *k)): the norm DoRA's forward divides by
-                norm = layer._dora_norm(w0, d.T if layer.transposed else d, 1.0)  # m's shape: (out,), or (1, out, 1...)
+                norm = layer._dora_norm(w0, d.T if layer.weight_in_out else d, 1.0)  # m's shape: (out,), or (1, out, 1...)
                 factor = (layer.lora_magnitude_vector[name].float() / norm).reshape(-1, *[1] * (w.dim() - 1))  # (out, 1...)
-                w = (factor.T if layer.transposed else factor) * (w + d)
+                w = (factor.T if layer.weight_in_out else factor) * (w + d)
             else:
                 w = w + d
     return w

@@ -320,7 +320,7 @@ class LoraLayer(TunerLayer):
         d = self._delta_weight(name, wide)  # layout of weight
         if name not in self.lora_magnitude_vector:
             return weight.to(wide) + d
-        norm = self._dora_norm(self.dense_weight().to(wide), d.T if self.transposed else d, 1.0)  # ||W0 + s B A||_c
+        norm = self._dora_norm(self.dense_weight().to(wide), d.T if self.weight_in_out else d, 1.0)  # ||W0 + s B A||_c
         self._merge_norms[name] = norm
         return self._dora_factor(name, norm) * (weight.to(wide) + d)
 
@@ -328,7 +328,7 @@ class LoraLayer(TunerLayer):
         """m / n as a column (out, 1) (a kernel's: (out, 1...)), or a row (1, out) for a transposed (in, out) weight."""
         m = self.lora_magnitude_vector[name]  # norm from merge time: on m's device since (model.to(...) after merge)
         f = (m / norm.to(m.device)).reshape(-1, *[1] * (self.target_weight().dim() - 1))  # (out, 1...)
-        return f.T if self.transposed else f
+        return f.T if self.weight_in_out else f
 
     weight_attr = "weight"  # the base's attribute a merge writes into (LoraParameter: its parameter)
 
@@ -363,6 +363,7 @@ class LoraLayer(TunerLayer):
 
     # -- per kind -------------------------------------------------------------------------
     transposed = False  # True when base.weight is stored (in, out), as in GPT-2's Conv1D
+    weight_in_out = property(lambda self: self.transposed)  # (in, out) for DoRA's m: also an embedding's (num, dim)
 
     def dense_weight(self) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no dense (out, in) weight")
