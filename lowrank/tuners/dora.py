@@ -85,9 +85,10 @@ def conv_delta(x: torch.Tensor, base_out: torch.Tensor | None, *, base: nn.Modul
     n = conv_weight_norm(weight, lw.detach(), scaling).detach()  # (1, out, 1...); a constant, section 4.3
     spatial = weight.dim() - 2
     ratio = (magnitude / n).view(-1, *[1] * spatial)  # (out, 1...): broadcasts over batched and unbatched outputs
-    if base_out is None:  # the base's own padding (mode) and geometry; PEFT calls F.convNd, the same for zeros padding
+    if base_out is None and type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
+        # the base's own padding (mode) and geometry; PEFT calls F.convNd, the same for zeros padding
         w0x = base._conv_forward(x, weight.to(x.dtype), None)
-    else:
-        bias = base.bias
-        w0x = base_out - bias.view(-1, *[1] * spatial) if bias is not None else base_out
+    else:  # base_out None: a subclass that pads in its forward (a causal conv), whose output F.convNd's would not fit
+        out = base_out if base_out is not None else base(x.to(weight.dtype)).to(x.dtype)
+        w0x = out - base.bias.view(-1, *[1] * spatial) if base.bias is not None else out
     return (ratio - 1) * w0x + ratio * lora_B(lora_A(x)) * scaling
