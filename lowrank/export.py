@@ -27,7 +27,6 @@ from .quant.linear4bit import _WEIGHT_KEYS, Linear4bit, Stored4bit
 from .quant.load import float32_plan
 from .quant.params4bit import Weight4bit
 from .quant.quantize import bnb_kinds
-from .tuners import dora
 from .tuners.base import TunerLayer
 from .tuners.lora_base import LoraLayer
 from .tuners.lora_param import LoraParameter
@@ -89,10 +88,10 @@ def merged_weight(layer: LoraLayer) -> torch.Tensor:
         for name in layer.active:
             d = layer._delta_weight(name, torch.float32)  # s B A from the factors in float32, layout of the weight
             if name in doras:  # W' = (m / ||W0 + s B A||_c) * (W0 + s B A)
-                w0 = layer.dense_weight().float()  # (out, in): the norm DoRA's forward divides by
-                norm = dora.weight_norm(w0, d.T if layer.transposed else d, 1.0)  # (out,)
-                factor = (layer.lora_magnitude_vector[name].float() / norm).view(-1, 1)  # (out, 1)
-                w = (factor.T if layer.transposed else factor) * (w + d)
+                w0 = layer.dense_weight().float()  # (out, in) (a kernel: (out, in, *k)): the norm DoRA's forward divides by
+                norm = layer._dora_norm(w0, d.T if layer.weight_in_out else d, 1.0)  # m's shape: (out,), or (1, out, 1...)
+                factor = (layer.lora_magnitude_vector[name].float() / norm).reshape(-1, *[1] * (w.dim() - 1))  # (out, 1...)
+                w = (factor.T if layer.weight_in_out else factor) * (w + d)
             else:
                 w = w + d
     return w

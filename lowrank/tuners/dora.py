@@ -54,3 +54,41 @@ def delta(
     else:
         w0x = base_out - bias if bias is not None else base_out  # (..., out)
     return (ratio - 1) * w0x + ratio * lora_out * scaling
+
+
+# DoRA on nn.Conv1d/2d/3d (groups = 1), as PEFT 0.21's _DoraConvNdLayer: W0 and B A are kernels
+# (out, in, *k), ||.||_c the norm of each output channel's kernel, and m has PEFT's shape
+# (1, out, 1...) (so files go both ways as they are); m / n broadcasts over the output channels
+# (N, out, *L). PEFT's (1, out, 1...) ratio turns an unbatched (out, *L) output into (1, out, *L):
+# ours is viewed (out, 1...), the same values in the output's own shape.
+
+def conv_lora_weight(lora_A: nn.Module, lora_B: nn.Module, shape: torch.Size) -> torch.Tensor:
+    """B A as a kernel of `shape` (out, in, *k), computed as PEFT does (B (out, r) @ A (r, in * prod(k)))."""
+    r = lora_A.weight.shape[0]
+    return torch.mm(lora_B.weight.view([-1, r]), lora_A.weight.view([r, -1])).reshape(shape)
+
+
+def conv_weight_norm(weight: torch.Tensor, delta: torch.Tensor, scaling: float) -> torch.Tensor:
+    """||W + scaling * delta||_c of kernels (out, in, *k): each output channel's L2 norm, (1, out, 1...)."""
+    w = weight + scaling * delta
+    return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0)
+
+
+def conv_delta(x: torch.Tensor, base_out: torch.Tensor | None, *, base: nn.Module, lora_A: nn.Module,
+               lora_B: nn.Module, scaling: float, magnitude: torch.Tensor) -> torch.Tensor:
+    """What DoRA adds to a convolution's output y: (m / n - 1) * (W0 * x) + (m / n) * s B A x.
+
+    x (N, in, *L) or unbatched (in, *L); base_out the base's output (its bias taken off here), or
+    None when x went through dropout (then W0 * x is recomputed from the dropped-out x, as in PEFT)."""
+    weight = base.weight  # (out, in, *k); PEFT does not cast it to x's dtype for the norm
+    lw = conv_lora_weight(lora_A, lora_B, weight.shape)
+    n = conv_weight_norm(weight, lw.detach(), scaling).detach()  # (1, out, 1...); a constant, section 4.3
+    spatial = weight.dim() - 2
+    ratio = (magnitude / n).view(-1, *[1] * spatial)  # (out, 1...): broadcasts over batched and unbatched outputs
+    if base_out is None and type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
+        # the base's own padding (mode) and geometry; PEFT calls F.convNd, the same for zeros padding
+        w0x = base._conv_forward(x, weight.to(x.dtype), None)
+    else:  # base_out None: a subclass that pads in its forward (a causal conv), whose output F.convNd's would not fit
+        out = base_out if base_out is not None else base(x.to(weight.dtype)).to(x.dtype)
+        w0x = out - base.bias.view(-1, *[1] * spatial) if base.bias is not None else out
+    return (ratio - 1) * w0x + ratio * lora_B(lora_A(x)) * scaling

@@ -13,6 +13,7 @@ from ..ops import csrc
 from ..ops.lora_ops import dropout_parts
 from ..quant.linear4bit import Linear4bit
 from ..targets import first_match, is_gpt2_conv1d, is_linear_like, returns_routing
+from . import dora
 from .base import TunerLayer, cast_for
 from .lora_base import LoraLayer, bnb_4bit, bnb_dense
 from .lora_conv import LoraConv, check_groups
@@ -157,7 +158,11 @@ class LoraLinear(LoraLayer):
 
 class LoraEmbedding(LoraLayer):
     """LoRA around nn.Embedding: y = E[ids] + s (A^T[ids]) B^T; A (r, num), B (dim, r). As loralib and
-    PEFT: A = 0 and B ~ N(0, 1) at init (so still the identity), and no dropout (the input is token ids)."""
+    PEFT: A = 0 and B ~ N(0, 1) at init (so still the identity), and no dropout (the input is token ids).
+    DoRA as PEFT's DoraEmbeddingLayer: See Note: DoRA on an embedding."""
+
+    supports_dora = True
+    weight_in_out = True  # the table E (num, dim) is W0^T: DoRA's m (dim,) is per column, and merges as a row
 
     def __init__(self, base: nn.Embedding) -> None:
         super().__init__(base)
@@ -179,7 +184,38 @@ class LoraEmbedding(LoraLayer):
     def _factors(self, name):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
-    def _delta(self, name, x, base_out, wide=False, running=None):  # no DoRA on embeddings: running unused
+    # Note: DoRA on an embedding. As PEFT 0.21 (DoraEmbeddingLayer): W0 = E^T (dim, num), so m (dim,)
+    # holds the norm of each embedding dimension over the vocabulary, ||E^T + s B A||_c; the layer
+    # computes y' = (m / n) * y + (m / n) * s (A^T[ids]) B^T (times embed_scale), the output so far
+    # rescaled rather than an addition (a per-sample route adds (m / n - 1) y + ..., the same sum),
+    # in PEFT's op order, so outputs and gradients equal PEFT's bit for bit (tests/peers/test_peft_dora_embedding.py).
+    def _dora_parts(self, name, x):
+        """(m / n, the DoRA addition's second term) for ids x."""
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        lw = (A.T @ B.T).T  # (dim, num), PEFT's get_lora_weight
+        w = self.base.weight.T  # (dim, num); in the sum's dtype, as PEFT's norm (an exact cast)
+        n = dora.weight_norm(w.to(torch.promote_types(w.dtype, lw.dtype)), lw.detach(), self.scaling[name]).detach()
+        ratio = self.lora_magnitude_vector[name] / n  # (dim,)
+        out = ratio * self._lora(name, x) * self.scaling[name]
+        scale = self._embed_scale()
+        return ratio, out if scale is None else out * scale.to(out.dtype)
+
+    def _add_delta(self, name, result, x, base_out):
+        if name not in self.lora_magnitude_vector:
+            return super()._add_delta(name, result, x, base_out)
+        ratio, out = self._dora_parts(name, x)
+        return ratio * result + out  # PEFT's DoRA variant: the output so far rescaled (See Note: DoRA on an embedding)
+
+    def dense_weight(self):
+        return self.base.weight.T  # W0 (dim, num)
+
+    def _lora_matrix(self, name):
+        return self.lora_embedding_B[name] @ self.lora_embedding_A[name]  # (dim, r) @ (r, num): PEFT's update_layer
+
+    def _delta(self, name, x, base_out, wide=False, running=None):
+        if name in self.lora_magnitude_vector:  # a per-sample route (base.py: routed); forward adds it in _add_delta
+            ratio, out = self._dora_parts(name, x)
+            return (ratio - 1) * (base_out if running is None else running) + out
         delta = self._lora(name, x) * self.scaling[name]  # no dropout on token ids
         scale = self._embed_scale()
         if scale is not None:  # See Note: scaled embeddings.
@@ -245,10 +281,10 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
         why = f"LoRA wraps {SUPPORTED}" if cls is None else "its forward returns routing, not x W^T + b (PEFT fails there)"
         raise TypeError(f"cannot put LoRA on {where!r}, a {type(slot).__name__}; {why}{instead(slot, where)}")
     if config.dora and not cls.supports_dora:
-        raise ValueError(f"DoRA is implemented for linear-like layers only; {where!r} is a {type(slot).__name__}. "
+        raise ValueError(f"DoRA is implemented for linear-like layers, embeddings and convolutions only; {where!r} is a {type(slot).__name__}. "
                          "Exclude it, or use plain LoRA (dora=False)")
     if cls is LoraConv:  # B takes the base's groups (lora_conv.py, Note: LoRA on a grouped convolution)
-        check_groups(slot, first_match(config.rank_pattern, where, slot, config.r), where)
+        check_groups(slot, first_match(config.rank_pattern, where, slot, config.r), where, config.dora)
     if cls is LoraEmbedding and slot.max_norm is not None:  # its forward renormalizes the table's rows in place
         raise ValueError(f"LoRA on an nn.Embedding with max_norm is not supported: {where!r} has max_norm="
                          f"{slot.max_norm}, so its rows (and A's) change at every lookup and a merge would not "

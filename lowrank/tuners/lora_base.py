@@ -109,9 +109,9 @@ class LoraLayer(TunerLayer):
         self._reset(name, config.init)
         if config.dora:
             with torch.no_grad():
-                m = dora.weight_norm(self.dense_weight(), self._lora_matrix(name), self.scaling[name])  # (out,)
+                m = self._dora_norm(self.dense_weight(), self._lora_matrix(name), self.scaling[name])  # (out,)
             if m.device.type != "meta" and not bool(m.all()):  # See Note: DoRA on a zero row (inject undoes what add made so far)
-                rows = m.eq(0).nonzero().flatten().tolist()
+                rows = m.flatten().eq(0).nonzero().flatten().tolist()
                 raise ValueError(f"DoRA cannot go on {where or type(self.base).__name__!r}: {len(rows)} of its {m.numel()} "
                                  f"output rows of W0 are all zeros (rows {rows[:8]}), where DoRA's m / ||W0||_c is 0 / 0: "
                                  "NaN outputs and gradients (in PEFT 0.21 too); exclude it, or use plain LoRA there")
@@ -228,11 +228,18 @@ class LoraLayer(TunerLayer):
         if name in self.lora_magnitude_vector:
             if self.training and not isinstance(drop, nn.Identity):
                 x, base_out = drop(x), None  # W0 x is recomputed from the dropped-out x
-            A, B = self.lora_A[name], self.lora_B[name]
-            bias = getattr(self.base, "bias", None)
-            return dora.delta(x, base_out, weight=self.dense_weight(), bias=bias, lora_A=A, lora_B=B,
-                              scaling=self.scaling[name], magnitude=self.lora_magnitude_vector[name])
+            return self._dora_delta(name, x, base_out)
         return self._lora(name, drop(x)) * self.scaling[name]
+
+    def _dora_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
+        """DoRA's addition (a linear-like layer's; LoraConv has its own); base_out None: recompute W0 x."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        return dora.delta(x, base_out, weight=self.dense_weight(), bias=getattr(self.base, "bias", None), lora_A=A,
+                          lora_B=B, scaling=self.scaling[name], magnitude=self.lora_magnitude_vector[name])
+
+    def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor, scaling: float) -> torch.Tensor:
+        """||W0 + scaling * delta||_c, in m's shape; weight, delta (out, in) here (LoraConv: kernels)."""
+        return dora.weight_norm(weight, delta, scaling)
 
     # -- merge ----------------------------------------------------------------------------
     def merge(self, check_only: bool = False) -> list[str]:
@@ -313,15 +320,15 @@ class LoraLayer(TunerLayer):
         d = self._delta_weight(name, wide)  # layout of weight
         if name not in self.lora_magnitude_vector:
             return weight.to(wide) + d
-        norm = dora.weight_norm(self.dense_weight().to(wide), d.T if self.transposed else d, 1.0)  # ||W0 + s B A||_c
+        norm = self._dora_norm(self.dense_weight().to(wide), d.T if self.weight_in_out else d, 1.0)  # ||W0 + s B A||_c
         self._merge_norms[name] = norm
         return self._dora_factor(name, norm) * (weight.to(wide) + d)
 
     def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
-        """m / n as a column (out, 1), or a row (1, out) for a transposed (in, out) weight."""
+        """m / n as a column (out, 1) (a kernel's: (out, 1...)), or a row (1, out) for a transposed (in, out) weight."""
         m = self.lora_magnitude_vector[name]  # norm from merge time: on m's device since (model.to(...) after merge)
-        f = (m / norm.to(m.device)).view(-1, 1)  # (out, 1)
-        return f.T if self.transposed else f
+        f = (m / norm.to(m.device)).reshape(-1, *[1] * (self.target_weight().dim() - 1))  # (out, 1...)
+        return f.T if self.weight_in_out else f
 
     weight_attr = "weight"  # the base's attribute a merge writes into (LoraParameter: its parameter)
 
@@ -356,6 +363,7 @@ class LoraLayer(TunerLayer):
 
     # -- per kind -------------------------------------------------------------------------
     transposed = False  # True when base.weight is stored (in, out), as in GPT-2's Conv1D
+    weight_in_out = property(lambda self: self.transposed)  # (in, out) for DoRA's m: also an embedding's (num, dim)
 
     def dense_weight(self) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no dense (out, in) weight")

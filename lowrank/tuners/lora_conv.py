@@ -7,6 +7,7 @@ import contextlib
 from torch import nn
 from torch.nn import functional as F
 
+from . import dora
 from .lora_base import LoraLayer
 
 # Note: LoRA on a grouped convolution. As PEFT 0.21 (lora.layer._ConvNd): A stays a dense
@@ -19,15 +20,18 @@ from .lora_base import LoraLayer
 # holds only the diagonal blocks, so the update cannot be merged into it (short of making the
 # layer a dense convolution, which changes the model's shapes and files): merge and
 # merge_and_export refuse, as PEFT's merge does; the unmerged forward is exact. DoRA is
-# refused on every convolution (lora.check); PEFT's DoRA on a grouped one reshapes
+# refused on a grouped convolution (check_groups); PEFT's DoRA there reshapes
 # B.view(-1, r) @ A.view(r, -1), of another shape than the update, into the weight's shape, so
-# its norms are not those of W0 + s B A.
+# its norms are not those of W0 + s B A. On groups = 1, DoRA is PEFT's (dora.py: conv_delta).
 
 
 class LoraConv(LoraLayer):
     """LoRA around nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride, padding and
     dilation (in -> r channels), B a 1x1 conv (r -> out) with the base's groups, as PEFT;
-    merged (groups = 1 only), B A is one kernel. See Note: LoRA on a grouped convolution."""
+    merged (groups = 1 only), B A is one kernel. See Note: LoRA on a grouped convolution.
+    DoRA (groups = 1 only) as PEFT's: m (1, out, 1...), the norms of each output channel's kernel."""
+
+    supports_dora = True
 
     def __init__(self, base: nn.modules.conv._ConvNd) -> None:
         super().__init__(base)
@@ -48,6 +52,19 @@ class LoraConv(LoraLayer):
     def _lora(self, name, x):
         return self.lora_B[name](self.lora_A[name](x))  # (N, in, *L) -> (N, r, *L') -> (N, out, *L')
 
+    def dense_weight(self):
+        return self.base.weight  # (out, in, *k)
+
+    def _lora_matrix(self, name):
+        return dora.conv_lora_weight(self.lora_A[name], self.lora_B[name], self.base.weight.shape)  # (out, in, *k)
+
+    def _dora_norm(self, weight, delta, scaling):
+        return dora.conv_weight_norm(weight, delta, scaling)  # (1, out, 1...)
+
+    def _dora_delta(self, name, x, base_out):
+        return dora.conv_delta(x, base_out, base=self.base, lora_A=self.lora_A[name], lora_B=self.lora_B[name],
+                               scaling=self.scaling[name], magnitude=self.lora_magnitude_vector[name])
+
     def check_mergeable(self, name):
         b = self.base
         if b.groups != 1:  # See Note: LoRA on a grouped convolution.
@@ -62,17 +79,22 @@ class LoraConv(LoraLayer):
         self.check_mergeable(name)  # merge and merge_and_export both form the update here
         (A, B), r = self._factors_in(name, dtype), self.r[name]
         shape = self.base.weight.shape  # (out, in, *k)
-        if len(shape) == 4 and tuple(shape[2:]) != (1, 1) or len(shape) == 3:
+        if len(shape) == 3 or tuple(shape[2:4]) != (1, 1):  # PEFT's test; a (1, 1, k) conv3d's 1x1 path fails there
             # PEFT's kernel: B convolved over A's kernel positions (A^T (in, r, *k) * B (out, r, 1...)),
             # the same sums as B A in the order PEFT rounds them, so a merge is PEFT's bit for bit
-            conv = (F.conv1d, F.conv2d)[len(shape) - 3]
+            conv = (F.conv1d, F.conv2d, F.conv3d)[len(shape) - 3]
             return conv(A.transpose(0, 1), B).transpose(0, 1) * self.scaling[name]  # (out, in, *k)
         d = B.reshape(-1, r) @ A.reshape(r, -1)  # (out, r) @ (r, in * prod(k)) -> (out, in * prod(k))
         return d.reshape(shape) * self.scaling[name]
 
 
-def check_groups(conv: nn.modules.conv._ConvNd, r: int, where: str) -> None:
-    """Raise unless rank r fits a grouped convolution's B (See Note: LoRA on a grouped convolution)."""
+def check_groups(conv: nn.modules.conv._ConvNd, r: int, where: str, use_dora: bool = False) -> None:
+    """Raise unless rank r fits a grouped convolution's B, and no DoRA there (See Note: LoRA on a grouped convolution)."""
+    if conv.groups != 1 and use_dora:
+        raise ValueError(f"DoRA on a grouped convolution is not supported: {where!r} is a {type(conv).__name__} with "
+                         f"groups={conv.groups}, and DoRA needs the norms of W0 + s B A, whose update B A is a dense "
+                         f"kernel the grouped weight cannot hold (PEFT 0.21's DoRA there computes other norms); "
+                         "DoRA works on convolutions with groups=1. Exclude it, or use plain LoRA (dora=False)")
     if conv.groups != 1 and r % conv.groups:
         raise ValueError(f"LoRA on a grouped convolution needs r to be a multiple of its groups (B, 1x1, splits its r "
                          f"input channels in the base's groups, as in PEFT): {where!r} has groups={conv.groups} and "

@@ -131,15 +131,14 @@ def test_a_name_that_is_the_suffix_of_another_saves_unambiguously(tmp_path, conf
 
 
 def test_what_lowrank_cannot_inject_is_named_with_the_file(tmp_path):
-    """PEFT puts DoRA on embeddings; lowrank's DoRA is for linear-like layers: the error names the
-    file, and nothing is left behind."""
-    base = models.llama().eval()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
-                                                                       use_dora=True))
+    """PEFT puts DoRA on grouped convolutions (with other norms); lowrank refuses it there: the error
+    names the file, and nothing is left behind."""
+    base = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Conv1d(4, 4, 3, groups=2)).eval()  # the linear goes first
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["0", "1"], use_dora=True))
     theirs.save_pretrained(str(tmp_path / "p"))
     ours = copy.deepcopy(base)
-    with pytest.raises(ValueError, match=r"adapter_config.json: cannot load this adapter: DoRA is implemented for "
-                                         r"linear-like layers only; 'model.embed_tokens' is a Embedding"):
+    with pytest.raises(ValueError, match=r"adapter_config.json: cannot load this adapter: DoRA on a grouped "
+                                         r"convolution is not supported: '1' is a Conv1d with groups=2"):
         lio.load_adapter(ours, tmp_path / "p")
     assert adapter_names(ours) == [] and ours.state_dict().keys() == base.state_dict().keys()
 

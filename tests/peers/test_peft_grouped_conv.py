@@ -146,7 +146,7 @@ def test_r_not_a_multiple_of_groups_and_dora_are_refused_before_anything_changes
         lowrank.inject(base, lowrank.LoraConfig(r=6, targets=["0"]))
     with pytest.raises(ValueError, match=r"'0' has groups=4 and r=2"):
         lowrank.inject(base, lowrank.LoraConfig(r=8, targets=["0"], rank_pattern={"0": 2}))
-    with pytest.raises(ValueError, match=r"DoRA is implemented for linear-like layers only; '0' is a Conv2d"):
+    with pytest.raises(ValueError, match=r"DoRA on a grouped convolution is not supported: '0' is a Conv2d with groups=4"):
         lowrank.inject(base, lowrank.LoraConfig(r=8, targets=["0"], dora=True))
     assert type(base[0]) is nn.Conv2d
     assert lowrank.inject(base, lowrank.LoraConfig(r=8, targets=["0"], rank_pattern={"0": 4})) == ["0"]

@@ -175,8 +175,8 @@ def test_a_set_of_targets_has_one_order():
 
 
 def test_unsupported_targets_raise_clearly():
-    with pytest.raises(ValueError, match="DoRA is implemented for linear-like layers only"):
-        inject(models.llama(), LoraConfig(targets="embed_tokens", dora=True))
+    with pytest.raises(ValueError, match="DoRA on a grouped convolution is not supported: '0' is a Conv1d with groups=2"):
+        inject(nn.Sequential(nn.Conv1d(4, 4, 3, groups=2)), LoraConfig(r=2, targets="0", dora=True))
     with pytest.raises(TypeError, match="cannot put LoRA on 'model.norm'"):
         inject(models.llama(), LoraConfig(targets="model.norm"))
     with pytest.raises(ValueError, match="cannot put LoRA on .*MultiheadAttention reads its projection weights"):
