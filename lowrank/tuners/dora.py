@@ -65,7 +65,9 @@ def delta(
 def conv_lora_weight(lora_A: nn.Module, lora_B: nn.Module, shape: torch.Size) -> torch.Tensor:
     """B A as a kernel of `shape` (out, in, *k), computed as PEFT does (B (out, r) @ A (r, in * prod(k)))."""
     r = lora_A.weight.shape[0]
-    return torch.mm(lora_B.weight.view([-1, r]), lora_A.weight.view([r, -1])).reshape(shape)
+    # reshape, not PEFT's view: a channels_last model's A (r, in, *k) is not contiguous, and view raised
+    # there (PEFT 0.21 too); on a contiguous A reshape is that view, so the product is PEFT's bit for bit
+    return torch.mm(lora_B.weight.reshape(-1, r), lora_A.weight.reshape(r, -1)).reshape(shape)
 
 
 def conv_weight_norm(weight: torch.Tensor, delta: torch.Tensor, scaling: float) -> torch.Tensor:
