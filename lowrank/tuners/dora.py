@@ -62,12 +62,13 @@ def delta(
 # (N, out, *L). PEFT's (1, out, 1...) ratio turns an unbatched (out, *L) output into (1, out, *L):
 # ours is viewed (out, 1...), the same values in the output's own shape.
 
-def conv_lora_weight(lora_A: nn.Module, lora_B: nn.Module, shape: torch.Size) -> torch.Tensor:
-    """B A as a kernel of `shape` (out, in, *k), computed as PEFT does (B (out, r) @ A (r, in * prod(k)))."""
-    r = lora_A.weight.shape[0]
+def conv_lora_weight(A: torch.Tensor, B: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """B A as a kernel of `shape` (out, in, *k) from the factors' kernels A (r, in, *k) and B (out, r, 1...),
+    computed as PEFT does (B (out, r) @ A (r, in * prod(k)))."""
+    r = A.shape[0]
     # reshape, not PEFT's view: a channels_last model's A (r, in, *k) is not contiguous, and view raised
     # there (PEFT 0.21 too); on a contiguous A reshape is that view, so the product is PEFT's bit for bit
-    return torch.mm(lora_B.weight.reshape(-1, r), lora_A.weight.reshape(r, -1)).reshape(shape)
+    return torch.mm(B.reshape(-1, r), A.reshape(r, -1)).reshape(shape)
 
 
 def conv_weight_norm(weight: torch.Tensor, delta: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -83,7 +84,7 @@ def conv_delta(x: torch.Tensor, base_out: torch.Tensor | None, *, base: nn.Modul
     x (N, in, *L) or unbatched (in, *L); base_out the base's output (its bias taken off here), or
     None when x went through dropout (then W0 * x is recomputed from the dropped-out x, as in PEFT)."""
     weight = base.weight  # (out, in, *k); PEFT does not cast it to x's dtype for the norm
-    lw = conv_lora_weight(lora_A, lora_B, weight.shape)
+    lw = conv_lora_weight(lora_A.weight, lora_B.weight, weight.shape)
     n = conv_weight_norm(weight, lw.detach(), scaling).detach()  # (1, out, 1...); a constant, section 4.3
     spatial = weight.dim() - 2
     ratio = (magnitude / n).view(-1, *[1] * spatial)  # (out, 1...): broadcasts over batched and unbatched outputs

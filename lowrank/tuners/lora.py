@@ -38,7 +38,6 @@ class LoraLinear(LoraLayer):
     # Adapter parameters take the base's first floating parameter's dtype and device.
     """
 
-    supports_dora = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
@@ -161,7 +160,6 @@ class LoraEmbedding(LoraLayer):
     PEFT: A = 0 and B ~ N(0, 1) at init (so still the identity), and no dropout (the input is token ids).
     DoRA as PEFT's DoraEmbeddingLayer: See Note: DoRA on an embedding."""
 
-    supports_dora = True
     weight_in_out = True  # the table E (num, dim) is W0^T: DoRA's m (dim,) is per column, and merges as a row
 
     def __init__(self, base: nn.Embedding) -> None:
@@ -280,9 +278,6 @@ def check(module: nn.Module, config: LoraConfig, name: str, where: str) -> None:
     if cls is None or returns_routing(slot):  # a router (targets.py, Note: routers) has no output to add LoRA's to
         why = f"LoRA wraps {SUPPORTED}" if cls is None else "its forward returns routing, not x W^T + b (PEFT fails there)"
         raise TypeError(f"cannot put LoRA on {where!r}, a {type(slot).__name__}; {why}{instead(slot, where)}")
-    if config.dora and not cls.supports_dora:
-        raise ValueError(f"DoRA is implemented for linear-like layers, embeddings and convolutions only; {where!r} is a {type(slot).__name__}. "
-                         "Exclude it, or use plain LoRA (dora=False)")
     if cls is LoraConv:  # B takes the base's groups (lora_conv.py, Note: LoRA on a grouped convolution)
         check_groups(slot, first_match(config.rank_pattern, where, slot, config.r), where, config.dora)
     if cls is LoraEmbedding and slot.max_norm is not None:  # its forward renormalizes the table's rows in place

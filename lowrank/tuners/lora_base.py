@@ -76,8 +76,6 @@ def bnb_dense(weight) -> torch.Tensor | None:
 
 
 class LoraLayer(TunerLayer):
-    supports_dora = False
-
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
         self.r: dict[str, int] = {}

@@ -31,7 +31,6 @@ class LoraConv(LoraLayer):
     merged (groups = 1 only), B A is one kernel. See Note: LoRA on a grouped convolution.
     DoRA (groups = 1 only) as PEFT's: m (1, out, 1...), the norms of each output channel's kernel."""
 
-    supports_dora = True
 
     def __init__(self, base: nn.modules.conv._ConvNd) -> None:
         super().__init__(base)
@@ -56,7 +55,7 @@ class LoraConv(LoraLayer):
         return self.base.weight  # (out, in, *k)
 
     def _lora_matrix(self, name):
-        return dora.conv_lora_weight(self.lora_A[name], self.lora_B[name], self.base.weight.shape)  # (out, in, *k)
+        return dora.conv_lora_weight(*self._factors(name), self.base.weight.shape)  # (out, in, *k)
 
     def _dora_norm(self, weight, delta, scaling):
         return dora.conv_weight_norm(weight, delta, scaling)  # (1, out, 1...)
@@ -77,15 +76,14 @@ class LoraConv(LoraLayer):
 
     def _delta_weight(self, name, dtype=None):
         self.check_mergeable(name)  # merge and merge_and_export both form the update here
-        (A, B), r = self._factors_in(name, dtype), self.r[name]
+        A, B = self._factors_in(name, dtype)
         shape = self.base.weight.shape  # (out, in, *k)
         if len(shape) == 3 or tuple(shape[2:4]) != (1, 1):  # PEFT's test; a (1, 1, k) conv3d's 1x1 path fails there
             # PEFT's kernel: B convolved over A's kernel positions (A^T (in, r, *k) * B (out, r, 1...)),
             # the same sums as B A in the order PEFT rounds them, so a merge is PEFT's bit for bit
             conv = (F.conv1d, F.conv2d, F.conv3d)[len(shape) - 3]
             return conv(A.transpose(0, 1), B).transpose(0, 1) * self.scaling[name]  # (out, in, *k)
-        d = B.reshape(-1, r) @ A.reshape(r, -1)  # (out, r) @ (r, in * prod(k)) -> (out, in * prod(k))
-        return d.reshape(shape) * self.scaling[name]
+        return dora.conv_lora_weight(A, B, shape) * self.scaling[name]
 
 
 def check_groups(conv: nn.modules.conv._ConvNd, r: int, where: str, use_dora: bool = False) -> None:
