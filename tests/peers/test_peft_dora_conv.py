@@ -15,8 +15,8 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import lowrank  # noqa: E402
-from lowrank import io as lio  # noqa: E402
 from lowrank.export import merged_weight  # noqa: E402
+from tests.peers.both_ways import files_go_both_ways  # noqa: E402
 from tests.tuners import models  # noqa: E402
 
 CASES = {  # name: (model builder, input shape)
@@ -120,17 +120,8 @@ def test_merge_and_unmerge_as_peft(case):
 
 def test_files_go_both_ways(tmp_path):
     base, x, theirs, ours = theirs_and_ours("conv2d-1x1")
-    theirs.eval(), ours.eval()
-    theirs.save_pretrained(str(tmp_path / "peft"))
-    fresh = copy.deepcopy(base)
-    lio.load_adapter(fresh, tmp_path / "peft")
+    fresh = files_go_both_ways(base, x, theirs, ours, tmp_path)
     assert fresh[0].lora_magnitude_vector["default"].shape == (1, 6, 1, 1)
-    with torch.no_grad():
-        assert torch.equal(fresh(x), theirs(x))
-    lio.save_adapter(ours, tmp_path / "ours")
-    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
-    with torch.no_grad():
-        assert torch.equal(back(x), ours(x))
 
 
 def test_grouped_convolutions_stay_refused():

@@ -16,8 +16,8 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import lowrank  # noqa: E402
-from lowrank import io as lio  # noqa: E402
 from lowrank.export import merged_weight  # noqa: E402
+from tests.peers.both_ways import files_go_both_ways  # noqa: E402
 from tests.tuners import models  # noqa: E402
 
 
@@ -105,13 +105,4 @@ def test_merge_and_unmerge_as_peft():
 
 def test_files_go_both_ways(tmp_path):
     base, ids, theirs, ours = theirs_and_ours()
-    theirs.eval(), ours.eval()
-    theirs.save_pretrained(str(tmp_path / "peft"))
-    fresh = copy.deepcopy(base)
-    lio.load_adapter(fresh, tmp_path / "peft")
-    with torch.no_grad():
-        assert torch.equal(fresh(ids), theirs(ids))
-    lio.save_adapter(ours, tmp_path / "ours")
-    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
-    with torch.no_grad():
-        assert torch.equal(back(ids), ours(ids))
+    files_go_both_ways(base, ids, theirs, ours, tmp_path)
